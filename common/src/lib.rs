@@ -1,0 +1,14 @@
+//! The one definition of every type shared between Twill's kernel programs (`proxy-ebpf`) and
+//! user space (`twill-agent`, the debug CLI, tests).
+//!
+//! Layout rules (see `HOUSE_STYLE.md` §1–3): every map key/value is `#[repr(C)]`, `Copy`, has
+//! named padding, carries byte order in field names (`_be` = network byte order), and has a
+//! compile-time size assertion. Pinned map names carry a `_V1` suffix: a layout change bumps the
+//! suffix so a restarted agent never reinterprets old bytes.
+#![no_std]
+
+pub mod maps;
+pub mod reason;
+
+pub use maps::*;
+pub use reason::Reason;

@@ -1,0 +1,210 @@
+//! Map names, keys and values.
+//!
+//! The service tables are shared by every datapath: the socket-level hooks (connect4, sendmsg4,
+//! recvmsg4, getpeername4) and the per-packet tc programs look up the same `SERVICES` entry and
+//! pick from the same `BACKEND_SLOTS`/`BACKENDS`.
+//!
+//! ```text
+//!  SERVICES  (addr, port, proto, scope) ──► ServiceValue { svc_id, count, flags, affinity }
+//!  BACKEND_SLOTS (svc_id, slot 0..count) ──► backend_id
+//!  BACKENDS  backend_id ──► Backend { addr, port, proto, flags }
+//!  AFFINITY  (client_id, svc_id) ──► { backend_id, last_used_ns }
+//!  SOCK_REVNAT (socket cookie, backend addr, port) ──► frontend (addr, port)
+//! ```
+
+// Map names. BPF object names are limited to 15 bytes plus NUL (BPF_OBJ_NAME_LEN), so keep them
+// short. The kernel crate names its statics exactly like these; the agent's loader checks at start
+// that the embedded object holds every name in `ALL_MAPS`, so a typo cannot drift silently.
+pub const MAP_SERVICES: &str = "TWL_SVC_V1";
+pub const MAP_BACKEND_SLOTS: &str = "TWL_SLOT_V1";
+pub const MAP_BACKENDS: &str = "TWL_BE_V1";
+pub const MAP_AFFINITY: &str = "TWL_AFF_V1";
+pub const MAP_SOCK_REVNAT: &str = "TWL_SKRNAT_V1";
+pub const MAP_NODE_ADDRS: &str = "TWL_NODEIP_V1";
+pub const MAP_CONFIG: &str = "TWL_CFG_V1";
+pub const MAP_STATS: &str = "TWL_STATS_V1";
+
+/// Every map the kernel object must define.
+pub const ALL_MAPS: &[&str] = &[
+    MAP_SERVICES,
+    MAP_BACKEND_SLOTS,
+    MAP_BACKENDS,
+    MAP_AFFINITY,
+    MAP_SOCK_REVNAT,
+    MAP_NODE_ADDRS,
+    MAP_CONFIG,
+    MAP_STATS,
+];
+
+/// Default map capacities; the agent may override them (`--map-size-*`) before load.
+pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
+pub const DEFAULT_BACKEND_SLOTS_MAX: u32 = 262_144;
+pub const DEFAULT_BACKENDS_MAX: u32 = 131_072;
+pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
+pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 262_144;
+pub const DEFAULT_NODE_ADDRS_MAX: u32 = 256;
+/// One slot per `Reason` discriminant value.
+pub const STATS_MAX: u32 = 256;
+
+/// IP protocol numbers as carried in `proto` fields (IANA).
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// Which traffic a `SERVICES` entry applies to. Most frontends are written once with
+/// `SCOPE_ANY`. When a Service's traffic policies make the backend set depend on where the
+/// traffic comes from (externalTrafficPolicy=Local, internalTrafficPolicy=Local), the compiler
+/// writes two entries: `SCOPE_EXTERNAL` (traffic entering the node from outside: per-packet path)
+/// and `SCOPE_INTERNAL` (traffic originating on this node: pods and host, socket path). Programs
+/// look up their own scope first, then `SCOPE_ANY`.
+pub const SCOPE_ANY: u8 = 0;
+pub const SCOPE_EXTERNAL: u8 = 1;
+pub const SCOPE_INTERNAL: u8 = 2;
+
+/// Key of `SERVICES`: one Service frontend (ClusterIP, NodePort, External IP or LoadBalancer
+/// ingress IP) with its port and protocol. NodePort frontends use `addr_be == 0`, meaning "any
+/// address in `NODE_ADDRS`".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+
+/// `ServiceValue::flags` bits.
+pub const SVC_F_CLUSTER_IP: u16 = 1 << 0;
+pub const SVC_F_NODEPORT: u16 = 1 << 1;
+pub const SVC_F_EXTERNAL_IP: u16 = 1 << 2;
+pub const SVC_F_LOADBALANCER: u16 = 1 << 3;
+/// sessionAffinity: ClientIP. `affinity_timeout_s` holds the timeout.
+pub const SVC_F_AFFINITY: u16 = 1 << 4;
+/// Only node-local backends are in the slot list (eTP/iTP=Local). With no local backend the
+/// traffic is dropped rather than refused, as kube-proxy does.
+pub const SVC_F_LOCAL_ONLY: u16 = 1 << 5;
+/// `loadBalancerSourceRanges` is set: check `LB_SRC_RANGES` before translating.
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 6;
+/// The backends are terminating ones used as a fallback (KEP-1669); informational.
+pub const SVC_F_TERMINATING_FALLBACK: u16 = 1 << 7;
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Stable id of this frontend (and scope); keys `BACKEND_SLOTS` and `AFFINITY`.
+    pub svc_id: u32,
+    /// Number of usable backends: slots `0..backend_count` in `BACKEND_SLOTS`. Zero means the
+    /// Service exists but has no usable endpoint: connections are refused.
+    pub backend_count: u16,
+    pub flags: u16,
+    /// sessionAffinity timeout; meaningful with `SVC_F_AFFINITY`.
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+/// Key of `BACKEND_SLOTS`: the `slot`-th backend of frontend `svc_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub svc_id: u32,
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
+
+/// `Backend::flags` bits.
+pub const BE_F_LOCAL: u8 = 1 << 0;
+pub const BE_F_TERMINATING: u8 = 1 << 1;
+
+/// Value of `BACKENDS` (key: `u32` backend id, stable per (addr, port, proto)).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+
+/// Key of `AFFINITY`. `client_id` is the client's network-namespace cookie on the socket path
+/// (every pod has its own netns, so this is per-pod like kube-proxy's per-client-IP affinity) and
+/// the client IPv4 address (network order, zero-extended) on the per-packet path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client_id: u64,
+    pub svc_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+
+/// Value of `AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last use.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+
+/// Key of `SOCK_REVNAT`: which frontend a socket's backend address stands for, so recvmsg4 and
+/// getpeername4 can show the application the ClusterIP it asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub backend_addr_be: u32,
+    pub backend_port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRevNatKey>() == 16);
+
+/// Value of `SOCK_REVNAT`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNatValue {
+    pub frontend_addr_be: u32,
+    pub frontend_port_be: u16,
+    pub _pad: u16,
+    /// Id of the frontend, so entries of a deleted Service can be found and flushed.
+    pub svc_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 12);
+
+/// Value of `NODE_ADDRS` (key: `u32` address in network order): addresses NodePort answers on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NodeAddrValue {
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<NodeAddrValue>() == 4);
+
+/// Single entry (index 0) of the `CONFIG` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DatapathConfig {
+    pub nodeport_min: u16,
+    pub nodeport_max: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::SlotKey {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::SockRevNatKey {}
+    unsafe impl aya::Pod for super::SockRevNatValue {}
+    unsafe impl aya::Pod for super::NodeAddrValue {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
+}

@@ -1,0 +1,133 @@
+//! Verdicts and drop reasons: one enum, counted per CPU in `STATS` by the kernel programs (index =
+//! discriminant) and decoded by the agent for metrics and `twill-agent debug drops`.
+//!
+//! Values are never reused: a retired reason keeps its number (like Cilium's
+//! `bpf/lib/drop_reasons.h`), so an old agent reading a newer kernel object never mislabels.
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// Not addressed to a Service: left untouched.
+    NotService = 1,
+    /// Translated to a backend chosen at random among usable backends.
+    Translated = 2,
+    /// Translated to the backend remembered by session affinity.
+    AffinityHit = 3,
+    /// The Service has no usable backend: connection refused (ECONNREFUSED).
+    NoBackends = 4,
+    /// A slot or backend entry was missing (maps briefly inconsistent or corrupt).
+    BackendMissing = 5,
+    /// The client is outside `loadBalancerSourceRanges`.
+    SourceRangeDenied = 6,
+    /// externalTrafficPolicy/internalTrafficPolicy Local and no local backend: dropped.
+    NoLocalBackend = 7,
+    /// `SOCK_REVNAT` full: the reply address could not be remembered.
+    RevNatMapFull = 8,
+    /// `AFFINITY` full: affinity not recorded (the connection still proceeds).
+    AffinityMapFull = 9,
+    /// Connection-tracking map full: packet dropped.
+    CtMapFull = 10,
+    /// Packet too short or malformed headers.
+    Malformed = 11,
+    /// Protocol the datapath does not load-balance.
+    UnsupportedProto = 12,
+    /// A reply's source was rewritten back to the Service frontend.
+    RevNatApplied = 13,
+    /// Per-packet: matched an existing tracked connection.
+    CtHit = 14,
+    /// Per-packet: NodePort traffic forwarded to a backend on another node.
+    ForwardedRemote = 15,
+    /// Per-packet: a checksum or header rewrite helper failed.
+    RewriteFailed = 16,
+}
+
+impl Reason {
+    /// Every reason, for iteration (metrics export a zero for each).
+    pub const ALL: &'static [Reason] = &[
+        Reason::NotService,
+        Reason::Translated,
+        Reason::AffinityHit,
+        Reason::NoBackends,
+        Reason::BackendMissing,
+        Reason::SourceRangeDenied,
+        Reason::NoLocalBackend,
+        Reason::RevNatMapFull,
+        Reason::AffinityMapFull,
+        Reason::CtMapFull,
+        Reason::Malformed,
+        Reason::UnsupportedProto,
+        Reason::RevNatApplied,
+        Reason::CtHit,
+        Reason::ForwardedRemote,
+        Reason::RewriteFailed,
+    ];
+
+    /// Stable snake_case name used as a metric label and in the debug CLI.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::NotService => "not_service",
+            Reason::Translated => "translated",
+            Reason::AffinityHit => "affinity_hit",
+            Reason::NoBackends => "no_backends",
+            Reason::BackendMissing => "backend_missing",
+            Reason::SourceRangeDenied => "source_range_denied",
+            Reason::NoLocalBackend => "no_local_backend",
+            Reason::RevNatMapFull => "revnat_map_full",
+            Reason::AffinityMapFull => "affinity_map_full",
+            Reason::CtMapFull => "ct_map_full",
+            Reason::Malformed => "malformed",
+            Reason::UnsupportedProto => "unsupported_proto",
+            Reason::RevNatApplied => "revnat_applied",
+            Reason::CtHit => "ct_hit",
+            Reason::ForwardedRemote => "forwarded_remote",
+            Reason::RewriteFailed => "rewrite_failed",
+        }
+    }
+
+    /// Whether this reason means the packet or connection was refused or dropped.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::NoBackends
+                | Reason::BackendMissing
+                | Reason::SourceRangeDenied
+                | Reason::NoLocalBackend
+                | Reason::CtMapFull
+                | Reason::Malformed
+                | Reason::RewriteFailed
+        )
+    }
+}
+
+/// Unknown discriminant (e.g. a newer kernel object than this agent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownReason(pub u8);
+
+impl TryFrom<u8> for Reason {
+    type Error = UnknownReason;
+    fn try_from(v: u8) -> Result<Self, Self::Error> {
+        Reason::ALL
+            .iter()
+            .copied()
+            .find(|r| *r as u8 == v)
+            .ok_or(UnknownReason(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reason;
+
+    #[test]
+    fn discriminants_round_trip_and_are_unique() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::try_from(*r as u8), Ok(*r));
+        }
+        let mut seen = [false; 256];
+        for r in Reason::ALL {
+            assert!(!seen[*r as usize], "{r:?} reuses a value");
+            seen[*r as usize] = true;
+        }
+        assert!(Reason::try_from(0).is_err());
+    }
+}

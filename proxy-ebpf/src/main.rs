@@ -1,0 +1,28 @@
+//! Twill's kernel programs. Built for `bpfel-unknown-none` by `twill-agent`'s build script
+//! (aya-build) and embedded in the agent binary.
+//!
+//! Every program follows one shape: a thin entry point calls a `try_*` body that returns
+//! `Result<Verdict, Reason>`, and a single exit records the `Reason` in the per-CPU `STATS` map.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod sock;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never executed.
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// On the host this crate is only type-checked (clippy); the real programs exist for bpf only.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

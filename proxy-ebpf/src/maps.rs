@@ -1,0 +1,54 @@
+//! Map definitions. Static names equal the `MAP_*` constants in `twill-common` (the agent checks
+//! the embedded object against `twill_common::ALL_MAPS` at load time).
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use twill_common::{
+    AffinityKey, AffinityValue, Backend, DEFAULT_AFFINITY_MAX, DEFAULT_BACKEND_SLOTS_MAX,
+    DEFAULT_BACKENDS_MAX, DEFAULT_NODE_ADDRS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REVNAT_MAX,
+    DatapathConfig, NodeAddrValue, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey,
+    SockRevNatKey, SockRevNatValue,
+};
+
+#[map]
+pub static TWL_SVC_V1: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_SERVICES_MAX, 0);
+
+#[map]
+pub static TWL_SLOT_V1: HashMap<SlotKey, u32> =
+    HashMap::with_max_entries(DEFAULT_BACKEND_SLOTS_MAX, 0);
+
+#[map]
+pub static TWL_BE_V1: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_BACKENDS_MAX, 0);
+
+// LRU: affinity entries expire by time, and under pressure the least recently used client loses
+// its stickiness rather than new clients failing.
+#[map]
+pub static TWL_AFF_V1: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(DEFAULT_AFFINITY_MAX, 0);
+
+// LRU: one entry per (socket, backend); sockets close without telling us, so old entries must be
+// evictable.
+#[map]
+pub static TWL_SKRNAT_V1: LruHashMap<SockRevNatKey, SockRevNatValue> =
+    LruHashMap::with_max_entries(DEFAULT_SOCK_REVNAT_MAX, 0);
+
+#[map]
+pub static TWL_NODEIP_V1: HashMap<u32, NodeAddrValue> =
+    HashMap::with_max_entries(DEFAULT_NODE_ADDRS_MAX, 0);
+
+#[map]
+pub static TWL_CFG_V1: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static TWL_STATS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_MAX, 0);
+
+/// Counts one occurrence of `reason` on this CPU.
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(slot) = TWL_STATS_V1.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
