@@ -1,0 +1,280 @@
+//! `labtool`: the tiny servers and clients the lab tests, the demo and the bench run inside lab
+//! pods. Std only, so what the tests measure is the kernel path, not a client library.
+//!
+//! ```text
+//! labtool serve --name N [--tcp PORT] [--udp PORT]   reply "N <peer-ip>:<peer-port>" per TCP
+//!                                                    connection and per UDP datagram
+//! labtool tcp --to IP:PORT [--timeout-ms T]         one request; prints reply=.. peer=.. local=..
+//! labtool udp --to IP:PORT [--connected] [--timeout-ms T]   prints reply=.. from=..
+//! labtool tcp-loop --to IP:PORT [--count N] [--duration-ms D] [--interval-ms I] [--timeout-ms T]
+//!                                                    JSON {"ok","failures","counts","errors"}
+//! labtool udp-loop --to IP:PORT --count N [--connected]      same JSON for UDP
+//! ```
+//! Exit codes of the single-shot clients: 0 ok, 2 connection refused, 3 timeout, 1 anything else.
+use std::{
+    collections::BTreeMap,
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+struct Args(Vec<String>);
+
+impl Args {
+    fn value(&self, flag: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .position(|a| a == flag)
+            .and_then(|i| self.0.get(i + 1))
+            .map(String::as_str)
+    }
+    fn flag(&self, flag: &str) -> bool {
+        self.0.iter().any(|a| a == flag)
+    }
+    fn num(&self, flag: &str, default: u64) -> Result<u64, String> {
+        self.value(flag)
+            .map_or(Ok(default), |v| v.parse().map_err(|e| format!("{flag} {v}: {e}")))
+    }
+    fn addr(&self) -> Result<SocketAddr, String> {
+        let v = self.value("--to").ok_or("--to IP:PORT is required")?;
+        v.parse().map_err(|e| format!("--to {v}: {e}"))
+    }
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = argv.split_first() else {
+        eprintln!("usage: labtool serve|tcp|udp|tcp-loop|udp-loop ...");
+        return ExitCode::from(1);
+    };
+    let args = Args(rest.to_vec());
+    let result = match cmd.as_str() {
+        "serve" => serve(&args),
+        "tcp" => tcp_once(&args),
+        "udp" => udp_once(&args),
+        "tcp-loop" => tcp_loop(&args),
+        "udp-loop" => udp_loop(&args),
+        other => Err(format!("unknown command {other}")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("labtool: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serve(args: &Args) -> Result<ExitCode, String> {
+    let name = args.value("--name").unwrap_or("server").to_owned();
+    let mut threads = Vec::new();
+    if let Some(port) = args.value("--udp") {
+        let sock = UdpSocket::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("udp bind: {e}"))?;
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            loop {
+                if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+                }
+            }
+        }));
+    }
+    if let Some(port) = args.value("--tcp") {
+        let listener =
+            TcpListener::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("tcp bind: {e}"))?;
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || handle_tcp(stream, &name));
+            }
+        }));
+    }
+    if threads.is_empty() {
+        return Err("serve needs --tcp PORT and/or --udp PORT".into());
+    }
+    // Readiness marker for the lab, which waits for this line before sending traffic.
+    println!("ready");
+    let _ = io::stdout().flush();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn handle_tcp(stream: TcpStream, name: &str) {
+    let Ok(peer) = stream.peer_addr() else { return };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(&stream);
+    // One request line per reply; a client that sends nothing still gets one reply.
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).unwrap_or(0);
+        if (&stream).write_all(format!("{name} {peer}\n").as_bytes()).is_err() || n == 0 {
+            break;
+        }
+        if line.trim() != "again" {
+            break;
+        }
+    }
+}
+
+enum Failure {
+    Refused,
+    Timeout,
+    Other(String),
+}
+
+impl Failure {
+    fn from_io(e: &io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => Failure::Refused,
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Failure::Timeout,
+            _ => Failure::Other(e.to_string()),
+        }
+    }
+    fn label(&self) -> String {
+        match self {
+            Failure::Refused => "refused".into(),
+            Failure::Timeout => "timeout".into(),
+            Failure::Other(e) => e.clone(),
+        }
+    }
+    fn exit(&self) -> ExitCode {
+        match self {
+            Failure::Refused => ExitCode::from(2),
+            Failure::Timeout => ExitCode::from(3),
+            Failure::Other(_) => ExitCode::from(1),
+        }
+    }
+}
+
+struct TcpReply {
+    reply: String,
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
+fn tcp_request(to: SocketAddr, timeout: Duration) -> Result<TcpReply, Failure> {
+    let mut s = TcpStream::connect_timeout(&to, timeout).map_err(|e| Failure::from_io(&e))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| Failure::from_io(&e))?;
+    s.write_all(b"hi\n").map_err(|e| Failure::from_io(&e))?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).map_err(|e| Failure::from_io(&e))?;
+    if reply.is_empty() {
+        return Err(Failure::Other("empty reply".into()));
+    }
+    let peer = s.peer_addr().map_err(|e| Failure::from_io(&e))?;
+    let local = s.local_addr().map_err(|e| Failure::from_io(&e))?;
+    Ok(TcpReply { reply: reply.trim().to_owned(), peer, local })
+}
+
+fn tcp_once(args: &Args) -> Result<ExitCode, String> {
+    let to = args.addr()?;
+    let timeout = Duration::from_millis(args.num("--timeout-ms", 3000)?);
+    match tcp_request(to, timeout) {
+        Ok(r) => {
+            println!("reply={} peer={} local={}", r.reply, r.peer, r.local);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => {
+            println!("error={}", f.label());
+            Ok(f.exit())
+        }
+    }
+}
+
+fn udp_request(to: SocketAddr, connected: bool, timeout: Duration) -> Result<(String, SocketAddr), Failure> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| Failure::from_io(&e))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| Failure::from_io(&e))?;
+    let mut buf = [0u8; 2048];
+    if connected {
+        s.connect(to).map_err(|e| Failure::from_io(&e))?;
+        s.send(b"hi\n").map_err(|e| Failure::from_io(&e))?;
+        let n = s.recv(&mut buf).map_err(|e| Failure::from_io(&e))?;
+        let from = s.peer_addr().map_err(|e| Failure::from_io(&e))?;
+        Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
+    } else {
+        s.send_to(b"hi\n", to).map_err(|e| Failure::from_io(&e))?;
+        let (n, from) = s.recv_from(&mut buf).map_err(|e| Failure::from_io(&e))?;
+        Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
+    }
+}
+
+fn udp_once(args: &Args) -> Result<ExitCode, String> {
+    let to = args.addr()?;
+    let timeout = Duration::from_millis(args.num("--timeout-ms", 3000)?);
+    match udp_request(to, args.flag("--connected"), timeout) {
+        Ok((reply, from)) => {
+            println!("reply={reply} from={from}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => {
+            println!("error={}", f.label());
+            Ok(f.exit())
+        }
+    }
+}
+
+#[derive(serde::Serialize, Default)]
+struct LoopReport {
+    ok: u64,
+    failures: u64,
+    /// Replies per backend name (first word of the reply).
+    counts: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+}
+
+impl LoopReport {
+    fn record(&mut self, r: Result<String, Failure>) {
+        match r {
+            Ok(reply) => {
+                self.ok += 1;
+                let name = reply.split_whitespace().next().unwrap_or("").to_owned();
+                *self.counts.entry(name).or_default() += 1;
+            }
+            Err(f) => {
+                self.failures += 1;
+                *self.errors.entry(f.label()).or_default() += 1;
+            }
+        }
+    }
+}
+
+fn tcp_loop(args: &Args) -> Result<ExitCode, String> {
+    let to = args.addr()?;
+    let count = args.num("--count", 0)?;
+    let duration = Duration::from_millis(args.num("--duration-ms", 0)?);
+    let interval = Duration::from_millis(args.num("--interval-ms", 0)?);
+    let timeout = Duration::from_millis(args.num("--timeout-ms", 3000)?);
+    if count == 0 && duration.is_zero() {
+        return Err("tcp-loop needs --count N or --duration-ms D".into());
+    }
+    let start = Instant::now();
+    let mut report = LoopReport::default();
+    let mut i = 0;
+    // Bounded by count and/or duration (lab rule 4).
+    while (count == 0 || i < count) && (duration.is_zero() || start.elapsed() < duration) {
+        report.record(tcp_request(to, timeout).map(|r| r.reply));
+        i += 1;
+        if !interval.is_zero() {
+            std::thread::sleep(interval);
+        }
+    }
+    println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn udp_loop(args: &Args) -> Result<ExitCode, String> {
+    let to = args.addr()?;
+    let count = args.num("--count", 1)?;
+    let timeout = Duration::from_millis(args.num("--timeout-ms", 2000)?);
+    let mut report = LoopReport::default();
+    for _ in 0..count {
+        report.record(udp_request(to, args.flag("--connected"), timeout).map(|r| r.0));
+    }
+    println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    Ok(ExitCode::SUCCESS)
+}

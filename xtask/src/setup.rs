@@ -1,0 +1,136 @@
+//! `cargo xtask setup`: idempotent machine preparation. Every step first checks cheaply whether
+//! it is already done, so a ready machine takes well under two seconds.
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Debian packages the tests, demo and benchmarks use.
+pub const PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "containernetworking-plugins",
+    "podman",
+    "runc",
+    "busybox-static",
+    "iperf3",
+    "iptables",
+    "nftables",
+    "conntrack",
+    "bpftool",
+    "sockperf",
+    "wrk",
+    "tcpdump",
+    "procps",
+    "kmod",
+];
+
+pub fn run() -> Result<()> {
+    let start = Instant::now();
+    step("nightly toolchain with rust-src", nightly_rust_src)?;
+    step("bpf-linker built against rustc's LLVM", bpf_linker)?;
+    step("bpffs mounted at /sys/fs/bpf", || twill_lab::ensure_bpffs())?;
+    step("Debian packages", debian_packages)?;
+    eprintln!("setup: ready in {:.2}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    f().with_context(|| format!("setup step failed: {name}"))
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} exited with {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} exited with {st}");
+    }
+    Ok(())
+}
+
+fn nightly_sysroot() -> Option<PathBuf> {
+    let out = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).stderr(Stdio::null()).output().ok()?;
+    out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn nightly_rust_src() -> Result<()> {
+    // rust-src is a directory inside the sysroot; checking it is much faster than asking rustup.
+    if let Some(sysroot) = nightly_sysroot()
+        && sysroot.join("lib/rustlib/src/rust/library/core").is_dir()
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing the nightly toolchain with rust-src");
+    status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+}
+
+fn bpf_linker() -> Result<()> {
+    let bin = home().join(".cargo/bin/bpf-linker");
+    if bin.is_file() && Command::new(&bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+        return Ok(());
+    }
+    // bpf-linker must use the same LLVM as the nightly rustc. Debian has no LLVM of that version,
+    // but rustc ships its own libLLVM: point bpf-linker's build at it (recipe in LAB.md).
+    let sysroot = nightly_sysroot().context("no nightly toolchain")?;
+    let so = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so"))
+        .context("nightly sysroot has no libLLVM.so")?;
+    let major = so
+        .trim_start_matches("libLLVM.so.")
+        .trim_start_matches("libLLVM-")
+        .split(['.', '-'])
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let dir = home().join(".cache/twill/rust-llvm/lib");
+    std::fs::create_dir_all(&dir)?;
+    for link in ["libLLVM.so", so.as_str()] {
+        let dst = dir.join(link);
+        let _ = std::fs::remove_file(&dst);
+        std::os::unix::fs::symlink(sysroot.join("lib").join(&so), &dst)?;
+    }
+    eprintln!("setup: building bpf-linker against {so} (about a minute)");
+    status(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--no-default-features", "--features", &format!("llvm-{major}")])
+            .env("LLVM_PREFIX", dir.parent().context("llvm dir")?),
+    )
+}
+
+fn debian_packages() -> Result<()> {
+    let out = output(Command::new("dpkg-query").args(["-W", "-f=${Package} ${db:Status-Abbrev}\n"]).args(PACKAGES))
+        .unwrap_or_default();
+    let installed: Vec<&str> = out
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|s| s.starts_with("ii")))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed.contains(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+    status(Command::new("apt-get").args(["update", "-qq"]))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
