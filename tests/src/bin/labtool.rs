@@ -9,6 +9,7 @@
 //! labtool tcp-loop --to IP:PORT [--count N] [--duration-ms D] [--interval-ms I] [--timeout-ms T]
 //!                                                    JSON {"ok","failures","counts","errors"}
 //! labtool udp-loop --to IP:PORT --count N [--connected]      same JSON for UDP
+//! labtool http --to IP:PORT [--path P]              HTTP/1.0 GET; prints status=<code> then the body
 //! ```
 //! Exit codes of the single-shot clients: 0 ok, 2 connection refused, 3 timeout, 1 anything else.
 use std::{
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
         "udp" => udp_once(&args),
         "tcp-loop" => tcp_loop(&args),
         "udp-loop" => udp_loop(&args),
+        "http" => http_get(&args),
         other => Err(format!("unknown command {other}")),
     };
     match result {
@@ -276,5 +278,29 @@ fn udp_loop(args: &Args) -> Result<ExitCode, String> {
         report.record(udp_request(to, args.flag("--connected"), timeout).map(|r| r.0));
     }
     println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn http_get(args: &Args) -> Result<ExitCode, String> {
+    let to = args.addr()?;
+    let path = args.value("--path").unwrap_or("/");
+    let timeout = Duration::from_millis(args.num("--timeout-ms", 3000)?);
+    let mut s = match TcpStream::connect_timeout(&to, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            let f = Failure::from_io(&e);
+            println!("error={}", f.label());
+            return Ok(f.exit());
+        }
+    };
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    let status = resp.split_whitespace().nth(1).unwrap_or("none");
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    println!("status={status}");
+    println!("{body}");
     Ok(ExitCode::SUCCESS)
 }
