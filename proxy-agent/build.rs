@@ -20,6 +20,10 @@ fn main() -> anyhow::Result<()> {
         .and_then(|p| p.to_str())
         .ok_or_else(|| anyhow!("bad manifest path {manifest}"))?
         .to_owned();
+    // aya-build forwards every stderr line of the nested cargo as a `cargo:warning`, which buries
+    // real warnings under "Compiling ..." lines; quiet still shows compile errors.
+    // SAFETY: build scripts are single-threaded at this point.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package { name: "proxy-ebpf", root_dir: &root_dir, ..Default::default() }],
         aya_build::Toolchain::default(),

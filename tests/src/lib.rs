@@ -39,7 +39,7 @@ const BPFFS_ROOT: &str = "/sys/fs/bpf";
 pub const POD_GATEWAY: &str = "169.254.1.1";
 
 /// Shape of a lab.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct LabSpec {
     pub nodes: usize,
     /// An extra namespace on the underlay that is not a node: the "outside world" client.
@@ -868,8 +868,7 @@ fn kill_cgroup_tree(cg: &Path) {
 
 fn cgroup_tree_empty(cg: &Path) -> bool {
     fs::read_to_string(cg.join("cgroup.events"))
-        .map(|e| e.lines().any(|l| l == "populated 0"))
-        .unwrap_or(true)
+        .map_or(true, |e| e.lines().any(|l| l == "populated 0"))
 }
 
 fn remove_cgroup_tree(cg: &Path) -> Result<()> {

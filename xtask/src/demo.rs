@@ -7,6 +7,7 @@
 //! the lab is torn down at the end (also on failure or Ctrl-C of a step: the lab guard drops).
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     time::{Duration, Instant},
 };
 
@@ -44,15 +45,14 @@ pub fn run() -> Result<()> {
 }
 
 fn endpoint_slice(name: &str, service: &str, pods: &[(&Pod, &str)], ports: &str) -> String {
-    let endpoints: String = pods
-        .iter()
-        .map(|(p, node)| {
-            format!(
-                "  - addresses: [\"{}\"]\n    conditions: {{ready: true, serving: true, terminating: false}}\n    nodeName: {node}\n    targetRef: {{kind: Pod, namespace: demo, name: {}}}\n",
-                p.ip, p.name
-            )
-        })
-        .collect();
+    let mut endpoints = String::new();
+    for (p, node) in pods {
+        let _ = write!(
+            endpoints,
+            "  - addresses: [\"{}\"]\n    conditions: {{ready: true, serving: true, terminating: false}}\n    nodeName: {node}\n    targetRef: {{kind: Pod, namespace: demo, name: {}}}\n",
+            p.ip, p.name
+        );
+    }
     format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n{ports}endpoints:\n{endpoints}"
     )

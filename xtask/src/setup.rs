@@ -32,7 +32,7 @@ pub fn run() -> Result<()> {
     let start = Instant::now();
     step("nightly toolchain with rust-src", nightly_rust_src)?;
     step("bpf-linker built against rustc's LLVM", bpf_linker)?;
-    step("bpffs mounted at /sys/fs/bpf", || twill_lab::ensure_bpffs())?;
+    step("bpffs mounted at /sys/fs/bpf", twill_lab::ensure_bpffs)?;
     step("Debian packages", debian_packages)?;
     eprintln!("setup: ready in {:.2}s", start.elapsed().as_secs_f64());
     Ok(())
