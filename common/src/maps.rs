@@ -10,6 +10,9 @@
 //!  BACKENDS  backend_id ──► Backend { addr, port, proto, flags }
 //!  AFFINITY  (client_id, svc_id) ──► { backend_id, last_used_ns }
 //!  SOCK_REVNAT (socket cookie, backend addr, port) ──► frontend (addr, port)
+//!  CT        (saddr, daddr, sport, dport, proto) ──► rewrite to (saddr', daddr', sport', dport')
+//!            one entry per direction of a per-packet (north-south) translated flow
+//!  LB_SRC_RANGES (LPM: svc_id, client prefix) ──► allowed (loadBalancerSourceRanges)
 //! ```
 
 // Map names. BPF object names are limited to 15 bytes plus NUL (BPF_OBJ_NAME_LEN), so keep them
@@ -23,6 +26,8 @@ pub const MAP_SOCK_REVNAT: &str = "TWL_SKRNAT_V1";
 pub const MAP_NODE_ADDRS: &str = "TWL_NODEIP_V1";
 pub const MAP_CONFIG: &str = "TWL_CFG_V1";
 pub const MAP_STATS: &str = "TWL_STATS_V1";
+pub const MAP_CT: &str = "TWL_CT_V1";
+pub const MAP_LB_SRC_RANGES: &str = "TWL_LBSRC_V1";
 
 /// Every map the kernel object must define.
 pub const ALL_MAPS: &[&str] = &[
@@ -34,6 +39,8 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_NODE_ADDRS,
     MAP_CONFIG,
     MAP_STATS,
+    MAP_CT,
+    MAP_LB_SRC_RANGES,
 ];
 
 /// Default map capacities; the agent may override them (`--map-size-*`) before load.
@@ -43,6 +50,9 @@ pub const DEFAULT_BACKENDS_MAX: u32 = 131_072;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
 pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 262_144;
 pub const DEFAULT_NODE_ADDRS_MAX: u32 = 256;
+/// Two entries per north-south flow (one per direction).
+pub const DEFAULT_CT_MAX: u32 = 262_144;
+pub const DEFAULT_LB_SRC_RANGES_MAX: u32 = 16_384;
 /// One slot per `Reason` discriminant value.
 pub const STATS_MAX: u32 = 256;
 
@@ -131,7 +141,8 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 
 /// Key of `AFFINITY`. `client_id` is the client's network-namespace cookie on the socket path
 /// (every pod has its own netns, so this is per-pod like kube-proxy's per-client-IP affinity) and
-/// the client IPv4 address (network order, zero-extended) on the per-packet path.
+/// `AFFINITY_CLIENT_IP | addr_be` (the client IPv4 address, network order) on the per-packet
+/// path; the high bit keeps the two id spaces apart.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
@@ -141,12 +152,18 @@ pub struct AffinityKey {
 }
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
 
+/// Marks a per-packet (client IP) `AffinityKey::client_id`.
+pub const AFFINITY_CLIENT_IP: u64 = 1 << 63;
+
 /// Value of `AFFINITY`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityValue {
     pub backend_id: u32,
-    pub _pad: u32,
+    /// Slot of `backend_id` in `BACKEND_SLOTS` when the entry was written: checked first (one
+    /// lookup) when validating that the remembered backend is still one of the Service's; only
+    /// when the slots moved is the slot list scanned.
+    pub slot_hint: u32,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last use.
     pub last_used_ns: u64,
 }
@@ -194,6 +211,54 @@ pub struct DatapathConfig {
 }
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 8);
 
+/// Key of `CT`: one direction of a translated north-south flow, as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+
+/// `CtValue::flags` bits.
+/// The entry translates replies (backend → client) rather than the original direction.
+pub const CT_F_REPLY: u32 = 1 << 0;
+/// The client's address is translated too (backend on another node, externalTrafficPolicy
+/// Cluster), so replies return through this node.
+pub const CT_F_SNAT: u32 = 1 << 1;
+
+/// Value of `CT`: the addresses and ports a matching packet is rewritten to (all network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    pub new_saddr_be: u32,
+    pub new_daddr_be: u32,
+    pub new_sport_be: u16,
+    pub new_dport_be: u16,
+    pub svc_id: u32,
+    pub flags: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last packet (best effort: not updated atomically).
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
+
+/// Data of the `LB_SRC_RANGES` LPM-trie key (after the trie's `prefix_len`): the Service's
+/// `svc_id` (always matched in full) then the client prefix. A range `a.b.c.d/n` of Service `s`
+/// is stored with `prefix_len = 32 + n`; the value is unused (1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRangeKey {
+    /// Big-endian so the trie's byte-wise prefix match covers it as a whole.
+    pub svc_id_be: u32,
+    pub addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<SrcRangeKey>() == 8);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type is #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
@@ -207,4 +272,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockRevNatValue {}
     unsafe impl aya::Pod for super::NodeAddrValue {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::SrcRangeKey {}
 }

@@ -1,4 +1,4 @@
-//! The narrow seam for kernel map writes (HOUSE_STYLE §6).
+//! The narrow seam for kernel map writes (`HOUSE_STYLE` §6).
 //!
 //! Everything the reconciler does to the datapath goes through [`LbMaps`]. Three implementations:
 //! the aya one (`datapath::AyaLbMaps`, real pinned maps), an in-memory fake ([`FakeLbMaps`]) and a
@@ -20,6 +20,10 @@ pub enum MapKind {
     NodeAddrs,
     Config,
     Stats,
+    /// Per-packet connection tracking (north-south).
+    Ct,
+    /// `loadBalancerSourceRanges` LPM trie.
+    SourceRanges,
 }
 
 impl MapKind {
@@ -33,6 +37,8 @@ impl MapKind {
             MapKind::NodeAddrs => twill_common::MAP_NODE_ADDRS,
             MapKind::Config => twill_common::MAP_CONFIG,
             MapKind::Stats => twill_common::MAP_STATS,
+            MapKind::Ct => twill_common::MAP_CT,
+            MapKind::SourceRanges => twill_common::MAP_LB_SRC_RANGES,
         }
     }
 }
@@ -72,7 +78,7 @@ pub struct LbState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub slots: BTreeMap<SlotKey, u32>,
     pub backends: BTreeMap<u32, Backend>,
-    /// Addresses (network order) NodePort frontends answer on.
+    /// Addresses (network order) `NodePort` frontends answer on.
     pub node_addrs: BTreeMap<u32, u32>,
     pub config: DatapathConfig,
 }
@@ -102,17 +108,38 @@ pub struct FakeLbMaps {
     pub state: LbState,
     /// Capacity of the services map, to test the "map full" path.
     pub services_capacity: Option<u32>,
+    /// Capacity of the backend slots map.
+    pub slots_capacity: Option<u32>,
+    /// Capacity of the backends map.
+    pub backends_capacity: Option<u32>,
     pub flushed_backends: Vec<u32>,
+}
+
+/// `Err(Full)` when inserting a new key into a map already holding `capacity` entries, like the
+/// kernel's E2BIG for a full hash map (updating an existing key always succeeds).
+fn check_capacity<K: Ord, V>(
+    map: &BTreeMap<K, V>,
+    key: &K,
+    capacity: Option<u32>,
+    kind: MapKind,
+) -> Result<(), MapError> {
+    match capacity {
+        Some(cap) if !map.contains_key(key) && map.len() >= cap as usize => Err(MapError::Full {
+            map: kind,
+            capacity: cap,
+        }),
+        _ => Ok(()),
+    }
 }
 
 impl LbMaps for FakeLbMaps {
     fn upsert_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
-        if let Some(cap) = self.services_capacity
-            && !self.state.services.contains_key(&key)
-            && self.state.services.len() >= cap as usize
-        {
-            return Err(MapError::Full { map: MapKind::Services, capacity: cap });
-        }
+        check_capacity(
+            &self.state.services,
+            &key,
+            self.services_capacity,
+            MapKind::Services,
+        )?;
         self.state.services.insert(key, value);
         Ok(())
     }
@@ -121,6 +148,12 @@ impl LbMaps for FakeLbMaps {
         Ok(())
     }
     fn upsert_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), MapError> {
+        check_capacity(
+            &self.state.slots,
+            &key,
+            self.slots_capacity,
+            MapKind::BackendSlots,
+        )?;
         self.state.slots.insert(key, backend_id);
         Ok(())
     }
@@ -129,6 +162,12 @@ impl LbMaps for FakeLbMaps {
         Ok(())
     }
     fn upsert_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapError> {
+        check_capacity(
+            &self.state.backends,
+            &id,
+            self.backends_capacity,
+            MapKind::Backends,
+        )?;
         self.state.backends.insert(id, backend);
         Ok(())
     }
@@ -154,5 +193,258 @@ impl LbMaps for FakeLbMaps {
     fn flush_backend_state(&mut self, backend_id: u32, _backend: Backend) -> Result<(), MapError> {
         self.flushed_backends.push(backend_id);
         Ok(())
+    }
+}
+
+/// Which operations a [`FaultyLbMaps`] fails. Rules combine: an operation fails when any rule
+/// matches. Operation numbers count every write-side call (upserts, deletes, `set_config`,
+/// `flush_backend_state`) from 0, failed ones included; `dump` is not counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// Fail exactly these operation numbers.
+    pub nth: std::collections::BTreeSet<u64>,
+    /// Fail every write to these maps.
+    pub maps: std::collections::BTreeSet<MapKind>,
+    /// Fail every operation numbered `k` or higher (a connection to the kernel "going away").
+    pub after: Option<u64>,
+    /// Report the map as full (`MapError::Full`) instead of an injected error, for rules matching
+    /// by map; lets tests drive the "map full" path through any implementation.
+    pub as_full: bool,
+    /// Fail `dump()` (adoption at start).
+    pub dump: bool,
+}
+
+impl FaultPlan {
+    /// No faults: the wrapper passes everything through.
+    pub fn none() -> Self {
+        Self::default()
+    }
+    /// Fail operation number `n` (0-based).
+    #[must_use]
+    pub fn fail_nth(mut self, n: u64) -> Self {
+        self.nth.insert(n);
+        self
+    }
+    /// Fail every write to `map`.
+    #[must_use]
+    pub fn fail_map(mut self, map: MapKind) -> Self {
+        self.maps.insert(map);
+        self
+    }
+    /// Fail every operation from number `k` on.
+    #[must_use]
+    pub fn fail_after(mut self, k: u64) -> Self {
+        self.after = Some(k);
+        self
+    }
+    /// Matching map rules report `MapError::Full`.
+    #[must_use]
+    pub fn full(mut self) -> Self {
+        self.as_full = true;
+        self
+    }
+    /// Fail `dump()`.
+    #[must_use]
+    pub fn fail_dump(mut self) -> Self {
+        self.dump = true;
+        self
+    }
+}
+
+/// Fault injector wrapping any [`LbMaps`]: fails the operations its [`FaultPlan`] names and
+/// passes everything else to the inner implementation. A failed operation does not reach the
+/// inner maps, like a syscall that returned an error.
+#[derive(Clone, Debug, Default)]
+pub struct FaultyLbMaps<M> {
+    pub inner: M,
+    pub plan: FaultPlan,
+    /// Operations attempted so far (the numbering `FaultPlan` uses).
+    pub ops: u64,
+    /// Operations failed on purpose so far.
+    pub injected: u64,
+}
+
+impl<M: LbMaps> FaultyLbMaps<M> {
+    pub fn new(inner: M, plan: FaultPlan) -> Self {
+        Self {
+            inner,
+            plan,
+            ops: 0,
+            injected: 0,
+        }
+    }
+
+    /// Counts one operation and decides whether it fails.
+    fn gate(&mut self, map: MapKind, op: &'static str) -> Result<(), MapError> {
+        let n = self.ops;
+        self.ops += 1;
+        let by_map = self.plan.maps.contains(&map);
+        let fail = by_map || self.plan.nth.contains(&n) || self.plan.after.is_some_and(|k| n >= k);
+        if !fail {
+            return Ok(());
+        }
+        self.injected += 1;
+        if by_map && self.plan.as_full {
+            // The capacity is unknown to the wrapper; report what the inner map holds.
+            let capacity = self.inner.dump().map_or(0, |s| match map {
+                MapKind::Services => s.services.len(),
+                MapKind::BackendSlots => s.slots.len(),
+                MapKind::Backends => s.backends.len(),
+                MapKind::NodeAddrs => s.node_addrs.len(),
+                _ => 0,
+            });
+            return Err(MapError::Full {
+                map,
+                capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+            });
+        }
+        Err(MapError::Injected { map, op })
+    }
+}
+
+impl<M: LbMaps> LbMaps for FaultyLbMaps<M> {
+    fn upsert_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
+        self.gate(MapKind::Services, "update")?;
+        self.inner.upsert_service(key, value)
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        self.gate(MapKind::Services, "delete")?;
+        self.inner.delete_service(key)
+    }
+    fn upsert_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), MapError> {
+        self.gate(MapKind::BackendSlots, "update")?;
+        self.inner.upsert_slot(key, backend_id)
+    }
+    fn delete_slot(&mut self, key: &SlotKey) -> Result<(), MapError> {
+        self.gate(MapKind::BackendSlots, "delete")?;
+        self.inner.delete_slot(key)
+    }
+    fn upsert_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapError> {
+        self.gate(MapKind::Backends, "update")?;
+        self.inner.upsert_backend(id, backend)
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
+        self.gate(MapKind::Backends, "delete")?;
+        self.inner.delete_backend(id)
+    }
+    fn upsert_node_addr(&mut self, addr_be: u32, flags: u32) -> Result<(), MapError> {
+        self.gate(MapKind::NodeAddrs, "update")?;
+        self.inner.upsert_node_addr(addr_be, flags)
+    }
+    fn delete_node_addr(&mut self, addr_be: u32) -> Result<(), MapError> {
+        self.gate(MapKind::NodeAddrs, "delete")?;
+        self.inner.delete_node_addr(addr_be)
+    }
+    fn set_config(&mut self, config: DatapathConfig) -> Result<(), MapError> {
+        self.gate(MapKind::Config, "update")?;
+        self.inner.set_config(config)
+    }
+    fn dump(&self) -> Result<LbState, MapError> {
+        if self.plan.dump {
+            return Err(MapError::Injected {
+                map: MapKind::Services,
+                op: "dump",
+            });
+        }
+        self.inner.dump()
+    }
+    fn flush_backend_state(&mut self, backend_id: u32, backend: Backend) -> Result<(), MapError> {
+        self.gate(MapKind::Affinity, "flush")?;
+        self.inner.flush_backend_state(backend_id, backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn be(n: u8) -> Backend {
+        Backend {
+            addr_be: u32::from_ne_bytes([10, 0, 0, n]),
+            port_be: 80u16.to_be(),
+            proto: 6,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn fake_reports_full_only_for_new_keys() {
+        let mut fake = FakeLbMaps {
+            backends_capacity: Some(1),
+            ..FakeLbMaps::default()
+        };
+        fake.upsert_backend(1, be(1)).unwrap();
+        fake.upsert_backend(1, be(2)).unwrap();
+        let err = fake.upsert_backend(2, be(2)).unwrap_err();
+        assert!(matches!(
+            err,
+            MapError::Full {
+                map: MapKind::Backends,
+                capacity: 1
+            }
+        ));
+        assert_eq!(err.metric_label(), "full");
+    }
+
+    #[test]
+    fn injector_fails_exactly_what_the_plan_names() {
+        let plan = FaultPlan::none()
+            .fail_nth(1)
+            .fail_map(MapKind::BackendSlots);
+        let mut maps = FaultyLbMaps::new(FakeLbMaps::default(), plan);
+        assert!(maps.upsert_backend(1, be(1)).is_ok()); // op 0
+        assert!(matches!(
+            maps.upsert_backend(2, be(2)),
+            Err(MapError::Injected {
+                map: MapKind::Backends,
+                ..
+            })
+        )); // op 1
+        assert!(maps.upsert_slot(SlotKey { svc_id: 1, slot: 0 }, 1).is_err()); // op 2: by map
+        assert!(maps.delete_backend(1).is_ok()); // op 3
+        assert_eq!((maps.ops, maps.injected), (4, 2));
+        // A failed operation never reaches the inner maps.
+        assert!(maps.inner.state.backends.is_empty());
+        assert!(maps.inner.state.slots.is_empty());
+    }
+
+    #[test]
+    fn injector_after_k_and_as_full() {
+        let mut maps = FaultyLbMaps::new(FakeLbMaps::default(), FaultPlan::none().fail_after(2));
+        assert!(maps.upsert_backend(1, be(1)).is_ok());
+        assert!(maps.upsert_backend(2, be(2)).is_ok());
+        assert!(maps.upsert_backend(3, be(3)).is_err());
+        assert!(maps.set_config(DatapathConfig::default()).is_err());
+
+        let plan = FaultPlan::none().fail_map(MapKind::Services).full();
+        let mut maps = FaultyLbMaps::new(FakeLbMaps::default(), plan);
+        let key = ServiceKey {
+            addr_be: 1,
+            port_be: 80u16.to_be(),
+            proto: 6,
+            scope: 0,
+        };
+        let value = ServiceValue {
+            svc_id: 1,
+            backend_count: 0,
+            flags: 0,
+            affinity_timeout_s: 0,
+            _pad: 0,
+        };
+        let err = maps.upsert_service(key, value).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MapError::Full {
+                    map: MapKind::Services,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("TWL_SVC_V1"));
+        assert!(maps.dump().is_ok());
+        maps.plan = FaultPlan::none().fail_dump();
+        assert!(maps.dump().is_err());
     }
 }

@@ -1,5 +1,50 @@
-fn main() -> anyhow::Result<()> {
-    env_logger::init();
-    let _ = twill_agent::datapath::EBPF_OBJECT.len();
+//! `twill-agent run | debug | uninstall`.
+use std::process::ExitCode;
+
+use clap::Parser;
+use twill_agent::config::{Cli, Command};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twill-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let cfg = args.resolve()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(twill_agent::run::run(cfg))?;
+        }
+        Command::Debug(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let out = rt.block_on(twill_agent::debug_cli::run(&args))?;
+            print!("{out}");
+        }
+        Command::Uninstall(args) => {
+            let done = twill_agent::run::uninstall(&args)?;
+            if done.cni_conf {
+                println!("removed CNI config from {}", args.cni_conf_dir.display());
+            }
+            for p in &done.pins {
+                println!("removed {}", p.display());
+            }
+            if done.api_socket {
+                println!("removed {}", args.api_socket.display());
+            }
+        }
+    }
     Ok(())
 }

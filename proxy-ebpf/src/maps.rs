@@ -2,13 +2,14 @@
 //! the embedded object against `twill_common::ALL_MAPS` at load time).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, DEFAULT_AFFINITY_MAX, DEFAULT_BACKEND_SLOTS_MAX,
-    DEFAULT_BACKENDS_MAX, DEFAULT_NODE_ADDRS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REVNAT_MAX,
-    DatapathConfig, NodeAddrValue, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey,
-    SockRevNatKey, SockRevNatValue,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
+    DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_LB_SRC_RANGES_MAX,
+    DEFAULT_NODE_ADDRS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REVNAT_MAX, DatapathConfig,
+    NodeAddrValue, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
+    SockRevNatValue, SrcRangeKey,
 };
 
 #[map]
@@ -40,6 +41,16 @@ pub static TWL_NODEIP_V1: HashMap<u32, NodeAddrValue> =
 
 #[map]
 pub static TWL_CFG_V1: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+// LRU: flows end without telling us (no FIN/RST tracking yet); the oldest flows are evicted
+// under pressure instead of new flows failing.
+#[map]
+pub static TWL_CT_V1: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_CT_MAX, 0);
+
+// LpmTrie adds the BPF_F_NO_PREALLOC the kernel requires for tries.
+#[map]
+pub static TWL_LBSRC_V1: LpmTrie<SrcRangeKey, u8> =
+    LpmTrie::with_max_entries(DEFAULT_LB_SRC_RANGES_MAX, 0);
 
 #[map]
 pub static TWL_STATS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_MAX, 0);

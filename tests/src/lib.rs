@@ -13,6 +13,7 @@
 //! guard: dropping it (also while unwinding from a panic) kills every process of the lab (via
 //! `cgroup.kill` of the node cgroups), deletes the namespaces, cgroups, bpffs pins and scratch
 //! files. [`clean_leftovers`] removes what a killed run left behind.
+pub mod bench;
 pub mod cni_bench;
 
 use std::{
@@ -53,7 +54,12 @@ pub struct LabSpec {
 
 impl LabSpec {
     pub fn nodes(n: usize) -> Self {
-        Self { nodes: n, external_client: false, two_subnets: false, mtu: 1500 }
+        Self {
+            nodes: n,
+            external_client: false,
+            two_subnets: false,
+            mtu: 1500,
+        }
     }
     #[must_use]
     pub fn with_external_client(mut self) -> Self {
@@ -203,8 +209,10 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
 }
 
 fn bpffs_mounted() -> bool {
-    fs::read_to_string("/proc/self/mounts")
-        .is_ok_and(|m| m.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")))
+    fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
+    })
 }
 
 /// Mounts bpffs at /sys/fs/bpf when missing (a fresh machine has none).
@@ -251,21 +259,33 @@ fn ns_ip(netns: &str, args: &[&str]) -> Result<String> {
 }
 
 fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
-    run_cmd(Command::new("ip").args(["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")]))
-        .map(|_| ())
+    run_cmd(Command::new("ip").args([
+        "netns",
+        "exec",
+        netns,
+        "sysctl",
+        "-qw",
+        &format!("{key}={value}"),
+    ]))
+    .map(|_| ())
 }
 
 /// A command running inside `netns` and, when given, inside `cgroup` (moved there between fork
 /// and exec, so the program's sockets are created inside it and the node's socket hooks see
 /// them).
-fn netns_command(netns: &str, cgroup: Option<&Path>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+fn netns_command(
+    netns: &str,
+    cgroup: Option<&Path>,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns]).arg(program);
     if let Some(cg) = cgroup {
         let procs = cg.join("cgroup.procs");
         // SAFETY: only async-signal-safe work in the child: open/write/close via std::fs on a
         // fixed path (no allocation after the path buffer is built before fork).
-        let procs = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        let procs =
+            std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).unwrap_or_default();
         unsafe {
             cmd.pre_exec(move || {
                 let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -307,14 +327,21 @@ impl Lab {
         };
         // From here on `lab` is a guard: an early return drops it and tears down.
         fs::create_dir_all(dir.join("cluster")).context("lab scratch dir")?;
-        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         fs::create_dir_all(&bpffs).context("lab bpffs dir")?;
         ip(&["netns", "add", &lab.underlay_netns])?;
         ns_ip(&lab.underlay_netns, &["link", "set", "lo", "up"])?;
         let subnets = if spec.two_subnets { 2 } else { 1 };
         for s in 0..subnets {
-            ns_ip(&lab.underlay_netns, &["link", "add", &format!("br{s}"), "type", "bridge"])?;
-            ns_ip(&lab.underlay_netns, &["link", "set", &format!("br{s}"), "up"])?;
+            ns_ip(
+                &lab.underlay_netns,
+                &["link", "add", &format!("br{s}"), "type", "bridge"],
+            )?;
+            ns_ip(
+                &lab.underlay_netns,
+                &["link", "set", &format!("br{s}"), "up"],
+            )?;
         }
         if spec.two_subnets {
             // A router namespace with a leg on each subnet: nodes on different subnets reach
@@ -324,11 +351,35 @@ impl Lab {
             lab.router_netns = Some(router.clone());
             for s in 0..2u8 {
                 let ul_end = format!("{PREFIX}{run_id}r{s}");
-                ns_ip(&lab.underlay_netns, &[
-                    "link", "add", &ul_end, "type", "veth", "peer", "name", &format!("eth{s}"), "netns", &router,
-                ])?;
-                ns_ip(&lab.underlay_netns, &["link", "set", &ul_end, "master", &format!("br{s}"), "up"])?;
-                ns_ip(&router, &["addr", "add", &format!("172.30.{s}.1/24"), "dev", &format!("eth{s}")])?;
+                ns_ip(
+                    &lab.underlay_netns,
+                    &[
+                        "link",
+                        "add",
+                        &ul_end,
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        &format!("eth{s}"),
+                        "netns",
+                        &router,
+                    ],
+                )?;
+                ns_ip(
+                    &lab.underlay_netns,
+                    &["link", "set", &ul_end, "master", &format!("br{s}"), "up"],
+                )?;
+                ns_ip(
+                    &router,
+                    &[
+                        "addr",
+                        "add",
+                        &format!("172.30.{s}.1/24"),
+                        "dev",
+                        &format!("eth{s}"),
+                    ],
+                )?;
                 ns_ip(&router, &["link", "set", &format!("eth{s}"), "up"])?;
             }
             ns_ip(&router, &["link", "set", "lo", "up"])?;
@@ -345,20 +396,51 @@ impl Lab {
         Ok(lab)
     }
 
-    fn attach_to_underlay(&self, netns: &str, tag: &str, subnet: usize, addr: Ipv4Addr) -> Result<()> {
+    fn attach_to_underlay(
+        &self,
+        netns: &str,
+        tag: &str,
+        subnet: usize,
+        addr: Ipv4Addr,
+    ) -> Result<()> {
         let ul_end = format!("{PREFIX}{}{tag}", self.run_id);
-        ns_ip(&self.underlay_netns, &[
-            "link", "add", &ul_end, "type", "veth", "peer", "name", "eth0", "netns", netns,
-        ])?;
-        ns_ip(&self.underlay_netns, &["link", "set", &ul_end, "master", &format!("br{subnet}"), "up"])?;
-        ns_ip(netns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ns_ip(
+            &self.underlay_netns,
+            &[
+                "link", "add", &ul_end, "type", "veth", "peer", "name", "eth0", "netns", netns,
+            ],
+        )?;
+        ns_ip(
+            &self.underlay_netns,
+            &[
+                "link",
+                "set",
+                &ul_end,
+                "master",
+                &format!("br{subnet}"),
+                "up",
+            ],
+        )?;
+        ns_ip(
+            netns,
+            &["addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+        )?;
         ns_ip(netns, &["link", "set", "eth0", "up"])?;
         ns_ip(netns, &["link", "set", "lo", "up"])?;
         if self.router_netns.is_some() {
             // Only the other lab subnet is routed via the lab router; there is still no default
             // route, so nothing can leave the lab.
             let other = 1 - subnet;
-            ns_ip(netns, &["route", "add", &format!("172.30.{other}.0/24"), "via", &format!("172.30.{subnet}.1")])?;
+            ns_ip(
+                netns,
+                &[
+                    "route",
+                    "add",
+                    &format!("172.30.{other}.0/24"),
+                    "via",
+                    &format!("172.30.{subnet}.1"),
+                ],
+            )?;
         }
         Ok(())
     }
@@ -388,7 +470,9 @@ impl Lab {
             netns,
             ip: addr,
             underlay_prefix: 24,
-            underlay_gateway: spec.two_subnets.then(|| Ipv4Addr::new(172, 30, u8::try_from(subnet).unwrap_or(0), 1)),
+            underlay_gateway: spec
+                .two_subnets
+                .then(|| Ipv4Addr::new(172, 30, u8::try_from(subnet).unwrap_or(0), 1)),
             pod_cidr,
             cgroup,
             bpffs,
@@ -408,7 +492,11 @@ impl Lab {
         self.attach_to_underlay(&netns, "ext", 0, addr)?;
         let cgroup = self.cgroup.join("ext");
         fs::create_dir_all(&cgroup)?;
-        Ok(External { netns, ip: addr, cgroup })
+        Ok(External {
+            netns,
+            ip: addr,
+            cgroup,
+        })
     }
 
     /// Writes the Node objects of the cluster (name, InternalIP, podCIDRs) into the shared
@@ -416,7 +504,10 @@ impl Lab {
     pub fn write_nodes_manifest(&self) -> Result<()> {
         let items: Vec<serde_json::Value> = self.nodes.iter().map(Node::node_object).collect();
         let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
-        write_atomic(&self.dir.join("cluster").join("nodes.json"), &serde_json::to_vec_pretty(&list)?)
+        write_atomic(
+            &self.dir.join("cluster").join("nodes.json"),
+            &serde_json::to_vec_pretty(&list)?,
+        )
     }
 
     /// The shared "API server" directory: every agent runs with `--manifests` pointing here.
@@ -442,12 +533,17 @@ impl Lab {
     }
 
     pub fn external(&self) -> &External {
-        self.external.as_ref().expect("lab built without with_external_client()")
+        self.external
+            .as_ref()
+            .expect("lab built without with_external_client()")
     }
 
     /// Keeps a background process; it is killed on teardown.
     pub fn track(&self, child: Child) {
-        self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(child);
+        self.children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(child);
     }
 
     /// Starts `labtool serve` in a pod and waits until it listens.
@@ -468,13 +564,21 @@ impl Lab {
     /// Tears the lab down now (also done on drop).
     pub fn teardown(&mut self) -> Vec<String> {
         let mut errors = Vec::new();
-        let mut children = std::mem::take(&mut *self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let mut children = std::mem::take(
+            &mut *self
+                .children
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         for c in &mut children {
             let _ = c.kill();
             let _ = c.wait();
         }
         kill_cgroup_tree(&self.cgroup);
-        let mut namespaces: Vec<String> = list_netns().into_iter().filter(|n| n.starts_with(&format!("{PREFIX}-{}-", self.run_id))).collect();
+        let mut namespaces: Vec<String> = list_netns()
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("{PREFIX}-{}-", self.run_id)))
+            .collect();
         // Pods first, then nodes, then the underlay (deleting a namespace destroys its veths).
         namespaces.sort_by_key(|n| std::cmp::Reverse(n.len()));
         for ns in namespaces {
@@ -578,7 +682,14 @@ impl Node {
     }
 
     /// Runs twill-cni inside the node's netns with the CNI environment.
-    pub fn cni(&self, command: &str, container_id: &str, netns_path: &str, ifname: &str, conf: &serde_json::Value) -> Result<std::process::Output> {
+    pub fn cni(
+        &self,
+        command: &str,
+        container_id: &str,
+        netns_path: &str,
+        ifname: &str,
+        conf: &serde_json::Value,
+    ) -> Result<std::process::Output> {
         let mut cmd = netns_command(&self.netns, None, bin("twill-cni"));
         cmd.env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container_id)
@@ -603,13 +714,24 @@ impl Node {
         ip(&["netns", "add", &netns])?;
         let container_id = format!("{}{}{}", self.run_id, self.name, name).replace(['-', '_'], "");
         let netns_path = format!("{NETNS_RUN_DIR}/{netns}");
-        let out = self.cni("ADD", &container_id, &netns_path, "eth0", &self.plugin_conf()?)?;
+        let out = self.cni(
+            "ADD",
+            &container_id,
+            &netns_path,
+            "eth0",
+            &self.plugin_conf()?,
+        )?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             let _ = ip(&["netns", "del", &netns]);
-            bail!("twill-cni ADD for pod {name} failed ({}): {stdout} {}", out.status, String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "twill-cni ADD for pod {name} failed ({}): {stdout} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        let result: serde_json::Value = serde_json::from_str(&stdout).with_context(|| format!("CNI result {stdout}"))?;
+        let result: serde_json::Value =
+            serde_json::from_str(&stdout).with_context(|| format!("CNI result {stdout}"))?;
         let addr = result["ips"][0]["address"]
             .as_str()
             .ok_or_else(|| anyhow!("CNI result without ips[0].address: {stdout}"))?;
@@ -631,9 +753,18 @@ impl Node {
     pub fn del_pod(&self, pod: &Pod) -> Result<()> {
         let mut conf = self.plugin_conf()?;
         conf["prevResult"] = pod.result.clone();
-        let out = self.cni("DEL", &pod.container_id, &format!("{NETNS_RUN_DIR}/{}", pod.netns), &pod.ifname, &conf)?;
+        let out = self.cni(
+            "DEL",
+            &pod.container_id,
+            &format!("{NETNS_RUN_DIR}/{}", pod.netns),
+            &pod.ifname,
+            &conf,
+        )?;
         if !out.status.success() {
-            bail!("twill-cni DEL failed: {}", String::from_utf8_lossy(&out.stdout));
+            bail!(
+                "twill-cni DEL failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
         ip(&["netns", "del", &pod.netns])?;
         Ok(())
@@ -694,10 +825,16 @@ impl Node {
 
 impl Agent {
     fn start(&mut self) -> Result<()> {
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let mut cmd = netns_command(&self.node_netns, Some(&self.cgroup), bin("twill-agent"));
         cmd.args(&self.args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -734,7 +871,9 @@ impl Agent {
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// The agent's log so far (for assertions and failure messages).
@@ -767,7 +906,10 @@ impl Pod {
     /// `labtool` inside the pod; returns (exit code, stdout).
     pub fn labtool(&self, args: &[&str]) -> Result<(i32, String)> {
         let out = self.cmd(bin("labtool")).args(args).output()?;
-        Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        ))
     }
 
     pub fn node_netns(&self) -> &str {
@@ -781,7 +923,10 @@ impl External {
     }
     pub fn labtool(&self, args: &[&str]) -> Result<(i32, String)> {
         let out = self.cmd(bin("labtool")).args(args).output()?;
-        Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        ))
     }
 }
 
@@ -789,7 +934,10 @@ impl Node {
     /// `labtool` inside the node's netns and cgroup; returns (exit code, stdout).
     pub fn labtool(&self, args: &[&str]) -> Result<(i32, String)> {
         let out = self.cmd(bin("labtool")).args(args).output()?;
-        Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        ))
     }
 }
 
@@ -816,7 +964,11 @@ pub fn spawn_and_wait_ready(mut cmd: Command) -> Result<Child> {
 
 /// Polls `f` until it returns `Ok(Some(v))` or `timeout` passes (bounded waits instead of fixed
 /// sleeps, so tests are fast when things are fast and still finish when they are not).
-pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let deadline = Instant::now() + timeout;
     let mut last_err = None;
     loop {
@@ -837,9 +989,14 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<
 
 /// Writes a file atomically (temp file in the same directory, then rename).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().ok_or_else(|| anyhow!("no parent dir for {}", path.display()))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow!("no parent dir for {}", path.display()))?;
     fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
     fs::write(&tmp, data)?;
     fs::rename(&tmp, path)?;
     Ok(())
@@ -891,7 +1048,10 @@ pub fn clean_leftovers() -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let cg_root = cgroup2_mount()?.join(LAB_DIR_NAME);
     kill_cgroup_tree(&cg_root);
-    let mut namespaces: Vec<String> = list_netns().into_iter().filter(|n| n.starts_with(&format!("{PREFIX}-"))).collect();
+    let mut namespaces: Vec<String> = list_netns()
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{PREFIX}-")))
+        .collect();
     namespaces.sort_by_key(|n| std::cmp::Reverse(n.len()));
     for ns in namespaces {
         ip(&["netns", "del", &ns])?;

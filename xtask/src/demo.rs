@@ -38,8 +38,14 @@ pub fn run() -> Result<()> {
     say(&format!("tearing the lab down (run id {})", lab.run_id));
     drop(lab);
     match &result {
-        Ok(()) => println!("\ndemo finished in {:.0}s; nothing left behind (`ip netns list` is empty of twl-*)", started.elapsed().as_secs_f64()),
-        Err(e) => println!("\ndemo FAILED after {:.0}s: {e:#}", started.elapsed().as_secs_f64()),
+        Ok(()) => println!(
+            "\ndemo finished in {:.0}s; nothing left behind (`ip netns list` is empty of twl-*)",
+            started.elapsed().as_secs_f64()
+        ),
+        Err(e) => println!(
+            "\ndemo FAILED after {:.0}s: {e:#}",
+            started.elapsed().as_secs_f64()
+        ),
     }
     result
 }
@@ -61,7 +67,10 @@ fn endpoint_slice(name: &str, service: &str, pods: &[(&Pod, &str)], ports: &str)
 fn demo(lab: &Lab) -> Result<()> {
     say("lab: 3 nodes on one underlay + an external client (all network namespaces)");
     for n in &lab.nodes {
-        println!("    {}  netns {}  node IP {}  pod CIDR {}", n.name, n.netns, n.ip, n.pod_cidr);
+        println!(
+            "    {}  netns {}  node IP {}  pod CIDR {}",
+            n.name, n.netns, n.ip, n.pod_cidr
+        );
     }
     println!("    external client {}", lab.external().ip);
 
@@ -75,7 +84,15 @@ fn demo(lab: &Lab) -> Result<()> {
             if !a.is_running() {
                 bail!("agent on {} exited:\n{}", n.name, a.log());
             }
-            let (code, out) = n.labtool(&["http", "--to", "127.0.0.1:10256", "--path", "/livez", "--timeout-ms", "500"])?;
+            let (code, out) = n.labtool(&[
+                "http",
+                "--to",
+                "127.0.0.1:10256",
+                "--path",
+                "/livez",
+                "--timeout-ms",
+                "500",
+            ])?;
             Ok((code == 0 && out.starts_with("status=200")).then_some(()))
         })
         .with_context(|| format!("agent on {} never became healthy", n.name))?;
@@ -83,7 +100,9 @@ fn demo(lab: &Lab) -> Result<()> {
     }
 
     say("creating pods through twill-cni: echo-0 on n0, echo-1 on n1, echo-2 on n2, client on n0");
-    let echo: Vec<Pod> = (0..3).map(|i| lab.node(i).add_pod(&format!("echo-{i}"))).collect::<Result<_>>()?;
+    let echo: Vec<Pod> = (0..3)
+        .map(|i| lab.node(i).add_pod(&format!("echo-{i}")))
+        .collect::<Result<_>>()?;
     let client = lab.node(0).add_pod("client")?;
     for p in echo.iter().chain(std::iter::once(&client)) {
         println!("    {:<7} IP {}", p.name, p.ip);
@@ -104,43 +123,85 @@ fn demo(lab: &Lab) -> Result<()> {
     let services = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: demo}}\nspec:\n  type: ClusterIP\n  clusterIP: {CLUSTER_IP}\n  ports:\n  - {{name: http, port: 80, targetPort: {ECHO_PORT}, protocol: TCP}}\n  - {{name: dns, port: 53, targetPort: {DNS_PORT}, protocol: UDP}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: echo-np, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.11\n  ports:\n  - {{name: http, port: 80, targetPort: {ECHO_PORT}, nodePort: {NODE_PORT}, protocol: TCP}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: echo-headless, namespace: demo}}\nspec:\n  clusterIP: None\n  ports:\n  - {{name: http, port: {ECHO_PORT}, protocol: TCP}}\n"
     );
-    let ports = format!("- {{name: http, port: {ECHO_PORT}, protocol: TCP}}\n- {{name: dns, port: {DNS_PORT}, protocol: UDP}}\n");
+    let ports = format!(
+        "- {{name: http, port: {ECHO_PORT}, protocol: TCP}}\n- {{name: dns, port: {DNS_PORT}, protocol: UDP}}\n"
+    );
     let slices = [
         endpoint_slice("echo-abc", "echo", &pods, &ports),
-        endpoint_slice("echo-np-abc", "echo-np", &pods, &format!("- {{name: http, port: {ECHO_PORT}, protocol: TCP}}\n")),
-        endpoint_slice("echo-headless-abc", "echo-headless", &pods, &format!("- {{name: http, port: {ECHO_PORT}, protocol: TCP}}\n")),
+        endpoint_slice(
+            "echo-np-abc",
+            "echo-np",
+            &pods,
+            &format!("- {{name: http, port: {ECHO_PORT}, protocol: TCP}}\n"),
+        ),
+        endpoint_slice(
+            "echo-headless-abc",
+            "echo-headless",
+            &pods,
+            &format!("- {{name: http, port: {ECHO_PORT}, protocol: TCP}}\n"),
+        ),
     ]
     .join("---\n");
     lab.apply_manifest("demo-services.yaml", &services)?;
     lab.apply_manifest("demo-endpointslices.yaml", &slices)?;
     let vip = format!("{CLUSTER_IP}:80");
     wait_for(Duration::from_secs(20), "the ClusterIP to answer", || {
-        Ok((client.labtool(&["tcp", "--to", &vip, "--timeout-ms", "500"])?.0 == 0).then_some(()))
+        Ok((client
+            .labtool(&["tcp", "--to", &vip, "--timeout-ms", "500"])?
+            .0
+            == 0)
+            .then_some(()))
     })?;
 
-    say(&format!("12 connections from the client pod to the ClusterIP {vip} (socket-level LB)"));
+    say(&format!(
+        "12 connections from the client pod to the ClusterIP {vip} (socket-level LB)"
+    ));
     let (_, out) = client.labtool(&["tcp-loop", "--to", &vip, "--count", "12"])?;
     let report: serde_json::Value = serde_json::from_str(&out)?;
     let counts: BTreeMap<String, u64> = serde_json::from_value(report["counts"].clone())?;
     for (pod, n) in &counts {
-        println!("    {pod:<7} {n:>2} {}", "#".repeat(usize::try_from(*n).unwrap_or(0)));
+        println!(
+            "    {pod:<7} {n:>2} {}",
+            "#".repeat(usize::try_from(*n).unwrap_or(0))
+        );
     }
     println!("    failures: {}", report["failures"]);
     let (_, out) = client.labtool(&["tcp", "--to", &vip])?;
-    println!("    the application sees the ClusterIP as its peer and the backend sees the pod's own IP:");
+    println!(
+        "    the application sees the ClusterIP as its peer and the backend sees the pod's own IP:"
+    );
     show(&out);
 
-    say(&format!("UDP (DNS pattern: unconnected sendto/recvfrom) to {CLUSTER_IP}:53"));
+    say(&format!(
+        "UDP (DNS pattern: unconnected sendto/recvfrom) to {CLUSTER_IP}:53"
+    ));
     let (code, out) = client.labtool(&["udp", "--to", &format!("{CLUSTER_IP}:53")])?;
     show(&out);
     if code != 0 {
         println!("    (UDP via the ClusterIP failed)");
     }
 
-    say(&format!("from the external client (not a node) to NodePort {NODE_PORT} on every node"));
+    say(&format!(
+        "from the external client (not a node) to NodePort {NODE_PORT} on every node"
+    ));
     for n in &lab.nodes {
-        let (code, out) = lab.external().labtool(&["tcp", "--to", &format!("{}:{NODE_PORT}", n.ip), "--timeout-ms", "2000"])?;
-        println!("    via {} ({}): {}", n.name, n.ip, if code == 0 { out } else { format!("FAILED {out}") });
+        let (code, out) = lab.external().labtool(&[
+            "tcp",
+            "--to",
+            &format!("{}:{NODE_PORT}", n.ip),
+            "--timeout-ms",
+            "2000",
+        ])?;
+        println!(
+            "    via {} ({}): {}",
+            n.name,
+            n.ip,
+            if code == 0 {
+                out
+            } else {
+                format!("FAILED {out}")
+            }
+        );
     }
 
     say("headless Service: no virtual IP is programmed; its pods are reached directly");

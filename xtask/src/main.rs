@@ -1,4 +1,5 @@
 //! `cargo xtask <command>`: everything a developer or CI runs, each doing its own setup.
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -32,6 +33,8 @@ enum Cmd {
     },
     /// The main job: a multi-node lab with pods and Services, narrated, torn down at the end.
     Demo,
+    /// Side-by-side benchmark against kube-proxy-shaped iptables/nftables and the direct path.
+    Bench(bench::BenchArgs),
     /// Lab maintenance.
     Lab {
         #[command(subcommand)]
@@ -55,7 +58,10 @@ fn main() -> Result<()> {
         }
         Cmd::Test { filter, no_lint } => test::run(filter.as_deref(), no_lint),
         Cmd::Demo => demo::run(),
-        Cmd::Lab { command: LabCmd::Clean } => {
+        Cmd::Bench(args) => bench::run(&args),
+        Cmd::Lab {
+            command: LabCmd::Clean,
+        } => {
             let removed = twill_lab::clean_leftovers()?;
             if removed.is_empty() {
                 println!("lab clean: nothing to remove");

@@ -43,7 +43,10 @@ fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("spawning {cmd:?}"))?;
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("spawning {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} exited with {}", out.status);
     }
@@ -59,8 +62,14 @@ fn status(cmd: &mut Command) -> Result<()> {
 }
 
 fn nightly_sysroot() -> Option<PathBuf> {
-    let out = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).stderr(Stdio::null()).output().ok()?;
-    out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    let out = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
 fn nightly_rust_src() -> Result<()> {
@@ -71,7 +80,15 @@ fn nightly_rust_src() -> Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing the nightly toolchain with rust-src");
-    status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))
+    status(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
 }
 
 fn home() -> PathBuf {
@@ -80,7 +97,14 @@ fn home() -> PathBuf {
 
 fn bpf_linker() -> Result<()> {
     let bin = home().join(".cargo/bin/bpf-linker");
-    if bin.is_file() && Command::new(&bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+    if bin.is_file()
+        && Command::new(&bin)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    {
         return Ok(());
     }
     // bpf-linker must use the same LLVM as the nightly rustc. Debian has no LLVM of that version,
@@ -108,20 +132,38 @@ fn bpf_linker() -> Result<()> {
     eprintln!("setup: building bpf-linker against {so} (about a minute)");
     status(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--no-default-features", "--features", &format!("llvm-{major}")])
+            .args([
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
             .env("LLVM_PREFIX", dir.parent().context("llvm dir")?),
     )
 }
 
 fn debian_packages() -> Result<()> {
-    let out = output(Command::new("dpkg-query").args(["-W", "-f=${Package} ${db:Status-Abbrev}\n"]).args(PACKAGES))
-        .unwrap_or_default();
+    let out = output(
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Package} ${db:Status-Abbrev}\n"])
+            .args(PACKAGES),
+    )
+    .unwrap_or_default();
     let installed: Vec<&str> = out
         .lines()
-        .filter(|l| l.split_whitespace().nth(1).is_some_and(|s| s.starts_with("ii")))
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|s| s.starts_with("ii"))
+        })
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed.contains(p)).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed.contains(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }

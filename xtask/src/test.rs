@@ -28,14 +28,27 @@ pub fn build(release: bool) -> Result<()> {
 }
 
 fn have_nextest() -> bool {
-    cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success())
+    cargo()
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 pub fn run(filter: Option<&str>, no_lint: bool) -> Result<()> {
     crate::setup::run()?;
     if !no_lint {
         run_step("fmt", cargo().args(["fmt", "--all", "--check"]))?;
-        run_step("clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        run_step(
+            "clippy",
+            cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        )?;
     }
     build(false)?;
     // Leftovers of a killed earlier run would only confuse; they carry other run ids, so this
@@ -46,7 +59,14 @@ pub fn run(filter: Option<&str>, no_lint: bool) -> Result<()> {
     }
     let mut cmd = cargo();
     if have_nextest() {
-        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast", "--failure-output", "final"]);
+        cmd.args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--no-fail-fast",
+            "--failure-output",
+            "final",
+        ]);
     } else {
         cmd.args(["test", "--workspace", "--no-fail-fast"]);
     }

@@ -1,23 +1,100 @@
-//! Loading, attaching and pinning the embedded kernel object.
-use std::path::{Path, PathBuf};
+//! Loading, pinning, adopting and attaching the embedded kernel object.
+//!
+//! ```text
+//!  <bpffs-dir>/TWL_SVC_V1 … TWL_STATS_V1   pinned maps (adopted by the next agent as they are)
+//!  <bpffs-dir>/link_twill_connect4 …       pinned cgroup links (keep the hooks attached while
+//!                                          no agent runs; a new agent swaps their program in
+//!                                          place with BPF_LINK_UPDATE, leaving no gap)
+//!  <bpffs-dir>/link_tc_<dev>_twill_tc_ingress / _egress   pinned tcx links, same treatment
+//! ```
+//!
+//! Start-up never deletes or rewrites map contents: the control plane adopts what is pinned
+//! (`LbMaps::dump`) and prunes only after its sources have synced (HOUSE_STYLE §7).
+//!
+//! Use: [`ensure_bpffs`] → [`Datapath::load`] → [`Datapath::attach_cgroup`] (socket-level LB)
+//! and [`Datapath::attach_tc`] per device (north-south, from inside the node's netns) →
+//! [`Datapath::lb_maps`] (the [`LbMaps`](crate::lbmap::LbMaps) implementation, counters, dumps,
+//! source ranges). [`Datapath::unpin_all`] removes everything for uninstall.
+mod maps;
+mod sockdestroy;
+mod sys;
+
+use std::{
+    io,
+    os::{fd::AsFd as _, fd::OwnedFd, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    maps::{MapInfo, MapType},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+    },
+};
+use twill_common::{
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, NodeAddrValue, STATS_MAX,
+    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey,
+};
+
+pub use self::{
+    maps::{AyaLbMaps, FlushReport, ReasonCounts},
+    sockdestroy::DestroyReport,
+    sys::monotonic_now_ns,
 };
 
 /// The kernel object built by `build.rs` from `proxy-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twill"));
 
-/// Errors of loading and attaching the datapath.
+/// The socket-level programs and the cgroup hook each one is attached to (attach type numbers
+/// from `enum bpf_attach_type`, used to recognise our pinned links).
+pub const SOCK_PROGRAMS: &[(&str, u32)] = &[
+    ("twill_connect4", 10),     // BPF_CGROUP_INET4_CONNECT
+    ("twill_sendmsg4", 14),     // BPF_CGROUP_UDP4_SENDMSG
+    ("twill_recvmsg4", 19),     // BPF_CGROUP_UDP4_RECVMSG
+    ("twill_getpeername4", 29), // BPF_CGROUP_INET4_GETPEERNAME
+];
+
+/// The per-packet programs and their tcx hooks (`BPF_TCX_INGRESS` = 46, `BPF_TCX_EGRESS` = 47).
+pub const TC_PROGRAMS: &[(&str, TcAttachType, u32)] = &[
+    ("twill_tc_ingress", TcAttachType::Ingress, 46),
+    ("twill_tc_egress", TcAttachType::Egress, 47),
+];
+
+/// Prefix of pinned link files under the bpffs directory.
+const LINK_PIN_PREFIX: &str = "link_";
+/// `statfs(2)` magic of the BPF filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Errors of loading, adopting and attaching the datapath.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("the embedded eBPF object is empty: it was built with AYA_BUILD_SKIP; rebuild without it")]
+    #[error(
+        "the embedded eBPF object is empty: it was built with AYA_BUILD_SKIP; rebuild without it"
+    )]
     EmptyObject,
     #[error("loading the eBPF object failed")]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no map named {0} (twill-common and proxy-ebpf disagree)")]
     MissingMap(&'static str),
+    #[error("map {name} has an unexpected type")]
+    MapType {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("opening pinned map {path}")]
+    OpenPinned {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "pinned map {path} does not match this agent's layout ({detail}); it was made by an incompatible \
+         version: run `twill-agent uninstall` (or remove the pin) and restart"
+    )]
+    PinnedMapIncompatible { path: PathBuf, detail: String },
     #[error("the eBPF object has no program named {0}")]
     MissingProgram(&'static str),
     #[error("program {name}: {action} failed")]
@@ -33,38 +110,291 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error("program {name}: {op} of pinned link {path} failed")]
+    PinnedLink {
+        name: &'static str,
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("program {name}: pinning its link at {path} failed")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error("opening cgroup {path}")]
     Cgroup {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
     #[error("creating bpffs directory {path}")]
     BpffsDir {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
+    #[error("network interface {name} not found in this network namespace")]
+    Interface {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mounting a BPF filesystem at {path}")]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not on a BPF filesystem; mount one (`mount -t bpf bpf /sys/fs/bpf`)")]
+    NotBpffs { path: PathBuf },
+    #[error("removing pin {path}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// `max_entries` of the maps whose size is an operator choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backend_slots: u32,
+    pub backends: u32,
+    pub affinity: u32,
+    pub sock_revnat: u32,
+    pub node_addrs: u32,
+    pub ct: u32,
+    pub lb_src_ranges: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: twill_common::DEFAULT_SERVICES_MAX,
+            backend_slots: twill_common::DEFAULT_BACKEND_SLOTS_MAX,
+            backends: twill_common::DEFAULT_BACKENDS_MAX,
+            affinity: twill_common::DEFAULT_AFFINITY_MAX,
+            sock_revnat: twill_common::DEFAULT_SOCK_REVNAT_MAX,
+            node_addrs: twill_common::DEFAULT_NODE_ADDRS_MAX,
+            ct: twill_common::DEFAULT_CT_MAX,
+            lb_src_ranges: twill_common::DEFAULT_LB_SRC_RANGES_MAX,
+        }
+    }
+}
+
+/// How to load the datapath.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatapathOptions {
+    /// Pin maps and links here (on bpffs) and adopt what an earlier agent pinned. `None`: nothing
+    /// is pinned and everything goes away with the [`Datapath`] (tests).
+    pub bpffs_dir: Option<PathBuf>,
+    pub map_sizes: MapSizes,
+}
+
+impl DatapathOptions {
+    /// Pinned under `dir` with default map sizes.
+    pub fn pinned(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            bpffs_dir: Some(dir.into()),
+            map_sizes: MapSizes::default(),
+        }
+    }
+    /// Nothing pinned, default map sizes.
+    pub fn unpinned() -> Self {
+        Self::default()
+    }
+}
+
+/// What `load` found pinned and reused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdoptedMap {
+    pub name: &'static str,
+    pub max_entries: u32,
+    /// The size the options asked for, when it differs: a pinned map keeps its size (resizing
+    /// would drop every live entry); uninstall and restart to apply a new size.
+    pub requested: Option<u32>,
+}
+
+/// How a socket program got onto the cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachOutcome {
+    /// A new link was created (and pinned, when pinning).
+    Created,
+    /// The pinned link of an earlier agent now runs this agent's program (`BPF_LINK_UPDATE`).
+    Replaced,
+}
+
+enum HeldLink {
+    /// Unpinned: detached when dropped.
+    Fd(#[expect(dead_code, reason = "held only to keep the link attached")] FdLink),
+    /// Pinned: stays attached after the agent exits.
+    Pinned(
+        #[expect(dead_code, reason = "held for symmetry; the pin keeps it attached")] PinnedLink,
+    ),
+    Adopted(#[expect(dead_code, reason = "held for symmetry; the pin keeps it attached")] OwnedFd),
 }
 
 /// A loaded datapath: the programs and maps of one agent.
 pub struct Datapath {
     pub ebpf: Ebpf,
-    links: Vec<FdLink>,
+    opts: DatapathOptions,
+    adopted: Vec<AdoptedMap>,
+    /// (pin file name, outcome, link)
+    links: Vec<(String, AttachOutcome, HeldLink)>,
+    cgroup: Option<PathBuf>,
+}
+
+/// Expected layout of each map: (name, type, key size, value size, requested max entries).
+fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 10] {
+    use std::mem::size_of;
+    [
+        (
+            twill_common::MAP_SERVICES,
+            MapType::Hash,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+            sizes.services,
+        ),
+        (
+            twill_common::MAP_BACKEND_SLOTS,
+            MapType::Hash,
+            size_of::<SlotKey>(),
+            size_of::<u32>(),
+            sizes.backend_slots,
+        ),
+        (
+            twill_common::MAP_BACKENDS,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<Backend>(),
+            sizes.backends,
+        ),
+        (
+            twill_common::MAP_AFFINITY,
+            MapType::LruHash,
+            size_of::<AffinityKey>(),
+            size_of::<AffinityValue>(),
+            sizes.affinity,
+        ),
+        (
+            twill_common::MAP_SOCK_REVNAT,
+            MapType::LruHash,
+            size_of::<SockRevNatKey>(),
+            size_of::<SockRevNatValue>(),
+            sizes.sock_revnat,
+        ),
+        (
+            twill_common::MAP_NODE_ADDRS,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<NodeAddrValue>(),
+            sizes.node_addrs,
+        ),
+        (
+            twill_common::MAP_CONFIG,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<DatapathConfig>(),
+            1,
+        ),
+        (
+            twill_common::MAP_STATS,
+            MapType::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<u64>(),
+            STATS_MAX,
+        ),
+        (
+            twill_common::MAP_CT,
+            MapType::LruHash,
+            size_of::<CtKey>(),
+            size_of::<CtValue>(),
+            sizes.ct,
+        ),
+        (
+            twill_common::MAP_LB_SRC_RANGES,
+            MapType::LpmTrie,
+            // struct bpf_lpm_trie_key: u32 prefix_len, then the data.
+            size_of::<u32>() + size_of::<SrcRangeKey>(),
+            size_of::<u8>(),
+            sizes.lb_src_ranges,
+        ),
+    ]
+}
+
+/// Mounts a BPF filesystem at `mount_point` unless one is there already (a fresh machine has
+/// none; Cilium's agent mounts it the same way). Returns whether it mounted.
+pub fn ensure_bpffs(mount_point: &Path) -> Result<bool, DatapathError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    if is_bpffs(mount_point) {
+        return Ok(false);
+    }
+    let err = |source| DatapathError::MountBpffs {
+        path: mount_point.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(mount_point).map_err(err)?;
+    let target = std::ffi::CString::new(mount_point.as_os_str().as_bytes())
+        .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(true)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs with a valid path and out-pointer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c.as_ptr(), &raw mut st) }) == 0 && st.f_type == BPF_FS_MAGIC
 }
 
 impl Datapath {
-    /// Loads the embedded object. Maps are pinned by name under `bpffs_dir` when given, so a
-    /// restarted agent finds (and reuses) the same maps.
-    pub fn load(bpffs_dir: Option<&Path>) -> Result<Self, DatapathError> {
+    /// Loads the embedded object. With a bpffs directory, maps already pinned there (by an
+    /// earlier agent) are adopted with their contents; the others are created and pinned.
+    pub fn load(opts: &DatapathOptions) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::EmptyObject);
         }
+        let layouts = map_layouts(&opts.map_sizes);
         let mut loader = EbpfLoader::new();
-        if let Some(dir) = bpffs_dir {
-            std::fs::create_dir_all(dir)
-                .map_err(|source| DatapathError::BpffsDir { path: dir.to_owned(), source })?;
-            loader.default_map_pin_directory(dir);
+        let mut adopted = Vec::new();
+        for &(name, _, _, _, size) in &layouts {
+            loader.map_max_entries(name, size);
+        }
+        if let Some(dir) = &opts.bpffs_dir {
+            std::fs::create_dir_all(dir).map_err(|source| DatapathError::BpffsDir {
+                path: dir.clone(),
+                source,
+            })?;
+            if !is_bpffs(dir) {
+                return Err(DatapathError::NotBpffs { path: dir.clone() });
+            }
+            for &(name, map_type, key, value, size) in &layouts {
+                let path = dir.join(name);
+                if path.exists() {
+                    adopted.push(check_pinned(&path, name, map_type, key, value, size)?);
+                }
+                loader.map_pin_path(name, path);
+            }
         }
         let ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
         for name in twill_common::ALL_MAPS {
@@ -72,31 +402,431 @@ impl Datapath {
                 return Err(DatapathError::MissingMap(name));
             }
         }
-        Ok(Self { ebpf, links: Vec::new() })
+        for a in &adopted {
+            if let Some(req) = a.requested {
+                log::warn!(
+                    "adopted pinned map {} keeps its size {} (requested {req}); uninstall to resize",
+                    a.name,
+                    a.max_entries
+                );
+            }
+        }
+        Ok(Self {
+            ebpf,
+            opts: opts.clone(),
+            adopted,
+            links: Vec::new(),
+            cgroup: None,
+        })
     }
 
-    /// Attaches the socket-level programs to the cgroup-v2 directory `cgroup`.
-    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
-        const CONNECT4: &str = "twill_connect4";
-        let file = std::fs::File::open(cgroup)
-            .map_err(|source| DatapathError::Cgroup { path: cgroup.to_owned(), source })?;
-        let prog: &mut CgroupSockAddr = self
-            .ebpf
-            .program_mut(CONNECT4)
-            .ok_or(DatapathError::MissingProgram(CONNECT4))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name: CONNECT4, action: "type", source })?;
-        prog.load()
-            .map_err(|source| DatapathError::Program { name: CONNECT4, action: "load", source })?;
-        let link_id = prog
-            .attach(&file, CgroupAttachMode::Single)
-            .map_err(|source| DatapathError::Program { name: CONNECT4, action: "attach", source })?;
-        let link = prog
-            .take_link(link_id)
-            .map_err(|source| DatapathError::Program { name: CONNECT4, action: "take link", source })?;
-        let link = FdLink::try_from(link)
-            .map_err(|source| DatapathError::Link { name: CONNECT4, source })?;
-        self.links.push(link);
+    /// Maps found pinned and reused by [`Datapath::load`] (empty on a first start).
+    pub fn adopted_maps(&self) -> &[AdoptedMap] {
+        &self.adopted
+    }
+
+    /// Attaches the socket-level programs (connect4, sendmsg4, recvmsg4, getpeername4) to the
+    /// cgroup-v2 directory `cgroup`. When pinning, a link an earlier agent pinned for the same
+    /// cgroup and hook gets this agent's program swapped in atomically; a pinned link for another
+    /// cgroup (configuration changed) or a defunct one (cgroup removed) is replaced.
+    pub fn attach_cgroup(
+        &mut self,
+        cgroup: &Path,
+    ) -> Result<Vec<(&'static str, AttachOutcome)>, DatapathError> {
+        let file = std::fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let cgroup_id = file
+            .metadata()
+            .map_err(|source| DatapathError::Cgroup {
+                path: cgroup.to_owned(),
+                source,
+            })?
+            .ino();
+        let mut outcomes = Vec::new();
+        for &(name, attach_type) in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program {
+                    name,
+                    action: "type",
+                    source,
+                })?;
+            if prog.fd().is_err() {
+                prog.load().map_err(|source| DatapathError::Program {
+                    name,
+                    action: "load",
+                    source,
+                })?;
+            }
+            let pin = self
+                .opts
+                .bpffs_dir
+                .as_ref()
+                .map(|d| d.join(format!("{LINK_PIN_PREFIX}{name}")));
+            if let Some(pin) = &pin
+                && let Some(fd) = adopt_link(name, pin, |t| {
+                    t.link_type == sys::BPF_LINK_TYPE_CGROUP
+                        && t.cgroup_id == cgroup_id
+                        && t.attach_type == attach_type
+                })?
+            {
+                let prog_fd = prog.fd().map_err(|source| DatapathError::Program {
+                    name,
+                    action: "fd",
+                    source,
+                })?;
+                replace_program(name, pin, &fd, prog_fd)?;
+                self.links.push((
+                    format!("{LINK_PIN_PREFIX}{name}"),
+                    AttachOutcome::Replaced,
+                    HeldLink::Adopted(fd),
+                ));
+                outcomes.push((name, AttachOutcome::Replaced));
+                continue;
+            }
+            let link_id = prog
+                .attach(&file, CgroupAttachMode::Single)
+                .map_err(|source| DatapathError::Program {
+                    name,
+                    action: "attach",
+                    source,
+                })?;
+            let link = prog
+                .take_link(link_id)
+                .map_err(|source| DatapathError::Program {
+                    name,
+                    action: "take link",
+                    source,
+                })?;
+            let link =
+                FdLink::try_from(link).map_err(|source| DatapathError::Link { name, source })?;
+            let held = match pin {
+                Some(pin) => {
+                    HeldLink::Pinned(link.pin(&pin).map_err(|source| DatapathError::PinLink {
+                        name,
+                        path: pin,
+                        source,
+                    })?)
+                }
+                None => HeldLink::Fd(link),
+            };
+            self.links.push((
+                format!("{LINK_PIN_PREFIX}{name}"),
+                AttachOutcome::Created,
+                held,
+            ));
+            outcomes.push((name, AttachOutcome::Created));
+        }
+        self.cgroup = Some(cgroup.to_owned());
+        Ok(outcomes)
+    }
+
+    /// Attaches the per-packet north-south programs to `ifname` (ingress and egress, tcx links,
+    /// Linux 6.6+) in the current network namespace; the agent runs inside the node's. Pinned
+    /// links of an earlier agent for the same device are updated in place, like the cgroup ones.
+    pub fn attach_tc(
+        &mut self,
+        ifname: &str,
+    ) -> Result<Vec<(&'static str, AttachOutcome)>, DatapathError> {
+        let ifindex = if_index(ifname)?;
+        let mut outcomes = Vec::new();
+        for &(name, direction, tcx_type) in TC_PROGRAMS {
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program {
+                    name,
+                    action: "type",
+                    source,
+                })?;
+            if prog.fd().is_err() {
+                prog.load().map_err(|source| DatapathError::Program {
+                    name,
+                    action: "load",
+                    source,
+                })?;
+            }
+            let key = tc_pin_name(ifname, name);
+            let pin = self.opts.bpffs_dir.as_ref().map(|d| d.join(&key));
+            if let Some(pin) = &pin
+                && let Some(fd) = adopt_link(name, pin, |t| {
+                    t.link_type == sys::BPF_LINK_TYPE_TCX
+                        && t.tcx_ifindex == ifindex
+                        && t.tcx_attach_type == tcx_type
+                })?
+            {
+                let prog_fd = prog.fd().map_err(|source| DatapathError::Program {
+                    name,
+                    action: "fd",
+                    source,
+                })?;
+                replace_program(name, pin, &fd, prog_fd)?;
+                self.links
+                    .push((key, AttachOutcome::Replaced, HeldLink::Adopted(fd)));
+                outcomes.push((name, AttachOutcome::Replaced));
+                continue;
+            }
+            let link_id =
+                prog.attach(ifname, direction)
+                    .map_err(|source| DatapathError::Program {
+                        name,
+                        action: "attach",
+                        source,
+                    })?;
+            let link = prog
+                .take_link(link_id)
+                .map_err(|source| DatapathError::Program {
+                    name,
+                    action: "take link",
+                    source,
+                })?;
+            // A netlink (pre-6.6) attachment is not a bpf_link and could not be pinned.
+            let link =
+                FdLink::try_from(link).map_err(|source| DatapathError::Link { name, source })?;
+            let held = match pin {
+                Some(pin) => {
+                    HeldLink::Pinned(link.pin(&pin).map_err(|source| DatapathError::PinLink {
+                        name,
+                        path: pin,
+                        source,
+                    })?)
+                }
+                None => HeldLink::Fd(link),
+            };
+            self.links.push((key, AttachOutcome::Created, held));
+            outcomes.push((name, AttachOutcome::Created));
+        }
+        Ok(outcomes)
+    }
+
+    /// Detaches the per-packet programs from `ifname` (and removes their pins).
+    pub fn detach_tc(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        let keys: Vec<String> = TC_PROGRAMS
+            .iter()
+            .map(|(name, _, _)| tc_pin_name(ifname, name))
+            .collect();
+        self.links.retain(|(k, _, _)| !keys.contains(k));
+        if let Some(dir) = &self.opts.bpffs_dir {
+            for k in keys {
+                let path = dir.join(k);
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(DatapathError::Unpin { path, source: e });
+                    }
+                    _ => {}
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The load-balancing maps (the [`LbMaps`](crate::lbmap::LbMaps) implementation, counters,
+    /// dumps). Takes them out of the loaded object, so call it once. When the programs are
+    /// attached, removing a UDP backend also destroys connected sockets to it in the attached
+    /// cgroup's network namespaces.
+    pub fn lb_maps(&mut self) -> Result<AyaLbMaps, DatapathError> {
+        let maps = AyaLbMaps::from_maps(|name| Ok(self.ebpf.take_map(name)))?;
+        Ok(match &self.cgroup {
+            Some(cg) => maps.with_socket_scope(cg.clone()),
+            None => maps,
+        })
+    }
+
+    /// Removes every pin Twill made under `bpffs_dir` (links first: the hooks detach as soon as
+    /// no process holds them; then maps) and the directory itself when empty. For uninstall.
+    /// Returns the removed paths.
+    pub fn unpin_all(bpffs_dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+        let mut removed = Vec::new();
+        // Every link pin (cgroup and tc links of any device), then the maps.
+        let mut link_pins: Vec<PathBuf> = match std::fs::read_dir(bpffs_dir) {
+            Ok(dir) => dir
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with(LINK_PIN_PREFIX))
+                .map(|e| e.path())
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+            Err(source) => {
+                return Err(DatapathError::Unpin {
+                    path: bpffs_dir.to_owned(),
+                    source,
+                });
+            }
+        };
+        link_pins.sort();
+        let map_pins = twill_common::ALL_MAPS.iter().map(|n| bpffs_dir.join(n));
+        for path in link_pins.into_iter().chain(map_pins) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::Unpin { path, source }),
+            }
+        }
+        // Only when empty: somebody else's pins in the same directory stay.
+        match std::fs::remove_dir(bpffs_dir) {
+            Ok(()) => removed.push(bpffs_dir.to_owned()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+            Err(source) => {
+                return Err(DatapathError::Unpin {
+                    path: bpffs_dir.to_owned(),
+                    source,
+                });
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn tc_pin_name(ifname: &str, prog: &str) -> String {
+    format!("{LINK_PIN_PREFIX}tc_{ifname}_{prog}")
+}
+
+fn if_index(ifname: &str) -> Result<u32, DatapathError> {
+    let err = |source| DatapathError::Interface {
+        name: ifname.to_owned(),
+        source,
+    };
+    let c = std::ffi::CString::new(ifname)
+        .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: valid NUL-terminated name.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(err(io::Error::last_os_error())),
+        i => Ok(i),
+    }
+}
+
+/// Swaps `prog` into the pinned link `link` atomically (`BPF_LINK_UPDATE`: the hook never runs
+/// zero programs) and confirms the link now runs it.
+fn replace_program(
+    name: &'static str,
+    pin: &Path,
+    link: &OwnedFd,
+    prog: &aya::programs::ProgramFd,
+) -> Result<(), DatapathError> {
+    let err = |op, source| DatapathError::PinnedLink {
+        name,
+        op,
+        path: pin.to_owned(),
+        source,
+    };
+    sys::link_update(link.as_fd(), prog.as_fd()).map_err(|e| err("BPF_LINK_UPDATE", e))?;
+    let running = sys::link_info(link.as_fd()).map_err(|e| err("BPF_OBJ_GET_INFO_BY_FD", e))?;
+    let ours = sys::prog_id(prog.as_fd()).map_err(|e| err("BPF_OBJ_GET_INFO_BY_FD", e))?;
+    if running.prog_id != ours {
+        return Err(err(
+            "verify BPF_LINK_UPDATE",
+            io::Error::other(format!(
+                "link runs program {}, loaded {ours}",
+                running.prog_id
+            )),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates a pinned map against this agent's layout.
+fn check_pinned(
+    path: &Path,
+    name: &'static str,
+    map_type: MapType,
+    key: usize,
+    value: usize,
+    requested: u32,
+) -> Result<AdoptedMap, DatapathError> {
+    let info = MapInfo::from_pin(path).map_err(|source| DatapathError::OpenPinned {
+        path: path.to_owned(),
+        source,
+    })?;
+    let incompatible = |detail: String| DatapathError::PinnedMapIncompatible {
+        path: path.to_owned(),
+        detail,
+    };
+    let found_type = info.map_type().map_err(|e| incompatible(e.to_string()))?;
+    if found_type != map_type {
+        return Err(incompatible(format!(
+            "type {found_type:?}, expected {map_type:?}"
+        )));
+    }
+    if info.key_size() as usize != key || info.value_size() as usize != value {
+        return Err(incompatible(format!(
+            "key/value size {}/{}, expected {key}/{value}",
+            info.key_size(),
+            info.value_size()
+        )));
+    }
+    let max_entries = info.max_entries();
+    Ok(AdoptedMap {
+        name,
+        max_entries,
+        requested: (max_entries != requested).then_some(requested),
+    })
+}
+
+/// Opens the pinned link at `pin` when `ours` recognises its target; removes it when not
+/// (another cgroup or device, a removed one, another hook) so a fresh link can take its place.
+fn adopt_link(
+    name: &'static str,
+    pin: &Path,
+    ours: impl FnOnce(&sys::LinkTarget) -> bool,
+) -> Result<Option<OwnedFd>, DatapathError> {
+    let fd = match sys::obj_get(pin) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(DatapathError::PinnedLink {
+                name,
+                op: "BPF_OBJ_GET",
+                path: pin.to_owned(),
+                source,
+            });
+        }
+    };
+    let info = sys::link_info(fd.as_fd()).map_err(|source| DatapathError::PinnedLink {
+        name,
+        op: "BPF_OBJ_GET_INFO_BY_FD",
+        path: pin.to_owned(),
+        source,
+    })?;
+    if ours(&info) {
+        return Ok(Some(fd));
+    }
+    log::info!(
+        "pinned link {} is for another target or hook ({info:?}); replacing it",
+        pin.display()
+    );
+    std::fs::remove_file(pin).map_err(|source| DatapathError::Unpin {
+        path: pin.to_owned(),
+        source,
+    })?;
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent moves these into its async tasks.
+    #[test]
+    fn handles_are_send() {
+        fn send<T: Send>() {}
+        send::<Datapath>();
+        send::<AyaLbMaps>();
+    }
+
+    #[test]
+    fn every_common_map_has_a_layout() {
+        let layouts = map_layouts(&MapSizes::default());
+        let mut names: Vec<&str> = layouts.iter().map(|l| l.0).collect();
+        names.sort_unstable();
+        let mut all = twill_common::ALL_MAPS.to_vec();
+        all.sort_unstable();
+        assert_eq!(names, all);
     }
 }

@@ -34,8 +34,9 @@ impl Args {
         self.0.iter().any(|a| a == flag)
     }
     fn num(&self, flag: &str, default: u64) -> Result<u64, String> {
-        self.value(flag)
-            .map_or(Ok(default), |v| v.parse().map_err(|e| format!("{flag} {v}: {e}")))
+        self.value(flag).map_or(Ok(default), |v| {
+            v.parse().map_err(|e| format!("{flag} {v}: {e}"))
+        })
     }
     fn addr(&self) -> Result<SocketAddr, String> {
         let v = self.value("--to").ok_or("--to IP:PORT is required")?;
@@ -72,7 +73,8 @@ fn serve(args: &Args) -> Result<ExitCode, String> {
     let name = args.value("--name").unwrap_or("server").to_owned();
     let mut threads = Vec::new();
     if let Some(port) = args.value("--udp") {
-        let sock = UdpSocket::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("udp bind: {e}"))?;
+        let sock =
+            UdpSocket::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("udp bind: {e}"))?;
         let name = name.clone();
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
@@ -114,7 +116,11 @@ fn handle_tcp(stream: TcpStream, name: &str) {
     loop {
         line.clear();
         let n = reader.read_line(&mut line).unwrap_or(0);
-        if (&stream).write_all(format!("{name} {peer}\n").as_bytes()).is_err() || n == 0 {
+        if (&stream)
+            .write_all(format!("{name} {peer}\n").as_bytes())
+            .is_err()
+            || n == 0
+        {
             break;
         }
         if line.trim() != "again" {
@@ -161,16 +167,22 @@ struct TcpReply {
 
 fn tcp_request(to: SocketAddr, timeout: Duration) -> Result<TcpReply, Failure> {
     let mut s = TcpStream::connect_timeout(&to, timeout).map_err(|e| Failure::from_io(&e))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| Failure::from_io(&e))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| Failure::from_io(&e))?;
     s.write_all(b"hi\n").map_err(|e| Failure::from_io(&e))?;
     let mut reply = String::new();
-    s.read_to_string(&mut reply).map_err(|e| Failure::from_io(&e))?;
+    s.read_to_string(&mut reply)
+        .map_err(|e| Failure::from_io(&e))?;
     if reply.is_empty() {
         return Err(Failure::Other("empty reply".into()));
     }
     let peer = s.peer_addr().map_err(|e| Failure::from_io(&e))?;
     let local = s.local_addr().map_err(|e| Failure::from_io(&e))?;
-    Ok(TcpReply { reply: reply.trim().to_owned(), peer, local })
+    Ok(TcpReply {
+        reply: reply.trim().to_owned(),
+        peer,
+        local,
+    })
 }
 
 fn tcp_once(args: &Args) -> Result<ExitCode, String> {
@@ -188,9 +200,14 @@ fn tcp_once(args: &Args) -> Result<ExitCode, String> {
     }
 }
 
-fn udp_request(to: SocketAddr, connected: bool, timeout: Duration) -> Result<(String, SocketAddr), Failure> {
+fn udp_request(
+    to: SocketAddr,
+    connected: bool,
+    timeout: Duration,
+) -> Result<(String, SocketAddr), Failure> {
     let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| Failure::from_io(&e))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| Failure::from_io(&e))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| Failure::from_io(&e))?;
     let mut buf = [0u8; 2048];
     if connected {
         s.connect(to).map_err(|e| Failure::from_io(&e))?;
@@ -265,7 +282,10 @@ fn tcp_loop(args: &Args) -> Result<ExitCode, String> {
             std::thread::sleep(interval);
         }
     }
-    println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    println!(
+        "{}",
+        serde_json::to_string(&report).map_err(|e| e.to_string())?
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -277,7 +297,10 @@ fn udp_loop(args: &Args) -> Result<ExitCode, String> {
     for _ in 0..count {
         report.record(udp_request(to, args.flag("--connected"), timeout).map(|r| r.0));
     }
-    println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    println!(
+        "{}",
+        serde_json::to_string(&report).map_err(|e| e.to_string())?
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -293,7 +316,8 @@ fn http_get(args: &Args) -> Result<ExitCode, String> {
             return Ok(f.exit());
         }
     };
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n").as_bytes())
         .map_err(|e| e.to_string())?;
     let mut resp = String::new();

@@ -1,0 +1,438 @@
+//! The real [`Dataplane`]: rtnetlink on a current-thread tokio runtime.
+//!
+//! Two netlink sockets at most: one in the node namespace (where the plugin runs)
+//! and one in the pod namespace. A netlink socket stays bound to the namespace it
+//! was created in, so the pod socket is made by entering the pod namespace on this
+//! (single) thread for exactly one `socket(2)` call and returning at once; every
+//! later request on it acts in the pod namespace with no further `setns`. The
+//! runtime is current-thread, so no other thread can observe the switch.
+//!
+//! ADD is one `RTM_NEWLINK` that creates both veth ends — the peer directly in the
+//! pod namespace (`IFLA_NET_NS_FD` in the peer's attributes), both with MTU, MAC and
+//! the host end `IFF_UP` — then the pod end up, its address, gateway neighbour and default route and the
+//! host's /32 route, sent back-to-back and acknowledged together.
+
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use futures_util::{TryStreamExt, future::try_join5};
+use ipnetwork::IpNetwork;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope,
+};
+use nix::sched::{CloneFlags, setns};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use tokio::runtime::Runtime;
+
+use crate::dataplane::{
+    Dataplane, DataplaneError, LinkState, Observed, PodLinkSpec, is_host_if_name,
+};
+use crate::result::Route;
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+pub struct Netlink {
+    rt: Runtime,
+    host: Option<Handle>,
+}
+
+pub struct PodNetns {
+    fd: File,
+    handle: Handle,
+}
+
+fn nl_err(op: impl Into<String>, e: &rtnetlink::Error) -> DataplaneError {
+    let source = match e {
+        rtnetlink::Error::NetlinkError(m) => m.to_io(),
+        other => io::Error::other(other.to_string()),
+    };
+    DataplaneError::Netlink {
+        op: op.into(),
+        source,
+    }
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
+        _ => None,
+    }
+}
+
+impl Netlink {
+    pub fn new() -> Result<Self, DataplaneError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(DataplaneError::Runtime)?;
+        Ok(Netlink { rt, host: None })
+    }
+
+    /// The node-namespace socket, created on first use (STATUS never needs one).
+    fn host(&mut self) -> Result<Handle, DataplaneError> {
+        if let Some(h) = &self.host {
+            return Ok(h.clone());
+        }
+        let _guard = self.rt.enter();
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| DataplaneError::Netlink {
+                op: "socket".into(),
+                source: e,
+            })?;
+        self.rt.spawn(conn);
+        self.host = Some(handle.clone());
+        Ok(handle)
+    }
+}
+
+async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, rtnetlink::Error> {
+    match h
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(m) => Ok(m),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn link_state(m: &LinkMessage) -> LinkState {
+    let mut s = LinkState {
+        mtu: 0,
+        up: m.header.flags.contains(LinkFlags::Up),
+        mac: [0; 6],
+        is_veth: false,
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::Mtu(v) => s.mtu = *v,
+            LinkAttribute::Address(a) if a.len() == 6 => s.mac.copy_from_slice(a),
+            LinkAttribute::LinkInfo(infos) => {
+                s.is_veth |= infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+fn link_name(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+fn route_oif(m: &RouteMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+fn route_of(m: &RouteMessage) -> Option<Route> {
+    let mut dst: IpAddr = if m.header.address_family == netlink_packet_route::AddressFamily::Inet6 {
+        IpAddr::from([0u16; 8])
+    } else {
+        IpAddr::from([0u8; 4])
+    };
+    let mut gw = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = IpAddr::V4(*d),
+            RouteAttribute::Destination(RouteAddress::Inet6(d)) => dst = IpAddr::V6(*d),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(IpAddr::V4(*g)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gw = Some(IpAddr::V6(*g)),
+            _ => {}
+        }
+    }
+    Some(Route {
+        dst: IpNetwork::new(dst, m.header.destination_prefix_length).ok()?,
+        gw,
+    })
+}
+
+async fn routes_via(h: &Handle, index: u32) -> Result<Vec<Route>, rtnetlink::Error> {
+    let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    let all: Vec<RouteMessage> = h.route().get(msg).execute().try_collect().await?;
+    Ok(all
+        .iter()
+        .filter(|m| route_oif(m) == Some(index) && m.header.table == RouteHeader::RT_TABLE_MAIN)
+        .filter_map(route_of)
+        .collect())
+}
+
+impl Dataplane for Netlink {
+    type Netns = PodNetns;
+
+    fn open_netns(&mut self, path: &Path) -> Result<PodNetns, DataplaneError> {
+        let bad = |source: io::Error| DataplaneError::Netns {
+            path: path.to_owned(),
+            source,
+        };
+        // The host socket must exist before we leave the node namespace.
+        self.host()?;
+        let fd = File::open(path).map_err(bad)?;
+        let home = File::open("/proc/thread-self/ns/net").map_err(|e| DataplaneError::Netns {
+            path: "/proc/thread-self/ns/net".into(),
+            source: e,
+        })?;
+        setns(&fd, CloneFlags::CLONE_NEWNET).map_err(|e| bad(e.into()))?;
+        let conn = {
+            let _guard = self.rt.enter();
+            rtnetlink::new_connection()
+        };
+        // Staying in the pod namespace would put every later host operation (and
+        // /proc/sys writes) in the wrong place; there is no sane way to continue.
+        if let Err(e) = setns(&home, CloneFlags::CLONE_NEWNET) {
+            panic!("cannot return to the node network namespace: {e}");
+        }
+        let (conn, handle, _) = conn.map_err(|e| DataplaneError::Netlink {
+            op: "socket in pod namespace".into(),
+            source: e,
+        })?;
+        self.rt.spawn(conn);
+        Ok(PodNetns { fd, handle })
+    }
+
+    fn enable_forwarding(&mut self) -> Result<(), DataplaneError> {
+        let err = |source| DataplaneError::Sysctl {
+            path: IP_FORWARD.into(),
+            source,
+        };
+        // Read first: the write takes a lock and notifies every device in the
+        // namespace even when the value does not change.
+        let cur = std::fs::read(IP_FORWARD).map_err(err)?;
+        if cur.first() != Some(&b'1') {
+            std::fs::write(IP_FORWARD, b"1").map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn create(&mut self, ns: &PodNetns, spec: &PodLinkSpec) -> Result<(), DataplaneError> {
+        let host = self.host()?;
+        let peer = LinkUnspec::new_with_name(&spec.pod_if)
+            .address(spec.pod_mac.to_vec())
+            .mtu(spec.mtu)
+            .setns_by_fd(ns.fd.as_raw_fd())
+            .build();
+        let msg = LinkVeth::new(&spec.host_if, &spec.pod_if)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .address(spec.host_mac.to_vec())
+            .mtu(spec.mtu)
+            .up()
+            .build();
+        let pod = ns.handle.clone();
+        let made = self.rt.block_on(async {
+            match host.link().add(msg).execute().await {
+                Ok(()) => Ok(()),
+                Err(e) if errno(&e) == Some(libc::EEXIST) => Err(DataplaneError::LinkExists {
+                    host_if: spec.host_if.clone(),
+                    pod_if: spec.pod_if.clone(),
+                }),
+                Err(e) => Err(nl_err(
+                    format!("create veth {}/{}", spec.host_if, spec.pod_if),
+                    &e,
+                )),
+            }
+        });
+        made?;
+        let configured = self.rt.block_on(configure(&host, &pod, spec));
+        if let Err(e) = configured {
+            // Roll back: deleting the host end removes the peer and both ends' routes.
+            let _ = self.delete_host_link(&spec.host_if);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn delete_host_link(&mut self, name: &str) -> Result<bool, DataplaneError> {
+        let host = self.host()?;
+        let msg = LinkUnspec::new_with_name(name).build();
+        self.rt.block_on(async {
+            match host.link().del_with_message(msg).execute().await {
+                Ok(()) => Ok(true),
+                Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
+                Err(e) => Err(nl_err(format!("delete link {name}"), &e)),
+            }
+        })
+    }
+
+    fn list_host_links(&mut self) -> Result<Vec<String>, DataplaneError> {
+        let host = self.host()?;
+        self.rt.block_on(async {
+            let links: Vec<LinkMessage> = host
+                .link()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| nl_err("dump links", &e))?;
+            Ok(links
+                .iter()
+                .filter(|m| link_state(m).is_veth)
+                .filter_map(link_name)
+                .filter(|n| is_host_if_name(n))
+                .map(str::to_owned)
+                .collect())
+        })
+    }
+
+    fn observe(
+        &mut self,
+        ns: &PodNetns,
+        host_if: &str,
+        pod_if: &str,
+        gateway: Ipv4Addr,
+    ) -> Result<Observed, DataplaneError> {
+        let host = self.host()?;
+        let pod = ns.handle.clone();
+        self.rt
+            .block_on(async move {
+                let mut o = Observed::default();
+                if let Some(l) = link_by_name(&host, host_if).await? {
+                    o.host_link = Some(link_state(&l));
+                    o.host_routes = routes_via(&host, l.header.index).await?.into_iter().map(|r| r.dst).collect();
+                }
+                if let Some(l) = link_by_name(&pod, pod_if).await? {
+                    let idx = l.header.index;
+                    o.pod_link = Some(link_state(&l));
+                    let addrs: Vec<_> = pod
+                        .address()
+                        .get()
+                        .set_link_index_filter(idx)
+                        .execute()
+                        .try_collect()
+                        .await?;
+                    for a in &addrs {
+                        for attr in &a.attributes {
+                            if let AddressAttribute::Address(ip) = attr
+                                && let Ok(n) = IpNetwork::new(*ip, a.header.prefix_len)
+                            {
+                                o.pod_addrs.push(n);
+                            }
+                        }
+                    }
+                    o.pod_routes = routes_via(&pod, idx).await?;
+                    let neighs: Vec<_> = pod.neighbours().get().execute().try_collect().await?;
+                    o.pod_gateway_neigh = neighs
+                        .iter()
+                        .filter(|n| n.header.ifindex == idx && n.header.state == NeighbourState::Permanent)
+                        .filter(|n| {
+                            n.attributes
+                                .iter()
+                                .any(|a| matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == gateway))
+                        })
+                        .find_map(|n| {
+                            n.attributes.iter().find_map(|a| match a {
+                                NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => {
+                                    let mut mac = [0; 6];
+                                    mac.copy_from_slice(m);
+                                    Some(mac)
+                                }
+                                _ => None,
+                            })
+                        });
+                }
+                Ok::<_, rtnetlink::Error>(o)
+            })
+            .map_err(|e| nl_err("inspect interfaces", &e))
+    }
+}
+
+/// Everything after the veth exists. Both link lookups, then the five writes, are
+/// sent back-to-back; netlink processes one socket's requests in order, so the
+/// route (which needs the link up) always follows link creation.
+async fn configure(host: &Handle, pod: &Handle, spec: &PodLinkSpec) -> Result<(), DataplaneError> {
+    let (host_link, pod_link) = futures_util::future::try_join(
+        link_by_name(host, &spec.host_if),
+        link_by_name(pod, &spec.pod_if),
+    )
+    .await
+    .map_err(|e| nl_err("look up the new veth", &e))?;
+    let missing = |n: &str| DataplaneError::Netlink {
+        op: format!("look up {n}"),
+        source: io::Error::from_raw_os_error(libc::ENODEV),
+    };
+    let host_idx = host_link
+        .ok_or_else(|| missing(&spec.host_if))?
+        .header
+        .index;
+    let pod_idx = pod_link.ok_or_else(|| missing(&spec.pod_if))?.header.index;
+
+    // The peer cannot be created up: veth_open() fails with ENOTCONN until both
+    // ends are registered, so it is raised here, first in the pipeline.
+    let up = pod
+        .link()
+        .set(LinkUnspec::new_with_index(pod_idx).up().build())
+        .execute();
+    let addr = pod
+        .address()
+        .add(pod_idx, IpAddr::V4(spec.pod_ip), 32)
+        .execute();
+    // Static neighbour for the gateway: the pod never ARPs for it, and nothing in
+    // the node (no proxy_arp, no route to 169.254.1.1) has to answer.
+    let neigh = pod
+        .neighbours()
+        .add(pod_idx, IpAddr::V4(spec.gateway))
+        .link_layer_address(&spec.host_mac)
+        .state(NeighbourState::Permanent)
+        .execute();
+    let default = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .gateway(spec.gateway)
+        .output_interface(pod_idx)
+        .onlink()
+        .build();
+    let default = pod.route().add(default).execute();
+    let to_pod = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(spec.pod_ip, 32)
+        .output_interface(host_idx)
+        .scope(RouteScope::Link)
+        .build();
+    let to_pod = host.route().add(to_pod).execute();
+    try_join5(
+        async {
+            up.await
+                .map_err(|e| nl_err(format!("set {} up", spec.pod_if), &e))
+        },
+        async {
+            addr.await
+                .map_err(|e| nl_err(format!("add {}/32 to {}", spec.pod_ip, spec.pod_if), &e))
+        },
+        async {
+            neigh
+                .await
+                .map_err(|e| nl_err(format!("add gateway neighbour on {}", spec.pod_if), &e))
+        },
+        async {
+            default
+                .await
+                .map_err(|e| nl_err(format!("add default route via {}", spec.gateway), &e))
+        },
+        async {
+            to_pod.await.map_err(|e| {
+                nl_err(
+                    format!("add route {}/32 via {}", spec.pod_ip, spec.host_if),
+                    &e,
+                )
+            })
+        },
+    )
+    .await?;
+    Ok(())
+}

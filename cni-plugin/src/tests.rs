@@ -1,0 +1,555 @@
+//! In-process tests of whole invocations: env, stdin and stdout injected, the
+//! kernel replaced by [`Fake`]. IPAM runs for real on a temp directory.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::rc::Rc;
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use crate::dataplane::{Dataplane, DataplaneError, LinkState, Observed, PodLinkSpec, host_if_name};
+use crate::result::Route;
+
+#[derive(Default)]
+struct FakeState {
+    /// Host link name → the spec that made it (`None` for a foreign link).
+    links: BTreeMap<String, Option<PodLinkSpec>>,
+    fail_create: bool,
+    forwarding: bool,
+    /// Tamper knob for CHECK tests.
+    mtu_override: Option<u32>,
+}
+
+#[derive(Clone, Default)]
+struct Fake(Rc<RefCell<FakeState>>);
+
+impl Dataplane for Fake {
+    type Netns = String;
+
+    fn open_netns(&mut self, path: &Path) -> Result<String, DataplaneError> {
+        if path.starts_with("/run/netns") {
+            Ok(path.to_string_lossy().into_owned())
+        } else {
+            Err(DataplaneError::Netns {
+                path: path.to_owned(),
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            })
+        }
+    }
+
+    fn enable_forwarding(&mut self) -> Result<(), DataplaneError> {
+        self.0.borrow_mut().forwarding = true;
+        Ok(())
+    }
+
+    fn create(&mut self, _ns: &String, spec: &PodLinkSpec) -> Result<(), DataplaneError> {
+        let mut s = self.0.borrow_mut();
+        if s.fail_create {
+            return Err(DataplaneError::Netlink {
+                op: "create veth".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            });
+        }
+        if s.links.contains_key(&spec.host_if) {
+            return Err(DataplaneError::LinkExists {
+                host_if: spec.host_if.clone(),
+                pod_if: spec.pod_if.clone(),
+            });
+        }
+        s.links.insert(spec.host_if.clone(), Some(spec.clone()));
+        Ok(())
+    }
+
+    fn delete_host_link(&mut self, name: &str) -> Result<bool, DataplaneError> {
+        Ok(self.0.borrow_mut().links.remove(name).is_some())
+    }
+
+    fn list_host_links(&mut self) -> Result<Vec<String>, DataplaneError> {
+        Ok(self
+            .0
+            .borrow()
+            .links
+            .keys()
+            .filter(|n| crate::dataplane::is_host_if_name(n))
+            .cloned()
+            .collect())
+    }
+
+    fn observe(
+        &mut self,
+        _ns: &String,
+        host_if: &str,
+        _pod_if: &str,
+        gateway: Ipv4Addr,
+    ) -> Result<Observed, DataplaneError> {
+        let s = self.0.borrow();
+        let Some(Some(spec)) = s.links.get(host_if) else {
+            return Ok(Observed::default());
+        };
+        let mtu = s.mtu_override.unwrap_or(spec.mtu);
+        let pod_net = format!("{}/32", spec.pod_ip).parse().unwrap();
+        Ok(Observed {
+            host_link: Some(LinkState {
+                mtu: spec.mtu,
+                up: true,
+                mac: spec.host_mac,
+                is_veth: true,
+            }),
+            host_routes: vec![pod_net],
+            pod_link: Some(LinkState {
+                mtu,
+                up: true,
+                mac: spec.pod_mac,
+                is_veth: true,
+            }),
+            pod_addrs: vec![pod_net],
+            pod_routes: vec![Route {
+                dst: "0.0.0.0/0".parse().unwrap(),
+                gw: Some(gateway.into()),
+            }],
+            pod_gateway_neigh: Some(spec.host_mac),
+        })
+    }
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    fake: Fake,
+}
+
+struct Out {
+    rc: i32,
+    stdout: String,
+}
+
+impl Out {
+    fn json(&self) -> Value {
+        assert_eq!(
+            self.stdout.lines().count(),
+            1,
+            "exactly one JSON document: {:?}",
+            self.stdout
+        );
+        serde_json::from_str(&self.stdout).unwrap()
+    }
+    fn code(&self) -> u64 {
+        assert_eq!(self.rc, 1, "expected an error, got {}", self.stdout);
+        let v = self.json();
+        assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        v["code"].as_u64().unwrap()
+    }
+}
+
+impl Harness {
+    fn new() -> Self {
+        Harness {
+            dir: tempfile::tempdir().unwrap(),
+            fake: Fake::default(),
+        }
+    }
+
+    fn conf(&self, version: &str, cidr: &str) -> Value {
+        json!({"cniVersion": version, "name": "twill", "type": "twill-cni", "podCIDRs": [cidr],
+               "stateDir": self.dir.path().join("state"), "logFile": self.dir.path().join("log"), "logLevel": "debug"})
+    }
+
+    fn invoke(&self, cmd: &str, id: &str, stdin: &Value) -> Out {
+        let mut env: HashMap<String, String> = HashMap::new();
+        env.insert("CNI_COMMAND".into(), cmd.into());
+        env.insert("CNI_CONTAINERID".into(), id.into());
+        env.insert("CNI_IFNAME".into(), "eth0".into());
+        env.insert("CNI_NETNS".into(), format!("/run/netns/{id}"));
+        env.insert("CNI_PATH".into(), "/opt/cni/bin".into());
+        self.raw(&env, stdin.to_string().as_bytes())
+    }
+
+    fn raw(&self, env: &HashMap<String, String>, stdin: &[u8]) -> Out {
+        let mut stdout = Vec::new();
+        let fake = self.fake.clone();
+        let rc = crate::run(env, stdin, &mut stdout, move || Ok(fake));
+        Out {
+            rc,
+            stdout: String::from_utf8(stdout).unwrap(),
+        }
+    }
+
+    fn reservations(&self) -> Vec<String> {
+        let dir = self.dir.path().join("state/ipam/twill");
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.starts_with("10."))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn links(&self) -> Vec<String> {
+        self.fake.0.borrow().links.keys().cloned().collect()
+    }
+}
+
+fn with_prev(mut conf: Value, prev: Value) -> Value {
+    conf["prevResult"] = prev;
+    conf
+}
+
+#[test]
+fn version_lists_everything() {
+    let h = Harness::new();
+    let out = h.raw(
+        &HashMap::from([("CNI_COMMAND".into(), "VERSION".into())]),
+        b"",
+    );
+    assert_eq!(out.rc, 0);
+    assert_eq!(
+        out.json(),
+        json!({"cniVersion": "1.1.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]})
+    );
+    let out = h.raw(
+        &HashMap::from([("CNI_COMMAND".into(), "VERSION".into())]),
+        br#"{"cniVersion":"0.4.0"}"#,
+    );
+    assert_eq!(out.json()["cniVersion"], "0.4.0");
+}
+
+#[test]
+fn add_then_del_round_trip() {
+    let h = Harness::new();
+    let conf = h.conf("1.0.0", "10.244.1.0/24");
+    let out = h.invoke("ADD", "c1", &conf);
+    assert_eq!(out.rc, 0, "{}", out.stdout);
+    let r = out.json();
+    assert_eq!(r["cniVersion"], "1.0.0");
+    assert_eq!(r["ips"][0]["address"], "10.244.1.1/32");
+    assert_eq!(r["ips"][0]["gateway"], "169.254.1.1");
+    assert_eq!(r["interfaces"][0]["name"], host_if_name("c1"));
+    assert_eq!(r["interfaces"][1]["sandbox"], "/run/netns/c1");
+    assert!(h.fake.0.borrow().forwarding);
+    assert_eq!(h.reservations(), ["10.244.1.1"]);
+    assert_eq!(h.links(), [host_if_name("c1")]);
+    let log = std::fs::read_to_string(h.dir.path().join("log")).unwrap();
+    assert!(log.contains("ADD ok container=c1"), "{log}");
+
+    let out = h.invoke("DEL", "c1", &with_prev(conf.clone(), r));
+    assert_eq!((out.rc, out.stdout.as_str()), (0, ""));
+    assert!(h.reservations().is_empty() && h.links().is_empty());
+    let log = std::fs::read_to_string(h.dir.path().join("log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "link {} deleted, released [10.244.1.1]",
+            host_if_name("c1")
+        )),
+        "{log}"
+    );
+    // Idempotent: again, and for a container never seen.
+    assert_eq!(h.invoke("DEL", "c1", &conf).rc, 0);
+    assert_eq!(h.invoke("DEL", "never-seen", &conf).rc, 0);
+}
+
+#[test]
+fn del_without_netns_succeeds() {
+    let h = Harness::new();
+    let conf = h.conf("1.0.0", "10.244.1.0/24");
+    assert_eq!(h.invoke("ADD", "c1", &conf).rc, 0);
+    let env = HashMap::from([
+        ("CNI_COMMAND".to_owned(), "DEL".to_owned()),
+        ("CNI_CONTAINERID".to_owned(), "c1".to_owned()),
+        ("CNI_IFNAME".to_owned(), "eth0".to_owned()),
+    ]);
+    assert_eq!(h.raw(&env, conf.to_string().as_bytes()).rc, 0);
+    assert!(h.reservations().is_empty());
+}
+
+#[test]
+fn results_follow_the_config_version() {
+    for v in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
+        let h = Harness::new();
+        let r = h.invoke("ADD", "c", &h.conf(v, "10.244.1.0/24")).json();
+        assert_eq!(r["cniVersion"], v);
+        assert_eq!(
+            r["ips"][0].get("version").is_some(),
+            v.starts_with("0."),
+            "{v}"
+        );
+        assert_eq!(r["interfaces"][1].get("mtu").is_some(), v == "1.1.0", "{v}");
+    }
+}
+
+#[test]
+fn failed_add_rolls_back_the_reservation() {
+    let h = Harness::new();
+    h.fake.0.borrow_mut().fail_create = true;
+    let out = h.invoke("ADD", "c1", &h.conf("1.0.0", "10.244.1.0/24"));
+    assert_eq!(out.code(), 101);
+    assert!(out.json()["msg"].as_str().unwrap().contains("create veth"));
+    assert!(h.reservations().is_empty());
+}
+
+#[test]
+fn bad_netns_reserves_nothing() {
+    let h = Harness::new();
+    let mut env = HashMap::new();
+    for (k, v) in [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "c1"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_NETNS", "/proc/nope"),
+    ] {
+        env.insert(k.to_owned(), v.to_owned());
+    }
+    let out = h.raw(
+        &env,
+        h.conf("1.0.0", "10.244.1.0/24").to_string().as_bytes(),
+    );
+    assert_eq!(out.code(), 4);
+    assert!(out.json()["msg"].as_str().unwrap().contains("CNI_NETNS"));
+    assert!(h.reservations().is_empty());
+}
+
+#[test]
+fn repeated_add_for_a_live_container_fails_without_leaking() {
+    let h = Harness::new();
+    let conf = h.conf("1.0.0", "10.244.1.0/24");
+    assert_eq!(h.invoke("ADD", "c1", &conf).rc, 0);
+    assert_eq!(h.invoke("ADD", "c1", &conf).code(), 102);
+    assert_eq!(h.reservations(), ["10.244.1.1"]);
+}
+
+#[test]
+fn exhaustion_is_a_clear_error() {
+    let h = Harness::new();
+    let conf = h.conf("1.0.0", "10.244.1.0/30");
+    assert_eq!(h.invoke("ADD", "a", &conf).rc, 0);
+    assert_eq!(h.invoke("ADD", "b", &conf).rc, 0);
+    let out = h.invoke("ADD", "c", &conf);
+    assert_eq!(out.code(), 100);
+    assert!(
+        out.json()["msg"]
+            .as_str()
+            .unwrap()
+            .contains("10.244.1.0/30")
+    );
+    assert_eq!(h.links().len(), 2);
+    assert_eq!(h.reservations().len(), 2);
+    // STATUS agrees.
+    let mut st = h.conf("1.1.0", "10.244.1.0/30");
+    assert_eq!(h.invoke("STATUS", "x", &st).code(), 50);
+    st["podCIDRs"] = json!(["10.244.1.0/29"]);
+    let out = h.invoke("STATUS", "x", &st);
+    assert_eq!((out.rc, out.stdout.as_str()), (0, ""));
+}
+
+#[test]
+fn gc_releases_everything_not_valid() {
+    let h = Harness::new();
+    let conf = h.conf("1.1.0", "10.244.1.0/24");
+    for c in ["c1", "c2", "c3"] {
+        assert_eq!(h.invoke("ADD", c, &conf).rc, 0);
+    }
+    // A host veth whose ADD was killed before IPAM recorded it, and a foreign link.
+    h.fake
+        .0
+        .borrow_mut()
+        .links
+        .insert(host_if_name("orphan"), None);
+    h.fake.0.borrow_mut().links.insert("eth0".into(), None);
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "c2", "ifname": "eth0"}]);
+    let out = h.invoke("GC", "-", &gc);
+    assert_eq!((out.rc, out.stdout.as_str()), (0, ""));
+    let mut want = vec![host_if_name("c2"), "eth0".to_owned()];
+    want.sort();
+    assert_eq!(h.links(), want);
+    assert_eq!(h.reservations(), ["10.244.1.2"]);
+
+    let mut old = h.conf("1.0.0", "10.244.1.0/24");
+    old["cni.dev/valid-attachments"] = json!([]);
+    assert_eq!(h.invoke("GC", "-", &old).code(), 1);
+    assert_eq!(h.invoke("GC", "-", &conf).code(), 7);
+}
+
+#[test]
+fn check_compares_against_prev_result() {
+    let h = Harness::new();
+    let conf = h.conf("1.0.0", "10.244.1.0/24");
+    let r = h.invoke("ADD", "c1", &conf).json();
+    let out = h.invoke("CHECK", "c1", &with_prev(conf.clone(), r.clone()));
+    assert_eq!((out.rc, out.stdout.as_str()), (0, ""));
+    h.fake.0.borrow_mut().mtu_override = Some(9000);
+    let out = h.invoke("CHECK", "c1", &with_prev(conf.clone(), r.clone()));
+    assert_eq!(out.code(), 104);
+    assert!(
+        out.json()["msg"].as_str().unwrap().contains("MTU 9000"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(h.invoke("CHECK", "c1", &conf).code(), 7);
+    assert_eq!(
+        h.invoke("CHECK", "zz", &with_prev(conf.clone(), r.clone()))
+            .code(),
+        3
+    );
+    let old = with_prev(h.conf("0.3.1", "10.244.1.0/24"), r);
+    assert_eq!(h.invoke("CHECK", "c1", &old).code(), 1);
+}
+
+#[test]
+fn input_errors_have_spec_codes() {
+    let h = Harness::new();
+    assert_eq!(h.raw(&HashMap::new(), b"{}").code(), 4);
+    let env = HashMap::from([
+        ("CNI_COMMAND".to_owned(), "DEL".to_owned()),
+        ("CNI_CONTAINERID".to_owned(), "c".to_owned()),
+        ("CNI_IFNAME".to_owned(), "eth0".to_owned()),
+    ]);
+    assert_eq!(h.raw(&env, b"not json").code(), 6);
+    assert_eq!(h.raw(&env, b"").code(), 6);
+    let mut c = h.conf("0.4.0", "10.244.1.0/24");
+    c["mtu"] = json!(10);
+    let out = h.raw(&env, c.to_string().as_bytes());
+    assert_eq!(out.code(), 7);
+    // Errors are encoded in the version the config asked for.
+    assert_eq!(out.json()["cniVersion"], "0.4.0");
+    c["cniVersion"] = json!("9.9.9");
+    assert_eq!(h.raw(&env, c.to_string().as_bytes()).code(), 1);
+}
+
+#[test]
+fn status_needs_1_1_0() {
+    let h = Harness::new();
+    assert_eq!(
+        h.invoke("STATUS", "x", &h.conf("1.0.0", "10.244.1.0/24"))
+            .code(),
+        1
+    );
+}
+
+/// Arbitrary JSON values mixing the right and the wrong types for each key.
+fn field() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        any::<bool>().prop_map(Value::from),
+        ".{0,24}".prop_map(Value::from),
+        prop::sample::select(vec![
+            "1.0.0",
+            "1.1.0",
+            "0.3.1",
+            "0.2.0",
+            "10.244.1.0/24",
+            "10.244.1.0/30",
+            "10.244.1.5/24",
+            "fd00::/64",
+            "169.254.1.1",
+            "255.255.255.255",
+            "twill",
+            "info",
+            "debug",
+            "../x",
+        ])
+        .prop_map(Value::from),
+        prop::collection::vec(".{0,20}".prop_map(Value::from), 0..3).prop_map(Value::from),
+        prop::collection::vec(
+            prop::sample::select(vec!["10.244.1.0/24", "10.0.0.0/8", "x", "10.244.1.0/31"]),
+            0..3
+        )
+        .prop_map(|v| json!(v)),
+    ]
+}
+
+fn config_strategy() -> impl Strategy<Value = Value> {
+    let keys = [
+        "cniVersion",
+        "name",
+        "type",
+        "podCIDRs",
+        "mtu",
+        "gateway",
+        "logLevel",
+        "ipam",
+        "prevResult",
+        "cni.dev/valid-attachments",
+    ];
+    prop::collection::vec((prop::sample::select(keys.to_vec()), field()), 0..10).prop_map(|kv| {
+        let mut m = serde_json::Map::new();
+        for (k, v) in kv {
+            m.insert(k.to_owned(), v);
+        }
+        Value::Object(m)
+    })
+}
+
+fn env_strategy() -> impl Strategy<Value = HashMap<String, String>> {
+    let cmd = prop_oneof![
+        prop::sample::select(vec!["ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS"])
+            .prop_map(str::to_owned),
+        ".{0,8}",
+    ];
+    (
+        prop::option::of(cmd),
+        prop::option::of(prop_oneof![Just("c1".to_owned()), ".{0,12}"]),
+        prop::option::of(prop_oneof![Just("eth0".to_owned()), ".{0,17}"]),
+        prop::option::of(prop_oneof![
+            Just("/run/netns/p".to_owned()),
+            Just("/nope".to_owned()),
+            ".{0,10}"
+        ]),
+    )
+        .prop_map(|(c, id, ifn, ns)| {
+            let mut m = HashMap::new();
+            for (k, v) in [
+                ("CNI_COMMAND", c),
+                ("CNI_CONTAINERID", id),
+                ("CNI_IFNAME", ifn),
+                ("CNI_NETNS", ns),
+            ] {
+                if let Some(v) = v {
+                    m.insert(k.to_owned(), v);
+                }
+            }
+            m
+        })
+}
+
+/// Every outcome is either success (nothing or one JSON document on stdout) or
+/// exit 1 with one error object carrying an integer code and a message.
+fn assert_protocol(out: &Out) {
+    if out.rc == 0 {
+        if !out.stdout.is_empty() {
+            let _ = out.json();
+        }
+    } else {
+        assert_eq!(out.rc, 1);
+        let v = out.json();
+        assert!(v["code"].is_u64(), "{v}");
+        assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert!(v["cniVersion"].is_string(), "{v}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(env in env_strategy(), stdin in prop::collection::vec(any::<u8>(), 0..256)) {
+        let h = Harness::new();
+        assert_protocol(&h.raw(&env, &stdin));
+    }
+
+    #[test]
+    fn arbitrary_configs_never_panic(env in env_strategy(), conf in config_strategy()) {
+        let h = Harness::new();
+        let mut conf = conf;
+        // Keep every file the plugin might touch inside the test's temp directory.
+        conf["stateDir"] = json!(h.dir.path().join("state"));
+        conf["logFile"] = json!(h.dir.path().join("log"));
+        assert_protocol(&h.raw(&env, conf.to_string().as_bytes()));
+    }
+}

@@ -1,0 +1,485 @@
+//! The agent's local API (Unix socket, HTTP/1.1, one request per connection) used by
+//! `twill-agent debug`, plus the tiny HTTP/1.1 responder the health and metrics servers share.
+//!
+//! Routes (all `GET`):
+//! - `/v1/services`: programmed Service ports with frontends and endpoints (JSON);
+//! - `/v1/backends`: backends in the maps and the Service ports using them (JSON);
+//! - `/v1/affinity`: session-affinity entries read from the kernel (JSON);
+//! - `/v1/drops`: verdict counters per reason read from the kernel (JSON);
+//! - `/v1/maps`: the compiler's golden dump format of what the kernel maps hold (text), or the
+//!   same as JSON with `?format=json`.
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::compile::{DumpModel, addr_from_be, dump_view, render_dump};
+use crate::lbmap::LbState;
+
+/// Largest request head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+/// A client that does not send its request within this time is dropped.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A parsed request line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+}
+
+/// A complete response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn json(status: u16, value: &impl Serialize) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body: serde_json::to_vec(value)
+                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes()),
+        }
+    }
+    pub fn text(status: u16, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into().into_bytes(),
+        }
+    }
+    pub fn not_found() -> Self {
+        Self::text(404, "not found\n")
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// Parses the request line of a request head.
+pub fn parse_request(head: &str) -> Option<Request> {
+    let line = head.lines().next()?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_owned();
+    let target = parts.next()?;
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Some(Request {
+        method,
+        path: path.to_owned(),
+        query: query.to_owned(),
+    })
+}
+
+/// Serves one connection: reads the request head, answers, closes. Bodies are not read (no
+/// route takes one).
+pub async fn serve_conn<S, F>(mut stream: S, handler: F)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce(&Request) -> Response,
+{
+    let mut buf = Vec::with_capacity(1024);
+    let read = tokio::time::timeout(READ_TIMEOUT, async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok::<bool, std::io::Error>(false);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                return Ok(true);
+            }
+            if buf.len() > MAX_HEAD {
+                return Ok(false);
+            }
+        }
+    })
+    .await;
+    let response = match read {
+        Ok(Ok(true)) => match parse_request(&String::from_utf8_lossy(&buf)) {
+            Some(req) if req.method == "GET" || req.method == "HEAD" => {
+                let head_only = req.method == "HEAD";
+                let mut r = handler(&req);
+                if head_only {
+                    r.body.clear();
+                }
+                r
+            }
+            Some(_) => Response::text(405, "only GET\n"),
+            None => Response::text(400, "bad request\n"),
+        },
+        _ => return,
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        response.status,
+        reason_phrase(response.status),
+        response.content_type,
+        response.body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(&response.body).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Serves HTTP on a TCP listener forever.
+pub async fn serve_tcp<F>(listener: tokio::net::TcpListener, handler: F)
+where
+    F: Fn(&Request) -> Response + Clone + Send + Sync + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let h = handler.clone();
+                tokio::spawn(async move { serve_conn(stream, |r| h(r)).await });
+            }
+            Err(e) => {
+                log::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// What the run loop publishes after each apply.
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    /// What the reconciler believes the kernel maps hold.
+    pub applied: LbState,
+    pub model: DumpModel,
+}
+
+/// Reads kernel-only state (affinity entries, verdict counters) for the API.
+pub trait KernelView: Send + Sync {
+    fn affinity(&self) -> Result<Vec<AffinityRow>, String>;
+    fn drops(&self) -> Result<Vec<DropRow>, String>;
+}
+
+/// One session-affinity entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AffinityRow {
+    pub client_id: u64,
+    pub svc_id: u32,
+    pub backend_id: u32,
+    /// The backend as programmed, if it still exists.
+    pub backend: Option<String>,
+    /// Seconds since the entry was last used.
+    pub idle_s: u64,
+}
+
+/// One verdict counter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropRow {
+    pub reason: String,
+    pub drop: bool,
+    pub count: u64,
+}
+
+/// One backend and who uses it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendRow {
+    pub id: u32,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: String,
+    pub flags: Vec<String>,
+    /// `namespace/name:port-name` of the Service ports whose backend sets hold it.
+    pub services: Vec<String>,
+}
+
+/// [`KernelView`] over the maps pinned in a bpffs directory, opened per request.
+pub struct PinnedKernelView {
+    pub bpffs_dir: PathBuf,
+}
+
+impl KernelView for PinnedKernelView {
+    fn affinity(&self) -> Result<Vec<AffinityRow>, String> {
+        let maps =
+            crate::datapath::AyaLbMaps::open_pinned(&self.bpffs_dir).map_err(|e| err_chain(&e))?;
+        let entries = maps.dump_affinity().map_err(|e| err_chain(&e))?;
+        let backends = crate::lbmap::LbMaps::dump(&maps)
+            .map_err(|e| err_chain(&e))?
+            .backends;
+        let now = crate::datapath::monotonic_now_ns();
+        let mut rows: Vec<AffinityRow> = entries
+            .into_iter()
+            .map(|(k, v)| AffinityRow {
+                client_id: k.client_id,
+                svc_id: k.svc_id,
+                backend_id: v.backend_id,
+                backend: backends
+                    .get(&v.backend_id)
+                    .map(|b| format!("{}:{}", addr_from_be(b.addr_be), u16::from_be(b.port_be))),
+                idle_s: now.saturating_sub(v.last_used_ns) / 1_000_000_000,
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.svc_id, r.client_id));
+        Ok(rows)
+    }
+
+    fn drops(&self) -> Result<Vec<DropRow>, String> {
+        let maps =
+            crate::datapath::AyaLbMaps::open_pinned(&self.bpffs_dir).map_err(|e| err_chain(&e))?;
+        let stats = maps.stats().map_err(|e| err_chain(&e))?;
+        Ok(stats
+            .into_iter()
+            .map(|(r, count)| DropRow {
+                reason: r.name().to_owned(),
+                drop: r.is_drop(),
+                count,
+            })
+            .collect())
+    }
+}
+
+fn err_chain(e: &dyn std::error::Error) -> String {
+    crate::source::manifests::error_chain(e)
+}
+
+/// Shared state of the API server.
+#[derive(Clone)]
+pub struct ApiState {
+    pub published: Arc<RwLock<Published>>,
+    pub kernel: Arc<dyn KernelView>,
+}
+
+impl ApiState {
+    fn published(&self) -> Published {
+        self.published
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Routes one request.
+    pub fn handle(&self, req: &Request) -> Response {
+        match req.path.as_str() {
+            "/v1/services" => {
+                let p = self.published();
+                Response::json(200, &dump_view(&p.applied, &p.model).services)
+            }
+            "/v1/backends" => Response::json(200, &backend_rows(&self.published())),
+            "/v1/affinity" => match self.kernel.affinity() {
+                Ok(rows) => Response::json(200, &rows),
+                Err(e) => Response::text(500, format!("{e}\n")),
+            },
+            "/v1/drops" => match self.kernel.drops() {
+                Ok(rows) => Response::json(200, &rows),
+                Err(e) => Response::text(500, format!("{e}\n")),
+            },
+            "/v1/maps" => {
+                let p = self.published();
+                if req.query.split('&').any(|q| q == "format=json") {
+                    Response::json(200, &dump_view(&p.applied, &p.model))
+                } else {
+                    Response::text(200, render_dump(&p.applied, &p.model))
+                }
+            }
+            _ => Response::not_found(),
+        }
+    }
+}
+
+/// Backends of the applied state, with the Service ports that use them.
+pub fn backend_rows(p: &Published) -> Vec<BackendRow> {
+    // svc_id → Service port names, through the frontends of the model.
+    let mut users: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for sp in &p.model.services {
+        let label = format!(
+            "{}/{}:{}",
+            sp.namespace,
+            sp.name,
+            if sp.port_name.is_empty() {
+                "-"
+            } else {
+                &sp.port_name
+            }
+        );
+        for fe in &sp.frontends {
+            if let Some(v) = p.applied.services.get(&fe.key) {
+                let names = users.entry(v.svc_id).or_default();
+                if !names.contains(&label) {
+                    names.push(label.clone());
+                }
+            }
+        }
+    }
+    let mut by_backend: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for (slot, backend_id) in &p.applied.slots {
+        for name in users.get(&slot.svc_id).into_iter().flatten() {
+            let v = by_backend.entry(*backend_id).or_default();
+            if !v.contains(name) {
+                v.push(name.clone());
+            }
+        }
+    }
+    p.applied
+        .backends
+        .iter()
+        .map(|(id, b)| {
+            let mut flags = Vec::new();
+            if b.flags & twill_common::BE_F_LOCAL != 0 {
+                flags.push("local".to_owned());
+            }
+            if b.flags & twill_common::BE_F_TERMINATING != 0 {
+                flags.push("terminating".to_owned());
+            }
+            BackendRow {
+                id: *id,
+                addr: addr_from_be(b.addr_be),
+                port: u16::from_be(b.port_be),
+                protocol: match b.proto {
+                    twill_common::PROTO_TCP => "TCP".into(),
+                    twill_common::PROTO_UDP => "UDP".into(),
+                    twill_common::PROTO_SCTP => "SCTP".into(),
+                    other => other.to_string(),
+                },
+                flags,
+                services: by_backend.remove(id).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// Binds the API socket (replacing a stale one) and serves it forever.
+pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    // Root-only: the API shows the cluster's Services and the kernel's state.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn serve_unix(listener: tokio::net::UnixListener, state: ApiState) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let s = state.clone();
+                tokio::spawn(async move { serve_conn(stream, |r| s.handle(r)).await });
+            }
+            Err(e) => {
+                log::warn!("api socket accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Client side: `GET path` over the Unix socket; (status, body).
+pub async fn get(socket: &Path, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut stream = tokio::net::UnixStream::connect(socket).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: twill-agent\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut buf))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the agent did not answer within 30 s",
+            )
+        })??;
+    parse_response(&buf).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response")
+    })
+}
+
+/// Splits a raw `Connection: close` response into status and body.
+pub fn parse_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..split]).ok()?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, raw[split + 4..].to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoKernel;
+    impl KernelView for NoKernel {
+        fn affinity(&self) -> Result<Vec<AffinityRow>, String> {
+            Ok(vec![AffinityRow {
+                client_id: 1,
+                svc_id: 2,
+                backend_id: 3,
+                backend: None,
+                idle_s: 4,
+            }])
+        }
+        fn drops(&self) -> Result<Vec<DropRow>, String> {
+            Err("no kernel".into())
+        }
+    }
+
+    #[test]
+    fn request_lines() {
+        assert_eq!(
+            parse_request("GET /v1/maps?format=json HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some(Request {
+                method: "GET".into(),
+                path: "/v1/maps".into(),
+                query: "format=json".into()
+            })
+        );
+        assert_eq!(parse_request("GET /\r\n"), None);
+        assert_eq!(parse_request(""), None);
+    }
+
+    #[tokio::test]
+    async fn unix_socket_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("run/agent.sock");
+        let state = ApiState {
+            published: Arc::default(),
+            kernel: Arc::new(NoKernel),
+        };
+        let task = tokio::spawn(serve_unix(bind(&sock).unwrap(), state));
+        let (status, body) = get(&sock, "/v1/services").await.unwrap();
+        assert_eq!((status, body.as_slice()), (200, b"[]".as_slice()));
+        let (status, body) = get(&sock, "/v1/affinity").await.unwrap();
+        assert_eq!(status, 200);
+        let rows: Vec<AffinityRow> = serde_json::from_slice(&body).unwrap();
+        assert_eq!(rows[0].backend_id, 3);
+        let (status, body) = get(&sock, "/v1/drops").await.unwrap();
+        assert_eq!(
+            (status, String::from_utf8(body).unwrap()),
+            (500, "no kernel\n".into())
+        );
+        assert_eq!(get(&sock, "/nope").await.unwrap().0, 404);
+        let (status, _) = get(&sock, "/v1/maps").await.unwrap();
+        assert_eq!(status, 200);
+        task.abort();
+    }
+}

@@ -1,0 +1,201 @@
+//! The CNI network config for `twill-cni` (`<cni-conf-dir>/10-twill.conflist`), written once
+//! this Node's `spec.podCIDRs` are known. The format is the one `twill-cni` parses.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ipnetwork::Ipv4Network;
+use k8s_openapi::api::core::v1::Node;
+use serde::Serialize;
+
+use crate::config::CNI_CONF_FILE;
+
+/// The pod gateway address twill-cni configures (link-local, proxy-ARP on the host veth).
+pub const POD_GATEWAY: &str = "169.254.1.1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CniConfError {
+    #[error("writing {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("removing {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Conflist<'a> {
+    cni_version: &'static str,
+    name: &'static str,
+    plugins: [Plugin<'a>; 1],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Plugin<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "podCIDRs")]
+    pod_cidrs: Vec<String>,
+    mtu: u32,
+    gateway: &'static str,
+    state_dir: &'a Path,
+    log_file: PathBuf,
+}
+
+/// The IPv4 pod CIDRs of a Node (`spec.podCIDRs`, else the older `spec.podCIDR`); unparsable
+/// entries are skipped with a warning, IPv6 ones ignored (IPv4-only for now).
+pub fn pod_cidrs(node: &Node) -> Vec<Ipv4Network> {
+    let Some(spec) = &node.spec else {
+        return Vec::new();
+    };
+    let raw: Vec<&String> = match (&spec.pod_cidrs, &spec.pod_cidr) {
+        (Some(list), _) if !list.is_empty() => list.iter().collect(),
+        (_, Some(one)) => vec![one],
+        _ => Vec::new(),
+    };
+    raw.into_iter()
+        .filter(|c| !c.contains(':'))
+        .filter_map(|c| match c.parse::<Ipv4Network>() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                log::warn!("Node podCIDR {c:?} is not an IPv4 CIDR: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
+/// The conflist bytes for these pod CIDRs.
+pub fn render(pod_cidrs: &[Ipv4Network], mtu: u32, state_dir: &Path) -> Vec<u8> {
+    let conf = Conflist {
+        cni_version: "1.1.0",
+        name: "twill",
+        plugins: [Plugin {
+            kind: "twill-cni",
+            pod_cidrs: pod_cidrs.iter().map(ToString::to_string).collect(),
+            mtu,
+            gateway: POD_GATEWAY,
+            state_dir,
+            log_file: state_dir.join("cni.log"),
+        }],
+    };
+    let mut out = serde_json::to_vec_pretty(&conf).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// Writes the conflist when its content differs from what is on disk (temp file + fsync +
+/// rename, so the runtime never reads a partial file). Returns whether it wrote.
+pub fn write_if_changed(dir: &Path, content: &[u8]) -> Result<bool, CniConfError> {
+    let path = dir.join(CNI_CONF_FILE);
+    if std::fs::read(&path).is_ok_and(|old| old == content) {
+        return Ok(false);
+    }
+    let err = |source| CniConfError::Write {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    // A dot-name without the .conflist suffix: runtimes never pick up the temporary file.
+    let tmp = dir.join(format!(".{CNI_CONF_FILE}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(content)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    Ok(true)
+}
+
+/// Removes the conflist (uninstall); absent is fine.
+pub fn remove(dir: &Path) -> Result<bool, CniConfError> {
+    let path = dir.join(CNI_CONF_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(CniConfError::Remove { path, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::NodeSpec;
+
+    use super::*;
+
+    #[test]
+    fn format_matches_twill_cni() {
+        let bytes = render(
+            &["10.244.1.0/24".parse().unwrap()],
+            1450,
+            Path::new("/var/lib/twill"),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"cniVersion":"1.1.0","name":"twill","plugins":[{"type":"twill-cni",
+                "podCIDRs":["10.244.1.0/24"],"mtu":1450,"gateway":"169.254.1.1",
+                "stateDir":"/var/lib/twill","logFile":"/var/lib/twill/cni.log"}]})
+        );
+    }
+
+    #[test]
+    fn pod_cidrs_from_node() {
+        let mut n = Node::default();
+        assert!(pod_cidrs(&n).is_empty());
+        n.spec = Some(NodeSpec {
+            pod_cidrs: Some(vec![
+                "10.244.2.0/24".into(),
+                "fd00::/64".into(),
+                "bogus".into(),
+            ]),
+            ..NodeSpec::default()
+        });
+        assert_eq!(
+            pod_cidrs(&n),
+            vec!["10.244.2.0/24".parse::<Ipv4Network>().unwrap()]
+        );
+        n.spec = Some(NodeSpec {
+            pod_cidr: Some("10.244.3.0/24".into()),
+            ..NodeSpec::default()
+        });
+        assert_eq!(
+            pod_cidrs(&n),
+            vec!["10.244.3.0/24".parse::<Ipv4Network>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn writes_atomically_only_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf_dir = dir.path().join("net.d");
+        let c1 = render(&["10.244.1.0/24".parse().unwrap()], 1500, Path::new("/s"));
+        assert!(write_if_changed(&conf_dir, &c1).unwrap());
+        assert!(!write_if_changed(&conf_dir, &c1).unwrap());
+        let c2 = render(&["10.244.9.0/24".parse().unwrap()], 1500, Path::new("/s"));
+        assert!(write_if_changed(&conf_dir, &c2).unwrap());
+        assert_eq!(std::fs::read(conf_dir.join(CNI_CONF_FILE)).unwrap(), c2);
+        let names: Vec<_> = std::fs::read_dir(&conf_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from(CNI_CONF_FILE)],
+            "no temp files left"
+        );
+        assert!(remove(&conf_dir).unwrap());
+        assert!(!remove(&conf_dir).unwrap());
+    }
+}

@@ -1,0 +1,870 @@
+//! The pure desired-state compiler (`HOUSE_STYLE` §5): Services, `EndpointSlices`, this Node and the
+//! agent's config in; the load-balancing map contents, a dump model, rejected objects and health
+//! data out. No I/O, deterministic output, ids stable across compiles ([`IdAllocation`]).
+//!
+//! Semantics follow kube-proxy (`pkg/proxy`): ready endpoints only, serving+terminating ones when
+//! none is ready (KEP-1669, per traffic policy), node-local sets for `Local` traffic policies,
+//! session affinity per Service port shared by all its frontends.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+
+use ipnetwork::Ipv4Network;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use twill_common::{
+    BE_F_LOCAL, BE_F_TERMINATING, Backend, DatapathConfig, SCOPE_ANY, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER,
+    SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, ServiceKey,
+    ServiceValue, SlotKey,
+};
+
+use crate::lbmap::LbState;
+
+mod dump;
+mod ids;
+mod parse;
+
+pub use dump::{
+    DumpView, EndpointView, FrontendView, RejectionView, ServiceView, SlotView, dump_view,
+    render_dump, render_view,
+};
+pub use ids::{BackendKey, IdAllocation, SetKey};
+pub use parse::{
+    DEFAULT_AFFINITY_TIMEOUT_S, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
+    MAX_SLICE_ENDPOINTS,
+};
+
+/// kube-apiserver's default `--service-node-port-range`.
+pub const DEFAULT_NODEPORT_RANGE: RangeInclusive<u16> = 30_000..=32_767;
+
+/// `addr_be` form of an address: the octets in network order, as the kernel compares them.
+pub fn addr_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// Inverse of [`addr_be`].
+pub fn addr_from_be(addr_be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr_be.to_ne_bytes())
+}
+
+/// What the compiler needs to know about this node and the agent's flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompileConfig {
+    /// This node's name: endpoints with this `nodeName` are local.
+    pub node_name: String,
+    /// Addresses `NodePort` answers on (from the agent's devices). Empty: this Node's `InternalIP` and
+    /// `ExternalIP` addresses.
+    pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// kube-proxy's `--nodeport-addresses`: when set, only node addresses inside these CIDRs.
+    pub nodeport_cidrs: Vec<Ipv4Network>,
+    /// `NodePorts` outside this range cannot be served by the datapath and are rejected.
+    pub nodeport_range: RangeInclusive<u16>,
+}
+
+impl CompileConfig {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Self {
+            node_name: node_name.into(),
+            nodeport_addresses: Vec::new(),
+            nodeport_cidrs: Vec::new(),
+            nodeport_range: DEFAULT_NODEPORT_RANGE,
+        }
+    }
+}
+
+/// Everything one compile reads. References, so a caller holding `Arc`s in reflector stores
+/// passes them without cloning objects.
+#[derive(Clone, Debug)]
+pub struct Inputs<'a> {
+    pub services: Vec<&'a Service>,
+    pub endpoint_slices: Vec<&'a EndpointSlice>,
+    /// This node's Node object, if known yet.
+    pub node: Option<&'a Node>,
+    pub config: &'a CompileConfig,
+    /// The previous compile's ids (`IdAllocation::default()` at first, or
+    /// `IdAllocation::from_adopted` after adopting pinned maps).
+    pub ids: &'a IdAllocation,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum SvcType {
+    #[serde(rename = "ClusterIP")]
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+impl SvcType {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SvcType::ClusterIp => "ClusterIP",
+            SvcType::NodePort => "NodePort",
+            SvcType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Which kind of address a frontend listens on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    fn flag(self) -> u16 {
+        match self {
+            FrontendKind::ClusterIp => SVC_F_CLUSTER_IP,
+            FrontendKind::NodePort => SVC_F_NODEPORT,
+            FrontendKind::ExternalIp => SVC_F_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => SVC_F_LOADBALANCER,
+        }
+    }
+}
+
+/// Kind of a source object, for rejections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum ObjectKind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+/// Why (part of) an object is not programmed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RejectReason {
+    #[error("missing field {0}")]
+    MissingField(&'static str),
+    #[error("{field}: {value:?} is not an IP address")]
+    BadIp { field: &'static str, value: String },
+    #[error("{field}: {value:?} is not an IPv4 CIDR")]
+    BadCidr { field: &'static str, value: String },
+    #[error("{field}: {value} is outside {min}..={max}")]
+    OutOfRange {
+        field: &'static str,
+        value: i64,
+        min: i64,
+        max: i64,
+    },
+    #[error("{field}: unknown value {value:?}")]
+    UnknownValue { field: &'static str, value: String },
+    #[error("duplicate port {port}/{proto}")]
+    DuplicatePort { port: u16, proto: String },
+    #[error(
+        "duplicate port name {0:?} (port names must be unique; they match EndpointSlice ports)"
+    )]
+    DuplicatePortName(String),
+    #[error("{count} endpoints, more than the {max} an EndpointSlice may hold")]
+    OversizedSlice { count: usize, max: usize },
+    #[error("frontend {frontend} is already served by {owner}")]
+    FrontendConflict { frontend: String, owner: String },
+    #[error("Node is not this node ({0})")]
+    NotThisNode(String),
+    #[error("no free {0} id left")]
+    IdsExhausted(&'static str),
+    #[error("{0} usable endpoints; only the first 65535 are programmed")]
+    TooManyBackends(usize),
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
+    #[error("not proxied: {0}")]
+    NotProxied(&'static str),
+}
+
+/// How a rejection counts: only `Invalid` feeds the invalid-object metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RejectClass {
+    /// Broken object: logged and counted.
+    Invalid,
+    /// Valid, but asks for something Twill does not do (yet).
+    Unsupported,
+    /// Deliberately not programmed (headless, `ExternalName`, proxy-name labels).
+    NotProxied,
+}
+
+impl RejectReason {
+    pub fn class(&self) -> RejectClass {
+        match self {
+            RejectReason::Unsupported(_)
+            | RejectReason::TooManyBackends(_)
+            | RejectReason::IdsExhausted(_) => RejectClass::Unsupported,
+            RejectReason::NotProxied(_) => RejectClass::NotProxied,
+            _ => RejectClass::Invalid,
+        }
+    }
+
+    /// Short stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            RejectReason::MissingField(_) => "missing_field",
+            RejectReason::BadIp { .. } => "bad_ip",
+            RejectReason::BadCidr { .. } => "bad_cidr",
+            RejectReason::OutOfRange { .. } => "out_of_range",
+            RejectReason::UnknownValue { .. } => "unknown_value",
+            RejectReason::DuplicatePort { .. } => "duplicate_port",
+            RejectReason::DuplicatePortName(_) => "duplicate_port_name",
+            RejectReason::OversizedSlice { .. } => "oversized_slice",
+            RejectReason::FrontendConflict { .. } => "frontend_conflict",
+            RejectReason::NotThisNode(_) => "not_this_node",
+            RejectReason::IdsExhausted(_) => "ids_exhausted",
+            RejectReason::TooManyBackends(_) => "too_many_backends",
+            RejectReason::Unsupported(_) => "unsupported",
+            RejectReason::NotProxied(_) => "not_proxied",
+        }
+    }
+}
+
+/// One rejected object (or part of one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub kind: ObjectKind,
+    pub namespace: String,
+    pub name: String,
+    pub reason: RejectReason,
+}
+
+/// Endpoint condition as the compiler classified it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndpointState {
+    Ready,
+    /// Not ready, but serving while terminating: a KEP-1669 fallback candidate.
+    ServingTerminating,
+    Terminating,
+    NotReady,
+}
+
+/// One endpoint of a Service port, for the dump.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointModel {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub node: Option<String>,
+    pub local: bool,
+    pub state: EndpointState,
+    /// In the cluster-wide backend set.
+    pub in_cluster_set: bool,
+    /// In the node-local backend set.
+    pub in_local_set: bool,
+}
+
+/// One frontend of a Service port, for the dump.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrontendModel {
+    pub key: ServiceKey,
+    pub kind: FrontendKind,
+}
+
+/// One Service port: names and everything the map entries alone cannot tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortModel {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    pub svc_type: SvcType,
+    pub proto: u8,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub affinity_timeout_s: Option<u32>,
+    pub external_local: bool,
+    pub internal_local: bool,
+    pub frontends: Vec<FrontendModel>,
+    pub endpoints: Vec<EndpointModel>,
+    pub source_ranges: Vec<Ipv4Network>,
+    pub health_check_node_port: Option<u16>,
+}
+
+/// Names and reasons next to the raw map contents; [`render_dump`] joins both.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DumpModel {
+    /// Sorted by namespace, name, port name, protocol.
+    pub services: Vec<ServicePortModel>,
+    /// Sorted by kind, namespace, name.
+    pub rejected: Vec<Rejection>,
+}
+
+/// A Service with a `healthCheckNodePort` (`LoadBalancer`, `externalTrafficPolicy` Local): the agent
+/// serves kube-proxy's `{"localEndpoints": n}` on that port, 200 when `n > 0`, else 503.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub node_port: u16,
+    /// Distinct ready endpoints on this node (terminating ones do not count, as in kube-proxy).
+    pub local_endpoints: usize,
+}
+
+/// Sizes for metrics (`twill_services`, `twill_endpoints`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceCounts {
+    /// Services with at least one programmed frontend.
+    pub services: usize,
+    pub service_ports: usize,
+    /// Entries of the services map.
+    pub frontends: usize,
+    /// Distinct backends.
+    pub endpoints: usize,
+}
+
+/// The compiler's output.
+#[derive(Clone, Debug, Default)]
+pub struct Compiled {
+    /// Desired contents of the load-balancing maps.
+    pub state: LbState,
+    pub model: DumpModel,
+    /// Input to the next compile.
+    pub ids: IdAllocation,
+    pub health: Vec<HealthCheck>,
+    /// `loadBalancerSourceRanges` per frontend carrying `SVC_F_SOURCE_RANGES`.
+    pub source_ranges: BTreeMap<ServiceKey, Vec<Ipv4Network>>,
+    pub counts: ServiceCounts,
+}
+
+impl Compiled {
+    pub fn rejected(&self) -> &[Rejection] {
+        &self.model.rejected
+    }
+
+    /// Number of invalid objects (the invalid-object metric).
+    pub fn invalid_count(&self) -> usize {
+        self.model
+            .rejected
+            .iter()
+            .filter(|r| r.reason.class() == RejectClass::Invalid)
+            .count()
+    }
+}
+
+/// A gathered endpoint of one Service port.
+#[derive(Clone, Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "the three EndpointSlice conditions plus locality"
+)]
+struct Ep<'s> {
+    addr: Ipv4Addr,
+    port: u16,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: Option<&'s str>,
+    local: bool,
+}
+
+impl Ep<'_> {
+    fn rank(&self) -> u8 {
+        match (self.ready, self.serving) {
+            (true, _) => 2,
+            (false, true) => 1,
+            _ => 0,
+        }
+    }
+    fn state(&self) -> EndpointState {
+        match (self.ready, self.serving, self.terminating) {
+            (true, _, _) => EndpointState::Ready,
+            (false, true, true) => EndpointState::ServingTerminating,
+            (false, _, true) => EndpointState::Terminating,
+            _ => EndpointState::NotReady,
+        }
+    }
+}
+
+/// A backend set before ids are assigned: sorted (addr, port) plus whether it is the
+/// terminating fallback.
+#[derive(Clone, Debug, Default)]
+struct PlannedSet {
+    members: Vec<(Ipv4Addr, u16)>,
+    fallback: bool,
+}
+
+/// kube-proxy's `CategorizeEndpoints`: ready endpoints; if there are none, the serving and
+/// terminating ones (KEP-1669). `publishNotReadyAddresses` makes every endpoint ready.
+fn select(eps: &[Ep<'_>], publish_not_ready: bool, local_only: bool) -> PlannedSet {
+    let candidates = || eps.iter().filter(move |e| !local_only || e.local);
+    let ready: Vec<_> = candidates()
+        .filter(|e| publish_not_ready || e.ready)
+        .map(|e| (e.addr, e.port))
+        .collect();
+    if !ready.is_empty() {
+        return PlannedSet {
+            members: ready,
+            fallback: false,
+        };
+    }
+    let members: Vec<_> = candidates()
+        .filter(|e| e.serving && e.terminating)
+        .map(|e| (e.addr, e.port))
+        .collect();
+    let fallback = !members.is_empty();
+    PlannedSet { members, fallback }
+}
+
+struct PlannedFrontend {
+    key: ServiceKey,
+    kind: FrontendKind,
+    local_set: bool,
+}
+
+struct PlannedPort {
+    model: ServicePortModel,
+    frontends: Vec<PlannedFrontend>,
+    cluster: PlannedSet,
+    local: PlannedSet,
+    affinity_timeout_s: Option<u32>,
+    source_ranges: bool,
+    /// Id keys of the cluster-wide and the node-local set, built once per port.
+    set_keys: [SetKey; 2],
+}
+
+fn frontend_label(key: ServiceKey) -> String {
+    let port = u16::from_be(key.port_be);
+    let proto = parse::proto_name(key.proto);
+    if key.addr_be == 0 {
+        format!("nodeport:{port}/{proto}")
+    } else {
+        format!("{}:{port}/{proto}", addr_from_be(key.addr_be))
+    }
+}
+
+/// Compiles the inputs into the desired map contents. Never fails: invalid objects are rejected
+/// one by one and everything else is compiled.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one linear pipeline; splitting it scatters the ordering rules"
+)]
+pub fn compile(inputs: &Inputs<'_>) -> Compiled {
+    let config = inputs.config;
+    let mut rejected = Vec::new();
+
+    let node_addrs = parse::node_addrs(inputs.node, config, &mut rejected);
+
+    let mut services: Vec<parse::ParsedService> = inputs
+        .services
+        .iter()
+        .filter_map(|s| parse::service(s, config, &mut rejected))
+        .collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    services.dedup_by(|b, a| a.namespace == b.namespace && a.name == b.name);
+
+    // Sorted by (namespace, service, slice name): a Service's slices are one contiguous run,
+    // found by binary search without allocating a lookup key.
+    let mut slices: Vec<parse::ParsedSlice> = inputs
+        .endpoint_slices
+        .iter()
+        .filter_map(|s| parse::slice(s, &mut rejected))
+        .collect();
+    slices.sort_by_key(|s| (s.namespace, s.service, s.name));
+
+    // Plan every Service port: frontends, endpoint sets. First Service (in sorted order) to claim
+    // a frontend keeps it; a later claim is rejected rather than silently overwriting.
+    let mut claimed: BTreeMap<ServiceKey, usize> = BTreeMap::new();
+    let mut planned: Vec<PlannedPort> = Vec::new();
+    let mut health = Vec::new();
+    for (owner, svc) in services.iter().enumerate() {
+        let (ns_arc, name_arc): (Arc<str>, Arc<str>) =
+            (svc.namespace.as_str().into(), svc.name.as_str().into());
+        let wanted = (svc.namespace.as_str(), svc.name.as_str());
+        let lo = slices.partition_point(|s| (s.namespace, s.service) < wanted);
+        let hi = slices.partition_point(|s| (s.namespace, s.service) <= wanted);
+        let svc_slices = &slices[lo..hi];
+        let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        for port in &svc.ports {
+            // Endpoints of this port: slice ports match by name and protocol; each slice carries
+            // the number a named targetPort resolved to for its pods. The same endpoint in two
+            // slices (during slice churn) counts once, with its best condition.
+            let mut eps: BTreeMap<(Ipv4Addr, u16), Ep> = BTreeMap::new();
+            for slice in svc_slices {
+                let Some(&(_, num, _)) = slice
+                    .ports
+                    .iter()
+                    .find(|(n, _, p)| *n == port.name && *p == port.proto)
+                else {
+                    continue;
+                };
+                for e in &slice.endpoints {
+                    let ep = Ep {
+                        addr: e.addr,
+                        port: num,
+                        ready: e.ready,
+                        serving: e.serving,
+                        terminating: e.terminating,
+                        node: e.node,
+                        local: e.node == Some(config.node_name.as_str()),
+                    };
+                    match eps.get(&(e.addr, num)) {
+                        Some(old) if old.rank() >= ep.rank() => {}
+                        _ => {
+                            eps.insert((e.addr, num), ep);
+                        }
+                    }
+                }
+            }
+            let eps: Vec<Ep> = eps.into_values().collect();
+            for e in eps
+                .iter()
+                .filter(|e| e.local && (svc.publish_not_ready || e.ready))
+            {
+                local_ready.insert(e.addr);
+            }
+            let cluster = select(&eps, svc.publish_not_ready, false);
+            let local = select(&eps, svc.publish_not_ready, true);
+
+            let mut frontends = Vec::new();
+            let port_be = port.port.to_be();
+            for &ip in &svc.cluster_ips {
+                let (scope, local_set) = if svc.internal_local {
+                    (SCOPE_INTERNAL, true)
+                } else {
+                    (SCOPE_ANY, false)
+                };
+                let key = ServiceKey {
+                    addr_be: addr_be(ip),
+                    port_be,
+                    proto: port.proto,
+                    scope,
+                };
+                frontends.push(PlannedFrontend {
+                    key,
+                    kind: FrontendKind::ClusterIp,
+                    local_set,
+                });
+            }
+            let mut externals: Vec<(u32, u16, FrontendKind)> = Vec::new();
+            if let Some(np) = port.node_port {
+                externals.push((0, np.to_be(), FrontendKind::NodePort));
+            }
+            externals.extend(
+                svc.external_ips
+                    .iter()
+                    .map(|ip| (addr_be(*ip), port_be, FrontendKind::ExternalIp)),
+            );
+            externals.extend(
+                svc.lb_ips
+                    .iter()
+                    .map(|ip| (addr_be(*ip), port_be, FrontendKind::LoadBalancer)),
+            );
+            for (addr, p, kind) in externals {
+                let key = |scope| ServiceKey {
+                    addr_be: addr,
+                    port_be: p,
+                    proto: port.proto,
+                    scope,
+                };
+                if svc.external_local {
+                    // Traffic from outside gets local endpoints only (client IP preserved); traffic
+                    // from this node's pods and host to the same address uses every endpoint, as
+                    // kube-proxy short-circuits local-origin traffic to the cluster policy.
+                    frontends.push(PlannedFrontend {
+                        key: key(SCOPE_EXTERNAL),
+                        kind,
+                        local_set: true,
+                    });
+                    frontends.push(PlannedFrontend {
+                        key: key(SCOPE_INTERNAL),
+                        kind,
+                        local_set: false,
+                    });
+                } else {
+                    frontends.push(PlannedFrontend {
+                        key: key(SCOPE_ANY),
+                        kind,
+                        local_set: false,
+                    });
+                }
+            }
+            frontends.retain(|fe| {
+                // Any scope of the same address/port/protocol conflicts: the datapath falls back
+                // from a specific scope to SCOPE_ANY, so two owners would mix.
+                let clash = [SCOPE_ANY, SCOPE_EXTERNAL, SCOPE_INTERNAL]
+                    .into_iter()
+                    .find_map(|scope| {
+                        claimed
+                            .get(&ServiceKey { scope, ..fe.key })
+                            .filter(|o| **o != owner)
+                    });
+                let clash =
+                    clash.map(|&o| format!("{}/{}", services[o].namespace, services[o].name));
+                if let Some(other) = clash {
+                    rejected.push(Rejection {
+                        kind: ObjectKind::Service,
+                        namespace: svc.namespace.clone(),
+                        name: svc.name.clone(),
+                        reason: RejectReason::FrontendConflict {
+                            frontend: frontend_label(fe.key),
+                            owner: other,
+                        },
+                    });
+                    return false;
+                }
+                true
+            });
+            for fe in &frontends {
+                claimed.insert(fe.key, owner);
+            }
+            frontends.sort_by_key(|fe| {
+                (
+                    fe.kind,
+                    u32::from(addr_from_be(fe.key.addr_be)),
+                    fe.key.scope,
+                )
+            });
+
+            let uses_local = frontends.iter().any(|fe| fe.local_set);
+            let endpoints = eps
+                .iter()
+                .map(|e| EndpointModel {
+                    addr: e.addr,
+                    port: e.port,
+                    node: e.node.map(str::to_owned),
+                    local: e.local,
+                    state: e.state(),
+                    // Sets keep the sorted order of `eps`.
+                    in_cluster_set: cluster.members.binary_search(&(e.addr, e.port)).is_ok(),
+                    in_local_set: uses_local
+                        && local.members.binary_search(&(e.addr, e.port)).is_ok(),
+                })
+                .collect();
+            let model = ServicePortModel {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                port_name: port.name.clone(),
+                svc_type: svc.ty,
+                proto: port.proto,
+                port: port.port,
+                node_port: port.node_port,
+                affinity_timeout_s: svc.affinity_timeout_s,
+                external_local: svc.external_local,
+                internal_local: svc.internal_local,
+                frontends: frontends
+                    .iter()
+                    .map(|f| FrontendModel {
+                        key: f.key,
+                        kind: f.kind,
+                    })
+                    .collect(),
+                endpoints,
+                source_ranges: svc.source_ranges.clone(),
+                health_check_node_port: svc.health_check_node_port,
+            };
+            planned.push(PlannedPort {
+                model,
+                frontends,
+                cluster,
+                local,
+                affinity_timeout_s: svc.affinity_timeout_s,
+                source_ranges: !svc.source_ranges.is_empty(),
+                set_keys: [false, true].map(|local| SetKey {
+                    namespace: ns_arc.clone(),
+                    name: name_arc.clone(),
+                    port_name: port.name.as_str().into(),
+                    proto: port.proto,
+                    local,
+                }),
+            });
+        }
+        if let Some(np) = svc.health_check_node_port
+            && svc.external_local
+        {
+            health.push(HealthCheck {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                node_port: np,
+                local_endpoints: local_ready.len(),
+            });
+        }
+    }
+
+    // Ids: every backend set some frontend uses, every backend some used set holds.
+    let mut wanted_sets: BTreeMap<SetKey, Vec<ServiceKey>> = BTreeMap::new();
+    let mut wanted_backends: BTreeSet<BackendKey> = BTreeSet::new();
+    for p in &planned {
+        let mut used = [false; 2];
+        for fe in &p.frontends {
+            used[usize::from(fe.local_set)] = true;
+            wanted_sets
+                .entry(p.set_keys[usize::from(fe.local_set)].clone())
+                .or_default()
+                .push(fe.key);
+        }
+        for (set, _) in [&p.cluster, &p.local]
+            .into_iter()
+            .zip(used)
+            .filter(|(_, u)| *u)
+        {
+            wanted_backends.extend(set.members.iter().map(|&(addr, port)| BackendKey {
+                addr,
+                port,
+                proto: p.model.proto,
+            }));
+        }
+    }
+    let ids = inputs.ids.next(&wanted_sets, &wanted_backends);
+
+    let mut state = LbState {
+        node_addrs: node_addrs.iter().map(|a| (addr_be(*a), 0)).collect(),
+        config: DatapathConfig {
+            nodeport_min: *config.nodeport_range.start(),
+            nodeport_max: *config.nodeport_range.end(),
+            _pad: 0,
+        },
+        ..LbState::default()
+    };
+    let mut backend_flags: BTreeMap<u32, Backend> = BTreeMap::new();
+    let mut source_ranges = BTreeMap::new();
+    let mut programmed: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut service_ports = 0;
+    for p in &mut planned {
+        let mut slots_written: BTreeSet<bool> = BTreeSet::new();
+        let mut port_programmed = false;
+        let mut kept = Vec::new();
+        for fe in &p.frontends {
+            let skey = &p.set_keys[usize::from(fe.local_set)];
+            let Some(svc_id) = ids.set_id(skey) else {
+                rejected.push(Rejection {
+                    kind: ObjectKind::Service,
+                    namespace: p.model.namespace.clone(),
+                    name: p.model.name.clone(),
+                    reason: RejectReason::IdsExhausted("service"),
+                });
+                continue;
+            };
+            let set = if fe.local_set { &p.local } else { &p.cluster };
+            let mut members: Vec<(u32, Backend)> = Vec::with_capacity(set.members.len());
+            for &(addr, port) in &set.members {
+                let bkey = BackendKey {
+                    addr,
+                    port,
+                    proto: p.model.proto,
+                };
+                let Some(id) = ids.backend_id(&bkey) else {
+                    continue;
+                };
+                // Endpoints are sorted by (addr, port): they came out of a BTreeMap.
+                let e = p
+                    .model
+                    .endpoints
+                    .binary_search_by_key(&(addr, port), |e| (e.addr, e.port))
+                    .ok()
+                    .map(|i| &p.model.endpoints[i]);
+                let mut flags = 0;
+                if e.is_some_and(|e| e.local) {
+                    flags |= BE_F_LOCAL;
+                }
+                if e.is_some_and(|e| {
+                    matches!(
+                        e.state,
+                        EndpointState::ServingTerminating | EndpointState::Terminating
+                    )
+                }) {
+                    flags |= BE_F_TERMINATING;
+                }
+                members.push((
+                    id,
+                    Backend {
+                        addr_be: addr_be(addr),
+                        port_be: port.to_be(),
+                        proto: p.model.proto,
+                        flags,
+                    },
+                ));
+            }
+            if members.len() > usize::from(u16::MAX) {
+                if slots_written.is_empty() {
+                    rejected.push(Rejection {
+                        kind: ObjectKind::Service,
+                        namespace: p.model.namespace.clone(),
+                        name: p.model.name.clone(),
+                        reason: RejectReason::TooManyBackends(members.len()),
+                    });
+                }
+                members.truncate(usize::from(u16::MAX));
+            }
+            if slots_written.insert(fe.local_set) {
+                for (slot, (id, be)) in (0u32..).zip(&members) {
+                    state.slots.insert(SlotKey { svc_id, slot }, *id);
+                    // One endpoint may appear in several Services; its flags are a union.
+                    let entry = backend_flags.entry(*id).or_insert(*be);
+                    entry.flags |= be.flags;
+                }
+            }
+            let mut flags = fe.kind.flag();
+            if p.affinity_timeout_s.is_some() {
+                flags |= SVC_F_AFFINITY;
+            }
+            if fe.local_set {
+                flags |= SVC_F_LOCAL_ONLY;
+            }
+            if set.fallback {
+                flags |= SVC_F_TERMINATING_FALLBACK;
+            }
+            if p.source_ranges && fe.kind == FrontendKind::LoadBalancer {
+                flags |= SVC_F_SOURCE_RANGES;
+                source_ranges.insert(fe.key, p.model.source_ranges.clone());
+            }
+            let value = ServiceValue {
+                svc_id,
+                backend_count: u16::try_from(members.len()).unwrap_or(u16::MAX),
+                flags,
+                affinity_timeout_s: p.affinity_timeout_s.unwrap_or(0),
+                _pad: 0,
+            };
+            state.services.insert(fe.key, value);
+            kept.push(FrontendModel {
+                key: fe.key,
+                kind: fe.kind,
+            });
+            port_programmed = true;
+        }
+        p.model.frontends = kept;
+        if port_programmed {
+            service_ports += 1;
+            programmed.insert((p.model.namespace.clone(), p.model.name.clone()));
+        }
+    }
+    state.backends = backend_flags;
+
+    rejected.sort_by_cached_key(|r| {
+        (
+            r.kind,
+            r.namespace.clone(),
+            r.name.clone(),
+            r.reason.to_string(),
+        )
+    });
+    rejected.dedup();
+    let counts = ServiceCounts {
+        services: programmed.len(),
+        service_ports,
+        frontends: state.services.len(),
+        endpoints: state.backends.len(),
+    };
+    let mut model_services: Vec<ServicePortModel> = planned.into_iter().map(|p| p.model).collect();
+    model_services.sort_by(|a, b| {
+        (&a.namespace, &a.name, &a.port_name, a.proto).cmp(&(
+            &b.namespace,
+            &b.name,
+            &b.port_name,
+            b.proto,
+        ))
+    });
+    Compiled {
+        state,
+        model: DumpModel {
+            services: model_services,
+            rejected,
+        },
+        ids,
+        health,
+        source_ranges,
+        counts,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,578 @@
+//! Raw Kubernetes objects → validated, typed views ("parse, don't validate"). One check per rule;
+//! a failed check rejects the object with a reason that tells the user what to fix, and the rest
+//! of the cluster keeps being compiled.
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnetwork::Ipv4Network;
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use twill_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+
+use super::{CompileConfig, ObjectKind, RejectReason, Rejection, SvcType};
+
+/// `service.kubernetes.io/service-proxy-name`: the Service belongs to another proxy.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// `service.kubernetes.io/headless`: set on the Endpoints/Services of headless Services.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Links an `EndpointSlice` to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The API server caps an `EndpointSlice` at 1000 endpoints; more means a broken producer.
+pub const MAX_SLICE_ENDPOINTS: usize = 1000;
+/// sessionAffinityConfig.clientIP.timeoutSeconds default and bounds (API validation).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+const MAX_AFFINITY_TIMEOUT_S: i64 = 86_400;
+
+#[derive(Clone, Debug)]
+pub(super) struct ParsedPort {
+    pub name: String,
+    pub port: u16,
+    pub proto: u8,
+    pub node_port: Option<u16>,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct ParsedService {
+    pub namespace: String,
+    pub name: String,
+    pub ty: SvcType,
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<Ipv4Addr>,
+    pub lb_ips: Vec<Ipv4Addr>,
+    pub ports: Vec<ParsedPort>,
+    pub affinity_timeout_s: Option<u32>,
+    pub external_local: bool,
+    pub internal_local: bool,
+    pub publish_not_ready: bool,
+    pub source_ranges: Vec<Ipv4Network>,
+    pub health_check_node_port: Option<u16>,
+}
+
+/// Borrows from the input object: slices hold most of the strings of a cluster (one node name
+/// per endpoint), and copying them is most of the cost of a compile.
+#[derive(Clone, Debug)]
+pub(super) struct ParsedEndpoint<'a> {
+    pub addr: Ipv4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node: Option<&'a str>,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct ParsedSlice<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub service: &'a str,
+    /// (name, port, protocol); the name is "" for an unnamed port, as on the Service.
+    pub ports: Vec<(&'a str, u16, u8)>,
+    pub endpoints: Vec<ParsedEndpoint<'a>>,
+}
+
+fn names_ref(meta: &ObjectMeta) -> (&str, &str) {
+    (
+        meta.namespace
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default"),
+        meta.name.as_deref().unwrap_or_default(),
+    )
+}
+
+fn names(meta: &ObjectMeta) -> (String, String) {
+    (
+        meta.namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".to_owned()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn proto_of(raw: Option<&str>, field: &'static str) -> Result<u8, RejectReason> {
+    match raw.unwrap_or("TCP") {
+        "TCP" => Ok(PROTO_TCP),
+        "UDP" => Ok(PROTO_UDP),
+        "SCTP" => Ok(PROTO_SCTP),
+        other => Err(RejectReason::UnknownValue {
+            field,
+            value: other.to_owned(),
+        }),
+    }
+}
+
+fn port_of(raw: i32, field: &'static str) -> Result<u16, RejectReason> {
+    u16::try_from(raw)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(RejectReason::OutOfRange {
+            field,
+            value: i64::from(raw),
+            min: 1,
+            max: 65_535,
+        })
+}
+
+/// `Ok(Some(v4))`, `Ok(None)` for an IPv6 address (not supported yet, skipped), `Err` otherwise.
+fn ipv4_of(raw: &str, field: &'static str) -> Result<Option<Ipv4Addr>, RejectReason> {
+    match raw.trim().parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => Ok(Some(a)),
+        Ok(IpAddr::V6(_)) => Ok(None),
+        Err(_) => Err(RejectReason::BadIp {
+            field,
+            value: raw.to_owned(),
+        }),
+    }
+}
+
+fn policy_is_local(raw: Option<&str>, field: &'static str) -> Result<bool, RejectReason> {
+    match raw {
+        None | Some("" | "Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => Err(RejectReason::UnknownValue {
+            field,
+            value: other.to_owned(),
+        }),
+    }
+}
+
+/// Validates a Service. Returns `None` (with a rejection pushed) when nothing is to be programmed.
+pub(super) fn service(
+    svc: &Service,
+    config: &CompileConfig,
+    rejected: &mut Vec<Rejection>,
+) -> Option<ParsedService> {
+    let (namespace, name) = names(&svc.metadata);
+    let mut notes = Vec::new();
+    let result = service_inner(svc, config, &namespace, &name, &mut notes);
+    let parsed = result.unwrap_or_else(|reason| {
+        notes.push(reason);
+        None
+    });
+    for reason in notes {
+        rejected.push(Rejection {
+            kind: ObjectKind::Service,
+            namespace: namespace.clone(),
+            name: name.clone(),
+            reason,
+        });
+    }
+    parsed
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one check per Service field, in API order"
+)]
+fn service_inner(
+    svc: &Service,
+    config: &CompileConfig,
+    namespace: &str,
+    name: &str,
+    notes: &mut Vec<RejectReason>,
+) -> Result<Option<ParsedService>, RejectReason> {
+    if name.is_empty() {
+        return Err(RejectReason::MissingField("metadata.name"));
+    }
+    if let Some(labels) = &svc.metadata.labels {
+        // kube-proxy skips these whatever the value; another proxy or nobody programs them.
+        if labels.contains_key(LABEL_SERVICE_PROXY_NAME) {
+            return Err(RejectReason::NotProxied(
+                "label service.kubernetes.io/service-proxy-name",
+            ));
+        }
+        if labels.contains_key(LABEL_HEADLESS) {
+            return Err(RejectReason::NotProxied(
+                "label service.kubernetes.io/headless",
+            ));
+        }
+    }
+    let spec = svc
+        .spec
+        .as_ref()
+        .ok_or(RejectReason::MissingField("spec"))?;
+    let ty = match spec.type_.as_deref() {
+        None | Some("" | "ClusterIP") => SvcType::ClusterIp,
+        Some("NodePort") => SvcType::NodePort,
+        Some("LoadBalancer") => SvcType::LoadBalancer,
+        Some("ExternalName") => return Err(RejectReason::NotProxied("type ExternalName")),
+        Some(other) => {
+            return Err(RejectReason::UnknownValue {
+                field: "spec.type",
+                value: other.to_owned(),
+            });
+        }
+    };
+    let primary = spec.cluster_ip.as_deref().unwrap_or("");
+    if primary == "None" {
+        return Err(RejectReason::NotProxied("headless (clusterIP None)"));
+    }
+    let raw_ips: Vec<&str> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ if primary.is_empty() => return Err(RejectReason::MissingField("spec.clusterIP")),
+        _ => vec![primary],
+    };
+    let mut cluster_ips = Vec::new();
+    for raw in raw_ips {
+        if let Some(ip) = ipv4_of(raw, "spec.clusterIPs")? {
+            cluster_ips.push(ip);
+        }
+    }
+    if cluster_ips.is_empty() {
+        return Err(RejectReason::Unsupported(
+            "IPv6-only Service (IPv6 is not supported yet)",
+        ));
+    }
+
+    let raw_ports = spec.ports.as_deref().unwrap_or_default();
+    if raw_ports.is_empty() {
+        return Err(RejectReason::MissingField("spec.ports"));
+    }
+    let mut ports: Vec<ParsedPort> = Vec::new();
+    for p in raw_ports {
+        let Some(parsed) = service_port(p, ty, config)? else {
+            notes.push(RejectReason::Unsupported(
+                "SCTP port skipped (this kernel has no SCTP)",
+            ));
+            continue;
+        };
+        if ports.iter().any(|q| q.name == parsed.name) {
+            return Err(RejectReason::DuplicatePortName(parsed.name));
+        }
+        if ports
+            .iter()
+            .any(|q| q.port == parsed.port && q.proto == parsed.proto)
+        {
+            return Err(RejectReason::DuplicatePort {
+                port: parsed.port,
+                proto: proto_name(parsed.proto),
+            });
+        }
+        if let Some(np) = parsed.node_port
+            && ports
+                .iter()
+                .any(|q| q.node_port == Some(np) && q.proto == parsed.proto)
+        {
+            return Err(RejectReason::DuplicatePort {
+                port: np,
+                proto: proto_name(parsed.proto),
+            });
+        }
+        ports.push(parsed);
+    }
+    if ports.is_empty() {
+        return Ok(None);
+    }
+
+    let mut external_ips = Vec::new();
+    for raw in spec.external_ips.as_deref().unwrap_or_default() {
+        if let Some(ip) = ipv4_of(raw, "spec.externalIPs")? {
+            external_ips.push(ip);
+        }
+    }
+    let mut lb_ips = Vec::new();
+    if ty == SvcType::LoadBalancer {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
+        for ing in ingress.map(Vec::as_slice).unwrap_or_default() {
+            // ipMode Proxy: the load balancer itself proxies to the NodePorts, so the node must not
+            // capture traffic to the LB IP (KEP-1860).
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            if let Some(raw) = ing.ip.as_deref()
+                && let Some(ip) = ipv4_of(raw, "status.loadBalancer.ingress.ip")?
+            {
+                lb_ips.push(ip);
+            }
+        }
+    }
+    external_ips.sort_unstable();
+    external_ips.dedup();
+    lb_ips.sort_unstable();
+    lb_ips.dedup();
+
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        None | Some("" | "None") => None,
+        Some("ClientIP") => {
+            let raw = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match raw {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&i64::from(t)) => {
+                    Some(t.unsigned_abs())
+                }
+                Some(t) => {
+                    return Err(RejectReason::OutOfRange {
+                        field: "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        value: i64::from(t),
+                        min: 1,
+                        max: MAX_AFFINITY_TIMEOUT_S,
+                    });
+                }
+            }
+        }
+        Some(other) => {
+            return Err(RejectReason::UnknownValue {
+                field: "spec.sessionAffinity",
+                value: other.to_owned(),
+            });
+        }
+    };
+    let external_local = policy_is_local(
+        spec.external_traffic_policy.as_deref(),
+        "spec.externalTrafficPolicy",
+    )?;
+    let internal_local = policy_is_local(
+        spec.internal_traffic_policy.as_deref(),
+        "spec.internalTrafficPolicy",
+    )?;
+
+    let mut source_ranges = Vec::new();
+    if ty == SvcType::LoadBalancer {
+        for raw in spec
+            .load_balancer_source_ranges
+            .as_deref()
+            .unwrap_or_default()
+        {
+            let raw = raw.trim();
+            if raw.contains(':') {
+                continue; // IPv6 range: not supported yet, and irrelevant to IPv4 frontends.
+            }
+            let net = raw
+                .parse::<Ipv4Network>()
+                .map_err(|_| RejectReason::BadCidr {
+                    field: "spec.loadBalancerSourceRanges",
+                    value: raw.to_owned(),
+                })?;
+            source_ranges.push(net);
+        }
+        source_ranges.sort_unstable();
+        source_ranges.dedup();
+    }
+    let health_check_node_port = match spec.health_check_node_port {
+        None | Some(0) => None,
+        Some(p) => Some(port_of(p, "spec.healthCheckNodePort")?),
+    };
+
+    Ok(Some(ParsedService {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        ty,
+        cluster_ips,
+        external_ips,
+        lb_ips,
+        ports,
+        affinity_timeout_s,
+        external_local,
+        internal_local,
+        publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
+        source_ranges,
+        health_check_node_port,
+    }))
+}
+
+/// `Ok(None)` for an SCTP port (skipped, the rest of the Service is still programmed).
+fn service_port(
+    p: &ServicePort,
+    ty: SvcType,
+    config: &CompileConfig,
+) -> Result<Option<ParsedPort>, RejectReason> {
+    let port = port_of(p.port, "spec.ports.port")?;
+    let proto = proto_of(p.protocol.as_deref(), "spec.ports.protocol")?;
+    let node_port = match (ty, p.node_port) {
+        (SvcType::ClusterIp, _) | (SvcType::LoadBalancer, None | Some(0)) => None,
+        (SvcType::NodePort, None | Some(0)) => {
+            return Err(RejectReason::MissingField("spec.ports.nodePort"));
+        }
+        (_, Some(raw)) => {
+            let np = port_of(raw, "spec.ports.nodePort")?;
+            if !config.nodeport_range.contains(&np) {
+                return Err(RejectReason::OutOfRange {
+                    field: "spec.ports.nodePort",
+                    value: i64::from(np),
+                    min: i64::from(*config.nodeport_range.start()),
+                    max: i64::from(*config.nodeport_range.end()),
+                });
+            }
+            Some(np)
+        }
+    };
+    if proto == PROTO_SCTP {
+        return Ok(None);
+    }
+    Ok(Some(ParsedPort {
+        name: p.name.clone().unwrap_or_default(),
+        port,
+        proto,
+        node_port,
+    }))
+}
+
+pub(crate) fn proto_name(proto: u8) -> String {
+    match proto {
+        PROTO_TCP => "TCP".to_owned(),
+        PROTO_UDP => "UDP".to_owned(),
+        PROTO_SCTP => "SCTP".to_owned(),
+        other => format!("proto-{other}"),
+    }
+}
+
+/// Validates an `EndpointSlice`. An invalid slice is rejected as a whole: programming part of it
+/// would silently shift load onto the endpoints that happened to parse.
+pub(super) fn slice<'a>(
+    s: &'a EndpointSlice,
+    rejected: &mut Vec<Rejection>,
+) -> Option<ParsedSlice<'a>> {
+    let (namespace, name) = names_ref(&s.metadata);
+    match slice_inner(s, namespace, name) {
+        Ok(parsed) => Some(parsed),
+        Err(reason) => {
+            rejected.push(Rejection {
+                kind: ObjectKind::EndpointSlice,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                reason,
+            });
+            None
+        }
+    }
+}
+
+fn slice_inner<'a>(
+    s: &'a EndpointSlice,
+    namespace: &'a str,
+    name: &'a str,
+) -> Result<ParsedSlice<'a>, RejectReason> {
+    if name.is_empty() {
+        return Err(RejectReason::MissingField("metadata.name"));
+    }
+    let service = s
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        .filter(|n| !n.is_empty())
+        .ok_or(RejectReason::MissingField(
+            "metadata.labels[kubernetes.io/service-name]",
+        ))?;
+    match s.address_type.as_str() {
+        "IPv4" => {}
+        "IPv6" => {
+            return Err(RejectReason::Unsupported(
+                "addressType IPv6 (IPv6 is not supported yet)",
+            ));
+        }
+        "FQDN" => {
+            return Err(RejectReason::Unsupported(
+                "addressType FQDN (deprecated, never proxied)",
+            ));
+        }
+        other => {
+            return Err(RejectReason::UnknownValue {
+                field: "addressType",
+                value: other.to_owned(),
+            });
+        }
+    }
+    let raw_eps = s.endpoints.as_deref().unwrap_or_default();
+    if raw_eps.len() > MAX_SLICE_ENDPOINTS {
+        return Err(RejectReason::OversizedSlice {
+            count: raw_eps.len(),
+            max: MAX_SLICE_ENDPOINTS,
+        });
+    }
+    let mut ports = Vec::new();
+    for p in s.ports.as_deref().unwrap_or_default() {
+        // A port without a number means "all ports": only used for headless Services.
+        let Some(raw) = p.port else { continue };
+        let port = port_of(raw, "ports.port")?;
+        let proto = proto_of(p.protocol.as_deref(), "ports.protocol")?;
+        ports.push((p.name.as_deref().unwrap_or_default(), port, proto));
+    }
+    let mut endpoints = Vec::with_capacity(raw_eps.len());
+    for ep in raw_eps {
+        // Consumers use the first address; the others are duplicates by API contract.
+        let raw = ep
+            .addresses
+            .first()
+            .ok_or(RejectReason::MissingField("endpoints.addresses"))?;
+        let addr = raw.parse::<Ipv4Addr>().map_err(|_| RejectReason::BadIp {
+            field: "endpoints.addresses",
+            value: raw.clone(),
+        })?;
+        let cond = ep.conditions.as_ref();
+        // API semantics: nil ready and nil serving mean true, nil terminating means false.
+        endpoints.push(ParsedEndpoint {
+            addr,
+            ready: cond.and_then(|c| c.ready).unwrap_or(true),
+            serving: cond.and_then(|c| c.serving).unwrap_or(true),
+            terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
+            node: ep.node_name.as_deref().filter(|n| !n.is_empty()),
+        });
+    }
+    Ok(ParsedSlice {
+        namespace,
+        name,
+        service,
+        ports,
+        endpoints,
+    })
+}
+
+/// The IPv4 addresses `NodePort` answers on: the configured ones, else this Node's `InternalIP` and
+/// `ExternalIP` addresses; filtered by `nodeport_cidrs` when set (kube-proxy's
+/// `--nodeport-addresses`).
+pub(super) fn node_addrs(
+    node: Option<&Node>,
+    config: &CompileConfig,
+    rejected: &mut Vec<Rejection>,
+) -> Vec<Ipv4Addr> {
+    let mut addrs = config.nodeport_addresses.clone();
+    if addrs.is_empty()
+        && let Some(node) = node
+    {
+        let (_, name) = names(&node.metadata);
+        if name == config.node_name {
+            let list = node
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_deref())
+                .unwrap_or_default();
+            for a in list
+                .iter()
+                .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            {
+                match ipv4_of(&a.address, "status.addresses") {
+                    Ok(Some(ip)) => addrs.push(ip),
+                    Ok(None) => {}
+                    Err(reason) => rejected.push(Rejection {
+                        kind: ObjectKind::Node,
+                        namespace: String::new(),
+                        name: name.clone(),
+                        reason,
+                    }),
+                }
+            }
+        } else {
+            rejected.push(Rejection {
+                kind: ObjectKind::Node,
+                namespace: String::new(),
+                name,
+                reason: RejectReason::NotThisNode(config.node_name.clone()),
+            });
+        }
+    }
+    if !config.nodeport_cidrs.is_empty() {
+        addrs.retain(|a| config.nodeport_cidrs.iter().any(|n| n.contains(*a)));
+    }
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs
+}

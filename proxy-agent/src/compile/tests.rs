@@ -1,0 +1,293 @@
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::*;
+use crate::lbmap::FakeLbMaps;
+use crate::reconcile::Reconciler;
+
+fn svc(name: &str, ip: &str) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(ip.into()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn slice(svc: &str, addrs: &[&str]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{svc}-1")),
+            namespace: Some("default".into()),
+            labels: Some([(LABEL_SERVICE_NAME.to_owned(), svc.to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: Some(
+            addrs
+                .iter()
+                .map(|a| Endpoint {
+                    addresses: vec![(*a).to_owned()],
+                    node_name: Some("node-b".into()),
+                    ..Endpoint::default()
+                })
+                .collect(),
+        ),
+        ports: Some(vec![EndpointPort {
+            port: Some(8080),
+            ..EndpointPort::default()
+        }]),
+    }
+}
+
+fn run(services: &[Service], slices: &[EndpointSlice], ids: &IdAllocation) -> Compiled {
+    let config = CompileConfig::new("node-a");
+    compile(&Inputs {
+        services: services.iter().collect(),
+        endpoint_slices: slices.iter().collect(),
+        node: None,
+        config: &config,
+        ids,
+    })
+}
+
+fn svc_id(c: &Compiled, ip: [u8; 4]) -> u32 {
+    let key = ServiceKey {
+        addr_be: u32::from_ne_bytes(ip),
+        port_be: 80u16.to_be(),
+        proto: 6,
+        scope: SCOPE_ANY,
+    };
+    c.state.services[&key].svc_id
+}
+
+#[test]
+fn ids_are_stable_when_services_come_and_go() {
+    let a = svc("a", "10.96.0.1");
+    let c = svc("c", "10.96.0.3");
+    let first = run(
+        &[a.clone(), c.clone()],
+        &[slice("a", &["10.244.1.1"]), slice("c", &["10.244.1.3"])],
+        &IdAllocation::default(),
+    );
+    let (id_a, id_c) = (
+        svc_id(&first, [10, 96, 0, 1]),
+        svc_id(&first, [10, 96, 0, 3]),
+    );
+
+    // "b" sorts between them: no renumbering of a or c, and its backend gets a fresh id too.
+    let b = svc("b", "10.96.0.2");
+    let slices = [
+        slice("a", &["10.244.1.1"]),
+        slice("b", &["10.244.1.2"]),
+        slice("c", &["10.244.1.3"]),
+    ];
+    let second = run(&[a.clone(), b.clone(), c.clone()], &slices, &first.ids);
+    assert_eq!(svc_id(&second, [10, 96, 0, 1]), id_a);
+    assert_eq!(svc_id(&second, [10, 96, 0, 3]), id_c);
+    let id_b = svc_id(&second, [10, 96, 0, 2]);
+    assert!(id_b > id_c);
+    for (id, be) in &first.state.backends {
+        assert_eq!(
+            second.state.backends.get(id),
+            Some(be),
+            "backend {id} renumbered"
+        );
+    }
+
+    // Delete b, then re-add it: its old id is not reused right away.
+    let third = run(
+        &[a.clone(), c.clone()],
+        &[slice("a", &["10.244.1.1"]), slice("c", &["10.244.1.3"])],
+        &second.ids,
+    );
+    let fourth = run(&[a, b, c], &slices, &third.ids);
+    assert_ne!(svc_id(&fourth, [10, 96, 0, 2]), id_b);
+}
+
+#[test]
+fn ids_survive_an_agent_restart_through_adopted_maps() {
+    let services = [svc("a", "10.96.0.1"), svc("b", "10.96.0.2")];
+    let slices = [
+        slice("a", &["10.244.1.1", "10.244.1.9"]),
+        slice("b", &["10.244.1.2"]),
+    ];
+    // Ids far from 1, as after a long-running agent.
+    let mut ids = IdAllocation::default();
+    for _ in 0..3 {
+        ids = run(&[], &[], &ids).ids;
+        ids = run(
+            &[svc("x", "10.96.0.99")],
+            &[slice("x", &["10.244.9.9"])],
+            &ids,
+        )
+        .ids;
+        ids = run(&[], &[], &ids).ids;
+    }
+    let before = run(&services, &slices, &ids);
+    let mut rec = Reconciler::new(FakeLbMaps::default());
+    rec.apply(&before.state, true).unwrap();
+
+    // New agent: no memory, only the pinned maps.
+    let adopted = Reconciler::adopt(rec.into_maps()).unwrap();
+    let after = run(
+        &services,
+        &slices,
+        &IdAllocation::from_adopted(adopted.applied()),
+    );
+    assert_eq!(after.state, before.state);
+}
+
+#[test]
+fn output_is_sorted_and_independent_of_input_order() {
+    let services: Vec<Service> = (1..=20)
+        .map(|i| svc(&format!("s{i:02}"), &format!("10.96.1.{i}")))
+        .collect();
+    let slices: Vec<EndpointSlice> = (1..=20)
+        .map(|i| slice(&format!("s{i:02}"), &[&format!("10.244.2.{i}")]))
+        .collect();
+    let forward = run(&services, &slices, &IdAllocation::default());
+    let mut rs = services.clone();
+    rs.reverse();
+    let mut rsl = slices.clone();
+    rsl.reverse();
+    let backward = run(&rs, &rsl, &IdAllocation::default());
+    assert_eq!(forward.state, backward.state);
+    assert_eq!(forward.model, backward.model);
+    assert_eq!(
+        forward.counts,
+        ServiceCounts {
+            services: 20,
+            service_ports: 20,
+            frontends: 20,
+            endpoints: 20
+        }
+    );
+    let names: Vec<&str> = forward
+        .model
+        .services
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    assert_eq!(names, sorted);
+}
+
+#[test]
+fn duplicate_service_objects_count_once() {
+    let a = svc("a", "10.96.0.1");
+    let c = run(
+        &[a.clone(), a],
+        &[slice("a", &["10.244.1.1"])],
+        &IdAllocation::default(),
+    );
+    assert_eq!(c.counts.services, 1);
+    assert!(c.rejected().is_empty(), "{:?}", c.rejected());
+}
+
+#[test]
+fn json_view_serializes() {
+    let c = run(
+        &[svc("a", "10.96.0.1")],
+        &[slice("a", &["10.244.1.1"])],
+        &IdAllocation::default(),
+    );
+    let json = serde_json::to_value(dump_view(&c.state, &c.model)).unwrap();
+    assert_eq!(
+        json["services"][0]["frontends"][0]["slots"][0]["backend"],
+        "10.244.1.1:8080/TCP"
+    );
+    assert_eq!(json["services"][0]["type"], "ClusterIP");
+}
+
+#[test]
+fn type_changes_keep_the_backend_set_id() {
+    let mut np = svc("a", "10.96.0.1");
+    let spec = np.spec.as_mut().unwrap();
+    spec.type_ = Some("NodePort".into());
+    spec.session_affinity = Some("ClientIP".into());
+    spec.ports.as_mut().unwrap()[0].node_port = Some(30_001);
+    let slices = [slice("a", &["10.244.1.1"])];
+
+    let cluster_ip = run(&[svc("a", "10.96.0.1")], &slices, &IdAllocation::default());
+    let node_port = run(std::slice::from_ref(&np), &slices, &cluster_ip.ids);
+    // The NodePort joins the ClusterIP's set: affinity entries stay valid across the switch.
+    let id = svc_id(&cluster_ip, [10, 96, 0, 1]);
+    assert_eq!(svc_id(&node_port, [10, 96, 0, 1]), id);
+    let nodeport_key = ServiceKey {
+        addr_be: 0,
+        port_be: 30_001u16.to_be(),
+        proto: 6,
+        scope: SCOPE_ANY,
+    };
+    let value = node_port.state.services[&nodeport_key];
+    assert_eq!(value.svc_id, id);
+    assert_eq!(value.flags, SVC_F_NODEPORT | SVC_F_AFFINITY);
+    assert_eq!(value.affinity_timeout_s, DEFAULT_AFFINITY_TIMEOUT_S);
+
+    // Back to ClusterIP: the NodePort frontend is gone (the port is released).
+    let back = run(&[svc("a", "10.96.0.1")], &slices, &node_port.ids);
+    assert!(!back.state.services.contains_key(&nodeport_key));
+    assert_eq!(back.state, cluster_ip.state);
+
+    // ExternalName: nothing at all.
+    let mut ext = svc("a", "10.96.0.1");
+    ext.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
+    let gone = run(&[ext], &slices, &back.ids);
+    assert!(gone.state.services.is_empty() && gone.state.backends.is_empty());
+}
+
+#[test]
+fn dump_shows_what_the_maps_hold_not_what_the_model_expects() {
+    let c = run(
+        &[svc("a", "10.96.0.1"), svc("b", "10.96.0.2")],
+        &[
+            slice("a", &["10.244.1.1", "10.244.1.2"]),
+            slice("b", &["10.244.1.3"]),
+        ],
+        &IdAllocation::default(),
+    );
+    let mut maps = c.state.clone();
+    // Frontend of "b" never written; slot 1 of "a" lost; a stale entry from an older agent.
+    let b_key = ServiceKey {
+        addr_be: addr_be(Ipv4Addr::new(10, 96, 0, 2)),
+        port_be: 80u16.to_be(),
+        proto: 6,
+        scope: SCOPE_ANY,
+    };
+    maps.services.remove(&b_key);
+    let a_id = svc_id(&c, [10, 96, 0, 1]);
+    maps.slots.remove(&SlotKey {
+        svc_id: a_id,
+        slot: 1,
+    });
+    maps.slots.insert(
+        SlotKey {
+            svc_id: 999,
+            slot: 0,
+        },
+        77,
+    );
+    let text = render_dump(&maps, &c.model);
+    assert!(
+        text.contains("frontend cluster-ip 10.96.0.2:80/TCP scope=any MISSING"),
+        "{text}"
+    );
+    assert!(text.contains("    slot 1 MISSING"), "{text}");
+    assert!(text.contains("unowned slot 999/0 -> 77"), "{text}");
+    // The backend only "b" used is now unreachable through the model: listed as unowned.
+    assert!(text.contains("unowned backend"), "{text}");
+    assert!(!render_dump(&c.state, &c.model).contains("MISSING"));
+}

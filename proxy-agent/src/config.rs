@@ -1,0 +1,708 @@
+//! Command line and configuration file of `twill-agent`.
+//!
+//! Every `run` flag can also come from `--config FILE` (YAML or JSON, the flag names as keys, e.g.
+//! `bpffs-dir: /sys/fs/bpf/twill`); a flag given on the command line (or through its environment
+//! variable) overrides the file. Raw input (flags + file) is turned into a validated [`Config`]
+//! by [`RunArgs::resolve`], one check per rule, each with an error that says what to change.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnetwork::Ipv4Network;
+use serde::Deserialize;
+
+/// `twill-agent`: the per-node agent of Twill (eBPF kube-proxy replacement).
+#[derive(Debug, Parser)]
+#[command(name = "twill-agent", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: watch Services/EndpointSlices/Nodes and program the datapath.
+    Run(Box<RunArgs>),
+    /// Inspect a running agent through its API socket.
+    Debug(DebugArgs),
+    /// Remove what the agent installed on this node: the CNI config and the pinned maps/links.
+    Uninstall(UninstallArgs),
+}
+
+/// How cross-node pod traffic is carried (`--routing-mode`; implemented by `routing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingMode {
+    /// Direct routes to peers on a connected subnet, VXLAN to the others.
+    #[default]
+    Auto,
+    /// Only direct routes; peers on other subnets are skipped (and reported).
+    Direct,
+    /// Every peer through the VXLAN overlay.
+    Vxlan,
+}
+
+/// Flags of `twill-agent run`. All optional here so that a config file can supply them; defaults
+/// are applied in [`RunArgs::resolve`].
+#[derive(Debug, Default, Args)]
+pub struct RunArgs {
+    /// Configuration file (YAML or JSON) with the same keys as these flags; flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Name of this node's Node object.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// kubeconfig file (default: in-cluster config, then $KUBECONFIG/~/.kube/config).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Read Services, EndpointSlices and Nodes from the manifests in DIR instead of an API server.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// cgroup-v2 directory the socket programs attach to (default: the cgroup2 mount).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_root: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links [default: /sys/fs/bpf/twill].
+    #[arg(long, value_name = "PATH")]
+    pub bpffs_dir: Option<PathBuf>,
+    /// Where the CNI config for twill-cni is written [default: /etc/cni/net.d].
+    #[arg(long, value_name = "PATH")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Agent and CNI state directory [default: /var/lib/twill].
+    #[arg(long, value_name = "PATH")]
+    pub state_dir: Option<PathBuf>,
+    /// Unix socket of the debug API [default: /run/twill/agent.sock].
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// kube-proxy compatible health server [default: 0.0.0.0:10256]; empty disables it.
+    #[arg(long, value_name = "ADDR")]
+    pub healthz_bind_address: Option<String>,
+    /// Prometheus metrics server [default: 127.0.0.1:10249]; empty disables it.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_bind_address: Option<String>,
+    /// NodePort range, `MIN-MAX` [default: 30000-32767].
+    #[arg(long, value_name = "MIN-MAX")]
+    pub nodeport_range: Option<String>,
+    /// MTU written into the CNI config [default: 1500].
+    #[arg(long, value_name = "BYTES")]
+    pub cni_mtu: Option<u32>,
+    /// Period of the periodic full resync; /healthz turns 503 when changes wait longer than
+    /// twice this [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    pub sync_period: Option<String>,
+    /// Max entries of the services map.
+    #[arg(long, value_name = "N")]
+    pub map_size_services: Option<u32>,
+    /// Max entries of the backend slots map.
+    #[arg(long, value_name = "N")]
+    pub map_size_backend_slots: Option<u32>,
+    /// Max entries of the backends map.
+    #[arg(long, value_name = "N")]
+    pub map_size_backends: Option<u32>,
+    /// Max entries of the session affinity map.
+    #[arg(long, value_name = "N")]
+    pub map_size_affinity: Option<u32>,
+    /// Max entries of the socket reverse-NAT map.
+    #[arg(long, value_name = "N")]
+    pub map_size_sock_revnat: Option<u32>,
+    /// Max entries of the per-packet connection-tracking map (north-south).
+    #[arg(long, value_name = "N")]
+    pub map_size_ct: Option<u32>,
+    /// Devices NodePort/north-south programs attach to (default: the node's underlay devices).
+    #[arg(long, value_delimiter = ',', value_name = "DEV,...")]
+    pub devices: Option<Vec<String>>,
+    /// Only node addresses inside these CIDRs answer NodePorts (default: all).
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    pub nodeport_addresses: Option<Vec<String>>,
+    /// Cross-node routing mode [default: auto].
+    #[arg(long, value_enum)]
+    pub routing_mode: Option<RoutingMode>,
+    /// The cluster's pod CIDR (all nodes' pod CIDRs fall inside it).
+    #[arg(long, value_name = "CIDR")]
+    pub cluster_cidr: Option<String>,
+    /// Destinations reached without masquerading pod traffic.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    pub non_masquerade_cidrs: Option<Vec<String>>,
+}
+
+/// `twill-agent debug …`
+#[derive(Debug, Args)]
+pub struct DebugArgs {
+    #[command(subcommand)]
+    pub what: DebugCommand,
+    /// The agent's API socket.
+    #[arg(long, global = true, default_value = DEFAULT_API_SOCKET, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand)]
+pub enum DebugCommand {
+    /// Service frontends as programmed.
+    Services,
+    /// Backends as programmed.
+    Backends,
+    /// Session affinity entries.
+    Affinity,
+    /// Datapath verdict and drop counters.
+    Drops,
+    /// The load-balancing maps in the compiler's golden dump format.
+    Maps,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+/// `twill-agent uninstall`
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    #[arg(long, default_value = DEFAULT_BPFFS_DIR, value_name = "PATH")]
+    pub bpffs_dir: PathBuf,
+    #[arg(long, default_value = DEFAULT_CNI_CONF_DIR, value_name = "PATH")]
+    pub cni_conf_dir: PathBuf,
+    #[arg(long, default_value = DEFAULT_API_SOCKET, value_name = "PATH")]
+    pub api_socket: PathBuf,
+}
+
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/twill";
+pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/twill";
+pub const DEFAULT_API_SOCKET: &str = "/run/twill/agent.sock";
+pub const DEFAULT_HEALTHZ: &str = "0.0.0.0:10256";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:10249";
+pub const DEFAULT_MTU: u32 = 1500;
+pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+/// Name of the CNI config file the agent owns.
+pub const CNI_CONF_FILE: &str = "10-twill.conflist";
+
+/// The config file: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_name: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    pub manifests: Option<PathBuf>,
+    pub cgroup_root: Option<PathBuf>,
+    pub bpffs_dir: Option<PathBuf>,
+    pub cni_conf_dir: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub api_socket: Option<PathBuf>,
+    pub healthz_bind_address: Option<String>,
+    pub metrics_bind_address: Option<String>,
+    pub nodeport_range: Option<String>,
+    pub cni_mtu: Option<u32>,
+    pub sync_period: Option<String>,
+    pub map_size_services: Option<u32>,
+    pub map_size_backend_slots: Option<u32>,
+    pub map_size_backends: Option<u32>,
+    pub map_size_affinity: Option<u32>,
+    pub map_size_sock_revnat: Option<u32>,
+    pub map_size_ct: Option<u32>,
+    pub devices: Option<Vec<String>>,
+    pub nodeport_addresses: Option<Vec<String>>,
+    pub routing_mode: Option<RoutingMode>,
+    pub cluster_cidr: Option<String>,
+    pub non_masquerade_cidrs: Option<Vec<String>>,
+}
+
+/// Where Services/EndpointSlices/Nodes come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceConfig {
+    Manifests(PathBuf),
+    /// The Kubernetes API; `None` = in-cluster / default kubeconfig discovery.
+    Kube {
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+pub use crate::datapath::MapSizes;
+
+/// The validated configuration of `twill-agent run`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub node_name: String,
+    pub source: SourceConfig,
+    /// `None`: discover the cgroup2 mount at start.
+    pub cgroup_root: Option<PathBuf>,
+    pub bpffs_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub healthz_bind_address: Option<SocketAddr>,
+    pub metrics_bind_address: Option<SocketAddr>,
+    pub nodeport_range: (u16, u16),
+    pub cni_mtu: u32,
+    pub sync_period: Duration,
+    pub map_sizes: MapSizes,
+    pub devices: Vec<String>,
+    pub nodeport_addresses: Vec<Ipv4Network>,
+    pub routing_mode: RoutingMode,
+    pub cluster_cidr: Option<Ipv4Network>,
+    pub non_masquerade_cidrs: Vec<Ipv4Network>,
+}
+
+/// A configuration the agent cannot run with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid YAML/JSON with the agent's flag names as keys")]
+    ParseFile {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error(
+        "no node name: pass --node-name, set NODE_NAME (downward API spec.nodeName) or `node-name` in the config file"
+    )]
+    MissingNodeName,
+    #[error("--manifests and --kubeconfig are exclusive: pick one source of Services")]
+    TwoSources,
+    #[error("--{flag} {value:?} is not an address:port (e.g. 0.0.0.0:10256), nor empty to disable")]
+    BindAddress { flag: &'static str, value: String },
+    #[error(
+        "--nodeport-range {0:?} must be MIN-MAX with 1 <= MIN <= MAX <= 65535, e.g. 30000-32767"
+    )]
+    NodePortRange(String),
+    #[error("--cni-mtu {0} is outside 576..=65535")]
+    Mtu(u32),
+    #[error("--sync-period {0:?} must be a duration like 30s, 500ms or 1m, greater than zero")]
+    Duration(String),
+    #[error("--{flag} {value} must be at least 1")]
+    MapSize { flag: &'static str, value: u32 },
+    #[error("--{flag} {value:?} is not an IPv4 CIDR like 10.244.0.0/16")]
+    Cidr { flag: &'static str, value: String },
+}
+
+/// `Some(v)` from the flag, else from the file.
+fn pick<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
+    flag.or(file)
+}
+
+impl RunArgs {
+    /// Reads `--config` (if given), merges it under the flags and validates the result.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        merge(self, file)
+    }
+}
+
+/// Parses a config file (YAML is a superset of JSON, so one parser serves both).
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_file(&text).map_err(|source| ConfigError::ParseFile {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Parses config file text; an empty file is an empty config.
+pub fn parse_file(text: &str) -> Result<FileConfig, serde_yaml::Error> {
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_yaml::from_str(text)
+}
+
+/// Flags over file, then defaults and validation.
+pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
+    let node_name = pick(flags.node_name, file.node_name)
+        .filter(|n| !n.trim().is_empty())
+        .ok_or(ConfigError::MissingNodeName)?;
+    let manifests = pick(flags.manifests, file.manifests);
+    let kubeconfig = pick(flags.kubeconfig, file.kubeconfig);
+    let source = match (manifests, kubeconfig) {
+        (Some(_), Some(_)) => return Err(ConfigError::TwoSources),
+        (Some(dir), None) => SourceConfig::Manifests(dir),
+        (None, kubeconfig) => SourceConfig::Kube { kubeconfig },
+    };
+    let healthz = pick(flags.healthz_bind_address, file.healthz_bind_address)
+        .unwrap_or_else(|| DEFAULT_HEALTHZ.into());
+    let metrics = pick(flags.metrics_bind_address, file.metrics_bind_address)
+        .unwrap_or_else(|| DEFAULT_METRICS.into());
+    let nodeport_range = pick(flags.nodeport_range, file.nodeport_range)
+        .map_or(Ok((30000, 32767)), |r| parse_port_range(&r))?;
+    let cni_mtu = pick(flags.cni_mtu, file.cni_mtu).unwrap_or(DEFAULT_MTU);
+    if !(576..=65535).contains(&cni_mtu) {
+        return Err(ConfigError::Mtu(cni_mtu));
+    }
+    let sync_period = pick(flags.sync_period, file.sync_period)
+        .map_or(Ok(DEFAULT_SYNC_PERIOD), |s| parse_duration(&s))?;
+    let defaults = MapSizes::default();
+    let map_sizes = MapSizes {
+        services: map_size(
+            "map-size-services",
+            pick(flags.map_size_services, file.map_size_services),
+            defaults.services,
+        )?,
+        backend_slots: map_size(
+            "map-size-backend-slots",
+            pick(flags.map_size_backend_slots, file.map_size_backend_slots),
+            defaults.backend_slots,
+        )?,
+        backends: map_size(
+            "map-size-backends",
+            pick(flags.map_size_backends, file.map_size_backends),
+            defaults.backends,
+        )?,
+        affinity: map_size(
+            "map-size-affinity",
+            pick(flags.map_size_affinity, file.map_size_affinity),
+            defaults.affinity,
+        )?,
+        sock_revnat: map_size(
+            "map-size-sock-revnat",
+            pick(flags.map_size_sock_revnat, file.map_size_sock_revnat),
+            defaults.sock_revnat,
+        )?,
+        ct: map_size(
+            "map-size-ct",
+            pick(flags.map_size_ct, file.map_size_ct),
+            defaults.ct,
+        )?,
+        ..defaults
+    };
+    Ok(Config {
+        node_name,
+        source,
+        cgroup_root: pick(flags.cgroup_root, file.cgroup_root),
+        bpffs_dir: pick(flags.bpffs_dir, file.bpffs_dir)
+            .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
+        cni_conf_dir: pick(flags.cni_conf_dir, file.cni_conf_dir)
+            .unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into()),
+        state_dir: pick(flags.state_dir, file.state_dir)
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+        api_socket: pick(flags.api_socket, file.api_socket)
+            .unwrap_or_else(|| DEFAULT_API_SOCKET.into()),
+        healthz_bind_address: parse_bind("healthz-bind-address", &healthz)?,
+        metrics_bind_address: parse_bind("metrics-bind-address", &metrics)?,
+        nodeport_range,
+        cni_mtu,
+        sync_period,
+        map_sizes,
+        devices: pick(flags.devices, file.devices).unwrap_or_default(),
+        nodeport_addresses: cidrs(
+            "nodeport-addresses",
+            pick(flags.nodeport_addresses, file.nodeport_addresses),
+        )?,
+        routing_mode: pick(flags.routing_mode, file.routing_mode).unwrap_or_default(),
+        cluster_cidr: pick(flags.cluster_cidr, file.cluster_cidr)
+            .map(|c| parse_cidr("cluster-cidr", &c))
+            .transpose()?,
+        non_masquerade_cidrs: cidrs(
+            "non-masquerade-cidrs",
+            pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
+        )?,
+    })
+}
+
+fn map_size(flag: &'static str, value: Option<u32>, default: u32) -> Result<u32, ConfigError> {
+    match value {
+        Some(0) => Err(ConfigError::MapSize { flag, value: 0 }),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    }
+}
+
+/// An empty value disables the server (as with kube-proxy's `--healthz-bind-address=""`).
+fn parse_bind(flag: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|_| ConfigError::BindAddress {
+            flag,
+            value: value.to_owned(),
+        })
+}
+
+/// `MIN-MAX` (kube-apiserver's `--service-node-port-range` syntax).
+pub fn parse_port_range(value: &str) -> Result<(u16, u16), ConfigError> {
+    let err = || ConfigError::NodePortRange(value.to_owned());
+    let (lo, hi) = value.trim().split_once('-').ok_or_else(err)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| err())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| err())?;
+    if lo == 0 || lo > hi {
+        return Err(err());
+    }
+    Ok((lo, hi))
+}
+
+/// `500ms`, `30s`, `2m`, `1h`.
+pub fn parse_duration(value: &str) -> Result<Duration, ConfigError> {
+    let err = || ConfigError::Duration(value.to_owned());
+    let v = value.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(err)?),
+        _ => return Err(err()),
+    };
+    if d.is_zero() {
+        return Err(err());
+    }
+    Ok(d)
+}
+
+fn parse_cidr(flag: &'static str, value: &str) -> Result<Ipv4Network, ConfigError> {
+    value.trim().parse().map_err(|_| ConfigError::Cidr {
+        flag,
+        value: value.to_owned(),
+    })
+}
+
+fn cidrs(flag: &'static str, values: Option<Vec<String>>) -> Result<Vec<Ipv4Network>, ConfigError> {
+    values
+        .unwrap_or_default()
+        .iter()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| parse_cidr(flag, v))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(argv: &[&str]) -> RunArgs {
+        let mut full = vec!["twill-agent", "run"];
+        full.extend_from_slice(argv);
+        match Cli::try_parse_from(full).expect("parses").command {
+            Command::Run(parsed) => *parsed,
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_kube_proxy_and_the_issue() {
+        let cfg = merge(run_args(&["--node-name", "n1"]), FileConfig::default()).unwrap();
+        assert_eq!(cfg.node_name, "n1");
+        assert_eq!(cfg.source, SourceConfig::Kube { kubeconfig: None });
+        assert_eq!(cfg.bpffs_dir, PathBuf::from("/sys/fs/bpf/twill"));
+        assert_eq!(cfg.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/twill"));
+        assert_eq!(cfg.api_socket, PathBuf::from("/run/twill/agent.sock"));
+        assert_eq!(
+            cfg.healthz_bind_address,
+            Some("0.0.0.0:10256".parse().unwrap())
+        );
+        assert_eq!(
+            cfg.metrics_bind_address,
+            Some("127.0.0.1:10249".parse().unwrap())
+        );
+        assert_eq!(cfg.nodeport_range, (30000, 32767));
+        assert_eq!(cfg.cni_mtu, 1500);
+        assert_eq!(cfg.cgroup_root, None);
+        assert_eq!(cfg.routing_mode, RoutingMode::Auto);
+        assert_eq!(cfg.map_sizes, MapSizes::default());
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_fills_the_rest() {
+        let file = parse_file(
+            "node-name: from-file\nmanifests: /m\nbpffs-dir: /file/bpf\ncni-mtu: 1400\n\
+             nodeport-range: 20000-20100\nrouting-mode: vxlan\nnon-masquerade-cidrs: [10.0.0.0/8]\n",
+        )
+        .unwrap();
+        let cfg = merge(
+            run_args(&["--node-name", "from-flag", "--bpffs-dir", "/flag/bpf"]),
+            file,
+        )
+        .unwrap();
+        assert_eq!(cfg.node_name, "from-flag");
+        assert_eq!(cfg.bpffs_dir, PathBuf::from("/flag/bpf"));
+        assert_eq!(cfg.source, SourceConfig::Manifests("/m".into()));
+        assert_eq!(cfg.cni_mtu, 1400);
+        assert_eq!(cfg.nodeport_range, (20000, 20100));
+        assert_eq!(cfg.routing_mode, RoutingMode::Vxlan);
+        assert_eq!(
+            cfg.non_masquerade_cidrs,
+            vec!["10.0.0.0/8".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn json_config_files_parse_too() {
+        let file =
+            parse_file(r#"{"node-name":"j","healthz-bind-address":"","map-size-services":10}"#)
+                .unwrap();
+        let cfg = merge(RunArgs::default(), file).unwrap();
+        assert_eq!(cfg.node_name, "j");
+        assert_eq!(cfg.healthz_bind_address, None);
+        assert_eq!(cfg.map_sizes.services, 10);
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_rejected() {
+        assert!(parse_file("node-nmae: typo\n").is_err());
+    }
+
+    #[test]
+    fn config_file_is_read_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, "node-name: disk\ncni-conf-dir: /cni\n").unwrap();
+        let mut args = run_args(&[]);
+        args.node_name = None; // NODE_NAME may be set in the environment of the test runner
+        args.config = Some(path);
+        let cfg = args.resolve().unwrap();
+        assert_eq!(cfg.node_name, "disk");
+        assert_eq!(cfg.cni_conf_dir, PathBuf::from("/cni"));
+        let missing = RunArgs {
+            config: Some(dir.path().join("nope.yaml")),
+            ..RunArgs::default()
+        };
+        assert!(matches!(
+            missing.resolve(),
+            Err(ConfigError::ReadFile { .. })
+        ));
+    }
+
+    #[test]
+    fn invalid_values_are_typed_errors() {
+        let base = || FileConfig {
+            node_name: Some("n".into()),
+            ..FileConfig::default()
+        };
+        assert!(matches!(
+            merge(RunArgs::default(), FileConfig::default()),
+            Err(ConfigError::MissingNodeName)
+        ));
+        let f = FileConfig {
+            manifests: Some("/m".into()),
+            kubeconfig: Some("/k".into()),
+            ..base()
+        };
+        assert!(matches!(
+            merge(RunArgs::default(), f),
+            Err(ConfigError::TwoSources)
+        ));
+        let f = FileConfig {
+            healthz_bind_address: Some("localhost".into()),
+            ..base()
+        };
+        assert!(matches!(
+            merge(RunArgs::default(), f),
+            Err(ConfigError::BindAddress { .. })
+        ));
+        for bad in ["32767-30000", "0-10", "abc", "1-70000"] {
+            let f = FileConfig {
+                nodeport_range: Some(bad.into()),
+                ..base()
+            };
+            assert!(
+                matches!(
+                    merge(RunArgs::default(), f),
+                    Err(ConfigError::NodePortRange(_))
+                ),
+                "{bad}"
+            );
+        }
+        let f = FileConfig {
+            cni_mtu: Some(100),
+            ..base()
+        };
+        assert!(matches!(
+            merge(RunArgs::default(), f),
+            Err(ConfigError::Mtu(100))
+        ));
+        let f = FileConfig {
+            map_size_backends: Some(0),
+            ..base()
+        };
+        assert!(matches!(
+            merge(RunArgs::default(), f),
+            Err(ConfigError::MapSize { .. })
+        ));
+        let f = FileConfig {
+            cluster_cidr: Some("10.0.0.0/33".into()),
+            ..base()
+        };
+        assert!(matches!(
+            merge(RunArgs::default(), f),
+            Err(ConfigError::Cidr { .. })
+        ));
+        assert!(parse_file("routing-mode: ipip\n").is_err());
+        let f = FileConfig {
+            sync_period: Some("0s".into()),
+            ..base()
+        };
+        assert!(matches!(
+            merge(RunArgs::default(), f),
+            Err(ConfigError::Duration(_))
+        ));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_mins(2));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn multi_node_flags_parse() {
+        let args = run_args(&[
+            "--node-name",
+            "n",
+            "--devices",
+            "eth0,eth1",
+            "--nodeport-addresses",
+            "172.30.0.0/24",
+            "--routing-mode",
+            "direct",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+        ]);
+        let cfg = merge(args, FileConfig::default()).unwrap();
+        assert_eq!(cfg.devices, vec!["eth0", "eth1"]);
+        assert_eq!(
+            cfg.nodeport_addresses,
+            vec!["172.30.0.0/24".parse().unwrap()]
+        );
+        assert_eq!(cfg.routing_mode, RoutingMode::Direct);
+        assert_eq!(cfg.cluster_cidr, Some("10.244.0.0/16".parse().unwrap()));
+    }
+
+    #[test]
+    fn debug_accepts_the_socket_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "twill-agent",
+            "debug",
+            "maps",
+            "--api-socket",
+            "/x.sock",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        let Command::Debug(d) = cli.command else {
+            panic!("not debug")
+        };
+        assert_eq!(d.what, DebugCommand::Maps);
+        assert_eq!(d.api_socket, PathBuf::from("/x.sock"));
+        assert_eq!(d.output, OutputFormat::Json);
+    }
+}

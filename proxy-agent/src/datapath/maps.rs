@@ -1,0 +1,457 @@
+//! [`AyaLbMaps`]: the kernel implementation of the [`LbMaps`] seam, plus the read-only views the
+//! agent's metrics and debug CLI need (per-reason counters, affinity and socket reverse-NAT
+//! dumps).
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use ipnetwork::Ipv4Network;
+use twill_common::{
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, NodeAddrValue, PROTO_UDP,
+    Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue,
+    SrcRangeKey,
+};
+
+use super::{DatapathError, sockdestroy};
+use crate::lbmap::{LbMaps, LbState, MapError, MapKind};
+
+/// Per-reason verdict counters summed over all CPUs. Reasons never hit are present with 0, so
+/// metrics export every label.
+pub type ReasonCounts = BTreeMap<Reason, u64>;
+
+/// What a flush of one backend's state removed (for logs and tests).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlushReport {
+    pub affinity_entries: usize,
+    pub revnat_entries: usize,
+    /// Per-packet connection-tracking entries (either direction) of flows to the backend.
+    pub ct_entries: usize,
+    pub sockets_destroyed: usize,
+    pub namespaces_searched: usize,
+}
+
+/// The load-balancing maps of a loaded (or adopted) datapath.
+pub struct AyaLbMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    node_addrs: HashMap<MapData, u32, NodeAddrValue>,
+    config: Array<MapData, DatapathConfig>,
+    stats: PerCpuArray<MapData, u64>,
+    ct: HashMap<MapData, CtKey, CtValue>,
+    src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
+    capacity: BTreeMap<MapKind, u32>,
+    /// cgroup subtree whose processes' network namespaces are searched for connected UDP
+    /// sockets to destroy when a backend goes away; `None` disables socket destruction.
+    socket_scope: Option<PathBuf>,
+    /// The last flush, for observability.
+    pub last_flush: FlushReport,
+}
+
+fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    name: &'static str,
+    map: Option<Map>,
+) -> Result<T, DatapathError> {
+    let map = map.ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| DatapathError::MapType { name, source })
+}
+
+fn capacity_of(map: &Map) -> u32 {
+    let (Map::HashMap(data)
+    | Map::LruHashMap(data)
+    | Map::Array(data)
+    | Map::PerCpuArray(data)
+    | Map::LpmTrie(data)) = map
+    else {
+        return 0;
+    };
+    data.info().map_or(0, |i| i.max_entries())
+}
+
+impl AyaLbMaps {
+    /// Builds from maps taken out of a loaded object (or opened from their pins): `get` returns
+    /// the map of the given name.
+    pub(super) fn from_maps(
+        mut get: impl FnMut(&'static str) -> Result<Option<Map>, DatapathError>,
+    ) -> Result<Self, DatapathError> {
+        let mut capacity = BTreeMap::new();
+        let mut take = |kind: MapKind| -> Result<Option<Map>, DatapathError> {
+            let m = get(kind.name())?;
+            if let Some(m) = &m {
+                capacity.insert(kind, capacity_of(m));
+            }
+            Ok(m)
+        };
+        let services = typed(twill_common::MAP_SERVICES, take(MapKind::Services)?)?;
+        let slots = typed(
+            twill_common::MAP_BACKEND_SLOTS,
+            take(MapKind::BackendSlots)?,
+        )?;
+        let backends = typed(twill_common::MAP_BACKENDS, take(MapKind::Backends)?)?;
+        let affinity = typed(twill_common::MAP_AFFINITY, take(MapKind::Affinity)?)?;
+        let revnat = typed(twill_common::MAP_SOCK_REVNAT, take(MapKind::SockRevNat)?)?;
+        let node_addrs = typed(twill_common::MAP_NODE_ADDRS, take(MapKind::NodeAddrs)?)?;
+        let config = typed(twill_common::MAP_CONFIG, take(MapKind::Config)?)?;
+        let stats = typed(twill_common::MAP_STATS, take(MapKind::Stats)?)?;
+        let ct = typed(twill_common::MAP_CT, take(MapKind::Ct)?)?;
+        let src_ranges = typed(
+            twill_common::MAP_LB_SRC_RANGES,
+            take(MapKind::SourceRanges)?,
+        )?;
+        Ok(Self {
+            services,
+            slots,
+            backends,
+            affinity,
+            revnat,
+            node_addrs,
+            config,
+            stats,
+            ct,
+            src_ranges,
+            capacity,
+            socket_scope: None,
+            last_flush: FlushReport::default(),
+        })
+    }
+
+    /// Opens the maps pinned under `bpffs_dir` by a running (or stopped) agent, without loading
+    /// any program: for tools and tests that inspect or program a live datapath.
+    pub fn open_pinned(bpffs_dir: &Path) -> Result<Self, DatapathError> {
+        Self::from_maps(|name| {
+            let path = bpffs_dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+                path: path.clone(),
+                source,
+            })?;
+            Map::from_map_data(data)
+                .map(Some)
+                .map_err(|source| DatapathError::OpenPinned { path, source })
+        })
+    }
+
+    /// Enables destroying connected UDP sockets to removed backends in the network namespaces of
+    /// the processes under `cgroup` (the cgroup the socket programs are attached to).
+    #[must_use]
+    pub fn with_socket_scope(mut self, cgroup: impl Into<PathBuf>) -> Self {
+        self.socket_scope = Some(cgroup.into());
+        self
+    }
+
+    /// `max_entries` of each map as created in the kernel.
+    pub fn capacities(&self) -> &BTreeMap<MapKind, u32> {
+        &self.capacity
+    }
+
+    /// Verdict counters per reason, summed over CPUs.
+    pub fn stats(&self) -> Result<ReasonCounts, MapError> {
+        let mut out: ReasonCounts = Reason::ALL.iter().map(|r| (*r, 0)).collect();
+        for reason in Reason::ALL {
+            let values = self
+                .stats
+                .get(&u32::from(*reason as u8), 0)
+                .map_err(|e| syscall(MapKind::Stats, "lookup", e))?;
+            out.insert(*reason, values.iter().sum());
+        }
+        debug_assert!(Reason::ALL.iter().all(|r| u32::from(*r as u8) < STATS_MAX));
+        Ok(out)
+    }
+
+    /// Every session-affinity entry (expired ones included; compare `last_used_ns` with
+    /// [`super::monotonic_now_ns`]).
+    pub fn dump_affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapError> {
+        collect(&self.affinity, MapKind::Affinity)
+    }
+
+    /// Every socket reverse-NAT entry.
+    pub fn dump_revnat(&self) -> Result<Vec<(SockRevNatKey, SockRevNatValue)>, MapError> {
+        collect(&self.revnat, MapKind::SockRevNat)
+    }
+
+    /// Every per-packet connection-tracking entry (both directions of each north-south flow).
+    pub fn dump_ct(&self) -> Result<Vec<(CtKey, CtValue)>, MapError> {
+        collect(&self.ct, MapKind::Ct)
+    }
+
+    /// Allows clients in `range` to reach the frontend `svc_id` (a `ServiceValue::svc_id` whose
+    /// flags carry `SVC_F_SOURCE_RANGES`; without any range such a frontend admits nobody).
+    pub fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+        self.src_ranges
+            .insert(&src_range_key(svc_id, range), 1, 0)
+            .map_err(|e| map_update_error(&self.capacity, MapKind::SourceRanges, "update", e))
+    }
+
+    pub fn delete_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+        match self.src_ranges.remove(&src_range_key(svc_id, range)) {
+            Err(e) if !is_not_found(&e) => Err(syscall(MapKind::SourceRanges, "delete", e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every source range as (svc_id, range), sorted.
+    pub fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Network)>, MapError> {
+        let mut out = Vec::new();
+        for item in &self.src_ranges {
+            let (k, _) = item.map_err(|e| syscall(MapKind::SourceRanges, "iterate", e))?;
+            let data = k.data();
+            let prefix = u8::try_from(k.prefix_len().saturating_sub(32)).unwrap_or(32);
+            let addr = Ipv4Addr::from(u32::from_be(data.addr_be));
+            if let Ok(net) = Ipv4Network::new(addr, prefix) {
+                out.push((u32::from_be(data.svc_id_be), net));
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Removes the state pointing at a removed backend and destroys connected UDP sockets to it;
+    /// returns what was removed.
+    pub fn flush_backend(
+        &mut self,
+        backend_id: u32,
+        backend: Backend,
+    ) -> Result<FlushReport, MapError> {
+        let mut report = FlushReport::default();
+        let stale_aff: Vec<AffinityKey> = collect(&self.affinity, MapKind::Affinity)?
+            .into_iter()
+            .filter(|(_, v)| v.backend_id == backend_id)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale_aff {
+            remove(&mut self.affinity, k, MapKind::Affinity)?;
+        }
+        report.affinity_entries = stale_aff.len();
+        let stale_rn: Vec<SockRevNatKey> = collect(&self.revnat, MapKind::SockRevNat)?
+            .into_iter()
+            .filter(|(k, _)| {
+                k.backend_addr_be == backend.addr_be && k.backend_port_be == backend.port_be
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale_rn {
+            remove(&mut self.revnat, k, MapKind::SockRevNat)?;
+        }
+        report.revnat_entries = stale_rn.len();
+        // North-south flows to the backend: the original direction rewrites to it, the reply
+        // direction comes from it. Dropping both makes the flow's next packet pick afresh.
+        let stale_ct: Vec<CtKey> = collect(&self.ct, MapKind::Ct)?
+            .into_iter()
+            .filter(|(k, v)| {
+                k.proto == backend.proto
+                    && ((v.new_daddr_be == backend.addr_be && v.new_dport_be == backend.port_be)
+                        || (k.saddr_be == backend.addr_be && k.sport_be == backend.port_be))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale_ct {
+            remove(&mut self.ct, k, MapKind::Ct)?;
+        }
+        report.ct_entries = stale_ct.len();
+        // Only UDP needs it: a TCP connection to a gone backend fails by itself (RST/timeout),
+        // and kube-proxy leaves TCP alone too.
+        if backend.proto == PROTO_UDP
+            && let Some(scope) = &self.socket_scope
+        {
+            let io = |source| MapError::Syscall {
+                map: MapKind::SockRevNat,
+                op: "sock_destroy",
+                source,
+            };
+            let namespaces = sockdestroy::netns_of_cgroup(scope).map_err(io)?;
+            let addr = Ipv4Addr::from(u32::from_be(backend.addr_be));
+            let r = sockdestroy::destroy_udp_to(&namespaces, addr, u16::from_be(backend.port_be))
+                .map_err(io)?;
+            report.sockets_destroyed = r.destroyed;
+            report.namespaces_searched = r.namespaces;
+        }
+        self.last_flush = report.clone();
+        Ok(report)
+    }
+
+    fn full_or_syscall(&self, kind: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
+        map_update_error(&self.capacity, kind, op, e)
+    }
+}
+
+/// A full hash map answers E2BIG (ENOSPC from some map types): that is `MapError::Full`, a named
+/// error with the capacity, never a generic failure.
+fn map_update_error(
+    capacity: &BTreeMap<MapKind, u32>,
+    kind: MapKind,
+    op: &'static str,
+    e: aya::maps::MapError,
+) -> MapError {
+    let errno = match &e {
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    };
+    if matches!(errno, Some(libc::E2BIG | libc::ENOSPC)) {
+        return MapError::Full {
+            map: kind,
+            capacity: capacity.get(&kind).copied().unwrap_or(0),
+        };
+    }
+    syscall(kind, op, e)
+}
+
+/// The trie key of a range: the whole svc_id (32 bits) then the range's prefix; host bits are
+/// cleared so one range has one key.
+fn src_range_key(svc_id: u32, range: Ipv4Network) -> Key<SrcRangeKey> {
+    Key::new(
+        32 + u32::from(range.prefix()),
+        SrcRangeKey {
+            svc_id_be: svc_id.to_be(),
+            addr_be: u32::from(range.network()).to_be(),
+        },
+    )
+}
+
+fn syscall(map: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
+    let source = match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error,
+        other => std::io::Error::other(other),
+    };
+    MapError::Syscall { map, op, source }
+}
+
+fn collect<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    kind: MapKind,
+) -> Result<Vec<(K, V)>, MapError> {
+    let mut out = Vec::new();
+    for item in map {
+        match item {
+            Ok(kv) => out.push(kv),
+            // Deleted between the key walk and the lookup (the kernel or another writer).
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(syscall(kind, "iterate", e)),
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes `key`; a missing key is success (deletes are idempotent for the reconciler).
+fn remove<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    kind: MapKind,
+) -> Result<(), MapError> {
+    match map.remove(key) {
+        Err(e) if !is_not_found(&e) => Err(syscall(kind, "delete", e)),
+        _ => Ok(()),
+    }
+}
+
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        aya::maps::MapError::KeyNotFound | aya::maps::MapError::ElementNotFound => true,
+        _ => false,
+    }
+}
+
+impl LbMaps for AyaLbMaps {
+    fn upsert_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| self.full_or_syscall(MapKind::Services, "update", e))
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        remove(&mut self.services, key, MapKind::Services)
+    }
+    fn upsert_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), MapError> {
+        self.slots
+            .insert(key, backend_id, 0)
+            .map_err(|e| self.full_or_syscall(MapKind::BackendSlots, "update", e))
+    }
+    fn delete_slot(&mut self, key: &SlotKey) -> Result<(), MapError> {
+        remove(&mut self.slots, key, MapKind::BackendSlots)
+    }
+    fn upsert_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapError> {
+        self.backends
+            .insert(id, backend, 0)
+            .map_err(|e| self.full_or_syscall(MapKind::Backends, "update", e))
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
+        remove(&mut self.backends, &id, MapKind::Backends)
+    }
+    fn upsert_node_addr(&mut self, addr_be: u32, flags: u32) -> Result<(), MapError> {
+        self.node_addrs
+            .insert(addr_be, NodeAddrValue { flags }, 0)
+            .map_err(|e| self.full_or_syscall(MapKind::NodeAddrs, "update", e))
+    }
+    fn delete_node_addr(&mut self, addr_be: u32) -> Result<(), MapError> {
+        remove(&mut self.node_addrs, &addr_be, MapKind::NodeAddrs)
+    }
+    fn set_config(&mut self, config: DatapathConfig) -> Result<(), MapError> {
+        self.config
+            .set(0, config, 0)
+            .map_err(|e| syscall(MapKind::Config, "update", e))
+    }
+    fn dump(&self) -> Result<LbState, MapError> {
+        Ok(LbState {
+            services: collect(&self.services, MapKind::Services)?
+                .into_iter()
+                .collect(),
+            slots: collect(&self.slots, MapKind::BackendSlots)?
+                .into_iter()
+                .collect(),
+            backends: collect(&self.backends, MapKind::Backends)?
+                .into_iter()
+                .collect(),
+            node_addrs: collect(&self.node_addrs, MapKind::NodeAddrs)?
+                .into_iter()
+                .map(|(k, v)| (k, v.flags))
+                .collect(),
+            config: self
+                .config
+                .get(&0, 0)
+                .map_err(|e| syscall(MapKind::Config, "lookup", e))?,
+        })
+    }
+    fn flush_backend_state(&mut self, backend_id: u32, backend: Backend) -> Result<(), MapError> {
+        let report = self.flush_backend(backend_id, backend)?;
+        log::info!(
+            "flushed backend {backend_id} ({}:{}): {} affinity, {} reverse-NAT, {} conntrack entries, {} UDP sockets destroyed in {} namespaces",
+            Ipv4Addr::from(u32::from_be(backend.addr_be)),
+            u16::from_be(backend.port_be),
+            report.affinity_entries,
+            report.revnat_entries,
+            report.ct_entries,
+            report.sockets_destroyed,
+            report.namespaces_searched
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e2big_is_full_with_the_capacity() {
+        let err = aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_elem",
+            io_error: std::io::Error::from_raw_os_error(libc::E2BIG),
+        });
+        // Only the error mapping is exercised; it needs no maps.
+        let capacity = BTreeMap::from([(MapKind::Services, 7)]);
+        let mapped = map_update_error(&capacity, MapKind::Services, "update", err);
+        assert!(
+            matches!(
+                mapped,
+                MapError::Full {
+                    map: MapKind::Services,
+                    capacity: 7
+                }
+            ),
+            "{mapped:?}"
+        );
+    }
+}

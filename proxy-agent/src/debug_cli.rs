@@ -1,0 +1,244 @@
+//! `twill-agent debug services|backends|affinity|drops|maps [-o json]`: asks the running agent
+//! over its API socket and prints human tables (or the JSON as served).
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::api::{AffinityRow, BackendRow, DropRow};
+use crate::config::{DebugArgs, DebugCommand, OutputFormat};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DebugError {
+    #[error(
+        "cannot reach the agent at {socket} (is `twill-agent run` running with this --api-socket?)"
+    )]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("the agent's answer is not the expected JSON")]
+    Decode(#[source] serde_json::Error),
+}
+
+fn path_of(what: DebugCommand, output: OutputFormat) -> &'static str {
+    match (what, output) {
+        (DebugCommand::Services, _) => "/v1/services",
+        (DebugCommand::Backends, _) => "/v1/backends",
+        (DebugCommand::Affinity, _) => "/v1/affinity",
+        (DebugCommand::Drops, _) => "/v1/drops",
+        (DebugCommand::Maps, OutputFormat::Table) => "/v1/maps",
+        (DebugCommand::Maps, OutputFormat::Json) => "/v1/maps?format=json",
+    }
+}
+
+/// Fetches and renders; the text to print.
+pub async fn run(args: &DebugArgs) -> Result<String, DebugError> {
+    let (status, body) = crate::api::get(&args.api_socket, path_of(args.what, args.output))
+        .await
+        .map_err(|source| DebugError::Connect {
+            socket: args.api_socket.clone(),
+            source,
+        })?;
+    if status != 200 {
+        return Err(DebugError::Status {
+            status,
+            body: String::from_utf8_lossy(&body).trim().to_owned(),
+        });
+    }
+    render(args.what, args.output, &body)
+}
+
+/// Renders an API answer.
+pub fn render(what: DebugCommand, output: OutputFormat, body: &[u8]) -> Result<String, DebugError> {
+    if what == DebugCommand::Maps && output == OutputFormat::Table {
+        return Ok(String::from_utf8_lossy(body).into_owned());
+    }
+    if output == OutputFormat::Json {
+        let v: Value = serde_json::from_slice(body).map_err(DebugError::Decode)?;
+        let mut s = serde_json::to_string_pretty(&v).map_err(DebugError::Decode)?;
+        s.push('\n');
+        return Ok(s);
+    }
+    match what {
+        DebugCommand::Services => Ok(services_table(
+            &serde_json::from_slice::<Vec<Value>>(body).map_err(DebugError::Decode)?,
+        )),
+        DebugCommand::Backends => Ok(backends_table(
+            &serde_json::from_slice::<Vec<BackendRow>>(body).map_err(DebugError::Decode)?,
+        )),
+        DebugCommand::Affinity => Ok(affinity_table(
+            &serde_json::from_slice::<Vec<AffinityRow>>(body).map_err(DebugError::Decode)?,
+        )),
+        DebugCommand::Drops => Ok(drops_table(
+            &serde_json::from_slice::<Vec<DropRow>>(body).map_err(DebugError::Decode)?,
+        )),
+        DebugCommand::Maps => unreachable!("handled above"),
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, c) in cells.enumerate() {
+            let _ = write!(l, "{c:<w$}  ", w = widths[i]);
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, &mut header.iter().copied());
+    for r in rows {
+        line(&mut out, &mut r.iter().map(String::as_str));
+    }
+    out
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn services_table(services: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = services
+        .iter()
+        .map(|sv| {
+            let frontends: Vec<String> = sv["frontends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|f| {
+                    let addr = f["addr"].as_str().unwrap_or("*");
+                    format!("{addr}:{}/{}", s(&f["port"]), s(&f["protocol"]))
+                })
+                .collect();
+            let endpoints: Vec<String> = sv["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| format!("{}:{}({})", s(&e["addr"]), s(&e["port"]), s(&e["state"])))
+                .collect();
+            vec![
+                format!("{}/{}", s(&sv["namespace"]), s(&sv["name"])),
+                if sv["port_name"].as_str().is_some_and(|p| !p.is_empty()) {
+                    s(&sv["port_name"])
+                } else {
+                    "-".into()
+                },
+                s(&sv["type"]),
+                frontends.join(","),
+                endpoints.join(","),
+            ]
+        })
+        .collect();
+    table(
+        &["SERVICE", "PORT-NAME", "TYPE", "FRONTENDS", "ENDPOINTS"],
+        &rows,
+    )
+}
+
+fn backends_table(rows: &[BackendRow]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.to_string(),
+                format!("{}:{}/{}", b.addr, b.port, b.protocol),
+                if b.flags.is_empty() {
+                    "-".into()
+                } else {
+                    b.flags.join(",")
+                },
+                if b.services.is_empty() {
+                    "-".into()
+                } else {
+                    b.services.join(",")
+                },
+            ]
+        })
+        .collect();
+    table(&["ID", "BACKEND", "FLAGS", "SERVICES"], &rows)
+}
+
+fn affinity_table(rows: &[AffinityRow]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|a| {
+            vec![
+                a.svc_id.to_string(),
+                format!("{:#x}", a.client_id),
+                a.backend_id.to_string(),
+                a.backend.clone().unwrap_or_else(|| "-".into()),
+                format!("{}s", a.idle_s),
+            ]
+        })
+        .collect();
+    table(
+        &["SVC-ID", "CLIENT", "BACKEND-ID", "BACKEND", "IDLE"],
+        &rows,
+    )
+}
+
+fn drops_table(rows: &[DropRow]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|d| {
+            vec![
+                d.reason.clone(),
+                if d.drop { "drop" } else { "verdict" }.into(),
+                d.count.to_string(),
+            ]
+        })
+        .collect();
+    table(&["REASON", "KIND", "COUNT"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_render() {
+        let body = serde_json::to_vec(&vec![DropRow {
+            reason: "no_backends".into(),
+            drop: true,
+            count: 3,
+        }])
+        .unwrap();
+        let t = render(DebugCommand::Drops, OutputFormat::Table, &body).unwrap();
+        assert_eq!(t, "REASON       KIND  COUNT\nno_backends  drop  3\n");
+        let j = render(DebugCommand::Drops, OutputFormat::Json, &body).unwrap();
+        assert!(j.contains("\"count\": 3"));
+        let svc = serde_json::json!([{"namespace":"d","name":"web","port_name":"","type":"ClusterIP",
+            "frontends":[{"addr":"10.96.0.1","port":80,"protocol":"TCP"}],
+            "endpoints":[{"addr":"10.244.1.2","port":8080,"state":"ready"}]}]);
+        let t = render(
+            DebugCommand::Services,
+            OutputFormat::Table,
+            &serde_json::to_vec(&svc).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            t.contains("d/web    -          ClusterIP  10.96.0.1:80/TCP  10.244.1.2:8080(ready)"),
+            "{t}"
+        );
+        assert_eq!(
+            render(DebugCommand::Maps, OutputFormat::Table, b"dump\n").unwrap(),
+            "dump\n"
+        );
+        assert!(render(DebugCommand::Backends, OutputFormat::Table, b"{").is_err());
+    }
+}

@@ -1,0 +1,261 @@
+//! Prometheus metrics (kube-proxy's names where kube-proxy has one).
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Handles to every metric of the agent. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub sync_duration: Histogram,
+    pub programming_duration: Histogram,
+    pub services: Gauge,
+    pub endpoints: Gauge,
+    pub last_sync_timestamp: Gauge<f64, AtomicU64>,
+    verdicts: Family<Labels, Counter>,
+    map_errors: Family<Labels, Counter>,
+    invalid_objects: Family<Labels, Counter>,
+    pub sync_errors: Counter,
+    pub manifest_errors: Counter,
+    source_errors: Family<Labels, Counter>,
+    /// Last absolute kernel counter per verdict: the kernel's counters are absolute, Prometheus
+    /// counters only go up by deltas.
+    last_verdicts: Mutex<BTreeMap<String, u64>>,
+    /// Rejections already counted, so an invalid object counts once, not once per compile.
+    counted_rejections: Mutex<BTreeSet<(String, String, String, String)>>,
+}
+
+/// Buckets of kube-proxy's sync histogram (exponential from 1 ms).
+fn sync_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let sync_duration = Histogram::new(sync_buckets());
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "Time one compile + apply of the datapath maps took",
+            sync_duration.clone(),
+        );
+        let programming_duration = Histogram::new(sync_buckets());
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "Time from a Service/EndpointSlice change being seen to the datapath applying it",
+            programming_duration.clone(),
+        );
+        let services = Gauge::default();
+        registry.register(
+            "twill_services",
+            "Services with at least one programmed frontend",
+            services.clone(),
+        );
+        let endpoints = Gauge::default();
+        registry.register(
+            "twill_endpoints",
+            "Distinct backends programmed",
+            endpoints.clone(),
+        );
+        let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "Unix time of the last successful apply",
+            last_sync_timestamp.clone(),
+        );
+        let verdicts = Family::<Labels, Counter>::default();
+        registry.register(
+            "twill_datapath_verdicts",
+            "Datapath verdicts by reason (kernel per-CPU counters)",
+            verdicts.clone(),
+        );
+        let map_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "twill_map_errors",
+            "Failed map writes by map and kind (full, syscall)",
+            map_errors.clone(),
+        );
+        let invalid_objects = Family::<Labels, Counter>::default();
+        registry.register(
+            "twill_invalid_objects",
+            "Objects skipped as invalid, by kind and reason",
+            invalid_objects.clone(),
+        );
+        let sync_errors = Counter::default();
+        registry.register(
+            "twill_sync_errors",
+            "Compile/apply runs that did not fully apply",
+            sync_errors.clone(),
+        );
+        let manifest_errors = Counter::default();
+        registry.register(
+            "twill_manifest_errors",
+            "Manifest files that failed to parse",
+            manifest_errors.clone(),
+        );
+        let source_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "twill_source_errors",
+            "Watch/list errors of the Kubernetes source, by kind",
+            source_errors.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            sync_duration,
+            programming_duration,
+            services,
+            endpoints,
+            last_sync_timestamp,
+            verdicts,
+            map_errors,
+            invalid_objects,
+            sync_errors,
+            manifest_errors,
+            source_errors,
+            last_verdicts: Mutex::default(),
+            counted_rejections: Mutex::default(),
+        }
+    }
+
+    pub fn invalid_object(&self, kind: &str, reason: &str) {
+        self.invalid_objects
+            .get_or_create(&labels(&[("kind", kind), ("reason", reason)]))
+            .inc();
+    }
+
+    /// Counts the compiler's invalid objects that were not counted before; forgets those that
+    /// disappeared, so an object fixed and broken again counts again.
+    pub fn compiler_rejections<'a>(
+        &self,
+        current: impl IntoIterator<Item = (&'a str, &'a str, &'a str, &'a str)>,
+    ) {
+        let current: BTreeSet<(String, String, String, String)> = current
+            .into_iter()
+            .map(|(k, ns, n, r)| (k.to_owned(), ns.to_owned(), n.to_owned(), r.to_owned()))
+            .collect();
+        let mut seen = self
+            .counted_rejections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (kind, _, _, reason) in current.difference(&seen) {
+            self.invalid_object(kind, reason);
+        }
+        *seen = current;
+    }
+
+    pub fn map_error(&self, map: &str, kind: &str) {
+        self.map_errors
+            .get_or_create(&labels(&[("map", map), ("kind", kind)]))
+            .inc();
+    }
+
+    pub fn source_error(&self, kind: &str) {
+        self.source_errors
+            .get_or_create(&labels(&[("kind", kind)]))
+            .inc();
+    }
+
+    /// Feeds absolute kernel counters (`reason` → total over CPUs).
+    pub fn set_verdicts<'a>(&self, totals: impl IntoIterator<Item = (&'a str, u64)>) {
+        let mut last = self
+            .last_verdicts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (reason, total) in totals {
+            let prev = last.insert(reason.to_owned(), total).unwrap_or(0);
+            let counter = self.verdicts.get_or_create(&labels(&[("reason", reason)]));
+            // A smaller total means the maps were recreated: count from the new base.
+            counter.inc_by(if total >= prev { total - prev } else { total });
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_kube_proxy_names() {
+        let m = Metrics::new();
+        m.sync_duration.observe(0.01);
+        m.invalid_object("Service", "bad_ip");
+        m.map_error("TWL_SVC_V1", "full");
+        m.sync_errors.inc();
+        m.services.set(3);
+        let text = m.render();
+        for name in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+            "kubeproxy_network_programming_duration_seconds",
+            "twill_services 3",
+            "twill_endpoints",
+            "twill_invalid_objects_total{kind=\"Service\",reason=\"bad_ip\"} 1",
+            "twill_map_errors_total{map=\"TWL_SVC_V1\",kind=\"full\"} 1",
+            "twill_sync_errors_total 1",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn rejections_count_once_per_appearance() {
+        let m = Metrics::new();
+        let r = [("Service", "a", "b", "bad_ip")];
+        m.compiler_rejections(r);
+        m.compiler_rejections(r);
+        assert!(
+            m.render()
+                .contains("twill_invalid_objects_total{kind=\"Service\",reason=\"bad_ip\"} 1")
+        );
+        m.compiler_rejections([]);
+        m.compiler_rejections(r);
+        assert!(
+            m.render()
+                .contains("twill_invalid_objects_total{kind=\"Service\",reason=\"bad_ip\"} 2")
+        );
+    }
+
+    #[test]
+    fn verdicts_follow_absolute_kernel_counters() {
+        let m = Metrics::new();
+        m.set_verdicts([("forwarded", 10)]);
+        m.set_verdicts([("forwarded", 15)]);
+        assert!(
+            m.render()
+                .contains("twill_datapath_verdicts_total{reason=\"forwarded\"} 15")
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! Egress masquerade: pods → destinations outside the cluster leave with the node IP.
+//!
+//! Why nftables and not eBPF: a correct SNAT needs a connection table, port allocation that does
+//! not collide with the node's own sockets, reverse translation of replies and ICMP errors, and
+//! conntrack-aware expiry. netfilter's `masquerade` does all of it, in the kernel, for the rare
+//! flows that leave the cluster (pod↔pod and pod↔node traffic, the hot paths, are never
+//! translated and never touch this rule). An eBPF SNAT engine (Cilium's `nodeport.h` +
+//! `snat.h`) is a large, verifier-sensitive piece of work that should come with the tc
+//! north-south programs; until then this ruleset is one table (`ip twill`), replaced atomically
+//! in one `nft -f` transaction, inside the node's network namespace only.
+use std::{fmt::Write as _, process::Stdio};
+
+use ipnetwork::Ipv4Network;
+use tokio::io::AsyncWriteExt as _;
+
+use super::RoutingError;
+
+/// nftables table (family `ip`) the agent owns entirely.
+pub const NFT_TABLE: &str = "twill";
+
+/// The masquerade ruleset as values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MasqueradeRules {
+    /// Sources that are masqueraded: this node's pod CIDRs.
+    pub sources: Vec<Ipv4Network>,
+    /// Destinations reached untranslated: every pod CIDR, every node IP, the cluster CIDRs and
+    /// the `--non-masquerade-cidrs`. Collapsed (no entry inside another) and sorted, because
+    /// nftables rejects overlapping elements in an interval set.
+    pub exempt: Vec<Ipv4Network>,
+}
+
+impl MasqueradeRules {
+    pub fn new(sources: Vec<Ipv4Network>, exempt: Vec<Ipv4Network>) -> Self {
+        Self {
+            sources: collapse(sources),
+            exempt: collapse(exempt),
+        }
+    }
+
+    /// The `nft -f` script: create-then-delete-then-define makes the whole replacement one
+    /// transaction that works whether or not the table exists.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "table ip {NFT_TABLE}");
+        let _ = writeln!(s, "delete table ip {NFT_TABLE}");
+        let _ = writeln!(s, "table ip {NFT_TABLE} {{");
+        for (name, set) in [
+            ("pod_sources", &self.sources),
+            ("no_masquerade", &self.exempt),
+        ] {
+            let _ = write!(
+                s,
+                "\tset {name} {{\n\t\ttype ipv4_addr\n\t\tflags interval\n"
+            );
+            if !set.is_empty() {
+                let elems: Vec<String> = set.iter().map(ToString::to_string).collect();
+                let _ = writeln!(s, "\t\telements = {{ {} }}", elems.join(", "));
+            }
+            s.push_str("\t}\n");
+        }
+        s.push_str("\tchain postrouting {\n");
+        s.push_str("\t\ttype nat hook postrouting priority srcnat; policy accept;\n");
+        s.push_str("\t\tip saddr @pod_sources ip daddr != @no_masquerade masquerade\n");
+        s.push_str("\t}\n}\n");
+        s
+    }
+
+    /// Replaces the agent's table in the current network namespace.
+    pub async fn apply(&self) -> Result<(), RoutingError> {
+        nft(&self.render()).await
+    }
+
+    /// Removes the agent's table (no error when it is absent).
+    pub async fn remove() -> Result<(), RoutingError> {
+        nft(&format!(
+            "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
+        ))
+        .await
+    }
+}
+
+async fn nft(script: &str) -> Result<(), RoutingError> {
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(RoutingError::NftSpawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(RoutingError::NftSpawn)?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(RoutingError::NftSpawn)?;
+    if !out.status.success() {
+        return Err(RoutingError::NftFailed {
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Drops every network contained in another one and sorts by address, in O(n log n): CIDR
+/// blocks are either nested or disjoint, so after sorting by (start, prefix) a block is covered
+/// by some earlier kept block exactly when it is covered by the last kept one.
+fn collapse(mut nets: Vec<Ipv4Network>) -> Vec<Ipv4Network> {
+    // Canonical form first, so 10.244.1.7/24 and 10.244.1.0/24 are the same element.
+    for n in &mut nets {
+        *n = Ipv4Network::new(n.network(), n.prefix()).unwrap_or(*n);
+    }
+    nets.sort_by_key(|n| (n.network(), n.prefix()));
+    let mut kept: Vec<Ipv4Network> = Vec::with_capacity(nets.len());
+    for n in nets {
+        if !kept.last().is_some_and(|k| k.contains(n.network())) {
+            kept.push(n);
+        }
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(v: &[&str]) -> Vec<Ipv4Network> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn exempt_set_is_collapsed_and_sorted() {
+        let m = MasqueradeRules::new(
+            nets(&["10.244.0.0/24"]),
+            nets(&[
+                "10.244.1.0/24",
+                "10.244.0.0/16",
+                "172.30.0.10/32",
+                "172.30.0.0/24",
+                "10.244.1.9/24",
+            ]),
+        );
+        assert_eq!(m.exempt, nets(&["10.244.0.0/16", "172.30.0.0/24"]));
+        // Disjoint neighbours and a block after a covered one both stay.
+        let m = MasqueradeRules::new(
+            Vec::new(),
+            nets(&[
+                "10.0.0.0/8",
+                "10.1.0.0/16",
+                "11.0.0.0/24",
+                "10.255.255.255/32",
+                "11.0.1.0/24",
+            ]),
+        );
+        assert_eq!(
+            m.exempt,
+            nets(&["10.0.0.0/8", "11.0.0.0/24", "11.0.1.0/24"])
+        );
+    }
+
+    #[test]
+    fn render_is_one_atomic_replacement() {
+        let m = MasqueradeRules::new(
+            nets(&["10.244.0.0/24"]),
+            nets(&["10.244.0.0/16", "172.30.0.10/32"]),
+        );
+        assert_eq!(
+            m.render(),
+            "table ip twill\ndelete table ip twill\ntable ip twill {\n\
+             \tset pod_sources {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.244.0.0/24 }\n\t}\n\
+             \tset no_masquerade {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.244.0.0/16, 172.30.0.10/32 }\n\t}\n\
+             \tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tip saddr @pod_sources ip daddr != @no_masquerade masquerade\n\t}\n}\n"
+        );
+    }
+
+    #[test]
+    fn empty_sets_render_without_elements() {
+        let r = MasqueradeRules::new(Vec::new(), Vec::new()).render();
+        assert!(!r.contains("elements"), "{r}");
+    }
+}

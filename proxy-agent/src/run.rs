@@ -1,0 +1,730 @@
+//! `twill-agent run`: start-up, the level-triggered run loop and shutdown.
+//!
+//! Start-up: preflight checks → bind the health, metrics and API servers → load the datapath
+//! (adopting pinned maps) and attach it to the cgroup root → adopt what the maps hold → start the
+//! source → wait (bounded) for its first full sync → apply with prune.
+//!
+//! Run loop: sources only mark the stores dirty; one task wakes up, waits a few milliseconds to
+//! coalesce a burst of changes, compiles from the stores and applies the difference through
+//! the reconciler. Failed applies are retried with a capped backoff; a periodic resync applies
+//! again even without changes (repairing anything that changed the maps behind our back).
+//!
+//! SIGTERM/SIGINT: stop serving and exit, leaving pinned maps and links in place so traffic keeps
+//! flowing until the next agent adopts them.
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::api::{ApiState, PinnedKernelView, Published};
+use crate::compile::{CompileConfig, Compiled, IdAllocation, Inputs, compile};
+use crate::config::{Config, SourceConfig};
+use crate::datapath::{AyaLbMaps, Datapath, DatapathError, DatapathOptions};
+use crate::health::{Health, HealthCheckServers};
+use crate::lbmap::LbMaps;
+use crate::metrics::Metrics;
+use crate::preflight::PreflightError;
+use crate::reconcile::{ReconcileError, Reconciler};
+use crate::source::manifests::{ManifestDir, error_chain};
+use crate::source::{Snapshot, Stores};
+
+/// How long start-up waits for the sources' first full sync before applying without pruning.
+pub const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Coalescing window after a change: a burst of events becomes one apply.
+pub const DEBOUNCE: Duration = Duration::from_millis(5);
+/// Retry delays after a failed apply: doubling from the first to the last.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How often kernel verdict counters are copied into metrics.
+const STATS_PERIOD: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("start-up check failed")]
+    Preflight(#[from] PreflightError),
+    #[error("binding the {what} server on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the datapath")]
+    Datapath(#[from] DatapathError),
+    #[error("adopting the pinned maps")]
+    Adopt(#[source] ReconcileError),
+    #[error("connecting to the Kubernetes API")]
+    Client(#[from] crate::source::kube::ClientError),
+    #[error("installing the signal handler")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Compile settings derived from the agent config.
+pub fn compile_config(cfg: &Config) -> CompileConfig {
+    let mut c = CompileConfig::new(cfg.node_name.clone());
+    c.nodeport_cidrs.clone_from(&cfg.nodeport_addresses);
+    c.nodeport_range = cfg.nodeport_range.0..=cfg.nodeport_range.1;
+    c
+}
+
+/// One compile from a snapshot (pure).
+pub fn compile_snapshot(
+    snapshot: &Snapshot,
+    config: &CompileConfig,
+    ids: &IdAllocation,
+) -> Compiled {
+    let inputs = Inputs {
+        services: snapshot.services.values().map(AsRef::as_ref).collect(),
+        endpoint_slices: snapshot
+            .endpoint_slices
+            .values()
+            .map(AsRef::as_ref)
+            .collect(),
+        node: snapshot.node(&config.node_name).map(AsRef::as_ref),
+        config,
+        ids,
+    };
+    compile(&inputs)
+}
+
+/// Where the run loop gets kernel verdict counters from (the real maps; fakes have none).
+pub trait VerdictStats {
+    /// `(reason, total over CPUs)`, or `None` when there are no counters.
+    fn verdict_totals(&self) -> Option<Vec<(&'static str, u64)>>;
+}
+
+impl VerdictStats for AyaLbMaps {
+    fn verdict_totals(&self) -> Option<Vec<(&'static str, u64)>> {
+        match self.stats() {
+            Ok(counts) => Some(counts.iter().map(|(r, n)| (r.name(), *n)).collect()),
+            Err(e) => {
+                log::debug!("reading verdict counters: {}", error_chain(&e));
+                None
+            }
+        }
+    }
+}
+
+impl VerdictStats for crate::lbmap::FakeLbMaps {
+    fn verdict_totals(&self) -> Option<Vec<(&'static str, u64)>> {
+        None
+    }
+}
+
+impl<M: LbMaps> VerdictStats for crate::lbmap::FaultyLbMaps<M> {
+    fn verdict_totals(&self) -> Option<Vec<(&'static str, u64)>> {
+        None
+    }
+}
+
+/// The state of the run loop: one [`Syncer::sync`] is one compile + apply.
+pub struct Syncer<M: LbMaps> {
+    cfg: Config,
+    compile_cfg: CompileConfig,
+    stores: Arc<Stores>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    hc_servers: HealthCheckServers,
+    published: Arc<RwLock<Published>>,
+    reconciler: Reconciler<M>,
+    ids: IdAllocation,
+    /// The CNI config last written (or found identical on disk).
+    cni_conf: Option<Vec<u8>>,
+    failures: u32,
+    /// Invalid objects of the last compile, so each is logged once, not once per sync.
+    logged_rejections: std::collections::BTreeSet<(String, String, String)>,
+}
+
+impl<M: LbMaps + VerdictStats> Syncer<M> {
+    /// `reconciler` should come from `Reconciler::adopt` so ids stay those of the adopted maps.
+    pub fn new(
+        cfg: Config,
+        stores: Arc<Stores>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        published: Arc<RwLock<Published>>,
+        reconciler: Reconciler<M>,
+    ) -> Self {
+        Self {
+            compile_cfg: compile_config(&cfg),
+            hc_servers: HealthCheckServers::new(health.clone(), Ipv4Addr::UNSPECIFIED),
+            ids: IdAllocation::from_adopted(reconciler.applied()),
+            cfg,
+            stores,
+            metrics,
+            health,
+            published,
+            reconciler,
+            cni_conf: None,
+            failures: 0,
+            logged_rejections: std::collections::BTreeSet::new(),
+        }
+    }
+
+    pub fn reconciler(&self) -> &Reconciler<M> {
+        &self.reconciler
+    }
+
+    pub fn reconciler_mut(&mut self) -> &mut Reconciler<M> {
+        &mut self.reconciler
+    }
+
+    /// One compile + apply. Returns whether it fully applied. Prunes only once every source
+    /// kind has synced.
+    pub fn sync(&mut self) -> bool {
+        let started = Instant::now();
+        let generation = self.stores.generation();
+        let pending_since = self.stores.pending_since();
+        let snapshot = self.stores.snapshot();
+        let compiled = compile_snapshot(&snapshot, &self.compile_cfg, &self.ids);
+        let prune = self.stores.is_synced();
+        let result = self.reconciler.apply(&compiled.state, prune);
+        let elapsed = started.elapsed();
+        self.metrics.sync_duration.observe(elapsed.as_secs_f64());
+
+        for r in compiled
+            .rejected()
+            .iter()
+            .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
+        {
+            if !self.logged_rejections.contains(&(
+                r.namespace.clone(),
+                r.name.clone(),
+                r.reason.to_string(),
+            )) {
+                log::warn!(
+                    "skipping invalid {:?} {}/{}: {}",
+                    r.kind,
+                    r.namespace,
+                    r.name,
+                    r.reason
+                );
+            }
+        }
+        self.logged_rejections = compiled
+            .rejected()
+            .iter()
+            .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
+            .map(|r| (r.namespace.clone(), r.name.clone(), r.reason.to_string()))
+            .collect();
+        self.metrics.compiler_rejections(
+            compiled
+                .rejected()
+                .iter()
+                .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
+                .map(|r| {
+                    let kind = match r.kind {
+                        crate::compile::ObjectKind::Service => "Service",
+                        crate::compile::ObjectKind::EndpointSlice => "EndpointSlice",
+                        crate::compile::ObjectKind::Node => "Node",
+                    };
+                    (
+                        kind,
+                        r.namespace.as_str(),
+                        r.name.as_str(),
+                        r.reason.metric_label(),
+                    )
+                }),
+        );
+        self.metrics
+            .services
+            .set(i64::try_from(compiled.counts.services).unwrap_or(i64::MAX));
+        self.metrics
+            .endpoints
+            .set(i64::try_from(compiled.counts.endpoints).unwrap_or(i64::MAX));
+
+        let node = snapshot.node(&self.cfg.node_name);
+        self.health.set_node(node.map(AsRef::as_ref));
+        self.hc_servers.update(&compiled.health);
+        if let Some(node) = node {
+            self.write_cni_conf(node);
+        }
+
+        let ok = match &result {
+            Ok(stats) => {
+                log::debug!(
+                    "applied generation {generation} in {elapsed:?} (prune={prune}): {stats:?}"
+                );
+                self.health.updated();
+                self.stores.mark_applied(generation);
+                if let Some(since) = pending_since {
+                    self.metrics
+                        .programming_duration
+                        .observe(since.elapsed().as_secs_f64());
+                }
+                self.metrics.last_sync_timestamp.set(
+                    SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs_f64(),
+                );
+                self.failures = 0;
+                true
+            }
+            Err(e) => {
+                log::error!("applying generation {generation}: {}", error_chain(e));
+                self.metrics.sync_errors.inc();
+                for me in e.map_errors() {
+                    let map = match me {
+                        crate::lbmap::MapError::Full { map, .. }
+                        | crate::lbmap::MapError::Syscall { map, .. }
+                        | crate::lbmap::MapError::Injected { map, .. } => map.name(),
+                    };
+                    self.metrics.map_error(map, me.metric_label());
+                }
+                self.failures = self.failures.saturating_add(1);
+                false
+            }
+        };
+        // Ids of this compile whether or not every write landed: the maps may already hold
+        // entries under them, and the retry must converge to the same state.
+        self.ids = compiled.ids;
+        *self
+            .published
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Published {
+            applied: self.reconciler.applied().clone(),
+            model: compiled.model,
+        };
+        ok
+    }
+
+    fn write_cni_conf(&mut self, node: &k8s_openapi::api::core::v1::Node) {
+        let cidrs = crate::cniconf::pod_cidrs(node);
+        if cidrs.is_empty() {
+            return;
+        }
+        let content = crate::cniconf::render(&cidrs, self.cfg.cni_mtu, &self.cfg.state_dir);
+        if self.cni_conf.as_ref() == Some(&content) {
+            return;
+        }
+        match crate::cniconf::write_if_changed(&self.cfg.cni_conf_dir, &content) {
+            Ok(wrote) => {
+                if wrote {
+                    log::info!(
+                        "wrote CNI config for pod CIDRs {cidrs:?} into {}",
+                        self.cfg.cni_conf_dir.display()
+                    );
+                }
+                self.cni_conf = Some(content);
+            }
+            Err(e) => log::error!("{}", error_chain(&e)),
+        }
+    }
+
+    /// Delay before retrying after consecutive failed applies (capped exponential).
+    pub fn retry_delay(&self) -> Duration {
+        let exp = self.failures.saturating_sub(1).min(10);
+        (RETRY_MIN * 2u32.pow(exp)).min(RETRY_MAX)
+    }
+
+    /// Copies the kernel's verdict counters into the metrics.
+    pub fn export_stats(&self) {
+        if let Some(totals) = self.reconciler.maps().verdict_totals() {
+            self.metrics.set_verdicts(totals);
+        }
+    }
+}
+
+async fn bind_tcp(
+    what: &'static str,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, RunError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Binds the health, metrics and API servers. A port clash is a start-up error, not a silent
+/// half-working agent.
+async fn start_servers(
+    cfg: &Config,
+    health: &Arc<Health>,
+    metrics: &Arc<Metrics>,
+    published: &Arc<RwLock<Published>>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
+    let mut servers = Vec::new();
+    if let Some(addr) = cfg.healthz_bind_address {
+        let l = bind_tcp("healthz", addr).await?;
+        let h = health.clone();
+        servers.push(tokio::spawn(crate::api::serve_tcp(l, move |r| h.handle(r))));
+    }
+    if let Some(addr) = cfg.metrics_bind_address {
+        let l = bind_tcp("metrics", addr).await?;
+        let m = metrics.clone();
+        servers.push(tokio::spawn(crate::api::serve_tcp(l, move |r| {
+            if r.path == "/metrics" {
+                crate::api::Response {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: m.render().into_bytes(),
+                }
+            } else {
+                crate::api::Response::not_found()
+            }
+        })));
+    }
+    let api_listener = crate::api::bind(&cfg.api_socket).map_err(|source| RunError::Bind {
+        what: "API",
+        addr: cfg.api_socket.display().to_string(),
+        source,
+    })?;
+    let api_state = ApiState {
+        published: published.clone(),
+        kernel: Arc::new(PinnedKernelView {
+            bpffs_dir: cfg.bpffs_dir.clone(),
+        }),
+    };
+    servers.push(tokio::spawn(crate::api::serve_unix(
+        api_listener,
+        api_state,
+    )));
+    Ok(servers)
+}
+
+/// Loads the datapath (adopting pinned maps with their contents), swaps our programs into the
+/// pinned links and adopts what the maps hold.
+fn start_datapath(
+    cfg: &Config,
+    cgroup: &std::path::Path,
+) -> Result<(Datapath, Reconciler<AyaLbMaps>), RunError> {
+    let mut datapath = Datapath::load(&DatapathOptions {
+        bpffs_dir: Some(cfg.bpffs_dir.clone()),
+        map_sizes: cfg.map_sizes,
+    })?;
+    for a in datapath.adopted_maps() {
+        log::info!(
+            "adopted pinned map {} ({} entries max)",
+            a.name,
+            a.max_entries
+        );
+    }
+    let outcomes = datapath.attach_cgroup(cgroup)?;
+    log::info!("socket programs on {}: {outcomes:?}", cgroup.display());
+    let maps = datapath.lb_maps()?;
+    let reconciler = Reconciler::adopt(maps).map_err(RunError::Adopt)?;
+    log::info!(
+        "adopted {} service entries from the pinned maps",
+        reconciler.applied().services.len()
+    );
+    Ok((datapath, reconciler))
+}
+
+async fn start_sources(
+    cfg: &Config,
+    stores: &Arc<Stores>,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
+    Ok(match &cfg.source {
+        SourceConfig::Manifests(dir) => {
+            log::info!(
+                "reading Services, EndpointSlices and Nodes from {}",
+                dir.display()
+            );
+            vec![tokio::spawn(
+                ManifestDir::new(dir.clone()).run(stores.clone(), metrics.clone()),
+            )]
+        }
+        SourceConfig::Kube { kubeconfig } => {
+            let client = crate::source::kube::client(kubeconfig.as_deref()).await?;
+            crate::source::kube::spawn(&client, stores, metrics)
+        }
+    })
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> Result<(), RunError> {
+    let cgroup = crate::preflight::run_checks(cfg.cgroup_root.as_deref(), &cfg.bpffs_dir)?;
+    log::info!(
+        "twill-agent {} on node {}: cgroup {}, bpffs {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.node_name,
+        cgroup.display(),
+        cfg.bpffs_dir.display()
+    );
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(RunError::Signal)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(RunError::Signal)?;
+
+    let stores = Stores::new();
+    let metrics = Arc::new(Metrics::new());
+    let health = Health::new(stores.clone(), cfg.sync_period * 2);
+    let published: Arc<RwLock<Published>> = Arc::default();
+    let mut tasks = start_servers(&cfg, &health, &metrics, &published).await?;
+    let (datapath, reconciler) = start_datapath(&cfg, &cgroup)?;
+    tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
+
+    let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
+
+    let synced = tokio::select! {
+        s = stores.wait_synced(FIRST_SYNC_TIMEOUT) => Some(s),
+        _ = sigterm.recv() => None,
+        _ = sigint.recv() => None,
+    };
+    match synced {
+        None => {
+            abort_all(&tasks);
+            return Ok(());
+        }
+        Some(false) => log::warn!(
+            "sources not synced after {FIRST_SYNC_TIMEOUT:?}: applying without pruning until they are"
+        ),
+        Some(true) => {}
+    }
+
+    let mut resync = tokio::time::interval(agent.cfg.sync_period);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stats = tokio::time::interval(STATS_PERIOD);
+    stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Apply once right away (the adopted state may need pruning even with no change).
+    let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    loop {
+        let retry = async {
+            match retry_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = stores.changed_notification() => {}
+            () = retry => {}
+            _ = resync.tick() => {}
+            _ = stats.tick() => { agent.export_stats(); continue; }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+        // Coalesce a burst of changes into one apply.
+        tokio::time::sleep(DEBOUNCE).await;
+        let ok = agent.sync();
+        retry_at = (!ok).then(|| tokio::time::Instant::now() + agent.retry_delay());
+    }
+    log::info!("terminating: pinned maps and links stay in place, traffic keeps flowing");
+    abort_all(&tasks);
+    drop(agent);
+    drop(datapath);
+    Ok(())
+}
+
+fn abort_all(tasks: &[tokio::task::JoinHandle<()>]) {
+    for t in tasks {
+        t.abort();
+    }
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default)]
+pub struct Uninstalled {
+    pub cni_conf: bool,
+    pub pins: Vec<PathBuf>,
+    pub api_socket: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UninstallError {
+    #[error("removing the CNI config")]
+    CniConf(#[from] crate::cniconf::CniConfError),
+    #[error("removing pinned maps and links")]
+    Unpin(#[from] DatapathError),
+    #[error("removing the API socket {path}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `twill-agent uninstall`: removes the CNI config (so the runtime stops creating Twill pods),
+/// then the pinned links (the socket hooks detach) and maps, and the API socket. Pod routes
+/// and devices go with the pods and the node; masquerade rules with the routing layer.
+pub fn uninstall(args: &crate::config::UninstallArgs) -> Result<Uninstalled, UninstallError> {
+    let cni_conf = crate::cniconf::remove(&args.cni_conf_dir)?;
+    let pins = Datapath::unpin_all(&args.bpffs_dir)?;
+    let api_socket = match std::fs::remove_file(&args.api_socket) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(source) => {
+            return Err(UninstallError::Socket {
+                path: args.api_socket.clone(),
+                source,
+            });
+        }
+    };
+    Ok(Uninstalled {
+        cni_conf,
+        pins,
+        api_socket,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{FileConfig, merge};
+    use crate::lbmap::{FakeLbMaps, FaultPlan, FaultyLbMaps};
+    use crate::source::Kind;
+    use crate::source::manifests::parse_text;
+
+    const OBJECTS: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.5], nodeName: n1, conditions: {ready: true}}]
+ports: [{port: 8080, protocol: TCP}]
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+spec: {podCIDRs: [10.244.1.0/24]}
+";
+
+    fn config(dir: &Path) -> Config {
+        let file = FileConfig {
+            node_name: Some("n1".into()),
+            manifests: Some(dir.join("m")),
+            cni_conf_dir: Some(dir.join("net.d")),
+            state_dir: Some(dir.join("state")),
+            ..FileConfig::default()
+        };
+        merge(crate::config::RunArgs::default(), file).unwrap()
+    }
+
+    fn syncer<M: LbMaps + VerdictStats>(
+        dir: &Path,
+        maps: M,
+    ) -> (Syncer<M>, Arc<Stores>, Arc<Metrics>) {
+        let stores = Stores::new();
+        let metrics = Arc::new(Metrics::new());
+        let health = Health::new(stores.clone(), Duration::from_mins(1));
+        let reconciler = Reconciler::adopt(maps).unwrap();
+        let s = Syncer::new(
+            config(dir),
+            stores.clone(),
+            metrics.clone(),
+            health,
+            Arc::default(),
+            reconciler,
+        );
+        (s, stores, metrics)
+    }
+
+    fn load(stores: &Stores) {
+        let parsed = parse_text(Path::new("x.yaml"), OBJECTS, false).unwrap();
+        stores.replace_all(&Snapshot::from_objects(parsed.objects));
+    }
+
+    fn frontends(state: &crate::lbmap::LbState) -> Vec<Ipv4Addr> {
+        state
+            .services
+            .keys()
+            .map(|k| crate::compile::addr_from_be(k.addr_be))
+            .collect()
+    }
+
+    #[test]
+    fn prunes_adopted_leftovers_only_after_the_sources_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        // A previous agent left a Service the cluster no longer has.
+        let stale = {
+            let parsed = parse_text(
+                Path::new("x.yaml"),
+                &OBJECTS.replace("10.96.0.10", "10.96.0.99"),
+                false,
+            )
+            .unwrap();
+            let snap = Snapshot::from_objects(parsed.objects);
+            let cfg = compile_config(&config(dir.path()));
+            compile_snapshot(&snap, &cfg, &IdAllocation::default()).state
+        };
+        let mut fake = FakeLbMaps::default();
+        let mut r = Reconciler::new(fake.clone());
+        r.apply(&stale, true).unwrap();
+        fake.state = r.applied().clone();
+        let (mut s, stores, metrics) = syncer(dir.path(), fake);
+        load(&stores);
+
+        assert!(s.sync());
+        let before_sync = s.reconciler().maps().dump().unwrap();
+        assert_eq!(
+            frontends(&before_sync),
+            vec![Ipv4Addr::new(10, 96, 0, 10), Ipv4Addr::new(10, 96, 0, 99)],
+            "no prune before sync"
+        );
+        assert!(
+            stores.pending_since().is_none(),
+            "applied generation clears the pending marker"
+        );
+
+        for kind in Kind::ALL {
+            stores.mark_synced(kind);
+        }
+        assert!(s.sync());
+        let after_sync = s.reconciler().maps().dump().unwrap();
+        assert_eq!(
+            frontends(&after_sync),
+            vec![Ipv4Addr::new(10, 96, 0, 10)],
+            "pruned after sync"
+        );
+        let text = metrics.render();
+        assert!(text.contains("twill_services 1"), "{text}");
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_count 1"),
+            "{text}"
+        );
+
+        // The Node's podCIDRs produced the CNI config.
+        let conf: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join("net.d/10-twill.conflist")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            conf["plugins"][0]["podCIDRs"],
+            serde_json::json!(["10.244.1.0/24"])
+        );
+    }
+
+    #[test]
+    fn failed_applies_are_counted_and_retried_with_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let faulty = FaultyLbMaps::new(FakeLbMaps::default(), FaultPlan::none().fail_after(0));
+        let (mut s, stores, metrics) = syncer(dir.path(), faulty);
+        load(&stores);
+        for kind in Kind::ALL {
+            stores.mark_synced(kind);
+        }
+        assert!(!s.sync());
+        assert!(!s.sync());
+        assert!(s.retry_delay() > RETRY_MIN, "backoff grows");
+        let text = metrics.render();
+        assert!(text.contains("twill_sync_errors_total 2"), "{text}");
+        assert!(text.contains("twill_map_errors_total{"), "{text}");
+        assert!(
+            stores.pending_since().is_some(),
+            "still pending: /healthz will turn stale"
+        );
+
+        // The kernel recovers: the next sync converges.
+        s.reconciler_mut().maps_mut().plan = FaultPlan::none();
+        assert!(s.sync());
+        assert_eq!(s.retry_delay(), RETRY_MIN);
+        assert!(stores.pending_since().is_none());
+        assert_eq!(
+            frontends(&s.reconciler().maps().dump().unwrap()),
+            vec![Ipv4Addr::new(10, 96, 0, 10)]
+        );
+    }
+}

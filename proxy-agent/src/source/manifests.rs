@@ -1,0 +1,484 @@
+//! The `--manifests DIR` source: every `*.yaml`, `*.yml` and `*.json` file in DIR (not
+//! recursive), multi-document YAML and `kind: List` included, holding Services, EndpointSlices
+//! and Nodes. Other kinds are ignored.
+//!
+//! The directory is polled every 250 ms (file name, size, mtime and inode), which picks up
+//! edits, atomic renames and deletions within a second without inotify's corner cases
+//! (editors' rename dances, bind-mounted ConfigMaps swapping `..data` symlinks).
+//!
+//! A file that fails to parse is logged and counted (`twill_manifest_errors_total`), and its
+//! **last good objects stay served**: a half-written or mistyped edit must not tear down the
+//! Services it describes (kubectl apply of a broken file changes nothing either). Deleting the
+//! file removes its objects. Objects that parse but are invalid are skipped one by one and
+//! counted in `twill_invalid_objects_total`.
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+
+use super::{InvalidObject, Kind, Object, Snapshot, Stores, report_invalid, validate};
+use crate::metrics::Metrics;
+
+/// How often the directory is checked.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// A manifest file that cannot be used at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid YAML")]
+    Yaml {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: not valid JSON")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// An object of the file that was skipped.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub kind: Kind,
+    pub error: InvalidObject,
+}
+
+/// What one file holds.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub objects: Vec<Object>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Whether a file name is a manifest.
+pub fn is_manifest(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    ) && !path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+/// Parses one file's text. `json` picks the JSON parser (better error positions); YAML is
+/// otherwise used, which also reads JSON.
+pub fn parse_text(path: &Path, text: &str, json: bool) -> Result<Parsed, ManifestError> {
+    let mut docs = Vec::new();
+    if json {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|source| ManifestError::Json {
+                path: path.to_owned(),
+                source,
+            })?;
+        docs.push(v);
+    } else {
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let v = serde_yaml::Value::deserialize(doc).map_err(|source| ManifestError::Yaml {
+                path: path.to_owned(),
+                source,
+            })?;
+            // YAML → JSON values so that k8s-openapi sees one data model for both formats.
+            let v: serde_json::Value =
+                serde_json::to_value(v).map_err(|source| ManifestError::Json {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            docs.push(v);
+        }
+    }
+    let mut parsed = Parsed::default();
+    for doc in docs {
+        collect(doc, &mut parsed);
+    }
+    Ok(parsed)
+}
+
+fn collect(doc: serde_json::Value, out: &mut Parsed) {
+    let kind = doc
+        .get("kind")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let decoded = match kind.as_str() {
+        "" if doc.is_null() => return, // empty document (`---` at the end)
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
+            let item_kind = kind
+                .strip_suffix("List")
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned);
+            if let Some(serde_json::Value::Array(items)) = doc.get("items").cloned() {
+                for mut item in items {
+                    // Typed lists may omit kind/apiVersion on their items.
+                    if let (Some(k), Some(map)) = (&item_kind, item.as_object_mut()) {
+                        map.entry("kind").or_insert_with(|| k.clone().into());
+                        let api = if k == "EndpointSlice" {
+                            "discovery.k8s.io/v1"
+                        } else {
+                            "v1"
+                        };
+                        map.entry("apiVersion").or_insert_with(|| api.into());
+                    }
+                    collect(item, out);
+                }
+            }
+            return;
+        }
+        "Service" => serde_json::from_value(doc)
+            .map(|o| Object::Service(Arc::new(o)))
+            .map_err(|e| (Kind::Service, e)),
+        "EndpointSlice" => serde_json::from_value(doc)
+            .map(|o| Object::EndpointSlice(Arc::new(o)))
+            .map_err(|e| (Kind::EndpointSlice, e)),
+        "Node" => serde_json::from_value(doc)
+            .map(|o| Object::Node(Arc::new(o)))
+            .map_err(|e| (Kind::Node, e)),
+        other => {
+            log::debug!("ignoring manifest object of kind {other:?}");
+            return;
+        }
+    };
+    match decoded {
+        Ok(obj) => match validate(&obj) {
+            Ok(()) => out.objects.push(obj),
+            Err(error) => out.skipped.push(Skipped {
+                kind: obj.kind(),
+                error,
+            }),
+        },
+        Err((kind, e)) => {
+            log::warn!("{} does not decode: {e}", kind.as_str());
+            out.skipped.push(Skipped {
+                kind,
+                error: InvalidObject::Decode(kind.as_str()),
+            });
+        }
+    }
+}
+
+/// Identity of a file version: changes when it is rewritten or replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Signature {
+    len: u64,
+    mtime: Option<SystemTime>,
+    inode: u64,
+}
+
+struct FileState {
+    sig: Signature,
+    /// Last good objects (kept when a later version is broken).
+    objects: Vec<Object>,
+}
+
+/// The directory watcher's state.
+pub struct ManifestDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    /// Set after a directory read error was logged, to log it once.
+    dir_error: bool,
+}
+
+impl ManifestDir {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            files: BTreeMap::new(),
+            dir_error: false,
+        }
+    }
+
+    /// Re-reads changed files; returns the union of all files' objects when anything changed.
+    /// Files are merged in name order: a later file's object replaces an earlier one with the
+    /// same kind, namespace and name.
+    pub fn scan(&mut self, metrics: &Metrics) -> Option<Snapshot> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => {
+                self.dir_error = false;
+                e
+            }
+            Err(e) => {
+                if !self.dir_error {
+                    log::error!("reading manifests directory {}: {e}", self.dir.display());
+                    self.dir_error = true;
+                }
+                // A missing directory serves nothing; keep what we had until it reappears?
+                // No: an absent directory means "no objects", like an empty one.
+                let changed = !self.files.is_empty();
+                self.files.clear();
+                return changed.then(Snapshot::default);
+            }
+        };
+        let mut present: BTreeMap<PathBuf, Signature> = BTreeMap::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !is_manifest(&path) {
+                continue;
+            }
+            // Follow symlinks (ConfigMap volumes).
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            present.insert(
+                path,
+                Signature {
+                    len: meta.len(),
+                    mtime: meta.modified().ok(),
+                    inode: meta.ino(),
+                },
+            );
+        }
+        let mut changed = false;
+        let before = self.files.len();
+        self.files.retain(|p, _| present.contains_key(p));
+        changed |= self.files.len() != before;
+        for (path, sig) in present {
+            if self.files.get(&path).is_some_and(|f| f.sig == sig) {
+                continue;
+            }
+            changed = true;
+            let objects = match read_file(&path, metrics) {
+                Ok(objects) => objects,
+                Err(e) => {
+                    log::error!("{}; keeping its last good objects", error_chain(&e));
+                    metrics.manifest_errors.inc();
+                    self.files
+                        .get(&path)
+                        .map(|f| f.objects.clone())
+                        .unwrap_or_default()
+                }
+            };
+            self.files.insert(path, FileState { sig, objects });
+        }
+        changed.then(|| {
+            Snapshot::from_objects(self.files.values().flat_map(|f| f.objects.iter().cloned()))
+        })
+    }
+
+    /// Polls forever, feeding `stores`. Marks every kind synced after the first scan.
+    pub async fn run(mut self, stores: Arc<Stores>, metrics: Arc<Metrics>) {
+        let mut first = true;
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let snapshot = self.scan(&metrics);
+            if let Some(s) = snapshot {
+                log::info!(
+                    "manifests: {} Services, {} EndpointSlices, {} Nodes",
+                    s.services.len(),
+                    s.endpoint_slices.len(),
+                    s.nodes.len()
+                );
+                stores.replace_all(&s);
+            }
+            if first {
+                for kind in Kind::ALL {
+                    stores.mark_synced(kind);
+                }
+                first = false;
+            }
+        }
+    }
+}
+
+fn read_file(path: &Path, metrics: &Metrics) -> Result<Vec<Object>, ManifestError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let json = path.extension().is_some_and(|e| e == "json");
+    let parsed = parse_text(path, &text, json)?;
+    let origin = path.display().to_string();
+    for s in parsed.skipped {
+        report_invalid(metrics, s.kind, &origin, s.error);
+    }
+    Ok(parsed.objects)
+}
+
+/// `error: cause: cause` on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MULTI: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.5], conditions: {ready: true}}]
+ports: [{port: 8080, protocol: TCP}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: ignored, namespace: default}
+---
+";
+
+    fn parse(text: &str) -> Parsed {
+        parse_text(Path::new("x.yaml"), text, false).unwrap()
+    }
+
+    #[test]
+    fn multi_document_yaml() {
+        let p = parse(MULTI);
+        let kinds: Vec<_> = p.objects.iter().map(Object::kind).collect();
+        assert_eq!(kinds, vec![Kind::Service, Kind::EndpointSlice]);
+        assert!(p.skipped.is_empty());
+        let Object::Service(s) = &p.objects[0] else {
+            panic!()
+        };
+        assert_eq!(
+            s.spec.as_ref().unwrap().cluster_ip.as_deref(),
+            Some("10.96.0.10")
+        );
+    }
+
+    #[test]
+    fn kind_list_and_typed_lists() {
+        let p = parse(
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Node\n  metadata: {name: n1}\n  spec: {podCIDRs: [10.244.1.0/24]}\n\
+             - apiVersion: v1\n  kind: Service\n  metadata: {name: s, namespace: d}\n",
+        );
+        assert_eq!(p.objects.len(), 2);
+        let p = parse(
+            "apiVersion: v1\nkind: NodeList\nitems:\n- metadata: {name: n1}\n- metadata: {name: n2}\n",
+        );
+        assert_eq!(
+            p.objects.iter().map(Object::key).collect::<Vec<_>>(),
+            vec![(String::new(), "n1".into()), (String::new(), "n2".into())]
+        );
+    }
+
+    #[test]
+    fn json_files() {
+        let text = r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Node","metadata":{"name":"n0"}}]}"#;
+        let p = parse_text(Path::new("n.json"), text, true).unwrap();
+        assert_eq!(p.objects.len(), 1);
+        assert!(matches!(
+            parse_text(Path::new("n.json"), "{", true),
+            Err(ManifestError::Json { .. })
+        ));
+    }
+
+    #[test]
+    fn invalid_objects_are_skipped_not_fatal() {
+        let p = parse(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: nons}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: d}\nspec: {ports: \"nope\"}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: ok, namespace: d}\n",
+        );
+        assert_eq!(p.objects.len(), 1);
+        assert_eq!(
+            p.skipped,
+            vec![
+                Skipped {
+                    kind: Kind::Service,
+                    error: InvalidObject::MissingNamespace
+                },
+                Skipped {
+                    kind: Kind::Service,
+                    error: InvalidObject::Decode("Service")
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn broken_yaml_is_a_file_error() {
+        assert!(matches!(
+            parse_text(Path::new("b.yaml"), "kind: Service\n  metadata: [", false),
+            Err(ManifestError::Yaml { .. })
+        ));
+    }
+
+    #[test]
+    fn directory_scan_keeps_last_good_objects_of_a_broken_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let mut md = ManifestDir::new(dir.path().to_owned());
+        assert!(md.scan(&metrics).is_none(), "empty dir, nothing changed");
+        std::fs::write(dir.path().join("a.yaml"), MULTI).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+        let s = md.scan(&metrics).expect("changed");
+        assert_eq!((s.services.len(), s.endpoint_slices.len()), (1, 1));
+        assert!(md.scan(&metrics).is_none(), "unchanged");
+
+        // Broken rewrite (different size): last good objects stay.
+        std::fs::write(dir.path().join("a.yaml"), "kind: [").unwrap();
+        let s = md.scan(&metrics).expect("rescanned");
+        assert_eq!(s.services.len(), 1);
+        assert!(metrics.render().contains("twill_manifest_errors_total 1"));
+
+        // Another file keeps working next to the broken one.
+        std::fs::write(
+            dir.path().join("b.json"),
+            r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"n"}}"#,
+        )
+        .unwrap();
+        let s = md.scan(&metrics).expect("new file");
+        assert_eq!((s.services.len(), s.nodes.len()), (1, 1));
+
+        // Deleting the file removes its objects.
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        let s = md.scan(&metrics).expect("deleted");
+        assert_eq!((s.services.len(), s.nodes.len()), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn run_feeds_the_stores_and_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yml"), MULTI).unwrap();
+        let stores = Stores::new();
+        let task = tokio::spawn(
+            ManifestDir::new(dir.path().to_owned()).run(stores.clone(), Arc::new(Metrics::new())),
+        );
+        assert!(stores.wait_synced(Duration::from_secs(5)).await);
+        assert_eq!(stores.snapshot().services.len(), 1);
+        std::fs::remove_file(dir.path().join("a.yml")).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !stores.snapshot().services.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "deletion not seen within 2 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        task.abort();
+    }
+}

@@ -1,0 +1,143 @@
+//! Service lookup and backend selection shared by the socket hooks and the per-packet tc
+//! programs: one service/backend table, one selection algorithm.
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use twill_common::{
+    AffinityKey, AffinityValue, Backend, Reason, SCOPE_ANY, SVC_F_AFFINITY, SVC_F_LOCAL_ONLY,
+    ServiceKey, ServiceValue, SlotKey,
+};
+
+use crate::maps::{TWL_AFF_V1, TWL_BE_V1, TWL_NODEIP_V1, TWL_SLOT_V1, TWL_SVC_V1, count};
+
+/// How many slots are scanned to re-find a remembered affinity backend whose slot moved (the
+/// compiler renumbers slots when backends come and go). Beyond this the client is re-balanced,
+/// which is the only cost of a miss.
+const MAX_AFFINITY_SCAN: u32 = 128;
+const NSEC_PER_SEC: u64 = 1_000_000_000;
+
+/// Looks up `scope` first, then `SCOPE_ANY`.
+#[inline(always)]
+pub fn lookup_scoped(addr_be: u32, port_be: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
+    let mut key = ServiceKey {
+        addr_be,
+        port_be,
+        proto,
+        scope,
+    };
+    // SAFETY: the value is copied out before the next helper call.
+    if let Some(v) = unsafe { TWL_SVC_V1.get(key) } {
+        return Some(*v);
+    }
+    key.scope = SCOPE_ANY;
+    unsafe { TWL_SVC_V1.get(key) }.copied()
+}
+
+/// Whether `addr_be` is one of this node's NodePort addresses (`NODE_ADDRS`).
+#[inline(always)]
+pub fn is_node_addr(addr_be: u32) -> bool {
+    unsafe { TWL_NODEIP_V1.get(addr_be) }.is_some()
+}
+
+/// The Service frontend a destination stands for: the exact address first (ClusterIP, External
+/// IP, LoadBalancer IP), then NodePort (`addr 0`) when `nodeport_ok` says the destination is an
+/// address NodePort answers on.
+#[inline(always)]
+pub fn lookup_service(
+    addr_be: u32,
+    port_be: u16,
+    proto: u8,
+    scope: u8,
+    nodeport_ok: impl FnOnce(u32) -> bool,
+) -> Option<ServiceValue> {
+    if let Some(v) = lookup_scoped(addr_be, port_be, proto, scope) {
+        return Some(v);
+    }
+    if addr_be != 0 && nodeport_ok(addr_be) {
+        return lookup_scoped(0, port_be, proto, scope);
+    }
+    None
+}
+
+#[inline(always)]
+fn backend_at(svc_id: u32, slot: u32) -> Option<u32> {
+    unsafe { TWL_SLOT_V1.get(SlotKey { svc_id, slot }) }.copied()
+}
+
+/// Whether `backend_id` is still one of the Service's usable backends; returns its slot.
+#[inline(always)]
+fn find_slot(svc: &ServiceValue, backend_id: u32, hint: u32) -> Option<u32> {
+    let n = u32::from(svc.backend_count);
+    if hint < n && backend_at(svc.svc_id, hint) == Some(backend_id) {
+        return Some(hint);
+    }
+    let mut slot = 0;
+    while slot < MAX_AFFINITY_SCAN && slot < n {
+        if backend_at(svc.svc_id, slot) == Some(backend_id) {
+            return Some(slot);
+        }
+        slot += 1;
+    }
+    None
+}
+
+/// A uniformly random usable backend: (id, slot, backend).
+#[inline(always)]
+fn random_backend(svc: &ServiceValue) -> Result<(u32, u32, Backend), Reason> {
+    // SAFETY: helper without arguments.
+    let slot = unsafe { bpf_get_prandom_u32() } % u32::from(svc.backend_count);
+    let id = backend_at(svc.svc_id, slot).ok_or(Reason::BackendMissing)?;
+    let be = unsafe { TWL_BE_V1.get(id) }
+        .copied()
+        .ok_or(Reason::BackendMissing)?;
+    Ok((id, slot, be))
+}
+
+#[inline(always)]
+fn remember_affinity(key: &AffinityKey, backend_id: u32, slot: u32, now: u64) {
+    let value = AffinityValue {
+        backend_id,
+        slot_hint: slot,
+        last_used_ns: now,
+    };
+    if TWL_AFF_V1.insert(key, value, 0).is_err() {
+        // The connection still proceeds, only without stickiness.
+        count(Reason::AffinityMapFull);
+    }
+}
+
+/// Picks the backend for a new connection of `client_id` to `svc`: the remembered one under
+/// sessionAffinity while it is fresh (`affinity_timeout_s` since last use, like kube-proxy's
+/// `recent` match) and still one of the Service's backends; otherwise uniformly at random.
+#[inline(always)]
+pub fn select_backend(svc: &ServiceValue, client_id: u64) -> Result<(Backend, Reason), Reason> {
+    if svc.backend_count == 0 {
+        return Err(if svc.flags & SVC_F_LOCAL_ONLY != 0 {
+            Reason::NoLocalBackend
+        } else {
+            Reason::NoBackends
+        });
+    }
+    if svc.flags & SVC_F_AFFINITY == 0 {
+        let (_, _, be) = random_backend(svc)?;
+        return Ok((be, Reason::Translated));
+    }
+    let key = AffinityKey {
+        client_id,
+        svc_id: svc.svc_id,
+        _pad: 0,
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(svc.affinity_timeout_s) * NSEC_PER_SEC;
+    if let Some(old) = unsafe { TWL_AFF_V1.get(key) }.copied()
+        && now.saturating_sub(old.last_used_ns) <= timeout_ns
+        && let Some(slot) = find_slot(svc, old.backend_id, old.slot_hint)
+        && let Some(be) = unsafe { TWL_BE_V1.get(old.backend_id) }.copied()
+    {
+        remember_affinity(&key, old.backend_id, slot, now);
+        return Ok((be, Reason::AffinityHit));
+    }
+    // Expired, or the remembered backend left the Service: balance afresh and remember.
+    let (id, slot, be) = random_backend(svc)?;
+    remember_affinity(&key, id, slot, now);
+    Ok((be, Reason::Translated))
+}

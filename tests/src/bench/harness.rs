@@ -1,0 +1,924 @@
+//! The side-by-side run: one lab node per contender (same pods made by twill-cni, same load
+//! client and servers), only the Service translation differs. Measurements are interleaved by
+//! round so slow drifts of the machine hit every contender alike; ratios are taken per round
+//! against the direct path of the same round.
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::Ipv4Addr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Contender,
+    loadgen::{self, Probe, unix_ns},
+    rules::{self, BenchService},
+    stats::{self, Summary},
+};
+use crate::{Agent, Lab, Node, Pod, bin, run_cmd, spawn_and_wait_ready, wait_for};
+
+/// The Service every data-path round probes (the same address every round: see LAB.md on PAWS).
+pub const BENCH_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// Single-endpoint Service for iperf3 (its control and data connections must meet one server).
+pub const IPERF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+/// The last Service of every set: reachable only once the whole set is programmed.
+pub const SENTINEL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+const SERVER_PORT: u16 = 8080;
+const IPERF_PORT: u16 = 5201;
+const MANIFEST_PREFIX: &str = "bench-";
+
+/// What to run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchConfig {
+    pub contenders: Vec<Contender>,
+    /// Service counts for the connection-rate, latency and throughput runs.
+    pub sizes: Vec<usize>,
+    /// Service counts at which programming from scratch and adding one are timed.
+    pub program_sizes: Vec<usize>,
+    pub rounds: usize,
+    pub crr_duration: Duration,
+    pub crr_threads: usize,
+    pub warmup: Duration,
+    pub rr_rounds: usize,
+    pub rr_duration: Duration,
+    pub iperf_rounds: usize,
+    pub iperf_seconds: u32,
+    pub add_one_rounds: usize,
+    /// Bound for one programming step to become effective.
+    pub program_limit: Duration,
+    /// (Services, endpoints per Service) for the agent memory measurement.
+    pub rss_scale: Option<(usize, usize)>,
+    /// Wall-clock budget; phases that would start after it are skipped and noted.
+    #[serde(skip)]
+    pub budget: Duration,
+}
+
+impl BenchConfig {
+    /// The smallest run that exercises every code path (the smoke test).
+    pub fn smoke(contenders: Vec<Contender>) -> Self {
+        Self {
+            contenders,
+            sizes: vec![10],
+            program_sizes: vec![10],
+            rounds: 1,
+            crr_duration: Duration::from_millis(800),
+            crr_threads: 1,
+            warmup: Duration::from_millis(200),
+            rr_rounds: 1,
+            rr_duration: Duration::from_millis(300),
+            iperf_rounds: 1,
+            iperf_seconds: 1,
+            add_one_rounds: 1,
+            program_limit: Duration::from_secs(30),
+            rss_scale: None,
+            budget: Duration::from_mins(2),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cpus: usize,
+    pub mem_gib: f64,
+    pub kernel: String,
+    pub iptables: String,
+    pub nft: String,
+}
+
+/// One contender's per-round values for one metric at one Service count.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Series {
+    pub contender: String,
+    pub services: usize,
+    /// Per round; `None` where the round failed (the error is in `errors`).
+    pub rounds: Vec<Option<f64>>,
+    pub summary: Option<Summary>,
+    /// Per-round ratio to the direct path of the same round.
+    pub ratios: Vec<f64>,
+    pub ratio: Option<Summary>,
+    pub failures: u64,
+    /// Responses per backend id over all rounds (every backend must have some).
+    pub per_backend: BTreeMap<String, u64>,
+    pub errors: Vec<String>,
+}
+
+impl Series {
+    fn new(contender: Contender, services: usize) -> Self {
+        Self {
+            contender: contender.name().into(),
+            services,
+            rounds: Vec::new(),
+            summary: None,
+            ratios: Vec::new(),
+            ratio: None,
+            failures: 0,
+            per_backend: BTreeMap::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Whether every round produced a number with zero failures and every backend answered.
+    pub fn clean(&self, backends: usize) -> bool {
+        !self.rounds.is_empty()
+            && self.rounds.iter().all(Option::is_some)
+            && self.failures == 0
+            && self.errors.is_empty()
+            && (backends == 0
+                || (self.per_backend.len() >= backends
+                    && self.per_backend.values().all(|v| *v > 0)))
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Metric {
+    pub name: String,
+    pub unit: String,
+    pub higher_is_better: bool,
+    /// Backends each round must reach (0: not checked, e.g. one kept-alive connection).
+    pub backends: usize,
+    pub series: Vec<Series>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ControlPlane {
+    pub contender: String,
+    pub services: usize,
+    /// From an empty table to the first successful connection to the last Service.
+    pub from_scratch_ms: Option<f64>,
+    /// How long the programming command itself ran (restore / nft / manifest write).
+    pub command_ms: Option<f64>,
+    /// One more Service with `services` present, to its first successful connection.
+    pub add_one_ms: Vec<f64>,
+    pub add_one: Option<Summary>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentRss {
+    pub services: usize,
+    pub endpoints: usize,
+    pub rss_kib: u64,
+    pub programmed_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchResults {
+    pub started_unix_s: u64,
+    pub duration_s: f64,
+    pub machine: Machine,
+    pub config: BenchConfig,
+    pub filler_endpoints: usize,
+    /// Contenders that could not run, with the reason.
+    pub unavailable: BTreeMap<String, String>,
+    pub conn_rate: Metric,
+    pub rr_p50: Metric,
+    pub rr_p99: Metric,
+    pub throughput: Metric,
+    pub control_plane: Vec<ControlPlane>,
+    pub agent_rss: Option<AgentRss>,
+    /// Agent RSS after each data-path size was programmed (KiB), when Twill ran.
+    pub agent_rss_by_size: BTreeMap<usize, u64>,
+    /// CNI ADD+DEL results (filled by the caller; `Null` when not run).
+    pub cni: serde_json::Value,
+    /// Why the CNI benchmark did not run, when it did not.
+    pub cni_unavailable: Option<String>,
+    pub notes: Vec<String>,
+}
+
+/// One contender's node, pods and state.
+struct Setup<'a> {
+    contender: Contender,
+    node: &'a Node,
+    client: Pod,
+    backends: [Pod; 2],
+    agent: Option<Agent>,
+    /// Services currently programmed (for kube-proxy's add-one shape).
+    programmed: Vec<BenchService>,
+    unavailable: Option<String>,
+}
+
+fn machine() -> Machine {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split(':').nth(1))
+        })
+        .map_or_else(|| "unknown".into(), |s| s.trim().to_owned());
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let version = |prog: &str, arg: &str| {
+        run_cmd(std::process::Command::new(prog).arg(arg))
+            .map_or_else(|e| format!("unavailable: {e}"), |s| s.trim().to_owned())
+    };
+    Machine {
+        cpu,
+        cpus: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        mem_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        iptables: version("iptables", "-V"),
+        nft: version("nft", "-v"),
+    }
+}
+
+fn target(ip: Ipv4Addr, port: u16) -> String {
+    format!("{ip}:{port}")
+}
+
+fn sysctl(cmd: impl FnOnce(&[&str]) -> Result<String>, key: &str, value: &str) -> Result<()> {
+    cmd(&["sysctl", "-qw", &format!("{key}={value}")])
+        .map(|_| ())
+        .with_context(|| format!("sysctl {key}={value}"))
+}
+
+/// Runs `prog` in the node with `input` on stdin.
+fn run_with_input(node: &Node, prog: &[&str], input: &str) -> Result<()> {
+    let path = node.dir.join(format!("{MANIFEST_PREFIX}input.txt"));
+    fs::write(&path, input)?;
+    let (p, rest) = prog.split_first().ok_or_else(|| anyhow!("empty command"))?;
+    let mut cmd = node.cmd(p);
+    cmd.args(rest).stdin(Stdio::from(fs::File::open(&path)?));
+    run_cmd(&mut cmd).map(|_| ())
+}
+
+fn kib_rss(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
+}
+
+impl Setup<'_> {
+    fn name(&self) -> &'static str {
+        self.contender.name()
+    }
+
+    fn flush_conntrack(&self) -> Result<()> {
+        // conntrack exits 1 when the table is already empty on some versions; the flush is
+        // what matters, an empty table is fine.
+        let out = self.node.cmd("conntrack").arg("-F").output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !stderr.contains("emptied") {
+            bail!("conntrack -F in {}: {}", self.node.name, stderr.trim());
+        }
+        Ok(())
+    }
+
+    fn agent_log_tail(&self) -> String {
+        let log = self.agent.as_ref().map(Agent::log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    /// Address(es) the load goes to: the VIP, or for the direct path the backends themselves.
+    fn crr_targets(&self) -> Vec<String> {
+        if self.contender == Contender::Direct {
+            self.backends
+                .iter()
+                .map(|b| target(b.ip, SERVER_PORT))
+                .collect()
+        } else {
+            vec![target(BENCH_VIP, 80)]
+        }
+    }
+
+    fn rr_target(&self) -> String {
+        if self.contender == Contender::Direct {
+            target(self.backends[0].ip, SERVER_PORT)
+        } else {
+            target(BENCH_VIP, 80)
+        }
+    }
+
+    fn iperf_target(&self) -> Ipv4Addr {
+        if self.contender == Contender::Direct {
+            self.backends[0].ip
+        } else {
+            IPERF_VIP
+        }
+    }
+
+    fn clear(&mut self, lab: &Lab) -> Result<()> {
+        match self.contender {
+            Contender::Direct => {}
+            Contender::Iptables => {
+                run_with_input(self.node, &["iptables-restore"], &rules::iptables_empty())?;
+            }
+            Contender::IptablesLegacy => run_with_input(
+                self.node,
+                &["iptables-legacy-restore"],
+                &rules::iptables_empty(),
+            )?,
+            Contender::Nftables => {
+                run_with_input(self.node, &["nft", "-f", "-"], &rules::nft_empty())?;
+            }
+            Contender::Twill => {
+                for entry in fs::read_dir(lab.manifests_dir())? {
+                    let name = entry?.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(MANIFEST_PREFIX) {
+                        lab.delete_manifest(&name)?;
+                    }
+                }
+                if !self.programmed.is_empty() {
+                    // The agent must have withdrawn the old set before a from-scratch timing.
+                    let client = &self.client;
+                    wait_for(
+                        Duration::from_secs(30),
+                        "twill to withdraw the bench Services",
+                        || {
+                            let p = Probe::start(
+                                client,
+                                &target(SENTINEL_VIP, 80),
+                                Duration::from_millis(300),
+                            )?;
+                            Ok((!p.wait()?.ok).then_some(()))
+                        },
+                    )?;
+                }
+            }
+        }
+        self.programmed.clear();
+        Ok(())
+    }
+
+    /// Programs `services` from scratch; returns how long the programming command ran.
+    fn program_full(&mut self, lab: &Lab, services: &[BenchService]) -> Result<Duration> {
+        let t = Instant::now();
+        match self.contender {
+            Contender::Direct => {}
+            Contender::Iptables => run_with_input(
+                self.node,
+                &["iptables-restore"],
+                &rules::iptables_full(services),
+            )?,
+            Contender::IptablesLegacy => {
+                run_with_input(
+                    self.node,
+                    &["iptables-legacy-restore"],
+                    &rules::iptables_full(services),
+                )?;
+            }
+            Contender::Nftables => {
+                run_with_input(self.node, &["nft", "-f", "-"], &rules::nft_full(services))?;
+            }
+            Contender::Twill => lab.apply_manifest(
+                &format!("{MANIFEST_PREFIX}services.yaml"),
+                &rules::k8s_manifests(services),
+            )?,
+        }
+        let took = t.elapsed();
+        self.programmed = services.to_vec();
+        Ok(took)
+    }
+
+    fn program_add(&mut self, lab: &Lab, new: &BenchService) -> Result<Duration> {
+        let t = Instant::now();
+        match self.contender {
+            Contender::Direct => {}
+            Contender::Iptables => {
+                run_with_input(
+                    self.node,
+                    &["iptables-restore", "--noflush"],
+                    &rules::iptables_add_one(&self.programmed, new),
+                )?;
+            }
+            Contender::IptablesLegacy => run_with_input(
+                self.node,
+                &["iptables-legacy-restore", "--noflush"],
+                &rules::iptables_add_one(&self.programmed, new),
+            )?,
+            Contender::Nftables => {
+                run_with_input(self.node, &["nft", "-f", "-"], &rules::nft_add_one(new))?;
+            }
+            Contender::Twill => {
+                lab.apply_manifest(
+                    &format!("{MANIFEST_PREFIX}added-{}.yaml", new.name),
+                    &rules::k8s_manifests(std::slice::from_ref(new)),
+                )?;
+            }
+        }
+        let took = t.elapsed();
+        self.programmed.push(new.clone());
+        Ok(took)
+    }
+
+    /// Runs `program`, timing it to the first successful exchange with `probe_target`.
+    fn timed_to_first_connection(
+        &mut self,
+        lab: &Lab,
+        probe_target: &str,
+        limit: Duration,
+        program: impl FnOnce(&mut Self, &Lab) -> Result<Duration>,
+    ) -> Result<(f64, f64)> {
+        self.flush_conntrack()?;
+        let probe = Probe::start(&self.client, probe_target, limit)?;
+        let t0 = unix_ns();
+        let command = program(self, lab)?;
+        let report = probe.wait()?;
+        if !report.ok {
+            bail!(
+                "{probe_target} not reachable within {limit:?} after programming ({} attempts, last error: {})",
+                report.attempts,
+                report.last_error.unwrap_or_default()
+            );
+        }
+        #[expect(clippy::cast_precision_loss, reason = "nanosecond spans of seconds")]
+        let ms = report.success_unix_ns.saturating_sub(t0) as f64 / 1e6;
+        Ok((ms, command.as_secs_f64() * 1e3))
+    }
+}
+
+fn backend_set(backends: &[Pod; 2]) -> Vec<Ipv4Addr> {
+    backends.iter().map(|b| b.ip).collect()
+}
+
+/// The Service set of a data-path run with `n` Services: the probed Service in the middle of
+/// the dispatch order (kube-proxy's iptables chain is scanned linearly, the middle is the
+/// average), the iperf Service next to it, the sentinel last.
+fn data_set(n: usize, backends: &[Pod; 2], filler_endpoints: usize) -> Vec<BenchService> {
+    let eps = backend_set(backends);
+    rules::service_set(
+        n,
+        filler_endpoints,
+        &[
+            (
+                n / 2,
+                BenchService::new("bench", BENCH_VIP, 80, SERVER_PORT, eps.clone()),
+            ),
+            (
+                n / 2 + 1,
+                BenchService::new(
+                    "bench-iperf",
+                    IPERF_VIP,
+                    IPERF_PORT,
+                    IPERF_PORT,
+                    vec![backends[0].ip],
+                ),
+            ),
+            (
+                n,
+                BenchService::new("bench-sentinel", SENTINEL_VIP, 80, SERVER_PORT, eps),
+            ),
+        ],
+    )
+}
+
+fn added_service(round: usize, backends: &[Pod; 2]) -> BenchService {
+    let last = u8::try_from(round % 250 + 1).unwrap_or(1);
+    BenchService::new(
+        &format!("bench-added-{round}"),
+        Ipv4Addr::new(10, 96, 1, last),
+        80,
+        SERVER_PORT,
+        backend_set(backends),
+    )
+}
+
+/// A running side-by-side benchmark.
+pub struct Bench<'a> {
+    lab: &'a Lab,
+    cfg: BenchConfig,
+    setups: Vec<Setup<'a>>,
+    started: Instant,
+    results: BenchResults,
+}
+
+impl<'a> Bench<'a> {
+    /// Builds each contender's node: sysctls, pods through twill-cni, servers, and for Twill
+    /// its agent. A contender whose setup fails is recorded as unavailable.
+    pub fn new(lab: &'a Lab, cfg: BenchConfig) -> Result<Self> {
+        let started = Instant::now();
+        let metric = |name: &str, unit: &str, higher: bool, backends: usize| Metric {
+            name: name.into(),
+            unit: unit.into(),
+            higher_is_better: higher,
+            backends,
+            series: Vec::new(),
+        };
+        let mut results = BenchResults {
+            started_unix_s: u64::try_from(unix_ns() / 1_000_000_000).unwrap_or(0),
+            duration_s: 0.0,
+            machine: machine(),
+            config: cfg.clone(),
+            filler_endpoints: rules::FILLER_ENDPOINTS,
+            unavailable: BTreeMap::new(),
+            conn_rate: metric("connection rate", "conn/s", true, 2),
+            rr_p50: metric("request/response latency p50", "µs", false, 0),
+            rr_p99: metric("request/response latency p99", "µs", false, 0),
+            throughput: metric("bulk throughput", "Gbit/s", true, 0),
+            control_plane: Vec::new(),
+            agent_rss: None,
+            agent_rss_by_size: BTreeMap::new(),
+            cni: serde_json::Value::Null,
+            cni_unavailable: None,
+            notes: Vec::new(),
+        };
+        if lab.nodes.len() < cfg.contenders.len() {
+            bail!(
+                "the lab has {} nodes for {} contenders",
+                lab.nodes.len(),
+                cfg.contenders.len()
+            );
+        }
+        let mut setups = Vec::new();
+        for (i, &contender) in cfg.contenders.iter().enumerate() {
+            let node = lab.node(i);
+            match Self::setup(lab, node, contender) {
+                Ok(s) => setups.push(s),
+                Err(e) if contender == Contender::Twill => {
+                    results
+                        .unavailable
+                        .insert(contender.name().into(), format!("{e:#}"));
+                }
+                Err(e) => {
+                    return Err(e.context(format!("setting up the {} contender", contender.name())));
+                }
+            }
+        }
+        Ok(Self {
+            lab,
+            cfg,
+            setups,
+            started,
+            results,
+        })
+    }
+
+    fn setup(lab: &'a Lab, node: &'a Node, contender: Contender) -> Result<Setup<'a>> {
+        // NAT benchmarks on this machine collapse when client ports meet old conntrack entries
+        // in TIME_WAIT (LAB.md "Benchmark pitfalls"); and the probe needs ICMP errors for
+        // unroutable VIPs at once, not rate-limited to one a second.
+        sysctl(
+            |a| node.run(a),
+            "net.netfilter.nf_conntrack_tcp_timeout_time_wait",
+            "1",
+        )?;
+        sysctl(|a| node.run(a), "net.ipv4.icmp_ratemask", "0")?;
+        let client = node
+            .add_pod("client")
+            .context("creating the client pod with twill-cni")?;
+        let backends = [node.add_pod("be-a")?, node.add_pod("be-b")?];
+        for pod in std::iter::once(&client).chain(&backends) {
+            // Client ports are reused quickly under load: allow reuse of TIME_WAIT ports.
+            sysctl(|a| pod.run(a), "net.ipv4.tcp_tw_reuse", "1")?;
+            sysctl(|a| pod.run(a), "net.ipv4.ip_local_port_range", "1024 65000")?;
+        }
+        for (pod, id) in backends.iter().zip(["a", "b"]) {
+            let mut cmd = pod.cmd(bin("loadgen"));
+            cmd.args(["serve", "--port", &SERVER_PORT.to_string(), "--id", id]);
+            lab.track(spawn_and_wait_ready(cmd)?);
+        }
+        let mut iperf = backends[0].cmd("iperf3");
+        iperf
+            .args(["-s", "-p", &IPERF_PORT.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        lab.track(iperf.spawn().context("spawning iperf3 -s")?);
+        wait_for(Duration::from_secs(10), "iperf3 to listen", || {
+            Ok(backends[0]
+                .run(&["ss", "-Htln"])?
+                .contains(&format!(":{IPERF_PORT}"))
+                .then_some(()))
+        })?;
+        let agent = if contender == Contender::Twill {
+            let mut agent = node.start_agent(&[])?;
+            std::thread::sleep(Duration::from_millis(300));
+            if !agent.is_running() {
+                let log = agent.log();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+                bail!(
+                    "twill-agent exited within 300 ms of its start (log: {})",
+                    if tail.is_empty() { "empty" } else { &tail }
+                );
+            }
+            Some(agent)
+        } else {
+            None
+        };
+        Ok(Setup {
+            contender,
+            node,
+            client,
+            backends,
+            agent,
+            programmed: Vec::new(),
+            unavailable: None,
+        })
+    }
+
+    fn over_budget(&mut self, what: &str) -> bool {
+        if self.started.elapsed() > self.cfg.budget {
+            self.results.notes.push(format!(
+                "time budget {:?} reached: skipped {what}",
+                self.cfg.budget
+            ));
+            true
+        } else {
+            false
+        }
+    }
+
+    fn mark_unavailable(&mut self, idx: usize, reason: String) {
+        let s = &mut self.setups[idx];
+        let reason = if s.contender == Contender::Twill {
+            format!("{reason} (agent log: {})", s.agent_log_tail())
+        } else {
+            reason
+        };
+        self.results
+            .unavailable
+            .insert(s.name().into(), reason.clone());
+        s.unavailable = Some(reason);
+    }
+
+    fn active(&self) -> Vec<usize> {
+        (0..self.setups.len())
+            .filter(|&i| self.setups[i].unavailable.is_none())
+            .collect()
+    }
+
+    /// Runs everything the config asks for and returns the results.
+    pub fn run(mut self) -> Result<BenchResults> {
+        let sizes = self.cfg.sizes.clone();
+        let mut all_sizes: Vec<usize> = sizes
+            .iter()
+            .chain(&self.cfg.program_sizes)
+            .copied()
+            .collect();
+        all_sizes.sort_unstable();
+        all_sizes.dedup();
+        for n in all_sizes {
+            if self.over_budget(&format!("N={n} and larger")) {
+                break;
+            }
+            self.program_size(n)?;
+            if sizes.contains(&n) {
+                self.data_path(n)?;
+            }
+        }
+        if let Some((services, endpoints)) = self.cfg.rss_scale
+            && !self.over_budget("the agent memory measurement")
+        {
+            self.agent_rss(services, endpoints)?;
+        }
+        self.results.duration_s = self.started.elapsed().as_secs_f64();
+        Ok(self.results)
+    }
+
+    /// Programs every contender with `n` Services from scratch (timed when `n` is a program
+    /// size), then times adding single Services.
+    fn program_size(&mut self, n: usize) -> Result<()> {
+        let timed = self.cfg.program_sizes.contains(&n);
+        let limit = self.cfg.program_limit;
+        for idx in self.active() {
+            let lab = self.lab;
+            let s = &mut self.setups[idx];
+            if s.contender == Contender::Direct {
+                continue;
+            }
+            let set = data_set(n, &s.backends, rules::FILLER_ENDPOINTS);
+            let mut cp = ControlPlane {
+                contender: s.name().into(),
+                services: n,
+                from_scratch_ms: None,
+                command_ms: None,
+                add_one_ms: Vec::new(),
+                add_one: None,
+                errors: Vec::new(),
+            };
+            let outcome = s.clear(lab).and_then(|()| {
+                s.timed_to_first_connection(lab, &target(SENTINEL_VIP, 80), limit, |s, lab| {
+                    s.program_full(lab, &set)
+                })
+            });
+            match outcome {
+                Ok((ms, cmd_ms)) => {
+                    cp.from_scratch_ms = Some(ms);
+                    cp.command_ms = Some(cmd_ms);
+                }
+                Err(e) => {
+                    let reason = format!("programming {n} Services: {e:#}");
+                    if s.contender != Contender::Twill {
+                        return Err(anyhow!(reason));
+                    }
+                    self.mark_unavailable(idx, reason);
+                    continue;
+                }
+            }
+            if timed {
+                for r in 0..self.cfg.add_one_rounds {
+                    let new = added_service(r, &s.backends);
+                    let to = target(new.vip, 80);
+                    match s.timed_to_first_connection(lab, &to, limit, |s, lab| {
+                        s.program_add(lab, &new)
+                    }) {
+                        Ok((ms, _)) => cp.add_one_ms.push(ms),
+                        Err(e) => cp.errors.push(format!("adding {}: {e:#}", new.name)),
+                    }
+                }
+                cp.add_one = stats::summarize(&cp.add_one_ms);
+                self.results.control_plane.push(cp);
+            }
+            let s = &self.setups[idx];
+            if let Some(pid) = s.agent.as_ref().and_then(Agent::pid)
+                && let Ok(kib) = kib_rss(pid)
+            {
+                self.results.agent_rss_by_size.insert(n, kib);
+            }
+        }
+        Ok(())
+    }
+
+    /// Rounds of one measurement over every active contender, interleaved and rotated.
+    fn rounds<F>(&mut self, rounds: usize, n: usize, mut measure: F) -> Vec<Series>
+    where
+        F: FnMut(&Setup<'_>) -> Result<(f64, u64, BTreeMap<String, u64>)>,
+    {
+        let active = self.active();
+        let mut series: Vec<Series> = active
+            .iter()
+            .map(|&i| Series::new(self.setups[i].contender, n))
+            .collect();
+        for r in 0..rounds {
+            for k in 0..active.len() {
+                let slot = (k + r) % active.len();
+                let s = &self.setups[active[slot]];
+                let out = s.flush_conntrack().and_then(|()| measure(s));
+                let se = &mut series[slot];
+                match out {
+                    Ok((v, failures, per_backend)) => {
+                        se.rounds.push(Some(v));
+                        se.failures += failures;
+                        for (b, c) in per_backend {
+                            *se.per_backend.entry(b).or_default() += c;
+                        }
+                    }
+                    Err(e) => {
+                        se.rounds.push(None);
+                        se.errors.push(format!("round {r}: {e:#}"));
+                    }
+                }
+            }
+        }
+        let direct = series
+            .iter()
+            .find(|s| s.contender == Contender::Direct.name())
+            .map(|s| s.rounds.clone());
+        for se in &mut series {
+            let values: Vec<f64> = se.rounds.iter().flatten().copied().collect();
+            se.summary = stats::summarize(&values);
+            if let Some(d) = &direct {
+                se.ratios = stats::ratios(&se.rounds, d);
+                se.ratio = stats::summarize(&se.ratios);
+            }
+        }
+        series
+    }
+
+    fn data_path(&mut self, n: usize) -> Result<()> {
+        let (threads, crr_d, warm) = (self.cfg.crr_threads, self.cfg.crr_duration, self.cfg.warmup);
+        // Warm-up (not recorded): caches, conntrack zones, the pods' first ARP/neighbour entries.
+        for idx in self.active() {
+            let s = &self.setups[idx];
+            if let Err(e) = s
+                .flush_conntrack()
+                .and_then(|()| loadgen::crr(&s.client, &s.crr_targets(), warm, threads))
+            {
+                if s.contender == Contender::Twill {
+                    self.mark_unavailable(idx, format!("warm-up at N={n}: {e:#}"));
+                } else {
+                    return Err(e.context(format!("warm-up of {} at N={n}", s.name())));
+                }
+            }
+        }
+        let series = self.rounds(self.cfg.rounds, n, |s| {
+            let r = loadgen::crr(&s.client, &s.crr_targets(), crr_d, threads)?;
+            if let Some(e) = &r.first_error {
+                eprintln!("  {} N={n}: {} failures, first: {e}", s.name(), r.failures);
+            }
+            Ok((r.rate, r.failures, r.per_backend))
+        });
+        for se in &series {
+            eprintln!(
+                "  conn rate N={n} {:<16} median {:>9.0} conn/s  ratio {}",
+                se.contender,
+                se.summary.map_or(f64::NAN, |s| s.median),
+                se.ratio
+                    .map_or_else(|| "-".into(), |r| format!("{:.3}", r.median))
+            );
+        }
+        self.results.conn_rate.series.extend(series);
+        if self.over_budget(&format!("latency and throughput at N={n}")) {
+            return Ok(());
+        }
+        let rr_d = self.cfg.rr_duration;
+        let mut p99: BTreeMap<(String, usize), Vec<Option<f64>>> = BTreeMap::new();
+        let series = self.rounds(self.cfg.rr_rounds, n, |s| {
+            let r = loadgen::rr(&s.client, &s.rr_target(), rr_d)?;
+            if let Some(e) = &r.first_error {
+                bail!("{e}");
+            }
+            p99.entry((s.name().into(), n))
+                .or_default()
+                .push(Some(r.p99_us));
+            Ok((r.p50_us, r.failures, r.per_backend))
+        });
+        // p99 shares the rounds of p50; its ratios are computed the same way.
+        let direct99 = p99.get(&(Contender::Direct.name().into(), n)).cloned();
+        for se in &series {
+            let mut s99 = Series::new(Contender::Direct, n);
+            s99.contender.clone_from(&se.contender);
+            s99.rounds = p99
+                .get(&(se.contender.clone(), n))
+                .cloned()
+                .unwrap_or_default();
+            s99.failures = se.failures;
+            s99.errors.clone_from(&se.errors);
+            let values: Vec<f64> = s99.rounds.iter().flatten().copied().collect();
+            s99.summary = stats::summarize(&values);
+            if let Some(d) = &direct99 {
+                s99.ratios = stats::ratios(&s99.rounds, d);
+                s99.ratio = stats::summarize(&s99.ratios);
+            }
+            self.results.rr_p99.series.push(s99);
+        }
+        self.results.rr_p50.series.extend(series);
+        let secs = self.cfg.iperf_seconds;
+        let series = self.rounds(self.cfg.iperf_rounds, n, |s| {
+            let out = s.client.run(&[
+                "iperf3",
+                "-c",
+                &s.iperf_target().to_string(),
+                "-p",
+                &IPERF_PORT.to_string(),
+                "-t",
+                &secs.to_string(),
+                "-J",
+            ])?;
+            let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+            let bps = v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .ok_or_else(|| anyhow!("iperf3 output without end.sum_received.bits_per_second"))?;
+            Ok((bps / 1e9, 0, BTreeMap::new()))
+        });
+        self.results.throughput.series.extend(series);
+        Ok(())
+    }
+
+    /// Twill's agent RSS with `services` Services of `endpoints` endpoints each.
+    fn agent_rss(&mut self, services: usize, endpoints: usize) -> Result<()> {
+        let Some(idx) = self
+            .active()
+            .into_iter()
+            .find(|&i| self.setups[i].contender == Contender::Twill)
+        else {
+            return Ok(());
+        };
+        let lab = self.lab;
+        let limit = self.cfg.program_limit;
+        let s = &mut self.setups[idx];
+        let set = data_set(services, &s.backends, endpoints);
+        let outcome = s.clear(lab).and_then(|()| {
+            s.timed_to_first_connection(lab, &target(SENTINEL_VIP, 80), limit, |s, lab| {
+                s.program_full(lab, &set)
+            })
+        });
+        match outcome {
+            Ok((ms, _)) => {
+                let pid = s
+                    .agent
+                    .as_ref()
+                    .and_then(Agent::pid)
+                    .ok_or_else(|| anyhow!("agent has no pid"))?;
+                let rss_kib = kib_rss(pid)?;
+                self.results.agent_rss = Some(AgentRss {
+                    services,
+                    endpoints: services * endpoints,
+                    rss_kib,
+                    programmed_ms: ms,
+                });
+            }
+            Err(e) => self
+                .results
+                .notes
+                .push(format!("agent RSS at {services} Services: {e:#}")),
+        }
+        Ok(())
+    }
+}

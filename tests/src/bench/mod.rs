@@ -1,0 +1,48 @@
+//! The side-by-side benchmark of issue 6 (`cargo xtask bench`): Twill against kube-proxy-shaped
+//! iptables and nftables rules and the direct pod-to-pod path, in one lab, as ratios.
+//!
+//! The pieces are here (not in xtask) so the smoke test `tests/tests/bench_smoke.rs` runs the
+//! same code path as the full benchmark.
+pub mod harness;
+pub mod loadgen;
+pub mod report;
+pub mod rules;
+pub mod stats;
+
+use serde::{Deserialize, Serialize};
+
+/// A Service translation under test. Each runs in its own lab node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Contender {
+    /// The client connects to the backend pods' addresses: the physical limit of the box.
+    Direct,
+    /// kube-proxy iptables mode, loaded with the default `iptables-restore` (nf_tables backend
+    /// on Debian 12).
+    Iptables,
+    /// The same rules through the legacy (x_tables) backend.
+    IptablesLegacy,
+    /// kube-proxy nftables mode, loaded with `nft -f`.
+    Nftables,
+    /// `twill-agent run` with the Services as manifests (socket-level load balancing).
+    Twill,
+}
+
+impl Contender {
+    pub const ALL: [Contender; 5] = [
+        Contender::Direct,
+        Contender::Iptables,
+        Contender::IptablesLegacy,
+        Contender::Nftables,
+        Contender::Twill,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct",
+            Contender::Iptables => "iptables",
+            Contender::IptablesLegacy => "iptables-legacy",
+            Contender::Nftables => "nftables",
+            Contender::Twill => "twill",
+        }
+    }
+}

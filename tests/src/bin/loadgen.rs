@@ -1,0 +1,325 @@
+//! `loadgen`: the benchmark's load client and server, run inside lab pods.
+//!
+//! ```text
+//! loadgen serve --port P --id C [--threads 4] [--max-seconds 3600]
+//!     answers every 1-byte request with the byte C (the backend id), until the peer closes
+//! loadgen crr --to IP:PORT[,IP:PORT..] --duration-ms D [--threads T]
+//!     connect, 1-byte request, 1-byte response, close; repeated until D passes
+//! loadgen rr --to IP:PORT --duration-ms D
+//!     1-byte request/response on one kept-alive connection; p50/p99 latency
+//! loadgen probe --to IP:PORT --limit-ms L
+//!     prints `ready`, then retries request/response until the first success (or L passes)
+//! ```
+//! Every mode prints one JSON line (see `twill_lab::bench::loadgen`) and is bounded in time.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use twill_lab::bench::loadgen::{CrrReport, ProbeReport, RrReport, unix_ns};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const IO_TIMEOUT: Duration = Duration::from_secs(1);
+
+struct Args(Vec<String>);
+
+impl Args {
+    fn get(&self, flag: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .position(|a| a == flag)
+            .and_then(|i| self.0.get(i + 1))
+            .map(String::as_str)
+    }
+    fn req(&self, flag: &str) -> Result<&str> {
+        self.get(flag).ok_or_else(|| anyhow!("missing {flag}"))
+    }
+    fn num<T: std::str::FromStr>(&self, flag: &str, default: T) -> Result<T> {
+        self.get(flag).map_or(Ok(default), |v| {
+            v.parse().map_err(|_| anyhow!("{flag}: not a number: {v}"))
+        })
+    }
+}
+
+fn addrs(list: &str) -> Result<Vec<SocketAddr>> {
+    list.split(',')
+        .map(|a| a.parse().with_context(|| format!("bad address {a}")))
+        .collect()
+}
+
+/// One request/response on `s`; returns the response byte.
+fn exchange(s: &mut TcpStream) -> std::io::Result<u8> {
+    s.write_all(b"x")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)?;
+    Ok(b[0])
+}
+
+fn connect(to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&to, timeout)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(s)
+}
+
+fn serve(args: &Args) -> Result<()> {
+    let port: u16 = args.num("--port", 0)?;
+    let id = args
+        .req("--id")?
+        .bytes()
+        .next()
+        .ok_or_else(|| anyhow!("--id must not be empty"))?;
+    let threads: usize = args.num("--threads", 4)?;
+    let max = Duration::from_secs(args.num("--max-seconds", 3600)?);
+    let listener =
+        TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding port {port}"))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    for _ in 0..threads {
+        let l = listener.try_clone()?;
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let _ = s.set_nodelay(true);
+                let mut b = [0u8; 1];
+                // Serve until the client closes; a kept-alive (rr) connection holds this
+                // thread, which is why there are several.
+                while matches!(s.read(&mut b), Ok(1)) {
+                    if s.write_all(&[id]).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    // The server is killed by the lab's teardown; this bound is the backstop.
+    std::thread::sleep(max);
+    Ok(())
+}
+
+fn crr(args: &Args) -> Result<CrrReport> {
+    let targets = addrs(args.req("--to")?)?;
+    let duration = Duration::from_millis(args.num("--duration-ms", 1000)?);
+    let threads: usize = args.num("--threads", 2)?;
+    let total = Arc::new(Mutex::new(CrrReport::default()));
+    let start = Instant::now();
+    let deadline = start + duration;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let targets = targets.clone();
+            let total = Arc::clone(&total);
+            std::thread::spawn(move || {
+                let mut mine = CrrReport::default();
+                let mut k = t;
+                while Instant::now() < deadline {
+                    let to = targets[k % targets.len()];
+                    k += 1;
+                    match connect(to, CONNECT_TIMEOUT).and_then(|mut s| exchange(&mut s)) {
+                        Ok(b) => {
+                            mine.connections += 1;
+                            *mine
+                                .per_backend
+                                .entry(char::from(b).to_string())
+                                .or_default() += 1;
+                        }
+                        Err(e) => {
+                            mine.failures += 1;
+                            mine.first_error.get_or_insert_with(|| format!("{to}: {e}"));
+                        }
+                    }
+                }
+                let mut tot = total
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                tot.connections += mine.connections;
+                tot.failures += mine.failures;
+                for (k, v) in mine.per_backend {
+                    *tot.per_backend.entry(k).or_default() += v;
+                }
+                if tot.first_error.is_none() {
+                    tot.first_error = mine.first_error;
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| anyhow!("crr thread panicked"))?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut report = std::mem::take(
+        &mut *total
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    report.elapsed_s = elapsed;
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "connection counts are far below 2^52"
+    )]
+    let rate = report.connections as f64 / elapsed;
+    report.rate = rate;
+    Ok(report)
+}
+
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    #[expect(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "index of a small slice"
+    )]
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "nanosecond latencies are far below 2^52"
+    )]
+    let ns = sorted[i] as f64;
+    ns / 1000.0
+}
+
+fn rr(args: &Args) -> Result<RrReport> {
+    let to: SocketAddr = args.req("--to")?.parse()?;
+    let duration = Duration::from_millis(args.num("--duration-ms", 1000)?);
+    let mut report = RrReport::default();
+    let mut s = connect(to, CONNECT_TIMEOUT).with_context(|| format!("connecting to {to}"))?;
+    // Warm-up: the first exchanges pay for cold caches and the conntrack entry's creation.
+    for _ in 0..100 {
+        exchange(&mut s)?;
+    }
+    let mut lat: Vec<u64> = Vec::with_capacity(200_000);
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        match exchange(&mut s) {
+            Ok(b) => {
+                lat.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                *report
+                    .per_backend
+                    .entry(char::from(b).to_string())
+                    .or_default() += 1;
+            }
+            Err(e) => {
+                report.failures += 1;
+                report.first_error = Some(format!("{to}: {e}"));
+                break;
+            }
+        }
+    }
+    lat.sort_unstable();
+    report.requests = lat.len() as u64;
+    report.p50_us = percentile(&lat, 0.50);
+    report.p99_us = percentile(&lat, 0.99);
+    Ok(report)
+}
+
+/// Staggered workers of the probe, and how long each attempt may wait for an answer.
+const PROBE_WORKERS: u32 = 10;
+const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(10);
+
+fn probe(args: &Args) -> Result<ProbeReport> {
+    let to: SocketAddr = args.req("--to")?.parse()?;
+    let limit = Duration::from_millis(args.num("--limit-ms", 60_000)?);
+    println!("ready");
+    std::io::stdout().flush()?;
+    let deadline = Instant::now() + limit;
+    // A SYN to a VIP that is not programmed yet is forwarded to nowhere: the node's ICMP
+    // "unreachable" answers are rate-limited by the kernel (route.c ip_error(): a burst of 5,
+    // then 1/s per source, a global sysctl a lab must not touch), so most attempts get no
+    // answer at all and can only time out. Staggered workers with short timeouts keep the
+    // resolution at PROBE_ATTEMPT_TIMEOUT / PROBE_WORKERS (1 ms) anyway.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let report = Arc::new(Mutex::new(ProbeReport::default()));
+    let handles: Vec<_> = (0..PROBE_WORKERS)
+        .map(|w| {
+            let (done, report) = (Arc::clone(&done), Arc::clone(&report));
+            std::thread::spawn(move || {
+                std::thread::sleep(PROBE_ATTEMPT_TIMEOUT / PROBE_WORKERS * w);
+                while !done.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
+                {
+                    let outcome =
+                        connect(to, PROBE_ATTEMPT_TIMEOUT).and_then(|mut s| exchange(&mut s));
+                    let at = unix_ns();
+                    let mut r = report
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    r.attempts += 1;
+                    match outcome {
+                        Ok(_) => {
+                            if !r.ok || at < r.success_unix_ns {
+                                r.success_unix_ns = at;
+                            }
+                            r.ok = true;
+                            done.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            r.last_error = Some(e.to_string());
+                            if e.kind() == std::io::ErrorKind::TimedOut {
+                                r.timeouts += 1;
+                            } else {
+                                // An immediate error (ICMP unreachable, refused): pause so
+                                // the loop does not spin.
+                                drop(r);
+                                std::thread::sleep(Duration::from_micros(500));
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| anyhow!("probe worker panicked"))?;
+    }
+    let r = report
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    Ok(r)
+}
+
+fn main() -> ExitCode {
+    let cli: Vec<String> = std::env::args().skip(1).collect();
+    let Some((mode, rest)) = cli.split_first() else {
+        eprintln!("usage: loadgen serve|crr|rr|probe [flags]");
+        return ExitCode::from(64);
+    };
+    let args = Args(rest.to_vec());
+    let out = match mode.as_str() {
+        "serve" => serve(&args).map(|()| String::new()),
+        "crr" => crr(&args).and_then(|r| Ok(serde_json::to_string(&r)?)),
+        "rr" => rr(&args).and_then(|r| Ok(serde_json::to_string(&r)?)),
+        "probe" => probe(&args).and_then(|r| Ok(serde_json::to_string(&r)?)),
+        other => Err(anyhow!("unknown mode {other}")),
+    };
+    match out {
+        Ok(s) => {
+            if !s.is_empty() {
+                println!("{s}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percentile_picks_the_nearest_rank() {
+        let v: Vec<u64> = (1..=100).map(|i| i * 1000).collect();
+        assert!((super::percentile(&v, 0.5) - 51.0).abs() < 1e-9);
+        assert!((super::percentile(&v, 0.99) - 99.0).abs() < 1e-9);
+        assert!(super::percentile(&[], 0.5).abs() < f64::EPSILON);
+    }
+}

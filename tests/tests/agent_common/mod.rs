@@ -1,0 +1,293 @@
+//! Helpers of the agent e2e tests: Service/EndpointSlice manifests and bounded polling.
+#![allow(dead_code, reason = "each test file uses a different subset")]
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use twill_lab::{Lab, Node, Pod};
+
+/// One Service port: (name, port, targetPort, protocol).
+pub type PortSpec<'a> = (&'a str, u16, u16, &'a str);
+
+/// A ClusterIP Service manifest. `extra_spec` is YAML appended inside `spec:` (2-space indent),
+/// `labels` inside `metadata.labels`.
+pub fn service(
+    name: &str,
+    ip: Ipv4Addr,
+    ports: &[PortSpec<'_>],
+    extra_spec: &str,
+    labels: &[(&str, &str)],
+) -> String {
+    let mut y =
+        format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n");
+    if !labels.is_empty() {
+        y.push_str("  labels:\n");
+        for (k, v) in labels {
+            let _ = writeln!(y, "    {k}: \"{v}\"");
+        }
+    }
+    let _ = writeln!(
+        y,
+        "spec:\n  type: ClusterIP\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ports:"
+    );
+    for (pname, port, target, proto) in ports {
+        let _ = writeln!(
+            y,
+            "  - name: \"{pname}\"\n    port: {port}\n    targetPort: {target}\n    protocol: {proto}"
+        );
+    }
+    y.push_str(extra_spec);
+    y
+}
+
+/// One endpoint: (address, node name, ready, serving, terminating).
+pub type Ep<'a> = (Ipv4Addr, &'a str, bool, bool, bool);
+
+/// Ready endpoint on `node`.
+pub fn ready(ip: Ipv4Addr, node: &str) -> Ep<'_> {
+    (ip, node, true, true, false)
+}
+
+/// An EndpointSlice of Service `svc`; ports: (name, port, protocol).
+pub fn slice(svc: &str, name: &str, eps: &[Ep<'_>], ports: &[(&str, u16, &str)]) -> String {
+    let mut y = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  \
+         labels:\n    kubernetes.io/service-name: {svc}\naddressType: IPv4\nendpoints:\n"
+    );
+    if eps.is_empty() {
+        y = y.replace("endpoints:\n", "endpoints: []\n");
+    }
+    for (ip, node, r, s, t) in eps {
+        let _ = writeln!(
+            y,
+            "- addresses: [\"{ip}\"]\n  nodeName: {node}\n  conditions: {{ready: {r}, serving: {s}, terminating: {t}}}"
+        );
+    }
+    y.push_str("ports:\n");
+    for (pname, port, proto) in ports {
+        let _ = writeln!(
+            y,
+            "- name: \"{pname}\"\n  port: {port}\n  protocol: {proto}"
+        );
+    }
+    y
+}
+
+/// Polls `f` every 50 ms until it returns `Ok(true)`, at most `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match f() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `labtool tcp --to addr` from `pod`: (exit code, output).
+pub fn tcp(pod: &Pod, to: &str) -> Result<(i32, String)> {
+    pod.labtool(&["tcp", "--to", to, "--timeout-ms", "1000"])
+}
+
+/// `labtool udp --to addr` from `pod`.
+pub fn udp(pod: &Pod, to: &str, connected: bool) -> Result<(i32, String)> {
+    let mut args = vec!["udp", "--to", to, "--timeout-ms", "1000"];
+    if connected {
+        args.push("--connected");
+    }
+    pod.labtool(&args)
+}
+
+/// The backend name in a labtool reply (`reply=<name> ...`).
+pub fn replier(out: &str) -> Option<String> {
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix("reply="))
+        .map(str::to_owned)
+}
+
+/// Waits until a TCP request from `pod` to `to` is answered by `name`.
+pub fn wait_tcp_reply(pod: &Pod, to: &str, name: &str) -> Result<()> {
+    wait_for(
+        &format!("{to} answered by {name}"),
+        Duration::from_secs(10),
+        || {
+            let (code, out) = tcp(pod, to)?;
+            Ok(code == 0 && replier(&out).as_deref() == Some(name))
+        },
+    )
+}
+
+/// Waits until a TCP connection from `pod` to `to` is refused (exit code 2).
+pub fn wait_tcp_refused(pod: &Pod, to: &str) -> Result<()> {
+    wait_for(&format!("{to} refused"), Duration::from_secs(20), || {
+        Ok(tcp(pod, to)?.0 == 2)
+    })
+}
+
+/// `twill-agent run` in a node's network namespace and cgroup.
+///
+/// Started with `nsenter --net` rather than the lab's `ip netns exec`: the latter remounts
+/// `/sys` in a private mount namespace, which hides the cgroup2 and bpffs mounts under
+/// `/sys/fs` that the agent attaches to and pins in.
+pub struct AgentProc {
+    child: Option<std::process::Child>,
+    args: Vec<String>,
+    netns: String,
+    cgroup: std::path::PathBuf,
+    pub log: std::path::PathBuf,
+}
+
+impl AgentProc {
+    pub fn start(node: &Node, extra: &[&str]) -> Result<Self> {
+        let mut args = node.agent_args();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        std::fs::create_dir_all(node.log_dir())?;
+        let mut a = Self {
+            child: None,
+            args,
+            netns: node.netns.clone(),
+            cgroup: node.cgroup.clone(),
+            log: node.log_dir().join("agent.log"),
+        };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        use std::process::{Command, Stdio};
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(twill_lab::bin("twill-agent"))
+            .args(&self.args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        // Into the node's cgroup, so the lab's teardown (cgroup.kill) also ends it.
+        std::fs::write(self.cgroup.join("cgroup.procs"), child.id().to_string())?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGTERM (graceful: pinned maps and links stay), then wait (bounded).
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let pid = i32::try_from(child.id())?;
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("the agent did not exit within 10 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.spawn()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        // The test harness shows captured output only for failed tests: the agent's log then.
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        eprintln!("--- agent log (last {} lines) ---", tail.len());
+        for line in tail.iter().rev() {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// Starts the agent on node `i` and waits until its API answers.
+pub fn start_agent(lab: &Lab, i: usize, extra: &[&str]) -> Result<AgentProc> {
+    let node = lab.node(i);
+    let mut agent = AgentProc::start(node, extra)?;
+    wait_agent_ready(node, &mut agent)?;
+    Ok(agent)
+}
+
+/// Waits until the agent's API answers (it binds the socket before loading the datapath, so
+/// also wait for the first apply: `debug maps` lists what is programmed).
+pub fn wait_agent_ready(node: &Node, agent: &mut AgentProc) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if !agent.is_running() {
+            bail!("the agent exited:\n{}", agent.log());
+        }
+        if node.debug(&["services"]).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent's API did not come up within 20 s:\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `labtool tcp-loop` from `pod`: the JSON report (`ok`, `failures`, `counts`, `errors`).
+pub fn tcp_loop(pod: &Pod, to: &str, extra: &[&str]) -> Result<serde_json::Value> {
+    let mut args = vec!["tcp-loop", "--to", to, "--timeout-ms", "2000"];
+    args.extend_from_slice(extra);
+    let (code, out) = pod.labtool(&args)?;
+    anyhow::ensure!(code == 0, "tcp-loop failed ({code}): {out}");
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Distinct backend names answering `n` TCP requests from `pod` to `to`.
+pub fn repliers(pod: &Pod, to: &str, n: u32) -> Result<std::collections::BTreeMap<String, u64>> {
+    let report = tcp_loop(pod, to, &["--count", &n.to_string()])?;
+    anyhow::ensure!(report["failures"] == 0, "failures: {report}");
+    Ok(report["counts"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// A TCP connection from `pod` to `to` does not get through (refused, timed out, unreachable).
+pub fn wait_tcp_fails(pod: &Pod, to: &str) -> Result<()> {
+    wait_for(&format!("{to} failing"), Duration::from_secs(20), || {
+        Ok(tcp(pod, to)?.0 != 0)
+    })
+}

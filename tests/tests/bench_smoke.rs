@@ -1,0 +1,106 @@
+//! Smoke of `cargo xtask bench`: the harness's whole code path (pods through twill-cni, rule
+//! generators loaded by iptables-restore and nft, the load client, probes, per-round ratios) at
+//! N=10 with sub-second rounds. It checks that numbers come out and nothing failed; it makes no
+//! timing assertions.
+use anyhow::{Result, ensure};
+use twill_lab::{
+    bench::{
+        Contender,
+        harness::{Bench, BenchConfig},
+    },
+    require,
+};
+
+#[test]
+fn bench_harness_produces_numbers_without_failures() -> Result<()> {
+    let cfg = BenchConfig::smoke(vec![
+        Contender::Direct,
+        Contender::Iptables,
+        Contender::Nftables,
+        Contender::Twill,
+    ]);
+    let Some(lab) = require(twill_lab::LabSpec::nodes(cfg.contenders.len()))? else {
+        return Ok(());
+    };
+    let results = Bench::new(&lab, cfg)?.run()?;
+    // Twill's agent is optional here: when it cannot program Services the harness must say
+    // why instead of producing numbers.
+    let twill_down = results.unavailable.get("twill");
+    if let Some(reason) = twill_down {
+        eprintln!("twill unavailable: {reason}");
+        ensure!(
+            !reason.is_empty(),
+            "twill marked unavailable without a reason"
+        );
+    }
+    for name in ["direct", "iptables", "nftables"] {
+        ensure!(
+            !results.unavailable.contains_key(name),
+            "{name} unavailable: {:?}",
+            results.unavailable.get(name)
+        );
+    }
+    let expected = if twill_down.is_some() { 3 } else { 4 };
+    for metric in [
+        &results.conn_rate,
+        &results.rr_p50,
+        &results.rr_p99,
+        &results.throughput,
+    ] {
+        ensure!(
+            metric.series.len() == expected,
+            "{}: {} series, want {expected}",
+            metric.name,
+            metric.series.len()
+        );
+        for s in &metric.series {
+            ensure!(
+                s.clean(metric.backends),
+                "{} of {} not clean: {s:?}",
+                metric.name,
+                s.contender
+            );
+            let v = s.summary.map_or(0.0, |x| x.median);
+            ensure!(
+                v > 0.0 && v.is_finite(),
+                "{} of {}: no number ({v})",
+                metric.name,
+                s.contender
+            );
+            if s.contender != "direct" {
+                ensure!(
+                    s.ratio.is_some(),
+                    "{} of {}: no ratio to direct",
+                    metric.name,
+                    s.contender
+                );
+            }
+        }
+    }
+    let cp: Vec<&str> = results
+        .control_plane
+        .iter()
+        .map(|c| c.contender.as_str())
+        .collect();
+    for name in ["iptables", "nftables"] {
+        ensure!(
+            cp.contains(&name),
+            "no control-plane numbers for {name}: {cp:?}"
+        );
+    }
+    for c in &results.control_plane {
+        ensure!(c.errors.is_empty(), "{}: {:?}", c.contender, c.errors);
+        ensure!(
+            c.from_scratch_ms.is_some_and(|v| v > 0.0),
+            "{}: no programming time",
+            c.contender
+        );
+        ensure!(
+            c.add_one_ms.len() == 1,
+            "{}: add-one rounds {:?}",
+            c.contender,
+            c.add_one_ms
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! Helpers shared by the `cni_*` lab tests: invoke twill-cni, and list what it left
+//! behind in a node (host veths, pod routes, IPAM reservations).
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+use twill_lab::{Lab, Node};
+
+/// Outcome of one plugin run: exit success, and stdout parsed as JSON (Null if empty).
+pub struct Run {
+    pub ok: bool,
+    pub out: Value,
+    pub raw: String,
+}
+
+impl Run {
+    pub fn code(&self) -> u64 {
+        self.out["code"].as_u64().unwrap_or(0)
+    }
+}
+
+pub fn cni(node: &Node, command: &str, id: &str, netns_path: &str, conf: &Value) -> Result<Run> {
+    let out = node.cni(command, id, netns_path, "eth0", conf)?;
+    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    let parsed = if raw.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&raw)
+            .with_context(|| format!("stdout of {command} is not JSON: {raw:?}"))?
+    };
+    if !out.status.success() && !parsed["code"].is_u64() {
+        bail!(
+            "{command} failed without an error object: {raw:?} stderr={}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(Run {
+        ok: out.status.success(),
+        out: parsed,
+        raw,
+    })
+}
+
+/// Starts twill-cni inside the node without waiting (for kill -9 tests).
+pub fn spawn_cni(
+    node: &Node,
+    command: &str,
+    id: &str,
+    netns_path: &str,
+    conf: &Value,
+) -> Result<Child> {
+    let mut cmd = node.cmd(twill_lab::bin("twill-cni"));
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", netns_path)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn()?;
+    // Closing stdin starts the plugin's work (it reads stdin to EOF first).
+    std::io::Write::write_all(
+        &mut child.stdin.take().context("stdin")?,
+        conf.to_string().as_bytes(),
+    )?;
+    Ok(child)
+}
+
+/// A pod-like network namespace owned by the lab (teardown deletes it by prefix).
+pub fn netns(lab: &Lab, node: &Node, name: &str) -> Result<(String, String)> {
+    let ns = format!("{}-{}-{}-{name}", twill_lab::PREFIX, lab.run_id, node.name);
+    twill_lab::run_cmd(Command::new("ip").args(["netns", "add", &ns]))?;
+    Ok((ns.clone(), format!("/var/run/netns/{ns}")))
+}
+
+pub fn del_netns(ns: &str) -> Result<()> {
+    twill_lab::run_cmd(Command::new("ip").args(["netns", "del", ns])).map(|_| ())
+}
+
+/// Host-side veths twill-cni names (`twl` + 11 hex digits) present in the node.
+pub fn host_links(node: &Node) -> Result<Vec<String>> {
+    let out = node.run(&["ip", "-o", "link", "show"])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .filter(|n| {
+            n.len() == 14 && n.starts_with("twl") && n[3..].bytes().all(|b| b.is_ascii_hexdigit())
+        })
+        .collect())
+}
+
+/// Node routes through a twill host veth.
+pub fn pod_routes(node: &Node) -> Result<Vec<String>> {
+    let out = node.run(&["ip", "route", "show"])?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains(" dev twl"))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Reserved addresses in `<stateDir>/ipam/<network>`.
+pub fn reservations(state_dir: &Path, network: &str) -> Vec<String> {
+    let dir = state_dir.join("ipam").join(network);
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = rd
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn assert_clean(node: &Node, state_dir: &Path) -> Result<()> {
+    let (l, r, i) = (
+        host_links(node)?,
+        pod_routes(node)?,
+        reservations(state_dir, "twill"),
+    );
+    if !(l.is_empty() && r.is_empty() && i.is_empty()) {
+        bail!("leaked: links={l:?} routes={r:?} reservations={i:?}");
+    }
+    Ok(())
+}

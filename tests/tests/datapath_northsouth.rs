@@ -1,0 +1,416 @@
+//! Per-packet north-south load balancing on real traffic: the tc programs attached (tcx) to the
+//! underlay device of lab nodes, maps programmed through `AyaLbMaps`, and an external client
+//! namespace on the underlay (not a node) reaching NodePorts, External IPs and LoadBalancer IPs.
+use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _};
+
+use anyhow::{Context as _, Result, ensure};
+use ipnetwork::Ipv4Network;
+use twill_agent::{
+    datapath::{AttachOutcome, AyaLbMaps, Datapath, DatapathOptions},
+    lbmap::LbMaps,
+};
+use twill_common::{
+    BE_F_LOCAL, Backend, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SCOPE_EXTERNAL, SVC_F_AFFINITY,
+    SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SlotKey,
+};
+use twill_lab::{Lab, LabSpec, Node, Pod, require};
+
+fn be(addr: Ipv4Addr) -> u32 {
+    u32::from(addr).to_be()
+}
+
+/// Runs `f` with the calling thread inside `netns` (`ip netns` name), then moves it back, also
+/// when `f` fails or panics.
+fn in_netns<T>(netns: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    struct Restore(File);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: setns on this thread with a namespace fd we hold.
+            unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) };
+        }
+    }
+    let home = Restore(File::open("/proc/thread-self/ns/net")?);
+    let target = File::open(format!("/var/run/netns/{netns}"))?;
+    // SAFETY: as above.
+    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns");
+    }
+    let r = f();
+    drop(home);
+    r
+}
+
+/// A datapath on `node`: tc programs on its `eth0`, its address as a NodePort address.
+fn datapath_on(node: &Node) -> Result<(Datapath, AyaLbMaps)> {
+    let mut dp = Datapath::load(&DatapathOptions::pinned(node.bpffs.join("twill")))?;
+    let outcomes = in_netns(&node.netns, || Ok(dp.attach_tc("eth0")?))?;
+    ensure!(
+        outcomes.iter().all(|(_, o)| *o == AttachOutcome::Created),
+        "{outcomes:?}"
+    );
+    let mut maps = dp.lb_maps()?;
+    maps.upsert_node_addr(be(node.ip), 0)?;
+    Ok((dp, maps))
+}
+
+struct Frontend {
+    addr: Ipv4Addr,
+    port: u16,
+    proto: u8,
+    scope: u8,
+    flags: u16,
+}
+
+fn program(
+    maps: &mut AyaLbMaps,
+    svc_id: u32,
+    fe: &Frontend,
+    backends: &[(Ipv4Addr, u16, u8)],
+) -> Result<()> {
+    for (i, (ip, port, flags)) in backends.iter().enumerate() {
+        let id = svc_id * 100 + u32::try_from(i)?;
+        maps.upsert_backend(
+            id,
+            Backend {
+                addr_be: be(*ip),
+                port_be: port.to_be(),
+                proto: fe.proto,
+                flags: *flags,
+            },
+        )?;
+        maps.upsert_slot(
+            SlotKey {
+                svc_id,
+                slot: u32::try_from(i)?,
+            },
+            id,
+        )?;
+    }
+    let key = ServiceKey {
+        addr_be: be(fe.addr),
+        port_be: fe.port.to_be(),
+        proto: fe.proto,
+        scope: fe.scope,
+    };
+    let value = ServiceValue {
+        svc_id,
+        backend_count: u16::try_from(backends.len())?,
+        flags: fe.flags,
+        affinity_timeout_s: 0,
+        _pad: 0,
+    };
+    maps.upsert_service(key, value)?;
+    Ok(())
+}
+
+fn nodeport(port: u16, proto: u8, scope: u8, extra: u16) -> Frontend {
+    Frontend {
+        addr: Ipv4Addr::UNSPECIFIED,
+        port,
+        proto,
+        scope,
+        flags: SVC_F_NODEPORT | extra,
+    }
+}
+
+/// Two nodes, an external client, a backend pod on node 0 serving TCP 8080 and UDP 5353.
+fn lab() -> Result<Option<(Lab, Pod)>> {
+    let Some(lab) = require(LabSpec::nodes(2).with_external_client())? else {
+        return Ok(None);
+    };
+    let pod = lab.node(0).add_pod("web0")?;
+    lab.serve(&pod, "web0", Some(8080), Some(5353))?;
+    Ok(Some((lab, pod)))
+}
+
+#[test]
+fn nodeport_from_outside_to_a_local_backend_keeps_the_client_ip() -> Result<()> {
+    let Some((lab, pod)) = lab()? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let (_dp, mut maps) = datapath_on(n0)?;
+    program(
+        &mut maps,
+        1,
+        &nodeport(30080, PROTO_TCP, SCOPE_ANY, 0),
+        &[(pod.ip, 8080, BE_F_LOCAL)],
+    )?;
+    program(
+        &mut maps,
+        2,
+        &nodeport(30053, PROTO_UDP, SCOPE_ANY, 0),
+        &[(pod.ip, 5353, BE_F_LOCAL)],
+    )?;
+    let ext = lab.external();
+
+    let to = format!("{}:30080", n0.ip);
+    let (code, out) = ext.labtool(&["tcp", "--to", &to])?;
+    ensure!(code == 0, "NodePort TCP from outside failed: {out}");
+    ensure!(
+        out.starts_with(&format!("reply=web0 {}:", ext.ip)),
+        "client IP not kept: {out}"
+    );
+    ensure!(
+        out.contains(&format!("peer={to}")),
+        "reply did not come from the NodePort: {out}"
+    );
+
+    let to = format!("{}:30053", n0.ip);
+    let (code, out) = ext.labtool(&["udp", "--to", &to])?;
+    ensure!(code == 0, "NodePort UDP from outside failed: {out}");
+    ensure!(
+        out.starts_with(&format!("reply=web0 {}:", ext.ip)),
+        "client IP not kept: {out}"
+    );
+    ensure!(
+        out.ends_with(&format!("from={to}")),
+        "UDP reply not from the NodePort: {out}"
+    );
+
+    // Many connections: every one is translated both ways.
+    let (_, out) = ext.labtool(&[
+        "tcp-loop",
+        "--to",
+        &format!("{}:30080", n0.ip),
+        "--count",
+        "100",
+    ])?;
+    ensure!(
+        out.contains("\"ok\":100") && out.contains("\"failures\":0"),
+        "{out}"
+    );
+    let stats = maps.stats()?;
+    ensure!(
+        stats[&Reason::Translated] >= 102 && stats[&Reason::RevNatApplied] >= 102,
+        "{stats:?}"
+    );
+    let ct = maps.dump_ct()?;
+    ensure!(!ct.is_empty(), "no connection-tracking entries");
+    Ok(())
+}
+
+#[test]
+fn nodeport_on_a_node_without_backend_snats_for_cluster_and_drops_for_local() -> Result<()> {
+    let Some((lab, pod)) = lab()? else {
+        return Ok(());
+    };
+    let (n0, n1) = (lab.node(0), lab.node(1));
+    // Node 1 reaches node 0's pods through node 0 (what the routing component programs).
+    n1.run(&[
+        "ip",
+        "route",
+        "add",
+        &n0.pod_cidr.to_string(),
+        "via",
+        &n0.ip.to_string(),
+    ])?;
+    let (_dp, mut maps) = datapath_on(n1)?;
+    // externalTrafficPolicy=Cluster: the backend lives on node 0 (no BE_F_LOCAL here).
+    program(
+        &mut maps,
+        1,
+        &nodeport(30080, PROTO_TCP, SCOPE_ANY, 0),
+        &[(pod.ip, 8080, 0)],
+    )?;
+    program(
+        &mut maps,
+        2,
+        &nodeport(30053, PROTO_UDP, SCOPE_ANY, 0),
+        &[(pod.ip, 5353, 0)],
+    )?;
+    let ext = lab.external();
+
+    let to = format!("{}:30080", n1.ip);
+    let (code, out) = ext.labtool(&["tcp", "--to", &to])?;
+    ensure!(
+        code == 0,
+        "NodePort via a node without backend failed: {out}"
+    );
+    // The backend saw node 1's address (SNAT), and the client the NodePort.
+    ensure!(
+        out.starts_with(&format!("reply=web0 {}:", n1.ip)),
+        "not SNATed to the node: {out}"
+    );
+    ensure!(out.contains(&format!("peer={to}")), "{out}");
+    let to = format!("{}:30053", n1.ip);
+    let (code, out) = ext.labtool(&["udp", "--to", &to])?;
+    ensure!(
+        code == 0 && out.ends_with(&format!("from={to}")),
+        "UDP via remote backend: {out}"
+    );
+    let stats = maps.stats()?;
+    ensure!(stats[&Reason::ForwardedRemote] >= 2, "{stats:?}");
+
+    // externalTrafficPolicy=Local: the SCOPE_EXTERNAL entry lists only local backends — none on
+    // node 1 — so external clients are dropped (they time out), as kube-proxy does.
+    program(
+        &mut maps,
+        3,
+        &nodeport(30081, PROTO_TCP, SCOPE_EXTERNAL, SVC_F_LOCAL_ONLY),
+        &[],
+    )?;
+    let (code, out) = ext.labtool(&[
+        "tcp",
+        "--to",
+        &format!("{}:30081", n1.ip),
+        "--timeout-ms",
+        "500",
+    ])?;
+    ensure!(
+        code == 3,
+        "eTP=Local without local backend was not dropped: {code} {out}"
+    );
+    let stats = maps.stats()?;
+    ensure!(stats[&Reason::NoLocalBackend] >= 1, "{stats:?}");
+    Ok(())
+}
+
+#[test]
+fn external_ip_and_load_balancer_ip_with_source_ranges() -> Result<()> {
+    let Some((lab, pod)) = lab()? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let (_dp, mut maps) = datapath_on(n0)?;
+    let external_ip = Ipv4Addr::new(198, 51, 100, 7);
+    let lb_ip = Ipv4Addr::new(192, 0, 2, 10);
+    let ext = lab.external();
+    // The outside world routes these addresses to node 0 (what a router / BGP / L2 announce do).
+    for ip in [external_ip, lb_ip] {
+        twill_lab::run_cmd(std::process::Command::new("ip").args([
+            "-n",
+            &ext.netns,
+            "route",
+            "add",
+            &ip.to_string(),
+            "via",
+            &n0.ip.to_string(),
+        ]))?;
+    }
+    let local = [(pod.ip, 8080, BE_F_LOCAL)];
+    let fe = Frontend {
+        addr: external_ip,
+        port: 80,
+        proto: PROTO_TCP,
+        scope: SCOPE_ANY,
+        flags: SVC_F_EXTERNAL_IP,
+    };
+    program(&mut maps, 1, &fe, &local)?;
+    let (code, out) = ext.labtool(&["tcp", "--to", "198.51.100.7:80"])?;
+    ensure!(
+        code == 0 && out.contains("peer=198.51.100.7:80"),
+        "External IP failed: {out}"
+    );
+
+    let fe = Frontend {
+        addr: lb_ip,
+        port: 80,
+        proto: PROTO_TCP,
+        scope: SCOPE_ANY,
+        flags: SVC_F_LOADBALANCER | SVC_F_SOURCE_RANGES,
+    };
+    program(&mut maps, 2, &fe, &local)?;
+    maps.upsert_source_range(2, "10.0.0.0/8".parse::<Ipv4Network>()?)?;
+    let (code, out) = ext.labtool(&["tcp", "--to", "192.0.2.10:80", "--timeout-ms", "500"])?;
+    ensure!(
+        code == 3,
+        "client outside loadBalancerSourceRanges was let in: {code} {out}"
+    );
+    ensure!(
+        maps.stats()?[&Reason::SourceRangeDenied] >= 1,
+        "denial not counted"
+    );
+    maps.upsert_source_range(2, "172.30.0.0/24".parse::<Ipv4Network>()?)?;
+    let (code, out) = ext.labtool(&["tcp", "--to", "192.0.2.10:80"])?;
+    ensure!(
+        code == 0 && out.contains("peer=192.0.2.10:80"),
+        "allowed client refused: {out}"
+    );
+    let ranges = maps.dump_source_ranges()?;
+    ensure!(
+        ranges.len() == 2 && ranges.iter().all(|(id, _)| *id == 2),
+        "{ranges:?}"
+    );
+    Ok(())
+}
+
+/// sessionAffinity ClientIP on NodePort: an external client sticks to one backend.
+#[test]
+fn nodeport_session_affinity_sticks_per_client_ip() -> Result<()> {
+    let Some((lab, pod)) = lab()? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let pod2 = n0.add_pod("web1")?;
+    lab.serve(&pod2, "web1", Some(8080), None)?;
+    let (_dp, mut maps) = datapath_on(n0)?;
+    let backends = [(pod.ip, 8080, BE_F_LOCAL), (pod2.ip, 8080, BE_F_LOCAL)];
+    let fe = nodeport(30080, PROTO_TCP, SCOPE_ANY, SVC_F_AFFINITY);
+    program(&mut maps, 1, &fe, &backends)?;
+    let key = ServiceKey {
+        addr_be: 0,
+        port_be: 30080u16.to_be(),
+        proto: PROTO_TCP,
+        scope: SCOPE_ANY,
+    };
+    let mut value = maps.dump()?.services[&key];
+    value.affinity_timeout_s = 60;
+    maps.upsert_service(key, value)?;
+    let to = format!("{}:30080", n0.ip);
+    let (_, out) = lab
+        .external()
+        .labtool(&["tcp-loop", "--to", &to, "--count", "30"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(v["ok"] == 30, "NodePort connections failed: {out}");
+    // Chance of one backend for 30 connections without affinity: 2^-29.
+    ensure!(
+        v["counts"].as_object().map(serde_json::Map::len) == Some(1),
+        "affinity did not stick: {out}"
+    );
+    let aff = maps.dump_affinity()?;
+    ensure!(
+        aff.iter().any(|(k, _)| k.client_id
+            == twill_common::AFFINITY_CLIENT_IP | u64::from(be(lab.external().ip))),
+        "no per-client-IP affinity entry: {aff:?}"
+    );
+    Ok(())
+}
+
+/// Pinned tc links survive the loader and are adopted (program swapped in place) by the next.
+#[test]
+fn pinned_tc_links_are_adopted_by_the_next_agent() -> Result<()> {
+    let Some((lab, pod)) = lab()? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let (dp, mut maps) = datapath_on(n0)?;
+    program(
+        &mut maps,
+        1,
+        &nodeport(30080, PROTO_TCP, SCOPE_ANY, 0),
+        &[(pod.ip, 8080, BE_F_LOCAL)],
+    )?;
+    drop((dp, maps));
+    let to = format!("{}:30080", n0.ip);
+    let (code, out) = lab.external().labtool(&["tcp", "--to", &to])?;
+    ensure!(
+        code == 0,
+        "NodePort stopped working without a loader: {out}"
+    );
+    let mut dp = Datapath::load(&DatapathOptions::pinned(n0.bpffs.join("twill")))?;
+    let outcomes = in_netns(&n0.netns, || Ok(dp.attach_tc("eth0")?))?;
+    ensure!(
+        outcomes.iter().all(|(_, o)| *o == AttachOutcome::Replaced),
+        "{outcomes:?}"
+    );
+    let (code, out) = lab.external().labtool(&["tcp", "--to", &to])?;
+    ensure!(code == 0, "NodePort broken after adoption: {out}");
+    in_netns(&n0.netns, || Ok(dp.detach_tc("eth0")?))?;
+    let (code, _) = lab
+        .external()
+        .labtool(&["tcp", "--to", &to, "--timeout-ms", "300"])?;
+    ensure!(code != 0, "NodePort still answers after detach_tc");
+    Ok(())
+}

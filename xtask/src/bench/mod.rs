@@ -1,0 +1,269 @@
+//! `cargo xtask bench`: the side-by-side benchmark (issue 6). The lab-facing work lives in
+//! `twill_lab::bench` (shared with the smoke test); this module picks the profile, builds the
+//! binaries, runs, and writes `results/<timestamp>/{results.json,results.md,conn_rate.png}`.
+mod plot;
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Subcommand};
+use twill_lab::bench::{
+    Contender,
+    harness::{Bench, BenchConfig, BenchResults},
+    report, stats,
+};
+use twill_lab::{Lab, LabSpec};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Under 3 minutes: N = 10 and 1,000, fewer and shorter rounds, no 10k programming.
+    #[arg(long)]
+    quick: bool,
+    /// Use the debug binaries instead of building release ones (numbers are then not
+    /// comparable with published results).
+    #[arg(long)]
+    debug: bool,
+    /// Only these contenders (comma-separated: direct,iptables,iptables-legacy,nftables,twill).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Re-render results.md and conn_rate.png of an earlier run from its results.json.
+    #[arg(long, value_name = "RESULTS_DIR")]
+    render: Option<PathBuf>,
+    #[command(subcommand)]
+    what: Option<BenchCmd>,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// CNI ADD+DEL: twill-cni against the reference ptp + host-local.
+    Cni,
+}
+
+fn full(contenders: Vec<Contender>) -> BenchConfig {
+    BenchConfig {
+        contenders,
+        sizes: vec![10, 1_000, 10_000],
+        program_sizes: vec![1_000, 10_000],
+        rounds: 5,
+        crr_duration: Duration::from_secs(3),
+        crr_threads: 2,
+        warmup: Duration::from_secs(1),
+        rr_rounds: 3,
+        rr_duration: Duration::from_secs(2),
+        iperf_rounds: 3,
+        iperf_seconds: 2,
+        add_one_rounds: 3,
+        program_limit: Duration::from_mins(3),
+        rss_scale: Some((10_000, 5)),
+        // The whole command is bounded to 20 minutes; lab setup and teardown need the rest.
+        budget: Duration::from_mins(17),
+    }
+}
+
+fn quick(contenders: Vec<Contender>) -> BenchConfig {
+    BenchConfig {
+        contenders,
+        sizes: vec![10, 1_000],
+        program_sizes: vec![1_000],
+        rounds: 3,
+        crr_duration: Duration::from_millis(1500),
+        crr_threads: 2,
+        warmup: Duration::from_millis(500),
+        rr_rounds: 2,
+        rr_duration: Duration::from_secs(1),
+        iperf_rounds: 2,
+        iperf_seconds: 1,
+        add_one_rounds: 2,
+        program_limit: Duration::from_mins(1),
+        rss_scale: None,
+        budget: Duration::from_secs(150),
+    }
+}
+
+fn contenders(only: &[String]) -> Result<Vec<Contender>> {
+    if only.is_empty() {
+        return Ok(Contender::ALL.to_vec());
+    }
+    let mut out = Vec::new();
+    for name in only {
+        match Contender::ALL.iter().find(|c| c.name() == name) {
+            Some(c) => out.push(*c),
+            None => bail!(
+                "unknown contender {name:?}; known: direct, iptables, iptables-legacy, nftables, twill"
+            ),
+        }
+    }
+    if !out.contains(&Contender::Direct) {
+        // Every ratio is against the direct path of the same round.
+        out.insert(0, Contender::Direct);
+    }
+    Ok(out)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn build(debug: bool, packages: &[&str]) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build").arg("--bins");
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    if !debug {
+        cmd.arg("--release");
+    }
+    eprintln!(
+        "==> build {packages:?} ({})",
+        if debug { "debug" } else { "release" }
+    );
+    let st = cmd.status().context("spawning cargo build")?;
+    if !st.success() {
+        bail!("cargo build of {packages:?} failed ({st})");
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map_or_else(|_| workspace_root().join("target"), PathBuf::from);
+    Ok(target.join(if debug { "debug" } else { "release" }))
+}
+
+fn timestamp() -> Result<String> {
+    let out = Command::new("date")
+        .args(["-u", "+%Y%m%dT%H%M%SZ"])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn write_results(results: &BenchResults) -> Result<PathBuf> {
+    let dir = workspace_root().join("results").join(timestamp()?);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_vec_pretty(results)?,
+    )?;
+    render(results, &dir)?;
+    Ok(dir)
+}
+
+fn render(results: &BenchResults, dir: &Path) -> Result<()> {
+    let mut md = report::markdown(results);
+    let names: Vec<String> = results
+        .config
+        .contenders
+        .iter()
+        .map(|c| c.name().to_owned())
+        .collect();
+    if !results.conn_rate.series.is_empty() {
+        match plot::conn_rate(&results.conn_rate, &names, &dir.join("conn_rate.png")) {
+            Ok(true) => md.push_str("\n![connection rate](conn_rate.png)\n"),
+            Ok(false) => {
+                let _ = write!(
+                    md,
+                    "\n![connection rate](conn_rate.png) (no font on this machine: chart without text; colours in \
+                     order black, red, magenta, blue, green = {})\n",
+                    names.join(", ")
+                );
+            }
+            Err(e) => {
+                let _ = write!(md, "\nchart not drawn: {e:#}\n");
+            }
+        }
+    }
+    std::fs::write(dir.join("results.md"), &md)?;
+    Ok(())
+}
+
+/// CNI ADD+DEL, twill-cni against the reference ptp + host-local (the CNI session's driver
+/// `twill_lab::cni_bench`), in rounds so the speedups get a median and a range like every
+/// other ratio here. A failure is reported as "not measured" with its reason.
+fn run_cni(results: &mut BenchResults, rounds: usize, cycles: usize, parallel: usize) {
+    let outcome = (|| -> Result<serde_json::Value> {
+        let lab = Lab::new(LabSpec::nodes(1))?;
+        let (mut seq, mut par, mut all) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..rounds {
+            eprintln!(
+                "==> CNI ADD+DEL round {}/{rounds}: {cycles} cycles sequential, {parallel} in parallel",
+                r + 1
+            );
+            let v = twill_lab::cni_bench::run_both(lab.node(0), cycles, parallel)?;
+            seq.extend(v["speedup_sequential"].as_f64());
+            par.extend(v["speedup_parallel"].as_f64());
+            all.push(v);
+        }
+        Ok(serde_json::json!({
+            "cycles": cycles,
+            "parallel": parallel,
+            "speedup_sequential": stats::summarize(&seq),
+            "speedup_parallel": stats::summarize(&par),
+            "rounds": all,
+        }))
+    })();
+    match outcome {
+        Ok(v) => results.cni = v,
+        Err(e) => results.cni_unavailable = Some(format!("{e:#}")),
+    }
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if let Some(dir) = &args.render {
+        let json = std::fs::read(dir.join("results.json"))
+            .with_context(|| format!("reading {}/results.json", dir.display()))?;
+        let results: BenchResults =
+            serde_json::from_slice(&json).context("parsing results.json")?;
+        render(&results, dir)?;
+        println!("{}", std::fs::read_to_string(dir.join("results.md"))?);
+        return Ok(());
+    }
+    let mut contenders = contenders(&args.only)?;
+    let cni_only = matches!(args.what, Some(BenchCmd::Cni));
+    let bin_dir = build(args.debug, &["twill-lab", "twill-cni"])?;
+    // The agent is built on its own: when it does not build, the other contenders still run
+    // and the report says why Twill has no numbers.
+    let mut twill_missing = None;
+    if !cni_only
+        && contenders.contains(&Contender::Twill)
+        && let Err(e) = build(args.debug, &["twill-agent"])
+    {
+        contenders.retain(|c| *c != Contender::Twill);
+        twill_missing = Some(format!("twill-agent did not build: {e:#}"));
+    }
+    // SAFETY: set before any thread is spawned; the lab library reads it to find the binaries.
+    unsafe { std::env::set_var("TWILL_BIN_DIR", &bin_dir) };
+    let cfg = if cni_only {
+        let mut c = quick(vec![]);
+        c.sizes.clear();
+        c.program_sizes.clear();
+        c
+    } else if args.quick {
+        quick(contenders)
+    } else {
+        full(contenders)
+    };
+    // No `clean_leftovers()` here: it removes every lab on the machine, including labs of
+    // tests running in parallel. `cargo xtask lab clean` is the explicit way.
+    let lab = Lab::new(LabSpec::nodes(cfg.contenders.len().max(1)))?;
+    let mut results = Bench::new(&lab, cfg)?.run()?;
+    drop(lab);
+    if let Some(why) = twill_missing {
+        results
+            .unavailable
+            .insert(Contender::Twill.name().into(), why);
+    }
+    if cni_only || !args.quick {
+        run_cni(&mut results, 3, 500, 16);
+    }
+    if args.debug {
+        results
+            .notes
+            .push("debug binaries (--debug): not comparable with release numbers".into());
+    }
+    let dir = write_results(&results)?;
+    println!("{}", std::fs::read_to_string(dir.join("results.md"))?);
+    println!("results: {}", dir.display());
+    Ok(())
+}
