@@ -182,50 +182,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         let elapsed = started.elapsed();
         self.metrics.sync_duration.observe(elapsed.as_secs_f64());
 
-        for r in compiled
-            .rejected()
-            .iter()
-            .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
-        {
-            if !self.logged_rejections.contains(&(
-                r.namespace.clone(),
-                r.name.clone(),
-                r.reason.to_string(),
-            )) {
-                log::warn!(
-                    "skipping invalid {:?} {}/{}: {}",
-                    r.kind,
-                    r.namespace,
-                    r.name,
-                    r.reason
-                );
-            }
-        }
-        self.logged_rejections = compiled
-            .rejected()
-            .iter()
-            .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
-            .map(|r| (r.namespace.clone(), r.name.clone(), r.reason.to_string()))
-            .collect();
-        self.metrics.compiler_rejections(
-            compiled
-                .rejected()
-                .iter()
-                .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
-                .map(|r| {
-                    let kind = match r.kind {
-                        crate::compile::ObjectKind::Service => "Service",
-                        crate::compile::ObjectKind::EndpointSlice => "EndpointSlice",
-                        crate::compile::ObjectKind::Node => "Node",
-                    };
-                    (
-                        kind,
-                        r.namespace.as_str(),
-                        r.name.as_str(),
-                        r.reason.metric_label(),
-                    )
-                }),
-        );
+        self.report_rejections(&compiled);
         self.metrics
             .services
             .set(i64::try_from(compiled.counts.services).unwrap_or(i64::MAX));
@@ -287,6 +244,54 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             model: compiled.model,
         };
         ok
+    }
+
+    /// Logs newly invalid objects once and counts them in `twill_invalid_objects_total`.
+    fn report_rejections(&mut self, compiled: &Compiled) {
+        for r in compiled
+            .rejected()
+            .iter()
+            .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
+        {
+            if !self.logged_rejections.contains(&(
+                r.namespace.clone(),
+                r.name.clone(),
+                r.reason.to_string(),
+            )) {
+                log::warn!(
+                    "skipping invalid {:?} {}/{}: {}",
+                    r.kind,
+                    r.namespace,
+                    r.name,
+                    r.reason
+                );
+            }
+        }
+        self.logged_rejections = compiled
+            .rejected()
+            .iter()
+            .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
+            .map(|r| (r.namespace.clone(), r.name.clone(), r.reason.to_string()))
+            .collect();
+        self.metrics.compiler_rejections(
+            compiled
+                .rejected()
+                .iter()
+                .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
+                .map(|r| {
+                    let kind = match r.kind {
+                        crate::compile::ObjectKind::Service => "Service",
+                        crate::compile::ObjectKind::EndpointSlice => "EndpointSlice",
+                        crate::compile::ObjectKind::Node => "Node",
+                    };
+                    (
+                        kind,
+                        r.namespace.as_str(),
+                        r.name.as_str(),
+                        r.reason.metric_label(),
+                    )
+                }),
+        );
     }
 
     fn write_cni_conf(&mut self, node: &k8s_openapi::api::core::v1::Node) {

@@ -5,6 +5,21 @@
 //! `Result<Verdict, Reason>`, and a single exit records the `Reason` in the per-CPU `STATS` map.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(
+        clippy::inline_always,
+        reason = "BPF-to-BPF calls take at most five arguments and each frame costs verifier \
+                  state and stack: every helper is inlined into its program on purpose"
+    )
+)]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(
+        clippy::needless_pass_by_value,
+        reason = "the program macros define entry points taking their context by value"
+    )
+)]
 
 #[cfg(target_arch = "bpf")]
 mod lb;

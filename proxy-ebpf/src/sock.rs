@@ -84,6 +84,10 @@ fn is_node_local(addr_be: u32) -> bool {
     addr_be.to_ne_bytes()[0] == 127 || is_node_addr(addr_be)
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "bpf_sock_addr widens u16 port and u8 protocol to u32 fields (kernel ABI)"
+)]
 fn try_translate(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
@@ -128,6 +132,10 @@ fn try_translate(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     Ok(reason)
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "bpf_sock_addr widens the u16 port to a u32 field (kernel ABI)"
+)]
 fn rev_translate(ctx: &SockAddrContext) -> Reason {
     // SAFETY: as in try_translate.
     let sa = unsafe { &mut *ctx.sock_addr };

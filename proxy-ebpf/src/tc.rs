@@ -28,9 +28,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use twill_common::{
-    AFFINITY_CLIENT_IP, BE_F_LOCAL, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, PROTO_TCP, PROTO_UDP,
-    Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SrcRangeKey,
+    AFFINITY_CLIENT_IP, BE_F_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, PROTO_TCP,
+    PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey,
 };
 
 use crate::{
@@ -44,6 +44,12 @@ const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
 const AF_INET: u8 = 2;
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "64 bytes"
+)]
+const FIB_PARAMS_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
 /// Source ports tried for SNAT when the client's own port is taken towards that backend.
 const SNAT_PORT_TRIES: u32 = 8;
 const SNAT_PORT_MIN: u32 = 32_768;
@@ -225,7 +231,8 @@ fn forward(ctx: &TcContext, proto: u8, daddr: u32) -> Result<i32, Reason> {
     }
     // SAFETY: no neighbour parameters: the kernel looks the next hop up itself.
     let action = unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) };
-    Ok(action as i32)
+    // TC_ACT_REDIRECT (7) or TC_ACT_SHOT (2): always fits.
+    Ok(i32::try_from(action).unwrap_or(TC_ACT_SHOT))
 }
 
 /// `bpf_fib_lookup` towards `daddr` as locally originated traffic, asking for the preferred
@@ -244,7 +251,7 @@ fn route(ctx: &TcContext, proto: u8, daddr: u32) -> (i64, bpf_fib_lookup) {
         fib_lookup(
             ctx.as_ptr(),
             &raw mut params,
-            size_of::<bpf_fib_lookup>() as i32,
+            FIB_PARAMS_LEN,
             BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC,
         )
     };
@@ -261,7 +268,36 @@ fn ct_hit(ctx: &TcContext, p: &Pkt) -> Option<Result<Verdict, Reason>> {
         (*ptr).last_seen_ns = bpf_ktime_get_ns();
         *ptr
     };
-    Some(apply_ct(ctx, p, &ct))
+    let verdict = apply_ct(ctx, p, &ct);
+    if p.proto == PROTO_TCP && is_rst(ctx, p) {
+        // A reset ends the flow at once: forget both directions so the map does not fill with
+        // dead flows and a reused client port is balanced afresh. (FIN-closed flows age out of
+        // the LRU instead: their last ACK still needs the entry.)
+        let _ = TWL_CT_V1.remove(key);
+        let _ = TWL_CT_V1.remove(counterpart(&ct, p.proto));
+    }
+    Some(verdict)
+}
+
+#[inline(always)]
+fn is_rst(ctx: &TcContext, p: &Pkt) -> bool {
+    const TCP_RST: u8 = 0x04;
+    ctx.load::<u8>(p.l4_off + 13)
+        .is_ok_and(|f| f & TCP_RST != 0)
+}
+
+/// The CT key of the other direction of the flow `ct` translates: the packet `ct` produces,
+/// answered. (Both directions' entries map to each other this way.)
+#[inline(always)]
+fn counterpart(ct: &CtValue, proto: u8) -> CtKey {
+    CtKey {
+        saddr_be: ct.new_daddr_be,
+        daddr_be: ct.new_saddr_be,
+        sport_be: ct.new_dport_be,
+        dport_be: ct.new_sport_be,
+        proto,
+        _pad: [0; 3],
+    }
 }
 
 fn try_egress(ctx: &TcContext) -> Result<Verdict, Reason> {
@@ -300,49 +336,73 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
     let (be, reason) = select_backend(&svc, AFFINITY_CLIENT_IP | u64::from(p.saddr))?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let local = be.flags & BE_F_LOCAL != 0 || svc.flags & SVC_F_LOCAL_ONLY != 0;
-    if local {
-        // DNAT only: the backend sees the client's address (externalTrafficPolicy=Local keeps
-        // it by construction: its SCOPE_EXTERNAL entry lists local backends only).
-        let orig = CtValue {
-            new_saddr_be: p.saddr,
-            new_daddr_be: be.addr_be,
-            new_sport_be: p.sport,
-            new_dport_be: be.port_be,
-            svc_id: svc.svc_id,
-            flags: 0,
-            _pad: 0,
-            last_seen_ns: now,
-        };
-        let reply_key = CtKey {
-            saddr_be: be.addr_be,
-            daddr_be: p.saddr,
-            sport_be: be.port_be,
-            dport_be: p.sport,
-            proto: p.proto,
-            _pad: [0; 3],
-        };
-        let reply = CtValue {
-            new_saddr_be: p.daddr,
-            new_daddr_be: p.saddr,
-            new_sport_be: p.dport,
-            new_dport_be: p.sport,
-            flags: CT_F_REPLY,
-            ..orig
-        };
-        // Reply entry first: a reply can never find its flow missing.
-        TWL_CT_V1
-            .insert(reply_key, reply, 0)
-            .map_err(|_| Reason::CtMapFull)?;
-        TWL_CT_V1
-            .insert(p.key(), orig, 0)
-            .map_err(|_| Reason::CtMapFull)?;
-        rewrite(ctx, &p, p.saddr, p.sport, be.addr_be, be.port_be)?;
+    if be.flags & BE_F_LOCAL != 0 || svc.flags & SVC_F_LOCAL_ONLY != 0 {
+        dnat_local(ctx, &p, &svc, &be, now)?;
         return Ok((reason, TC_ACT_OK));
     }
-    // Backend on another node (externalTrafficPolicy=Cluster): SNAT to this node's address
-    // towards the backend so the reply returns here to be translated back.
-    let snat = snat_addr(ctx, &p, be.addr_be)?;
+    dnat_snat(ctx, &p, &svc, &be, now)
+}
+
+/// DNAT only: the backend sees the client's address (externalTrafficPolicy=Local keeps it by
+/// construction: its SCOPE_EXTERNAL entry lists local backends only).
+#[inline(always)]
+fn dnat_local(
+    ctx: &TcContext,
+    p: &Pkt,
+    svc: &ServiceValue,
+    be: &Backend,
+    now: u64,
+) -> Result<(), Reason> {
+    // DNAT only: the backend sees the client's address (externalTrafficPolicy=Local keeps
+    // it by construction: its SCOPE_EXTERNAL entry lists local backends only).
+    let orig = CtValue {
+        new_saddr_be: p.saddr,
+        new_daddr_be: be.addr_be,
+        new_sport_be: p.sport,
+        new_dport_be: be.port_be,
+        svc_id: svc.svc_id,
+        flags: 0,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let reply_key = CtKey {
+        saddr_be: be.addr_be,
+        daddr_be: p.saddr,
+        sport_be: be.port_be,
+        dport_be: p.sport,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let reply = CtValue {
+        new_saddr_be: p.daddr,
+        new_daddr_be: p.saddr,
+        new_sport_be: p.dport,
+        new_dport_be: p.sport,
+        flags: CT_F_REPLY,
+        ..orig
+    };
+    // Reply entry first: a reply can never find its flow missing.
+    TWL_CT_V1
+        .insert(reply_key, reply, 0)
+        .map_err(|_| Reason::CtMapFull)?;
+    TWL_CT_V1
+        .insert(p.key(), orig, 0)
+        .map_err(|_| Reason::CtMapFull)?;
+    rewrite(ctx, p, p.saddr, p.sport, be.addr_be, be.port_be)?;
+    Ok(())
+}
+
+/// Backend on another node (externalTrafficPolicy=Cluster): DNAT and SNAT to this node's address
+/// towards the backend, so the reply returns here to be translated back.
+#[inline(always)]
+fn dnat_snat(
+    ctx: &TcContext,
+    p: &Pkt,
+    svc: &ServiceValue,
+    be: &Backend,
+    now: u64,
+) -> Result<Verdict, Reason> {
+    let snat = snat_addr(ctx, p, be.addr_be)?;
     let mut reply_key = CtKey {
         saddr_be: be.addr_be,
         daddr_be: snat,
@@ -366,11 +426,7 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
     let mut tries = 0;
     loop {
         if TWL_CT_V1
-            .insert(
-                reply_key,
-                reply,
-                u64::from(aya_ebpf::bindings::BPF_NOEXIST),
-            )
+            .insert(reply_key, reply, u64::from(aya_ebpf::bindings::BPF_NOEXIST))
             .is_ok()
         {
             break;
@@ -381,7 +437,8 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
         }
         // SAFETY: helper without arguments.
         let port = SNAT_PORT_MIN + unsafe { bpf_get_prandom_u32() } % SNAT_PORT_RANGE;
-        reply_key.dport_be = (port as u16).to_be();
+        // Below SNAT_PORT_MIN + SNAT_PORT_RANGE = 61000: always fits.
+        reply_key.dport_be = u16::try_from(port).unwrap_or(u16::MAX).to_be();
     }
     let orig = CtValue {
         new_saddr_be: snat,
@@ -396,7 +453,7 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
     TWL_CT_V1
         .insert(p.key(), orig, 0)
         .map_err(|_| Reason::CtMapFull)?;
-    rewrite(ctx, &p, snat, reply_key.dport_be, be.addr_be, be.port_be)?;
+    rewrite(ctx, p, snat, reply_key.dport_be, be.addr_be, be.port_be)?;
     Ok((Reason::ForwardedRemote, forward(ctx, p.proto, be.addr_be)?))
 }
 

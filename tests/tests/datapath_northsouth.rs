@@ -188,6 +188,29 @@ fn nodeport_from_outside_to_a_local_backend_keeps_the_client_ip() -> Result<()> 
     );
     let ct = maps.dump_ct()?;
     ensure!(!ct.is_empty(), "no connection-tracking entries");
+
+    // The backend goes away: every flow tracked to it is forgotten, both directions.
+    let report = maps.flush_backend(
+        100,
+        Backend {
+            addr_be: be(pod.ip),
+            port_be: 8080u16.to_be(),
+            proto: PROTO_TCP,
+            flags: BE_F_LOCAL,
+        },
+    )?;
+    ensure!(report.ct_entries >= 2, "conntrack not flushed: {report:?}");
+    let left: Vec<_> = maps
+        .dump_ct()?
+        .into_iter()
+        .filter(|(k, v)| {
+            k.proto == PROTO_TCP && (k.saddr_be == be(pod.ip) || v.new_daddr_be == be(pod.ip))
+        })
+        .collect();
+    ensure!(
+        left.is_empty(),
+        "TCP flows to the removed backend remain: {left:?}"
+    );
     Ok(())
 }
 
@@ -332,6 +355,17 @@ fn external_ip_and_load_balancer_ip_with_source_ranges() -> Result<()> {
     ensure!(
         ranges.len() == 2 && ranges.iter().all(|(id, _)| *id == 2),
         "{ranges:?}"
+    );
+    // Replacing the set (what a Service edit does) drops the client's range again.
+    let only: Ipv4Network = "10.0.0.0/8".parse()?;
+    maps.set_source_ranges(2, &[only])?;
+    let ranges = maps.dump_source_ranges()?;
+    ensure!(ranges == vec![(2, only)], "{ranges:?}");
+    // New flows are denied (a new connection uses a new client port, so no tracked flow).
+    let (code, out) = ext.labtool(&["tcp", "--to", "192.0.2.10:80", "--timeout-ms", "500"])?;
+    ensure!(
+        code == 3,
+        "client let in after its range was removed: {code} {out}"
     );
     Ok(())
 }

@@ -226,6 +226,23 @@ fn run_fixtures(dp: &Datapath) -> Result<()> {
         "{seen:?}"
     );
 
+    // A reset from the client ends the flow: both CT entries go (checked below by count).
+    let mut rst = packet((CLIENT, 40001), (NODE, 30080), PROTO_TCP, true);
+    let (rc, _) = test_run(dp, "twill_tc_ingress", &rst)?;
+    ensure!(rc == TC_ACT_OK, "second SYN verdict {rc}");
+    // Turn the SYN into a RST (flags 0x04) and fix the TCP checksum for the changed word.
+    let flags_word = |p: &[u8]| u32::from(u16::from_be_bytes([p[34 + 12], p[34 + 13]]));
+    let old = flags_word(&rst);
+    rst[34 + 13] = 0x04;
+    let new = flags_word(&rst);
+    let c = u32::from(!u16::from_be_bytes([rst[34 + 16], rst[34 + 17]]));
+    let c = !csum(&[], c + (!old & 0xffff) + new);
+    rst[34 + 16..34 + 18].copy_from_slice(&c.to_be_bytes());
+    let (rc, out) = test_run(dp, "twill_tc_ingress", &rst)?;
+    ensure!(rc == TC_ACT_OK, "RST verdict {rc}");
+    let seen = inspect(&out)?;
+    ensure!(seen.dst == (POD, 8080), "RST not translated: {seen:?}");
+
     // UDP with and without a checksum: a zero checksum stays zero ("no checksum").
     for with_csum in [true, false] {
         let sport = if with_csum { 41000 } else { 41001 };

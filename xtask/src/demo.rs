@@ -118,6 +118,24 @@ fn demo(lab: &Lab) -> Result<()> {
         bail!("client on n0 could not reach echo-2 on n2");
     }
 
+    apply_services(lab, &echo)?;
+    let vip = format!("{CLUSTER_IP}:80");
+    wait_for(Duration::from_secs(20), "the ClusterIP to answer", || {
+        Ok((client
+            .labtool(&["tcp", "--to", &vip, "--timeout-ms", "500"])?
+            .0
+            == 0)
+            .then_some(()))
+    })?;
+    traffic(lab, &echo, &client)?;
+    for mut a in agents {
+        a.stop()?;
+    }
+    Ok(())
+}
+
+/// The Services of the demo and their EndpointSlices, written to the lab's manifests directory.
+fn apply_services(lab: &Lab, echo: &[Pod]) -> Result<()> {
     say("applying Services: echo (ClusterIP), echo-np (NodePort), echo-headless (headless)");
     let pods: Vec<(&Pod, &str)> = echo.iter().zip(["n0", "n1", "n2"]).collect();
     let services = format!(
@@ -144,14 +162,12 @@ fn demo(lab: &Lab) -> Result<()> {
     .join("---\n");
     lab.apply_manifest("demo-services.yaml", &services)?;
     lab.apply_manifest("demo-endpointslices.yaml", &slices)?;
+    Ok(())
+}
+
+/// ClusterIP (TCP and UDP), NodePort from outside, headless, and what the agent shows.
+fn traffic(lab: &Lab, echo: &[Pod], client: &Pod) -> Result<()> {
     let vip = format!("{CLUSTER_IP}:80");
-    wait_for(Duration::from_secs(20), "the ClusterIP to answer", || {
-        Ok((client
-            .labtool(&["tcp", "--to", &vip, "--timeout-ms", "500"])?
-            .0
-            == 0)
-            .then_some(()))
-    })?;
 
     say(&format!(
         "12 connections from the client pod to the ClusterIP {vip} (socket-level LB)"
@@ -217,9 +233,6 @@ fn demo(lab: &Lab) -> Result<()> {
     match lab.node(0).debug(&["drops"]) {
         Ok(out) => show(&out),
         Err(e) => println!("    debug CLI failed: {e:#}"),
-    }
-    for mut a in agents {
-        a.stop()?;
     }
     Ok(())
 }

@@ -193,6 +193,28 @@ impl AyaLbMaps {
         }
     }
 
+    /// Makes `ranges` the exact allowed set of frontend `svc_id`: new ranges are written before
+    /// stale ones are removed, so an allowed client is never denied in between.
+    pub fn set_source_ranges(
+        &mut self,
+        svc_id: u32,
+        ranges: &[Ipv4Network],
+    ) -> Result<(), MapError> {
+        let wanted: std::collections::BTreeSet<Ipv4Network> = ranges
+            .iter()
+            .map(|r| Ipv4Network::new(r.network(), r.prefix()).unwrap_or(*r))
+            .collect();
+        for r in &wanted {
+            self.upsert_source_range(svc_id, *r)?;
+        }
+        for (id, r) in self.dump_source_ranges()? {
+            if id == svc_id && !wanted.contains(&r) {
+                self.delete_source_range(svc_id, r)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every source range as (svc_id, range), sorted.
     pub fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Network)>, MapError> {
         let mut out = Vec::new();

@@ -45,8 +45,8 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let Some((cmd, rest)) = argv.split_first() else {
+    let cli_args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = cli_args.split_first() else {
         eprintln!("usage: labtool serve|tcp|udp|tcp-loop|udp-loop ...");
         return ExitCode::from(1);
     };
@@ -91,7 +91,7 @@ fn serve(args: &Args) -> Result<ExitCode, String> {
         threads.push(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let name = name.clone();
-                std::thread::spawn(move || handle_tcp(stream, &name));
+                std::thread::spawn(move || handle_tcp(&stream, &name));
             }
         }));
     }
@@ -107,16 +107,16 @@ fn serve(args: &Args) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn handle_tcp(stream: TcpStream, name: &str) {
+fn handle_tcp(stream: &TcpStream, name: &str) {
     let Ok(peer) = stream.peer_addr() else { return };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut reader = BufReader::new(&stream);
+    let mut reader = BufReader::new(stream);
     // One request line per reply; a client that sends nothing still gets one reply.
     let mut line = String::new();
     loop {
         line.clear();
         let n = reader.read_line(&mut line).unwrap_or(0);
-        if (&stream)
+        if (&*stream)
             .write_all(format!("{name} {peer}\n").as_bytes())
             .is_err()
             || n == 0
