@@ -26,6 +26,7 @@ pub const PACKAGES: &[&str] = &[
     "tcpdump",
     "procps",
     "kmod",
+    "socat",
 ];
 
 pub fn run() -> Result<()> {
