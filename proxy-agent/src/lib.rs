@@ -9,6 +9,7 @@ pub mod debug_cli;
 pub mod health;
 pub mod lbmap;
 pub mod metrics;
+pub mod node_net;
 pub mod preflight;
 pub mod reconcile;
 pub mod routing;

@@ -34,12 +34,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             print!("{out}");
         }
         Command::Uninstall(args) => {
-            let done = twill_agent::run::uninstall(&args)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let done = rt.block_on(twill_agent::run::uninstall(&args))?;
             if done.cni_conf {
                 println!("removed CNI config from {}", args.cni_conf_dir.display());
             }
             for p in &done.pins {
                 println!("removed {}", p.display());
+            }
+            let net = &done.network;
+            if net.routes_removed > 0 || net.device_removed {
+                println!(
+                    "removed {} routes to other nodes{}",
+                    net.routes_removed,
+                    if net.device_removed {
+                        " and the VXLAN device"
+                    } else {
+                        ""
+                    }
+                );
             }
             if done.api_socket {
                 println!("removed {}", args.api_socket.display());

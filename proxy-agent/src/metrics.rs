@@ -33,6 +33,8 @@ pub struct Metrics {
     invalid_objects: Family<Labels, Counter>,
     pub sync_errors: Counter,
     pub manifest_errors: Counter,
+    network_errors: Family<Labels, Counter>,
+    pub peer_routes: Gauge,
     source_errors: Family<Labels, Counter>,
     /// Last absolute kernel counter per verdict: the kernel's counters are absolute, Prometheus
     /// counters only go up by deltas.
@@ -115,6 +117,18 @@ impl Metrics {
             "Manifest files that failed to parse",
             manifest_errors.clone(),
         );
+        let network_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "twill_network_errors",
+            "Failed syncs of the node network (routes, overlay, masquerade, tc attach), by reason",
+            network_errors.clone(),
+        );
+        let peer_routes = Gauge::default();
+        registry.register(
+            "twill_peer_routes",
+            "Routes to other nodes' pod CIDRs in the applied route plan",
+            peer_routes.clone(),
+        );
         let source_errors = Family::<Labels, Counter>::default();
         registry.register(
             "twill_source_errors",
@@ -133,6 +147,8 @@ impl Metrics {
             invalid_objects,
             sync_errors,
             manifest_errors,
+            network_errors,
+            peer_routes,
             source_errors,
             last_verdicts: Mutex::default(),
             counted_rejections: Mutex::default(),
@@ -168,6 +184,12 @@ impl Metrics {
     pub fn map_error(&self, map: &str, kind: &str) {
         self.map_errors
             .get_or_create(&labels(&[("map", map), ("kind", kind)]))
+            .inc();
+    }
+
+    pub fn network_error(&self, reason: &str) {
+        self.network_errors
+            .get_or_create(&labels(&[("reason", reason)]))
             .inc();
     }
 

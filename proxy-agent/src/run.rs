@@ -23,6 +23,7 @@ use crate::datapath::{AyaLbMaps, Datapath, DatapathError, DatapathOptions};
 use crate::health::{Health, HealthCheckServers};
 use crate::lbmap::LbMaps;
 use crate::metrics::Metrics;
+use crate::node_net::{NetworkError, NetworkState, NodeNetwork};
 use crate::preflight::PreflightError;
 use crate::reconcile::{ReconcileError, Reconciler};
 use crate::source::manifests::{ManifestDir, error_chain};
@@ -57,6 +58,8 @@ pub enum RunError {
     Client(#[from] crate::source::kube::ClientError),
     #[error("installing the signal handler")]
     Signal(#[source] std::io::Error),
+    #[error("opening netlink for the node network")]
+    Network(#[source] crate::routing::RoutingError),
 }
 
 /// Compile settings derived from the agent config.
@@ -130,6 +133,8 @@ pub struct Syncer<M: LbMaps> {
     ids: IdAllocation,
     /// The CNI config last written (or found identical on disk).
     cni_conf: Option<Vec<u8>>,
+    /// MTU written into the CNI config: `--cni-mtu`, lowered to what the route plan allows.
+    cni_mtu: u32,
     failures: u32,
     /// Invalid objects of the last compile, so each is logged once, not once per sync.
     logged_rejections: std::collections::BTreeSet<(String, String, String)>,
@@ -149,6 +154,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             compile_cfg: compile_config(&cfg),
             hc_servers: HealthCheckServers::new(health.clone(), Ipv4Addr::UNSPECIFIED),
             ids: IdAllocation::from_adopted(reconciler.applied()),
+            cni_mtu: cfg.cni_mtu,
             cfg,
             stores,
             metrics,
@@ -159,6 +165,19 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             failures: 0,
             logged_rejections: std::collections::BTreeSet::new(),
         }
+    }
+
+    /// Takes the node network's devices and MTU into the next compile and CNI config.
+    pub fn set_network(&mut self, net: &NetworkState) {
+        self.compile_cfg
+            .nodeport_addresses
+            .clone_from(&net.nodeport_addresses);
+        self.cni_mtu = net
+            .pod_mtu
+            .map_or(self.cfg.cni_mtu, |m| m.min(self.cfg.cni_mtu));
+        self.metrics
+            .peer_routes
+            .set(i64::try_from(net.peer_routes).unwrap_or(i64::MAX));
     }
 
     pub fn reconciler(&self) -> &Reconciler<M> {
@@ -299,7 +318,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         if cidrs.is_empty() {
             return;
         }
-        let content = crate::cniconf::render(&cidrs, self.cfg.cni_mtu, &self.cfg.state_dir);
+        let content = crate::cniconf::render(&cidrs, self.cni_mtu, &self.cfg.state_dir);
         if self.cni_conf.as_ref() == Some(&content) {
             return;
         }
@@ -319,8 +338,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
 
     /// Delay before retrying after consecutive failed applies (capped exponential).
     pub fn retry_delay(&self) -> Duration {
-        let exp = self.failures.saturating_sub(1).min(10);
-        (RETRY_MIN * 2u32.pow(exp)).min(RETRY_MAX)
+        backoff(self.failures)
     }
 
     /// Copies the kernel's verdict counters into the metrics.
@@ -329,6 +347,12 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             self.metrics.set_verdicts(totals);
         }
     }
+}
+
+/// Capped exponential delay after `failures` consecutive failures (≥ 1).
+fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(10);
+    (RETRY_MIN * 2u32.pow(exp)).min(RETRY_MAX)
 }
 
 async fn bind_tcp(
@@ -461,7 +485,8 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let health = Health::new(stores.clone(), cfg.sync_period * 2);
     let published: Arc<RwLock<Published>> = Arc::default();
     let mut tasks = start_servers(&cfg, &health, &metrics, &published).await?;
-    let (datapath, reconciler) = start_datapath(&cfg, &cgroup)?;
+    let (mut datapath, reconciler) = start_datapath(&cfg, &cgroup)?;
+    let mut network = NodeNetwork::new(&cfg).map_err(RunError::Network)?;
     tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
 
     let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
@@ -488,6 +513,8 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Apply once right away (the adopted state may need pruning even with no change).
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+    let mut network_due = true;
+    let mut network_failures = 0u32;
     loop {
         let retry = async {
             match retry_at {
@@ -498,21 +525,66 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         tokio::select! {
             () = stores.changed_notification() => {}
             () = retry => {}
-            _ = resync.tick() => {}
+            _ = resync.tick() => network_due = true,
             _ = stats.tick() => { agent.export_stats(); continue; }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
         // Coalesce a burst of changes into one apply.
         tokio::time::sleep(DEBOUNCE).await;
+        if network_due || network.needs_sync(&stores.snapshot()) {
+            network_due = false;
+            if sync_network(&mut network, &mut datapath, &stores, &mut agent).await {
+                network_failures = 0;
+            } else {
+                network_failures = network_failures.saturating_add(1);
+            }
+        }
         let ok = agent.sync();
-        retry_at = (!ok).then(|| tokio::time::Instant::now() + agent.retry_delay());
+        // Each part retries on its own backoff: a persistent routing error (a Node without
+        // InternalIP, say) must not turn into a 100 ms retry loop of map applies, nor the
+        // reverse.
+        let delays = [
+            (!ok).then(|| agent.retry_delay()),
+            (network_failures > 0).then(|| backoff(network_failures)),
+        ];
+        retry_at = delays
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|d| tokio::time::Instant::now() + d);
     }
     log::info!("terminating: pinned maps and links stay in place, traffic keeps flowing");
     abort_all(&tasks);
     drop(agent);
     drop(datapath);
     Ok(())
+}
+
+/// One node-network sync; its devices and MTU go into the next compile even when a later step
+/// (routes) failed. Returns whether it fully succeeded.
+async fn sync_network<M: LbMaps + VerdictStats>(
+    network: &mut NodeNetwork,
+    datapath: &mut Datapath,
+    stores: &Stores,
+    agent: &mut Syncer<M>,
+) -> bool {
+    let result = network
+        .sync(&stores.snapshot(), datapath, stores.is_synced())
+        .await;
+    agent.set_network(network.state());
+    match result {
+        Ok(_) => true,
+        Err(e) => {
+            log_network_error(&e, &agent.metrics);
+            false
+        }
+    }
+}
+
+fn log_network_error(e: &NetworkError, metrics: &Metrics) {
+    log::error!("{}", error_chain(e));
+    metrics.network_error(e.metric_label());
 }
 
 fn abort_all(tasks: &[tokio::task::JoinHandle<()>]) {
@@ -525,6 +597,8 @@ fn abort_all(tasks: &[tokio::task::JoinHandle<()>]) {
 #[derive(Debug, Default)]
 pub struct Uninstalled {
     pub cni_conf: bool,
+    /// Peer routes, the overlay device and the masquerade table that were removed.
+    pub network: crate::routing::ApplyReport,
     pub pins: Vec<PathBuf>,
     pub api_socket: bool,
 }
@@ -535,6 +609,8 @@ pub enum UninstallError {
     CniConf(#[from] crate::cniconf::CniConfError),
     #[error("removing pinned maps and links")]
     Unpin(#[from] DatapathError),
+    #[error("removing routes, the overlay device and the masquerade table")]
+    Network(#[from] crate::routing::RoutingError),
     #[error("removing the API socket {path}")]
     Socket {
         path: PathBuf,
@@ -544,11 +620,15 @@ pub enum UninstallError {
 }
 
 /// `twill-agent uninstall`: removes the CNI config (so the runtime stops creating Twill pods),
-/// then the pinned links (the socket hooks detach) and maps, and the API socket. Pod routes
-/// and devices go with the pods and the node; masquerade rules with the routing layer.
-pub fn uninstall(args: &crate::config::UninstallArgs) -> Result<Uninstalled, UninstallError> {
+/// then the pinned links (the socket and tc hooks detach) and maps, the agent's routes to other
+/// nodes, its VXLAN device and masquerade table (all found by their ownership marks), and the
+/// API socket. Pod routes and veths go with the pods. Runs inside a tokio runtime (netlink).
+pub async fn uninstall(args: &crate::config::UninstallArgs) -> Result<Uninstalled, UninstallError> {
     let cni_conf = crate::cniconf::remove(&args.cni_conf_dir)?;
     let pins = Datapath::unpin_all(&args.bpffs_dir)?;
+    let network = crate::routing::RouteExecutor::connect()?
+        .remove_all()
+        .await?;
     let api_socket = match std::fs::remove_file(&args.api_socket) {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
@@ -561,6 +641,7 @@ pub fn uninstall(args: &crate::config::UninstallArgs) -> Result<Uninstalled, Uni
     };
     Ok(Uninstalled {
         cni_conf,
+        network,
         pins,
         api_socket,
     })

@@ -272,7 +272,9 @@ fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
 
 /// A command running inside `netns` and, when given, inside `cgroup` (moved there between fork
 /// and exec, so the program's sockets are created inside it and the node's socket hooks see
-/// them).
+/// them). Goes through `ip netns exec`, which also mounts the namespace's own sysfs in a private
+/// mount namespace, so `/sys/class/net` shows the lab's devices (podman and the reference CNI
+/// plugins read it).
 fn netns_command(
     netns: &str,
     cgroup: Option<&Path>,
@@ -281,27 +283,57 @@ fn netns_command(
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns]).arg(program);
     if let Some(cg) = cgroup {
-        let procs = cg.join("cgroup.procs");
-        // SAFETY: only async-signal-safe work in the child: open/write/close via std::fs on a
-        // fixed path (no allocation after the path buffer is built before fork).
-        let procs =
-            std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let r = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if r < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        join_cgroup_before_exec(&mut cmd, cg);
     }
     cmd
+}
+
+/// A command that switches only its network namespace to `netns` (setns(2) between fork and
+/// exec) and joins `cgroup`, keeping the machine's mounts. The agent needs that: the private
+/// sysfs of `ip netns exec` hides the cgroup2 mount under `/sys/fs/cgroup` that it attaches its
+/// socket hooks to and the bpffs under `/sys/fs/bpf` it pins in.
+fn netns_only_command(netns: &str, cgroup: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    // Opened before fork: the child may only make async-signal-safe calls.
+    let ns = fs::File::open(Path::new(NETNS_RUN_DIR).join(netns));
+    // SAFETY: setns(2) on an fd opened before fork; no allocation in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::os::fd::AsRawFd as _;
+            let fd = match &ns {
+                Ok(f) => f.as_raw_fd(),
+                Err(_) => return Err(std::io::Error::from_raw_os_error(libc::ENOENT)),
+            };
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    join_cgroup_before_exec(&mut cmd, cgroup);
+    cmd
+}
+
+/// Moves the child into `cgroup` between fork and exec.
+fn join_cgroup_before_exec(cmd: &mut Command, cgroup: &Path) {
+    let procs = cgroup.join("cgroup.procs");
+    let procs = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    // SAFETY: only async-signal-safe calls in the child (open/write/close on a path built
+    // before fork).
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let r = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 impl Lab {
@@ -829,7 +861,7 @@ impl Agent {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut cmd = netns_command(&self.node_netns, Some(&self.cgroup), bin("twill-agent"));
+        let mut cmd = netns_only_command(&self.node_netns, &self.cgroup, bin("twill-agent"));
         cmd.args(&self.args)
             .env(
                 "RUST_LOG",
@@ -842,23 +874,21 @@ impl Agent {
         Ok(())
     }
 
-    /// Stops the agent with SIGTERM (graceful: pinned maps and links stay), then waits.
+    /// Stops the agent with SIGTERM (graceful: pinned maps and links stay), then waits; an
+    /// agent that ignores SIGTERM for 10 s is killed and reported.
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
             let pid = i32::try_from(child.id())?;
             // SAFETY: plain kill(2) on our own child.
             unsafe { libc::kill(pid, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if child.try_wait()?.is_some() {
-                    break;
-                }
+            while child.try_wait()?.is_none() {
                 if Instant::now() > deadline {
                     let _ = child.kill();
                     let _ = child.wait();
-                    break;
+                    bail!("the agent did not exit within 10 s of SIGTERM");
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
         Ok(())

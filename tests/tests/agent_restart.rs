@@ -9,8 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use agent_common::{
-    AgentProc, ready, repliers, service, slice, start_agent, tcp_loop, wait_agent_ready,
-    wait_tcp_reply,
+    ready, repliers, service, slice, start_agent, tcp_loop, wait_agent_ready, wait_tcp_reply,
 };
 use anyhow::{Context as _, Result, bail, ensure};
 use twill_lab::{LabSpec, require};
@@ -306,6 +305,6 @@ fn should_refuse_to_start_without_a_cgroup2_root() -> Result<()> {
         err.contains("is not a cgroup v2 directory"),
         "unclear message: {err}"
     );
-    let _ = AgentProc::start;
+
     Ok(())
 }

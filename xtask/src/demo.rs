@@ -98,7 +98,25 @@ fn demo(lab: &Lab) -> Result<()> {
         .with_context(|| format!("agent on {} never became healthy", n.name))?;
         println!("    {}: agent healthy (/livez 200)", n.name);
     }
+    let result = with_agents(lab);
+    if result.is_err() {
+        for (n, a) in lab.nodes.iter().zip(&agents) {
+            let log = a.log();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            println!("\n    last lines of the agent log on {}:", n.name);
+            for line in tail.iter().rev() {
+                println!("      {line}");
+            }
+        }
+    }
+    for mut a in agents {
+        a.stop()?;
+    }
+    result
+}
 
+/// Everything after the agents are healthy.
+fn with_agents(lab: &Lab) -> Result<()> {
     say("creating pods through twill-cni: echo-0 on n0, echo-1 on n1, echo-2 on n2, client on n0");
     let echo: Vec<Pod> = (0..3)
         .map(|i| lab.node(i).add_pod(&format!("echo-{i}")))
@@ -127,11 +145,7 @@ fn demo(lab: &Lab) -> Result<()> {
             == 0)
             .then_some(()))
     })?;
-    traffic(lab, &echo, &client)?;
-    for mut a in agents {
-        a.stop()?;
-    }
-    Ok(())
+    traffic(lab, &echo, &client)
 }
 
 /// The Services of the demo and their EndpointSlices, written to the lab's manifests directory.

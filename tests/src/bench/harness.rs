@@ -6,7 +6,6 @@ use std::{
     collections::BTreeMap,
     fs,
     net::Ipv4Addr,
-    path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -191,91 +190,29 @@ pub struct BenchResults {
     pub notes: Vec<String>,
 }
 
-/// The Twill agent of the twill contender.
-enum AgentHandle {
-    /// Started by the lab (`Node::start_agent`).
-    Lab(Agent),
-    /// Started by the harness with `nsenter --net` (see [`start_agent`]); the process is
-    /// tracked by the lab and lives in the node cgroup, so teardown kills it.
-    Nsenter { pid: u32, log: PathBuf },
-}
-
-impl AgentHandle {
-    fn pid(&self) -> Option<u32> {
-        match self {
-            AgentHandle::Lab(a) => a.pid(),
-            AgentHandle::Nsenter { pid, .. } => Some(*pid),
-        }
+/// Starts `twill-agent run` in the node and checks it is still running after a short grace
+/// period (a start-up check failure exits at once).
+fn start_agent(node: &Node) -> Result<Agent> {
+    const GRACE: Duration = Duration::from_millis(500);
+    let mut agent = node.start_agent(&[])?;
+    std::thread::sleep(GRACE);
+    if !agent.is_running() {
+        bail!(
+            "twill-agent exited within {GRACE:?} of its start: {}",
+            log_tail(&agent.log())
+        );
     }
-
-    fn log(&self) -> String {
-        match self {
-            AgentHandle::Lab(a) => a.log(),
-            AgentHandle::Nsenter { log, .. } => fs::read_to_string(log).unwrap_or_default(),
-        }
-    }
+    Ok(agent)
 }
 
 fn log_tail(log: &str) -> String {
     let tail: Vec<&str> = log.lines().rev().take(5).collect();
     let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
     if tail.is_empty() {
-        "empty".into()
+        "empty log".into()
     } else {
         tail
     }
-}
-
-fn alive(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("State:"))
-            .is_some_and(|st| !st.trim_start().starts_with('Z'))
-    })
-}
-
-/// Starts `twill-agent run` in the node. First the lab's way; when the agent dies at once
-/// there, once more under `nsenter --net`: `ip netns exec` (the lab's wrapper) mounts a fresh
-/// sysfs for the process, which hides the cgroup2 mount under /sys/fs/cgroup that the agent
-/// attaches to, while `nsenter --net` switches only the network namespace.
-fn start_agent(lab: &Lab, node: &Node) -> Result<AgentHandle> {
-    const GRACE: Duration = Duration::from_millis(500);
-    let mut agent = node.start_agent(&[])?;
-    std::thread::sleep(GRACE);
-    if agent.is_running() {
-        return Ok(AgentHandle::Lab(agent));
-    }
-    let first = log_tail(&agent.log());
-    drop(agent);
-    let log = node.log_dir().join("agent-nsenter.log");
-    let out = fs::File::create(&log)?;
-    let mut cmd = std::process::Command::new("nsenter");
-    cmd.arg(format!("--net=/var/run/netns/{}", node.netns))
-        .arg(bin("twill-agent"))
-        .args(node.agent_args())
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out);
-    let child = cmd.spawn().context("spawning nsenter twill-agent")?;
-    let pid = child.id();
-    // Into the node cgroup so the lab's teardown (cgroup.kill) reaches it; the agent's own
-    // cgroup does not matter to what it attaches.
-    let moved = fs::write(node.cgroup.join("cgroup.procs"), pid.to_string());
-    lab.track(child);
-    moved.context("moving the agent into the node cgroup")?;
-    std::thread::sleep(GRACE);
-    if !alive(pid) {
-        bail!(
-            "twill-agent exited within {GRACE:?} of its start, under `ip netns exec` (log: {first}) \
-             and under `nsenter --net` (log: {})",
-            log_tail(&fs::read_to_string(&log).unwrap_or_default())
-        );
-    }
-    Ok(AgentHandle::Nsenter { pid, log })
 }
 
 /// One contender's node, pods and state.
@@ -284,7 +221,7 @@ struct Setup<'a> {
     node: &'a Node,
     client: Pod,
     backends: [Pod; 2],
-    agent: Option<AgentHandle>,
+    agent: Option<Agent>,
     /// Services currently programmed (for kube-proxy's add-one shape).
     programmed: Vec<BenchService>,
     unavailable: Option<String>,
@@ -368,13 +305,7 @@ impl Setup<'_> {
     }
 
     fn agent_log_tail(&self) -> String {
-        let log = self
-            .agent
-            .as_ref()
-            .map(AgentHandle::log)
-            .unwrap_or_default();
-        let lines: Vec<&str> = log.lines().rev().take(5).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        log_tail(&self.agent.as_ref().map(Agent::log).unwrap_or_default())
     }
 
     /// Address(es) the load goes to: the VIP, or for the direct path the backends themselves.
@@ -631,16 +562,7 @@ impl<'a> Bench<'a> {
         for (i, &contender) in cfg.contenders.iter().enumerate() {
             let node = lab.node(i);
             match Self::setup(lab, node, contender) {
-                Ok(s) => {
-                    if matches!(s.agent, Some(AgentHandle::Nsenter { .. })) {
-                        results.notes.push(
-                            "twill-agent died under the lab's `ip netns exec` (fresh sysfs hides the cgroup2 \
-                             mount); started with `nsenter --net` instead"
-                                .into(),
-                        );
-                    }
-                    setups.push(s);
-                }
+                Ok(s) => setups.push(s),
                 Err(e) if contender == Contender::Twill => {
                     results
                         .unavailable
@@ -697,7 +619,7 @@ impl<'a> Bench<'a> {
                 .then_some(()))
         })?;
         let agent = if contender == Contender::Twill {
-            Some(start_agent(lab, node)?)
+            Some(start_agent(node)?)
         } else {
             None
         };
@@ -826,7 +748,7 @@ impl<'a> Bench<'a> {
                 self.results.control_plane.push(cp);
             }
             let s = &self.setups[idx];
-            if let Some(pid) = s.agent.as_ref().and_then(AgentHandle::pid)
+            if let Some(pid) = s.agent.as_ref().and_then(Agent::pid)
                 && let Ok(kib) = kib_rss(pid)
             {
                 self.results.agent_rss_by_size.insert(n, kib);
@@ -994,7 +916,7 @@ impl<'a> Bench<'a> {
                 let pid = s
                     .agent
                     .as_ref()
-                    .and_then(AgentHandle::pid)
+                    .and_then(Agent::pid)
                     .ok_or_else(|| anyhow!("agent has no pid"))?;
                 let rss_kib = kib_rss(pid)?;
                 self.results.agent_rss = Some(AgentRss {

@@ -131,99 +131,35 @@ pub fn wait_tcp_refused(pod: &Pod, to: &str) -> Result<()> {
     })
 }
 
-/// `twill-agent run` in a node's network namespace and cgroup.
-///
-/// Started with `nsenter --net` rather than the lab's `ip netns exec`: the latter remounts
-/// `/sys` in a private mount namespace, which hides the cgroup2 and bpffs mounts under
-/// `/sys/fs` that the agent attaches to and pins in.
-pub struct AgentProc {
-    child: Option<std::process::Child>,
-    args: Vec<String>,
-    netns: String,
-    cgroup: std::path::PathBuf,
-    pub log: std::path::PathBuf,
-}
+/// `twill-agent run` in a node (the lab's [`twill_lab::Agent`]) that prints the tail of its log
+/// when dropped: the test harness shows captured output only for failed tests.
+pub struct AgentProc(twill_lab::Agent);
 
 impl AgentProc {
     pub fn start(node: &Node, extra: &[&str]) -> Result<Self> {
-        let mut args = node.agent_args();
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        std::fs::create_dir_all(node.log_dir())?;
-        let mut a = Self {
-            child: None,
-            args,
-            netns: node.netns.clone(),
-            cgroup: node.cgroup.clone(),
-            log: node.log_dir().join("agent.log"),
-        };
-        a.spawn()?;
-        Ok(a)
+        Ok(Self(node.start_agent(extra)?))
     }
 
-    fn spawn(&mut self) -> Result<()> {
-        use std::process::{Command, Stdio};
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", self.netns))
-            .arg("--")
-            .arg(twill_lab::bin("twill-agent"))
-            .args(&self.args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        // Into the node's cgroup, so the lab's teardown (cgroup.kill) also ends it.
-        std::fs::write(self.cgroup.join("cgroup.procs"), child.id().to_string())?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    /// SIGTERM (graceful: pinned maps and links stay), then wait (bounded).
     pub fn stop(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            let pid = i32::try_from(child.id())?;
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait()?.is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    bail!("the agent did not exit within 10 s of SIGTERM");
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        Ok(())
+        self.0.stop()
     }
 
     pub fn restart(&mut self) -> Result<()> {
-        self.stop()?;
-        self.spawn()
+        self.0.restart()
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.0.is_running()
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.0.log()
     }
 }
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
-        let _ = self.stop();
-        // The test harness shows captured output only for failed tests: the agent's log then.
+        let _ = self.0.stop();
         let log = self.log();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
         eprintln!("--- agent log (last {} lines) ---", tail.len());

@@ -1,0 +1,195 @@
+//! The node's own network, driven by the run loop: routes to the other nodes' pod CIDRs (and
+//! the egress masquerade that comes with the route plan), the per-packet north-south programs
+//! on the node's devices, and the addresses NodePorts answer on.
+//!
+//! It runs when the routing-relevant part of the Node objects changes and on the periodic
+//! resync, not on every Service change: one sync dumps the node's links, addresses and routes
+//! and may run `nft`, which would put milliseconds on the path of every Service update.
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use k8s_openapi::api::core::v1::Node;
+
+use crate::config::Config;
+use crate::datapath::{Datapath, DatapathError};
+use crate::routing::{
+    ApplyReport, RouteExecutor, RoutingConfig, RoutingError, cni_mtu, default_devices,
+    node_internal_ipv4, nodeport_addresses, plan_routes,
+};
+use crate::source::Snapshot;
+
+/// What the rest of the agent needs from the last network sync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetworkState {
+    /// Devices the north-south programs are attached to.
+    pub devices: Vec<String>,
+    /// Addresses of those devices NodePorts answer on (filtered by `--nodeport-addresses`).
+    pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// MTU pods must use on this node's route plan (the overlay's when it is in use); `None`
+    /// until routes were planned once.
+    pub pod_mtu: Option<u32>,
+    /// Peer routes in the last applied plan.
+    pub peer_routes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("programming the routes to the other nodes")]
+    Routing(#[from] RoutingError),
+    #[error("attaching the north-south programs to device {device}")]
+    Attach {
+        device: String,
+        #[source]
+        source: Box<DatapathError>,
+    },
+}
+
+impl NetworkError {
+    /// Label of `twill_network_errors_total{reason=...}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Routing(e) => e.metric_label(),
+            Self::Attach { .. } => "attach_tc",
+        }
+    }
+}
+
+/// The routing-relevant view of one Node: what changes the route plan.
+type NodeRouting = (Option<String>, Option<Ipv4Addr>, Option<Vec<String>>);
+
+fn routing_view(snapshot: &Snapshot) -> Vec<NodeRouting> {
+    snapshot
+        .nodes
+        .values()
+        .map(|n| {
+            (
+                n.metadata.name.clone(),
+                node_internal_ipv4(n),
+                n.spec.as_ref().and_then(|s| s.pod_cidrs.clone()),
+            )
+        })
+        .collect()
+}
+
+pub struct NodeNetwork {
+    routing: RouteExecutor,
+    config: RoutingConfig,
+    node_name: String,
+    /// `--devices`; empty: the interfaces holding the node's InternalIP (else the default
+    /// route's).
+    devices_flag: Vec<String>,
+    nodeport_cidrs: Vec<Ipv4Network>,
+    /// Routing view of the last fully successful sync (`None`: sync needed).
+    synced: Option<Vec<NodeRouting>>,
+    /// Devices with the north-south programs attached by this agent.
+    attached: BTreeSet<String>,
+    state: NetworkState,
+}
+
+impl NodeNetwork {
+    /// Opens the netlink socket; call inside the tokio runtime.
+    pub fn new(cfg: &Config) -> Result<Self, RoutingError> {
+        Ok(Self {
+            routing: RouteExecutor::connect()?,
+            config: RoutingConfig::from(cfg),
+            node_name: cfg.node_name.clone(),
+            devices_flag: cfg.devices.clone(),
+            nodeport_cidrs: cfg.nodeport_addresses.clone(),
+            synced: None,
+            attached: BTreeSet::new(),
+            state: NetworkState::default(),
+        })
+    }
+
+    pub fn state(&self) -> &NetworkState {
+        &self.state
+    }
+
+    /// Whether the Node objects changed in a way that matters since the last successful sync
+    /// (or that sync failed).
+    pub fn needs_sync(&self, snapshot: &Snapshot) -> bool {
+        self.synced
+            .as_ref()
+            .is_none_or(|v| *v != routing_view(snapshot))
+    }
+
+    /// Devices, north-south attachment, NodePort addresses, then routes. `prune` (the node
+    /// store has synced once) lets stale routes of unknown nodes be removed. On error, what
+    /// succeeded before the failing step is kept in [`Self::state`] and the next call retries.
+    pub async fn sync(
+        &mut self,
+        snapshot: &Snapshot,
+        datapath: &mut Datapath,
+        prune: bool,
+    ) -> Result<ApplyReport, NetworkError> {
+        let view = routing_view(snapshot);
+        // Cleared until this sync succeeds: a failure is retried even with unchanged Nodes.
+        self.synced = None;
+        let host = self.routing.host_network().await?;
+        let me: Option<&Node> = snapshot.node(&self.node_name).map(AsRef::as_ref);
+        let node_ips: Vec<Ipv4Addr> = me.and_then(node_internal_ipv4).into_iter().collect();
+        let devices = if self.devices_flag.is_empty() {
+            default_devices(&host, &node_ips)
+        } else {
+            self.devices_flag.clone()
+        };
+        self.attach(&devices, datapath)?;
+        self.state.nodeport_addresses = nodeport_addresses(&host, &devices, &self.nodeport_cidrs);
+        self.state.devices = devices;
+
+        let nodes = snapshot.nodes.values().map(AsRef::as_ref);
+        let plan = plan_routes(&self.node_name, nodes, &self.config, &host)?;
+        for s in &plan.skipped {
+            log::debug!("no route to node {}: {:?}", s.node, s.reason);
+        }
+        let report = self.routing.apply(&plan, prune).await?;
+        if report.changed() {
+            log::info!(
+                "routes: {} peer routes via {} ({report:?})",
+                plan.peers.len(),
+                if plan.vxlan.is_some() {
+                    "direct routes and the VXLAN overlay"
+                } else {
+                    "direct routes"
+                }
+            );
+        }
+        self.state.pod_mtu = Some(cni_mtu(&self.config, &plan));
+        self.state.peer_routes = plan.peers.len();
+        self.synced = Some(view);
+        Ok(report)
+    }
+
+    /// Attaches the tc programs to devices new in `devices` and detaches them from devices that
+    /// left the set. Pinned links of an earlier agent are taken over in place (no gap).
+    fn attach(&mut self, devices: &[String], datapath: &mut Datapath) -> Result<(), NetworkError> {
+        for dev in devices {
+            if self.attached.contains(dev) {
+                continue;
+            }
+            let outcomes = datapath
+                .attach_tc(dev)
+                .map_err(|source| NetworkError::Attach {
+                    device: dev.clone(),
+                    source: Box::new(source),
+                })?;
+            log::info!("north-south programs on {dev}: {outcomes:?}");
+            self.attached.insert(dev.clone());
+        }
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|d| !devices.contains(d))
+            .cloned()
+            .collect();
+        for dev in gone {
+            match datapath.detach_tc(&dev) {
+                Ok(()) => log::info!("north-south programs detached from {dev}"),
+                Err(e) => log::warn!("detaching from {dev}: {e}"),
+            }
+            self.attached.remove(&dev);
+        }
+        Ok(())
+    }
+}
