@@ -4,8 +4,9 @@
 //! the aya one (`datapath::AyaLbMaps`, real pinned maps), an in-memory fake ([`FakeLbMaps`]) and a
 //! fault injector wrapping any implementation, so the reconciler's diff/apply logic is tested
 //! without a kernel, including half-failed applies.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use ipnetwork::Ipv4Network;
 use twill_common::{Backend, DatapathConfig, ServiceKey, ServiceValue, SlotKey};
 
 /// Which map an operation touched; used in errors and as a metric label.
@@ -80,7 +81,31 @@ pub struct LbState {
     pub backends: BTreeMap<u32, Backend>,
     /// Addresses (network order) `NodePort` frontends answer on.
     pub node_addrs: BTreeMap<u32, u32>,
+    /// `loadBalancerSourceRanges` as (`svc_id`, allowed client range): a frontend whose flags
+    /// carry `SVC_F_SOURCE_RANGES` admits only clients inside a range of its `svc_id` (none: no
+    /// client). Ranges are canonical (host bits zero), as the kernel's trie key stores them, so
+    /// desired and dumped sets compare equal.
+    pub source_ranges: BTreeSet<(u32, Ipv4Network)>,
     pub config: DatapathConfig,
+}
+
+impl LbState {
+    /// The source ranges of `svc_id`, sorted.
+    pub fn source_ranges_of(&self, svc_id: u32) -> impl Iterator<Item = Ipv4Network> + '_ {
+        // `0.0.0.0/0` is the smallest range in `Ipv4Network`'s order (address, then prefix).
+        let first = Ipv4Network::new_checked(std::net::Ipv4Addr::UNSPECIFIED, 0)
+            .expect("prefix 0 is valid");
+        self.source_ranges
+            .range((svc_id, first)..)
+            .take_while(move |(id, _)| *id == svc_id)
+            .map(|(_, r)| *r)
+    }
+}
+
+/// `range` with its host bits cleared (`10.1.2.3/8` → `10.0.0.0/8`): the one form a range has
+/// in the maps.
+pub fn canonical_range(range: Ipv4Network) -> Ipv4Network {
+    Ipv4Network::new(range.network(), range.prefix()).unwrap_or(range)
 }
 
 /// Writes to and reads from the load-balancing maps.
@@ -93,6 +118,10 @@ pub trait LbMaps {
     fn delete_backend(&mut self, id: u32) -> Result<(), MapError>;
     fn upsert_node_addr(&mut self, addr_be: u32, flags: u32) -> Result<(), MapError>;
     fn delete_node_addr(&mut self, addr_be: u32) -> Result<(), MapError>;
+    /// Allows clients in `range` to reach the frontends of `svc_id` that carry
+    /// `SVC_F_SOURCE_RANGES`.
+    fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError>;
+    fn delete_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError>;
     fn set_config(&mut self, config: DatapathConfig) -> Result<(), MapError>;
     /// Reads back everything the service tables hold (used at start to adopt pinned maps, and
     /// by the debug CLI).
@@ -112,6 +141,8 @@ pub struct FakeLbMaps {
     pub slots_capacity: Option<u32>,
     /// Capacity of the backends map.
     pub backends_capacity: Option<u32>,
+    /// Capacity of the source-range trie.
+    pub source_ranges_capacity: Option<u32>,
     pub flushed_backends: Vec<u32>,
 }
 
@@ -123,8 +154,18 @@ fn check_capacity<K: Ord, V>(
     capacity: Option<u32>,
     kind: MapKind,
 ) -> Result<(), MapError> {
+    check_room(map.contains_key(key), map.len(), capacity, kind)
+}
+
+/// [`check_capacity`] for a map whose key is `present` or not among `len` entries.
+fn check_room(
+    present: bool,
+    len: usize,
+    capacity: Option<u32>,
+    kind: MapKind,
+) -> Result<(), MapError> {
     match capacity {
-        Some(cap) if !map.contains_key(key) && map.len() >= cap as usize => Err(MapError::Full {
+        Some(cap) if !present && len >= cap as usize => Err(MapError::Full {
             map: kind,
             capacity: cap,
         }),
@@ -183,6 +224,24 @@ impl LbMaps for FakeLbMaps {
         self.state.node_addrs.remove(&addr_be);
         Ok(())
     }
+    fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+        // Stored canonical, like the kernel's trie key.
+        let entry = (svc_id, canonical_range(range));
+        check_room(
+            self.state.source_ranges.contains(&entry),
+            self.state.source_ranges.len(),
+            self.source_ranges_capacity,
+            MapKind::SourceRanges,
+        )?;
+        self.state.source_ranges.insert(entry);
+        Ok(())
+    }
+    fn delete_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+        self.state
+            .source_ranges
+            .remove(&(svc_id, canonical_range(range)));
+        Ok(())
+    }
     fn set_config(&mut self, config: DatapathConfig) -> Result<(), MapError> {
         self.state.config = config;
         Ok(())
@@ -202,9 +261,9 @@ impl LbMaps for FakeLbMaps {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FaultPlan {
     /// Fail exactly these operation numbers.
-    pub nth: std::collections::BTreeSet<u64>,
+    pub nth: BTreeSet<u64>,
     /// Fail every write to these maps.
-    pub maps: std::collections::BTreeSet<MapKind>,
+    pub maps: BTreeSet<MapKind>,
     /// Fail every operation numbered `k` or higher (a connection to the kernel "going away").
     pub after: Option<u64>,
     /// Report the map as full (`MapError::Full`) instead of an injected error, for rules matching
@@ -291,6 +350,7 @@ impl<M: LbMaps> FaultyLbMaps<M> {
                 MapKind::BackendSlots => s.slots.len(),
                 MapKind::Backends => s.backends.len(),
                 MapKind::NodeAddrs => s.node_addrs.len(),
+                MapKind::SourceRanges => s.source_ranges.len(),
                 _ => 0,
             });
             return Err(MapError::Full {
@@ -334,6 +394,14 @@ impl<M: LbMaps> LbMaps for FaultyLbMaps<M> {
     fn delete_node_addr(&mut self, addr_be: u32) -> Result<(), MapError> {
         self.gate(MapKind::NodeAddrs, "delete")?;
         self.inner.delete_node_addr(addr_be)
+    }
+    fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+        self.gate(MapKind::SourceRanges, "update")?;
+        self.inner.upsert_source_range(svc_id, range)
+    }
+    fn delete_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+        self.gate(MapKind::SourceRanges, "delete")?;
+        self.inner.delete_source_range(svc_id, range)
     }
     fn set_config(&mut self, config: DatapathConfig) -> Result<(), MapError> {
         self.gate(MapKind::Config, "update")?;
@@ -384,6 +452,36 @@ mod tests {
             }
         ));
         assert_eq!(err.metric_label(), "full");
+    }
+
+    #[test]
+    fn fake_stores_canonical_source_ranges_and_reports_full() {
+        let net = |s: &str| s.parse::<Ipv4Network>().unwrap();
+        let mut fake = FakeLbMaps {
+            source_ranges_capacity: Some(1),
+            ..FakeLbMaps::default()
+        };
+        fake.upsert_source_range(7, net("10.1.2.3/8")).unwrap();
+        assert_eq!(
+            fake.dump().unwrap().source_ranges,
+            BTreeSet::from([(7, net("10.0.0.0/8"))])
+        );
+        // The same range again is an update, not a new key.
+        fake.upsert_source_range(7, net("10.0.0.0/8")).unwrap();
+        let err = fake.upsert_source_range(8, net("10.0.0.0/8")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MapError::Full {
+                    map: MapKind::SourceRanges,
+                    capacity: 1
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("TWL_LBSRC_V1"), "{err}");
+        fake.delete_source_range(7, net("10.9.9.9/8")).unwrap();
+        assert!(fake.state.source_ranges.is_empty());
     }
 
     #[test]

@@ -112,18 +112,6 @@ fn render(c: &Compiled) -> String {
             h.namespace, h.name, h.node_port, h.local_endpoints
         );
     }
-    for (key, ranges) in &c.source_ranges {
-        let ranges: Vec<String> = ranges.iter().map(ToString::to_string).collect();
-        let _ = writeln!(
-            out,
-            "source-ranges {}:{} proto={} scope={} {}",
-            twill_agent::compile::addr_from_be(key.addr_be),
-            u16::from_be(key.port_be),
-            key.proto,
-            key.scope,
-            ranges.join(",")
-        );
-    }
     let n = c.counts;
     let _ = writeln!(
         out,

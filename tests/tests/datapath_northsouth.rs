@@ -351,16 +351,19 @@ fn external_ip_and_load_balancer_ip_with_source_ranges() -> Result<()> {
         code == 0 && out.contains("peer=192.0.2.10:80"),
         "allowed client refused: {out}"
     );
-    let ranges = maps.dump_source_ranges()?;
+    let ranges = maps.dump()?.source_ranges;
     ensure!(
         ranges.len() == 2 && ranges.iter().all(|(id, _)| *id == 2),
         "{ranges:?}"
     );
-    // Replacing the set (what a Service edit does) drops the client's range again.
+    // A Service edit dropping the client's range (what the reconciler's prune does).
+    maps.delete_source_range(2, "172.30.0.0/24".parse()?)?;
     let only: Ipv4Network = "10.0.0.0/8".parse()?;
-    maps.set_source_ranges(2, &[only])?;
-    let ranges = maps.dump_source_ranges()?;
-    ensure!(ranges == vec![(2, only)], "{ranges:?}");
+    let ranges = maps.dump()?.source_ranges;
+    ensure!(
+        ranges == std::collections::BTreeSet::from([(2, only)]),
+        "{ranges:?}"
+    );
     // New flows are denied (a new connection uses a new client port, so no tracked flow).
     let (code, out) = ext.labtool(&["tcp", "--to", "192.0.2.10:80", "--timeout-ms", "500"])?;
     ensure!(

@@ -75,6 +75,9 @@ pub struct FrontendView {
     pub backend_count: Option<u16>,
     pub flags: Vec<&'static str>,
     pub affinity_timeout_s: Option<u32>,
+    /// For a frontend filtered by `loadBalancerSourceRanges`: the client ranges the maps allow
+    /// for its `svc_id` (empty: nobody is admitted). Empty for an unfiltered frontend.
+    pub source_ranges: Vec<String>,
     pub slots: Vec<SlotView>,
 }
 
@@ -168,6 +171,7 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
     let mut owned_services: BTreeSet<ServiceKey> = BTreeSet::new();
     let mut owned_slots: BTreeSet<SlotKey> = BTreeSet::new();
     let mut owned_backends: BTreeSet<u32> = BTreeSet::new();
+    let mut owned_range_ids: BTreeSet<u32> = BTreeSet::new();
     let services = model
         .services
         .iter()
@@ -204,6 +208,16 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
                                 .collect()
                         })
                         .unwrap_or_default();
+                    let filtered = value.filter(|v| v.flags & SVC_F_SOURCE_RANGES != 0);
+                    let source_ranges = filtered
+                        .map(|v| {
+                            owned_range_ids.insert(v.svc_id);
+                            state
+                                .source_ranges_of(v.svc_id)
+                                .map(|r| r.to_string())
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     FrontendView {
                         kind: fe.kind,
                         addr: (fe.key.addr_be != 0).then(|| addr_from_be(fe.key.addr_be)),
@@ -217,6 +231,7 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
                         affinity_timeout_s: value
                             .filter(|v| v.flags & SVC_F_AFFINITY != 0)
                             .map(|v| v.affinity_timeout_s),
+                        source_ranges,
                         slots,
                     }
                 })
@@ -289,6 +304,13 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
             "backend {id} {}",
             backend_text(state, *id).unwrap_or_default()
         ));
+    }
+    for (id, range) in state
+        .source_ranges
+        .iter()
+        .filter(|(id, _)| !owned_range_ids.contains(id))
+    {
+        unowned.push(format!("source-range {id} {range}"));
     }
 
     let mut node_addrs: Vec<Ipv4Addr> = state.node_addrs.keys().map(|a| addr_from_be(*a)).collect();
@@ -419,6 +441,17 @@ pub fn render_view(view: &DumpView) -> String {
             );
             if let Some(t) = f.affinity_timeout_s {
                 let _ = write!(out, " timeout={t}s");
+            }
+            if f.flags.contains(&"source-ranges") {
+                let _ = write!(
+                    out,
+                    " allow={}",
+                    if f.source_ranges.is_empty() {
+                        "NONE".to_owned()
+                    } else {
+                        f.source_ranges.join(",")
+                    }
+                );
             }
             out.push('\n');
             for slot in &f.slots {

@@ -91,6 +91,7 @@ impl IdAllocation {
             .values()
             .map(|v| v.svc_id)
             .chain(state.slots.keys().map(|k| k.svc_id))
+            .chain(state.source_ranges.iter().map(|(id, _)| *id))
             .max();
         ids.next_set = next_after(max_svc, ids.max_id);
         ids.next_backend = next_after(state.backends.keys().copied().max(), ids.max_id);

@@ -321,8 +321,6 @@ pub struct Compiled {
     /// Input to the next compile.
     pub ids: IdAllocation,
     pub health: Vec<HealthCheck>,
-    /// `loadBalancerSourceRanges` per frontend carrying `SVC_F_SOURCE_RANGES`.
-    pub source_ranges: BTreeMap<ServiceKey, Vec<Ipv4Network>>,
     pub counts: ServiceCounts,
 }
 
@@ -716,7 +714,6 @@ pub fn compile(inputs: &Inputs<'_>) -> Compiled {
         ..LbState::default()
     };
     let mut backend_flags: BTreeMap<u32, Backend> = BTreeMap::new();
-    let mut source_ranges = BTreeMap::new();
     let mut programmed: BTreeSet<(String, String)> = BTreeSet::new();
     let mut service_ports = 0;
     for p in &mut planned {
@@ -805,7 +802,12 @@ pub fn compile(inputs: &Inputs<'_>) -> Compiled {
             }
             if p.source_ranges && fe.kind == FrontendKind::LoadBalancer {
                 flags |= SVC_F_SOURCE_RANGES;
-                source_ranges.insert(fe.key, p.model.source_ranges.clone());
+                // Keyed by the backend set's id, which unfiltered frontends (ClusterIP,
+                // NodePort) share: only flagged ones consult the trie. The two scopes of an
+                // `externalTrafficPolicy: Local` LB IP use two sets, so both ids get the ranges.
+                state
+                    .source_ranges
+                    .extend(p.model.source_ranges.iter().map(|&r| (svc_id, r)));
             }
             let value = ServiceValue {
                 svc_id,
@@ -861,7 +863,6 @@ pub fn compile(inputs: &Inputs<'_>) -> Compiled {
         },
         ids,
         health,
-        source_ranges,
         counts,
     }
 }

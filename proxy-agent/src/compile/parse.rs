@@ -10,6 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use twill_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 use super::{CompileConfig, ObjectKind, RejectReason, Rejection, SvcType};
+use crate::lbmap::canonical_range;
 
 /// `service.kubernetes.io/service-proxy-name`: the Service belongs to another proxy.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -351,7 +352,9 @@ fn service_inner(
                     field: "spec.loadBalancerSourceRanges",
                     value: raw.to_owned(),
                 })?;
-            source_ranges.push(net);
+            // `10.1.2.3/8` allows what `10.0.0.0/8` does; one form per range, as the kernel's
+            // trie key stores it.
+            source_ranges.push(canonical_range(net));
         }
         source_ranges.sort_unstable();
         source_ranges.dedup();

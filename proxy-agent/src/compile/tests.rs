@@ -291,3 +291,107 @@ fn dump_shows_what_the_maps_hold_not_what_the_model_expects() {
     assert!(text.contains("unowned backend"), "{text}");
     assert!(!render_dump(&c.state, &c.model).contains("MISSING"));
 }
+
+fn lb(name: &str, ip: &str, lb_ip: &str, ranges: &[&str]) -> Service {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "type": "LoadBalancer",
+            "clusterIP": ip,
+            "ports": [{"port": 80, "nodePort": 30_080}],
+            "loadBalancerSourceRanges": ranges,
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": lb_ip}]}},
+    }))
+    .unwrap()
+}
+
+#[test]
+fn source_ranges_are_desired_state_under_the_lb_frontends_id() {
+    let net = |s: &str| s.parse::<Ipv4Network>().unwrap();
+    let slices = [slice("a", &["10.244.1.1"])];
+    let c = run(
+        &[lb(
+            "a",
+            "10.96.0.1",
+            "203.0.113.1",
+            &["10.1.2.3/8", "172.16.0.0/12"],
+        )],
+        &slices,
+        &IdAllocation::default(),
+    );
+    let id = svc_id(&c, [10, 96, 0, 1]);
+    // Canonical, under the id of the one filtered frontend.
+    assert_eq!(
+        c.state.source_ranges,
+        BTreeSet::from([(id, net("10.0.0.0/8")), (id, net("172.16.0.0/12"))])
+    );
+    let filtered: Vec<_> = c
+        .state
+        .services
+        .iter()
+        .filter(|(_, v)| v.flags & SVC_F_SOURCE_RANGES != 0)
+        .map(|(k, _)| addr_from_be(k.addr_be))
+        .collect();
+    assert_eq!(filtered, vec![Ipv4Addr::new(203, 0, 113, 1)]);
+    let text = render_dump(&c.state, &c.model);
+    assert!(text.contains("allow=10.0.0.0/8,172.16.0.0/12"), "{text}");
+
+    // Editing the ranges changes only the ranges.
+    let edited = run(
+        &[lb("a", "10.96.0.1", "203.0.113.1", &["172.16.0.0/12"])],
+        &slices,
+        &c.ids,
+    );
+    assert_eq!(
+        edited.state.source_ranges,
+        BTreeSet::from([(id, net("172.16.0.0/12"))])
+    );
+    assert_eq!(edited.state.services, c.state.services);
+
+    // No ranges, or not a LoadBalancer: nothing filtered, nothing in the trie.
+    let open = run(&[lb("a", "10.96.0.1", "203.0.113.1", &[])], &slices, &c.ids);
+    assert!(open.state.source_ranges.is_empty());
+    assert!(
+        open.state
+            .services
+            .values()
+            .all(|v| v.flags & SVC_F_SOURCE_RANGES == 0)
+    );
+    let mut cluster_ip = svc("a", "10.96.0.1");
+    cluster_ip
+        .spec
+        .as_mut()
+        .unwrap()
+        .load_balancer_source_ranges = Some(vec!["10.0.0.0/8".into()]);
+    let plain = run(&[cluster_ip], &slices, &c.ids);
+    assert!(plain.state.source_ranges.is_empty());
+}
+
+#[test]
+fn dump_shows_the_ranges_the_maps_hold() {
+    let c = run(
+        &[lb("a", "10.96.0.1", "203.0.113.1", &["10.0.0.0/8"])],
+        &[slice("a", &["10.244.1.1"])],
+        &IdAllocation::default(),
+    );
+    let mut maps = c.state.clone();
+    // The frontend's range never written; a range of an id no frontend filters on.
+    maps.source_ranges.clear();
+    maps.source_ranges
+        .insert((999, "192.168.0.0/16".parse().unwrap()));
+    let text = render_dump(&maps, &c.model);
+    assert!(text.contains("source-ranges allow=NONE"), "{text}");
+    assert!(
+        text.contains("unowned source-range 999 192.168.0.0/16"),
+        "{text}"
+    );
+    let json = serde_json::to_value(dump_view(&c.state, &c.model)).unwrap();
+    let lb_fe = json["services"][0]["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "load-balancer")
+        .unwrap();
+    assert_eq!(lb_fe["source_ranges"], serde_json::json!(["10.0.0.0/8"]));
+}

@@ -2,7 +2,7 @@
 //! agent's metrics and debug CLI need (per-reason counters, affinity and socket reverse-NAT
 //! dumps).
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -178,59 +178,6 @@ impl AyaLbMaps {
         collect(&self.ct, MapKind::Ct)
     }
 
-    /// Allows clients in `range` to reach the frontend `svc_id` (a `ServiceValue::svc_id` whose
-    /// flags carry `SVC_F_SOURCE_RANGES`; without any range such a frontend admits nobody).
-    pub fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
-        self.src_ranges
-            .insert(&src_range_key(svc_id, range), 1, 0)
-            .map_err(|e| map_update_error(&self.capacity, MapKind::SourceRanges, "update", e))
-    }
-
-    pub fn delete_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
-        match self.src_ranges.remove(&src_range_key(svc_id, range)) {
-            Err(e) if !is_not_found(&e) => Err(syscall(MapKind::SourceRanges, "delete", e)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Makes `ranges` the exact allowed set of frontend `svc_id`: new ranges are written before
-    /// stale ones are removed, so an allowed client is never denied in between.
-    pub fn set_source_ranges(
-        &mut self,
-        svc_id: u32,
-        ranges: &[Ipv4Network],
-    ) -> Result<(), MapError> {
-        let wanted: std::collections::BTreeSet<Ipv4Network> = ranges
-            .iter()
-            .map(|r| Ipv4Network::new(r.network(), r.prefix()).unwrap_or(*r))
-            .collect();
-        for r in &wanted {
-            self.upsert_source_range(svc_id, *r)?;
-        }
-        for (id, r) in self.dump_source_ranges()? {
-            if id == svc_id && !wanted.contains(&r) {
-                self.delete_source_range(svc_id, r)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Every source range as (svc_id, range), sorted.
-    pub fn dump_source_ranges(&self) -> Result<Vec<(u32, Ipv4Network)>, MapError> {
-        let mut out = Vec::new();
-        for item in &self.src_ranges {
-            let (k, _) = item.map_err(|e| syscall(MapKind::SourceRanges, "iterate", e))?;
-            let data = k.data();
-            let prefix = u8::try_from(k.prefix_len().saturating_sub(32)).unwrap_or(32);
-            let addr = Ipv4Addr::from(u32::from_be(data.addr_be));
-            if let Ok(net) = Ipv4Network::new(addr, prefix) {
-                out.push((u32::from_be(data.svc_id_be), net));
-            }
-        }
-        out.sort_unstable();
-        Ok(out)
-    }
-
     /// Removes the state pointing at a removed backend and destroys connected UDP sockets to it;
     /// returns what was removed.
     pub fn flush_backend(
@@ -333,6 +280,27 @@ fn src_range_key(svc_id: u32, range: Ipv4Network) -> Key<SrcRangeKey> {
     )
 }
 
+/// Every source range as (`svc_id`, range).
+fn collect_source_ranges(
+    trie: &LpmTrie<MapData, SrcRangeKey, u8>,
+) -> Result<BTreeSet<(u32, Ipv4Network)>, MapError> {
+    let mut out = BTreeSet::new();
+    for item in trie {
+        let k = match item {
+            Ok((k, _)) => k,
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(e) => return Err(syscall(MapKind::SourceRanges, "iterate", e)),
+        };
+        let data = k.data();
+        let prefix = u8::try_from(k.prefix_len().saturating_sub(32)).unwrap_or(32);
+        let addr = Ipv4Addr::from(u32::from_be(data.addr_be));
+        if let Ok(net) = Ipv4Network::new(addr, prefix) {
+            out.insert((u32::from_be(data.svc_id_be), net));
+        }
+    }
+    Ok(out)
+}
+
 fn syscall(map: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
     let source = match e {
         aya::maps::MapError::SyscallError(s) => s.io_error,
@@ -410,6 +378,17 @@ impl LbMaps for AyaLbMaps {
     fn delete_node_addr(&mut self, addr_be: u32) -> Result<(), MapError> {
         remove(&mut self.node_addrs, &addr_be, MapKind::NodeAddrs)
     }
+    fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+        self.src_ranges
+            .insert(&src_range_key(svc_id, range), 1, 0)
+            .map_err(|e| self.full_or_syscall(MapKind::SourceRanges, "update", e))
+    }
+    fn delete_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+        match self.src_ranges.remove(&src_range_key(svc_id, range)) {
+            Err(e) if !is_not_found(&e) => Err(syscall(MapKind::SourceRanges, "delete", e)),
+            _ => Ok(()),
+        }
+    }
     fn set_config(&mut self, config: DatapathConfig) -> Result<(), MapError> {
         self.config
             .set(0, config, 0)
@@ -430,6 +409,7 @@ impl LbMaps for AyaLbMaps {
                 .into_iter()
                 .map(|(k, v)| (k, v.flags))
                 .collect(),
+            source_ranges: collect_source_ranges(&self.src_ranges)?,
             config: self
                 .config
                 .get(&0, 0)

@@ -5,11 +5,13 @@
 //! failure it still describes the maps exactly and the next `apply` writes just what is missing.
 //!
 //! Write order keeps the datapath consistent after every single operation — every service's
-//! slots `0..backend_count` exist and point at existing backends:
-//! backends (new/changed) → slots (new/changed) → services (new/changed), then, when pruning,
-//! services → slots no service reaches any more → backends no slot references (each flushed of
-//! affinity/reverse-NAT state first, so UDP clients stop using it). An entry whose dependency
-//! failed to be written is deferred, not written half-ready.
+//! slots `0..backend_count` exist and point at existing backends, and a frontend filtered by
+//! `loadBalancerSourceRanges` never turns away a client its desired ranges allow:
+//! backends (new/changed) → slots (new/changed) → source ranges (new) → services (new/changed),
+//! then, when pruning, services → source ranges no longer desired → slots no service reaches
+//! any more → backends no slot references (each flushed of affinity/reverse-NAT state first, so
+//! UDP clients stop using it). An entry whose dependency failed to be written is deferred, not
+//! written half-ready.
 //!
 //! # Driving it
 //! ```
@@ -36,7 +38,8 @@
 //! ```
 use std::collections::{BTreeMap, BTreeSet};
 
-use twill_common::SlotKey;
+use ipnetwork::Ipv4Network;
+use twill_common::{SVC_F_SOURCE_RANGES, ServiceValue, SlotKey};
 
 use crate::lbmap::{LbMaps, LbState, MapError, MapKind};
 
@@ -52,6 +55,8 @@ pub struct ApplyStats {
     pub backends_flushed: usize,
     pub node_addrs_upserted: usize,
     pub node_addrs_deleted: usize,
+    pub source_ranges_upserted: usize,
+    pub source_ranges_deleted: usize,
     pub config_written: bool,
     /// Entries not written because something they depend on failed (retried by the next apply).
     pub deferred: usize,
@@ -69,6 +74,8 @@ impl ApplyStats {
             + self.backends_flushed
             + self.node_addrs_upserted
             + self.node_addrs_deleted
+            + self.source_ranges_upserted
+            + self.source_ranges_deleted
             + usize::from(self.config_written)
     }
 }
@@ -87,9 +94,10 @@ pub enum ReconcileError {
         more: Vec<MapError>,
         stats: Box<ApplyStats>,
     },
-    /// The desired state references slots or backends it does not contain (a compiler bug).
+    /// The desired state references slots, backends or source ranges it does not contain (a
+    /// compiler bug).
     #[error(
-        "desired state is inconsistent: {deferred} entries reference missing slots or backends"
+        "desired state is inconsistent: {deferred} entries reference missing slots, backends or source ranges"
     )]
     Inconsistent {
         deferred: usize,
@@ -252,16 +260,41 @@ impl<M: LbMaps> Run<'_, M> {
                 Err(e) => self.errors.push(e),
             }
         }
+        let new_ranges: Vec<(u32, Ipv4Network)> = desired
+            .source_ranges
+            .difference(&self.applied.source_ranges)
+            .copied()
+            .collect();
+        for (svc_id, range) in new_ranges {
+            match self.maps.upsert_source_range(svc_id, range) {
+                Ok(()) => {
+                    self.applied.source_ranges.insert((svc_id, range));
+                    self.stats.source_ranges_upserted += 1;
+                }
+                Err(e) => self.errors.push(e),
+            }
+        }
+        let ranges_written = covered_ids(&desired.source_ranges, &self.applied.source_ranges);
         for (key, value) in changed(&desired.services, &self.applied.services) {
             // Applied slots always point at applied backends (backends are deleted only when
             // no slot references them), so checking that the slots exist is enough.
-            let ready = (0..u32::from(value.backend_count)).all(|slot| {
+            let slots_ready = (0..u32::from(value.backend_count)).all(|slot| {
                 self.applied.slots.contains_key(&SlotKey {
                     svc_id: value.svc_id,
                     slot,
                 })
             });
-            if !ready {
+            // A filtered frontend admits only the ranges of its svc_id that are in the trie, so
+            // it goes in once all of them are. Rewriting one that already filters on the same
+            // svc_id admits exactly whom it admitted before, so it need not wait.
+            let ranges_ready = value.flags & SVC_F_SOURCE_RANGES == 0
+                || ranges_written.contains(&value.svc_id)
+                || self
+                    .applied
+                    .services
+                    .get(&key)
+                    .is_some_and(|a| filters_on(a, value.svc_id));
+            if !(slots_ready && ranges_ready) {
                 self.stats.deferred += 1;
                 continue;
             }
@@ -283,6 +316,41 @@ impl<M: LbMaps> Run<'_, M> {
                     self.stats.services_deleted += 1;
                 }
                 Err(e) => self.errors.push(e),
+            }
+        }
+
+        let stale_ranges: Vec<(u32, Ipv4Network)> = self
+            .applied
+            .source_ranges
+            .difference(&desired.source_ranges)
+            .copied()
+            .collect();
+        if !stale_ranges.is_empty() {
+            // A range may go once no applied frontend filters on its svc_id, or once every
+            // range desired for that svc_id is in. Before that, removing it would turn away
+            // clients that still have to be admitted: the replacement ranges failed to be
+            // written, or the update dropping the filter did (then the frontend would admit
+            // nobody at all).
+            let filtering: BTreeSet<u32> = self
+                .applied
+                .services
+                .values()
+                .filter(|v| v.flags & SVC_F_SOURCE_RANGES != 0)
+                .map(|v| v.svc_id)
+                .collect();
+            let written = covered_ids(&desired.source_ranges, &self.applied.source_ranges);
+            for (svc_id, range) in stale_ranges {
+                if filtering.contains(&svc_id) && !written.contains(&svc_id) {
+                    self.stats.deferred += 1;
+                    continue;
+                }
+                match self.maps.delete_source_range(svc_id, range) {
+                    Ok(()) => {
+                        self.applied.source_ranges.remove(&(svc_id, range));
+                        self.stats.source_ranges_deleted += 1;
+                    }
+                    Err(e) => self.errors.push(e),
+                }
             }
         }
 
@@ -350,6 +418,28 @@ impl<M: LbMaps> Run<'_, M> {
     }
 }
 
+/// The svc_ids with at least one desired source range and all of their desired ranges applied.
+fn covered_ids(
+    desired: &BTreeSet<(u32, Ipv4Network)>,
+    applied: &BTreeSet<(u32, Ipv4Network)>,
+) -> BTreeSet<u32> {
+    let mut out = BTreeSet::new();
+    let mut missing = BTreeSet::new();
+    for entry @ (svc_id, _) in desired {
+        if applied.contains(entry) {
+            out.insert(*svc_id);
+        } else {
+            missing.insert(*svc_id);
+        }
+    }
+    &out - &missing
+}
+
+/// Whether the frontend `value` filters clients on the source ranges of `svc_id`.
+fn filters_on(value: &ServiceValue, svc_id: u32) -> bool {
+    value.flags & SVC_F_SOURCE_RANGES != 0 && value.svc_id == svc_id
+}
+
 /// Entries of `desired` that `applied` lacks or holds with another value. Both maps are sorted,
 /// so one merged pass replaces a tree lookup per entry (the no-op apply at 10k Services is the
 /// common case and should cost next to nothing).
@@ -383,9 +473,16 @@ fn stale<K: Ord + Copy, V>(desired: &BTreeMap<K, V>, applied: &BTreeMap<K, V>) -
 }
 
 /// Checks the datapath invariant on a map state: every service's slots `0..backend_count` exist
-/// and point at existing backends. Returns the first violation.
+/// and point at existing backends, and every frontend filtered by source ranges has at least
+/// one (without any it admits nobody). Returns the first violation.
 pub fn check_invariant(state: &LbState) -> Result<(), String> {
     for (key, v) in &state.services {
+        if v.flags & SVC_F_SOURCE_RANGES != 0 && state.source_ranges_of(v.svc_id).next().is_none() {
+            return Err(format!(
+                "service {key:?} (id {}) filters on source ranges but has none",
+                v.svc_id
+            ));
+        }
         for slot in 0..u32::from(v.backend_count) {
             let sk = SlotKey {
                 svc_id: v.svc_id,

@@ -1,8 +1,10 @@
 use std::collections::BTreeSet;
 
+use ipnetwork::Ipv4Network;
 use proptest::prelude::*;
 use twill_common::{
-    Backend, DatapathConfig, PROTO_TCP, SCOPE_ANY, ServiceKey, ServiceValue, SlotKey,
+    Backend, DatapathConfig, PROTO_TCP, SCOPE_ANY, SVC_F_LOADBALANCER, SVC_F_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SlotKey,
 };
 
 use super::{Reconciler, check_invariant};
@@ -67,6 +69,16 @@ impl LbMaps for CheckedMaps {
     fn delete_node_addr(&mut self, addr_be: u32) -> Result<(), MapError> {
         self.fake.delete_node_addr(addr_be)?;
         self.after("delete", MapKind::NodeAddrs);
+        Ok(())
+    }
+    fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+        self.fake.upsert_source_range(svc_id, range)?;
+        self.after("upsert", MapKind::SourceRanges);
+        Ok(())
+    }
+    fn delete_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+        self.fake.delete_source_range(svc_id, range)?;
+        self.after("delete", MapKind::SourceRanges);
         Ok(())
     }
     fn set_config(&mut self, config: DatapathConfig) -> Result<(), MapError> {
@@ -282,12 +294,184 @@ fn inconsistent_desired_state_is_reported() {
     check_invariant(&rec.maps().state).unwrap();
 }
 
+fn net(s: &str) -> Ipv4Network {
+    s.parse().unwrap()
+}
+
+/// Makes frontend `f` a `LoadBalancer` frontend filtered on `ranges` (of its svc_id).
+fn filtered(mut s: LbState, f: u8, ranges: &[&str]) -> LbState {
+    let value = s.services.get_mut(&key(f)).unwrap();
+    value.flags = SVC_F_LOADBALANCER | SVC_F_SOURCE_RANGES;
+    let svc_id = value.svc_id;
+    s.source_ranges
+        .extend(ranges.iter().map(|r| (svc_id, net(r))));
+    s
+}
+
+/// Position in the log of the first `op` on `map`.
+fn first(log: &[(&'static str, MapKind)], op: &str, map: MapKind) -> usize {
+    log.iter()
+        .position(|&(o, m)| o == op && m == map)
+        .unwrap_or_else(|| panic!("no {op} on {map:?} in {log:?}"))
+}
+
+#[test]
+fn source_ranges_go_in_before_their_frontend_and_out_after_it() {
+    let plain = state(&[(1, &[1], &[10])]);
+    let lb = filtered(
+        state(&[(1, &[1], &[10]), (2, &[2], &[11])]),
+        2,
+        &["10.0.0.0/8"],
+    );
+    let mut rec = Reconciler::new(CheckedMaps::default());
+    rec.apply(&plain, true).unwrap();
+    rec.maps_mut().log.clear();
+
+    // A new filtered frontend: its range is in the trie before the frontend can see a packet.
+    let stats = rec.apply(&lb, true).unwrap();
+    assert_eq!(rec.maps().fake.state, lb);
+    assert_eq!(rec.maps().violation, None);
+    assert_eq!(stats.source_ranges_upserted, 1);
+    let log = rec.maps().log.clone();
+    assert!(
+        first(&log, "upsert", MapKind::SourceRanges) < first(&log, "upsert", MapKind::Services),
+        "{log:?}"
+    );
+    assert_eq!(rec.apply(&lb, true).unwrap().writes(), 0);
+
+    // Narrowing the ranges: the new one goes in first, the old one out after.
+    let narrowed = filtered(
+        state(&[(1, &[1], &[10]), (2, &[2], &[11])]),
+        2,
+        &["10.1.0.0/16"],
+    );
+    rec.maps_mut().log.clear();
+    let stats = rec.apply(&narrowed, true).unwrap();
+    assert_eq!(
+        (stats.source_ranges_upserted, stats.source_ranges_deleted),
+        (1, 1)
+    );
+    assert_eq!(
+        rec.maps().log,
+        vec![
+            ("upsert", MapKind::SourceRanges),
+            ("delete", MapKind::SourceRanges)
+        ]
+    );
+
+    // The Service goes away: its frontend is deleted before the ranges it filtered on.
+    rec.maps_mut().log.clear();
+    let stats = rec.apply(&plain, true).unwrap();
+    assert_eq!(rec.maps().fake.state, plain);
+    assert_eq!(rec.maps().violation, None);
+    assert_eq!(
+        (stats.services_deleted, stats.source_ranges_deleted),
+        (1, 1)
+    );
+    let log = rec.maps().log.clone();
+    assert!(
+        first(&log, "delete", MapKind::Services) < first(&log, "delete", MapKind::SourceRanges),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn failed_source_range_write_defers_its_frontend() {
+    let lb = filtered(
+        state(&[(1, &[1], &[10]), (2, &[2], &[11])]),
+        2,
+        &["10.0.0.0/8", "192.168.0.0/16"],
+    );
+    let plan = FaultPlan::none().fail_map(MapKind::SourceRanges);
+    let mut rec = Reconciler::new(FaultyLbMaps::new(CheckedMaps::default(), plan));
+    let err = rec.apply(&lb, true).unwrap_err();
+    assert_eq!(err.metric_label(), "injected");
+    let got = &rec.maps().inner.fake.state;
+    assert!(
+        !got.services.contains_key(&key(2)),
+        "a filtered frontend without its ranges must not be written"
+    );
+    assert!(got.services.contains_key(&key(1)), "unfiltered ones are");
+    assert!(got.slots.contains_key(&SlotKey { svc_id: 2, slot: 0 }));
+    assert_eq!(rec.applied(), got);
+    assert_eq!(rec.maps().inner.violation, None);
+
+    // One of two ranges written is not enough either: the frontend would turn away the rest.
+    rec.maps_mut().plan = FaultPlan::none().fail_nth(rec.maps().ops + 1);
+    assert!(rec.apply(&lb, true).is_err());
+    let got = &rec.maps().inner.fake.state;
+    assert_eq!(got.source_ranges.len(), 1);
+    assert!(!got.services.contains_key(&key(2)));
+
+    rec.maps_mut().plan = FaultPlan::none();
+    let stats = rec.apply(&lb, true).unwrap();
+    assert_eq!(
+        (stats.source_ranges_upserted, stats.services_upserted),
+        (1, 1)
+    );
+    assert_eq!(rec.maps().inner.fake.state, lb);
+}
+
+#[test]
+fn stale_ranges_stay_while_their_replacement_is_missing() {
+    let old = filtered(state(&[(2, &[2], &[11])]), 2, &["10.0.0.0/8"]);
+    let new = filtered(state(&[(2, &[2], &[11])]), 2, &["172.16.0.0/12"]);
+    let mut rec = Reconciler::new(FaultyLbMaps::new(CheckedMaps::default(), FaultPlan::none()));
+    rec.apply(&old, true).unwrap();
+    // The new range fails: deleting the old one would leave the frontend admitting nobody.
+    rec.maps_mut().plan = FaultPlan::none().fail_nth(rec.maps().ops);
+    let err = rec.apply(&new, true).unwrap_err();
+    assert_eq!(err.metric_label(), "injected");
+    assert_eq!(rec.maps().inner.fake.state, old);
+    assert_eq!(rec.maps().inner.violation, None);
+    rec.maps_mut().plan = FaultPlan::none();
+    rec.apply(&new, true).unwrap();
+    assert_eq!(rec.maps().inner.fake.state, new);
+}
+
+#[test]
+fn filtered_frontend_without_desired_ranges_is_inconsistent() {
+    let mut lb = filtered(state(&[(2, &[2], &[11])]), 2, &["10.0.0.0/8"]);
+    lb.source_ranges.clear();
+    let mut rec = Reconciler::new(CheckedMaps::default());
+    let err = rec.apply(&lb, true).unwrap_err();
+    assert_eq!(err.metric_label(), "inconsistent");
+    assert_eq!(rec.maps().violation, None);
+}
+
+#[test]
+fn adopt_reads_source_ranges_back() {
+    let pinned = filtered(
+        state(&[(1, &[1], &[10]), (2, &[2], &[11])]),
+        2,
+        &["10.0.0.0/8"],
+    );
+    let maps = FakeLbMaps {
+        state: pinned.clone(),
+        ..FakeLbMaps::default()
+    };
+    let mut rec = Reconciler::adopt(maps).unwrap();
+    assert_eq!(rec.applied(), &pinned);
+    assert_eq!(rec.apply(&pinned, true).unwrap().writes(), 0);
+    // The Service lost its ranges: the flag goes first, then the range.
+    let plain = state(&[(1, &[1], &[10]), (2, &[2], &[11])]);
+    let stats = rec.apply(&plain, true).unwrap();
+    assert_eq!(
+        (stats.services_upserted, stats.source_ranges_deleted),
+        (1, 1)
+    );
+    assert_eq!(stats.writes(), 2);
+    assert_eq!(rec.maps().state, plain);
+}
+
 /// Random consistent desired states from a small key space, so successive states overlap.
 fn arb_state() -> impl Strategy<Value = LbState> {
     let group = (
         1u32..6,
         proptest::collection::btree_set(0u8..8, 1..3),
         proptest::collection::vec(1u32..12, 0..5),
+        // Source ranges of the group (empty: its frontends are not filtered), from 4 /8s.
+        proptest::collection::btree_set(0u8..4, 0..3),
     );
     (
         proptest::collection::vec(group, 0..5),
@@ -297,10 +481,21 @@ fn arb_state() -> impl Strategy<Value = LbState> {
         .prop_map(|(groups, addrs, cfg)| {
             let mut s = LbState::default();
             let mut taken = BTreeSet::new();
-            for (svc_id, frontends, backends) in groups {
+            for (svc_id, frontends, backends, ranges) in groups {
                 if !taken.insert(svc_id) {
                     continue;
                 }
+                let filter = if ranges.is_empty() {
+                    0
+                } else {
+                    SVC_F_SOURCE_RANGES
+                };
+                s.source_ranges.extend(ranges.iter().map(|&r| {
+                    (
+                        svc_id,
+                        Ipv4Network::new([10 + r, 0, 0, 0].into(), 8).unwrap(),
+                    )
+                }));
                 for f in frontends {
                     if s.services.contains_key(&key(f)) {
                         continue;
@@ -308,7 +503,7 @@ fn arb_state() -> impl Strategy<Value = LbState> {
                     let value = ServiceValue {
                         svc_id,
                         backend_count: u16::try_from(backends.len()).unwrap(),
-                        flags: u16::from(f % 3),
+                        flags: u16::from(f % 3) | filter,
                         affinity_timeout_s: 0,
                         _pad: 0,
                     };
@@ -339,6 +534,7 @@ fn arb_plan() -> impl Strategy<Value = FaultPlan> {
             MapKind::Backends,
             MapKind::NodeAddrs,
             MapKind::Affinity,
+            MapKind::SourceRanges,
         ],
         0..2,
     );
