@@ -2,9 +2,13 @@
 //! recursive), multi-document YAML and `kind: List` included, holding Services, EndpointSlices
 //! and Nodes. Other kinds are ignored.
 //!
-//! The directory is polled every 250 ms (file name, size, mtime and inode), which picks up
-//! edits, atomic renames and deletions within a second without inotify's corner cases
-//! (editors' rename dances, bind-mounted ConfigMaps swapping `..data` symlinks).
+//! The directory is scanned (file name, size, mtime and inode) right after inotify reports a
+//! *finished* change — a file closed after writing, renamed into place or removed — and also
+//! polled every 250 ms. The poll is the safety net for what inotify misses (editors' rename
+//! dances, bind-mounted ConfigMaps swapping `..data` symlinks, a directory created after the
+//! agent started); inotify is what makes a change reach the datapath in milliseconds.
+//! Modify events of a file still being written do not trigger a scan, so a writer that is not
+//! atomic is not read half-way on purpose.
 //!
 //! A file that fails to parse is logged and counted (`twill_manifest_errors_total`), and its
 //! **last good objects stay served**: a half-written or mistyped edit must not tear down the
@@ -188,6 +192,7 @@ pub struct ManifestDir {
     files: BTreeMap<PathBuf, FileState>,
     /// Set after a directory read error was logged, to log it once.
     dir_error: bool,
+    poll_interval: Duration,
 }
 
 impl ManifestDir {
@@ -196,7 +201,16 @@ impl ManifestDir {
             dir,
             files: BTreeMap::new(),
             dir_error: false,
+            poll_interval: POLL_INTERVAL,
         }
+    }
+
+    /// Polls every `interval` instead of [`POLL_INTERVAL`] (tests isolate the inotify path
+    /// with a very long one).
+    #[must_use]
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
     }
 
     /// Re-reads changed files; returns the union of all files' objects when anything changed.
@@ -269,13 +283,20 @@ impl ManifestDir {
         })
     }
 
-    /// Polls forever, feeding `stores`. Marks every kind synced after the first scan.
+    /// Scans on every finished change and every poll interval, forever, feeding `stores`.
+    /// Marks every kind synced after the first scan.
     pub async fn run(mut self, stores: Arc<Stores>, metrics: Arc<Metrics>) {
         let mut first = true;
-        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        let mut tick = tokio::time::interval(self.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let wake = Arc::new(tokio::sync::Notify::new());
+        // Kept alive for the loop's lifetime; dropping it stops the inotify thread.
+        let _watcher = watch_finished_changes(&self.dir, wake.clone());
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = wake.notified() => {}
+            }
             let snapshot = self.scan(&metrics);
             if let Some(s) = snapshot {
                 log::info!(
@@ -292,6 +313,45 @@ impl ManifestDir {
                 }
                 first = false;
             }
+        }
+    }
+}
+
+/// An inotify watch on `dir` that wakes `wake` when a change is complete: a file closed after
+/// writing, something renamed into the directory (atomic writes, ConfigMap symlink swaps),
+/// created (symlinks) or removed. `None` (polling only) when the watch cannot be set up, e.g.
+/// the directory does not exist yet.
+fn watch_finished_changes(
+    dir: &Path,
+    wake: Arc<tokio::sync::Notify>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+    use notify::{EventKind, RecursiveMode, Watcher as _};
+    let handler = move |res: notify::Result<notify::Event>| {
+        let Ok(ev) = res else { return };
+        let finished = matches!(
+            ev.kind,
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+                | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+                | EventKind::Create(_)
+                | EventKind::Remove(_)
+        );
+        if finished {
+            wake.notify_one();
+        }
+    };
+    let watcher = notify::recommended_watcher(handler).and_then(|mut w| {
+        w.watch(dir, RecursiveMode::NonRecursive)?;
+        Ok(w)
+    });
+    match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn!(
+                "no inotify watch on {} ({e}): changes are picked up by polling every {POLL_INTERVAL:?}",
+                dir.display()
+            );
+            None
         }
     }
 }
@@ -479,6 +539,40 @@ metadata: {name: ignored, namespace: default}
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        task.abort();
+    }
+
+    /// With polling pushed out to an hour, only inotify can deliver these changes: an atomic
+    /// rename into place, a plain write closed after writing, and a removal.
+    #[tokio::test]
+    async fn finished_changes_are_picked_up_without_polling() {
+        async fn until(stores: &Stores, what: &str, f: impl Fn(&Snapshot) -> bool) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !f(&stores.snapshot()) {
+                assert!(tokio::time::Instant::now() < deadline, "{what} never seen");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Stores::new();
+        let task = tokio::spawn(
+            ManifestDir::new(dir.path().to_owned())
+                .with_poll_interval(Duration::from_secs(3600))
+                .run(stores.clone(), Arc::new(Metrics::new())),
+        );
+        assert!(stores.wait_synced(Duration::from_secs(5)).await);
+        let tmp = dir.path().join(".a.yml.tmp");
+        std::fs::write(&tmp, MULTI).unwrap();
+        std::fs::rename(&tmp, dir.path().join("a.yml")).unwrap();
+        until(&stores, "the renamed file", |s| s.services.len() == 1).await;
+        std::fs::write(
+            dir.path().join("b.yml"),
+            MULTI.replace("name: web", "name: web2"),
+        )
+        .unwrap();
+        until(&stores, "the written file", |s| s.services.len() == 2).await;
+        std::fs::remove_file(dir.path().join("a.yml")).unwrap();
+        until(&stores, "the removal", |s| s.services.len() == 1).await;
         task.abort();
     }
 }
