@@ -42,6 +42,16 @@ pub enum PreflightError {
         "missing capabilities: {0}; run the agent as root or grant them (DaemonSet securityContext.capabilities.add)"
     )]
     Capabilities(String),
+    #[error(
+        "--{flag} {path} cannot be created or written: the agent keeps its {what} there; mount it from the host read-write (DaemonSet hostPath volume)"
+    )]
+    NotWritable {
+        flag: &'static str,
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading {path}")]
     Read {
         path: PathBuf,
@@ -191,7 +201,11 @@ pub fn check_capabilities() -> Result<(), PreflightError> {
 }
 
 /// All checks of `run`; returns the cgroup root to attach to.
-pub fn run_checks(cgroup_root: Option<&Path>, bpffs_dir: &Path) -> Result<PathBuf, PreflightError> {
+pub fn run_checks(
+    cgroup_root: Option<&Path>,
+    bpffs_dir: &Path,
+    cni_conf_dir: &Path,
+) -> Result<PathBuf, PreflightError> {
     check_capabilities()?;
     let cgroup = match cgroup_root {
         Some(p) => p.to_owned(),
@@ -199,12 +213,53 @@ pub fn run_checks(cgroup_root: Option<&Path>, bpffs_dir: &Path) -> Result<PathBu
     };
     check_cgroup(&cgroup)?;
     ensure_bpffs(bpffs_dir)?;
+    // Without a writable CNI config directory the agent would run but the node would never get
+    // pod networking (the kubelet reports NetworkNotReady until a config appears).
+    ensure_writable_dir(cni_conf_dir, "cni-conf-dir", "CNI network config")?;
     Ok(cgroup)
+}
+
+/// Creates `dir` if missing and checks that a file can be created in it (the real test of a
+/// read-only mount, which permission bits do not show to root).
+fn ensure_writable_dir(
+    dir: &Path,
+    flag: &'static str,
+    what: &'static str,
+) -> Result<(), PreflightError> {
+    let err = |source| PreflightError::NotWritable {
+        flag,
+        what,
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let probe = dir.join(format!(".twill-preflight-{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(err)?;
+    std::fs::remove_file(&probe).map_err(err)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cni_conf_dir_is_created_and_must_be_writable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("net.d");
+        ensure_writable_dir(&dir, "cni-conf-dir", "CNI network config").unwrap();
+        assert!(dir.is_dir());
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "probe left behind"
+        );
+        // A path under a regular file can never be a directory.
+        let file = tmp.path().join("f");
+        std::fs::write(&file, b"").unwrap();
+        let e = ensure_writable_dir(&file.join("net.d"), "cni-conf-dir", "CNI network config")
+            .unwrap_err();
+        assert!(e.to_string().contains("--cni-conf-dir"), "{e}");
+    }
 
     #[test]
     fn finds_the_cgroup2_mount_in_hybrid_and_unified_layouts() {

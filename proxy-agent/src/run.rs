@@ -467,7 +467,11 @@ async fn start_sources(
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(cfg: Config) -> Result<(), RunError> {
-    let cgroup = crate::preflight::run_checks(cfg.cgroup_root.as_deref(), &cfg.bpffs_dir)?;
+    let cgroup = crate::preflight::run_checks(
+        cfg.cgroup_root.as_deref(),
+        &cfg.bpffs_dir,
+        &cfg.cni_conf_dir,
+    )?;
     log::info!(
         "twill-agent {} on node {}: cgroup {}, bpffs {}",
         env!("CARGO_PKG_VERSION"),

@@ -557,7 +557,7 @@ metadata: {name: ignored, namespace: default}
         let stores = Stores::new();
         let task = tokio::spawn(
             ManifestDir::new(dir.path().to_owned())
-                .with_poll_interval(Duration::from_secs(3600))
+                .with_poll_interval(Duration::from_hours(1))
                 .run(stores.clone(), Arc::new(Metrics::new())),
         );
         assert!(stores.wait_synced(Duration::from_secs(5)).await);
