@@ -27,6 +27,7 @@ pub mod code {
     pub const IO: u32 = 5;
     pub const DECODE: u32 = 6;
     pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
     pub const NOT_AVAILABLE: u32 = 50;
     pub const POOL_EXHAUSTED: u32 = 100;
     pub const NETLINK: u32 = 101;
@@ -89,6 +90,7 @@ impl CniError {
             }
             CniError::Ipam(IpamError::Exhausted { .. }) => code::POOL_EXHAUSTED,
             CniError::Ipam(IpamError::Io { .. }) => code::IO,
+            CniError::Ipam(IpamError::Busy { .. }) => code::TRY_AGAIN_LATER,
             CniError::Dataplane(DataplaneError::LinkExists { .. }) => code::LINK_EXISTS,
             CniError::Dataplane(DataplaneError::Sysctl { .. }) => code::SYSCTL,
             CniError::Dataplane(DataplaneError::Netlink { .. } | DataplaneError::Runtime(_)) => {

@@ -15,6 +15,8 @@ use crate::env::{self, Attachment};
 use crate::logger::Level;
 use crate::version::CniVersion;
 
+/// The value of `"type"` that names this plugin (its binary in `CNI_PATH`).
+pub const PLUGIN_TYPE: &str = "twill-cni";
 pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/twill";
@@ -58,6 +60,10 @@ pub enum ConfigError {
         "\"name\": {0:?} is invalid; use letters, digits, '_', '.' and '-' only (it names the IPAM state directory)"
     )]
     BadName(String),
+    #[error(
+        "\"type\": {0} names another plugin; this is twill-cni, so set \"type\" to \"twill-cni\" (or point the runtime at the plugin that config is for)"
+    )]
+    WrongType(String),
     #[error(
         "\"podCIDRs\" is missing or empty; set it to the node's pod CIDR, e.g. [\"10.244.1.0/24\"]"
     )]
@@ -117,8 +123,11 @@ pub fn version_of(raw: &Value) -> Option<CniVersion> {
 
 pub fn parse(raw: &Value) -> Result<NetConf, ConfigError> {
     let obj = raw.as_object().ok_or(ConfigError::NotAnObject)?;
+    // The version first: an incompatible one is code 1 whatever else is wrong.
+    let cni_version = cni_version(obj.get("cniVersion"))?;
+    plugin_type(obj.get("type"))?;
     Ok(NetConf {
-        cni_version: cni_version(obj.get("cniVersion"))?,
+        cni_version,
         name: name(obj.get("name"))?,
         pod_cidrs: pod_cidrs(obj.get("podCIDRs"))?,
         mtu: mtu(obj.get("mtu"))?,
@@ -157,6 +166,17 @@ fn name(v: Option<&Value>) -> Result<String, ConfigError> {
         Ok(s.clone())
     } else {
         Err(ConfigError::BadName(s.clone()))
+    }
+}
+
+/// The runtime picks the binary by `type`, so a mismatch means the config was meant
+/// for another plugin (or was copied and not edited); acting on it would wire pods
+/// with a config nobody wrote for us. Absent is accepted for hand-fed stdin.
+fn plugin_type(v: Option<&Value>) -> Result<(), ConfigError> {
+    match v {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) if s == PLUGIN_TYPE => Ok(()),
+        Some(other) => Err(ConfigError::WrongType(other.to_string())),
     }
 }
 
@@ -337,6 +357,7 @@ mod tests {
     }
 
     #[test]
+    #[expect(clippy::too_many_lines, reason = "a table with one row per rule")]
     fn one_error_per_rule() {
         let cases: Vec<(Value, ConfigError)> = vec![
             (json!([]), ConfigError::NotAnObject),
@@ -350,6 +371,11 @@ mod tests {
                 with("name", json!("../x")),
                 ConfigError::BadName("../x".into()),
             ),
+            (
+                with("type", json!("bridge")),
+                ConfigError::WrongType("\"bridge\"".into()),
+            ),
+            (with("type", json!(1)), ConfigError::WrongType("1".into())),
             (with("podCIDRs", json!([])), ConfigError::MissingPodCidrs),
             (
                 with("podCIDRs", json!([5])),
@@ -435,6 +461,19 @@ mod tests {
             }
             assert!(!got.to_string().is_empty());
         }
+    }
+
+    #[test]
+    fn type_may_be_absent() {
+        let mut b = base();
+        b.as_object_mut().unwrap().remove("type");
+        assert!(parse(&b).is_ok());
+        assert!(parse(&with("type", Value::Null)).is_ok());
+        let msg = parse(&with("type", json!("ptp"))).unwrap_err().to_string();
+        assert!(
+            msg.contains("\"twill-cni\"") && msg.contains("\"ptp\""),
+            "{msg}"
+        );
     }
 
     #[test]

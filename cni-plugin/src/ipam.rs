@@ -19,6 +19,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 use nix::errno::Errno;
@@ -30,12 +31,34 @@ const LOCK_FILE: &str = "lock";
 const LAST_RESERVED: &str = "last_reserved_ip.0";
 const SCRATCH: &str = ".reserve.tmp";
 
+/// How long [`Ipam::lock`] waits for another holder before giving up with
+/// [`IpamError::Busy`] (CNI code 11, "try again later").
+///
+/// A healthy holder keeps the lock for one directory scan and one rename (well
+/// under a millisecond; a GC over a /16 takes tens of ms), so even 64 parallel
+/// ADDs on a loaded node queue for far less than this. A lock held longer means
+/// a stuck holder (stopped process, frozen cgroup, hung state filesystem). Five
+/// seconds stays well inside the runtime's own deadline for the call (kubelet's
+/// `--runtime-request-timeout` defaults to 2 min) so the runtime gets a
+/// retryable answer instead of a timeout, and it retries pod setup anyway.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Polling interval bounds while the lock is held: start short because holds are
+/// short, cap low so a waiter notices a release within ~2 ms (parallel ADDs queue
+/// here); a stuck holder then costs ~2500 cheap `flock` calls, not a spin.
+const POLL_MIN: Duration = Duration::from_micros(100);
+const POLL_MAX: Duration = Duration::from_millis(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
     #[error(
         "no free address left in {ranges} (every usable address is reserved); delete unused pods, run GC, or give the node a larger pod CIDR"
     )]
     Exhausted { ranges: String },
+    #[error(
+        "IPAM state {path} stayed locked by another invocation for {waited:?}; try again later (if it persists, find the holder with `lslocks` or `fuser {path}`)"
+    )]
+    Busy { path: PathBuf, waited: Duration },
     #[error("IPAM state {path}: {op} failed: {source}")]
     Io {
         op: &'static str,
@@ -85,9 +108,17 @@ impl Ipam {
         &self.dir
     }
 
-    /// Takes the store lock, creating the directory on first use. Blocks while
-    /// another invocation holds it (runtimes run pods in parallel).
+    /// Takes the store lock, creating the directory on first use. Waits up to
+    /// [`LOCK_WAIT`] while another invocation holds it (runtimes run pods in
+    /// parallel), then fails with [`IpamError::Busy`].
     pub fn lock(&self) -> Result<Locked<'_>, IpamError> {
+        self.lock_within(LOCK_WAIT)
+    }
+
+    /// [`Ipam::lock`] with an explicit bound. `flock(2)` has no timeout, so this
+    /// polls with `LOCK_NB`; the kernel drops a dead holder's lock, so a poll
+    /// never waits on a crashed process.
+    pub fn lock_within(&self, wait: Duration) -> Result<Locked<'_>, IpamError> {
         let path = self.dir.join(LOCK_FILE);
         let open = || {
             OpenOptions::new()
@@ -105,7 +136,21 @@ impl Ipam {
             }
             Err(e) => return Err(IpamError::io("open lock", &path, e)),
         };
-        file.lock().map_err(|e| IpamError::io("flock", &path, e))?;
+        let started = Instant::now();
+        let mut pause = POLL_MIN;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) => {}
+                Err(fs::TryLockError::Error(e)) => return Err(IpamError::io("flock", &path, e)),
+            }
+            let waited = started.elapsed();
+            let Some(left) = wait.checked_sub(waited).filter(|l| !l.is_zero()) else {
+                return Err(IpamError::Busy { path, waited });
+            };
+            std::thread::sleep(pause.min(left));
+            pause = (pause * 2).min(POLL_MAX);
+        }
         Ok(Locked {
             dir: &self.dir,
             _lock: file,
@@ -506,6 +551,27 @@ mod tests {
         fs::hard_link(ipam.dir().join(a.to_string()), ipam.dir().join(SCRATCH)).unwrap();
         l.reserve(&r, GW, &att("b")).unwrap();
         assert_eq!(l.find(&att("a")).unwrap(), vec![a]);
+    }
+
+    #[test]
+    fn a_held_lock_times_out_as_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = Ipam::new(dir.path(), "n");
+        let held = ipam.lock().unwrap();
+        let other = Ipam::new(dir.path(), "n");
+        let t0 = Instant::now();
+        let err = other
+            .lock_within(Duration::from_millis(100))
+            .err()
+            .expect("the lock is held");
+        assert!(t0.elapsed() >= Duration::from_millis(100));
+        assert!(
+            matches!(&err, IpamError::Busy { waited, .. } if *waited >= Duration::from_millis(100)),
+            "{err}"
+        );
+        assert!(err.to_string().contains("try again later"), "{err}");
+        drop(held);
+        other.lock_within(Duration::from_millis(100)).unwrap();
     }
 
     #[test]

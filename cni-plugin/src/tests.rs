@@ -421,6 +421,26 @@ fn input_errors_have_spec_codes() {
 }
 
 #[test]
+fn a_lock_held_too_long_is_try_again_later_and_reserves_nothing() {
+    let h = Harness::new();
+    let conf = h.conf("1.1.0", "10.244.1.0/24");
+    // Another invocation (here: the test) holds the store lock past the bound.
+    let ipam = crate::ipam::Ipam::new(&h.dir.path().join("state"), "twill");
+    let held = ipam.lock().unwrap();
+    let t0 = std::time::Instant::now();
+    let out = h.invoke("ADD", "c1", &conf);
+    assert!(t0.elapsed() >= crate::ipam::LOCK_WAIT);
+    assert_eq!(out.code(), 11);
+    let msg = out.json()["msg"].as_str().unwrap().to_owned();
+    assert!(msg.contains("try again later"), "{msg}");
+    assert!(h.reservations().is_empty() && h.links().is_empty());
+    drop(held);
+    // Once released, the same ADD goes through.
+    assert_eq!(h.invoke("ADD", "c1", &conf).rc, 0);
+    assert_eq!(h.reservations(), ["10.244.1.1"]);
+}
+
+#[test]
 fn status_needs_1_1_0() {
     let h = Harness::new();
     assert_eq!(

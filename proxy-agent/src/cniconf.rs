@@ -9,7 +9,8 @@ use serde::Serialize;
 
 use crate::config::CNI_CONF_FILE;
 
-/// The pod gateway address twill-cni configures (link-local, proxy-ARP on the host veth).
+/// The pod gateway address twill-cni configures (link-local, answered by a static neighbour
+/// entry in the pod pointing at the host veth's MAC; see cni-plugin/README.md).
 pub const POD_GATEWAY: &str = "169.254.1.1";
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +148,71 @@ mod tests {
             serde_json::json!({"cniVersion":"1.1.0","name":"twill","plugins":[{"type":"twill-cni",
                 "podCIDRs":["10.244.1.0/24"],"mtu":1450,"gateway":"169.254.1.1",
                 "stateDir":"/var/lib/twill","logFile":"/var/lib/twill/cni.log"}]})
+        );
+    }
+
+    /// Each plugin entry of a conflist as libcni hands it to the plugin: the list's `name` and
+    /// `cniVersion` injected into the entry (libcni `buildOneConfig` / `InjectConf`).
+    fn as_libcni_feeds(conflist: &[u8]) -> Vec<serde_json::Value> {
+        let list: serde_json::Value = serde_json::from_slice(conflist).unwrap();
+        list["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                p["name"] = list["name"].clone();
+                p["cniVersion"] = list["cniVersion"].clone();
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn twill_cni_parses_what_the_agent_writes() {
+        let cidrs: Vec<Ipv4Network> = vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "10.245.0.0/16".parse().unwrap(),
+        ];
+        let state = Path::new("/var/lib/twill-node-7");
+        let feeds = as_libcni_feeds(&render(&cidrs, 1410, state));
+        assert_eq!(feeds.len(), 1);
+        let conf = twill_cni::config::parse(&feeds[0]).unwrap();
+        assert_eq!(conf.name, "twill");
+        assert_eq!(conf.cni_version, twill_cni::version::CniVersion::V1_1_0);
+        let want: Vec<ipnetwork::IpNetwork> = cidrs.iter().map(|c| (*c).into()).collect();
+        assert_eq!(conf.pod_cidrs, want);
+        assert_eq!(conf.mtu, 1410);
+        assert_eq!(conf.gateway.to_string(), POD_GATEWAY);
+        assert_eq!(conf.state_dir, state);
+        assert_eq!(conf.log_file, state.join("cni.log"));
+    }
+
+    #[test]
+    fn twill_cni_answers_status_for_what_the_agent_writes() {
+        // The real entry point and the real dataplane constructor: STATUS only touches the
+        // IPAM store (under the temp state dir), so this needs no root and no netlink.
+        let dir = tempfile::tempdir().unwrap();
+        let feeds = as_libcni_feeds(&render(
+            &["10.244.1.0/24".parse().unwrap()],
+            1500,
+            dir.path(),
+        ));
+        let env = std::collections::HashMap::from([
+            ("CNI_COMMAND".to_owned(), "STATUS".to_owned()),
+            ("CNI_PATH".to_owned(), "/opt/cni/bin".to_owned()),
+        ]);
+        let mut out = Vec::new();
+        let rc = twill_cni::run(
+            &env,
+            feeds[0].to_string().as_bytes(),
+            &mut out,
+            twill_cni::netlink::Netlink::new,
+        );
+        assert_eq!(
+            (rc, String::from_utf8_lossy(&out).as_ref()),
+            (0, ""),
+            "STATUS refused the agent's config"
         );
     }
 
