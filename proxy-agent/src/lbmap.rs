@@ -129,6 +129,15 @@ pub trait LbMaps {
     /// Removes affinity entries and socket reverse-NAT entries that point at `backend_id` /
     /// frontend `svc_id`s no longer present, so UDP clients stop using removed backends.
     fn flush_backend_state(&mut self, backend_id: u32, backend: Backend) -> Result<(), MapError>;
+    /// [`Self::flush_backend_state`] for several backends at once; on error none of them may
+    /// be considered flushed (flushing is idempotent, the next apply repeats it). The kernel
+    /// implementation overrides it to scan each table once per batch.
+    fn flush_backends_state(&mut self, backends: &[(u32, Backend)]) -> Result<(), MapError> {
+        for &(id, backend) in backends {
+            self.flush_backend_state(id, backend)?;
+        }
+        Ok(())
+    }
 }
 
 /// In-memory implementation for tests of the reconciler and the debug CLI.

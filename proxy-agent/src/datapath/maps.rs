@@ -185,10 +185,29 @@ impl AyaLbMaps {
         backend_id: u32,
         backend: Backend,
     ) -> Result<FlushReport, MapError> {
+        self.flush_backends(&[(backend_id, backend)])
+    }
+
+    /// [`Self::flush_backend`] for a batch: each LRU table is scanned once for the whole batch
+    /// (a Service set of 2,000 backends going away must not mean 2,000 scans of a 64k-entry
+    /// table), and the cgroup's network namespaces are listed once.
+    pub fn flush_backends(&mut self, backends: &[(u32, Backend)]) -> Result<FlushReport, MapError> {
         let mut report = FlushReport::default();
+        if backends.is_empty() {
+            return Ok(report);
+        }
+        let ids: BTreeSet<u32> = backends.iter().map(|(id, _)| *id).collect();
+        let addrs: BTreeSet<(u32, u16)> = backends
+            .iter()
+            .map(|(_, b)| (b.addr_be, b.port_be))
+            .collect();
+        let flows: BTreeSet<(u8, u32, u16)> = backends
+            .iter()
+            .map(|(_, b)| (b.proto, b.addr_be, b.port_be))
+            .collect();
         let stale_aff: Vec<AffinityKey> = collect(&self.affinity, MapKind::Affinity)?
             .into_iter()
-            .filter(|(_, v)| v.backend_id == backend_id)
+            .filter(|(_, v)| ids.contains(&v.backend_id))
             .map(|(k, _)| k)
             .collect();
         for k in &stale_aff {
@@ -197,9 +216,7 @@ impl AyaLbMaps {
         report.affinity_entries = stale_aff.len();
         let stale_rn: Vec<SockRevNatKey> = collect(&self.revnat, MapKind::SockRevNat)?
             .into_iter()
-            .filter(|(k, _)| {
-                k.backend_addr_be == backend.addr_be && k.backend_port_be == backend.port_be
-            })
+            .filter(|(k, _)| addrs.contains(&(k.backend_addr_be, k.backend_port_be)))
             .map(|(k, _)| k)
             .collect();
         for k in &stale_rn {
@@ -211,9 +228,8 @@ impl AyaLbMaps {
         let stale_ct: Vec<CtKey> = collect(&self.ct, MapKind::Ct)?
             .into_iter()
             .filter(|(k, v)| {
-                k.proto == backend.proto
-                    && ((v.new_daddr_be == backend.addr_be && v.new_dport_be == backend.port_be)
-                        || (k.saddr_be == backend.addr_be && k.sport_be == backend.port_be))
+                flows.contains(&(k.proto, v.new_daddr_be, v.new_dport_be))
+                    || flows.contains(&(k.proto, k.saddr_be, k.sport_be))
             })
             .map(|(k, _)| k)
             .collect();
@@ -223,7 +239,12 @@ impl AyaLbMaps {
         report.ct_entries = stale_ct.len();
         // Only UDP needs it: a TCP connection to a gone backend fails by itself (RST/timeout),
         // and kube-proxy leaves TCP alone too.
-        if backend.proto == PROTO_UDP
+        let udp: Vec<&Backend> = backends
+            .iter()
+            .map(|(_, b)| b)
+            .filter(|b| b.proto == PROTO_UDP)
+            .collect();
+        if !udp.is_empty()
             && let Some(scope) = &self.socket_scope
         {
             let io = |source| MapError::Syscall {
@@ -232,11 +253,13 @@ impl AyaLbMaps {
                 source,
             };
             let namespaces = sockdestroy::netns_of_cgroup(scope).map_err(io)?;
-            let addr = Ipv4Addr::from(u32::from_be(backend.addr_be));
-            let r = sockdestroy::destroy_udp_to(&namespaces, addr, u16::from_be(backend.port_be))
-                .map_err(io)?;
-            report.sockets_destroyed = r.destroyed;
-            report.namespaces_searched = r.namespaces;
+            report.namespaces_searched = namespaces.len();
+            for b in udp {
+                let addr = Ipv4Addr::from(u32::from_be(b.addr_be));
+                let r = sockdestroy::destroy_udp_to(&namespaces, addr, u16::from_be(b.port_be))
+                    .map_err(io)?;
+                report.sockets_destroyed += r.destroyed;
+            }
         }
         self.last_flush = report.clone();
         Ok(report)
@@ -417,11 +440,14 @@ impl LbMaps for AyaLbMaps {
         })
     }
     fn flush_backend_state(&mut self, backend_id: u32, backend: Backend) -> Result<(), MapError> {
-        let report = self.flush_backend(backend_id, backend)?;
+        self.flush_backends_state(&[(backend_id, backend)])
+    }
+
+    fn flush_backends_state(&mut self, backends: &[(u32, Backend)]) -> Result<(), MapError> {
+        let report = self.flush_backends(backends)?;
         log::info!(
-            "flushed backend {backend_id} ({}:{}): {} affinity, {} reverse-NAT, {} conntrack entries, {} UDP sockets destroyed in {} namespaces",
-            Ipv4Addr::from(u32::from_be(backend.addr_be)),
-            u16::from_be(backend.port_be),
+            "flushed {} removed backends: {} affinity, {} reverse-NAT, {} conntrack entries, {} UDP sockets destroyed in {} namespaces",
+            backends.len(),
             report.affinity_entries,
             report.revnat_entries,
             report.ct_entries,

@@ -384,24 +384,28 @@ impl<M: LbMaps> Run<'_, M> {
         let stale_backends = stale(&desired.backends, &self.applied.backends);
         if !stale_backends.is_empty() {
             let referenced: BTreeSet<u32> = self.applied.slots.values().copied().collect();
+            let mut removable = Vec::new();
             for id in stale_backends {
                 if referenced.contains(&id) {
                     self.stats.deferred += 1;
-                    continue;
+                } else {
+                    removable.push((id, self.applied.backends[&id]));
                 }
-                let backend = self.applied.backends[&id];
-                // Flush first: if it fails the backend stays, and the next apply retries both.
-                if let Err(e) = self.maps.flush_backend_state(id, backend) {
-                    self.errors.push(e);
-                    continue;
-                }
-                self.stats.backends_flushed += 1;
-                match self.maps.delete_backend(id) {
-                    Ok(()) => {
-                        self.applied.backends.remove(&id);
-                        self.stats.backends_deleted += 1;
+            }
+            // Flush first, as one batch: if it fails the backends stay, and the next apply
+            // retries flush and delete.
+            if let Err(e) = self.maps.flush_backends_state(&removable) {
+                self.errors.push(e);
+            } else {
+                self.stats.backends_flushed += removable.len();
+                for (id, _) in removable {
+                    match self.maps.delete_backend(id) {
+                        Ok(()) => {
+                            self.applied.backends.remove(&id);
+                            self.stats.backends_deleted += 1;
+                        }
+                        Err(e) => self.errors.push(e),
                     }
-                    Err(e) => self.errors.push(e),
                 }
             }
         }
