@@ -545,6 +545,8 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             }
         }
         let ok = agent.sync();
+        // After the maps are written, so it never delays programming.
+        release_free_heap();
         // Each part retries on its own backoff: a persistent routing error (a Node without
         // InternalIP, say) must not turn into a 100 ms retry loop of map applies, nor the
         // reverse.
@@ -563,6 +565,18 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     drop(agent);
     drop(datapath);
     Ok(())
+}
+
+/// Hands freed heap pages back to the kernel. A compile of 10,000 Services (and the parse of
+/// their manifests) allocates hundreds of MiB of short-lived objects; glibc keeps freed memory
+/// in its arenas, so without this the agent's RSS stays at its peak, several times what it
+/// holds. Costs a walk of the free lists (milliseconds at that size), once per apply.
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; 0 keeps no extra pad at the heap top.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// One node-network sync; its devices and MTU go into the next compile even when a later step

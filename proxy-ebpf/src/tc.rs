@@ -353,8 +353,6 @@ fn dnat_local(
     be: &Backend,
     now: u64,
 ) -> Result<(), Reason> {
-    // DNAT only: the backend sees the client's address (externalTrafficPolicy=Local keeps
-    // it by construction: its SCOPE_EXTERNAL entry lists local backends only).
     let orig = CtValue {
         new_saddr_be: p.saddr,
         new_daddr_be: be.addr_be,

@@ -93,16 +93,7 @@ fn an_established_connection_survives_agent_restarts() -> Result<()> {
     let vip = format!("{VIP}:80");
     wait_tcp_reply(&client, &vip, "web0")?;
     // socat holds one TCP connection; labtool's server answers every "again" line on it.
-    let mut conn = client
-        .cmd("socat")
-        .args(["-T", "60", "-", &format!("TCP4:{vip}")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("socat (Debian package socat)")?;
-    let mut stdin = conn.stdin.take().context("stdin")?;
-    let mut replies = BufReader::new(conn.stdout.take().context("stdout")?).lines();
+    let (mut conn, mut stdin, mut replies) = socat(&client, &format!("TCP4:{vip}"))?;
     let mut ask = |when: &str| -> Result<()> {
         stdin.write_all(b"again\n")?;
         let line = replies
@@ -152,16 +143,7 @@ fn connected_udp_clients_are_cut_from_a_removed_backend() -> Result<()> {
     wait_for("UDP via the ClusterIP", Duration::from_secs(20), || {
         Ok(agent_common::udp(&client, &format!("{VIP}:53"), false)?.0 == 0)
     })?;
-    let mut socat = client
-        .cmd("socat")
-        .args(["-T", "30", "-", &format!("UDP4:{VIP}:53")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("socat (Debian package socat)")?;
-    let mut stdin = socat.stdin.take().context("stdin")?;
-    let mut lines = BufReader::new(socat.stdout.take().context("stdout")?).lines();
+    let (mut udp_client, mut stdin, mut lines) = socat(&client, &format!("UDP4:{VIP}:53"))?;
     stdin.write_all(b"hi\n")?;
     let first = lines.next().context("no UDP reply")??;
     // The server's raw reply: "<name> <peer>".
@@ -187,13 +169,34 @@ fn connected_udp_clients_are_cut_from_a_removed_backend() -> Result<()> {
             )
         ),
     )?;
-    let status = wait_for_exit(&mut socat, &mut stdin)?;
+    let status = wait_for_exit(&mut udp_client, &mut stdin)?;
     ensure!(
         !status.success(),
         "the connected UDP socket to removed backend {} kept working",
         gone.ip
     );
     Ok(())
+}
+
+type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// `socat - <address>` in `pod`: one socket kept open, each stdin line sent on it, each
+/// received line on stdout.
+fn socat(
+    pod: &twill_lab::Pod,
+    address: &str,
+) -> Result<(std::process::Child, std::process::ChildStdin, Lines)> {
+    let mut child = pod
+        .cmd("socat")
+        .args(["-T", "60", "-", address])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("socat (Debian package socat)")?;
+    let stdin = child.stdin.take().context("stdin")?;
+    let lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    Ok((child, stdin, lines))
 }
 
 /// Keeps sending on the socket (a destroyed socket fails its next send) until socat exits,

@@ -243,7 +243,9 @@ pub fn plan_routes<'a>(
         exempt.extend(config.cluster_cidrs.iter().copied());
         exempt.extend(config.non_masquerade_cidrs.iter().copied());
         exempt.extend(node_ips.iter().map(|ip| Ipv4Network::from(*ip)));
-        MasqueradeRules::new(local_pod_cidrs.clone(), exempt)
+        let mut pod_cidrs = all_pod_cidrs.clone();
+        pod_cidrs.extend(config.cluster_cidrs.iter().copied());
+        MasqueradeRules::new(local_pod_cidrs.clone(), exempt, pod_cidrs)
     });
 
     Ok(RoutePlan {
