@@ -36,6 +36,8 @@ pub const DEBOUNCE: Duration = Duration::from_millis(5);
 /// Retry delays after a failed apply: doubling from the first to the last.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Minimum time between two returns of freed heap to the kernel ([`release_free_heap`]).
+const TRIM_PERIOD: Duration = Duration::from_secs(5);
 /// How often kernel verdict counters are copied into metrics.
 const STATS_PERIOD: Duration = Duration::from_secs(5);
 
@@ -519,6 +521,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut network_due = true;
     let mut network_failures = 0u32;
+    let mut trimmer = HeapTrimmer::default();
     loop {
         let retry = async {
             match retry_at {
@@ -530,7 +533,13 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             () = stores.changed_notification() => {}
             () = retry => {}
             _ = resync.tick() => network_due = true,
-            _ = stats.tick() => { agent.export_stats(); continue; }
+            _ = stats.tick() => {
+                agent.export_stats();
+                // Also here, so a burst that ended within TRIM_PERIOD of the last trim is
+                // returned too.
+                trimmer.maybe_trim();
+                continue;
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -546,7 +555,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         }
         let ok = agent.sync();
         // After the maps are written, so it never delays programming.
-        release_free_heap();
+        trimmer.maybe_trim();
         // Each part retries on its own backoff: a persistent routing error (a Node without
         // InternalIP, say) must not turn into a 100 ms retry loop of map applies, nor the
         // reverse.
@@ -567,10 +576,32 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Runs [`release_free_heap`] off the run loop, at most every [`TRIM_PERIOD`].
+struct HeapTrimmer {
+    last: Instant,
+}
+
+impl Default for HeapTrimmer {
+    fn default() -> Self {
+        Self {
+            last: Instant::now(),
+        }
+    }
+}
+
+impl HeapTrimmer {
+    fn maybe_trim(&mut self) {
+        if self.last.elapsed() >= TRIM_PERIOD {
+            self.last = Instant::now();
+            tokio::task::spawn_blocking(release_free_heap);
+        }
+    }
+}
+
 /// Hands freed heap pages back to the kernel. A compile of 10,000 Services (and the parse of
 /// their manifests) allocates hundreds of MiB of short-lived objects; glibc keeps freed memory
 /// in its arenas, so without this the agent's RSS stays at its peak, several times what it
-/// holds. Costs a walk of the free lists (milliseconds at that size), once per apply.
+/// holds. Costs a walk of the free lists (tens of milliseconds at that size).
 fn release_free_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim has no preconditions; 0 keeps no extra pad at the heap top.

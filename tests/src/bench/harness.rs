@@ -162,9 +162,17 @@ pub struct ControlPlane {
 pub struct AgentRss {
     pub services: usize,
     pub endpoints: usize,
+    /// Right after the first successful connection (the peak of programming).
     pub rss_kib: u64,
+    /// [`RSS_SETTLE`] later, with nothing changing: what the agent holds in steady state.
+    #[serde(default)]
+    pub settled_kib: Option<u64>,
     pub programmed_ms: f64,
 }
+
+/// How long after programming the steady-state RSS is read (the agent returns freed heap at
+/// most every 5 s).
+pub const RSS_SETTLE: Duration = Duration::from_secs(12);
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BenchResults {
@@ -919,10 +927,13 @@ impl<'a> Bench<'a> {
                     .and_then(Agent::pid)
                     .ok_or_else(|| anyhow!("agent has no pid"))?;
                 let rss_kib = kib_rss(pid)?;
+                std::thread::sleep(RSS_SETTLE);
+                let settled_kib = Some(kib_rss(pid)?);
                 self.results.agent_rss = Some(AgentRss {
                     services,
                     endpoints: services * endpoints,
                     rss_kib,
+                    settled_kib,
                     programmed_ms: ms,
                 });
             }
