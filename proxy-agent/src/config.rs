@@ -123,6 +123,10 @@ pub struct RunArgs {
     /// Destinations reached without masquerading pod traffic.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
     pub non_masquerade_cidrs: Option<Vec<String>>,
+    /// Masquerade pod egress to destinations outside the cluster to the node IP [default:
+    /// true]; `--masquerade=false` when the network routes pod CIDRs itself.
+    #[arg(long, value_name = "BOOL", num_args = 1, require_equals = true)]
+    pub masquerade: Option<bool>,
 }
 
 /// `twill-agent debug …`
@@ -208,6 +212,7 @@ pub struct FileConfig {
     pub routing_mode: Option<RoutingMode>,
     pub cluster_cidr: Option<String>,
     pub non_masquerade_cidrs: Option<Vec<String>>,
+    pub masquerade: Option<bool>,
 }
 
 /// Where Services/EndpointSlices/Nodes come from.
@@ -244,6 +249,7 @@ pub struct Config {
     pub routing_mode: RoutingMode,
     pub cluster_cidr: Option<Ipv4Network>,
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
+    pub masquerade: bool,
 }
 
 /// A configuration the agent cannot run with.
@@ -408,6 +414,7 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             "non-masquerade-cidrs",
             pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
         )?,
+        masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
     })
 }
 
@@ -516,6 +523,21 @@ mod tests {
         assert_eq!(cfg.cgroup_root, None);
         assert_eq!(cfg.routing_mode, RoutingMode::Auto);
         assert_eq!(cfg.map_sizes, MapSizes::default());
+        assert!(cfg.masquerade);
+    }
+
+    #[test]
+    fn masquerade_can_be_turned_off_by_flag_or_file() {
+        let off = merge(
+            run_args(&["--node-name", "n1", "--masquerade=false"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(!off.masquerade);
+        assert!(!crate::routing::RoutingConfig::from(&off).masquerade);
+        let file = parse_file("masquerade: false\n").unwrap();
+        let cfg = merge(run_args(&["--node-name", "n1"]), file).unwrap();
+        assert!(!cfg.masquerade);
     }
 
     #[test]

@@ -652,10 +652,14 @@ fn documented_uninstall_removes_the_cni_config_and_pins() {
     for map in twill_common::ALL_MAPS {
         std::fs::write(at("sys/fs/bpf/twill").join(map), "").unwrap();
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_twill-agent"))
+    // In a network namespace of its own: uninstall also removes the agent's routes, overlay
+    // device and nftables table, and tests never touch the machine's own namespace.
+    let out = Command::new("unshare")
+        .args(["--net", "--"])
+        .arg(env!("CARGO_BIN_EXE_twill-agent"))
         .args(&argv)
         .output()
-        .expect("running twill-agent");
+        .expect("running twill-agent under unshare --net (util-linux)");
     assert!(
         out.status.success(),
         "twill-agent {}: {}",

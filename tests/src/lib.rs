@@ -697,6 +697,13 @@ impl Node {
         netns_command(&self.netns, Some(&self.cgroup), program)
     }
 
+    /// A command in the node's network namespace and cgroup that keeps the machine's mounts
+    /// (cgroup2 and bpffs under /sys), as the agent runs: for `twill-agent` subcommands that
+    /// touch pins or attach points, e.g. `uninstall`.
+    pub fn cmd_with_host_mounts(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        netns_only_command(&self.netns, &self.cgroup, program)
+    }
+
     /// Runs `args` in the node; stdout, or an error with stderr.
     pub fn run(&self, args: &[&str]) -> Result<String> {
         let (prog, rest) = args.split_first().ok_or_else(|| anyhow!("empty command"))?;

@@ -240,7 +240,9 @@ fn should_serve_the_debug_cli_write_the_cni_config_and_uninstall() -> Result<()>
 
     // Uninstall after a graceful stop: CNI config and pins gone.
     agent.stop()?;
-    let out = std::process::Command::new(twill_lab::bin("twill-agent"))
+    // In the node's namespace: uninstall also removes the agent's routes and nftables table.
+    let out = n0
+        .cmd_with_host_mounts(twill_lab::bin("twill-agent"))
         .args(["uninstall", "--bpffs-dir"])
         .arg(&n0.bpffs)
         .arg("--cni-conf-dir")

@@ -160,6 +160,7 @@ impl From<&crate::config::Config> for RoutingConfig {
             mode: cfg.routing_mode,
             cluster_cidrs: cfg.cluster_cidr.into_iter().collect(),
             non_masquerade_cidrs: cfg.non_masquerade_cidrs.clone(),
+            masquerade: cfg.masquerade,
             ..Self::default()
         }
     }

@@ -202,7 +202,10 @@ pub struct BenchResults {
 /// period (a start-up check failure exits at once).
 fn start_agent(node: &Node) -> Result<Agent> {
     const GRACE: Duration = Duration::from_millis(500);
-    let mut agent = node.start_agent(&[])?;
+    // Extra agent flags for experiments (`TWILL_BENCH_AGENT_ARGS="--masquerade=false"`).
+    let extra = std::env::var("TWILL_BENCH_AGENT_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
+    let mut agent = node.start_agent(&extra)?;
     std::thread::sleep(GRACE);
     if !agent.is_running() {
         bail!(
