@@ -277,10 +277,8 @@ fn should_refuse_to_start_without_a_cgroup2_root() -> Result<()> {
         .position(|a| a == "--cgroup-root")
         .context("no --cgroup-root")?;
     args[i + 1] = n0.dir.display().to_string();
-    let mut child = std::process::Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{}", n0.netns))
-        .arg("--")
-        .arg(twill_lab::bin("twill-agent"))
+    let mut child = n0
+        .cmd_with_host_mounts(twill_lab::bin("twill-agent"))
         .args(&args)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
