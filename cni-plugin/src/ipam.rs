@@ -30,6 +30,9 @@ use crate::env::Attachment;
 const LOCK_FILE: &str = "lock";
 const LAST_RESERVED: &str = "last_reserved_ip.0";
 const SCRATCH: &str = ".reserve.tmp";
+/// Width of the cursor record: the longest textual IPv6 address is 45 characters
+/// (`ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`).
+const CURSOR_WIDTH: usize = 45;
 
 /// How long [`Ipam::lock`] waits for another holder before giving up with
 /// [`IpamError::Busy`] (CNI code 11, "try again later").
@@ -191,10 +194,7 @@ impl Locked<'_> {
         for ip in candidates(ranges, last).filter(|ip| *ip != gateway) {
             let target = self.dir.join(ip.to_string());
             if place(&scratch, &target)? {
-                let cursor = self.dir.join(LAST_RESERVED);
-                // A torn cursor only costs round-robin order: it is re-parsed leniently.
-                fs::write(&cursor, ip.to_string())
-                    .map_err(|e| IpamError::io("write", &cursor, e))?;
+                self.write_cursor(ip)?;
                 return Ok(ip);
             }
         }
@@ -206,6 +206,27 @@ impl Locked<'_> {
                 .collect::<Vec<_>>()
                 .join(", "),
         })
+    }
+
+    /// Overwrites the cursor in place with a fixed-width record instead of
+    /// `O_TRUNC` + write. On ext4 (`auto_da_alloc`, the default) truncating a file
+    /// to zero and rewriting it makes close(2) start writeback at once (the
+    /// "replace-via-truncate" heuristic, see
+    /// https://docs.kernel.org/admin-guide/ext4.html), one I/O submission per ADD
+    /// for a file that is only a hint. The record is wider than any address text,
+    /// so it covers whatever an older version wrote. A torn cursor only costs
+    /// round-robin order: it is re-parsed leniently, and an unparsable one
+    /// restarts the search at the start of the ranges.
+    fn write_cursor(&self, ip: IpAddr) -> Result<(), IpamError> {
+        let cursor = self.dir.join(LAST_RESERVED);
+        let record = format!("{ip:<CURSOR_WIDTH$}\n");
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&cursor)
+            .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, record.as_bytes(), 0))
+            .map_err(|e| IpamError::io("write", &cursor, e))
     }
 
     fn last_reserved(&self) -> Option<IpAddr> {
@@ -488,6 +509,35 @@ mod tests {
         assert_eq!(l.find(&att("b")).unwrap(), vec![b]);
         // Releasing an unknown owner is fine.
         assert!(l.release(&att("zzz")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_cursor_is_overwritten_in_place_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = Ipam::new(dir.path(), "twill");
+        let r = nets(&["10.0.0.0/24", "fd00::/120"]);
+        fs::create_dir_all(ipam.dir()).unwrap();
+        let cursor = ipam.dir().join(LAST_RESERVED);
+        // What an older version (plain fs::write) left: the next search starts after it.
+        fs::write(&cursor, "10.0.0.200").unwrap();
+        let l = ipam.lock().unwrap();
+        assert_eq!(
+            l.reserve(&r, GW, &att("a")).unwrap().to_string(),
+            "10.0.0.201"
+        );
+        assert_eq!(l.last_reserved(), Some("10.0.0.201".parse().unwrap()));
+        assert_eq!(fs::read(&cursor).unwrap().len(), CURSOR_WIDTH + 1);
+        // A long address then a short one: no leftover bytes of the first.
+        l.write_cursor("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe".parse().unwrap())
+            .unwrap();
+        l.write_cursor("10.0.0.7".parse().unwrap()).unwrap();
+        assert_eq!(l.last_reserved(), Some("10.0.0.7".parse().unwrap()));
+        // Garbage restarts at the beginning instead of failing.
+        fs::write(&cursor, "\0\0garbage").unwrap();
+        assert_eq!(
+            l.reserve(&r, GW, &att("b")).unwrap().to_string(),
+            "10.0.0.1"
+        );
     }
 
     #[test]
