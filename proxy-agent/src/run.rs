@@ -269,16 +269,18 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
 
     /// Logs newly invalid objects once and counts them in `twill_invalid_objects_total`.
     fn report_rejections(&mut self, compiled: &Compiled) {
-        for r in compiled
+        let invalid: Vec<_> = compiled
             .rejected()
             .iter()
             .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
-        {
-            if !self.logged_rejections.contains(&(
-                r.namespace.clone(),
-                r.name.clone(),
-                r.reason.to_string(),
-            )) {
+            .collect();
+        let key = |r: &crate::compile::Rejection| {
+            (r.namespace.clone(), r.name.clone(), r.reason.to_string())
+        };
+        let current: std::collections::BTreeSet<(String, String, String)> =
+            invalid.iter().map(|r| key(r)).collect();
+        for r in &invalid {
+            if !self.logged_rejections.contains(&key(r)) {
                 log::warn!(
                     "skipping invalid {:?} {}/{}: {}",
                     r.kind,
@@ -288,31 +290,20 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
                 );
             }
         }
-        self.logged_rejections = compiled
-            .rejected()
-            .iter()
-            .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
-            .map(|r| (r.namespace.clone(), r.name.clone(), r.reason.to_string()))
-            .collect();
-        self.metrics.compiler_rejections(
-            compiled
-                .rejected()
-                .iter()
-                .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
-                .map(|r| {
-                    let kind = match r.kind {
-                        crate::compile::ObjectKind::Service => "Service",
-                        crate::compile::ObjectKind::EndpointSlice => "EndpointSlice",
-                        crate::compile::ObjectKind::Node => "Node",
-                    };
-                    (
-                        kind,
-                        r.namespace.as_str(),
-                        r.name.as_str(),
-                        r.reason.metric_label(),
-                    )
-                }),
-        );
+        self.metrics.compiler_rejections(invalid.iter().map(|r| {
+            let kind = match r.kind {
+                crate::compile::ObjectKind::Service => "Service",
+                crate::compile::ObjectKind::EndpointSlice => "EndpointSlice",
+                crate::compile::ObjectKind::Node => "Node",
+            };
+            (
+                kind,
+                r.namespace.as_str(),
+                r.name.as_str(),
+                r.reason.metric_label(),
+            )
+        }));
+        self.logged_rejections = current;
     }
 
     fn write_cni_conf(&mut self, node: &k8s_openapi::api::core::v1::Node) {
