@@ -536,9 +536,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         }
         // Coalesce a burst of changes into one apply.
         tokio::time::sleep(DEBOUNCE).await;
-        if network_due || network.needs_sync(&stores.snapshot()) {
+        // One snapshot for the check and the sync (Syncer::sync takes its own, after reading
+        // the generation it will mark applied).
+        let snapshot = stores.snapshot();
+        if network_due || network.needs_sync(&snapshot) {
             network_due = false;
-            if sync_network(&mut network, &mut datapath, &stores, &mut agent).await {
+            if sync_network(&mut network, &mut datapath, &snapshot, &stores, &mut agent).await {
                 network_failures = 0;
             } else {
                 network_failures = network_failures.saturating_add(1);
@@ -606,12 +609,11 @@ fn release_free_heap() {
 async fn sync_network<M: LbMaps + VerdictStats>(
     network: &mut NodeNetwork,
     datapath: &mut Datapath,
+    snapshot: &Snapshot,
     stores: &Stores,
     agent: &mut Syncer<M>,
 ) -> bool {
-    let result = network
-        .sync(&stores.snapshot(), datapath, stores.is_synced())
-        .await;
+    let result = network.sync(snapshot, datapath, stores.is_synced()).await;
     agent.set_network(network.state());
     match result {
         Ok(_) => true,

@@ -7,7 +7,9 @@ use std::net::Ipv4Addr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use agent_common::{ready, service, slice, start_agent, tcp, wait_for, wait_tcp_reply};
+use agent_common::{
+    ready, service, slice, start_agent, tcp, wait_for, wait_tcp_reply, web_and_client, web_manifest,
+};
 use anyhow::{Context as _, Result, ensure};
 use twill_lab::{LabSpec, require};
 
@@ -22,9 +24,7 @@ fn should_be_able_to_change_the_type_externalname_clusterip_nodeport_and_back() 
         return Ok(());
     };
     let n0 = lab.node(0);
-    let web = n0.add_pod("web0")?;
-    let client = n0.add_pod("client")?;
-    lab.serve(&web, "web0", Some(8080), None)?;
+    let (web, client) = web_and_client(&lab)?;
     let eps = slice(
         "web",
         "web-1",
@@ -73,22 +73,8 @@ fn an_established_connection_survives_agent_restarts() -> Result<()> {
         return Ok(());
     };
     let n0 = lab.node(0);
-    let web = n0.add_pod("web0")?;
-    let client = n0.add_pod("client")?;
-    lab.serve(&web, "web0", Some(8080), None)?;
-    lab.apply_manifest(
-        "web.yaml",
-        &format!(
-            "{}---\n{}",
-            service("web", VIP, &[("http", 80, 8080, "TCP")], "", &[]),
-            slice(
-                "web",
-                "web-1",
-                &[ready(web.ip, &n0.name)],
-                &[("http", 8080, "TCP")]
-            )
-        ),
-    )?;
+    let (web, client) = web_and_client(&lab)?;
+    lab.apply_manifest("web.yaml", &web_manifest(VIP, &web, &n0.name))?;
     let mut agent = start_agent(&lab, 0, &[])?;
     let vip = format!("{VIP}:80");
     wait_tcp_reply(&client, &vip, "web0")?;

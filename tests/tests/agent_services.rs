@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agent_common::{
     ready, replier, service, slice, start_agent, tcp, udp, wait_for, wait_tcp_fails,
-    wait_tcp_refused, wait_tcp_reply,
+    wait_tcp_refused, wait_tcp_reply, web_and_client, web_manifest,
 };
 use anyhow::{Result, ensure};
 use twill_lab::{LabSpec, require};
@@ -23,22 +23,8 @@ fn should_serve_a_basic_endpoint_from_pods() -> Result<()> {
         return Ok(());
     };
     let n0 = lab.node(0);
-    let web = n0.add_pod("web0")?;
-    let client = n0.add_pod("client")?;
-    lab.serve(&web, "web0", Some(8080), None)?;
-    lab.apply_manifest(
-        "web.yaml",
-        &format!(
-            "{}---\n{}",
-            service("web", VIP, &[("http", 80, 8080, "TCP")], "", &[]),
-            slice(
-                "web",
-                "web-1",
-                &[ready(web.ip, &n0.name)],
-                &[("http", 8080, "TCP")]
-            )
-        ),
-    )?;
+    let (web, client) = web_and_client(&lab)?;
+    lab.apply_manifest("web.yaml", &web_manifest(VIP, &web, &n0.name))?;
     let _agent = start_agent(&lab, 0, &[])?;
     wait_tcp_reply(&client, "10.96.0.10:80", "web0")?;
     Ok(())

@@ -227,3 +227,27 @@ pub fn wait_tcp_fails(pod: &Pod, to: &str) -> Result<()> {
         Ok(tcp(pod, to)?.0 != 0)
     })
 }
+
+/// On node 0: pod `web0` serving TCP 8080 (answering "web0") and a pod `client`.
+pub fn web_and_client(lab: &Lab) -> Result<(Pod, Pod)> {
+    let n0 = lab.node(0);
+    let web = n0.add_pod("web0")?;
+    let client = n0.add_pod("client")?;
+    lab.serve(&web, "web0", Some(8080), None)?;
+    Ok((web, client))
+}
+
+/// Service `web` at `vip` (port `http` 80 → 8080/TCP) and its EndpointSlice with `web` ready
+/// on `node`.
+pub fn web_manifest(vip: Ipv4Addr, web: &Pod, node: &str) -> String {
+    format!(
+        "{}---\n{}",
+        service("web", vip, &[("http", 80, 8080, "TCP")], "", &[]),
+        slice(
+            "web",
+            "web-1",
+            &[ready(web.ip, node)],
+            &[("http", 8080, "TCP")]
+        )
+    )
+}
