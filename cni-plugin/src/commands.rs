@@ -258,7 +258,14 @@ fn add<D: Dataplane>(
         pod_ip,
         gateway: conf.gateway,
     };
-    if let Err(e) = dp.create(&ns, &spec) {
+    let mut made = dp.create(&ns, &spec);
+    if matches!(made, Err(DataplaneError::LinkExists { .. })) && dp.delete_retired_links()? > 0 {
+        // A DEL for this container retired its link moments ago and the reaper
+        // has not deleted it yet: the pod end still holds `CNI_IFNAME` in the pod
+        // namespace. Delete retired links now and try once more.
+        made = dp.create(&ns, &spec);
+    }
+    if let Err(e) = made {
         // `create` removed its links; give the address back too.
         if let Ok(l) = ipam.lock() {
             let _ = l.remove(ip);
@@ -304,7 +311,7 @@ fn del<D: Dataplane>(
     log: &mut Logger,
 ) -> Result<(), CniError> {
     let host_if = dataplane::host_if_name(&att.container_id);
-    let had_link = dp.delete_host_link(&host_if)?;
+    let had_link = dp.retire_host_link(&host_if)?;
     let ipam = Ipam::new(&conf.state_dir, &conf.name);
     let released = ipam.lock()?.release(att)?;
     log.log(
@@ -312,7 +319,7 @@ fn del<D: Dataplane>(
         format_args!(
             "DEL {}: link {host_if} {}, released {released:?}",
             att.container_id,
-            if had_link { "deleted" } else { "absent" }
+            if had_link { "retired" } else { "absent" }
         ),
     );
     Ok(())
@@ -387,6 +394,8 @@ fn gc<D: Dataplane>(conf: &NetConf, dp: &mut D) -> Result<(), CniError> {
             dp.delete_host_link(&link)?;
         }
     }
+    // Links whose reaper never ran (killed, or the node rebooted mid-DEL).
+    dp.delete_retired_links()?;
     let ipam = Ipam::new(&conf.state_dir, &conf.name);
     let locked = ipam.lock()?;
     for r in locked.list()? {

@@ -40,6 +40,24 @@ pub fn is_host_if_name(name: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Prefix of a host veth that DEL has taken out of service but not yet deleted.
+pub const RETIRED_IF_PREFIX: &str = "twx";
+
+/// Name a retired host veth is renamed to: `twx` + its ifindex, unique in the
+/// namespace while the link exists and never a name [`host_if_name`] produces.
+pub fn retired_if_name(ifindex: u32) -> String {
+    format!("{RETIRED_IF_PREFIX}{ifindex}")
+}
+
+/// True for names [`retired_if_name`] can produce; only those are reaped.
+pub fn is_retired_if_name(name: &str) -> bool {
+    name.len() > RETIRED_IF_PREFIX.len()
+        && name.starts_with(RETIRED_IF_PREFIX)
+        && name[RETIRED_IF_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+}
+
 /// Host-side MAC: locally administered unicast (`ee:` like Calico's), stable per
 /// container so the pod's static neighbour entry for the gateway can be written
 /// without asking the kernel what MAC it picked.
@@ -135,6 +153,18 @@ pub trait Dataplane {
     fn create(&mut self, ns: &Self::Netns, spec: &PodLinkSpec) -> Result<(), DataplaneError>;
     /// Deletes a host-side link (its peer and routes go with it). `Ok(false)` if absent.
     fn delete_host_link(&mut self, name: &str) -> Result<bool, DataplaneError>;
+    /// Takes a host-side link out of service now and deletes it later. Deleting a
+    /// veth costs ~20 ms of kernel time (an RCU barrier after RTNL is released),
+    /// which would otherwise be the bulk of every DEL. Retiring is two cheap
+    /// requests: down — the kernel drops every route through the link and the pod
+    /// end loses carrier, so the pod's address is unreachable and may be reused —
+    /// then a rename to [`retired_if_name`], so the container's name is free for
+    /// its next ADD. The deletion then runs off the runtime's critical path; a
+    /// retired link that outlives it (reaper killed) is removed by GC or by the
+    /// next ADD that collides with it. `Ok(false)` if absent.
+    fn retire_host_link(&mut self, name: &str) -> Result<bool, DataplaneError>;
+    /// Deletes every retired link now; returns how many there were.
+    fn delete_retired_links(&mut self) -> Result<usize, DataplaneError>;
     /// Names of veths in the node namespace that match [`is_host_if_name`].
     fn list_host_links(&mut self) -> Result<Vec<String>, DataplaneError>;
     /// Reads the state CHECK compares against the previous result.
@@ -163,6 +193,11 @@ mod tests {
         assert!(!is_host_if_name("twl-vxlan"));
         assert!(!is_host_if_name("twlBA7816BF8F0"));
         assert!(!is_host_if_name("eth0"));
+        let r = retired_if_name(4_294_967_295);
+        assert!(r.len() < 16, "fits IFNAMSIZ");
+        assert!(is_retired_if_name(&r) && !is_host_if_name(&r));
+        assert!(!is_retired_if_name("twx") && !is_retired_if_name("twxa1"));
+        assert!(!is_retired_if_name(&n));
     }
 
     #[test]

@@ -8,6 +8,20 @@ use std::process::ExitCode;
 use twill_cni::version::CniVersion;
 
 fn main() -> ExitCode {
+    // Not a CNI call: DEL started us to delete a link it retired (see
+    // `Dataplane::retire_host_link`). Nobody reads our output; GC covers failure.
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, name, index] = args.as_slice()
+        && flag == twill_cni::netlink::REAP_ARG
+    {
+        let Ok(index) = index.parse() else {
+            return ExitCode::FAILURE;
+        };
+        return match twill_cni::netlink::reap_retired_link(name, index) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
     // Only CNI_* variables matter; non-UTF-8 values are passed lossily and then
     // rejected by validation with a message naming the variable.
     let env: HashMap<String, String> = std::env::vars_os()

@@ -34,6 +34,7 @@ use tokio::runtime::Runtime;
 
 use crate::dataplane::{
     Dataplane, DataplaneError, LinkState, Observed, PodLinkSpec, is_host_if_name,
+    is_retired_if_name, retired_if_name,
 };
 use crate::result::Route;
 
@@ -91,6 +92,61 @@ impl Netlink {
         self.host = Some(handle.clone());
         Ok(handle)
     }
+}
+
+/// argv\[1\] that makes the executable a reaper instead of a CNI plugin.
+pub const REAP_ARG: &str = "--reap-retired-link";
+
+/// Starts `twill-cni --reap-retired-link <name> <ifindex>` detached: own process
+/// group, no stdio (so the runtime reading our stdout sees EOF when we exit), not
+/// waited for. `posix_spawn` keeps this well under a millisecond.
+fn spawn_reaper(name: &str, index: u32) -> io::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe()?;
+    Command::new(exe)
+        .arg(REAP_ARG)
+        .arg(name)
+        .arg(index.to_string())
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map(drop)
+}
+
+/// The reaper's work: delete link `index` if it still carries the retired name
+/// `name` (an index can be reused once the link is gone, so both must match).
+pub fn reap_retired_link(name: &str, index: u32) -> Result<(), DataplaneError> {
+    if !is_retired_if_name(name) {
+        return Ok(());
+    }
+    let mut nl = Netlink::new()?;
+    let host = nl.host()?;
+    nl.rt.block_on(async {
+        let link = match host
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if errno(&e) == Some(libc::ENODEV) => None,
+            Err(e) => return Err(nl_err(format!("get link {index}"), &e)),
+        };
+        if link.as_ref().and_then(link_name) != Some(name) {
+            return Ok(());
+        }
+        match host.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
+            Err(e) => Err(nl_err(format!("delete link {name}"), &e)),
+        }
+    })
 }
 
 async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, rtnetlink::Error> {
@@ -270,6 +326,69 @@ impl Dataplane for Netlink {
                 Err(e) => Err(nl_err(format!("delete link {name}"), &e)),
             }
         })
+    }
+
+    fn retire_host_link(&mut self, name: &str) -> Result<bool, DataplaneError> {
+        let host = self.host()?;
+        let retired = self.rt.block_on(async {
+            let Some(link) = link_by_name(&host, name)
+                .await
+                .map_err(|e| nl_err(format!("get link {name}"), &e))?
+            else {
+                return Ok(None);
+            };
+            let index = link.header.index;
+            let tomb = retired_if_name(index);
+            let down = LinkUnspec::new_with_index(index).down().build();
+            // A link must be down to be renamed; so this order, in two requests.
+            let renamed = match host.link().set(down).execute().await {
+                Ok(()) => {
+                    let rename = LinkUnspec::new_with_index(index).name(tomb.clone()).build();
+                    host.link().set(rename).execute().await
+                }
+                Err(e) => Err(e),
+            };
+            match renamed {
+                Ok(()) => Ok(Some((tomb, index))),
+                // Gone between the lookup and the request: nothing left to retire.
+                Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+                Err(e) => Err(nl_err(format!("retire link {name}"), &e)),
+            }
+        })?;
+        let Some((tomb, index)) = retired else {
+            return Ok(false);
+        };
+        if spawn_reaper(&tomb, index).is_err() {
+            // No background process (exe unreadable, out of pids): pay the delete now.
+            self.delete_host_link(&tomb)?;
+        }
+        Ok(true)
+    }
+
+    fn delete_retired_links(&mut self) -> Result<usize, DataplaneError> {
+        let host = self.host()?;
+        let links: Vec<LinkMessage> = self.rt.block_on(async {
+            host.link()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| nl_err("dump links", &e))
+        })?;
+        let retired: Vec<String> = links
+            .iter()
+            .filter(|m| link_state(m).is_veth)
+            .filter_map(link_name)
+            .filter(|n| is_retired_if_name(n))
+            .map(str::to_owned)
+            .collect();
+        let mut n = 0;
+        for name in retired {
+            if self.delete_host_link(&name)? {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     fn list_host_links(&mut self) -> Result<Vec<String>, DataplaneError> {

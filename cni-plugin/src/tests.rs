@@ -17,6 +17,11 @@ use crate::result::Route;
 struct FakeState {
     /// Host link name → the spec that made it (`None` for a foreign link).
     links: BTreeMap<String, Option<PodLinkSpec>>,
+    /// Retired host link name → (pod netns, pod-side name) it still holds.
+    retired: BTreeMap<String, (String, String)>,
+    /// Host link name → the pod netns its peer was made in.
+    netns_of: BTreeMap<String, String>,
+    next_index: u32,
     fail_create: bool,
     forwarding: bool,
     /// Tamper knob for CHECK tests.
@@ -45,7 +50,7 @@ impl Dataplane for Fake {
         Ok(())
     }
 
-    fn create(&mut self, _ns: &String, spec: &PodLinkSpec) -> Result<(), DataplaneError> {
+    fn create(&mut self, ns: &String, spec: &PodLinkSpec) -> Result<(), DataplaneError> {
         let mut s = self.0.borrow_mut();
         if s.fail_create {
             return Err(DataplaneError::Netlink {
@@ -53,14 +58,39 @@ impl Dataplane for Fake {
                 source: std::io::Error::from_raw_os_error(libc::ENOMEM),
             });
         }
-        if s.links.contains_key(&spec.host_if) {
+        let pod_end_taken = s
+            .retired
+            .values()
+            .any(|(n, pod_if)| n == ns && *pod_if == spec.pod_if);
+        if s.links.contains_key(&spec.host_if) || pod_end_taken {
             return Err(DataplaneError::LinkExists {
                 host_if: spec.host_if.clone(),
                 pod_if: spec.pod_if.clone(),
             });
         }
         s.links.insert(spec.host_if.clone(), Some(spec.clone()));
+        s.netns_of.insert(spec.host_if.clone(), ns.clone());
         Ok(())
+    }
+
+    fn retire_host_link(&mut self, name: &str) -> Result<bool, DataplaneError> {
+        let mut s = self.0.borrow_mut();
+        let Some(spec) = s.links.remove(name) else {
+            return Ok(false);
+        };
+        s.next_index += 1;
+        let tomb = crate::dataplane::retired_if_name(s.next_index);
+        let ns = s.netns_of.remove(name).unwrap_or_default();
+        let pod_if = spec.map(|p| p.pod_if).unwrap_or_default();
+        s.retired.insert(tomb, (ns, pod_if));
+        Ok(true)
+    }
+
+    fn delete_retired_links(&mut self) -> Result<usize, DataplaneError> {
+        let mut s = self.0.borrow_mut();
+        let n = s.retired.len();
+        s.retired.clear();
+        Ok(n)
     }
 
     fn delete_host_link(&mut self, name: &str) -> Result<bool, DataplaneError> {
@@ -242,14 +272,43 @@ fn add_then_del_round_trip() {
     let log = std::fs::read_to_string(h.dir.path().join("log")).unwrap();
     assert!(
         log.contains(&format!(
-            "link {} deleted, released [10.244.1.1]",
+            "link {} retired, released [10.244.1.1]",
             host_if_name("c1")
         )),
         "{log}"
     );
+    assert_eq!(
+        h.fake.0.borrow().retired.len(),
+        1,
+        "retired, not yet reaped"
+    );
     // Idempotent: again, and for a container never seen.
     assert_eq!(h.invoke("DEL", "c1", &conf).rc, 0);
     assert_eq!(h.invoke("DEL", "never-seen", &conf).rc, 0);
+    assert_eq!(h.fake.0.borrow().retired.len(), 1);
+}
+
+#[test]
+fn add_right_after_del_in_the_same_netns_deletes_the_retired_link() {
+    // The pod end of a retired link keeps CNI_IFNAME in the pod namespace until its
+    // reaper runs; an immediate re-ADD (a runtime restarting the container in the same
+    // namespace) must not fail on that.
+    let h = Harness::new();
+    let conf = h.conf("1.0.0", "10.244.1.0/24");
+    assert_eq!(h.invoke("ADD", "c1", &conf).rc, 0);
+    assert_eq!(h.invoke("DEL", "c1", &conf).rc, 0);
+    assert_eq!(h.fake.0.borrow().retired.len(), 1);
+    let out = h.invoke("ADD", "c1", &conf);
+    assert_eq!(out.rc, 0, "{}", out.stdout);
+    assert!(h.fake.0.borrow().retired.is_empty());
+    assert_eq!(h.links(), [host_if_name("c1")]);
+    // A real conflict is still reported: a second ADD without DEL.
+    assert_eq!(h.invoke("ADD", "c1", &conf).code(), 102);
+    assert_eq!(
+        h.reservations(),
+        ["10.244.1.2"],
+        "the failed ADD gave its address back"
+    );
 }
 
 #[test]
@@ -361,8 +420,12 @@ fn gc_releases_everything_not_valid() {
     h.fake.0.borrow_mut().links.insert("eth0".into(), None);
     let mut gc = conf.clone();
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "c2", "ifname": "eth0"}]);
+    // A link a DEL retired whose reaper never ran.
+    assert_eq!(h.invoke("DEL", "c3", &conf).rc, 0);
+    assert_eq!(h.fake.0.borrow().retired.len(), 1);
     let out = h.invoke("GC", "-", &gc);
     assert_eq!((out.rc, out.stdout.as_str()), (0, ""));
+    assert!(h.fake.0.borrow().retired.is_empty());
     let mut want = vec![host_if_name("c2"), "eth0".to_owned()];
     want.sort();
     assert_eq!(h.links(), want);

@@ -105,6 +105,33 @@ fn add_check_del_and_routed_connectivity() -> Result<()> {
     // DEL: normal, repeated, unknown container, and after the namespace is gone.
     let r = cni(n0, "DEL", &a.container_id, &path, &conf)?;
     ensure!(r.ok && r.raw.is_empty(), "{}", r.raw);
+    // DEL returned with the link retired: the name and the pod's route are gone at
+    // once; the link itself is deleted by the background reaper shortly after.
+    ensure!(
+        !n0.run(&["ip", "route"])?.contains(&format!("{} ", a.ip)),
+        "route to the pod survives DEL"
+    );
+    ensure!(
+        n0.run(&["ip", "link", "show", &host_if]).is_err(),
+        "{host_if} survives DEL"
+    );
+    cni_common::wait_reaped(n0)?;
+    let pod_links = a.run(&["ip", "-o", "link"])?;
+    ensure!(
+        !pod_links.contains("eth0"),
+        "pod end survives the reaper: {pod_links}"
+    );
+    // The same container again in the same namespace, DEL right after ADD right after DEL.
+    let again = cni(n0, "ADD", &a.container_id, &path, &n0.plugin_conf()?)?;
+    ensure!(again.ok, "re-ADD: {}", again.raw);
+    ensure!(cni(n0, "DEL", &a.container_id, &path, &conf)?.ok, "DEL");
+    let again = cni(n0, "ADD", &a.container_id, &path, &n0.plugin_conf()?)?;
+    ensure!(
+        again.ok,
+        "ADD right after DEL, reaper maybe still running: {}",
+        again.raw
+    );
+    ensure!(cni(n0, "DEL", &a.container_id, &path, &conf)?.ok, "DEL");
     ensure!(
         cni(n0, "DEL", &a.container_id, &path, &conf)?.ok,
         "second DEL"
@@ -220,6 +247,10 @@ fn gc_releases_what_the_runtime_no_longer_knows() -> Result<()> {
     n0.run(&[
         "ip", "link", "add", "keepme0", "type", "veth", "peer", "name", "keepme1",
     ])?;
+    // A link a DEL retired whose reaper was killed.
+    n0.run(&[
+        "ip", "link", "add", "twx4242", "type", "veth", "peer", "name", "twx4242p",
+    ])?;
     let mut conf = n0.plugin_conf()?;
     conf["cni.dev/valid-attachments"] =
         json!([{"containerID": pods[1].container_id, "ifname": "eth0"}]);
@@ -227,6 +258,10 @@ fn gc_releases_what_the_runtime_no_longer_knows() -> Result<()> {
     ensure!(r.ok && r.raw.is_empty(), "GC: {}", r.raw);
     let links = host_links(n0)?;
     ensure!(links.len() == 1, "only b's veth survives: {links:?}");
+    ensure!(
+        cni_common::retired_links(n0)?.is_empty(),
+        "GC leaves a retired link"
+    );
     ensure!(
         n0.run(&["ip", "link", "show", "keepme0"]).is_ok(),
         "GC removed a foreign veth"

@@ -94,12 +94,40 @@ pub fn host_links(node: &Node) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Node routes through a twill host veth.
+/// Host veths a DEL retired (`twx` + ifindex) that their reaper has not deleted yet.
+pub fn retired_links(node: &Node) -> Result<Vec<String>> {
+    let out = node.run(&["ip", "-o", "link", "show"])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .filter(|n| {
+            n.len() > 3 && n.starts_with("twx") && n[3..].bytes().all(|b| b.is_ascii_digit())
+        })
+        .collect())
+}
+
+/// Waits (bounded) until every retired link's background reaper has deleted it.
+pub fn wait_reaped(node: &Node) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = retired_links(node)?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("retired links not reaped within 10 s: {left:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Node routes through a twill host veth, live or retired.
 pub fn pod_routes(node: &Node) -> Result<Vec<String>> {
     let out = node.run(&["ip", "route", "show"])?;
     Ok(out
         .lines()
-        .filter(|l| l.contains(" dev twl"))
+        .filter(|l| l.contains(" dev twl") || l.contains(" dev twx"))
         .map(str::to_owned)
         .collect())
 }
@@ -119,6 +147,7 @@ pub fn reservations(state_dir: &Path, network: &str) -> Vec<String> {
 }
 
 pub fn assert_clean(node: &Node, state_dir: &Path) -> Result<()> {
+    wait_reaped(node)?;
     let (l, r, i) = (
         host_links(node)?,
         pod_routes(node)?,
