@@ -19,7 +19,9 @@ fn bench_harness_produces_numbers_without_failures() -> Result<()> {
         Contender::Nftables,
         Contender::Twill,
     ]);
-    let Some(lab) = require(twill_lab::LabSpec::nodes(cfg.contenders.len()))? else {
+    let Some(lab) =
+        require(twill_lab::LabSpec::nodes(cfg.contenders.len()).with_external_client())?
+    else {
         return Ok(());
     };
     let results = Bench::new(&lab, cfg)?.run()?;
@@ -38,6 +40,9 @@ fn bench_harness_produces_numbers_without_failures() -> Result<()> {
         &results.rr_p50,
         &results.rr_p99,
         &results.throughput,
+        &results.ns_conn_rate,
+        &results.ns_rr_p50,
+        &results.ns_rr_p99,
     ] {
         ensure!(
             metric.series.len() == expected,

@@ -27,6 +27,9 @@ pub const BENCH_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const IPERF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 /// The last Service of every set: reachable only once the whole set is programmed.
 pub const SENTINEL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
+/// The bench Service is also a NodePort on this port: the north-south measurements go from the
+/// external client to `<node IP>:BENCH_NODE_PORT`.
+pub const BENCH_NODE_PORT: u16 = 30080;
 const SERVER_PORT: u16 = 8080;
 const IPERF_PORT: u16 = 5201;
 const MANIFEST_PREFIX: &str = "bench-";
@@ -52,6 +55,15 @@ pub struct BenchConfig {
     pub program_limit: Duration,
     /// (Services, endpoints per Service) for the agent memory measurement.
     pub rss_scale: Option<(usize, usize)>,
+    /// Also measure north-south: from the lab's external client (outside every node) through
+    /// each node's NodePort, which for Twill is its per-packet tc path. Needs a lab built
+    /// `with_external_client()`.
+    #[serde(default)]
+    pub north_south: bool,
+    /// Rounds of the north-south connection-rate and latency runs (each as long as its
+    /// east-west counterpart).
+    #[serde(default)]
+    pub ns_rounds: usize,
     /// Wall-clock budget; phases that would start after it are skipped and noted.
     #[serde(skip)]
     pub budget: Duration,
@@ -75,6 +87,8 @@ impl BenchConfig {
             add_one_rounds: 1,
             program_limit: Duration::from_secs(30),
             rss_scale: None,
+            north_south: true,
+            ns_rounds: 1,
             budget: Duration::from_mins(2),
         }
     }
@@ -134,7 +148,7 @@ impl Series {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Metric {
     pub name: String,
     pub unit: String,
@@ -187,6 +201,14 @@ pub struct BenchResults {
     pub rr_p50: Metric,
     pub rr_p99: Metric,
     pub throughput: Metric,
+    /// North-south through the NodePort from outside the node; `direct` here is the external
+    /// client routed straight to the pods through the node (no translation).
+    #[serde(default)]
+    pub ns_conn_rate: Metric,
+    #[serde(default)]
+    pub ns_rr_p50: Metric,
+    #[serde(default)]
+    pub ns_rr_p99: Metric,
     pub control_plane: Vec<ControlPlane>,
     pub agent_rss: Option<AgentRss>,
     /// Agent RSS after each data-path size was programmed (KiB), when Twill ran.
@@ -328,6 +350,24 @@ impl Setup<'_> {
                 .collect()
         } else {
             vec![target(BENCH_VIP, 80)]
+        }
+    }
+
+    /// North-south targets from the external client: the node's NodePort, or for the direct
+    /// path the backend pods themselves (routed through the node).
+    fn ns_crr_targets(&self) -> Vec<String> {
+        if self.contender == Contender::Direct {
+            self.crr_targets()
+        } else {
+            vec![target(self.node.ip, BENCH_NODE_PORT)]
+        }
+    }
+
+    fn ns_rr_target(&self) -> String {
+        if self.contender == Contender::Direct {
+            self.rr_target()
+        } else {
+            target(self.node.ip, BENCH_NODE_PORT)
         }
     }
 
@@ -484,7 +524,12 @@ fn backend_set(backends: &[Pod; 2]) -> Vec<Ipv4Addr> {
 /// The Service set of a data-path run with `n` Services: the probed Service in the middle of
 /// the dispatch order (kube-proxy's iptables chain is scanned linearly, the middle is the
 /// average), the iperf Service next to it, the sentinel last.
-fn data_set(n: usize, backends: &[Pod; 2], filler_endpoints: usize) -> Vec<BenchService> {
+fn data_set(
+    n: usize,
+    node: &Node,
+    backends: &[Pod; 2],
+    filler_endpoints: usize,
+) -> Vec<BenchService> {
     let eps = backend_set(backends);
     rules::service_set(
         n,
@@ -492,7 +537,9 @@ fn data_set(n: usize, backends: &[Pod; 2], filler_endpoints: usize) -> Vec<Bench
         &[
             (
                 n / 2,
-                BenchService::new("bench", BENCH_VIP, 80, SERVER_PORT, eps.clone()),
+                BenchService::new("bench", BENCH_VIP, 80, SERVER_PORT, eps.clone())
+                    .with_node_port(BENCH_NODE_PORT)
+                    .on_node(&node.name),
             ),
             (
                 n / 2 + 1,
@@ -502,17 +549,19 @@ fn data_set(n: usize, backends: &[Pod; 2], filler_endpoints: usize) -> Vec<Bench
                     IPERF_PORT,
                     IPERF_PORT,
                     vec![backends[0].ip],
-                ),
+                )
+                .on_node(&node.name),
             ),
             (
                 n,
-                BenchService::new("bench-sentinel", SENTINEL_VIP, 80, SERVER_PORT, eps),
+                BenchService::new("bench-sentinel", SENTINEL_VIP, 80, SERVER_PORT, eps)
+                    .on_node(&node.name),
             ),
         ],
     )
 }
 
-fn added_service(round: usize, backends: &[Pod; 2]) -> BenchService {
+fn added_service(round: usize, node: &Node, backends: &[Pod; 2]) -> BenchService {
     let last = u8::try_from(round % 250 + 1).unwrap_or(1);
     BenchService::new(
         &format!("bench-added-{round}"),
@@ -521,6 +570,34 @@ fn added_service(round: usize, backends: &[Pod; 2]) -> BenchService {
         SERVER_PORT,
         backend_set(backends),
     )
+    .on_node(&node.name)
+}
+
+/// The p99 series of a latency run: p99 shares the rounds (and failures) of the p50 `series`;
+/// its ratios are computed the same way, per round against direct's p99.
+fn p99_series(
+    series: &[Series],
+    p99: &BTreeMap<String, Vec<Option<f64>>>,
+    n: usize,
+) -> Vec<Series> {
+    let direct99 = p99.get(Contender::Direct.name());
+    series
+        .iter()
+        .map(|se| {
+            let mut s99 = Series::new(Contender::Direct, n);
+            s99.contender.clone_from(&se.contender);
+            s99.rounds = p99.get(&se.contender).cloned().unwrap_or_default();
+            s99.failures = se.failures;
+            s99.errors.clone_from(&se.errors);
+            let values: Vec<f64> = s99.rounds.iter().flatten().copied().collect();
+            s99.summary = stats::summarize(&values);
+            if let Some(d) = direct99 {
+                s99.ratios = stats::ratios(&s99.rounds, d);
+                s99.ratio = stats::summarize(&s99.ratios);
+            }
+            s99
+        })
+        .collect()
 }
 
 /// A running side-by-side benchmark.
@@ -555,6 +632,14 @@ impl<'a> Bench<'a> {
             rr_p50: metric("request/response latency p50", "µs", false, 0),
             rr_p99: metric("request/response latency p99", "µs", false, 0),
             throughput: metric("bulk throughput", "Gbit/s", true, 0),
+            ns_conn_rate: metric(
+                "north-south connection rate via NodePort",
+                "conn/s",
+                true,
+                2,
+            ),
+            ns_rr_p50: metric("north-south request/response latency p50", "µs", false, 0),
+            ns_rr_p99: metric("north-south request/response latency p99", "µs", false, 0),
             control_plane: Vec::new(),
             agent_rss: None,
             agent_rss_by_size: BTreeMap::new(),
@@ -584,6 +669,9 @@ impl<'a> Bench<'a> {
                 }
             }
         }
+        if cfg.north_south {
+            Self::setup_external(lab, &setups)?;
+        }
         Ok(Self {
             lab,
             cfg,
@@ -591,6 +679,31 @@ impl<'a> Bench<'a> {
             started,
             results,
         })
+    }
+
+    /// The external client: a route to every contender's pod CIDR via that node (the direct
+    /// north-south path), and the same client-port sysctls as the pods.
+    fn setup_external(lab: &Lab, setups: &[Setup<'_>]) -> Result<()> {
+        let ext = lab
+            .external
+            .as_ref()
+            .ok_or_else(|| anyhow!("north_south needs a lab with an external client"))?;
+        let in_ext = |args: &[&str]| run_cmd(ext.cmd(args[0]).args(&args[1..]));
+        sysctl(in_ext, "net.ipv4.tcp_tw_reuse", "1")?;
+        sysctl(in_ext, "net.ipv4.ip_local_port_range", "1024 65000")?;
+        for s in setups {
+            run_cmd(std::process::Command::new("ip").args([
+                "-n",
+                &ext.netns,
+                "route",
+                "replace",
+                &s.node.pod_cidr.to_string(),
+                "via",
+                &s.node.ip.to_string(),
+            ]))
+            .with_context(|| format!("route to {}'s pods from the external client", s.name()))?;
+        }
+        Ok(())
     }
 
     fn setup(lab: &'a Lab, node: &'a Node, contender: Contender) -> Result<Setup<'a>> {
@@ -715,7 +828,7 @@ impl<'a> Bench<'a> {
             if s.contender == Contender::Direct {
                 continue;
             }
-            let set = data_set(n, &s.backends, rules::FILLER_ENDPOINTS);
+            let set = data_set(n, s.node, &s.backends, rules::FILLER_ENDPOINTS);
             let mut cp = ControlPlane {
                 contender: s.name().into(),
                 services: n,
@@ -746,7 +859,7 @@ impl<'a> Bench<'a> {
             }
             if timed {
                 for r in 0..self.cfg.add_one_rounds {
-                    let new = added_service(r, &s.backends);
+                    let new = added_service(r, s.node, &s.backends);
                     let to = target(new.vip, 80);
                     match s.timed_to_first_connection(lab, &to, limit, |s, lab| {
                         s.program_add(lab, &new)
@@ -851,36 +964,19 @@ impl<'a> Bench<'a> {
             return Ok(());
         }
         let rr_d = self.cfg.rr_duration;
-        let mut p99: BTreeMap<(String, usize), Vec<Option<f64>>> = BTreeMap::new();
+        let mut p99: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
         let series = self.rounds(self.cfg.rr_rounds, n, |s| {
             let r = loadgen::rr(&s.client, &s.rr_target(), rr_d)?;
             if let Some(e) = &r.first_error {
                 bail!("{e}");
             }
-            p99.entry((s.name().into(), n))
-                .or_default()
-                .push(Some(r.p99_us));
+            p99.entry(s.name().into()).or_default().push(Some(r.p99_us));
             Ok((r.p50_us, r.failures, r.per_backend))
         });
-        // p99 shares the rounds of p50; its ratios are computed the same way.
-        let direct99 = p99.get(&(Contender::Direct.name().into(), n)).cloned();
-        for se in &series {
-            let mut s99 = Series::new(Contender::Direct, n);
-            s99.contender.clone_from(&se.contender);
-            s99.rounds = p99
-                .get(&(se.contender.clone(), n))
-                .cloned()
-                .unwrap_or_default();
-            s99.failures = se.failures;
-            s99.errors.clone_from(&se.errors);
-            let values: Vec<f64> = s99.rounds.iter().flatten().copied().collect();
-            s99.summary = stats::summarize(&values);
-            if let Some(d) = &direct99 {
-                s99.ratios = stats::ratios(&s99.rounds, d);
-                s99.ratio = stats::summarize(&s99.ratios);
-            }
-            self.results.rr_p99.series.push(s99);
-        }
+        self.results
+            .rr_p99
+            .series
+            .extend(p99_series(&series, &p99, n));
         self.results.rr_p50.series.extend(series);
         let secs = self.cfg.iperf_seconds;
         let series = self.rounds(self.cfg.iperf_rounds, n, |s| {
@@ -901,6 +997,69 @@ impl<'a> Bench<'a> {
             Ok((bps / 1e9, 0, BTreeMap::new()))
         });
         self.results.throughput.series.extend(series);
+        if self.cfg.north_south && !self.over_budget(&format!("north-south at N={n}")) {
+            self.north_south(n)?;
+        }
+        Ok(())
+    }
+
+    /// From outside every node to each node's NodePort (Twill: the tc program on the node's
+    /// device; iptables/nftables: kube-proxy's NodePort rules with masquerade), against the
+    /// external client routed straight to the pods.
+    fn north_south(&mut self, n: usize) -> Result<()> {
+        let lab = self.lab;
+        let ext = lab
+            .external
+            .as_ref()
+            .ok_or_else(|| anyhow!("north_south needs a lab with an external client"))?;
+        let (threads, crr_d, warm) = (self.cfg.crr_threads, self.cfg.crr_duration, self.cfg.warmup);
+        for idx in self.active() {
+            let s = &self.setups[idx];
+            if let Err(e) = s
+                .flush_conntrack()
+                .and_then(|()| loadgen::crr(ext, &s.ns_crr_targets(), warm, threads))
+            {
+                // Recorded per round below; a warm-up failure alone does not end the run.
+                eprintln!("  north-south warm-up of {} at N={n}: {e:#}", s.name());
+            }
+        }
+        let rounds = self.cfg.ns_rounds;
+        let series = self.rounds(rounds, n, |s| {
+            let r = loadgen::crr(ext, &s.ns_crr_targets(), crr_d, threads)?;
+            if let Some(e) = &r.first_error {
+                eprintln!(
+                    "  {} N={n} north-south: {} failures, first: {e}",
+                    s.name(),
+                    r.failures
+                );
+            }
+            Ok((r.rate, r.failures, r.per_backend))
+        });
+        for se in &series {
+            eprintln!(
+                "  north-south conn rate N={n} {:<16} median {:>9.0} conn/s  ratio {}",
+                se.contender,
+                se.summary.map_or(f64::NAN, |s| s.median),
+                se.ratio
+                    .map_or_else(|| "-".into(), |r| format!("{:.3}", r.median))
+            );
+        }
+        self.results.ns_conn_rate.series.extend(series);
+        let rr_d = self.cfg.rr_duration;
+        let mut p99: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
+        let series = self.rounds(rounds, n, |s| {
+            let r = loadgen::rr(ext, &s.ns_rr_target(), rr_d)?;
+            if let Some(e) = &r.first_error {
+                bail!("{e}");
+            }
+            p99.entry(s.name().into()).or_default().push(Some(r.p99_us));
+            Ok((r.p50_us, r.failures, r.per_backend))
+        });
+        self.results
+            .ns_rr_p99
+            .series
+            .extend(p99_series(&series, &p99, n));
+        self.results.ns_rr_p50.series.extend(series);
         Ok(())
     }
 
@@ -916,7 +1075,7 @@ impl<'a> Bench<'a> {
         let lab = self.lab;
         let limit = self.cfg.program_limit;
         let s = &mut self.setups[idx];
-        let set = data_set(services, &s.backends, endpoints);
+        let set = data_set(services, s.node, &s.backends, endpoints);
         let outcome = s.clear(lab).and_then(|()| {
             s.timed_to_first_connection(lab, &target(SENTINEL_VIP, 80), limit, |s, lab| {
                 s.program_full(lab, &set)

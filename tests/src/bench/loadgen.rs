@@ -10,7 +10,25 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{Pod, bin};
+use crate::{External, Pod, bin};
+
+/// Where the load client runs: a pod inside a node (east-west), or the lab's external client
+/// (north-south, through a node's NodePort).
+pub trait Client {
+    fn command(&self, program: &std::path::Path) -> std::process::Command;
+}
+
+impl Client for Pod {
+    fn command(&self, program: &std::path::Path) -> std::process::Command {
+        self.cmd(program)
+    }
+}
+
+impl Client for External {
+    fn command(&self, program: &std::path::Path) -> std::process::Command {
+        self.cmd(program)
+    }
+}
 
 /// `loadgen crr`: connect, 1-byte request, 1-byte response, close, repeated for a fixed time.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -54,9 +72,9 @@ pub fn unix_ns() -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
-fn run_json<T: for<'de> Deserialize<'de>>(pod: &Pod, args: &[String]) -> Result<T> {
-    let out = pod
-        .cmd(bin("loadgen"))
+fn run_json<T: for<'de> Deserialize<'de>>(client: &impl Client, args: &[String]) -> Result<T> {
+    let out = client
+        .command(&bin("loadgen"))
         .args(args)
         .output()
         .context("spawning loadgen")?;
@@ -74,7 +92,7 @@ fn run_json<T: for<'de> Deserialize<'de>>(pod: &Pod, args: &[String]) -> Result<
 
 /// Runs a connection-rate round from `client` against `targets` (round-robin over them).
 pub fn crr(
-    client: &Pod,
+    client: &impl Client,
     targets: &[String],
     duration: Duration,
     threads: usize,
@@ -94,7 +112,7 @@ pub fn crr(
 }
 
 /// Runs a latency round on one persistent connection.
-pub fn rr(client: &Pod, target: &str, duration: Duration) -> Result<RrReport> {
+pub fn rr(client: &impl Client, target: &str, duration: Duration) -> Result<RrReport> {
     run_json(
         client,
         &[

@@ -119,6 +119,15 @@ fn targets(r: &BenchResults) -> Vec<Target> {
             &|v| v >= 0.97,
         );
     }
+    for n in sizes(&r.ns_conn_rate) {
+        let s = series(&r.ns_conn_rate, "twill", n).and_then(|s| s.ratio);
+        ratio_target(
+            format!("conn rate north-south via NodePort, N={n}"),
+            "≥ 0.90× direct (per-packet tc)".into(),
+            s,
+            &|v| v >= 0.90,
+        );
+    }
     for n in sizes(&r.conn_rate) {
         ratio_target(
             format!("conn rate vs nftables, N={n}"),
@@ -310,6 +319,20 @@ pub fn markdown(r: &BenchResults) -> String {
     metric_table(&mut out, r, &r.rr_p50, 1);
     metric_table(&mut out, r, &r.rr_p99, 1);
     metric_table(&mut out, r, &r.throughput, 2);
+    if !r.ns_conn_rate.series.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n## North-south: NodePort from outside the node\n\nThe load client runs in the lab's external \
+             namespace (on the underlay, outside every node) and connects to `<node IP>:{}`: Twill \
+             translates in its tc program on the node's device (per packet), iptables and nftables \
+             with kube-proxy's NodePort rules (externalTrafficPolicy Cluster: DNAT plus masquerade). \
+             `direct` is the same client routed through the node straight to the pod IPs.",
+            super::harness::BENCH_NODE_PORT
+        );
+        metric_table(&mut out, r, &r.ns_conn_rate, 0);
+        metric_table(&mut out, r, &r.ns_rr_p50, 1);
+        metric_table(&mut out, r, &r.ns_rr_p99, 1);
+    }
     control_plane_section(&mut out, r);
     cni_section(&mut out, r);
     if !r.notes.is_empty() {
@@ -498,6 +521,9 @@ mod tests {
             rr_p50: empty(),
             rr_p99: empty(),
             throughput: empty(),
+            ns_conn_rate: empty(),
+            ns_rr_p50: empty(),
+            ns_rr_p99: empty(),
             control_plane: Vec::new(),
             agent_rss: None,
             agent_rss_by_size: BTreeMap::new(),

@@ -19,6 +19,8 @@ pub struct ServicePort {
     pub name: String,
     pub port: u16,
     pub target_port: u16,
+    /// Also a NodePort Service (externalTrafficPolicy Cluster) on this port of every node.
+    pub node_port: Option<u16>,
 }
 
 /// A ClusterIP Service with its ready endpoints.
@@ -28,6 +30,8 @@ pub struct BenchService {
     pub vip: Ipv4Addr,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Ipv4Addr>,
+    /// The node the endpoints run on (their EndpointSlice `nodeName`), when they are real pods.
+    pub node: Option<String>,
 }
 
 impl BenchService {
@@ -45,9 +49,25 @@ impl BenchService {
                 name: "p".into(),
                 port,
                 target_port,
+                node_port: None,
             }],
             endpoints,
+            node: None,
         }
+    }
+
+    /// The same Service with its endpoints on node `node` (EndpointSlice `nodeName`).
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node = Some(node.to_owned());
+        self
+    }
+
+    /// The same Service, also exposed as a NodePort on `node_port`.
+    pub fn with_node_port(mut self, node_port: u16) -> Self {
+        for p in &mut self.ports {
+            p.node_port = Some(node_port);
+        }
+        self
     }
 
     /// A filler Service: unique VIP in 10.97.0.0/16.., endpoints in 10.128.0.0/10 that no pod
@@ -114,6 +134,13 @@ fn svc_chain(svc: &BenchService, port: &ServicePort) -> String {
     )
 }
 
+fn ext_chain(svc: &BenchService, port: &ServicePort) -> String {
+    format!(
+        "KUBE-EXT-{}",
+        chain_hash(&format!("{}tcp", svc_port_name(svc, port)))
+    )
+}
+
 fn sep_chain(svc: &BenchService, port: &ServicePort, ep: Ipv4Addr) -> String {
     format!(
         "KUBE-SEP-{}",
@@ -167,6 +194,9 @@ fn iptables_nodeports_rule(out: &mut String) {
 fn iptables_service_chains_decl(out: &mut String, svc: &BenchService) {
     for port in &svc.ports {
         let _ = writeln!(out, ":{} - [0:0]", svc_chain(svc, port));
+        if port.node_port.is_some() {
+            let _ = writeln!(out, ":{} - [0:0]", ext_chain(svc, port));
+        }
         for ep in &svc.endpoints {
             let _ = writeln!(out, ":{} - [0:0]", sep_chain(svc, port, *ep));
         }
@@ -177,6 +207,20 @@ fn iptables_service_chains_rules(out: &mut String, svc: &BenchService) {
     for port in &svc.ports {
         let name = svc_port_name(svc, port);
         let chain = svc_chain(svc, port);
+        if let Some(np) = port.node_port {
+            // kube-proxy's externalTrafficPolicy: Cluster shape: KUBE-NODEPORTS matches the
+            // port, KUBE-EXT marks for masquerade and continues into the Service chain.
+            let ext = ext_chain(svc, port);
+            let _ = writeln!(
+                out,
+                "-A KUBE-NODEPORTS -m comment --comment \"{name}\" -m tcp -p tcp --dport {np} -j {ext}"
+            );
+            let _ = writeln!(
+                out,
+                "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
+            );
+            let _ = writeln!(out, "-A {ext} -j {chain}");
+        }
         let _ = writeln!(
             out,
             "-A {chain} -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
@@ -282,6 +326,11 @@ fn nft_svc_chain(svc: &BenchService, port: &ServicePort) -> String {
     format!("service-{}-{id}", &chain_hash(&id)[..8])
 }
 
+fn nft_ext_chain(svc: &BenchService, port: &ServicePort) -> String {
+    let id = format!("{}/{}/tcp/{}", "default", svc.name, port.name);
+    format!("external-{}-{id}", &chain_hash(&id)[..8])
+}
+
 fn nft_ep_chain(svc: &BenchService, port: &ServicePort, ep: Ipv4Addr) -> String {
     let id = format!(
         "{}/{}/tcp/{}__{ep}/{}",
@@ -294,6 +343,15 @@ fn nft_service_chains(out: &mut String, svc: &BenchService) {
     for port in &svc.ports {
         let chain = nft_svc_chain(svc, port);
         let _ = writeln!(out, "add chain ip {NFT_TABLE} {chain}");
+        if port.node_port.is_some() {
+            let ext = nft_ext_chain(svc, port);
+            let _ = writeln!(out, "add chain ip {NFT_TABLE} {ext}");
+            let _ = writeln!(
+                out,
+                "add rule ip {NFT_TABLE} {ext} jump mark-for-masquerade"
+            );
+            let _ = writeln!(out, "add rule ip {NFT_TABLE} {ext} goto {chain}");
+        }
         let _ = writeln!(
             out,
             "add rule ip {NFT_TABLE} {chain} ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
@@ -347,6 +405,22 @@ fn nft_service_elements(out: &mut String, services: &[BenchService]) {
         }
         let _ = writeln!(out, "add element ip {NFT_TABLE} service-ips {{ {elems} }}");
     }
+    let nodeports: Vec<String> = services
+        .iter()
+        .flat_map(|svc| {
+            svc.ports.iter().filter_map(move |port| {
+                let np = port.node_port?;
+                Some(format!("tcp . {np} : goto {}", nft_ext_chain(svc, port)))
+            })
+        })
+        .collect();
+    if !nodeports.is_empty() {
+        let _ = writeln!(
+            out,
+            "add element ip {NFT_TABLE} service-nodeports {{ {} }}",
+            nodeports.join(", ")
+        );
+    }
 }
 
 /// A full kube-proxy-nftables-style table for `nft -f`: the table is created, deleted and
@@ -376,7 +450,16 @@ pub fn nft_full(services: &[BenchService]) -> String {
     let _ = writeln!(out, "add chain ip {t} services");
     let _ = writeln!(
         out,
+        "add map ip {t} service-nodeports {{ type inet_proto . inet_service : verdict; comment \"NodePort traffic\"; }}"
+    );
+    let _ = writeln!(
+        out,
         "add rule ip {t} services ip daddr . meta l4proto . th dport vmap @service-ips"
+    );
+    // After the ClusterIP lookup, as in kube-proxy: local destinations try the NodePorts.
+    let _ = writeln!(
+        out,
+        "add rule ip {t} services fib daddr type local meta l4proto . th dport vmap @service-nodeports"
     );
     let _ = writeln!(
         out,
@@ -428,15 +511,23 @@ pub fn k8s_manifests(services: &[BenchService]) -> String {
             .ports
             .iter()
             .map(|p| {
+                let node_port = p
+                    .node_port
+                    .map_or_else(String::new, |np| format!(", nodePort: {np}"));
                 format!(
-                    "{{name: {}, port: {}, targetPort: {}, protocol: TCP}}",
+                    "{{name: {}, port: {}, targetPort: {}, protocol: TCP{node_port}}}",
                     p.name, p.port, p.target_port
                 )
             })
             .collect();
+        let kind = if svc.ports.iter().any(|p| p.node_port.is_some()) {
+            "NodePort"
+        } else {
+            "ClusterIP"
+        };
         let _ = write!(
             out,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {n}, namespace: default}}\nspec:\n  type: ClusterIP\n  clusterIP: {vip}\n  clusterIPs: [{vip}]\n  ports: [{ports}]\n",
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {n}, namespace: default}}\nspec:\n  type: {kind}\n  clusterIP: {vip}\n  clusterIPs: [{vip}]\n  ports: [{ports}]\n",
             n = svc.name,
             vip = svc.vip,
             ports = ports.join(", ")
@@ -457,10 +548,14 @@ pub fn k8s_manifests(services: &[BenchService]) -> String {
             n = svc.name,
             p = ep_ports.join(", ")
         );
+        let node = svc
+            .node
+            .as_ref()
+            .map_or_else(String::new, |n| format!("\n  nodeName: {n}"));
         for ep in &svc.endpoints {
             let _ = writeln!(
                 out,
-                "- addresses: [{ep}]\n  conditions: {{ready: true, serving: true, terminating: false}}"
+                "- addresses: [{ep}]\n  conditions: {{ready: true, serving: true, terminating: false}}{node}"
             );
         }
     }
@@ -548,6 +643,26 @@ mod tests {
         let delta = nft_add_one(&bench_svc());
         assert!(delta.contains("10.96.0.10 . tcp . 80"));
         assert!(!delta.contains("delete table"));
+    }
+
+    #[test]
+    fn node_ports_follow_kube_proxy_shapes() {
+        let svc = bench_svc().with_node_port(30080);
+        let ipt = iptables_full(std::slice::from_ref(&svc));
+        let ext = ext_chain(&svc, &svc.ports[0]);
+        assert!(ipt.contains(&format!("\n:{ext} - [0:0]")));
+        assert!(ipt.contains(&format!("-m tcp -p tcp --dport 30080 -j {ext}")));
+        assert!(ipt.contains(&format!("-A {ext} -j KUBE-SVC-")));
+        let nft = nft_full(std::slice::from_ref(&svc));
+        assert!(
+            nft.contains("fib daddr type local meta l4proto . th dport vmap @service-nodeports")
+        );
+        assert!(nft.contains("service-nodeports { tcp . 30080 : goto external-"));
+        let yaml = k8s_manifests(&[svc.on_node("n0")]);
+        assert!(yaml.contains("type: NodePort") && yaml.contains("nodePort: 30080"));
+        assert_eq!(yaml.matches("\n  nodeName: n0\n").count(), 2);
+        assert!(!iptables_full(&[bench_svc()]).contains("KUBE-EXT-"));
+        assert!(!nft_full(&[bench_svc()]).contains("service-nodeports { tcp"));
     }
 
     #[test]

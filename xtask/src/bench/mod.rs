@@ -60,6 +60,8 @@ fn full(contenders: Vec<Contender>) -> BenchConfig {
         add_one_rounds: 3,
         program_limit: Duration::from_mins(3),
         rss_scale: Some((10_000, 5)),
+        north_south: true,
+        ns_rounds: 3,
         // The whole run (after the build) is bounded to 20 minutes: 16 for these phases, the
         // CNI rounds start only before RUN_LIMIT − CNI_ROUND_MAX, lab setup/teardown the rest.
         budget: Duration::from_mins(16),
@@ -82,6 +84,8 @@ fn quick(contenders: Vec<Contender>) -> BenchConfig {
         add_one_rounds: 2,
         program_limit: Duration::from_mins(1),
         rss_scale: None,
+        north_south: true,
+        ns_rounds: 2,
         budget: Duration::from_secs(150),
     }
 }
@@ -265,6 +269,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let mut c = quick(vec![]);
         c.sizes.clear();
         c.program_sizes.clear();
+        c.north_south = false;
         c
     } else if args.quick {
         quick(contenders)
@@ -273,7 +278,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     // No `clean_leftovers()` here: it removes every lab on the machine, including labs of
     // tests running in parallel. `cargo xtask lab clean` is the explicit way.
-    let lab = Lab::new(LabSpec::nodes(cfg.contenders.len().max(1)))?;
+    let mut spec = LabSpec::nodes(cfg.contenders.len().max(1));
+    if cfg.north_south {
+        spec = spec.with_external_client();
+    }
+    let lab = Lab::new(spec)?;
     let mut results = Bench::new(&lab, cfg)?.run()?;
     drop(lab);
     if let Some(why) = twill_missing {
