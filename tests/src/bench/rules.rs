@@ -57,12 +57,14 @@ impl BenchService {
     }
 
     /// The same Service with its endpoints on node `node` (EndpointSlice `nodeName`).
+    #[must_use]
     pub fn on_node(mut self, node: &str) -> Self {
         self.node = Some(node.to_owned());
         self
     }
 
     /// The same Service, also exposed as a NodePort on `node_port`.
+    #[must_use]
     pub fn with_node_port(mut self, node_port: u16) -> Self {
         for p in &mut self.ports {
             p.node_port = Some(node_port);
