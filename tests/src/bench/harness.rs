@@ -184,6 +184,13 @@ pub struct AgentRss {
     pub programmed_ms: f64,
 }
 
+/// CPU time the agent used over a wall-clock span.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct AgentCpu {
+    pub cpu_ms: f64,
+    pub wall_ms: f64,
+}
+
 /// How long after programming the steady-state RSS is read (the agent returns freed heap at
 /// most every 5 s).
 pub const RSS_SETTLE: Duration = Duration::from_secs(12);
@@ -213,6 +220,9 @@ pub struct BenchResults {
     pub agent_rss: Option<AgentRss>,
     /// Agent RSS after each data-path size was programmed (KiB), when Twill ran.
     pub agent_rss_by_size: BTreeMap<usize, u64>,
+    /// CPU the agent used during each size's data-path rounds (nothing changing meanwhile).
+    #[serde(default)]
+    pub agent_cpu_by_size: BTreeMap<usize, AgentCpu>,
     /// CNI ADD+DEL results (filled by the caller; `Null` when not run).
     pub cni: serde_json::Value,
     /// Why the CNI benchmark did not run, when it did not.
@@ -312,6 +322,25 @@ fn run_with_input(node: &Node, prog: &[&str], input: &str) -> Result<()> {
     run_cmd(&mut cmd).map(|_| ())
 }
 
+/// CPU time (user + system) the process has used so far, from /proc/<pid>/stat.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f
+        .get(11)
+        .zip(f.get(12))
+        .and_then(|(u, s)| Some(u.parse::<u64>().ok()? + s.parse::<u64>().ok()?))
+        .ok_or_else(|| anyhow!("no utime/stime in /proc/{pid}/stat"))?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    Ok(Duration::from_millis(ticks * 1000 / hz.max(1)))
+}
+
 fn kib_rss(pid: u32) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -343,7 +372,7 @@ impl Setup<'_> {
 
     /// Address(es) the load goes to: the VIP, or for the direct path the backends themselves.
     fn crr_targets(&self) -> Vec<String> {
-        if self.contender == Contender::Direct {
+        if self.contender.is_direct() {
             self.backends
                 .iter()
                 .map(|b| target(b.ip, SERVER_PORT))
@@ -356,7 +385,7 @@ impl Setup<'_> {
     /// North-south targets from the external client: the node's NodePort, or for the direct
     /// path the backend pods themselves (routed through the node).
     fn ns_crr_targets(&self) -> Vec<String> {
-        if self.contender == Contender::Direct {
+        if self.contender.is_direct() {
             self.crr_targets()
         } else {
             vec![target(self.node.ip, BENCH_NODE_PORT)]
@@ -364,7 +393,7 @@ impl Setup<'_> {
     }
 
     fn ns_rr_target(&self) -> String {
-        if self.contender == Contender::Direct {
+        if self.contender.is_direct() {
             self.rr_target()
         } else {
             target(self.node.ip, BENCH_NODE_PORT)
@@ -372,7 +401,7 @@ impl Setup<'_> {
     }
 
     fn rr_target(&self) -> String {
-        if self.contender == Contender::Direct {
+        if self.contender.is_direct() {
             target(self.backends[0].ip, SERVER_PORT)
         } else {
             target(BENCH_VIP, 80)
@@ -380,7 +409,7 @@ impl Setup<'_> {
     }
 
     fn iperf_target(&self) -> Ipv4Addr {
-        if self.contender == Contender::Direct {
+        if self.contender.is_direct() {
             self.backends[0].ip
         } else {
             IPERF_VIP
@@ -389,7 +418,7 @@ impl Setup<'_> {
 
     fn clear(&mut self, lab: &Lab) -> Result<()> {
         match self.contender {
-            Contender::Direct => {}
+            Contender::Direct | Contender::DirectMasq => {}
             Contender::Iptables => {
                 run_with_input(self.node, &["iptables-restore"], &rules::iptables_empty())?;
             }
@@ -434,7 +463,7 @@ impl Setup<'_> {
     fn program_full(&mut self, lab: &Lab, services: &[BenchService]) -> Result<Duration> {
         let t = Instant::now();
         match self.contender {
-            Contender::Direct => {}
+            Contender::Direct | Contender::DirectMasq => {}
             Contender::Iptables => run_with_input(
                 self.node,
                 &["iptables-restore"],
@@ -463,7 +492,7 @@ impl Setup<'_> {
     fn program_add(&mut self, lab: &Lab, new: &BenchService) -> Result<Duration> {
         let t = Instant::now();
         match self.contender {
-            Contender::Direct => {}
+            Contender::Direct | Contender::DirectMasq => {}
             Contender::Iptables => {
                 run_with_input(
                     self.node,
@@ -573,6 +602,14 @@ fn added_service(round: usize, node: &Node, backends: &[Pod; 2]) -> BenchService
     .on_node(&node.name)
 }
 
+/// Twill's egress-masquerade table for `node` (see [`rules::twill_masquerade_table`]).
+fn twill_masquerade_table(lab: &Lab, node: &Node) -> String {
+    let pod_cidrs: Vec<String> = lab.nodes.iter().map(|n| n.pod_cidr.to_string()).collect();
+    let mut exempt = pod_cidrs.clone();
+    exempt.extend(lab.nodes.iter().map(|n| format!("{}/32", n.ip)));
+    rules::twill_masquerade_table(&[node.pod_cidr.to_string()], &exempt, &pod_cidrs)
+}
+
 /// The p99 series of a latency run: p99 shares the rounds (and failures) of the p50 `series`;
 /// its ratios are computed the same way, per round against direct's p99.
 fn p99_series(
@@ -643,6 +680,7 @@ impl<'a> Bench<'a> {
             control_plane: Vec::new(),
             agent_rss: None,
             agent_rss_by_size: BTreeMap::new(),
+            agent_cpu_by_size: BTreeMap::new(),
             cni: serde_json::Value::Null,
             cni_unavailable: None,
             notes: Vec::new(),
@@ -742,6 +780,13 @@ impl<'a> Bench<'a> {
                 .contains(&format!(":{IPERF_PORT}"))
                 .then_some(()))
         })?;
+        if contender == Contender::DirectMasq {
+            run_with_input(
+                node,
+                &["nft", "-f", "-"],
+                &twill_masquerade_table(lab, node),
+            )?;
+        }
         let agent = if contender == Contender::Twill {
             Some(start_agent(node)?)
         } else {
@@ -825,7 +870,7 @@ impl<'a> Bench<'a> {
         for idx in self.active() {
             let lab = self.lab;
             let s = &mut self.setups[idx];
-            if s.contender == Contender::Direct {
+            if s.contender.is_direct() {
                 continue;
             }
             let set = data_set(n, s.node, &s.backends, rules::FILLER_ENDPOINTS);
@@ -928,6 +973,29 @@ impl<'a> Bench<'a> {
     }
 
     fn data_path(&mut self, n: usize) -> Result<()> {
+        // The agent shares the machine's CPUs with the load: what it uses while nothing
+        // changes is part of Twill's cost.
+        let agent_pid = self
+            .setups
+            .iter()
+            .find_map(|s| s.agent.as_ref().and_then(Agent::pid));
+        let cpu_start = agent_pid.and_then(|p| cpu_time(p).ok().map(|t| (t, Instant::now())));
+        let out = self.data_path_rounds(n);
+        if let (Some(pid), Some((t0, w0))) = (agent_pid, cpu_start)
+            && let Ok(t1) = cpu_time(pid)
+        {
+            self.results.agent_cpu_by_size.insert(
+                n,
+                AgentCpu {
+                    cpu_ms: (t1.saturating_sub(t0)).as_secs_f64() * 1e3,
+                    wall_ms: w0.elapsed().as_secs_f64() * 1e3,
+                },
+            );
+        }
+        out
+    }
+
+    fn data_path_rounds(&mut self, n: usize) -> Result<()> {
         let (threads, crr_d, warm) = (self.cfg.crr_threads, self.cfg.crr_duration, self.cfg.warmup);
         // Warm-up (not recorded): caches, conntrack zones, the pods' first ARP/neighbour entries.
         for idx in self.active() {

@@ -25,6 +25,10 @@ pub enum Contender {
     Nftables,
     /// `twill-agent run` with the Services as manifests (socket-level load balancing).
     Twill,
+    /// The direct path in a node that also holds Twill's egress-masquerade nftables table (no
+    /// agent): what the table's netfilter hooks cost untranslated pod traffic. Opt-in
+    /// (`--only direct-masq,...`), not part of the default run.
+    DirectMasq,
 }
 
 impl Contender {
@@ -43,6 +47,22 @@ impl Contender {
             Contender::IptablesLegacy => "iptables-legacy",
             Contender::Nftables => "nftables",
             Contender::Twill => "twill",
+            Contender::DirectMasq => "direct-masq",
         }
+    }
+
+    /// Contenders `--only` accepts: the default set plus the opt-in diagnostics.
+    pub const SELECTABLE: [Contender; 6] = [
+        Contender::Direct,
+        Contender::Iptables,
+        Contender::IptablesLegacy,
+        Contender::Nftables,
+        Contender::Twill,
+        Contender::DirectMasq,
+    ];
+
+    /// Connects to the pod IPs itself (no Service translation).
+    pub fn is_direct(self) -> bool {
+        matches!(self, Contender::Direct | Contender::DirectMasq)
     }
 }

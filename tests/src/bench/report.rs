@@ -397,6 +397,25 @@ fn control_plane_section(out: &mut String, r: &BenchResults) {
             r.agent_rss_by_size
         );
     }
+    if !r.agent_cpu_by_size.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nAgent CPU during the data-path rounds of each size (nothing changing; the load runs on the same CPUs):\n"
+        );
+        for (n, c) in &r.agent_cpu_by_size {
+            let _ = writeln!(
+                out,
+                "- N={n}: {:.0} ms of CPU over {:.1} s ({:.2} % of one CPU)",
+                c.cpu_ms,
+                c.wall_ms / 1e3,
+                if c.wall_ms > 0.0 {
+                    c.cpu_ms / c.wall_ms * 100.0
+                } else {
+                    0.0
+                }
+            );
+        }
+    }
 }
 
 fn cni_section(out: &mut String, r: &BenchResults) {
@@ -527,6 +546,7 @@ mod tests {
             control_plane: Vec::new(),
             agent_rss: None,
             agent_rss_by_size: BTreeMap::new(),
+            agent_cpu_by_size: BTreeMap::new(),
             cni: serde_json::Value::Null,
             cni_unavailable: None,
             notes: Vec::new(),

@@ -96,10 +96,15 @@ fn contenders(only: &[String]) -> Result<Vec<Contender>> {
     }
     let mut out = Vec::new();
     for name in only {
-        match Contender::ALL.iter().find(|c| c.name() == name) {
+        match Contender::SELECTABLE.iter().find(|c| c.name() == name) {
             Some(c) => out.push(*c),
             None => bail!(
-                "unknown contender {name:?}; known: direct, iptables, iptables-legacy, nftables, twill"
+                "unknown contender {name:?}; known: {}",
+                Contender::SELECTABLE
+                    .iter()
+                    .map(|c| c.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }
