@@ -17,8 +17,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SKIP_NEIGH,
-        BPF_FIB_LOOKUP_SRC, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
+        TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh,
@@ -216,7 +216,10 @@ fn apply_ct(ctx: &TcContext, p: &Pkt, ct: &CtValue) -> Result<Verdict, Reason> {
         Reason::CtHit
     };
     if ct.flags & CT_F_SNAT != 0 {
-        return Ok((reason, forward(ctx, p.proto, ct.new_daddr_be)?));
+        return Ok((
+            reason,
+            forward(ctx, p.proto, ct.new_saddr_be, ct.new_daddr_be)?,
+        ));
     }
     Ok((reason, TC_ACT_OK))
 }
@@ -224,8 +227,8 @@ fn apply_ct(ctx: &TcContext, p: &Pkt, ct: &CtValue) -> Result<Verdict, Reason> {
 /// Routes a translated packet to `daddr` and redirects it to the output device, the kernel
 /// resolving the neighbour (`bpf_redirect_neigh`, Linux 5.10+).
 #[inline(always)]
-fn forward(ctx: &TcContext, proto: u8, daddr: u32) -> Result<i32, Reason> {
-    let (rc, params) = route(ctx, proto, daddr);
+fn forward(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> Result<i32, Reason> {
+    let (rc, params) = route(ctx, proto, saddr, daddr, 0);
     if rc != 0 {
         return Err(Reason::RewriteFailed);
     }
@@ -235,14 +238,18 @@ fn forward(ctx: &TcContext, proto: u8, daddr: u32) -> Result<i32, Reason> {
     Ok(i32::try_from(action).unwrap_or(TC_ACT_SHOT))
 }
 
-/// `bpf_fib_lookup` towards `daddr` as locally originated traffic, asking for the preferred
-/// source address too (`BPF_FIB_LOOKUP_SRC`, Linux 6.7+).
+/// `bpf_fib_lookup` towards `daddr` as the forwarding path routes a packet from `saddr` that
+/// arrived on this device. An input lookup on purpose: an output lookup
+/// (`BPF_FIB_LOOKUP_OUTPUT`) is bound to the ifindex passed — this device — and so misses
+/// routes through any other, such as a backend behind the VXLAN overlay. `extra` may add
+/// `BPF_FIB_LOOKUP_SRC` (Linux 6.7+) for the route's preferred source address.
 #[inline(always)]
-fn route(ctx: &TcContext, proto: u8, daddr: u32) -> (i64, bpf_fib_lookup) {
+fn route(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32, extra: u32) -> (i64, bpf_fib_lookup) {
     // SAFETY: bpf_fib_lookup is plain old data; zero is a valid value for every field.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = proto;
+    params.__bindgen_anon_3.ipv4_src = saddr;
     params.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: reading the skb's ifindex from our own context.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -252,7 +259,7 @@ fn route(ctx: &TcContext, proto: u8, daddr: u32) -> (i64, bpf_fib_lookup) {
             ctx.as_ptr(),
             &raw mut params,
             FIB_PARAMS_LEN,
-            BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC,
+            BPF_FIB_LOOKUP_SKIP_NEIGH | extra,
         )
     };
     (rc, params)
@@ -452,7 +459,10 @@ fn dnat_snat(
         .insert(p.key(), orig, 0)
         .map_err(|_| Reason::CtMapFull)?;
     rewrite(ctx, p, snat, reply_key.dport_be, be.addr_be, be.port_be)?;
-    Ok((Reason::ForwardedRemote, forward(ctx, p.proto, be.addr_be)?))
+    Ok((
+        Reason::ForwardedRemote,
+        forward(ctx, p.proto, snat, be.addr_be)?,
+    ))
 }
 
 /// The source address for SNAT towards `backend`: the frontend itself when it is a node address
@@ -463,7 +473,7 @@ fn snat_addr(ctx: &TcContext, p: &Pkt, backend: u32) -> Result<u32, Reason> {
     if is_node_addr(p.daddr) {
         return Ok(p.daddr);
     }
-    let (rc, params) = route(ctx, p.proto, backend);
+    let (rc, params) = route(ctx, p.proto, p.saddr, backend, BPF_FIB_LOOKUP_SRC);
     // SAFETY: union member written by the kernel for AF_INET lookups.
     let src = unsafe { params.__bindgen_anon_3.ipv4_src };
     if rc != 0 || src == 0 {

@@ -587,7 +587,7 @@ fn should_fallback_to_terminating_endpoints_with_external_traffic_policy_local_a
 /// config.
 #[test]
 fn pods_on_nodes_in_different_subnets_talk_over_the_vxlan_overlay() -> Result<()> {
-    let Some(lab) = require(LabSpec::nodes(2).with_two_subnets())? else {
+    let Some(lab) = require(LabSpec::nodes(2).with_two_subnets().with_external_client())? else {
         return Ok(());
     };
     let _agents = agents(&lab)?;
@@ -616,6 +616,24 @@ fn pods_on_nodes_in_different_subnets_talk_over_the_vxlan_overlay() -> Result<()
     ensure!(out.starts_with(&format!("reply=p1 {}:", p0.ip)), "{out}");
     let dev = n0.run(&["ip", "-d", "link", "show", "twill.vxlan"])?;
     ensure!(dev.contains("vxlan id 1"), "{dev}");
+    // NodePort from outside on both nodes, the only backend behind the overlay from n0: n0's tc
+    // path sends the translated packet into the VXLAN device, and the reply, addressed to n0's
+    // own IP, comes back over the underlay to be translated back.
+    lab.apply_manifest(
+        "np-vx.yaml",
+        &format!(
+            "{}---\n{}",
+            np_service("np-vx", "NodePort", "10.96.0.90", 30090, ""),
+            web_slice("np-vx", &[(&p1, &n1.name)])
+        ),
+    )?;
+    for n in [n0, n1] {
+        let out = wait_ext_reply(&lab, &format!("{}:30090", n.ip), "p1")?;
+        ensure!(
+            out.contains(&format!("peer={}:30090", n.ip)),
+            "the client did not see the NodePort as its peer: {out}"
+        );
+    }
     Ok(())
 }
 
