@@ -5,7 +5,7 @@
 //! never renumbers another, and a freed id is handed out again only after the cursor has gone
 //! round the whole id space (like host-local IPAM's `last_reserved_ip`): an affinity entry of a
 //! deleted Service can then never be mistaken for one of a new Service.
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -148,12 +148,12 @@ impl IdAllocation {
 
     /// Gives ids to keys that have none (release what is no longer wanted first): hinted ids
     /// for sets whose frontends had one in adopted maps, then fresh ones from the cursors, each
-    /// in sorted key order (deterministic). A key that finds the id space exhausted is left
+    /// in sorted key order (deterministic; `backends` is sorted). A key that finds the id space exhausted is left
     /// out (the caller reports it). Hints are used up by the first call.
     pub(super) fn assign(
         &mut self,
         sets: &BTreeMap<SetKey, Vec<ServiceKey>>,
-        backends: &BTreeSet<BackendKey>,
+        backends: &[BackendKey],
     ) {
         let hints = std::mem::take(&mut self.hints);
         let mut unhinted = Vec::new();
@@ -196,7 +196,7 @@ impl IdAllocation {
     pub(super) fn next(
         &self,
         sets: &BTreeMap<SetKey, Vec<ServiceKey>>,
-        backends: &BTreeSet<BackendKey>,
+        backends: &std::collections::BTreeSet<BackendKey>,
     ) -> IdAllocation {
         let mut out = self.clone();
         for key in self.sets.keys().filter(|k| !sets.contains_key(*k)) {
@@ -205,7 +205,7 @@ impl IdAllocation {
         for key in self.backends.keys().filter(|k| !backends.contains(*k)) {
             out.release_backend(key);
         }
-        out.assign(sets, backends);
+        out.assign(sets, &backends.iter().copied().collect::<Vec<_>>());
         out
     }
 }
@@ -235,6 +235,8 @@ fn allocate(cursor: &mut u32, max_id: u32, used: &HashSet<u32>) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn set(name: &str) -> SetKey {

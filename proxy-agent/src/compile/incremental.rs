@@ -26,8 +26,8 @@ use twill_common::{BE_F_LOCAL, BE_F_TERMINATING, Backend, DatapathConfig, Servic
 use super::parse::{ParsedSlice, ServiceInput, SliceInput};
 use super::{
     BackendKey, Claim, CompileConfig, Compiled, DumpModel, HealthCheck, IdAllocation, ObjectKind,
-    Rejection, ServiceCounts, ServicePortModel, SetKey, addr_be, build_entries, parse,
-    plan_service, service_claims, wanted_ids,
+    Rejection, ServiceCounts, ServicePortModel, SetKey, addr_be, addr_from_be, build_entries,
+    endpoint_flags, parse, plan_service, service_claims, wanted_ids,
 };
 use crate::lbmap::{LbState, StateChanges, StateVersion};
 
@@ -57,35 +57,84 @@ fn rej_key(r: &Rejection) -> RejKey {
     )
 }
 
-/// What one Service group was compiled from and what it contributed, to take it back out.
+/// What one Service group was compiled from and what it contributed. Kept small (there is one
+/// per Service): the entries it wrote are found again from its port models and its sets' ids.
 #[derive(Debug, Default)]
 struct Memo {
     service: Option<Arc<ServiceInput>>,
     slices: Vec<Arc<SliceInput>>,
-    claims: Vec<Claim>,
+    /// Sorted by port name and protocol; their frontends are the frontend keys written.
     ports: Vec<Arc<ServicePortModel>>,
+    /// Per port: the backend sets its planned frontends use (bit 0: cluster-wide, bit 1:
+    /// node-local), which are the set ids it wants; slots and source ranges are written
+    /// under those ids, the backends of their members are the backend ids it wants.
+    sets_used: Vec<u8>,
     rejected: Vec<RejKey>,
-    sets: Vec<SetKey>,
-    backends_wanted: Vec<BackendKey>,
-    services: Vec<ServiceKey>,
-    /// `(svc_id, slot count)`: slots `0..count` of each written set.
-    slots: Vec<(u32, u32)>,
-    backends: Vec<(u32, Backend)>,
-    source_ranges: Vec<(u32, Ipv4Network)>,
-    programmed_ports: usize,
+    programmed_ports: u32,
 }
 
-/// How many programmed backend sets use one backend id, and with which flags.
-#[derive(Debug)]
-struct BackendUse {
-    backend: Backend,
+impl Memo {
+    /// The set keys this group wants, with the index of their port.
+    fn sets(&self) -> impl Iterator<Item = (usize, SetKey)> + '_ {
+        self.ports
+            .iter()
+            .zip(&self.sets_used)
+            .enumerate()
+            .flat_map(|(i, (p, used))| {
+                [false, true]
+                    .into_iter()
+                    .filter(move |local| used & (1 << u8::from(*local)) != 0)
+                    .map(move |local| (i, set_key(p, local)))
+            })
+    }
+
+    /// The backends this group wants ids for: the members of the sets it uses, sorted, each
+    /// once (as [`wanted_ids`] lists them).
+    fn backends(&self) -> Vec<BackendKey> {
+        let mut out: Vec<BackendKey> = self
+            .ports
+            .iter()
+            .zip(&self.sets_used)
+            .flat_map(|(p, used)| {
+                let cluster = used & 1 != 0;
+                p.endpoints
+                    .iter()
+                    .filter(move |e| (cluster && e.in_cluster_set) || e.in_local_set)
+                    .map(move |e| BackendKey {
+                        addr: e.addr,
+                        port: e.port,
+                        proto: p.proto,
+                    })
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+fn set_key(p: &ServicePortModel, local: bool) -> SetKey {
+    SetKey {
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        port_name: p.port_name.clone(),
+        proto: p.proto,
+        local,
+    }
+}
+
+/// One backend: how many Services want an id for it, how many written slots use it and with
+/// which flags (its map value carries the union).
+#[derive(Debug, Default)]
+struct BackendRefs {
+    wants: u32,
     uses: u32,
     local: u32,
     terminating: u32,
 }
 
-impl BackendUse {
-    fn value(&self) -> Backend {
+impl BackendRefs {
+    fn value(&self, key: &BackendKey) -> Backend {
         let mut flags = 0;
         if self.local > 0 {
             flags |= BE_F_LOCAL;
@@ -94,9 +143,19 @@ impl BackendUse {
             flags |= BE_F_TERMINATING;
         }
         Backend {
+            addr_be: addr_be(key.addr),
+            port_be: key.port.to_be(),
+            proto: key.proto,
             flags,
-            ..self.backend
         }
+    }
+}
+
+fn backend_key(be: &Backend) -> BackendKey {
+    BackendKey {
+        addr: addr_from_be(be.addr_be),
+        port: u16::from_be(be.port_be),
+        proto: be.proto,
     }
 }
 
@@ -117,6 +176,8 @@ struct Planned {
     rejected: Vec<Rejection>,
     sets: Vec<(SetKey, Vec<ServiceKey>)>,
     backends: Vec<BackendKey>,
+    /// The ids the group's previous sets had: (port index in the old memo, id).
+    old_set_ids: Vec<(usize, u32)>,
 }
 
 /// Distinguishes the versions of different compilers (a reconciler must not take one
@@ -129,12 +190,10 @@ pub struct Compiler {
     /// The config the memo was compiled under; `None` before the first update.
     config: Option<CompileConfig>,
     ids: IdAllocation,
-    groups: BTreeMap<GroupKey, Memo>,
+    groups: BTreeMap<GroupKey, Box<Memo>>,
     /// Address/port/protocol → the Services asking for it, sorted: the first one owns it.
     claimants: HashMap<Claim, Vec<GroupKey>>,
-    /// Backend → how many Services want an id for it.
-    backend_wants: HashMap<BackendKey, u32>,
-    backend_uses: HashMap<u32, BackendUse>,
+    backends: HashMap<BackendKey, BackendRefs>,
     /// Every rejection with the number of places it comes from (the dump lists it once).
     rejections: BTreeMap<RejKey, (Rejection, u32)>,
     node_rejections: Vec<RejKey>,
@@ -162,8 +221,7 @@ impl Compiler {
             ids,
             groups: BTreeMap::new(),
             claimants: HashMap::new(),
-            backend_wants: HashMap::new(),
-            backend_uses: HashMap::new(),
+            backends: HashMap::new(),
             rejections: BTreeMap::new(),
             node_rejections: Vec::new(),
             health: BTreeMap::new(),
@@ -193,15 +251,14 @@ impl Compiler {
     ) -> UpdateSummary {
         let mut summary = UpdateSummary::default();
         let mut dirty: BTreeSet<GroupKey> = BTreeSet::new();
-        let replan_all = self.config.as_ref().is_none_or(|c| {
+        let old_config = self.config.take();
+        let replan_all = old_config.as_ref().is_none_or(|c| {
             c.node_name != config.node_name || c.nodeport_range != config.nodeport_range
         });
         if replan_all {
             dirty.extend(self.groups.keys().cloned());
         }
-        if self.config.as_ref() != Some(config) {
-            self.config = Some(config.clone());
-        }
+        self.config = Some(config.clone());
 
         // This node's part: a handful of entries, rebuilt every time.
         let mut node_rejected = Vec::new();
@@ -222,9 +279,24 @@ impl Compiler {
             self.node_rejections.push(key);
         }
 
+        // The claims a group had follow from its previous Service under the previous config.
+        let claims_of = |svc: Option<&ServiceInput>, config: Option<&CompileConfig>| {
+            let mut scratch = Vec::new();
+            svc.zip(config)
+                .and_then(|(s, c)| s.admit(c, &mut scratch))
+                .map(service_claims)
+                .unwrap_or_default()
+        };
+        let mut old_claims: HashMap<GroupKey, Vec<Claim>> = HashMap::new();
         for g in changed {
             let key = (g.namespace, g.name);
             let memo = self.groups.entry(key.clone()).or_default();
+            if !old_claims.contains_key(&key) {
+                old_claims.insert(
+                    key.clone(),
+                    claims_of(memo.service.as_deref(), old_config.as_ref()),
+                );
+            }
             memo.service = g.service;
             memo.slices = g.slices;
             dirty.insert(key);
@@ -235,23 +307,17 @@ impl Compiler {
         // asking for it is replanned (one gains or loses the frontend, the others' rejections
         // name the new owner).
         let mut reclaimed = BTreeSet::new();
-        let mut scratch = Vec::new();
         for key in &dirty {
-            let Some(memo) = self.groups.get_mut(key) else {
+            let Some(memo) = self.groups.get(key) else {
                 continue;
             };
-            let claims = memo
-                .service
-                .as_deref()
-                .and_then(|s| s.admit(config, &mut scratch))
-                .map(service_claims)
-                .unwrap_or_default();
-            scratch.clear();
-            if claims == memo.claims {
+            let new = claims_of(memo.service.as_deref(), Some(config));
+            let old = old_claims
+                .remove(key)
+                .unwrap_or_else(|| claims_of(memo.service.as_deref(), old_config.as_ref()));
+            if new == old {
                 continue;
             }
-            let old = std::mem::replace(&mut memo.claims, claims);
-            let new = &memo.claims;
             for c in old.iter().filter(|c| new.binary_search(c).is_err()) {
                 if let Some(list) = self.claimants.get_mut(c) {
                     let was_owner = list.first() == Some(key);
@@ -304,6 +370,10 @@ impl Compiler {
                 None => (Vec::new(), None),
             };
             let (sets, backends) = wanted_ids(&ports);
+            let old_set_ids = memo
+                .sets()
+                .filter_map(|(i, k)| Some((i, self.ids.set_id(&k)?)))
+                .collect();
             planned.push(Planned {
                 key,
                 ports,
@@ -311,6 +381,7 @@ impl Compiler {
                 rejected,
                 sets,
                 backends,
+                old_set_ids,
             });
         }
         summary.recompiled = planned.len();
@@ -320,23 +391,25 @@ impl Compiler {
         // out; fresh keys get theirs in sorted order over all recompiled Services.
         for p in &planned {
             for b in &p.backends {
-                *self.backend_wants.entry(*b).or_default() += 1;
+                self.backends.entry(*b).or_default().wants += 1;
             }
         }
         for p in &planned {
             let memo = &self.groups[&p.key];
-            for b in &memo.backends_wanted {
-                if let Some(n) = self.backend_wants.get_mut(b) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.backend_wants.remove(b);
-                        self.ids.release_backend(b);
+            for b in memo.backends() {
+                if let Some(refs) = self.backends.get_mut(&b) {
+                    refs.wants -= 1;
+                    if refs.wants == 0 {
+                        self.ids.release_backend(&b);
+                        if refs.uses == 0 {
+                            self.backends.remove(&b);
+                        }
                     }
                 }
             }
-            for s in &memo.sets {
-                if !p.sets.iter().any(|(k, _)| k == s) {
-                    self.ids.release_set(s);
+            for (_, s) in memo.sets() {
+                if !p.sets.iter().any(|(k, _)| *k == s) {
+                    self.ids.release_set(&s);
                 }
             }
         }
@@ -348,11 +421,13 @@ impl Compiler {
                 .iter()
                 .flat_map(|p| p.sets.iter().map(|(k, _)| k))
                 .collect();
-            self.ids
-                .retain(|k| sets.contains(k), |k| self.backend_wants.contains_key(k));
+            self.ids.retain(
+                |k| sets.contains(k),
+                |k| self.backends.get(k).is_some_and(|r| r.wants > 0),
+            );
         }
         let mut fresh_sets: BTreeMap<SetKey, Vec<ServiceKey>> = BTreeMap::new();
-        let mut fresh_backends: BTreeSet<BackendKey> = BTreeSet::new();
+        let mut fresh_backends: Vec<BackendKey> = Vec::new();
         for p in &planned {
             for (s, frontends) in &p.sets {
                 if self.ids.set_id(s).is_none() {
@@ -366,6 +441,8 @@ impl Compiler {
                     .copied(),
             );
         }
+        fresh_backends.sort_unstable();
+        fresh_backends.dedup();
         // Also when there is nothing to assign: adopted hints are for the first compile only.
         self.ids.assign(&fresh_sets, &fresh_backends);
 
@@ -375,41 +452,24 @@ impl Compiler {
         let mut memos = Vec::with_capacity(planned.len());
         for p in &planned {
             let mut memo = self.groups.remove(&p.key).unwrap_or_default();
-            for k in memo.services.drain(..) {
-                self.state.services.remove(&k);
-                if record {
-                    self.changes.services.insert(k);
-                }
-            }
-            for (svc_id, count) in memo.slots.drain(..) {
-                for slot in 0..count {
-                    let k = SlotKey { svc_id, slot };
-                    self.state.slots.remove(&k);
+            for port in &memo.ports {
+                for fe in &port.frontends {
+                    self.state.services.remove(&fe.key);
                     if record {
-                        self.changes.slots.insert(k);
+                        self.changes.services.insert(fe.key);
                     }
                 }
             }
-            for r in memo.source_ranges.drain(..) {
-                self.state.source_ranges.remove(&r);
-                if record {
-                    self.changes.source_ranges.insert(r);
-                }
-            }
-            for (id, be) in std::mem::take(&mut memo.backends) {
-                self.unuse_backend(id, be);
-                if record {
-                    self.changes.backends.insert(id);
-                }
+            for &(i, svc_id) in &p.old_set_ids {
+                self.take_out_set(svc_id, &memo.ports[i], record);
             }
             for k in std::mem::take(&mut memo.rejected) {
                 summary.rejections_changed |= self.unref_rejection(&k);
             }
-            self.service_ports -= memo.programmed_ports;
+            self.service_ports -= memo.programmed_ports as usize;
             if memo.programmed_ports > 0 {
                 self.programmed -= 1;
             }
-            memo.programmed_ports = 0;
             memos.push(memo);
         }
 
@@ -421,44 +481,45 @@ impl Compiler {
                 if record {
                     self.changes.services.insert(k);
                 }
-                memo.services.push(k);
             }
             for (k, id) in entries.slots {
                 self.state.slots.insert(k, id);
                 if record {
                     self.changes.slots.insert(k);
                 }
-                // Each set's slots are written as one run from 0.
-                match memo.slots.last_mut() {
-                    Some((svc_id, count)) if *svc_id == k.svc_id => *count = k.slot + 1,
-                    _ => memo.slots.push((k.svc_id, k.slot + 1)),
-                }
             }
             for (id, be) in entries.backends {
-                self.use_backend(id, be);
+                self.use_backend(id, &be);
                 if record {
                     self.changes.backends.insert(id);
                 }
-                memo.backends.push((id, be));
             }
             for r in entries.source_ranges {
                 self.state.source_ranges.insert(r);
                 if record {
                     self.changes.source_ranges.insert(r);
                 }
-                memo.source_ranges.push(r);
             }
             for r in rejected {
                 let key = rej_key(&r);
                 summary.rejections_changed |= self.ref_rejection(key.clone(), r);
                 memo.rejected.push(key);
             }
-            entries
-                .ports
-                .sort_by(|a, b| (&a.port_name, a.proto).cmp(&(&b.port_name, b.proto)));
-            memo.ports = entries.ports.into_iter().map(Arc::new).collect();
-            memo.programmed_ports = entries.programmed_ports;
-            self.service_ports += memo.programmed_ports;
+            // Ports in the dump's order; the sets each uses, in the same order.
+            let mut order: Vec<usize> = (0..entries.ports.len()).collect();
+            order.sort_by(|&a, &b| {
+                let (a, b) = (&entries.ports[a], &entries.ports[b]);
+                (&a.port_name, a.proto).cmp(&(&b.port_name, b.proto))
+            });
+            memo.sets_used = order.iter().map(|&i| entries.sets_used[i]).collect();
+            let mut ports: Vec<Option<ServicePortModel>> =
+                entries.ports.drain(..).map(Some).collect();
+            memo.ports = order
+                .iter()
+                .filter_map(|&i| ports[i].take().map(Arc::new))
+                .collect();
+            memo.programmed_ports = u32::try_from(entries.programmed_ports).unwrap_or(u32::MAX);
+            self.service_ports += entries.programmed_ports;
             if memo.programmed_ports > 0 {
                 self.programmed += 1;
             }
@@ -467,11 +528,7 @@ impl Compiler {
                 None => self.health.remove(&p.key),
             };
             summary.health_changed |= old_health != p.health;
-            let starved = p.sets.iter().any(|(s, _)| self.ids.set_id(s).is_none())
-                || p.backends.iter().any(|b| self.ids.backend_id(b).is_none());
-            memo.sets = p.sets.into_iter().map(|(s, _)| s).collect();
-            memo.backends_wanted = p.backends;
-            if starved {
+            if entries.starved {
                 self.starved.insert(p.key.clone());
             }
             if memo.service.is_some() || !memo.slices.is_empty() {
@@ -479,6 +536,47 @@ impl Compiler {
             }
         }
         summary
+    }
+
+    /// Removes the slots and source ranges written under `svc_id`, the set of `port`, and
+    /// that set's share of its backends' flags.
+    fn take_out_set(&mut self, svc_id: u32, port: &ServicePortModel, record: bool) {
+        let slots: Vec<(SlotKey, u32)> = self
+            .state
+            .slots
+            .range(
+                SlotKey { svc_id, slot: 0 }..=SlotKey {
+                    svc_id,
+                    slot: u32::MAX,
+                },
+            )
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (k, id) in slots {
+            self.state.slots.remove(&k);
+            if record {
+                self.changes.slots.insert(k);
+            }
+            if let Some(be) = self.state.backends.get(&id).copied() {
+                let flags =
+                    endpoint_flags(port, addr_from_be(be.addr_be), u16::from_be(be.port_be));
+                self.unuse_backend(id, &be, flags);
+                if record {
+                    self.changes.backends.insert(id);
+                }
+            }
+        }
+        let ranges: Vec<(u32, Ipv4Network)> = self
+            .state
+            .source_ranges_of(svc_id)
+            .map(|r| (svc_id, r))
+            .collect();
+        for r in ranges {
+            self.state.source_ranges.remove(&r);
+            if record {
+                self.changes.source_ranges.insert(r);
+            }
+        }
     }
 
     /// Records one more use of a rejection; whether the dump's list changed.
@@ -501,31 +599,30 @@ impl Compiler {
         false
     }
 
-    fn use_backend(&mut self, id: u32, be: Backend) {
-        let u = self.backend_uses.entry(id).or_insert(BackendUse {
-            backend: be,
-            uses: 0,
-            local: 0,
-            terminating: 0,
-        });
-        u.uses += 1;
-        u.local += u32::from(be.flags & BE_F_LOCAL != 0);
-        u.terminating += u32::from(be.flags & BE_F_TERMINATING != 0);
-        self.state.backends.insert(id, u.value());
+    fn use_backend(&mut self, id: u32, be: &Backend) {
+        let key = backend_key(be);
+        let refs = self.backends.entry(key).or_default();
+        refs.uses += 1;
+        refs.local += u32::from(be.flags & BE_F_LOCAL != 0);
+        refs.terminating += u32::from(be.flags & BE_F_TERMINATING != 0);
+        self.state.backends.insert(id, refs.value(&key));
     }
 
-    fn unuse_backend(&mut self, id: u32, be: Backend) {
-        let Some(u) = self.backend_uses.get_mut(&id) else {
+    fn unuse_backend(&mut self, id: u32, be: &Backend, flags: u8) {
+        let key = backend_key(be);
+        let Some(refs) = self.backends.get_mut(&key) else {
             return;
         };
-        u.uses -= 1;
-        u.local -= u32::from(be.flags & BE_F_LOCAL != 0);
-        u.terminating -= u32::from(be.flags & BE_F_TERMINATING != 0);
-        if u.uses == 0 {
-            self.backend_uses.remove(&id);
+        refs.uses -= 1;
+        refs.local -= u32::from(flags & BE_F_LOCAL != 0);
+        refs.terminating -= u32::from(flags & BE_F_TERMINATING != 0);
+        if refs.uses == 0 {
             self.state.backends.remove(&id);
+            if refs.wants == 0 {
+                self.backends.remove(&key);
+            }
         } else {
-            self.state.backends.insert(id, u.value());
+            self.state.backends.insert(id, refs.value(&key));
         }
     }
 

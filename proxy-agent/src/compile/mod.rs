@@ -710,8 +710,35 @@ struct ServiceEntries {
     backends: Vec<(u32, Backend)>,
     source_ranges: Vec<(u32, Ipv4Network)>,
     ports: Vec<ServicePortModel>,
+    /// Per port: the backend sets its frontends use (bit 0 cluster-wide, bit 1 node-local).
+    sets_used: Vec<u8>,
     /// Ports with at least one frontend written.
     programmed_ports: usize,
+    /// Some set or backend had no id (the id space is full).
+    starved: bool,
+}
+
+/// The flags a backend gets from one Service port: those of its endpoint there.
+fn endpoint_flags(model: &ServicePortModel, addr: Ipv4Addr, port: u16) -> u8 {
+    // Endpoints are sorted by (addr, port): they came out of a BTreeMap.
+    let Ok(i) = model
+        .endpoints
+        .binary_search_by_key(&(addr, port), |e| (e.addr, e.port))
+    else {
+        return 0;
+    };
+    let e = &model.endpoints[i];
+    let mut flags = 0;
+    if e.local {
+        flags |= BE_F_LOCAL;
+    }
+    if matches!(
+        e.state,
+        EndpointState::ServingTerminating | EndpointState::Terminating
+    ) {
+        flags |= BE_F_TERMINATING;
+    }
+    flags
 }
 
 fn build_entries(
@@ -721,12 +748,18 @@ fn build_entries(
 ) -> ServiceEntries {
     let mut out = ServiceEntries::default();
     for mut p in planned {
+        out.sets_used.push(
+            p.frontends
+                .iter()
+                .fold(0, |used, fe| used | 1 << u8::from(fe.local_set)),
+        );
         let mut slots_written: BTreeSet<bool> = BTreeSet::new();
         let mut port_programmed = false;
         let mut kept = Vec::new();
         for fe in &p.frontends {
             let skey = &p.set_keys[usize::from(fe.local_set)];
             let Some(svc_id) = ids.set_id(skey) else {
+                out.starved = true;
                 rejected.push(Rejection {
                     kind: ObjectKind::Service,
                     namespace: p.model.namespace.clone(),
@@ -744,27 +777,10 @@ fn build_entries(
                     proto: p.model.proto,
                 };
                 let Some(id) = ids.backend_id(&bkey) else {
+                    out.starved = true;
                     continue;
                 };
-                // Endpoints are sorted by (addr, port): they came out of a BTreeMap.
-                let e = p
-                    .model
-                    .endpoints
-                    .binary_search_by_key(&(addr, port), |e| (e.addr, e.port))
-                    .ok()
-                    .map(|i| &p.model.endpoints[i]);
-                let mut flags = 0;
-                if e.is_some_and(|e| e.local) {
-                    flags |= BE_F_LOCAL;
-                }
-                if e.is_some_and(|e| {
-                    matches!(
-                        e.state,
-                        EndpointState::ServingTerminating | EndpointState::Terminating
-                    )
-                }) {
-                    flags |= BE_F_TERMINATING;
-                }
+                let flags = endpoint_flags(&p.model, addr, port);
                 members.push((
                     id,
                     Backend {
