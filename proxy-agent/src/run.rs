@@ -31,7 +31,9 @@ use crate::source::{Nodes, Stores};
 
 /// How long start-up waits for the sources' first full sync before applying without pruning.
 pub const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
-/// Coalescing window after a change: a burst of events becomes one apply.
+/// Coalescing window: changes arriving within this time after a sync started wait for its end,
+/// so a burst of events becomes one apply. A change after a quiet period is applied at once (a
+/// sync costs in proportion to the change, so waiting would only add latency).
 pub const DEBOUNCE: Duration = Duration::from_millis(5);
 /// Retry delays after a failed apply: doubling from the first to the last.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -517,6 +519,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let mut network_due = true;
     let mut network_failures = 0u32;
     let mut trimmer = HeapTrimmer::default();
+    let mut last_sync: Option<tokio::time::Instant> = None;
     loop {
         let retry = async {
             match retry_at {
@@ -539,7 +542,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             _ = sigint.recv() => break,
         }
         // Coalesce a burst of changes into one apply.
-        tokio::time::sleep(DEBOUNCE).await;
+        if let Some(t) = last_sync {
+            tokio::time::sleep_until(t + DEBOUNCE).await;
+        }
+        last_sync = Some(tokio::time::Instant::now());
         // One copy of the Nodes for the check and the sync (few objects; the Services are the
         // compiler's business).
         let nodes = stores.nodes();
