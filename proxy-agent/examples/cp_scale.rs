@@ -189,8 +189,8 @@ fn main() {
     let t0 = Instant::now();
     stores.apply(ingest(&services, &slices, n, &mut interner));
     let t1 = Instant::now();
-    let changed = stores.take_changes(false);
-    let update = compiler.update(&config, None, changed.groups);
+    let dirty = stores.take_changes(false);
+    let update = compiler.update(&config, None, dirty.groups);
     let changes = compiler.take_changes();
     let t2 = Instant::now();
     let stats_one = rec

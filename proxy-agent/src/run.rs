@@ -180,13 +180,13 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
     pub fn sync(&mut self) -> bool {
         let started = Instant::now();
         let pending_since = self.stores.pending_since();
-        let changed = self.stores.take_changes(!self.loaded);
+        let dirty = self.stores.take_changes(!self.loaded);
         self.loaded = true;
-        let generation = changed.generation;
+        let generation = dirty.generation;
         let node = self.stores.node(&self.cfg.node_name);
         let update = self
             .compiler
-            .update(&self.compile_cfg, node.as_deref(), changed.groups);
+            .update(&self.compile_cfg, node.as_deref(), dirty.groups);
         let changes = self.compiler.take_changes();
         let prune = self.stores.is_synced();
         let result = self

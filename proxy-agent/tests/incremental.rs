@@ -252,6 +252,10 @@ struct Cluster {
     node: Option<Node>,
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario step: change, both paths, every comparison"
+)]
 fn check(ops: &[Op], max_id: u32) -> Result<(), TestCaseError> {
     let config = CompileConfig::new("node-a");
     let stores = Stores::new();
@@ -309,10 +313,10 @@ fn check(ops: &[Op], max_id: u32) -> Result<(), TestCaseError> {
         }
 
         // (a) The run loop's way.
-        let changed = stores.take_changes(first);
+        let dirty = stores.take_changes(first);
         first = false;
         let node = stores.node("node-a");
-        compiler.update(&config, node.as_deref(), changed.groups);
+        compiler.update(&config, node.as_deref(), dirty.groups);
         let changes = compiler.take_changes();
         let result = rec.apply_changes(compiler.state(), &changes, true);
         match &result {

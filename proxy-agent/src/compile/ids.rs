@@ -128,8 +128,8 @@ impl IdAllocation {
     }
 
     /// Frees the id of a backend no longer wanted.
-    pub(super) fn release_backend(&mut self, key: &BackendKey) {
-        if let Some(id) = self.backends.remove(key) {
+    pub(super) fn release_backend(&mut self, key: BackendKey) {
+        if let Some(id) = self.backends.remove(&key) {
             self.backend_ids.remove(&id);
         }
     }
@@ -203,7 +203,7 @@ impl IdAllocation {
             out.release_set(key);
         }
         for key in self.backends.keys().filter(|k| !backends.contains(*k)) {
-            out.release_backend(key);
+            out.release_backend(*key);
         }
         out.assign(sets, &backends.iter().copied().collect::<Vec<_>>());
         out

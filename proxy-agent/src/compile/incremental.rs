@@ -134,7 +134,7 @@ struct BackendRefs {
 }
 
 impl BackendRefs {
-    fn value(&self, key: &BackendKey) -> Backend {
+    fn value(&self, key: BackendKey) -> Backend {
         let mut flags = 0;
         if self.local > 0 {
             flags |= BE_F_LOCAL;
@@ -151,7 +151,7 @@ impl BackendRefs {
     }
 }
 
-fn backend_key(be: &Backend) -> BackendKey {
+fn backend_key(be: Backend) -> BackendKey {
     BackendKey {
         addr: addr_from_be(be.addr_be),
         port: u16::from_be(be.port_be),
@@ -400,7 +400,7 @@ impl Compiler {
                 if let Some(refs) = self.backends.get_mut(&b) {
                     refs.wants -= 1;
                     if refs.wants == 0 {
-                        self.ids.release_backend(&b);
+                        self.ids.release_backend(b);
                         if refs.uses == 0 {
                             self.backends.remove(&b);
                         }
@@ -489,7 +489,7 @@ impl Compiler {
                 }
             }
             for (id, be) in entries.backends {
-                self.use_backend(id, &be);
+                self.use_backend(id, be);
                 if record {
                     self.changes.backends.insert(id);
                 }
@@ -560,7 +560,7 @@ impl Compiler {
             if let Some(be) = self.state.backends.get(&id).copied() {
                 let flags =
                     endpoint_flags(port, addr_from_be(be.addr_be), u16::from_be(be.port_be));
-                self.unuse_backend(id, &be, flags);
+                self.unuse_backend(id, be, flags);
                 if record {
                     self.changes.backends.insert(id);
                 }
@@ -599,16 +599,16 @@ impl Compiler {
         false
     }
 
-    fn use_backend(&mut self, id: u32, be: &Backend) {
+    fn use_backend(&mut self, id: u32, be: Backend) {
         let key = backend_key(be);
         let refs = self.backends.entry(key).or_default();
         refs.uses += 1;
         refs.local += u32::from(be.flags & BE_F_LOCAL != 0);
         refs.terminating += u32::from(be.flags & BE_F_TERMINATING != 0);
-        self.state.backends.insert(id, refs.value(&key));
+        self.state.backends.insert(id, refs.value(key));
     }
 
-    fn unuse_backend(&mut self, id: u32, be: &Backend, flags: u8) {
+    fn unuse_backend(&mut self, id: u32, be: Backend, flags: u8) {
         let key = backend_key(be);
         let Some(refs) = self.backends.get_mut(&key) else {
             return;
@@ -622,7 +622,7 @@ impl Compiler {
                 self.backends.remove(&key);
             }
         } else {
-            self.state.backends.insert(id, refs.value(&key));
+            self.state.backends.insert(id, refs.value(key));
         }
     }
 

@@ -418,7 +418,7 @@ struct PlannedFrontend {
 /// address/port/protocol would mix).
 type Claim = (u32, u16, u8);
 
-fn claim_of(key: &ServiceKey) -> Claim {
+fn claim_of(key: ServiceKey) -> Claim {
     (key.addr_be, key.port_be, key.proto)
 }
 
@@ -518,7 +518,7 @@ fn service_claims(svc: &parse::ParsedService) -> Vec<Claim> {
         .ports
         .iter()
         .flat_map(|p| port_frontends(svc, p))
-        .map(|fe| claim_of(&fe.key))
+        .map(|fe| claim_of(fe.key))
         .collect();
     claims.sort_unstable();
     claims.dedup();
@@ -530,8 +530,8 @@ fn service_claims(svc: &parse::ParsedService) -> Vec<Claim> {
 /// in (namespace, name) order that asks for one keeps it, rather than a later one silently
 /// overwriting it.
 #[expect(
-    clippy::too_many_arguments,
-    reason = "the parts of one Service's inputs, each used once"
+    clippy::too_many_lines,
+    reason = "one pass per port: endpoints, sets, frontends, model"
 )]
 fn plan_service<'a>(
     namespace: &Arc<str>,
@@ -586,7 +586,7 @@ fn plan_service<'a>(
         let local = select(&eps, svc.publish_not_ready, true);
 
         let mut frontends = port_frontends(svc, port);
-        frontends.retain(|fe| match owner(claim_of(&fe.key)) {
+        frontends.retain(|fe| match owner(claim_of(fe.key)) {
             Some(o) if o.0 != *namespace || o.1 != *name => {
                 rejected.push(Rejection {
                     kind: ObjectKind::Service,
@@ -871,9 +871,9 @@ pub fn compile(inputs: &Inputs<'_>) -> Compiled {
     );
     let mut compiler = Compiler::new(inputs.ids.clone());
     compiler.update(inputs.config, inputs.node, groups);
-    let mut compiled = compiler.into_compiled();
+    let mut out = compiler.into_compiled();
     if !extra.is_empty() {
-        let rejected = &mut compiled.model.rejected;
+        let rejected = &mut out.model.rejected;
         rejected.extend(extra);
         rejected.sort_by_cached_key(|r| {
             (
@@ -885,7 +885,7 @@ pub fn compile(inputs: &Inputs<'_>) -> Compiled {
         });
         rejected.dedup();
     }
-    compiled
+    out
 }
 
 #[cfg(test)]

@@ -326,20 +326,20 @@ impl Applied {
             if old.svc_id == value.svc_id {
                 return;
             }
-            self.unlink_frontend(old.svc_id, &key);
+            self.unlink_frontend(old.svc_id, key);
         }
         self.frontends_of.entry(value.svc_id).or_default().push(key);
     }
 
-    fn remove_service(&mut self, key: &ServiceKey) {
-        if let Some(old) = self.state.services.remove(key) {
+    fn remove_service(&mut self, key: ServiceKey) {
+        if let Some(old) = self.state.services.remove(&key) {
             self.unlink_frontend(old.svc_id, key);
         }
     }
 
-    fn unlink_frontend(&mut self, svc_id: u32, key: &ServiceKey) {
+    fn unlink_frontend(&mut self, svc_id: u32, key: ServiceKey) {
         if let Some(list) = self.frontends_of.get_mut(&svc_id) {
-            list.retain(|k| k != key);
+            list.retain(|k| *k != key);
             if list.is_empty() {
                 self.frontends_of.remove(&svc_id);
             }
@@ -353,8 +353,8 @@ impl Applied {
         *self.slot_refs.entry(backend_id).or_default() += 1;
     }
 
-    fn remove_slot(&mut self, key: &SlotKey) {
-        if let Some(old) = self.state.slots.remove(key) {
+    fn remove_slot(&mut self, key: SlotKey) {
+        if let Some(old) = self.state.slots.remove(&key) {
             self.unref_backend(old);
         }
     }
@@ -506,7 +506,7 @@ impl<M: LbMaps> Run<'_, M> {
         ) {
             match self.maps.delete_service(&key) {
                 Ok(()) => {
-                    self.applied.remove_service(&key);
+                    self.applied.remove_service(key);
                     self.stats.services_deleted += 1;
                 }
                 Err(e) => self.errors.push(e),
@@ -547,7 +547,7 @@ impl<M: LbMaps> Run<'_, M> {
             }
             match self.maps.delete_slot(&key) {
                 Ok(()) => {
-                    self.applied.remove_slot(&key);
+                    self.applied.remove_slot(key);
                     self.stats.slots_deleted += 1;
                 }
                 Err(e) => self.errors.push(e),
@@ -647,17 +647,17 @@ fn stale_in<K: Ord + Copy, V>(
         .collect()
 }
 
-/// Entries of `these` missing from `those`, over all entries or only over `keys`.
+/// Entries of `from` missing from `minus`, over all entries or only over `keys`.
 fn ranges_in(
     keys: Option<&BTreeSet<(u32, Ipv4Network)>>,
-    these: &BTreeSet<(u32, Ipv4Network)>,
-    those: &BTreeSet<(u32, Ipv4Network)>,
+    from: &BTreeSet<(u32, Ipv4Network)>,
+    minus: &BTreeSet<(u32, Ipv4Network)>,
 ) -> Vec<(u32, Ipv4Network)> {
     match keys {
-        None => these.difference(those).copied().collect(),
+        None => from.difference(minus).copied().collect(),
         Some(keys) => keys
             .iter()
-            .filter(|r| these.contains(r) && !those.contains(r))
+            .filter(|r| from.contains(r) && !minus.contains(r))
             .copied()
             .collect(),
     }

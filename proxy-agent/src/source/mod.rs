@@ -497,11 +497,11 @@ impl Stores {
     }
 
     /// Applies several changes as one (one generation, one wake-up).
-    pub fn apply(&self, changes: impl IntoIterator<Item = Change>) {
+    pub fn apply(&self, batch: impl IntoIterator<Item = Change>) {
         let changed = {
             let mut c = self.write();
             let mut changed = false;
-            for change in changes {
+            for change in batch {
                 changed |= c.apply(change);
             }
             changed
