@@ -4,8 +4,8 @@
 //! proportion to that Service, not to the cluster.
 //!
 //! The result is by construction the from-scratch [`compile`](super::compile) of the same inputs
-//! (which is this compiler fed everything once); `tests.rs` checks it over random sequences of
-//! changes. What couples Services is handled explicitly:
+//! (which is this compiler fed everything once); `proxy-agent/tests/incremental.rs` checks it
+//! over random sequences of changes. What couples Services is handled explicitly:
 //! - frontend conflicts: the first Service in (namespace, name) order asking for an
 //!   address/port/protocol owns it, so a change of owner replans every Service asking for it;
 //! - ids: freed before new ones are handed out, new ones in sorted key order over every
