@@ -1,5 +1,7 @@
-//! Control-plane scale check: compile and apply (to the in-memory fake) 10,000 Services with
-//! 50,000 endpoints, then one more Service; prints times and the heap held by the results.
+//! Control-plane scale check at 10,000 Services with 50,000 endpoints, in process: the agent's
+//! path (objects parsed into the stores, the incremental compiler, the reconciler applying to
+//! the in-memory fake) for the whole cluster, for one more Service, for one changed endpoint and
+//! for nothing; the from-scratch compile for comparison; the heap each part holds.
 //! Numbers only, no assertions: `cargo run --release -p twill-agent --example cp_scale`.
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,9 +10,12 @@ use std::time::Instant;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use twill_agent::compile::{CompileConfig, IdAllocation, Inputs, compile, render_dump};
+use twill_agent::compile::{
+    CompileConfig, Compiler, IdAllocation, Inputs, Interner, compile, render_dump,
+};
 use twill_agent::lbmap::FakeLbMaps;
 use twill_agent::reconcile::Reconciler;
+use twill_agent::source::{Change, Object, Stores};
 
 /// Counts live heap bytes, so the size of a structure is the difference around building it.
 struct Counting;
@@ -102,11 +107,41 @@ fn objects(n: u32) -> (Vec<Service>, Vec<EndpointSlice>) {
     (services, slices)
 }
 
+fn live() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[expect(clippy::cast_precision_loss, reason = "display only")]
+fn mib(b: usize) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// What a source hands the stores for Service `i` and its slice.
+fn ingest(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    i: usize,
+    interner: &mut Interner,
+) -> [Change; 2] {
+    [
+        Change::Upsert(Object::service(&services[i], interner).expect("keyed")),
+        Change::Upsert(Object::slice(&slices[i], interner).expect("keyed")),
+    ]
+}
+
+#[expect(clippy::too_many_lines, reason = "one measurement after the other")]
 fn main() {
-    let before = LIVE.load(Ordering::Relaxed);
-    let (services, slices) = objects(SERVICES + 1);
-    let objects_heap = LIVE.load(Ordering::Relaxed) - before;
+    let before = live();
+    let (services, mut slices) = objects(SERVICES + 1);
+    let objects_heap = live() - before;
     let config = CompileConfig::new("node-0");
+    let n = SERVICES as usize;
+
+    // From scratch, as every change cost before the incremental compiler.
     let inputs = |n: usize, ids| Inputs {
         services: services.iter().take(n).collect(),
         endpoint_slices: slices.iter().take(n).collect(),
@@ -114,75 +149,175 @@ fn main() {
         config: &config,
         ids,
     };
-
     let empty = IdAllocation::default();
     let t = Instant::now();
-    let full = compile(&inputs(SERVICES as usize, &empty));
-    let compile_full = t.elapsed();
+    let scratch = compile(&inputs(n, &empty));
+    let scratch_full = t.elapsed();
+    let t = Instant::now();
+    let scratch_one = compile(&inputs(n + 1, &scratch.ids));
+    let scratch_plus_one = t.elapsed();
+    drop(scratch_one);
 
+    // The agent's path: the stores, the incremental compiler, the reconciler.
+    let mut interner = Interner::default();
+    let stores = Stores::new();
+    let before = live();
+    let t = Instant::now();
+    stores.apply((0..n).flat_map(|i| ingest(&services, &slices, i, &mut interner)));
+    let ingest_full = t.elapsed();
+    let stores_heap = live() - before;
+
+    let before = live();
+    let mut compiler = Compiler::new(IdAllocation::default());
+    let t = Instant::now();
+    compiler.update(&config, None, stores.take_changes(true).groups);
+    let changes = compiler.take_changes();
+    let compile_full = t.elapsed();
+    let compiler_heap = live() - before;
+
+    let before = live();
     let mut rec = Reconciler::new(FakeLbMaps::default());
     let t = Instant::now();
-    let stats = rec.apply(&full.state, true).expect("apply");
+    let stats = rec
+        .apply_changes(compiler.state(), &changes, true)
+        .expect("apply");
     let apply_full = t.elapsed();
+    // Less the fake's copy of the maps, which are the kernel's memory in the agent.
+    let reconciler_heap = live() - before - heap_of(&rec.maps().state);
+
+    // One more Service: the source's parse, the stores, the compile, the diff and the writes.
+    let t0 = Instant::now();
+    stores.apply(ingest(&services, &slices, n, &mut interner));
+    let t1 = Instant::now();
+    let dirty = stores.take_changes(false);
+    let update = compiler.update(&config, None, dirty.groups);
+    let changes = compiler.take_changes();
+    let t2 = Instant::now();
+    let stats_one = rec
+        .apply_changes(compiler.state(), &changes, true)
+        .expect("apply one more");
+    let t3 = Instant::now();
+
+    // One endpoint of one Service becomes not ready.
+    let mut slice = slices[n / 2].clone();
+    if let Some(e) = slice.endpoints.as_mut().and_then(|e| e.first_mut()) {
+        e.conditions = Some(EndpointConditions {
+            ready: Some(false),
+            serving: Some(false),
+            terminating: Some(true),
+        });
+    }
+    slices[n / 2] = slice;
+    let t = Instant::now();
+    stores.apply([Change::Upsert(
+        Object::slice(&slices[n / 2], &mut interner).expect("keyed"),
+    )]);
+    compiler.update(&config, None, stores.take_changes(false).groups);
+    let changes_ep = compiler.take_changes();
+    let stats_ep = rec
+        .apply_changes(compiler.state(), &changes_ep, true)
+        .expect("apply endpoint change");
+    let endpoint_change = t.elapsed();
 
     let t = Instant::now();
-    let plus_one = compile(&inputs(SERVICES as usize + 1, &full.ids));
-    let compile_one = t.elapsed();
-    let t = Instant::now();
-    let stats_one = rec.apply(&plus_one.state, true).expect("apply one more");
-    let apply_one = t.elapsed();
-
-    let t = Instant::now();
-    let noop = rec.apply(&plus_one.state, true).expect("no-op apply");
+    compiler.update(&config, None, stores.take_changes(false).groups);
+    let noop_changes = compiler.take_changes();
+    let noop = rec
+        .apply_changes(compiler.state(), &noop_changes, true)
+        .expect("no-op apply");
     let apply_noop = t.elapsed();
 
     let t = Instant::now();
-    let dump = render_dump(&plus_one.state, &plus_one.model);
+    let noop_full = rec.apply(compiler.state(), true).expect("full no-op apply");
+    let apply_noop_full = t.elapsed();
+
+    let t = Instant::now();
+    let model = compiler.model();
+    let model_time = t.elapsed();
+    let t = Instant::now();
+    let dump = render_dump(compiler.state(), &model);
     let render = t.elapsed();
 
+    let counts = compiler.counts();
     println!(
         "services={} endpoints={}",
-        full.counts.services, full.counts.endpoints
+        counts.services, counts.endpoints
     );
     println!(
         "entries: services={} slots={} backends={}",
-        full.state.services.len(),
-        full.state.slots.len(),
-        full.state.backends.len()
+        compiler.state().services.len(),
+        compiler.state().slots.len(),
+        compiler.state().backends.len()
     );
-    println!("compile 10k: {:.1} ms", compile_full.as_secs_f64() * 1e3);
+    println!(
+        "from scratch: compile 10k: {:.1} ms; compile 10k+1: {:.1} ms",
+        ms(scratch_full),
+        ms(scratch_plus_one)
+    );
+    println!(
+        "ingest 10k into the stores (parse at arrival): {:.1} ms",
+        ms(ingest_full)
+    );
+    println!(
+        "compile 10k (incremental, all new): {:.1} ms",
+        ms(compile_full)
+    );
     println!(
         "apply 10k to fake: {:.1} ms ({} writes)",
-        apply_full.as_secs_f64() * 1e3,
+        ms(apply_full),
         stats.writes()
     );
     println!(
-        "compile 10k+1: {:.1} ms; apply the difference: {:.3} ms ({} writes)",
-        compile_one.as_secs_f64() * 1e3,
-        apply_one.as_secs_f64() * 1e3,
+        "add one with 10k present: {:.3} ms = ingest {:.3} + compile {:.3} ({} Service recompiled, {} keys changed) + apply {:.3} ({} writes)",
+        ms(t3 - t0),
+        ms(t1 - t0),
+        ms(t2 - t1),
+        update.recompiled,
+        changes.len(),
+        ms(t3 - t2),
         stats_one.writes()
     );
     println!(
-        "no-op apply: {:.1} ms ({} writes)",
-        apply_noop.as_secs_f64() * 1e3,
-        noop.writes()
+        "one endpoint not ready: {:.3} ms ({} writes)",
+        ms(endpoint_change),
+        stats_ep.writes()
     );
     println!(
-        "render dump: {:.1} ms ({} bytes)",
-        render.as_secs_f64() * 1e3,
+        "no-op sync: {:.3} ms ({} writes); no-op full diff: {:.1} ms ({} writes)",
+        ms(apply_noop),
+        noop.writes(),
+        ms(apply_noop_full),
+        noop_full.writes()
+    );
+    println!(
+        "dump model: {:.3} ms; render dump: {:.1} ms ({} bytes)",
+        ms(model_time),
+        ms(render),
         dump.len()
     );
-    #[expect(clippy::cast_precision_loss, reason = "display only")]
-    let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
-    println!("heap: LbState {:.2} MiB", mib(heap_of(&plus_one.state)));
-    println!("heap: DumpModel {:.2} MiB", mib(heap_of(&plus_one.model)));
-    println!("heap: IdAllocation {:.2} MiB", mib(heap_of(&plus_one.ids)));
     println!(
-        "heap: Reconciler.applied {:.2} MiB",
-        mib(heap_of(rec.applied()))
+        "heap: stores (10k Services + 10k EndpointSlices, parsed) {:.2} MiB",
+        mib(stores_heap)
     );
     println!(
-        "heap: input objects (Services + EndpointSlices) {:.2} MiB",
+        "heap: Compiler (desired LbState, ids, per-Service memo and models) {:.2} MiB",
+        mib(compiler_heap)
+    );
+    println!(
+        "heap: of which LbState {:.2} MiB, IdAllocation {:.2} MiB",
+        mib(heap_of(compiler.state())),
+        mib(heap_of(compiler.ids()))
+    );
+    println!(
+        "heap: Reconciler (applied + index) {:.2} MiB",
+        mib(reconciler_heap)
+    );
+    println!(
+        "heap: DumpModel handed out {:.2} MiB (the port models are shared with the memo)",
+        mib(heap_of(&model))
+    );
+    println!(
+        "heap: the same inputs as k8s-openapi objects {:.2} MiB (no longer kept)",
         mib(objects_heap)
     );
 }

@@ -102,6 +102,75 @@ impl LbState {
     }
 }
 
+/// One version of a desired state, as one [`Compiler`](crate::compile::Compiler) handed it out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateVersion {
+    /// Which compiler (versions of different compilers are unrelated).
+    pub origin: u64,
+    pub seq: u64,
+}
+
+/// Keys of a desired [`LbState`] whose entries may differ from those of version `since` (a
+/// superset: listed entries may be unchanged). `node_addrs` and `config` are small and always
+/// compared whole.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateChanges {
+    /// `None`: relative to nothing known, compare everything.
+    pub since: Option<StateVersion>,
+    /// The version the desired state now is.
+    pub version: Option<StateVersion>,
+    pub services: BTreeSet<ServiceKey>,
+    pub slots: BTreeSet<SlotKey>,
+    pub backends: BTreeSet<u32>,
+    pub source_ranges: BTreeSet<(u32, Ipv4Network)>,
+}
+
+impl StateChanges {
+    /// Number of keys listed.
+    pub fn len(&self) -> usize {
+        self.services.len() + self.slots.len() + self.backends.len() + self.source_ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl LbState {
+    /// Makes `self`, a copy of `from` before `from` changed only at the keys of `changes`,
+    /// equal to `from` again, in time proportional to the change.
+    pub fn copy_changes(&mut self, from: &LbState, changes: &StateChanges) {
+        fn copy<K: Ord + Copy, V: Copy>(
+            mine: &mut BTreeMap<K, V>,
+            theirs: &BTreeMap<K, V>,
+            keys: &BTreeSet<K>,
+        ) {
+            for k in keys {
+                match theirs.get(k) {
+                    Some(v) => {
+                        mine.insert(*k, *v);
+                    }
+                    None => {
+                        mine.remove(k);
+                    }
+                }
+            }
+        }
+        copy(&mut self.services, &from.services, &changes.services);
+        copy(&mut self.slots, &from.slots, &changes.slots);
+        copy(&mut self.backends, &from.backends, &changes.backends);
+        for r in &changes.source_ranges {
+            if from.source_ranges.contains(r) {
+                self.source_ranges.insert(*r);
+            } else {
+                self.source_ranges.remove(r);
+            }
+        }
+        self.node_addrs.clone_from(&from.node_addrs);
+        self.config = from.config;
+    }
+}
+
 /// `range` with its host bits cleared (`10.1.2.3/8` → `10.0.0.0/8`): the one form a range has
 /// in the maps.
 pub fn canonical_range(range: Ipv4Network) -> Ipv4Network {

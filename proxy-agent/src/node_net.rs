@@ -17,7 +17,7 @@ use crate::routing::{
     ApplyReport, RouteExecutor, RoutingConfig, RoutingError, cni_mtu, default_devices,
     node_internal_ipv4, nodeport_addresses, plan_routes,
 };
-use crate::source::Snapshot;
+use crate::source::Nodes;
 
 /// What the rest of the agent needs from the last network sync.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -58,9 +58,8 @@ impl NetworkError {
 /// The routing-relevant view of one Node: what changes the route plan.
 type NodeRouting = (Option<String>, Option<Ipv4Addr>, Option<Vec<String>>);
 
-fn routing_view(snapshot: &Snapshot) -> Vec<NodeRouting> {
-    snapshot
-        .nodes
+fn routing_view(nodes: &Nodes) -> Vec<NodeRouting> {
+    nodes
         .values()
         .map(|n| {
             (
@@ -108,10 +107,10 @@ impl NodeNetwork {
 
     /// Whether the Node objects changed in a way that matters since the last successful sync
     /// (or that sync failed).
-    pub fn needs_sync(&self, snapshot: &Snapshot) -> bool {
+    pub fn needs_sync(&self, nodes: &Nodes) -> bool {
         self.synced
             .as_ref()
-            .is_none_or(|v| *v != routing_view(snapshot))
+            .is_none_or(|v| *v != routing_view(nodes))
     }
 
     /// Devices, north-south attachment, NodePort addresses, then routes. `prune` (the node
@@ -119,15 +118,17 @@ impl NodeNetwork {
     /// succeeded before the failing step is kept in [`Self::state`] and the next call retries.
     pub async fn sync(
         &mut self,
-        snapshot: &Snapshot,
+        nodes: &Nodes,
         datapath: &mut Datapath,
         prune: bool,
     ) -> Result<ApplyReport, NetworkError> {
-        let view = routing_view(snapshot);
+        let view = routing_view(nodes);
         // Cleared until this sync succeeds: a failure is retried even with unchanged Nodes.
         self.synced = None;
         let host = self.routing.host_network().await?;
-        let me: Option<&Node> = snapshot.node(&self.node_name).map(AsRef::as_ref);
+        let me: Option<&Node> = nodes
+            .get(&("".into(), self.node_name.as_str().into()))
+            .map(AsRef::as_ref);
         let node_ips: Vec<Ipv4Addr> = me.and_then(node_internal_ipv4).into_iter().collect();
         let devices = if self.devices_flag.is_empty() {
             default_devices(&host, &node_ips)
@@ -138,8 +139,12 @@ impl NodeNetwork {
         self.state.nodeport_addresses = nodeport_addresses(&host, &devices, &self.nodeport_cidrs);
         self.state.devices = devices;
 
-        let nodes = snapshot.nodes.values().map(AsRef::as_ref);
-        let plan = plan_routes(&self.node_name, nodes, &self.config, &host)?;
+        let plan = plan_routes(
+            &self.node_name,
+            nodes.values().map(AsRef::as_ref),
+            &self.config,
+            &host,
+        )?;
         for s in &plan.skipped {
             log::debug!("no route to node {}: {:?}", s.node, s.reason);
         }

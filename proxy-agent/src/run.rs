@@ -5,8 +5,8 @@
 //! source → wait (bounded) for its first full sync → apply with prune.
 //!
 //! Run loop: sources only mark the stores dirty; one task wakes up, waits a few milliseconds to
-//! coalesce a burst of changes, compiles from the stores and applies the difference through
-//! the reconciler. Failed applies are retried with a capped backoff; a periodic resync applies
+//! coalesce a burst of changes, recompiles the Services the stores marked dirty and applies the
+//! difference through the reconciler (both in time proportional to the change). Failed applies are retried with a capped backoff; a periodic resync applies
 //! again even without changes (repairing anything that changed the maps behind our back).
 //!
 //! SIGTERM/SIGINT: stop serving and exit, leaving pinned maps and links in place so traffic keeps
@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::api::{ApiState, PinnedKernelView, Published};
-use crate::compile::{CompileConfig, Compiled, IdAllocation, Inputs, compile};
+use crate::compile::{CompileConfig, Compiler, IdAllocation};
 use crate::config::{Config, SourceConfig};
 use crate::datapath::{AyaLbMaps, Datapath, DatapathError, DatapathOptions};
 use crate::health::{Health, HealthCheckServers};
@@ -27,11 +27,13 @@ use crate::node_net::{NetworkError, NetworkState, NodeNetwork};
 use crate::preflight::PreflightError;
 use crate::reconcile::{ReconcileError, Reconciler};
 use crate::source::manifests::{ManifestDir, error_chain};
-use crate::source::{Snapshot, Stores};
+use crate::source::{Nodes, Stores};
 
 /// How long start-up waits for the sources' first full sync before applying without pruning.
 pub const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
-/// Coalescing window after a change: a burst of events becomes one apply.
+/// Coalescing window: changes arriving within this time after a sync started wait for its end,
+/// so a burst of events becomes one apply. A change after a quiet period is applied at once (a
+/// sync costs in proportion to the change, so waiting would only add latency).
 pub const DEBOUNCE: Duration = Duration::from_millis(5);
 /// Retry delays after a failed apply: doubling from the first to the last.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -70,26 +72,6 @@ pub fn compile_config(cfg: &Config) -> CompileConfig {
     c.nodeport_cidrs.clone_from(&cfg.nodeport_addresses);
     c.nodeport_range = cfg.nodeport_range.0..=cfg.nodeport_range.1;
     c
-}
-
-/// One compile from a snapshot (pure).
-pub fn compile_snapshot(
-    snapshot: &Snapshot,
-    config: &CompileConfig,
-    ids: &IdAllocation,
-) -> Compiled {
-    let inputs = Inputs {
-        services: snapshot.services.values().map(AsRef::as_ref).collect(),
-        endpoint_slices: snapshot
-            .endpoint_slices
-            .values()
-            .map(AsRef::as_ref)
-            .collect(),
-        node: snapshot.node(&config.node_name).map(AsRef::as_ref),
-        config,
-        ids,
-    };
-    compile(&inputs)
 }
 
 /// Where the run loop gets kernel verdict counters from (the real maps; fakes have none).
@@ -132,7 +114,9 @@ pub struct Syncer<M: LbMaps> {
     hc_servers: HealthCheckServers,
     published: Arc<RwLock<Published>>,
     reconciler: Reconciler<M>,
-    ids: IdAllocation,
+    compiler: Compiler,
+    /// Whether the compiler has been fed the whole stores once (from then on, changes only).
+    loaded: bool,
     /// The CNI config last written (or found identical on disk).
     cni_conf: Option<Vec<u8>>,
     /// MTU written into the CNI config: `--cni-mtu`, lowered to what the route plan allows.
@@ -155,7 +139,8 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         Self {
             compile_cfg: compile_config(&cfg),
             hc_servers: HealthCheckServers::new(health.clone(), Ipv4Addr::UNSPECIFIED),
-            ids: IdAllocation::from_adopted(reconciler.applied()),
+            compiler: Compiler::new(IdAllocation::from_adopted(reconciler.applied())),
+            loaded: false,
             cni_mtu: cfg.cni_mtu,
             cfg,
             stores,
@@ -190,38 +175,50 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         &mut self.reconciler
     }
 
-    /// One compile + apply. Returns whether it fully applied. Prunes only once every source
-    /// kind has synced.
+    /// One compile + apply of what changed since the last one. Returns whether it fully
+    /// applied. Prunes only once every source kind has synced.
     pub fn sync(&mut self) -> bool {
         let started = Instant::now();
-        let generation = self.stores.generation();
         let pending_since = self.stores.pending_since();
-        let snapshot = self.stores.snapshot();
-        let compiled = compile_snapshot(&snapshot, &self.compile_cfg, &self.ids);
+        let dirty = self.stores.take_changes(!self.loaded);
+        self.loaded = true;
+        let generation = dirty.generation;
+        let node = self.stores.node(&self.cfg.node_name);
+        let update = self
+            .compiler
+            .update(&self.compile_cfg, node.as_deref(), dirty.groups);
+        let changes = self.compiler.take_changes();
         let prune = self.stores.is_synced();
-        let result = self.reconciler.apply(&compiled.state, prune);
+        let result = self
+            .reconciler
+            .apply_changes(self.compiler.state(), &changes, prune);
         let elapsed = started.elapsed();
         self.metrics.sync_duration.observe(elapsed.as_secs_f64());
 
-        self.report_rejections(&compiled);
+        if update.rejections_changed {
+            self.report_rejections();
+        }
+        let counts = self.compiler.counts();
         self.metrics
             .services
-            .set(i64::try_from(compiled.counts.services).unwrap_or(i64::MAX));
+            .set(i64::try_from(counts.services).unwrap_or(i64::MAX));
         self.metrics
             .endpoints
-            .set(i64::try_from(compiled.counts.endpoints).unwrap_or(i64::MAX));
+            .set(i64::try_from(counts.endpoints).unwrap_or(i64::MAX));
 
-        let node = snapshot.node(&self.cfg.node_name);
-        self.health.set_node(node.map(AsRef::as_ref));
-        self.hc_servers.update(&compiled.health);
-        if let Some(node) = node {
+        self.health.set_node(node.as_deref());
+        // Every time, not only on changes: a port that could not be bound is retried.
+        self.hc_servers.update(&self.compiler.health());
+        if let Some(node) = &node {
             self.write_cni_conf(node);
         }
 
         let ok = match &result {
             Ok(stats) => {
                 log::debug!(
-                    "applied generation {generation} in {elapsed:?} (prune={prune}): {stats:?}"
+                    "applied generation {generation} in {elapsed:?} (prune={prune}, {} Services recompiled, {} keys changed): {stats:?}",
+                    update.recompiled,
+                    changes.len()
                 );
                 self.health.updated();
                 self.stores.mark_applied(generation);
@@ -254,28 +251,42 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
                 false
             }
         };
-        // Ids of this compile whether or not every write landed: the maps may already hold
-        // entries under them, and the retry must converge to the same state.
-        self.ids = compiled.ids;
-        *self
+        // The published copy follows the reconciler's bookkeeping the way the apply did: key
+        // by key after an apply of the changed keys, whole after one that compared everything.
+        let compared_all = match &result {
+            Ok(stats) => stats.compared_all,
+            Err(e) => e.stats().is_none_or(|s| s.compared_all),
+        };
+        let mut published = self
             .published
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Published {
-            applied: self.reconciler.applied().clone(),
-            model: compiled.model,
-        };
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if compared_all {
+            published.applied.clone_from(self.reconciler.applied());
+        } else {
+            published
+                .applied
+                .copy_changes(self.reconciler.applied(), &changes);
+        }
+        if update.recompiled > 0 || update.rejections_changed || compared_all {
+            published.model = self.compiler.model();
+        }
         ok
     }
 
     /// Logs newly invalid objects once and counts them in `twill_invalid_objects_total`.
-    fn report_rejections(&mut self, compiled: &Compiled) {
-        let invalid: Vec<_> = compiled
-            .rejected()
+    fn report_rejections(&mut self) {
+        let rejected = self.compiler.rejected();
+        let invalid: Vec<_> = rejected
             .iter()
             .filter(|r| r.reason.class() == crate::compile::RejectClass::Invalid)
             .collect();
         let key = |r: &crate::compile::Rejection| {
-            (r.namespace.clone(), r.name.clone(), r.reason.to_string())
+            (
+                r.namespace.to_string(),
+                r.name.to_string(),
+                r.reason.to_string(),
+            )
         };
         let current: std::collections::BTreeSet<(String, String, String)> =
             invalid.iter().map(|r| key(r)).collect();
@@ -296,12 +307,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
                 crate::compile::ObjectKind::EndpointSlice => "EndpointSlice",
                 crate::compile::ObjectKind::Node => "Node",
             };
-            (
-                kind,
-                r.namespace.as_str(),
-                r.name.as_str(),
-                r.reason.metric_label(),
-            )
+            (kind, &*r.namespace, &*r.name, r.reason.metric_label())
         }));
         self.logged_rejections = current;
     }
@@ -513,6 +519,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let mut network_due = true;
     let mut network_failures = 0u32;
     let mut trimmer = HeapTrimmer::default();
+    let mut last_sync: Option<tokio::time::Instant> = None;
     loop {
         let retry = async {
             match retry_at {
@@ -535,13 +542,16 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             _ = sigint.recv() => break,
         }
         // Coalesce a burst of changes into one apply.
-        tokio::time::sleep(DEBOUNCE).await;
-        // One snapshot for the check and the sync (Syncer::sync takes its own, after reading
-        // the generation it will mark applied).
-        let snapshot = stores.snapshot();
-        if network_due || network.needs_sync(&snapshot) {
+        if let Some(t) = last_sync {
+            tokio::time::sleep_until(t + DEBOUNCE).await;
+        }
+        last_sync = Some(tokio::time::Instant::now());
+        // One copy of the Nodes for the check and the sync (few objects; the Services are the
+        // compiler's business).
+        let nodes = stores.nodes();
+        if network_due || network.needs_sync(&nodes) {
             network_due = false;
-            if sync_network(&mut network, &mut datapath, &snapshot, &stores, &mut agent).await {
+            if sync_network(&mut network, &mut datapath, &nodes, &stores, &mut agent).await {
                 network_failures = 0;
             } else {
                 network_failures = network_failures.saturating_add(1);
@@ -609,11 +619,11 @@ fn release_free_heap() {
 async fn sync_network<M: LbMaps + VerdictStats>(
     network: &mut NodeNetwork,
     datapath: &mut Datapath,
-    snapshot: &Snapshot,
+    nodes: &Nodes,
     stores: &Stores,
     agent: &mut Syncer<M>,
 ) -> bool {
-    let result = network.sync(snapshot, datapath, stores.is_synced()).await;
+    let result = network.sync(nodes, datapath, stores.is_synced()).await;
     agent.set_network(network.state());
     match result {
         Ok(_) => true,
@@ -696,8 +706,8 @@ mod tests {
     use super::*;
     use crate::config::{FileConfig, merge};
     use crate::lbmap::{FakeLbMaps, FaultPlan, FaultyLbMaps};
-    use crate::source::Kind;
     use crate::source::manifests::parse_text;
+    use crate::source::{Kind, Snapshot};
 
     const OBJECTS: &str = "
 apiVersion: v1
@@ -774,9 +784,16 @@ spec: {podCIDRs: [10.244.1.0/24]}
                 false,
             )
             .unwrap();
-            let snap = Snapshot::from_objects(parsed.objects);
+            let stores = Stores::new();
+            stores.replace_all(&Snapshot::from_objects(parsed.objects));
             let cfg = compile_config(&config(dir.path()));
-            compile_snapshot(&snap, &cfg, &IdAllocation::default()).state
+            let mut compiler = Compiler::new(IdAllocation::default());
+            compiler.update(
+                &cfg,
+                stores.node("n1").as_deref(),
+                stores.take_changes(true).groups,
+            );
+            compiler.state().clone()
         };
         let mut fake = FakeLbMaps::default();
         let mut r = Reconciler::new(fake.clone());

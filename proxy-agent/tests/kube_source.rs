@@ -229,10 +229,10 @@ fn service_ips(stores: &Stores) -> BTreeMap<String, String> {
         .iter()
         .map(|((_, name), s)| {
             (
-                name.clone(),
-                s.spec
-                    .as_ref()
-                    .and_then(|s| s.cluster_ip.clone())
+                name.to_string(),
+                s.parsed()
+                    .and_then(|s| s.cluster_ips.first())
+                    .map(ToString::to_string)
                     .unwrap_or_default(),
             )
         })

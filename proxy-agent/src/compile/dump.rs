@@ -238,9 +238,9 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
                 .collect();
             let policy = |local: bool| if local { "Local" } else { "Cluster" };
             ServiceView {
-                namespace: m.namespace.clone(),
-                name: m.name.clone(),
-                port_name: m.port_name.clone(),
+                namespace: m.namespace.to_string(),
+                name: m.name.to_string(),
+                port_name: m.port_name.to_string(),
                 svc_type: m.svc_type,
                 protocol: proto_name(m.proto),
                 port: m.port,
@@ -256,7 +256,7 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
                     .map(|e| EndpointView {
                         addr: e.addr,
                         port: e.port,
-                        node: e.node.clone(),
+                        node: e.node.as_deref().map(str::to_owned),
                         local: e.local,
                         state: e.state,
                         in_cluster_set: e.in_cluster_set,
@@ -323,8 +323,8 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
             .map(|r| RejectionView {
                 class: r.reason.class(),
                 kind: r.kind,
-                namespace: r.namespace.clone(),
-                name: r.name.clone(),
+                namespace: r.namespace.to_string(),
+                name: r.name.to_string(),
                 reason: r.reason.to_string(),
                 label: r.reason.metric_label(),
             })

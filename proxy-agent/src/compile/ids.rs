@@ -5,7 +5,7 @@
 //! never renumbers another, and a freed id is handed out again only after the cursor has gone
 //! round the whole id space (like host-local IPAM's `last_reserved_ip`): an affinity entry of a
 //! deleted Service can then never be mistaken for one of a new Service.
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -43,6 +43,9 @@ const FIRST_ID: u32 = 1;
 pub struct IdAllocation {
     sets: BTreeMap<SetKey, u32>,
     backends: BTreeMap<BackendKey, u32>,
+    /// The values of `sets` and `backends`: which ids are taken.
+    set_ids: HashSet<u32>,
+    backend_ids: HashSet<u32>,
     next_set: u32,
     next_backend: u32,
     max_id: u32,
@@ -65,6 +68,8 @@ impl IdAllocation {
         Self {
             sets: BTreeMap::new(),
             backends: BTreeMap::new(),
+            set_ids: HashSet::new(),
+            backend_ids: HashSet::new(),
             next_set: FIRST_ID,
             next_backend: FIRST_ID,
             max_id,
@@ -85,6 +90,7 @@ impl IdAllocation {
             };
             ids.backends.entry(key).or_insert(id);
         }
+        ids.backend_ids = ids.backends.values().copied().collect();
         ids.hints = state.services.iter().map(|(k, v)| (*k, v.svc_id)).collect();
         let max_svc = state
             .services
@@ -114,70 +120,92 @@ impl IdAllocation {
         &self.backends
     }
 
-    /// The allocation for exactly `sets` and `backends`: kept keys keep their ids, new keys get
-    /// hinted ids or fresh ones in sorted key order (deterministic). A key that finds the id
-    /// space exhausted is left out (the caller reports it).
-    pub(super) fn next(
-        &self,
-        sets: &BTreeMap<SetKey, Vec<ServiceKey>>,
-        backends: &BTreeSet<BackendKey>,
-    ) -> IdAllocation {
-        let mut out = IdAllocation {
-            sets: BTreeMap::new(),
-            backends: BTreeMap::new(),
-            next_set: self.next_set,
-            next_backend: self.next_backend,
-            max_id: self.max_id,
-            hints: BTreeMap::new(),
-        };
-
-        let mut used: HashSet<u32> = HashSet::new();
-        let mut fresh = Vec::new();
-        for key in sets.keys() {
-            match self.sets.get(key) {
-                Some(&id) if used.insert(id) => {
-                    out.sets.insert(key.clone(), id);
-                }
-                _ => fresh.push(key),
-            }
+    /// Frees the id of a set no longer wanted.
+    pub(super) fn release_set(&mut self, key: &SetKey) {
+        if let Some(id) = self.sets.remove(key) {
+            self.set_ids.remove(&id);
         }
+    }
+
+    /// Frees the id of a backend no longer wanted.
+    pub(super) fn release_backend(&mut self, key: BackendKey) {
+        if let Some(id) = self.backends.remove(&key) {
+            self.backend_ids.remove(&id);
+        }
+    }
+
+    /// Frees the ids of every key the predicates reject.
+    pub(super) fn retain(
+        &mut self,
+        keep_set: impl Fn(&SetKey) -> bool,
+        keep_backend: impl Fn(&BackendKey) -> bool,
+    ) {
+        self.sets.retain(|k, _| keep_set(k));
+        self.backends.retain(|k, _| keep_backend(k));
+        self.set_ids = self.sets.values().copied().collect();
+        self.backend_ids = self.backends.values().copied().collect();
+    }
+
+    /// Gives ids to keys that have none (release what is no longer wanted first): hinted ids
+    /// for sets whose frontends had one in adopted maps, then fresh ones from the cursors, each
+    /// in sorted key order (deterministic; `backends` is sorted). A key that finds the id space exhausted is left
+    /// out (the caller reports it). Hints are used up by the first call.
+    pub(super) fn assign(
+        &mut self,
+        sets: &BTreeMap<SetKey, Vec<ServiceKey>>,
+        backends: &[BackendKey],
+    ) {
+        let hints = std::mem::take(&mut self.hints);
         let mut unhinted = Vec::new();
-        for key in fresh {
-            let hinted = sets[key]
+        for (key, frontends) in sets {
+            if self.sets.contains_key(key) {
+                continue;
+            }
+            let hinted = frontends
                 .iter()
-                .filter_map(|fe| self.hints.get(fe).copied())
-                .find(|id| *id >= FIRST_ID && *id <= self.max_id && !used.contains(id));
+                .filter_map(|fe| hints.get(fe).copied())
+                .find(|id| *id >= FIRST_ID && *id <= self.max_id && !self.set_ids.contains(id));
             match hinted {
                 Some(id) => {
-                    used.insert(id);
-                    out.sets.insert(key.clone(), id);
+                    self.set_ids.insert(id);
+                    self.sets.insert(key.clone(), id);
                 }
                 None => unhinted.push(key),
             }
         }
         for key in unhinted {
-            if let Some(id) = allocate(&mut out.next_set, out.max_id, &used) {
-                used.insert(id);
-                out.sets.insert(key.clone(), id);
+            if let Some(id) = allocate(&mut self.next_set, self.max_id, &self.set_ids) {
+                self.set_ids.insert(id);
+                self.sets.insert(key.clone(), id);
             }
         }
-
-        let mut used: HashSet<u32> = HashSet::new();
-        let mut fresh = Vec::new();
         for key in backends {
-            match self.backends.get(key) {
-                Some(&id) if used.insert(id) => {
-                    out.backends.insert(*key, id);
-                }
-                _ => fresh.push(key),
+            if self.backends.contains_key(key) {
+                continue;
+            }
+            if let Some(id) = allocate(&mut self.next_backend, self.max_id, &self.backend_ids) {
+                self.backend_ids.insert(id);
+                self.backends.insert(*key, id);
             }
         }
-        for key in fresh {
-            if let Some(id) = allocate(&mut out.next_backend, out.max_id, &used) {
-                used.insert(id);
-                out.backends.insert(*key, id);
-            }
+    }
+
+    /// The allocation for exactly `sets` and `backends`: kept keys keep their ids, new keys get
+    /// ids as [`Self::assign`] gives them.
+    #[cfg(test)]
+    pub(super) fn next(
+        &self,
+        sets: &BTreeMap<SetKey, Vec<ServiceKey>>,
+        backends: &std::collections::BTreeSet<BackendKey>,
+    ) -> IdAllocation {
+        let mut out = self.clone();
+        for key in self.sets.keys().filter(|k| !sets.contains_key(*k)) {
+            out.release_set(key);
         }
+        for key in self.backends.keys().filter(|k| !backends.contains(*k)) {
+            out.release_backend(*key);
+        }
+        out.assign(sets, &backends.iter().copied().collect::<Vec<_>>());
         out
     }
 }
@@ -207,6 +235,8 @@ fn allocate(cursor: &mut u32, max_id: u32, used: &HashSet<u32>) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn set(name: &str) -> SetKey {

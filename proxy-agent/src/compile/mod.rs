@@ -14,16 +14,17 @@ use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use twill_common::{
-    BE_F_LOCAL, BE_F_TERMINATING, Backend, DatapathConfig, SCOPE_ANY, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER,
-    SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, ServiceKey,
-    ServiceValue, SlotKey,
+    BE_F_LOCAL, BE_F_TERMINATING, Backend, SCOPE_ANY, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, ServiceKey, ServiceValue,
+    SlotKey,
 };
 
 use crate::lbmap::LbState;
 
 mod dump;
 mod ids;
+mod incremental;
 mod parse;
 
 pub use dump::{
@@ -31,9 +32,11 @@ pub use dump::{
     render_dump, render_view,
 };
 pub use ids::{BackendKey, IdAllocation, SetKey};
+pub use incremental::{Compiler, GroupKey, ServiceGroup, UpdateSummary};
 pub use parse::{
-    DEFAULT_AFFINITY_TIMEOUT_S, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
-    MAX_SLICE_ENDPOINTS,
+    DEFAULT_AFFINITY_TIMEOUT_S, Interner, LABEL_HEADLESS, LABEL_SERVICE_NAME,
+    LABEL_SERVICE_PROXY_NAME, MAX_SLICE_ENDPOINTS, ParsedEndpoint, ParsedPort, ParsedService,
+    ParsedSlice, ServiceInput, SliceInput,
 };
 
 /// kube-apiserver's default `--service-node-port-range`.
@@ -74,8 +77,8 @@ impl CompileConfig {
     }
 }
 
-/// Everything one compile reads. References, so a caller holding `Arc`s in reflector stores
-/// passes them without cloning objects.
+/// Everything one from-scratch compile reads, as Kubernetes objects (tests, tools; the agent's
+/// stores hold the parsed forms and drive a [`Compiler`]).
 #[derive(Clone, Debug)]
 pub struct Inputs<'a> {
     pub services: Vec<&'a Service>,
@@ -224,8 +227,8 @@ impl RejectReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
     pub kind: ObjectKind,
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     pub reason: RejectReason,
 }
 
@@ -245,7 +248,7 @@ pub enum EndpointState {
 pub struct EndpointModel {
     pub addr: Ipv4Addr,
     pub port: u16,
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
     pub local: bool,
     pub state: EndpointState,
     /// In the cluster-wide backend set.
@@ -264,9 +267,9 @@ pub struct FrontendModel {
 /// One Service port: names and everything the map entries alone cannot tell.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePortModel {
-    pub namespace: String,
-    pub name: String,
-    pub port_name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub port_name: Arc<str>,
     pub svc_type: SvcType,
     pub proto: u8,
     pub port: u16,
@@ -283,8 +286,9 @@ pub struct ServicePortModel {
 /// Names and reasons next to the raw map contents; [`render_dump`] joins both.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DumpModel {
-    /// Sorted by namespace, name, port name, protocol.
-    pub services: Vec<ServicePortModel>,
+    /// Sorted by namespace, name, port name, protocol. Shared with the compiler's memo, so a
+    /// model is cheap to hand out after every change.
+    pub services: Vec<Arc<ServicePortModel>>,
     /// Sorted by kind, namespace, name.
     pub rejected: Vec<Rejection>,
 }
@@ -351,7 +355,7 @@ struct Ep<'s> {
     ready: bool,
     serving: bool,
     terminating: bool,
-    node: Option<&'s str>,
+    node: Option<&'s Arc<str>>,
     local: bool,
 }
 
@@ -409,6 +413,15 @@ struct PlannedFrontend {
     local_set: bool,
 }
 
+/// What a frontend competes for with other Services: its address, port and protocol, whatever
+/// the scope (the datapath falls back from a specific scope to `SCOPE_ANY`, so two owners of one
+/// address/port/protocol would mix).
+type Claim = (u32, u16, u8);
+
+fn claim_of(key: ServiceKey) -> Claim {
+    (key.addr_be, key.port_be, key.proto)
+}
+
 struct PlannedPort {
     model: ServicePortModel,
     frontends: Vec<PlannedFrontend>,
@@ -430,263 +443,240 @@ fn frontend_label(key: ServiceKey) -> String {
     }
 }
 
-/// Compiles the inputs into the desired map contents. Never fails: invalid objects are rejected
-/// one by one and everything else is compiled.
-#[expect(
-    clippy::too_many_lines,
-    reason = "one linear pipeline; splitting it scatters the ordering rules"
-)]
-pub fn compile(inputs: &Inputs<'_>) -> Compiled {
-    let config = inputs.config;
-    let mut rejected = Vec::new();
-
-    let node_addrs = parse::node_addrs(inputs.node, config, &mut rejected);
-
-    let mut services: Vec<parse::ParsedService> = inputs
-        .services
-        .iter()
-        .filter_map(|s| parse::service(s, config, &mut rejected))
-        .collect();
-    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    services.dedup_by(|b, a| a.namespace == b.namespace && a.name == b.name);
-
-    // Sorted by (namespace, service, slice name): a Service's slices are one contiguous run,
-    // found by binary search without allocating a lookup key.
-    let mut slices: Vec<parse::ParsedSlice> = inputs
-        .endpoint_slices
-        .iter()
-        .filter_map(|s| parse::slice(s, &mut rejected))
-        .collect();
-    slices.sort_by_key(|s| (s.namespace, s.service, s.name));
-
-    // Plan every Service port: frontends, endpoint sets. First Service (in sorted order) to claim
-    // a frontend keeps it; a later claim is rejected rather than silently overwriting.
-    let mut claimed: BTreeMap<ServiceKey, usize> = BTreeMap::new();
-    let mut planned: Vec<PlannedPort> = Vec::new();
-    let mut health = Vec::new();
-    for (owner, svc) in services.iter().enumerate() {
-        let (ns_arc, name_arc): (Arc<str>, Arc<str>) =
-            (svc.namespace.as_str().into(), svc.name.as_str().into());
-        let wanted = (svc.namespace.as_str(), svc.name.as_str());
-        let lo = slices.partition_point(|s| (s.namespace, s.service) < wanted);
-        let hi = slices.partition_point(|s| (s.namespace, s.service) <= wanted);
-        let svc_slices = &slices[lo..hi];
-        let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        for port in &svc.ports {
-            // Endpoints of this port: slice ports match by name and protocol; each slice carries
-            // the number a named targetPort resolved to for its pods. The same endpoint in two
-            // slices (during slice churn) counts once, with its best condition.
-            let mut eps: BTreeMap<(Ipv4Addr, u16), Ep> = BTreeMap::new();
-            for slice in svc_slices {
-                let Some(&(_, num, _)) = slice
-                    .ports
-                    .iter()
-                    .find(|(n, _, p)| *n == port.name && *p == port.proto)
-                else {
-                    continue;
-                };
-                for e in &slice.endpoints {
-                    let ep = Ep {
-                        addr: e.addr,
-                        port: num,
-                        ready: e.ready,
-                        serving: e.serving,
-                        terminating: e.terminating,
-                        node: e.node,
-                        local: e.node == Some(config.node_name.as_str()),
-                    };
-                    match eps.get(&(e.addr, num)) {
-                        Some(old) if old.rank() >= ep.rank() => {}
-                        _ => {
-                            eps.insert((e.addr, num), ep);
-                        }
-                    }
-                }
-            }
-            let eps: Vec<Ep> = eps.into_values().collect();
-            for e in eps
-                .iter()
-                .filter(|e| e.local && (svc.publish_not_ready || e.ready))
-            {
-                local_ready.insert(e.addr);
-            }
-            let cluster = select(&eps, svc.publish_not_ready, false);
-            let local = select(&eps, svc.publish_not_ready, true);
-
-            let mut frontends = Vec::new();
-            let port_be = port.port.to_be();
-            for &ip in &svc.cluster_ips {
-                let (scope, local_set) = if svc.internal_local {
-                    (SCOPE_INTERNAL, true)
-                } else {
-                    (SCOPE_ANY, false)
-                };
-                let key = ServiceKey {
-                    addr_be: addr_be(ip),
-                    port_be,
-                    proto: port.proto,
-                    scope,
-                };
-                frontends.push(PlannedFrontend {
-                    key,
-                    kind: FrontendKind::ClusterIp,
-                    local_set,
-                });
-            }
-            let mut externals: Vec<(u32, u16, FrontendKind)> = Vec::new();
-            if let Some(np) = port.node_port {
-                externals.push((0, np.to_be(), FrontendKind::NodePort));
-            }
-            externals.extend(
-                svc.external_ips
-                    .iter()
-                    .map(|ip| (addr_be(*ip), port_be, FrontendKind::ExternalIp)),
-            );
-            externals.extend(
-                svc.lb_ips
-                    .iter()
-                    .map(|ip| (addr_be(*ip), port_be, FrontendKind::LoadBalancer)),
-            );
-            for (addr, p, kind) in externals {
-                let key = |scope| ServiceKey {
-                    addr_be: addr,
-                    port_be: p,
-                    proto: port.proto,
-                    scope,
-                };
-                if svc.external_local {
-                    // Traffic from outside gets local endpoints only (client IP preserved); traffic
-                    // from this node's pods and host to the same address uses every endpoint, as
-                    // kube-proxy short-circuits local-origin traffic to the cluster policy.
-                    frontends.push(PlannedFrontend {
-                        key: key(SCOPE_EXTERNAL),
-                        kind,
-                        local_set: true,
-                    });
-                    frontends.push(PlannedFrontend {
-                        key: key(SCOPE_INTERNAL),
-                        kind,
-                        local_set: false,
-                    });
-                } else {
-                    frontends.push(PlannedFrontend {
-                        key: key(SCOPE_ANY),
-                        kind,
-                        local_set: false,
-                    });
-                }
-            }
-            frontends.retain(|fe| {
-                // Any scope of the same address/port/protocol conflicts: the datapath falls back
-                // from a specific scope to SCOPE_ANY, so two owners would mix.
-                let clash = [SCOPE_ANY, SCOPE_EXTERNAL, SCOPE_INTERNAL]
-                    .into_iter()
-                    .find_map(|scope| {
-                        claimed
-                            .get(&ServiceKey { scope, ..fe.key })
-                            .filter(|o| **o != owner)
-                    });
-                let clash =
-                    clash.map(|&o| format!("{}/{}", services[o].namespace, services[o].name));
-                if let Some(other) = clash {
-                    rejected.push(Rejection {
-                        kind: ObjectKind::Service,
-                        namespace: svc.namespace.clone(),
-                        name: svc.name.clone(),
-                        reason: RejectReason::FrontendConflict {
-                            frontend: frontend_label(fe.key),
-                            owner: other,
-                        },
-                    });
-                    return false;
-                }
-                true
+/// The frontends one Service port asks for, before conflicts with other Services are resolved.
+fn port_frontends(svc: &parse::ParsedService, port: &parse::ParsedPort) -> Vec<PlannedFrontend> {
+    let mut frontends = Vec::new();
+    let port_be = port.port.to_be();
+    for &ip in &svc.cluster_ips {
+        let (scope, local_set) = if svc.internal_local {
+            (SCOPE_INTERNAL, true)
+        } else {
+            (SCOPE_ANY, false)
+        };
+        let key = ServiceKey {
+            addr_be: addr_be(ip),
+            port_be,
+            proto: port.proto,
+            scope,
+        };
+        frontends.push(PlannedFrontend {
+            key,
+            kind: FrontendKind::ClusterIp,
+            local_set,
+        });
+    }
+    let mut externals: Vec<(u32, u16, FrontendKind)> = Vec::new();
+    if let Some(np) = port.node_port {
+        externals.push((0, np.to_be(), FrontendKind::NodePort));
+    }
+    externals.extend(
+        svc.external_ips
+            .iter()
+            .map(|ip| (addr_be(*ip), port_be, FrontendKind::ExternalIp)),
+    );
+    externals.extend(
+        svc.lb_ips
+            .iter()
+            .map(|ip| (addr_be(*ip), port_be, FrontendKind::LoadBalancer)),
+    );
+    for (addr, p, kind) in externals {
+        let key = |scope| ServiceKey {
+            addr_be: addr,
+            port_be: p,
+            proto: port.proto,
+            scope,
+        };
+        if svc.external_local {
+            // Traffic from outside gets local endpoints only (client IP preserved); traffic
+            // from this node's pods and host to the same address uses every endpoint, as
+            // kube-proxy short-circuits local-origin traffic to the cluster policy.
+            frontends.push(PlannedFrontend {
+                key: key(SCOPE_EXTERNAL),
+                kind,
+                local_set: true,
             });
-            for fe in &frontends {
-                claimed.insert(fe.key, owner);
-            }
-            frontends.sort_by_key(|fe| {
-                (
-                    fe.kind,
-                    u32::from(addr_from_be(fe.key.addr_be)),
-                    fe.key.scope,
-                )
+            frontends.push(PlannedFrontend {
+                key: key(SCOPE_INTERNAL),
+                kind,
+                local_set: false,
             });
-
-            let uses_local = frontends.iter().any(|fe| fe.local_set);
-            let endpoints = eps
-                .iter()
-                .map(|e| EndpointModel {
-                    addr: e.addr,
-                    port: e.port,
-                    node: e.node.map(str::to_owned),
-                    local: e.local,
-                    state: e.state(),
-                    // Sets keep the sorted order of `eps`.
-                    in_cluster_set: cluster.members.binary_search(&(e.addr, e.port)).is_ok(),
-                    in_local_set: uses_local
-                        && local.members.binary_search(&(e.addr, e.port)).is_ok(),
-                })
-                .collect();
-            let model = ServicePortModel {
-                namespace: svc.namespace.clone(),
-                name: svc.name.clone(),
-                port_name: port.name.clone(),
-                svc_type: svc.ty,
-                proto: port.proto,
-                port: port.port,
-                node_port: port.node_port,
-                affinity_timeout_s: svc.affinity_timeout_s,
-                external_local: svc.external_local,
-                internal_local: svc.internal_local,
-                frontends: frontends
-                    .iter()
-                    .map(|f| FrontendModel {
-                        key: f.key,
-                        kind: f.kind,
-                    })
-                    .collect(),
-                endpoints,
-                source_ranges: svc.source_ranges.clone(),
-                health_check_node_port: svc.health_check_node_port,
-            };
-            planned.push(PlannedPort {
-                model,
-                frontends,
-                cluster,
-                local,
-                affinity_timeout_s: svc.affinity_timeout_s,
-                source_ranges: !svc.source_ranges.is_empty(),
-                set_keys: [false, true].map(|local| SetKey {
-                    namespace: ns_arc.clone(),
-                    name: name_arc.clone(),
-                    port_name: port.name.as_str().into(),
-                    proto: port.proto,
-                    local,
-                }),
-            });
-        }
-        if let Some(np) = svc.health_check_node_port
-            && svc.external_local
-        {
-            health.push(HealthCheck {
-                namespace: svc.namespace.clone(),
-                name: svc.name.clone(),
-                node_port: np,
-                local_endpoints: local_ready.len(),
+        } else {
+            frontends.push(PlannedFrontend {
+                key: key(SCOPE_ANY),
+                kind,
+                local_set: false,
             });
         }
     }
+    frontends
+}
 
-    // Ids: every backend set some frontend uses, every backend some used set holds.
-    let mut wanted_sets: BTreeMap<SetKey, Vec<ServiceKey>> = BTreeMap::new();
-    let mut wanted_backends: BTreeSet<BackendKey> = BTreeSet::new();
-    for p in &planned {
+/// Every address/port/protocol a Service asks for, sorted: what [`plan_service`]'s conflict
+/// check is decided on.
+fn service_claims(svc: &parse::ParsedService) -> Vec<Claim> {
+    let mut claims: Vec<Claim> = svc
+        .ports
+        .iter()
+        .flat_map(|p| port_frontends(svc, p))
+        .map(|fe| claim_of(fe.key))
+        .collect();
+    claims.sort_unstable();
+    claims.dedup();
+    claims
+}
+
+/// One Service with its slices, planned: every port's frontends and backend sets. A frontend
+/// whose address/port/protocol `owner` gives to another Service is rejected: the first Service
+/// in (namespace, name) order that asks for one keeps it, rather than a later one silently
+/// overwriting it.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one pass per port: endpoints, sets, frontends, model"
+)]
+fn plan_service<'a>(
+    namespace: &Arc<str>,
+    name: &Arc<str>,
+    svc: &parse::ParsedService,
+    slices: &[&parse::ParsedSlice],
+    config: &CompileConfig,
+    owner: impl Fn(Claim) -> Option<&'a (Arc<str>, Arc<str>)>,
+    rejected: &mut Vec<Rejection>,
+) -> (Vec<PlannedPort>, Option<HealthCheck>) {
+    let mut planned = Vec::new();
+    let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    for port in &svc.ports {
+        // Endpoints of this port: slice ports match by name and protocol; each slice carries
+        // the number a named targetPort resolved to for its pods. The same endpoint in two
+        // slices (during slice churn) counts once, with its best condition.
+        let mut eps: BTreeMap<(Ipv4Addr, u16), Ep> = BTreeMap::new();
+        for slice in slices {
+            let Some(&(_, num, _)) = slice
+                .ports
+                .iter()
+                .find(|(n, _, p)| *n == port.name && *p == port.proto)
+            else {
+                continue;
+            };
+            for e in &slice.endpoints {
+                let ep = Ep {
+                    addr: e.addr,
+                    port: num,
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                    node: e.node.as_ref(),
+                    local: e.node.as_deref() == Some(config.node_name.as_str()),
+                };
+                match eps.get(&(e.addr, num)) {
+                    Some(old) if old.rank() >= ep.rank() => {}
+                    _ => {
+                        eps.insert((e.addr, num), ep);
+                    }
+                }
+            }
+        }
+        let eps: Vec<Ep> = eps.into_values().collect();
+        for e in eps
+            .iter()
+            .filter(|e| e.local && (svc.publish_not_ready || e.ready))
+        {
+            local_ready.insert(e.addr);
+        }
+        let cluster = select(&eps, svc.publish_not_ready, false);
+        let local = select(&eps, svc.publish_not_ready, true);
+
+        let mut frontends = port_frontends(svc, port);
+        frontends.retain(|fe| match owner(claim_of(fe.key)) {
+            Some(o) if o.0 != *namespace || o.1 != *name => {
+                rejected.push(Rejection {
+                    kind: ObjectKind::Service,
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    reason: RejectReason::FrontendConflict {
+                        frontend: frontend_label(fe.key),
+                        owner: format!("{}/{}", o.0, o.1),
+                    },
+                });
+                false
+            }
+            _ => true,
+        });
+        frontends.sort_by_key(|fe| {
+            (
+                fe.kind,
+                u32::from(addr_from_be(fe.key.addr_be)),
+                fe.key.scope,
+            )
+        });
+
+        let uses_local = frontends.iter().any(|fe| fe.local_set);
+        let endpoints = eps
+            .iter()
+            .map(|e| EndpointModel {
+                addr: e.addr,
+                port: e.port,
+                node: e.node.cloned(),
+                local: e.local,
+                state: e.state(),
+                // Sets keep the sorted order of `eps`.
+                in_cluster_set: cluster.members.binary_search(&(e.addr, e.port)).is_ok(),
+                in_local_set: uses_local && local.members.binary_search(&(e.addr, e.port)).is_ok(),
+            })
+            .collect();
+        let model = ServicePortModel {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            port_name: port.name.clone(),
+            svc_type: svc.ty,
+            proto: port.proto,
+            port: port.port,
+            node_port: port.node_port,
+            affinity_timeout_s: svc.affinity_timeout_s,
+            external_local: svc.external_local,
+            internal_local: svc.internal_local,
+            frontends: Vec::new(),
+            endpoints,
+            source_ranges: svc.source_ranges.clone(),
+            health_check_node_port: svc.health_check_node_port,
+        };
+        planned.push(PlannedPort {
+            model,
+            frontends,
+            cluster,
+            local,
+            affinity_timeout_s: svc.affinity_timeout_s,
+            source_ranges: !svc.source_ranges.is_empty(),
+            set_keys: [false, true].map(|local| SetKey {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                port_name: port.name.clone(),
+                proto: port.proto,
+                local,
+            }),
+        });
+    }
+    let health = svc
+        .health_check_node_port
+        .filter(|_| svc.external_local)
+        .map(|np| HealthCheck {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            node_port: np,
+            local_endpoints: local_ready.len(),
+        });
+    (planned, health)
+}
+
+/// The ids a planned Service needs: every backend set some frontend uses (with those
+/// frontends, whose adopted ids are hints), every backend some used set holds.
+fn wanted_ids(ports: &[PlannedPort]) -> (Vec<(SetKey, Vec<ServiceKey>)>, Vec<BackendKey>) {
+    let mut sets: BTreeMap<&SetKey, Vec<ServiceKey>> = BTreeMap::new();
+    let mut backends: BTreeSet<BackendKey> = BTreeSet::new();
+    for p in ports {
         let mut used = [false; 2];
         for fe in &p.frontends {
             used[usize::from(fe.local_set)] = true;
-            wanted_sets
-                .entry(p.set_keys[usize::from(fe.local_set)].clone())
+            sets.entry(&p.set_keys[usize::from(fe.local_set)])
                 .or_default()
                 .push(fe.key);
         }
@@ -695,34 +685,81 @@ pub fn compile(inputs: &Inputs<'_>) -> Compiled {
             .zip(used)
             .filter(|(_, u)| *u)
         {
-            wanted_backends.extend(set.members.iter().map(|&(addr, port)| BackendKey {
+            backends.extend(set.members.iter().map(|&(addr, port)| BackendKey {
                 addr,
                 port,
                 proto: p.model.proto,
             }));
         }
     }
-    let ids = inputs.ids.next(&wanted_sets, &wanted_backends);
+    (
+        sets.into_iter().map(|(k, v)| (k.clone(), v)).collect(),
+        backends.into_iter().collect(),
+    )
+}
 
-    let mut state = LbState {
-        node_addrs: node_addrs.iter().map(|a| (addr_be(*a), 0)).collect(),
-        config: DatapathConfig {
-            nodeport_min: *config.nodeport_range.start(),
-            nodeport_max: *config.nodeport_range.end(),
-            _pad: 0,
-        },
-        ..LbState::default()
+/// The map entries of one planned Service under `ids`. Every entry but the backends belongs to
+/// this Service alone (its frontends by the conflict rule, its slots and source ranges by its
+/// sets' ids); a backend may serve several Services, its flags are the union of theirs.
+#[derive(Debug, Default)]
+struct ServiceEntries {
+    /// In write order: a frontend key listed twice (an External IP equal to the ClusterIP)
+    /// keeps the last value, as one map would.
+    services: Vec<(ServiceKey, ServiceValue)>,
+    slots: Vec<(SlotKey, u32)>,
+    backends: Vec<(u32, Backend)>,
+    source_ranges: Vec<(u32, Ipv4Network)>,
+    ports: Vec<ServicePortModel>,
+    /// Per port: the backend sets its frontends use (bit 0 cluster-wide, bit 1 node-local).
+    sets_used: Vec<u8>,
+    /// Ports with at least one frontend written.
+    programmed_ports: usize,
+    /// Some set or backend had no id (the id space is full).
+    starved: bool,
+}
+
+/// The flags a backend gets from one Service port: those of its endpoint there.
+fn endpoint_flags(model: &ServicePortModel, addr: Ipv4Addr, port: u16) -> u8 {
+    // Endpoints are sorted by (addr, port): they came out of a BTreeMap.
+    let Ok(i) = model
+        .endpoints
+        .binary_search_by_key(&(addr, port), |e| (e.addr, e.port))
+    else {
+        return 0;
     };
-    let mut backend_flags: BTreeMap<u32, Backend> = BTreeMap::new();
-    let mut programmed: BTreeSet<(String, String)> = BTreeSet::new();
-    let mut service_ports = 0;
-    for p in &mut planned {
+    let e = &model.endpoints[i];
+    let mut flags = 0;
+    if e.local {
+        flags |= BE_F_LOCAL;
+    }
+    if matches!(
+        e.state,
+        EndpointState::ServingTerminating | EndpointState::Terminating
+    ) {
+        flags |= BE_F_TERMINATING;
+    }
+    flags
+}
+
+fn build_entries(
+    planned: Vec<PlannedPort>,
+    ids: &IdAllocation,
+    rejected: &mut Vec<Rejection>,
+) -> ServiceEntries {
+    let mut out = ServiceEntries::default();
+    for mut p in planned {
+        out.sets_used.push(
+            p.frontends
+                .iter()
+                .fold(0, |used, fe| used | 1 << u8::from(fe.local_set)),
+        );
         let mut slots_written: BTreeSet<bool> = BTreeSet::new();
         let mut port_programmed = false;
         let mut kept = Vec::new();
         for fe in &p.frontends {
             let skey = &p.set_keys[usize::from(fe.local_set)];
             let Some(svc_id) = ids.set_id(skey) else {
+                out.starved = true;
                 rejected.push(Rejection {
                     kind: ObjectKind::Service,
                     namespace: p.model.namespace.clone(),
@@ -740,27 +777,10 @@ pub fn compile(inputs: &Inputs<'_>) -> Compiled {
                     proto: p.model.proto,
                 };
                 let Some(id) = ids.backend_id(&bkey) else {
+                    out.starved = true;
                     continue;
                 };
-                // Endpoints are sorted by (addr, port): they came out of a BTreeMap.
-                let e = p
-                    .model
-                    .endpoints
-                    .binary_search_by_key(&(addr, port), |e| (e.addr, e.port))
-                    .ok()
-                    .map(|i| &p.model.endpoints[i]);
-                let mut flags = 0;
-                if e.is_some_and(|e| e.local) {
-                    flags |= BE_F_LOCAL;
-                }
-                if e.is_some_and(|e| {
-                    matches!(
-                        e.state,
-                        EndpointState::ServingTerminating | EndpointState::Terminating
-                    )
-                }) {
-                    flags |= BE_F_TERMINATING;
-                }
+                let flags = endpoint_flags(&p.model, addr, port);
                 members.push((
                     id,
                     Backend {
@@ -784,10 +804,8 @@ pub fn compile(inputs: &Inputs<'_>) -> Compiled {
             }
             if slots_written.insert(fe.local_set) {
                 for (slot, (id, be)) in (0u32..).zip(&members) {
-                    state.slots.insert(SlotKey { svc_id, slot }, *id);
-                    // One endpoint may appear in several Services; its flags are a union.
-                    let entry = backend_flags.entry(*id).or_insert(*be);
-                    entry.flags |= be.flags;
+                    out.slots.push((SlotKey { svc_id, slot }, *id));
+                    out.backends.push((*id, *be));
                 }
             }
             let mut flags = fe.kind.flag();
@@ -805,8 +823,7 @@ pub fn compile(inputs: &Inputs<'_>) -> Compiled {
                 // Keyed by the backend set's id, which unfiltered frontends (ClusterIP,
                 // NodePort) share: only flagged ones consult the trie. The two scopes of an
                 // `externalTrafficPolicy: Local` LB IP use two sets, so both ids get the ranges.
-                state
-                    .source_ranges
+                out.source_ranges
                     .extend(p.model.source_ranges.iter().map(|&r| (svc_id, r)));
             }
             let value = ServiceValue {
@@ -816,7 +833,7 @@ pub fn compile(inputs: &Inputs<'_>) -> Compiled {
                 affinity_timeout_s: p.affinity_timeout_s.unwrap_or(0),
                 _pad: 0,
             };
-            state.services.insert(fe.key, value);
+            out.services.push((fe.key, value));
             kept.push(FrontendModel {
                 key: fe.key,
                 kind: fe.kind,
@@ -825,46 +842,50 @@ pub fn compile(inputs: &Inputs<'_>) -> Compiled {
         }
         p.model.frontends = kept;
         if port_programmed {
-            service_ports += 1;
-            programmed.insert((p.model.namespace.clone(), p.model.name.clone()));
+            out.programmed_ports += 1;
         }
+        out.ports.push(p.model);
     }
-    state.backends = backend_flags;
+    out
+}
 
-    rejected.sort_by_cached_key(|r| {
-        (
-            r.kind,
-            r.namespace.clone(),
-            r.name.clone(),
-            r.reason.to_string(),
-        )
-    });
-    rejected.dedup();
-    let counts = ServiceCounts {
-        services: programmed.len(),
-        service_ports,
-        frontends: state.services.len(),
-        endpoints: state.backends.len(),
-    };
-    let mut model_services: Vec<ServicePortModel> = planned.into_iter().map(|p| p.model).collect();
-    model_services.sort_by(|a, b| {
-        (&a.namespace, &a.name, &a.port_name, a.proto).cmp(&(
-            &b.namespace,
-            &b.name,
-            &b.port_name,
-            b.proto,
-        ))
-    });
-    Compiled {
-        state,
-        model: DumpModel {
-            services: model_services,
-            rejected,
-        },
-        ids,
-        health,
-        counts,
+/// Compiles the inputs into the desired map contents, from scratch. Never fails: invalid objects
+/// are rejected one by one and everything else is compiled. The run loop keeps a [`Compiler`]
+/// instead and feeds it only what changed; both give the same result.
+pub fn compile(inputs: &Inputs<'_>) -> Compiled {
+    let mut interner = parse::Interner::default();
+    let mut extra = Vec::new();
+    let groups = incremental::group_objects(
+        inputs
+            .services
+            .iter()
+            .map(|s| ServiceInput::parse(s, &mut interner))
+            .collect(),
+        inputs
+            .endpoint_slices
+            .iter()
+            .map(|s| SliceInput::parse(s, &mut interner))
+            .collect(),
+        inputs.config,
+        &mut extra,
+    );
+    let mut compiler = Compiler::new(inputs.ids.clone());
+    compiler.update(inputs.config, inputs.node, groups);
+    let mut out = compiler.into_compiled();
+    if !extra.is_empty() {
+        let rejected = &mut out.model.rejected;
+        rejected.extend(extra);
+        rejected.sort_by_cached_key(|r| {
+            (
+                r.kind,
+                r.namespace.clone(),
+                r.name.clone(),
+                r.reason.to_string(),
+            )
+        });
+        rejected.dedup();
     }
+    out
 }
 
 #[cfg(test)]

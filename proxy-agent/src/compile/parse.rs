@@ -1,7 +1,9 @@
 //! Raw Kubernetes objects → validated, typed views ("parse, don't validate"). One check per rule;
 //! a failed check rejects the object with a reason that tells the user what to fix, and the rest
 //! of the cluster keeps being compiled.
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
@@ -24,18 +26,44 @@ pub const MAX_SLICE_ENDPOINTS: usize = 1000;
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 const MAX_AFFINITY_TIMEOUT_S: i64 = 86_400;
 
-#[derive(Clone, Debug)]
-pub(super) struct ParsedPort {
-    pub name: String,
+/// Shares the strings many objects repeat (namespaces, node names, port names): one allocation
+/// per distinct value instead of one per occurrence (50,000 endpoints name a few hundred nodes).
+/// Values nothing else holds any more are dropped when the table has doubled since the last
+/// sweep, so churn does not grow it without bound.
+#[derive(Debug, Default)]
+pub struct Interner {
+    strings: HashSet<Arc<str>>,
+    sweep_at: usize,
+}
+
+impl Interner {
+    const MIN_SWEEP: usize = 1024;
+
+    pub fn intern(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.strings.get(s) {
+            return a.clone();
+        }
+        if self.strings.len() >= self.sweep_at {
+            self.strings.retain(|a| Arc::strong_count(a) > 1);
+            self.sweep_at = (self.strings.len() * 2).max(Self::MIN_SWEEP);
+        }
+        let a: Arc<str> = s.into();
+        self.strings.insert(a.clone());
+        a
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedPort {
+    pub name: Arc<str>,
     pub port: u16,
     pub proto: u8,
     pub node_port: Option<u16>,
 }
 
-#[derive(Clone, Debug)]
-pub(super) struct ParsedService {
-    pub namespace: String,
-    pub name: String,
+/// What the compiler reads of a valid Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedService {
     pub ty: SvcType,
     pub cluster_ips: Vec<Ipv4Addr>,
     pub external_ips: Vec<Ipv4Addr>,
@@ -49,44 +77,60 @@ pub(super) struct ParsedService {
     pub health_check_node_port: Option<u16>,
 }
 
-/// Borrows from the input object: slices hold most of the strings of a cluster (one node name
-/// per endpoint), and copying them is most of the cost of a compile.
-#[derive(Clone, Debug)]
-pub(super) struct ParsedEndpoint<'a> {
+/// A Service as the stores keep it: checked once when it arrives, so the Kubernetes object can
+/// be dropped right away. Only the `NodePort` range depends on the agent's config; that check
+/// is left to [`ServiceInput::admit`], which reproduces the order of the whole validation (the
+/// first failing check names the rejection).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInput {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    /// Outcome of every config-free check: `Ok(None)` when every port is SCTP.
+    outcome: Result<Option<ParsedService>, RejectReason>,
+    /// Index of the first SCTP port skipped before `outcome` was decided.
+    first_sctp: Option<usize>,
+    /// `(port index, nodePort)` of each port whose validation reached the range check, in
+    /// port order.
+    node_ports: Vec<(usize, u16)>,
+}
+
+/// One endpoint of a slice, as the stores keep it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedEndpoint {
     pub addr: Ipv4Addr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node: Option<&'a str>,
+    /// Interned: most endpoints share a few node names.
+    pub node: Option<Arc<str>>,
 }
 
-#[derive(Clone, Debug)]
-pub(super) struct ParsedSlice<'a> {
-    pub namespace: &'a str,
-    pub name: &'a str,
-    pub service: &'a str,
+/// What the compiler reads of a valid `EndpointSlice`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedSlice {
     /// (name, port, protocol); the name is "" for an unnamed port, as on the Service.
-    pub ports: Vec<(&'a str, u16, u8)>,
-    pub endpoints: Vec<ParsedEndpoint<'a>>,
+    pub ports: Vec<(Arc<str>, u16, u8)>,
+    pub endpoints: Vec<ParsedEndpoint>,
 }
 
-fn names_ref(meta: &ObjectMeta) -> (&str, &str) {
+/// An `EndpointSlice` as the stores keep it (checked once when it arrives).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInput {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    /// The `kubernetes.io/service-name` label (`None` when missing or empty): which Service the
+    /// endpoints belong to.
+    pub service: Option<Arc<str>>,
+    outcome: Result<ParsedSlice, RejectReason>,
+}
+
+fn names(meta: &ObjectMeta) -> (&str, &str) {
     (
         meta.namespace
             .as_deref()
             .filter(|n| !n.is_empty())
             .unwrap_or("default"),
         meta.name.as_deref().unwrap_or_default(),
-    )
-}
-
-fn names(meta: &ObjectMeta) -> (String, String) {
-    (
-        meta.namespace
-            .clone()
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| "default".to_owned()),
-        meta.name.clone().unwrap_or_default(),
     )
 }
 
@@ -137,28 +181,71 @@ fn policy_is_local(raw: Option<&str>, field: &'static str) -> Result<bool, Rejec
     }
 }
 
-/// Validates a Service. Returns `None` (with a rejection pushed) when nothing is to be programmed.
-pub(super) fn service(
-    svc: &Service,
-    config: &CompileConfig,
-    rejected: &mut Vec<Rejection>,
-) -> Option<ParsedService> {
-    let (namespace, name) = names(&svc.metadata);
-    let mut notes = Vec::new();
-    let result = service_inner(svc, config, &namespace, &name, &mut notes);
-    let parsed = result.unwrap_or_else(|reason| {
-        notes.push(reason);
-        None
-    });
-    for reason in notes {
-        rejected.push(Rejection {
-            kind: ObjectKind::Service,
-            namespace: namespace.clone(),
-            name: name.clone(),
-            reason,
-        });
+impl ServiceInput {
+    /// Runs every check that does not depend on the agent's config.
+    pub fn parse(svc: &Service, interner: &mut Interner) -> Self {
+        let (namespace, name) = names(&svc.metadata);
+        let mut first_sctp = None;
+        let mut node_ports = Vec::new();
+        let outcome = service_inner(svc, interner, &mut first_sctp, &mut node_ports);
+        Self {
+            namespace: interner.intern(namespace),
+            name: name.into(),
+            outcome,
+            first_sctp,
+            node_ports,
+        }
     }
-    parsed
+
+    /// The Service to program under `config`, if any; its rejections go to `rejected`.
+    pub fn admit(
+        &self,
+        config: &CompileConfig,
+        rejected: &mut Vec<Rejection>,
+    ) -> Option<&ParsedService> {
+        let mut reject = |reason| {
+            rejected.push(Rejection {
+                kind: ObjectKind::Service,
+                namespace: self.namespace.clone(),
+                name: self.name.clone(),
+                reason,
+            });
+        };
+        // A nodePort outside the range fails its port before the SCTP skip and the duplicate
+        // checks of that port, and after everything of the ports before it.
+        let range = &config.nodeport_range;
+        if let Some(&(at, np)) = self.node_ports.iter().find(|(_, np)| !range.contains(np)) {
+            if self.first_sctp.is_some_and(|i| i < at) {
+                reject(sctp_skipped());
+            }
+            reject(RejectReason::OutOfRange {
+                field: "spec.ports.nodePort",
+                value: i64::from(np),
+                min: i64::from(*range.start()),
+                max: i64::from(*range.end()),
+            });
+            return None;
+        }
+        if self.first_sctp.is_some() {
+            reject(sctp_skipped());
+        }
+        match &self.outcome {
+            Ok(parsed) => parsed.as_ref(),
+            Err(reason) => {
+                reject(reason.clone());
+                None
+            }
+        }
+    }
+
+    /// The Service as far as the config-free checks go (for tests and tools).
+    pub fn parsed(&self) -> Option<&ParsedService> {
+        self.outcome.as_ref().ok().and_then(Option::as_ref)
+    }
+}
+
+fn sctp_skipped() -> RejectReason {
+    RejectReason::Unsupported("SCTP port skipped (this kernel has no SCTP)")
 }
 
 #[expect(
@@ -167,12 +254,11 @@ pub(super) fn service(
 )]
 fn service_inner(
     svc: &Service,
-    config: &CompileConfig,
-    namespace: &str,
-    name: &str,
-    notes: &mut Vec<RejectReason>,
+    interner: &mut Interner,
+    first_sctp: &mut Option<usize>,
+    node_ports: &mut Vec<(usize, u16)>,
 ) -> Result<Option<ParsedService>, RejectReason> {
-    if name.is_empty() {
+    if names(&svc.metadata).1.is_empty() {
         return Err(RejectReason::MissingField("metadata.name"));
     }
     if let Some(labels) = &svc.metadata.labels {
@@ -230,15 +316,17 @@ fn service_inner(
         return Err(RejectReason::MissingField("spec.ports"));
     }
     let mut ports: Vec<ParsedPort> = Vec::new();
-    for p in raw_ports {
-        let Some(parsed) = service_port(p, ty, config)? else {
-            notes.push(RejectReason::Unsupported(
-                "SCTP port skipped (this kernel has no SCTP)",
-            ));
+    for (i, p) in raw_ports.iter().enumerate() {
+        let parsed = service_port(p, ty, interner)?;
+        if let Some(np) = parsed.node_port {
+            node_ports.push((i, np));
+        }
+        if parsed.proto == PROTO_SCTP {
+            first_sctp.get_or_insert(i);
             continue;
-        };
+        }
         if ports.iter().any(|q| q.name == parsed.name) {
-            return Err(RejectReason::DuplicatePortName(parsed.name));
+            return Err(RejectReason::DuplicatePortName(parsed.name.to_string()));
         }
         if ports
             .iter()
@@ -365,8 +453,6 @@ fn service_inner(
     };
 
     Ok(Some(ParsedService {
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
         ty,
         cluster_ips,
         external_ips,
@@ -381,12 +467,13 @@ fn service_inner(
     }))
 }
 
-/// `Ok(None)` for an SCTP port (skipped, the rest of the Service is still programmed).
+/// One port, SCTP included (the caller skips those); the `nodePort` range is checked later, by
+/// [`ServiceInput::admit`].
 fn service_port(
     p: &ServicePort,
     ty: SvcType,
-    config: &CompileConfig,
-) -> Result<Option<ParsedPort>, RejectReason> {
+    interner: &mut Interner,
+) -> Result<ParsedPort, RejectReason> {
     let port = port_of(p.port, "spec.ports.port")?;
     let proto = proto_of(p.protocol.as_deref(), "spec.ports.protocol")?;
     let node_port = match (ty, p.node_port) {
@@ -394,28 +481,14 @@ fn service_port(
         (SvcType::NodePort, None | Some(0)) => {
             return Err(RejectReason::MissingField("spec.ports.nodePort"));
         }
-        (_, Some(raw)) => {
-            let np = port_of(raw, "spec.ports.nodePort")?;
-            if !config.nodeport_range.contains(&np) {
-                return Err(RejectReason::OutOfRange {
-                    field: "spec.ports.nodePort",
-                    value: i64::from(np),
-                    min: i64::from(*config.nodeport_range.start()),
-                    max: i64::from(*config.nodeport_range.end()),
-                });
-            }
-            Some(np)
-        }
+        (_, Some(raw)) => Some(port_of(raw, "spec.ports.nodePort")?),
     };
-    if proto == PROTO_SCTP {
-        return Ok(None);
-    }
-    Ok(Some(ParsedPort {
-        name: p.name.clone().unwrap_or_default(),
+    Ok(ParsedPort {
+        name: interner.intern(p.name.as_deref().unwrap_or_default()),
         port,
         proto,
         node_port,
-    }))
+    })
 }
 
 pub(crate) fn proto_name(proto: u8) -> String {
@@ -427,44 +500,57 @@ pub(crate) fn proto_name(proto: u8) -> String {
     }
 }
 
-/// Validates an `EndpointSlice`. An invalid slice is rejected as a whole: programming part of it
-/// would silently shift load onto the endpoints that happened to parse.
-pub(super) fn slice<'a>(
-    s: &'a EndpointSlice,
-    rejected: &mut Vec<Rejection>,
-) -> Option<ParsedSlice<'a>> {
-    let (namespace, name) = names_ref(&s.metadata);
-    match slice_inner(s, namespace, name) {
-        Ok(parsed) => Some(parsed),
-        Err(reason) => {
-            rejected.push(Rejection {
-                kind: ObjectKind::EndpointSlice,
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-                reason,
-            });
-            None
+impl SliceInput {
+    /// Validates an `EndpointSlice`. An invalid slice is rejected as a whole: programming part
+    /// of it would silently shift load onto the endpoints that happened to parse.
+    pub fn parse(s: &EndpointSlice, interner: &mut Interner) -> Self {
+        let (namespace, name) = names(&s.metadata);
+        let service = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+            .filter(|n| !n.is_empty())
+            .map(|n| Arc::from(n.as_str()));
+        Self {
+            namespace: interner.intern(namespace),
+            name: name.into(),
+            outcome: slice_inner(s, name, service.is_some(), interner),
+            service,
+        }
+    }
+
+    /// The endpoints to program, if the slice is valid; else its rejection goes to `rejected`.
+    pub fn parsed(&self, rejected: &mut Vec<Rejection>) -> Option<&ParsedSlice> {
+        match &self.outcome {
+            Ok(parsed) => Some(parsed),
+            Err(reason) => {
+                rejected.push(Rejection {
+                    kind: ObjectKind::EndpointSlice,
+                    namespace: self.namespace.clone(),
+                    name: self.name.clone(),
+                    reason: reason.clone(),
+                });
+                None
+            }
         }
     }
 }
 
-fn slice_inner<'a>(
-    s: &'a EndpointSlice,
-    namespace: &'a str,
-    name: &'a str,
-) -> Result<ParsedSlice<'a>, RejectReason> {
+fn slice_inner(
+    s: &EndpointSlice,
+    name: &str,
+    labelled: bool,
+    interner: &mut Interner,
+) -> Result<ParsedSlice, RejectReason> {
     if name.is_empty() {
         return Err(RejectReason::MissingField("metadata.name"));
     }
-    let service = s
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        .filter(|n| !n.is_empty())
-        .ok_or(RejectReason::MissingField(
+    if !labelled {
+        return Err(RejectReason::MissingField(
             "metadata.labels[kubernetes.io/service-name]",
-        ))?;
+        ));
+    }
     match s.address_type.as_str() {
         "IPv4" => {}
         "IPv6" => {
@@ -497,7 +583,11 @@ fn slice_inner<'a>(
         let Some(raw) = p.port else { continue };
         let port = port_of(raw, "ports.port")?;
         let proto = proto_of(p.protocol.as_deref(), "ports.protocol")?;
-        ports.push((p.name.as_deref().unwrap_or_default(), port, proto));
+        ports.push((
+            interner.intern(p.name.as_deref().unwrap_or_default()),
+            port,
+            proto,
+        ));
     }
     let mut endpoints = Vec::with_capacity(raw_eps.len());
     for ep in raw_eps {
@@ -517,22 +607,20 @@ fn slice_inner<'a>(
             ready: cond.and_then(|c| c.ready).unwrap_or(true),
             serving: cond.and_then(|c| c.serving).unwrap_or(true),
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
-            node: ep.node_name.as_deref().filter(|n| !n.is_empty()),
+            node: ep
+                .node_name
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .map(|n| interner.intern(n)),
         });
     }
-    Ok(ParsedSlice {
-        namespace,
-        name,
-        service,
-        ports,
-        endpoints,
-    })
+    Ok(ParsedSlice { ports, endpoints })
 }
 
 /// The IPv4 addresses `NodePort` answers on: the configured ones, else this Node's `InternalIP` and
 /// `ExternalIP` addresses; filtered by `nodeport_cidrs` when set (kube-proxy's
 /// `--nodeport-addresses`).
-pub(super) fn node_addrs(
+pub(crate) fn node_addrs(
     node: Option<&Node>,
     config: &CompileConfig,
     rejected: &mut Vec<Rejection>,
@@ -541,8 +629,8 @@ pub(super) fn node_addrs(
     if addrs.is_empty()
         && let Some(node) = node
     {
-        let (_, name) = names(&node.metadata);
-        if name == config.node_name {
+        let name: Arc<str> = names(&node.metadata).1.into();
+        if *name == *config.node_name {
             let list = node
                 .status
                 .as_ref()
@@ -557,7 +645,7 @@ pub(super) fn node_addrs(
                     Ok(None) => {}
                     Err(reason) => rejected.push(Rejection {
                         kind: ObjectKind::Node,
-                        namespace: String::new(),
+                        namespace: "".into(),
                         name: name.clone(),
                         reason,
                     }),
@@ -566,7 +654,7 @@ pub(super) fn node_addrs(
         } else {
             rejected.push(Rejection {
                 kind: ObjectKind::Node,
-                namespace: String::new(),
+                namespace: "".into(),
                 name,
                 reason: RejectReason::NotThisNode(config.node_name.clone()),
             });

@@ -174,12 +174,7 @@ fn output_is_sorted_and_independent_of_input_order() {
             endpoints: 20
         }
     );
-    let names: Vec<&str> = forward
-        .model
-        .services
-        .iter()
-        .map(|s| s.name.as_str())
-        .collect();
+    let names: Vec<&str> = forward.model.services.iter().map(|s| &*s.name).collect();
     let mut sorted = names.clone();
     sorted.sort_unstable();
     assert_eq!(names, sorted);

@@ -15,33 +15,29 @@
 //!
 //! # Driving it
 //! ```
-//! use twill_agent::compile::{CompileConfig, IdAllocation, Inputs, compile};
+//! use twill_agent::compile::{CompileConfig, Compiler, IdAllocation};
 //! use twill_agent::lbmap::FakeLbMaps;
 //! use twill_agent::reconcile::Reconciler;
 //!
 //! // At start: adopt whatever a previous agent left pinned, and seed the ids from it so
 //! // backend sets keep their ids (affinity and socket reverse-NAT entries stay valid).
 //! let mut rec = Reconciler::adopt(FakeLbMaps::default())?;
-//! let mut ids = IdAllocation::from_adopted(rec.applied());
+//! let mut compiler = Compiler::new(IdAllocation::from_adopted(rec.applied()));
 //! let config = CompileConfig::new("node-a");
-//! // On every coalesced change: compile everything from the stores, apply the difference;
-//! // prune only once the sources have synced.
-//! let inputs = Inputs { services: vec![], endpoint_slices: vec![], node: None, config: &config, ids: &ids };
-//! let compiled = compile(&inputs);
+//! // On every coalesced change: recompile the Services the stores marked dirty, apply the
+//! // difference; prune only once the sources have synced.
+//! compiler.update(&config, None, Vec::new());
+//! let changes = compiler.take_changes();
 //! let synced = true;
-//! let result = rec.apply(&compiled.state, synced);
-//! // Keep the new ids even if some writes failed: the maps may hold entries under them.
-//! ids = compiled.ids;
-//! result?;
-//! # let _ = ids;
+//! rec.apply_changes(compiler.state(), &changes, synced)?;
 //! # Ok::<(), twill_agent::reconcile::ReconcileError>(())
 //! ```
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnetwork::Ipv4Network;
-use twill_common::{SVC_F_SOURCE_RANGES, ServiceValue, SlotKey};
+use twill_common::{SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey};
 
-use crate::lbmap::{LbMaps, LbState, MapError, MapKind};
+use crate::lbmap::{LbMaps, LbState, MapError, MapKind, StateChanges, StateVersion};
 
 /// What one `apply` wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -60,6 +56,8 @@ pub struct ApplyStats {
     pub config_written: bool,
     /// Entries not written because something they depend on failed (retried by the next apply).
     pub deferred: usize,
+    /// Every entry was compared, not only the changed keys.
+    pub compared_all: bool,
 }
 
 impl ApplyStats {
@@ -130,6 +128,15 @@ impl ReconcileError {
         first.into_iter().chain(more)
     }
 
+    /// What the failed apply did write, if it got to writing.
+    pub fn stats(&self) -> Option<&ApplyStats> {
+        match self {
+            ReconcileError::Adopt(_) => None,
+            ReconcileError::Incomplete { stats, .. }
+            | ReconcileError::Inconsistent { stats, .. } => Some(stats),
+        }
+    }
+
     /// Short stable label for the error-counter metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -144,7 +151,10 @@ impl ReconcileError {
 #[derive(Debug)]
 pub struct Reconciler<M: LbMaps> {
     maps: M,
-    applied: LbState,
+    applied: Applied,
+    /// The desired version `applied` is known to equal (after a clean apply with prune): the
+    /// next [`Reconciler::apply_changes`] from that version compares only the changed keys.
+    in_sync_with: Option<StateVersion>,
 }
 
 impl<M: LbMaps> Reconciler<M> {
@@ -152,20 +162,25 @@ impl<M: LbMaps> Reconciler<M> {
     pub fn new(maps: M) -> Self {
         Self {
             maps,
-            applied: LbState::default(),
+            applied: Applied::default(),
+            in_sync_with: None,
         }
     }
 
     /// A reconciler for maps that may hold entries (pinned by a previous agent): reads them
     /// back so nothing is rewritten needlessly and stale entries are pruned once sources sync.
     pub fn adopt(maps: M) -> Result<Self, ReconcileError> {
-        let applied = maps.dump().map_err(ReconcileError::Adopt)?;
-        Ok(Self { maps, applied })
+        let state = maps.dump().map_err(ReconcileError::Adopt)?;
+        Ok(Self {
+            maps,
+            applied: Applied::new(state),
+            in_sync_with: None,
+        })
     }
 
     /// What the reconciler believes the maps hold.
     pub fn applied(&self) -> &LbState {
-        &self.applied
+        &self.applied.state
     }
 
     pub fn maps(&self) -> &M {
@@ -182,17 +197,53 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// Writes what `desired` adds or changes; with `prune`, also deletes what it no longer
     /// has. Pass `prune = false` until the sources have synced: an incomplete view of the
-    /// cluster must never delete a live Service from the datapath.
+    /// cluster must never delete a live Service from the datapath. Compares every entry.
     pub fn apply(&mut self, desired: &LbState, prune: bool) -> Result<ApplyStats, ReconcileError> {
+        self.in_sync_with = None;
+        self.run(desired, Scope::All, prune)
+    }
+
+    /// [`Self::apply`] for a desired state that changed only at the keys of `changes` since
+    /// version `changes.since`: when the maps are known to hold exactly that version, only
+    /// those keys are compared (the cost of a small change stays small at any cluster size);
+    /// otherwise (first apply, a failed or deferred write, no prune yet) everything is.
+    pub fn apply_changes(
+        &mut self,
+        desired: &LbState,
+        changes: &StateChanges,
+        prune: bool,
+    ) -> Result<ApplyStats, ReconcileError> {
+        let scope = if prune && changes.since.is_some() && changes.since == self.in_sync_with {
+            Scope::Changed(changes)
+        } else {
+            Scope::All
+        };
+        self.in_sync_with = None;
+        let result = self.run(desired, scope, prune);
+        if result.is_ok() && prune {
+            self.in_sync_with = changes.version;
+        }
+        result
+    }
+
+    fn run(
+        &mut self,
+        desired: &LbState,
+        scope: Scope<'_>,
+        prune: bool,
+    ) -> Result<ApplyStats, ReconcileError> {
         let mut run = Run {
             maps: &mut self.maps,
             applied: &mut self.applied,
-            stats: ApplyStats::default(),
+            stats: ApplyStats {
+                compared_all: matches!(scope, Scope::All),
+                ..ApplyStats::default()
+            },
             errors: Vec::new(),
         };
-        run.upserts(desired);
+        run.upserts(desired, scope);
         if prune {
-            run.prunes(desired);
+            run.prunes(desired, scope);
         }
         let Run { stats, errors, .. } = run;
         let mut errors = errors.into_iter();
@@ -211,75 +262,213 @@ impl<M: LbMaps> Reconciler<M> {
     }
 }
 
+/// Which entries an apply compares.
+#[derive(Clone, Copy)]
+enum Scope<'c> {
+    All,
+    /// Only these keys (`node_addrs` and `config` are always compared whole).
+    Changed(&'c StateChanges),
+}
+
+impl<'c> Scope<'c> {
+    fn services(self) -> Option<&'c BTreeSet<ServiceKey>> {
+        match self {
+            Scope::All => None,
+            Scope::Changed(c) => Some(&c.services),
+        }
+    }
+    fn slots(self) -> Option<&'c BTreeSet<SlotKey>> {
+        match self {
+            Scope::All => None,
+            Scope::Changed(c) => Some(&c.slots),
+        }
+    }
+    fn backends(self) -> Option<&'c BTreeSet<u32>> {
+        match self {
+            Scope::All => None,
+            Scope::Changed(c) => Some(&c.backends),
+        }
+    }
+    fn source_ranges(self) -> Option<&'c BTreeSet<(u32, Ipv4Network)>> {
+        match self {
+            Scope::All => None,
+            Scope::Changed(c) => Some(&c.source_ranges),
+        }
+    }
+}
+
+/// The applied state with the lookups the write-order rules need, kept up to date entry by
+/// entry so that checking a rule never scans the whole state.
+#[derive(Debug, Default)]
+struct Applied {
+    state: LbState,
+    /// `svc_id` → the applied frontends using it.
+    frontends_of: HashMap<u32, Vec<ServiceKey>>,
+    /// Backend id → number of applied slots pointing at it.
+    slot_refs: HashMap<u32, u32>,
+}
+
+impl Applied {
+    fn new(state: LbState) -> Self {
+        let mut a = Applied::default();
+        for (k, v) in &state.services {
+            a.frontends_of.entry(v.svc_id).or_default().push(*k);
+        }
+        for id in state.slots.values() {
+            *a.slot_refs.entry(*id).or_default() += 1;
+        }
+        a.state = state;
+        a
+    }
+
+    fn insert_service(&mut self, key: ServiceKey, value: ServiceValue) {
+        if let Some(old) = self.state.services.insert(key, value) {
+            if old.svc_id == value.svc_id {
+                return;
+            }
+            self.unlink_frontend(old.svc_id, key);
+        }
+        self.frontends_of.entry(value.svc_id).or_default().push(key);
+    }
+
+    fn remove_service(&mut self, key: ServiceKey) {
+        if let Some(old) = self.state.services.remove(&key) {
+            self.unlink_frontend(old.svc_id, key);
+        }
+    }
+
+    fn unlink_frontend(&mut self, svc_id: u32, key: ServiceKey) {
+        if let Some(list) = self.frontends_of.get_mut(&svc_id) {
+            list.retain(|k| *k != key);
+            if list.is_empty() {
+                self.frontends_of.remove(&svc_id);
+            }
+        }
+    }
+
+    fn insert_slot(&mut self, key: SlotKey, backend_id: u32) {
+        if let Some(old) = self.state.slots.insert(key, backend_id) {
+            self.unref_backend(old);
+        }
+        *self.slot_refs.entry(backend_id).or_default() += 1;
+    }
+
+    fn remove_slot(&mut self, key: SlotKey) {
+        if let Some(old) = self.state.slots.remove(&key) {
+            self.unref_backend(old);
+        }
+    }
+
+    fn unref_backend(&mut self, id: u32) {
+        if let Some(n) = self.slot_refs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.slot_refs.remove(&id);
+            }
+        }
+    }
+
+    fn applied_frontends(&self, svc_id: u32) -> impl Iterator<Item = &ServiceValue> {
+        self.frontends_of
+            .get(&svc_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.state.services.get(k))
+    }
+
+    /// Slots `0..reach` of `svc_id` are reachable from some applied frontend.
+    fn reach(&self, svc_id: u32) -> u32 {
+        self.applied_frontends(svc_id)
+            .map(|v| u32::from(v.backend_count))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Some applied frontend filters clients on the source ranges of `svc_id`.
+    fn filtering(&self, svc_id: u32) -> bool {
+        self.applied_frontends(svc_id)
+            .any(|v| v.flags & SVC_F_SOURCE_RANGES != 0)
+    }
+}
+
 struct Run<'a, M> {
     maps: &'a mut M,
-    applied: &'a mut LbState,
+    applied: &'a mut Applied,
     stats: ApplyStats,
     errors: Vec<MapError>,
 }
 
 impl<M: LbMaps> Run<'_, M> {
-    fn upserts(&mut self, desired: &LbState) {
-        if self.applied.config != desired.config {
+    fn upserts(&mut self, desired: &LbState, scope: Scope<'_>) {
+        if self.applied.state.config != desired.config {
             match self.maps.set_config(desired.config) {
                 Ok(()) => {
-                    self.applied.config = desired.config;
+                    self.applied.state.config = desired.config;
                     self.stats.config_written = true;
                 }
                 Err(e) => self.errors.push(e),
             }
         }
-        for (addr, flags) in changed(&desired.node_addrs, &self.applied.node_addrs) {
+        for (addr, flags) in changed(&desired.node_addrs, &self.applied.state.node_addrs) {
             match self.maps.upsert_node_addr(addr, flags) {
                 Ok(()) => {
-                    self.applied.node_addrs.insert(addr, flags);
+                    self.applied.state.node_addrs.insert(addr, flags);
                     self.stats.node_addrs_upserted += 1;
                 }
                 Err(e) => self.errors.push(e),
             }
         }
-        for (id, be) in changed(&desired.backends, &self.applied.backends) {
+        for (id, be) in changed_in(
+            scope.backends(),
+            &desired.backends,
+            &self.applied.state.backends,
+        ) {
             match self.maps.upsert_backend(id, be) {
                 Ok(()) => {
-                    self.applied.backends.insert(id, be);
+                    self.applied.state.backends.insert(id, be);
                     self.stats.backends_upserted += 1;
                 }
                 Err(e) => self.errors.push(e),
             }
         }
-        for (key, backend_id) in changed(&desired.slots, &self.applied.slots) {
-            if !self.applied.backends.contains_key(&backend_id) {
+        for (key, backend_id) in
+            changed_in(scope.slots(), &desired.slots, &self.applied.state.slots)
+        {
+            if !self.applied.state.backends.contains_key(&backend_id) {
                 self.stats.deferred += 1;
                 continue;
             }
             match self.maps.upsert_slot(key, backend_id) {
                 Ok(()) => {
-                    self.applied.slots.insert(key, backend_id);
+                    self.applied.insert_slot(key, backend_id);
                     self.stats.slots_upserted += 1;
                 }
                 Err(e) => self.errors.push(e),
             }
         }
-        let new_ranges: Vec<(u32, Ipv4Network)> = desired
-            .source_ranges
-            .difference(&self.applied.source_ranges)
-            .copied()
-            .collect();
+        let new_ranges = ranges_in(
+            scope.source_ranges(),
+            &desired.source_ranges,
+            &self.applied.state.source_ranges,
+        );
         for (svc_id, range) in new_ranges {
             match self.maps.upsert_source_range(svc_id, range) {
                 Ok(()) => {
-                    self.applied.source_ranges.insert((svc_id, range));
+                    self.applied.state.source_ranges.insert((svc_id, range));
                     self.stats.source_ranges_upserted += 1;
                 }
                 Err(e) => self.errors.push(e),
             }
         }
-        let ranges_written = covered_ids(&desired.source_ranges, &self.applied.source_ranges);
-        for (key, value) in changed(&desired.services, &self.applied.services) {
+        for (key, value) in changed_in(
+            scope.services(),
+            &desired.services,
+            &self.applied.state.services,
+        ) {
             // Applied slots always point at applied backends (backends are deleted only when
             // no slot references them), so checking that the slots exist is enough.
             let slots_ready = (0..u32::from(value.backend_count)).all(|slot| {
-                self.applied.slots.contains_key(&SlotKey {
+                self.applied.state.slots.contains_key(&SlotKey {
                     svc_id: value.svc_id,
                     slot,
                 })
@@ -288,9 +477,10 @@ impl<M: LbMaps> Run<'_, M> {
             // it goes in once all of them are. Rewriting one that already filters on the same
             // svc_id admits exactly whom it admitted before, so it need not wait.
             let ranges_ready = value.flags & SVC_F_SOURCE_RANGES == 0
-                || ranges_written.contains(&value.svc_id)
+                || covered(desired, &self.applied.state.source_ranges, value.svc_id)
                 || self
                     .applied
+                    .state
                     .services
                     .get(&key)
                     .is_some_and(|a| filters_on(a, value.svc_id));
@@ -300,7 +490,7 @@ impl<M: LbMaps> Run<'_, M> {
             }
             match self.maps.upsert_service(key, value) {
                 Ok(()) => {
-                    self.applied.services.insert(key, value);
+                    self.applied.insert_service(key, value);
                     self.stats.services_upserted += 1;
                 }
                 Err(e) => self.errors.push(e),
@@ -308,88 +498,74 @@ impl<M: LbMaps> Run<'_, M> {
         }
     }
 
-    fn prunes(&mut self, desired: &LbState) {
-        for key in stale(&desired.services, &self.applied.services) {
+    fn prunes(&mut self, desired: &LbState, scope: Scope<'_>) {
+        for key in stale_in(
+            scope.services(),
+            &desired.services,
+            &self.applied.state.services,
+        ) {
             match self.maps.delete_service(&key) {
                 Ok(()) => {
-                    self.applied.services.remove(&key);
+                    self.applied.remove_service(key);
                     self.stats.services_deleted += 1;
                 }
                 Err(e) => self.errors.push(e),
             }
         }
 
-        let stale_ranges: Vec<(u32, Ipv4Network)> = self
-            .applied
-            .source_ranges
-            .difference(&desired.source_ranges)
-            .copied()
-            .collect();
-        if !stale_ranges.is_empty() {
-            // A range may go once no applied frontend filters on its svc_id, or once every
-            // range desired for that svc_id is in. Before that, removing it would turn away
-            // clients that still have to be admitted: the replacement ranges failed to be
-            // written, or the update dropping the filter did (then the frontend would admit
-            // nobody at all).
-            let filtering: BTreeSet<u32> = self
-                .applied
-                .services
-                .values()
-                .filter(|v| v.flags & SVC_F_SOURCE_RANGES != 0)
-                .map(|v| v.svc_id)
-                .collect();
-            let written = covered_ids(&desired.source_ranges, &self.applied.source_ranges);
-            for (svc_id, range) in stale_ranges {
-                if filtering.contains(&svc_id) && !written.contains(&svc_id) {
-                    self.stats.deferred += 1;
-                    continue;
+        // A range may go once no applied frontend filters on its svc_id, or once every range
+        // desired for that svc_id is in. Before that, removing it would turn away clients that
+        // still have to be admitted: the replacement ranges failed to be written, or the
+        // update dropping the filter did (then the frontend would admit nobody at all).
+        let stale_ranges = ranges_in(
+            scope.source_ranges(),
+            &self.applied.state.source_ranges,
+            &desired.source_ranges,
+        );
+        for (svc_id, range) in stale_ranges {
+            if self.applied.filtering(svc_id)
+                && !covered(desired, &self.applied.state.source_ranges, svc_id)
+            {
+                self.stats.deferred += 1;
+                continue;
+            }
+            match self.maps.delete_source_range(svc_id, range) {
+                Ok(()) => {
+                    self.applied.state.source_ranges.remove(&(svc_id, range));
+                    self.stats.source_ranges_deleted += 1;
                 }
-                match self.maps.delete_source_range(svc_id, range) {
-                    Ok(()) => {
-                        self.applied.source_ranges.remove(&(svc_id, range));
-                        self.stats.source_ranges_deleted += 1;
-                    }
-                    Err(e) => self.errors.push(e),
-                }
+                Err(e) => self.errors.push(e),
             }
         }
 
-        let stale_slots = stale(&desired.slots, &self.applied.slots);
-        if !stale_slots.is_empty() {
-            // A slot may go once no applied service reaches it, whatever desired says (a
-            // service whose shrinking update failed still reaches its old slots).
-            let mut reach: BTreeMap<u32, u16> = BTreeMap::new();
-            for v in self.applied.services.values() {
-                let r = reach.entry(v.svc_id).or_default();
-                *r = (*r).max(v.backend_count);
+        // A slot may go once no applied service reaches it, whatever desired says (a service
+        // whose shrinking update failed still reaches its old slots).
+        for key in stale_in(scope.slots(), &desired.slots, &self.applied.state.slots) {
+            if key.slot < self.applied.reach(key.svc_id) {
+                self.stats.deferred += 1;
+                continue;
             }
-            for key in stale_slots {
-                if reach
-                    .get(&key.svc_id)
-                    .is_some_and(|&count| key.slot < u32::from(count))
-                {
-                    self.stats.deferred += 1;
-                    continue;
+            match self.maps.delete_slot(&key) {
+                Ok(()) => {
+                    self.applied.remove_slot(key);
+                    self.stats.slots_deleted += 1;
                 }
-                match self.maps.delete_slot(&key) {
-                    Ok(()) => {
-                        self.applied.slots.remove(&key);
-                        self.stats.slots_deleted += 1;
-                    }
-                    Err(e) => self.errors.push(e),
-                }
+                Err(e) => self.errors.push(e),
             }
         }
 
-        let stale_backends = stale(&desired.backends, &self.applied.backends);
+        let stale_backends = stale_in(
+            scope.backends(),
+            &desired.backends,
+            &self.applied.state.backends,
+        );
         if !stale_backends.is_empty() {
-            let referenced: BTreeSet<u32> = self.applied.slots.values().copied().collect();
             let mut removable = Vec::new();
             for id in stale_backends {
-                if referenced.contains(&id) {
+                if self.applied.slot_refs.contains_key(&id) {
                     self.stats.deferred += 1;
                 } else {
-                    removable.push((id, self.applied.backends[&id]));
+                    removable.push((id, self.applied.state.backends[&id]));
                 }
             }
             // Flush first, as one batch: if it fails the backends stay, and the next apply
@@ -401,7 +577,7 @@ impl<M: LbMaps> Run<'_, M> {
                 for (id, _) in removable {
                     match self.maps.delete_backend(id) {
                         Ok(()) => {
-                            self.applied.backends.remove(&id);
+                            self.applied.state.backends.remove(&id);
                             self.stats.backends_deleted += 1;
                         }
                         Err(e) => self.errors.push(e),
@@ -410,10 +586,10 @@ impl<M: LbMaps> Run<'_, M> {
             }
         }
 
-        for addr in stale(&desired.node_addrs, &self.applied.node_addrs) {
+        for addr in stale(&desired.node_addrs, &self.applied.state.node_addrs) {
             match self.maps.delete_node_addr(addr) {
                 Ok(()) => {
-                    self.applied.node_addrs.remove(&addr);
+                    self.applied.state.node_addrs.remove(&addr);
                     self.stats.node_addrs_deleted += 1;
                 }
                 Err(e) => self.errors.push(e),
@@ -422,21 +598,16 @@ impl<M: LbMaps> Run<'_, M> {
     }
 }
 
-/// The svc_ids with at least one desired source range and all of their desired ranges applied.
-fn covered_ids(
-    desired: &BTreeSet<(u32, Ipv4Network)>,
-    applied: &BTreeSet<(u32, Ipv4Network)>,
-) -> BTreeSet<u32> {
-    let mut out = BTreeSet::new();
-    let mut missing = BTreeSet::new();
-    for entry @ (svc_id, _) in desired {
-        if applied.contains(entry) {
-            out.insert(*svc_id);
-        } else {
-            missing.insert(*svc_id);
+/// Whether `svc_id` has at least one desired source range and all of them are applied.
+fn covered(desired: &LbState, applied: &BTreeSet<(u32, Ipv4Network)>, svc_id: u32) -> bool {
+    let mut any = false;
+    for r in desired.source_ranges_of(svc_id) {
+        if !applied.contains(&(svc_id, r)) {
+            return false;
         }
+        any = true;
     }
-    &out - &missing
+    any
 }
 
 /// Whether the frontend `value` filters clients on the source ranges of `svc_id`.
@@ -444,9 +615,56 @@ fn filters_on(value: &ServiceValue, svc_id: u32) -> bool {
     value.flags & SVC_F_SOURCE_RANGES != 0 && value.svc_id == svc_id
 }
 
+/// [`changed`] over all keys (`keys: None`) or only over `keys`.
+fn changed_in<K: Ord + Copy, V: PartialEq + Copy>(
+    keys: Option<&BTreeSet<K>>,
+    desired: &BTreeMap<K, V>,
+    applied: &BTreeMap<K, V>,
+) -> Vec<(K, V)> {
+    let Some(keys) = keys else {
+        return changed(desired, applied);
+    };
+    keys.iter()
+        .filter_map(|k| {
+            let v = desired.get(k)?;
+            (applied.get(k) != Some(v)).then_some((*k, *v))
+        })
+        .collect()
+}
+
+/// [`stale`] over all keys (`keys: None`) or only over `keys`.
+fn stale_in<K: Ord + Copy, V>(
+    keys: Option<&BTreeSet<K>>,
+    desired: &BTreeMap<K, V>,
+    applied: &BTreeMap<K, V>,
+) -> Vec<K> {
+    let Some(keys) = keys else {
+        return stale(desired, applied);
+    };
+    keys.iter()
+        .filter(|k| applied.contains_key(k) && !desired.contains_key(k))
+        .copied()
+        .collect()
+}
+
+/// Entries of `from` missing from `minus`, over all entries or only over `keys`.
+fn ranges_in(
+    keys: Option<&BTreeSet<(u32, Ipv4Network)>>,
+    from: &BTreeSet<(u32, Ipv4Network)>,
+    minus: &BTreeSet<(u32, Ipv4Network)>,
+) -> Vec<(u32, Ipv4Network)> {
+    match keys {
+        None => from.difference(minus).copied().collect(),
+        Some(keys) => keys
+            .iter()
+            .filter(|r| from.contains(r) && !minus.contains(r))
+            .copied()
+            .collect(),
+    }
+}
+
 /// Entries of `desired` that `applied` lacks or holds with another value. Both maps are sorted,
-/// so one merged pass replaces a tree lookup per entry (the no-op apply at 10k Services is the
-/// common case and should cost next to nothing).
+/// so one merged pass replaces a tree lookup per entry.
 fn changed<K: Ord + Copy, V: PartialEq + Copy>(
     desired: &BTreeMap<K, V>,
     applied: &BTreeMap<K, V>,

@@ -6,6 +6,9 @@
 //! store contents at once, so objects deleted while the watch was broken disappear and the run
 //! loop never sees a half-listed cluster. The first `InitDone` of each kind marks it synced; the
 //! run loop prunes nothing before every kind has synced.
+//!
+//! Each object is parsed into the stores' slim form as soon as it is decoded and the Kubernetes
+//! object dropped: at most one list page of full objects is alive at a time.
 use std::fmt::Debug;
 use std::path::Path;
 use std::sync::Arc;
@@ -18,7 +21,8 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
-use super::{Kind, Object, Snapshot, Stores, report_invalid, validate};
+use super::{InvalidObject, Kind, Object, Stores, meta_key, report_invalid};
+use crate::compile::Interner;
 use crate::metrics::Metrics;
 
 /// The API resources and verbs the agent uses: the single table the deploy RBAC is checked
@@ -74,25 +78,28 @@ pub fn spawn(
     stores: &Arc<Stores>,
     metrics: &Arc<Metrics>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    // One interner per watcher: namespaces, node and port names repeat across its objects.
+    let mut services = Interner::default();
+    let mut slices = Interner::default();
     vec![
         tokio::spawn(watch_kind(
             Api::<Service>::all(client.clone()),
             Kind::Service,
-            |o| Object::Service(Arc::new(o)),
+            move |o: Service| Object::service(&o, &mut services),
             stores.clone(),
             metrics.clone(),
         )),
         tokio::spawn(watch_kind(
             Api::<EndpointSlice>::all(client.clone()),
             Kind::EndpointSlice,
-            |o| Object::EndpointSlice(Arc::new(o)),
+            move |o: EndpointSlice| Object::slice(&o, &mut slices),
             stores.clone(),
             metrics.clone(),
         )),
         tokio::spawn(watch_kind(
             Api::<Node>::all(client.clone()),
             Kind::Node,
-            |o| Object::Node(Arc::new(o)),
+            Object::node,
             stores.clone(),
             metrics.clone(),
         )),
@@ -103,7 +110,7 @@ pub fn spawn(
 pub async fn watch_kind<K>(
     api: Api<K>,
     kind: Kind,
-    wrap: fn(K) -> Object,
+    mut ingest: impl FnMut(K) -> Result<Object, InvalidObject> + Send,
     stores: Arc<Stores>,
     metrics: Arc<Metrics>,
 ) where
@@ -115,30 +122,21 @@ pub async fn watch_kind<K>(
     while let Some(item) = stream.next().await {
         match item {
             Ok(Event::Init) => buffer = Some(Vec::new()),
-            Ok(Event::InitApply(o)) => {
-                let obj = wrap(o);
-                match validate(&obj) {
-                    Ok(()) => buffer.get_or_insert_with(Vec::new).push(obj),
-                    Err(e) => report_invalid(&metrics, kind, &origin, e),
-                }
-            }
+            Ok(Event::InitApply(o)) => match ingest(o) {
+                Ok(obj) => buffer.get_or_insert_with(Vec::new).push(obj),
+                Err(e) => report_invalid(&metrics, kind, &origin, e),
+            },
             Ok(Event::InitDone) => {
                 let objects = buffer.take().unwrap_or_default();
                 log::info!("listed {} {}s", objects.len(), kind.as_str());
-                stores.replace_kind(kind, &Snapshot::from_objects(objects));
+                stores.replace_kind(kind, objects);
                 stores.mark_synced(kind);
             }
-            Ok(Event::Apply(o)) => {
-                let obj = wrap(o);
-                match validate(&obj) {
-                    Ok(()) => stores.upsert(obj),
-                    Err(e) => report_invalid(&metrics, kind, &origin, e),
-                }
-            }
-            Ok(Event::Delete(o)) => {
-                let obj = wrap(o);
-                stores.delete(kind, &obj.key());
-            }
+            Ok(Event::Apply(o)) => match ingest(o) {
+                Ok(obj) => stores.upsert(obj),
+                Err(e) => report_invalid(&metrics, kind, &origin, e),
+            },
+            Ok(Event::Delete(o)) => stores.delete(kind, &meta_key(o.meta())),
             Err(e) => {
                 // The watcher recovers by itself (relist on 410, re-watch otherwise); the
                 // backoff wrapper delays the retry.

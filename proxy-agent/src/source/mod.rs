@@ -1,23 +1,27 @@
 //! Where Services, EndpointSlices and Nodes come from: the Kubernetes API ([`kube`]) or a
 //! directory of manifests ([`manifests`]). Both write into the same [`Stores`]; the run loop reads
 //! the stores, never the events (level-triggered, HOUSE_STYLE §8).
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::{Notify, watch};
 
+use crate::compile::{GroupKey, Interner, ServiceGroup, ServiceInput, SliceInput};
 use crate::metrics::Metrics;
 
 pub mod kube;
 pub mod manifests;
 
 /// `(namespace, name)`; the namespace is empty for Nodes.
-pub type ObjKey = (String, String);
+pub type ObjKey = (Arc<str>, Arc<str>);
+
+/// The Node objects by key.
+pub type Nodes = BTreeMap<ObjKey, Arc<Node>>;
 
 /// The object kinds the agent reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -47,11 +51,13 @@ impl Kind {
     }
 }
 
-/// One decoded object.
+/// One object as the stores keep it: Services and EndpointSlices parsed into what the compiler
+/// reads (the Kubernetes objects are dropped on arrival; at 10,000 Services they were most of
+/// the agent's memory), Nodes — few — whole but for the parts nothing reads.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
+    Service(Arc<ServiceInput>),
+    EndpointSlice(Arc<SliceInput>),
     Node(Arc<Node>),
 }
 
@@ -64,22 +70,68 @@ impl Object {
         }
     }
 
-    fn meta(&self) -> &ObjectMeta {
+    /// The store key.
+    pub fn key(&self) -> ObjKey {
         match self {
-            Object::Service(s) => &s.metadata,
-            Object::EndpointSlice(s) => &s.metadata,
-            Object::Node(n) => &n.metadata,
+            Object::Service(s) => (s.namespace.clone(), s.name.clone()),
+            Object::EndpointSlice(s) => (s.namespace.clone(), s.name.clone()),
+            Object::Node(n) => meta_key(&n.metadata),
         }
     }
 
-    /// The store key; callers have validated the object ([`validate`]).
-    pub fn key(&self) -> ObjKey {
-        let m = self.meta();
-        (
-            m.namespace.clone().unwrap_or_default(),
-            m.name.clone().unwrap_or_default(),
-        )
+    /// Checks the key, then parses the Service (its rejections, if any, travel with it).
+    pub fn service(svc: &Service, interner: &mut Interner) -> Result<Object, InvalidObject> {
+        validate(&svc.metadata, true)?;
+        Ok(Object::Service(Arc::new(ServiceInput::parse(
+            svc, interner,
+        ))))
     }
+
+    /// Checks the key, then parses the slice (its rejection, if any, travels with it).
+    pub fn slice(slice: &EndpointSlice, interner: &mut Interner) -> Result<Object, InvalidObject> {
+        validate(&slice.metadata, true)?;
+        Ok(Object::EndpointSlice(Arc::new(SliceInput::parse(
+            slice, interner,
+        ))))
+    }
+
+    /// Checks the key, then keeps what the agent reads of a Node: name, deletion mark, pod
+    /// CIDRs, taints and addresses (a Node's status also lists every image on it, and its
+    /// managed fields repeat the rest).
+    pub fn node(node: Node) -> Result<Object, InvalidObject> {
+        validate(&node.metadata, false)?;
+        let Node {
+            metadata,
+            spec,
+            status,
+            ..
+        } = node;
+        Ok(Object::Node(Arc::new(Node {
+            metadata: ObjectMeta {
+                name: metadata.name,
+                deletion_timestamp: metadata.deletion_timestamp,
+                ..ObjectMeta::default()
+            },
+            spec: spec.map(|s| NodeSpec {
+                pod_cidr: s.pod_cidr,
+                pod_cidrs: s.pod_cidrs,
+                taints: s.taints,
+                ..NodeSpec::default()
+            }),
+            status: status.map(|s| NodeStatus {
+                addresses: s.addresses,
+                ..NodeStatus::default()
+            }),
+        })))
+    }
+}
+
+/// The store key of an object's metadata (empty parts where missing).
+pub fn meta_key(meta: &ObjectMeta) -> ObjKey {
+    (
+        meta.namespace.as_deref().unwrap_or_default().into(),
+        meta.name.as_deref().unwrap_or_default().into(),
+    )
 }
 
 /// Why a source skipped an object before the compiler saw it.
@@ -105,23 +157,22 @@ impl InvalidObject {
 }
 
 /// Checks what the stores need (a key); everything semantic is the compiler's job.
-pub fn validate(obj: &Object) -> Result<(), InvalidObject> {
-    let m = obj.meta();
-    if m.name.as_deref().is_none_or(str::is_empty) {
+pub fn validate(meta: &ObjectMeta, namespaced: bool) -> Result<(), InvalidObject> {
+    if meta.name.as_deref().is_none_or(str::is_empty) {
         return Err(InvalidObject::MissingName);
     }
-    let namespaced = !matches!(obj, Object::Node(_));
-    if namespaced && m.namespace.as_deref().is_none_or(str::is_empty) {
+    if namespaced && meta.namespace.as_deref().is_none_or(str::is_empty) {
         return Err(InvalidObject::MissingNamespace);
     }
     Ok(())
 }
 
-/// The current view of the cluster.
+/// A copy of the stores' contents (objects are shared, not cloned). Tests and tools; the run
+/// loop reads only what changed ([`Stores::take_changes`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    pub services: BTreeMap<ObjKey, Arc<Service>>,
-    pub endpoint_slices: BTreeMap<ObjKey, Arc<EndpointSlice>>,
+    pub services: BTreeMap<ObjKey, Arc<ServiceInput>>,
+    pub endpoint_slices: BTreeMap<ObjKey, Arc<SliceInput>>,
     pub nodes: BTreeMap<ObjKey, Arc<Node>>,
 }
 
@@ -130,65 +181,177 @@ impl Snapshot {
     pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Self {
         let mut s = Self::default();
         for obj in objects {
-            s.insert(obj);
+            let key = obj.key();
+            match obj {
+                Object::Service(o) => {
+                    s.services.insert(key, o);
+                }
+                Object::EndpointSlice(o) => {
+                    s.endpoint_slices.insert(key, o);
+                }
+                Object::Node(o) => {
+                    s.nodes.insert(key, o);
+                }
+            }
         }
         s
     }
 
-    fn insert(&mut self, obj: Object) {
-        let key = obj.key();
-        match obj {
-            Object::Service(o) => {
-                self.services.insert(key, o);
-            }
-            Object::EndpointSlice(o) => {
-                self.endpoint_slices.insert(key, o);
-            }
-            Object::Node(o) => {
-                self.nodes.insert(key, o);
-            }
-        }
-    }
-
-    /// Returns whether something was removed.
-    fn remove(&mut self, kind: Kind, key: &ObjKey) -> bool {
-        match kind {
-            Kind::Service => self.services.remove(key).is_some(),
-            Kind::EndpointSlice => self.endpoint_slices.remove(key).is_some(),
-            Kind::Node => self.nodes.remove(key).is_some(),
-        }
-    }
-
-    /// Replaces every object of `kind` by those of `other` of the same kind; whether it changed.
-    fn replace_kind(&mut self, kind: Kind, other: &Snapshot) -> bool {
-        match kind {
-            Kind::Service => replace(&mut self.services, &other.services),
-            Kind::EndpointSlice => replace(&mut self.endpoint_slices, &other.endpoint_slices),
-            Kind::Node => replace(&mut self.nodes, &other.nodes),
-        }
+    /// Every object, Services first.
+    pub fn objects(&self) -> impl Iterator<Item = Object> + '_ {
+        let services = self.services.values().cloned().map(Object::Service);
+        let slices = self
+            .endpoint_slices
+            .values()
+            .cloned()
+            .map(Object::EndpointSlice);
+        let nodes = self.nodes.values().cloned().map(Object::Node);
+        services.chain(slices).chain(nodes)
     }
 
     /// This node's Node object.
     pub fn node(&self, name: &str) -> Option<&Arc<Node>> {
-        self.nodes.get(&(String::new(), name.to_owned()))
+        self.nodes.get(&node_key(name))
     }
 }
 
-fn replace<V: PartialEq + Clone>(
-    mine: &mut BTreeMap<ObjKey, V>,
-    theirs: &BTreeMap<ObjKey, V>,
-) -> bool {
-    if mine == theirs {
-        return false;
+fn node_key(name: &str) -> ObjKey {
+    ("".into(), name.into())
+}
+
+/// One change a source makes to the stores.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    Upsert(Object),
+    Delete(Kind, ObjKey),
+}
+
+/// The Service groups changed since the run loop last looked, with their current contents.
+#[derive(Clone, Debug, Default)]
+pub struct StoreChanges {
+    /// The store generation these contents are of.
+    pub generation: u64,
+    pub groups: Vec<ServiceGroup>,
+}
+
+/// Which Service group a slice belongs to: its namespace and `kubernetes.io/service-name`
+/// label; slices without the label share the group with the empty name.
+fn group_of(slice: &SliceInput) -> GroupKey {
+    (
+        slice.namespace.clone(),
+        slice.service.clone().unwrap_or_else(|| "".into()),
+    )
+}
+
+/// The objects, plus what level-triggered incremental compiles need: which slices belong to
+/// which Service, and which Services changed.
+#[derive(Debug, Default)]
+struct Contents {
+    services: BTreeMap<ObjKey, Arc<ServiceInput>>,
+    slices: BTreeMap<ObjKey, Arc<SliceInput>>,
+    nodes: BTreeMap<ObjKey, Arc<Node>>,
+    /// Slice names of each Service group, sorted.
+    slices_of: HashMap<GroupKey, Vec<Arc<str>>>,
+    /// Groups changed since the last [`Stores::take_changes`] (HOUSE_STYLE §8: an event only
+    /// marks its Service dirty; the compile reads the stores).
+    dirty: BTreeSet<GroupKey>,
+}
+
+impl Contents {
+    /// Applies one change; whether anything changed.
+    fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Upsert(Object::Service(o)) => {
+                let key = (o.namespace.clone(), o.name.clone());
+                if self.services.get(&key) == Some(&o) {
+                    return false;
+                }
+                self.services.insert(key.clone(), o);
+                self.dirty.insert(key);
+            }
+            Change::Upsert(Object::EndpointSlice(o)) => {
+                let key = (o.namespace.clone(), o.name.clone());
+                match self.slices.get(&key) {
+                    Some(old) if *old == o => return false,
+                    Some(old) => {
+                        let old_group = group_of(old);
+                        self.unlink_slice(&old_group, &key.1);
+                        self.dirty.insert(old_group);
+                    }
+                    None => {}
+                }
+                let group = group_of(&o);
+                let names = self.slices_of.entry(group.clone()).or_default();
+                if let Err(at) = names.binary_search(&key.1) {
+                    names.insert(at, key.1.clone());
+                }
+                self.slices.insert(key, o);
+                self.dirty.insert(group);
+            }
+            Change::Upsert(Object::Node(o)) => {
+                let key = meta_key(&o.metadata);
+                if self.nodes.get(&key) == Some(&o) {
+                    return false;
+                }
+                self.nodes.insert(key, o);
+            }
+            Change::Delete(Kind::Service, key) => {
+                if self.services.remove(&key).is_none() {
+                    return false;
+                }
+                self.dirty.insert(key);
+            }
+            Change::Delete(Kind::EndpointSlice, key) => {
+                let Some(old) = self.slices.remove(&key) else {
+                    return false;
+                };
+                let group = group_of(&old);
+                self.unlink_slice(&group, &key.1);
+                self.dirty.insert(group);
+            }
+            Change::Delete(Kind::Node, key) => return self.nodes.remove(&key).is_some(),
+        }
+        true
     }
-    mine.clone_from(theirs);
-    true
+
+    fn unlink_slice(&mut self, group: &GroupKey, name: &Arc<str>) {
+        if let Some(names) = self.slices_of.get_mut(group) {
+            names.retain(|n| n != name);
+            if names.is_empty() {
+                self.slices_of.remove(group);
+            }
+        }
+    }
+
+    fn keys(&self, kind: Kind) -> Vec<ObjKey> {
+        match kind {
+            Kind::Service => self.services.keys().cloned().collect(),
+            Kind::EndpointSlice => self.slices.keys().cloned().collect(),
+            Kind::Node => self.nodes.keys().cloned().collect(),
+        }
+    }
+
+    fn group(&self, key: &GroupKey) -> ServiceGroup {
+        let slices = self
+            .slices_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| self.slices.get(&(key.0.clone(), n.clone())).cloned())
+            .collect();
+        ServiceGroup {
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+            service: self.services.get(key).cloned(),
+            slices,
+        }
+    }
 }
 
 /// The stores shared by the sources (writers) and the run loop (reader).
 #[derive(Debug)]
 pub struct Stores {
-    snapshot: RwLock<Snapshot>,
+    contents: RwLock<Contents>,
     /// Bumped on every change; the run loop compares it with what it applied.
     generation: AtomicU64,
     /// Oldest change not yet applied (network programming latency, /healthz staleness).
@@ -203,7 +366,7 @@ pub struct Stores {
 impl Default for Stores {
     fn default() -> Self {
         Self {
-            snapshot: RwLock::default(),
+            contents: RwLock::default(),
             generation: AtomicU64::new(0),
             pending_since: RwLock::new(None),
             dirty: Notify::new(),
@@ -218,12 +381,65 @@ impl Stores {
         Arc::new(Self::default())
     }
 
-    /// A consistent copy of the current view (objects are shared, not cloned).
-    pub fn snapshot(&self) -> Snapshot {
-        self.snapshot
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Contents> {
+        self.contents
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Contents> {
+        self.contents
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A consistent copy of everything (objects are shared, not cloned; costs a walk of the
+    /// stores: for tests and tools, not the run loop).
+    pub fn snapshot(&self) -> Snapshot {
+        let c = self.read();
+        Snapshot {
+            services: c.services.clone(),
+            endpoint_slices: c.slices.clone(),
+            nodes: c.nodes.clone(),
+        }
+    }
+
+    /// Every Node (there are few).
+    pub fn nodes(&self) -> Nodes {
+        self.read().nodes.clone()
+    }
+
+    /// The Node called `name`.
+    pub fn node(&self, name: &str) -> Option<Arc<Node>> {
+        self.read().nodes.get(&node_key(name)).cloned()
+    }
+
+    /// How many Services, EndpointSlices and Nodes the stores hold.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let c = self.read();
+        (c.services.len(), c.slices.len(), c.nodes.len())
+    }
+
+    /// The Service groups changed since the last call (every group with `all`), with their
+    /// current contents, and the generation they are of. There is one such reader: the run
+    /// loop's compiler.
+    pub fn take_changes(&self, all: bool) -> StoreChanges {
+        let mut c = self.write();
+        let generation = self.generation();
+        let dirty = std::mem::take(&mut c.dirty);
+        let groups = if all {
+            let keys: BTreeSet<GroupKey> = c
+                .services
+                .keys()
+                .cloned()
+                .chain(c.slices_of.keys().cloned())
+                .chain(dirty)
+                .collect();
+            keys.iter().map(|k| c.group(k)).collect()
+        } else {
+            dirty.iter().map(|k| c.group(k)).collect()
+        };
+        StoreChanges { generation, groups }
     }
 
     pub fn generation(&self) -> u64 {
@@ -270,7 +486,7 @@ impl Stores {
     }
 
     /// A receiver that is marked changed on every store change (use `changed().await`, then
-    /// read [`Stores::snapshot`]). Independent of the run loop's wake-ups.
+    /// read the stores). Independent of the run loop's wake-ups.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generations.subscribe()
     }
@@ -280,55 +496,73 @@ impl Stores {
         self.dirty.notify_one();
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Snapshot> {
-        self.snapshot
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Adds or replaces one object.
-    pub fn upsert(&self, obj: Object) {
-        let key = obj.key();
+    /// Applies several changes as one (one generation, one wake-up).
+    pub fn apply(&self, batch: impl IntoIterator<Item = Change>) {
         let changed = {
-            let mut s = self.write();
-            let same = match &obj {
-                Object::Service(o) => s.services.get(&key) == Some(o),
-                Object::EndpointSlice(o) => s.endpoint_slices.get(&key) == Some(o),
-                Object::Node(o) => s.nodes.get(&key) == Some(o),
-            };
-            if !same {
-                s.insert(obj);
+            let mut c = self.write();
+            let mut changed = false;
+            for change in batch {
+                changed |= c.apply(change);
             }
-            !same
+            changed
         };
         if changed {
             self.changed();
         }
     }
 
-    /// Removes one object.
-    pub fn delete(&self, kind: Kind, key: &ObjKey) {
-        let removed = self.write().remove(kind, key);
-        if removed {
-            self.changed();
-        }
+    /// Adds or replaces one object.
+    pub fn upsert(&self, obj: Object) {
+        self.apply([Change::Upsert(obj)]);
     }
 
-    /// Replaces all objects of `kind` (a relist, a manifests re-scan).
-    pub fn replace_kind(&self, kind: Kind, objects: &Snapshot) {
-        let changed = self.write().replace_kind(kind, objects);
+    /// Removes one object.
+    pub fn delete(&self, kind: Kind, key: &ObjKey) {
+        self.apply([Change::Delete(kind, key.clone())]);
+    }
+
+    /// Replaces all objects of `kind` by `objects` (a relist); a later duplicate key replaces
+    /// an earlier one.
+    pub fn replace_kind(&self, kind: Kind, objects: impl IntoIterator<Item = Object>) {
+        let changed = {
+            let mut c = self.write();
+            let mut changed = false;
+            let mut kept = BTreeSet::new();
+            for obj in objects.into_iter().filter(|o| o.kind() == kind) {
+                kept.insert(obj.key());
+                changed |= c.apply(Change::Upsert(obj));
+            }
+            for key in c.keys(kind) {
+                if !kept.contains(&key) {
+                    changed |= c.apply(Change::Delete(kind, key));
+                }
+            }
+            changed
+        };
         if changed {
             self.changed();
         }
     }
 
-    /// Replaces everything (manifests re-scan).
-    pub fn replace_all(&self, objects: &Snapshot) {
+    /// Replaces everything by the contents of `snapshot`.
+    pub fn replace_all(&self, snapshot: &Snapshot) {
         let changed = {
-            let mut s = self.write();
+            let mut c = self.write();
             let mut changed = false;
+            for obj in snapshot.objects() {
+                changed |= c.apply(Change::Upsert(obj));
+            }
             for kind in Kind::ALL {
-                changed |= s.replace_kind(kind, objects);
+                for key in c.keys(kind) {
+                    let present = match kind {
+                        Kind::Service => snapshot.services.contains_key(&key),
+                        Kind::EndpointSlice => snapshot.endpoint_slices.contains_key(&key),
+                        Kind::Node => snapshot.nodes.contains_key(&key),
+                    };
+                    if !present {
+                        changed |= c.apply(Change::Delete(kind, key));
+                    }
+                }
             }
             changed
         };
@@ -374,27 +608,118 @@ pub fn report_invalid(metrics: &Metrics, kind: Kind, origin: &str, err: InvalidO
 mod tests {
     use super::*;
 
-    fn svc(ns: Option<&str>, name: Option<&str>) -> Object {
+    fn raw_svc(ns: Option<&str>, name: Option<&str>) -> Service {
         let mut s = Service::default();
         s.metadata.namespace = ns.map(Into::into);
         s.metadata.name = name.map(Into::into);
-        Object::Service(Arc::new(s))
+        s
+    }
+
+    fn svc(ns: Option<&str>, name: Option<&str>) -> Object {
+        Object::service(&raw_svc(ns, name), &mut Interner::default()).unwrap()
+    }
+
+    fn slice(ns: &str, name: &str, service: Option<&str>) -> Object {
+        let mut s = EndpointSlice {
+            address_type: "IPv4".into(),
+            ..EndpointSlice::default()
+        };
+        s.metadata.namespace = Some(ns.into());
+        s.metadata.name = Some(name.into());
+        s.metadata.labels =
+            service.map(|n| [(crate::compile::LABEL_SERVICE_NAME.to_owned(), n.to_owned())].into());
+        Object::slice(&s, &mut Interner::default()).unwrap()
+    }
+
+    fn key(ns: &str, name: &str) -> ObjKey {
+        (ns.into(), name.into())
     }
 
     #[test]
     fn validation_needs_a_key() {
-        assert_eq!(validate(&svc(Some("a"), Some("b"))), Ok(()));
+        let mut i = Interner::default();
+        assert!(Object::service(&raw_svc(Some("a"), Some("b")), &mut i).is_ok());
         assert_eq!(
-            validate(&svc(Some("a"), None)),
+            Object::service(&raw_svc(Some("a"), None), &mut i),
             Err(InvalidObject::MissingName)
         );
         assert_eq!(
-            validate(&svc(None, Some("b"))),
+            Object::service(&raw_svc(None, Some("b")), &mut i),
             Err(InvalidObject::MissingNamespace)
         );
         let mut n = Node::default();
         n.metadata.name = Some("n".into());
-        assert_eq!(validate(&Object::Node(Arc::new(n))), Ok(()));
+        assert!(Object::node(n).is_ok());
+        assert_eq!(
+            Object::node(Node::default()),
+            Err(InvalidObject::MissingName)
+        );
+    }
+
+    #[test]
+    fn nodes_keep_only_what_the_agent_reads() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "labels": {"a": "b"}, "managedFields": [{"manager": "kubelet"}]},
+            "spec": {"podCIDRs": ["10.244.1.0/24"], "taints": [{"key": "k", "effect": "NoSchedule"}], "providerID": "x"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "172.30.0.11"}],
+                       "images": [{"names": ["registry/image:1"], "sizeBytes": 1}]},
+        }))
+        .unwrap();
+        let Ok(Object::Node(slim)) = Object::node(node) else {
+            panic!("valid node")
+        };
+        assert_eq!(slim.metadata.name.as_deref(), Some("n1"));
+        assert!(slim.metadata.labels.is_none() && slim.metadata.managed_fields.is_none());
+        let spec = slim.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.pod_cidrs.as_deref(),
+            Some(&["10.244.1.0/24".to_owned()][..])
+        );
+        assert_eq!(spec.taints.as_ref().map(Vec::len), Some(1));
+        assert!(spec.provider_id.is_none());
+        let status = slim.status.as_ref().unwrap();
+        assert_eq!(status.addresses.as_ref().map(Vec::len), Some(1));
+        assert!(status.images.is_none());
+    }
+
+    #[test]
+    fn changes_mark_the_service_groups_dirty() {
+        let stores = Stores::new();
+        stores.upsert(svc(Some("d"), Some("web")));
+        stores.upsert(slice("d", "web-1", Some("web")));
+        stores.upsert(slice("d", "orphan", None));
+        let all = stores.take_changes(true);
+        let names: Vec<&str> = all.groups.iter().map(|g| &*g.name).collect();
+        assert_eq!(names, ["", "web"]);
+        assert_eq!(all.groups[1].slices.len(), 1);
+        assert!(stores.take_changes(false).groups.is_empty(), "taken");
+
+        // A slice relabelled to another Service dirties both.
+        stores.upsert(slice("d", "web-1", Some("api")));
+        let changed = stores.take_changes(false);
+        let names: Vec<(&str, usize)> = changed
+            .groups
+            .iter()
+            .map(|g| (&*g.name, g.slices.len()))
+            .collect();
+        assert_eq!(names, [("api", 1), ("web", 0)]);
+        assert!(changed.groups[1].service.is_some());
+
+        // Unchanged objects mark nothing; deletions do.
+        stores.upsert(svc(Some("d"), Some("web")));
+        assert!(stores.take_changes(false).groups.is_empty());
+        stores.delete(Kind::EndpointSlice, &key("d", "web-1"));
+        stores.delete(Kind::Service, &key("d", "web"));
+        let changed = stores.take_changes(false);
+        assert_eq!(changed.generation, stores.generation());
+        let names: Vec<&str> = changed.groups.iter().map(|g| &*g.name).collect();
+        assert_eq!(names, ["api", "web"]);
+        assert!(
+            changed
+                .groups
+                .iter()
+                .all(|g| g.service.is_none() && g.slices.is_empty())
+        );
     }
 
     #[tokio::test]
@@ -422,9 +747,9 @@ mod tests {
         );
         stores.mark_applied(2);
         assert!(stores.pending_since().is_none());
-        stores.delete(Kind::Service, &("a".into(), "b".into()));
+        stores.delete(Kind::Service, &key("a", "b"));
         assert_eq!(stores.snapshot().services.len(), 1);
-        stores.delete(Kind::Service, &("a".into(), "zzz".into()));
+        stores.delete(Kind::Service, &key("a", "zzz"));
         assert_eq!(stores.generation(), 3);
         let mut rx = stores.subscribe();
         stores.upsert(svc(Some("a"), Some("d")));
