@@ -184,6 +184,10 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         self.loaded = true;
         let generation = dirty.generation;
         let node = self.stores.node(&self.cfg.node_name);
+        self.compile_cfg.pod_cidrs = node
+            .as_deref()
+            .map(crate::cniconf::pod_cidrs)
+            .unwrap_or_default();
         let update = self
             .compiler
             .update(&self.compile_cfg, node.as_deref(), dirty.groups);

@@ -253,7 +253,9 @@ impl Compiler {
         let mut dirty: BTreeSet<GroupKey> = BTreeSet::new();
         let old_config = self.config.take();
         let replan_all = old_config.as_ref().is_none_or(|c| {
-            c.node_name != config.node_name || c.nodeport_range != config.nodeport_range
+            c.node_name != config.node_name
+                || c.nodeport_range != config.nodeport_range
+                || c.pod_cidrs != config.pod_cidrs
         });
         if replan_all {
             dirty.extend(self.groups.keys().cloned());

@@ -64,6 +64,9 @@ pub struct CompileConfig {
     pub nodeport_cidrs: Vec<Ipv4Network>,
     /// `NodePorts` outside this range cannot be served by the datapath and are rejected.
     pub nodeport_range: RangeInclusive<u16>,
+    /// This node's pod CIDRs (from its Node object): an endpoint without a `nodeName` inside
+    /// them is local, since in the routed design only this node's pods hold those addresses.
+    pub pod_cidrs: Vec<Ipv4Network>,
 }
 
 impl CompileConfig {
@@ -73,6 +76,7 @@ impl CompileConfig {
             nodeport_addresses: Vec::new(),
             nodeport_cidrs: Vec::new(),
             nodeport_range: DEFAULT_NODEPORT_RANGE,
+            pod_cidrs: Vec::new(),
         }
     }
 }
@@ -565,7 +569,14 @@ fn plan_service<'a>(
                     serving: e.serving,
                     terminating: e.terminating,
                     node: e.node.as_ref(),
-                    local: e.node.as_deref() == Some(config.node_name.as_str()),
+                    // Locality decides the externalTrafficPolicy=Local set and whether
+                    // north-south traffic to the endpoint must be SNATed (a local one's replies
+                    // never cross the node's device, so must not be). `nodeName` decides, as
+                    // in kube-proxy; without one, the address does.
+                    local: match e.node.as_deref() {
+                        Some(n) => n == config.node_name.as_str(),
+                        None => config.pod_cidrs.iter().any(|c| c.contains(e.addr)),
+                    },
                 };
                 match eps.get(&(e.addr, num)) {
                     Some(old) if old.rank() >= ep.rank() => {}

@@ -390,3 +390,52 @@ fn dump_shows_the_ranges_the_maps_hold() {
         .unwrap();
     assert_eq!(lb_fe["source_ranges"], serde_json::json!(["10.0.0.0/8"]));
 }
+
+/// An endpoint without `nodeName` is local when its address is in this node's pod CIDRs (only
+/// this node's pods hold them): north-south traffic to it must not be SNATed, since its replies
+/// never cross the node's device. With a `nodeName`, the name decides, as in kube-proxy.
+#[test]
+fn endpoints_without_node_name_are_local_by_pod_cidr() {
+    let mut s = slice("a", &["10.244.0.5", "10.244.1.5"]);
+    for e in s.endpoints.iter_mut().flatten() {
+        e.node_name = None;
+    }
+    let mut named = slice("b", &["10.244.0.6"]);
+    named
+        .endpoints
+        .iter_mut()
+        .flatten()
+        .for_each(|e| e.node_name = Some("node-b".into()));
+    let mut config = CompileConfig::new("node-a");
+    config.pod_cidrs = vec!["10.244.0.0/24".parse().expect("valid CIDR")];
+    let ids = IdAllocation::default();
+    let c = compile(&Inputs {
+        services: vec![&svc("a", "10.96.0.1"), &svc("b", "10.96.0.2")],
+        endpoint_slices: vec![&s, &named],
+        node: None,
+        config: &config,
+        ids: &ids,
+    });
+    let local_of = |ip: [u8; 4]| {
+        c.state
+            .backends
+            .values()
+            .find(|b| b.addr_be == u32::from_ne_bytes(ip))
+            .map(|b| b.flags & BE_F_LOCAL != 0)
+    };
+    assert_eq!(
+        local_of([10, 244, 0, 5]),
+        Some(true),
+        "inside this node's pod CIDR"
+    );
+    assert_eq!(
+        local_of([10, 244, 1, 5]),
+        Some(false),
+        "another node's pod CIDR"
+    );
+    assert_eq!(
+        local_of([10, 244, 0, 6]),
+        Some(false),
+        "nodeName names another node"
+    );
+}
