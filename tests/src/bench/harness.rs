@@ -258,6 +258,30 @@ fn log_tail(log: &str) -> String {
     }
 }
 
+/// Which traffic a data-path run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// From the client pod inside the node, through the ClusterIP (Twill's socket path).
+    EastWest,
+    /// From the lab's external client, through the node's NodePort (Twill's tc path).
+    NorthSouth,
+}
+
+impl Path {
+    fn label(self) -> &'static str {
+        match self {
+            Path::EastWest => "",
+            Path::NorthSouth => "north-south ",
+        }
+    }
+}
+
+fn external(lab: &Lab) -> Result<&crate::External> {
+    lab.external
+        .as_ref()
+        .ok_or_else(|| anyhow!("north_south needs a lab with an external client"))
+}
+
 /// One contender's node, pods and state.
 struct Setup<'a> {
     contender: Contender,
@@ -370,41 +394,57 @@ impl Setup<'_> {
         log_tail(&self.agent.as_ref().map(Agent::log).unwrap_or_default())
     }
 
-    /// Address(es) the load goes to: the VIP, or for the direct path the backends themselves.
-    fn crr_targets(&self) -> Vec<String> {
+    /// The frontend the load goes to on `path`: the ClusterIP from the client pod, the node's
+    /// NodePort from the external client.
+    fn frontend(&self, path: Path) -> String {
+        match path {
+            Path::EastWest => target(BENCH_VIP, 80),
+            Path::NorthSouth => target(self.node.ip, BENCH_NODE_PORT),
+        }
+    }
+
+    /// Address(es) the load goes to: the frontend, or for the direct path the backends
+    /// themselves (from outside, routed through the node).
+    fn crr_targets(&self, path: Path) -> Vec<String> {
         if self.contender.is_direct() {
             self.backends
                 .iter()
                 .map(|b| target(b.ip, SERVER_PORT))
                 .collect()
         } else {
-            vec![target(BENCH_VIP, 80)]
+            vec![self.frontend(path)]
         }
     }
 
-    /// North-south targets from the external client: the node's NodePort, or for the direct
-    /// path the backend pods themselves (routed through the node).
-    fn ns_crr_targets(&self) -> Vec<String> {
-        if self.contender.is_direct() {
-            self.crr_targets()
-        } else {
-            vec![target(self.node.ip, BENCH_NODE_PORT)]
-        }
-    }
-
-    fn ns_rr_target(&self) -> String {
-        if self.contender.is_direct() {
-            self.rr_target()
-        } else {
-            target(self.node.ip, BENCH_NODE_PORT)
-        }
-    }
-
-    fn rr_target(&self) -> String {
+    fn rr_target(&self, path: Path) -> String {
         if self.contender.is_direct() {
             target(self.backends[0].ip, SERVER_PORT)
         } else {
-            target(BENCH_VIP, 80)
+            self.frontend(path)
+        }
+    }
+
+    /// One connection-rate run on `path` from its client.
+    fn crr(
+        &self,
+        lab: &Lab,
+        path: Path,
+        d: Duration,
+        threads: usize,
+    ) -> Result<loadgen::CrrReport> {
+        let targets = self.crr_targets(path);
+        match path {
+            Path::EastWest => loadgen::crr(&self.client, &targets, d, threads),
+            Path::NorthSouth => loadgen::crr(external(lab)?, &targets, d, threads),
+        }
+    }
+
+    /// One latency run on `path` from its client.
+    fn rr(&self, lab: &Lab, path: Path, d: Duration) -> Result<loadgen::RrReport> {
+        let to = self.rr_target(path);
+        match path {
+            Path::EastWest => loadgen::rr(&self.client, &to, d),
+            Path::NorthSouth => loadgen::rr(external(lab)?, &to, d),
         }
     }
 
@@ -722,10 +762,7 @@ impl<'a> Bench<'a> {
     /// The external client: a route to every contender's pod CIDR via that node (the direct
     /// north-south path), and the same client-port sysctls as the pods.
     fn setup_external(lab: &Lab, setups: &[Setup<'_>]) -> Result<()> {
-        let ext = lab
-            .external
-            .as_ref()
-            .ok_or_else(|| anyhow!("north_south needs a lab with an external client"))?;
+        let ext = external(lab)?;
         let in_ext = |args: &[&str]| run_cmd(ext.cmd(args[0]).args(&args[1..]));
         sysctl(in_ext, "net.ipv4.tcp_tw_reuse", "1")?;
         sysctl(in_ext, "net.ipv4.ip_local_port_range", "1024 65000")?;
@@ -996,13 +1033,13 @@ impl<'a> Bench<'a> {
     }
 
     fn data_path_rounds(&mut self, n: usize) -> Result<()> {
-        let (threads, crr_d, warm) = (self.cfg.crr_threads, self.cfg.crr_duration, self.cfg.warmup);
+        let (threads, warm) = (self.cfg.crr_threads, self.cfg.warmup);
         // Warm-up (not recorded): caches, conntrack zones, the pods' first ARP/neighbour entries.
         for idx in self.active() {
             let s = &self.setups[idx];
             if let Err(e) = s
                 .flush_conntrack()
-                .and_then(|()| loadgen::crr(&s.client, &s.crr_targets(), warm, threads))
+                .and_then(|()| s.crr(self.lab, Path::EastWest, warm, threads))
             {
                 if s.contender == Contender::Twill {
                     self.mark_unavailable(idx, format!("warm-up at N={n}: {e:#}"));
@@ -1011,41 +1048,14 @@ impl<'a> Bench<'a> {
                 }
             }
         }
-        let series = self.rounds(self.cfg.rounds, n, |s| {
-            let r = loadgen::crr(&s.client, &s.crr_targets(), crr_d, threads)?;
-            if let Some(e) = &r.first_error {
-                eprintln!("  {} N={n}: {} failures, first: {e}", s.name(), r.failures);
-            }
-            Ok((r.rate, r.failures, r.per_backend))
-        });
-        for se in &series {
-            eprintln!(
-                "  conn rate N={n} {:<16} median {:>9.0} conn/s  ratio {}",
-                se.contender,
-                se.summary.map_or(f64::NAN, |s| s.median),
-                se.ratio
-                    .map_or_else(|| "-".into(), |r| format!("{:.3}", r.median))
-            );
-        }
+        let series = self.conn_rate_rounds(self.cfg.rounds, n, Path::EastWest);
         self.results.conn_rate.series.extend(series);
         if self.over_budget(&format!("latency and throughput at N={n}")) {
             return Ok(());
         }
-        let rr_d = self.cfg.rr_duration;
-        let mut p99: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
-        let series = self.rounds(self.cfg.rr_rounds, n, |s| {
-            let r = loadgen::rr(&s.client, &s.rr_target(), rr_d)?;
-            if let Some(e) = &r.first_error {
-                bail!("{e}");
-            }
-            p99.entry(s.name().into()).or_default().push(Some(r.p99_us));
-            Ok((r.p50_us, r.failures, r.per_backend))
-        });
-        self.results
-            .rr_p99
-            .series
-            .extend(p99_series(&series, &p99, n));
-        self.results.rr_p50.series.extend(series);
+        let (p50, p99) = self.latency_rounds(self.cfg.rr_rounds, n, Path::EastWest);
+        self.results.rr_p50.series.extend(p50);
+        self.results.rr_p99.series.extend(p99);
         let secs = self.cfg.iperf_seconds;
         let series = self.rounds(self.cfg.iperf_rounds, n, |s| {
             let out = s.client.run(&[
@@ -1075,28 +1085,37 @@ impl<'a> Bench<'a> {
     /// device; iptables/nftables: kube-proxy's NodePort rules with masquerade), against the
     /// external client routed straight to the pods.
     fn north_south(&mut self, n: usize) -> Result<()> {
-        let lab = self.lab;
-        let ext = lab
-            .external
-            .as_ref()
-            .ok_or_else(|| anyhow!("north_south needs a lab with an external client"))?;
-        let (threads, crr_d, warm) = (self.cfg.crr_threads, self.cfg.crr_duration, self.cfg.warmup);
+        // A lab without the external client is a setup error, not a failed round.
+        external(self.lab)?;
+        let (threads, warm) = (self.cfg.crr_threads, self.cfg.warmup);
         for idx in self.active() {
             let s = &self.setups[idx];
             if let Err(e) = s
                 .flush_conntrack()
-                .and_then(|()| loadgen::crr(ext, &s.ns_crr_targets(), warm, threads))
+                .and_then(|()| s.crr(self.lab, Path::NorthSouth, warm, threads))
             {
                 // Recorded per round below; a warm-up failure alone does not end the run.
                 eprintln!("  north-south warm-up of {} at N={n}: {e:#}", s.name());
             }
         }
         let rounds = self.cfg.ns_rounds;
+        let series = self.conn_rate_rounds(rounds, n, Path::NorthSouth);
+        self.results.ns_conn_rate.series.extend(series);
+        let (p50, p99) = self.latency_rounds(rounds, n, Path::NorthSouth);
+        self.results.ns_rr_p50.series.extend(p50);
+        self.results.ns_rr_p99.series.extend(p99);
+        Ok(())
+    }
+
+    /// Connection-rate rounds on `path` over every active contender (printed as they end).
+    fn conn_rate_rounds(&mut self, rounds: usize, n: usize, path: Path) -> Vec<Series> {
+        let (lab, threads, d) = (self.lab, self.cfg.crr_threads, self.cfg.crr_duration);
+        let label = path.label();
         let series = self.rounds(rounds, n, |s| {
-            let r = loadgen::crr(ext, &s.ns_crr_targets(), crr_d, threads)?;
+            let r = s.crr(lab, path, d, threads)?;
             if let Some(e) = &r.first_error {
                 eprintln!(
-                    "  {} N={n} north-south: {} failures, first: {e}",
+                    "  {} N={n}: {label}{} failures, first: {e}",
                     s.name(),
                     r.failures
                 );
@@ -1105,30 +1124,35 @@ impl<'a> Bench<'a> {
         });
         for se in &series {
             eprintln!(
-                "  north-south conn rate N={n} {:<16} median {:>9.0} conn/s  ratio {}",
+                "  {label}conn rate N={n} {:<16} median {:>9.0} conn/s  ratio {}",
                 se.contender,
                 se.summary.map_or(f64::NAN, |s| s.median),
                 se.ratio
                     .map_or_else(|| "-".into(), |r| format!("{:.3}", r.median))
             );
         }
-        self.results.ns_conn_rate.series.extend(series);
-        let rr_d = self.cfg.rr_duration;
+        series
+    }
+
+    /// Latency rounds on `path`: the p50 series and the p99 series of the same rounds.
+    fn latency_rounds(
+        &mut self,
+        rounds: usize,
+        n: usize,
+        path: Path,
+    ) -> (Vec<Series>, Vec<Series>) {
+        let (lab, d) = (self.lab, self.cfg.rr_duration);
         let mut p99: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
         let series = self.rounds(rounds, n, |s| {
-            let r = loadgen::rr(ext, &s.ns_rr_target(), rr_d)?;
+            let r = s.rr(lab, path, d)?;
             if let Some(e) = &r.first_error {
                 bail!("{e}");
             }
             p99.entry(s.name().into()).or_default().push(Some(r.p99_us));
             Ok((r.p50_us, r.failures, r.per_backend))
         });
-        self.results
-            .ns_rr_p99
-            .series
-            .extend(p99_series(&series, &p99, n));
-        self.results.ns_rr_p50.series.extend(series);
-        Ok(())
+        let p99 = p99_series(&series, &p99, n);
+        (series, p99)
     }
 
     /// Twill's agent RSS with `services` Services of `endpoints` endpoints each.
