@@ -77,6 +77,27 @@ impl Netlink {
         Ok(Netlink { rt, host: None })
     }
 
+    /// Names of the veths in the node namespace that `pred` accepts (one link dump).
+    fn veth_names(&mut self, pred: fn(&str) -> bool) -> Result<Vec<String>, DataplaneError> {
+        let host = self.host()?;
+        self.rt.block_on(async {
+            let links: Vec<LinkMessage> = host
+                .link()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| nl_err("dump links", &e))?;
+            Ok(links
+                .iter()
+                .filter(|m| link_state(m).is_veth)
+                .filter_map(link_name)
+                .filter(|n| pred(n))
+                .map(str::to_owned)
+                .collect())
+        })
+    }
+
     /// The node-namespace socket, created on first use (STATUS never needs one).
     fn host(&mut self) -> Result<Handle, DataplaneError> {
         if let Some(h) = &self.host {
@@ -366,24 +387,8 @@ impl Dataplane for Netlink {
     }
 
     fn delete_retired_links(&mut self) -> Result<usize, DataplaneError> {
-        let host = self.host()?;
-        let links: Vec<LinkMessage> = self.rt.block_on(async {
-            host.link()
-                .get()
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| nl_err("dump links", &e))
-        })?;
-        let retired: Vec<String> = links
-            .iter()
-            .filter(|m| link_state(m).is_veth)
-            .filter_map(link_name)
-            .filter(|n| is_retired_if_name(n))
-            .map(str::to_owned)
-            .collect();
         let mut n = 0;
-        for name in retired {
+        for name in self.veth_names(is_retired_if_name)? {
             if self.delete_host_link(&name)? {
                 n += 1;
             }
@@ -392,23 +397,7 @@ impl Dataplane for Netlink {
     }
 
     fn list_host_links(&mut self) -> Result<Vec<String>, DataplaneError> {
-        let host = self.host()?;
-        self.rt.block_on(async {
-            let links: Vec<LinkMessage> = host
-                .link()
-                .get()
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| nl_err("dump links", &e))?;
-            Ok(links
-                .iter()
-                .filter(|m| link_state(m).is_veth)
-                .filter_map(link_name)
-                .filter(|n| is_host_if_name(n))
-                .map(str::to_owned)
-                .collect())
-        })
+        self.veth_names(is_host_if_name)
     }
 
     fn observe(

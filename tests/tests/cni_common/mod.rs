@@ -81,30 +81,30 @@ pub fn del_netns(ns: &str) -> Result<()> {
     twill_lab::run_cmd(Command::new("ip").args(["netns", "del", ns])).map(|_| ())
 }
 
-/// Host-side veths twill-cni names (`twl` + 11 hex digits) present in the node.
-pub fn host_links(node: &Node) -> Result<Vec<String>> {
+/// Names of the links in the node namespace (without the `@peer` suffix).
+fn link_names(node: &Node) -> Result<Vec<String>> {
     let out = node.run(&["ip", "-o", "link", "show"])?;
     Ok(out
         .lines()
         .filter_map(|l| l.split(": ").nth(1))
         .map(|n| n.split('@').next().unwrap_or(n).to_owned())
-        .filter(|n| {
-            n.len() == 14 && n.starts_with("twl") && n[3..].bytes().all(|b| b.is_ascii_hexdigit())
-        })
         .collect())
+}
+
+/// Host-side veths twill-cni names (`twl` + 11 hex digits) present in the node.
+pub fn host_links(node: &Node) -> Result<Vec<String>> {
+    let mut v = link_names(node)?;
+    v.retain(|n| {
+        n.len() == 14 && n.starts_with("twl") && n[3..].bytes().all(|b| b.is_ascii_hexdigit())
+    });
+    Ok(v)
 }
 
 /// Host veths a DEL retired (`twx` + ifindex) that their reaper has not deleted yet.
 pub fn retired_links(node: &Node) -> Result<Vec<String>> {
-    let out = node.run(&["ip", "-o", "link", "show"])?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
-        .filter(|n| {
-            n.len() > 3 && n.starts_with("twx") && n[3..].bytes().all(|b| b.is_ascii_digit())
-        })
-        .collect())
+    let mut v = link_names(node)?;
+    v.retain(|n| n.len() > 3 && n.starts_with("twx") && n[3..].bytes().all(|b| b.is_ascii_digit()));
+    Ok(v)
 }
 
 /// Waits (bounded) until every retired link's background reaper has deleted it.
