@@ -8,7 +8,9 @@
 #![no_std]
 
 pub mod maps;
+pub mod policy;
 pub mod reason;
 
 pub use maps::*;
+pub use policy::*;
 pub use reason::Reason;

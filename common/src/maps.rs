@@ -220,9 +220,17 @@ pub struct CtKey {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Which feature owns the entry: `CT_SCOPE_NAT` (north-south translation) or
+    /// `CT_SCOPE_POLICY` (a flow NetworkPolicy allowed). One table serves both, so the same
+    /// tuple can be tracked by each without the entries colliding.
+    pub scope: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+
+/// `CtKey::scope` values.
+pub const CT_SCOPE_NAT: u8 = 0;
+pub const CT_SCOPE_POLICY: u8 = 1;
 
 /// `CtValue::flags` bits.
 /// The entry translates replies (backend → client) rather than the original direction.

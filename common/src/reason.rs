@@ -39,6 +39,17 @@ pub enum Reason {
     ForwardedRemote = 15,
     /// Per-packet: a checksum or header rewrite helper failed.
     RewriteFailed = 16,
+    // 32..=39: NetworkPolicy (docs/design/policy.md). 40..=59 are kept for per-packet conntrack
+    // and NAT, 60..=69 for the socket path, so parallel work never collides on a value.
+    /// NetworkPolicy: the destination pod's ingress rules allow no such connection.
+    PolicyDeniedIngress = 32,
+    /// NetworkPolicy: the source pod's egress rules allow no such connection.
+    PolicyDeniedEgress = 33,
+    /// NetworkPolicy: the flow was allowed but the conntrack table is full, so its replies could
+    /// not be let through later: dropped rather than half-allowed.
+    PolicyCtFull = 34,
+    /// NetworkPolicy: a new flow was allowed by a rule (counted once per flow).
+    PolicyAllowed = 35,
 }
 
 impl Reason {
@@ -60,6 +71,10 @@ impl Reason {
         Reason::CtHit,
         Reason::ForwardedRemote,
         Reason::RewriteFailed,
+        Reason::PolicyDeniedIngress,
+        Reason::PolicyDeniedEgress,
+        Reason::PolicyCtFull,
+        Reason::PolicyAllowed,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -81,6 +96,10 @@ impl Reason {
             Reason::CtHit => "ct_hit",
             Reason::ForwardedRemote => "forwarded_remote",
             Reason::RewriteFailed => "rewrite_failed",
+            Reason::PolicyDeniedIngress => "policy_denied_ingress",
+            Reason::PolicyDeniedEgress => "policy_denied_egress",
+            Reason::PolicyCtFull => "policy_ct_full",
+            Reason::PolicyAllowed => "policy_allowed",
         }
     }
 
@@ -95,6 +114,9 @@ impl Reason {
                 | Reason::CtMapFull
                 | Reason::Malformed
                 | Reason::RewriteFailed
+                | Reason::PolicyDeniedIngress
+                | Reason::PolicyDeniedEgress
+                | Reason::PolicyCtFull
         )
     }
 }

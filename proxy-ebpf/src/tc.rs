@@ -28,7 +28,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use twill_common::{
-    AFFINITY_CLIENT_IP, BE_F_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, PROTO_TCP,
+    AFFINITY_CLIENT_IP, BE_F_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CT_SCOPE_NAT, CtKey, CtValue,
+    PROTO_TCP,
     PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
     SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey,
 };
@@ -103,7 +104,8 @@ impl Pkt {
             sport_be: self.sport,
             dport_be: self.dport,
             proto: self.proto,
-            _pad: [0; 3],
+            scope: CT_SCOPE_NAT,
+            _pad: [0; 2],
         }
     }
 }
@@ -303,7 +305,8 @@ fn counterpart(ct: &CtValue, proto: u8) -> CtKey {
         sport_be: ct.new_dport_be,
         dport_be: ct.new_sport_be,
         proto,
-        _pad: [0; 3],
+        scope: CT_SCOPE_NAT,
+            _pad: [0; 2],
     }
 }
 
@@ -376,7 +379,8 @@ fn dnat_local(
         sport_be: be.port_be,
         dport_be: p.sport,
         proto: p.proto,
-        _pad: [0; 3],
+        scope: CT_SCOPE_NAT,
+            _pad: [0; 2],
     };
     let reply = CtValue {
         new_saddr_be: p.daddr,
@@ -414,7 +418,8 @@ fn dnat_snat(
         sport_be: be.port_be,
         dport_be: p.sport,
         proto: p.proto,
-        _pad: [0; 3],
+        scope: CT_SCOPE_NAT,
+            _pad: [0; 2],
     };
     let reply = CtValue {
         new_saddr_be: p.daddr,

@@ -12,7 +12,8 @@
 //! Every name carries a random run id, so labs of parallel tests never collide. [`Lab`] is a
 //! guard: dropping it (also while unwinding from a panic) kills every process of the lab (via
 //! `cgroup.kill` of the node cgroups), deletes the namespaces, cgroups, bpffs pins and scratch
-//! files. [`clean_leftovers`] removes what a killed run left behind.
+//! files. [`clean_leftovers`] removes what a killed run left behind, and never a lab whose owning
+//! process still runs (a parallel test run).
 pub mod bench;
 pub mod cni_bench;
 
@@ -359,6 +360,7 @@ impl Lab {
         };
         // From here on `lab` is a guard: an early return drops it and tears down.
         fs::create_dir_all(dir.join("cluster")).context("lab scratch dir")?;
+        write_owner(&dir)?;
         fs::create_dir_all(&cgroup)
             .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         fs::create_dir_all(&bpffs).context("lab bpffs dir")?;
@@ -1084,29 +1086,84 @@ fn remove_cgroup_tree(cg: &Path) -> Result<()> {
 pub fn clean_leftovers() -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let cg_root = cgroup2_mount()?.join(LAB_DIR_NAME);
-    kill_cgroup_tree(&cg_root);
-    let mut namespaces: Vec<String> = list_netns()
-        .into_iter()
-        .filter(|n| n.starts_with(&format!("{PREFIX}-")))
+    let bpffs_root = Path::new(BPFFS_ROOT).join(LAB_DIR_NAME);
+    let tmp_root = std::env::temp_dir().join(LAB_DIR_NAME);
+    let netns = list_netns();
+    // Every run id with anything left on the machine, from each kind of lab object.
+    let mut ids: Vec<String> = netns
+        .iter()
+        .filter_map(|n| n.strip_prefix(&format!("{PREFIX}-")))
+        .filter_map(|rest| rest.split('-').next())
+        .map(str::to_owned)
         .collect();
-    namespaces.sort_by_key(|n| std::cmp::Reverse(n.len()));
-    for ns in namespaces {
-        ip(&["netns", "del", &ns])?;
-        removed.push(format!("netns {ns}"));
+    for root in [&cg_root, &bpffs_root, &tmp_root] {
+        if let Ok(entries) = fs::read_dir(root) {
+            ids.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned()),
+            );
+        }
     }
-    if cg_root.exists() {
-        remove_cgroup_tree(&cg_root)?;
-        removed.push(format!("cgroup {}", cg_root.display()));
-    }
-    let bpffs = Path::new(BPFFS_ROOT).join(LAB_DIR_NAME);
-    if bpffs.exists() {
-        fs::remove_dir_all(&bpffs)?;
-        removed.push(format!("bpffs {}", bpffs.display()));
-    }
-    let tmp = std::env::temp_dir().join(LAB_DIR_NAME);
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-        removed.push(format!("scratch {}", tmp.display()));
+    ids.sort();
+    ids.dedup();
+    for id in ids {
+        // A lab whose owner still runs belongs to a parallel test run (another checkout's
+        // `xtask test`, a bench): never touch it.
+        if owner_alive(&tmp_root.join(&id)) {
+            continue;
+        }
+        let cg = cg_root.join(&id);
+        kill_cgroup_tree(&cg);
+        let mut namespaces: Vec<&String> = netns
+            .iter()
+            .filter(|n| n.starts_with(&format!("{PREFIX}-{id}-")))
+            .collect();
+        namespaces.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        for ns in namespaces {
+            ip(&["netns", "del", ns])?;
+            removed.push(format!("netns {ns}"));
+        }
+        if cg.exists() {
+            remove_cgroup_tree(&cg)?;
+            removed.push(format!("cgroup {}", cg.display()));
+        }
+        for dir in [bpffs_root.join(&id), tmp_root.join(&id)] {
+            if dir.exists() {
+                fs::remove_dir_all(&dir)?;
+                removed.push(format!("dir {}", dir.display()));
+            }
+        }
     }
     Ok(removed)
+}
+
+/// File in a lab's scratch dir naming the process that owns the lab: `<pid> <start time>`
+/// (the start time, field 22 of /proc/<pid>/stat, tells a reused pid apart).
+const OWNER_FILE: &str = "owner";
+
+fn process_start_time(pid: u32) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after its closing paren don't.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19).map(str::to_owned)
+}
+
+fn write_owner(dir: &Path) -> Result<()> {
+    let pid = std::process::id();
+    let start = process_start_time(pid).context("reading own /proc stat")?;
+    fs::write(dir.join(OWNER_FILE), format!("{pid} {start}\n")).context("writing lab owner file")
+}
+
+fn owner_alive(dir: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(dir.join(OWNER_FILE)) else {
+        return false;
+    };
+    let mut it = text.split_whitespace();
+    let (Some(pid), Some(start)) = (it.next().and_then(|p| p.parse::<u32>().ok()), it.next())
+    else {
+        return false;
+    };
+    process_start_time(pid).is_some_and(|s| s == start)
 }

@@ -51,9 +51,8 @@ pub fn run(filter: Option<&str>, no_lint: bool) -> Result<()> {
         )?;
     }
     build(false)?;
-    // Leftovers of a killed earlier run would only confuse; they carry other run ids, so this
-    // never touches a lab of a parallel run... except one started by another `xtask test`, which
-    // CI never does.
+    // Leftovers of a killed earlier run would only confuse. Labs whose owning process still runs
+    // (a parallel `xtask test` in another checkout) are left alone.
     for r in twill_lab::clean_leftovers()? {
         eprintln!("removed leftover {r}");
     }

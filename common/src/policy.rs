@@ -1,0 +1,103 @@
+//! NetworkPolicy map keys and values (design and reasoning: `docs/design/policy.md`).
+//!
+//! ```text
+//!  POLICY_ENDPOINTS  local pod IPv4 ──► PolicyEndpoint { ep_id, flags (isolation) }
+//!  IPCACHE (LPM)     peer prefix    ──► PeerIdentity { id }   (pods /32, ipBlock regions)
+//!  POLICY  (LPM)     (ep_id, direction, identity, proto, port prefix) ──► PolicyVerdict
+//! ```
+
+pub const MAP_POLICY_ENDPOINTS: &str = "TWL_PEP_V1";
+pub const MAP_IPCACHE: &str = "TWL_IPC_V1";
+pub const MAP_POLICY: &str = "TWL_POL_V1";
+
+pub const DEFAULT_POLICY_ENDPOINTS_MAX: u32 = 4_096;
+pub const DEFAULT_IPCACHE_MAX: u32 = 131_072;
+pub const DEFAULT_POLICY_MAX: u32 = 262_144;
+
+/// `PolicyEndpoint::flags`: the pod is selected by a policy with `Ingress` in its policyTypes,
+/// so only allowed connections may reach it.
+pub const PEP_F_INGRESS_ISOLATED: u32 = 1 << 0;
+/// The pod is selected by a policy with `Egress` in its policyTypes.
+pub const PEP_F_EGRESS_ISOLATED: u32 = 1 << 1;
+
+/// Value of `POLICY_ENDPOINTS` (key: `u32` pod IPv4 address, network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyEndpoint {
+    pub ep_id: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyEndpoint>() == 8);
+
+/// Reserved identities. 0 appears only in `PolicyKey::identity_be` and means "any peer" (a rule
+/// without `from`/`to`); it is never assigned to an address.
+pub const IDENTITY_ANY: u32 = 0;
+/// An address no `IPCACHE` entry covers: outside every ipBlock and not a known pod.
+pub const IDENTITY_WORLD: u32 = 1;
+/// This node's own addresses: always allowed into its pods (kubelet probes).
+pub const IDENTITY_HOST: u32 = 2;
+/// First identity the compiler assigns.
+pub const IDENTITY_FIRST_ASSIGNED: u32 = 256;
+
+/// Data of the `IPCACHE` LPM-trie key (after the trie's `prefix_len`, 0..=32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpCacheKey {
+    pub addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<IpCacheKey>() == 4);
+
+/// Value of `IPCACHE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerIdentity {
+    pub id: u32,
+}
+const _: () = assert!(core::mem::size_of::<PeerIdentity>() == 4);
+
+/// `PolicyKey::direction`.
+pub const POLICY_DIR_INGRESS: u8 = 0;
+pub const POLICY_DIR_EGRESS: u8 = 1;
+
+/// Prefix lengths of `POLICY` keys (bits of the key data, in field order).
+/// Endpoint, direction and identity always match in full: a rule without `ports`.
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 96;
+/// ... plus the protocol: a rule for a protocol with no port (or every port).
+pub const POLICY_PREFIX_ANY_PORT: u32 = 104;
+/// ... plus `_pad2` (always 0) and the port: `POLICY_PREFIX_PORT_BASE + p` matches the top `p`
+/// bits of `port_be`. A range `port..=endPort` decomposes into at most 30 such prefixes.
+pub const POLICY_PREFIX_PORT_BASE: u32 = 112;
+
+/// Data of the `POLICY` LPM-trie key. Field order is match order; the multi-byte fields are
+/// big-endian so the trie's byte-wise prefix match reads them most significant bit first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub ep_id_be: u32,
+    pub direction: u8,
+    pub _pad: [u8; 3],
+    pub identity_be: u32,
+    pub proto: u8,
+    pub _pad2: u8,
+    pub port_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 16);
+
+/// Value of `POLICY`: present = allowed. `rule_id` names the compiled rule that allows, so the
+/// debug CLI and the denied-flow monitor can say which policy did.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyVerdict {
+    pub rule_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyVerdict>() == 4);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::PolicyEndpoint {}
+    unsafe impl aya::Pod for super::IpCacheKey {}
+    unsafe impl aya::Pod for super::PeerIdentity {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyVerdict {}
+}
