@@ -29,9 +29,8 @@ use aya_ebpf::{
 };
 use twill_common::{
     AFFINITY_CLIENT_IP, BE_F_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CT_SCOPE_NAT, CtKey, CtValue,
-    PROTO_TCP,
-    PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey,
+    PROTO_TCP, PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER,
+    SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey,
 };
 
 use crate::{
@@ -306,7 +305,7 @@ fn counterpart(ct: &CtValue, proto: u8) -> CtKey {
         dport_be: ct.new_sport_be,
         proto,
         scope: CT_SCOPE_NAT,
-            _pad: [0; 2],
+        _pad: [0; 2],
     }
 }
 
@@ -380,7 +379,7 @@ fn dnat_local(
         dport_be: p.sport,
         proto: p.proto,
         scope: CT_SCOPE_NAT,
-            _pad: [0; 2],
+        _pad: [0; 2],
     };
     let reply = CtValue {
         new_saddr_be: p.daddr,
@@ -419,7 +418,7 @@ fn dnat_snat(
         dport_be: p.sport,
         proto: p.proto,
         scope: CT_SCOPE_NAT,
-            _pad: [0; 2],
+        _pad: [0; 2],
     };
     let reply = CtValue {
         new_saddr_be: p.daddr,
