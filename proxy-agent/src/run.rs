@@ -71,6 +71,7 @@ pub fn compile_config(cfg: &Config) -> CompileConfig {
     let mut c = CompileConfig::new(cfg.node_name.clone());
     c.nodeport_cidrs.clone_from(&cfg.nodeport_addresses);
     c.nodeport_range = cfg.nodeport_range.0..=cfg.nodeport_range.1;
+    c.max_frontends_per_service = cfg.max_frontends_per_service;
     c
 }
 

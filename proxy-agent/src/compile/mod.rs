@@ -39,6 +39,12 @@ pub use parse::{
     ParsedSlice, RefusedAddress, ServiceInput, SliceInput, all_node_ips, special_address,
 };
 
+/// Default of `--max-frontends-per-service`: a Service asking for more services-map entries is
+/// rejected whole. Generous for real Services (100 ports of a LoadBalancer with
+/// `externalTrafficPolicy: Local` and one ingress IP need 500), small next to the services map
+/// (65,536 entries by default), so one object cannot fill it for everyone else.
+pub const DEFAULT_MAX_FRONTENDS_PER_SERVICE: usize = 1024;
+
 /// kube-apiserver's default `--service-node-port-range`.
 pub const DEFAULT_NODEPORT_RANGE: RangeInclusive<u16> = 30_000..=32_767;
 
@@ -71,6 +77,8 @@ pub struct CompileConfig {
     /// an externalIP or LoadBalancer IP (it would capture the node's own ports, its kubelet or
     /// SSH, from every pod of the cluster). This node's `nodeport_addresses` are refused too.
     pub node_ips: Vec<Ipv4Addr>,
+    /// A Service needing more frontends (services-map entries) than this is not programmed.
+    pub max_frontends_per_service: usize,
 }
 
 impl CompileConfig {
@@ -82,6 +90,7 @@ impl CompileConfig {
             nodeport_range: DEFAULT_NODEPORT_RANGE,
             pod_cidrs: Vec::new(),
             node_ips: Vec::new(),
+            max_frontends_per_service: DEFAULT_MAX_FRONTENDS_PER_SERVICE,
         }
     }
 
@@ -199,6 +208,11 @@ pub enum RejectReason {
     NotThisNode(String),
     #[error("no free {0} id left")]
     IdsExhausted(&'static str),
+    #[error(
+        "{count} frontends (ports × addresses × scopes), more than the {max} a Service may have \
+         (--max-frontends-per-service): the Service is not programmed"
+    )]
+    TooManyFrontends { count: usize, max: usize },
     #[error("{0} usable endpoints; only the first 65535 are programmed")]
     TooManyBackends(usize),
     #[error("unsupported: {0}")]
@@ -247,6 +261,7 @@ impl RejectReason {
             RejectReason::NotThisNode(_) => "not_this_node",
             RejectReason::IdsExhausted(_) => "ids_exhausted",
             RejectReason::TooManyBackends(_) => "too_many_backends",
+            RejectReason::TooManyFrontends { .. } => "too_many_frontends",
             RejectReason::Unsupported(_) => "unsupported",
             RejectReason::NotProxied(_) => "not_proxied",
         }
@@ -574,6 +589,10 @@ fn port_frontends(
 /// Every address/port/protocol a Service asks for with the strongest rank it asks with, sorted:
 /// what [`plan_service`]'s conflict check is decided on.
 fn service_claims(svc: &parse::ParsedService, config: &CompileConfig) -> Vec<RankedClaim> {
+    if frontend_count(svc, config) > config.max_frontends_per_service {
+        // Not programmed at all, so it holds nothing another Service could want.
+        return Vec::new();
+    }
     let mut claims: Vec<RankedClaim> = svc
         .ports
         .iter()
@@ -584,6 +603,14 @@ fn service_claims(svc: &parse::ParsedService, config: &CompileConfig) -> Vec<Ran
     claims.sort_unstable();
     claims.dedup_by_key(|c| c.0);
     claims
+}
+
+/// How many services-map entries `svc` asks for, before conflicts.
+fn frontend_count(svc: &parse::ParsedService, config: &CompileConfig) -> usize {
+    svc.ports
+        .iter()
+        .map(|p| port_frontends(svc, p, config).len())
+        .sum()
 }
 
 /// The externalIPs and LoadBalancer IPs of `svc` no Service may take: the special addresses
@@ -626,13 +653,24 @@ fn plan_service<'a>(
     rejected: &mut Vec<Rejection>,
 ) -> (Vec<PlannedPort>, Option<HealthCheck>) {
     let mut planned = Vec::new();
-    for reason in refused_addresses(svc, config) {
+    let mut reject = |reason| {
         rejected.push(Rejection {
             kind: ObjectKind::Service,
             namespace: namespace.clone(),
             name: name.clone(),
             reason,
         });
+    };
+    let count = frontend_count(svc, config);
+    if count > config.max_frontends_per_service {
+        reject(RejectReason::TooManyFrontends {
+            count,
+            max: config.max_frontends_per_service,
+        });
+        return (planned, None);
+    }
+    for reason in refused_addresses(svc, config) {
+        reject(reason);
     }
     let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for port in &svc.ports {
