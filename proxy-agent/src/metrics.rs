@@ -36,6 +36,8 @@ pub struct Metrics {
     network_errors: Family<Labels, Counter>,
     pub peer_routes: Gauge,
     source_errors: Family<Labels, Counter>,
+    /// Services the compiler programmed that the maps have no room for.
+    pub unprogrammed_services: Gauge,
     /// Last absolute kernel counter per verdict: the kernel's counters are absolute, Prometheus
     /// counters only go up by deltas.
     last_verdicts: Mutex<BTreeMap<String, u64>>,
@@ -135,6 +137,12 @@ impl Metrics {
             "Watch/list errors of the Kubernetes source, by kind",
             source_errors.clone(),
         );
+        let unprogrammed_services = Gauge::default();
+        registry.register(
+            "twill_unprogrammed_services",
+            "Services with frontends the maps had no room for (a full map; retried on every change and resync)",
+            unprogrammed_services.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             sync_duration,
@@ -150,6 +158,7 @@ impl Metrics {
             network_errors,
             peer_routes,
             source_errors,
+            unprogrammed_services,
             last_verdicts: Mutex::default(),
             counted_rejections: Mutex::default(),
         }

@@ -217,6 +217,11 @@ pub enum RejectReason {
     TooManyBackends(usize),
     #[error("unsupported: {0}")]
     Unsupported(&'static str),
+    #[error(
+        "not (fully) programmed: a map is full (twill_map_errors_total{{kind=\"full\"}} names \
+         it); raise its --map-size-* or remove Services. Retried on every change and resync"
+    )]
+    MapFull,
     #[error("not proxied: {0}")]
     NotProxied(&'static str),
 }
@@ -238,7 +243,8 @@ impl RejectReason {
         match self {
             RejectReason::Unsupported(_)
             | RejectReason::TooManyBackends(_)
-            | RejectReason::IdsExhausted(_) => RejectClass::Unsupported,
+            | RejectReason::IdsExhausted(_)
+            | RejectReason::MapFull => RejectClass::Unsupported,
             RejectReason::NotProxied(_) => RejectClass::NotProxied,
             _ => RejectClass::Invalid,
         }
@@ -263,6 +269,7 @@ impl RejectReason {
             RejectReason::TooManyBackends(_) => "too_many_backends",
             RejectReason::TooManyFrontends { .. } => "too_many_frontends",
             RejectReason::Unsupported(_) => "unsupported",
+            RejectReason::MapFull => "map_full",
             RejectReason::NotProxied(_) => "not_proxied",
         }
     }
