@@ -57,6 +57,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    #[expect(clippy::too_many_lines, reason = "one registration per metric")]
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let sync_duration = Histogram::new(sync_buckets());

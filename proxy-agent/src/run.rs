@@ -21,7 +21,7 @@ use crate::compile::{CompileConfig, Compiler, IdAllocation};
 use crate::config::{Config, SourceConfig};
 use crate::datapath::{AyaLbMaps, Datapath, DatapathError, DatapathOptions};
 use crate::health::{Health, HealthCheckServers};
-use crate::lbmap::LbMaps;
+use crate::lbmap::{LbMaps, StateChanges};
 use crate::metrics::Metrics;
 use crate::node_net::{NetworkError, NetworkState, NodeNetwork};
 use crate::preflight::PreflightError;
@@ -289,6 +289,18 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             Ok(stats) => stats.compared_all,
             Err(e) => e.stats().is_none_or(|s| s.compared_all),
         };
+        self.publish(
+            &changes,
+            compared_all,
+            update.recompiled > 0 || update.rejections_changed || unprogrammed_changed,
+        );
+        ok
+    }
+
+    /// Updates the copy the API serves: the applied state (whole after an apply that compared
+    /// everything, else the changed keys) and, when `model_changed` or after a whole compare,
+    /// the dump model with the Services a full map left out.
+    fn publish(&self, changes: &StateChanges, compared_all: bool, model_changed: bool) {
         let mut published = self
             .published
             .write()
@@ -298,13 +310,9 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         } else {
             published
                 .applied
-                .copy_changes(self.reconciler.applied(), &changes);
+                .copy_changes(self.reconciler.applied(), changes);
         }
-        if update.recompiled > 0
-            || update.rejections_changed
-            || compared_all
-            || unprogrammed_changed
-        {
+        if model_changed || compared_all {
             published.model = self.compiler.model();
             if !self.unprogrammed.is_empty() {
                 let rejected = &mut published.model.rejected;
@@ -319,7 +327,6 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
                 });
             }
         }
-        ok
     }
 
     fn count_map_errors(&self, e: &ReconcileError) {
@@ -683,6 +690,40 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     drop(agent);
     drop(datapath);
     Ok(())
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns (old, new) soft limits. The
+/// default soft limit (often 1024) is shared by every map, link, netlink socket and client
+/// connection; the servers cap their connections ([`crate::api::HTTP_LIMITS`]) well below the
+/// raised limit, so a connection flood cannot starve the rest. Raising up to the hard limit
+/// needs no privilege.
+pub fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let old = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((old, lim.rlim_cur))
+}
+
+/// [`raise_open_file_limit`], logged; `main` calls it before the runtime starts its threads.
+pub fn log_open_file_limit() {
+    match raise_open_file_limit() {
+        Ok((from, to)) if from != to => log::info!("open-file limit raised from {from} to {to}"),
+        Ok(_) => {}
+        Err(e) => log::warn!("raising the open-file limit: {e}"),
+    }
 }
 
 /// Runs [`release_free_heap`] off the run loop, at most every [`TRIM_PERIOD`].

@@ -215,6 +215,10 @@ fn check_peer_cidr(
 }
 
 /// Plans routes from `this_node` to every other node.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one pass over the peers, then the overlay and masquerade that follow from it"
+)]
 pub fn plan_routes<'a>(
     this_node: &str,
     nodes: impl IntoIterator<Item = &'a Node>,
@@ -649,6 +653,7 @@ mod tests {
     /// this node's subnet, over the default route or another foreign route, holding a node's
     /// address, or overlapping an older peer's, gets no route; the honest peers keep theirs.
     #[test]
+    #[expect(clippy::too_many_lines, reason = "one case per kind of hostile CIDR")]
     fn hostile_peer_cidrs_are_refused() {
         let mut nodes = vec![
             node("n0", Some("172.30.0.10"), &["10.244.0.0/24"]),
