@@ -146,7 +146,10 @@ fn load(path: &Path) -> Case {
         config.unwrap_or_else(|| panic!("{}: no PolicyTestConfig", path.display()));
     if config.upstream_topology {
         let (p, n) = upstream_topology(&config);
-        pods.extend(p.iter().map(|p| PolicyPod::from_k8s(p).expect("valid topology pod")));
+        pods.extend(
+            p.iter()
+                .map(|p| PolicyPod::from_k8s(p).expect("valid topology pod")),
+        );
         namespaces.extend(
             n.iter()
                 .map(|n| PolicyNamespace::from_k8s(n).expect("valid topology namespace")),
@@ -231,17 +234,18 @@ fn render(path: &Path, case: &Case, state: &PolicyState) -> String {
         for (i, (name, _)) in members.iter().enumerate() {
             let _ = writeln!(out, "  {i:>2} {name}");
         }
-        let header: String = (0..members.len()).map(|i| format!("{i:>3}")).collect();
-        let _ = writeln!(out, "  {:>2} {:width$}{header}", "", "");
+        let _ = write!(out, "  {:>2} {:width$}", "", "");
+        for i in 0..members.len() {
+            let _ = write!(out, "{i:>3}");
+        }
+        out.push('\n');
         for (i, (name, src)) in members.iter().enumerate() {
-            let row: String = members
-                .iter()
-                .map(|(_, dst)| {
-                    let v = state.verdict(*src, *dst, proto, port);
-                    format!("{:>3}", if v.allowed() { "." } else { "X" })
-                })
-                .collect();
-            let _ = writeln!(out, "  {i:>2} {name:width$}{row}");
+            let _ = write!(out, "  {i:>2} {name:width$}");
+            for (_, dst) in &members {
+                let v = state.verdict(*src, *dst, proto, port);
+                let _ = write!(out, "{:>3}", if v.allowed() { "." } else { "X" });
+            }
+            out.push('\n');
         }
     }
     out
@@ -273,7 +277,12 @@ fn golden() {
         let state = run(&case, false);
         let got = render(path, &case, &state);
         let reversed = render(path, &case, &run(&case, true));
-        assert_eq!(got, reversed, "{}: output depends on input order", path.display());
+        assert_eq!(
+            got,
+            reversed,
+            "{}: output depends on input order",
+            path.display()
+        );
 
         let want_path = path.with_extension("dump");
         if bless {

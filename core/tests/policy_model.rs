@@ -70,7 +70,12 @@ fn topology() -> Vec<TopoPod> {
             out.push(TopoPod {
                 namespace: ns,
                 name: pod,
-                ip: Ipv4Addr::new(10, 244, u8::try_from(i + 1).unwrap(), u8::try_from(j + 1).unwrap()),
+                ip: Ipv4Addr::new(
+                    10,
+                    244,
+                    u8::try_from(i + 1).unwrap(),
+                    u8::try_from(j + 1).unwrap(),
+                ),
                 labels,
                 ports,
             });
@@ -135,8 +140,7 @@ fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
 /// A peer of a policy in `policy_ns` selects `pod`.
 fn peer_selects(peer: &NetworkPolicyPeer, policy_ns: &str, pod: &TopoPod) -> bool {
     if let Some(b) = &peer.ip_block {
-        return in_cidr(pod.ip, &b.cidr)
-            && !b.except.iter().flatten().any(|e| in_cidr(pod.ip, e));
+        return in_cidr(pod.ip, &b.cidr) && !b.except.iter().flatten().any(|e| in_cidr(pod.ip, e));
     }
     let mut ns_labels = ns_labels(pod.namespace);
     ns_labels.insert("kubernetes.io/metadata.name".into(), pod.namespace.into());
@@ -190,7 +194,13 @@ fn selects(np: &NetworkPolicy, pod: &TopoPod) -> bool {
 }
 
 /// `client`'s egress allows the connection to `server`.
-fn model_egress(pols: &[NetworkPolicy], client: &TopoPod, server: &TopoPod, proto: &str, port: u16) -> bool {
+fn model_egress(
+    pols: &[NetworkPolicy],
+    client: &TopoPod,
+    server: &TopoPod,
+    proto: &str,
+    port: u16,
+) -> bool {
     let mut isolated = false;
     for np in pols.iter().filter(|np| types(np).1 && selects(np, client)) {
         isolated = true;
@@ -213,7 +223,13 @@ fn model_egress(pols: &[NetworkPolicy], client: &TopoPod, server: &TopoPod, prot
 }
 
 /// `server`'s ingress allows the connection from `client`.
-fn model_ingress(pols: &[NetworkPolicy], client: &TopoPod, server: &TopoPod, proto: &str, port: u16) -> bool {
+fn model_ingress(
+    pols: &[NetworkPolicy],
+    client: &TopoPod,
+    server: &TopoPod,
+    proto: &str,
+    port: u16,
+) -> bool {
     let mut isolated = false;
     for np in pols.iter().filter(|np| types(np).0 && selects(np, server)) {
         isolated = true;
@@ -237,10 +253,15 @@ fn model_ingress(pols: &[NetworkPolicy], client: &TopoPod, server: &TopoPod, pro
 
 // ---- random policies ---------------------------------------------------------------------
 
-fn label_selector(keys: &'static [(&'static str, &'static [&'static str])]) -> BoxedStrategy<Value> {
+fn label_selector(
+    keys: &'static [(&'static str, &'static [&'static str])],
+) -> BoxedStrategy<Value> {
     let key = prop::sample::select(keys);
     let value_sets = key.clone().prop_flat_map(|(k, vals)| {
-        (Just(k), prop::sample::subsequence(vals.to_vec(), 1..=vals.len()))
+        (
+            Just(k),
+            prop::sample::subsequence(vals.to_vec(), 1..=vals.len()),
+        )
     });
     prop_oneof![
         Just(json!({})),
@@ -250,9 +271,8 @@ fn label_selector(keys: &'static [(&'static str, &'static [&'static str])]) -> B
         (value_sets, prop::sample::select(&["In", "NotIn"][..])).prop_map(|((k, vs), op)| {
             json!({"matchExpressions": [{"key": k, "operator": op, "values": vs}]})
         }),
-        (key, prop::sample::select(&["Exists", "DoesNotExist"][..])).prop_map(|((k, _), op)| {
-            json!({"matchExpressions": [{"key": k, "operator": op}]})
-        }),
+        (key, prop::sample::select(&["Exists", "DoesNotExist"][..]))
+            .prop_map(|((k, _), op)| { json!({"matchExpressions": [{"key": k, "operator": op}]}) }),
     ]
     .boxed()
 }
@@ -275,15 +295,22 @@ fn ip_block() -> impl Strategy<Value = Value> {
         (1u8..=3, 1u8..=3).prop_map(|(n, h)| format!("10.244.{n}.{h}/32")),
         Just("192.0.2.0/24".to_owned()),
     ];
-    (cidr, prop::collection::vec((1u8..=3, 1u8..=3, prop::bool::ANY), 0..=2)).prop_map(
-        |(cidr, excepts)| {
+    (
+        cidr,
+        prop::collection::vec((1u8..=3, 1u8..=3, prop::bool::ANY), 0..=2),
+    )
+        .prop_map(|(cidr, excepts)| {
             let (net, mask) = parse_cidr(&cidr);
             let len = mask.count_ones();
             let except: Vec<String> = excepts
                 .into_iter()
                 .filter_map(|(n, h, wide)| {
                     let ip = Ipv4Addr::new(10, 244, n, h);
-                    let (e, elen) = if wide { (u32::from(ip) & !1, 31) } else { (u32::from(ip), 32) };
+                    let (e, elen) = if wide {
+                        (u32::from(ip) & !1, 31)
+                    } else {
+                        (u32::from(ip), 32)
+                    };
                     (elen > len && (e & mask) == net)
                         .then(|| format!("{}/{elen}", Ipv4Addr::from(e)))
                 })
@@ -293,8 +320,7 @@ fn ip_block() -> impl Strategy<Value = Value> {
             } else {
                 json!({"ipBlock": {"cidr": cidr, "except": except}})
             }
-        },
-    )
+        })
 }
 
 fn peer() -> impl Strategy<Value = Value> {
@@ -315,7 +341,15 @@ fn port() -> impl Strategy<Value = Value> {
         prop::sample::select(&[(80, 81), (79, 80), (81, 90), (1, 65535)][..])
             .prop_map(|(p, e)| json!({"port": p, "endPort": e})),
         prop::sample::select(
-            &["serve-80-tcp", "serve-81-tcp", "serve-80-udp", "serve-81-udp", "serve-80-sctp", "web", "none"][..]
+            &[
+                "serve-80-tcp",
+                "serve-81-tcp",
+                "serve-80-udp",
+                "serve-81-udp",
+                "serve-80-sctp",
+                "web",
+                "none"
+            ][..]
         )
         .prop_map(|n| json!({"port": n})),
     ];
@@ -329,7 +363,9 @@ fn port() -> impl Strategy<Value = Value> {
 }
 
 /// `None` = field absent; `Some(vec![])` = present and empty (same meaning, both tested).
-fn opt_list<S: Strategy<Value = Value> + 'static>(s: S) -> impl Strategy<Value = Option<Vec<Value>>> {
+fn opt_list<S: Strategy<Value = Value> + 'static>(
+    s: S,
+) -> impl Strategy<Value = Option<Vec<Value>>> {
     prop_oneof![
         1 => Just(None),
         1 => Just(Some(Vec::new())),
@@ -351,14 +387,12 @@ fn rule(peers_field: &'static str) -> impl Strategy<Value = Value> {
 }
 
 fn policy(i: usize) -> impl Strategy<Value = NetworkPolicy> {
-    let types = prop::sample::select(
-        vec![
-            None,
-            Some(vec!["Ingress"]),
-            Some(vec!["Egress"]),
-            Some(vec!["Ingress", "Egress"]),
-        ],
-    );
+    let types = prop::sample::select(vec![
+        None,
+        Some(vec!["Ingress"]),
+        Some(vec!["Egress"]),
+        Some(vec!["Ingress", "Egress"]),
+    ]);
     (
         prop::sample::select(&NAMESPACES[..]),
         label_selector(POD_KEYS),
@@ -391,31 +425,42 @@ fn policies() -> impl Strategy<Value = Vec<NetworkPolicy>> {
 
 // ---- the comparison ----------------------------------------------------------------------
 
-fn check(pols: &[NetworkPolicy], remote: &[bool]) -> Result<(), TestCaseError> {
+fn check(policies: &[NetworkPolicy], remote: &[bool]) -> Result<(), TestCaseError> {
     let topo = topology();
-    let pods: Vec<PolicyPod> = topo
+    let policy_pods: Vec<PolicyPod> = topo
         .iter()
         .zip(remote)
-        .map(|(p, &r)| PolicyPod::from_k8s(&pod_object(p, if r { "node-b" } else { NODE })).unwrap())
+        .map(|(p, &r)| {
+            PolicyPod::from_k8s(&pod_object(p, if r { "node-b" } else { NODE })).unwrap()
+        })
         .collect();
     let namespaces: Vec<PolicyNamespace> = NAMESPACES
         .iter()
         .map(|ns| PolicyNamespace::from_k8s(&namespace_object(ns)).unwrap())
         .collect();
-    let parsed: Vec<ParsedPolicy> = pols
+    let parsed: Vec<ParsedPolicy> = policies
         .iter()
         .map(|np| {
-            ParsedPolicy::from_k8s(np).unwrap_or_else(|e| panic!("generated an invalid policy: {e}"))
+            ParsedPolicy::from_k8s(np)
+                .unwrap_or_else(|e| panic!("generated an invalid policy: {e}"))
         })
         .collect();
-    let state = compile(&pods, &namespaces, &parsed, NODE, &[], &PolicyIds::default());
+    let state = compile(
+        &policy_pods,
+        &namespaces,
+        &parsed,
+        NODE,
+        &[],
+        &PolicyIds::default(),
+    );
     let mut wrong = Vec::new();
     for (ci, client) in topo.iter().enumerate() {
         for (si, server) in topo.iter().enumerate() {
             for (proto, proto_num) in PROTOS {
                 for port in [80u16, 81] {
-                    let egress = remote[ci] || model_egress(pols, client, server, proto, port);
-                    let ingress = remote[si] || model_ingress(pols, client, server, proto, port);
+                    let egress = remote[ci] || model_egress(policies, client, server, proto, port);
+                    let ingress =
+                        remote[si] || model_ingress(policies, client, server, proto, port);
                     let want = egress && ingress;
                     let got = state.verdict(client.ip, server.ip, proto_num, port);
                     if got.allowed() != want {
@@ -434,7 +479,7 @@ fn check(pols: &[NetworkPolicy], remote: &[bool]) -> Result<(), TestCaseError> {
         "{} of 486 probes differ:\n{}\npolicies:\n{}\ndump:\n{}",
         wrong.len(),
         wrong.join("\n"),
-        serde_json::to_string_pretty(pols).unwrap(),
+        serde_json::to_string_pretty(policies).unwrap(),
         state.dump()
     );
     Ok(())
