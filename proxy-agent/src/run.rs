@@ -188,6 +188,10 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             .as_deref()
             .map(crate::cniconf::pod_cidrs)
             .unwrap_or_default();
+        // Few objects; a list of addresses compared by the compiler, which replans only the
+        // Services naming one that came or went.
+        self.compile_cfg.node_ips =
+            crate::compile::all_node_ips(self.stores.nodes().values().map(AsRef::as_ref));
         let update = self
             .compiler
             .update(&self.compile_cfg, node.as_deref(), dirty.groups);
