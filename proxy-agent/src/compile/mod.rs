@@ -67,6 +67,8 @@ pub struct CompileConfig {
     /// This node's pod CIDRs (from its Node object): an endpoint without a `nodeName` inside
     /// them is local, since in the routed design only this node's pods hold those addresses.
     pub pod_cidrs: Vec<Ipv4Network>,
+    /// The node's own network-namespace cookie, for `DatapathConfig` (loopback NodePorts).
+    pub host_netns_cookie: u64,
 }
 
 impl CompileConfig {
@@ -77,6 +79,7 @@ impl CompileConfig {
             nodeport_cidrs: Vec::new(),
             nodeport_range: DEFAULT_NODEPORT_RANGE,
             pod_cidrs: Vec::new(),
+            host_netns_cookie: 0,
         }
     }
 }
