@@ -154,6 +154,12 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         }
     }
 
+    /// The node's own network namespace (where the agent runs), written into the datapath config
+    /// so loopback NodePorts are translated there and never inside pods.
+    pub fn set_host_netns_cookie(&mut self, cookie: u64) {
+        self.compile_cfg.host_netns_cookie = cookie;
+    }
+
     /// Takes the node network's devices and MTU into the next compile and CNI config.
     pub fn set_network(&mut self, net: &NetworkState) {
         self.compile_cfg
@@ -501,6 +507,13 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
 
     let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
+    match crate::datapath::current_netns_cookie() {
+        Ok(cookie) => agent.set_host_netns_cookie(cookie),
+        Err(e) => log::warn!(
+            "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {e}; \
+             127.0.0.1:<nodePort> is not translated"
+        ),
+    }
 
     let synced = tokio::select! {
         s = stores.wait_synced(FIRST_SYNC_TIMEOUT) => Some(s),

@@ -71,6 +71,8 @@ pub struct CompileConfig {
     /// an externalIP or LoadBalancer IP (it would capture the node's own ports, its kubelet or
     /// SSH, from every pod of the cluster). This node's `nodeport_addresses` are refused too.
     pub node_ips: Vec<Ipv4Addr>,
+    /// The node's own network-namespace cookie, for `DatapathConfig` (loopback NodePorts).
+    pub host_netns_cookie: u64,
 }
 
 impl CompileConfig {
@@ -82,6 +84,7 @@ impl CompileConfig {
             nodeport_range: DEFAULT_NODEPORT_RANGE,
             pod_cidrs: Vec::new(),
             node_ips: Vec::new(),
+            host_netns_cookie: 0,
         }
     }
 
