@@ -25,7 +25,8 @@ pub enum Reason {
     RevNatMapFull = 8,
     /// `AFFINITY` full: affinity not recorded (the connection still proceeds).
     AffinityMapFull = 9,
-    /// Connection-tracking map full: packet dropped.
+    /// Connection-tracking map full: the first packet of a new flow is dropped (the client
+    /// retries; entries are collected by state, see `ct_lifetime_ns`).
     CtMapFull = 10,
     /// Packet too short or malformed headers.
     Malformed = 11,
@@ -50,6 +51,14 @@ pub enum Reason {
     PolicyCtFull = 34,
     /// NetworkPolicy: a new flow was allowed by a rule (counted once per flow).
     PolicyAllowed = 35,
+    /// Per-packet: a TCP packet other than a SYN, to a Service frontend, of no tracked flow (its
+    /// entry expired or was flushed). Never balanced to a backend, which would answer with a
+    /// reset: passed to the node's stack untouched.
+    CtNonSynMiss = 40,
+    /// Per-packet: a SYN reused the tuple of a closed (or expired) flow: balanced afresh.
+    CtReopened = 41,
+    /// Per-packet: no free source port for SNAT towards the backend: dropped.
+    SnatPortsExhausted = 42,
 }
 
 impl Reason {
@@ -75,6 +84,9 @@ impl Reason {
         Reason::PolicyDeniedEgress,
         Reason::PolicyCtFull,
         Reason::PolicyAllowed,
+        Reason::CtNonSynMiss,
+        Reason::CtReopened,
+        Reason::SnatPortsExhausted,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -100,6 +112,9 @@ impl Reason {
             Reason::PolicyDeniedEgress => "policy_denied_egress",
             Reason::PolicyCtFull => "policy_ct_full",
             Reason::PolicyAllowed => "policy_allowed",
+            Reason::CtNonSynMiss => "ct_non_syn_miss",
+            Reason::CtReopened => "ct_reopened",
+            Reason::SnatPortsExhausted => "snat_ports_exhausted",
         }
     }
 
@@ -117,6 +132,7 @@ impl Reason {
                 | Reason::PolicyDeniedIngress
                 | Reason::PolicyDeniedEgress
                 | Reason::PolicyCtFull
+                | Reason::SnatPortsExhausted
         )
     }
 }

@@ -4,6 +4,7 @@ pub mod api;
 pub mod cniconf;
 pub mod compile;
 pub mod config;
+pub mod ctgc;
 pub mod datapath;
 pub mod debug_cli;
 pub mod health;
