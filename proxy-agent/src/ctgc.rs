@@ -222,7 +222,7 @@ mod tests {
         assert!(p.orphaned.is_empty());
         let p = plan(&recent_close, now, &pods(&[POD]));
         assert!(p.is_empty(), "{p:?}");
-        assert!(CT_LIFETIME_TCP_CLOSING_NS < 11 * S);
+        const { assert!(CT_LIFETIME_TCP_CLOSING_NS < 11 * S) };
     }
 
     #[test]
