@@ -7,9 +7,9 @@ use aya_ebpf::{
 use twill_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
     DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_LB_SRC_RANGES_MAX,
-    DEFAULT_NODE_ADDRS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig,
-    NodeAddrValue, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
-    SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    DEFAULT_NODE_ADDRS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX,
+    DatapathConfig, NodeAddrValue, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey,
+    SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 #[map]

@@ -146,10 +146,32 @@ fn loop_counts(out: &str) -> Result<(u64, u64, BTreeMap<String, u64>)> {
 fn set_host_netns(maps: &mut AyaLbMaps, node: &Node) -> Result<()> {
     let (code, out) = node.labtool(&["netns-cookie"])?;
     ensure!(code == 0, "labtool netns-cookie: {out}");
-    let cookie: u64 = out.parse().with_context(|| format!("netns cookie {out:?}"))?;
+    let cookie: u64 = out
+        .parse()
+        .with_context(|| format!("netns cookie {out:?}"))?;
     let mut config = maps.dump()?.config;
     config.host_netns_cookie = cookie;
     maps.set_config(config)?;
+    Ok(())
+}
+
+/// Leaves backend `keep` (an id) alone in Service `svc_id`'s frontend: slot 0, count 1.
+fn keep_only(
+    maps: &mut AyaLbMaps,
+    svc_id: u32,
+    (addr, port, proto): (Ipv4Addr, u16, u8),
+    keep: u32,
+) -> Result<()> {
+    maps.upsert_slot(SlotKey { svc_id, slot: 0 }, keep)?;
+    let key = ServiceKey {
+        addr_be: be(addr),
+        port_be: port.to_be(),
+        proto,
+        scope: SCOPE_ANY,
+    };
+    let mut value = maps.dump()?.services[&key];
+    value.backend_count = 1;
+    maps.upsert_service(key, value)?;
     Ok(())
 }
 
@@ -858,7 +880,10 @@ fn af_inet6_clients_reach_services_via_v4_mapped_addresses_and_see_them_as_peer(
         "--timeout-ms",
         "5000",
     ])?;
-    ensure!(code == 2, "AF_INET6 connect without endpoints not refused: {out}");
+    ensure!(
+        code == 2,
+        "AF_INET6 connect without endpoints not refused: {out}"
+    );
 
     // A real IPv6 destination is not ours: untouched (nothing listens on the pod's [::1]:80).
     let before = s.maps.stats()?[&Reason::NotV4Mapped];
@@ -949,16 +974,7 @@ fn unconnected_udp_datagrams_of_one_socket_stay_on_one_backend() -> Result<()> {
             .map(|(_, v)| v.backend_id))
     })?;
     let other_id = if sticky_id == 1600 { 1601 } else { 1600 };
-    s.maps.upsert_slot(SlotKey { svc_id: 16, slot: 0 }, other_id)?;
-    let key = ServiceKey {
-        addr_be: be(VIP),
-        port_be: 53u16.to_be(),
-        proto: PROTO_UDP,
-        scope: SCOPE_ANY,
-    };
-    let mut value = s.maps.dump()?.services[&key];
-    value.backend_count = 1;
-    s.maps.upsert_service(key, value)?;
+    keep_only(&mut s.maps, 16, (VIP, 53, PROTO_UDP), other_id)?;
     let out = looper.wait_with_output()?;
     let out = String::from_utf8_lossy(&out.stdout);
     let (ok, failures, counts) = loop_counts(out.trim())?;
