@@ -11,8 +11,9 @@
 //!  AFFINITY  (client_id, svc_id) ──► { backend_id, last_used_ns }
 //!  SOCK_REVNAT (socket cookie, backend addr, port) ──► frontend (addr, port)
 //!  UDP_FLOWS (socket cookie, svc_id) ──► { backend_id, last_used_ns }: unconnected UDP stickiness
-//!  CT        (saddr, daddr, sport, dport, proto) ──► rewrite to (saddr', daddr', sport', dport')
-//!            one entry per direction of a per-packet (north-south) translated flow
+//!  CT        (saddr, daddr, sport, dport, proto, scope) ──► rewrite to (saddr', daddr', sport',
+//!            dport'), flow state, last packet; one entry per direction of a per-packet
+//!            (north-south) translated flow; expired by state (`ct_lifetime_ns`)
 //!  LB_SRC_RANGES (LPM: svc_id, client prefix) ──► allowed (loadBalancerSourceRanges)
 //! ```
 
@@ -270,7 +271,53 @@ pub const CT_F_REPLY: u32 = 1 << 0;
 /// Cluster), so replies return through this node.
 pub const CT_F_SNAT: u32 = 1 << 1;
 
-/// Value of `CT`: the addresses and ports a matching packet is rewritten to (all network order).
+/// `CtValue::state`: where a flow is in its life. Both entries of a translated flow (original
+/// and reply direction) carry the same state; the program that sees a transition writes both.
+/// The meaning is the same for every `CtKey::scope`, so one collector expires every entry.
+///
+/// A flow whose opening packet was seen, but nothing from the other side yet (TCP: the SYN).
+pub const CT_STATE_NEW: u8 = 1;
+/// Packets were seen both ways (TCP: the SYN was answered).
+pub const CT_STATE_ESTABLISHED: u8 = 2;
+/// TCP only: both sides sent a FIN. Kept briefly for the last ACK and retransmitted FINs; a
+/// SYN reusing the tuple starts a new flow.
+pub const CT_STATE_CLOSING: u8 = 3;
+
+/// `CtValue::tcp_fin` bits: which side has sent a FIN.
+pub const CT_FIN_ORIG: u8 = 1 << 0;
+pub const CT_FIN_REPLY: u8 = 1 << 1;
+
+const NSEC_PER_SEC: u64 = 1_000_000_000;
+/// TCP flow opened (SYN seen) but not answered: as long as a client keeps retrying its SYN.
+pub const CT_LIFETIME_TCP_NEW_NS: u64 = 60 * NSEC_PER_SEC;
+/// Idle established TCP flow: kube-proxy's `conntrack.tcpEstablishedTimeout` default (24 h),
+/// so a long idle connection survives as it does with kube-proxy.
+pub const CT_LIFETIME_TCP_ESTABLISHED_NS: u64 = 24 * 3600 * NSEC_PER_SEC;
+/// TCP flow closed by both sides (Cilium's `CT_CLOSE_TIMEOUT`): enough for the last ACK.
+pub const CT_LIFETIME_TCP_CLOSING_NS: u64 = 10 * NSEC_PER_SEC;
+/// UDP (and any other protocol) without an answer yet (netfilter's `udp_timeout`).
+pub const CT_LIFETIME_DGRAM_NEW_NS: u64 = 30 * NSEC_PER_SEC;
+/// UDP flow answered at least once (netfilter's `udp_timeout_stream`).
+pub const CT_LIFETIME_DGRAM_ESTABLISHED_NS: u64 = 120 * NSEC_PER_SEC;
+
+/// How long an entry in `state` of protocol `proto` lives after its last packet. Unknown
+/// states get the short lifetime of a new flow.
+pub const fn ct_lifetime_ns(proto: u8, state: u8) -> u64 {
+    if proto == PROTO_TCP {
+        match state {
+            CT_STATE_ESTABLISHED => CT_LIFETIME_TCP_ESTABLISHED_NS,
+            CT_STATE_CLOSING => CT_LIFETIME_TCP_CLOSING_NS,
+            _ => CT_LIFETIME_TCP_NEW_NS,
+        }
+    } else if state == CT_STATE_ESTABLISHED {
+        CT_LIFETIME_DGRAM_ESTABLISHED_NS
+    } else {
+        CT_LIFETIME_DGRAM_NEW_NS
+    }
+}
+
+/// Value of `CT`: the addresses and ports a matching packet is rewritten to (all network order),
+/// and the flow's state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtValue {
@@ -280,11 +327,33 @@ pub struct CtValue {
     pub new_dport_be: u16,
     pub svc_id: u32,
     pub flags: u32,
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns()` of the last packet (best effort: not updated atomically).
+    /// `CT_STATE_*`.
+    pub state: u8,
+    /// `CT_FIN_*` (TCP).
+    pub tcp_fin: u8,
+    pub _pad: [u8; 2],
+    /// `bpf_ktime_get_ns()` of the last packet matching this entry (best effort: not updated
+    /// atomically). The flow expires `ct_lifetime_ns` after the later of its two entries'.
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
+
+impl CtKey {
+    /// The key of the other direction of the flow `value` translates: the packet `value`
+    /// produces, answered. (The two entries of a translated flow map to each other this way;
+    /// for an untranslated entry it is simply the reversed tuple.)
+    pub const fn counterpart(&self, value: &CtValue) -> CtKey {
+        CtKey {
+            saddr_be: value.new_daddr_be,
+            daddr_be: value.new_saddr_be,
+            sport_be: value.new_dport_be,
+            dport_be: value.new_sport_be,
+            proto: self.proto,
+            scope: self.scope,
+            _pad: [0; 2],
+        }
+    }
+}
 
 /// Data of the `LB_SRC_RANGES` LPM-trie key (after the trie's `prefix_len`): the Service's
 /// `svc_id` (always matched in full) then the client prefix. A range `a.b.c.d/n` of Service `s`

@@ -30,18 +30,9 @@ pub enum Command {
     Uninstall(UninstallArgs),
 }
 
-/// How cross-node pod traffic is carried (`--routing-mode`; implemented by `routing`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RoutingMode {
-    /// Direct routes to peers on a connected subnet, VXLAN to the others.
-    #[default]
-    Auto,
-    /// Only direct routes; peers on other subnets are skipped (and reported).
-    Direct,
-    /// Every peer through the VXLAN overlay.
-    Vxlan,
-}
+/// How cross-node pod traffic is carried (`--routing-mode`; planned by `twill_core::routing`,
+/// executed by `routing`).
+pub use twill_core::routing::RoutingMode;
 
 /// Flags of `twill-agent run`. All optional here so that a config file can supply them; defaults
 /// are applied in [`RunArgs::resolve`].

@@ -1,5 +1,6 @@
 //! Service lookup and backend selection shared by the socket hooks and the per-packet tc
-//! programs: one service/backend table, one selection algorithm. Stickiness (sessionAffinity per
+//! programs: one service/backend table, one selection algorithm (the socket path picks a slot at
+//! random, the per-packet path by a hash of the flow's tuple). Stickiness (sessionAffinity per
 //! client, unconnected UDP flows per socket) is one routine over two LRU tables.
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
@@ -85,16 +86,47 @@ fn find_slot(svc: &ServiceValue, backend_id: u32, hint: u32) -> Option<u32> {
     None
 }
 
-/// A uniformly random usable backend: (id, slot, backend).
+/// The usable backend at slot `pick % backend_count`: (id, slot, backend).
 #[inline(always)]
-fn random_backend(svc: &ServiceValue) -> Result<(u32, u32, Backend), Reason> {
-    // SAFETY: helper without arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % u32::from(svc.backend_count);
+fn backend_by(svc: &ServiceValue, pick: u32) -> Result<(u32, u32, Backend), Reason> {
+    let slot = pick % u32::from(svc.backend_count);
     let id = backend_at(svc.svc_id, slot).ok_or(Reason::BackendMissing)?;
     let be = unsafe { TWL_BE_V1.get(id) }
         .copied()
         .ok_or(Reason::BackendMissing)?;
     Ok((id, slot, be))
+}
+
+/// A uniformly random pick for [`backend_by`].
+#[inline(always)]
+fn random_pick() -> u32 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// murmur3's 32-bit finaliser: every input bit moves every output bit.
+#[inline(always)]
+const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// A hash of a flow's 5-tuple (as the client sent it). The per-packet path picks the backend of
+/// a new flow with it instead of at random, so a flow whose entry was lost (expired, flushed)
+/// lands on the same backend again as long as the Service's slot list is unchanged.
+#[inline(always)]
+pub const fn flow_hash(
+    saddr_be: u32,
+    daddr_be: u32,
+    sport_be: u16,
+    dport_be: u16,
+    proto: u8,
+) -> u32 {
+    let ports = ((sport_be as u32) << 16) | dport_be as u32;
+    fmix32(fmix32(fmix32(saddr_be) ^ daddr_be) ^ ports ^ ((proto as u32) << 24))
 }
 
 /// Which sticky table a selection remembers its backend in, and how it is counted.
@@ -122,11 +154,12 @@ fn remember<K>(sticky: &Sticky<'_, K>, backend_id: u32, slot: u32, now: u64) {
 
 /// The remembered backend while it is fresh (used within `timeout_ns`, like kube-proxy's
 /// `recent` match) and still one of the Service's backends; otherwise a uniformly random one,
-/// remembered from now on. `svc` has at least one backend.
+/// remembered from now on (the one at `pick`). `svc` has at least one backend.
 #[inline(always)]
 fn sticky_backend<K>(
     svc: &ServiceValue,
     sticky: &Sticky<'_, K>,
+    pick: u32,
 ) -> Result<(Backend, Reason), Reason> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -139,7 +172,7 @@ fn sticky_backend<K>(
         return Ok((be, sticky.hit));
     }
     // Expired, or the remembered backend left the Service: balance afresh and remember.
-    let (id, slot, be) = random_backend(svc)?;
+    let (id, slot, be) = backend_by(svc, pick)?;
     remember(sticky, id, slot, now);
     Ok((be, Reason::Translated))
 }
@@ -162,9 +195,19 @@ fn require_backends(svc: &ServiceValue) -> Result<(), Reason> {
 /// backends; otherwise uniformly at random.
 #[inline(always)]
 pub fn select_backend(svc: &ServiceValue, client_id: u64) -> Result<(Backend, Reason), Reason> {
+    select_backend_by(svc, client_id, random_pick())
+}
+
+/// [`select_backend`] with the pick given: `flow_hash` of the packet on the per-packet path.
+#[inline(always)]
+pub fn select_backend_by(
+    svc: &ServiceValue,
+    client_id: u64,
+    pick: u32,
+) -> Result<(Backend, Reason), Reason> {
     require_backends(svc)?;
     if svc.flags & SVC_F_AFFINITY == 0 {
-        let (_, _, be) = random_backend(svc)?;
+        let (_, _, be) = backend_by(svc, pick)?;
         return Ok((be, Reason::Translated));
     }
     let sticky = Sticky {
@@ -178,7 +221,7 @@ pub fn select_backend(svc: &ServiceValue, client_id: u64) -> Result<(Backend, Re
         hit: Reason::AffinityHit,
         full: Reason::AffinityMapFull,
     };
-    sticky_backend(svc, &sticky)
+    sticky_backend(svc, &sticky, pick)
 }
 
 /// Picks the backend for an unconnected UDP datagram of socket `cookie` (client `client_id`)
@@ -206,5 +249,5 @@ pub fn select_udp_flow_backend(
         hit: Reason::UdpFlowHit,
         full: Reason::UdpFlowMapFull,
     };
-    sticky_backend(svc, &sticky)
+    sticky_backend(svc, &sticky, random_pick())
 }

@@ -48,10 +48,11 @@ pub static TWL_NODEIP_V1: HashMap<u32, NodeAddrValue> =
 #[map]
 pub static TWL_CFG_V2: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
-// LRU: flows end without telling us (no FIN/RST tracking yet); the oldest flows are evicted
-// under pressure instead of new flows failing.
+// A plain hash, not an LRU: eviction would push out live flows (an established connection
+// whose entry is evicted is reset). Entries expire by state (`ct_lifetime_ns`) and are
+// collected by the agent; a full table drops new flows with `CtMapFull`.
 #[map]
-pub static TWL_CT_V1: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_CT_MAX, 0);
+pub static TWL_CT_V1: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_CT_MAX, 0);
 
 // LpmTrie adds the BPF_F_NO_PREALLOC the kernel requires for tries.
 #[map]

@@ -10,12 +10,13 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use ipnetwork::Ipv4Network;
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, NodeAddrValue, PROTO_UDP,
-    Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue,
-    SrcRangeKey, UdpFlowKey,
+    AffinityKey, AffinityValue, Backend, CT_SCOPE_NAT, CtKey, CtValue, DatapathConfig,
+    NodeAddrValue, PROTO_TCP, PROTO_UDP, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey,
+    SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 use super::{DatapathError, sockdestroy};
+use crate::ctgc::{self, AddrOwners, CtGcPlan};
 use crate::lbmap::{LbMaps, LbState, MapError, MapKind};
 
 /// Per-reason verdict counters summed over all CPUs. Reasons never hit are present with 0, so
@@ -29,7 +30,8 @@ pub struct FlushReport {
     /// Unconnected UDP flows that stuck to the backend.
     pub udp_flow_entries: usize,
     pub revnat_entries: usize,
-    /// Per-packet connection-tracking entries (either direction) of flows to the backend.
+    /// Per-packet connection-tracking entries (either direction) of UDP flows to the backend
+    /// (TCP flows drain: they stay until they close or their pod goes, see [`crate::ctgc`]).
     pub ct_entries: usize,
     pub sockets_destroyed: usize,
     pub namespaces_searched: usize,
@@ -244,13 +246,19 @@ impl AyaLbMaps {
             remove(&mut self.revnat, k, MapKind::SockRevNat)?;
         }
         report.revnat_entries = stale_rn.len();
-        // North-south flows to the backend: the original direction rewrites to it, the reply
-        // direction comes from it. Dropping both makes the flow's next packet pick afresh.
+        // North-south UDP flows to the backend (the original direction rewrites to it, the reply
+        // direction comes from it): dropping both makes the flow's next datagram pick a live
+        // backend, as kube-proxy clears UDP conntrack entries of removed endpoints. TCP flows
+        // are left to drain, as kube-proxy does: the pod may still be serving them (terminating,
+        // or only unselected), and a new backend would reset them. When the pod itself goes,
+        // the collector removes them ([`crate::ctgc`]).
         let stale_ct: Vec<CtKey> = collect(&self.ct, MapKind::Ct)?
             .into_iter()
             .filter(|(k, v)| {
-                flows.contains(&(k.proto, v.new_daddr_be, v.new_dport_be))
-                    || flows.contains(&(k.proto, k.saddr_be, k.sport_be))
+                k.proto != PROTO_TCP
+                    && k.scope == CT_SCOPE_NAT
+                    && (flows.contains(&(k.proto, v.new_daddr_be, v.new_dport_be))
+                        || flows.contains(&(k.proto, k.saddr_be, k.sport_be)))
             })
             .map(|(k, _)| k)
             .collect();
@@ -284,6 +292,21 @@ impl AyaLbMaps {
         }
         self.last_flush = report.clone();
         Ok(report)
+    }
+
+    /// One collection pass over the connection-tracking table at `now_ns` (`CLOCK_MONOTONIC`):
+    /// deletes what [`ctgc::plan`] says and returns the plan and how many entries were scanned.
+    pub fn collect_ct(
+        &mut self,
+        now_ns: u64,
+        owners: &impl AddrOwners,
+    ) -> Result<(CtGcPlan, usize), MapError> {
+        let entries = collect(&self.ct, MapKind::Ct)?;
+        let plan = ctgc::plan(&entries, now_ns, owners);
+        for k in plan.keys() {
+            remove(&mut self.ct, k, MapKind::Ct)?;
+        }
+        Ok((plan, entries.len()))
     }
 
     fn full_or_syscall(&self, kind: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {

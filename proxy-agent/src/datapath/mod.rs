@@ -318,7 +318,7 @@ fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32);
         ),
         (
             twill_common::MAP_CT,
-            MapType::LruHash,
+            MapType::Hash,
             size_of::<CtKey>(),
             size_of::<CtValue>(),
             sizes.ct,
