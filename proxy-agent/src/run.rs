@@ -520,6 +520,18 @@ fn start_datapath(
     Ok((datapath, reconciler))
 }
 
+/// This network namespace's cookie (the agent runs in the node's): 0, which translates
+/// loopback NodePorts nowhere, when the kernel cannot tell it.
+fn host_netns_cookie() -> u64 {
+    crate::datapath::current_netns_cookie().unwrap_or_else(|e| {
+        log::warn!(
+            "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {e}; \
+             127.0.0.1:<nodePort> is not translated"
+        );
+        0
+    })
+}
+
 async fn start_sources(
     cfg: &Config,
     stores: &Arc<Stores>,
@@ -545,7 +557,7 @@ async fn start_sources(
 /// Runs the agent until SIGTERM/SIGINT.
 #[expect(
     clippy::too_many_lines,
-    reason = "the start-up sequence in its documented order; issue 11 breaks it into tasks over one context"
+    reason = "start-up steps in their required order, then the one select loop"
 )]
 pub async fn run(cfg: Config) -> Result<(), RunError> {
     let cgroup = crate::preflight::run_checks(
@@ -575,13 +587,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
 
     let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
-    match crate::datapath::current_netns_cookie() {
-        Ok(cookie) => agent.set_host_netns_cookie(cookie),
-        Err(e) => log::warn!(
-            "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {e}; \
-             127.0.0.1:<nodePort> is not translated"
-        ),
-    }
+    agent.set_host_netns_cookie(host_netns_cookie());
 
     let synced = tokio::select! {
         s = stores.wait_synced(FIRST_SYNC_TIMEOUT) => Some(s),
