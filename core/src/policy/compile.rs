@@ -392,7 +392,13 @@ struct Identities<'p> {
 }
 
 impl<'p> Identities<'p> {
-    fn new(peers: &[(&'p PolicyPod, Ipv4Addr)], cidrs: &Cidrs, prev: &PolicyIds) -> Self {
+    /// `taken`: pod and node addresses, whose /32 entries hide a /32 boundary.
+    fn new(
+        peers: &[(&'p PolicyPod, Ipv4Addr)],
+        cidrs: &Cidrs,
+        taken: &BTreeSet<Ipv4Addr>,
+        prev: &PolicyIds,
+    ) -> Self {
         let mut group_of: HashMap<GroupKey<'p>, usize> = HashMap::new();
         let mut groups: Vec<PodGroup<'p>> = Vec::new();
         let mut peer_group = Vec::with_capacity(peers.len());
@@ -426,7 +432,7 @@ impl<'p> Identities<'p> {
         let region_kinds: BTreeMap<usize, Arc<IdentityKind>> = cidrs
             .boundaries
             .iter()
-            .filter(|&&(_, c)| c != 0)
+            .filter(|&&(net, c)| c != 0 && !hidden(net, taken))
             .map(|&(_, c)| {
                 let kind = IdentityKind::Cidr {
                     class: cidrs.class_value(c),
@@ -465,13 +471,19 @@ impl<'p> Identities<'p> {
     }
 }
 
-/// IPCACHE: every boundary prefix → its class's identity, then node and pod /32s (which take
-/// precedence over a /32 boundary: a pod's identity already holds its class).
+/// A /32 boundary that is a pod's or the node's address: its ipcache entry is the pod's
+/// identity (which holds the class) or HOST, so it needs no region identity.
+fn hidden(net: Ipv4Network, taken: &BTreeSet<Ipv4Addr>) -> bool {
+    net.prefix() == 32 && taken.contains(&net.network())
+}
+
+/// IPCACHE: every boundary prefix → its class's identity, and node and pod /32s.
 fn ipcache(
     cidrs: &Cidrs,
     idents: &Identities<'_>,
     node_addrs: &BTreeSet<Ipv4Addr>,
     peers: &[(&PolicyPod, Ipv4Addr)],
+    taken: &BTreeSet<Ipv4Addr>,
 ) -> BTreeMap<LpmKey<IpCacheKey>, PeerIdentity> {
     let key = |net: Ipv4Network| LpmKey {
         data: IpCacheKey {
@@ -481,7 +493,7 @@ fn ipcache(
     };
     let host = |ip: Ipv4Addr| key(Ipv4Network::from(ip));
     let mut out = BTreeMap::new();
-    for &(net, c) in &cidrs.boundaries {
+    for &(net, c) in cidrs.boundaries.iter().filter(|(n, _)| !hidden(*n, taken)) {
         out.insert(
             key(net),
             PeerIdentity {
@@ -549,9 +561,14 @@ pub fn compile<'a>(
     let (peers, ip_conflicts) = peer_pods(pods, &node_addrs);
     let ns_labels = namespace_labels(namespaces, &peers);
     let cidrs = Cidrs::new(&policies);
-    let idents = Identities::new(&peers, &cidrs, prev);
+    let taken: BTreeSet<Ipv4Addr> = node_addrs
+        .iter()
+        .copied()
+        .chain(peers.iter().map(|&(_, ip)| ip))
+        .collect();
+    let idents = Identities::new(&peers, &cidrs, &taken, prev);
     let mut maps = PolicyMaps {
-        ipcache: ipcache(&cidrs, &idents, &node_addrs, &peers),
+        ipcache: ipcache(&cidrs, &idents, &node_addrs, &peers, &taken),
         ..PolicyMaps::default()
     };
     let (rule_ids, next_rule) =
