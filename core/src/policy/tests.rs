@@ -411,3 +411,29 @@ fn dump_names_what_it_does_not_know() {
         s.dump()
     );
 }
+
+#[test]
+fn pod_views_serialize_for_debug_policy_json() {
+    let pods = [
+        pod("x", "server", "web", "10.244.0.5", "node-a"),
+        pod("x", "client", "cli", "10.244.0.6", "node-b"),
+    ];
+    let p = policy(
+        "x",
+        "web",
+        &json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [
+            {"from": [{"podSelector": {"matchLabels": {"app": "cli"}}}], "ports": [{"port": 80, "endPort": 81}]}]}),
+    )
+    .unwrap();
+    let s = run(&pods, &[p], &PolicyIds::default());
+    let json = serde_json::to_value(pod_views(&s.maps, &s)).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1, "only local pods: {json}");
+    let v = &json[0];
+    assert_eq!(v["ip"], "10.244.0.5");
+    assert_eq!(v["ingress_isolated"], true);
+    assert_eq!(v["egress_isolated"], false);
+    assert_eq!(v["ingress_policies"], json!(["x/web"]));
+    assert_eq!(v["ingress"][0]["peer"], "pods ns=x {app=cli}");
+    assert_eq!(v["ingress"][0]["ports"], "TCP 80-81");
+    assert_eq!(v["ingress"][0]["rule"], "x/web ingress[0] from[0] ports[0]");
+}
