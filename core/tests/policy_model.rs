@@ -16,7 +16,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use twill_core::policy::{ParsedPolicy, PolicyIds, PolicyNamespace, PolicyPod, compile};
+use twill_core::policy::{
+    Judgement, ParsedPolicy, PolicyIds, PolicyNamespace, PolicyPod, addr_from_be, compile,
+    key_bytes,
+};
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const PODS: [&str; 3] = ["a", "b", "c"];
@@ -453,6 +456,30 @@ fn check(policies: &[NetworkPolicy], remote: &[bool]) -> Result<(), TestCaseErro
         &[],
         &PolicyIds::default(),
     );
+    // What the kernel will be given: canonical LPM keys (no bits past the prefix).
+    for k in state.maps.policy.keys() {
+        let bytes = key_bytes(&k.data);
+        let bits = usize::try_from(k.prefix_len).unwrap();
+        for (i, b) in bytes.iter().enumerate() {
+            let keep = bits.saturating_sub(i * 8).min(8);
+            let mask = if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+            prop_assert_eq!(b & !mask, 0, "policy key {:?} has bits past its prefix", k);
+        }
+    }
+    for k in state.maps.ipcache.keys() {
+        let addr = u32::from(addr_from_be(k.data.addr_be));
+        let mask = if k.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - k.prefix_len)
+        };
+        prop_assert_eq!(
+            addr & !mask,
+            0,
+            "ipcache key {:?} has bits past its prefix",
+            k
+        );
+    }
     let mut wrong = Vec::new();
     for (ci, client) in topo.iter().enumerate() {
         for (si, server) in topo.iter().enumerate() {
@@ -463,6 +490,15 @@ fn check(policies: &[NetworkPolicy], remote: &[bool]) -> Result<(), TestCaseErro
                         remote[si] || model_ingress(policies, client, server, proto, port);
                     let want = egress && ingress;
                     let got = state.verdict(client.ip, server.ip, proto_num, port);
+                    for j in [got.egress, got.ingress] {
+                        if let Judgement::Allowed { rule_id, .. } = j {
+                            prop_assert!(
+                                state.rules.contains_key(&rule_id),
+                                "unknown rule {}",
+                                rule_id
+                            );
+                        }
+                    }
                     if got.allowed() != want {
                         wrong.push(format!(
                             "{}/{} -> {}/{} {proto}/{port}: model egress={egress} ingress={ingress}, \
