@@ -649,7 +649,6 @@ pub fn compile<'a>(
     );
 
     let ctx = Ctx {
-        groups: &idents.groups,
         ns_labels: &ns_labels,
         cidrs: &cidrs,
         idents: &idents,
@@ -691,7 +690,7 @@ pub fn compile<'a>(
             .insert(addr_be(ip), PolicyEndpoint { ep_id: ep, flags });
         local_pods.insert(ep, local);
     }
-    drop(ctx);
+    drop(ctx); // It borrows the id tables moved into the result.
     maps.policy = entries.into_map();
 
     PolicyState {
@@ -761,7 +760,6 @@ fn group_index_by_namespace<'g>(groups: &'g [PodGroup<'_>]) -> HashMap<&'g str, 
 
 /// What peer evaluation needs of the compile.
 struct Ctx<'c, 'g> {
-    groups: &'c [PodGroup<'g>],
     ns_labels: &'c BTreeMap<Arc<str>, Labels>,
     cidrs: &'c Cidrs,
     idents: &'c Identities<'g>,
@@ -864,7 +862,7 @@ impl Ctx<'_, '_> {
             Peer::Pods { namespaces, pods } => {
                 let in_ns = |ns: &str, out: &mut Vec<u32>| {
                     for &g in self.by_namespace.get(ns).into_iter().flatten() {
-                        let group = &self.groups[g];
+                        let group = &self.idents.groups[g];
                         if pods.as_ref().is_none_or(|s| s.matches(&group.labels)) {
                             out.push(group.id);
                         }
@@ -888,7 +886,8 @@ impl Ctx<'_, '_> {
                     .binary_search(b)
                     .expect("every policy's blocks were collected");
                 out.extend(
-                    self.groups
+                    self.idents
+                        .groups
                         .iter()
                         .filter(|g| self.cidrs.in_class(bi, g.class))
                         .map(|g| g.id),
@@ -998,7 +997,8 @@ impl<R: Fn(Option<u32>, Option<u32>) -> u32> Emit<'_, R> {
                             // means every pod identity with that port (regions have none).
                             Direction::Egress => {
                                 let targets: Vec<(u32, &[NamedPort])> = if peer_i.is_none() {
-                                    ctx.groups
+                                    ctx.idents
+                                        .groups
                                         .iter()
                                         .map(|g| (g.id, g.named_ports.as_slice()))
                                         .collect()
@@ -1006,7 +1006,10 @@ impl<R: Fn(Option<u32>, Option<u32>) -> u32> Emit<'_, R> {
                                     ids.iter()
                                         .filter_map(|id| ctx.group_by_id.get(id))
                                         .map(|&g| {
-                                            (ctx.groups[g].id, ctx.groups[g].named_ports.as_slice())
+                                            (
+                                                ctx.idents.groups[g].id,
+                                                ctx.idents.groups[g].named_ports.as_slice(),
+                                            )
                                         })
                                         .collect()
                                 };
