@@ -18,8 +18,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use twill_core::policy::{
-    Judgement, ParsedPolicy, PolicyIds, PolicyNamespace, PolicyPod, addr_from_be, compile,
-    key_bytes,
+    Judgement, ParsedPolicy, PolicyIds, PolicyNamespace, PolicyPod, PolicyState, addr_from_be,
+    compile, key_bytes,
 };
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
@@ -472,6 +472,34 @@ fn policies() -> impl Strategy<Value = Vec<NetworkPolicy>> {
 
 // ---- the comparison ----------------------------------------------------------------------
 
+/// What the kernel will be given: canonical LPM keys (no bits past the prefix).
+fn check_canonical(state: &PolicyState) -> Result<(), TestCaseError> {
+    for k in state.maps.policy.keys() {
+        let bytes = key_bytes(&k.data);
+        let bits = usize::try_from(k.prefix_len).unwrap();
+        for (i, b) in bytes.iter().enumerate() {
+            let keep = bits.saturating_sub(i * 8).min(8);
+            let mask = if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+            prop_assert_eq!(b & !mask, 0, "policy key {:?} has bits past its prefix", k);
+        }
+    }
+    for k in state.maps.ipcache.keys() {
+        let addr = u32::from(addr_from_be(k.data.addr_be));
+        let mask = if k.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - k.prefix_len)
+        };
+        prop_assert_eq!(
+            addr & !mask,
+            0,
+            "ipcache key {:?} has bits past its prefix",
+            k
+        );
+    }
+    Ok(())
+}
+
 fn check(policies: &[NetworkPolicy], remote: &[bool]) -> Result<(), TestCaseError> {
     let topo = topology();
     let policy_pods: Vec<PolicyPod> = topo
@@ -500,30 +528,7 @@ fn check(policies: &[NetworkPolicy], remote: &[bool]) -> Result<(), TestCaseErro
         &[],
         &PolicyIds::default(),
     );
-    // What the kernel will be given: canonical LPM keys (no bits past the prefix).
-    for k in state.maps.policy.keys() {
-        let bytes = key_bytes(&k.data);
-        let bits = usize::try_from(k.prefix_len).unwrap();
-        for (i, b) in bytes.iter().enumerate() {
-            let keep = bits.saturating_sub(i * 8).min(8);
-            let mask = if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
-            prop_assert_eq!(b & !mask, 0, "policy key {:?} has bits past its prefix", k);
-        }
-    }
-    for k in state.maps.ipcache.keys() {
-        let addr = u32::from(addr_from_be(k.data.addr_be));
-        let mask = if k.prefix_len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - k.prefix_len)
-        };
-        prop_assert_eq!(
-            addr & !mask,
-            0,
-            "ipcache key {:?} has bits past its prefix",
-            k
-        );
-    }
+    check_canonical(&state)?;
     // Every pod with every pod, and every pod with every non-pod address both ways. A side is
     // judged here only if it is a pod of this node.
     let members: Vec<(Member<'_>, bool)> = topo
