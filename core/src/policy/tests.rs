@@ -524,3 +524,39 @@ fn recompiles_follow_updates_and_keep_the_rest() {
     assert!(matches!(v.ingress, Judgement::NotIsolated { .. }), "{v:?}");
     assert_eq!(db_entries(&s6), db_entries(&s5));
 }
+
+#[test]
+fn explain_names_the_rule_or_says_none_allows() {
+    let pods = [
+        pod("x", "server", "web", "10.244.0.5", "node-a"),
+        pod("x", "client", "cli", "10.244.0.6", "node-a"),
+    ];
+    let policies = [
+        policy(
+            "x",
+            "web",
+            &json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app": "cli"}}}], "ports": [{"port": 80}]}]}),
+        )
+        .unwrap(),
+    ];
+    let s = run(&pods, &policies, &PolicyIds::default());
+    let (server, client) = (ip("10.244.0.5"), ip("10.244.0.6"));
+    let text = render_explain(&explain_view(&s, &s.verdict(client, server, PROTO_TCP, 80)));
+    assert_eq!(
+        text,
+        "ALLOWED\n  egress of x/client: no policy isolates it\n  ingress of x/server: allowed by \
+         rule 1 (x/web ingress[0] from[0] ports[0]), peer pods ns=x {app=cli} [ingress \
+         from=256 TCP 80]\n"
+    );
+    let denied = explain_view(&s, &s.verdict(ip("203.0.113.1"), server, PROTO_TCP, 80));
+    assert!(!denied.allowed);
+    assert_eq!(
+        render_explain(&denied),
+        "DENIED\n  egress: not a pod of this node, not judged here\n  ingress of x/server: \
+         denied, no rule allows peer world (identity 1)\n"
+    );
+    let json = serde_json::to_value(&denied).unwrap();
+    assert_eq!(json["ingress"]["outcome"], "denied");
+    assert_eq!(json["egress"]["outcome"], "unmanaged");
+}
