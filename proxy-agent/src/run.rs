@@ -244,12 +244,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
                 log::error!("applying generation {generation}: {}", error_chain(e));
                 self.metrics.sync_errors.inc();
                 for me in e.map_errors() {
-                    let map = match me {
-                        crate::lbmap::MapError::Full { map, .. }
-                        | crate::lbmap::MapError::Syscall { map, .. }
-                        | crate::lbmap::MapError::Injected { map, .. } => map.name(),
-                    };
-                    self.metrics.map_error(map, me.metric_label());
+                    self.metrics.map_error(me.map().name(), me.metric_label());
                 }
                 self.failures = self.failures.saturating_add(1);
                 false
@@ -297,8 +292,8 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         for r in &invalid {
             if !self.logged_rejections.contains(&key(r)) {
                 log::warn!(
-                    "skipping invalid {:?} {}/{}: {}",
-                    r.kind,
+                    "skipping invalid {} {}/{}: {}",
+                    r.kind.as_str(),
                     r.namespace,
                     r.name,
                     r.reason
@@ -306,12 +301,12 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             }
         }
         self.metrics.compiler_rejections(invalid.iter().map(|r| {
-            let kind = match r.kind {
-                crate::compile::ObjectKind::Service => "Service",
-                crate::compile::ObjectKind::EndpointSlice => "EndpointSlice",
-                crate::compile::ObjectKind::Node => "Node",
-            };
-            (kind, &*r.namespace, &*r.name, r.reason.metric_label())
+            (
+                r.kind.as_str(),
+                &*r.namespace,
+                &*r.name,
+                r.reason.metric_label(),
+            )
         }));
         self.logged_rejections = current;
     }

@@ -439,3 +439,16 @@ fn endpoints_without_node_name_are_local_by_pod_cidr() {
         "nodeName names another node"
     );
 }
+
+#[test]
+fn object_kinds_have_one_spelling() {
+    for (kind, name) in [
+        (ObjectKind::Service, "Service"),
+        (ObjectKind::EndpointSlice, "EndpointSlice"),
+        (ObjectKind::Node, "Node"),
+    ] {
+        assert_eq!(kind.as_str(), name);
+        // The JSON view spells it the same way.
+        assert_eq!(serde_json::to_value(kind).unwrap(), name);
+    }
+}
