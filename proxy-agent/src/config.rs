@@ -99,6 +99,9 @@ pub struct RunArgs {
     /// Max entries of the per-packet connection-tracking map (north-south).
     #[arg(long, value_name = "N")]
     pub map_size_ct: Option<u32>,
+    /// Max entries of the unconnected UDP flow map (socket path stickiness).
+    #[arg(long, value_name = "N")]
+    pub map_size_udp_flows: Option<u32>,
     /// Devices NodePort/north-south programs attach to (default: the node's underlay devices).
     #[arg(long, value_delimiter = ',', value_name = "DEV,...")]
     pub devices: Option<Vec<String>>,
@@ -198,6 +201,7 @@ pub struct FileConfig {
     pub map_size_affinity: Option<u32>,
     pub map_size_sock_revnat: Option<u32>,
     pub map_size_ct: Option<u32>,
+    pub map_size_udp_flows: Option<u32>,
     pub devices: Option<Vec<String>>,
     pub nodeport_addresses: Option<Vec<String>>,
     pub routing_mode: Option<RoutingMode>,
@@ -371,6 +375,11 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             "map-size-ct",
             pick(flags.map_size_ct, file.map_size_ct),
             defaults.ct,
+        )?,
+        udp_flows: map_size(
+            "map-size-udp-flows",
+            pick(flags.map_size_udp_flows, file.map_size_udp_flows),
+            defaults.udp_flows,
         )?,
         ..defaults
     };

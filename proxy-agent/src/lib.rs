@@ -7,6 +7,7 @@ pub use twill_core::{compile, lbmap, reconcile};
 pub mod api;
 pub mod cniconf;
 pub mod config;
+pub mod ctgc;
 pub mod datapath;
 pub mod debug_cli;
 pub mod health;

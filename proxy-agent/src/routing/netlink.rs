@@ -226,6 +226,20 @@ impl RouteExecutor {
         Ok(out)
     }
 
+    /// Destinations of every `/32` route of the main table: among them each local pod's host
+    /// route (the CNI plugin adds one per pod; it goes with the pod's veth). For the
+    /// conntrack collector's [`crate::ctgc::LocalPods`].
+    pub async fn host_route_destinations(&self) -> Result<Vec<Ipv4Addr>, RoutingError> {
+        Ok(self
+            .main_routes()
+            .await?
+            .iter()
+            .filter(|r| r.header.destination_prefix_length == 32)
+            .filter_map(parse_route)
+            .map(|r| r.dst.ip())
+            .collect())
+    }
+
     async fn main_routes(&self) -> Result<Vec<RouteMessage>, RoutingError> {
         let all: Vec<RouteMessage> = self
             .handle
