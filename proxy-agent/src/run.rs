@@ -12,7 +12,6 @@
 //! SIGTERM/SIGINT: stop serving and exit, leaving pinned maps and links in place so traffic keeps
 //! flowing until the next agent adopts them.
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -274,12 +273,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
                 log::error!("applying generation {generation}: {}", error_chain(e));
                 self.metrics.sync_errors.inc();
                 for me in e.map_errors() {
-                    let map = match me {
-                        crate::lbmap::MapError::Full { map, .. }
-                        | crate::lbmap::MapError::Syscall { map, .. }
-                        | crate::lbmap::MapError::Injected { map, .. } => map.name(),
-                    };
-                    self.metrics.map_error(map, me.metric_label());
+                    self.metrics.map_error(me.map().name(), me.metric_label());
                 }
                 self.failures = self.failures.saturating_add(1);
                 false
@@ -327,8 +321,8 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         for r in &invalid {
             if !self.logged_rejections.contains(&key(r)) {
                 log::warn!(
-                    "skipping invalid {:?} {}/{}: {}",
-                    r.kind,
+                    "skipping invalid {} {}/{}: {}",
+                    r.kind.as_str(),
                     r.namespace,
                     r.name,
                     r.reason
@@ -336,12 +330,12 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             }
         }
         self.metrics.compiler_rejections(invalid.iter().map(|r| {
-            let kind = match r.kind {
-                crate::compile::ObjectKind::Service => "Service",
-                crate::compile::ObjectKind::EndpointSlice => "EndpointSlice",
-                crate::compile::ObjectKind::Node => "Node",
-            };
-            (kind, &*r.namespace, &*r.name, r.reason.metric_label())
+            (
+                r.kind.as_str(),
+                &*r.namespace,
+                &*r.name,
+                r.reason.metric_label(),
+            )
         }));
         self.logged_rejections = current;
     }
@@ -755,60 +749,6 @@ fn abort_all(tasks: &[tokio::task::JoinHandle<()>]) {
     for t in tasks {
         t.abort();
     }
-}
-
-/// What `uninstall` removed.
-#[derive(Debug, Default)]
-pub struct Uninstalled {
-    pub cni_conf: bool,
-    /// Peer routes, the overlay device and the masquerade table that were removed.
-    pub network: crate::routing::ApplyReport,
-    pub pins: Vec<PathBuf>,
-    pub api_socket: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum UninstallError {
-    #[error("removing the CNI config")]
-    CniConf(#[from] crate::cniconf::CniConfError),
-    #[error("removing pinned maps and links")]
-    Unpin(#[from] DatapathError),
-    #[error("removing routes, the overlay device and the masquerade table")]
-    Network(#[from] crate::routing::RoutingError),
-    #[error("removing the API socket {path}")]
-    Socket {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// `twill-agent uninstall`: removes the CNI config (so the runtime stops creating Twill pods),
-/// then the pinned links (the socket and tc hooks detach) and maps, the agent's routes to other
-/// nodes, its VXLAN device and masquerade table (all found by their ownership marks), and the
-/// API socket. Pod routes and veths go with the pods. Runs inside a tokio runtime (netlink).
-pub async fn uninstall(args: &crate::config::UninstallArgs) -> Result<Uninstalled, UninstallError> {
-    let cni_conf = crate::cniconf::remove(&args.cni_conf_dir)?;
-    let pins = Datapath::unpin_all(&args.bpffs_dir)?;
-    let network = crate::routing::RouteExecutor::connect()?
-        .remove_all()
-        .await?;
-    let api_socket = match std::fs::remove_file(&args.api_socket) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(source) => {
-            return Err(UninstallError::Socket {
-                path: args.api_socket.clone(),
-                source,
-            });
-        }
-    };
-    Ok(Uninstalled {
-        cni_conf,
-        network,
-        pins,
-        api_socket,
-    })
 }
 
 #[cfg(test)]

@@ -149,11 +149,29 @@ impl FrontendKind {
 }
 
 /// Kind of a source object, for rejections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ObjectKind {
     Service,
     EndpointSlice,
     Node,
+}
+
+impl ObjectKind {
+    /// The Kubernetes kind, as in the object's `kind` field: the one spelling the dump, the JSON
+    /// view, logs and metric labels use.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Service => "Service",
+            ObjectKind::EndpointSlice => "EndpointSlice",
+            ObjectKind::Node => "Node",
+        }
+    }
+}
+
+impl serde::Serialize for ObjectKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 /// Why (part of) an object is not programmed.

@@ -556,3 +556,16 @@ fn special_and_node_addresses_are_refused_as_external_ips() {
     assert_eq!(external(&c).len(), 2);
     assert!(c.rejected().is_empty());
 }
+
+#[test]
+fn object_kinds_have_one_spelling() {
+    for (kind, name) in [
+        (ObjectKind::Service, "Service"),
+        (ObjectKind::EndpointSlice, "EndpointSlice"),
+        (ObjectKind::Node, "Node"),
+    ] {
+        assert_eq!(kind.as_str(), name);
+        // The JSON view spells it the same way.
+        assert_eq!(serde_json::to_value(kind).unwrap(), name);
+    }
+}
