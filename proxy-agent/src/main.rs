@@ -32,6 +32,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let cfg = args.resolve()?;
+            twill_agent::run::log_open_file_limit();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
