@@ -59,6 +59,10 @@ pub enum Reason {
     CtReopened = 41,
     /// Per-packet: no free source port for SNAT towards the backend: dropped.
     SnatPortsExhausted = 42,
+    /// Per-packet: an ICMP error about a translated flow (fragmentation needed, unreachable,
+    /// time exceeded) was translated back, outer and quoted header, towards the flow's other
+    /// side.
+    IcmpErrorTranslated = 43,
 }
 
 impl Reason {
@@ -87,6 +91,7 @@ impl Reason {
         Reason::CtNonSynMiss,
         Reason::CtReopened,
         Reason::SnatPortsExhausted,
+        Reason::IcmpErrorTranslated,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -115,6 +120,7 @@ impl Reason {
             Reason::CtNonSynMiss => "ct_non_syn_miss",
             Reason::CtReopened => "ct_reopened",
             Reason::SnatPortsExhausted => "snat_ports_exhausted",
+            Reason::IcmpErrorTranslated => "icmp_error_translated",
         }
     }
 

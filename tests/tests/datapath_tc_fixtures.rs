@@ -658,3 +658,113 @@ fn tc_backend_choice_is_consistent_per_flow() -> Result<()> {
         Ok(())
     })
 }
+
+/// An ICMP error `(icmp_type, code)` from `from` to `to` quoting the IPv4 header and first 8
+/// payload bytes of `quoted` (a whole frame as built by [`with_flags`]), as RFC 792 requires.
+fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    // Unused word; for "fragmentation needed" its low half is the next-hop MTU (RFC 1191).
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0x05, 0x00];
+    icmp.extend_from_slice(&quoted[14..14 + 28]);
+    let c = !csum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&u16::try_from(20 + icmp.len()).unwrap_or(0).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&from.octets());
+    ip[16..20].copy_from_slice(&to.octets());
+    let c = !csum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut pkt = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+    pkt.extend_from_slice(&ip);
+    pkt.extend_from_slice(&icmp);
+    pkt
+}
+
+/// An ICMP error after checking the outer, ICMP and quoted IPv4 checksums: (outer source,
+/// outer destination, quoted source, quoted destination).
+type IcmpSeen = (Ipv4Addr, Ipv4Addr, (Ipv4Addr, u16), (Ipv4Addr, u16));
+
+fn inspect_icmp(pkt: &[u8]) -> Result<IcmpSeen> {
+    ensure!(
+        pkt.len() >= 14 + 20 + 8 + 28,
+        "short ICMP packet {}",
+        pkt.len()
+    );
+    let ip = &pkt[14..34];
+    ensure!(csum(ip, 0) == 0xffff, "bad outer IPv4 checksum");
+    let icmp = &pkt[34..];
+    ensure!(csum(icmp, 0) == 0xffff, "bad ICMP checksum");
+    let inner = &icmp[8..28];
+    ensure!(csum(inner, 0) == 0xffff, "bad quoted IPv4 checksum");
+    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let ports = &icmp[28..32];
+    Ok((
+        addr(&ip[12..16]),
+        addr(&ip[16..20]),
+        (
+            addr(&inner[12..16]),
+            u16::from_be_bytes([ports[0], ports[1]]),
+        ),
+        (
+            addr(&inner[16..20]),
+            u16::from_be_bytes([ports[2], ports[3]]),
+        ),
+    ))
+}
+
+/// ICMP errors about translated flows are translated back, outer and quoted header: a router's
+/// "fragmentation needed" for a backend's reply reaches the backend about the packet it sent
+/// (PMTU discovery through NodePort); a backend's "port unreachable" reaches the client about
+/// the datagram it sent to the NodePort. Errors about unknown flows pass untouched.
+#[test]
+fn tc_icmp_errors_of_translated_flows_are_translated_back() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(None)?;
+    nodeport(&mut maps, 1, 30080, PROTO_TCP, &[(POD, 8080)])?;
+    nodeport(&mut maps, 2, 30053, PROTO_UDP, &[(POD, 5353)])?;
+    let router = Ipv4Addr::new(172, 30, 0, 1);
+    in_netns(&lab.node(0).netns, || {
+        let (client, np) = ((CLIENT, 40000), (NODE, 30080));
+        ensure!(pass(&dp, INGRESS, &tcp(client, np, TCP_SYN))?.dst == (POD, 8080));
+        // The backend's reply as it left the node (translated), too big for a router's link.
+        let reply_on_wire = tcp(np, client, TCP_ACK);
+        let (rc, out) = test_run(
+            &dp,
+            INGRESS,
+            &icmp_error(router, NODE, 3, 4, &reply_on_wire),
+        )?;
+        ensure!(rc == TC_ACT_OK, "frag-needed verdict {rc}");
+        let seen = inspect_icmp(&out)?;
+        ensure!(
+            seen == (router, POD, (POD, 8080), client),
+            "fragmentation needed not translated to the backend: {seen:?}"
+        );
+
+        let (uclient, unp) = ((CLIENT, 41000), (NODE, 30053));
+        let dgram = packet(uclient, unp, PROTO_UDP, true);
+        ensure!(pass(&dp, INGRESS, &dgram)?.dst == (POD, 5353));
+        // The datagram as the backend got it; nobody listens: port unreachable to the client.
+        let as_received = packet(uclient, (POD, 5353), PROTO_UDP, true);
+        let (rc, out) = test_run(&dp, EGRESS, &icmp_error(POD, CLIENT, 3, 3, &as_received))?;
+        ensure!(rc == TC_ACT_OK, "port-unreachable verdict {rc}");
+        let seen = inspect_icmp(&out)?;
+        ensure!(
+            seen == (NODE, CLIENT, uclient, unp),
+            "port unreachable not translated to the NodePort: {seen:?}"
+        );
+        ensure!(maps.stats()?[&Reason::IcmpErrorTranslated] == 2);
+
+        // About a flow nobody tracks: untouched.
+        let stranger = icmp_error(router, NODE, 3, 4, &tcp(np, (CLIENT2, 1234), TCP_ACK));
+        let (rc, out) = test_run(&dp, INGRESS, &stranger)?;
+        ensure!(
+            rc == TC_ACT_OK && out == stranger,
+            "unknown ICMP error changed"
+        );
+        Ok(())
+    })
+}
