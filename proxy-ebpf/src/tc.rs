@@ -23,8 +23,12 @@
 //! ICMP errors about a translated flow (fragmentation needed, unreachable, time exceeded) are
 //! translated back, outer and quoted header both, so path-MTU discovery works through NodePort.
 //!
+//! A fragmented datagram's later fragments (no TCP/UDP header) follow its first one: the first
+//! records its ports in `TWL_FRAG_V1` under the datagram's identity, the others find the flow
+//! with them and get the same address translation.
+//!
 //! Packets from inside the node never need this: the socket hooks translated them before they
-//! existed. Non-first IPv4 fragments and other protocols pass untouched.
+//! existed. Other protocols pass untouched.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -40,14 +44,15 @@ use aya_ebpf::{
 };
 use twill_common::{
     AFFINITY_CLIENT_IP, BE_F_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CT_FIN_ORIG, CT_FIN_REPLY,
-    CT_SCOPE_NAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, PROTO_TCP,
-    PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey, ct_lifetime_ns,
+    CT_SCOPE_NAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, FragKey,
+    FragValue, PROTO_TCP, PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER,
+    SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey,
+    ct_lifetime_ns,
 };
 
 use crate::{
     lb::{flow_hash, is_node_addr, lookup_service, select_backend_by},
-    maps::{TWL_CT_V1, TWL_LBSRC_V1, count},
+    maps::{TWL_CT_V1, TWL_FRAG_V1, TWL_LBSRC_V1, count},
 };
 
 const ETH_HLEN: usize = 14;
@@ -74,6 +79,9 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const PROTO_ICMP: u8 = 1;
+/// IPv4 flags/fragment-offset field: "more fragments" and the offset.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 /// `-EEXIST`: a `BPF_NOEXIST` insert met an existing key.
@@ -115,8 +123,11 @@ struct Pkt {
     sport: u16,
     dport: u16,
     proto: u8,
-    /// TCP flags (0 for UDP).
+    /// TCP flags (0 for UDP and later fragments).
     tcp_flags: u8,
+    /// A fragment after the first: no TCP/UDP header (the ports come from `TWL_FRAG_V1`), so
+    /// only the addresses are rewritten and it never opens a flow.
+    later_fragment: bool,
 }
 
 impl Pkt {
@@ -179,11 +190,40 @@ fn parse(ctx: &TcContext) -> Result<Parsed, Reason> {
     if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
         return Ok(Parsed::Other);
     }
-    let frag: u16 = ctx.load(ETH_HLEN + 6).map_err(|_| Reason::Malformed)?;
-    if u16::from_be(frag) & 0x1fff != 0 {
-        return Ok(Parsed::Other);
-    }
+    let frag = u16::from_be(ctx.load(ETH_HLEN + 6).map_err(|_| Reason::Malformed)?);
     let l4_off = ETH_HLEN + ihl;
+    let saddr: u32 = ctx.load(IP_SRC_OFF).map_err(|_| Reason::Malformed)?;
+    let daddr: u32 = ctx.load(IP_DST_OFF).map_err(|_| Reason::Malformed)?;
+    let frag_key = |ctx: &TcContext| -> Result<FragKey, Reason> {
+        Ok(FragKey {
+            saddr_be: saddr,
+            daddr_be: daddr,
+            id_be: ctx.load(ETH_HLEN + 4).map_err(|_| Reason::Malformed)?,
+            proto,
+            _pad: 0,
+        })
+    };
+    if frag & IP_OFFSET_MASK != 0 {
+        // A later fragment: it belongs to the flow of its datagram's first fragment, if that
+        // one was seen (fragments may arrive out of order; those then pass untouched).
+        if proto == PROTO_ICMP {
+            return Ok(Parsed::Other);
+        }
+        // SAFETY: the value is copied out at once.
+        let Some(ports) = (unsafe { TWL_FRAG_V1.get(frag_key(ctx)?) }).copied() else {
+            return Ok(Parsed::Other);
+        };
+        return Ok(Parsed::Flow(Pkt {
+            l4_off,
+            tcp_flags: 0,
+            later_fragment: true,
+            saddr,
+            daddr,
+            sport: ports.sport_be,
+            dport: ports.dport_be,
+            proto,
+        }));
+    }
     if proto == PROTO_ICMP {
         return Ok(parse_icmp(ctx, l4_off).map_or(Parsed::Other, Parsed::IcmpError));
     }
@@ -192,15 +232,27 @@ fn parse(ctx: &TcContext) -> Result<Parsed, Reason> {
     } else {
         0
     };
-    Ok(Parsed::Flow(Pkt {
+    let p = Pkt {
         l4_off,
         tcp_flags,
-        saddr: ctx.load(IP_SRC_OFF).map_err(|_| Reason::Malformed)?,
-        daddr: ctx.load(IP_DST_OFF).map_err(|_| Reason::Malformed)?,
+        later_fragment: false,
+        saddr,
+        daddr,
         sport: ctx.load(l4_off).map_err(|_| Reason::Malformed)?,
         dport: ctx.load(l4_off + 2).map_err(|_| Reason::Malformed)?,
         proto,
-    }))
+    };
+    if frag & IP_MF != 0 {
+        // The first fragment of a datagram: remember its ports for the others. Recorded for
+        // every datagram, translated or not; fragmentation is rare enough that this costs
+        // nothing worth a second lookup.
+        let ports = FragValue {
+            sport_be: p.sport,
+            dport_be: p.dport,
+        };
+        let _ = TWL_FRAG_V1.insert(frag_key(ctx)?, ports, 0);
+    }
+    Ok(Parsed::Flow(p))
 }
 
 /// `None` for ICMP messages that are not errors about a TCP/UDP packet, or that quote too
@@ -331,7 +383,11 @@ fn rewrite(
     } else {
         p.l4_off + 6
     };
-    let l4_csum = if p.proto == PROTO_UDP {
+    // A later fragment has no TCP/UDP header: only its IP header changes (the first fragment's
+    // L4 checksum update covers the whole datagram).
+    let l4_csum = if p.later_fragment {
+        false
+    } else if p.proto == PROTO_UDP {
         let c: u16 = ctx.load(csum_off).map_err(|_| Reason::Malformed)?;
         c != 0
     } else {
@@ -361,7 +417,7 @@ fn rewrite(
         ctx.store(off, &new, 0).map_err(fail)?;
     }
     for (off, old, new) in [(p.l4_off, p.sport, sport), (p.l4_off + 2, p.dport, dport)] {
-        if old == new {
+        if old == new || p.later_fragment {
             continue;
         }
         if l4_csum {
@@ -545,6 +601,10 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
         return Ok((Reason::NotService, TC_ACT_OK));
     };
     if svc.flags & EXTERNAL_KINDS == 0 {
+        return Ok((Reason::NotService, TC_ACT_OK));
+    }
+    if p.later_fragment {
+        // Its first fragment opened no flow (it was not for a Service, or was dropped).
         return Ok((Reason::NotService, TC_ACT_OK));
     }
     if p.proto == PROTO_TCP && !p.is_syn() {

@@ -768,3 +768,106 @@ fn tc_icmp_errors_of_translated_flows_are_translated_back() -> Result<()> {
         Ok(())
     })
 }
+
+/// A UDP datagram from `src` to `dst` with a 24-byte payload, cut into two IPv4 fragments
+/// (identification `id`): the first holds the UDP header and 8 payload bytes, the second the
+/// other 16. Returns (first, second, payload).
+fn udp_fragments(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    id: u16,
+) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let payload: Vec<u8> = (0u8..24).collect();
+    let mut udp = vec![0u8; 8];
+    udp[0..2].copy_from_slice(&src.1.to_be_bytes());
+    udp[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    udp[4..6].copy_from_slice(&32u16.to_be_bytes());
+    udp.extend_from_slice(&payload);
+    let c = !csum(&udp, pseudo_sum(src.0, dst.0, PROTO_UDP, udp.len()));
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    let frame = |body: &[u8], frag_field: u16| {
+        let mut ip = vec![0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&u16::try_from(20 + body.len()).unwrap_or(0).to_be_bytes());
+        ip[4..6].copy_from_slice(&id.to_be_bytes());
+        ip[6..8].copy_from_slice(&frag_field.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = PROTO_UDP;
+        ip[12..16].copy_from_slice(&src.0.octets());
+        ip[16..20].copy_from_slice(&dst.0.octets());
+        let c = !csum(&ip, 0);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut pkt = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+        pkt.extend_from_slice(&ip);
+        pkt.extend_from_slice(body);
+        pkt
+    };
+    // More-fragments set, offset 0; then offset 16 bytes (2 units of 8), last.
+    (frame(&udp[..16], 0x2000), frame(&udp[16..], 2), payload)
+}
+
+/// Addresses of a frame after checking its IPv4 header checksum.
+fn ip_addrs(pkt: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr)> {
+    let ip = &pkt[14..34];
+    ensure!(csum(ip, 0) == 0xffff, "bad IPv4 header checksum");
+    Ok((
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+    ))
+}
+
+/// The later fragments of a translated UDP datagram follow its first fragment (to the backend
+/// and back), and the reassembled datagram's checksum is valid after translation; a later
+/// fragment whose first one was not seen passes untouched.
+#[test]
+fn tc_later_fragments_follow_the_first() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(None)?;
+    nodeport(&mut maps, 2, 30053, PROTO_UDP, &[(POD, 5353)])?;
+    in_netns(&lab.node(0).netns, || {
+        let (client, np) = ((CLIENT, 41000), (NODE, 30053));
+        let (first, second, payload) = udp_fragments(client, np, 0x1234);
+        let (rc, out1) = test_run(&dp, INGRESS, &first)?;
+        ensure!(
+            rc == TC_ACT_OK && ip_addrs(&out1)? == (CLIENT, POD),
+            "first fragment"
+        );
+        let (rc, out2) = test_run(&dp, INGRESS, &second)?;
+        ensure!(rc == TC_ACT_OK, "second fragment verdict {rc}");
+        ensure!(
+            ip_addrs(&out2)? == (CLIENT, POD),
+            "the later fragment did not follow the first"
+        );
+        ensure!(out2[34..] == payload[8..], "later fragment payload changed");
+        // Reassembled: the UDP checksum (updated on the first fragment) is valid for the
+        // translated addresses and ports.
+        let mut udp = out1[34..].to_vec();
+        udp.extend_from_slice(&out2[34..]);
+        ensure!(u16::from_be_bytes([udp[2], udp[3]]) == 5353);
+        ensure!(
+            csum(&udp, pseudo_sum(CLIENT, POD, PROTO_UDP, udp.len())) == 0xffff,
+            "reassembled UDP checksum invalid"
+        );
+
+        // The backend's fragmented reply goes back through the NodePort, every fragment.
+        let (first, second, _) = udp_fragments((POD, 5353), client, 0x4321);
+        for frag in [first, second] {
+            let (rc, out) = test_run(&dp, EGRESS, &frag)?;
+            ensure!(
+                rc == TC_ACT_OK && ip_addrs(&out)? == (NODE, CLIENT),
+                "reply fragment"
+            );
+        }
+
+        // A later fragment of an unknown datagram: untouched.
+        let (_, orphan, _) = udp_fragments(client, np, 0x7777);
+        let (rc, out) = test_run(&dp, INGRESS, &orphan)?;
+        ensure!(
+            rc == TC_ACT_OK && out == orphan,
+            "unknown later fragment changed"
+        );
+        Ok(())
+    })
+}

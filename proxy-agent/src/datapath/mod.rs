@@ -34,8 +34,9 @@ use aya::{
     },
 };
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, NodeAddrValue, STATS_MAX,
-    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, FragKey, FragValue,
+    NodeAddrValue, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue,
+    SrcRangeKey,
 };
 
 pub use self::{
@@ -250,7 +251,7 @@ pub struct Datapath {
 }
 
 /// Expected layout of each map: (name, type, key size, value size, requested max entries).
-fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 10] {
+fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 11] {
     use std::mem::size_of;
     [
         (
@@ -323,6 +324,13 @@ fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32);
             size_of::<u32>() + size_of::<SrcRangeKey>(),
             size_of::<u8>(),
             sizes.lb_src_ranges,
+        ),
+        (
+            twill_common::MAP_FRAGS,
+            MapType::LruHash,
+            size_of::<FragKey>(),
+            size_of::<FragValue>(),
+            twill_common::DEFAULT_FRAGS_MAX,
         ),
     ]
 }
