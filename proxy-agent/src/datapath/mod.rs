@@ -692,7 +692,12 @@ impl Datapath {
     }
 }
 
+/// The pin file of a tc link. bpffs refuses names holding a dot (`bpf_lookup()` in
+/// kernel/bpf/inode.c returns EPERM), which device names may hold (`twill.vxlan`, VLANs such
+/// as `eth0.100`); a colon, which no device name may hold (`dev_valid_name()`), stands in for
+/// it, so the mapping stays one to one.
 fn tc_pin_name(ifname: &str, prog: &str) -> String {
+    let ifname = ifname.replace('.', ":");
     format!("{LINK_PIN_PREFIX}tc_{ifname}_{prog}")
 }
 
@@ -826,6 +831,15 @@ mod tests {
         fn send<T: Send>() {}
         send::<Datapath>();
         send::<AyaLbMaps>();
+    }
+
+    #[test]
+    fn tc_pin_names_avoid_the_dot_bpffs_refuses() {
+        assert_eq!(
+            tc_pin_name("twill.vxlan", "twill_tc_ingress"),
+            "link_tc_twill:vxlan_twill_tc_ingress"
+        );
+        assert_eq!(tc_pin_name("eth0", "p"), "link_tc_eth0_p");
     }
 
     #[test]
