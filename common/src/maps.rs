@@ -316,6 +316,7 @@ impl CtKey {
     /// The key of the other direction of the flow `value` translates: the packet `value`
     /// produces, answered. (The two entries of a translated flow map to each other this way;
     /// for an untranslated entry it is simply the reversed tuple.)
+    #[must_use]
     pub const fn counterpart(&self, value: &CtValue) -> CtKey {
         CtKey {
             saddr_be: value.new_daddr_be,

@@ -532,13 +532,7 @@ async fn start_sources(
     })
 }
 
-/// Runs the agent until SIGTERM/SIGINT.
-pub async fn run(cfg: Config) -> Result<(), RunError> {
-    let cgroup = crate::preflight::run_checks(
-        cfg.cgroup_root.as_deref(),
-        &cfg.bpffs_dir,
-        &cfg.cni_conf_dir,
-    )?;
+fn log_start(cfg: &Config, cgroup: &std::path::Path) {
     log::info!(
         "twill-agent {} on node {}: cgroup {}, bpffs {}",
         env!("CARGO_PKG_VERSION"),
@@ -546,6 +540,23 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         cgroup.display(),
         cfg.bpffs_dir.display()
     );
+}
+
+/// A periodic timer that skips ticks missed while the loop was busy.
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval(period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> Result<(), RunError> {
+    let cgroup = crate::preflight::run_checks(
+        cfg.cgroup_root.as_deref(),
+        &cfg.bpffs_dir,
+        &cfg.cni_conf_dir,
+    )?;
+    log_start(&cfg, &cgroup);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -578,12 +589,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         Some(true) => {}
     }
 
-    let mut resync = tokio::time::interval(agent.cfg.sync_period);
-    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stats = tokio::time::interval(STATS_PERIOD);
-    stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut ct_gc = tokio::time::interval(CT_GC_PERIOD);
-    ct_gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resync = ticker(agent.cfg.sync_period);
+    let mut stats = ticker(STATS_PERIOD);
+    let mut ct_gc = ticker(CT_GC_PERIOD);
     // Apply once right away (the adopted state may need pruning even with no change).
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut network_due = true;
@@ -609,18 +617,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
                 continue;
             }
             _ = ct_gc.tick() => {
-                let routes = if agent.pod_cidrs().is_empty() {
-                    Some(Vec::new())
-                } else {
-                    match network.host_routes().await {
-                        Ok(r) => Some(r),
-                        Err(e) => {
-                            log::warn!("reading host routes for the conntrack collector: {}", error_chain(&e));
-                            None
-                        }
-                    }
-                };
-                agent.collect_conntrack(routes);
+                collect_conntrack(&network, &mut agent).await;
                 continue;
             }
             _ = sigterm.recv() => break,
@@ -697,6 +694,26 @@ fn release_free_heap() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// One collection of the connection-tracking table, with this node's pods known by their host
+/// routes (without pod CIDRs there is nothing to judge: expiry only).
+async fn collect_conntrack<M: LbMaps + VerdictStats>(network: &NodeNetwork, agent: &mut Syncer<M>) {
+    let routes = if agent.pod_cidrs().is_empty() {
+        Some(Vec::new())
+    } else {
+        match network.host_routes().await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                log::warn!(
+                    "reading host routes for the conntrack collector: {}",
+                    error_chain(&e)
+                );
+                None
+            }
+        }
+    };
+    agent.collect_conntrack(routes);
 }
 
 /// One node-network sync; its devices and MTU go into the next compile even when a later step

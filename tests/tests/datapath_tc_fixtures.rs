@@ -466,6 +466,23 @@ fn local_pods(live: &[Ipv4Addr]) -> Result<LocalPods> {
     ))
 }
 
+/// What the reconciler does when POD2 replaces POD (backend `svc_id * 10`, alone in slot 0) in
+/// Service `svc_id`: new backend, slot rewritten, the old one flushed and deleted.
+fn replace_backend(maps: &mut AyaLbMaps, svc_id: u32, proto: u8, port: u16) -> Result<()> {
+    let backend = |addr| Backend {
+        addr_be: be(addr),
+        port_be: port.to_be(),
+        proto,
+        flags: BE_F_LOCAL,
+    };
+    let (old_id, new_id) = (svc_id * 10, svc_id * 10 + 1);
+    maps.upsert_backend(new_id, backend(POD2))?;
+    maps.upsert_slot(SlotKey { svc_id, slot: 0 }, new_id)?;
+    maps.flush_backend(old_id, backend(POD))?;
+    maps.delete_backend(old_id)?;
+    Ok(())
+}
+
 /// Only a SYN opens a flow; replies move it to ESTABLISHED; a flow whose backend left the
 /// Service keeps going to it (drain) while UDP flows to it are flushed; FINs both ways close it;
 /// the collector removes closed flows after the close lifetime, unanswered UDP after its own,
@@ -507,27 +524,8 @@ fn tc_conntrack_opens_on_syn_only_and_drains_removed_backends() -> Result<()> {
         );
 
         // Rolling update: POD2 replaces POD in both Services; the reconciler flushes POD.
-        for (svc_id, proto, port) in [(1, PROTO_TCP, 8080u16), (2, PROTO_UDP, 5353)] {
-            let new_id = svc_id * 10 + 1;
-            maps.upsert_backend(
-                new_id,
-                Backend {
-                    addr_be: be(POD2),
-                    port_be: port.to_be(),
-                    proto,
-                    flags: BE_F_LOCAL,
-                },
-            )?;
-            maps.upsert_slot(SlotKey { svc_id, slot: 0 }, new_id)?;
-            let old = Backend {
-                addr_be: be(POD),
-                port_be: port.to_be(),
-                proto,
-                flags: BE_F_LOCAL,
-            };
-            maps.flush_backend(svc_id * 10, old)?;
-            maps.delete_backend(svc_id * 10)?;
-        }
+        replace_backend(&mut maps, 1, PROTO_TCP, 8080)?;
+        replace_backend(&mut maps, 2, PROTO_UDP, 5353)?;
         ensure!(
             flow_states(&maps, PROTO_UDP, POD, 5353)?.is_empty(),
             "UDP flows to the removed backend were not flushed"
