@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::api::{ApiState, PinnedKernelView, Published};
 use crate::compile::{CompileConfig, Compiler, IdAllocation};
 use crate::config::{Config, SourceConfig};
-use crate::datapath::{AyaLbMaps, Datapath, DatapathError, DatapathOptions};
+use crate::datapath::{AyaLbMaps, CtTable, Datapath, DatapathError, DatapathOptions};
 use crate::health::{Health, HealthCheckServers};
 use crate::lbmap::LbMaps;
 use crate::metrics::Metrics;
@@ -77,20 +77,10 @@ pub fn compile_config(cfg: &Config) -> CompileConfig {
     c
 }
 
-/// What the run loop reads from and collects in the kernel's own tables besides the `LbMaps`
-/// seam: verdict counters and the connection-tracking table (the real maps; fakes have none).
+/// Where the run loop gets kernel verdict counters from (the real maps; fakes have none).
 pub trait VerdictStats {
     /// `(reason, total over CPUs)`, or `None` when there are no counters.
     fn verdict_totals(&self) -> Option<Vec<(&'static str, u64)>>;
-
-    /// One collection pass over the connection-tracking table (`None`: there is none):
-    /// what was removed and how many entries were scanned.
-    fn collect_conntrack(
-        &mut self,
-        _owners: &crate::ctgc::LocalPods,
-    ) -> Option<Result<(crate::ctgc::CtGcPlan, usize), crate::lbmap::MapError>> {
-        None
-    }
 }
 
 impl VerdictStats for AyaLbMaps {
@@ -102,13 +92,6 @@ impl VerdictStats for AyaLbMaps {
                 None
             }
         }
-    }
-
-    fn collect_conntrack(
-        &mut self,
-        owners: &crate::ctgc::LocalPods,
-    ) -> Option<Result<(crate::ctgc::CtGcPlan, usize), crate::lbmap::MapError>> {
-        Some(self.collect_ct(crate::datapath::monotonic_now_ns(), owners))
     }
 }
 
@@ -369,45 +352,6 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         &self.compile_cfg.pod_cidrs
     }
 
-    /// One collection of the connection-tracking table; `host_routes` are the node's `/32`
-    /// route destinations (`None` when they could not be read: then nothing is judged
-    /// orphaned, only expiry applies).
-    pub fn collect_conntrack(&mut self, host_routes: Option<Vec<Ipv4Addr>>) {
-        let owners = match host_routes {
-            Some(routes) => crate::ctgc::LocalPods::new(self.compile_cfg.pod_cidrs.clone(), routes),
-            None => crate::ctgc::LocalPods::default(),
-        };
-        match self.reconciler.maps_mut().collect_conntrack(&owners) {
-            None => {}
-            Some(Ok((plan, scanned))) => {
-                let left = scanned.saturating_sub(plan.len());
-                self.metrics
-                    .conntrack_entries
-                    .set(i64::try_from(left).unwrap_or(i64::MAX));
-                self.metrics
-                    .conntrack_collected("expired", plan.expired.len());
-                self.metrics
-                    .conntrack_collected("orphaned", plan.orphaned.len());
-                if !plan.orphaned.is_empty() {
-                    log::info!(
-                        "conntrack: removed {} entries of flows to addresses no local pod holds any more",
-                        plan.orphaned.len()
-                    );
-                }
-                log::debug!(
-                    "conntrack: {scanned} entries, {} expired, {} orphaned",
-                    plan.expired.len(),
-                    plan.orphaned.len()
-                );
-            }
-            Some(Err(e)) => {
-                log::warn!("collecting the conntrack table: {}", error_chain(&e));
-                self.metrics
-                    .map_error(crate::lbmap::MapKind::Ct.name(), e.metric_label());
-            }
-        }
-    }
-
     /// Copies the kernel's verdict counters into the metrics.
     pub fn export_stats(&self) {
         if let Some(totals) = self.reconciler.maps().verdict_totals() {
@@ -569,6 +513,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let mut tasks = start_servers(&cfg, &health, &metrics, &published).await?;
     let (mut datapath, reconciler) = start_datapath(&cfg, &cgroup)?;
     let mut network = NodeNetwork::new(&cfg).map_err(RunError::Network)?;
+    let mut collector = CtCollector::new(CtTable::open_pinned(&cfg.bpffs_dir)?, metrics.clone());
     tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
 
     let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
@@ -617,7 +562,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
                 continue;
             }
             _ = ct_gc.tick() => {
-                collect_conntrack(&network, &mut agent).await;
+                collector.tick(&network, agent.pod_cidrs()).await;
                 continue;
             }
             _ = sigterm.recv() => break,
@@ -696,24 +641,84 @@ fn release_free_heap() {
     }
 }
 
-/// One collection of the connection-tracking table, with this node's pods known by their host
-/// routes (without pod CIDRs there is nothing to judge: expiry only).
-async fn collect_conntrack<M: LbMaps + VerdictStats>(network: &NodeNetwork, agent: &mut Syncer<M>) {
-    let routes = if agent.pod_cidrs().is_empty() {
-        Some(Vec::new())
-    } else {
-        match network.host_routes().await {
-            Ok(r) => Some(r),
-            Err(e) => {
-                log::warn!(
-                    "reading host routes for the conntrack collector: {}",
-                    error_chain(&e)
-                );
-                None
-            }
+/// Collects the connection-tracking table every [`CT_GC_PERIOD`] on a blocking thread (a pass
+/// costs two syscalls per entry), with this node's pods known by their host routes. A pass
+/// still running when the next is due makes that one skip.
+struct CtCollector {
+    table: Arc<std::sync::Mutex<CtTable>>,
+    metrics: Arc<Metrics>,
+    running: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl CtCollector {
+    fn new(table: CtTable, metrics: Arc<Metrics>) -> Self {
+        Self {
+            table: Arc::new(std::sync::Mutex::new(table)),
+            metrics,
+            running: None,
         }
-    };
-    agent.collect_conntrack(routes);
+    }
+
+    /// Starts a pass unless one is running. Without pod CIDRs (or when the routes cannot be
+    /// read) nothing is judged orphaned: expiry only.
+    async fn tick(&mut self, network: &NodeNetwork, pod_cidrs: &[ipnetwork::Ipv4Network]) {
+        if self.running.as_ref().is_some_and(|j| !j.is_finished()) {
+            return;
+        }
+        let owners = if pod_cidrs.is_empty() {
+            crate::ctgc::LocalPods::default()
+        } else {
+            match network.host_routes().await {
+                Ok(routes) => crate::ctgc::LocalPods::new(pod_cidrs.to_vec(), routes),
+                Err(e) => {
+                    log::warn!(
+                        "reading host routes for the conntrack collector: {}",
+                        error_chain(&e)
+                    );
+                    crate::ctgc::LocalPods::default()
+                }
+            }
+        };
+        let (table, metrics) = (self.table.clone(), self.metrics.clone());
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            let mut table = table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let result = table.collect(crate::datapath::monotonic_now_ns(), &owners);
+            report_collection(&metrics, result);
+        }));
+    }
+}
+
+fn report_collection(
+    metrics: &Metrics,
+    result: Result<(crate::ctgc::CtGcPlan, usize), crate::lbmap::MapError>,
+) {
+    match result {
+        Ok((plan, scanned)) => {
+            let left = scanned.saturating_sub(plan.len());
+            metrics
+                .conntrack_entries
+                .set(i64::try_from(left).unwrap_or(i64::MAX));
+            metrics.conntrack_collected("expired", plan.expired.len());
+            metrics.conntrack_collected("orphaned", plan.orphaned.len());
+            if !plan.orphaned.is_empty() {
+                log::info!(
+                    "conntrack: removed {} entries of flows to addresses no local pod holds any more",
+                    plan.orphaned.len()
+                );
+            }
+            log::debug!(
+                "conntrack: {scanned} entries, {} expired, {} orphaned",
+                plan.expired.len(),
+                plan.orphaned.len()
+            );
+        }
+        Err(e) => {
+            log::warn!("collecting the conntrack table: {}", error_chain(&e));
+            metrics.map_error(crate::lbmap::MapKind::Ct.name(), e.metric_label());
+        }
+    }
 }
 
 /// One node-network sync; its devices and MTU go into the next compile even when a later step

@@ -573,5 +573,24 @@ fn rolling_update_under_north_south_load_with_zero_resets() -> Result<()> {
             "new connections via {to} after the update: {r:?}"
         );
     }
+    // The old pod is deleted: n0's collector removes the flows to its address (no pod holds it
+    // any more) without waiting for them to expire.
+    lab.node(0).del_pod(&old)?;
+    let orphaned = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("twill_conntrack_collected_total{reason=\"orphaned\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    agent_common::wait_for(
+        "n0's collector removing the flows to the deleted pod",
+        Duration::from_secs(25),
+        || {
+            let (_, out) =
+                n0.labtool(&["http", "--to", "127.0.0.1:10249", "--path", "/metrics"])?;
+            // Each long-lived connection through n0 left two entries.
+            Ok(orphaned(&out) >= 6)
+        },
+    )?;
     Ok(())
 }

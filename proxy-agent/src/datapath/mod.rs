@@ -40,7 +40,7 @@ use twill_common::{
 };
 
 pub use self::{
-    maps::{AyaLbMaps, FlushReport, ReasonCounts},
+    maps::{AyaLbMaps, CtTable, FlushReport, ReasonCounts},
     sockdestroy::DestroyReport,
     sys::monotonic_now_ns,
 };
