@@ -45,6 +45,11 @@ const STATS_PERIOD: Duration = Duration::from_secs(5);
 /// How often the connection-tracking table is collected. Closed TCP flows live 10 s
 /// (`CT_LIFETIME_TCP_CLOSING_NS`), so a closed flow holds its entries at most ~20 s.
 const CT_GC_PERIOD: Duration = Duration::from_secs(10);
+/// The period when the last pass left the table at least [`CT_GC_BUSY_FILL`] full: under a
+/// high rate of new flows, closed ones are freed soon after their 10 s, before the table fills
+/// and new flows are dropped.
+const CT_GC_BUSY_PERIOD: Duration = Duration::from_secs(2);
+const CT_GC_BUSY_FILL: f64 = 0.25;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -536,7 +541,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
 
     let mut resync = ticker(agent.cfg.sync_period);
     let mut stats = ticker(STATS_PERIOD);
-    let mut ct_gc = ticker(CT_GC_PERIOD);
+    let mut ct_gc = ticker(CT_GC_BUSY_PERIOD);
     // Apply once right away (the adopted state may need pruning even with no change).
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut network_due = true;
@@ -646,25 +651,48 @@ fn release_free_heap() {
 /// still running when the next is due makes that one skip.
 struct CtCollector {
     table: Arc<std::sync::Mutex<CtTable>>,
+    capacity: u32,
     metrics: Arc<Metrics>,
     running: Option<tokio::task::JoinHandle<()>>,
+    last_start: Option<Instant>,
+    /// Entries left by the last pass.
+    left: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl CtCollector {
     fn new(table: CtTable, metrics: Arc<Metrics>) -> Self {
         Self {
+            capacity: table.capacity(),
             table: Arc::new(std::sync::Mutex::new(table)),
             metrics,
             running: None,
+            last_start: None,
+            left: Arc::default(),
         }
     }
 
-    /// Starts a pass unless one is running. Without pod CIDRs (or when the routes cannot be
-    /// read) nothing is judged orphaned: expiry only.
+    /// Called every [`CT_GC_BUSY_PERIOD`]: starts a pass when one is due (every
+    /// [`CT_GC_PERIOD`], or every tick while the table is busy) and none is running. Without
+    /// pod CIDRs (or when the routes cannot be read) nothing is judged orphaned: expiry only.
     async fn tick(&mut self, network: &NodeNetwork, pod_cidrs: &[ipnetwork::Ipv4Network]) {
         if self.running.as_ref().is_some_and(|j| !j.is_finished()) {
             return;
         }
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a fill ratio; map sizes are far below 2^52"
+        )]
+        let fill = self.left.load(std::sync::atomic::Ordering::Relaxed) as f64
+            / f64::from(self.capacity.max(1));
+        let period = if fill >= CT_GC_BUSY_FILL {
+            CT_GC_BUSY_PERIOD
+        } else {
+            CT_GC_PERIOD
+        };
+        if self.last_start.is_some_and(|t| t.elapsed() < period) {
+            return;
+        }
+        self.last_start = Some(Instant::now());
         let owners = if pod_cidrs.is_empty() {
             crate::ctgc::LocalPods::default()
         } else {
@@ -679,12 +707,18 @@ impl CtCollector {
                 }
             }
         };
-        let (table, metrics) = (self.table.clone(), self.metrics.clone());
+        let (table, metrics, left) = (self.table.clone(), self.metrics.clone(), self.left.clone());
         self.running = Some(tokio::task::spawn_blocking(move || {
             let mut table = table
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let result = table.collect(crate::datapath::monotonic_now_ns(), &owners);
+            if let Ok((plan, scanned)) = &result {
+                left.store(
+                    scanned.saturating_sub(plan.len()),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
             report_collection(&metrics, result);
         }));
     }

@@ -293,6 +293,7 @@ impl AyaLbMaps {
 /// about half a second).
 pub struct CtTable {
     ct: HashMap<MapData, CtKey, CtValue>,
+    capacity: u32,
 }
 
 impl CtTable {
@@ -308,8 +309,14 @@ impl CtTable {
             source,
         })?;
         Ok(Self {
+            capacity: capacity_of(&map),
             ct: typed(twill_common::MAP_CT, Some(map))?,
         })
+    }
+
+    /// `max_entries` of the table.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
     }
 
     /// As [`AyaLbMaps::collect_ct`].
