@@ -13,9 +13,9 @@ use twill_agent::{
     lbmap::LbMaps,
 };
 use twill_common::{
-    BE_F_LOCAL, Backend, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SCOPE_EXTERNAL, SVC_F_AFFINITY,
-    SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SlotKey,
+    BE_F_LOCAL, Backend, CT_STATE_ESTABLISHED, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY,
+    SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
 };
 use twill_lab::{
     Lab, LabSpec, Node, Pod,
@@ -539,7 +539,29 @@ fn rolling_update_under_north_south_load_with_zero_resets() -> Result<()> {
             clients.push((to.clone(), child));
         }
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // Every one of them is established (on a loaded machine a client may take a moment to
+    // start): three open flows from the client to the old backend in each node's table.
+    for n in [n0, n1] {
+        let maps = AyaLbMaps::open_pinned(&n.bpffs)?;
+        agent_common::wait_for(
+            &format!("the long-lived connections through {} established", n.name),
+            Duration::from_secs(20),
+            || {
+                let open = maps
+                    .dump_ct()?
+                    .into_iter()
+                    .filter(|(k, v)| {
+                        k.saddr_be == be(ext.ip)
+                            && v.new_daddr_be == be(old.ip)
+                            && v.state == CT_STATE_ESTABLISHED
+                            && v.tcp_fin == 0
+                    })
+                    .count();
+                Ok(open >= 3)
+            },
+        )?;
+    }
+    std::thread::sleep(Duration::from_millis(500));
 
     // The rolling update: the new pod replaces the old one in the EndpointSlice.
     lab.apply_manifest("roll.yaml", &roll_manifests(&[(new.ip, &n0.name)]))?;
