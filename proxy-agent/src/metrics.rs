@@ -48,6 +48,23 @@ pub struct Metrics {
     counted_rejections: Mutex<BTreeSet<(String, String, String, String)>>,
 }
 
+/// The connection-tracking collector's metrics.
+fn register_conntrack(registry: &mut Registry) -> (Gauge, Family<Labels, Counter>) {
+    let entries = Gauge::default();
+    registry.register(
+        "twill_conntrack_entries",
+        "Entries of the per-packet connection-tracking table (two per flow) at the last collection",
+        entries.clone(),
+    );
+    let collected = Family::<Labels, Counter>::default();
+    registry.register(
+        "twill_conntrack_collected",
+        "Connection-tracking entries removed by the collector, by reason (expired, orphaned)",
+        collected.clone(),
+    );
+    (entries, collected)
+}
+
 /// Buckets of kube-proxy's sync histogram (exponential from 1 ms).
 fn sync_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15)
@@ -144,18 +161,7 @@ impl Metrics {
             "Watch/list errors of the Kubernetes source, by kind",
             source_errors.clone(),
         );
-        let conntrack_entries = Gauge::default();
-        registry.register(
-            "twill_conntrack_entries",
-            "Entries of the per-packet connection-tracking table (two per flow) at the last collection",
-            conntrack_entries.clone(),
-        );
-        let conntrack_collected = Family::<Labels, Counter>::default();
-        registry.register(
-            "twill_conntrack_collected",
-            "Connection-tracking entries removed by the collector, by reason (expired, orphaned)",
-            conntrack_collected.clone(),
-        );
+        let (conntrack_entries, conntrack_collected) = register_conntrack(&mut registry);
         let unprogrammed_services = Gauge::default();
         registry.register(
             "twill_unprogrammed_services",

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::api::{ApiState, PinnedKernelView, Published};
 use crate::compile::{CompileConfig, Compiler, IdAllocation};
 use crate::config::{Config, SourceConfig};
-use crate::datapath::{AyaLbMaps, Datapath, DatapathError, DatapathOptions};
+use crate::datapath::{AyaLbMaps, CtTable, Datapath, DatapathError, DatapathOptions};
 use crate::health::{Health, HealthCheckServers};
 use crate::lbmap::{LbMaps, StateChanges};
 use crate::metrics::Metrics;
@@ -44,6 +44,11 @@ const STATS_PERIOD: Duration = Duration::from_secs(5);
 /// How often the connection-tracking table is collected. Closed TCP flows live 10 s
 /// (`CT_LIFETIME_TCP_CLOSING_NS`), so a closed flow holds its entries at most ~20 s.
 const CT_GC_PERIOD: Duration = Duration::from_secs(10);
+/// The period when the last pass left the table at least [`CT_GC_BUSY_FILL`] full: under a
+/// high rate of new flows, closed ones are freed soon after their 10 s, before the table fills
+/// and new flows are dropped.
+const CT_GC_BUSY_PERIOD: Duration = Duration::from_secs(2);
+const CT_GC_BUSY_FILL: f64 = 0.25;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -77,20 +82,10 @@ pub fn compile_config(cfg: &Config) -> CompileConfig {
     c
 }
 
-/// What the run loop reads from and collects in the kernel's own tables besides the `LbMaps`
-/// seam: verdict counters and the connection-tracking table (the real maps; fakes have none).
+/// Where the run loop gets kernel verdict counters from (the real maps; fakes have none).
 pub trait VerdictStats {
     /// `(reason, total over CPUs)`, or `None` when there are no counters.
     fn verdict_totals(&self) -> Option<Vec<(&'static str, u64)>>;
-
-    /// One collection pass over the connection-tracking table (`None`: there is none):
-    /// what was removed and how many entries were scanned.
-    fn collect_conntrack(
-        &mut self,
-        _owners: &crate::ctgc::LocalPods,
-    ) -> Option<Result<(crate::ctgc::CtGcPlan, usize), crate::lbmap::MapError>> {
-        None
-    }
 }
 
 impl VerdictStats for AyaLbMaps {
@@ -102,13 +97,6 @@ impl VerdictStats for AyaLbMaps {
                 None
             }
         }
-    }
-
-    fn collect_conntrack(
-        &mut self,
-        owners: &crate::ctgc::LocalPods,
-    ) -> Option<Result<(crate::ctgc::CtGcPlan, usize), crate::lbmap::MapError>> {
-        Some(self.collect_ct(crate::datapath::monotonic_now_ns(), owners))
     }
 }
 
@@ -482,45 +470,6 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         &self.compile_cfg.pod_cidrs
     }
 
-    /// One collection of the connection-tracking table; `host_routes` are the node's `/32`
-    /// route destinations (`None` when they could not be read: then nothing is judged
-    /// orphaned, only expiry applies).
-    pub fn collect_conntrack(&mut self, host_routes: Option<Vec<Ipv4Addr>>) {
-        let owners = match host_routes {
-            Some(routes) => crate::ctgc::LocalPods::new(self.compile_cfg.pod_cidrs.clone(), routes),
-            None => crate::ctgc::LocalPods::default(),
-        };
-        match self.reconciler.maps_mut().collect_conntrack(&owners) {
-            None => {}
-            Some(Ok((plan, scanned))) => {
-                let left = scanned.saturating_sub(plan.len());
-                self.metrics
-                    .conntrack_entries
-                    .set(i64::try_from(left).unwrap_or(i64::MAX));
-                self.metrics
-                    .conntrack_collected("expired", plan.expired.len());
-                self.metrics
-                    .conntrack_collected("orphaned", plan.orphaned.len());
-                if !plan.orphaned.is_empty() {
-                    log::info!(
-                        "conntrack: removed {} entries of flows to addresses no local pod holds any more",
-                        plan.orphaned.len()
-                    );
-                }
-                log::debug!(
-                    "conntrack: {scanned} entries, {} expired, {} orphaned",
-                    plan.expired.len(),
-                    plan.orphaned.len()
-                );
-            }
-            Some(Err(e)) => {
-                log::warn!("collecting the conntrack table: {}", error_chain(&e));
-                self.metrics
-                    .map_error(crate::lbmap::MapKind::Ct.name(), e.metric_label());
-            }
-        }
-    }
-
     /// Copies the kernel's verdict counters into the metrics.
     pub fn export_stats(&self) {
         if let Some(totals) = self.reconciler.maps().verdict_totals() {
@@ -657,17 +606,7 @@ async fn start_sources(
     })
 }
 
-/// Runs the agent until SIGTERM/SIGINT.
-#[expect(
-    clippy::too_many_lines,
-    reason = "start-up steps in their required order, then the one select loop"
-)]
-pub async fn run(cfg: Config) -> Result<(), RunError> {
-    let cgroup = crate::preflight::run_checks(
-        cfg.cgroup_root.as_deref(),
-        &cfg.bpffs_dir,
-        &cfg.cni_conf_dir,
-    )?;
+fn log_start(cfg: &Config, cgroup: &std::path::Path) {
     log::info!(
         "twill-agent {} on node {}: cgroup {}, bpffs {}",
         env!("CARGO_PKG_VERSION"),
@@ -675,6 +614,23 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         cgroup.display(),
         cfg.bpffs_dir.display()
     );
+}
+
+/// A periodic timer that skips ticks missed while the loop was busy.
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval(period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> Result<(), RunError> {
+    let cgroup = crate::preflight::run_checks(
+        cfg.cgroup_root.as_deref(),
+        &cfg.bpffs_dir,
+        &cfg.cni_conf_dir,
+    )?;
+    log_start(&cfg, &cgroup);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -687,6 +643,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let mut tasks = start_servers(&cfg, &health, &metrics, &published).await?;
     let (mut datapath, reconciler) = start_datapath(&cfg, &cgroup)?;
     let mut network = NodeNetwork::new(&cfg).map_err(RunError::Network)?;
+    let mut collector = CtCollector::new(CtTable::open_pinned(&cfg.bpffs_dir)?, metrics.clone());
     tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
 
     let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
@@ -708,12 +665,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         Some(true) => {}
     }
 
-    let mut resync = tokio::time::interval(agent.cfg.sync_period);
-    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stats = tokio::time::interval(STATS_PERIOD);
-    stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut ct_gc = tokio::time::interval(CT_GC_PERIOD);
-    ct_gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resync = ticker(agent.cfg.sync_period);
+    let mut stats = ticker(STATS_PERIOD);
+    let mut ct_gc = ticker(CT_GC_BUSY_PERIOD);
     // Apply once right away (the adopted state may need pruning even with no change).
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut network_due = true;
@@ -739,18 +693,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
                 continue;
             }
             _ = ct_gc.tick() => {
-                let routes = if agent.pod_cidrs().is_empty() {
-                    Some(Vec::new())
-                } else {
-                    match network.host_routes().await {
-                        Ok(r) => Some(r),
-                        Err(e) => {
-                            log::warn!("reading host routes for the conntrack collector: {}", error_chain(&e));
-                            None
-                        }
-                    }
-                };
-                agent.collect_conntrack(routes);
+                collector.tick(&network, agent.pod_cidrs()).await;
                 continue;
             }
             _ = sigterm.recv() => break,
@@ -860,6 +803,115 @@ fn release_free_heap() {
     // SAFETY: malloc_trim has no preconditions; 0 keeps no extra pad at the heap top.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Collects the connection-tracking table every [`CT_GC_PERIOD`] on a blocking thread (a pass
+/// costs two syscalls per entry), with this node's pods known by their host routes. A pass
+/// still running when the next is due makes that one skip.
+struct CtCollector {
+    table: Arc<std::sync::Mutex<CtTable>>,
+    capacity: u32,
+    metrics: Arc<Metrics>,
+    running: Option<tokio::task::JoinHandle<()>>,
+    last_start: Option<Instant>,
+    /// Entries left by the last pass.
+    left: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CtCollector {
+    fn new(table: CtTable, metrics: Arc<Metrics>) -> Self {
+        Self {
+            capacity: table.capacity(),
+            table: Arc::new(std::sync::Mutex::new(table)),
+            metrics,
+            running: None,
+            last_start: None,
+            left: Arc::default(),
+        }
+    }
+
+    /// Called every [`CT_GC_BUSY_PERIOD`]: starts a pass when one is due (every
+    /// [`CT_GC_PERIOD`], or every tick while the table is busy) and none is running. Without
+    /// pod CIDRs (or when the routes cannot be read) nothing is judged orphaned: expiry only.
+    async fn tick(&mut self, network: &NodeNetwork, pod_cidrs: &[ipnetwork::Ipv4Network]) {
+        if self.running.as_ref().is_some_and(|j| !j.is_finished()) {
+            return;
+        }
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a fill ratio; map sizes are far below 2^52"
+        )]
+        let fill = self.left.load(std::sync::atomic::Ordering::Relaxed) as f64
+            / f64::from(self.capacity.max(1));
+        let period = if fill >= CT_GC_BUSY_FILL {
+            CT_GC_BUSY_PERIOD
+        } else {
+            CT_GC_PERIOD
+        };
+        if self.last_start.is_some_and(|t| t.elapsed() < period) {
+            return;
+        }
+        self.last_start = Some(Instant::now());
+        let owners = if pod_cidrs.is_empty() {
+            crate::ctgc::LocalPods::default()
+        } else {
+            match network.host_routes().await {
+                Ok(routes) => crate::ctgc::LocalPods::new(pod_cidrs.to_vec(), routes),
+                Err(e) => {
+                    log::warn!(
+                        "reading host routes for the conntrack collector: {}",
+                        error_chain(&e)
+                    );
+                    crate::ctgc::LocalPods::default()
+                }
+            }
+        };
+        let (table, metrics, left) = (self.table.clone(), self.metrics.clone(), self.left.clone());
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            let mut table = table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let result = table.collect(crate::datapath::monotonic_now_ns(), &owners);
+            if let Ok((plan, scanned)) = &result {
+                left.store(
+                    scanned.saturating_sub(plan.len()),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            report_collection(&metrics, result);
+        }));
+    }
+}
+
+fn report_collection(
+    metrics: &Metrics,
+    result: Result<(crate::ctgc::CtGcPlan, usize), crate::lbmap::MapError>,
+) {
+    match result {
+        Ok((plan, scanned)) => {
+            let left = scanned.saturating_sub(plan.len());
+            metrics
+                .conntrack_entries
+                .set(i64::try_from(left).unwrap_or(i64::MAX));
+            metrics.conntrack_collected("expired", plan.expired.len());
+            metrics.conntrack_collected("orphaned", plan.orphaned.len());
+            if !plan.orphaned.is_empty() {
+                log::info!(
+                    "conntrack: removed {} entries of flows to addresses no local pod holds any more",
+                    plan.orphaned.len()
+                );
+            }
+            log::debug!(
+                "conntrack: {scanned} entries, {} expired, {} orphaned",
+                plan.expired.len(),
+                plan.orphaned.len()
+            );
+        }
+        Err(e) => {
+            log::warn!("collecting the conntrack table: {}", error_chain(&e));
+            metrics.map_error(crate::lbmap::MapKind::Ct.name(), e.metric_label());
+        }
     }
 }
 

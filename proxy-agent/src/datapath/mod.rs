@@ -34,12 +34,13 @@ use aya::{
     },
 };
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, NodeAddrValue, STATS_MAX,
-    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, FragKey, FragValue,
+    NodeAddrValue, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue,
+    SrcRangeKey, UdpFlowKey,
 };
 
 pub use self::{
-    maps::{AyaLbMaps, FlushReport, ReasonCounts},
+    maps::{AyaLbMaps, CtTable, FlushReport, ReasonCounts},
     sockdestroy::DestroyReport,
     sys::{current_netns_cookie, monotonic_now_ns},
 };
@@ -257,7 +258,7 @@ pub struct Datapath {
 }
 
 /// Expected layout of each map: (name, type, key size, value size, requested max entries).
-fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 11] {
+fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 12] {
     use std::mem::size_of;
     [
         (
@@ -337,6 +338,13 @@ fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32);
             size_of::<UdpFlowKey>(),
             size_of::<AffinityValue>(),
             sizes.udp_flows,
+        ),
+        (
+            twill_common::MAP_FRAGS,
+            MapType::LruHash,
+            size_of::<FragKey>(),
+            size_of::<FragValue>(),
+            twill_common::DEFAULT_FRAGS_MAX,
         ),
     ]
 }
@@ -701,7 +709,12 @@ impl Datapath {
     }
 }
 
+/// The pin file of a tc link. bpffs refuses names holding a dot (`bpf_lookup()` in
+/// kernel/bpf/inode.c returns EPERM), which device names may hold (`twill.vxlan`, VLANs such
+/// as `eth0.100`); a colon, which no device name may hold (`dev_valid_name()`), stands in for
+/// it, so the mapping stays one to one.
 fn tc_pin_name(ifname: &str, prog: &str) -> String {
+    let ifname = ifname.replace('.', ":");
     format!("{LINK_PIN_PREFIX}tc_{ifname}_{prog}")
 }
 
@@ -835,6 +848,15 @@ mod tests {
         fn send<T: Send>() {}
         send::<Datapath>();
         send::<AyaLbMaps>();
+    }
+
+    #[test]
+    fn tc_pin_names_avoid_the_dot_bpffs_refuses() {
+        assert_eq!(
+            tc_pin_name("twill.vxlan", "twill_tc_ingress"),
+            "link_tc_twill:vxlan_twill_tc_ingress"
+        );
+        assert_eq!(tc_pin_name("eth0", "p"), "link_tc_eth0_p");
     }
 
     #[test]
