@@ -12,14 +12,13 @@
 //! SIGTERM/SIGINT: stop serving and exit, leaving pinned maps and links in place so traffic keeps
 //! flowing until the next agent adopts them.
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::api::{ApiState, PinnedKernelView, Published};
 use crate::compile::{CompileConfig, Compiler, IdAllocation};
 use crate::config::{Config, SourceConfig};
-use crate::datapath::{AyaLbMaps, Datapath, DatapathError, DatapathOptions};
+use crate::datapath::{AyaLbMaps, CtTable, Datapath, DatapathError, DatapathOptions};
 use crate::health::{Health, HealthCheckServers};
 use crate::lbmap::{LbMaps, StateChanges};
 use crate::metrics::Metrics;
@@ -42,6 +41,14 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 const TRIM_PERIOD: Duration = Duration::from_secs(5);
 /// How often kernel verdict counters are copied into metrics.
 const STATS_PERIOD: Duration = Duration::from_secs(5);
+/// How often the connection-tracking table is collected. Closed TCP flows live 10 s
+/// (`CT_LIFETIME_TCP_CLOSING_NS`), so a closed flow holds its entries at most ~20 s.
+const CT_GC_PERIOD: Duration = Duration::from_secs(10);
+/// The period when the last pass left the table at least [`CT_GC_BUSY_FILL`] full: under a
+/// high rate of new flows, closed ones are freed soon after their 10 s, before the table fills
+/// and new flows are dropped.
+const CT_GC_BUSY_PERIOD: Duration = Duration::from_secs(2);
+const CT_GC_BUSY_FILL: f64 = 0.25;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -157,6 +164,12 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             logged_rejections: std::collections::BTreeSet::new(),
             unprogrammed: Vec::new(),
         }
+    }
+
+    /// The node's own network namespace (where the agent runs), written into the datapath config
+    /// so loopback NodePorts are translated there and never inside pods.
+    pub fn set_host_netns_cookie(&mut self, cookie: u64) {
+        self.compile_cfg.host_netns_cookie = cookie;
     }
 
     /// Takes the node network's devices and MTU into the next compile and CNI config.
@@ -405,8 +418,8 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         for r in &invalid {
             if !self.logged_rejections.contains(&key(r)) {
                 log::warn!(
-                    "skipping invalid {:?} {}/{}: {}",
-                    r.kind,
+                    "skipping invalid {} {}/{}: {}",
+                    r.kind.as_str(),
                     r.namespace,
                     r.name,
                     r.reason
@@ -414,12 +427,12 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             }
         }
         self.metrics.compiler_rejections(invalid.iter().map(|r| {
-            let kind = match r.kind {
-                crate::compile::ObjectKind::Service => "Service",
-                crate::compile::ObjectKind::EndpointSlice => "EndpointSlice",
-                crate::compile::ObjectKind::Node => "Node",
-            };
-            (kind, &*r.namespace, &*r.name, r.reason.metric_label())
+            (
+                r.kind.as_str(),
+                &*r.namespace,
+                &*r.name,
+                r.reason.metric_label(),
+            )
         }));
         self.logged_rejections = current;
     }
@@ -450,6 +463,11 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
     /// Delay before retrying after consecutive failed applies (capped exponential).
     pub fn retry_delay(&self) -> Duration {
         backoff(self.failures)
+    }
+
+    /// This node's pod CIDRs as of the last compile.
+    pub fn pod_cidrs(&self) -> &[ipnetwork::Ipv4Network] {
+        &self.compile_cfg.pod_cidrs
     }
 
     /// Copies the kernel's verdict counters into the metrics.
@@ -554,6 +572,18 @@ fn start_datapath(
     Ok((datapath, reconciler))
 }
 
+/// This network namespace's cookie (the agent runs in the node's): 0, which translates
+/// loopback NodePorts nowhere, when the kernel cannot tell it.
+fn host_netns_cookie() -> u64 {
+    crate::datapath::current_netns_cookie().unwrap_or_else(|e| {
+        log::warn!(
+            "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {e}; \
+             127.0.0.1:<nodePort> is not translated"
+        );
+        0
+    })
+}
+
 async fn start_sources(
     cfg: &Config,
     stores: &Arc<Stores>,
@@ -576,13 +606,7 @@ async fn start_sources(
     })
 }
 
-/// Runs the agent until SIGTERM/SIGINT.
-pub async fn run(cfg: Config) -> Result<(), RunError> {
-    let cgroup = crate::preflight::run_checks(
-        cfg.cgroup_root.as_deref(),
-        &cfg.bpffs_dir,
-        &cfg.cni_conf_dir,
-    )?;
+fn log_start(cfg: &Config, cgroup: &std::path::Path) {
     log::info!(
         "twill-agent {} on node {}: cgroup {}, bpffs {}",
         env!("CARGO_PKG_VERSION"),
@@ -590,6 +614,23 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         cgroup.display(),
         cfg.bpffs_dir.display()
     );
+}
+
+/// A periodic timer that skips ticks missed while the loop was busy.
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval(period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> Result<(), RunError> {
+    let cgroup = crate::preflight::run_checks(
+        cfg.cgroup_root.as_deref(),
+        &cfg.bpffs_dir,
+        &cfg.cni_conf_dir,
+    )?;
+    log_start(&cfg, &cgroup);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -602,9 +643,11 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let mut tasks = start_servers(&cfg, &health, &metrics, &published).await?;
     let (mut datapath, reconciler) = start_datapath(&cfg, &cgroup)?;
     let mut network = NodeNetwork::new(&cfg).map_err(RunError::Network)?;
+    let mut collector = CtCollector::new(CtTable::open_pinned(&cfg.bpffs_dir)?, metrics.clone());
     tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
 
     let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
+    agent.set_host_netns_cookie(host_netns_cookie());
 
     let synced = tokio::select! {
         s = stores.wait_synced(FIRST_SYNC_TIMEOUT) => Some(s),
@@ -622,10 +665,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         Some(true) => {}
     }
 
-    let mut resync = tokio::time::interval(agent.cfg.sync_period);
-    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stats = tokio::time::interval(STATS_PERIOD);
-    stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resync = ticker(agent.cfg.sync_period);
+    let mut stats = ticker(STATS_PERIOD);
+    let mut ct_gc = ticker(CT_GC_BUSY_PERIOD);
     // Apply once right away (the adopted state may need pruning even with no change).
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut network_due = true;
@@ -648,6 +690,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
                 // Also here, so a burst that ended within TRIM_PERIOD of the last trim is
                 // returned too.
                 trimmer.maybe_trim();
+                continue;
+            }
+            _ = ct_gc.tick() => {
+                collector.tick(&network, agent.pod_cidrs()).await;
                 continue;
             }
             _ = sigterm.recv() => break,
@@ -760,6 +806,115 @@ fn release_free_heap() {
     }
 }
 
+/// Collects the connection-tracking table every [`CT_GC_PERIOD`] on a blocking thread (a pass
+/// costs two syscalls per entry), with this node's pods known by their host routes. A pass
+/// still running when the next is due makes that one skip.
+struct CtCollector {
+    table: Arc<std::sync::Mutex<CtTable>>,
+    capacity: u32,
+    metrics: Arc<Metrics>,
+    running: Option<tokio::task::JoinHandle<()>>,
+    last_start: Option<Instant>,
+    /// Entries left by the last pass.
+    left: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CtCollector {
+    fn new(table: CtTable, metrics: Arc<Metrics>) -> Self {
+        Self {
+            capacity: table.capacity(),
+            table: Arc::new(std::sync::Mutex::new(table)),
+            metrics,
+            running: None,
+            last_start: None,
+            left: Arc::default(),
+        }
+    }
+
+    /// Called every [`CT_GC_BUSY_PERIOD`]: starts a pass when one is due (every
+    /// [`CT_GC_PERIOD`], or every tick while the table is busy) and none is running. Without
+    /// pod CIDRs (or when the routes cannot be read) nothing is judged orphaned: expiry only.
+    async fn tick(&mut self, network: &NodeNetwork, pod_cidrs: &[ipnetwork::Ipv4Network]) {
+        if self.running.as_ref().is_some_and(|j| !j.is_finished()) {
+            return;
+        }
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a fill ratio; map sizes are far below 2^52"
+        )]
+        let fill = self.left.load(std::sync::atomic::Ordering::Relaxed) as f64
+            / f64::from(self.capacity.max(1));
+        let period = if fill >= CT_GC_BUSY_FILL {
+            CT_GC_BUSY_PERIOD
+        } else {
+            CT_GC_PERIOD
+        };
+        if self.last_start.is_some_and(|t| t.elapsed() < period) {
+            return;
+        }
+        self.last_start = Some(Instant::now());
+        let owners = if pod_cidrs.is_empty() {
+            crate::ctgc::LocalPods::default()
+        } else {
+            match network.host_routes().await {
+                Ok(routes) => crate::ctgc::LocalPods::new(pod_cidrs.to_vec(), routes),
+                Err(e) => {
+                    log::warn!(
+                        "reading host routes for the conntrack collector: {}",
+                        error_chain(&e)
+                    );
+                    crate::ctgc::LocalPods::default()
+                }
+            }
+        };
+        let (table, metrics, left) = (self.table.clone(), self.metrics.clone(), self.left.clone());
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            let mut table = table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let result = table.collect(crate::datapath::monotonic_now_ns(), &owners);
+            if let Ok((plan, scanned)) = &result {
+                left.store(
+                    scanned.saturating_sub(plan.len()),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            report_collection(&metrics, result);
+        }));
+    }
+}
+
+fn report_collection(
+    metrics: &Metrics,
+    result: Result<(crate::ctgc::CtGcPlan, usize), crate::lbmap::MapError>,
+) {
+    match result {
+        Ok((plan, scanned)) => {
+            let left = scanned.saturating_sub(plan.len());
+            metrics
+                .conntrack_entries
+                .set(i64::try_from(left).unwrap_or(i64::MAX));
+            metrics.conntrack_collected("expired", plan.expired.len());
+            metrics.conntrack_collected("orphaned", plan.orphaned.len());
+            if !plan.orphaned.is_empty() {
+                log::info!(
+                    "conntrack: removed {} entries of flows to addresses no local pod holds any more",
+                    plan.orphaned.len()
+                );
+            }
+            log::debug!(
+                "conntrack: {scanned} entries, {} expired, {} orphaned",
+                plan.expired.len(),
+                plan.orphaned.len()
+            );
+        }
+        Err(e) => {
+            log::warn!("collecting the conntrack table: {}", error_chain(&e));
+            metrics.map_error(crate::lbmap::MapKind::Ct.name(), e.metric_label());
+        }
+    }
+}
+
 /// One node-network sync; its devices and MTU go into the next compile even when a later step
 /// (routes) failed. Returns whether it fully succeeded.
 async fn sync_network<M: LbMaps + VerdictStats>(
@@ -789,60 +944,6 @@ fn abort_all(tasks: &[tokio::task::JoinHandle<()>]) {
     for t in tasks {
         t.abort();
     }
-}
-
-/// What `uninstall` removed.
-#[derive(Debug, Default)]
-pub struct Uninstalled {
-    pub cni_conf: bool,
-    /// Peer routes, the overlay device and the masquerade table that were removed.
-    pub network: crate::routing::ApplyReport,
-    pub pins: Vec<PathBuf>,
-    pub api_socket: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum UninstallError {
-    #[error("removing the CNI config")]
-    CniConf(#[from] crate::cniconf::CniConfError),
-    #[error("removing pinned maps and links")]
-    Unpin(#[from] DatapathError),
-    #[error("removing routes, the overlay device and the masquerade table")]
-    Network(#[from] crate::routing::RoutingError),
-    #[error("removing the API socket {path}")]
-    Socket {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// `twill-agent uninstall`: removes the CNI config (so the runtime stops creating Twill pods),
-/// then the pinned links (the socket and tc hooks detach) and maps, the agent's routes to other
-/// nodes, its VXLAN device and masquerade table (all found by their ownership marks), and the
-/// API socket. Pod routes and veths go with the pods. Runs inside a tokio runtime (netlink).
-pub async fn uninstall(args: &crate::config::UninstallArgs) -> Result<Uninstalled, UninstallError> {
-    let cni_conf = crate::cniconf::remove(&args.cni_conf_dir)?;
-    let pins = Datapath::unpin_all(&args.bpffs_dir)?;
-    let network = crate::routing::RouteExecutor::connect()?
-        .remove_all()
-        .await?;
-    let api_socket = match std::fs::remove_file(&args.api_socket) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(source) => {
-            return Err(UninstallError::Socket {
-                path: args.api_socket.clone(),
-                source,
-            });
-        }
-    };
-    Ok(Uninstalled {
-        cni_conf,
-        network,
-        pins,
-        api_socket,
-    })
 }
 
 #[cfg(test)]

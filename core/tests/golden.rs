@@ -1,7 +1,7 @@
 //! Golden tests of the compiler: `tests/golden/<case>.yaml` (multi-document YAML of Services,
 //! `EndpointSlices`, a Node and an optional `CompileConfig`) → `tests/golden/<case>.dump`, the text
 //! `twill-agent debug maps` prints, plus the health-check lines. Regenerate with
-//! `TWILL_BLESS=1 cargo test -p twill-agent --test golden` and review the diff.
+//! `TWILL_BLESS=1 cargo test -p twill-core --test golden` and review the diff.
 //!
 //! Each case also checks that the output does not depend on input order and that applying the
 //! compiled state to the fake maps and dumping it back renders the same text.
@@ -13,11 +13,11 @@ use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize as _;
-use twill_agent::compile::{
+use twill_core::compile::{
     CompileConfig, Compiled, IdAllocation, Inputs, all_node_ips, compile, render_dump,
 };
-use twill_agent::lbmap::{FakeLbMaps, LbMaps};
-use twill_agent::reconcile::Reconciler;
+use twill_core::lbmap::{FakeLbMaps, LbMaps};
+use twill_core::reconcile::Reconciler;
 
 #[derive(Default)]
 struct Case {

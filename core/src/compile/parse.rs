@@ -723,6 +723,8 @@ pub fn all_node_ips<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Vec<Ipv4Ad
         .filter_map(|n| n.status.as_ref()?.addresses.as_deref())
         .flatten()
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        // A malformed address is reported where the Node itself is parsed; here it only means
+        // one address fewer to refuse.
         .filter_map(|a| ipv4_of(&a.address, "status.addresses").unwrap_or_default())
         .collect();
     out.sort_unstable();

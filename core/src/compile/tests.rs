@@ -557,6 +557,19 @@ fn special_and_node_addresses_are_refused_as_external_ips() {
     assert!(c.rejected().is_empty());
 }
 
+#[test]
+fn object_kinds_have_one_spelling() {
+    for (kind, name) in [
+        (ObjectKind::Service, "Service"),
+        (ObjectKind::EndpointSlice, "EndpointSlice"),
+        (ObjectKind::Node, "Node"),
+    ] {
+        assert_eq!(kind.as_str(), name);
+        // The JSON view spells it the same way.
+        assert_eq!(serde_json::to_value(kind).unwrap(), name);
+    }
+}
+
 /// A Service over `max_frontends_per_service` is rejected whole, alone: it programs nothing and
 /// claims nothing (a later Service asking for the same external address gets it), and raising
 /// the cap programs it.

@@ -290,6 +290,7 @@ impl Compiler {
             nodeport_min: *config.nodeport_range.start(),
             nodeport_max: *config.nodeport_range.end(),
             _pad: 0,
+            host_netns_cookie: config.host_netns_cookie,
         };
         let old = std::mem::take(&mut self.node_rejections);
         for key in &old {

@@ -25,6 +25,8 @@ pub enum MapKind {
     Ct,
     /// `loadBalancerSourceRanges` LPM trie.
     SourceRanges,
+    /// Unconnected UDP flow stickiness (socket path).
+    UdpFlows,
 }
 
 impl MapKind {
@@ -40,6 +42,7 @@ impl MapKind {
             MapKind::Stats => twill_common::MAP_STATS,
             MapKind::Ct => twill_common::MAP_CT,
             MapKind::SourceRanges => twill_common::MAP_LB_SRC_RANGES,
+            MapKind::UdpFlows => twill_common::MAP_UDP_FLOWS,
         }
     }
 }
@@ -63,6 +66,15 @@ pub enum MapError {
 }
 
 impl MapError {
+    /// The map the failed operation touched (a metric label, with [`MapKind::name`]).
+    pub fn map(&self) -> MapKind {
+        match self {
+            MapError::Full { map, .. }
+            | MapError::Syscall { map, .. }
+            | MapError::Injected { map, .. } => *map,
+        }
+    }
+
     /// Short stable label for the `twill_map_errors_total{kind=…}` metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -530,6 +542,7 @@ mod tests {
             }
         ));
         assert_eq!(err.metric_label(), "full");
+        assert_eq!(err.map(), MapKind::Backends);
     }
 
     #[test]
@@ -619,6 +632,7 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("TWL_SVC_V1"));
+        assert_eq!(err.map(), MapKind::Services);
         assert!(maps.dump().is_ok());
         maps.plan = FaultPlan::none().fail_dump();
         assert!(maps.dump().is_err());

@@ -77,6 +77,8 @@ pub struct CompileConfig {
     /// an externalIP or LoadBalancer IP (it would capture the node's own ports, its kubelet or
     /// SSH, from every pod of the cluster). This node's `nodeport_addresses` are refused too.
     pub node_ips: Vec<Ipv4Addr>,
+    /// The node's own network-namespace cookie, for `DatapathConfig` (loopback NodePorts).
+    pub host_netns_cookie: u64,
     /// A Service needing more frontends (services-map entries) than this is not programmed.
     pub max_frontends_per_service: usize,
 }
@@ -90,6 +92,7 @@ impl CompileConfig {
             nodeport_range: DEFAULT_NODEPORT_RANGE,
             pod_cidrs: Vec::new(),
             node_ips: Vec::new(),
+            host_netns_cookie: 0,
             max_frontends_per_service: DEFAULT_MAX_FRONTENDS_PER_SERVICE,
         }
     }
@@ -155,11 +158,29 @@ impl FrontendKind {
 }
 
 /// Kind of a source object, for rejections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ObjectKind {
     Service,
     EndpointSlice,
     Node,
+}
+
+impl ObjectKind {
+    /// The Kubernetes kind, as in the object's `kind` field: the one spelling the dump, the JSON
+    /// view, logs and metric labels use.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Service => "Service",
+            ObjectKind::EndpointSlice => "EndpointSlice",
+            ObjectKind::Node => "Node",
+        }
+    }
+}
+
+impl serde::Serialize for ObjectKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 /// Why (part of) an object is not programmed.
