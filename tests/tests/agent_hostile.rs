@@ -203,22 +203,17 @@ fn healthz_answers_under_a_connection_flood_and_slow_loris() -> Result<()> {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no {name} in {text:?}"))
     };
-    // One client keeps at most 16 connections (HTTP_LIMITS.max_per_peer); the rest are closed.
-    ensure!(
-        field(&flood.stdout, "opened")? >= 300,
-        "the flood did not get its connections in: {}",
-        String::from_utf8_lossy(&flood.stdout)
-    );
-    ensure!(
-        field(&flood.stdout, "closed_by_server")? >= 300,
-        "the server held the flood's connections: {}",
-        String::from_utf8_lossy(&flood.stdout)
-    );
-    ensure!(
-        field(&slow.stdout, "closed_by_server")? >= 48,
-        "the slow-loris connections were not dropped: {}",
-        String::from_utf8_lossy(&slow.stdout)
-    );
+    // One client keeps at most 16 connections (HTTP_LIMITS.max_per_peer); the server closes
+    // the rest at once (a connect the loaded machine did not complete in 1 s is not opened).
+    for (out, at_least) in [(&flood.stdout, 300), (&slow.stdout, 32)] {
+        let text = String::from_utf8_lossy(out);
+        let opened = field(out, "opened")?;
+        ensure!(opened >= at_least, "too few connections got in: {text}");
+        ensure!(
+            field(out, "closed_by_server")? >= opened - 16,
+            "the server held more than its share: {text}"
+        );
+    }
     ensure!(probe()?.starts_with("status=200"));
     Ok(())
 }
