@@ -1,8 +1,8 @@
 //! Map names, keys and values.
 //!
-//! The service tables are shared by every datapath: the socket-level hooks (connect4, sendmsg4,
-//! recvmsg4, getpeername4) and the per-packet tc programs look up the same `SERVICES` entry and
-//! pick from the same `BACKEND_SLOTS`/`BACKENDS`.
+//! The service tables are shared by every datapath: the socket-level hooks (connect, sendmsg,
+//! recvmsg, getpeername; IPv4 and, for v4-mapped destinations, IPv6) and the per-packet tc
+//! programs look up the same `SERVICES` entry and pick from the same `BACKEND_SLOTS`/`BACKENDS`.
 //!
 //! ```text
 //!  SERVICES  (addr, port, proto, scope) ──► ServiceValue { svc_id, count, flags, affinity }
@@ -10,6 +10,7 @@
 //!  BACKENDS  backend_id ──► Backend { addr, port, proto, flags }
 //!  AFFINITY  (client_id, svc_id) ──► { backend_id, last_used_ns }
 //!  SOCK_REVNAT (socket cookie, backend addr, port) ──► frontend (addr, port)
+//!  UDP_FLOWS (socket cookie, svc_id) ──► { backend_id, last_used_ns }: unconnected UDP stickiness
 //!  CT        (saddr, daddr, sport, dport, proto, scope) ──► rewrite to (saddr', daddr', sport',
 //!            dport'), flow state, last packet; one entry per direction of a per-packet
 //!            (north-south) translated flow; expired by state (`ct_lifetime_ns`)
@@ -26,11 +27,13 @@ pub const MAP_BACKENDS: &str = "TWL_BE_V1";
 pub const MAP_AFFINITY: &str = "TWL_AFF_V1";
 pub const MAP_SOCK_REVNAT: &str = "TWL_SKRNAT_V1";
 pub const MAP_NODE_ADDRS: &str = "TWL_NODEIP_V1";
-pub const MAP_CONFIG: &str = "TWL_CFG_V1";
+/// V2: `DatapathConfig` grew `host_netns_cookie` (8 → 16 bytes).
+pub const MAP_CONFIG: &str = "TWL_CFG_V2";
 pub const MAP_STATS: &str = "TWL_STATS_V1";
 pub const MAP_CT: &str = "TWL_CT_V1";
 pub const MAP_LB_SRC_RANGES: &str = "TWL_LBSRC_V1";
 pub const MAP_FRAGS: &str = "TWL_FRAG_V1";
+pub const MAP_UDP_FLOWS: &str = "TWL_UDPFLOW_V1";
 
 /// Every map the kernel object must define.
 pub const ALL_MAPS: &[&str] = &[
@@ -45,7 +48,12 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_CT,
     MAP_LB_SRC_RANGES,
     MAP_FRAGS,
+    MAP_UDP_FLOWS,
 ];
+
+/// Pinned map names of earlier layouts, which no program uses any more: `uninstall` removes
+/// them too, so an upgraded node keeps no stale pin.
+pub const RETIRED_MAPS: &[&str] = &["TWL_CFG_V1"];
 
 /// Default map capacities; the agent may override them (`--map-size-*`) before load.
 pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
@@ -59,6 +67,11 @@ pub const DEFAULT_CT_MAX: u32 = 262_144;
 pub const DEFAULT_LB_SRC_RANGES_MAX: u32 = 16_384;
 /// Fragmented datagrams in flight (their fragments arrive within milliseconds of each other).
 pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
+/// One entry per (unconnected UDP socket, frontend) that sent to a Service recently.
+pub const DEFAULT_UDP_FLOWS_MAX: u32 = 65_536;
+/// An unconnected UDP socket keeps its backend for a frontend while it sends to it at least this
+/// often (QUIC, SIP and TFTP exchanges pause far less; conntrack's UDP timeout is 30 s too).
+pub const UDP_FLOW_TIMEOUT_S: u64 = 30;
 /// One slot per `Reason` discriminant value.
 pub const STATS_MAX: u32 = 256;
 
@@ -199,6 +212,20 @@ pub struct SockRevNatValue {
 }
 const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 12);
 
+/// Key of `UDP_FLOWS`: the datagrams an unconnected UDP socket sends to one frontend (`svc_id`)
+/// are one flow and stay on one backend, so multi-datagram protocols (QUIC, SIP, TFTP) work.
+/// The value is an [`AffinityValue`]: the remembered backend, its slot and the last use, with the
+/// same checks (still a backend of the Service, not idle longer than `UDP_FLOW_TIMEOUT_S`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UdpFlowKey {
+    /// `bpf_get_socket_cookie()` of the sending socket.
+    pub cookie: u64,
+    pub svc_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 16);
+
 /// Value of `NODE_ADDRS` (key: `u32` address in network order): addresses NodePort answers on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -214,8 +241,12 @@ pub struct DatapathConfig {
     pub nodeport_min: u16,
     pub nodeport_max: u16,
     pub _pad: u32,
+    /// Network-namespace cookie (`SO_NETNS_COOKIE`) of the node's own namespace, where the agent
+    /// runs. Loopback NodePorts (`127.0.0.1:<nodePort>`) are translated only for sockets of that
+    /// namespace: inside a pod, 127.0.0.1 is the pod itself. 0 (unknown) translates them nowhere.
+    pub host_netns_cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 16);
 
 /// Key of `CT`: one direction of a translated north-south flow, as seen on the wire.
 #[repr(C)]
@@ -383,4 +414,5 @@ mod pod {
     unsafe impl aya::Pod for super::SrcRangeKey {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::UdpFlowKey {}
 }

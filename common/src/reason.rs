@@ -63,6 +63,17 @@ pub enum Reason {
     /// time exceeded) was translated back, outer and quoted header, towards the flow's other
     /// side.
     IcmpErrorTranslated = 43,
+    // 60..=69: socket path.
+    /// An IPv6 socket's destination is not IPv4-mapped (`::ffff:a.b.c.d`): left untouched (real
+    /// IPv6 Services are not served yet).
+    NotV4Mapped = 60,
+    /// `127.0.0.0/8:<nodePort>` from a socket outside the node's own network namespace (a pod's
+    /// loopback is the pod itself): left untouched.
+    LoopbackNotHostNetns = 61,
+    /// An unconnected UDP datagram went to the backend its flow (socket, frontend) already uses.
+    UdpFlowHit = 62,
+    /// `UDP_FLOWS` full: the datagram was balanced but its flow not remembered.
+    UdpFlowMapFull = 63,
 }
 
 impl Reason {
@@ -92,6 +103,10 @@ impl Reason {
         Reason::CtReopened,
         Reason::SnatPortsExhausted,
         Reason::IcmpErrorTranslated,
+        Reason::NotV4Mapped,
+        Reason::LoopbackNotHostNetns,
+        Reason::UdpFlowHit,
+        Reason::UdpFlowMapFull,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -121,6 +136,10 @@ impl Reason {
             Reason::CtReopened => "ct_reopened",
             Reason::SnatPortsExhausted => "snat_ports_exhausted",
             Reason::IcmpErrorTranslated => "icmp_error_translated",
+            Reason::NotV4Mapped => "not_v4_mapped",
+            Reason::LoopbackNotHostNetns => "loopback_not_host_netns",
+            Reason::UdpFlowHit => "udp_flow_hit",
+            Reason::UdpFlowMapFull => "udp_flow_map_full",
         }
     }
 

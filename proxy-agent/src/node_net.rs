@@ -151,7 +151,8 @@ impl NodeNetwork {
             nodes.values().map(AsRef::as_ref),
             &self.config,
             &host,
-        )?;
+        )
+        .map_err(RoutingError::from)?;
         for s in &plan.skipped {
             log::debug!("no route to node {}: {:?}", s.node, s.reason);
         }

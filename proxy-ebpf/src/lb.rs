@@ -1,13 +1,19 @@
 //! Service lookup and backend selection shared by the socket hooks and the per-packet tc
 //! programs: one service/backend table, one selection algorithm (the socket path picks a slot at
-//! random, the per-packet path by a hash of the flow's tuple).
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+//! random, the per-packet path by a hash of the flow's tuple). Stickiness (sessionAffinity per
+//! client, unconnected UDP flows per socket) is one routine over two LRU tables.
+use aya_ebpf::{
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    maps::LruHashMap,
+};
 use twill_common::{
     AffinityKey, AffinityValue, Backend, Reason, SCOPE_ANY, SVC_F_AFFINITY, SVC_F_LOCAL_ONLY,
-    ServiceKey, ServiceValue, SlotKey,
+    ServiceKey, ServiceValue, SlotKey, UDP_FLOW_TIMEOUT_S, UdpFlowKey,
 };
 
-use crate::maps::{TWL_AFF_V1, TWL_BE_V1, TWL_NODEIP_V1, TWL_SLOT_V1, TWL_SVC_V1, count};
+use crate::maps::{
+    TWL_AFF_V1, TWL_BE_V1, TWL_NODEIP_V1, TWL_SLOT_V1, TWL_SVC_V1, TWL_UDPFLOW_V1, count,
+};
 
 /// How many slots are scanned to re-find a remembered affinity backend whose slot moved (the
 /// compiler renumbers slots when backends come and go). Beyond this the client is re-balanced,
@@ -91,6 +97,13 @@ fn backend_by(svc: &ServiceValue, pick: u32) -> Result<(u32, u32, Backend), Reas
     Ok((id, slot, be))
 }
 
+/// A uniformly random pick for [`backend_by`].
+#[inline(always)]
+fn random_pick() -> u32 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_get_prandom_u32() }
+}
+
 /// murmur3's 32-bit finaliser: every input bit moves every output bit.
 #[inline(always)]
 const fn fmix32(mut h: u32) -> u32 {
@@ -115,26 +128,74 @@ pub const fn flow_hash(
     let ports = ((sport_be as u32) << 16) | dport_be as u32;
     fmix32(fmix32(fmix32(saddr_be) ^ daddr_be) ^ ports ^ ((proto as u32) << 24))
 }
+
+/// Which sticky table a selection remembers its backend in, and how it is counted.
+struct Sticky<'a, K> {
+    map: &'a LruHashMap<K, AffinityValue>,
+    key: K,
+    timeout_ns: u64,
+    /// Counted (returned) when the remembered backend is used.
+    hit: Reason,
+    /// Counted when the table has no room (the traffic proceeds without stickiness).
+    full: Reason,
+}
+
 #[inline(always)]
-fn remember_affinity(key: &AffinityKey, backend_id: u32, slot: u32, now: u64) {
+fn remember<K>(sticky: &Sticky<'_, K>, backend_id: u32, slot: u32, now: u64) {
     let value = AffinityValue {
         backend_id,
         slot_hint: slot,
         last_used_ns: now,
     };
-    if TWL_AFF_V1.insert(key, value, 0).is_err() {
-        // The connection still proceeds, only without stickiness.
-        count(Reason::AffinityMapFull);
+    if sticky.map.insert(&sticky.key, value, 0).is_err() {
+        count(sticky.full);
     }
 }
 
+/// The remembered backend while it is fresh (used within `timeout_ns`, like kube-proxy's
+/// `recent` match) and still one of the Service's backends; otherwise a uniformly random one,
+/// remembered from now on (the one at `pick`). `svc` has at least one backend.
+#[inline(always)]
+fn sticky_backend<K>(
+    svc: &ServiceValue,
+    sticky: &Sticky<'_, K>,
+    pick: u32,
+) -> Result<(Backend, Reason), Reason> {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(old) = unsafe { sticky.map.get(&sticky.key) }.copied()
+        && now.saturating_sub(old.last_used_ns) <= sticky.timeout_ns
+        && let Some(slot) = find_slot(svc, old.backend_id, old.slot_hint)
+        && let Some(be) = unsafe { TWL_BE_V1.get(old.backend_id) }.copied()
+    {
+        remember(sticky, old.backend_id, slot, now);
+        return Ok((be, sticky.hit));
+    }
+    // Expired, or the remembered backend left the Service: balance afresh and remember.
+    let (id, slot, be) = backend_by(svc, pick)?;
+    remember(sticky, id, slot, now);
+    Ok((be, Reason::Translated))
+}
+
+/// Refuses a Service without usable backends, with the reason kube-proxy would have.
+#[inline(always)]
+fn require_backends(svc: &ServiceValue) -> Result<(), Reason> {
+    if svc.backend_count != 0 {
+        return Ok(());
+    }
+    Err(if svc.flags & SVC_F_LOCAL_ONLY != 0 {
+        Reason::NoLocalBackend
+    } else {
+        Reason::NoBackends
+    })
+}
+
 /// Picks the backend for a new connection of `client_id` to `svc`: the remembered one under
-/// sessionAffinity while it is fresh (`affinity_timeout_s` since last use, like kube-proxy's
-/// `recent` match) and still one of the Service's backends; otherwise uniformly at random.
+/// sessionAffinity (`affinity_timeout_s` since last use) while it is still one of the Service's
+/// backends; otherwise uniformly at random.
 #[inline(always)]
 pub fn select_backend(svc: &ServiceValue, client_id: u64) -> Result<(Backend, Reason), Reason> {
-    // SAFETY: helper without arguments.
-    select_backend_by(svc, client_id, unsafe { bpf_get_prandom_u32() })
+    select_backend_by(svc, client_id, random_pick())
 }
 
 /// [`select_backend`] with the pick given: `flow_hash` of the packet on the per-packet path.
@@ -144,35 +205,49 @@ pub fn select_backend_by(
     client_id: u64,
     pick: u32,
 ) -> Result<(Backend, Reason), Reason> {
-    if svc.backend_count == 0 {
-        return Err(if svc.flags & SVC_F_LOCAL_ONLY != 0 {
-            Reason::NoLocalBackend
-        } else {
-            Reason::NoBackends
-        });
-    }
+    require_backends(svc)?;
     if svc.flags & SVC_F_AFFINITY == 0 {
         let (_, _, be) = backend_by(svc, pick)?;
         return Ok((be, Reason::Translated));
     }
-    let key = AffinityKey {
-        client_id,
-        svc_id: svc.svc_id,
-        _pad: 0,
+    let sticky = Sticky {
+        map: &TWL_AFF_V1,
+        key: AffinityKey {
+            client_id,
+            svc_id: svc.svc_id,
+            _pad: 0,
+        },
+        timeout_ns: u64::from(svc.affinity_timeout_s) * NSEC_PER_SEC,
+        hit: Reason::AffinityHit,
+        full: Reason::AffinityMapFull,
     };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let timeout_ns = u64::from(svc.affinity_timeout_s) * NSEC_PER_SEC;
-    if let Some(old) = unsafe { TWL_AFF_V1.get(key) }.copied()
-        && now.saturating_sub(old.last_used_ns) <= timeout_ns
-        && let Some(slot) = find_slot(svc, old.backend_id, old.slot_hint)
-        && let Some(be) = unsafe { TWL_BE_V1.get(old.backend_id) }.copied()
-    {
-        remember_affinity(&key, old.backend_id, slot, now);
-        return Ok((be, Reason::AffinityHit));
+    sticky_backend(svc, &sticky, pick)
+}
+
+/// Picks the backend for an unconnected UDP datagram of socket `cookie` (client `client_id`)
+/// to `svc`. sessionAffinity, when set, decides as for connections; otherwise the socket's
+/// datagrams to this frontend are one flow that keeps its backend while it is not idle for
+/// `UDP_FLOW_TIMEOUT_S` and the backend stays in the Service.
+#[inline(always)]
+pub fn select_udp_flow_backend(
+    svc: &ServiceValue,
+    client_id: u64,
+    cookie: u64,
+) -> Result<(Backend, Reason), Reason> {
+    if svc.flags & SVC_F_AFFINITY != 0 {
+        return select_backend(svc, client_id);
     }
-    // Expired, or the remembered backend left the Service: balance afresh and remember.
-    let (id, slot, be) = backend_by(svc, pick)?;
-    remember_affinity(&key, id, slot, now);
-    Ok((be, Reason::Translated))
+    require_backends(svc)?;
+    let sticky = Sticky {
+        map: &TWL_UDPFLOW_V1,
+        key: UdpFlowKey {
+            cookie,
+            svc_id: svc.svc_id,
+            _pad: 0,
+        },
+        timeout_ns: UDP_FLOW_TIMEOUT_S * NSEC_PER_SEC,
+        hit: Reason::UdpFlowHit,
+        full: Reason::UdpFlowMapFull,
+    };
+    sticky_backend(svc, &sticky, random_pick())
 }

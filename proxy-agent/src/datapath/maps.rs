@@ -12,7 +12,7 @@ use ipnetwork::Ipv4Network;
 use twill_common::{
     AffinityKey, AffinityValue, Backend, CT_SCOPE_NAT, CtKey, CtValue, DatapathConfig,
     NodeAddrValue, PROTO_TCP, PROTO_UDP, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey,
-    SockRevNatKey, SockRevNatValue, SrcRangeKey,
+    SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 use super::{DatapathError, sockdestroy};
@@ -27,6 +27,8 @@ pub type ReasonCounts = BTreeMap<Reason, u64>;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlushReport {
     pub affinity_entries: usize,
+    /// Unconnected UDP flows that stuck to the backend.
+    pub udp_flow_entries: usize,
     pub revnat_entries: usize,
     /// Per-packet connection-tracking entries (either direction) of UDP flows to the backend
     /// (TCP flows drain: they stay until they close or their pod goes, see [`crate::ctgc`]).
@@ -47,6 +49,7 @@ pub struct AyaLbMaps {
     stats: PerCpuArray<MapData, u64>,
     ct: HashMap<MapData, CtKey, CtValue>,
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
+    udp_flows: HashMap<MapData, UdpFlowKey, AffinityValue>,
     capacity: BTreeMap<MapKind, u32>,
     /// cgroup subtree whose processes' network namespaces are searched for connected UDP
     /// sockets to destroy when a backend goes away; `None` disables socket destruction.
@@ -105,6 +108,7 @@ impl AyaLbMaps {
             twill_common::MAP_LB_SRC_RANGES,
             take(MapKind::SourceRanges)?,
         )?;
+        let udp_flows = typed(twill_common::MAP_UDP_FLOWS, take(MapKind::UdpFlows)?)?;
         Ok(Self {
             services,
             slots,
@@ -116,6 +120,7 @@ impl AyaLbMaps {
             stats,
             ct,
             src_ranges,
+            udp_flows,
             capacity,
             socket_scope: None,
             last_flush: FlushReport::default(),
@@ -170,6 +175,11 @@ impl AyaLbMaps {
         collect(&self.affinity, MapKind::Affinity)
     }
 
+    /// Every unconnected UDP flow entry (idle ones included, as for affinity).
+    pub fn dump_udp_flows(&self) -> Result<Vec<(UdpFlowKey, AffinityValue)>, MapError> {
+        collect(&self.udp_flows, MapKind::UdpFlows)
+    }
+
     /// Every socket reverse-NAT entry.
     pub fn dump_revnat(&self) -> Result<Vec<(SockRevNatKey, SockRevNatValue)>, MapError> {
         collect(&self.revnat, MapKind::SockRevNat)
@@ -216,6 +226,17 @@ impl AyaLbMaps {
             remove(&mut self.affinity, k, MapKind::Affinity)?;
         }
         report.affinity_entries = stale_aff.len();
+        // The kernel already ignores a flow whose backend left the Service; removing it also
+        // keeps a re-added backend with the same id from being picked up by an old flow.
+        let stale_flows: Vec<UdpFlowKey> = collect(&self.udp_flows, MapKind::UdpFlows)?
+            .into_iter()
+            .filter(|(_, v)| ids.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale_flows {
+            remove(&mut self.udp_flows, k, MapKind::UdpFlows)?;
+        }
+        report.udp_flow_entries = stale_flows.len();
         let stale_rn: Vec<SockRevNatKey> = collect(&self.revnat, MapKind::SockRevNat)?
             .into_iter()
             .filter(|(k, _)| addrs.contains(&(k.backend_addr_be, k.backend_port_be)))
@@ -518,9 +539,10 @@ impl LbMaps for AyaLbMaps {
     fn flush_backends_state(&mut self, backends: &[(u32, Backend)]) -> Result<(), MapError> {
         let report = self.flush_backends(backends)?;
         log::info!(
-            "flushed {} removed backends: {} affinity, {} reverse-NAT, {} conntrack entries, {} UDP sockets destroyed in {} namespaces",
+            "flushed {} removed backends: {} affinity, {} UDP flow, {} reverse-NAT, {} conntrack entries, {} UDP sockets destroyed in {} namespaces",
             backends.len(),
             report.affinity_entries,
+            report.udp_flow_entries,
             report.revnat_entries,
             report.ct_entries,
             report.sockets_destroyed,

@@ -25,8 +25,8 @@ use rtnetlink::{
 };
 
 use super::{
-    HostLink, HostNetwork, MasqueradeRules, PeerVia, ROUTE_PROTO_TWILL, RoutePlan, RoutingConfig,
-    RoutingError, VXLAN_DEVICE, VxlanDevicePlan, plan_routes,
+    HostLink, HostNetwork, PeerVia, ROUTE_PROTO_TWILL, RoutePlan, RoutingConfig, RoutingError,
+    VXLAN_DEVICE, VxlanDevicePlan, nft, plan_routes,
 };
 
 /// What an `apply` changed (all zero when the kernel already matched the plan).
@@ -190,8 +190,8 @@ impl RouteExecutor {
             report.device_removed = true;
         }
         match &plan.masquerade {
-            Some(rules) => rules.apply().await?,
-            None => MasqueradeRules::remove().await?,
+            Some(rules) => nft::apply(rules).await?,
+            None => nft::remove().await?,
         }
         Ok(report)
     }
@@ -210,7 +210,7 @@ impl RouteExecutor {
             report.routes_removed += 1;
         }
         report.device_removed = self.remove_vxlan().await?;
-        MasqueradeRules::remove().await?;
+        nft::remove().await?;
         Ok(report)
     }
 

@@ -25,6 +25,8 @@ pub enum MapKind {
     Ct,
     /// `loadBalancerSourceRanges` LPM trie.
     SourceRanges,
+    /// Unconnected UDP flow stickiness (socket path).
+    UdpFlows,
 }
 
 impl MapKind {
@@ -40,6 +42,7 @@ impl MapKind {
             MapKind::Stats => twill_common::MAP_STATS,
             MapKind::Ct => twill_common::MAP_CT,
             MapKind::SourceRanges => twill_common::MAP_LB_SRC_RANGES,
+            MapKind::UdpFlows => twill_common::MAP_UDP_FLOWS,
         }
     }
 }
