@@ -32,8 +32,8 @@ pub const MAP_CONFIG: &str = "TWL_CFG_V2";
 pub const MAP_STATS: &str = "TWL_STATS_V1";
 pub const MAP_CT: &str = "TWL_CT_V1";
 pub const MAP_LB_SRC_RANGES: &str = "TWL_LBSRC_V1";
-pub const MAP_FRAGS: &str = "TWL_FRAG_V1";
 pub const MAP_UDP_FLOWS: &str = "TWL_UDPFLOW_V1";
+pub const MAP_FRAGS: &str = "TWL_FRAG_V1";
 
 /// Every map the kernel object must define.
 pub const ALL_MAPS: &[&str] = &[
@@ -47,8 +47,8 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_STATS,
     MAP_CT,
     MAP_LB_SRC_RANGES,
-    MAP_FRAGS,
     MAP_UDP_FLOWS,
+    MAP_FRAGS,
 ];
 
 /// Pinned map names of earlier layouts, which no program uses any more: `uninstall` removes
@@ -65,13 +65,13 @@ pub const DEFAULT_NODE_ADDRS_MAX: u32 = 256;
 /// Two entries per north-south flow (one per direction).
 pub const DEFAULT_CT_MAX: u32 = 262_144;
 pub const DEFAULT_LB_SRC_RANGES_MAX: u32 = 16_384;
-/// Fragmented datagrams in flight (their fragments arrive within milliseconds of each other).
-pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
 /// One entry per (unconnected UDP socket, frontend) that sent to a Service recently.
 pub const DEFAULT_UDP_FLOWS_MAX: u32 = 65_536;
 /// An unconnected UDP socket keeps its backend for a frontend while it sends to it at least this
 /// often (QUIC, SIP and TFTP exchanges pause far less; conntrack's UDP timeout is 30 s too).
 pub const UDP_FLOW_TIMEOUT_S: u64 = 30;
+/// Fragmented datagrams in flight (their fragments arrive within milliseconds of each other).
+pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
 /// One slot per `Reason` discriminant value.
 pub const STATS_MAX: u32 = 256;
 
@@ -412,7 +412,7 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::SrcRangeKey {}
+    unsafe impl aya::Pod for super::UdpFlowKey {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
-    unsafe impl aya::Pod for super::UdpFlowKey {}
 }

@@ -1,7 +1,7 @@
 //! Golden tests of the NetworkPolicy compiler: `tests/policy_golden/<case>.yaml` (multi-document
 //! YAML of Pods, Namespaces, NetworkPolicies and one `PolicyTestConfig`) →
-//! `tests/policy_golden/<case>.dump`: the rejected policies, the map dump `debug policy` prints,
-//! and, for each probed port, the reachability matrix `PolicyState::verdict` answers (rows are
+//! `tests/policy_golden/<case>.dump`: the rejected policies, the map dump, `debug policy`'s per-pod
+//! view when asked for (`podViews: true`), and, for each probed port, the reachability matrix `PolicyState::verdict` answers (rows are
 //! clients, columns servers, `.` allowed, `X` denied), as upstream's e2e suite prints it.
 //! Regenerate with `TWILL_BLESS=1 cargo test -p twill-core --test policy_golden` and review the
 //! diff.
@@ -16,7 +16,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize as _;
 use twill_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use twill_core::policy::{
-    ParsedPolicy, PolicyIds, PolicyNamespace, PolicyPod, PolicyState, compile,
+    ParsedPolicy, PolicyIds, PolicyNamespace, PolicyPod, PolicyState, compile, pod_views,
+    render_pod_views,
 };
 
 #[derive(serde::Deserialize)]
@@ -42,6 +43,9 @@ struct TestConfig {
     upstream_topology: bool,
     #[serde(default)]
     remote_namespaces: Vec<String>,
+    /// Also print `debug policy`'s per-pod view.
+    #[serde(default)]
+    pod_views: bool,
 }
 
 /// Upstream's topology (test/e2e/network/netpol/model.go), as Kubernetes objects.
@@ -219,6 +223,9 @@ fn render(path: &Path, case: &Case, state: &PolicyState) -> String {
         state.maps.ipcache.len(),
         state.maps.policy.len()
     );
+    if case.config.pod_views {
+        out.push_str(&render_pod_views(&pod_views(&state.maps, state)));
+    }
     // Matrix members: pods with an address (named ns/name), then the extra addresses.
     let mut members: Vec<(String, Ipv4Addr)> = case
         .pods

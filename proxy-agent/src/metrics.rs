@@ -39,6 +39,8 @@ pub struct Metrics {
     /// Entries of the connection-tracking table at the last collection.
     pub conntrack_entries: Gauge,
     conntrack_collected: Family<Labels, Counter>,
+    /// Services the compiler programmed that the maps have no room for.
+    pub unprogrammed_services: Gauge,
     /// Last absolute kernel counter per verdict: the kernel's counters are absolute, Prometheus
     /// counters only go up by deltas.
     last_verdicts: Mutex<BTreeMap<String, u64>>,
@@ -156,6 +158,12 @@ impl Metrics {
             source_errors.clone(),
         );
         let (conntrack_entries, conntrack_collected) = register_conntrack(&mut registry);
+        let unprogrammed_services = Gauge::default();
+        registry.register(
+            "twill_unprogrammed_services",
+            "Services with frontends the maps had no room for (a full map; retried on every change and resync)",
+            unprogrammed_services.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             conntrack_entries,
@@ -173,6 +181,7 @@ impl Metrics {
             network_errors,
             peer_routes,
             source_errors,
+            unprogrammed_services,
             last_verdicts: Mutex::default(),
             counted_rejections: Mutex::default(),
         }

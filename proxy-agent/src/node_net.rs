@@ -84,6 +84,8 @@ pub struct NodeNetwork {
     synced: Option<Vec<NodeRouting>>,
     /// Devices with the north-south programs attached by this agent.
     attached: BTreeSet<String>,
+    /// Peers' pod CIDRs refused as conflicting in the last plan, so each is warned about once.
+    refused: BTreeSet<String>,
     state: NetworkState,
 }
 
@@ -98,6 +100,7 @@ impl NodeNetwork {
             nodeport_cidrs: cfg.nodeport_addresses.clone(),
             synced: None,
             attached: BTreeSet::new(),
+            refused: BTreeSet::new(),
             state: NetworkState::default(),
         })
     }
@@ -153,9 +156,19 @@ impl NodeNetwork {
             &host,
         )
         .map_err(RoutingError::from)?;
+        let mut refused = BTreeSet::new();
         for s in &plan.skipped {
-            log::debug!("no route to node {}: {:?}", s.node, s.reason);
+            if s.reason.is_conflict() {
+                let line = format!("no route to node {}: {:?}", s.node, s.reason);
+                if !self.refused.contains(&line) {
+                    log::warn!("{line}");
+                }
+                refused.insert(line);
+            } else {
+                log::debug!("no route to node {}: {:?}", s.node, s.reason);
+            }
         }
+        self.refused = refused;
         let report = self.routing.apply(&plan, prune).await?;
         // The overlay device too: replies of local backends to pods on other nodes behind the
         // overlay (a pod reaching this node's NodePort) leave through it and must be

@@ -333,18 +333,18 @@ fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32);
             sizes.lb_src_ranges,
         ),
         (
-            twill_common::MAP_FRAGS,
-            MapType::LruHash,
-            size_of::<FragKey>(),
-            size_of::<FragValue>(),
-            twill_common::DEFAULT_FRAGS_MAX,
-        ),
-        (
             twill_common::MAP_UDP_FLOWS,
             MapType::LruHash,
             size_of::<UdpFlowKey>(),
             size_of::<AffinityValue>(),
             sizes.udp_flows,
+        ),
+        (
+            twill_common::MAP_FRAGS,
+            MapType::LruHash,
+            size_of::<FragKey>(),
+            size_of::<FragValue>(),
+            twill_common::DEFAULT_FRAGS_MAX,
         ),
     ]
 }
