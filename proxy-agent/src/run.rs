@@ -624,10 +624,6 @@ fn ticker(period: Duration) -> tokio::time::Interval {
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
-#[expect(
-    clippy::too_many_lines,
-    reason = "the start-up sequence in its documented order; issue 11 breaks it into tasks over one context"
-)]
 pub async fn run(cfg: Config) -> Result<(), RunError> {
     let cgroup = crate::preflight::run_checks(
         cfg.cgroup_root.as_deref(),
