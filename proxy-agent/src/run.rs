@@ -853,6 +853,9 @@ impl CtCollector {
             return;
         }
         self.last_start = Some(Instant::now());
+        // The routes are read before the table: a pod created in between would look unowned,
+        // but a pod gets its host route at CNI ADD, long before it is ready and listed as an
+        // endpoint, so no flow to it can exist yet.
         let owners = if pod_cidrs.is_empty() {
             crate::ctgc::LocalPods::default()
         } else {
