@@ -50,6 +50,12 @@ pub enum Reason {
     PolicyCtFull = 34,
     /// NetworkPolicy: a new flow was allowed by a rule (counted once per flow).
     PolicyAllowed = 35,
+    /// NetworkPolicy: a packet of a flow already allowed (conntrack hit), passed without a
+    /// policy lookup.
+    PolicyEstablished = 36,
+    /// NetworkPolicy: the pod is not policy-managed or not isolated in this direction: passed
+    /// without a policy lookup.
+    PolicyNotEnforced = 37,
 }
 
 impl Reason {
@@ -75,6 +81,8 @@ impl Reason {
         Reason::PolicyDeniedEgress,
         Reason::PolicyCtFull,
         Reason::PolicyAllowed,
+        Reason::PolicyEstablished,
+        Reason::PolicyNotEnforced,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -100,6 +108,8 @@ impl Reason {
             Reason::PolicyDeniedEgress => "policy_denied_egress",
             Reason::PolicyCtFull => "policy_ct_full",
             Reason::PolicyAllowed => "policy_allowed",
+            Reason::PolicyEstablished => "policy_established",
+            Reason::PolicyNotEnforced => "policy_not_enforced",
         }
     }
 
