@@ -1,0 +1,830 @@
+//! Pods, Namespaces, NetworkPolicies → the exact contents of the three policy maps
+//! (`docs/design/policy.md`): endpoints, the ipcache of peer identities, and the per-endpoint
+//! allow trie. Deterministic; ids stable across compiles through [`PolicyIds`].
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use ipnetwork::Ipv4Network;
+use twill_common::{
+    IDENTITY_ANY, IDENTITY_FIRST_ASSIGNED, IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey,
+    PEP_F_EGRESS_ISOLATED, PEP_F_INGRESS_ISOLATED, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS,
+    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_PORT_BASE, PeerIdentity,
+    PolicyEndpoint, PolicyKey, PolicyVerdict,
+};
+
+use super::parse::{
+    IpBlockSel, LABEL_NAMESPACE_NAME, Labels, NamedPort, ParsedPolicy, Peer, PolicyNamespace,
+    PolicyPod, PortSel, Rule,
+};
+
+/// `addr_be` form of an address: the octets in network order, as the kernel compares them.
+pub fn addr_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// Inverse of [`addr_be`].
+pub fn addr_from_be(addr_be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(addr_be.to_ne_bytes())
+}
+
+/// An LPM-trie key: `prefix_len` leading bits of `data` (in memory order) are significant, the
+/// rest are zero. Ordered by data first, so the entries of one (endpoint, direction, identity)
+/// are adjacent in a `BTreeMap`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LpmKey<K> {
+    pub data: K,
+    pub prefix_len: u32,
+}
+
+/// Direction of a rule, as seen from the selected (local) pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Direction::Ingress => POLICY_DIR_INGRESS,
+            Direction::Egress => POLICY_DIR_EGRESS,
+        }
+    }
+
+    pub fn from_u8(d: u8) -> Option<Self> {
+        match d {
+            POLICY_DIR_INGRESS => Some(Direction::Ingress),
+            POLICY_DIR_EGRESS => Some(Direction::Egress),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// Which part of which policy a `rule_id` names. `peer`/`port` index the rule's `from`/`to` and
+/// `ports` lists as written; `None` when the list is absent or empty (every peer / every port).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleRef {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub direction: Direction,
+    pub rule: u32,
+    pub peer: Option<u32>,
+    pub port: Option<u32>,
+}
+
+/// The set of ipBlock selectors that contain an address (sorted). Empty = no ipBlock does.
+pub type CidrClass = Vec<IpBlockSel>;
+
+/// What an identity stands for; identities are hash-consed on this value.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IdentityKind {
+    /// Pods with the same namespace, labels, named ports and CIDR class.
+    Pod {
+        namespace: Arc<str>,
+        labels: Labels,
+        named_ports: Vec<NamedPort>,
+        class: CidrClass,
+    },
+    /// Addresses that are no known pod, by CIDR class (never empty: that is WORLD).
+    Cidr { class: CidrClass },
+}
+
+/// The ids of the previous compile, so that unchanged identities, endpoints and rules keep their
+/// numbers and a change rewrites only the map entries it affects. `PolicyIds::default()` for the
+/// first compile: ids are then assigned in sorted order of what they name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyIds {
+    identities: BTreeMap<Arc<IdentityKind>, u32>,
+    next_identity: u32,
+    endpoints: BTreeMap<(Arc<str>, Arc<str>), u32>,
+    next_endpoint: u32,
+    rules: BTreeMap<RuleRef, u32>,
+    next_rule: u32,
+}
+
+/// First endpoint and rule id (0 stays "none").
+const FIRST_ID: u32 = 1;
+
+/// Keeps the ids of keys seen before; gives new keys (taken in sorted order) the next ids. When
+/// the counter would wrap, renumbers everything from `first` (a one-off full rewrite after four
+/// billion allocations beats reusing an id a stale map entry may still carry).
+fn allocate<K: Ord + Clone>(
+    keys: impl IntoIterator<Item = K>,
+    prev: &BTreeMap<K, u32>,
+    prev_next: u32,
+    first: u32,
+) -> (BTreeMap<K, u32>, u32) {
+    let keys: BTreeSet<K> = keys.into_iter().collect();
+    let mut next = prev_next.max(first);
+    let fresh = keys.iter().filter(|k| !prev.contains_key(*k)).count();
+    let fits = u32::try_from(fresh).is_ok_and(|n| next.checked_add(n).is_some());
+    let mut out = BTreeMap::new();
+    if !fits {
+        next = first;
+        for k in keys {
+            out.insert(k, next);
+            next += 1;
+        }
+        return (out, next);
+    }
+    for k in keys {
+        let id = if let Some(&id) = prev.get(&k) {
+            id
+        } else {
+            next += 1;
+            next - 1
+        };
+        out.insert(k, id);
+    }
+    (out, next)
+}
+
+/// The three maps' exact contents.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyMaps {
+    /// `TWL_PEP_V1`: local pod address (`addr_be`) → endpoint.
+    pub endpoints: BTreeMap<u32, PolicyEndpoint>,
+    /// `TWL_IPC_V1`.
+    pub ipcache: BTreeMap<LpmKey<IpCacheKey>, PeerIdentity>,
+    /// `TWL_POL_V1`.
+    pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyVerdict>,
+}
+
+/// A local pod as `debug policy` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPod {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub ip: Ipv4Addr,
+    pub identity: u32,
+    /// Policies (namespace, name) selecting it with `Ingress` / `Egress` in their policyTypes.
+    pub ingress_policies: Vec<(Arc<str>, Arc<str>)>,
+    pub egress_policies: Vec<(Arc<str>, Arc<str>)>,
+}
+
+/// Sizes, for metrics and the scale benchmark.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyCounts {
+    pub policies: usize,
+    pub peer_pods: usize,
+    pub local_endpoints: usize,
+    pub identities: usize,
+    pub ipblocks: usize,
+    /// Pods skipped because an earlier pod (by namespace/name) or a node address holds their IP.
+    pub ip_conflicts: usize,
+}
+
+/// Everything the compiler produces: the maps, and what their numbers mean.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    pub maps: PolicyMaps,
+    /// Assigned identities (not the reserved ones).
+    pub identities: BTreeMap<u32, Arc<IdentityKind>>,
+    pub rules: BTreeMap<u32, RuleRef>,
+    /// By endpoint id.
+    pub local_pods: BTreeMap<u32, LocalPod>,
+    pub counts: PolicyCounts,
+    /// Pass to the next compile.
+    pub ids: PolicyIds,
+}
+
+/// `port..=end` as LPM prefixes over the 16 port bits: `(first port, significant bits)`.
+/// At most 30 prefixes for any range.
+pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
+    while lo <= hi {
+        // Largest aligned block starting at `lo` that stays inside the range.
+        let mut size = if lo == 0 { 1 << 16 } else { 1u32 << lo.trailing_zeros() };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        let port = u16::try_from(lo).expect("lo <= hi <= 65535");
+        out.push((port, 16 - size.trailing_zeros()));
+        lo += size;
+    }
+    out
+}
+
+fn policy_key(ep: u32, dir: Direction, identity: u32, proto: u8, port: u16) -> PolicyKey {
+    PolicyKey {
+        ep_id_be: ep.to_be(),
+        direction: dir.as_u8(),
+        _pad: [0; 3],
+        identity_be: identity.to_be(),
+        proto,
+        _pad2: 0,
+        port_be: port.to_be(),
+    }
+}
+
+/// Longest-prefix lookup of the boundary prefixes' classes.
+struct ClassTrie {
+    /// By prefix length, longest first: network address → class index.
+    levels: Vec<(u32, HashMap<u32, usize>)>,
+}
+
+impl ClassTrie {
+    fn lookup(&self, ip: Ipv4Addr) -> usize {
+        let a = u32::from(ip);
+        for (len, nets) in &self.levels {
+            let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
+            if let Some(&c) = nets.get(&(a & mask)) {
+                return c;
+            }
+        }
+        0
+    }
+}
+
+fn contains_net(outer: Ipv4Network, inner: Ipv4Network) -> bool {
+    outer.prefix() <= inner.prefix() && outer.contains(inner.network())
+}
+
+type GroupKey<'k> = (&'k str, &'k Labels, &'k [NamedPort], usize);
+
+/// A group of pods sharing one identity.
+struct PodGroup<'a> {
+    namespace: &'a Arc<str>,
+    labels: &'a Labels,
+    named_ports: &'a [NamedPort],
+    class: usize,
+    id: u32,
+}
+
+/// Compile the policy maps of node `node_name`, whose own addresses are `node_addrs`.
+///
+/// - Every pod with an IPv4 address that is not hostNetwork (and has not finished) gets an
+///   identity; only those with `nodeName == node_name` get an endpoint.
+/// - Invalid policies must have been filtered out by the caller ([`ParsedPolicy::from_k8s`]);
+///   duplicates (same namespace/name) count once, the first wins.
+pub fn compile<'a>(
+    pods: impl IntoIterator<Item = &'a PolicyPod>,
+    namespaces: impl IntoIterator<Item = &'a PolicyNamespace>,
+    policies: impl IntoIterator<Item = &'a ParsedPolicy>,
+    node_name: &str,
+    node_addrs: &[Ipv4Addr],
+    prev: &PolicyIds,
+) -> PolicyState {
+    let mut policies: Vec<&ParsedPolicy> = policies.into_iter().collect();
+    policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    policies.dedup_by(|b, a| (&a.namespace, &a.name) == (&b.namespace, &b.name));
+
+    // Peer pods, one per address: the first by namespace/name wins, node addresses win over
+    // pods (they are HOST).
+    let node_set: BTreeSet<Ipv4Addr> = node_addrs.iter().copied().collect();
+    let mut peers: Vec<(&PolicyPod, Ipv4Addr)> = pods
+        .into_iter()
+        .filter_map(|p| p.policy_ip().map(|ip| (p, ip)))
+        .collect();
+    peers.sort_by(|(a, _), (b, _)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    peers.dedup_by(|(b, _), (a, _)| (&a.namespace, &a.name) == (&b.namespace, &b.name));
+    let mut taken: BTreeSet<Ipv4Addr> = node_set.clone();
+    let before = peers.len();
+    peers.retain(|&(_, ip)| taken.insert(ip));
+    let ip_conflicts = before - peers.len();
+
+    // Namespace labels; a namespace known only through its pods still has its name label.
+    let mut ns_labels: BTreeMap<Arc<str>, Labels> = BTreeMap::new();
+    for ns in namespaces {
+        ns_labels
+            .entry(ns.name.clone())
+            .or_insert_with(|| ns.labels.clone());
+    }
+    for (p, _) in &peers {
+        ns_labels.entry(p.namespace.clone()).or_insert_with(|| {
+            Labels::from([(LABEL_NAMESPACE_NAME.to_owned(), p.namespace.to_string())])
+        });
+    }
+
+    // ipBlocks and CIDR classes.
+    let all_rules = || {
+        policies
+            .iter()
+            .flat_map(|p| p.ingress.iter().chain(p.egress.iter()))
+    };
+    let blocks: Vec<IpBlockSel> = all_rules()
+        .flat_map(|r| r.peers.iter().flatten())
+        .filter_map(|p| match p {
+            Peer::IpBlock(b) => Some(b.clone()),
+            _ => None,
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let boundaries: BTreeSet<Ipv4Network> = blocks
+        .iter()
+        .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
+        .collect();
+    let mut classes: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut class_index: HashMap<Vec<usize>, usize> = HashMap::from([(Vec::new(), 0)]);
+    let mut boundary_class: Vec<(Ipv4Network, usize)> = Vec::with_capacity(boundaries.len());
+    for &b in &boundaries {
+        let members: Vec<usize> = blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, blk)| {
+                contains_net(blk.cidr, b) && !blk.except.iter().any(|&e| contains_net(e, b))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let next = classes.len();
+        let c = *class_index.entry(members.clone()).or_insert_with(|| {
+            classes.push(members);
+            next
+        });
+        boundary_class.push((b, c));
+    }
+    let mut levels: BTreeMap<u32, HashMap<u32, usize>> = BTreeMap::new();
+    for &(net, c) in &boundary_class {
+        levels
+            .entry(u32::from(net.prefix()))
+            .or_default()
+            .insert(u32::from(net.network()), c);
+    }
+    let trie = ClassTrie {
+        levels: levels.into_iter().rev().collect(),
+    };
+    let class_value =
+        |c: usize| -> CidrClass { classes[c].iter().map(|&i| blocks[i].clone()).collect() };
+
+    // Pod identities, hash-consed.
+    let mut group_of: HashMap<GroupKey<'_>, usize> = HashMap::new();
+    let mut groups: Vec<PodGroup<'_>> = Vec::new();
+    let mut peer_group: Vec<usize> = Vec::with_capacity(peers.len());
+    for &(p, ip) in &peers {
+        let class = trie.lookup(ip);
+        let key = (&*p.namespace, &p.labels, p.named_ports.as_slice(), class);
+        let next = groups.len();
+        let g = *group_of.entry(key).or_insert_with(|| {
+            groups.push(PodGroup {
+                namespace: &p.namespace,
+                labels: &p.labels,
+                named_ports: &p.named_ports,
+                class,
+                id: 0,
+            });
+            next
+        });
+        peer_group.push(g);
+    }
+    drop(group_of);
+    // Region identities: one per non-empty class some boundary has.
+    let region_classes: BTreeSet<usize> = boundary_class
+        .iter()
+        .map(|&(_, c)| c)
+        .filter(|&c| c != 0)
+        .collect();
+
+    // Ids.
+    let group_kinds: Vec<Arc<IdentityKind>> = groups
+        .iter()
+        .map(|g| {
+            Arc::new(IdentityKind::Pod {
+                namespace: g.namespace.clone(),
+                labels: g.labels.clone(),
+                named_ports: g.named_ports.to_vec(),
+                class: class_value(g.class),
+            })
+        })
+        .collect();
+    let region_kinds: BTreeMap<usize, Arc<IdentityKind>> = region_classes
+        .iter()
+        .map(|&c| {
+            (
+                c,
+                Arc::new(IdentityKind::Cidr {
+                    class: class_value(c),
+                }),
+            )
+        })
+        .collect();
+    let (identity_ids, next_identity) = allocate(
+        group_kinds.iter().chain(region_kinds.values()).cloned(),
+        &prev.identities,
+        prev.next_identity,
+        IDENTITY_FIRST_ASSIGNED,
+    );
+    for (g, kind) in groups.iter_mut().zip(&group_kinds) {
+        g.id = identity_ids[kind];
+    }
+    let region_id = |c: usize| -> u32 {
+        if c == 0 {
+            IDENTITY_WORLD
+        } else {
+            identity_ids[&region_kinds[&c]]
+        }
+    };
+
+    let mut maps = PolicyMaps::default();
+    // IPCACHE: regions first, then node and pod /32s override a /32 boundary.
+    for &(net, c) in &boundary_class {
+        maps.ipcache.insert(
+            LpmKey {
+                data: IpCacheKey {
+                    addr_be: addr_be(net.network()),
+                },
+                prefix_len: u32::from(net.prefix()),
+            },
+            PeerIdentity { id: region_id(c) },
+        );
+    }
+    let host_key = |ip: Ipv4Addr| LpmKey {
+        data: IpCacheKey {
+            addr_be: addr_be(ip),
+        },
+        prefix_len: 32,
+    };
+    for &ip in &node_set {
+        maps.ipcache
+            .insert(host_key(ip), PeerIdentity { id: IDENTITY_HOST });
+    }
+    for (&(_, ip), &g) in peers.iter().zip(&peer_group) {
+        maps.ipcache
+            .insert(host_key(ip), PeerIdentity { id: groups[g].id });
+    }
+
+    // Rule ids: every (policy, direction, rule, peer, port) of every valid policy.
+    let mut rule_refs = Vec::new();
+    for p in &policies {
+        for (dir, rules) in [
+            (Direction::Ingress, &p.ingress),
+            (Direction::Egress, &p.egress),
+        ] {
+            for (ri, r) in rules.iter().enumerate() {
+                for peer in indices(r.peers.as_ref().map(Vec::len)) {
+                    for port in indices(r.ports.as_ref().map(Vec::len)) {
+                        rule_refs.push(RuleRef {
+                            namespace: p.namespace.clone(),
+                            name: p.name.clone(),
+                            direction: dir,
+                            rule: idx32(ri),
+                            peer,
+                            port,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let (rule_ids, next_rule) = allocate(rule_refs, &prev.rules, prev.next_rule, FIRST_ID);
+
+    // Endpoints.
+    let locals: Vec<usize> = peers
+        .iter()
+        .enumerate()
+        .filter(|(_, (p, _))| p.node_name.as_deref() == Some(node_name))
+        .map(|(i, _)| i)
+        .collect();
+    let (endpoint_ids, next_endpoint) = allocate(
+        locals.iter().map(|&i| {
+            let p = peers[i].0;
+            (p.namespace.clone(), p.name.clone())
+        }),
+        &prev.endpoints,
+        prev.next_endpoint,
+        FIRST_ID,
+    );
+
+    let ctx = Ctx {
+        groups: &groups,
+        ns_labels: &ns_labels,
+        blocks: &blocks,
+        classes: &classes,
+        region_classes: &region_classes,
+        region_id: &region_id,
+        node_addrs: &node_set,
+        by_namespace: group_index_by_namespace(&groups),
+        group_by_id: groups.iter().enumerate().map(|(i, g)| (g.id, i)).collect(),
+    };
+    // Peer identities per (policy, direction, rule, peer), computed once for the policies that
+    // select some local pod.
+    let mut peer_cache: HashMap<usize, [Vec<Vec<Vec<u32>>>; 2]> = HashMap::new();
+    let mut local_pods = BTreeMap::new();
+    for &i in &locals {
+        let (pod, ip) = peers[i];
+        let ep = endpoint_ids[&(pod.namespace.clone(), pod.name.clone())];
+        let mut local = LocalPod {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            ip,
+            identity: groups[peer_group[i]].id,
+            ingress_policies: Vec::new(),
+            egress_policies: Vec::new(),
+        };
+        let mut flags = 0;
+        for (pi, pol) in policies.iter().enumerate() {
+            if pol.namespace != pod.namespace || !pol.pod_selector.matches(&pod.labels) {
+                continue;
+            }
+            let name = (pol.namespace.clone(), pol.name.clone());
+            if pol.isolates_ingress {
+                flags |= PEP_F_INGRESS_ISOLATED;
+                local.ingress_policies.push(name.clone());
+            }
+            if pol.isolates_egress {
+                flags |= PEP_F_EGRESS_ISOLATED;
+                local.egress_policies.push(name);
+            }
+            let cached = peer_cache.entry(pi).or_insert_with(|| {
+                [Direction::Ingress, Direction::Egress].map(|dir| {
+                    rules_of(pol, dir)
+                        .iter()
+                        .map(|r| {
+                            r.peers
+                                .iter()
+                                .flatten()
+                                .map(|peer| ctx.peer_identities(pol, dir, peer))
+                                .collect()
+                        })
+                        .collect()
+                })
+            });
+            for (di, dir) in [Direction::Ingress, Direction::Egress].into_iter().enumerate() {
+                for (ri, rule) in rules_of(pol, dir).iter().enumerate() {
+                    let emit = Emit {
+                        ep,
+                        dir,
+                        pod,
+                        rule,
+                        peer_ids: &cached[di][ri],
+                        rule_id: |peer: Option<u32>, port: Option<u32>| {
+                            rule_ids[&RuleRef {
+                                namespace: pol.namespace.clone(),
+                                name: pol.name.clone(),
+                                direction: dir,
+                                rule: idx32(ri),
+                                peer,
+                                port,
+                            }]
+                        },
+                    };
+                    emit.run(&ctx, &mut maps.policy);
+                }
+            }
+        }
+        maps.endpoints
+            .insert(addr_be(ip), PolicyEndpoint { ep_id: ep, flags });
+        local_pods.insert(ep, local);
+    }
+
+    let identities = identity_ids.iter().map(|(k, &v)| (v, k.clone())).collect();
+    let rules = rule_ids.iter().map(|(k, &v)| (v, k.clone())).collect();
+    PolicyState {
+        maps,
+        identities,
+        rules,
+        counts: PolicyCounts {
+            policies: policies.len(),
+            peer_pods: peers.len(),
+            local_endpoints: local_pods.len(),
+            identities: identity_ids.len(),
+            ipblocks: blocks.len(),
+            ip_conflicts,
+        },
+        local_pods,
+        ids: PolicyIds {
+            identities: identity_ids,
+            next_identity,
+            endpoints: endpoint_ids,
+            next_endpoint,
+            rules: rule_ids,
+            next_rule,
+        },
+    }
+}
+
+fn rules_of(pol: &ParsedPolicy, dir: Direction) -> &[Rule] {
+    match dir {
+        Direction::Ingress => &pol.ingress,
+        Direction::Egress => &pol.egress,
+    }
+}
+
+fn idx32(i: usize) -> u32 {
+    u32::try_from(i).expect("a list of an API object has fewer than 2^32 entries")
+}
+
+/// `None` for an absent list (one "every" entry), else each index.
+fn indices(len: Option<usize>) -> Vec<Option<u32>> {
+    match len {
+        None => vec![None],
+        Some(n) => (0..n).map(|i| Some(idx32(i))).collect(),
+    }
+}
+
+fn group_index_by_namespace<'g>(groups: &'g [PodGroup<'_>]) -> HashMap<&'g str, Vec<usize>> {
+    let mut out: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, g) in groups.iter().enumerate() {
+        out.entry(&**g.namespace).or_default().push(i);
+    }
+    out
+}
+
+/// What peer evaluation needs of the compile.
+struct Ctx<'c, 'g, F> {
+    groups: &'c [PodGroup<'g>],
+    ns_labels: &'c BTreeMap<Arc<str>, Labels>,
+    blocks: &'c [IpBlockSel],
+    classes: &'c [Vec<usize>],
+    region_classes: &'c BTreeSet<usize>,
+    region_id: &'c F,
+    node_addrs: &'c BTreeSet<Ipv4Addr>,
+    by_namespace: HashMap<&'c str, Vec<usize>>,
+    group_by_id: HashMap<u32, usize>,
+}
+
+impl<F: Fn(usize) -> u32> Ctx<'_, '_, F> {
+    /// Identities a peer of `pol` selects (sorted, deduplicated).
+    fn peer_identities(&self, pol: &ParsedPolicy, dir: Direction, peer: &Peer) -> Vec<u32> {
+        let mut out = Vec::new();
+        match peer {
+            Peer::Pods { namespaces, pods } => {
+                let in_ns = |ns: &str, out: &mut Vec<u32>| {
+                    for &g in self.by_namespace.get(ns).into_iter().flatten() {
+                        let group = &self.groups[g];
+                        if pods.as_ref().is_none_or(|s| s.matches(group.labels)) {
+                            out.push(group.id);
+                        }
+                    }
+                };
+                match namespaces {
+                    None => in_ns(&pol.namespace, &mut out),
+                    Some(sel) => {
+                        for (ns, labels) in self.ns_labels {
+                            if sel.matches(labels) {
+                                in_ns(ns, &mut out);
+                            }
+                        }
+                    }
+                }
+            }
+            Peer::IpBlock(b) => {
+                let bi = self
+                    .blocks
+                    .binary_search(b)
+                    .expect("every policy's blocks were collected");
+                let in_class = |c: usize| self.classes[c].binary_search(&bi).is_ok();
+                out.extend(
+                    self.groups
+                        .iter()
+                        .filter(|g| in_class(g.class))
+                        .map(|g| g.id),
+                );
+                out.extend(
+                    self.region_classes
+                        .iter()
+                        .filter(|&&c| in_class(c))
+                        .map(|&c| (self.region_id)(c)),
+                );
+                // This node's own addresses are HOST, whatever their class: a pod's egress to
+                // them is allowed by a block holding any of them (ingress from HOST is always
+                // allowed, see the design).
+                if dir == Direction::Egress && self.node_addrs.iter().any(|&a| b.contains(a)) {
+                    out.push(IDENTITY_HOST);
+                }
+            }
+            Peer::Ipv6Block(_) => {}
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// Emits one rule's entries for one endpoint.
+struct Emit<'r, R> {
+    ep: u32,
+    dir: Direction,
+    pod: &'r PolicyPod,
+    rule: &'r Rule,
+    /// Identities of each of the rule's peers.
+    peer_ids: &'r [Vec<u32>],
+    rule_id: R,
+}
+
+impl<R: Fn(Option<u32>, Option<u32>) -> u32> Emit<'_, R> {
+    fn run<F: Fn(usize) -> u32>(
+        &self,
+        ctx: &Ctx<'_, '_, F>,
+        out: &mut BTreeMap<LpmKey<PolicyKey>, PolicyVerdict>,
+    ) {
+        let any = [IDENTITY_ANY];
+        let peer_lists: Vec<(Option<u32>, &[u32])> = if self.rule.peers.is_none() {
+            vec![(None, &any)]
+        } else {
+            self.peer_ids
+                .iter()
+                .enumerate()
+                .map(|(i, ids)| (Some(idx32(i)), ids.as_slice()))
+                .collect()
+        };
+        for &(peer_i, ids) in &peer_lists {
+            let Some(ports) = &self.rule.ports else {
+                let rid = (self.rule_id)(peer_i, None);
+                for &id in ids {
+                    insert(
+                        out,
+                        policy_key(self.ep, self.dir, id, 0, 0),
+                        POLICY_PREFIX_ANY_PROTO,
+                        rid,
+                    );
+                }
+                continue;
+            };
+            for (port_i, pm) in ports.iter().enumerate() {
+                let rid = (self.rule_id)(peer_i, Some(idx32(port_i)));
+                match &pm.port {
+                    PortSel::Any => {
+                        for &id in ids {
+                            insert(
+                                out,
+                                policy_key(self.ep, self.dir, id, pm.proto, 0),
+                                POLICY_PREFIX_ANY_PORT,
+                                rid,
+                            );
+                        }
+                    }
+                    PortSel::Range(lo, hi) => {
+                        for (base, bits) in port_prefixes(*lo, *hi) {
+                            for &id in ids {
+                                insert(
+                                    out,
+                                    policy_key(self.ep, self.dir, id, pm.proto, base),
+                                    POLICY_PREFIX_PORT_BASE + bits,
+                                    rid,
+                                );
+                            }
+                        }
+                    }
+                    PortSel::Named(name) => {
+                        let resolve = |ports: &[NamedPort]| -> Vec<u16> {
+                            ports
+                                .iter()
+                                .filter(|np| np.name == *name && np.proto == pm.proto)
+                                .map(|np| np.port)
+                                .collect()
+                        };
+                        match self.dir {
+                            // The local pod is the destination.
+                            Direction::Ingress => {
+                                for port in resolve(&self.pod.named_ports) {
+                                    for &id in ids {
+                                        insert(
+                                            out,
+                                            policy_key(self.ep, self.dir, id, pm.proto, port),
+                                            POLICY_PREFIX_PORT_BASE + 16,
+                                            rid,
+                                        );
+                                    }
+                                }
+                            }
+                            // The destination is the peer: resolve per peer identity. "Any peer"
+                            // means every pod identity with that port (regions have none).
+                            Direction::Egress => {
+                                let targets: Vec<(u32, &[NamedPort])> = if peer_i.is_none() {
+                                    ctx.groups.iter().map(|g| (g.id, g.named_ports)).collect()
+                                } else {
+                                    ids.iter()
+                                        .filter_map(|id| ctx.group_by_id.get(id))
+                                        .map(|&g| (ctx.groups[g].id, ctx.groups[g].named_ports))
+                                        .collect()
+                                };
+                                for (id, named) in targets {
+                                    for port in resolve(named) {
+                                        insert(
+                                            out,
+                                            policy_key(self.ep, self.dir, id, pm.proto, port),
+                                            POLICY_PREFIX_PORT_BASE + 16,
+                                            rid,
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One entry; where rules overlap exactly, the lowest rule id names it (deterministic).
+fn insert(
+    out: &mut BTreeMap<LpmKey<PolicyKey>, PolicyVerdict>,
+    data: PolicyKey,
+    prefix_len: u32,
+    rule_id: u32,
+) {
+    out.entry(LpmKey { data, prefix_len })
+        .and_modify(|v| v.rule_id = v.rule_id.min(rule_id))
+        .or_insert(PolicyVerdict { rule_id });
+}

@@ -1,0 +1,232 @@
+//! The stable text form of the policy maps, named with what the compile knows about their
+//! numbers: what the golden tests compare and `twill-agent debug policy` prints (`HOUSE_STYLE`
+//! §13). It renders the maps it is given, so the maps read back from the kernel can be shown
+//! against the compiled names; an id the compile does not know shows as `?`.
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use twill_common::{
+    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, PEP_F_EGRESS_ISOLATED, PEP_F_INGRESS_ISOLATED,
+    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_PORT_BASE, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP,
+};
+
+use super::compile::{
+    CidrClass, Direction, IdentityKind, PolicyMaps, PolicyState, RuleRef, addr_from_be,
+};
+use super::parse::{Labels, NamedPort};
+
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        PROTO_TCP => "TCP".into(),
+        PROTO_UDP => "UDP".into(),
+        PROTO_SCTP => "SCTP".into(),
+        other => format!("proto{other}"),
+    }
+}
+
+fn labels_text(labels: &Labels) -> String {
+    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+fn ports_text(ports: &[NamedPort]) -> String {
+    if ports.is_empty() {
+        return "-".into();
+    }
+    let inner: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{}={}/{}", p.name, p.port, proto_name(p.proto)))
+        .collect();
+    inner.join(",")
+}
+
+pub fn class_text(class: &CidrClass) -> String {
+    if class.is_empty() {
+        return "-".into();
+    }
+    let inner: Vec<String> = class
+        .iter()
+        .map(|b| {
+            if b.except.is_empty() {
+                b.cidr.to_string()
+            } else {
+                let ex: Vec<String> = b.except.iter().map(ToString::to_string).collect();
+                format!("{}-except-{}", b.cidr, ex.join("+"))
+            }
+        })
+        .collect();
+    format!("[{}]", inner.join(" "))
+}
+
+pub fn identity_text(kind: &IdentityKind) -> String {
+    match kind {
+        IdentityKind::Pod {
+            namespace,
+            labels,
+            named_ports,
+            class,
+        } => format!(
+            "pod ns={namespace} labels={} ports={} class={}",
+            labels_text(labels),
+            ports_text(named_ports),
+            class_text(class)
+        ),
+        IdentityKind::Cidr { class } => format!("cidr class={}", class_text(class)),
+    }
+}
+
+pub fn rule_text(r: &RuleRef) -> String {
+    let peers = match r.direction {
+        Direction::Ingress => "from",
+        Direction::Egress => "to",
+    };
+    let peer = r.peer.map_or_else(|| format!("{peers}=all"), |i| format!("{peers}[{i}]"));
+    let port = r.port.map_or_else(|| "ports=all".into(), |i| format!("ports[{i}]"));
+    format!(
+        "{}/{} {}[{}] {peer} {port}",
+        r.namespace,
+        r.name,
+        r.direction.as_str(),
+        r.rule
+    )
+}
+
+/// `any`, `TCP any-port`, `TCP 80`, `TCP 80-95` from a policy key's protocol/port prefix.
+pub fn port_text(proto: u8, port: u16, prefix_len: u32) -> String {
+    if prefix_len <= POLICY_PREFIX_ANY_PROTO {
+        return "any".into();
+    }
+    if prefix_len < POLICY_PREFIX_PORT_BASE {
+        let suffix = if prefix_len == POLICY_PREFIX_ANY_PORT {
+            ""
+        } else {
+            "?"
+        };
+        return format!("{} any-port{suffix}", proto_name(proto));
+    }
+    let bits = prefix_len - POLICY_PREFIX_PORT_BASE;
+    if bits >= 16 {
+        return format!("{} {port}", proto_name(proto));
+    }
+    let span = (1u32 << (16 - bits)) - 1;
+    format!("{} {port}-{}", proto_name(proto), u32::from(port) + span)
+}
+
+fn identity_name(state: &PolicyState, id: u32) -> String {
+    match id {
+        IDENTITY_ANY => "any".into(),
+        IDENTITY_WORLD => "world".into(),
+        IDENTITY_HOST => "host".into(),
+        other if state.identities.contains_key(&other) => other.to_string(),
+        other => format!("{other}?"),
+    }
+}
+
+fn policy_list(list: &[(std::sync::Arc<str>, std::sync::Arc<str>)]) -> String {
+    if list.is_empty() {
+        return "-".into();
+    }
+    let names: Vec<String> = list.iter().map(|(ns, n)| format!("{ns}/{n}")).collect();
+    names.join(",")
+}
+
+/// Renders `maps` (the compiled ones, or what the kernel holds) named after `state`.
+pub fn render_dump(maps: &PolicyMaps, state: &PolicyState) -> String {
+    let mut out = String::new();
+    let mut endpoints: Vec<(Ipv4Addr, _)> = maps
+        .endpoints
+        .iter()
+        .map(|(&a, &e)| (addr_from_be(a), e))
+        .collect();
+    endpoints.sort();
+    for (ip, ep) in endpoints {
+        let mut iso = Vec::new();
+        if ep.flags & PEP_F_INGRESS_ISOLATED != 0 {
+            iso.push("ingress");
+        }
+        if ep.flags & PEP_F_EGRESS_ISOLATED != 0 {
+            iso.push("egress");
+        }
+        let iso = if iso.is_empty() {
+            "none".into()
+        } else {
+            iso.join(",")
+        };
+        match state.local_pods.get(&ep.ep_id) {
+            Some(p) => {
+                let _ = writeln!(
+                    out,
+                    "endpoint {ip} ep={} pod={}/{} identity={} isolated={iso} ingress-by={} egress-by={}",
+                    ep.ep_id,
+                    p.namespace,
+                    p.name,
+                    p.identity,
+                    policy_list(&p.ingress_policies),
+                    policy_list(&p.egress_policies),
+                );
+            }
+            None => {
+                let _ = writeln!(out, "endpoint {ip} ep={}? isolated={iso}", ep.ep_id);
+            }
+        }
+    }
+    for (id, kind) in &state.identities {
+        let _ = writeln!(out, "identity {id} {}", identity_text(kind));
+    }
+    let mut ipcache: Vec<(Ipv4Addr, u32, u32)> = maps
+        .ipcache
+        .iter()
+        .map(|(k, v)| (addr_from_be(k.data.addr_be), k.prefix_len, v.id))
+        .collect();
+    ipcache.sort_unstable();
+    for (addr, len, id) in ipcache {
+        let _ = writeln!(out, "ipcache {addr}/{len} -> {}", identity_name(state, id));
+    }
+    let mut policy: Vec<_> = maps
+        .policy
+        .iter()
+        .map(|(k, v)| {
+            let d = &k.data;
+            (
+                u32::from_be(d.ep_id_be),
+                d.direction,
+                u32::from_be(d.identity_be),
+                d.proto,
+                u16::from_be(d.port_be),
+                k.prefix_len,
+                v.rule_id,
+            )
+        })
+        .collect();
+    policy.sort_unstable();
+    for (ep, dir, id, proto, port, len, rule) in policy {
+        let (dir, peer) = match Direction::from_u8(dir) {
+            Some(Direction::Ingress) => ("ingress", "from"),
+            Some(Direction::Egress) => ("egress", "to"),
+            None => ("direction?", "peer"),
+        };
+        let known = if state.rules.contains_key(&rule) {
+            ""
+        } else {
+            "?"
+        };
+        let _ = writeln!(
+            out,
+            "policy ep={ep} {dir} {peer}={} {} -> rule {rule}{known}",
+            identity_name(state, id),
+            port_text(proto, port, len)
+        );
+    }
+    for (id, r) in &state.rules {
+        let _ = writeln!(out, "rule {id} {}", rule_text(r));
+    }
+    out
+}
+
+impl PolicyState {
+    /// The compiled maps, rendered.
+    pub fn dump(&self) -> String {
+        render_dump(&self.maps, self)
+    }
+}
