@@ -105,9 +105,19 @@ pub struct RunArgs {
     /// Max entries of the socket reverse-NAT map.
     #[arg(long, value_name = "N")]
     pub map_size_sock_revnat: Option<u32>,
-    /// Max entries of the per-packet connection-tracking map (north-south).
+    /// Max entries of the per-packet connection-tracking map (north-south translation and
+    /// NetworkPolicy flows).
     #[arg(long, value_name = "N")]
     pub map_size_ct: Option<u32>,
+    /// Max entries of the NetworkPolicy endpoint map (local pods).
+    #[arg(long, value_name = "N")]
+    pub map_size_policy_endpoints: Option<u32>,
+    /// Max entries of the NetworkPolicy ipcache (pod IPs and ipBlock prefixes).
+    #[arg(long, value_name = "N")]
+    pub map_size_ipcache: Option<u32>,
+    /// Max entries of the NetworkPolicy rule trie.
+    #[arg(long, value_name = "N")]
+    pub map_size_policy: Option<u32>,
     /// Devices NodePort/north-south programs attach to (default: the node's underlay devices).
     #[arg(long, value_delimiter = ',', value_name = "DEV,...")]
     pub devices: Option<Vec<String>>,
@@ -142,7 +152,7 @@ pub struct DebugArgs {
     pub output: OutputFormat,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand)]
+#[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
 pub enum DebugCommand {
     /// Service frontends as programmed.
     Services,
@@ -154,6 +164,25 @@ pub enum DebugCommand {
     Drops,
     /// The load-balancing maps in the compiler's golden dump format.
     Maps,
+    /// The effective NetworkPolicy rules of this node's pods, and which policies select them.
+    Policy {
+        /// Only this pod (`NAMESPACE/POD`).
+        #[arg(value_name = "NAMESPACE/POD")]
+        pod: Option<String>,
+    },
+    /// Whether NetworkPolicy allows a connection, and which rule does (from the compiled state
+    /// the kernel maps hold; a Service is resolved to its backends as the datapath would).
+    Explain {
+        /// The client: `NAMESPACE/POD` or an IPv4 address.
+        #[arg(long, value_name = "POD|IP")]
+        from: String,
+        /// The server: `NAMESPACE/POD`, `NAMESPACE/SERVICE` or an IPv4 address (a ClusterIP
+        /// too), with `:PORT` (optional for a Service: all its ports).
+        #[arg(long, value_name = "POD|IP|SERVICE[:PORT]")]
+        to: String,
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp"])]
+        proto: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -207,6 +236,9 @@ pub struct FileConfig {
     pub map_size_affinity: Option<u32>,
     pub map_size_sock_revnat: Option<u32>,
     pub map_size_ct: Option<u32>,
+    pub map_size_policy_endpoints: Option<u32>,
+    pub map_size_ipcache: Option<u32>,
+    pub map_size_policy: Option<u32>,
     pub devices: Option<Vec<String>>,
     pub nodeport_addresses: Option<Vec<String>>,
     pub routing_mode: Option<RoutingMode>,
@@ -380,6 +412,21 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             "map-size-ct",
             pick(flags.map_size_ct, file.map_size_ct),
             defaults.ct,
+        )?,
+        policy_endpoints: map_size(
+            "map-size-policy-endpoints",
+            pick(flags.map_size_policy_endpoints, file.map_size_policy_endpoints),
+            defaults.policy_endpoints,
+        )?,
+        ipcache: map_size(
+            "map-size-ipcache",
+            pick(flags.map_size_ipcache, file.map_size_ipcache),
+            defaults.ipcache,
+        )?,
+        policy: map_size(
+            "map-size-policy",
+            pick(flags.map_size_policy, file.map_size_policy),
+            defaults.policy,
         )?,
         ..defaults
     };

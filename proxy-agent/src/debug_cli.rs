@@ -1,11 +1,12 @@
-//! `twill-agent debug services|backends|affinity|drops|maps [-o json]`: asks the running agent
-//! over its API socket and prints human tables (or the JSON as served).
+//! `twill-agent debug services|backends|affinity|drops|maps|policy|explain [-o json]`: asks the
+//! running agent over its API socket and prints human tables (or the JSON as served).
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use serde_json::Value;
 
 use crate::api::{AffinityRow, BackendRow, DropRow};
+use crate::policy::explain::{Explanation, PodPolicy};
 use crate::config::{DebugArgs, DebugCommand, OutputFormat};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,20 +25,25 @@ pub enum DebugError {
     Decode(#[source] serde_json::Error),
 }
 
-fn path_of(what: DebugCommand, output: OutputFormat) -> &'static str {
+fn path_of(what: &DebugCommand, output: OutputFormat) -> String {
     match (what, output) {
-        (DebugCommand::Services, _) => "/v1/services",
-        (DebugCommand::Backends, _) => "/v1/backends",
-        (DebugCommand::Affinity, _) => "/v1/affinity",
-        (DebugCommand::Drops, _) => "/v1/drops",
-        (DebugCommand::Maps, OutputFormat::Table) => "/v1/maps",
-        (DebugCommand::Maps, OutputFormat::Json) => "/v1/maps?format=json",
+        (DebugCommand::Services, _) => "/v1/services".into(),
+        (DebugCommand::Backends, _) => "/v1/backends".into(),
+        (DebugCommand::Affinity, _) => "/v1/affinity".into(),
+        (DebugCommand::Drops, _) => "/v1/drops".into(),
+        (DebugCommand::Maps, OutputFormat::Table) => "/v1/maps".into(),
+        (DebugCommand::Maps, OutputFormat::Json) => "/v1/maps?format=json".into(),
+        (DebugCommand::Policy { pod: None }, _) => "/v1/policy".into(),
+        (DebugCommand::Policy { pod: Some(pod) }, _) => format!("/v1/policy?pod={pod}"),
+        (DebugCommand::Explain { from, to, proto }, _) => {
+            format!("/v1/explain?from={from}&to={to}&proto={proto}")
+        }
     }
 }
 
 /// Fetches and renders; the text to print.
 pub async fn run(args: &DebugArgs) -> Result<String, DebugError> {
-    let (status, body) = crate::api::get(&args.api_socket, path_of(args.what, args.output))
+    let (status, body) = crate::api::get(&args.api_socket, &path_of(&args.what, args.output))
         .await
         .map_err(|source| DebugError::Connect {
             socket: args.api_socket.clone(),
@@ -49,12 +55,16 @@ pub async fn run(args: &DebugArgs) -> Result<String, DebugError> {
             body: String::from_utf8_lossy(&body).trim().to_owned(),
         });
     }
-    render(args.what, args.output, &body)
+    render(&args.what, args.output, &body)
 }
 
 /// Renders an API answer.
-pub fn render(what: DebugCommand, output: OutputFormat, body: &[u8]) -> Result<String, DebugError> {
-    if what == DebugCommand::Maps && output == OutputFormat::Table {
+pub fn render(
+    what: &DebugCommand,
+    output: OutputFormat,
+    body: &[u8],
+) -> Result<String, DebugError> {
+    if *what == DebugCommand::Maps && output == OutputFormat::Table {
         return Ok(String::from_utf8_lossy(body).into_owned());
     }
     if output == OutputFormat::Json {
@@ -76,8 +86,80 @@ pub fn render(what: DebugCommand, output: OutputFormat, body: &[u8]) -> Result<S
         DebugCommand::Drops => Ok(drops_table(
             &serde_json::from_slice::<Vec<DropRow>>(body).map_err(DebugError::Decode)?,
         )),
+        DebugCommand::Policy { .. } => Ok(policy_text(
+            &serde_json::from_slice::<Vec<PodPolicy>>(body).map_err(DebugError::Decode)?,
+        )),
+        DebugCommand::Explain { .. } => Ok(explain_text(
+            &serde_json::from_slice::<Explanation>(body).map_err(DebugError::Decode)?,
+        )),
         DebugCommand::Maps => unreachable!("handled above"),
     }
+}
+
+fn policy_text(pods: &[PodPolicy]) -> String {
+    if pods.is_empty() {
+        return "no policy-managed pods on this node\n".into();
+    }
+    let mut out = String::new();
+    for p in pods {
+        let iso = |isolated: bool, by: &[String]| {
+            if isolated {
+                format!("isolated by {}", by.join(", "))
+            } else {
+                "not isolated (all allowed)".into()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{}/{} {} (identity {})",
+            p.namespace, p.name, p.ip, p.identity
+        );
+        for (dir, isolated, by, rules) in [
+            ("ingress", p.ingress_isolated, &p.ingress_policies, &p.ingress),
+            ("egress", p.egress_isolated, &p.egress_policies, &p.egress),
+        ] {
+            let _ = writeln!(out, "  {dir}: {}", iso(isolated, by));
+            if isolated && rules.is_empty() {
+                let _ = writeln!(out, "    (no rule allows anything)");
+            }
+            for r in rules.iter() {
+                let _ = writeln!(out, "    allow {}  {}  ← {}", r.peer, r.ports, r.rule);
+            }
+        }
+    }
+    out
+}
+
+fn explain_text(e: &Explanation) -> String {
+    let mut out = String::new();
+    let via = e
+        .service
+        .as_ref()
+        .map_or_else(String::new, |s| format!(" via Service {s}"));
+    let _ = writeln!(out, "{} -> {}/{}{via}", e.from, e.to, e.protocol);
+    if e.destinations.is_empty() {
+        let _ = writeln!(out, "  no backends: the connection is refused before any policy");
+    }
+    for d in &e.destinations {
+        let _ = writeln!(
+            out,
+            "  {}:{}  {}",
+            d.addr,
+            d.port,
+            if d.allowed { "ALLOWED" } else { "DENIED" }
+        );
+        let _ = writeln!(
+            out,
+            "    client egress:  {} — {}",
+            d.egress.verdict, d.egress.detail
+        );
+        let _ = writeln!(
+            out,
+            "    server ingress: {} — {}",
+            d.ingress.verdict, d.ingress.detail
+        );
+    }
+    out
 }
 
 /// Left-aligned columns separated by two spaces.
@@ -218,9 +300,9 @@ mod tests {
             count: 3,
         }])
         .unwrap();
-        let t = render(DebugCommand::Drops, OutputFormat::Table, &body).unwrap();
+        let t = render(&DebugCommand::Drops, OutputFormat::Table, &body).unwrap();
         assert_eq!(t, "REASON       KIND  COUNT\nno_backends  drop  3\n");
-        let j = render(DebugCommand::Drops, OutputFormat::Json, &body).unwrap();
+        let j = render(&DebugCommand::Drops, OutputFormat::Json, &body).unwrap();
         assert!(j.contains("\"count\": 3"));
         let svc = serde_json::json!([{"namespace":"d","name":"web","port_name":"","type":"ClusterIP",
             "frontends":[{"addr":"10.96.0.1","port":80,"protocol":"TCP"}],
@@ -236,9 +318,9 @@ mod tests {
             "{t}"
         );
         assert_eq!(
-            render(DebugCommand::Maps, OutputFormat::Table, b"dump\n").unwrap(),
+            render(&DebugCommand::Maps, OutputFormat::Table, b"dump\n").unwrap(),
             "dump\n"
         );
-        assert!(render(DebugCommand::Backends, OutputFormat::Table, b"{").is_err());
+        assert!(render(&DebugCommand::Backends, OutputFormat::Table, b"{").is_err());
     }
 }

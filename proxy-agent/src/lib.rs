@@ -1,5 +1,5 @@
-//! twill-agent: turns Services, EndpointSlices and Nodes into eBPF map contents and keeps the
-//! kernel datapath programmed.
+//! twill-agent: turns Services, EndpointSlices and Nodes (and Pods, Namespaces and
+//! NetworkPolicies) into eBPF map contents and keeps the kernel datapath programmed.
 pub mod api;
 pub mod cniconf;
 pub mod compile;
@@ -10,6 +10,7 @@ pub mod health;
 pub mod lbmap;
 pub mod metrics;
 pub mod node_net;
+pub mod policy;
 pub mod preflight;
 pub mod reconcile;
 pub mod routing;

@@ -36,6 +36,8 @@ pub struct Metrics {
     network_errors: Family<Labels, Counter>,
     pub peer_routes: Gauge,
     source_errors: Family<Labels, Counter>,
+    /// NetworkPolicy's metrics.
+    pub policy: crate::policy::PolicyMetrics,
     /// Last absolute kernel counter per verdict: the kernel's counters are absolute, Prometheus
     /// counters only go up by deltas.
     last_verdicts: Mutex<BTreeMap<String, u64>>,
@@ -135,7 +137,9 @@ impl Metrics {
             "Watch/list errors of the Kubernetes source, by kind",
             source_errors.clone(),
         );
+        let policy = crate::policy::PolicyMetrics::register(&mut registry);
         Self {
+            policy,
             registry: Mutex::new(registry),
             sync_duration,
             programming_duration,

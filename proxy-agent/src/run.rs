@@ -9,6 +9,10 @@
 //! difference through the reconciler (both in time proportional to the change). Failed applies are retried with a capped backoff; a periodic resync applies
 //! again even without changes (repairing anything that changed the maps behind our back).
 //!
+//! NetworkPolicy rides the same loop: after the Service apply, the policy state is recompiled
+//! when a Pod, Namespace or NetworkPolicy changed and applied through its own reconciler; pod
+//! veth events (and the periodic resync) bring the policy programs onto new pods' veths.
+//!
 //! SIGTERM/SIGINT: stop serving and exit, leaving pinned maps and links in place so traffic keeps
 //! flowing until the next agent adopts them.
 use std::net::Ipv4Addr;
@@ -24,6 +28,8 @@ use crate::health::{Health, HealthCheckServers};
 use crate::lbmap::LbMaps;
 use crate::metrics::Metrics;
 use crate::node_net::{NetworkError, NetworkState, NodeNetwork};
+use crate::policy::links::PodVeths;
+use crate::policy::{PolicyReconciler, PolicySyncer};
 use crate::preflight::PreflightError;
 use crate::reconcile::{ReconcileError, Reconciler};
 use crate::source::manifests::{ManifestDir, error_chain};
@@ -58,6 +64,10 @@ pub enum RunError {
     Datapath(#[from] DatapathError),
     #[error("adopting the pinned maps")]
     Adopt(#[source] ReconcileError),
+    #[error("adopting the pinned NetworkPolicy maps")]
+    AdoptPolicy(#[source] crate::policy::PolicyReconcileError),
+    #[error("watching the pod veths")]
+    PodLinks(#[source] crate::policy::links::LinksError),
     #[error("connecting to the Kubernetes API")]
     Client(#[from] crate::source::kube::ClientError),
     #[error("installing the signal handler")]
@@ -423,7 +433,14 @@ async fn start_servers(
 fn start_datapath(
     cfg: &Config,
     cgroup: &std::path::Path,
-) -> Result<(Datapath, Reconciler<AyaLbMaps>), RunError> {
+) -> Result<
+    (
+        Datapath,
+        Reconciler<AyaLbMaps>,
+        PolicyReconciler<crate::datapath::AyaPolicyMaps>,
+    ),
+    RunError,
+> {
     let mut datapath = Datapath::load(&DatapathOptions {
         bpffs_dir: Some(cfg.bpffs_dir.clone()),
         map_sizes: cfg.map_sizes,
@@ -437,13 +454,15 @@ fn start_datapath(
     }
     let outcomes = datapath.attach_cgroup(cgroup)?;
     log::info!("socket programs on {}: {outcomes:?}", cgroup.display());
+    let policy_maps = datapath.policy_maps()?;
     let maps = datapath.lb_maps()?;
     let reconciler = Reconciler::adopt(maps).map_err(RunError::Adopt)?;
     log::info!(
         "adopted {} service entries from the pinned maps",
         reconciler.applied().services.len()
     );
-    Ok((datapath, reconciler))
+    let policy = PolicyReconciler::adopt(policy_maps).map_err(RunError::AdoptPolicy)?;
+    Ok((datapath, reconciler, policy))
 }
 
 async fn start_sources(
@@ -492,11 +511,22 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let health = Health::new(stores.clone(), cfg.sync_period * 2);
     let published: Arc<RwLock<Published>> = Arc::default();
     let mut tasks = start_servers(&cfg, &health, &metrics, &published).await?;
-    let (mut datapath, reconciler) = start_datapath(&cfg, &cgroup)?;
+    let (mut datapath, reconciler, policy_reconciler) = start_datapath(&cfg, &cgroup)?;
     let mut network = NodeNetwork::new(&cfg).map_err(RunError::Network)?;
+    // Before the sources start: a pod created meanwhile triggers an event.
+    let pod_veths = PodVeths::start().map_err(RunError::PodLinks)?;
+    sync_pod_links(&pod_veths, &mut datapath, &metrics).await;
     tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
 
-    let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
+    let mut policy = PolicySyncer::new(cfg.node_name.clone(), policy_reconciler);
+    let mut agent = Syncer::new(
+        cfg,
+        stores.clone(),
+        metrics.clone(),
+        health,
+        published.clone(),
+        reconciler,
+    );
 
     let synced = tokio::select! {
         s = stores.wait_synced(FIRST_SYNC_TIMEOUT) => Some(s),
@@ -518,6 +548,8 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stats = tokio::time::interval(STATS_PERIOD);
     stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ct_sweep = tokio::time::interval(crate::policy::ct::SWEEP_PERIOD);
+    ct_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Apply once right away (the adopted state may need pruning even with no change).
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut network_due = true;
@@ -534,7 +566,19 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         tokio::select! {
             () = stores.changed_notification() => {}
             () = retry => {}
-            _ = resync.tick() => network_due = true,
+            () = pod_veths.changed() => {
+                // Not debounced: a new pod's veth gets its programs at once.
+                sync_pod_links(&pod_veths, &mut datapath, &metrics).await;
+                continue;
+            }
+            _ = ct_sweep.tick() => {
+                sweep_policy_ct(&mut policy, &metrics);
+                continue;
+            }
+            _ = resync.tick() => {
+                network_due = true;
+                sync_pod_links(&pod_veths, &mut datapath, &metrics).await;
+            }
             _ = stats.tick() => {
                 agent.export_stats();
                 // Also here, so a burst that ended within TRIM_PERIOD of the last trim is
@@ -562,6 +606,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             }
         }
         let ok = agent.sync();
+        let node_addrs = crate::policy::node_addresses(
+            stores.node(&agent.cfg.node_name).as_deref(),
+            &network.state().nodeport_addresses,
+        );
+        policy.sync(&stores, node_addrs, &metrics);
+        publish_policy(&policy, &published);
         // After the maps are written, so it never delays programming.
         trimmer.maybe_trim();
         // Each part retries on its own backoff: a persistent routing error (a Node without
@@ -570,6 +620,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         let delays = [
             (!ok).then(|| agent.retry_delay()),
             (network_failures > 0).then(|| backoff(network_failures)),
+            policy.retry_delay(),
         ];
         retry_at = delays
             .into_iter()
@@ -582,6 +633,68 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     drop(agent);
     drop(datapath);
     Ok(())
+}
+
+/// Brings the policy programs onto exactly the pod veths that exist now.
+async fn sync_pod_links(pod_veths: &PodVeths, datapath: &mut Datapath, metrics: &Metrics) {
+    let veths = match pod_veths.list().await {
+        Ok(v) => v,
+        Err(e) => {
+            log::error!("{}", error_chain(&e));
+            metrics.policy.pod_link_errors.inc();
+            return;
+        }
+    };
+    let report = datapath.sync_pod_links(&veths);
+    for name in &report.attached {
+        log::debug!("NetworkPolicy programs on pod veth {name}");
+    }
+    for (name, e) in &report.failed {
+        // A veth removed between the dump and the attach fails here too; the next event or
+        // resync settles it.
+        log::warn!("pod veth {name}: {}", error_chain(e));
+        metrics.policy.pod_link_errors.inc();
+    }
+    metrics
+        .policy
+        .pod_links
+        .set(i64::try_from(datapath.pod_links().len()).unwrap_or(i64::MAX));
+}
+
+/// Removes expired NetworkPolicy conntrack entries.
+fn sweep_policy_ct(
+    policy: &mut PolicySyncer<crate::datapath::AyaPolicyMaps>,
+    metrics: &Metrics,
+) {
+    let now = crate::datapath::monotonic_now_ns();
+    match policy
+        .reconciler_mut()
+        .maps_mut()
+        .sweep_ct(now, crate::policy::ct::expired)
+    {
+        Ok(sweep) => {
+            metrics
+                .policy
+                .ct_expired
+                .inc_by(u64::try_from(sweep.removed).unwrap_or(u64::MAX));
+        }
+        Err(e) => log::warn!("sweeping NetworkPolicy conntrack entries: {}", error_chain(&e)),
+    }
+}
+
+/// Hands the compiled policy state to the API (debug policy / explain).
+fn publish_policy<M: crate::policy::PolicyMaps>(
+    policy: &PolicySyncer<M>,
+    published: &RwLock<Published>,
+) {
+    let state = policy.state();
+    let mut p = published
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !Arc::ptr_eq(&p.policy, &state) {
+        p.policy = state;
+        p.policy_objects = policy.objects();
+    }
 }
 
 /// Runs [`release_free_heap`] off the run loop, at most every [`TRIM_PERIOD`].

@@ -53,7 +53,7 @@ pub struct AyaLbMaps {
     pub last_flush: FlushReport,
 }
 
-fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+pub(super) fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
     name: &'static str,
     map: Option<Map>,
 ) -> Result<T, DatapathError> {
@@ -61,7 +61,7 @@ fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
     T::try_from(map).map_err(|source| DatapathError::MapType { name, source })
 }
 
-fn capacity_of(map: &Map) -> u32 {
+pub(super) fn capacity_of(map: &Map) -> u32 {
     let (Map::HashMap(data)
     | Map::LruHashMap(data)
     | Map::Array(data)
@@ -123,16 +123,7 @@ impl AyaLbMaps {
     /// Opens the maps pinned under `bpffs_dir` by a running (or stopped) agent, without loading
     /// any program: for tools and tests that inspect or program a live datapath.
     pub fn open_pinned(bpffs_dir: &Path) -> Result<Self, DatapathError> {
-        Self::from_maps(|name| {
-            let path = bpffs_dir.join(name);
-            let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
-                path: path.clone(),
-                source,
-            })?;
-            Map::from_map_data(data)
-                .map(Some)
-                .map_err(|source| DatapathError::OpenPinned { path, source })
-        })
+        Self::from_maps(|name| super::open_pinned_map(bpffs_dir, name).map(Some))
     }
 
     /// Enables destroying connected UDP sockets to removed backends in the network namespaces of
@@ -272,7 +263,7 @@ impl AyaLbMaps {
 
 /// A full hash map answers E2BIG (ENOSPC from some map types): that is `MapError::Full`, a named
 /// error with the capacity, never a generic failure.
-fn map_update_error(
+pub(super) fn map_update_error(
     capacity: &BTreeMap<MapKind, u32>,
     kind: MapKind,
     op: &'static str,
@@ -324,7 +315,7 @@ fn collect_source_ranges(
     Ok(out)
 }
 
-fn syscall(map: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
+pub(super) fn syscall(map: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
     let source = match e {
         aya::maps::MapError::SyscallError(s) => s.io_error,
         other => std::io::Error::other(other),
@@ -332,7 +323,7 @@ fn syscall(map: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
     MapError::Syscall { map, op, source }
 }
 
-fn collect<K: aya::Pod, V: aya::Pod>(
+pub(super) fn collect<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     kind: MapKind,
 ) -> Result<Vec<(K, V)>, MapError> {
@@ -349,7 +340,7 @@ fn collect<K: aya::Pod, V: aya::Pod>(
 }
 
 /// Deletes `key`; a missing key is success (deletes are idempotent for the reconciler).
-fn remove<K: aya::Pod, V: aya::Pod>(
+pub(super) fn remove<K: aya::Pod, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,
     key: &K,
     kind: MapKind,
@@ -360,7 +351,7 @@ fn remove<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-fn is_not_found(e: &aya::maps::MapError) -> bool {
+pub(super) fn is_not_found(e: &aya::maps::MapError) -> bool {
     match e {
         aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
         aya::maps::MapError::KeyNotFound | aya::maps::MapError::ElementNotFound => true,

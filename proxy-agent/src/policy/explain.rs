@@ -1,0 +1,358 @@
+//! What `twill-agent debug policy` and `debug explain` show, computed from the compiled policy
+//! state the kernel maps were written from (never a second implementation of the semantics:
+//! verdicts replay the kernel's lookups over the same entries, `PolicyState::verdict`), and for
+//! Service targets from the applied service tables, resolved the way the socket hooks resolve
+//! a connection.
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use twill_common::{
+    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, PEP_F_EGRESS_ISOLATED, PEP_F_INGRESS_ISOLATED,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_ANY, SCOPE_INTERNAL, ServiceKey, SlotKey,
+};
+use twill_core::policy::{
+    Direction, Judgement, PolicyState, addr_be, addr_from_be, identity_text, port_text,
+    proto_name, rule_text,
+};
+
+use crate::compile::DumpModel;
+use crate::lbmap::LbState;
+use crate::source::PolicyObjects;
+
+/// The effective rules of one local pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodPolicy {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub identity: u32,
+    pub ingress_isolated: bool,
+    pub egress_isolated: bool,
+    /// Policies selecting the pod with `Ingress` / `Egress` in their policyTypes.
+    pub ingress_policies: Vec<String>,
+    pub egress_policies: Vec<String>,
+    pub ingress: Vec<RuleRow>,
+    pub egress: Vec<RuleRow>,
+}
+
+/// One allow entry of a pod: which peers, which ports, from which policy rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRow {
+    pub peer: String,
+    pub ports: String,
+    pub rule: String,
+}
+
+/// The local pods' effective rules, optionally only `namespace/name`.
+pub fn pod_policies(state: &PolicyState, only: Option<(&str, &str)>) -> Vec<PodPolicy> {
+    let mut out = Vec::new();
+    for (&ep_id, pod) in &state.local_pods {
+        if only.is_some_and(|(ns, n)| (ns, n) != (&*pod.namespace, &*pod.name)) {
+            continue;
+        }
+        let flags = state
+            .maps
+            .endpoints
+            .get(&addr_be(pod.ip))
+            .map_or(0, |e| e.flags);
+        let rows = |dir: Direction| -> Vec<RuleRow> {
+            state
+                .maps
+                .policy
+                .iter()
+                .filter(|(k, _)| {
+                    u32::from_be(k.data.ep_id_be) == ep_id && k.data.direction == dir.as_u8()
+                })
+                .map(|(k, v)| RuleRow {
+                    peer: identity_label(state, u32::from_be(k.data.identity_be)),
+                    ports: port_text(k.data.proto, u16::from_be(k.data.port_be), k.prefix_len),
+                    rule: state
+                        .rules
+                        .get(&v.rule_id)
+                        .map_or_else(|| format!("rule {}?", v.rule_id), rule_text),
+                })
+                .collect()
+        };
+        let names = |list: &[(Arc<str>, Arc<str>)]| -> Vec<String> {
+            list.iter().map(|(ns, n)| format!("{ns}/{n}")).collect()
+        };
+        out.push(PodPolicy {
+            namespace: pod.namespace.to_string(),
+            name: pod.name.to_string(),
+            ip: pod.ip,
+            identity: pod.identity,
+            ingress_isolated: flags & PEP_F_INGRESS_ISOLATED != 0,
+            egress_isolated: flags & PEP_F_EGRESS_ISOLATED != 0,
+            ingress_policies: names(&pod.ingress_policies),
+            egress_policies: names(&pod.egress_policies),
+            ingress: rows(Direction::Ingress),
+            egress: rows(Direction::Egress),
+        });
+    }
+    out
+}
+
+fn identity_label(state: &PolicyState, id: u32) -> String {
+    match id {
+        IDENTITY_ANY => "any peer".into(),
+        IDENTITY_WORLD => "world (no pod, no ipBlock)".into(),
+        IDENTITY_HOST => "this node".into(),
+        other => state.identities.get(&other).map_or_else(
+            || format!("identity {other}?"),
+            |k| format!("{other}: {}", identity_text(k)),
+        ),
+    }
+}
+
+/// A `debug explain` question.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExplainQuery {
+    /// `NAMESPACE/POD` or an IPv4 address.
+    pub from: String,
+    /// `NAMESPACE/POD`, `NAMESPACE/SERVICE` or an IPv4 address (a Service's ClusterIP
+    /// included), with an optional `:PORT`.
+    pub to: String,
+    pub proto: u8,
+}
+
+/// The answer: one verdict per destination the connection could reach.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub from: String,
+    pub to: String,
+    pub protocol: String,
+    /// `namespace/name` of the Service when the target was one (its backends follow).
+    pub service: Option<String>,
+    pub destinations: Vec<DestinationVerdict>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationVerdict {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub allowed: bool,
+    /// The client's egress (as this node judges it).
+    pub egress: SideVerdict,
+    /// The server's ingress (as this node judges it).
+    pub ingress: SideVerdict,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideVerdict {
+    /// `allowed`, `denied`, `not-isolated`, `from-node` or `not-local`.
+    pub verdict: String,
+    /// The rule that allows, or why nothing does.
+    pub detail: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExplainError {
+    #[error("{0:?} is neither an IPv4 address nor a known NAMESPACE/POD")]
+    UnknownSource(String),
+    #[error("{0:?} is neither an IPv4 address nor a known NAMESPACE/POD or NAMESPACE/SERVICE")]
+    UnknownTarget(String),
+    #[error("{0:?}: the port must be a number 1-65535")]
+    BadPort(String),
+    #[error("{0:?} needs a :PORT (only a Service target may leave it out)")]
+    NeedsPort(String),
+    #[error("pod {0} has no IP yet")]
+    NoIp(String),
+    #[error("Service {0} has no {1} port {2}")]
+    NoServicePort(String, String, u16),
+}
+
+/// Everything `explain` reads: the compiled policy state, the policy inputs (pod names → IPs),
+/// and the applied service tables with their names.
+pub struct ExplainInputs<'a> {
+    pub state: &'a PolicyState,
+    pub objects: &'a PolicyObjects,
+    pub lb: &'a LbState,
+    pub model: &'a DumpModel,
+}
+
+/// `host[:port]` split; a bare `NAMESPACE/NAME` has no port.
+fn split_port(s: &str) -> Result<(&str, Option<u16>), ExplainError> {
+    match s.rsplit_once(':') {
+        Some((host, port)) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .map(|p| (host, Some(p)))
+            .ok_or_else(|| ExplainError::BadPort(s.to_owned())),
+        None => Ok((s, None)),
+    }
+}
+
+impl ExplainInputs<'_> {
+    fn pod_ip(&self, name: &str) -> Option<Result<Ipv4Addr, ExplainError>> {
+        let (ns, n) = name.split_once('/')?;
+        let pod = self.objects.pods.get(&(ns.into(), n.into()))?;
+        Some(pod.ip.ok_or_else(|| ExplainError::NoIp(name.to_owned())))
+    }
+
+    /// Backends of the Service frontend `key` as the socket hooks pick them: the INTERNAL
+    /// scope first, then ANY.
+    fn backends_of(&self, addr: Ipv4Addr, port: u16, proto: u8) -> Option<Vec<(Ipv4Addr, u16)>> {
+        let value = [SCOPE_INTERNAL, SCOPE_ANY].iter().find_map(|&scope| {
+            self.lb.services.get(&ServiceKey {
+                addr_be: addr_be(addr),
+                port_be: port.to_be(),
+                proto,
+                scope,
+            })
+        })?;
+        Some(
+            (0..u32::from(value.backend_count))
+                .filter_map(|slot| {
+                    let id = self.lb.slots.get(&SlotKey {
+                        svc_id: value.svc_id,
+                        slot,
+                    })?;
+                    let b = self.lb.backends.get(id)?;
+                    Some((addr_from_be(b.addr_be), u16::from_be(b.port_be)))
+                })
+                .collect(),
+        )
+    }
+
+    /// The Service `namespace/name`'s ClusterIP frontends (port, address) for `proto`.
+    fn service_frontends(&self, name: &str, proto: u8) -> Vec<(u16, Ipv4Addr)> {
+        let Some((ns, n)) = name.split_once('/') else {
+            return Vec::new();
+        };
+        self.model
+            .services
+            .iter()
+            .filter(|sp| &*sp.namespace == ns && &*sp.name == n && sp.proto == proto)
+            .flat_map(|sp| {
+                sp.frontends
+                    .iter()
+                    .filter(|f| f.key.addr_be != 0)
+                    .map(|f| (u16::from_be(f.key.port_be), addr_from_be(f.key.addr_be)))
+            })
+            .collect()
+    }
+
+    pub fn explain(&self, q: &ExplainQuery) -> Result<Explanation, ExplainError> {
+        let src = match q.from.parse::<Ipv4Addr>() {
+            Ok(ip) => ip,
+            Err(_) => self
+                .pod_ip(&q.from)
+                .ok_or_else(|| ExplainError::UnknownSource(q.from.clone()))??,
+        };
+        let (target, port) = split_port(&q.to)?;
+        let mut service = None;
+        let mut destinations: Vec<(Ipv4Addr, u16)> = Vec::new();
+        if let Ok(ip) = target.parse::<Ipv4Addr>() {
+            let port = port.ok_or_else(|| ExplainError::NeedsPort(q.to.clone()))?;
+            match self.backends_of(ip, port, q.proto) {
+                Some(backends) => {
+                    service = Some(format!("{ip}:{port}"));
+                    destinations = backends;
+                }
+                None => destinations.push((ip, port)),
+            }
+        } else if let Some(ip) = self.pod_ip(target) {
+            let port = port.ok_or_else(|| ExplainError::NeedsPort(q.to.clone()))?;
+            destinations.push((ip?, port));
+        } else {
+            let frontends = self.service_frontends(target, q.proto);
+            if frontends.is_empty() {
+                return Err(ExplainError::UnknownTarget(q.to.clone()));
+            }
+            let chosen: Vec<(u16, Ipv4Addr)> = frontends
+                .into_iter()
+                .filter(|(p, _)| port.is_none_or(|want| *p == want))
+                .collect();
+            if chosen.is_empty() {
+                return Err(ExplainError::NoServicePort(
+                    target.to_owned(),
+                    proto_name(q.proto),
+                    port.unwrap_or(0),
+                ));
+            }
+            service = Some(target.to_owned());
+            for (p, ip) in chosen {
+                destinations.extend(self.backends_of(ip, p, q.proto).unwrap_or_default());
+            }
+            destinations.sort_unstable();
+            destinations.dedup();
+        }
+        let destinations = destinations
+            .into_iter()
+            .map(|(addr, port)| {
+                let v = self.state.verdict(src, addr, q.proto, port);
+                DestinationVerdict {
+                    addr,
+                    port,
+                    allowed: v.allowed(),
+                    egress: self.side(&v.egress),
+                    ingress: self.side(&v.ingress),
+                }
+            })
+            .collect();
+        Ok(Explanation {
+            from: q.from.clone(),
+            to: q.to.clone(),
+            protocol: proto_name(q.proto),
+            service,
+            destinations,
+        })
+    }
+
+    fn side(&self, j: &Judgement) -> SideVerdict {
+        let (verdict, detail) = match j {
+            Judgement::Unmanaged => (
+                "not-local",
+                "not a pod of this node: its own node judges this side".to_owned(),
+            ),
+            Judgement::NotIsolated { .. } => (
+                "not-isolated",
+                "no policy isolates the pod in this direction".to_owned(),
+            ),
+            Judgement::FromHost { .. } => (
+                "from-node",
+                "traffic from this node to its pods is always allowed".to_owned(),
+            ),
+            Judgement::Allowed {
+                rule_id,
+                identity,
+                key,
+                ..
+            } => (
+                "allowed",
+                format!(
+                    "{} (peer {}, {})",
+                    self.state
+                        .rules
+                        .get(rule_id)
+                        .map_or_else(|| format!("rule {rule_id}?"), rule_text),
+                    identity_label(self.state, *identity),
+                    port_text(key.data.proto, u16::from_be(key.data.port_be), key.prefix_len)
+                ),
+            ),
+            Judgement::Denied { identity, .. } => (
+                "denied",
+                format!(
+                    "no rule of the policies selecting the pod allows peer {}",
+                    identity_label(self.state, *identity)
+                ),
+            ),
+        };
+        SideVerdict {
+            verdict: verdict.to_owned(),
+            detail,
+        }
+    }
+}
+
+/// `tcp`, `udp`, `sctp` (any case).
+pub fn parse_proto(s: &str) -> Option<u8> {
+    match s.to_ascii_lowercase().as_str() {
+        "tcp" => Some(PROTO_TCP),
+        "udp" => Some(PROTO_UDP),
+        "sctp" => Some(PROTO_SCTP),
+        _ => None,
+    }
+}

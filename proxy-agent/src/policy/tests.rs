@@ -1,0 +1,1 @@
+//! Reconciler tests against the fake and the fault injector (no kernel).
