@@ -328,7 +328,10 @@ fn explain(p: &Published, query: &str) -> Response {
     };
     let proto = query_value(query, "proto").unwrap_or("tcp");
     let Some(proto) = crate::policy::explain::parse_proto(proto) else {
-        return Response::text(400, format!("unknown protocol {proto:?} (tcp, udp, sctp)\n"));
+        return Response::text(
+            400,
+            format!("unknown protocol {proto:?} (tcp, udp, sctp)\n"),
+        );
     };
     let inputs = crate::policy::explain::ExplainInputs {
         state: &p.policy,

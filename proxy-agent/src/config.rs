@@ -415,7 +415,10 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
         )?,
         policy_endpoints: map_size(
             "map-size-policy-endpoints",
-            pick(flags.map_size_policy_endpoints, file.map_size_policy_endpoints),
+            pick(
+                flags.map_size_policy_endpoints,
+                file.map_size_policy_endpoints,
+            ),
             defaults.policy_endpoints,
         )?,
         ipcache: map_size(

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use crate::api::{AffinityRow, BackendRow, DropRow};
-use crate::policy::explain::{Explanation, PodPolicy};
 use crate::config::{DebugArgs, DebugCommand, OutputFormat};
+use crate::policy::explain::{Explanation, PodPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DebugError {
@@ -115,7 +115,12 @@ fn policy_text(pods: &[PodPolicy]) -> String {
             p.namespace, p.name, p.ip, p.identity
         );
         for (dir, isolated, by, rules) in [
-            ("ingress", p.ingress_isolated, &p.ingress_policies, &p.ingress),
+            (
+                "ingress",
+                p.ingress_isolated,
+                &p.ingress_policies,
+                &p.ingress,
+            ),
             ("egress", p.egress_isolated, &p.egress_policies, &p.egress),
         ] {
             let _ = writeln!(out, "  {dir}: {}", iso(isolated, by));
@@ -138,7 +143,10 @@ fn explain_text(e: &Explanation) -> String {
         .map_or_else(String::new, |s| format!(" via Service {s}"));
     let _ = writeln!(out, "{} -> {}/{}{via}", e.from, e.to, e.protocol);
     if e.destinations.is_empty() {
-        let _ = writeln!(out, "  no backends: the connection is refused before any policy");
+        let _ = writeln!(
+            out,
+            "  no backends: the connection is refused before any policy"
+        );
     }
     for d in &e.destinations {
         let _ = writeln!(
@@ -308,7 +316,7 @@ mod tests {
             "frontends":[{"addr":"10.96.0.1","port":80,"protocol":"TCP"}],
             "endpoints":[{"addr":"10.244.1.2","port":8080,"state":"ready"}]}]);
         let t = render(
-            DebugCommand::Services,
+            &DebugCommand::Services,
             OutputFormat::Table,
             &serde_json::to_vec(&svc).unwrap(),
         )

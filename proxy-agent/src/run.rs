@@ -662,10 +662,7 @@ async fn sync_pod_links(pod_veths: &PodVeths, datapath: &mut Datapath, metrics: 
 }
 
 /// Removes expired NetworkPolicy conntrack entries.
-fn sweep_policy_ct(
-    policy: &mut PolicySyncer<crate::datapath::AyaPolicyMaps>,
-    metrics: &Metrics,
-) {
+fn sweep_policy_ct(policy: &mut PolicySyncer<crate::datapath::AyaPolicyMaps>, metrics: &Metrics) {
     let now = crate::datapath::monotonic_now_ns();
     match policy
         .reconciler_mut()
@@ -678,7 +675,10 @@ fn sweep_policy_ct(
                 .ct_expired
                 .inc_by(u64::try_from(sweep.removed).unwrap_or(u64::MAX));
         }
-        Err(e) => log::warn!("sweeping NetworkPolicy conntrack entries: {}", error_chain(&e)),
+        Err(e) => log::warn!(
+            "sweeping NetworkPolicy conntrack entries: {}",
+            error_chain(&e)
+        ),
     }
 }
 

@@ -293,7 +293,10 @@ fn should_support_a_default_deny_ingress_policy() -> Result<()> {
         .find(|d| d["reason"] == "policy_denied_ingress")
         .and_then(|d| d["count"].as_u64())
         .unwrap_or(0);
-    ensure!(denied > 0, "no policy_denied_ingress drops counted: {drops:?}");
+    ensure!(
+        denied > 0,
+        "no policy_denied_ingress drops counted: {drops:?}"
+    );
     let explain = c.debug_on_node_of("x", "a", &["explain", "--from", "y/b", "--to", "x/a:80"])?;
     ensure!(
         explain.contains("DENIED") && explain.contains("server ingress: denied"),
@@ -382,7 +385,8 @@ fn should_enforce_policy_to_allow_traffic_only_from_a_pod_in_a_different_namespa
         ),
     )?;
     let mut want = Reachability::all(true);
-    want.ingress(("x", "a"), false).set(("y", "a"), ("x", "a"), true);
+    want.ingress(("x", "a"), false)
+        .set(("y", "a"), ("x", "a"), true);
     c.expect(&want, 80, false)?;
     c.expect(&want, 81, true)?;
     Ok(())

@@ -203,7 +203,11 @@ pub fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
     let (mut lo, hi) = (u32::from(lo), u32::from(hi));
     while lo <= hi {
         // Largest aligned block starting at `lo` that stays inside the range.
-        let mut size = if lo == 0 { 1 << 16 } else { 1u32 << lo.trailing_zeros() };
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1u32 << lo.trailing_zeros()
+        };
         while lo + size - 1 > hi {
             size >>= 1;
         }
@@ -548,7 +552,10 @@ pub fn compile<'a>(
                         .collect()
                 })
             });
-            for (di, dir) in [Direction::Ingress, Direction::Egress].into_iter().enumerate() {
+            for (di, dir) in [Direction::Ingress, Direction::Egress]
+                .into_iter()
+                .enumerate()
+            {
                 for (ri, rule) in rules_of(pol, dir).iter().enumerate() {
                     let emit = Emit {
                         ep,

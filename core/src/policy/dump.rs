@@ -81,8 +81,12 @@ pub fn rule_text(r: &RuleRef) -> String {
         Direction::Ingress => "from",
         Direction::Egress => "to",
     };
-    let peer = r.peer.map_or_else(|| format!("{peers}=all"), |i| format!("{peers}[{i}]"));
-    let port = r.port.map_or_else(|| "ports=all".into(), |i| format!("ports[{i}]"));
+    let peer = r
+        .peer
+        .map_or_else(|| format!("{peers}=all"), |i| format!("{peers}[{i}]"));
+    let port = r
+        .port
+        .map_or_else(|| "ports=all".into(), |i| format!("ports[{i}]"));
     format!(
         "{}/{} {}[{}] {peer} {port}",
         r.namespace,

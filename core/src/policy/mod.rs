@@ -20,9 +20,9 @@ pub use compile::{
 };
 pub use dump::{class_text, identity_text, port_text, proto_name, render_dump, rule_text};
 pub use parse::{
-    IpBlockSel, LABEL_NAMESPACE_NAME, Labels, NamedPort, ObjectError, ParsedPolicy, Peer,
-    PodPhase, PolicyError, PolicyErrorKind, PolicyNamespace, PolicyPod, PortMatch, PortSel,
-    Requirement, Rule, Selector, SelectorOp, canonical,
+    IpBlockSel, LABEL_NAMESPACE_NAME, Labels, NamedPort, ObjectError, ParsedPolicy, Peer, PodPhase,
+    PolicyError, PolicyErrorKind, PolicyNamespace, PolicyPod, PortMatch, PortSel, Requirement,
+    Rule, Selector, SelectorOp, canonical,
 };
 pub use verdict::{Judgement, Verdict, key_bytes};
 

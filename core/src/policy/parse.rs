@@ -261,10 +261,7 @@ impl Selector {
                 }
             };
             if e.key.is_empty() {
-                return Err(PolicyError::new(
-                    here(),
-                    PolicyErrorKind::EmptySelectorKey,
-                ));
+                return Err(PolicyError::new(here(), PolicyErrorKind::EmptySelectorKey));
             }
             requirements.push(Requirement {
                 key: e.key.clone(),
@@ -497,15 +494,12 @@ fn parse_port(p: &NetworkPolicyPort, path: &str) -> Result<PortMatch, PolicyErro
 }
 
 fn parse_ip_block(b: &IPBlock, path: &str) -> Result<Peer, PolicyError> {
-    let cidr = b
-        .cidr
-        .parse::<IpNetwork>()
-        .map_err(|_| {
-            PolicyError::new(
-                format!("{path}.cidr"),
-                PolicyErrorKind::BadCidr(b.cidr.clone()),
-            )
-        })?;
+    let cidr = b.cidr.parse::<IpNetwork>().map_err(|_| {
+        PolicyError::new(
+            format!("{path}.cidr"),
+            PolicyErrorKind::BadCidr(b.cidr.clone()),
+        )
+    })?;
     let mut except = Vec::new();
     for (i, e) in b.except.iter().flatten().enumerate() {
         let here = || format!("{path}.except[{i}]");
@@ -613,9 +607,10 @@ impl ParsedPolicy {
     pub fn from_k8s(np: &NetworkPolicy) -> Result<Self, PolicyError> {
         let (namespace, name) = names(&np.metadata)
             .map_err(|_| PolicyError::new("metadata.name".into(), PolicyErrorKind::MissingField))?;
-        let spec = np.spec.as_ref().ok_or_else(|| {
-            PolicyError::new("spec".into(), PolicyErrorKind::MissingField)
-        })?;
+        let spec = np
+            .spec
+            .as_ref()
+            .ok_or_else(|| PolicyError::new("spec".into(), PolicyErrorKind::MissingField))?;
         let pod_selector = match &spec.pod_selector {
             Some(s) => Selector::parse(s, "spec.podSelector")?,
             None => Selector::default(),
@@ -678,7 +673,11 @@ impl ParsedPolicy {
             pod_selector,
             isolates_ingress,
             isolates_egress,
-            ingress: if isolates_ingress { ingress } else { Vec::new() },
+            ingress: if isolates_ingress {
+                ingress
+            } else {
+                Vec::new()
+            },
             egress: if isolates_egress { egress } else { Vec::new() },
         })
     }

@@ -120,7 +120,14 @@ impl PolicyMaps {
     }
 
     /// One side's judgement, as the kernel program of that direction makes it.
-    fn judge(&self, local: Ipv4Addr, peer: Ipv4Addr, dir: Direction, proto: u8, port: u16) -> Judgement {
+    fn judge(
+        &self,
+        local: Ipv4Addr,
+        peer: Ipv4Addr,
+        dir: Direction,
+        proto: u8,
+        port: u16,
+    ) -> Judgement {
         let Some(ep) = self.endpoints.get(&addr_be(local)) else {
             return Judgement::Unmanaged;
         };

@@ -775,13 +775,15 @@ impl Datapath {
 }
 
 /// Opens the map pinned as `name` under `bpffs_dir`.
-pub(crate) fn open_pinned_map(bpffs_dir: &Path, name: &str) -> Result<aya::maps::Map, DatapathError> {
+pub(crate) fn open_pinned_map(
+    bpffs_dir: &Path,
+    name: &str,
+) -> Result<aya::maps::Map, DatapathError> {
     let path = bpffs_dir.join(name);
-    let data =
-        aya::maps::MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
-            path: path.clone(),
-            source,
-        })?;
+    let data = aya::maps::MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+        path: path.clone(),
+        source,
+    })?;
     aya::maps::Map::from_map_data(data).map_err(|source| DatapathError::OpenPinned { path, source })
 }
 

@@ -10,9 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 
-use super::{
-    Datapath, DatapathError, LINK_PIN_PREFIX, POD_PIN_INFIX, POD_PROGRAMS, pod_pin_name,
-};
+use super::{Datapath, DatapathError, LINK_PIN_PREFIX, POD_PIN_INFIX, POD_PROGRAMS, pod_pin_name};
 
 /// Whether `name` is a pod's host-side veth as twill-cni names them.
 pub fn is_pod_veth(name: &str) -> bool {

@@ -137,9 +137,9 @@ fn collect_trie<K: aya::Pod + Ord, V: aya::Pod>(
 
 impl PolicyMaps for AyaPolicyMaps {
     fn upsert_endpoint(&mut self, addr_be: u32, ep: PolicyEndpoint) -> Result<(), MapError> {
-        self.endpoints.insert(addr_be, ep, 0).map_err(|e| {
-            map_update_error(&self.capacity, MapKind::PolicyEndpoints, "update", e)
-        })
+        self.endpoints
+            .insert(addr_be, ep, 0)
+            .map_err(|e| map_update_error(&self.capacity, MapKind::PolicyEndpoints, "update", e))
     }
     fn delete_endpoint(&mut self, addr_be: u32) -> Result<(), MapError> {
         remove(&mut self.endpoints, &addr_be, MapKind::PolicyEndpoints)

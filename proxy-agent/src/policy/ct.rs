@@ -72,11 +72,19 @@ mod tests {
         assert!(expired(&k, &v, now));
         let (k, v) = entry(PROTO_TCP, CT_SCOPE_POLICY, 0, now - 3600 * s);
         assert!(!expired(&k, &v, now), "an idle hour keeps a TCP flow");
-        let (k, v) = entry(PROTO_TCP, CT_SCOPE_POLICY, CT_F_POLICY_CLOSING, now - 11 * s);
+        let (k, v) = entry(
+            PROTO_TCP,
+            CT_SCOPE_POLICY,
+            CT_F_POLICY_CLOSING,
+            now - 11 * s,
+        );
         assert!(expired(&k, &v, now), "closing flows go after 10 s");
         let (k, v) = entry(PROTO_UDP, CT_SCOPE_NAT, 0, 0);
         assert!(!expired(&k, &v, now), "NAT entries are not ours");
         let (k, v) = entry(PROTO_UDP, CT_SCOPE_POLICY, 0, now + s);
-        assert!(!expired(&k, &v, now), "a timestamp ahead of the reader's clock");
+        assert!(
+            !expired(&k, &v, now),
+            "a timestamp ahead of the reader's clock"
+        );
     }
 }

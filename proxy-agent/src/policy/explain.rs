@@ -12,8 +12,8 @@ use twill_common::{
     PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_ANY, SCOPE_INTERNAL, ServiceKey, SlotKey,
 };
 use twill_core::policy::{
-    Direction, Judgement, PolicyState, addr_be, addr_from_be, identity_text, port_text,
-    proto_name, rule_text,
+    Direction, Judgement, PolicyState, addr_be, addr_from_be, identity_text, port_text, proto_name,
+    rule_text,
 };
 
 use crate::compile::DumpModel;
@@ -329,7 +329,11 @@ impl ExplainInputs<'_> {
                         .get(rule_id)
                         .map_or_else(|| format!("rule {rule_id}?"), rule_text),
                     identity_label(self.state, *identity),
-                    port_text(key.data.proto, u16::from_be(key.data.port_be), key.prefix_len)
+                    port_text(
+                        key.data.proto,
+                        u16::from_be(key.data.port_be),
+                        key.prefix_len
+                    )
                 ),
             ),
             Judgement::Denied { identity, .. } => (

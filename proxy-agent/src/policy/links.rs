@@ -56,10 +56,11 @@ fn concerns_pods(name: &str) -> bool {
 impl PodVeths {
     /// Opens the netlink sockets (dump and events) on the current tokio runtime.
     pub fn start() -> Result<Self, LinksError> {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| LinksError::Socket {
-            what: "dumps",
-            source,
-        })?;
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|source| LinksError::Socket {
+                what: "dumps",
+                source,
+            })?;
         let mut tasks = vec![tokio::spawn(conn)];
         let (mut conn, _, mut messages) =
             rtnetlink::new_connection().map_err(|source| LinksError::Socket {

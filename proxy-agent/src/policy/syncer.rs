@@ -81,7 +81,12 @@ impl<M: PolicyMaps> PolicySyncer<M> {
     /// Compiles if anything changed and applies what differs. `node_addrs`: this node's own
     /// addresses (identity HOST: always allowed into its pods). Prunes once every source
     /// synced. Returns whether the maps hold the compiled state.
-    pub fn sync(&mut self, stores: &Stores, mut node_addrs: Vec<Ipv4Addr>, metrics: &Metrics) -> bool {
+    pub fn sync(
+        &mut self,
+        stores: &Stores,
+        mut node_addrs: Vec<Ipv4Addr>,
+        metrics: &Metrics,
+    ) -> bool {
         let started = Instant::now();
         node_addrs.sort_unstable();
         node_addrs.dedup();

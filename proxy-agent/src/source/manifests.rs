@@ -562,6 +562,7 @@ metadata: {name: ignored, namespace: default}
                 Kind::Service => (s + 1, e, n),
                 Kind::EndpointSlice => (s, e + 1, n),
                 Kind::Node => (s, e, n + 1),
+                Kind::Pod | Kind::Namespace | Kind::NetworkPolicy => (s, e, n),
             })
     }
 

@@ -934,6 +934,13 @@ mod tests {
         stores.mark_synced(Kind::Node);
         assert!(!stores.wait_synced(Duration::from_millis(20)).await);
         stores.mark_synced(Kind::EndpointSlice);
+        stores.mark_synced(Kind::Pod);
+        stores.mark_synced(Kind::Namespace);
+        assert!(
+            !stores.wait_synced(Duration::from_millis(20)).await,
+            "NetworkPolicies not listed yet"
+        );
+        stores.mark_synced(Kind::NetworkPolicy);
         assert!(stores.wait_synced(Duration::from_millis(20)).await);
         assert!(stores.is_synced());
     }
