@@ -264,209 +264,266 @@ struct PodGroup<'a> {
     id: u32,
 }
 
-/// Compile the policy maps of node `node_name`, whose own addresses are `node_addrs`.
-///
-/// - Every pod with an IPv4 address that is not hostNetwork (and has not finished) gets an
-///   identity; only those with `nodeName == node_name` get an endpoint.
-/// - Invalid policies must have been filtered out by the caller ([`ParsedPolicy::from_k8s`]);
-///   duplicates (same namespace/name) count once, the first wins.
-pub fn compile<'a>(
-    pods: impl IntoIterator<Item = &'a PolicyPod>,
-    namespaces: impl IntoIterator<Item = &'a PolicyNamespace>,
-    policies: impl IntoIterator<Item = &'a ParsedPolicy>,
-    node_name: &str,
-    node_addrs: &[Ipv4Addr],
-    prev: &PolicyIds,
-) -> PolicyState {
-    let mut policies: Vec<&ParsedPolicy> = policies.into_iter().collect();
-    policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    policies.dedup_by(|b, a| (&a.namespace, &a.name) == (&b.namespace, &b.name));
+/// The ipBlocks of all policies and the CIDR classes of their boundary prefixes.
+struct Cidrs {
+    /// Sorted, distinct.
+    blocks: Vec<IpBlockSel>,
+    /// Class index → sorted indices of the blocks containing its addresses; 0 is the empty class.
+    classes: Vec<Vec<usize>>,
+    /// Every `cidr` and `except` prefix with its class.
+    boundaries: Vec<(Ipv4Network, usize)>,
+    trie: ClassTrie,
+}
 
-    // Peer pods, one per address: the first by namespace/name wins, node addresses win over
-    // pods (they are HOST).
-    let node_set: BTreeSet<Ipv4Addr> = node_addrs.iter().copied().collect();
+impl Cidrs {
+    fn new(policies: &[&ParsedPolicy]) -> Self {
+        let blocks: Vec<IpBlockSel> = policies
+            .iter()
+            .flat_map(|p| p.ingress.iter().chain(p.egress.iter()))
+            .flat_map(|r| r.peers.iter().flatten())
+            .filter_map(|p| match p {
+                Peer::IpBlock(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let prefixes: BTreeSet<Ipv4Network> = blocks
+            .iter()
+            .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
+            .collect();
+        // Prefixes are nested or disjoint, so every address whose longest matching prefix is
+        // `b` is in exactly the blocks that contain `b` and do not except a prefix holding it.
+        let mut classes: Vec<Vec<usize>> = vec![Vec::new()];
+        let mut class_index: HashMap<Vec<usize>, usize> = HashMap::from([(Vec::new(), 0)]);
+        let mut boundaries = Vec::with_capacity(prefixes.len());
+        for b in prefixes {
+            let members: Vec<usize> = blocks
+                .iter()
+                .enumerate()
+                .filter(|(_, blk)| {
+                    contains_net(blk.cidr, b) && !blk.except.iter().any(|&e| contains_net(e, b))
+                })
+                .map(|(i, _)| i)
+                .collect();
+            let next = classes.len();
+            let c = *class_index.entry(members.clone()).or_insert_with(|| {
+                classes.push(members);
+                next
+            });
+            boundaries.push((b, c));
+        }
+        let mut levels: BTreeMap<u32, HashMap<u32, usize>> = BTreeMap::new();
+        for &(net, c) in &boundaries {
+            levels
+                .entry(u32::from(net.prefix()))
+                .or_default()
+                .insert(u32::from(net.network()), c);
+        }
+        let trie = ClassTrie {
+            levels: levels.into_iter().rev().collect(),
+        };
+        Self {
+            blocks,
+            classes,
+            boundaries,
+            trie,
+        }
+    }
+
+    fn class_value(&self, c: usize) -> CidrClass {
+        self.classes[c]
+            .iter()
+            .map(|&i| self.blocks[i].clone())
+            .collect()
+    }
+
+    fn in_class(&self, block: usize, class: usize) -> bool {
+        self.classes[class].binary_search(&block).is_ok()
+    }
+}
+
+/// Peer pods, one per address: the first by namespace/name wins, and node addresses win over
+/// pods (they are HOST). Returns the pods and how many lost their address.
+fn peer_pods<'p>(
+    pods: impl IntoIterator<Item = &'p PolicyPod>,
+    node_addrs: &BTreeSet<Ipv4Addr>,
+) -> (Vec<(&'p PolicyPod, Ipv4Addr)>, usize) {
     let mut peers: Vec<(&PolicyPod, Ipv4Addr)> = pods
         .into_iter()
         .filter_map(|p| p.policy_ip().map(|ip| (p, ip)))
         .collect();
     peers.sort_by(|(a, _), (b, _)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     peers.dedup_by(|(b, _), (a, _)| (&a.namespace, &a.name) == (&b.namespace, &b.name));
-    let mut taken: BTreeSet<Ipv4Addr> = node_set.clone();
+    let mut taken = node_addrs.clone();
     let before = peers.len();
     peers.retain(|&(_, ip)| taken.insert(ip));
-    let ip_conflicts = before - peers.len();
+    let conflicts = before - peers.len();
+    (peers, conflicts)
+}
 
-    // Namespace labels; a namespace known only through its pods still has its name label.
-    let mut ns_labels: BTreeMap<Arc<str>, Labels> = BTreeMap::new();
+/// Namespace labels; a namespace known only through its pods still has its name label.
+fn namespace_labels<'n>(
+    namespaces: impl IntoIterator<Item = &'n PolicyNamespace>,
+    peers: &[(&PolicyPod, Ipv4Addr)],
+) -> BTreeMap<Arc<str>, Labels> {
+    let mut out: BTreeMap<Arc<str>, Labels> = BTreeMap::new();
     for ns in namespaces {
-        ns_labels
-            .entry(ns.name.clone())
+        out.entry(ns.name.clone())
             .or_insert_with(|| ns.labels.clone());
     }
-    for (p, _) in &peers {
-        ns_labels.entry(p.namespace.clone()).or_insert_with(|| {
+    for (p, _) in peers {
+        out.entry(p.namespace.clone()).or_insert_with(|| {
             Labels::from([(LABEL_NAMESPACE_NAME.to_owned(), p.namespace.to_string())])
         });
     }
+    out
+}
 
-    // ipBlocks and CIDR classes.
-    let all_rules = || {
-        policies
-            .iter()
-            .flat_map(|p| p.ingress.iter().chain(p.egress.iter()))
-    };
-    let blocks: Vec<IpBlockSel> = all_rules()
-        .flat_map(|r| r.peers.iter().flatten())
-        .filter_map(|p| match p {
-            Peer::IpBlock(b) => Some(b.clone()),
-            _ => None,
-        })
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let boundaries: BTreeSet<Ipv4Network> = blocks
-        .iter()
-        .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
-        .collect();
-    let mut classes: Vec<Vec<usize>> = vec![Vec::new()];
-    let mut class_index: HashMap<Vec<usize>, usize> = HashMap::from([(Vec::new(), 0)]);
-    let mut boundary_class: Vec<(Ipv4Network, usize)> = Vec::with_capacity(boundaries.len());
-    for &b in &boundaries {
-        let members: Vec<usize> = blocks
-            .iter()
-            .enumerate()
-            .filter(|(_, blk)| {
-                contains_net(blk.cidr, b) && !blk.except.iter().any(|&e| contains_net(e, b))
-            })
-            .map(|(i, _)| i)
-            .collect();
-        let next = classes.len();
-        let c = *class_index.entry(members.clone()).or_insert_with(|| {
-            classes.push(members);
-            next
-        });
-        boundary_class.push((b, c));
-    }
-    let mut levels: BTreeMap<u32, HashMap<u32, usize>> = BTreeMap::new();
-    for &(net, c) in &boundary_class {
-        levels
-            .entry(u32::from(net.prefix()))
-            .or_default()
-            .insert(u32::from(net.network()), c);
-    }
-    let trie = ClassTrie {
-        levels: levels.into_iter().rev().collect(),
-    };
-    let class_value =
-        |c: usize| -> CidrClass { classes[c].iter().map(|&i| blocks[i].clone()).collect() };
+/// The identities of a compile, hash-consed, with their ids.
+struct Identities<'p> {
+    groups: Vec<PodGroup<'p>>,
+    /// Group of each peer pod (same order).
+    peer_group: Vec<usize>,
+    /// Class → id of each non-empty class some boundary has.
+    regions: BTreeMap<usize, u32>,
+    ids: BTreeMap<Arc<IdentityKind>, u32>,
+    next: u32,
+}
 
-    // Pod identities, hash-consed.
-    let mut group_of: HashMap<GroupKey<'_>, usize> = HashMap::new();
-    let mut groups: Vec<PodGroup<'_>> = Vec::new();
-    let mut peer_group: Vec<usize> = Vec::with_capacity(peers.len());
-    for &(p, ip) in &peers {
-        let class = trie.lookup(ip);
-        let key = (&*p.namespace, &p.labels, p.named_ports.as_slice(), class);
-        let next = groups.len();
-        let g = *group_of.entry(key).or_insert_with(|| {
-            groups.push(PodGroup {
-                namespace: &p.namespace,
-                labels: &p.labels,
-                named_ports: &p.named_ports,
-                class,
-                id: 0,
+impl<'p> Identities<'p> {
+    /// `taken`: pod and node addresses, whose /32 entries hide a /32 boundary.
+    fn new(
+        peers: &[(&'p PolicyPod, Ipv4Addr)],
+        cidrs: &Cidrs,
+        taken: &BTreeSet<Ipv4Addr>,
+        prev: &PolicyIds,
+    ) -> Self {
+        let mut group_of: HashMap<GroupKey<'p>, usize> = HashMap::new();
+        let mut groups: Vec<PodGroup<'p>> = Vec::new();
+        let mut peer_group = Vec::with_capacity(peers.len());
+        for &(p, ip) in peers {
+            let class = cidrs.trie.lookup(ip);
+            let key = (&*p.namespace, &p.labels, p.named_ports.as_slice(), class);
+            let next = groups.len();
+            let g = *group_of.entry(key).or_insert_with(|| {
+                groups.push(PodGroup {
+                    namespace: &p.namespace,
+                    labels: &p.labels,
+                    named_ports: &p.named_ports,
+                    class,
+                    id: 0,
+                });
+                next
             });
-            next
-        });
-        peer_group.push(g);
-    }
-    drop(group_of);
-    // Region identities: one per non-empty class some boundary has.
-    let region_classes: BTreeSet<usize> = boundary_class
-        .iter()
-        .map(|&(_, c)| c)
-        .filter(|&c| c != 0)
-        .collect();
-
-    // Ids.
-    let group_kinds: Vec<Arc<IdentityKind>> = groups
-        .iter()
-        .map(|g| {
-            Arc::new(IdentityKind::Pod {
-                namespace: g.namespace.clone(),
-                labels: g.labels.clone(),
-                named_ports: g.named_ports.to_vec(),
-                class: class_value(g.class),
+            peer_group.push(g);
+        }
+        let group_kinds: Vec<Arc<IdentityKind>> = groups
+            .iter()
+            .map(|g| {
+                Arc::new(IdentityKind::Pod {
+                    namespace: g.namespace.clone(),
+                    labels: g.labels.clone(),
+                    named_ports: g.named_ports.to_vec(),
+                    class: cidrs.class_value(g.class),
+                })
             })
-        })
-        .collect();
-    let region_kinds: BTreeMap<usize, Arc<IdentityKind>> = region_classes
-        .iter()
-        .map(|&c| {
-            (
-                c,
-                Arc::new(IdentityKind::Cidr {
-                    class: class_value(c),
-                }),
-            )
-        })
-        .collect();
-    let (identity_ids, next_identity) = allocate(
-        group_kinds.iter().chain(region_kinds.values()).cloned(),
-        &prev.identities,
-        prev.next_identity,
-        IDENTITY_FIRST_ASSIGNED,
-    );
-    for (g, kind) in groups.iter_mut().zip(&group_kinds) {
-        g.id = identity_ids[kind];
+            .collect();
+        let region_kinds: BTreeMap<usize, Arc<IdentityKind>> = cidrs
+            .boundaries
+            .iter()
+            .filter(|&&(net, c)| c != 0 && !hidden(net, taken))
+            .map(|&(_, c)| {
+                let kind = IdentityKind::Cidr {
+                    class: cidrs.class_value(c),
+                };
+                (c, Arc::new(kind))
+            })
+            .collect();
+        let (ids, next) = allocate(
+            group_kinds.iter().chain(region_kinds.values()).cloned(),
+            &prev.identities,
+            prev.next_identity,
+            IDENTITY_FIRST_ASSIGNED,
+        );
+        for (g, kind) in groups.iter_mut().zip(&group_kinds) {
+            g.id = ids[kind];
+        }
+        let regions = region_kinds
+            .iter()
+            .map(|(&c, kind)| (c, ids[kind]))
+            .collect();
+        Self {
+            groups,
+            peer_group,
+            regions,
+            ids,
+            next,
+        }
     }
-    let region_id = |c: usize| -> u32 {
-        if c == 0 {
+
+    fn region_id(&self, class: usize) -> u32 {
+        if class == 0 {
             IDENTITY_WORLD
         } else {
-            identity_ids[&region_kinds[&c]]
+            self.regions[&class]
         }
-    };
+    }
+}
 
-    let mut maps = PolicyMaps::default();
-    // IPCACHE: regions first, then node and pod /32s override a /32 boundary.
-    for &(net, c) in &boundary_class {
-        maps.ipcache.insert(
-            LpmKey {
-                data: IpCacheKey {
-                    addr_be: addr_be(net.network()),
-                },
-                prefix_len: u32::from(net.prefix()),
+/// A /32 boundary that is a pod's or the node's address: its ipcache entry is the pod's
+/// identity (which holds the class) or HOST, so it needs no region identity.
+fn hidden(net: Ipv4Network, taken: &BTreeSet<Ipv4Addr>) -> bool {
+    net.prefix() == 32 && taken.contains(&net.network())
+}
+
+/// IPCACHE: every boundary prefix → its class's identity, and node and pod /32s.
+fn ipcache(
+    cidrs: &Cidrs,
+    idents: &Identities<'_>,
+    node_addrs: &BTreeSet<Ipv4Addr>,
+    peers: &[(&PolicyPod, Ipv4Addr)],
+    taken: &BTreeSet<Ipv4Addr>,
+) -> BTreeMap<LpmKey<IpCacheKey>, PeerIdentity> {
+    let key = |net: Ipv4Network| LpmKey {
+        data: IpCacheKey {
+            addr_be: addr_be(net.network()),
+        },
+        prefix_len: u32::from(net.prefix()),
+    };
+    let host = |ip: Ipv4Addr| key(Ipv4Network::from(ip));
+    let mut out = BTreeMap::new();
+    for &(net, c) in cidrs.boundaries.iter().filter(|(n, _)| !hidden(*n, taken)) {
+        out.insert(
+            key(net),
+            PeerIdentity {
+                id: idents.region_id(c),
             },
-            PeerIdentity { id: region_id(c) },
         );
     }
-    let host_key = |ip: Ipv4Addr| LpmKey {
-        data: IpCacheKey {
-            addr_be: addr_be(ip),
-        },
-        prefix_len: 32,
-    };
-    for &ip in &node_set {
-        maps.ipcache
-            .insert(host_key(ip), PeerIdentity { id: IDENTITY_HOST });
+    for &ip in node_addrs {
+        out.insert(host(ip), PeerIdentity { id: IDENTITY_HOST });
     }
-    for (&(_, ip), &g) in peers.iter().zip(&peer_group) {
-        maps.ipcache
-            .insert(host_key(ip), PeerIdentity { id: groups[g].id });
+    for (&(_, ip), &g) in peers.iter().zip(&idents.peer_group) {
+        out.insert(
+            host(ip),
+            PeerIdentity {
+                id: idents.groups[g].id,
+            },
+        );
     }
+    out
+}
 
-    // Rule ids: every (policy, direction, rule, peer, port) of every valid policy.
-    let mut rule_refs = Vec::new();
-    for p in &policies {
-        for (dir, rules) in [
-            (Direction::Ingress, &p.ingress),
-            (Direction::Egress, &p.egress),
-        ] {
-            for (ri, r) in rules.iter().enumerate() {
+/// Every (policy, direction, rule, peer, port) of every valid policy: what rule ids name.
+fn rule_refs(policies: &[&ParsedPolicy]) -> Vec<RuleRef> {
+    let mut out = Vec::new();
+    for p in policies {
+        for dir in [Direction::Ingress, Direction::Egress] {
+            for (ri, r) in rules_of(p, dir).iter().enumerate() {
                 for peer in indices(r.peers.as_ref().map(Vec::len)) {
                     for port in indices(r.ports.as_ref().map(Vec::len)) {
-                        rule_refs.push(RuleRef {
+                        out.push(RuleRef {
                             namespace: p.namespace.clone(),
                             name: p.name.clone(),
                             direction: dir,
@@ -479,39 +536,73 @@ pub fn compile<'a>(
             }
         }
     }
-    let (rule_ids, next_rule) = allocate(rule_refs, &prev.rules, prev.next_rule, FIRST_ID);
+    out
+}
 
-    // Endpoints.
-    let locals: Vec<usize> = peers
+/// Compile the policy maps of node `node_name`, whose own addresses are `node_addrs`.
+///
+/// - Every pod with an IPv4 address that is not hostNetwork (and has not finished) gets an
+///   identity; only those with `nodeName == node_name` get an endpoint.
+/// - Invalid policies must have been filtered out by the caller ([`ParsedPolicy::from_k8s`]);
+///   duplicates (same namespace/name) count once, the first wins.
+/// - `prev`: the ids of the previous compile ([`PolicyState::ids`]), or the default.
+pub fn compile<'a>(
+    pods: impl IntoIterator<Item = &'a PolicyPod>,
+    namespaces: impl IntoIterator<Item = &'a PolicyNamespace>,
+    policies: impl IntoIterator<Item = &'a ParsedPolicy>,
+    node_name: &str,
+    node_addrs: &[Ipv4Addr],
+    prev: &PolicyIds,
+) -> PolicyState {
+    let mut policies: Vec<&ParsedPolicy> = policies.into_iter().collect();
+    policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    policies.dedup_by(|b, a| (&a.namespace, &a.name) == (&b.namespace, &b.name));
+    let node_addrs: BTreeSet<Ipv4Addr> = node_addrs.iter().copied().collect();
+    let (peers, ip_conflicts) = peer_pods(pods, &node_addrs);
+    let ns_labels = namespace_labels(namespaces, &peers);
+    let cidrs = Cidrs::new(&policies);
+    let taken: BTreeSet<Ipv4Addr> = node_addrs
         .iter()
-        .enumerate()
-        .filter(|(_, (p, _))| p.node_name.as_deref() == Some(node_name))
-        .map(|(i, _)| i)
+        .copied()
+        .chain(peers.iter().map(|&(_, ip)| ip))
+        .collect();
+    let idents = Identities::new(&peers, &cidrs, &taken, prev);
+    let mut maps = PolicyMaps {
+        ipcache: ipcache(&cidrs, &idents, &node_addrs, &peers, &taken),
+        ..PolicyMaps::default()
+    };
+    let (rule_ids, next_rule) =
+        allocate(rule_refs(&policies), &prev.rules, prev.next_rule, FIRST_ID);
+    let locals: Vec<usize> = (0..peers.len())
+        .filter(|&i| peers[i].0.node_name.as_deref() == Some(node_name))
         .collect();
     let (endpoint_ids, next_endpoint) = allocate(
-        locals.iter().map(|&i| {
-            let p = peers[i].0;
-            (p.namespace.clone(), p.name.clone())
-        }),
+        locals
+            .iter()
+            .map(|&i| (peers[i].0.namespace.clone(), peers[i].0.name.clone())),
         &prev.endpoints,
         prev.next_endpoint,
         FIRST_ID,
     );
 
     let ctx = Ctx {
-        groups: &groups,
+        groups: &idents.groups,
         ns_labels: &ns_labels,
-        blocks: &blocks,
-        classes: &classes,
-        region_classes: &region_classes,
-        region_id: &region_id,
-        node_addrs: &node_set,
-        by_namespace: group_index_by_namespace(&groups),
-        group_by_id: groups.iter().enumerate().map(|(i, g)| (g.id, i)).collect(),
+        cidrs: &cidrs,
+        idents: &idents,
+        node_addrs: &node_addrs,
+        by_namespace: group_index_by_namespace(&idents.groups),
+        group_by_id: idents
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.id, i))
+            .collect(),
+        rule_ids: &rule_ids,
     };
     // Peer identities per (policy, direction, rule, peer), computed once for the policies that
     // select some local pod.
-    let mut peer_cache: HashMap<usize, [Vec<Vec<Vec<u32>>>; 2]> = HashMap::new();
+    let mut peer_cache: HashMap<usize, PolicyPeers> = HashMap::new();
     let mut local_pods = BTreeMap::new();
     for &i in &locals {
         let (pod, ip) = peers[i];
@@ -520,87 +611,40 @@ pub fn compile<'a>(
             namespace: pod.namespace.clone(),
             name: pod.name.clone(),
             ip,
-            identity: groups[peer_group[i]].id,
+            identity: idents.groups[idents.peer_group[i]].id,
             ingress_policies: Vec::new(),
             egress_policies: Vec::new(),
         };
-        let mut flags = 0;
-        for (pi, pol) in policies.iter().enumerate() {
-            if pol.namespace != pod.namespace || !pol.pod_selector.matches(&pod.labels) {
-                continue;
-            }
-            let name = (pol.namespace.clone(), pol.name.clone());
-            if pol.isolates_ingress {
-                flags |= PEP_F_INGRESS_ISOLATED;
-                local.ingress_policies.push(name.clone());
-            }
-            if pol.isolates_egress {
-                flags |= PEP_F_EGRESS_ISOLATED;
-                local.egress_policies.push(name);
-            }
-            let cached = peer_cache.entry(pi).or_insert_with(|| {
-                [Direction::Ingress, Direction::Egress].map(|dir| {
-                    rules_of(pol, dir)
-                        .iter()
-                        .map(|r| {
-                            r.peers
-                                .iter()
-                                .flatten()
-                                .map(|peer| ctx.peer_identities(pol, dir, peer))
-                                .collect()
-                        })
-                        .collect()
-                })
-            });
-            for (di, dir) in [Direction::Ingress, Direction::Egress]
-                .into_iter()
-                .enumerate()
-            {
-                for (ri, rule) in rules_of(pol, dir).iter().enumerate() {
-                    let emit = Emit {
-                        ep,
-                        dir,
-                        pod,
-                        rule,
-                        peer_ids: &cached[di][ri],
-                        rule_id: |peer: Option<u32>, port: Option<u32>| {
-                            rule_ids[&RuleRef {
-                                namespace: pol.namespace.clone(),
-                                name: pol.name.clone(),
-                                direction: dir,
-                                rule: idx32(ri),
-                                peer,
-                                port,
-                            }]
-                        },
-                    };
-                    emit.run(&ctx, &mut maps.policy);
-                }
-            }
-        }
+        let flags = ctx.endpoint(
+            ep,
+            pod,
+            &policies,
+            &mut peer_cache,
+            &mut local,
+            &mut maps.policy,
+        );
         maps.endpoints
             .insert(addr_be(ip), PolicyEndpoint { ep_id: ep, flags });
         local_pods.insert(ep, local);
     }
+    drop(ctx);
 
-    let identities = identity_ids.iter().map(|(k, &v)| (v, k.clone())).collect();
-    let rules = rule_ids.iter().map(|(k, &v)| (v, k.clone())).collect();
     PolicyState {
         maps,
-        identities,
-        rules,
+        identities: idents.ids.iter().map(|(k, &v)| (v, k.clone())).collect(),
+        rules: rule_ids.iter().map(|(k, &v)| (v, k.clone())).collect(),
         counts: PolicyCounts {
             policies: policies.len(),
             peer_pods: peers.len(),
             local_endpoints: local_pods.len(),
-            identities: identity_ids.len(),
-            ipblocks: blocks.len(),
+            identities: idents.ids.len(),
+            ipblocks: cidrs.blocks.len(),
             ip_conflicts,
         },
         local_pods,
         ids: PolicyIds {
-            identities: identity_ids,
-            next_identity,
+            identities: idents.ids,
+            next_identity: idents.next,
             endpoints: endpoint_ids,
             next_endpoint,
             rules: rule_ids,
@@ -608,6 +652,9 @@ pub fn compile<'a>(
         },
     }
 }
+
+/// Identities of each peer of each rule of a policy, by direction (0 ingress, 1 egress).
+type PolicyPeers = [Vec<Vec<Vec<u32>>>; 2];
 
 fn rules_of(pol: &ParsedPolicy, dir: Direction) -> &[Rule] {
     match dir {
@@ -637,19 +684,86 @@ fn group_index_by_namespace<'g>(groups: &'g [PodGroup<'_>]) -> HashMap<&'g str, 
 }
 
 /// What peer evaluation needs of the compile.
-struct Ctx<'c, 'g, F> {
+struct Ctx<'c, 'g> {
     groups: &'c [PodGroup<'g>],
     ns_labels: &'c BTreeMap<Arc<str>, Labels>,
-    blocks: &'c [IpBlockSel],
-    classes: &'c [Vec<usize>],
-    region_classes: &'c BTreeSet<usize>,
-    region_id: &'c F,
+    cidrs: &'c Cidrs,
+    idents: &'c Identities<'g>,
     node_addrs: &'c BTreeSet<Ipv4Addr>,
     by_namespace: HashMap<&'c str, Vec<usize>>,
     group_by_id: HashMap<u32, usize>,
+    rule_ids: &'c BTreeMap<RuleRef, u32>,
 }
 
-impl<F: Fn(usize) -> u32> Ctx<'_, '_, F> {
+impl Ctx<'_, '_> {
+    /// Entries of one local endpoint; returns its isolation flags and fills in which policies
+    /// select it.
+    fn endpoint(
+        &self,
+        ep: u32,
+        pod: &PolicyPod,
+        policies: &[&ParsedPolicy],
+        peer_cache: &mut HashMap<usize, PolicyPeers>,
+        local: &mut LocalPod,
+        out: &mut BTreeMap<LpmKey<PolicyKey>, PolicyVerdict>,
+    ) -> u32 {
+        let mut flags = 0;
+        for (pi, pol) in policies.iter().enumerate() {
+            if pol.namespace != pod.namespace || !pol.pod_selector.matches(&pod.labels) {
+                continue;
+            }
+            let name = (pol.namespace.clone(), pol.name.clone());
+            if pol.isolates_ingress {
+                flags |= PEP_F_INGRESS_ISOLATED;
+                local.ingress_policies.push(name.clone());
+            }
+            if pol.isolates_egress {
+                flags |= PEP_F_EGRESS_ISOLATED;
+                local.egress_policies.push(name);
+            }
+            let cached = peer_cache.entry(pi).or_insert_with(|| {
+                [Direction::Ingress, Direction::Egress].map(|dir| {
+                    rules_of(pol, dir)
+                        .iter()
+                        .map(|r| {
+                            r.peers
+                                .iter()
+                                .flatten()
+                                .map(|peer| self.peer_identities(pol, dir, peer))
+                                .collect()
+                        })
+                        .collect()
+                })
+            });
+            for (di, dir) in [Direction::Ingress, Direction::Egress]
+                .into_iter()
+                .enumerate()
+            {
+                for (ri, rule) in rules_of(pol, dir).iter().enumerate() {
+                    let emit = Emit {
+                        ep,
+                        dir,
+                        pod,
+                        rule,
+                        peer_ids: &cached[di][ri],
+                        rule_id: |peer: Option<u32>, port: Option<u32>| {
+                            self.rule_ids[&RuleRef {
+                                namespace: pol.namespace.clone(),
+                                name: pol.name.clone(),
+                                direction: dir,
+                                rule: idx32(ri),
+                                peer,
+                                port,
+                            }]
+                        },
+                    };
+                    emit.run(self, out);
+                }
+            }
+        }
+        flags
+    }
+
     /// Identities a peer of `pol` selects (sorted, deduplicated).
     fn peer_identities(&self, pol: &ParsedPolicy, dir: Direction, peer: &Peer) -> Vec<u32> {
         let mut out = Vec::new();
@@ -676,21 +790,22 @@ impl<F: Fn(usize) -> u32> Ctx<'_, '_, F> {
             }
             Peer::IpBlock(b) => {
                 let bi = self
+                    .cidrs
                     .blocks
                     .binary_search(b)
                     .expect("every policy's blocks were collected");
-                let in_class = |c: usize| self.classes[c].binary_search(&bi).is_ok();
                 out.extend(
                     self.groups
                         .iter()
-                        .filter(|g| in_class(g.class))
+                        .filter(|g| self.cidrs.in_class(bi, g.class))
                         .map(|g| g.id),
                 );
                 out.extend(
-                    self.region_classes
+                    self.idents
+                        .regions
                         .iter()
-                        .filter(|&&c| in_class(c))
-                        .map(|&c| (self.region_id)(c)),
+                        .filter(|&(&c, _)| self.cidrs.in_class(bi, c))
+                        .map(|(_, &id)| id),
                 );
                 // This node's own addresses are HOST, whatever their class: a pod's egress to
                 // them is allowed by a block holding any of them (ingress from HOST is always
@@ -719,11 +834,7 @@ struct Emit<'r, R> {
 }
 
 impl<R: Fn(Option<u32>, Option<u32>) -> u32> Emit<'_, R> {
-    fn run<F: Fn(usize) -> u32>(
-        &self,
-        ctx: &Ctx<'_, '_, F>,
-        out: &mut BTreeMap<LpmKey<PolicyKey>, PolicyVerdict>,
-    ) {
+    fn run(&self, ctx: &Ctx<'_, '_>, out: &mut BTreeMap<LpmKey<PolicyKey>, PolicyVerdict>) {
         let any = [IDENTITY_ANY];
         let peer_lists: Vec<(Option<u32>, &[u32])> = if self.rule.peers.is_none() {
             vec![(None, &any)]

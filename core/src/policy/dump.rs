@@ -76,6 +76,29 @@ pub fn identity_text(kind: &IdentityKind) -> String {
     }
 }
 
+/// Shorter than [`identity_text`]: without named ports, class only when there is one.
+pub fn identity_short(kind: &IdentityKind) -> String {
+    match kind {
+        IdentityKind::Pod {
+            namespace,
+            labels,
+            class,
+            ..
+        } if class.is_empty() => format!("pods ns={namespace} {}", labels_text(labels)),
+        IdentityKind::Pod {
+            namespace,
+            labels,
+            class,
+            ..
+        } => format!(
+            "pods ns={namespace} {} in {}",
+            labels_text(labels),
+            class_text(class)
+        ),
+        IdentityKind::Cidr { class } => format!("addresses in {}", class_text(class)),
+    }
+}
+
 pub fn rule_text(r: &RuleRef) -> String {
     let peers = match r.direction {
         Direction::Ingress => "from",
@@ -233,4 +256,137 @@ impl PolicyState {
     pub fn dump(&self) -> String {
         render_dump(&self.maps, self)
     }
+}
+
+/// One allow entry of a local pod, as `debug policy` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EntryView {
+    /// `any`, `world`, `host`, or the identity's short description.
+    pub peer: String,
+    pub identity: u32,
+    /// `any`, `TCP any-port`, `TCP 80`, `TCP 80-95`.
+    pub ports: String,
+    pub rule_id: u32,
+    /// The policy part the rule id names (`ns/name ingress[0] from[1] ports[0]`), `?` if unknown.
+    pub rule: String,
+}
+
+/// A local pod's effective policy: what isolates it, which policies select it, and every allow
+/// entry the maps hold for it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PodPolicyView {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub endpoint: u32,
+    pub identity: u32,
+    pub ingress_isolated: bool,
+    pub egress_isolated: bool,
+    pub ingress_policies: Vec<String>,
+    pub egress_policies: Vec<String>,
+    pub ingress: Vec<EntryView>,
+    pub egress: Vec<EntryView>,
+}
+
+/// The view of every local pod in `maps` that `state` knows, sorted by namespace/name.
+pub fn pod_views(maps: &PolicyMaps, state: &PolicyState) -> Vec<PodPolicyView> {
+    let describe = |id: u32| match id {
+        IDENTITY_ANY | IDENTITY_WORLD | IDENTITY_HOST => identity_name(state, id),
+        other => state
+            .identities
+            .get(&other)
+            .map_or_else(|| format!("{other}?"), |k| identity_short(k)),
+    };
+    let mut by_ep: std::collections::BTreeMap<u32, [Vec<EntryView>; 2]> =
+        std::collections::BTreeMap::new();
+    for (k, v) in &maps.policy {
+        let d = &k.data;
+        let Some(dir) = Direction::from_u8(d.direction) else {
+            continue;
+        };
+        let identity = u32::from_be(d.identity_be);
+        let entry = EntryView {
+            peer: describe(identity),
+            identity,
+            ports: port_text(d.proto, u16::from_be(d.port_be), k.prefix_len),
+            rule_id: v.rule_id,
+            rule: state
+                .rules
+                .get(&v.rule_id)
+                .map_or_else(|| "?".into(), rule_text),
+        };
+        by_ep.entry(u32::from_be(d.ep_id_be)).or_default()[usize::from(dir == Direction::Egress)]
+            .push(entry);
+    }
+    let names = |l: &[(std::sync::Arc<str>, std::sync::Arc<str>)]| -> Vec<String> {
+        l.iter().map(|(ns, n)| format!("{ns}/{n}")).collect()
+    };
+    let mut out: Vec<PodPolicyView> = maps
+        .endpoints
+        .values()
+        .filter_map(|ep| {
+            let p = state.local_pods.get(&ep.ep_id)?;
+            let [ingress, egress] = by_ep.remove(&ep.ep_id).unwrap_or_default();
+            Some(PodPolicyView {
+                namespace: p.namespace.to_string(),
+                name: p.name.to_string(),
+                ip: p.ip,
+                endpoint: ep.ep_id,
+                identity: p.identity,
+                ingress_isolated: ep.flags & PEP_F_INGRESS_ISOLATED != 0,
+                egress_isolated: ep.flags & PEP_F_EGRESS_ISOLATED != 0,
+                ingress_policies: names(&p.ingress_policies),
+                egress_policies: names(&p.egress_policies),
+                ingress,
+                egress,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
+}
+
+/// `debug policy`'s text: per pod, its isolation, selecting policies and allow entries.
+pub fn render_pod_views(views: &[PodPolicyView]) -> String {
+    let mut out = String::new();
+    for v in views {
+        let _ = writeln!(
+            out,
+            "{}/{} {} ep={} identity={}",
+            v.namespace, v.name, v.ip, v.endpoint, v.identity
+        );
+        for (dir, isolated, policies, entries, peer) in [
+            (
+                "ingress",
+                v.ingress_isolated,
+                &v.ingress_policies,
+                &v.ingress,
+                "from",
+            ),
+            (
+                "egress",
+                v.egress_isolated,
+                &v.egress_policies,
+                &v.egress,
+                "to",
+            ),
+        ] {
+            if !isolated {
+                let _ = writeln!(out, "  {dir}: not isolated (all allowed)");
+                continue;
+            }
+            let _ = writeln!(out, "  {dir}: isolated by {}", policies.join(","));
+            if entries.is_empty() {
+                let _ = writeln!(out, "    (nothing allowed)");
+            }
+            for e in entries {
+                let _ = writeln!(
+                    out,
+                    "    allow {peer} {} {} (rule {}: {})",
+                    e.peer, e.ports, e.rule_id, e.rule
+                );
+            }
+        }
+    }
+    out
 }

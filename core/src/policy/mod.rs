@@ -18,7 +18,10 @@ pub use compile::{
     CidrClass, Direction, IdentityKind, LocalPod, LpmKey, PolicyCounts, PolicyIds, PolicyMaps,
     PolicyState, RuleRef, addr_be, addr_from_be, compile, port_prefixes,
 };
-pub use dump::{class_text, identity_text, port_text, proto_name, render_dump, rule_text};
+pub use dump::{
+    EntryView, PodPolicyView, class_text, identity_short, identity_text, pod_views, port_text,
+    proto_name, render_dump, render_pod_views, rule_text,
+};
 pub use parse::{
     IpBlockSel, LABEL_NAMESPACE_NAME, Labels, NamedPort, ObjectError, ParsedPolicy, Peer, PodPhase,
     PolicyError, PolicyErrorKind, PolicyNamespace, PolicyPod, PortMatch, PortSel, Requirement,
