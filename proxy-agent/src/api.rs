@@ -8,7 +8,8 @@
 //! - `/v1/drops`: verdict counters per reason read from the kernel (JSON);
 //! - `/v1/maps`: the compiler's golden dump format of what the kernel maps hold (text), or the
 //!   same as JSON with `?format=json`;
-//! - `/v1/policy[?pod=NS/NAME]`: the effective NetworkPolicy rules of local pods (JSON);
+//! - `/v1/policy[?pod=NS/NAME][&format=text]`: the effective NetworkPolicy rules of local pods
+//!   (JSON, or the text form of the compiler's golden per-pod views);
 //! - `/v1/explain?from=…&to=…&proto=tcp|udp`: a connection's verdict from the compiled policy
 //!   state, Service targets resolved to their backends (JSON).
 use std::collections::BTreeMap;
@@ -297,7 +298,15 @@ impl ApiState {
             "/v1/policy" => {
                 let p = self.published();
                 let only = query_value(&req.query, "pod").and_then(|v| v.split_once('/'));
-                Response::json(200, &crate::policy::explain::pod_policies(&p.policy, only))
+                let views: Vec<_> = twill_core::policy::pod_views(&p.policy.maps, &p.policy)
+                    .into_iter()
+                    .filter(|v| only.is_none_or(|(ns, n)| v.namespace == ns && v.name == n))
+                    .collect();
+                if query_value(&req.query, "format") == Some("text") {
+                    Response::text(200, twill_core::policy::render_pod_views(&views))
+                } else {
+                    Response::json(200, &views)
+                }
             }
             "/v1/explain" => explain(&self.published(), &req.query),
             "/v1/maps" => {

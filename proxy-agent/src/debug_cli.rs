@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::api::{AffinityRow, BackendRow, DropRow};
 use crate::config::{DebugArgs, DebugCommand, OutputFormat};
-use crate::policy::explain::{Explanation, PodPolicy};
+use crate::policy::explain::Explanation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DebugError {
@@ -33,8 +33,13 @@ fn path_of(what: &DebugCommand, output: OutputFormat) -> String {
         (DebugCommand::Drops, _) => "/v1/drops".into(),
         (DebugCommand::Maps, OutputFormat::Table) => "/v1/maps".into(),
         (DebugCommand::Maps, OutputFormat::Json) => "/v1/maps?format=json".into(),
-        (DebugCommand::Policy { pod: None }, _) => "/v1/policy".into(),
-        (DebugCommand::Policy { pod: Some(pod) }, _) => format!("/v1/policy?pod={pod}"),
+        (DebugCommand::Policy { pod }, output) => {
+            let mut path = format!("/v1/policy?pod={}", pod.as_deref().unwrap_or(""));
+            if output == OutputFormat::Table {
+                path.push_str("&format=text");
+            }
+            path
+        }
         (DebugCommand::Explain { from, to, proto }, _) => {
             format!("/v1/explain?from={from}&to={to}&proto={proto}")
         }
@@ -64,7 +69,9 @@ pub fn render(
     output: OutputFormat,
     body: &[u8],
 ) -> Result<String, DebugError> {
-    if *what == DebugCommand::Maps && output == OutputFormat::Table {
+    if matches!(what, DebugCommand::Maps | DebugCommand::Policy { .. })
+        && output == OutputFormat::Table
+    {
         return Ok(String::from_utf8_lossy(body).into_owned());
     }
     if output == OutputFormat::Json {
@@ -86,53 +93,11 @@ pub fn render(
         DebugCommand::Drops => Ok(drops_table(
             &serde_json::from_slice::<Vec<DropRow>>(body).map_err(DebugError::Decode)?,
         )),
-        DebugCommand::Policy { .. } => Ok(policy_text(
-            &serde_json::from_slice::<Vec<PodPolicy>>(body).map_err(DebugError::Decode)?,
-        )),
         DebugCommand::Explain { .. } => Ok(explain_text(
             &serde_json::from_slice::<Explanation>(body).map_err(DebugError::Decode)?,
         )),
-        DebugCommand::Maps => unreachable!("handled above"),
+        DebugCommand::Maps | DebugCommand::Policy { .. } => unreachable!("handled above"),
     }
-}
-
-fn policy_text(pods: &[PodPolicy]) -> String {
-    if pods.is_empty() {
-        return "no policy-managed pods on this node\n".into();
-    }
-    let mut out = String::new();
-    for p in pods {
-        let iso = |isolated: bool, by: &[String]| {
-            if isolated {
-                format!("isolated by {}", by.join(", "))
-            } else {
-                "not isolated (all allowed)".into()
-            }
-        };
-        let _ = writeln!(
-            out,
-            "{}/{} {} (identity {})",
-            p.namespace, p.name, p.ip, p.identity
-        );
-        for (dir, isolated, by, rules) in [
-            (
-                "ingress",
-                p.ingress_isolated,
-                &p.ingress_policies,
-                &p.ingress,
-            ),
-            ("egress", p.egress_isolated, &p.egress_policies, &p.egress),
-        ] {
-            let _ = writeln!(out, "  {dir}: {}", iso(isolated, by));
-            if isolated && rules.is_empty() {
-                let _ = writeln!(out, "    (no rule allows anything)");
-            }
-            for r in rules.iter() {
-                let _ = writeln!(out, "    allow {}  {}  ← {}", r.peer, r.ports, r.rule);
-            }
-        }
-    }
-    out
 }
 
 fn explain_text(e: &Explanation) -> String {

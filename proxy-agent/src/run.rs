@@ -28,8 +28,8 @@ use crate::health::{Health, HealthCheckServers};
 use crate::lbmap::LbMaps;
 use crate::metrics::Metrics;
 use crate::node_net::{NetworkError, NetworkState, NodeNetwork};
-use crate::policy::links::PodVeths;
-use crate::policy::{PolicyReconciler, PolicySyncer};
+use crate::policy::PolicyReconciler;
+use crate::policy::task::PolicyTask;
 use crate::preflight::PreflightError;
 use crate::reconcile::{ReconcileError, Reconciler};
 use crate::source::manifests::{ManifestDir, error_chain};
@@ -67,7 +67,7 @@ pub enum RunError {
     #[error("adopting the pinned NetworkPolicy maps")]
     AdoptPolicy(#[source] crate::policy::PolicyReconcileError),
     #[error("watching the pod veths")]
-    PodLinks(#[source] crate::policy::links::LinksError),
+    PodLinks(#[from] crate::policy::links::LinksError),
     #[error("connecting to the Kubernetes API")]
     Client(#[from] crate::source::kube::ClientError),
     #[error("installing the signal handler")]
@@ -487,8 +487,8 @@ async fn start_sources(
     })
 }
 
-/// Runs the agent until SIGTERM/SIGINT.
-pub async fn run(cfg: Config) -> Result<(), RunError> {
+/// The start-up checks; the cgroup the socket programs attach to.
+fn preflight(cfg: &Config) -> Result<PathBuf, RunError> {
     let cgroup = crate::preflight::run_checks(
         cfg.cgroup_root.as_deref(),
         &cfg.bpffs_dir,
@@ -501,6 +501,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         cgroup.display(),
         cfg.bpffs_dir.display()
     );
+    Ok(cgroup)
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> Result<(), RunError> {
+    let cgroup = preflight(&cfg)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -511,22 +517,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let health = Health::new(stores.clone(), cfg.sync_period * 2);
     let published: Arc<RwLock<Published>> = Arc::default();
     let mut tasks = start_servers(&cfg, &health, &metrics, &published).await?;
-    let (mut datapath, reconciler, policy_reconciler) = start_datapath(&cfg, &cgroup)?;
+    let (mut datapath, reconciler, pol) = start_datapath(&cfg, &cgroup)?;
     let mut network = NodeNetwork::new(&cfg).map_err(RunError::Network)?;
-    // Before the sources start: a pod created meanwhile triggers an event.
-    let pod_veths = PodVeths::start().map_err(RunError::PodLinks)?;
-    sync_pod_links(&pod_veths, &mut datapath, &metrics).await;
+    // Pod veths are watched before the sources start: a pod created meanwhile is an event.
+    let mut policy = PolicyTask::start(&cfg, pol, &mut datapath, &metrics, &published).await?;
     tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
-
-    let mut policy = PolicySyncer::new(cfg.node_name.clone(), policy_reconciler);
-    let mut agent = Syncer::new(
-        cfg,
-        stores.clone(),
-        metrics.clone(),
-        health,
-        published.clone(),
-        reconciler,
-    );
+    let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
 
     let synced = tokio::select! {
         s = stores.wait_synced(FIRST_SYNC_TIMEOUT) => Some(s),
@@ -548,8 +544,6 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stats = tokio::time::interval(STATS_PERIOD);
     stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut ct_sweep = tokio::time::interval(crate::policy::ct::SWEEP_PERIOD);
-    ct_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Apply once right away (the adopted state may need pruning even with no change).
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut network_due = true;
@@ -566,18 +560,15 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         tokio::select! {
             () = stores.changed_notification() => {}
             () = retry => {}
-            () = pod_veths.changed() => {
-                // Not debounced: a new pod's veth gets its programs at once.
-                sync_pod_links(&pod_veths, &mut datapath, &metrics).await;
-                continue;
-            }
-            _ = ct_sweep.tick() => {
-                sweep_policy_ct(&mut policy, &metrics);
+            // Pod veth events and conntrack sweeps: not debounced, a new pod's veth gets its
+            // programs at once.
+            event = policy.next_event() => {
+                policy.handle(event, &mut datapath).await;
                 continue;
             }
             _ = resync.tick() => {
                 network_due = true;
-                sync_pod_links(&pod_veths, &mut datapath, &metrics).await;
+                policy.sync_links(&mut datapath).await;
             }
             _ = stats.tick() => {
                 agent.export_stats();
@@ -606,12 +597,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             }
         }
         let ok = agent.sync();
-        let node_addrs = crate::policy::node_addresses(
-            stores.node(&agent.cfg.node_name).as_deref(),
-            &network.state().nodeport_addresses,
-        );
-        policy.sync(&stores, node_addrs, &metrics);
-        publish_policy(&policy, &published);
+        policy.sync(&stores, network.state());
         // After the maps are written, so it never delays programming.
         trimmer.maybe_trim();
         // Each part retries on its own backoff: a persistent routing error (a Node without
@@ -633,68 +619,6 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     drop(agent);
     drop(datapath);
     Ok(())
-}
-
-/// Brings the policy programs onto exactly the pod veths that exist now.
-async fn sync_pod_links(pod_veths: &PodVeths, datapath: &mut Datapath, metrics: &Metrics) {
-    let veths = match pod_veths.list().await {
-        Ok(v) => v,
-        Err(e) => {
-            log::error!("{}", error_chain(&e));
-            metrics.policy.pod_link_errors.inc();
-            return;
-        }
-    };
-    let report = datapath.sync_pod_links(&veths);
-    for name in &report.attached {
-        log::debug!("NetworkPolicy programs on pod veth {name}");
-    }
-    for (name, e) in &report.failed {
-        // A veth removed between the dump and the attach fails here too; the next event or
-        // resync settles it.
-        log::warn!("pod veth {name}: {}", error_chain(e));
-        metrics.policy.pod_link_errors.inc();
-    }
-    metrics
-        .policy
-        .pod_links
-        .set(i64::try_from(datapath.pod_links().len()).unwrap_or(i64::MAX));
-}
-
-/// Removes expired NetworkPolicy conntrack entries.
-fn sweep_policy_ct(policy: &mut PolicySyncer<crate::datapath::AyaPolicyMaps>, metrics: &Metrics) {
-    let now = crate::datapath::monotonic_now_ns();
-    match policy
-        .reconciler_mut()
-        .maps_mut()
-        .sweep_ct(now, crate::policy::ct::expired)
-    {
-        Ok(sweep) => {
-            metrics
-                .policy
-                .ct_expired
-                .inc_by(u64::try_from(sweep.removed).unwrap_or(u64::MAX));
-        }
-        Err(e) => log::warn!(
-            "sweeping NetworkPolicy conntrack entries: {}",
-            error_chain(&e)
-        ),
-    }
-}
-
-/// Hands the compiled policy state to the API (debug policy / explain).
-fn publish_policy<M: crate::policy::PolicyMaps>(
-    policy: &PolicySyncer<M>,
-    published: &RwLock<Published>,
-) {
-    let state = policy.state();
-    let mut p = published
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !Arc::ptr_eq(&p.policy, &state) {
-        p.policy = state;
-        p.policy_objects = policy.objects();
-    }
 }
 
 /// Runs [`release_free_heap`] off the run loop, at most every [`TRIM_PERIOD`].

@@ -103,11 +103,11 @@ impl AyaPolicyMaps {
     }
 }
 
-fn ipcache_key(k: &LpmKey<IpCacheKey>) -> Key<IpCacheKey> {
+fn ipcache_key(k: LpmKey<IpCacheKey>) -> Key<IpCacheKey> {
     Key::new(k.prefix_len, k.data)
 }
 
-fn policy_key(k: &LpmKey<PolicyKey>) -> Key<PolicyKey> {
+fn policy_key(k: LpmKey<PolicyKey>) -> Key<PolicyKey> {
     Key::new(k.prefix_len, k.data)
 }
 
@@ -150,11 +150,11 @@ impl PolicyMaps for AyaPolicyMaps {
         id: PeerIdentity,
     ) -> Result<(), MapError> {
         self.ipcache
-            .insert(&ipcache_key(&key), id, 0)
+            .insert(&ipcache_key(key), id, 0)
             .map_err(|e| map_update_error(&self.capacity, MapKind::IpCache, "update", e))
     }
     fn delete_ipcache(&mut self, key: &LpmKey<IpCacheKey>) -> Result<(), MapError> {
-        match self.ipcache.remove(&ipcache_key(key)) {
+        match self.ipcache.remove(&ipcache_key(*key)) {
             Err(e) if !is_not_found(&e) => Err(syscall(MapKind::IpCache, "delete", e)),
             _ => Ok(()),
         }
@@ -165,11 +165,11 @@ impl PolicyMaps for AyaPolicyMaps {
         verdict: PolicyVerdict,
     ) -> Result<(), MapError> {
         self.policy
-            .insert(&policy_key(&key), verdict, 0)
+            .insert(&policy_key(key), verdict, 0)
             .map_err(|e| map_update_error(&self.capacity, MapKind::Policy, "update", e))
     }
     fn delete_policy(&mut self, key: &LpmKey<PolicyKey>) -> Result<(), MapError> {
-        match self.policy.remove(&policy_key(key)) {
+        match self.policy.remove(&policy_key(*key)) {
             Err(e) if !is_not_found(&e) => Err(syscall(MapKind::Policy, "delete", e)),
             _ => Ok(()),
         }

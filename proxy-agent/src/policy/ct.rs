@@ -7,9 +7,9 @@ use std::time::Duration;
 use twill_common::{CT_F_POLICY_CLOSING, CT_SCOPE_POLICY, CtKey, CtValue, PROTO_TCP};
 
 /// An established TCP flow idle this long is forgotten (Cilium's `CT_CONNECTION_LIFETIME_TCP`).
-pub const TCP_IDLE: Duration = Duration::from_secs(6 * 3600);
+pub const TCP_IDLE: Duration = Duration::from_hours(6);
 /// Non-TCP flows (UDP, ICMP echo, SCTP) (Cilium's `CT_CONNECTION_LIFETIME_NONTCP`).
-pub const OTHER_IDLE: Duration = Duration::from_secs(60);
+pub const OTHER_IDLE: Duration = Duration::from_mins(1);
 /// A TCP flow after its FIN or RST: long enough for the last ACKs (Cilium's
 /// `CT_CLOSE_TIMEOUT`).
 pub const CLOSING_IDLE: Duration = Duration::from_secs(10);

@@ -1,97 +1,22 @@
-//! What `twill-agent debug policy` and `debug explain` show, computed from the compiled policy
-//! state the kernel maps were written from (never a second implementation of the semantics:
-//! verdicts replay the kernel's lookups over the same entries, `PolicyState::verdict`), and for
-//! Service targets from the applied service tables, resolved the way the socket hooks resolve
-//! a connection.
+//! What `twill-agent debug explain` shows, computed from the compiled policy state the kernel
+//! maps were written from (never a second implementation of the semantics: verdicts replay the
+//! kernel's lookups over the same entries, `PolicyState::verdict`), and for Service targets from
+//! the applied service tables, resolved the way the socket hooks resolve a connection. (`debug
+//! policy` is `twill_core::policy::pod_views` of the same state.)
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use twill_common::{
-    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, PEP_F_EGRESS_ISOLATED, PEP_F_INGRESS_ISOLATED,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_ANY, SCOPE_INTERNAL, ServiceKey, SlotKey,
+    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_ANY,
+    SCOPE_INTERNAL, ServiceKey, SlotKey,
 };
 use twill_core::policy::{
-    Direction, Judgement, PolicyState, addr_be, addr_from_be, identity_text, port_text, proto_name,
-    rule_text,
+    Judgement, PolicyState, addr_be, addr_from_be, identity_short, port_text, proto_name, rule_text,
 };
 
 use crate::compile::DumpModel;
 use crate::lbmap::LbState;
 use crate::source::PolicyObjects;
-
-/// The effective rules of one local pod.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodPolicy {
-    pub namespace: String,
-    pub name: String,
-    pub ip: Ipv4Addr,
-    pub identity: u32,
-    pub ingress_isolated: bool,
-    pub egress_isolated: bool,
-    /// Policies selecting the pod with `Ingress` / `Egress` in their policyTypes.
-    pub ingress_policies: Vec<String>,
-    pub egress_policies: Vec<String>,
-    pub ingress: Vec<RuleRow>,
-    pub egress: Vec<RuleRow>,
-}
-
-/// One allow entry of a pod: which peers, which ports, from which policy rule.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuleRow {
-    pub peer: String,
-    pub ports: String,
-    pub rule: String,
-}
-
-/// The local pods' effective rules, optionally only `namespace/name`.
-pub fn pod_policies(state: &PolicyState, only: Option<(&str, &str)>) -> Vec<PodPolicy> {
-    let mut out = Vec::new();
-    for (&ep_id, pod) in &state.local_pods {
-        if only.is_some_and(|(ns, n)| (ns, n) != (&*pod.namespace, &*pod.name)) {
-            continue;
-        }
-        let flags = state
-            .maps
-            .endpoints
-            .get(&addr_be(pod.ip))
-            .map_or(0, |e| e.flags);
-        let rows = |dir: Direction| -> Vec<RuleRow> {
-            state
-                .maps
-                .policy
-                .iter()
-                .filter(|(k, _)| {
-                    u32::from_be(k.data.ep_id_be) == ep_id && k.data.direction == dir.as_u8()
-                })
-                .map(|(k, v)| RuleRow {
-                    peer: identity_label(state, u32::from_be(k.data.identity_be)),
-                    ports: port_text(k.data.proto, u16::from_be(k.data.port_be), k.prefix_len),
-                    rule: state
-                        .rules
-                        .get(&v.rule_id)
-                        .map_or_else(|| format!("rule {}?", v.rule_id), rule_text),
-                })
-                .collect()
-        };
-        let names = |list: &[(Arc<str>, Arc<str>)]| -> Vec<String> {
-            list.iter().map(|(ns, n)| format!("{ns}/{n}")).collect()
-        };
-        out.push(PodPolicy {
-            namespace: pod.namespace.to_string(),
-            name: pod.name.to_string(),
-            ip: pod.ip,
-            identity: pod.identity,
-            ingress_isolated: flags & PEP_F_INGRESS_ISOLATED != 0,
-            egress_isolated: flags & PEP_F_EGRESS_ISOLATED != 0,
-            ingress_policies: names(&pod.ingress_policies),
-            egress_policies: names(&pod.egress_policies),
-            ingress: rows(Direction::Ingress),
-            egress: rows(Direction::Egress),
-        });
-    }
-    out
-}
 
 fn identity_label(state: &PolicyState, id: u32) -> String {
     match id {
@@ -100,7 +25,7 @@ fn identity_label(state: &PolicyState, id: u32) -> String {
         IDENTITY_HOST => "this node".into(),
         other => state.identities.get(&other).map_or_else(
             || format!("identity {other}?"),
-            |k| format!("{other}: {}", identity_text(k)),
+            |k| format!("{other} ({})", identity_short(k)),
         ),
     }
 }

@@ -79,11 +79,11 @@ impl PodVeths {
         let notify = changed.clone();
         tasks.push(tokio::spawn(async move {
             while let Some((msg, _)) = messages.next().await {
-                let link = match &msg.payload {
-                    NetlinkPayload::InnerMessage(
-                        RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l),
-                    ) => l,
-                    _ => continue,
+                let NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewLink(link) | RouteNetlinkMessage::DelLink(link),
+                ) = &msg.payload
+                else {
+                    continue;
                 };
                 if link_name(link).is_some_and(concerns_pods) {
                     notify.notify_one();

@@ -20,6 +20,7 @@ mod maps;
 mod metrics;
 mod reconcile;
 mod syncer;
+pub mod task;
 
 /// The exact contents of the three policy maps (the compiler's output, the seam's unit).
 pub use twill_core::policy::PolicyMaps as PolicyEntries;

@@ -216,8 +216,10 @@ fn converges_after_a_failure_at_every_operation() {
 
 #[test]
 fn nothing_is_pruned_before_the_sources_synced_and_adoption_reads_the_maps() {
-    let mut fake = FakePolicyMaps::default();
-    fake.state = state(256, 257);
+    let fake = FakePolicyMaps {
+        state: state(256, 257),
+        ..FakePolicyMaps::default()
+    };
     let mut r = PolicyReconciler::adopt(fake).unwrap();
     assert_eq!(r.applied(), &state(256, 257));
     let empty = PolicyEntries::default();
