@@ -37,7 +37,9 @@ const NAMED_PORTS: [(&str, u16, &str); 4] = [
 /// The upstream topology on a two-node lab with an agent per node.
 struct Cluster {
     pods: BTreeMap<PodName, Pod>,
-    _agents: Vec<AgentProc>,
+    agents: Vec<AgentProc>,
+    /// The Pod and Namespace objects as written (tests change labels and rewrite them).
+    objects: Vec<serde_json::Value>,
     lab: Lab,
 }
 
@@ -67,19 +69,42 @@ impl Cluster {
                 pods.insert((ns, name), pod);
             }
         }
-        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects});
-        lab.apply_manifest("pods.json", &serde_json::to_string_pretty(&list)?)?;
         let agents = (0..2)
             .map(|n| start_agent(&lab, n, &[]))
             .collect::<Result<Vec<_>>>()?;
         let cluster = Self {
             pods,
-            _agents: agents,
+            agents,
+            objects,
             lab,
         };
+        cluster.write_objects()?;
         // Before any policy every pod reaches every other on every port.
         cluster.expect(&Reachability::all(true), 80, false)?;
         Ok(Some(cluster))
+    }
+
+    /// Writes the Pod and Namespace objects into the manifests directory.
+    fn write_objects(&self) -> Result<()> {
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": self.objects});
+        self.lab
+            .apply_manifest("pods.json", &serde_json::to_string_pretty(&list)?)
+    }
+
+    /// Sets label `key=value` on the Pod or Namespace object `kind` `ns/name` (`ns` empty for a
+    /// Namespace) and writes the objects.
+    fn label(&mut self, kind: &str, ns: &str, name: &str, key: &str, value: &str) -> Result<()> {
+        let obj = self
+            .objects
+            .iter_mut()
+            .find(|o| {
+                o["kind"] == kind
+                    && o["metadata"]["name"] == name
+                    && (ns.is_empty() || o["metadata"]["namespace"] == ns)
+            })
+            .ok_or_else(|| anyhow::anyhow!("no {kind} {ns}/{name}"))?;
+        obj["metadata"]["labels"][key] = value.into();
+        self.write_objects()
     }
 
     fn pod(&self, ns: &str, name: &str) -> &Pod {
@@ -638,5 +663,72 @@ fn should_judge_a_connection_to_a_cluster_ip_by_its_backend_and_real_client() ->
             && explain.contains(&format!("{}:80  DENIED", backend.ip)),
         "{explain}"
     );
+    Ok(())
+}
+
+/// "should allow ingress access from updated pod"
+#[test]
+fn should_allow_ingress_access_from_updated_pod() -> Result<()> {
+    let Some(mut c) = Cluster::new()? else {
+        return Ok(());
+    };
+    c.apply(
+        "p.yaml",
+        &policy(
+            "x",
+            "allow-client-a-via-pod-selector",
+            "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - podSelector: \
+             {matchLabels: {pod: b}}\n      namespaceSelector: {matchLabels: {ns: y}}\n",
+        ),
+    )?;
+    let mut want = Reachability::all(true);
+    want.ingress(("x", "a"), false)
+        .set(("y", "b"), ("x", "a"), true);
+    c.expect(&want, 80, false)?;
+    // z/c becomes pod=b: still not in a namespace labelled ns=y, so nothing changes; then z
+    // gets that label and both its pod=b pods are let in.
+    c.label("Pod", "z", "c", "pod", "b")?;
+    c.expect(&want, 80, false)?;
+    c.label("Namespace", "", "z", "ns", "y")?;
+    want.set(("z", "b"), ("x", "a"), true)
+        .set(("z", "c"), ("x", "a"), true);
+    c.expect(&want, 80, false)?;
+    Ok(())
+}
+
+/// Enforcement lives in the kernel: with the agents stopped the pinned links keep the programs
+/// on every pod veth, and restarted agents adopt maps and links without a gap.
+#[test]
+fn policies_stay_enforced_while_the_agents_restart() -> Result<()> {
+    let Some(mut c) = Cluster::new()? else {
+        return Ok(());
+    };
+    c.apply(
+        "deny.yaml",
+        &policy(
+            "x",
+            "deny-ingress",
+            "  podSelector: {}\n  policyTypes: [Ingress]\n",
+        ),
+    )?;
+    let mut want = Reachability::all(true);
+    for p in PODS {
+        want.ingress(("x", p), false);
+    }
+    c.expect(&want, 80, false)?;
+    for a in &mut c.agents {
+        a.stop()?;
+    }
+    ensure!(
+        c.probe(80, false)? == want,
+        "enforcement stopped with the agents"
+    );
+    for a in &mut c.agents {
+        a.restart()?;
+    }
+    ensure!(c.probe(80, false)? == want, "enforcement gap at restart");
+    // The restarted agents still follow changes.
+    c.lab.delete_manifest("deny.yaml")?;
+    c.expect(&Reachability::all(true), 80, false)?;
     Ok(())
 }
