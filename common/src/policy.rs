@@ -103,10 +103,10 @@ const _: () = assert!(core::mem::size_of::<PolicyVerdict>() == 4);
 pub const CT_F_POLICY_EGRESS: u32 = 1 << 16;
 /// The responder's ingress allowed the flow (or the responder is not ingress-isolated). The
 /// flow's packets may enter the responder; its replies may leave it.
+///
+/// Policy entries follow the same `CtValue::state` machine as NAT entries (new, established
+/// once a reply passed, closing after both FINs or a RST), so the one collector expires them.
 pub const CT_F_POLICY_INGRESS: u32 = 1 << 17;
-/// A FIN or RST of the flow was seen: the entry is collected after a short idle time rather
-/// than the established-flow one.
-pub const CT_F_POLICY_CLOSING: u32 = 1 << 18;
 
 #[cfg(feature = "user")]
 mod pod {

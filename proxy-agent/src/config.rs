@@ -30,18 +30,9 @@ pub enum Command {
     Uninstall(UninstallArgs),
 }
 
-/// How cross-node pod traffic is carried (`--routing-mode`; implemented by `routing`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RoutingMode {
-    /// Direct routes to peers on a connected subnet, VXLAN to the others.
-    #[default]
-    Auto,
-    /// Only direct routes; peers on other subnets are skipped (and reported).
-    Direct,
-    /// Every peer through the VXLAN overlay.
-    Vxlan,
-}
+/// How cross-node pod traffic is carried (`--routing-mode`; planned by `twill_core::routing`,
+/// executed by `routing`).
+pub use twill_core::routing::RoutingMode;
 
 /// Flags of `twill-agent run`. All optional here so that a config file can supply them; defaults
 /// are applied in [`RunArgs::resolve`].
@@ -118,6 +109,9 @@ pub struct RunArgs {
     /// Max entries of the NetworkPolicy rule trie.
     #[arg(long, value_name = "N")]
     pub map_size_policy: Option<u32>,
+    /// Max entries of the unconnected UDP flow map (socket path stickiness).
+    #[arg(long, value_name = "N")]
+    pub map_size_udp_flows: Option<u32>,
     /// Devices NodePort/north-south programs attach to (default: the node's underlay devices).
     #[arg(long, value_delimiter = ',', value_name = "DEV,...")]
     pub devices: Option<Vec<String>>,
@@ -239,6 +233,7 @@ pub struct FileConfig {
     pub map_size_policy_endpoints: Option<u32>,
     pub map_size_ipcache: Option<u32>,
     pub map_size_policy: Option<u32>,
+    pub map_size_udp_flows: Option<u32>,
     pub devices: Option<Vec<String>>,
     pub nodeport_addresses: Option<Vec<String>>,
     pub routing_mode: Option<RoutingMode>,
@@ -468,6 +463,11 @@ fn map_sizes(flags: &RunArgs, file: &FileConfig) -> Result<MapSizes, ConfigError
             "map-size-policy",
             pick(flags.map_size_policy, file.map_size_policy),
             defaults.policy,
+        )?,
+        udp_flows: map_size(
+            "map-size-udp-flows",
+            pick(flags.map_size_udp_flows, file.map_size_udp_flows),
+            defaults.udp_flows,
         )?,
         ..defaults
     })

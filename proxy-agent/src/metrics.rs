@@ -38,6 +38,9 @@ pub struct Metrics {
     source_errors: Family<Labels, Counter>,
     /// NetworkPolicy's metrics.
     pub policy: crate::policy::PolicyMetrics,
+    /// Entries of the connection-tracking table at the last collection.
+    pub conntrack_entries: Gauge,
+    conntrack_collected: Family<Labels, Counter>,
     /// Last absolute kernel counter per verdict: the kernel's counters are absolute, Prometheus
     /// counters only go up by deltas.
     last_verdicts: Mutex<BTreeMap<String, u64>>,
@@ -57,6 +60,10 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one registration per exported metric, in one place, so the list reads as the agent's metric catalogue"
+    )]
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let sync_duration = Histogram::new(sync_buckets());
@@ -138,9 +145,23 @@ impl Metrics {
             source_errors.clone(),
         );
         let policy = crate::policy::PolicyMetrics::register(&mut registry);
+        let conntrack_entries = Gauge::default();
+        registry.register(
+            "twill_conntrack_entries",
+            "Entries of the per-packet connection-tracking table (two per flow) at the last collection",
+            conntrack_entries.clone(),
+        );
+        let conntrack_collected = Family::<Labels, Counter>::default();
+        registry.register(
+            "twill_conntrack_collected",
+            "Connection-tracking entries removed by the collector, by reason (expired, orphaned)",
+            conntrack_collected.clone(),
+        );
         Self {
             policy,
             registry: Mutex::new(registry),
+            conntrack_entries,
+            conntrack_collected,
             sync_duration,
             programming_duration,
             services,
@@ -195,6 +216,12 @@ impl Metrics {
         self.network_errors
             .get_or_create(&labels(&[("reason", reason)]))
             .inc();
+    }
+
+    pub fn conntrack_collected(&self, reason: &str, n: usize) {
+        self.conntrack_collected
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     pub fn source_error(&self, kind: &str) {

@@ -105,6 +105,11 @@ impl NodeNetwork {
         &self.state
     }
 
+    /// Destinations of the node's `/32` routes (local pods' host routes among them).
+    pub async fn host_routes(&self) -> Result<Vec<Ipv4Addr>, RoutingError> {
+        self.routing.host_route_destinations().await
+    }
+
     /// Whether the Node objects changed in a way that matters since the last successful sync
     /// (or that sync failed).
     pub fn needs_sync(&self, nodes: &Nodes) -> bool {
@@ -144,7 +149,8 @@ impl NodeNetwork {
             nodes.values().map(AsRef::as_ref),
             &self.config,
             &host,
-        )?;
+        )
+        .map_err(RoutingError::from)?;
         for s in &plan.skipped {
             log::debug!("no route to node {}: {:?}", s.node, s.reason);
         }

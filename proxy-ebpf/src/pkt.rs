@@ -22,6 +22,8 @@ const ICMP_HLEN: usize = 8;
 const TCP_FLAGS_OFF: usize = 13;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 
 /// The IPv4 flow a packet belongs to (addresses and ports in network order).
 pub struct Flow {

@@ -15,19 +15,20 @@
 //! policies, rules or pods exist. A flow is judged once per node and side, then followed by its
 //! conntrack entry in the shared `TWL_CT_V1` table (`CtKey::scope = CT_SCOPE_POLICY`, keyed by
 //! the tuple as the flow's originator sends it, with a flag per side that passed — see
-//! `CT_F_POLICY_EGRESS`). Entries are collected by the agent (idle time, shorter once a FIN or
-//! RST was seen); an LRU table also evicts the least recently used under pressure.
+//! `CT_F_POLICY_EGRESS`). Entries carry the table's state machine (`CT_STATE_*`: new, established
+//! once a reply passed, closing after both FINs or a RST) and are expired by the agent's one
+//! conntrack collector like NAT entries.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use twill_common::{
-    CT_F_POLICY_CLOSING, CT_F_POLICY_EGRESS, CT_F_POLICY_INGRESS, CT_SCOPE_POLICY, CtKey, CtValue,
-    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey, PEP_F_EGRESS_ISOLATED,
-    PEP_F_INGRESS_ISOLATED, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, PolicyEndpoint, PolicyKey,
-    Reason,
+    CT_F_POLICY_EGRESS, CT_F_POLICY_INGRESS, CT_FIN_ORIG, CT_FIN_REPLY, CT_SCOPE_POLICY,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, IDENTITY_ANY,
+    IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey, PEP_F_EGRESS_ISOLATED, PEP_F_INGRESS_ISOLATED,
+    POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, PolicyEndpoint, PolicyKey, Reason,
 };
 
 use crate::{
     maps::{TWL_CT_V1, TWL_IPC_V1, TWL_PEP_V1, TWL_POL_V1},
-    pkt::{Flow, PROTO_ICMP, TCP_FIN, TCP_RST},
+    pkt::{Flow, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// Bits of a full `PolicyKey` (every field matched).
@@ -103,9 +104,8 @@ pub fn judge(flow: &Flow, side: Side) -> Result<Reason, Reason> {
     let key = ct_key(flow);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let closing = flow.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    if ct_seen(&key, side.ct_flag(), now, closing)
-        || ct_seen(&reverse(&key), side.reply_flag(), now, closing)
+    if ct_seen(&key, side.ct_flag(), now, flow.tcp_flags, false)
+        || ct_seen(&reverse(&key), side.reply_flag(), now, flow.tcp_flags, true)
     {
         return Ok(Reason::PolicyEstablished);
     }
@@ -129,7 +129,7 @@ pub fn judge(flow: &Flow, side: Side) -> Result<Reason, Reason> {
         }
         Reason::PolicyAllowed
     };
-    ct_record(&key, side.ct_flag(), now, closing)?;
+    ct_record(&key, side.ct_flag(), now)?;
     Ok(reason)
 }
 
@@ -193,21 +193,37 @@ fn reverse(key: &CtKey) -> CtKey {
     }
 }
 
-/// Whether `key` is tracked with `flag`; refreshes its timestamp (and marks it closing) if so.
+/// Whether `key` is tracked with `flag`; if so, refreshes its timestamp and moves its state:
+/// a reply (`reply`: the packet travels against the entry's tuple) establishes the flow, a FIN
+/// from each side or a RST closes it.
 #[inline(always)]
-fn ct_seen(key: &CtKey, flag: u32, now: u64, closing: bool) -> bool {
+fn ct_seen(key: &CtKey, flag: u32, now: u64, tcp_flags: u8, reply: bool) -> bool {
     let Some(ptr) = TWL_CT_V1.get_ptr_mut(key) else {
         return false;
     };
     // SAFETY: a valid map value pointer for the program's duration. Concurrent writers on
-    // other CPUs may interleave: a lost timestamp or flag costs at most one more judgement.
+    // other CPUs may interleave: a lost timestamp, flag or state step costs at most one more
+    // judgement or an earlier expiry, never a wrong allow.
     unsafe {
         if (*ptr).flags & flag == 0 {
             return false;
         }
+        // A SYN reusing the tuple of a closed flow opens a new one: judged afresh.
+        if (*ptr).state == CT_STATE_CLOSING && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            return false;
+        }
         (*ptr).last_seen_ns = now;
-        if closing && (*ptr).flags & CT_F_POLICY_CLOSING == 0 {
-            (*ptr).flags |= CT_F_POLICY_CLOSING;
+        if reply && (*ptr).state == CT_STATE_NEW {
+            (*ptr).state = CT_STATE_ESTABLISHED;
+        }
+        if tcp_flags & TCP_RST != 0 {
+            (*ptr).state = CT_STATE_CLOSING;
+        } else if tcp_flags & TCP_FIN != 0 {
+            let fin = (*ptr).tcp_fin | if reply { CT_FIN_REPLY } else { CT_FIN_ORIG };
+            (*ptr).tcp_fin = fin;
+            if fin == CT_FIN_ORIG | CT_FIN_REPLY {
+                (*ptr).state = CT_STATE_CLOSING;
+            }
         }
     }
     true
@@ -216,16 +232,19 @@ fn ct_seen(key: &CtKey, flag: u32, now: u64, closing: bool) -> bool {
 /// Records that `flag`'s side passed the flow `key`: a new entry, or the flag added to the
 /// entry the other side of a node-local flow made.
 #[inline(always)]
-fn ct_record(key: &CtKey, flag: u32, now: u64, closing: bool) -> Result<(), Reason> {
-    let closing_flag = if closing { CT_F_POLICY_CLOSING } else { 0 };
+fn ct_record(key: &CtKey, flag: u32, now: u64) -> Result<(), Reason> {
+    // The tuple itself as the "translation": untranslated, so the collector's counterpart of
+    // the entry is simply the reversed tuple.
     let value = CtValue {
         new_saddr_be: key.saddr_be,
         new_daddr_be: key.daddr_be,
         new_sport_be: key.sport_be,
         new_dport_be: key.dport_be,
         svc_id: 0,
-        flags: flag | closing_flag,
-        _pad: 0,
+        flags: flag,
+        state: CT_STATE_NEW,
+        tcp_fin: 0,
+        _pad: [0; 2],
         last_seen_ns: now,
     };
     if TWL_CT_V1.insert(key, value, BPF_NOEXIST).is_ok() {
@@ -234,8 +253,13 @@ fn ct_record(key: &CtKey, flag: u32, now: u64, closing: bool) -> Result<(), Reas
     if let Some(ptr) = TWL_CT_V1.get_ptr_mut(key) {
         // SAFETY: as in ct_seen.
         unsafe {
-            (*ptr).flags |= flag | closing_flag;
-            (*ptr).last_seen_ns = now;
+            if (*ptr).state == CT_STATE_CLOSING {
+                // A new flow on a closed flow's tuple: the other side's pass was for the old one.
+                *ptr = value;
+            } else {
+                (*ptr).flags |= flag;
+                (*ptr).last_seen_ns = now;
+            }
         }
         return Ok(());
     }

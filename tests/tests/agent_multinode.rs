@@ -171,6 +171,15 @@ fn should_be_able_to_create_a_functioning_nodeport_service() -> Result<()> {
     let n2 = lab.node(2);
     let (code, out) = n2.labtool(&["tcp", "--to", &format!("{}:30080", n2.ip)])?;
     ensure!(code == 0, "node → its own NodePort: {out}");
+    // Via loopback: only in the node's own network namespace (the agent gives the datapath its
+    // cookie); in a pod 127.0.0.1 is the pod itself, where nothing listens on 30080.
+    let (code, out) = n2.labtool(&["tcp", "--to", "127.0.0.1:30080"])?;
+    ensure!(
+        code == 0 && replier(&out).as_deref() == Some("web0"),
+        "node → 127.0.0.1:30080: {out}"
+    );
+    let (code, out) = tcp(&client, "127.0.0.1:30080")?;
+    ensure!(code == 2, "pod → 127.0.0.1:30080 was translated: {out}");
     Ok(())
 }
 

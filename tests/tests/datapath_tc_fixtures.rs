@@ -6,17 +6,23 @@ use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use twill_agent::{
-    datapath::{AyaLbMaps, Datapath, DatapathOptions},
+    ctgc::LocalPods,
+    datapath::{AyaLbMaps, Datapath, DatapathOptions, monotonic_now_ns},
     lbmap::LbMaps,
 };
 use twill_common::{
-    BE_F_LOCAL, Backend, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SVC_F_LOADBALANCER,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
+    BE_F_LOCAL, Backend, CT_FIN_ORIG, CT_FIN_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    CT_STATE_NEW, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SVC_F_LOADBALANCER, SVC_F_NODEPORT,
+    SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
 };
 use twill_lab::{LabSpec, require};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 const NODE: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 200);
 const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
@@ -50,6 +56,21 @@ fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
 /// Ethernet + IPv4 + TCP (SYN) or UDP with valid checksums; `udp_csum: false` leaves the UDP
 /// checksum 0 ("none").
 fn packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, udp_csum: bool) -> Vec<u8> {
+    with_flags(src, dst, proto, udp_csum, TCP_SYN)
+}
+
+/// A TCP segment with the given flags (`TCP_*`).
+fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+    with_flags(src, dst, PROTO_TCP, true, flags)
+}
+
+fn with_flags(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    proto: u8,
+    udp_csum: bool,
+    tcp_flags: u8,
+) -> Vec<u8> {
     let payload = b"hello";
     let l4_len = if proto == PROTO_TCP { 20 } else { 8 } + payload.len();
     let mut l4 = vec![0u8; l4_len];
@@ -57,7 +78,7 @@ fn packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, udp_csum: bool)
     l4[2..4].copy_from_slice(&dst.1.to_be_bytes());
     if proto == PROTO_TCP {
         l4[12] = 5 << 4; // data offset
-        l4[13] = 0x02; // SYN
+        l4[13] = tcp_flags;
         l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
         l4[20..].copy_from_slice(payload);
     } else {
@@ -346,4 +367,298 @@ fn tc_fixtures_translate_both_directions_with_valid_checksums() -> Result<()> {
         "expected 2 CT entries for each of 3 flows, got {ct:?}"
     );
     Ok(())
+}
+
+const CLIENT2: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 201);
+const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 6);
+const INGRESS: &str = "twill_tc_ingress";
+const EGRESS: &str = "twill_tc_egress";
+const SEC: u64 = 1_000_000_000;
+
+/// The programs loaded (not attached), their maps, this node's address as a NodePort address;
+/// `ct_max` sizes the conntrack table.
+fn loaded(ct_max: Option<u32>) -> Result<(Datapath, AyaLbMaps)> {
+    let mut opts = DatapathOptions::unpinned();
+    if let Some(n) = ct_max {
+        opts.map_sizes.ct = n;
+    }
+    let mut dp = Datapath::load(&opts)?;
+    for name in [INGRESS, EGRESS] {
+        let p: &mut aya::programs::SchedClassifier =
+            dp.ebpf.program_mut(name).context(name)?.try_into()?;
+        p.load()?;
+    }
+    let mut maps = dp.lb_maps()?;
+    maps.upsert_node_addr(be(NODE), 0)?;
+    Ok((dp, maps))
+}
+
+/// A NodePort `port` of Service `svc_id` with the given local backends (ids `svc_id * 10 + i`).
+fn nodeport(
+    maps: &mut AyaLbMaps,
+    svc_id: u32,
+    port: u16,
+    proto: u8,
+    backends: &[(Ipv4Addr, u16)],
+) -> Result<()> {
+    for (i, (addr, bport)) in backends.iter().enumerate() {
+        let id = svc_id * 10 + u32::try_from(i)?;
+        maps.upsert_backend(
+            id,
+            Backend {
+                addr_be: be(*addr),
+                port_be: bport.to_be(),
+                proto,
+                flags: BE_F_LOCAL,
+            },
+        )?;
+        maps.upsert_slot(
+            SlotKey {
+                svc_id,
+                slot: u32::try_from(i)?,
+            },
+            id,
+        )?;
+    }
+    maps.upsert_service(
+        ServiceKey {
+            addr_be: 0,
+            port_be: port.to_be(),
+            proto,
+            scope: SCOPE_ANY,
+        },
+        ServiceValue {
+            svc_id,
+            backend_count: u16::try_from(backends.len())?,
+            flags: SVC_F_NODEPORT,
+            affinity_timeout_s: 0,
+            _pad: 0,
+        },
+    )?;
+    Ok(())
+}
+
+/// Runs `pkt` through `prog`; expects `TC_ACT_OK` and returns what came out.
+fn pass(dp: &Datapath, prog: &str, pkt: &[u8]) -> Result<Seen> {
+    let (rc, out) = test_run(dp, prog, pkt)?;
+    ensure!(rc == TC_ACT_OK, "{prog} verdict {rc}");
+    inspect(&out)
+}
+
+/// The conntrack entries of flows to (or from) `addr`, as (state, tcp_fin) per entry.
+fn flow_states(maps: &AyaLbMaps, proto: u8, addr: Ipv4Addr, port: u16) -> Result<Vec<(u8, u8)>> {
+    Ok(maps
+        .dump_ct()?
+        .into_iter()
+        .filter(|(k, v)| {
+            k.proto == proto
+                && ((v.new_daddr_be == be(addr) && v.new_dport_be == port.to_be())
+                    || (k.saddr_be == be(addr) && k.sport_be == port.to_be()))
+        })
+        .map(|(_, v)| (v.state, v.tcp_fin))
+        .collect())
+}
+
+fn local_pods(live: &[Ipv4Addr]) -> Result<LocalPods> {
+    Ok(LocalPods::new(
+        vec!["10.244.0.0/24".parse()?],
+        live.iter().copied(),
+    ))
+}
+
+/// Only a SYN opens a flow; replies move it to ESTABLISHED; a flow whose backend left the
+/// Service keeps going to it (drain) while UDP flows to it are flushed; FINs both ways close it;
+/// the collector removes closed flows after the close lifetime, unanswered UDP after its own,
+/// keeps established ones, and removes flows to addresses no local pod holds any more.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one flow's story told packet by packet; splitting it would hide the sequence"
+)]
+fn tc_conntrack_opens_on_syn_only_and_drains_removed_backends() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(None)?;
+    nodeport(&mut maps, 1, 30080, PROTO_TCP, &[(POD, 8080)])?;
+    nodeport(&mut maps, 2, 30053, PROTO_UDP, &[(POD, 5353)])?;
+    let np = (NODE, 30080);
+    let (a, b) = ((CLIENT, 40000), (CLIENT, 40002));
+    in_netns(&lab.node(0).netns, || {
+        // A non-SYN first packet: never balanced (the backend would reset it), passed on
+        // untouched, nothing tracked.
+        let ack = tcp(a, np, TCP_ACK);
+        let (rc, out) = test_run(&dp, INGRESS, &ack)?;
+        ensure!(rc == TC_ACT_OK && out == ack, "non-SYN miss changed: {rc}");
+        ensure!(maps.dump_ct()?.is_empty(), "a non-SYN packet opened a flow");
+        ensure!(maps.stats()?[&Reason::CtNonSynMiss] == 1, "not counted");
+
+        // The SYN opens it: two entries, state NEW; the SYN-ACK makes both ESTABLISHED.
+        ensure!(pass(&dp, INGRESS, &tcp(a, np, TCP_SYN))?.dst == (POD, 8080));
+        ensure!(flow_states(&maps, PROTO_TCP, POD, 8080)? == [(CT_STATE_NEW, 0); 2]);
+        let seen = pass(&dp, EGRESS, &tcp((POD, 8080), a, TCP_SYN | TCP_ACK))?;
+        ensure!(seen.src == np && seen.dst == a, "{seen:?}");
+        ensure!(flow_states(&maps, PROTO_TCP, POD, 8080)? == [(CT_STATE_ESTABLISHED, 0); 2]);
+        ensure!(pass(&dp, INGRESS, &tcp(a, np, TCP_ACK))?.dst == (POD, 8080));
+        // A UDP flow to the same pod.
+        ensure!(
+            pass(
+                &dp,
+                INGRESS,
+                &packet((CLIENT, 41000), (NODE, 30053), PROTO_UDP, true)
+            )?
+            .dst == (POD, 5353)
+        );
+
+        // Rolling update: POD2 replaces POD in both Services; the reconciler flushes POD.
+        for (svc_id, proto, port) in [(1, PROTO_TCP, 8080u16), (2, PROTO_UDP, 5353)] {
+            let new_id = svc_id * 10 + 1;
+            maps.upsert_backend(
+                new_id,
+                Backend {
+                    addr_be: be(POD2),
+                    port_be: port.to_be(),
+                    proto,
+                    flags: BE_F_LOCAL,
+                },
+            )?;
+            maps.upsert_slot(SlotKey { svc_id, slot: 0 }, new_id)?;
+            let old = Backend {
+                addr_be: be(POD),
+                port_be: port.to_be(),
+                proto,
+                flags: BE_F_LOCAL,
+            };
+            maps.flush_backend(svc_id * 10, old)?;
+            maps.delete_backend(svc_id * 10)?;
+        }
+        ensure!(
+            flow_states(&maps, PROTO_UDP, POD, 5353)?.is_empty(),
+            "UDP flows to the removed backend were not flushed"
+        );
+        ensure!(
+            flow_states(&maps, PROTO_TCP, POD, 8080)?.len() == 2,
+            "the established TCP flow was flushed with its backend"
+        );
+        // The established flow drains to its old backend, both ways.
+        ensure!(pass(&dp, INGRESS, &tcp(a, np, TCP_ACK))?.dst == (POD, 8080));
+        ensure!(pass(&dp, EGRESS, &tcp((POD, 8080), a, TCP_ACK))?.src == np);
+        // New flows go to the new backend.
+        ensure!(pass(&dp, INGRESS, &tcp(b, np, TCP_SYN))?.dst == (POD2, 8080));
+        pass(&dp, EGRESS, &tcp((POD2, 8080), b, TCP_SYN | TCP_ACK))?;
+        ensure!(
+            pass(
+                &dp,
+                INGRESS,
+                &packet((CLIENT, 41000), (NODE, 30053), PROTO_UDP, true)
+            )?
+            .dst == (POD2, 5353)
+        );
+        // The old pod still exists: the collector leaves its draining flow alone.
+        let now = monotonic_now_ns();
+        let (plan, _) = maps.collect_ct(now, &local_pods(&[POD, POD2])?)?;
+        ensure!(plan.is_empty(), "{plan:?}");
+
+        // FIN both ways: CLOSING in both entries.
+        pass(&dp, INGRESS, &tcp(a, np, TCP_FIN | TCP_ACK))?;
+        ensure!(
+            flow_states(&maps, PROTO_TCP, POD, 8080)? == [(CT_STATE_ESTABLISHED, CT_FIN_ORIG); 2]
+        );
+        pass(&dp, EGRESS, &tcp((POD, 8080), a, TCP_FIN | TCP_ACK))?;
+        let both = CT_FIN_ORIG | CT_FIN_REPLY;
+        ensure!(flow_states(&maps, PROTO_TCP, POD, 8080)? == [(CT_STATE_CLOSING, both); 2]);
+        ensure!(pass(&dp, INGRESS, &tcp(a, np, TCP_ACK))?.dst == (POD, 8080));
+
+        // Collection: nothing is due yet; past the close lifetime the closed flow goes and
+        // nothing else; past the unanswered-UDP lifetime the UDP flow goes; the established
+        // flow stays.
+        let owners = local_pods(&[POD, POD2])?;
+        let now = monotonic_now_ns();
+        ensure!(maps.collect_ct(now, &owners)?.0.is_empty());
+        let (plan, scanned) = maps.collect_ct(now + 11 * SEC, &owners)?;
+        ensure!(
+            scanned == 6 && plan.expired.len() == 2 && plan.orphaned.is_empty(),
+            "{scanned} {plan:?}"
+        );
+        ensure!(flow_states(&maps, PROTO_TCP, POD, 8080)?.is_empty());
+        let (plan, _) = maps.collect_ct(now + 31 * SEC, &owners)?;
+        ensure!(plan.expired.len() == 2, "{plan:?}");
+        ensure!(flow_states(&maps, PROTO_UDP, POD2, 5353)?.is_empty());
+        ensure!(flow_states(&maps, PROTO_TCP, POD2, 8080)? == [(CT_STATE_ESTABLISHED, 0); 2]);
+
+        // A SYN reusing the tuple of a closed flow opens a new one.
+        pass(&dp, INGRESS, &tcp(b, np, TCP_FIN | TCP_ACK))?;
+        pass(&dp, EGRESS, &tcp((POD2, 8080), b, TCP_FIN | TCP_ACK))?;
+        ensure!(pass(&dp, INGRESS, &tcp(b, np, TCP_SYN))?.dst == (POD2, 8080));
+        ensure!(maps.stats()?[&Reason::CtReopened] == 1);
+        ensure!(flow_states(&maps, PROTO_TCP, POD2, 8080)? == [(CT_STATE_NEW, 0); 2]);
+
+        // POD2 is deleted (its host route gone): its flows are removed at once.
+        let (plan, _) = maps.collect_ct(monotonic_now_ns(), &local_pods(&[POD])?)?;
+        ensure!(
+            plan.orphaned.len() == 2 && plan.expired.is_empty(),
+            "{plan:?}"
+        );
+        ensure!(maps.dump_ct()?.is_empty());
+        Ok(())
+    })
+}
+
+/// A full table drops the first packet of a new flow with `CtMapFull`; tracked flows go on, and
+/// a new flow gets in once entries are freed.
+#[test]
+fn tc_conntrack_full_table_drops_new_flows_with_a_named_reason() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(Some(4))?;
+    nodeport(&mut maps, 1, 30080, PROTO_TCP, &[(POD, 8080)])?;
+    let np = (NODE, 30080);
+    in_netns(&lab.node(0).netns, || {
+        for port in [40000, 40001] {
+            ensure!(pass(&dp, INGRESS, &tcp((CLIENT, port), np, TCP_SYN))?.dst == (POD, 8080));
+        }
+        ensure!(maps.dump_ct()?.len() == 4);
+        let (rc, _) = test_run(&dp, INGRESS, &tcp((CLIENT, 40002), np, TCP_SYN))?;
+        ensure!(rc == TC_ACT_SHOT, "a new flow into a full table: {rc}");
+        ensure!(maps.stats()?[&Reason::CtMapFull] == 1);
+        ensure!(maps.dump_ct()?.len() == 4, "a half-written flow was left");
+        // Tracked flows are untouched by the pressure.
+        ensure!(pass(&dp, INGRESS, &tcp((CLIENT, 40000), np, TCP_ACK))?.dst == (POD, 8080));
+        // A reset frees a flow; the retried SYN gets in.
+        pass(&dp, INGRESS, &tcp((CLIENT, 40000), np, TCP_RST | TCP_ACK))?;
+        ensure!(maps.dump_ct()?.len() == 2);
+        ensure!(pass(&dp, INGRESS, &tcp((CLIENT, 40002), np, TCP_SYN))?.dst == (POD, 8080));
+        Ok(())
+    })
+}
+
+/// Backends are chosen by a hash of the flow's tuple: a flow whose entries were lost lands on
+/// the same backend again while the backend set is unchanged; different flows spread.
+#[test]
+fn tc_backend_choice_is_consistent_per_flow() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(None)?;
+    let pods: Vec<(Ipv4Addr, u16)> = (5..9)
+        .map(|i| (Ipv4Addr::new(10, 244, 0, i), 8080))
+        .collect();
+    nodeport(&mut maps, 1, 30080, PROTO_TCP, &pods)?;
+    let np = (NODE, 30080);
+    in_netns(&lab.node(0).netns, || {
+        let mut chosen = std::collections::BTreeSet::new();
+        for (client, port) in
+            (0..16u16).map(|i| (if i % 2 == 0 { CLIENT } else { CLIENT2 }, 42000 + i))
+        {
+            let first = pass(&dp, INGRESS, &tcp((client, port), np, TCP_SYN))?.dst;
+            // The flow is lost (a reset removes it) and the client tries the same tuple again.
+            pass(&dp, INGRESS, &tcp((client, port), np, TCP_RST))?;
+            let again = pass(&dp, INGRESS, &tcp((client, port), np, TCP_SYN))?.dst;
+            ensure!(first == again, "{client}:{port}: {first:?} then {again:?}");
+            chosen.insert(first);
+        }
+        ensure!(chosen.len() >= 2, "16 flows all on {chosen:?}");
+        Ok(())
+    })
 }

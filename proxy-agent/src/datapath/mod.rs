@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  <bpffs-dir>/TWL_SVC_V1 … TWL_STATS_V1   pinned maps (adopted by the next agent as they are)
-//!  <bpffs-dir>/link_twill_connect4 …       pinned cgroup links (keep the hooks attached while
+//!  <bpffs-dir>/link_twill_connect4 …6      pinned cgroup links (keep the hooks attached while
 //!                                          no agent runs; a new agent swaps their program in
 //!                                          place with BPF_LINK_UPDATE, leaving no gap)
 //!  <bpffs-dir>/link_tc_<dev>_twill_tc_ingress / _egress   pinned tcx links, same treatment
@@ -39,7 +39,7 @@ use aya::{
 use twill_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, IpCacheKey, NodeAddrValue,
     PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, STATS_MAX, ServiceKey, ServiceValue,
-    SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey,
+    SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 pub use self::{
@@ -47,7 +47,7 @@ pub use self::{
     pods::{PodLinkReport, is_pod_veth},
     policy_maps::AyaPolicyMaps,
     sockdestroy::DestroyReport,
-    sys::monotonic_now_ns,
+    sys::{current_netns_cookie, monotonic_now_ns},
 };
 
 /// The kernel object built by `build.rs` from `proxy-ebpf`.
@@ -55,11 +55,16 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// The socket-level programs and the cgroup hook each one is attached to (attach type numbers
 /// from `enum bpf_attach_type`, used to recognise our pinned links).
+/// The IPv6 hooks serve AF_INET6 sockets talking to IPv4-mapped addresses.
 pub const SOCK_PROGRAMS: &[(&str, u32)] = &[
     ("twill_connect4", 10),     // BPF_CGROUP_INET4_CONNECT
     ("twill_sendmsg4", 14),     // BPF_CGROUP_UDP4_SENDMSG
     ("twill_recvmsg4", 19),     // BPF_CGROUP_UDP4_RECVMSG
     ("twill_getpeername4", 29), // BPF_CGROUP_INET4_GETPEERNAME
+    ("twill_connect6", 11),     // BPF_CGROUP_INET6_CONNECT
+    ("twill_sendmsg6", 15),     // BPF_CGROUP_UDP6_SENDMSG
+    ("twill_recvmsg6", 20),     // BPF_CGROUP_UDP6_RECVMSG
+    ("twill_getpeername6", 30), // BPF_CGROUP_INET6_GETPEERNAME
 ];
 
 /// The per-packet programs and their tcx hooks (`BPF_TCX_INGRESS` = 46, `BPF_TCX_EGRESS` = 47).
@@ -108,12 +113,6 @@ pub enum DatapathError {
          version: run `twill-agent uninstall` (or remove the pin) and restart"
     )]
     PinnedMapIncompatible { path: PathBuf, detail: String },
-    #[error("duplicating the handle of map {name}")]
-    DupMap {
-        name: &'static str,
-        #[source]
-        source: io::Error,
-    },
     #[error("the eBPF object has no program named {0}")]
     MissingProgram(&'static str),
     #[error("program {name}: {action} failed")]
@@ -192,6 +191,7 @@ pub struct MapSizes {
     pub policy_endpoints: u32,
     pub ipcache: u32,
     pub policy: u32,
+    pub udp_flows: u32,
 }
 
 impl Default for MapSizes {
@@ -208,6 +208,7 @@ impl Default for MapSizes {
             policy_endpoints: twill_common::DEFAULT_POLICY_ENDPOINTS_MAX,
             ipcache: twill_common::DEFAULT_IPCACHE_MAX,
             policy: twill_common::DEFAULT_POLICY_MAX,
+            udp_flows: twill_common::DEFAULT_UDP_FLOWS_MAX,
         }
     }
 }
@@ -277,7 +278,11 @@ pub struct Datapath {
 }
 
 /// Expected layout of each map: (name, type, key size, value size, requested max entries).
-fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 13] {
+#[expect(
+    clippy::too_many_lines,
+    reason = "a table: one row per map of twill_common::ALL_MAPS"
+)]
+fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 14] {
     use std::mem::size_of;
     [
         (
@@ -338,7 +343,7 @@ fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32);
         ),
         (
             twill_common::MAP_CT,
-            MapType::LruHash,
+            MapType::Hash,
             size_of::<CtKey>(),
             size_of::<CtValue>(),
             sizes.ct,
@@ -350,6 +355,13 @@ fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32);
             size_of::<u32>() + size_of::<SrcRangeKey>(),
             size_of::<u8>(),
             sizes.lb_src_ranges,
+        ),
+        (
+            twill_common::MAP_UDP_FLOWS,
+            MapType::LruHash,
+            size_of::<UdpFlowKey>(),
+            size_of::<AffinityValue>(),
+            sizes.udp_flows,
         ),
         (
             twill_common::MAP_POLICY_ENDPOINTS,
@@ -474,8 +486,8 @@ impl Datapath {
         &self.adopted
     }
 
-    /// Attaches the socket-level programs (connect4, sendmsg4, recvmsg4, getpeername4) to the
-    /// cgroup-v2 directory `cgroup`. When pinning, a link an earlier agent pinned for the same
+    /// Attaches the socket-level programs (connect, sendmsg, recvmsg, getpeername; IPv4 and IPv6)
+    /// to the cgroup-v2 directory `cgroup`. When pinning, a link an earlier agent pinned for the same
     /// cgroup and hook gets this agent's program swapped in atomically; a pinned link for another
     /// cgroup (configuration changed) or a defunct one (cgroup removed) is replaced.
     pub fn attach_cgroup(
@@ -708,25 +720,10 @@ impl Datapath {
         })
     }
 
-    /// The NetworkPolicy maps (the [`PolicyMaps`](crate::policy::PolicyMaps) implementation)
-    /// and a handle on the shared conntrack table for collecting policy flows. Takes the policy
-    /// maps out of the loaded object, so call it once; works before or after
-    /// [`Datapath::lb_maps`] (which takes the conntrack table).
+    /// The NetworkPolicy maps (the [`PolicyMaps`](crate::policy::PolicyMaps) implementation).
+    /// Takes them out of the loaded object, so call it once.
     pub fn policy_maps(&mut self) -> Result<AyaPolicyMaps, DatapathError> {
-        let ct = match self.ebpf.map(twill_common::MAP_CT) {
-            Some(map) => Some(shared_map(map)?),
-            None => match &self.opts.bpffs_dir {
-                Some(dir) => Some(open_pinned_map(dir, twill_common::MAP_CT)?),
-                None => None,
-            },
-        };
-        let mut ct = ct;
-        AyaPolicyMaps::from_maps(|name| {
-            if name == twill_common::MAP_CT {
-                return Ok(ct.take());
-            }
-            Ok(self.ebpf.take_map(name))
-        })
+        AyaPolicyMaps::from_maps(|name| Ok(self.ebpf.take_map(name)))
     }
 
     /// Removes every pin Twill made under `bpffs_dir` (links first: the hooks detach as soon as
@@ -750,7 +747,10 @@ impl Datapath {
             }
         };
         link_pins.sort();
-        let map_pins = twill_common::ALL_MAPS.iter().map(|n| bpffs_dir.join(n));
+        let map_pins = twill_common::ALL_MAPS
+            .iter()
+            .chain(twill_common::RETIRED_MAPS)
+            .map(|n| bpffs_dir.join(n));
         for path in link_pins.into_iter().chain(map_pins) {
             match std::fs::remove_file(&path) {
                 Ok(()) => removed.push(path),
@@ -785,33 +785,6 @@ pub(crate) fn open_pinned_map(
         source,
     })?;
     aya::maps::Map::from_map_data(data).map_err(|source| DatapathError::OpenPinned { path, source })
-}
-
-/// A second handle on a map of the loaded object (a duplicated fd), for a map two owners use.
-fn shared_map(map: &aya::maps::Map) -> Result<aya::maps::Map, DatapathError> {
-    use aya::maps::Map;
-    let (Map::HashMap(data) | Map::LruHashMap(data)) = map else {
-        return Err(DatapathError::MapType {
-            name: twill_common::MAP_CT,
-            source: aya::maps::MapError::InvalidMapType { map_type: 0 },
-        });
-    };
-    let fd = data
-        .fd()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|source| DatapathError::DupMap {
-            name: twill_common::MAP_CT,
-            source,
-        })?;
-    let data = aya::maps::MapData::from_fd(fd).map_err(|source| DatapathError::MapType {
-        name: twill_common::MAP_CT,
-        source,
-    })?;
-    Map::from_map_data(data).map_err(|source| DatapathError::MapType {
-        name: twill_common::MAP_CT,
-        source,
-    })
 }
 
 fn tc_pin_name(ifname: &str, prog: &str) -> String {

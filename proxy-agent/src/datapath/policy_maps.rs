@@ -1,14 +1,10 @@
 //! [`AyaPolicyMaps`]: the kernel implementation of the [`PolicyMaps`] seam (the three
-//! NetworkPolicy maps), plus the policy-scope view of the shared conntrack table the agent
-//! collects expired entries from.
+//! NetworkPolicy maps).
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
-use twill_common::{
-    CT_SCOPE_POLICY, CtKey, CtValue, IpCacheKey, PeerIdentity, PolicyEndpoint, PolicyKey,
-    PolicyVerdict,
-};
+use twill_common::{IpCacheKey, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict};
 use twill_core::policy::LpmKey;
 
 use super::DatapathError;
@@ -21,17 +17,7 @@ pub struct AyaPolicyMaps {
     endpoints: HashMap<MapData, u32, PolicyEndpoint>,
     ipcache: LpmTrie<MapData, IpCacheKey, PeerIdentity>,
     policy: LpmTrie<MapData, PolicyKey, PolicyVerdict>,
-    /// The shared conntrack table (`TWL_CT_V1`); only `CT_SCOPE_POLICY` entries are touched.
-    ct: HashMap<MapData, CtKey, CtValue>,
     capacity: BTreeMap<MapKind, u32>,
-}
-
-/// What one conntrack sweep found and removed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CtSweep {
-    /// Policy-scope entries seen.
-    pub entries: usize,
-    pub removed: usize,
 }
 
 impl AyaPolicyMaps {
@@ -53,12 +39,10 @@ impl AyaPolicyMaps {
         )?;
         let ipcache = typed(twill_common::MAP_IPCACHE, take(MapKind::IpCache)?)?;
         let policy = typed(twill_common::MAP_POLICY, take(MapKind::Policy)?)?;
-        let ct = typed(twill_common::MAP_CT, take(MapKind::Ct)?)?;
         Ok(Self {
             endpoints,
             ipcache,
             policy,
-            ct,
             capacity,
         })
     }
@@ -71,35 +55,6 @@ impl AyaPolicyMaps {
     /// `max_entries` of each map.
     pub fn capacities(&self) -> &BTreeMap<MapKind, u32> {
         &self.capacity
-    }
-
-    /// Every policy-scope conntrack entry (the flows NetworkPolicy let through).
-    pub fn dump_ct(&self) -> Result<Vec<(CtKey, CtValue)>, MapError> {
-        Ok(collect(&self.ct, MapKind::Ct)?
-            .into_iter()
-            .filter(|(k, _)| k.scope == CT_SCOPE_POLICY)
-            .collect())
-    }
-
-    /// Removes the policy-scope conntrack entries `expired` says are done (given the entry and
-    /// the current `CLOCK_MONOTONIC` time).
-    pub fn sweep_ct(
-        &mut self,
-        now_ns: u64,
-        expired: impl Fn(&CtKey, &CtValue, u64) -> bool,
-    ) -> Result<CtSweep, MapError> {
-        let entries = self.dump_ct()?;
-        let mut sweep = CtSweep {
-            entries: entries.len(),
-            removed: 0,
-        };
-        for (k, v) in entries {
-            if expired(&k, &v, now_ns) {
-                remove(&mut self.ct, &k, MapKind::Ct)?;
-                sweep.removed += 1;
-            }
-        }
-        Ok(sweep)
     }
 }
 

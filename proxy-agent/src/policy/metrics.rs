@@ -20,8 +20,6 @@ pub struct PolicyMetrics {
     /// Pod veths carrying the policy programs.
     pub pod_links: Gauge,
     pub pod_link_errors: Counter,
-    /// Policy conntrack entries collected as expired.
-    pub ct_expired: Counter,
 }
 
 impl PolicyMetrics {
@@ -36,7 +34,6 @@ impl PolicyMetrics {
             sync_errors: Counter::default(),
             pod_links: Gauge::default(),
             pod_link_errors: Counter::default(),
-            ct_expired: Counter::default(),
         };
         registry.register(
             "twill_policy_sync_duration_seconds",
@@ -77,11 +74,6 @@ impl PolicyMetrics {
             "twill_pod_link_errors",
             "Failed attaches of the NetworkPolicy programs to pod veths",
             m.pod_link_errors.clone(),
-        );
-        registry.register(
-            "twill_policy_ct_expired",
-            "NetworkPolicy conntrack entries collected after their idle timeout",
-            m.ct_expired.clone(),
         );
         m
     }

@@ -1,29 +1,21 @@
 //! NetworkPolicy's part of the agent's run loop: the policy compile + apply after each Service
-//! sync, the pod veths' programs on link events and every resync, and the conntrack sweep.
+//! sync, and the pod veths' programs on link events and every resync. (Policy conntrack entries
+//! are expired by the table's one collector, `crate::ctgc`.)
 use std::sync::{Arc, RwLock};
 
 use super::links::{LinksError, PodVeths};
-use super::{PolicyReconciler, PolicySyncer, ct, node_addresses};
+use super::{PolicyReconciler, PolicySyncer, node_addresses};
 use crate::api::Published;
-use crate::datapath::{AyaPolicyMaps, Datapath, monotonic_now_ns};
+use crate::datapath::{AyaPolicyMaps, Datapath};
 use crate::metrics::Metrics;
 use crate::node_net::NetworkState;
 use crate::source::Stores;
 use crate::source::manifests::error_chain;
 
-/// What woke the policy task.
-pub enum PolicyEvent {
-    /// A pod veth appeared, was renamed or went.
-    Links,
-    /// Time to collect expired conntrack entries.
-    Sweep,
-}
-
 pub struct PolicyTask {
     node_name: String,
     syncer: PolicySyncer<AyaPolicyMaps>,
     veths: PodVeths,
-    sweep: tokio::time::Interval,
     metrics: Arc<Metrics>,
     published: Arc<RwLock<Published>>,
 }
@@ -37,13 +29,10 @@ impl PolicyTask {
         metrics: &Arc<Metrics>,
         published: &Arc<RwLock<Published>>,
     ) -> Result<Self, LinksError> {
-        let mut sweep = tokio::time::interval(ct::SWEEP_PERIOD);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let task = Self {
             node_name: cfg.node_name.clone(),
             syncer: PolicySyncer::new(cfg.node_name.clone(), reconciler),
             veths: PodVeths::start()?,
-            sweep,
             metrics: metrics.clone(),
             published: published.clone(),
         };
@@ -51,19 +40,9 @@ impl PolicyTask {
         Ok(task)
     }
 
-    /// The next link event or sweep time.
-    pub async fn next_event(&mut self) -> PolicyEvent {
-        tokio::select! {
-            () = self.veths.changed() => PolicyEvent::Links,
-            _ = self.sweep.tick() => PolicyEvent::Sweep,
-        }
-    }
-
-    pub async fn handle(&mut self, event: PolicyEvent, datapath: &mut Datapath) {
-        match event {
-            PolicyEvent::Links => self.sync_links(datapath).await,
-            PolicyEvent::Sweep => self.sweep_ct(),
-        }
+    /// Resolves when a pod veth appeared, was renamed or went.
+    pub async fn links_changed(&self) {
+        self.veths.changed().await;
     }
 
     /// Brings the policy programs onto exactly the pod veths that exist now.
@@ -91,24 +70,6 @@ impl PolicyTask {
             .policy
             .pod_links
             .set(i64::try_from(datapath.pod_links().len()).unwrap_or(i64::MAX));
-    }
-
-    /// Removes expired NetworkPolicy conntrack entries.
-    fn sweep_ct(&mut self) {
-        let metrics = &self.metrics;
-        let maps = self.syncer.reconciler_mut().maps_mut();
-        match maps.sweep_ct(monotonic_now_ns(), ct::expired) {
-            Ok(sweep) => {
-                metrics
-                    .policy
-                    .ct_expired
-                    .inc_by(u64::try_from(sweep.removed).unwrap_or(u64::MAX));
-            }
-            Err(e) => log::warn!(
-                "sweeping NetworkPolicy conntrack entries: {}",
-                error_chain(&e)
-            ),
-        }
     }
 
     /// Compiles and applies what changed, then hands the compiled state to the API.

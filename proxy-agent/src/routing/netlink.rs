@@ -25,8 +25,8 @@ use rtnetlink::{
 };
 
 use super::{
-    HostLink, HostNetwork, MasqueradeRules, PeerVia, ROUTE_PROTO_TWILL, RoutePlan, RoutingConfig,
-    RoutingError, VXLAN_DEVICE, VxlanDevicePlan, plan_routes,
+    HostLink, HostNetwork, PeerVia, ROUTE_PROTO_TWILL, RoutePlan, RoutingConfig, RoutingError,
+    VXLAN_DEVICE, VxlanDevicePlan, nft, plan_routes,
 };
 
 /// What an `apply` changed (all zero when the kernel already matched the plan).
@@ -190,8 +190,8 @@ impl RouteExecutor {
             report.device_removed = true;
         }
         match &plan.masquerade {
-            Some(rules) => rules.apply().await?,
-            None => MasqueradeRules::remove().await?,
+            Some(rules) => nft::apply(rules).await?,
+            None => nft::remove().await?,
         }
         Ok(report)
     }
@@ -210,7 +210,7 @@ impl RouteExecutor {
             report.routes_removed += 1;
         }
         report.device_removed = self.remove_vxlan().await?;
-        MasqueradeRules::remove().await?;
+        nft::remove().await?;
         Ok(report)
     }
 
@@ -224,6 +224,20 @@ impl RouteExecutor {
             .collect();
         out.sort();
         Ok(out)
+    }
+
+    /// Destinations of every `/32` route of the main table: among them each local pod's host
+    /// route (the CNI plugin adds one per pod; it goes with the pod's veth). For the
+    /// conntrack collector's [`crate::ctgc::LocalPods`].
+    pub async fn host_route_destinations(&self) -> Result<Vec<Ipv4Addr>, RoutingError> {
+        Ok(self
+            .main_routes()
+            .await?
+            .iter()
+            .filter(|r| r.header.destination_prefix_length == 32)
+            .filter_map(parse_route)
+            .map(|r| r.dst.ip())
+            .collect())
     }
 
     async fn main_routes(&self) -> Result<Vec<RouteMessage>, RoutingError> {

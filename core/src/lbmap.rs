@@ -31,6 +31,8 @@ pub enum MapKind {
     IpCache,
     /// NetworkPolicy: allowed (endpoint, direction, identity, protocol, port) prefixes.
     Policy,
+    /// Unconnected UDP flow stickiness (socket path).
+    UdpFlows,
 }
 
 impl MapKind {
@@ -49,6 +51,7 @@ impl MapKind {
             MapKind::PolicyEndpoints => twill_common::MAP_POLICY_ENDPOINTS,
             MapKind::IpCache => twill_common::MAP_IPCACHE,
             MapKind::Policy => twill_common::MAP_POLICY,
+            MapKind::UdpFlows => twill_common::MAP_UDP_FLOWS,
         }
     }
 }

@@ -16,12 +16,12 @@
 //! `--install-no-conntrack-iptables-rules` does). Traffic to or from node addresses (hostPorts,
 //! probes, masqueraded replies arriving for the node IP) stays tracked. A NetworkPolicy engine
 //! that matches on conntrack state between pods would see these packets as untracked.
-use std::{fmt::Write as _, process::Stdio};
+//!
+//! This module only renders the script (pure, shared with the lab's benchmark peers);
+//! twill-agent's `routing::nft` feeds it to `nft -f` inside the node's namespace.
+use std::fmt::Write as _;
 
 use ipnetwork::Ipv4Network;
-use tokio::io::AsyncWriteExt as _;
-
-use super::RoutingError;
 
 /// nftables table (family `ip`) the agent owns entirely.
 pub const NFT_TABLE: &str = "twill";
@@ -86,46 +86,10 @@ impl MasqueradeRules {
         s
     }
 
-    /// Replaces the agent's table in the current network namespace.
-    pub async fn apply(&self) -> Result<(), RoutingError> {
-        nft(&self.render()).await
+    /// The `nft -f` script that removes the agent's table (no error when it is absent).
+    pub fn render_remove() -> String {
+        format!("table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n")
     }
-
-    /// Removes the agent's table (no error when it is absent).
-    pub async fn remove() -> Result<(), RoutingError> {
-        nft(&format!(
-            "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
-        ))
-        .await
-    }
-}
-
-async fn nft(script: &str) -> Result<(), RoutingError> {
-    let mut child = tokio::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(RoutingError::NftSpawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .await
-            .map_err(RoutingError::NftSpawn)?;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(RoutingError::NftSpawn)?;
-    if !out.status.success() {
-        return Err(RoutingError::NftFailed {
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
 }
 
 /// Drops every network contained in another one and sorts by address, in O(n log n): CIDR
@@ -204,6 +168,15 @@ mod tests {
              \t\tip saddr @pod_cidrs ip daddr @pod_cidrs notrack\n\t}\n\
              \tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
              \t\tip saddr @pod_sources ip daddr != @no_masquerade masquerade\n\t}\n}\n"
+        );
+    }
+
+    #[test]
+    fn removal_script_tolerates_a_missing_table() {
+        // Declaring the table first makes the delete succeed whether or not it exists.
+        assert_eq!(
+            MasqueradeRules::render_remove(),
+            "table ip twill\ndelete table ip twill\n"
         );
     }
 

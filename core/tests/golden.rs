@@ -1,7 +1,7 @@
 //! Golden tests of the compiler: `tests/golden/<case>.yaml` (multi-document YAML of Services,
 //! `EndpointSlices`, a Node and an optional `CompileConfig`) → `tests/golden/<case>.dump`, the text
 //! `twill-agent debug maps` prints, plus the health-check lines. Regenerate with
-//! `TWILL_BLESS=1 cargo test -p twill-agent --test golden` and review the diff.
+//! `TWILL_BLESS=1 cargo test -p twill-core --test golden` and review the diff.
 //!
 //! Each case also checks that the output does not depend on input order and that applying the
 //! compiled state to the fake maps and dumping it back renders the same text.
@@ -13,9 +13,11 @@ use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize as _;
-use twill_agent::compile::{CompileConfig, Compiled, IdAllocation, Inputs, compile, render_dump};
-use twill_agent::lbmap::{FakeLbMaps, LbMaps};
-use twill_agent::reconcile::Reconciler;
+use twill_core::compile::{
+    CompileConfig, Compiled, IdAllocation, Inputs, all_node_ips, compile, render_dump,
+};
+use twill_core::lbmap::{FakeLbMaps, LbMaps};
+use twill_core::reconcile::Reconciler;
 
 #[derive(Default)]
 struct Case {
@@ -39,6 +41,9 @@ struct TestConfig {
     node_port_cidrs: Vec<String>,
     #[serde(default)]
     node_port_range: Option<[u16; 2]>,
+    /// Other Nodes' addresses (the case's Node adds its own).
+    #[serde(default, rename = "nodeIPs")]
+    node_ips: Vec<Ipv4Addr>,
 }
 
 fn load(path: &Path) -> Case {
@@ -74,6 +79,7 @@ fn load(path: &Path) -> Case {
                 if let Some([lo, hi]) = t.node_port_range {
                     c.nodeport_range = lo..=hi;
                 }
+                c.node_ips = t.node_ips;
                 case.config = Some(c);
             }
             other => panic!("{}: unexpected kind {other:?}", path.display()),
@@ -148,10 +154,14 @@ fn golden() {
     let mut failures = Vec::new();
     for path in &cases {
         let case = load(path);
-        let config = case
+        let mut config = case
             .config
             .clone()
             .unwrap_or_else(|| CompileConfig::new("node-a"));
+        // As the agent does: every Node's addresses, the case's Node among them.
+        config.node_ips.extend(all_node_ips(case.node.as_ref()));
+        config.node_ips.sort_unstable();
+        config.node_ips.dedup();
         let compiled = run(&case, &config, false);
         let got = render(&compiled);
 

@@ -75,6 +75,39 @@ pub struct ParsedService {
     pub publish_not_ready: bool,
     pub source_ranges: Vec<Ipv4Network>,
     pub health_check_node_port: Option<u16>,
+    /// External and load-balancer addresses no Service may take ([`special_address`]), left out
+    /// of `external_ips`/`lb_ips`; the compiler reports each while programming the rest.
+    pub refused: Vec<RefusedAddress>,
+}
+
+/// An address a Service asked for as an external frontend and did not get.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedAddress {
+    pub field: &'static str,
+    pub addr: Ipv4Addr,
+    /// What the address is (`"loopback"`, `"a node address"`...).
+    pub why: &'static str,
+}
+
+/// Why `ip` can never be an externalIP or LoadBalancer IP, if it cannot: capturing it would take
+/// traffic that is not any Service's (loopback, the pods' link-local gateway 169.254.1.1,
+/// multicast), and the unspecified address would become the `NodePort` wildcard key (address 0)
+/// in the services map.
+pub fn special_address(ip: Ipv4Addr) -> Option<&'static str> {
+    let o = ip.octets();
+    if o[0] == 0 {
+        Some("unspecified (0.0.0.0/8)")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_link_local() {
+        Some("link-local")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if ip.is_broadcast() {
+        Some("broadcast")
+    } else {
+        None
+    }
 }
 
 /// A Service as the stores keep it: checked once when it arrives, so the Kubernetes object can
@@ -353,10 +386,20 @@ fn service_inner(
         return Ok(None);
     }
 
+    let mut refused = Vec::new();
+    let mut admit_external =
+        |ip: Ipv4Addr, field: &'static str, into: &mut Vec<Ipv4Addr>| match special_address(ip) {
+            Some(why) => refused.push(RefusedAddress {
+                field,
+                addr: ip,
+                why,
+            }),
+            None => into.push(ip),
+        };
     let mut external_ips = Vec::new();
     for raw in spec.external_ips.as_deref().unwrap_or_default() {
         if let Some(ip) = ipv4_of(raw, "spec.externalIPs")? {
-            external_ips.push(ip);
+            admit_external(ip, "spec.externalIPs", &mut external_ips);
         }
     }
     let mut lb_ips = Vec::new();
@@ -375,7 +418,7 @@ fn service_inner(
             if let Some(raw) = ing.ip.as_deref()
                 && let Some(ip) = ipv4_of(raw, "status.loadBalancer.ingress.ip")?
             {
-                lb_ips.push(ip);
+                admit_external(ip, "status.loadBalancer.ingress.ip", &mut lb_ips);
             }
         }
     }
@@ -383,6 +426,8 @@ fn service_inner(
     external_ips.dedup();
     lb_ips.sort_unstable();
     lb_ips.dedup();
+    refused.sort_unstable_by_key(|r| (r.field, r.addr));
+    refused.dedup();
 
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
         None | Some("" | "None") => None,
@@ -464,6 +509,7 @@ fn service_inner(
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
         source_ranges,
         health_check_node_port,
+        refused,
     }))
 }
 
@@ -666,4 +712,22 @@ pub(crate) fn node_addrs(
     addrs.sort_unstable();
     addrs.dedup();
     addrs
+}
+
+/// Every Node's `InternalIP` and `ExternalIP` IPv4 addresses, sorted and deduplicated: the
+/// addresses no Service may take as an external frontend ([`CompileConfig::node_ips`]). Malformed
+/// addresses are skipped here; the routing plan reports its Nodes' errors.
+pub fn all_node_ips<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = nodes
+        .into_iter()
+        .filter_map(|n| n.status.as_ref()?.addresses.as_deref())
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        // A malformed address is reported where the Node itself is parsed; here it only means
+        // one address fewer to refuse.
+        .filter_map(|a| ipv4_of(&a.address, "status.addresses").unwrap_or_default())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }

@@ -439,3 +439,120 @@ fn endpoints_without_node_name_are_local_by_pod_cidr() {
         "nodeName names another node"
     );
 }
+
+fn group(svc: Option<&Service>, ns: &str, name: &str) -> ServiceGroup {
+    let mut interner = Interner::default();
+    ServiceGroup {
+        namespace: ns.into(),
+        name: name.into(),
+        service: svc.map(|s| Arc::new(ServiceInput::parse(s, &mut interner))),
+        slices: Vec::new(),
+    }
+}
+
+fn in_ns(mut s: Service, ns: &str) -> Service {
+    s.metadata.namespace = Some(ns.into());
+    s
+}
+
+/// The issue-12 hijack, change by change: an externalIP equal to another Service's ClusterIP
+/// never takes that frontend while the ClusterIP exists, whichever Service came first and
+/// however their names sort ("apps" < "kube-system").
+#[test]
+fn a_cluster_ip_wins_over_an_equal_external_ip_incrementally() {
+    let config = CompileConfig::new("node-a");
+    let dns = in_ns(svc("kube-dns", "10.96.0.10"), "kube-system");
+    let mut hijack = in_ns(svc("hijack", "10.96.0.66"), "apps");
+    hijack.spec.as_mut().expect("spec").external_ips = Some(vec!["10.96.0.10".into()]);
+    let key = ServiceKey {
+        addr_be: addr_be(Ipv4Addr::new(10, 96, 0, 10)),
+        port_be: 80u16.to_be(),
+        proto: 6,
+        scope: SCOPE_ANY,
+    };
+    let flags = |c: &Compiler| c.state().services.get(&key).map(|v| v.flags);
+    let conflict = |c: &Compiler| {
+        c.rejected()
+            .iter()
+            .filter(|r| r.reason.metric_label() == "cluster_ip_conflict")
+            .map(|r| format!("{}/{}", r.namespace, r.name))
+            .collect::<Vec<_>>()
+    };
+
+    let mut c = Compiler::new(IdAllocation::default());
+    c.update(
+        &config,
+        None,
+        [group(Some(&dns), "kube-system", "kube-dns")],
+    );
+    assert_eq!(flags(&c), Some(SVC_F_CLUSTER_IP));
+    c.update(&config, None, [group(Some(&hijack), "apps", "hijack")]);
+    assert_eq!(flags(&c), Some(SVC_F_CLUSTER_IP), "the ClusterIP stays");
+    assert_eq!(conflict(&c), ["apps/hijack"]);
+
+    // Without the ClusterIP the address is an ordinary external one; it goes back to the
+    // ClusterIP as soon as that returns.
+    c.update(&config, None, [group(None, "kube-system", "kube-dns")]);
+    assert_eq!(flags(&c), Some(SVC_F_EXTERNAL_IP));
+    assert!(conflict(&c).is_empty());
+    c.update(
+        &config,
+        None,
+        [group(Some(&dns), "kube-system", "kube-dns")],
+    );
+    assert_eq!(flags(&c), Some(SVC_F_CLUSTER_IP));
+    assert_eq!(conflict(&c), ["apps/hijack"]);
+}
+
+/// Addresses that are never Service frontends, and a node's own address, which is refused only
+/// while some Node has it (the Service is replanned when the nodes' addresses change).
+#[test]
+fn special_and_node_addresses_are_refused_as_external_ips() {
+    for (ip, refused) in [
+        ("0.0.0.0", true),
+        ("0.1.2.3", true),
+        ("127.0.0.53", true),
+        ("169.254.1.1", true),
+        ("224.0.0.251", true),
+        ("239.255.255.250", true),
+        ("255.255.255.255", true),
+        ("192.0.2.1", false),
+        ("10.96.0.10", false),
+    ] {
+        let ip: Ipv4Addr = ip.parse().expect("address");
+        assert_eq!(special_address(ip).is_some(), refused, "{ip}");
+    }
+
+    let mut s = svc("web", "10.96.0.20");
+    s.spec.as_mut().expect("spec").external_ips =
+        Some(vec!["172.30.0.12".into(), "192.0.2.20".into()]);
+    let external = |c: &Compiler| -> Vec<Ipv4Addr> {
+        c.state()
+            .services
+            .iter()
+            .filter(|(_, v)| v.flags & SVC_F_EXTERNAL_IP != 0)
+            .map(|(k, _)| addr_from_be(k.addr_be))
+            .collect()
+    };
+    let mut config = CompileConfig::new("node-a");
+    let mut c = Compiler::new(IdAllocation::default());
+    c.update(&config, None, [group(Some(&s), "default", "web")]);
+    assert_eq!(
+        external(&c),
+        [Ipv4Addr::new(172, 30, 0, 12), Ipv4Addr::new(192, 0, 2, 20)]
+    );
+    config.node_ips = vec![Ipv4Addr::new(172, 30, 0, 12)];
+    c.update(&config, None, []);
+    assert_eq!(external(&c), [Ipv4Addr::new(192, 0, 2, 20)]);
+    assert_eq!(
+        c.rejected()
+            .iter()
+            .map(|r| r.reason.metric_label())
+            .collect::<Vec<_>>(),
+        ["refused_address"]
+    );
+    config.node_ips.clear();
+    c.update(&config, None, []);
+    assert_eq!(external(&c).len(), 2);
+    assert!(c.rejected().is_empty());
+}

@@ -5,7 +5,7 @@ use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
 
 use super::{
-    HostLink, HostNetwork, RoutingConfig, RoutingError, RoutingMode, VXLAN_DEVICE, VXLAN_OVERHEAD,
+    HostLink, HostNetwork, PlanError, RoutingConfig, RoutingMode, VXLAN_DEVICE, VXLAN_OVERHEAD,
     masq::MasqueradeRules,
 };
 
@@ -154,15 +154,15 @@ pub fn plan_routes<'a>(
     nodes: impl IntoIterator<Item = &'a Node>,
     config: &RoutingConfig,
     host: &HostNetwork,
-) -> Result<RoutePlan, RoutingError> {
+) -> Result<RoutePlan, PlanError> {
     let nodes: Vec<&Node> = nodes.into_iter().collect();
     let me = nodes
         .iter()
         .copied()
         .find(|n| n.metadata.name.as_deref() == Some(this_node))
-        .ok_or_else(|| RoutingError::ThisNodeMissing(this_node.to_owned()))?;
-    let node_ip = node_internal_ipv4(me)
-        .ok_or_else(|| RoutingError::ThisNodeNoAddress(this_node.to_owned()))?;
+        .ok_or_else(|| PlanError::ThisNodeMissing(this_node.to_owned()))?;
+    let node_ip =
+        node_internal_ipv4(me).ok_or_else(|| PlanError::ThisNodeNoAddress(this_node.to_owned()))?;
     let (local_pod_cidrs, _) = node_pod_cidrs(me);
     let underlay = host.link_holding(node_ip);
     let underlay_mtu = underlay.map_or(1500, |l| l.mtu);
@@ -342,12 +342,12 @@ fn vxlan_device(
     underlay: Option<&HostLink>,
     local_pod_cidrs: &[Ipv4Network],
     config: &RoutingConfig,
-) -> Result<VxlanDevicePlan, RoutingError> {
-    let link = underlay.ok_or(RoutingError::NodeIpNotLocal(node_ip))?;
+) -> Result<VxlanDevicePlan, PlanError> {
+    let link = underlay.ok_or(PlanError::NodeIpNotLocal(node_ip))?;
     let first = local_pod_cidrs
         .first()
         .copied()
-        .ok_or_else(|| RoutingError::ThisNodeNoPodCidr(this_node.to_owned()))?;
+        .ok_or_else(|| PlanError::ThisNodeNoPodCidr(this_node.to_owned()))?;
     Ok(VxlanDevicePlan {
         name: VXLAN_DEVICE.to_owned(),
         vni: config.vxlan_vni,
@@ -557,18 +557,18 @@ mod tests {
     fn this_node_errors_are_typed() {
         assert!(matches!(
             plan_routes("nX", &cluster(), &cfg(RoutingMode::Auto), &host()),
-            Err(RoutingError::ThisNodeMissing(_))
+            Err(PlanError::ThisNodeMissing(_))
         ));
         let nodes = vec![node("n0", None, &["10.244.0.0/24"])];
         assert!(matches!(
             plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host()),
-            Err(RoutingError::ThisNodeNoAddress(_))
+            Err(PlanError::ThisNodeNoAddress(_))
         ));
         // The overlay needs the node IP on a local interface.
         let nodes = vec![node("n0", Some("192.0.2.1"), &["10.244.0.0/24"])];
         assert!(matches!(
             plan_routes("n0", &nodes, &cfg(RoutingMode::Vxlan), &host()),
-            Err(RoutingError::NodeIpNotLocal(_))
+            Err(PlanError::NodeIpNotLocal(_))
         ));
     }
 

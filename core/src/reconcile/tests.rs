@@ -139,6 +139,7 @@ fn state(groups: &[(u32, &[u8], &[u32])]) -> LbState {
         nodeport_min: 30_000,
         nodeport_max: 32_767,
         _pad: 0,
+        host_netns_cookie: 7,
     };
     s
 }
@@ -521,6 +522,7 @@ fn arb_state() -> impl Strategy<Value = LbState> {
                 nodeport_min: 30_000 + cfg,
                 nodeport_max: 32_767,
                 _pad: 0,
+                host_netns_cookie: u64::from(cfg),
             };
             s
         })

@@ -1,6 +1,6 @@
 //! This node's interfaces as values: which device holds the node IP, which subnets are directly
 //! connected, the `--devices` default and the NodePort addresses. Read from netlink by
-//! [`super::RouteExecutor::host_network`]; everything here is pure.
+//! twill-agent's `RouteExecutor::host_network`; everything here is pure.
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;

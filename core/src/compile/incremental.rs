@@ -6,8 +6,10 @@
 //! The result is by construction the from-scratch [`compile`](super::compile) of the same inputs
 //! (which is this compiler fed everything once); `proxy-agent/tests/incremental.rs` checks it
 //! over random sequences of changes. What couples Services is handled explicitly:
-//! - frontend conflicts: the first Service in (namespace, name) order asking for an
-//!   address/port/protocol owns it, so a change of owner replans every Service asking for it;
+//! - frontend conflicts: a Service asking for an address/port/protocol as its ClusterIP owns
+//!   it, else the first Service in (namespace, name) order asking for it, so a change of owner
+//!   replans every Service asking for it; a change of the nodes' addresses (never an external
+//!   frontend) replans the Services asking for an address that came or went;
 //! - ids: freed before new ones are handed out, new ones in sorted key order over every
 //!   recompiled Service, exactly as [`IdAllocation`] does for a whole compile; a Service that
 //!   found the id space full is recompiled on every update until it gets its ids;
@@ -25,9 +27,9 @@ use twill_common::{BE_F_LOCAL, BE_F_TERMINATING, Backend, DatapathConfig, Servic
 
 use super::parse::{ParsedSlice, ServiceInput, SliceInput};
 use super::{
-    BackendKey, Claim, CompileConfig, Compiled, DumpModel, HealthCheck, IdAllocation, ObjectKind,
-    Rejection, ServiceCounts, ServicePortModel, SetKey, addr_be, addr_from_be, build_entries,
-    endpoint_flags, parse, plan_service, service_claims, wanted_ids,
+    BackendKey, Claim, ClaimRank, CompileConfig, Compiled, DumpModel, HealthCheck, IdAllocation,
+    ObjectKind, RankedClaim, Rejection, ServiceCounts, ServicePortModel, SetKey, addr_be,
+    addr_from_be, build_entries, endpoint_flags, parse, plan_service, service_claims, wanted_ids,
 };
 use crate::lbmap::{LbState, StateChanges, StateVersion};
 
@@ -191,8 +193,9 @@ pub struct Compiler {
     config: Option<CompileConfig>,
     ids: IdAllocation,
     groups: BTreeMap<GroupKey, Box<Memo>>,
-    /// Address/port/protocol → the Services asking for it, sorted: the first one owns it.
-    claimants: HashMap<Claim, Vec<GroupKey>>,
+    /// Address/port/protocol → the Services asking for it with their rank, sorted: the first
+    /// one owns it.
+    claimants: HashMap<Claim, Vec<(ClaimRank, GroupKey)>>,
     backends: HashMap<BackendKey, BackendRefs>,
     /// Every rejection with the number of places it comes from (the dump lists it once).
     rejections: BTreeMap<RejKey, (Rejection, u32)>,
@@ -259,6 +262,22 @@ impl Compiler {
         });
         if replan_all {
             dirty.extend(self.groups.keys().cloned());
+        } else if let Some(old) = &old_config
+            && (old.node_ips != config.node_ips
+                || old.nodeport_addresses != config.nodeport_addresses)
+        {
+            // Only Services naming an address that became or stopped being a node's own.
+            let flipped = |ip: &std::net::Ipv4Addr| old.is_node_ip(*ip) != config.is_node_ip(*ip);
+            for (key, memo) in &self.groups {
+                let asks = memo
+                    .service
+                    .as_deref()
+                    .and_then(ServiceInput::parsed)
+                    .is_some_and(|s| s.external_ips.iter().chain(&s.lb_ips).any(flipped));
+                if asks {
+                    dirty.insert(key.clone());
+                }
+            }
         }
         self.config = Some(config.clone());
 
@@ -270,6 +289,7 @@ impl Compiler {
             nodeport_min: *config.nodeport_range.start(),
             nodeport_max: *config.nodeport_range.end(),
             _pad: 0,
+            host_netns_cookie: config.host_netns_cookie,
         };
         let old = std::mem::take(&mut self.node_rejections);
         for key in &old {
@@ -285,11 +305,10 @@ impl Compiler {
         let claims_of = |svc: Option<&ServiceInput>, config: Option<&CompileConfig>| {
             let mut scratch = Vec::new();
             svc.zip(config)
-                .and_then(|(s, c)| s.admit(c, &mut scratch))
-                .map(service_claims)
+                .and_then(|(s, c)| Some(service_claims(s.admit(c, &mut scratch)?, c)))
                 .unwrap_or_default()
         };
-        let mut old_claims: HashMap<GroupKey, Vec<Claim>> = HashMap::new();
+        let mut old_claims: HashMap<GroupKey, Vec<RankedClaim>> = HashMap::new();
         for g in changed {
             let key = (g.namespace, g.name);
             let memo = self.groups.entry(key.clone()).or_default();
@@ -320,24 +339,25 @@ impl Compiler {
             if new == old {
                 continue;
             }
-            for c in old.iter().filter(|c| new.binary_search(c).is_err()) {
+            // A claim whose rank changed is taken out and put back in its new place.
+            for (c, _) in old.iter().filter(|c| new.binary_search(c).is_err()) {
                 if let Some(list) = self.claimants.get_mut(c) {
-                    let was_owner = list.first() == Some(key);
-                    list.retain(|k| k != key);
+                    let was_owner = list.first().is_some_and(|(_, k)| k == key);
+                    list.retain(|(_, k)| k != key);
                     if was_owner {
-                        reclaimed.extend(list.iter().cloned());
+                        reclaimed.extend(list.iter().map(|(_, k)| k.clone()));
                     }
                     if list.is_empty() {
                         self.claimants.remove(c);
                     }
                 }
             }
-            for c in new.iter().filter(|c| old.binary_search(c).is_err()) {
-                let list = self.claimants.entry(*c).or_default();
-                let at = list.partition_point(|k| k < key);
-                list.insert(at, key.clone());
+            for &(c, rank) in new.iter().filter(|c| old.binary_search(c).is_err()) {
+                let list = self.claimants.entry(c).or_default();
+                let at = list.partition_point(|(r, k)| (*r, k) < (rank, key));
+                list.insert(at, (rank, key.clone()));
                 if at == 0 && list.len() > 1 {
-                    reclaimed.extend(list[1..].iter().cloned());
+                    reclaimed.extend(list[1..].iter().map(|(_, k)| k.clone()));
                 }
             }
         }

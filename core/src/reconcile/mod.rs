@@ -15,9 +15,9 @@
 //!
 //! # Driving it
 //! ```
-//! use twill_agent::compile::{CompileConfig, Compiler, IdAllocation};
-//! use twill_agent::lbmap::FakeLbMaps;
-//! use twill_agent::reconcile::Reconciler;
+//! use twill_core::compile::{CompileConfig, Compiler, IdAllocation};
+//! use twill_core::lbmap::FakeLbMaps;
+//! use twill_core::reconcile::Reconciler;
 //!
 //! // At start: adopt whatever a previous agent left pinned, and seed the ids from it so
 //! // backend sets keep their ids (affinity and socket reverse-NAT entries stay valid).
@@ -30,7 +30,7 @@
 //! let changes = compiler.take_changes();
 //! let synced = true;
 //! rec.apply_changes(compiler.state(), &changes, synced)?;
-//! # Ok::<(), twill_agent::reconcile::ReconcileError>(())
+//! # Ok::<(), twill_core::reconcile::ReconcileError>(())
 //! ```
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

@@ -36,7 +36,7 @@ pub use incremental::{Compiler, GroupKey, ServiceGroup, UpdateSummary};
 pub use parse::{
     DEFAULT_AFFINITY_TIMEOUT_S, Interner, LABEL_HEADLESS, LABEL_SERVICE_NAME,
     LABEL_SERVICE_PROXY_NAME, MAX_SLICE_ENDPOINTS, ParsedEndpoint, ParsedPort, ParsedService,
-    ParsedSlice, ServiceInput, SliceInput,
+    ParsedSlice, RefusedAddress, ServiceInput, SliceInput, all_node_ips, special_address,
 };
 
 /// kube-apiserver's default `--service-node-port-range`.
@@ -67,6 +67,12 @@ pub struct CompileConfig {
     /// This node's pod CIDRs (from its Node object): an endpoint without a `nodeName` inside
     /// them is local, since in the routed design only this node's pods hold those addresses.
     pub pod_cidrs: Vec<Ipv4Network>,
+    /// Every Node's `InternalIP` and `ExternalIP` addresses, sorted: no Service may take one as
+    /// an externalIP or LoadBalancer IP (it would capture the node's own ports, its kubelet or
+    /// SSH, from every pod of the cluster). This node's `nodeport_addresses` are refused too.
+    pub node_ips: Vec<Ipv4Addr>,
+    /// The node's own network-namespace cookie, for `DatapathConfig` (loopback NodePorts).
+    pub host_netns_cookie: u64,
 }
 
 impl CompileConfig {
@@ -77,7 +83,14 @@ impl CompileConfig {
             nodeport_cidrs: Vec::new(),
             nodeport_range: DEFAULT_NODEPORT_RANGE,
             pod_cidrs: Vec::new(),
+            node_ips: Vec::new(),
+            host_netns_cookie: 0,
         }
+    }
+
+    /// Whether `ip` is a node's own address (see [`CompileConfig::node_ips`]).
+    pub fn is_node_ip(&self, ip: Ipv4Addr) -> bool {
+        self.node_ips.binary_search(&ip).is_ok() || self.nodeport_addresses.contains(&ip)
     }
 }
 
@@ -171,6 +184,20 @@ pub enum RejectReason {
     OversizedSlice { count: usize, max: usize },
     #[error("frontend {frontend} is already served by {owner}")]
     FrontendConflict { frontend: String, owner: String },
+    #[error(
+        "frontend {frontend} is the ClusterIP of {owner}: a ClusterIP always wins over an \
+         externalIP or LoadBalancer IP equal to it (remove the address from this Service)"
+    )]
+    ClusterIpConflict { frontend: String, owner: String },
+    #[error(
+        "{field}: {addr} is {why} and is never taken as an external address (remove it from \
+         this Service)"
+    )]
+    RefusedAddress {
+        field: &'static str,
+        addr: Ipv4Addr,
+        why: &'static str,
+    },
     #[error("Node is not this node ({0})")]
     NotThisNode(String),
     #[error("no free {0} id left")]
@@ -218,6 +245,8 @@ impl RejectReason {
             RejectReason::DuplicatePortName(_) => "duplicate_port_name",
             RejectReason::OversizedSlice { .. } => "oversized_slice",
             RejectReason::FrontendConflict { .. } => "frontend_conflict",
+            RejectReason::ClusterIpConflict { .. } => "cluster_ip_conflict",
+            RejectReason::RefusedAddress { .. } => "refused_address",
             RejectReason::NotThisNode(_) => "not_this_node",
             RejectReason::IdsExhausted(_) => "ids_exhausted",
             RejectReason::TooManyBackends(_) => "too_many_backends",
@@ -426,6 +455,29 @@ fn claim_of(key: ServiceKey) -> Claim {
     (key.addr_be, key.port_be, key.proto)
 }
 
+/// How strongly a Service claims an address/port/protocol; the lower rank wins, then the
+/// (namespace, name) order. A ClusterIP comes from the API server's allocator, which never gives
+/// one address twice, while any user who may create a Service can write an externalIP: ranking
+/// ClusterIPs first means a Service naming, say, kube-dns's ClusterIP as its externalIP cannot
+/// capture the cluster's DNS, whatever its namespace and name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum ClaimRank {
+    ClusterIp,
+    External,
+}
+
+fn rank_of(kind: FrontendKind) -> ClaimRank {
+    match kind {
+        FrontendKind::ClusterIp => ClaimRank::ClusterIp,
+        FrontendKind::NodePort | FrontendKind::ExternalIp | FrontendKind::LoadBalancer => {
+            ClaimRank::External
+        }
+    }
+}
+
+/// One Service's claim on an address/port/protocol, with its strongest rank.
+type RankedClaim = (Claim, ClaimRank);
+
 struct PlannedPort {
     model: ServicePortModel,
     frontends: Vec<PlannedFrontend>,
@@ -448,7 +500,12 @@ fn frontend_label(key: ServiceKey) -> String {
 }
 
 /// The frontends one Service port asks for, before conflicts with other Services are resolved.
-fn port_frontends(svc: &parse::ParsedService, port: &parse::ParsedPort) -> Vec<PlannedFrontend> {
+/// Nodes' own addresses are left out of the external ones ([`refused_node_ips`] reports them).
+fn port_frontends(
+    svc: &parse::ParsedService,
+    port: &parse::ParsedPort,
+    config: &CompileConfig,
+) -> Vec<PlannedFrontend> {
     let mut frontends = Vec::new();
     let port_be = port.port.to_be();
     for &ip in &svc.cluster_ips {
@@ -476,11 +533,13 @@ fn port_frontends(svc: &parse::ParsedService, port: &parse::ParsedPort) -> Vec<P
     externals.extend(
         svc.external_ips
             .iter()
+            .filter(|ip| !config.is_node_ip(**ip))
             .map(|ip| (addr_be(*ip), port_be, FrontendKind::ExternalIp)),
     );
     externals.extend(
         svc.lb_ips
             .iter()
+            .filter(|ip| !config.is_node_ip(**ip))
             .map(|ip| (addr_be(*ip), port_be, FrontendKind::LoadBalancer)),
     );
     for (addr, p, kind) in externals {
@@ -515,24 +574,47 @@ fn port_frontends(svc: &parse::ParsedService, port: &parse::ParsedPort) -> Vec<P
     frontends
 }
 
-/// Every address/port/protocol a Service asks for, sorted: what [`plan_service`]'s conflict
-/// check is decided on.
-fn service_claims(svc: &parse::ParsedService) -> Vec<Claim> {
-    let mut claims: Vec<Claim> = svc
+/// Every address/port/protocol a Service asks for with the strongest rank it asks with, sorted:
+/// what [`plan_service`]'s conflict check is decided on.
+fn service_claims(svc: &parse::ParsedService, config: &CompileConfig) -> Vec<RankedClaim> {
+    let mut claims: Vec<RankedClaim> = svc
         .ports
         .iter()
-        .flat_map(|p| port_frontends(svc, p))
-        .map(|fe| claim_of(fe.key))
+        .flat_map(|p| port_frontends(svc, p, config))
+        .map(|fe| (claim_of(fe.key), rank_of(fe.kind)))
         .collect();
+    // Sorted by claim then rank: the first of each claim is its strongest.
     claims.sort_unstable();
-    claims.dedup();
+    claims.dedup_by_key(|c| c.0);
     claims
 }
 
+/// The externalIPs and LoadBalancer IPs of `svc` no Service may take: the special addresses
+/// parsing refused and the nodes' own addresses.
+fn refused_addresses(svc: &parse::ParsedService, config: &CompileConfig) -> Vec<RejectReason> {
+    let refused = |field: &'static str, addr: Ipv4Addr, why: &'static str| {
+        RejectReason::RefusedAddress { field, addr, why }
+    };
+    let node_ips = |field: &'static str, ips: &[Ipv4Addr]| {
+        ips.iter()
+            .filter(|ip| config.is_node_ip(**ip))
+            .map(|ip| refused(field, *ip, "a node's own address"))
+            .collect::<Vec<_>>()
+    };
+    let mut out: Vec<RejectReason> = svc
+        .refused
+        .iter()
+        .map(|r| refused(r.field, r.addr, r.why))
+        .collect();
+    out.extend(node_ips("spec.externalIPs", &svc.external_ips));
+    out.extend(node_ips("status.loadBalancer.ingress.ip", &svc.lb_ips));
+    out
+}
+
 /// One Service with its slices, planned: every port's frontends and backend sets. A frontend
-/// whose address/port/protocol `owner` gives to another Service is rejected: the first Service
-/// in (namespace, name) order that asks for one keeps it, rather than a later one silently
-/// overwriting it.
+/// whose address/port/protocol `owner` gives to another Service is rejected: a ClusterIP wins
+/// over any external address equal to it, then the first Service in (namespace, name) order that
+/// asks for one keeps it, rather than a later one silently overwriting it.
 #[expect(
     clippy::too_many_lines,
     reason = "one pass per port: endpoints, sets, frontends, model"
@@ -543,10 +625,18 @@ fn plan_service<'a>(
     svc: &parse::ParsedService,
     slices: &[&parse::ParsedSlice],
     config: &CompileConfig,
-    owner: impl Fn(Claim) -> Option<&'a (Arc<str>, Arc<str>)>,
+    owner: impl Fn(Claim) -> Option<&'a (ClaimRank, (Arc<str>, Arc<str>))>,
     rejected: &mut Vec<Rejection>,
 ) -> (Vec<PlannedPort>, Option<HealthCheck>) {
     let mut planned = Vec::new();
+    for reason in refused_addresses(svc, config) {
+        rejected.push(Rejection {
+            kind: ObjectKind::Service,
+            namespace: namespace.clone(),
+            name: name.clone(),
+            reason,
+        });
+    }
     let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for port in &svc.ports {
         // Endpoints of this port: slice ports match by name and protocol; each slice carries
@@ -596,17 +686,22 @@ fn plan_service<'a>(
         let cluster = select(&eps, svc.publish_not_ready, false);
         let local = select(&eps, svc.publish_not_ready, true);
 
-        let mut frontends = port_frontends(svc, port);
+        let mut frontends = port_frontends(svc, port, config);
         frontends.retain(|fe| match owner(claim_of(fe.key)) {
-            Some(o) if o.0 != *namespace || o.1 != *name => {
+            Some((rank, o)) if o.0 != *namespace || o.1 != *name => {
+                let frontend = frontend_label(fe.key);
+                let owner = format!("{}/{}", o.0, o.1);
+                let reason = if *rank == ClaimRank::ClusterIp && fe.kind != FrontendKind::ClusterIp
+                {
+                    RejectReason::ClusterIpConflict { frontend, owner }
+                } else {
+                    RejectReason::FrontendConflict { frontend, owner }
+                };
                 rejected.push(Rejection {
                     kind: ObjectKind::Service,
                     namespace: namespace.clone(),
                     name: name.clone(),
-                    reason: RejectReason::FrontendConflict {
-                        frontend: frontend_label(fe.key),
-                        owner: format!("{}/{}", o.0, o.1),
-                    },
+                    reason,
                 });
                 false
             }
