@@ -15,6 +15,7 @@
 //!            dport'), flow state, last packet; one entry per direction of a per-packet
 //!            (north-south) translated flow; expired by state (`ct_lifetime_ns`)
 //!  LB_SRC_RANGES (LPM: svc_id, client prefix) ──► allowed (loadBalancerSourceRanges)
+//!  FRAGS     (saddr, daddr, IP id, proto) ──► ports of a fragmented datagram's first fragment
 //! ```
 
 // Map names. BPF object names are limited to 15 bytes plus NUL (BPF_OBJ_NAME_LEN), so keep them
@@ -32,6 +33,7 @@ pub const MAP_STATS: &str = "TWL_STATS_V1";
 pub const MAP_CT: &str = "TWL_CT_V1";
 pub const MAP_LB_SRC_RANGES: &str = "TWL_LBSRC_V1";
 pub const MAP_UDP_FLOWS: &str = "TWL_UDPFLOW_V1";
+pub const MAP_FRAGS: &str = "TWL_FRAG_V1";
 
 /// Every map the kernel object must define.
 pub const ALL_MAPS: &[&str] = &[
@@ -49,6 +51,7 @@ pub const ALL_MAPS: &[&str] = &[
     crate::policy::MAP_IPCACHE,
     crate::policy::MAP_POLICY,
     MAP_UDP_FLOWS,
+    MAP_FRAGS,
 ];
 
 /// Pinned map names of earlier layouts, which no program uses any more: `uninstall` removes
@@ -70,6 +73,8 @@ pub const DEFAULT_UDP_FLOWS_MAX: u32 = 65_536;
 /// An unconnected UDP socket keeps its backend for a frontend while it sends to it at least this
 /// often (QUIC, SIP and TFTP exchanges pause far less; conntrack's UDP timeout is 30 s too).
 pub const UDP_FLOW_TIMEOUT_S: u64 = 30;
+/// Fragmented datagrams in flight (their fragments arrive within milliseconds of each other).
+pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
 /// One slot per `Reason` discriminant value.
 pub const STATS_MAX: u32 = 256;
 
@@ -371,6 +376,29 @@ pub struct SrcRangeKey {
 }
 const _: () = assert!(core::mem::size_of::<SrcRangeKey>() == 8);
 
+/// Key of `FRAGS`: one fragmented IPv4 datagram as it arrived, identified as RFC 791 does
+/// (source, destination, protocol, identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+
+/// Value of `FRAGS`: the ports of the datagram's first fragment, so its later fragments (which
+/// carry no TCP/UDP header) find the flow and follow the first one's translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragValue {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<FragValue>() == 4);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type is #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
@@ -388,4 +416,6 @@ mod pod {
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::SrcRangeKey {}
     unsafe impl aya::Pod for super::UdpFlowKey {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }

@@ -65,6 +65,10 @@ pub enum Reason {
     CtReopened = 41,
     /// Per-packet: no free source port for SNAT towards the backend: dropped.
     SnatPortsExhausted = 42,
+    /// Per-packet: an ICMP error about a translated flow (fragmentation needed, unreachable,
+    /// time exceeded) was translated back, outer and quoted header, towards the flow's other
+    /// side.
+    IcmpErrorTranslated = 43,
     // 60..=69: socket path.
     /// An IPv6 socket's destination is not IPv4-mapped (`::ffff:a.b.c.d`): left untouched (real
     /// IPv6 Services are not served yet).
@@ -106,6 +110,7 @@ impl Reason {
         Reason::CtNonSynMiss,
         Reason::CtReopened,
         Reason::SnatPortsExhausted,
+        Reason::IcmpErrorTranslated,
         Reason::NotV4Mapped,
         Reason::LoopbackNotHostNetns,
         Reason::UdpFlowHit,
@@ -140,6 +145,7 @@ impl Reason {
             Reason::CtNonSynMiss => "ct_non_syn_miss",
             Reason::CtReopened => "ct_reopened",
             Reason::SnatPortsExhausted => "snat_ports_exhausted",
+            Reason::IcmpErrorTranslated => "icmp_error_translated",
             Reason::NotV4Mapped => "not_v4_mapped",
             Reason::LoopbackNotHostNetns => "loopback_not_host_netns",
             Reason::UdpFlowHit => "udp_flow_hit",

@@ -9,7 +9,8 @@
 //! `wide` makes one policy per namespace allow port 8080 from every namespace
 //! (`namespaceSelector: {}`): every local pod then allows every pod identity, the policy map's
 //! worst case (endpoints x identities). `unique` gives every pod its own label (as StatefulSet
-//! pods have `statefulset.kubernetes.io/pod-name`): 10,000 pod identities instead of 1,000.
+//! pods have `statefulset.kubernetes.io/pod-name`) and makes a peer selector name that key, so
+//! the label tells pods apart: 10,000 pod identities instead of 1,000.
 //!
 //! Memory is counted by a wrapping global allocator: the peak heap during the compile above what
 //! was live before it, and what the resulting `PolicyState` keeps.
@@ -65,6 +66,34 @@ fn mib(bytes: usize) -> f64 {
     b / (1024.0 * 1024.0)
 }
 
+fn pod(n: usize, ns: &str, p: usize, unique: bool) -> Pod {
+    let i = n * PODS_PER_NS + p;
+    let app = p % APPS_PER_NS;
+    let mut labels = json!({"app": format!("app-{app}"), "version": "v1"});
+    if unique {
+        labels["statefulset.kubernetes.io/pod-name"] = json!(format!("pod-{p:03}"));
+    }
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": format!("pod-{p:03}"),
+            "namespace": ns,
+            "labels": labels,
+        },
+        "spec": {
+            "nodeName": format!("node-{}", i % NODES),
+            "containers": [{"name": "c", "ports": [
+                {"name": "http", "containerPort": 8080},
+                {"name": "metrics", "containerPort": 9090},
+            ]}],
+        },
+        "status": {
+            "phase": "Running",
+            "podIPs": [{"ip": format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256)}],
+        },
+    }))
+    .expect("valid Pod")
+}
+
 fn objects(wide: bool, unique: bool) -> (Vec<Pod>, Vec<Namespace>, Vec<NetworkPolicy>) {
     let (mut pods, mut namespaces, mut policies) = (Vec::new(), Vec::new(), Vec::new());
     for n in 0..NAMESPACES {
@@ -80,35 +109,7 @@ fn objects(wide: bool, unique: bool) -> (Vec<Pod>, Vec<Namespace>, Vec<NetworkPo
             }))
             .expect("valid Namespace"),
         );
-        for p in 0..PODS_PER_NS {
-            let i = n * PODS_PER_NS + p;
-            let app = p % APPS_PER_NS;
-            let mut labels = json!({"app": format!("app-{app}"), "version": "v1"});
-            if unique {
-                labels["statefulset.kubernetes.io/pod-name"] = json!(format!("pod-{p:03}"));
-            }
-            pods.push(
-                serde_json::from_value(json!({
-                    "metadata": {
-                        "name": format!("pod-{p:03}"),
-                        "namespace": ns,
-                        "labels": labels,
-                    },
-                    "spec": {
-                        "nodeName": format!("node-{}", i % NODES),
-                        "containers": [{"name": "c", "ports": [
-                            {"name": "http", "containerPort": 8080},
-                            {"name": "metrics", "containerPort": 9090},
-                        ]}],
-                    },
-                    "status": {
-                        "phase": "Running",
-                        "podIPs": [{"ip": format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256)}],
-                    },
-                }))
-                .expect("valid Pod"),
-            );
-        }
+        pods.extend((0..PODS_PER_NS).map(|p| pod(n, &ns, p, unique)));
         let policy = |name: String, spec: serde_json::Value| -> NetworkPolicy {
             serde_json::from_value(json!({
                 "metadata": {"name": name, "namespace": ns},
@@ -150,11 +151,15 @@ fn objects(wide: bool, unique: bool) -> (Vec<Pod>, Vec<Namespace>, Vec<NetworkPo
         } else {
             json!({"matchLabels": {"role": "ingress"}})
         };
+        let mut peer = json!({"namespaceSelector": from});
+        if unique {
+            peer["podSelector"] = json!({"matchExpressions": [
+                {"key": "statefulset.kubernetes.io/pod-name", "operator": "Exists"}]});
+        }
         policies.push(policy(
             "from-ingress".into(),
             json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["app-9"]}]},
-                "ingress": [{"from": [{"namespaceSelector": from}],
-                             "ports": [{"port": "http"}]}]}),
+                "ingress": [{"from": [peer], "ports": [{"port": "http"}]}]}),
         ));
         policies.push(policy(
             "egress-external".into(),

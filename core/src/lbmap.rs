@@ -75,6 +75,15 @@ pub enum MapError {
 }
 
 impl MapError {
+    /// The map the failed operation touched (a metric label, with [`MapKind::name`]).
+    pub fn map(&self) -> MapKind {
+        match self {
+            MapError::Full { map, .. }
+            | MapError::Syscall { map, .. }
+            | MapError::Injected { map, .. } => *map,
+        }
+    }
+
     /// Short stable label for the `twill_map_errors_total{kind=…}` metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -542,6 +551,7 @@ mod tests {
             }
         ));
         assert_eq!(err.metric_label(), "full");
+        assert_eq!(err.map(), MapKind::Backends);
     }
 
     #[test]
@@ -631,6 +641,7 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("TWL_SVC_V1"));
+        assert_eq!(err.map(), MapKind::Services);
         assert!(maps.dump().is_ok());
         maps.plan = FaultPlan::none().fail_dump();
         assert!(maps.dump().is_err());

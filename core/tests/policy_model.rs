@@ -3,7 +3,8 @@
 //! SCTP), the expected reachability matrix from a small model written directly from the API
 //! reference (it reads the Kubernetes objects itself, shares no code with the compiler and knows
 //! nothing of identities or tries), compared with `PolicyState::verdict` for every
-//! (client, server, port, protocol).
+//! (client, server, port, protocol), between pods and between pods and addresses that are no pod
+//! (which only ipBlocks select and on which no named port resolves).
 //!
 //! Two placements: every pod on this node (both sides judged here), and a random set of pods on
 //! another node (only the local sides are judged here; the other node judges the rest).
@@ -16,7 +17,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use twill_core::policy::{ParsedPolicy, PolicyIds, PolicyNamespace, PolicyPod, compile};
+use twill_core::policy::{
+    Judgement, ParsedPolicy, PolicyIds, PolicyNamespace, PolicyPod, PolicyState, addr_from_be,
+    compile, key_bytes,
+};
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const PODS: [&str; 3] = ["a", "b", "c"];
@@ -137,11 +141,41 @@ fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
     u32::from(ip) & mask == net
 }
 
-/// A peer of a policy in `policy_ns` selects `pod`.
-fn peer_selects(peer: &NetworkPolicyPeer, policy_ns: &str, pod: &TopoPod) -> bool {
-    if let Some(b) = &peer.ip_block {
-        return in_cidr(pod.ip, &b.cidr) && !b.except.iter().flatten().any(|e| in_cidr(pod.ip, e));
+/// One side of a probe: a topology pod, or an address that is no pod (outside the cluster, or
+/// an unused address of the pod network).
+#[derive(Clone, Copy)]
+struct Member<'t> {
+    ip: Ipv4Addr,
+    pod: Option<&'t TopoPod>,
+}
+
+impl Member<'_> {
+    fn name(&self) -> String {
+        self.pod.map_or_else(
+            || self.ip.to_string(),
+            |p| format!("{}/{}", p.namespace, p.name),
+        )
     }
+}
+
+/// Addresses that are no pod: in a namespace's /24, /30 and /31 but no pod's; in the pod /16
+/// only; in the documentation block policies use; in no block at all.
+const EXTERNAL: [Ipv4Addr; 4] = [
+    Ipv4Addr::new(10, 244, 2, 0),
+    Ipv4Addr::new(10, 244, 1, 9),
+    Ipv4Addr::new(192, 0, 2, 7),
+    Ipv4Addr::new(203, 0, 113, 5),
+];
+
+/// A peer of a policy in `policy_ns` selects `m`. Selectors select pods only; ipBlocks select
+/// addresses, pods' included.
+fn peer_selects(peer: &NetworkPolicyPeer, policy_ns: &str, m: Member<'_>) -> bool {
+    if let Some(b) = &peer.ip_block {
+        return in_cidr(m.ip, &b.cidr) && !b.except.iter().flatten().any(|e| in_cidr(m.ip, e));
+    }
+    let Some(pod) = m.pod else {
+        return false;
+    };
     let mut ns_labels = ns_labels(pod.namespace);
     ns_labels.insert("kubernetes.io/metadata.name".into(), pod.namespace.into());
     let ns_ok = match &peer.namespace_selector {
@@ -155,8 +189,8 @@ fn peer_selects(peer: &NetworkPolicyPeer, policy_ns: &str, pod: &TopoPod) -> boo
     ns_ok && pod_ok
 }
 
-/// A policy port admits `proto`/`port` on `server`.
-fn port_admits(p: &NetworkPolicyPort, server: &TopoPod, proto: &str, port: u16) -> bool {
+/// A policy port admits `proto`/`port` on `server`; a named port needs a pod that has it.
+fn port_admits(p: &NetworkPolicyPort, server: Member<'_>, proto: &str, port: u16) -> bool {
     if p.protocol.as_deref().unwrap_or("TCP") != proto {
         return false;
     }
@@ -167,10 +201,11 @@ fn port_admits(p: &NetworkPolicyPort, server: &TopoPod, proto: &str, port: u16) 
             let hi = i32::from(port) <= p.end_port.unwrap_or(*n);
             lo && hi
         }
-        Some(IntOrString::String(name)) => server
-            .ports
-            .iter()
-            .any(|(n, pr, po)| n == name && *pr == proto && *po == port),
+        Some(IntOrString::String(name)) => server.pod.is_some_and(|pod| {
+            pod.ports
+                .iter()
+                .any(|(n, pr, po)| n == name && *pr == proto && *po == port)
+        }),
     }
 }
 
@@ -193,16 +228,22 @@ fn selects(np: &NetworkPolicy, pod: &TopoPod) -> bool {
         )
 }
 
-/// `client`'s egress allows the connection to `server`.
+/// `client`'s egress allows the connection to `server` (no policy applies to a non-pod).
 fn model_egress(
     pols: &[NetworkPolicy],
-    client: &TopoPod,
-    server: &TopoPod,
+    client: Member<'_>,
+    server: Member<'_>,
     proto: &str,
     port: u16,
 ) -> bool {
+    let Some(client_pod) = client.pod else {
+        return true;
+    };
     let mut isolated = false;
-    for np in pols.iter().filter(|np| types(np).1 && selects(np, client)) {
+    for np in pols
+        .iter()
+        .filter(|np| types(np).1 && selects(np, client_pod))
+    {
         isolated = true;
         let ns = np.metadata.namespace.as_deref().unwrap();
         for r in np.spec.as_ref().unwrap().egress.iter().flatten() {
@@ -225,13 +266,19 @@ fn model_egress(
 /// `server`'s ingress allows the connection from `client`.
 fn model_ingress(
     pols: &[NetworkPolicy],
-    client: &TopoPod,
-    server: &TopoPod,
+    client: Member<'_>,
+    server: Member<'_>,
     proto: &str,
     port: u16,
 ) -> bool {
+    let Some(server_pod) = server.pod else {
+        return true;
+    };
     let mut isolated = false;
-    for np in pols.iter().filter(|np| types(np).0 && selects(np, server)) {
+    for np in pols
+        .iter()
+        .filter(|np| types(np).0 && selects(np, server_pod))
+    {
         isolated = true;
         let ns = np.metadata.namespace.as_deref().unwrap();
         for r in np.spec.as_ref().unwrap().ingress.iter().flatten() {
@@ -425,6 +472,34 @@ fn policies() -> impl Strategy<Value = Vec<NetworkPolicy>> {
 
 // ---- the comparison ----------------------------------------------------------------------
 
+/// What the kernel will be given: canonical LPM keys (no bits past the prefix).
+fn check_canonical(state: &PolicyState) -> Result<(), TestCaseError> {
+    for k in state.maps.policy.keys() {
+        let bytes = key_bytes(&k.data);
+        let bits = usize::try_from(k.prefix_len).unwrap();
+        for (i, b) in bytes.iter().enumerate() {
+            let keep = bits.saturating_sub(i * 8).min(8);
+            let mask = if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+            prop_assert_eq!(b & !mask, 0, "policy key {:?} has bits past its prefix", k);
+        }
+    }
+    for k in state.maps.ipcache.keys() {
+        let addr = u32::from(addr_from_be(k.data.addr_be));
+        let mask = if k.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - k.prefix_len)
+        };
+        prop_assert_eq!(
+            addr & !mask,
+            0,
+            "ipcache key {:?} has bits past its prefix",
+            k
+        );
+    }
+    Ok(())
+}
+
 fn check(policies: &[NetworkPolicy], remote: &[bool]) -> Result<(), TestCaseError> {
     let topo = topology();
     let policy_pods: Vec<PolicyPod> = topo
@@ -453,21 +528,54 @@ fn check(policies: &[NetworkPolicy], remote: &[bool]) -> Result<(), TestCaseErro
         &[],
         &PolicyIds::default(),
     );
+    check_canonical(&state)?;
+    // Every pod with every pod, and every pod with every non-pod address both ways. A side is
+    // judged here only if it is a pod of this node.
+    let members: Vec<(Member<'_>, bool)> = topo
+        .iter()
+        .zip(remote)
+        .map(|(p, &r)| {
+            (
+                Member {
+                    ip: p.ip,
+                    pod: Some(p),
+                },
+                !r,
+            )
+        })
+        .chain(EXTERNAL.iter().map(|&ip| (Member { ip, pod: None }, false)))
+        .collect();
     let mut wrong = Vec::new();
-    for (ci, client) in topo.iter().enumerate() {
-        for (si, server) in topo.iter().enumerate() {
+    let mut probes = 0;
+    for &(client, client_local) in &members {
+        for &(server, server_local) in &members {
+            if client.pod.is_none() && server.pod.is_none() {
+                continue;
+            }
             for (proto, proto_num) in PROTOS {
                 for port in [80u16, 81] {
-                    let egress = remote[ci] || model_egress(policies, client, server, proto, port);
+                    probes += 1;
+                    let egress =
+                        !client_local || model_egress(policies, client, server, proto, port);
                     let ingress =
-                        remote[si] || model_ingress(policies, client, server, proto, port);
+                        !server_local || model_ingress(policies, client, server, proto, port);
                     let want = egress && ingress;
                     let got = state.verdict(client.ip, server.ip, proto_num, port);
+                    for j in [got.egress, got.ingress] {
+                        if let Judgement::Allowed { rule_id, .. } = j {
+                            prop_assert!(
+                                state.rules.contains_key(&rule_id),
+                                "unknown rule {}",
+                                rule_id
+                            );
+                        }
+                    }
                     if got.allowed() != want {
                         wrong.push(format!(
-                            "{}/{} -> {}/{} {proto}/{port}: model egress={egress} ingress={ingress}, \
+                            "{} -> {} {proto}/{port}: model egress={egress} ingress={ingress}, \
                              compiled {got:?}",
-                            client.namespace, client.name, server.namespace, server.name
+                            client.name(),
+                            server.name()
                         ));
                     }
                 }
@@ -476,7 +584,7 @@ fn check(policies: &[NetworkPolicy], remote: &[bool]) -> Result<(), TestCaseErro
     }
     prop_assert!(
         wrong.is_empty(),
-        "{} of 486 probes differ:\n{}\npolicies:\n{}\ndump:\n{}",
+        "{} of {probes} probes differ:\n{}\npolicies:\n{}\ndump:\n{}",
         wrong.len(),
         wrong.join("\n"),
         serde_json::to_string_pretty(policies).unwrap(),

@@ -131,6 +131,10 @@ pub struct RunArgs {
     /// true]; `--masquerade=false` when the network routes pod CIDRs itself.
     #[arg(long, value_name = "BOOL", num_args = 1, require_equals = true)]
     pub masquerade: Option<bool>,
+    /// A Service needing more services-map entries (ports × addresses × scopes) than this is
+    /// rejected whole and reported, so one object cannot fill the map [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_frontends_per_service: Option<usize>,
 }
 
 /// `twill-agent debug …`
@@ -240,6 +244,7 @@ pub struct FileConfig {
     pub cluster_cidr: Option<String>,
     pub non_masquerade_cidrs: Option<Vec<String>>,
     pub masquerade: Option<bool>,
+    pub max_frontends_per_service: Option<usize>,
 }
 
 /// Where Services/EndpointSlices/Nodes come from.
@@ -277,6 +282,7 @@ pub struct Config {
     pub cluster_cidr: Option<Ipv4Network>,
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
     pub masquerade: bool,
+    pub max_frontends_per_service: usize,
 }
 
 /// A configuration the agent cannot run with.
@@ -312,6 +318,8 @@ pub enum ConfigError {
     Duration(String),
     #[error("--{flag} {value} must be at least 1")]
     MapSize { flag: &'static str, value: u32 },
+    #[error("--max-frontends-per-service must be at least 1")]
+    MaxFrontends,
     #[error("--{flag} {value:?} is not an IPv4 CIDR like 10.244.0.0/16")]
     Cidr { flag: &'static str, value: String },
 }
@@ -377,6 +385,14 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
     }
     let sync_period = pick(flags.sync_period, file.sync_period)
         .map_or(Ok(DEFAULT_SYNC_PERIOD), |s| parse_duration(&s))?;
+    let max_frontends_per_service = match pick(
+        flags.max_frontends_per_service,
+        file.max_frontends_per_service,
+    ) {
+        None => crate::compile::DEFAULT_MAX_FRONTENDS_PER_SERVICE,
+        Some(0) => return Err(ConfigError::MaxFrontends),
+        Some(n) => n,
+    };
     Ok(Config {
         node_name,
         source,
@@ -409,6 +425,7 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
         )?,
         masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
+        max_frontends_per_service,
     })
 }
 

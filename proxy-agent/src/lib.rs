@@ -18,3 +18,4 @@ pub mod preflight;
 pub mod routing;
 pub mod run;
 pub mod source;
+pub mod uninstall;

@@ -41,11 +41,30 @@ pub struct Metrics {
     /// Entries of the connection-tracking table at the last collection.
     pub conntrack_entries: Gauge,
     conntrack_collected: Family<Labels, Counter>,
+    /// Services the compiler programmed that the maps have no room for.
+    pub unprogrammed_services: Gauge,
     /// Last absolute kernel counter per verdict: the kernel's counters are absolute, Prometheus
     /// counters only go up by deltas.
     last_verdicts: Mutex<BTreeMap<String, u64>>,
     /// Rejections already counted, so an invalid object counts once, not once per compile.
     counted_rejections: Mutex<BTreeSet<(String, String, String, String)>>,
+}
+
+/// The connection-tracking collector's metrics.
+fn register_conntrack(registry: &mut Registry) -> (Gauge, Family<Labels, Counter>) {
+    let entries = Gauge::default();
+    registry.register(
+        "twill_conntrack_entries",
+        "Entries of the per-packet connection-tracking table (two per flow) at the last collection",
+        entries.clone(),
+    );
+    let collected = Family::<Labels, Counter>::default();
+    registry.register(
+        "twill_conntrack_collected",
+        "Connection-tracking entries removed by the collector, by reason (expired, orphaned)",
+        collected.clone(),
+    );
+    (entries, collected)
 }
 
 /// Buckets of kube-proxy's sync histogram (exponential from 1 ms).
@@ -145,17 +164,12 @@ impl Metrics {
             source_errors.clone(),
         );
         let policy = crate::policy::PolicyMetrics::register(&mut registry);
-        let conntrack_entries = Gauge::default();
+        let (conntrack_entries, conntrack_collected) = register_conntrack(&mut registry);
+        let unprogrammed_services = Gauge::default();
         registry.register(
-            "twill_conntrack_entries",
-            "Entries of the per-packet connection-tracking table (two per flow) at the last collection",
-            conntrack_entries.clone(),
-        );
-        let conntrack_collected = Family::<Labels, Counter>::default();
-        registry.register(
-            "twill_conntrack_collected",
-            "Connection-tracking entries removed by the collector, by reason (expired, orphaned)",
-            conntrack_collected.clone(),
+            "twill_unprogrammed_services",
+            "Services with frontends the maps had no room for (a full map; retried on every change and resync)",
+            unprogrammed_services.clone(),
         );
         Self {
             policy,
@@ -175,6 +189,7 @@ impl Metrics {
             network_errors,
             peer_routes,
             source_errors,
+            unprogrammed_services,
             last_verdicts: Mutex::default(),
             counted_rejections: Mutex::default(),
         }

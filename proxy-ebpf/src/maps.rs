@@ -6,12 +6,12 @@ use aya_ebpf::{
 };
 use twill_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
-    DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_IPCACHE_MAX,
-    DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_NODE_ADDRS_MAX, DEFAULT_POLICY_ENDPOINTS_MAX,
-    DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX,
-    DatapathConfig, IpCacheKey, NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey,
-    PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
-    SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_FRAGS_MAX,
+    DEFAULT_IPCACHE_MAX, DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_NODE_ADDRS_MAX,
+    DEFAULT_POLICY_ENDPOINTS_MAX, DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX,
+    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, FragKey, FragValue, IpCacheKey,
+    NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, Reason, STATS_MAX,
+    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 #[map]
@@ -61,6 +61,11 @@ pub static TWL_CT_V1: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAUL
 pub static TWL_LBSRC_V1: LpmTrie<SrcRangeKey, u8> =
     LpmTrie::with_max_entries(DEFAULT_LB_SRC_RANGES_MAX, 0);
 
+// LRU: a datagram's fragments follow each other within milliseconds; nothing tells us when the
+// last one passed, so old entries are simply pushed out.
+#[map]
+pub static TWL_FRAG_V1: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(DEFAULT_FRAGS_MAX, 0);
 // NetworkPolicy (docs/design/policy.md): local pods, peer identities by prefix, and the allowed
 // (endpoint, direction, identity, protocol, port) prefixes.
 #[map]

@@ -181,29 +181,33 @@ fn try_translate<const FAMILY: bool>(
     let port_be = sa.user_port as u16;
     let proto = sa.protocol as u8;
 
-    // The socket's network namespace: one per pod, the host's for node processes.
+    // The socket's network namespace: one per pod, the host's for node processes. Read only
+    // when needed, so connections to non-Service addresses cost what they did before.
     // SAFETY: ctx is the program's own context pointer.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let host = host_netns_cookie();
-    let in_host_netns = host != 0 && netns == host;
+    let netns = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let in_host_netns = || {
+        let host = host_netns_cookie();
+        host != 0 && netns() == host
+    };
     // NodePort answers inside the node on its own addresses, from pods too (kube-proxy does the
     // same), and on loopback only in the node's namespace: a pod's 127.0.0.1 is the pod itself.
     let nodeport_ok = |a: u32| {
         if is_loopback(a) {
-            in_host_netns
+            in_host_netns()
         } else {
             is_node_addr(a)
         }
     };
     let Some(svc) = lookup_service(addr_be, port_be, proto, SCOPE_INTERNAL, nodeport_ok) else {
         if is_loopback(addr_be)
-            && !in_host_netns
             && lookup_scoped(0, port_be, proto, SCOPE_INTERNAL).is_some()
+            && !in_host_netns()
         {
             return Ok(Reason::LoopbackNotHostNetns);
         }
         return Ok(Reason::NotService);
     };
+    let netns = netns();
     // SAFETY: sock_addr programs may call bpf_get_socket_cookie on their context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // sessionAffinity on the socket path: the client is the socket's network namespace, standing

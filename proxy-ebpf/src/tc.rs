@@ -20,8 +20,15 @@
 //! expire `ct_lifetime_ns(proto, state)` after their last packet and are collected by the agent
 //! (`twill_agent::ctgc`); a SYN meeting a CLOSING or expired flow's tuple opens a new flow.
 //!
+//! ICMP errors about a translated flow (fragmentation needed, unreachable, time exceeded) are
+//! translated back, outer and quoted header both, so path-MTU discovery works through NodePort.
+//!
+//! A fragmented datagram's later fragments (no TCP/UDP header) follow its first one: the first
+//! records its ports in `TWL_FRAG_V1` under the datagram's identity, the others find the flow
+//! with them and get the same address translation.
+//!
 //! Packets from inside the node never need this: the socket hooks translated them before they
-//! existed. Non-first IPv4 fragments and non-TCP/UDP packets pass untouched.
+//! existed. Other protocols pass untouched.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -37,14 +44,15 @@ use aya_ebpf::{
 };
 use twill_common::{
     AFFINITY_CLIENT_IP, BE_F_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CT_FIN_ORIG, CT_FIN_REPLY,
-    CT_SCOPE_NAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, PROTO_TCP,
-    PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey, ct_lifetime_ns,
+    CT_SCOPE_NAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, FragKey,
+    FragValue, PROTO_TCP, PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER,
+    SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey,
+    ct_lifetime_ns,
 };
 
 use crate::{
     lb::{flow_hash, is_node_addr, lookup_service, select_backend_by},
-    maps::{TWL_CT_V1, TWL_LBSRC_V1, count},
+    maps::{TWL_CT_V1, TWL_FRAG_V1, TWL_LBSRC_V1, count},
 };
 
 const ETH_HLEN: usize = 14;
@@ -70,6 +78,12 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
+const PROTO_ICMP: u8 = 1;
+/// IPv4 flags/fragment-offset field: "more fragments" and the offset.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
 /// `-EEXIST`: a `BPF_NOEXIST` insert met an existing key.
 const EEXIST: i32 = 17;
 
@@ -109,8 +123,11 @@ struct Pkt {
     sport: u16,
     dport: u16,
     proto: u8,
-    /// TCP flags (0 for UDP).
+    /// TCP flags (0 for UDP and later fragments).
     tcp_flags: u8,
+    /// A fragment after the first: no TCP/UDP header (the ports come from `TWL_FRAG_V1`), so
+    /// only the addresses are rewritten and it never opens a flow.
+    later_fragment: bool,
 }
 
 impl Pkt {
@@ -132,12 +149,37 @@ impl Pkt {
     }
 }
 
-/// `Ok(None)`: not a packet this datapath translates (not IPv4, not TCP/UDP, a later fragment).
+/// What a packet is to this datapath.
+enum Parsed {
+    /// A TCP/UDP packet (or the first fragment of one).
+    Flow(Pkt),
+    /// An ICMP error quoting a TCP/UDP packet: translated like the flow it is about.
+    IcmpError(IcmpErr),
+    /// Not IPv4, another protocol, a later fragment, an ICMP message of no flow.
+    Other,
+}
+
+/// An ICMP error (destination unreachable — fragmentation needed among them — or time
+/// exceeded) and the header of the packet it quotes (RFC 792: the IP header and at least the
+/// first 8 bytes of its payload, which hold the ports).
+struct IcmpErr {
+    saddr: u32,
+    daddr: u32,
+    icmp_off: usize,
+    inner_off: usize,
+    inner_l4_off: usize,
+    inner_saddr: u32,
+    inner_daddr: u32,
+    inner_sport: u16,
+    inner_dport: u16,
+    inner_proto: u8,
+}
+
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Result<Option<Pkt>, Reason> {
+fn parse(ctx: &TcContext) -> Result<Parsed, Reason> {
     let eth_proto: u16 = ctx.load(12).map_err(|_| Reason::Malformed)?;
     if u16::from_be(eth_proto) != ETH_P_IP {
-        return Ok(None);
+        return Ok(Parsed::Other);
     }
     let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| Reason::Malformed)?;
     let ihl = usize::from(vihl & 0x0f) * 4;
@@ -145,28 +187,184 @@ fn parse(ctx: &TcContext) -> Result<Option<Pkt>, Reason> {
         return Err(Reason::Malformed);
     }
     let proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| Reason::Malformed)?;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Ok(None);
+    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
+        return Ok(Parsed::Other);
     }
-    let frag: u16 = ctx.load(ETH_HLEN + 6).map_err(|_| Reason::Malformed)?;
-    if u16::from_be(frag) & 0x1fff != 0 {
-        return Ok(None);
-    }
+    let frag = u16::from_be(ctx.load(ETH_HLEN + 6).map_err(|_| Reason::Malformed)?);
     let l4_off = ETH_HLEN + ihl;
+    let saddr: u32 = ctx.load(IP_SRC_OFF).map_err(|_| Reason::Malformed)?;
+    let daddr: u32 = ctx.load(IP_DST_OFF).map_err(|_| Reason::Malformed)?;
+    let frag_key = |ctx: &TcContext| -> Result<FragKey, Reason> {
+        Ok(FragKey {
+            saddr_be: saddr,
+            daddr_be: daddr,
+            id_be: ctx.load(ETH_HLEN + 4).map_err(|_| Reason::Malformed)?,
+            proto,
+            _pad: 0,
+        })
+    };
+    if frag & IP_OFFSET_MASK != 0 {
+        // A later fragment: it belongs to the flow of its datagram's first fragment, if that
+        // one was seen (fragments may arrive out of order; those then pass untouched).
+        if proto == PROTO_ICMP {
+            return Ok(Parsed::Other);
+        }
+        // SAFETY: the value is copied out at once.
+        let Some(ports) = (unsafe { TWL_FRAG_V1.get(frag_key(ctx)?) }).copied() else {
+            return Ok(Parsed::Other);
+        };
+        return Ok(Parsed::Flow(Pkt {
+            l4_off,
+            tcp_flags: 0,
+            later_fragment: true,
+            saddr,
+            daddr,
+            sport: ports.sport_be,
+            dport: ports.dport_be,
+            proto,
+        }));
+    }
+    if proto == PROTO_ICMP {
+        return Ok(parse_icmp(ctx, l4_off).map_or(Parsed::Other, Parsed::IcmpError));
+    }
     let tcp_flags = if proto == PROTO_TCP {
         ctx.load(l4_off + 13).map_err(|_| Reason::Malformed)?
     } else {
         0
     };
-    Ok(Some(Pkt {
+    let p = Pkt {
         l4_off,
         tcp_flags,
-        saddr: ctx.load(IP_SRC_OFF).map_err(|_| Reason::Malformed)?,
-        daddr: ctx.load(IP_DST_OFF).map_err(|_| Reason::Malformed)?,
+        later_fragment: false,
+        saddr,
+        daddr,
         sport: ctx.load(l4_off).map_err(|_| Reason::Malformed)?,
         dport: ctx.load(l4_off + 2).map_err(|_| Reason::Malformed)?,
         proto,
-    }))
+    };
+    if frag & IP_MF != 0 {
+        // The first fragment of a datagram: remember its ports for the others. Recorded for
+        // every datagram, translated or not; fragmentation is rare enough that this costs
+        // nothing worth a second lookup.
+        let ports = FragValue {
+            sport_be: p.sport,
+            dport_be: p.dport,
+        };
+        let _ = TWL_FRAG_V1.insert(frag_key(ctx)?, ports, 0);
+    }
+    Ok(Parsed::Flow(p))
+}
+
+/// `None` for ICMP messages that are not errors about a TCP/UDP packet, or that quote too
+/// little to tell its flow: those pass untouched.
+#[inline(always)]
+fn parse_icmp(ctx: &TcContext, icmp_off: usize) -> Option<IcmpErr> {
+    let icmp_type: u8 = ctx.load(icmp_off).ok()?;
+    if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
+        return None;
+    }
+    let inner_off = icmp_off + 8;
+    let vihl: u8 = ctx.load(inner_off).ok()?;
+    // At most 60 bytes: the mask keeps the offset bounded for the verifier.
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    let inner_proto: u8 = ctx.load(inner_off + 9).ok()?;
+    if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
+        return None;
+    }
+    let inner_l4_off = inner_off + ihl;
+    Some(IcmpErr {
+        saddr: ctx.load(IP_SRC_OFF).ok()?,
+        daddr: ctx.load(IP_DST_OFF).ok()?,
+        icmp_off,
+        inner_off,
+        inner_l4_off,
+        inner_saddr: ctx.load(inner_off + 12).ok()?,
+        inner_daddr: ctx.load(inner_off + 16).ok()?,
+        inner_sport: ctx.load(inner_l4_off).ok()?,
+        inner_dport: ctx.load(inner_l4_off + 2).ok()?,
+        inner_proto,
+    })
+}
+
+/// Translates an ICMP error about a translated flow back to what the other side of the
+/// translation sent, so path-MTU discovery (fragmentation needed) and unreachable errors reach
+/// the endpoint whose packet caused them: a router's "fragmentation needed" for a backend's
+/// reply to an external client goes to the backend, about the packet as the backend sent it; a
+/// backend's "port unreachable" goes to the client, about the datagram as the client sent it.
+///
+/// The quoted packet went the opposite way of the error, already translated; the entry of the
+/// reversed quoted tuple is the one of the flow's other direction, and the quote becomes the
+/// reverse of that entry's rewrite (what the sender of the quoted packet had sent). The error
+/// goes to the new quote's source; when it came from the quote's destination host itself, it
+/// now comes from the new quote's destination.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, e: &IcmpErr, ingress: bool) -> Result<Verdict, Reason> {
+    let key = CtKey {
+        saddr_be: e.inner_daddr,
+        daddr_be: e.inner_saddr,
+        sport_be: e.inner_dport,
+        dport_be: e.inner_sport,
+        proto: e.inner_proto,
+        scope: CT_SCOPE_NAT,
+        _pad: [0; 2],
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(ct) = (unsafe { TWL_CT_V1.get(key) }).copied() else {
+        return Ok((Reason::NotService, TC_ACT_OK));
+    };
+    let fail = |_| Reason::RewriteFailed;
+    let icmp_csum = e.icmp_off + 2;
+    // Inner addresses: the inner header's own checksum absorbs the change, so the bytes the
+    // ICMP checksum covers sum to the same value and it needs no update for them.
+    for (off, old, new) in [
+        (e.inner_off + 12, e.inner_saddr, ct.new_daddr_be),
+        (e.inner_off + 16, e.inner_daddr, ct.new_saddr_be),
+    ] {
+        if old != new {
+            ctx.l3_csum_replace(e.inner_off + 10, u64::from(old), u64::from(new), 4)
+                .map_err(fail)?;
+            ctx.store(off, &new, 0).map_err(fail)?;
+        }
+    }
+    // Inner ports: covered by the ICMP checksum (no pseudo-header). The quoted L4 checksum is
+    // left alone: it covers bytes the quote does not hold, and no receiver checks it.
+    for (off, old, new) in [
+        (e.inner_l4_off, e.inner_sport, ct.new_dport_be),
+        (e.inner_l4_off + 2, e.inner_dport, ct.new_sport_be),
+    ] {
+        if old != new {
+            ctx.l4_csum_replace(icmp_csum, u64::from(old), u64::from(new), 2)
+                .map_err(fail)?;
+            ctx.store(off, &new, 0).map_err(fail)?;
+        }
+    }
+    let new_daddr = ct.new_daddr_be;
+    let new_saddr = if e.saddr == e.inner_daddr {
+        ct.new_saddr_be
+    } else {
+        e.saddr
+    };
+    for (off, old, new) in [
+        (IP_SRC_OFF, e.saddr, new_saddr),
+        (IP_DST_OFF, e.daddr, new_daddr),
+    ] {
+        if old != new {
+            ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)
+                .map_err(fail)?;
+            ctx.store(off, &new, 0).map_err(fail)?;
+        }
+    }
+    if ingress && ct.flags & CT_F_SNAT != 0 {
+        // As in `apply_ct`: the error may now come from a node address or go to another node.
+        return Ok((
+            Reason::IcmpErrorTranslated,
+            forward(ctx, PROTO_ICMP, new_saddr, new_daddr)?,
+        ));
+    }
+    Ok((Reason::IcmpErrorTranslated, TC_ACT_OK))
 }
 
 /// Rewrites addresses and ports, fixing the IP checksum and the TCP/UDP checksum (which covers
@@ -185,7 +383,11 @@ fn rewrite(
     } else {
         p.l4_off + 6
     };
-    let l4_csum = if p.proto == PROTO_UDP {
+    // A later fragment has no TCP/UDP header: only its IP header changes (the first fragment's
+    // L4 checksum update covers the whole datagram).
+    let l4_csum = if p.later_fragment {
+        false
+    } else if p.proto == PROTO_UDP {
         let c: u16 = ctx.load(csum_off).map_err(|_| Reason::Malformed)?;
         c != 0
     } else {
@@ -215,7 +417,7 @@ fn rewrite(
         ctx.store(off, &new, 0).map_err(fail)?;
     }
     for (off, old, new) in [(p.l4_off, p.sport, sport), (p.l4_off + 2, p.dport, dport)] {
-        if old == new {
+        if old == new || p.later_fragment {
             continue;
         }
         if l4_csum {
@@ -372,8 +574,10 @@ fn ct_lookup(ctx: &TcContext, p: &Pkt) -> Ct {
 }
 
 fn try_egress(ctx: &TcContext) -> Result<Verdict, Reason> {
-    let Some(p) = parse(ctx)? else {
-        return Ok((Reason::NotService, TC_ACT_OK));
+    let p = match parse(ctx)? {
+        Parsed::Flow(p) => p,
+        Parsed::IcmpError(e) => return icmp_error(ctx, &e, false),
+        Parsed::Other => return Ok((Reason::NotService, TC_ACT_OK)),
     };
     match ct_lookup(ctx, &p) {
         Ct::Hit(verdict) => verdict,
@@ -383,8 +587,10 @@ fn try_egress(ctx: &TcContext) -> Result<Verdict, Reason> {
 }
 
 fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
-    let Some(p) = parse(ctx)? else {
-        return Ok((Reason::NotService, TC_ACT_OK));
+    let p = match parse(ctx)? {
+        Parsed::Flow(p) => p,
+        Parsed::IcmpError(e) => return icmp_error(ctx, &e, true),
+        Parsed::Other => return Ok((Reason::NotService, TC_ACT_OK)),
     };
     match ct_lookup(ctx, &p) {
         Ct::Hit(verdict) => return verdict,
@@ -395,6 +601,10 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
         return Ok((Reason::NotService, TC_ACT_OK));
     };
     if svc.flags & EXTERNAL_KINDS == 0 {
+        return Ok((Reason::NotService, TC_ACT_OK));
+    }
+    if p.later_fragment {
+        // Its first fragment opened no flow (it was not for a Service, or was dropped).
         return Ok((Reason::NotService, TC_ACT_OK));
     }
     if p.proto == PROTO_TCP && !p.is_syn() {

@@ -643,6 +643,15 @@ fn pods_on_nodes_in_different_subnets_talk_over_the_vxlan_overlay() -> Result<()
             "the client did not see the NodePort as its peer: {out}"
         );
     }
+    // A pod on n0 reaching n1's NodePort, whose backend is local to n1: n1 translates it on
+    // its underlay device and the backend's reply to the pod leaves n1 through the overlay,
+    // where the tc programs translate it back too.
+    let to = format!("{}:30090", n1.ip);
+    let (code, out) = tcp(&p0, &to)?;
+    ensure!(
+        code == 0 && replier(&out).as_deref() == Some("p1") && out.contains(&format!("peer={to}")),
+        "pod → another node's NodePort over the overlay: {code} {out}"
+    );
     Ok(())
 }
 

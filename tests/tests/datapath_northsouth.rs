@@ -13,9 +13,9 @@ use twill_agent::{
     lbmap::LbMaps,
 };
 use twill_common::{
-    BE_F_LOCAL, Backend, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SCOPE_EXTERNAL, SVC_F_AFFINITY,
-    SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SlotKey,
+    BE_F_LOCAL, Backend, CT_STATE_ESTABLISHED, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY,
+    SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
 };
 use twill_lab::{
     Lab, LabSpec, Node, Pod,
@@ -485,6 +485,49 @@ fn roll_manifests(eps: &[(Ipv4Addr, &str)]) -> String {
     )
 }
 
+/// Waits until `node`'s conntrack table holds `n` open (established, no FIN) flows from
+/// `client` to `backend`.
+fn wait_open_flows(node: &Node, client: Ipv4Addr, backend: Ipv4Addr, n: usize) -> Result<()> {
+    let maps = AyaLbMaps::open_pinned(&node.bpffs)?;
+    agent_common::wait_for(
+        &format!("{n} open flows {client} → {backend} through {}", node.name),
+        Duration::from_secs(20),
+        || {
+            let open = maps
+                .dump_ct()?
+                .into_iter()
+                .filter(|(k, v)| {
+                    k.saddr_be == be(client)
+                        && v.new_daddr_be == be(backend)
+                        && v.state == CT_STATE_ESTABLISHED
+                        && v.tcp_fin == 0
+                })
+                .count();
+            Ok(open >= n)
+        },
+    )
+}
+
+/// Waits until the agent on `node` reports at least `n` conntrack entries collected as
+/// orphaned (flows to an address no local pod holds).
+fn wait_orphans_collected(node: &Node, n: u64) -> Result<()> {
+    let orphaned = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("twill_conntrack_collected_total{reason=\"orphaned\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    agent_common::wait_for(
+        &format!("{}'s collector removing flows to a deleted pod", node.name),
+        Duration::from_secs(25),
+        || {
+            let (_, out) =
+                node.labtool(&["http", "--to", "127.0.0.1:10249", "--path", "/metrics"])?;
+            Ok(orphaned(&out) >= n)
+        },
+    )
+}
+
 /// "Rolling update under north-south load with zero resets": long-lived TCP connections from
 /// outside through NodePorts (on the backend's node: DNAT only; on another node: DNAT + SNAT),
 /// then the backend is replaced in the EndpointSlice mid-stream. Every existing connection keeps
@@ -539,7 +582,12 @@ fn rolling_update_under_north_south_load_with_zero_resets() -> Result<()> {
             clients.push((to.clone(), child));
         }
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // Every one of them is established (on a loaded machine a client may take a moment to
+    // start): three open flows from the client to the old backend in each node's table.
+    for n in [n0, n1] {
+        wait_open_flows(n, ext.ip, old.ip, 3)?;
+    }
+    std::thread::sleep(Duration::from_millis(500));
 
     // The rolling update: the new pod replaces the old one in the EndpointSlice.
     lab.apply_manifest("roll.yaml", &roll_manifests(&[(new.ip, &n0.name)]))?;
@@ -573,5 +621,9 @@ fn rolling_update_under_north_south_load_with_zero_resets() -> Result<()> {
             "new connections via {to} after the update: {r:?}"
         );
     }
+    // The old pod is deleted: n0's collector removes the flows to its address (no pod holds it
+    // any more) without waiting for them to expire.
+    lab.node(0).del_pod(&old)?;
+    wait_orphans_collected(n0, 6)?;
     Ok(())
 }

@@ -155,6 +155,26 @@ fn set_host_netns(maps: &mut AyaLbMaps, node: &Node) -> Result<()> {
     Ok(())
 }
 
+/// Leaves backend `keep` (an id) alone in Service `svc_id`'s frontend: slot 0, count 1.
+fn keep_only(
+    maps: &mut AyaLbMaps,
+    svc_id: u32,
+    (addr, port, proto): (Ipv4Addr, u16, u8),
+    keep: u32,
+) -> Result<()> {
+    maps.upsert_slot(SlotKey { svc_id, slot: 0 }, keep)?;
+    let key = ServiceKey {
+        addr_be: be(addr),
+        port_be: port.to_be(),
+        proto,
+        scope: SCOPE_ANY,
+    };
+    let mut value = maps.dump()?.services[&key];
+    value.backend_count = 1;
+    maps.upsert_service(key, value)?;
+    Ok(())
+}
+
 /// The first word of `reply=NAME ...`.
 fn replier(out: &str) -> Option<&str> {
     out.strip_prefix("reply=")?.split_whitespace().next()
@@ -695,21 +715,29 @@ fn removing_a_udp_backend_destroys_connected_sockets_to_it() -> Result<()> {
         0,
         0,
     )?;
-    // socat keeps one connected UDP socket open, sending each stdin line as a datagram.
-    let mut socat = s
-        .client
-        .cmd("socat")
-        .args(["-T", "20", "-", "UDP4:10.96.0.10:53"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("socat (Debian package socat) is needed")?;
-    let mut stdin = socat.stdin.take().context("stdin")?;
-    let mut lines = BufReader::new(socat.stdout.take().context("stdout")?).lines();
-    stdin.write_all(b"hi\n")?;
-    let first = lines.next().context("no reply")??;
-    ensure!(first.starts_with("be0 "), "unexpected reply {first}");
+    // socat keeps one connected UDP socket open, sending each stdin line as a datagram: one
+    // AF_INET socket, and one AF_INET6 socket connected to the v4-mapped ClusterIP.
+    let mut clients = Vec::new();
+    for target in ["UDP4:10.96.0.10:53", "UDP6:[::ffff:10.96.0.10]:53"] {
+        let mut socat = s
+            .client
+            .cmd("socat")
+            .args(["-T", "20", "-", target])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("socat (Debian package socat) is needed")?;
+        let mut stdin = socat.stdin.take().context("stdin")?;
+        let mut lines = BufReader::new(socat.stdout.take().context("stdout")?).lines();
+        stdin.write_all(b"hi\n")?;
+        let first = lines.next().context("no reply")??;
+        ensure!(
+            first.starts_with("be0 "),
+            "unexpected reply {first} ({target})"
+        );
+        clients.push((target, socat, stdin));
+    }
 
     let pod = &s.backends[0];
     let backend = Backend {
@@ -720,19 +748,24 @@ fn removing_a_udp_backend_destroys_connected_sockets_to_it() -> Result<()> {
     };
     let report = s.maps.flush_backend(1000, backend)?;
     ensure!(
-        report.sockets_destroyed == 1,
-        "connected UDP socket not destroyed: {report:?}"
+        report.sockets_destroyed == 2,
+        "connected UDP sockets (AF_INET and AF_INET6) not destroyed: {report:?}"
     );
     ensure!(
         report.revnat_entries >= 1,
         "reverse-NAT entry not flushed: {report:?}"
     );
-    // The destroyed socket fails its next use; socat exits with an error (bounded wait).
-    let _ = stdin.write_all(b"again\n");
-    let status = wait_for(Duration::from_secs(10), "socat to exit", || {
-        Ok(socat.try_wait()?)
-    })?;
-    ensure!(!status.success(), "socat kept using a destroyed socket");
+    // A destroyed socket fails its next use; socat exits with an error (bounded wait).
+    for (target, mut socat, mut stdin) in clients {
+        let _ = stdin.write_all(b"again\n");
+        let status = wait_for(Duration::from_secs(10), "socat to exit", || {
+            Ok(socat.try_wait()?)
+        })?;
+        ensure!(
+            !status.success(),
+            "socat kept using a destroyed socket ({target})"
+        );
+    }
     Ok(())
 }
 
@@ -958,22 +991,7 @@ fn unconnected_udp_datagrams_of_one_socket_stay_on_one_backend() -> Result<()> {
             .map(|(_, v)| v.backend_id))
     })?;
     let other_id = if sticky_id == 1600 { 1601 } else { 1600 };
-    s.maps.upsert_slot(
-        SlotKey {
-            svc_id: 16,
-            slot: 0,
-        },
-        other_id,
-    )?;
-    let key = ServiceKey {
-        addr_be: be(VIP),
-        port_be: 53u16.to_be(),
-        proto: PROTO_UDP,
-        scope: SCOPE_ANY,
-    };
-    let mut value = s.maps.dump()?.services[&key];
-    value.backend_count = 1;
-    s.maps.upsert_service(key, value)?;
+    keep_only(&mut s.maps, 16, (VIP, 53, PROTO_UDP), other_id)?;
     let out = looper.wait_with_output()?;
     let out = String::from_utf8_lossy(&out.stdout);
     let (ok, failures, counts) = loop_counts(out.trim())?;

@@ -466,6 +466,23 @@ fn local_pods(live: &[Ipv4Addr]) -> Result<LocalPods> {
     ))
 }
 
+/// What the reconciler does when POD2 replaces POD (backend `svc_id * 10`, alone in slot 0) in
+/// Service `svc_id`: new backend, slot rewritten, the old one flushed and deleted.
+fn replace_backend(maps: &mut AyaLbMaps, svc_id: u32, proto: u8, port: u16) -> Result<()> {
+    let backend = |addr| Backend {
+        addr_be: be(addr),
+        port_be: port.to_be(),
+        proto,
+        flags: BE_F_LOCAL,
+    };
+    let (old_id, new_id) = (svc_id * 10, svc_id * 10 + 1);
+    maps.upsert_backend(new_id, backend(POD2))?;
+    maps.upsert_slot(SlotKey { svc_id, slot: 0 }, new_id)?;
+    maps.flush_backend(old_id, backend(POD))?;
+    maps.delete_backend(old_id)?;
+    Ok(())
+}
+
 /// Only a SYN opens a flow; replies move it to ESTABLISHED; a flow whose backend left the
 /// Service keeps going to it (drain) while UDP flows to it are flushed; FINs both ways close it;
 /// the collector removes closed flows after the close lifetime, unanswered UDP after its own,
@@ -511,27 +528,8 @@ fn tc_conntrack_opens_on_syn_only_and_drains_removed_backends() -> Result<()> {
         );
 
         // Rolling update: POD2 replaces POD in both Services; the reconciler flushes POD.
-        for (svc_id, proto, port) in [(1, PROTO_TCP, 8080u16), (2, PROTO_UDP, 5353)] {
-            let new_id = svc_id * 10 + 1;
-            maps.upsert_backend(
-                new_id,
-                Backend {
-                    addr_be: be(POD2),
-                    port_be: port.to_be(),
-                    proto,
-                    flags: BE_F_LOCAL,
-                },
-            )?;
-            maps.upsert_slot(SlotKey { svc_id, slot: 0 }, new_id)?;
-            let old = Backend {
-                addr_be: be(POD),
-                port_be: port.to_be(),
-                proto,
-                flags: BE_F_LOCAL,
-            };
-            maps.flush_backend(svc_id * 10, old)?;
-            maps.delete_backend(svc_id * 10)?;
-        }
+        replace_backend(&mut maps, 1, PROTO_TCP, 8080)?;
+        replace_backend(&mut maps, 2, PROTO_UDP, 5353)?;
         ensure!(
             flow_states(&maps, PROTO_UDP, POD, 5353)?.is_empty(),
             "UDP flows to the removed backend were not flushed"
@@ -659,6 +657,219 @@ fn tc_backend_choice_is_consistent_per_flow() -> Result<()> {
             chosen.insert(first);
         }
         ensure!(chosen.len() >= 2, "16 flows all on {chosen:?}");
+        Ok(())
+    })
+}
+
+/// An ICMP error `(icmp_type, code)` from `from` to `to` quoting the IPv4 header and first 8
+/// payload bytes of `quoted` (a whole frame as built by [`with_flags`]), as RFC 792 requires.
+fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    // Unused word; for "fragmentation needed" its low half is the next-hop MTU (RFC 1191).
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0x05, 0x00];
+    icmp.extend_from_slice(&quoted[14..14 + 28]);
+    let c = !csum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&u16::try_from(20 + icmp.len()).unwrap_or(0).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&from.octets());
+    ip[16..20].copy_from_slice(&to.octets());
+    let c = !csum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut pkt = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+    pkt.extend_from_slice(&ip);
+    pkt.extend_from_slice(&icmp);
+    pkt
+}
+
+/// An ICMP error after checking the outer, ICMP and quoted IPv4 checksums: (outer source,
+/// outer destination, quoted source, quoted destination).
+type IcmpSeen = (Ipv4Addr, Ipv4Addr, (Ipv4Addr, u16), (Ipv4Addr, u16));
+
+fn inspect_icmp(pkt: &[u8]) -> Result<IcmpSeen> {
+    ensure!(
+        pkt.len() >= 14 + 20 + 8 + 28,
+        "short ICMP packet {}",
+        pkt.len()
+    );
+    let ip = &pkt[14..34];
+    ensure!(csum(ip, 0) == 0xffff, "bad outer IPv4 checksum");
+    let icmp = &pkt[34..];
+    ensure!(csum(icmp, 0) == 0xffff, "bad ICMP checksum");
+    let inner = &icmp[8..28];
+    ensure!(csum(inner, 0) == 0xffff, "bad quoted IPv4 checksum");
+    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let ports = &icmp[28..32];
+    Ok((
+        addr(&ip[12..16]),
+        addr(&ip[16..20]),
+        (
+            addr(&inner[12..16]),
+            u16::from_be_bytes([ports[0], ports[1]]),
+        ),
+        (
+            addr(&inner[16..20]),
+            u16::from_be_bytes([ports[2], ports[3]]),
+        ),
+    ))
+}
+
+/// ICMP errors about translated flows are translated back, outer and quoted header: a router's
+/// "fragmentation needed" for a backend's reply reaches the backend about the packet it sent
+/// (PMTU discovery through NodePort); a backend's "port unreachable" reaches the client about
+/// the datagram it sent to the NodePort. Errors about unknown flows pass untouched.
+#[test]
+fn tc_icmp_errors_of_translated_flows_are_translated_back() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(None)?;
+    nodeport(&mut maps, 1, 30080, PROTO_TCP, &[(POD, 8080)])?;
+    nodeport(&mut maps, 2, 30053, PROTO_UDP, &[(POD, 5353)])?;
+    let router = Ipv4Addr::new(172, 30, 0, 1);
+    in_netns(&lab.node(0).netns, || {
+        let (client, np) = ((CLIENT, 40000), (NODE, 30080));
+        ensure!(pass(&dp, INGRESS, &tcp(client, np, TCP_SYN))?.dst == (POD, 8080));
+        // The backend's reply as it left the node (translated), too big for a router's link.
+        let reply_on_wire = tcp(np, client, TCP_ACK);
+        let (rc, out) = test_run(
+            &dp,
+            INGRESS,
+            &icmp_error(router, NODE, 3, 4, &reply_on_wire),
+        )?;
+        ensure!(rc == TC_ACT_OK, "frag-needed verdict {rc}");
+        let seen = inspect_icmp(&out)?;
+        ensure!(
+            seen == (router, POD, (POD, 8080), client),
+            "fragmentation needed not translated to the backend: {seen:?}"
+        );
+
+        let (uclient, unp) = ((CLIENT, 41000), (NODE, 30053));
+        let dgram = packet(uclient, unp, PROTO_UDP, true);
+        ensure!(pass(&dp, INGRESS, &dgram)?.dst == (POD, 5353));
+        // The datagram as the backend got it; nobody listens: port unreachable to the client.
+        let as_received = packet(uclient, (POD, 5353), PROTO_UDP, true);
+        let (rc, out) = test_run(&dp, EGRESS, &icmp_error(POD, CLIENT, 3, 3, &as_received))?;
+        ensure!(rc == TC_ACT_OK, "port-unreachable verdict {rc}");
+        let seen = inspect_icmp(&out)?;
+        ensure!(
+            seen == (NODE, CLIENT, uclient, unp),
+            "port unreachable not translated to the NodePort: {seen:?}"
+        );
+        ensure!(maps.stats()?[&Reason::IcmpErrorTranslated] == 2);
+
+        // About a flow nobody tracks: untouched.
+        let stranger = icmp_error(router, NODE, 3, 4, &tcp(np, (CLIENT2, 1234), TCP_ACK));
+        let (rc, out) = test_run(&dp, INGRESS, &stranger)?;
+        ensure!(
+            rc == TC_ACT_OK && out == stranger,
+            "unknown ICMP error changed"
+        );
+        Ok(())
+    })
+}
+
+/// A UDP datagram from `src` to `dst` with a 24-byte payload, cut into two IPv4 fragments
+/// (identification `id`): the first holds the UDP header and 8 payload bytes, the second the
+/// other 16. Returns (first, second, payload).
+fn udp_fragments(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    id: u16,
+) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let payload: Vec<u8> = (0u8..24).collect();
+    let mut udp = vec![0u8; 8];
+    udp[0..2].copy_from_slice(&src.1.to_be_bytes());
+    udp[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    udp[4..6].copy_from_slice(&32u16.to_be_bytes());
+    udp.extend_from_slice(&payload);
+    let c = !csum(&udp, pseudo_sum(src.0, dst.0, PROTO_UDP, udp.len()));
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    let frame = |body: &[u8], frag_field: u16| {
+        let mut ip = vec![0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&u16::try_from(20 + body.len()).unwrap_or(0).to_be_bytes());
+        ip[4..6].copy_from_slice(&id.to_be_bytes());
+        ip[6..8].copy_from_slice(&frag_field.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = PROTO_UDP;
+        ip[12..16].copy_from_slice(&src.0.octets());
+        ip[16..20].copy_from_slice(&dst.0.octets());
+        let c = !csum(&ip, 0);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut pkt = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+        pkt.extend_from_slice(&ip);
+        pkt.extend_from_slice(body);
+        pkt
+    };
+    // More-fragments set, offset 0; then offset 16 bytes (2 units of 8), last.
+    (frame(&udp[..16], 0x2000), frame(&udp[16..], 2), payload)
+}
+
+/// Addresses of a frame after checking its IPv4 header checksum.
+fn ip_addrs(pkt: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr)> {
+    let ip = &pkt[14..34];
+    ensure!(csum(ip, 0) == 0xffff, "bad IPv4 header checksum");
+    Ok((
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+    ))
+}
+
+/// The later fragments of a translated UDP datagram follow its first fragment (to the backend
+/// and back), and the reassembled datagram's checksum is valid after translation; a later
+/// fragment whose first one was not seen passes untouched.
+#[test]
+fn tc_later_fragments_follow_the_first() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(None)?;
+    nodeport(&mut maps, 2, 30053, PROTO_UDP, &[(POD, 5353)])?;
+    in_netns(&lab.node(0).netns, || {
+        let (client, np) = ((CLIENT, 41000), (NODE, 30053));
+        let (first, second, payload) = udp_fragments(client, np, 0x1234);
+        let (rc, out1) = test_run(&dp, INGRESS, &first)?;
+        ensure!(
+            rc == TC_ACT_OK && ip_addrs(&out1)? == (CLIENT, POD),
+            "first fragment"
+        );
+        let (rc, out2) = test_run(&dp, INGRESS, &second)?;
+        ensure!(rc == TC_ACT_OK, "second fragment verdict {rc}");
+        ensure!(
+            ip_addrs(&out2)? == (CLIENT, POD),
+            "the later fragment did not follow the first"
+        );
+        ensure!(out2[34..] == payload[8..], "later fragment payload changed");
+        // Reassembled: the UDP checksum (updated on the first fragment) is valid for the
+        // translated addresses and ports.
+        let mut udp = out1[34..].to_vec();
+        udp.extend_from_slice(&out2[34..]);
+        ensure!(u16::from_be_bytes([udp[2], udp[3]]) == 5353);
+        ensure!(
+            csum(&udp, pseudo_sum(CLIENT, POD, PROTO_UDP, udp.len())) == 0xffff,
+            "reassembled UDP checksum invalid"
+        );
+
+        // The backend's fragmented reply goes back through the NodePort, every fragment.
+        let (first, second, _) = udp_fragments((POD, 5353), client, 0x4321);
+        for frag in [first, second] {
+            let (rc, out) = test_run(&dp, EGRESS, &frag)?;
+            ensure!(
+                rc == TC_ACT_OK && ip_addrs(&out)? == (NODE, CLIENT),
+                "reply fragment"
+            );
+        }
+
+        // A later fragment of an unknown datagram: untouched.
+        let (_, orphan, _) = udp_fragments(client, np, 0x7777);
+        let (rc, out) = test_run(&dp, INGRESS, &orphan)?;
+        ensure!(
+            rc == TC_ACT_OK && out == orphan,
+            "unknown later fragment changed"
+        );
         Ok(())
     })
 }

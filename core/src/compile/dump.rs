@@ -485,7 +485,12 @@ pub fn render_view(view: &DumpView) -> String {
         } else {
             format!("{}/{}", r.namespace, r.name)
         };
-        let _ = writeln!(out, "rejected {class} {:?} {object}: {}", r.kind, r.reason);
+        let _ = writeln!(
+            out,
+            "rejected {class} {} {object}: {}",
+            r.kind.as_str(),
+            r.reason
+        );
     }
     let addrs: Vec<String> = view.node_addrs.iter().map(ToString::to_string).collect();
     let _ = writeln!(

@@ -39,6 +39,12 @@ pub use parse::{
     ParsedSlice, RefusedAddress, ServiceInput, SliceInput, all_node_ips, special_address,
 };
 
+/// Default of `--max-frontends-per-service`: a Service asking for more services-map entries is
+/// rejected whole. Generous for real Services (100 ports of a LoadBalancer with
+/// `externalTrafficPolicy: Local` and one ingress IP need 500), small next to the services map
+/// (65,536 entries by default), so one object cannot fill it for everyone else.
+pub const DEFAULT_MAX_FRONTENDS_PER_SERVICE: usize = 1024;
+
 /// kube-apiserver's default `--service-node-port-range`.
 pub const DEFAULT_NODEPORT_RANGE: RangeInclusive<u16> = 30_000..=32_767;
 
@@ -73,6 +79,8 @@ pub struct CompileConfig {
     pub node_ips: Vec<Ipv4Addr>,
     /// The node's own network-namespace cookie, for `DatapathConfig` (loopback NodePorts).
     pub host_netns_cookie: u64,
+    /// A Service needing more frontends (services-map entries) than this is not programmed.
+    pub max_frontends_per_service: usize,
 }
 
 impl CompileConfig {
@@ -85,6 +93,7 @@ impl CompileConfig {
             pod_cidrs: Vec::new(),
             node_ips: Vec::new(),
             host_netns_cookie: 0,
+            max_frontends_per_service: DEFAULT_MAX_FRONTENDS_PER_SERVICE,
         }
     }
 
@@ -149,11 +158,29 @@ impl FrontendKind {
 }
 
 /// Kind of a source object, for rejections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ObjectKind {
     Service,
     EndpointSlice,
     Node,
+}
+
+impl ObjectKind {
+    /// The Kubernetes kind, as in the object's `kind` field: the one spelling the dump, the JSON
+    /// view, logs and metric labels use.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Service => "Service",
+            ObjectKind::EndpointSlice => "EndpointSlice",
+            ObjectKind::Node => "Node",
+        }
+    }
+}
+
+impl serde::Serialize for ObjectKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 /// Why (part of) an object is not programmed.
@@ -202,10 +229,20 @@ pub enum RejectReason {
     NotThisNode(String),
     #[error("no free {0} id left")]
     IdsExhausted(&'static str),
+    #[error(
+        "{count} frontends (ports × addresses × scopes), more than the {max} a Service may have \
+         (--max-frontends-per-service): the Service is not programmed"
+    )]
+    TooManyFrontends { count: usize, max: usize },
     #[error("{0} usable endpoints; only the first 65535 are programmed")]
     TooManyBackends(usize),
     #[error("unsupported: {0}")]
     Unsupported(&'static str),
+    #[error(
+        "not (fully) programmed: a map is full (twill_map_errors_total{{kind=\"full\"}} names \
+         it); raise its --map-size-* or remove Services. Retried on every change and resync"
+    )]
+    MapFull,
     #[error("not proxied: {0}")]
     NotProxied(&'static str),
 }
@@ -227,7 +264,8 @@ impl RejectReason {
         match self {
             RejectReason::Unsupported(_)
             | RejectReason::TooManyBackends(_)
-            | RejectReason::IdsExhausted(_) => RejectClass::Unsupported,
+            | RejectReason::IdsExhausted(_)
+            | RejectReason::MapFull => RejectClass::Unsupported,
             RejectReason::NotProxied(_) => RejectClass::NotProxied,
             _ => RejectClass::Invalid,
         }
@@ -250,7 +288,9 @@ impl RejectReason {
             RejectReason::NotThisNode(_) => "not_this_node",
             RejectReason::IdsExhausted(_) => "ids_exhausted",
             RejectReason::TooManyBackends(_) => "too_many_backends",
+            RejectReason::TooManyFrontends { .. } => "too_many_frontends",
             RejectReason::Unsupported(_) => "unsupported",
+            RejectReason::MapFull => "map_full",
             RejectReason::NotProxied(_) => "not_proxied",
         }
     }
@@ -577,6 +617,10 @@ fn port_frontends(
 /// Every address/port/protocol a Service asks for with the strongest rank it asks with, sorted:
 /// what [`plan_service`]'s conflict check is decided on.
 fn service_claims(svc: &parse::ParsedService, config: &CompileConfig) -> Vec<RankedClaim> {
+    if frontend_count(svc, config) > config.max_frontends_per_service {
+        // Not programmed at all, so it holds nothing another Service could want.
+        return Vec::new();
+    }
     let mut claims: Vec<RankedClaim> = svc
         .ports
         .iter()
@@ -587,6 +631,14 @@ fn service_claims(svc: &parse::ParsedService, config: &CompileConfig) -> Vec<Ran
     claims.sort_unstable();
     claims.dedup_by_key(|c| c.0);
     claims
+}
+
+/// How many services-map entries `svc` asks for, before conflicts.
+fn frontend_count(svc: &parse::ParsedService, config: &CompileConfig) -> usize {
+    svc.ports
+        .iter()
+        .map(|p| port_frontends(svc, p, config).len())
+        .sum()
 }
 
 /// The externalIPs and LoadBalancer IPs of `svc` no Service may take: the special addresses
@@ -629,13 +681,24 @@ fn plan_service<'a>(
     rejected: &mut Vec<Rejection>,
 ) -> (Vec<PlannedPort>, Option<HealthCheck>) {
     let mut planned = Vec::new();
-    for reason in refused_addresses(svc, config) {
+    let mut reject = |reason| {
         rejected.push(Rejection {
             kind: ObjectKind::Service,
             namespace: namespace.clone(),
             name: name.clone(),
             reason,
         });
+    };
+    let count = frontend_count(svc, config);
+    if count > config.max_frontends_per_service {
+        reject(RejectReason::TooManyFrontends {
+            count,
+            max: config.max_frontends_per_service,
+        });
+        return (planned, None);
+    }
+    for reason in refused_addresses(svc, config) {
+        reject(reason);
     }
     let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for port in &svc.ports {

@@ -556,3 +556,81 @@ fn special_and_node_addresses_are_refused_as_external_ips() {
     assert_eq!(external(&c).len(), 2);
     assert!(c.rejected().is_empty());
 }
+
+#[test]
+fn object_kinds_have_one_spelling() {
+    for (kind, name) in [
+        (ObjectKind::Service, "Service"),
+        (ObjectKind::EndpointSlice, "EndpointSlice"),
+        (ObjectKind::Node, "Node"),
+    ] {
+        assert_eq!(kind.as_str(), name);
+        // The JSON view spells it the same way.
+        assert_eq!(serde_json::to_value(kind).unwrap(), name);
+    }
+}
+
+/// A Service over `max_frontends_per_service` is rejected whole, alone: it programs nothing and
+/// claims nothing (a later Service asking for the same external address gets it), and raising
+/// the cap programs it.
+#[test]
+fn a_service_over_the_frontend_cap_is_rejected_alone() {
+    let mut big = svc("a-big", "10.96.0.30");
+    let spec = big.spec.as_mut().expect("spec");
+    spec.external_ips = Some(vec!["192.0.2.30".into(), "192.0.2.31".into()]);
+    spec.ports = Some(
+        (1..=3)
+            .map(|p| ServicePort {
+                name: Some(format!("p{p}")),
+                port: p,
+                ..ServicePort::default()
+            })
+            .collect(),
+    );
+    let mut small = svc("b-small", "10.96.0.31");
+    small.spec.as_mut().expect("spec").external_ips = Some(vec!["192.0.2.30".into()]);
+    small.spec.as_mut().expect("spec").ports = Some(vec![ServicePort {
+        port: 1,
+        ..ServicePort::default()
+    }]);
+
+    let mut config = CompileConfig::new("node-a");
+    config.max_frontends_per_service = 8; // a-big needs 3 ports × (1 ClusterIP + 2 external) = 9
+    let mut c = Compiler::new(IdAllocation::default());
+    c.update(
+        &config,
+        None,
+        [
+            group(Some(&big), "default", "a-big"),
+            group(Some(&small), "default", "b-small"),
+        ],
+    );
+    let addrs: BTreeSet<Ipv4Addr> = c
+        .state()
+        .services
+        .keys()
+        .map(|k| addr_from_be(k.addr_be))
+        .collect();
+    assert_eq!(
+        addrs,
+        [Ipv4Addr::new(10, 96, 0, 31), Ipv4Addr::new(192, 0, 2, 30)].into(),
+        "only b-small, with the external address a-big would have owned"
+    );
+    let rejected = c.rejected();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(&*rejected[0].name, "a-big");
+    assert_eq!(
+        rejected[0].reason,
+        RejectReason::TooManyFrontends { count: 9, max: 8 }
+    );
+    assert_eq!(c.counts().services, 1);
+
+    config.max_frontends_per_service = 9;
+    c.update(&config, None, []);
+    assert_eq!(c.counts().services, 2);
+    assert_eq!(
+        c.state().services.len(),
+        9 + 2 - 1,
+        "b-small lost 192.0.2.30:1 to a-big"
+    );
+}

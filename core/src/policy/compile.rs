@@ -2,7 +2,9 @@
 //! (`docs/design/policy.md`): endpoints, the ipcache of peer identities, and the per-endpoint
 //! allow trie. Deterministic; ids stable across compiles through [`PolicyIds`].
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hash;
 use std::net::Ipv4Addr;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
@@ -86,7 +88,11 @@ pub type CidrClass = Vec<IpBlockSel>;
 /// What an identity stands for; identities are hash-consed on this value.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IdentityKind {
-    /// Pods with the same namespace, labels, named ports and CIDR class.
+    /// Pods with the same namespace, labels, named ports and CIDR class. `labels` holds only
+    /// the keys some peer podSelector names and `named_ports` only the names some egress rule
+    /// names: pods that differ in anything else are indistinguishable to every policy (a
+    /// StatefulSet's per-pod label would otherwise make every pod its own identity, and the
+    /// policy map grows with identities).
     Pod {
         namespace: Arc<str>,
         labels: Labels,
@@ -102,11 +108,11 @@ pub enum IdentityKind {
 /// first compile: ids are then assigned in sorted order of what they name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyIds {
-    identities: BTreeMap<Arc<IdentityKind>, u32>,
+    identities: HashMap<Arc<IdentityKind>, u32>,
     next_identity: u32,
-    endpoints: BTreeMap<(Arc<str>, Arc<str>), u32>,
+    endpoints: HashMap<(Arc<str>, Arc<str>), u32>,
     next_endpoint: u32,
-    rules: BTreeMap<RuleRef, u32>,
+    rules: HashMap<RuleRef, u32>,
     next_rule: u32,
 }
 
@@ -115,34 +121,39 @@ const FIRST_ID: u32 = 1;
 
 /// Keeps the ids of keys seen before; gives new keys (taken in sorted order) the next ids. When
 /// the counter would wrap, renumbers everything from `first` (a one-off full rewrite after four
-/// billion allocations beats reusing an id a stale map entry may still carry).
-fn allocate<K: Ord + Clone>(
+/// billion allocations beats reusing an id a stale map entry may still carry). Hash lookups for
+/// the known keys; only new ones are sorted (comparing identities compares label maps).
+fn allocate<K: Ord + Hash + Clone>(
     keys: impl IntoIterator<Item = K>,
-    prev: &BTreeMap<K, u32>,
+    prev: &HashMap<K, u32>,
     prev_next: u32,
     first: u32,
-) -> (BTreeMap<K, u32>, u32) {
-    let keys: BTreeSet<K> = keys.into_iter().collect();
-    let mut next = prev_next.max(first);
-    let fresh = keys.iter().filter(|k| !prev.contains_key(*k)).count();
-    let fits = u32::try_from(fresh).is_ok_and(|n| next.checked_add(n).is_some());
-    let mut out = BTreeMap::new();
-    if !fits {
-        next = first;
-        for k in keys {
-            out.insert(k, next);
-            next += 1;
+) -> (HashMap<K, u32>, u32) {
+    let mut out = HashMap::new();
+    let mut fresh = Vec::new();
+    for k in keys {
+        match prev.get(&k) {
+            Some(&id) => {
+                out.insert(k, id);
+            }
+            None => fresh.push(k),
         }
+    }
+    fresh.sort_unstable();
+    fresh.dedup();
+    let mut next = prev_next.max(first);
+    let fits = u32::try_from(fresh.len()).is_ok_and(|n| next.checked_add(n).is_some());
+    if !fits {
+        let mut all: Vec<K> = out.into_keys().chain(fresh).collect();
+        all.sort_unstable();
+        let ids = (first..).zip(all).map(|(id, k)| (k, id));
+        let out: HashMap<K, u32> = ids.collect();
+        let next = first + u32::try_from(out.len()).expect("fewer than 2^32 keys");
         return (out, next);
     }
-    for k in keys {
-        let id = if let Some(&id) = prev.get(&k) {
-            id
-        } else {
-            next += 1;
-            next - 1
-        };
-        out.insert(k, id);
+    for k in fresh {
+        out.insert(k, next);
+        next += 1;
     }
     (out, next)
 }
@@ -258,8 +269,9 @@ type GroupKey<'k> = (&'k str, &'k Labels, &'k [NamedPort], usize);
 /// A group of pods sharing one identity.
 struct PodGroup<'a> {
     namespace: &'a Arc<str>,
-    labels: &'a Labels,
-    named_ports: &'a [NamedPort],
+    /// The identity's labels (see [`IdentityKind::Pod`]).
+    labels: Labels,
+    named_ports: Vec<NamedPort>,
     class: usize,
     id: u32,
 }
@@ -387,30 +399,53 @@ struct Identities<'p> {
     peer_group: Vec<usize>,
     /// Class → id of each non-empty class some boundary has.
     regions: BTreeMap<usize, u32>,
-    ids: BTreeMap<Arc<IdentityKind>, u32>,
+    ids: HashMap<Arc<IdentityKind>, u32>,
     next: u32,
 }
 
 impl<'p> Identities<'p> {
-    /// `taken`: pod and node addresses, whose /32 entries hide a /32 boundary.
+    /// `taken`: pod and node addresses, whose /32 entries hide a /32 boundary. `label_keys`: the
+    /// keys peer podSelectors name; `port_names`: the named ports egress rules name.
     fn new(
         peers: &[(&'p PolicyPod, Ipv4Addr)],
+        label_keys: &BTreeSet<&str>,
+        port_names: &BTreeSet<&str>,
         cidrs: &Cidrs,
         taken: &BTreeSet<Ipv4Addr>,
         prev: &PolicyIds,
     ) -> Self {
-        let mut group_of: HashMap<GroupKey<'p>, usize> = HashMap::new();
+        let relevant: Vec<Labels> = peers
+            .iter()
+            .map(|(p, _)| {
+                p.labels
+                    .iter()
+                    .filter(|(k, _)| label_keys.contains(k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .collect();
+        let mut group_of: HashMap<GroupKey<'_>, usize> = HashMap::new();
         let mut groups: Vec<PodGroup<'p>> = Vec::new();
         let mut peer_group = Vec::with_capacity(peers.len());
-        for &(p, ip) in peers {
+        let ports: Vec<Vec<NamedPort>> = peers
+            .iter()
+            .map(|(p, _)| {
+                p.named_ports
+                    .iter()
+                    .filter(|np| port_names.contains(np.name.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        for ((&(p, ip), labels), ports) in peers.iter().zip(&relevant).zip(&ports) {
             let class = cidrs.trie.lookup(ip);
-            let key = (&*p.namespace, &p.labels, p.named_ports.as_slice(), class);
+            let key = (&*p.namespace, labels, ports.as_slice(), class);
             let next = groups.len();
             let g = *group_of.entry(key).or_insert_with(|| {
                 groups.push(PodGroup {
                     namespace: &p.namespace,
-                    labels: &p.labels,
-                    named_ports: &p.named_ports,
+                    labels: labels.clone(),
+                    named_ports: ports.clone(),
                     class,
                     id: 0,
                 });
@@ -424,7 +459,7 @@ impl<'p> Identities<'p> {
                 Arc::new(IdentityKind::Pod {
                     namespace: g.namespace.clone(),
                     labels: g.labels.clone(),
-                    named_ports: g.named_ports.to_vec(),
+                    named_ports: g.named_ports.clone(),
                     class: cidrs.class_value(g.class),
                 })
             })
@@ -515,6 +550,33 @@ fn ipcache(
     out
 }
 
+/// What can tell pods apart: the label keys peer podSelectors name, and the port names egress
+/// rules name (see [`IdentityKind::Pod`]).
+fn identity_keys<'p>(policies: &[&'p ParsedPolicy]) -> (BTreeSet<&'p str>, BTreeSet<&'p str>) {
+    let label_keys = policies
+        .iter()
+        .flat_map(|p| p.ingress.iter().chain(p.egress.iter()))
+        .flat_map(|r| r.peers.iter().flatten())
+        .filter_map(|peer| match peer {
+            Peer::Pods {
+                pods: Some(sel), ..
+            } => Some(sel),
+            _ => None,
+        })
+        .flat_map(|sel| sel.requirements.iter().map(|r| r.key.as_str()))
+        .collect();
+    let port_names = policies
+        .iter()
+        .flat_map(|p| p.egress.iter())
+        .flat_map(|r| r.ports.iter().flatten())
+        .filter_map(|pm| match &pm.port {
+            PortSel::Named(name) => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    (label_keys, port_names)
+}
+
 /// Every (policy, direction, rule, peer, port) of every valid policy: what rule ids name.
 fn rule_refs(policies: &[&ParsedPolicy]) -> Vec<RuleRef> {
     let mut out = Vec::new();
@@ -566,7 +628,8 @@ pub fn compile<'a>(
         .copied()
         .chain(peers.iter().map(|&(_, ip)| ip))
         .collect();
-    let idents = Identities::new(&peers, &cidrs, &taken, prev);
+    let (label_keys, port_names) = identity_keys(&policies);
+    let idents = Identities::new(&peers, &label_keys, &port_names, &cidrs, &taken, prev);
     let mut maps = PolicyMaps {
         ipcache: ipcache(&cidrs, &idents, &node_addrs, &peers, &taken),
         ..PolicyMaps::default()
@@ -586,7 +649,6 @@ pub fn compile<'a>(
     );
 
     let ctx = Ctx {
-        groups: &idents.groups,
         ns_labels: &ns_labels,
         cidrs: &cidrs,
         idents: &idents,
@@ -602,7 +664,8 @@ pub fn compile<'a>(
     };
     // Peer identities per (policy, direction, rule, peer), computed once for the policies that
     // select some local pod.
-    let mut peer_cache: HashMap<usize, PolicyPeers> = HashMap::new();
+    let mut peer_cache = PeerCache::default();
+    let mut entries = Entries::default();
     let mut local_pods = BTreeMap::new();
     for &i in &locals {
         let (pod, ip) = peers[i];
@@ -621,13 +684,14 @@ pub fn compile<'a>(
             &policies,
             &mut peer_cache,
             &mut local,
-            &mut maps.policy,
+            &mut entries,
         );
         maps.endpoints
             .insert(addr_be(ip), PolicyEndpoint { ep_id: ep, flags });
         local_pods.insert(ep, local);
     }
-    drop(ctx);
+    drop(ctx); // It borrows the id tables moved into the result.
+    maps.policy = entries.into_map();
 
     PolicyState {
         maps,
@@ -654,7 +718,18 @@ pub fn compile<'a>(
 }
 
 /// Identities of each peer of each rule of a policy, by direction (0 ingress, 1 egress).
-type PolicyPeers = [Vec<Vec<Vec<u32>>>; 2];
+type PolicyPeers = [Vec<Vec<Rc<[u32]>>>; 2];
+
+/// Peer identities, computed once per policy that selects a local pod, and once per distinct
+/// peer: many policies repeat the same peers ("from the monitoring namespace").
+#[derive(Default)]
+struct PeerCache<'p> {
+    by_policy: HashMap<usize, PolicyPeers>,
+    by_peer: HashMap<PeerKey<'p>, Rc<[u32]>>,
+}
+
+/// A peer, the policy's namespace if the peer depends on it, the direction if it depends on it.
+type PeerKey<'p> = (&'p Peer, Option<&'p str>, Option<Direction>);
 
 fn rules_of(pol: &ParsedPolicy, dir: Direction) -> &[Rule] {
     match dir {
@@ -685,27 +760,26 @@ fn group_index_by_namespace<'g>(groups: &'g [PodGroup<'_>]) -> HashMap<&'g str, 
 
 /// What peer evaluation needs of the compile.
 struct Ctx<'c, 'g> {
-    groups: &'c [PodGroup<'g>],
     ns_labels: &'c BTreeMap<Arc<str>, Labels>,
     cidrs: &'c Cidrs,
     idents: &'c Identities<'g>,
     node_addrs: &'c BTreeSet<Ipv4Addr>,
     by_namespace: HashMap<&'c str, Vec<usize>>,
     group_by_id: HashMap<u32, usize>,
-    rule_ids: &'c BTreeMap<RuleRef, u32>,
+    rule_ids: &'c HashMap<RuleRef, u32>,
 }
 
 impl Ctx<'_, '_> {
     /// Entries of one local endpoint; returns its isolation flags and fills in which policies
     /// select it.
-    fn endpoint(
+    fn endpoint<'p>(
         &self,
         ep: u32,
         pod: &PolicyPod,
-        policies: &[&ParsedPolicy],
-        peer_cache: &mut HashMap<usize, PolicyPeers>,
+        policies: &[&'p ParsedPolicy],
+        peer_cache: &mut PeerCache<'p>,
         local: &mut LocalPod,
-        out: &mut BTreeMap<LpmKey<PolicyKey>, PolicyVerdict>,
+        out: &mut Entries,
     ) -> u32 {
         let mut flags = 0;
         for (pi, pol) in policies.iter().enumerate() {
@@ -721,7 +795,8 @@ impl Ctx<'_, '_> {
                 flags |= PEP_F_EGRESS_ISOLATED;
                 local.egress_policies.push(name);
             }
-            let cached = peer_cache.entry(pi).or_insert_with(|| {
+            let by_peer = &mut peer_cache.by_peer;
+            let cached = peer_cache.by_policy.entry(pi).or_insert_with(|| {
                 [Direction::Ingress, Direction::Egress].map(|dir| {
                     rules_of(pol, dir)
                         .iter()
@@ -729,7 +804,23 @@ impl Ctx<'_, '_> {
                             r.peers
                                 .iter()
                                 .flatten()
-                                .map(|peer| self.peer_identities(pol, dir, peer))
+                                .map(|peer| {
+                                    let key = match peer {
+                                        Peer::Pods {
+                                            namespaces: None, ..
+                                        } => (peer, Some(&*pol.namespace), None),
+                                        Peer::Pods { .. } | Peer::Ipv6Block(_) => {
+                                            (peer, None, None)
+                                        }
+                                        Peer::IpBlock(_) => (peer, None, Some(dir)),
+                                    };
+                                    by_peer
+                                        .entry(key)
+                                        .or_insert_with(|| {
+                                            self.peer_identities(pol, dir, peer).into()
+                                        })
+                                        .clone()
+                                })
                                 .collect()
                         })
                         .collect()
@@ -771,8 +862,8 @@ impl Ctx<'_, '_> {
             Peer::Pods { namespaces, pods } => {
                 let in_ns = |ns: &str, out: &mut Vec<u32>| {
                     for &g in self.by_namespace.get(ns).into_iter().flatten() {
-                        let group = &self.groups[g];
-                        if pods.as_ref().is_none_or(|s| s.matches(group.labels)) {
+                        let group = &self.idents.groups[g];
+                        if pods.as_ref().is_none_or(|s| s.matches(&group.labels)) {
                             out.push(group.id);
                         }
                     }
@@ -795,7 +886,8 @@ impl Ctx<'_, '_> {
                     .binary_search(b)
                     .expect("every policy's blocks were collected");
                 out.extend(
-                    self.groups
+                    self.idents
+                        .groups
                         .iter()
                         .filter(|g| self.cidrs.in_class(bi, g.class))
                         .map(|g| g.id),
@@ -829,12 +921,12 @@ struct Emit<'r, R> {
     pod: &'r PolicyPod,
     rule: &'r Rule,
     /// Identities of each of the rule's peers.
-    peer_ids: &'r [Vec<u32>],
+    peer_ids: &'r [Rc<[u32]>],
     rule_id: R,
 }
 
 impl<R: Fn(Option<u32>, Option<u32>) -> u32> Emit<'_, R> {
-    fn run(&self, ctx: &Ctx<'_, '_>, out: &mut BTreeMap<LpmKey<PolicyKey>, PolicyVerdict>) {
+    fn run(&self, ctx: &Ctx<'_, '_>, out: &mut Entries) {
         let any = [IDENTITY_ANY];
         let peer_lists: Vec<(Option<u32>, &[u32])> = if self.rule.peers.is_none() {
             vec![(None, &any)]
@@ -842,15 +934,14 @@ impl<R: Fn(Option<u32>, Option<u32>) -> u32> Emit<'_, R> {
             self.peer_ids
                 .iter()
                 .enumerate()
-                .map(|(i, ids)| (Some(idx32(i)), ids.as_slice()))
+                .map(|(i, ids)| (Some(idx32(i)), &**ids))
                 .collect()
         };
         for &(peer_i, ids) in &peer_lists {
             let Some(ports) = &self.rule.ports else {
                 let rid = (self.rule_id)(peer_i, None);
                 for &id in ids {
-                    insert(
-                        out,
+                    out.push(
                         policy_key(self.ep, self.dir, id, 0, 0),
                         POLICY_PREFIX_ANY_PROTO,
                         rid,
@@ -863,8 +954,7 @@ impl<R: Fn(Option<u32>, Option<u32>) -> u32> Emit<'_, R> {
                 match &pm.port {
                     PortSel::Any => {
                         for &id in ids {
-                            insert(
-                                out,
+                            out.push(
                                 policy_key(self.ep, self.dir, id, pm.proto, 0),
                                 POLICY_PREFIX_ANY_PORT,
                                 rid,
@@ -874,8 +964,7 @@ impl<R: Fn(Option<u32>, Option<u32>) -> u32> Emit<'_, R> {
                     PortSel::Range(lo, hi) => {
                         for (base, bits) in port_prefixes(*lo, *hi) {
                             for &id in ids {
-                                insert(
-                                    out,
+                                out.push(
                                     policy_key(self.ep, self.dir, id, pm.proto, base),
                                     POLICY_PREFIX_PORT_BASE + bits,
                                     rid,
@@ -896,8 +985,7 @@ impl<R: Fn(Option<u32>, Option<u32>) -> u32> Emit<'_, R> {
                             Direction::Ingress => {
                                 for port in resolve(&self.pod.named_ports) {
                                     for &id in ids {
-                                        insert(
-                                            out,
+                                        out.push(
                                             policy_key(self.ep, self.dir, id, pm.proto, port),
                                             POLICY_PREFIX_PORT_BASE + 16,
                                             rid,
@@ -909,17 +997,25 @@ impl<R: Fn(Option<u32>, Option<u32>) -> u32> Emit<'_, R> {
                             // means every pod identity with that port (regions have none).
                             Direction::Egress => {
                                 let targets: Vec<(u32, &[NamedPort])> = if peer_i.is_none() {
-                                    ctx.groups.iter().map(|g| (g.id, g.named_ports)).collect()
+                                    ctx.idents
+                                        .groups
+                                        .iter()
+                                        .map(|g| (g.id, g.named_ports.as_slice()))
+                                        .collect()
                                 } else {
                                     ids.iter()
                                         .filter_map(|id| ctx.group_by_id.get(id))
-                                        .map(|&g| (ctx.groups[g].id, ctx.groups[g].named_ports))
+                                        .map(|&g| {
+                                            (
+                                                ctx.idents.groups[g].id,
+                                                ctx.idents.groups[g].named_ports.as_slice(),
+                                            )
+                                        })
                                         .collect()
                                 };
                                 for (id, named) in targets {
                                     for port in resolve(named) {
-                                        insert(
-                                            out,
+                                        out.push(
                                             policy_key(self.ep, self.dir, id, pm.proto, port),
                                             POLICY_PREFIX_PORT_BASE + 16,
                                             rid,
@@ -935,14 +1031,38 @@ impl<R: Fn(Option<u32>, Option<u32>) -> u32> Emit<'_, R> {
     }
 }
 
-/// One entry; where rules overlap exactly, the lowest rule id names it (deterministic).
-fn insert(
-    out: &mut BTreeMap<LpmKey<PolicyKey>, PolicyVerdict>,
-    data: PolicyKey,
-    prefix_len: u32,
-    rule_id: u32,
-) {
-    out.entry(LpmKey { data, prefix_len })
-        .and_modify(|v| v.rule_id = v.rule_id.min(rule_id))
-        .or_insert(PolicyVerdict { rule_id });
+/// The policy entries, collected unsorted and sorted once: a million `BTreeMap` inserts compare
+/// keys field by field (`_pad` by `memcmp`), a sort by one integer does not.
+#[derive(Default)]
+struct Entries(Vec<(u128, LpmKey<PolicyKey>, u32)>);
+
+impl Entries {
+    /// The key's position in `PolicyKey`'s derived order (field by field, arrays bytewise).
+    fn order(k: &PolicyKey) -> u128 {
+        let pad = u32::from_be_bytes([0, k._pad[0], k._pad[1], k._pad[2]]);
+        (u128::from(k.ep_id_be) << 96)
+            | (u128::from(k.direction) << 88)
+            | (u128::from(pad) << 64)
+            | (u128::from(k.identity_be) << 32)
+            | (u128::from(k.proto) << 24)
+            | (u128::from(k._pad2) << 16)
+            | u128::from(k.port_be)
+    }
+
+    fn push(&mut self, data: PolicyKey, prefix_len: u32, rule_id: u32) {
+        self.0
+            .push((Self::order(&data), LpmKey { data, prefix_len }, rule_id));
+    }
+
+    /// Where rules overlap exactly, the lowest rule id names the entry (deterministic).
+    fn into_map(mut self) -> BTreeMap<LpmKey<PolicyKey>, PolicyVerdict> {
+        self.0
+            .sort_unstable_by_key(|&(order, k, rule)| (order, k.prefix_len, rule));
+        self.0
+            .dedup_by_key(|&mut (order, k, _)| (order, k.prefix_len));
+        self.0
+            .into_iter()
+            .map(|(_, k, rule_id)| (k, PolicyVerdict { rule_id }))
+            .collect()
+    }
 }

@@ -15,6 +15,7 @@ use super::compile::{
     CidrClass, Direction, IdentityKind, PolicyMaps, PolicyState, RuleRef, addr_from_be,
 };
 use super::parse::{Labels, NamedPort};
+use super::verdict::{Judgement, Verdict};
 
 pub fn proto_name(proto: u8) -> String {
     match proto {
@@ -387,6 +388,145 @@ pub fn render_pod_views(views: &[PodPolicyView]) -> String {
                 );
             }
         }
+    }
+    out
+}
+
+/// One side of a verdict, named, as `debug explain` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct JudgementView {
+    /// `unmanaged`, `not-isolated`, `from-host`, `allowed`, `denied`.
+    pub outcome: &'static str,
+    /// The local pod judging (`ns/name`), if any.
+    pub pod: Option<String>,
+    /// The peer's identity and what it stands for, when the trie was consulted.
+    pub peer_identity: Option<u32>,
+    pub peer: Option<String>,
+    pub rule_id: Option<u32>,
+    pub rule: Option<String>,
+    /// The matching trie entry (`ingress from=256 TCP 80`).
+    pub entry: Option<String>,
+}
+
+/// `debug explain`'s answer for one connection.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ExplainView {
+    pub allowed: bool,
+    /// The client's egress.
+    pub egress: JudgementView,
+    /// The server's ingress.
+    pub ingress: JudgementView,
+}
+
+/// Names a verdict's numbers with what `state` knows.
+pub fn explain_view(state: &PolicyState, verdict: &Verdict) -> ExplainView {
+    let pod = |ep: u32| {
+        state.local_pods.get(&ep).map_or_else(
+            || format!("ep {ep}?"),
+            |p| format!("{}/{}", p.namespace, p.name),
+        )
+    };
+    let peer = |id: u32| match id {
+        IDENTITY_ANY | IDENTITY_WORLD | IDENTITY_HOST => identity_name(state, id),
+        other => state
+            .identities
+            .get(&other)
+            .map_or_else(|| format!("{other}?"), |k| identity_short(k)),
+    };
+    let side = |j: &Judgement| {
+        let empty = JudgementView {
+            outcome: "unmanaged",
+            pod: None,
+            peer_identity: None,
+            peer: None,
+            rule_id: None,
+            rule: None,
+            entry: None,
+        };
+        match *j {
+            Judgement::Unmanaged => empty,
+            Judgement::NotIsolated { ep_id } => JudgementView {
+                outcome: "not-isolated",
+                pod: Some(pod(ep_id)),
+                ..empty
+            },
+            Judgement::FromHost { ep_id } => JudgementView {
+                outcome: "from-host",
+                pod: Some(pod(ep_id)),
+                peer_identity: Some(IDENTITY_HOST),
+                peer: Some(peer(IDENTITY_HOST)),
+                ..empty
+            },
+            Judgement::Allowed {
+                ep_id,
+                identity,
+                rule_id,
+                key,
+            } => {
+                let d = &key.data;
+                let (dir, to) = match Direction::from_u8(d.direction) {
+                    Some(Direction::Egress) => ("egress", "to"),
+                    _ => ("ingress", "from"),
+                };
+                JudgementView {
+                    outcome: "allowed",
+                    pod: Some(pod(ep_id)),
+                    peer_identity: Some(identity),
+                    peer: Some(peer(identity)),
+                    rule_id: Some(rule_id),
+                    rule: Some(
+                        state
+                            .rules
+                            .get(&rule_id)
+                            .map_or_else(|| "?".into(), rule_text),
+                    ),
+                    entry: Some(format!(
+                        "{dir} {to}={} {}",
+                        identity_name(state, u32::from_be(d.identity_be)),
+                        port_text(d.proto, u16::from_be(d.port_be), key.prefix_len)
+                    )),
+                }
+            }
+            Judgement::Denied { ep_id, identity } => JudgementView {
+                outcome: "denied",
+                pod: Some(pod(ep_id)),
+                peer_identity: Some(identity),
+                peer: Some(peer(identity)),
+                ..empty
+            },
+        }
+    };
+    ExplainView {
+        allowed: verdict.allowed(),
+        egress: side(&verdict.egress),
+        ingress: side(&verdict.ingress),
+    }
+}
+
+/// `debug explain`'s text.
+pub fn render_explain(v: &ExplainView) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", if v.allowed { "ALLOWED" } else { "DENIED" });
+    for (what, j) in [("egress", &v.egress), ("ingress", &v.ingress)] {
+        let who = j.pod.as_deref().unwrap_or("-");
+        let line = match j.outcome {
+            "unmanaged" => format!("{what}: not a pod of this node, not judged here"),
+            "not-isolated" => format!("{what} of {who}: no policy isolates it"),
+            "from-host" => format!("{what} of {who}: from this node, always allowed"),
+            "allowed" => format!(
+                "{what} of {who}: allowed by rule {} ({}), peer {} [{}]",
+                j.rule_id.unwrap_or_default(),
+                j.rule.as_deref().unwrap_or("?"),
+                j.peer.as_deref().unwrap_or("?"),
+                j.entry.as_deref().unwrap_or("?")
+            ),
+            _ => format!(
+                "{what} of {who}: denied, no rule allows peer {} (identity {})",
+                j.peer.as_deref().unwrap_or("?"),
+                j.peer_identity.unwrap_or_default()
+            ),
+        };
+        let _ = writeln!(out, "  {line}");
     }
     out
 }

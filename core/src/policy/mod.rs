@@ -19,8 +19,9 @@ pub use compile::{
     PolicyState, RuleRef, addr_be, addr_from_be, compile, port_prefixes,
 };
 pub use dump::{
-    EntryView, PodPolicyView, class_text, identity_short, identity_text, pod_views, port_text,
-    proto_name, render_dump, render_pod_views, rule_text,
+    EntryView, ExplainView, JudgementView, PodPolicyView, class_text, explain_view, identity_short,
+    identity_text, pod_views, port_text, proto_name, render_dump, render_explain, render_pod_views,
+    rule_text,
 };
 pub use parse::{
     IpBlockSel, LABEL_NAMESPACE_NAME, Labels, NamedPort, ObjectError, ParsedPolicy, Peer, PodPhase,

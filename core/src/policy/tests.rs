@@ -437,3 +437,126 @@ fn pod_views_serialize_for_debug_policy_json() {
     assert_eq!(v["ingress"][0]["ports"], "TCP 80-81");
     assert_eq!(v["ingress"][0]["rule"], "x/web ingress[0] from[0] ports[0]");
 }
+
+/// Upstream's "updated" cases at the compiler: a recompile with the previous ids follows label,
+/// namespace and policy changes, and leaves the entries of what did not change alone.
+#[test]
+fn recompiles_follow_updates_and_keep_the_rest() {
+    let nss = |team: &str| {
+        vec![
+            PolicyNamespace::new("x", Labels::new()),
+            PolicyNamespace::new("y", Labels::from([("team".into(), team.into())])),
+        ]
+    };
+    let mut pods = vec![
+        pod("x", "server", "web", "10.244.0.5", "node-a"),
+        pod("x", "other", "db", "10.244.0.8", "node-a"),
+        pod("y", "client", "cli", "10.244.0.6", "node-a"),
+    ];
+    let policies = vec![
+        policy(
+            "x",
+            "from-red-cli",
+            &json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"from": [
+                {"namespaceSelector": {"matchLabels": {"team": "red"}},
+                 "podSelector": {"matchLabels": {"app": "cli"}}}]}]}),
+        )
+        .unwrap(),
+        policy(
+            "x",
+            "db",
+            &json!({"podSelector": {"matchLabels": {"app": "db"}}, "ingress": [{"from": [
+                {"podSelector": {"matchLabels": {"app": "web"}}}]}]}),
+        )
+        .unwrap(),
+    ];
+    let compile_with =
+        |pods: &[PolicyPod], team: &str, policies: &[ParsedPolicy], prev: &PolicyIds| {
+            compile(pods, &nss(team), policies, "node-a", &[], prev)
+        };
+    let (server, client) = (ip("10.244.0.5"), ip("10.244.0.6"));
+    let db_entries = |s: &PolicyState| -> Vec<_> {
+        let ep = s.maps.endpoints[&addr_be(ip("10.244.0.8"))].ep_id;
+        s.maps
+            .policy
+            .iter()
+            .filter(|(k, _)| u32::from_be(k.data.ep_id_be) == ep)
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    };
+
+    let s1 = compile_with(&pods, "red", &policies, &PolicyIds::default());
+    assert!(s1.verdict(client, server, PROTO_TCP, 80).allowed());
+
+    // Updated namespace labels: the client's namespace leaves team red.
+    let s2 = compile_with(&pods, "blue", &policies, &s1.ids);
+    assert!(!s2.verdict(client, server, PROTO_TCP, 80).allowed());
+    assert_eq!(
+        db_entries(&s2),
+        db_entries(&s1),
+        "unrelated entries rewritten"
+    );
+    assert_eq!(s2.maps.endpoints, s1.maps.endpoints);
+
+    // Back, then updated pod labels: the client is no `cli` any more.
+    let s3 = compile_with(&pods, "red", &policies, &s2.ids);
+    assert!(s3.verdict(client, server, PROTO_TCP, 80).allowed());
+    pods[2].labels.insert("app".into(), "batch".into());
+    let s4 = compile_with(&pods, "red", &policies, &s3.ids);
+    assert!(!s4.verdict(client, server, PROTO_TCP, 80).allowed());
+    assert_eq!(db_entries(&s4), db_entries(&s3));
+
+    // Updated pod IP: the new address is known, the old one is WORLD.
+    pods[2].labels.insert("app".into(), "cli".into());
+    pods[2].ip = Some(ip("10.244.0.9"));
+    let s5 = compile_with(&pods, "red", &policies, &s4.ids);
+    assert!(
+        s5.verdict(ip("10.244.0.9"), server, PROTO_TCP, 80)
+            .allowed()
+    );
+    assert!(!s5.verdict(client, server, PROTO_TCP, 80).allowed());
+    assert_eq!(s5.maps.identity_of(client), IDENTITY_WORLD);
+
+    // Deleted policy: the server stops being isolated.
+    let s6 = compile_with(&pods, "red", &policies[1..], &s5.ids);
+    assert!(s6.verdict(client, server, PROTO_TCP, 80).allowed());
+    let v = s6.verdict(client, server, PROTO_TCP, 80);
+    assert!(matches!(v.ingress, Judgement::NotIsolated { .. }), "{v:?}");
+    assert_eq!(db_entries(&s6), db_entries(&s5));
+}
+
+#[test]
+fn explain_names_the_rule_or_says_none_allows() {
+    let pods = [
+        pod("x", "server", "web", "10.244.0.5", "node-a"),
+        pod("x", "client", "cli", "10.244.0.6", "node-a"),
+    ];
+    let policies = [
+        policy(
+            "x",
+            "web",
+            &json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app": "cli"}}}], "ports": [{"port": 80}]}]}),
+        )
+        .unwrap(),
+    ];
+    let s = run(&pods, &policies, &PolicyIds::default());
+    let (server, client) = (ip("10.244.0.5"), ip("10.244.0.6"));
+    let text = render_explain(&explain_view(&s, &s.verdict(client, server, PROTO_TCP, 80)));
+    assert_eq!(
+        text,
+        "ALLOWED\n  egress of x/client: no policy isolates it\n  ingress of x/server: allowed by \
+         rule 1 (x/web ingress[0] from[0] ports[0]), peer pods ns=x {app=cli} [ingress \
+         from=256 TCP 80]\n"
+    );
+    let denied = explain_view(&s, &s.verdict(ip("203.0.113.1"), server, PROTO_TCP, 80));
+    assert!(!denied.allowed);
+    assert_eq!(
+        render_explain(&denied),
+        "DENIED\n  egress: not a pod of this node, not judged here\n  ingress of x/server: \
+         denied, no rule allows peer world (identity 1)\n"
+    );
+    let json = serde_json::to_value(&denied).unwrap();
+    assert_eq!(json["ingress"]["outcome"], "denied");
+    assert_eq!(json["egress"]["outcome"], "unmanaged");
+}

@@ -118,6 +118,15 @@ impl ReconcileError {
         maps
     }
 
+    /// Whether every failed write failed for want of room (nothing a retry alone can fix, and
+    /// nothing wrong with the kernel): what could be written was, the rest waits for room.
+    pub fn only_full(&self) -> bool {
+        matches!(self, ReconcileError::Incomplete { .. })
+            && self
+                .map_errors()
+                .all(|e| matches!(e, MapError::Full { .. }))
+    }
+
     /// Every underlying map error.
     pub fn map_errors(&self) -> impl Iterator<Item = &MapError> {
         let (first, more): (Option<&MapError>, &[MapError]) = match self {

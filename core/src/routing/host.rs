@@ -14,6 +14,10 @@ pub struct HostNetwork {
     pub links: Vec<HostLink>,
     /// Output interface of the IPv4 default route of the main table, if any.
     pub default_route_ifindex: Option<u32>,
+    /// Destinations of the main table's IPv4 routes the agent does not own (any protocol but
+    /// [`super::ROUTE_PROTO_TWILL`]), sorted: a pod CIDR equal to one is never routed, since
+    /// writing our route would replace theirs.
+    pub foreign_routes: Vec<Ipv4Network>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +49,16 @@ impl HostNetwork {
 
     pub fn link_by_name(&self, name: &str) -> Option<&HostLink> {
         self.links.iter().find(|l| l.name == name)
+    }
+
+    /// The node's own subnets and addresses (every address of every interface but the agent's
+    /// overlay device, with its prefix): no other node's pod CIDR may overlap one.
+    pub fn node_subnets(&self) -> impl Iterator<Item = Ipv4Network> + '_ {
+        self.links
+            .iter()
+            .filter(|l| l.name != VXLAN_DEVICE)
+            .flat_map(|l| l.addrs.iter())
+            .map(|a| Ipv4Network::new(a.network(), a.prefix()).unwrap_or(*a))
     }
 }
 
@@ -111,6 +125,7 @@ mod tests {
                 link(VXLAN_DEVICE, 4, &["10.244.0.0/32"]),
             ],
             default_route_ifindex: Some(3),
+            foreign_routes: Vec::new(),
         }
     }
 

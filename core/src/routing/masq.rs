@@ -4,10 +4,12 @@
 //! not collide with the node's own sockets, reverse translation of replies and ICMP errors, and
 //! conntrack-aware expiry. netfilter's `masquerade` does all of it, in the kernel, for the rare
 //! flows that leave the cluster (pod↔pod and pod↔node traffic, the hot paths, are never
-//! translated and never touch this rule). An eBPF SNAT engine (Cilium's `nodeport.h` +
-//! `snat.h`) is a large, verifier-sensitive piece of work that should come with the tc
-//! north-south programs; until then this ruleset is one table (`ip twill`), replaced atomically
-//! in one `nft -f` transaction, inside the node's network namespace only.
+//! translated and never touch this rule). The tc north-south programs already SNAT one kind of
+//! flow in eBPF (NodePort traffic to a backend on another node, with its own CT entries, keeping
+//! the client's port when it is free), but not pod egress; moving egress there too (Cilium's
+//! `nodeport.h` + `snat.h`) would take netfilter off the node entirely. Until then this ruleset
+//! is one table (`ip twill`), replaced atomically in one `nft -f` transaction, inside the node's
+//! network namespace only.
 //!
 //! A NAT hook makes netfilter track *every* connection of the namespace, and a conntrack entry
 //! per connection costs pod↔pod connection rate what it costs kube-proxy's iptables mode (≈ 0.8×

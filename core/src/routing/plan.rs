@@ -78,6 +78,32 @@ pub enum SkipReason {
     BadPodCidr(String),
     /// The peer's pod CIDR overlaps this node's own (a misconfigured IPAM).
     OverlapsLocal(Ipv4Network),
+    /// The pod CIDR is not inside `--cluster-cidr`.
+    OutsideClusterCidr(Ipv4Network),
+    /// The pod CIDR overlaps one of this node's subnets or addresses (routing it would cut the
+    /// node off its own network).
+    OverlapsNodeSubnet(Ipv4Network),
+    /// The pod CIDR holds a Node's InternalIP.
+    ContainsNodeIp(Ipv4Addr),
+    /// The main table has a route to exactly this pod CIDR that the agent does not own (ours
+    /// would replace it).
+    ForeignRoute(Ipv4Network),
+    /// The pod CIDR overlaps one of an older Node (first created, then first by name, keeps it).
+    OverlapsPeer {
+        node: String,
+        cidr: Ipv4Network,
+    },
+}
+
+impl SkipReason {
+    /// Whether the skip points at a conflicting or hostile Node object (logged as a warning)
+    /// rather than one that is merely incomplete or unreachable.
+    pub fn is_conflict(&self) -> bool {
+        !matches!(
+            self,
+            SkipReason::NoPodCidr | SkipReason::NoInternalIp | SkipReason::NotDirectlyReachable
+        )
+    }
 }
 
 /// The VTEP address of a node: the network address of its first IPv4 pod CIDR (never a pod IP).
@@ -148,7 +174,51 @@ fn node_name(node: &Node) -> String {
     node.metadata.name.clone().unwrap_or_default()
 }
 
+/// Why a peer's pod CIDR must not be routed, if it must not: everything it could collide with
+/// on this node (its own pods, network, addresses and routes) and in the cluster (the cluster
+/// CIDR, other nodes' addresses, pod CIDRs already given to older peers).
+fn check_peer_cidr(
+    cidr: Ipv4Network,
+    local_pod_cidrs: &[Ipv4Network],
+    config: &RoutingConfig,
+    host: &HostNetwork,
+    node_ips: &[Ipv4Addr],
+    routed: &[(String, Ipv4Network)],
+) -> Option<SkipReason> {
+    if let Some(local) = local_pod_cidrs.iter().find(|l| overlaps(**l, cidr)) {
+        return Some(SkipReason::OverlapsLocal(*local));
+    }
+    if !config.cluster_cidrs.is_empty()
+        && !config
+            .cluster_cidrs
+            .iter()
+            .any(|c| c.prefix() <= cidr.prefix() && c.contains(cidr.network()))
+    {
+        return Some(SkipReason::OutsideClusterCidr(cidr));
+    }
+    if let Some(net) = host.node_subnets().find(|n| overlaps(*n, cidr)) {
+        return Some(SkipReason::OverlapsNodeSubnet(net));
+    }
+    if let Some(ip) = node_ips.iter().find(|ip| cidr.contains(**ip)) {
+        return Some(SkipReason::ContainsNodeIp(*ip));
+    }
+    if host.foreign_routes.contains(&cidr) {
+        return Some(SkipReason::ForeignRoute(cidr));
+    }
+    if let Some((node, other)) = routed.iter().find(|(_, c)| overlaps(*c, cidr)) {
+        return Some(SkipReason::OverlapsPeer {
+            node: node.clone(),
+            cidr: *other,
+        });
+    }
+    None
+}
+
 /// Plans routes from `this_node` to every other node.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one pass over the peers, then the overlay and masquerade that follow from it"
+)]
 pub fn plan_routes<'a>(
     this_node: &str,
     nodes: impl IntoIterator<Item = &'a Node>,
@@ -171,12 +241,16 @@ pub fn plan_routes<'a>(
     let mut skipped = Vec::new();
     let mut all_pod_cidrs = local_pod_cidrs.clone();
     let mut node_ips = vec![node_ip];
+    let every_node_ip: Vec<Ipv4Addr> = nodes.iter().filter_map(|n| node_internal_ipv4(n)).collect();
+    // Oldest first: when two Nodes claim overlapping pod CIDRs, the one that was there first
+    // keeps its route, so a new (misconfigured or hostile) Node cannot take it over.
     let mut sorted: Vec<&Node> = nodes
         .iter()
         .copied()
         .filter(|n| n.metadata.name.as_deref() != Some(this_node))
         .collect();
-    sorted.sort_by_key(|n| node_name(n));
+    sorted.sort_by_key(|n| (n.metadata.creation_timestamp.clone(), node_name(n)));
+    let mut routed: Vec<(String, Ipv4Network)> = Vec::new();
     for peer in sorted {
         let name = node_name(peer);
         let skip = |reason| SkippedPeer {
@@ -209,10 +283,18 @@ pub fn plan_routes<'a>(
             },
         };
         for cidr in cidrs {
-            if let Some(local) = local_pod_cidrs.iter().find(|l| overlaps(**l, cidr)) {
-                skipped.push(skip(SkipReason::OverlapsLocal(*local)));
+            if let Some(reason) = check_peer_cidr(
+                cidr,
+                &local_pod_cidrs,
+                config,
+                host,
+                &every_node_ip,
+                &routed,
+            ) {
+                skipped.push(skip(reason));
                 continue;
             }
+            routed.push((name.clone(), cidr));
             all_pod_cidrs.push(cidr);
             peers.push(PeerRoute {
                 node: name.clone(),
@@ -223,6 +305,7 @@ pub fn plan_routes<'a>(
         }
     }
     peers.sort_by_key(|p| (p.pod_cidr.network(), p.pod_cidr.prefix()));
+    skipped.sort_by(|a, b| a.node.cmp(&b.node));
 
     let needs_vxlan = config.mode == RoutingMode::Vxlan
         || peers.iter().any(|p| matches!(p.via, PeerVia::Vxlan { .. }));
@@ -366,6 +449,8 @@ pub(crate) fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::routing::{VXLAN_PORT, VXLAN_VNI};
 
@@ -404,6 +489,10 @@ mod tests {
                 },
             ],
             default_route_ifindex: None,
+            foreign_routes: vec![
+                "0.0.0.0/0".parse().unwrap(),
+                "10.244.9.0/24".parse().unwrap(),
+            ],
         }
     }
 
@@ -551,6 +640,128 @@ mod tests {
             plan.skipped[0].reason,
             SkipReason::OverlapsLocal(_)
         ));
+    }
+
+    fn created(mut n: Node, at: &str) -> Node {
+        n.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            at.parse().unwrap(),
+        ));
+        n
+    }
+
+    /// Hostile or misconfigured peers (issue 12): a pod CIDR outside the cluster CIDR, over
+    /// this node's subnet, over the default route or another foreign route, holding a node's
+    /// address, or overlapping an older peer's, gets no route; the honest peers keep theirs.
+    #[test]
+    #[expect(clippy::too_many_lines, reason = "one case per kind of hostile CIDR")]
+    fn hostile_peer_cidrs_are_refused() {
+        let mut nodes = vec![
+            node("n0", Some("172.30.0.10"), &["10.244.0.0/24"]),
+            created(
+                node("z-old", Some("172.30.0.11"), &["10.244.1.0/24"]),
+                "2026-01-01T00:00:00Z",
+            ),
+        ];
+        for (name, ip, cidr) in [
+            ("a-outside", "172.30.0.20", "10.99.0.0/24"),
+            ("b-subnet", "172.30.0.21", "172.30.0.0/25"),
+            ("c-default", "172.30.0.22", "0.0.0.0/0"),
+            ("d-foreign", "172.30.0.23", "10.244.9.0/24"),
+            ("e-node-ip", "172.30.0.24", "10.244.16.0/20"),
+            ("f-steals", "172.30.0.25", "10.244.1.0/25"),
+            ("g-honest", "172.30.0.26", "10.244.3.0/24"),
+        ] {
+            nodes.push(created(
+                node(name, Some(ip), &[cidr]),
+                "2026-06-01T00:00:00Z",
+            ));
+        }
+        // e-node-ip's CIDR holds another node's InternalIP.
+        nodes.push(created(
+            node("h-odd-ip", Some("10.244.17.5"), &["10.244.4.0/24"]),
+            "2026-06-01T00:00:00Z",
+        ));
+        let config = RoutingConfig {
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            ..cfg(RoutingMode::Auto)
+        };
+        let plan = plan_routes("n0", &nodes, &config, &host()).unwrap();
+        let routed: Vec<(String, String)> = plan
+            .peers
+            .iter()
+            .map(|p| (p.node.clone(), p.pod_cidr.to_string()))
+            .collect();
+        assert_eq!(
+            routed,
+            [
+                ("z-old".to_owned(), "10.244.1.0/24".to_owned()),
+                ("g-honest".to_owned(), "10.244.3.0/24".to_owned()),
+                ("h-odd-ip".to_owned(), "10.244.4.0/24".to_owned()),
+            ]
+        );
+        let net = |s: &str| s.parse::<Ipv4Network>().unwrap();
+        let skip = |node: &str, reason| SkippedPeer {
+            node: node.into(),
+            reason,
+        };
+        assert_eq!(
+            plan.skipped,
+            vec![
+                skip(
+                    "a-outside",
+                    SkipReason::OutsideClusterCidr(net("10.99.0.0/24"))
+                ),
+                skip(
+                    "b-subnet",
+                    SkipReason::OutsideClusterCidr(net("172.30.0.0/25"))
+                ),
+                // 0.0.0.0/0 overlaps everything: the local pod CIDR is checked first.
+                skip("c-default", SkipReason::OverlapsLocal(net("10.244.0.0/24"))),
+                skip("d-foreign", SkipReason::ForeignRoute(net("10.244.9.0/24"))),
+                skip(
+                    "e-node-ip",
+                    SkipReason::ContainsNodeIp(Ipv4Addr::new(10, 244, 17, 5))
+                ),
+                skip(
+                    "f-steals",
+                    SkipReason::OverlapsPeer {
+                        node: "z-old".into(),
+                        cidr: net("10.244.1.0/24")
+                    }
+                ),
+            ]
+        );
+        assert!(plan.skipped.iter().all(|s| s.reason.is_conflict()));
+
+        // Without a cluster CIDR the node's own network still stops it.
+        let plan = plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host()).unwrap();
+        let reasons: BTreeMap<String, SkipReason> = plan
+            .skipped
+            .into_iter()
+            .map(|s| (s.node, s.reason))
+            .collect();
+        assert_eq!(
+            reasons["b-subnet"],
+            SkipReason::OverlapsNodeSubnet(net("172.30.0.0/24"))
+        );
+        assert!(!reasons.contains_key("a-outside"), "routed: {reasons:?}");
+        // The older Node keeps its CIDR whatever the names: swap the ages, the other one wins.
+        let swapped: Vec<Node> = nodes
+            .iter()
+            .cloned()
+            .map(|n| match n.metadata.name.as_deref() {
+                Some("z-old") => created(n, "2026-07-01T00:00:00Z"),
+                Some("f-steals") => created(n, "2026-01-01T00:00:00Z"),
+                _ => n,
+            })
+            .collect();
+        let plan = plan_routes("n0", &swapped, &config, &host()).unwrap();
+        assert!(
+            plan.peers
+                .iter()
+                .any(|p| p.node == "f-steals" && p.pod_cidr == net("10.244.1.0/25"))
+        );
+        assert!(plan.peers.iter().all(|p| p.node != "z-old"));
     }
 
     #[test]

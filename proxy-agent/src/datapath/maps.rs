@@ -292,17 +292,66 @@ impl AyaLbMaps {
         now_ns: u64,
         owners: &impl AddrOwners,
     ) -> Result<(CtGcPlan, usize), MapError> {
-        let entries = collect(&self.ct, MapKind::Ct)?;
-        let plan = ctgc::plan(&entries, now_ns, owners);
-        for k in plan.keys() {
-            remove(&mut self.ct, k, MapKind::Ct)?;
-        }
-        Ok((plan, entries.len()))
+        collect_ct(&mut self.ct, now_ns, owners)
     }
 
     fn full_or_syscall(&self, kind: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
         map_update_error(&self.capacity, kind, op, e)
     }
+}
+
+/// The connection-tracking table on a handle of its own, so the agent collects it on a blocking
+/// thread without holding up the run loop (a pass over 100,000 entries costs two syscalls each,
+/// about half a second).
+pub struct CtTable {
+    ct: HashMap<MapData, CtKey, CtValue>,
+    capacity: u32,
+}
+
+impl CtTable {
+    /// Opens the table pinned under `bpffs_dir` (by this agent's [`super::Datapath::load`]).
+    pub fn open_pinned(bpffs_dir: &Path) -> Result<Self, DatapathError> {
+        let path = bpffs_dir.join(twill_common::MAP_CT);
+        let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+            path: path.clone(),
+            source,
+        })?;
+        let map = Map::from_map_data(data).map_err(|source| DatapathError::OpenPinned {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            capacity: capacity_of(&map),
+            ct: typed(twill_common::MAP_CT, Some(map))?,
+        })
+    }
+
+    /// `max_entries` of the table.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// As [`AyaLbMaps::collect_ct`].
+    pub fn collect(
+        &mut self,
+        now_ns: u64,
+        owners: &impl AddrOwners,
+    ) -> Result<(CtGcPlan, usize), MapError> {
+        collect_ct(&mut self.ct, now_ns, owners)
+    }
+}
+
+fn collect_ct(
+    ct: &mut HashMap<MapData, CtKey, CtValue>,
+    now_ns: u64,
+    owners: &impl AddrOwners,
+) -> Result<(CtGcPlan, usize), MapError> {
+    let entries = collect(ct, MapKind::Ct)?;
+    let plan = ctgc::plan(&entries, now_ns, owners);
+    for k in plan.keys() {
+        remove(ct, k, MapKind::Ct)?;
+    }
+    Ok((plan, entries.len()))
 }
 
 /// A full hash map answers E2BIG (ENOSPC from some map types): that is `MapError::Full`, a named

@@ -37,13 +37,13 @@ use aya::{
     },
 };
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, IpCacheKey, NodeAddrValue,
-    PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, STATS_MAX, ServiceKey, ServiceValue,
-    SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, FragKey, FragValue,
+    IpCacheKey, NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, STATS_MAX,
+    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 pub use self::{
-    maps::{AyaLbMaps, FlushReport, ReasonCounts},
+    maps::{AyaLbMaps, CtTable, FlushReport, ReasonCounts},
     pods::{PodLinkReport, is_pod_veth},
     policy_maps::AyaPolicyMaps,
     sockdestroy::DestroyReport,
@@ -282,7 +282,7 @@ pub struct Datapath {
     clippy::too_many_lines,
     reason = "a table: one row per map of twill_common::ALL_MAPS"
 )]
-fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 14] {
+fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 15] {
     use std::mem::size_of;
     [
         (
@@ -362,6 +362,13 @@ fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32);
             size_of::<UdpFlowKey>(),
             size_of::<AffinityValue>(),
             sizes.udp_flows,
+        ),
+        (
+            twill_common::MAP_FRAGS,
+            MapType::LruHash,
+            size_of::<FragKey>(),
+            size_of::<FragValue>(),
+            twill_common::DEFAULT_FRAGS_MAX,
         ),
         (
             twill_common::MAP_POLICY_ENDPOINTS,
@@ -787,7 +794,12 @@ pub(crate) fn open_pinned_map(
     aya::maps::Map::from_map_data(data).map_err(|source| DatapathError::OpenPinned { path, source })
 }
 
+/// The pin file of a tc link. bpffs refuses names holding a dot (`bpf_lookup()` in
+/// kernel/bpf/inode.c returns EPERM), which device names may hold (`twill.vxlan`, VLANs such
+/// as `eth0.100`); a colon, which no device name may hold (`dev_valid_name()`), stands in for
+/// it, so the mapping stays one to one.
 fn tc_pin_name(ifname: &str, prog: &str) -> String {
+    let ifname = ifname.replace('.', ":");
     format!("{LINK_PIN_PREFIX}tc_{ifname}_{prog}")
 }
 
@@ -930,6 +942,15 @@ mod tests {
         send::<Datapath>();
         send::<AyaLbMaps>();
         send::<AyaPolicyMaps>();
+    }
+
+    #[test]
+    fn tc_pin_names_avoid_the_dot_bpffs_refuses() {
+        assert_eq!(
+            tc_pin_name("twill.vxlan", "twill_tc_ingress"),
+            "link_tc_twill:vxlan_twill_tc_ingress"
+        );
+        assert_eq!(tc_pin_name("eth0", "p"), "link_tc_eth0_p");
     }
 
     #[test]

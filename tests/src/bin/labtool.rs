@@ -17,6 +17,11 @@
 //!                                                    of a reachability matrix); prints
 //!                                                    "IP:PORT ok|refused|timeout|<error>" lines
 //! labtool netns-cookie                               prints this network namespace's cookie
+//! labtool flood --to IP:PORT --conns N --hold-ms D [--slow]
+//!                                                    opens N (≤ 4096) connections and holds them
+//!                                                    D ms (≤ 60 s), idle or (--slow) sending a
+//!                                                    request head one byte per 200 ms; prints
+//!                                                    opened=.. failed=.. closed_by_server=..
 //! ```
 //! The socket's family follows `--to`: `[::ffff:10.96.0.10]:80` (or `10.96.0.10:80` with
 //! `--ipv6-mapped`) makes an AF_INET6 socket talking to an IPv4-mapped address, as the JVM and
@@ -76,6 +81,7 @@ fn main() -> ExitCode {
         "http" => http_get(&args),
         "probe" => probe(&args),
         "netns-cookie" => netns_cookie(),
+        "flood" => flood(&args),
         other => Err(format!("unknown command {other}")),
     };
     match result {
@@ -437,5 +443,60 @@ fn netns_cookie() -> Result<ExitCode, String> {
         ));
     }
     println!("{cookie}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A bounded connection flood (and slow-loris client) against an HTTP server: what its
+/// connection limits must survive. Stops by itself after `--hold-ms`.
+fn flood(args: &Args) -> Result<ExitCode, String> {
+    const HEAD: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: flood\r\nX-Slow: 0123456789012345678901234567890123456789\r\n\r\n";
+    let to = args.addr()?;
+    let conns = args.num("--conns", 100)?.min(4096);
+    let hold = Duration::from_millis(args.num("--hold-ms", 5000)?.min(60_000));
+    let slow = args.flag("--slow");
+    let mut open: Vec<(TcpStream, usize)> = Vec::new();
+    let mut failed = 0u64;
+    for _ in 0..conns {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+            Ok(s) => {
+                s.set_nonblocking(true).map_err(|e| e.to_string())?;
+                open.push((s, 0));
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let opened = open.len();
+    let mut closed_by_server = 0u64;
+    let deadline = Instant::now() + hold;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && !open.is_empty() {
+        open.retain_mut(|(s, sent)| {
+            // Drain whatever came back; a closed or reset connection leaves the set.
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        closed_by_server += 1;
+                        return false;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        closed_by_server += 1;
+                        return false;
+                    }
+                }
+            }
+            if slow && *sent < HEAD.len() {
+                if s.write(&HEAD[*sent..=*sent]).is_err() {
+                    closed_by_server += 1;
+                    return false;
+                }
+                *sent += 1;
+            }
+            true
+        });
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("opened={opened} failed={failed} closed_by_server={closed_by_server}");
     Ok(ExitCode::SUCCESS)
 }
