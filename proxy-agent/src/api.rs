@@ -477,6 +477,7 @@ fn explain(p: &Published, query: &str) -> Response {
         proto,
     };
     match inputs.explain(&q) {
+        Ok(e) if query_value(query, "format") == Some("text") => Response::text(200, e.render()),
         Ok(e) => Response::json(200, &e),
         Err(e) => Response::text(400, format!("{e}\n")),
     }

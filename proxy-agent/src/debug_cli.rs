@@ -7,7 +7,6 @@ use serde_json::Value;
 
 use crate::api::{AffinityRow, BackendRow, DropRow};
 use crate::config::{DebugArgs, DebugCommand, OutputFormat};
-use crate::policy::explain::Explanation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DebugError {
@@ -40,8 +39,12 @@ fn path_of(what: &DebugCommand, output: OutputFormat) -> String {
             }
             path
         }
-        (DebugCommand::Explain { from, to, proto }, _) => {
-            format!("/v1/explain?from={from}&to={to}&proto={proto}")
+        (DebugCommand::Explain { from, to, proto }, output) => {
+            let mut path = format!("/v1/explain?from={from}&to={to}&proto={proto}");
+            if output == OutputFormat::Table {
+                path.push_str("&format=text");
+            }
+            path
         }
     }
 }
@@ -69,8 +72,10 @@ pub fn render(
     output: OutputFormat,
     body: &[u8],
 ) -> Result<String, DebugError> {
-    if matches!(what, DebugCommand::Maps | DebugCommand::Policy { .. })
-        && output == OutputFormat::Table
+    if matches!(
+        what,
+        DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. }
+    ) && output == OutputFormat::Table
     {
         return Ok(String::from_utf8_lossy(body).into_owned());
     }
@@ -93,46 +98,10 @@ pub fn render(
         DebugCommand::Drops => Ok(drops_table(
             &serde_json::from_slice::<Vec<DropRow>>(body).map_err(DebugError::Decode)?,
         )),
-        DebugCommand::Explain { .. } => Ok(explain_text(
-            &serde_json::from_slice::<Explanation>(body).map_err(DebugError::Decode)?,
-        )),
-        DebugCommand::Maps | DebugCommand::Policy { .. } => unreachable!("handled above"),
+        DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. } => {
+            unreachable!("handled above")
+        }
     }
-}
-
-fn explain_text(e: &Explanation) -> String {
-    let mut out = String::new();
-    let via = e
-        .service
-        .as_ref()
-        .map_or_else(String::new, |s| format!(" via Service {s}"));
-    let _ = writeln!(out, "{} -> {}/{}{via}", e.from, e.to, e.protocol);
-    if e.destinations.is_empty() {
-        let _ = writeln!(
-            out,
-            "  no backends: the connection is refused before any policy"
-        );
-    }
-    for d in &e.destinations {
-        let _ = writeln!(
-            out,
-            "  {}:{}  {}",
-            d.addr,
-            d.port,
-            if d.allowed { "ALLOWED" } else { "DENIED" }
-        );
-        let _ = writeln!(
-            out,
-            "    client egress:  {} — {}",
-            d.egress.verdict, d.egress.detail
-        );
-        let _ = writeln!(
-            out,
-            "    server ingress: {} — {}",
-            d.ingress.verdict, d.ingress.detail
-        );
-    }
-    out
 }
 
 /// Left-aligned columns separated by two spaces.

@@ -324,7 +324,7 @@ fn should_support_a_default_deny_ingress_policy() -> Result<()> {
     );
     let explain = c.debug_on_node_of("x", "a", &["explain", "--from", "y/b", "--to", "x/a:80"])?;
     ensure!(
-        explain.contains("DENIED") && explain.contains("server ingress: denied"),
+        explain.contains("DENIED") && explain.contains("ingress of x/a: denied"),
         "{explain}"
     );
     let shown = c.debug_on_node_of("x", "a", &["policy", "x/a"])?;

@@ -2,33 +2,23 @@
 //! maps were written from (never a second implementation of the semantics: verdicts replay the
 //! kernel's lookups over the same entries, `PolicyState::verdict`), and for Service targets from
 //! the applied service tables, resolved the way the socket hooks resolve a connection. (`debug
-//! policy` is `twill_core::policy::pod_views` of the same state.)
+//! policy` is `twill_core::policy::pod_views` of the same state; each verdict is named by
+//! `twill_core::policy::explain_view`.)
 use std::net::Ipv4Addr;
 
-use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+use serde::Serialize;
 use twill_common::{
-    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_ANY,
-    SCOPE_INTERNAL, ServiceKey, SlotKey,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCOPE_ANY, SCOPE_INTERNAL, ServiceKey, SlotKey,
 };
 use twill_core::policy::{
-    Judgement, PolicyState, addr_be, addr_from_be, identity_short, port_text, proto_name, rule_text,
+    ExplainView, PolicyState, addr_be, addr_from_be, explain_view, proto_name, render_explain,
 };
 
 use crate::compile::DumpModel;
 use crate::lbmap::LbState;
 use crate::source::PolicyObjects;
-
-fn identity_label(state: &PolicyState, id: u32) -> String {
-    match id {
-        IDENTITY_ANY => "any peer".into(),
-        IDENTITY_WORLD => "world (no pod, no ipBlock)".into(),
-        IDENTITY_HOST => "this node".into(),
-        other => state.identities.get(&other).map_or_else(
-            || format!("identity {other}?"),
-            |k| format!("{other} ({})", identity_short(k)),
-        ),
-    }
-}
 
 /// A `debug explain` question.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,33 +32,58 @@ pub struct ExplainQuery {
 }
 
 /// The answer: one verdict per destination the connection could reach.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Explanation {
     pub from: String,
     pub to: String,
     pub protocol: String,
-    /// `namespace/name` of the Service when the target was one (its backends follow).
+    /// `namespace/name` (or `address:port`) of the Service when the target was one; its
+    /// backends follow.
     pub service: Option<String>,
     pub destinations: Vec<DestinationVerdict>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One destination's verdict, named by the compiler's explain view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DestinationVerdict {
     pub addr: Ipv4Addr,
     pub port: u16,
-    pub allowed: bool,
-    /// The client's egress (as this node judges it).
-    pub egress: SideVerdict,
-    /// The server's ingress (as this node judges it).
-    pub ingress: SideVerdict,
+    #[serde(flatten)]
+    pub verdict: ExplainView,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SideVerdict {
-    /// `allowed`, `denied`, `not-isolated`, `from-node` or `not-local`.
-    pub verdict: String,
-    /// The rule that allows, or why nothing does.
-    pub detail: String,
+impl Explanation {
+    /// The text `debug explain` prints: the question, then per destination the compiler's
+    /// rendering of its verdict.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let via = self
+            .service
+            .as_ref()
+            .map_or_else(String::new, |s| format!(" via Service {s}"));
+        let _ = writeln!(out, "{} -> {}/{}{via}", self.from, self.to, self.protocol);
+        if self.destinations.is_empty() {
+            let _ = writeln!(
+                out,
+                "  no backends: the connection is refused before any policy"
+            );
+        }
+        for d in &self.destinations {
+            let text = render_explain(&d.verdict);
+            let mut lines = text.lines();
+            let _ = writeln!(
+                out,
+                "  {}:{}  {}",
+                d.addr,
+                d.port,
+                lines.next().unwrap_or_default()
+            );
+            for l in lines {
+                let _ = writeln!(out, "  {l}");
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -211,9 +226,7 @@ impl ExplainInputs<'_> {
                 DestinationVerdict {
                     addr,
                     port,
-                    allowed: v.allowed(),
-                    egress: self.side(&v.egress),
-                    ingress: self.side(&v.ingress),
+                    verdict: explain_view(self.state, &v),
                 }
             })
             .collect();
@@ -224,55 +237,6 @@ impl ExplainInputs<'_> {
             service,
             destinations,
         })
-    }
-
-    fn side(&self, j: &Judgement) -> SideVerdict {
-        let (verdict, detail) = match j {
-            Judgement::Unmanaged => (
-                "not-local",
-                "not a pod of this node: its own node judges this side".to_owned(),
-            ),
-            Judgement::NotIsolated { .. } => (
-                "not-isolated",
-                "no policy isolates the pod in this direction".to_owned(),
-            ),
-            Judgement::FromHost { .. } => (
-                "from-node",
-                "traffic from this node to its pods is always allowed".to_owned(),
-            ),
-            Judgement::Allowed {
-                rule_id,
-                identity,
-                key,
-                ..
-            } => (
-                "allowed",
-                format!(
-                    "{} (peer {}, {})",
-                    self.state
-                        .rules
-                        .get(rule_id)
-                        .map_or_else(|| format!("rule {rule_id}?"), rule_text),
-                    identity_label(self.state, *identity),
-                    port_text(
-                        key.data.proto,
-                        u16::from_be(key.data.port_be),
-                        key.prefix_len
-                    )
-                ),
-            ),
-            Judgement::Denied { identity, .. } => (
-                "denied",
-                format!(
-                    "no rule of the policies selecting the pod allows peer {}",
-                    identity_label(self.state, *identity)
-                ),
-            ),
-        };
-        SideVerdict {
-            verdict: verdict.to_owned(),
-            detail,
-        }
     }
 }
 
