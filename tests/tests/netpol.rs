@@ -45,7 +45,12 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Result<Option<Self>> {
-        let Some(lab) = require(LabSpec::nodes(2))? else {
+        Self::with(LabSpec::nodes(2))
+    }
+
+    /// The topology on a lab of `spec` (two nodes at least).
+    fn with(spec: LabSpec) -> Result<Option<Self>> {
+        let Some(lab) = require(spec)? else {
             return Ok(None);
         };
         let mut pods = BTreeMap::new();
@@ -730,5 +735,92 @@ fn policies_stay_enforced_while_the_agents_restart() -> Result<()> {
     // The restarted agents still follow changes.
     c.lab.delete_manifest("deny.yaml")?;
     c.expect(&Reachability::all(true), 80, false)?;
+    Ok(())
+}
+
+/// NodePort traffic reaches a backend DNATed: with the backend on the node the client came in
+/// through, the backend's ingress judges the real client; through another node (eTP=Cluster) it
+/// judges that node's address, which the SNAT put there (the documented behaviour, tested).
+#[test]
+fn should_judge_nodeport_traffic_by_the_client_or_the_forwarding_node() -> Result<()> {
+    let Some(c) = Cluster::with(LabSpec::nodes(2).with_external_client())? else {
+        return Ok(());
+    };
+    let backend = c.pod("x", "b");
+    let home = c
+        .lab
+        .nodes
+        .iter()
+        .find(|n| n.name == backend.node)
+        .expect("the backend's node");
+    let other = c
+        .lab
+        .nodes
+        .iter()
+        .find(|n| n.name != backend.node)
+        .expect("a second node");
+    let external = c.lab.external().ip;
+    c.apply(
+        "svc.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: x}}\nspec:\n  \
+             type: NodePort\n  clusterIP: 10.96.0.81\n  clusterIPs: [10.96.0.81]\n  ports:\n  - \
+             {{name: http, port: 80, targetPort: 80, nodePort: 30081, protocol: TCP}}\n---\n{}",
+            slice(
+                "web",
+                "web-1",
+                &[ready(backend.ip, &backend.node)],
+                &[("http", 80, "TCP")]
+            )
+            .replace("default", "x"),
+        ),
+    )?;
+    let from_outside = |node: &twill_lab::Node| -> Result<bool> {
+        let (code, _) = c.lab.external().labtool(&[
+            "tcp",
+            "--to",
+            &format!("{}:30081", node.ip),
+            "--timeout-ms",
+            PROBE_TIMEOUT_MS,
+        ])?;
+        Ok(code == 0)
+    };
+    let wait = |what: &str, f: &dyn Fn() -> Result<bool>| -> Result<()> {
+        let deadline = Instant::now() + CONVERGE;
+        while !f()? {
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    };
+    wait("the NodePort to answer before any policy", &|| {
+        Ok(from_outside(home)? && from_outside(other)?)
+    })?;
+    let allow = |cidrs: &[String]| -> Result<()> {
+        let blocks: String = cidrs
+            .iter()
+            .map(|c| format!("    - ipBlock: {{cidr: {c}}}\n"))
+            .collect();
+        c.apply(
+            "p.yaml",
+            &policy(
+                "x",
+                "b-from-outside",
+                &format!(
+                    "  podSelector: {{matchLabels: {{pod: b}}}}\n  ingress:\n  - from:\n{blocks}"
+                ),
+            ),
+        )
+    };
+    allow(&[format!("{external}/32")])?;
+    wait("the client through the backend's node only", &|| {
+        Ok(from_outside(home)? && !from_outside(other)?)
+    })?;
+    allow(&[format!("{external}/32"), format!("{}/32", other.ip)])?;
+    wait("the forwarding node's address admitted", &|| {
+        Ok(from_outside(home)? && from_outside(other)?)
+    })?;
     Ok(())
 }
