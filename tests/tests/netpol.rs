@@ -799,10 +799,10 @@ fn should_judge_nodeport_traffic_by_the_client_or_the_forwarding_node() -> Resul
         Ok(from_outside(home)? && from_outside(other)?)
     })?;
     let allow = |cidrs: &[String]| -> Result<()> {
-        let blocks: String = cidrs
-            .iter()
-            .map(|c| format!("    - ipBlock: {{cidr: {c}}}\n"))
-            .collect();
+        let mut blocks = String::new();
+        for c in cidrs {
+            let _ = writeln!(blocks, "    - ipBlock: {{cidr: {c}}}");
+        }
         c.apply(
             "p.yaml",
             &policy(
