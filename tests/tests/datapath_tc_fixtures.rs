@@ -488,10 +488,6 @@ fn replace_backend(maps: &mut AyaLbMaps, svc_id: u32, proto: u8, port: u16) -> R
 /// the collector removes closed flows after the close lifetime, unanswered UDP after its own,
 /// keeps established ones, and removes flows to addresses no local pod holds any more.
 #[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one flow's story told packet by packet; splitting it would hide the sequence"
-)]
 fn tc_conntrack_opens_on_syn_only_and_drains_removed_backends() -> Result<()> {
     let Some(lab) = require(LabSpec::nodes(1))? else {
         return Ok(());
