@@ -360,11 +360,7 @@ pub fn parse_file(text: &str) -> Result<FileConfig, serde_yaml::Error> {
     serde_yaml::from_str(text)
 }
 
-/// Flags over file, then defaults and validation.
-#[expect(
-    clippy::too_many_lines,
-    reason = "one `pick` per setting; the map catalogue of issue 11 will derive the map-size ones"
-)]
+/// Flags over file, then defaults and validation (map sizes in [`map_sizes`]).
 pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
     let map_sizes = map_sizes(&flags, &file)?;
     let node_name = pick(flags.node_name, file.node_name)
