@@ -47,6 +47,9 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_STATS,
     MAP_CT,
     MAP_LB_SRC_RANGES,
+    crate::policy::MAP_POLICY_ENDPOINTS,
+    crate::policy::MAP_IPCACHE,
+    crate::policy::MAP_POLICY,
     MAP_UDP_FLOWS,
     MAP_FRAGS,
 ];

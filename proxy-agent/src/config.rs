@@ -96,9 +96,19 @@ pub struct RunArgs {
     /// Max entries of the socket reverse-NAT map.
     #[arg(long, value_name = "N")]
     pub map_size_sock_revnat: Option<u32>,
-    /// Max entries of the per-packet connection-tracking map (north-south).
+    /// Max entries of the per-packet connection-tracking map (north-south translation and
+    /// NetworkPolicy flows).
     #[arg(long, value_name = "N")]
     pub map_size_ct: Option<u32>,
+    /// Max entries of the NetworkPolicy endpoint map (local pods).
+    #[arg(long, value_name = "N")]
+    pub map_size_policy_endpoints: Option<u32>,
+    /// Max entries of the NetworkPolicy ipcache (pod IPs and ipBlock prefixes).
+    #[arg(long, value_name = "N")]
+    pub map_size_ipcache: Option<u32>,
+    /// Max entries of the NetworkPolicy rule trie.
+    #[arg(long, value_name = "N")]
+    pub map_size_policy: Option<u32>,
     /// Max entries of the unconnected UDP flow map (socket path stickiness).
     #[arg(long, value_name = "N")]
     pub map_size_udp_flows: Option<u32>,
@@ -140,7 +150,7 @@ pub struct DebugArgs {
     pub output: OutputFormat,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand)]
+#[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
 pub enum DebugCommand {
     /// Service frontends as programmed.
     Services,
@@ -152,6 +162,25 @@ pub enum DebugCommand {
     Drops,
     /// The load-balancing maps in the compiler's golden dump format.
     Maps,
+    /// The effective NetworkPolicy rules of this node's pods, and which policies select them.
+    Policy {
+        /// Only this pod (`NAMESPACE/POD`).
+        #[arg(value_name = "NAMESPACE/POD")]
+        pod: Option<String>,
+    },
+    /// Whether NetworkPolicy allows a connection, and which rule does (from the compiled state
+    /// the kernel maps hold; a Service is resolved to its backends as the datapath would).
+    Explain {
+        /// The client: `NAMESPACE/POD` or an IPv4 address.
+        #[arg(long, value_name = "POD|IP")]
+        from: String,
+        /// The server: `NAMESPACE/POD`, `NAMESPACE/SERVICE` or an IPv4 address (a ClusterIP
+        /// too), with `:PORT` (optional for a Service: all its ports).
+        #[arg(long, value_name = "POD|IP|SERVICE[:PORT]")]
+        to: String,
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp"])]
+        proto: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -205,6 +234,9 @@ pub struct FileConfig {
     pub map_size_affinity: Option<u32>,
     pub map_size_sock_revnat: Option<u32>,
     pub map_size_ct: Option<u32>,
+    pub map_size_policy_endpoints: Option<u32>,
+    pub map_size_ipcache: Option<u32>,
+    pub map_size_policy: Option<u32>,
     pub map_size_udp_flows: Option<u32>,
     pub devices: Option<Vec<String>>,
     pub nodeport_addresses: Option<Vec<String>>,
@@ -328,12 +360,9 @@ pub fn parse_file(text: &str) -> Result<FileConfig, serde_yaml::Error> {
     serde_yaml::from_str(text)
 }
 
-/// Flags over file, then defaults and validation.
-#[expect(
-    clippy::too_many_lines,
-    reason = "one `pick` per setting; the map catalogue of issue 11 will derive the map-size ones"
-)]
+/// Flags over file, then defaults and validation (map sizes in [`map_sizes`]).
 pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
+    let map_sizes = map_sizes(&flags, &file)?;
     let node_name = pick(flags.node_name, file.node_name)
         .filter(|n| !n.trim().is_empty())
         .ok_or(ConfigError::MissingNodeName)?;
@@ -363,45 +392,6 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
         None => crate::compile::DEFAULT_MAX_FRONTENDS_PER_SERVICE,
         Some(0) => return Err(ConfigError::MaxFrontends),
         Some(n) => n,
-    };
-    let defaults = MapSizes::default();
-    let map_sizes = MapSizes {
-        services: map_size(
-            "map-size-services",
-            pick(flags.map_size_services, file.map_size_services),
-            defaults.services,
-        )?,
-        backend_slots: map_size(
-            "map-size-backend-slots",
-            pick(flags.map_size_backend_slots, file.map_size_backend_slots),
-            defaults.backend_slots,
-        )?,
-        backends: map_size(
-            "map-size-backends",
-            pick(flags.map_size_backends, file.map_size_backends),
-            defaults.backends,
-        )?,
-        affinity: map_size(
-            "map-size-affinity",
-            pick(flags.map_size_affinity, file.map_size_affinity),
-            defaults.affinity,
-        )?,
-        sock_revnat: map_size(
-            "map-size-sock-revnat",
-            pick(flags.map_size_sock_revnat, file.map_size_sock_revnat),
-            defaults.sock_revnat,
-        )?,
-        ct: map_size(
-            "map-size-ct",
-            pick(flags.map_size_ct, file.map_size_ct),
-            defaults.ct,
-        )?,
-        udp_flows: map_size(
-            "map-size-udp-flows",
-            pick(flags.map_size_udp_flows, file.map_size_udp_flows),
-            defaults.udp_flows,
-        )?,
-        ..defaults
     };
     Ok(Config {
         node_name,
@@ -436,6 +426,67 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
         )?,
         masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
         max_frontends_per_service,
+    })
+}
+
+/// The `--map-size-*` flags over the file, then the defaults.
+fn map_sizes(flags: &RunArgs, file: &FileConfig) -> Result<MapSizes, ConfigError> {
+    let defaults = MapSizes::default();
+    Ok(MapSizes {
+        services: map_size(
+            "map-size-services",
+            pick(flags.map_size_services, file.map_size_services),
+            defaults.services,
+        )?,
+        backend_slots: map_size(
+            "map-size-backend-slots",
+            pick(flags.map_size_backend_slots, file.map_size_backend_slots),
+            defaults.backend_slots,
+        )?,
+        backends: map_size(
+            "map-size-backends",
+            pick(flags.map_size_backends, file.map_size_backends),
+            defaults.backends,
+        )?,
+        affinity: map_size(
+            "map-size-affinity",
+            pick(flags.map_size_affinity, file.map_size_affinity),
+            defaults.affinity,
+        )?,
+        sock_revnat: map_size(
+            "map-size-sock-revnat",
+            pick(flags.map_size_sock_revnat, file.map_size_sock_revnat),
+            defaults.sock_revnat,
+        )?,
+        ct: map_size(
+            "map-size-ct",
+            pick(flags.map_size_ct, file.map_size_ct),
+            defaults.ct,
+        )?,
+        policy_endpoints: map_size(
+            "map-size-policy-endpoints",
+            pick(
+                flags.map_size_policy_endpoints,
+                file.map_size_policy_endpoints,
+            ),
+            defaults.policy_endpoints,
+        )?,
+        ipcache: map_size(
+            "map-size-ipcache",
+            pick(flags.map_size_ipcache, file.map_size_ipcache),
+            defaults.ipcache,
+        )?,
+        policy: map_size(
+            "map-size-policy",
+            pick(flags.map_size_policy, file.map_size_policy),
+            defaults.policy,
+        )?,
+        udp_flows: map_size(
+            "map-size-udp-flows",
+            pick(flags.map_size_udp_flows, file.map_size_udp_flows),
+            defaults.udp_flows,
+        )?,
+        ..defaults
     })
 }
 

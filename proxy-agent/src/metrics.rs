@@ -36,6 +36,8 @@ pub struct Metrics {
     network_errors: Family<Labels, Counter>,
     pub peer_routes: Gauge,
     source_errors: Family<Labels, Counter>,
+    /// NetworkPolicy's metrics.
+    pub policy: crate::policy::PolicyMetrics,
     /// Entries of the connection-tracking table at the last collection.
     pub conntrack_entries: Gauge,
     conntrack_collected: Family<Labels, Counter>,
@@ -161,6 +163,7 @@ impl Metrics {
             "Watch/list errors of the Kubernetes source, by kind",
             source_errors.clone(),
         );
+        let policy = crate::policy::PolicyMetrics::register(&mut registry);
         let (conntrack_entries, conntrack_collected) = register_conntrack(&mut registry);
         let unprogrammed_services = Gauge::default();
         registry.register(
@@ -169,6 +172,7 @@ impl Metrics {
             unprogrammed_services.clone(),
         );
         Self {
+            policy,
             registry: Mutex::new(registry),
             conntrack_entries,
             conntrack_collected,

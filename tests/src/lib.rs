@@ -124,6 +124,8 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     /// The CNI result JSON of ADD.
     pub result: serde_json::Value,
+    /// Name of the node the pod runs on (`spec.nodeName`).
+    pub node: String,
     node_netns: String,
     cgroup: PathBuf,
 }
@@ -785,6 +787,7 @@ impl Node {
             ifname: "eth0".into(),
             ip,
             result,
+            node: self.name.clone(),
             node_netns: self.netns.clone(),
             cgroup: self.cgroup.clone(),
         })
@@ -953,6 +956,43 @@ impl Pod {
 
     pub fn node_netns(&self) -> &str {
         &self.node_netns
+    }
+
+    /// The Pod object an API server would hold for this pod, as `namespace/name` (the lab's
+    /// pod names are unique per node, object names only per namespace): `labels`, its node and
+    /// IP, Running, and the named container ports `(name, port, protocol)` that NetworkPolicy
+    /// named ports resolve against. Write it with [`Lab::apply_manifest`].
+    pub fn pod_object(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        ports: &[(&str, u16, &str)],
+    ) -> serde_json::Value {
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+            .collect();
+        let ports: Vec<serde_json::Value> = ports
+            .iter()
+            .map(|(name, port, proto)| {
+                serde_json::json!({"name": name, "containerPort": port, "protocol": proto})
+            })
+            .collect();
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "nodeName": self.node,
+                "containers": [{"name": "main", "image": "labtool", "ports": ports}],
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": self.ip.to_string(),
+                "podIPs": [{"ip": self.ip.to_string()}],
+            },
+        })
     }
 }
 
