@@ -16,6 +16,7 @@
 //! process still runs (a parallel test run).
 pub mod bench;
 pub mod cni_bench;
+pub mod cri;
 
 use std::{
     fmt::Write as _,
@@ -623,6 +624,12 @@ impl Lab {
         if let Err(e) = remove_cgroup_tree(&self.cgroup) {
             errors.push(format!("cgroup {}: {e:#}", self.cgroup.display()));
         }
+        // A container runtime in a node (cri.rs) makes cgroup-v1 directories and mounts under
+        // the lab's scratch dir; its own guard removes them, this catches a guard that leaked.
+        errors.extend(remove_v1_cgroup_dirs(
+            &Path::new(LAB_DIR_NAME).join(&self.run_id),
+        ));
+        errors.extend(unmount_under(&self.dir));
         if let Err(e) = fs::remove_dir_all(&self.bpffs)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -1081,6 +1088,81 @@ fn remove_cgroup_tree(cg: &Path) -> Result<()> {
     fs::remove_dir(cg).with_context(|| format!("rmdir {}", cg.display()))
 }
 
+/// Every cgroup-v1 hierarchy's mount point (hybrid hosts; none on a cgroup-v2-only host).
+fn cgroup_v1_mounts() -> Vec<PathBuf> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup").then(|| PathBuf::from(mount_point))
+        })
+        .collect()
+}
+
+/// Removes `<v1 hierarchy>/<rel>` with its subtree in every cgroup-v1 hierarchy, deepest first
+/// (what runc's cgroupfs driver made for a lab's pods). The processes must be gone already;
+/// returns what could not be removed.
+fn remove_v1_cgroup_dirs(rel: &Path) -> Vec<String> {
+    cgroup_v1_mounts()
+        .into_iter()
+        .map(|root| root.join(rel))
+        .filter(|dir| dir.is_dir())
+        .filter_map(|dir| remove_cgroup_tree(&dir).err().map(|e| format!("{e:#}")))
+        .collect()
+}
+
+/// Lazily unmounts every mount point at or below `dir`, deepest first: a container runtime's
+/// pod network namespaces, shm and root filesystem mounts outlive it when it is killed, and
+/// removing a directory tree must never descend into (or trip over) them.
+fn unmount_under(dir: &Path) -> Vec<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        // mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    points.dedup();
+    let mut errors = Vec::new();
+    for p in points {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
+        // SAFETY: umount2(2) with a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // EINVAL: already unmounted (a parent's lazy unmount took it along).
+            if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOENT) {
+                errors.push(format!("umount {}: {e}", p.display()));
+            }
+        }
+    }
+    errors
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Removes leftovers of killed lab runs: namespaces named `twl-*`, the lab cgroup subtree, lab
 /// bpffs pins and scratch directories. Returns a description of what was removed.
 pub fn clean_leftovers() -> Result<Vec<String>> {
@@ -1128,6 +1210,14 @@ pub fn clean_leftovers() -> Result<Vec<String>> {
         if cg.exists() {
             remove_cgroup_tree(&cg)?;
             removed.push(format!("cgroup {}", cg.display()));
+        }
+        let v1_errors = remove_v1_cgroup_dirs(&Path::new(LAB_DIR_NAME).join(&id));
+        if let Some(e) = v1_errors.first() {
+            bail!("{e}");
+        }
+        let unmount_errors = unmount_under(&tmp_root.join(&id));
+        if let Some(e) = unmount_errors.first() {
+            bail!("{e}");
         }
         for dir in [bpffs_root.join(&id), tmp_root.join(&id)] {
             if dir.exists() {
