@@ -684,7 +684,9 @@ impl Node {
         self.cni_conf_dir().join("10-twill.conflist")
     }
 
-    /// The lab's hand-written CNI config (the agent writes the same format once it runs).
+    /// The lab's hand-written CNI config (the agent writes the same plugin entry once it runs;
+    /// its list is at `cniVersion` 1.0.0 with `cniVersions` up to 1.1.0, which the CRI tests use,
+    /// while the CNI tests call 1.1.0-only verbs with this one).
     fn write_cni_conf(&self) -> Result<()> {
         let conf = serde_json::json!({
             "cniVersion": "1.1.0",
