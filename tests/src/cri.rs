@@ -39,7 +39,9 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::{Node, cgroup2_mount, netns_only_command, run_cmd, wait_for, which};
+use crate::{
+    Node, cache_dir, cgroup2_mount, netns_only_command, run_cmd, scratch_dir, wait_for, which,
+};
 
 /// The sandbox ("pause") image: catatonit in pause mode.
 pub const PAUSE_IMAGE: &str = "localhost/twill-lab/pause:1";
@@ -57,6 +59,8 @@ const REFERENCE_PLUGINS: &[&str] = &["portmap", "loopback"];
 const REFERENCE_PLUGIN_DIR: &str = "/usr/lib/cni";
 /// Where containerd 1.6 puts shim sockets whatever its configured state dir.
 const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
+/// Plain copies: no overlay mounts to leak, and the lab images are a few MB.
+const SNAPSHOTTER: &str = "native";
 /// The containerd namespace the CRI plugin works in.
 pub const CRI_NAMESPACE: &str = "k8s.io";
 
@@ -95,16 +99,6 @@ pub fn images() -> Result<Images> {
     Ok(Images { pause, busybox })
 }
 
-/// The machine's cache directory for Twill (`$XDG_CACHE_HOME/twill`, else `~/.cache/twill`),
-/// the same place `cargo xtask setup` keeps its LLVM links.
-pub fn cache_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/root/.cache"))
-        .join("twill")
-}
-
 struct ImageConfig {
     entrypoint: Option<&'static str>,
     cmd: Option<&'static str>,
@@ -129,24 +123,12 @@ fn cached_image(
     }
     // A private build directory: buildah's storage (vfs: plain files, no mounts) and the root
     // filesystem go away with it; parallel builders never share one.
-    let work = tempdir(cache, &format!(".build-{kind}"))?;
+    let work = scratch_dir(cache, &format!(".build-{kind}"))?;
     let result = (|| -> Result<()> {
         let rootfs = work.join("rootfs");
         fs::create_dir_all(&rootfs)?;
         let config = fill(&rootfs)?;
-        let buildah = |args: &[&str]| {
-            run_cmd(
-                Command::new("buildah")
-                    .args(["--storage-driver", "vfs", "--root"])
-                    .arg(work.join("storage"))
-                    .arg("--runroot")
-                    .arg(work.join("run"))
-                    .args(args)
-                    .env("TMPDIR", &work)
-                    .stdin(Stdio::null()),
-            )
-            .map(|out| out.trim().to_owned())
-        };
+        let buildah = |args: &[&str]| crate::image::Buildah(&work).run(args);
         let ctr = buildah(&["from", "scratch"])?;
         buildah(&["copy", &ctr, &rootfs.display().to_string(), "/"])?;
         let mut cfg = vec!["config", "--env", "PATH=/bin"];
@@ -176,16 +158,6 @@ fn cached_image(
         .map(|()| tarball)
 }
 
-fn tempdir(parent: &Path, prefix: &str) -> Result<PathBuf> {
-    let dir = parent.join(format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        crate::random_id()
-    ));
-    fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
 /// A containerd daemon serving CRI inside a lab node. Drop stops it and removes what it made.
 pub struct Containerd {
     dir: PathBuf,
@@ -199,8 +171,15 @@ pub struct Containerd {
 
 impl Containerd {
     /// Starts containerd in `node` with its CRI plugin reading the node's CNI config dir, waits
-    /// until it serves, and imports the lab images into its `k8s.io` namespace.
+    /// until it serves, and imports the lab images into its `k8s.io` namespace. Its CNI bin dir
+    /// already holds `twill-cni`.
     pub fn start(node: &Node) -> Result<Self> {
+        Self::start_with(node, true)
+    }
+
+    /// As [`Containerd::start`]; with `install_twill_cni` false the CNI bin dir holds only the
+    /// reference plugins, for a DaemonSet's install-cni init container to fill.
+    pub fn start_with(node: &Node, install_twill_cni: bool) -> Result<Self> {
         for prog in ["containerd", "containerd-shim-runc-v2", "runc", "ctr"] {
             which(prog)?;
         }
@@ -223,7 +202,9 @@ impl Containerd {
         }
         fs::create_dir_all(c.cgroup.join("daemon"))?;
         let bin_dir = c.dir.join("cni-bin");
-        std::os::unix::fs::symlink(crate::bin("twill-cni"), bin_dir.join("twill-cni"))?;
+        if install_twill_cni {
+            std::os::unix::fs::symlink(crate::bin("twill-cni"), bin_dir.join("twill-cni"))?;
+        }
         for plugin in REFERENCE_PLUGINS {
             let src = Path::new(REFERENCE_PLUGIN_DIR).join(plugin);
             if !src.is_file() {
@@ -234,23 +215,32 @@ impl Containerd {
         fs::write(c.config_path(), c.config(&node.cni_conf_dir()))?;
         c.spawn()?;
         for tarball in [&images.pause, &images.busybox] {
-            c.ctr(&["images", "import", "--snapshotter", "native"])
-                .arg(tarball)
-                .output()
-                .context("spawning ctr")
-                .and_then(|o| {
-                    if o.status.success() {
-                        Ok(())
-                    } else {
-                        Err(anyhow!(
-                            "ctr images import {}: {}",
-                            tarball.display(),
-                            String::from_utf8_lossy(&o.stderr)
-                        ))
-                    }
-                })?;
+            c.import(tarball)?;
         }
         Ok(c)
+    }
+
+    /// Imports an image tarball (docker-archive or OCI) into the CRI namespace, unpacked for the
+    /// CRI plugin's snapshotter.
+    pub fn import(&self, tarball: &Path) -> Result<()> {
+        let out = self
+            .ctr(&["images", "import", "--snapshotter", SNAPSHOTTER])
+            .arg(tarball)
+            .output()
+            .context("spawning ctr")?;
+        if !out.status.success() {
+            bail!(
+                "ctr images import {}: {}",
+                tarball.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// The CNI bin dir the CRI plugin runs plugins from (the node's `/opt/cni/bin`).
+    pub fn cni_bin_dir(&self) -> PathBuf {
+        self.dir.join("cni-bin")
     }
 
     fn config_path(&self) -> PathBuf {
@@ -312,8 +302,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     stream_server_port = "0"
 
     [plugins."io.containerd.grpc.v1.cri".containerd]
-      # Plain copies: no overlay mounts to leak, and the images are a few MB.
-      snapshotter = "native"
+      snapshotter = "{SNAPSHOTTER}"
       default_runtime_name = "runc"
 
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]

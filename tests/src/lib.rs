@@ -17,6 +17,7 @@
 pub mod bench;
 pub mod cni_bench;
 pub mod cri;
+pub mod image;
 
 use std::{
     fmt::Write as _,
@@ -224,6 +225,24 @@ pub fn ensure_bpffs() -> Result<()> {
             .context("mounting bpffs at /sys/fs/bpf")?;
     }
     Ok(())
+}
+
+/// The machine's cache directory for Twill (`$XDG_CACHE_HOME/twill`, else `~/.cache/twill`),
+/// where `cargo xtask setup` keeps its LLVM links and the lab its built images.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cache"))
+        .join("twill")
+}
+
+/// A fresh uniquely named directory under `parent` (pid + random suffix), for work that is
+/// renamed into place when done so concurrent builders never share one.
+fn scratch_dir(parent: &Path, prefix: &str) -> Result<PathBuf> {
+    let dir = parent.join(format!("{prefix}-{}-{}", std::process::id(), random_id()));
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 fn random_id() -> String {
@@ -630,6 +649,9 @@ impl Lab {
             &Path::new(LAB_DIR_NAME).join(&self.run_id),
         ));
         errors.extend(unmount_under(&self.dir));
+        // A test may bind the node's bpffs dir onto itself as a shared mount (the propagation a
+        // systemd host gives /sys/fs/bpf, which mountPropagation needs).
+        errors.extend(unmount_under(&self.bpffs));
         if let Err(e) = fs::remove_dir_all(&self.bpffs)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -1217,7 +1239,8 @@ pub fn clean_leftovers() -> Result<Vec<String>> {
         if let Some(e) = v1_errors.first() {
             bail!("{e}");
         }
-        let unmount_errors = unmount_under(&tmp_root.join(&id));
+        let mut unmount_errors = unmount_under(&tmp_root.join(&id));
+        unmount_errors.extend(unmount_under(&bpffs_root.join(&id)));
         if let Some(e) = unmount_errors.first() {
             bail!("{e}");
         }

@@ -35,6 +35,8 @@ pub const PACKAGES: &[&str] = &[
     // The CRI protobufs (k8s-cri, a test dependency) are compiled by prost-build, which runs
     // protoc.
     "protobuf-compiler",
+    // `cargo xtask image`: the image's Debian base, made from Debian's packages.
+    "debootstrap",
 ];
 
 pub fn run() -> Result<()> {
