@@ -37,11 +37,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 
-use crate::{
-    Node, cache_dir, cgroup2_mount, netns_only_command, run_cmd, scratch_dir, wait_for, which,
-};
+use crate::{Node, cache_dir, cgroup2_mount, netns_only_command, scratch_dir, wait_for, which};
 
 /// The sandbox ("pause") image: catatonit in pause mode.
 pub const PAUSE_IMAGE: &str = "localhost/twill-lab/pause:1";
@@ -115,10 +113,8 @@ fn cached_image(
     name: &str,
     fill: impl FnOnce(&Path) -> Result<ImageConfig>,
 ) -> Result<PathBuf> {
-    let digest = run_cmd(Command::new("sha256sum").arg(source))?;
-    let digest = digest
-        .get(..16)
-        .ok_or_else(|| anyhow!("sha256sum output"))?;
+    let content = fs::read(source).with_context(|| format!("reading {}", source.display()))?;
+    let digest = &sha256_hex(&content)[..16];
     let tarball = cache.join(format!("{kind}-r{RECIPE_VERSION}-{digest}.tar"));
     if tarball.is_file() {
         return Ok(tarball);
@@ -421,7 +417,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         // (runtime/v2/shim/util_unix.go `SocketAddress`); a killed shim leaves it behind.
         let grpc = self.socket().display().to_string();
         for id in tasks {
-            let hash = sha256_hex(&format!("{grpc}/{CRI_NAMESPACE}/{id}"));
+            let hash = sha256_hex(format!("{grpc}/{CRI_NAMESPACE}/{id}").as_bytes());
             let _ = fs::remove_file(Path::new(SHIM_SOCKET_DIR).join(hash));
         }
         errors.extend(crate::unmount_under(&self.dir));
@@ -459,9 +455,9 @@ impl Drop for Containerd {
     }
 }
 
-fn sha256_hex(s: &str) -> String {
+fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest as _;
-    sha2::Sha256::digest(s.as_bytes())
+    sha2::Sha256::digest(data)
         .iter()
         .fold(String::new(), |mut out, b| {
             let _ = std::fmt::Write::write_fmt(&mut out, format_args!("{b:02x}"));
