@@ -1174,8 +1174,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+            && let Some(v) = b
+                .get(i + 1..i + 4)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
         {
             out.push(v);
             i += 4;
@@ -1281,4 +1283,15 @@ fn owner_alive(dir: &Path) -> bool {
         return false;
     };
     process_start_time(pid).is_some_and(|s| s == start)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(super::unescape_mountinfo(r"/tmp/a\040b/c"), "/tmp/a b/c");
+        assert_eq!(super::unescape_mountinfo(r"/x\134y"), r"/x\y");
+        assert_eq!(super::unescape_mountinfo("/plain/é"), "/plain/é");
+        assert_eq!(super::unescape_mountinfo(r"/trailing\04"), r"/trailing\04");
+    }
 }
