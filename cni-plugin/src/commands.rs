@@ -311,15 +311,46 @@ fn del<D: Dataplane>(
     log: &mut Logger,
 ) -> Result<(), CniError> {
     let host_if = dataplane::host_if_name(&att.container_id);
-    let had_link = dp.retire_host_link(&host_if)?;
     let ipam = Ipam::new(&conf.state_dir, &conf.name);
+    // The host link is named after the container alone. When this attachment holds no
+    // address but the container holds one under another interface name or in another
+    // network, the link is that attachment's (a DEL for an interface this network never
+    // attached, say after a failed ADD): leave it alone.
+    let (mine, other_if) = {
+        let locked = ipam.lock()?;
+        let list = locked.list()?;
+        let ours = |r: &&crate::ipam::Reservation| {
+            r.owner
+                .as_ref()
+                .is_some_and(|o| o.container_id == att.container_id)
+        };
+        (
+            list.iter()
+                .filter(ours)
+                .any(|r| r.owner.as_ref() == Some(att)),
+            list.iter()
+                .filter(ours)
+                .any(|r| r.owner.as_ref() != Some(att)),
+        )
+    };
+    let elsewhere = !mine
+        && (other_if
+            || ipam
+                .other_networks_containers()?
+                .contains(&att.container_id));
+    let link = if elsewhere {
+        "kept (another attachment's)"
+    } else if dp.retire_host_link(&host_if)? {
+        "retired"
+    } else {
+        "absent"
+    };
     let released = ipam.lock()?.release(att)?;
     log.log(
         Level::Debug,
         format_args!(
-            "DEL {}: link {host_if} {}, released {released:?}",
-            att.container_id,
-            if had_link { "retired" } else { "absent" }
+            "DEL {} {}: link {host_if} {link}, released {released:?}",
+            att.container_id, att.ifname
         ),
     );
     Ok(())
@@ -389,14 +420,21 @@ fn gc<D: Dataplane>(conf: &NetConf, dp: &mut D) -> Result<(), CniError> {
         .iter()
         .map(|a| dataplane::host_if_name(&a.container_id))
         .collect();
+    // Links of another Twill network's attachments are that network's GC's business (the
+    // runtime lists only this network's attachments as valid).
+    let ipam = Ipam::new(&conf.state_dir, &conf.name);
+    let others: HashSet<String> = ipam
+        .other_networks_containers()?
+        .iter()
+        .map(|c| dataplane::host_if_name(c))
+        .collect();
     for link in dp.list_host_links()? {
-        if !valid_links.contains(&link) {
+        if !valid_links.contains(&link) && !others.contains(&link) {
             dp.delete_host_link(&link)?;
         }
     }
     // Links whose reaper never ran (killed, or the node rebooted mid-DEL).
     dp.delete_retired_links()?;
-    let ipam = Ipam::new(&conf.state_dir, &conf.name);
     let locked = ipam.lock()?;
     for r in locked.list()? {
         if !r.owner.as_ref().is_some_and(|o| valid.contains(o)) {

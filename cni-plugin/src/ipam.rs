@@ -13,8 +13,12 @@
 //! `renameat2(RENAME_NOREPLACE)`: the address file appears complete or not at all
 //! and an existing reservation is never overwritten, even without the lock. So a
 //! crash at any point leaves either no reservation or one that names its owner,
-//! which DEL (by container ID) and GC (by valid attachments) can find.
+//! which DEL (by container ID and interface name) and GC (by valid attachments) can
+//! find. The file's content is fsynced before the rename and the directory after it,
+//! before ADD answers: otherwise a node losing power right after ADD could come back
+//! with the pod's address unreserved and hand it to a second pod.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -111,6 +115,35 @@ impl Ipam {
         &self.dir
     }
 
+    /// Container IDs holding an address in another network's store under the same state
+    /// directory (another Twill network on this node). Read without those stores' locks: a
+    /// reservation appears or goes by one atomic rename or unlink, so a reader sees it or not.
+    /// DEL and GC use it to leave the host links of those attachments alone.
+    pub fn other_networks_containers(&self) -> Result<HashSet<String>, IpamError> {
+        let mut out = HashSet::new();
+        let Some(root) = self.dir.parent() else {
+            return Ok(out);
+        };
+        let rd = match fs::read_dir(root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(IpamError::io("read directory", root, e)),
+        };
+        for entry in rd {
+            let entry = entry.map_err(|e| IpamError::io("read directory", root, e))?;
+            let path = entry.path();
+            if path == self.dir || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            out.extend(
+                read_store(&path)?
+                    .into_iter()
+                    .filter_map(|r| r.owner.map(|o| o.container_id)),
+            );
+        }
+        Ok(out)
+    }
+
     /// Takes the store lock, creating the directory on first use. Waits up to
     /// [`LOCK_WAIT`] while another invocation holds it (runtimes run pods in
     /// parallel), then fails with [`IpamError::Busy`].
@@ -187,13 +220,17 @@ impl Locked<'_> {
                 io::Write::write_all(
                     &mut f,
                     format!("{}\n{}", owner.container_id, owner.ifname).as_bytes(),
-                )
+                )?;
+                // The content is durable before any name points at it.
+                f.sync_all()
             })
             .map_err(|e| IpamError::io("write", &scratch, e))?;
         let last = self.last_reserved();
         for ip in candidates(ranges, last).filter(|ip| *ip != gateway) {
             let target = self.dir.join(ip.to_string());
             if place(&scratch, &target)? {
+                // The new name is durable before the runtime hears of the address.
+                sync_dir(self.dir)?;
                 self.write_cursor(ip)?;
                 return Ok(ip);
             }
@@ -237,31 +274,7 @@ impl Locked<'_> {
 
     /// Every reservation in the store.
     pub fn list(&self) -> Result<Vec<Reservation>, IpamError> {
-        let rd =
-            fs::read_dir(self.dir).map_err(|e| IpamError::io("read directory", self.dir, e))?;
-        let mut out = Vec::new();
-        for entry in rd {
-            let entry = entry.map_err(|e| IpamError::io("read directory", self.dir, e))?;
-            let Some(ip) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<IpAddr>().ok())
-            else {
-                continue;
-            };
-            let content = match fs::read_to_string(entry.path()) {
-                Ok(c) => c,
-                // Released concurrently by a reader that did not take the lock.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(IpamError::io("read", &entry.path(), e)),
-            };
-            out.push(Reservation {
-                ip,
-                owner: parse_owner(&content),
-            });
-        }
-        out.sort_by_key(|r| r.ip);
-        Ok(out)
+        read_store(self.dir)
     }
 
     /// Addresses held by `owner`.
@@ -279,6 +292,11 @@ impl Locked<'_> {
         let ips = self.find(owner)?;
         for ip in &ips {
             self.remove(*ip)?;
+        }
+        if !ips.is_empty() {
+            // A release lost in a crash would only leave a stale reservation for GC, but
+            // DEL answering means the address is free: make it so.
+            sync_dir(self.dir)?;
         }
         Ok(ips)
     }
@@ -314,6 +332,41 @@ impl Locked<'_> {
         .unwrap_or(u128::MAX);
         Ok(total.saturating_sub(gw).saturating_sub(used))
     }
+}
+
+/// The reservations in one store directory, sorted by address.
+fn read_store(dir: &Path) -> Result<Vec<Reservation>, IpamError> {
+    let rd = fs::read_dir(dir).map_err(|e| IpamError::io("read directory", dir, e))?;
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| IpamError::io("read directory", dir, e))?;
+        let Some(ip) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<IpAddr>().ok())
+        else {
+            continue;
+        };
+        let content = match fs::read_to_string(entry.path()) {
+            Ok(c) => c,
+            // Released concurrently by a reader that did not take the lock.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(IpamError::io("read", &entry.path(), e)),
+        };
+        out.push(Reservation {
+            ip,
+            owner: parse_owner(&content),
+        });
+    }
+    out.sort_by_key(|r| r.ip);
+    Ok(out)
+}
+
+/// fsync(2) of a directory: makes the names created or removed in it durable.
+fn sync_dir(dir: &Path) -> Result<(), IpamError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| IpamError::io("fsync directory", dir, e))
 }
 
 /// Atomically moves the scratch file to `target` unless `target` exists.

@@ -4,6 +4,11 @@
 //! line is written with one `write(2)` on an `O_APPEND` descriptor, so parallel
 //! invocations never interleave within a line. If the file cannot be opened the
 //! lines go to stderr, which runtimes capture alongside the error.
+//!
+//! The file is bounded: an invocation that finds it over [`MAX_LOG_BYTES`] moves it to
+//! `<file>.1` (replacing the previous one) and starts a new one, so the plugin's logs
+//! take at most about twice that on the node, however many pods come and go. Two
+//! invocations rotating at once may lose the older generation, never a current line.
 
 use std::fmt::Arguments;
 use std::fs::{File, OpenOptions};
@@ -50,6 +55,9 @@ enum Sink {
     Discard,
 }
 
+/// Size over which the log file is rotated (see the module documentation).
+pub const MAX_LOG_BYTES: u64 = 4 << 20;
+
 pub struct Logger {
     sink: Sink,
     level: Level,
@@ -67,6 +75,7 @@ impl Logger {
         if level == Level::Off {
             return Self::discard();
         }
+        rotate_if_full(path, MAX_LOG_BYTES);
         let sink = OpenOptions::new()
             .append(true)
             .create(true)
@@ -96,6 +105,16 @@ impl Logger {
             Sink::Stderr => std::io::stderr().write_all(line.as_bytes()),
             Sink::Discard => Ok(()),
         };
+    }
+}
+
+/// Moves `path` to `<path>.1` when it holds more than `max` bytes. Best effort: a
+/// failure leaves the file to grow until the next invocation tries again.
+fn rotate_if_full(path: &Path, max: u64) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > max) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        let _ = std::fs::rename(path, old);
     }
 }
 
@@ -129,6 +148,37 @@ fn utc_now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_is_rotated_when_over_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        let line = "x".repeat(999) + "\n";
+        for round in 0..3 {
+            // Over the bound: the next open rotates.
+            std::fs::write(&p, line.repeat(11)).unwrap();
+            rotate_if_full(&p, 10_000);
+            assert!(!p.exists(), "round {round}: rotated away");
+            let rotated = dir.path().join("log.1");
+            assert_eq!(std::fs::metadata(&rotated).unwrap().len(), 11_000);
+            // Under the bound: left alone.
+            std::fs::write(&p, &line).unwrap();
+            rotate_if_full(&p, 10_000);
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), 1000);
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "one generation kept: {names:?}");
+
+        // Through Logger::open with the real bound.
+        std::fs::write(&p, vec![b'y'; usize::try_from(MAX_LOG_BYTES).unwrap() + 1]).unwrap();
+        let mut l = Logger::open(&p, Level::Info);
+        l.log(Level::Info, format_args!("fresh"));
+        let s = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(s.lines().count(), 1, "a new file after rotation");
+    }
 
     #[test]
     fn writes_lines_at_or_above_level() {

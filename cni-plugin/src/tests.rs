@@ -636,3 +636,60 @@ proptest! {
         assert_protocol(&h.raw(&env, conf.to_string().as_bytes()));
     }
 }
+
+/// DEL frees by container ID and interface name: a DEL for another interface of the same
+/// container (one this network never attached) leaves the container's link and address.
+#[test]
+fn del_frees_only_the_attachment_it_names() {
+    let h = Harness::new();
+    let conf = h.conf("1.1.0", "10.244.1.0/24");
+    assert_eq!(h.invoke("ADD", "c1", &conf).rc, 0);
+    let mut env: HashMap<String, String> = HashMap::new();
+    for (k, v) in [
+        ("CNI_COMMAND", "DEL"),
+        ("CNI_CONTAINERID", "c1"),
+        ("CNI_IFNAME", "net1"),
+        ("CNI_NETNS", "/run/netns/c1"),
+        ("CNI_PATH", "/opt/cni/bin"),
+    ] {
+        env.insert(k.into(), v.into());
+    }
+    let out = h.raw(&env, conf.to_string().as_bytes());
+    assert_eq!((out.rc, out.stdout.as_str()), (0, ""));
+    assert_eq!(h.links(), [host_if_name("c1")]);
+    assert_eq!(h.reservations().len(), 1);
+    assert!(h.fake.0.borrow().retired.is_empty());
+
+    assert_eq!(h.invoke("DEL", "c1", &conf).rc, 0);
+    assert!(h.links().is_empty());
+    assert!(h.reservations().is_empty());
+}
+
+/// GC of one network leaves the attachments of another Twill network on the node (its
+/// addresses and host links), and a DEL of one network leaves the other's link.
+#[test]
+fn gc_and_del_touch_only_their_own_network() {
+    let h = Harness::new();
+    let conf = h.conf("1.1.0", "10.244.1.0/24");
+    let mut other = h.conf("1.1.0", "10.245.1.0/24");
+    other["name"] = json!("other");
+    assert_eq!(h.invoke("ADD", "mine", &conf).rc, 0);
+    assert_eq!(h.invoke("ADD", "theirs", &other).rc, 0);
+
+    // DEL of the container through the network it never joined.
+    assert_eq!(h.invoke("DEL", "theirs", &conf).rc, 0);
+    assert!(h.links().contains(&host_if_name("theirs")));
+
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    let out = h.invoke("GC", "-", &gc);
+    assert_eq!((out.rc, out.stdout.as_str()), (0, ""));
+    assert_eq!(h.links(), [host_if_name("theirs")]);
+    assert!(h.reservations().is_empty());
+    let other_store: Vec<_> = std::fs::read_dir(h.dir.path().join("state/ipam/other"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("10."))
+        .collect();
+    assert_eq!(other_store.len(), 1, "{other_store:?}");
+}

@@ -1,8 +1,8 @@
 //! Map names, keys and values.
 //!
-//! The service tables are shared by every datapath: the socket-level hooks (connect4, sendmsg4,
-//! recvmsg4, getpeername4) and the per-packet tc programs look up the same `SERVICES` entry and
-//! pick from the same `BACKEND_SLOTS`/`BACKENDS`.
+//! The service tables are shared by every datapath: the socket-level hooks (connect, sendmsg,
+//! recvmsg, getpeername; IPv4 and, for v4-mapped destinations, IPv6) and the per-packet tc
+//! programs look up the same `SERVICES` entry and pick from the same `BACKEND_SLOTS`/`BACKENDS`.
 //!
 //! ```text
 //!  SERVICES  (addr, port, proto, scope) ──► ServiceValue { svc_id, count, flags, affinity }
@@ -10,9 +10,12 @@
 //!  BACKENDS  backend_id ──► Backend { addr, port, proto, flags }
 //!  AFFINITY  (client_id, svc_id) ──► { backend_id, last_used_ns }
 //!  SOCK_REVNAT (socket cookie, backend addr, port) ──► frontend (addr, port)
-//!  CT        (saddr, daddr, sport, dport, proto) ──► rewrite to (saddr', daddr', sport', dport')
-//!            one entry per direction of a per-packet (north-south) translated flow
+//!  UDP_FLOWS (socket cookie, svc_id) ──► { backend_id, last_used_ns }: unconnected UDP stickiness
+//!  CT        (saddr, daddr, sport, dport, proto, scope) ──► rewrite to (saddr', daddr', sport',
+//!            dport'), flow state, last packet; one entry per direction of a per-packet
+//!            (north-south) translated flow; expired by state (`ct_lifetime_ns`)
 //!  LB_SRC_RANGES (LPM: svc_id, client prefix) ──► allowed (loadBalancerSourceRanges)
+//!  FRAGS     (saddr, daddr, IP id, proto) ──► ports of a fragmented datagram's first fragment
 //! ```
 
 // Map names. BPF object names are limited to 15 bytes plus NUL (BPF_OBJ_NAME_LEN), so keep them
@@ -24,10 +27,13 @@ pub const MAP_BACKENDS: &str = "TWL_BE_V1";
 pub const MAP_AFFINITY: &str = "TWL_AFF_V1";
 pub const MAP_SOCK_REVNAT: &str = "TWL_SKRNAT_V1";
 pub const MAP_NODE_ADDRS: &str = "TWL_NODEIP_V1";
-pub const MAP_CONFIG: &str = "TWL_CFG_V1";
+/// V2: `DatapathConfig` grew `host_netns_cookie` (8 → 16 bytes).
+pub const MAP_CONFIG: &str = "TWL_CFG_V2";
 pub const MAP_STATS: &str = "TWL_STATS_V1";
 pub const MAP_CT: &str = "TWL_CT_V1";
 pub const MAP_LB_SRC_RANGES: &str = "TWL_LBSRC_V1";
+pub const MAP_UDP_FLOWS: &str = "TWL_UDPFLOW_V1";
+pub const MAP_FRAGS: &str = "TWL_FRAG_V1";
 
 /// Every map the kernel object must define.
 pub const ALL_MAPS: &[&str] = &[
@@ -41,7 +47,13 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_STATS,
     MAP_CT,
     MAP_LB_SRC_RANGES,
+    MAP_UDP_FLOWS,
+    MAP_FRAGS,
 ];
+
+/// Pinned map names of earlier layouts, which no program uses any more: `uninstall` removes
+/// them too, so an upgraded node keeps no stale pin.
+pub const RETIRED_MAPS: &[&str] = &["TWL_CFG_V1"];
 
 /// Default map capacities; the agent may override them (`--map-size-*`) before load.
 pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
@@ -53,6 +65,13 @@ pub const DEFAULT_NODE_ADDRS_MAX: u32 = 256;
 /// Two entries per north-south flow (one per direction).
 pub const DEFAULT_CT_MAX: u32 = 262_144;
 pub const DEFAULT_LB_SRC_RANGES_MAX: u32 = 16_384;
+/// One entry per (unconnected UDP socket, frontend) that sent to a Service recently.
+pub const DEFAULT_UDP_FLOWS_MAX: u32 = 65_536;
+/// An unconnected UDP socket keeps its backend for a frontend while it sends to it at least this
+/// often (QUIC, SIP and TFTP exchanges pause far less; conntrack's UDP timeout is 30 s too).
+pub const UDP_FLOW_TIMEOUT_S: u64 = 30;
+/// Fragmented datagrams in flight (their fragments arrive within milliseconds of each other).
+pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
 /// One slot per `Reason` discriminant value.
 pub const STATS_MAX: u32 = 256;
 
@@ -193,6 +212,20 @@ pub struct SockRevNatValue {
 }
 const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 12);
 
+/// Key of `UDP_FLOWS`: the datagrams an unconnected UDP socket sends to one frontend (`svc_id`)
+/// are one flow and stay on one backend, so multi-datagram protocols (QUIC, SIP, TFTP) work.
+/// The value is an [`AffinityValue`]: the remembered backend, its slot and the last use, with the
+/// same checks (still a backend of the Service, not idle longer than `UDP_FLOW_TIMEOUT_S`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UdpFlowKey {
+    /// `bpf_get_socket_cookie()` of the sending socket.
+    pub cookie: u64,
+    pub svc_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 16);
+
 /// Value of `NODE_ADDRS` (key: `u32` address in network order): addresses NodePort answers on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -208,8 +241,12 @@ pub struct DatapathConfig {
     pub nodeport_min: u16,
     pub nodeport_max: u16,
     pub _pad: u32,
+    /// Network-namespace cookie (`SO_NETNS_COOKIE`) of the node's own namespace, where the agent
+    /// runs. Loopback NodePorts (`127.0.0.1:<nodePort>`) are translated only for sockets of that
+    /// namespace: inside a pod, 127.0.0.1 is the pod itself. 0 (unknown) translates them nowhere.
+    pub host_netns_cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 16);
 
 /// Key of `CT`: one direction of a translated north-south flow, as seen on the wire.
 #[repr(C)]
@@ -239,7 +276,53 @@ pub const CT_F_REPLY: u32 = 1 << 0;
 /// Cluster), so replies return through this node.
 pub const CT_F_SNAT: u32 = 1 << 1;
 
-/// Value of `CT`: the addresses and ports a matching packet is rewritten to (all network order).
+/// `CtValue::state`: where a flow is in its life. Both entries of a translated flow (original
+/// and reply direction) carry the same state; the program that sees a transition writes both.
+/// The meaning is the same for every `CtKey::scope`, so one collector expires every entry.
+///
+/// A flow whose opening packet was seen, but nothing from the other side yet (TCP: the SYN).
+pub const CT_STATE_NEW: u8 = 1;
+/// Packets were seen both ways (TCP: the SYN was answered).
+pub const CT_STATE_ESTABLISHED: u8 = 2;
+/// TCP only: both sides sent a FIN. Kept briefly for the last ACK and retransmitted FINs; a
+/// SYN reusing the tuple starts a new flow.
+pub const CT_STATE_CLOSING: u8 = 3;
+
+/// `CtValue::tcp_fin` bits: which side has sent a FIN.
+pub const CT_FIN_ORIG: u8 = 1 << 0;
+pub const CT_FIN_REPLY: u8 = 1 << 1;
+
+const NSEC_PER_SEC: u64 = 1_000_000_000;
+/// TCP flow opened (SYN seen) but not answered: as long as a client keeps retrying its SYN.
+pub const CT_LIFETIME_TCP_NEW_NS: u64 = 60 * NSEC_PER_SEC;
+/// Idle established TCP flow: kube-proxy's `conntrack.tcpEstablishedTimeout` default (24 h),
+/// so a long idle connection survives as it does with kube-proxy.
+pub const CT_LIFETIME_TCP_ESTABLISHED_NS: u64 = 24 * 3600 * NSEC_PER_SEC;
+/// TCP flow closed by both sides (Cilium's `CT_CLOSE_TIMEOUT`): enough for the last ACK.
+pub const CT_LIFETIME_TCP_CLOSING_NS: u64 = 10 * NSEC_PER_SEC;
+/// UDP (and any other protocol) without an answer yet (netfilter's `udp_timeout`).
+pub const CT_LIFETIME_DGRAM_NEW_NS: u64 = 30 * NSEC_PER_SEC;
+/// UDP flow answered at least once (netfilter's `udp_timeout_stream`).
+pub const CT_LIFETIME_DGRAM_ESTABLISHED_NS: u64 = 120 * NSEC_PER_SEC;
+
+/// How long an entry in `state` of protocol `proto` lives after its last packet. Unknown
+/// states get the short lifetime of a new flow.
+pub const fn ct_lifetime_ns(proto: u8, state: u8) -> u64 {
+    if proto == PROTO_TCP {
+        match state {
+            CT_STATE_ESTABLISHED => CT_LIFETIME_TCP_ESTABLISHED_NS,
+            CT_STATE_CLOSING => CT_LIFETIME_TCP_CLOSING_NS,
+            _ => CT_LIFETIME_TCP_NEW_NS,
+        }
+    } else if state == CT_STATE_ESTABLISHED {
+        CT_LIFETIME_DGRAM_ESTABLISHED_NS
+    } else {
+        CT_LIFETIME_DGRAM_NEW_NS
+    }
+}
+
+/// Value of `CT`: the addresses and ports a matching packet is rewritten to (all network order),
+/// and the flow's state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtValue {
@@ -249,11 +332,34 @@ pub struct CtValue {
     pub new_dport_be: u16,
     pub svc_id: u32,
     pub flags: u32,
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns()` of the last packet (best effort: not updated atomically).
+    /// `CT_STATE_*`.
+    pub state: u8,
+    /// `CT_FIN_*` (TCP).
+    pub tcp_fin: u8,
+    pub _pad: [u8; 2],
+    /// `bpf_ktime_get_ns()` of the last packet matching this entry (best effort: not updated
+    /// atomically). The flow expires `ct_lifetime_ns` after the later of its two entries'.
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
+
+impl CtKey {
+    /// The key of the other direction of the flow `value` translates: the packet `value`
+    /// produces, answered. (The two entries of a translated flow map to each other this way;
+    /// for an untranslated entry it is simply the reversed tuple.)
+    #[must_use]
+    pub const fn counterpart(&self, value: &CtValue) -> CtKey {
+        CtKey {
+            saddr_be: value.new_daddr_be,
+            daddr_be: value.new_saddr_be,
+            sport_be: value.new_dport_be,
+            dport_be: value.new_sport_be,
+            proto: self.proto,
+            scope: self.scope,
+            _pad: [0; 2],
+        }
+    }
+}
 
 /// Data of the `LB_SRC_RANGES` LPM-trie key (after the trie's `prefix_len`): the Service's
 /// `svc_id` (always matched in full) then the client prefix. A range `a.b.c.d/n` of Service `s`
@@ -266,6 +372,29 @@ pub struct SrcRangeKey {
     pub addr_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<SrcRangeKey>() == 8);
+
+/// Key of `FRAGS`: one fragmented IPv4 datagram as it arrived, identified as RFC 791 does
+/// (source, destination, protocol, identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+
+/// Value of `FRAGS`: the ports of the datagram's first fragment, so its later fragments (which
+/// carry no TCP/UDP header) find the flow and follow the first one's translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragValue {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<FragValue>() == 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -283,4 +412,7 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::SrcRangeKey {}
+    unsafe impl aya::Pod for super::UdpFlowKey {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }

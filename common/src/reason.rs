@@ -25,7 +25,8 @@ pub enum Reason {
     RevNatMapFull = 8,
     /// `AFFINITY` full: affinity not recorded (the connection still proceeds).
     AffinityMapFull = 9,
-    /// Connection-tracking map full: packet dropped.
+    /// Connection-tracking map full: the first packet of a new flow is dropped (the client
+    /// retries; entries are collected by state, see `ct_lifetime_ns`).
     CtMapFull = 10,
     /// Packet too short or malformed headers.
     Malformed = 11,
@@ -50,6 +51,29 @@ pub enum Reason {
     PolicyCtFull = 34,
     /// NetworkPolicy: a new flow was allowed by a rule (counted once per flow).
     PolicyAllowed = 35,
+    /// Per-packet: a TCP packet other than a SYN, to a Service frontend, of no tracked flow (its
+    /// entry expired or was flushed). Never balanced to a backend, which would answer with a
+    /// reset: passed to the node's stack untouched.
+    CtNonSynMiss = 40,
+    /// Per-packet: a SYN reused the tuple of a closed (or expired) flow: balanced afresh.
+    CtReopened = 41,
+    /// Per-packet: no free source port for SNAT towards the backend: dropped.
+    SnatPortsExhausted = 42,
+    /// Per-packet: an ICMP error about a translated flow (fragmentation needed, unreachable,
+    /// time exceeded) was translated back, outer and quoted header, towards the flow's other
+    /// side.
+    IcmpErrorTranslated = 43,
+    // 60..=69: socket path.
+    /// An IPv6 socket's destination is not IPv4-mapped (`::ffff:a.b.c.d`): left untouched (real
+    /// IPv6 Services are not served yet).
+    NotV4Mapped = 60,
+    /// `127.0.0.0/8:<nodePort>` from a socket outside the node's own network namespace (a pod's
+    /// loopback is the pod itself): left untouched.
+    LoopbackNotHostNetns = 61,
+    /// An unconnected UDP datagram went to the backend its flow (socket, frontend) already uses.
+    UdpFlowHit = 62,
+    /// `UDP_FLOWS` full: the datagram was balanced but its flow not remembered.
+    UdpFlowMapFull = 63,
 }
 
 impl Reason {
@@ -75,6 +99,14 @@ impl Reason {
         Reason::PolicyDeniedEgress,
         Reason::PolicyCtFull,
         Reason::PolicyAllowed,
+        Reason::CtNonSynMiss,
+        Reason::CtReopened,
+        Reason::SnatPortsExhausted,
+        Reason::IcmpErrorTranslated,
+        Reason::NotV4Mapped,
+        Reason::LoopbackNotHostNetns,
+        Reason::UdpFlowHit,
+        Reason::UdpFlowMapFull,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -100,6 +132,14 @@ impl Reason {
             Reason::PolicyDeniedEgress => "policy_denied_egress",
             Reason::PolicyCtFull => "policy_ct_full",
             Reason::PolicyAllowed => "policy_allowed",
+            Reason::CtNonSynMiss => "ct_non_syn_miss",
+            Reason::CtReopened => "ct_reopened",
+            Reason::SnatPortsExhausted => "snat_ports_exhausted",
+            Reason::IcmpErrorTranslated => "icmp_error_translated",
+            Reason::NotV4Mapped => "not_v4_mapped",
+            Reason::LoopbackNotHostNetns => "loopback_not_host_netns",
+            Reason::UdpFlowHit => "udp_flow_hit",
+            Reason::UdpFlowMapFull => "udp_flow_map_full",
         }
     }
 
@@ -117,6 +157,7 @@ impl Reason {
                 | Reason::PolicyDeniedIngress
                 | Reason::PolicyDeniedEgress
                 | Reason::PolicyCtFull
+                | Reason::SnatPortsExhausted
         )
     }
 }

@@ -22,8 +22,102 @@ use crate::lbmap::LbState;
 
 /// Largest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
-/// A client that does not send its request within this time is dropped.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What one server holds at once and how long it waits for a client. Every connection costs a
+/// file descriptor and a task until it ends, so without these a flood of connections, or a few
+/// clients sending their request (slow loris) or taking the response byte by byte, would run
+/// the agent out of descriptors (its maps, netlink and the API server need them too) and keep
+/// the kubelet's probes from being answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_conns: usize,
+    /// Connections served at once from one client address, so one noisy client (a pod, say)
+    /// cannot take every slot from the kubelet's probes and the Prometheus scraper.
+    pub max_per_peer: usize,
+    /// Time a client has to send its whole request head.
+    pub read_timeout: Duration,
+    /// Time a client has to take the whole response.
+    pub write_timeout: Duration,
+}
+
+/// Limits of the TCP servers: `/healthz` and `/livez`, `/metrics`, healthCheckNodePorts. The
+/// probes and scrapers they serve send their request at once and read a response of at most a
+/// few hundred KiB, well within the timeouts.
+pub const HTTP_LIMITS: ConnLimits = ConnLimits {
+    max_conns: 256,
+    max_per_peer: 16,
+    read_timeout: Duration::from_secs(5),
+    write_timeout: Duration::from_secs(10),
+};
+
+/// Limits of the debug API on its Unix socket (local root only; every client is one peer).
+pub const API_LIMITS: ConnLimits = ConnLimits {
+    max_conns: 32,
+    max_per_peer: 32,
+    read_timeout: Duration::from_secs(5),
+    // `debug maps` of a large cluster is tens of MiB.
+    write_timeout: Duration::from_mins(1),
+};
+
+/// Counts the connections a server holds, overall and per peer.
+#[derive(Debug)]
+struct ConnGate {
+    limits: ConnLimits,
+    held: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+}
+
+/// One admitted connection; gives its slot back when dropped.
+struct ConnSlot {
+    gate: Arc<ConnGate>,
+    peer: std::net::IpAddr,
+}
+
+impl ConnGate {
+    fn new(limits: ConnLimits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            held: std::sync::Mutex::default(),
+        })
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (usize, std::collections::HashMap<std::net::IpAddr, usize>)>
+    {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A slot for a connection from `peer`, if the limits leave one.
+    fn admit(self: &Arc<Self>, peer: std::net::IpAddr) -> Option<ConnSlot> {
+        let mut held = self.lock();
+        let per_peer = held.1.get(&peer).copied().unwrap_or(0);
+        if held.0 >= self.limits.max_conns || per_peer >= self.limits.max_per_peer {
+            return None;
+        }
+        held.0 += 1;
+        held.1.insert(peer, per_peer + 1);
+        Some(ConnSlot {
+            gate: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut held = self.gate.lock();
+        held.0 -= 1;
+        if let Some(n) = held.1.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                held.1.remove(&self.peer);
+            }
+        }
+    }
+}
 
 /// A parsed request line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,14 +186,15 @@ pub fn parse_request(head: &str) -> Option<Request> {
 }
 
 /// Serves one connection: reads the request head, answers, closes. Bodies are not read (no
-/// route takes one).
-pub async fn serve_conn<S, F>(mut stream: S, handler: F)
+/// route takes one). A client gets `limits.read_timeout` for its whole request head and
+/// `limits.write_timeout` for the whole response, then is dropped.
+pub async fn serve_conn<S, F>(mut stream: S, limits: ConnLimits, handler: F)
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&Request) -> Response,
 {
     let mut buf = Vec::with_capacity(1024);
-    let read = tokio::time::timeout(READ_TIMEOUT, async {
+    let read = tokio::time::timeout(limits.read_timeout, async {
         let mut chunk = [0u8; 1024];
         loop {
             let n = stream.read(&mut chunk).await?;
@@ -138,21 +233,49 @@ where
         response.content_type,
         response.body.len()
     );
-    let _ = stream.write_all(head.as_bytes()).await;
-    let _ = stream.write_all(&response.body).await;
-    let _ = stream.shutdown().await;
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&response.body).await?;
+        stream.shutdown().await
+    };
+    if tokio::time::timeout(limits.write_timeout, write)
+        .await
+        .is_err()
+    {
+        log::debug!(
+            "dropped a client that did not take its response within {:?}",
+            limits.write_timeout
+        );
+    }
 }
 
-/// Serves HTTP on a TCP listener forever.
+/// Serves HTTP on a TCP listener forever, with [`HTTP_LIMITS`].
 pub async fn serve_tcp<F>(listener: tokio::net::TcpListener, handler: F)
 where
     F: Fn(&Request) -> Response + Clone + Send + Sync + 'static,
 {
+    serve_tcp_with(listener, HTTP_LIMITS, handler).await;
+}
+
+/// Serves HTTP on a TCP listener forever. A connection over `limits` is closed at once: the
+/// client sees a reset or an empty reply and retries, and the slots go on serving others.
+pub async fn serve_tcp_with<F>(listener: tokio::net::TcpListener, limits: ConnLimits, handler: F)
+where
+    F: Fn(&Request) -> Response + Clone + Send + Sync + 'static,
+{
+    let gate = ConnGate::new(limits);
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                let Some(slot) = gate.admit(peer.ip()) else {
+                    drop(stream);
+                    continue;
+                };
                 let h = handler.clone();
-                tokio::spawn(async move { serve_conn(stream, |r| h(r)).await });
+                tokio::spawn(async move {
+                    serve_conn(stream, limits, |r| h(r)).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 log::warn!("accept: {e}");
@@ -378,11 +501,20 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 }
 
 pub async fn serve_unix(listener: tokio::net::UnixListener, state: ApiState) {
+    let gate = ConnGate::new(API_LIMITS);
+    let local = std::net::IpAddr::V4(Ipv4Addr::LOCALHOST);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let Some(slot) = gate.admit(local) else {
+                    drop(stream);
+                    continue;
+                };
                 let s = state.clone();
-                tokio::spawn(async move { serve_conn(stream, |r| s.handle(r)).await });
+                tokio::spawn(async move {
+                    serve_conn(stream, API_LIMITS, |r| s.handle(r)).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 log::warn!("api socket accept: {e}");
@@ -426,6 +558,94 @@ pub fn parse_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `GET /` from `src` (a loopback address) to `to`: the status, or `None` when the server
+    /// closed the connection without answering.
+    async fn get_from(src: Ipv4Addr, to: std::net::SocketAddr) -> Option<u16> {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind((src, 0).into()).unwrap();
+        let mut s = sock.connect(to).await.ok()?;
+        let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        parse_response(&buf).map(|(status, _)| status)
+    }
+
+    async fn server(limits: ConnLimits, body_len: usize) -> std::net::SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve_tcp_with(l, limits, move |_| Response {
+            status: 200,
+            content_type: "text/plain",
+            body: vec![b'x'; body_len],
+        }));
+        addr
+    }
+
+    /// A client holding every slot it may have (idle connections that never send a request)
+    /// is turned away beyond them; another client is still served, and once the idle ones time
+    /// out their slots serve again.
+    #[tokio::test]
+    async fn one_client_cannot_take_every_connection_slot() {
+        let limits = ConnLimits {
+            max_conns: 8,
+            max_per_peer: 3,
+            read_timeout: Duration::from_millis(500),
+            write_timeout: Duration::from_secs(1),
+        };
+        let addr = server(limits, 10).await;
+        let flooder = Ipv4Addr::LOCALHOST;
+        let mut idle = Vec::new();
+        for _ in 0..limits.max_per_peer {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server accept them before the next ones arrive.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(get_from(flooder, addr).await, None, "over its share");
+        assert_eq!(get_from(Ipv4Addr::new(127, 0, 0, 2), addr).await, Some(200));
+        tokio::time::sleep(limits.read_timeout + Duration::from_millis(200)).await;
+        assert_eq!(get_from(flooder, addr).await, Some(200), "slots came back");
+        drop(idle);
+    }
+
+    /// Slow loris (a request head sent a byte at a time) and a client that never reads its
+    /// response are dropped after their timeouts; the only slot then serves the next client.
+    #[tokio::test]
+    async fn slow_clients_are_dropped_after_their_timeouts() {
+        let limits = ConnLimits {
+            max_conns: 1,
+            max_per_peer: 1,
+            read_timeout: Duration::from_millis(300),
+            write_timeout: Duration::from_millis(300),
+        };
+        // Larger than any socket buffer: the server's write blocks on a client not reading.
+        let addr = server(limits, 32 << 20).await;
+        let started = std::time::Instant::now();
+        let mut loris = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut dropped = false;
+        for b in b"GET / HTTP/1.1\r\nX-Slow: 1111111111111111111111111111\r\n" {
+            if loris.write_all(&[*b]).await.is_err() {
+                dropped = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut rest = Vec::new();
+        let _ = loris.read_to_end(&mut rest).await;
+        assert!(dropped || rest.is_empty(), "the slow request got an answer");
+        assert!(started.elapsed() < Duration::from_secs(3));
+
+        let mut reader = tokio::net::TcpStream::connect(addr).await.unwrap();
+        reader.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        // Never read: the server's write times out and it drops the connection.
+        tokio::time::sleep(limits.write_timeout + Duration::from_millis(300)).await;
+        let status = get_from(Ipv4Addr::new(127, 0, 0, 3), addr).await;
+        assert_eq!(status, Some(200), "the slot was freed");
+        drop(reader);
+    }
 
     struct NoKernel;
     impl KernelView for NoKernel {

@@ -30,18 +30,9 @@ pub enum Command {
     Uninstall(UninstallArgs),
 }
 
-/// How cross-node pod traffic is carried (`--routing-mode`; implemented by `routing`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RoutingMode {
-    /// Direct routes to peers on a connected subnet, VXLAN to the others.
-    #[default]
-    Auto,
-    /// Only direct routes; peers on other subnets are skipped (and reported).
-    Direct,
-    /// Every peer through the VXLAN overlay.
-    Vxlan,
-}
+/// How cross-node pod traffic is carried (`--routing-mode`; planned by `twill_core::routing`,
+/// executed by `routing`).
+pub use twill_core::routing::RoutingMode;
 
 /// Flags of `twill-agent run`. All optional here so that a config file can supply them; defaults
 /// are applied in [`RunArgs::resolve`].
@@ -112,6 +103,9 @@ pub struct RunArgs {
     /// Max entries of the per-packet connection-tracking map (north-south).
     #[arg(long, value_name = "N")]
     pub map_size_ct: Option<u32>,
+    /// Max entries of the unconnected UDP flow map (socket path stickiness).
+    #[arg(long, value_name = "N")]
+    pub map_size_udp_flows: Option<u32>,
     /// Devices NodePort/north-south programs attach to (default: the node's underlay devices).
     #[arg(long, value_delimiter = ',', value_name = "DEV,...")]
     pub devices: Option<Vec<String>>,
@@ -131,6 +125,10 @@ pub struct RunArgs {
     /// true]; `--masquerade=false` when the network routes pod CIDRs itself.
     #[arg(long, value_name = "BOOL", num_args = 1, require_equals = true)]
     pub masquerade: Option<bool>,
+    /// A Service needing more services-map entries (ports × addresses × scopes) than this is
+    /// rejected whole and reported, so one object cannot fill the map [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_frontends_per_service: Option<usize>,
 }
 
 /// `twill-agent debug …`
@@ -212,12 +210,14 @@ pub struct FileConfig {
     pub map_size_affinity: Option<u32>,
     pub map_size_sock_revnat: Option<u32>,
     pub map_size_ct: Option<u32>,
+    pub map_size_udp_flows: Option<u32>,
     pub devices: Option<Vec<String>>,
     pub nodeport_addresses: Option<Vec<String>>,
     pub routing_mode: Option<RoutingMode>,
     pub cluster_cidr: Option<String>,
     pub non_masquerade_cidrs: Option<Vec<String>>,
     pub masquerade: Option<bool>,
+    pub max_frontends_per_service: Option<usize>,
 }
 
 /// Where Services/EndpointSlices/Nodes come from.
@@ -256,6 +256,7 @@ pub struct Config {
     pub cluster_cidr: Option<Ipv4Network>,
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
     pub masquerade: bool,
+    pub max_frontends_per_service: usize,
 }
 
 /// A configuration the agent cannot run with.
@@ -291,6 +292,8 @@ pub enum ConfigError {
     Duration(String),
     #[error("--{flag} {value} must be at least 1")]
     MapSize { flag: &'static str, value: u32 },
+    #[error("--max-frontends-per-service must be at least 1")]
+    MaxFrontends,
     #[error("--{flag} {value:?} is not an IPv4 CIDR like 10.244.0.0/16")]
     Cidr { flag: &'static str, value: String },
 }
@@ -355,6 +358,14 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
     }
     let sync_period = pick(flags.sync_period, file.sync_period)
         .map_or(Ok(DEFAULT_SYNC_PERIOD), |s| parse_duration(&s))?;
+    let max_frontends_per_service = match pick(
+        flags.max_frontends_per_service,
+        file.max_frontends_per_service,
+    ) {
+        None => crate::compile::DEFAULT_MAX_FRONTENDS_PER_SERVICE,
+        Some(0) => return Err(ConfigError::MaxFrontends),
+        Some(n) => n,
+    };
     let defaults = MapSizes::default();
     let map_sizes = MapSizes {
         services: map_size(
@@ -386,6 +397,11 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             "map-size-ct",
             pick(flags.map_size_ct, file.map_size_ct),
             defaults.ct,
+        )?,
+        udp_flows: map_size(
+            "map-size-udp-flows",
+            pick(flags.map_size_udp_flows, file.map_size_udp_flows),
+            defaults.udp_flows,
         )?,
         ..defaults
     };
@@ -422,6 +438,7 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
         )?,
         masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
+        max_frontends_per_service,
     })
 }
 

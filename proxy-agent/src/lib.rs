@@ -1,17 +1,20 @@
 //! twill-agent: turns Services, EndpointSlices and Nodes into eBPF map contents and keeps the
 //! kernel datapath programmed.
+// The pure compiler, the map seam with its fakes and the reconciler live in twill-core; the
+// agent's paths (`twill_agent::compile`, …) stay as they were.
+pub use twill_core::{compile, lbmap, reconcile};
+
 pub mod api;
 pub mod cniconf;
-pub mod compile;
 pub mod config;
+pub mod ctgc;
 pub mod datapath;
 pub mod debug_cli;
 pub mod health;
-pub mod lbmap;
 pub mod metrics;
 pub mod node_net;
 pub mod preflight;
-pub mod reconcile;
 pub mod routing;
 pub mod run;
 pub mod source;
+pub mod uninstall;

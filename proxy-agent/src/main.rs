@@ -32,6 +32,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let cfg = args.resolve()?;
+            twill_agent::run::log_open_file_limit();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -49,7 +50,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let done = rt.block_on(twill_agent::run::uninstall(&args))?;
+            let done = rt.block_on(twill_agent::uninstall::uninstall(&args))?;
             if done.cni_conf {
                 println!("removed CNI config from {}", args.cni_conf_dir.display());
             }

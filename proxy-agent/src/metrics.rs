@@ -36,11 +36,33 @@ pub struct Metrics {
     network_errors: Family<Labels, Counter>,
     pub peer_routes: Gauge,
     source_errors: Family<Labels, Counter>,
+    /// Entries of the connection-tracking table at the last collection.
+    pub conntrack_entries: Gauge,
+    conntrack_collected: Family<Labels, Counter>,
+    /// Services the compiler programmed that the maps have no room for.
+    pub unprogrammed_services: Gauge,
     /// Last absolute kernel counter per verdict: the kernel's counters are absolute, Prometheus
     /// counters only go up by deltas.
     last_verdicts: Mutex<BTreeMap<String, u64>>,
     /// Rejections already counted, so an invalid object counts once, not once per compile.
     counted_rejections: Mutex<BTreeSet<(String, String, String, String)>>,
+}
+
+/// The connection-tracking collector's metrics.
+fn register_conntrack(registry: &mut Registry) -> (Gauge, Family<Labels, Counter>) {
+    let entries = Gauge::default();
+    registry.register(
+        "twill_conntrack_entries",
+        "Entries of the per-packet connection-tracking table (two per flow) at the last collection",
+        entries.clone(),
+    );
+    let collected = Family::<Labels, Counter>::default();
+    registry.register(
+        "twill_conntrack_collected",
+        "Connection-tracking entries removed by the collector, by reason (expired, orphaned)",
+        collected.clone(),
+    );
+    (entries, collected)
 }
 
 /// Buckets of kube-proxy's sync histogram (exponential from 1 ms).
@@ -55,6 +77,10 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one registration per exported metric, in one place, so the list reads as the agent's metric catalogue"
+    )]
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let sync_duration = Histogram::new(sync_buckets());
@@ -135,8 +161,17 @@ impl Metrics {
             "Watch/list errors of the Kubernetes source, by kind",
             source_errors.clone(),
         );
+        let (conntrack_entries, conntrack_collected) = register_conntrack(&mut registry);
+        let unprogrammed_services = Gauge::default();
+        registry.register(
+            "twill_unprogrammed_services",
+            "Services with frontends the maps had no room for (a full map; retried on every change and resync)",
+            unprogrammed_services.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
+            conntrack_entries,
+            conntrack_collected,
             sync_duration,
             programming_duration,
             services,
@@ -150,6 +185,7 @@ impl Metrics {
             network_errors,
             peer_routes,
             source_errors,
+            unprogrammed_services,
             last_verdicts: Mutex::default(),
             counted_rejections: Mutex::default(),
         }
@@ -191,6 +227,12 @@ impl Metrics {
         self.network_errors
             .get_or_create(&labels(&[("reason", reason)]))
             .inc();
+    }
+
+    pub fn conntrack_collected(&self, reason: &str, n: usize) {
+        self.conntrack_collected
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     pub fn source_error(&self, kind: &str) {

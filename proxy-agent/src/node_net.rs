@@ -14,15 +14,16 @@ use k8s_openapi::api::core::v1::Node;
 use crate::config::Config;
 use crate::datapath::{Datapath, DatapathError};
 use crate::routing::{
-    ApplyReport, RouteExecutor, RoutingConfig, RoutingError, cni_mtu, default_devices,
-    node_internal_ipv4, nodeport_addresses, plan_routes,
+    ApplyReport, RouteExecutor, RoutingConfig, RoutingError, VXLAN_DEVICE, cni_mtu,
+    default_devices, node_internal_ipv4, nodeport_addresses, plan_routes,
 };
 use crate::source::Nodes;
 
 /// What the rest of the agent needs from the last network sync.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetworkState {
-    /// Devices the north-south programs are attached to.
+    /// The node's devices NodePorts answer on; the north-south programs run on them (and on
+    /// the overlay device when there is one).
     pub devices: Vec<String>,
     /// Addresses of those devices NodePorts answer on (filtered by `--nodeport-addresses`).
     pub nodeport_addresses: Vec<Ipv4Addr>,
@@ -83,6 +84,8 @@ pub struct NodeNetwork {
     synced: Option<Vec<NodeRouting>>,
     /// Devices with the north-south programs attached by this agent.
     attached: BTreeSet<String>,
+    /// Peers' pod CIDRs refused as conflicting in the last plan, so each is warned about once.
+    refused: BTreeSet<String>,
     state: NetworkState,
 }
 
@@ -97,12 +100,18 @@ impl NodeNetwork {
             nodeport_cidrs: cfg.nodeport_addresses.clone(),
             synced: None,
             attached: BTreeSet::new(),
+            refused: BTreeSet::new(),
             state: NetworkState::default(),
         })
     }
 
     pub fn state(&self) -> &NetworkState {
         &self.state
+    }
+
+    /// Destinations of the node's `/32` routes (local pods' host routes among them).
+    pub async fn host_routes(&self) -> Result<Vec<Ipv4Addr>, RoutingError> {
+        self.routing.host_route_destinations().await
     }
 
     /// Whether the Node objects changed in a way that matters since the last successful sync
@@ -135,20 +144,41 @@ impl NodeNetwork {
         } else {
             self.devices_flag.clone()
         };
-        self.attach(&devices, datapath)?;
+        // New devices first, before the routes: NodePorts work even when routing fails.
+        self.attach(&devices, datapath, false)?;
         self.state.nodeport_addresses = nodeport_addresses(&host, &devices, &self.nodeport_cidrs);
-        self.state.devices = devices;
+        self.state.devices.clone_from(&devices);
 
         let plan = plan_routes(
             &self.node_name,
             nodes.values().map(AsRef::as_ref),
             &self.config,
             &host,
-        )?;
+        )
+        .map_err(RoutingError::from)?;
+        let mut refused = BTreeSet::new();
         for s in &plan.skipped {
-            log::debug!("no route to node {}: {:?}", s.node, s.reason);
+            if s.reason.is_conflict() {
+                let line = format!("no route to node {}: {:?}", s.node, s.reason);
+                if !self.refused.contains(&line) {
+                    log::warn!("{line}");
+                }
+                refused.insert(line);
+            } else {
+                log::debug!("no route to node {}: {:?}", s.node, s.reason);
+            }
         }
+        self.refused = refused;
         let report = self.routing.apply(&plan, prune).await?;
+        // The overlay device too: replies of local backends to pods on other nodes behind the
+        // overlay (a pod reaching this node's NodePort) leave through it and must be
+        // translated back like those leaving through the underlay. It carries no NodePort
+        // address.
+        let mut tc_devices = devices;
+        if plan.vxlan.is_some() && !tc_devices.iter().any(|d| d == VXLAN_DEVICE) {
+            tc_devices.push(VXLAN_DEVICE.to_owned());
+        }
+        self.attach(&tc_devices, datapath, true)?;
         if report.changed() {
             log::info!(
                 "routes: {} peer routes via {} ({report:?})",
@@ -166,9 +196,15 @@ impl NodeNetwork {
         Ok(report)
     }
 
-    /// Attaches the tc programs to devices new in `devices` and detaches them from devices that
-    /// left the set. Pinned links of an earlier agent are taken over in place (no gap).
-    fn attach(&mut self, devices: &[String], datapath: &mut Datapath) -> Result<(), NetworkError> {
+    /// Attaches the tc programs to devices new in `devices` and, with `detach`, detaches them
+    /// from devices that left the set. Pinned links of an earlier agent are taken over in place
+    /// (no gap).
+    fn attach(
+        &mut self,
+        devices: &[String],
+        datapath: &mut Datapath,
+        detach: bool,
+    ) -> Result<(), NetworkError> {
         for dev in devices {
             if self.attached.contains(dev) {
                 continue;
@@ -181,6 +217,9 @@ impl NodeNetwork {
                 })?;
             log::info!("north-south programs on {dev}: {outcomes:?}");
             self.attached.insert(dev.clone());
+        }
+        if !detach {
+            return Ok(());
         }
         let gone: Vec<String> = self
             .attached

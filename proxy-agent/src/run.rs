@@ -12,16 +12,15 @@
 //! SIGTERM/SIGINT: stop serving and exit, leaving pinned maps and links in place so traffic keeps
 //! flowing until the next agent adopts them.
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::api::{ApiState, PinnedKernelView, Published};
 use crate::compile::{CompileConfig, Compiler, IdAllocation};
 use crate::config::{Config, SourceConfig};
-use crate::datapath::{AyaLbMaps, Datapath, DatapathError, DatapathOptions};
+use crate::datapath::{AyaLbMaps, CtTable, Datapath, DatapathError, DatapathOptions};
 use crate::health::{Health, HealthCheckServers};
-use crate::lbmap::LbMaps;
+use crate::lbmap::{LbMaps, StateChanges};
 use crate::metrics::Metrics;
 use crate::node_net::{NetworkError, NetworkState, NodeNetwork};
 use crate::preflight::PreflightError;
@@ -42,6 +41,14 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 const TRIM_PERIOD: Duration = Duration::from_secs(5);
 /// How often kernel verdict counters are copied into metrics.
 const STATS_PERIOD: Duration = Duration::from_secs(5);
+/// How often the connection-tracking table is collected. Closed TCP flows live 10 s
+/// (`CT_LIFETIME_TCP_CLOSING_NS`), so a closed flow holds its entries at most ~20 s.
+const CT_GC_PERIOD: Duration = Duration::from_secs(10);
+/// The period when the last pass left the table at least [`CT_GC_BUSY_FILL`] full: under a
+/// high rate of new flows, closed ones are freed soon after their 10 s, before the table fills
+/// and new flows are dropped.
+const CT_GC_BUSY_PERIOD: Duration = Duration::from_secs(2);
+const CT_GC_BUSY_FILL: f64 = 0.25;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -71,6 +78,7 @@ pub fn compile_config(cfg: &Config) -> CompileConfig {
     let mut c = CompileConfig::new(cfg.node_name.clone());
     c.nodeport_cidrs.clone_from(&cfg.nodeport_addresses);
     c.nodeport_range = cfg.nodeport_range.0..=cfg.nodeport_range.1;
+    c.max_frontends_per_service = cfg.max_frontends_per_service;
     c
 }
 
@@ -124,6 +132,9 @@ pub struct Syncer<M: LbMaps> {
     failures: u32,
     /// Invalid objects of the last compile, so each is logged once, not once per sync.
     logged_rejections: std::collections::BTreeSet<(String, String, String)>,
+    /// Services with frontends a full map had no room for at the last apply (reported as
+    /// rejections in the debug dump, counted in `twill_unprogrammed_services`).
+    unprogrammed: Vec<crate::compile::Rejection>,
 }
 
 impl<M: LbMaps + VerdictStats> Syncer<M> {
@@ -151,7 +162,14 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             cni_conf: None,
             failures: 0,
             logged_rejections: std::collections::BTreeSet::new(),
+            unprogrammed: Vec::new(),
         }
+    }
+
+    /// The node's own network namespace (where the agent runs), written into the datapath config
+    /// so loopback NodePorts are translated there and never inside pods.
+    pub fn set_host_netns_cookie(&mut self, cookie: u64) {
+        self.compile_cfg.host_netns_cookie = cookie;
     }
 
     /// Takes the node network's devices and MTU into the next compile and CNI config.
@@ -188,6 +206,10 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             .as_deref()
             .map(crate::cniconf::pod_cidrs)
             .unwrap_or_default();
+        // Few objects; a list of addresses compared by the compiler, which replans only the
+        // Services naming one that came or went.
+        self.compile_cfg.node_ips =
+            crate::compile::all_node_ips(self.stores.nodes().values().map(AsRef::as_ref));
         let update = self
             .compiler
             .update(&self.compile_cfg, node.as_deref(), dirty.groups);
@@ -217,7 +239,33 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             self.write_cni_conf(node);
         }
 
+        // A full map is the cluster outgrowing a flag, not a broken kernel: every entry with room
+        // was written, so the Services left out are reported on their own and the agent counts
+        // as up to date (no fast retry, `/healthz` and `/livez` stay green). The next change or
+        // resync compares everything again and fills any room that appeared.
+        let unprogrammed = match &result {
+            Ok(_) => Vec::new(),
+            Err(e) if e.only_full() => self.unprogrammed_services(),
+            Err(_) => self.unprogrammed.clone(),
+        };
+        let unprogrammed_changed = unprogrammed != self.unprogrammed;
+        if unprogrammed_changed {
+            self.report_unprogrammed(unprogrammed);
+        }
         let ok = match &result {
+            Err(e) if e.only_full() => {
+                if unprogrammed_changed {
+                    log::error!("applying generation {generation}: {}", error_chain(e));
+                } else {
+                    log::debug!("applying generation {generation}: {}", error_chain(e));
+                }
+                self.metrics.sync_errors.inc();
+                self.count_map_errors(e);
+                self.health.updated();
+                self.stores.mark_applied(generation);
+                self.failures = 0;
+                true
+            }
             Ok(stats) => {
                 log::debug!(
                     "applied generation {generation} in {elapsed:?} (prune={prune}, {} Services recompiled, {} keys changed): {stats:?}",
@@ -243,14 +291,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             Err(e) => {
                 log::error!("applying generation {generation}: {}", error_chain(e));
                 self.metrics.sync_errors.inc();
-                for me in e.map_errors() {
-                    let map = match me {
-                        crate::lbmap::MapError::Full { map, .. }
-                        | crate::lbmap::MapError::Syscall { map, .. }
-                        | crate::lbmap::MapError::Injected { map, .. } => map.name(),
-                    };
-                    self.metrics.map_error(map, me.metric_label());
-                }
+                self.count_map_errors(e);
                 self.failures = self.failures.saturating_add(1);
                 false
             }
@@ -261,6 +302,18 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             Ok(stats) => stats.compared_all,
             Err(e) => e.stats().is_none_or(|s| s.compared_all),
         };
+        self.publish(
+            &changes,
+            compared_all,
+            update.recompiled > 0 || update.rejections_changed || unprogrammed_changed,
+        );
+        ok
+    }
+
+    /// Updates the copy the API serves: the applied state (whole after an apply that compared
+    /// everything, else the changed keys) and, when `model_changed` or after a whole compare,
+    /// the dump model with the Services a full map left out.
+    fn publish(&self, changes: &StateChanges, compared_all: bool, model_changed: bool) {
         let mut published = self
             .published
             .write()
@@ -270,12 +323,80 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         } else {
             published
                 .applied
-                .copy_changes(self.reconciler.applied(), &changes);
+                .copy_changes(self.reconciler.applied(), changes);
         }
-        if update.recompiled > 0 || update.rejections_changed || compared_all {
+        if model_changed || compared_all {
             published.model = self.compiler.model();
+            if !self.unprogrammed.is_empty() {
+                let rejected = &mut published.model.rejected;
+                rejected.extend(self.unprogrammed.iter().cloned());
+                rejected.sort_by_cached_key(|r| {
+                    (
+                        r.kind,
+                        r.namespace.clone(),
+                        r.name.clone(),
+                        r.reason.to_string(),
+                    )
+                });
+            }
         }
-        ok
+    }
+
+    fn count_map_errors(&self, e: &ReconcileError) {
+        for me in e.map_errors() {
+            let map = match me {
+                crate::lbmap::MapError::Full { map, .. }
+                | crate::lbmap::MapError::Syscall { map, .. }
+                | crate::lbmap::MapError::Injected { map, .. } => map.name(),
+            };
+            self.metrics.map_error(map, me.metric_label());
+        }
+    }
+
+    /// The Services with a desired frontend the maps do not hold as desired (after an apply
+    /// that ran out of room: the frontend, or a slot, backend or source range it needs, found
+    /// no room). Walks every frontend: only on that failure path.
+    fn unprogrammed_services(&self) -> Vec<crate::compile::Rejection> {
+        let desired = &self.compiler.state().services;
+        let applied = &self.reconciler.applied().services;
+        let mut out: Vec<crate::compile::Rejection> = Vec::new();
+        for port in self.compiler.model().services {
+            let missing = port
+                .frontends
+                .iter()
+                .any(|fe| applied.get(&fe.key) != desired.get(&fe.key));
+            // Ports are sorted by Service, so one Service's ports are adjacent.
+            let seen = out
+                .last()
+                .is_some_and(|r| r.namespace == port.namespace && r.name == port.name);
+            if missing && !seen {
+                out.push(crate::compile::Rejection {
+                    kind: crate::compile::ObjectKind::Service,
+                    namespace: port.namespace.clone(),
+                    name: port.name.clone(),
+                    reason: crate::compile::RejectReason::MapFull,
+                });
+            }
+        }
+        out
+    }
+
+    /// Logs the Services that newly lost (or got back) room in the maps and sets the gauge.
+    fn report_unprogrammed(&mut self, now: Vec<crate::compile::Rejection>) {
+        for r in now.iter().filter(|r| !self.unprogrammed.contains(r)) {
+            log::warn!("Service {}/{}: {}", r.namespace, r.name, r.reason);
+        }
+        for r in self.unprogrammed.iter().filter(|r| !now.contains(r)) {
+            log::info!(
+                "Service {}/{} is fully programmed again",
+                r.namespace,
+                r.name
+            );
+        }
+        self.metrics
+            .unprogrammed_services
+            .set(i64::try_from(now.len()).unwrap_or(i64::MAX));
+        self.unprogrammed = now;
     }
 
     /// Logs newly invalid objects once and counts them in `twill_invalid_objects_total`.
@@ -297,8 +418,8 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         for r in &invalid {
             if !self.logged_rejections.contains(&key(r)) {
                 log::warn!(
-                    "skipping invalid {:?} {}/{}: {}",
-                    r.kind,
+                    "skipping invalid {} {}/{}: {}",
+                    r.kind.as_str(),
                     r.namespace,
                     r.name,
                     r.reason
@@ -306,12 +427,12 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             }
         }
         self.metrics.compiler_rejections(invalid.iter().map(|r| {
-            let kind = match r.kind {
-                crate::compile::ObjectKind::Service => "Service",
-                crate::compile::ObjectKind::EndpointSlice => "EndpointSlice",
-                crate::compile::ObjectKind::Node => "Node",
-            };
-            (kind, &*r.namespace, &*r.name, r.reason.metric_label())
+            (
+                r.kind.as_str(),
+                &*r.namespace,
+                &*r.name,
+                r.reason.metric_label(),
+            )
         }));
         self.logged_rejections = current;
     }
@@ -347,6 +468,11 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
     /// Delay before retrying after consecutive failed applies (capped exponential).
     pub fn retry_delay(&self) -> Duration {
         backoff(self.failures)
+    }
+
+    /// This node's pod CIDRs as of the last compile.
+    pub fn pod_cidrs(&self) -> &[ipnetwork::Ipv4Network] {
+        &self.compile_cfg.pod_cidrs
     }
 
     /// Copies the kernel's verdict counters into the metrics.
@@ -451,6 +577,18 @@ fn start_datapath(
     Ok((datapath, reconciler))
 }
 
+/// This network namespace's cookie (the agent runs in the node's): 0, which translates
+/// loopback NodePorts nowhere, when the kernel cannot tell it.
+fn host_netns_cookie() -> u64 {
+    crate::datapath::current_netns_cookie().unwrap_or_else(|e| {
+        log::warn!(
+            "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): {e}; \
+             127.0.0.1:<nodePort> is not translated"
+        );
+        0
+    })
+}
+
 async fn start_sources(
     cfg: &Config,
     stores: &Arc<Stores>,
@@ -473,13 +611,7 @@ async fn start_sources(
     })
 }
 
-/// Runs the agent until SIGTERM/SIGINT.
-pub async fn run(cfg: Config) -> Result<(), RunError> {
-    let cgroup = crate::preflight::run_checks(
-        cfg.cgroup_root.as_deref(),
-        &cfg.bpffs_dir,
-        &cfg.cni_conf_dir,
-    )?;
+fn log_start(cfg: &Config, cgroup: &std::path::Path) {
     log::info!(
         "twill-agent {} on node {}: cgroup {}, bpffs {}",
         env!("CARGO_PKG_VERSION"),
@@ -487,6 +619,23 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         cgroup.display(),
         cfg.bpffs_dir.display()
     );
+}
+
+/// A periodic timer that skips ticks missed while the loop was busy.
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval(period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> Result<(), RunError> {
+    let cgroup = crate::preflight::run_checks(
+        cfg.cgroup_root.as_deref(),
+        &cfg.bpffs_dir,
+        &cfg.cni_conf_dir,
+    )?;
+    log_start(&cfg, &cgroup);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -499,9 +648,11 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let mut tasks = start_servers(&cfg, &health, &metrics, &published).await?;
     let (mut datapath, reconciler) = start_datapath(&cfg, &cgroup)?;
     let mut network = NodeNetwork::new(&cfg).map_err(RunError::Network)?;
+    let mut collector = CtCollector::new(CtTable::open_pinned(&cfg.bpffs_dir)?, metrics.clone());
     tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
 
     let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
+    agent.set_host_netns_cookie(host_netns_cookie());
 
     let synced = tokio::select! {
         s = stores.wait_synced(FIRST_SYNC_TIMEOUT) => Some(s),
@@ -519,10 +670,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         Some(true) => {}
     }
 
-    let mut resync = tokio::time::interval(agent.cfg.sync_period);
-    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stats = tokio::time::interval(STATS_PERIOD);
-    stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resync = ticker(agent.cfg.sync_period);
+    let mut stats = ticker(STATS_PERIOD);
+    let mut ct_gc = ticker(CT_GC_BUSY_PERIOD);
     // Apply once right away (the adopted state may need pruning even with no change).
     let mut retry_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let mut network_due = true;
@@ -545,6 +695,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
                 // Also here, so a burst that ended within TRIM_PERIOD of the last trim is
                 // returned too.
                 trimmer.maybe_trim();
+                continue;
+            }
+            _ = ct_gc.tick() => {
+                collector.tick(&network, agent.pod_cidrs()).await;
                 continue;
             }
             _ = sigterm.recv() => break,
@@ -589,6 +743,40 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns (old, new) soft limits. The
+/// default soft limit (often 1024) is shared by every map, link, netlink socket and client
+/// connection; the servers cap their connections ([`crate::api::HTTP_LIMITS`]) well below the
+/// raised limit, so a connection flood cannot starve the rest. Raising up to the hard limit
+/// needs no privilege.
+pub fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let old = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((old, lim.rlim_cur))
+}
+
+/// [`raise_open_file_limit`], logged; `main` calls it before the runtime starts its threads.
+pub fn log_open_file_limit() {
+    match raise_open_file_limit() {
+        Ok((from, to)) if from != to => log::info!("open-file limit raised from {from} to {to}"),
+        Ok(_) => {}
+        Err(e) => log::warn!("raising the open-file limit: {e}"),
+    }
+}
+
 /// Runs [`release_free_heap`] off the run loop, at most every [`TRIM_PERIOD`].
 struct HeapTrimmer {
     last: Instant,
@@ -623,6 +811,115 @@ fn release_free_heap() {
     }
 }
 
+/// Collects the connection-tracking table every [`CT_GC_PERIOD`] on a blocking thread (a pass
+/// costs two syscalls per entry), with this node's pods known by their host routes. A pass
+/// still running when the next is due makes that one skip.
+struct CtCollector {
+    table: Arc<std::sync::Mutex<CtTable>>,
+    capacity: u32,
+    metrics: Arc<Metrics>,
+    running: Option<tokio::task::JoinHandle<()>>,
+    last_start: Option<Instant>,
+    /// Entries left by the last pass.
+    left: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CtCollector {
+    fn new(table: CtTable, metrics: Arc<Metrics>) -> Self {
+        Self {
+            capacity: table.capacity(),
+            table: Arc::new(std::sync::Mutex::new(table)),
+            metrics,
+            running: None,
+            last_start: None,
+            left: Arc::default(),
+        }
+    }
+
+    /// Called every [`CT_GC_BUSY_PERIOD`]: starts a pass when one is due (every
+    /// [`CT_GC_PERIOD`], or every tick while the table is busy) and none is running. Without
+    /// pod CIDRs (or when the routes cannot be read) nothing is judged orphaned: expiry only.
+    async fn tick(&mut self, network: &NodeNetwork, pod_cidrs: &[ipnetwork::Ipv4Network]) {
+        if self.running.as_ref().is_some_and(|j| !j.is_finished()) {
+            return;
+        }
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a fill ratio; map sizes are far below 2^52"
+        )]
+        let fill = self.left.load(std::sync::atomic::Ordering::Relaxed) as f64
+            / f64::from(self.capacity.max(1));
+        let period = if fill >= CT_GC_BUSY_FILL {
+            CT_GC_BUSY_PERIOD
+        } else {
+            CT_GC_PERIOD
+        };
+        if self.last_start.is_some_and(|t| t.elapsed() < period) {
+            return;
+        }
+        self.last_start = Some(Instant::now());
+        let owners = if pod_cidrs.is_empty() {
+            crate::ctgc::LocalPods::default()
+        } else {
+            match network.host_routes().await {
+                Ok(routes) => crate::ctgc::LocalPods::new(pod_cidrs.to_vec(), routes),
+                Err(e) => {
+                    log::warn!(
+                        "reading host routes for the conntrack collector: {}",
+                        error_chain(&e)
+                    );
+                    crate::ctgc::LocalPods::default()
+                }
+            }
+        };
+        let (table, metrics, left) = (self.table.clone(), self.metrics.clone(), self.left.clone());
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            let mut table = table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let result = table.collect(crate::datapath::monotonic_now_ns(), &owners);
+            if let Ok((plan, scanned)) = &result {
+                left.store(
+                    scanned.saturating_sub(plan.len()),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            report_collection(&metrics, result);
+        }));
+    }
+}
+
+fn report_collection(
+    metrics: &Metrics,
+    result: Result<(crate::ctgc::CtGcPlan, usize), crate::lbmap::MapError>,
+) {
+    match result {
+        Ok((plan, scanned)) => {
+            let left = scanned.saturating_sub(plan.len());
+            metrics
+                .conntrack_entries
+                .set(i64::try_from(left).unwrap_or(i64::MAX));
+            metrics.conntrack_collected("expired", plan.expired.len());
+            metrics.conntrack_collected("orphaned", plan.orphaned.len());
+            if !plan.orphaned.is_empty() {
+                log::info!(
+                    "conntrack: removed {} entries of flows to addresses no local pod holds any more",
+                    plan.orphaned.len()
+                );
+            }
+            log::debug!(
+                "conntrack: {scanned} entries, {} expired, {} orphaned",
+                plan.expired.len(),
+                plan.orphaned.len()
+            );
+        }
+        Err(e) => {
+            log::warn!("collecting the conntrack table: {}", error_chain(&e));
+            metrics.map_error(crate::lbmap::MapKind::Ct.name(), e.metric_label());
+        }
+    }
+}
+
 /// One node-network sync; its devices and MTU go into the next compile even when a later step
 /// (routes) failed. Returns whether it fully succeeded.
 async fn sync_network<M: LbMaps + VerdictStats>(
@@ -652,60 +949,6 @@ fn abort_all(tasks: &[tokio::task::JoinHandle<()>]) {
     for t in tasks {
         t.abort();
     }
-}
-
-/// What `uninstall` removed.
-#[derive(Debug, Default)]
-pub struct Uninstalled {
-    pub cni_conf: bool,
-    /// Peer routes, the overlay device and the masquerade table that were removed.
-    pub network: crate::routing::ApplyReport,
-    pub pins: Vec<PathBuf>,
-    pub api_socket: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum UninstallError {
-    #[error("removing the CNI config")]
-    CniConf(#[from] crate::cniconf::CniConfError),
-    #[error("removing pinned maps and links")]
-    Unpin(#[from] DatapathError),
-    #[error("removing routes, the overlay device and the masquerade table")]
-    Network(#[from] crate::routing::RoutingError),
-    #[error("removing the API socket {path}")]
-    Socket {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// `twill-agent uninstall`: removes the CNI config (so the runtime stops creating Twill pods),
-/// then the pinned links (the socket and tc hooks detach) and maps, the agent's routes to other
-/// nodes, its VXLAN device and masquerade table (all found by their ownership marks), and the
-/// API socket. Pod routes and veths go with the pods. Runs inside a tokio runtime (netlink).
-pub async fn uninstall(args: &crate::config::UninstallArgs) -> Result<Uninstalled, UninstallError> {
-    let cni_conf = crate::cniconf::remove(&args.cni_conf_dir)?;
-    let pins = Datapath::unpin_all(&args.bpffs_dir)?;
-    let network = crate::routing::RouteExecutor::connect()?
-        .remove_all()
-        .await?;
-    let api_socket = match std::fs::remove_file(&args.api_socket) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(source) => {
-            return Err(UninstallError::Socket {
-                path: args.api_socket.clone(),
-                source,
-            });
-        }
-    };
-    Ok(Uninstalled {
-        cni_conf,
-        network,
-        pins,
-        api_socket,
-    })
 }
 
 #[cfg(test)]
@@ -849,6 +1092,82 @@ spec: {podCIDRs: [10.244.1.0/24]}
             conf["plugins"][0]["podCIDRs"],
             serde_json::json!(["10.244.1.0/24"])
         );
+    }
+
+    /// A full services map: the Service without room is reported alone (gauge, debug dump),
+    /// the one with room is served, and the agent counts as up to date (no pending change for
+    /// `/healthz`/`/livez`, no fast retry). Once room appears, the next sync programs it.
+    #[test]
+    fn a_full_map_rejects_the_services_without_room_and_stays_healthy() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeLbMaps {
+            services_capacity: Some(1),
+            ..FakeLbMaps::default()
+        };
+        let published: Arc<RwLock<Published>> = Arc::default();
+        let stores = Stores::new();
+        let metrics = Arc::new(Metrics::new());
+        let health = Health::new(stores.clone(), Duration::from_mins(1));
+        let mut s = Syncer::new(
+            config(dir.path()),
+            stores.clone(),
+            metrics.clone(),
+            health.clone(),
+            published.clone(),
+            Reconciler::adopt(fake).unwrap(),
+        );
+        let two = format!(
+            "{OBJECTS}---\n{}",
+            OBJECTS
+                .split("---")
+                .next()
+                .unwrap()
+                .replace("name: web,", "name: zz-web,")
+                .replace("10.96.0.10", "10.96.0.11")
+        );
+        let parsed = parse_text(Path::new("x.yaml"), &two, false).unwrap();
+        stores.replace_all(&Snapshot::from_objects(parsed.objects));
+        for kind in Kind::ALL {
+            stores.mark_synced(kind);
+        }
+
+        assert!(s.sync(), "a full map is reported, not retried as a failure");
+        assert_eq!(s.retry_delay(), RETRY_MIN);
+        assert!(stores.pending_since().is_none(), "nothing left pending");
+        assert!(health.proxy_healthy(), "/livez answers 200");
+        assert_eq!(
+            frontends(&s.reconciler().maps().dump().unwrap()),
+            vec![Ipv4Addr::new(10, 96, 0, 10)]
+        );
+        let text = metrics.render();
+        assert!(text.contains("twill_unprogrammed_services 1"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "twill_map_errors_total{{map=\"{}\",kind=\"full\"}} 1",
+                twill_common::MAP_SERVICES
+            )),
+            "{text}"
+        );
+        let rejected: Vec<String> = published
+            .read()
+            .unwrap()
+            .model
+            .rejected
+            .iter()
+            .map(|r| format!("{}/{} {}", r.namespace, r.name, r.reason.metric_label()))
+            .collect();
+        assert_eq!(rejected, ["default/zz-web map_full"]);
+
+        // Room appears (a bigger map after an agent upgrade, another Service deleted): the
+        // periodic resync compares everything and programs it.
+        s.reconciler_mut().maps_mut().services_capacity = None;
+        assert!(s.sync());
+        assert_eq!(
+            frontends(&s.reconciler().maps().dump().unwrap()),
+            vec![Ipv4Addr::new(10, 96, 0, 10), Ipv4Addr::new(10, 96, 0, 11)]
+        );
+        assert!(metrics.render().contains("twill_unprogrammed_services 0"));
+        assert!(published.read().unwrap().model.rejected.is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use twill_agent::compile::{
-    CompileConfig, Compiler, IdAllocation, Inputs, Interner, compile, render_dump,
+    CompileConfig, Compiler, IdAllocation, Inputs, Interner, all_node_ips, compile, render_dump,
 };
 use twill_agent::lbmap::{FakeLbMaps, FaultPlan, FaultyLbMaps, LbMaps, LbState};
 use twill_agent::reconcile::{Reconciler, check_invariant};
@@ -107,8 +107,19 @@ fn svc_spec() -> impl Strategy<Value = SvcSpec> {
         ]),
         prop::sample::select(vec!["10.96.0.1", "10.96.0.2", "10.96.0.3", "None", "x"]),
         prop::collection::vec(port_spec(), 1..3),
-        prop::option::of(prop::sample::select(vec!["10.96.0.2", "198.51.100.1"])),
-        prop::option::of(prop::sample::select(vec!["203.0.113.1", "203.0.113.2"])),
+        // Another Service's ClusterIP, a node's address (while a Node has it), loopback.
+        prop::option::of(prop::sample::select(vec![
+            "10.96.0.2",
+            "198.51.100.1",
+            "172.30.0.12",
+            "127.0.0.1",
+        ])),
+        prop::option::of(prop::sample::select(vec![
+            "203.0.113.1",
+            "203.0.113.2",
+            "10.96.0.1",
+            "172.30.0.11",
+        ])),
         any::<[bool; 6]>(),
     )
         .prop_map(|(ty, cluster_ip, ports, external_ip, lb_ip, b)| SvcSpec {
@@ -257,7 +268,7 @@ struct Cluster {
     reason = "one scenario step: change, both paths, every comparison"
 )]
 fn check(ops: &[Op], max_id: u32) -> Result<(), TestCaseError> {
-    let config = CompileConfig::new("node-a");
+    let mut config = CompileConfig::new("node-a");
     let stores = Stores::new();
     let mut interner = Interner::default();
     let mut compiler = Compiler::new(IdAllocation::with_max_id(max_id));
@@ -312,7 +323,8 @@ fn check(ops: &[Op], max_id: u32) -> Result<(), TestCaseError> {
             maps.ops = 0;
         }
 
-        // (a) The run loop's way.
+        // (a) The run loop's way (the nodes' addresses as the run loop reads them).
+        config.node_ips = all_node_ips(stores.nodes().values().map(AsRef::as_ref));
         let dirty = stores.take_changes(first);
         first = false;
         let node = stores.node("node-a");

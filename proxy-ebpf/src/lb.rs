@@ -1,12 +1,19 @@
 //! Service lookup and backend selection shared by the socket hooks and the per-packet tc
-//! programs: one service/backend table, one selection algorithm.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+//! programs: one service/backend table, one selection algorithm (the socket path picks a slot at
+//! random, the per-packet path by a hash of the flow's tuple). Stickiness (sessionAffinity per
+//! client, unconnected UDP flows per socket) is one routine over two LRU tables.
+use aya_ebpf::{
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    maps::LruHashMap,
+};
 use twill_common::{
     AffinityKey, AffinityValue, Backend, Reason, SCOPE_ANY, SVC_F_AFFINITY, SVC_F_LOCAL_ONLY,
-    ServiceKey, ServiceValue, SlotKey,
+    ServiceKey, ServiceValue, SlotKey, UDP_FLOW_TIMEOUT_S, UdpFlowKey,
 };
 
-use crate::maps::{TWL_AFF_V1, TWL_BE_V1, TWL_NODEIP_V1, TWL_SLOT_V1, TWL_SVC_V1, count};
+use crate::maps::{
+    TWL_AFF_V1, TWL_BE_V1, TWL_NODEIP_V1, TWL_SLOT_V1, TWL_SVC_V1, TWL_UDPFLOW_V1, count,
+};
 
 /// How many slots are scanned to re-find a remembered affinity backend whose slot moved (the
 /// compiler renumbers slots when backends come and go). Beyond this the client is re-balanced,
@@ -79,11 +86,10 @@ fn find_slot(svc: &ServiceValue, backend_id: u32, hint: u32) -> Option<u32> {
     None
 }
 
-/// A uniformly random usable backend: (id, slot, backend).
+/// The usable backend at slot `pick % backend_count`: (id, slot, backend).
 #[inline(always)]
-fn random_backend(svc: &ServiceValue) -> Result<(u32, u32, Backend), Reason> {
-    // SAFETY: helper without arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % u32::from(svc.backend_count);
+fn backend_by(svc: &ServiceValue, pick: u32) -> Result<(u32, u32, Backend), Reason> {
+    let slot = pick % u32::from(svc.backend_count);
     let id = backend_at(svc.svc_id, slot).ok_or(Reason::BackendMissing)?;
     let be = unsafe { TWL_BE_V1.get(id) }
         .copied()
@@ -91,53 +97,157 @@ fn random_backend(svc: &ServiceValue) -> Result<(u32, u32, Backend), Reason> {
     Ok((id, slot, be))
 }
 
+/// A uniformly random pick for [`backend_by`].
 #[inline(always)]
-fn remember_affinity(key: &AffinityKey, backend_id: u32, slot: u32, now: u64) {
+fn random_pick() -> u32 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// murmur3's 32-bit finaliser: every input bit moves every output bit.
+#[inline(always)]
+const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// A hash of a flow's 5-tuple (as the client sent it). The per-packet path picks the backend of
+/// a new flow with it instead of at random, so a flow whose entry was lost (expired, flushed)
+/// lands on the same backend again as long as the Service's slot list is unchanged.
+#[inline(always)]
+pub const fn flow_hash(
+    saddr_be: u32,
+    daddr_be: u32,
+    sport_be: u16,
+    dport_be: u16,
+    proto: u8,
+) -> u32 {
+    let ports = ((sport_be as u32) << 16) | dport_be as u32;
+    fmix32(fmix32(fmix32(saddr_be) ^ daddr_be) ^ ports ^ ((proto as u32) << 24))
+}
+
+/// Which sticky table a selection remembers its backend in, and how it is counted.
+struct Sticky<'a, K> {
+    map: &'a LruHashMap<K, AffinityValue>,
+    key: K,
+    timeout_ns: u64,
+    /// Counted (returned) when the remembered backend is used.
+    hit: Reason,
+    /// Counted when the table has no room (the traffic proceeds without stickiness).
+    full: Reason,
+}
+
+#[inline(always)]
+fn remember<K>(sticky: &Sticky<'_, K>, backend_id: u32, slot: u32, now: u64) {
     let value = AffinityValue {
         backend_id,
         slot_hint: slot,
         last_used_ns: now,
     };
-    if TWL_AFF_V1.insert(key, value, 0).is_err() {
-        // The connection still proceeds, only without stickiness.
-        count(Reason::AffinityMapFull);
+    if sticky.map.insert(&sticky.key, value, 0).is_err() {
+        count(sticky.full);
     }
 }
 
-/// Picks the backend for a new connection of `client_id` to `svc`: the remembered one under
-/// sessionAffinity while it is fresh (`affinity_timeout_s` since last use, like kube-proxy's
-/// `recent` match) and still one of the Service's backends; otherwise uniformly at random.
+/// The remembered backend while it is fresh (used within `timeout_ns`, like kube-proxy's
+/// `recent` match) and still one of the Service's backends; otherwise a uniformly random one,
+/// remembered from now on (the one at `pick`). `svc` has at least one backend.
 #[inline(always)]
-pub fn select_backend(svc: &ServiceValue, client_id: u64) -> Result<(Backend, Reason), Reason> {
-    if svc.backend_count == 0 {
-        return Err(if svc.flags & SVC_F_LOCAL_ONLY != 0 {
-            Reason::NoLocalBackend
-        } else {
-            Reason::NoBackends
-        });
-    }
-    if svc.flags & SVC_F_AFFINITY == 0 {
-        let (_, _, be) = random_backend(svc)?;
-        return Ok((be, Reason::Translated));
-    }
-    let key = AffinityKey {
-        client_id,
-        svc_id: svc.svc_id,
-        _pad: 0,
-    };
+fn sticky_backend<K>(
+    svc: &ServiceValue,
+    sticky: &Sticky<'_, K>,
+    pick: u32,
+) -> Result<(Backend, Reason), Reason> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let timeout_ns = u64::from(svc.affinity_timeout_s) * NSEC_PER_SEC;
-    if let Some(old) = unsafe { TWL_AFF_V1.get(key) }.copied()
-        && now.saturating_sub(old.last_used_ns) <= timeout_ns
+    if let Some(old) = unsafe { sticky.map.get(&sticky.key) }.copied()
+        && now.saturating_sub(old.last_used_ns) <= sticky.timeout_ns
         && let Some(slot) = find_slot(svc, old.backend_id, old.slot_hint)
         && let Some(be) = unsafe { TWL_BE_V1.get(old.backend_id) }.copied()
     {
-        remember_affinity(&key, old.backend_id, slot, now);
-        return Ok((be, Reason::AffinityHit));
+        remember(sticky, old.backend_id, slot, now);
+        return Ok((be, sticky.hit));
     }
     // Expired, or the remembered backend left the Service: balance afresh and remember.
-    let (id, slot, be) = random_backend(svc)?;
-    remember_affinity(&key, id, slot, now);
+    let (id, slot, be) = backend_by(svc, pick)?;
+    remember(sticky, id, slot, now);
     Ok((be, Reason::Translated))
+}
+
+/// Refuses a Service without usable backends, with the reason kube-proxy would have.
+#[inline(always)]
+fn require_backends(svc: &ServiceValue) -> Result<(), Reason> {
+    if svc.backend_count != 0 {
+        return Ok(());
+    }
+    Err(if svc.flags & SVC_F_LOCAL_ONLY != 0 {
+        Reason::NoLocalBackend
+    } else {
+        Reason::NoBackends
+    })
+}
+
+/// Picks the backend for a new connection of `client_id` to `svc`: the remembered one under
+/// sessionAffinity (`affinity_timeout_s` since last use) while it is still one of the Service's
+/// backends; otherwise uniformly at random.
+#[inline(always)]
+pub fn select_backend(svc: &ServiceValue, client_id: u64) -> Result<(Backend, Reason), Reason> {
+    select_backend_by(svc, client_id, random_pick())
+}
+
+/// [`select_backend`] with the pick given: `flow_hash` of the packet on the per-packet path.
+#[inline(always)]
+pub fn select_backend_by(
+    svc: &ServiceValue,
+    client_id: u64,
+    pick: u32,
+) -> Result<(Backend, Reason), Reason> {
+    require_backends(svc)?;
+    if svc.flags & SVC_F_AFFINITY == 0 {
+        let (_, _, be) = backend_by(svc, pick)?;
+        return Ok((be, Reason::Translated));
+    }
+    let sticky = Sticky {
+        map: &TWL_AFF_V1,
+        key: AffinityKey {
+            client_id,
+            svc_id: svc.svc_id,
+            _pad: 0,
+        },
+        timeout_ns: u64::from(svc.affinity_timeout_s) * NSEC_PER_SEC,
+        hit: Reason::AffinityHit,
+        full: Reason::AffinityMapFull,
+    };
+    sticky_backend(svc, &sticky, pick)
+}
+
+/// Picks the backend for an unconnected UDP datagram of socket `cookie` (client `client_id`)
+/// to `svc`. sessionAffinity, when set, decides as for connections; otherwise the socket's
+/// datagrams to this frontend are one flow that keeps its backend while it is not idle for
+/// `UDP_FLOW_TIMEOUT_S` and the backend stays in the Service.
+#[inline(always)]
+pub fn select_udp_flow_backend(
+    svc: &ServiceValue,
+    client_id: u64,
+    cookie: u64,
+) -> Result<(Backend, Reason), Reason> {
+    if svc.flags & SVC_F_AFFINITY != 0 {
+        return select_backend(svc, client_id);
+    }
+    require_backends(svc)?;
+    let sticky = Sticky {
+        map: &TWL_UDPFLOW_V1,
+        key: UdpFlowKey {
+            cookie,
+            svc_id: svc.svc_id,
+            _pad: 0,
+        },
+        timeout_ns: UDP_FLOW_TIMEOUT_S * NSEC_PER_SEC,
+        hit: Reason::UdpFlowHit,
+        full: Reason::UdpFlowMapFull,
+    };
+    sticky_backend(svc, &sticky, random_pick())
 }

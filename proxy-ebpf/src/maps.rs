@@ -6,10 +6,11 @@ use aya_ebpf::{
 };
 use twill_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
-    DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_LB_SRC_RANGES_MAX,
-    DEFAULT_NODE_ADDRS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REVNAT_MAX, DatapathConfig,
+    DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_FRAGS_MAX,
+    DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_NODE_ADDRS_MAX, DEFAULT_SERVICES_MAX,
+    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, FragKey, FragValue,
     NodeAddrValue, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
-    SockRevNatValue, SrcRangeKey,
+    SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 #[map]
@@ -35,22 +36,35 @@ pub static TWL_AFF_V1: LruHashMap<AffinityKey, AffinityValue> =
 pub static TWL_SKRNAT_V1: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::with_max_entries(DEFAULT_SOCK_REVNAT_MAX, 0);
 
+// LRU: one entry per (unconnected UDP socket, frontend); sockets close without telling us, and
+// under pressure the least recently used flow loses its stickiness rather than new flows failing.
+#[map]
+pub static TWL_UDPFLOW_V1: LruHashMap<UdpFlowKey, AffinityValue> =
+    LruHashMap::with_max_entries(DEFAULT_UDP_FLOWS_MAX, 0);
+
 #[map]
 pub static TWL_NODEIP_V1: HashMap<u32, NodeAddrValue> =
     HashMap::with_max_entries(DEFAULT_NODE_ADDRS_MAX, 0);
 
 #[map]
-pub static TWL_CFG_V1: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+pub static TWL_CFG_V2: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
-// LRU: flows end without telling us (no FIN/RST tracking yet); the oldest flows are evicted
-// under pressure instead of new flows failing.
+// A plain hash, not an LRU: eviction would push out live flows (an established connection
+// whose entry is evicted is reset). Entries expire by state (`ct_lifetime_ns`) and are
+// collected by the agent; a full table drops new flows with `CtMapFull`.
 #[map]
-pub static TWL_CT_V1: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_CT_MAX, 0);
+pub static TWL_CT_V1: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_CT_MAX, 0);
 
 // LpmTrie adds the BPF_F_NO_PREALLOC the kernel requires for tries.
 #[map]
 pub static TWL_LBSRC_V1: LpmTrie<SrcRangeKey, u8> =
     LpmTrie::with_max_entries(DEFAULT_LB_SRC_RANGES_MAX, 0);
+
+// LRU: a datagram's fragments follow each other within milliseconds; nothing tells us when the
+// last one passed, so old entries are simply pushed out.
+#[map]
+pub static TWL_FRAG_V1: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(DEFAULT_FRAGS_MAX, 0);
 
 #[map]
 pub static TWL_STATS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_MAX, 0);

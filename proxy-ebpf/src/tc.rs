@@ -2,18 +2,33 @@
 //! NodePort, External IPs and LoadBalancer ingress IPs for clients outside the node.
 //!
 //! ```text
-//!  ingress: CT hit ─► rewrite (later packets of a flow; replies of SNATed flows)
+//!  ingress: CT hit ─► state (both entries) ─► rewrite (later packets; replies of SNATed flows)
 //!           miss  ─► SERVICES (EXTERNAL, then ANY; NodePort when dst ∈ NODE_ADDRS)
-//!                 ─► loadBalancerSourceRanges (LPM) ─► select backend
+//!                 ─► TCP without SYN: pass to the stack untouched (CtNonSynMiss)
+//!                 ─► loadBalancerSourceRanges (LPM) ─► select backend by the tuple's hash
 //!                 ─► local backend (or eTP=Local): DNAT, client IP kept
 //!                    remote backend (eTP=Cluster): DNAT + SNAT to the node address that routes
 //!                    to the backend, so replies come back through this node
-//!                 ─► two CT entries (original and reply direction)
-//!  egress:  CT hit ─► rewrite (replies of local backends leaving towards the client)
+//!                 ─► two CT entries (original and reply direction), state NEW
+//!  egress:  CT hit ─► state ─► rewrite (replies of local backends leaving towards the client)
 //! ```
 //!
+//! Connection tracking: only a SYN (or a UDP datagram) opens a flow; a tracked flow keeps its
+//! backend for its whole life, also after the backend left the Service (it drains, as with
+//! kube-proxy). State (`CT_STATE_*`) moves NEW → ESTABLISHED on the first packet from the other
+//! side and → CLOSING once both sides sent a FIN; a reset removes the flow at once. Entries
+//! expire `ct_lifetime_ns(proto, state)` after their last packet and are collected by the agent
+//! (`twill_agent::ctgc`); a SYN meeting a CLOSING or expired flow's tuple opens a new flow.
+//!
+//! ICMP errors about a translated flow (fragmentation needed, unreachable, time exceeded) are
+//! translated back, outer and quoted header both, so path-MTU discovery works through NodePort.
+//!
+//! A fragmented datagram's later fragments (no TCP/UDP header) follow its first one: the first
+//! records its ports in `TWL_FRAG_V1` under the datagram's identity, the others find the flow
+//! with them and get the same address translation.
+//!
 //! Packets from inside the node never need this: the socket hooks translated them before they
-//! existed. Non-first IPv4 fragments and non-TCP/UDP packets pass untouched.
+//! existed. Other protocols pass untouched.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -28,14 +43,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use twill_common::{
-    AFFINITY_CLIENT_IP, BE_F_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CT_SCOPE_NAT, CtKey, CtValue,
-    PROTO_TCP, PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER,
+    AFFINITY_CLIENT_IP, BE_F_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CT_FIN_ORIG, CT_FIN_REPLY,
+    CT_SCOPE_NAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, FragKey,
+    FragValue, PROTO_TCP, PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER,
     SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey,
+    ct_lifetime_ns,
 };
 
 use crate::{
-    lb::{is_node_addr, lookup_service, select_backend},
-    maps::{TWL_CT_V1, TWL_LBSRC_V1, count},
+    lb::{flow_hash, is_node_addr, lookup_service, select_backend_by},
+    maps::{TWL_CT_V1, TWL_FRAG_V1, TWL_LBSRC_V1, count},
 };
 
 const ETH_HLEN: usize = 14;
@@ -56,6 +73,19 @@ const SNAT_PORT_MIN: u32 = 32_768;
 const SNAT_PORT_RANGE: u32 = 28_232;
 /// Frontend kinds served to traffic from outside the node (a ClusterIP is not).
 const EXTERNAL_KINDS: u16 = SVC_F_NODEPORT | SVC_F_EXTERNAL_IP | SVC_F_LOADBALANCER;
+/// TCP header flag bits (byte 13).
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const PROTO_ICMP: u8 = 1;
+/// IPv4 flags/fragment-offset field: "more fragments" and the offset.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// `-EEXIST`: a `BPF_NOEXIST` insert met an existing key.
+const EEXIST: i32 = 17;
 
 #[classifier]
 pub fn twill_tc_ingress(ctx: TcContext) -> i32 {
@@ -93,9 +123,19 @@ struct Pkt {
     sport: u16,
     dport: u16,
     proto: u8,
+    /// TCP flags (0 for UDP and later fragments).
+    tcp_flags: u8,
+    /// A fragment after the first: no TCP/UDP header (the ports come from `TWL_FRAG_V1`), so
+    /// only the addresses are rewritten and it never opens a flow.
+    later_fragment: bool,
 }
 
 impl Pkt {
+    /// A TCP SYN without ACK: the only packet that may open a TCP flow.
+    fn is_syn(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
     fn key(&self) -> CtKey {
         CtKey {
             saddr_be: self.saddr,
@@ -109,12 +149,37 @@ impl Pkt {
     }
 }
 
-/// `Ok(None)`: not a packet this datapath translates (not IPv4, not TCP/UDP, a later fragment).
+/// What a packet is to this datapath.
+enum Parsed {
+    /// A TCP/UDP packet (or the first fragment of one).
+    Flow(Pkt),
+    /// An ICMP error quoting a TCP/UDP packet: translated like the flow it is about.
+    IcmpError(IcmpErr),
+    /// Not IPv4, another protocol, a later fragment, an ICMP message of no flow.
+    Other,
+}
+
+/// An ICMP error (destination unreachable — fragmentation needed among them — or time
+/// exceeded) and the header of the packet it quotes (RFC 792: the IP header and at least the
+/// first 8 bytes of its payload, which hold the ports).
+struct IcmpErr {
+    saddr: u32,
+    daddr: u32,
+    icmp_off: usize,
+    inner_off: usize,
+    inner_l4_off: usize,
+    inner_saddr: u32,
+    inner_daddr: u32,
+    inner_sport: u16,
+    inner_dport: u16,
+    inner_proto: u8,
+}
+
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Result<Option<Pkt>, Reason> {
+fn parse(ctx: &TcContext) -> Result<Parsed, Reason> {
     let eth_proto: u16 = ctx.load(12).map_err(|_| Reason::Malformed)?;
     if u16::from_be(eth_proto) != ETH_P_IP {
-        return Ok(None);
+        return Ok(Parsed::Other);
     }
     let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| Reason::Malformed)?;
     let ihl = usize::from(vihl & 0x0f) * 4;
@@ -122,22 +187,184 @@ fn parse(ctx: &TcContext) -> Result<Option<Pkt>, Reason> {
         return Err(Reason::Malformed);
     }
     let proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| Reason::Malformed)?;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Ok(None);
+    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
+        return Ok(Parsed::Other);
     }
-    let frag: u16 = ctx.load(ETH_HLEN + 6).map_err(|_| Reason::Malformed)?;
-    if u16::from_be(frag) & 0x1fff != 0 {
-        return Ok(None);
-    }
+    let frag = u16::from_be(ctx.load(ETH_HLEN + 6).map_err(|_| Reason::Malformed)?);
     let l4_off = ETH_HLEN + ihl;
-    Ok(Some(Pkt {
+    let saddr: u32 = ctx.load(IP_SRC_OFF).map_err(|_| Reason::Malformed)?;
+    let daddr: u32 = ctx.load(IP_DST_OFF).map_err(|_| Reason::Malformed)?;
+    let frag_key = |ctx: &TcContext| -> Result<FragKey, Reason> {
+        Ok(FragKey {
+            saddr_be: saddr,
+            daddr_be: daddr,
+            id_be: ctx.load(ETH_HLEN + 4).map_err(|_| Reason::Malformed)?,
+            proto,
+            _pad: 0,
+        })
+    };
+    if frag & IP_OFFSET_MASK != 0 {
+        // A later fragment: it belongs to the flow of its datagram's first fragment, if that
+        // one was seen (fragments may arrive out of order; those then pass untouched).
+        if proto == PROTO_ICMP {
+            return Ok(Parsed::Other);
+        }
+        // SAFETY: the value is copied out at once.
+        let Some(ports) = (unsafe { TWL_FRAG_V1.get(frag_key(ctx)?) }).copied() else {
+            return Ok(Parsed::Other);
+        };
+        return Ok(Parsed::Flow(Pkt {
+            l4_off,
+            tcp_flags: 0,
+            later_fragment: true,
+            saddr,
+            daddr,
+            sport: ports.sport_be,
+            dport: ports.dport_be,
+            proto,
+        }));
+    }
+    if proto == PROTO_ICMP {
+        return Ok(parse_icmp(ctx, l4_off).map_or(Parsed::Other, Parsed::IcmpError));
+    }
+    let tcp_flags = if proto == PROTO_TCP {
+        ctx.load(l4_off + 13).map_err(|_| Reason::Malformed)?
+    } else {
+        0
+    };
+    let p = Pkt {
         l4_off,
-        saddr: ctx.load(IP_SRC_OFF).map_err(|_| Reason::Malformed)?,
-        daddr: ctx.load(IP_DST_OFF).map_err(|_| Reason::Malformed)?,
+        tcp_flags,
+        later_fragment: false,
+        saddr,
+        daddr,
         sport: ctx.load(l4_off).map_err(|_| Reason::Malformed)?,
         dport: ctx.load(l4_off + 2).map_err(|_| Reason::Malformed)?,
         proto,
-    }))
+    };
+    if frag & IP_MF != 0 {
+        // The first fragment of a datagram: remember its ports for the others. Recorded for
+        // every datagram, translated or not; fragmentation is rare enough that this costs
+        // nothing worth a second lookup.
+        let ports = FragValue {
+            sport_be: p.sport,
+            dport_be: p.dport,
+        };
+        let _ = TWL_FRAG_V1.insert(frag_key(ctx)?, ports, 0);
+    }
+    Ok(Parsed::Flow(p))
+}
+
+/// `None` for ICMP messages that are not errors about a TCP/UDP packet, or that quote too
+/// little to tell its flow: those pass untouched.
+#[inline(always)]
+fn parse_icmp(ctx: &TcContext, icmp_off: usize) -> Option<IcmpErr> {
+    let icmp_type: u8 = ctx.load(icmp_off).ok()?;
+    if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
+        return None;
+    }
+    let inner_off = icmp_off + 8;
+    let vihl: u8 = ctx.load(inner_off).ok()?;
+    // At most 60 bytes: the mask keeps the offset bounded for the verifier.
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    let inner_proto: u8 = ctx.load(inner_off + 9).ok()?;
+    if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
+        return None;
+    }
+    let inner_l4_off = inner_off + ihl;
+    Some(IcmpErr {
+        saddr: ctx.load(IP_SRC_OFF).ok()?,
+        daddr: ctx.load(IP_DST_OFF).ok()?,
+        icmp_off,
+        inner_off,
+        inner_l4_off,
+        inner_saddr: ctx.load(inner_off + 12).ok()?,
+        inner_daddr: ctx.load(inner_off + 16).ok()?,
+        inner_sport: ctx.load(inner_l4_off).ok()?,
+        inner_dport: ctx.load(inner_l4_off + 2).ok()?,
+        inner_proto,
+    })
+}
+
+/// Translates an ICMP error about a translated flow back to what the other side of the
+/// translation sent, so path-MTU discovery (fragmentation needed) and unreachable errors reach
+/// the endpoint whose packet caused them: a router's "fragmentation needed" for a backend's
+/// reply to an external client goes to the backend, about the packet as the backend sent it; a
+/// backend's "port unreachable" goes to the client, about the datagram as the client sent it.
+///
+/// The quoted packet went the opposite way of the error, already translated; the entry of the
+/// reversed quoted tuple is the one of the flow's other direction, and the quote becomes the
+/// reverse of that entry's rewrite (what the sender of the quoted packet had sent). The error
+/// goes to the new quote's source; when it came from the quote's destination host itself, it
+/// now comes from the new quote's destination.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, e: &IcmpErr, ingress: bool) -> Result<Verdict, Reason> {
+    let key = CtKey {
+        saddr_be: e.inner_daddr,
+        daddr_be: e.inner_saddr,
+        sport_be: e.inner_dport,
+        dport_be: e.inner_sport,
+        proto: e.inner_proto,
+        scope: CT_SCOPE_NAT,
+        _pad: [0; 2],
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(ct) = (unsafe { TWL_CT_V1.get(key) }).copied() else {
+        return Ok((Reason::NotService, TC_ACT_OK));
+    };
+    let fail = |_| Reason::RewriteFailed;
+    let icmp_csum = e.icmp_off + 2;
+    // Inner addresses: the inner header's own checksum absorbs the change, so the bytes the
+    // ICMP checksum covers sum to the same value and it needs no update for them.
+    for (off, old, new) in [
+        (e.inner_off + 12, e.inner_saddr, ct.new_daddr_be),
+        (e.inner_off + 16, e.inner_daddr, ct.new_saddr_be),
+    ] {
+        if old != new {
+            ctx.l3_csum_replace(e.inner_off + 10, u64::from(old), u64::from(new), 4)
+                .map_err(fail)?;
+            ctx.store(off, &new, 0).map_err(fail)?;
+        }
+    }
+    // Inner ports: covered by the ICMP checksum (no pseudo-header). The quoted L4 checksum is
+    // left alone: it covers bytes the quote does not hold, and no receiver checks it.
+    for (off, old, new) in [
+        (e.inner_l4_off, e.inner_sport, ct.new_dport_be),
+        (e.inner_l4_off + 2, e.inner_dport, ct.new_sport_be),
+    ] {
+        if old != new {
+            ctx.l4_csum_replace(icmp_csum, u64::from(old), u64::from(new), 2)
+                .map_err(fail)?;
+            ctx.store(off, &new, 0).map_err(fail)?;
+        }
+    }
+    let new_daddr = ct.new_daddr_be;
+    let new_saddr = if e.saddr == e.inner_daddr {
+        ct.new_saddr_be
+    } else {
+        e.saddr
+    };
+    for (off, old, new) in [
+        (IP_SRC_OFF, e.saddr, new_saddr),
+        (IP_DST_OFF, e.daddr, new_daddr),
+    ] {
+        if old != new {
+            ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)
+                .map_err(fail)?;
+            ctx.store(off, &new, 0).map_err(fail)?;
+        }
+    }
+    if ingress && ct.flags & CT_F_SNAT != 0 {
+        // As in `apply_ct`: the error may now come from a node address or go to another node.
+        return Ok((
+            Reason::IcmpErrorTranslated,
+            forward(ctx, PROTO_ICMP, new_saddr, new_daddr)?,
+        ));
+    }
+    Ok((Reason::IcmpErrorTranslated, TC_ACT_OK))
 }
 
 /// Rewrites addresses and ports, fixing the IP checksum and the TCP/UDP checksum (which covers
@@ -156,7 +383,11 @@ fn rewrite(
     } else {
         p.l4_off + 6
     };
-    let l4_csum = if p.proto == PROTO_UDP {
+    // A later fragment has no TCP/UDP header: only its IP header changes (the first fragment's
+    // L4 checksum update covers the whole datagram).
+    let l4_csum = if p.later_fragment {
+        false
+    } else if p.proto == PROTO_UDP {
         let c: u16 = ctx.load(csum_off).map_err(|_| Reason::Malformed)?;
         c != 0
     } else {
@@ -186,7 +417,7 @@ fn rewrite(
         ctx.store(off, &new, 0).map_err(fail)?;
     }
     for (off, old, new) in [(p.l4_off, p.sport, sport), (p.l4_off + 2, p.dport, dport)] {
-        if old == new {
+        if old == new || p.later_fragment {
             continue;
         }
         if l4_csum {
@@ -266,68 +497,121 @@ fn route(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32, extra: u32) -> (i64
     (rc, params)
 }
 
+/// Outcome of looking a packet up in the conntrack table.
+enum Ct {
+    /// A tracked flow: translated (or dropped) by its entry.
+    Hit(Result<Verdict, Reason>),
+    /// No entry.
+    Miss,
+    /// A SYN reusing the tuple of a closed or expired flow, whose entries were removed: to be
+    /// balanced as a new flow.
+    Reopen,
+}
+
 #[inline(always)]
-fn ct_hit(ctx: &TcContext, p: &Pkt) -> Option<Result<Verdict, Reason>> {
+fn ct_lookup(ctx: &TcContext, p: &Pkt) -> Ct {
     let key = p.key();
-    let ptr = TWL_CT_V1.get_ptr_mut(key)?;
-    // SAFETY: a valid map value pointer for the program's duration; a torn timestamp write is
-    // harmless (it is informational).
-    let ct = unsafe {
-        (*ptr).last_seen_ns = bpf_ktime_get_ns();
-        *ptr
+    let Some(ptr) = TWL_CT_V1.get_ptr_mut(key) else {
+        return Ct::Miss;
     };
-    let verdict = apply_ct(ctx, p, &ct);
-    if p.proto == PROTO_TCP && is_rst(ctx, p) {
-        // A reset ends the flow at once: forget both directions so the map does not fill with
-        // dead flows and a reused client port is balanced afresh. (FIN-closed flows age out of
-        // the LRU instead: their last ACK still needs the entry.)
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a valid map value pointer for the program's duration; copied out at once.
+    let ct = unsafe { *ptr };
+    let reply = ct.flags & CT_F_REPLY != 0;
+    let other = key.counterpart(&ct);
+    if !reply
+        && p.is_syn()
+        && (ct.state == CT_STATE_CLOSING
+            || now.saturating_sub(ct.last_seen_ns) > ct_lifetime_ns(p.proto, ct.state))
+    {
+        // The client reuses the port of a finished flow (its own TIME_WAIT is over): a new
+        // connection, which may belong to another backend now.
         let _ = TWL_CT_V1.remove(key);
-        let _ = TWL_CT_V1.remove(counterpart(&ct, p.proto));
+        let _ = TWL_CT_V1.remove(other);
+        return Ct::Reopen;
     }
-    Some(verdict)
-}
-
-#[inline(always)]
-fn is_rst(ctx: &TcContext, p: &Pkt) -> bool {
-    const TCP_RST: u8 = 0x04;
-    ctx.load::<u8>(p.l4_off + 13)
-        .is_ok_and(|f| f & TCP_RST != 0)
-}
-
-/// The CT key of the other direction of the flow `ct` translates: the packet `ct` produces,
-/// answered. (Both directions' entries map to each other this way.)
-#[inline(always)]
-fn counterpart(ct: &CtValue, proto: u8) -> CtKey {
-    CtKey {
-        saddr_be: ct.new_daddr_be,
-        daddr_be: ct.new_saddr_be,
-        sport_be: ct.new_dport_be,
-        dport_be: ct.new_sport_be,
-        proto,
-        scope: CT_SCOPE_NAT,
-        _pad: [0; 2],
+    let mut state = ct.state;
+    let mut fin = ct.tcp_fin;
+    if reply && state == CT_STATE_NEW {
+        // The first answer: a TCP SYN-ACK (a reset is handled below) or a UDP reply.
+        state = CT_STATE_ESTABLISHED;
     }
+    if p.tcp_flags & TCP_FIN != 0 {
+        fin |= if reply { CT_FIN_REPLY } else { CT_FIN_ORIG };
+        if fin == CT_FIN_ORIG | CT_FIN_REPLY {
+            state = CT_STATE_CLOSING;
+        }
+    }
+    // SAFETY: as above; a torn write of these plain fields by two CPUs at once is harmless
+    // (both write the same transition).
+    unsafe {
+        (*ptr).last_seen_ns = now;
+        if state != ct.state || fin != ct.tcp_fin {
+            (*ptr).state = state;
+            (*ptr).tcp_fin = fin;
+        }
+    }
+    if state != ct.state || fin != ct.tcp_fin {
+        // Transitions are rare (a few per flow): only then is the other direction's entry
+        // written, so both always tell the same state.
+        if let Some(o) = TWL_CT_V1.get_ptr_mut(other) {
+            // SAFETY: as above.
+            unsafe {
+                (*o).state = state;
+                (*o).tcp_fin = fin;
+            }
+        }
+    }
+    let verdict = apply_ct(ctx, p, &ct);
+    if p.tcp_flags & TCP_RST != 0 {
+        // A reset ends the flow at once: forget both directions so a reused client port is
+        // balanced afresh and the table does not hold dead flows.
+        let _ = TWL_CT_V1.remove(key);
+        let _ = TWL_CT_V1.remove(other);
+    }
+    Ct::Hit(verdict)
 }
 
 fn try_egress(ctx: &TcContext) -> Result<Verdict, Reason> {
-    let Some(p) = parse(ctx)? else {
-        return Ok((Reason::NotService, TC_ACT_OK));
+    let p = match parse(ctx)? {
+        Parsed::Flow(p) => p,
+        Parsed::IcmpError(e) => return icmp_error(ctx, &e, false),
+        Parsed::Other => return Ok((Reason::NotService, TC_ACT_OK)),
     };
-    ct_hit(ctx, &p).unwrap_or(Ok((Reason::NotService, TC_ACT_OK)))
+    match ct_lookup(ctx, &p) {
+        Ct::Hit(verdict) => verdict,
+        // New flows are opened on ingress only; a SYN leaving the node is not ours.
+        Ct::Miss | Ct::Reopen => Ok((Reason::NotService, TC_ACT_OK)),
+    }
 }
 
 fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
-    let Some(p) = parse(ctx)? else {
-        return Ok((Reason::NotService, TC_ACT_OK));
+    let p = match parse(ctx)? {
+        Parsed::Flow(p) => p,
+        Parsed::IcmpError(e) => return icmp_error(ctx, &e, true),
+        Parsed::Other => return Ok((Reason::NotService, TC_ACT_OK)),
     };
-    if let Some(verdict) = ct_hit(ctx, &p) {
-        return verdict;
+    match ct_lookup(ctx, &p) {
+        Ct::Hit(verdict) => return verdict,
+        Ct::Reopen => count(Reason::CtReopened),
+        Ct::Miss => {}
     }
     let Some(svc) = lookup_service(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL, is_node_addr) else {
         return Ok((Reason::NotService, TC_ACT_OK));
     };
     if svc.flags & EXTERNAL_KINDS == 0 {
         return Ok((Reason::NotService, TC_ACT_OK));
+    }
+    if p.later_fragment {
+        // Its first fragment opened no flow (it was not for a Service, or was dropped).
+        return Ok((Reason::NotService, TC_ACT_OK));
+    }
+    if p.proto == PROTO_TCP && !p.is_syn() {
+        // The middle of a flow we do not track (expired, flushed, or opened before this
+        // program ran): a backend picked now would not know the connection and reset it.
+        // The stack answers for the frontend instead, as kube-proxy's conntrack does.
+        return Ok((Reason::CtNonSynMiss, TC_ACT_OK));
     }
     if svc.flags & SVC_F_SOURCE_RANGES != 0 {
         let key = Key::new(
@@ -341,8 +625,13 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
             return Err(Reason::SourceRangeDenied);
         }
     }
-    // Per-packet affinity is per client IP, as in kube-proxy.
-    let (be, reason) = select_backend(&svc, AFFINITY_CLIENT_IP | u64::from(p.saddr))?;
+    // Per-packet affinity is per client IP, as in kube-proxy. Without it the tuple's hash picks
+    // the backend, so a flow whose entry was lost comes back to the same one.
+    let (be, reason) = select_backend_by(
+        &svc,
+        AFFINITY_CLIENT_IP | u64::from(p.saddr),
+        flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto),
+    )?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if be.flags & BE_F_LOCAL != 0 || svc.flags & SVC_F_LOCAL_ONLY != 0 {
@@ -369,7 +658,9 @@ fn dnat_local(
         new_dport_be: be.port_be,
         svc_id: svc.svc_id,
         flags: 0,
-        _pad: 0,
+        state: CT_STATE_NEW,
+        tcp_fin: 0,
+        _pad: [0; 2],
         last_seen_ns: now,
     };
     let reply_key = CtKey {
@@ -389,13 +680,16 @@ fn dnat_local(
         flags: CT_F_REPLY,
         ..orig
     };
-    // Reply entry first: a reply can never find its flow missing.
+    // Reply entry first: a reply can never find its flow missing. The table is a plain hash
+    // (no eviction, so a live flow is never pushed out): when it is full the new flow is
+    // dropped and its client retries.
     TWL_CT_V1
         .insert(reply_key, reply, 0)
         .map_err(|_| Reason::CtMapFull)?;
-    TWL_CT_V1
-        .insert(p.key(), orig, 0)
-        .map_err(|_| Reason::CtMapFull)?;
+    if TWL_CT_V1.insert(p.key(), orig, 0).is_err() {
+        let _ = TWL_CT_V1.remove(reply_key);
+        return Err(Reason::CtMapFull);
+    }
     rewrite(ctx, p, p.saddr, p.sport, be.addr_be, be.port_be)?;
     Ok(())
 }
@@ -427,22 +721,23 @@ fn dnat_snat(
         new_dport_be: p.sport,
         svc_id: svc.svc_id,
         flags: CT_F_REPLY | CT_F_SNAT,
-        _pad: 0,
+        state: CT_STATE_NEW,
+        tcp_fin: 0,
+        _pad: [0; 2],
         last_seen_ns: now,
     };
     // The client's port first; another random port when that reply tuple is taken (BPF_NOEXIST
     // makes the claim atomic against other CPUs).
     let mut tries = 0;
     loop {
-        if TWL_CT_V1
-            .insert(reply_key, reply, u64::from(aya_ebpf::bindings::BPF_NOEXIST))
-            .is_ok()
-        {
-            break;
+        match TWL_CT_V1.insert(reply_key, reply, u64::from(aya_ebpf::bindings::BPF_NOEXIST)) {
+            Ok(()) => break,
+            Err(e) if e != -EEXIST => return Err(Reason::CtMapFull),
+            Err(_) => {}
         }
         tries += 1;
         if tries >= SNAT_PORT_TRIES {
-            return Err(Reason::CtMapFull);
+            return Err(Reason::SnatPortsExhausted);
         }
         // SAFETY: helper without arguments.
         let port = SNAT_PORT_MIN + unsafe { bpf_get_prandom_u32() } % SNAT_PORT_RANGE;
@@ -456,12 +751,15 @@ fn dnat_snat(
         new_dport_be: be.port_be,
         svc_id: svc.svc_id,
         flags: CT_F_SNAT,
-        _pad: 0,
+        state: CT_STATE_NEW,
+        tcp_fin: 0,
+        _pad: [0; 2],
         last_seen_ns: now,
     };
-    TWL_CT_V1
-        .insert(p.key(), orig, 0)
-        .map_err(|_| Reason::CtMapFull)?;
+    if TWL_CT_V1.insert(p.key(), orig, 0).is_err() {
+        let _ = TWL_CT_V1.remove(reply_key);
+        return Err(Reason::CtMapFull);
+    }
     rewrite(ctx, p, snat, reply_key.dport_be, be.addr_be, be.port_be)?;
     Ok((
         Reason::ForwardedRemote,

@@ -171,6 +171,15 @@ fn should_be_able_to_create_a_functioning_nodeport_service() -> Result<()> {
     let n2 = lab.node(2);
     let (code, out) = n2.labtool(&["tcp", "--to", &format!("{}:30080", n2.ip)])?;
     ensure!(code == 0, "node → its own NodePort: {out}");
+    // Via loopback: only in the node's own network namespace (the agent gives the datapath its
+    // cookie); in a pod 127.0.0.1 is the pod itself, where nothing listens on 30080.
+    let (code, out) = n2.labtool(&["tcp", "--to", "127.0.0.1:30080"])?;
+    ensure!(
+        code == 0 && replier(&out).as_deref() == Some("web0"),
+        "node → 127.0.0.1:30080: {out}"
+    );
+    let (code, out) = tcp(&client, "127.0.0.1:30080")?;
+    ensure!(code == 2, "pod → 127.0.0.1:30080 was translated: {out}");
     Ok(())
 }
 
@@ -634,6 +643,15 @@ fn pods_on_nodes_in_different_subnets_talk_over_the_vxlan_overlay() -> Result<()
             "the client did not see the NodePort as its peer: {out}"
         );
     }
+    // A pod on n0 reaching n1's NodePort, whose backend is local to n1: n1 translates it on
+    // its underlay device and the backend's reply to the pod leaves n1 through the overlay,
+    // where the tc programs translate it back too.
+    let to = format!("{}:30090", n1.ip);
+    let (code, out) = tcp(&p0, &to)?;
+    ensure!(
+        code == 0 && replier(&out).as_deref() == Some("p1") && out.contains(&format!("peer={to}")),
+        "pod → another node's NodePort over the overlay: {code} {out}"
+    );
     Ok(())
 }
 

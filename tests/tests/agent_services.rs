@@ -27,6 +27,17 @@ fn should_serve_a_basic_endpoint_from_pods() -> Result<()> {
     lab.apply_manifest("web.yaml", &web_manifest(VIP, &web, &n0.name))?;
     let _agent = start_agent(&lab, 0, &[])?;
     wait_tcp_reply(&client, "10.96.0.10:80", "web0")?;
+    // A JVM-like client (AF_INET6 socket, v4-mapped ClusterIP) is served too and sees the
+    // mapped ClusterIP as its peer.
+    let (code, out) = tcp(&client, "[::ffff:10.96.0.10]:80")?;
+    ensure!(
+        code == 0 && replier(&out).as_deref() == Some("web0"),
+        "AF_INET6 client via ::ffff:10.96.0.10: {out}"
+    );
+    ensure!(
+        out.contains("peer=[::ffff:10.96.0.10]:80"),
+        "the AF_INET6 client does not see the mapped ClusterIP as peer: {out}"
+    );
     Ok(())
 }
 

@@ -1,7 +1,10 @@
 //! Per-packet north-south load balancing on real traffic: the tc programs attached (tcx) to the
 //! underlay device of lab nodes, maps programmed through `AyaLbMaps`, and an external client
 //! namespace on the underlay (not a node) reaching NodePorts, External IPs and LoadBalancer IPs.
-use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _};
+//! The rolling-update test runs the real agent on every node instead.
+mod agent_common;
+
+use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _, process::Stdio, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use ipnetwork::Ipv4Network;
@@ -10,11 +13,15 @@ use twill_agent::{
     lbmap::LbMaps,
 };
 use twill_common::{
-    BE_F_LOCAL, Backend, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SCOPE_EXTERNAL, SVC_F_AFFINITY,
-    SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SlotKey,
+    BE_F_LOCAL, Backend, CT_STATE_ESTABLISHED, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY,
+    SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
 };
-use twill_lab::{Lab, LabSpec, Node, Pod, require};
+use twill_lab::{
+    Lab, LabSpec, Node, Pod,
+    bench::loadgen::{CrrReport, RrReport},
+    bin, require, spawn_and_wait_ready,
+};
 
 fn be(addr: Ipv4Addr) -> u32 {
     u32::from(addr).to_be()
@@ -189,27 +196,38 @@ fn nodeport_from_outside_to_a_local_backend_keeps_the_client_ip() -> Result<()> 
     let ct = maps.dump_ct()?;
     ensure!(!ct.is_empty(), "no connection-tracking entries");
 
-    // The backend goes away: every flow tracked to it is forgotten, both directions.
-    let report = maps.flush_backend(
-        100,
-        Backend {
-            addr_be: be(pod.ip),
-            port_be: 8080u16.to_be(),
-            proto: PROTO_TCP,
-            flags: BE_F_LOCAL,
-        },
-    )?;
-    ensure!(report.ct_entries >= 2, "conntrack not flushed: {report:?}");
-    let left: Vec<_> = maps
-        .dump_ct()?
-        .into_iter()
-        .filter(|(k, v)| {
-            k.proto == PROTO_TCP && (k.saddr_be == be(pod.ip) || v.new_daddr_be == be(pod.ip))
-        })
-        .collect();
+    // The backend goes away: its UDP flows are forgotten (both directions), its TCP flows are
+    // left to drain (they end by FIN/RST, expiry, or when the pod itself goes).
+    let udp_flows = |maps: &AyaLbMaps| -> Result<usize> {
+        Ok(maps
+            .dump_ct()?
+            .into_iter()
+            .filter(|(k, v)| {
+                k.proto == PROTO_UDP && (k.saddr_be == be(pod.ip) || v.new_daddr_be == be(pod.ip))
+            })
+            .count())
+    };
+    ensure!(udp_flows(&maps)? == 2, "no UDP flow tracked");
+    let tcp_before = maps.dump_ct()?.len() - 2;
+    for (id, port, proto) in [(100, 8080u16, PROTO_TCP), (200, 5353, PROTO_UDP)] {
+        maps.flush_backend(
+            id,
+            Backend {
+                addr_be: be(pod.ip),
+                port_be: port.to_be(),
+                proto,
+                flags: BE_F_LOCAL,
+            },
+        )?;
+    }
     ensure!(
-        left.is_empty(),
-        "TCP flows to the removed backend remain: {left:?}"
+        maps.last_flush.ct_entries == 2 && udp_flows(&maps)? == 0,
+        "UDP conntrack not flushed: {:?}",
+        maps.last_flush
+    );
+    ensure!(
+        maps.dump_ct()?.len() == tcp_before,
+        "TCP flows were flushed with their backend instead of draining"
     );
     Ok(())
 }
@@ -449,5 +467,163 @@ fn pinned_tc_links_are_adopted_by_the_next_agent() -> Result<()> {
         .external()
         .labtool(&["tcp", "--to", &to, "--timeout-ms", "300"])?;
     ensure!(code != 0, "NodePort still answers after detach_tc");
+    Ok(())
+}
+
+/// A NodePort Service `roll` (80 → 8080, nodePort 30080) with the given ready endpoints.
+fn roll_manifests(eps: &[(Ipv4Addr, &str)]) -> String {
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: roll, namespace: default}\nspec:\n  \
+               type: NodePort\n  clusterIP: 10.96.0.30\n  clusterIPs: [10.96.0.30]\n  ports:\n  - \
+               {name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}\n";
+    let eps: Vec<_> = eps
+        .iter()
+        .map(|(ip, node)| agent_common::ready(*ip, node))
+        .collect();
+    format!(
+        "{svc}---\n{}",
+        agent_common::slice("roll", "roll-1", &eps, &[("http", 8080, "TCP")])
+    )
+}
+
+/// Waits until `node`'s conntrack table holds `n` open (established, no FIN) flows from
+/// `client` to `backend`.
+fn wait_open_flows(node: &Node, client: Ipv4Addr, backend: Ipv4Addr, n: usize) -> Result<()> {
+    let maps = AyaLbMaps::open_pinned(&node.bpffs)?;
+    agent_common::wait_for(
+        &format!("{n} open flows {client} → {backend} through {}", node.name),
+        Duration::from_secs(20),
+        || {
+            let open = maps
+                .dump_ct()?
+                .into_iter()
+                .filter(|(k, v)| {
+                    k.saddr_be == be(client)
+                        && v.new_daddr_be == be(backend)
+                        && v.state == CT_STATE_ESTABLISHED
+                        && v.tcp_fin == 0
+                })
+                .count();
+            Ok(open >= n)
+        },
+    )
+}
+
+/// Waits until the agent on `node` reports at least `n` conntrack entries collected as
+/// orphaned (flows to an address no local pod holds).
+fn wait_orphans_collected(node: &Node, n: u64) -> Result<()> {
+    let orphaned = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("twill_conntrack_collected_total{reason=\"orphaned\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    agent_common::wait_for(
+        &format!("{}'s collector removing flows to a deleted pod", node.name),
+        Duration::from_secs(25),
+        || {
+            let (_, out) =
+                node.labtool(&["http", "--to", "127.0.0.1:10249", "--path", "/metrics"])?;
+            Ok(orphaned(&out) >= n)
+        },
+    )
+}
+
+/// "Rolling update under north-south load with zero resets": long-lived TCP connections from
+/// outside through NodePorts (on the backend's node: DNAT only; on another node: DNAT + SNAT),
+/// then the backend is replaced in the EndpointSlice mid-stream. Every existing connection keeps
+/// working to its end on the old backend (it drains, as with kube-proxy); new connections go to
+/// the new backend. Before the fix every one of them was reset at the update.
+#[test]
+fn rolling_update_under_north_south_load_with_zero_resets() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_external_client())? else {
+        return Ok(());
+    };
+    let (n0, n1) = (lab.node(0), lab.node(1));
+    let old = n0.add_pod("web0")?;
+    let new = n0.add_pod("web1")?;
+    for (pod, id) in [(&old, "A"), (&new, "B")] {
+        let mut cmd = pod.cmd(bin("loadgen"));
+        cmd.args(["serve", "--port", "8080", "--id", id, "--threads", "16"]);
+        cmd.args(["--max-seconds", "300"]);
+        lab.track(spawn_and_wait_ready(cmd)?);
+    }
+    lab.apply_manifest("roll.yaml", &roll_manifests(&[(old.ip, &n0.name)]))?;
+    let _agents = [
+        agent_common::start_agent(&lab, 0, &[])?,
+        agent_common::start_agent(&lab, 1, &[])?,
+    ];
+    let ext = lab.external();
+    let crr = |to: &str| -> Result<CrrReport> {
+        let out = ext
+            .cmd(bin("loadgen"))
+            .args(["crr", "--to", to, "--duration-ms", "200", "--threads", "1"])
+            .output()?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let targets: Vec<String> = [n0, n1].iter().map(|n| format!("{}:30080", n.ip)).collect();
+    for to in &targets {
+        agent_common::wait_for(
+            &format!("{to} answered by the old backend"),
+            Duration::from_secs(20),
+            || Ok(crr(to)?.per_backend.contains_key("A")),
+        )?;
+    }
+
+    // Long-lived connections: request/response without pause for 12 s each (longer than the
+    // agent's conntrack collection period, so a collection runs while they drain).
+    let mut clients = Vec::new();
+    for to in &targets {
+        for _ in 0..3 {
+            let child = ext
+                .cmd(bin("loadgen"))
+                .args(["rr", "--to", to, "--duration-ms", "12000"])
+                .stdout(Stdio::piped())
+                .spawn()?;
+            clients.push((to.clone(), child));
+        }
+    }
+    // Every one of them is established (on a loaded machine a client may take a moment to
+    // start): three open flows from the client to the old backend in each node's table.
+    for n in [n0, n1] {
+        wait_open_flows(n, ext.ip, old.ip, 3)?;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The rolling update: the new pod replaces the old one in the EndpointSlice.
+    lab.apply_manifest("roll.yaml", &roll_manifests(&[(new.ip, &n0.name)]))?;
+    for to in &targets {
+        agent_common::wait_for(
+            &format!("new connections to {to} on the new backend only"),
+            Duration::from_secs(10),
+            || {
+                let r = crr(to)?;
+                Ok(r.failures == 0 && r.connections > 0 && r.per_backend.keys().eq(["B"]))
+            },
+        )?;
+    }
+
+    // Every existing connection worked to its end, on the backend it started with.
+    for (to, child) in clients {
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success(), "rr via {to} failed: {text}");
+        let r: RrReport = serde_json::from_str(text.trim())?;
+        ensure!(
+            r.failures == 0 && r.requests > 1000 && r.per_backend.keys().eq(["A"]),
+            "a long-lived connection via {to} broke or moved during the update: {r:?}"
+        );
+    }
+    // New connections still go to the new backend only.
+    for to in &targets {
+        let r = crr(to)?;
+        ensure!(
+            r.failures == 0 && r.per_backend.keys().eq(["B"]),
+            "new connections via {to} after the update: {r:?}"
+        );
+    }
+    // The old pod is deleted: n0's collector removes the flows to its address (no pod holds it
+    // any more) without waiting for them to expire.
+    lab.node(0).del_pod(&old)?;
+    wait_orphans_collected(n0, 6)?;
     Ok(())
 }

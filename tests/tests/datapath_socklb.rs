@@ -2,7 +2,7 @@
 //! node's cgroup by `twill_agent::datapath`, the maps programmed through `AyaLbMaps` directly (no
 //! agent), and pods created by the real twill-cni talking through ClusterIPs with `labtool`.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader, Write as _},
     net::Ipv4Addr,
     process::Stdio,
@@ -11,12 +11,15 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use twill_agent::{
-    datapath::{AttachOutcome, AyaLbMaps, Datapath, DatapathOptions, MapSizes},
+    datapath::{
+        AttachOutcome, AyaLbMaps, Datapath, DatapathOptions, MapSizes, SOCK_PROGRAMS,
+        monotonic_now_ns,
+    },
     lbmap::{LbMaps, MapError, MapKind},
 };
 use twill_common::{
     Backend, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SVC_F_AFFINITY, SVC_F_CLUSTER_IP,
-    SVC_F_NODEPORT, ServiceKey, ServiceValue, SlotKey,
+    SVC_F_NODEPORT, ServiceKey, ServiceValue, SlotKey, UDP_FLOW_TIMEOUT_S,
 };
 use twill_lab::{Lab, LabSpec, Node, Pod, require, wait_for};
 
@@ -138,6 +141,40 @@ fn loop_counts(out: &str) -> Result<(u64, u64, BTreeMap<String, u64>)> {
     ))
 }
 
+/// Writes the node's network-namespace cookie into the datapath config, as the agent does at
+/// start: loopback NodePorts are translated only there.
+fn set_host_netns(maps: &mut AyaLbMaps, node: &Node) -> Result<()> {
+    let (code, out) = node.labtool(&["netns-cookie"])?;
+    ensure!(code == 0, "labtool netns-cookie: {out}");
+    let cookie: u64 = out
+        .parse()
+        .with_context(|| format!("netns cookie {out:?}"))?;
+    let mut config = maps.dump()?.config;
+    config.host_netns_cookie = cookie;
+    maps.set_config(config)?;
+    Ok(())
+}
+
+/// Leaves backend `keep` (an id) alone in Service `svc_id`'s frontend: slot 0, count 1.
+fn keep_only(
+    maps: &mut AyaLbMaps,
+    svc_id: u32,
+    (addr, port, proto): (Ipv4Addr, u16, u8),
+    keep: u32,
+) -> Result<()> {
+    maps.upsert_slot(SlotKey { svc_id, slot: 0 }, keep)?;
+    let key = ServiceKey {
+        addr_be: be(addr),
+        port_be: port.to_be(),
+        proto,
+        scope: SCOPE_ANY,
+    };
+    let mut value = maps.dump()?.services[&key];
+    value.backend_count = 1;
+    maps.upsert_service(key, value)?;
+    Ok(())
+}
+
 /// The first word of `reply=NAME ...`.
 fn replier(out: &str) -> Option<&str> {
     out.strip_prefix("reply=")?.split_whitespace().next()
@@ -220,7 +257,8 @@ fn udp_unconnected_and_connected_clients_see_the_clusterip_as_the_reply_source()
             "reply source is not the ClusterIP ({mode:?}): {out}"
         );
     }
-    // Unconnected sendto is balanced per datagram: both backends answer over 40 datagrams.
+    // Unconnected sendto from 40 sockets (labtool's udp-loop opens one per datagram) is balanced
+    // per socket: both backends answer.
     let (_, out) = s
         .client
         .labtool(&["udp-loop", "--to", "10.96.0.10:53", "--count", "40"])?;
@@ -441,6 +479,7 @@ fn nodeport_from_the_node_and_from_a_pod_via_node_address_and_loopback() -> Resu
     let Some(mut s) = setup(1, |_| DatapathOptions::unpinned())? else {
         return Ok(());
     };
+    set_host_netns(&mut s.maps, s.lab.node(0))?;
     let node_ip = s.lab.node(0).ip;
     s.maps.upsert_node_addr(be(node_ip), 0)?;
     program(
@@ -461,11 +500,15 @@ fn nodeport_from_the_node_and_from_a_pod_via_node_address_and_loopback() -> Resu
         out.contains(&format!("peer={to}")),
         "peer is not the node address: {out}"
     );
-    let (code, out) = s.lab.node(0).labtool(&["tcp", "--to", "127.0.0.1:30080"])?;
-    ensure!(
-        code == 0 && replier(&out) == Some("be0"),
-        "NodePort via loopback failed: {out}"
-    );
+    for family in [&[][..], &["--ipv6-mapped"][..]] {
+        let mut args = vec!["tcp", "--to", "127.0.0.1:30080"];
+        args.extend_from_slice(family);
+        let (code, out) = s.lab.node(0).labtool(&args)?;
+        ensure!(
+            code == 0 && replier(&out) == Some("be0"),
+            "NodePort via loopback {family:?} failed: {out}"
+        );
+    }
     let (code, out) = s.client.labtool(&["tcp", "--to", &to])?;
     ensure!(
         code == 0 && replier(&out) == Some("be0"),
@@ -477,6 +520,24 @@ fn nodeport_from_the_node_and_from_a_pod_via_node_address_and_loopback() -> Resu
     ensure!(
         code == 0 && out.starts_with(&format!("reply=be0 {}:", me.ip)),
         "NodePort hairpin failed: {out}"
+    );
+    // Inside a pod, 127.0.0.1 is the pod itself: its own listener on the NodePort's number
+    // answers, for AF_INET and AF_INET6 (v4-mapped) sockets alike.
+    s.lab.serve(&s.client, "podlocal", Some(30080), None)?;
+    let before = s.maps.stats()?[&Reason::LoopbackNotHostNetns];
+    for family in [&[][..], &["--ipv6-mapped"][..]] {
+        let mut args = vec!["tcp", "--to", "127.0.0.1:30080"];
+        args.extend_from_slice(family);
+        let (code, out) = s.client.labtool(&args)?;
+        ensure!(
+            code == 0 && replier(&out) == Some("podlocal"),
+            "a pod's 127.0.0.1:<nodePort> {family:?} was translated: {out}"
+        );
+    }
+    let after = s.maps.stats()?[&Reason::LoopbackNotHostNetns];
+    ensure!(
+        after >= before + 2,
+        "loopback NodePort in a pod not counted: {before} → {after}"
     );
     // An address that is not the node's is not a NodePort frontend.
     let (code, _) =
@@ -627,7 +688,7 @@ fn pinned_datapath_survives_restarts_without_a_failed_connection() -> Result<()>
 
     let removed = Datapath::unpin_all(&dir)?;
     ensure!(
-        removed.len() == 4 + twill_common::ALL_MAPS.len() + 1,
+        removed.len() == SOCK_PROGRAMS.len() + twill_common::ALL_MAPS.len() + 1,
         "removed {removed:?}"
     );
     let (code, out) = client.labtool(&["tcp", "--to", "10.96.0.10:80", "--timeout-ms", "300"])?;
@@ -654,21 +715,29 @@ fn removing_a_udp_backend_destroys_connected_sockets_to_it() -> Result<()> {
         0,
         0,
     )?;
-    // socat keeps one connected UDP socket open, sending each stdin line as a datagram.
-    let mut socat = s
-        .client
-        .cmd("socat")
-        .args(["-T", "20", "-", "UDP4:10.96.0.10:53"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("socat (Debian package socat) is needed")?;
-    let mut stdin = socat.stdin.take().context("stdin")?;
-    let mut lines = BufReader::new(socat.stdout.take().context("stdout")?).lines();
-    stdin.write_all(b"hi\n")?;
-    let first = lines.next().context("no reply")??;
-    ensure!(first.starts_with("be0 "), "unexpected reply {first}");
+    // socat keeps one connected UDP socket open, sending each stdin line as a datagram: one
+    // AF_INET socket, and one AF_INET6 socket connected to the v4-mapped ClusterIP.
+    let mut clients = Vec::new();
+    for target in ["UDP4:10.96.0.10:53", "UDP6:[::ffff:10.96.0.10]:53"] {
+        let mut socat = s
+            .client
+            .cmd("socat")
+            .args(["-T", "20", "-", target])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("socat (Debian package socat) is needed")?;
+        let mut stdin = socat.stdin.take().context("stdin")?;
+        let mut lines = BufReader::new(socat.stdout.take().context("stdout")?).lines();
+        stdin.write_all(b"hi\n")?;
+        let first = lines.next().context("no reply")??;
+        ensure!(
+            first.starts_with("be0 "),
+            "unexpected reply {first} ({target})"
+        );
+        clients.push((target, socat, stdin));
+    }
 
     let pod = &s.backends[0];
     let backend = Backend {
@@ -679,19 +748,24 @@ fn removing_a_udp_backend_destroys_connected_sockets_to_it() -> Result<()> {
     };
     let report = s.maps.flush_backend(1000, backend)?;
     ensure!(
-        report.sockets_destroyed == 1,
-        "connected UDP socket not destroyed: {report:?}"
+        report.sockets_destroyed == 2,
+        "connected UDP sockets (AF_INET and AF_INET6) not destroyed: {report:?}"
     );
     ensure!(
         report.revnat_entries >= 1,
         "reverse-NAT entry not flushed: {report:?}"
     );
-    // The destroyed socket fails its next use; socat exits with an error (bounded wait).
-    let _ = stdin.write_all(b"again\n");
-    let status = wait_for(Duration::from_secs(10), "socat to exit", || {
-        Ok(socat.try_wait()?)
-    })?;
-    ensure!(!status.success(), "socat kept using a destroyed socket");
+    // A destroyed socket fails its next use; socat exits with an error (bounded wait).
+    for (target, mut socat, mut stdin) in clients {
+        let _ = stdin.write_all(b"again\n");
+        let status = wait_for(Duration::from_secs(10), "socat to exit", || {
+            Ok(socat.try_wait()?)
+        })?;
+        ensure!(
+            !status.success(),
+            "socat kept using a destroyed socket ({target})"
+        );
+    }
     Ok(())
 }
 
@@ -724,5 +798,291 @@ fn ensure_bpffs_mounts_once() -> Result<()> {
     );
     drop(dp);
     drop(guard);
+    Ok(())
+}
+
+/// A JVM-like client: sockets created AF_INET6 (the JVM's and .NET's default) talking to a
+/// frontend's IPv4-mapped address (`::ffff:a.b.c.d`) are translated like AF_INET ones — TCP,
+/// connected UDP and unconnected sendto/recvfrom, to a ClusterIP, an external address and a
+/// NodePort on the node's address — and see the mapped frontend as their peer. A real IPv6
+/// destination passes untouched.
+#[test]
+fn af_inet6_clients_reach_services_via_v4_mapped_addresses_and_see_them_as_peer() -> Result<()> {
+    let Some(mut s) = setup(2, |_| DatapathOptions::unpinned())? else {
+        return Ok(());
+    };
+    let external = Ipv4Addr::new(203, 0, 113, 10);
+    let node_ip = s.lab.node(0).ip;
+    s.maps.upsert_node_addr(be(node_ip), 0)?;
+    program(
+        &mut s.maps,
+        11,
+        (VIP, 80, PROTO_TCP),
+        &ips(&s.backends),
+        0,
+        0,
+    )?;
+    program(
+        &mut s.maps,
+        12,
+        (VIP, 53, PROTO_UDP),
+        &udp_ips(&s.backends),
+        0,
+        0,
+    )?;
+    program(
+        &mut s.maps,
+        13,
+        (external, 80, PROTO_TCP),
+        &ips(&s.backends),
+        0,
+        0,
+    )?;
+    program(
+        &mut s.maps,
+        14,
+        (Ipv4Addr::UNSPECIFIED, 30080, PROTO_TCP),
+        &ips(&s.backends),
+        0,
+        0,
+    )?;
+    program(&mut s.maps, 15, (VIP, 81, PROTO_TCP), &[], 0, 0)?;
+
+    for frontend in [VIP, external, node_ip] {
+        let port = if frontend == node_ip { 30080 } else { 80 };
+        let to = format!("[::ffff:{frontend}]:{port}");
+        let (code, out) = s.client.labtool(&["tcp", "--to", &to])?;
+        ensure!(code == 0, "AF_INET6 connect to {to} failed: {out}");
+        ensure!(
+            matches!(replier(&out), Some("be0" | "be1")),
+            "unexpected reply via {to}: {out}"
+        );
+        // getpeername() on the AF_INET6 socket shows the mapped frontend, not the backend.
+        ensure!(
+            out.contains(&format!("peer={to}")),
+            "getpeername did not show {to}: {out}"
+        );
+        // The backend saw the pod's own IPv4 address: no SNAT east-west.
+        ensure!(
+            out.contains(&format!(" {}:", s.client.ip)),
+            "client source not preserved: {out}"
+        );
+    }
+    // UDP: connected (getpeername6) and sendto/recvfrom (recvmsg6 shows the mapped ClusterIP
+    // as the reply's source).
+    let to = format!("[::ffff:{VIP}]:53");
+    for mode in [&[][..], &["--connected"][..]] {
+        let mut args = vec!["udp", "--to", &to];
+        args.extend_from_slice(mode);
+        let (code, out) = s.client.labtool(&args)?;
+        ensure!(code == 0, "AF_INET6 UDP {mode:?} via {to} failed: {out}");
+        ensure!(
+            matches!(replier(&out), Some("be0" | "be1")),
+            "unexpected reply: {out}"
+        );
+        ensure!(
+            out.ends_with(&format!("from={to}")),
+            "reply source is not the mapped ClusterIP ({mode:?}): {out}"
+        );
+    }
+    // No backends: refused at once, as for AF_INET.
+    let (code, out) = s.client.labtool(&[
+        "tcp",
+        "--to",
+        &format!("[::ffff:{VIP}]:81"),
+        "--timeout-ms",
+        "5000",
+    ])?;
+    ensure!(
+        code == 2,
+        "AF_INET6 connect without endpoints not refused: {out}"
+    );
+
+    // A real IPv6 destination is not ours: untouched (nothing listens on the pod's [::1]:80).
+    let before = s.maps.stats()?[&Reason::NotV4Mapped];
+    let (code, out) = s
+        .client
+        .labtool(&["tcp", "--to", "[::1]:80", "--timeout-ms", "300"])?;
+    ensure!(code != 0, "[::1]:80 answered: {out}");
+    let stats = s.maps.stats()?;
+    ensure!(
+        stats[&Reason::NotV4Mapped] > before,
+        "IPv6 destination not counted as untouched: {stats:?}"
+    );
+    ensure!(
+        stats[&Reason::RevNatApplied] >= 5,
+        "peer rewrites not counted: {stats:?}"
+    );
+    Ok(())
+}
+
+/// Unconnected UDP: the datagrams one socket sends to one frontend are one flow and stay on one
+/// backend (QUIC, SIP and TFTP need it), for AF_INET and v4-mapped AF_INET6 sockets; other
+/// sockets spread over the backends; a backend that leaves the Service loses its flows at once.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "stickiness, removal and expiry of one flow in sequence"
+)]
+fn unconnected_udp_datagrams_of_one_socket_stay_on_one_backend() -> Result<()> {
+    let Some(mut s) = setup(2, |_| DatapathOptions::unpinned())? else {
+        return Ok(());
+    };
+    let backends = udp_ips(&s.backends);
+    program(&mut s.maps, 16, (VIP, 53, PROTO_UDP), &backends, 0, 0)?;
+
+    // Each round is a new socket: 10 datagrams, all to one backend. Over up to 12 sockets both
+    // backends get flows (all on one: 2^-11).
+    let mut seen = BTreeSet::new();
+    let mut rounds: u64 = 0;
+    for round in 0..12 {
+        let mut args = vec!["udp-loop", "--to", "10.96.0.10:53", "--count", "10"];
+        args.push("--one-socket");
+        if round % 2 == 1 {
+            args.push("--ipv6-mapped");
+        }
+        let (_, out) = s.client.labtool(&args)?;
+        let (ok, failures, counts) = loop_counts(&out)?;
+        ensure!(ok == 10 && failures == 0, "UDP flow round failed: {out}");
+        ensure!(
+            counts.len() == 1,
+            "one socket's datagrams spread over backends: {counts:?}"
+        );
+        seen.extend(counts.into_keys());
+        rounds += 1;
+        if seen.len() == 2 && round >= 3 {
+            break;
+        }
+    }
+    ensure!(seen.len() == 2, "{rounds} sockets all landed on {seen:?}");
+    let stats = s.maps.stats()?;
+    ensure!(
+        stats[&Reason::UdpFlowHit] >= 9 * rounds,
+        "flow hits not counted ({rounds} rounds): {stats:?}"
+    );
+    let flows = s.maps.dump_udp_flows()?;
+    ensure!(
+        u64::try_from(flows.len())? == rounds && flows.iter().all(|(k, _)| k.svc_id == 16),
+        "one flow per socket expected ({rounds}): {flows:?}"
+    );
+
+    // A live flow whose backend leaves the Service moves to the remaining one.
+    let started = monotonic_now_ns();
+    let looper = s
+        .client
+        .cmd(twill_lab::bin("labtool"))
+        .args([
+            "udp-loop",
+            "--to",
+            "10.96.0.10:53",
+            "--one-socket",
+            "--count",
+            "40",
+            "--interval-ms",
+            "50",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let sticky_id = wait_for(Duration::from_secs(5), "the new flow", || {
+        Ok(s.maps
+            .dump_udp_flows()?
+            .into_iter()
+            .find(|(_, v)| v.last_used_ns > started)
+            .map(|(_, v)| v.backend_id))
+    })?;
+    let other_id = if sticky_id == 1600 { 1601 } else { 1600 };
+    keep_only(&mut s.maps, 16, (VIP, 53, PROTO_UDP), other_id)?;
+    let out = looper.wait_with_output()?;
+    let out = String::from_utf8_lossy(&out.stdout);
+    let (ok, failures, counts) = loop_counts(out.trim())?;
+    ensure!(ok == 40 && failures == 0, "flow broke: {out}");
+    let name = |id: u32| format!("be{}", id - 1600);
+    ensure!(
+        counts.get(&name(sticky_id)).is_some_and(|n| *n < 40)
+            && counts.get(&name(other_id)).is_some_and(|n| *n > 0),
+        "the flow did not leave the removed backend {}: {counts:?}",
+        name(sticky_id)
+    );
+
+    // Flushing the removed backend's state drops the flows still pointing at it.
+    let (addr, port) = backends[usize::try_from(sticky_id - 1600)?];
+    let report = s.maps.flush_backend(
+        sticky_id,
+        Backend {
+            addr_be: be(addr),
+            port_be: port.to_be(),
+            proto: PROTO_UDP,
+            flags: 0,
+        },
+    )?;
+    ensure!(
+        report.udp_flow_entries >= 1,
+        "no UDP flow flushed: {report:?}"
+    );
+    let left = s.maps.dump_udp_flows()?;
+    ensure!(
+        left.iter().all(|(_, v)| v.backend_id != sticky_id),
+        "flows of the removed backend left: {left:?}"
+    );
+    Ok(())
+}
+
+/// A UDP flow idle for longer than `UDP_FLOW_TIMEOUT_S` is over: the socket's next datagram is
+/// balanced afresh rather than following the old flow.
+#[test]
+fn an_idle_unconnected_udp_flow_expires() -> Result<()> {
+    let Some(mut s) = setup(2, |_| DatapathOptions::unpinned())? else {
+        return Ok(());
+    };
+    program(
+        &mut s.maps,
+        17,
+        (VIP, 53, PROTO_UDP),
+        &udp_ips(&s.backends),
+        0,
+        0,
+    )?;
+    let counters = |maps: &AyaLbMaps| -> Result<(u64, u64)> {
+        let stats = maps.stats()?;
+        Ok((stats[&Reason::Translated], stats[&Reason::UdpFlowHit]))
+    };
+    // Back to back: the second datagram follows the flow.
+    let (t0, h0) = counters(&s.maps)?;
+    let (_, out) = s.client.labtool(&[
+        "udp-loop",
+        "--to",
+        "10.96.0.10:53",
+        "--one-socket",
+        "--count",
+        "2",
+    ])?;
+    ensure!(loop_counts(&out)?.0 == 2, "{out}");
+    let (t1, h1) = counters(&s.maps)?;
+    ensure!(
+        (t1 - t0, h1 - h0) == (1, 1),
+        "back-to-back datagrams: translated +{}, flow hits +{}",
+        t1 - t0,
+        h1 - h0
+    );
+    // A pause past the timeout: the second datagram starts a new flow.
+    let pause = (UDP_FLOW_TIMEOUT_S * 1000 + 1500).to_string();
+    let (_, out) = s.client.labtool(&[
+        "udp-loop",
+        "--to",
+        "10.96.0.10:53",
+        "--one-socket",
+        "--count",
+        "2",
+        "--interval-ms",
+        &pause,
+    ])?;
+    ensure!(loop_counts(&out)?.0 == 2, "{out}");
+    let (t2, h2) = counters(&s.maps)?;
+    ensure!(
+        (t2 - t1, h2 - h1) == (2, 0),
+        "datagrams {pause} ms apart: translated +{}, flow hits +{}",
+        t2 - t1,
+        h2 - h1
+    );
     Ok(())
 }

@@ -6,17 +6,23 @@ use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use twill_agent::{
-    datapath::{AyaLbMaps, Datapath, DatapathOptions},
+    ctgc::LocalPods,
+    datapath::{AyaLbMaps, Datapath, DatapathOptions, monotonic_now_ns},
     lbmap::LbMaps,
 };
 use twill_common::{
-    BE_F_LOCAL, Backend, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SVC_F_LOADBALANCER,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
+    BE_F_LOCAL, Backend, CT_FIN_ORIG, CT_FIN_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    CT_STATE_NEW, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SVC_F_LOADBALANCER, SVC_F_NODEPORT,
+    SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
 };
 use twill_lab::{LabSpec, require};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 const NODE: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 200);
 const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
@@ -50,6 +56,21 @@ fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
 /// Ethernet + IPv4 + TCP (SYN) or UDP with valid checksums; `udp_csum: false` leaves the UDP
 /// checksum 0 ("none").
 fn packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, udp_csum: bool) -> Vec<u8> {
+    with_flags(src, dst, proto, udp_csum, TCP_SYN)
+}
+
+/// A TCP segment with the given flags (`TCP_*`).
+fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+    with_flags(src, dst, PROTO_TCP, true, flags)
+}
+
+fn with_flags(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    proto: u8,
+    udp_csum: bool,
+    tcp_flags: u8,
+) -> Vec<u8> {
     let payload = b"hello";
     let l4_len = if proto == PROTO_TCP { 20 } else { 8 } + payload.len();
     let mut l4 = vec![0u8; l4_len];
@@ -57,7 +78,7 @@ fn packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, udp_csum: bool)
     l4[2..4].copy_from_slice(&dst.1.to_be_bytes());
     if proto == PROTO_TCP {
         l4[12] = 5 << 4; // data offset
-        l4[13] = 0x02; // SYN
+        l4[13] = tcp_flags;
         l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
         l4[20..].copy_from_slice(payload);
     } else {
@@ -346,4 +367,509 @@ fn tc_fixtures_translate_both_directions_with_valid_checksums() -> Result<()> {
         "expected 2 CT entries for each of 3 flows, got {ct:?}"
     );
     Ok(())
+}
+
+const CLIENT2: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 201);
+const POD2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 6);
+const INGRESS: &str = "twill_tc_ingress";
+const EGRESS: &str = "twill_tc_egress";
+const SEC: u64 = 1_000_000_000;
+
+/// The programs loaded (not attached), their maps, this node's address as a NodePort address;
+/// `ct_max` sizes the conntrack table.
+fn loaded(ct_max: Option<u32>) -> Result<(Datapath, AyaLbMaps)> {
+    let mut opts = DatapathOptions::unpinned();
+    if let Some(n) = ct_max {
+        opts.map_sizes.ct = n;
+    }
+    let mut dp = Datapath::load(&opts)?;
+    for name in [INGRESS, EGRESS] {
+        let p: &mut aya::programs::SchedClassifier =
+            dp.ebpf.program_mut(name).context(name)?.try_into()?;
+        p.load()?;
+    }
+    let mut maps = dp.lb_maps()?;
+    maps.upsert_node_addr(be(NODE), 0)?;
+    Ok((dp, maps))
+}
+
+/// A NodePort `port` of Service `svc_id` with the given local backends (ids `svc_id * 10 + i`).
+fn nodeport(
+    maps: &mut AyaLbMaps,
+    svc_id: u32,
+    port: u16,
+    proto: u8,
+    backends: &[(Ipv4Addr, u16)],
+) -> Result<()> {
+    for (i, (addr, bport)) in backends.iter().enumerate() {
+        let id = svc_id * 10 + u32::try_from(i)?;
+        maps.upsert_backend(
+            id,
+            Backend {
+                addr_be: be(*addr),
+                port_be: bport.to_be(),
+                proto,
+                flags: BE_F_LOCAL,
+            },
+        )?;
+        maps.upsert_slot(
+            SlotKey {
+                svc_id,
+                slot: u32::try_from(i)?,
+            },
+            id,
+        )?;
+    }
+    maps.upsert_service(
+        ServiceKey {
+            addr_be: 0,
+            port_be: port.to_be(),
+            proto,
+            scope: SCOPE_ANY,
+        },
+        ServiceValue {
+            svc_id,
+            backend_count: u16::try_from(backends.len())?,
+            flags: SVC_F_NODEPORT,
+            affinity_timeout_s: 0,
+            _pad: 0,
+        },
+    )?;
+    Ok(())
+}
+
+/// Runs `pkt` through `prog`; expects `TC_ACT_OK` and returns what came out.
+fn pass(dp: &Datapath, prog: &str, pkt: &[u8]) -> Result<Seen> {
+    let (rc, out) = test_run(dp, prog, pkt)?;
+    ensure!(rc == TC_ACT_OK, "{prog} verdict {rc}");
+    inspect(&out)
+}
+
+/// The conntrack entries of flows to (or from) `addr`, as (state, tcp_fin) per entry.
+fn flow_states(maps: &AyaLbMaps, proto: u8, addr: Ipv4Addr, port: u16) -> Result<Vec<(u8, u8)>> {
+    Ok(maps
+        .dump_ct()?
+        .into_iter()
+        .filter(|(k, v)| {
+            k.proto == proto
+                && ((v.new_daddr_be == be(addr) && v.new_dport_be == port.to_be())
+                    || (k.saddr_be == be(addr) && k.sport_be == port.to_be()))
+        })
+        .map(|(_, v)| (v.state, v.tcp_fin))
+        .collect())
+}
+
+fn local_pods(live: &[Ipv4Addr]) -> Result<LocalPods> {
+    Ok(LocalPods::new(
+        vec!["10.244.0.0/24".parse()?],
+        live.iter().copied(),
+    ))
+}
+
+/// What the reconciler does when POD2 replaces POD (backend `svc_id * 10`, alone in slot 0) in
+/// Service `svc_id`: new backend, slot rewritten, the old one flushed and deleted.
+fn replace_backend(maps: &mut AyaLbMaps, svc_id: u32, proto: u8, port: u16) -> Result<()> {
+    let backend = |addr| Backend {
+        addr_be: be(addr),
+        port_be: port.to_be(),
+        proto,
+        flags: BE_F_LOCAL,
+    };
+    let (old_id, new_id) = (svc_id * 10, svc_id * 10 + 1);
+    maps.upsert_backend(new_id, backend(POD2))?;
+    maps.upsert_slot(SlotKey { svc_id, slot: 0 }, new_id)?;
+    maps.flush_backend(old_id, backend(POD))?;
+    maps.delete_backend(old_id)?;
+    Ok(())
+}
+
+/// Only a SYN opens a flow; replies move it to ESTABLISHED; a flow whose backend left the
+/// Service keeps going to it (drain) while UDP flows to it are flushed; FINs both ways close it;
+/// the collector removes closed flows after the close lifetime, unanswered UDP after its own,
+/// keeps established ones, and removes flows to addresses no local pod holds any more.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one flow's story told packet by packet; splitting it would hide the sequence"
+)]
+fn tc_conntrack_opens_on_syn_only_and_drains_removed_backends() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(None)?;
+    nodeport(&mut maps, 1, 30080, PROTO_TCP, &[(POD, 8080)])?;
+    nodeport(&mut maps, 2, 30053, PROTO_UDP, &[(POD, 5353)])?;
+    let np = (NODE, 30080);
+    let (a, b) = ((CLIENT, 40000), (CLIENT, 40002));
+    in_netns(&lab.node(0).netns, || {
+        // A non-SYN first packet: never balanced (the backend would reset it), passed on
+        // untouched, nothing tracked.
+        let ack = tcp(a, np, TCP_ACK);
+        let (rc, out) = test_run(&dp, INGRESS, &ack)?;
+        ensure!(rc == TC_ACT_OK && out == ack, "non-SYN miss changed: {rc}");
+        ensure!(maps.dump_ct()?.is_empty(), "a non-SYN packet opened a flow");
+        ensure!(maps.stats()?[&Reason::CtNonSynMiss] == 1, "not counted");
+
+        // The SYN opens it: two entries, state NEW; the SYN-ACK makes both ESTABLISHED.
+        ensure!(pass(&dp, INGRESS, &tcp(a, np, TCP_SYN))?.dst == (POD, 8080));
+        ensure!(flow_states(&maps, PROTO_TCP, POD, 8080)? == [(CT_STATE_NEW, 0); 2]);
+        let seen = pass(&dp, EGRESS, &tcp((POD, 8080), a, TCP_SYN | TCP_ACK))?;
+        ensure!(seen.src == np && seen.dst == a, "{seen:?}");
+        ensure!(flow_states(&maps, PROTO_TCP, POD, 8080)? == [(CT_STATE_ESTABLISHED, 0); 2]);
+        ensure!(pass(&dp, INGRESS, &tcp(a, np, TCP_ACK))?.dst == (POD, 8080));
+        // A UDP flow to the same pod.
+        ensure!(
+            pass(
+                &dp,
+                INGRESS,
+                &packet((CLIENT, 41000), (NODE, 30053), PROTO_UDP, true)
+            )?
+            .dst == (POD, 5353)
+        );
+
+        // Rolling update: POD2 replaces POD in both Services; the reconciler flushes POD.
+        replace_backend(&mut maps, 1, PROTO_TCP, 8080)?;
+        replace_backend(&mut maps, 2, PROTO_UDP, 5353)?;
+        ensure!(
+            flow_states(&maps, PROTO_UDP, POD, 5353)?.is_empty(),
+            "UDP flows to the removed backend were not flushed"
+        );
+        ensure!(
+            flow_states(&maps, PROTO_TCP, POD, 8080)?.len() == 2,
+            "the established TCP flow was flushed with its backend"
+        );
+        // The established flow drains to its old backend, both ways.
+        ensure!(pass(&dp, INGRESS, &tcp(a, np, TCP_ACK))?.dst == (POD, 8080));
+        ensure!(pass(&dp, EGRESS, &tcp((POD, 8080), a, TCP_ACK))?.src == np);
+        // New flows go to the new backend.
+        ensure!(pass(&dp, INGRESS, &tcp(b, np, TCP_SYN))?.dst == (POD2, 8080));
+        pass(&dp, EGRESS, &tcp((POD2, 8080), b, TCP_SYN | TCP_ACK))?;
+        ensure!(
+            pass(
+                &dp,
+                INGRESS,
+                &packet((CLIENT, 41000), (NODE, 30053), PROTO_UDP, true)
+            )?
+            .dst == (POD2, 5353)
+        );
+        // The old pod still exists: the collector leaves its draining flow alone.
+        let now = monotonic_now_ns();
+        let (plan, _) = maps.collect_ct(now, &local_pods(&[POD, POD2])?)?;
+        ensure!(plan.is_empty(), "{plan:?}");
+
+        // FIN both ways: CLOSING in both entries.
+        pass(&dp, INGRESS, &tcp(a, np, TCP_FIN | TCP_ACK))?;
+        ensure!(
+            flow_states(&maps, PROTO_TCP, POD, 8080)? == [(CT_STATE_ESTABLISHED, CT_FIN_ORIG); 2]
+        );
+        pass(&dp, EGRESS, &tcp((POD, 8080), a, TCP_FIN | TCP_ACK))?;
+        let both = CT_FIN_ORIG | CT_FIN_REPLY;
+        ensure!(flow_states(&maps, PROTO_TCP, POD, 8080)? == [(CT_STATE_CLOSING, both); 2]);
+        ensure!(pass(&dp, INGRESS, &tcp(a, np, TCP_ACK))?.dst == (POD, 8080));
+
+        // Collection: nothing is due yet; past the close lifetime the closed flow goes and
+        // nothing else; past the unanswered-UDP lifetime the UDP flow goes; the established
+        // flow stays.
+        let owners = local_pods(&[POD, POD2])?;
+        let now = monotonic_now_ns();
+        ensure!(maps.collect_ct(now, &owners)?.0.is_empty());
+        let (plan, scanned) = maps.collect_ct(now + 11 * SEC, &owners)?;
+        ensure!(
+            scanned == 6 && plan.expired.len() == 2 && plan.orphaned.is_empty(),
+            "{scanned} {plan:?}"
+        );
+        ensure!(flow_states(&maps, PROTO_TCP, POD, 8080)?.is_empty());
+        let (plan, _) = maps.collect_ct(now + 31 * SEC, &owners)?;
+        ensure!(plan.expired.len() == 2, "{plan:?}");
+        ensure!(flow_states(&maps, PROTO_UDP, POD2, 5353)?.is_empty());
+        ensure!(flow_states(&maps, PROTO_TCP, POD2, 8080)? == [(CT_STATE_ESTABLISHED, 0); 2]);
+
+        // A SYN reusing the tuple of a closed flow opens a new one.
+        pass(&dp, INGRESS, &tcp(b, np, TCP_FIN | TCP_ACK))?;
+        pass(&dp, EGRESS, &tcp((POD2, 8080), b, TCP_FIN | TCP_ACK))?;
+        ensure!(pass(&dp, INGRESS, &tcp(b, np, TCP_SYN))?.dst == (POD2, 8080));
+        ensure!(maps.stats()?[&Reason::CtReopened] == 1);
+        ensure!(flow_states(&maps, PROTO_TCP, POD2, 8080)? == [(CT_STATE_NEW, 0); 2]);
+
+        // POD2 is deleted (its host route gone): its flows are removed at once.
+        let (plan, _) = maps.collect_ct(monotonic_now_ns(), &local_pods(&[POD])?)?;
+        ensure!(
+            plan.orphaned.len() == 2 && plan.expired.is_empty(),
+            "{plan:?}"
+        );
+        ensure!(maps.dump_ct()?.is_empty());
+        Ok(())
+    })
+}
+
+/// A full table drops the first packet of a new flow with `CtMapFull`; tracked flows go on, and
+/// a new flow gets in once entries are freed.
+#[test]
+fn tc_conntrack_full_table_drops_new_flows_with_a_named_reason() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(Some(4))?;
+    nodeport(&mut maps, 1, 30080, PROTO_TCP, &[(POD, 8080)])?;
+    let np = (NODE, 30080);
+    in_netns(&lab.node(0).netns, || {
+        for port in [40000, 40001] {
+            ensure!(pass(&dp, INGRESS, &tcp((CLIENT, port), np, TCP_SYN))?.dst == (POD, 8080));
+        }
+        ensure!(maps.dump_ct()?.len() == 4);
+        let (rc, _) = test_run(&dp, INGRESS, &tcp((CLIENT, 40002), np, TCP_SYN))?;
+        ensure!(rc == TC_ACT_SHOT, "a new flow into a full table: {rc}");
+        ensure!(maps.stats()?[&Reason::CtMapFull] == 1);
+        ensure!(maps.dump_ct()?.len() == 4, "a half-written flow was left");
+        // Tracked flows are untouched by the pressure.
+        ensure!(pass(&dp, INGRESS, &tcp((CLIENT, 40000), np, TCP_ACK))?.dst == (POD, 8080));
+        // A reset frees a flow; the retried SYN gets in.
+        pass(&dp, INGRESS, &tcp((CLIENT, 40000), np, TCP_RST | TCP_ACK))?;
+        ensure!(maps.dump_ct()?.len() == 2);
+        ensure!(pass(&dp, INGRESS, &tcp((CLIENT, 40002), np, TCP_SYN))?.dst == (POD, 8080));
+        Ok(())
+    })
+}
+
+/// Backends are chosen by a hash of the flow's tuple: a flow whose entries were lost lands on
+/// the same backend again while the backend set is unchanged; different flows spread.
+#[test]
+fn tc_backend_choice_is_consistent_per_flow() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(None)?;
+    let pods: Vec<(Ipv4Addr, u16)> = (5..9)
+        .map(|i| (Ipv4Addr::new(10, 244, 0, i), 8080))
+        .collect();
+    nodeport(&mut maps, 1, 30080, PROTO_TCP, &pods)?;
+    let np = (NODE, 30080);
+    in_netns(&lab.node(0).netns, || {
+        let mut chosen = std::collections::BTreeSet::new();
+        for (client, port) in
+            (0..16u16).map(|i| (if i % 2 == 0 { CLIENT } else { CLIENT2 }, 42000 + i))
+        {
+            let first = pass(&dp, INGRESS, &tcp((client, port), np, TCP_SYN))?.dst;
+            // The flow is lost (a reset removes it) and the client tries the same tuple again.
+            pass(&dp, INGRESS, &tcp((client, port), np, TCP_RST))?;
+            let again = pass(&dp, INGRESS, &tcp((client, port), np, TCP_SYN))?.dst;
+            ensure!(first == again, "{client}:{port}: {first:?} then {again:?}");
+            chosen.insert(first);
+        }
+        ensure!(chosen.len() >= 2, "16 flows all on {chosen:?}");
+        Ok(())
+    })
+}
+
+/// An ICMP error `(icmp_type, code)` from `from` to `to` quoting the IPv4 header and first 8
+/// payload bytes of `quoted` (a whole frame as built by [`with_flags`]), as RFC 792 requires.
+fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    // Unused word; for "fragmentation needed" its low half is the next-hop MTU (RFC 1191).
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0x05, 0x00];
+    icmp.extend_from_slice(&quoted[14..14 + 28]);
+    let c = !csum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&u16::try_from(20 + icmp.len()).unwrap_or(0).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&from.octets());
+    ip[16..20].copy_from_slice(&to.octets());
+    let c = !csum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut pkt = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+    pkt.extend_from_slice(&ip);
+    pkt.extend_from_slice(&icmp);
+    pkt
+}
+
+/// An ICMP error after checking the outer, ICMP and quoted IPv4 checksums: (outer source,
+/// outer destination, quoted source, quoted destination).
+type IcmpSeen = (Ipv4Addr, Ipv4Addr, (Ipv4Addr, u16), (Ipv4Addr, u16));
+
+fn inspect_icmp(pkt: &[u8]) -> Result<IcmpSeen> {
+    ensure!(
+        pkt.len() >= 14 + 20 + 8 + 28,
+        "short ICMP packet {}",
+        pkt.len()
+    );
+    let ip = &pkt[14..34];
+    ensure!(csum(ip, 0) == 0xffff, "bad outer IPv4 checksum");
+    let icmp = &pkt[34..];
+    ensure!(csum(icmp, 0) == 0xffff, "bad ICMP checksum");
+    let inner = &icmp[8..28];
+    ensure!(csum(inner, 0) == 0xffff, "bad quoted IPv4 checksum");
+    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let ports = &icmp[28..32];
+    Ok((
+        addr(&ip[12..16]),
+        addr(&ip[16..20]),
+        (
+            addr(&inner[12..16]),
+            u16::from_be_bytes([ports[0], ports[1]]),
+        ),
+        (
+            addr(&inner[16..20]),
+            u16::from_be_bytes([ports[2], ports[3]]),
+        ),
+    ))
+}
+
+/// ICMP errors about translated flows are translated back, outer and quoted header: a router's
+/// "fragmentation needed" for a backend's reply reaches the backend about the packet it sent
+/// (PMTU discovery through NodePort); a backend's "port unreachable" reaches the client about
+/// the datagram it sent to the NodePort. Errors about unknown flows pass untouched.
+#[test]
+fn tc_icmp_errors_of_translated_flows_are_translated_back() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(None)?;
+    nodeport(&mut maps, 1, 30080, PROTO_TCP, &[(POD, 8080)])?;
+    nodeport(&mut maps, 2, 30053, PROTO_UDP, &[(POD, 5353)])?;
+    let router = Ipv4Addr::new(172, 30, 0, 1);
+    in_netns(&lab.node(0).netns, || {
+        let (client, np) = ((CLIENT, 40000), (NODE, 30080));
+        ensure!(pass(&dp, INGRESS, &tcp(client, np, TCP_SYN))?.dst == (POD, 8080));
+        // The backend's reply as it left the node (translated), too big for a router's link.
+        let reply_on_wire = tcp(np, client, TCP_ACK);
+        let (rc, out) = test_run(
+            &dp,
+            INGRESS,
+            &icmp_error(router, NODE, 3, 4, &reply_on_wire),
+        )?;
+        ensure!(rc == TC_ACT_OK, "frag-needed verdict {rc}");
+        let seen = inspect_icmp(&out)?;
+        ensure!(
+            seen == (router, POD, (POD, 8080), client),
+            "fragmentation needed not translated to the backend: {seen:?}"
+        );
+
+        let (uclient, unp) = ((CLIENT, 41000), (NODE, 30053));
+        let dgram = packet(uclient, unp, PROTO_UDP, true);
+        ensure!(pass(&dp, INGRESS, &dgram)?.dst == (POD, 5353));
+        // The datagram as the backend got it; nobody listens: port unreachable to the client.
+        let as_received = packet(uclient, (POD, 5353), PROTO_UDP, true);
+        let (rc, out) = test_run(&dp, EGRESS, &icmp_error(POD, CLIENT, 3, 3, &as_received))?;
+        ensure!(rc == TC_ACT_OK, "port-unreachable verdict {rc}");
+        let seen = inspect_icmp(&out)?;
+        ensure!(
+            seen == (NODE, CLIENT, uclient, unp),
+            "port unreachable not translated to the NodePort: {seen:?}"
+        );
+        ensure!(maps.stats()?[&Reason::IcmpErrorTranslated] == 2);
+
+        // About a flow nobody tracks: untouched.
+        let stranger = icmp_error(router, NODE, 3, 4, &tcp(np, (CLIENT2, 1234), TCP_ACK));
+        let (rc, out) = test_run(&dp, INGRESS, &stranger)?;
+        ensure!(
+            rc == TC_ACT_OK && out == stranger,
+            "unknown ICMP error changed"
+        );
+        Ok(())
+    })
+}
+
+/// A UDP datagram from `src` to `dst` with a 24-byte payload, cut into two IPv4 fragments
+/// (identification `id`): the first holds the UDP header and 8 payload bytes, the second the
+/// other 16. Returns (first, second, payload).
+fn udp_fragments(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    id: u16,
+) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let payload: Vec<u8> = (0u8..24).collect();
+    let mut udp = vec![0u8; 8];
+    udp[0..2].copy_from_slice(&src.1.to_be_bytes());
+    udp[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    udp[4..6].copy_from_slice(&32u16.to_be_bytes());
+    udp.extend_from_slice(&payload);
+    let c = !csum(&udp, pseudo_sum(src.0, dst.0, PROTO_UDP, udp.len()));
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    let frame = |body: &[u8], frag_field: u16| {
+        let mut ip = vec![0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&u16::try_from(20 + body.len()).unwrap_or(0).to_be_bytes());
+        ip[4..6].copy_from_slice(&id.to_be_bytes());
+        ip[6..8].copy_from_slice(&frag_field.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = PROTO_UDP;
+        ip[12..16].copy_from_slice(&src.0.octets());
+        ip[16..20].copy_from_slice(&dst.0.octets());
+        let c = !csum(&ip, 0);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut pkt = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+        pkt.extend_from_slice(&ip);
+        pkt.extend_from_slice(body);
+        pkt
+    };
+    // More-fragments set, offset 0; then offset 16 bytes (2 units of 8), last.
+    (frame(&udp[..16], 0x2000), frame(&udp[16..], 2), payload)
+}
+
+/// Addresses of a frame after checking its IPv4 header checksum.
+fn ip_addrs(pkt: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr)> {
+    let ip = &pkt[14..34];
+    ensure!(csum(ip, 0) == 0xffff, "bad IPv4 header checksum");
+    Ok((
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+    ))
+}
+
+/// The later fragments of a translated UDP datagram follow its first fragment (to the backend
+/// and back), and the reassembled datagram's checksum is valid after translation; a later
+/// fragment whose first one was not seen passes untouched.
+#[test]
+fn tc_later_fragments_follow_the_first() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(None)?;
+    nodeport(&mut maps, 2, 30053, PROTO_UDP, &[(POD, 5353)])?;
+    in_netns(&lab.node(0).netns, || {
+        let (client, np) = ((CLIENT, 41000), (NODE, 30053));
+        let (first, second, payload) = udp_fragments(client, np, 0x1234);
+        let (rc, out1) = test_run(&dp, INGRESS, &first)?;
+        ensure!(
+            rc == TC_ACT_OK && ip_addrs(&out1)? == (CLIENT, POD),
+            "first fragment"
+        );
+        let (rc, out2) = test_run(&dp, INGRESS, &second)?;
+        ensure!(rc == TC_ACT_OK, "second fragment verdict {rc}");
+        ensure!(
+            ip_addrs(&out2)? == (CLIENT, POD),
+            "the later fragment did not follow the first"
+        );
+        ensure!(out2[34..] == payload[8..], "later fragment payload changed");
+        // Reassembled: the UDP checksum (updated on the first fragment) is valid for the
+        // translated addresses and ports.
+        let mut udp = out1[34..].to_vec();
+        udp.extend_from_slice(&out2[34..]);
+        ensure!(u16::from_be_bytes([udp[2], udp[3]]) == 5353);
+        ensure!(
+            csum(&udp, pseudo_sum(CLIENT, POD, PROTO_UDP, udp.len())) == 0xffff,
+            "reassembled UDP checksum invalid"
+        );
+
+        // The backend's fragmented reply goes back through the NodePort, every fragment.
+        let (first, second, _) = udp_fragments((POD, 5353), client, 0x4321);
+        for frag in [first, second] {
+            let (rc, out) = test_run(&dp, EGRESS, &frag)?;
+            ensure!(
+                rc == TC_ACT_OK && ip_addrs(&out)? == (NODE, CLIENT),
+                "reply fragment"
+            );
+        }
+
+        // A later fragment of an unknown datagram: untouched.
+        let (_, orphan, _) = udp_fragments(client, np, 0x7777);
+        let (rc, out) = test_run(&dp, INGRESS, &orphan)?;
+        ensure!(
+            rc == TC_ACT_OK && out == orphan,
+            "unknown later fragment changed"
+        );
+        Ok(())
+    })
 }

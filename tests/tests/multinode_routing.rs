@@ -503,3 +503,58 @@ fn programs_hundreds_of_peers_and_removes_them() -> Result<()> {
     );
     Ok(())
 }
+
+/// A route to a peer's pod CIDR that the agent does not own (an operator's static route, a
+/// previous CNI's) is never replaced: the plan skips that peer, and the executor refuses to
+/// write over it even when handed a plan made before the route appeared. Routes to the other
+/// peers are programmed as usual.
+#[test]
+fn a_route_the_agent_does_not_own_is_never_replaced() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(3))? else {
+        return Ok(());
+    };
+    let nodes = cluster_nodes(&lab)?;
+    let config = RoutingConfig::default();
+    let (n0, n1, n2) = (lab.node(0), lab.node(1), lab.node(2));
+    let cidr = n1.pod_cidr.to_string();
+    // Someone else's route to n1's pods (through n2, so it is told apart from ours).
+    n0.run(&[
+        "ip",
+        "route",
+        "add",
+        &cidr,
+        "via",
+        &n2.ip.to_string(),
+        "proto",
+        "static",
+    ])?;
+    let foreign = || n0.run(&["ip", "-4", "route", "show", "exact", &cidr]);
+    let before = foreign()?;
+
+    let (plan, _) = converge(n0, &nodes, &config)?;
+    ensure!(
+        plan.skipped
+            .iter()
+            .any(|s| s.node == n1.name && format!("{:?}", s.reason).starts_with("ForeignRoute")),
+        "n1 not skipped: {plan}"
+    );
+    ensure!(foreign()? == before, "the plan's apply changed {before}");
+    let owned = owned_routes(n0)?;
+    ensure!(
+        owned.contains(&n2.pod_cidr.to_string()) && !owned.contains(&cidr),
+        "owned routes: {owned}"
+    );
+
+    // A plan from a snapshot that did not see the route yet: the executor checks again.
+    let (name, all, cfg) = (n0.name.clone(), nodes.clone(), config.clone());
+    let report = in_node(n0, move |exec| async move {
+        let mut host = exec.host_network().await?;
+        host.foreign_routes.clear();
+        let plan = twill_agent::routing::plan_routes(&name, &all, &cfg, &host)?;
+        anyhow::ensure!(plan.peers.len() == 2, "{plan}");
+        Ok(exec.apply(&plan, true).await?)
+    })?;
+    ensure!(report.routes_refused == 1, "{report:?}");
+    ensure!(foreign()? == before, "the executor replaced {before}");
+    Ok(())
+}

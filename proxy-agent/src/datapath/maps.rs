@@ -10,12 +10,13 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use ipnetwork::Ipv4Network;
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, NodeAddrValue, PROTO_UDP,
-    Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue,
-    SrcRangeKey,
+    AffinityKey, AffinityValue, Backend, CT_SCOPE_NAT, CtKey, CtValue, DatapathConfig,
+    NodeAddrValue, PROTO_TCP, PROTO_UDP, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey,
+    SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 use super::{DatapathError, sockdestroy};
+use crate::ctgc::{self, AddrOwners, CtGcPlan};
 use crate::lbmap::{LbMaps, LbState, MapError, MapKind};
 
 /// Per-reason verdict counters summed over all CPUs. Reasons never hit are present with 0, so
@@ -26,8 +27,11 @@ pub type ReasonCounts = BTreeMap<Reason, u64>;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlushReport {
     pub affinity_entries: usize,
+    /// Unconnected UDP flows that stuck to the backend.
+    pub udp_flow_entries: usize,
     pub revnat_entries: usize,
-    /// Per-packet connection-tracking entries (either direction) of flows to the backend.
+    /// Per-packet connection-tracking entries (either direction) of UDP flows to the backend
+    /// (TCP flows drain: they stay until they close or their pod goes, see [`crate::ctgc`]).
     pub ct_entries: usize,
     pub sockets_destroyed: usize,
     pub namespaces_searched: usize,
@@ -45,6 +49,7 @@ pub struct AyaLbMaps {
     stats: PerCpuArray<MapData, u64>,
     ct: HashMap<MapData, CtKey, CtValue>,
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
+    udp_flows: HashMap<MapData, UdpFlowKey, AffinityValue>,
     capacity: BTreeMap<MapKind, u32>,
     /// cgroup subtree whose processes' network namespaces are searched for connected UDP
     /// sockets to destroy when a backend goes away; `None` disables socket destruction.
@@ -103,6 +108,7 @@ impl AyaLbMaps {
             twill_common::MAP_LB_SRC_RANGES,
             take(MapKind::SourceRanges)?,
         )?;
+        let udp_flows = typed(twill_common::MAP_UDP_FLOWS, take(MapKind::UdpFlows)?)?;
         Ok(Self {
             services,
             slots,
@@ -114,6 +120,7 @@ impl AyaLbMaps {
             stats,
             ct,
             src_ranges,
+            udp_flows,
             capacity,
             socket_scope: None,
             last_flush: FlushReport::default(),
@@ -168,6 +175,11 @@ impl AyaLbMaps {
         collect(&self.affinity, MapKind::Affinity)
     }
 
+    /// Every unconnected UDP flow entry (idle ones included, as for affinity).
+    pub fn dump_udp_flows(&self) -> Result<Vec<(UdpFlowKey, AffinityValue)>, MapError> {
+        collect(&self.udp_flows, MapKind::UdpFlows)
+    }
+
     /// Every socket reverse-NAT entry.
     pub fn dump_revnat(&self) -> Result<Vec<(SockRevNatKey, SockRevNatValue)>, MapError> {
         collect(&self.revnat, MapKind::SockRevNat)
@@ -214,6 +226,17 @@ impl AyaLbMaps {
             remove(&mut self.affinity, k, MapKind::Affinity)?;
         }
         report.affinity_entries = stale_aff.len();
+        // The kernel already ignores a flow whose backend left the Service; removing it also
+        // keeps a re-added backend with the same id from being picked up by an old flow.
+        let stale_flows: Vec<UdpFlowKey> = collect(&self.udp_flows, MapKind::UdpFlows)?
+            .into_iter()
+            .filter(|(_, v)| ids.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale_flows {
+            remove(&mut self.udp_flows, k, MapKind::UdpFlows)?;
+        }
+        report.udp_flow_entries = stale_flows.len();
         let stale_rn: Vec<SockRevNatKey> = collect(&self.revnat, MapKind::SockRevNat)?
             .into_iter()
             .filter(|(k, _)| addrs.contains(&(k.backend_addr_be, k.backend_port_be)))
@@ -223,13 +246,19 @@ impl AyaLbMaps {
             remove(&mut self.revnat, k, MapKind::SockRevNat)?;
         }
         report.revnat_entries = stale_rn.len();
-        // North-south flows to the backend: the original direction rewrites to it, the reply
-        // direction comes from it. Dropping both makes the flow's next packet pick afresh.
+        // North-south UDP flows to the backend (the original direction rewrites to it, the reply
+        // direction comes from it): dropping both makes the flow's next datagram pick a live
+        // backend, as kube-proxy clears UDP conntrack entries of removed endpoints. TCP flows
+        // are left to drain, as kube-proxy does: the pod may still be serving them (terminating,
+        // or only unselected), and a new backend would reset them. When the pod itself goes,
+        // the collector removes them ([`crate::ctgc`]).
         let stale_ct: Vec<CtKey> = collect(&self.ct, MapKind::Ct)?
             .into_iter()
             .filter(|(k, v)| {
-                flows.contains(&(k.proto, v.new_daddr_be, v.new_dport_be))
-                    || flows.contains(&(k.proto, k.saddr_be, k.sport_be))
+                k.proto != PROTO_TCP
+                    && k.scope == CT_SCOPE_NAT
+                    && (flows.contains(&(k.proto, v.new_daddr_be, v.new_dport_be))
+                        || flows.contains(&(k.proto, k.saddr_be, k.sport_be)))
             })
             .map(|(k, _)| k)
             .collect();
@@ -265,9 +294,73 @@ impl AyaLbMaps {
         Ok(report)
     }
 
+    /// One collection pass over the connection-tracking table at `now_ns` (`CLOCK_MONOTONIC`):
+    /// deletes what [`ctgc::plan`] says and returns the plan and how many entries were scanned.
+    pub fn collect_ct(
+        &mut self,
+        now_ns: u64,
+        owners: &impl AddrOwners,
+    ) -> Result<(CtGcPlan, usize), MapError> {
+        collect_ct(&mut self.ct, now_ns, owners)
+    }
+
     fn full_or_syscall(&self, kind: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
         map_update_error(&self.capacity, kind, op, e)
     }
+}
+
+/// The connection-tracking table on a handle of its own, so the agent collects it on a blocking
+/// thread without holding up the run loop (a pass over 100,000 entries costs two syscalls each,
+/// about half a second).
+pub struct CtTable {
+    ct: HashMap<MapData, CtKey, CtValue>,
+    capacity: u32,
+}
+
+impl CtTable {
+    /// Opens the table pinned under `bpffs_dir` (by this agent's [`super::Datapath::load`]).
+    pub fn open_pinned(bpffs_dir: &Path) -> Result<Self, DatapathError> {
+        let path = bpffs_dir.join(twill_common::MAP_CT);
+        let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+            path: path.clone(),
+            source,
+        })?;
+        let map = Map::from_map_data(data).map_err(|source| DatapathError::OpenPinned {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            capacity: capacity_of(&map),
+            ct: typed(twill_common::MAP_CT, Some(map))?,
+        })
+    }
+
+    /// `max_entries` of the table.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// As [`AyaLbMaps::collect_ct`].
+    pub fn collect(
+        &mut self,
+        now_ns: u64,
+        owners: &impl AddrOwners,
+    ) -> Result<(CtGcPlan, usize), MapError> {
+        collect_ct(&mut self.ct, now_ns, owners)
+    }
+}
+
+fn collect_ct(
+    ct: &mut HashMap<MapData, CtKey, CtValue>,
+    now_ns: u64,
+    owners: &impl AddrOwners,
+) -> Result<(CtGcPlan, usize), MapError> {
+    let entries = collect(ct, MapKind::Ct)?;
+    let plan = ctgc::plan(&entries, now_ns, owners);
+    for k in plan.keys() {
+        remove(ct, k, MapKind::Ct)?;
+    }
+    Ok((plan, entries.len()))
 }
 
 /// A full hash map answers E2BIG (ENOSPC from some map types): that is `MapError::Full`, a named
@@ -446,9 +539,10 @@ impl LbMaps for AyaLbMaps {
     fn flush_backends_state(&mut self, backends: &[(u32, Backend)]) -> Result<(), MapError> {
         let report = self.flush_backends(backends)?;
         log::info!(
-            "flushed {} removed backends: {} affinity, {} reverse-NAT, {} conntrack entries, {} UDP sockets destroyed in {} namespaces",
+            "flushed {} removed backends: {} affinity, {} UDP flow, {} reverse-NAT, {} conntrack entries, {} UDP sockets destroyed in {} namespaces",
             backends.len(),
             report.affinity_entries,
+            report.udp_flow_entries,
             report.revnat_entries,
             report.ct_entries,
             report.sockets_destroyed,

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  <bpffs-dir>/TWL_SVC_V1 … TWL_STATS_V1   pinned maps (adopted by the next agent as they are)
-//!  <bpffs-dir>/link_twill_connect4 …       pinned cgroup links (keep the hooks attached while
+//!  <bpffs-dir>/link_twill_connect4 …6      pinned cgroup links (keep the hooks attached while
 //!                                          no agent runs; a new agent swaps their program in
 //!                                          place with BPF_LINK_UPDATE, leaving no gap)
 //!  <bpffs-dir>/link_tc_<dev>_twill_tc_ingress / _egress   pinned tcx links, same treatment
@@ -34,14 +34,15 @@ use aya::{
     },
 };
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, NodeAddrValue, STATS_MAX,
-    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, FragKey, FragValue,
+    NodeAddrValue, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue,
+    SrcRangeKey, UdpFlowKey,
 };
 
 pub use self::{
-    maps::{AyaLbMaps, FlushReport, ReasonCounts},
+    maps::{AyaLbMaps, CtTable, FlushReport, ReasonCounts},
     sockdestroy::DestroyReport,
-    sys::monotonic_now_ns,
+    sys::{current_netns_cookie, monotonic_now_ns},
 };
 
 /// The kernel object built by `build.rs` from `proxy-ebpf`.
@@ -49,11 +50,16 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// The socket-level programs and the cgroup hook each one is attached to (attach type numbers
 /// from `enum bpf_attach_type`, used to recognise our pinned links).
+/// The IPv6 hooks serve AF_INET6 sockets talking to IPv4-mapped addresses.
 pub const SOCK_PROGRAMS: &[(&str, u32)] = &[
     ("twill_connect4", 10),     // BPF_CGROUP_INET4_CONNECT
     ("twill_sendmsg4", 14),     // BPF_CGROUP_UDP4_SENDMSG
     ("twill_recvmsg4", 19),     // BPF_CGROUP_UDP4_RECVMSG
     ("twill_getpeername4", 29), // BPF_CGROUP_INET4_GETPEERNAME
+    ("twill_connect6", 11),     // BPF_CGROUP_INET6_CONNECT
+    ("twill_sendmsg6", 15),     // BPF_CGROUP_UDP6_SENDMSG
+    ("twill_recvmsg6", 20),     // BPF_CGROUP_UDP6_RECVMSG
+    ("twill_getpeername6", 30), // BPF_CGROUP_INET6_GETPEERNAME
 ];
 
 /// The per-packet programs and their tcx hooks (`BPF_TCX_INGRESS` = 46, `BPF_TCX_EGRESS` = 47).
@@ -170,6 +176,7 @@ pub struct MapSizes {
     pub node_addrs: u32,
     pub ct: u32,
     pub lb_src_ranges: u32,
+    pub udp_flows: u32,
 }
 
 impl Default for MapSizes {
@@ -183,6 +190,7 @@ impl Default for MapSizes {
             node_addrs: twill_common::DEFAULT_NODE_ADDRS_MAX,
             ct: twill_common::DEFAULT_CT_MAX,
             lb_src_ranges: twill_common::DEFAULT_LB_SRC_RANGES_MAX,
+            udp_flows: twill_common::DEFAULT_UDP_FLOWS_MAX,
         }
     }
 }
@@ -250,7 +258,7 @@ pub struct Datapath {
 }
 
 /// Expected layout of each map: (name, type, key size, value size, requested max entries).
-fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 10] {
+fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 12] {
     use std::mem::size_of;
     [
         (
@@ -311,7 +319,7 @@ fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32);
         ),
         (
             twill_common::MAP_CT,
-            MapType::LruHash,
+            MapType::Hash,
             size_of::<CtKey>(),
             size_of::<CtValue>(),
             sizes.ct,
@@ -323,6 +331,20 @@ fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32);
             size_of::<u32>() + size_of::<SrcRangeKey>(),
             size_of::<u8>(),
             sizes.lb_src_ranges,
+        ),
+        (
+            twill_common::MAP_UDP_FLOWS,
+            MapType::LruHash,
+            size_of::<UdpFlowKey>(),
+            size_of::<AffinityValue>(),
+            sizes.udp_flows,
+        ),
+        (
+            twill_common::MAP_FRAGS,
+            MapType::LruHash,
+            size_of::<FragKey>(),
+            size_of::<FragValue>(),
+            twill_common::DEFAULT_FRAGS_MAX,
         ),
     ]
 }
@@ -425,8 +447,8 @@ impl Datapath {
         &self.adopted
     }
 
-    /// Attaches the socket-level programs (connect4, sendmsg4, recvmsg4, getpeername4) to the
-    /// cgroup-v2 directory `cgroup`. When pinning, a link an earlier agent pinned for the same
+    /// Attaches the socket-level programs (connect, sendmsg, recvmsg, getpeername; IPv4 and IPv6)
+    /// to the cgroup-v2 directory `cgroup`. When pinning, a link an earlier agent pinned for the same
     /// cgroup and hook gets this agent's program swapped in atomically; a pinned link for another
     /// cgroup (configuration changed) or a defunct one (cgroup removed) is replaced.
     pub fn attach_cgroup(
@@ -660,7 +682,10 @@ impl Datapath {
             }
         };
         link_pins.sort();
-        let map_pins = twill_common::ALL_MAPS.iter().map(|n| bpffs_dir.join(n));
+        let map_pins = twill_common::ALL_MAPS
+            .iter()
+            .chain(twill_common::RETIRED_MAPS)
+            .map(|n| bpffs_dir.join(n));
         for path in link_pins.into_iter().chain(map_pins) {
             match std::fs::remove_file(&path) {
                 Ok(()) => removed.push(path),
@@ -684,7 +709,12 @@ impl Datapath {
     }
 }
 
+/// The pin file of a tc link. bpffs refuses names holding a dot (`bpf_lookup()` in
+/// kernel/bpf/inode.c returns EPERM), which device names may hold (`twill.vxlan`, VLANs such
+/// as `eth0.100`); a colon, which no device name may hold (`dev_valid_name()`), stands in for
+/// it, so the mapping stays one to one.
 fn tc_pin_name(ifname: &str, prog: &str) -> String {
+    let ifname = ifname.replace('.', ":");
     format!("{LINK_PIN_PREFIX}tc_{ifname}_{prog}")
 }
 
@@ -818,6 +848,15 @@ mod tests {
         fn send<T: Send>() {}
         send::<Datapath>();
         send::<AyaLbMaps>();
+    }
+
+    #[test]
+    fn tc_pin_names_avoid_the_dot_bpffs_refuses() {
+        assert_eq!(
+            tc_pin_name("twill.vxlan", "twill_tc_ingress"),
+            "link_tc_twill:vxlan_twill_tc_ingress"
+        );
+        assert_eq!(tc_pin_name("eth0", "p"), "link_tc_eth0_p");
     }
 
     #[test]

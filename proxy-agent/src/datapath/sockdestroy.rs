@@ -28,6 +28,7 @@ use std::{
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const IPPROTO_UDP: u8 = 17;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
@@ -118,45 +119,65 @@ pub fn destroy_udp_to(
 }
 
 /// Dumps the connected UDP sockets of the calling thread's namespace and destroys those whose
-/// peer is `addr:port`.
+/// peer is `addr:port`: AF_INET sockets, and AF_INET6 ones connected to `::ffff:addr` (the
+/// socket programs translate those too).
 pub fn destroy_in_current_netns(addr: Ipv4Addr, port: u16) -> io::Result<usize> {
     let nl = NlSock::open()?;
-    let mut req = [0u8; REQ_LEN];
-    req[0] = AF_INET;
-    req[1] = IPPROTO_UDP;
-    // A connected UDP socket is in state TCP_ESTABLISHED in sock_diag's view.
-    req[4..8].copy_from_slice(&(1u32 << TCP_ESTABLISHED).to_ne_bytes());
-    nl.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, &req)?;
-    let mut victims: Vec<[u8; SOCKID_LEN]> = Vec::new();
-    nl.recv_until_done(1, |msg_type, payload| {
-        if msg_type == SOCK_DIAG_BY_FAMILY && payload.len() >= MSG_LEN {
-            let id: [u8; SOCKID_LEN] = payload[4..4 + SOCKID_LEN]
-                .try_into()
-                .unwrap_or([0; SOCKID_LEN]);
-            let dport = u16::from_be_bytes([id[2], id[3]]);
-            let dst = Ipv4Addr::new(id[20], id[21], id[22], id[23]);
-            if dst == addr && dport == port {
-                victims.push(id);
+    let mut destroyed = 0;
+    let mut seq = 1;
+    for family in [AF_INET, AF_INET6] {
+        let mut req = [0u8; REQ_LEN];
+        req[0] = family;
+        req[1] = IPPROTO_UDP;
+        // A connected UDP socket is in state TCP_ESTABLISHED in sock_diag's view.
+        req[4..8].copy_from_slice(&(1u32 << TCP_ESTABLISHED).to_ne_bytes());
+        nl.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, &req)?;
+        let mut victims: Vec<[u8; SOCKID_LEN]> = Vec::new();
+        nl.recv_until_done(seq, |msg_type, payload| {
+            if msg_type == SOCK_DIAG_BY_FAMILY && payload.len() >= MSG_LEN {
+                let id: [u8; SOCKID_LEN] = payload[4..4 + SOCKID_LEN]
+                    .try_into()
+                    .unwrap_or([0; SOCKID_LEN]);
+                let dport = u16::from_be_bytes([id[2], id[3]]);
+                if peer_v4(family, &id) == Some(addr) && dport == port {
+                    victims.push(id);
+                }
+            }
+        })?;
+        for id in &victims {
+            seq += 1;
+            let mut req = [0u8; REQ_LEN];
+            req[0] = family;
+            req[1] = IPPROTO_UDP;
+            req[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+            req[8..].copy_from_slice(id);
+            nl.send(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq, &req)?;
+            match nl.recv_ack(seq) {
+                Ok(()) => destroyed += 1,
+                // Closed by its owner meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
             }
         }
-    })?;
-    let mut destroyed = 0;
-    for (i, id) in victims.iter().enumerate() {
-        let mut req = [0u8; REQ_LEN];
-        req[0] = AF_INET;
-        req[1] = IPPROTO_UDP;
-        req[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
-        req[8..].copy_from_slice(id);
-        let seq = 2 + u32::try_from(i).unwrap_or(u32::MAX - 2);
-        nl.send(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq, &req)?;
-        match nl.recv_ack(seq) {
-            Ok(()) => destroyed += 1,
-            // Closed by its owner meanwhile.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(e),
-        }
+        seq += 1;
     }
     Ok(destroyed)
+}
+
+/// The IPv4 peer in a `struct inet_diag_sockid` (`dst` at bytes 20..36): its first four bytes
+/// for AF_INET, the low four of an IPv4-mapped address for AF_INET6.
+fn peer_v4(family: u8, id: &[u8; SOCKID_LEN]) -> Option<Ipv4Addr> {
+    let dst = &id[20..36];
+    let v4 = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    match family {
+        AF_INET => Some(v4(&dst[..4])),
+        AF_INET6 => {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(dst);
+            std::net::Ipv6Addr::from(b).to_ipv4_mapped()
+        }
+        _ => None,
+    }
 }
 
 struct NlSock(OwnedFd);
@@ -280,6 +301,18 @@ mod tests {
         let e = error_of(&(-libc::ENOENT).to_ne_bytes()).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
         assert!(error_of(&[]).is_err());
+    }
+
+    #[test]
+    fn peer_of_v4_and_v4_mapped_sockets() {
+        let mut id = [0u8; SOCKID_LEN];
+        id[20..24].copy_from_slice(&[10, 244, 0, 5]);
+        assert_eq!(peer_v4(AF_INET, &id), Some(Ipv4Addr::new(10, 244, 0, 5)));
+        // Not a mapped IPv6 address.
+        assert_eq!(peer_v4(AF_INET6, &id), None);
+        let mut id = [0u8; SOCKID_LEN];
+        id[30..36].copy_from_slice(&[0xff, 0xff, 10, 244, 0, 5]);
+        assert_eq!(peer_v4(AF_INET6, &id), Some(Ipv4Addr::new(10, 244, 0, 5)));
     }
 
     #[test]

@@ -137,3 +137,41 @@ pub fn monotonic_now_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+): the
+/// value `bpf_get_netns_cookie` returns for sockets of that namespace.
+pub fn current_netns_cookie() -> io::Result<u64> {
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).unwrap_or(8);
+    // SAFETY: valid fd, out-pointer and length.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn netns_cookie_is_stable_and_nonzero() {
+        let a = super::current_netns_cookie().unwrap();
+        assert_ne!(a, 0);
+        assert_eq!(super::current_netns_cookie().unwrap(), a);
+    }
+}

@@ -25,8 +25,8 @@ use rtnetlink::{
 };
 
 use super::{
-    HostLink, HostNetwork, MasqueradeRules, PeerVia, ROUTE_PROTO_TWILL, RoutePlan, RoutingConfig,
-    RoutingError, VXLAN_DEVICE, VxlanDevicePlan, plan_routes,
+    HostLink, HostNetwork, PeerVia, ROUTE_PROTO_TWILL, RoutePlan, RoutingConfig, RoutingError,
+    VXLAN_DEVICE, VxlanDevicePlan, nft, plan_routes,
 };
 
 /// What an `apply` changed (all zero when the kernel already matched the plan).
@@ -40,6 +40,8 @@ pub struct ApplyReport {
     pub neighbours_removed: usize,
     pub fdb_set: usize,
     pub fdb_removed: usize,
+    /// Planned routes not written because a route the agent does not own has their destination.
+    pub routes_refused: usize,
 }
 
 impl ApplyReport {
@@ -130,7 +132,15 @@ impl RouteExecutor {
             })
             .collect();
         out.sort_by_key(|l| l.index);
-        let default_route_ifindex = self.main_routes().await?.into_iter().find_map(|r| {
+        let main = self.main_routes().await?;
+        let mut foreign_routes: Vec<Ipv4Network> = main
+            .iter()
+            .filter(|r| r.header.protocol != RouteProtocol::Other(ROUTE_PROTO_TWILL))
+            .filter_map(|r| parse_route(r).map(|r| r.dst))
+            .collect();
+        foreign_routes.sort_by_key(|n| (n.network(), n.prefix()));
+        foreign_routes.dedup();
+        let default_route_ifindex = main.into_iter().find_map(|r| {
             (r.header.destination_prefix_length == 0)
                 .then(|| {
                     r.attributes.iter().find_map(|a| {
@@ -146,6 +156,7 @@ impl RouteExecutor {
         Ok(HostNetwork {
             links: out,
             default_route_ifindex,
+            foreign_routes,
         })
     }
 
@@ -190,8 +201,8 @@ impl RouteExecutor {
             report.device_removed = true;
         }
         match &plan.masquerade {
-            Some(rules) => rules.apply().await?,
-            None => MasqueradeRules::remove().await?,
+            Some(rules) => nft::apply(rules).await?,
+            None => nft::remove().await?,
         }
         Ok(report)
     }
@@ -210,7 +221,7 @@ impl RouteExecutor {
             report.routes_removed += 1;
         }
         report.device_removed = self.remove_vxlan().await?;
-        MasqueradeRules::remove().await?;
+        nft::remove().await?;
         Ok(report)
     }
 
@@ -224,6 +235,20 @@ impl RouteExecutor {
             .collect();
         out.sort();
         Ok(out)
+    }
+
+    /// Destinations of every `/32` route of the main table: among them each local pod's host
+    /// route (the CNI plugin adds one per pod; it goes with the pod's veth). For the
+    /// conntrack collector's [`crate::ctgc::LocalPods`].
+    pub async fn host_route_destinations(&self) -> Result<Vec<Ipv4Addr>, RoutingError> {
+        Ok(self
+            .main_routes()
+            .await?
+            .iter()
+            .filter(|r| r.header.destination_prefix_length == 32)
+            .filter_map(parse_route)
+            .map(|r| r.dst.ip())
+            .collect())
     }
 
     async fn main_routes(&self) -> Result<Vec<RouteMessage>, RoutingError> {
@@ -518,9 +543,25 @@ impl RouteExecutor {
             };
             want.insert(p.pod_cidr, route);
         }
-        let have = self.owned_route_messages().await?;
+        // One dump for both: ours to diff against, everybody else's to stay clear of. The plan
+        // already left out pod CIDRs equal to a foreign route; this re-checks against the
+        // kernel as it is now, since a route may have appeared since the plan's snapshot.
+        let (have, foreign): (Vec<RouteMessage>, Vec<RouteMessage>) = self
+            .main_routes()
+            .await?
+            .into_iter()
+            .partition(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTO_TWILL));
+        let foreign: std::collections::BTreeSet<Ipv4Network> = foreign
+            .iter()
+            .filter_map(parse_route)
+            .map(|r| r.dst)
+            .collect();
+        let mut ours: std::collections::BTreeSet<Ipv4Network> = std::collections::BTreeSet::new();
         let mut current: BTreeMap<Ipv4Network, OwnedRoute> = BTreeMap::new();
         for msg in have {
+            if let Some(r) = parse_route(&msg) {
+                ours.insert(r.dst);
+            }
             match parse_route(&msg) {
                 Some(r) if want.get(&r.dst) == Some(&r) && !current.contains_key(&r.dst) => {
                     current.insert(r.dst, r);
@@ -545,6 +586,13 @@ impl RouteExecutor {
             if current.get(dst) == Some(r) {
                 continue;
             }
+            if foreign.contains(dst) {
+                log::warn!(
+                    "not routing {dst}: the main table has a route to it the agent does not own"
+                );
+                report.routes_refused += 1;
+                continue;
+            }
             let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(dst.network(), dst.prefix())
                 .protocol(RouteProtocol::Other(ROUTE_PROTO_TWILL));
@@ -557,11 +605,15 @@ impl RouteExecutor {
             if r.onlink {
                 b = b.onlink();
             }
-            self.handle
-                .route()
-                .add(b.build())
-                .replace()
-                .execute()
+            // NLM_F_REPLACE only over a route of ours; otherwise an exclusive create, which
+            // fails rather than overwrite a route that appeared since the dump.
+            let add = self.handle.route().add(b.build());
+            let add = if ours.contains(dst) {
+                add.replace()
+            } else {
+                add
+            };
+            add.execute()
                 .await
                 .map_err(RoutingError::netlink(format!("set route {r}")))?;
             report.routes_set += 1;

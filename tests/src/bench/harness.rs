@@ -11,7 +11,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
+use twill_core::routing::MasqueradeRules;
 
 use super::{
     Contender,
@@ -642,12 +644,15 @@ fn added_service(round: usize, node: &Node, backends: &[Pod; 2]) -> BenchService
     .on_node(&node.name)
 }
 
-/// Twill's egress-masquerade table for `node` (see [`rules::twill_masquerade_table`]).
+/// The nftables table Twill's agent installs on `node` for egress masquerade, from the agent's
+/// own renderer with the sets its route plan gives it (this node's pod CIDR masqueraded, every
+/// pod CIDR and node IP exempt, pod↔pod untracked). Loaded alone by the `direct-masq`
+/// contender, it measures what its netfilter hooks cost untranslated pod↔pod traffic.
 fn twill_masquerade_table(lab: &Lab, node: &Node) -> String {
-    let pod_cidrs: Vec<String> = lab.nodes.iter().map(|n| n.pod_cidr.to_string()).collect();
+    let pod_cidrs: Vec<Ipv4Network> = lab.nodes.iter().map(|n| n.pod_cidr).collect();
     let mut exempt = pod_cidrs.clone();
-    exempt.extend(lab.nodes.iter().map(|n| format!("{}/32", n.ip)));
-    rules::twill_masquerade_table(&[node.pod_cidr.to_string()], &exempt, &pod_cidrs)
+    exempt.extend(lab.nodes.iter().map(|n| Ipv4Network::from(n.ip)));
+    MasqueradeRules::new(vec![node.pod_cidr], exempt, pod_cidrs).render()
 }
 
 /// The p99 series of a latency run: p99 shares the rounds (and failures) of the p50 `series`;

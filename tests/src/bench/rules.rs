@@ -504,47 +504,6 @@ pub fn nft_empty() -> String {
     format!("add table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n")
 }
 
-/// The nftables table Twill's agent installs for egress masquerade
-/// (`twill_agent::routing::masq::MasqueradeRules::render`, which this copies: the lab library
-/// cannot depend on the agent, whose build needs the eBPF toolchain `cargo xtask setup`
-/// installs; `tests/tests/bench_rules_match_agent.rs` checks the two stay identical). Loaded
-/// alone by the `direct-masq` contender, it measures what its netfilter hooks cost
-/// untranslated pod↔pod traffic. Inputs must already be collapsed (no block inside another).
-pub fn twill_masquerade_table(
-    sources: &[String],
-    exempt: &[String],
-    pod_cidrs: &[String],
-) -> String {
-    const T: &str = "twill";
-    let mut s = String::new();
-    let _ = writeln!(s, "table ip {T}");
-    let _ = writeln!(s, "delete table ip {T}");
-    let _ = writeln!(s, "table ip {T} {{");
-    for (name, set) in [
-        ("pod_sources", sources),
-        ("no_masquerade", exempt),
-        ("pod_cidrs", pod_cidrs),
-    ] {
-        let _ = write!(
-            s,
-            "\tset {name} {{\n\t\ttype ipv4_addr\n\t\tflags interval\n"
-        );
-        if !set.is_empty() {
-            let _ = writeln!(s, "\t\telements = {{ {} }}", set.join(", "));
-        }
-        s.push_str("\t}\n");
-    }
-    s.push_str("\tchain prerouting_notrack {\n");
-    s.push_str("\t\ttype filter hook prerouting priority raw; policy accept;\n");
-    s.push_str("\t\tip saddr @pod_cidrs ip daddr @pod_cidrs notrack\n");
-    s.push_str("\t}\n");
-    s.push_str("\tchain postrouting {\n");
-    s.push_str("\t\ttype nat hook postrouting priority srcnat; policy accept;\n");
-    s.push_str("\t\tip saddr @pod_sources ip daddr != @no_masquerade masquerade\n");
-    s.push_str("\t}\n}\n");
-    s
-}
-
 /// The Services as Kubernetes objects (Service + EndpointSlice per Service), multi-document
 /// YAML, for Twill's `--manifests` directory.
 pub fn k8s_manifests(services: &[BenchService]) -> String {

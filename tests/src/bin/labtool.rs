@@ -8,9 +8,20 @@
 //! labtool udp --to IP:PORT [--connected] [--timeout-ms T]   prints reply=.. from=..
 //! labtool tcp-loop --to IP:PORT [--count N] [--duration-ms D] [--interval-ms I] [--timeout-ms T]
 //!                                                    JSON {"ok","failures","counts","errors"}
-//! labtool udp-loop --to IP:PORT --count N [--connected]      same JSON for UDP
+//! labtool udp-loop --to IP:PORT --count N [--connected | --one-socket] [--interval-ms I]
+//!                                                    same JSON for UDP; a new socket per
+//!                                                    datagram unless --one-socket
 //! labtool http --to IP:PORT [--path P]              HTTP/1.0 GET; prints status=<code> then the body
+//! labtool netns-cookie                               prints this network namespace's cookie
+//! labtool flood --to IP:PORT --conns N --hold-ms D [--slow]
+//!                                                    opens N (≤ 4096) connections and holds them
+//!                                                    D ms (≤ 60 s), idle or (--slow) sending a
+//!                                                    request head one byte per 200 ms; prints
+//!                                                    opened=.. failed=.. closed_by_server=..
 //! ```
+//! The socket's family follows `--to`: `[::ffff:10.96.0.10]:80` (or `10.96.0.10:80` with
+//! `--ipv6-mapped`) makes an AF_INET6 socket talking to an IPv4-mapped address, as the JVM and
+//! .NET do by default.
 //! Exit codes of the single-shot clients: 0 ok, 2 connection refused, 3 timeout, 1 anything else.
 use std::{
     collections::BTreeMap,
@@ -40,7 +51,13 @@ impl Args {
     }
     fn addr(&self) -> Result<SocketAddr, String> {
         let v = self.value("--to").ok_or("--to IP:PORT is required")?;
-        v.parse().map_err(|e| format!("--to {v}: {e}"))
+        let addr: SocketAddr = v.parse().map_err(|e| format!("--to {v}: {e}"))?;
+        Ok(match addr {
+            SocketAddr::V4(a) if self.flag("--ipv6-mapped") => {
+                SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port())
+            }
+            other => other,
+        })
     }
 }
 
@@ -58,6 +75,8 @@ fn main() -> ExitCode {
         "tcp-loop" => tcp_loop(&args),
         "udp-loop" => udp_loop(&args),
         "http" => http_get(&args),
+        "netns-cookie" => netns_cookie(),
+        "flood" => flood(&args),
         other => Err(format!("unknown command {other}")),
     };
     match result {
@@ -200,14 +219,29 @@ fn tcp_once(args: &Args) -> Result<ExitCode, String> {
     }
 }
 
+/// An unbound UDP socket of `to`'s family (AF_INET6 is dual-stack: it reaches mapped addresses).
+fn udp_socket(to: SocketAddr, timeout: Duration) -> Result<UdpSocket, Failure> {
+    let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let s = UdpSocket::bind(any).map_err(|e| Failure::from_io(&e))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| Failure::from_io(&e))?;
+    Ok(s)
+}
+
+/// One datagram over an unconnected socket and its reply: (reply, its source).
+fn udp_exchange(s: &UdpSocket, to: SocketAddr) -> Result<(String, SocketAddr), Failure> {
+    let mut buf = [0u8; 2048];
+    s.send_to(b"hi\n", to).map_err(|e| Failure::from_io(&e))?;
+    let (n, from) = s.recv_from(&mut buf).map_err(|e| Failure::from_io(&e))?;
+    Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
+}
+
 fn udp_request(
     to: SocketAddr,
     connected: bool,
     timeout: Duration,
 ) -> Result<(String, SocketAddr), Failure> {
-    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| Failure::from_io(&e))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| Failure::from_io(&e))?;
+    let s = udp_socket(to, timeout)?;
     let mut buf = [0u8; 2048];
     if connected {
         s.connect(to).map_err(|e| Failure::from_io(&e))?;
@@ -216,9 +250,7 @@ fn udp_request(
         let from = s.peer_addr().map_err(|e| Failure::from_io(&e))?;
         Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
     } else {
-        s.send_to(b"hi\n", to).map_err(|e| Failure::from_io(&e))?;
-        let (n, from) = s.recv_from(&mut buf).map_err(|e| Failure::from_io(&e))?;
-        Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
+        udp_exchange(&s, to)
     }
 }
 
@@ -293,9 +325,28 @@ fn udp_loop(args: &Args) -> Result<ExitCode, String> {
     let to = args.addr()?;
     let count = args.num("--count", 1)?;
     let timeout = Duration::from_millis(args.num("--timeout-ms", 2000)?);
+    let interval = Duration::from_millis(args.num("--interval-ms", 0)?);
+    let pause = |i: u64| {
+        if i + 1 < count && !interval.is_zero() {
+            std::thread::sleep(interval);
+        }
+    };
     let mut report = LoopReport::default();
-    for _ in 0..count {
-        report.record(udp_request(to, args.flag("--connected"), timeout).map(|r| r.0));
+    if args.flag("--one-socket") {
+        // One unconnected socket for every datagram: one flow, as QUIC, SIP or TFTP send.
+        let s = match udp_socket(to, timeout) {
+            Ok(s) => s,
+            Err(f) => return Err(format!("udp socket: {}", f.label())),
+        };
+        for i in 0..count {
+            report.record(udp_exchange(&s, to).map(|r| r.0));
+            pause(i);
+        }
+    } else {
+        for i in 0..count {
+            report.record(udp_request(to, args.flag("--connected"), timeout).map(|r| r.0));
+            pause(i);
+        }
     }
     println!(
         "{}",
@@ -326,5 +377,87 @@ fn http_get(args: &Args) -> Result<ExitCode, String> {
     let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     println!("status={status}");
     println!("{body}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the cookie of this process's network namespace (`SO_NETNS_COOKIE`), the value the
+/// socket programs compare with `DatapathConfig::host_netns_cookie`.
+fn netns_cookie() -> Result<ExitCode, String> {
+    use std::os::fd::AsRawFd as _;
+    let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("udp bind: {e}"))?;
+    let mut cookie: u64 = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).unwrap_or(8);
+    // SAFETY: valid fd, out-pointer and length.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "getsockopt(SO_NETNS_COOKIE): {}",
+            io::Error::last_os_error()
+        ));
+    }
+    println!("{cookie}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A bounded connection flood (and slow-loris client) against an HTTP server: what its
+/// connection limits must survive. Stops by itself after `--hold-ms`.
+fn flood(args: &Args) -> Result<ExitCode, String> {
+    const HEAD: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: flood\r\nX-Slow: 0123456789012345678901234567890123456789\r\n\r\n";
+    let to = args.addr()?;
+    let conns = args.num("--conns", 100)?.min(4096);
+    let hold = Duration::from_millis(args.num("--hold-ms", 5000)?.min(60_000));
+    let slow = args.flag("--slow");
+    let mut open: Vec<(TcpStream, usize)> = Vec::new();
+    let mut failed = 0u64;
+    for _ in 0..conns {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+            Ok(s) => {
+                s.set_nonblocking(true).map_err(|e| e.to_string())?;
+                open.push((s, 0));
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let opened = open.len();
+    let mut closed_by_server = 0u64;
+    let deadline = Instant::now() + hold;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && !open.is_empty() {
+        open.retain_mut(|(s, sent)| {
+            // Drain whatever came back; a closed or reset connection leaves the set.
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        closed_by_server += 1;
+                        return false;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        closed_by_server += 1;
+                        return false;
+                    }
+                }
+            }
+            if slow && *sent < HEAD.len() {
+                if s.write(&HEAD[*sent..=*sent]).is_err() {
+                    closed_by_server += 1;
+                    return false;
+                }
+                *sent += 1;
+            }
+            true
+        });
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("opened={opened} failed={failed} closed_by_server={closed_by_server}");
     Ok(ExitCode::SUCCESS)
 }

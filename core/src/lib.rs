@@ -1,0 +1,14 @@
+//! twill-core: the pure part of Twill's control plane. Kubernetes objects and the agent's
+//! config in, desired datapath state out, and the reconciler that converges the kernel's maps to
+//! it through the narrow [`lbmap::LbMaps`] seam. No I/O and no aya: it builds and its tests run
+//! without the eBPF toolchain or root.
+//!
+//! - [`compile`]: Services, EndpointSlices and Nodes → `LbState` (the service maps' contents).
+//! - [`policy`]: Pods, Namespaces and NetworkPolicies → `PolicyState` (the policy maps' contents).
+//! - [`reconcile`]: `LbState` → kernel maps through [`lbmap::LbMaps`].
+//! - [`routing`]: the route plan and the masquerade ruleset.
+pub mod compile;
+pub mod lbmap;
+pub mod policy;
+pub mod reconcile;
+pub mod routing;

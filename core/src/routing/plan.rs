@@ -1,0 +1,834 @@
+//! The pure route planner: Node objects + config + interface snapshot → [`RoutePlan`].
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnetwork::Ipv4Network;
+use k8s_openapi::api::core::v1::Node;
+
+use super::{
+    HostLink, HostNetwork, PlanError, RoutingConfig, RoutingMode, VXLAN_DEVICE, VXLAN_OVERHEAD,
+    masq::MasqueradeRules,
+};
+
+/// Everything the executor converges this node to. Sorted, so equal inputs give equal plans.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutePlan {
+    pub node_name: String,
+    /// This node's InternalIP.
+    pub node_ip: Ipv4Addr,
+    /// This node's IPv4 pod CIDRs.
+    pub local_pod_cidrs: Vec<Ipv4Network>,
+    /// MTU of the interface holding the node IP (1500 when it is on no local interface).
+    pub underlay_mtu: u32,
+    /// The overlay device, when at least one peer is reached through it (or mode is `vxlan`).
+    pub vxlan: Option<VxlanDevicePlan>,
+    /// One entry per (peer, IPv4 pod CIDR), sorted by destination.
+    pub peers: Vec<PeerRoute>,
+    /// Nodes that get no route, and why (logged by the agent; not an error).
+    pub skipped: Vec<SkippedPeer>,
+    /// Egress masquerade ruleset (`None` when `masquerade` is off).
+    pub masquerade: Option<MasqueradeRules>,
+}
+
+/// The VXLAN device of this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanDevicePlan {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    /// Local tunnel address (this node's InternalIP).
+    pub local: Ipv4Addr,
+    /// Interface index of the underlay device holding `local`.
+    pub underlay_index: u32,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    /// This node's VTEP address (put on the device as a /32).
+    pub vtep: Ipv4Addr,
+}
+
+/// A route to one pod CIDR of one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerRoute {
+    pub node: String,
+    pub node_ip: Ipv4Addr,
+    pub pod_cidr: Ipv4Network,
+    pub via: PeerVia,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerVia {
+    /// `pod_cidr via node_ip dev <ifindex>`.
+    Direct { ifindex: u32 },
+    /// `pod_cidr via vtep dev twill.vxlan onlink`, neighbour `vtep → mac`, FDB `mac → node_ip`.
+    Vxlan { vtep: Ipv4Addr, mac: [u8; 6] },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedPeer {
+    pub node: String,
+    pub reason: SkipReason,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    NoPodCidr,
+    NoInternalIp,
+    /// Mode `direct` and the peer's IP is on no connected subnet.
+    NotDirectlyReachable,
+    /// A pod CIDR that does not parse (kept as text for the log).
+    BadPodCidr(String),
+    /// The peer's pod CIDR overlaps this node's own (a misconfigured IPAM).
+    OverlapsLocal(Ipv4Network),
+    /// The pod CIDR is not inside `--cluster-cidr`.
+    OutsideClusterCidr(Ipv4Network),
+    /// The pod CIDR overlaps one of this node's subnets or addresses (routing it would cut the
+    /// node off its own network).
+    OverlapsNodeSubnet(Ipv4Network),
+    /// The pod CIDR holds a Node's InternalIP.
+    ContainsNodeIp(Ipv4Addr),
+    /// The main table has a route to exactly this pod CIDR that the agent does not own (ours
+    /// would replace it).
+    ForeignRoute(Ipv4Network),
+    /// The pod CIDR overlaps one of an older Node (first created, then first by name, keeps it).
+    OverlapsPeer {
+        node: String,
+        cidr: Ipv4Network,
+    },
+}
+
+impl SkipReason {
+    /// Whether the skip points at a conflicting or hostile Node object (logged as a warning)
+    /// rather than one that is merely incomplete or unreachable.
+    pub fn is_conflict(&self) -> bool {
+        !matches!(
+            self,
+            SkipReason::NoPodCidr | SkipReason::NoInternalIp | SkipReason::NotDirectlyReachable
+        )
+    }
+}
+
+/// The VTEP address of a node: the network address of its first IPv4 pod CIDR (never a pod IP).
+pub fn vtep_addr(pod_cidr: Ipv4Network) -> Ipv4Addr {
+    pod_cidr.network()
+}
+
+/// The VTEP MAC of a node, derived from its InternalIP: `0e:77:a:b:c:d`. 0x0e has the
+/// locally-administered bit set and the multicast bit clear; 0x77 ('w') keeps the range apart
+/// from other locally administered MACs. Every node computes the same MAC for a peer, so no
+/// annotation exchange is needed.
+pub fn vtep_mac(node_ip: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = node_ip.octets();
+    [0x0e, 0x77, a, b, c, d]
+}
+
+/// The MTU the agent writes into the CNI config.
+pub fn cni_mtu(config: &RoutingConfig, plan: &RoutePlan) -> u32 {
+    if plan.vxlan.is_some() || config.mode == RoutingMode::Vxlan {
+        plan.underlay_mtu.saturating_sub(VXLAN_OVERHEAD)
+    } else {
+        plan.underlay_mtu
+    }
+}
+
+/// The first IPv4 InternalIP of a Node.
+pub fn node_internal_ipv4(node: &Node) -> Option<Ipv4Addr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| match a.address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => Some(v4),
+            _ => None,
+        })
+}
+
+/// IPv4 pod CIDRs of a Node (`spec.podCIDRs`, else the legacy `spec.podCIDR`); IPv6 entries are
+/// ignored for now, unparsable ones returned as errors.
+fn node_pod_cidrs(node: &Node) -> (Vec<Ipv4Network>, Vec<String>) {
+    let Some(spec) = node.spec.as_ref() else {
+        return (Vec::new(), Vec::new());
+    };
+    let raw: Vec<&String> = match (&spec.pod_cidrs, &spec.pod_cidr) {
+        (Some(list), _) if !list.is_empty() => list.iter().collect(),
+        (_, Some(one)) => vec![one],
+        _ => Vec::new(),
+    };
+    let mut v4 = Vec::new();
+    let mut bad = Vec::new();
+    for s in raw {
+        match s.parse::<ipnetwork::IpNetwork>() {
+            // Canonicalise (10.244.1.7/24 → 10.244.1.0/24): routes need the network address.
+            Ok(ipnetwork::IpNetwork::V4(n)) => match Ipv4Network::new(n.network(), n.prefix()) {
+                Ok(n) => v4.push(n),
+                Err(_) => bad.push(s.clone()),
+            },
+            Ok(ipnetwork::IpNetwork::V6(_)) => {}
+            Err(_) => bad.push(s.clone()),
+        }
+    }
+    (v4, bad)
+}
+
+fn node_name(node: &Node) -> String {
+    node.metadata.name.clone().unwrap_or_default()
+}
+
+/// Why a peer's pod CIDR must not be routed, if it must not: everything it could collide with
+/// on this node (its own pods, network, addresses and routes) and in the cluster (the cluster
+/// CIDR, other nodes' addresses, pod CIDRs already given to older peers).
+fn check_peer_cidr(
+    cidr: Ipv4Network,
+    local_pod_cidrs: &[Ipv4Network],
+    config: &RoutingConfig,
+    host: &HostNetwork,
+    node_ips: &[Ipv4Addr],
+    routed: &[(String, Ipv4Network)],
+) -> Option<SkipReason> {
+    if let Some(local) = local_pod_cidrs.iter().find(|l| overlaps(**l, cidr)) {
+        return Some(SkipReason::OverlapsLocal(*local));
+    }
+    if !config.cluster_cidrs.is_empty()
+        && !config
+            .cluster_cidrs
+            .iter()
+            .any(|c| c.prefix() <= cidr.prefix() && c.contains(cidr.network()))
+    {
+        return Some(SkipReason::OutsideClusterCidr(cidr));
+    }
+    if let Some(net) = host.node_subnets().find(|n| overlaps(*n, cidr)) {
+        return Some(SkipReason::OverlapsNodeSubnet(net));
+    }
+    if let Some(ip) = node_ips.iter().find(|ip| cidr.contains(**ip)) {
+        return Some(SkipReason::ContainsNodeIp(*ip));
+    }
+    if host.foreign_routes.contains(&cidr) {
+        return Some(SkipReason::ForeignRoute(cidr));
+    }
+    if let Some((node, other)) = routed.iter().find(|(_, c)| overlaps(*c, cidr)) {
+        return Some(SkipReason::OverlapsPeer {
+            node: node.clone(),
+            cidr: *other,
+        });
+    }
+    None
+}
+
+/// Plans routes from `this_node` to every other node.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one pass over the peers, then the overlay and masquerade that follow from it"
+)]
+pub fn plan_routes<'a>(
+    this_node: &str,
+    nodes: impl IntoIterator<Item = &'a Node>,
+    config: &RoutingConfig,
+    host: &HostNetwork,
+) -> Result<RoutePlan, PlanError> {
+    let nodes: Vec<&Node> = nodes.into_iter().collect();
+    let me = nodes
+        .iter()
+        .copied()
+        .find(|n| n.metadata.name.as_deref() == Some(this_node))
+        .ok_or_else(|| PlanError::ThisNodeMissing(this_node.to_owned()))?;
+    let node_ip =
+        node_internal_ipv4(me).ok_or_else(|| PlanError::ThisNodeNoAddress(this_node.to_owned()))?;
+    let (local_pod_cidrs, _) = node_pod_cidrs(me);
+    let underlay = host.link_holding(node_ip);
+    let underlay_mtu = underlay.map_or(1500, |l| l.mtu);
+
+    let mut peers = Vec::new();
+    let mut skipped = Vec::new();
+    let mut all_pod_cidrs = local_pod_cidrs.clone();
+    let mut node_ips = vec![node_ip];
+    let every_node_ip: Vec<Ipv4Addr> = nodes.iter().filter_map(|n| node_internal_ipv4(n)).collect();
+    // Oldest first: when two Nodes claim overlapping pod CIDRs, the one that was there first
+    // keeps its route, so a new (misconfigured or hostile) Node cannot take it over.
+    let mut sorted: Vec<&Node> = nodes
+        .iter()
+        .copied()
+        .filter(|n| n.metadata.name.as_deref() != Some(this_node))
+        .collect();
+    sorted.sort_by_key(|n| (n.metadata.creation_timestamp.clone(), node_name(n)));
+    let mut routed: Vec<(String, Ipv4Network)> = Vec::new();
+    for peer in sorted {
+        let name = node_name(peer);
+        let skip = |reason| SkippedPeer {
+            node: name.clone(),
+            reason,
+        };
+        let (cidrs, bad) = node_pod_cidrs(peer);
+        skipped.extend(bad.into_iter().map(|b| skip(SkipReason::BadPodCidr(b))));
+        let Some(peer_ip) = node_internal_ipv4(peer) else {
+            skipped.push(skip(SkipReason::NoInternalIp));
+            continue;
+        };
+        node_ips.push(peer_ip);
+        let Some(first) = cidrs.first().copied() else {
+            skipped.push(skip(SkipReason::NoPodCidr));
+            continue;
+        };
+        let direct = host.connected_link(peer_ip);
+        let via = match (config.mode, direct) {
+            (RoutingMode::Auto | RoutingMode::Direct, Some(link)) => PeerVia::Direct {
+                ifindex: link.index,
+            },
+            (RoutingMode::Direct, None) => {
+                skipped.push(skip(SkipReason::NotDirectlyReachable));
+                continue;
+            }
+            (RoutingMode::Auto | RoutingMode::Vxlan, _) => PeerVia::Vxlan {
+                vtep: vtep_addr(first),
+                mac: vtep_mac(peer_ip),
+            },
+        };
+        for cidr in cidrs {
+            if let Some(reason) = check_peer_cidr(
+                cidr,
+                &local_pod_cidrs,
+                config,
+                host,
+                &every_node_ip,
+                &routed,
+            ) {
+                skipped.push(skip(reason));
+                continue;
+            }
+            routed.push((name.clone(), cidr));
+            all_pod_cidrs.push(cidr);
+            peers.push(PeerRoute {
+                node: name.clone(),
+                node_ip: peer_ip,
+                pod_cidr: cidr,
+                via: via.clone(),
+            });
+        }
+    }
+    peers.sort_by_key(|p| (p.pod_cidr.network(), p.pod_cidr.prefix()));
+    skipped.sort_by(|a, b| a.node.cmp(&b.node));
+
+    let needs_vxlan = config.mode == RoutingMode::Vxlan
+        || peers.iter().any(|p| matches!(p.via, PeerVia::Vxlan { .. }));
+    let vxlan = if needs_vxlan {
+        Some(vxlan_device(
+            this_node,
+            node_ip,
+            underlay,
+            &local_pod_cidrs,
+            config,
+        )?)
+    } else {
+        None
+    };
+
+    let masquerade = config.masquerade.then(|| {
+        let mut exempt: Vec<Ipv4Network> = all_pod_cidrs.clone();
+        exempt.extend(config.cluster_cidrs.iter().copied());
+        exempt.extend(config.non_masquerade_cidrs.iter().copied());
+        exempt.extend(node_ips.iter().map(|ip| Ipv4Network::from(*ip)));
+        let mut pod_cidrs = all_pod_cidrs.clone();
+        pod_cidrs.extend(config.cluster_cidrs.iter().copied());
+        MasqueradeRules::new(local_pod_cidrs.clone(), exempt, pod_cidrs)
+    });
+
+    Ok(RoutePlan {
+        node_name: this_node.to_owned(),
+        node_ip,
+        local_pod_cidrs,
+        underlay_mtu,
+        vxlan,
+        peers,
+        skipped,
+        masquerade,
+    })
+}
+
+fn mac_str(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The dump format of a plan (debug CLI, logs and golden tests), one object per line.
+impl std::fmt::Display for RoutePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cidrs: Vec<String> = self
+            .local_pod_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        writeln!(
+            f,
+            "node {} ip {} pod-cidrs [{}] underlay-mtu {}",
+            self.node_name,
+            self.node_ip,
+            cidrs.join(", "),
+            self.underlay_mtu
+        )?;
+        if let Some(v) = &self.vxlan {
+            writeln!(
+                f,
+                "vxlan {} vni {} port {} local {} underlay-if {} mac {} mtu {} vtep {}/32",
+                v.name,
+                v.vni,
+                v.port,
+                v.local,
+                v.underlay_index,
+                mac_str(v.mac),
+                v.mtu,
+                v.vtep
+            )?;
+        }
+        for p in &self.peers {
+            match &p.via {
+                PeerVia::Direct { ifindex } => writeln!(
+                    f,
+                    "route {} via {} if {} ({})",
+                    p.pod_cidr, p.node_ip, ifindex, p.node
+                )?,
+                PeerVia::Vxlan { vtep, mac } => writeln!(
+                    f,
+                    "route {} via {vtep} dev {VXLAN_DEVICE} onlink ({}); neigh {vtep} {}; fdb {} dst {}",
+                    p.pod_cidr,
+                    p.node,
+                    mac_str(*mac),
+                    mac_str(*mac),
+                    p.node_ip
+                )?,
+            }
+        }
+        for s in &self.skipped {
+            writeln!(f, "skip {} {:?}", s.node, s.reason)?;
+        }
+        if let Some(m) = &self.masquerade {
+            let list = |v: &[Ipv4Network]| {
+                v.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            writeln!(
+                f,
+                "masquerade from [{}] except [{}]",
+                list(&m.sources),
+                list(&m.exempt)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn vxlan_device(
+    this_node: &str,
+    node_ip: Ipv4Addr,
+    underlay: Option<&HostLink>,
+    local_pod_cidrs: &[Ipv4Network],
+    config: &RoutingConfig,
+) -> Result<VxlanDevicePlan, PlanError> {
+    let link = underlay.ok_or(PlanError::NodeIpNotLocal(node_ip))?;
+    let first = local_pod_cidrs
+        .first()
+        .copied()
+        .ok_or_else(|| PlanError::ThisNodeNoPodCidr(this_node.to_owned()))?;
+    Ok(VxlanDevicePlan {
+        name: VXLAN_DEVICE.to_owned(),
+        vni: config.vxlan_vni,
+        port: config.vxlan_port,
+        local: node_ip,
+        underlay_index: link.index,
+        mac: vtep_mac(node_ip),
+        mtu: link.mtu.saturating_sub(VXLAN_OVERHEAD),
+        vtep: vtep_addr(first),
+    })
+}
+
+pub(crate) fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
+    a.contains(b.network()) || b.contains(a.network())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::routing::{VXLAN_PORT, VXLAN_VNI};
+
+    fn node(name: &str, ip: Option<&str>, cidrs: &[&str]) -> Node {
+        let addresses: Vec<serde_json::Value> = ip
+            .into_iter()
+            .map(|ip| serde_json::json!({"type": "InternalIP", "address": ip}))
+            .chain(std::iter::once(
+                serde_json::json!({"type": "Hostname", "address": name}),
+            ))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"podCIDRs": cidrs},
+            "status": {"addresses": addresses},
+        }))
+        .unwrap()
+    }
+
+    fn host() -> HostNetwork {
+        HostNetwork {
+            links: vec![
+                HostLink {
+                    name: "lo".into(),
+                    index: 1,
+                    mtu: 65536,
+                    addrs: vec!["127.0.0.1/8".parse().unwrap()],
+                    is_loopback: true,
+                },
+                HostLink {
+                    name: "eth0".into(),
+                    index: 2,
+                    mtu: 1500,
+                    addrs: vec!["172.30.0.10/24".parse().unwrap()],
+                    is_loopback: false,
+                },
+            ],
+            default_route_ifindex: None,
+            foreign_routes: vec![
+                "0.0.0.0/0".parse().unwrap(),
+                "10.244.9.0/24".parse().unwrap(),
+            ],
+        }
+    }
+
+    fn cluster() -> Vec<Node> {
+        vec![
+            node("n0", Some("172.30.0.10"), &["10.244.0.0/24"]),
+            node(
+                "n1",
+                Some("172.30.0.11"),
+                &["10.244.1.0/24", "fd00:10:244:1::/64"],
+            ),
+            node("n2", Some("172.30.1.12"), &["10.244.2.0/24"]),
+        ]
+    }
+
+    fn cfg(mode: RoutingMode) -> RoutingConfig {
+        RoutingConfig {
+            mode,
+            ..RoutingConfig::default()
+        }
+    }
+
+    #[test]
+    fn auto_mode_routes_same_subnet_directly_and_others_over_vxlan() {
+        let plan = plan_routes("n0", &cluster(), &cfg(RoutingMode::Auto), &host()).unwrap();
+        assert_eq!(plan.node_ip, Ipv4Addr::new(172, 30, 0, 10));
+        assert_eq!(plan.peers.len(), 2, "IPv6 CIDR ignored: {:?}", plan.peers);
+        assert_eq!(plan.peers[0].pod_cidr.to_string(), "10.244.1.0/24");
+        assert_eq!(plan.peers[0].via, PeerVia::Direct { ifindex: 2 });
+        assert_eq!(plan.peers[1].pod_cidr.to_string(), "10.244.2.0/24");
+        assert_eq!(
+            plan.peers[1].via,
+            PeerVia::Vxlan {
+                vtep: Ipv4Addr::new(10, 244, 2, 0),
+                mac: [0x0e, 0x77, 172, 30, 1, 12]
+            }
+        );
+        let vx = plan.vxlan.as_ref().expect("overlay needed for n2");
+        assert_eq!(
+            (vx.vni, vx.port, vx.mtu, vx.underlay_index),
+            (VXLAN_VNI, VXLAN_PORT, 1450, 2)
+        );
+        assert_eq!(vx.vtep, Ipv4Addr::new(10, 244, 0, 0));
+        assert_eq!(vx.mac, vtep_mac(Ipv4Addr::new(172, 30, 0, 10)));
+        assert_eq!(cni_mtu(&cfg(RoutingMode::Auto), &plan), 1450);
+        assert!(plan.skipped.is_empty());
+    }
+
+    #[test]
+    fn dump_format_is_stable() {
+        let mut nodes = cluster();
+        nodes.push(node("n3", None, &["10.244.3.0/24"]));
+        let plan = plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host()).unwrap();
+        assert_eq!(
+            plan.to_string(),
+            "node n0 ip 172.30.0.10 pod-cidrs [10.244.0.0/24] underlay-mtu 1500\n\
+             vxlan twill.vxlan vni 1 port 8472 local 172.30.0.10 underlay-if 2 mac 0e:77:ac:1e:00:0a mtu 1450 vtep 10.244.0.0/32\n\
+             route 10.244.1.0/24 via 172.30.0.11 if 2 (n1)\n\
+             route 10.244.2.0/24 via 10.244.2.0 dev twill.vxlan onlink (n2); neigh 10.244.2.0 0e:77:ac:1e:01:0c; fdb 0e:77:ac:1e:01:0c dst 172.30.1.12\n\
+             skip n3 NoInternalIp\n\
+             masquerade from [10.244.0.0/24] except [10.244.0.0/24, 10.244.1.0/24, 10.244.2.0/24, 172.30.0.10/32, 172.30.0.11/32, 172.30.1.12/32]\n"
+        );
+    }
+
+    #[test]
+    fn auto_mode_on_one_subnet_needs_no_overlay() {
+        let nodes = &cluster()[..2];
+        let plan = plan_routes("n0", nodes, &cfg(RoutingMode::Auto), &host()).unwrap();
+        assert!(plan.vxlan.is_none());
+        assert_eq!(cni_mtu(&cfg(RoutingMode::Auto), &plan), 1500);
+    }
+
+    #[test]
+    fn direct_mode_skips_peers_off_subnet() {
+        let plan = plan_routes("n0", &cluster(), &cfg(RoutingMode::Direct), &host()).unwrap();
+        assert_eq!(plan.peers.len(), 1);
+        assert!(plan.vxlan.is_none());
+        assert_eq!(
+            plan.skipped,
+            vec![SkippedPeer {
+                node: "n2".into(),
+                reason: SkipReason::NotDirectlyReachable
+            }]
+        );
+    }
+
+    #[test]
+    fn vxlan_mode_tunnels_everything_and_lowers_the_mtu() {
+        let plan = plan_routes("n0", &cluster(), &cfg(RoutingMode::Vxlan), &host()).unwrap();
+        assert!(
+            plan.peers
+                .iter()
+                .all(|p| matches!(p.via, PeerVia::Vxlan { .. }))
+        );
+        assert_eq!(cni_mtu(&cfg(RoutingMode::Vxlan), &plan), 1450);
+        // Even alone, vxlan mode keeps the device so the MTU never changes under running pods.
+        let alone = plan_routes("n0", &cluster()[..1], &cfg(RoutingMode::Vxlan), &host()).unwrap();
+        assert!(alone.vxlan.is_some());
+        assert_eq!(cni_mtu(&cfg(RoutingMode::Vxlan), &alone), 1450);
+    }
+
+    #[test]
+    fn nodes_without_pod_cidr_or_address_are_skipped() {
+        let mut nodes = cluster();
+        nodes.push(node("n3", None, &["10.244.3.0/24"]));
+        nodes.push(node("n4", Some("172.30.0.14"), &[]));
+        nodes.push(node("n5", Some("fd00::5"), &["10.244.5.0/24"]));
+        nodes.push(node("n6", Some("172.30.0.16"), &["bogus"]));
+        let plan = plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host()).unwrap();
+        assert_eq!(plan.peers.len(), 2);
+        assert_eq!(
+            plan.skipped,
+            vec![
+                SkippedPeer {
+                    node: "n3".into(),
+                    reason: SkipReason::NoInternalIp
+                },
+                SkippedPeer {
+                    node: "n4".into(),
+                    reason: SkipReason::NoPodCidr
+                },
+                SkippedPeer {
+                    node: "n5".into(),
+                    reason: SkipReason::NoInternalIp
+                },
+                SkippedPeer {
+                    node: "n6".into(),
+                    reason: SkipReason::BadPodCidr("bogus".into())
+                },
+                SkippedPeer {
+                    node: "n6".into(),
+                    reason: SkipReason::NoPodCidr
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn overlapping_peer_cidr_is_refused() {
+        let mut nodes = cluster();
+        nodes.push(node("n9", Some("172.30.0.19"), &["10.244.0.0/16"]));
+        let plan = plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host()).unwrap();
+        assert!(plan.peers.iter().all(|p| p.node != "n9"));
+        assert!(matches!(
+            plan.skipped[0].reason,
+            SkipReason::OverlapsLocal(_)
+        ));
+    }
+
+    fn created(mut n: Node, at: &str) -> Node {
+        n.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            at.parse().unwrap(),
+        ));
+        n
+    }
+
+    /// Hostile or misconfigured peers (issue 12): a pod CIDR outside the cluster CIDR, over
+    /// this node's subnet, over the default route or another foreign route, holding a node's
+    /// address, or overlapping an older peer's, gets no route; the honest peers keep theirs.
+    #[test]
+    #[expect(clippy::too_many_lines, reason = "one case per kind of hostile CIDR")]
+    fn hostile_peer_cidrs_are_refused() {
+        let mut nodes = vec![
+            node("n0", Some("172.30.0.10"), &["10.244.0.0/24"]),
+            created(
+                node("z-old", Some("172.30.0.11"), &["10.244.1.0/24"]),
+                "2026-01-01T00:00:00Z",
+            ),
+        ];
+        for (name, ip, cidr) in [
+            ("a-outside", "172.30.0.20", "10.99.0.0/24"),
+            ("b-subnet", "172.30.0.21", "172.30.0.0/25"),
+            ("c-default", "172.30.0.22", "0.0.0.0/0"),
+            ("d-foreign", "172.30.0.23", "10.244.9.0/24"),
+            ("e-node-ip", "172.30.0.24", "10.244.16.0/20"),
+            ("f-steals", "172.30.0.25", "10.244.1.0/25"),
+            ("g-honest", "172.30.0.26", "10.244.3.0/24"),
+        ] {
+            nodes.push(created(
+                node(name, Some(ip), &[cidr]),
+                "2026-06-01T00:00:00Z",
+            ));
+        }
+        // e-node-ip's CIDR holds another node's InternalIP.
+        nodes.push(created(
+            node("h-odd-ip", Some("10.244.17.5"), &["10.244.4.0/24"]),
+            "2026-06-01T00:00:00Z",
+        ));
+        let config = RoutingConfig {
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            ..cfg(RoutingMode::Auto)
+        };
+        let plan = plan_routes("n0", &nodes, &config, &host()).unwrap();
+        let routed: Vec<(String, String)> = plan
+            .peers
+            .iter()
+            .map(|p| (p.node.clone(), p.pod_cidr.to_string()))
+            .collect();
+        assert_eq!(
+            routed,
+            [
+                ("z-old".to_owned(), "10.244.1.0/24".to_owned()),
+                ("g-honest".to_owned(), "10.244.3.0/24".to_owned()),
+                ("h-odd-ip".to_owned(), "10.244.4.0/24".to_owned()),
+            ]
+        );
+        let net = |s: &str| s.parse::<Ipv4Network>().unwrap();
+        let skip = |node: &str, reason| SkippedPeer {
+            node: node.into(),
+            reason,
+        };
+        assert_eq!(
+            plan.skipped,
+            vec![
+                skip(
+                    "a-outside",
+                    SkipReason::OutsideClusterCidr(net("10.99.0.0/24"))
+                ),
+                skip(
+                    "b-subnet",
+                    SkipReason::OutsideClusterCidr(net("172.30.0.0/25"))
+                ),
+                // 0.0.0.0/0 overlaps everything: the local pod CIDR is checked first.
+                skip("c-default", SkipReason::OverlapsLocal(net("10.244.0.0/24"))),
+                skip("d-foreign", SkipReason::ForeignRoute(net("10.244.9.0/24"))),
+                skip(
+                    "e-node-ip",
+                    SkipReason::ContainsNodeIp(Ipv4Addr::new(10, 244, 17, 5))
+                ),
+                skip(
+                    "f-steals",
+                    SkipReason::OverlapsPeer {
+                        node: "z-old".into(),
+                        cidr: net("10.244.1.0/24")
+                    }
+                ),
+            ]
+        );
+        assert!(plan.skipped.iter().all(|s| s.reason.is_conflict()));
+
+        // Without a cluster CIDR the node's own network still stops it.
+        let plan = plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host()).unwrap();
+        let reasons: BTreeMap<String, SkipReason> = plan
+            .skipped
+            .into_iter()
+            .map(|s| (s.node, s.reason))
+            .collect();
+        assert_eq!(
+            reasons["b-subnet"],
+            SkipReason::OverlapsNodeSubnet(net("172.30.0.0/24"))
+        );
+        assert!(!reasons.contains_key("a-outside"), "routed: {reasons:?}");
+        // The older Node keeps its CIDR whatever the names: swap the ages, the other one wins.
+        let swapped: Vec<Node> = nodes
+            .iter()
+            .cloned()
+            .map(|n| match n.metadata.name.as_deref() {
+                Some("z-old") => created(n, "2026-07-01T00:00:00Z"),
+                Some("f-steals") => created(n, "2026-01-01T00:00:00Z"),
+                _ => n,
+            })
+            .collect();
+        let plan = plan_routes("n0", &swapped, &config, &host()).unwrap();
+        assert!(
+            plan.peers
+                .iter()
+                .any(|p| p.node == "f-steals" && p.pod_cidr == net("10.244.1.0/25"))
+        );
+        assert!(plan.peers.iter().all(|p| p.node != "z-old"));
+    }
+
+    #[test]
+    fn this_node_errors_are_typed() {
+        assert!(matches!(
+            plan_routes("nX", &cluster(), &cfg(RoutingMode::Auto), &host()),
+            Err(PlanError::ThisNodeMissing(_))
+        ));
+        let nodes = vec![node("n0", None, &["10.244.0.0/24"])];
+        assert!(matches!(
+            plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host()),
+            Err(PlanError::ThisNodeNoAddress(_))
+        ));
+        // The overlay needs the node IP on a local interface.
+        let nodes = vec![node("n0", Some("192.0.2.1"), &["10.244.0.0/24"])];
+        assert!(matches!(
+            plan_routes("n0", &nodes, &cfg(RoutingMode::Vxlan), &host()),
+            Err(PlanError::NodeIpNotLocal(_))
+        ));
+    }
+
+    #[test]
+    fn plan_is_independent_of_node_order_and_canonicalises_cidrs() {
+        let mut nodes = cluster();
+        nodes[1] = node("n1", Some("172.30.0.11"), &["10.244.1.7/24"]);
+        let a = plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host()).unwrap();
+        nodes.reverse();
+        let b = plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.peers[0].pod_cidr.to_string(), "10.244.1.0/24");
+    }
+
+    #[test]
+    fn masquerade_exempts_pods_nodes_and_configured_cidrs() {
+        let config = RoutingConfig {
+            non_masquerade_cidrs: vec!["192.168.0.0/16".parse().unwrap()],
+            ..cfg(RoutingMode::Auto)
+        };
+        let plan = plan_routes("n0", &cluster(), &config, &host()).unwrap();
+        let m = plan.masquerade.expect("masquerade on by default");
+        assert_eq!(
+            m.sources,
+            vec!["10.244.0.0/24".parse::<Ipv4Network>().unwrap()]
+        );
+        let exempt: Vec<String> = m.exempt.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            exempt,
+            [
+                "10.244.0.0/24",
+                "10.244.1.0/24",
+                "10.244.2.0/24",
+                "172.30.0.10/32",
+                "172.30.0.11/32",
+                "172.30.1.12/32",
+                "192.168.0.0/16"
+            ]
+        );
+        let off = plan_routes(
+            "n0",
+            &cluster(),
+            &RoutingConfig {
+                masquerade: false,
+                ..config
+            },
+            &host(),
+        )
+        .unwrap();
+        assert!(off.masquerade.is_none());
+    }
+}

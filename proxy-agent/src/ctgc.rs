@@ -1,0 +1,298 @@
+//! Collection of the connection-tracking table (`TWL_CT_V1`): which entries go. Pure — the
+//! entries, the time and who owns which pod address in, the keys to delete out — so every rule
+//! is unit-tested without a kernel; [`crate::datapath::AyaLbMaps::collect_ct`] reads the table,
+//! asks [`plan`] and deletes.
+//!
+//! The table is a plain hash (no LRU eviction, which would push live flows out), so nothing
+//! leaves it unless it is collected here or a reset removes it in the kernel. Rules, for every
+//! scope (north-south NAT and NetworkPolicy entries alike):
+//! - **Expired**: an entry whose last packet is older than `ct_lifetime_ns(proto, state)` goes —
+//!   but only with its counterpart (the other direction of the same flow, when present), and only
+//!   when that one is expired too, since a one-way stream refreshes just one of the two.
+//! - **Orphaned** (NAT entries only): a flow whose backend address no pod owns any more goes at
+//!   once, whatever its state: its packets could only reach nothing, or a new pod that was given
+//!   the address. Flows to a backend that merely left its Service are *not* orphaned: they drain
+//!   (as with kube-proxy) while the pod lives.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use twill_common::{CT_F_REPLY, CT_SCOPE_NAT, CtKey, CtValue, ct_lifetime_ns};
+
+use crate::compile::addr_be;
+
+/// Who owns pod addresses, as far as this node can tell.
+pub trait AddrOwners {
+    /// Whether a pod still holds `addr_be` (network order). `true` when unknown.
+    fn owned(&self, addr_be: u32) -> bool;
+}
+
+/// Every address is owned: collection by expiry only.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AssumeOwned;
+
+impl AddrOwners for AssumeOwned {
+    fn owned(&self, _addr_be: u32) -> bool {
+        true
+    }
+}
+
+/// This node's pods, known by their host routes: the CNI plugin gives every pod a `/32` route
+/// through its veth and the route goes with the veth when the pod is deleted. Addresses in this
+/// node's pod CIDRs without such a route belong to no pod; addresses elsewhere (other nodes'
+/// pods) cannot be judged from here and count as owned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalPods {
+    pub pod_cidrs: Vec<Ipv4Network>,
+    /// Addresses with a host route (network order).
+    pub live: BTreeSet<u32>,
+}
+
+impl LocalPods {
+    /// From this node's pod CIDRs and the destinations of its `/32` routes.
+    pub fn new(
+        pod_cidrs: Vec<Ipv4Network>,
+        host_routes: impl IntoIterator<Item = Ipv4Addr>,
+    ) -> Self {
+        Self {
+            pod_cidrs,
+            live: host_routes.into_iter().map(addr_be).collect(),
+        }
+    }
+}
+
+impl AddrOwners for LocalPods {
+    fn owned(&self, addr: u32) -> bool {
+        let ip = crate::compile::addr_from_be(addr);
+        !self.pod_cidrs.iter().any(|c| c.contains(ip)) || self.live.contains(&addr)
+    }
+}
+
+/// What one collection removes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CtGcPlan {
+    /// Entries past their state's lifetime (with their counterpart).
+    pub expired: Vec<CtKey>,
+    /// NAT entries of flows to an address no pod owns.
+    pub orphaned: Vec<CtKey>,
+}
+
+impl CtGcPlan {
+    pub fn len(&self) -> usize {
+        self.expired.len() + self.orphaned.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every key to delete.
+    pub fn keys(&self) -> impl Iterator<Item = &CtKey> {
+        self.expired.iter().chain(&self.orphaned)
+    }
+}
+
+fn is_expired(key: &CtKey, value: &CtValue, now_ns: u64) -> bool {
+    now_ns.saturating_sub(value.last_seen_ns) > ct_lifetime_ns(key.proto, value.state)
+}
+
+/// The backend a NAT entry's flow goes to: the reply direction comes from it, the original
+/// direction is rewritten to it.
+pub fn backend_of(key: &CtKey, value: &CtValue) -> u32 {
+    if value.flags & CT_F_REPLY != 0 {
+        key.saddr_be
+    } else {
+        value.new_daddr_be
+    }
+}
+
+/// Decides which entries of `entries` (a dump of the table) to delete at `now_ns`
+/// (`CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`).
+pub fn plan(entries: &[(CtKey, CtValue)], now_ns: u64, owners: &impl AddrOwners) -> CtGcPlan {
+    let by_key: BTreeMap<&CtKey, &CtValue> = entries.iter().map(|(k, v)| (k, v)).collect();
+    let mut out = CtGcPlan::default();
+    for (key, value) in entries {
+        if key.scope == CT_SCOPE_NAT && !owners.owned(backend_of(key, value)) {
+            out.orphaned.push(*key);
+            continue;
+        }
+        if !is_expired(key, value, now_ns) {
+            continue;
+        }
+        let other = key.counterpart(value);
+        let other_alive = other != *key
+            && by_key
+                .get(&other)
+                .is_some_and(|v| !is_expired(&other, v, now_ns));
+        if !other_alive {
+            out.expired.push(*key);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twill_common::{
+        CT_F_SNAT, CT_LIFETIME_DGRAM_ESTABLISHED_NS, CT_LIFETIME_TCP_CLOSING_NS,
+        CT_LIFETIME_TCP_ESTABLISHED_NS, CT_SCOPE_POLICY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+        CT_STATE_NEW, PROTO_TCP, PROTO_UDP,
+    };
+
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 200);
+    const NODE: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
+    const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
+    const S: u64 = 1_000_000_000;
+
+    /// Both entries of a DNAT-only NodePort flow CLIENT:40000 → NODE:30080 → POD:8080.
+    fn flow(proto: u8, state: u8, orig_seen: u64, reply_seen: u64) -> [(CtKey, CtValue); 2] {
+        let orig_key = CtKey {
+            saddr_be: addr_be(CLIENT),
+            daddr_be: addr_be(NODE),
+            sport_be: 40000u16.to_be(),
+            dport_be: 30080u16.to_be(),
+            proto,
+            scope: CT_SCOPE_NAT,
+            _pad: [0; 2],
+        };
+        let orig = CtValue {
+            new_saddr_be: addr_be(CLIENT),
+            new_daddr_be: addr_be(POD),
+            new_sport_be: 40000u16.to_be(),
+            new_dport_be: 8080u16.to_be(),
+            svc_id: 1,
+            flags: 0,
+            state,
+            tcp_fin: 0,
+            _pad: [0; 2],
+            last_seen_ns: orig_seen,
+        };
+        let reply_key = orig_key.counterpart(&orig);
+        let reply = CtValue {
+            new_saddr_be: addr_be(NODE),
+            new_daddr_be: addr_be(CLIENT),
+            new_sport_be: 30080u16.to_be(),
+            new_dport_be: 40000u16.to_be(),
+            flags: CT_F_REPLY,
+            last_seen_ns: reply_seen,
+            ..orig
+        };
+        [(orig_key, orig), (reply_key, reply)]
+    }
+
+    fn pods(live: &[Ipv4Addr]) -> LocalPods {
+        LocalPods::new(vec!["10.244.0.0/24".parse().unwrap()], live.iter().copied())
+    }
+
+    #[test]
+    fn counterparts_pair_up() {
+        let [(ok, ov), (rk, rv)] = flow(PROTO_TCP, CT_STATE_ESTABLISHED, 0, 0);
+        assert_eq!(ok.counterpart(&ov), rk);
+        assert_eq!(rk.counterpart(&rv), ok);
+        assert_eq!(backend_of(&ok, &ov), backend_of(&rk, &rv));
+        assert_eq!(backend_of(&ok, &ov), addr_be(POD));
+    }
+
+    #[test]
+    fn closed_flows_go_after_the_close_lifetime_established_ones_stay() {
+        let now = 1000 * S;
+        let closed_at = now - CT_LIFETIME_TCP_CLOSING_NS - S;
+        let closed = flow(PROTO_TCP, CT_STATE_CLOSING, closed_at, closed_at);
+        let recent_close = flow(PROTO_TCP, CT_STATE_CLOSING, now - 5 * S, now - 5 * S);
+        let mut idle = flow(
+            PROTO_TCP,
+            CT_STATE_ESTABLISHED,
+            now - 900 * S,
+            now - 900 * S,
+        );
+        // Another client port, so the keys differ.
+        for (k, v) in &mut idle {
+            if v.flags & CT_F_REPLY == 0 {
+                k.sport_be = 40001u16.to_be();
+                v.new_sport_be = 40001u16.to_be();
+            } else {
+                k.dport_be = 40001u16.to_be();
+                v.new_dport_be = 40001u16.to_be();
+            }
+        }
+        let mut all: Vec<_> = closed.to_vec();
+        all.extend(idle);
+        let p = plan(&all, now, &pods(&[POD]));
+        assert_eq!(p.expired, vec![closed[0].0, closed[1].0]);
+        assert!(p.orphaned.is_empty());
+        let p = plan(&recent_close, now, &pods(&[POD]));
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn a_pair_expires_only_when_both_directions_are_idle() {
+        let now = 10_000 * S;
+        let old = now - CT_LIFETIME_DGRAM_ESTABLISHED_NS - S;
+        // A one-way UDP stream: the client keeps sending, the backend answered long ago.
+        let stream = flow(PROTO_UDP, CT_STATE_ESTABLISHED, now - S, old);
+        assert!(plan(&stream, now, &pods(&[POD])).is_empty());
+        let dead = flow(PROTO_UDP, CT_STATE_ESTABLISHED, old, old);
+        assert_eq!(plan(&dead, now, &pods(&[POD])).expired.len(), 2);
+        // An unanswered UDP flow lives 30 s.
+        let unanswered = flow(PROTO_UDP, CT_STATE_NEW, now - 31 * S, now - 31 * S);
+        assert_eq!(plan(&unanswered, now, &pods(&[POD])).expired.len(), 2);
+        let est = flow(
+            PROTO_TCP,
+            CT_STATE_ESTABLISHED,
+            now - CT_LIFETIME_TCP_ESTABLISHED_NS.min(now) / 2,
+            0,
+        );
+        assert!(plan(&est, now, &pods(&[POD])).is_empty());
+    }
+
+    #[test]
+    fn flows_to_an_address_no_local_pod_owns_are_orphaned_at_once() {
+        let now = 100 * S;
+        let f = flow(PROTO_TCP, CT_STATE_ESTABLISHED, now, now);
+        // The pod is gone (no host route): both directions go, though the flow is fresh.
+        let p = plan(&f, now, &pods(&[]));
+        assert_eq!(p.orphaned, vec![f[0].0, f[1].0]);
+        assert!(p.expired.is_empty());
+        // Other nodes' pods cannot be judged here: kept.
+        let remote = LocalPods::new(vec!["10.244.1.0/24".parse().unwrap()], []);
+        assert!(plan(&f, now, &remote).is_empty());
+        assert!(plan(&f, now, &AssumeOwned).is_empty());
+    }
+
+    #[test]
+    fn snat_flows_and_policy_entries_follow_the_same_rules() {
+        let now = 100 * S;
+        let [(ok, mut ov), (_, mut rv)] = flow(PROTO_TCP, CT_STATE_CLOSING, 0, 0);
+        ov.flags |= CT_F_SNAT;
+        ov.new_saddr_be = addr_be(NODE);
+        ov.new_sport_be = 50000u16.to_be();
+        rv.flags |= CT_F_SNAT;
+        let rk = ok.counterpart(&ov);
+        let entries = [(ok, ov), (rk, rv)];
+        assert_eq!(rk.saddr_be, addr_be(POD));
+        assert_eq!(rk.daddr_be, addr_be(NODE));
+        assert_eq!(plan(&entries, now, &pods(&[POD])).expired.len(), 2);
+        // A policy entry (untranslated, reversed tuple as counterpart) is never orphaned, only
+        // expired.
+        let mut pk = ok;
+        pk.scope = CT_SCOPE_POLICY;
+        let pv = CtValue {
+            new_saddr_be: ok.saddr_be,
+            new_daddr_be: ok.daddr_be,
+            new_sport_be: ok.sport_be,
+            new_dport_be: ok.dport_be,
+            flags: 0,
+            state: CT_STATE_ESTABLISHED,
+            last_seen_ns: now,
+            ..ov
+        };
+        assert!(plan(&[(pk, pv)], now, &pods(&[])).is_empty());
+        let stale = CtValue {
+            state: CT_STATE_NEW,
+            last_seen_ns: 0,
+            ..pv
+        };
+        assert_eq!(plan(&[(pk, stale)], now, &pods(&[])).expired, vec![pk]);
+    }
+}

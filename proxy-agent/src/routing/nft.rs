@@ -1,0 +1,45 @@
+//! Runs the egress masquerade ruleset ([`MasqueradeRules`], rendered in twill-core) through
+//! `nft -f -` in the current network namespace: the one side effect of the masquerade.
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt as _;
+
+use super::{MasqueradeRules, RoutingError};
+
+/// Replaces the agent's table in the current network namespace, in one transaction.
+pub async fn apply(rules: &MasqueradeRules) -> Result<(), RoutingError> {
+    nft(&rules.render()).await
+}
+
+/// Removes the agent's table (no error when it is absent).
+pub async fn remove() -> Result<(), RoutingError> {
+    nft(&MasqueradeRules::render_remove()).await
+}
+
+async fn nft(script: &str) -> Result<(), RoutingError> {
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(RoutingError::NftSpawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(RoutingError::NftSpawn)?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(RoutingError::NftSpawn)?;
+    if !out.status.success() {
+        return Err(RoutingError::NftFailed {
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
