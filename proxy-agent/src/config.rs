@@ -336,6 +336,7 @@ pub fn parse_file(text: &str) -> Result<FileConfig, serde_yaml::Error> {
 
 /// Flags over file, then defaults and validation.
 pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
+    let map_sizes = map_sizes(&flags, &file)?;
     let node_name = pick(flags.node_name, file.node_name)
         .filter(|n| !n.trim().is_empty())
         .ok_or(ConfigError::MissingNodeName)?;
@@ -366,8 +367,47 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
         Some(0) => return Err(ConfigError::MaxFrontends),
         Some(n) => n,
     };
+    Ok(Config {
+        node_name,
+        source,
+        cgroup_root: pick(flags.cgroup_root, file.cgroup_root),
+        bpffs_dir: pick(flags.bpffs_dir, file.bpffs_dir)
+            .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
+        cni_conf_dir: pick(flags.cni_conf_dir, file.cni_conf_dir)
+            .unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into()),
+        state_dir: pick(flags.state_dir, file.state_dir)
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+        api_socket: pick(flags.api_socket, file.api_socket)
+            .unwrap_or_else(|| DEFAULT_API_SOCKET.into()),
+        healthz_bind_address: parse_bind("healthz-bind-address", &healthz)?,
+        metrics_bind_address: parse_bind("metrics-bind-address", &metrics)?,
+        nodeport_range,
+        cni_mtu,
+        cni_chain_portmap: pick(flags.cni_chain_portmap, file.cni_chain_portmap).unwrap_or(false),
+        sync_period,
+        map_sizes,
+        devices: pick(flags.devices, file.devices).unwrap_or_default(),
+        nodeport_addresses: cidrs(
+            "nodeport-addresses",
+            pick(flags.nodeport_addresses, file.nodeport_addresses),
+        )?,
+        routing_mode: pick(flags.routing_mode, file.routing_mode).unwrap_or_default(),
+        cluster_cidr: pick(flags.cluster_cidr, file.cluster_cidr)
+            .map(|c| parse_cidr("cluster-cidr", &c))
+            .transpose()?,
+        non_masquerade_cidrs: cidrs(
+            "non-masquerade-cidrs",
+            pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
+        )?,
+        masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
+        max_frontends_per_service,
+    })
+}
+
+/// The map capacities: flags over file over the defaults; zero is refused.
+fn map_sizes(flags: &RunArgs, file: &FileConfig) -> Result<MapSizes, ConfigError> {
     let defaults = MapSizes::default();
-    let map_sizes = MapSizes {
+    Ok(MapSizes {
         services: map_size(
             "map-size-services",
             pick(flags.map_size_services, file.map_size_services),
@@ -404,41 +444,6 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             defaults.udp_flows,
         )?,
         ..defaults
-    };
-    Ok(Config {
-        node_name,
-        source,
-        cgroup_root: pick(flags.cgroup_root, file.cgroup_root),
-        bpffs_dir: pick(flags.bpffs_dir, file.bpffs_dir)
-            .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
-        cni_conf_dir: pick(flags.cni_conf_dir, file.cni_conf_dir)
-            .unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into()),
-        state_dir: pick(flags.state_dir, file.state_dir)
-            .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-        api_socket: pick(flags.api_socket, file.api_socket)
-            .unwrap_or_else(|| DEFAULT_API_SOCKET.into()),
-        healthz_bind_address: parse_bind("healthz-bind-address", &healthz)?,
-        metrics_bind_address: parse_bind("metrics-bind-address", &metrics)?,
-        nodeport_range,
-        cni_mtu,
-        cni_chain_portmap: pick(flags.cni_chain_portmap, file.cni_chain_portmap).unwrap_or(false),
-        sync_period,
-        map_sizes,
-        devices: pick(flags.devices, file.devices).unwrap_or_default(),
-        nodeport_addresses: cidrs(
-            "nodeport-addresses",
-            pick(flags.nodeport_addresses, file.nodeport_addresses),
-        )?,
-        routing_mode: pick(flags.routing_mode, file.routing_mode).unwrap_or_default(),
-        cluster_cidr: pick(flags.cluster_cidr, file.cluster_cidr)
-            .map(|c| parse_cidr("cluster-cidr", &c))
-            .transpose()?,
-        non_masquerade_cidrs: cidrs(
-            "non-masquerade-cidrs",
-            pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
-        )?,
-        masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
-        max_frontends_per_service,
     })
 }
 
