@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// MTU written into the CNI config [default: 1500].
     #[arg(long, value_name = "BYTES")]
     pub cni_mtu: Option<u32>,
+    /// Chain the reference `portmap` plugin after twill-cni in the CNI config, for pods'
+    /// hostPorts; it must be installed in the runtime's CNI bin dir [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 1, require_equals = true)]
+    pub cni_chain_portmap: Option<bool>,
     /// Period of the periodic full resync; /healthz turns 503 when changes wait longer than
     /// twice this [default: 30s].
     #[arg(long, value_name = "DURATION")]
@@ -227,6 +231,7 @@ pub struct FileConfig {
     pub metrics_bind_address: Option<String>,
     pub nodeport_range: Option<String>,
     pub cni_mtu: Option<u32>,
+    pub cni_chain_portmap: Option<bool>,
     pub sync_period: Option<String>,
     pub map_size_services: Option<u32>,
     pub map_size_backend_slots: Option<u32>,
@@ -274,6 +279,7 @@ pub struct Config {
     pub metrics_bind_address: Option<SocketAddr>,
     pub nodeport_range: (u16, u16),
     pub cni_mtu: u32,
+    pub cni_chain_portmap: bool,
     pub sync_period: Duration,
     pub map_sizes: MapSizes,
     pub devices: Vec<String>,
@@ -409,6 +415,7 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
         metrics_bind_address: parse_bind("metrics-bind-address", &metrics)?,
         nodeport_range,
         cni_mtu,
+        cni_chain_portmap: pick(flags.cni_chain_portmap, file.cni_chain_portmap).unwrap_or(false),
         sync_period,
         map_sizes,
         devices: pick(flags.devices, file.devices).unwrap_or_default(),
@@ -596,6 +603,20 @@ mod tests {
         assert_eq!(cfg.routing_mode, RoutingMode::Auto);
         assert_eq!(cfg.map_sizes, MapSizes::default());
         assert!(cfg.masquerade);
+        assert!(!cfg.cni_chain_portmap);
+    }
+
+    #[test]
+    fn portmap_chaining_by_flag_or_file() {
+        let on = merge(
+            run_args(&["--node-name", "n1", "--cni-chain-portmap=true"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(on.cni_chain_portmap);
+        let file = parse_file("cni-chain-portmap: true\n").unwrap();
+        let cfg = merge(run_args(&["--node-name", "n1"]), file).unwrap();
+        assert!(cfg.cni_chain_portmap);
     }
 
     #[test]

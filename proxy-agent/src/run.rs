@@ -452,7 +452,12 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         if cidrs.is_empty() {
             return;
         }
-        let content = crate::cniconf::render(&cidrs, self.cni_mtu, &self.cfg.state_dir);
+        let content = crate::cniconf::render(
+            &cidrs,
+            self.cni_mtu,
+            &self.cfg.state_dir,
+            self.cfg.cni_chain_portmap,
+        );
         if self.cni_conf.as_ref() == Some(&content) {
             return;
         }
