@@ -54,7 +54,7 @@ pub static TWL_CFG_V2: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 // whose entry is evicted is reset). Entries expire by state (`ct_lifetime_ns`) and are
 // collected by the agent; a full table drops new flows with `CtMapFull`.
 #[map]
-pub static TWL_CT_V1: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_CT_MAX, 0);
+pub static TWL_CT_V2: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_CT_MAX, 0);
 
 // LpmTrie adds the BPF_F_NO_PREALLOC the kernel requires for tries.
 #[map]

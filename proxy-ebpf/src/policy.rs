@@ -13,7 +13,7 @@
 //!
 //! Every step is a hash or LPM lookup: the cost of a packet does not depend on how many
 //! policies, rules or pods exist. A flow is judged once per node and side, then followed by its
-//! conntrack entry in the shared `TWL_CT_V1` table (`CtKey::scope = CT_SCOPE_POLICY`, keyed by
+//! conntrack entry in the shared `TWL_CT_V2` table (`CtKey::scope = CT_SCOPE_POLICY`, keyed by
 //! the tuple as the flow's originator sends it, with a flag per side that passed — see
 //! `CT_F_POLICY_EGRESS`). Entries carry the table's state machine (`CT_STATE_*`: new, established
 //! once a reply passed, closing after both FINs or a RST) and are expired by the agent's one
@@ -27,7 +27,7 @@ use twill_common::{
 };
 
 use crate::{
-    maps::{TWL_CT_V1, TWL_IPC_V1, TWL_PEP_V1, TWL_POL_V1},
+    maps::{TWL_CT_V2, TWL_IPC_V1, TWL_PEP_V1, TWL_POL_V1},
     pkt::{Flow, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -198,7 +198,7 @@ fn reverse(key: &CtKey) -> CtKey {
 /// from each side or a RST closes it.
 #[inline(always)]
 fn ct_seen(key: &CtKey, flag: u32, now: u64, tcp_flags: u8, reply: bool) -> bool {
-    let Some(ptr) = TWL_CT_V1.get_ptr_mut(key) else {
+    let Some(ptr) = TWL_CT_V2.get_ptr_mut(key) else {
         return false;
     };
     // SAFETY: a valid map value pointer for the program's duration. Concurrent writers on
@@ -247,10 +247,10 @@ fn ct_record(key: &CtKey, flag: u32, now: u64) -> Result<(), Reason> {
         _pad: [0; 2],
         last_seen_ns: now,
     };
-    if TWL_CT_V1.insert(key, value, BPF_NOEXIST).is_ok() {
+    if TWL_CT_V2.insert(key, value, BPF_NOEXIST).is_ok() {
         return Ok(());
     }
-    if let Some(ptr) = TWL_CT_V1.get_ptr_mut(key) {
+    if let Some(ptr) = TWL_CT_V2.get_ptr_mut(key) {
         // SAFETY: as in ct_seen.
         unsafe {
             if (*ptr).state == CT_STATE_CLOSING {
