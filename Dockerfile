@@ -3,6 +3,9 @@
 #
 #   docker build -t <registry>/twill:<tag> .        (from the repository root)
 #
+# `cargo xtask image` builds the same content without a registry (debootstrap of the same suite
+# with the same packages, the same binaries and CMD; tests/src/image.rs): keep the two in step.
+#
 # The builder repeats the toolchain part of `cargo xtask setup` (which also mounts bpffs and
 # installs the lab's Debian packages — neither is possible nor needed inside `docker build`):
 # a nightly with rust-src for `-Z build-std=core` on the bpf target, and bpf-linker built

@@ -30,7 +30,8 @@ pub const MAP_NODE_ADDRS: &str = "TWL_NODEIP_V1";
 /// V2: `DatapathConfig` grew `host_netns_cookie` (8 → 16 bytes).
 pub const MAP_CONFIG: &str = "TWL_CFG_V2";
 pub const MAP_STATS: &str = "TWL_STATS_V1";
-pub const MAP_CT: &str = "TWL_CT_V1";
+// V2: a plain hash (was LRU) whose value carries the TCP state; a V1 pin is never adopted.
+pub const MAP_CT: &str = "TWL_CT_V2";
 pub const MAP_LB_SRC_RANGES: &str = "TWL_LBSRC_V1";
 pub const MAP_UDP_FLOWS: &str = "TWL_UDPFLOW_V1";
 pub const MAP_FRAGS: &str = "TWL_FRAG_V1";
@@ -47,13 +48,16 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_STATS,
     MAP_CT,
     MAP_LB_SRC_RANGES,
+    crate::policy::MAP_POLICY_ENDPOINTS,
+    crate::policy::MAP_IPCACHE,
+    crate::policy::MAP_POLICY,
     MAP_UDP_FLOWS,
     MAP_FRAGS,
 ];
 
 /// Pinned map names of earlier layouts, which no program uses any more: `uninstall` removes
 /// them too, so an upgraded node keeps no stale pin.
-pub const RETIRED_MAPS: &[&str] = &["TWL_CFG_V1"];
+pub const RETIRED_MAPS: &[&str] = &["TWL_CFG_V1", "TWL_CT_V1"];
 
 /// Default map capacities; the agent may override them (`--map-size-*`) before load.
 pub const DEFAULT_SERVICES_MAX: u32 = 65_536;

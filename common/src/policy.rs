@@ -92,6 +92,22 @@ pub struct PolicyVerdict {
 }
 const _: () = assert!(core::mem::size_of::<PolicyVerdict>() == 4);
 
+/// `CtValue::flags` of `CT_SCOPE_POLICY` entries (high bits, apart from the NAT flags). One
+/// entry per flow, keyed by the tuple as its originator sends it, records which of the two
+/// judgements of the flow this node made and passed: when both pods are local, the same tuple is
+/// judged by the client's egress and then by the server's ingress, and a pass of one must not
+/// stand in for the other.
+///
+/// The originator's egress allowed the flow (or the originator is not egress-isolated). Replies
+/// (the reverse tuple) may enter the originator; its later packets may leave it.
+pub const CT_F_POLICY_EGRESS: u32 = 1 << 16;
+/// The responder's ingress allowed the flow (or the responder is not ingress-isolated). The
+/// flow's packets may enter the responder; its replies may leave it.
+///
+/// Policy entries follow the same `CtValue::state` machine as NAT entries (new, established
+/// once a reply passed, closing after both FINs or a RST), so the one collector expires them.
+pub const CT_F_POLICY_INGRESS: u32 = 1 << 17;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type is #[repr(C)], Copy, with explicit padding and no invalid bit patterns.

@@ -51,6 +51,12 @@ pub enum Reason {
     PolicyCtFull = 34,
     /// NetworkPolicy: a new flow was allowed by a rule (counted once per flow).
     PolicyAllowed = 35,
+    /// NetworkPolicy: a packet of a flow already allowed (conntrack hit), passed without a
+    /// policy lookup.
+    PolicyEstablished = 36,
+    /// NetworkPolicy: the pod is not policy-managed or not isolated in this direction: passed
+    /// without a policy lookup.
+    PolicyNotEnforced = 37,
     /// Per-packet: a TCP packet other than a SYN, to a Service frontend, of no tracked flow (its
     /// entry expired or was flushed). Never balanced to a backend, which would answer with a
     /// reset: passed to the node's stack untouched.
@@ -99,6 +105,8 @@ impl Reason {
         Reason::PolicyDeniedEgress,
         Reason::PolicyCtFull,
         Reason::PolicyAllowed,
+        Reason::PolicyEstablished,
+        Reason::PolicyNotEnforced,
         Reason::CtNonSynMiss,
         Reason::CtReopened,
         Reason::SnatPortsExhausted,
@@ -132,6 +140,8 @@ impl Reason {
             Reason::PolicyDeniedEgress => "policy_denied_egress",
             Reason::PolicyCtFull => "policy_ct_full",
             Reason::PolicyAllowed => "policy_allowed",
+            Reason::PolicyEstablished => "policy_established",
+            Reason::PolicyNotEnforced => "policy_not_enforced",
             Reason::CtNonSynMiss => "ct_non_syn_miss",
             Reason::CtReopened => "ct_reopened",
             Reason::SnatPortsExhausted => "snat_ports_exhausted",

@@ -25,6 +25,12 @@ pub enum MapKind {
     Ct,
     /// `loadBalancerSourceRanges` LPM trie.
     SourceRanges,
+    /// NetworkPolicy: local pod endpoints.
+    PolicyEndpoints,
+    /// NetworkPolicy: peer prefix → identity (LPM trie).
+    IpCache,
+    /// NetworkPolicy: allowed (endpoint, direction, identity, protocol, port) prefixes.
+    Policy,
     /// Unconnected UDP flow stickiness (socket path).
     UdpFlows,
 }
@@ -42,6 +48,9 @@ impl MapKind {
             MapKind::Stats => twill_common::MAP_STATS,
             MapKind::Ct => twill_common::MAP_CT,
             MapKind::SourceRanges => twill_common::MAP_LB_SRC_RANGES,
+            MapKind::PolicyEndpoints => twill_common::MAP_POLICY_ENDPOINTS,
+            MapKind::IpCache => twill_common::MAP_IPCACHE,
+            MapKind::Policy => twill_common::MAP_POLICY,
             MapKind::UdpFlows => twill_common::MAP_UDP_FLOWS,
         }
     }

@@ -7,7 +7,11 @@
 //! - `/v1/affinity`: session-affinity entries read from the kernel (JSON);
 //! - `/v1/drops`: verdict counters per reason read from the kernel (JSON);
 //! - `/v1/maps`: the compiler's golden dump format of what the kernel maps hold (text), or the
-//!   same as JSON with `?format=json`.
+//!   same as JSON with `?format=json`;
+//! - `/v1/policy[?pod=NS/NAME][&format=text]`: the effective NetworkPolicy rules of local pods
+//!   (JSON, or the text form of the compiler's golden per-pod views);
+//! - `/v1/explain?from=…&to=…&proto=tcp|udp`: a connection's verdict from the compiled policy
+//!   state, Service targets resolved to their backends (JSON).
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -291,6 +295,9 @@ pub struct Published {
     /// What the reconciler believes the kernel maps hold.
     pub applied: LbState,
     pub model: DumpModel,
+    /// The compiled NetworkPolicy state the policy maps were written from, and its inputs.
+    pub policy: Arc<twill_core::policy::PolicyState>,
+    pub policy_objects: Arc<crate::source::PolicyObjects>,
 }
 
 /// Reads kernel-only state (affinity entries, verdict counters) for the API.
@@ -411,6 +418,20 @@ impl ApiState {
                 Ok(rows) => Response::json(200, &rows),
                 Err(e) => Response::text(500, format!("{e}\n")),
             },
+            "/v1/policy" => {
+                let p = self.published();
+                let only = query_value(&req.query, "pod").and_then(|v| v.split_once('/'));
+                let views: Vec<_> = twill_core::policy::pod_views(&p.policy.maps, &p.policy)
+                    .into_iter()
+                    .filter(|v| only.is_none_or(|(ns, n)| v.namespace == ns && v.name == n))
+                    .collect();
+                if query_value(&req.query, "format") == Some("text") {
+                    Response::text(200, twill_core::policy::render_pod_views(&views))
+                } else {
+                    Response::json(200, &views)
+                }
+            }
+            "/v1/explain" => explain(&self.published(), &req.query),
             "/v1/maps" => {
                 let p = self.published();
                 if req.query.split('&').any(|q| q == "format=json") {
@@ -421,6 +442,44 @@ impl ApiState {
             }
             _ => Response::not_found(),
         }
+    }
+}
+
+/// The value of `key` in a query string (`a=1&b=2`); values are sent unencoded (names and
+/// addresses need no escaping).
+fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find_map(|(k, v)| (k == key).then_some(v))
+}
+
+fn explain(p: &Published, query: &str) -> Response {
+    let (Some(from), Some(to)) = (query_value(query, "from"), query_value(query, "to")) else {
+        return Response::text(400, "explain needs from= and to=\n");
+    };
+    let proto = query_value(query, "proto").unwrap_or("tcp");
+    let Some(proto) = crate::policy::explain::parse_proto(proto) else {
+        return Response::text(
+            400,
+            format!("unknown protocol {proto:?} (tcp, udp, sctp)\n"),
+        );
+    };
+    let inputs = crate::policy::explain::ExplainInputs {
+        state: &p.policy,
+        objects: &p.policy_objects,
+        lb: &p.applied,
+        model: &p.model,
+    };
+    let q = crate::policy::explain::ExplainQuery {
+        from: from.to_owned(),
+        to: to.to_owned(),
+        proto,
+    };
+    match inputs.explain(&q) {
+        Ok(e) if query_value(query, "format") == Some("text") => Response::text(200, e.render()),
+        Ok(e) => Response::json(200, &e),
+        Err(e) => Response::text(400, format!("{e}\n")),
     }
 }
 

@@ -29,12 +29,45 @@ pub enum CniConfError {
     },
 }
 
+/// The version runtimes that predate `cniVersions` read. libcni before 1.2 (containerd 1.6 and
+/// 1.7, measured with containerd 1.6 in `tests/tests/cri_containerd.rs`) cannot decode a 1.1.0
+/// result and fails every ADD with "unsupported CNI result version", so this stays 1.0.0.
+const CNI_VERSION: &str = "1.0.0";
+/// Every version the list works at (CNI spec 1.1 `cniVersions`): a runtime that reads it picks
+/// the highest it supports, so libcni ≥ 1.2 runs the plugins at 1.1.0 (GC, STATUS).
+/// <https://github.com/containernetworking/cni/blob/main/SPEC.md#version-considerations>
+const CNI_VERSIONS: [&str; 2] = ["1.0.0", "1.1.0"];
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Conflist<'a> {
     cni_version: &'static str,
+    cni_versions: [&'static str; 2],
     name: &'static str,
-    plugins: [Plugin<'a>; 1],
+    plugins: Vec<Entry<'a>>,
+}
+
+/// One plugin of the chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+enum Entry<'a> {
+    Twill(Plugin<'a>),
+    Portmap(Portmap),
+}
+
+/// The reference `portmap` plugin chained after twill-cni for pods' `hostPort`s: the runtime
+/// passes the pod's port mappings to plugins declaring the `portMappings` capability.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+struct Portmap {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    capabilities: PortmapCapabilities,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PortmapCapabilities {
+    port_mappings: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -73,19 +106,35 @@ pub fn pod_cidrs(node: &Node) -> Vec<Ipv4Network> {
         .collect()
 }
 
-/// The conflist bytes for these pod CIDRs.
-pub fn render(pod_cidrs: &[Ipv4Network], mtu: u32, state_dir: &Path) -> Vec<u8> {
+/// The conflist bytes for these pod CIDRs; `chain_portmap` appends the `portmap` plugin (which
+/// must then be installed next to twill-cni) so pods' hostPorts work.
+pub fn render(
+    pod_cidrs: &[Ipv4Network],
+    mtu: u32,
+    state_dir: &Path,
+    chain_portmap: bool,
+) -> Vec<u8> {
+    let mut plugins = vec![Entry::Twill(Plugin {
+        kind: "twill-cni",
+        pod_cidrs: pod_cidrs.iter().map(ToString::to_string).collect(),
+        mtu,
+        gateway: POD_GATEWAY,
+        state_dir,
+        log_file: state_dir.join("cni.log"),
+    })];
+    if chain_portmap {
+        plugins.push(Entry::Portmap(Portmap {
+            kind: "portmap",
+            capabilities: PortmapCapabilities {
+                port_mappings: true,
+            },
+        }));
+    }
     let conf = Conflist {
-        cni_version: "1.1.0",
+        cni_version: CNI_VERSION,
+        cni_versions: CNI_VERSIONS,
         name: "twill",
-        plugins: [Plugin {
-            kind: "twill-cni",
-            pod_cidrs: pod_cidrs.iter().map(ToString::to_string).collect(),
-            mtu,
-            gateway: POD_GATEWAY,
-            state_dir,
-            log_file: state_dir.join("cni.log"),
-        }],
+        plugins,
     };
     let mut out = serde_json::to_vec_pretty(&conf).unwrap_or_default();
     out.push(b'\n');
@@ -141,20 +190,51 @@ mod tests {
             &["10.244.1.0/24".parse().unwrap()],
             1450,
             Path::new("/var/lib/twill"),
+            false,
         );
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"cniVersion":"1.1.0","name":"twill","plugins":[{"type":"twill-cni",
+            serde_json::json!({"cniVersion":"1.0.0","cniVersions":["1.0.0","1.1.0"],"name":"twill",
+                "plugins":[{"type":"twill-cni",
                 "podCIDRs":["10.244.1.0/24"],"mtu":1450,"gateway":"169.254.1.1",
                 "stateDir":"/var/lib/twill","logFile":"/var/lib/twill/cni.log"}]})
         );
     }
 
+    #[test]
+    fn portmap_is_chained_on_request() {
+        let bytes = render(
+            &["10.244.1.0/24".parse().unwrap()],
+            1500,
+            Path::new("/s"),
+            true,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["plugins"][0]["type"], "twill-cni");
+        assert_eq!(
+            v["plugins"][1],
+            serde_json::json!({"type":"portmap","capabilities":{"portMappings":true}})
+        );
+    }
+
     /// Each plugin entry of a conflist as libcni hands it to the plugin: the list's `name` and
-    /// `cniVersion` injected into the entry (libcni `buildOneConfig` / `InjectConf`).
-    fn as_libcni_feeds(conflist: &[u8]) -> Vec<serde_json::Value> {
+    /// version injected into the entry (libcni `buildOneConfig` / `InjectConf`). A libcni that
+    /// knows `cniVersions` (≥ 1.2) picks the highest listed version up to `runtime_max`; an
+    /// older one takes `cniVersion`.
+    fn as_libcni_feeds(conflist: &[u8], runtime_max: Option<&str>) -> Vec<serde_json::Value> {
         let list: serde_json::Value = serde_json::from_slice(conflist).unwrap();
+        let version = match runtime_max {
+            None => list["cniVersion"].clone(),
+            Some(max) => list["cniVersions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|v| v.as_str().unwrap() <= max)
+                .max_by_key(|v| v.as_str().unwrap().to_owned())
+                .unwrap()
+                .clone(),
+        };
         list["plugins"]
             .as_array()
             .unwrap()
@@ -162,7 +242,7 @@ mod tests {
             .map(|p| {
                 let mut p = p.clone();
                 p["name"] = list["name"].clone();
-                p["cniVersion"] = list["cniVersion"].clone();
+                p["cniVersion"] = version.clone();
                 p
             })
             .collect()
@@ -175,17 +255,24 @@ mod tests {
             "10.245.0.0/16".parse().unwrap(),
         ];
         let state = Path::new("/var/lib/twill-node-7");
-        let feeds = as_libcni_feeds(&render(&cidrs, 1410, state));
-        assert_eq!(feeds.len(), 1);
-        let conf = twill_cni::config::parse(&feeds[0]).unwrap();
-        assert_eq!(conf.name, "twill");
-        assert_eq!(conf.cni_version, twill_cni::version::CniVersion::V1_1_0);
-        let want: Vec<ipnetwork::IpNetwork> = cidrs.iter().map(|c| (*c).into()).collect();
-        assert_eq!(conf.pod_cidrs, want);
-        assert_eq!(conf.mtu, 1410);
-        assert_eq!(conf.gateway.to_string(), POD_GATEWAY);
-        assert_eq!(conf.state_dir, state);
-        assert_eq!(conf.log_file, state.join("cni.log"));
+        // Old runtimes (containerd 1.6/1.7) run the list at 1.0.0, new ones at 1.1.0.
+        for (runtime_max, want_version) in [
+            (None, twill_cni::version::CniVersion::V1_0_0),
+            (Some("1.0.0"), twill_cni::version::CniVersion::V1_0_0),
+            (Some("1.1.0"), twill_cni::version::CniVersion::V1_1_0),
+        ] {
+            let feeds = as_libcni_feeds(&render(&cidrs, 1410, state, true), runtime_max);
+            assert_eq!(feeds.len(), 2);
+            let conf = twill_cni::config::parse(&feeds[0]).unwrap();
+            assert_eq!(conf.name, "twill");
+            assert_eq!(conf.cni_version, want_version);
+            let want: Vec<ipnetwork::IpNetwork> = cidrs.iter().map(|c| (*c).into()).collect();
+            assert_eq!(conf.pod_cidrs, want);
+            assert_eq!(conf.mtu, 1410);
+            assert_eq!(conf.gateway.to_string(), POD_GATEWAY);
+            assert_eq!(conf.state_dir, state);
+            assert_eq!(conf.log_file, state.join("cni.log"));
+        }
     }
 
     #[test]
@@ -193,11 +280,11 @@ mod tests {
         // The real entry point and the real dataplane constructor: STATUS only touches the
         // IPAM store (under the temp state dir), so this needs no root and no netlink.
         let dir = tempfile::tempdir().unwrap();
-        let feeds = as_libcni_feeds(&render(
-            &["10.244.1.0/24".parse().unwrap()],
-            1500,
-            dir.path(),
-        ));
+        // STATUS is a 1.1.0 verb: only runtimes that pick 1.1.0 from `cniVersions` send it.
+        let feeds = as_libcni_feeds(
+            &render(&["10.244.1.0/24".parse().unwrap()], 1500, dir.path(), false),
+            Some("1.1.0"),
+        );
         let env = std::collections::HashMap::from([
             ("CNI_COMMAND".to_owned(), "STATUS".to_owned()),
             ("CNI_PATH".to_owned(), "/opt/cni/bin".to_owned()),
@@ -246,10 +333,20 @@ mod tests {
     fn writes_atomically_only_on_change() {
         let dir = tempfile::tempdir().unwrap();
         let conf_dir = dir.path().join("net.d");
-        let c1 = render(&["10.244.1.0/24".parse().unwrap()], 1500, Path::new("/s"));
+        let c1 = render(
+            &["10.244.1.0/24".parse().unwrap()],
+            1500,
+            Path::new("/s"),
+            false,
+        );
         assert!(write_if_changed(&conf_dir, &c1).unwrap());
         assert!(!write_if_changed(&conf_dir, &c1).unwrap());
-        let c2 = render(&["10.244.9.0/24".parse().unwrap()], 1500, Path::new("/s"));
+        let c2 = render(
+            &["10.244.9.0/24".parse().unwrap()],
+            1500,
+            Path::new("/s"),
+            false,
+        );
         assert!(write_if_changed(&conf_dir, &c2).unwrap());
         assert_eq!(std::fs::read(conf_dir.join(CNI_CONF_FILE)).unwrap(), c2);
         let names: Vec<_> = std::fs::read_dir(&conf_dir)

@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// MTU written into the CNI config [default: 1500].
     #[arg(long, value_name = "BYTES")]
     pub cni_mtu: Option<u32>,
+    /// Chain the reference `portmap` plugin after twill-cni in the CNI config, for pods'
+    /// hostPorts; it must be installed in the runtime's CNI bin dir [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 1, require_equals = true)]
+    pub cni_chain_portmap: Option<bool>,
     /// Period of the periodic full resync; /healthz turns 503 when changes wait longer than
     /// twice this [default: 30s].
     #[arg(long, value_name = "DURATION")]
@@ -96,9 +100,19 @@ pub struct RunArgs {
     /// Max entries of the socket reverse-NAT map.
     #[arg(long, value_name = "N")]
     pub map_size_sock_revnat: Option<u32>,
-    /// Max entries of the per-packet connection-tracking map (north-south).
+    /// Max entries of the per-packet connection-tracking map (north-south translation and
+    /// NetworkPolicy flows).
     #[arg(long, value_name = "N")]
     pub map_size_ct: Option<u32>,
+    /// Max entries of the NetworkPolicy endpoint map (local pods).
+    #[arg(long, value_name = "N")]
+    pub map_size_policy_endpoints: Option<u32>,
+    /// Max entries of the NetworkPolicy ipcache (pod IPs and ipBlock prefixes).
+    #[arg(long, value_name = "N")]
+    pub map_size_ipcache: Option<u32>,
+    /// Max entries of the NetworkPolicy rule trie.
+    #[arg(long, value_name = "N")]
+    pub map_size_policy: Option<u32>,
     /// Max entries of the unconnected UDP flow map (socket path stickiness).
     #[arg(long, value_name = "N")]
     pub map_size_udp_flows: Option<u32>,
@@ -151,7 +165,7 @@ pub struct DebugArgs {
     pub output: OutputFormat,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand)]
+#[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
 pub enum DebugCommand {
     /// Service frontends as programmed.
     Services,
@@ -163,6 +177,25 @@ pub enum DebugCommand {
     Drops,
     /// The load-balancing maps in the compiler's golden dump format.
     Maps,
+    /// The effective NetworkPolicy rules of this node's pods, and which policies select them.
+    Policy {
+        /// Only this pod (`NAMESPACE/POD`).
+        #[arg(value_name = "NAMESPACE/POD")]
+        pod: Option<String>,
+    },
+    /// Whether NetworkPolicy allows a connection, and which rule does (from the compiled state
+    /// the kernel maps hold; a Service is resolved to its backends as the datapath would).
+    Explain {
+        /// The client: `NAMESPACE/POD` or an IPv4 address.
+        #[arg(long, value_name = "POD|IP")]
+        from: String,
+        /// The server: `NAMESPACE/POD`, `NAMESPACE/SERVICE` or an IPv4 address (a ClusterIP
+        /// too), with `:PORT` (optional for a Service: all its ports).
+        #[arg(long, value_name = "POD|IP|SERVICE[:PORT]")]
+        to: String,
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp"])]
+        proto: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -213,6 +246,7 @@ pub struct FileConfig {
     pub metrics_bind_address: Option<String>,
     pub nodeport_range: Option<String>,
     pub cni_mtu: Option<u32>,
+    pub cni_chain_portmap: Option<bool>,
     pub sync_period: Option<String>,
     pub map_size_services: Option<u32>,
     pub map_size_backend_slots: Option<u32>,
@@ -220,6 +254,9 @@ pub struct FileConfig {
     pub map_size_affinity: Option<u32>,
     pub map_size_sock_revnat: Option<u32>,
     pub map_size_ct: Option<u32>,
+    pub map_size_policy_endpoints: Option<u32>,
+    pub map_size_ipcache: Option<u32>,
+    pub map_size_policy: Option<u32>,
     pub map_size_udp_flows: Option<u32>,
     pub devices: Option<Vec<String>>,
     pub nodeport_addresses: Option<Vec<String>>,
@@ -260,6 +297,7 @@ pub struct Config {
     pub metrics_bind_address: Option<SocketAddr>,
     pub nodeport_range: (u16, u16),
     pub cni_mtu: u32,
+    pub cni_chain_portmap: bool,
     pub sync_period: Duration,
     pub map_sizes: MapSizes,
     pub devices: Vec<String>,
@@ -353,12 +391,9 @@ pub fn parse_file(text: &str) -> Result<FileConfig, serde_yaml::Error> {
     serde_yaml::from_str(text)
 }
 
-/// Flags over file, then defaults and validation.
-#[expect(
-    clippy::too_many_lines,
-    reason = "one pick-and-check per flag, in flag order, so the defaults read in one place"
-)]
+/// Flags over file, then defaults and validation (map sizes in [`map_sizes`]).
 pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
+    let map_sizes = map_sizes(&flags, &file)?;
     let node_name = pick(flags.node_name, file.node_name)
         .filter(|n| !n.trim().is_empty())
         .ok_or(ConfigError::MissingNodeName)?;
@@ -395,8 +430,50 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
         Some(0) => return Err(ConfigError::MaxFrontends),
         Some(n) => n,
     };
+    Ok(Config {
+        node_name,
+        source,
+        cgroup_root: pick(flags.cgroup_root, file.cgroup_root),
+        bpffs_dir: pick(flags.bpffs_dir, file.bpffs_dir)
+            .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
+        cni_conf_dir: pick(flags.cni_conf_dir, file.cni_conf_dir)
+            .unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into()),
+        state_dir: pick(flags.state_dir, file.state_dir)
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+        api_socket: pick(flags.api_socket, file.api_socket)
+            .unwrap_or_else(|| DEFAULT_API_SOCKET.into()),
+        healthz_bind_address: parse_bind("healthz-bind-address", &healthz)?,
+        metrics_bind_address: parse_bind("metrics-bind-address", &metrics)?,
+        nodeport_range,
+        cni_mtu,
+        cni_chain_portmap: pick(flags.cni_chain_portmap, file.cni_chain_portmap).unwrap_or(false),
+        sync_period,
+        map_sizes,
+        devices: pick(flags.devices, file.devices).unwrap_or_default(),
+        nodeport_addresses: cidrs(
+            "nodeport-addresses",
+            pick(flags.nodeport_addresses, file.nodeport_addresses),
+        )?,
+        routing_mode: pick(flags.routing_mode, file.routing_mode).unwrap_or_default(),
+        cluster_cidr: pick(flags.cluster_cidr, file.cluster_cidr)
+            .map(|c| parse_cidr("cluster-cidr", &c))
+            .transpose()?,
+        non_masquerade_cidrs: cidrs(
+            "non-masquerade-cidrs",
+            pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
+        )?,
+        masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
+        max_frontends_per_service,
+        dns_bind_address: parse_bind("dns-bind-address", &dns)?,
+        cluster_domain,
+        dns_ttl: pick(flags.dns_ttl, file.dns_ttl).unwrap_or(DEFAULT_DNS_TTL),
+    })
+}
+
+/// The `--map-size-*` flags over the file, then the defaults.
+fn map_sizes(flags: &RunArgs, file: &FileConfig) -> Result<MapSizes, ConfigError> {
     let defaults = MapSizes::default();
-    let map_sizes = MapSizes {
+    Ok(MapSizes {
         services: map_size(
             "map-size-services",
             pick(flags.map_size_services, file.map_size_services),
@@ -427,49 +504,30 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             pick(flags.map_size_ct, file.map_size_ct),
             defaults.ct,
         )?,
+        policy_endpoints: map_size(
+            "map-size-policy-endpoints",
+            pick(
+                flags.map_size_policy_endpoints,
+                file.map_size_policy_endpoints,
+            ),
+            defaults.policy_endpoints,
+        )?,
+        ipcache: map_size(
+            "map-size-ipcache",
+            pick(flags.map_size_ipcache, file.map_size_ipcache),
+            defaults.ipcache,
+        )?,
+        policy: map_size(
+            "map-size-policy",
+            pick(flags.map_size_policy, file.map_size_policy),
+            defaults.policy,
+        )?,
         udp_flows: map_size(
             "map-size-udp-flows",
             pick(flags.map_size_udp_flows, file.map_size_udp_flows),
             defaults.udp_flows,
         )?,
         ..defaults
-    };
-    Ok(Config {
-        node_name,
-        source,
-        cgroup_root: pick(flags.cgroup_root, file.cgroup_root),
-        bpffs_dir: pick(flags.bpffs_dir, file.bpffs_dir)
-            .unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
-        cni_conf_dir: pick(flags.cni_conf_dir, file.cni_conf_dir)
-            .unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into()),
-        state_dir: pick(flags.state_dir, file.state_dir)
-            .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-        api_socket: pick(flags.api_socket, file.api_socket)
-            .unwrap_or_else(|| DEFAULT_API_SOCKET.into()),
-        healthz_bind_address: parse_bind("healthz-bind-address", &healthz)?,
-        metrics_bind_address: parse_bind("metrics-bind-address", &metrics)?,
-        nodeport_range,
-        cni_mtu,
-        sync_period,
-        map_sizes,
-        devices: pick(flags.devices, file.devices).unwrap_or_default(),
-        nodeport_addresses: cidrs(
-            "nodeport-addresses",
-            pick(flags.nodeport_addresses, file.nodeport_addresses),
-        )?,
-        routing_mode: pick(flags.routing_mode, file.routing_mode).unwrap_or_default(),
-        cluster_cidr: pick(flags.cluster_cidr, file.cluster_cidr)
-            .map(|c| parse_cidr("cluster-cidr", &c))
-            .transpose()?,
-        non_masquerade_cidrs: cidrs(
-            "non-masquerade-cidrs",
-            pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
-        )?,
-        masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
-        max_frontends_per_service,
-        dns_bind_address: parse_bind("dns-bind-address", &dns)?,
-        cluster_domain,
-        dns_ttl: pick(flags.dns_ttl, file.dns_ttl).unwrap_or(DEFAULT_DNS_TTL),
     })
 }
 
@@ -599,6 +657,20 @@ mod tests {
         assert_eq!(cfg.routing_mode, RoutingMode::Auto);
         assert_eq!(cfg.map_sizes, MapSizes::default());
         assert!(cfg.masquerade);
+        assert!(!cfg.cni_chain_portmap);
+    }
+
+    #[test]
+    fn portmap_chaining_by_flag_or_file() {
+        let on = merge(
+            run_args(&["--node-name", "n1", "--cni-chain-portmap=true"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(on.cni_chain_portmap);
+        let file = parse_file("cni-chain-portmap: true\n").unwrap();
+        let cfg = merge(run_args(&["--node-name", "n1"]), file).unwrap();
+        assert!(cfg.cni_chain_portmap);
     }
 
     #[test]

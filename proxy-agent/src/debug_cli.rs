@@ -1,5 +1,5 @@
-//! `twill-agent debug services|backends|affinity|drops|maps [-o json]`: asks the running agent
-//! over its API socket and prints human tables (or the JSON as served).
+//! `twill-agent debug services|backends|affinity|drops|maps|policy|explain [-o json]`: asks the
+//! running agent over its API socket and prints human tables (or the JSON as served).
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -24,20 +24,34 @@ pub enum DebugError {
     Decode(#[source] serde_json::Error),
 }
 
-fn path_of(what: DebugCommand, output: OutputFormat) -> &'static str {
+fn path_of(what: &DebugCommand, output: OutputFormat) -> String {
     match (what, output) {
-        (DebugCommand::Services, _) => "/v1/services",
-        (DebugCommand::Backends, _) => "/v1/backends",
-        (DebugCommand::Affinity, _) => "/v1/affinity",
-        (DebugCommand::Drops, _) => "/v1/drops",
-        (DebugCommand::Maps, OutputFormat::Table) => "/v1/maps",
-        (DebugCommand::Maps, OutputFormat::Json) => "/v1/maps?format=json",
+        (DebugCommand::Services, _) => "/v1/services".into(),
+        (DebugCommand::Backends, _) => "/v1/backends".into(),
+        (DebugCommand::Affinity, _) => "/v1/affinity".into(),
+        (DebugCommand::Drops, _) => "/v1/drops".into(),
+        (DebugCommand::Maps, OutputFormat::Table) => "/v1/maps".into(),
+        (DebugCommand::Maps, OutputFormat::Json) => "/v1/maps?format=json".into(),
+        (DebugCommand::Policy { pod }, output) => {
+            let mut path = format!("/v1/policy?pod={}", pod.as_deref().unwrap_or(""));
+            if output == OutputFormat::Table {
+                path.push_str("&format=text");
+            }
+            path
+        }
+        (DebugCommand::Explain { from, to, proto }, output) => {
+            let mut path = format!("/v1/explain?from={from}&to={to}&proto={proto}");
+            if output == OutputFormat::Table {
+                path.push_str("&format=text");
+            }
+            path
+        }
     }
 }
 
 /// Fetches and renders; the text to print.
 pub async fn run(args: &DebugArgs) -> Result<String, DebugError> {
-    let (status, body) = crate::api::get(&args.api_socket, path_of(args.what, args.output))
+    let (status, body) = crate::api::get(&args.api_socket, &path_of(&args.what, args.output))
         .await
         .map_err(|source| DebugError::Connect {
             socket: args.api_socket.clone(),
@@ -49,12 +63,20 @@ pub async fn run(args: &DebugArgs) -> Result<String, DebugError> {
             body: String::from_utf8_lossy(&body).trim().to_owned(),
         });
     }
-    render(args.what, args.output, &body)
+    render(&args.what, args.output, &body)
 }
 
 /// Renders an API answer.
-pub fn render(what: DebugCommand, output: OutputFormat, body: &[u8]) -> Result<String, DebugError> {
-    if what == DebugCommand::Maps && output == OutputFormat::Table {
+pub fn render(
+    what: &DebugCommand,
+    output: OutputFormat,
+    body: &[u8],
+) -> Result<String, DebugError> {
+    if matches!(
+        what,
+        DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. }
+    ) && output == OutputFormat::Table
+    {
         return Ok(String::from_utf8_lossy(body).into_owned());
     }
     if output == OutputFormat::Json {
@@ -76,7 +98,9 @@ pub fn render(what: DebugCommand, output: OutputFormat, body: &[u8]) -> Result<S
         DebugCommand::Drops => Ok(drops_table(
             &serde_json::from_slice::<Vec<DropRow>>(body).map_err(DebugError::Decode)?,
         )),
-        DebugCommand::Maps => unreachable!("handled above"),
+        DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -218,15 +242,15 @@ mod tests {
             count: 3,
         }])
         .unwrap();
-        let t = render(DebugCommand::Drops, OutputFormat::Table, &body).unwrap();
+        let t = render(&DebugCommand::Drops, OutputFormat::Table, &body).unwrap();
         assert_eq!(t, "REASON       KIND  COUNT\nno_backends  drop  3\n");
-        let j = render(DebugCommand::Drops, OutputFormat::Json, &body).unwrap();
+        let j = render(&DebugCommand::Drops, OutputFormat::Json, &body).unwrap();
         assert!(j.contains("\"count\": 3"));
         let svc = serde_json::json!([{"namespace":"d","name":"web","port_name":"","type":"ClusterIP",
             "frontends":[{"addr":"10.96.0.1","port":80,"protocol":"TCP"}],
             "endpoints":[{"addr":"10.244.1.2","port":8080,"state":"ready"}]}]);
         let t = render(
-            DebugCommand::Services,
+            &DebugCommand::Services,
             OutputFormat::Table,
             &serde_json::to_vec(&svc).unwrap(),
         )
@@ -236,9 +260,9 @@ mod tests {
             "{t}"
         );
         assert_eq!(
-            render(DebugCommand::Maps, OutputFormat::Table, b"dump\n").unwrap(),
+            render(&DebugCommand::Maps, OutputFormat::Table, b"dump\n").unwrap(),
             "dump\n"
         );
-        assert!(render(DebugCommand::Backends, OutputFormat::Table, b"{").is_err());
+        assert!(render(&DebugCommand::Backends, OutputFormat::Table, b"{").is_err());
     }
 }

@@ -1,5 +1,5 @@
-//! twill-agent: turns Services, EndpointSlices and Nodes into eBPF map contents and keeps the
-//! kernel datapath programmed.
+//! twill-agent: turns Services, EndpointSlices and Nodes (and Pods, Namespaces and
+//! NetworkPolicies) into eBPF map contents and keeps the kernel datapath programmed.
 // The pure compiler, the map seam with its fakes and the reconciler live in twill-core; the
 // agent's paths (`twill_agent::compile`, …) stay as they were.
 pub use twill_core::{compile, lbmap, reconcile};
@@ -14,6 +14,7 @@ pub mod dns;
 pub mod health;
 pub mod metrics;
 pub mod node_net;
+pub mod policy;
 pub mod preflight;
 pub mod routing;
 pub mod run;

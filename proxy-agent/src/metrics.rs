@@ -36,6 +36,8 @@ pub struct Metrics {
     network_errors: Family<Labels, Counter>,
     pub peer_routes: Gauge,
     source_errors: Family<Labels, Counter>,
+    /// NetworkPolicy's metrics.
+    pub policy: crate::policy::PolicyMetrics,
     /// Entries of the connection-tracking table at the last collection.
     pub conntrack_entries: Gauge,
     conntrack_collected: Family<Labels, Counter>,
@@ -181,6 +183,7 @@ impl Metrics {
             "Watch/list errors of the Kubernetes source, by kind",
             source_errors.clone(),
         );
+        let policy = crate::policy::PolicyMetrics::register(&mut registry);
         let (conntrack_entries, conntrack_collected) = register_conntrack(&mut registry);
         let (dns_queries, dns_dropped) = register_dns(&mut registry);
         let unprogrammed_services = Gauge::default();
@@ -190,6 +193,7 @@ impl Metrics {
             unprogrammed_services.clone(),
         );
         Self {
+            policy,
             registry: Mutex::new(registry),
             conntrack_entries,
             conntrack_collected,

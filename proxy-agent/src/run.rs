@@ -9,6 +9,10 @@
 //! difference through the reconciler (both in time proportional to the change). Failed applies are retried with a capped backoff; a periodic resync applies
 //! again even without changes (repairing anything that changed the maps behind our back).
 //!
+//! NetworkPolicy rides the same loop: after the Service apply, the policy state is recompiled
+//! when a Pod, Namespace or NetworkPolicy changed and applied through its own reconciler; pod
+//! veth events (and the periodic resync) bring the policy programs onto new pods' veths.
+//!
 //! SIGTERM/SIGINT: stop serving and exit, leaving pinned maps and links in place so traffic keeps
 //! flowing until the next agent adopts them.
 use std::net::Ipv4Addr;
@@ -23,6 +27,8 @@ use crate::health::{Health, HealthCheckServers};
 use crate::lbmap::{LbMaps, StateChanges};
 use crate::metrics::Metrics;
 use crate::node_net::{NetworkError, NetworkState, NodeNetwork};
+use crate::policy::PolicyReconciler;
+use crate::policy::task::PolicyTask;
 use crate::preflight::PreflightError;
 use crate::reconcile::{ReconcileError, Reconciler};
 use crate::source::manifests::{ManifestDir, error_chain};
@@ -65,6 +71,10 @@ pub enum RunError {
     Datapath(#[from] DatapathError),
     #[error("adopting the pinned maps")]
     Adopt(#[source] ReconcileError),
+    #[error("adopting the pinned NetworkPolicy maps")]
+    AdoptPolicy(#[source] crate::policy::PolicyReconcileError),
+    #[error("watching the pod veths")]
+    PodLinks(#[from] crate::policy::links::LinksError),
     #[error("connecting to the Kubernetes API")]
     Client(#[from] crate::source::kube::ClientError),
     #[error("installing the signal handler")]
@@ -475,7 +485,12 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         if cidrs.is_empty() {
             return;
         }
-        let content = crate::cniconf::render(&cidrs, self.cni_mtu, &self.cfg.state_dir);
+        let content = crate::cniconf::render(
+            &cidrs,
+            self.cni_mtu,
+            &self.cfg.state_dir,
+            self.cfg.cni_chain_portmap,
+        );
         if self.cni_conf.as_ref() == Some(&content) {
             return;
         }
@@ -582,7 +597,14 @@ async fn start_servers(
 fn start_datapath(
     cfg: &Config,
     cgroup: &std::path::Path,
-) -> Result<(Datapath, Reconciler<AyaLbMaps>), RunError> {
+) -> Result<
+    (
+        Datapath,
+        Reconciler<AyaLbMaps>,
+        PolicyReconciler<crate::datapath::AyaPolicyMaps>,
+    ),
+    RunError,
+> {
     let mut datapath = Datapath::load(&DatapathOptions {
         bpffs_dir: Some(cfg.bpffs_dir.clone()),
         map_sizes: cfg.map_sizes,
@@ -596,13 +618,15 @@ fn start_datapath(
     }
     let outcomes = datapath.attach_cgroup(cgroup)?;
     log::info!("socket programs on {}: {outcomes:?}", cgroup.display());
+    let policy_maps = datapath.policy_maps()?;
     let maps = datapath.lb_maps()?;
     let reconciler = Reconciler::adopt(maps).map_err(RunError::Adopt)?;
     log::info!(
         "adopted {} service entries from the pinned maps",
         reconciler.applied().services.len()
     );
-    Ok((datapath, reconciler))
+    let policy = PolicyReconciler::adopt(policy_maps).map_err(RunError::AdoptPolicy)?;
+    Ok((datapath, reconciler, policy))
 }
 
 /// This network namespace's cookie (the agent runs in the node's): 0, which translates
@@ -669,6 +693,11 @@ fn ticker(period: Duration) -> tokio::time::Interval {
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
+#[expect(
+    clippy::too_many_lines,
+    reason = "start-up in its documented order and the one select loop; NetworkPolicy adds only \
+              calls into PolicyTask (start, link events, sync, retry)"
+)]
 pub async fn run(cfg: Config) -> Result<(), RunError> {
     let cgroup = crate::preflight::run_checks(
         cfg.cgroup_root.as_deref(),
@@ -686,11 +715,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let health = Health::new(stores.clone(), cfg.sync_period * 2);
     let published: Arc<RwLock<Published>> = Arc::default();
     let mut tasks = start_servers(&cfg, &health, &metrics, &published).await?;
-    let (mut datapath, reconciler) = start_datapath(&cfg, &cgroup)?;
+    let (mut datapath, reconciler, pol) = start_datapath(&cfg, &cgroup)?;
     let mut network = NodeNetwork::new(&cfg).map_err(RunError::Network)?;
+    // Pod veths are watched before the sources start: a pod created meanwhile is an event.
+    let mut policy = PolicyTask::start(&cfg, pol, &mut datapath, &metrics, &published).await?;
     let mut collector = CtCollector::new(CtTable::open_pinned(&cfg.bpffs_dir)?, metrics.clone());
     tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
-
     let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
     agent.set_host_netns_cookie(host_netns_cookie());
     tasks.extend(start_dns(&mut agent).await);
@@ -730,7 +760,15 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         tokio::select! {
             () = stores.changed_notification() => {}
             () = retry => {}
-            _ = resync.tick() => network_due = true,
+            // Not debounced: a new pod's veth gets its programs at once.
+            () = policy.links_changed() => {
+                policy.sync_links(&mut datapath).await;
+                continue;
+            }
+            _ = resync.tick() => {
+                network_due = true;
+                policy.sync_links(&mut datapath).await;
+            }
             _ = stats.tick() => {
                 agent.export_stats();
                 // Also here, so a burst that ended within TRIM_PERIOD of the last trim is
@@ -762,6 +800,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             }
         }
         let ok = agent.sync();
+        policy.sync(&stores, network.state());
         // After the maps are written, so it never delays programming.
         trimmer.maybe_trim();
         // Each part retries on its own backoff: a persistent routing error (a Node without
@@ -770,6 +809,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         let delays = [
             (!ok).then(|| agent.retry_delay()),
             (network_failures > 0).then(|| backoff(network_failures)),
+            policy.retry_delay(),
         ];
         retry_at = delays
             .into_iter()
@@ -899,6 +939,9 @@ impl CtCollector {
             return;
         }
         self.last_start = Some(Instant::now());
+        // The routes are read before the table: a pod created in between would look unowned,
+        // but a pod gets its host route at CNI ADD, long before it is ready and listed as an
+        // endpoint, so no flow to it can exist yet.
         let owners = if pod_cidrs.is_empty() {
             crate::ctgc::LocalPods::default()
         } else {

@@ -751,7 +751,10 @@ fn known_kinds() -> BTreeMap<&'static str, (&'static str, &'static str)> {
     fn e<K: k8s_openapi::Resource>() -> (&'static str, (&'static str, &'static str)) {
         (K::KIND, (K::GROUP, K::URL_PATH_SEGMENT))
     }
-    use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery, events::v1 as events};
+    use k8s_openapi::api::{
+        core::v1 as core, discovery::v1 as discovery, events::v1 as events,
+        networking::v1 as networking,
+    };
     [
         e::<core::Service>(),
         e::<core::Node>(),
@@ -761,6 +764,7 @@ fn known_kinds() -> BTreeMap<&'static str, (&'static str, &'static str)> {
         e::<core::ConfigMap>(),
         e::<discovery::EndpointSlice>(),
         e::<events::Event>(),
+        e::<networking::NetworkPolicy>(),
     ]
     .into_iter()
     .collect()

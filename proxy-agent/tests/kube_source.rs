@@ -16,6 +16,9 @@ use twill_agent::source::{Kind, Stores};
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const NODES: &str = "/api/v1/nodes";
+const PODS: &str = "/api/v1/pods";
+const NAMESPACES: &str = "/api/v1/namespaces";
+const NETPOLS: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 
 /// One resource collection of the fake API server.
 #[derive(Default)]
@@ -125,7 +128,10 @@ impl FakeApi {
             .split('&')
             .filter_map(|kv| kv.split_once('='))
             .collect();
-        let Some(path) = [SERVICES, SLICES, NODES].into_iter().find(|p| *p == path) else {
+        let Some(path) = [SERVICES, SLICES, NODES, PODS, NAMESPACES, NETPOLS]
+            .into_iter()
+            .find(|p| *p == path)
+        else {
             let body = json!({"kind":"Status","apiVersion":"v1","status":"Failure","code":404,"reason":"NotFound"}).to_string();
             let _ = stream
                 .write_all(format!("HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
@@ -149,12 +155,15 @@ impl FakeApi {
                 let kind = match path {
                     SERVICES => "ServiceList",
                     SLICES => "EndpointSliceList",
+                    PODS => "PodList",
+                    NAMESPACES => "NamespaceList",
+                    NETPOLS => "NetworkPolicyList",
                     _ => "NodeList",
                 };
-                let api = if path == SLICES {
-                    "discovery.k8s.io/v1"
-                } else {
-                    "v1"
+                let api = match path {
+                    SLICES => "discovery.k8s.io/v1",
+                    NETPOLS => "networking.k8s.io/v1",
+                    _ => "v1",
                 };
                 json!({"apiVersion": api, "kind": kind, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}).to_string()
             };
@@ -255,6 +264,30 @@ async fn list_watch_bookmark_and_relist_after_410() {
         "metadata": {"name": "a-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "a"}},
         "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": true}}],
         "ports": [{"port": 8080, "protocol": "TCP"}]}), false);
+    api.event(
+        PODS,
+        "ADDED",
+        json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "default", "labels": {"app": "web"}},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+        "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.5"}]}}),
+        false,
+    );
+    api.event(
+        NAMESPACES,
+        "ADDED",
+        json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "default", "labels": {"team": "a"}}}),
+        false,
+    );
+    api.event(
+        NETPOLS,
+        "ADDED",
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "deny", "namespace": "default"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}),
+        false,
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(api.clone().serve(listener));
@@ -278,6 +311,18 @@ async fn list_watch_bookmark_and_relist_after_410() {
     );
     assert_eq!(snap.endpoint_slices.len(), 1);
     assert!(snap.node("n1").is_some());
+    // NetworkPolicy's inputs, in their compact forms.
+    let pod = &snap.policy.pods[&("default".into(), "web".into())];
+    assert_eq!(pod.ip, Some("10.244.1.5".parse().unwrap()));
+    assert_eq!(pod.labels["app"], "web");
+    assert_eq!(
+        snap.policy.namespaces[&("".into(), "default".into())].labels["team"],
+        "a"
+    );
+    assert!(
+        snap.policy.policies[&("default".into(), "deny".into())].isolates_ingress,
+        "the policy parsed"
+    );
     // The client listed, then watched from the list's version.
     let reqs = api.requests();
     assert!(

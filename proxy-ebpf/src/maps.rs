@@ -7,10 +7,11 @@ use aya_ebpf::{
 use twill_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
     DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_FRAGS_MAX,
-    DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_NODE_ADDRS_MAX, DEFAULT_SERVICES_MAX,
-    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, FragKey, FragValue,
-    NodeAddrValue, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
-    SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    DEFAULT_IPCACHE_MAX, DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_NODE_ADDRS_MAX,
+    DEFAULT_POLICY_ENDPOINTS_MAX, DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX,
+    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, FragKey, FragValue, IpCacheKey,
+    NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, Reason, STATS_MAX,
+    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 #[map]
@@ -53,7 +54,7 @@ pub static TWL_CFG_V2: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 // whose entry is evicted is reset). Entries expire by state (`ct_lifetime_ns`) and are
 // collected by the agent; a full table drops new flows with `CtMapFull`.
 #[map]
-pub static TWL_CT_V1: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_CT_MAX, 0);
+pub static TWL_CT_V2: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAULT_CT_MAX, 0);
 
 // LpmTrie adds the BPF_F_NO_PREALLOC the kernel requires for tries.
 #[map]
@@ -65,6 +66,19 @@ pub static TWL_LBSRC_V1: LpmTrie<SrcRangeKey, u8> =
 #[map]
 pub static TWL_FRAG_V1: LruHashMap<FragKey, FragValue> =
     LruHashMap::with_max_entries(DEFAULT_FRAGS_MAX, 0);
+// NetworkPolicy (docs/design/policy.md): local pods, peer identities by prefix, and the allowed
+// (endpoint, direction, identity, protocol, port) prefixes.
+#[map]
+pub static TWL_PEP_V1: HashMap<u32, PolicyEndpoint> =
+    HashMap::with_max_entries(DEFAULT_POLICY_ENDPOINTS_MAX, 0);
+
+#[map]
+pub static TWL_IPC_V1: LpmTrie<IpCacheKey, PeerIdentity> =
+    LpmTrie::with_max_entries(DEFAULT_IPCACHE_MAX, 0);
+
+#[map]
+pub static TWL_POL_V1: LpmTrie<PolicyKey, PolicyVerdict> =
+    LpmTrie::with_max_entries(DEFAULT_POLICY_MAX, 0);
 
 #[map]
 pub static TWL_STATS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_MAX, 0);

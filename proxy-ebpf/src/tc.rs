@@ -52,7 +52,7 @@ use twill_common::{
 
 use crate::{
     lb::{flow_hash, is_node_addr, lookup_service, select_backend_by},
-    maps::{TWL_CT_V1, TWL_FRAG_V1, TWL_LBSRC_V1, count},
+    maps::{TWL_CT_V2, TWL_FRAG_V1, TWL_LBSRC_V1, count},
 };
 
 const ETH_HLEN: usize = 14;
@@ -312,7 +312,7 @@ fn icmp_error(ctx: &TcContext, e: &IcmpErr, ingress: bool) -> Result<Verdict, Re
         _pad: [0; 2],
     };
     // SAFETY: the value is copied out at once.
-    let Some(ct) = (unsafe { TWL_CT_V1.get(key) }).copied() else {
+    let Some(ct) = (unsafe { TWL_CT_V2.get(key) }).copied() else {
         return Ok((Reason::NotService, TC_ACT_OK));
     };
     let fail = |_| Reason::RewriteFailed;
@@ -511,7 +511,7 @@ enum Ct {
 #[inline(always)]
 fn ct_lookup(ctx: &TcContext, p: &Pkt) -> Ct {
     let key = p.key();
-    let Some(ptr) = TWL_CT_V1.get_ptr_mut(key) else {
+    let Some(ptr) = TWL_CT_V2.get_ptr_mut(key) else {
         return Ct::Miss;
     };
     // SAFETY: helper without arguments.
@@ -527,8 +527,8 @@ fn ct_lookup(ctx: &TcContext, p: &Pkt) -> Ct {
     {
         // The client reuses the port of a finished flow (its own TIME_WAIT is over): a new
         // connection, which may belong to another backend now.
-        let _ = TWL_CT_V1.remove(key);
-        let _ = TWL_CT_V1.remove(other);
+        let _ = TWL_CT_V2.remove(key);
+        let _ = TWL_CT_V2.remove(other);
         return Ct::Reopen;
     }
     let mut state = ct.state;
@@ -555,7 +555,7 @@ fn ct_lookup(ctx: &TcContext, p: &Pkt) -> Ct {
     if state != ct.state || fin != ct.tcp_fin {
         // Transitions are rare (a few per flow): only then is the other direction's entry
         // written, so both always tell the same state.
-        if let Some(o) = TWL_CT_V1.get_ptr_mut(other) {
+        if let Some(o) = TWL_CT_V2.get_ptr_mut(other) {
             // SAFETY: as above.
             unsafe {
                 (*o).state = state;
@@ -567,8 +567,8 @@ fn ct_lookup(ctx: &TcContext, p: &Pkt) -> Ct {
     if p.tcp_flags & TCP_RST != 0 {
         // A reset ends the flow at once: forget both directions so a reused client port is
         // balanced afresh and the table does not hold dead flows.
-        let _ = TWL_CT_V1.remove(key);
-        let _ = TWL_CT_V1.remove(other);
+        let _ = TWL_CT_V2.remove(key);
+        let _ = TWL_CT_V2.remove(other);
     }
     Ct::Hit(verdict)
 }
@@ -683,11 +683,11 @@ fn dnat_local(
     // Reply entry first: a reply can never find its flow missing. The table is a plain hash
     // (no eviction, so a live flow is never pushed out): when it is full the new flow is
     // dropped and its client retries.
-    TWL_CT_V1
+    TWL_CT_V2
         .insert(reply_key, reply, 0)
         .map_err(|_| Reason::CtMapFull)?;
-    if TWL_CT_V1.insert(p.key(), orig, 0).is_err() {
-        let _ = TWL_CT_V1.remove(reply_key);
+    if TWL_CT_V2.insert(p.key(), orig, 0).is_err() {
+        let _ = TWL_CT_V2.remove(reply_key);
         return Err(Reason::CtMapFull);
     }
     rewrite(ctx, p, p.saddr, p.sport, be.addr_be, be.port_be)?;
@@ -730,7 +730,7 @@ fn dnat_snat(
     // makes the claim atomic against other CPUs).
     let mut tries = 0;
     loop {
-        match TWL_CT_V1.insert(reply_key, reply, u64::from(aya_ebpf::bindings::BPF_NOEXIST)) {
+        match TWL_CT_V2.insert(reply_key, reply, u64::from(aya_ebpf::bindings::BPF_NOEXIST)) {
             Ok(()) => break,
             Err(e) if e != -EEXIST => return Err(Reason::CtMapFull),
             Err(_) => {}
@@ -756,8 +756,8 @@ fn dnat_snat(
         _pad: [0; 2],
         last_seen_ns: now,
     };
-    if TWL_CT_V1.insert(p.key(), orig, 0).is_err() {
-        let _ = TWL_CT_V1.remove(reply_key);
+    if TWL_CT_V2.insert(p.key(), orig, 0).is_err() {
+        let _ = TWL_CT_V2.remove(reply_key);
         return Err(Reason::CtMapFull);
     }
     rewrite(ctx, p, snat, reply_key.dport_be, be.addr_be, be.port_be)?;

@@ -16,6 +16,8 @@
 //! process still runs (a parallel test run).
 pub mod bench;
 pub mod cni_bench;
+pub mod cri;
+pub mod image;
 
 use std::{
     fmt::Write as _,
@@ -124,6 +126,8 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     /// The CNI result JSON of ADD.
     pub result: serde_json::Value,
+    /// Name of the node the pod runs on (`spec.nodeName`).
+    pub node: String,
     node_netns: String,
     cgroup: PathBuf,
 }
@@ -223,6 +227,24 @@ pub fn ensure_bpffs() -> Result<()> {
             .context("mounting bpffs at /sys/fs/bpf")?;
     }
     Ok(())
+}
+
+/// The machine's cache directory for Twill (`$XDG_CACHE_HOME/twill`, else `~/.cache/twill`),
+/// where `cargo xtask setup` keeps its LLVM links and the lab its built images.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cache"))
+        .join("twill")
+}
+
+/// A fresh uniquely named directory under `parent` (pid + random suffix), for work that is
+/// renamed into place when done so concurrent builders never share one.
+fn scratch_dir(parent: &Path, prefix: &str) -> Result<PathBuf> {
+    let dir = parent.join(format!("{prefix}-{}-{}", std::process::id(), random_id()));
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 fn random_id() -> String {
@@ -623,6 +645,15 @@ impl Lab {
         if let Err(e) = remove_cgroup_tree(&self.cgroup) {
             errors.push(format!("cgroup {}: {e:#}", self.cgroup.display()));
         }
+        // A container runtime in a node (cri.rs) makes cgroup-v1 directories and mounts under
+        // the lab's scratch dir; its own guard removes them, this catches a guard that leaked.
+        errors.extend(remove_v1_cgroup_dirs(
+            &Path::new(LAB_DIR_NAME).join(&self.run_id),
+        ));
+        errors.extend(unmount_under(&self.dir));
+        // A test may bind the node's bpffs dir onto itself as a shared mount (the propagation a
+        // systemd host gives /sys/fs/bpf, which mountPropagation needs).
+        errors.extend(unmount_under(&self.bpffs));
         if let Err(e) = fs::remove_dir_all(&self.bpffs)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -677,7 +708,9 @@ impl Node {
         self.cni_conf_dir().join("10-twill.conflist")
     }
 
-    /// The lab's hand-written CNI config (the agent writes the same format once it runs).
+    /// The lab's hand-written CNI config (the agent writes the same plugin entry once it runs;
+    /// its list is at `cniVersion` 1.0.0 with `cniVersions` up to 1.1.0, which the CRI tests use,
+    /// while the CNI tests call 1.1.0-only verbs with this one).
     fn write_cni_conf(&self) -> Result<()> {
         let conf = serde_json::json!({
             "cniVersion": "1.1.0",
@@ -785,6 +818,7 @@ impl Node {
             ifname: "eth0".into(),
             ip,
             result,
+            node: self.name.clone(),
             node_netns: self.netns.clone(),
             cgroup: self.cgroup.clone(),
         })
@@ -954,6 +988,43 @@ impl Pod {
     pub fn node_netns(&self) -> &str {
         &self.node_netns
     }
+
+    /// The Pod object an API server would hold for this pod, as `namespace/name` (the lab's
+    /// pod names are unique per node, object names only per namespace): `labels`, its node and
+    /// IP, Running, and the named container ports `(name, port, protocol)` that NetworkPolicy
+    /// named ports resolve against. Write it with [`Lab::apply_manifest`].
+    pub fn pod_object(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        ports: &[(&str, u16, &str)],
+    ) -> serde_json::Value {
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+            .collect();
+        let ports: Vec<serde_json::Value> = ports
+            .iter()
+            .map(|(name, port, proto)| {
+                serde_json::json!({"name": name, "containerPort": port, "protocol": proto})
+            })
+            .collect();
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "nodeName": self.node,
+                "containers": [{"name": "main", "image": "labtool", "ports": ports}],
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": self.ip.to_string(),
+                "podIPs": [{"ip": self.ip.to_string()}],
+            },
+        })
+    }
 }
 
 impl External {
@@ -1081,6 +1152,83 @@ fn remove_cgroup_tree(cg: &Path) -> Result<()> {
     fs::remove_dir(cg).with_context(|| format!("rmdir {}", cg.display()))
 }
 
+/// Every cgroup-v1 hierarchy's mount point (hybrid hosts; none on a cgroup-v2-only host).
+fn cgroup_v1_mounts() -> Vec<PathBuf> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup").then(|| PathBuf::from(mount_point))
+        })
+        .collect()
+}
+
+/// Removes `<v1 hierarchy>/<rel>` with its subtree in every cgroup-v1 hierarchy, deepest first
+/// (what runc's cgroupfs driver made for a lab's pods). The processes must be gone already;
+/// returns what could not be removed.
+fn remove_v1_cgroup_dirs(rel: &Path) -> Vec<String> {
+    cgroup_v1_mounts()
+        .into_iter()
+        .map(|root| root.join(rel))
+        .filter(|dir| dir.is_dir())
+        .filter_map(|dir| remove_cgroup_tree(&dir).err().map(|e| format!("{e:#}")))
+        .collect()
+}
+
+/// Lazily unmounts every mount point at or below `dir`, deepest first: a container runtime's
+/// pod network namespaces, shm and root filesystem mounts outlive it when it is killed, and
+/// removing a directory tree must never descend into (or trip over) them.
+fn unmount_under(dir: &Path) -> Vec<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        // mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    points.dedup();
+    let mut errors = Vec::new();
+    for p in points {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
+        // SAFETY: umount2(2) with a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // EINVAL: already unmounted (a parent's lazy unmount took it along).
+            if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::ENOENT) {
+                errors.push(format!("umount {}: {e}", p.display()));
+            }
+        }
+    }
+    errors
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && let Some(v) = b
+                .get(i + 1..i + 4)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Removes leftovers of killed lab runs: namespaces named `twl-*`, the lab cgroup subtree, lab
 /// bpffs pins and scratch directories. Returns a description of what was removed.
 pub fn clean_leftovers() -> Result<Vec<String>> {
@@ -1129,6 +1277,15 @@ pub fn clean_leftovers() -> Result<Vec<String>> {
             remove_cgroup_tree(&cg)?;
             removed.push(format!("cgroup {}", cg.display()));
         }
+        let v1_errors = remove_v1_cgroup_dirs(&Path::new(LAB_DIR_NAME).join(&id));
+        if let Some(e) = v1_errors.first() {
+            bail!("{e}");
+        }
+        let mut unmount_errors = unmount_under(&tmp_root.join(&id));
+        unmount_errors.extend(unmount_under(&bpffs_root.join(&id)));
+        if let Some(e) = unmount_errors.first() {
+            bail!("{e}");
+        }
         for dir in [bpffs_root.join(&id), tmp_root.join(&id)] {
             if dir.exists() {
                 fs::remove_dir_all(&dir)?;
@@ -1166,4 +1323,15 @@ fn owner_alive(dir: &Path) -> bool {
         return false;
     };
     process_start_time(pid).is_some_and(|s| s == start)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(super::unescape_mountinfo(r"/tmp/a\040b/c"), "/tmp/a b/c");
+        assert_eq!(super::unescape_mountinfo(r"/x\134y"), r"/x\y");
+        assert_eq!(super::unescape_mountinfo("/plain/é"), "/plain/é");
+        assert_eq!(super::unescape_mountinfo(r"/trailing\04"), r"/trailing\04");
+    }
 }

@@ -6,7 +6,10 @@ mod agent_common;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use agent_common::{ready, replier, service, slice, start_agent, udp, wait_for};
+use agent_common::{
+    ready, replier, service, slice, start_agent, udp, wait_for, wait_tcp_reply, web_and_client,
+    web_manifest,
+};
 use anyhow::{Context as _, Result, ensure};
 use twill_lab::{LabSpec, bin, require};
 
@@ -200,22 +203,98 @@ fn healthz_answers_under_a_connection_flood_and_slow_loris() -> Result<()> {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no {name} in {text:?}"))
     };
-    // One client keeps at most 16 connections (HTTP_LIMITS.max_per_peer); the rest are closed.
-    ensure!(
-        field(&flood.stdout, "opened")? >= 300,
-        "the flood did not get its connections in: {}",
-        String::from_utf8_lossy(&flood.stdout)
-    );
-    ensure!(
-        field(&flood.stdout, "closed_by_server")? >= 300,
-        "the server held the flood's connections: {}",
-        String::from_utf8_lossy(&flood.stdout)
-    );
-    ensure!(
-        field(&slow.stdout, "closed_by_server")? >= 48,
-        "the slow-loris connections were not dropped: {}",
-        String::from_utf8_lossy(&slow.stdout)
-    );
+    // One client keeps at most 16 connections (HTTP_LIMITS.max_per_peer); the server closes
+    // the rest at once (a connect the loaded machine did not complete in 1 s is not opened).
+    for (out, at_least) in [(&flood.stdout, 300), (&slow.stdout, 32)] {
+        let text = String::from_utf8_lossy(out);
+        let opened = field(out, "opened")?;
+        ensure!(opened >= at_least, "too few connections got in: {text}");
+        ensure!(
+            field(out, "closed_by_server")? >= opened - 16,
+            "the server held more than its share: {text}"
+        );
+    }
     ensure!(probe()?.starts_with("status=200"));
+    Ok(())
+}
+
+/// Services that cannot be programmed are rejected alone: one over
+/// `--max-frontends-per-service`, and one that finds the services map full (4 entries here).
+/// The Service programmed first keeps answering, `/livez` and `/healthz` stay 200, the agent
+/// keeps running, and both rejections are counted and shown by `twill-agent debug maps`.
+#[test]
+fn services_that_do_not_fit_are_rejected_alone() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let (web, client) = web_and_client(&lab)?;
+    lab.apply_manifest("web.yaml", &web_manifest(DNS_VIP, &web, &n0.name))?;
+    let mut agent = start_agent(
+        &lab,
+        0,
+        &[
+            "--map-size-services",
+            "4",
+            "--max-frontends-per-service",
+            "3",
+        ],
+    )?;
+    wait_tcp_reply(&client, "10.96.0.10:80", "web0")?;
+
+    let ports = |n: u16| -> Vec<(String, u16, u16, &'static str)> {
+        (0..n)
+            .map(|i| (format!("p{i}"), 81 + i, 8080, "TCP"))
+            .collect()
+    };
+    let manifest = |name: &str, vip: &str, n: u16| {
+        let p = ports(n);
+        let specs: Vec<(&str, u16, u16, &str)> = p
+            .iter()
+            .map(|(a, b, c, d)| (a.as_str(), *b, *c, *d))
+            .collect();
+        service(name, vip.parse().expect("vip"), &specs, "", &[])
+    };
+    // 4 frontends: over the cap of 3, never programmed.
+    lab.apply_manifest("big.yaml", &manifest("big", "10.96.0.20", 4))?;
+    // Two frontends: with web's one, 3 of the map's 4 entries are taken.
+    lab.apply_manifest("pair.yaml", &manifest("pair", "10.96.0.21", 2))?;
+    wait_for("pair programmed", Duration::from_secs(20), || {
+        Ok(n0.debug(&["maps"])?.contains("10.96.0.21:82/TCP"))
+    })?;
+    // Three frontends, within the cap, but one entry is left for them.
+    lab.apply_manifest("trio.yaml", &manifest("trio", "10.96.0.22", 3))?;
+
+    let metrics = || -> Result<String> {
+        let (code, out) = n0.labtool(&["http", "--to", "127.0.0.1:10249", "--path", "/metrics"])?;
+        ensure!(code == 0, "{out}");
+        Ok(out)
+    };
+    wait_for("both rejections reported", Duration::from_secs(20), || {
+        let m = metrics()?;
+        Ok(m.contains(
+            "twill_invalid_objects_total{kind=\"Service\",reason=\"too_many_frontends\"} 1",
+        ) && m.contains("twill_unprogrammed_services 1"))
+    })?;
+    let dump = n0.debug(&["maps"])?;
+    ensure!(
+        dump.contains("Service default/big: 4 frontends")
+            && dump.contains("Service default/trio: not (fully) programmed: a map is full"),
+        "{dump}"
+    );
+    // Still serving, still live and healthy, still running a few syncs later.
+    for path in ["/livez", "/healthz"] {
+        let (code, out) = n0.labtool(&["http", "--to", "127.0.0.1:10256", "--path", path])?;
+        ensure!(code == 0 && out.starts_with("status=200"), "{path}: {out}");
+    }
+    wait_tcp_reply(&client, "10.96.0.10:80", "web0")?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(agent.is_running(), "the agent exited:\n{}", agent.log());
+
+    // Room appears: the full-map Service is programmed by the next sync.
+    lab.delete_manifest("pair.yaml")?;
+    wait_for("trio programmed", Duration::from_secs(20), || {
+        Ok(metrics()?.contains("twill_unprogrammed_services 0"))
+    })?;
     Ok(())
 }

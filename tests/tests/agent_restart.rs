@@ -226,7 +226,10 @@ fn should_serve_the_debug_cli_write_the_cni_config_and_uninstall() -> Result<()>
     let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(n0.conflist_path())?)?;
     let plugin = &conf["plugins"][0];
     ensure!(
-        conf["cniVersion"] == "1.1.0" && conf["name"] == "twill" && plugin["type"] == "twill-cni",
+        conf["cniVersion"] == "1.0.0"
+            && conf["cniVersions"] == serde_json::json!(["1.0.0", "1.1.0"])
+            && conf["name"] == "twill"
+            && plugin["type"] == "twill-cni",
         "{conf}"
     );
     ensure!(

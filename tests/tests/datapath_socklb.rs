@@ -920,10 +920,6 @@ fn af_inet6_clients_reach_services_via_v4_mapped_addresses_and_see_them_as_peer(
 /// backend (QUIC, SIP and TFTP need it), for AF_INET and v4-mapped AF_INET6 sockets; other
 /// sockets spread over the backends; a backend that leaves the Service loses its flows at once.
 #[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "stickiness, removal and expiry of one flow in sequence"
-)]
 fn unconnected_udp_datagrams_of_one_socket_stay_on_one_backend() -> Result<()> {
     let Some(mut s) = setup(2, |_| DatapathOptions::unpinned())? else {
         return Ok(());

@@ -488,10 +488,6 @@ fn replace_backend(maps: &mut AyaLbMaps, svc_id: u32, proto: u8, port: u16) -> R
 /// the collector removes closed flows after the close lifetime, unanswered UDP after its own,
 /// keeps established ones, and removes flows to addresses no local pod holds any more.
 #[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one flow's story told packet by packet; splitting it would hide the sequence"
-)]
 fn tc_conntrack_opens_on_syn_only_and_drains_removed_backends() -> Result<()> {
     let Some(lab) = require(LabSpec::nodes(1))? else {
         return Ok(());
@@ -870,6 +866,97 @@ fn tc_later_fragments_follow_the_first() -> Result<()> {
             rc == TC_ACT_OK && out == orphan,
             "unknown later fragment changed"
         );
+        Ok(())
+    })
+}
+
+const TC_ACT_REDIRECT: u32 = 7;
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+
+/// Backend on another node (externalTrafficPolicy Cluster): DNAT + SNAT to the node, the
+/// client's port kept when free and another one taken when that reply tuple is in use, both
+/// directions sent out by redirect; an ICMP error about the reply reaches the remote backend
+/// about the packet as it sent it.
+#[test]
+fn tc_snat_flows_pick_free_ports_and_translate_their_icmp_errors() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    // The other node's pod CIDR, via a peer on the underlay (the FIB lookup needs a route).
+    n0.run(&["ip", "route", "add", "10.244.1.0/24", "via", "172.30.0.11"])?;
+    let (dp, mut maps) = loaded(None)?;
+    maps.upsert_backend(
+        10,
+        Backend {
+            addr_be: be(REMOTE_POD),
+            port_be: 8080u16.to_be(),
+            proto: PROTO_TCP,
+            flags: 0,
+        },
+    )?;
+    maps.upsert_slot(SlotKey { svc_id: 1, slot: 0 }, 10)?;
+    maps.upsert_service(
+        ServiceKey {
+            addr_be: 0,
+            port_be: 30080u16.to_be(),
+            proto: PROTO_TCP,
+            scope: SCOPE_ANY,
+        },
+        ServiceValue {
+            svc_id: 1,
+            backend_count: 1,
+            flags: SVC_F_NODEPORT,
+            affinity_timeout_s: 0,
+            _pad: 0,
+        },
+    )?;
+    let np = (NODE, 30080);
+    in_netns(&n0.netns, || {
+        let redirected = |prog: &str, pkt: &[u8]| -> Result<Seen> {
+            let (rc, out) = test_run(&dp, prog, pkt)?;
+            ensure!(rc == TC_ACT_REDIRECT, "{prog} verdict {rc}, want redirect");
+            inspect(&out)
+        };
+        let a = (CLIENT, 40000);
+        let seen = redirected(INGRESS, &tcp(a, np, TCP_SYN))?;
+        ensure!(
+            seen.src == (NODE, 40000) && seen.dst == (REMOTE_POD, 8080),
+            "SNAT keeping the client's port: {seen:?}"
+        );
+        // Another client with the same port: that reply tuple is taken, another port is used.
+        let seen_b = redirected(INGRESS, &tcp((CLIENT2, 40000), np, TCP_SYN))?;
+        ensure!(
+            seen_b.src.0 == NODE && seen_b.src.1 != 40000 && seen_b.dst == (REMOTE_POD, 8080),
+            "SNAT port collision not avoided: {seen_b:?}"
+        );
+        // The backend's answers come back to the node and go out to each client.
+        let seen = redirected(
+            INGRESS,
+            &tcp((REMOTE_POD, 8080), (NODE, 40000), TCP_SYN | TCP_ACK),
+        )?;
+        ensure!(seen.src == np && seen.dst == a, "{seen:?}");
+        let seen = redirected(
+            INGRESS,
+            &tcp((REMOTE_POD, 8080), seen_b.src, TCP_SYN | TCP_ACK),
+        )?;
+        ensure!(seen.src == np && seen.dst == (CLIENT2, 40000), "{seen:?}");
+        ensure!(flow_states(&maps, PROTO_TCP, REMOTE_POD, 8080)?.len() == 4);
+
+        // A router's "fragmentation needed" about a reply to the first client.
+        let router = Ipv4Addr::new(172, 30, 0, 1);
+        let (rc, out) = test_run(
+            &dp,
+            INGRESS,
+            &icmp_error(router, NODE, 3, 4, &tcp(np, a, TCP_ACK)),
+        )?;
+        ensure!(rc == TC_ACT_REDIRECT, "ICMP verdict {rc}");
+        let seen = inspect_icmp(&out)?;
+        ensure!(
+            seen == (router, REMOTE_POD, (REMOTE_POD, 8080), (NODE, 40000)),
+            "ICMP error of a SNATed flow: {seen:?}"
+        );
+        ensure!(maps.stats()?[&Reason::ForwardedRemote] == 2);
         Ok(())
     })
 }

@@ -3,7 +3,8 @@
 //! Three simulated nodes (network namespaces on a shared underlay), one `twill-agent` per node
 //! reading Services/EndpointSlices/Nodes from a shared manifests directory (standing in for the
 //! API server), an echo application of three pods created by the real `twill-cni`, and a
-//! ClusterIP, a NodePort and a headless Service. Every step prints what it does and what it saw;
+//! ClusterIP, a NodePort and a headless Service, then a default-deny NetworkPolicy and an allow
+//! rule taking effect. Every step prints what it does and what it saw;
 //! the lab is torn down at the end (also on failure or Ctrl-C of a step: the lab guard drops).
 use std::{
     collections::BTreeMap,
@@ -145,7 +146,108 @@ fn with_agents(lab: &Lab) -> Result<()> {
             == 0)
             .then_some(()))
     })?;
-    traffic(lab, &echo, &client)
+    traffic(lab, &echo, &client)?;
+    network_policy(lab, &echo, &client)
+}
+
+/// Whether `pod` gets an answer from `to` within half a second.
+fn reaches(pod: &Pod, to: &str) -> Result<bool> {
+    Ok(pod.labtool(&["tcp", "--to", to, "--timeout-ms", "500"])?.0 == 0)
+}
+
+/// Waits until `pod` → `to` is (or is not) answered; prints how long the change took.
+fn wait_reach(pod: &Pod, to: &str, want: bool, since: Instant) -> Result<()> {
+    wait_for(Duration::from_secs(20), "the policy to take effect", || {
+        Ok((reaches(pod, to)? == want).then_some(()))
+    })?;
+    println!(
+        "    client → {to}: {} ({:.1} s after the change was written)",
+        if want { "answered" } else { "blocked" },
+        since.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A default-deny ingress policy for the echo pods, then a rule letting the client in.
+fn network_policy(lab: &Lab, echo: &[Pod], client: &Pod) -> Result<()> {
+    say("NetworkPolicy: the pods as the API would list them (labels app=echo / app=client)");
+    let mut items: Vec<serde_json::Value> = echo
+        .iter()
+        .map(|p| {
+            p.pod_object(
+                "demo",
+                &p.name,
+                &[("app", "echo")],
+                &[("http", ECHO_PORT, "TCP")],
+            )
+        })
+        .collect();
+    items.push(client.pod_object("demo", "client", &[("app", "client")], &[]));
+    items.push(
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}}),
+    );
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    lab.apply_manifest("demo-pods.json", &serde_json::to_string_pretty(&list)?)?;
+    let vip = format!("{CLUSTER_IP}:80");
+
+    say("default-deny ingress for app=echo: the ClusterIP stops answering the client");
+    let deny = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: default-deny, namespace: demo}\nspec:\n  podSelector: {matchLabels: {app: echo}}\n  policyTypes: [Ingress]\n";
+    let since = Instant::now();
+    lab.apply_manifest("demo-deny.yaml", deny)?;
+    wait_reach(client, &vip, false, since)?;
+
+    say("allow app=client on the named port http: judged against the backend pod, not the VIP");
+    let allow = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-client, namespace: demo}\nspec:\n  podSelector: {matchLabels: {app: echo}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: http}]\n";
+    let since = Instant::now();
+    lab.apply_manifest("demo-allow.yaml", allow)?;
+    wait_reach(client, &vip, true, since)?;
+    let (code, _) = lab.external().labtool(&[
+        "tcp",
+        "--to",
+        &format!("{}:{NODE_PORT}", lab.node(1).ip),
+        "--timeout-ms",
+        "500",
+    ])?;
+    println!(
+        "    external client → NodePort {NODE_PORT}: {}",
+        if code == 0 {
+            "answered (?)"
+        } else {
+            "blocked: only app=client may come in"
+        }
+    );
+
+    say("why (`twill-agent debug explain --from demo/client --to demo/echo:80` on n1)");
+    match lab
+        .node(1)
+        .debug(&["explain", "--from", "demo/client", "--to", "demo/echo:80"])
+    {
+        Ok(out) => show(&out),
+        Err(e) => println!("    debug CLI failed: {e:#}"),
+    }
+    say("echo-1's effective rules (`twill-agent debug policy demo/echo-1` on n1)");
+    match lab.node(1).debug(&["policy", "demo/echo-1"]) {
+        Ok(out) => show(&out),
+        Err(e) => println!("    debug CLI failed: {e:#}"),
+    }
+    say("policy drops and passes per node (`twill-agent debug drops`, policy rows)");
+    for n in &lab.nodes {
+        match n.debug(&["drops"]) {
+            Ok(out) => {
+                let rows: Vec<String> = out
+                    .lines()
+                    .filter(|l| l.starts_with("policy_"))
+                    .filter_map(|l| {
+                        let cols: Vec<&str> = l.split_whitespace().collect();
+                        Some(format!("{}={}", cols.first()?, cols.last()?))
+                    })
+                    .collect();
+                println!("    {}: {}", n.name, rows.join(" "));
+            }
+            Err(e) => println!("    {}: debug CLI failed: {e:#}", n.name),
+        }
+    }
+    Ok(())
 }
 
 /// The Services of the demo and their EndpointSlices, written to the lab's manifests directory.

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: everything a developer or CI runs, each doing its own setup.
 mod bench;
 mod demo;
+mod image;
 mod setup;
 mod test;
 
@@ -31,6 +32,9 @@ enum Cmd {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Build the node image localhost/twill:<version> offline (debootstrap base + release
+    /// binaries, assembled with buildah) into target/image/twill-<version>.tar.
+    Image,
     /// The main job: a multi-node lab with pods and Services, narrated, torn down at the end.
     Demo,
     /// Side-by-side benchmark against kube-proxy-shaped iptables/nftables and the direct path.
@@ -57,6 +61,7 @@ fn main() -> Result<()> {
             test::build(release)
         }
         Cmd::Test { filter, no_lint } => test::run(filter.as_deref(), no_lint),
+        Cmd::Image => image::run(),
         Cmd::Demo => demo::run(),
         Cmd::Bench(args) => bench::run(&args),
         Cmd::Lab {

@@ -27,6 +27,16 @@ pub const PACKAGES: &[&str] = &[
     "procps",
     "kmod",
     "socat",
+    // containerd's CRI as the kubelet's runtime (tests/src/cri.rs): the daemon, and the lab's
+    // pause and busybox images built FROM scratch with buildah (catatonit is the pause binary).
+    "containerd",
+    "buildah",
+    "catatonit",
+    // The CRI protobufs (k8s-cri, a test dependency) are compiled by prost-build, which runs
+    // protoc.
+    "protobuf-compiler",
+    // `cargo xtask image`: the image's Debian base, made from Debian's packages.
+    "debootstrap",
 ];
 
 pub fn run() -> Result<()> {

@@ -27,6 +27,22 @@ pub fn build(release: bool) -> Result<()> {
     run_step("build", &mut cmd)
 }
 
+/// Release builds of the two binaries the node image carries.
+pub fn build_release_binaries() -> Result<()> {
+    run_step(
+        "build (release)",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "twill-agent",
+            "-p",
+            "twill-cni",
+            "--bins",
+        ]),
+    )
+}
+
 fn have_nextest() -> bool {
     cargo()
         .args(["nextest", "--version"])

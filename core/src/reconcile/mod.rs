@@ -252,7 +252,18 @@ impl<M: LbMaps> Reconciler<M> {
         };
         run.upserts(desired, scope);
         if prune {
+            let upsert_deferred = run.stats.deferred;
+            let deleted_before = run.deleted();
             run.prunes(desired, scope);
+            // Entries that found a map full get the room the prunes just freed (a Service
+            // replacing another in one change): one more pass, in which what the first wrote
+            // compares equal and is skipped. Without it they would wait for the next resync.
+            let full = |e: &MapError| matches!(e, MapError::Full { .. });
+            if run.deleted() > deleted_before && run.errors.iter().any(full) {
+                run.errors.retain(|e| !full(e));
+                run.stats.deferred -= upsert_deferred;
+                run.upserts(desired, scope);
+            }
         }
         let Run { stats, errors, .. } = run;
         let mut errors = errors.into_iter();
@@ -408,6 +419,12 @@ struct Run<'a, M> {
 }
 
 impl<M: LbMaps> Run<'_, M> {
+    /// Entries deleted so far: the room prunes made.
+    fn deleted(&self) -> usize {
+        let s = &self.stats;
+        s.services_deleted + s.slots_deleted + s.backends_deleted + s.source_ranges_deleted
+    }
+
     fn upserts(&mut self, desired: &LbState, scope: Scope<'_>) {
         if self.applied.state.config != desired.config {
             match self.maps.set_config(desired.config) {

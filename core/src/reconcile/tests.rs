@@ -264,6 +264,26 @@ fn full_map_is_named_and_everything_else_is_applied() {
     assert_eq!(rec.maps().state, desired);
 }
 
+/// A change that removes one Service and adds another into a full map: the prunes of the same
+/// apply make the room, and the new Service gets it in that apply (not at the next resync).
+#[test]
+fn room_freed_by_prunes_is_used_in_the_same_apply() {
+    let fake = FakeLbMaps {
+        services_capacity: Some(4),
+        ..FakeLbMaps::default()
+    };
+    let mut rec = Reconciler::new(fake);
+    let old = state(&[(1, &[1, 2], &[10]), (2, &[3], &[11])]);
+    rec.apply(&old, true).unwrap();
+    // Service 2 goes, Service 3 (two frontends) comes: 3 + 2 > 4 until service 2 is pruned.
+    let new = state(&[(1, &[1, 2], &[10]), (3, &[4, 5], &[12])]);
+    let stats = rec.apply(&new, true).unwrap();
+    assert_eq!(rec.maps().state, new);
+    assert_eq!(rec.applied(), &new);
+    assert_eq!(stats.services_deleted, 1);
+    check_invariant(&rec.maps().state).unwrap();
+}
+
 #[test]
 fn failed_backend_write_defers_its_slots_and_services() {
     let desired = state(&[(1, &[1], &[10]), (2, &[2], &[11])]);

@@ -58,7 +58,7 @@ pub struct AyaLbMaps {
     pub last_flush: FlushReport,
 }
 
-fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+pub(super) fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
     name: &'static str,
     map: Option<Map>,
 ) -> Result<T, DatapathError> {
@@ -66,7 +66,7 @@ fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
     T::try_from(map).map_err(|source| DatapathError::MapType { name, source })
 }
 
-fn capacity_of(map: &Map) -> u32 {
+pub(super) fn capacity_of(map: &Map) -> u32 {
     let (Map::HashMap(data)
     | Map::LruHashMap(data)
     | Map::Array(data)
@@ -130,16 +130,7 @@ impl AyaLbMaps {
     /// Opens the maps pinned under `bpffs_dir` by a running (or stopped) agent, without loading
     /// any program: for tools and tests that inspect or program a live datapath.
     pub fn open_pinned(bpffs_dir: &Path) -> Result<Self, DatapathError> {
-        Self::from_maps(|name| {
-            let path = bpffs_dir.join(name);
-            let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
-                path: path.clone(),
-                source,
-            })?;
-            Map::from_map_data(data)
-                .map(Some)
-                .map_err(|source| DatapathError::OpenPinned { path, source })
-        })
+        Self::from_maps(|name| super::open_pinned_map(bpffs_dir, name).map(Some))
     }
 
     /// Enables destroying connected UDP sockets to removed backends in the network namespaces of
@@ -365,7 +356,7 @@ fn collect_ct(
 
 /// A full hash map answers E2BIG (ENOSPC from some map types): that is `MapError::Full`, a named
 /// error with the capacity, never a generic failure.
-fn map_update_error(
+pub(super) fn map_update_error(
     capacity: &BTreeMap<MapKind, u32>,
     kind: MapKind,
     op: &'static str,
@@ -417,7 +408,7 @@ fn collect_source_ranges(
     Ok(out)
 }
 
-fn syscall(map: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
+pub(super) fn syscall(map: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
     let source = match e {
         aya::maps::MapError::SyscallError(s) => s.io_error,
         other => std::io::Error::other(other),
@@ -425,7 +416,7 @@ fn syscall(map: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
     MapError::Syscall { map, op, source }
 }
 
-fn collect<K: aya::Pod, V: aya::Pod>(
+pub(super) fn collect<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     kind: MapKind,
 ) -> Result<Vec<(K, V)>, MapError> {
@@ -442,7 +433,7 @@ fn collect<K: aya::Pod, V: aya::Pod>(
 }
 
 /// Deletes `key`; a missing key is success (deletes are idempotent for the reconciler).
-fn remove<K: aya::Pod, V: aya::Pod>(
+pub(super) fn remove<K: aya::Pod, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,
     key: &K,
     kind: MapKind,
@@ -453,7 +444,7 @@ fn remove<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-fn is_not_found(e: &aya::maps::MapError) -> bool {
+pub(super) fn is_not_found(e: &aya::maps::MapError) -> bool {
     match e {
         aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
         aya::maps::MapError::KeyNotFound | aya::maps::MapError::ElementNotFound => true,

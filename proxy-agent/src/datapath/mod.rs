@@ -6,6 +6,7 @@
 //!                                          no agent runs; a new agent swaps their program in
 //!                                          place with BPF_LINK_UPDATE, leaving no gap)
 //!  <bpffs-dir>/link_tc_<dev>_twill_tc_ingress / _egress   pinned tcx links, same treatment
+//!  <bpffs-dir>/link_pod_<veth>_twill_pod_ingress / _egress  NetworkPolicy on each pod's host veth
 //! ```
 //!
 //! Start-up never deletes or rewrites map contents: the control plane adopts what is pinned
@@ -16,6 +17,8 @@
 //! [`Datapath::lb_maps`] (the [`LbMaps`](crate::lbmap::LbMaps) implementation, counters, dumps,
 //! source ranges). [`Datapath::unpin_all`] removes everything for uninstall.
 mod maps;
+mod pods;
+mod policy_maps;
 mod sockdestroy;
 mod sys;
 
@@ -35,12 +38,14 @@ use aya::{
 };
 use twill_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, FragKey, FragValue,
-    NodeAddrValue, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue,
-    SrcRangeKey, UdpFlowKey,
+    IpCacheKey, NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, STATS_MAX,
+    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 pub use self::{
     maps::{AyaLbMaps, CtTable, FlushReport, ReasonCounts},
+    pods::{PodLinkReport, is_pod_veth},
+    policy_maps::AyaPolicyMaps,
     sockdestroy::DestroyReport,
     sys::{current_netns_cookie, monotonic_now_ns},
 };
@@ -66,6 +71,13 @@ pub const SOCK_PROGRAMS: &[(&str, u32)] = &[
 pub const TC_PROGRAMS: &[(&str, TcAttachType, u32)] = &[
     ("twill_tc_ingress", TcAttachType::Ingress, 46),
     ("twill_tc_egress", TcAttachType::Egress, 47),
+];
+
+/// The NetworkPolicy programs on a pod's host-side veth: tc ingress is the pod's egress, tc
+/// egress its ingress.
+pub const POD_PROGRAMS: &[(&str, TcAttachType, u32)] = &[
+    ("twill_pod_ingress", TcAttachType::Ingress, 46),
+    ("twill_pod_egress", TcAttachType::Egress, 47),
 ];
 
 /// Prefix of pinned link files under the bpffs directory.
@@ -176,6 +188,9 @@ pub struct MapSizes {
     pub node_addrs: u32,
     pub ct: u32,
     pub lb_src_ranges: u32,
+    pub policy_endpoints: u32,
+    pub ipcache: u32,
+    pub policy: u32,
     pub udp_flows: u32,
 }
 
@@ -190,6 +205,9 @@ impl Default for MapSizes {
             node_addrs: twill_common::DEFAULT_NODE_ADDRS_MAX,
             ct: twill_common::DEFAULT_CT_MAX,
             lb_src_ranges: twill_common::DEFAULT_LB_SRC_RANGES_MAX,
+            policy_endpoints: twill_common::DEFAULT_POLICY_ENDPOINTS_MAX,
+            ipcache: twill_common::DEFAULT_IPCACHE_MAX,
+            policy: twill_common::DEFAULT_POLICY_MAX,
             udp_flows: twill_common::DEFAULT_UDP_FLOWS_MAX,
         }
     }
@@ -255,10 +273,16 @@ pub struct Datapath {
     /// (pin file name, outcome, link)
     links: Vec<(String, AttachOutcome, HeldLink)>,
     cgroup: Option<PathBuf>,
+    /// Pod veths carrying the policy programs: name → ifindex.
+    pod_links: std::collections::BTreeMap<String, u32>,
 }
 
 /// Expected layout of each map: (name, type, key size, value size, requested max entries).
-fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 12] {
+#[expect(
+    clippy::too_many_lines,
+    reason = "a table: one row per map of twill_common::ALL_MAPS"
+)]
+fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 15] {
     use std::mem::size_of;
     [
         (
@@ -345,6 +369,27 @@ fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32);
             size_of::<FragKey>(),
             size_of::<FragValue>(),
             twill_common::DEFAULT_FRAGS_MAX,
+        ),
+        (
+            twill_common::MAP_POLICY_ENDPOINTS,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<PolicyEndpoint>(),
+            sizes.policy_endpoints,
+        ),
+        (
+            twill_common::MAP_IPCACHE,
+            MapType::LpmTrie,
+            size_of::<u32>() + size_of::<IpCacheKey>(),
+            size_of::<PeerIdentity>(),
+            sizes.ipcache,
+        ),
+        (
+            twill_common::MAP_POLICY,
+            MapType::LpmTrie,
+            size_of::<u32>() + size_of::<PolicyKey>(),
+            size_of::<PolicyVerdict>(),
+            sizes.policy,
         ),
     ]
 }
@@ -439,6 +484,7 @@ impl Datapath {
             adopted,
             links: Vec::new(),
             cgroup: None,
+            pod_links: std::collections::BTreeMap::new(),
         })
     }
 
@@ -555,9 +601,20 @@ impl Datapath {
         &mut self,
         ifname: &str,
     ) -> Result<Vec<(&'static str, AttachOutcome)>, DatapathError> {
+        self.attach_tcx(ifname, TC_PROGRAMS, tc_pin_name)
+    }
+
+    /// Attaches `programs` to `ifname` with tcx links, pinned as `pin_name(ifname, program)`;
+    /// pinned links of an earlier agent for the same device and hook get the program swapped in.
+    fn attach_tcx(
+        &mut self,
+        ifname: &str,
+        programs: &[(&'static str, TcAttachType, u32)],
+        pin_name: fn(&str, &str) -> String,
+    ) -> Result<Vec<(&'static str, AttachOutcome)>, DatapathError> {
         let ifindex = if_index(ifname)?;
         let mut outcomes = Vec::new();
-        for &(name, direction, tcx_type) in TC_PROGRAMS {
+        for &(name, direction, tcx_type) in programs {
             let prog: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(name)
@@ -575,7 +632,7 @@ impl Datapath {
                     source,
                 })?;
             }
-            let key = tc_pin_name(ifname, name);
+            let key = pin_name(ifname, name);
             let pin = self.opts.bpffs_dir.as_ref().map(|d| d.join(&key));
             if let Some(pin) = &pin
                 && let Some(fd) = adopt_link(name, pin, |t| {
@@ -630,9 +687,18 @@ impl Datapath {
 
     /// Detaches the per-packet programs from `ifname` (and removes their pins).
     pub fn detach_tc(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        let keys: Vec<String> = TC_PROGRAMS
+        self.detach_tcx(ifname, TC_PROGRAMS, tc_pin_name)
+    }
+
+    fn detach_tcx(
+        &mut self,
+        ifname: &str,
+        programs: &[(&'static str, TcAttachType, u32)],
+        pin_name: fn(&str, &str) -> String,
+    ) -> Result<(), DatapathError> {
+        let keys: Vec<String> = programs
             .iter()
-            .map(|(name, _, _)| tc_pin_name(ifname, name))
+            .map(|(name, _, _)| pin_name(ifname, name))
             .collect();
         self.links.retain(|(k, _, _)| !keys.contains(k));
         if let Some(dir) = &self.opts.bpffs_dir {
@@ -659,6 +725,12 @@ impl Datapath {
             Some(cg) => maps.with_socket_scope(cg.clone()),
             None => maps,
         })
+    }
+
+    /// The NetworkPolicy maps (the [`PolicyMaps`](crate::policy::PolicyMaps) implementation).
+    /// Takes them out of the loaded object, so call it once.
+    pub fn policy_maps(&mut self) -> Result<AyaPolicyMaps, DatapathError> {
+        AyaPolicyMaps::from_maps(|name| Ok(self.ebpf.take_map(name)))
     }
 
     /// Removes every pin Twill made under `bpffs_dir` (links first: the hooks detach as soon as
@@ -709,6 +781,19 @@ impl Datapath {
     }
 }
 
+/// Opens the map pinned as `name` under `bpffs_dir`.
+pub(crate) fn open_pinned_map(
+    bpffs_dir: &Path,
+    name: &str,
+) -> Result<aya::maps::Map, DatapathError> {
+    let path = bpffs_dir.join(name);
+    let data = aya::maps::MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+        path: path.clone(),
+        source,
+    })?;
+    aya::maps::Map::from_map_data(data).map_err(|source| DatapathError::OpenPinned { path, source })
+}
+
 /// The pin file of a tc link. bpffs refuses names holding a dot (`bpf_lookup()` in
 /// kernel/bpf/inode.c returns EPERM), which device names may hold (`twill.vxlan`, VLANs such
 /// as `eth0.100`); a colon, which no device name may hold (`dev_valid_name()`), stands in for
@@ -717,6 +802,14 @@ fn tc_pin_name(ifname: &str, prog: &str) -> String {
     let ifname = ifname.replace('.', ":");
     format!("{LINK_PIN_PREFIX}tc_{ifname}_{prog}")
 }
+
+/// Pin of a pod veth's policy link.
+fn pod_pin_name(ifname: &str, prog: &str) -> String {
+    format!("{LINK_PIN_PREFIX}{POD_PIN_INFIX}{ifname}_{prog}")
+}
+
+/// After [`LINK_PIN_PREFIX`]: marks the pins of pod veth links.
+const POD_PIN_INFIX: &str = "pod_";
 
 fn if_index(ifname: &str) -> Result<u32, DatapathError> {
     let err = |source| DatapathError::Interface {
@@ -848,6 +941,7 @@ mod tests {
         fn send<T: Send>() {}
         send::<Datapath>();
         send::<AyaLbMaps>();
+        send::<AyaPolicyMaps>();
     }
 
     #[test]

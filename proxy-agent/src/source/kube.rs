@@ -1,4 +1,5 @@
-//! The Kubernetes API source: one kube-rs watcher per kind (Services, EndpointSlices, Nodes).
+//! The Kubernetes API source: one kube-rs watcher per kind (Services, EndpointSlices, Nodes, and
+//! for NetworkPolicy Pods, Namespaces and NetworkPolicies).
 //!
 //! kube-runtime's watcher lists (with `resourceVersion`), then watches from the list's version;
 //! on `410 Gone` it relists, and `default_backoff` spaces out retries after errors. Like a
@@ -14,8 +15,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource};
@@ -31,6 +33,9 @@ pub const WATCHED_RESOURCES: &[(&str, &str, &[&str])] = &[
     ("", "services", &["list", "watch"]),
     ("discovery.k8s.io", "endpointslices", &["list", "watch"]),
     ("", "nodes", &["list", "watch"]),
+    ("", "pods", &["list", "watch"]),
+    ("", "namespaces", &["list", "watch"]),
+    ("networking.k8s.io", "networkpolicies", &["list", "watch"]),
 ];
 
 /// Building a client failed.
@@ -72,7 +77,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ClientError> {
     Client::try_from(config).map_err(ClientError::Client)
 }
 
-/// Runs the three watchers until the returned tasks are aborted.
+/// Runs the watchers (one per [`Kind`]) until the returned tasks are aborted.
 pub fn spawn(
     client: &Client,
     stores: &Arc<Stores>,
@@ -100,6 +105,29 @@ pub fn spawn(
             Api::<Node>::all(client.clone()),
             Kind::Node,
             Object::node,
+            stores.clone(),
+            metrics.clone(),
+        )),
+        // Every Pod of the cluster, not only this node's: remote pods are policy peers, matched
+        // by their IPs. Only the few fields NetworkPolicy reads are kept.
+        tokio::spawn(watch_kind(
+            Api::<Pod>::all(client.clone()),
+            Kind::Pod,
+            |o: Pod| Object::pod(&o),
+            stores.clone(),
+            metrics.clone(),
+        )),
+        tokio::spawn(watch_kind(
+            Api::<Namespace>::all(client.clone()),
+            Kind::Namespace,
+            |o: Namespace| Object::namespace(&o),
+            stores.clone(),
+            metrics.clone(),
+        )),
+        tokio::spawn(watch_kind(
+            Api::<NetworkPolicy>::all(client.clone()),
+            Kind::NetworkPolicy,
+            |o: NetworkPolicy| Object::network_policy(&o),
             stores.clone(),
             metrics.clone(),
         )),

@@ -122,7 +122,8 @@ fn collect(doc: serde_json::Value, out: &mut Parsed, interner: &mut Interner) {
         .to_owned();
     let decoded = match kind.as_str() {
         "" if doc.is_null() => return, // empty document (`---` at the end)
-        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" | "PodList" | "NamespaceList"
+        | "NetworkPolicyList" => {
             let item_kind = kind
                 .strip_suffix("List")
                 .filter(|k| !k.is_empty())
@@ -132,10 +133,10 @@ fn collect(doc: serde_json::Value, out: &mut Parsed, interner: &mut Interner) {
                     // Typed lists may omit kind/apiVersion on their items.
                     if let (Some(k), Some(map)) = (&item_kind, item.as_object_mut()) {
                         map.entry("kind").or_insert_with(|| k.clone().into());
-                        let api = if k == "EndpointSlice" {
-                            "discovery.k8s.io/v1"
-                        } else {
-                            "v1"
+                        let api = match k.as_str() {
+                            "EndpointSlice" => "discovery.k8s.io/v1",
+                            "NetworkPolicy" => "networking.k8s.io/v1",
+                            _ => "v1",
                         };
                         map.entry("apiVersion").or_insert_with(|| api.into());
                     }
@@ -153,6 +154,15 @@ fn collect(doc: serde_json::Value, out: &mut Parsed, interner: &mut Interner) {
         "Node" => serde_json::from_value(doc)
             .map(Object::node)
             .map_err(|e| (Kind::Node, e)),
+        "Pod" => serde_json::from_value(doc)
+            .map(|o| Object::pod(&o))
+            .map_err(|e| (Kind::Pod, e)),
+        "Namespace" => serde_json::from_value(doc)
+            .map(|o| Object::namespace(&o))
+            .map_err(|e| (Kind::Namespace, e)),
+        "NetworkPolicy" => serde_json::from_value(doc)
+            .map(|o| Object::network_policy(&o))
+            .map_err(|e| (Kind::NetworkPolicy, e)),
         other => {
             log::debug!("ignoring manifest object of kind {other:?}");
             return;
@@ -164,6 +174,9 @@ fn collect(doc: serde_json::Value, out: &mut Parsed, interner: &mut Interner) {
             kind: match kind.as_str() {
                 "Service" => Kind::Service,
                 "EndpointSlice" => Kind::EndpointSlice,
+                "Pod" => Kind::Pod,
+                "Namespace" => Kind::Namespace,
+                "NetworkPolicy" => Kind::NetworkPolicy,
                 _ => Kind::Node,
             },
             error,
@@ -549,6 +562,7 @@ metadata: {name: ignored, namespace: default}
                 Kind::Service => (s + 1, e, n),
                 Kind::EndpointSlice => (s, e + 1, n),
                 Kind::Node => (s, e, n + 1),
+                Kind::Pod | Kind::Namespace | Kind::NetworkPolicy => (s, e, n),
             })
     }
 

@@ -1,15 +1,18 @@
-//! Where Services, EndpointSlices and Nodes come from: the Kubernetes API ([`kube`]) or a
-//! directory of manifests ([`manifests`]). Both write into the same [`Stores`]; the run loop reads
-//! the stores, never the events (level-triggered, HOUSE_STYLE §8).
+//! Where Services, EndpointSlices and Nodes (and, for NetworkPolicy, Pods, Namespaces and
+//! NetworkPolicies) come from: the Kubernetes API ([`kube`]) or a directory of manifests
+//! ([`manifests`]). Both write into the same [`Stores`]; the run loop reads the stores, never the
+//! events (level-triggered, HOUSE_STYLE §8).
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeSpec, NodeStatus, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::{Notify, watch};
+use twill_core::policy::{ParsedPolicy, PolicyNamespace, PolicyPod};
 
 use crate::compile::{GroupKey, Interner, ServiceGroup, ServiceInput, SliceInput};
 use crate::metrics::Metrics;
@@ -29,16 +32,30 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    /// NetworkPolicy's inputs.
+    Pod,
+    Namespace,
+    NetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    pub const ALL: [Kind; 6] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::NetworkPolicy,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+            Kind::NetworkPolicy => "NetworkPolicy",
         }
     }
 
@@ -47,9 +64,15 @@ impl Kind {
             Kind::Service => 1,
             Kind::EndpointSlice => 2,
             Kind::Node => 4,
+            Kind::Pod => 8,
+            Kind::Namespace => 16,
+            Kind::NetworkPolicy => 32,
         }
     }
 }
+
+/// `Kind::bit` of every kind: all synced.
+const ALL_SYNCED: u8 = 63;
 
 /// One object as the stores keep it: Services and EndpointSlices parsed into what the compiler
 /// reads (the Kubernetes objects are dropped on arrival; at 10,000 Services they were most of
@@ -59,6 +82,11 @@ pub enum Object {
     Service(Arc<ServiceInput>),
     EndpointSlice(Arc<SliceInput>),
     Node(Arc<Node>),
+    /// What NetworkPolicy reads of a Pod (labels, IP, node, named ports, …).
+    Pod(Arc<PolicyPod>),
+    Namespace(Arc<PolicyNamespace>),
+    /// A validated NetworkPolicy (invalid ones are skipped at the source).
+    NetworkPolicy(Arc<ParsedPolicy>),
 }
 
 impl Object {
@@ -67,6 +95,9 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Node(_) => Kind::Node,
+            Object::Pod(_) => Kind::Pod,
+            Object::Namespace(_) => Kind::Namespace,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
         }
     }
 
@@ -76,7 +107,39 @@ impl Object {
             Object::Service(s) => (s.namespace.clone(), s.name.clone()),
             Object::EndpointSlice(s) => (s.namespace.clone(), s.name.clone()),
             Object::Node(n) => meta_key(&n.metadata),
+            Object::Pod(p) => (p.namespace.clone(), p.name.clone()),
+            Object::Namespace(n) => ("".into(), n.name.clone()),
+            Object::NetworkPolicy(p) => (p.namespace.clone(), p.name.clone()),
         }
+    }
+
+    /// Checks the key, then keeps what NetworkPolicy reads of the Pod.
+    pub fn pod(pod: &Pod) -> Result<Object, InvalidObject> {
+        validate(&pod.metadata, true)?;
+        PolicyPod::from_k8s(pod)
+            .map(|p| Object::Pod(Arc::new(p)))
+            .map_err(|_| InvalidObject::MissingName)
+    }
+
+    /// Checks the key, then keeps the Namespace's name and labels.
+    pub fn namespace(ns: &Namespace) -> Result<Object, InvalidObject> {
+        validate(&ns.metadata, false)?;
+        PolicyNamespace::from_k8s(ns)
+            .map(|n| Object::Namespace(Arc::new(n)))
+            .map_err(|_| InvalidObject::MissingName)
+    }
+
+    /// Checks the key, then validates and parses the policy as the API server would; an invalid
+    /// one is logged with the field at fault and skipped.
+    pub fn network_policy(np: &NetworkPolicy) -> Result<Object, InvalidObject> {
+        validate(&np.metadata, true)?;
+        ParsedPolicy::from_k8s(np)
+            .map(|p| Object::NetworkPolicy(Arc::new(p)))
+            .map_err(|e| {
+                let (ns, name) = meta_key(&np.metadata);
+                log::warn!("NetworkPolicy {ns}/{name} is invalid: {e}");
+                InvalidObject::Policy(e.kind.metric_label())
+            })
     }
 
     /// Checks the key, then parses the Service (its rejections, if any, travel with it).
@@ -143,6 +206,9 @@ pub enum InvalidObject {
     MissingNamespace,
     #[error("the object does not decode as {0}")]
     Decode(&'static str),
+    /// A NetworkPolicy the API server would reject (the label names the rule).
+    #[error("invalid NetworkPolicy ({0})")]
+    Policy(&'static str),
 }
 
 impl InvalidObject {
@@ -152,6 +218,7 @@ impl InvalidObject {
             InvalidObject::MissingName => "missing_name",
             InvalidObject::MissingNamespace => "missing_namespace",
             InvalidObject::Decode(_) => "decode",
+            InvalidObject::Policy(label) => label,
         }
     }
 }
@@ -174,6 +241,33 @@ pub struct Snapshot {
     pub services: BTreeMap<ObjKey, Arc<ServiceInput>>,
     pub endpoint_slices: BTreeMap<ObjKey, Arc<SliceInput>>,
     pub nodes: BTreeMap<ObjKey, Arc<Node>>,
+    pub policy: PolicyObjects,
+}
+
+/// NetworkPolicy's inputs, by store key (Namespaces: `("", name)`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicyObjects {
+    pub pods: BTreeMap<ObjKey, Arc<PolicyPod>>,
+    pub namespaces: BTreeMap<ObjKey, Arc<PolicyNamespace>>,
+    pub policies: BTreeMap<ObjKey, Arc<ParsedPolicy>>,
+}
+
+impl PolicyObjects {
+    fn contains(&self, kind: Kind, key: &ObjKey) -> bool {
+        match kind {
+            Kind::Pod => self.pods.contains_key(key),
+            Kind::Namespace => self.namespaces.contains_key(key),
+            Kind::NetworkPolicy => self.policies.contains_key(key),
+            Kind::Service | Kind::EndpointSlice | Kind::Node => false,
+        }
+    }
+
+    fn objects(&self) -> impl Iterator<Item = Object> + '_ {
+        let pods = self.pods.values().cloned().map(Object::Pod);
+        let namespaces = self.namespaces.values().cloned().map(Object::Namespace);
+        let policies = self.policies.values().cloned().map(Object::NetworkPolicy);
+        pods.chain(namespaces).chain(policies)
+    }
 }
 
 impl Snapshot {
@@ -192,6 +286,15 @@ impl Snapshot {
                 Object::Node(o) => {
                     s.nodes.insert(key, o);
                 }
+                Object::Pod(o) => {
+                    s.policy.pods.insert(key, o);
+                }
+                Object::Namespace(o) => {
+                    s.policy.namespaces.insert(key, o);
+                }
+                Object::NetworkPolicy(o) => {
+                    s.policy.policies.insert(key, o);
+                }
             }
         }
         s
@@ -206,7 +309,10 @@ impl Snapshot {
             .cloned()
             .map(Object::EndpointSlice);
         let nodes = self.nodes.values().cloned().map(Object::Node);
-        services.chain(slices).chain(nodes)
+        services
+            .chain(slices)
+            .chain(nodes)
+            .chain(self.policy.objects())
     }
 
     /// This node's Node object.
@@ -255,6 +361,10 @@ struct Contents {
     /// Groups changed since the last [`Stores::take_changes`] (HOUSE_STYLE §8: an event only
     /// marks its Service dirty; the compile reads the stores).
     dirty: BTreeSet<GroupKey>,
+    /// NetworkPolicy's inputs; policy state is compiled from all of them at once.
+    policy: PolicyObjects,
+    /// A Pod, Namespace or NetworkPolicy changed since the last [`Stores::take_policy`].
+    policy_dirty: bool,
 }
 
 impl Contents {
@@ -310,7 +420,45 @@ impl Contents {
                 self.dirty.insert(group);
             }
             Change::Delete(Kind::Node, key) => return self.nodes.remove(&key).is_some(),
+            Change::Upsert(Object::Pod(o)) => {
+                let key = (o.namespace.clone(), o.name.clone());
+                return self.upsert_policy_input(|p| &mut p.pods, o, key);
+            }
+            Change::Upsert(Object::Namespace(o)) => {
+                let key = ("".into(), o.name.clone());
+                return self.upsert_policy_input(|p| &mut p.namespaces, o, key);
+            }
+            Change::Upsert(Object::NetworkPolicy(o)) => {
+                let key = (o.namespace.clone(), o.name.clone());
+                return self.upsert_policy_input(|p| &mut p.policies, o, key);
+            }
+            Change::Delete(kind @ (Kind::Pod | Kind::Namespace | Kind::NetworkPolicy), key) => {
+                let removed = match kind {
+                    Kind::Pod => self.policy.pods.remove(&key).is_some(),
+                    Kind::Namespace => self.policy.namespaces.remove(&key).is_some(),
+                    _ => self.policy.policies.remove(&key).is_some(),
+                };
+                self.policy_dirty |= removed;
+                return removed;
+            }
         }
+        true
+    }
+
+    /// Stores a Pod, Namespace or NetworkPolicy; whether it changed anything (a Pod's status
+    /// updates that NetworkPolicy does not read compare equal and cost nothing).
+    fn upsert_policy_input<T: PartialEq>(
+        &mut self,
+        map: impl FnOnce(&mut PolicyObjects) -> &mut BTreeMap<ObjKey, Arc<T>>,
+        obj: Arc<T>,
+        key: ObjKey,
+    ) -> bool {
+        let map = map(&mut self.policy);
+        if map.get(&key) == Some(&obj) {
+            return false;
+        }
+        map.insert(key, obj);
+        self.policy_dirty = true;
         true
     }
 
@@ -328,6 +476,9 @@ impl Contents {
             Kind::Service => self.services.keys().cloned().collect(),
             Kind::EndpointSlice => self.slices.keys().cloned().collect(),
             Kind::Node => self.nodes.keys().cloned().collect(),
+            Kind::Pod => self.policy.pods.keys().cloned().collect(),
+            Kind::Namespace => self.policy.namespaces.keys().cloned().collect(),
+            Kind::NetworkPolicy => self.policy.policies.keys().cloned().collect(),
         }
     }
 
@@ -401,7 +552,19 @@ impl Stores {
             services: c.services.clone(),
             endpoint_slices: c.slices.clone(),
             nodes: c.nodes.clone(),
+            policy: c.policy.clone(),
         }
+    }
+
+    /// NetworkPolicy's inputs when any changed since the last call (always with `all`); the
+    /// objects are shared, not copied. One reader: the run loop's policy compile.
+    pub fn take_policy(&self, all: bool) -> Option<PolicyObjects> {
+        let mut c = self.write();
+        if !(all || c.policy_dirty) {
+            return None;
+        }
+        c.policy_dirty = false;
+        Some(c.policy.clone())
     }
 
     /// Every Node (there are few).
@@ -558,6 +721,9 @@ impl Stores {
                         Kind::Service => snapshot.services.contains_key(&key),
                         Kind::EndpointSlice => snapshot.endpoint_slices.contains_key(&key),
                         Kind::Node => snapshot.nodes.contains_key(&key),
+                        Kind::Pod | Kind::Namespace | Kind::NetworkPolicy => {
+                            snapshot.policy.contains(kind, &key)
+                        }
                     };
                     if !present {
                         changed |= c.apply(Change::Delete(kind, key));
@@ -586,13 +752,13 @@ impl Stores {
 
     /// Whether every kind has been listed once.
     pub fn is_synced(&self) -> bool {
-        *self.synced.borrow() == 7
+        *self.synced.borrow() == ALL_SYNCED
     }
 
     /// Waits until every kind has been listed once, at most `timeout`; whether it did.
     pub async fn wait_synced(&self, timeout: Duration) -> bool {
         let mut rx = self.synced.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|bits| *bits == 7))
+        tokio::time::timeout(timeout, rx.wait_for(|bits| *bits == ALL_SYNCED))
             .await
             .is_ok_and(|r| r.is_ok())
     }
@@ -768,6 +934,13 @@ mod tests {
         stores.mark_synced(Kind::Node);
         assert!(!stores.wait_synced(Duration::from_millis(20)).await);
         stores.mark_synced(Kind::EndpointSlice);
+        stores.mark_synced(Kind::Pod);
+        stores.mark_synced(Kind::Namespace);
+        assert!(
+            !stores.wait_synced(Duration::from_millis(20)).await,
+            "NetworkPolicies not listed yet"
+        );
+        stores.mark_synced(Kind::NetworkPolicy);
         assert!(stores.wait_synced(Duration::from_millis(20)).await);
         assert!(stores.is_synced());
     }

@@ -12,6 +12,10 @@
 //!                                                    same JSON for UDP; a new socket per
 //!                                                    datagram unless --one-socket
 //! labtool http --to IP:PORT [--path P]              HTTP/1.0 GET; prints status=<code> then the body
+//! labtool probe --to IP:PORT,IP:PORT,... [--udp] [--timeout-ms T]
+//!                                                    one request to each target at once (a row
+//!                                                    of a reachability matrix); prints
+//!                                                    "IP:PORT ok|refused|timeout|<error>" lines
 //! labtool netns-cookie                               prints this network namespace's cookie
 //! labtool flood --to IP:PORT --conns N --hold-ms D [--slow]
 //!                                                    opens N (≤ 4096) connections and holds them
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         "tcp-loop" => tcp_loop(&args),
         "udp-loop" => udp_loop(&args),
         "http" => http_get(&args),
+        "probe" => probe(&args),
         "netns-cookie" => netns_cookie(),
         "flood" => flood(&args),
         "dns" => dns(&args),
@@ -258,6 +263,40 @@ fn udp_request(
     } else {
         udp_exchange(&s, to)
     }
+}
+
+fn probe(args: &Args) -> Result<ExitCode, String> {
+    let targets: Vec<SocketAddr> = args
+        .value("--to")
+        .ok_or("--to IP:PORT,... is required")?
+        .split(',')
+        .map(|t| t.parse().map_err(|e| format!("--to {t}: {e}")))
+        .collect::<Result<_, _>>()?;
+    let udp = args.flag("--udp");
+    let timeout = Duration::from_millis(args.num("--timeout-ms", 1000)?);
+    let results: Vec<(SocketAddr, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = targets
+            .iter()
+            .map(|&to| {
+                scope.spawn(move || {
+                    let r = if udp {
+                        udp_request(to, true, timeout).map(|_| ())
+                    } else {
+                        tcp_request(to, timeout).map(|_| ())
+                    };
+                    (to, r.map_or_else(|f| f.label(), |()| "ok".into()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| (targets[0], "panic".into())))
+            .collect()
+    });
+    for (to, result) in results {
+        println!("{to} {result}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn udp_once(args: &Args) -> Result<ExitCode, String> {

@@ -1,0 +1,141 @@
+//! [`AyaPolicyMaps`]: the kernel implementation of the [`PolicyMaps`] seam (the three
+//! NetworkPolicy maps).
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+use twill_common::{IpCacheKey, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict};
+use twill_core::policy::LpmKey;
+
+use super::DatapathError;
+use super::maps::{capacity_of, collect, is_not_found, map_update_error, remove, syscall, typed};
+use crate::lbmap::{MapError, MapKind};
+use crate::policy::{PolicyEntries, PolicyMaps};
+
+/// The NetworkPolicy maps of a loaded (or adopted) datapath.
+pub struct AyaPolicyMaps {
+    endpoints: HashMap<MapData, u32, PolicyEndpoint>,
+    ipcache: LpmTrie<MapData, IpCacheKey, PeerIdentity>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyVerdict>,
+    capacity: BTreeMap<MapKind, u32>,
+}
+
+impl AyaPolicyMaps {
+    /// Builds from the maps `get` returns by name.
+    pub(super) fn from_maps(
+        mut get: impl FnMut(&'static str) -> Result<Option<Map>, DatapathError>,
+    ) -> Result<Self, DatapathError> {
+        let mut capacity = BTreeMap::new();
+        let mut take = |kind: MapKind| -> Result<Option<Map>, DatapathError> {
+            let m = get(kind.name())?;
+            if let Some(m) = &m {
+                capacity.insert(kind, capacity_of(m));
+            }
+            Ok(m)
+        };
+        let endpoints = typed(
+            twill_common::MAP_POLICY_ENDPOINTS,
+            take(MapKind::PolicyEndpoints)?,
+        )?;
+        let ipcache = typed(twill_common::MAP_IPCACHE, take(MapKind::IpCache)?)?;
+        let policy = typed(twill_common::MAP_POLICY, take(MapKind::Policy)?)?;
+        Ok(Self {
+            endpoints,
+            ipcache,
+            policy,
+            capacity,
+        })
+    }
+
+    /// Opens the maps pinned under `bpffs_dir` (tools, tests, the debug API).
+    pub fn open_pinned(bpffs_dir: &Path) -> Result<Self, DatapathError> {
+        Self::from_maps(|name| super::open_pinned_map(bpffs_dir, name).map(Some))
+    }
+
+    /// `max_entries` of each map.
+    pub fn capacities(&self) -> &BTreeMap<MapKind, u32> {
+        &self.capacity
+    }
+}
+
+fn ipcache_key(k: LpmKey<IpCacheKey>) -> Key<IpCacheKey> {
+    Key::new(k.prefix_len, k.data)
+}
+
+fn policy_key(k: LpmKey<PolicyKey>) -> Key<PolicyKey> {
+    Key::new(k.prefix_len, k.data)
+}
+
+/// Every entry of an LPM trie as (prefix, data) keys.
+fn collect_trie<K: aya::Pod + Ord, V: aya::Pod>(
+    trie: &LpmTrie<MapData, K, V>,
+    kind: MapKind,
+) -> Result<BTreeMap<LpmKey<K>, V>, MapError> {
+    let mut out = BTreeMap::new();
+    for item in trie {
+        match item {
+            Ok((k, v)) => {
+                out.insert(
+                    LpmKey {
+                        data: k.data(),
+                        prefix_len: k.prefix_len(),
+                    },
+                    v,
+                );
+            }
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(syscall(kind, "iterate", e)),
+        }
+    }
+    Ok(out)
+}
+
+impl PolicyMaps for AyaPolicyMaps {
+    fn upsert_endpoint(&mut self, addr_be: u32, ep: PolicyEndpoint) -> Result<(), MapError> {
+        self.endpoints
+            .insert(addr_be, ep, 0)
+            .map_err(|e| map_update_error(&self.capacity, MapKind::PolicyEndpoints, "update", e))
+    }
+    fn delete_endpoint(&mut self, addr_be: u32) -> Result<(), MapError> {
+        remove(&mut self.endpoints, &addr_be, MapKind::PolicyEndpoints)
+    }
+    fn upsert_ipcache(
+        &mut self,
+        key: LpmKey<IpCacheKey>,
+        id: PeerIdentity,
+    ) -> Result<(), MapError> {
+        self.ipcache
+            .insert(&ipcache_key(key), id, 0)
+            .map_err(|e| map_update_error(&self.capacity, MapKind::IpCache, "update", e))
+    }
+    fn delete_ipcache(&mut self, key: &LpmKey<IpCacheKey>) -> Result<(), MapError> {
+        match self.ipcache.remove(&ipcache_key(*key)) {
+            Err(e) if !is_not_found(&e) => Err(syscall(MapKind::IpCache, "delete", e)),
+            _ => Ok(()),
+        }
+    }
+    fn upsert_policy(
+        &mut self,
+        key: LpmKey<PolicyKey>,
+        verdict: PolicyVerdict,
+    ) -> Result<(), MapError> {
+        self.policy
+            .insert(&policy_key(key), verdict, 0)
+            .map_err(|e| map_update_error(&self.capacity, MapKind::Policy, "update", e))
+    }
+    fn delete_policy(&mut self, key: &LpmKey<PolicyKey>) -> Result<(), MapError> {
+        match self.policy.remove(&policy_key(*key)) {
+            Err(e) if !is_not_found(&e) => Err(syscall(MapKind::Policy, "delete", e)),
+            _ => Ok(()),
+        }
+    }
+    fn dump(&self) -> Result<PolicyEntries, MapError> {
+        Ok(PolicyEntries {
+            endpoints: collect(&self.endpoints, MapKind::PolicyEndpoints)?
+                .into_iter()
+                .collect(),
+            ipcache: collect_trie(&self.ipcache, MapKind::IpCache)?,
+            policy: collect_trie(&self.policy, MapKind::Policy)?,
+        })
+    }
+}

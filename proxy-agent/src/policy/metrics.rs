@@ -1,0 +1,80 @@
+//! NetworkPolicy's Prometheus metrics (registered with the agent's others). Denied packets are
+//! in `twill_datapath_verdicts_total{reason="policy_denied_ingress|policy_denied_egress"}`, a
+//! full policy map in `twill_map_errors_total{map="TWL_POL_V1",kind="full"}`.
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug)]
+pub struct PolicyMetrics {
+    /// One compile + apply of the policy maps.
+    pub sync_duration: Histogram,
+    pub policies: Gauge,
+    /// Local pods with a policy endpoint.
+    pub endpoints: Gauge,
+    pub identities: Gauge,
+    /// Entries of the rule trie.
+    pub rules: Gauge,
+    pub sync_errors: Counter,
+    /// Pod veths carrying the policy programs.
+    pub pod_links: Gauge,
+    pub pod_link_errors: Counter,
+}
+
+impl PolicyMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let buckets = || exponential_buckets(0.001, 2.0, 15);
+        let m = Self {
+            sync_duration: Histogram::new(buckets()),
+            policies: Gauge::default(),
+            endpoints: Gauge::default(),
+            identities: Gauge::default(),
+            rules: Gauge::default(),
+            sync_errors: Counter::default(),
+            pod_links: Gauge::default(),
+            pod_link_errors: Counter::default(),
+        };
+        registry.register(
+            "twill_policy_sync_duration_seconds",
+            "Time one compile + apply of the NetworkPolicy maps took",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "twill_network_policies",
+            "NetworkPolicies compiled (valid ones)",
+            m.policies.clone(),
+        );
+        registry.register(
+            "twill_policy_endpoints",
+            "Local pods with a NetworkPolicy endpoint",
+            m.endpoints.clone(),
+        );
+        registry.register(
+            "twill_policy_identities",
+            "Peer identities (distinct label sets and ipBlock regions)",
+            m.identities.clone(),
+        );
+        registry.register(
+            "twill_policy_rules",
+            "Entries of the NetworkPolicy rule trie",
+            m.rules.clone(),
+        );
+        registry.register(
+            "twill_policy_sync_errors",
+            "NetworkPolicy applies that did not fully apply",
+            m.sync_errors.clone(),
+        );
+        registry.register(
+            "twill_pod_links",
+            "Pod veths carrying the NetworkPolicy programs",
+            m.pod_links.clone(),
+        );
+        registry.register(
+            "twill_pod_link_errors",
+            "Failed attaches of the NetworkPolicy programs to pod veths",
+            m.pod_link_errors.clone(),
+        );
+        m
+    }
+}

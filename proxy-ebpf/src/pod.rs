@@ -1,0 +1,58 @@
+//! The programs on each pod's host-side veth (tcx): NetworkPolicy for the pod.
+//!
+//! ```text
+//!  pod ──► host veth  tc ingress  twill_pod_ingress  = the pod's egress   (source is the pod)
+//!  pod ◄── host veth  tc egress   twill_pod_egress   = the pod's ingress  (destination is the pod)
+//! ```
+//!
+//! Service translation happened before either sees a packet: east-west connections were
+//! rewritten to the backend at `connect()` by the socket hooks, and north-south traffic was
+//! translated on the node's device before being routed here. So a pod's egress is judged
+//! against the backend it reaches, never a virtual IP, and a backend's ingress against the real
+//! client (or, for externalTrafficPolicy=Cluster from another node, that node's address).
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use twill_common::Reason;
+
+use crate::{
+    maps::count,
+    pkt::parse_flow,
+    policy::{Side, judge},
+};
+
+#[classifier]
+pub fn twill_pod_ingress(ctx: TcContext) -> i32 {
+    exit(try_pod(&ctx, Side::Egress))
+}
+
+#[classifier]
+pub fn twill_pod_egress(ctx: TcContext) -> i32 {
+    exit(try_pod(&ctx, Side::Ingress))
+}
+
+/// The single exit: counts the verdict; errors drop the packet.
+#[inline(always)]
+fn exit(verdict: Result<Reason, Reason>) -> i32 {
+    match verdict {
+        Ok(reason) => {
+            count(reason);
+            TC_ACT_OK
+        }
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn try_pod(ctx: &TcContext, side: Side) -> Result<Reason, Reason> {
+    match parse_flow(ctx)? {
+        Some(flow) => judge(&flow, side),
+        // Not IPv4 (ARP, IPv6: the pod network is IPv4-only) or a later fragment.
+        None => Ok(Reason::PolicyNotEnforced),
+    }
+}

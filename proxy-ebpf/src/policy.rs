@@ -1,0 +1,269 @@
+//! NetworkPolicy verdicts for the pod programs (`pod.rs`); the map contents and the reasoning
+//! behind their shape are in `docs/design/policy.md` and `twill_common::policy`.
+//!
+//! ```text
+//!  POLICY_ENDPOINTS[local pod]        none, or not isolated either way ─► pass (no state)
+//!  CT[tuple] has this side's bit      ─► pass (a later packet of an allowed flow)
+//!  CT[reverse] has the other side's   ─► pass (a reply of an allowed flow)
+//!  not isolated in this direction     ─► record CT (so replies pass the other direction) ─► pass
+//!  IPCACHE[peer] ─► identity (WORLD when no prefix covers it; HOST into a pod: allowed)
+//!  POLICY[(ep, dir, identity, proto, port)] then POLICY[(ep, dir, ANY, proto, port)]
+//!      hit ─► record CT ─► pass            miss ─► drop (policy_denied_ingress / _egress)
+//! ```
+//!
+//! Every step is a hash or LPM lookup: the cost of a packet does not depend on how many
+//! policies, rules or pods exist. A flow is judged once per node and side, then followed by its
+//! conntrack entry in the shared `TWL_CT_V2` table (`CtKey::scope = CT_SCOPE_POLICY`, keyed by
+//! the tuple as the flow's originator sends it, with a flag per side that passed — see
+//! `CT_F_POLICY_EGRESS`). Entries carry the table's state machine (`CT_STATE_*`: new, established
+//! once a reply passed, closing after both FINs or a RST) and are expired by the agent's one
+//! conntrack collector like NAT entries.
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use twill_common::{
+    CT_F_POLICY_EGRESS, CT_F_POLICY_INGRESS, CT_FIN_ORIG, CT_FIN_REPLY, CT_SCOPE_POLICY,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, IDENTITY_ANY,
+    IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey, PEP_F_EGRESS_ISOLATED, PEP_F_INGRESS_ISOLATED,
+    POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, PolicyEndpoint, PolicyKey, Reason,
+};
+
+use crate::{
+    maps::{TWL_CT_V2, TWL_IPC_V1, TWL_PEP_V1, TWL_POL_V1},
+    pkt::{Flow, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// Bits of a full `PolicyKey` (every field matched).
+const POLICY_KEY_BITS: u32 = 128;
+/// Bits of an `IpCacheKey` address.
+const IPCACHE_KEY_BITS: u32 = 32;
+/// `BPF_NOEXIST`: create only; another CPU may have created the entry in the meantime.
+const BPF_NOEXIST: u64 = 1;
+
+/// Which side of a flow a program judges for its local pod.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The local pod sends the packet (tc ingress of its host veth).
+    Egress,
+    /// The local pod receives the packet (tc egress of its host veth).
+    Ingress,
+}
+
+impl Side {
+    #[inline(always)]
+    fn direction(self) -> u8 {
+        match self {
+            Side::Egress => POLICY_DIR_EGRESS,
+            Side::Ingress => POLICY_DIR_INGRESS,
+        }
+    }
+    #[inline(always)]
+    fn isolated_flag(self) -> u32 {
+        match self {
+            Side::Egress => PEP_F_EGRESS_ISOLATED,
+            Side::Ingress => PEP_F_INGRESS_ISOLATED,
+        }
+    }
+    /// The CT flag this side sets on the tuple it judged.
+    #[inline(always)]
+    fn ct_flag(self) -> u32 {
+        match self {
+            Side::Egress => CT_F_POLICY_EGRESS,
+            Side::Ingress => CT_F_POLICY_INGRESS,
+        }
+    }
+    /// The CT flag that lets this side's packet through as a reply: the other side's pass.
+    #[inline(always)]
+    fn reply_flag(self) -> u32 {
+        match self {
+            Side::Egress => CT_F_POLICY_INGRESS,
+            Side::Ingress => CT_F_POLICY_EGRESS,
+        }
+    }
+    #[inline(always)]
+    fn denied(self) -> Reason {
+        match self {
+            Side::Egress => Reason::PolicyDeniedEgress,
+            Side::Ingress => Reason::PolicyDeniedIngress,
+        }
+    }
+}
+
+/// The verdict for `flow` on `side` of its local pod: `Ok` passes (the reason says why), `Err`
+/// drops.
+#[inline(always)]
+pub fn judge(flow: &Flow, side: Side) -> Result<Reason, Reason> {
+    let (local, peer) = match side {
+        Side::Egress => (flow.saddr, flow.daddr),
+        Side::Ingress => (flow.daddr, flow.saddr),
+    };
+    let Some(ep) = endpoint(local) else {
+        return Ok(Reason::PolicyNotEnforced);
+    };
+    if ep.flags & (PEP_F_INGRESS_ISOLATED | PEP_F_EGRESS_ISOLATED) == 0 {
+        return Ok(Reason::PolicyNotEnforced);
+    }
+    let key = ct_key(flow);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if ct_seen(&key, side.ct_flag(), now, flow.tcp_flags, false)
+        || ct_seen(&reverse(&key), side.reply_flag(), now, flow.tcp_flags, true)
+    {
+        return Ok(Reason::PolicyEstablished);
+    }
+    if flow.related {
+        // An ICMP error about no flow this side passed: judged as the ICMP packet it is (only
+        // rules without ports allow it), and never tracked (its tuple is not its own).
+        if ep.flags & side.isolated_flag() == 0 {
+            return Ok(Reason::PolicyNotEnforced);
+        }
+        allowed(&ep, side, identity(peer, side), PROTO_ICMP, 0).ok_or(side.denied())?;
+        return Ok(Reason::PolicyAllowed);
+    }
+    let reason = if ep.flags & side.isolated_flag() == 0 {
+        // Not isolated this way, but the other way: remember the flow so its replies pass.
+        Reason::PolicyNotEnforced
+    } else {
+        let id = identity(peer, side);
+        // Traffic from this node into its pods is always allowed (kubelet probes).
+        if !(side == Side::Ingress && id == IDENTITY_HOST) {
+            allowed(&ep, side, id, flow.proto, flow.policy_port()).ok_or(side.denied())?;
+        }
+        Reason::PolicyAllowed
+    };
+    ct_record(&key, side.ct_flag(), now)?;
+    Ok(reason)
+}
+
+#[inline(always)]
+fn endpoint(addr_be: u32) -> Option<PolicyEndpoint> {
+    // SAFETY: the value is copied out before the next helper call.
+    unsafe { TWL_PEP_V1.get(addr_be) }.copied()
+}
+
+/// The peer's identity: its pod, or the ipBlock region its address lies in, or WORLD.
+#[inline(always)]
+fn identity(addr_be: u32, _side: Side) -> u32 {
+    let key = Key::new(IPCACHE_KEY_BITS, IpCacheKey { addr_be });
+    TWL_IPC_V1.get(&key).map_or(IDENTITY_WORLD, |v| v.id)
+}
+
+/// The rule allowing `identity` (then any peer) to reach `proto`/`port_be` on `side` of `ep`:
+/// the LPM match covers rules without ports, protocol-only rules and port ranges.
+#[inline(always)]
+fn allowed(ep: &PolicyEndpoint, side: Side, identity: u32, proto: u8, port_be: u16) -> Option<u32> {
+    let mut key = Key::new(
+        POLICY_KEY_BITS,
+        PolicyKey {
+            ep_id_be: ep.ep_id.to_be(),
+            direction: side.direction(),
+            _pad: [0; 3],
+            identity_be: identity.to_be(),
+            proto,
+            _pad2: 0,
+            port_be,
+        },
+    );
+    if let Some(v) = TWL_POL_V1.get(&key) {
+        return Some(v.rule_id);
+    }
+    key.data.identity_be = IDENTITY_ANY.to_be();
+    TWL_POL_V1.get(&key).map(|v| v.rule_id)
+}
+
+#[inline(always)]
+fn ct_key(flow: &Flow) -> CtKey {
+    CtKey {
+        saddr_be: flow.saddr,
+        daddr_be: flow.daddr,
+        sport_be: flow.sport,
+        dport_be: flow.dport,
+        proto: flow.proto,
+        scope: CT_SCOPE_POLICY,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+fn reverse(key: &CtKey) -> CtKey {
+    CtKey {
+        saddr_be: key.daddr_be,
+        daddr_be: key.saddr_be,
+        sport_be: key.dport_be,
+        dport_be: key.sport_be,
+        ..*key
+    }
+}
+
+/// Whether `key` is tracked with `flag`; if so, refreshes its timestamp and moves its state:
+/// a reply (`reply`: the packet travels against the entry's tuple) establishes the flow, a FIN
+/// from each side or a RST closes it.
+#[inline(always)]
+fn ct_seen(key: &CtKey, flag: u32, now: u64, tcp_flags: u8, reply: bool) -> bool {
+    let Some(ptr) = TWL_CT_V2.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer for the program's duration. Concurrent writers on
+    // other CPUs may interleave: a lost timestamp, flag or state step costs at most one more
+    // judgement or an earlier expiry, never a wrong allow.
+    unsafe {
+        if (*ptr).flags & flag == 0 {
+            return false;
+        }
+        // A SYN reusing the tuple of a closed flow opens a new one: judged afresh.
+        if (*ptr).state == CT_STATE_CLOSING && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            return false;
+        }
+        (*ptr).last_seen_ns = now;
+        if reply && (*ptr).state == CT_STATE_NEW {
+            (*ptr).state = CT_STATE_ESTABLISHED;
+        }
+        if tcp_flags & TCP_RST != 0 {
+            (*ptr).state = CT_STATE_CLOSING;
+        } else if tcp_flags & TCP_FIN != 0 {
+            let fin = (*ptr).tcp_fin | if reply { CT_FIN_REPLY } else { CT_FIN_ORIG };
+            (*ptr).tcp_fin = fin;
+            if fin == CT_FIN_ORIG | CT_FIN_REPLY {
+                (*ptr).state = CT_STATE_CLOSING;
+            }
+        }
+    }
+    true
+}
+
+/// Records that `flag`'s side passed the flow `key`: a new entry, or the flag added to the
+/// entry the other side of a node-local flow made.
+#[inline(always)]
+fn ct_record(key: &CtKey, flag: u32, now: u64) -> Result<(), Reason> {
+    // The tuple itself as the "translation": untranslated, so the collector's counterpart of
+    // the entry is simply the reversed tuple.
+    let value = CtValue {
+        new_saddr_be: key.saddr_be,
+        new_daddr_be: key.daddr_be,
+        new_sport_be: key.sport_be,
+        new_dport_be: key.dport_be,
+        svc_id: 0,
+        flags: flag,
+        state: CT_STATE_NEW,
+        tcp_fin: 0,
+        _pad: [0; 2],
+        last_seen_ns: now,
+    };
+    if TWL_CT_V2.insert(key, value, BPF_NOEXIST).is_ok() {
+        return Ok(());
+    }
+    if let Some(ptr) = TWL_CT_V2.get_ptr_mut(key) {
+        // SAFETY: as in ct_seen.
+        unsafe {
+            if (*ptr).state == CT_STATE_CLOSING {
+                // A new flow on a closed flow's tuple: the other side's pass was for the old one.
+                *ptr = value;
+            } else {
+                (*ptr).flags |= flag;
+                (*ptr).last_seen_ns = now;
+            }
+        }
+        return Ok(());
+    }
+    // Neither created nor found: the table could not take the flow. Its replies would be
+    // dropped later, so it is dropped now, visibly.
+    Err(Reason::PolicyCtFull)
+}
