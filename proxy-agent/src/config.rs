@@ -196,6 +196,13 @@ pub enum DebugCommand {
         #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp"])]
         proto: String,
     },
+    /// What the node-local DNS responder answers for NAME, from the table it serves.
+    Dns {
+        name: String,
+        /// The question type (A, SRV, PTR, CNAME, TXT, ...).
+        #[arg(long = "type", default_value = "A")]
+        qtype: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

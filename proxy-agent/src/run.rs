@@ -552,6 +552,7 @@ async fn start_servers(
     health: &Arc<Health>,
     metrics: &Arc<Metrics>,
     published: &Arc<RwLock<Published>>,
+    dns: &Arc<crate::dns::DnsResponder>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
     let mut servers = Vec::new();
     if let Some(addr) = cfg.healthz_bind_address {
@@ -581,6 +582,7 @@ async fn start_servers(
     })?;
     let api_state = ApiState {
         published: published.clone(),
+        dns: Some(dns.clone()),
         kernel: Arc::new(PinnedKernelView {
             bpffs_dir: cfg.bpffs_dir.clone(),
         }),
@@ -663,16 +665,17 @@ async fn start_sources(
     })
 }
 
-/// Starts the DNS responder when `--dns-bind-address` is set and hands it to the syncer.
+/// Hands the DNS table's publisher to the syncer (`debug dns` answers from it even with DNS
+/// off) and starts the responder when `--dns-bind-address` is set.
 async fn start_dns<M: LbMaps + VerdictStats>(
     agent: &mut Syncer<M>,
+    responder: Arc<crate::dns::DnsResponder>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let Some(addr) = agent.cfg.dns_bind_address else {
-        return Vec::new();
-    };
-    let responder = crate::dns::DnsResponder::new(agent.cfg.dns_ttl, agent.metrics.clone());
     agent.set_dns(responder.clone());
-    crate::dns::start(responder, addr).await
+    match agent.cfg.dns_bind_address {
+        Some(addr) => crate::dns::start(responder, addr).await,
+        None => Vec::new(),
+    }
 }
 
 fn log_start(cfg: &Config, cgroup: &std::path::Path) {
@@ -714,7 +717,8 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let health = Health::new(stores.clone(), cfg.sync_period * 2);
     let published: Arc<RwLock<Published>> = Arc::default();
-    let mut tasks = start_servers(&cfg, &health, &metrics, &published).await?;
+    let dns = crate::dns::DnsResponder::new(cfg.dns_ttl, metrics.clone());
+    let mut tasks = start_servers(&cfg, &health, &metrics, &published, &dns).await?;
     let (mut datapath, reconciler, pol) = start_datapath(&cfg, &cgroup)?;
     let mut network = NodeNetwork::new(&cfg).map_err(RunError::Network)?;
     // Pod veths are watched before the sources start: a pod created meanwhile is an event.
@@ -723,7 +727,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
     let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
     agent.set_host_netns_cookie(host_netns_cookie());
-    tasks.extend(start_dns(&mut agent).await);
+    tasks.extend(start_dns(&mut agent, dns).await);
 
     let synced = tokio::select! {
         s = stores.wait_synced(FIRST_SYNC_TIMEOUT) => Some(s),

@@ -132,6 +132,18 @@ fn should_provide_dns_for_services() -> Result<()> {
     )?;
     // A name that exists, without records of the type: NODATA.
     wait_answer(&client, &dns, web, "AAAA", &[NOERROR])?;
+    // `debug dns` answers from the table the responder serves.
+    let out = lab
+        .node(0)
+        .debug(&["dns", "hl.default.svc.cluster.local"])?;
+    ensure!(
+        out.trim() == "answer\nA 10.244.0.21\nA 10.244.0.22",
+        "debug dns: {out:?}"
+    );
+    let out = lab
+        .node(0)
+        .debug(&["dns", "nope.default.svc.cluster.local"])?;
+    ensure!(out.trim() == "NXDOMAIN", "debug dns: {out:?}");
     Ok(())
 }
 

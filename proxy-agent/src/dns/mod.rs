@@ -78,6 +78,28 @@ impl DnsResponder {
             .clone()
     }
 
+    /// What the table answers for `name` and `qtype` (a type name like `A` or `SRV`): the
+    /// `debug dns` view, from the same table the responder serves.
+    pub fn debug(&self, name: &str, qtype: &str) -> DebugAnswer {
+        let t = qtype.parse::<RecordType>().map_or(QType::Other, qtype_of);
+        let Some(table) = self.table() else {
+            return DebugAnswer {
+                result: "not synced yet",
+                records: Vec::new(),
+            };
+        };
+        let (result, records) = match table.lookup(name, t) {
+            Lookup::Answer(r) => ("answer", r),
+            Lookup::NoData => ("NODATA", Vec::new()),
+            Lookup::NxDomain => ("NXDOMAIN", Vec::new()),
+            Lookup::OutOfZone => ("out of zone (REFUSED)", Vec::new()),
+        };
+        DebugAnswer {
+            result,
+            records: records.iter().map(describe).collect(),
+        }
+    }
+
     /// The answer to one DNS message, encoded; `None` when the packet is dropped.
     pub fn answer(&self, packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
         let Ok(req) = Message::from_vec(packet) else {
@@ -170,6 +192,29 @@ impl DnsResponder {
             RData::Txt(t) => WireData::TXT(TXT::new(vec![t.clone()])),
         };
         Some(Record::from_rdata(q.name().clone(), self.ttl, data))
+    }
+}
+
+/// `debug dns`'s answer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DebugAnswer {
+    pub result: &'static str,
+    /// One `<type> <data>` line per record, in zone-file order.
+    pub records: Vec<String>,
+}
+
+fn describe(r: &RData) -> String {
+    match r {
+        RData::A(ip) => format!("A {ip}"),
+        RData::Cname(n) => format!("CNAME {n}."),
+        RData::Ptr(n) => format!("PTR {n}."),
+        RData::Srv {
+            priority,
+            weight,
+            port,
+            target,
+        } => format!("SRV {priority} {weight} {port} {target}."),
+        RData::Txt(t) => format!("TXT {t:?}"),
     }
 }
 
