@@ -5,9 +5,11 @@
 //!
 //! - [`compile`]: Services, EndpointSlices and Nodes → `LbState` (the service maps' contents).
 //! - [`policy`]: Pods, Namespaces and NetworkPolicies → `PolicyState` (the policy maps' contents).
+//! - [`dns`]: the same Services and EndpointSlices → the cluster's DNS names.
 //! - [`reconcile`]: `LbState` → kernel maps through [`lbmap::LbMaps`].
 //! - [`routing`]: the route plan and the masquerade ruleset.
 pub mod compile;
+pub mod dns;
 pub mod lbmap;
 pub mod policy;
 pub mod reconcile;

@@ -392,6 +392,8 @@ fn err_chain(e: &dyn std::error::Error) -> String {
 pub struct ApiState {
     pub published: Arc<RwLock<Published>>,
     pub kernel: Arc<dyn KernelView>,
+    /// The DNS table's publisher (`/v1/dns`); `None` in tests without one.
+    pub dns: Option<Arc<crate::dns::DnsResponder>>,
 }
 
 impl ApiState {
@@ -432,6 +434,14 @@ impl ApiState {
                 }
             }
             "/v1/explain" => explain(&self.published(), &req.query),
+            "/v1/dns" => match (&self.dns, query_value(&req.query, "name")) {
+                (_, None) => Response::text(400, "dns needs name=\n"),
+                (None, _) => Response::not_found(),
+                (Some(dns), Some(name)) => {
+                    let qtype = query_value(&req.query, "type").unwrap_or("A");
+                    Response::json(200, &dns.debug(name, qtype))
+                }
+            },
             "/v1/maps" => {
                 let p = self.published();
                 if req.query.split('&').any(|q| q == "format=json") {
@@ -743,6 +753,7 @@ mod tests {
         let state = ApiState {
             published: Arc::default(),
             kernel: Arc::new(NoKernel),
+            dns: None,
         };
         let task = tokio::spawn(serve_unix(bind(&sock).unwrap(), state));
         let (status, body) = get(&sock, "/v1/services").await.unwrap();

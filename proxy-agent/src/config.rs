@@ -139,6 +139,17 @@ pub struct RunArgs {
     /// rejected whole and reported, so one object cannot fill the map [default: 1024].
     #[arg(long, value_name = "N")]
     pub max_frontends_per_service: Option<usize>,
+    /// The node-local DNS responder's UDP and TCP address [default: 169.254.20.10:53, the
+    /// NodeLocal DNSCache convention]; empty disables it. An address not configured on the node
+    /// is logged and DNS stays off; everything else keeps running.
+    #[arg(long, value_name = "ADDR")]
+    pub dns_bind_address: Option<String>,
+    /// The cluster's DNS zone [default: cluster.local].
+    #[arg(long, value_name = "DOMAIN")]
+    pub cluster_domain: Option<String>,
+    /// TTL in seconds of the cluster's DNS records [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub dns_ttl: Option<u32>,
 }
 
 /// `twill-agent debug …`
@@ -185,6 +196,13 @@ pub enum DebugCommand {
         #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp"])]
         proto: String,
     },
+    /// What the node-local DNS responder answers for NAME, from the table it serves.
+    Dns {
+        name: String,
+        /// The question type (A, SRV, PTR, CNAME, TXT, ...).
+        #[arg(long = "type", default_value = "A")]
+        qtype: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -210,6 +228,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/twill";
 pub const DEFAULT_API_SOCKET: &str = "/run/twill/agent.sock";
 pub const DEFAULT_HEALTHZ: &str = "0.0.0.0:10256";
 pub const DEFAULT_METRICS: &str = "127.0.0.1:10249";
+/// NodeLocal DNSCache's link-local address: pods' resolv.conf can name it on every node.
+pub const DEFAULT_DNS: &str = "169.254.20.10:53";
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_DNS_TTL: u32 = 30;
 pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
 /// Name of the CNI config file the agent owns.
@@ -250,6 +272,9 @@ pub struct FileConfig {
     pub non_masquerade_cidrs: Option<Vec<String>>,
     pub masquerade: Option<bool>,
     pub max_frontends_per_service: Option<usize>,
+    pub dns_bind_address: Option<String>,
+    pub cluster_domain: Option<String>,
+    pub dns_ttl: Option<u32>,
 }
 
 /// Where Services/EndpointSlices/Nodes come from.
@@ -289,6 +314,11 @@ pub struct Config {
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
     pub masquerade: bool,
     pub max_frontends_per_service: usize,
+    /// `None`: no DNS responder.
+    pub dns_bind_address: Option<SocketAddr>,
+    /// Lower case, without the trailing dot.
+    pub cluster_domain: String,
+    pub dns_ttl: u32,
 }
 
 /// A configuration the agent cannot run with.
@@ -326,6 +356,8 @@ pub enum ConfigError {
     MapSize { flag: &'static str, value: u32 },
     #[error("--max-frontends-per-service must be at least 1")]
     MaxFrontends,
+    #[error("--cluster-domain {0:?} is not a DNS name like cluster.local")]
+    ClusterDomain(String),
     #[error("--{flag} {value:?} is not an IPv4 CIDR like 10.244.0.0/16")]
     Cidr { flag: &'static str, value: String },
 }
@@ -383,6 +415,12 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
         .unwrap_or_else(|| DEFAULT_HEALTHZ.into());
     let metrics = pick(flags.metrics_bind_address, file.metrics_bind_address)
         .unwrap_or_else(|| DEFAULT_METRICS.into());
+    let dns =
+        pick(flags.dns_bind_address, file.dns_bind_address).unwrap_or_else(|| DEFAULT_DNS.into());
+    let cluster_domain = parse_domain(
+        &pick(flags.cluster_domain, file.cluster_domain)
+            .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.into()),
+    )?;
     let nodeport_range = pick(flags.nodeport_range, file.nodeport_range)
         .map_or(Ok((30000, 32767)), |r| parse_port_range(&r))?;
     let cni_mtu = pick(flags.cni_mtu, file.cni_mtu).unwrap_or(DEFAULT_MTU);
@@ -433,6 +471,9 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
         )?,
         masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
         max_frontends_per_service,
+        dns_bind_address: parse_bind("dns-bind-address", &dns)?,
+        cluster_domain,
+        dns_ttl: pick(flags.dns_ttl, file.dns_ttl).unwrap_or(DEFAULT_DNS_TTL),
     })
 }
 
@@ -495,6 +536,26 @@ fn map_sizes(flags: &RunArgs, file: &FileConfig) -> Result<MapSizes, ConfigError
         )?,
         ..defaults
     })
+}
+
+/// A DNS zone: dot-separated labels of letters, digits and hyphens (RFC 1123), lower-cased,
+/// without the trailing dot.
+fn parse_domain(value: &str) -> Result<String, ConfigError> {
+    let d = value.trim().trim_end_matches('.').to_ascii_lowercase();
+    let ok = !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if ok {
+        Ok(d)
+    } else {
+        Err(ConfigError::ClusterDomain(value.to_owned()))
+    }
 }
 
 fn map_size(flag: &'static str, value: Option<u32>, default: u32) -> Result<u32, ConfigError> {

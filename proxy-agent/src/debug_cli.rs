@@ -39,6 +39,7 @@ fn path_of(what: &DebugCommand, output: OutputFormat) -> String {
             }
             path
         }
+        (DebugCommand::Dns { name, qtype }, _) => format!("/v1/dns?name={name}&type={qtype}"),
         (DebugCommand::Explain { from, to, proto }, output) => {
             let mut path = format!("/v1/explain?from={from}&to={to}&proto={proto}");
             if output == OutputFormat::Table {
@@ -98,6 +99,15 @@ pub fn render(
         DebugCommand::Drops => Ok(drops_table(
             &serde_json::from_slice::<Vec<DropRow>>(body).map_err(DebugError::Decode)?,
         )),
+        DebugCommand::Dns { .. } => {
+            let a: Value = serde_json::from_slice(body).map_err(DebugError::Decode)?;
+            let mut out = format!("{}\n", a["result"].as_str().unwrap_or_default());
+            for r in a["records"].as_array().into_iter().flatten() {
+                out.push_str(r.as_str().unwrap_or_default());
+                out.push('\n');
+            }
+            Ok(out)
+        }
         DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. } => {
             unreachable!("handled above")
         }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod ctgc;
 pub mod datapath;
 pub mod debug_cli;
+pub mod dns;
 pub mod health;
 pub mod metrics;
 pub mod node_net;

@@ -41,6 +41,9 @@ pub struct Metrics {
     /// Entries of the connection-tracking table at the last collection.
     pub conntrack_entries: Gauge,
     conntrack_collected: Family<Labels, Counter>,
+    dns_queries: Family<Labels, Counter>,
+    /// DNS packets dropped without an answer (not a DNS query, or not one that parses).
+    pub dns_dropped: Counter,
     /// Services the compiler programmed that the maps have no room for.
     pub unprogrammed_services: Gauge,
     /// Last absolute kernel counter per verdict: the kernel's counters are absolute, Prometheus
@@ -65,6 +68,23 @@ fn register_conntrack(registry: &mut Registry) -> (Gauge, Family<Labels, Counter
         collected.clone(),
     );
     (entries, collected)
+}
+
+/// The DNS responder's metrics.
+fn register_dns(registry: &mut Registry) -> (Family<Labels, Counter>, Counter) {
+    let queries = Family::<Labels, Counter>::default();
+    registry.register(
+        "twill_dns_queries",
+        "DNS queries answered, by question type, response code and transport",
+        queries.clone(),
+    );
+    let dropped = Counter::default();
+    registry.register(
+        "twill_dns_dropped",
+        "DNS packets dropped without an answer (malformed, or not a query)",
+        dropped.clone(),
+    );
+    (queries, dropped)
 }
 
 /// Buckets of kube-proxy's sync histogram (exponential from 1 ms).
@@ -165,6 +185,7 @@ impl Metrics {
         );
         let policy = crate::policy::PolicyMetrics::register(&mut registry);
         let (conntrack_entries, conntrack_collected) = register_conntrack(&mut registry);
+        let (dns_queries, dns_dropped) = register_dns(&mut registry);
         let unprogrammed_services = Gauge::default();
         registry.register(
             "twill_unprogrammed_services",
@@ -176,6 +197,8 @@ impl Metrics {
             registry: Mutex::new(registry),
             conntrack_entries,
             conntrack_collected,
+            dns_queries,
+            dns_dropped,
             sync_duration,
             programming_duration,
             services,
@@ -237,6 +260,16 @@ impl Metrics {
         self.conntrack_collected
             .get_or_create(&labels(&[("reason", reason)]))
             .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
+    pub fn dns_query(&self, qtype: &str, rcode: &str, transport: &str) {
+        self.dns_queries
+            .get_or_create(&labels(&[
+                ("type", qtype),
+                ("rcode", rcode),
+                ("transport", transport),
+            ]))
+            .inc();
     }
 
     pub fn source_error(&self, kind: &str) {

@@ -145,6 +145,10 @@ pub struct Syncer<M: LbMaps> {
     /// Services with frontends a full map had no room for at the last apply (reported as
     /// rejections in the debug dump, counted in `twill_unprogrammed_services`).
     unprogrammed: Vec<crate::compile::Rejection>,
+    /// The cluster's DNS names, fed the same Service groups as the compiler.
+    dns_table: twill_core::dns::DnsTable,
+    /// Where each sync's names are published, when DNS is on.
+    dns: Option<Arc<crate::dns::DnsResponder>>,
 }
 
 impl<M: LbMaps + VerdictStats> Syncer<M> {
@@ -157,6 +161,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         published: Arc<RwLock<Published>>,
         reconciler: Reconciler<M>,
     ) -> Self {
+        let cfg_domain = cfg.cluster_domain.clone();
         Self {
             compile_cfg: compile_config(&cfg),
             hc_servers: HealthCheckServers::new(health.clone(), Ipv4Addr::UNSPECIFIED),
@@ -173,7 +178,36 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             failures: 0,
             logged_rejections: std::collections::BTreeSet::new(),
             unprogrammed: Vec::new(),
+            dns_table: twill_core::dns::DnsTable::new(&cfg_domain),
+            dns: None,
         }
+    }
+
+    /// The Service groups changed since the last sync (all of them the first time), which the
+    /// DNS table takes in before the compiler does.
+    fn take_changes(&mut self) -> crate::source::StoreChanges {
+        let dirty = self.stores.take_changes(!self.loaded);
+        self.update_dns(&dirty.groups, !self.loaded);
+        self.loaded = true;
+        dirty
+    }
+
+    /// Feeds the changed groups to the DNS table and publishes a copy when it changed (and
+    /// after the first sync, even of an empty cluster: until then the responder says SERVFAIL).
+    /// The names follow the very groups the compiler reads, so DNS answers what the datapath
+    /// serves after this sync; the responder swaps the whole table in at once.
+    fn update_dns(&mut self, groups: &[crate::compile::ServiceGroup], first: bool) {
+        self.dns_table.update(groups);
+        if (first || !groups.is_empty())
+            && let Some(dns) = &self.dns
+        {
+            dns.publish(Arc::new(self.dns_table.clone()));
+        }
+    }
+
+    /// Publishes the cluster's names to `responder` after every sync.
+    pub fn set_dns(&mut self, responder: Arc<crate::dns::DnsResponder>) {
+        self.dns = Some(responder);
     }
 
     /// The node's own network namespace (where the agent runs), written into the datapath config
@@ -208,8 +242,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
     pub fn sync(&mut self) -> bool {
         let started = Instant::now();
         let pending_since = self.stores.pending_since();
-        let dirty = self.stores.take_changes(!self.loaded);
-        self.loaded = true;
+        let dirty = self.take_changes();
         let generation = dirty.generation;
         let node = self.stores.node(&self.cfg.node_name);
         self.compile_cfg.pod_cidrs = node
@@ -519,6 +552,7 @@ async fn start_servers(
     health: &Arc<Health>,
     metrics: &Arc<Metrics>,
     published: &Arc<RwLock<Published>>,
+    dns: &Arc<crate::dns::DnsResponder>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
     let mut servers = Vec::new();
     if let Some(addr) = cfg.healthz_bind_address {
@@ -548,6 +582,7 @@ async fn start_servers(
     })?;
     let api_state = ApiState {
         published: published.clone(),
+        dns: Some(dns.clone()),
         kernel: Arc::new(PinnedKernelView {
             bpffs_dir: cfg.bpffs_dir.clone(),
         }),
@@ -630,6 +665,19 @@ async fn start_sources(
     })
 }
 
+/// Hands the DNS table's publisher to the syncer (`debug dns` answers from it even with DNS
+/// off) and starts the responder when `--dns-bind-address` is set.
+async fn start_dns<M: LbMaps + VerdictStats>(
+    agent: &mut Syncer<M>,
+    responder: Arc<crate::dns::DnsResponder>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    agent.set_dns(responder.clone());
+    match agent.cfg.dns_bind_address {
+        Some(addr) => crate::dns::start(responder, addr).await,
+        None => Vec::new(),
+    }
+}
+
 fn log_start(cfg: &Config, cgroup: &std::path::Path) {
     log::info!(
         "twill-agent {} on node {}: cgroup {}, bpffs {}",
@@ -669,7 +717,8 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let health = Health::new(stores.clone(), cfg.sync_period * 2);
     let published: Arc<RwLock<Published>> = Arc::default();
-    let mut tasks = start_servers(&cfg, &health, &metrics, &published).await?;
+    let dns = crate::dns::DnsResponder::new(cfg.dns_ttl, metrics.clone());
+    let mut tasks = start_servers(&cfg, &health, &metrics, &published, &dns).await?;
     let (mut datapath, reconciler, pol) = start_datapath(&cfg, &cgroup)?;
     let mut network = NodeNetwork::new(&cfg).map_err(RunError::Network)?;
     // Pod veths are watched before the sources start: a pod created meanwhile is an event.
@@ -678,6 +727,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     tasks.extend(start_sources(&cfg, &stores, &metrics).await?);
     let mut agent = Syncer::new(cfg, stores.clone(), metrics, health, published, reconciler);
     agent.set_host_netns_cookie(host_netns_cookie());
+    tasks.extend(start_dns(&mut agent, dns).await);
 
     let synced = tokio::select! {
         s = stores.wait_synced(FIRST_SYNC_TIMEOUT) => Some(s),

@@ -118,6 +118,9 @@ pub fn special_address(ip: Ipv4Addr) -> Option<&'static str> {
 pub struct ServiceInput {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
+    /// What the cluster's DNS serves of it (also for the Services the datapath leaves alone:
+    /// headless and ExternalName ones exist only in DNS).
+    pub dns: crate::dns::DnsService,
     /// Outcome of every config-free check: `Ok(None)` when every port is SCTP.
     outcome: Result<Option<ParsedService>, RejectReason>,
     /// Index of the first SCTP port skipped before `outcome` was decided.
@@ -144,6 +147,9 @@ pub struct ParsedSlice {
     /// (name, port, protocol); the name is "" for an unnamed port, as on the Service.
     pub ports: Vec<(Arc<str>, u16, u8)>,
     pub endpoints: Vec<ParsedEndpoint>,
+    /// `(index in endpoints, hostname)` of the endpoints with a hostname, by index: names under
+    /// a headless Service in DNS (sparse, since most endpoints have none).
+    pub hostnames: Vec<(u32, Arc<str>)>,
 }
 
 /// An `EndpointSlice` as the stores keep it (checked once when it arrives).
@@ -224,6 +230,7 @@ impl ServiceInput {
         Self {
             namespace: interner.intern(namespace),
             name: name.into(),
+            dns: crate::dns::DnsService::parse(svc),
             outcome,
             first_sctp,
             node_ports,
@@ -636,7 +643,13 @@ fn slice_inner(
         ));
     }
     let mut endpoints = Vec::with_capacity(raw_eps.len());
-    for ep in raw_eps {
+    let mut hostnames = Vec::new();
+    for (i, ep) in raw_eps.iter().enumerate() {
+        if let Some(h) = ep.hostname.as_deref().filter(|h| !h.is_empty())
+            && let Ok(i) = u32::try_from(i)
+        {
+            hostnames.push((i, Arc::from(h)));
+        }
         // Consumers use the first address; the others are duplicates by API contract.
         let raw = ep
             .addresses
@@ -660,7 +673,11 @@ fn slice_inner(
                 .map(|n| interner.intern(n)),
         });
     }
-    Ok(ParsedSlice { ports, endpoints })
+    Ok(ParsedSlice {
+        ports,
+        endpoints,
+        hostnames,
+    })
 }
 
 /// The IPv4 addresses `NodePort` answers on: the configured ones, else this Node's `InternalIP` and

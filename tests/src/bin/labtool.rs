@@ -22,6 +22,11 @@
 //!                                                    D ms (≤ 60 s), idle or (--slow) sending a
 //!                                                    request head one byte per 200 ms; prints
 //!                                                    opened=.. failed=.. closed_by_server=..
+//! labtool dns --to IP:PORT --name NAME [--type A|AAAA|CNAME|SRV|PTR|TXT] [--tcp] [--timeout-ms T]
+//!                                                    one DNS question (hickory-proto wire
+//!                                                    format); prints rcode=.. then one line per
+//!                                                    answer record: `<type> <data>`
+//! labtool dns --to IP:PORT --garbage                 sends malformed DNS datagrams, no wait
 //! ```
 //! The socket's family follows `--to`: `[::ffff:10.96.0.10]:80` (or `10.96.0.10:80` with
 //! `--ipv6-mapped`) makes an AF_INET6 socket talking to an IPv4-mapped address, as the JVM and
@@ -82,6 +87,7 @@ fn main() -> ExitCode {
         "probe" => probe(&args),
         "netns-cookie" => netns_cookie(),
         "flood" => flood(&args),
+        "dns" => dns(&args),
         other => Err(format!("unknown command {other}")),
     };
     match result {
@@ -498,5 +504,86 @@ fn flood(args: &Args) -> Result<ExitCode, String> {
         std::thread::sleep(Duration::from_millis(200));
     }
     println!("opened={opened} failed={failed} closed_by_server={closed_by_server}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One DNS question to `--to`, over UDP or (`--tcp`) TCP, or (`--garbage`) malformed datagrams.
+fn dns(args: &Args) -> Result<ExitCode, String> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let to = args.addr()?;
+    let timeout = Duration::from_millis(args.num("--timeout-ms", 2000)?);
+    if args.flag("--garbage") {
+        let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("udp bind: {e}"))?;
+        // Shorter than a header, a header promising a question that is not there, and a
+        // datagram of noise larger than any DNS message without EDNS.
+        let noise: Vec<u8> = (0..1500u32)
+            .map(|i| i.wrapping_mul(2_654_435_761).to_be_bytes()[1])
+            .collect();
+        for pkt in [
+            &[0x12u8, 0x34, 0x01][..],
+            &[0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0][..],
+            &noise,
+        ] {
+            sock.send_to(pkt, to).map_err(|e| format!("send: {e}"))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let name = args.value("--name").ok_or("--name NAME is required")?;
+    let qtype: RecordType = args
+        .value("--type")
+        .unwrap_or("A")
+        .parse()
+        .map_err(|e| format!("--type: {e}"))?;
+    let mut q = Message::query();
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(
+        Name::from_ascii(name).map_err(|e| format!("--name {name}: {e}"))?,
+        qtype,
+    ));
+    let bytes = q.to_vec().map_err(|e| format!("encode: {e}"))?;
+    let reply = if args.flag("--tcp") {
+        let mut s =
+            TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let len = u16::try_from(bytes.len()).map_err(|e| e.to_string())?;
+        s.write_all(&len.to_be_bytes())
+            .and_then(|()| s.write_all(&bytes))
+            .map_err(|e| format!("send: {e}"))?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).map_err(|e| format!("read: {e}"))?;
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
+        buf
+    } else {
+        let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("udp bind: {e}"))?;
+        sock.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        sock.send_to(&bytes, to).map_err(|e| format!("send: {e}"))?;
+        let mut buf = vec![0u8; 65_535];
+        match sock.recv_from(&mut buf) {
+            Ok((n, _)) => buf.truncate(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                println!("timeout");
+                return Ok(ExitCode::from(3));
+            }
+            Err(e) => return Err(format!("recv: {e}")),
+        }
+        buf
+    };
+    let m = Message::from_vec(&reply).map_err(|e| format!("decode: {e}"))?;
+    if m.metadata.id != q.metadata.id {
+        return Err("reply to another question".into());
+    }
+    println!("rcode={}", u16::from(m.metadata.response_code));
+    for r in &m.answers {
+        println!("{} {}", r.record_type(), r.data);
+    }
     Ok(ExitCode::SUCCESS)
 }
