@@ -372,7 +372,29 @@ pub struct FaultPlan {
     pub dump: bool,
 }
 
+/// What a fault injector does with write operation number `n` to `map`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultDecision {
+    Pass,
+    /// Fail as `MapError::Injected`.
+    Inject,
+    /// Fail as `MapError::Full` (a rule matching by map with `as_full`).
+    Full,
+}
+
 impl FaultPlan {
+    /// The one decision every fault injector (service maps, policy maps) makes per operation.
+    pub fn decide(&self, n: u64, map: MapKind) -> FaultDecision {
+        let by_map = self.maps.contains(&map);
+        if !(by_map || self.nth.contains(&n) || self.after.is_some_and(|k| n >= k)) {
+            FaultDecision::Pass
+        } else if by_map && self.as_full {
+            FaultDecision::Full
+        } else {
+            FaultDecision::Inject
+        }
+    }
+
     /// No faults: the wrapper passes everything through.
     pub fn none() -> Self {
         Self::default()
@@ -436,13 +458,12 @@ impl<M: LbMaps> FaultyLbMaps<M> {
     fn gate(&mut self, map: MapKind, op: &'static str) -> Result<(), MapError> {
         let n = self.ops;
         self.ops += 1;
-        let by_map = self.plan.maps.contains(&map);
-        let fail = by_map || self.plan.nth.contains(&n) || self.plan.after.is_some_and(|k| n >= k);
-        if !fail {
+        let decision = self.plan.decide(n, map);
+        if decision == FaultDecision::Pass {
             return Ok(());
         }
         self.injected += 1;
-        if by_map && self.plan.as_full {
+        if decision == FaultDecision::Full {
             // The capacity is unknown to the wrapper; report what the inner map holds.
             let capacity = self.inner.dump().map_or(0, |s| match map {
                 MapKind::Services => s.services.len(),

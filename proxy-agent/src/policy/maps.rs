@@ -6,7 +6,7 @@ use twill_common::{IpCacheKey, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVe
 use twill_core::policy::LpmKey;
 
 use super::PolicyEntries;
-use crate::lbmap::{FaultPlan, MapError, MapKind};
+use crate::lbmap::{FaultDecision, FaultPlan, MapError, MapKind};
 
 /// Writes to and reads from the three policy maps.
 pub trait PolicyMaps {
@@ -128,15 +128,17 @@ impl<M: PolicyMaps> FaultyPolicyMaps<M> {
     fn gate(&mut self, map: MapKind, op: &'static str) -> Result<(), MapError> {
         let n = self.ops;
         self.ops += 1;
-        let by_map = self.plan.maps.contains(&map);
-        if !(by_map || self.plan.nth.contains(&n) || self.plan.after.is_some_and(|k| n >= k)) {
-            return Ok(());
+        match self.plan.decide(n, map) {
+            FaultDecision::Pass => Ok(()),
+            FaultDecision::Full => {
+                self.injected += 1;
+                Err(MapError::Full { map, capacity: 0 })
+            }
+            FaultDecision::Inject => {
+                self.injected += 1;
+                Err(MapError::Injected { map, op })
+            }
         }
-        self.injected += 1;
-        if by_map && self.plan.as_full {
-            return Err(MapError::Full { map, capacity: 0 });
-        }
-        Err(MapError::Injected { map, op })
     }
 }
 
