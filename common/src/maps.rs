@@ -308,6 +308,21 @@ impl CtKey {
             _pad: [0; 2],
         }
     }
+
+    /// The same flow seen from the other side: addresses and ports swapped (the counterpart of
+    /// an entry that translates nothing).
+    #[must_use]
+    pub const fn reversed(&self) -> CtKey {
+        CtKey {
+            saddr_be: self.daddr_be,
+            daddr_be: self.saddr_be,
+            sport_be: self.dport_be,
+            dport_be: self.sport_be,
+            proto: self.proto,
+            scope: self.scope,
+            _pad: [0; 2],
+        }
+    }
 }
 
 /// Data of the `LB_SRC_RANGES` LPM-trie key (after the trie's `prefix_len`): the Service's
