@@ -481,7 +481,17 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
     }
 
     fn write_cni_conf(&mut self, node: &k8s_openapi::api::core::v1::Node) {
-        let cidrs = crate::cniconf::pod_cidrs(node);
+        let mut cidrs = crate::cniconf::pod_cidrs_all(node);
+        if self.cni_mtu < twill_cni::config::IPV6_MIN_MTU
+            && cidrs.iter().any(ipnetwork::IpNetwork::is_ipv6)
+        {
+            // twill-cni refuses the whole config otherwise: keep IPv4 pods working.
+            log::error!(
+                "pod MTU {} is below IPv6's minimum of 1280: IPv6 pod CIDRs left out of the CNI config",
+                self.cni_mtu
+            );
+            cidrs.retain(ipnetwork::IpNetwork::is_ipv4);
+        }
         if cidrs.is_empty() {
             return;
         }
