@@ -55,6 +55,13 @@ pub const ALL_MAPS: &[&str] = &[
     MAP_FRAGS,
 ];
 
+/// Maps the kernel object must also define but each agent makes afresh, never pinned: the
+/// denied-flow event stream is read by the agent that made it.
+pub const UNPINNED_MAPS: &[&str] = &[
+    crate::policy::MAP_POLICY_EVENTS,
+    crate::policy::MAP_POLICY_EVENT_BUDGET,
+];
+
 /// Pinned map names of earlier layouts, which no program uses any more: `uninstall` removes
 /// them too, so an upgraded node keeps no stale pin.
 pub const RETIRED_MAPS: &[&str] = &["TWL_CFG_V1", "TWL_CT_V1"];

@@ -553,6 +553,7 @@ async fn start_servers(
     metrics: &Arc<Metrics>,
     published: &Arc<RwLock<Published>>,
     dns: &Arc<crate::dns::DnsResponder>,
+    monitor: &Arc<crate::policy::monitor::MonitorHub>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
     let mut servers = Vec::new();
     if let Some(addr) = cfg.healthz_bind_address {
@@ -583,6 +584,7 @@ async fn start_servers(
     let api_state = ApiState {
         published: published.clone(),
         dns: Some(dns.clone()),
+        monitor: Some(monitor.clone()),
         kernel: Arc::new(PinnedKernelView {
             bpffs_dir: cfg.bpffs_dir.clone(),
         }),
@@ -718,8 +720,17 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let health = Health::new(stores.clone(), cfg.sync_period * 2);
     let published: Arc<RwLock<Published>> = Arc::default();
     let dns = crate::dns::DnsResponder::new(cfg.dns_ttl, metrics.clone());
-    let mut tasks = start_servers(&cfg, &health, &metrics, &published, &dns).await?;
+    let monitor = Arc::new(crate::policy::monitor::MonitorHub::default());
+    let mut tasks = start_servers(&cfg, &health, &metrics, &published, &dns, &monitor).await?;
     let (mut datapath, reconciler, pol) = start_datapath(&cfg, &cgroup)?;
+    let (ring, budget) = datapath.monitor_maps()?;
+    tasks.push(tokio::spawn(crate::policy::monitor::read_events(
+        ring,
+        budget,
+        monitor,
+        published.clone(),
+        metrics.clone(),
+    )));
     let mut network = NodeNetwork::new(&cfg).map_err(RunError::Network)?;
     // Pod veths are watched before the sources start: a pod created meanwhile is an event.
     let mut policy = PolicyTask::start(&cfg, pol, &mut datapath, &metrics, &published).await?;
