@@ -6,13 +6,7 @@
 //!  POLICY  (LPM)     (ep_id, direction, identity, proto, port prefix) ──► PolicyVerdict
 //! ```
 
-pub const MAP_POLICY_ENDPOINTS: &str = "TWL_PEP_V1";
-pub const MAP_IPCACHE: &str = "TWL_IPC_V1";
-pub const MAP_POLICY: &str = "TWL_POL_V1";
-
-pub const DEFAULT_POLICY_ENDPOINTS_MAX: u32 = 4_096;
-pub const DEFAULT_IPCACHE_MAX: u32 = 131_072;
-pub const DEFAULT_POLICY_MAX: u32 = 262_144;
+// Names, kernel types and sizes of these maps: `crate::catalogue`.
 
 /// `PolicyEndpoint::flags`: the pod is selected by a policy with `Ingress` in its policyTypes,
 /// so only allowed connections may reach it.
@@ -117,6 +111,9 @@ pub const CT_F_POLICY_INGRESS: u32 = 1 << 17;
 pub const MAP_POLICY_EVENTS: &str = "TWL_PEV_V1";
 /// Per-CPU [`EventBudget`] (one entry).
 pub const MAP_POLICY_EVENT_BUDGET: &str = "TWL_PEVB_V1";
+/// Maps the kernel object must define besides the catalogue's (`crate::catalogue`, which are
+/// all pinned and adopted): made afresh by each agent, never pinned.
+pub const UNPINNED_MAPS: &[&str] = &[MAP_POLICY_EVENTS, MAP_POLICY_EVENT_BUDGET];
 /// Size of the ring buffer (a power of two, a multiple of the page size): 8,192 events.
 pub const POLICY_EVENTS_BYTES: u32 = 256 * 1024;
 /// Events each CPU may write per second; the rest are counted in `EventBudget::lost`.
