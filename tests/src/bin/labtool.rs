@@ -12,6 +12,9 @@
 //! labtool udp-loop --to IP:PORT --count N [--connected | --one-socket] [--interval-ms I]
 //!                                                    same JSON for UDP; a new socket per
 //!                                                    datagram unless --one-socket
+//! labtool udp-send --to IP:PORT --count N          N one-byte datagrams from one socket as
+//!                                                    fast as it can (≤ 100,000), no replies
+//!                                                    awaited; prints sent=<n>
 //! labtool http --to IP:PORT [--path P]              HTTP/1.0 GET; prints status=<code> then the body
 //! labtool probe --to IP:PORT,IP:PORT,... [--udp] [--timeout-ms T]
 //!                                                    one request to each target at once (a row
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         "udp" => udp_once(&args),
         "tcp-loop" => tcp_loop(&args),
         "udp-loop" => udp_loop(&args),
+        "udp-send" => udp_send(&args),
         "http" => http_get(&args),
         "probe" => probe(&args),
         "netns-cookie" => netns_cookie(),
@@ -384,6 +388,22 @@ fn tcp_loop(args: &Args) -> Result<ExitCode, String> {
         "{}",
         serde_json::to_string(&report).map_err(|e| e.to_string())?
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A burst of datagrams (a flood of denied packets for the monitor's rate limit, say).
+fn udp_send(args: &Args) -> Result<ExitCode, String> {
+    let to = args.addr()?;
+    let count = args.num("--count", 1)?.min(100_000);
+    let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let s = UdpSocket::bind(any).map_err(|e| e.to_string())?;
+    let mut sent = 0u64;
+    for _ in 0..count {
+        if s.send_to(b"x", to).is_ok() {
+            sent += 1;
+        }
+    }
+    println!("sent={sent}");
     Ok(ExitCode::SUCCESS)
 }
 
