@@ -162,6 +162,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         reconciler: Reconciler<M>,
     ) -> Self {
         let cfg_domain = cfg.cluster_domain.clone();
+        let dns_ttl = cfg.dns_ttl;
         Self {
             compile_cfg: compile_config(&cfg),
             hc_servers: HealthCheckServers::new(health.clone(), Ipv4Addr::UNSPECIFIED),
@@ -178,7 +179,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             failures: 0,
             logged_rejections: std::collections::BTreeSet::new(),
             unprogrammed: Vec::new(),
-            dns_table: twill_core::dns::DnsTable::new(&cfg_domain),
+            dns_table: twill_core::dns::DnsTable::new(&cfg_domain).with_negative_ttl(dns_ttl),
             dns: None,
         }
     }
@@ -490,6 +491,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             self.cni_mtu,
             &self.cfg.state_dir,
             self.cfg.cni_chain_portmap,
+            crate::cniconf::PodDns::of(self.cfg.dns_bind_address, &self.cfg.cluster_domain),
         );
         if self.cni_conf.as_ref() == Some(&content) {
             return;
@@ -673,7 +675,7 @@ async fn start_dns<M: LbMaps + VerdictStats>(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     agent.set_dns(responder.clone());
     match agent.cfg.dns_bind_address {
-        Some(addr) => crate::dns::start(responder, addr).await,
+        Some(addr) => crate::dns::start(responder, addr, &agent.cfg.dns_upstream).await,
         None => Vec::new(),
     }
 }
