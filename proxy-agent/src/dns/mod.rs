@@ -66,13 +66,24 @@ pub struct DnsResponder {
     forwarder: OnceLock<Forwarder>,
 }
 
+/// A question that waits on the upstream resolvers.
+#[derive(Debug)]
+pub struct Pending {
+    /// The client's request, decoded.
+    req: Message,
+    /// For an ExternalName: the table's answer so far (the CNAME) and the question about its
+    /// target, whose records the upstream adds (a stub resolver does not follow a CNAME itself,
+    /// so an A question must get the target's addresses in the same answer, as CoreDNS does).
+    chase: Option<(Message, &'static str, Query)>,
+}
+
 /// What the first, synchronous step of answering a packet decided.
 #[derive(Debug)]
 pub enum Handled {
     /// The encoded answer.
     Reply(Vec<u8>),
-    /// A question for the upstream resolvers (the request, decoded).
-    Forward(Box<Message>),
+    /// A question for the upstream resolvers.
+    Forward(Box<Pending>),
     /// Nothing to send.
     Drop,
 }
@@ -175,7 +186,7 @@ impl DnsResponder {
         match self.handle(packet, transport) {
             Handled::Reply(out) => Some(out),
             Handled::Drop => None,
-            Handled::Forward(req) => self.forwarded(&req, transport).await,
+            Handled::Forward(p) => self.forwarded(&p, transport).await,
         }
     }
 
@@ -192,15 +203,39 @@ impl DnsResponder {
             return Handled::Drop;
         }
         let (resp, qtype) = match self.respond(&req) {
-            Responded::Local(resp, qtype) => (resp, qtype),
-            Responded::OutOfZone => return Handled::Forward(Box::new(req)),
+            Responded::OutOfZone => {
+                return Handled::Forward(Box::new(Pending { req, chase: None }));
+            }
+            Responded::Chase(resp, qtype, target) if self.forwarder().is_some() => {
+                return Handled::Forward(Box::new(Pending {
+                    req,
+                    chase: Some((resp, qtype, target)),
+                }));
+            }
+            // Without an upstream to ask, an ExternalName gets its CNAME alone.
+            Responded::Local(resp, qtype) | Responded::Chase(resp, qtype, _) => (resp, qtype),
         };
         self.finish(&req, &resp, qtype, transport)
             .map_or(Handled::Drop, Handled::Reply)
     }
 
     /// The upstream's answer to an out-of-zone question, encoded.
-    pub async fn forwarded(&self, req: &Message, transport: Transport) -> Option<Vec<u8>> {
+    pub async fn forwarded(&self, pending: &Pending, transport: Transport) -> Option<Vec<u8>> {
+        let req = &pending.req;
+        if let Some((partial, label, target)) = &pending.chase {
+            let mut resp = partial.clone();
+            if let Some(fwd) = self.forwarder() {
+                let f = fwd.forward(target).await;
+                resp.metadata.recursion_available = true;
+                // The code of the last name in the chain (RFC 6604 §3); a failure upstream
+                // leaves the CNAME alone for the client to follow.
+                if matches!(f.rcode, ResponseCode::NoError | ResponseCode::NXDomain) {
+                    resp.metadata.response_code = f.rcode;
+                    resp.add_answers(f.answers);
+                }
+            }
+            return self.finish(req, &resp, label, transport);
+        }
         let q = req.queries.first()?;
         let mut resp = response_to(req);
         resp.add_query(q.clone());
@@ -218,7 +253,8 @@ impl DnsResponder {
     }
 
     /// SERVFAIL for a question the upstream cannot take now (too many in flight).
-    pub fn busy(&self, req: &Message) -> Option<Vec<u8>> {
+    pub fn busy(&self, pending: &Pending) -> Option<Vec<u8>> {
+        let req = &pending.req;
         let q = req.queries.first()?;
         let mut resp = response_to(req);
         resp.add_query(q.clone());
@@ -288,6 +324,20 @@ impl DnsResponder {
             Lookup::Answer(records) => {
                 resp.metadata.authoritative = true;
                 resp.add_answers(records.iter().filter_map(|r| self.record(q, r)));
+                if let [RData::Cname(target)] = records.as_slice()
+                    && !matches!(q.query_type(), RecordType::CNAME | RecordType::ANY)
+                    && let Ok(name) = Name::from_ascii(format!("{target}."))
+                {
+                    let tq = Query::query(name, q.query_type());
+                    match table.lookup(target, qtype) {
+                        // A CNAME to another of the cluster's names: one more step here.
+                        Lookup::Answer(more) => {
+                            resp.add_answers(more.iter().filter_map(|r| self.record(&tq, r)));
+                        }
+                        Lookup::OutOfZone => return Responded::Chase(resp, label, tq),
+                        Lookup::NoData | Lookup::NxDomain => {}
+                    }
+                }
             }
             Lookup::NoData => {
                 resp.metadata.authoritative = true;
@@ -353,6 +403,8 @@ enum Responded {
     Local(Message, &'static str),
     /// Not the cluster's name: the upstream's question.
     OutOfZone,
+    /// An ExternalName's CNAME whose target's records the upstream has.
+    Chase(Message, &'static str, Query),
 }
 
 fn wire_soa(soa: &twill_core::dns::Soa) -> Option<SOA> {

@@ -352,3 +352,49 @@ fn upstreams_come_from_resolv_conf_without_the_responders_own_address() {
         None
     );
 }
+
+#[tokio::test]
+async fn an_external_name_a_question_gets_the_cname_and_the_targets_addresses_from_upstream() {
+    let (upstream, _) = responder_in("upstream.test", 1);
+    let addr = serve_on_loopback(upstream).await;
+    let ext: Service = serde_yaml::from_str(
+        "metadata: {name: ext, namespace: demo}\n\
+         spec: {type: ExternalName, externalName: web.demo.svc.upstream.test}",
+    )
+    .unwrap();
+    let mut table = DnsTable::new("cluster.local");
+    table.update(&[ServiceGroup {
+        namespace: "demo".into(),
+        name: "ext".into(),
+        service: Some(Arc::new(ServiceInput::parse(
+            &ext,
+            &mut Interner::default(),
+        ))),
+        slices: vec![],
+    }]);
+    let metrics = Arc::new(Metrics::new());
+    let front = DnsResponder::new(30, metrics.clone());
+    front.publish(Arc::new(table));
+    let name = "ext.demo.svc.cluster.local.";
+    // Without an upstream: the CNAME alone.
+    let m = ask_async(&front, name, RecordType::A, Transport::Udp).await;
+    assert_eq!(m.answers.len(), 1);
+    front.set_forwarder(super::Forwarder::new(vec![addr], metrics.dns_forward.clone()).unwrap());
+    let m = ask_async(&front, name, RecordType::A, Transport::Udp).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    let got: Vec<String> = m
+        .answers
+        .iter()
+        .map(|r| format!("{} {} {}", r.name, r.record_type(), r.data))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "ext.demo.svc.cluster.local. CNAME web.demo.svc.upstream.test.",
+            "web.demo.svc.upstream.test. A 10.96.0.10",
+        ]
+    );
+    // A CNAME question is answered from the table alone.
+    let m = ask_async(&front, name, RecordType::CNAME, Transport::Udp).await;
+    assert_eq!(m.answers.len(), 1);
+}
