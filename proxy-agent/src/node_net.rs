@@ -1,6 +1,7 @@
 //! The node's own network, driven by the run loop: routes to the other nodes' pod CIDRs (and
 //! the egress masquerade that comes with the route plan), the per-packet north-south programs
-//! on the node's devices, and the addresses NodePorts answer on.
+//! on the node's devices, the addresses NodePorts answer on, and the CNI config that tells the
+//! runtime this node's pod CIDRs and the MTU its route plan allows.
 //!
 //! It runs when the routing-relevant part of the Node objects changes and on the periodic
 //! resync, not on every Service change: one sync dumps the node's links, addresses and routes
@@ -11,6 +12,7 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
 
+use crate::cniconf::CniConfWriter;
 use crate::config::Config;
 use crate::datapath::{Datapath, DatapathError};
 use crate::routing::{
@@ -87,6 +89,7 @@ pub struct NodeNetwork {
     /// Peers' pod CIDRs refused as conflicting in the last plan, so each is warned about once.
     refused: BTreeSet<String>,
     state: NetworkState,
+    cni_conf: CniConfWriter,
 }
 
 impl NodeNetwork {
@@ -102,11 +105,18 @@ impl NodeNetwork {
             attached: BTreeSet::new(),
             refused: BTreeSet::new(),
             state: NetworkState::default(),
+            cni_conf: CniConfWriter::new(cfg),
         })
     }
 
     pub fn state(&self) -> &NetworkState {
         &self.state
+    }
+
+    /// Writes the CNI config for `node` (this node's object) when its pod CIDRs or the pod MTU
+    /// of the last route plan changed.
+    pub fn write_cni_conf(&mut self, node: &Node) {
+        self.cni_conf.write(node, self.state.pod_mtu);
     }
 
     /// Destinations of the node's `/32` routes (local pods' host routes among them).
