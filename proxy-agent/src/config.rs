@@ -123,6 +123,11 @@ pub struct RunArgs {
     /// TTL in seconds of the cluster's DNS records [default: 30].
     #[arg(long, value_name = "SECONDS")]
     pub dns_ttl: Option<u32>,
+    /// Where the DNS responder forwards names outside the cluster: `IP[:PORT],...`, a
+    /// resolv.conf path (its `nameserver` lines) or `none` (answer REFUSED)
+    /// [default: /etc/resolv.conf, the node's resolvers].
+    #[arg(long, value_name = "SERVERS|PATH")]
+    pub dns_upstream: Option<String>,
 }
 
 /// `twill-agent debug …`
@@ -215,6 +220,7 @@ pub const DEFAULT_METRICS: &str = "127.0.0.1:10249";
 pub const DEFAULT_DNS: &str = "169.254.20.10:53";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_DNS_TTL: u32 = 30;
+pub const DEFAULT_DNS_UPSTREAM: &str = "/etc/resolv.conf";
 pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
 /// Name of the CNI config file the agent owns.
@@ -252,6 +258,7 @@ pub struct FileConfig {
     pub dns_bind_address: Option<String>,
     pub cluster_domain: Option<String>,
     pub dns_ttl: Option<u32>,
+    pub dns_upstream: Option<String>,
 }
 
 /// Where Services/EndpointSlices/Nodes come from.
@@ -297,6 +304,18 @@ pub struct Config {
     /// Lower case, without the trailing dot.
     pub cluster_domain: String,
     pub dns_ttl: u32,
+    pub dns_upstream: DnsUpstream,
+}
+
+/// Where names outside the cluster's zone go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsUpstream {
+    /// These servers, in order.
+    Servers(Vec<SocketAddr>),
+    /// The `nameserver` lines of this resolv.conf, read when DNS starts.
+    ResolvConf(PathBuf),
+    /// No forwarding: REFUSED.
+    None,
 }
 
 /// A configuration the agent cannot run with.
@@ -334,6 +353,11 @@ pub enum ConfigError {
     MapSize { flag: &'static str, value: u32 },
     #[error("--max-frontends-per-service must be at least 1")]
     MaxFrontends,
+    #[error(
+        "--dns-upstream: {0:?} is not an address like 10.0.0.2 or 10.0.0.2:53 (or give a \
+         resolv.conf path, or none)"
+    )]
+    DnsUpstream(String),
     #[error("--cluster-domain {0:?} is not a DNS name like cluster.local")]
     ClusterDomain(String),
     #[error("--{flag} {value:?} is not an IPv4 CIDR like 10.244.0.0/16")]
@@ -464,6 +488,10 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
         dns_bind_address: parse_bind("dns-bind-address", &dns)?,
         cluster_domain,
         dns_ttl: pick(flags.dns_ttl, file.dns_ttl).unwrap_or(DEFAULT_DNS_TTL),
+        dns_upstream: parse_dns_upstream(
+            &pick(flags.dns_upstream, file.dns_upstream)
+                .unwrap_or_else(|| DEFAULT_DNS_UPSTREAM.into()),
+        )?,
     })
 }
 
@@ -567,6 +595,30 @@ fn map_size(flag: &'static str, value: Option<u32>, default: u32) -> Result<u32,
 }
 
 /// An empty value disables the server (as with kube-proxy's `--healthz-bind-address=""`).
+/// `none`, a path (starts with `/`), or `IP[:PORT],...` (port 53 when left out).
+fn parse_dns_upstream(value: &str) -> Result<DnsUpstream, ConfigError> {
+    let value = value.trim();
+    if value == "none" {
+        return Ok(DnsUpstream::None);
+    }
+    if value.starts_with('/') {
+        return Ok(DnsUpstream::ResolvConf(value.into()));
+    }
+    let servers = value
+        .split(',')
+        .map(|s| {
+            let s = s.trim();
+            s.parse::<SocketAddr>()
+                .or_else(|_| {
+                    s.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| ConfigError::DnsUpstream(s.to_owned()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DnsUpstream::Servers(servers))
+}
+
 fn parse_bind(flag: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if value.trim().is_empty() {
         return Ok(None);

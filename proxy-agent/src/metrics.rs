@@ -44,6 +44,8 @@ pub struct Metrics {
     dns_queries: Family<Labels, Counter>,
     /// DNS packets dropped without an answer (not a DNS query, or not one that parses).
     pub dns_dropped: Counter,
+    /// The DNS forwarder's cache and upstream metrics.
+    pub dns_forward: std::sync::Arc<crate::dns::ForwardMetrics>,
     /// Services the compiler programmed that the maps have no room for.
     pub unprogrammed_services: Gauge,
     /// Last absolute kernel counter per verdict: the kernel's counters are absolute, Prometheus
@@ -186,6 +188,7 @@ impl Metrics {
         let policy = crate::policy::PolicyMetrics::register(&mut registry);
         let (conntrack_entries, conntrack_collected) = register_conntrack(&mut registry);
         let (dns_queries, dns_dropped) = register_dns(&mut registry);
+        let dns_forward = std::sync::Arc::new(crate::dns::ForwardMetrics::register(&mut registry));
         let unprogrammed_services = Gauge::default();
         registry.register(
             "twill_unprogrammed_services",
@@ -199,6 +202,7 @@ impl Metrics {
             conntrack_collected,
             dns_queries,
             dns_dropped,
+            dns_forward,
             sync_duration,
             programming_duration,
             services,

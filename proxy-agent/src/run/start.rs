@@ -190,7 +190,7 @@ async fn start_dns<M: LbMaps + VerdictStats>(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     agent.set_dns(responder.clone());
     match agent.ctx().cfg.dns_bind_address {
-        Some(addr) => crate::dns::start(responder, addr).await,
+        Some(addr) => crate::dns::start(responder, addr, &agent.ctx().cfg.dns_upstream).await,
         None => Vec::new(),
     }
 }
