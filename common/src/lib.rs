@@ -10,7 +10,9 @@
 pub mod maps;
 pub mod policy;
 pub mod reason;
+pub mod sockdestroy;
 
 pub use maps::*;
 pub use policy::*;
 pub use reason::Reason;
+pub use sockdestroy::*;
