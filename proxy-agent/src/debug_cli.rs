@@ -1,11 +1,12 @@
-//! `twill-agent debug services|backends|affinity|drops|maps|policy|explain [-o json]`: asks the
-//! running agent over its API socket and prints human tables (or the JSON as served).
+//! `twill-agent debug services|backends|affinity|drops|maps|policy|explain|dns|conntrack
+//! [-o json]`: asks the running agent over its API socket and prints human tables (or the JSON
+//! as served).
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::api::{AffinityRow, BackendRow, DropRow};
+use crate::api::{AffinityRow, BackendRow, CtRow, DropRow};
 use crate::config::{DebugArgs, DebugCommand, OutputFormat};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,11 @@ fn path_of(what: &DebugCommand, output: OutputFormat) -> String {
             path
         }
         (DebugCommand::Dns { name, qtype }, _) => format!("/v1/dns?name={name}&type={qtype}"),
+        (DebugCommand::Conntrack { service, backend }, _) => format!(
+            "/v1/conntrack?service={}&backend={}",
+            service.as_deref().unwrap_or(""),
+            backend.map(|b| b.to_string()).unwrap_or_default()
+        ),
         (DebugCommand::Explain { from, to, proto }, output) => {
             let mut path = format!("/v1/explain?from={from}&to={to}&proto={proto}");
             if output == OutputFormat::Table {
@@ -108,10 +114,48 @@ pub fn render(
             }
             Ok(out)
         }
+        DebugCommand::Conntrack { .. } => Ok(conntrack_table(
+            &serde_json::from_slice::<Vec<CtRow>>(body).map_err(DebugError::Decode)?,
+        )),
         DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. } => {
             unreachable!("handled above")
         }
     }
+}
+
+fn conntrack_table(rows: &[CtRow]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.scope.clone(),
+                r.protocol.clone(),
+                r.direction.clone(),
+                r.source.clone(),
+                r.destination.clone(),
+                format!("{} > {}", r.rewritten_source, r.rewritten_destination),
+                r.backend.clone().unwrap_or_else(|| "-".into()),
+                r.state.clone(),
+                format!("{}s", r.idle_s),
+                format!("{}s", r.expires_in_s),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SCOPE",
+            "PROTO",
+            "DIR",
+            "SOURCE",
+            "DESTINATION",
+            "REWRITTEN TO",
+            "BACKEND",
+            "STATE",
+            "IDLE",
+            "EXPIRES IN",
+        ],
+        &rows,
+    )
 }
 
 /// Left-aligned columns separated by two spaces.

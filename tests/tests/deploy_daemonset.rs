@@ -470,6 +470,14 @@ fn daemonset_pod_template_runs_from_the_image_under_containerd() -> Result<()> {
     run_cmd(std::process::Command::new("mount").args(["--make-shared", &bpffs]))?;
 
     let containerd = Containerd::start_with(n0, false)?;
+    // The runtime's netns directory as a node has it: a shared mount point (iproute2 makes
+    // /run/netns one, and /run is shared on systemd hosts), so the agent's HostToContainer mount
+    // follows new pod namespaces. Under containerd's dir: its teardown unmounts it.
+    let netns_dir = containerd.dir().join("state/netns");
+    std::fs::create_dir_all(&netns_dir)?;
+    let netns_dir = netns_dir.display().to_string();
+    run_cmd(std::process::Command::new("mount").args(["--rbind", &netns_dir, &netns_dir]))?;
+    run_cmd(std::process::Command::new("mount").args(["--make-shared", &netns_dir]))?;
     containerd.import(&tarball)?;
     eprintln!("image imported at {:?}", start.elapsed());
     let kubelet = Kubelet::new(&containerd, &n0.dir.join("pods"))?;
