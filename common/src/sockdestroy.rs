@@ -1,16 +1,10 @@
-//! What the socket iterator that destroys stale connected UDP sockets shares with the agent.
+//! What the socket iterator that destroys stale connected UDP sockets shares with the agent
+//! (its map, `SOCK_DESTROY`, is in the [catalogue](crate::catalogue)).
 //!
 //! ```text
 //!  SOCK_DESTROY (backend addr, port) ──► 1: the agent fills it with the UDP backends just
 //!  removed, runs the `iter/udp` program in each network namespace, then empties it
 //! ```
-
-/// Name of the transient map of backends whose connected UDP sockets the iterator destroys.
-/// It only holds entries for the length of one sweep, so it is never pinned and has no
-/// `_V<n>` suffix to honour across restarts; a layout change still renames it.
-pub const MAP_SOCK_DESTROY: &str = "TWL_SKDESTROY_V1";
-/// Backends per sweep; the agent splits a larger flush into several sweeps.
-pub const SOCK_DESTROY_MAX: u32 = 256;
 
 /// Key of `SOCK_DESTROY`: a removed UDP backend.
 #[repr(C)]

@@ -19,7 +19,7 @@ use twill_common::Reason;
 
 use crate::{
     maps::count,
-    pkt::parse_flow,
+    pkt::{Flow, parse},
     policy::{Side, judge},
 };
 
@@ -50,9 +50,14 @@ fn exit(verdict: Result<Reason, Reason>) -> i32 {
 
 #[inline(always)]
 fn try_pod(ctx: &TcContext, side: Side) -> Result<Reason, Reason> {
-    match parse_flow(ctx)? {
+    let flow = match parse(ctx)? {
+        Some(p) => Flow::of(&p)?,
+        // Not IPv4 (ARP, IPv6: the pod network is IPv4-only).
+        None => None,
+    };
+    match flow {
         Some(flow) => judge(&flow, side),
-        // Not IPv4 (ARP, IPv6: the pod network is IPv4-only) or a later fragment.
+        // Not IPv4, or a later fragment.
         None => Ok(Reason::PolicyNotEnforced),
     }
 }

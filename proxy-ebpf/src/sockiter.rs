@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use twill_common::{KFUNC_PLACEHOLDER_SOCK_DESTROY, SockDestroyKey, SockRevNatKey};
 
-use crate::maps::{TWL_SKDESTROY_V1, TWL_SKRNAT_V1};
+use crate::maps::{TWL_SKDEST_V1, TWL_SKRNAT_V1};
 
 /// `struct bpf_iter_meta` (include/linux/bpf.h): only `seq` is read.
 #[repr(C)]
@@ -85,7 +85,7 @@ unsafe fn try_destroy(ctx: *const IterUdp) {
         _pad: 0,
     };
     // SAFETY: map lookups with keys on this stack.
-    if unsafe { TWL_SKDESTROY_V1.get(&doomed) }.is_none() {
+    if unsafe { TWL_SKDEST_V1.get(&doomed) }.is_none() {
         return;
     }
     // SAFETY: the tracing variant of the helper takes any socket pointer.

@@ -34,7 +34,7 @@ use std::{
     path::PathBuf,
 };
 
-use twill_common::{SOCK_DESTROY_MAX, SockDestroyKey};
+use twill_common::{DEFAULT_SOCK_DESTROY_MAX, SockDestroyKey};
 
 use super::sockiter::UdpSockIter;
 
@@ -135,7 +135,7 @@ impl SocketDestroyer {
                         _pad: 0,
                     })
                     .collect();
-                for chunk in keys.chunks(SOCK_DESTROY_MAX as usize) {
+                for chunk in keys.chunks(DEFAULT_SOCK_DESTROY_MAX as usize) {
                     iter.set_targets(chunk).map_err(io::Error::other)?;
                     let swept = in_each(&namespaces, || iter.sweep_current_netns());
                     // Emptied even when a sweep failed: a stale target would doom a later socket.
