@@ -33,7 +33,7 @@ use core::mem::size_of;
 use crate::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, FragKey, FragValue,
     IpCacheKey, NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, ServiceKey,
-    ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    ServiceValue, SlotKey, SockDestroyKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 /// The kernel map types Twill uses (`enum bpf_map_type`).
@@ -341,6 +341,16 @@ catalogue! {
         size: DEFAULT_FRAGS_MAX = 8_192,
         flag: "map-size-frags",
         help: "Max entries of the fragment map (first-fragment ports of fragmented datagrams in flight)",
+    }
+    /// Removed UDP backends whose connected sockets the socket iterator destroys: filled for one
+    /// sweep, then emptied (and emptied before each fill, so a pinned leftover of a crashed
+    /// agent dooms nothing). The agent splits a larger flush into sweeps of this size.
+    SockDestroy {
+        name: MAP_SOCK_DESTROY = "TWL_SKDEST_V1",
+        map_type: Hash,
+        key: SockDestroyKey,
+        value: u8,
+        size: DEFAULT_SOCK_DESTROY_MAX = 256,
     }
 }
 

@@ -11,8 +11,10 @@ pub mod catalogue;
 pub mod maps;
 pub mod policy;
 pub mod reason;
+pub mod sockdestroy;
 
 pub use catalogue::*;
 pub use maps::*;
 pub use policy::*;
 pub use reason::Reason;
+pub use sockdestroy::*;

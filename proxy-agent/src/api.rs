@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::compile::{DumpModel, addr_from_be, dump_view, render_dump};
+pub use crate::ctview::CtRow;
 use crate::lbmap::LbState;
 
 /// Largest request head accepted.
@@ -330,6 +331,8 @@ pub struct Published {
 pub trait KernelView: Send + Sync {
     fn affinity(&self) -> Result<Vec<AffinityRow>, String>;
     fn drops(&self) -> Result<Vec<DropRow>, String>;
+    /// The connection-tracking entries `filter` selects.
+    fn conntrack(&self, filter: &crate::ctview::CtFilter) -> Result<Vec<CtRow>, String>;
 }
 
 /// One session-affinity entry.
@@ -370,6 +373,17 @@ pub struct PinnedKernelView {
 }
 
 impl KernelView for PinnedKernelView {
+    fn conntrack(&self, filter: &crate::ctview::CtFilter) -> Result<Vec<CtRow>, String> {
+        let maps =
+            crate::datapath::AyaLbMaps::open_pinned(&self.bpffs_dir).map_err(|e| err_chain(&e))?;
+        let entries = maps.dump_ct().map_err(|e| err_chain(&e))?;
+        Ok(crate::ctview::rows(
+            &entries,
+            crate::datapath::monotonic_now_ns(),
+            filter,
+        ))
+    }
+
     fn affinity(&self) -> Result<Vec<AffinityRow>, String> {
         let maps =
             crate::datapath::AyaLbMaps::open_pinned(&self.bpffs_dir).map_err(|e| err_chain(&e))?;
@@ -462,6 +476,13 @@ impl ApiState {
                 }
             }
             "/v1/explain" => explain(&self.published(), &req.query),
+            "/v1/conntrack" => match conntrack_filter(&self.published(), &req.query) {
+                Err(resp) => resp,
+                Ok(filter) => match self.kernel.conntrack(&filter) {
+                    Ok(rows) => Response::json(200, &rows),
+                    Err(e) => Response::text(500, format!("{e}\n")),
+                },
+            },
             "/v1/dns" => match (&self.dns, query_value(&req.query, "name")) {
                 (_, None) => Response::text(400, "dns needs name=\n"),
                 (None, _) => Response::not_found(),
@@ -490,6 +511,45 @@ fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find_map(|(k, v)| (k == key).then_some(v))
+}
+
+/// The `/v1/conntrack` filter: `service=NS/NAME` (its frontends' ids in the applied state) and
+/// `backend=IP`.
+fn conntrack_filter(p: &Published, query: &str) -> Result<crate::ctview::CtFilter, Response> {
+    let mut filter = crate::ctview::CtFilter::default();
+    if let Some(svc) = query_value(query, "service").filter(|v| !v.is_empty()) {
+        let Some((ns, name)) = svc.split_once('/') else {
+            return Err(Response::text(
+                400,
+                format!("service {svc:?}: expected NAMESPACE/NAME\n"),
+            ));
+        };
+        let ports: Vec<_> = p
+            .model
+            .services
+            .iter()
+            .filter(|sp| &*sp.namespace == ns && &*sp.name == name)
+            .collect();
+        if ports.is_empty() {
+            return Err(Response::text(
+                404,
+                format!("no Service {ns}/{name} is programmed\n"),
+            ));
+        }
+        filter.svc_ids = Some(
+            ports
+                .iter()
+                .flat_map(|sp| &sp.frontends)
+                .filter_map(|fe| p.applied.services.get(&fe.key).map(|v| v.svc_id))
+                .collect(),
+        );
+    }
+    if let Some(ip) = query_value(query, "backend").filter(|v| !v.is_empty()) {
+        filter.backend = Some(ip.parse().map_err(|_| {
+            Response::text(400, format!("backend {ip:?}: expected an IPv4 address\n"))
+        })?);
+    }
+    Ok(filter)
 }
 
 fn explain(p: &Published, query: &str) -> Response {
@@ -774,6 +834,24 @@ mod tests {
         fn drops(&self) -> Result<Vec<DropRow>, String> {
             Err("no kernel".into())
         }
+        fn conntrack(&self, filter: &crate::ctview::CtFilter) -> Result<Vec<CtRow>, String> {
+            // Echoes the filter it was given, so the test sees what the route parsed.
+            Ok(vec![CtRow {
+                scope: "nat".into(),
+                protocol: "udp".into(),
+                direction: "original".into(),
+                source: format!("{:?}", filter.svc_ids),
+                destination: format!("{:?}", filter.backend),
+                rewritten_source: String::new(),
+                rewritten_destination: String::new(),
+                backend: None,
+                svc_id: 0,
+                state: "new".into(),
+                snat: false,
+                idle_s: 0,
+                expires_in_s: 0,
+            }])
+        }
     }
 
     #[test]
@@ -813,6 +891,31 @@ mod tests {
             (500, "no kernel\n".into())
         );
         assert_eq!(get(&sock, "/nope").await.unwrap().0, 404);
+        let (status, body) = get(&sock, "/v1/conntrack?backend=10.244.0.5")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        let rows: Vec<CtRow> = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (rows[0].source.as_str(), rows[0].destination.as_str()),
+            ("None", "Some(10.244.0.5)")
+        );
+        assert_eq!(
+            get(&sock, "/v1/conntrack?backend=nope").await.unwrap().0,
+            400
+        );
+        // No Service is programmed in this state.
+        assert_eq!(
+            get(&sock, "/v1/conntrack?service=default/web")
+                .await
+                .unwrap()
+                .0,
+            404
+        );
+        assert_eq!(
+            get(&sock, "/v1/conntrack?service=web").await.unwrap().0,
+            400
+        );
         let (status, _) = get(&sock, "/v1/maps").await.unwrap();
         assert_eq!(status, 200);
         task.abort();

@@ -191,6 +191,16 @@ pub enum DebugCommand {
         #[arg(long = "type", default_value = "A")]
         qtype: String,
     },
+    /// The per-packet connection-tracking table (north-south NAT and NetworkPolicy flows): tuple,
+    /// state, backend, expiry.
+    Conntrack {
+        /// Only flows of this Service's frontends.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        service: Option<String>,
+        /// Only flows to this backend address (NetworkPolicy flows: with it at either end).
+        #[arg(long, value_name = "IP")]
+        backend: Option<std::net::Ipv4Addr>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

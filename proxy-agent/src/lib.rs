@@ -8,6 +8,7 @@ pub mod api;
 pub mod cniconf;
 pub mod config;
 pub mod ctgc;
+pub mod ctview;
 pub mod datapath;
 pub mod debug_cli;
 pub mod dns;

@@ -101,3 +101,8 @@ pub fn count(reason: Reason) {
         unsafe { *slot += 1 };
     }
 }
+
+// Filled by the agent for one socket-iterator sweep, then emptied (see `sockiter`); not pinned.
+#[map]
+pub static TWL_SKDEST_V1: HashMap<twill_common::SockDestroyKey, u8> =
+    HashMap::with_max_entries(twill_common::DEFAULT_SOCK_DESTROY_MAX, 0);

@@ -130,6 +130,7 @@ fn start_datapath(
     let mut datapath = Datapath::load(&DatapathOptions {
         bpffs_dir: Some(cfg.bpffs_dir.clone()),
         map_sizes: cfg.map_sizes,
+        ..DatapathOptions::default()
     })?;
     for a in datapath.adopted_maps() {
         log::info!(
