@@ -5,7 +5,7 @@
 //!  ingress: CT hit ─► state (both entries) ─► rewrite (later packets; replies of SNATed flows)
 //!           miss  ─► SERVICES (EXTERNAL, then ANY; NodePort when dst ∈ NODE_ADDRS)
 //!                 ─► TCP without SYN: pass to the stack untouched (CtNonSynMiss)
-//!                 ─► loadBalancerSourceRanges (LPM) ─► select backend by the tuple's hash
+//!                 ─► loadBalancerSourceRanges (LPM) ─► backend by the tuple's hash (Maglev)
 //!                 ─► local backend (or eTP=Local): DNAT, client IP kept
 //!                    remote backend (eTP=Cluster): DNAT + SNAT to the node address that routes
 //!                    to the backend, so replies come back through this node
@@ -32,11 +32,13 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
-        BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
+        BPF_F_CURRENT_NETNS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::classifier,
     maps::lpm_trie::Key,
@@ -47,11 +49,11 @@ use twill_common::{
     CT_SCOPE_NAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, FragKey,
     FragValue, PROTO_TCP, PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER,
     SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey,
-    ct_lifetime_ns,
+    ct_lifetime_ns, flow_hash,
 };
 
 use crate::{
-    lb::{flow_hash, is_node_addr, lookup_service, select_backend_by},
+    lb::{Pick, is_node_addr, lookup_service, select_backend_by},
     maps::{TWL_CT_V2, TWL_FRAG_V1, TWL_LBSRC_V1, count},
     pkt::{
         Flow, ICMP_CSUM, IP_CSUM_AT, IP_DST_AT, IP_SRC_AT, L4, L4_DPORT, L4_SPORT, PROTO_ICMP,
@@ -66,7 +68,8 @@ const AF_INET: u8 = 2;
     reason = "64 bytes"
 )]
 const FIB_PARAMS_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
-/// Source ports tried for SNAT when the client's own port is taken towards that backend.
+/// Source ports tried for SNAT when the client's own port is taken towards that backend (by
+/// another SNATed flow or a socket of the node).
 const SNAT_PORT_TRIES: u32 = 8;
 const SNAT_PORT_MIN: u32 = 32_768;
 const SNAT_PORT_RANGE: u32 = 28_232;
@@ -542,11 +545,12 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
         }
     }
     // Per-packet affinity is per client IP, as in kube-proxy. Without it the tuple's hash picks
-    // the backend, so a flow whose entry was lost comes back to the same one.
+    // the backend in the set's Maglev table, so a flow whose entry was lost comes back to the
+    // same one, and only flows of a backend that left move.
     let (be, reason) = select_backend_by(
         &svc,
         AFFINITY_CLIENT_IP | u64::from(f.saddr),
-        flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto),
+        Pick::Flow(flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto)),
     )?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -642,15 +646,17 @@ fn dnat_snat(
         _pad: [0; 2],
         last_seen_ns: now,
     };
-    // Another random port when that reply tuple is taken (BPF_NOEXIST makes the claim atomic
-    // against other CPUs).
+    // Another random port when that reply tuple is taken, by another SNATed flow (BPF_NOEXIST
+    // makes the claim atomic against other CPUs) or by a socket of the node itself.
     let mut tries = 0;
     let reply_key = loop {
         let reply_key = key.counterpart(&orig);
-        match TWL_CT_V2.insert(reply_key, reply, u64::from(BPF_NOEXIST)) {
-            Ok(()) => break reply_key,
-            Err(e) if e != -EEXIST => return Err(Reason::CtMapFull),
-            Err(_) => {}
+        if !node_socket_on(ctx, &reply_key) {
+            match TWL_CT_V2.insert(reply_key, reply, u64::from(BPF_NOEXIST)) {
+                Ok(()) => break reply_key,
+                Err(e) if e != -EEXIST => return Err(Reason::CtMapFull),
+                Err(_) => {}
+            }
         }
         tries += 1;
         if tries >= SNAT_PORT_TRIES {
@@ -670,6 +676,45 @@ fn dnat_snat(
         Reason::ForwardedRemote,
         forward(ctx, f.proto, snat, be.addr_be)?,
     ))
+}
+
+/// Whether a socket of the node holds the local end of `reply` (a SNATed flow's reply tuple:
+/// backend → node address and port): connected to the backend from that port, or bound to it.
+/// Such a port is never used for SNAT, so replies meant for the node's own connection are never
+/// taken for a translated flow's, nor the other way round. Looked up as the stack would look the
+/// reply up on input, in this device's network namespace (the node's).
+#[inline(always)]
+fn node_socket_on(ctx: &TcContext, reply: &CtKey) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: reply.saddr_be,
+                daddr: reply.daddr_be,
+                sport: reply.sport_be,
+                dport: reply.dport_be,
+            },
+        },
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "12 bytes")]
+    let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    // Negative (all ones): the network namespace of the packet's device.
+    #[expect(clippy::cast_sign_loss, reason = "the kernel ABI's encoding of -1")]
+    let netns = i64::from(BPF_F_CURRENT_NETNS) as u64;
+    // SAFETY: `tuple` is a valid, writable IPv4 tuple of the size passed; the context pointer
+    // is the program's own. Any socket returned holds a reference, released just below.
+    let sk = unsafe {
+        if reply.proto == PROTO_TCP {
+            bpf_skc_lookup_tcp(ctx.as_ptr(), &raw mut tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &raw mut tuple, size, netns, 0)
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is the non-null socket reference the lookup returned, released once.
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
 }
 
 /// The source address for SNAT towards `backend`: the frontend itself when it is a node address

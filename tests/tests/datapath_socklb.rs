@@ -74,7 +74,7 @@ fn program(
                 SVC_F_CLUSTER_IP
             },
         affinity_timeout_s,
-        _pad: 0,
+        maglev_size: 0,
     };
     maps.upsert_service(key, value)?;
     Ok(())
@@ -577,7 +577,7 @@ fn a_full_map_is_a_named_error() -> Result<()> {
         backend_count: 0,
         flags: 0,
         affinity_timeout_s: 0,
-        _pad: 0,
+        maglev_size: 0,
     };
     for i in 0..4 {
         maps.upsert_service(key(i), value)?;

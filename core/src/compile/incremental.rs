@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
-use twill_common::{BE_F_LOCAL, BE_F_TERMINATING, Backend, DatapathConfig, ServiceKey, SlotKey};
+use twill_common::{
+    BE_F_LOCAL, BE_F_TERMINATING, Backend, DatapathConfig, MAGLEV_SLOT_BASE, ServiceKey, SlotKey,
+};
 
 use super::parse::{ParsedSlice, ServiceInput, SliceInput};
 use super::{
@@ -579,6 +581,11 @@ impl Compiler {
             self.state.slots.remove(&k);
             if record {
                 self.changes.slots.insert(k);
+            }
+            // A backend is used once per set it is a member of: by its slot in the list (the
+            // Maglev table's slots repeat members of that list).
+            if k.slot >= MAGLEV_SLOT_BASE {
+                continue;
             }
             if let Some(be) = self.state.backends.get(&id).copied() {
                 let flags =
