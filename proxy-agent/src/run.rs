@@ -815,6 +815,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         }
         let ok = agent.sync();
         policy.sync(&stores, network.state());
+        // NetworkPolicy is enforced for IPv4 only: isolated pods lose IPv6 rather than have it
+        // bypass their policy (see docs/design/dualstack.md).
+        network.cut_ipv6_of(&policy.isolated_pods()).await;
         // After the maps are written, so it never delays programming.
         trimmer.maybe_trim();
         // Each part retries on its own backoff: a persistent routing error (a Node without
