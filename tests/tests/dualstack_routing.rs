@@ -221,3 +221,33 @@ fn ipv6_of_a_policy_isolated_pod_is_not_left_open() -> Result<()> {
     ensure!(code == 0, "{out}");
     Ok(())
 }
+
+/// IPv6 pod egress to a host outside the cluster leaves with the node's IPv6 address (the
+/// outside host has no route to pod ranges, so only a masqueraded connection is answered),
+/// while pod → pod across nodes keeps the pod's own IPv6 address.
+#[test]
+fn ipv6_pod_egress_to_an_outside_host_is_masqueraded() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_external_client().with_dual_stack())? else {
+        return Ok(());
+    };
+    let (n0, n1) = (lab.node(0), lab.node(1));
+    let mut serve = lab.external().cmd(twill_lab::bin("labtool"));
+    serve.args(["serve", "--name", "outside", "--tcp", "9090", "--ipv6"]);
+    lab.track(twill_lab::spawn_and_wait_ready(serve)?);
+    let _agents = agents(&lab)?;
+    wait_for("the agent's conflist", Duration::from_secs(20), || {
+        Ok(std::fs::read_to_string(n0.conflist_path())?.contains("cniVersions"))
+    })?;
+    let p0 = n0.add_pod("egress")?;
+    let p1 = n1.add_pod("peer")?;
+    lab.serve_dual(&p1, "peer", Some(8080), None)?;
+    let node6 = n0.ip6.expect("dual-stack").to_string();
+    wait_reply(&p0, "[fd00:172:30::200]:9090", "outside", &node6)?;
+    wait_reply(
+        &p0,
+        &format!("[{}]:8080", p1.ip6.expect("IPv6")),
+        "peer",
+        &p0.ip6.expect("IPv6").to_string(),
+    )?;
+    Ok(())
+}

@@ -21,6 +21,8 @@ use rtnetlink::{
     },
 };
 
+use twill_core::routing::masq6::Masquerade6Rules;
+
 use super::netlink::{link_kind, neighbour_lladdr, route_table};
 use super::{
     ApplyReport, PeerVia6, ROUTE_PROTO_TWILL, RouteExecutor, RoutePlan6, RoutingError, VXLAN_DEVICE,
@@ -191,6 +193,13 @@ impl RouteExecutor {
         }
         self.sync_routes6(plan, vx_index, prune, &mut report)
             .await?;
+        // As for IPv4: the masquerade table only once the node store has synced.
+        if prune {
+            match &plan.masquerade {
+                Some(rules) => super::nft::nft(&rules.render()).await?,
+                None => super::nft::nft(&Masquerade6Rules::render_remove()).await?,
+            }
+        }
         Ok(report)
     }
 
