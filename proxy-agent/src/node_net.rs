@@ -1,6 +1,7 @@
 //! The node's own network, driven by the run loop: routes to the other nodes' pod CIDRs (and
 //! the egress masquerade that comes with the route plan), the per-packet north-south programs
-//! on the node's devices, and the addresses NodePorts answer on.
+//! on the node's devices, the addresses NodePorts answer on, and the CNI config that tells the
+//! runtime this node's pod CIDRs and the MTU its route plan allows.
 //!
 //! It runs when the routing-relevant part of the Node objects changes and on the periodic
 //! resync, not on every Service change: one sync dumps the node's links, addresses and routes
@@ -11,6 +12,7 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
 
+use crate::cniconf::CniConfWriter;
 use crate::config::Config;
 use crate::datapath::{Datapath, DatapathError};
 use crate::routing::{
@@ -96,6 +98,7 @@ pub struct NodeNetwork {
     state: NetworkState,
     /// Policy-isolated pods whose host veth already has IPv6 off.
     ipv6_cut: BTreeSet<Ipv4Addr>,
+    cni_conf: CniConfWriter,
 }
 
 impl NodeNetwork {
@@ -112,11 +115,18 @@ impl NodeNetwork {
             refused: BTreeSet::new(),
             state: NetworkState::default(),
             ipv6_cut: BTreeSet::new(),
+            cni_conf: CniConfWriter::new(cfg),
         })
     }
 
     pub fn state(&self) -> &NetworkState {
         &self.state
+    }
+
+    /// Writes the CNI config for `node` (this node's object) when its pod CIDRs or the pod MTU
+    /// of the last route plan changed.
+    pub fn write_cni_conf(&mut self, node: &Node) {
+        self.cni_conf.write(node, self.state.pod_mtu);
     }
 
     /// Destinations of the node's `/32` routes (local pods' host routes among them).
