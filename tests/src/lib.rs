@@ -461,7 +461,7 @@ impl Lab {
             lab.nodes.push(node);
         }
         if spec.external_client {
-            lab.external = Some(lab.add_external()?);
+            lab.external = Some(lab.add_external(&spec)?);
         }
         lab.write_nodes_manifest()?;
         Ok(lab)
@@ -585,11 +585,27 @@ impl Lab {
         Ok(node)
     }
 
-    fn add_external(&self) -> Result<External> {
+    fn add_external(&self, spec: &LabSpec) -> Result<External> {
         let netns = format!("{PREFIX}-{}-ext", self.run_id);
         ip(&["netns", "add", &netns])?;
         let addr = Ipv4Addr::new(172, 30, 0, 200);
         self.attach_to_underlay(&netns, "ext", 0, addr)?;
+        if spec.dual_stack {
+            // On the nodes' IPv6 subnet, with no route to any pod range: only a masqueraded
+            // pod (seen as a node address) gets an answer.
+            ns_ip(
+                &netns,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    "fd00:172:30:0::200/64",
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
+        }
         let cgroup = self.cgroup.join("ext");
         fs::create_dir_all(&cgroup)?;
         Ok(External {

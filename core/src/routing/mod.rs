@@ -37,6 +37,7 @@
 //! keep the larger MTU, so clusters that span subnets should run with `--routing-mode vxlan`.
 pub mod host;
 pub mod masq;
+pub mod masq6;
 pub mod plan;
 pub mod plan6;
 

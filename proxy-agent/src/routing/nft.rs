@@ -11,12 +11,13 @@ pub async fn apply(rules: &MasqueradeRules) -> Result<(), RoutingError> {
     nft(&rules.render()).await
 }
 
-/// Removes the agent's table (no error when it is absent).
+/// Removes the agent's tables, IPv4 and IPv6 (no error when they are absent).
 pub async fn remove() -> Result<(), RoutingError> {
-    nft(&MasqueradeRules::render_remove()).await
+    nft(&MasqueradeRules::render_remove()).await?;
+    nft(&twill_core::routing::masq6::Masquerade6Rules::render_remove()).await
 }
 
-async fn nft(script: &str) -> Result<(), RoutingError> {
+pub(super) async fn nft(script: &str) -> Result<(), RoutingError> {
     let mut child = tokio::process::Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
