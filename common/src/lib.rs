@@ -7,10 +7,12 @@
 //! suffix so a restarted agent never reinterprets old bytes.
 #![no_std]
 
+pub mod fastpath;
 pub mod maps;
 pub mod policy;
 pub mod reason;
 
+pub use fastpath::*;
 pub use maps::*;
 pub use policy::*;
 pub use reason::Reason;

@@ -53,6 +53,9 @@ pub const ALL_MAPS: &[&str] = &[
     crate::policy::MAP_POLICY,
     MAP_UDP_FLOWS,
     MAP_FRAGS,
+    crate::fastpath::MAP_LOCAL_ENDPOINTS,
+    crate::fastpath::MAP_FASTPATH_CONFIG,
+    crate::fastpath::MAP_MASQ,
 ];
 
 /// Pinned map names of earlier layouts, which no program uses any more: `uninstall` removes

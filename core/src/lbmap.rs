@@ -33,6 +33,12 @@ pub enum MapKind {
     Policy,
     /// Unconnected UDP flow stickiness (socket path).
     UdpFlows,
+    /// eBPF host routing: local pods' veths and MACs.
+    LocalEndpoints,
+    /// eBPF host routing and masquerade switches.
+    FastPathConfig,
+    /// Masquerade source and exempt prefixes (LPM trie).
+    Masq,
 }
 
 impl MapKind {
@@ -52,6 +58,9 @@ impl MapKind {
             MapKind::IpCache => twill_common::MAP_IPCACHE,
             MapKind::Policy => twill_common::MAP_POLICY,
             MapKind::UdpFlows => twill_common::MAP_UDP_FLOWS,
+            MapKind::LocalEndpoints => twill_common::MAP_LOCAL_ENDPOINTS,
+            MapKind::FastPathConfig => twill_common::MAP_FASTPATH_CONFIG,
+            MapKind::Masq => twill_common::MAP_MASQ,
         }
     }
 }

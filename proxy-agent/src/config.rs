@@ -135,6 +135,12 @@ pub struct RunArgs {
     /// true]; `--masquerade=false` when the network routes pod CIDRs itself.
     #[arg(long, value_name = "BOOL", num_args = 1, require_equals = true)]
     pub masquerade: Option<bool>,
+    /// eBPF host routing [default: true]: pods' packets are routed by the programs on their
+    /// veths (into local pods with bpf_redirect_peer, elsewhere after a FIB lookup with
+    /// bpf_redirect_neigh) instead of the node's IP stack; `--host-routing=false` leaves every
+    /// packet to the stack.
+    #[arg(long, value_name = "BOOL", num_args = 1, require_equals = true)]
+    pub host_routing: Option<bool>,
     /// A Service needing more services-map entries (ports × addresses × scopes) than this is
     /// rejected whole and reported, so one object cannot fill the map [default: 1024].
     #[arg(long, value_name = "N")]
@@ -175,6 +181,9 @@ pub enum DebugCommand {
     Affinity,
     /// Datapath verdict and drop counters.
     Drops,
+    /// eBPF host routing: packets redirected into local pods and forwarded after a FIB lookup,
+    /// those left to the stack and why, and the local endpoints.
+    Fastpath,
     /// The load-balancing maps in the compiler's golden dump format.
     Maps,
     /// The effective NetworkPolicy rules of this node's pods, and which policies select them.
@@ -271,6 +280,7 @@ pub struct FileConfig {
     pub cluster_cidr: Option<String>,
     pub non_masquerade_cidrs: Option<Vec<String>>,
     pub masquerade: Option<bool>,
+    pub host_routing: Option<bool>,
     pub max_frontends_per_service: Option<usize>,
     pub dns_bind_address: Option<String>,
     pub cluster_domain: Option<String>,
@@ -313,6 +323,8 @@ pub struct Config {
     pub cluster_cidr: Option<Ipv4Network>,
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
     pub masquerade: bool,
+    /// eBPF host routing (`twill_common::FP_F_HOST_ROUTING`).
+    pub host_routing: bool,
     pub max_frontends_per_service: usize,
     /// `None`: no DNS responder.
     pub dns_bind_address: Option<SocketAddr>,
@@ -470,6 +482,7 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
         )?,
         masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
+        host_routing: pick(flags.host_routing, file.host_routing).unwrap_or(true),
         max_frontends_per_service,
         dns_bind_address: parse_bind("dns-bind-address", &dns)?,
         cluster_domain,
@@ -689,6 +702,13 @@ mod tests {
         .unwrap();
         assert!(!off.masquerade);
         assert!(!crate::routing::RoutingConfig::from(&off).masquerade);
+        assert!(off.host_routing, "host routing is on by default");
+        let stack = merge(
+            run_args(&["--node-name", "n1", "--host-routing=false"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(!stack.host_routing);
         let file = parse_file("masquerade: false\n").unwrap();
         let cfg = merge(run_args(&["--node-name", "n1"]), file).unwrap();
         assert!(!cfg.masquerade);

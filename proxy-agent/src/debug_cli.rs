@@ -1,4 +1,4 @@
-//! `twill-agent debug services|backends|affinity|drops|maps|policy|explain [-o json]`: asks the
+//! `twill-agent debug services|backends|affinity|drops|fastpath|maps|policy|explain [-o json]`: asks the
 //! running agent over its API socket and prints human tables (or the JSON as served).
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -30,6 +30,8 @@ fn path_of(what: &DebugCommand, output: OutputFormat) -> String {
         (DebugCommand::Backends, _) => "/v1/backends".into(),
         (DebugCommand::Affinity, _) => "/v1/affinity".into(),
         (DebugCommand::Drops, _) => "/v1/drops".into(),
+        (DebugCommand::Fastpath, OutputFormat::Table) => "/v1/fastpath?format=text".into(),
+        (DebugCommand::Fastpath, OutputFormat::Json) => "/v1/fastpath".into(),
         (DebugCommand::Maps, OutputFormat::Table) => "/v1/maps".into(),
         (DebugCommand::Maps, OutputFormat::Json) => "/v1/maps?format=json".into(),
         (DebugCommand::Policy { pod }, output) => {
@@ -75,7 +77,10 @@ pub fn render(
 ) -> Result<String, DebugError> {
     if matches!(
         what,
-        DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. }
+        DebugCommand::Maps
+            | DebugCommand::Policy { .. }
+            | DebugCommand::Explain { .. }
+            | DebugCommand::Fastpath
     ) && output == OutputFormat::Table
     {
         return Ok(String::from_utf8_lossy(body).into_owned());
@@ -108,7 +113,10 @@ pub fn render(
             }
             Ok(out)
         }
-        DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. } => {
+        DebugCommand::Maps
+        | DebugCommand::Policy { .. }
+        | DebugCommand::Explain { .. }
+        | DebugCommand::Fastpath => {
             unreachable!("handled above")
         }
     }

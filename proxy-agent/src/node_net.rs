@@ -44,6 +44,8 @@ pub enum NetworkError {
         #[source]
         source: Box<DatapathError>,
     },
+    #[error("programming the fast path")]
+    FastPath(#[from] crate::fastpath::FastPathError),
 }
 
 impl NetworkError {
@@ -52,6 +54,7 @@ impl NetworkError {
         match self {
             Self::Routing(e) => e.metric_label(),
             Self::Attach { .. } => "attach_tc",
+            Self::FastPath(_) => "fastpath",
         }
     }
 }
@@ -87,6 +90,8 @@ pub struct NodeNetwork {
     /// Peers' pod CIDRs refused as conflicting in the last plan, so each is warned about once.
     refused: BTreeSet<String>,
     state: NetworkState,
+    /// `--host-routing`.
+    host_routing: bool,
 }
 
 impl NodeNetwork {
@@ -102,6 +107,7 @@ impl NodeNetwork {
             attached: BTreeSet::new(),
             refused: BTreeSet::new(),
             state: NetworkState::default(),
+            host_routing: cfg.host_routing,
         })
     }
 
@@ -170,6 +176,13 @@ impl NodeNetwork {
         }
         self.refused = refused;
         let report = self.routing.apply(&plan, prune).await?;
+        let fastpath = twill_core::routing::fastpath::config(
+            self.host_routing,
+            plan.masquerade
+                .as_ref()
+                .map(|_| twill_core::routing::fastpath::MasqueradeMode::Nftables),
+        );
+        crate::fastpath::program(datapath, fastpath, plan.masquerade.as_ref(), prune)?;
         // The overlay device too: replies of local backends to pods on other nodes behind the
         // overlay (a pod reaching this node's NodePort) leave through it and must be
         // translated back like those leaving through the underlay. It carries no NodePort

@@ -22,6 +22,8 @@
 )]
 
 #[cfg(target_arch = "bpf")]
+mod fwd;
+#[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;

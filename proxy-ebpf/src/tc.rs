@@ -89,7 +89,12 @@ const EEXIST: i32 = 17;
 
 #[classifier]
 pub fn twill_tc_ingress(ctx: TcContext) -> i32 {
-    exit(try_ingress(&ctx))
+    match exit(try_ingress(&ctx)) {
+        // Left to the stack (untranslated, or translated in place): a local pod's packets are
+        // delivered straight into it (replies, NodePort to a local backend, other nodes' pods).
+        TC_ACT_OK => crate::fwd::to_local_pod(&ctx),
+        action => action,
+    }
 }
 
 #[classifier]

@@ -16,6 +16,7 @@
 //! and [`Datapath::attach_tc`] per device (north-south, from inside the node's netns) →
 //! [`Datapath::lb_maps`] (the [`LbMaps`](crate::lbmap::LbMaps) implementation, counters, dumps,
 //! source ranges). [`Datapath::unpin_all`] removes everything for uninstall.
+mod fastpath_maps;
 mod maps;
 mod pods;
 mod policy_maps;
@@ -43,6 +44,7 @@ use twill_common::{
 };
 
 pub use self::{
+    fastpath_maps::{AyaFastPathMaps, EndpointSync},
     maps::{AyaLbMaps, CtTable, FlushReport, ReasonCounts},
     pods::{PodLinkReport, is_pod_veth},
     policy_maps::AyaPolicyMaps,
@@ -275,6 +277,8 @@ pub struct Datapath {
     cgroup: Option<PathBuf>,
     /// Pod veths carrying the policy programs: name → ifindex.
     pod_links: std::collections::BTreeMap<String, u32>,
+    /// The host routing and masquerade maps, once taken out of the object.
+    fastpath: Option<AyaFastPathMaps>,
 }
 
 /// Expected layout of each map: (name, type, key size, value size, requested max entries).
@@ -282,7 +286,7 @@ pub struct Datapath {
     clippy::too_many_lines,
     reason = "a table: one row per map of twill_common::ALL_MAPS"
 )]
-fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 15] {
+fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 18] {
     use std::mem::size_of;
     [
         (
@@ -391,6 +395,27 @@ fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32);
             size_of::<PolicyVerdict>(),
             sizes.policy,
         ),
+        (
+            twill_common::MAP_LOCAL_ENDPOINTS,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<twill_common::LocalEndpoint>(),
+            twill_common::DEFAULT_LOCAL_ENDPOINTS_MAX,
+        ),
+        (
+            twill_common::MAP_FASTPATH_CONFIG,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<twill_common::FastPathConfig>(),
+            1,
+        ),
+        (
+            twill_common::MAP_MASQ,
+            MapType::LpmTrie,
+            size_of::<u32>() + size_of::<twill_common::MasqKey>(),
+            size_of::<u8>(),
+            twill_common::DEFAULT_MASQ_PREFIXES_MAX,
+        ),
     ]
 }
 
@@ -485,6 +510,7 @@ impl Datapath {
             links: Vec::new(),
             cgroup: None,
             pod_links: std::collections::BTreeMap::new(),
+            fastpath: None,
         })
     }
 
@@ -731,6 +757,18 @@ impl Datapath {
     /// Takes them out of the loaded object, so call it once.
     pub fn policy_maps(&mut self) -> Result<AyaPolicyMaps, DatapathError> {
         AyaPolicyMaps::from_maps(|name| Ok(self.ebpf.take_map(name)))
+    }
+
+    /// The eBPF host routing and masquerade maps (taken out of the loaded object on first use).
+    pub fn fastpath_maps(&mut self) -> Result<&mut AyaFastPathMaps, DatapathError> {
+        if self.fastpath.is_none() {
+            self.fastpath = Some(AyaFastPathMaps::from_maps(|name| {
+                Ok(self.ebpf.take_map(name))
+            })?);
+        }
+        self.fastpath
+            .as_mut()
+            .ok_or(DatapathError::MissingMap(twill_common::MAP_LOCAL_ENDPOINTS))
     }
 
     /// Removes every pin Twill made under `bpffs_dir` (links first: the hooks detach as soon as
