@@ -72,6 +72,18 @@ pub const MASQ_KIND_EXEMPT: u8 = 2;
 /// Bits of `MasqKey` before the address: the kind and its padding always match in full.
 pub const MASQ_PREFIX_BASE: u32 = 32;
 
+/// The masquerade's source ports, inclusive: above Linux's default ephemeral range
+/// (`ip_local_port_range` 32768–60999), and reserved by the agent (`ip_local_reserved_ports`).
+/// Per destination address and port, as many concurrent flows as the range holds.
+pub const MASQ_PORT_MIN: u16 = 61_000;
+pub const MASQ_PORT_MAX: u16 = 65_535;
+
+/// `CtValue::flags` of the eBPF masquerade's NAT entries (next to `CT_F_REPLY`, `CT_F_SNAT`):
+/// the flow belongs to a local pod (the original direction's source, the reply direction's
+/// rewritten destination), not to a Service backend; the collector flushes it when that pod's
+/// address is gone.
+pub const CT_F_MASQ: u32 = 1 << 2;
+
 /// Data of the `MASQ` LPM-trie key: a prefix `a.b.c.d/n` of `kind` is stored with
 /// `prefix_len = MASQ_PREFIX_BASE + n`; the value is unused (1).
 #[repr(C)]

@@ -106,6 +106,15 @@ pub enum Reason {
     /// Left to the stack: anything else the FIB lookup could not decide (forwarding disabled on
     /// the device, a lightweight tunnel route, a lookup error).
     FallbackOther = 88,
+    // 90..=99: eBPF masquerade.
+    /// A local pod's new flow leaving the cluster was masqueraded (node address, a port of the
+    /// masquerade range); its later packets and replies count as `ct_hit` / `revnat_applied`.
+    MasqSnat = 90,
+    /// No free masquerade port towards that destination: the new flow is dropped.
+    MasqPortsExhausted = 91,
+    /// A pod's packet that would be masqueraded but opens no flow (TCP without SYN, a later
+    /// fragment) and has no entry: left untouched.
+    MasqNotOpened = 92,
 }
 
 impl Reason {
@@ -150,6 +159,9 @@ impl Reason {
         Reason::FallbackToHost,
         Reason::FallbackMasqNft,
         Reason::FallbackOther,
+        Reason::MasqSnat,
+        Reason::MasqPortsExhausted,
+        Reason::MasqNotOpened,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -194,6 +206,9 @@ impl Reason {
             Reason::FallbackToHost => "fastpath_fallback_to_host",
             Reason::FallbackMasqNft => "fastpath_fallback_masq_nft",
             Reason::FallbackOther => "fastpath_fallback_other",
+            Reason::MasqSnat => "masq_snat",
+            Reason::MasqPortsExhausted => "masq_ports_exhausted",
+            Reason::MasqNotOpened => "masq_not_opened",
         }
     }
 
@@ -212,6 +227,7 @@ impl Reason {
                 | Reason::PolicyDeniedEgress
                 | Reason::PolicyCtFull
                 | Reason::SnatPortsExhausted
+                | Reason::MasqPortsExhausted
         )
     }
 }

@@ -167,3 +167,28 @@ pub fn program(
     maps.set_config(config)?;
     Ok(())
 }
+
+/// Reserves the masquerade's ports (`MASQ_PORT_MIN..=MASQ_PORT_MAX`) in this network namespace
+/// (`net.ipv4.ip_local_reserved_ports`, per namespace), so the node's own sockets are never
+/// given one as an ephemeral port and never meet a masqueraded flow's replies. Keeps what was
+/// reserved before. Returns whether it wrote.
+pub fn reserve_masq_ports() -> std::io::Result<bool> {
+    const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let range = format!(
+        "{}-{}",
+        twill_common::MASQ_PORT_MIN,
+        twill_common::MASQ_PORT_MAX
+    );
+    let current = std::fs::read_to_string(RESERVED)?;
+    let current = current.trim();
+    if current.split(',').any(|r| r == range) {
+        return Ok(false);
+    }
+    let new = if current.is_empty() {
+        range
+    } else {
+        format!("{current},{range}")
+    };
+    std::fs::write(RESERVED, new)?;
+    Ok(true)
+}

@@ -11,6 +11,8 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
 
+use twill_core::routing::fastpath::MasqueradeMode;
+
 use crate::config::Config;
 use crate::datapath::{Datapath, DatapathError};
 use crate::routing::{
@@ -92,11 +94,27 @@ pub struct NodeNetwork {
     state: NetworkState,
     /// `--host-routing`.
     host_routing: bool,
+    /// `--masquerade-mode`.
+    masquerade_mode: twill_core::routing::fastpath::MasqueradeMode,
 }
 
 impl NodeNetwork {
     /// Opens the netlink socket; call inside the tokio runtime.
     pub fn new(cfg: &Config) -> Result<Self, RoutingError> {
+        if cfg.masquerade && cfg.masquerade_mode == MasqueradeMode::Ebpf {
+            match crate::fastpath::reserve_masq_ports() {
+                Ok(true) => log::info!(
+                    "reserved ports {}-{} for the eBPF masquerade (ip_local_reserved_ports)",
+                    twill_common::MASQ_PORT_MIN,
+                    twill_common::MASQ_PORT_MAX
+                ),
+                Ok(false) => {}
+                Err(e) => log::warn!(
+                    "reserving the masquerade's ports in ip_local_reserved_ports: {e}; a node \
+                     socket given one of them as its ephemeral port would miss its replies"
+                ),
+            }
+        }
         Ok(Self {
             routing: RouteExecutor::connect()?,
             config: RoutingConfig::from(cfg),
@@ -108,6 +126,7 @@ impl NodeNetwork {
             refused: BTreeSet::new(),
             state: NetworkState::default(),
             host_routing: cfg.host_routing,
+            masquerade_mode: cfg.masquerade_mode,
         })
     }
 
@@ -175,12 +194,20 @@ impl NodeNetwork {
             }
         }
         self.refused = refused;
-        let report = self.routing.apply(&plan, prune).await?;
+        // The nftables table only in its mode; in eBPF mode the executor removes a table an
+        // earlier agent (or mode) left.
+        let report = if self.masquerade_mode == MasqueradeMode::Nftables {
+            self.routing.apply(&plan, prune).await?
+        } else {
+            let without_table = crate::routing::RoutePlan {
+                masquerade: None,
+                ..plan.clone()
+            };
+            self.routing.apply(&without_table, prune).await?
+        };
         let fastpath = twill_core::routing::fastpath::config(
             self.host_routing,
-            plan.masquerade
-                .as_ref()
-                .map(|_| twill_core::routing::fastpath::MasqueradeMode::Nftables),
+            plan.masquerade.as_ref().map(|_| self.masquerade_mode),
         );
         crate::fastpath::program(datapath, fastpath, plan.masquerade.as_ref(), prune)?;
         // The overlay device too: replies of local backends to pods on other nodes behind the

@@ -28,6 +28,8 @@ mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod masq;
+#[cfg(target_arch = "bpf")]
 mod pkt;
 #[cfg(target_arch = "bpf")]
 mod pod;

@@ -241,3 +241,90 @@ fn host_routing_off_leaves_every_packet_to_the_stack() -> Result<()> {
     }
     Ok(())
 }
+
+/// With the default flags the masquerade is eBPF's: a pod's connection to a host outside the
+/// cluster leaves with the node's address and a port of the masquerade range, its replies come
+/// back, and the node holds no Twill rule in nftables or iptables (checked inside the lab node's
+/// network namespace) and no netfilter conntrack entry for the flow.
+#[test]
+fn pod_egress_is_masqueraded_in_ebpf_with_no_netfilter_rule_on_the_node() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_external_client())? else {
+        return Ok(());
+    };
+    let ext = lab.external();
+    let mut serve = ext.cmd(twill_lab::bin("labtool"));
+    serve.args([
+        "serve", "--name", "outside", "--tcp", "9090", "--udp", "9091",
+    ]);
+    lab.track(twill_lab::spawn_and_wait_ready(serve)?);
+    let p0 = lab.node(0).add_pod("egress")?;
+    let p1 = lab.node(1).add_pod("peer")?;
+    lab.serve(&p1, "peer", Some(8080), None)?;
+    let _agents = (0..2)
+        .map(|i| start_agent(&lab, i, &[]))
+        .collect::<Result<Vec<_>>>()?;
+    let n0 = lab.node(0);
+    let outside = format!("{}:9090", ext.ip);
+    let mut out = String::new();
+    wait_for("pod → outside host", Duration::from_secs(20), || {
+        let (code, o) = tcp(&p0, &outside)?;
+        out = o;
+        Ok(code == 0)
+    })?;
+    let seen = out
+        .strip_prefix(&format!("reply=outside {}:", n0.ip))
+        .with_context(|| format!("not masqueraded to the node IP: {out}"))?;
+    let port: u16 = seen.split_whitespace().next().unwrap_or("").parse()?;
+    ensure!(
+        (twill_common::MASQ_PORT_MIN..=twill_common::MASQ_PORT_MAX).contains(&port),
+        "source port {port} outside the masquerade range: {out}"
+    );
+    for _ in 0..5 {
+        let (code, o) = tcp(&p0, &outside)?;
+        ensure!(
+            code == 0 && o.starts_with(&format!("reply=outside {}:", n0.ip)),
+            "{o}"
+        );
+    }
+    let (code, o) = agent_common::udp(&p0, &format!("{}:9091", ext.ip), true)?;
+    ensure!(
+        code == 0 && o.starts_with(&format!("reply=outside {}:", n0.ip)),
+        "UDP not masqueraded: {o}"
+    );
+    // Pod ↔ pod is never translated.
+    let to_p1 = format!("{}:8080", p1.ip);
+    let mut o = String::new();
+    let reached = wait_for("pod → pod across nodes", Duration::from_secs(20), || {
+        let (code, out) = tcp(&p0, &to_p1)?;
+        o = out;
+        Ok(code == 0)
+    });
+    ensure!(
+        reached.is_ok() && o.starts_with(&format!("reply=peer {}:", p0.ip)),
+        "pod → pod: {o}\nn0: {}\nn1: {}\n{}",
+        n0.debug(&["fastpath"])?,
+        lab.node(1).debug(&["fastpath"])?,
+        n0.debug(&["drops"])?
+    );
+    let v = view(n0)?;
+    ensure!(v["masquerade"] == "ebpf", "{v}");
+    ensure!(counter(&v, "masq_snat") >= 7, "masquerade counters: {v}");
+    // No netfilter on the node: no Twill table, no Twill or kube-proxy rule, and the egress
+    // flows are not in netfilter's conntrack.
+    let ruleset = n0.run(&["nft", "list", "ruleset"])?;
+    ensure!(!ruleset.contains("twill"), "nft ruleset: {ruleset}");
+    for save in ["iptables-save", "iptables-legacy-save"] {
+        let rules = n0.run(&[save])?;
+        ensure!(
+            !rules.to_lowercase().contains("twill") && !rules.contains("KUBE-"),
+            "{save}: {rules}"
+        );
+    }
+    let ct = n0
+        .cmd("conntrack")
+        .args(["-L", "-s", &p0.ip.to_string()])
+        .output()?;
+    let ct = String::from_utf8_lossy(&ct.stdout);
+    ensure!(!ct.contains("dport=9090"), "tracked by netfilter: {ct}");
+    Ok(())
+}

@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use twill_common::{
     FP_F_HOST_ROUTING, FP_F_MASQ_BPF, FP_F_MASQ_NFT, FastPathConfig, LXC_F_MAC_KNOWN,
-    LocalEndpoint, MASQ_KIND_EXEMPT, MASQ_KIND_SOURCE,
+    LocalEndpoint, MASQ_KIND_EXEMPT, MASQ_KIND_SOURCE, MASQ_PORT_MAX, MASQ_PORT_MIN,
 };
 
 use super::MasqueradeRules;
@@ -99,15 +99,19 @@ pub fn config(host_routing: bool, masquerade: Option<MasqueradeMode>) -> FastPat
     if host_routing {
         flags |= FP_F_HOST_ROUTING;
     }
+    let mut ports = (0, 0);
     match masquerade {
-        Some(MasqueradeMode::Ebpf) => flags |= FP_F_MASQ_BPF,
+        Some(MasqueradeMode::Ebpf) => {
+            flags |= FP_F_MASQ_BPF;
+            ports = (MASQ_PORT_MIN, MASQ_PORT_MAX);
+        }
         Some(MasqueradeMode::Nftables) => flags |= FP_F_MASQ_NFT,
         None => {}
     }
     FastPathConfig {
         flags,
-        masq_port_min: 0,
-        masq_port_max: 0,
+        masq_port_min: ports.0,
+        masq_port_max: ports.1,
     }
 }
 
@@ -291,9 +295,15 @@ mod tests {
             config(true, Some(MasqueradeMode::Nftables)).flags,
             FP_F_HOST_ROUTING | FP_F_MASQ_NFT
         );
+        let ebpf = config(true, Some(MasqueradeMode::Ebpf));
+        assert_eq!(ebpf.flags, FP_F_HOST_ROUTING | FP_F_MASQ_BPF);
         assert_eq!(
-            config(true, Some(MasqueradeMode::Ebpf)).flags,
-            FP_F_HOST_ROUTING | FP_F_MASQ_BPF
+            (ebpf.masq_port_min, ebpf.masq_port_max),
+            (MASQ_PORT_MIN, MASQ_PORT_MAX)
+        );
+        assert_eq!(
+            config(true, Some(MasqueradeMode::Nftables)).masq_port_min,
+            0
         );
         assert_eq!("nftables".parse(), Ok(MasqueradeMode::Nftables));
         assert!("iptables".parse::<MasqueradeMode>().is_err());

@@ -11,9 +11,13 @@ pub async fn apply(rules: &MasqueradeRules) -> Result<(), RoutingError> {
     nft(&rules.render()).await
 }
 
-/// Removes the agent's table (no error when it is absent).
+/// Removes the agent's table (no error when it is absent, nor when nftables is not installed:
+/// then no table can exist).
 pub async fn remove() -> Result<(), RoutingError> {
-    nft(&MasqueradeRules::render_remove()).await
+    match nft(&MasqueradeRules::render_remove()).await {
+        Err(RoutingError::NftSpawn(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 async fn nft(script: &str) -> Result<(), RoutingError> {
