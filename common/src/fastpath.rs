@@ -13,12 +13,7 @@
 //! neighbour dumps), not from the API server: it says where a pod's packets can be delivered on
 //! this node, which the `POLICY_ENDPOINTS` of the policy compiler (from Pod objects) cannot.
 
-pub const MAP_LOCAL_ENDPOINTS: &str = "TWL_LXC_V1";
-pub const MAP_FASTPATH_CONFIG: &str = "TWL_FPCFG_V1";
-pub const MAP_MASQ: &str = "TWL_MASQ_V1";
-
-pub const DEFAULT_LOCAL_ENDPOINTS_MAX: u32 = 4_096;
-pub const DEFAULT_MASQ_PREFIXES_MAX: u32 = 1_024;
+// The maps themselves (names, types, sizes) are entries of `crate::catalogue`.
 
 /// `LocalEndpoint::flags`: the pod-side MAC is known (learned from the host's neighbour entry
 /// for the pod). Without it the pod is still an endpoint (its packets may be masqueraded) but

@@ -3,15 +3,17 @@
 //!
 //! Layout rules (see `HOUSE_STYLE.md` §1–3): every map key/value is `#[repr(C)]`, `Copy`, has
 //! named padding, carries byte order in field names (`_be` = network byte order), and has a
-//! compile-time size assertion. Pinned map names carry a `_V1` suffix: a layout change bumps the
-//! suffix so a restarted agent never reinterprets old bytes.
+//! compile-time size assertion. Every map is described once, in [`catalogue`]: its module doc says
+//! how to add one.
 #![no_std]
 
+pub mod catalogue;
 pub mod fastpath;
 pub mod maps;
 pub mod policy;
 pub mod reason;
 
+pub use catalogue::*;
 pub use fastpath::*;
 pub use maps::*;
 pub use policy::*;

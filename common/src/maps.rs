@@ -18,69 +18,11 @@
 //!  FRAGS     (saddr, daddr, IP id, proto) ──► ports of a fragmented datagram's first fragment
 //! ```
 
-// Map names. BPF object names are limited to 15 bytes plus NUL (BPF_OBJ_NAME_LEN), so keep them
-// short. The kernel crate names its statics exactly like these; the agent's loader checks at start
-// that the embedded object holds every name in `ALL_MAPS`, so a typo cannot drift silently.
-pub const MAP_SERVICES: &str = "TWL_SVC_V1";
-pub const MAP_BACKEND_SLOTS: &str = "TWL_SLOT_V1";
-pub const MAP_BACKENDS: &str = "TWL_BE_V1";
-pub const MAP_AFFINITY: &str = "TWL_AFF_V1";
-pub const MAP_SOCK_REVNAT: &str = "TWL_SKRNAT_V1";
-pub const MAP_NODE_ADDRS: &str = "TWL_NODEIP_V1";
-/// V2: `DatapathConfig` grew `host_netns_cookie` (8 → 16 bytes).
-pub const MAP_CONFIG: &str = "TWL_CFG_V2";
-pub const MAP_STATS: &str = "TWL_STATS_V1";
-// V2: a plain hash (was LRU) whose value carries the TCP state; a V1 pin is never adopted.
-pub const MAP_CT: &str = "TWL_CT_V2";
-pub const MAP_LB_SRC_RANGES: &str = "TWL_LBSRC_V1";
-pub const MAP_UDP_FLOWS: &str = "TWL_UDPFLOW_V1";
-pub const MAP_FRAGS: &str = "TWL_FRAG_V1";
+// Names, kernel types, key/value types and sizes of these maps: `crate::catalogue`.
 
-/// Every map the kernel object must define.
-pub const ALL_MAPS: &[&str] = &[
-    MAP_SERVICES,
-    MAP_BACKEND_SLOTS,
-    MAP_BACKENDS,
-    MAP_AFFINITY,
-    MAP_SOCK_REVNAT,
-    MAP_NODE_ADDRS,
-    MAP_CONFIG,
-    MAP_STATS,
-    MAP_CT,
-    MAP_LB_SRC_RANGES,
-    crate::policy::MAP_POLICY_ENDPOINTS,
-    crate::policy::MAP_IPCACHE,
-    crate::policy::MAP_POLICY,
-    MAP_UDP_FLOWS,
-    MAP_FRAGS,
-    crate::fastpath::MAP_LOCAL_ENDPOINTS,
-    crate::fastpath::MAP_FASTPATH_CONFIG,
-    crate::fastpath::MAP_MASQ,
-];
-
-/// Pinned map names of earlier layouts, which no program uses any more: `uninstall` removes
-/// them too, so an upgraded node keeps no stale pin.
-pub const RETIRED_MAPS: &[&str] = &["TWL_CFG_V1", "TWL_CT_V1"];
-
-/// Default map capacities; the agent may override them (`--map-size-*`) before load.
-pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
-pub const DEFAULT_BACKEND_SLOTS_MAX: u32 = 262_144;
-pub const DEFAULT_BACKENDS_MAX: u32 = 131_072;
-pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
-pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 262_144;
-pub const DEFAULT_NODE_ADDRS_MAX: u32 = 256;
-/// Two entries per north-south flow (one per direction).
-pub const DEFAULT_CT_MAX: u32 = 262_144;
-pub const DEFAULT_LB_SRC_RANGES_MAX: u32 = 16_384;
-/// One entry per (unconnected UDP socket, frontend) that sent to a Service recently.
-pub const DEFAULT_UDP_FLOWS_MAX: u32 = 65_536;
 /// An unconnected UDP socket keeps its backend for a frontend while it sends to it at least this
 /// often (QUIC, SIP and TFTP exchanges pause far less; conntrack's UDP timeout is 30 s too).
 pub const UDP_FLOW_TIMEOUT_S: u64 = 30;
-/// Fragmented datagrams in flight (their fragments arrive within milliseconds of each other).
-pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
-/// One slot per `Reason` discriminant value.
-pub const STATS_MAX: u32 = 256;
 
 /// IP protocol numbers as carried in `proto` fields (IANA).
 pub const PROTO_TCP: u8 = 6;
@@ -361,6 +303,21 @@ impl CtKey {
             daddr_be: value.new_saddr_be,
             sport_be: value.new_dport_be,
             dport_be: value.new_sport_be,
+            proto: self.proto,
+            scope: self.scope,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The same flow seen from the other side: addresses and ports swapped (the counterpart of
+    /// an entry that translates nothing).
+    #[must_use]
+    pub const fn reversed(&self) -> CtKey {
+        CtKey {
+            saddr_be: self.daddr_be,
+            daddr_be: self.saddr_be,
+            sport_be: self.dport_be,
+            dport_be: self.sport_be,
             proto: self.proto,
             scope: self.scope,
             _pad: [0; 2],

@@ -6,13 +6,7 @@
 //!  POLICY  (LPM)     (ep_id, direction, identity, proto, port prefix) ──► PolicyVerdict
 //! ```
 
-pub const MAP_POLICY_ENDPOINTS: &str = "TWL_PEP_V1";
-pub const MAP_IPCACHE: &str = "TWL_IPC_V1";
-pub const MAP_POLICY: &str = "TWL_POL_V1";
-
-pub const DEFAULT_POLICY_ENDPOINTS_MAX: u32 = 4_096;
-pub const DEFAULT_IPCACHE_MAX: u32 = 131_072;
-pub const DEFAULT_POLICY_MAX: u32 = 262_144;
+// Names, kernel types and sizes of these maps: `crate::catalogue`.
 
 /// `PolicyEndpoint::flags`: the pod is selected by a policy with `Ingress` in its policyTypes,
 /// so only allowed connections may reach it.

@@ -9,67 +9,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use ipnetwork::Ipv4Network;
 use twill_common::{Backend, DatapathConfig, ServiceKey, ServiceValue, SlotKey};
 
-/// Which map an operation touched; used in errors and as a metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MapKind {
-    Services,
-    BackendSlots,
-    Backends,
-    Affinity,
-    SockRevNat,
-    NodeAddrs,
-    Config,
-    Stats,
-    /// Per-packet connection tracking (north-south).
-    Ct,
-    /// `loadBalancerSourceRanges` LPM trie.
-    SourceRanges,
-    /// NetworkPolicy: local pod endpoints.
-    PolicyEndpoints,
-    /// NetworkPolicy: peer prefix → identity (LPM trie).
-    IpCache,
-    /// NetworkPolicy: allowed (endpoint, direction, identity, protocol, port) prefixes.
-    Policy,
-    /// Unconnected UDP flow stickiness (socket path).
-    UdpFlows,
-    /// eBPF host routing: local pods' veths and MACs.
-    LocalEndpoints,
-    /// eBPF host routing and masquerade switches.
-    FastPathConfig,
-    /// Masquerade source and exempt prefixes (LPM trie).
-    Masq,
-}
-
-impl MapKind {
-    pub const fn name(self) -> &'static str {
-        match self {
-            MapKind::Services => twill_common::MAP_SERVICES,
-            MapKind::BackendSlots => twill_common::MAP_BACKEND_SLOTS,
-            MapKind::Backends => twill_common::MAP_BACKENDS,
-            MapKind::Affinity => twill_common::MAP_AFFINITY,
-            MapKind::SockRevNat => twill_common::MAP_SOCK_REVNAT,
-            MapKind::NodeAddrs => twill_common::MAP_NODE_ADDRS,
-            MapKind::Config => twill_common::MAP_CONFIG,
-            MapKind::Stats => twill_common::MAP_STATS,
-            MapKind::Ct => twill_common::MAP_CT,
-            MapKind::SourceRanges => twill_common::MAP_LB_SRC_RANGES,
-            MapKind::PolicyEndpoints => twill_common::MAP_POLICY_ENDPOINTS,
-            MapKind::IpCache => twill_common::MAP_IPCACHE,
-            MapKind::Policy => twill_common::MAP_POLICY,
-            MapKind::UdpFlows => twill_common::MAP_UDP_FLOWS,
-            MapKind::LocalEndpoints => twill_common::MAP_LOCAL_ENDPOINTS,
-            MapKind::FastPathConfig => twill_common::MAP_FASTPATH_CONFIG,
-            MapKind::Masq => twill_common::MAP_MASQ,
-        }
-    }
-}
+/// Which map an operation touched; used in errors and as a metric label (the catalogue's).
+pub use twill_common::MapKind;
 
 /// A failed map operation.
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
     /// The map has no room for a new key (E2BIG from the kernel): never a silent drop.
-    #[error("map {} is full ({capacity} entries); raise its size with the agent's --map-size flags", .map.name())]
+    #[error("map {} is full ({capacity} entries); raise its size with the agent's --{}", .map.name(), .map.spec().size_flag.unwrap_or("map-size-* flags"))]
     Full { map: MapKind, capacity: u32 },
     #[error("{op} on map {} failed", .map.name())]
     Syscall {
@@ -609,7 +556,10 @@ mod tests {
             ),
             "{err:?}"
         );
-        assert!(err.to_string().contains("TWL_LBSRC_V1"), "{err}");
+        assert!(
+            err.to_string().contains(MapKind::SourceRanges.name()),
+            "{err}"
+        );
         fake.delete_source_range(7, net("10.9.9.9/8")).unwrap();
         assert!(fake.state.source_ranges.is_empty());
     }
@@ -670,7 +620,7 @@ mod tests {
             ),
             "{err}"
         );
-        assert!(err.to_string().contains("TWL_SVC_V1"));
+        assert!(err.to_string().contains(MapKind::Services.name()));
         assert_eq!(err.map(), MapKind::Services);
         assert!(maps.dump().is_ok());
         maps.plan = FaultPlan::none().fail_dump();

@@ -4,6 +4,7 @@
 //! `bpffs-dir: /sys/fs/bpf/twill`); a flag given on the command line (or through its environment
 //! variable) overrides the file. Raw input (flags + file) is turned into a validated [`Config`]
 //! by [`RunArgs::resolve`], one check per rule, each with an error that says what to change.
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,37 +87,9 @@ pub struct RunArgs {
     /// twice this [default: 30s].
     #[arg(long, value_name = "DURATION")]
     pub sync_period: Option<String>,
-    /// Max entries of the services map.
-    #[arg(long, value_name = "N")]
-    pub map_size_services: Option<u32>,
-    /// Max entries of the backend slots map.
-    #[arg(long, value_name = "N")]
-    pub map_size_backend_slots: Option<u32>,
-    /// Max entries of the backends map.
-    #[arg(long, value_name = "N")]
-    pub map_size_backends: Option<u32>,
-    /// Max entries of the session affinity map.
-    #[arg(long, value_name = "N")]
-    pub map_size_affinity: Option<u32>,
-    /// Max entries of the socket reverse-NAT map.
-    #[arg(long, value_name = "N")]
-    pub map_size_sock_revnat: Option<u32>,
-    /// Max entries of the per-packet connection-tracking map (north-south translation and
-    /// NetworkPolicy flows).
-    #[arg(long, value_name = "N")]
-    pub map_size_ct: Option<u32>,
-    /// Max entries of the NetworkPolicy endpoint map (local pods).
-    #[arg(long, value_name = "N")]
-    pub map_size_policy_endpoints: Option<u32>,
-    /// Max entries of the NetworkPolicy ipcache (pod IPs and ipBlock prefixes).
-    #[arg(long, value_name = "N")]
-    pub map_size_ipcache: Option<u32>,
-    /// Max entries of the NetworkPolicy rule trie.
-    #[arg(long, value_name = "N")]
-    pub map_size_policy: Option<u32>,
-    /// Max entries of the unconnected UDP flow map (socket path stickiness).
-    #[arg(long, value_name = "N")]
-    pub map_size_udp_flows: Option<u32>,
+    /// `--map-size-*`: one flag per map of the catalogue whose size is an operator choice.
+    #[command(flatten)]
+    pub map_sizes: MapSizeArgs,
     /// Devices NodePort/north-south programs attach to (default: the node's underlay devices).
     #[arg(long, value_delimiter = ',', value_name = "DEV,...")]
     pub devices: Option<Vec<String>>,
@@ -269,16 +242,10 @@ pub struct FileConfig {
     pub cni_mtu: Option<u32>,
     pub cni_chain_portmap: Option<bool>,
     pub sync_period: Option<String>,
-    pub map_size_services: Option<u32>,
-    pub map_size_backend_slots: Option<u32>,
-    pub map_size_backends: Option<u32>,
-    pub map_size_affinity: Option<u32>,
-    pub map_size_sock_revnat: Option<u32>,
-    pub map_size_ct: Option<u32>,
-    pub map_size_policy_endpoints: Option<u32>,
-    pub map_size_ipcache: Option<u32>,
-    pub map_size_policy: Option<u32>,
-    pub map_size_udp_flows: Option<u32>,
+    /// The `map-size-*` keys (taken out by [`parse_file`]: their names come from the
+    /// catalogue, not from this struct).
+    #[serde(skip)]
+    pub map_sizes: MapSizeArgs,
     pub devices: Option<Vec<String>>,
     pub nodeport_addresses: Option<Vec<String>>,
     pub routing_mode: Option<RoutingMode>,
@@ -304,6 +271,7 @@ pub enum SourceConfig {
 }
 
 pub use crate::datapath::MapSizes;
+use twill_common::MapKind;
 
 /// The validated configuration of `twill-agent run`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -410,12 +378,24 @@ pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
-/// Parses config file text; an empty file is an empty config.
+/// Parses config file text; an empty file is an empty config. The `map-size-*` keys are taken
+/// out first (by the catalogue's flag names), the rest must be [`FileConfig`]'s keys.
 pub fn parse_file(text: &str) -> Result<FileConfig, serde_yaml::Error> {
     if text.trim().is_empty() {
         return Ok(FileConfig::default());
     }
-    serde_yaml::from_str(text)
+    let mut value: serde_yaml::Value = serde_yaml::from_str(text)?;
+    let mut map_sizes = MapSizeArgs::default();
+    if let serde_yaml::Value::Mapping(keys) = &mut value {
+        for (kind, flag) in sized_maps() {
+            if let Some(size) = keys.remove(flag) {
+                map_sizes = map_sizes.with(kind, serde_yaml::from_value(size)?);
+            }
+        }
+    }
+    let mut file: FileConfig = serde_yaml::from_value(value)?;
+    file.map_sizes = map_sizes;
+    Ok(file)
 }
 
 /// Flags over file, then defaults and validation (map sizes in [`map_sizes`]).
@@ -499,65 +479,75 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
     })
 }
 
-/// The `--map-size-*` flags over the file, then the defaults.
+/// The `--map-size-*` flags over the file, then the catalogue's defaults.
 fn map_sizes(flags: &RunArgs, file: &FileConfig) -> Result<MapSizes, ConfigError> {
-    let defaults = MapSizes::default();
-    Ok(MapSizes {
-        services: map_size(
-            "map-size-services",
-            pick(flags.map_size_services, file.map_size_services),
-            defaults.services,
-        )?,
-        backend_slots: map_size(
-            "map-size-backend-slots",
-            pick(flags.map_size_backend_slots, file.map_size_backend_slots),
-            defaults.backend_slots,
-        )?,
-        backends: map_size(
-            "map-size-backends",
-            pick(flags.map_size_backends, file.map_size_backends),
-            defaults.backends,
-        )?,
-        affinity: map_size(
-            "map-size-affinity",
-            pick(flags.map_size_affinity, file.map_size_affinity),
-            defaults.affinity,
-        )?,
-        sock_revnat: map_size(
-            "map-size-sock-revnat",
-            pick(flags.map_size_sock_revnat, file.map_size_sock_revnat),
-            defaults.sock_revnat,
-        )?,
-        ct: map_size(
-            "map-size-ct",
-            pick(flags.map_size_ct, file.map_size_ct),
-            defaults.ct,
-        )?,
-        policy_endpoints: map_size(
-            "map-size-policy-endpoints",
-            pick(
-                flags.map_size_policy_endpoints,
-                file.map_size_policy_endpoints,
-            ),
-            defaults.policy_endpoints,
-        )?,
-        ipcache: map_size(
-            "map-size-ipcache",
-            pick(flags.map_size_ipcache, file.map_size_ipcache),
-            defaults.ipcache,
-        )?,
-        policy: map_size(
-            "map-size-policy",
-            pick(flags.map_size_policy, file.map_size_policy),
-            defaults.policy,
-        )?,
-        udp_flows: map_size(
-            "map-size-udp-flows",
-            pick(flags.map_size_udp_flows, file.map_size_udp_flows),
-            defaults.udp_flows,
-        )?,
-        ..defaults
-    })
+    let mut sizes = MapSizes::default();
+    for (kind, flag) in sized_maps() {
+        let value = pick(flags.map_sizes.get(kind), file.map_sizes.get(kind));
+        sizes = sizes.with(kind, map_size(flag, value, sizes.get(kind))?);
+    }
+    Ok(sizes)
+}
+
+/// The maps whose size is an operator choice, with their flag (catalogue order).
+fn sized_maps() -> impl Iterator<Item = (MapKind, &'static str)> {
+    MapKind::ALL
+        .iter()
+        .filter_map(|k| k.spec().size_flag.map(|flag| (*k, flag)))
+}
+
+/// The `--map-size-*` flags (or file keys) given: one per catalogue entry with a size flag,
+/// defined from the catalogue rather than spelled here.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapSizeArgs(BTreeMap<MapKind, u32>);
+
+impl MapSizeArgs {
+    /// The size given for `kind`, if any.
+    pub fn get(&self, kind: MapKind) -> Option<u32> {
+        self.0.get(&kind).copied()
+    }
+
+    /// With `kind` sized `max_entries`.
+    #[must_use]
+    pub fn with(mut self, kind: MapKind, max_entries: u32) -> Self {
+        self.0.insert(kind, max_entries);
+        self
+    }
+}
+
+impl clap::FromArgMatches for MapSizeArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = Self::default();
+        args.update_from_arg_matches(matches)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        for (kind, flag) in sized_maps() {
+            if let Some(v) = matches.get_one::<u32>(flag) {
+                self.0.insert(kind, *v);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Args for MapSizeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        sized_maps().fold(cmd, |cmd, (kind, flag)| {
+            cmd.arg(
+                clap::Arg::new(flag)
+                    .long(flag)
+                    .value_name("N")
+                    .value_parser(clap::value_parser!(u32))
+                    .help(kind.spec().size_help),
+            )
+        })
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 /// A DNS zone: dot-separated labels of letters, digits and hyphens (RFC 1123), lower-cased,
@@ -769,7 +759,38 @@ mod tests {
         let cfg = merge(RunArgs::default(), file).unwrap();
         assert_eq!(cfg.node_name, "j");
         assert_eq!(cfg.healthz_bind_address, None);
-        assert_eq!(cfg.map_sizes.services, 10);
+        assert_eq!(cfg.map_sizes.get(MapKind::Services), 10);
+    }
+
+    #[test]
+    fn every_sized_map_has_a_flag_and_a_file_key() {
+        let flags: Vec<_> = sized_maps().collect();
+        assert!(flags.contains(&(MapKind::Frags, "map-size-frags")));
+        for (kind, flag) in flags {
+            let cfg = merge(
+                run_args(&["--node-name", "n", &format!("--{flag}"), "7"]),
+                FileConfig::default(),
+            )
+            .unwrap();
+            assert_eq!(cfg.map_sizes.get(kind), 7, "{flag}");
+            let file = parse_file(&format!("node-name: n\n{flag}: 9\n")).unwrap();
+            let cfg = merge(RunArgs::default(), file).unwrap();
+            assert_eq!(cfg.map_sizes.get(kind), 9, "{flag}");
+            let file = parse_file(&format!("{flag}: 9\n")).unwrap();
+            let cfg = merge(
+                run_args(&["--node-name", "n", &format!("--{flag}=5")]),
+                file,
+            )
+            .unwrap();
+            assert_eq!(
+                cfg.map_sizes.get(kind),
+                5,
+                "the flag wins over the file: {flag}"
+            );
+            assert!(parse_file(&format!("{flag}: lots\n")).is_err(), "{flag}");
+        }
+        let cfg = merge(run_args(&["--node-name", "n"]), FileConfig::default()).unwrap();
+        assert_eq!(cfg.map_sizes.get(MapKind::Stats), twill_common::STATS_MAX);
     }
 
     #[test]
@@ -847,7 +868,7 @@ mod tests {
             Err(ConfigError::Mtu(100))
         ));
         let f = FileConfig {
-            map_size_backends: Some(0),
+            map_sizes: MapSizeArgs::default().with(MapKind::Backends, 0),
             ..base()
         };
         assert!(matches!(

@@ -1,4 +1,4 @@
-//! Collection of the connection-tracking table (`TWL_CT_V2`): which entries go. Pure — the
+//! Collection of the connection-tracking table (`MapKind::Ct`): which entries go. Pure — the
 //! entries, the time and who owns which pod address in, the keys to delete out — so every rule
 //! is unit-tested without a kernel; [`crate::datapath::AyaLbMaps::collect_ct`] reads the table,
 //! asks [`plan`] and deletes.

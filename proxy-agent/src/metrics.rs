@@ -333,7 +333,7 @@ mod tests {
         let m = Metrics::new();
         m.sync_duration.observe(0.01);
         m.invalid_object("Service", "bad_ip");
-        m.map_error("TWL_SVC_V1", "full");
+        m.map_error("map_a", "full");
         m.sync_errors.inc();
         m.services.set(3);
         let text = m.render();
@@ -343,7 +343,7 @@ mod tests {
             "twill_services 3",
             "twill_endpoints",
             "twill_invalid_objects_total{kind=\"Service\",reason=\"bad_ip\"} 1",
-            "twill_map_errors_total{map=\"TWL_SVC_V1\",kind=\"full\"} 1",
+            "twill_map_errors_total{map=\"map_a\",kind=\"full\"} 1",
             "twill_sync_errors_total 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");

@@ -40,7 +40,7 @@ use twill_common::{
 
 use crate::{
     maps::{TWL_FPCFG_V1, TWL_LXC_V1, TWL_MASQ_V1, count},
-    pkt::{ETH_HLEN, Flow, parse_flow},
+    pkt::{ETH_HLEN, Flow, parse},
     policy::{Side, judge},
 };
 
@@ -60,6 +60,16 @@ const FIB_PARAMS_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
     reason = "8 bytes"
 )]
 const NH_PARAMS_LEN: i32 = size_of::<bpf_redir_neigh>() as i32;
+
+/// The flow of a packet as NetworkPolicy judges it; `None` for what is not IPv4 and later
+/// fragments.
+#[inline(always)]
+pub fn parse_flow(ctx: &TcContext) -> Result<Option<Flow>, Reason> {
+    match parse(ctx)? {
+        Some(p) => Flow::of(&p),
+        None => Ok(None),
+    }
+}
 
 /// The fast path's switches (all off until the agent wrote them).
 #[inline(always)]

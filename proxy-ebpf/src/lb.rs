@@ -35,12 +35,14 @@ pub fn lookup_scoped(addr_be: u32, port_be: u16, proto: u8, scope: u8) -> Option
         return Some(*v);
     }
     key.scope = SCOPE_ANY;
+    // SAFETY: as above.
     unsafe { TWL_SVC_V1.get(key) }.copied()
 }
 
 /// Whether `addr_be` is one of this node's NodePort addresses (`NODE_ADDRS`).
 #[inline(always)]
 pub fn is_node_addr(addr_be: u32) -> bool {
+    // SAFETY: only the presence is read; the value is never touched.
     unsafe { TWL_NODEIP_V1.get(addr_be) }.is_some()
 }
 
@@ -66,6 +68,8 @@ pub fn lookup_service(
 
 #[inline(always)]
 fn backend_at(svc_id: u32, slot: u32) -> Option<u32> {
+    // SAFETY: the value is copied out at once (a concurrent update by the agent writes the
+    // whole u32).
     unsafe { TWL_SLOT_V1.get(SlotKey { svc_id, slot }) }.copied()
 }
 
@@ -91,6 +95,7 @@ fn find_slot(svc: &ServiceValue, backend_id: u32, hint: u32) -> Option<u32> {
 fn backend_by(svc: &ServiceValue, pick: u32) -> Result<(u32, u32, Backend), Reason> {
     let slot = pick % u32::from(svc.backend_count);
     let id = backend_at(svc.svc_id, slot).ok_or(Reason::BackendMissing)?;
+    // SAFETY: the value is copied out at once.
     let be = unsafe { TWL_BE_V1.get(id) }
         .copied()
         .ok_or(Reason::BackendMissing)?;
@@ -163,6 +168,8 @@ fn sticky_backend<K>(
 ) -> Result<(Backend, Reason), Reason> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY (both lookups): the values are copied out at once; a concurrent update of the LRU
+    // entry may tear it, which at worst re-balances this one client.
     if let Some(old) = unsafe { sticky.map.get(&sticky.key) }.copied()
         && now.saturating_sub(old.last_used_ns) <= sticky.timeout_ns
         && let Some(slot) = find_slot(svc, old.backend_id, old.slot_hint)

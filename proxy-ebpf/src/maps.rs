@@ -1,5 +1,6 @@
-//! Map definitions. Static names equal the `MAP_*` constants in `twill-common` (the agent checks
-//! the embedded object against `twill_common::ALL_MAPS` at load time).
+//! Map definitions: one static per entry of `twill_common::catalogue`, named like the entry, of
+//! its type, key and value, sized by its `DEFAULT_*` constant (the agent's unit test
+//! `kernel_object_maps_match_the_catalogue` checks the built object against the catalogue).
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},

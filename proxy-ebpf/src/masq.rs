@@ -53,17 +53,23 @@ const SOCK_TUPLE_V4_LEN: u32 = (2 * size_of::<u32>() + 2 * size_of::<u16>()) as 
 pub fn open(ctx: &TcContext, p: &Pkt) -> Result<Verdict, Reason> {
     let cfg = config();
     if cfg.flags & FP_F_MASQ_BPF == 0
-        || (p.proto != PROTO_TCP && p.proto != PROTO_UDP)
-        || !masqueraded(p.saddr, p.daddr)
+        || (p.flow.proto != PROTO_TCP && p.flow.proto != PROTO_UDP)
+        || !masqueraded(p.flow.saddr, p.flow.daddr)
     {
         return Ok((Reason::NotService, TC_ACT_OK));
     }
-    if p.later_fragment || (p.proto == PROTO_TCP && !p.is_syn()) {
+    if p.later_fragment || (p.flow.proto == PROTO_TCP && !p.flow.is_syn()) {
         // The middle of a flow without an entry (expired, flushed, or opened before the
         // masquerade ran): rewriting it to a new port would only confuse the peer.
         return Ok((Reason::MasqNotOpened, TC_ACT_OK));
     }
-    let (rc, params) = route(ctx, p.proto, p.saddr, p.daddr, BPF_FIB_LOOKUP_SRC);
+    let (rc, params) = route(
+        ctx,
+        p.flow.proto,
+        p.flow.saddr,
+        p.flow.daddr,
+        BPF_FIB_LOOKUP_SRC,
+    );
     // SAFETY: union member written by the kernel for AF_INET lookups.
     let snat = unsafe { params.__bindgen_anon_3.ipv4_src };
     if rc != 0 || snat == 0 {
@@ -72,10 +78,10 @@ pub fn open(ctx: &TcContext, p: &Pkt) -> Result<Verdict, Reason> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let reply = CtValue {
-        new_saddr_be: p.daddr,
-        new_daddr_be: p.saddr,
-        new_sport_be: p.dport,
-        new_dport_be: p.sport,
+        new_saddr_be: p.flow.daddr,
+        new_daddr_be: p.flow.saddr,
+        new_sport_be: p.flow.dport,
+        new_dport_be: p.flow.sport,
         svc_id: 0,
         flags: CT_F_REPLY | CT_F_MASQ,
         state: CT_STATE_NEW,
@@ -97,7 +103,7 @@ pub fn open(ctx: &TcContext, p: &Pkt) -> Result<Verdict, Reason> {
             .unwrap_or(u16::MAX)
             .to_be();
         let key = reply_key(p, snat, port);
-        if node_socket_owns(ctx, p.proto, &key) {
+        if node_socket_owns(ctx, p.flow.proto, &key) {
             continue;
         }
         match TWL_CT_V2.insert(&key, &reply, u64::from(BPF_NOEXIST)) {
@@ -114,17 +120,17 @@ pub fn open(ctx: &TcContext, p: &Pkt) -> Result<Verdict, Reason> {
     }
     let orig = CtValue {
         new_saddr_be: snat,
-        new_daddr_be: p.daddr,
+        new_daddr_be: p.flow.daddr,
         new_sport_be: port_be,
-        new_dport_be: p.dport,
+        new_dport_be: p.flow.dport,
         flags: CT_F_MASQ,
         ..reply
     };
-    if TWL_CT_V2.insert(&p.key(), &orig, 0).is_err() {
+    if TWL_CT_V2.insert(&p.flow.nat_key(), &orig, 0).is_err() {
         let _ = TWL_CT_V2.remove(&reply_key(p, snat, port_be));
         return Err(Reason::CtMapFull);
     }
-    rewrite(ctx, p, snat, port_be, p.daddr, p.dport)?;
+    rewrite(ctx, p, snat, port_be, p.flow.daddr, p.flow.dport)?;
     Ok((Reason::MasqSnat, TC_ACT_OK))
 }
 
@@ -132,11 +138,11 @@ pub fn open(ctx: &TcContext, p: &Pkt) -> Result<Verdict, Reason> {
 #[inline(always)]
 fn reply_key(p: &Pkt, snat: u32, port_be: u16) -> CtKey {
     CtKey {
-        saddr_be: p.daddr,
+        saddr_be: p.flow.daddr,
         daddr_be: snat,
-        sport_be: p.dport,
+        sport_be: p.flow.dport,
         dport_be: port_be,
-        proto: p.proto,
+        proto: p.flow.proto,
         scope: CT_SCOPE_NAT,
         _pad: [0; 2],
     }

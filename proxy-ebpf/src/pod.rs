@@ -24,13 +24,13 @@ use twill_common::Reason;
 use crate::{
     fwd,
     maps::count,
-    pkt::parse_flow,
+    pkt::{Flow, parse},
     policy::{Side, judge},
 };
 
 #[classifier]
 pub fn twill_pod_ingress(ctx: TcContext) -> i32 {
-    let flow = match parse_flow(&ctx) {
+    let flow = match fwd::parse_flow(&ctx) {
         Ok(Some(flow)) => flow,
         // Not IPv4 (ARP, IPv6: the pod network is IPv4-only) or a later fragment: the stack.
         Ok(None) => return exit(Ok(Reason::PolicyNotEnforced)),
@@ -64,9 +64,14 @@ fn exit(verdict: Result<Reason, Reason>) -> i32 {
 
 #[inline(always)]
 fn try_pod(ctx: &TcContext, side: Side) -> Result<Reason, Reason> {
-    match parse_flow(ctx)? {
+    let flow = match parse(ctx)? {
+        Some(p) => Flow::of(&p)?,
+        // Not IPv4 (ARP, IPv6: the pod network is IPv4-only).
+        None => None,
+    };
+    match flow {
         Some(flow) => judge(&flow, side),
-        // Not IPv4 (ARP, IPv6: the pod network is IPv4-only) or a later fragment.
+        // Not IPv4, or a later fragment.
         None => Ok(Reason::PolicyNotEnforced),
     }
 }

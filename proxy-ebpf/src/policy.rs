@@ -101,11 +101,17 @@ pub fn judge(flow: &Flow, side: Side) -> Result<Reason, Reason> {
     if ep.flags & (PEP_F_INGRESS_ISOLATED | PEP_F_EGRESS_ISOLATED) == 0 {
         return Ok(Reason::PolicyNotEnforced);
     }
-    let key = ct_key(flow);
+    let key = flow.ct_key(CT_SCOPE_POLICY);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if ct_seen(&key, side.ct_flag(), now, flow.tcp_flags, false)
-        || ct_seen(&reverse(&key), side.reply_flag(), now, flow.tcp_flags, true)
+        || ct_seen(
+            &key.reversed(),
+            side.reply_flag(),
+            now,
+            flow.tcp_flags,
+            true,
+        )
     {
         return Ok(Reason::PolicyEstablished);
     }
@@ -167,30 +173,6 @@ fn allowed(ep: &PolicyEndpoint, side: Side, identity: u32, proto: u8, port_be: u
     }
     key.data.identity_be = IDENTITY_ANY.to_be();
     TWL_POL_V1.get(&key).map(|v| v.rule_id)
-}
-
-#[inline(always)]
-fn ct_key(flow: &Flow) -> CtKey {
-    CtKey {
-        saddr_be: flow.saddr,
-        daddr_be: flow.daddr,
-        sport_be: flow.sport,
-        dport_be: flow.dport,
-        proto: flow.proto,
-        scope: CT_SCOPE_POLICY,
-        _pad: [0; 2],
-    }
-}
-
-#[inline(always)]
-fn reverse(key: &CtKey) -> CtKey {
-    CtKey {
-        saddr_be: key.daddr_be,
-        daddr_be: key.saddr_be,
-        sport_be: key.dport_be,
-        dport_be: key.sport_be,
-        ..*key
-    }
 }
 
 /// Whether `key` is tracked with `flag`; if so, refreshes its timestamp and moves its state:

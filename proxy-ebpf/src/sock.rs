@@ -251,6 +251,7 @@ fn rev_translate<const FAMILY: bool>(ctx: &SockAddrContext) -> Reason {
     let Some(addr_be) = ipv4_of::<FAMILY>(sa) else {
         return Reason::NotV4Mapped;
     };
+    // SAFETY: the context pointer is the program's own, valid for the call.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockRevNatKey {
         cookie,
@@ -258,6 +259,7 @@ fn rev_translate<const FAMILY: bool>(ctx: &SockAddrContext) -> Reason {
         backend_port_be: sa.user_port as u16,
         _pad: 0,
     };
+    // SAFETY: the value's fields are read at once, before any other helper call.
     match unsafe { TWL_SKRNAT_V1.get(key) } {
         Some(v) => {
             set_ipv4::<FAMILY>(sa, v.frontend_addr_be);

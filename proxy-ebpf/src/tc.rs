@@ -35,7 +35,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
-        TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
+        BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh,
@@ -55,13 +55,12 @@ use twill_common::{
 use crate::{
     lb::{flow_hash, is_node_addr, lookup_service, select_backend_by},
     maps::{TWL_CT_V2, TWL_FRAG_V1, TWL_LBSRC_V1, count},
+    pkt::{
+        Flow, ICMP_CSUM, IP_CSUM_AT, IP_DST_AT, IP_SRC_AT, L4, L4_DPORT, L4_SPORT, PROTO_ICMP,
+        QUOTE_CSUM, QUOTE_DST, QUOTE_SRC, Quote, TCP_CSUM, TCP_FIN, TCP_RST, UDP_CSUM, parse,
+    },
 };
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-const IP_SRC_OFF: usize = ETH_HLEN + 12;
-const IP_DST_OFF: usize = ETH_HLEN + 16;
 const AF_INET: u8 = 2;
 #[expect(
     clippy::cast_possible_truncation,
@@ -75,19 +74,10 @@ const SNAT_PORT_MIN: u32 = 32_768;
 const SNAT_PORT_RANGE: u32 = 28_232;
 /// Frontend kinds served to traffic from outside the node (a ClusterIP is not).
 const EXTERNAL_KINDS: u16 = SVC_F_NODEPORT | SVC_F_EXTERNAL_IP | SVC_F_LOADBALANCER;
-/// TCP header flag bits (byte 13).
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-const PROTO_ICMP: u8 = 1;
-/// IPv4 flags/fragment-offset field: "more fragments" and the offset.
-const IP_MF: u16 = 0x2000;
-const IP_OFFSET_MASK: u16 = 0x1fff;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
 /// `-EEXIST`: a `BPF_NOEXIST` insert met an existing key.
 const EEXIST: i32 = 17;
+/// A `TWL_LBSRC_V1` lookup matches its whole key: the Service id and the client's address.
+const LB_SRC_KEY_BITS: u32 = 64;
 
 #[classifier]
 pub fn twill_tc_ingress(ctx: TcContext) -> i32 {
@@ -122,178 +112,102 @@ fn exit(verdict: Result<Verdict, Reason>) -> i32 {
     }
 }
 
-/// The parts of an IPv4 TCP/UDP packet the datapath reads.
+/// A TCP/UDP packet as the translator reads it: its flow and where to rewrite it.
 pub struct Pkt {
+    pub flow: Flow,
     l4_off: usize,
-    pub saddr: u32,
-    pub daddr: u32,
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    /// TCP flags (0 for UDP and later fragments).
-    tcp_flags: u8,
+    /// UDP: the datagram carries a checksum (0 means none and stays 0).
+    udp_csum: bool,
     /// A fragment after the first: no TCP/UDP header (the ports come from `TWL_FRAG_V1`), so
     /// only the addresses are rewritten and it never opens a flow.
     pub later_fragment: bool,
 }
 
-impl Pkt {
-    /// A TCP SYN without ACK: the only packet that may open a TCP flow.
-    pub fn is_syn(&self) -> bool {
-        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-    }
-
-    pub fn key(&self) -> CtKey {
-        CtKey {
-            saddr_be: self.saddr,
-            daddr_be: self.daddr,
-            sport_be: self.sport,
-            dport_be: self.dport,
-            proto: self.proto,
-            scope: CT_SCOPE_NAT,
-            _pad: [0; 2],
-        }
-    }
-}
-
 /// What a packet is to this datapath.
 enum Parsed {
-    /// A TCP/UDP packet (or the first fragment of one).
+    /// A TCP/UDP packet (or a fragment of one whose first fragment was seen).
     Flow(Pkt),
     /// An ICMP error quoting a TCP/UDP packet: translated like the flow it is about.
     IcmpError(IcmpErr),
-    /// Not IPv4, another protocol, a later fragment, an ICMP message of no flow.
+    /// Not IPv4, another protocol, a later fragment of no known datagram, an ICMP message of
+    /// no flow.
     Other,
 }
 
 /// An ICMP error (destination unreachable — fragmentation needed among them — or time
-/// exceeded) and the header of the packet it quotes (RFC 792: the IP header and at least the
-/// first 8 bytes of its payload, which hold the ports).
+/// exceeded) and the header of the packet it quotes.
 struct IcmpErr {
     saddr: u32,
     daddr: u32,
     icmp_off: usize,
-    inner_off: usize,
-    inner_l4_off: usize,
-    inner_saddr: u32,
-    inner_daddr: u32,
-    inner_sport: u16,
-    inner_dport: u16,
-    inner_proto: u8,
+    quote: Quote,
 }
 
+/// The packet through the one parser (`pkt::parse`), narrowed to what this datapath serves.
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Result<Parsed, Reason> {
-    let eth_proto: u16 = ctx.load(12).map_err(|_| Reason::Malformed)?;
-    if u16::from_be(eth_proto) != ETH_P_IP {
+fn classify(ctx: &TcContext) -> Result<Parsed, Reason> {
+    let Some(p) = parse(ctx)? else {
         return Ok(Parsed::Other);
-    }
-    let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| Reason::Malformed)?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ihl < 20 {
-        return Err(Reason::Malformed);
-    }
-    let proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| Reason::Malformed)?;
-    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
-        return Ok(Parsed::Other);
-    }
-    let frag = u16::from_be(ctx.load(ETH_HLEN + 6).map_err(|_| Reason::Malformed)?);
-    let l4_off = ETH_HLEN + ihl;
-    let saddr: u32 = ctx.load(IP_SRC_OFF).map_err(|_| Reason::Malformed)?;
-    let daddr: u32 = ctx.load(IP_DST_OFF).map_err(|_| Reason::Malformed)?;
-    let frag_key = |ctx: &TcContext| -> Result<FragKey, Reason> {
-        Ok(FragKey {
-            saddr_be: saddr,
-            daddr_be: daddr,
-            id_be: ctx.load(ETH_HLEN + 4).map_err(|_| Reason::Malformed)?,
-            proto,
-            _pad: 0,
-        })
     };
-    if frag & IP_OFFSET_MASK != 0 {
+    if p.proto != PROTO_TCP && p.proto != PROTO_UDP {
+        return Ok(match p.l4 {
+            L4::IcmpError(quote) if quote.translatable() => Parsed::IcmpError(IcmpErr {
+                saddr: p.saddr,
+                daddr: p.daddr,
+                icmp_off: p.l4_off,
+                quote,
+            }),
+            _ => Parsed::Other,
+        });
+    }
+    let frag_key = FragKey {
+        saddr_be: p.saddr,
+        daddr_be: p.daddr,
+        id_be: p.id_be,
+        proto: p.proto,
+        _pad: 0,
+    };
+    let (sport, dport, tcp_flags, udp_csum, later_fragment) = if let L4::Ports(ports) = p.l4 {
+        if p.first_fragment() {
+            // The first fragment of a datagram: remember its ports for the others. Recorded
+            // for every datagram, translated or not; fragmentation is rare enough that this
+            // costs nothing worth a second lookup.
+            let seen = FragValue {
+                sport_be: ports.sport,
+                dport_be: ports.dport,
+            };
+            let _ = TWL_FRAG_V1.insert(frag_key, seen, 0);
+        }
+        (
+            ports.sport,
+            ports.dport,
+            ports.tcp_flags,
+            ports.udp_csum,
+            false,
+        )
+    } else {
         // A later fragment: it belongs to the flow of its datagram's first fragment, if that
         // one was seen (fragments may arrive out of order; those then pass untouched).
-        if proto == PROTO_ICMP {
-            return Ok(Parsed::Other);
-        }
         // SAFETY: the value is copied out at once.
-        let Some(ports) = (unsafe { TWL_FRAG_V1.get(frag_key(ctx)?) }).copied() else {
+        let Some(seen) = (unsafe { TWL_FRAG_V1.get(frag_key) }).copied() else {
             return Ok(Parsed::Other);
         };
-        return Ok(Parsed::Flow(Pkt {
-            l4_off,
-            tcp_flags: 0,
-            later_fragment: true,
-            saddr,
-            daddr,
-            sport: ports.sport_be,
-            dport: ports.dport_be,
-            proto,
-        }));
-    }
-    if proto == PROTO_ICMP {
-        return Ok(parse_icmp(ctx, l4_off).map_or(Parsed::Other, Parsed::IcmpError));
-    }
-    let tcp_flags = if proto == PROTO_TCP {
-        ctx.load(l4_off + 13).map_err(|_| Reason::Malformed)?
-    } else {
-        0
+        (seen.sport_be, seen.dport_be, 0, false, true)
     };
-    let p = Pkt {
-        l4_off,
-        tcp_flags,
-        later_fragment: false,
-        saddr,
-        daddr,
-        sport: ctx.load(l4_off).map_err(|_| Reason::Malformed)?,
-        dport: ctx.load(l4_off + 2).map_err(|_| Reason::Malformed)?,
-        proto,
-    };
-    if frag & IP_MF != 0 {
-        // The first fragment of a datagram: remember its ports for the others. Recorded for
-        // every datagram, translated or not; fragmentation is rare enough that this costs
-        // nothing worth a second lookup.
-        let ports = FragValue {
-            sport_be: p.sport,
-            dport_be: p.dport,
-        };
-        let _ = TWL_FRAG_V1.insert(frag_key(ctx)?, ports, 0);
-    }
-    Ok(Parsed::Flow(p))
-}
-
-/// `None` for ICMP messages that are not errors about a TCP/UDP packet, or that quote too
-/// little to tell its flow: those pass untouched.
-#[inline(always)]
-fn parse_icmp(ctx: &TcContext, icmp_off: usize) -> Option<IcmpErr> {
-    let icmp_type: u8 = ctx.load(icmp_off).ok()?;
-    if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
-        return None;
-    }
-    let inner_off = icmp_off + 8;
-    let vihl: u8 = ctx.load(inner_off).ok()?;
-    // At most 60 bytes: the mask keeps the offset bounded for the verifier.
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ihl < 20 {
-        return None;
-    }
-    let inner_proto: u8 = ctx.load(inner_off + 9).ok()?;
-    if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
-        return None;
-    }
-    let inner_l4_off = inner_off + ihl;
-    Some(IcmpErr {
-        saddr: ctx.load(IP_SRC_OFF).ok()?,
-        daddr: ctx.load(IP_DST_OFF).ok()?,
-        icmp_off,
-        inner_off,
-        inner_l4_off,
-        inner_saddr: ctx.load(inner_off + 12).ok()?,
-        inner_daddr: ctx.load(inner_off + 16).ok()?,
-        inner_sport: ctx.load(inner_l4_off).ok()?,
-        inner_dport: ctx.load(inner_l4_off + 2).ok()?,
-        inner_proto,
-    })
+    Ok(Parsed::Flow(Pkt {
+        flow: Flow {
+            saddr: p.saddr,
+            daddr: p.daddr,
+            sport,
+            dport,
+            proto: p.proto,
+            tcp_flags,
+            related: false,
+        },
+        l4_off: p.l4_off,
+        udp_csum,
+        later_fragment,
+    }))
 }
 
 /// Translates an ICMP error about a translated flow back to what the other side of the
@@ -309,38 +223,40 @@ fn parse_icmp(ctx: &TcContext, icmp_off: usize) -> Option<IcmpErr> {
 /// now comes from the new quote's destination.
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, e: &IcmpErr, ingress: bool) -> Result<Verdict, Reason> {
+    let q = &e.quote;
     let key = CtKey {
-        saddr_be: e.inner_daddr,
-        daddr_be: e.inner_saddr,
-        sport_be: e.inner_dport,
-        dport_be: e.inner_sport,
-        proto: e.inner_proto,
+        saddr_be: q.saddr,
+        daddr_be: q.daddr,
+        sport_be: q.sport,
+        dport_be: q.dport,
+        proto: q.proto,
         scope: CT_SCOPE_NAT,
         _pad: [0; 2],
-    };
+    }
+    .reversed();
     // SAFETY: the value is copied out at once.
     let Some(ct) = (unsafe { TWL_CT_V2.get(key) }).copied() else {
         return Ok((Reason::NotService, TC_ACT_OK));
     };
     let fail = |_| Reason::RewriteFailed;
-    let icmp_csum = e.icmp_off + 2;
-    // Inner addresses: the inner header's own checksum absorbs the change, so the bytes the
+    let icmp_csum = e.icmp_off + ICMP_CSUM;
+    // Quoted addresses: the quoted header's own checksum absorbs the change, so the bytes the
     // ICMP checksum covers sum to the same value and it needs no update for them.
     for (off, old, new) in [
-        (e.inner_off + 12, e.inner_saddr, ct.new_daddr_be),
-        (e.inner_off + 16, e.inner_daddr, ct.new_saddr_be),
+        (q.off + QUOTE_SRC, q.saddr, ct.new_daddr_be),
+        (q.off + QUOTE_DST, q.daddr, ct.new_saddr_be),
     ] {
         if old != new {
-            ctx.l3_csum_replace(e.inner_off + 10, u64::from(old), u64::from(new), 4)
+            ctx.l3_csum_replace(q.off + QUOTE_CSUM, u64::from(old), u64::from(new), 4)
                 .map_err(fail)?;
             ctx.store(off, &new, 0).map_err(fail)?;
         }
     }
-    // Inner ports: covered by the ICMP checksum (no pseudo-header). The quoted L4 checksum is
+    // Quoted ports: covered by the ICMP checksum (no pseudo-header). The quoted L4 checksum is
     // left alone: it covers bytes the quote does not hold, and no receiver checks it.
     for (off, old, new) in [
-        (e.inner_l4_off, e.inner_sport, ct.new_dport_be),
-        (e.inner_l4_off + 2, e.inner_dport, ct.new_sport_be),
+        (q.l4_off + L4_SPORT, q.sport, ct.new_dport_be),
+        (q.l4_off + L4_DPORT, q.dport, ct.new_sport_be),
     ] {
         if old != new {
             ctx.l4_csum_replace(icmp_csum, u64::from(old), u64::from(new), 2)
@@ -349,17 +265,17 @@ fn icmp_error(ctx: &TcContext, e: &IcmpErr, ingress: bool) -> Result<Verdict, Re
         }
     }
     let new_daddr = ct.new_daddr_be;
-    let new_saddr = if e.saddr == e.inner_daddr {
+    let new_saddr = if e.saddr == q.daddr {
         ct.new_saddr_be
     } else {
         e.saddr
     };
     for (off, old, new) in [
-        (IP_SRC_OFF, e.saddr, new_saddr),
-        (IP_DST_OFF, e.daddr, new_daddr),
+        (IP_SRC_AT, e.saddr, new_saddr),
+        (IP_DST_AT, e.daddr, new_daddr),
     ] {
         if old != new {
-            ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)
+            ctx.l3_csum_replace(IP_CSUM_AT, u64::from(old), u64::from(new), 4)
                 .map_err(fail)?;
             ctx.store(off, &new, 0).map_err(fail)?;
         }
@@ -385,28 +301,23 @@ pub fn rewrite(
     daddr: u32,
     dport: u16,
 ) -> Result<(), Reason> {
-    let csum_off = if p.proto == PROTO_TCP {
-        p.l4_off + 16
-    } else {
-        p.l4_off + 6
-    };
+    let f = &p.flow;
+    let csum_off = p.l4_off
+        + if f.proto == PROTO_TCP {
+            TCP_CSUM
+        } else {
+            UDP_CSUM
+        };
     // A later fragment has no TCP/UDP header: only its IP header changes (the first fragment's
     // L4 checksum update covers the whole datagram).
-    let l4_csum = if p.later_fragment {
-        false
-    } else if p.proto == PROTO_UDP {
-        let c: u16 = ctx.load(csum_off).map_err(|_| Reason::Malformed)?;
-        c != 0
-    } else {
-        true
-    };
-    let mangled = if p.proto == PROTO_UDP {
+    let l4_csum = !p.later_fragment && (f.proto == PROTO_TCP || p.udp_csum);
+    let mangled = if f.proto == PROTO_UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {
         0
     };
     let fail = |_| Reason::RewriteFailed;
-    for (off, old, new) in [(IP_SRC_OFF, p.saddr, saddr), (IP_DST_OFF, p.daddr, daddr)] {
+    for (off, old, new) in [(IP_SRC_AT, f.saddr, saddr), (IP_DST_AT, f.daddr, daddr)] {
         if old == new {
             continue;
         }
@@ -419,11 +330,14 @@ pub fn rewrite(
             )
             .map_err(fail)?;
         }
-        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)
+        ctx.l3_csum_replace(IP_CSUM_AT, u64::from(old), u64::from(new), 4)
             .map_err(fail)?;
         ctx.store(off, &new, 0).map_err(fail)?;
     }
-    for (off, old, new) in [(p.l4_off, p.sport, sport), (p.l4_off + 2, p.dport, dport)] {
+    for (off, old, new) in [
+        (p.l4_off + L4_SPORT, f.sport, sport),
+        (p.l4_off + L4_DPORT, f.dport, dport),
+    ] {
         if old == new || p.later_fragment {
             continue;
         }
@@ -457,7 +371,7 @@ fn apply_ct(ctx: &TcContext, p: &Pkt, ct: &CtValue) -> Result<Verdict, Reason> {
     if ct.flags & CT_F_SNAT != 0 {
         return Ok((
             reason,
-            forward(ctx, p.proto, ct.new_saddr_be, ct.new_daddr_be)?,
+            forward(ctx, p.flow.proto, ct.new_saddr_be, ct.new_daddr_be)?,
         ));
     }
     Ok((reason, TC_ACT_OK))
@@ -523,7 +437,8 @@ enum Ct {
 
 #[inline(always)]
 fn ct_lookup(ctx: &TcContext, p: &Pkt) -> Ct {
-    let key = p.key();
+    let f = &p.flow;
+    let key = f.nat_key();
     let Some(ptr) = TWL_CT_V2.get_ptr_mut(key) else {
         return Ct::Miss;
     };
@@ -534,9 +449,9 @@ fn ct_lookup(ctx: &TcContext, p: &Pkt) -> Ct {
     let reply = ct.flags & CT_F_REPLY != 0;
     let other = key.counterpart(&ct);
     if !reply
-        && p.is_syn()
+        && f.is_syn()
         && (ct.state == CT_STATE_CLOSING
-            || now.saturating_sub(ct.last_seen_ns) > ct_lifetime_ns(p.proto, ct.state))
+            || now.saturating_sub(ct.last_seen_ns) > ct_lifetime_ns(f.proto, ct.state))
     {
         // The client reuses the port of a finished flow (its own TIME_WAIT is over): a new
         // connection, which may belong to another backend now.
@@ -550,7 +465,7 @@ fn ct_lookup(ctx: &TcContext, p: &Pkt) -> Ct {
         // The first answer: a TCP SYN-ACK (a reset is handled below) or a UDP reply.
         state = CT_STATE_ESTABLISHED;
     }
-    if p.tcp_flags & TCP_FIN != 0 {
+    if f.tcp_flags & TCP_FIN != 0 {
         fin |= if reply { CT_FIN_REPLY } else { CT_FIN_ORIG };
         if fin == CT_FIN_ORIG | CT_FIN_REPLY {
             state = CT_STATE_CLOSING;
@@ -577,7 +492,7 @@ fn ct_lookup(ctx: &TcContext, p: &Pkt) -> Ct {
         }
     }
     let verdict = apply_ct(ctx, p, &ct);
-    if p.tcp_flags & TCP_RST != 0 {
+    if f.tcp_flags & TCP_RST != 0 {
         // A reset ends the flow at once: forget both directions so a reused client port is
         // balanced afresh and the table does not hold dead flows.
         let _ = TWL_CT_V2.remove(key);
@@ -587,7 +502,7 @@ fn ct_lookup(ctx: &TcContext, p: &Pkt) -> Ct {
 }
 
 fn try_egress(ctx: &TcContext) -> Result<Verdict, Reason> {
-    let p = match parse(ctx)? {
+    let p = match classify(ctx)? {
         Parsed::Flow(p) => p,
         Parsed::IcmpError(e) => return icmp_error(ctx, &e, false),
         Parsed::Other => return Ok((Reason::NotService, TC_ACT_OK)),
@@ -601,7 +516,7 @@ fn try_egress(ctx: &TcContext) -> Result<Verdict, Reason> {
 }
 
 fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
-    let p = match parse(ctx)? {
+    let p = match classify(ctx)? {
         Parsed::Flow(p) => p,
         Parsed::IcmpError(e) => return icmp_error(ctx, &e, true),
         Parsed::Other => return Ok((Reason::NotService, TC_ACT_OK)),
@@ -611,7 +526,8 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
         Ct::Reopen => count(Reason::CtReopened),
         Ct::Miss => {}
     }
-    let Some(svc) = lookup_service(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL, is_node_addr) else {
+    let f = &p.flow;
+    let Some(svc) = lookup_service(f.daddr, f.dport, f.proto, SCOPE_EXTERNAL, is_node_addr) else {
         return Ok((Reason::NotService, TC_ACT_OK));
     };
     if svc.flags & EXTERNAL_KINDS == 0 {
@@ -621,7 +537,7 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
         // Its first fragment opened no flow (it was not for a Service, or was dropped).
         return Ok((Reason::NotService, TC_ACT_OK));
     }
-    if p.proto == PROTO_TCP && !p.is_syn() {
+    if f.proto == PROTO_TCP && !f.is_syn() {
         // The middle of a flow we do not track (expired, flushed, or opened before this
         // program ran): a backend picked now would not know the connection and reset it.
         // The stack answers for the frontend instead, as kube-proxy's conntrack does.
@@ -629,10 +545,10 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
     }
     if svc.flags & SVC_F_SOURCE_RANGES != 0 {
         let key = Key::new(
-            64,
+            LB_SRC_KEY_BITS,
             SrcRangeKey {
                 svc_id_be: svc.svc_id.to_be(),
-                addr_be: p.saddr,
+                addr_be: f.saddr,
             },
         );
         if TWL_LBSRC_V1.get(&key).is_none() {
@@ -643,8 +559,8 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
     // the backend, so a flow whose entry was lost comes back to the same one.
     let (be, reason) = select_backend_by(
         &svc,
-        AFFINITY_CLIENT_IP | u64::from(p.saddr),
-        flow_hash(p.saddr, p.daddr, p.sport, p.dport, p.proto),
+        AFFINITY_CLIENT_IP | u64::from(f.saddr),
+        flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto),
     )?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -665,10 +581,12 @@ fn dnat_local(
     be: &Backend,
     now: u64,
 ) -> Result<(), Reason> {
+    let f = &p.flow;
+    let key = f.nat_key();
     let orig = CtValue {
-        new_saddr_be: p.saddr,
+        new_saddr_be: f.saddr,
         new_daddr_be: be.addr_be,
-        new_sport_be: p.sport,
+        new_sport_be: f.sport,
         new_dport_be: be.port_be,
         svc_id: svc.svc_id,
         flags: 0,
@@ -677,20 +595,12 @@ fn dnat_local(
         _pad: [0; 2],
         last_seen_ns: now,
     };
-    let reply_key = CtKey {
-        saddr_be: be.addr_be,
-        daddr_be: p.saddr,
-        sport_be: be.port_be,
-        dport_be: p.sport,
-        proto: p.proto,
-        scope: CT_SCOPE_NAT,
-        _pad: [0; 2],
-    };
+    let reply_key = key.counterpart(&orig);
     let reply = CtValue {
-        new_saddr_be: p.daddr,
-        new_daddr_be: p.saddr,
-        new_sport_be: p.dport,
-        new_dport_be: p.sport,
+        new_saddr_be: f.daddr,
+        new_daddr_be: f.saddr,
+        new_sport_be: f.dport,
+        new_dport_be: f.sport,
         flags: CT_F_REPLY,
         ..orig
     };
@@ -700,11 +610,11 @@ fn dnat_local(
     TWL_CT_V2
         .insert(reply_key, reply, 0)
         .map_err(|_| Reason::CtMapFull)?;
-    if TWL_CT_V2.insert(p.key(), orig, 0).is_err() {
+    if TWL_CT_V2.insert(key, orig, 0).is_err() {
         let _ = TWL_CT_V2.remove(reply_key);
         return Err(Reason::CtMapFull);
     }
-    rewrite(ctx, p, p.saddr, p.sport, be.addr_be, be.port_be)?;
+    rewrite(ctx, p, f.saddr, f.sport, be.addr_be, be.port_be)?;
     Ok(())
 }
 
@@ -718,21 +628,27 @@ fn dnat_snat(
     be: &Backend,
     now: u64,
 ) -> Result<Verdict, Reason> {
-    let snat = snat_addr(ctx, p, be.addr_be)?;
-    let mut reply_key = CtKey {
-        saddr_be: be.addr_be,
-        daddr_be: snat,
-        sport_be: be.port_be,
-        dport_be: p.sport,
-        proto: p.proto,
-        scope: CT_SCOPE_NAT,
+    let f = &p.flow;
+    let key = f.nat_key();
+    let snat = snat_addr(ctx, f, be.addr_be)?;
+    // The client's port first.
+    let mut orig = CtValue {
+        new_saddr_be: snat,
+        new_daddr_be: be.addr_be,
+        new_sport_be: f.sport,
+        new_dport_be: be.port_be,
+        svc_id: svc.svc_id,
+        flags: CT_F_SNAT,
+        state: CT_STATE_NEW,
+        tcp_fin: 0,
         _pad: [0; 2],
+        last_seen_ns: now,
     };
     let reply = CtValue {
-        new_saddr_be: p.daddr,
-        new_daddr_be: p.saddr,
-        new_sport_be: p.dport,
-        new_dport_be: p.sport,
+        new_saddr_be: f.daddr,
+        new_daddr_be: f.saddr,
+        new_sport_be: f.dport,
+        new_dport_be: f.sport,
         svc_id: svc.svc_id,
         flags: CT_F_REPLY | CT_F_SNAT,
         state: CT_STATE_NEW,
@@ -740,12 +656,13 @@ fn dnat_snat(
         _pad: [0; 2],
         last_seen_ns: now,
     };
-    // The client's port first; another random port when that reply tuple is taken (BPF_NOEXIST
-    // makes the claim atomic against other CPUs).
+    // Another random port when that reply tuple is taken (BPF_NOEXIST makes the claim atomic
+    // against other CPUs).
     let mut tries = 0;
-    loop {
-        match TWL_CT_V2.insert(reply_key, reply, u64::from(aya_ebpf::bindings::BPF_NOEXIST)) {
-            Ok(()) => break,
+    let reply_key = loop {
+        let reply_key = key.counterpart(&orig);
+        match TWL_CT_V2.insert(reply_key, reply, u64::from(BPF_NOEXIST)) {
+            Ok(()) => break reply_key,
             Err(e) if e != -EEXIST => return Err(Reason::CtMapFull),
             Err(_) => {}
         }
@@ -756,28 +673,16 @@ fn dnat_snat(
         // SAFETY: helper without arguments.
         let port = SNAT_PORT_MIN + unsafe { bpf_get_prandom_u32() } % SNAT_PORT_RANGE;
         // Below SNAT_PORT_MIN + SNAT_PORT_RANGE = 61000: always fits.
-        reply_key.dport_be = u16::try_from(port).unwrap_or(u16::MAX).to_be();
-    }
-    let orig = CtValue {
-        new_saddr_be: snat,
-        new_daddr_be: be.addr_be,
-        new_sport_be: reply_key.dport_be,
-        new_dport_be: be.port_be,
-        svc_id: svc.svc_id,
-        flags: CT_F_SNAT,
-        state: CT_STATE_NEW,
-        tcp_fin: 0,
-        _pad: [0; 2],
-        last_seen_ns: now,
+        orig.new_sport_be = u16::try_from(port).unwrap_or(u16::MAX).to_be();
     };
-    if TWL_CT_V2.insert(p.key(), orig, 0).is_err() {
+    if TWL_CT_V2.insert(key, orig, 0).is_err() {
         let _ = TWL_CT_V2.remove(reply_key);
         return Err(Reason::CtMapFull);
     }
-    rewrite(ctx, p, snat, reply_key.dport_be, be.addr_be, be.port_be)?;
+    rewrite(ctx, p, snat, orig.new_sport_be, be.addr_be, be.port_be)?;
     Ok((
         Reason::ForwardedRemote,
-        forward(ctx, p.proto, snat, be.addr_be)?,
+        forward(ctx, f.proto, snat, be.addr_be)?,
     ))
 }
 
@@ -785,11 +690,11 @@ fn dnat_snat(
 /// (NodePort), else the route's preferred source (`bpf_fib_lookup` with `BPF_FIB_LOOKUP_SRC`,
 /// Linux 6.7+).
 #[inline(always)]
-fn snat_addr(ctx: &TcContext, p: &Pkt, backend: u32) -> Result<u32, Reason> {
-    if is_node_addr(p.daddr) {
-        return Ok(p.daddr);
+fn snat_addr(ctx: &TcContext, f: &Flow, backend: u32) -> Result<u32, Reason> {
+    if is_node_addr(f.daddr) {
+        return Ok(f.daddr);
     }
-    let (rc, params) = route(ctx, p.proto, p.saddr, backend, BPF_FIB_LOOKUP_SRC);
+    let (rc, params) = route(ctx, f.proto, f.saddr, backend, BPF_FIB_LOOKUP_SRC);
     // SAFETY: union member written by the kernel for AF_INET lookups.
     let src = unsafe { params.__bindgen_anon_3.ipv4_src };
     if rc != 0 || src == 0 {

@@ -552,11 +552,9 @@ fn a_full_map_is_a_named_error() -> Result<()> {
     let Some(lab) = require(LabSpec::nodes(1))? else {
         return Ok(());
     };
-    let sizes = MapSizes {
-        services: 4,
-        backends: 3,
-        ..MapSizes::default()
-    };
+    let sizes = MapSizes::default()
+        .with(MapKind::Services, 4)
+        .with(MapKind::Backends, 3);
     let mut dp = Datapath::load(&DatapathOptions {
         bpffs_dir: None,
         map_sizes: sizes,

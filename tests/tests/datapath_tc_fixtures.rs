@@ -380,7 +380,7 @@ const SEC: u64 = 1_000_000_000;
 fn loaded(ct_max: Option<u32>) -> Result<(Datapath, AyaLbMaps)> {
     let mut opts = DatapathOptions::unpinned();
     if let Some(n) = ct_max {
-        opts.map_sizes.ct = n;
+        opts.map_sizes = opts.map_sizes.with(twill_common::MapKind::Ct, n);
     }
     let mut dp = Datapath::load(&opts)?;
     for name in [INGRESS, EGRESS] {

@@ -161,11 +161,11 @@ fn allocate<K: Ord + Hash + Clone>(
 /// The three maps' exact contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyMaps {
-    /// `TWL_PEP_V1`: local pod address (`addr_be`) → endpoint.
+    /// `MapKind::PolicyEndpoints`: local pod address (`addr_be`) → endpoint.
     pub endpoints: BTreeMap<u32, PolicyEndpoint>,
-    /// `TWL_IPC_V1`.
+    /// `MapKind::IpCache`.
     pub ipcache: BTreeMap<LpmKey<IpCacheKey>, PeerIdentity>,
-    /// `TWL_POL_V1`.
+    /// `MapKind::Policy`.
     pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyVerdict>,
 }
 

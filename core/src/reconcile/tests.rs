@@ -252,7 +252,7 @@ fn full_map_is_named_and_everything_else_is_applied() {
     let mut rec = Reconciler::new(fake);
     let err = rec.apply(&desired, true).unwrap_err();
     assert_eq!(err.full_maps(), vec![MapKind::Services]);
-    assert!(err.to_string().contains("TWL_SVC_V1"), "{err}");
+    assert!(err.to_string().contains(MapKind::Services.name()), "{err}");
     assert_eq!(rec.maps().state.services.len(), 2);
     assert_eq!(rec.maps().state.backends, desired.backends);
     assert_eq!(rec.applied(), &rec.maps().state);

@@ -8,11 +8,11 @@ use std::path::Path;
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 use ipnetwork::Ipv4Network;
-use twill_common::{FastPathConfig, LocalEndpoint, MASQ_PREFIX_BASE, MasqKey};
+use twill_common::{FastPathConfig, LocalEndpoint, MASQ_PREFIX_BASE, MasqKey, def};
 use twill_core::routing::fastpath::diff;
 
 use super::DatapathError;
-use super::maps::{capacity_of, collect, map_update_error, remove, syscall, typed};
+use super::maps::{MapSource, collect, map_update_error, remove, syscall};
 use crate::lbmap::{MapError, MapKind};
 
 pub struct AyaFastPathMaps {
@@ -31,30 +31,17 @@ pub struct EndpointSync {
 
 impl AyaFastPathMaps {
     pub(super) fn from_maps(
-        mut get: impl FnMut(&'static str) -> Result<Option<Map>, DatapathError>,
+        get: impl FnMut(&'static str) -> Result<Option<Map>, DatapathError>,
     ) -> Result<Self, DatapathError> {
-        let mut capacity = BTreeMap::new();
-        let mut take = |kind: MapKind| -> Result<Option<Map>, DatapathError> {
-            let m = get(kind.name())?;
-            if let Some(m) = &m {
-                capacity.insert(kind, capacity_of(m));
-            }
-            Ok(m)
-        };
-        let endpoints = typed(
-            twill_common::MAP_LOCAL_ENDPOINTS,
-            take(MapKind::LocalEndpoints)?,
-        )?;
-        let config = typed(
-            twill_common::MAP_FASTPATH_CONFIG,
-            take(MapKind::FastPathConfig)?,
-        )?;
-        let masq = typed(twill_common::MAP_MASQ, take(MapKind::Masq)?)?;
+        let mut src = MapSource::new(get);
+        let endpoints = src.take::<def::LocalEndpoints, _>()?;
+        let config = src.take::<def::FastPathSwitches, _>()?;
+        let masq = src.take::<def::Masq, _>()?;
         Ok(Self {
             endpoints,
             config,
             masq,
-            capacity,
+            capacity: src.capacity,
         })
     }
 
@@ -92,7 +79,7 @@ impl AyaFastPathMaps {
     pub fn config(&self) -> Result<FastPathConfig, MapError> {
         self.config
             .get(&0, 0)
-            .map_err(|e| syscall(MapKind::FastPathConfig, "lookup", e))
+            .map_err(|e| syscall(MapKind::FastPathSwitches, "lookup", e))
     }
 
     pub fn set_config(&mut self, config: FastPathConfig) -> Result<(), MapError> {
@@ -101,7 +88,7 @@ impl AyaFastPathMaps {
         }
         self.config
             .set(0, config, 0)
-            .map_err(|e| syscall(MapKind::FastPathConfig, "update", e))
+            .map_err(|e| syscall(MapKind::FastPathSwitches, "update", e))
     }
 
     /// The masquerade prefixes as (kind, prefix).

@@ -10,9 +10,9 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use ipnetwork::Ipv4Network;
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, CT_SCOPE_NAT, CtKey, CtValue, DatapathConfig,
+    AffinityKey, AffinityValue, Backend, CT_SCOPE_NAT, CtKey, CtValue, DatapathConfig, MapDef,
     NodeAddrValue, PROTO_TCP, PROTO_UDP, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey,
-    SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey, def,
 };
 
 use super::{DatapathError, sockdestroy};
@@ -58,12 +58,51 @@ pub struct AyaLbMaps {
     pub last_flush: FlushReport,
 }
 
-pub(super) fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
-    name: &'static str,
-    map: Option<Map>,
-) -> Result<T, DatapathError> {
-    let map = map.ok_or(DatapathError::MissingMap(name))?;
-    T::try_from(map).map_err(|source| DatapathError::MapType { name, source })
+/// An aya handle whose key and value types are those of catalogue entry `D`: taking a map with
+/// [`typed`] into a handle of other types does not compile.
+pub(super) trait Handle<D: MapDef>: TryFrom<Map, Error = aya::maps::MapError> {}
+impl<D: MapDef> Handle<D> for HashMap<MapData, D::Key, D::Value>
+where
+    D::Key: aya::Pod,
+    D::Value: aya::Pod,
+{
+}
+impl<D: MapDef> Handle<D> for LpmTrie<MapData, D::Key, D::Value>
+where
+    D::Key: aya::Pod,
+    D::Value: aya::Pod,
+{
+}
+impl<D: MapDef<Key = u32>> Handle<D> for Array<MapData, D::Value> where D::Value: aya::Pod {}
+impl<D: MapDef<Key = u32>> Handle<D> for PerCpuArray<MapData, D::Value> where D::Value: aya::Pod {}
+
+/// `map` as the typed handle of catalogue entry `D`.
+pub(super) fn typed<D: MapDef, H: Handle<D>>(map: Map) -> Result<H, DatapathError> {
+    let name = D::KIND.name();
+    H::try_from(map).map_err(|source| DatapathError::MapType { name, source })
+}
+
+/// Takes maps by catalogue entry from `get` (a loaded object or pins), noting each one's size.
+pub(super) struct MapSource<G> {
+    get: G,
+    pub capacity: BTreeMap<MapKind, u32>,
+}
+
+impl<G: FnMut(&'static str) -> Result<Option<Map>, DatapathError>> MapSource<G> {
+    pub(super) fn new(get: G) -> Self {
+        Self {
+            get,
+            capacity: BTreeMap::new(),
+        }
+    }
+
+    /// The map of catalogue entry `D`, typed.
+    pub(super) fn take<D: MapDef, H: Handle<D>>(&mut self) -> Result<H, DatapathError> {
+        let name = D::KIND.name();
+        let map = (self.get)(name)?.ok_or(DatapathError::MissingMap(name))?;
+        self.capacity.insert(D::KIND, capacity_of(&map));
+        typed::<D, H>(map)
+    }
 }
 
 pub(super) fn capacity_of(map: &Map) -> u32 {
@@ -82,33 +121,20 @@ impl AyaLbMaps {
     /// Builds from maps taken out of a loaded object (or opened from their pins): `get` returns
     /// the map of the given name.
     pub(super) fn from_maps(
-        mut get: impl FnMut(&'static str) -> Result<Option<Map>, DatapathError>,
+        get: impl FnMut(&'static str) -> Result<Option<Map>, DatapathError>,
     ) -> Result<Self, DatapathError> {
-        let mut capacity = BTreeMap::new();
-        let mut take = |kind: MapKind| -> Result<Option<Map>, DatapathError> {
-            let m = get(kind.name())?;
-            if let Some(m) = &m {
-                capacity.insert(kind, capacity_of(m));
-            }
-            Ok(m)
-        };
-        let services = typed(twill_common::MAP_SERVICES, take(MapKind::Services)?)?;
-        let slots = typed(
-            twill_common::MAP_BACKEND_SLOTS,
-            take(MapKind::BackendSlots)?,
-        )?;
-        let backends = typed(twill_common::MAP_BACKENDS, take(MapKind::Backends)?)?;
-        let affinity = typed(twill_common::MAP_AFFINITY, take(MapKind::Affinity)?)?;
-        let revnat = typed(twill_common::MAP_SOCK_REVNAT, take(MapKind::SockRevNat)?)?;
-        let node_addrs = typed(twill_common::MAP_NODE_ADDRS, take(MapKind::NodeAddrs)?)?;
-        let config = typed(twill_common::MAP_CONFIG, take(MapKind::Config)?)?;
-        let stats = typed(twill_common::MAP_STATS, take(MapKind::Stats)?)?;
-        let ct = typed(twill_common::MAP_CT, take(MapKind::Ct)?)?;
-        let src_ranges = typed(
-            twill_common::MAP_LB_SRC_RANGES,
-            take(MapKind::SourceRanges)?,
-        )?;
-        let udp_flows = typed(twill_common::MAP_UDP_FLOWS, take(MapKind::UdpFlows)?)?;
+        let mut src = MapSource::new(get);
+        let services = src.take::<def::Services, _>()?;
+        let slots = src.take::<def::BackendSlots, _>()?;
+        let backends = src.take::<def::Backends, _>()?;
+        let affinity = src.take::<def::Affinity, _>()?;
+        let revnat = src.take::<def::SockRevNat, _>()?;
+        let node_addrs = src.take::<def::NodeAddrs, _>()?;
+        let config = src.take::<def::Config, _>()?;
+        let stats = src.take::<def::Stats, _>()?;
+        let ct = src.take::<def::Ct, _>()?;
+        let src_ranges = src.take::<def::SourceRanges, _>()?;
+        let udp_flows = src.take::<def::UdpFlows, _>()?;
         Ok(Self {
             services,
             slots,
@@ -121,7 +147,7 @@ impl AyaLbMaps {
             ct,
             src_ranges,
             udp_flows,
-            capacity,
+            capacity: src.capacity,
             socket_scope: None,
             last_flush: FlushReport::default(),
         })
@@ -311,18 +337,10 @@ pub struct CtTable {
 impl CtTable {
     /// Opens the table pinned under `bpffs_dir` (by this agent's [`super::Datapath::load`]).
     pub fn open_pinned(bpffs_dir: &Path) -> Result<Self, DatapathError> {
-        let path = bpffs_dir.join(twill_common::MAP_CT);
-        let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
-            path: path.clone(),
-            source,
-        })?;
-        let map = Map::from_map_data(data).map_err(|source| DatapathError::OpenPinned {
-            path: path.clone(),
-            source,
-        })?;
+        let map = super::open_pinned_map(bpffs_dir, MapKind::Ct.name())?;
         Ok(Self {
             capacity: capacity_of(&map),
-            ct: typed(twill_common::MAP_CT, Some(map))?,
+            ct: typed::<def::Ct, _>(map)?,
         })
     }
 

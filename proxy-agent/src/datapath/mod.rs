@@ -1,7 +1,7 @@
 //! Loading, pinning, adopting and attaching the embedded kernel object.
 //!
 //! ```text
-//!  <bpffs-dir>/TWL_SVC_V1 … TWL_STATS_V1   pinned maps (adopted by the next agent as they are)
+//!  <bpffs-dir>/<MapKind::name()>          pinned maps (adopted by the next agent as they are)
 //!  <bpffs-dir>/link_twill_connect4 …6      pinned cgroup links (keep the hooks attached while
 //!                                          no agent runs; a new agent swaps their program in
 //!                                          place with BPF_LINK_UPDATE, leaving no gap)
@@ -37,11 +37,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use twill_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, FragKey, FragValue,
-    IpCacheKey, NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, STATS_MAX,
-    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
-};
+use twill_common::{BpfMapType, MapKind};
 
 pub use self::{
     fastpath_maps::{AyaFastPathMaps, EndpointSync},
@@ -98,6 +94,7 @@ pub enum DatapathError {
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no map named {0} (twill-common and proxy-ebpf disagree)")]
     MissingMap(&'static str),
+
     #[error("map {name} has an unexpected type")]
     MapType {
         name: &'static str,
@@ -179,41 +176,8 @@ pub enum DatapathError {
     },
 }
 
-/// `max_entries` of the maps whose size is an operator choice.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapSizes {
-    pub services: u32,
-    pub backend_slots: u32,
-    pub backends: u32,
-    pub affinity: u32,
-    pub sock_revnat: u32,
-    pub node_addrs: u32,
-    pub ct: u32,
-    pub lb_src_ranges: u32,
-    pub policy_endpoints: u32,
-    pub ipcache: u32,
-    pub policy: u32,
-    pub udp_flows: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        Self {
-            services: twill_common::DEFAULT_SERVICES_MAX,
-            backend_slots: twill_common::DEFAULT_BACKEND_SLOTS_MAX,
-            backends: twill_common::DEFAULT_BACKENDS_MAX,
-            affinity: twill_common::DEFAULT_AFFINITY_MAX,
-            sock_revnat: twill_common::DEFAULT_SOCK_REVNAT_MAX,
-            node_addrs: twill_common::DEFAULT_NODE_ADDRS_MAX,
-            ct: twill_common::DEFAULT_CT_MAX,
-            lb_src_ranges: twill_common::DEFAULT_LB_SRC_RANGES_MAX,
-            policy_endpoints: twill_common::DEFAULT_POLICY_ENDPOINTS_MAX,
-            ipcache: twill_common::DEFAULT_IPCACHE_MAX,
-            policy: twill_common::DEFAULT_POLICY_MAX,
-            udp_flows: twill_common::DEFAULT_UDP_FLOWS_MAX,
-        }
-    }
-}
+/// `max_entries` of every map (defaults and flags from the catalogue).
+pub use twill_common::MapSizes;
 
 /// How to load the datapath.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -281,142 +245,15 @@ pub struct Datapath {
     fastpath: Option<AyaFastPathMaps>,
 }
 
-/// Expected layout of each map: (name, type, key size, value size, requested max entries).
-#[expect(
-    clippy::too_many_lines,
-    reason = "a table: one row per map of twill_common::ALL_MAPS"
-)]
-fn map_layouts(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 18] {
-    use std::mem::size_of;
-    [
-        (
-            twill_common::MAP_SERVICES,
-            MapType::Hash,
-            size_of::<ServiceKey>(),
-            size_of::<ServiceValue>(),
-            sizes.services,
-        ),
-        (
-            twill_common::MAP_BACKEND_SLOTS,
-            MapType::Hash,
-            size_of::<SlotKey>(),
-            size_of::<u32>(),
-            sizes.backend_slots,
-        ),
-        (
-            twill_common::MAP_BACKENDS,
-            MapType::Hash,
-            size_of::<u32>(),
-            size_of::<Backend>(),
-            sizes.backends,
-        ),
-        (
-            twill_common::MAP_AFFINITY,
-            MapType::LruHash,
-            size_of::<AffinityKey>(),
-            size_of::<AffinityValue>(),
-            sizes.affinity,
-        ),
-        (
-            twill_common::MAP_SOCK_REVNAT,
-            MapType::LruHash,
-            size_of::<SockRevNatKey>(),
-            size_of::<SockRevNatValue>(),
-            sizes.sock_revnat,
-        ),
-        (
-            twill_common::MAP_NODE_ADDRS,
-            MapType::Hash,
-            size_of::<u32>(),
-            size_of::<NodeAddrValue>(),
-            sizes.node_addrs,
-        ),
-        (
-            twill_common::MAP_CONFIG,
-            MapType::Array,
-            size_of::<u32>(),
-            size_of::<DatapathConfig>(),
-            1,
-        ),
-        (
-            twill_common::MAP_STATS,
-            MapType::PerCpuArray,
-            size_of::<u32>(),
-            size_of::<u64>(),
-            STATS_MAX,
-        ),
-        (
-            twill_common::MAP_CT,
-            MapType::Hash,
-            size_of::<CtKey>(),
-            size_of::<CtValue>(),
-            sizes.ct,
-        ),
-        (
-            twill_common::MAP_LB_SRC_RANGES,
-            MapType::LpmTrie,
-            // struct bpf_lpm_trie_key: u32 prefix_len, then the data.
-            size_of::<u32>() + size_of::<SrcRangeKey>(),
-            size_of::<u8>(),
-            sizes.lb_src_ranges,
-        ),
-        (
-            twill_common::MAP_UDP_FLOWS,
-            MapType::LruHash,
-            size_of::<UdpFlowKey>(),
-            size_of::<AffinityValue>(),
-            sizes.udp_flows,
-        ),
-        (
-            twill_common::MAP_FRAGS,
-            MapType::LruHash,
-            size_of::<FragKey>(),
-            size_of::<FragValue>(),
-            twill_common::DEFAULT_FRAGS_MAX,
-        ),
-        (
-            twill_common::MAP_POLICY_ENDPOINTS,
-            MapType::Hash,
-            size_of::<u32>(),
-            size_of::<PolicyEndpoint>(),
-            sizes.policy_endpoints,
-        ),
-        (
-            twill_common::MAP_IPCACHE,
-            MapType::LpmTrie,
-            size_of::<u32>() + size_of::<IpCacheKey>(),
-            size_of::<PeerIdentity>(),
-            sizes.ipcache,
-        ),
-        (
-            twill_common::MAP_POLICY,
-            MapType::LpmTrie,
-            size_of::<u32>() + size_of::<PolicyKey>(),
-            size_of::<PolicyVerdict>(),
-            sizes.policy,
-        ),
-        (
-            twill_common::MAP_LOCAL_ENDPOINTS,
-            MapType::Hash,
-            size_of::<u32>(),
-            size_of::<twill_common::LocalEndpoint>(),
-            twill_common::DEFAULT_LOCAL_ENDPOINTS_MAX,
-        ),
-        (
-            twill_common::MAP_FASTPATH_CONFIG,
-            MapType::Array,
-            size_of::<u32>(),
-            size_of::<twill_common::FastPathConfig>(),
-            1,
-        ),
-        (
-            twill_common::MAP_MASQ,
-            MapType::LpmTrie,
-            size_of::<u32>() + size_of::<twill_common::MasqKey>(),
-            size_of::<u8>(),
-            twill_common::DEFAULT_MASQ_PREFIXES_MAX,
-        ),
-    ]
+/// The aya map type of a catalogue entry.
+fn aya_map_type(t: BpfMapType) -> MapType {
+    match t {
+        BpfMapType::Hash => MapType::Hash,
+        BpfMapType::Array => MapType::Array,
+        BpfMapType::PerCpuArray => MapType::PerCpuArray,
+        BpfMapType::LruHash => MapType::LruHash,
+        BpfMapType::LpmTrie => MapType::LpmTrie,
+    }
 }
 
 /// Mounts a BPF filesystem at `mount_point` unless one is there already (a fresh machine has
@@ -466,11 +303,10 @@ impl Datapath {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::EmptyObject);
         }
-        let layouts = map_layouts(&opts.map_sizes);
         let mut loader = EbpfLoader::new();
         let mut adopted = Vec::new();
-        for &(name, _, _, _, size) in &layouts {
-            loader.map_max_entries(name, size);
+        for kind in MapKind::ALL {
+            loader.map_max_entries(kind.name(), opts.map_sizes.get(*kind));
         }
         if let Some(dir) = &opts.bpffs_dir {
             std::fs::create_dir_all(dir).map_err(|source| DatapathError::BpffsDir {
@@ -480,12 +316,12 @@ impl Datapath {
             if !is_bpffs(dir) {
                 return Err(DatapathError::NotBpffs { path: dir.clone() });
             }
-            for &(name, map_type, key, value, size) in &layouts {
-                let path = dir.join(name);
+            for kind in MapKind::ALL {
+                let path = dir.join(kind.name());
                 if path.exists() {
-                    adopted.push(check_pinned(&path, name, map_type, key, value, size)?);
+                    adopted.push(check_pinned(&path, *kind, opts.map_sizes.get(*kind))?);
                 }
-                loader.map_pin_path(name, path);
+                loader.map_pin_path(kind.name(), path);
             }
         }
         let ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
@@ -892,41 +728,43 @@ fn replace_program(
     Ok(())
 }
 
-/// Validates a pinned map against this agent's layout.
-fn check_pinned(
-    path: &Path,
-    name: &'static str,
-    map_type: MapType,
-    key: usize,
-    value: usize,
-    requested: u32,
-) -> Result<AdoptedMap, DatapathError> {
+/// Validates a pinned map against its catalogue entry.
+fn check_pinned(path: &Path, kind: MapKind, requested: u32) -> Result<AdoptedMap, DatapathError> {
     let info = MapInfo::from_pin(path).map_err(|source| DatapathError::OpenPinned {
         path: path.to_owned(),
         source,
     })?;
-    let incompatible = |detail: String| DatapathError::PinnedMapIncompatible {
-        path: path.to_owned(),
-        detail,
-    };
-    let found_type = info.map_type().map_err(|e| incompatible(e.to_string()))?;
-    if found_type != map_type {
-        return Err(incompatible(format!(
-            "type {found_type:?}, expected {map_type:?}"
-        )));
-    }
-    if info.key_size() as usize != key || info.value_size() as usize != value {
-        return Err(incompatible(format!(
-            "key/value size {}/{}, expected {key}/{value}",
-            info.key_size(),
-            info.value_size()
-        )));
-    }
+    layout_mismatch(&info, kind).map_or(Ok(()), |detail| {
+        Err(DatapathError::PinnedMapIncompatible {
+            path: path.to_owned(),
+            detail,
+        })
+    })?;
     let max_entries = info.max_entries();
     Ok(AdoptedMap {
-        name,
+        name: kind.name(),
         max_entries,
         requested: (max_entries != requested).then_some(requested),
+    })
+}
+
+/// How `info` differs from `kind`'s catalogue entry (type, key or value size), if it does.
+fn layout_mismatch(info: &MapInfo, kind: MapKind) -> Option<String> {
+    let spec = kind.spec();
+    let expected = aya_map_type(spec.map_type);
+    match info.map_type() {
+        Err(e) => return Some(e.to_string()),
+        Ok(found) if found != expected => {
+            return Some(format!("type {found:?}, expected {expected:?}"));
+        }
+        Ok(_) => {}
+    }
+    let (key, value) = (info.key_size() as usize, info.value_size() as usize);
+    (key != spec.key_size || value != spec.value_size).then(|| {
+        format!(
+            "key/value size {key}/{value}, expected {}/{}",
+            spec.key_size, spec.value_size
+        )
     })
 }
 
@@ -991,13 +829,33 @@ mod tests {
         assert_eq!(tc_pin_name("eth0", "p"), "link_tc_eth0_p");
     }
 
+    /// The kernel crate's map definitions agree with the catalogue (name, type, key and value
+    /// size, default size): the catalogue is the one description the agent sizes, checks and
+    /// adopts maps by, so a definition that drifted from it would be created one way and
+    /// checked another.
     #[test]
-    fn every_common_map_has_a_layout() {
-        let layouts = map_layouts(&MapSizes::default());
-        let mut names: Vec<&str> = layouts.iter().map(|l| l.0).collect();
-        names.sort_unstable();
-        let mut all = twill_common::ALL_MAPS.to_vec();
-        all.sort_unstable();
-        assert_eq!(names, all);
+    fn kernel_object_maps_match_the_catalogue() {
+        assert!(
+            !EBPF_OBJECT.is_empty(),
+            "built with AYA_BUILD_SKIP: the object cannot be checked"
+        );
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
+        for kind in MapKind::ALL {
+            let spec = kind.spec();
+            let def = obj
+                .maps
+                .get(spec.name)
+                .unwrap_or_else(|| panic!("the object defines no map {}", spec.name));
+            let map_type = aya_map_type(spec.map_type) as u32;
+            assert_eq!(def.map_type(), map_type, "{} type", spec.name);
+            assert_eq!(def.key_size() as usize, spec.key_size, "{} key", spec.name);
+            assert_eq!(
+                def.value_size() as usize,
+                spec.value_size,
+                "{} value",
+                spec.name
+            );
+            assert_eq!(def.max_entries(), spec.default_size, "{} size", spec.name);
+        }
     }
 }

@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
-use twill_common::{IpCacheKey, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict};
+use twill_common::{IpCacheKey, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, def};
 use twill_core::policy::LpmKey;
 
 use super::DatapathError;
-use super::maps::{capacity_of, collect, is_not_found, map_update_error, remove, syscall, typed};
+use super::maps::{MapSource, collect, is_not_found, map_update_error, remove, syscall};
 use crate::lbmap::{MapError, MapKind};
 use crate::policy::{PolicyEntries, PolicyMaps};
 
@@ -23,27 +23,17 @@ pub struct AyaPolicyMaps {
 impl AyaPolicyMaps {
     /// Builds from the maps `get` returns by name.
     pub(super) fn from_maps(
-        mut get: impl FnMut(&'static str) -> Result<Option<Map>, DatapathError>,
+        get: impl FnMut(&'static str) -> Result<Option<Map>, DatapathError>,
     ) -> Result<Self, DatapathError> {
-        let mut capacity = BTreeMap::new();
-        let mut take = |kind: MapKind| -> Result<Option<Map>, DatapathError> {
-            let m = get(kind.name())?;
-            if let Some(m) = &m {
-                capacity.insert(kind, capacity_of(m));
-            }
-            Ok(m)
-        };
-        let endpoints = typed(
-            twill_common::MAP_POLICY_ENDPOINTS,
-            take(MapKind::PolicyEndpoints)?,
-        )?;
-        let ipcache = typed(twill_common::MAP_IPCACHE, take(MapKind::IpCache)?)?;
-        let policy = typed(twill_common::MAP_POLICY, take(MapKind::Policy)?)?;
+        let mut src = MapSource::new(get);
+        let endpoints = src.take::<def::PolicyEndpoints, _>()?;
+        let ipcache = src.take::<def::IpCache, _>()?;
+        let policy = src.take::<def::Policy, _>()?;
         Ok(Self {
             endpoints,
             ipcache,
             policy,
-            capacity,
+            capacity: src.capacity,
         })
     }
 

@@ -1,6 +1,6 @@
 //! NetworkPolicy's Prometheus metrics (registered with the agent's others). Denied packets are
 //! in `twill_datapath_verdicts_total{reason="policy_denied_ingress|policy_denied_egress"}`, a
-//! full policy map in `twill_map_errors_total{map="TWL_POL_V1",kind="full"}`.
+//! full policy map in `twill_map_errors_total{map=<MapKind::Policy.name()>,kind="full"}`.
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};

@@ -3,10 +3,10 @@
 //!
 //! ```text
 //!  stores: Pods, Namespaces, NetworkPolicies (compact parsed forms)
-//!    └─ PolicySyncer: compile (twill_core) ─► PolicyReconciler ─(PolicyMaps seam)─► TWL_PEP_V1,
-//!                                                                  TWL_IPC_V1, TWL_POL_V1
+//!    └─ PolicySyncer: compile (twill_core) ─► PolicyReconciler ─(PolicyMaps seam)─► maps
+//!                                                         PolicyEndpoints, IpCache, Policy
 //!  pod veths (links: dump + RTMGRP_LINK events) ─► Datapath::sync_pod_links (tcx, pinned)
-//!  TWL_CT_V2 policy-scope entries ─► the one conntrack collector (`crate::ctgc`)
+//!  Ct policy-scope entries ─► the one conntrack collector (`crate::ctgc`)
 //!  debug policy / explain ─► the compiled PolicyState (verdict replays the kernel's lookups)
 //! ```
 //!

@@ -160,19 +160,19 @@ impl<M: PolicyMaps> PolicySyncer<M> {
                     // Never a silent allow: what could not be written leaves pods isolated
                     // (denying), and the operator is told which map to grow.
                     log::error!(
-                        "NetworkPolicy map(s) full: {}; raise --map-size-policy / --map-size-ipcache / --map-size-policy-endpoints: {}",
+                        "NetworkPolicy map(s) full: {}; raise {}: {}",
                         full.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "),
+                        full.iter()
+                            .filter_map(|m| m.spec().size_flag)
+                            .map(|f| format!("--{f}"))
+                            .collect::<Vec<_>>()
+                            .join(" / "),
                         error_chain(e)
                     );
                 }
                 metrics.policy.sync_errors.inc();
                 for me in e.map_errors() {
-                    let map = match me {
-                        crate::lbmap::MapError::Full { map, .. }
-                        | crate::lbmap::MapError::Syscall { map, .. }
-                        | crate::lbmap::MapError::Injected { map, .. } => map.name(),
-                    };
-                    metrics.map_error(map, me.metric_label());
+                    metrics.map_error(me.map().name(), me.metric_label());
                 }
                 self.failures = self.failures.saturating_add(1);
                 false

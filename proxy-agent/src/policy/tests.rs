@@ -153,7 +153,11 @@ fn a_full_rule_map_is_a_named_error_and_the_pod_stays_isolated() {
     let desired = state(256, 257);
     let err = r.apply(&desired, true).unwrap_err();
     assert_eq!(err.full_maps(), vec![MapKind::Policy]);
-    assert!(err.to_string().contains("TWL_POL_V1 is full"), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("{} is full", MapKind::Policy.name())),
+        "{err}"
+    );
     // Fail closed: the endpoint is isolated even though its allow rule is missing.
     assert_eq!(r.maps().state.endpoints, desired.endpoints);
     assert!(r.maps().state.policy.is_empty());
@@ -335,8 +339,10 @@ spec:
         assert!(s.retry_delay().is_some());
         let text = metrics.render();
         assert!(
-            text.contains("twill_map_errors_total{map=\"TWL_POL_V1\",kind=\"full\"} 1")
-                && text.contains("twill_policy_sync_errors_total 1"),
+            text.contains(&format!(
+                "twill_map_errors_total{{map=\"{}\",kind=\"full\"}} 1",
+                twill_common::MapKind::Policy.name()
+            )) && text.contains("twill_policy_sync_errors_total 1"),
             "{text}"
         );
         s.reconciler_mut().maps_mut().policy_capacity = None;

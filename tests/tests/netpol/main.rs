@@ -361,9 +361,10 @@ impl Cluster {
         node.debug(args)
     }
 
-    /// Waits (bounded) until every agent's compiled state has each of its pods selected by the
-    /// policies the model says select it (`debug policy -o json`): the policies written are
-    /// the ones being enforced, not their predecessors.
+    /// Waits (bounded) until every agent compiled as many policies as were written (its
+    /// `twill_network_policies` gauge) and has each of its pods selected by the policies the
+    /// model says select it (`debug policy -o json`): the policies written are the ones being
+    /// enforced, not their predecessors.
     fn wait_compiled(&self) -> Result<()> {
         let topo = self.topology();
         let policies = self.all_policies();
@@ -371,6 +372,20 @@ impl Cluster {
         loop {
             let mut pending = Vec::new();
             for node in &self.lab.nodes {
+                let (code, metrics) =
+                    node.labtool(&["http", "--to", "127.0.0.1:10249", "--path", "/metrics"])?;
+                ensure!(code == 0, "GET /metrics on {}: {metrics}", node.name);
+                let compiled = metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix("twill_network_policies "))
+                    .and_then(|v| v.trim().parse::<f64>().ok());
+                if compiled != Some(f64::from(u32::try_from(policies.len())?)) {
+                    pending.push(format!(
+                        "{}: {compiled:?} policies compiled, {} written",
+                        node.name,
+                        policies.len()
+                    ));
+                }
                 let views: Vec<serde_json::Value> =
                     serde_json::from_str(&node.debug(&["policy", "-o", "json"])?)
                         .context("debug policy -o json")?;
