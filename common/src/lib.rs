@@ -8,12 +8,14 @@
 #![no_std]
 
 pub mod catalogue;
+pub mod fastpath;
 pub mod maps;
 pub mod policy;
 pub mod reason;
 pub mod sockdestroy;
 
 pub use catalogue::*;
+pub use fastpath::*;
 pub use maps::*;
 pub use policy::*;
 pub use reason::Reason;

@@ -333,6 +333,10 @@ pub trait KernelView: Send + Sync {
     fn drops(&self) -> Result<Vec<DropRow>, String>;
     /// The connection-tracking entries `filter` selects.
     fn conntrack(&self, filter: &crate::ctview::CtFilter) -> Result<Vec<CtRow>, String>;
+    /// The fast path's switches, counters and endpoints (`/v1/fastpath`).
+    fn fastpath(&self) -> Result<twill_core::routing::fastpath::FastPathView, String> {
+        Err("this view of the kernel has no fast path maps".to_owned())
+    }
 }
 
 /// One session-affinity entry.
@@ -408,6 +412,24 @@ impl KernelView for PinnedKernelView {
         Ok(rows)
     }
 
+    fn fastpath(&self) -> Result<twill_core::routing::fastpath::FastPathView, String> {
+        let lb =
+            crate::datapath::AyaLbMaps::open_pinned(&self.bpffs_dir).map_err(|e| err_chain(&e))?;
+        let stats = lb.stats().map_err(|e| err_chain(&e))?;
+        let counters = stats
+            .into_iter()
+            .filter(|(r, _)| (80..100).contains(&(*r as u8)))
+            .map(|(r, n)| (r.name().to_owned(), n))
+            .collect();
+        let fp = crate::datapath::AyaFastPathMaps::open_pinned(&self.bpffs_dir)
+            .map_err(|e| err_chain(&e))?;
+        let config = fp.config().map_err(|e| err_chain(&e))?;
+        let endpoints = fp.endpoints().map_err(|e| err_chain(&e))?;
+        Ok(twill_core::routing::fastpath::FastPathView::new(
+            config, counters, &endpoints,
+        ))
+    }
+
     fn drops(&self) -> Result<Vec<DropRow>, String> {
         let maps =
             crate::datapath::AyaLbMaps::open_pinned(&self.bpffs_dir).map_err(|e| err_chain(&e))?;
@@ -460,6 +482,13 @@ impl ApiState {
             },
             "/v1/drops" => match self.kernel.drops() {
                 Ok(rows) => Response::json(200, &rows),
+                Err(e) => Response::text(500, format!("{e}\n")),
+            },
+            "/v1/fastpath" => match self.kernel.fastpath() {
+                Ok(view) if query_value(&req.query, "format") == Some("text") => {
+                    Response::text(200, view.render())
+                }
+                Ok(view) => Response::json(200, &view),
                 Err(e) => Response::text(500, format!("{e}\n")),
             },
             "/v1/policy" => {

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use twill_core::routing::fastpath::MasqueradeMode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnetwork::Ipv4Network;
@@ -108,6 +109,16 @@ pub struct RunArgs {
     /// true]; `--masquerade=false` when the network routes pod CIDRs itself.
     #[arg(long, value_name = "BOOL", num_args = 1, require_equals = true)]
     pub masquerade: Option<bool>,
+    /// eBPF host routing [default: true]: pods' packets are routed by the programs on their
+    /// veths (into local pods with bpf_redirect_peer, elsewhere after a FIB lookup with
+    /// bpf_redirect_neigh) instead of the node's IP stack; `--host-routing=false` leaves every
+    /// packet to the stack.
+    #[arg(long, value_name = "BOOL", num_args = 1, require_equals = true)]
+    pub host_routing: Option<bool>,
+    /// Who masquerades pod egress [default: ebpf]: `ebpf`, the devices' tc egress program (no
+    /// netfilter rule on the node), or `nftables`, an `ip twill` table (the fallback).
+    #[arg(long, value_name = "ebpf|nftables", value_parser = parse_masquerade_mode)]
+    pub masquerade_mode: Option<MasqueradeMode>,
     /// A Service needing more services-map entries (ports × addresses × scopes) than this is
     /// rejected whole and reported, so one object cannot fill the map [default: 1024].
     #[arg(long, value_name = "N")]
@@ -153,6 +164,9 @@ pub enum DebugCommand {
     Affinity,
     /// Datapath verdict and drop counters.
     Drops,
+    /// eBPF host routing: packets redirected into local pods and forwarded after a FIB lookup,
+    /// those left to the stack and why, and the local endpoints.
+    Fastpath,
     /// The load-balancing maps in the compiler's golden dump format.
     Maps,
     /// The effective NetworkPolicy rules of this node's pods, and which policies select them.
@@ -264,6 +278,8 @@ pub struct FileConfig {
     pub cluster_cidr: Option<String>,
     pub non_masquerade_cidrs: Option<Vec<String>>,
     pub masquerade: Option<bool>,
+    pub host_routing: Option<bool>,
+    pub masquerade_mode: Option<MasqueradeMode>,
     pub max_frontends_per_service: Option<usize>,
     pub dns_bind_address: Option<String>,
     pub cluster_domain: Option<String>,
@@ -308,6 +324,10 @@ pub struct Config {
     pub cluster_cidr: Option<Ipv4Network>,
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
     pub masquerade: bool,
+    /// eBPF host routing (`twill_common::FP_F_HOST_ROUTING`).
+    pub host_routing: bool,
+    /// Who masquerades, when `masquerade` is on.
+    pub masquerade_mode: MasqueradeMode,
     pub max_frontends_per_service: usize,
     /// `None`: no DNS responder.
     pub dns_bind_address: Option<SocketAddr>,
@@ -494,6 +514,8 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
         )?,
         masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
+        host_routing: pick(flags.host_routing, file.host_routing).unwrap_or(true),
+        masquerade_mode: pick(flags.masquerade_mode, file.masquerade_mode).unwrap_or_default(),
         max_frontends_per_service,
         dns_bind_address: parse_bind("dns-bind-address", &dns)?,
         cluster_domain,
@@ -674,6 +696,10 @@ pub fn parse_duration(value: &str) -> Result<Duration, ConfigError> {
     Ok(d)
 }
 
+fn parse_masquerade_mode(value: &str) -> Result<MasqueradeMode, String> {
+    value.parse()
+}
+
 fn parse_cidr(flag: &'static str, value: &str) -> Result<Ipv4Network, ConfigError> {
     value.trim().parse().map_err(|_| ConfigError::Cidr {
         flag,
@@ -751,6 +777,23 @@ mod tests {
         .unwrap();
         assert!(!off.masquerade);
         assert!(!crate::routing::RoutingConfig::from(&off).masquerade);
+        assert!(off.host_routing, "host routing is on by default");
+        let stack = merge(
+            run_args(&["--node-name", "n1", "--host-routing=false"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(!stack.host_routing);
+        assert_eq!(off.masquerade_mode, MasqueradeMode::Ebpf);
+        let nft = merge(
+            run_args(&["--node-name", "n1", "--masquerade-mode", "nftables"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(nft.masquerade_mode, MasqueradeMode::Nftables);
+        let file = parse_file("masquerade-mode: nftables\n").unwrap();
+        let cfg = merge(run_args(&["--node-name", "n1"]), file).unwrap();
+        assert_eq!(cfg.masquerade_mode, MasqueradeMode::Nftables);
         let file = parse_file("masquerade: false\n").unwrap();
         let cfg = merge(run_args(&["--node-name", "n1"]), file).unwrap();
         assert!(!cfg.masquerade);

@@ -1,6 +1,7 @@
-//! `twill-agent debug services|backends|affinity|drops|maps|policy|explain|dns|conntrack
-//! [-o json]`: asks the running agent over its API socket and prints human tables (or the JSON
-//! as served); `debug monitor` follows the denied-flow stream, printing each line as it arrives.
+//! `twill-agent debug services|backends|affinity|drops|fastpath|maps|policy|explain|dns|
+//! conntrack [-o json]`: asks the running agent over its API socket and prints human tables (or
+//! the JSON as served); `debug monitor` follows the denied-flow stream, printing each line as it
+//! arrives.
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,6 +34,8 @@ fn path_of(what: &DebugCommand, output: OutputFormat) -> String {
         (DebugCommand::Backends, _) => "/v1/backends".into(),
         (DebugCommand::Affinity, _) => "/v1/affinity".into(),
         (DebugCommand::Drops, _) => "/v1/drops".into(),
+        (DebugCommand::Fastpath, OutputFormat::Table) => "/v1/fastpath?format=text".into(),
+        (DebugCommand::Fastpath, OutputFormat::Json) => "/v1/fastpath".into(),
         (DebugCommand::Maps, OutputFormat::Table) => "/v1/maps".into(),
         (DebugCommand::Maps, OutputFormat::Json) => "/v1/maps?format=json".into(),
         (DebugCommand::Policy { pod }, output) => {
@@ -163,7 +166,10 @@ pub fn render(
 ) -> Result<String, DebugError> {
     if matches!(
         what,
-        DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. }
+        DebugCommand::Maps
+            | DebugCommand::Policy { .. }
+            | DebugCommand::Explain { .. }
+            | DebugCommand::Fastpath
     ) && output == OutputFormat::Table
     {
         return Ok(String::from_utf8_lossy(body).into_owned());
@@ -199,7 +205,10 @@ pub fn render(
         DebugCommand::Conntrack { .. } => Ok(conntrack_table(
             &serde_json::from_slice::<Vec<CtRow>>(body).map_err(DebugError::Decode)?,
         )),
-        DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. } => {
+        DebugCommand::Maps
+        | DebugCommand::Policy { .. }
+        | DebugCommand::Explain { .. }
+        | DebugCommand::Fastpath => {
             unreachable!("handled above")
         }
         DebugCommand::Monitor { .. } => unreachable!("a stream: `run` follows it, never renders"),

@@ -12,6 +12,7 @@ pub mod ctview;
 pub mod datapath;
 pub mod debug_cli;
 pub mod dns;
+pub mod fastpath;
 pub mod health;
 pub mod metrics;
 pub mod node_net;

@@ -12,6 +12,8 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
 
+use twill_core::routing::fastpath::MasqueradeMode;
+
 use crate::cniconf::CniConfWriter;
 use crate::config::Config;
 use crate::datapath::{Datapath, DatapathError};
@@ -46,6 +48,8 @@ pub enum NetworkError {
         #[source]
         source: Box<DatapathError>,
     },
+    #[error("programming the fast path")]
+    FastPath(#[from] crate::fastpath::FastPathError),
 }
 
 impl NetworkError {
@@ -54,6 +58,7 @@ impl NetworkError {
         match self {
             Self::Routing(e) => e.metric_label(),
             Self::Attach { .. } => "attach_tc",
+            Self::FastPath(_) => "fastpath",
         }
     }
 }
@@ -98,12 +103,30 @@ pub struct NodeNetwork {
     state: NetworkState,
     /// Policy-isolated pods whose host veth already has IPv6 off.
     ipv6_cut: BTreeSet<Ipv4Addr>,
+    /// `--host-routing`.
+    host_routing: bool,
+    /// `--masquerade-mode`.
+    masquerade_mode: twill_core::routing::fastpath::MasqueradeMode,
     cni_conf: CniConfWriter,
 }
 
 impl NodeNetwork {
     /// Opens the netlink socket; call inside the tokio runtime.
     pub fn new(cfg: &Config) -> Result<Self, RoutingError> {
+        if cfg.masquerade && cfg.masquerade_mode == MasqueradeMode::Ebpf {
+            match crate::fastpath::reserve_masq_ports() {
+                Ok(true) => log::info!(
+                    "reserved ports {}-{} for the eBPF masquerade (ip_local_reserved_ports)",
+                    twill_common::MASQ_PORT_MIN,
+                    twill_common::MASQ_PORT_MAX
+                ),
+                Ok(false) => {}
+                Err(e) => log::warn!(
+                    "reserving the masquerade's ports in ip_local_reserved_ports: {e}; a node \
+                     socket given one of them as its ephemeral port would miss its replies"
+                ),
+            }
+        }
         Ok(Self {
             routing: RouteExecutor::connect()?,
             config: RoutingConfig::from(cfg),
@@ -115,6 +138,8 @@ impl NodeNetwork {
             refused: BTreeSet::new(),
             state: NetworkState::default(),
             ipv6_cut: BTreeSet::new(),
+            host_routing: cfg.host_routing,
+            masquerade_mode: cfg.masquerade_mode,
             cni_conf: CniConfWriter::new(cfg),
         })
     }
@@ -189,7 +214,22 @@ impl NodeNetwork {
             }
         }
         self.refused = refused;
-        let report = self.routing.apply(&plan, prune).await?;
+        // The nftables table only in its mode; in eBPF mode the executor removes a table an
+        // earlier agent (or mode) left.
+        let report = if self.masquerade_mode == MasqueradeMode::Nftables {
+            self.routing.apply(&plan, prune).await?
+        } else {
+            let without_table = crate::routing::RoutePlan {
+                masquerade: None,
+                ..plan.clone()
+            };
+            self.routing.apply(&without_table, prune).await?
+        };
+        let fastpath = twill_core::routing::fastpath::config(
+            self.host_routing,
+            plan.masquerade.as_ref().map(|_| self.masquerade_mode),
+        );
+        crate::fastpath::program(datapath, fastpath, plan.masquerade.as_ref(), prune)?;
         // Dual-stack: the IPv6 pod CIDRs follow the IPv4 plan's choice per peer.
         let plan6 = plan_routes6(
             &self.node_name,

@@ -22,9 +22,13 @@
 )]
 
 #[cfg(target_arch = "bpf")]
+mod fwd;
+#[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod masq;
 #[cfg(target_arch = "bpf")]
 mod monitor;
 #[cfg(target_arch = "bpf")]

@@ -27,8 +27,10 @@
 //! records its ports in `TWL_FRAG_V1` under the datagram's identity, the others find the flow
 //! with them and get the same address translation.
 //!
-//! Packets from inside the node never need this: the socket hooks translated them before they
-//! existed. Other protocols pass untouched.
+//! Packets from inside the node never need Service translation: the socket hooks translated
+//! them before they existed. On egress, a local pod's flow leaving the cluster is masqueraded
+//! (`masq.rs`) with entries of the same table, so its later packets, replies and ICMP errors
+//! take the paths above. Other protocols pass untouched.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -82,7 +84,12 @@ const LB_SRC_KEY_BITS: u32 = 64;
 
 #[classifier]
 pub fn twill_tc_ingress(ctx: TcContext) -> i32 {
-    exit(try_ingress(&ctx))
+    match exit(try_ingress(&ctx)) {
+        // Left to the stack (untranslated, or translated in place): a local pod's packets are
+        // delivered straight into it (replies, NodePort to a local backend, other nodes' pods).
+        TC_ACT_OK => crate::fwd::to_local_pod(&ctx),
+        action => action,
+    }
 }
 
 #[classifier]
@@ -91,7 +98,7 @@ pub fn twill_tc_egress(ctx: TcContext) -> i32 {
 }
 
 /// A verdict and the tc action carrying it out (pass on, or redirect).
-type Verdict = (Reason, i32);
+pub type Verdict = (Reason, i32);
 
 /// The single exit: counts the verdict; errors drop the packet.
 #[inline(always)]
@@ -109,14 +116,14 @@ fn exit(verdict: Result<Verdict, Reason>) -> i32 {
 }
 
 /// A TCP/UDP packet as the translator reads it: its flow and where to rewrite it.
-struct Pkt {
-    flow: Flow,
+pub struct Pkt {
+    pub flow: Flow,
     l4_off: usize,
     /// UDP: the datagram carries a checksum (0 means none and stays 0).
     udp_csum: bool,
     /// A fragment after the first: no TCP/UDP header (the ports come from `TWL_FRAG_V1`), so
     /// only the addresses are rewritten and it never opens a flow.
-    later_fragment: bool,
+    pub later_fragment: bool,
 }
 
 /// What a packet is to this datapath.
@@ -289,7 +296,7 @@ fn icmp_error(ctx: &TcContext, e: &IcmpErr, ingress: bool) -> Result<Verdict, Re
 /// Rewrites addresses and ports, fixing the IP checksum and the TCP/UDP checksum (which covers
 /// the addresses through the pseudo-header). A UDP checksum of 0 means "none" and stays 0.
 #[inline(always)]
-fn rewrite(
+pub fn rewrite(
     ctx: &TcContext,
     p: &Pkt,
     saddr: u32,
@@ -393,7 +400,13 @@ fn forward(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> Result<i32, Re
 /// routes through any other, such as a backend behind the VXLAN overlay. `extra` may add
 /// `BPF_FIB_LOOKUP_SRC` (Linux 6.7+) for the route's preferred source address.
 #[inline(always)]
-fn route(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32, extra: u32) -> (i64, bpf_fib_lookup) {
+pub fn route(
+    ctx: &TcContext,
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    extra: u32,
+) -> (i64, bpf_fib_lookup) {
     // SAFETY: bpf_fib_lookup is plain old data; zero is a valid value for every field.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -499,8 +512,9 @@ fn try_egress(ctx: &TcContext) -> Result<Verdict, Reason> {
     };
     match ct_lookup(ctx, &p) {
         Ct::Hit(verdict) => verdict,
-        // New flows are opened on ingress only; a SYN leaving the node is not ours.
-        Ct::Miss | Ct::Reopen => Ok((Reason::NotService, TC_ACT_OK)),
+        // Service flows are opened on ingress; a local pod's flow leaving the cluster is
+        // masqueraded here (when the masquerade is eBPF's).
+        Ct::Miss | Ct::Reopen => crate::masq::open(ctx, &p),
     }
 }
 

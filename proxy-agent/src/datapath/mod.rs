@@ -16,6 +16,7 @@
 //! and [`Datapath::attach_tc`] per device (north-south, from inside the node's netns) →
 //! [`Datapath::lb_maps`] (the [`LbMaps`](crate::lbmap::LbMaps) implementation, counters, dumps,
 //! source ranges). [`Datapath::unpin_all`] removes everything for uninstall.
+mod fastpath_maps;
 mod maps;
 mod pods;
 mod policy_maps;
@@ -40,6 +41,7 @@ use aya::{
 use twill_common::{BpfMapType, MapKind};
 
 pub use self::{
+    fastpath_maps::{AyaFastPathMaps, EndpointSync},
     maps::{AyaLbMaps, CtTable, FlushReport, ReasonCounts},
     pods::{PodLinkReport, is_pod_veth},
     policy_maps::AyaPolicyMaps,
@@ -258,6 +260,8 @@ pub struct Datapath {
     pod_links: std::collections::BTreeMap<String, u32>,
     /// Whether the socket iterator can run here (until [`Datapath::lb_maps`] uses it).
     sock_iter: Option<Result<sockiter::KernelSupport, SockIterError>>,
+    /// The host routing and masquerade maps, once taken out of the object.
+    fastpath: Option<AyaFastPathMaps>,
 }
 
 /// The aya map type of a catalogue entry.
@@ -379,6 +383,7 @@ impl Datapath {
             cgroup: None,
             pod_links: std::collections::BTreeMap::new(),
             sock_iter,
+            fastpath: None,
         })
     }
 
@@ -680,6 +685,18 @@ impl Datapath {
                 source,
             })?;
         Ok((ring, budget))
+    }
+
+    /// The eBPF host routing and masquerade maps (taken out of the loaded object on first use).
+    pub fn fastpath_maps(&mut self) -> Result<&mut AyaFastPathMaps, DatapathError> {
+        if self.fastpath.is_none() {
+            self.fastpath = Some(AyaFastPathMaps::from_maps(|name| {
+                Ok(self.ebpf.take_map(name))
+            })?);
+        }
+        self.fastpath
+            .as_mut()
+            .ok_or(DatapathError::MissingMap(twill_common::MAP_LOCAL_ENDPOINTS))
     }
 
     /// Removes every pin Twill made under `bpffs_dir` (links first: the hooks detach as soon as

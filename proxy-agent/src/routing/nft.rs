@@ -11,10 +11,19 @@ pub async fn apply(rules: &MasqueradeRules) -> Result<(), RoutingError> {
     nft(&rules.render()).await
 }
 
-/// Removes the agent's tables, IPv4 and IPv6 (no error when they are absent).
+/// Removes the agent's tables, IPv4 and IPv6 (no error when they are absent, nor when nftables
+/// is not installed: then no table can exist).
 pub async fn remove() -> Result<(), RoutingError> {
-    nft(&MasqueradeRules::render_remove()).await?;
-    nft(&twill_core::routing::masq6::Masquerade6Rules::render_remove()).await
+    for script in [
+        MasqueradeRules::render_remove(),
+        twill_core::routing::masq6::Masquerade6Rules::render_remove(),
+    ] {
+        match nft(&script).await {
+            Err(RoutingError::NftSpawn(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    Ok(())
 }
 
 pub(super) async fn nft(script: &str) -> Result<(), RoutingError> {
