@@ -102,6 +102,59 @@ pub const CT_F_POLICY_EGRESS: u32 = 1 << 16;
 /// once a reply passed, closing after both FINs or a RST), so the one collector expires them.
 pub const CT_F_POLICY_INGRESS: u32 = 1 << 17;
 
+/// The denied-flow event stream (`twill-agent debug monitor`): a ring buffer the pod programs
+/// write one [`PolicyDenyEvent`] into per dropped packet, within a budget per CPU and second
+/// kept in [`MAP_POLICY_EVENT_BUDGET`], so a flood of denied packets costs the datapath a
+/// counter increment, not ring-buffer traffic. Neither map is pinned: each agent makes its own
+/// and reads it (a program left attached while no agent runs keeps writing into the old one,
+/// which nobody reads; its events are lost, never misdelivered).
+pub const MAP_POLICY_EVENTS: &str = "TWL_PEV_V1";
+/// Per-CPU [`EventBudget`] (one entry).
+pub const MAP_POLICY_EVENT_BUDGET: &str = "TWL_PEVB_V1";
+/// Maps the kernel object must define besides the catalogue's (`crate::catalogue`, which are
+/// all pinned and adopted): made afresh by each agent, never pinned.
+pub const UNPINNED_MAPS: &[&str] = &[MAP_POLICY_EVENTS, MAP_POLICY_EVENT_BUDGET];
+/// Size of the ring buffer (a power of two, a multiple of the page size): 8,192 events.
+pub const POLICY_EVENTS_BYTES: u32 = 256 * 1024;
+/// Events each CPU may write per second; the rest are counted in `EventBudget::lost`.
+pub const POLICY_EVENTS_PER_CPU_SECOND: u32 = 200;
+
+/// One denied packet (a flow's first, or each retry: a dropped SYN is retransmitted).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyDenyEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the packet was dropped.
+    pub ktime_ns: u64,
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    /// Ports (0 for protocols without); for an ICMP error, the flow it quotes.
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// `Reason` discriminant: `PolicyDeniedIngress` or `PolicyDeniedEgress`.
+    pub reason: u8,
+    /// `POLICY_DIR_INGRESS` / `POLICY_DIR_EGRESS`: the local pod's side.
+    pub direction: u8,
+    pub _pad: u8,
+    /// The local pod's endpoint id and the peer's identity (`IDENTITY_*` or an assigned one).
+    pub ep_id: u32,
+    pub peer_identity: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyDenyEvent>() == 32);
+
+/// Value of [`MAP_POLICY_EVENT_BUDGET`] (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EventBudget {
+    /// The second (`ktime / 1e9`) `used` counts in.
+    pub second: u64,
+    pub used: u32,
+    pub _pad: u32,
+    /// Events not written: over the budget, or the ring buffer was full.
+    pub lost: u64,
+}
+const _: () = assert!(core::mem::size_of::<EventBudget>() == 24);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type is #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
@@ -110,4 +163,6 @@ mod pod {
     unsafe impl aya::Pod for super::PeerIdentity {}
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PolicyVerdict {}
+    unsafe impl aya::Pod for super::PolicyDenyEvent {}
+    unsafe impl aya::Pod for super::EventBudget {}
 }

@@ -11,7 +11,9 @@
 //! - `/v1/policy[?pod=NS/NAME][&format=text]`: the effective NetworkPolicy rules of local pods
 //!   (JSON, or the text form of the compiler's golden per-pod views);
 //! - `/v1/explain?from=…&to=…&proto=tcp|udp`: a connection's verdict from the compiled policy
-//!   state, Service targets resolved to their backends (JSON).
+//!   state, Service targets resolved to their backends (JSON);
+//! - `/v1/monitor`: the denied-flow stream, one JSON object per line until the client closes
+//!   (`crate::policy::monitor`).
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -197,6 +199,18 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&Request) -> Response,
 {
+    let Some(head) = read_head(&mut stream, limits).await else {
+        return;
+    };
+    write_response(stream, limits, respond(&head, handler)).await;
+}
+
+/// Reads a request head within `limits.read_timeout`; `None` when the client closed, sent too
+/// much or took too long (it is dropped without an answer).
+async fn read_head<S>(stream: &mut S, limits: ConnLimits) -> Option<Vec<u8>>
+where
+    S: AsyncRead + Unpin,
+{
     let mut buf = Vec::with_capacity(1024);
     let read = tokio::time::timeout(limits.read_timeout, async {
         let mut chunk = [0u8; 1024];
@@ -215,21 +229,33 @@ where
         }
     })
     .await;
-    let response = match read {
-        Ok(Ok(true)) => match parse_request(&String::from_utf8_lossy(&buf)) {
-            Some(req) if req.method == "GET" || req.method == "HEAD" => {
-                let head_only = req.method == "HEAD";
-                let mut r = handler(&req);
-                if head_only {
-                    r.body.clear();
-                }
-                r
+    matches!(read, Ok(Ok(true))).then_some(buf)
+}
+
+/// The answer to a request head: the handler's for GET (and HEAD, without the body).
+fn respond<F>(head: &[u8], handler: F) -> Response
+where
+    F: FnOnce(&Request) -> Response,
+{
+    match parse_request(&String::from_utf8_lossy(head)) {
+        Some(req) if req.method == "GET" || req.method == "HEAD" => {
+            let head_only = req.method == "HEAD";
+            let mut r = handler(&req);
+            if head_only {
+                r.body.clear();
             }
-            Some(_) => Response::text(405, "only GET\n"),
-            None => Response::text(400, "bad request\n"),
-        },
-        _ => return,
-    };
+            r
+        }
+        Some(_) => Response::text(405, "only GET\n"),
+        None => Response::text(400, "bad request\n"),
+    }
+}
+
+/// Writes `response` and closes, within `limits.write_timeout`.
+async fn write_response<S>(mut stream: S, limits: ConnLimits, response: Response)
+where
+    S: AsyncWrite + Unpin,
+{
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         response.status,
@@ -394,6 +420,8 @@ pub struct ApiState {
     pub kernel: Arc<dyn KernelView>,
     /// The DNS table's publisher (`/v1/dns`); `None` in tests without one.
     pub dns: Option<Arc<crate::dns::DnsResponder>>,
+    /// The denied-flow stream (`/v1/monitor`); `None` in tests without one.
+    pub monitor: Option<Arc<crate::policy::monitor::MonitorHub>>,
 }
 
 impl ApiState {
@@ -581,7 +609,7 @@ pub async fn serve_unix(listener: tokio::net::UnixListener, state: ApiState) {
                 };
                 let s = state.clone();
                 tokio::spawn(async move {
-                    serve_conn(stream, API_LIMITS, |r| s.handle(r)).await;
+                    serve_api_conn(stream, &s).await;
                     drop(slot);
                 });
             }
@@ -591,6 +619,22 @@ pub async fn serve_unix(listener: tokio::net::UnixListener, state: ApiState) {
             }
         }
     }
+}
+
+/// One API connection: the monitor stream holds it open, every other route answers once.
+async fn serve_api_conn(mut stream: tokio::net::UnixStream, state: &ApiState) {
+    let Some(head) = read_head(&mut stream, API_LIMITS).await else {
+        return;
+    };
+    let req = parse_request(&String::from_utf8_lossy(&head));
+    if let (Some(req), Some(hub)) = (&req, &state.monitor)
+        && req.method == "GET"
+        && req.path == "/v1/monitor"
+    {
+        crate::policy::monitor::stream(stream, hub.subscribe(), API_LIMITS.write_timeout).await;
+        return;
+    }
+    write_response(stream, API_LIMITS, respond(&head, |r| state.handle(r))).await;
 }
 
 /// Client side: `GET path` over the Unix socket; (status, body).
@@ -754,6 +798,7 @@ mod tests {
             published: Arc::default(),
             kernel: Arc::new(NoKernel),
             dns: None,
+            monitor: None,
         };
         let task = tokio::spawn(serve_unix(bind(&sock).unwrap(), state));
         let (status, body) = get(&sock, "/v1/services").await.unwrap();
@@ -770,6 +815,44 @@ mod tests {
         assert_eq!(get(&sock, "/nope").await.unwrap().0, 404);
         let (status, _) = get(&sock, "/v1/maps").await.unwrap();
         assert_eq!(status, 200);
+        task.abort();
+    }
+
+    /// `/v1/monitor` holds the connection open and streams what the hub publishes.
+    #[tokio::test]
+    async fn monitor_streams_over_the_unix_socket() {
+        use crate::policy::monitor::{LostCause, MonitorHub, MonitorLine};
+        use tokio::io::AsyncBufReadExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let hub = Arc::new(MonitorHub::default());
+        let state = ApiState {
+            published: Arc::default(),
+            kernel: Arc::new(NoKernel),
+            dns: None,
+            monitor: Some(hub.clone()),
+        };
+        let task = tokio::spawn(serve_unix(bind(&sock).unwrap(), state));
+        let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        s.write_all(b"GET /v1/monitor HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(s).lines();
+        let status = lines.next_line().await.unwrap().unwrap();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        while !lines.next_line().await.unwrap().unwrap().is_empty() {}
+        let sent = MonitorLine::Lost {
+            count: 7,
+            cause: LostCause::RateLimit,
+        };
+        // The head is written once the stream subscribed: what is published now arrives.
+        hub.publish(sent.clone());
+        let got = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(serde_json::from_str::<MonitorLine>(&got).unwrap(), sent);
         task.abort();
     }
 }

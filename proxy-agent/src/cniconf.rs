@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network};
 use k8s_openapi::api::core::v1::Node;
 use serde::Serialize;
 
@@ -139,10 +139,33 @@ pub fn pod_cidrs(node: &Node) -> Vec<Ipv4Network> {
         .collect()
 }
 
+/// Every pod CIDR of a Node in its order (the first is the primary family), IPv4 and IPv6:
+/// what the conflist carries, so twill-cni gives pods an address of each family. Unparsable
+/// entries are skipped with a warning.
+pub fn pod_cidrs_all(node: &Node) -> Vec<IpNetwork> {
+    let Some(spec) = &node.spec else {
+        return Vec::new();
+    };
+    let raw: Vec<&String> = match (&spec.pod_cidrs, &spec.pod_cidr) {
+        (Some(list), _) if !list.is_empty() => list.iter().collect(),
+        (_, Some(one)) => vec![one],
+        _ => Vec::new(),
+    };
+    raw.into_iter()
+        .filter_map(|c| match c.parse::<IpNetwork>() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                log::warn!("Node podCIDR {c:?} is not a CIDR: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
 /// The conflist bytes for these pod CIDRs; `chain_portmap` appends the `portmap` plugin (which
 /// must then be installed next to twill-cni) so pods' hostPorts work.
 pub fn render(
-    pod_cidrs: &[Ipv4Network],
+    pod_cidrs: &[IpNetwork],
     mtu: u32,
     state_dir: &Path,
     chain_portmap: bool,
@@ -248,13 +271,21 @@ impl CniConfWriter {
     /// writes nothing (the runtime keeps waiting for a network). Returns whether it wrote;
     /// errors are logged and retried on the next call.
     pub fn write(&mut self, node: &Node, pod_mtu: Option<u32>) -> bool {
-        let cidrs = pod_cidrs(node);
+        let mtu = self.mtu(pod_mtu);
+        let mut cidrs = pod_cidrs_all(node);
+        if mtu < twill_cni::config::IPV6_MIN_MTU && cidrs.iter().any(IpNetwork::is_ipv6) {
+            // twill-cni refuses the whole config otherwise: keep IPv4 pods working.
+            log::error!(
+                "pod MTU {mtu} is below IPv6's minimum of 1280: IPv6 pod CIDRs left out of the CNI config"
+            );
+            cidrs.retain(IpNetwork::is_ipv4);
+        }
         if cidrs.is_empty() {
             return false;
         }
         let content = render(
             &cidrs,
-            self.mtu(pod_mtu),
+            mtu,
             &self.state_dir,
             self.chain_portmap,
             PodDns::of(self.dns_bind, &self.cluster_domain),
@@ -398,7 +429,9 @@ mod tests {
 
     #[test]
     fn twill_cni_parses_what_the_agent_writes() {
-        let cidrs: Vec<Ipv4Network> = vec![
+        // Dual-stack, IPv6 first: twill-cni takes both, in this order.
+        let cidrs: Vec<IpNetwork> = vec![
+            "fd00:10:244:1::/64".parse().unwrap(),
             "10.244.1.0/24".parse().unwrap(),
             "10.245.0.0/16".parse().unwrap(),
         ];
@@ -414,8 +447,7 @@ mod tests {
             let conf = twill_cni::config::parse(&feeds[0]).unwrap();
             assert_eq!(conf.name, "twill");
             assert_eq!(conf.cni_version, want_version);
-            let want: Vec<ipnetwork::IpNetwork> = cidrs.iter().map(|c| (*c).into()).collect();
-            assert_eq!(conf.pod_cidrs, want);
+            assert_eq!(conf.pod_cidrs, cidrs);
             assert_eq!(conf.mtu, 1410);
             assert_eq!(conf.gateway.to_string(), POD_GATEWAY);
             assert_eq!(conf.state_dir, state);

@@ -174,6 +174,16 @@ pub enum DebugCommand {
         #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp"])]
         proto: String,
     },
+    /// Denied flows as they happen (rate-limited in the kernel; lost events are reported), one
+    /// line each: time, direction, from, to, protocol, reason. Runs until interrupted.
+    Monitor {
+        /// Stop after this many denied flows.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<u64>,
+    },
     /// What the node-local DNS responder answers for NAME, from the table it serves.
     Dns {
         name: String,

@@ -1,12 +1,15 @@
-//! `twill-agent debug services|backends|affinity|drops|maps|policy|explain [-o json]`: asks the
-//! running agent over its API socket and prints human tables (or the JSON as served).
+//! `twill-agent debug services|backends|affinity|drops|maps|policy|explain|dns [-o json]`: asks
+//! the running agent over its API socket and prints human tables (or the JSON as served);
+//! `debug monitor` follows the denied-flow stream, printing each line as it arrives.
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::api::{AffinityRow, BackendRow, DropRow};
 use crate::config::{DebugArgs, DebugCommand, OutputFormat};
+use crate::policy::monitor::MonitorLine;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DebugError {
@@ -40,6 +43,7 @@ fn path_of(what: &DebugCommand, output: OutputFormat) -> String {
             path
         }
         (DebugCommand::Dns { name, qtype }, _) => format!("/v1/dns?name={name}&type={qtype}"),
+        (DebugCommand::Monitor { .. }, _) => "/v1/monitor".into(),
         (DebugCommand::Explain { from, to, proto }, output) => {
             let mut path = format!("/v1/explain?from={from}&to={to}&proto={proto}");
             if output == OutputFormat::Table {
@@ -52,6 +56,11 @@ fn path_of(what: &DebugCommand, output: OutputFormat) -> String {
 
 /// Fetches and renders; the text to print.
 pub async fn run(args: &DebugArgs) -> Result<String, DebugError> {
+    if let DebugCommand::Monitor { count, duration } = args.what {
+        let stop = duration.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+        monitor(args, count, stop).await?;
+        return Ok(String::new());
+    }
     let (status, body) = crate::api::get(&args.api_socket, &path_of(&args.what, args.output))
         .await
         .map_err(|source| DebugError::Connect {
@@ -65,6 +74,80 @@ pub async fn run(args: &DebugArgs) -> Result<String, DebugError> {
         });
     }
     render(&args.what, args.output, &body)
+}
+
+/// Follows `/v1/monitor`, printing one line per event (table: [`MonitorLine::render`]; json:
+/// the line as served) until `count` denied flows were printed, `stop` passed, or the agent
+/// closed the stream.
+async fn monitor(
+    args: &DebugArgs,
+    count: Option<u64>,
+    stop: Option<tokio::time::Instant>,
+) -> Result<(), DebugError> {
+    use std::io::Write as _;
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let connect = |source| DebugError::Connect {
+        socket: args.api_socket.clone(),
+        source,
+    };
+    let mut stream = tokio::net::UnixStream::connect(&args.api_socket)
+        .await
+        .map_err(connect)?;
+    stream
+        .write_all(b"GET /v1/monitor HTTP/1.1\r\nHost: twill-agent\r\n\r\n")
+        .await
+        .map_err(connect)?;
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    let follow = async {
+        let status = lines
+            .next_line()
+            .await
+            .map_err(connect)?
+            .unwrap_or_default();
+        if !status.starts_with("HTTP/1.1 200") {
+            let mut body = String::new();
+            while let Ok(Some(l)) = lines.next_line().await {
+                body.push_str(&l);
+                body.push(' ');
+            }
+            return Err(DebugError::Status {
+                status: status
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
+                body: body.trim().to_owned(),
+            });
+        }
+        // The rest of the head.
+        while let Some(l) = lines.next_line().await.map_err(connect)? {
+            if l.is_empty() {
+                break;
+            }
+        }
+        let mut denied = 0;
+        while count.is_none_or(|c| denied < c) {
+            let Some(l) = lines.next_line().await.map_err(connect)? else {
+                break;
+            };
+            let line: MonitorLine = serde_json::from_str(&l).map_err(DebugError::Decode)?;
+            denied += u64::from(matches!(line, MonitorLine::Deny(_)));
+            let mut out = std::io::stdout().lock();
+            let text = match args.output {
+                OutputFormat::Json => l,
+                OutputFormat::Table => line.render(),
+            };
+            // A closed stdout (`| head`) ends the monitor like the agent closing would.
+            if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    };
+    match stop {
+        Some(at) => tokio::time::timeout_at(at, follow).await.unwrap_or(Ok(())),
+        None => follow.await,
+    }
 }
 
 /// Renders an API answer.
@@ -111,6 +194,7 @@ pub fn render(
         DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. } => {
             unreachable!("handled above")
         }
+        DebugCommand::Monitor { .. } => unreachable!("a stream: `run` follows it, never renders"),
     }
 }
 

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::datapath::{Datapath, DatapathError};
 use crate::routing::{
     ApplyReport, RouteExecutor, RoutingConfig, RoutingError, VXLAN_DEVICE, cni_mtu,
-    default_devices, node_internal_ipv4, nodeport_addresses, plan_routes,
+    default_devices, node_internal_ipv4, nodeport_addresses, plan_routes, plan_routes6,
 };
 use crate::source::Nodes;
 
@@ -59,7 +59,13 @@ impl NetworkError {
 }
 
 /// The routing-relevant view of one Node: what changes the route plan.
-type NodeRouting = (Option<String>, Option<Ipv4Addr>, Option<Vec<String>>);
+/// (name, IPv4 InternalIP, IPv6 InternalIPs for dual-stack direct routes, podCIDRs).
+type NodeRouting = (
+    Option<String>,
+    Option<Ipv4Addr>,
+    Vec<std::net::Ipv6Addr>,
+    Option<Vec<String>>,
+);
 
 fn routing_view(nodes: &Nodes) -> Vec<NodeRouting> {
     nodes
@@ -68,6 +74,7 @@ fn routing_view(nodes: &Nodes) -> Vec<NodeRouting> {
             (
                 n.metadata.name.clone(),
                 node_internal_ipv4(n),
+                twill_core::routing::plan6::node_internal_ipv6s(n),
                 n.spec.as_ref().and_then(|s| s.pod_cidrs.clone()),
             )
         })
@@ -180,6 +187,27 @@ impl NodeNetwork {
         }
         self.refused = refused;
         let report = self.routing.apply(&plan, prune).await?;
+        // Dual-stack: the IPv6 pod CIDRs follow the IPv4 plan's choice per peer.
+        let plan6 = plan_routes6(
+            &self.node_name,
+            nodes.values().map(AsRef::as_ref),
+            &host,
+            &plan,
+        );
+        for s in &plan6.skipped {
+            if s.reason.is_conflict() {
+                log::warn!("no IPv6 route to node {}: {}", s.node, s.reason);
+            } else {
+                log::debug!("no IPv6 route to node {}: {}", s.node, s.reason);
+            }
+        }
+        let report6 = self.routing.apply6(&plan6, prune).await?;
+        if report6.changed() {
+            log::info!(
+                "IPv6 routes: {} peer routes ({report6:?})",
+                plan6.peers.len()
+            );
+        }
         // The overlay device too: replies of local backends to pods on other nodes behind the
         // overlay (a pod reaching this node's NodePort) leave through it and must be
         // translated back like those leaving through the underlay. It carries no NodePort

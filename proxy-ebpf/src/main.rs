@@ -26,6 +26,8 @@ mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod monitor;
+#[cfg(target_arch = "bpf")]
 mod pkt;
 #[cfg(target_arch = "bpf")]
 mod pod;

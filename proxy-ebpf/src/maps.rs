@@ -3,16 +3,17 @@
 //! `kernel_object_maps_match_the_catalogue` checks the built object against the catalogue).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use twill_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
     DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_FRAGS_MAX,
     DEFAULT_IPCACHE_MAX, DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_NODE_ADDRS_MAX,
     DEFAULT_POLICY_ENDPOINTS_MAX, DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX,
-    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, FragKey, FragValue, IpCacheKey,
-    NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, Reason, STATS_MAX,
-    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, EventBudget, FragKey,
+    FragValue, IpCacheKey, NodeAddrValue, POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint,
+    PolicyKey, PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
+    SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 #[map]
@@ -80,6 +81,14 @@ pub static TWL_IPC_V1: LpmTrie<IpCacheKey, PeerIdentity> =
 #[map]
 pub static TWL_POL_V1: LpmTrie<PolicyKey, PolicyVerdict> =
     LpmTrie::with_max_entries(DEFAULT_POLICY_MAX, 0);
+
+// The denied-flow stream (`debug monitor`) and its per-CPU budget; not pinned (see
+// `twill_common::MAP_POLICY_EVENTS`).
+#[map]
+pub static TWL_PEV_V1: RingBuf = RingBuf::with_byte_size(POLICY_EVENTS_BYTES, 0);
+
+#[map]
+pub static TWL_PEVB_V1: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static TWL_STATS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_MAX, 0);

@@ -8,7 +8,8 @@
 //!  not isolated in this direction     ─► record CT (so replies pass the other direction) ─► pass
 //!  IPCACHE[peer] ─► identity (WORLD when no prefix covers it; HOST into a pod: allowed)
 //!  POLICY[(ep, dir, identity, proto, port)] then POLICY[(ep, dir, ANY, proto, port)]
-//!      hit ─► record CT ─► pass            miss ─► drop (policy_denied_ingress / _egress)
+//!      hit ─► record CT ─► pass            miss ─► drop (policy_denied_ingress / _egress),
+//!                                                  event to the denied-flow stream (monitor.rs)
 //! ```
 //!
 //! Every step is a hash or LPM lookup: the cost of a packet does not depend on how many
@@ -121,7 +122,10 @@ pub fn judge(flow: &Flow, side: Side) -> Result<Reason, Reason> {
         if ep.flags & side.isolated_flag() == 0 {
             return Ok(Reason::PolicyNotEnforced);
         }
-        allowed(&ep, side, identity(peer, side), PROTO_ICMP, 0).ok_or(side.denied())?;
+        let id = identity(peer, side);
+        if allowed(&ep, side, id, PROTO_ICMP, 0).is_none() {
+            return Err(deny(flow, side, &ep, id));
+        }
         return Ok(Reason::PolicyAllowed);
     }
     let reason = if ep.flags & side.isolated_flag() == 0 {
@@ -131,12 +135,22 @@ pub fn judge(flow: &Flow, side: Side) -> Result<Reason, Reason> {
         let id = identity(peer, side);
         // Traffic from this node into its pods is always allowed (kubelet probes).
         if !(side == Side::Ingress && id == IDENTITY_HOST) {
-            allowed(&ep, side, id, flow.proto, flow.policy_port()).ok_or(side.denied())?;
+            if allowed(&ep, side, id, flow.proto, flow.policy_port()).is_none() {
+                return Err(deny(flow, side, &ep, id));
+            }
         }
         Reason::PolicyAllowed
     };
     ct_record(&key, side.ct_flag(), now)?;
     Ok(reason)
+}
+
+/// The drop reason for `flow` on `side`, reported to the denied-flow stream on the way.
+#[inline(always)]
+fn deny(flow: &Flow, side: Side, ep: &PolicyEndpoint, peer: u32) -> Reason {
+    let reason = side.denied();
+    crate::monitor::denied(flow, side.direction(), reason, ep.ep_id, peer);
+    reason
 }
 
 #[inline(always)]

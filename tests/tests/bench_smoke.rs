@@ -2,11 +2,11 @@
 //! generators loaded by iptables-restore and nft, the load client, probes, per-round ratios) at
 //! N=10 with sub-second rounds. It checks that numbers come out and nothing failed; it makes no
 //! timing assertions.
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use twill_lab::{
     bench::{
         Contender,
-        harness::{Bench, BenchConfig},
+        harness::{Bench, BenchConfig, BenchResults},
     },
     require,
 };
@@ -85,6 +85,7 @@ fn bench_harness_produces_numbers_without_failures() -> Result<()> {
             "no control-plane numbers for {name}: {cp:?}"
         );
     }
+    check_policy(&results)?;
     for c in &results.control_plane {
         ensure!(c.errors.is_empty(), "{}: {:?}", c.contender, c.errors);
         ensure!(
@@ -99,5 +100,49 @@ fn bench_harness_produces_numbers_without_failures() -> Result<()> {
             c.add_one_ms
         );
     }
+    Ok(())
+}
+
+/// The NetworkPolicy phase: Twill and the kube-network-policies peer, each with no policy and
+/// with every policy count, every round clean; from-scratch programming, the changes'
+/// enforcement latencies and the agent's RSS measured.
+fn check_policy(results: &BenchResults) -> Result<()> {
+    let cfg = results
+        .config
+        .policy
+        .clone()
+        .context("the smoke config runs the policy phase")?;
+    let p = results.policy.as_ref().context("no policy results")?;
+    ensure!(p.errors.is_empty(), "policy phase errors: {:?}", p.errors);
+    ensure!(
+        p.conn_rate.len() == 2 * (1 + cfg.policy_counts.len()),
+        "policy series: {:?}",
+        p.conn_rate
+    );
+    for s in &p.conn_rate {
+        ensure!(s.clean(), "policy series not clean: {s:?}");
+        ensure!(
+            s.summary.is_some_and(|v| v.median > 0.0) && s.ratio.is_some(),
+            "policy series without numbers: {s:?}"
+        );
+        if s.contender == "twill" {
+            ensure!(s.ratio_to_peer.is_some(), "no ratio to the peer: {s:?}");
+        }
+    }
+    ensure!(
+        p.from_scratch.len() == cfg.from_scratch_rounds
+            && p.from_scratch.iter().all(|f| f.enforced_ms > 0.0),
+        "from-scratch timings: {:?}",
+        p.from_scratch
+    );
+    ensure!(
+        p.enforcement_ms.len() == cfg.changes,
+        "enforcement latencies: {:?}",
+        p.enforcement_ms
+    );
+    ensure!(
+        p.rss_before_kib.is_some() && p.rss_after_kib.is_some(),
+        "agent RSS not measured"
+    );
     Ok(())
 }

@@ -321,7 +321,10 @@ impl Datapath {
             }
         }
         let ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
-        for name in twill_common::ALL_MAPS {
+        for name in twill_common::ALL_MAPS
+            .iter()
+            .chain(twill_common::UNPINNED_MAPS)
+        {
             if ebpf.map(name).is_none() {
                 return Err(DatapathError::MissingMap(name));
             }
@@ -588,6 +591,36 @@ impl Datapath {
     /// Takes them out of the loaded object, so call it once.
     pub fn policy_maps(&mut self) -> Result<AyaPolicyMaps, DatapathError> {
         AyaPolicyMaps::from_maps(|name| Ok(self.ebpf.take_map(name)))
+    }
+
+    /// The denied-flow ring buffer and its per-CPU budget (lost-event counters), for
+    /// `crate::policy::monitor::read_events`. Once: the maps move out of the object.
+    pub fn monitor_maps(
+        &mut self,
+    ) -> Result<
+        (
+            aya::maps::RingBuf<aya::maps::MapData>,
+            aya::maps::PerCpuArray<aya::maps::MapData, twill_common::EventBudget>,
+        ),
+        DatapathError,
+    > {
+        let mut take = |name: &'static str| {
+            self.ebpf
+                .take_map(name)
+                .ok_or(DatapathError::MissingMap(name))
+        };
+        let ring = take(twill_common::MAP_POLICY_EVENTS)?;
+        let budget = take(twill_common::MAP_POLICY_EVENT_BUDGET)?;
+        let ring = aya::maps::RingBuf::try_from(ring).map_err(|source| DatapathError::MapType {
+            name: twill_common::MAP_POLICY_EVENTS,
+            source,
+        })?;
+        let budget =
+            aya::maps::PerCpuArray::try_from(budget).map_err(|source| DatapathError::MapType {
+                name: twill_common::MAP_POLICY_EVENT_BUDGET,
+                source,
+            })?;
+        Ok((ring, budget))
     }
 
     /// Removes every pin Twill made under `bpffs_dir` (links first: the hooks detach as soon as

@@ -20,6 +20,10 @@ pub struct PolicyMetrics {
     /// Pod veths carrying the policy programs.
     pub pod_links: Gauge,
     pub pod_link_errors: Counter,
+    /// Denied-flow events read from the kernel (`debug monitor`).
+    pub monitor_events: Counter,
+    /// Denied-flow events the kernel did not write (per-CPU rate limit or full ring buffer).
+    pub monitor_lost: Counter,
 }
 
 impl PolicyMetrics {
@@ -34,6 +38,8 @@ impl PolicyMetrics {
             sync_errors: Counter::default(),
             pod_links: Gauge::default(),
             pod_link_errors: Counter::default(),
+            monitor_events: Counter::default(),
+            monitor_lost: Counter::default(),
         };
         registry.register(
             "twill_policy_sync_duration_seconds",
@@ -74,6 +80,16 @@ impl PolicyMetrics {
             "twill_pod_link_errors",
             "Failed attaches of the NetworkPolicy programs to pod veths",
             m.pod_link_errors.clone(),
+        );
+        registry.register(
+            "twill_policy_monitor_events",
+            "Denied-flow events read from the kernel's ring buffer",
+            m.monitor_events.clone(),
+        );
+        registry.register(
+            "twill_policy_monitor_lost",
+            "Denied-flow events not written by the kernel (per-CPU rate limit or full buffer)",
+            m.monitor_lost.clone(),
         );
         m
     }

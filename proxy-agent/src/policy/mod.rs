@@ -8,6 +8,7 @@
 //!  pod veths (links: dump + RTMGRP_LINK events) ─► Datapath::sync_pod_links (tcx, pinned)
 //!  Ct policy-scope entries ─► the one conntrack collector (`crate::ctgc`)
 //!  debug policy / explain ─► the compiled PolicyState (verdict replays the kernel's lookups)
+//!  debug monitor ─► denied flows from the kernel's ring buffer (`monitor`)
 //! ```
 //!
 //! Established connections: a flow allowed once is followed by its conntrack entry, so a policy
@@ -17,6 +18,7 @@ pub mod explain;
 pub mod links;
 mod maps;
 mod metrics;
+pub mod monitor;
 mod reconcile;
 mod syncer;
 pub mod task;

@@ -23,8 +23,17 @@ pub(super) async fn start(
 ) -> Result<(Agent, Vec<tokio::task::JoinHandle<()>>), RunError> {
     let ctx = Context::new(cfg);
     let dns = crate::dns::DnsResponder::new(ctx.cfg.dns_ttl, ctx.metrics.clone());
-    let mut tasks = start_servers(&ctx, &dns).await?;
+    let monitor = Arc::new(crate::policy::monitor::MonitorHub::default());
+    let mut tasks = start_servers(&ctx, &dns, &monitor).await?;
     let (mut datapath, reconciler, pol) = start_datapath(&ctx.cfg, cgroup)?;
+    let (ring, budget) = datapath.monitor_maps()?;
+    tasks.push(tokio::spawn(crate::policy::monitor::read_events(
+        ring,
+        budget,
+        monitor,
+        ctx.published.clone(),
+        ctx.metrics.clone(),
+    )));
     let network = NodeNetwork::new(&ctx.cfg).map_err(RunError::Network)?;
     // Pod veths are watched before the sources start: a pod created meanwhile is an event.
     let policy =
@@ -61,6 +70,7 @@ async fn bind_tcp(
 async fn start_servers(
     ctx: &Context,
     dns: &Arc<crate::dns::DnsResponder>,
+    monitor: &Arc<crate::policy::monitor::MonitorHub>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, RunError> {
     let (cfg, health, metrics) = (&ctx.cfg, &ctx.health, &ctx.metrics);
     let mut servers = Vec::new();
@@ -92,6 +102,7 @@ async fn start_servers(
     let api_state = ApiState {
         published: ctx.published.clone(),
         dns: Some(dns.clone()),
+        monitor: Some(monitor.clone()),
         kernel: Arc::new(PinnedKernelView {
             bpffs_dir: cfg.bpffs_dir.clone(),
         }),

@@ -23,6 +23,9 @@ use super::{
 };
 use crate::{Agent, Lab, Node, Pod, bin, run_cmd, spawn_and_wait_ready, wait_for};
 
+mod policy;
+pub use policy::{FromScratch, PEER, PolicyBenchConfig, PolicyResults, PolicySeries, percentile};
+
 /// The Service every data-path round probes (the same address every round: see LAB.md on PAWS).
 pub const BENCH_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Single-endpoint Service for iperf3 (its control and data connections must meet one server).
@@ -66,6 +69,9 @@ pub struct BenchConfig {
     /// east-west counterpart).
     #[serde(default)]
     pub ns_rounds: usize,
+    /// The NetworkPolicy phase (run first, in the Twill and direct contenders' nodes).
+    #[serde(default)]
+    pub policy: Option<PolicyBenchConfig>,
     /// Wall-clock budget; phases that would start after it are skipped and noted.
     #[serde(skip)]
     pub budget: Duration,
@@ -91,6 +97,7 @@ impl BenchConfig {
             rss_scale: None,
             north_south: true,
             ns_rounds: 1,
+            policy: Some(PolicyBenchConfig::smoke()),
             budget: Duration::from_mins(2),
         }
     }
@@ -225,6 +232,9 @@ pub struct BenchResults {
     /// CPU the agent used during each size's data-path rounds (nothing changing meanwhile).
     #[serde(default)]
     pub agent_cpu_by_size: BTreeMap<usize, AgentCpu>,
+    /// The NetworkPolicy phase, when it ran.
+    #[serde(default)]
+    pub policy: Option<PolicyResults>,
     /// CNI ADD+DEL results (filled by the caller; `Null` when not run).
     pub cni: serde_json::Value,
     /// Why the CNI benchmark did not run, when it did not.
@@ -726,6 +736,7 @@ impl<'a> Bench<'a> {
             agent_rss: None,
             agent_rss_by_size: BTreeMap::new(),
             agent_cpu_by_size: BTreeMap::new(),
+            policy: None,
             cni: serde_json::Value::Null,
             cni_unavailable: None,
             notes: Vec::new(),
@@ -878,6 +889,8 @@ impl<'a> Bench<'a> {
 
     /// Runs everything the config asks for and returns the results.
     pub fn run(mut self) -> Result<BenchResults> {
+        // First, while the agent holds no Services: its RSS growth is the policy world's alone.
+        self.policy_phase();
         let sizes = self.cfg.sizes.clone();
         let mut all_sizes: Vec<usize> = sizes
             .iter()

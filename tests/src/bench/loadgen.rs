@@ -134,6 +134,12 @@ pub struct Probe {
 impl Probe {
     /// Starts the probe and waits (bounded) until it runs; it gives up by itself after `limit`.
     pub fn start(client: &Pod, target: &str, limit: Duration) -> Result<Self> {
+        Self::start_until(client, target, limit, false)
+    }
+
+    /// [`Probe::start`]; with `refused`, the first connection refused is the success (the
+    /// target port is closed: a reset arrives once nothing drops the SYN any more).
+    pub fn start_until(client: &Pod, target: &str, limit: Duration, refused: bool) -> Result<Self> {
         let mut cmd = client.cmd(bin("loadgen"));
         cmd.args([
             "probe",
@@ -141,6 +147,8 @@ impl Probe {
             target,
             "--limit-ms",
             &limit.as_millis().to_string(),
+            "--until",
+            if refused { "refused" } else { "ok" },
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -5,6 +5,7 @@
 //! same code path as the full benchmark.
 pub mod harness;
 pub mod loadgen;
+pub mod policies;
 pub mod report;
 pub mod rules;
 pub mod stats;

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::{
-    harness::{BenchResults, Metric, Series},
+    harness::{BenchResults, Metric, PEER, PolicyResults, Series, percentile},
     stats::{self, Summary},
 };
 
@@ -192,6 +192,155 @@ fn targets(r: &BenchResults) -> Vec<Target> {
     t
 }
 
+/// NetworkPolicy targets (issue 13).
+fn policy_targets(p: &PolicyResults, t: &mut Vec<Target>) {
+    let summary = |s: Option<Summary>| {
+        s.map_or_else(
+            || "–".into(),
+            |s| format!("{:.3} ({:.3}–{:.3})", s.median, s.min, s.max),
+        )
+    };
+    for se in p.conn_rate.iter().filter(|s| s.contender == "twill") {
+        let Some(n) = se.policies else { continue };
+        t.push(Target {
+            what: format!(
+                "pod→pod conn rate, deny + allow + {n} policies, {} pods",
+                p.pods
+            ),
+            goal: "≥ 0.95× no policy".into(),
+            measured: summary(se.ratio),
+            verdict: verdict(se.ratio.map(|s| s.median >= 0.95)),
+        });
+    }
+    let scratch: Vec<f64> = p.from_scratch.iter().map(|f| f.enforced_ms).collect();
+    let s = stats::summarize(&scratch);
+    t.push(Target {
+        what: format!(
+            "{} policies over {} pods compiled and programmed",
+            p.from_scratch_policies, p.pods
+        ),
+        goal: "≤ 1 s (manifest write → enforced)".into(),
+        measured: s.map_or_else(
+            || "–".into(),
+            |s| format!("{:.0} ms ({:.0}–{:.0})", s.median, s.min, s.max),
+        ),
+        verdict: verdict(s.map(|s| s.max <= 1000.0)),
+    });
+    #[expect(clippy::cast_precision_loss, reason = "KiB counts")]
+    let growth = p
+        .rss_before_kib
+        .zip(p.rss_after_kib)
+        .map(|(b, a)| (a.saturating_sub(b)) as f64 / 1024.0);
+    t.push(Target {
+        what: format!(
+            "agent RSS growth, {} policies over {} pods",
+            p.from_scratch_policies, p.pods
+        ),
+        goal: "≤ 50 MiB".into(),
+        measured: growth.map_or_else(|| "–".into(), |g| format!("{g:.1} MiB")),
+        verdict: verdict(growth.map(|g| g <= 50.0)),
+    });
+    let p99 = percentile(&p.enforcement_ms, 0.99);
+    t.push(Target {
+        what: format!(
+            "policy change enforced, p99 of {} changes",
+            p.enforcement_ms.len()
+        ),
+        goal: "≤ 1 s".into(),
+        measured: p99.map_or_else(
+            || "–".into(),
+            |v| {
+                format!(
+                    "{v:.0} ms (p50 {:.0} ms)",
+                    percentile(&p.enforcement_ms, 0.5).unwrap_or(f64::NAN)
+                )
+            },
+        ),
+        verdict: verdict(p99.map(|v| v <= 1000.0)),
+    });
+}
+
+fn policy_section(out: &mut String, p: &PolicyResults) {
+    let _ = writeln!(
+        out,
+        "\n## NetworkPolicy\n\nConnection rate client → server pod (connect + 1 byte + close, port {}) in one \
+         node, {} pods known, under the bench namespace's default deny (Ingress + Egress) and one allow policy \
+         (both directions), plus N filler policies; `ratio` is per round against the same contender with no \
+         policy at all in the same round, `vs {PEER}` per round against the peer with the same policies \
+         (another node: noisier). `{PEER}` is kube-network-policies' nftables table with the userspace \
+         verdict (nfqueue, absent from this kernel) rendered as nftables chains per pod (see docs/benchmarks.md).\n",
+        super::policies::SERVE_PORT,
+        p.pods
+    );
+    let _ = writeln!(
+        out,
+        "| contender | policies | conn/s | ratio to no policy | vs {PEER} | clean |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---|");
+    for se in &p.conn_rate {
+        let clean = if se.clean() {
+            "yes".to_owned()
+        } else {
+            format!("NO: {} failures; {}", se.failures, se.errors.join("; "))
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {clean} |",
+            se.contender,
+            se.policies
+                .map_or_else(|| "none".into(), |n| format!("deny + allow + {n}")),
+            fmt_summary(se.summary, 0),
+            fmt_summary(se.ratio, 3),
+            fmt_summary(se.ratio_to_peer, 3),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nControl plane ({} policies over {} pods; from the default deny alone to the first connection the \
+         allow rule lets through; the agent's share is its own compile + apply time over that span):\n",
+        p.from_scratch_policies, p.pods
+    );
+    for (i, f) in p.from_scratch.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "- round {}: enforced in {:.0} ms; agent compile + apply {} over {} sync(s)",
+            i + 1,
+            f.enforced_ms,
+            f.agent_sync_ms
+                .map_or_else(|| "–".into(), |v| format!("{v:.0} ms")),
+            f.agent_syncs
+                .map_or_else(|| "–".into(), |v| format!("{v:.0}"))
+        );
+    }
+    if !p.enforcement_ms.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nEnforcement latency of {} single policy changes (one more allowed port each, manifest write → first \
+             connection to that port not dropped): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.",
+            p.enforcement_ms.len(),
+            percentile(&p.enforcement_ms, 0.5).unwrap_or(f64::NAN),
+            percentile(&p.enforcement_ms, 0.99).unwrap_or(f64::NAN),
+            p.enforcement_ms.iter().copied().fold(f64::NAN, f64::max)
+        );
+    }
+    if let (Some(b), Some(a)) = (p.rss_before_kib, p.rss_after_kib) {
+        let _ = writeln!(
+            out,
+            "\nAgent VmRSS {b} KiB before the world was written, {a} KiB with it and the largest policy set (settled)."
+        );
+    }
+    if !p.agent_gauges.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nAgent gauges with the largest set: {:?}",
+            p.agent_gauges
+        );
+    }
+    for e in &p.errors {
+        let _ = writeln!(out, "\n- error: {e}");
+    }
+}
+
 /// Control-plane, CNI and memory targets.
 fn control_targets(r: &BenchResults, t: &mut Vec<Target>, na: &str) {
     let cp = r.control_plane.iter().filter(|c| c.contender == "twill");
@@ -266,6 +415,9 @@ fn control_targets(r: &BenchResults, t: &mut Vec<Target>, na: &str) {
         ),
         verdict: verdict(rss.map(|(m, s, _)| m <= 64.0 && s >= 10_000)),
     });
+    if let Some(p) = &r.policy {
+        policy_targets(p, t);
+    }
 }
 
 /// The whole report.
@@ -332,6 +484,9 @@ pub fn markdown(r: &BenchResults) -> String {
         metric_table(&mut out, r, &r.ns_conn_rate, 0);
         metric_table(&mut out, r, &r.ns_rr_p50, 1);
         metric_table(&mut out, r, &r.ns_rr_p99, 1);
+    }
+    if let Some(p) = &r.policy {
+        policy_section(&mut out, p);
     }
     control_plane_section(&mut out, r);
     cni_section(&mut out, r);
@@ -478,7 +633,7 @@ mod tests {
     use super::*;
     use crate::bench::{
         Contender,
-        harness::{BenchConfig, Machine},
+        harness::{BenchConfig, FromScratch, Machine, PolicySeries},
     };
 
     fn series(contender: &str, n: usize, rounds: &[f64], ratios: &[f64]) -> Series {
@@ -547,10 +702,94 @@ mod tests {
             agent_rss: None,
             agent_rss_by_size: BTreeMap::new(),
             agent_cpu_by_size: BTreeMap::new(),
+            policy: None,
             cni: serde_json::Value::Null,
             cni_unavailable: None,
             notes: Vec::new(),
         }
+    }
+
+    fn policy_series(contender: &str, policies: Option<usize>, ratio: f64) -> PolicySeries {
+        let s = Summary {
+            median: ratio,
+            min: ratio,
+            max: ratio,
+        };
+        PolicySeries {
+            contender: contender.into(),
+            policies,
+            rounds: vec![Some(1000.0 * ratio)],
+            summary: Some(Summary {
+                median: 1000.0 * ratio,
+                min: 1000.0 * ratio,
+                max: 1000.0 * ratio,
+            }),
+            ratio: Some(s),
+            ratio_to_peer: None,
+            failures: 0,
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn policy_targets_follow_the_issue() {
+        let mut r = results(Some(1.0));
+        r.policy = Some(PolicyResults {
+            pods: 10_003,
+            policy_counts: vec![100, 1_000],
+            conn_rate: vec![
+                policy_series("twill", None, 1.0),
+                policy_series("twill", Some(100), 0.96),
+                policy_series("twill", Some(1_000), 0.93),
+                policy_series(PEER, Some(1_000), 0.8),
+            ],
+            from_scratch_policies: 1_002,
+            from_scratch: vec![FromScratch {
+                enforced_ms: 420.0,
+                agent_sync_ms: Some(80.0),
+                agent_syncs: Some(1.0),
+            }],
+            enforcement_ms: (1..=20).map(f64::from).collect(),
+            rss_before_kib: Some(20_000),
+            rss_after_kib: Some(20_000 + 60 * 1024),
+            agent_gauges: BTreeMap::new(),
+            errors: Vec::new(),
+        });
+        let pods = "10003 pods";
+        assert_eq!(
+            verdict_of(
+                &r,
+                &format!("pod→pod conn rate, deny + allow + 100 policies, {pods}")
+            ),
+            "met"
+        );
+        assert_eq!(
+            verdict_of(
+                &r,
+                &format!("pod→pod conn rate, deny + allow + 1000 policies, {pods}")
+            ),
+            "NOT met"
+        );
+        assert_eq!(
+            verdict_of(
+                &r,
+                &format!("1002 policies over {pods} compiled and programmed")
+            ),
+            "met"
+        );
+        assert_eq!(
+            verdict_of(&r, &format!("agent RSS growth, 1002 policies over {pods}")),
+            "NOT met"
+        );
+        assert_eq!(
+            verdict_of(&r, "policy change enforced, p99 of 20 changes"),
+            "met"
+        );
+        let md = markdown(&r);
+        assert!(
+            md.contains("| knp-nft | deny + allow + 1000 | 800 (800–800) |"),
+            "{md}"
+        );
     }
 
     fn verdict_of(r: &BenchResults, what: &str) -> &'static str {

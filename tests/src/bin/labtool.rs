@@ -4,6 +4,7 @@
 //! ```text
 //! labtool serve --name N [--tcp PORT] [--udp PORT]   reply "N <peer-ip>:<peer-port>" per TCP
 //!                                                    connection and per UDP datagram
+//!               [--ipv6]                             listen on [::] (both families)
 //! labtool tcp --to IP:PORT [--timeout-ms T]         one request; prints reply=.. peer=.. local=..
 //! labtool udp --to IP:PORT [--connected] [--timeout-ms T]   prints reply=.. from=..
 //! labtool tcp-loop --to IP:PORT [--count N] [--duration-ms D] [--interval-ms I] [--timeout-ms T]
@@ -11,6 +12,9 @@
 //! labtool udp-loop --to IP:PORT --count N [--connected | --one-socket] [--interval-ms I]
 //!                                                    same JSON for UDP; a new socket per
 //!                                                    datagram unless --one-socket
+//! labtool udp-send --to IP:PORT --count N          N one-byte datagrams from one socket as
+//!                                                    fast as it can (≤ 100,000), no replies
+//!                                                    awaited; prints sent=<n>
 //! labtool http --to IP:PORT [--path P]              HTTP/1.0 GET; prints status=<code> then the body
 //! labtool probe --to IP:PORT,IP:PORT,... [--udp] [--timeout-ms T]
 //!                                                    one request to each target at once (a row
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
         "udp" => udp_once(&args),
         "tcp-loop" => tcp_loop(&args),
         "udp-loop" => udp_loop(&args),
+        "udp-send" => udp_send(&args),
         "http" => http_get(&args),
         "probe" => probe(&args),
         "netns-cookie" => netns_cookie(),
@@ -111,25 +116,43 @@ fn main() -> ExitCode {
     }
 }
 
+/// A peer as the reply names it: a dual-mode (`--ipv6`) server sees IPv4 clients as
+/// `::ffff:a.b.c.d`, reported as plain IPv4 so replies read the same in both modes.
+fn canonical(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map_or(peer, |v4| SocketAddr::new(v4.into(), a.port())),
+        SocketAddr::V4(_) => peer,
+    }
+}
+
 fn serve(args: &Args) -> Result<ExitCode, String> {
     let name = args.value("--name").unwrap_or("server").to_owned();
+    // `--ipv6`: listen on `[::]`, which (bindv6only=0, the default) takes both families.
+    let any = if args.flag("--ipv6") {
+        "[::]"
+    } else {
+        "0.0.0.0"
+    };
     let mut threads = Vec::new();
     if let Some(port) = args.value("--udp") {
         let sock =
-            UdpSocket::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("udp bind: {e}"))?;
+            UdpSocket::bind(format!("{any}:{port}")).map_err(|e| format!("udp bind: {e}"))?;
         let name = name.clone();
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             loop {
                 if let Ok((_, peer)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+                    let _ = sock.send_to(format!("{name} {}\n", canonical(peer)).as_bytes(), peer);
                 }
             }
         }));
     }
     if let Some(port) = args.value("--tcp") {
         let listener =
-            TcpListener::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("tcp bind: {e}"))?;
+            TcpListener::bind(format!("{any}:{port}")).map_err(|e| format!("tcp bind: {e}"))?;
         threads.push(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let name = name.clone();
@@ -150,7 +173,9 @@ fn serve(args: &Args) -> Result<ExitCode, String> {
 }
 
 fn handle_tcp(stream: &TcpStream, name: &str) {
-    let Ok(peer) = stream.peer_addr() else { return };
+    let Ok(peer) = stream.peer_addr().map(canonical) else {
+        return;
+    };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut reader = BufReader::new(stream);
     // One request line per reply; a client that sends nothing still gets one reply.
@@ -375,6 +400,22 @@ fn tcp_loop(args: &Args) -> Result<ExitCode, String> {
         "{}",
         serde_json::to_string(&report).map_err(|e| e.to_string())?
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A burst of datagrams (a flood of denied packets for the monitor's rate limit, say).
+fn udp_send(args: &Args) -> Result<ExitCode, String> {
+    let to = args.addr()?;
+    let count = args.num("--count", 1)?.min(100_000);
+    let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let s = UdpSocket::bind(any).map_err(|e| e.to_string())?;
+    let mut sent = 0u64;
+    for _ in 0..count {
+        if s.send_to(b"x", to).is_ok() {
+            sent += 1;
+        }
+    }
+    println!("sent={sent}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -7,8 +7,11 @@
 //!     connect, 1-byte request, 1-byte response, close; repeated until D passes
 //! loadgen rr --to IP:PORT --duration-ms D
 //!     1-byte request/response on one kept-alive connection; p50/p99 latency
-//! loadgen probe --to IP:PORT --limit-ms L
-//!     prints `ready`, then retries request/response until the first success (or L passes)
+//! loadgen probe --to IP:PORT --limit-ms L [--until ok|refused]
+//!     prints `ready`, then retries request/response until the first success (or L passes);
+//!     `--until refused`: until the first connection refused (a reset from a port nothing
+//!     listens on: the path is open, e.g. a NetworkPolicy now allows it, where before the SYN
+//!     was dropped)
 //! ```
 //! Every mode prints one JSON line (see `twill_lab::bench::loadgen`) and is bounded in time.
 use std::{
@@ -227,6 +230,11 @@ const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(10);
 fn probe(args: &Args) -> Result<ProbeReport> {
     let to: SocketAddr = args.req("--to")?.parse()?;
     let limit = Duration::from_millis(args.num("--limit-ms", 60_000)?);
+    let until_refused = match args.get("--until").unwrap_or("ok") {
+        "ok" => false,
+        "refused" => true,
+        other => return Err(anyhow!("--until: ok or refused, not {other}")),
+    };
     println!("ready");
     std::io::stdout().flush()?;
     let deadline = Instant::now() + limit;
@@ -246,6 +254,15 @@ fn probe(args: &Args) -> Result<ProbeReport> {
                 {
                     let outcome =
                         connect(to, PROBE_ATTEMPT_TIMEOUT).and_then(|mut s| exchange(&mut s));
+                    let outcome = if until_refused {
+                        match outcome {
+                            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(0),
+                            Ok(_) => Err(std::io::Error::other("answered, not refused")),
+                            Err(e) => Err(e),
+                        }
+                    } else {
+                        outcome
+                    };
                     let at = unix_ns();
                     let mut r = report
                         .lock()

@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand};
 use twill_lab::bench::{
     Contender,
-    harness::{Bench, BenchConfig, BenchResults},
+    harness::{Bench, BenchConfig, BenchResults, PolicyBenchConfig},
     report, stats,
 };
 use twill_lab::{Lab, LabSpec};
@@ -46,6 +46,9 @@ enum BenchCmd {
     /// DNS from a pod: the agent's node-local responder against dnsmasq serving the same
     /// records (a Service name and a forwarded name).
     Dns,
+    /// NetworkPolicy only: Twill with 0 / 100 / 1,000 policies over 10,000 pods against no
+    /// policy and against the kube-network-policies nftables peer; control-plane numbers.
+    Policy,
 }
 
 fn full(contenders: Vec<Contender>) -> BenchConfig {
@@ -66,9 +69,11 @@ fn full(contenders: Vec<Contender>) -> BenchConfig {
         rss_scale: Some((10_000, 5)),
         north_south: true,
         ns_rounds: 3,
-        // The whole run (after the build) is bounded to 20 minutes: 16 for these phases, the
-        // CNI rounds start only before RUN_LIMIT − CNI_ROUND_MAX, lab setup/teardown the rest.
-        budget: Duration::from_mins(16),
+        policy: Some(PolicyBenchConfig::full()),
+        // The whole run (after the build) is bounded to 25 minutes: 21 for these phases (the
+        // NetworkPolicy phase, first, takes about 5), the CNI rounds start only before
+        // RUN_LIMIT − CNI_ROUND_MAX, lab setup/teardown the rest.
+        budget: Duration::from_mins(21),
     }
 }
 
@@ -90,6 +95,8 @@ fn quick(contenders: Vec<Contender>) -> BenchConfig {
         rss_scale: None,
         north_south: true,
         ns_rounds: 2,
+        // `cargo xtask bench policy` runs the NetworkPolicy phase alone.
+        policy: None,
         budget: Duration::from_secs(150),
     }
 }
@@ -196,7 +203,7 @@ fn render(results: &BenchResults, dir: &Path) -> Result<()> {
 /// `twill_lab::cni_bench`), in rounds so the speedups get a median and a range like every
 /// other ratio here. A failure is reported as "not measured" with its reason.
 /// The full run's bound, measured from the end of the build.
-const RUN_LIMIT: Duration = Duration::from_mins(20);
+const RUN_LIMIT: Duration = Duration::from_mins(25);
 /// Upper estimate of one CNI round (500 sequential + 500 parallel cycles of each plugin); a
 /// round is not started unless it fits before [`RUN_LIMIT`].
 const CNI_ROUND_MAX: Duration = Duration::from_secs(75);
@@ -280,8 +287,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if matches!(args.what, Some(BenchCmd::Dns)) {
         return run_dns(args);
     }
-    let mut contenders = contenders(&args.only)?;
     let cni_only = matches!(args.what, Some(BenchCmd::Cni));
+    let policy_only = matches!(args.what, Some(BenchCmd::Policy));
+    let mut contenders = if policy_only {
+        // The peer's table goes into the direct contender's node.
+        vec![Contender::Direct, Contender::Twill]
+    } else {
+        contenders(&args.only)?
+    };
     let bin_dir = build(args.debug, &["twill-lab", "twill-cni"])?;
     // The agent is built on its own: when it does not build, the other contenders still run
     // and the report says why Twill has no numbers.
@@ -301,6 +314,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         c.sizes.clear();
         c.program_sizes.clear();
         c.north_south = false;
+        c
+    } else if policy_only {
+        let mut c = quick(contenders);
+        c.sizes.clear();
+        c.program_sizes.clear();
+        c.north_south = false;
+        c.policy = Some(PolicyBenchConfig::full());
+        c.budget = Duration::from_mins(10);
         c
     } else if args.quick {
         quick(contenders)
@@ -323,7 +344,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if cni_only {
         run_cni(&mut results, 3, 500, 16, None);
-    } else if !args.quick {
+    } else if !args.quick && !policy_only {
         run_cni(&mut results, 3, 500, 16, Some(started + RUN_LIMIT));
     }
     if args.debug {
