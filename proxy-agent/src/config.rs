@@ -232,6 +232,9 @@ pub struct UninstallArgs {
     pub cni_conf_dir: PathBuf,
     #[arg(long, default_value = DEFAULT_API_SOCKET, value_name = "PATH")]
     pub api_socket: PathBuf,
+    /// The DNS address the agent added to the node (removed with its `twill-dns` device).
+    #[arg(long, default_value = DEFAULT_DNS, value_name = "ADDR")]
+    pub dns_bind_address: String,
 }
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/twill";
