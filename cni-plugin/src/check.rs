@@ -1,7 +1,7 @@
 //! CHECK: compare what the kernel has against the previous result, naming the
 //! first thing that is wrong. Pure, so every mismatch is unit-tested.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::IpNetwork;
 
@@ -42,10 +42,12 @@ pub enum CheckError {
         "the pod's neighbour entry for gateway {gateway} is {got}, expected {want} (the host veth's MAC)"
     )]
     GatewayNeighbour {
-        gateway: Ipv4Addr,
+        gateway: IpAddr,
         want: String,
         got: String,
     },
+    #[error("the host interface {host_if} lacks the IPv6 gateway address {gateway}")]
+    HostGatewayMissing { gateway: Ipv6Addr, host_if: String },
     #[error("IPAM has no reservation of {ip} for this container and interface")]
     ReservationMissing { ip: IpAddr },
 }
@@ -58,6 +60,7 @@ pub struct Expected<'a> {
     pub pod_if: &'a str,
     pub mtu: u32,
     pub gateway: Ipv4Addr,
+    pub gateway6: Ipv6Addr,
 }
 
 /// The pod addresses prevResult assigns to `pod_if` (an IP whose `interface`
@@ -156,14 +159,39 @@ pub fn compare(want: &Expected<'_>, got: &Observed) -> Result<(), CheckError> {
             });
         }
     }
-    if got.pod_gateway_neigh != Some(want.host_mac) {
-        return Err(CheckError::GatewayNeighbour {
-            gateway: want.gateway,
-            want: mac_string(&want.host_mac),
-            got: got
-                .pod_gateway_neigh
-                .map_or_else(|| "absent".to_owned(), |m| mac_string(&m)),
-        });
+    gateways(want, got, &addrs)
+}
+
+/// The gateway of each family the pod has an address in: its permanent neighbour entry in
+/// the pod, and for IPv6 the gateway address on the host veth.
+fn gateways(want: &Expected<'_>, got: &Observed, addrs: &[IpNetwork]) -> Result<(), CheckError> {
+    let mut gateways = Vec::with_capacity(2);
+    if addrs.iter().any(IpNetwork::is_ipv4) {
+        gateways.push(IpAddr::V4(want.gateway));
+    }
+    if addrs.iter().any(IpNetwork::is_ipv6) {
+        gateways.push(IpAddr::V6(want.gateway6));
+        let on_host = IpNetwork::new(IpAddr::V6(want.gateway6), 64).expect("/64 is valid");
+        if !got.host_addrs.contains(&on_host) {
+            return Err(CheckError::HostGatewayMissing {
+                gateway: want.gateway6,
+                host_if: want.host_if.to_owned(),
+            });
+        }
+    }
+    for gw in gateways {
+        let neigh = got
+            .pod_neighs
+            .iter()
+            .find(|(ip, _)| *ip == gw)
+            .map(|(_, mac)| *mac);
+        if neigh != Some(want.host_mac) {
+            return Err(CheckError::GatewayNeighbour {
+                gateway: gw,
+                want: mac_string(&want.host_mac),
+                got: neigh.map_or_else(|| "absent".to_owned(), |m| mac_string(&m)),
+            });
+        }
     }
     Ok(())
 }
@@ -214,6 +242,7 @@ mod tests {
                 is_veth: true,
             }),
             host_routes: vec!["10.0.0.2/32".parse().unwrap()],
+            host_addrs: Vec::new(),
             pod_link: Some(LinkState {
                 mtu: 1500,
                 up: true,
@@ -225,7 +254,7 @@ mod tests {
                 dst: "0.0.0.0/0".parse().unwrap(),
                 gw: Some("169.254.1.1".parse().unwrap()),
             }],
-            pod_gateway_neigh: Some(HM),
+            pod_neighs: vec![("169.254.1.1".parse().unwrap(), HM)],
         }
     }
 
@@ -239,6 +268,7 @@ mod tests {
                 pod_if: "eth0",
                 mtu: 1500,
                 gateway: "169.254.1.1".parse().unwrap(),
+                gateway6: "fe80::1".parse().unwrap(),
             },
             o,
         )
@@ -277,7 +307,7 @@ mod tests {
             "{e}"
         );
         let mut o = good();
-        o.pod_gateway_neigh = None;
+        o.pod_neighs.clear();
         assert!(matches!(
             check(&o),
             Err(CheckError::GatewayNeighbour { .. })
@@ -288,5 +318,70 @@ mod tests {
         let mut o = good();
         o.host_link.as_mut().unwrap().is_veth = false;
         assert_eq!(check(&o), Err(CheckError::HostLinkNotVeth("twlx".into())));
+    }
+
+    /// A dual-stack result: both addresses, both default routes, both gateway neighbours
+    /// and the IPv6 gateway on the host veth are each checked.
+    #[test]
+    fn dual_stack_checks_each_family() {
+        let mut p = prev();
+        p.ips.push(IpConfig {
+            address: "fd00::2/128".parse().unwrap(),
+            gateway: Some("fe80::1".parse().unwrap()),
+            interface: Some(1),
+        });
+        p.routes.push(Route {
+            dst: "::/0".parse().unwrap(),
+            gw: Some("fe80::1".parse().unwrap()),
+        });
+        let mut o = good();
+        o.host_routes.push("fd00::2/128".parse().unwrap());
+        o.host_addrs.push("fe80::1/64".parse().unwrap());
+        o.pod_addrs.push("fd00::2/128".parse().unwrap());
+        o.pod_routes.push(Route {
+            dst: "::/0".parse().unwrap(),
+            gw: Some("fe80::1".parse().unwrap()),
+        });
+        o.pod_neighs.push(("fe80::1".parse().unwrap(), HM));
+        let run = |o: &Observed| {
+            compare(
+                &Expected {
+                    prev: &p,
+                    host_if: "twlx",
+                    host_mac: HM,
+                    pod_if: "eth0",
+                    mtu: 1500,
+                    gateway: "169.254.1.1".parse().unwrap(),
+                    gateway6: "fe80::1".parse().unwrap(),
+                },
+                o,
+            )
+        };
+        run(&o).unwrap();
+        let mut bad = o.clone();
+        bad.pod_addrs.retain(IpNetwork::is_ipv4);
+        assert!(
+            matches!(run(&bad), Err(CheckError::AddressMissing { addr, .. }) if addr.is_ipv6())
+        );
+        let mut bad = o.clone();
+        bad.host_routes.retain(IpNetwork::is_ipv4);
+        assert!(matches!(run(&bad), Err(CheckError::HostRouteMissing { ip, .. }) if ip.is_ipv6()));
+        let mut bad = o.clone();
+        bad.pod_routes.retain(|r| r.dst.is_ipv4());
+        let e = run(&bad).unwrap_err();
+        assert!(e.to_string().contains("route ::/0 via fe80::1"), "{e}");
+        let mut bad = o.clone();
+        bad.pod_neighs.retain(|(ip, _)| ip.is_ipv4());
+        assert!(
+            matches!(run(&bad), Err(CheckError::GatewayNeighbour { gateway, .. }) if gateway.is_ipv6())
+        );
+        let mut bad = o.clone();
+        bad.host_addrs.clear();
+        assert!(matches!(
+            run(&bad),
+            Err(CheckError::HostGatewayMissing { .. })
+        ));
+        // An IPv4-only pod is not asked for IPv6 state.
+        check(&good()).unwrap();
     }
 }

@@ -11,7 +11,7 @@ use ipnetwork::IpNetwork;
 use serde_json::{Value, json};
 
 use crate::check::{self, CheckError, Expected};
-use crate::config::{self, ConfigError, NetConf};
+use crate::config::{self, ConfigError, Family, NetConf};
 use crate::dataplane::{self, Dataplane, DataplaneError, PodLinkSpec};
 use crate::env::{self, Attachment, EnvError, Request};
 use crate::ipam::{Ipam, IpamError};
@@ -200,7 +200,13 @@ fn dispatch<D: Dataplane, S: BuildHasher>(
             .as_ref()
             .ok()
             .and_then(|o| o.as_ref())
-            .and_then(|v| v["ips"][0]["address"].as_str().map(str::to_owned))
+            .and_then(|v| v["ips"].as_array())
+            .map(|ips| {
+                ips.iter()
+                    .filter_map(|i| i["address"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
             .unwrap_or_default();
         log.log(
             Level::Info,
@@ -224,11 +230,11 @@ fn version_reply(raw: Option<&Value>) -> Value {
     })
 }
 
-fn ipv4_ranges(conf: &NetConf) -> Vec<IpNetwork> {
-    conf.pod_cidrs
-        .iter()
-        .copied()
-        .filter(IpNetwork::is_ipv4)
+/// Per family (primary first): its ranges and its gateway, as IPAM takes them.
+fn ipam_families(conf: &NetConf) -> Vec<(Vec<IpNetwork>, IpAddr)> {
+    conf.families()
+        .into_iter()
+        .map(|f| (conf.ranges(f), conf.gateway_of(f)))
         .collect()
 }
 
@@ -241,22 +247,30 @@ fn add<D: Dataplane>(
     // Validate the namespace and make the node-wide setting before reserving
     // anything: these failures need no rollback.
     let ns = dp.open_netns(netns)?;
-    dp.enable_forwarding()?;
+    let families = conf.families();
+    dp.enable_forwarding(
+        families.contains(&Family::V4),
+        families.contains(&Family::V6),
+    )?;
     let ipam = Ipam::new(&conf.state_dir, &conf.name);
-    let gateway = IpAddr::V4(conf.gateway);
-    // The lock is held only for the reservation, not while links are made.
-    let ip = ipam.lock()?.reserve(&ipv4_ranges(conf), gateway, att)?;
-    let IpAddr::V4(pod_ip) = ip else {
-        unreachable!("only IPv4 ranges are passed to reserve")
-    };
+    // The lock is held only for the reservations, not while links are made.
+    let ips = ipam.lock()?.reserve_each(&ipam_families(conf), att)?;
     let spec = PodLinkSpec {
         host_if: dataplane::host_if_name(&att.container_id),
         host_mac: dataplane::host_mac(&att.container_id),
         pod_if: att.ifname.clone(),
         pod_mac: dataplane::pod_mac(&att.container_id, &att.ifname),
         mtu: conf.mtu,
-        pod_ip,
+        pod_ip4: ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        }),
         gateway: conf.gateway,
+        pod_ip6: ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        }),
+        gateway6: conf.gateway6,
     };
     let mut made = dp.create(&ns, &spec);
     if matches!(made, Err(DataplaneError::LinkExists { .. })) && dp.delete_retired_links()? > 0 {
@@ -266,9 +280,11 @@ fn add<D: Dataplane>(
         made = dp.create(&ns, &spec);
     }
     if let Err(e) = made {
-        // `create` removed its links; give the address back too.
+        // `create` removed its links; give the addresses back too.
         if let Ok(l) = ipam.lock() {
-            let _ = l.remove(ip);
+            for ip in &ips {
+                let _ = l.remove(*ip);
+            }
         }
         return Err(e.into());
     }
@@ -287,16 +303,32 @@ fn add<D: Dataplane>(
                 sandbox: Some(netns.to_string_lossy().into_owned()),
             },
         ],
-        ips: vec![IpConfig {
-            address: IpNetwork::new(ip, 32).expect("/32 is valid"),
-            gateway: Some(gateway),
-            interface: Some(1),
-        }],
-        routes: vec![Route {
-            dst: IpNetwork::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0)
-                .expect("/0 is valid"),
-            gw: Some(gateway),
-        }],
+        // In the order of the configuration's ranges: the primary family first.
+        ips: ips
+            .iter()
+            .map(|ip| {
+                let f = Family::of(*ip);
+                IpConfig {
+                    address: IpNetwork::new(*ip, f.host_prefix()).expect("host prefix is valid"),
+                    gateway: Some(conf.gateway_of(f)),
+                    interface: Some(1),
+                }
+            })
+            .collect(),
+        routes: ips
+            .iter()
+            .map(|ip| {
+                let f = Family::of(*ip);
+                let any = match f {
+                    Family::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                };
+                Route {
+                    dst: IpNetwork::new(any, 0).expect("/0 is valid"),
+                    gw: Some(conf.gateway_of(f)),
+                }
+            })
+            .collect(),
     };
     Ok(result.encode(conf.cni_version))
 }
@@ -374,7 +406,7 @@ fn check<D: Dataplane>(
     let host_if = dataplane::host_if_name(&att.container_id);
     let reserved = Ipam::new(&conf.state_dir, &conf.name).lock()?.find(att)?;
     let ns = dp.open_netns(netns)?;
-    let observed = dp.observe(&ns, &host_if, &att.ifname, conf.gateway)?;
+    let observed = dp.observe(&ns, &host_if, &att.ifname)?;
     if reserved.is_empty() && observed.host_link.is_none() {
         return Err(CniError::UnknownContainer {
             container_id: att.container_id.clone(),
@@ -394,6 +426,7 @@ fn check<D: Dataplane>(
             pod_if: &att.ifname,
             mtu: conf.mtu,
             gateway: conf.gateway,
+            gateway6: conf.gateway6,
         },
         &observed,
     )?;
@@ -456,18 +489,21 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
     let locked = ipam
         .lock()
         .map_err(|e| CniError::NotAvailable(format!("IPAM state is unusable: {e}")))?;
-    let free = locked
-        .free_count(&ipv4_ranges(conf), IpAddr::V4(conf.gateway))
-        .map_err(|e| CniError::NotAvailable(format!("IPAM state is unusable: {e}")))?;
-    if free == 0 {
-        return Err(CniError::NotAvailable(format!(
-            "no free address left in {}",
-            ipv4_ranges(conf)
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
+    // ADD needs an address of every family, so one exhausted family is enough to refuse.
+    for (ranges, gateway) in ipam_families(conf) {
+        let free = locked
+            .free_count(&ranges, gateway)
+            .map_err(|e| CniError::NotAvailable(format!("IPAM state is unusable: {e}")))?;
+        if free == 0 {
+            return Err(CniError::NotAvailable(format!(
+                "no free address left in {}",
+                ranges
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! what to change. Unknown keys are ignored because runtimes inject their own
 //! (`runtimeConfig`, `args`, `capabilities`, ...).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use ipnetwork::IpNetwork;
@@ -19,20 +19,50 @@ use crate::version::CniVersion;
 pub const PLUGIN_TYPE: &str = "twill-cni";
 pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The pod's IPv6 next hop: link-local, so it is never inside a pod range, and the same
+/// on every host veth (a link-local address is scoped to its link).
+pub const DEFAULT_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/twill";
 pub const DEFAULT_LOG_FILE: &str = "/var/log/twill-cni.log";
 /// veth accepts 68 (IPv4 minimum) up to `ETH_MAX_MTU`.
 const MTU_RANGE: std::ops::RangeInclusive<u64> = 68..=65535;
+/// IPv6 needs every link to carry 1280 bytes (RFC 8200 section 5); below it the kernel
+/// removes IPv6 from the interface altogether.
+pub const IPV6_MIN_MTU: u32 = 1280;
+
+/// An address family, in the order a Node lists its pod CIDRs (the first is the primary).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+
+    /// Host prefix length: a pod's address and its host-side route are one host wide.
+    pub fn host_prefix(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+}
 
 /// The typed network configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NetConf {
     pub cni_version: CniVersion,
     pub name: String,
-    /// Pod ranges; generic so IPv6 is an addition (see [`ConfigError::Ipv6NotYetSupported`]).
+    /// Pod ranges of one or both families, in the order given (the first is the primary
+    /// family: its address comes first in the result).
     pub pod_cidrs: Vec<IpNetwork>,
     pub mtu: u32,
     pub gateway: Ipv4Addr,
+    /// The IPv6 next hop (`"gateway6"`), link-local.
+    pub gateway6: Ipv6Addr,
     pub state_dir: PathBuf,
     pub log_file: PathBuf,
     pub log_level: Level,
@@ -41,6 +71,37 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
     /// `cni.dev/valid-attachments`, present for GC.
     pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+impl NetConf {
+    /// The families of the pod ranges, primary first, each once.
+    pub fn families(&self) -> Vec<Family> {
+        let mut out = Vec::with_capacity(2);
+        for n in &self.pod_cidrs {
+            let f = Family::of(n.ip());
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        out
+    }
+
+    /// The pod ranges of one family.
+    pub fn ranges(&self, family: Family) -> Vec<IpNetwork> {
+        self.pod_cidrs
+            .iter()
+            .copied()
+            .filter(|n| Family::of(n.ip()) == family)
+            .collect()
+    }
+
+    /// The pod's next hop in `family`.
+    pub fn gateway_of(&self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => IpAddr::V4(self.gateway),
+            Family::V6 => IpAddr::V6(self.gateway6),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -78,14 +139,24 @@ pub enum ConfigError {
         "\"podCIDRs\" entry {0:?} is too small: IPv4 ranges need a prefix of /30 or shorter to have usable addresses"
     )]
     PodCidrTooSmall(String),
-    #[error("\"podCIDRs\" entry {0:?} is IPv6; twill-cni wires IPv4 only so far, remove it")]
-    Ipv6NotYetSupported(String),
+    #[error(
+        "\"podCIDRs\" entry {0:?} is too small: IPv6 ranges need a prefix of /126 or shorter to have usable addresses"
+    )]
+    PodCidr6TooSmall(String),
     #[error("\"podCIDRs\" entries {0:?} and {1:?} overlap; list each range once")]
     PodCidrsOverlap(String, String),
     #[error("\"mtu\": {0} is invalid; use an integer from 68 to 65535")]
     BadMtu(String),
     #[error("\"gateway\": {0} is invalid; use a unicast IPv4 address such as \"169.254.1.1\"")]
     BadGateway(String),
+    #[error(
+        "\"gateway6\": {0} is invalid; use a link-local unicast IPv6 address (fe80::/10) such as \"fe80::1\""
+    )]
+    BadGateway6(String),
+    #[error(
+        "\"mtu\": {0} is below 1280, the minimum IPv6 needs, and \"podCIDRs\" has an IPv6 range; raise the MTU or drop the IPv6 range"
+    )]
+    MtuTooSmallForIpv6(u32),
     #[error("\"{key}\": {value} is invalid; use an absolute path")]
     BadPath { key: &'static str, value: String },
     #[error(
@@ -126,12 +197,18 @@ pub fn parse(raw: &Value) -> Result<NetConf, ConfigError> {
     // The version first: an incompatible one is code 1 whatever else is wrong.
     let cni_version = cni_version(obj.get("cniVersion"))?;
     plugin_type(obj.get("type"))?;
+    let pod_cidrs = pod_cidrs(obj.get("podCIDRs"))?;
+    let mtu = mtu(obj.get("mtu"))?;
+    if mtu < IPV6_MIN_MTU && pod_cidrs.iter().any(IpNetwork::is_ipv6) {
+        return Err(ConfigError::MtuTooSmallForIpv6(mtu));
+    }
     Ok(NetConf {
         cni_version,
         name: name(obj.get("name"))?,
-        pod_cidrs: pod_cidrs(obj.get("podCIDRs"))?,
-        mtu: mtu(obj.get("mtu"))?,
+        pod_cidrs,
+        mtu,
         gateway: gateway(obj.get("gateway"))?,
+        gateway6: gateway6(obj.get("gateway6"))?,
         state_dir: abs_path("stateDir", obj.get("stateDir"), DEFAULT_STATE_DIR)?,
         log_file: abs_path("logFile", obj.get("logFile"), DEFAULT_LOG_FILE)?,
         log_level: log_level(obj.get("logLevel"))?,
@@ -224,8 +301,8 @@ fn pod_cidr(s: &str) -> Result<IpNetwork, ConfigError> {
     }
     match net {
         IpNetwork::V4(v4) if v4.prefix() > 30 => Err(ConfigError::PodCidrTooSmall(s.to_owned())),
-        IpNetwork::V4(_) => Ok(canonical),
-        IpNetwork::V6(_) => Err(ConfigError::Ipv6NotYetSupported(s.to_owned())),
+        IpNetwork::V6(v6) if v6.prefix() > 126 => Err(ConfigError::PodCidr6TooSmall(s.to_owned())),
+        IpNetwork::V4(_) | IpNetwork::V6(_) => Ok(canonical),
     }
 }
 
@@ -256,6 +333,20 @@ fn gateway(v: Option<&Value>) -> Result<Ipv4Addr, ConfigError> {
             _ => Err(ConfigError::BadGateway(format!("{s:?}"))),
         },
         Some(other) => Err(ConfigError::BadGateway(other.to_string())),
+    }
+}
+
+/// Link-local only: the pod reaches it on its one link whatever the node's addressing, it
+/// can never collide with a pod address, and the kernel accepts a link-local next hop
+/// without an on-link route.
+fn gateway6(v: Option<&Value>) -> Result<Ipv6Addr, ConfigError> {
+    match v {
+        None | Some(Value::Null) => Ok(DEFAULT_GATEWAY6),
+        Some(Value::String(s)) => match s.parse::<IpAddr>() {
+            Ok(IpAddr::V6(a)) if a.is_unicast_link_local() => Ok(a),
+            _ => Err(ConfigError::BadGateway6(format!("{s:?}"))),
+        },
+        Some(other) => Err(ConfigError::BadGateway6(other.to_string())),
     }
 }
 
@@ -401,8 +492,22 @@ mod tests {
                 ConfigError::PodCidrTooSmall("10.0.0.0/31".into()),
             ),
             (
-                with("podCIDRs", json!(["fd00::/64"])),
-                ConfigError::Ipv6NotYetSupported("fd00::/64".into()),
+                with("podCIDRs", json!(["fd00::/127"])),
+                ConfigError::PodCidr6TooSmall("fd00::/127".into()),
+            ),
+            (
+                with("podCIDRs", json!(["fd00::1/64"])),
+                ConfigError::PodCidrHostBits {
+                    given: "fd00::1/64".into(),
+                    canonical: "fd00::/64".into(),
+                },
+            ),
+            (
+                with(
+                    "podCIDRs",
+                    json!(["fd00::/48", "10.0.0.0/24", "fd00:0:0:1::/64"]),
+                ),
+                ConfigError::PodCidrsOverlap("fd00::/48".into(), "fd00:0:0:1::/64".into()),
             ),
             (
                 with("podCIDRs", json!(["10.0.0.0/16", "10.0.1.0/24"])),
@@ -424,6 +529,26 @@ mod tests {
             (
                 with("gateway", json!("fe80::1")),
                 ConfigError::BadGateway("\"fe80::1\"".into()),
+            ),
+            (
+                with("gateway6", json!("fd00::1")),
+                ConfigError::BadGateway6("\"fd00::1\"".into()),
+            ),
+            (
+                with("gateway6", json!("169.254.1.1")),
+                ConfigError::BadGateway6("\"169.254.1.1\"".into()),
+            ),
+            (
+                with("gateway6", json!(1)),
+                ConfigError::BadGateway6("1".into()),
+            ),
+            (
+                {
+                    let mut b = with("podCIDRs", json!(["10.0.0.0/24", "fd00::/64"]));
+                    b["mtu"] = json!(1000);
+                    b
+                },
+                ConfigError::MtuTooSmallForIpv6(1000),
             ),
             (
                 with("stateDir", json!("rel")),
@@ -461,6 +586,43 @@ mod tests {
             }
             assert!(!got.to_string().is_empty());
         }
+    }
+
+    /// "[Feature:IPv6DualStack] should have ipv4 and ipv6 internal node ip": a Node's
+    /// podCIDRs may be one range of each family in either order, or IPv6 only.
+    #[test]
+    fn dual_stack_and_ipv6_only_pod_cidrs() {
+        let v4_first = parse(&with(
+            "podCIDRs",
+            json!(["10.244.1.0/24", "fd00:10:244:1::/64"]),
+        ))
+        .unwrap();
+        assert_eq!(v4_first.families(), [Family::V4, Family::V6]);
+        assert_eq!(v4_first.gateway6, DEFAULT_GATEWAY6);
+        assert_eq!(
+            v4_first.ranges(Family::V6),
+            ["fd00:10:244:1::/64".parse::<IpNetwork>().unwrap()]
+        );
+        let v6_first = parse(&with(
+            "podCIDRs",
+            json!(["fd00:10:244:1::/64", "10.244.1.0/24"]),
+        ))
+        .unwrap();
+        assert_eq!(v6_first.families(), [Family::V6, Family::V4]);
+        assert_eq!(v6_first.gateway_of(Family::V4), IpAddr::V4(DEFAULT_GATEWAY));
+        let only6 = parse(&with("podCIDRs", json!(["fd00:10:244:1::/64"]))).unwrap();
+        assert_eq!(only6.families(), [Family::V6]);
+        assert!(only6.ranges(Family::V4).is_empty());
+        let mut custom = with("podCIDRs", json!(["fd00::/120"]));
+        custom["gateway6"] = json!("fe80::a:1");
+        custom["mtu"] = json!(1280);
+        let c = parse(&custom).unwrap();
+        assert_eq!(
+            c.gateway_of(Family::V6),
+            "fe80::a:1".parse::<IpAddr>().unwrap()
+        );
+        // A small MTU is fine while no range is IPv6.
+        assert!(parse(&with("mtu", json!(576))).is_ok());
     }
 
     #[test]

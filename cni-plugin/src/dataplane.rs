@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
@@ -84,8 +84,24 @@ pub struct PodLinkSpec {
     pub pod_if: String,
     pub pod_mac: [u8; 6],
     pub mtu: u32,
-    pub pod_ip: Ipv4Addr,
+    /// The pod's IPv4 address, when the network has IPv4 ranges.
+    pub pod_ip4: Option<Ipv4Addr>,
     pub gateway: Ipv4Addr,
+    /// The pod's IPv6 address, when the network has IPv6 ranges.
+    pub pod_ip6: Option<Ipv6Addr>,
+    /// Link-local; also put on the host veth (see [`Dataplane::create`]).
+    pub gateway6: Ipv6Addr,
+}
+
+impl PodLinkSpec {
+    /// The pod's addresses, IPv4 first.
+    pub fn pod_ips(&self) -> Vec<IpAddr> {
+        self.pod_ip4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.pod_ip6.map(IpAddr::V6))
+            .collect()
+    }
 }
 
 /// A link as CHECK sees it.
@@ -101,14 +117,16 @@ pub struct LinkState {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
     pub host_link: Option<LinkState>,
-    /// Destinations of routes through the host link (main table).
+    /// Destinations of routes through the host link (main table, both families).
     pub host_routes: Vec<IpNetwork>,
+    /// Addresses on the host link.
+    pub host_addrs: Vec<IpNetwork>,
     pub pod_link: Option<LinkState>,
     pub pod_addrs: Vec<IpNetwork>,
-    /// Routes through the pod link (main table).
+    /// Routes through the pod link (main table, both families).
     pub pod_routes: Vec<Route>,
-    /// Link-layer address of the gateway's neighbour entry on the pod link.
-    pub pod_gateway_neigh: Option<[u8; 6]>,
+    /// Permanent neighbour entries on the pod link: address and link-layer address.
+    pub pod_neighs: Vec<(IpAddr, [u8; 6])>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,10 +164,17 @@ pub trait Dataplane {
 
     /// Opens `CNI_NETNS`; fails before anything is reserved if it is not a netns.
     fn open_netns(&mut self, path: &Path) -> Result<Self::Netns, DataplaneError>;
-    /// `net.ipv4.ip_forward=1` in the namespace the plugin runs in (the node's).
-    fn enable_forwarding(&mut self) -> Result<(), DataplaneError>;
+    /// `net.ipv4.ip_forward=1` (`ipv4`) and `net.ipv6.conf.all.forwarding=1` (`ipv6`)
+    /// in the namespace the plugin runs in (the node's).
+    fn enable_forwarding(&mut self, ipv4: bool, ipv6: bool) -> Result<(), DataplaneError>;
     /// Creates the veth pair with the peer directly in `ns` and configures both
-    /// ends. On error it removes what it made before returning.
+    /// ends: per family the pod's address, its default route via the gateway and a
+    /// permanent neighbour entry for the gateway, and the host's route to the pod.
+    /// With IPv6 the host veth also carries the gateway address itself, without DAD:
+    /// the kernel sends no Neighbour Solicitation from an interface whose only
+    /// link-local address is still tentative (`ndisc_send_ns()`), so without it the
+    /// node could not resolve the pod's address for the first second or two.
+    /// On error it removes what it made before returning.
     fn create(&mut self, ns: &Self::Netns, spec: &PodLinkSpec) -> Result<(), DataplaneError>;
     /// Deletes a host-side link (its peer and routes go with it). `Ok(false)` if absent.
     fn delete_host_link(&mut self, name: &str) -> Result<bool, DataplaneError>;
@@ -173,7 +198,6 @@ pub trait Dataplane {
         ns: &Self::Netns,
         host_if: &str,
         pod_if: &str,
-        gateway: Ipv4Addr,
     ) -> Result<Observed, DataplaneError>;
 }
 

@@ -5,8 +5,10 @@
 //! - `lock`: `flock(2)`ed exclusively around every operation; the kernel drops the
 //!   lock when a holder dies, so a `kill -9` never wedges later calls.
 //! - `<ip>`: one file per reserved address holding `containerID\nifname`.
-//! - `last_reserved_ip.0`: round-robin cursor so a just-freed address is not handed
-//!   out again at once (a stale ARP/conntrack entry would hit the new pod).
+//! - `last_reserved_ip.0` (IPv4) and `last_reserved_ip.1` (IPv6): round-robin cursors,
+//!   one per family, so a just-freed address is not handed out again at once (a stale
+//!   ARP/NDP/conntrack entry would hit the new pod). A dual-stack pod takes one address
+//!   of each family, each by the same atomic reservation below.
 //! - `.reserve.tmp`: scratch file for the atomic reservation below.
 //!
 //! A reservation is written to the scratch file and then moved to `<ip>` with
@@ -33,6 +35,7 @@ use crate::env::Attachment;
 
 const LOCK_FILE: &str = "lock";
 const LAST_RESERVED: &str = "last_reserved_ip.0";
+const LAST_RESERVED6: &str = "last_reserved_ip.1";
 const SCRATCH: &str = ".reserve.tmp";
 /// Width of the cursor record: the longest textual IPv6 address is 45 characters
 /// (`ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`).
@@ -194,9 +197,42 @@ impl Ipam {
     }
 }
 
+/// The cursor file of a family: IPv4 keeps the name it always had (host-local's first
+/// range set), IPv6 has its own, so reserving in one family never resets the other's
+/// round-robin order.
+fn cursor_name(v4: bool) -> &'static str {
+    if v4 { LAST_RESERVED } else { LAST_RESERVED6 }
+}
+
 impl Locked<'_> {
-    /// Reserves one address from `ranges` for `owner`, round-robin after the last
-    /// reservation. Never the network, broadcast or gateway address.
+    /// Reserves one address per entry of `families` (the ranges of one family and that
+    /// family's gateway) for `owner`, in order. If one family has no free address, the
+    /// addresses already reserved for the others are released again, so the pod gets
+    /// every family or nothing; a crash in between leaves reservations naming `owner`,
+    /// which DEL and GC release like any other.
+    pub fn reserve_each(
+        &self,
+        families: &[(Vec<IpNetwork>, IpAddr)],
+        owner: &Attachment,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let mut got = Vec::with_capacity(families.len());
+        for (ranges, gateway) in families {
+            match self.reserve(ranges, *gateway, owner) {
+                Ok(ip) => got.push(ip),
+                Err(e) => {
+                    for ip in got {
+                        let _ = self.remove(ip);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(got)
+    }
+
+    /// Reserves one address from `ranges` (all of one family) for `owner`, round-robin
+    /// after that family's last reservation. Never the network, broadcast or gateway
+    /// address.
     pub fn reserve(
         &self,
         ranges: &[IpNetwork],
@@ -225,7 +261,8 @@ impl Locked<'_> {
                 f.sync_all()
             })
             .map_err(|e| IpamError::io("write", &scratch, e))?;
-        let last = self.last_reserved();
+        let v4 = ranges.first().is_none_or(IpNetwork::is_ipv4);
+        let last = self.last_reserved(v4);
         for ip in candidates(ranges, last).filter(|ip| *ip != gateway) {
             let target = self.dir.join(ip.to_string());
             if place(&scratch, &target)? {
@@ -255,7 +292,7 @@ impl Locked<'_> {
     /// round-robin order: it is re-parsed leniently, and an unparsable one
     /// restarts the search at the start of the ranges.
     fn write_cursor(&self, ip: IpAddr) -> Result<(), IpamError> {
-        let cursor = self.dir.join(LAST_RESERVED);
+        let cursor = self.dir.join(cursor_name(ip.is_ipv4()));
         let record = format!("{ip:<CURSOR_WIDTH$}\n");
         OpenOptions::new()
             .write(true)
@@ -266,8 +303,8 @@ impl Locked<'_> {
             .map_err(|e| IpamError::io("write", &cursor, e))
     }
 
-    fn last_reserved(&self) -> Option<IpAddr> {
-        fs::read_to_string(self.dir.join(LAST_RESERVED))
+    fn last_reserved(&self, v4: bool) -> Option<IpAddr> {
+        fs::read_to_string(self.dir.join(cursor_name(v4)))
             .ok()
             .and_then(|s| s.trim().parse().ok())
     }
@@ -313,10 +350,11 @@ impl Locked<'_> {
     /// How many addresses are still free (for STATUS).
     pub fn free_count(&self, ranges: &[IpNetwork], gateway: IpAddr) -> Result<u128, IpamError> {
         let taken = self.list()?;
+        // Saturating: an IPv6 range can hold up to 2^128 - 1 addresses.
         let total: u128 = ranges
             .iter()
-            .map(|r| usable(*r).map_or(0, |(a, b)| b - a + 1))
-            .sum();
+            .map(|r| usable(*r).map_or(0, |(a, b)| (b - a).saturating_add(1)))
+            .fold(0, u128::saturating_add);
         let in_ranges = |ip: &IpAddr| {
             ranges
                 .iter()
@@ -578,19 +616,100 @@ mod tests {
             l.reserve(&r, GW, &att("a")).unwrap().to_string(),
             "10.0.0.201"
         );
-        assert_eq!(l.last_reserved(), Some("10.0.0.201".parse().unwrap()));
+        assert_eq!(l.last_reserved(true), Some("10.0.0.201".parse().unwrap()));
         assert_eq!(fs::read(&cursor).unwrap().len(), CURSOR_WIDTH + 1);
         // A long address then a short one: no leftover bytes of the first.
-        l.write_cursor("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe".parse().unwrap())
-            .unwrap();
+        fs::write(&cursor, "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.254").unwrap();
         l.write_cursor("10.0.0.7".parse().unwrap()).unwrap();
-        assert_eq!(l.last_reserved(), Some("10.0.0.7".parse().unwrap()));
+        assert_eq!(l.last_reserved(true), Some("10.0.0.7".parse().unwrap()));
         // Garbage restarts at the beginning instead of failing.
         fs::write(&cursor, "\0\0garbage").unwrap();
         assert_eq!(
             l.reserve(&r, GW, &att("b")).unwrap().to_string(),
             "10.0.0.1"
         );
+    }
+
+    const GW6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1));
+
+    /// One address per family, each family round-robin on its own cursor.
+    #[test]
+    fn dual_stack_reserves_one_address_per_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = Ipam::new(dir.path(), "twill");
+        let v4 = nets(&["10.0.0.0/29"]);
+        let v6 = nets(&["fd00:10:244:1::/64"]);
+        let both = [(v4.clone(), GW), (v6.clone(), GW6)];
+        let l = ipam.lock().unwrap();
+        let a = l.reserve_each(&both, &att("a")).unwrap();
+        assert_eq!(
+            a,
+            [
+                "10.0.0.1".parse::<IpAddr>().unwrap(),
+                "fd00:10:244:1::1".parse().unwrap()
+            ]
+        );
+        // IPv6 first (a Node listing its IPv6 range first): the order is kept.
+        let b = l
+            .reserve_each(&[(v6.clone(), GW6), (v4.clone(), GW)], &att("b"))
+            .unwrap();
+        assert_eq!(
+            b,
+            [
+                "fd00:10:244:1::2".parse::<IpAddr>().unwrap(),
+                "10.0.0.2".parse().unwrap()
+            ]
+        );
+        assert_eq!(l.last_reserved(true), Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(
+            l.last_reserved(false),
+            Some("fd00:10:244:1::2".parse().unwrap())
+        );
+        // The file names are the addresses, as for IPv4.
+        assert_eq!(
+            fs::read_to_string(ipam.dir().join("fd00:10:244:1::2")).unwrap(),
+            "b\neth0"
+        );
+        // Release frees both families; neither cursor goes back.
+        let mut freed = l.release(&att("a")).unwrap();
+        freed.sort();
+        assert_eq!(freed.len(), 2);
+        let third = l.reserve_each(&both, &att("c")).unwrap();
+        assert_eq!(third[0].to_string(), "10.0.0.3");
+        assert_eq!(third[1].to_string(), "fd00:10:244:1::3");
+        // IPv6 only.
+        let only6 = l.reserve_each(&[(v6.clone(), GW6)], &att("d")).unwrap();
+        assert_eq!(only6, ["fd00:10:244:1::4".parse::<IpAddr>().unwrap()]);
+        assert_eq!(l.free_count(&v6, GW6).unwrap(), (1u128 << 64) - 1 - 3);
+        assert_eq!(l.free_count(&v4, GW).unwrap(), 6 - 2);
+    }
+
+    /// A family without a free address fails the ADD and gives the other family's
+    /// address back: a pod gets every family or nothing.
+    #[test]
+    fn dual_stack_exhaustion_of_one_family_releases_the_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = Ipam::new(dir.path(), "twill");
+        let v4 = nets(&["10.0.0.0/24"]);
+        let v6 = nets(&["fd00::/126"]);
+        let both = [(v4.clone(), GW), (v6.clone(), GW6)];
+        let l = ipam.lock().unwrap();
+        for i in 0..3 {
+            l.reserve_each(&both, &att(&format!("c{i}"))).unwrap();
+        }
+        let err = l.reserve_each(&both, &att("late")).unwrap_err();
+        assert!(
+            matches!(&err, IpamError::Exhausted { ranges } if ranges == "fd00::/126"),
+            "{err}"
+        );
+        assert!(l.find(&att("late")).unwrap().is_empty());
+        assert_eq!(l.list().unwrap().len(), 6);
+        assert!(!ipam.dir().join(SCRATCH).exists());
+        assert_eq!(l.free_count(&v4, GW).unwrap(), 254 - 3);
+        assert_eq!(l.free_count(&v6, GW6).unwrap(), 0);
+        // A huge range does not overflow the count.
+        // ::/0 minus its gateway and the three IPv6 reservations.
+        assert_eq!(l.free_count(&nets(&["::/0"]), GW6).unwrap(), u128::MAX - 4);
     }
 
     #[test]

@@ -9,18 +9,21 @@
 //!
 //! ADD is one `RTM_NEWLINK` that creates both veth ends — the peer directly in the
 //! pod namespace (`IFLA_NET_NS_FD` in the peer's attributes), both with MTU, MAC and
-//! the host end `IFF_UP` — then the pod end up, its address, gateway neighbour and default route and the
-//! host's /32 route, sent back-to-back and acknowledged together.
+//! the host end `IFF_UP` — then the pod end up and, per family, its address, gateway neighbour
+//! and default route and the host's /32 or /128 route (plus the IPv6 gateway address on the
+//! host end), sent back-to-back and acknowledged together.
 
 use std::fs::File;
+use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::pin::Pin;
 
-use futures_util::{TryStreamExt, future::try_join5};
+use futures_util::TryStreamExt;
 use ipnetwork::IpNetwork;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -39,6 +42,10 @@ use crate::dataplane::{
 use crate::result::Route;
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// `all.forwarding` turns IPv6 forwarding on for every interface. A node that takes its own
+/// IPv6 default route from Router Advertisements must set `accept_ra=2` on that interface,
+/// as Kubernetes' dual-stack documentation asks: a forwarding interface ignores RAs otherwise.
+const IP6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 
 pub struct Netlink {
     rt: Runtime,
@@ -243,9 +250,13 @@ fn route_of(m: &RouteMessage) -> Option<Route> {
     })
 }
 
+/// Main-table routes through link `index`, both families.
 async fn routes_via(h: &Handle, index: u32) -> Result<Vec<Route>, rtnetlink::Error> {
-    let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
-    let all: Vec<RouteMessage> = h.route().get(msg).execute().try_collect().await?;
+    let v4 = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    let v6 = RouteMessageBuilder::<Ipv6Addr>::new().build();
+    let mut all: Vec<RouteMessage> = h.route().get(v4).execute().try_collect().await?;
+    let more: Vec<RouteMessage> = h.route().get(v6).execute().try_collect().await?;
+    all.extend(more);
     Ok(all
         .iter()
         .filter(|m| route_oif(m) == Some(index) && m.header.table == RouteHeader::RT_TABLE_MAIN)
@@ -286,16 +297,21 @@ impl Dataplane for Netlink {
         Ok(PodNetns { fd, handle })
     }
 
-    fn enable_forwarding(&mut self) -> Result<(), DataplaneError> {
-        let err = |source| DataplaneError::Sysctl {
-            path: IP_FORWARD.into(),
-            source,
-        };
-        // Read first: the write takes a lock and notifies every device in the
-        // namespace even when the value does not change.
-        let cur = std::fs::read(IP_FORWARD).map_err(err)?;
-        if cur.first() != Some(&b'1') {
-            std::fs::write(IP_FORWARD, b"1").map_err(err)?;
+    fn enable_forwarding(&mut self, ipv4: bool, ipv6: bool) -> Result<(), DataplaneError> {
+        for (wanted, path) in [(ipv4, IP_FORWARD), (ipv6, IP6_FORWARD)] {
+            if !wanted {
+                continue;
+            }
+            let err = |source| DataplaneError::Sysctl {
+                path: path.into(),
+                source,
+            };
+            // Read first: the write takes a lock and notifies every device in the
+            // namespace even when the value does not change.
+            let cur = std::fs::read(path).map_err(err)?;
+            if cur.first() != Some(&b'1') {
+                std::fs::write(path, b"1").map_err(err)?;
+            }
         }
         Ok(())
     }
@@ -405,7 +421,6 @@ impl Dataplane for Netlink {
         ns: &PodNetns,
         host_if: &str,
         pod_if: &str,
-        gateway: Ipv4Addr,
     ) -> Result<Observed, DataplaneError> {
         let host = self.host()?;
         let pod = ns.handle.clone();
@@ -414,52 +429,72 @@ impl Dataplane for Netlink {
                 let mut o = Observed::default();
                 if let Some(l) = link_by_name(&host, host_if).await? {
                     o.host_link = Some(link_state(&l));
-                    o.host_routes = routes_via(&host, l.header.index).await?.into_iter().map(|r| r.dst).collect();
+                    o.host_routes = routes_via(&host, l.header.index)
+                        .await?
+                        .into_iter()
+                        .map(|r| r.dst)
+                        .collect();
+                    o.host_addrs = addresses_of(&host, l.header.index).await?;
                 }
                 if let Some(l) = link_by_name(&pod, pod_if).await? {
                     let idx = l.header.index;
                     o.pod_link = Some(link_state(&l));
-                    let addrs: Vec<_> = pod
-                        .address()
-                        .get()
-                        .set_link_index_filter(idx)
-                        .execute()
-                        .try_collect()
-                        .await?;
-                    for a in &addrs {
-                        for attr in &a.attributes {
-                            if let AddressAttribute::Address(ip) = attr
-                                && let Ok(n) = IpNetwork::new(*ip, a.header.prefix_len)
-                            {
-                                o.pod_addrs.push(n);
-                            }
-                        }
-                    }
+                    o.pod_addrs = addresses_of(&pod, idx).await?;
                     o.pod_routes = routes_via(&pod, idx).await?;
                     let neighs: Vec<_> = pod.neighbours().get().execute().try_collect().await?;
-                    o.pod_gateway_neigh = neighs
+                    o.pod_neighs = neighs
                         .iter()
-                        .filter(|n| n.header.ifindex == idx && n.header.state == NeighbourState::Permanent)
                         .filter(|n| {
-                            n.attributes
-                                .iter()
-                                .any(|a| matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == gateway))
+                            n.header.ifindex == idx && n.header.state == NeighbourState::Permanent
                         })
-                        .find_map(|n| {
-                            n.attributes.iter().find_map(|a| match a {
+                        .filter_map(|n| {
+                            let ip = n.attributes.iter().find_map(|a| match a {
+                                NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => {
+                                    Some(IpAddr::V4(*d))
+                                }
+                                NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)) => {
+                                    Some(IpAddr::V6(*d))
+                                }
+                                _ => None,
+                            })?;
+                            let mac = n.attributes.iter().find_map(|a| match a {
                                 NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => {
                                     let mut mac = [0; 6];
                                     mac.copy_from_slice(m);
                                     Some(mac)
                                 }
                                 _ => None,
-                            })
-                        });
+                            })?;
+                            Some((ip, mac))
+                        })
+                        .collect();
                 }
                 Ok::<_, rtnetlink::Error>(o)
             })
             .map_err(|e| nl_err("inspect interfaces", &e))
     }
+}
+
+/// The addresses on link `index`, both families.
+async fn addresses_of(h: &Handle, index: u32) -> Result<Vec<IpNetwork>, rtnetlink::Error> {
+    let addrs: Vec<_> = h
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await?;
+    let mut out = Vec::new();
+    for a in &addrs {
+        for attr in &a.attributes {
+            if let AddressAttribute::Address(ip) = attr
+                && let Ok(n) = IpNetwork::new(*ip, a.header.prefix_len)
+            {
+                out.push(n);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Everything after the veth exists. Both link lookups, then the five writes, are
@@ -482,16 +517,44 @@ async fn configure(host: &Handle, pod: &Handle, spec: &PodLinkSpec) -> Result<()
         .index;
     let pod_idx = pod_link.ok_or_else(|| missing(&spec.pod_if))?.header.index;
 
-    // The peer cannot be created up: veth_open() fails with ENOTCONN until both
-    // ends are registered, so it is raised here, first in the pipeline.
+    // Requests are sent in the order they are first polled, which is this order:
+    // `try_join_all` polls its futures front to back. The peer cannot be created up:
+    // veth_open() fails with ENOTCONN until both ends are registered, so it is raised
+    // here, first in the pipeline (routes need the link up).
+    let mut steps: Vec<Step<'_>> = Vec::with_capacity(10);
     let up = pod
         .link()
         .set(LinkUnspec::new_with_index(pod_idx).up().build())
         .execute();
-    let addr = pod
-        .address()
-        .add(pod_idx, IpAddr::V4(spec.pod_ip), 32)
-        .execute();
+    steps.push(step(up, format!("set {} up", spec.pod_if)));
+    if let Some(ip) = spec.pod_ip4 {
+        v4_steps(&mut steps, host, pod, spec, ip, (host_idx, pod_idx));
+    }
+    if let Some(ip) = spec.pod_ip6 {
+        v6_steps(&mut steps, host, pod, spec, ip, (host_idx, pod_idx));
+    }
+    futures_util::future::try_join_all(steps).await?;
+    Ok(())
+}
+
+/// One netlink request of the ADD pipeline, with what to call it in an error.
+type Step<'a> = Pin<Box<dyn Future<Output = Result<(), DataplaneError>> + 'a>>;
+
+fn step<'a>(req: impl Future<Output = Result<(), rtnetlink::Error>> + 'a, op: String) -> Step<'a> {
+    Box::pin(async move { req.await.map_err(|e| nl_err(op, &e)) })
+}
+
+/// The IPv4 requests: pod address, gateway neighbour, default route, host route.
+fn v4_steps<'a>(
+    steps: &mut Vec<Step<'a>>,
+    host: &'a Handle,
+    pod: &'a Handle,
+    spec: &'a PodLinkSpec,
+    ip: Ipv4Addr,
+    (host_idx, pod_idx): (u32, u32),
+) {
+    let addr = pod.address().add(pod_idx, IpAddr::V4(ip), 32).execute();
+    steps.push(step(addr, format!("add {ip}/32 to {}", spec.pod_if)));
     // Static neighbour for the gateway: the pod never ARPs for it, and nothing in
     // the node (no proxy_arp, no route to 169.254.1.1) has to answer.
     let neigh = pod
@@ -500,6 +563,10 @@ async fn configure(host: &Handle, pod: &Handle, spec: &PodLinkSpec) -> Result<()
         .link_layer_address(&spec.host_mac)
         .state(NeighbourState::Permanent)
         .execute();
+    steps.push(step(
+        neigh,
+        format!("add gateway neighbour on {}", spec.pod_if),
+    ));
     let default = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
         .gateway(spec.gateway)
@@ -507,40 +574,74 @@ async fn configure(host: &Handle, pod: &Handle, spec: &PodLinkSpec) -> Result<()
         .onlink()
         .build();
     let default = pod.route().add(default).execute();
+    steps.push(step(
+        default,
+        format!("add default route via {}", spec.gateway),
+    ));
     let to_pod = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(spec.pod_ip, 32)
+        .destination_prefix(ip, 32)
         .output_interface(host_idx)
         .scope(RouteScope::Link)
         .build();
     let to_pod = host.route().add(to_pod).execute();
-    try_join5(
-        async {
-            up.await
-                .map_err(|e| nl_err(format!("set {} up", spec.pod_if), &e))
-        },
-        async {
-            addr.await
-                .map_err(|e| nl_err(format!("add {}/32 to {}", spec.pod_ip, spec.pod_if), &e))
-        },
-        async {
-            neigh
-                .await
-                .map_err(|e| nl_err(format!("add gateway neighbour on {}", spec.pod_if), &e))
-        },
-        async {
-            default
-                .await
-                .map_err(|e| nl_err(format!("add default route via {}", spec.gateway), &e))
-        },
-        async {
-            to_pod.await.map_err(|e| {
-                nl_err(
-                    format!("add route {}/32 via {}", spec.pod_ip, spec.host_if),
-                    &e,
-                )
-            })
-        },
-    )
-    .await?;
-    Ok(())
+    steps.push(step(
+        to_pod,
+        format!("add route {ip}/32 via {}", spec.host_if),
+    ));
+}
+
+/// The IPv6 requests: pod address, gateway neighbour, default route, the gateway address
+/// on the host veth, host route.
+fn v6_steps<'a>(
+    steps: &mut Vec<Step<'a>>,
+    host: &'a Handle,
+    pod: &'a Handle,
+    spec: &'a PodLinkSpec,
+    ip: Ipv6Addr,
+    (host_idx, pod_idx): (u32, u32),
+) {
+    // No DAD: the address is ours by reservation, and a tentative address could not
+    // be used as a source for a second or more after ADD answers.
+    let mut addr = pod.address().add(pod_idx, IpAddr::V6(ip), 128);
+    addr.message_mut().header.flags = AddressHeaderFlags::Nodad;
+    steps.push(step(
+        addr.execute(),
+        format!("add {ip}/128 to {}", spec.pod_if),
+    ));
+    let neigh = pod
+        .neighbours()
+        .add(pod_idx, IpAddr::V6(spec.gateway6))
+        .link_layer_address(&spec.host_mac)
+        .state(NeighbourState::Permanent)
+        .execute();
+    steps.push(step(
+        neigh,
+        format!("add IPv6 gateway neighbour on {}", spec.pod_if),
+    ));
+    // A link-local next hop needs no on-link flag: it is on the given link by definition.
+    let default = RouteMessageBuilder::<Ipv6Addr>::new()
+        .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+        .gateway(spec.gateway6)
+        .output_interface(pod_idx)
+        .build();
+    let default = pod.route().add(default).execute();
+    steps.push(step(
+        default,
+        format!("add default route via {}", spec.gateway6),
+    ));
+    let mut gw = host.address().add(host_idx, IpAddr::V6(spec.gateway6), 64);
+    gw.message_mut().header.flags = AddressHeaderFlags::Nodad;
+    steps.push(step(
+        gw.execute(),
+        format!("add {}/64 to {}", spec.gateway6, spec.host_if),
+    ));
+    let to_pod = RouteMessageBuilder::<Ipv6Addr>::new()
+        .destination_prefix(ip, 128)
+        .output_interface(host_idx)
+        .build();
+    let to_pod = host.route().add(to_pod).execute();
+    steps.push(step(
+        to_pod,
+        format!("add route {ip}/128 via {}", spec.host_if),
+    ));
 }

@@ -3,7 +3,6 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::rc::Rc;
 
@@ -23,9 +22,11 @@ struct FakeState {
     netns_of: BTreeMap<String, String>,
     next_index: u32,
     fail_create: bool,
-    forwarding: bool,
-    /// Tamper knob for CHECK tests.
+    /// `(ip_forward, IPv6 forwarding)` as the plugin left them.
+    forwarding: (bool, bool),
+    /// Tamper knobs for CHECK tests.
     mtu_override: Option<u32>,
+    drop_neigh6: bool,
 }
 
 #[derive(Clone, Default)]
@@ -45,8 +46,10 @@ impl Dataplane for Fake {
         }
     }
 
-    fn enable_forwarding(&mut self) -> Result<(), DataplaneError> {
-        self.0.borrow_mut().forwarding = true;
+    fn enable_forwarding(&mut self, ipv4: bool, ipv6: bool) -> Result<(), DataplaneError> {
+        let mut s = self.0.borrow_mut();
+        s.forwarding.0 |= ipv4;
+        s.forwarding.1 |= ipv6;
         Ok(())
     }
 
@@ -113,35 +116,52 @@ impl Dataplane for Fake {
         _ns: &String,
         host_if: &str,
         _pod_if: &str,
-        gateway: Ipv4Addr,
     ) -> Result<Observed, DataplaneError> {
         let s = self.0.borrow();
         let Some(Some(spec)) = s.links.get(host_if) else {
             return Ok(Observed::default());
         };
         let mtu = s.mtu_override.unwrap_or(spec.mtu);
-        let pod_net = format!("{}/32", spec.pod_ip).parse().unwrap();
-        Ok(Observed {
+        let mut o = Observed {
             host_link: Some(LinkState {
                 mtu: spec.mtu,
                 up: true,
                 mac: spec.host_mac,
                 is_veth: true,
             }),
-            host_routes: vec![pod_net],
             pod_link: Some(LinkState {
                 mtu,
                 up: true,
                 mac: spec.pod_mac,
                 is_veth: true,
             }),
-            pod_addrs: vec![pod_net],
-            pod_routes: vec![Route {
+            ..Observed::default()
+        };
+        if let Some(ip) = spec.pod_ip4 {
+            let net = format!("{ip}/32").parse().unwrap();
+            o.host_routes.push(net);
+            o.pod_addrs.push(net);
+            o.pod_routes.push(Route {
                 dst: "0.0.0.0/0".parse().unwrap(),
-                gw: Some(gateway.into()),
-            }],
-            pod_gateway_neigh: Some(spec.host_mac),
-        })
+                gw: Some(spec.gateway.into()),
+            });
+            o.pod_neighs.push((spec.gateway.into(), spec.host_mac));
+        }
+        if let Some(ip) = spec.pod_ip6 {
+            let net = format!("{ip}/128").parse().unwrap();
+            o.host_routes.push(net);
+            o.pod_addrs.push(net);
+            o.host_addrs
+                .push(format!("{}/64", spec.gateway6).parse().unwrap());
+            o.pod_routes.push(Route {
+                dst: "::/0".parse().unwrap(),
+                gw: Some(spec.gateway6.into()),
+            });
+            if !s.drop_neigh6 {
+                o.pod_neighs.push((spec.gateway6.into(), spec.host_mac));
+            }
+        }
+        Ok(o)
     }
 }
 
@@ -182,7 +202,11 @@ impl Harness {
     }
 
     fn conf(&self, version: &str, cidr: &str) -> Value {
-        json!({"cniVersion": version, "name": "twill", "type": "twill-cni", "podCIDRs": [cidr],
+        self.conf_cidrs(version, &[cidr])
+    }
+
+    fn conf_cidrs(&self, version: &str, cidrs: &[&str]) -> Value {
+        json!({"cniVersion": version, "name": "twill", "type": "twill-cni", "podCIDRs": cidrs,
                "stateDir": self.dir.path().join("state"), "logFile": self.dir.path().join("log"), "logLevel": "debug"})
     }
 
@@ -211,7 +235,7 @@ impl Harness {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .map(|rd| {
                 rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .filter(|n| n.starts_with("10."))
+                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
                     .collect()
             })
             .unwrap_or_default();
@@ -260,7 +284,7 @@ fn add_then_del_round_trip() {
     assert_eq!(r["ips"][0]["gateway"], "169.254.1.1");
     assert_eq!(r["interfaces"][0]["name"], host_if_name("c1"));
     assert_eq!(r["interfaces"][1]["sandbox"], "/run/netns/c1");
-    assert!(h.fake.0.borrow().forwarding);
+    assert!(h.fake.0.borrow().forwarding.0);
     assert_eq!(h.reservations(), ["10.244.1.1"]);
     assert_eq!(h.links(), [host_if_name("c1")]);
     let log = std::fs::read_to_string(h.dir.path().join("log")).unwrap();
@@ -692,4 +716,128 @@ fn gc_and_del_touch_only_their_own_network() {
         .filter(|n| n.starts_with("10."))
         .collect();
     assert_eq!(other_store.len(), 1, "{other_store:?}");
+}
+
+/// "[Feature:IPv6DualStack] should create pod, add ipv6 and ipv4 ip to pod ips": a
+/// dual-stack network gives the pod one address per family, primary first, in every
+/// result version; CHECK, DEL and GC cover both.
+#[test]
+fn dual_stack_add_check_del_gc() {
+    for v in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
+        let h = Harness::new();
+        let conf = h.conf_cidrs(v, &["10.244.1.0/24", "fd00:10:244:1::/64"]);
+        let out = h.invoke("ADD", "c1", &conf);
+        assert_eq!(out.rc, 0, "{}", out.stdout);
+        let r = out.json();
+        assert_eq!(r["ips"][0]["address"], "10.244.1.1/32", "{v}");
+        assert_eq!(r["ips"][0]["gateway"], "169.254.1.1");
+        assert_eq!(r["ips"][1]["address"], "fd00:10:244:1::1/128", "{v}");
+        assert_eq!(r["ips"][1]["gateway"], "fe80::1");
+        assert_eq!(r["ips"][1]["interface"], 1);
+        // 0.3.x and 0.4.0 name each address's family (SPEC 0.4.0 "ips[].version").
+        if v.starts_with("0.") {
+            assert_eq!(r["ips"][0]["version"], "4");
+            assert_eq!(r["ips"][1]["version"], "6");
+        } else {
+            assert!(r["ips"][1].get("version").is_none());
+        }
+        assert_eq!(
+            r["routes"],
+            json!([{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}, {"dst": "::/0", "gw": "fe80::1"}])
+        );
+        {
+            let s = h.fake.0.borrow();
+            assert_eq!(s.forwarding, (true, true));
+            let spec = s.links[&host_if_name("c1")].clone().unwrap();
+            assert_eq!(spec.pod_ip4, Some("10.244.1.1".parse().unwrap()));
+            assert_eq!(spec.pod_ip6, Some("fd00:10:244:1::1".parse().unwrap()));
+        }
+        assert_eq!(h.reservations(), ["10.244.1.1", "fd00:10:244:1::1"]);
+        if v != "0.3.0" && v != "0.3.1" {
+            let out = h.invoke("CHECK", "c1", &with_prev(conf.clone(), r.clone()));
+            assert_eq!((out.rc, out.stdout.as_str()), (0, ""), "{v}");
+            h.fake.0.borrow_mut().drop_neigh6 = true;
+            let out = h.invoke("CHECK", "c1", &with_prev(conf.clone(), r.clone()));
+            assert_eq!(out.code(), 104);
+            assert!(
+                out.json()["msg"].as_str().unwrap().contains("fe80::1"),
+                "{}",
+                out.stdout
+            );
+            h.fake.0.borrow_mut().drop_neigh6 = false;
+        }
+        assert_eq!(h.invoke("DEL", "c1", &with_prev(conf.clone(), r)).rc, 0);
+        assert!(h.reservations().is_empty(), "{v}");
+    }
+    // GC releases both families of attachments the runtime no longer knows.
+    let h = Harness::new();
+    let conf = h.conf_cidrs("1.1.0", &["fd00:10:244:1::/64", "10.244.1.0/24"]);
+    for c in ["a", "b"] {
+        assert_eq!(h.invoke("ADD", c, &conf).rc, 0);
+    }
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "b", "ifname": "eth0"}]);
+    assert_eq!(h.invoke("GC", "-", &gc).rc, 0);
+    assert_eq!(h.reservations(), ["10.244.1.2", "fd00:10:244:1::2"]);
+    assert_eq!(h.links(), [host_if_name("b")]);
+}
+
+/// IPv6 first and IPv6 only: the primary family leads the result, and a network with no
+/// IPv4 range configures no IPv4 at all.
+#[test]
+fn ipv6_primary_and_ipv6_only() {
+    let h = Harness::new();
+    let r = h
+        .invoke(
+            "ADD",
+            "c1",
+            &h.conf_cidrs("1.0.0", &["fd00::/120", "10.244.1.0/24"]),
+        )
+        .json();
+    assert_eq!(r["ips"][0]["address"], "fd00::1/128");
+    assert_eq!(r["ips"][1]["address"], "10.244.1.1/32");
+    assert_eq!(r["routes"][0]["dst"], "::/0");
+
+    let h = Harness::new();
+    let conf = h.conf_cidrs("1.1.0", &["fd00::/126"]);
+    let r = h.invoke("ADD", "c1", &conf).json();
+    assert_eq!(r["ips"].as_array().unwrap().len(), 1);
+    assert_eq!(r["ips"][0]["address"], "fd00::1/128");
+    assert_eq!(r["routes"], json!([{"dst": "::/0", "gw": "fe80::1"}]));
+    {
+        let s = h.fake.0.borrow();
+        assert_eq!(s.forwarding, (false, true));
+        assert_eq!(s.links[&host_if_name("c1")].as_ref().unwrap().pod_ip4, None);
+    }
+    let out = h.invoke("CHECK", "c1", &with_prev(conf.clone(), r));
+    assert_eq!((out.rc, out.stdout.as_str()), (0, ""));
+    // A /126 has three addresses: the fourth ADD is refused, as is STATUS once full.
+    assert_eq!(h.invoke("ADD", "c2", &conf).rc, 0);
+    assert_eq!(h.invoke("STATUS", "-", &conf).rc, 0);
+    assert_eq!(h.invoke("ADD", "c3", &conf).rc, 0);
+    assert_eq!(h.invoke("STATUS", "-", &conf).code(), 50);
+    let out = h.invoke("ADD", "c4", &conf);
+    assert_eq!(out.code(), 100);
+    assert!(out.json()["msg"].as_str().unwrap().contains("fd00::/126"));
+}
+
+/// When one family is exhausted the ADD fails whole: the other family's address is
+/// given back and no link is made.
+#[test]
+fn dual_stack_exhaustion_leaks_nothing() {
+    let h = Harness::new();
+    let conf = h.conf_cidrs("1.1.0", &["10.244.1.0/24", "fd00::/126"]);
+    for c in ["a", "b", "c"] {
+        assert_eq!(h.invoke("ADD", c, &conf).rc, 0);
+    }
+    assert_eq!(h.invoke("STATUS", "-", &conf).code(), 50);
+    let out = h.invoke("ADD", "d", &conf);
+    assert_eq!(out.code(), 100);
+    assert_eq!(h.reservations().len(), 6);
+    assert_eq!(h.links().len(), 3);
+    // A failed link setup gives both addresses back.
+    assert_eq!(h.invoke("DEL", "c", &conf).rc, 0);
+    h.fake.0.borrow_mut().fail_create = true;
+    assert_eq!(h.invoke("ADD", "e", &conf).code(), 101);
+    assert_eq!(h.reservations().len(), 4);
 }

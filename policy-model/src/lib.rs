@@ -6,7 +6,7 @@
 //! `twill-core` (no identities, no tries, no parsed forms), so a misreading of the API has to be
 //! made twice, independently, to go unnoticed. Two tests use it: the compiler's (`twill-core`
 //! `tests/policy_model.rs`, against `PolicyState::verdict`) and the datapath's (`twill-lab`
-//! `tests/netpol.rs`, against the reachability matrix probed through the kernel programs).
+//! `tests/netpol/random.rs`, against the reachability matrix probed through the kernel programs).
 pub mod generate;
 mod model;
 

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network};
 use k8s_openapi::api::core::v1::Node;
 use serde::Serialize;
 
@@ -106,14 +106,32 @@ pub fn pod_cidrs(node: &Node) -> Vec<Ipv4Network> {
         .collect()
 }
 
+/// Every pod CIDR of a Node in its order (the first is the primary family), IPv4 and IPv6:
+/// what the conflist carries, so twill-cni gives pods an address of each family. Unparsable
+/// entries are skipped with a warning.
+pub fn pod_cidrs_all(node: &Node) -> Vec<IpNetwork> {
+    let Some(spec) = &node.spec else {
+        return Vec::new();
+    };
+    let raw: Vec<&String> = match (&spec.pod_cidrs, &spec.pod_cidr) {
+        (Some(list), _) if !list.is_empty() => list.iter().collect(),
+        (_, Some(one)) => vec![one],
+        _ => Vec::new(),
+    };
+    raw.into_iter()
+        .filter_map(|c| match c.parse::<IpNetwork>() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                log::warn!("Node podCIDR {c:?} is not a CIDR: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
 /// The conflist bytes for these pod CIDRs; `chain_portmap` appends the `portmap` plugin (which
 /// must then be installed next to twill-cni) so pods' hostPorts work.
-pub fn render(
-    pod_cidrs: &[Ipv4Network],
-    mtu: u32,
-    state_dir: &Path,
-    chain_portmap: bool,
-) -> Vec<u8> {
+pub fn render(pod_cidrs: &[IpNetwork], mtu: u32, state_dir: &Path, chain_portmap: bool) -> Vec<u8> {
     let mut plugins = vec![Entry::Twill(Plugin {
         kind: "twill-cni",
         pod_cidrs: pod_cidrs.iter().map(ToString::to_string).collect(),
@@ -166,6 +184,75 @@ pub fn write_if_changed(dir: &Path, content: &[u8]) -> Result<bool, CniConfError
         return Err(err(e));
     }
     Ok(true)
+}
+
+/// Writes this node's conflist whenever what goes into it changes: the Node's pod CIDRs and
+/// the MTU pods must use (`--cni-mtu`, lowered to what the route plan allows). Node-level, so
+/// it belongs to [`crate::node_net::NodeNetwork`].
+#[derive(Debug)]
+pub struct CniConfWriter {
+    dir: PathBuf,
+    state_dir: PathBuf,
+    chain_portmap: bool,
+    /// `--cni-mtu`.
+    mtu_flag: u32,
+    /// The content last written (or found identical on disk).
+    last: Option<Vec<u8>>,
+}
+
+impl CniConfWriter {
+    pub fn new(cfg: &crate::config::Config) -> Self {
+        Self {
+            dir: cfg.cni_conf_dir.clone(),
+            state_dir: cfg.state_dir.clone(),
+            chain_portmap: cfg.cni_chain_portmap,
+            mtu_flag: cfg.cni_mtu,
+            last: None,
+        }
+    }
+
+    /// The MTU written: `--cni-mtu`, or the route plan's `pod_mtu` when that is lower.
+    pub fn mtu(&self, pod_mtu: Option<u32>) -> u32 {
+        pod_mtu.map_or(self.mtu_flag, |m| m.min(self.mtu_flag))
+    }
+
+    /// Writes the conflist for `node` when its content changed; a Node without pod CIDRs
+    /// writes nothing (the runtime keeps waiting for a network). Returns whether it wrote;
+    /// errors are logged and retried on the next call.
+    pub fn write(&mut self, node: &Node, pod_mtu: Option<u32>) -> bool {
+        let mtu = self.mtu(pod_mtu);
+        let mut cidrs = pod_cidrs_all(node);
+        if mtu < twill_cni::config::IPV6_MIN_MTU && cidrs.iter().any(IpNetwork::is_ipv6) {
+            // twill-cni refuses the whole config otherwise: keep IPv4 pods working.
+            log::error!(
+                "pod MTU {mtu} is below IPv6's minimum of 1280: IPv6 pod CIDRs left out of the CNI config"
+            );
+            cidrs.retain(IpNetwork::is_ipv4);
+        }
+        if cidrs.is_empty() {
+            return false;
+        }
+        let content = render(&cidrs, mtu, &self.state_dir, self.chain_portmap);
+        if self.last.as_ref() == Some(&content) {
+            return false;
+        }
+        match write_if_changed(&self.dir, &content) {
+            Ok(wrote) => {
+                if wrote {
+                    log::info!(
+                        "wrote CNI config for pod CIDRs {cidrs:?} into {}",
+                        self.dir.display()
+                    );
+                }
+                self.last = Some(content);
+                wrote
+            }
+            Err(e) => {
+                log::error!("{}", crate::source::manifests::error_chain(&e));
+                false
+            }
+        }
+    }
 }
 
 /// Removes the conflist (uninstall); absent is fine.
@@ -250,7 +337,9 @@ mod tests {
 
     #[test]
     fn twill_cni_parses_what_the_agent_writes() {
-        let cidrs: Vec<Ipv4Network> = vec![
+        // Dual-stack, IPv6 first: twill-cni takes both, in this order.
+        let cidrs: Vec<IpNetwork> = vec![
+            "fd00:10:244:1::/64".parse().unwrap(),
             "10.244.1.0/24".parse().unwrap(),
             "10.245.0.0/16".parse().unwrap(),
         ];
@@ -266,8 +355,7 @@ mod tests {
             let conf = twill_cni::config::parse(&feeds[0]).unwrap();
             assert_eq!(conf.name, "twill");
             assert_eq!(conf.cni_version, want_version);
-            let want: Vec<ipnetwork::IpNetwork> = cidrs.iter().map(|c| (*c).into()).collect();
-            assert_eq!(conf.pod_cidrs, want);
+            assert_eq!(conf.pod_cidrs, cidrs);
             assert_eq!(conf.mtu, 1410);
             assert_eq!(conf.gateway.to_string(), POD_GATEWAY);
             assert_eq!(conf.state_dir, state);
@@ -360,5 +448,45 @@ mod tests {
         );
         assert!(remove(&conf_dir).unwrap());
         assert!(!remove(&conf_dir).unwrap());
+    }
+
+    /// The writer turns a Node's podCIDRs into the conflist (the run loop calls it after every
+    /// sync), lowers the MTU to the route plan's, and rewrites only on change.
+    #[test]
+    fn writer_writes_the_nodes_pod_cidrs_and_the_lower_mtu() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = crate::config::FileConfig {
+            node_name: Some("n1".into()),
+            cni_conf_dir: Some(dir.path().join("net.d")),
+            state_dir: Some(dir.path().join("state")),
+            cni_mtu: Some(1500),
+            ..crate::config::FileConfig::default()
+        };
+        let cfg = crate::config::merge(crate::config::RunArgs::default(), file).unwrap();
+        let mut w = CniConfWriter::new(&cfg);
+        let mut node = Node::default();
+        assert!(!w.write(&node, None), "no pod CIDRs yet: nothing written");
+        assert!(!dir.path().join("net.d").join(CNI_CONF_FILE).exists());
+        node.spec = Some(NodeSpec {
+            pod_cidrs: Some(vec!["10.244.1.0/24".into()]),
+            ..NodeSpec::default()
+        });
+        assert!(w.write(&node, None));
+        assert!(!w.write(&node, None), "unchanged: not rewritten");
+        let read = || -> serde_json::Value {
+            serde_json::from_slice(
+                &std::fs::read(dir.path().join("net.d").join(CNI_CONF_FILE)).unwrap(),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            read()["plugins"][0]["podCIDRs"],
+            serde_json::json!(["10.244.1.0/24"])
+        );
+        assert_eq!(read()["plugins"][0]["mtu"], 1500);
+        assert!(w.write(&node, Some(1450)), "the overlay lowers the MTU");
+        assert_eq!(read()["plugins"][0]["mtu"], 1450);
+        assert!(w.write(&node, Some(9000)));
+        assert_eq!(read()["plugins"][0]["mtu"], 1500, "never above --cni-mtu");
     }
 }

@@ -1,6 +1,7 @@
 //! The node's own network, driven by the run loop: routes to the other nodes' pod CIDRs (and
 //! the egress masquerade that comes with the route plan), the per-packet north-south programs
-//! on the node's devices, and the addresses NodePorts answer on.
+//! on the node's devices, the addresses NodePorts answer on, and the CNI config that tells the
+//! runtime this node's pod CIDRs and the MTU its route plan allows.
 //!
 //! It runs when the routing-relevant part of the Node objects changes and on the periodic
 //! resync, not on every Service change: one sync dumps the node's links, addresses and routes
@@ -11,11 +12,12 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
 
+use crate::cniconf::CniConfWriter;
 use crate::config::Config;
 use crate::datapath::{Datapath, DatapathError};
 use crate::routing::{
     ApplyReport, RouteExecutor, RoutingConfig, RoutingError, VXLAN_DEVICE, cni_mtu,
-    default_devices, node_internal_ipv4, nodeport_addresses, plan_routes,
+    default_devices, node_internal_ipv4, nodeport_addresses, plan_routes, plan_routes6,
 };
 use crate::source::Nodes;
 
@@ -57,7 +59,13 @@ impl NetworkError {
 }
 
 /// The routing-relevant view of one Node: what changes the route plan.
-type NodeRouting = (Option<String>, Option<Ipv4Addr>, Option<Vec<String>>);
+/// (name, IPv4 InternalIP, IPv6 InternalIPs for dual-stack direct routes, podCIDRs).
+type NodeRouting = (
+    Option<String>,
+    Option<Ipv4Addr>,
+    Vec<std::net::Ipv6Addr>,
+    Option<Vec<String>>,
+);
 
 fn routing_view(nodes: &Nodes) -> Vec<NodeRouting> {
     nodes
@@ -66,6 +74,7 @@ fn routing_view(nodes: &Nodes) -> Vec<NodeRouting> {
             (
                 n.metadata.name.clone(),
                 node_internal_ipv4(n),
+                twill_core::routing::plan6::node_internal_ipv6s(n),
                 n.spec.as_ref().and_then(|s| s.pod_cidrs.clone()),
             )
         })
@@ -87,6 +96,7 @@ pub struct NodeNetwork {
     /// Peers' pod CIDRs refused as conflicting in the last plan, so each is warned about once.
     refused: BTreeSet<String>,
     state: NetworkState,
+    cni_conf: CniConfWriter,
 }
 
 impl NodeNetwork {
@@ -102,11 +112,18 @@ impl NodeNetwork {
             attached: BTreeSet::new(),
             refused: BTreeSet::new(),
             state: NetworkState::default(),
+            cni_conf: CniConfWriter::new(cfg),
         })
     }
 
     pub fn state(&self) -> &NetworkState {
         &self.state
+    }
+
+    /// Writes the CNI config for `node` (this node's object) when its pod CIDRs or the pod MTU
+    /// of the last route plan changed.
+    pub fn write_cni_conf(&mut self, node: &Node) {
+        self.cni_conf.write(node, self.state.pod_mtu);
     }
 
     /// Destinations of the node's `/32` routes (local pods' host routes among them).
@@ -170,6 +187,27 @@ impl NodeNetwork {
         }
         self.refused = refused;
         let report = self.routing.apply(&plan, prune).await?;
+        // Dual-stack: the IPv6 pod CIDRs follow the IPv4 plan's choice per peer.
+        let plan6 = plan_routes6(
+            &self.node_name,
+            nodes.values().map(AsRef::as_ref),
+            &host,
+            &plan,
+        );
+        for s in &plan6.skipped {
+            if s.reason.is_conflict() {
+                log::warn!("no IPv6 route to node {}: {}", s.node, s.reason);
+            } else {
+                log::debug!("no IPv6 route to node {}: {}", s.node, s.reason);
+            }
+        }
+        let report6 = self.routing.apply6(&plan6, prune).await?;
+        if report6.changed() {
+            log::info!(
+                "IPv6 routes: {} peer routes ({report6:?})",
+                plan6.peers.len()
+            );
+        }
         // The overlay device too: replies of local backends to pods on other nodes behind the
         // overlay (a pod reaching this node's NodePort) leave through it and must be
         // translated back like those leaving through the underlay. It carries no NodePort

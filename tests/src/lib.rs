@@ -23,7 +23,7 @@ use std::{
     fmt::Write as _,
     fs,
     io::{BufRead, BufReader, Write as _},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -32,7 +32,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 /// Prefix of every lab object name (netns, cgroup, bpffs dir, scratch dir).
 pub const PREFIX: &str = "twl";
@@ -53,6 +53,9 @@ pub struct LabSpec {
     pub two_subnets: bool,
     /// MTU written into the lab's CNI config.
     pub mtu: u32,
+    /// Dual-stack: every node also gets an IPv6 underlay address and an IPv6 pod CIDR
+    /// (listed after the IPv4 one, so IPv4 stays the primary family).
+    pub dual_stack: bool,
 }
 
 impl LabSpec {
@@ -62,7 +65,13 @@ impl LabSpec {
             external_client: false,
             two_subnets: false,
             mtu: 1500,
+            dual_stack: false,
         }
+    }
+    #[must_use]
+    pub fn with_dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
     }
     #[must_use]
     pub fn with_external_client(mut self) -> Self {
@@ -101,6 +110,10 @@ pub struct Node {
     /// Gateway on the underlay towards other subnets (two-subnet labs only).
     pub underlay_gateway: Option<Ipv4Addr>,
     pub pod_cidr: Ipv4Network,
+    /// Dual-stack labs: the node's IPv6 underlay address (`fd00:172:30:<subnet>::<10+i>`)
+    /// and IPv6 pod CIDR (`fd00:10:244:<i>::/64`).
+    pub ip6: Option<Ipv6Addr>,
+    pub pod_cidr6: Option<Ipv6Network>,
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub dir: PathBuf,
@@ -124,6 +137,8 @@ pub struct Pod {
     pub container_id: String,
     pub ifname: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (dual-stack labs).
+    pub ip6: Option<Ipv6Addr>,
     /// The CNI result JSON of ADD.
     pub result: serde_json::Value,
     /// Name of the node the pod runs on (`spec.nodeName`).
@@ -520,6 +535,27 @@ impl Lab {
             fs::create_dir_all(dir.join(sub))?;
         }
         let pod_cidr: Ipv4Network = format!("10.244.{i}.0/24").parse()?;
+        let (ip6, pod_cidr6) = if spec.dual_stack {
+            let ip6: Ipv6Addr = format!("fd00:172:30:{subnet}::{host}").parse()?;
+            // No DAD: the lab's addresses are unique by construction and must work at once.
+            ns_ip(
+                &netns,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{ip6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
+            sysctl(&netns, "net.ipv6.conf.all.forwarding", "1")?;
+            let cidr: Ipv6Network = format!("fd00:10:244:{i}::/64").parse()?;
+            (Some(ip6), Some(cidr))
+        } else {
+            (None, None)
+        };
         let node = Node {
             index: i,
             name,
@@ -530,6 +566,8 @@ impl Lab {
                 .two_subnets
                 .then(|| Ipv4Addr::new(172, 30, u8::try_from(subnet).unwrap_or(0), 1)),
             pod_cidr,
+            ip6,
+            pod_cidr6,
             cgroup,
             bpffs,
             dir,
@@ -604,8 +642,30 @@ impl Lab {
 
     /// Starts `labtool serve` in a pod and waits until it listens.
     pub fn serve(&self, pod: &Pod, name: &str, tcp: Option<u16>, udp: Option<u16>) -> Result<()> {
+        self.serve_with(pod, name, tcp, udp, &[])
+    }
+
+    /// [`Lab::serve`] listening on both families (`[::]`, IPv4 peers reported as IPv4).
+    pub fn serve_dual(
+        &self,
+        pod: &Pod,
+        name: &str,
+        tcp: Option<u16>,
+        udp: Option<u16>,
+    ) -> Result<()> {
+        self.serve_with(pod, name, tcp, udp, &["--ipv6"])
+    }
+
+    fn serve_with(
+        &self,
+        pod: &Pod,
+        name: &str,
+        tcp: Option<u16>,
+        udp: Option<u16>,
+        extra: &[&str],
+    ) -> Result<()> {
         let mut cmd = pod.cmd(bin("labtool"));
-        cmd.args(["serve", "--name", name]);
+        cmd.args(["serve", "--name", name]).args(extra);
         if let Some(p) = tcp {
             cmd.args(["--tcp", &p.to_string()]);
         }
@@ -676,16 +736,26 @@ impl Drop for Lab {
 
 impl Node {
     fn node_object(&self) -> serde_json::Value {
+        let mut addresses =
+            vec![serde_json::json!({"type": "InternalIP", "address": self.ip.to_string()})];
+        if let Some(ip6) = self.ip6 {
+            addresses.push(serde_json::json!({"type": "InternalIP", "address": ip6.to_string()}));
+        }
+        addresses.push(serde_json::json!({"type": "Hostname", "address": self.name}));
         serde_json::json!({
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": self.name, "labels": {"kubernetes.io/hostname": self.name}},
-            "spec": {"podCIDR": self.pod_cidr.to_string(), "podCIDRs": [self.pod_cidr.to_string()]},
-            "status": {"addresses": [
-                {"type": "InternalIP", "address": self.ip.to_string()},
-                {"type": "Hostname", "address": self.name},
-            ]},
+            "spec": {"podCIDR": self.pod_cidr.to_string(), "podCIDRs": self.pod_cidrs()},
+            "status": {"addresses": addresses},
         })
+    }
+
+    /// `spec.podCIDRs`: IPv4, then IPv6 in dual-stack labs.
+    pub fn pod_cidrs(&self) -> Vec<String> {
+        std::iter::once(self.pod_cidr.to_string())
+            .chain(self.pod_cidr6.map(|c| c.to_string()))
+            .collect()
     }
 
     pub fn cni_conf_dir(&self) -> PathBuf {
@@ -717,7 +787,7 @@ impl Node {
             "name": "twill",
             "plugins": [{
                 "type": "twill-cni",
-                "podCIDRs": [self.pod_cidr.to_string()],
+                "podCIDRs": self.pod_cidrs(),
                 "mtu": self.mtu,
                 "gateway": POD_GATEWAY,
                 "stateDir": self.state_dir(),
@@ -810,6 +880,16 @@ impl Node {
             .as_str()
             .ok_or_else(|| anyhow!("CNI result without ips[0].address: {stdout}"))?;
         let ip: Ipv4Addr = addr.split('/').next().unwrap_or_default().parse()?;
+        let ip6 = result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse().ok())
+            .find(|a: &std::net::IpAddr| a.is_ipv6())
+            .and_then(|a| match a {
+                std::net::IpAddr::V6(a) => Some(a),
+                std::net::IpAddr::V4(_) => None,
+            });
         ns_ip(&netns, &["link", "set", "lo", "up"])?;
         Ok(Pod {
             name: name.to_owned(),
@@ -817,6 +897,7 @@ impl Node {
             container_id,
             ifname: "eth0".into(),
             ip,
+            ip6,
             result,
             node: self.name.clone(),
             node_netns: self.netns.clone(),

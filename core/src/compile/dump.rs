@@ -386,12 +386,7 @@ pub fn render_view(view: &DumpView) -> String {
             if e.in_local_set {
                 sets.push("local");
             }
-            let state = match e.state {
-                EndpointState::Ready => "ready",
-                EndpointState::ServingTerminating => "serving-terminating",
-                EndpointState::Terminating => "terminating",
-                EndpointState::NotReady => "not-ready",
-            };
+            let state = e.state.as_str();
             let _ = writeln!(
                 out,
                 "  endpoint {}:{} {state} node={}{} sets={}",
@@ -475,11 +470,7 @@ pub fn render_view(view: &DumpView) -> String {
         }
     }
     for r in &view.rejected {
-        let class = match r.class {
-            RejectClass::Invalid => "invalid",
-            RejectClass::Unsupported => "unsupported",
-            RejectClass::NotProxied => "not-proxied",
-        };
+        let class = r.class.as_str();
         let object = if r.namespace.is_empty() {
             r.name.clone()
         } else {

@@ -117,24 +117,42 @@ pub struct Inputs<'a> {
     pub ids: &'a IdAllocation,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+/// Gives an enum one spelling: `as_str()` (text dumps, logs, metric labels) and a `Serialize`
+/// that writes the same string (the JSON views), from one table.
+macro_rules! one_spelling {
+    ($(#[doc = $doc:literal])* $ty:ident { $($variant:ident => $label:literal),* $(,)? }) => {
+        impl $ty {
+            $(#[doc = $doc])*
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $label,)*
+                }
+            }
+        }
+
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SvcType {
-    #[serde(rename = "ClusterIP")]
     ClusterIp,
     NodePort,
     LoadBalancer,
 }
 
-impl SvcType {
+one_spelling!(
     /// The Kubernetes spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SvcType::ClusterIp => "ClusterIP",
-            SvcType::NodePort => "NodePort",
-            SvcType::LoadBalancer => "LoadBalancer",
-        }
+    SvcType {
+        ClusterIp => "ClusterIP",
+        NodePort => "NodePort",
+        LoadBalancer => "LoadBalancer",
     }
-}
+);
 
 /// Which kind of address a frontend listens on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -165,23 +183,15 @@ pub enum ObjectKind {
     Node,
 }
 
-impl ObjectKind {
+one_spelling!(
     /// The Kubernetes kind, as in the object's `kind` field: the one spelling the dump, the JSON
     /// view, logs and metric labels use.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ObjectKind::Service => "Service",
-            ObjectKind::EndpointSlice => "EndpointSlice",
-            ObjectKind::Node => "Node",
-        }
+    ObjectKind {
+        Service => "Service",
+        EndpointSlice => "EndpointSlice",
+        Node => "Node",
     }
-}
-
-impl serde::Serialize for ObjectKind {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
-}
+);
 
 /// Why (part of) an object is not programmed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -248,8 +258,7 @@ pub enum RejectReason {
 }
 
 /// How a rejection counts: only `Invalid` feeds the invalid-object metric.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RejectClass {
     /// Broken object: logged and counted.
     Invalid,
@@ -258,6 +267,12 @@ pub enum RejectClass {
     /// Deliberately not programmed (headless, `ExternalName`, proxy-name labels).
     NotProxied,
 }
+
+one_spelling!(RejectClass {
+    Invalid => "invalid",
+    Unsupported => "unsupported",
+    NotProxied => "not-proxied",
+});
 
 impl RejectReason {
     pub fn class(&self) -> RejectClass {
@@ -306,8 +321,7 @@ pub struct Rejection {
 }
 
 /// Endpoint condition as the compiler classified it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EndpointState {
     Ready,
     /// Not ready, but serving while terminating: a KEP-1669 fallback candidate.
@@ -315,6 +329,13 @@ pub enum EndpointState {
     Terminating,
     NotReady,
 }
+
+one_spelling!(EndpointState {
+    Ready => "ready",
+    ServingTerminating => "serving-terminating",
+    Terminating => "terminating",
+    NotReady => "not-ready",
+});
 
 /// One endpoint of a Service port, for the dump.
 #[derive(Clone, Debug, PartialEq, Eq)]

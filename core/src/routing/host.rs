@@ -1,9 +1,9 @@
 //! This node's interfaces as values: which device holds the node IP, which subnets are directly
 //! connected, the `--devices` default and the NodePort addresses. Read from netlink by
 //! twill-agent's `RouteExecutor::host_network`; everything here is pure.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use super::VXLAN_DEVICE;
 
@@ -18,6 +18,8 @@ pub struct HostNetwork {
     /// [`super::ROUTE_PROTO_TWILL`]), sorted: a pod CIDR equal to one is never routed, since
     /// writing our route would replace theirs.
     pub foreign_routes: Vec<Ipv4Network>,
+    /// The same for the main table's IPv6 routes.
+    pub foreign_routes6: Vec<Ipv6Network>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +29,9 @@ pub struct HostLink {
     pub mtu: u32,
     /// IPv4 addresses with their prefix length (`172.30.0.10/24`).
     pub addrs: Vec<Ipv4Network>,
+    /// IPv6 addresses with their prefix length, link-local ones left out (they name no
+    /// subnet another node could be on).
+    pub addrs6: Vec<Ipv6Network>,
     pub is_loopback: bool,
 }
 
@@ -45,6 +50,23 @@ impl HostNetwork {
             .iter()
             .filter(|l| !l.is_loopback && l.name != VXLAN_DEVICE)
             .find(|l| l.addrs.iter().any(|a| a.prefix() < 32 && a.contains(ip)))
+    }
+
+    /// [`Self::connected_link`] for IPv6: the interface whose connected IPv6 subnet holds `ip`.
+    pub fn connected_link6(&self, ip: Ipv6Addr) -> Option<&HostLink> {
+        self.links
+            .iter()
+            .filter(|l| !l.is_loopback && l.name != VXLAN_DEVICE)
+            .find(|l| l.addrs6.iter().any(|a| a.prefix() < 128 && a.contains(ip)))
+    }
+
+    /// [`Self::node_subnets`] for IPv6.
+    pub fn node_subnets6(&self) -> impl Iterator<Item = Ipv6Network> + '_ {
+        self.links
+            .iter()
+            .filter(|l| l.name != VXLAN_DEVICE)
+            .flat_map(|l| l.addrs6.iter())
+            .map(|a| Ipv6Network::new(a.network(), a.prefix()).unwrap_or(*a))
     }
 
     pub fn link_by_name(&self, name: &str) -> Option<&HostLink> {
@@ -112,6 +134,7 @@ mod tests {
             index,
             mtu: 1500,
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            addrs6: Vec::new(),
             is_loopback: name == "lo",
         }
     }
@@ -126,6 +149,7 @@ mod tests {
             ],
             default_route_ifindex: Some(3),
             foreign_routes: Vec::new(),
+            foreign_routes6: Vec::new(),
         }
     }
 

@@ -26,7 +26,8 @@
 //!
 //! Traffic the node itself sends into the overlay leaves from its VTEP address (the only
 //! address on the VXLAN device), so a remote pod sees `10.244.0.0` for node n0; replies return
-//! through the overlay. IPv6 pod CIDRs and node addresses are ignored for now.
+//! through the overlay. IPv6 pod CIDRs (dual-stack) are planned by [`plan6`], after this plan
+//! and following its choice per peer.
 //!
 //! # MTU
 //! The VXLAN device's MTU is the underlay device's MTU − [`VXLAN_OVERHEAD`] (50 bytes: outer
@@ -37,6 +38,7 @@
 pub mod host;
 pub mod masq;
 pub mod plan;
+pub mod plan6;
 
 use std::net::Ipv4Addr;
 
@@ -48,6 +50,7 @@ pub use plan::{
     PeerRoute, PeerVia, RoutePlan, SkipReason, SkippedPeer, VxlanDevicePlan, cni_mtu,
     node_internal_ipv4, plan_routes, vtep_addr, vtep_mac,
 };
+pub use plan6::{PeerRoute6, PeerVia6, RoutePlan6, SkipReason6, SkippedPeer6, plan_routes6};
 
 /// Name of the overlay device (`twill.vxlan`; ≤ 15 bytes, the kernel's IFNAMSIZ − 1).
 pub const VXLAN_DEVICE: &str = "twill.vxlan";

@@ -478,6 +478,7 @@ mod tests {
                     index: 1,
                     mtu: 65536,
                     addrs: vec!["127.0.0.1/8".parse().unwrap()],
+                    addrs6: Vec::new(),
                     is_loopback: true,
                 },
                 HostLink {
@@ -485,6 +486,7 @@ mod tests {
                     index: 2,
                     mtu: 1500,
                     addrs: vec!["172.30.0.10/24".parse().unwrap()],
+                    addrs6: Vec::new(),
                     is_loopback: false,
                 },
             ],
@@ -493,6 +495,7 @@ mod tests {
                 "0.0.0.0/0".parse().unwrap(),
                 "10.244.9.0/24".parse().unwrap(),
             ],
+            foreign_routes6: Vec::new(),
         }
     }
 

@@ -77,7 +77,7 @@ impl std::fmt::Display for OwnedRoute {
 
 /// The rtnetlink side of the routing module.
 pub struct RouteExecutor {
-    handle: Handle,
+    pub(super) handle: Handle,
     connection: tokio::task::JoinHandle<()>,
 }
 
@@ -128,6 +128,7 @@ impl RouteExecutor {
                         Ipv4Network::new(ip, a.header.prefix_len).ok()
                     })
                     .collect(),
+                addrs6: super::netlink6::global_ipv6_addrs(&addrs, l.header.index),
                 is_loopback: l.header.flags.contains(LinkFlags::Loopback),
             })
             .collect();
@@ -153,10 +154,12 @@ impl RouteExecutor {
                 })
                 .flatten()
         });
+        let foreign_routes6 = self.foreign_routes6().await?;
         Ok(HostNetwork {
             links: out,
             default_route_ifindex,
             foreign_routes,
+            foreign_routes6,
         })
     }
 
@@ -220,6 +223,7 @@ impl RouteExecutor {
                 .map_err(RoutingError::netlink("delete route"))?;
             report.routes_removed += 1;
         }
+        report.routes_removed += self.remove_owned_routes6().await?;
         report.device_removed = self.remove_vxlan().await?;
         nft::remove().await?;
         Ok(report)
@@ -275,7 +279,7 @@ impl RouteExecutor {
             .collect())
     }
 
-    async fn find_link(&self, name: &str) -> Result<Option<LinkMessage>, RoutingError> {
+    pub(super) async fn find_link(&self, name: &str) -> Result<Option<LinkMessage>, RoutingError> {
         let links: Vec<LinkMessage> = self
             .handle
             .link()
@@ -622,7 +626,7 @@ impl RouteExecutor {
     }
 }
 
-fn route_table(r: &RouteMessage) -> u32 {
+pub(super) fn route_table(r: &RouteMessage) -> u32 {
     r.attributes
         .iter()
         .find_map(|a| {
@@ -713,7 +717,7 @@ fn link_infos(l: &LinkMessage) -> &[LinkInfo] {
         .unwrap_or(&[])
 }
 
-fn link_kind(l: &LinkMessage) -> Option<InfoKind> {
+pub(super) fn link_kind(l: &LinkMessage) -> Option<InfoKind> {
     link_infos(l).iter().find_map(|i| {
         if let LinkInfo::Kind(k) = i {
             Some(k.clone())
@@ -774,7 +778,7 @@ fn neighbour_ipv4(n: &NeighbourMessage) -> Option<Ipv4Addr> {
     })
 }
 
-fn neighbour_lladdr(n: &NeighbourMessage) -> Option<&[u8]> {
+pub(super) fn neighbour_lladdr(n: &NeighbourMessage) -> Option<&[u8]> {
     n.attributes.iter().find_map(|a| {
         if let NeighbourAttribute::LinkLayerAddress(m) = a {
             Some(&m[..])

@@ -4,6 +4,7 @@
 //! ```text
 //! labtool serve --name N [--tcp PORT] [--udp PORT]   reply "N <peer-ip>:<peer-port>" per TCP
 //!                                                    connection and per UDP datagram
+//!               [--ipv6]                             listen on [::] (both families)
 //! labtool tcp --to IP:PORT [--timeout-ms T]         one request; prints reply=.. peer=.. local=..
 //! labtool udp --to IP:PORT [--connected] [--timeout-ms T]   prints reply=.. from=..
 //! labtool tcp-loop --to IP:PORT [--count N] [--duration-ms D] [--interval-ms I] [--timeout-ms T]
@@ -103,25 +104,43 @@ fn main() -> ExitCode {
     }
 }
 
+/// A peer as the reply names it: a dual-mode (`--ipv6`) server sees IPv4 clients as
+/// `::ffff:a.b.c.d`, reported as plain IPv4 so replies read the same in both modes.
+fn canonical(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map_or(peer, |v4| SocketAddr::new(v4.into(), a.port())),
+        SocketAddr::V4(_) => peer,
+    }
+}
+
 fn serve(args: &Args) -> Result<ExitCode, String> {
     let name = args.value("--name").unwrap_or("server").to_owned();
+    // `--ipv6`: listen on `[::]`, which (bindv6only=0, the default) takes both families.
+    let any = if args.flag("--ipv6") {
+        "[::]"
+    } else {
+        "0.0.0.0"
+    };
     let mut threads = Vec::new();
     if let Some(port) = args.value("--udp") {
         let sock =
-            UdpSocket::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("udp bind: {e}"))?;
+            UdpSocket::bind(format!("{any}:{port}")).map_err(|e| format!("udp bind: {e}"))?;
         let name = name.clone();
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             loop {
                 if let Ok((_, peer)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+                    let _ = sock.send_to(format!("{name} {}\n", canonical(peer)).as_bytes(), peer);
                 }
             }
         }));
     }
     if let Some(port) = args.value("--tcp") {
         let listener =
-            TcpListener::bind(format!("0.0.0.0:{port}")).map_err(|e| format!("tcp bind: {e}"))?;
+            TcpListener::bind(format!("{any}:{port}")).map_err(|e| format!("tcp bind: {e}"))?;
         threads.push(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let name = name.clone();
@@ -142,7 +161,9 @@ fn serve(args: &Args) -> Result<ExitCode, String> {
 }
 
 fn handle_tcp(stream: &TcpStream, name: &str) {
-    let Ok(peer) = stream.peer_addr() else { return };
+    let Ok(peer) = stream.peer_addr().map(canonical) else {
+        return;
+    };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut reader = BufReader::new(stream);
     // One request line per reply; a client that sends nothing still gets one reply.

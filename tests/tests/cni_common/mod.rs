@@ -158,3 +158,14 @@ pub fn assert_clean(node: &Node, state_dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Node IPv6 routes to single pods (`/128`) through a twill host veth, live or retired.
+pub fn pod_routes6(node: &Node) -> Result<Vec<String>> {
+    let out = node.run(&["ip", "-6", "route", "show"])?;
+    Ok(out
+        .lines()
+        .filter(|l| !l.starts_with("fe80::"))
+        .filter(|l| l.contains(" dev twl") || l.contains(" dev twx"))
+        .map(str::to_owned)
+        .collect())
+}

@@ -1,0 +1,360 @@
+//! The IPv6 half of the executor: converges the kernel to a [`RoutePlan6`] (dual-stack peers'
+//! IPv6 pod CIDRs, direct or over the VXLAN device the IPv4 plan made). Same ownership marks
+//! as IPv4: routes carry protocol [`ROUTE_PROTO_TWILL`]; neighbours and the VTEP6 address live
+//! on the agent's own VXLAN device (and only its permanent neighbours are the agent's: the
+//! kernel keeps its own multicast entries there).
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv6Addr};
+
+use futures_util::TryStreamExt as _;
+use ipnetwork::Ipv6Network;
+use rtnetlink::{
+    RouteMessageBuilder,
+    packet_route::{
+        AddressFamily,
+        address::{AddressAttribute, AddressHeaderFlags, AddressMessage},
+        link::InfoKind,
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+        route::{
+            RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
+        },
+    },
+};
+
+use super::netlink::{link_kind, neighbour_lladdr, route_table};
+use super::{
+    ApplyReport, PeerVia6, ROUTE_PROTO_TWILL, RouteExecutor, RoutePlan6, RoutingError, VXLAN_DEVICE,
+};
+
+/// One IPv6 route as planned or as read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Route6 {
+    gateway: Option<Ipv6Addr>,
+    oif: Option<u32>,
+    onlink: bool,
+}
+
+/// The global (not link-local) IPv6 addresses of link `index`, from an address dump.
+pub(super) fn global_ipv6_addrs(addrs: &[AddressMessage], index: u32) -> Vec<Ipv6Network> {
+    addrs
+        .iter()
+        .filter(|a| a.header.index == index)
+        .filter_map(|a| {
+            let ip = a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
+                _ => None,
+            })?;
+            (!ip.is_unicast_link_local())
+                .then(|| Ipv6Network::new(ip, a.header.prefix_len).ok())
+                .flatten()
+        })
+        .collect()
+}
+
+fn parse_route6(r: &RouteMessage) -> Option<(Ipv6Network, Route6)> {
+    let dst = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(*ip),
+            _ => None,
+        })
+        .unwrap_or(Ipv6Addr::UNSPECIFIED);
+    let dst = Ipv6Network::new(dst, r.header.destination_prefix_length).ok()?;
+    let gateway = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => Some(*ip),
+        _ => None,
+    });
+    let oif = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    });
+    Some((
+        dst,
+        Route6 {
+            gateway,
+            oif,
+            onlink: r.header.flags.contains(RouteFlags::Onlink),
+        },
+    ))
+}
+
+fn neighbour_ipv6(n: &NeighbourMessage) -> Option<Ipv6Addr> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(*ip),
+        _ => None,
+    })
+}
+
+impl RouteExecutor {
+    async fn main_routes6(&self) -> Result<Vec<RouteMessage>, RoutingError> {
+        let all: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(RoutingError::netlink("dump IPv6 routes"))?;
+        Ok(all
+            .into_iter()
+            .filter(|r| route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
+            .collect())
+    }
+
+    /// Destinations of the main table's IPv6 routes the agent does not own (for the plan).
+    pub(super) async fn foreign_routes6(&self) -> Result<Vec<Ipv6Network>, RoutingError> {
+        let mut out: Vec<Ipv6Network> = self
+            .main_routes6()
+            .await?
+            .iter()
+            .filter(|r| r.header.protocol != RouteProtocol::Other(ROUTE_PROTO_TWILL))
+            .filter_map(|r| parse_route6(r).map(|(d, _)| d))
+            .collect();
+        out.sort_by_key(|n| (n.network(), n.prefix()));
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Removes every IPv6 route the agent owns; returns how many.
+    pub(super) async fn remove_owned_routes6(&self) -> Result<usize, RoutingError> {
+        let mut n = 0;
+        for r in self.main_routes6().await? {
+            if r.header.protocol == RouteProtocol::Other(ROUTE_PROTO_TWILL) {
+                self.handle
+                    .route()
+                    .del(r)
+                    .execute()
+                    .await
+                    .map_err(RoutingError::netlink("delete IPv6 route"))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Converges the IPv6 routes, after [`Self::apply`] converged the IPv4 plan this one
+    /// follows (the overlay device exists exactly when the IPv4 plan has it). `prune` as there.
+    pub async fn apply6(
+        &self,
+        plan: &RoutePlan6,
+        prune: bool,
+    ) -> Result<ApplyReport, RoutingError> {
+        let mut report = ApplyReport::default();
+        let vx_index = self
+            .find_link(VXLAN_DEVICE)
+            .await?
+            .filter(|l| link_kind(l) == Some(InfoKind::Vxlan))
+            .map(|l| l.header.index);
+        if let Some(index) = vx_index {
+            self.sync_vtep6(index, plan.vtep).await?;
+            // Neighbours before routes, as for IPv4: the first packet finds its entry.
+            self.sync_neighbours6(index, plan, prune, &mut report)
+                .await?;
+        }
+        self.sync_routes6(plan, vx_index, prune, &mut report)
+            .await?;
+        Ok(report)
+    }
+
+    /// This node's VTEP6 as the one global IPv6 address of the overlay device (`nodad`: it is
+    /// unique by construction and must be usable at once).
+    async fn sync_vtep6(&self, index: u32, vtep: Option<Ipv6Addr>) -> Result<(), RoutingError> {
+        let addrs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(RoutingError::netlink("dump vxlan addresses"))?;
+        let mut have = false;
+        for a in addrs
+            .iter()
+            .filter(|a| a.header.family == AddressFamily::Inet6)
+        {
+            let Some(ip) = a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
+                _ => None,
+            }) else {
+                continue;
+            };
+            if ip.is_unicast_link_local() {
+                continue;
+            }
+            if Some(ip) == vtep && a.header.prefix_len == 128 {
+                have = true;
+            } else {
+                self.handle
+                    .address()
+                    .del(a.clone())
+                    .execute()
+                    .await
+                    .map_err(RoutingError::netlink("delete stale vtep6 address"))?;
+            }
+        }
+        if let (Some(ip), false) = (vtep, have) {
+            let mut add = self.handle.address().add(index, IpAddr::V6(ip), 128);
+            add.message_mut().header.flags = AddressHeaderFlags::Nodad;
+            add.execute()
+                .await
+                .map_err(RoutingError::netlink("add vtep6 address"))?;
+        }
+        Ok(())
+    }
+
+    async fn sync_neighbours6(
+        &self,
+        index: u32,
+        plan: &RoutePlan6,
+        prune: bool,
+        report: &mut ApplyReport,
+    ) -> Result<(), RoutingError> {
+        let want: BTreeMap<Ipv6Addr, [u8; 6]> = plan
+            .peers
+            .iter()
+            .filter_map(|p| match p.via {
+                PeerVia6::Vxlan { vtep, mac } => Some((vtep, mac)),
+                PeerVia6::Direct { .. } => None,
+            })
+            .collect();
+        let have: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet6)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(RoutingError::netlink("dump IPv6 neighbours"))?;
+        let mut ok = BTreeSet::new();
+        for n in have.into_iter().filter(|n| n.header.ifindex == index) {
+            let Some(dst) = neighbour_ipv6(&n) else {
+                continue;
+            };
+            let matches = want
+                .get(&dst)
+                .is_some_and(|mac| neighbour_lladdr(&n) == Some(&mac[..]))
+                && n.header.state == NeighbourState::Permanent;
+            if matches {
+                ok.insert(dst);
+            } else if want.contains_key(&dst)
+                || (prune && n.header.state == NeighbourState::Permanent)
+            {
+                self.handle
+                    .neighbours()
+                    .del(n)
+                    .execute()
+                    .await
+                    .map_err(RoutingError::netlink("delete stale IPv6 neighbour"))?;
+                report.neighbours_removed += 1;
+            }
+        }
+        for (vtep, mac) in want.iter().filter(|(v, _)| !ok.contains(*v)) {
+            self.handle
+                .neighbours()
+                .add(index, IpAddr::V6(*vtep))
+                .link_layer_address(mac)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .map_err(RoutingError::netlink(format!("add neighbour {vtep}")))?;
+            report.neighbours_set += 1;
+        }
+        Ok(())
+    }
+
+    async fn sync_routes6(
+        &self,
+        plan: &RoutePlan6,
+        vx_index: Option<u32>,
+        prune: bool,
+        report: &mut ApplyReport,
+    ) -> Result<(), RoutingError> {
+        let mut want: BTreeMap<Ipv6Network, Route6> = BTreeMap::new();
+        for p in &plan.peers {
+            let route = match p.via {
+                PeerVia6::Direct { gateway, ifindex } => Route6 {
+                    gateway: Some(gateway),
+                    oif: Some(ifindex),
+                    onlink: false,
+                },
+                PeerVia6::Vxlan { vtep, .. } => {
+                    let Some(index) = vx_index else { continue };
+                    Route6 {
+                        gateway: Some(vtep),
+                        oif: Some(index),
+                        onlink: true,
+                    }
+                }
+            };
+            want.insert(p.pod_cidr, route);
+        }
+        let (have, foreign): (Vec<RouteMessage>, Vec<RouteMessage>) = self
+            .main_routes6()
+            .await?
+            .into_iter()
+            .partition(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTO_TWILL));
+        let foreign: BTreeSet<Ipv6Network> = foreign
+            .iter()
+            .filter_map(|r| parse_route6(r).map(|(d, _)| d))
+            .collect();
+        let mut ours = BTreeSet::new();
+        let mut current: BTreeSet<Ipv6Network> = BTreeSet::new();
+        for msg in have {
+            let Some((dst, r)) = parse_route6(&msg) else {
+                continue;
+            };
+            ours.insert(dst);
+            if want.get(&dst) == Some(&r) && !current.contains(&dst) {
+                current.insert(dst);
+            } else if !want.contains_key(&dst) && prune {
+                self.handle
+                    .route()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(RoutingError::netlink("delete stale IPv6 route"))?;
+                report.routes_removed += 1;
+            }
+        }
+        for (dst, r) in &want {
+            if current.contains(dst) {
+                continue;
+            }
+            if foreign.contains(dst) {
+                log::warn!(
+                    "not routing {dst}: the main table has a route to it the agent does not own"
+                );
+                report.routes_refused += 1;
+                continue;
+            }
+            let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix())
+                .protocol(RouteProtocol::Other(ROUTE_PROTO_TWILL));
+            if let Some(gw) = r.gateway {
+                b = b.gateway(gw);
+            }
+            if let Some(oif) = r.oif {
+                b = b.output_interface(oif);
+            }
+            if r.onlink {
+                b = b.onlink();
+            }
+            // As for IPv4: replace only a route of ours, else an exclusive create.
+            let add = self.handle.route().add(b.build());
+            let add = if ours.contains(dst) {
+                add.replace()
+            } else {
+                add
+            };
+            add.execute()
+                .await
+                .map_err(RoutingError::netlink(format!("set IPv6 route {dst}")))?;
+            report.routes_set += 1;
+        }
+        Ok(())
+    }
+}

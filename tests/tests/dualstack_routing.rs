@@ -1,0 +1,163 @@
+//! Dual-stack pod network across nodes, through the real agent on every node: the agent reads
+//! both families of podCIDRs and InternalIPs, writes both ranges into the CNI config, and
+//! routes other nodes' IPv6 pod CIDRs directly (shared link) and over the VXLAN overlay with an
+//! IPv4 underlay. Names follow the upstream "[Feature:IPv6DualStack]" e2e tests where one
+//! exists (test/e2e/network/dual_stack.go).
+mod agent_common;
+
+use std::time::Duration;
+
+use agent_common::{AgentProc, start_agent, tcp, wait_for};
+use anyhow::{Result, ensure};
+use twill_lab::{Lab, LabSpec, Node, require};
+
+fn agents(lab: &Lab) -> Result<Vec<AgentProc>> {
+    (0..lab.nodes.len())
+        .map(|i| start_agent(lab, i, &[]))
+        .collect()
+}
+
+/// The agent-owned IPv6 routes of a node (`proto 0xfe`).
+fn owned_routes6(node: &Node) -> Result<String> {
+    node.run(&["ip", "-6", "route", "show", "proto", "0xfe"])
+}
+
+/// Waits until `from` reaches `to` (an `[ip]:port`) and the reply names `server` and sees
+/// `source` as the client address.
+fn wait_reply(from: &twill_lab::Pod, to: &str, server: &str, source: &str) -> Result<()> {
+    let want = format!("reply={server} [{source}]:");
+    let mut last = String::new();
+    wait_for(
+        &format!("{to} from {}", from.name),
+        Duration::from_secs(20),
+        || {
+            let (code, out) = tcp(from, to)?;
+            let ok = code == 0 && out.starts_with(&want);
+            last = out;
+            Ok(ok)
+        },
+    )
+    .map_err(|e| e.context(format!("last reply: {last:?}, wanted {want:?}")))
+}
+
+/// "[Feature:IPv6DualStack] should have ipv4 and ipv6 internal node ip": each Node lists an
+/// InternalIP of each family and a pod CIDR of each family; the agent takes both. It writes
+/// both ranges into the CNI config (pods then get both addresses), and routes the peer's IPv6
+/// pod CIDR via the peer's IPv6 InternalIP on the shared link.
+#[test]
+fn should_have_ipv4_and_ipv6_internal_node_ip() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_dual_stack())? else {
+        return Ok(());
+    };
+    let (n0, n1) = (lab.node(0), lab.node(1));
+    let _agents = agents(&lab)?;
+    let cidr6 = n0.pod_cidr6.expect("dual-stack lab").to_string();
+    wait_for(
+        "the agent's conflist with both ranges",
+        Duration::from_secs(20),
+        || {
+            let conf = std::fs::read_to_string(n0.conflist_path()).unwrap_or_default();
+            Ok(conf.contains("cniVersions")
+                && conf.contains(&n0.pod_cidr.to_string())
+                && conf.contains(&cidr6))
+        },
+    )?;
+    let peer6 = format!(
+        "{} via {} dev eth0",
+        n1.pod_cidr6.expect("dual-stack lab"),
+        n1.ip6.expect("dual-stack lab")
+    );
+    wait_for(
+        "the direct IPv6 route to n1",
+        Duration::from_secs(20),
+        || Ok(owned_routes6(n0)?.contains(&peer6)),
+    )?;
+    let p0 = n0.add_pod("c0")?;
+    let p1 = n1.add_pod("s1")?;
+    let (ip0, ip1) = (p0.ip6.expect("IPv6"), p1.ip6.expect("IPv6"));
+    ensure!(
+        n0.pod_cidr6.is_some_and(|c| c.contains(ip0)),
+        "{}",
+        p0.result
+    );
+    lab.serve_dual(&p1, "s1", Some(8080), None)?;
+    // Pod → pod on another node over IPv6 (direct) and IPv4; the server sees the pod's own
+    // addresses.
+    wait_reply(&p0, &format!("[{ip1}]:8080"), "s1", &ip0.to_string())?;
+    let (code, out) = tcp(&p0, &format!("{}:8080", p1.ip))?;
+    ensure!(
+        code == 0 && out.starts_with(&format!("reply=s1 {}:", p0.ip)),
+        "{out}"
+    );
+    Ok(())
+}
+
+/// A pod on node A reaches pods on nodes B over IPv6, directly (same subnet) and over the VXLAN
+/// overlay with an IPv4 underlay (nodes on two subnets joined by a router that forwards only
+/// IPv4); a node that leaves takes its IPv6 route with it.
+#[test]
+fn pods_reach_pods_on_other_nodes_over_ipv6_direct_and_vxlan() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(3).with_two_subnets().with_dual_stack())? else {
+        return Ok(());
+    };
+    // n0 and n2 share subnet 0; n1 is on subnet 1, reached over the overlay.
+    let (n0, n1, n2) = (lab.node(0), lab.node(1), lab.node(2));
+    let mut agents = agents(&lab)?;
+    wait_for("n0's IPv6 routes", Duration::from_secs(20), || {
+        let r = owned_routes6(n0)?;
+        Ok(r.contains(&format!(
+            "{} via {} dev eth0",
+            n2.pod_cidr6.expect("dual-stack"),
+            n2.ip6.expect("dual-stack")
+        )) && r.contains(&format!(
+            "{} via {} dev twill.vxlan",
+            n1.pod_cidr6.expect("dual-stack"),
+            n1.pod_cidr6.expect("dual-stack").network()
+        )))
+    })?;
+    let p0 = n0.add_pod("c0")?;
+    let p1 = n1.add_pod("s1")?;
+    let p2 = n2.add_pod("s2")?;
+    let ip0 = p0.ip6.expect("IPv6").to_string();
+    lab.serve_dual(&p1, "s1", Some(8080), None)?;
+    lab.serve_dual(&p2, "s2", Some(8080), None)?;
+    let to1 = format!("[{}]:8080", p1.ip6.expect("IPv6"));
+    let to2 = format!("[{}]:8080", p2.ip6.expect("IPv6"));
+    wait_reply(&p0, &to2, "s2", &ip0)?;
+    wait_reply(&p0, &to1, "s1", &ip0)?;
+    // The overlay's MTU (underlay − 50) carries full-size IPv6 pod packets: a 1400-byte ICMPv6
+    // echo with "don't fragment" semantics (IPv6 never fragments in flight).
+    let out = p0.run(&[
+        "ping",
+        "-6",
+        "-c",
+        "1",
+        "-W",
+        "5",
+        "-s",
+        "1400",
+        &p1.ip6.expect("IPv6").to_string(),
+    ])?;
+    ensure!(out.contains("1 received"), "{out}");
+
+    // n2 leaves the cluster: n0 drops its IPv6 route, its pod becomes unreachable.
+    agents.truncate(2);
+    let nodes: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lab.manifests_dir().join("nodes.json"))?)?;
+    let mut nodes = nodes;
+    if let Some(items) = nodes["items"].as_array_mut() {
+        items.retain(|n| n["metadata"]["name"] != "n2");
+    }
+    twill_lab::write_atomic(
+        &lab.manifests_dir().join("nodes.json"),
+        &serde_json::to_vec_pretty(&nodes)?,
+    )?;
+    wait_for(
+        "n2's IPv6 route gone from n0",
+        Duration::from_secs(20),
+        || Ok(!owned_routes6(n0)?.contains(&n2.pod_cidr6.expect("dual-stack").to_string())),
+    )?;
+    let (code, out) = p0.labtool(&["tcp", "--to", &to2, "--timeout-ms", "500"])?;
+    ensure!(code != 0, "removed node still reachable over IPv6: {out}");
+    Ok(())
+}
