@@ -26,6 +26,7 @@ pub(super) async fn start(
     let monitor = Arc::new(crate::policy::monitor::MonitorHub::default());
     let mut tasks = start_servers(&ctx, &dns, &monitor).await?;
     let (mut datapath, reconciler, pol) = start_datapath(&ctx.cfg, cgroup)?;
+    // The denied-flow stream (`debug monitor`): read for as long as the agent runs.
     let (ring, budget) = datapath.monitor_maps()?;
     tasks.push(tokio::spawn(crate::policy::monitor::read_events(
         ring,
