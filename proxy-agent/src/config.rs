@@ -112,7 +112,8 @@ pub struct RunArgs {
     /// eBPF host routing [default: true]: pods' packets are routed by the programs on their
     /// veths (into local pods with bpf_redirect_peer, elsewhere after a FIB lookup with
     /// bpf_redirect_neigh) instead of the node's IP stack; `--host-routing=false` leaves every
-    /// packet to the stack.
+    /// packet to the stack. Off by default with `--cni-chain-portmap`: portmap's netfilter
+    /// DNAT needs its replies to cross the stack.
     #[arg(long, value_name = "BOOL", num_args = 1, require_equals = true)]
     pub host_routing: Option<bool>,
     /// Who masquerades pod egress [default: ebpf]: `ebpf`, the devices' tc egress program (no
@@ -517,7 +518,10 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
         )?,
         masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
-        host_routing: pick(flags.host_routing, file.host_routing).unwrap_or(true),
+        // Chained portmap DNATs hostPorts in netfilter: replies routed by the programs would skip
+        // netfilter's reverse translation, so host routing defaults off there.
+        host_routing: pick(flags.host_routing, file.host_routing)
+            .unwrap_or(!pick(flags.cni_chain_portmap, file.cni_chain_portmap).unwrap_or(false)),
         masquerade_mode: pick(flags.masquerade_mode, file.masquerade_mode).unwrap_or_default(),
         max_frontends_per_service,
         dns_bind_address: parse_bind("dns-bind-address", &dns)?,
@@ -787,6 +791,23 @@ mod tests {
         )
         .unwrap();
         assert!(!stack.host_routing);
+        let portmap = merge(
+            run_args(&["--node-name", "n1", "--cni-chain-portmap=true"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(!portmap.host_routing, "portmap's DNAT needs the stack");
+        let both = merge(
+            run_args(&[
+                "--node-name",
+                "n1",
+                "--cni-chain-portmap=true",
+                "--host-routing=true",
+            ]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(both.host_routing, "an explicit flag wins");
         assert_eq!(off.masquerade_mode, MasqueradeMode::Ebpf);
         let nft = merge(
             run_args(&["--node-name", "n1", "--masquerade-mode", "nftables"]),
