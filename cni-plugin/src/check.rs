@@ -230,6 +230,7 @@ mod tests {
                 dst: "0.0.0.0/0".parse().unwrap(),
                 gw: Some("169.254.1.1".parse().unwrap()),
             }],
+            dns: crate::dns::Dns::default(),
         }
     }
 

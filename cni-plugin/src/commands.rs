@@ -182,7 +182,13 @@ fn dispatch<D: Dataplane, S: BuildHasher>(
     let started = Instant::now();
     let mut dp = dataplane()?;
     let out = match &req {
-        Request::Add { att, netns } => add(&conf, att, netns, &mut dp).map(Some),
+        Request::Add { att, netns } => {
+            let namespace = env
+                .get("CNI_ARGS")
+                .and_then(|a| crate::dns::k8s_namespace(a));
+            let dns = crate::dns::pod_dns(&conf.dns, namespace);
+            add(&conf, att, netns, dns, &mut dp).map(Some)
+        }
         Request::Del { att, .. } => del(&conf, att, &mut dp, log).map(|()| None),
         Request::Check { att, netns } => check(&conf, att, netns, &mut dp).map(|()| None),
         Request::Gc => gc(&conf, &mut dp).map(|()| None),
@@ -242,6 +248,7 @@ fn add<D: Dataplane>(
     conf: &NetConf,
     att: &Attachment,
     netns: &std::path::Path,
+    dns: crate::dns::Dns,
     dp: &mut D,
 ) -> Result<Value, CniError> {
     // Validate the namespace and make the node-wide setting before reserving
@@ -329,6 +336,7 @@ fn add<D: Dataplane>(
                 }
             })
             .collect(),
+        dns,
     };
     Ok(result.encode(conf.cni_version))
 }

@@ -71,6 +71,9 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
     /// `cni.dev/valid-attachments`, present for GC.
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// `dns`: the node's nameservers, the cluster zone (`domain`), extra search entries and
+    /// resolver options the ADD result hands to the runtime (see [`crate::dns`]).
+    pub dns: crate::dns::Dns,
 }
 
 impl NetConf {
@@ -171,6 +174,10 @@ pub enum ConfigError {
         "\"cni.dev/valid-attachments\" is invalid: {0}; it must be a list of {{\"containerID\": ..., \"ifname\": ...}}"
     )]
     BadValidAttachments(String),
+    #[error(
+        "\"dns\" is invalid: {0}; use {{\"nameservers\": [\"169.254.20.10\"], \"domain\": \"cluster.local\", \"search\": [...], \"options\": [\"ndots:5\"]}}"
+    )]
+    BadDns(String),
 }
 
 impl ConfigError {
@@ -214,8 +221,53 @@ pub fn parse(raw: &Value) -> Result<NetConf, ConfigError> {
         log_level: log_level(obj.get("logLevel"))?,
         prev_result: obj.get("prevResult").filter(|v| !v.is_null()).cloned(),
         valid_attachments: valid_attachments(obj.get("cni.dev/valid-attachments"))?,
+        dns: dns(obj.get("dns"))?,
     })
     .and_then(|c| no_ipam(obj).map(|()| c))
+}
+
+/// The `dns` key (SPEC.md "Network configuration"): every field optional, each a string or a
+/// list of strings; nameservers must be IP addresses.
+fn dns(v: Option<&Value>) -> Result<crate::dns::Dns, ConfigError> {
+    let obj = match v {
+        None | Some(Value::Null) => return Ok(crate::dns::Dns::default()),
+        Some(Value::Object(o)) => o,
+        Some(other) => return Err(ConfigError::BadDns(format!("{other} is not an object"))),
+    };
+    let strings = |key: &str| -> Result<Vec<String>, ConfigError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_str().map(str::to_owned).ok_or_else(|| {
+                        ConfigError::BadDns(format!("{key} entry {x} is not a string"))
+                    })
+                })
+                .collect(),
+            Some(other) => Err(ConfigError::BadDns(format!("{key} {other} is not a list"))),
+        }
+    };
+    let nameservers = strings("nameservers")?
+        .iter()
+        .map(|s| {
+            s.parse::<IpAddr>()
+                .map_err(|_| ConfigError::BadDns(format!("nameserver {s:?} is not an IP address")))
+        })
+        .collect::<Result<_, _>>()?;
+    let domain = match obj.get("domain") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) if !d.trim_matches('.').is_empty() => {
+            Some(d.trim_matches('.').to_ascii_lowercase())
+        }
+        Some(other) => return Err(ConfigError::BadDns(format!("domain {other} is not a name"))),
+    };
+    Ok(crate::dns::Dns {
+        nameservers,
+        domain,
+        search: strings("search")?,
+        options: strings("options")?,
+    })
 }
 
 fn cni_version(v: Option<&Value>) -> Result<CniVersion, ConfigError> {

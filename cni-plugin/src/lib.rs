@@ -8,6 +8,7 @@ pub mod check;
 pub mod commands;
 pub mod config;
 pub mod dataplane;
+pub mod dns;
 pub mod env;
 pub mod ipam;
 pub mod logger;

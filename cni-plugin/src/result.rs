@@ -36,6 +36,62 @@ pub struct AddResult {
     pub interfaces: Vec<Interface>,
     pub ips: Vec<IpConfig>,
     pub routes: Vec<Route>,
+    /// The pod's resolver settings; empty encodes as `{}`.
+    pub dns: crate::dns::Dns,
+}
+
+/// SPEC.md's DNS object: only the keys that have a value.
+fn encode_dns(d: &crate::dns::Dns) -> Value {
+    let mut o = serde_json::Map::new();
+    if !d.nameservers.is_empty() {
+        o.insert(
+            "nameservers".into(),
+            json!(
+                d.nameservers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+            ),
+        );
+    }
+    if let Some(domain) = &d.domain {
+        o.insert("domain".into(), json!(domain));
+    }
+    if !d.search.is_empty() {
+        o.insert("search".into(), json!(d.search));
+    }
+    if !d.options.is_empty() {
+        o.insert("options".into(), json!(d.options));
+    }
+    Value::Object(o)
+}
+
+/// A `dns` section as another plugin may have written it: what does not parse is left out (it
+/// is the runtime's to use, not ours to judge).
+fn decode_dns(v: Option<&Value>) -> crate::dns::Dns {
+    let strings = |k: &str| -> Vec<String> {
+        v.and_then(|d| d.get(k))
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    crate::dns::Dns {
+        nameservers: strings("nameservers")
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+        domain: v
+            .and_then(|d| d.get("domain"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        search: strings("search"),
+        options: strings("options"),
+    }
 }
 
 pub fn mac_string(mac: &[u8; 6]) -> String {
@@ -109,7 +165,7 @@ impl AddResult {
             "interfaces": interfaces,
             "ips": ips,
             "routes": routes,
-            "dns": {},
+            "dns": encode_dns(&self.dns),
         })
     }
 
@@ -194,6 +250,7 @@ impl AddResult {
             interfaces,
             ips,
             routes,
+            dns: decode_dns(v.get("dns")),
         })
     }
 }
@@ -227,6 +284,7 @@ mod tests {
                 dst: "0.0.0.0/0".parse().unwrap(),
                 gw: Some("169.254.1.1".parse().unwrap()),
             }],
+            dns: crate::dns::Dns::default(),
         }
     }
 

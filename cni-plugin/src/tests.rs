@@ -841,3 +841,40 @@ fn dual_stack_exhaustion_leaks_nothing() {
     assert_eq!(h.invoke("ADD", "e", &conf).code(), 101);
     assert_eq!(h.reservations().len(), 4);
 }
+
+#[test]
+fn add_result_carries_the_cluster_dns_search_list_for_the_pods_namespace() {
+    let h = Harness::new();
+    let mut conf = h.conf("1.0.0", "10.244.1.0/24");
+    conf["dns"] = json!({"nameservers": ["169.254.20.10"], "domain": "cluster.local", "options": ["ndots:5"]});
+    let mut env: HashMap<String, String> = HashMap::new();
+    env.insert("CNI_COMMAND".into(), "ADD".into());
+    env.insert("CNI_CONTAINERID".into(), "c1".into());
+    env.insert("CNI_IFNAME".into(), "eth0".into());
+    env.insert("CNI_NETNS".into(), "/run/netns/c1".into());
+    env.insert("CNI_PATH".into(), "/opt/cni/bin".into());
+    env.insert(
+        "CNI_ARGS".into(),
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME=web-0".into(),
+    );
+    let out = h.raw(&env, conf.to_string().as_bytes());
+    assert_eq!(out.rc, 0, "{}", out.stdout);
+    assert_eq!(
+        out.json()["dns"],
+        json!({
+            "nameservers": ["169.254.20.10"],
+            "domain": "cluster.local",
+            "search": ["demo.svc.cluster.local", "svc.cluster.local", "cluster.local"],
+            "options": ["ndots:5"],
+        })
+    );
+    // The result round-trips as a prevResult (CHECK decodes it).
+    let r = out.json();
+    assert_eq!(h.invoke("CHECK", "c1", &with_prev(conf.clone(), r)).rc, 0);
+    // Without a dns key the section stays empty.
+    let out = h.invoke("ADD", "c2", &h.conf("1.0.0", "10.244.1.0/24"));
+    assert_eq!(out.json()["dns"], json!({}));
+    let mut bad = h.conf("1.0.0", "10.244.1.0/24");
+    bad["dns"] = json!({"nameservers": ["not-an-ip"]});
+    assert_eq!(h.invoke("ADD", "c3", &bad).code(), 7);
+}

@@ -31,9 +31,10 @@
 use core::mem::size_of;
 
 use crate::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, FragKey, FragValue,
-    IpCacheKey, NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, ServiceKey,
-    ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, FastPathConfig, FragKey,
+    FragValue, IpCacheKey, LocalEndpoint, MasqKey, NodeAddrValue, PeerIdentity, PolicyEndpoint,
+    PolicyKey, PolicyVerdict, ServiceKey, ServiceValue, SlotKey, SockDestroyKey, SockRevNatKey,
+    SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
 /// The kernel map types Twill uses (`enum bpf_map_type`).
@@ -341,6 +342,44 @@ catalogue! {
         size: DEFAULT_FRAGS_MAX = 8_192,
         flag: "map-size-frags",
         help: "Max entries of the fragment map (first-fragment ports of fragmented datagrams in flight)",
+    }
+    /// Removed UDP backends whose connected sockets the socket iterator destroys: filled for one
+    /// sweep, then emptied (and emptied before each fill, so a pinned leftover of a crashed
+    /// agent dooms nothing). The agent splits a larger flush into sweeps of this size.
+    SockDestroy {
+        name: MAP_SOCK_DESTROY = "TWL_SKDEST_V1",
+        map_type: Hash,
+        key: SockDestroyKey,
+        value: u8,
+        size: DEFAULT_SOCK_DESTROY_MAX = 256,
+    }
+    /// eBPF host routing: local pods' host veths and MACs (`crate::fastpath`).
+    LocalEndpoints {
+        name: MAP_LOCAL_ENDPOINTS = "TWL_LXC_V1",
+        map_type: Hash,
+        key: u32,
+        value: LocalEndpoint,
+        size: DEFAULT_LOCAL_ENDPOINTS_MAX = 4_096,
+        flag: "map-size-local-endpoints",
+        help: "Max entries of the host-routing endpoint map (local pods)",
+    }
+    /// eBPF host routing and masquerade switches (one entry).
+    FastPathSwitches {
+        name: MAP_FASTPATH_CONFIG = "TWL_FPCFG_V1",
+        map_type: Array,
+        key: u32,
+        value: FastPathConfig,
+        size: DEFAULT_FASTPATH_CONFIG_MAX = 1,
+    }
+    /// Masquerade source and exempt prefixes (LPM trie).
+    Masq {
+        name: MAP_MASQ = "TWL_MASQ_V1",
+        map_type: LpmTrie,
+        key: MasqKey,
+        value: u8,
+        size: DEFAULT_MASQ_PREFIXES_MAX = 1_024,
+        flag: "map-size-masq",
+        help: "Max entries of the masquerade prefix trie (pod CIDRs and exempt destinations)",
     }
 }
 

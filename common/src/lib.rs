@@ -8,11 +8,15 @@
 #![no_std]
 
 pub mod catalogue;
+pub mod fastpath;
 pub mod maps;
 pub mod policy;
 pub mod reason;
+pub mod sockdestroy;
 
 pub use catalogue::*;
+pub use fastpath::*;
 pub use maps::*;
 pub use policy::*;
 pub use reason::Reason;
+pub use sockdestroy::*;

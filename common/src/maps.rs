@@ -79,9 +79,63 @@ pub struct ServiceValue {
     pub flags: u16,
     /// sessionAffinity timeout; meaningful with `SVC_F_AFFINITY`.
     pub affinity_timeout_s: u32,
-    pub _pad: u32,
+    /// Size of the backend set's Maglev lookup table: slots `MAGLEV_SLOT_BASE..+maglev_size`
+    /// of `BACKEND_SLOTS` (a prime, see `twill_core::maglev`). The per-packet path picks a new
+    /// flow's backend there by the hash of its tuple, so a flow whose conntrack entry was lost
+    /// returns to its backend while the set is unchanged, and only the flows of a backend that
+    /// left move when it does. 0: no table (fewer than two backends, or a set no external
+    /// frontend uses); the pick is then `hash % backend_count`. (Was padding, always 0, so
+    /// values written before the field existed read as "no table".)
+    pub maglev_size: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+/// The first `BACKEND_SLOTS` slot of a Maglev lookup table, above every slot of the backend
+/// list (`backend_count` is a u16). One map holds both regions of a backend set: the list
+/// `0..backend_count` (the socket path's uniform pick, affinity checks) and the table.
+pub const MAGLEV_SLOT_BASE: u32 = 1 << 16;
+
+/// murmur3's 32-bit finaliser: every input bit moves every output bit.
+const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// A hash of a flow's 5-tuple (as the client sent it, network order). The per-packet path picks
+/// a new flow's backend at `MAGLEV_SLOT_BASE + flow_hash(..) % maglev_size` (else
+/// `% backend_count`) instead of at random, so a flow whose entry was lost (expired, flushed)
+/// lands on the same backend again while the backend set is unchanged. Here, not in the kernel
+/// crate, so tests predict the kernel's choice with the same function.
+#[must_use]
+pub const fn flow_hash(
+    saddr_be: u32,
+    daddr_be: u32,
+    sport_be: u16,
+    dport_be: u16,
+    proto: u8,
+) -> u32 {
+    let ports = ((sport_be as u32) << 16) | dport_be as u32;
+    fmix32(fmix32(fmix32(saddr_be) ^ daddr_be) ^ ports ^ ((proto as u32) << 24))
+}
+
+impl ServiceValue {
+    /// Whether this frontend reads `slot` of its `svc_id`: its backend list and its Maglev
+    /// table.
+    #[must_use]
+    pub const fn reaches(&self, slot: u32) -> bool {
+        slot < self.backend_count as u32
+            || (slot >= MAGLEV_SLOT_BASE && slot - MAGLEV_SLOT_BASE < self.maglev_size)
+    }
+
+    /// Every slot this frontend reads (see [`ServiceValue::reaches`]).
+    pub fn slots(&self) -> impl Iterator<Item = u32> + use<> {
+        (0..u32::from(self.backend_count))
+            .chain(MAGLEV_SLOT_BASE..MAGLEV_SLOT_BASE + self.maglev_size)
+    }
+}
 
 /// Key of `BACKEND_SLOTS`: the `slot`-th backend of frontend `svc_id`.
 #[repr(C)]

@@ -80,6 +80,41 @@ pub enum Reason {
     UdpFlowHit = 62,
     /// `UDP_FLOWS` full: the datagram was balanced but its flow not remembered.
     UdpFlowMapFull = 63,
+    // 80..=89: eBPF host routing (the fast path). Each packet a pod program or a device's
+    // ingress program could route itself counts one of these: delivered, or left to the stack
+    // and why.
+    /// Delivered into a local pod with `bpf_redirect_peer` (its host veth and the stack skipped).
+    FastPathPeer = 80,
+    /// Forwarded with `bpf_redirect_neigh` after a FIB lookup (the stack's forwarding skipped).
+    FastPathNeigh = 81,
+    /// Left to the stack: the destination is a local pod whose MAC is not known yet (the stack's
+    /// ARP learns it; the agent then fills it in).
+    FallbackNoMac = 82,
+    /// Left to the stack: TTL would expire (the stack sends the ICMP time exceeded).
+    FallbackTtl = 83,
+    /// Left to the stack: the FIB has no forwarding route (unreachable, blackhole, prohibit:
+    /// the stack answers with the ICMP error).
+    FallbackNoRoute = 84,
+    /// Left to the stack: the packet exceeds the output device's MTU (the stack fragments it or
+    /// sends fragmentation needed).
+    FallbackFragNeeded = 85,
+    /// Left to the stack: the destination is this node itself.
+    FallbackToHost = 86,
+    /// Left to the stack: the packet leaves the cluster and is masqueraded by netfilter
+    /// (`--masquerade-mode=nftables`).
+    FallbackMasqNft = 87,
+    /// Left to the stack: anything else the FIB lookup could not decide (forwarding disabled on
+    /// the device, a lightweight tunnel route, a lookup error).
+    FallbackOther = 88,
+    // 90..=99: eBPF masquerade.
+    /// A local pod's new flow leaving the cluster was masqueraded (node address, a port of the
+    /// masquerade range); its later packets and replies count as `ct_hit` / `revnat_applied`.
+    MasqSnat = 90,
+    /// No free masquerade port towards that destination: the new flow is dropped.
+    MasqPortsExhausted = 91,
+    /// A pod's packet that would be masqueraded but opens no flow (TCP without SYN, a later
+    /// fragment) and has no entry: left untouched.
+    MasqNotOpened = 92,
 }
 
 impl Reason {
@@ -115,6 +150,18 @@ impl Reason {
         Reason::LoopbackNotHostNetns,
         Reason::UdpFlowHit,
         Reason::UdpFlowMapFull,
+        Reason::FastPathPeer,
+        Reason::FastPathNeigh,
+        Reason::FallbackNoMac,
+        Reason::FallbackTtl,
+        Reason::FallbackNoRoute,
+        Reason::FallbackFragNeeded,
+        Reason::FallbackToHost,
+        Reason::FallbackMasqNft,
+        Reason::FallbackOther,
+        Reason::MasqSnat,
+        Reason::MasqPortsExhausted,
+        Reason::MasqNotOpened,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -150,6 +197,18 @@ impl Reason {
             Reason::LoopbackNotHostNetns => "loopback_not_host_netns",
             Reason::UdpFlowHit => "udp_flow_hit",
             Reason::UdpFlowMapFull => "udp_flow_map_full",
+            Reason::FastPathPeer => "fastpath_redirect_peer",
+            Reason::FastPathNeigh => "fastpath_redirect_neigh",
+            Reason::FallbackNoMac => "fastpath_fallback_no_mac",
+            Reason::FallbackTtl => "fastpath_fallback_ttl",
+            Reason::FallbackNoRoute => "fastpath_fallback_no_route",
+            Reason::FallbackFragNeeded => "fastpath_fallback_frag_needed",
+            Reason::FallbackToHost => "fastpath_fallback_to_host",
+            Reason::FallbackMasqNft => "fastpath_fallback_masq_nft",
+            Reason::FallbackOther => "fastpath_fallback_other",
+            Reason::MasqSnat => "masq_snat",
+            Reason::MasqPortsExhausted => "masq_ports_exhausted",
+            Reason::MasqNotOpened => "masq_not_opened",
         }
     }
 
@@ -168,6 +227,7 @@ impl Reason {
                 | Reason::PolicyDeniedEgress
                 | Reason::PolicyCtFull
                 | Reason::SnatPortsExhausted
+                | Reason::MasqPortsExhausted
         )
     }
 }

@@ -607,7 +607,7 @@ mod tests {
             backend_count: 0,
             flags: 0,
             affinity_timeout_s: 0,
-            _pad: 0,
+            maglev_size: 0,
         };
         let err = maps.upsert_service(key, value).unwrap_err();
         assert!(

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::compile::{DumpModel, addr_from_be, dump_view, render_dump};
+pub use crate::ctview::CtRow;
 use crate::lbmap::LbState;
 
 /// Largest request head accepted.
@@ -330,6 +331,12 @@ pub struct Published {
 pub trait KernelView: Send + Sync {
     fn affinity(&self) -> Result<Vec<AffinityRow>, String>;
     fn drops(&self) -> Result<Vec<DropRow>, String>;
+    /// The connection-tracking entries `filter` selects.
+    fn conntrack(&self, filter: &crate::ctview::CtFilter) -> Result<Vec<CtRow>, String>;
+    /// The fast path's switches, counters and endpoints (`/v1/fastpath`).
+    fn fastpath(&self) -> Result<twill_core::routing::fastpath::FastPathView, String> {
+        Err("this view of the kernel has no fast path maps".to_owned())
+    }
 }
 
 /// One session-affinity entry.
@@ -370,6 +377,17 @@ pub struct PinnedKernelView {
 }
 
 impl KernelView for PinnedKernelView {
+    fn conntrack(&self, filter: &crate::ctview::CtFilter) -> Result<Vec<CtRow>, String> {
+        let maps =
+            crate::datapath::AyaLbMaps::open_pinned(&self.bpffs_dir).map_err(|e| err_chain(&e))?;
+        let entries = maps.dump_ct().map_err(|e| err_chain(&e))?;
+        Ok(crate::ctview::rows(
+            &entries,
+            crate::datapath::monotonic_now_ns(),
+            filter,
+        ))
+    }
+
     fn affinity(&self) -> Result<Vec<AffinityRow>, String> {
         let maps =
             crate::datapath::AyaLbMaps::open_pinned(&self.bpffs_dir).map_err(|e| err_chain(&e))?;
@@ -392,6 +410,24 @@ impl KernelView for PinnedKernelView {
             .collect();
         rows.sort_by_key(|r| (r.svc_id, r.client_id));
         Ok(rows)
+    }
+
+    fn fastpath(&self) -> Result<twill_core::routing::fastpath::FastPathView, String> {
+        let lb =
+            crate::datapath::AyaLbMaps::open_pinned(&self.bpffs_dir).map_err(|e| err_chain(&e))?;
+        let stats = lb.stats().map_err(|e| err_chain(&e))?;
+        let counters = stats
+            .into_iter()
+            .filter(|(r, _)| (80..100).contains(&(*r as u8)))
+            .map(|(r, n)| (r.name().to_owned(), n))
+            .collect();
+        let fp = crate::datapath::AyaFastPathMaps::open_pinned(&self.bpffs_dir)
+            .map_err(|e| err_chain(&e))?;
+        let config = fp.config().map_err(|e| err_chain(&e))?;
+        let endpoints = fp.endpoints().map_err(|e| err_chain(&e))?;
+        Ok(twill_core::routing::fastpath::FastPathView::new(
+            config, counters, &endpoints,
+        ))
     }
 
     fn drops(&self) -> Result<Vec<DropRow>, String> {
@@ -448,6 +484,13 @@ impl ApiState {
                 Ok(rows) => Response::json(200, &rows),
                 Err(e) => Response::text(500, format!("{e}\n")),
             },
+            "/v1/fastpath" => match self.kernel.fastpath() {
+                Ok(view) if query_value(&req.query, "format") == Some("text") => {
+                    Response::text(200, view.render())
+                }
+                Ok(view) => Response::json(200, &view),
+                Err(e) => Response::text(500, format!("{e}\n")),
+            },
             "/v1/policy" => {
                 let p = self.published();
                 let only = query_value(&req.query, "pod").and_then(|v| v.split_once('/'));
@@ -462,6 +505,13 @@ impl ApiState {
                 }
             }
             "/v1/explain" => explain(&self.published(), &req.query),
+            "/v1/conntrack" => match conntrack_filter(&self.published(), &req.query) {
+                Err(resp) => resp,
+                Ok(filter) => match self.kernel.conntrack(&filter) {
+                    Ok(rows) => Response::json(200, &rows),
+                    Err(e) => Response::text(500, format!("{e}\n")),
+                },
+            },
             "/v1/dns" => match (&self.dns, query_value(&req.query, "name")) {
                 (_, None) => Response::text(400, "dns needs name=\n"),
                 (None, _) => Response::not_found(),
@@ -490,6 +540,45 @@ fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find_map(|(k, v)| (k == key).then_some(v))
+}
+
+/// The `/v1/conntrack` filter: `service=NS/NAME` (its frontends' ids in the applied state) and
+/// `backend=IP`.
+fn conntrack_filter(p: &Published, query: &str) -> Result<crate::ctview::CtFilter, Response> {
+    let mut filter = crate::ctview::CtFilter::default();
+    if let Some(svc) = query_value(query, "service").filter(|v| !v.is_empty()) {
+        let Some((ns, name)) = svc.split_once('/') else {
+            return Err(Response::text(
+                400,
+                format!("service {svc:?}: expected NAMESPACE/NAME\n"),
+            ));
+        };
+        let ports: Vec<_> = p
+            .model
+            .services
+            .iter()
+            .filter(|sp| &*sp.namespace == ns && &*sp.name == name)
+            .collect();
+        if ports.is_empty() {
+            return Err(Response::text(
+                404,
+                format!("no Service {ns}/{name} is programmed\n"),
+            ));
+        }
+        filter.svc_ids = Some(
+            ports
+                .iter()
+                .flat_map(|sp| &sp.frontends)
+                .filter_map(|fe| p.applied.services.get(&fe.key).map(|v| v.svc_id))
+                .collect(),
+        );
+    }
+    if let Some(ip) = query_value(query, "backend").filter(|v| !v.is_empty()) {
+        filter.backend = Some(ip.parse().map_err(|_| {
+            Response::text(400, format!("backend {ip:?}: expected an IPv4 address\n"))
+        })?);
+    }
+    Ok(filter)
 }
 
 fn explain(p: &Published, query: &str) -> Response {
@@ -774,6 +863,24 @@ mod tests {
         fn drops(&self) -> Result<Vec<DropRow>, String> {
             Err("no kernel".into())
         }
+        fn conntrack(&self, filter: &crate::ctview::CtFilter) -> Result<Vec<CtRow>, String> {
+            // Echoes the filter it was given, so the test sees what the route parsed.
+            Ok(vec![CtRow {
+                scope: "nat".into(),
+                protocol: "udp".into(),
+                direction: "original".into(),
+                source: format!("{:?}", filter.svc_ids),
+                destination: format!("{:?}", filter.backend),
+                rewritten_source: String::new(),
+                rewritten_destination: String::new(),
+                backend: None,
+                svc_id: 0,
+                state: "new".into(),
+                snat: false,
+                idle_s: 0,
+                expires_in_s: 0,
+            }])
+        }
     }
 
     #[test]
@@ -813,6 +920,31 @@ mod tests {
             (500, "no kernel\n".into())
         );
         assert_eq!(get(&sock, "/nope").await.unwrap().0, 404);
+        let (status, body) = get(&sock, "/v1/conntrack?backend=10.244.0.5")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        let rows: Vec<CtRow> = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (rows[0].source.as_str(), rows[0].destination.as_str()),
+            ("None", "Some(10.244.0.5)")
+        );
+        assert_eq!(
+            get(&sock, "/v1/conntrack?backend=nope").await.unwrap().0,
+            400
+        );
+        // No Service is programmed in this state.
+        assert_eq!(
+            get(&sock, "/v1/conntrack?service=default/web")
+                .await
+                .unwrap()
+                .0,
+            404
+        );
+        assert_eq!(
+            get(&sock, "/v1/conntrack?service=web").await.unwrap().0,
+            400
+        );
         let (status, _) = get(&sock, "/v1/maps").await.unwrap();
         assert_eq!(status, 200);
         task.abort();

@@ -81,6 +81,39 @@ struct Plugin<'a> {
     gateway: &'static str,
     state_dir: &'a Path,
     log_file: PathBuf,
+    /// The pod's resolver settings, which twill-cni turns into its result's `dns` section.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<PluginDns<'a>>,
+}
+
+/// The network configuration's `dns` key (SPEC.md "Network configuration").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+struct PluginDns<'a> {
+    nameservers: [String; 1],
+    domain: &'a str,
+    options: [&'static str; 1],
+}
+
+/// The node-local DNS responder as pods use it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodDns<'a> {
+    pub nameserver: std::net::IpAddr,
+    /// The cluster's DNS zone.
+    pub domain: &'a str,
+}
+
+impl<'a> PodDns<'a> {
+    /// The pods' nameserver when the responder listens on a specific address at port 53
+    /// (resolv.conf has no port syntax; a wildcard is no address to give a pod).
+    pub fn of(bind: Option<std::net::SocketAddr>, domain: &'a str) -> Option<Self> {
+        let bind = bind?;
+        (bind.port() == 53 && !bind.ip().is_unspecified() && !bind.ip().is_loopback()).then_some(
+            Self {
+                nameserver: bind.ip(),
+                domain,
+            },
+        )
+    }
 }
 
 /// The IPv4 pod CIDRs of a Node (`spec.podCIDRs`, else the older `spec.podCIDR`); unparsable
@@ -131,7 +164,13 @@ pub fn pod_cidrs_all(node: &Node) -> Vec<IpNetwork> {
 
 /// The conflist bytes for these pod CIDRs; `chain_portmap` appends the `portmap` plugin (which
 /// must then be installed next to twill-cni) so pods' hostPorts work.
-pub fn render(pod_cidrs: &[IpNetwork], mtu: u32, state_dir: &Path, chain_portmap: bool) -> Vec<u8> {
+pub fn render(
+    pod_cidrs: &[IpNetwork],
+    mtu: u32,
+    state_dir: &Path,
+    chain_portmap: bool,
+    dns: Option<PodDns<'_>>,
+) -> Vec<u8> {
     let mut plugins = vec![Entry::Twill(Plugin {
         kind: "twill-cni",
         pod_cidrs: pod_cidrs.iter().map(ToString::to_string).collect(),
@@ -139,6 +178,13 @@ pub fn render(pod_cidrs: &[IpNetwork], mtu: u32, state_dir: &Path, chain_portmap
         gateway: POD_GATEWAY,
         state_dir,
         log_file: state_dir.join("cni.log"),
+        // ndots:5 as the kubelet writes for ClusterFirst pods: `web.demo` tries the search
+        // list before the name as given.
+        dns: dns.map(|d| PluginDns {
+            nameservers: [d.nameserver.to_string()],
+            domain: d.domain,
+            options: ["ndots:5"],
+        }),
     })];
     if chain_portmap {
         plugins.push(Entry::Portmap(Portmap {
@@ -196,6 +242,9 @@ pub struct CniConfWriter {
     chain_portmap: bool,
     /// `--cni-mtu`.
     mtu_flag: u32,
+    /// `--dns-bind-address` and `--cluster-domain`: the pods' resolver settings.
+    dns_bind: Option<std::net::SocketAddr>,
+    cluster_domain: String,
     /// The content last written (or found identical on disk).
     last: Option<Vec<u8>>,
 }
@@ -207,6 +256,8 @@ impl CniConfWriter {
             state_dir: cfg.state_dir.clone(),
             chain_portmap: cfg.cni_chain_portmap,
             mtu_flag: cfg.cni_mtu,
+            dns_bind: cfg.dns_bind_address,
+            cluster_domain: cfg.cluster_domain.clone(),
             last: None,
         }
     }
@@ -232,7 +283,13 @@ impl CniConfWriter {
         if cidrs.is_empty() {
             return false;
         }
-        let content = render(&cidrs, mtu, &self.state_dir, self.chain_portmap);
+        let content = render(
+            &cidrs,
+            mtu,
+            &self.state_dir,
+            self.chain_portmap,
+            PodDns::of(self.dns_bind, &self.cluster_domain),
+        );
         if self.last.as_ref() == Some(&content) {
             return false;
         }
@@ -278,6 +335,7 @@ mod tests {
             1450,
             Path::new("/var/lib/twill"),
             false,
+            None,
         );
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(
@@ -290,12 +348,46 @@ mod tests {
     }
 
     #[test]
+    fn dns_settings_reach_twill_cni_as_its_dns_key() {
+        let dns = PodDns::of("169.254.20.10:53".parse().ok(), "cluster.local");
+        let bytes = render(
+            &["10.244.1.0/24".parse().unwrap()],
+            1500,
+            Path::new("/s"),
+            false,
+            dns,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let mut plugin = v["plugins"][0].clone();
+        plugin["cniVersion"] = v["cniVersion"].clone();
+        plugin["name"] = v["name"].clone();
+        let conf = twill_cni::config::parse(&plugin).unwrap();
+        assert_eq!(
+            conf.dns,
+            twill_cni::dns::Dns {
+                nameservers: vec!["169.254.20.10".parse().unwrap()],
+                domain: Some("cluster.local".into()),
+                search: Vec::new(),
+                options: vec!["ndots:5".into()],
+            }
+        );
+        // No address a pod could use: no DNS key.
+        assert_eq!(PodDns::of("0.0.0.0:53".parse().ok(), "cluster.local"), None);
+        assert_eq!(
+            PodDns::of("10.0.0.1:5353".parse().ok(), "cluster.local"),
+            None
+        );
+        assert_eq!(PodDns::of(None, "cluster.local"), None);
+    }
+
+    #[test]
     fn portmap_is_chained_on_request() {
         let bytes = render(
             &["10.244.1.0/24".parse().unwrap()],
             1500,
             Path::new("/s"),
             true,
+            None,
         );
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["plugins"][0]["type"], "twill-cni");
@@ -350,7 +442,7 @@ mod tests {
             (Some("1.0.0"), twill_cni::version::CniVersion::V1_0_0),
             (Some("1.1.0"), twill_cni::version::CniVersion::V1_1_0),
         ] {
-            let feeds = as_libcni_feeds(&render(&cidrs, 1410, state, true), runtime_max);
+            let feeds = as_libcni_feeds(&render(&cidrs, 1410, state, true, None), runtime_max);
             assert_eq!(feeds.len(), 2);
             let conf = twill_cni::config::parse(&feeds[0]).unwrap();
             assert_eq!(conf.name, "twill");
@@ -370,7 +462,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // STATUS is a 1.1.0 verb: only runtimes that pick 1.1.0 from `cniVersions` send it.
         let feeds = as_libcni_feeds(
-            &render(&["10.244.1.0/24".parse().unwrap()], 1500, dir.path(), false),
+            &render(
+                &["10.244.1.0/24".parse().unwrap()],
+                1500,
+                dir.path(),
+                false,
+                None,
+            ),
             Some("1.1.0"),
         );
         let env = std::collections::HashMap::from([
@@ -426,6 +524,7 @@ mod tests {
             1500,
             Path::new("/s"),
             false,
+            None,
         );
         assert!(write_if_changed(&conf_dir, &c1).unwrap());
         assert!(!write_if_changed(&conf_dir, &c1).unwrap());
@@ -434,6 +533,7 @@ mod tests {
             1500,
             Path::new("/s"),
             false,
+            None,
         );
         assert!(write_if_changed(&conf_dir, &c2).unwrap());
         assert_eq!(std::fs::read(conf_dir.join(CNI_CONF_FILE)).unwrap(), c2);

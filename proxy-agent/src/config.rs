@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use twill_core::routing::fastpath::MasqueradeMode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnetwork::Ipv4Network;
@@ -108,6 +109,16 @@ pub struct RunArgs {
     /// true]; `--masquerade=false` when the network routes pod CIDRs itself.
     #[arg(long, value_name = "BOOL", num_args = 1, require_equals = true)]
     pub masquerade: Option<bool>,
+    /// eBPF host routing [default: true]: pods' packets are routed by the programs on their
+    /// veths (into local pods with bpf_redirect_peer, elsewhere after a FIB lookup with
+    /// bpf_redirect_neigh) instead of the node's IP stack; `--host-routing=false` leaves every
+    /// packet to the stack.
+    #[arg(long, value_name = "BOOL", num_args = 1, require_equals = true)]
+    pub host_routing: Option<bool>,
+    /// Who masquerades pod egress [default: ebpf]: `ebpf`, the devices' tc egress program (no
+    /// netfilter rule on the node), or `nftables`, an `ip twill` table (the fallback).
+    #[arg(long, value_name = "ebpf|nftables", value_parser = parse_masquerade_mode)]
+    pub masquerade_mode: Option<MasqueradeMode>,
     /// A Service needing more services-map entries (ports × addresses × scopes) than this is
     /// rejected whole and reported, so one object cannot fill the map [default: 1024].
     #[arg(long, value_name = "N")]
@@ -123,6 +134,11 @@ pub struct RunArgs {
     /// TTL in seconds of the cluster's DNS records [default: 30].
     #[arg(long, value_name = "SECONDS")]
     pub dns_ttl: Option<u32>,
+    /// Where the DNS responder forwards names outside the cluster: `IP[:PORT],...`, a
+    /// resolv.conf path (its `nameserver` lines) or `none` (answer REFUSED)
+    /// [default: /etc/resolv.conf, the node's resolvers].
+    #[arg(long, value_name = "SERVERS|PATH")]
+    pub dns_upstream: Option<String>,
 }
 
 /// `twill-agent debug …`
@@ -148,6 +164,9 @@ pub enum DebugCommand {
     Affinity,
     /// Datapath verdict and drop counters.
     Drops,
+    /// eBPF host routing: packets redirected into local pods and forwarded after a FIB lookup,
+    /// those left to the stack and why, and the local endpoints.
+    Fastpath,
     /// The load-balancing maps in the compiler's golden dump format.
     Maps,
     /// The effective NetworkPolicy rules of this node's pods, and which policies select them.
@@ -186,6 +205,16 @@ pub enum DebugCommand {
         #[arg(long = "type", default_value = "A")]
         qtype: String,
     },
+    /// The per-packet connection-tracking table (north-south NAT and NetworkPolicy flows): tuple,
+    /// state, backend, expiry.
+    Conntrack {
+        /// Only flows of this Service's frontends.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        service: Option<String>,
+        /// Only flows to this backend address (NetworkPolicy flows: with it at either end).
+        #[arg(long, value_name = "IP")]
+        backend: Option<std::net::Ipv4Addr>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -203,6 +232,9 @@ pub struct UninstallArgs {
     pub cni_conf_dir: PathBuf,
     #[arg(long, default_value = DEFAULT_API_SOCKET, value_name = "PATH")]
     pub api_socket: PathBuf,
+    /// The DNS address the agent added to the node (removed with its `twill-dns` device).
+    #[arg(long, default_value = DEFAULT_DNS, value_name = "ADDR")]
+    pub dns_bind_address: String,
 }
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/twill";
@@ -215,6 +247,7 @@ pub const DEFAULT_METRICS: &str = "127.0.0.1:10249";
 pub const DEFAULT_DNS: &str = "169.254.20.10:53";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_DNS_TTL: u32 = 30;
+pub const DEFAULT_DNS_UPSTREAM: &str = "/etc/resolv.conf";
 pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
 /// Name of the CNI config file the agent owns.
@@ -248,10 +281,13 @@ pub struct FileConfig {
     pub cluster_cidr: Option<String>,
     pub non_masquerade_cidrs: Option<Vec<String>>,
     pub masquerade: Option<bool>,
+    pub host_routing: Option<bool>,
+    pub masquerade_mode: Option<MasqueradeMode>,
     pub max_frontends_per_service: Option<usize>,
     pub dns_bind_address: Option<String>,
     pub cluster_domain: Option<String>,
     pub dns_ttl: Option<u32>,
+    pub dns_upstream: Option<String>,
 }
 
 /// Where Services/EndpointSlices/Nodes come from.
@@ -291,12 +327,28 @@ pub struct Config {
     pub cluster_cidr: Option<Ipv4Network>,
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
     pub masquerade: bool,
+    /// eBPF host routing (`twill_common::FP_F_HOST_ROUTING`).
+    pub host_routing: bool,
+    /// Who masquerades, when `masquerade` is on.
+    pub masquerade_mode: MasqueradeMode,
     pub max_frontends_per_service: usize,
     /// `None`: no DNS responder.
     pub dns_bind_address: Option<SocketAddr>,
     /// Lower case, without the trailing dot.
     pub cluster_domain: String,
     pub dns_ttl: u32,
+    pub dns_upstream: DnsUpstream,
+}
+
+/// Where names outside the cluster's zone go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsUpstream {
+    /// These servers, in order.
+    Servers(Vec<SocketAddr>),
+    /// The `nameserver` lines of this resolv.conf, read when DNS starts.
+    ResolvConf(PathBuf),
+    /// No forwarding: REFUSED.
+    None,
 }
 
 /// A configuration the agent cannot run with.
@@ -334,6 +386,11 @@ pub enum ConfigError {
     MapSize { flag: &'static str, value: u32 },
     #[error("--max-frontends-per-service must be at least 1")]
     MaxFrontends,
+    #[error(
+        "--dns-upstream: {0:?} is not an address like 10.0.0.2 or 10.0.0.2:53 (or give a \
+         resolv.conf path, or none)"
+    )]
+    DnsUpstream(String),
     #[error("--cluster-domain {0:?} is not a DNS name like cluster.local")]
     ClusterDomain(String),
     #[error("--{flag} {value:?} is not an IPv4 CIDR like 10.244.0.0/16")]
@@ -460,10 +517,16 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
         )?,
         masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
+        host_routing: pick(flags.host_routing, file.host_routing).unwrap_or(true),
+        masquerade_mode: pick(flags.masquerade_mode, file.masquerade_mode).unwrap_or_default(),
         max_frontends_per_service,
         dns_bind_address: parse_bind("dns-bind-address", &dns)?,
         cluster_domain,
         dns_ttl: pick(flags.dns_ttl, file.dns_ttl).unwrap_or(DEFAULT_DNS_TTL),
+        dns_upstream: parse_dns_upstream(
+            &pick(flags.dns_upstream, file.dns_upstream)
+                .unwrap_or_else(|| DEFAULT_DNS_UPSTREAM.into()),
+        )?,
     })
 }
 
@@ -567,6 +630,30 @@ fn map_size(flag: &'static str, value: Option<u32>, default: u32) -> Result<u32,
 }
 
 /// An empty value disables the server (as with kube-proxy's `--healthz-bind-address=""`).
+/// `none`, a path (starts with `/`), or `IP[:PORT],...` (port 53 when left out).
+fn parse_dns_upstream(value: &str) -> Result<DnsUpstream, ConfigError> {
+    let value = value.trim();
+    if value == "none" {
+        return Ok(DnsUpstream::None);
+    }
+    if value.starts_with('/') {
+        return Ok(DnsUpstream::ResolvConf(value.into()));
+    }
+    let servers = value
+        .split(',')
+        .map(|s| {
+            let s = s.trim();
+            s.parse::<SocketAddr>()
+                .or_else(|_| {
+                    s.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| ConfigError::DnsUpstream(s.to_owned()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DnsUpstream::Servers(servers))
+}
+
 fn parse_bind(flag: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if value.trim().is_empty() {
         return Ok(None);
@@ -610,6 +697,10 @@ pub fn parse_duration(value: &str) -> Result<Duration, ConfigError> {
         return Err(err());
     }
     Ok(d)
+}
+
+fn parse_masquerade_mode(value: &str) -> Result<MasqueradeMode, String> {
+    value.parse()
 }
 
 fn parse_cidr(flag: &'static str, value: &str) -> Result<Ipv4Network, ConfigError> {
@@ -689,6 +780,23 @@ mod tests {
         .unwrap();
         assert!(!off.masquerade);
         assert!(!crate::routing::RoutingConfig::from(&off).masquerade);
+        assert!(off.host_routing, "host routing is on by default");
+        let stack = merge(
+            run_args(&["--node-name", "n1", "--host-routing=false"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert!(!stack.host_routing);
+        assert_eq!(off.masquerade_mode, MasqueradeMode::Ebpf);
+        let nft = merge(
+            run_args(&["--node-name", "n1", "--masquerade-mode", "nftables"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(nft.masquerade_mode, MasqueradeMode::Nftables);
+        let file = parse_file("masquerade-mode: nftables\n").unwrap();
+        let cfg = merge(run_args(&["--node-name", "n1"]), file).unwrap();
+        assert_eq!(cfg.masquerade_mode, MasqueradeMode::Nftables);
         let file = parse_file("masquerade: false\n").unwrap();
         let cfg = merge(run_args(&["--node-name", "n1"]), file).unwrap();
         assert!(!cfg.masquerade);

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
-use twill_common::{CT_F_REPLY, CT_SCOPE_NAT, CtKey, CtValue, ct_lifetime_ns};
+use twill_common::{CT_F_MASQ, CT_F_REPLY, CT_SCOPE_NAT, CtKey, CtValue, ct_lifetime_ns};
 
 use crate::compile::addr_be;
 
@@ -99,6 +99,14 @@ fn is_expired(key: &CtKey, value: &CtValue, now_ns: u64) -> bool {
 /// The backend a NAT entry's flow goes to: the reply direction comes from it, the original
 /// direction is rewritten to it.
 pub fn backend_of(key: &CtKey, value: &CtValue) -> u32 {
+    if value.flags & CT_F_MASQ != 0 {
+        // A masqueraded flow belongs to the local pod that opened it.
+        return if value.flags & CT_F_REPLY != 0 {
+            value.new_daddr_be
+        } else {
+            key.saddr_be
+        };
+    }
     if value.flags & CT_F_REPLY != 0 {
         key.saddr_be
     } else {
@@ -294,5 +302,46 @@ mod tests {
             ..pv
         };
         assert_eq!(plan(&[(pk, stale)], now, &pods(&[])).expired, vec![pk]);
+    }
+
+    #[test]
+    fn masqueraded_flows_belong_to_their_pod() {
+        let now = 100 * S;
+        let outside = Ipv4Addr::new(192, 0, 2, 7);
+        let ok = CtKey {
+            saddr_be: addr_be(POD),
+            daddr_be: addr_be(outside),
+            sport_be: 40000u16.to_be(),
+            dport_be: 443u16.to_be(),
+            proto: PROTO_TCP,
+            scope: CT_SCOPE_NAT,
+            _pad: [0; 2],
+        };
+        let ov = CtValue {
+            new_saddr_be: addr_be(NODE),
+            new_daddr_be: addr_be(outside),
+            new_sport_be: 61234u16.to_be(),
+            new_dport_be: 443u16.to_be(),
+            svc_id: 0,
+            flags: CT_F_MASQ,
+            state: CT_STATE_ESTABLISHED,
+            tcp_fin: 0,
+            _pad: [0; 2],
+            last_seen_ns: now,
+        };
+        let rk = ok.counterpart(&ov);
+        let rv = CtValue {
+            new_saddr_be: addr_be(outside),
+            new_daddr_be: addr_be(POD),
+            new_sport_be: 443u16.to_be(),
+            new_dport_be: 40000u16.to_be(),
+            flags: CT_F_MASQ | CT_F_REPLY,
+            ..ov
+        };
+        assert_eq!(rk.counterpart(&rv), ok);
+        let entries = [(ok, ov), (rk, rv)];
+        // The outside host is nobody's pod, yet the flow lives while its pod does.
+        assert!(plan(&entries, now, &pods(&[POD])).is_empty());
+        assert_eq!(plan(&entries, now, &pods(&[])).orphaned, vec![ok, rk]);
     }
 }

@@ -1,13 +1,14 @@
-//! `twill-agent debug services|backends|affinity|drops|maps|policy|explain|dns [-o json]`: asks
-//! the running agent over its API socket and prints human tables (or the JSON as served);
-//! `debug monitor` follows the denied-flow stream, printing each line as it arrives.
+//! `twill-agent debug services|backends|affinity|drops|fastpath|maps|policy|explain|dns|
+//! conntrack [-o json]`: asks the running agent over its API socket and prints human tables (or
+//! the JSON as served); `debug monitor` follows the denied-flow stream, printing each line as it
+//! arrives.
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::api::{AffinityRow, BackendRow, DropRow};
+use crate::api::{AffinityRow, BackendRow, CtRow, DropRow};
 use crate::config::{DebugArgs, DebugCommand, OutputFormat};
 use crate::policy::monitor::MonitorLine;
 
@@ -33,6 +34,8 @@ fn path_of(what: &DebugCommand, output: OutputFormat) -> String {
         (DebugCommand::Backends, _) => "/v1/backends".into(),
         (DebugCommand::Affinity, _) => "/v1/affinity".into(),
         (DebugCommand::Drops, _) => "/v1/drops".into(),
+        (DebugCommand::Fastpath, OutputFormat::Table) => "/v1/fastpath?format=text".into(),
+        (DebugCommand::Fastpath, OutputFormat::Json) => "/v1/fastpath".into(),
         (DebugCommand::Maps, OutputFormat::Table) => "/v1/maps".into(),
         (DebugCommand::Maps, OutputFormat::Json) => "/v1/maps?format=json".into(),
         (DebugCommand::Policy { pod }, output) => {
@@ -44,6 +47,11 @@ fn path_of(what: &DebugCommand, output: OutputFormat) -> String {
         }
         (DebugCommand::Dns { name, qtype }, _) => format!("/v1/dns?name={name}&type={qtype}"),
         (DebugCommand::Monitor { .. }, _) => "/v1/monitor".into(),
+        (DebugCommand::Conntrack { service, backend }, _) => format!(
+            "/v1/conntrack?service={}&backend={}",
+            service.as_deref().unwrap_or(""),
+            backend.map(|b| b.to_string()).unwrap_or_default()
+        ),
         (DebugCommand::Explain { from, to, proto }, output) => {
             let mut path = format!("/v1/explain?from={from}&to={to}&proto={proto}");
             if output == OutputFormat::Table {
@@ -158,7 +166,10 @@ pub fn render(
 ) -> Result<String, DebugError> {
     if matches!(
         what,
-        DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. }
+        DebugCommand::Maps
+            | DebugCommand::Policy { .. }
+            | DebugCommand::Explain { .. }
+            | DebugCommand::Fastpath
     ) && output == OutputFormat::Table
     {
         return Ok(String::from_utf8_lossy(body).into_owned());
@@ -191,11 +202,52 @@ pub fn render(
             }
             Ok(out)
         }
-        DebugCommand::Maps | DebugCommand::Policy { .. } | DebugCommand::Explain { .. } => {
+        DebugCommand::Conntrack { .. } => Ok(conntrack_table(
+            &serde_json::from_slice::<Vec<CtRow>>(body).map_err(DebugError::Decode)?,
+        )),
+        DebugCommand::Maps
+        | DebugCommand::Policy { .. }
+        | DebugCommand::Explain { .. }
+        | DebugCommand::Fastpath => {
             unreachable!("handled above")
         }
         DebugCommand::Monitor { .. } => unreachable!("a stream: `run` follows it, never renders"),
     }
+}
+
+fn conntrack_table(rows: &[CtRow]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.scope.clone(),
+                r.protocol.clone(),
+                r.direction.clone(),
+                r.source.clone(),
+                r.destination.clone(),
+                format!("{} > {}", r.rewritten_source, r.rewritten_destination),
+                r.backend.clone().unwrap_or_else(|| "-".into()),
+                r.state.clone(),
+                format!("{}s", r.idle_s),
+                format!("{}s", r.expires_in_s),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SCOPE",
+            "PROTO",
+            "DIR",
+            "SOURCE",
+            "DESTINATION",
+            "REWRITTEN TO",
+            "BACKEND",
+            "STATE",
+            "IDLE",
+            "EXPIRES IN",
+        ],
+        &rows,
+    )
 }
 
 /// Left-aligned columns separated by two spaces.

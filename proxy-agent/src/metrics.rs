@@ -40,10 +40,14 @@ pub struct Metrics {
     pub policy: crate::policy::PolicyMetrics,
     /// Entries of the connection-tracking table at the last collection.
     pub conntrack_entries: Gauge,
+    /// Local pods the fast path delivers into, and those of them whose MAC is known.
+    pub fastpath_endpoints: Family<Labels, Gauge>,
     conntrack_collected: Family<Labels, Counter>,
     dns_queries: Family<Labels, Counter>,
     /// DNS packets dropped without an answer (not a DNS query, or not one that parses).
     pub dns_dropped: Counter,
+    /// The DNS forwarder's cache and upstream metrics.
+    pub dns_forward: std::sync::Arc<crate::dns::ForwardMetrics>,
     /// Services the compiler programmed that the maps have no room for.
     pub unprogrammed_services: Gauge,
     /// Last absolute kernel counter per verdict: the kernel's counters are absolute, Prometheus
@@ -99,6 +103,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Sets the fast path's endpoint gauges.
+    pub fn set_fastpath_endpoints(&self, known: usize, unknown: usize) {
+        for (label, n) in [("known", known), ("unknown", unknown)] {
+            self.fastpath_endpoints
+                .get_or_create(&labels(&[("mac", label)]))
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
     #[expect(
         clippy::too_many_lines,
         reason = "one registration per exported metric, in one place, so the list reads as the agent's metric catalogue"
@@ -186,6 +199,14 @@ impl Metrics {
         let policy = crate::policy::PolicyMetrics::register(&mut registry);
         let (conntrack_entries, conntrack_collected) = register_conntrack(&mut registry);
         let (dns_queries, dns_dropped) = register_dns(&mut registry);
+        let dns_forward = std::sync::Arc::new(crate::dns::ForwardMetrics::register(&mut registry));
+        let fastpath_endpoints = Family::<Labels, Gauge>::default();
+        registry.register(
+            "twill_fastpath_endpoints",
+            "Local pods in the host-routing endpoint map, by whether their MAC is known \
+             (mac=\"known\": delivered with bpf_redirect_peer; \"unknown\": through the stack)",
+            fastpath_endpoints.clone(),
+        );
         let unprogrammed_services = Gauge::default();
         registry.register(
             "twill_unprogrammed_services",
@@ -196,9 +217,11 @@ impl Metrics {
             policy,
             registry: Mutex::new(registry),
             conntrack_entries,
+            fastpath_endpoints,
             conntrack_collected,
             dns_queries,
             dns_dropped,
+            dns_forward,
             sync_duration,
             programming_duration,
             services,

@@ -12,6 +12,8 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
 
+use twill_core::routing::fastpath::MasqueradeMode;
+
 use crate::cniconf::CniConfWriter;
 use crate::config::Config;
 use crate::datapath::{Datapath, DatapathError};
@@ -46,6 +48,8 @@ pub enum NetworkError {
         #[source]
         source: Box<DatapathError>,
     },
+    #[error("programming the fast path")]
+    FastPath(#[from] crate::fastpath::FastPathError),
 }
 
 impl NetworkError {
@@ -54,6 +58,7 @@ impl NetworkError {
         match self {
             Self::Routing(e) => e.metric_label(),
             Self::Attach { .. } => "attach_tc",
+            Self::FastPath(_) => "fastpath",
         }
     }
 }
@@ -96,12 +101,32 @@ pub struct NodeNetwork {
     /// Peers' pod CIDRs refused as conflicting in the last plan, so each is warned about once.
     refused: BTreeSet<String>,
     state: NetworkState,
+    /// Policy-isolated pods whose host veth already has IPv6 off.
+    ipv6_cut: BTreeSet<Ipv4Addr>,
+    /// `--host-routing`.
+    host_routing: bool,
+    /// `--masquerade-mode`.
+    masquerade_mode: twill_core::routing::fastpath::MasqueradeMode,
     cni_conf: CniConfWriter,
 }
 
 impl NodeNetwork {
     /// Opens the netlink socket; call inside the tokio runtime.
     pub fn new(cfg: &Config) -> Result<Self, RoutingError> {
+        if cfg.masquerade && cfg.masquerade_mode == MasqueradeMode::Ebpf {
+            match crate::fastpath::reserve_masq_ports() {
+                Ok(true) => log::info!(
+                    "reserved ports {}-{} for the eBPF masquerade (ip_local_reserved_ports)",
+                    twill_common::MASQ_PORT_MIN,
+                    twill_common::MASQ_PORT_MAX
+                ),
+                Ok(false) => {}
+                Err(e) => log::warn!(
+                    "reserving the masquerade's ports in ip_local_reserved_ports: {e}; a node \
+                     socket given one of them as its ephemeral port would miss its replies"
+                ),
+            }
+        }
         Ok(Self {
             routing: RouteExecutor::connect()?,
             config: RoutingConfig::from(cfg),
@@ -112,6 +137,9 @@ impl NodeNetwork {
             attached: BTreeSet::new(),
             refused: BTreeSet::new(),
             state: NetworkState::default(),
+            ipv6_cut: BTreeSet::new(),
+            host_routing: cfg.host_routing,
+            masquerade_mode: cfg.masquerade_mode,
             cni_conf: CniConfWriter::new(cfg),
         })
     }
@@ -186,7 +214,22 @@ impl NodeNetwork {
             }
         }
         self.refused = refused;
-        let report = self.routing.apply(&plan, prune).await?;
+        // The nftables table only in its mode; in eBPF mode the executor removes a table an
+        // earlier agent (or mode) left.
+        let report = if self.masquerade_mode == MasqueradeMode::Nftables {
+            self.routing.apply(&plan, prune).await?
+        } else {
+            let without_table = crate::routing::RoutePlan {
+                masquerade: None,
+                ..plan.clone()
+            };
+            self.routing.apply(&without_table, prune).await?
+        };
+        let fastpath = twill_core::routing::fastpath::config(
+            self.host_routing,
+            plan.masquerade.as_ref().map(|_| self.masquerade_mode),
+        );
+        crate::fastpath::program(datapath, fastpath, plan.masquerade.as_ref(), prune)?;
         // Dual-stack: the IPv6 pod CIDRs follow the IPv4 plan's choice per peer.
         let plan6 = plan_routes6(
             &self.node_name,
@@ -232,6 +275,42 @@ impl NodeNetwork {
         self.state.peer_routes = plan.peers.len();
         self.synced = Some(view);
         Ok(report)
+    }
+
+    /// Turns IPv6 off on the host veth of each pod in `isolated` (by its IPv4 address, through
+    /// the pod's `/32` host route). NetworkPolicy is enforced for IPv4 only so far, so a pod a
+    /// policy isolates must not keep an IPv6 path around it: with `disable_ipv6=1` on its host
+    /// veth the node drops the pod's IPv6 packets on arrival and its IPv6 host route goes. Not
+    /// undone when the policy goes (the pod's IPv6 wiring is twill-cni's, made once per ADD):
+    /// the pod gets IPv6 back when it is recreated. Errors are logged; the next sync retries.
+    pub async fn cut_ipv6_of(&mut self, isolated: &[Ipv4Addr]) {
+        if isolated.iter().all(|ip| self.ipv6_cut.contains(ip)) {
+            return;
+        }
+        let veths = match self.routing.pod_veths_of(isolated).await {
+            Ok(v) => v,
+            Err(e) => {
+                log::warn!("finding the veths of policy-isolated pods: {e}");
+                return;
+            }
+        };
+        for (ip, veth) in veths {
+            let path = format!("/proc/sys/net/ipv6/conf/{veth}/disable_ipv6");
+            let done = match std::fs::read(&path) {
+                Ok(v) if v.first() == Some(&b'1') => Ok(()),
+                // A veth without IPv6 state has nothing to cut (IPv6 off node-wide).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                _ => std::fs::write(&path, b"1"),
+            };
+            match done {
+                Ok(()) => {
+                    log::info!("IPv6 off for policy-isolated pod {ip} ({veth})");
+                    self.ipv6_cut.insert(ip);
+                }
+                Err(e) => log::warn!("turning IPv6 off on {veth} (pod {ip}): {e}"),
+            }
+        }
+        self.ipv6_cut.retain(|ip| isolated.contains(ip));
     }
 
     /// Attaches the tc programs to devices new in `devices` and, with `detach`, detaches them

@@ -25,6 +25,8 @@ pub enum UninstallError {
     Unpin(#[from] DatapathError),
     #[error("removing routes, the overlay device and the masquerade table")]
     Network(#[from] RoutingError),
+    #[error("removing the DNS address")]
+    DnsAddress(#[from] crate::dns::node_address::NodeAddressError),
     #[error("removing the API socket {path}")]
     Socket {
         path: PathBuf,
@@ -35,12 +37,19 @@ pub enum UninstallError {
 
 /// `twill-agent uninstall`: removes the CNI config (so the runtime stops creating Twill pods),
 /// then the pinned links (the socket and tc hooks detach) and maps, the agent's routes to other
-/// nodes, its VXLAN device and masquerade table (all found by their ownership marks), and the
-/// API socket. Pod routes and veths go with the pods. Runs inside a tokio runtime (netlink).
+/// nodes, its VXLAN device and masquerade table (all found by their ownership marks), the DNS
+/// address it added (its `twill-dns` device, or the address on loopback), and the API socket. Pod routes and veths go with the pods. Runs inside a tokio runtime (netlink).
 pub async fn uninstall(args: &UninstallArgs) -> Result<Uninstalled, UninstallError> {
     let cni_conf = cniconf::remove(&args.cni_conf_dir)?;
     let pins = Datapath::unpin_all(&args.bpffs_dir)?;
     let network = RouteExecutor::connect()?.remove_all().await?;
+    // An unparsable or empty address means DNS was off: nothing was added.
+    let dns_ip = args
+        .dns_bind_address
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.ip());
+    crate::dns::node_address::remove(dns_ip).await?;
     let api_socket = match std::fs::remove_file(&args.api_socket) {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,

@@ -865,10 +865,10 @@ fn daemonset_runs_everywhere_one_node_at_a_time() {
     );
     let spec = pod_spec(&ds);
     assert_eq!(spec.host_network, Some(true));
-    assert_eq!(
+    assert_ne!(
         spec.host_pid,
         Some(true),
-        "the UDP socket destroyer opens /proc/<pid>/ns/net of pod processes"
+        "the UDP socket destroyer opens pod namespaces through /var/run/netns, not /proc/<pid>"
     );
     assert_eq!(
         spec.priority_class_name.as_deref(),
@@ -952,16 +952,9 @@ fn privileges_are_explicit_and_minimal() {
     let caps = sc.capabilities.expect("explicit capabilities");
     assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]));
     let added: BTreeSet<String> = caps.add.unwrap_or_default().into_iter().collect();
-    let expected: BTreeSet<String> = [
-        "BPF",
-        "NET_ADMIN",
-        "SYS_ADMIN",
-        "SYS_PTRACE",
-        "PERFMON",
-        "SYS_RESOURCE",
-    ]
-    .map(String::from)
-    .into();
+    let expected: BTreeSet<String> = ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"]
+        .map(String::from)
+        .into();
     assert_eq!(
         added, expected,
         "capability set changed: justify the change in daemonset.yaml and here"

@@ -1,14 +1,15 @@
 //! Service lookup and backend selection shared by the socket hooks and the per-packet tc
-//! programs: one service/backend table, one selection algorithm (the socket path picks a slot at
-//! random, the per-packet path by a hash of the flow's tuple). Stickiness (sessionAffinity per
-//! client, unconnected UDP flows per socket) is one routine over two LRU tables.
+//! programs: one service/backend table, one selection algorithm (the socket path picks a slot of
+//! the backend list at random, the per-packet path by a hash of the flow's tuple in the set's
+//! Maglev table, `twill_core::maglev`). Stickiness (sessionAffinity per client, unconnected UDP
+//! flows per socket) is one routine over two LRU tables.
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     maps::LruHashMap,
 };
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, Reason, SCOPE_ANY, SVC_F_AFFINITY, SVC_F_LOCAL_ONLY,
-    ServiceKey, ServiceValue, SlotKey, UDP_FLOW_TIMEOUT_S, UdpFlowKey,
+    AffinityKey, AffinityValue, Backend, MAGLEV_SLOT_BASE, Reason, SCOPE_ANY, SVC_F_AFFINITY,
+    SVC_F_LOCAL_ONLY, ServiceKey, ServiceValue, SlotKey, UDP_FLOW_TIMEOUT_S, UdpFlowKey,
 };
 
 use crate::maps::{
@@ -90,10 +91,23 @@ fn find_slot(svc: &ServiceValue, backend_id: u32, hint: u32) -> Option<u32> {
     None
 }
 
-/// The usable backend at slot `pick % backend_count`: (id, slot, backend).
+/// How a new connection's backend is picked.
+#[derive(Clone, Copy)]
+pub enum Pick {
+    /// Uniformly at random from the backend list (the socket path).
+    Random(u32),
+    /// By the hash of a flow's tuple, in the set's Maglev table when it has one (the
+    /// per-packet path): the same flow gets the same backend while the set is unchanged.
+    Flow(u32),
+}
+
+/// The usable backend `pick` selects: (id, slot, backend).
 #[inline(always)]
-fn backend_by(svc: &ServiceValue, pick: u32) -> Result<(u32, u32, Backend), Reason> {
-    let slot = pick % u32::from(svc.backend_count);
+fn backend_by(svc: &ServiceValue, pick: Pick) -> Result<(u32, u32, Backend), Reason> {
+    let slot = match pick {
+        Pick::Flow(hash) if svc.maglev_size != 0 => MAGLEV_SLOT_BASE + hash % svc.maglev_size,
+        Pick::Random(n) | Pick::Flow(n) => n % u32::from(svc.backend_count),
+    };
     let id = backend_at(svc.svc_id, slot).ok_or(Reason::BackendMissing)?;
     // SAFETY: the value is copied out at once.
     let be = unsafe { TWL_BE_V1.get(id) }
@@ -104,34 +118,9 @@ fn backend_by(svc: &ServiceValue, pick: u32) -> Result<(u32, u32, Backend), Reas
 
 /// A uniformly random pick for [`backend_by`].
 #[inline(always)]
-fn random_pick() -> u32 {
+fn random_pick() -> Pick {
     // SAFETY: helper without arguments.
-    unsafe { bpf_get_prandom_u32() }
-}
-
-/// murmur3's 32-bit finaliser: every input bit moves every output bit.
-#[inline(always)]
-const fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
-/// A hash of a flow's 5-tuple (as the client sent it). The per-packet path picks the backend of
-/// a new flow with it instead of at random, so a flow whose entry was lost (expired, flushed)
-/// lands on the same backend again as long as the Service's slot list is unchanged.
-#[inline(always)]
-pub const fn flow_hash(
-    saddr_be: u32,
-    daddr_be: u32,
-    sport_be: u16,
-    dport_be: u16,
-    proto: u8,
-) -> u32 {
-    let ports = ((sport_be as u32) << 16) | dport_be as u32;
-    fmix32(fmix32(fmix32(saddr_be) ^ daddr_be) ^ ports ^ ((proto as u32) << 24))
+    Pick::Random(unsafe { bpf_get_prandom_u32() })
 }
 
 /// Which sticky table a selection remembers its backend in, and how it is counted.
@@ -164,7 +153,7 @@ fn remember<K>(sticky: &Sticky<'_, K>, backend_id: u32, slot: u32, now: u64) {
 fn sticky_backend<K>(
     svc: &ServiceValue,
     sticky: &Sticky<'_, K>,
-    pick: u32,
+    pick: Pick,
 ) -> Result<(Backend, Reason), Reason> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -205,12 +194,12 @@ pub fn select_backend(svc: &ServiceValue, client_id: u64) -> Result<(Backend, Re
     select_backend_by(svc, client_id, random_pick())
 }
 
-/// [`select_backend`] with the pick given: `flow_hash` of the packet on the per-packet path.
+/// [`select_backend`] with the pick given: `Pick::Flow(flow_hash(..))` on the per-packet path.
 #[inline(always)]
 pub fn select_backend_by(
     svc: &ServiceValue,
     client_id: u64,
-    pick: u32,
+    pick: Pick,
 ) -> Result<(Backend, Reason), Reason> {
     require_backends(svc)?;
     if svc.flags & SVC_F_AFFINITY == 0 {

@@ -22,9 +22,13 @@
 )]
 
 #[cfg(target_arch = "bpf")]
+mod fwd;
+#[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod masq;
 #[cfg(target_arch = "bpf")]
 mod monitor;
 #[cfg(target_arch = "bpf")]
@@ -35,6 +39,8 @@ mod pod;
 mod policy;
 #[cfg(target_arch = "bpf")]
 mod sock;
+#[cfg(target_arch = "bpf")]
+mod sockiter;
 #[cfg(target_arch = "bpf")]
 mod tc;
 

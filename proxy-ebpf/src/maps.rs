@@ -8,11 +8,12 @@ use aya_ebpf::{
 use twill_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
     DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_FRAGS_MAX,
-    DEFAULT_IPCACHE_MAX, DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_NODE_ADDRS_MAX,
-    DEFAULT_POLICY_ENDPOINTS_MAX, DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX,
-    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, EventBudget, FragKey,
-    FragValue, IpCacheKey, NodeAddrValue, POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint,
-    PolicyKey, PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
+    DEFAULT_IPCACHE_MAX, DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_LOCAL_ENDPOINTS_MAX,
+    DEFAULT_MASQ_PREFIXES_MAX, DEFAULT_NODE_ADDRS_MAX, DEFAULT_POLICY_ENDPOINTS_MAX,
+    DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX,
+    DatapathConfig, EventBudget, FastPathConfig, FragKey, FragValue, IpCacheKey, LocalEndpoint,
+    MasqKey, NodeAddrValue, POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint, PolicyKey,
+    PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
     SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 
@@ -101,3 +102,21 @@ pub fn count(reason: Reason) {
         unsafe { *slot += 1 };
     }
 }
+
+// Filled by the agent for one socket-iterator sweep, then emptied (see `sockiter`); not pinned.
+#[map]
+pub static TWL_SKDEST_V1: HashMap<twill_common::SockDestroyKey, u8> =
+    HashMap::with_max_entries(twill_common::DEFAULT_SOCK_DESTROY_MAX, 0);
+
+// eBPF host routing and masquerade (twill_common::fastpath): local pods as the kernel's links
+// show them, the switches, and the masquerade's source and exempt prefixes.
+#[map]
+pub static TWL_LXC_V1: HashMap<u32, LocalEndpoint> =
+    HashMap::with_max_entries(DEFAULT_LOCAL_ENDPOINTS_MAX, 0);
+
+#[map]
+pub static TWL_FPCFG_V1: Array<FastPathConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static TWL_MASQ_V1: LpmTrie<MasqKey, u8> =
+    LpmTrie::with_max_entries(DEFAULT_MASQ_PREFIXES_MAX, 0);

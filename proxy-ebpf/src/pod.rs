@@ -10,6 +10,10 @@
 //! translated on the node's device before being routed here. So a pod's egress is judged
 //! against the backend it reaches, never a virtual IP, and a backend's ingress against the real
 //! client (or, for externalTrafficPolicy=Cluster from another node, that node's address).
+//!
+//! A packet the pod sent that its egress policy passed is then routed by the fast path
+//! (`fwd.rs`): into a local pod (after that pod's ingress policy) or out through the FIB's
+//! device, or left to the stack.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
@@ -18,6 +22,7 @@ use aya_ebpf::{
 use twill_common::Reason;
 
 use crate::{
+    fwd,
     maps::count,
     pkt::{Flow, parse},
     policy::{Side, judge},
@@ -25,7 +30,16 @@ use crate::{
 
 #[classifier]
 pub fn twill_pod_ingress(ctx: TcContext) -> i32 {
-    exit(try_pod(&ctx, Side::Egress))
+    let flow = match fwd::parse_flow(&ctx) {
+        Ok(Some(flow)) => flow,
+        // Not IPv4 (ARP, IPv6: the pod network is IPv4-only) or a later fragment: the stack.
+        Ok(None) => return exit(Ok(Reason::PolicyNotEnforced)),
+        Err(reason) => return exit(Err(reason)),
+    };
+    match exit(judge(&flow, Side::Egress)) {
+        TC_ACT_OK => fwd::from_pod(&ctx, &flow),
+        action => action,
+    }
 }
 
 #[classifier]

@@ -5,7 +5,7 @@
 //!  ingress: CT hit ─► state (both entries) ─► rewrite (later packets; replies of SNATed flows)
 //!           miss  ─► SERVICES (EXTERNAL, then ANY; NodePort when dst ∈ NODE_ADDRS)
 //!                 ─► TCP without SYN: pass to the stack untouched (CtNonSynMiss)
-//!                 ─► loadBalancerSourceRanges (LPM) ─► select backend by the tuple's hash
+//!                 ─► loadBalancerSourceRanges (LPM) ─► backend by the tuple's hash (Maglev)
 //!                 ─► local backend (or eTP=Local): DNAT, client IP kept
 //!                    remote backend (eTP=Cluster): DNAT + SNAT to the node address that routes
 //!                    to the backend, so replies come back through this node
@@ -27,16 +27,20 @@
 //! records its ports in `TWL_FRAG_V1` under the datagram's identity, the others find the flow
 //! with them and get the same address translation.
 //!
-//! Packets from inside the node never need this: the socket hooks translated them before they
-//! existed. Other protocols pass untouched.
+//! Packets from inside the node never need Service translation: the socket hooks translated
+//! them before they existed. On egress, a local pod's flow leaving the cluster is masqueraded
+//! (`masq.rs`) with entries of the same table, so its later packets, replies and ICMP errors
+//! take the paths above. Other protocols pass untouched.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
-        BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
+        BPF_F_CURRENT_NETNS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::classifier,
     maps::lpm_trie::Key,
@@ -47,11 +51,11 @@ use twill_common::{
     CT_SCOPE_NAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, FragKey,
     FragValue, PROTO_TCP, PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER,
     SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey,
-    ct_lifetime_ns,
+    ct_lifetime_ns, flow_hash,
 };
 
 use crate::{
-    lb::{flow_hash, is_node_addr, lookup_service, select_backend_by},
+    lb::{Pick, is_node_addr, lookup_service, select_backend_by},
     maps::{TWL_CT_V2, TWL_FRAG_V1, TWL_LBSRC_V1, count},
     pkt::{
         Flow, ICMP_CSUM, IP_CSUM_AT, IP_DST_AT, IP_SRC_AT, L4, L4_DPORT, L4_SPORT, PROTO_ICMP,
@@ -66,7 +70,8 @@ const AF_INET: u8 = 2;
     reason = "64 bytes"
 )]
 const FIB_PARAMS_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
-/// Source ports tried for SNAT when the client's own port is taken towards that backend.
+/// Source ports tried for SNAT when the client's own port is taken towards that backend (by
+/// another SNATed flow or a socket of the node).
 const SNAT_PORT_TRIES: u32 = 8;
 const SNAT_PORT_MIN: u32 = 32_768;
 const SNAT_PORT_RANGE: u32 = 28_232;
@@ -79,7 +84,12 @@ const LB_SRC_KEY_BITS: u32 = 64;
 
 #[classifier]
 pub fn twill_tc_ingress(ctx: TcContext) -> i32 {
-    exit(try_ingress(&ctx))
+    match exit(try_ingress(&ctx)) {
+        // Left to the stack (untranslated, or translated in place): a local pod's packets are
+        // delivered straight into it (replies, NodePort to a local backend, other nodes' pods).
+        TC_ACT_OK => crate::fwd::to_local_pod(&ctx),
+        action => action,
+    }
 }
 
 #[classifier]
@@ -88,7 +98,7 @@ pub fn twill_tc_egress(ctx: TcContext) -> i32 {
 }
 
 /// A verdict and the tc action carrying it out (pass on, or redirect).
-type Verdict = (Reason, i32);
+pub type Verdict = (Reason, i32);
 
 /// The single exit: counts the verdict; errors drop the packet.
 #[inline(always)]
@@ -106,14 +116,14 @@ fn exit(verdict: Result<Verdict, Reason>) -> i32 {
 }
 
 /// A TCP/UDP packet as the translator reads it: its flow and where to rewrite it.
-struct Pkt {
-    flow: Flow,
+pub struct Pkt {
+    pub flow: Flow,
     l4_off: usize,
     /// UDP: the datagram carries a checksum (0 means none and stays 0).
     udp_csum: bool,
     /// A fragment after the first: no TCP/UDP header (the ports come from `TWL_FRAG_V1`), so
     /// only the addresses are rewritten and it never opens a flow.
-    later_fragment: bool,
+    pub later_fragment: bool,
 }
 
 /// What a packet is to this datapath.
@@ -286,7 +296,7 @@ fn icmp_error(ctx: &TcContext, e: &IcmpErr, ingress: bool) -> Result<Verdict, Re
 /// Rewrites addresses and ports, fixing the IP checksum and the TCP/UDP checksum (which covers
 /// the addresses through the pseudo-header). A UDP checksum of 0 means "none" and stays 0.
 #[inline(always)]
-fn rewrite(
+pub fn rewrite(
     ctx: &TcContext,
     p: &Pkt,
     saddr: u32,
@@ -390,7 +400,13 @@ fn forward(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> Result<i32, Re
 /// routes through any other, such as a backend behind the VXLAN overlay. `extra` may add
 /// `BPF_FIB_LOOKUP_SRC` (Linux 6.7+) for the route's preferred source address.
 #[inline(always)]
-fn route(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32, extra: u32) -> (i64, bpf_fib_lookup) {
+pub fn route(
+    ctx: &TcContext,
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    extra: u32,
+) -> (i64, bpf_fib_lookup) {
     // SAFETY: bpf_fib_lookup is plain old data; zero is a valid value for every field.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -496,8 +512,9 @@ fn try_egress(ctx: &TcContext) -> Result<Verdict, Reason> {
     };
     match ct_lookup(ctx, &p) {
         Ct::Hit(verdict) => verdict,
-        // New flows are opened on ingress only; a SYN leaving the node is not ours.
-        Ct::Miss | Ct::Reopen => Ok((Reason::NotService, TC_ACT_OK)),
+        // Service flows are opened on ingress; a local pod's flow leaving the cluster is
+        // masqueraded here (when the masquerade is eBPF's).
+        Ct::Miss | Ct::Reopen => crate::masq::open(ctx, &p),
     }
 }
 
@@ -542,11 +559,12 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
         }
     }
     // Per-packet affinity is per client IP, as in kube-proxy. Without it the tuple's hash picks
-    // the backend, so a flow whose entry was lost comes back to the same one.
+    // the backend in the set's Maglev table, so a flow whose entry was lost comes back to the
+    // same one, and only flows of a backend that left move.
     let (be, reason) = select_backend_by(
         &svc,
         AFFINITY_CLIENT_IP | u64::from(f.saddr),
-        flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto),
+        Pick::Flow(flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto)),
     )?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -642,15 +660,17 @@ fn dnat_snat(
         _pad: [0; 2],
         last_seen_ns: now,
     };
-    // Another random port when that reply tuple is taken (BPF_NOEXIST makes the claim atomic
-    // against other CPUs).
+    // Another random port when that reply tuple is taken, by another SNATed flow (BPF_NOEXIST
+    // makes the claim atomic against other CPUs) or by a socket of the node itself.
     let mut tries = 0;
     let reply_key = loop {
         let reply_key = key.counterpart(&orig);
-        match TWL_CT_V2.insert(reply_key, reply, u64::from(BPF_NOEXIST)) {
-            Ok(()) => break reply_key,
-            Err(e) if e != -EEXIST => return Err(Reason::CtMapFull),
-            Err(_) => {}
+        if !node_socket_on(ctx, &reply_key) {
+            match TWL_CT_V2.insert(reply_key, reply, u64::from(BPF_NOEXIST)) {
+                Ok(()) => break reply_key,
+                Err(e) if e != -EEXIST => return Err(Reason::CtMapFull),
+                Err(_) => {}
+            }
         }
         tries += 1;
         if tries >= SNAT_PORT_TRIES {
@@ -670,6 +690,45 @@ fn dnat_snat(
         Reason::ForwardedRemote,
         forward(ctx, f.proto, snat, be.addr_be)?,
     ))
+}
+
+/// Whether a socket of the node holds the local end of `reply` (a SNATed flow's reply tuple:
+/// backend → node address and port): connected to the backend from that port, or bound to it.
+/// Such a port is never used for SNAT, so replies meant for the node's own connection are never
+/// taken for a translated flow's, nor the other way round. Looked up as the stack would look the
+/// reply up on input, in this device's network namespace (the node's).
+#[inline(always)]
+fn node_socket_on(ctx: &TcContext, reply: &CtKey) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: reply.saddr_be,
+                daddr: reply.daddr_be,
+                sport: reply.sport_be,
+                dport: reply.dport_be,
+            },
+        },
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "12 bytes")]
+    let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    // Negative (all ones): the network namespace of the packet's device.
+    #[expect(clippy::cast_sign_loss, reason = "the kernel ABI's encoding of -1")]
+    let netns = i64::from(BPF_F_CURRENT_NETNS) as u64;
+    // SAFETY: `tuple` is a valid, writable IPv4 tuple of the size passed; the context pointer
+    // is the program's own. Any socket returned holds a reference, released just below.
+    let sk = unsafe {
+        if reply.proto == PROTO_TCP {
+            bpf_skc_lookup_tcp(ctx.as_ptr(), &raw mut tuple, size, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &raw mut tuple, size, netns, 0)
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is the non-null socket reference the lookup returned, released once.
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
 }
 
 /// The source address for SNAT towards `backend`: the frontend itself when it is a node address

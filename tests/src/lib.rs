@@ -461,7 +461,7 @@ impl Lab {
             lab.nodes.push(node);
         }
         if spec.external_client {
-            lab.external = Some(lab.add_external()?);
+            lab.external = Some(lab.add_external(&spec)?);
         }
         lab.write_nodes_manifest()?;
         Ok(lab)
@@ -556,6 +556,12 @@ impl Lab {
         } else {
             (None, None)
         };
+        // The agent's DNS forwards to the resolvers named here, never to the machine's own
+        // /etc/resolv.conf: none until a test names a lab resolver.
+        fs::write(
+            dir.join("resolv.conf"),
+            "# lab node: no upstream resolver unless a test names one\n",
+        )?;
         let node = Node {
             index: i,
             name,
@@ -579,11 +585,27 @@ impl Lab {
         Ok(node)
     }
 
-    fn add_external(&self) -> Result<External> {
+    fn add_external(&self, spec: &LabSpec) -> Result<External> {
         let netns = format!("{PREFIX}-{}-ext", self.run_id);
         ip(&["netns", "add", &netns])?;
         let addr = Ipv4Addr::new(172, 30, 0, 200);
         self.attach_to_underlay(&netns, "ext", 0, addr)?;
+        if spec.dual_stack {
+            // On the nodes' IPv6 subnet, with no route to any pod range: only a masqueraded
+            // pod (seen as a node address) gets an answer.
+            ns_ip(
+                &netns,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    "fd00:172:30:0::200/64",
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
+        }
         let cgroup = self.cgroup.join("ext");
         fs::create_dir_all(&cgroup)?;
         Ok(External {
@@ -638,6 +660,57 @@ impl Lab {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(child);
+    }
+
+    /// Starts dnsmasq (Debian's dnsmasq-base) in `pod` on port 53 of its address, answering the
+    /// names of `hosts` (a hosts file's text) with a 60 s TTL, `extra` flags appended (say
+    /// `--server=IP` to forward the rest, or `--local=/zone/` to answer NXDOMAIN there), and
+    /// waits (bounded) until it answers. Returns `IP:53`. It is killed on teardown.
+    pub fn dnsmasq(&self, pod: &Pod, hosts: &str, extra: &[&str]) -> Result<String> {
+        let file = self.dir.join(format!("dnsmasq-hosts-{}", pod.netns));
+        fs::write(&file, hosts)?;
+        let child = pod
+            .cmd("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--user=root",
+                "--pid-file=",
+                "--bind-interfaces",
+                "--local-ttl=60",
+                &format!("--listen-address={}", pod.ip),
+                &format!("--addn-hosts={}", file.display()),
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning dnsmasq (Debian dnsmasq-base; run cargo xtask setup)")?;
+        self.track(child);
+        let addr = format!("{}:53", pod.ip);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Any answer (even REFUSED for a name it does not know) means it serves.
+        while pod
+            .labtool(&[
+                "dns",
+                "--to",
+                &addr,
+                "--name",
+                "localhost",
+                "--timeout-ms",
+                "500",
+            ])?
+            .0
+            != 0
+        {
+            if Instant::now() > deadline {
+                bail!("dnsmasq in {} did not answer within 20 s", pod.name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(addr)
     }
 
     /// Starts `labtool serve` in a pod and waits until it listens.
@@ -774,6 +847,10 @@ impl Node {
     pub fn log_dir(&self) -> PathBuf {
         self.dir.join("log")
     }
+    /// The resolv.conf the node's agent forwards DNS to (`--dns-upstream`).
+    pub fn resolv_conf_path(&self) -> PathBuf {
+        self.dir.join("resolv.conf")
+    }
     pub fn conflist_path(&self) -> PathBuf {
         self.cni_conf_dir().join("10-twill.conflist")
     }
@@ -840,6 +917,9 @@ impl Node {
             .env("CNI_NETNS", netns_path)
             .env("CNI_IFNAME", ifname)
             .env("CNI_PATH", "/usr/lib/cni")
+            // As Kubernetes runtimes pass it (the lab's pods live in `default`): twill-cni
+            // derives the pod's DNS search list from it.
+            .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -948,6 +1028,8 @@ impl Node {
             "0.0.0.0:10256".into(),
             "--metrics-bind-address".into(),
             "127.0.0.1:10249".into(),
+            "--dns-upstream".into(),
+            self.resolv_conf_path().display().to_string(),
         ]
     }
 

@@ -398,7 +398,10 @@ fn pod_egress_to_an_outside_host_is_masqueraded_by_the_agent() -> Result<()> {
     let p0 = lab.node(0).add_pod("egress")?;
     let p1 = lab.node(1).add_pod("peer")?;
     lab.serve(&p1, "peer", Some(8080), None)?;
-    let _agents = agents(&lab)?;
+    // The nftables fallback (the default, eBPF, is `tests/tests/fastpath.rs`'s).
+    let _agents = (0..lab.nodes.len())
+        .map(|i| start_agent(&lab, i, &["--masquerade-mode", "nftables"]))
+        .collect::<Result<Vec<_>>>()?;
     let outside = format!("{}:9090", ext.ip);
     let mut out = String::new();
     wait_for("pod → outside host", Duration::from_secs(20), || {
@@ -410,9 +413,16 @@ fn pod_egress_to_an_outside_host_is_masqueraded_by_the_agent() -> Result<()> {
         out.starts_with(&format!("reply=outside {}:", lab.node(0).ip)),
         "not masqueraded to the node IP: {out}"
     );
-    let (code, out) = tcp(&p0, &format!("{}:8080", p1.ip))?;
+    // Only n0's agent was waited for: n1 may still be programming its route back to n0.
+    let to_p1 = format!("{}:8080", p1.ip);
+    let mut out = String::new();
+    let reached = wait_for("pod → pod across nodes", Duration::from_secs(20), || {
+        let (code, o) = tcp(&p0, &to_p1)?;
+        out = o;
+        Ok(code == 0)
+    });
     ensure!(
-        code == 0 && out.starts_with(&format!("reply=peer {}:", p0.ip)),
+        reached.is_ok() && out.starts_with(&format!("reply=peer {}:", p0.ip)),
         "pod → pod was translated: {out}"
     );
     // The masquerade's NAT hook must not make every pod ↔ pod connection pay for conntrack:
@@ -697,5 +707,94 @@ fn a_pod_reaches_itself_through_a_nodeport_hairpin() -> Result<()> {
             "hairpin via {to}: want the pod itself, seeing {seen}: {out}"
         );
     }
+    Ok(())
+}
+
+/// `twill-agent debug conntrack` shows a NodePort flow the tc programs track: from outside to a
+/// node without the backend (externalTrafficPolicy Cluster, so SNAT), both directions, by
+/// Service and by backend, with state and expiry; other filters leave it out.
+#[test]
+fn debug_conntrack_shows_a_nodeport_flow_by_service_and_backend() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_external_client())? else {
+        return Ok(());
+    };
+    let web = lab.node(0).add_pod("web0")?;
+    lab.serve(&web, "web0", None, Some(8080))?;
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: ctudp, namespace: default}\nspec:\n  \
+               type: NodePort\n  clusterIP: 10.96.0.28\n  ports:\n  - {name: udp, port: 53, \
+               targetPort: 8080, nodePort: 30054, protocol: UDP}\n";
+    let eps = [ready(web.ip, &lab.node(0).name)];
+    lab.apply_manifest(
+        "ctudp.yaml",
+        &format!(
+            "{svc}---\n{}",
+            slice("ctudp", "ctudp-1", &eps, &[("udp", 8080, "UDP")])
+        ),
+    )?;
+    let _agents = agents(&lab)?;
+    let n1 = lab.node(1);
+    let to = format!("{}:30054", n1.ip);
+    wait_for(
+        &format!("UDP {to} from outside"),
+        Duration::from_secs(20),
+        || {
+            let (code, out) =
+                lab.external()
+                    .labtool(&["udp", "--to", &to, "--timeout-ms", "1000"])?;
+            Ok(code == 0 && replier(&out).as_deref() == Some("web0"))
+        },
+    )?;
+    let backend = format!("{}:8080", web.ip);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&n1.debug(&[
+        "conntrack",
+        "--service",
+        "default/ctudp",
+        "-o",
+        "json",
+    ])?)?;
+    let original = rows
+        .iter()
+        .find(|r| r["direction"] == "original" && r["destination"] == to.as_str())
+        .ok_or_else(|| anyhow::anyhow!("no original-direction entry to {to}: {rows:?}"))?;
+    ensure!(
+        original["scope"] == "nat"
+            && original["protocol"] == "udp"
+            && original["backend"] == backend.as_str()
+            && original["snat"] == true
+            && original["state"] == "established"
+            && original["expires_in_s"].as_u64().unwrap_or(0) > 0,
+        "{original}"
+    );
+    ensure!(
+        rows.iter()
+            .any(|r| r["direction"] == "reply" && r["backend"] == backend.as_str()),
+        "no reply-direction entry: {rows:?}"
+    );
+    let by_backend: Vec<serde_json::Value> = serde_json::from_str(&n1.debug(&[
+        "conntrack",
+        "--backend",
+        &web.ip.to_string(),
+        "-o",
+        "json",
+    ])?)?;
+    ensure!(by_backend.len() >= 2, "{by_backend:?}");
+    let other: Vec<serde_json::Value> = serde_json::from_str(&n1.debug(&[
+        "conntrack",
+        "--backend",
+        "10.244.9.9",
+        "-o",
+        "json",
+    ])?)?;
+    ensure!(other.is_empty(), "{other:?}");
+    let table = n1.debug(&["conntrack", "--service", "default/ctudp"])?;
+    ensure!(
+        table.starts_with("SCOPE") && table.contains(&backend) && table.contains("established"),
+        "{table}"
+    );
+    ensure!(
+        n1.debug(&["conntrack", "--service", "default/nope"])
+            .is_err(),
+        "an unknown Service must be an error"
+    );
     Ok(())
 }

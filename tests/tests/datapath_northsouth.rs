@@ -105,7 +105,7 @@ fn program(
         backend_count: u16::try_from(backends.len())?,
         flags: fe.flags,
         affinity_timeout_s: 0,
-        _pad: 0,
+        maglev_size: 0,
     };
     maps.upsert_service(key, value)?;
     Ok(())

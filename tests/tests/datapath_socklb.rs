@@ -12,8 +12,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use twill_agent::{
     datapath::{
-        AttachOutcome, AyaLbMaps, Datapath, DatapathOptions, MapSizes, SOCK_PROGRAMS,
-        monotonic_now_ns,
+        AttachOutcome, AyaLbMaps, Datapath, DatapathOptions, DestroyMethod, MapSizes,
+        SOCK_PROGRAMS, SockDestroyMode, monotonic_now_ns,
     },
     lbmap::{LbMaps, MapError, MapKind},
 };
@@ -74,7 +74,7 @@ fn program(
                 SVC_F_CLUSTER_IP
             },
         affinity_timeout_s,
-        _pad: 0,
+        maglev_size: 0,
     };
     maps.upsert_service(key, value)?;
     Ok(())
@@ -558,6 +558,7 @@ fn a_full_map_is_a_named_error() -> Result<()> {
     let mut dp = Datapath::load(&DatapathOptions {
         bpffs_dir: None,
         map_sizes: sizes,
+        ..DatapathOptions::default()
     })?;
     let mut maps = dp.lb_maps()?;
     ensure!(
@@ -576,7 +577,7 @@ fn a_full_map_is_a_named_error() -> Result<()> {
         backend_count: 0,
         flags: 0,
         affinity_timeout_s: 0,
-        _pad: 0,
+        maglev_size: 0,
     };
     for i in 0..4 {
         maps.upsert_service(key(i), value)?;
@@ -702,7 +703,31 @@ fn pinned_datapath_survives_restarts_without_a_failed_connection() -> Result<()>
 /// gone pod.
 #[test]
 fn removing_a_udp_backend_destroys_connected_sockets_to_it() -> Result<()> {
-    let Some(mut s) = setup(1, |_| DatapathOptions::unpinned())? else {
+    // The kernels the project supports (6.6+) have the iterator and its kfunc.
+    connected_udp_sockets_to_a_removed_backend_are_destroyed(
+        SockDestroyMode::Auto,
+        DestroyMethod::BpfIterator,
+    )
+}
+
+/// The fallback for kernels without `bpf_sock_destroy` (< 6.5), forced here.
+#[test]
+fn removing_a_udp_backend_destroys_connected_sockets_to_it_with_sock_diag() -> Result<()> {
+    connected_udp_sockets_to_a_removed_backend_are_destroyed(
+        SockDestroyMode::SockDiag,
+        DestroyMethod::SockDiag,
+    )
+}
+
+fn connected_udp_sockets_to_a_removed_backend_are_destroyed(
+    mode: SockDestroyMode,
+    expected_method: DestroyMethod,
+) -> Result<()> {
+    let Some(mut s) = setup(1, |_| DatapathOptions {
+        sock_destroy: mode,
+        ..DatapathOptions::unpinned()
+    })?
+    else {
         return Ok(());
     };
     program(
@@ -738,6 +763,21 @@ fn removing_a_udp_backend_destroys_connected_sockets_to_it() -> Result<()> {
     }
 
     let pod = &s.backends[0];
+    // A socket connected to the backend's own address, not through the Service: not ours to
+    // destroy.
+    let mut direct = s
+        .client
+        .cmd("socat")
+        .args(["-T", "20", "-", &format!("UDP4:{}:5353", pod.ip)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut direct_in = direct.stdin.take().context("stdin")?;
+    let mut direct_out = BufReader::new(direct.stdout.take().context("stdout")?).lines();
+    direct_in.write_all(b"hi\n")?;
+    let first = direct_out.next().context("no direct reply")??;
+    ensure!(first.starts_with("be0 "), "unexpected reply {first}");
     let backend = Backend {
         addr_be: be(pod.ip),
         port_be: 5353u16.to_be(),
@@ -748,6 +788,11 @@ fn removing_a_udp_backend_destroys_connected_sockets_to_it() -> Result<()> {
     ensure!(
         report.sockets_destroyed == 2,
         "connected UDP sockets (AF_INET and AF_INET6) not destroyed: {report:?}"
+    );
+    ensure!(
+        report.socket_destroy_method == Some(expected_method),
+        "destroyed with {:?}, expected {expected_method:?}",
+        report.socket_destroy_method
     );
     ensure!(
         report.revnat_entries >= 1,
@@ -764,6 +809,12 @@ fn removing_a_udp_backend_destroys_connected_sockets_to_it() -> Result<()> {
             "socat kept using a destroyed socket ({target})"
         );
     }
+    direct_in.write_all(b"again\n")?;
+    let again = direct_out.next().context("direct socket lost")??;
+    ensure!(again.starts_with("be0 "), "unexpected reply {again}");
+    drop(direct_in);
+    let _ = direct.kill();
+    let _ = direct.wait();
     Ok(())
 }
 

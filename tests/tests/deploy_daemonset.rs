@@ -1,6 +1,6 @@
 //! The DaemonSet of `deploy/` run from the image under a real runtime: the test reads the pod
 //! template of `deploy/daemonset.yaml` and plays the kubelet for it against containerd's CRI
-//! (hostNetwork/hostPID sandbox, the init containers in order to completion, then the agent),
+//! (hostNetwork sandbox, the init containers in order to completion, then the agent),
 //! passing each container's command, args, env, volume mounts with their propagation, and
 //! securityContext (privileged, capabilities, read-only root filesystem, no_new_privs) as the
 //! kubelet does. The image is `localhost/twill:<version>` built by the same recipe as `cargo
@@ -13,8 +13,9 @@
 //! - the lab has no API server: the ConfigMap's config file gets `manifests: <lab cluster dir>`
 //!   and that directory is mounted read-only into the agent (the manifests source stands in for
 //!   the API server, as in every lab test);
-//! - capabilities root itself lacks on this machine kind (CAP_SYS_RESOURCE, LAB.md) cannot be
-//!   granted by any runtime and are left out, with a printed note.
+//! - capabilities root itself lacks on this machine kind (CAP_SYS_RESOURCE, LAB.md; the manifest
+//!   no longer asks for it) cannot be granted by any runtime and are left out, with a printed
+//!   note.
 mod cri_common;
 
 use std::collections::HashMap;
@@ -51,7 +52,6 @@ fn read_yaml<T: serde::de::DeserializeOwned>(file: &str) -> Result<T> {
 fn capability_bit(name: &str) -> Result<u32> {
     Ok(match name {
         "NET_ADMIN" => 12,
-        "SYS_PTRACE" => 19,
         "SYS_ADMIN" => 21,
         "SYS_RESOURCE" => 24,
         "PERFMON" => 38,
@@ -86,6 +86,9 @@ fn volumes(
         ("/etc/cni/net.d", node.cni_conf_dir()),
         ("/var/lib/twill", node.state_dir()),
         ("/run/twill", node.dir.join("run-twill")),
+        // The lab's containerd keeps sandbox namespaces under its state dir
+        // (`netns_mounts_under_state_dir`) where a node's runtime uses /var/run/netns.
+        ("/var/run/netns", containerd.dir().join("state/netns")),
     ]);
     let mut out = HashMap::new();
     for v in spec.volumes.iter().flatten() {
@@ -467,6 +470,14 @@ fn daemonset_pod_template_runs_from_the_image_under_containerd() -> Result<()> {
     run_cmd(std::process::Command::new("mount").args(["--make-shared", &bpffs]))?;
 
     let containerd = Containerd::start_with(n0, false)?;
+    // The runtime's netns directory as a node has it: a shared mount point (iproute2 makes
+    // /run/netns one, and /run is shared on systemd hosts), so the agent's HostToContainer mount
+    // follows new pod namespaces. Under containerd's dir: its teardown unmounts it.
+    let netns_dir = containerd.dir().join("state/netns");
+    std::fs::create_dir_all(&netns_dir)?;
+    let netns_dir = netns_dir.display().to_string();
+    run_cmd(std::process::Command::new("mount").args(["--rbind", &netns_dir, &netns_dir]))?;
+    run_cmd(std::process::Command::new("mount").args(["--make-shared", &netns_dir]))?;
     containerd.import(&tarball)?;
     eprintln!("image imported at {:?}", start.elapsed());
     let kubelet = Kubelet::new(&containerd, &n0.dir.join("pods"))?;

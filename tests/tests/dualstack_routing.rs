@@ -161,3 +161,93 @@ fn pods_reach_pods_on_other_nodes_over_ipv6_direct_and_vxlan() -> Result<()> {
     ensure!(code != 0, "removed node still reachable over IPv6: {out}");
     Ok(())
 }
+
+/// NetworkPolicy is enforced for IPv4 only so far; a pod a policy isolates must not keep an
+/// IPv6 path around it. Before the policy the pod answers on both families; once a deny-all
+/// ingress policy selects it, IPv4 is denied by the policy and IPv6 is cut on its host veth,
+/// while an unselected pod keeps both.
+#[test]
+fn ipv6_of_a_policy_isolated_pod_is_not_left_open() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1).with_dual_stack())? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let _agent = start_agent(&lab, 0, &[])?;
+    wait_for("the agent's conflist", Duration::from_secs(20), || {
+        Ok(std::fs::read_to_string(n0.conflist_path())?.contains("cniVersions"))
+    })?;
+    let client = n0.add_pod("c")?;
+    let locked = n0.add_pod("l")?;
+    let open = n0.add_pod("o")?;
+    for (p, name) in [(&locked, "l"), (&open, "o")] {
+        lab.serve_dual(p, name, Some(8080), None)?;
+    }
+    let objects = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}},
+        client.pod_object("default", "c", &[("app", "c")], &[]),
+        locked.pod_object("default", "l", &[("app", "l")], &[]),
+        open.pod_object("default", "o", &[("app", "o")], &[]),
+    ]});
+    lab.apply_manifest("pods.json", &serde_json::to_string_pretty(&objects)?)?;
+    let c6 = client.ip6.expect("IPv6").to_string();
+    for p in [&locked, &open] {
+        wait_reply(
+            &client,
+            &format!("[{}]:8080", p.ip6.expect("IPv6")),
+            &p.name,
+            &c6,
+        )?;
+    }
+    lab.apply_manifest(
+        "deny.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-l, \
+         namespace: default}\nspec:\n  podSelector: {matchLabels: {app: l}}\n  policyTypes: [Ingress]\n",
+    )?;
+    let to4 = format!("{}:8080", locked.ip);
+    let to6 = format!("[{}]:8080", locked.ip6.expect("IPv6"));
+    wait_for("l closed on both families", Duration::from_secs(20), || {
+        let (c4, _) = client.labtool(&["tcp", "--to", &to4, "--timeout-ms", "300"])?;
+        let (c6, _) = client.labtool(&["tcp", "--to", &to6, "--timeout-ms", "300"])?;
+        Ok(c4 != 0 && c6 != 0)
+    })?;
+    // The unselected pod still answers on both.
+    wait_reply(
+        &client,
+        &format!("[{}]:8080", open.ip6.expect("IPv6")),
+        "o",
+        &c6,
+    )?;
+    let (code, out) = tcp(&client, &format!("{}:8080", open.ip))?;
+    ensure!(code == 0, "{out}");
+    Ok(())
+}
+
+/// IPv6 pod egress to a host outside the cluster leaves with the node's IPv6 address (the
+/// outside host has no route to pod ranges, so only a masqueraded connection is answered),
+/// while pod → pod across nodes keeps the pod's own IPv6 address.
+#[test]
+fn ipv6_pod_egress_to_an_outside_host_is_masqueraded() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_external_client().with_dual_stack())? else {
+        return Ok(());
+    };
+    let (n0, n1) = (lab.node(0), lab.node(1));
+    let mut serve = lab.external().cmd(twill_lab::bin("labtool"));
+    serve.args(["serve", "--name", "outside", "--tcp", "9090", "--ipv6"]);
+    lab.track(twill_lab::spawn_and_wait_ready(serve)?);
+    let _agents = agents(&lab)?;
+    wait_for("the agent's conflist", Duration::from_secs(20), || {
+        Ok(std::fs::read_to_string(n0.conflist_path())?.contains("cniVersions"))
+    })?;
+    let p0 = n0.add_pod("egress")?;
+    let p1 = n1.add_pod("peer")?;
+    lab.serve_dual(&p1, "peer", Some(8080), None)?;
+    let node6 = n0.ip6.expect("dual-stack").to_string();
+    wait_reply(&p0, "[fd00:172:30::200]:9090", "outside", &node6)?;
+    wait_reply(
+        &p0,
+        &format!("[{}]:8080", p1.ip6.expect("IPv6")),
+        "peer",
+        &p0.ip6.expect("IPv6").to_string(),
+    )?;
+    Ok(())
+}

@@ -49,7 +49,7 @@ fn connect4_rewrites_a_service_address_to_a_backend() -> Result<()> {
                 backend_count: 1,
                 flags: 0,
                 affinity_timeout_s: 0,
-                _pad: 0,
+                maglev_size: 0,
             },
             0,
         )?;

@@ -3,8 +3,9 @@
 //! Three simulated nodes (network namespaces on a shared underlay), one `twill-agent` per node
 //! reading Services/EndpointSlices/Nodes from a shared manifests directory (standing in for the
 //! API server), an echo application of three pods created by the real `twill-cni`, and a
-//! ClusterIP, a NodePort and a headless Service, then a default-deny NetworkPolicy and an allow
-//! rule taking effect. Every step prints what it does and what it saw;
+//! ClusterIP, a NodePort and a headless Service, their names (and an ExternalName) answered by
+//! the node-local DNS responder, then a default-deny NetworkPolicy and an allow rule taking
+//! effect. Every step prints what it does and what it saw;
 //! the lab is torn down at the end (also on failure or Ctrl-C of a step: the lab guard drops).
 use std::{
     collections::BTreeMap,
@@ -281,6 +282,49 @@ fn apply_services(lab: &Lab, echo: &[Pod]) -> Result<()> {
     Ok(())
 }
 
+/// The node-local DNS responder (169.254.20.10, which the agent added to each node): the
+/// Service's name and an ExternalName, asked from the client pod, and the pod's DNS settings as
+/// twill-cni handed them to the runtime.
+fn dns(lab: &Lab, client: &Pod) -> Result<()> {
+    const NODE_LOCAL_DNS: &str = "169.254.20.10:53";
+    lab.apply_manifest(
+        "demo-externalname.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: docs, namespace: demo}\nspec: {type: ExternalName, externalName: docs.example.com}\n",
+    )?;
+    say(&format!(
+        "DNS from the client pod via the node-local responder {NODE_LOCAL_DNS}"
+    ));
+    println!(
+        "    the pod's resolver settings in twill-cni's result: {}",
+        client.result["dns"]
+    );
+    for (name, qtype) in [
+        ("echo.demo.svc.cluster.local", "A"),
+        ("_http._tcp.echo.demo.svc.cluster.local", "SRV"),
+        ("docs.demo.svc.cluster.local", "A"),
+    ] {
+        // The ExternalName may land a moment after the Services above: wait for its answer.
+        let mut out = String::new();
+        wait_for(Duration::from_secs(20), "the DNS answer", || {
+            let (code, o) = client.labtool(&[
+                "dns",
+                "--to",
+                NODE_LOCAL_DNS,
+                "--name",
+                name,
+                "--type",
+                qtype,
+            ])?;
+            out = o;
+            Ok((code == 0 && out.lines().count() > 1).then_some(()))
+        })
+        .with_context(|| format!("{name} {qtype}: {out}"))?;
+        println!("    {name} {qtype}:");
+        show(&out);
+    }
+    Ok(())
+}
+
 /// ClusterIP (TCP and UDP), NodePort from outside, headless, and what the agent shows.
 fn traffic(lab: &Lab, echo: &[Pod], client: &Pod) -> Result<()> {
     let vip = format!("{CLUSTER_IP}:80");
@@ -335,6 +379,8 @@ fn traffic(lab: &Lab, echo: &[Pod], client: &Pod) -> Result<()> {
             }
         );
     }
+
+    dns(lab, client)?;
 
     say("headless Service: no virtual IP is programmed; its pods are reached directly");
     let (_, out) = client.labtool(&["tcp", "--to", &format!("{}:{ECHO_PORT}", echo[1].ip)])?;

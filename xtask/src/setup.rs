@@ -37,6 +37,9 @@ pub const PACKAGES: &[&str] = &[
     "protobuf-compiler",
     // `cargo xtask image`: the image's Debian base, made from Debian's packages.
     "debootstrap",
+    // The DNS lab's upstream resolver and the DNS benchmark's peer (the binary only: the
+    // `dnsmasq` package would start a system service in the machine's own namespace).
+    "dnsmasq-base",
 ];
 
 pub fn run() -> Result<()> {

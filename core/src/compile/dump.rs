@@ -10,9 +10,9 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use twill_common::{
-    BE_F_LOCAL, BE_F_TERMINATING, SCOPE_ANY, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_AFFINITY,
-    SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT,
-    SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, ServiceKey, SlotKey,
+    BE_F_LOCAL, BE_F_TERMINATING, MAGLEV_SLOT_BASE, SCOPE_ANY, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, ServiceKey, SlotKey,
 };
 
 use super::parse::proto_name;
@@ -79,6 +79,17 @@ pub struct FrontendView {
     /// for its `svc_id` (empty: nobody is admitted). Empty for an unfiltered frontend.
     pub source_ranges: Vec<String>,
     pub slots: Vec<SlotView>,
+    /// The backend set's Maglev table (external frontends of sets with two or more backends).
+    pub maglev: Option<MaglevView>,
+}
+
+/// A Maglev table as the maps hold it: its size and how many of its positions are missing or
+/// point outside the frontend's backend list (both 0 in a consistent state).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MaglevView {
+    pub size: u32,
+    pub missing: u32,
+    pub foreign: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -182,7 +193,7 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
                 .map(|fe| {
                     let value = state.services.get(&fe.key);
                     owned_services.insert(fe.key);
-                    let slots = value
+                    let slots: Vec<SlotView> = value
                         .map(|v| {
                             (0..u32::from(v.backend_count))
                                 .map(|slot| {
@@ -208,6 +219,28 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
                                 .collect()
                         })
                         .unwrap_or_default();
+                    let maglev = value.filter(|v| v.maglev_size != 0).map(|v| {
+                        let members: BTreeSet<u32> =
+                            slots.iter().filter_map(|s| s.backend_id).collect();
+                        let (mut missing, mut foreign) = (0, 0);
+                        for slot in MAGLEV_SLOT_BASE..MAGLEV_SLOT_BASE + v.maglev_size {
+                            let key = SlotKey {
+                                svc_id: v.svc_id,
+                                slot,
+                            };
+                            owned_slots.insert(key);
+                            match state.slots.get(&key) {
+                                None => missing += 1,
+                                Some(id) if !members.contains(id) => foreign += 1,
+                                Some(_) => {}
+                            }
+                        }
+                        MaglevView {
+                            size: v.maglev_size,
+                            missing,
+                            foreign,
+                        }
+                    });
                     let filtered = value.filter(|v| v.flags & SVC_F_SOURCE_RANGES != 0);
                     let source_ranges = filtered
                         .map(|v| {
@@ -233,6 +266,7 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
                             .map(|v| v.affinity_timeout_s),
                         source_ranges,
                         slots,
+                        maglev,
                     }
                 })
                 .collect();
@@ -436,6 +470,16 @@ pub fn render_view(view: &DumpView) -> String {
             );
             if let Some(t) = f.affinity_timeout_s {
                 let _ = write!(out, " timeout={t}s");
+            }
+            if let Some(m) = &f.maglev {
+                let _ = write!(out, " maglev={}", m.size);
+                if m.missing != 0 || m.foreign != 0 {
+                    let _ = write!(
+                        out,
+                        " maglev-missing={} maglev-foreign={}",
+                        m.missing, m.foreign
+                    );
+                }
             }
             if f.flags.contains(&"source-ranges") {
                 let _ = write!(

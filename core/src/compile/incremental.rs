@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
-use twill_common::{BE_F_LOCAL, BE_F_TERMINATING, Backend, DatapathConfig, ServiceKey, SlotKey};
+use twill_common::{
+    BE_F_LOCAL, BE_F_TERMINATING, Backend, DatapathConfig, MAGLEV_SLOT_BASE, ServiceKey, SlotKey,
+};
 
 use super::parse::{ParsedSlice, ServiceInput, SliceInput};
 use super::{
@@ -182,6 +184,48 @@ struct Planned {
     old_set_ids: Vec<(usize, u32)>,
 }
 
+/// The keys an update touches, once a version of the state was handed out (before that,
+/// everything is new to the reconciler and nothing needs recording).
+#[derive(Debug, Default)]
+struct Recorder {
+    on: bool,
+    keys: StateChanges,
+}
+
+impl Recorder {
+    fn service(&mut self, k: ServiceKey) {
+        if self.on {
+            self.keys.services.insert(k);
+        }
+    }
+
+    fn slot(&mut self, k: SlotKey) {
+        if self.on {
+            self.keys.slots.insert(k);
+        }
+    }
+
+    fn backend(&mut self, id: u32) {
+        if self.on {
+            self.keys.backends.insert(id);
+        }
+    }
+
+    fn source_range(&mut self, r: (u32, Ipv4Network)) {
+        if self.on {
+            self.keys.source_ranges.insert(r);
+        }
+    }
+}
+
+/// The claims a group's Service makes under `config` (none without either).
+fn claims_of(svc: Option<&ServiceInput>, config: Option<&CompileConfig>) -> Vec<RankedClaim> {
+    let mut scratch = Vec::new();
+    svc.zip(config)
+        .and_then(|(s, c)| Some(service_claims(s.admit(c, &mut scratch)?, c)))
+        .unwrap_or_default()
+}
+
 /// Distinguishes the versions of different compilers (a reconciler must not take one
 /// compiler's changes as relative to another's state).
 static ORIGINS: AtomicU64 = AtomicU64::new(1);
@@ -213,7 +257,7 @@ pub struct Compiler {
     /// The version of the state last handed out with [`Compiler::take_changes`].
     handed_out: Option<StateVersion>,
     /// Keys touched since then (not recorded before the first hand-out: everything is new).
-    changes: StateChanges,
+    changes: Recorder,
 }
 
 impl Compiler {
@@ -236,16 +280,16 @@ impl Compiler {
             origin: ORIGINS.fetch_add(1, Ordering::Relaxed),
             seq: 0,
             handed_out: None,
-            changes: StateChanges::default(),
+            changes: Recorder::default(),
         }
     }
 
     /// Recompiles the groups in `changed` (their complete current inputs; a group with neither
     /// Service nor slices is removed) and whatever they affect. `node` is this node's Node.
-    #[expect(
-        clippy::too_many_lines,
-        reason = "the phases of one update, in the order the rules need"
-    )]
+    ///
+    /// The phases, in the order the rules need: what the config change makes dirty → this
+    /// node's entries → take in the changed groups → settle the claims (owners of addresses)
+    /// → plan every dirty group → allocate ids → take the old entries out → write the new ones.
     pub fn update(
         &mut self,
         config: &CompileConfig,
@@ -253,9 +297,31 @@ impl Compiler {
         changed: impl IntoIterator<Item = ServiceGroup>,
     ) -> UpdateSummary {
         let mut summary = UpdateSummary::default();
-        let mut dirty: BTreeSet<GroupKey> = BTreeSet::new();
-        let old_config = self.config.take();
-        let replan_all = old_config.as_ref().is_none_or(|c| {
+        let old_config = self.config.replace(config.clone());
+        let mut dirty = self.dirty_after_config(old_config.as_ref(), config);
+        summary.rejections_changed |= self.update_node(config, node);
+        let old_claims = self.take_in(changed, old_config.as_ref(), &mut dirty);
+        dirty.extend(std::mem::take(&mut self.starved));
+        let reclaimed = self.settle_claims(&dirty, old_claims, old_config.as_ref(), config);
+        dirty.extend(reclaimed);
+        let planned = self.plan(dirty, config);
+        summary.recompiled = planned.len();
+        self.allocate_ids(&planned);
+        let memos = self.take_out(&planned, &mut summary);
+        self.write(planned, memos, &mut summary);
+        summary
+    }
+
+    /// The groups a config change makes dirty: all of them when the plan of every Service
+    /// depends on what changed, else only the Services naming an address that became or
+    /// stopped being a node's own.
+    fn dirty_after_config(
+        &self,
+        old: Option<&CompileConfig>,
+        config: &CompileConfig,
+    ) -> BTreeSet<GroupKey> {
+        let mut dirty = BTreeSet::new();
+        let replan_all = old.is_none_or(|c| {
             c.node_name != config.node_name
                 || c.nodeport_range != config.nodeport_range
                 || c.pod_cidrs != config.pod_cidrs
@@ -263,11 +329,10 @@ impl Compiler {
         });
         if replan_all {
             dirty.extend(self.groups.keys().cloned());
-        } else if let Some(old) = &old_config
+        } else if let Some(old) = old
             && (old.node_ips != config.node_ips
                 || old.nodeport_addresses != config.nodeport_addresses)
         {
-            // Only Services naming an address that became or stopped being a node's own.
             let flipped = |ip: &std::net::Ipv4Addr| old.is_node_ip(*ip) != config.is_node_ip(*ip);
             for (key, memo) in &self.groups {
                 let asks = memo
@@ -280,9 +345,13 @@ impl Compiler {
                 }
             }
         }
-        self.config = Some(config.clone());
+        dirty
+    }
 
-        // This node's part: a handful of entries, rebuilt every time.
+    /// This node's part: a handful of entries, rebuilt every time. Returns whether the
+    /// rejections changed.
+    fn update_node(&mut self, config: &CompileConfig, node: Option<&Node>) -> bool {
+        let mut changed = false;
         let mut node_rejected = Vec::new();
         let addrs = parse::node_addrs(node, config, &mut node_rejected);
         self.state.node_addrs = addrs.iter().map(|a| (addr_be(*a), 0)).collect();
@@ -294,49 +363,57 @@ impl Compiler {
         };
         let old = std::mem::take(&mut self.node_rejections);
         for key in &old {
-            summary.rejections_changed |= self.unref_rejection(key);
+            changed |= self.unref_rejection(key);
         }
         for r in node_rejected {
             let key = rej_key(&r);
-            summary.rejections_changed |= self.ref_rejection(key.clone(), r);
+            changed |= self.ref_rejection(key.clone(), r);
             self.node_rejections.push(key);
         }
+        changed
+    }
 
-        // The claims a group had follow from its previous Service under the previous config.
-        let claims_of = |svc: Option<&ServiceInput>, config: Option<&CompileConfig>| {
-            let mut scratch = Vec::new();
-            svc.zip(config)
-                .and_then(|(s, c)| Some(service_claims(s.admit(c, &mut scratch)?, c)))
-                .unwrap_or_default()
-        };
+    /// Stores the changed groups' inputs and marks them dirty; returns the claims each had
+    /// (from its previous Service under the previous config).
+    fn take_in(
+        &mut self,
+        changed: impl IntoIterator<Item = ServiceGroup>,
+        old_config: Option<&CompileConfig>,
+        dirty: &mut BTreeSet<GroupKey>,
+    ) -> HashMap<GroupKey, Vec<RankedClaim>> {
         let mut old_claims: HashMap<GroupKey, Vec<RankedClaim>> = HashMap::new();
         for g in changed {
             let key = (g.namespace, g.name);
             let memo = self.groups.entry(key.clone()).or_default();
             if !old_claims.contains_key(&key) {
-                old_claims.insert(
-                    key.clone(),
-                    claims_of(memo.service.as_deref(), old_config.as_ref()),
-                );
+                old_claims.insert(key.clone(), claims_of(memo.service.as_deref(), old_config));
             }
             memo.service = g.service;
             memo.slices = g.slices;
             dirty.insert(key);
         }
-        dirty.extend(std::mem::take(&mut self.starved));
+        old_claims
+    }
 
-        // Claims first: when the owner of an address/port/protocol changes, every Service
-        // asking for it is replanned (one gains or loses the frontend, the others' rejections
-        // name the new owner).
+    /// Claims first: when the owner of an address/port/protocol changes, every Service asking
+    /// for it is replanned (one gains or loses the frontend, the others' rejections name the
+    /// new owner). Returns those Services.
+    fn settle_claims(
+        &mut self,
+        dirty: &BTreeSet<GroupKey>,
+        mut old_claims: HashMap<GroupKey, Vec<RankedClaim>>,
+        old_config: Option<&CompileConfig>,
+        config: &CompileConfig,
+    ) -> BTreeSet<GroupKey> {
         let mut reclaimed = BTreeSet::new();
-        for key in &dirty {
+        for key in dirty {
             let Some(memo) = self.groups.get(key) else {
                 continue;
             };
             let new = claims_of(memo.service.as_deref(), Some(config));
             let old = old_claims
                 .remove(key)
-                .unwrap_or_else(|| claims_of(memo.service.as_deref(), old_config.as_ref()));
+                .unwrap_or_else(|| claims_of(memo.service.as_deref(), old_config));
             if new == old {
                 continue;
             }
@@ -362,9 +439,11 @@ impl Compiler {
                 }
             }
         }
-        dirty.extend(reclaimed);
+        reclaimed
+    }
 
-        // Plan every dirty group against the settled claims.
+    /// Plans every dirty group against the settled claims.
+    fn plan(&self, dirty: BTreeSet<GroupKey>, config: &CompileConfig) -> Vec<Planned> {
         let mut planned: Vec<Planned> = Vec::with_capacity(dirty.len());
         for key in dirty {
             let Some(memo) = self.groups.get(&key) else {
@@ -407,17 +486,19 @@ impl Compiler {
                 old_set_ids,
             });
         }
-        summary.recompiled = planned.len();
+        planned
+    }
 
-        // Ids: new wants are counted before old ones are dropped, so a backend moving between
-        // two recompiled Services keeps its id; every id freed is free before any is handed
-        // out; fresh keys get theirs in sorted order over all recompiled Services.
-        for p in &planned {
+    /// Ids: new wants are counted before old ones are dropped, so a backend moving between
+    /// two recompiled Services keeps its id; every id freed is free before any is handed out;
+    /// fresh keys get theirs in sorted order over all recompiled Services.
+    fn allocate_ids(&mut self, planned: &[Planned]) {
+        for p in planned {
             for b in &p.backends {
                 self.backends.entry(*b).or_default().wants += 1;
             }
         }
-        for p in &planned {
+        for p in planned {
             let memo = &self.groups[&p.key];
             for b in memo.backends() {
                 if let Some(refs) = self.backends.get_mut(&b) {
@@ -451,7 +532,7 @@ impl Compiler {
         }
         let mut fresh_sets: BTreeMap<SetKey, Vec<ServiceKey>> = BTreeMap::new();
         let mut fresh_backends: Vec<BackendKey> = Vec::new();
-        for p in &planned {
+        for p in planned {
             for (s, frontends) in &p.sets {
                 if self.ids.set_id(s).is_none() {
                     fresh_sets.insert(s.clone(), frontends.clone());
@@ -468,23 +549,27 @@ impl Compiler {
         fresh_backends.dedup();
         // Also when there is nothing to assign: adopted hints are for the first compile only.
         self.ids.assign(&fresh_sets, &fresh_backends);
+    }
 
-        // Take every recompiled group's old entries out before writing any new ones: a
-        // frontend, or a freed id handed out again, may move from one group to another.
-        let record = self.handed_out.is_some();
+    /// Takes every recompiled group's old entries out before any new ones are written: a
+    /// frontend, or a freed id handed out again, may move from one group to another. Returns
+    /// the groups' memos, emptied of their entries.
+    #[expect(
+        clippy::vec_box,
+        reason = "the memos go back into `groups`, boxed; unboxing would move each twice"
+    )]
+    fn take_out(&mut self, planned: &[Planned], summary: &mut UpdateSummary) -> Vec<Box<Memo>> {
         let mut memos = Vec::with_capacity(planned.len());
-        for p in &planned {
+        for p in planned {
             let mut memo = self.groups.remove(&p.key).unwrap_or_default();
             for port in &memo.ports {
                 for fe in &port.frontends {
                     self.state.services.remove(&fe.key);
-                    if record {
-                        self.changes.services.insert(fe.key);
-                    }
+                    self.changes.service(fe.key);
                 }
             }
             for &(i, svc_id) in &p.old_set_ids {
-                self.take_out_set(svc_id, &memo.ports[i], record);
+                self.take_out_set(svc_id, &memo.ports[i]);
             }
             for k in std::mem::take(&mut memo.rejected) {
                 summary.rejections_changed |= self.unref_rejection(&k);
@@ -495,33 +580,33 @@ impl Compiler {
             }
             memos.push(memo);
         }
+        memos
+    }
 
+    /// Writes each planned group's entries, rejections, health check and memo.
+    #[expect(
+        clippy::vec_box,
+        reason = "the memos go back into `groups`, boxed; unboxing would move each twice"
+    )]
+    fn write(&mut self, planned: Vec<Planned>, memos: Vec<Box<Memo>>, summary: &mut UpdateSummary) {
         for (p, mut memo) in planned.into_iter().zip(memos) {
             let mut rejected = p.rejected;
             let mut entries = build_entries(p.ports, &self.ids, &mut rejected);
             for (k, v) in entries.services {
                 self.state.services.insert(k, v);
-                if record {
-                    self.changes.services.insert(k);
-                }
+                self.changes.service(k);
             }
             for (k, id) in entries.slots {
                 self.state.slots.insert(k, id);
-                if record {
-                    self.changes.slots.insert(k);
-                }
+                self.changes.slot(k);
             }
             for (id, be) in entries.backends {
                 self.use_backend(id, be);
-                if record {
-                    self.changes.backends.insert(id);
-                }
+                self.changes.backend(id);
             }
             for r in entries.source_ranges {
                 self.state.source_ranges.insert(r);
-                if record {
-                    self.changes.source_ranges.insert(r);
-                }
+                self.changes.source_range(r);
             }
             for r in rejected {
                 let key = rej_key(&r);
@@ -558,12 +643,11 @@ impl Compiler {
                 self.groups.insert(p.key, memo);
             }
         }
-        summary
     }
 
     /// Removes the slots and source ranges written under `svc_id`, the set of `port`, and
     /// that set's share of its backends' flags.
-    fn take_out_set(&mut self, svc_id: u32, port: &ServicePortModel, record: bool) {
+    fn take_out_set(&mut self, svc_id: u32, port: &ServicePortModel) {
         let slots: Vec<(SlotKey, u32)> = self
             .state
             .slots
@@ -577,16 +661,17 @@ impl Compiler {
             .collect();
         for (k, id) in slots {
             self.state.slots.remove(&k);
-            if record {
-                self.changes.slots.insert(k);
+            self.changes.slot(k);
+            // A backend is used once per set it is a member of: by its slot in the list (the
+            // Maglev table's slots repeat members of that list).
+            if k.slot >= MAGLEV_SLOT_BASE {
+                continue;
             }
             if let Some(be) = self.state.backends.get(&id).copied() {
                 let flags =
                     endpoint_flags(port, addr_from_be(be.addr_be), u16::from_be(be.port_be));
                 self.unuse_backend(id, be, flags);
-                if record {
-                    self.changes.backends.insert(id);
-                }
+                self.changes.backend(id);
             }
         }
         let ranges: Vec<(u32, Ipv4Network)> = self
@@ -596,9 +681,7 @@ impl Compiler {
             .collect();
         for r in ranges {
             self.state.source_ranges.remove(&r);
-            if record {
-                self.changes.source_ranges.insert(r);
-            }
+            self.changes.source_range(r);
         }
     }
 
@@ -668,10 +751,11 @@ impl Compiler {
             seq: self.seq,
         };
         let since = self.handed_out.replace(version);
+        self.changes.on = true;
         StateChanges {
             since,
             version: Some(version),
-            ..std::mem::take(&mut self.changes)
+            ..std::mem::take(&mut self.changes.keys)
         }
     }
 

@@ -14,13 +14,14 @@ use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use twill_common::{
-    BE_F_LOCAL, BE_F_TERMINATING, Backend, SCOPE_ANY, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, ServiceKey, ServiceValue,
-    SlotKey,
+    BE_F_LOCAL, BE_F_TERMINATING, Backend, MAGLEV_SLOT_BASE, SCOPE_ANY, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER,
+    SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, ServiceKey,
+    ServiceValue, SlotKey,
 };
 
 use crate::lbmap::LbState;
+use crate::maglev;
 
 mod dump;
 mod ids;
@@ -28,8 +29,8 @@ mod incremental;
 mod parse;
 
 pub use dump::{
-    DumpView, EndpointView, FrontendView, RejectionView, ServiceView, SlotView, dump_view,
-    render_dump, render_view,
+    DumpView, EndpointView, FrontendView, MaglevView, RejectionView, ServiceView, SlotView,
+    dump_view, render_dump, render_view,
 };
 pub use ids::{BackendKey, IdAllocation, SetKey};
 pub use incremental::{Compiler, GroupKey, ServiceGroup, UpdateSummary};
@@ -931,6 +932,39 @@ fn endpoint_flags(model: &ServicePortModel, addr: Ipv4Addr, port: u16) -> u8 {
     flags
 }
 
+/// The Maglev table size of a port's backend set (`local_set`) of `members` backends: a set
+/// that traffic from outside the node reaches gets a table, which the per-packet path picks
+/// from; the socket path uses the list alone.
+fn maglev_size_of(p: &PlannedPort, local_set: bool, members: usize) -> Option<u32> {
+    p.frontends
+        .iter()
+        .any(|f| f.local_set == local_set && f.kind != FrontendKind::ClusterIp)
+        .then(|| maglev::table_size(members))
+        .flatten()
+}
+
+/// The Maglev table of size `m` (none: no table) over a set's `members` as `BACKEND_SLOTS` entries of `svc_id`.
+fn maglev_slots(svc_id: u32, members: &[(u32, Backend)], m: Option<u32>) -> Vec<(SlotKey, u32)> {
+    let Some(m) = m else {
+        return Vec::new();
+    };
+    let identities: Vec<maglev::Identity> = members
+        .iter()
+        .map(|(_, be)| maglev::Identity {
+            addr: addr_from_be(be.addr_be),
+            port: u16::from_be(be.port_be),
+        })
+        .collect();
+    (MAGLEV_SLOT_BASE..)
+        .zip(maglev::table(&identities, m))
+        .map(|(slot, owner)| (SlotKey { svc_id, slot }, members[owner].0))
+        .collect()
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one pass over each port's frontends; the steps share the pass's locals"
+)]
 fn build_entries(
     planned: Vec<PlannedPort>,
     ids: &IdAllocation,
@@ -992,11 +1026,14 @@ fn build_entries(
                 }
                 members.truncate(usize::from(u16::MAX));
             }
+            let maglev_size = maglev_size_of(&p, fe.local_set, members.len());
             if slots_written.insert(fe.local_set) {
                 for (slot, (id, be)) in (0u32..).zip(&members) {
                     out.slots.push((SlotKey { svc_id, slot }, *id));
                     out.backends.push((*id, *be));
                 }
+                out.slots
+                    .extend(maglev_slots(svc_id, &members, maglev_size));
             }
             let mut flags = fe.kind.flag();
             if p.affinity_timeout_s.is_some() {
@@ -1021,7 +1058,7 @@ fn build_entries(
                 backend_count: u16::try_from(members.len()).unwrap_or(u16::MAX),
                 flags,
                 affinity_timeout_s: p.affinity_timeout_s.unwrap_or(0),
-                _pad: 0,
+                maglev_size: maglev_size.unwrap_or(0),
             };
             out.services.push((fe.key, value));
             kept.push(FrontendModel {

@@ -4,20 +4,25 @@
 //! and the lookup that answers a (name, type) question from it. No sockets and no wire format:
 //! the agent's responder turns [`Lookup`] into DNS messages.
 //!
-//! - `<svc>.<ns>.svc.<zone>`: A of the ClusterIPs; of a headless Service, A of every ready
-//!   endpoint (every endpoint with `publishNotReadyAddresses`); of an ExternalName, a CNAME.
+//! - `<svc>.<ns>.svc.<zone>`: A/AAAA of the ClusterIPs (each address its family's record, so a
+//!   dual-stack Service answers both from one record set); of a headless Service, A/AAAA of
+//!   every ready endpoint (every endpoint with `publishNotReadyAddresses`); of an ExternalName,
+//!   a CNAME.
 //! - `<hostname>.<svc>.<ns>.svc.<zone>`: A of a headless Service's endpoint with that hostname
 //!   (endpoints without one get the dashed-address label CoreDNS uses, `10-244-1-5`).
 //! - `_<port>._<proto>.<svc>.<ns>.svc.<zone>`: SRV for each named port.
-//! - `<d>.<c>.<b>.<a>.in-addr.arpa`: PTR of ClusterIPs and headless endpoints.
+//! - `<d>.<c>.<b>.<a>.in-addr.arpa` and the nibble `….ip6.arpa` names: PTR of ClusterIPs and
+//!   headless endpoints.
 //! - `a-b-c-d.<ns>.pod.<zone>`: A `a.b.c.d`, unverified (CoreDNS's `pods insecure`, its
 //!   default): the answer is the address the name spells.
 //! - `dns-version.<zone>`: TXT of the schema version.
+//! - `<zone>`: SOA, which the responder also puts in the authority section of every negative
+//!   answer so clients cache NXDOMAIN and NODATA (RFC 2308 §3).
 //!
 //! A name that exists, or has names below it (`<ns>.svc.<zone>` while a Service lives there),
 //! answers NODATA for a type it has no records of; any other name in the zone is NXDOMAIN.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
@@ -50,7 +55,8 @@ pub struct DnsPort {
 pub enum DnsService {
     /// A Service with ClusterIPs (ClusterIP, NodePort, LoadBalancer).
     ClusterIp {
-        ips: Vec<Ipv4Addr>,
+        /// Either family: an IPv6 ClusterIP is served as AAAA.
+        ips: Vec<IpAddr>,
         ports: Vec<DnsPort>,
     },
     /// `clusterIP: None`: the endpoints' addresses.
@@ -60,7 +66,7 @@ pub enum DnsService {
     },
     /// `type: ExternalName`: a CNAME to this name (lower case, no trailing dot).
     ExternalName { target: Arc<str> },
-    /// Nothing to serve (no ClusterIP yet, an IPv6-only Service, a malformed one).
+    /// Nothing to serve (no ClusterIP yet, a malformed one).
     Nothing,
 }
 
@@ -107,7 +113,7 @@ impl DnsService {
             Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
             _ => spec.cluster_ip.as_deref().into_iter().collect(),
         };
-        let ips: Vec<Ipv4Addr> = raw.iter().filter_map(|r| r.parse().ok()).collect();
+        let ips: Vec<IpAddr> = raw.iter().filter_map(|r| r.parse().ok()).collect();
         if ips.is_empty() {
             Self::Nothing
         } else {
@@ -125,6 +131,7 @@ fn is_dns_name(n: &str) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RData {
     A(Ipv4Addr),
+    Aaaa(Ipv6Addr),
     Cname(Arc<str>),
     Srv {
         priority: u16,
@@ -134,16 +141,39 @@ pub enum RData {
     },
     Ptr(Arc<str>),
     Txt(String),
+    Soa(Soa),
+}
+
+/// The zone's SOA (RFC 1035 §3.3.13). Its `minimum` is the negative-caching TTL (RFC 2308 §4).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Soa {
+    pub mname: Arc<str>,
+    pub rname: Arc<str>,
+    pub serial: u32,
+    pub refresh: u32,
+    pub retry: u32,
+    pub expire: u32,
+    pub minimum: u32,
 }
 
 impl RData {
+    /// The address record of `ip`'s family.
+    pub fn addr(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => RData::A(v4),
+            IpAddr::V6(v6) => RData::Aaaa(v6),
+        }
+    }
+
     pub fn qtype(&self) -> QType {
         match self {
             RData::A(_) => QType::A,
+            RData::Aaaa(_) => QType::Aaaa,
             RData::Cname(_) => QType::Cname,
             RData::Srv { .. } => QType::Srv,
             RData::Ptr(_) => QType::Ptr,
             RData::Txt(_) => QType::Txt,
+            RData::Soa(_) => QType::Soa,
         }
     }
 }
@@ -153,10 +183,12 @@ impl RData {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum QType {
     A,
+    Aaaa,
     Cname,
     Srv,
     Ptr,
     Txt,
+    Soa,
     Any,
     Other,
 }
@@ -181,7 +213,7 @@ struct GroupRecords {
     /// Relative owner name → records.
     names: BTreeMap<String, Vec<RData>>,
     /// Address → names (absolute) for PTR.
-    ptrs: Vec<(Ipv4Addr, Arc<str>)>,
+    ptrs: Vec<(IpAddr, Arc<str>)>,
 }
 
 /// The cluster's names. Built incrementally from the Service groups the service compiler is fed
@@ -193,10 +225,22 @@ pub struct DnsTable {
     zone: Arc<str>,
     groups: BTreeMap<GroupKey, Arc<GroupRecords>>,
     /// Address → every name pointing back to it.
-    ptrs: BTreeMap<Ipv4Addr, BTreeSet<Arc<str>>>,
+    ptrs: BTreeMap<IpAddr, BTreeSet<Arc<str>>>,
     /// Namespaces with at least one Service (so `<ns>.svc.<zone>` is NODATA, not NXDOMAIN).
     namespaces: BTreeMap<Arc<str>, usize>,
+    /// The SOA serial: bumped by every update, so a secondary (or a curious operator) sees
+    /// that the zone changed.
+    serial: u32,
+    /// The SOA's `minimum`: how long clients cache a negative answer (RFC 2308 §4).
+    negative_ttl: u32,
 }
+
+/// SOA timers of a zone nobody transfers, as CoreDNS's kubernetes plugin sets them.
+const SOA_REFRESH: u32 = 7200;
+const SOA_RETRY: u32 = 1800;
+const SOA_EXPIRE: u32 = 86400;
+/// Negative-caching TTL until [`DnsTable::with_negative_ttl`] sets one.
+const DEFAULT_NEGATIVE_TTL: u32 = 30;
 
 impl DnsTable {
     pub fn new(zone: &str) -> Self {
@@ -205,6 +249,28 @@ impl DnsTable {
             groups: BTreeMap::new(),
             ptrs: BTreeMap::new(),
             namespaces: BTreeMap::new(),
+            serial: 1,
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
+        }
+    }
+
+    /// Sets how long clients may cache this zone's negative answers (the SOA's `minimum`).
+    #[must_use]
+    pub fn with_negative_ttl(mut self, ttl: u32) -> Self {
+        self.negative_ttl = ttl;
+        self
+    }
+
+    /// The zone's SOA: the answer at the apex and the authority record of negative answers.
+    pub fn soa(&self) -> Soa {
+        Soa {
+            mname: format!("ns.dns.{}", self.zone).into(),
+            rname: format!("hostmaster.{}", self.zone).into(),
+            serial: self.serial,
+            refresh: SOA_REFRESH,
+            retry: SOA_RETRY,
+            expire: SOA_EXPIRE,
+            minimum: self.negative_ttl,
         }
     }
 
@@ -224,6 +290,7 @@ impl DnsTable {
     /// Replaces the records of each group with what its current contents give (a group without
     /// a Service loses its records).
     pub fn update<'a>(&mut self, groups: impl IntoIterator<Item = &'a ServiceGroup>) {
+        self.serial = self.serial.wrapping_add(1).max(1);
         for g in groups {
             let key: GroupKey = (g.namespace.clone(), g.name.clone());
             if let Some(old) = self.groups.remove(&key) {
@@ -274,8 +341,10 @@ impl DnsTable {
                     .insert(String::new(), vec![RData::Cname(target.clone())]);
             }
             DnsService::ClusterIp { ips, ports } => {
-                r.names
-                    .insert(String::new(), ips.iter().copied().map(RData::A).collect());
+                r.names.insert(
+                    String::new(),
+                    ips.iter().copied().map(RData::addr).collect(),
+                );
                 for ip in ips {
                     r.ptrs.push((*ip, fqdn.clone()));
                 }
@@ -303,7 +372,10 @@ impl DnsTable {
     pub fn lookup(&self, name: &str, qtype: QType) -> Lookup {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         if let Some(rev) = name.strip_suffix(".in-addr.arpa") {
-            return self.reverse(rev, qtype);
+            return self.reverse(reverse_v4(rev), qtype);
+        }
+        if let Some(rev) = name.strip_suffix(".ip6.arpa") {
+            return self.reverse(reverse_v6(rev), qtype);
         }
         let rel = if name == *self.zone {
             ""
@@ -322,7 +394,8 @@ impl DnsTable {
             rel.rsplit('.').collect()
         };
         match labels.as_slice() {
-            [] | ["svc" | "pod"] => Lookup::NoData,
+            [] => answer(vec![RData::Soa(self.soa())], qtype),
+            ["svc" | "pod"] => Lookup::NoData,
             ["dns-version"] => answer(vec![RData::Txt(SCHEMA_VERSION.to_owned())], qtype),
             ["svc", ns] => {
                 if self.namespaces.contains_key(*ns) {
@@ -369,18 +442,39 @@ impl DnsTable {
         }
     }
 
-    fn reverse(&self, rev: &str, qtype: QType) -> Lookup {
-        let octets: Vec<&str> = rev.rsplit('.').collect();
-        let ip = match octets.as_slice() {
-            [a, b, c, d] => format!("{a}.{b}.{c}.{d}").parse::<Ipv4Addr>().ok(),
-            _ => None,
-        };
+    fn reverse(&self, ip: Option<IpAddr>, qtype: QType) -> Lookup {
         // Only the cluster's own addresses are ours; every other reverse name goes upstream.
         match ip.and_then(|ip| self.ptrs.get(&ip)) {
             Some(names) => answer(names.iter().cloned().map(RData::Ptr).collect(), qtype),
             None => Lookup::OutOfZone,
         }
     }
+}
+
+/// The address a `<d>.<c>.<b>.<a>` reverse name (without `.in-addr.arpa`) spells.
+fn reverse_v4(rev: &str) -> Option<IpAddr> {
+    let octets: Vec<&str> = rev.rsplit('.').collect();
+    match octets.as_slice() {
+        [a, b, c, d] => format!("{a}.{b}.{c}.{d}")
+            .parse::<Ipv4Addr>()
+            .ok()
+            .map(IpAddr::V4),
+        _ => None,
+    }
+}
+
+/// The address 32 reversed nibbles (without `.ip6.arpa`, RFC 3596 §2.5) spell.
+fn reverse_v6(rev: &str) -> Option<IpAddr> {
+    let mut bits: u128 = 0;
+    let mut n = 0;
+    for nibble in rev.rsplit('.') {
+        let [c] = nibble.as_bytes() else {
+            return None;
+        };
+        bits = (bits << 4) | u128::from(char::from(*c).to_digit(16)?);
+        n += 1;
+    }
+    (n == 32).then(|| IpAddr::V6(Ipv6Addr::from(bits)))
 }
 
 /// `_<port>._<proto>`: the relative owner name of a named port's SRV record.
@@ -402,9 +496,9 @@ fn headless(
     ports: &[DnsPort],
     publish_not_ready: bool,
 ) {
-    let mut addrs = BTreeSet::new();
+    let mut addrs: BTreeSet<IpAddr> = BTreeSet::new();
     // (label, address, endpoint port by name)
-    let mut eps: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    let mut eps: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
     let mut srv: BTreeMap<String, BTreeSet<(u16, String)>> = BTreeMap::new();
     for slice in &g.slices {
         let Some(parsed) = slice.parsed(&mut Vec::new()) else {
@@ -419,9 +513,10 @@ fn headless(
                 .binary_search_by_key(&i, |(at, _)| *at as usize)
                 .ok()
                 .map(|at| parsed.hostnames[at].1.to_ascii_lowercase());
-            let label = hostname.unwrap_or_else(|| dashed(ep.addr));
-            addrs.insert(ep.addr);
-            eps.entry(label.clone()).or_default().insert(ep.addr);
+            let addr = IpAddr::from(ep.addr);
+            let label = hostname.unwrap_or_else(|| dashed(addr));
+            addrs.insert(addr);
+            eps.entry(label.clone()).or_default().insert(addr);
             for (name, port, proto) in parsed.ports.iter().filter(|p| !p.0.is_empty()) {
                 // The Service's named port decides which names exist; the slice the number.
                 if ports
@@ -436,14 +531,14 @@ fn headless(
         }
     }
     r.names
-        .insert(String::new(), addrs.into_iter().map(RData::A).collect());
+        .insert(String::new(), addrs.into_iter().map(RData::addr).collect());
     for (label, ips) in eps {
         let owner: Arc<str> = format!("{label}.{fqdn}").into();
         for ip in &ips {
             r.ptrs.push((*ip, owner.clone()));
         }
         r.names
-            .insert(label, ips.into_iter().map(RData::A).collect());
+            .insert(label, ips.into_iter().map(RData::addr).collect());
     }
     for p in ports.iter().filter(|p| !p.name.is_empty()) {
         // A named port without ready endpoints still names an existing (empty) record set.
@@ -478,14 +573,13 @@ fn answer(records: Vec<RData>, qtype: QType) -> Lookup {
     }
 }
 
-/// `10-244-1-5` for 10.244.1.5.
-fn dashed(ip: Ipv4Addr) -> String {
-    let [a, b, c, d] = ip.octets();
-    format!("{a}-{b}-{c}-{d}")
+/// `10-244-1-5` for 10.244.1.5; `fd00--5` for fd00::5 (CoreDNS's endpoint label).
+fn dashed(ip: IpAddr) -> String {
+    ip.to_string().replace(['.', ':'], "-")
 }
 
 /// The address a dashed label spells (`10-244-1-5`), in canonical form only.
 fn undash(label: &str) -> Option<Ipv4Addr> {
     let ip: Ipv4Addr = label.replace('-', ".").parse().ok()?;
-    (dashed(ip) == label).then_some(ip)
+    (dashed(IpAddr::V4(ip)) == label).then_some(ip)
 }

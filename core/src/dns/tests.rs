@@ -328,3 +328,59 @@ fn updates_replace_a_group_and_removal_forgets_its_names_and_ptrs() {
         Lookup::OutOfZone
     );
 }
+
+#[test]
+fn ipv4_only_service_answers_aaaa_with_nodata_not_nxdomain() {
+    // The race glibc runs (A and AAAA in parallel): the AAAA half must come back as an empty
+    // NOERROR, never NXDOMAIN, or the resolver discards the A answer too.
+    let t = table();
+    for name in [
+        "web.demo.svc.cluster.local",
+        "db.demo.svc.cluster.local",
+        "db-0.db.demo.svc.cluster.local",
+        "10-244-1-5.demo.pod.cluster.local",
+    ] {
+        assert_eq!(t.lookup(name, QType::Aaaa), Lookup::NoData, "{name}");
+    }
+}
+
+#[test]
+fn dual_stack_cluster_ips_answer_a_and_aaaa_from_one_record_set() {
+    let mut t = DnsTable::new("cluster.local");
+    let dual = CLUSTER_IP.replace(
+        "clusterIP: 10.96.0.10",
+        "clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::a\"]",
+    );
+    t.update(&[group("demo", "web", Some(service(&dual)), vec![])]);
+    let v6: std::net::Ipv6Addr = "fd00:96::a".parse().unwrap();
+    assert_eq!(
+        t.lookup("web.demo.svc.cluster.local", QType::A),
+        a(&[[10, 96, 0, 10]])
+    );
+    assert_eq!(
+        t.lookup("web.demo.svc.cluster.local", QType::Aaaa),
+        Lookup::Answer(vec![RData::Aaaa(v6)])
+    );
+    // The nibble reverse name of fd00:96::a.
+    let rev = "a.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.6.9.0.0.0.0.d.f.ip6.arpa.";
+    assert_eq!(
+        t.lookup(rev, QType::Ptr),
+        Lookup::Answer(vec![RData::Ptr("web.demo.svc.cluster.local".into())])
+    );
+    assert_eq!(t.lookup("a.ip6.arpa", QType::Ptr), Lookup::OutOfZone);
+}
+
+#[test]
+fn apex_has_an_soa_whose_serial_moves_with_each_update_and_minimum_is_the_negative_ttl() {
+    let mut t = table().with_negative_ttl(7);
+    let soa = t.soa();
+    assert_eq!(&*soa.mname, "ns.dns.cluster.local");
+    assert_eq!(&*soa.rname, "hostmaster.cluster.local");
+    assert_eq!(soa.minimum, 7);
+    assert_eq!(
+        t.lookup("cluster.local.", QType::Soa),
+        Lookup::Answer(vec![RData::Soa(soa.clone())])
+    );
+    t.update(&[group("demo", "web", None, vec![])]);
+    assert_ne!(t.soa().serial, soa.serial);
+}

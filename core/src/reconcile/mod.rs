@@ -5,7 +5,7 @@
 //! failure it still describes the maps exactly and the next `apply` writes just what is missing.
 //!
 //! Write order keeps the datapath consistent after every single operation — every service's
-//! slots `0..backend_count` exist and point at existing backends, and a frontend filtered by
+//! slots (`0..backend_count` and its Maglev table) exist and point at existing backends, and a frontend filtered by
 //! `loadBalancerSourceRanges` never turns away a client its desired ranges allow:
 //! backends (new/changed) → slots (new/changed) → source ranges (new) → services (new/changed),
 //! then, when pruning, services → source ranges no longer desired → slots no service reaches
@@ -396,12 +396,9 @@ impl Applied {
             .filter_map(|k| self.state.services.get(k))
     }
 
-    /// Slots `0..reach` of `svc_id` are reachable from some applied frontend.
-    fn reach(&self, svc_id: u32) -> u32 {
-        self.applied_frontends(svc_id)
-            .map(|v| u32::from(v.backend_count))
-            .max()
-            .unwrap_or(0)
+    /// Slot `slot` of `svc_id` is read by some applied frontend (its list or Maglev table).
+    fn reached(&self, svc_id: u32, slot: u32) -> bool {
+        self.applied_frontends(svc_id).any(|v| v.reaches(slot))
     }
 
     /// Some applied frontend filters clients on the source ranges of `svc_id`.
@@ -493,7 +490,7 @@ impl<M: LbMaps> Run<'_, M> {
         ) {
             // Applied slots always point at applied backends (backends are deleted only when
             // no slot references them), so checking that the slots exist is enough.
-            let slots_ready = (0..u32::from(value.backend_count)).all(|slot| {
+            let slots_ready = value.slots().all(|slot| {
                 self.applied.state.slots.contains_key(&SlotKey {
                     svc_id: value.svc_id,
                     slot,
@@ -567,7 +564,7 @@ impl<M: LbMaps> Run<'_, M> {
         // A slot may go once no applied service reaches it, whatever desired says (a service
         // whose shrinking update failed still reaches its old slots).
         for key in stale_in(scope.slots(), &desired.slots, &self.applied.state.slots) {
-            if key.slot < self.applied.reach(key.svc_id) {
+            if self.applied.reached(key.svc_id, key.slot) {
                 self.stats.deferred += 1;
                 continue;
             }
@@ -720,7 +717,7 @@ fn stale<K: Ord + Copy, V>(desired: &BTreeMap<K, V>, applied: &BTreeMap<K, V>) -
     out
 }
 
-/// Checks the datapath invariant on a map state: every service's slots `0..backend_count` exist
+/// Checks the datapath invariant on a map state: every service's slots (list and Maglev table) exist
 /// and point at existing backends, and every frontend filtered by source ranges has at least
 /// one (without any it admits nobody). Returns the first violation.
 pub fn check_invariant(state: &LbState) -> Result<(), String> {
@@ -731,7 +728,7 @@ pub fn check_invariant(state: &LbState) -> Result<(), String> {
                 v.svc_id
             ));
         }
-        for slot in 0..u32::from(v.backend_count) {
+        for slot in v.slots() {
             let sk = SlotKey {
                 svc_id: v.svc_id,
                 slot,

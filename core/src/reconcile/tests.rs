@@ -129,7 +129,7 @@ fn state(groups: &[(u32, &[u8], &[u32])]) -> LbState {
                 backend_count: u16::try_from(backends.len()).unwrap(),
                 flags: 1,
                 affinity_timeout_s: 0,
-                _pad: 0,
+                maglev_size: 0,
             };
             s.services.insert(key(f), value);
         }
@@ -526,7 +526,7 @@ fn arb_state() -> impl Strategy<Value = LbState> {
                         backend_count: u16::try_from(backends.len()).unwrap(),
                         flags: u16::from(f % 3) | filter,
                         affinity_timeout_s: 0,
-                        _pad: 0,
+                        maglev_size: 0,
                     };
                     s.services.insert(key(f), value);
                 }

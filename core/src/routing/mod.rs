@@ -35,8 +35,10 @@
 //! CNI config: the underlay MTU − 50 whenever the plan uses the overlay, the underlay MTU
 //! otherwise. In mode `auto` the overlay appears only once a peer needs it; pods created before
 //! keep the larger MTU, so clusters that span subnets should run with `--routing-mode vxlan`.
+pub mod fastpath;
 pub mod host;
 pub mod masq;
+pub mod masq6;
 pub mod plan;
 pub mod plan6;
 

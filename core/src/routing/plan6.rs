@@ -24,7 +24,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use ipnetwork::{IpNetwork, Ipv6Network};
 use k8s_openapi::api::core::v1::Node;
 
-use super::{HostNetwork, PeerVia, RoutePlan};
+use super::{HostNetwork, PeerVia, RoutePlan, masq6::Masquerade6Rules};
 
 /// The IPv6 routes of this node. Sorted, so equal inputs give equal plans.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,6 +40,8 @@ pub struct RoutePlan6 {
     /// Every IPv6 pod CIDR of the cluster (ours and the routed peers'), sorted: the egress
     /// masquerade leaves traffic between them untranslated.
     pub all_pod_cidrs: Vec<Ipv6Network>,
+    /// IPv6 egress masquerade (`None` when masquerade is off or this node has no IPv6 pods).
+    pub masquerade: Option<Masquerade6Rules>,
 }
 
 /// A route to one IPv6 pod CIDR of one peer.
@@ -227,6 +229,17 @@ pub fn plan_routes6<'a>(
     peers.sort_by_key(|p| (p.pod_cidr.network(), p.pod_cidr.prefix()));
     skipped.sort_by(|a, b| a.node.cmp(&b.node));
     all_pod_cidrs.sort_by_key(|n| (n.network(), n.prefix()));
+    // Like the IPv4 plan's: only when there is an IPv4 masquerade (the switch is one flag).
+    let masquerade = (v4.masquerade.is_some() && !local_pod_cidrs.is_empty()).then(|| {
+        let mut exempt = all_pod_cidrs.clone();
+        exempt.extend(
+            nodes
+                .iter()
+                .flat_map(|n| node_internal_ipv6s(n))
+                .map(Ipv6Network::from),
+        );
+        Masquerade6Rules::new(local_pod_cidrs.clone(), exempt, all_pod_cidrs.clone())
+    });
     let vtep = v4
         .vxlan
         .as_ref()
@@ -237,6 +250,7 @@ pub fn plan_routes6<'a>(
         peers,
         skipped,
         all_pod_cidrs,
+        masquerade,
     }
 }
 

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
@@ -15,7 +15,10 @@ use twill_common::{
     SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey, def,
 };
 
-use super::{DatapathError, sockdestroy};
+use super::{
+    DatapathError,
+    sockdestroy::{DestroyMethod, SocketDestroyer},
+};
 use crate::ctgc::{self, AddrOwners, CtGcPlan};
 use crate::lbmap::{LbMaps, LbState, MapError, MapKind};
 
@@ -35,6 +38,9 @@ pub struct FlushReport {
     pub ct_entries: usize,
     pub sockets_destroyed: usize,
     pub namespaces_searched: usize,
+    /// How the sockets were destroyed; `None` when no UDP backend was flushed or destruction
+    /// is off.
+    pub socket_destroy_method: Option<DestroyMethod>,
 }
 
 /// The load-balancing maps of a loaded (or adopted) datapath.
@@ -51,9 +57,8 @@ pub struct AyaLbMaps {
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
     udp_flows: HashMap<MapData, UdpFlowKey, AffinityValue>,
     capacity: BTreeMap<MapKind, u32>,
-    /// cgroup subtree whose processes' network namespaces are searched for connected UDP
-    /// sockets to destroy when a backend goes away; `None` disables socket destruction.
-    socket_scope: Option<PathBuf>,
+    /// Destroys connected UDP sockets to a backend that goes away; `None` disables it.
+    socket_destroyer: Option<SocketDestroyer>,
     /// The last flush, for observability.
     pub last_flush: FlushReport,
 }
@@ -148,7 +153,7 @@ impl AyaLbMaps {
             src_ranges,
             udp_flows,
             capacity: src.capacity,
-            socket_scope: None,
+            socket_destroyer: None,
             last_flush: FlushReport::default(),
         })
     }
@@ -159,12 +164,16 @@ impl AyaLbMaps {
         Self::from_maps(|name| super::open_pinned_map(bpffs_dir, name).map(Some))
     }
 
-    /// Enables destroying connected UDP sockets to removed backends in the network namespaces of
-    /// the processes under `cgroup` (the cgroup the socket programs are attached to).
+    /// Enables destroying connected UDP sockets to removed backends.
     #[must_use]
-    pub fn with_socket_scope(mut self, cgroup: impl Into<PathBuf>) -> Self {
-        self.socket_scope = Some(cgroup.into());
+    pub fn with_socket_destroyer(mut self, destroyer: SocketDestroyer) -> Self {
+        self.socket_destroyer = Some(destroyer);
         self
+    }
+
+    /// How connected UDP sockets to removed backends are destroyed (`None`: they are not).
+    pub fn socket_destroy_method(&self) -> Option<DestroyMethod> {
+        self.socket_destroyer.as_ref().map(SocketDestroyer::method)
     }
 
     /// `max_entries` of each map as created in the kernel.
@@ -259,6 +268,9 @@ impl AyaLbMaps {
             .filter(|(k, _)| addrs.contains(&(k.backend_addr_be, k.backend_port_be)))
             .map(|(k, _)| k)
             .collect();
+        // Sockets first: the destroyer recognises the sockets this datapath translated by their
+        // reverse-NAT entries.
+        self.destroy_udp_sockets(backends, &stale_rn, &mut report)?;
         for k in &stale_rn {
             remove(&mut self.revnat, k, MapKind::SockRevNat)?;
         }
@@ -283,32 +295,51 @@ impl AyaLbMaps {
             remove(&mut self.ct, k, MapKind::Ct)?;
         }
         report.ct_entries = stale_ct.len();
+        self.last_flush = report.clone();
+        Ok(report)
+    }
+
+    fn destroy_udp_sockets(
+        &mut self,
+        backends: &[(u32, Backend)],
+        revnat: &[SockRevNatKey],
+        report: &mut FlushReport,
+    ) -> Result<(), MapError> {
         // Only UDP needs it: a TCP connection to a gone backend fails by itself (RST/timeout),
         // and kube-proxy leaves TCP alone too.
-        let udp: Vec<&Backend> = backends
+        let v4 = |addr_be: u32, port_be: u16| {
+            (Ipv4Addr::from(u32::from_be(addr_be)), u16::from_be(port_be))
+        };
+        let targets: BTreeSet<(Ipv4Addr, u16)> = backends
             .iter()
-            .map(|(_, b)| b)
-            .filter(|b| b.proto == PROTO_UDP)
+            .filter(|(_, b)| b.proto == PROTO_UDP)
+            .map(|(_, b)| v4(b.addr_be, b.port_be))
             .collect();
-        if !udp.is_empty()
-            && let Some(scope) = &self.socket_scope
-        {
-            let io = |source| MapError::Syscall {
+        let Some(destroyer) = &mut self.socket_destroyer else {
+            return Ok(());
+        };
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let cookies: BTreeSet<(u64, Ipv4Addr, u16)> = revnat
+            .iter()
+            .map(|k| {
+                let (a, p) = v4(k.backend_addr_be, k.backend_port_be);
+                (k.cookie, a, p)
+            })
+            .filter(|(_, a, p)| targets.contains(&(*a, *p)))
+            .collect();
+        let r = destroyer
+            .destroy_udp(&targets, &cookies)
+            .map_err(|source| MapError::Syscall {
                 map: MapKind::SockRevNat,
                 op: "sock_destroy",
                 source,
-            };
-            let namespaces = sockdestroy::netns_of_cgroup(scope).map_err(io)?;
-            report.namespaces_searched = namespaces.len();
-            for b in udp {
-                let addr = Ipv4Addr::from(u32::from_be(b.addr_be));
-                let r = sockdestroy::destroy_udp_to(&namespaces, addr, u16::from_be(b.port_be))
-                    .map_err(io)?;
-                report.sockets_destroyed += r.destroyed;
-            }
-        }
-        self.last_flush = report.clone();
-        Ok(report)
+            })?;
+        report.namespaces_searched = r.namespaces;
+        report.sockets_destroyed = r.destroyed;
+        report.socket_destroy_method = Some(destroyer.method());
+        Ok(())
     }
 
     /// One collection pass over the connection-tracking table at `now_ns` (`CLOCK_MONOTONIC`):

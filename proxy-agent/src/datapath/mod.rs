@@ -16,10 +16,12 @@
 //! and [`Datapath::attach_tc`] per device (north-south, from inside the node's netns) →
 //! [`Datapath::lb_maps`] (the [`LbMaps`](crate::lbmap::LbMaps) implementation, counters, dumps,
 //! source ranges). [`Datapath::unpin_all`] removes everything for uninstall.
+mod fastpath_maps;
 mod maps;
 mod pods;
 mod policy_maps;
 mod sockdestroy;
+mod sockiter;
 mod sys;
 
 use std::{
@@ -39,10 +41,12 @@ use aya::{
 use twill_common::{BpfMapType, MapKind};
 
 pub use self::{
+    fastpath_maps::{AyaFastPathMaps, EndpointSync},
     maps::{AyaLbMaps, CtTable, FlushReport, ReasonCounts},
     pods::{PodLinkReport, is_pod_veth},
     policy_maps::AyaPolicyMaps,
-    sockdestroy::DestroyReport,
+    sockdestroy::{DEFAULT_NETNS_DIR, DestroyMethod, DestroyReport, SockDestroyMode},
+    sockiter::SockIterError,
     sys::{current_netns_cookie, monotonic_now_ns},
 };
 
@@ -178,12 +182,27 @@ pub enum DatapathError {
 pub use twill_common::MapSizes;
 
 /// How to load the datapath.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatapathOptions {
     /// Pin maps and links here (on bpffs) and adopt what an earlier agent pinned. `None`: nothing
     /// is pinned and everything goes away with the [`Datapath`] (tests).
     pub bpffs_dir: Option<PathBuf>,
     pub map_sizes: MapSizes,
+    /// Directories of pod network namespace bind mounts, searched (with this namespace) for
+    /// connected UDP sockets to destroy when a backend goes away.
+    pub netns_dirs: Vec<PathBuf>,
+    pub sock_destroy: SockDestroyMode,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            bpffs_dir: None,
+            map_sizes: MapSizes::default(),
+            netns_dirs: vec![DEFAULT_NETNS_DIR.into()],
+            sock_destroy: SockDestroyMode::default(),
+        }
+    }
 }
 
 impl DatapathOptions {
@@ -191,7 +210,7 @@ impl DatapathOptions {
     pub fn pinned(dir: impl Into<PathBuf>) -> Self {
         Self {
             bpffs_dir: Some(dir.into()),
-            map_sizes: MapSizes::default(),
+            ..Self::default()
         }
     }
     /// Nothing pinned, default map sizes.
@@ -239,6 +258,10 @@ pub struct Datapath {
     cgroup: Option<PathBuf>,
     /// Pod veths carrying the policy programs: name → ifindex.
     pod_links: std::collections::BTreeMap<String, u32>,
+    /// Whether the socket iterator can run here (until [`Datapath::lb_maps`] uses it).
+    sock_iter: Option<Result<sockiter::KernelSupport, SockIterError>>,
+    /// The host routing and masquerade maps, once taken out of the object.
+    fastpath: Option<AyaFastPathMaps>,
 }
 
 /// The aya map type of a catalogue entry.
@@ -320,7 +343,21 @@ impl Datapath {
                 loader.map_pin_path(kind.name(), path);
             }
         }
-        let ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        // The socket iterator's kfunc call is patched in before aya sees the object; where the
+        // kernel lacks it, the object loads as built and the iterator is simply not used.
+        let sock_iter = match opts.sock_destroy {
+            SockDestroyMode::Auto => Some(sockiter::kernel_support().and_then(|k| {
+                let patched = sockiter::patch(EBPF_OBJECT, k.sock_destroy_id())?;
+                Ok((k, patched))
+            })),
+            SockDestroyMode::SockDiag => None,
+        };
+        let object = match &sock_iter {
+            Some(Ok((_, patched))) => patched.bytes(),
+            _ => EBPF_OBJECT,
+        };
+        let ebpf = loader.load(object).map_err(DatapathError::Load)?;
+        let sock_iter = sock_iter.map(|r| r.map(|(k, _)| k));
         for name in twill_common::ALL_MAPS
             .iter()
             .chain(twill_common::UNPINNED_MAPS)
@@ -345,6 +382,8 @@ impl Datapath {
             links: Vec::new(),
             cgroup: None,
             pod_links: std::collections::BTreeMap::new(),
+            sock_iter,
+            fastpath: None,
         })
     }
 
@@ -576,15 +615,40 @@ impl Datapath {
     }
 
     /// The load-balancing maps (the [`LbMaps`](crate::lbmap::LbMaps) implementation, counters,
-    /// dumps). Takes them out of the loaded object, so call it once. When the programs are
-    /// attached, removing a UDP backend also destroys connected sockets to it in the attached
-    /// cgroup's network namespaces.
+    /// dumps). Takes them out of the loaded object, so call it once. When the socket programs
+    /// are attached, removing a UDP backend also destroys the connected sockets they aimed at it
+    /// (see [`sockdestroy`]).
     pub fn lb_maps(&mut self) -> Result<AyaLbMaps, DatapathError> {
         let maps = AyaLbMaps::from_maps(|name| Ok(self.ebpf.take_map(name)))?;
-        Ok(match &self.cgroup {
-            Some(cg) => maps.with_socket_scope(cg.clone()),
-            None => maps,
-        })
+        if self.cgroup.is_none() {
+            return Ok(maps);
+        }
+        let iter = match self.sock_iter.take() {
+            Some(Ok(kernel)) => match sockiter::UdpSockIter::load(&mut self.ebpf, &kernel) {
+                Ok(iter) => Some(iter),
+                Err(e) => {
+                    log::info!(
+                        "{}; destroying stale UDP sockets with sock_diag",
+                        crate::source::manifests::error_chain(&e)
+                    );
+                    None
+                }
+            },
+            Some(Err(e)) => {
+                log::info!(
+                    "{}; destroying stale UDP sockets with sock_diag",
+                    crate::source::manifests::error_chain(&e)
+                );
+                None
+            }
+            None => None,
+        };
+        let destroyer = sockdestroy::SocketDestroyer::new(self.opts.netns_dirs.clone(), iter);
+        log::info!(
+            "stale UDP sockets are destroyed with {:?}",
+            destroyer.method()
+        );
+        Ok(maps.with_socket_destroyer(destroyer))
     }
 
     /// The NetworkPolicy maps (the [`PolicyMaps`](crate::policy::PolicyMaps) implementation).
@@ -621,6 +685,18 @@ impl Datapath {
                 source,
             })?;
         Ok((ring, budget))
+    }
+
+    /// The eBPF host routing and masquerade maps (taken out of the loaded object on first use).
+    pub fn fastpath_maps(&mut self) -> Result<&mut AyaFastPathMaps, DatapathError> {
+        if self.fastpath.is_none() {
+            self.fastpath = Some(AyaFastPathMaps::from_maps(|name| {
+                Ok(self.ebpf.take_map(name))
+            })?);
+        }
+        self.fastpath
+            .as_mut()
+            .ok_or(DatapathError::MissingMap(twill_common::MAP_LOCAL_ENDPOINTS))
     }
 
     /// Removes every pin Twill made under `bpffs_dir` (links first: the hooks detach as soon as

@@ -2,20 +2,28 @@
 //!
 //! Socket-level load balancing translates a connected UDP socket once, at `connect()`; after
 //! that its datagrams go straight to the backend, so removing the backend from the maps does not
-//! move it (the classic stale-UDP problem: kubernetes #19029, cilium #27300). Cilium destroys such
-//! sockets with a BPF socket iterator calling the `bpf_sock_destroy` kfunc. aya-ebpf 0.2.1 has no
-//! `iter` program macro and no kfunc declarations, so we use the older kernel interface that does
-//! the same thing: `sock_diag` over netlink (`SOCK_DIAG_BY_FAMILY` dump, then `SOCK_DESTROY` per
-//! socket, like `ss -K`; needs `CONFIG_INET_DIAG_DESTROY`, present here and on the major
-//! distributions' kernels). The application sees `ECONNABORTED` on its next call and reconnects,
-//! which balances it afresh.
+//! move it (the classic stale-UDP problem: kubernetes #19029, cilium #27300). The application
+//! sees `ECONNABORTED` on its next call after its socket is destroyed and reconnects, which
+//! balances it afresh.
 //!
-//! `sock_diag` only sees the calling thread's network namespace, and every pod has its own; the
-//! namespaces are found through the processes of the cgroup subtree the socket programs are
-//! attached to (exactly the sockets the datapath translated), and entered from a short-lived
-//! thread (`setns` only changes the calling thread).
+//! Two ways to destroy, picked once at start ([`SocketDestroyer`]):
+//! - a BPF socket iterator calling the `bpf_sock_destroy` kfunc (kernel >= 6.5,
+//!   [`super::sockiter`]): the kernel walks the sockets and destroys in place;
+//! - `sock_diag` over netlink otherwise (`SOCK_DIAG_BY_FAMILY` dump, then `SOCK_DESTROY` per
+//!   socket, like `ss -K`; needs `CONFIG_INET_DIAG_DESTROY`).
+//!
+//! Both see only the calling thread's network namespace (a socket iterator filters by
+//! `seq_file_net`, `seq_sk_match` in net/ipv4/udp.c), and every pod has its own, so both run
+//! once per namespace from a short-lived thread that entered it (`setns` only changes the
+//! calling thread). The namespaces are this one (host-network pods and node processes) and the
+//! bind mounts the container runtime keeps for pod sandboxes under `/var/run/netns`
+//! (iproute2, containerd and CRI-O all put them there): opening those needs no access to other
+//! processes, so the agent needs neither the host's PID namespace nor `CAP_SYS_PTRACE`, only
+//! `CAP_SYS_ADMIN` for `setns`. Only sockets this datapath translated are touched: their
+//! (socket cookie, backend) is in `SOCK_REVNAT` (a pod talking to a backend's address directly,
+//! or a socket another Twill instance translated, is left alone).
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     mem::size_of,
     net::Ipv4Addr,
@@ -23,8 +31,17 @@ use std::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::fs::MetadataExt as _,
     },
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
+
+use twill_common::{DEFAULT_SOCK_DESTROY_MAX, SockDestroyKey};
+
+use super::sockiter::UdpSockIter;
+
+/// Where container runtimes bind-mount pod network namespaces.
+pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
+/// `statfs` magic of nsfs (include/uapi/linux/magic.h): a namespace file, not a leftover.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const AF_INET: u8 = 2;
@@ -46,6 +63,25 @@ const REQ_LEN: usize = 8 + SOCKID_LEN;
 /// `struct inet_diag_msg`: family, state, timer, retrans, id, expires, rqueue, wqueue, uid, inode.
 const MSG_LEN: usize = 4 + SOCKID_LEN + 20;
 
+/// How sockets are destroyed on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DestroyMethod {
+    /// `iter/udp` + `bpf_sock_destroy` (kernel >= 6.5).
+    BpfIterator,
+    /// `sock_diag` `SOCK_DESTROY` over netlink.
+    SockDiag,
+}
+
+/// Which method the agent may use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SockDestroyMode {
+    /// The BPF iterator where the kernel has it, else `sock_diag`.
+    #[default]
+    Auto,
+    /// `sock_diag` only.
+    SockDiag,
+}
+
 /// Result of one sweep.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DestroyReport {
@@ -55,73 +91,126 @@ pub struct DestroyReport {
     pub destroyed: usize,
 }
 
-/// Network namespaces of every process in the cgroup subtree `cgroup` (deduplicated by the
-/// namespace's inode), as paths under /proc to open.
-pub fn netns_of_cgroup(cgroup: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut pids = Vec::new();
-    collect_pids(cgroup, &mut pids)?;
-    let mut by_inode = BTreeMap::new();
-    for pid in pids {
-        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
-        // Processes exit while we look; those are simply skipped.
-        if let Ok(meta) = fs::metadata(&path) {
-            by_inode.entry((meta.dev(), meta.ino())).or_insert(path);
-        }
-    }
-    Ok(by_inode.into_values().collect())
+/// Destroys connected UDP sockets to removed backends, in this network namespace and in every
+/// namespace bind-mounted under its directories.
+pub struct SocketDestroyer {
+    netns_dirs: Vec<PathBuf>,
+    iter: Option<UdpSockIter>,
 }
 
-fn collect_pids(dir: &Path, out: &mut Vec<u32>) -> io::Result<()> {
-    match fs::read_to_string(dir.join("cgroup.procs")) {
-        Ok(procs) => out.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok())),
-        // A child cgroup removed while we walk.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+impl SocketDestroyer {
+    /// With the iterator when given, else `sock_diag`.
+    pub fn new(netns_dirs: Vec<PathBuf>, iter: Option<UdpSockIter>) -> Self {
+        Self { netns_dirs, iter }
     }
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            collect_pids(&entry.path(), out)?;
+
+    pub fn method(&self) -> DestroyMethod {
+        if self.iter.is_some() {
+            DestroyMethod::BpfIterator
+        } else {
+            DestroyMethod::SockDiag
         }
     }
-    Ok(())
+
+    /// Destroys every connected UDP socket whose peer is one of `targets` and whose (cookie,
+    /// peer) is in `cookies` (the socket reverse-NAT entries of the targets: the iterator checks
+    /// the map itself, `sock_diag` checks this set).
+    pub fn destroy_udp(
+        &mut self,
+        targets: &BTreeSet<(Ipv4Addr, u16)>,
+        cookies: &BTreeSet<(u64, Ipv4Addr, u16)>,
+    ) -> io::Result<DestroyReport> {
+        let namespaces = namespaces(&self.netns_dirs)?;
+        let mut report = DestroyReport {
+            namespaces: namespaces.len(),
+            destroyed: 0,
+        };
+        match &mut self.iter {
+            Some(iter) => {
+                let keys: Vec<SockDestroyKey> = targets
+                    .iter()
+                    .map(|(a, p)| SockDestroyKey {
+                        addr_be: u32::from(*a).to_be(),
+                        port_be: p.to_be(),
+                        _pad: 0,
+                    })
+                    .collect();
+                for chunk in keys.chunks(DEFAULT_SOCK_DESTROY_MAX as usize) {
+                    iter.set_targets(chunk).map_err(io::Error::other)?;
+                    let swept = in_each(&namespaces, || iter.sweep_current_netns());
+                    // Emptied even when a sweep failed: a stale target would doom a later socket.
+                    iter.clear().map_err(io::Error::other)?;
+                    report.destroyed += swept?;
+                }
+            }
+            None => {
+                report.destroyed += in_each(&namespaces, || destroy_in_current_netns(cookies))?;
+            }
+        }
+        Ok(report)
+    }
 }
 
-/// Destroys every connected UDP socket whose peer is `addr:port`, in each of `namespaces`.
-pub fn destroy_udp_to(
-    namespaces: &[PathBuf],
-    addr: Ipv4Addr,
-    port: u16,
-) -> io::Result<DestroyReport> {
-    let mut report = DestroyReport::default();
-    for ns in namespaces {
-        let file = match fs::File::open(ns) {
-            Ok(f) => f,
-            // The process owning this namespace exited: nothing left to clean there.
+/// This thread's network namespace, then each distinct namespace file under `dirs` (a missing
+/// directory is empty; files that are not namespaces, such as the placeholder of a namespace
+/// being created, are skipped), deduplicated by the namespace's inode.
+pub fn namespaces(dirs: &[PathBuf]) -> io::Result<Vec<fs::File>> {
+    let mut seen = BTreeMap::new();
+    let own = fs::File::open("/proc/thread-self/ns/net")?;
+    let own_meta = own.metadata()?;
+    seen.insert((own_meta.dev(), own_meta.ino()), own);
+    for dir in dirs {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        let n = std::thread::scope(|s| {
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for path in paths {
+            // Removed while we look (the pod went away): nothing to clean there.
+            let Ok(file) = fs::File::open(&path) else {
+                continue;
+            };
+            if !is_nsfs(&file) {
+                continue;
+            }
+            let meta = file.metadata()?;
+            seen.entry((meta.dev(), meta.ino())).or_insert(file);
+        }
+    }
+    Ok(seen.into_values().collect())
+}
+
+fn is_nsfs(file: &fs::File) -> bool {
+    // SAFETY: fstatfs on an open fd with a valid out-pointer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstatfs(file.as_raw_fd(), &raw mut st) }) == 0 && st.f_type == NSFS_MAGIC
+}
+
+/// Runs `f` in each of `namespaces` from a thread that entered it; sums the counts.
+fn in_each(namespaces: &[fs::File], f: impl Fn() -> io::Result<usize> + Sync) -> io::Result<usize> {
+    let mut total = 0;
+    for ns in namespaces {
+        total += std::thread::scope(|s| {
             s.spawn(|| {
                 // SAFETY: setns on this (short-lived, dedicated) thread only.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                destroy_in_current_netns(addr, port)
+                f()
             })
             .join()
             .map_err(|_| io::Error::other("socket destroy thread panicked"))?
         })?;
-        report.namespaces += 1;
-        report.destroyed += n;
     }
-    Ok(report)
+    Ok(total)
 }
 
 /// Dumps the connected UDP sockets of the calling thread's namespace and destroys those whose
-/// peer is `addr:port`: AF_INET sockets, and AF_INET6 ones connected to `::ffff:addr` (the
-/// socket programs translate those too).
-pub fn destroy_in_current_netns(addr: Ipv4Addr, port: u16) -> io::Result<usize> {
+/// (cookie, peer) is in `cookies`: AF_INET sockets, and AF_INET6 ones connected to `::ffff:addr`
+/// (the socket programs translate those too).
+pub fn destroy_in_current_netns(cookies: &BTreeSet<(u64, Ipv4Addr, u16)>) -> io::Result<usize> {
     let nl = NlSock::open()?;
     let mut destroyed = 0;
     let mut seq = 1;
@@ -139,7 +228,9 @@ pub fn destroy_in_current_netns(addr: Ipv4Addr, port: u16) -> io::Result<usize> 
                     .try_into()
                     .unwrap_or([0; SOCKID_LEN]);
                 let dport = u16::from_be_bytes([id[2], id[3]]);
-                if peer_v4(family, &id) == Some(addr) && dport == port {
+                if let Some(peer) = peer_v4(family, &id)
+                    && cookies.contains(&(cookie_of(&id), peer, dport))
+                {
                     victims.push(id);
                 }
             }
@@ -166,6 +257,14 @@ pub fn destroy_in_current_netns(addr: Ipv4Addr, port: u16) -> io::Result<usize> 
 
 /// The IPv4 peer in a `struct inet_diag_sockid` (`dst` at bytes 20..36): its first four bytes
 /// for AF_INET, the low four of an IPv4-mapped address for AF_INET6.
+/// The socket's cookie in a `struct inet_diag_sockid` (`idiag_cookie[2]` at bytes 40..48, low
+/// half first: `sock_diag_save_cookie`).
+fn cookie_of(id: &[u8; SOCKID_LEN]) -> u64 {
+    let lo = u32::from_ne_bytes([id[40], id[41], id[42], id[43]]);
+    let hi = u32::from_ne_bytes([id[44], id[45], id[46], id[47]]);
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
 fn peer_v4(family: u8, id: &[u8; SOCKID_LEN]) -> Option<Ipv4Addr> {
     let dst = &id[20..36];
     let v4 = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
@@ -316,8 +415,22 @@ mod tests {
     }
 
     #[test]
-    fn netns_of_missing_cgroup_is_empty() {
-        let dir = std::env::temp_dir().join("twill-no-such-cgroup-for-test");
-        assert_eq!(netns_of_cgroup(&dir).unwrap(), Vec::<PathBuf>::new());
+    fn cookie_is_low_half_first() {
+        let mut id = [0u8; SOCKID_LEN];
+        id[40..44].copy_from_slice(&0x0506_0708u32.to_ne_bytes());
+        id[44..48].copy_from_slice(&0x0102_0304u32.to_ne_bytes());
+        assert_eq!(cookie_of(&id), 0x0102_0304_0506_0708);
+    }
+
+    /// Only this thread's namespace when the directories are missing; plain files (a namespace
+    /// being created, a leftover) are skipped.
+    #[test]
+    fn namespaces_skip_missing_dirs_and_plain_files() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("not-a-netns"), b"").unwrap();
+        let missing = dir.path().join("missing");
+        let found = namespaces(&[dir.path().to_owned(), missing]).unwrap();
+        assert_eq!(found.len(), 1);
+        assert!(is_nsfs(&found[0]));
     }
 }

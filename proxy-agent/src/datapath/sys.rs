@@ -1,7 +1,8 @@
-//! The three `bpf(2)` commands aya 0.14 does not expose for cgroup links: opening a pinned
-//! object, reading a link's target, and swapping the program of an existing link in place
+//! The `bpf(2)` commands aya 0.14 does not expose. For cgroup links: opening a pinned object,
+//! reading a link's target, and swapping the program of an existing link in place
 //! (`BPF_LINK_UPDATE`, which aya only uses internally for XDP and tc). Replacing the program of
 //! the pinned link is what makes an agent upgrade gap-free: the hook never has zero programs.
+//! For the socket iterator: an iterator link, and iterators made from it.
 use std::{
     ffi::CString,
     io,
@@ -124,6 +125,39 @@ fn obj_info(fd: BorrowedFd<'_>) -> io::Result<Attr> {
     attr.put_u64(8, info.0.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(info)
+}
+
+/// Attaches the iterator program `prog` (`BPF_LINK_CREATE` with `BPF_TRACE_ITER`). aya's
+/// `Iter::attach` gives a link that can make a single iterator (`IterLink::into_file` consumes
+/// it); the socket destroyer makes one per network namespace and sweep from the same link.
+pub fn iter_link_create(prog: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // struct { u32 prog_fd; u32 target_fd; u32 attach_type; u32 flags; ... }
+    let mut attr = Attr::new();
+    attr.put_u32(0, fd_u32(prog));
+    attr.put_u32(
+        8,
+        aya_obj::generated::bpf_attach_type::BPF_TRACE_ITER as u32,
+    );
+    let fd = bpf(
+        aya_obj::generated::bpf_cmd::BPF_LINK_CREATE as libc::c_long,
+        &mut attr,
+    )?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) })
+}
+
+/// A new iterator of `link` (`BPF_ITER_CREATE`): reading it runs the program over the objects
+/// of the calling thread's network namespace (for socket iterators).
+pub fn iter_create(link: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // struct { u32 link_fd; u32 flags; }
+    let mut attr = Attr::new();
+    attr.put_u32(0, fd_u32(link));
+    let fd = bpf(
+        aya_obj::generated::bpf_cmd::BPF_ITER_CREATE as libc::c_long,
+        &mut attr,
+    )?;
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) })
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`, for ages of affinity

@@ -1,7 +1,9 @@
 //! Which pod veths exist: one rtnetlink link dump on demand, and a subscription to link events
 //! (`RTMGRP_LINK`) that wakes the run loop when a pod veth appears, is renamed (retired by CNI
 //! DEL) or goes, so a new pod's veth carries the policy programs within milliseconds of its
-//! creation rather than at the next periodic sweep.
+//! creation rather than at the next periodic sweep. Neighbour events (`RTMGRP_NEIGH`) on pod
+//! veths wake it too when they tell a pod MAC the fast path does not know yet
+//! (`crate::fastpath`).
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -24,6 +26,12 @@ pub enum LinksError {
     },
     #[error("dumping the links")]
     Dump(#[source] rtnetlink::Error),
+    #[error("dumping the {what}")]
+    DumpOf {
+        what: &'static str,
+        #[source]
+        source: rtnetlink::Error,
+    },
 }
 
 /// The pod veths of the network namespace the agent runs in.
@@ -31,6 +39,8 @@ pub struct PodVeths {
     handle: rtnetlink::Handle,
     changed: Arc<Notify>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// What the fast path knows, so neighbour events that tell nothing new wake nobody.
+    known: Arc<std::sync::Mutex<crate::fastpath::KnownNeighbours>>,
 }
 
 impl Drop for PodVeths {
@@ -69,7 +79,10 @@ impl PodVeths {
             })?;
         conn.socket_mut()
             .socket_mut()
-            .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))
+            .bind(&SocketAddr::new(
+                0,
+                rtnetlink::constants::RTMGRP_LINK | rtnetlink::constants::RTMGRP_NEIGH,
+            ))
             .map_err(|source| LinksError::Socket {
                 what: "events",
                 source,
@@ -77,8 +90,24 @@ impl PodVeths {
         tasks.push(tokio::spawn(conn));
         let changed = Arc::new(Notify::new());
         let notify = changed.clone();
+        let known = Arc::new(std::sync::Mutex::new(
+            crate::fastpath::KnownNeighbours::default(),
+        ));
+        let known_events = known.clone();
         tasks.push(tokio::spawn(async move {
             while let Some((msg, _)) = messages.next().await {
+                if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) =
+                    &msg.payload
+                {
+                    let news = known_events
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .is_news(n);
+                    if news {
+                        notify.notify_one();
+                    }
+                    continue;
+                }
                 let NetlinkPayload::InnerMessage(
                     RouteNetlinkMessage::NewLink(link) | RouteNetlinkMessage::DelLink(link),
                 ) = &msg.payload
@@ -94,6 +123,7 @@ impl PodVeths {
             handle,
             changed,
             tasks,
+            known,
         })
     }
 
@@ -114,6 +144,19 @@ impl PodVeths {
                 is_pod_veth(name).then(|| (name.to_owned(), l.header.index))
             })
             .collect())
+    }
+
+    /// The local endpoints as the kernel shows them now (see `crate::fastpath`); remembers the
+    /// pod MACs so that only news about them wakes the loop.
+    pub async fn endpoints(
+        &self,
+    ) -> Result<std::collections::BTreeMap<u32, twill_common::LocalEndpoint>, LinksError> {
+        let (eps, known) = crate::fastpath::dump_endpoints(&self.handle).await?;
+        *self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = known;
+        Ok(eps)
     }
 
     /// Resolves after a pod veth changed since the last call.

@@ -70,6 +70,41 @@ impl PolicyTask {
             .policy
             .pod_links
             .set(i64::try_from(datapath.pod_links().len()).unwrap_or(i64::MAX));
+        self.sync_endpoints(datapath).await;
+    }
+
+    /// The fast path's local endpoints from the same pod veths (`crate::fastpath`).
+    async fn sync_endpoints(&self, datapath: &mut Datapath) {
+        let endpoints = match self.veths.endpoints().await {
+            Ok(e) => e,
+            Err(e) => {
+                log::warn!("fast path endpoints: {}", error_chain(&e));
+                return;
+            }
+        };
+        let maps = match datapath.fastpath_maps() {
+            Ok(m) => m,
+            Err(e) => {
+                log::error!("fast path maps: {}", error_chain(&e));
+                return;
+            }
+        };
+        match maps.sync_endpoints(&endpoints) {
+            Ok(done) if done.written + done.deleted > 0 => {
+                log::debug!("fast path endpoints: {done:?}");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                log::warn!("fast path endpoints: {}", error_chain(&e));
+                self.metrics.map_error(e.map().name(), e.metric_label());
+            }
+        }
+        let known = endpoints
+            .values()
+            .filter(|e| e.flags & twill_common::LXC_F_MAC_KNOWN != 0)
+            .count();
+        self.metrics
+            .set_fastpath_endpoints(known, endpoints.len() - known);
     }
 
     /// Compiles and applies what changed, then hands the compiled state to the API.
@@ -86,6 +121,17 @@ impl PolicyTask {
             p.policy = state;
             p.policy_objects = self.syncer.objects();
         }
+    }
+
+    /// The IPv4 addresses of this node's pods a NetworkPolicy isolates (either direction).
+    pub fn isolated_pods(&self) -> Vec<std::net::Ipv4Addr> {
+        self.syncer
+            .state()
+            .local_pods
+            .values()
+            .filter(|p| !p.ingress_policies.is_empty() || !p.egress_policies.is_empty())
+            .map(|p| p.ip)
+            .collect()
     }
 
     /// When to retry after a failed apply.

@@ -374,7 +374,7 @@ spec:
                 backend_count: 1,
                 flags: 0,
                 affinity_timeout_s: 0,
-                _pad: 0,
+                maglev_size: 0,
             },
         );
         lb.slots.insert(SlotKey { svc_id: 1, slot: 0 }, 7);

@@ -21,6 +21,8 @@ use rtnetlink::{
     },
 };
 
+use twill_core::routing::masq6::Masquerade6Rules;
+
 use super::netlink::{link_kind, neighbour_lladdr, route_table};
 use super::{
     ApplyReport, PeerVia6, ROUTE_PROTO_TWILL, RouteExecutor, RoutePlan6, RoutingError, VXLAN_DEVICE,
@@ -87,6 +89,43 @@ fn neighbour_ipv6(n: &NeighbourMessage) -> Option<Ipv6Addr> {
 }
 
 impl RouteExecutor {
+    /// The host veth of each pod address in `pods` that has a `/32` route through one (the
+    /// route twill-cni adds per pod): (address, interface name).
+    pub async fn pod_veths_of(
+        &self,
+        pods: &[std::net::Ipv4Addr],
+    ) -> Result<Vec<(std::net::Ipv4Addr, String)>, RoutingError> {
+        if pods.is_empty() {
+            return Ok(Vec::new());
+        }
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(RoutingError::netlink("dump routes"))?;
+        let host = self.host_network().await?;
+        Ok(routes
+            .iter()
+            .filter(|r| r.header.destination_prefix_length == 32)
+            .filter_map(|r| {
+                let dst = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+                    _ => None,
+                })?;
+                let oif = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })?;
+                let name = &host.links.iter().find(|l| l.index == oif)?.name;
+                (pods.contains(&dst) && crate::datapath::is_pod_veth(name))
+                    .then(|| (dst, name.clone()))
+            })
+            .collect())
+    }
+
     async fn main_routes6(&self) -> Result<Vec<RouteMessage>, RoutingError> {
         let all: Vec<RouteMessage> = self
             .handle
@@ -154,6 +193,13 @@ impl RouteExecutor {
         }
         self.sync_routes6(plan, vx_index, prune, &mut report)
             .await?;
+        // As for IPv4: the masquerade table only once the node store has synced.
+        if prune {
+            match &plan.masquerade {
+                Some(rules) => super::nft::nft(&rules.render()).await?,
+                None => super::nft::nft(&Masquerade6Rules::render_remove()).await?,
+            }
+        }
         Ok(report)
     }
 

@@ -11,12 +11,22 @@ pub async fn apply(rules: &MasqueradeRules) -> Result<(), RoutingError> {
     nft(&rules.render()).await
 }
 
-/// Removes the agent's table (no error when it is absent).
+/// Removes the agent's tables, IPv4 and IPv6 (no error when they are absent, nor when nftables
+/// is not installed: then no table can exist).
 pub async fn remove() -> Result<(), RoutingError> {
-    nft(&MasqueradeRules::render_remove()).await
+    for script in [
+        MasqueradeRules::render_remove(),
+        twill_core::routing::masq6::Masquerade6Rules::render_remove(),
+    ] {
+        match nft(&script).await {
+            Err(RoutingError::NftSpawn(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    Ok(())
 }
 
-async fn nft(script: &str) -> Result<(), RoutingError> {
+pub(super) async fn nft(script: &str) -> Result<(), RoutingError> {
     let mut child = tokio::process::Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())

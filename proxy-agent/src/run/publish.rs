@@ -53,9 +53,10 @@ pub struct Names {
 }
 
 impl Names {
-    pub fn new(cluster_domain: &str) -> Self {
+    /// `negative_ttl`: how long clients cache the zone's NXDOMAIN/NODATA (`--dns-ttl`).
+    pub fn new(cluster_domain: &str, negative_ttl: u32) -> Self {
         Self {
-            table: twill_core::dns::DnsTable::new(cluster_domain),
+            table: twill_core::dns::DnsTable::new(cluster_domain).with_negative_ttl(negative_ttl),
             responder: None,
         }
     }

@@ -131,6 +131,7 @@ fn start_datapath(
     let mut datapath = Datapath::load(&DatapathOptions {
         bpffs_dir: Some(cfg.bpffs_dir.clone()),
         map_sizes: cfg.map_sizes,
+        ..DatapathOptions::default()
     })?;
     for a in datapath.adopted_maps() {
         log::info!(
@@ -191,7 +192,7 @@ async fn start_dns<M: LbMaps + VerdictStats>(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     agent.set_dns(responder.clone());
     match agent.ctx().cfg.dns_bind_address {
-        Some(addr) => crate::dns::start(responder, addr).await,
+        Some(addr) => crate::dns::start(responder, addr, &agent.ctx().cfg.dns_upstream).await,
         None => Vec::new(),
     }
 }

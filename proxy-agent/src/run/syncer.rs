@@ -35,7 +35,7 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
             services: ServicePipeline::new(&ctx.cfg, reconciler),
             reports: Reports::default(),
             hc_servers: HealthCheckServers::new(ctx.health.clone(), Ipv4Addr::UNSPECIFIED),
-            names: Names::new(&ctx.cfg.cluster_domain),
+            names: Names::new(&ctx.cfg.cluster_domain, ctx.cfg.dns_ttl),
             ctx,
         }
     }

@@ -470,7 +470,7 @@ impl Setup<'_> {
 
     fn clear(&mut self, lab: &Lab) -> Result<()> {
         match self.contender {
-            Contender::Direct | Contender::DirectMasq => {}
+            Contender::Direct | Contender::DirectMasq | Contender::TwillNoService => {}
             Contender::Iptables => {
                 run_with_input(self.node, &["iptables-restore"], &rules::iptables_empty())?;
             }
@@ -515,7 +515,7 @@ impl Setup<'_> {
     fn program_full(&mut self, lab: &Lab, services: &[BenchService]) -> Result<Duration> {
         let t = Instant::now();
         match self.contender {
-            Contender::Direct | Contender::DirectMasq => {}
+            Contender::Direct | Contender::DirectMasq | Contender::TwillNoService => {}
             Contender::Iptables => run_with_input(
                 self.node,
                 &["iptables-restore"],
@@ -544,7 +544,7 @@ impl Setup<'_> {
     fn program_add(&mut self, lab: &Lab, new: &BenchService) -> Result<Duration> {
         let t = Instant::now();
         match self.contender {
-            Contender::Direct | Contender::DirectMasq => {}
+            Contender::Direct | Contender::DirectMasq | Contender::TwillNoService => {}
             Contender::Iptables => {
                 run_with_input(
                     self.node,
@@ -753,7 +753,7 @@ impl<'a> Bench<'a> {
             let node = lab.node(i);
             match Self::setup(lab, node, contender) {
                 Ok(s) => setups.push(s),
-                Err(e) if contender == Contender::Twill => {
+                Err(e) if contender.runs_twill() => {
                     results
                         .unavailable
                         .insert(contender.name().into(), format!("{e:#}"));
@@ -840,7 +840,7 @@ impl<'a> Bench<'a> {
                 &twill_masquerade_table(lab, node),
             )?;
         }
-        let agent = if contender == Contender::Twill {
+        let agent = if contender.runs_twill() {
             Some(start_agent(node)?)
         } else {
             None
@@ -870,7 +870,7 @@ impl<'a> Bench<'a> {
 
     fn mark_unavailable(&mut self, idx: usize, reason: String) {
         let s = &mut self.setups[idx];
-        let reason = if s.contender == Contender::Twill {
+        let reason = if s.contender.runs_twill() {
             format!("{reason} (agent log: {})", s.agent_log_tail())
         } else {
             reason
@@ -1059,7 +1059,7 @@ impl<'a> Bench<'a> {
                 .flush_conntrack()
                 .and_then(|()| s.crr(self.lab, Path::EastWest, warm, threads))
             {
-                if s.contender == Contender::Twill {
+                if s.contender.runs_twill() {
                     self.mark_unavailable(idx, format!("warm-up at N={n}: {e:#}"));
                 } else {
                     return Err(e.context(format!("warm-up of {} at N={n}", s.name())));

@@ -30,15 +30,20 @@ pub enum Contender {
     /// agent): what the table's netfilter hooks cost untranslated pod traffic. Opt-in
     /// (`--only direct-masq,...`), not part of the default run.
     DirectMasq,
+    /// The direct path's pod pair in a node running `twill-agent` with no Service: the client
+    /// connects to the pod IPs as `direct` does, but the packets take Twill's eBPF host routing.
+    /// Against `direct` it shows the host-routing gain; against `twill`, the Service's cost.
+    TwillNoService,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 5] = [
+    pub const ALL: [Contender; 6] = [
         Contender::Direct,
         Contender::Iptables,
         Contender::IptablesLegacy,
         Contender::Nftables,
         Contender::Twill,
+        Contender::TwillNoService,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,21 +54,31 @@ impl Contender {
             Contender::Nftables => "nftables",
             Contender::Twill => "twill",
             Contender::DirectMasq => "direct-masq",
+            Contender::TwillNoService => "twill-fastpath-no-service",
         }
     }
 
     /// Contenders `--only` accepts: the default set plus the opt-in diagnostics.
-    pub const SELECTABLE: [Contender; 6] = [
+    pub const SELECTABLE: [Contender; 7] = [
         Contender::Direct,
         Contender::Iptables,
         Contender::IptablesLegacy,
         Contender::Nftables,
         Contender::Twill,
+        Contender::TwillNoService,
         Contender::DirectMasq,
     ];
 
     /// Connects to the pod IPs itself (no Service translation).
     pub fn is_direct(self) -> bool {
-        matches!(self, Contender::Direct | Contender::DirectMasq)
+        matches!(
+            self,
+            Contender::Direct | Contender::DirectMasq | Contender::TwillNoService
+        )
+    }
+
+    /// Runs `twill-agent` on its node.
+    pub fn runs_twill(self) -> bool {
+        matches!(self, Contender::Twill | Contender::TwillNoService)
     }
 }

@@ -31,6 +31,17 @@
 //!                                                    format); prints rcode=.. then one line per
 //!                                                    answer record: `<type> <data>`
 //! labtool dns --to IP:PORT --garbage                 sends malformed DNS datagrams, no wait
+//! labtool dns-load --to IP:PORT --name NAME [--threads T] [--duration-ms D] [--timeout-ms T]
+//!                                                    closed-loop A questions, one UDP socket per
+//!                                                    thread (≤ 64 threads, ≤ 60 s); JSON
+//!                                                    {"answered","timeouts","errors","qps",
+//!                                                    "p50_us","p99_us"}
+//! labtool dns --to IP:PORT --oversized               sends a 9000-byte datagram and 65535
+//!                                                    bytes of noise framed as one TCP message
+//! labtool dns --to IP:PORT --flood N [--name NAME]   N (≤ 100000) A questions back to back
+//!                                                    from one UDP socket, then waits up to
+//!                                                    --timeout-ms for answers; prints
+//!                                                    sent=.. answered=..
 //! ```
 //! The socket's family follows `--to`: `[::ffff:10.96.0.10]:80` (or `10.96.0.10:80` with
 //! `--ipv6-mapped`) makes an AF_INET6 socket talking to an IPv4-mapped address, as the JVM and
@@ -93,6 +104,7 @@ fn main() -> ExitCode {
         "netns-cookie" => netns_cookie(),
         "flood" => flood(&args),
         "dns" => dns(&args),
+        "dns-load" => dns_load(&args),
         other => Err(format!("unknown command {other}")),
     };
     match result {
@@ -548,12 +560,196 @@ fn flood(args: &Args) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Closed-loop DNS load: each thread asks, waits for the answer (or the timeout), asks again.
+fn dns_load(args: &Args) -> Result<ExitCode, String> {
+    use hickory_proto::rr::Name;
+    let to = args.addr()?;
+    let name = args.value("--name").ok_or("--name NAME is required")?;
+    let qname = Name::from_ascii(name).map_err(|e| format!("--name {name}: {e}"))?;
+    let threads = args.num("--threads", 4)?.clamp(1, 64);
+    let duration = Duration::from_millis(args.num("--duration-ms", 3000)?.min(60_000));
+    let timeout = Duration::from_millis(args.num("--timeout-ms", 1000)?);
+    let end = Instant::now() + duration;
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let qname = qname.clone();
+            let seed = u16::try_from(t).unwrap_or(0).wrapping_mul(4099);
+            std::thread::spawn(move || dns_load_worker(to, &qname, seed, end, timeout))
+        })
+        .collect();
+    let (mut lat, mut timeouts, mut errors) = (Vec::new(), 0u64, 0u64);
+    for w in workers {
+        let (l, t, e) = w.join().map_err(|_| "worker panicked")??;
+        lat.extend(l);
+        timeouts += t;
+        errors += e;
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| -> u32 {
+        if lat.is_empty() {
+            return 0;
+        }
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "an index into a list of at most a few million latencies"
+        )]
+        let i = ((lat.len() - 1) as f64 * p).round() as usize;
+        lat[i]
+    };
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "a count of questions, far below 2^52"
+    )]
+    let qps = lat.len() as f64 / duration.as_secs_f64();
+    println!(
+        "{}",
+        format_args!(
+            "{{\"answered\":{},\"timeouts\":{timeouts},\"errors\":{errors},\"qps\":{qps:.0},\"p50_us\":{},\"p99_us\":{}}}",
+            lat.len(),
+            pct(0.50),
+            pct(0.99)
+        )
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One closed-loop client of `dns_load`: (latencies of good answers in µs, timeouts, errors).
+fn dns_load_worker(
+    to: SocketAddr,
+    qname: &hickory_proto::rr::Name,
+    mut id: u16,
+    end: Instant,
+    timeout: Duration,
+) -> Result<(Vec<u32>, u64, u64), String> {
+    use hickory_proto::op::{Message, Query, ResponseCode};
+    use hickory_proto::rr::RecordType;
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("udp bind: {e}"))?;
+    sock.connect(to).map_err(|e| format!("connect: {e}"))?;
+    sock.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let (mut lat, mut timeouts, mut errors) = (Vec::new(), 0u64, 0u64);
+    let mut buf = vec![0u8; 4096];
+    while Instant::now() < end {
+        id = id.wrapping_add(1);
+        let mut q = Message::query();
+        q.metadata.id = id;
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(qname.clone(), RecordType::A));
+        let bytes = q.to_vec().map_err(|e| format!("encode: {e}"))?;
+        let start = Instant::now();
+        if sock.send(&bytes).is_err() {
+            errors += 1;
+            continue;
+        }
+        // Skip stale answers (of an earlier, timed-out question).
+        loop {
+            let Ok(n) = sock.recv(&mut buf) else {
+                timeouts += 1;
+                break;
+            };
+            let Ok(m) = Message::from_vec(&buf[..n]) else {
+                errors += 1;
+                break;
+            };
+            if m.metadata.id != id {
+                continue;
+            }
+            if m.metadata.response_code == ResponseCode::NoError && !m.answers.is_empty() {
+                lat.push(u32::try_from(start.elapsed().as_micros()).unwrap_or(u32::MAX));
+            } else {
+                errors += 1;
+            }
+            break;
+        }
+    }
+    Ok((lat, timeouts, errors))
+}
+
+/// A datagram larger than any DNS message a client may send, and a TCP message of the largest
+/// length the framing allows, all noise.
+fn dns_oversized(to: SocketAddr, timeout: Duration) -> Result<ExitCode, String> {
+    let noise: Vec<u8> = (0..65_535u32)
+        .map(|i| i.wrapping_mul(2_654_435_761).to_be_bytes()[2])
+        .collect();
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("udp bind: {e}"))?;
+    sock.send_to(&noise[..9000], to)
+        .map_err(|e| format!("send: {e}"))?;
+    let mut s = TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect: {e}"))?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.write_all(&u16::MAX.to_be_bytes())
+        .and_then(|()| s.write_all(&noise))
+        .map_err(|e| format!("send: {e}"))?;
+    // Either the server closes (it could not parse the message) or it sends nothing: both fine,
+    // as long as it keeps serving others.
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 2];
+    let _ = s.read(&mut buf);
+    println!("sent");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `n` questions as fast as one socket sends them, then the answers that arrive in `timeout`.
+fn dns_flood(
+    to: SocketAddr,
+    n: u32,
+    name: Option<&str>,
+    timeout: Duration,
+) -> Result<ExitCode, String> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("udp bind: {e}"))?;
+    let reader = sock.try_clone().map_err(|e| e.to_string())?;
+    reader
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let counter = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        let mut answered = 0u32;
+        while reader.recv_from(&mut buf).is_ok() {
+            answered += 1;
+        }
+        answered
+    });
+    let mut sent = 0u32;
+    for i in 0..n {
+        let qname = name.map_or_else(
+            || format!("flood-{i}.default.svc.cluster.local."),
+            str::to_owned,
+        );
+        let mut q = Message::query();
+        q.metadata.id = u16::try_from(i % 65_536).unwrap_or(0);
+        q.add_query(Query::query(
+            Name::from_ascii(&qname).map_err(|e| format!("{qname}: {e}"))?,
+            RecordType::A,
+        ));
+        let bytes = q.to_vec().map_err(|e| format!("encode: {e}"))?;
+        // A full send buffer (ENOBUFS) just means the flood outran the kernel: keep going.
+        if sock.send_to(&bytes, to).is_ok() {
+            sent += 1;
+        }
+    }
+    let answered = counter.join().map_err(|_| "reader panicked")?;
+    println!("sent={sent} answered={answered}");
+    Ok(ExitCode::SUCCESS)
+}
+
 /// One DNS question to `--to`, over UDP or (`--tcp`) TCP, or (`--garbage`) malformed datagrams.
 fn dns(args: &Args) -> Result<ExitCode, String> {
     use hickory_proto::op::{Message, Query};
     use hickory_proto::rr::{Name, RecordType};
     let to = args.addr()?;
     let timeout = Duration::from_millis(args.num("--timeout-ms", 2000)?);
+    if args.flag("--oversized") {
+        return dns_oversized(to, timeout);
+    }
+    if let Some(n) = args.value("--flood") {
+        let n: u32 = n.parse().map_err(|e| format!("--flood {n}: {e}"))?;
+        return dns_flood(to, n.min(100_000), args.value("--name"), timeout);
+    }
     if args.flag("--garbage") {
         let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("udp bind: {e}"))?;
         // Shorter than a header, a header promising a question that is not there, and a

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the side-by-side benchmark (issue 6). The lab-facing work lives in
 //! `twill_lab::bench` (shared with the smoke test); this module picks the profile, builds the
 //! binaries, runs, and writes `results/<timestamp>/{results.json,results.md,conn_rate.png}`.
+mod dns;
 mod plot;
 
 use std::{
@@ -45,6 +46,9 @@ enum BenchCmd {
     /// NetworkPolicy only: Twill with 0 / 100 / 1,000 policies over 10,000 pods against no
     /// policy and against the kube-network-policies nftables peer; control-plane numbers.
     Policy,
+    /// DNS from a pod: the agent's node-local responder against dnsmasq serving the same
+    /// records (a Service name and a forwarded name).
+    Dns,
 }
 
 fn full(contenders: Vec<Contender>) -> BenchConfig {
@@ -251,6 +255,25 @@ fn run_cni(
     }
 }
 
+/// `cargo xtask bench dns`: results/<timestamp>/dns.{json,md}.
+fn run_dns(args: &BenchArgs) -> Result<()> {
+    let bin_dir = build(args.debug, &["twill-lab", "twill-cni", "twill-agent"])?;
+    // SAFETY: set before any thread is spawned; the lab library reads it to find the binaries.
+    unsafe { std::env::set_var("TWILL_BIN_DIR", &bin_dir) };
+    let (rounds, seconds) = if args.quick { (2, 2) } else { (5, 3) };
+    let (json, mut md) = dns::run(rounds, seconds, 4)?;
+    if args.debug {
+        md.push_str("\ndebug binaries (--debug): not comparable with release numbers\n");
+    }
+    let dir = workspace_root().join("results").join(timestamp()?);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("dns.json"), serde_json::to_vec_pretty(&json)?)?;
+    std::fs::write(dir.join("dns.md"), &md)?;
+    println!("{md}");
+    println!("results: {}", dir.display());
+    Ok(())
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     if let Some(dir) = &args.render {
         let json = std::fs::read(dir.join("results.json"))
@@ -260,6 +283,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         render(&results, dir)?;
         println!("{}", std::fs::read_to_string(dir.join("results.md"))?);
         return Ok(());
+    }
+    if matches!(args.what, Some(BenchCmd::Dns)) {
+        return run_dns(args);
     }
     let cni_only = matches!(args.what, Some(BenchCmd::Cni));
     let policy_only = matches!(args.what, Some(BenchCmd::Policy));

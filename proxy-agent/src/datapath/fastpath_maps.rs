@@ -1,0 +1,146 @@
+//! [`AyaFastPathMaps`]: the eBPF host routing and masquerade maps (`twill_common::fastpath`):
+//! local endpoints, the switches and the masquerade prefixes. Each sync reads the map, writes
+//! what is new or changed, then deletes what is gone (`twill_core::routing::fastpath::diff`), so
+//! a repeated or interrupted sync converges.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+use ipnetwork::Ipv4Network;
+use twill_common::{FastPathConfig, LocalEndpoint, MASQ_PREFIX_BASE, MasqKey, def};
+use twill_core::routing::fastpath::diff;
+
+use super::DatapathError;
+use super::maps::{MapSource, collect, map_update_error, remove, syscall};
+use crate::lbmap::{MapError, MapKind};
+
+pub struct AyaFastPathMaps {
+    endpoints: HashMap<MapData, u32, LocalEndpoint>,
+    config: Array<MapData, FastPathConfig>,
+    masq: LpmTrie<MapData, MasqKey, u8>,
+    capacity: BTreeMap<MapKind, u32>,
+}
+
+/// What one endpoint sync changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointSync {
+    pub written: usize,
+    pub deleted: usize,
+}
+
+impl AyaFastPathMaps {
+    pub(super) fn from_maps(
+        get: impl FnMut(&'static str) -> Result<Option<Map>, DatapathError>,
+    ) -> Result<Self, DatapathError> {
+        let mut src = MapSource::new(get);
+        let endpoints = src.take::<def::LocalEndpoints, _>()?;
+        let config = src.take::<def::FastPathSwitches, _>()?;
+        let masq = src.take::<def::Masq, _>()?;
+        Ok(Self {
+            endpoints,
+            config,
+            masq,
+            capacity: src.capacity,
+        })
+    }
+
+    /// Opens the maps pinned under `bpffs_dir` (the debug API, tests).
+    pub fn open_pinned(bpffs_dir: &Path) -> Result<Self, DatapathError> {
+        Self::from_maps(|name| super::open_pinned_map(bpffs_dir, name).map(Some))
+    }
+
+    pub fn endpoints(&self) -> Result<BTreeMap<u32, LocalEndpoint>, MapError> {
+        Ok(collect(&self.endpoints, MapKind::LocalEndpoints)?
+            .into_iter()
+            .collect())
+    }
+
+    /// Converges the endpoint map to `desired` (new and changed entries first).
+    pub fn sync_endpoints(
+        &mut self,
+        desired: &BTreeMap<u32, LocalEndpoint>,
+    ) -> Result<EndpointSync, MapError> {
+        let d = diff(&self.endpoints()?, desired);
+        for (k, v) in &d.upserts {
+            self.endpoints.insert(k, v, 0).map_err(|e| {
+                map_update_error(&self.capacity, MapKind::LocalEndpoints, "update", e)
+            })?;
+        }
+        for k in &d.deletes {
+            remove(&mut self.endpoints, k, MapKind::LocalEndpoints)?;
+        }
+        Ok(EndpointSync {
+            written: d.upserts.len(),
+            deleted: d.deletes.len(),
+        })
+    }
+
+    pub fn config(&self) -> Result<FastPathConfig, MapError> {
+        self.config
+            .get(&0, 0)
+            .map_err(|e| syscall(MapKind::FastPathSwitches, "lookup", e))
+    }
+
+    pub fn set_config(&mut self, config: FastPathConfig) -> Result<(), MapError> {
+        if self.config()? == config {
+            return Ok(());
+        }
+        self.config
+            .set(0, config, 0)
+            .map_err(|e| syscall(MapKind::FastPathSwitches, "update", e))
+    }
+
+    /// The masquerade prefixes as (kind, prefix).
+    pub fn masq_prefixes(&self) -> Result<BTreeSet<(u8, Ipv4Network)>, MapError> {
+        let mut out = BTreeSet::new();
+        for item in &self.masq {
+            let k = match item {
+                Ok((k, _)) => k,
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(syscall(MapKind::Masq, "iterate", e)),
+            };
+            let data = k.data();
+            let prefix =
+                u8::try_from(k.prefix_len().saturating_sub(MASQ_PREFIX_BASE)).unwrap_or(32);
+            let addr = Ipv4Addr::from(u32::from_be(data.addr_be));
+            if let Ok(net) = Ipv4Network::new(addr, prefix) {
+                out.insert((data.kind, net));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Converges the masquerade prefixes to `desired` (canonical prefixes).
+    pub fn sync_masq(&mut self, desired: &BTreeSet<(u8, Ipv4Network)>) -> Result<bool, MapError> {
+        let current = self.masq_prefixes()?;
+        if &current == desired {
+            return Ok(false);
+        }
+        for p in desired.difference(&current) {
+            self.masq
+                .insert(&masq_key(*p), 1, 0)
+                .map_err(|e| map_update_error(&self.capacity, MapKind::Masq, "update", e))?;
+        }
+        for p in current.difference(desired) {
+            match self.masq.remove(&masq_key(*p)) {
+                Err(e) if !super::maps::is_not_found(&e) => {
+                    return Err(syscall(MapKind::Masq, "delete", e));
+                }
+                _ => {}
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn masq_key((kind, net): (u8, Ipv4Network)) -> Key<MasqKey> {
+    Key::new(
+        MASQ_PREFIX_BASE + u32::from(net.prefix()),
+        MasqKey {
+            kind,
+            _pad: [0; 3],
+            addr_be: u32::from(net.network()).to_be(),
+        },
+    )
+}

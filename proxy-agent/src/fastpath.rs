@@ -1,0 +1,194 @@
+//! eBPF host routing in the agent: the local endpoints the kernel programs deliver into
+//! (`TWL_LXC_V1`), read from the node's own links, `/32` routes and neighbour entries, and the
+//! switches and masquerade prefixes (`TWL_FPCFG_V1`, `TWL_MASQ_V1`) from the config and the
+//! route plan. The joins are pure (`twill_core::routing::fastpath`); this module only dumps.
+//!
+//! When it runs: with the pod veth sync (start, every pod veth link event, every resync) and
+//! when a neighbour event on a pod veth tells a pod MAC not known yet (the pod answered the
+//! stack's first ARP for it): from then on, packets to that pod skip the stack.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use futures_util::TryStreamExt as _;
+use rtnetlink::RouteMessageBuilder;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+use twill_common::LocalEndpoint;
+use twill_core::routing::fastpath::{Neighbour, PodLink, local_endpoints};
+
+use crate::datapath::is_pod_veth;
+use crate::policy::links::LinksError;
+
+/// Pod veths and the pod MACs already learnt, for filtering neighbour events.
+#[derive(Debug, Default)]
+pub struct KnownNeighbours {
+    pod_ifindexes: BTreeSet<u32>,
+    macs: BTreeSet<(u32, Ipv4Addr, [u8; 6])>,
+}
+
+impl KnownNeighbours {
+    /// Whether a neighbour event tells a pod MAC not known yet.
+    pub fn is_news(&self, m: &NeighbourMessage) -> bool {
+        neighbour_of(m).is_some_and(|n| {
+            self.pod_ifindexes.contains(&n.ifindex)
+                && !self.macs.contains(&(n.ifindex, n.addr, n.mac))
+        })
+    }
+}
+
+fn neighbour_of(m: &NeighbourMessage) -> Option<Neighbour> {
+    let mut addr = None;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => addr = Some(*ip),
+            NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    Some(Neighbour {
+        ifindex: m.header.ifindex,
+        addr: addr?,
+        mac: mac?,
+    })
+}
+
+fn pod_link_of(m: &LinkMessage) -> Option<PodLink> {
+    let mut pod = false;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => pod = is_pod_veth(n),
+            LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    pod.then_some(PodLink {
+        ifindex: m.header.index,
+        mac: mac?,
+    })
+}
+
+/// A main-table `/32` route with an output interface: (destination, oif).
+fn host_route_of(m: &RouteMessage) -> Option<(Ipv4Addr, u32)> {
+    if m.header.destination_prefix_length != 32 || m.header.table != RouteHeader::RT_TABLE_MAIN {
+        return None;
+    }
+    let mut dst = None;
+    let mut oif = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    Some((dst?, oif?))
+}
+
+/// Dumps links, routes and neighbours and joins them into the local endpoints.
+pub async fn dump_endpoints(
+    handle: &rtnetlink::Handle,
+) -> Result<(BTreeMap<u32, LocalEndpoint>, KnownNeighbours), LinksError> {
+    let links: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(LinksError::Dump)?;
+    let links: BTreeMap<u32, PodLink> = links
+        .iter()
+        .filter_map(pod_link_of)
+        .map(|l| (l.ifindex, l))
+        .collect();
+    let routes: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|source| LinksError::DumpOf {
+            what: "routes",
+            source,
+        })?;
+    let routes: Vec<(Ipv4Addr, u32)> = routes.iter().filter_map(host_route_of).collect();
+    let neighbours: Vec<NeighbourMessage> = handle
+        .neighbours()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|source| LinksError::DumpOf {
+            what: "neighbours",
+            source,
+        })?;
+    let neighbours: Vec<Neighbour> = neighbours
+        .iter()
+        .filter_map(neighbour_of)
+        .filter(|n| links.contains_key(&n.ifindex))
+        .collect();
+    let endpoints = local_endpoints(&links, &routes, &neighbours);
+    let known = KnownNeighbours {
+        pod_ifindexes: links.keys().copied().collect(),
+        macs: neighbours
+            .iter()
+            .map(|n| (n.ifindex, n.addr, n.mac))
+            .collect(),
+    };
+    Ok((endpoints, known))
+}
+
+/// Errors writing the fast path's switches and prefixes.
+#[derive(Debug, thiserror::Error)]
+pub enum FastPathError {
+    #[error("opening the fast path maps")]
+    Maps(#[source] Box<crate::datapath::DatapathError>),
+    #[error(transparent)]
+    Map(#[from] crate::lbmap::MapError),
+}
+
+/// Writes the masquerade prefixes (only with `prune`: before the node store synced, a partial
+/// exemption set would translate traffic to pods of nodes not known yet, as with the nftables
+/// table) and then the switches.
+pub fn program(
+    datapath: &mut crate::datapath::Datapath,
+    config: twill_common::FastPathConfig,
+    masquerade: Option<&twill_core::routing::MasqueradeRules>,
+    prune: bool,
+) -> Result<(), FastPathError> {
+    let maps = datapath
+        .fastpath_maps()
+        .map_err(|e| FastPathError::Maps(Box::new(e)))?;
+    if prune && maps.sync_masq(&twill_core::routing::fastpath::masq_prefixes(masquerade))? {
+        log::info!("fast path: masquerade prefixes updated");
+    }
+    maps.set_config(config)?;
+    Ok(())
+}
+
+/// Reserves the masquerade's ports (`MASQ_PORT_MIN..=MASQ_PORT_MAX`) in this network namespace
+/// (`net.ipv4.ip_local_reserved_ports`, per namespace), so the node's own sockets are never
+/// given one as an ephemeral port and never meet a masqueraded flow's replies. Keeps what was
+/// reserved before. Returns whether it wrote.
+pub fn reserve_masq_ports() -> std::io::Result<bool> {
+    const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let range = format!(
+        "{}-{}",
+        twill_common::MASQ_PORT_MIN,
+        twill_common::MASQ_PORT_MAX
+    );
+    let current = std::fs::read_to_string(RESERVED)?;
+    let current = current.trim();
+    if current.split(',').any(|r| r == range) {
+        return Ok(false);
+    }
+    let new = if current.is_empty() {
+        range
+    } else {
+        format!("{current},{range}")
+    };
+    std::fs::write(RESERVED, new)?;
+    Ok(true)
+}

@@ -1,0 +1,177 @@
+//! eBPF masquerade on the devices' tc egress (`twill_tc_egress`): a local pod's flow leaving
+//! the cluster gets the node's address and a port of the masquerade range, with its two
+//! entries in the one conntrack table; netfilter is not involved.
+//!
+//! ```text
+//!  egress, CT miss: source ∈ this node's pod CIDRs, destination not exempt (MASQ LPM)
+//!    TCP without SYN / later fragment ─► untouched (MasqNotOpened: no flow to continue)
+//!    source address: the route's preferred source (bpf_fib_lookup + BPF_FIB_LOOKUP_SRC)
+//!    port: from FastPathConfig's range (the agent reserves it with ip_local_reserved_ports
+//!          and keeps it out of ip_local_port_range, so no node socket picks one), random
+//!          start, skipping a port a node socket would receive the reply on
+//!          (bpf_sk_lookup_tcp/udp) and a reply tuple already taken (BPF_NOEXIST)
+//!    CT: reply entry (remote → node:port ⇒ pod) first, then the original (pod ⇒ node:port)
+//!  later packets, replies, ICMP errors: the NAT path's CT lookup and rewrite (`tc.rs`), the
+//!  reply then delivered into the pod by the fast path
+//! ```
+//!
+//! Expiry is the table's: state machine in the kernel, collection by the agent (`ctgc`), the
+//! entries owned by the pod (`CT_F_MASQ`), so a gone pod's flows are flushed at once.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_F_CURRENT_NETNS, BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, TC_ACT_OK, bpf_sock_tuple},
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+    },
+    programs::TcContext,
+};
+use twill_common::{
+    CT_F_MASQ, CT_F_REPLY, CT_SCOPE_NAT, CT_STATE_NEW, CtKey, CtValue, FP_F_MASQ_BPF, PROTO_TCP,
+    PROTO_UDP, Reason,
+};
+
+use crate::{
+    fwd::{config, masqueraded},
+    maps::TWL_CT_V2,
+    tc::{Pkt, Verdict, rewrite, route},
+};
+
+/// Ports tried for one new flow before giving up (the range is thousands wide; a handful of
+/// random probes finds a free one unless it is nearly full towards that destination).
+const PORT_TRIES: u32 = 16;
+/// `-EEXIST`: a `BPF_NOEXIST` insert met an existing key.
+const EEXIST: i64 = -17;
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "12 bytes: the IPv4 part of bpf_sock_tuple"
+)]
+const SOCK_TUPLE_V4_LEN: u32 = (2 * size_of::<u32>() + 2 * size_of::<u16>()) as u32;
+
+/// A packet leaving through this device that no CT entry knows: masqueraded when it is a local
+/// pod's new flow out of the cluster, else untouched (`NotService`).
+#[inline(always)]
+pub fn open(ctx: &TcContext, p: &Pkt) -> Result<Verdict, Reason> {
+    let cfg = config();
+    if cfg.flags & FP_F_MASQ_BPF == 0
+        || (p.flow.proto != PROTO_TCP && p.flow.proto != PROTO_UDP)
+        || !masqueraded(p.flow.saddr, p.flow.daddr)
+    {
+        return Ok((Reason::NotService, TC_ACT_OK));
+    }
+    if p.later_fragment || (p.flow.proto == PROTO_TCP && !p.flow.is_syn()) {
+        // The middle of a flow without an entry (expired, flushed, or opened before the
+        // masquerade ran): rewriting it to a new port would only confuse the peer.
+        return Ok((Reason::MasqNotOpened, TC_ACT_OK));
+    }
+    let (rc, params) = route(
+        ctx,
+        p.flow.proto,
+        p.flow.saddr,
+        p.flow.daddr,
+        BPF_FIB_LOOKUP_SRC,
+    );
+    // SAFETY: union member written by the kernel for AF_INET lookups.
+    let snat = unsafe { params.__bindgen_anon_3.ipv4_src };
+    if rc != 0 || snat == 0 {
+        return Err(Reason::RewriteFailed);
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let reply = CtValue {
+        new_saddr_be: p.flow.daddr,
+        new_daddr_be: p.flow.saddr,
+        new_sport_be: p.flow.dport,
+        new_dport_be: p.flow.sport,
+        svc_id: 0,
+        flags: CT_F_REPLY | CT_F_MASQ,
+        state: CT_STATE_NEW,
+        tcp_fin: 0,
+        _pad: [0; 2],
+        last_seen_ns: now,
+    };
+    let min = u32::from(cfg.masq_port_min);
+    let span = u32::from(cfg.masq_port_max).saturating_sub(min) + 1;
+    if min == 0 {
+        return Err(Reason::MasqPortsExhausted);
+    }
+    // SAFETY: helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() };
+    let mut port_be = 0u16;
+    for i in 0..PORT_TRIES {
+        // Inside min..=max ≤ 65535: always fits.
+        let port = u16::try_from(min + start.wrapping_add(i) % span)
+            .unwrap_or(u16::MAX)
+            .to_be();
+        let key = reply_key(p, snat, port);
+        if node_socket_owns(ctx, p.flow.proto, &key) {
+            continue;
+        }
+        match TWL_CT_V2.insert(&key, &reply, u64::from(BPF_NOEXIST)) {
+            Ok(()) => {
+                port_be = port;
+                break;
+            }
+            Err(e) if i64::from(e) == EEXIST => {}
+            Err(_) => return Err(Reason::CtMapFull),
+        }
+    }
+    if port_be == 0 {
+        return Err(Reason::MasqPortsExhausted);
+    }
+    let orig = CtValue {
+        new_saddr_be: snat,
+        new_daddr_be: p.flow.daddr,
+        new_sport_be: port_be,
+        new_dport_be: p.flow.dport,
+        flags: CT_F_MASQ,
+        ..reply
+    };
+    if TWL_CT_V2.insert(&p.flow.nat_key(), &orig, 0).is_err() {
+        let _ = TWL_CT_V2.remove(&reply_key(p, snat, port_be));
+        return Err(Reason::CtMapFull);
+    }
+    rewrite(ctx, p, snat, port_be, p.flow.daddr, p.flow.dport)?;
+    Ok((Reason::MasqSnat, TC_ACT_OK))
+}
+
+/// The key the flow's replies arrive with: from the destination to the node's `port_be`.
+#[inline(always)]
+fn reply_key(p: &Pkt, snat: u32, port_be: u16) -> CtKey {
+    CtKey {
+        saddr_be: p.flow.daddr,
+        daddr_be: snat,
+        sport_be: p.flow.dport,
+        dport_be: port_be,
+        proto: p.flow.proto,
+        scope: CT_SCOPE_NAT,
+        _pad: [0; 2],
+    }
+}
+
+/// Whether a socket of the node (connected to that peer, or listening on the port) would
+/// receive a packet with the reply tuple `key`: then the port is not ours to take.
+#[inline(always)]
+fn node_socket_owns(ctx: &TcContext, proto: u8, key: &CtKey) -> bool {
+    // SAFETY: bpf_sock_tuple is plain old data.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // Writing a union field is safe: the IPv4 member.
+    tuple.__bindgen_anon_1.ipv4.saddr = key.saddr_be;
+    tuple.__bindgen_anon_1.ipv4.daddr = key.daddr_be;
+    tuple.__bindgen_anon_1.ipv4.sport = key.sport_be;
+    tuple.__bindgen_anon_1.ipv4.dport = key.dport_be;
+    // The node's own namespace: the one this device's program runs in.
+    let netns = u64::from(BPF_F_CURRENT_NETNS as u32);
+    // SAFETY: the tuple is valid for the size passed; a returned socket is released at once.
+    unsafe {
+        let sk = if proto == PROTO_TCP {
+            bpf_sk_lookup_tcp(ctx.as_ptr(), &raw mut tuple, SOCK_TUPLE_V4_LEN, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &raw mut tuple, SOCK_TUPLE_V4_LEN, netns, 0)
+        };
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
+}
