@@ -801,9 +801,10 @@ mod tests {
 
     #[test]
     fn targets_are_marked_from_per_round_ratios() {
-        let r = results(Some(0.98));
+        // The ClusterIP target is ≥ 1.00× direct since eBPF host routing.
+        let r = results(Some(1.02));
         assert_eq!(verdict_of(&r, "conn rate via ClusterIP, N=10"), "met");
-        // 0.98 / 0.9 ≈ 1.089 ≥ 1.05 against nftables.
+        // 1.02 / 0.9 ≈ 1.13 ≥ 1.05 against nftables.
         assert_eq!(verdict_of(&r, "conn rate vs nftables, N=10"), "met");
         let r = results(Some(0.95));
         assert_eq!(verdict_of(&r, "conn rate via ClusterIP, N=10"), "NOT met");
