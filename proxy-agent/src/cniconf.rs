@@ -116,25 +116,14 @@ impl<'a> PodDns<'a> {
     }
 }
 
-/// The IPv4 pod CIDRs of a Node (`spec.podCIDRs`, else the older `spec.podCIDR`); unparsable
-/// entries are skipped with a warning, IPv6 ones ignored (IPv4-only for now).
+/// The IPv4 pod CIDRs of a Node (`spec.podCIDRs`, else the older `spec.podCIDR`): the IPv4
+/// part of [`pod_cidrs_all`], which the Service datapath (IPv4-only for now) uses.
 pub fn pod_cidrs(node: &Node) -> Vec<Ipv4Network> {
-    let Some(spec) = &node.spec else {
-        return Vec::new();
-    };
-    let raw: Vec<&String> = match (&spec.pod_cidrs, &spec.pod_cidr) {
-        (Some(list), _) if !list.is_empty() => list.iter().collect(),
-        (_, Some(one)) => vec![one],
-        _ => Vec::new(),
-    };
-    raw.into_iter()
-        .filter(|c| !c.contains(':'))
-        .filter_map(|c| match c.parse::<Ipv4Network>() {
-            Ok(n) => Some(n),
-            Err(e) => {
-                log::warn!("Node podCIDR {c:?} is not an IPv4 CIDR: {e}");
-                None
-            }
+    pod_cidrs_all(node)
+        .into_iter()
+        .filter_map(|n| match n {
+            IpNetwork::V4(v4) => Some(v4),
+            IpNetwork::V6(_) => None,
         })
         .collect()
 }
