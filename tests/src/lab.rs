@@ -6,16 +6,17 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Mutex,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use crate::{
     BPFFS_ROOT, LAB_DIR_NAME, Node, PREFIX, Pod, available, bin, cgroup2_mount, ensure_bpffs, ip,
     kill_cgroup_tree, list_netns, netns_command, ns_ip, random_id, remove_cgroup_tree,
-    remove_v1_cgroup_dirs, spawn_and_wait_ready, sysctl, unmount_under, write_atomic, write_owner,
+    remove_v1_cgroup_dirs, spawn_and_wait_ready, sysctl, unmount_under, wait_until, write_atomic,
+    write_owner,
 };
 
 /// Shape of a lab.
@@ -411,26 +412,23 @@ impl Lab {
             .context("spawning dnsmasq (Debian dnsmasq-base; run cargo xtask setup)")?;
         self.track(child);
         let addr = format!("{}:53", pod.ip);
-        let deadline = Instant::now() + Duration::from_secs(20);
         // Any answer (even REFUSED for a name it does not know) means it serves.
-        while pod
-            .labtool(&[
-                "dns",
-                "--to",
-                &addr,
-                "--name",
-                "localhost",
-                "--timeout-ms",
-                "500",
-            ])?
-            .0
-            != 0
-        {
-            if Instant::now() > deadline {
-                bail!("dnsmasq in {} did not answer within 20 s", pod.name);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(
+            &format!("dnsmasq in {} to answer", pod.name),
+            Duration::from_secs(20),
+            || {
+                let ask = [
+                    "dns",
+                    "--to",
+                    &addr,
+                    "--name",
+                    "localhost",
+                    "--timeout-ms",
+                    "500",
+                ];
+                Ok(pod.labtool(&ask)?.0 == 0)
+            },
+        )?;
         Ok(addr)
     }
 

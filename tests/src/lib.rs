@@ -23,7 +23,8 @@
 //! - [`pod`]: [`Pod`]; [`agent`]: [`Agent`];
 //! - [`machine`]: root, cgroup2, bpffs, [`bin`], [`cache_dir`];
 //! - [`exec`]: [`run_cmd`], commands in a namespace and cgroup, [`spawn_and_wait_ready`];
-//! - [`helpers`]: the small helpers every test file uses ([`wait_for`], [`write_atomic`]);
+//! - [`helpers`]: the small helpers every test file uses: [`wait_for`], [`wait_until`],
+//!   [`NetnsGuard`], [`in_netns`], [`netns_path`], [`addr_be`], [`replier`], [`write_atomic`];
 //! - [`cleanup`]: cgroup/mount removal and [`clean_leftovers`].
 pub mod agent;
 pub mod bench;
@@ -46,7 +47,9 @@ pub(crate) use cleanup::{
 };
 pub(crate) use exec::{ip, netns_command, netns_only_command, ns_ip, sysctl};
 pub use exec::{run_cmd, spawn_and_wait_ready};
-pub use helpers::{wait_for, write_atomic};
+pub use helpers::{
+    NetnsGuard, addr_be, in_netns, netns_path, replier, wait_for, wait_until, write_atomic,
+};
 pub use lab::{External, Lab, LabSpec, require};
 pub use machine::{available, bin, cache_dir, cgroup2_mount, ensure_bpffs};
 pub(crate) use machine::{random_id, scratch_dir, which};
