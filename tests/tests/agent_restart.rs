@@ -241,6 +241,16 @@ fn should_serve_the_debug_cli_write_the_cni_config_and_uninstall() -> Result<()>
         "not the agent's config: {conf}"
     );
 
+    // The NAT ports (NodePort SNAT and masquerade) are reserved in the node's namespace.
+    let nat_range = format!(
+        "{}-{}",
+        twill_common::MASQ_PORT_MIN,
+        twill_common::MASQ_PORT_MAX
+    );
+    let reserved = || n0.run(&["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"]);
+    let r = reserved()?;
+    ensure!(r.contains(&nat_range), "NAT ports not reserved: {r:?}");
+
     // Uninstall after a graceful stop: CNI config and pins gone.
     agent.stop()?;
     // In the node's namespace: uninstall also removes the agent's routes and nftables table.
@@ -263,6 +273,8 @@ fn should_serve_the_debug_cli_write_the_cni_config_and_uninstall() -> Result<()>
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     ensure!(left.is_empty(), "pins left after uninstall: {left:?}");
+    let r = reserved()?;
+    ensure!(!r.contains(&nat_range), "NAT ports still reserved: {r:?}");
     Ok(())
 }
 
