@@ -2,7 +2,7 @@
 //! packets in, translated packets out, checksums verified byte for byte (like Katran's
 //! fixtures). The programs run inside a lab node's network namespace (the test-run skb lives on
 //! its loopback device); nothing is attached anywhere.
-use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _};
+use std::{net::Ipv4Addr, os::fd::AsRawFd as _};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use twill_agent::{
@@ -16,7 +16,7 @@ use twill_common::{
     SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey, flow_hash,
 };
 use twill_core::maglev;
-use twill_lab::{LabSpec, require};
+use twill_lab::{LabSpec, addr_be as be, in_netns, require};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -28,10 +28,6 @@ const NODE: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 200);
 const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-
-fn be(a: Ipv4Addr) -> u32 {
-    u32::from(a).to_be()
-}
 
 /// One's-complement sum folded to 16 bits.
 fn csum(data: &[u8], mut sum: u32) -> u16 {
@@ -200,25 +196,6 @@ fn service(
         },
     )?;
     Ok(())
-}
-
-fn in_netns<T>(netns: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    struct Restore(File);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // SAFETY: setns on this thread with a namespace fd we hold.
-            unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) };
-        }
-    }
-    let home = Restore(File::open("/proc/thread-self/ns/net")?);
-    let target = File::open(format!("/var/run/netns/{netns}"))?;
-    // SAFETY: as above.
-    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("setns");
-    }
-    let r = f();
-    drop(home);
-    r
 }
 
 /// Runs every fixture through the programs (inside a lab netns).
