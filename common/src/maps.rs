@@ -59,8 +59,9 @@ pub const SVC_F_EXTERNAL_IP: u16 = 1 << 2;
 pub const SVC_F_LOADBALANCER: u16 = 1 << 3;
 /// sessionAffinity: ClientIP. `affinity_timeout_s` holds the timeout.
 pub const SVC_F_AFFINITY: u16 = 1 << 4;
-/// Only node-local backends are in the slot list (eTP/iTP=Local). With no local backend the
-/// traffic is dropped rather than refused, as kube-proxy does.
+/// Only node-local backends are in the slot list (eTP/iTP=Local). With no local backend,
+/// packets arriving from outside (tc path) are dropped, as kube-proxy drops them; a pod's or the
+/// node's own connect() (socket path) is refused at once. Both count `NoLocalBackend`.
 pub const SVC_F_LOCAL_ONLY: u16 = 1 << 5;
 /// `loadBalancerSourceRanges` is set: check `LB_SRC_RANGES` before translating.
 pub const SVC_F_SOURCE_RANGES: u16 = 1 << 6;

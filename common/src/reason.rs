@@ -115,6 +115,10 @@ pub enum Reason {
     /// A pod's packet that would be masqueraded but opens no flow (TCP without SYN, a later
     /// fragment) and has no entry: left untouched.
     MasqNotOpened = 92,
+    /// A UDP flow from outside the cluster to a local pod's own address (not a Service) was
+    /// tracked untranslated, so the pod's answers leave as replies from its own address
+    /// instead of being masqueraded as a new flow.
+    MasqInbound = 93,
 }
 
 impl Reason {
@@ -162,6 +166,7 @@ impl Reason {
         Reason::MasqSnat,
         Reason::MasqPortsExhausted,
         Reason::MasqNotOpened,
+        Reason::MasqInbound,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -209,6 +214,7 @@ impl Reason {
             Reason::MasqSnat => "masq_snat",
             Reason::MasqPortsExhausted => "masq_ports_exhausted",
             Reason::MasqNotOpened => "masq_not_opened",
+            Reason::MasqInbound => "masq_inbound",
         }
     }
 
