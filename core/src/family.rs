@@ -10,7 +10,9 @@ use twill_common::{Backend, Backend6, ServiceKey, ServiceKey6};
 /// `bpf_sock_addr.user_ip6` holds it.
 pub fn addr6_be(ip: Ipv6Addr) -> [u32; 4] {
     let o = ip.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 /// Inverse of [`addr6_be`].

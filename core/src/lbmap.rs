@@ -436,7 +436,8 @@ impl LbMaps for FakeLbMaps {
         Ok(())
     }
     fn flush_backends6_state(&mut self, backends: &[(u32, Backend6)]) -> Result<(), MapError> {
-        self.flushed_backends.extend(backends.iter().map(|(id, _)| *id));
+        self.flushed_backends
+            .extend(backends.iter().map(|(id, _)| *id));
         Ok(())
     }
 }

@@ -50,7 +50,12 @@ impl Backends for V6 {
 
 /// Looks up an IPv6 frontend: `scope` first, then `SCOPE_ANY` (as [`lookup_scoped`]).
 #[inline(always)]
-pub fn lookup_scoped6(addr_be: [u32; 4], port_be: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
+pub fn lookup_scoped6(
+    addr_be: [u32; 4],
+    port_be: u16,
+    proto: u8,
+    scope: u8,
+) -> Option<ServiceValue> {
     let mut key = ServiceKey6 {
         addr_be,
         port_be,
@@ -153,7 +158,10 @@ pub enum Pick {
 
 /// The usable backend `pick` selects: (id, slot, backend).
 #[inline(always)]
-fn backend_by<T: Backends>(svc: &ServiceValue, pick: Pick) -> Result<(u32, u32, T::Backend), Reason> {
+fn backend_by<T: Backends>(
+    svc: &ServiceValue,
+    pick: Pick,
+) -> Result<(u32, u32, T::Backend), Reason> {
     let slot = match pick {
         Pick::Flow(hash) if svc.maglev_size != 0 => MAGLEV_SLOT_BASE + hash % svc.maglev_size,
         Pick::Random(n) | Pick::Flow(n) => n % u32::from(svc.backend_count),

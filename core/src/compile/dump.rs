@@ -317,7 +317,8 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
         .frontends()
         .filter(|(k, _)| !owned_services.contains(k))
         .collect();
-    stray_services.sort_by_key(|(k, _)| (k.addr(), u16::from_be(k.port_be()), k.proto(), k.scope()));
+    stray_services
+        .sort_by_key(|(k, _)| (k.addr(), u16::from_be(k.port_be()), k.proto(), k.scope()));
     for (k, v) in stray_services {
         unowned.push(format!(
             "service {} scope={} id={} count={} flags={}",

@@ -584,7 +584,11 @@ fn port_frontends(
 ) -> Vec<PlannedFrontend> {
     let mut frontends = Vec::new();
     let port_be = port.port.to_be();
-    for &ip in svc.cluster_ips.iter().filter(|ip| IpFamily::of(**ip) == family) {
+    for &ip in svc
+        .cluster_ips
+        .iter()
+        .filter(|ip| IpFamily::of(**ip) == family)
+    {
         let (scope, local_set) = if svc.internal_local {
             (SCOPE_INTERNAL, true)
         } else {
@@ -737,8 +741,7 @@ fn plan_service<'a>(
     }
     let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
     let primary = families(svc).next();
-    if svc.ports.iter().any(|p| p.node_port.is_some()) && families(svc).any(|f| f == IpFamily::V6)
-    {
+    if svc.ports.iter().any(|p| p.node_port.is_some()) && families(svc).any(|f| f == IpFamily::V6) {
         reject(RejectReason::Unsupported(
             "IPv6 nodePort (the IPv6 ClusterIP is served; NodePort answers on IPv4 only)",
         ));
@@ -975,11 +978,7 @@ fn maglev_size_of(p: &PlannedPort, local_set: bool, members: usize) -> Option<u3
 ///
 /// Only IPv4 sets have one: only IPv4 frontends are reached from outside the node (see
 /// [`port_frontends`]).
-fn maglev_slots(
-    svc_id: u32,
-    members: &[(u32, AnyBackend)],
-    m: Option<u32>,
-) -> Vec<(SlotKey, u32)> {
+fn maglev_slots(svc_id: u32, members: &[(u32, AnyBackend)], m: Option<u32>) -> Vec<(SlotKey, u32)> {
     let Some(m) = m else {
         return Vec::new();
     };
@@ -1002,10 +1001,6 @@ fn maglev_slots(
         .collect()
 }
 
-#[expect(
-    clippy::too_many_lines,
-    reason = "one pass over each port's frontends; the steps share the pass's locals"
-)]
 fn build_entries(
     planned: Vec<PlannedPort>,
     ids: &IdAllocation,

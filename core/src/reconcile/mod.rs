@@ -465,19 +465,7 @@ impl<M: LbMaps> Run<'_, M> {
                 Err(e) => self.errors.push(e),
             }
         }
-        for (id, be) in changed_in(
-            scope.backends(),
-            &desired.backends6,
-            &self.applied.state.backends6,
-        ) {
-            match self.maps.upsert_backend6(id, be) {
-                Ok(()) => {
-                    self.applied.state.backends6.insert(id, be);
-                    self.stats.backends_upserted += 1;
-                }
-                Err(e) => self.errors.push(e),
-            }
-        }
+        self.upsert_backends6(desired, scope);
         for (key, backend_id) in
             changed_in(scope.slots(), &desired.slots, &self.applied.state.slots)
         {
@@ -507,23 +495,7 @@ impl<M: LbMaps> Run<'_, M> {
                 Err(e) => self.errors.push(e),
             }
         }
-        let frontends = changed_in(
-            scope.services(),
-            &desired.services,
-            &self.applied.state.services,
-        )
-        .into_iter()
-        .map(|(k, v)| (FrontendKey::V4(k), v))
-        .chain(
-            changed_in(
-                scope.services6(),
-                &desired.services6,
-                &self.applied.state.services6,
-            )
-            .into_iter()
-            .map(|(k, v)| (FrontendKey::V6(k), v)),
-        );
-        for (key, value) in frontends {
+        for (key, value) in changed_frontends(scope, desired, &self.applied.state) {
             // Applied slots always point at applied backends (backends are deleted only when
             // no slot references them), so checking that the slots exist is enough.
             let slots_ready = value.slots().all(|slot| {
@@ -561,24 +533,7 @@ impl<M: LbMaps> Run<'_, M> {
     }
 
     fn prunes(&mut self, desired: &LbState, scope: Scope<'_>) {
-        let stale_frontends = stale_in(
-            scope.services(),
-            &desired.services,
-            &self.applied.state.services,
-        )
-        .into_iter()
-        .map(FrontendKey::V4)
-        .chain(
-            stale_in(
-                scope.services6(),
-                &desired.services6,
-                &self.applied.state.services6,
-            )
-            .into_iter()
-            .map(FrontendKey::V6),
-        )
-        .collect::<Vec<_>>();
-        for key in stale_frontends {
+        for key in stale_frontends(scope, desired, &self.applied.state) {
             let deleted = match &key {
                 FrontendKey::V4(k) => self.maps.delete_service(k),
                 FrontendKey::V6(k) => self.maps.delete_service6(k),
@@ -665,6 +620,38 @@ impl<M: LbMaps> Run<'_, M> {
             }
         }
 
+        self.prune_backends6(desired, scope);
+
+        for addr in stale(&desired.node_addrs, &self.applied.state.node_addrs) {
+            match self.maps.delete_node_addr(addr) {
+                Ok(()) => {
+                    self.applied.state.node_addrs.remove(&addr);
+                    self.stats.node_addrs_deleted += 1;
+                }
+                Err(e) => self.errors.push(e),
+            }
+        }
+    }
+
+    /// The IPv6 backends of `desired` that differ from the applied ones (before their slots).
+    fn upsert_backends6(&mut self, desired: &LbState, scope: Scope<'_>) {
+        for (id, be) in changed_in(
+            scope.backends(),
+            &desired.backends6,
+            &self.applied.state.backends6,
+        ) {
+            match self.maps.upsert_backend6(id, be) {
+                Ok(()) => {
+                    self.applied.state.backends6.insert(id, be);
+                    self.stats.backends_upserted += 1;
+                }
+                Err(e) => self.errors.push(e),
+            }
+        }
+    }
+
+    /// Removes the IPv6 backends no slot uses any more, their state flushed first (as IPv4).
+    fn prune_backends6(&mut self, desired: &LbState, scope: Scope<'_>) {
         let stale_backends6 = stale_in(
             scope.backends(),
             &desired.backends6,
@@ -694,20 +681,34 @@ impl<M: LbMaps> Run<'_, M> {
                 }
             }
         }
-
-        for addr in stale(&desired.node_addrs, &self.applied.state.node_addrs) {
-            match self.maps.delete_node_addr(addr) {
-                Ok(()) => {
-                    self.applied.state.node_addrs.remove(&addr);
-                    self.stats.node_addrs_deleted += 1;
-                }
-                Err(e) => self.errors.push(e),
-            }
-        }
     }
 }
 
 /// Whether `svc_id` has at least one desired source range and all of them are applied.
+/// The frontends of both families `desired` holds and `applied` does not hold as desired.
+fn changed_frontends(
+    scope: Scope<'_>,
+    desired: &LbState,
+    applied: &LbState,
+) -> Vec<(FrontendKey, ServiceValue)> {
+    let v4 = changed_in(scope.services(), &desired.services, &applied.services);
+    let v6 = changed_in(scope.services6(), &desired.services6, &applied.services6);
+    v4.into_iter()
+        .map(|(k, v)| (FrontendKey::V4(k), v))
+        .chain(v6.into_iter().map(|(k, v)| (FrontendKey::V6(k), v)))
+        .collect()
+}
+
+/// The frontends of both families `applied` holds and `desired` does not.
+fn stale_frontends(scope: Scope<'_>, desired: &LbState, applied: &LbState) -> Vec<FrontendKey> {
+    let v4 = stale_in(scope.services(), &desired.services, &applied.services);
+    let v6 = stale_in(scope.services6(), &desired.services6, &applied.services6);
+    v4.into_iter()
+        .map(FrontendKey::V4)
+        .chain(v6.into_iter().map(FrontendKey::V6))
+        .collect()
+}
+
 fn covered(desired: &LbState, applied: &BTreeSet<(u32, Ipv4Network)>, svc_id: u32) -> bool {
     let mut any = false;
     for r in desired.source_ranges_of(svc_id) {

@@ -10,9 +10,9 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use ipnetwork::Ipv4Network;
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, Backend6, CT_SCOPE_NAT, CtKey, CtValue, DatapathConfig, MapDef,
-    NodeAddrValue, PROTO_TCP, PROTO_UDP, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey,
-    SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey, def,
+    AffinityKey, AffinityValue, Backend, Backend6, CT_SCOPE_NAT, CtKey, CtValue, DatapathConfig,
+    MapDef, NodeAddrValue, PROTO_TCP, PROTO_UDP, Reason, STATS_MAX, ServiceKey, ServiceValue,
+    SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey, def,
 };
 use twill_common::{ServiceKey6, SockRevNatKey6, SockRevNatValue6};
 
