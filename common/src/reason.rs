@@ -115,6 +115,10 @@ pub enum Reason {
     /// A pod's packet that would be masqueraded but opens no flow (TCP without SYN, a later
     /// fragment) and has no entry: left untouched.
     MasqNotOpened = 92,
+    /// A UDP flow from outside the cluster to a local pod's own address (not a Service) was
+    /// tracked untranslated, so the pod's answers leave as replies from its own address
+    /// instead of being masqueraded as a new flow.
+    MasqInbound = 93,
     // 100..=109: IPv6 Services.
     /// `SOCK_REVNAT6` full: an IPv6 Service connection proceeds, but the application sees the
     /// backend's address as its peer.
@@ -171,6 +175,7 @@ impl Reason {
         Reason::MasqSnat,
         Reason::MasqPortsExhausted,
         Reason::MasqNotOpened,
+        Reason::MasqInbound,
         Reason::RevNat6MapFull,
         Reason::Translated6,
         Reason::RevNatApplied6,
@@ -221,6 +226,7 @@ impl Reason {
             Reason::MasqSnat => "masq_snat",
             Reason::MasqPortsExhausted => "masq_ports_exhausted",
             Reason::MasqNotOpened => "masq_not_opened",
+            Reason::MasqInbound => "masq_inbound",
             Reason::RevNat6MapFull => "revnat6_map_full",
             Reason::Translated6 => "translated6",
             Reason::RevNatApplied6 => "revnat6_applied",
