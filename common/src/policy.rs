@@ -104,8 +104,13 @@ pub const CT_F_POLICY_INGRESS: u32 = 1 << 17;
 
 // The denied-flow stream's maps (`MAP_POLICY_EVENTS`, `MAP_POLICY_EVENT_BUDGET`) and its size
 // (`POLICY_EVENTS_BYTES`) are catalogue entries (`crate::catalogue`), marked not pinned.
-/// Events each CPU may write per second; the rest are counted in `EventBudget::lost`.
+/// Events each CPU may write per second by default; the rest are counted in
+/// `EventBudget::lost`. The agent's `--monitor-rate` sets it at load time through the program
+/// global [`GLOBAL_MONITOR_RATE`].
 pub const POLICY_EVENTS_PER_CPU_SECOND: u32 = 200;
+/// Name of the kernel object's read-only global (a `u32`) holding the events each CPU may write
+/// per second, patched by the loader (0: no events, every denied packet counted as lost).
+pub const GLOBAL_MONITOR_RATE: &str = "TWL_MONITOR_RATE";
 
 /// One denied packet (a flow's first, or each retry: a dropped SYN is retransmitted).
 #[repr(C)]
