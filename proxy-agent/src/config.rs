@@ -746,9 +746,28 @@ mod tests {
         }
     }
 
+    /// The config of `run --node-name n1 FLAGS` without a config file.
+    fn with_flags(flags: &[&str]) -> Config {
+        merge(
+            run_args(&[&["--node-name", "n1"], flags].concat()),
+            FileConfig::default(),
+        )
+        .unwrap()
+    }
+
+    /// The config of `run --node-name n1` with config file `yaml`.
+    fn with_file(yaml: &str) -> Config {
+        merge(run_args(&["--node-name", "n1"]), parse_file(yaml).unwrap()).unwrap()
+    }
+
+    /// The error `merge` gives for config file `f` (no flags).
+    fn rejected(f: FileConfig) -> ConfigError {
+        merge(RunArgs::default(), f).expect_err("the config is invalid")
+    }
+
     #[test]
     fn defaults_match_kube_proxy_and_the_issue() {
-        let cfg = merge(run_args(&["--node-name", "n1"]), FileConfig::default()).unwrap();
+        let cfg = with_flags(&[]);
         assert_eq!(cfg.node_name, "n1");
         assert_eq!(cfg.source, SourceConfig::Kube { kubeconfig: None });
         assert_eq!(cfg.bpffs_dir, PathBuf::from("/sys/fs/bpf/twill"));
@@ -774,7 +793,7 @@ mod tests {
 
     #[test]
     fn monitor_rate_by_flag_or_file() {
-        let default = merge(run_args(&["--node-name", "n1"]), FileConfig::default()).unwrap();
+        let default = with_flags(&[]);
         assert_eq!(
             default.monitor_rate,
             twill_common::POLICY_EVENTS_PER_CPU_SECOND
@@ -785,72 +804,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(flag.monitor_rate, 50, "the flag wins over the file");
-        let file = merge(
-            run_args(&["--node-name", "n1"]),
-            parse_file("monitor-rate: 0\n").unwrap(),
-        )
-        .unwrap();
+        let file = with_file("monitor-rate: 0\n");
         assert_eq!(file.monitor_rate, 0);
     }
 
     #[test]
     fn portmap_chaining_by_flag_or_file() {
-        let on = merge(
-            run_args(&["--node-name", "n1", "--cni-chain-portmap=true"]),
-            FileConfig::default(),
-        )
-        .unwrap();
+        let on = with_flags(&["--cni-chain-portmap=true"]);
         assert!(on.cni_chain_portmap);
-        let file = parse_file("cni-chain-portmap: true\n").unwrap();
-        let cfg = merge(run_args(&["--node-name", "n1"]), file).unwrap();
+        let cfg = with_file("cni-chain-portmap: true\n");
         assert!(cfg.cni_chain_portmap);
     }
 
     #[test]
     fn masquerade_can_be_turned_off_by_flag_or_file() {
-        let off = merge(
-            run_args(&["--node-name", "n1", "--masquerade=false"]),
-            FileConfig::default(),
-        )
-        .unwrap();
+        let off = with_flags(&["--masquerade=false"]);
         assert!(!off.masquerade);
         assert!(!crate::routing::RoutingConfig::from(&off).masquerade);
         assert!(off.host_routing, "host routing is on by default");
-        let stack = merge(
-            run_args(&["--node-name", "n1", "--host-routing=false"]),
-            FileConfig::default(),
-        )
-        .unwrap();
+        let stack = with_flags(&["--host-routing=false"]);
         assert!(!stack.host_routing);
-        let portmap = merge(
-            run_args(&["--node-name", "n1", "--cni-chain-portmap=true"]),
-            FileConfig::default(),
-        )
-        .unwrap();
+        let portmap = with_flags(&["--cni-chain-portmap=true"]);
         assert!(!portmap.host_routing, "portmap's DNAT needs the stack");
-        let both = merge(
-            run_args(&[
-                "--node-name",
-                "n1",
-                "--cni-chain-portmap=true",
-                "--host-routing=true",
-            ]),
-            FileConfig::default(),
-        )
-        .unwrap();
+        let both = with_flags(&["--cni-chain-portmap=true", "--host-routing=true"]);
         assert!(both.host_routing, "an explicit flag wins");
         assert_eq!(off.masquerade_mode, MasqueradeMode::Ebpf);
-        let nft = merge(
-            run_args(&["--node-name", "n1", "--masquerade-mode", "nftables"]),
-            FileConfig::default(),
-        )
-        .unwrap();
+        let nft = with_flags(&["--masquerade-mode", "nftables"]);
         assert_eq!(nft.masquerade_mode, MasqueradeMode::Nftables);
-        let file = parse_file("masquerade-mode: nftables\n").unwrap();
-        let cfg = merge(run_args(&["--node-name", "n1"]), file).unwrap();
+        let cfg = with_file("masquerade-mode: nftables\n");
         assert_eq!(cfg.masquerade_mode, MasqueradeMode::Nftables);
-        let file = parse_file("masquerade: false\n").unwrap();
-        let cfg = merge(run_args(&["--node-name", "n1"]), file).unwrap();
+        let cfg = with_file("masquerade: false\n");
         assert!(!cfg.masquerade);
     }
 
@@ -956,22 +939,20 @@ mod tests {
             merge(RunArgs::default(), FileConfig::default()),
             Err(ConfigError::MissingNodeName)
         ));
-        let f = FileConfig {
-            manifests: Some("/m".into()),
-            kubeconfig: Some("/k".into()),
-            ..base()
-        };
         assert!(matches!(
-            merge(RunArgs::default(), f),
-            Err(ConfigError::TwoSources)
+            rejected(FileConfig {
+                manifests: Some("/m".into()),
+                kubeconfig: Some("/k".into()),
+                ..base()
+            }),
+            ConfigError::TwoSources
         ));
-        let f = FileConfig {
-            healthz_bind_address: Some("localhost".into()),
-            ..base()
-        };
         assert!(matches!(
-            merge(RunArgs::default(), f),
-            Err(ConfigError::BindAddress { .. })
+            rejected(FileConfig {
+                healthz_bind_address: Some("localhost".into()),
+                ..base()
+            }),
+            ConfigError::BindAddress { .. }
         ));
         for bad in ["32767-30000", "0-10", "abc", "1-70000"] {
             let f = FileConfig {
@@ -979,45 +960,38 @@ mod tests {
                 ..base()
             };
             assert!(
-                matches!(
-                    merge(RunArgs::default(), f),
-                    Err(ConfigError::NodePortRange(_))
-                ),
+                matches!(rejected(f), ConfigError::NodePortRange(_)),
                 "{bad}"
             );
         }
-        let f = FileConfig {
-            cni_mtu: Some(100),
-            ..base()
-        };
         assert!(matches!(
-            merge(RunArgs::default(), f),
-            Err(ConfigError::Mtu(100))
+            rejected(FileConfig {
+                cni_mtu: Some(100),
+                ..base()
+            }),
+            ConfigError::Mtu(100)
         ));
-        let f = FileConfig {
-            map_sizes: MapSizeArgs::default().with(MapKind::Backends, 0),
-            ..base()
-        };
         assert!(matches!(
-            merge(RunArgs::default(), f),
-            Err(ConfigError::MapSize { .. })
+            rejected(FileConfig {
+                map_sizes: MapSizeArgs::default().with(MapKind::Backends, 0),
+                ..base()
+            }),
+            ConfigError::MapSize { .. }
         ));
-        let f = FileConfig {
-            cluster_cidr: Some("10.0.0.0/33".into()),
-            ..base()
-        };
         assert!(matches!(
-            merge(RunArgs::default(), f),
-            Err(ConfigError::Cidr { .. })
+            rejected(FileConfig {
+                cluster_cidr: Some("10.0.0.0/33".into()),
+                ..base()
+            }),
+            ConfigError::Cidr { .. }
         ));
         assert!(parse_file("routing-mode: ipip\n").is_err());
-        let f = FileConfig {
-            sync_period: Some("0s".into()),
-            ..base()
-        };
         assert!(matches!(
-            merge(RunArgs::default(), f),
-            Err(ConfigError::Duration(_))
+            rejected(FileConfig {
+                sync_period: Some("0s".into()),
+                ..base()
+            }),
+            ConfigError::Duration(_)
         ));
     }
 

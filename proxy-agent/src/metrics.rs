@@ -8,7 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 type Labels = Vec<(String, String)>;
 
@@ -57,36 +57,48 @@ pub struct Metrics {
     counted_rejections: Mutex<BTreeSet<(String, String, String, String)>>,
 }
 
+/// Registers `metric` under `name` and returns the handle the agent updates (the registry keeps
+/// a clone; both share one value).
+pub(crate) fn registered<M: Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 /// The connection-tracking collector's metrics.
 fn register_conntrack(registry: &mut Registry) -> (Gauge, Family<Labels, Counter>) {
-    let entries = Gauge::default();
-    registry.register(
+    let entries = registered(
+        registry,
         "twill_conntrack_entries",
         "Entries of the per-packet connection-tracking table (two per flow) at the last collection",
-        entries.clone(),
+        Gauge::default(),
     );
-    let collected = Family::<Labels, Counter>::default();
-    registry.register(
+    let collected = registered(
+        registry,
         "twill_conntrack_collected",
         "Connection-tracking entries removed by the collector, by reason (expired, orphaned)",
-        collected.clone(),
+        Family::<Labels, Counter>::default(),
     );
     (entries, collected)
 }
 
 /// The DNS responder's metrics.
 fn register_dns(registry: &mut Registry) -> (Family<Labels, Counter>, Counter) {
-    let queries = Family::<Labels, Counter>::default();
-    registry.register(
+    let queries = registered(
+        registry,
         "twill_dns_queries",
         "DNS queries answered, by question type, response code and transport",
-        queries.clone(),
+        Family::<Labels, Counter>::default(),
     );
-    let dropped = Counter::default();
-    registry.register(
+    let dropped = registered(
+        registry,
         "twill_dns_dropped",
         "DNS packets dropped without an answer (malformed, or not a query)",
-        dropped.clone(),
+        Counter::default(),
     );
     (queries, dropped)
 }
@@ -118,100 +130,100 @@ impl Metrics {
     )]
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let sync_duration = Histogram::new(sync_buckets());
-        registry.register(
+        let sync_duration = registered(
+            &mut registry,
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "Time one compile + apply of the datapath maps took",
-            sync_duration.clone(),
+            Histogram::new(sync_buckets()),
         );
-        let programming_duration = Histogram::new(sync_buckets());
-        registry.register(
+        let programming_duration = registered(
+            &mut registry,
             "kubeproxy_network_programming_duration_seconds",
             "Time from a Service/EndpointSlice change being seen to the datapath applying it",
-            programming_duration.clone(),
+            Histogram::new(sync_buckets()),
         );
-        let services = Gauge::default();
-        registry.register(
+        let services = registered(
+            &mut registry,
             "twill_services",
             "Services with at least one programmed frontend",
-            services.clone(),
+            Gauge::default(),
         );
-        let endpoints = Gauge::default();
-        registry.register(
+        let endpoints = registered(
+            &mut registry,
             "twill_endpoints",
             "Distinct backends programmed",
-            endpoints.clone(),
+            Gauge::default(),
         );
-        let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
-        registry.register(
+        let last_sync_timestamp = registered(
+            &mut registry,
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "Unix time of the last successful apply",
-            last_sync_timestamp.clone(),
+            Gauge::<f64, AtomicU64>::default(),
         );
-        let verdicts = Family::<Labels, Counter>::default();
-        registry.register(
+        let verdicts = registered(
+            &mut registry,
             "twill_datapath_verdicts",
             "Datapath verdicts by reason (kernel per-CPU counters)",
-            verdicts.clone(),
+            Family::<Labels, Counter>::default(),
         );
-        let map_errors = Family::<Labels, Counter>::default();
-        registry.register(
+        let map_errors = registered(
+            &mut registry,
             "twill_map_errors",
             "Failed map writes by map and kind (full, syscall)",
-            map_errors.clone(),
+            Family::<Labels, Counter>::default(),
         );
-        let invalid_objects = Family::<Labels, Counter>::default();
-        registry.register(
+        let invalid_objects = registered(
+            &mut registry,
             "twill_invalid_objects",
             "Objects skipped as invalid, by kind and reason",
-            invalid_objects.clone(),
+            Family::<Labels, Counter>::default(),
         );
-        let sync_errors = Counter::default();
-        registry.register(
+        let sync_errors = registered(
+            &mut registry,
             "twill_sync_errors",
             "Compile/apply runs that did not fully apply",
-            sync_errors.clone(),
+            Counter::default(),
         );
-        let manifest_errors = Counter::default();
-        registry.register(
+        let manifest_errors = registered(
+            &mut registry,
             "twill_manifest_errors",
             "Manifest files that failed to parse",
-            manifest_errors.clone(),
+            Counter::default(),
         );
-        let network_errors = Family::<Labels, Counter>::default();
-        registry.register(
+        let network_errors = registered(
+            &mut registry,
             "twill_network_errors",
             "Failed syncs of the node network (routes, overlay, masquerade, tc attach), by reason",
-            network_errors.clone(),
+            Family::<Labels, Counter>::default(),
         );
-        let peer_routes = Gauge::default();
-        registry.register(
+        let peer_routes = registered(
+            &mut registry,
             "twill_peer_routes",
             "Routes to other nodes' pod CIDRs in the applied route plan",
-            peer_routes.clone(),
+            Gauge::default(),
         );
-        let source_errors = Family::<Labels, Counter>::default();
-        registry.register(
+        let source_errors = registered(
+            &mut registry,
             "twill_source_errors",
             "Watch/list errors of the Kubernetes source, by kind",
-            source_errors.clone(),
+            Family::<Labels, Counter>::default(),
         );
         let policy = crate::policy::PolicyMetrics::register(&mut registry);
         let (conntrack_entries, conntrack_collected) = register_conntrack(&mut registry);
         let (dns_queries, dns_dropped) = register_dns(&mut registry);
         let dns_forward = std::sync::Arc::new(crate::dns::ForwardMetrics::register(&mut registry));
-        let fastpath_endpoints = Family::<Labels, Gauge>::default();
-        registry.register(
+        let fastpath_endpoints = registered(
+            &mut registry,
             "twill_fastpath_endpoints",
             "Local pods in the host-routing endpoint map, by whether their MAC is known \
              (mac=\"known\": delivered with bpf_redirect_peer; \"unknown\": through the stack)",
-            fastpath_endpoints.clone(),
+            Family::<Labels, Gauge>::default(),
         );
-        let unprogrammed_services = Gauge::default();
-        registry.register(
+        let unprogrammed_services = registered(
+            &mut registry,
             "twill_unprogrammed_services",
             "Services with frontends the maps had no room for (a full map; retried on every change and resync)",
-            unprogrammed_services.clone(),
+            Gauge::default(),
         );
         Self {
             policy,

@@ -6,6 +6,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::metrics::registered;
+
 #[derive(Debug)]
 pub struct PolicyMetrics {
     /// One compile + apply of the policy maps.
@@ -29,68 +31,67 @@ pub struct PolicyMetrics {
 impl PolicyMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let buckets = || exponential_buckets(0.001, 2.0, 15);
-        let m = Self {
-            sync_duration: Histogram::new(buckets()),
-            policies: Gauge::default(),
-            endpoints: Gauge::default(),
-            identities: Gauge::default(),
-            rules: Gauge::default(),
-            sync_errors: Counter::default(),
-            pod_links: Gauge::default(),
-            pod_link_errors: Counter::default(),
-            monitor_events: Counter::default(),
-            monitor_lost: Counter::default(),
-        };
-        registry.register(
-            "twill_policy_sync_duration_seconds",
-            "Time one compile + apply of the NetworkPolicy maps took",
-            m.sync_duration.clone(),
-        );
-        registry.register(
-            "twill_network_policies",
-            "NetworkPolicies compiled (valid ones)",
-            m.policies.clone(),
-        );
-        registry.register(
-            "twill_policy_endpoints",
-            "Local pods with a NetworkPolicy endpoint",
-            m.endpoints.clone(),
-        );
-        registry.register(
-            "twill_policy_identities",
-            "Peer identities (distinct label sets and ipBlock regions)",
-            m.identities.clone(),
-        );
-        registry.register(
-            "twill_policy_rules",
-            "Entries of the NetworkPolicy rule trie",
-            m.rules.clone(),
-        );
-        registry.register(
-            "twill_policy_sync_errors",
-            "NetworkPolicy applies that did not fully apply",
-            m.sync_errors.clone(),
-        );
-        registry.register(
-            "twill_pod_links",
-            "Pod veths carrying the NetworkPolicy programs",
-            m.pod_links.clone(),
-        );
-        registry.register(
-            "twill_pod_link_errors",
-            "Failed attaches of the NetworkPolicy programs to pod veths",
-            m.pod_link_errors.clone(),
-        );
-        registry.register(
-            "twill_policy_monitor_events",
-            "Denied-flow events read from the kernel's ring buffer",
-            m.monitor_events.clone(),
-        );
-        registry.register(
-            "twill_policy_monitor_lost",
-            "Denied-flow events not written by the kernel (per-CPU rate limit or full buffer)",
-            m.monitor_lost.clone(),
-        );
-        m
+        Self {
+            sync_duration: registered(
+                registry,
+                "twill_policy_sync_duration_seconds",
+                "Time one compile + apply of the NetworkPolicy maps took",
+                Histogram::new(buckets()),
+            ),
+            policies: registered(
+                registry,
+                "twill_network_policies",
+                "NetworkPolicies compiled (valid ones)",
+                Gauge::default(),
+            ),
+            endpoints: registered(
+                registry,
+                "twill_policy_endpoints",
+                "Local pods with a NetworkPolicy endpoint",
+                Gauge::default(),
+            ),
+            identities: registered(
+                registry,
+                "twill_policy_identities",
+                "Peer identities (distinct label sets and ipBlock regions)",
+                Gauge::default(),
+            ),
+            rules: registered(
+                registry,
+                "twill_policy_rules",
+                "Entries of the NetworkPolicy rule trie",
+                Gauge::default(),
+            ),
+            sync_errors: registered(
+                registry,
+                "twill_policy_sync_errors",
+                "NetworkPolicy applies that did not fully apply",
+                Counter::default(),
+            ),
+            pod_links: registered(
+                registry,
+                "twill_pod_links",
+                "Pod veths carrying the NetworkPolicy programs",
+                Gauge::default(),
+            ),
+            pod_link_errors: registered(
+                registry,
+                "twill_pod_link_errors",
+                "Failed attaches of the NetworkPolicy programs to pod veths",
+                Counter::default(),
+            ),
+            monitor_events: registered(
+                registry,
+                "twill_policy_monitor_events",
+                "Denied-flow events read from the kernel's ring buffer",
+                Counter::default(),
+            ),
+            monitor_lost: registered(
+                registry,
+                "twill_policy_monitor_lost",
+                "Denied-flow events not written by the kernel (per-CPU rate limit or full buffer)",
+                Counter::default(),
+            ),
+        }
     }
 }
