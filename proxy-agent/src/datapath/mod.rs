@@ -192,6 +192,8 @@ pub struct DatapathOptions {
     /// connected UDP sockets to destroy when a backend goes away.
     pub netns_dirs: Vec<PathBuf>,
     pub sock_destroy: SockDestroyMode,
+    /// Denied-flow events each CPU may send to `debug monitor` per second (`--monitor-rate`).
+    pub monitor_rate: u32,
 }
 
 impl Default for DatapathOptions {
@@ -201,6 +203,7 @@ impl Default for DatapathOptions {
             map_sizes: MapSizes::default(),
             netns_dirs: vec![DEFAULT_NETNS_DIR.into()],
             sock_destroy: SockDestroyMode::default(),
+            monitor_rate: twill_common::POLICY_EVENTS_PER_CPU_SECOND,
         }
     }
 }
@@ -323,6 +326,7 @@ impl Datapath {
             return Err(DatapathError::EmptyObject);
         }
         let mut loader = EbpfLoader::new();
+        loader.override_global(twill_common::GLOBAL_MONITOR_RATE, &opts.monitor_rate, true);
         let mut adopted = Vec::new();
         for kind in MapKind::ALL {
             loader.map_max_entries(kind.name(), opts.map_sizes.get(*kind));
