@@ -75,8 +75,8 @@ pub enum Reason {
     /// side.
     IcmpErrorTranslated = 43,
     // 60..=69: socket path.
-    /// An IPv6 socket's destination is not IPv4-mapped (`::ffff:a.b.c.d`): left untouched (real
-    /// IPv6 Services are not served yet).
+    /// An IPv6 socket's destination (or peer) is neither IPv4-mapped (`::ffff:a.b.c.d`) nor an
+    /// IPv6 Service frontend (or its backend): left untouched. The IPv6 twin of `NotService`.
     NotV4Mapped = 60,
     /// `127.0.0.0/8:<nodePort>` from a socket outside the node's own network namespace (a pod's
     /// loopback is the pod itself): left untouched.
@@ -124,6 +124,15 @@ pub enum Reason {
     /// tracked untranslated, so the pod's answers leave as replies from its own address
     /// instead of being masqueraded as a new flow.
     MasqInbound = 93,
+    // 100..=109: IPv6 Services.
+    /// `SOCK_REVNAT6` full: an IPv6 Service connection proceeds, but the application sees the
+    /// backend's address as its peer.
+    RevNat6MapFull = 100,
+    /// Socket path: a connect()/sendmsg() to an IPv6 Service frontend went to a backend (the
+    /// IPv6 twin of `Translated`; affinity and UDP flow hits count as for IPv4).
+    Translated6 = 101,
+    /// Socket path: recvmsg6/getpeername6 showed an IPv6 frontend instead of its backend.
+    RevNatApplied6 = 102,
 }
 
 impl Reason {
@@ -173,6 +182,9 @@ impl Reason {
         Reason::MasqPortsExhausted,
         Reason::MasqNotOpened,
         Reason::MasqInbound,
+        Reason::RevNat6MapFull,
+        Reason::Translated6,
+        Reason::RevNatApplied6,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -222,6 +234,9 @@ impl Reason {
             Reason::MasqPortsExhausted => "masq_ports_exhausted",
             Reason::MasqNotOpened => "masq_not_opened",
             Reason::MasqInbound => "masq_inbound",
+            Reason::RevNat6MapFull => "revnat6_map_full",
+            Reason::Translated6 => "translated6",
+            Reason::RevNatApplied6 => "revnat6_applied",
         }
     }
 

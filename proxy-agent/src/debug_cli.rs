@@ -282,6 +282,15 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// An address as it is written before `:port`: IPv6 in brackets (RFC 3986 §3.2.2).
+fn bracketed(addr: &str) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]")
+    } else {
+        addr.to_owned()
+    }
+}
+
 fn services_table(services: &[Value]) -> String {
     let rows: Vec<Vec<String>> = services
         .iter()
@@ -291,7 +300,7 @@ fn services_table(services: &[Value]) -> String {
                 .into_iter()
                 .flatten()
                 .map(|f| {
-                    let addr = f["addr"].as_str().unwrap_or("*");
+                    let addr = bracketed(f["addr"].as_str().unwrap_or("*"));
                     format!("{addr}:{}/{}", s(&f["port"]), s(&f["protocol"]))
                 })
                 .collect();
@@ -299,7 +308,14 @@ fn services_table(services: &[Value]) -> String {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|e| format!("{}:{}({})", s(&e["addr"]), s(&e["port"]), s(&e["state"])))
+                .map(|e| {
+                    format!(
+                        "{}:{}({})",
+                        bracketed(&s(&e["addr"])),
+                        s(&e["port"]),
+                        s(&e["state"])
+                    )
+                })
                 .collect();
             vec![
                 format!("{}/{}", s(&sv["namespace"]), s(&sv["name"])),
@@ -326,7 +342,11 @@ fn backends_table(rows: &[BackendRow]) -> String {
         .map(|b| {
             vec![
                 b.id.to_string(),
-                format!("{}:{}/{}", b.addr, b.port, b.protocol),
+                format!(
+                    "{}/{}",
+                    std::net::SocketAddr::new(b.addr, b.port),
+                    b.protocol
+                ),
                 if b.flags.is_empty() {
                     "-".into()
                 } else {
@@ -410,5 +430,39 @@ mod tests {
             "dump\n"
         );
         assert!(render(&DebugCommand::Backends, OutputFormat::Table, b"{").is_err());
+    }
+
+    #[test]
+    fn ipv6_addresses_are_bracketed_before_their_port() {
+        let svc = serde_json::json!([{"namespace":"d","name":"web","port_name":"","type":"ClusterIP",
+            "family":"IPv6",
+            "frontends":[{"addr":"fd00:10:96::a","port":80,"protocol":"TCP"}],
+            "endpoints":[{"addr":"fd00:244:1::5","port":8080,"state":"ready"}]}]);
+        let t = render(
+            &DebugCommand::Services,
+            OutputFormat::Table,
+            &serde_json::to_vec(&svc).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            t.contains("[fd00:10:96::a]:80/TCP  [fd00:244:1::5]:8080(ready)"),
+            "{t}"
+        );
+        let rows = vec![BackendRow {
+            id: 7,
+            addr: "fd00:244:1::5".parse().unwrap(),
+            port: 8080,
+            protocol: "UDP".into(),
+            flags: vec!["local".into()],
+            services: vec!["d/web:dns".into()],
+        }];
+        let body = serde_json::to_vec(&rows).unwrap();
+        let t = render(&DebugCommand::Backends, OutputFormat::Table, &body).unwrap();
+        assert!(
+            t.contains("7   [fd00:244:1::5]:8080/UDP  local  d/web:dns"),
+            "{t}"
+        );
+        let j = render(&DebugCommand::Backends, OutputFormat::Json, &body).unwrap();
+        assert!(j.contains("\"addr\": \"fd00:244:1::5\""), "{j}");
     }
 }

@@ -6,15 +6,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
-    DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_FRAGS_MAX,
-    DEFAULT_IPCACHE_MAX, DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_LOCAL_ENDPOINTS_MAX,
+    AffinityKey, AffinityValue, Backend, Backend6, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
+    DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_BACKENDS6_MAX, DEFAULT_CT_MAX,
+    DEFAULT_FRAGS_MAX, DEFAULT_IPCACHE_MAX, DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_LOCAL_ENDPOINTS_MAX,
     DEFAULT_MASQ_PREFIXES_MAX, DEFAULT_NODE_ADDRS_MAX, DEFAULT_POLICY_ENDPOINTS_MAX,
-    DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX,
-    DatapathConfig, EventBudget, FastPathConfig, FragKey, FragValue, IpCacheKey, LocalEndpoint,
-    MasqKey, NodeAddrValue, POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint, PolicyKey,
-    PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceValue, SlotKey, SockRevNatKey,
-    SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SERVICES6_MAX, DEFAULT_SOCK_REVNAT_MAX,
+    DEFAULT_SOCK_REVNAT6_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, EventBudget, FastPathConfig,
+    FragKey, FragValue, IpCacheKey, LocalEndpoint, MasqKey, NodeAddrValue,
+    POLICY_EVENT_BUDGET_ENTRIES, POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint, PolicyKey,
+    PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
+    SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SrcRangeKey, UdpFlowKey,
 };
 
 #[map]
@@ -45,6 +46,20 @@ pub static TWL_SKRNAT_V1: LruHashMap<SockRevNatKey, SockRevNatValue> =
 #[map]
 pub static TWL_UDPFLOW_V1: LruHashMap<UdpFlowKey, AffinityValue> =
     LruHashMap::with_max_entries(DEFAULT_UDP_FLOWS_MAX, 0);
+
+// IPv6 Services (docs/design/dualstack.md): the frontend and backend twins of TWL_SVC_V1 and
+// TWL_BE_V1 (same value type, one backend id space), and the socket reverse NAT of IPv6
+// frontends (LRU, as TWL_SKRNAT_V1).
+#[map]
+pub static TWL_SVC6_V1: HashMap<ServiceKey6, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_SERVICES6_MAX, 0);
+
+#[map]
+pub static TWL_BE6_V1: HashMap<u32, Backend6> = HashMap::with_max_entries(DEFAULT_BACKENDS6_MAX, 0);
+
+#[map]
+pub static TWL_SKRNAT6_V1: LruHashMap<SockRevNatKey6, SockRevNatValue6> =
+    LruHashMap::with_max_entries(DEFAULT_SOCK_REVNAT6_MAX, 0);
 
 #[map]
 pub static TWL_NODEIP_V1: HashMap<u32, NodeAddrValue> =
@@ -83,13 +98,14 @@ pub static TWL_IPC_V1: LpmTrie<IpCacheKey, PeerIdentity> =
 pub static TWL_POL_V1: LpmTrie<PolicyKey, PolicyVerdict> =
     LpmTrie::with_max_entries(DEFAULT_POLICY_MAX, 0);
 
-// The denied-flow stream (`debug monitor`) and its per-CPU budget; not pinned (see
-// `twill_common::MAP_POLICY_EVENTS`).
+// The denied-flow stream (`debug monitor`) and its per-CPU budget; catalogue entries marked
+// not pinned (see `twill_common::MapKind::PolicyEvents`).
 #[map]
 pub static TWL_PEV_V1: RingBuf = RingBuf::with_byte_size(POLICY_EVENTS_BYTES, 0);
 
 #[map]
-pub static TWL_PEVB_V1: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+pub static TWL_PEVB_V1: PerCpuArray<EventBudget> =
+    PerCpuArray::with_max_entries(POLICY_EVENT_BUDGET_ENTRIES, 0);
 
 #[map]
 pub static TWL_STATS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_MAX, 0);

@@ -219,14 +219,15 @@ pub fn inbound(p: &Pkt) -> Result<Verdict, Reason> {
     let key = f.nat_key();
     let reply_key = key.reversed();
     // Never over a flow of the pod's own with that tuple (it keeps its translation).
-    match TWL_CT_V2.insert(
-        &reply_key,
-        &CtValue {
-            flags: CT_F_REPLY,
-            ..orig
-        },
-        u64::from(BPF_NOEXIST),
-    ) {
+    let reply = CtValue {
+        new_saddr_be: f.daddr,
+        new_daddr_be: f.saddr,
+        new_sport_be: f.dport,
+        new_dport_be: f.sport,
+        flags: CT_F_REPLY,
+        ..orig
+    };
+    match TWL_CT_V2.insert(&reply_key, &reply, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
         Err(e) if i64::from(e) == EEXIST => return Ok((Reason::NotService, TC_ACT_OK)),
         Err(_) => return Err(Reason::CtMapFull),

@@ -632,7 +632,7 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
     // Per-packet affinity is per client IP, as in kube-proxy. Without it the tuple's hash picks
     // the backend in the set's Maglev table, so a flow whose entry was lost comes back to the
     // same one, and only flows of a backend that left move.
-    let (be, reason) = select_backend_by(
+    let (be, reason) = select_backend_by::<crate::lb::V4>(
         &svc,
         AFFINITY_CLIENT_IP | u64::from(f.saddr),
         Pick::Flow(flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto)),

@@ -407,6 +407,24 @@ fn a_pods_udp_reply_to_an_outside_client_is_not_masqueraded() -> Result<()> {
     let n0 = lab.node(0);
     lab.serve(&pod, "udpsrv", None, Some(9091))?;
     let ext = lab.external();
+    // First the masquerade is seen at work: the pod's own flow to the outside host leaves with
+    // the node's address.
+    let mut serve = ext.cmd(twill_lab::bin("labtool"));
+    serve.args(["serve", "--name", "outside", "--udp", "9092"]);
+    lab.track(twill_lab::spawn_and_wait_ready(serve)?);
+    let outside = format!("{}:9092", ext.ip);
+    let masqueraded = format!("reply=outside {}:", n0.ip);
+    let mut out = String::new();
+    let seen = wait_for(
+        "pod → outside host, masqueraded",
+        Duration::from_secs(30),
+        || {
+            let (code, o) = agent_common::udp(&pod, &outside, true)?;
+            out = o;
+            Ok(code == 0 && out.starts_with(&masqueraded))
+        },
+    );
+    ensure!(seen.is_ok(), "pod → outside host: {out}");
     // The outside client routes this one pod address to its node (a lab namespace's route).
     let via = format!("{}/32", pod.ip);
     twill_lab::run_cmd(
@@ -414,7 +432,6 @@ fn a_pods_udp_reply_to_an_outside_client_is_not_masqueraded() -> Result<()> {
             .args(["route", "add", &via, "via", &n0.ip.to_string()]),
     )?;
     let to = format!("{}:9091", pod.ip);
-    let mut out = String::new();
     let answered = wait_for(
         "outside client → pod over UDP",
         Duration::from_secs(30),
