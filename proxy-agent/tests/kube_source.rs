@@ -314,7 +314,7 @@ async fn list_watch_bookmark_and_relist_after_410() {
     // NetworkPolicy's inputs, in their compact forms.
     let pod = &snap.policy.pods[&("default".into(), "web".into())];
     assert_eq!(pod.ip, Some("10.244.1.5".parse().unwrap()));
-    assert_eq!(pod.labels["app"], "web");
+    assert_eq!(pod.labels.get("app"), Some("web"));
     assert_eq!(
         snap.policy.namespaces[&("".into(), "default".into())].labels["team"],
         "a"

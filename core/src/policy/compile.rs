@@ -419,8 +419,8 @@ impl<'p> Identities<'p> {
             .map(|(p, _)| {
                 p.labels
                     .iter()
-                    .filter(|(k, _)| label_keys.contains(k.as_str()))
-                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .filter(|(k, _)| label_keys.contains(k))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
                     .collect()
             })
             .collect();

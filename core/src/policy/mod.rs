@@ -24,9 +24,9 @@ pub use dump::{
     rule_text,
 };
 pub use parse::{
-    IpBlockSel, LABEL_NAMESPACE_NAME, Labels, NamedPort, ObjectError, ParsedPolicy, Peer, PodPhase,
-    PolicyError, PolicyErrorKind, PolicyNamespace, PolicyPod, PortMatch, PortSel, Requirement,
-    Rule, Selector, SelectorOp, canonical,
+    IpBlockSel, LABEL_NAMESPACE_NAME, LabelSet, Labels, NamedPort, ObjectError, ParsedPolicy, Peer,
+    PodLabels, PodPhase, PolicyError, PolicyErrorKind, PolicyNamespace, PolicyPod, PortMatch,
+    PortSel, Requirement, Rule, Selector, SelectorOp, canonical,
 };
 pub use verdict::{Judgement, Verdict, key_bytes};
 

@@ -18,12 +18,81 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use twill_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
+use crate::compile::Interner;
+
 /// The label the API server puts on every Namespace (KEP-2161); namespaceSelectors rely on it to
 /// pick a namespace by name. Namespaces from `--manifests DIR` get it too.
 pub const LABEL_NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
 
-/// Labels of a pod or namespace.
+/// Labels of a namespace, and of an identity.
 pub type Labels = BTreeMap<String, String>;
+
+/// What a selector matches against: a label's value by key.
+pub trait LabelSet {
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl LabelSet for Labels {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+/// A pod's labels as the stores keep them: sorted `(key, value)` pairs of shared strings, one
+/// allocation per pod. A `BTreeMap<String, String>` allocates a 540-byte node even for one
+/// label, and 10,000 pods repeat the same few keys and values (issue 13's RSS target).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodLabels(Box<[(Arc<str>, Arc<str>)]>);
+
+impl PodLabels {
+    /// Keys and values interned in `interner`; a repeated key keeps its last value.
+    pub fn new<'a>(
+        labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+        interner: &mut Interner,
+    ) -> Self {
+        let mut pairs: Vec<(Arc<str>, Arc<str>)> = labels
+            .into_iter()
+            .map(|(k, v)| (interner.intern(k), interner.intern(v)))
+            .collect();
+        // Stable: of equal keys the last stays last, and dedup keeps the first of a run.
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs.reverse();
+        pairs.dedup_by(|a, b| a.0 == b.0);
+        pairs.reverse();
+        Self(pairs.into_boxed_slice())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &*self.0[i].1)
+    }
+
+    /// In key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    /// Sets `key` (a pod whose labels were edited).
+    pub fn insert(&mut self, key: &str, value: &str) {
+        let mut interner = Interner::default();
+        let others = self.iter().filter(|(k, _)| *k != key);
+        *self = Self::new(others.chain([(key, value)]), &mut interner);
+    }
+
+    pub fn to_labels(&self) -> Labels {
+        self.iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+}
+
+impl LabelSet for PodLabels {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key)
+    }
+}
 
 /// An object the policy compiler cannot identify.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -72,7 +141,7 @@ pub struct NamedPort {
 pub struct PolicyPod {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
-    pub labels: Labels,
+    pub labels: PodLabels,
     /// The first IPv4 address of `status.podIPs` (or `status.podIP`).
     pub ip: Option<Ipv4Addr>,
     pub node_name: Option<Arc<str>>,
@@ -84,6 +153,12 @@ pub struct PolicyPod {
 
 impl PolicyPod {
     pub fn from_k8s(pod: &Pod) -> Result<Self, ObjectError> {
+        Self::from_k8s_interned(pod, &mut Interner::default())
+    }
+
+    /// [`Self::from_k8s`] with the namespace, node name and label strings shared through
+    /// `interner` (a source keeps one for all its pods).
+    pub fn from_k8s_interned(pod: &Pod, interner: &mut Interner) -> Result<Self, ObjectError> {
         let (namespace, name) = names(&pod.metadata)?;
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
@@ -114,12 +189,15 @@ impl PolicyPod {
             .collect();
         named_ports.sort();
         named_ports.dedup();
+        let labels = pod.metadata.labels.iter().flatten();
         Ok(Self {
-            namespace: namespace.into(),
+            namespace: interner.intern(namespace),
             name: name.into(),
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            labels: PodLabels::new(labels.map(|(k, v)| (k.as_str(), v.as_str())), interner),
             ip,
-            node_name: spec.and_then(|s| s.node_name.as_deref()).map(Into::into),
+            node_name: spec
+                .and_then(|s| s.node_name.as_deref())
+                .map(|n| interner.intern(n)),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             phase: PodPhase::parse(status.and_then(|s| s.phase.as_deref())),
             named_ports,
@@ -196,8 +274,8 @@ pub struct Requirement {
 }
 
 impl Requirement {
-    pub fn matches(&self, labels: &Labels) -> bool {
-        let value = labels.get(&self.key);
+    pub fn matches<L: LabelSet + ?Sized>(&self, labels: &L) -> bool {
+        let value = labels.label(&self.key);
         match &self.op {
             SelectorOp::In(values) => value.is_some_and(|v| values.contains(v)),
             SelectorOp::NotIn(values) => value.is_none_or(|v| !values.contains(v)),
@@ -215,7 +293,7 @@ pub struct Selector {
 }
 
 impl Selector {
-    pub fn matches(&self, labels: &Labels) -> bool {
+    pub fn matches<L: LabelSet + ?Sized>(&self, labels: &L) -> bool {
         self.requirements.iter().all(|r| r.matches(labels))
     }
 

@@ -501,13 +501,13 @@ fn recompiles_follow_updates_and_keep_the_rest() {
     // Back, then updated pod labels: the client is no `cli` any more.
     let s3 = compile_with(&pods, "red", &policies, &s2.ids);
     assert!(s3.verdict(client, server, PROTO_TCP, 80).allowed());
-    pods[2].labels.insert("app".into(), "batch".into());
+    pods[2].labels.insert("app", "batch");
     let s4 = compile_with(&pods, "red", &policies, &s3.ids);
     assert!(!s4.verdict(client, server, PROTO_TCP, 80).allowed());
     assert_eq!(db_entries(&s4), db_entries(&s3));
 
     // Updated pod IP: the new address is known, the old one is WORLD.
-    pods[2].labels.insert("app".into(), "cli".into());
+    pods[2].labels.insert("app", "cli");
     pods[2].ip = Some(ip("10.244.0.9"));
     let s5 = compile_with(&pods, "red", &policies, &s4.ids);
     assert!(

@@ -83,9 +83,11 @@ pub fn spawn(
     stores: &Arc<Stores>,
     metrics: &Arc<Metrics>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    // One interner per watcher: namespaces, node and port names repeat across its objects.
+    // One interner per watcher: namespaces, node and port names (and pods' labels) repeat
+    // across its objects.
     let mut services = Interner::default();
     let mut slices = Interner::default();
+    let mut pods = Interner::default();
     vec![
         tokio::spawn(watch_kind(
             Api::<Service>::all(client.clone()),
@@ -113,7 +115,7 @@ pub fn spawn(
         tokio::spawn(watch_kind(
             Api::<Pod>::all(client.clone()),
             Kind::Pod,
-            |o: Pod| Object::pod(&o),
+            move |o: Pod| Object::pod(&o, &mut pods),
             stores.clone(),
             metrics.clone(),
         )),

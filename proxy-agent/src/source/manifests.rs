@@ -185,7 +185,7 @@ pub(super) fn collect(doc: serde_json::Value, out: &mut Parsed, interner: &mut I
             .map(Object::node)
             .map_err(|e| (Kind::Node, e)),
         "Pod" => serde_json::from_value(doc)
-            .map(|o| Object::pod(&o))
+            .map(|o| Object::pod(&o, interner))
             .map_err(|e| (Kind::Pod, e)),
         "Namespace" => serde_json::from_value(doc)
             .map(|o| Object::namespace(&o))

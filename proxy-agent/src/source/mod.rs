@@ -114,10 +114,11 @@ impl Object {
         }
     }
 
-    /// Checks the key, then keeps what NetworkPolicy reads of the Pod.
-    pub fn pod(pod: &Pod) -> Result<Object, InvalidObject> {
+    /// Checks the key, then keeps what NetworkPolicy reads of the Pod (its namespace, node
+    /// and label strings shared through `interner`).
+    pub fn pod(pod: &Pod, interner: &mut Interner) -> Result<Object, InvalidObject> {
         validate(&pod.metadata, true)?;
-        PolicyPod::from_k8s(pod)
+        PolicyPod::from_k8s_interned(pod, interner)
             .map(|p| Object::Pod(Arc::new(p)))
             .map_err(|_| InvalidObject::MissingName)
     }
