@@ -85,9 +85,20 @@ fn ip6(pod: &Pod) -> Result<Ipv6Addr> {
 /// The Service `web` with `cluster_ips`, backed by `backends` (each serving TCP 8080 and UDP
 /// 5353 on both families) through one EndpointSlice per family.
 fn web(lab: &Lab, cluster_ips: &[IpAddr], policy: &str, backends: &[(&Pod, &str)]) -> Result<()> {
+    web_with(lab, cluster_ips, policy, "", backends)
+}
+
+/// [`web`] with `extra` YAML inside `spec:` (2-space indent).
+fn web_with(
+    lab: &Lab,
+    cluster_ips: &[IpAddr],
+    policy: &str,
+    extra: &str,
+    backends: &[(&Pod, &str)],
+) -> Result<()> {
     let ports = [("http", 80, 8080, "TCP"), ("dns", 53, 5353, "UDP")];
     let slice_ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")];
-    let mut docs = vec![service("web", cluster_ips, policy, &ports)];
+    let mut docs = vec![service("web", cluster_ips, policy, &ports) + extra];
     let v4: Vec<(IpAddr, &str)> = backends
         .iter()
         .map(|(p, n)| (IpAddr::V4(p.ip), *n))
@@ -106,21 +117,26 @@ fn web(lab: &Lab, cluster_ips: &[IpAddr], policy: &str, backends: &[(&Pod, &str)
     lab.apply_manifest("web.yaml", &docs.join("---\n"))
 }
 
-/// Waits until a TCP request from `pod` to `to` is answered by `server`; returns the output.
-fn wait_tcp(pod: &Pod, to: &str, server: &str) -> Result<String> {
+/// Waits until a TCP request from `pod` to `to` is answered by `server` (any server: `None`);
+/// returns the output.
+fn wait_tcp_by(pod: &Pod, to: &str, server: Option<&str>) -> Result<String> {
     let mut last = String::new();
     wait_for(
-        &format!("{to} answered by {server}"),
+        &format!("{to} answered by {server:?}"),
         Duration::from_secs(20),
         || {
             let (code, out) = tcp(pod, to)?;
-            let ok = code == 0 && replier(&out).as_deref() == Some(server);
+            let ok = code == 0 && server.is_none_or(|s| replier(&out).as_deref() == Some(s));
             last = out;
             Ok(ok)
         },
     )
     .map_err(|e| e.context(format!("last: {last:?}")))?;
     Ok(last)
+}
+
+fn wait_tcp(pod: &Pod, to: &str, server: &str) -> Result<String> {
+    wait_tcp_by(pod, to, Some(server))
 }
 
 /// A dual-stack lab's pods and agents: (backend pod, its node's name) per node, the client.
@@ -281,7 +297,7 @@ fn should_function_for_pod_service_http() -> Result<()> {
     web(&lab, &ips, "PreferDualStack", &eps)?;
     for ip in ips {
         let to = at(ip, 80);
-        wait_tcp(&client, &to, "web0").or_else(|_| wait_tcp(&client, &to, "web1"))?;
+        wait_tcp_by(&client, &to, None)?;
         // Both backends answer (random pick per connection; 40 tries miss one with 2^-39).
         let mut seen = std::collections::BTreeMap::new();
         wait_for(
@@ -348,6 +364,60 @@ fn should_function_for_pod_service_udp() -> Result<()> {
             report["failures"] == 0
                 && report["counts"].as_object().map(serde_json::Map::len) == Some(1),
             "an unconnected socket's datagrams were spread over backends: {report}"
+        );
+    }
+    Ok(())
+}
+
+/// Session affinity and internalTrafficPolicy on the IPv6 ClusterIP of a dual-stack Service
+/// (the upstream affinity and traffic-policy tests, per family): the socket path shares slots,
+/// affinity and scopes by the frontend's backend set, so each family keeps its own stickiness
+/// and its own node-local set.
+#[test]
+fn ipv6_cluster_ip_honours_session_affinity_and_internal_traffic_policy_local() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_dual_stack())? else {
+        return Ok(());
+    };
+    let (backends, client, _agents) = dual_lab(&lab)?;
+    let eps: Vec<(&Pod, &str)> = backends.iter().map(|(p, n)| (p, n.as_str())).collect();
+    let ips = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];
+    let to6 = at(ips[1], 80);
+
+    // ClientIP affinity: every connection of the client lands on one backend, per family.
+    web_with(
+        &lab,
+        &ips,
+        "RequireDualStack",
+        "  sessionAffinity: ClientIP\n",
+        &eps,
+    )?;
+    wait_tcp_by(&client, &to6, None)?;
+    for ip in ips {
+        let seen = repliers(&client, &at(ip, 80), 20)?;
+        ensure!(seen.len() == 1, "affinity on {ip}: {seen:?}");
+    }
+
+    // internalTrafficPolicy Local: the client (on the second node) reaches only the backend on
+    // its own node, through either family.
+    web_with(
+        &lab,
+        &ips,
+        "RequireDualStack",
+        "  internalTrafficPolicy: Local\n",
+        &eps,
+    )?;
+    let local = &backends[1].0.name;
+    for ip in ips {
+        let to = at(ip, 80);
+        wait_for(&format!("{to} only local"), Duration::from_secs(20), || {
+            let seen = repliers(&client, &to, 10)?;
+            Ok(seen.len() == 1 && seen.contains_key(local))
+        })?;
+        // Settled: a larger sample must be all local too (the wait alone could pass by chance).
+        let seen = repliers(&client, &to, 40)?;
+        ensure!(
+            seen.len() == 1 && seen.contains_key(local),
+            "{to}: {seen:?}"
         );
     }
     Ok(())

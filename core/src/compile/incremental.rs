@@ -323,6 +323,7 @@ impl Compiler {
             c.node_name != config.node_name
                 || c.nodeport_range != config.nodeport_range
                 || c.pod_cidrs != config.pod_cidrs
+                || c.pod_cidrs6 != config.pod_cidrs6
                 || c.max_frontends_per_service != config.max_frontends_per_service
         });
         if replan_all {

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use twill_common::{
@@ -74,6 +74,8 @@ pub struct CompileConfig {
     /// This node's pod CIDRs (from its Node object): an endpoint without a `nodeName` inside
     /// them is local, since in the routed design only this node's pods hold those addresses.
     pub pod_cidrs: Vec<Ipv4Network>,
+    /// This node's IPv6 pod CIDRs: the same rule for IPv6 endpoints without a `nodeName`.
+    pub pod_cidrs6: Vec<Ipv6Network>,
     /// Every Node's `InternalIP` and `ExternalIP` addresses, sorted: no Service may take one as
     /// an externalIP or LoadBalancer IP (it would capture the node's own ports, its kubelet or
     /// SSH, from every pod of the cluster). This node's `nodeport_addresses` are refused too.
@@ -92,6 +94,7 @@ impl CompileConfig {
             nodeport_cidrs: Vec::new(),
             nodeport_range: DEFAULT_NODEPORT_RANGE,
             pod_cidrs: Vec::new(),
+            pod_cidrs6: Vec::new(),
             node_ips: Vec::new(),
             host_netns_cookie: 0,
             max_frontends_per_service: DEFAULT_MAX_FRONTENDS_PER_SERVICE,
@@ -791,9 +794,7 @@ fn plan_service<'a>(
                         Some(n) => n == config.node_name.as_str(),
                         None => match e.addr {
                             IpAddr::V4(a) => config.pod_cidrs.iter().any(|c| c.contains(a)),
-                            // No IPv6 pod CIDRs in the config: an IPv6 endpoint is local by
-                            // its nodeName only.
-                            IpAddr::V6(_) => false,
+                            IpAddr::V6(a) => config.pod_cidrs6.iter().any(|c| c.contains(a)),
                         },
                     },
                 };

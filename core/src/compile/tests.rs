@@ -641,3 +641,34 @@ fn a_service_over_the_frontend_cap_is_rejected_alone() {
         "b-small lost 192.0.2.30:1 to a-big"
     );
 }
+
+#[test]
+fn ipv6_endpoints_without_node_name_are_local_by_ipv6_pod_cidr() {
+    let mut s = slice("a", &["fd00:244::5", "fd00:244:1::5"]);
+    s.address_type = "IPv6".into();
+    for e in s.endpoints.iter_mut().flatten() {
+        e.node_name = None;
+    }
+    let mut config = CompileConfig::new("node-a");
+    config.pod_cidrs6 = vec!["fd00:244::/64".parse().expect("valid CIDR")];
+    let ids = IdAllocation::default();
+    let c = compile(&Inputs {
+        services: vec![&svc("a", "fd00:10:96::1")],
+        endpoint_slices: vec![&s],
+        node: None,
+        config: &config,
+        ids: &ids,
+    });
+    let local_of = |ip: &str| {
+        let ip: std::net::Ipv6Addr = ip.parse().unwrap();
+        c.state
+            .backends6
+            .values()
+            .find(|b| b.addr_be == crate::family::addr6_be(ip))
+            .map(|b| b.flags & BE_F_LOCAL != 0)
+    };
+    assert_eq!(local_of("fd00:244::5"), Some(true), "{:?}", c.state);
+    assert_eq!(local_of("fd00:244:1::5"), Some(false), "{:?}", c.state);
+    assert_eq!(c.state.services6.len(), 1);
+    assert!(c.state.services.is_empty() && c.state.backends.is_empty());
+}

@@ -113,6 +113,16 @@ impl<M: LbMaps> ServicePipeline<M> {
             .as_deref()
             .map(crate::cniconf::pod_cidrs)
             .unwrap_or_default();
+        self.compile_cfg.pod_cidrs6 = node
+            .as_deref()
+            .map(crate::cniconf::pod_cidrs_all)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|n| match n {
+                ipnetwork::IpNetwork::V6(v6) => Some(v6),
+                ipnetwork::IpNetwork::V4(_) => None,
+            })
+            .collect();
         // Few objects; a list of addresses compared by the compiler, which replans only the
         // Services naming one that came or went.
         self.compile_cfg.node_ips =
