@@ -115,6 +115,19 @@ pub enum Reason {
     /// A pod's packet that would be masqueraded but opens no flow (TCP without SYN, a later
     /// fragment) and has no entry: left untouched.
     MasqNotOpened = 92,
+    // 110..=119: IPv6 pod network (eBPF masquerade of IPv6 pods).
+    /// A local pod's new IPv6 flow leaving the cluster was masqueraded (the node's IPv6
+    /// address, a port of the masquerade range); its later packets and replies count as
+    /// `ct_hit` / `revnat_applied` like IPv4's.
+    Masq6Snat = 110,
+    /// A fragment of an IPv6 datagram that would be masqueraded: dropped. Only the sender
+    /// fragments in IPv6 and the fragment header hides the ports of all but the first, so it
+    /// cannot be translated consistently (its sender learns nothing either way; untranslated it
+    /// would leak the pod address and its answer could not come back).
+    Masq6Fragment = 111,
+    /// An IPv6 packet whose transport header follows extension headers: left untouched (pods'
+    /// TCP and UDP carry none).
+    Ipv6ExtHeaders = 112,
 }
 
 impl Reason {
@@ -162,6 +175,9 @@ impl Reason {
         Reason::MasqSnat,
         Reason::MasqPortsExhausted,
         Reason::MasqNotOpened,
+        Reason::Masq6Snat,
+        Reason::Masq6Fragment,
+        Reason::Ipv6ExtHeaders,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -209,6 +225,9 @@ impl Reason {
             Reason::MasqSnat => "masq_snat",
             Reason::MasqPortsExhausted => "masq_ports_exhausted",
             Reason::MasqNotOpened => "masq_not_opened",
+            Reason::Masq6Snat => "masq6_snat",
+            Reason::Masq6Fragment => "masq6_fragment",
+            Reason::Ipv6ExtHeaders => "ipv6_ext_headers",
         }
     }
 
@@ -228,6 +247,7 @@ impl Reason {
                 | Reason::PolicyCtFull
                 | Reason::SnatPortsExhausted
                 | Reason::MasqPortsExhausted
+                | Reason::Masq6Fragment
         )
     }
 }

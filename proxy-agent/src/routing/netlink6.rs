@@ -21,7 +21,7 @@ use rtnetlink::{
     },
 };
 
-use twill_core::routing::masq6::Masquerade6Rules;
+use twill_core::routing::Masquerade6Rules;
 
 use super::netlink::{link_kind, neighbour_lladdr, route_table};
 use super::{
