@@ -36,6 +36,7 @@ use crate::{
     NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, ServiceKey,
     ServiceValue, SlotKey, SockDestroyKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
+use crate::{Backend6, ServiceKey6, SockRevNatKey6, SockRevNatValue6};
 
 /// The kernel map types Twill uses (`enum bpf_map_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -352,6 +353,35 @@ catalogue! {
         key: SockDestroyKey,
         value: u8,
         size: DEFAULT_SOCK_DESTROY_MAX = 256,
+    }
+    /// IPv6 Service frontends: (address, port, protocol, scope) → the same value as
+    /// [`MapKind::Services`] (docs/design/dualstack.md).
+    Services6 {
+        name: MAP_SERVICES6 = "TWL_SVC6_V1",
+        map_type: Hash,
+        key: ServiceKey6,
+        value: ServiceValue,
+        size: DEFAULT_SERVICES6_MAX = 16_384,
+        flag: "map-size-services6", help: "Max entries of the IPv6 services map",
+    }
+    /// Backend id → IPv6 backend (one id space with [`MapKind::Backends`]).
+    Backends6 {
+        name: MAP_BACKENDS6 = "TWL_BE6_V1",
+        map_type: Hash,
+        key: u32,
+        value: Backend6,
+        size: DEFAULT_BACKENDS6_MAX = 32_768,
+        flag: "map-size-backends6", help: "Max entries of the IPv6 backends map",
+    }
+    /// Socket reverse NAT for IPv6 frontends (LRU).
+    SockRevNat6 {
+        name: MAP_SOCK_REVNAT6 = "TWL_SKRNAT6_V1",
+        map_type: LruHash,
+        key: SockRevNatKey6,
+        value: SockRevNatValue6,
+        size: DEFAULT_SOCK_REVNAT6_MAX = 65_536,
+        flag: "map-size-sock-revnat6",
+        help: "Max entries of the IPv6 socket reverse-NAT map",
     }
     /// eBPF host routing: local pods' host veths and MACs (`crate::fastpath`).
     LocalEndpoints {

@@ -67,9 +67,14 @@ pub const MASQ_KIND_EXEMPT: u8 = 2;
 /// Bits of `MasqKey` before the address: the kind and its padding always match in full.
 pub const MASQ_PREFIX_BASE: u32 = 32;
 
-/// The masquerade's source ports, inclusive: above Linux's default ephemeral range
-/// (`ip_local_port_range` 32768–60999), and reserved by the agent (`ip_local_reserved_ports`).
-/// Per destination address and port, as many concurrent flows as the range holds.
+/// The NAT source ports, inclusive: the eBPF masquerade's and NodePort SNAT's (towards a backend
+/// on another node), one range in the one conntrack table, so a port is unique per (node
+/// address, peer address and port, protocol) whichever feature took it. Above Linux's default
+/// ephemeral range (`ip_local_port_range` 32768–60999), and reserved by the agent at start
+/// whatever the masquerade mode (`ip_local_reserved_ports`; released by `uninstall`), so the
+/// kernel never gives a node socket one of them — also not to a process connecting later to a
+/// peer a translated flow already uses from that port. Per peer address and port, as many
+/// concurrent flows as the range holds.
 pub const MASQ_PORT_MIN: u16 = 61_000;
 pub const MASQ_PORT_MAX: u16 = 65_535;
 

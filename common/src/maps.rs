@@ -6,10 +6,13 @@
 //!
 //! ```text
 //!  SERVICES  (addr, port, proto, scope) ──► ServiceValue { svc_id, count, flags, affinity }
+//!  SERVICES6 (addr6, port, proto, scope) ──► ServiceValue (the same value: IPv6 frontends)
 //!  BACKEND_SLOTS (svc_id, slot 0..count) ──► backend_id
 //!  BACKENDS  backend_id ──► Backend { addr, port, proto, flags }
+//!  BACKENDS6 backend_id ──► Backend6 { addr6, port, proto, flags } (one id space with BACKENDS)
 //!  AFFINITY  (client_id, svc_id) ──► { backend_id, last_used_ns }
 //!  SOCK_REVNAT (socket cookie, backend addr, port) ──► frontend (addr, port)
+//!  SOCK_REVNAT6 (socket cookie, backend addr6, port) ──► frontend (addr6, port)
 //!  UDP_FLOWS (socket cookie, svc_id) ──► { backend_id, last_used_ns }: unconnected UDP stickiness
 //!  CT        (saddr, daddr, sport, dport, proto, scope) ──► rewrite to (saddr', daddr', sport',
 //!            dport'), flow state, last packet; one entry per direction of a per-packet
@@ -59,8 +62,9 @@ pub const SVC_F_EXTERNAL_IP: u16 = 1 << 2;
 pub const SVC_F_LOADBALANCER: u16 = 1 << 3;
 /// sessionAffinity: ClientIP. `affinity_timeout_s` holds the timeout.
 pub const SVC_F_AFFINITY: u16 = 1 << 4;
-/// Only node-local backends are in the slot list (eTP/iTP=Local). With no local backend the
-/// traffic is dropped rather than refused, as kube-proxy does.
+/// Only node-local backends are in the slot list (eTP/iTP=Local). With no local backend,
+/// packets arriving from outside (tc path) are dropped, as kube-proxy drops them; a pod's or the
+/// node's own connect() (socket path) is refused at once. Both count `NoLocalBackend`.
 pub const SVC_F_LOCAL_ONLY: u16 = 1 << 5;
 /// `loadBalancerSourceRanges` is set: check `LB_SRC_RANGES` before translating.
 pub const SVC_F_SOURCE_RANGES: u16 = 1 << 6;
@@ -414,6 +418,58 @@ pub struct FragValue {
 }
 const _: () = assert!(core::mem::size_of::<FragValue>() == 4);
 
+/// Key of `SERVICES6`: an IPv6 Service frontend (the twin of [`ServiceKey`]; its value is the
+/// same [`ServiceValue`], so everything after the frontend lookup is one code path keyed by
+/// `svc_id`). The address is in network order, as the kernel's `bpf_sock_addr.user_ip6` holds
+/// it: four big-endian words. Twins rather than one 16-byte key for both families so that the
+/// IPv4 hooks, which run on every connect(), keep hashing 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey6 {
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
+
+/// Value of `BACKENDS6` (key: `u32` backend id, from the same id space as `BACKENDS`, so a
+/// `BACKEND_SLOTS` entry names one backend of one family): an IPv6 backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Backend6 {
+    /// Network order, as [`ServiceKey6::addr_be`].
+    pub addr_be: [u32; 4],
+    pub port_be: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+const _: () = assert!(core::mem::size_of::<Backend6>() == 20);
+
+/// Key of `SOCK_REVNAT6`: the IPv6 twin of [`SockRevNatKey`] (recvmsg6 and getpeername6 show the
+/// IPv6 ClusterIP the application asked for).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey6 {
+    pub cookie: u64,
+    pub backend_addr_be: [u32; 4],
+    pub backend_port_be: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<SockRevNatKey6>() == 32);
+
+/// Value of `SOCK_REVNAT6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNatValue6 {
+    pub frontend_addr_be: [u32; 4],
+    pub frontend_port_be: u16,
+    pub _pad: u16,
+    /// Id of the frontend's backend set, as in [`SockRevNatValue::svc_id`].
+    pub svc_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRevNatValue6>() == 24);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type is #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
@@ -433,4 +489,8 @@ mod pod {
     unsafe impl aya::Pod for super::UdpFlowKey {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::ServiceKey6 {}
+    unsafe impl aya::Pod for super::Backend6 {}
+    unsafe impl aya::Pod for super::SockRevNatKey6 {}
+    unsafe impl aya::Pod for super::SockRevNatValue6 {}
 }

@@ -116,8 +116,13 @@ pub const MAP_POLICY_EVENT_BUDGET: &str = "TWL_PEVB_V1";
 pub const UNPINNED_MAPS: &[&str] = &[MAP_POLICY_EVENTS, MAP_POLICY_EVENT_BUDGET];
 /// Size of the ring buffer (a power of two, a multiple of the page size): 8,192 events.
 pub const POLICY_EVENTS_BYTES: u32 = 256 * 1024;
-/// Events each CPU may write per second; the rest are counted in `EventBudget::lost`.
+/// Events each CPU may write per second by default; the rest are counted in
+/// `EventBudget::lost`. The agent's `--monitor-rate` sets it at load time through the program
+/// global [`GLOBAL_MONITOR_RATE`].
 pub const POLICY_EVENTS_PER_CPU_SECOND: u32 = 200;
+/// Name of the kernel object's read-only global (a `u32`) holding the events each CPU may write
+/// per second, patched by the loader (0: no events, every denied packet counted as lost).
+pub const GLOBAL_MONITOR_RATE: &str = "TWL_MONITOR_RATE";
 
 /// One denied packet (a flow's first, or each retry: a dropped SYN is retransmitted).
 #[repr(C)]

@@ -70,8 +70,8 @@ pub enum Reason {
     /// side.
     IcmpErrorTranslated = 43,
     // 60..=69: socket path.
-    /// An IPv6 socket's destination is not IPv4-mapped (`::ffff:a.b.c.d`): left untouched (real
-    /// IPv6 Services are not served yet).
+    /// An IPv6 socket's destination (or peer) is neither IPv4-mapped (`::ffff:a.b.c.d`) nor an
+    /// IPv6 Service frontend (or its backend): left untouched. The IPv6 twin of `NotService`.
     NotV4Mapped = 60,
     /// `127.0.0.0/8:<nodePort>` from a socket outside the node's own network namespace (a pod's
     /// loopback is the pod itself): left untouched.
@@ -115,6 +115,19 @@ pub enum Reason {
     /// A pod's packet that would be masqueraded but opens no flow (TCP without SYN, a later
     /// fragment) and has no entry: left untouched.
     MasqNotOpened = 92,
+    /// A UDP flow from outside the cluster to a local pod's own address (not a Service) was
+    /// tracked untranslated, so the pod's answers leave as replies from its own address
+    /// instead of being masqueraded as a new flow.
+    MasqInbound = 93,
+    // 100..=109: IPv6 Services.
+    /// `SOCK_REVNAT6` full: an IPv6 Service connection proceeds, but the application sees the
+    /// backend's address as its peer.
+    RevNat6MapFull = 100,
+    /// Socket path: a connect()/sendmsg() to an IPv6 Service frontend went to a backend (the
+    /// IPv6 twin of `Translated`; affinity and UDP flow hits count as for IPv4).
+    Translated6 = 101,
+    /// Socket path: recvmsg6/getpeername6 showed an IPv6 frontend instead of its backend.
+    RevNatApplied6 = 102,
     // 110..=119: IPv6 pod network (eBPF masquerade of IPv6 pods).
     /// A local pod's new IPv6 flow leaving the cluster was masqueraded (the node's IPv6
     /// address, a port of the masquerade range); its later packets and replies count as
@@ -175,6 +188,10 @@ impl Reason {
         Reason::MasqSnat,
         Reason::MasqPortsExhausted,
         Reason::MasqNotOpened,
+        Reason::MasqInbound,
+        Reason::RevNat6MapFull,
+        Reason::Translated6,
+        Reason::RevNatApplied6,
         Reason::Masq6Snat,
         Reason::Masq6Fragment,
         Reason::Ipv6ExtHeaders,
@@ -225,6 +242,10 @@ impl Reason {
             Reason::MasqSnat => "masq_snat",
             Reason::MasqPortsExhausted => "masq_ports_exhausted",
             Reason::MasqNotOpened => "masq_not_opened",
+            Reason::MasqInbound => "masq_inbound",
+            Reason::RevNat6MapFull => "revnat6_map_full",
+            Reason::Translated6 => "translated6",
+            Reason::RevNatApplied6 => "revnat6_applied",
             Reason::Masq6Snat => "masq6_snat",
             Reason::Masq6Fragment => "masq6_fragment",
             Reason::Ipv6ExtHeaders => "ipv6_ext_headers",

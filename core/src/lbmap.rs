@@ -7,7 +7,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnetwork::Ipv4Network;
-use twill_common::{Backend, DatapathConfig, ServiceKey, ServiceValue, SlotKey};
+use twill_common::{
+    Backend, Backend6, DatapathConfig, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
+};
+
+use crate::family::{AnyBackend, FrontendKey};
 
 /// Which map an operation touched; used in errors and as a metric label (the catalogue's).
 pub use twill_common::MapKind;
@@ -54,8 +58,13 @@ impl MapError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LbState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
+    /// IPv6 frontends (`SERVICES6`); their values key the same slots as IPv4 ones.
+    pub services6: BTreeMap<ServiceKey6, ServiceValue>,
     pub slots: BTreeMap<SlotKey, u32>,
     pub backends: BTreeMap<u32, Backend>,
+    /// IPv6 backends (`BACKENDS6`), from the same id space as `backends`: an id is in one of the
+    /// two maps.
+    pub backends6: BTreeMap<u32, Backend6>,
     /// Addresses (network order) `NodePort` frontends answer on.
     pub node_addrs: BTreeMap<u32, u32>,
     /// `loadBalancerSourceRanges` as (`svc_id`, allowed client range): a frontend whose flags
@@ -67,6 +76,77 @@ pub struct LbState {
 }
 
 impl LbState {
+    /// The frontend at `key`, of either family.
+    pub fn frontend(&self, key: &FrontendKey) -> Option<&ServiceValue> {
+        match key {
+            FrontendKey::V4(k) => self.services.get(k),
+            FrontendKey::V6(k) => self.services6.get(k),
+        }
+    }
+
+    pub fn insert_frontend(&mut self, key: FrontendKey, value: ServiceValue) {
+        match key {
+            FrontendKey::V4(k) => self.services.insert(k, value),
+            FrontendKey::V6(k) => self.services6.insert(k, value),
+        };
+    }
+
+    pub fn remove_frontend(&mut self, key: &FrontendKey) {
+        match key {
+            FrontendKey::V4(k) => self.services.remove(k),
+            FrontendKey::V6(k) => self.services6.remove(k),
+        };
+    }
+
+    /// Every frontend of both families: IPv4 first, each family in key order.
+    pub fn frontends(&self) -> impl Iterator<Item = (FrontendKey, &ServiceValue)> {
+        self.services
+            .iter()
+            .map(|(k, v)| (FrontendKey::V4(*k), v))
+            .chain(self.services6.iter().map(|(k, v)| (FrontendKey::V6(*k), v)))
+    }
+
+    /// The backend with id `id`, of either family.
+    pub fn backend(&self, id: u32) -> Option<AnyBackend> {
+        self.backends
+            .get(&id)
+            .map(|b| AnyBackend::V4(*b))
+            .or_else(|| self.backends6.get(&id).map(|b| AnyBackend::V6(*b)))
+    }
+
+    pub fn has_backend(&self, id: u32) -> bool {
+        self.backends.contains_key(&id) || self.backends6.contains_key(&id)
+    }
+
+    /// Sets backend `id` (an id lives in one family's map: the other's entry goes).
+    pub fn insert_backend(&mut self, id: u32, be: AnyBackend) {
+        match be {
+            AnyBackend::V4(b) => {
+                self.backends6.remove(&id);
+                self.backends.insert(id, b);
+            }
+            AnyBackend::V6(b) => {
+                self.backends.remove(&id);
+                self.backends6.insert(id, b);
+            }
+        }
+    }
+
+    pub fn remove_backend(&mut self, id: u32) {
+        self.backends.remove(&id);
+        self.backends6.remove(&id);
+    }
+
+    /// Number of frontends of both families.
+    pub fn frontend_count(&self) -> usize {
+        self.services.len() + self.services6.len()
+    }
+
+    /// Number of backends of both families.
+    pub fn backend_count(&self) -> usize {
+        self.backends.len() + self.backends6.len()
+    }
+
     /// The source ranges of `svc_id`, sorted.
     pub fn source_ranges_of(&self, svc_id: u32) -> impl Iterator<Item = Ipv4Network> + '_ {
         // `0.0.0.0/0` is the smallest range in `Ipv4Network`'s order (address, then prefix).
@@ -97,7 +177,9 @@ pub struct StateChanges {
     /// The version the desired state now is.
     pub version: Option<StateVersion>,
     pub services: BTreeSet<ServiceKey>,
+    pub services6: BTreeSet<ServiceKey6>,
     pub slots: BTreeSet<SlotKey>,
+    /// Backend ids of either family.
     pub backends: BTreeSet<u32>,
     pub source_ranges: BTreeSet<(u32, Ipv4Network)>,
 }
@@ -105,7 +187,11 @@ pub struct StateChanges {
 impl StateChanges {
     /// Number of keys listed.
     pub fn len(&self) -> usize {
-        self.services.len() + self.slots.len() + self.backends.len() + self.source_ranges.len()
+        self.services.len()
+            + self.services6.len()
+            + self.slots.len()
+            + self.backends.len()
+            + self.source_ranges.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -135,7 +221,9 @@ impl LbState {
         }
         copy(&mut self.services, &from.services, &changes.services);
         copy(&mut self.slots, &from.slots, &changes.slots);
+        copy(&mut self.services6, &from.services6, &changes.services6);
         copy(&mut self.backends, &from.backends, &changes.backends);
+        copy(&mut self.backends6, &from.backends6, &changes.backends);
         for r in &changes.source_ranges {
             if from.source_ranges.contains(r) {
                 self.source_ranges.insert(*r);
@@ -162,6 +250,10 @@ pub trait LbMaps {
     fn delete_slot(&mut self, key: &SlotKey) -> Result<(), MapError>;
     fn upsert_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapError>;
     fn delete_backend(&mut self, id: u32) -> Result<(), MapError>;
+    fn upsert_service6(&mut self, key: ServiceKey6, value: ServiceValue) -> Result<(), MapError>;
+    fn delete_service6(&mut self, key: &ServiceKey6) -> Result<(), MapError>;
+    fn upsert_backend6(&mut self, id: u32, backend: Backend6) -> Result<(), MapError>;
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapError>;
     fn upsert_node_addr(&mut self, addr_be: u32, flags: u32) -> Result<(), MapError>;
     fn delete_node_addr(&mut self, addr_be: u32) -> Result<(), MapError>;
     /// Allows clients in `range` to reach the frontends of `svc_id` that carry
@@ -184,6 +276,9 @@ pub trait LbMaps {
         }
         Ok(())
     }
+    /// [`Self::flush_backends_state`] for IPv6 backends: the affinity and UDP flow entries
+    /// naming their ids, the IPv6 socket reverse-NAT entries naming their addresses.
+    fn flush_backends6_state(&mut self, backends: &[(u32, Backend6)]) -> Result<(), MapError>;
 }
 
 /// In-memory implementation for tests of the reconciler and the debug CLI.
@@ -198,6 +293,10 @@ pub struct FakeLbMaps {
     pub backends_capacity: Option<u32>,
     /// Capacity of the source-range trie.
     pub source_ranges_capacity: Option<u32>,
+    /// Capacity of the IPv6 services map.
+    pub services6_capacity: Option<u32>,
+    /// Capacity of the IPv6 backends map.
+    pub backends6_capacity: Option<u32>,
     pub flushed_backends: Vec<u32>,
 }
 
@@ -271,6 +370,34 @@ impl LbMaps for FakeLbMaps {
         self.state.backends.remove(&id);
         Ok(())
     }
+    fn upsert_service6(&mut self, key: ServiceKey6, value: ServiceValue) -> Result<(), MapError> {
+        check_capacity(
+            &self.state.services6,
+            &key,
+            self.services6_capacity,
+            MapKind::Services6,
+        )?;
+        self.state.services6.insert(key, value);
+        Ok(())
+    }
+    fn delete_service6(&mut self, key: &ServiceKey6) -> Result<(), MapError> {
+        self.state.services6.remove(key);
+        Ok(())
+    }
+    fn upsert_backend6(&mut self, id: u32, backend: Backend6) -> Result<(), MapError> {
+        check_capacity(
+            &self.state.backends6,
+            &id,
+            self.backends6_capacity,
+            MapKind::Backends6,
+        )?;
+        self.state.backends6.insert(id, backend);
+        Ok(())
+    }
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapError> {
+        self.state.backends6.remove(&id);
+        Ok(())
+    }
     fn upsert_node_addr(&mut self, addr_be: u32, flags: u32) -> Result<(), MapError> {
         self.state.node_addrs.insert(addr_be, flags);
         Ok(())
@@ -306,6 +433,11 @@ impl LbMaps for FakeLbMaps {
     }
     fn flush_backend_state(&mut self, backend_id: u32, _backend: Backend) -> Result<(), MapError> {
         self.flushed_backends.push(backend_id);
+        Ok(())
+    }
+    fn flush_backends6_state(&mut self, backends: &[(u32, Backend6)]) -> Result<(), MapError> {
+        self.flushed_backends
+            .extend(backends.iter().map(|(id, _)| *id));
         Ok(())
     }
 }
@@ -425,6 +557,8 @@ impl<M: LbMaps> FaultyLbMaps<M> {
                 MapKind::Services => s.services.len(),
                 MapKind::BackendSlots => s.slots.len(),
                 MapKind::Backends => s.backends.len(),
+                MapKind::Services6 => s.services6.len(),
+                MapKind::Backends6 => s.backends6.len(),
                 MapKind::NodeAddrs => s.node_addrs.len(),
                 MapKind::SourceRanges => s.source_ranges.len(),
                 _ => 0,
@@ -463,6 +597,22 @@ impl<M: LbMaps> LbMaps for FaultyLbMaps<M> {
         self.gate(MapKind::Backends, "delete")?;
         self.inner.delete_backend(id)
     }
+    fn upsert_service6(&mut self, key: ServiceKey6, value: ServiceValue) -> Result<(), MapError> {
+        self.gate(MapKind::Services6, "update")?;
+        self.inner.upsert_service6(key, value)
+    }
+    fn delete_service6(&mut self, key: &ServiceKey6) -> Result<(), MapError> {
+        self.gate(MapKind::Services6, "delete")?;
+        self.inner.delete_service6(key)
+    }
+    fn upsert_backend6(&mut self, id: u32, backend: Backend6) -> Result<(), MapError> {
+        self.gate(MapKind::Backends6, "update")?;
+        self.inner.upsert_backend6(id, backend)
+    }
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapError> {
+        self.gate(MapKind::Backends6, "delete")?;
+        self.inner.delete_backend6(id)
+    }
     fn upsert_node_addr(&mut self, addr_be: u32, flags: u32) -> Result<(), MapError> {
         self.gate(MapKind::NodeAddrs, "update")?;
         self.inner.upsert_node_addr(addr_be, flags)
@@ -495,6 +645,10 @@ impl<M: LbMaps> LbMaps for FaultyLbMaps<M> {
     fn flush_backend_state(&mut self, backend_id: u32, backend: Backend) -> Result<(), MapError> {
         self.gate(MapKind::Affinity, "flush")?;
         self.inner.flush_backend_state(backend_id, backend)
+    }
+    fn flush_backends6_state(&mut self, backends: &[(u32, Backend6)]) -> Result<(), MapError> {
+        self.gate(MapKind::Affinity, "flush")?;
+        self.inner.flush_backends6_state(backends)
     }
 }
 

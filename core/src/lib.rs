@@ -6,11 +6,13 @@
 //! - [`compile`]: Services, EndpointSlices and Nodes → `LbState` (the service maps' contents).
 //! - [`policy`]: Pods, Namespaces and NetworkPolicies → `PolicyState` (the policy maps' contents).
 //! - [`dns`]: the same Services and EndpointSlices → the cluster's DNS names.
+//! - [`family`]: the IPv4/IPv6 twins of frontend and backend entries.
 //! - [`maglev`]: the per-packet path's consistent-hashing table of a backend set.
 //! - [`reconcile`]: `LbState` → kernel maps through [`lbmap::LbMaps`].
 //! - [`routing`]: the route plan and the masquerade ruleset.
 pub mod compile;
 pub mod dns;
+pub mod family;
 pub mod lbmap;
 pub mod maglev;
 pub mod policy;

@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::compile::{DumpModel, addr_from_be, dump_view, render_dump};
+use crate::compile::{DumpModel, dump_view, render_dump};
 pub use crate::ctview::CtRow;
 use crate::lbmap::LbState;
 
@@ -363,7 +363,8 @@ pub struct DropRow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendRow {
     pub id: u32,
-    pub addr: Ipv4Addr,
+    /// IPv4 or IPv6 (`BACKENDS` or `BACKENDS6`).
+    pub addr: std::net::IpAddr,
     pub port: u16,
     pub protocol: String,
     pub flags: Vec<String>,
@@ -392,9 +393,7 @@ impl KernelView for PinnedKernelView {
         let maps =
             crate::datapath::AyaLbMaps::open_pinned(&self.bpffs_dir).map_err(|e| err_chain(&e))?;
         let entries = maps.dump_affinity().map_err(|e| err_chain(&e))?;
-        let backends = crate::lbmap::LbMaps::dump(&maps)
-            .map_err(|e| err_chain(&e))?
-            .backends;
+        let backends = crate::lbmap::LbMaps::dump(&maps).map_err(|e| err_chain(&e))?;
         let now = crate::datapath::monotonic_now_ns();
         let mut rows: Vec<AffinityRow> = entries
             .into_iter()
@@ -403,8 +402,8 @@ impl KernelView for PinnedKernelView {
                 svc_id: k.svc_id,
                 backend_id: v.backend_id,
                 backend: backends
-                    .get(&v.backend_id)
-                    .map(|b| format!("{}:{}", addr_from_be(b.addr_be), u16::from_be(b.port_be))),
+                    .backend(v.backend_id)
+                    .map(|b| std::net::SocketAddr::new(b.addr(), b.port()).to_string()),
                 idle_s: now.saturating_sub(v.last_used_ns) / 1_000_000_000,
             })
             .collect();
@@ -570,7 +569,7 @@ fn conntrack_filter(p: &Published, query: &str) -> Result<crate::ctview::CtFilte
             ports
                 .iter()
                 .flat_map(|sp| &sp.frontends)
-                .filter_map(|fe| p.applied.services.get(&fe.key).map(|v| v.svc_id))
+                .filter_map(|fe| p.applied.frontend(&fe.key).map(|v| v.svc_id))
                 .collect(),
         );
     }
@@ -627,7 +626,7 @@ pub fn backend_rows(p: &Published) -> Vec<BackendRow> {
             }
         );
         for fe in &sp.frontends {
-            if let Some(v) = p.applied.services.get(&fe.key) {
+            if let Some(v) = p.applied.frontend(&fe.key) {
                 let names = users.entry(v.svc_id).or_default();
                 if !names.contains(&label) {
                     names.push(label.clone());
@@ -646,20 +645,22 @@ pub fn backend_rows(p: &Published) -> Vec<BackendRow> {
     }
     p.applied
         .backends
-        .iter()
+        .keys()
+        .chain(p.applied.backends6.keys())
+        .filter_map(|id| Some((id, p.applied.backend(*id)?)))
         .map(|(id, b)| {
             let mut flags = Vec::new();
-            if b.flags & twill_common::BE_F_LOCAL != 0 {
+            if b.flags() & twill_common::BE_F_LOCAL != 0 {
                 flags.push("local".to_owned());
             }
-            if b.flags & twill_common::BE_F_TERMINATING != 0 {
+            if b.flags() & twill_common::BE_F_TERMINATING != 0 {
                 flags.push("terminating".to_owned());
             }
             BackendRow {
                 id: *id,
-                addr: addr_from_be(b.addr_be),
-                port: u16::from_be(b.port_be),
-                protocol: match b.proto {
+                addr: b.addr(),
+                port: b.port(),
+                protocol: match b.proto() {
                     twill_common::PROTO_TCP => "TCP".into(),
                     twill_common::PROTO_UDP => "UDP".into(),
                     twill_common::PROTO_SCTP => "SCTP".into(),

@@ -141,6 +141,11 @@ pub struct RunArgs {
     /// [default: /etc/resolv.conf, the node's resolvers].
     #[arg(long, value_name = "SERVERS|PATH")]
     pub dns_upstream: Option<String>,
+    /// Denied-flow events each CPU may send to `twill-agent debug monitor` per second; the
+    /// rest are only counted (reported as lost). Bounds what a flood of denied packets costs
+    /// the datapath; 0 turns the stream off [default: 200].
+    #[arg(long, value_name = "N")]
+    pub monitor_rate: Option<u32>,
 }
 
 /// `twill-agent debug …`
@@ -290,6 +295,7 @@ pub struct FileConfig {
     pub cluster_domain: Option<String>,
     pub dns_ttl: Option<u32>,
     pub dns_upstream: Option<String>,
+    pub monitor_rate: Option<u32>,
 }
 
 /// Where Services/EndpointSlices/Nodes come from.
@@ -343,6 +349,8 @@ pub struct Config {
     pub cluster_domain: String,
     pub dns_ttl: u32,
     pub dns_upstream: DnsUpstream,
+    /// `--monitor-rate`: denied-flow events per CPU and second.
+    pub monitor_rate: u32,
 }
 
 /// Where names outside the cluster's zone go.
@@ -548,6 +556,8 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             &pick(flags.dns_upstream, file.dns_upstream)
                 .unwrap_or_else(|| DEFAULT_DNS_UPSTREAM.into()),
         )?,
+        monitor_rate: pick(flags.monitor_rate, file.monitor_rate)
+            .unwrap_or(twill_common::POLICY_EVENTS_PER_CPU_SECOND),
     })
 }
 
@@ -814,6 +824,27 @@ mod tests {
         assert_eq!(cfg.map_sizes, MapSizes::default());
         assert!(cfg.masquerade);
         assert!(!cfg.cni_chain_portmap);
+    }
+
+    #[test]
+    fn monitor_rate_by_flag_or_file() {
+        let default = merge(run_args(&["--node-name", "n1"]), FileConfig::default()).unwrap();
+        assert_eq!(
+            default.monitor_rate,
+            twill_common::POLICY_EVENTS_PER_CPU_SECOND
+        );
+        let flag = merge(
+            run_args(&["--node-name", "n1", "--monitor-rate", "50"]),
+            parse_file("monitor-rate: 7\n").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(flag.monitor_rate, 50, "the flag wins over the file");
+        let file = merge(
+            run_args(&["--node-name", "n1"]),
+            parse_file("monitor-rate: 0\n").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(file.monitor_rate, 0);
     }
 
     #[test]

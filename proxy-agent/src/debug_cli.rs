@@ -282,6 +282,15 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// An address as it is written before `:port`: IPv6 in brackets (RFC 3986 §3.2.2).
+fn bracketed(addr: &str) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]")
+    } else {
+        addr.to_owned()
+    }
+}
+
 fn services_table(services: &[Value]) -> String {
     let rows: Vec<Vec<String>> = services
         .iter()
@@ -291,7 +300,7 @@ fn services_table(services: &[Value]) -> String {
                 .into_iter()
                 .flatten()
                 .map(|f| {
-                    let addr = f["addr"].as_str().unwrap_or("*");
+                    let addr = bracketed(f["addr"].as_str().unwrap_or("*"));
                     format!("{addr}:{}/{}", s(&f["port"]), s(&f["protocol"]))
                 })
                 .collect();
@@ -299,7 +308,14 @@ fn services_table(services: &[Value]) -> String {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|e| format!("{}:{}({})", s(&e["addr"]), s(&e["port"]), s(&e["state"])))
+                .map(|e| {
+                    format!(
+                        "{}:{}({})",
+                        bracketed(&s(&e["addr"])),
+                        s(&e["port"]),
+                        s(&e["state"])
+                    )
+                })
                 .collect();
             vec![
                 format!("{}/{}", s(&sv["namespace"]), s(&sv["name"])),
@@ -326,7 +342,11 @@ fn backends_table(rows: &[BackendRow]) -> String {
         .map(|b| {
             vec![
                 b.id.to_string(),
-                format!("{}:{}/{}", b.addr, b.port, b.protocol),
+                format!(
+                    "{}/{}",
+                    std::net::SocketAddr::new(b.addr, b.port),
+                    b.protocol
+                ),
                 if b.flags.is_empty() {
                     "-".into()
                 } else {

@@ -172,27 +172,98 @@ pub fn program(
     Ok(())
 }
 
-/// Reserves the masquerade's ports (`MASQ_PORT_MIN..=MASQ_PORT_MAX`) in this network namespace
-/// (`net.ipv4.ip_local_reserved_ports`, per namespace), so the node's own sockets are never
-/// given one as an ephemeral port and never meet a masqueraded flow's replies. Keeps what was
-/// reserved before. Returns whether it wrote.
-pub fn reserve_masq_ports() -> std::io::Result<bool> {
-    const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
-    let range = format!(
+/// Where the kernel keeps the ports it never hands out as ephemeral ones (per network
+/// namespace: the node's, as the agent runs in it).
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// The NAT port range as `ip_local_reserved_ports` writes it.
+fn nat_port_range() -> String {
+    format!(
         "{}-{}",
         twill_common::MASQ_PORT_MIN,
         twill_common::MASQ_PORT_MAX
-    );
-    let current = std::fs::read_to_string(RESERVED)?;
+    )
+}
+
+/// `current` (the sysctl's comma-separated list) with `range` added; `None` when it is there.
+fn with_range(current: &str, range: &str) -> Option<String> {
     let current = current.trim();
     if current.split(',').any(|r| r == range) {
-        return Ok(false);
+        return None;
     }
-    let new = if current.is_empty() {
-        range
+    Some(if current.is_empty() {
+        range.to_owned()
     } else {
         format!("{current},{range}")
+    })
+}
+
+/// `current` without `range`; `None` when it is not there. The kernel prints the list merged,
+/// so a reservation of someone else's that overlapped or touched the range was merged into
+/// it and is not told apart.
+fn without_range(current: &str, range: &str) -> Option<String> {
+    let current = current.trim();
+    if !current.split(',').any(|r| r == range) {
+        return None;
+    }
+    Some(
+        current
+            .split(',')
+            .filter(|r| *r != range)
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
+/// Reserves the NAT ports (`MASQ_PORT_MIN..=MASQ_PORT_MAX`: the eBPF masquerade's and the
+/// NodePort SNAT's, one range) in this network namespace (`net.ipv4.ip_local_reserved_ports`),
+/// so the node's own sockets are never given one as an ephemeral port and never meet a
+/// translated flow's replies — also a process connecting later to the very backend address and
+/// port a SNATed flow uses. Keeps what was reserved before. Returns whether it wrote.
+pub fn reserve_nat_ports() -> std::io::Result<bool> {
+    let current = std::fs::read_to_string(RESERVED_PORTS)?;
+    let Some(new) = with_range(&current, &nat_port_range()) else {
+        return Ok(false);
     };
-    std::fs::write(RESERVED, new)?;
+    std::fs::write(RESERVED_PORTS, new)?;
     Ok(true)
+}
+
+/// Undoes [`reserve_nat_ports`] (`twill-agent uninstall`). Returns whether it wrote.
+pub fn release_nat_ports() -> std::io::Result<bool> {
+    let current = std::fs::read_to_string(RESERVED_PORTS)?;
+    let Some(new) = without_range(&current, &nat_port_range()) else {
+        return Ok(false);
+    };
+    // An empty write clears the list (the kernel's parser accepts it).
+    std::fs::write(
+        RESERVED_PORTS,
+        if new.is_empty() { "\n".to_owned() } else { new },
+    )?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{with_range, without_range};
+
+    #[test]
+    fn the_nat_range_is_added_once_and_removed_alone() {
+        let r = "61000-65535";
+        assert_eq!(with_range("", r).as_deref(), Some(r));
+        assert_eq!(with_range("\n", r).as_deref(), Some(r));
+        assert_eq!(
+            with_range("100,200-300\n", r).as_deref(),
+            Some("100,200-300,61000-65535")
+        );
+        assert_eq!(with_range("100,61000-65535\n", r), None);
+        assert_eq!(
+            without_range("100,61000-65535\n", r).as_deref(),
+            Some("100")
+        );
+        assert_eq!(without_range("61000-65535\n", r).as_deref(), Some(""));
+        // Someone else's overlapping reservation was merged: not ours to remove.
+        assert_eq!(without_range("60000-65535\n", r), None);
+        assert_eq!(without_range("", r), None);
+    }
 }

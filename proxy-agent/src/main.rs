@@ -72,6 +72,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if done.api_socket {
                 println!("removed {}", args.api_socket.display());
             }
+            if done.nat_ports {
+                println!(
+                    "released ports {}-{} from net.ipv4.ip_local_reserved_ports",
+                    twill_common::MASQ_PORT_MIN,
+                    twill_common::MASQ_PORT_MAX
+                );
+            }
         }
     }
     Ok(())

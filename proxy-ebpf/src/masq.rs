@@ -4,13 +4,18 @@
 //!
 //! ```text
 //!  egress, CT miss: source ∈ this node's pod CIDRs, destination not exempt (MASQ LPM)
-//!    TCP without SYN / later fragment ─► untouched (MasqNotOpened: no flow to continue)
+//!    TCP without SYN / ICMP echo reply / later fragment ─► untouched (MasqNotOpened: no flow
+//!    to continue; a pod answering an outside TCP client or pinger)
 //!    source address: the route's preferred source (bpf_fib_lookup + BPF_FIB_LOOKUP_SRC)
 //!    port: from FastPathConfig's range (the agent reserves it with ip_local_reserved_ports
 //!          and keeps it out of ip_local_port_range, so no node socket picks one), random
 //!          start, skipping a port a node socket would receive the reply on
 //!          (bpf_sk_lookup_tcp/udp) and a reply tuple already taken (BPF_NOEXIST)
+//!    ICMP echo request: the identifier is the port (same range; replies carry it back)
 //!    CT: reply entry (remote → node:port ⇒ pod) first, then the original (pod ⇒ node:port)
+//!  ingress, CT miss, not a Service: UDP from outside the cluster to a local pod's own address
+//!    ─► both entries untranslated (MasqInbound), so the pod's answers are recognized as
+//!    replies and leave with the pod's address instead of opening a masqueraded flow
 //!  later packets, replies, ICMP errors: the NAT path's CT lookup and rewrite (`tc.rs`), the
 //!  reply then delivered into the pod by the fast path
 //! ```
@@ -33,6 +38,7 @@ use twill_common::{
 use crate::{
     fwd::{config, masqueraded},
     maps::TWL_CT_V2,
+    pkt::PROTO_ICMP,
     tc::{Pkt, Verdict, rewrite, route},
 };
 
@@ -53,12 +59,15 @@ const SOCK_TUPLE_V4_LEN: u32 = (2 * size_of::<u32>() + 2 * size_of::<u16>()) as 
 pub fn open(ctx: &TcContext, p: &Pkt) -> Result<Verdict, Reason> {
     let cfg = config();
     if cfg.flags & FP_F_MASQ_BPF == 0
-        || (p.flow.proto != PROTO_TCP && p.flow.proto != PROTO_UDP)
+        || (p.flow.proto != PROTO_TCP && p.flow.proto != PROTO_UDP && p.flow.proto != PROTO_ICMP)
         || !masqueraded(p.flow.saddr, p.flow.daddr)
     {
         return Ok((Reason::NotService, TC_ACT_OK));
     }
-    if p.later_fragment || (p.flow.proto == PROTO_TCP && !p.flow.is_syn()) {
+    if p.later_fragment
+        || (p.flow.proto == PROTO_TCP && !p.flow.is_syn())
+        || (p.flow.proto == PROTO_ICMP && !p.echo_request)
+    {
         // The middle of a flow without an entry (expired, flushed, or opened before the
         // masquerade ran): rewriting it to a new port would only confuse the peer.
         return Ok((Reason::MasqNotOpened, TC_ACT_OK));
@@ -103,7 +112,8 @@ pub fn open(ctx: &TcContext, p: &Pkt) -> Result<Verdict, Reason> {
             .unwrap_or(u16::MAX)
             .to_be();
         let key = reply_key(p, snat, port);
-        if node_socket_owns(ctx, p.flow.proto, &key) {
+        // No socket lookup for ICMP: the helpers know no ping sockets.
+        if p.flow.proto != PROTO_ICMP && node_socket_owns(ctx, p.flow.proto, &key) {
             continue;
         }
         match TWL_CT_V2.insert(&key, &reply, u64::from(BPF_NOEXIST)) {
@@ -174,4 +184,57 @@ fn node_socket_owns(ctx: &TcContext, proto: u8, key: &CtKey) -> bool {
         bpf_sk_release(sk.cast());
     }
     true
+}
+
+/// A packet arriving on a device that no CT entry knows and no Service frontend takes: a UDP
+/// datagram from outside the cluster to a local pod's own address opens an untranslated flow
+/// (both entries rewrite nothing), so the pod's answers find it as their reply entry on egress
+/// and leave from the pod's address — without it they would look like the pod's own new flow
+/// and be masqueraded, and the client would get its answer from an unknown address and port.
+/// (TCP needs no entry: an answer is never a SYN. ICMP neither: an echo reply opens nothing.)
+#[inline(always)]
+pub fn inbound(p: &Pkt) -> Result<Verdict, Reason> {
+    let f = &p.flow;
+    if config().flags & FP_F_MASQ_BPF == 0
+        || f.proto != PROTO_UDP
+        || p.later_fragment
+        || !masqueraded(f.daddr, f.saddr)
+    {
+        return Ok((Reason::NotService, TC_ACT_OK));
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let orig = CtValue {
+        new_saddr_be: f.saddr,
+        new_daddr_be: f.daddr,
+        new_sport_be: f.sport,
+        new_dport_be: f.dport,
+        svc_id: 0,
+        flags: 0,
+        state: CT_STATE_NEW,
+        tcp_fin: 0,
+        _pad: [0; 2],
+        last_seen_ns: now,
+    };
+    let key = f.nat_key();
+    let reply_key = key.reversed();
+    // Never over a flow of the pod's own with that tuple (it keeps its translation).
+    let reply = CtValue {
+        new_saddr_be: f.daddr,
+        new_daddr_be: f.saddr,
+        new_sport_be: f.dport,
+        new_dport_be: f.sport,
+        flags: CT_F_REPLY,
+        ..orig
+    };
+    match TWL_CT_V2.insert(&reply_key, &reply, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        Err(e) if i64::from(e) == EEXIST => return Ok((Reason::NotService, TC_ACT_OK)),
+        Err(_) => return Err(Reason::CtMapFull),
+    }
+    if TWL_CT_V2.insert(&key, &orig, 0).is_err() {
+        let _ = TWL_CT_V2.remove(&reply_key);
+        return Err(Reason::CtMapFull);
+    }
+    Ok((Reason::MasqInbound, TC_ACT_OK))
 }

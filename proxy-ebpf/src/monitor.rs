@@ -13,6 +13,11 @@ use crate::{
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
+/// Events per CPU and second (`twill_common::GLOBAL_MONITOR_RATE`): a read-only global the agent
+/// sets at load time (`--monitor-rate`); the verifier sees its value as a constant.
+#[unsafe(no_mangle)]
+static TWL_MONITOR_RATE: u32 = POLICY_EVENTS_PER_CPU_SECOND;
+
 /// Reports that `flow` was dropped on `direction` of local endpoint `ep_id` (peer identity
 /// `peer`) for `reason`.
 #[inline(always)]
@@ -30,7 +35,8 @@ pub fn denied(flow: &Flow, direction: u8, reason: Reason, ep_id: u32, peer: u32)
             (*budget).second = second;
             (*budget).used = 0;
         }
-        if (*budget).used >= POLICY_EVENTS_PER_CPU_SECOND {
+        // Volatile: the compiler must not fold the default in; the loader rewrites it.
+        if (*budget).used >= core::ptr::read_volatile(&raw const TWL_MONITOR_RATE) {
             (*budget).lost += 1;
             return;
         }

@@ -64,7 +64,7 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROB: u8 = 12;
 /// ICMP header fields, from the start of the ICMP header (RFC 792).
 pub const ICMP_CSUM: usize = 2;
-const ICMP_ECHO_ID: usize = 4;
+pub const ICMP_ECHO_ID: usize = 4;
 /// ICMP header bytes before a quoted packet.
 const ICMP_HLEN: usize = 8;
 

@@ -13,12 +13,17 @@
 //!  recvmsg / getpeername: (socket cookie, peer) ─► SOCK_REVNAT ─► rewrite peer to frontend
 //! ```
 //!
-//! Every hook exists twice. The IPv6 ones serve AF_INET6 sockets talking to IPv4-mapped
-//! addresses (`::ffff:a.b.c.d`), the default of the JVM and of .NET's dual-mode sockets: the
-//! kernel hands such a `connect()` to the IPv4 stack only after the IPv6 hook ran
-//! (`tcp_v6_connect`, `ip6_datagram_connect`), so without them the ClusterIP escapes untranslated.
-//! Both families run the same body, which works on the IPv4 address; [`Family`] says where it
-//! lives in the `bpf_sock_addr`. Other IPv6 destinations pass untouched (no IPv6 Services yet).
+//! Every hook exists twice. The IPv6 ones serve two kinds of destination:
+//! - IPv4-mapped addresses (`::ffff:a.b.c.d`) of AF_INET6 sockets, the default of the JVM and of
+//!   .NET's dual-mode sockets: the kernel hands such a `connect()` to the IPv4 stack only after
+//!   the IPv6 hook ran (`tcp_v6_connect`, `ip6_datagram_connect`), so without them the ClusterIP
+//!   escapes untranslated. They run the IPv4 body on the mapped address (`V4`/`V6` say where it
+//!   lives in the `bpf_sock_addr`).
+//! - real IPv6 Service frontends (dual-stack and IPv6-only Services): the same steps with the
+//!   IPv6 twins of the tables (`SERVICES6`, `BACKENDS6`, `SOCK_REVNAT6`); slots, affinity and
+//!   UDP flows are shared, keyed by the frontend's `svc_id` (docs/design/dualstack.md).
+//!
+//! Other IPv6 destinations pass untouched (`NotV4Mapped`).
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
@@ -26,11 +31,16 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use twill_common::{Reason, SCOPE_INTERNAL, SockRevNatKey, SockRevNatValue};
+use twill_common::{
+    Reason, SCOPE_INTERNAL, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6,
+};
 
 use crate::{
-    lb::{is_node_addr, lookup_scoped, lookup_service, select_backend, select_udp_flow_backend},
-    maps::{TWL_CFG_V2, TWL_SKRNAT_V1, count},
+    lb::{
+        V4 as Be4, V6 as Be6, is_node_addr, lookup_scoped, lookup_scoped6, lookup_service,
+        select_backend, select_udp_flow_backend,
+    },
+    maps::{TWL_CFG_V2, TWL_SKRNAT_V1, TWL_SKRNAT6_V1, count},
 };
 
 /// `sock_addr` program return values: 1 lets the call proceed; 0 fails it with the errno set by
@@ -58,6 +68,34 @@ fn ipv4_of<const FAMILY: bool>(sa: &bpf_sock_addr) -> Option<u32> {
             .then_some(sa.user_ip6[3])
     } else {
         Some(sa.user_ip4)
+    }
+}
+
+/// The IPv6 address of an IPv6 hook (`user_ip6`, network order). Read word by word: the
+/// verifier takes 4-byte (or aligned 8-byte) accesses to `user_ip6` only
+/// (`sock_addr_is_valid_access`), and volatile reads keep LLVM from merging them otherwise.
+#[inline(always)]
+fn ipv6_of(sa: &bpf_sock_addr) -> [u32; 4] {
+    // SAFETY: reads of the program's own context fields.
+    unsafe {
+        [
+            core::ptr::read_volatile(&raw const sa.user_ip6[0]),
+            core::ptr::read_volatile(&raw const sa.user_ip6[1]),
+            core::ptr::read_volatile(&raw const sa.user_ip6[2]),
+            core::ptr::read_volatile(&raw const sa.user_ip6[3]),
+        ]
+    }
+}
+
+/// Writes an IPv6 address into `user_ip6`, one 4-byte store per word (see [`ipv6_of`]).
+#[inline(always)]
+fn set_ipv6(sa: &mut bpf_sock_addr, addr_be: [u32; 4]) {
+    // SAFETY: writes of the program's own context fields, which sock_addr programs may write.
+    unsafe {
+        core::ptr::write_volatile(&raw mut sa.user_ip6[0], addr_be[0]);
+        core::ptr::write_volatile(&raw mut sa.user_ip6[1], addr_be[1]);
+        core::ptr::write_volatile(&raw mut sa.user_ip6[2], addr_be[2]);
+        core::ptr::write_volatile(&raw mut sa.user_ip6[3], addr_be[3]);
     }
 }
 
@@ -175,7 +213,13 @@ fn try_translate<const FAMILY: bool>(
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(addr_be) = ipv4_of::<FAMILY>(sa) else {
-        return Ok(Reason::NotV4Mapped);
+        // Only an IPv6 hook gets here; the condition keeps `user_ip6` out of the IPv4 programs
+        // whatever the optimiser does (the verifier rejects it there).
+        return if FAMILY == V6 {
+            try_translate6(ctx, datagrams)
+        } else {
+            Ok(Reason::NotV4Mapped)
+        };
     };
     // user_port holds the port in network order in its low 16 bits.
     let port_be = sa.user_port as u16;
@@ -215,8 +259,8 @@ fn try_translate<const FAMILY: bool>(
     // of rejecting only for traffic arriving from outside; inside the node a Local policy
     // without local endpoints is refused too, counted apart (NoLocalBackend).
     let (backend, reason) = match datagrams {
-        Datagrams::Connected => select_backend(&svc, netns)?,
-        Datagrams::Flow => select_udp_flow_backend(&svc, netns, cookie)?,
+        Datagrams::Connected => select_backend::<Be4>(&svc, netns)?,
+        Datagrams::Flow => select_udp_flow_backend::<Be4>(&svc, netns, cookie)?,
     };
 
     set_ipv4::<FAMILY>(sa, backend.addr_be);
@@ -241,6 +285,83 @@ fn try_translate<const FAMILY: bool>(
     Ok(reason)
 }
 
+/// [`try_translate`] for a real IPv6 destination of an IPv6 hook: an IPv6 ClusterIP (the only
+/// IPv6 frontends the compiler writes; NodePort and external addresses are IPv4 only).
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "bpf_sock_addr widens u16 port and u8 protocol to u32 fields (kernel ABI)"
+)]
+#[inline(always)]
+fn try_translate6(ctx: &SockAddrContext, datagrams: Datagrams) -> Result<Reason, Reason> {
+    // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let addr_be = ipv6_of(sa);
+    let port_be = sa.user_port as u16;
+    let proto = sa.protocol as u8;
+    let Some(svc) = lookup_scoped6(addr_be, port_be, proto, SCOPE_INTERNAL) else {
+        return Ok(Reason::NotV4Mapped);
+    };
+    // SAFETY: ctx is the program's own context pointer.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: sock_addr programs may call bpf_get_socket_cookie on their context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // The same selection as IPv4 (affinity per client netns, unconnected UDP flows per socket),
+    // over the IPv6 backend table.
+    let (backend, reason) = match datagrams {
+        Datagrams::Connected => select_backend::<Be6>(&svc, netns)?,
+        Datagrams::Flow => select_udp_flow_backend::<Be6>(&svc, netns, cookie)?,
+    };
+    set_ipv6(sa, backend.addr_be);
+    sa.user_port = u32::from(backend.port_be);
+    let key = SockRevNatKey6 {
+        cookie,
+        backend_addr_be: backend.addr_be,
+        backend_port_be: backend.port_be,
+        _pad: [0; 6],
+    };
+    let value = SockRevNatValue6 {
+        frontend_addr_be: addr_be,
+        frontend_port_be: port_be,
+        _pad: 0,
+        svc_id: svc.svc_id,
+    };
+    if TWL_SKRNAT6_V1.insert(key, value, 0).is_err() {
+        count(Reason::RevNat6MapFull);
+    }
+    Ok(match reason {
+        Reason::Translated => Reason::Translated6,
+        other => other,
+    })
+}
+
+/// [`rev_translate`] for a real IPv6 peer: the backend of an IPv6 frontend shows as the frontend.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "bpf_sock_addr widens the u16 port to a u32 field (kernel ABI)"
+)]
+#[inline(always)]
+fn rev_translate6(ctx: &SockAddrContext) -> Reason {
+    // SAFETY: as in try_translate.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: the context pointer is the program's own, valid for the call.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey6 {
+        cookie,
+        backend_addr_be: ipv6_of(sa),
+        backend_port_be: sa.user_port as u16,
+        _pad: [0; 6],
+    };
+    // SAFETY: the value is copied out at once, before any other helper call.
+    match unsafe { TWL_SKRNAT6_V1.get(key) }.copied() {
+        Some(v) => {
+            set_ipv6(sa, v.frontend_addr_be);
+            sa.user_port = u32::from(v.frontend_port_be);
+            Reason::RevNatApplied6
+        }
+        None => Reason::NotV4Mapped,
+    }
+}
+
 #[expect(
     clippy::cast_possible_truncation,
     reason = "bpf_sock_addr widens the u16 port to a u32 field (kernel ABI)"
@@ -249,7 +370,11 @@ fn rev_translate<const FAMILY: bool>(ctx: &SockAddrContext) -> Reason {
     // SAFETY: as in try_translate.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(addr_be) = ipv4_of::<FAMILY>(sa) else {
-        return Reason::NotV4Mapped;
+        return if FAMILY == V6 {
+            rev_translate6(ctx)
+        } else {
+            Reason::NotV4Mapped
+        };
     };
     // SAFETY: the context pointer is the program's own, valid for the call.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

@@ -8,7 +8,8 @@
 //!                 ─► loadBalancerSourceRanges (LPM) ─► backend by the tuple's hash (Maglev)
 //!                 ─► local backend (or eTP=Local): DNAT, client IP kept
 //!                    remote backend (eTP=Cluster): DNAT + SNAT to the node address that routes
-//!                    to the backend, so replies come back through this node
+//!                    to the backend and a port of the reserved range (61000–65535, shared with
+//!                    the masquerade), so replies come back through this node
 //!                 ─► two CT entries (original and reply direction), state NEW
 //!  egress:  CT hit ─► state ─► rewrite (replies of local backends leaving towards the client)
 //! ```
@@ -48,17 +49,19 @@ use aya_ebpf::{
 };
 use twill_common::{
     AFFINITY_CLIENT_IP, BE_F_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CT_SCOPE_NAT, CT_STATE_CLOSING,
-    CT_STATE_NEW, CtKey, CtValue, FragKey, FragValue, PROTO_TCP, PROTO_UDP, Reason, SCOPE_EXTERNAL,
-    SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES,
-    ServiceValue, SrcRangeKey, ct_lifetime_ns, ct_next_state, flow_hash,
+    CT_STATE_NEW, CtKey, CtValue, FragKey, FragValue, MASQ_PORT_MAX, MASQ_PORT_MIN, PROTO_TCP,
+    PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey, ct_lifetime_ns, ct_next_state,
+    flow_hash,
 };
 
 use crate::{
     lb::{Pick, is_node_addr, lookup_service, select_backend_by},
     maps::{TWL_CT_V2, TWL_FRAG_V1, TWL_LBSRC_V1, count},
     pkt::{
-        Flow, ICMP_CSUM, IP_CSUM_AT, IP_DST_AT, IP_SRC_AT, L4, L4_DPORT, L4_SPORT, PROTO_ICMP,
-        QUOTE_CSUM, QUOTE_DST, QUOTE_SRC, Quote, TCP_CSUM, TCP_RST, UDP_CSUM, parse,
+        Flow, ICMP_CSUM, ICMP_ECHO_ID, IP_CSUM_AT, IP_DST_AT, IP_SRC_AT, L4, L4_DPORT, L4_SPORT,
+        PROTO_ICMP, Ports, QUOTE_CSUM, QUOTE_DST, QUOTE_SRC, Quote, TCP_CSUM, TCP_RST, UDP_CSUM,
+        parse,
     },
 };
 
@@ -69,11 +72,18 @@ const AF_INET: u8 = 2;
     reason = "64 bytes"
 )]
 const FIB_PARAMS_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
-/// Source ports tried for SNAT when the client's own port is taken towards that backend (by
-/// another SNATed flow or a socket of the node).
-const SNAT_PORT_TRIES: u32 = 8;
-const SNAT_PORT_MIN: u32 = 32_768;
-const SNAT_PORT_RANGE: u32 = 28_232;
+/// Source ports tried for SNAT (consecutive, from a random start) before the new flow is
+/// dropped: the range is thousands wide per (node address, backend, protocol), so a handful of
+/// probes finds a free one unless it is nearly full towards that backend.
+const SNAT_PORT_TRIES: u32 = 16;
+/// SNAT draws from the masquerade's port range: the one range the agent reserves in
+/// `ip_local_reserved_ports` (and keeps out of `ip_local_port_range`), so the kernel never gives
+/// a node socket one of its ports — also not to a process connecting later to the same backend
+/// address and port, whose SYN would otherwise meet the SNATed flow's reply tuple. Both
+/// features share it through the one conntrack table, whose `BPF_NOEXIST` insert of the reply
+/// tuple keeps a port unique per (node address, peer address and port, protocol).
+const SNAT_PORT_MIN: u32 = MASQ_PORT_MIN as u32;
+const SNAT_PORT_SPAN: u32 = MASQ_PORT_MAX as u32 - SNAT_PORT_MIN + 1;
 /// Frontend kinds served to traffic from outside the node (a ClusterIP is not).
 const EXTERNAL_KINDS: u16 = SVC_F_NODEPORT | SVC_F_EXTERNAL_IP | SVC_F_LOADBALANCER;
 /// `-EEXIST`: a `BPF_NOEXIST` insert met an existing key.
@@ -154,11 +164,15 @@ pub struct Pkt {
     /// A fragment after the first: no TCP/UDP header (the ports come from `TWL_FRAG_V1`), so
     /// only the addresses are rewritten and it never opens a flow.
     pub later_fragment: bool,
+    /// ICMP only: an echo request (its identifier is the flow's source port) rather than a
+    /// reply (the identifier is the destination port, see `pkt.rs`).
+    pub echo_request: bool,
 }
 
 /// What a packet is to this datapath.
 enum Parsed {
-    /// A TCP/UDP packet (or a fragment of one whose first fragment was seen).
+    /// A TCP/UDP packet or an ICMP echo request or reply (or a fragment of one whose first
+    /// fragment was seen).
     Flow(Pkt),
     /// An ICMP error quoting a TCP/UDP packet: translated like the flow it is about.
     IcmpError(IcmpErr),
@@ -182,7 +196,10 @@ fn classify(ctx: &TcContext) -> Result<Parsed, Reason> {
     let Some(p) = parse(ctx)? else {
         return Ok(Parsed::Other);
     };
-    if p.proto != PROTO_TCP && p.proto != PROTO_UDP {
+    // ICMP echo is a flow too (the eBPF masquerade translates pods' pings: the identifier
+    // plays the port); any other ICMP message is an error about a flow or nothing to us.
+    let echo = p.proto == PROTO_ICMP && matches!(p.l4, L4::Echo { .. } | L4::LaterFragment);
+    if p.proto != PROTO_TCP && p.proto != PROTO_UDP && !echo {
         return Ok(match p.l4 {
             L4::IcmpError(quote) if quote.translatable() => Parsed::IcmpError(IcmpErr {
                 saddr: p.saddr,
@@ -200,7 +217,19 @@ fn classify(ctx: &TcContext) -> Result<Parsed, Reason> {
         proto: p.proto,
         _pad: 0,
     };
-    let (sport, dport, tcp_flags, udp_csum, later_fragment) = if let L4::Ports(ports) = p.l4 {
+    let ports = match p.l4 {
+        L4::Ports(ports) => Some(ports),
+        // Echo: the identifier is the source port of a request and the destination port of a
+        // reply, as the one parser's `Flow::of` has it.
+        L4::Echo { request, id_be } => Some(Ports {
+            sport: if request { id_be } else { 0 },
+            dport: if request { 0 } else { id_be },
+            tcp_flags: 0,
+            udp_csum: false,
+        }),
+        _ => None,
+    };
+    let (sport, dport, tcp_flags, udp_csum, later_fragment) = if let Some(ports) = ports {
         if p.first_fragment() {
             // The first fragment of a datagram: remember its ports for the others. Recorded
             // for every datagram, translated or not; fragmentation is rare enough that this
@@ -240,6 +269,7 @@ fn classify(ctx: &TcContext) -> Result<Parsed, Reason> {
         l4_off: p.l4_off,
         udp_csum,
         later_fragment,
+        echo_request: matches!(p.l4, L4::Echo { request: true, .. }),
     }))
 }
 
@@ -324,7 +354,8 @@ fn icmp_error(ctx: &TcContext, e: &IcmpErr, ingress: bool) -> Result<Verdict, Re
 }
 
 /// Rewrites addresses and ports, fixing the IP checksum and the TCP/UDP checksum (which covers
-/// the addresses through the pseudo-header). A UDP checksum of 0 means "none" and stays 0.
+/// the addresses through the pseudo-header). A UDP checksum of 0 means "none" and stays 0. An
+/// ICMP echo's "port" is its identifier, under the ICMP checksum (no pseudo-header).
 #[inline(always)]
 pub fn rewrite(
     ctx: &TcContext,
@@ -335,6 +366,9 @@ pub fn rewrite(
     dport: u16,
 ) -> Result<(), Reason> {
     let f = &p.flow;
+    if f.proto == PROTO_ICMP {
+        return rewrite_echo(ctx, p, saddr, sport, daddr, dport);
+    }
     let csum_off = p.l4_off
         + if f.proto == PROTO_TCP {
             TCP_CSUM
@@ -379,6 +413,40 @@ pub fn rewrite(
                 .map_err(fail)?;
         }
         ctx.store(off, &new, 0).map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// [`rewrite`] of an ICMP echo request or reply: the addresses (the IP checksum only) and the
+/// identifier, which is the flow's source port in a request and its destination port in a
+/// reply (the other "port" is always 0 on both sides of the translation).
+#[inline(always)]
+fn rewrite_echo(
+    ctx: &TcContext,
+    p: &Pkt,
+    saddr: u32,
+    sport: u16,
+    daddr: u32,
+    dport: u16,
+) -> Result<(), Reason> {
+    let f = &p.flow;
+    let fail = |_| Reason::RewriteFailed;
+    for (off, old, new) in [(IP_SRC_AT, f.saddr, saddr), (IP_DST_AT, f.daddr, daddr)] {
+        if old != new {
+            ctx.l3_csum_replace(IP_CSUM_AT, u64::from(old), u64::from(new), 4)
+                .map_err(fail)?;
+            ctx.store(off, &new, 0).map_err(fail)?;
+        }
+    }
+    let (old, new) = if p.echo_request {
+        (f.sport, sport)
+    } else {
+        (f.dport, dport)
+    };
+    if old != new && !p.later_fragment {
+        ctx.l4_csum_replace(p.l4_off + ICMP_CSUM, u64::from(old), u64::from(new), 2)
+            .map_err(fail)?;
+        ctx.store(p.l4_off + ICMP_ECHO_ID, &new, 0).map_err(fail)?;
     }
     Ok(())
 }
@@ -550,12 +618,16 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
         Ct::Miss => {}
     }
     let f = &p.flow;
-    let Some(svc) = lookup_service(f.daddr, f.dport, f.proto, SCOPE_EXTERNAL, is_node_addr) else {
-        return Ok((Reason::NotService, TC_ACT_OK));
-    };
-    if svc.flags & EXTERNAL_KINDS == 0 {
+    if f.proto == PROTO_ICMP {
+        // Echo: only the masquerade's flows (found above); Services serve TCP and UDP.
         return Ok((Reason::NotService, TC_ACT_OK));
     }
+    let Some(svc) = lookup_service(f.daddr, f.dport, f.proto, SCOPE_EXTERNAL, is_node_addr)
+        .filter(|svc| svc.flags & EXTERNAL_KINDS != 0)
+    else {
+        // Not for a Service: perhaps a flow from outside to a pod's own address.
+        return crate::masq::inbound(&p);
+    };
     if p.later_fragment {
         // Its first fragment opened no flow (it was not for a Service, or was dropped).
         return Ok((Reason::NotService, TC_ACT_OK));
@@ -581,7 +653,7 @@ fn try_ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
     // Per-packet affinity is per client IP, as in kube-proxy. Without it the tuple's hash picks
     // the backend in the set's Maglev table, so a flow whose entry was lost comes back to the
     // same one, and only flows of a backend that left move.
-    let (be, reason) = select_backend_by(
+    let (be, reason) = select_backend_by::<crate::lb::V4>(
         &svc,
         AFFINITY_CLIENT_IP | u64::from(f.saddr),
         Pick::Flow(flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto)),
@@ -655,7 +727,14 @@ fn dnat_snat(
     let f = &p.flow;
     let key = f.nat_key();
     let snat = snat_addr(ctx, f, be.addr_be)?;
-    // The client's port first.
+    // The client's port when it lies in the range (nothing to rewrite), else a random start.
+    let client_port = u32::from(u16::from_be(f.sport));
+    let start = if (SNAT_PORT_MIN..SNAT_PORT_MIN + SNAT_PORT_SPAN).contains(&client_port) {
+        client_port - SNAT_PORT_MIN
+    } else {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_get_prandom_u32() }
+    };
     let mut orig = CtValue {
         new_saddr_be: snat,
         new_daddr_be: be.addr_be,
@@ -680,26 +759,29 @@ fn dnat_snat(
         _pad: [0; 2],
         last_seen_ns: now,
     };
-    // Another random port when that reply tuple is taken, by another SNATed flow (BPF_NOEXIST
-    // makes the claim atomic against other CPUs) or by a socket of the node itself.
-    let mut tries = 0;
-    let reply_key = loop {
-        let reply_key = key.counterpart(&orig);
-        if !node_socket_on(ctx, &reply_key) {
-            match TWL_CT_V2.insert(reply_key, reply, u64::from(BPF_NOEXIST)) {
-                Ok(()) => break reply_key,
-                Err(e) if e != -EEXIST => return Err(Reason::CtMapFull),
-                Err(_) => {}
-            }
-        }
-        tries += 1;
-        if tries >= SNAT_PORT_TRIES {
-            return Err(Reason::SnatPortsExhausted);
-        }
-        // SAFETY: helper without arguments.
-        let port = SNAT_PORT_MIN + unsafe { bpf_get_prandom_u32() } % SNAT_PORT_RANGE;
-        // Below SNAT_PORT_MIN + SNAT_PORT_RANGE = 61000: always fits.
+    // The next port when that reply tuple is taken, by another SNATed or masqueraded flow
+    // (BPF_NOEXIST makes the claim atomic against other CPUs) or by a socket of the node bound
+    // to it explicitly (the reservation only keeps the kernel from choosing it).
+    let mut claimed = None;
+    for i in 0..SNAT_PORT_TRIES {
+        let port = SNAT_PORT_MIN + start.wrapping_add(i) % SNAT_PORT_SPAN;
+        // At most MASQ_PORT_MAX: always fits.
         orig.new_sport_be = u16::try_from(port).unwrap_or(u16::MAX).to_be();
+        let reply_key = key.counterpart(&orig);
+        if node_socket_on(ctx, &reply_key) {
+            continue;
+        }
+        match TWL_CT_V2.insert(reply_key, reply, u64::from(BPF_NOEXIST)) {
+            Ok(()) => {
+                claimed = Some(reply_key);
+                break;
+            }
+            Err(e) if e != -EEXIST => return Err(Reason::CtMapFull),
+            Err(_) => {}
+        }
+    }
+    let Some(reply_key) = claimed else {
+        return Err(Reason::SnatPortsExhausted);
     };
     if TWL_CT_V2.insert(key, orig, 0).is_err() {
         let _ = TWL_CT_V2.remove(reply_key);

@@ -241,9 +241,17 @@ fn should_serve_the_debug_cli_write_the_cni_config_and_uninstall() -> Result<()>
         "not the agent's config: {conf}"
     );
 
-    // Uninstall after a graceful stop: CNI config and pins gone.
+    // The NAT ports (NodePort SNAT and masquerade) are reserved in the node's namespace.
+    ensure!(nat_ports_reserved(n0)?, "NAT ports not reserved");
+
+    // Uninstall after a graceful stop: CNI config, pins and the NAT port reservation gone.
     agent.stop()?;
-    // In the node's namespace: uninstall also removes the agent's routes and nftables table.
+    uninstall_leaves_nothing(n0)
+}
+
+/// `twill-agent uninstall` in the node's namespace (it also removes the agent's routes and
+/// nftables table): CNI config, pins and the NAT port reservation are gone afterwards.
+fn uninstall_leaves_nothing(n0: &twill_lab::Node) -> Result<()> {
     let out = n0
         .cmd_with_host_mounts(twill_lab::bin("twill-agent"))
         .args(["uninstall", "--bpffs-dir"])
@@ -263,7 +271,19 @@ fn should_serve_the_debug_cli_write_the_cni_config_and_uninstall() -> Result<()>
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     ensure!(left.is_empty(), "pins left after uninstall: {left:?}");
+    ensure!(!nat_ports_reserved(n0)?, "NAT ports still reserved");
     Ok(())
+}
+
+/// Whether the node's `ip_local_reserved_ports` holds the NAT port range.
+fn nat_ports_reserved(node: &twill_lab::Node) -> Result<bool> {
+    let range = format!(
+        "{}-{}",
+        twill_common::MASQ_PORT_MIN,
+        twill_common::MASQ_PORT_MAX
+    );
+    let reserved = node.run(&["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"])?;
+    Ok(reserved.contains(&range))
 }
 
 /// `run` refuses to start, with a message naming the problem, when the cgroup root is not

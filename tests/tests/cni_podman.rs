@@ -10,12 +10,12 @@ mod cni_common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use cni_common::{host_links, pod_routes, reservations};
 use serde_json::json;
-use twill_lab::{LabSpec, Node, require, run_cmd};
+use twill_lab::{LabSpec, Node, require, run_cmd, wait_for};
 
 struct Podman {
     netns: String,
@@ -172,18 +172,6 @@ fn remove_cgroup_dirs(dir: &Path) {
     }
 }
 
-/// Polls `f` until it returns Ok, at most `limit`.
-fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if start.elapsed() > limit => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
 #[test]
 fn podman_containers_on_the_twill_network() -> Result<()> {
     let Some(lab) = require(LabSpec::nodes(1))? else {
@@ -209,23 +197,33 @@ fn podman_containers_on_the_twill_network() -> Result<()> {
 
     // container -> container by IP; httpd logs the peer: the real source address.
     let url = format!("http://{web}:8080/index.html");
-    let body = eventually(Duration::from_secs(10), || {
-        podman.run(&["exec", "client", "wget", "-qO-", &url])
-    })?;
+    let body = wait_for(
+        Duration::from_secs(10),
+        &format!("{url} from client"),
+        || {
+            podman
+                .run(&["exec", "client", "wget", "-qO-", &url])
+                .map(Some)
+        },
+    )?;
     ensure!(body.contains("hello from twill"), "{body}");
-    let logs = eventually(Duration::from_secs(5), || {
-        let out = podman.cmd(&["logs", "web"]).output()?;
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if all.contains(&client) {
-            Ok(all)
-        } else {
-            bail!("web's log does not name {client}: {all}")
-        }
-    })?;
+    let logs = wait_for(
+        Duration::from_secs(5),
+        "web's log to name the client",
+        || {
+            let out = podman.cmd(&["logs", "web"]).output()?;
+            let all = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if all.contains(&client) {
+                Ok(Some(all))
+            } else {
+                bail!("web's log does not name {client}: {all}")
+            }
+        },
+    )?;
     ensure!(logs.contains(&client), "{logs}");
     // node -> container
     n0.run(&["ping", "-c1", "-W2", &web])?;

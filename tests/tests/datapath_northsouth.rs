@@ -4,9 +4,9 @@
 //! The rolling-update test runs the real agent on every node instead.
 mod agent_common;
 
-use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _, process::Stdio, time::Duration};
+use std::{net::Ipv4Addr, process::Stdio, time::Duration};
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use ipnetwork::Ipv4Network;
 use twill_agent::{
     datapath::{AttachOutcome, AyaLbMaps, Datapath, DatapathOptions},
@@ -18,35 +18,10 @@ use twill_common::{
     SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey,
 };
 use twill_lab::{
-    Lab, LabSpec, Node, Pod,
+    Lab, LabSpec, Node, Pod, addr_be as be,
     bench::loadgen::{CrrReport, RrReport},
-    bin, require, spawn_and_wait_ready,
+    bin, in_netns, require, spawn_and_wait_ready,
 };
-
-fn be(addr: Ipv4Addr) -> u32 {
-    u32::from(addr).to_be()
-}
-
-/// Runs `f` with the calling thread inside `netns` (`ip netns` name), then moves it back, also
-/// when `f` fails or panics.
-fn in_netns<T>(netns: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    struct Restore(File);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // SAFETY: setns on this thread with a namespace fd we hold.
-            unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) };
-        }
-    }
-    let home = Restore(File::open("/proc/thread-self/ns/net")?);
-    let target = File::open(format!("/var/run/netns/{netns}"))?;
-    // SAFETY: as above.
-    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("setns");
-    }
-    let r = f();
-    drop(home);
-    r
-}
 
 /// A datapath on `node`: tc programs on its `eth0`, its address as a NodePort address.
 fn datapath_on(node: &Node) -> Result<(Datapath, AyaLbMaps)> {

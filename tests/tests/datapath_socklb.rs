@@ -21,13 +21,9 @@ use twill_common::{
     Backend, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SVC_F_AFFINITY, SVC_F_CLUSTER_IP,
     SVC_F_NODEPORT, ServiceKey, ServiceValue, SlotKey, UDP_FLOW_TIMEOUT_S,
 };
-use twill_lab::{Lab, LabSpec, Node, Pod, require, wait_for};
+use twill_lab::{Lab, LabSpec, Node, Pod, addr_be as be, replier, require, wait_for};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-
-fn be(addr: Ipv4Addr) -> u32 {
-    u32::from(addr).to_be()
-}
 
 /// Programs one frontend `vip:port/proto` with `backends` (ids `svc_id * 100 + i`).
 fn program(
@@ -173,11 +169,6 @@ fn keep_only(
     value.backend_count = 1;
     maps.upsert_service(key, value)?;
     Ok(())
-}
-
-/// The first word of `reply=NAME ...`.
-fn replier(out: &str) -> Option<&str> {
-    out.strip_prefix("reply=")?.split_whitespace().next()
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! packets in, translated packets out, checksums verified byte for byte (like Katran's
 //! fixtures). The programs run inside a lab node's network namespace (the test-run skb lives on
 //! its loopback device); nothing is attached anywhere.
-use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _};
+use std::{net::Ipv4Addr, os::fd::AsRawFd as _};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use twill_agent::{
@@ -16,7 +16,7 @@ use twill_common::{
     SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey, flow_hash,
 };
 use twill_core::maglev;
-use twill_lab::{LabSpec, require};
+use twill_lab::{LabSpec, addr_be as be, in_netns, require};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -28,10 +28,6 @@ const NODE: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 200);
 const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-
-fn be(a: Ipv4Addr) -> u32 {
-    u32::from(a).to_be()
-}
 
 /// One's-complement sum folded to 16 bits.
 fn csum(data: &[u8], mut sum: u32) -> u16 {
@@ -200,25 +196,6 @@ fn service(
         },
     )?;
     Ok(())
-}
-
-fn in_netns<T>(netns: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    struct Restore(File);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // SAFETY: setns on this thread with a namespace fd we hold.
-            unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) };
-        }
-    }
-    let home = Restore(File::open("/proc/thread-self/ns/net")?);
-    let target = File::open(format!("/var/run/netns/{netns}"))?;
-    // SAFETY: as above.
-    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("setns");
-    }
-    let r = f();
-    drop(home);
-    r
 }
 
 /// Runs every fixture through the programs (inside a lab netns).
@@ -1011,9 +988,17 @@ fn tc_later_fragments_follow_the_first() -> Result<()> {
 
 const TC_ACT_REDIRECT: u32 = 7;
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+/// A client port inside the NAT range (`MASQ_PORT_MIN..=MASQ_PORT_MAX`): SNAT keeps it when free.
+const SNAT_KEPT: u16 = 61_234;
 
-/// Backend on another node (externalTrafficPolicy Cluster): DNAT + SNAT to the node, the
-/// client's port kept when free and another one taken when that reply tuple is in use, both
+/// Whether `port` lies in the NAT range the agent reserves (NodePort SNAT and masquerade).
+fn nat_range(port: u16) -> bool {
+    (twill_common::MASQ_PORT_MIN..=twill_common::MASQ_PORT_MAX).contains(&port)
+}
+
+/// Backend on another node (externalTrafficPolicy Cluster): DNAT + SNAT to the node and a port
+/// of the reserved NAT range — the client's own when it lies in the range and is free, another
+/// one of the range when that reply tuple is in use or the client's port is outside it —, both
 /// directions sent out by redirect; an ICMP error about the reply reaches the remote backend
 /// about the packet as it sent it.
 #[test]
@@ -1057,30 +1042,42 @@ fn tc_snat_flows_pick_free_ports_and_translate_their_icmp_errors() -> Result<()>
             ensure!(rc == TC_ACT_REDIRECT, "{prog} verdict {rc}, want redirect");
             inspect(&out)
         };
-        let a = (CLIENT, 40000);
+        let a = (CLIENT, SNAT_KEPT);
         let seen = redirected(INGRESS, &tcp(a, np, TCP_SYN))?;
         ensure!(
-            seen.src == (NODE, 40000) && seen.dst == (REMOTE_POD, 8080),
+            seen.src == (NODE, SNAT_KEPT) && seen.dst == (REMOTE_POD, 8080),
             "SNAT keeping the client's port: {seen:?}"
         );
         // Another client with the same port: that reply tuple is taken, another port is used.
-        let seen_b = redirected(INGRESS, &tcp((CLIENT2, 40000), np, TCP_SYN))?;
+        let seen_b = redirected(INGRESS, &tcp((CLIENT2, SNAT_KEPT), np, TCP_SYN))?;
         ensure!(
-            seen_b.src.0 == NODE && seen_b.src.1 != 40000 && seen_b.dst == (REMOTE_POD, 8080),
+            seen_b.src.0 == NODE
+                && seen_b.src.1 != SNAT_KEPT
+                && nat_range(seen_b.src.1)
+                && seen_b.dst == (REMOTE_POD, 8080),
             "SNAT port collision not avoided: {seen_b:?}"
+        );
+        // A client port outside the range is never kept.
+        let seen_c = redirected(INGRESS, &tcp((CLIENT, 40000), np, TCP_SYN))?;
+        ensure!(
+            seen_c.src.0 == NODE && nat_range(seen_c.src.1),
+            "SNAT outside the reserved range: {seen_c:?}"
         );
         // The backend's answers come back to the node and go out to each client.
         let seen = redirected(
             INGRESS,
-            &tcp((REMOTE_POD, 8080), (NODE, 40000), TCP_SYN | TCP_ACK),
+            &tcp((REMOTE_POD, 8080), (NODE, SNAT_KEPT), TCP_SYN | TCP_ACK),
         )?;
         ensure!(seen.src == np && seen.dst == a, "{seen:?}");
         let seen = redirected(
             INGRESS,
             &tcp((REMOTE_POD, 8080), seen_b.src, TCP_SYN | TCP_ACK),
         )?;
-        ensure!(seen.src == np && seen.dst == (CLIENT2, 40000), "{seen:?}");
-        ensure!(flow_states(&maps, PROTO_TCP, REMOTE_POD, 8080)?.len() == 4);
+        ensure!(
+            seen.src == np && seen.dst == (CLIENT2, SNAT_KEPT),
+            "{seen:?}"
+        );
+        ensure!(flow_states(&maps, PROTO_TCP, REMOTE_POD, 8080)?.len() == 6);
 
         // A router's "fragmentation needed" about a reply to the first client.
         let router = Ipv4Addr::new(172, 30, 0, 1);
@@ -1092,17 +1089,18 @@ fn tc_snat_flows_pick_free_ports_and_translate_their_icmp_errors() -> Result<()>
         ensure!(rc == TC_ACT_REDIRECT, "ICMP verdict {rc}");
         let seen = inspect_icmp(&out)?;
         ensure!(
-            seen == (router, REMOTE_POD, (REMOTE_POD, 8080), (NODE, 40000)),
+            seen == (router, REMOTE_POD, (REMOTE_POD, 8080), (NODE, SNAT_KEPT)),
             "ICMP error of a SNATed flow: {seen:?}"
         );
-        ensure!(maps.stats()?[&Reason::ForwardedRemote] == 2);
+        ensure!(maps.stats()?[&Reason::ForwardedRemote] == 3);
         Ok(())
     })
 }
 
 /// SNAT never takes a port a socket of the node holds (issue 12): with a TCP and a UDP socket
-/// bound on the node, a client using that same port is translated to another one, while a
-/// client on a free port keeps its own.
+/// bound on the node to ports of the NAT range (the reservation stops only the kernel's own
+/// choice, not an explicit bind), a client using that same port is translated to another one,
+/// while a client on a free port of the range keeps its own.
 #[test]
 fn tc_snat_never_uses_a_port_a_node_socket_holds() -> Result<()> {
     let Some(lab) = require(LabSpec::nodes(1))? else {
@@ -1142,8 +1140,8 @@ fn tc_snat_never_uses_a_port_a_node_socket_holds() -> Result<()> {
     let np = (NODE, 30080);
     in_netns(&n0.netns, || {
         // The node's own sockets, in its network namespace.
-        let _tcp = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 40000))?;
-        let _udp = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 40002))?;
+        let _tcp = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 61300))?;
+        let _udp = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 61302))?;
         let src_of = |pkt: &[u8]| -> Result<(Ipv4Addr, u16)> {
             let (rc, out) = test_run(&dp, INGRESS, pkt)?;
             ensure!(rc == TC_ACT_REDIRECT, "verdict {rc}, want redirect");
@@ -1151,25 +1149,153 @@ fn tc_snat_never_uses_a_port_a_node_socket_holds() -> Result<()> {
             ensure!(seen.dst == (REMOTE_POD, 8080), "{seen:?}");
             Ok(seen.src)
         };
-        let free = src_of(&tcp((CLIENT, 40001), np, TCP_SYN))?;
+        let free = src_of(&tcp((CLIENT, 61301), np, TCP_SYN))?;
         ensure!(
-            free == (NODE, 40001),
+            free == (NODE, 61301),
             "a free client port is kept: {free:?}"
         );
-        let taken = src_of(&tcp((CLIENT, 40000), np, TCP_SYN))?;
+        let taken = src_of(&tcp((CLIENT, 61300), np, TCP_SYN))?;
         ensure!(
-            taken.0 == NODE && taken.1 != 40000,
+            taken.0 == NODE && taken.1 != 61300,
             "TCP SNAT onto the node's listening port: {taken:?}"
         );
-        let taken = src_of(&packet((CLIENT, 40002), np, PROTO_UDP, true))?;
+        let taken = src_of(&packet((CLIENT, 61302), np, PROTO_UDP, true))?;
         ensure!(
-            taken.0 == NODE && taken.1 != 40002,
+            taken.0 == NODE && taken.1 != 61302,
             "UDP SNAT onto the node's bound port: {taken:?}"
         );
-        let free = src_of(&packet((CLIENT, 40003), np, PROTO_UDP, true))?;
+        let free = src_of(&packet((CLIENT, 61311), np, PROTO_UDP, true))?;
         ensure!(
-            free == (NODE, 40003),
+            free == (NODE, 61311),
             "a free client port is kept: {free:?}"
+        );
+        Ok(())
+    })
+}
+
+/// The local port the kernel gives a TCP `connect()` from this thread's network namespace to
+/// `to` (non-blocking: the SYN goes out, nothing waits for an answer), or the errno when it
+/// refuses to give one.
+fn node_connect_port(to: (Ipv4Addr, u16)) -> Result<std::result::Result<u16, i32>> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    // SAFETY: plain socket(2); the fd is owned (and closed) by `sock` below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket");
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sa = libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET)?,
+        sin_port: to.1.to_be(),
+        sin_addr: libc::in_addr { s_addr: be(to.0) },
+        sin_zero: [0; 8],
+    };
+    let len = libc::socklen_t::try_from(size_of::<libc::sockaddr_in>())?;
+    // SAFETY: `sa` is a valid sockaddr_in of the length passed.
+    let rc = unsafe { libc::connect(sock.as_raw_fd(), (&raw const sa).cast(), len) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINPROGRESS) => {}
+            Some(errno) => return Ok(Err(errno)),
+            None => return Err(err).context("connect"),
+        }
+    }
+    // SAFETY: zero is a valid sockaddr_in.
+    let mut local: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = len;
+    // SAFETY: `local` is writable for `len` bytes.
+    if unsafe { libc::getsockname(sock.as_raw_fd(), (&raw mut local).cast(), &raw mut len) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockname");
+    }
+    Ok(Ok(u16::from_be(local.sin_port)))
+}
+
+/// A node process connecting *after* a NodePort flow was SNATed, to the very backend address
+/// and port that flow uses, is never given the flow's port (issue 12): SNAT draws from the
+/// range the agent reserves in `ip_local_reserved_ports`, so the kernel skips it. With the node's
+/// ephemeral range narrowed to one port, a client on that port is SNATed to another one (the
+/// node's connect then gets its port without meeting the flow's reply tuple), and a client on a
+/// port of the range keeps it while the kernel refuses to hand that port to a connect at all.
+/// Before the fix SNAT kept any free client port and the kernel, knowing nothing of it, gave the
+/// same port to the node's connect: its SYN met the backend's established flow and its answers
+/// were translated to the NodePort client.
+#[test]
+fn tc_snat_ports_are_never_given_to_a_later_node_connect() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    n0.run(&["ip", "route", "add", "10.244.1.0/24", "via", "172.30.0.11"])?;
+    let (dp, mut maps) = loaded(None)?;
+    maps.upsert_backend(
+        10,
+        Backend {
+            addr_be: be(REMOTE_POD),
+            port_be: 8080u16.to_be(),
+            proto: PROTO_TCP,
+            flags: 0,
+        },
+    )?;
+    maps.upsert_slot(SlotKey { svc_id: 1, slot: 0 }, 10)?;
+    maps.upsert_service(
+        ServiceKey {
+            addr_be: 0,
+            port_be: 30080u16.to_be(),
+            proto: PROTO_TCP,
+            scope: SCOPE_ANY,
+        },
+        ServiceValue {
+            svc_id: 1,
+            backend_count: 1,
+            flags: SVC_F_NODEPORT,
+            affinity_timeout_s: 0,
+            maglev_size: 0,
+        },
+    )?;
+    let np = (NODE, 30080);
+    let backend = (REMOTE_POD, 8080);
+    in_netns(&n0.netns, || {
+        // What the agent does at start, in the node's namespace.
+        twill_agent::fastpath::reserve_nat_ports().context("reserving the NAT ports")?;
+        let port_range = |lo: u16, hi: u16| {
+            std::fs::write(
+                "/proc/sys/net/ipv4/ip_local_port_range",
+                format!("{lo} {hi}"),
+            )
+            .context("ip_local_port_range")
+        };
+        let snat_port = |client: (Ipv4Addr, u16)| -> Result<u16> {
+            let (rc, out) = test_run(&dp, INGRESS, &tcp(client, np, TCP_SYN))?;
+            ensure!(rc == TC_ACT_REDIRECT, "verdict {rc}, want redirect");
+            let seen = inspect(&out)?;
+            ensure!(seen.src.0 == NODE && seen.dst == backend, "{seen:?}");
+            Ok(seen.src.1)
+        };
+
+        port_range(40000, 40000)?;
+        let held = snat_port((CLIENT, 40000))?;
+        ensure!(
+            nat_range(held),
+            "SNAT port {held} outside the reserved range"
+        );
+        let node = node_connect_port(backend)?;
+        ensure!(
+            node.is_ok_and(|p| p != held),
+            "the node's connect to {backend:?} got {node:?}, SNAT holds {held}"
+        );
+
+        let held = snat_port((CLIENT2, SNAT_KEPT))?;
+        ensure!(
+            held == SNAT_KEPT,
+            "a free client port of the range is kept: {held}"
+        );
+        port_range(SNAT_KEPT, SNAT_KEPT)?;
+        let node = node_connect_port(backend)?;
+        ensure!(
+            node == Err(libc::EADDRNOTAVAIL),
+            "the node's connect to {backend:?} got {node:?}: the kernel gave out SNAT's {held}"
         );
         Ok(())
     })

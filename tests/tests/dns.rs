@@ -52,6 +52,33 @@ fn wait_answer(pod: &Pod, server: &str, name: &str, qtype: &str, want: &[&str]) 
     .with_context(|| format!("last answer: {last:?}"))
 }
 
+/// One row of an answer table: `name`, `qtype` and the answer expected (rcode line first, then
+/// the records sorted).
+type Answer<'a> = (&'a str, &'a str, &'a [&'a str]);
+
+/// [`wait_answer`] for every row of `table`, in order.
+fn wait_answers(pod: &Pod, server: &str, table: &[Answer<'_>]) -> Result<()> {
+    for (name, qtype, want) in table {
+        wait_answer(pod, server, name, qtype, want)?;
+    }
+    Ok(())
+}
+
+/// Asks `name`/`qtype` once over UDP, then once over TCP: each must answer exactly `want`
+/// (`when` says at which point of the test, for the failure message).
+fn ask_udp_and_tcp(
+    pod: &Pod,
+    server: &str,
+    (name, qtype, want): Answer<'_>,
+    when: &str,
+) -> Result<()> {
+    for (tcp, transport) in [(false, "UDP"), (true, "TCP")] {
+        let got = ask(pod, server, name, qtype, tcp)?;
+        ensure!(got == want, "{transport} {when}: {got:?}");
+    }
+    Ok(())
+}
+
 fn headless_manifest(svc: &str, eps: &[(Ipv4Addr, Option<&str>, bool)]) -> String {
     let mut y = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: default}}\n\
@@ -104,36 +131,30 @@ fn should_provide_dns_for_services() -> Result<()> {
         ask(&client, &dns, web, "A", true)? == [NOERROR, "A 10.96.0.10"],
         "over TCP"
     );
-    wait_answer(
+    wait_answers(
         &client,
         &dns,
-        "_http._tcp.web.default.svc.cluster.local",
-        "SRV",
-        &[NOERROR, "SRV 0 100 80 web.default.svc.cluster.local."],
+        &[
+            (
+                "_http._tcp.web.default.svc.cluster.local",
+                "SRV",
+                &[NOERROR, "SRV 0 100 80 web.default.svc.cluster.local."],
+            ),
+            (
+                "10.0.96.10.in-addr.arpa",
+                "PTR",
+                &[NOERROR, "PTR web.default.svc.cluster.local."],
+            ),
+            (
+                "hl.default.svc.cluster.local",
+                "A",
+                &[NOERROR, "A 10.244.0.21", "A 10.244.0.22"],
+            ),
+            ("nope.default.svc.cluster.local", "A", &[NXDOMAIN]),
+            // A name that exists, without records of the type: NODATA.
+            (web, "AAAA", &[NOERROR]),
+        ],
     )?;
-    wait_answer(
-        &client,
-        &dns,
-        "10.0.96.10.in-addr.arpa",
-        "PTR",
-        &[NOERROR, "PTR web.default.svc.cluster.local."],
-    )?;
-    wait_answer(
-        &client,
-        &dns,
-        "hl.default.svc.cluster.local",
-        "A",
-        &[NOERROR, "A 10.244.0.21", "A 10.244.0.22"],
-    )?;
-    wait_answer(
-        &client,
-        &dns,
-        "nope.default.svc.cluster.local",
-        "A",
-        &[NXDOMAIN],
-    )?;
-    // A name that exists, without records of the type: NODATA.
-    wait_answer(&client, &dns, web, "AAAA", &[NOERROR])?;
     // `debug dns` answers from the table the responder serves.
     let out = lab
         .node(0)
@@ -166,20 +187,14 @@ fn should_provide_dns_for_externalname_services() -> Result<()> {
     lab.apply_manifest("ext.yaml", &ext("foo.example.com"))?;
     let (_agent, dns) = dns_agent(&lab)?;
     let name = "dns-test-service-3.default.svc.cluster.local";
-    wait_answer(
+    wait_answers(
         &client,
         &dns,
-        name,
-        "CNAME",
-        &[NOERROR, "CNAME foo.example.com."],
-    )?;
-    // An A question gets the CNAME too (the resolver follows it).
-    wait_answer(
-        &client,
-        &dns,
-        name,
-        "A",
-        &[NOERROR, "CNAME foo.example.com."],
+        &[
+            (name, "CNAME", &[NOERROR, "CNAME foo.example.com."]),
+            // An A question gets the CNAME too (the resolver follows it).
+            (name, "A", &[NOERROR, "CNAME foo.example.com."]),
+        ],
     )?;
     lab.apply_manifest("ext.yaml", &ext("bar.example.com"))?;
     wait_answer(
@@ -207,33 +222,32 @@ fn should_provide_dns_for_pods_for_hostname_and_subdomain() -> Result<()> {
     )?;
     let (_agent, dns) = dns_agent(&lab)?;
     let a = format!("A {ip}");
-    wait_answer(
-        &client,
-        &dns,
-        "dns-querier-2.dns-test-service-2.default.svc.cluster.local",
-        "A",
-        &[NOERROR, &a],
-    )?;
-    let dashed = ip.to_string().replace('.', "-");
-    wait_answer(
-        &client,
-        &dns,
-        &format!("{dashed}.default.pod.cluster.local"),
-        "A",
-        &[NOERROR, &a],
-    )?;
+    let pod_name = format!(
+        "{}.default.pod.cluster.local",
+        ip.to_string().replace('.', "-")
+    );
     let o = ip.octets();
-    wait_answer(
+    let reverse = format!("{}.{}.{}.{}.in-addr.arpa", o[3], o[2], o[1], o[0]);
+    wait_answers(
         &client,
         &dns,
-        &format!("{}.{}.{}.{}.in-addr.arpa", o[3], o[2], o[1], o[0]),
-        "PTR",
         &[
-            NOERROR,
-            "PTR dns-querier-2.dns-test-service-2.default.svc.cluster.local.",
+            (
+                "dns-querier-2.dns-test-service-2.default.svc.cluster.local",
+                "A",
+                &[NOERROR, &a],
+            ),
+            (&pod_name, "A", &[NOERROR, &a]),
+            (
+                &reverse,
+                "PTR",
+                &[
+                    NOERROR,
+                    "PTR dns-querier-2.dns-test-service-2.default.svc.cluster.local.",
+                ],
+            ),
         ],
-    )?;
-    Ok(())
+    )
 }
 
 /// Malformed datagrams are dropped and the responder keeps answering (and the agent keeps
@@ -256,14 +270,12 @@ fn malformed_dns_queries_leave_the_responder_answering() -> Result<()> {
         let (code, out) = client.labtool(&["dns", "--to", &dns, "--garbage"])?;
         ensure!(code == 0, "labtool dns --garbage: {out}");
     }
-    ensure!(
-        ask(&client, &dns, web, "A", false)? == [NOERROR, "A 10.96.0.10"],
-        "UDP after garbage"
-    );
-    ensure!(
-        ask(&client, &dns, web, "A", true)? == [NOERROR, "A 10.96.0.10"],
-        "TCP after garbage"
-    );
+    ask_udp_and_tcp(
+        &client,
+        &dns,
+        (web, "A", &[NOERROR, "A 10.96.0.10"]),
+        "after garbage",
+    )?;
     ensure!(agent.is_running(), "the agent died: {}", agent.log());
     Ok(())
 }
@@ -346,6 +358,24 @@ fn kubernetes_service() -> &'static str {
      spec: {clusterIP: 10.96.0.1, ports: [{name: https, port: 443}]}\n"
 }
 
+/// The `kubernetes` Service's A question and answer.
+const KUBERNETES_A: Answer<'static> = (
+    "kubernetes.default.svc.cluster.local",
+    "A",
+    &[NOERROR, "A 10.96.0.1"],
+);
+
+/// The start of the node-local tests: the `kubernetes` Service, node 0's agent on the
+/// node-local address with no upstream, and a pod `client` added once the agent's CNI config
+/// carries its DNS settings; returns once the agent answers the client for that Service.
+fn node_local_client(lab: &Lab) -> Result<(AgentProc, Pod)> {
+    lab.apply_manifest("k.yaml", kubernetes_service())?;
+    let agent = node_local_agent(lab, None)?;
+    let client = add_pod_with_dns(lab, "client")?;
+    wait_answers(&client, NODE_LOCAL, &[KUBERNETES_A])?;
+    Ok((agent, client))
+}
+
 /// "should provide DNS for the cluster": the API Service's name resolves from a pod through
 /// glibc with the nameserver, search list and ndots twill-cni handed the runtime, over the
 /// node-local address the agent put on the node.
@@ -354,9 +384,7 @@ fn should_provide_dns_for_the_cluster() -> Result<()> {
     let Some(lab) = require(LabSpec::nodes(1))? else {
         return Ok(());
     };
-    lab.apply_manifest("k.yaml", kubernetes_service())?;
-    let _agent = node_local_agent(&lab, None)?;
-    let client = add_pod_with_dns(&lab, "client")?;
+    let (_agent, client) = node_local_client(&lab)?;
     ensure!(
         client.result["dns"]
             == serde_json::json!({
@@ -369,25 +397,9 @@ fn should_provide_dns_for_the_cluster() -> Result<()> {
         client.result["dns"]
     );
     let _conf = PodResolvConf::write(&client, &[])?;
-    wait_answer(
-        &client,
-        NODE_LOCAL,
-        "kubernetes.default.svc.cluster.local",
-        "A",
-        &[NOERROR, "A 10.96.0.1"],
-    )?;
     let out = getent(&client, "hosts", "kubernetes.default.svc.cluster.local")?;
     ensure!(out.starts_with("10.96.0.1 "), "getent: {out:?}");
-    ensure!(
-        ask(
-            &client,
-            NODE_LOCAL,
-            "kubernetes.default.svc.cluster.local",
-            "A",
-            true
-        )? == [NOERROR, "A 10.96.0.1"],
-        "over TCP"
-    );
+    ask_udp_and_tcp(&client, NODE_LOCAL, KUBERNETES_A, "once resolved")?;
     Ok(())
 }
 
@@ -398,17 +410,8 @@ fn should_resolve_dns_of_partially_qualified_names() -> Result<()> {
     let Some(lab) = require(LabSpec::nodes(1))? else {
         return Ok(());
     };
-    lab.apply_manifest("k.yaml", kubernetes_service())?;
-    let _agent = node_local_agent(&lab, None)?;
-    let client = add_pod_with_dns(&lab, "client")?;
+    let (_agent, client) = node_local_client(&lab)?;
     let _conf = PodResolvConf::write(&client, &[])?;
-    wait_answer(
-        &client,
-        NODE_LOCAL,
-        "kubernetes.default.svc.cluster.local",
-        "A",
-        &[NOERROR, "A 10.96.0.1"],
-    )?;
     for name in ["kubernetes", "kubernetes.default", "kubernetes.default.svc"] {
         let out = getent(&client, "hosts", name)?;
         ensure!(
@@ -428,9 +431,7 @@ fn parallel_a_and_aaaa_lookups_over_one_socket_never_stall() -> Result<()> {
     let Some(lab) = require(LabSpec::nodes(1))? else {
         return Ok(());
     };
-    lab.apply_manifest("k.yaml", kubernetes_service())?;
-    let _agent = node_local_agent(&lab, None)?;
-    let client = add_pod_with_dns(&lab, "client")?;
+    let (_agent, client) = node_local_client(&lab)?;
     let _conf = PodResolvConf::write(&client, &["attempts:1", "timeout:30"])?;
     wait_answer(
         &client,
@@ -528,11 +529,7 @@ fn oversized_and_flooded_dns_queries_leave_the_responder_and_agent_healthy() -> 
     let Some(lab) = require(LabSpec::nodes(1))? else {
         return Ok(());
     };
-    lab.apply_manifest("k.yaml", kubernetes_service())?;
-    let mut agent = node_local_agent(&lab, None)?;
-    let client = add_pod_with_dns(&lab, "client")?;
-    let name = "kubernetes.default.svc.cluster.local";
-    wait_answer(&client, NODE_LOCAL, name, "A", &[NOERROR, "A 10.96.0.1"])?;
+    let (mut agent, client) = node_local_client(&lab)?;
     for _ in 0..5 {
         let (code, out) = client.labtool(&["dns", "--to", NODE_LOCAL, "--oversized"])?;
         ensure!(code == 0, "labtool dns --oversized: {out}");
@@ -557,14 +554,7 @@ fn oversized_and_flooded_dns_queries_leave_the_responder_and_agent_healthy() -> 
         ensure!(code == 0, "labtool dns --flood: {out}");
         ensure!(out.contains("answered="), "flood: {out}");
     }
-    ensure!(
-        ask(&client, NODE_LOCAL, name, "A", false)? == [NOERROR, "A 10.96.0.1"],
-        "UDP after the flood"
-    );
-    ensure!(
-        ask(&client, NODE_LOCAL, name, "A", true)? == [NOERROR, "A 10.96.0.1"],
-        "TCP after the flood"
-    );
+    ask_udp_and_tcp(&client, NODE_LOCAL, KUBERNETES_A, "after the flood")?;
     ensure!(agent.is_running(), "the agent died: {}", agent.log());
     let (code, out) =
         lab.node(0)

@@ -328,3 +328,136 @@ fn pod_egress_is_masqueraded_in_ebpf_with_no_netfilter_rule_on_the_node() -> Res
     ensure!(!ct.contains("dport=9090"), "tracked by netfilter: {ct}");
     Ok(())
 }
+
+/// One node with the default flags (eBPF masquerade) and an external client; a pod `name` on
+/// it, its agent running.
+fn masq_lab(name: &str) -> Result<Option<(Lab, Pod, AgentProc)>> {
+    let Some(lab) = require(LabSpec::nodes(1).with_external_client())? else {
+        return Ok(None);
+    };
+    let pod = lab.node(0).add_pod(name)?;
+    let agent = start_agent(&lab, 0, &[])?;
+    Ok(Some((lab, pod, agent)))
+}
+
+/// A pod's ping to a host outside the cluster is masqueraded by the eBPF masquerade, its echo
+/// identifier taking the place of the port: the outside host, which has no route to the pods,
+/// answers the node, and the replies are translated back to the pod. Before, ICMP echo left
+/// with the pod's address and its replies went nowhere.
+#[test]
+fn a_pods_ping_to_outside_the_cluster_is_masqueraded_in_ebpf() -> Result<()> {
+    let Some((lab, pod, _agent)) = masq_lab("pinger")? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let ext = lab.external().ip.to_string();
+    let ping = || -> Result<(bool, String)> {
+        let out = pod
+            .cmd("ping")
+            .args(["-n", "-c", "3", "-i", "0.2", "-W", "2", &ext])
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    };
+    let mut last = String::new();
+    let reached = wait_for(
+        "pod pings the outside host",
+        Duration::from_secs(30),
+        || {
+            let (ok, out) = ping()?;
+            last = out;
+            Ok(ok)
+        },
+    );
+    ensure!(
+        reached.is_ok(),
+        "ping from the pod: {last}\n{}\n{}",
+        n0.debug(&["fastpath"])?,
+        n0.debug(&["drops"])?
+    );
+    let before = counter(&view(n0)?, "masq_snat");
+    let (ok, out) = ping()?;
+    ensure!(ok && out.contains("3 received"), "second ping: {out}");
+    let v = view(n0)?;
+    ensure!(
+        counter(&v, "masq_snat") > before,
+        "the ping opened no masqueraded flow: {v}"
+    );
+    // The flow is the eBPF table's: an ICMP entry towards the outside host.
+    let ct = n0.debug(&["conntrack"])?;
+    ensure!(
+        ct.lines().any(|l| l.contains("icmp") && l.contains(&ext)),
+        "no ICMP conntrack entry: {ct}"
+    );
+    Ok(())
+}
+
+/// A client outside the cluster that reaches a pod's own address (routed to the node, no
+/// Service) over UDP gets the pod's answer from the pod's address and port: the eBPF masquerade
+/// recognizes it as a reply (the incoming datagram opened an untranslated flow) instead of
+/// masquerading it as a new flow of the pod's, which the client would see come from the node's
+/// address and a port it never talked to.
+#[test]
+fn a_pods_udp_reply_to_an_outside_client_is_not_masqueraded() -> Result<()> {
+    let Some((lab, pod, _agent)) = masq_lab("udpsrv")? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    lab.serve(&pod, "udpsrv", None, Some(9091))?;
+    let ext = lab.external();
+    // First the masquerade is seen at work: the pod's own flow to the outside host leaves with
+    // the node's address.
+    let mut serve = ext.cmd(twill_lab::bin("labtool"));
+    serve.args(["serve", "--name", "outside", "--udp", "9092"]);
+    lab.track(twill_lab::spawn_and_wait_ready(serve)?);
+    let outside = format!("{}:9092", ext.ip);
+    let masqueraded = format!("reply=outside {}:", n0.ip);
+    let mut out = String::new();
+    let seen = wait_for(
+        "pod → outside host, masqueraded",
+        Duration::from_secs(30),
+        || {
+            let (code, o) = agent_common::udp(&pod, &outside, true)?;
+            out = o;
+            Ok(code == 0 && out.starts_with(&masqueraded))
+        },
+    );
+    ensure!(seen.is_ok(), "pod → outside host: {out}");
+    // The outside client routes this one pod address to its node (a lab namespace's route).
+    let via = format!("{}/32", pod.ip);
+    twill_lab::run_cmd(
+        ext.cmd("ip")
+            .args(["route", "add", &via, "via", &n0.ip.to_string()]),
+    )?;
+    let to = format!("{}:9091", pod.ip);
+    let answered = wait_for(
+        "outside client → pod over UDP",
+        Duration::from_secs(30),
+        || {
+            let (code, o) = ext.labtool(&["udp", "--to", &to, "--timeout-ms", "1000"])?;
+            out = o;
+            Ok(code == 0)
+        },
+    );
+    ensure!(
+        answered.is_ok(),
+        "no answer: {out}\n{}\n{}",
+        n0.debug(&["fastpath"])?,
+        n0.debug(&["drops"])?
+    );
+    ensure!(
+        out.contains(&format!("from={to}")),
+        "the pod's reply did not come from its own address: {out}"
+    );
+    // A connected socket accepts nothing but the address it sent to.
+    let (code, o) = ext.labtool(&["udp", "--to", &to, "--timeout-ms", "2000", "--connected"])?;
+    ensure!(code == 0, "connected client got no reply: {o}");
+    let v = view(n0)?;
+    ensure!(
+        counter(&v, "masq_inbound") >= 1,
+        "the incoming flow was not tracked: {v}"
+    );
+    Ok(())
+}

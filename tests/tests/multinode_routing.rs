@@ -5,14 +5,14 @@
 //! The routing executor runs in-process, inside each node's network namespace: a dedicated
 //! thread `setns`es into the node and drives the executor on a current-thread tokio runtime —
 //! exactly the code `twill-agent run` calls, without a process per node.
-use std::{fs::File, os::fd::AsRawFd as _, thread};
+use std::thread;
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use k8s_openapi::api::core::v1::Node as K8sNode;
 use twill_agent::routing::{
     ApplyReport, RouteExecutor, RoutePlan, RoutingConfig, RoutingMode, VXLAN_DEVICE, cni_mtu,
 };
-use twill_lab::{Lab, LabSpec, Node, bin, require, spawn_and_wait_ready};
+use twill_lab::{Lab, LabSpec, Node, bin, in_netns, require, spawn_and_wait_ready};
 
 /// The Node objects the lab published (what the agent's node store would hold).
 fn cluster_nodes(lab: &Lab) -> Result<Vec<K8sNode>> {
@@ -51,17 +51,14 @@ where
     F: FnOnce(RouteExecutor) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let netns = File::open(format!("/var/run/netns/{}", node.netns))
-        .with_context(|| format!("opening netns {}", node.netns))?;
+    let netns = node.netns.clone();
     thread::spawn(move || -> Result<T> {
-        // SAFETY: setns on this thread only (CLONE_NEWNET is per thread); the fd is valid.
-        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns into the node");
-        }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async move { f(RouteExecutor::connect()?).await })
+        in_netns(&netns, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move { f(RouteExecutor::connect()?).await })
+        })
     })
     .join()
     .map_err(|_| anyhow!("routing thread panicked"))?

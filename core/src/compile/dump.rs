@@ -7,18 +7,19 @@
 //! and not pruned yet) are visible, never papered over with what the model expected.
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use twill_common::{
     BE_F_LOCAL, BE_F_TERMINATING, MAGLEV_SLOT_BASE, SCOPE_ANY, SCOPE_EXTERNAL, SCOPE_INTERNAL,
     SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, ServiceKey, SlotKey,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, SlotKey,
 };
 
 use super::parse::proto_name;
 use super::{
     DumpModel, EndpointState, FrontendKind, ObjectKind, RejectClass, SvcType, addr_from_be,
 };
+use crate::family::{FrontendKey, IpFamily};
 use crate::lbmap::LbState;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -38,6 +39,8 @@ pub struct ServiceView {
     pub port_name: String,
     #[serde(rename = "type")]
     pub svc_type: SvcType,
+    /// `IPv4` or `IPv6`: a dual-stack Service shows each port once per family.
+    pub family: IpFamily,
     pub protocol: String,
     pub port: u16,
     pub node_port: Option<u16>,
@@ -52,7 +55,7 @@ pub struct ServiceView {
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct EndpointView {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub node: Option<String>,
     pub local: bool,
@@ -65,7 +68,7 @@ pub struct EndpointView {
 pub struct FrontendView {
     pub kind: FrontendKind,
     /// `None` for `NodePort` (every address in the node address map).
-    pub addr: Option<Ipv4Addr>,
+    pub addr: Option<IpAddr>,
     pub port: u16,
     pub protocol: String,
     pub scope: &'static str,
@@ -155,23 +158,29 @@ fn backend_flag_names(flags: u8) -> Vec<&'static str> {
     out
 }
 
-fn frontend_text(key: ServiceKey) -> String {
-    let port = u16::from_be(key.port_be);
-    let proto = proto_name(key.proto);
-    if key.addr_be == 0 {
-        format!("*:{port}/{proto}")
-    } else {
-        format!("{}:{port}/{proto}", addr_from_be(key.addr_be))
+/// `addr:port`, the IPv6 address in brackets (RFC 3986 §3.2.2).
+fn host_port(addr: Option<IpAddr>, port: u16) -> String {
+    match addr {
+        None => format!("*:{port}"),
+        Some(IpAddr::V4(a)) => format!("{a}:{port}"),
+        Some(IpAddr::V6(a)) => format!("[{a}]:{port}"),
     }
 }
 
+fn frontend_text(key: FrontendKey) -> String {
+    format!(
+        "{}/{}",
+        host_port(key.addr(), u16::from_be(key.port_be())),
+        proto_name(key.proto())
+    )
+}
+
 fn backend_text(state: &LbState, id: u32) -> Option<String> {
-    state.backends.get(&id).map(|b| {
+    state.backend(id).map(|b| {
         format!(
-            "{}:{}/{}",
-            addr_from_be(b.addr_be),
-            u16::from_be(b.port_be),
-            proto_name(b.proto)
+            "{}/{}",
+            host_port(Some(b.addr()), b.port()),
+            proto_name(b.proto())
         )
     })
 }
@@ -179,7 +188,7 @@ fn backend_text(state: &LbState, id: u32) -> Option<String> {
 /// Joins map contents and model into the serializable view.
 #[expect(clippy::too_many_lines, reason = "a flat field-by-field projection")]
 pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
-    let mut owned_services: BTreeSet<ServiceKey> = BTreeSet::new();
+    let mut owned_services: BTreeSet<FrontendKey> = BTreeSet::new();
     let mut owned_slots: BTreeSet<SlotKey> = BTreeSet::new();
     let mut owned_backends: BTreeSet<u32> = BTreeSet::new();
     let mut owned_range_ids: BTreeSet<u32> = BTreeSet::new();
@@ -191,7 +200,7 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
                 .frontends
                 .iter()
                 .map(|fe| {
-                    let value = state.services.get(&fe.key);
+                    let value = state.frontend(&fe.key);
                     owned_services.insert(fe.key);
                     let slots: Vec<SlotView> = value
                         .map(|v| {
@@ -211,8 +220,8 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
                                         backend_id,
                                         backend: backend_id.and_then(|id| backend_text(state, id)),
                                         flags: backend_id
-                                            .and_then(|id| state.backends.get(&id))
-                                            .map(|b| backend_flag_names(b.flags))
+                                            .and_then(|id| state.backend(id))
+                                            .map(|b| backend_flag_names(b.flags()))
                                             .unwrap_or_default(),
                                     }
                                 })
@@ -253,10 +262,10 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
                         .unwrap_or_default();
                     FrontendView {
                         kind: fe.kind,
-                        addr: (fe.key.addr_be != 0).then(|| addr_from_be(fe.key.addr_be)),
-                        port: u16::from_be(fe.key.port_be),
-                        protocol: proto_name(fe.key.proto),
-                        scope: scope_name(fe.key.scope),
+                        addr: fe.key.addr(),
+                        port: u16::from_be(fe.key.port_be()),
+                        protocol: proto_name(fe.key.proto()),
+                        scope: scope_name(fe.key.scope()),
                         present: value.is_some(),
                         svc_id: value.map(|v| v.svc_id),
                         backend_count: value.map(|v| v.backend_count),
@@ -276,6 +285,7 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
                 name: m.name.to_string(),
                 port_name: m.port_name.to_string(),
                 svc_type: m.svc_type,
+                family: m.family,
                 protocol: proto_name(m.proto),
                 port: m.port,
                 node_port: m.node_port,
@@ -304,23 +314,16 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
 
     let mut unowned = Vec::new();
     let mut stray_services: Vec<_> = state
-        .services
-        .iter()
+        .frontends()
         .filter(|(k, _)| !owned_services.contains(k))
         .collect();
-    stray_services.sort_by_key(|(k, _)| {
-        (
-            u32::from(addr_from_be(k.addr_be)),
-            u16::from_be(k.port_be),
-            k.proto,
-            k.scope,
-        )
-    });
+    stray_services
+        .sort_by_key(|(k, _)| (k.addr(), u16::from_be(k.port_be()), k.proto(), k.scope()));
     for (k, v) in stray_services {
         unowned.push(format!(
             "service {} scope={} id={} count={} flags={}",
-            frontend_text(*k),
-            scope_name(k.scope),
+            frontend_text(k),
+            scope_name(k.scope()),
             v.svc_id,
             v.backend_count,
             svc_flag_names(v.flags).join("|")
@@ -332,6 +335,7 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
     for id in state
         .backends
         .keys()
+        .chain(state.backends6.keys())
         .filter(|id| !owned_backends.contains(id))
     {
         unowned.push(format!(
@@ -405,6 +409,10 @@ pub fn render_view(view: &DumpView) -> String {
             s.external_traffic_policy,
             s.internal_traffic_policy,
         );
+        // IPv4 ports print as they did before dual-stack; IPv6 ones say so.
+        if s.family == IpFamily::V6 {
+            out.push_str(" family=IPv6");
+        }
         if let Some(hc) = s.health_check_node_port {
             let _ = write!(out, " healthCheckNodePort={hc}");
         }
@@ -423,9 +431,8 @@ pub fn render_view(view: &DumpView) -> String {
             let state = e.state.as_str();
             let _ = writeln!(
                 out,
-                "  endpoint {}:{} {state} node={}{} sets={}",
-                e.addr,
-                e.port,
+                "  endpoint {} {state} node={}{} sets={}",
+                host_port(Some(e.addr), e.port),
                 e.node.as_deref().unwrap_or("-"),
                 if e.local { " (local)" } else { "" },
                 if sets.is_empty() {
@@ -439,7 +446,7 @@ pub fn render_view(view: &DumpView) -> String {
             out.push_str("  no frontends\n");
         }
         for f in &s.frontends {
-            let addr = f.addr.map_or_else(|| "*".to_owned(), |a| a.to_string());
+            let addr = host_port(f.addr, f.port);
             let kind = match f.kind {
                 FrontendKind::ClusterIp => "cluster-ip",
                 FrontendKind::NodePort => "nodeport",
@@ -449,15 +456,14 @@ pub fn render_view(view: &DumpView) -> String {
             if !f.present {
                 let _ = writeln!(
                     out,
-                    "  frontend {kind} {addr}:{}/{} scope={} MISSING",
-                    f.port, f.protocol, f.scope
+                    "  frontend {kind} {addr}/{} scope={} MISSING",
+                    f.protocol, f.scope
                 );
                 continue;
             }
             let _ = write!(
                 out,
-                "  frontend {kind} {addr}:{}/{} scope={} id={} count={} flags={}",
-                f.port,
+                "  frontend {kind} {addr}/{} scope={} id={} count={} flags={}",
                 f.protocol,
                 f.scope,
                 or_dash(f.svc_id),

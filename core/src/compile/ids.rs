@@ -6,11 +6,10 @@
 //! round the whole id space (like host-local IPAM's `last_reserved_ip`): an affinity entry of a
 //! deleted Service can then never be mistaken for one of a new Service.
 use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use twill_common::ServiceKey;
-
+use crate::family::{FrontendKey, IpFamily};
 use crate::lbmap::LbState;
 
 /// One backend set: the usable endpoints of one Service port under one traffic policy. Several
@@ -25,12 +24,15 @@ pub struct SetKey {
     pub proto: u8,
     /// Node-local endpoints only (a `Local` traffic policy).
     pub local: bool,
+    /// The family of the set's frontends and endpoints: a dual-stack Service port has a set
+    /// per family.
+    pub family: IpFamily,
 }
 
 /// Identity of a backend: ids are stable per (address, port, protocol).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendKey {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: u8,
 }
@@ -52,7 +54,7 @@ pub struct IdAllocation {
     /// Frontend → `svc_id` as found in adopted (pinned) maps: lets the first compile after an
     /// agent restart give each backend set the id the previous agent used, so affinity and
     /// socket reverse-NAT entries stay valid.
-    hints: BTreeMap<ServiceKey, u32>,
+    hints: BTreeMap<FrontendKey, u32>,
 }
 
 impl Default for IdAllocation {
@@ -82,25 +84,35 @@ impl IdAllocation {
     /// stale entries that are not pruned yet are never aliased.
     pub fn from_adopted(state: &LbState) -> Self {
         let mut ids = Self::default();
-        for (&id, be) in &state.backends {
-            let key = BackendKey {
-                addr: super::addr_from_be(be.addr_be),
-                port: u16::from_be(be.port_be),
-                proto: be.proto,
+        for id in state.backends.keys().chain(state.backends6.keys()) {
+            let Some(be) = state.backend(*id) else {
+                continue;
             };
-            ids.backends.entry(key).or_insert(id);
+            let key = BackendKey {
+                addr: be.addr(),
+                port: be.port(),
+                proto: be.proto(),
+            };
+            ids.backends.entry(key).or_insert(*id);
         }
         ids.backend_ids = ids.backends.values().copied().collect();
-        ids.hints = state.services.iter().map(|(k, v)| (*k, v.svc_id)).collect();
+        ids.hints = state.frontends().map(|(k, v)| (k, v.svc_id)).collect();
         let max_svc = state
-            .services
-            .values()
-            .map(|v| v.svc_id)
+            .frontends()
+            .map(|(_, v)| v.svc_id)
             .chain(state.slots.keys().map(|k| k.svc_id))
             .chain(state.source_ranges.iter().map(|(id, _)| *id))
             .max();
         ids.next_set = next_after(max_svc, ids.max_id);
-        ids.next_backend = next_after(state.backends.keys().copied().max(), ids.max_id);
+        ids.next_backend = next_after(
+            state
+                .backends
+                .keys()
+                .chain(state.backends6.keys())
+                .copied()
+                .max(),
+            ids.max_id,
+        );
         ids
     }
 
@@ -152,7 +164,7 @@ impl IdAllocation {
     /// out (the caller reports it). Hints are used up by the first call.
     pub(super) fn assign(
         &mut self,
-        sets: &BTreeMap<SetKey, Vec<ServiceKey>>,
+        sets: &BTreeMap<SetKey, Vec<FrontendKey>>,
         backends: &[BackendKey],
     ) {
         let hints = std::mem::take(&mut self.hints);
@@ -195,7 +207,7 @@ impl IdAllocation {
     #[cfg(test)]
     pub(super) fn next(
         &self,
-        sets: &BTreeMap<SetKey, Vec<ServiceKey>>,
+        sets: &BTreeMap<SetKey, Vec<FrontendKey>>,
         backends: &std::collections::BTreeSet<BackendKey>,
     ) -> IdAllocation {
         let mut out = self.clone();
@@ -246,10 +258,11 @@ mod tests {
             port_name: "".into(),
             proto: 6,
             local: false,
+            family: IpFamily::V4,
         }
     }
 
-    fn sets(names: &[&str]) -> BTreeMap<SetKey, Vec<ServiceKey>> {
+    fn sets(names: &[&str]) -> BTreeMap<SetKey, Vec<FrontendKey>> {
         names.iter().map(|n| (set(n), Vec::new())).collect()
     }
 

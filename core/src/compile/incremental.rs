@@ -23,16 +23,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
-use twill_common::{
-    BE_F_LOCAL, BE_F_TERMINATING, Backend, DatapathConfig, MAGLEV_SLOT_BASE, ServiceKey, SlotKey,
-};
+use twill_common::{BE_F_LOCAL, BE_F_TERMINATING, DatapathConfig, MAGLEV_SLOT_BASE, SlotKey};
 
 use super::parse::{ParsedSlice, ServiceInput, SliceInput};
 use super::{
     BackendKey, Claim, ClaimRank, CompileConfig, Compiled, DumpModel, HealthCheck, IdAllocation,
     ObjectKind, RankedClaim, Rejection, ServiceCounts, ServicePortModel, SetKey, addr_be,
-    addr_from_be, build_entries, endpoint_flags, parse, plan_service, service_claims, wanted_ids,
+    build_entries, endpoint_flags, parse, plan_service, service_claims, wanted_ids,
 };
+use crate::family::{AnyBackend, FrontendKey};
 use crate::lbmap::{LbState, StateChanges, StateVersion};
 
 /// `(namespace, name)` of a Service. Slices without the `kubernetes.io/service-name` label
@@ -124,6 +123,7 @@ fn set_key(p: &ServicePortModel, local: bool) -> SetKey {
         port_name: p.port_name.clone(),
         proto: p.proto,
         local,
+        family: p.family,
     }
 }
 
@@ -138,7 +138,7 @@ struct BackendRefs {
 }
 
 impl BackendRefs {
-    fn value(&self, key: BackendKey) -> Backend {
+    fn value(&self, key: BackendKey) -> AnyBackend {
         let mut flags = 0;
         if self.local > 0 {
             flags |= BE_F_LOCAL;
@@ -146,20 +146,15 @@ impl BackendRefs {
         if self.terminating > 0 {
             flags |= BE_F_TERMINATING;
         }
-        Backend {
-            addr_be: addr_be(key.addr),
-            port_be: key.port.to_be(),
-            proto: key.proto,
-            flags,
-        }
+        AnyBackend::new(key.addr, key.port, key.proto, flags)
     }
 }
 
-fn backend_key(be: Backend) -> BackendKey {
+fn backend_key(be: AnyBackend) -> BackendKey {
     BackendKey {
-        addr: addr_from_be(be.addr_be),
-        port: u16::from_be(be.port_be),
-        proto: be.proto,
+        addr: be.addr(),
+        port: be.port(),
+        proto: be.proto(),
     }
 }
 
@@ -178,7 +173,7 @@ struct Planned {
     ports: Vec<super::PlannedPort>,
     health: Option<HealthCheck>,
     rejected: Vec<Rejection>,
-    sets: Vec<(SetKey, Vec<ServiceKey>)>,
+    sets: Vec<(SetKey, Vec<FrontendKey>)>,
     backends: Vec<BackendKey>,
     /// The ids the group's previous sets had: (port index in the old memo, id).
     old_set_ids: Vec<(usize, u32)>,
@@ -193,9 +188,12 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn service(&mut self, k: ServiceKey) {
+    fn service(&mut self, k: FrontendKey) {
         if self.on {
-            self.keys.services.insert(k);
+            match k {
+                FrontendKey::V4(k) => self.keys.services.insert(k),
+                FrontendKey::V6(k) => self.keys.services6.insert(k),
+            };
         }
     }
 
@@ -530,7 +528,7 @@ impl Compiler {
                 |k| self.backends.get(k).is_some_and(|r| r.wants > 0),
             );
         }
-        let mut fresh_sets: BTreeMap<SetKey, Vec<ServiceKey>> = BTreeMap::new();
+        let mut fresh_sets: BTreeMap<SetKey, Vec<FrontendKey>> = BTreeMap::new();
         let mut fresh_backends: Vec<BackendKey> = Vec::new();
         for p in planned {
             for (s, frontends) in &p.sets {
@@ -564,7 +562,7 @@ impl Compiler {
             let mut memo = self.groups.remove(&p.key).unwrap_or_default();
             for port in &memo.ports {
                 for fe in &port.frontends {
-                    self.state.services.remove(&fe.key);
+                    self.state.remove_frontend(&fe.key);
                     self.changes.service(fe.key);
                 }
             }
@@ -593,7 +591,7 @@ impl Compiler {
             let mut rejected = p.rejected;
             let mut entries = build_entries(p.ports, &self.ids, &mut rejected);
             for (k, v) in entries.services {
-                self.state.services.insert(k, v);
+                self.state.insert_frontend(k, v);
                 self.changes.service(k);
             }
             for (k, id) in entries.slots {
@@ -667,9 +665,8 @@ impl Compiler {
             if k.slot >= MAGLEV_SLOT_BASE {
                 continue;
             }
-            if let Some(be) = self.state.backends.get(&id).copied() {
-                let flags =
-                    endpoint_flags(port, addr_from_be(be.addr_be), u16::from_be(be.port_be));
+            if let Some(be) = self.state.backend(id) {
+                let flags = endpoint_flags(port, be.addr(), be.port());
                 self.unuse_backend(id, be, flags);
                 self.changes.backend(id);
             }
@@ -705,16 +702,16 @@ impl Compiler {
         false
     }
 
-    fn use_backend(&mut self, id: u32, be: Backend) {
+    fn use_backend(&mut self, id: u32, be: AnyBackend) {
         let key = backend_key(be);
         let refs = self.backends.entry(key).or_default();
         refs.uses += 1;
-        refs.local += u32::from(be.flags & BE_F_LOCAL != 0);
-        refs.terminating += u32::from(be.flags & BE_F_TERMINATING != 0);
-        self.state.backends.insert(id, refs.value(key));
+        refs.local += u32::from(be.flags() & BE_F_LOCAL != 0);
+        refs.terminating += u32::from(be.flags() & BE_F_TERMINATING != 0);
+        self.state.insert_backend(id, refs.value(key));
     }
 
-    fn unuse_backend(&mut self, id: u32, be: Backend, flags: u8) {
+    fn unuse_backend(&mut self, id: u32, be: AnyBackend, flags: u8) {
         let key = backend_key(be);
         let Some(refs) = self.backends.get_mut(&key) else {
             return;
@@ -723,12 +720,12 @@ impl Compiler {
         refs.local -= u32::from(flags & BE_F_LOCAL != 0);
         refs.terminating -= u32::from(flags & BE_F_TERMINATING != 0);
         if refs.uses == 0 {
-            self.state.backends.remove(&id);
+            self.state.remove_backend(id);
             if refs.wants == 0 {
                 self.backends.remove(&key);
             }
         } else {
-            self.state.backends.insert(id, refs.value(key));
+            self.state.insert_backend(id, refs.value(key));
         }
     }
 
@@ -784,8 +781,8 @@ impl Compiler {
         ServiceCounts {
             services: self.programmed,
             service_ports: self.service_ports,
-            frontends: self.state.services.len(),
-            endpoints: self.state.backends.len(),
+            frontends: self.state.frontend_count(),
+            endpoints: self.state.backend_count(),
         }
     }
 

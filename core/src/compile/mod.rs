@@ -6,7 +6,7 @@
 //! none is ready (KEP-1669, per traffic policy), node-local sets for `Local` traffic policies,
 //! session affinity per Service port shared by all its frontends.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
@@ -14,12 +14,12 @@ use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use twill_common::{
-    BE_F_LOCAL, BE_F_TERMINATING, Backend, MAGLEV_SLOT_BASE, SCOPE_ANY, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER,
-    SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, ServiceKey,
-    ServiceValue, SlotKey,
+    BE_F_LOCAL, BE_F_TERMINATING, MAGLEV_SLOT_BASE, SCOPE_ANY, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, ServiceValue, SlotKey,
 };
 
+pub use crate::family::{AnyBackend, FrontendKey, IpFamily};
 use crate::lbmap::LbState;
 use crate::maglev;
 
@@ -35,7 +35,7 @@ pub use dump::{
 pub use ids::{BackendKey, IdAllocation, SetKey};
 pub use incremental::{Compiler, GroupKey, ServiceGroup, UpdateSummary};
 pub use parse::{
-    DEFAULT_AFFINITY_TIMEOUT_S, Interner, LABEL_HEADLESS, LABEL_SERVICE_NAME,
+    DEFAULT_AFFINITY_TIMEOUT_S, Interner, IpFamilyPolicy, LABEL_HEADLESS, LABEL_SERVICE_NAME,
     LABEL_SERVICE_PROXY_NAME, MAX_SLICE_ENDPOINTS, ParsedEndpoint, ParsedPort, ParsedService,
     ParsedSlice, RefusedAddress, ServiceInput, SliceInput, all_node_ips, special_address,
 };
@@ -341,7 +341,7 @@ one_spelling!(EndpointState {
 /// One endpoint of a Service port, for the dump.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointModel {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub node: Option<Arc<str>>,
     pub local: bool,
@@ -355,7 +355,7 @@ pub struct EndpointModel {
 /// One frontend of a Service port, for the dump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrontendModel {
-    pub key: ServiceKey,
+    pub key: FrontendKey,
     pub kind: FrontendKind,
 }
 
@@ -366,6 +366,9 @@ pub struct ServicePortModel {
     pub name: Arc<str>,
     pub port_name: Arc<str>,
     pub svc_type: SvcType,
+    /// The family of this port's frontends and endpoints: a dual-stack Service has one model
+    /// per port and family.
+    pub family: IpFamily,
     pub proto: u8,
     pub port: u16,
     pub node_port: Option<u16>,
@@ -445,7 +448,7 @@ impl Compiled {
     reason = "the three EndpointSlice conditions plus locality"
 )]
 struct Ep<'s> {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     ready: bool,
     serving: bool,
@@ -476,7 +479,7 @@ impl Ep<'_> {
 /// terminating fallback.
 #[derive(Clone, Debug, Default)]
 struct PlannedSet {
-    members: Vec<(Ipv4Addr, u16)>,
+    members: Vec<(IpAddr, u16)>,
     fallback: bool,
 }
 
@@ -503,7 +506,7 @@ fn select(eps: &[Ep<'_>], publish_not_ready: bool, local_only: bool) -> PlannedS
 }
 
 struct PlannedFrontend {
-    key: ServiceKey,
+    key: FrontendKey,
     kind: FrontendKind,
     local_set: bool,
 }
@@ -511,10 +514,11 @@ struct PlannedFrontend {
 /// What a frontend competes for with other Services: its address, port and protocol, whatever
 /// the scope (the datapath falls back from a specific scope to `SCOPE_ANY`, so two owners of one
 /// address/port/protocol would mix).
-type Claim = (u32, u16, u8);
+/// (`None`: the `NodePort` wildcard.)
+type Claim = (Option<IpAddr>, u16, u8);
 
-fn claim_of(key: ServiceKey) -> Claim {
-    (key.addr_be, key.port_be, key.proto)
+fn claim_of(key: FrontendKey) -> Claim {
+    (key.addr(), key.port_be(), key.proto())
 }
 
 /// How strongly a Service claims an address/port/protocol; the lower rank wins, then the
@@ -551,42 +555,53 @@ struct PlannedPort {
     set_keys: [SetKey; 2],
 }
 
-fn frontend_label(key: ServiceKey) -> String {
-    let port = u16::from_be(key.port_be);
-    let proto = parse::proto_name(key.proto);
-    if key.addr_be == 0 {
-        format!("nodeport:{port}/{proto}")
-    } else {
-        format!("{}:{port}/{proto}", addr_from_be(key.addr_be))
+fn frontend_label(key: FrontendKey) -> String {
+    let port = u16::from_be(key.port_be());
+    let proto = parse::proto_name(key.proto());
+    match key.addr() {
+        None => format!("nodeport:{port}/{proto}"),
+        Some(IpAddr::V4(a)) => format!("{a}:{port}/{proto}"),
+        Some(IpAddr::V6(a)) => format!("[{a}]:{port}/{proto}"),
     }
+}
+
+/// The families `svc` is served in: those of its ClusterIPs, primary first.
+fn families(svc: &parse::ParsedService) -> impl Iterator<Item = IpFamily> + '_ {
+    svc.cluster_ips.iter().map(|ip| IpFamily::of(*ip))
 }
 
 /// The frontends one Service port asks for, before conflicts with other Services are resolved.
 /// Nodes' own addresses are left out of the external ones ([`refused_node_ips`] reports them).
+///
+/// Of `family` only. IPv6 Services get their ClusterIP frontends; IPv6 `NodePort`, External IP
+/// and `LoadBalancer` frontends are not built yet (the per-packet path is IPv4 only:
+/// docs/design/dualstack.md), and the node ports of an IPv6 port are reported, not programmed.
 fn port_frontends(
     svc: &parse::ParsedService,
     port: &parse::ParsedPort,
     config: &CompileConfig,
+    family: IpFamily,
 ) -> Vec<PlannedFrontend> {
     let mut frontends = Vec::new();
     let port_be = port.port.to_be();
-    for &ip in &svc.cluster_ips {
+    for &ip in svc
+        .cluster_ips
+        .iter()
+        .filter(|ip| IpFamily::of(**ip) == family)
+    {
         let (scope, local_set) = if svc.internal_local {
             (SCOPE_INTERNAL, true)
         } else {
             (SCOPE_ANY, false)
         };
-        let key = ServiceKey {
-            addr_be: addr_be(ip),
-            port_be,
-            proto: port.proto,
-            scope,
-        };
         frontends.push(PlannedFrontend {
-            key,
+            key: FrontendKey::new(Some(ip), port_be, port.proto, scope),
             kind: FrontendKind::ClusterIp,
             local_set,
         });
+    }
+    if family == IpFamily::V6 {
+        return frontends;
     }
     let mut externals: Vec<(u32, u16, FrontendKind)> = Vec::new();
     if let Some(np) = port.node_port {
@@ -605,11 +620,13 @@ fn port_frontends(
             .map(|ip| (addr_be(*ip), port_be, FrontendKind::LoadBalancer)),
     );
     for (addr, p, kind) in externals {
-        let key = |scope| ServiceKey {
-            addr_be: addr,
-            port_be: p,
-            proto: port.proto,
-            scope,
+        let key = |scope| {
+            FrontendKey::V4(twill_common::ServiceKey {
+                addr_be: addr,
+                port_be: p,
+                proto: port.proto,
+                scope,
+            })
         };
         if svc.external_local {
             // Traffic from outside gets local endpoints only (client IP preserved); traffic
@@ -646,7 +663,7 @@ fn service_claims(svc: &parse::ParsedService, config: &CompileConfig) -> Vec<Ran
     let mut claims: Vec<RankedClaim> = svc
         .ports
         .iter()
-        .flat_map(|p| port_frontends(svc, p, config))
+        .flat_map(|p| families(svc).flat_map(move |f| port_frontends(svc, p, config, f)))
         .map(|fe| (claim_of(fe.key), rank_of(fe.kind)))
         .collect();
     // Sorted by claim then rank: the first of each claim is its strongest.
@@ -659,7 +676,7 @@ fn service_claims(svc: &parse::ParsedService, config: &CompileConfig) -> Vec<Ran
 fn frontend_count(svc: &parse::ParsedService, config: &CompileConfig) -> usize {
     svc.ports
         .iter()
-        .map(|p| port_frontends(svc, p, config).len())
+        .flat_map(|p| families(svc).map(move |f| port_frontends(svc, p, config, f).len()))
         .sum()
 }
 
@@ -722,13 +739,24 @@ fn plan_service<'a>(
     for reason in refused_addresses(svc, config) {
         reject(reason);
     }
-    let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
-    for port in &svc.ports {
+    let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
+    let primary = families(svc).next();
+    if svc.ports.iter().any(|p| p.node_port.is_some()) && families(svc).any(|f| f == IpFamily::V6) {
+        reject(RejectReason::Unsupported(
+            "IPv6 nodePort (the IPv6 ClusterIP is served; NodePort answers on IPv4 only)",
+        ));
+    }
+    let port_families = svc
+        .ports
+        .iter()
+        .flat_map(|p| families(svc).map(move |f| (p, f)));
+    for (port, family) in port_families {
         // Endpoints of this port: slice ports match by name and protocol; each slice carries
         // the number a named targetPort resolved to for its pods. The same endpoint in two
-        // slices (during slice churn) counts once, with its best condition.
-        let mut eps: BTreeMap<(Ipv4Addr, u16), Ep> = BTreeMap::new();
-        for slice in slices {
+        // slices (during slice churn) counts once, with its best condition. A family's
+        // frontends take the endpoints of that family's slices (`addressType`).
+        let mut eps: BTreeMap<(IpAddr, u16), Ep> = BTreeMap::new();
+        for slice in slices.iter().filter(|s| s.family == family) {
             let Some(&(_, num, _)) = slice
                 .ports
                 .iter()
@@ -750,7 +778,12 @@ fn plan_service<'a>(
                     // in kube-proxy; without one, the address does.
                     local: match e.node.as_deref() {
                         Some(n) => n == config.node_name.as_str(),
-                        None => config.pod_cidrs.iter().any(|c| c.contains(e.addr)),
+                        None => match e.addr {
+                            IpAddr::V4(a) => config.pod_cidrs.iter().any(|c| c.contains(a)),
+                            // No IPv6 pod CIDRs in the config: an IPv6 endpoint is local by
+                            // its nodeName only.
+                            IpAddr::V6(_) => false,
+                        },
                     },
                 };
                 match eps.get(&(e.addr, num)) {
@@ -762,16 +795,18 @@ fn plan_service<'a>(
             }
         }
         let eps: Vec<Ep> = eps.into_values().collect();
+        // Health checks count the primary family's endpoints: a dual-stack pod is one
+        // endpoint, with an address in each family.
         for e in eps
             .iter()
-            .filter(|e| e.local && (svc.publish_not_ready || e.ready))
+            .filter(|e| Some(family) == primary && e.local && (svc.publish_not_ready || e.ready))
         {
             local_ready.insert(e.addr);
         }
         let cluster = select(&eps, svc.publish_not_ready, false);
         let local = select(&eps, svc.publish_not_ready, true);
 
-        let mut frontends = port_frontends(svc, port, config);
+        let mut frontends = port_frontends(svc, port, config, family);
         frontends.retain(|fe| match owner(claim_of(fe.key)) {
             Some((rank, o)) if o.0 != *namespace || o.1 != *name => {
                 let frontend = frontend_label(fe.key);
@@ -792,13 +827,7 @@ fn plan_service<'a>(
             }
             _ => true,
         });
-        frontends.sort_by_key(|fe| {
-            (
-                fe.kind,
-                u32::from(addr_from_be(fe.key.addr_be)),
-                fe.key.scope,
-            )
-        });
+        frontends.sort_by_key(|fe| (fe.kind, fe.key.addr(), fe.key.scope()));
 
         let uses_local = frontends.iter().any(|fe| fe.local_set);
         let endpoints = eps
@@ -819,6 +848,7 @@ fn plan_service<'a>(
             name: name.clone(),
             port_name: port.name.clone(),
             svc_type: svc.ty,
+            family,
             proto: port.proto,
             port: port.port,
             node_port: port.node_port,
@@ -843,6 +873,7 @@ fn plan_service<'a>(
                 port_name: port.name.clone(),
                 proto: port.proto,
                 local,
+                family,
             }),
         });
     }
@@ -860,8 +891,8 @@ fn plan_service<'a>(
 
 /// The ids a planned Service needs: every backend set some frontend uses (with those
 /// frontends, whose adopted ids are hints), every backend some used set holds.
-fn wanted_ids(ports: &[PlannedPort]) -> (Vec<(SetKey, Vec<ServiceKey>)>, Vec<BackendKey>) {
-    let mut sets: BTreeMap<&SetKey, Vec<ServiceKey>> = BTreeMap::new();
+fn wanted_ids(ports: &[PlannedPort]) -> (Vec<(SetKey, Vec<FrontendKey>)>, Vec<BackendKey>) {
+    let mut sets: BTreeMap<&SetKey, Vec<FrontendKey>> = BTreeMap::new();
     let mut backends: BTreeSet<BackendKey> = BTreeSet::new();
     for p in ports {
         let mut used = [false; 2];
@@ -896,9 +927,9 @@ fn wanted_ids(ports: &[PlannedPort]) -> (Vec<(SetKey, Vec<ServiceKey>)>, Vec<Bac
 struct ServiceEntries {
     /// In write order: a frontend key listed twice (an External IP equal to the ClusterIP)
     /// keeps the last value, as one map would.
-    services: Vec<(ServiceKey, ServiceValue)>,
+    services: Vec<(FrontendKey, ServiceValue)>,
     slots: Vec<(SlotKey, u32)>,
-    backends: Vec<(u32, Backend)>,
+    backends: Vec<(u32, AnyBackend)>,
     source_ranges: Vec<(u32, Ipv4Network)>,
     ports: Vec<ServicePortModel>,
     /// Per port: the backend sets its frontends use (bit 0 cluster-wide, bit 1 node-local).
@@ -910,7 +941,7 @@ struct ServiceEntries {
 }
 
 /// The flags a backend gets from one Service port: those of its endpoint there.
-fn endpoint_flags(model: &ServicePortModel, addr: Ipv4Addr, port: u16) -> u8 {
+fn endpoint_flags(model: &ServicePortModel, addr: IpAddr, port: u16) -> u8 {
     // Endpoints are sorted by (addr, port): they came out of a BTreeMap.
     let Ok(i) = model
         .endpoints
@@ -944,27 +975,32 @@ fn maglev_size_of(p: &PlannedPort, local_set: bool, members: usize) -> Option<u3
 }
 
 /// The Maglev table of size `m` (none: no table) over a set's `members` as `BACKEND_SLOTS` entries of `svc_id`.
-fn maglev_slots(svc_id: u32, members: &[(u32, Backend)], m: Option<u32>) -> Vec<(SlotKey, u32)> {
+///
+/// Only IPv4 sets have one: only IPv4 frontends are reached from outside the node (see
+/// [`port_frontends`]).
+fn maglev_slots(svc_id: u32, members: &[(u32, AnyBackend)], m: Option<u32>) -> Vec<(SlotKey, u32)> {
     let Some(m) = m else {
         return Vec::new();
     };
-    let identities: Vec<maglev::Identity> = members
+    let identities: Option<Vec<maglev::Identity>> = members
         .iter()
-        .map(|(_, be)| maglev::Identity {
-            addr: addr_from_be(be.addr_be),
-            port: u16::from_be(be.port_be),
+        .map(|(_, be)| match be.addr() {
+            IpAddr::V4(addr) => Some(maglev::Identity {
+                addr,
+                port: be.port(),
+            }),
+            IpAddr::V6(_) => None,
         })
         .collect();
+    let Some(identities) = identities else {
+        return Vec::new();
+    };
     (MAGLEV_SLOT_BASE..)
         .zip(maglev::table(&identities, m))
         .map(|(slot, owner)| (SlotKey { svc_id, slot }, members[owner].0))
         .collect()
 }
 
-#[expect(
-    clippy::too_many_lines,
-    reason = "one pass over each port's frontends; the steps share the pass's locals"
-)]
 fn build_entries(
     planned: Vec<PlannedPort>,
     ids: &IdAllocation,
@@ -993,7 +1029,7 @@ fn build_entries(
                 continue;
             };
             let set = if fe.local_set { &p.local } else { &p.cluster };
-            let mut members: Vec<(u32, Backend)> = Vec::with_capacity(set.members.len());
+            let mut members: Vec<(u32, AnyBackend)> = Vec::with_capacity(set.members.len());
             for &(addr, port) in &set.members {
                 let bkey = BackendKey {
                     addr,
@@ -1005,15 +1041,7 @@ fn build_entries(
                     continue;
                 };
                 let flags = endpoint_flags(&p.model, addr, port);
-                members.push((
-                    id,
-                    Backend {
-                        addr_be: addr_be(addr),
-                        port_be: port.to_be(),
-                        proto: p.model.proto,
-                        flags,
-                    },
-                ));
+                members.push((id, AnyBackend::new(addr, port, p.model.proto, flags)));
             }
             if members.len() > usize::from(u16::MAX) {
                 if slots_written.is_empty() {

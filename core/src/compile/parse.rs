@@ -3,6 +3,8 @@
 //! of the cluster keeps being compiled.
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
+
+use crate::family::IpFamily;
 use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
@@ -65,7 +67,12 @@ pub struct ParsedPort {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParsedService {
     pub ty: SvcType,
-    pub cluster_ips: Vec<Ipv4Addr>,
+    /// `spec.clusterIPs` in API order (the primary family first): one address, or one per
+    /// family for a dual-stack Service. The API server allocates them from `ipFamilies` and
+    /// `ipFamilyPolicy`; the proxy serves whatever was allocated.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `spec.ipFamilyPolicy` (`None`: not set, as on objects from before dual-stack).
+    pub ip_family_policy: Option<IpFamilyPolicy>,
     pub external_ips: Vec<Ipv4Addr>,
     pub lb_ips: Vec<Ipv4Addr>,
     pub ports: Vec<ParsedPort>,
@@ -78,6 +85,26 @@ pub struct ParsedService {
     /// External and load-balancer addresses no Service may take ([`special_address`]), left out
     /// of `external_ips`/`lb_ips`; the compiler reports each while programming the rest.
     pub refused: Vec<RefusedAddress>,
+}
+
+/// `spec.ipFamilyPolicy`. Informational for the proxy (shown in the dump): the API server turns
+/// it into `clusterIPs`, which is what is programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamilyPolicy {
+    SingleStack,
+    PreferDualStack,
+    RequireDualStack,
+}
+
+impl IpFamilyPolicy {
+    /// The Kubernetes spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            IpFamilyPolicy::SingleStack => "SingleStack",
+            IpFamilyPolicy::PreferDualStack => "PreferDualStack",
+            IpFamilyPolicy::RequireDualStack => "RequireDualStack",
+        }
+    }
 }
 
 /// An address a Service asked for as an external frontend and did not get.
@@ -133,7 +160,8 @@ pub struct ServiceInput {
 /// One endpoint of a slice, as the stores keep it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParsedEndpoint {
-    pub addr: Ipv4Addr,
+    /// Of the slice's `addressType`.
+    pub addr: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -144,6 +172,8 @@ pub struct ParsedEndpoint {
 /// What the compiler reads of a valid `EndpointSlice`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParsedSlice {
+    /// `addressType`: a family's frontends take endpoints from slices of that family only.
+    pub family: IpFamily,
     /// (name, port, protocol); the name is "" for an unnamed port, as on the Service.
     pub ports: Vec<(Arc<str>, u16, u8)>,
     pub endpoints: Vec<ParsedEndpoint>,
@@ -339,17 +369,44 @@ fn service_inner(
         _ if primary.is_empty() => return Err(RejectReason::MissingField("spec.clusterIP")),
         _ => vec![primary],
     };
-    let mut cluster_ips = Vec::new();
+    let mut cluster_ips: Vec<IpAddr> = Vec::new();
     for raw in raw_ips {
-        if let Some(ip) = ipv4_of(raw, "spec.clusterIPs")? {
-            cluster_ips.push(ip);
+        let ip = raw
+            .trim()
+            .parse::<IpAddr>()
+            .map_err(|_| RejectReason::BadIp {
+                field: "spec.clusterIPs",
+                value: raw.to_owned(),
+            })?;
+        // The API server allows at most one address per family (dual-stack KEP-563).
+        if cluster_ips.iter().any(|c| c.is_ipv4() == ip.is_ipv4()) {
+            return Err(RejectReason::UnknownValue {
+                field: "spec.clusterIPs",
+                value: format!("a second {} address {ip}", IpFamily::of(ip).as_str()),
+            });
+        }
+        cluster_ips.push(ip);
+    }
+    for raw in spec.ip_families.as_deref().unwrap_or_default() {
+        if raw != "IPv4" && raw != "IPv6" {
+            return Err(RejectReason::UnknownValue {
+                field: "spec.ipFamilies",
+                value: raw.clone(),
+            });
         }
     }
-    if cluster_ips.is_empty() {
-        return Err(RejectReason::Unsupported(
-            "IPv6-only Service (IPv6 is not supported yet)",
-        ));
-    }
+    let ip_family_policy = match spec.ip_family_policy.as_deref() {
+        None | Some("") => None,
+        Some("SingleStack") => Some(IpFamilyPolicy::SingleStack),
+        Some("PreferDualStack") => Some(IpFamilyPolicy::PreferDualStack),
+        Some("RequireDualStack") => Some(IpFamilyPolicy::RequireDualStack),
+        Some(other) => {
+            return Err(RejectReason::UnknownValue {
+                field: "spec.ipFamilyPolicy",
+                value: other.to_owned(),
+            });
+        }
+    };
 
     let raw_ports = spec.ports.as_deref().unwrap_or_default();
     if raw_ports.is_empty() {
@@ -507,6 +564,7 @@ fn service_inner(
     Ok(Some(ParsedService {
         ty,
         cluster_ips,
+        ip_family_policy,
         external_ips,
         lb_ips,
         ports,
@@ -604,13 +662,9 @@ fn slice_inner(
             "metadata.labels[kubernetes.io/service-name]",
         ));
     }
-    match s.address_type.as_str() {
-        "IPv4" => {}
-        "IPv6" => {
-            return Err(RejectReason::Unsupported(
-                "addressType IPv6 (IPv6 is not supported yet)",
-            ));
-        }
+    let family = match s.address_type.as_str() {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
         "FQDN" => {
             return Err(RejectReason::Unsupported(
                 "addressType FQDN (deprecated, never proxied)",
@@ -622,7 +676,7 @@ fn slice_inner(
                 value: other.to_owned(),
             });
         }
-    }
+    };
     let raw_eps = s.endpoints.as_deref().unwrap_or_default();
     if raw_eps.len() > MAX_SLICE_ENDPOINTS {
         return Err(RejectReason::OversizedSlice {
@@ -655,10 +709,14 @@ fn slice_inner(
             .addresses
             .first()
             .ok_or(RejectReason::MissingField("endpoints.addresses"))?;
-        let addr = raw.parse::<Ipv4Addr>().map_err(|_| RejectReason::BadIp {
-            field: "endpoints.addresses",
-            value: raw.clone(),
-        })?;
+        let addr = raw
+            .parse::<IpAddr>()
+            .ok()
+            .filter(|a| IpFamily::of(*a) == family)
+            .ok_or_else(|| RejectReason::BadIp {
+                field: "endpoints.addresses",
+                value: raw.clone(),
+            })?;
         let cond = ep.conditions.as_ref();
         // API semantics: nil ready and nil serving mean true, nil terminating means false.
         endpoints.push(ParsedEndpoint {
@@ -674,6 +732,7 @@ fn slice_inner(
         });
     }
     Ok(ParsedSlice {
+        family,
         ports,
         endpoints,
         hostnames,

@@ -2,6 +2,8 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use twill_common::ServiceKey;
+
 use super::*;
 use crate::lbmap::FakeLbMaps;
 use crate::reconcile::Reconciler;

@@ -513,7 +513,7 @@ fn headless(
                 .binary_search_by_key(&i, |(at, _)| *at as usize)
                 .ok()
                 .map(|at| parsed.hostnames[at].1.to_ascii_lowercase());
-            let addr = IpAddr::from(ep.addr);
+            let addr = ep.addr;
             let label = hostname.unwrap_or_else(|| dashed(addr));
             addrs.insert(addr);
             eps.entry(label.clone()).or_default().insert(addr);

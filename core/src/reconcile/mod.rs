@@ -35,7 +35,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnetwork::Ipv4Network;
-use twill_common::{SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey};
+use twill_common::{SVC_F_SOURCE_RANGES, ServiceKey, ServiceKey6, ServiceValue, SlotKey};
+
+use crate::family::FrontendKey;
 
 use crate::lbmap::{LbMaps, LbState, MapError, MapKind, StateChanges, StateVersion};
 
@@ -297,6 +299,12 @@ impl<'c> Scope<'c> {
             Scope::Changed(c) => Some(&c.services),
         }
     }
+    fn services6(self) -> Option<&'c BTreeSet<ServiceKey6>> {
+        match self {
+            Scope::All => None,
+            Scope::Changed(c) => Some(&c.services6),
+        }
+    }
     fn slots(self) -> Option<&'c BTreeSet<SlotKey>> {
         match self {
             Scope::All => None,
@@ -323,7 +331,7 @@ impl<'c> Scope<'c> {
 struct Applied {
     state: LbState,
     /// `svc_id` → the applied frontends using it.
-    frontends_of: HashMap<u32, Vec<ServiceKey>>,
+    frontends_of: HashMap<u32, Vec<FrontendKey>>,
     /// Backend id → number of applied slots pointing at it.
     slot_refs: HashMap<u32, u32>,
 }
@@ -331,8 +339,8 @@ struct Applied {
 impl Applied {
     fn new(state: LbState) -> Self {
         let mut a = Applied::default();
-        for (k, v) in &state.services {
-            a.frontends_of.entry(v.svc_id).or_default().push(*k);
+        for (k, v) in state.frontends() {
+            a.frontends_of.entry(v.svc_id).or_default().push(k);
         }
         for id in state.slots.values() {
             *a.slot_refs.entry(*id).or_default() += 1;
@@ -341,8 +349,10 @@ impl Applied {
         a
     }
 
-    fn insert_service(&mut self, key: ServiceKey, value: ServiceValue) {
-        if let Some(old) = self.state.services.insert(key, value) {
+    fn insert_service(&mut self, key: FrontendKey, value: ServiceValue) {
+        let old = self.state.frontend(&key).copied();
+        self.state.insert_frontend(key, value);
+        if let Some(old) = old {
             if old.svc_id == value.svc_id {
                 return;
             }
@@ -351,13 +361,14 @@ impl Applied {
         self.frontends_of.entry(value.svc_id).or_default().push(key);
     }
 
-    fn remove_service(&mut self, key: ServiceKey) {
-        if let Some(old) = self.state.services.remove(&key) {
+    fn remove_service(&mut self, key: FrontendKey) {
+        if let Some(old) = self.state.frontend(&key).copied() {
+            self.state.remove_frontend(&key);
             self.unlink_frontend(old.svc_id, key);
         }
     }
 
-    fn unlink_frontend(&mut self, svc_id: u32, key: ServiceKey) {
+    fn unlink_frontend(&mut self, svc_id: u32, key: FrontendKey) {
         if let Some(list) = self.frontends_of.get_mut(&svc_id) {
             list.retain(|k| *k != key);
             if list.is_empty() {
@@ -393,7 +404,7 @@ impl Applied {
             .get(&svc_id)
             .into_iter()
             .flatten()
-            .filter_map(|k| self.state.services.get(k))
+            .filter_map(|k| self.state.frontend(k))
     }
 
     /// Slot `slot` of `svc_id` is read by some applied frontend (its list or Maglev table).
@@ -454,10 +465,11 @@ impl<M: LbMaps> Run<'_, M> {
                 Err(e) => self.errors.push(e),
             }
         }
+        self.upsert_backends6(desired, scope);
         for (key, backend_id) in
             changed_in(scope.slots(), &desired.slots, &self.applied.state.slots)
         {
-            if !self.applied.state.backends.contains_key(&backend_id) {
+            if !self.applied.state.has_backend(backend_id) {
                 self.stats.deferred += 1;
                 continue;
             }
@@ -483,11 +495,7 @@ impl<M: LbMaps> Run<'_, M> {
                 Err(e) => self.errors.push(e),
             }
         }
-        for (key, value) in changed_in(
-            scope.services(),
-            &desired.services,
-            &self.applied.state.services,
-        ) {
+        for (key, value) in changed_frontends(scope, desired, &self.applied.state) {
             // Applied slots always point at applied backends (backends are deleted only when
             // no slot references them), so checking that the slots exist is enough.
             let slots_ready = value.slots().all(|slot| {
@@ -504,14 +512,17 @@ impl<M: LbMaps> Run<'_, M> {
                 || self
                     .applied
                     .state
-                    .services
-                    .get(&key)
+                    .frontend(&key)
                     .is_some_and(|a| filters_on(a, value.svc_id));
             if !(slots_ready && ranges_ready) {
                 self.stats.deferred += 1;
                 continue;
             }
-            match self.maps.upsert_service(key, value) {
+            let written = match key {
+                FrontendKey::V4(k) => self.maps.upsert_service(k, value),
+                FrontendKey::V6(k) => self.maps.upsert_service6(k, value),
+            };
+            match written {
                 Ok(()) => {
                     self.applied.insert_service(key, value);
                     self.stats.services_upserted += 1;
@@ -522,12 +533,12 @@ impl<M: LbMaps> Run<'_, M> {
     }
 
     fn prunes(&mut self, desired: &LbState, scope: Scope<'_>) {
-        for key in stale_in(
-            scope.services(),
-            &desired.services,
-            &self.applied.state.services,
-        ) {
-            match self.maps.delete_service(&key) {
+        for key in stale_frontends(scope, desired, &self.applied.state) {
+            let deleted = match &key {
+                FrontendKey::V4(k) => self.maps.delete_service(k),
+                FrontendKey::V6(k) => self.maps.delete_service6(k),
+            };
+            match deleted {
                 Ok(()) => {
                     self.applied.remove_service(key);
                     self.stats.services_deleted += 1;
@@ -609,6 +620,8 @@ impl<M: LbMaps> Run<'_, M> {
             }
         }
 
+        self.prune_backends6(desired, scope);
+
         for addr in stale(&desired.node_addrs, &self.applied.state.node_addrs) {
             match self.maps.delete_node_addr(addr) {
                 Ok(()) => {
@@ -619,9 +632,83 @@ impl<M: LbMaps> Run<'_, M> {
             }
         }
     }
+
+    /// The IPv6 backends of `desired` that differ from the applied ones (before their slots).
+    fn upsert_backends6(&mut self, desired: &LbState, scope: Scope<'_>) {
+        for (id, be) in changed_in(
+            scope.backends(),
+            &desired.backends6,
+            &self.applied.state.backends6,
+        ) {
+            match self.maps.upsert_backend6(id, be) {
+                Ok(()) => {
+                    self.applied.state.backends6.insert(id, be);
+                    self.stats.backends_upserted += 1;
+                }
+                Err(e) => self.errors.push(e),
+            }
+        }
+    }
+
+    /// Removes the IPv6 backends no slot uses any more, their state flushed first (as IPv4).
+    fn prune_backends6(&mut self, desired: &LbState, scope: Scope<'_>) {
+        let stale_backends6 = stale_in(
+            scope.backends(),
+            &desired.backends6,
+            &self.applied.state.backends6,
+        );
+        if !stale_backends6.is_empty() {
+            let mut removable = Vec::new();
+            for id in stale_backends6 {
+                if self.applied.slot_refs.contains_key(&id) {
+                    self.stats.deferred += 1;
+                } else {
+                    removable.push((id, self.applied.state.backends6[&id]));
+                }
+            }
+            if let Err(e) = self.maps.flush_backends6_state(&removable) {
+                self.errors.push(e);
+            } else {
+                self.stats.backends_flushed += removable.len();
+                for (id, _) in removable {
+                    match self.maps.delete_backend6(id) {
+                        Ok(()) => {
+                            self.applied.state.backends6.remove(&id);
+                            self.stats.backends_deleted += 1;
+                        }
+                        Err(e) => self.errors.push(e),
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Whether `svc_id` has at least one desired source range and all of them are applied.
+/// The frontends of both families `desired` holds and `applied` does not hold as desired.
+fn changed_frontends(
+    scope: Scope<'_>,
+    desired: &LbState,
+    applied: &LbState,
+) -> Vec<(FrontendKey, ServiceValue)> {
+    let v4 = changed_in(scope.services(), &desired.services, &applied.services);
+    let v6 = changed_in(scope.services6(), &desired.services6, &applied.services6);
+    v4.into_iter()
+        .map(|(k, v)| (FrontendKey::V4(k), v))
+        .chain(v6.into_iter().map(|(k, v)| (FrontendKey::V6(k), v)))
+        .collect()
+}
+
+/// The frontends of both families `applied` holds and `desired` does not.
+fn stale_frontends(scope: Scope<'_>, desired: &LbState, applied: &LbState) -> Vec<FrontendKey> {
+    let v4 = stale_in(scope.services(), &desired.services, &applied.services);
+    let v6 = stale_in(scope.services6(), &desired.services6, &applied.services6);
+    v4.into_iter()
+        .map(FrontendKey::V4)
+        .chain(v6.into_iter().map(FrontendKey::V6))
+        .collect()
+}
+
 fn covered(desired: &LbState, applied: &BTreeSet<(u32, Ipv4Network)>, svc_id: u32) -> bool {
     let mut any = false;
     for r in desired.source_ranges_of(svc_id) {
@@ -721,7 +808,7 @@ fn stale<K: Ord + Copy, V>(desired: &BTreeMap<K, V>, applied: &BTreeMap<K, V>) -
 /// and point at existing backends, and every frontend filtered by source ranges has at least
 /// one (without any it admits nobody). Returns the first violation.
 pub fn check_invariant(state: &LbState) -> Result<(), String> {
-    for (key, v) in &state.services {
+    for (key, v) in state.frontends() {
         if v.flags & SVC_F_SOURCE_RANGES != 0 && state.source_ranges_of(v.svc_id).next().is_none() {
             return Err(format!(
                 "service {key:?} (id {}) filters on source ranges but has none",
@@ -739,7 +826,7 @@ pub fn check_invariant(state: &LbState) -> Result<(), String> {
                     v.svc_id
                 ));
             };
-            if !state.backends.contains_key(id) {
+            if !state.has_backend(*id) {
                 return Err(format!(
                     "slot {}/{slot} points at missing backend {id}",
                     v.svc_id

@@ -3,8 +3,8 @@ use std::collections::BTreeSet;
 use ipnetwork::Ipv4Network;
 use proptest::prelude::*;
 use twill_common::{
-    Backend, DatapathConfig, PROTO_TCP, SCOPE_ANY, SVC_F_LOADBALANCER, SVC_F_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SlotKey,
+    Backend, Backend6, DatapathConfig, PROTO_TCP, SCOPE_ANY, SVC_F_LOADBALANCER,
+    SVC_F_SOURCE_RANGES, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
 };
 
 use super::{Reconciler, check_invariant};
@@ -59,6 +59,31 @@ impl LbMaps for CheckedMaps {
     fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
         self.fake.delete_backend(id)?;
         self.after("delete", MapKind::Backends);
+        Ok(())
+    }
+    fn upsert_service6(&mut self, key: ServiceKey6, value: ServiceValue) -> Result<(), MapError> {
+        self.fake.upsert_service6(key, value)?;
+        self.after("upsert", MapKind::Services6);
+        Ok(())
+    }
+    fn delete_service6(&mut self, key: &ServiceKey6) -> Result<(), MapError> {
+        self.fake.delete_service6(key)?;
+        self.after("delete", MapKind::Services6);
+        Ok(())
+    }
+    fn upsert_backend6(&mut self, id: u32, backend: Backend6) -> Result<(), MapError> {
+        self.fake.upsert_backend6(id, backend)?;
+        self.after("upsert", MapKind::Backends6);
+        Ok(())
+    }
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapError> {
+        self.fake.delete_backend6(id)?;
+        self.after("delete", MapKind::Backends6);
+        Ok(())
+    }
+    fn flush_backends6_state(&mut self, backends: &[(u32, Backend6)]) -> Result<(), MapError> {
+        self.fake.flush_backends6_state(backends)?;
+        self.after("flush", MapKind::Affinity);
         Ok(())
     }
     fn upsert_node_addr(&mut self, addr_be: u32, flags: u32) -> Result<(), MapError> {
@@ -601,4 +626,86 @@ proptest! {
             prop_assert!(rec.maps().inner.fake.flushed_backends.contains(id));
         }
     }
+}
+
+/// `state(groups)` plus one IPv6 group: frontend `fd00:96::<f>` of `svc_id` over IPv6 backends.
+fn with_ipv6(mut s: LbState, svc_id: u32, f: u8, backends: &[u32]) -> LbState {
+    for (slot, &b) in (0u32..).zip(backends) {
+        s.slots.insert(SlotKey { svc_id, slot }, b);
+        s.backends6.insert(
+            b,
+            Backend6 {
+                addr_be: crate::family::addr6_be(std::net::Ipv6Addr::new(
+                    0xfd00,
+                    0x244,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    u16::try_from(b).unwrap(),
+                )),
+                port_be: 8080u16.to_be(),
+                proto: PROTO_TCP,
+                flags: 0,
+            },
+        );
+    }
+    let key = ServiceKey6 {
+        addr_be: crate::family::addr6_be(std::net::Ipv6Addr::new(
+            0xfd00,
+            0x96,
+            0,
+            0,
+            0,
+            0,
+            0,
+            u16::from(f),
+        )),
+        port_be: 80u16.to_be(),
+        proto: PROTO_TCP,
+        scope: SCOPE_ANY,
+    };
+    s.services6.insert(
+        key,
+        ServiceValue {
+            svc_id,
+            backend_count: u16::try_from(backends.len()).unwrap(),
+            flags: 1,
+            affinity_timeout_s: 0,
+            maglev_size: 0,
+        },
+    );
+    s
+}
+
+#[test]
+fn ipv6_frontends_and_backends_follow_the_same_write_order() {
+    // A dual-stack Service: one IPv4 set, one IPv6 set (ids from one space).
+    let desired = with_ipv6(state(&[(1, &[1], &[10, 11])]), 2, 1, &[20, 21]);
+    let mut rec = Reconciler::new(CheckedMaps::default());
+    let stats = rec.apply(&desired, true).expect("clean apply");
+    assert_eq!(rec.maps().fake.state, desired);
+    assert_eq!(rec.maps().violation, None);
+    assert_eq!(
+        (
+            stats.backends_upserted,
+            stats.slots_upserted,
+            stats.services_upserted
+        ),
+        (4, 4, 2)
+    );
+    let log = &rec.maps().log;
+    assert!(first(log, "upsert", MapKind::Backends6) < first(log, "upsert", MapKind::BackendSlots));
+    assert!(first(log, "upsert", MapKind::BackendSlots) < first(log, "upsert", MapKind::Services6));
+
+    // The IPv6 half goes: frontend first, then its slots, then its backends (flushed).
+    let only_v4 = state(&[(1, &[1], &[10, 11])]);
+    rec.apply(&only_v4, true).expect("clean prune");
+    assert_eq!(rec.maps().fake.state, only_v4);
+    assert_eq!(rec.maps().violation, None);
+    assert_eq!(rec.maps().fake.flushed_backends, vec![20, 21]);
+    let log = &rec.maps().log;
+    assert!(first(log, "delete", MapKind::Services6) < first(log, "delete", MapKind::BackendSlots));
+    assert!(first(log, "delete", MapKind::BackendSlots) < first(log, "delete", MapKind::Backends6));
 }

@@ -4,7 +4,9 @@
 //!
 //! - [`plan_routes`] turns the Node objects, the agent's config and a snapshot of this node's
 //!   interfaces ([`HostNetwork`]) into a [`RoutePlan`] without any I/O;
-//! - [`masq::MasqueradeRules`] is the egress SNAT ruleset and its `nft -f` script.
+//! - [`masq::MasqueradeRules`] is the egress SNAT ruleset and its `nft -f` script;
+//! - [`netdiff::diff`] turns a dump of the kernel's routes, neighbours or FDB entries and the
+//!   plan's wanted ones into the netlink operations the agent's executor performs.
 //!
 //! # Direct routes
 //! A peer whose InternalIP is inside a subnet directly connected to one of our interfaces gets
@@ -38,6 +40,7 @@
 pub mod fastpath;
 pub mod host;
 pub mod masq;
+pub mod netdiff;
 pub mod plan;
 pub mod plan6;
 

@@ -10,10 +10,11 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use ipnetwork::Ipv4Network;
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, CT_SCOPE_NAT, CtKey, CtKey6, CtValue, CtValue6,
+    AffinityKey, AffinityValue, Backend, Backend6, CT_SCOPE_NAT, CtKey, CtKey6, CtValue, CtValue6,
     DatapathConfig, MapDef, NodeAddrValue, PROTO_TCP, PROTO_UDP, Reason, STATS_MAX, ServiceKey,
     ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey, def,
 };
+use twill_common::{ServiceKey6, SockRevNatKey6, SockRevNatValue6};
 
 use super::{
     DatapathError,
@@ -56,6 +57,9 @@ pub struct AyaLbMaps {
     ct: HashMap<MapData, CtKey, CtValue>,
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
     udp_flows: HashMap<MapData, UdpFlowKey, AffinityValue>,
+    services6: HashMap<MapData, ServiceKey6, ServiceValue>,
+    backends6: HashMap<MapData, u32, Backend6>,
+    revnat6: HashMap<MapData, SockRevNatKey6, SockRevNatValue6>,
     capacity: BTreeMap<MapKind, u32>,
     /// Destroys connected UDP sockets to a backend that goes away; `None` disables it.
     socket_destroyer: Option<SocketDestroyer>,
@@ -140,6 +144,9 @@ impl AyaLbMaps {
         let ct = src.take::<def::Ct, _>()?;
         let src_ranges = src.take::<def::SourceRanges, _>()?;
         let udp_flows = src.take::<def::UdpFlows, _>()?;
+        let services6 = src.take::<def::Services6, _>()?;
+        let backends6 = src.take::<def::Backends6, _>()?;
+        let revnat6 = src.take::<def::SockRevNat6, _>()?;
         Ok(Self {
             services,
             slots,
@@ -152,6 +159,9 @@ impl AyaLbMaps {
             ct,
             src_ranges,
             udp_flows,
+            services6,
+            backends6,
+            revnat6,
             capacity: src.capacity,
             socket_destroyer: None,
             last_flush: FlushReport::default(),
@@ -204,6 +214,11 @@ impl AyaLbMaps {
     /// Every unconnected UDP flow entry (idle ones included, as for affinity).
     pub fn dump_udp_flows(&self) -> Result<Vec<(UdpFlowKey, AffinityValue)>, MapError> {
         collect(&self.udp_flows, MapKind::UdpFlows)
+    }
+
+    /// Every IPv6 socket reverse-NAT entry.
+    pub fn dump_revnat6(&self) -> Result<Vec<(SockRevNatKey6, SockRevNatValue6)>, MapError> {
+        collect(&self.revnat6, MapKind::SockRevNat6)
     }
 
     /// Every socket reverse-NAT entry.
@@ -295,6 +310,53 @@ impl AyaLbMaps {
             remove(&mut self.ct, k, MapKind::Ct)?;
         }
         report.ct_entries = stale_ct.len();
+        self.last_flush = report.clone();
+        Ok(report)
+    }
+
+    /// [`Self::flush_backends`] for IPv6 backends: affinity and UDP flow entries naming their
+    /// ids, IPv6 socket reverse-NAT entries naming their addresses. Connected UDP sockets to
+    /// them are not destroyed (the socket destroyer is IPv4 only: docs/design/dualstack.md).
+    pub fn flush_backends6(
+        &mut self,
+        backends: &[(u32, Backend6)],
+    ) -> Result<FlushReport, MapError> {
+        let mut report = FlushReport::default();
+        if backends.is_empty() {
+            return Ok(report);
+        }
+        let ids: BTreeSet<u32> = backends.iter().map(|(id, _)| *id).collect();
+        let addrs: BTreeSet<([u32; 4], u16)> = backends
+            .iter()
+            .map(|(_, b)| (b.addr_be, b.port_be))
+            .collect();
+        let stale_aff: Vec<AffinityKey> = collect(&self.affinity, MapKind::Affinity)?
+            .into_iter()
+            .filter(|(_, v)| ids.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale_aff {
+            remove(&mut self.affinity, k, MapKind::Affinity)?;
+        }
+        report.affinity_entries = stale_aff.len();
+        let stale_flows: Vec<UdpFlowKey> = collect(&self.udp_flows, MapKind::UdpFlows)?
+            .into_iter()
+            .filter(|(_, v)| ids.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale_flows {
+            remove(&mut self.udp_flows, k, MapKind::UdpFlows)?;
+        }
+        report.udp_flow_entries = stale_flows.len();
+        let stale_rn: Vec<SockRevNatKey6> = collect(&self.revnat6, MapKind::SockRevNat6)?
+            .into_iter()
+            .filter(|(k, _)| addrs.contains(&(k.backend_addr_be, k.backend_port_be)))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale_rn {
+            remove(&mut self.revnat6, k, MapKind::SockRevNat6)?;
+        }
+        report.revnat_entries = stale_rn.len();
         self.last_flush = report.clone();
         Ok(report)
     }
@@ -543,6 +605,22 @@ impl LbMaps for AyaLbMaps {
     fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
         remove(&mut self.backends, &id, MapKind::Backends)
     }
+    fn upsert_service6(&mut self, key: ServiceKey6, value: ServiceValue) -> Result<(), MapError> {
+        self.services6
+            .insert(key, value, 0)
+            .map_err(|e| self.full_or_syscall(MapKind::Services6, "update", e))
+    }
+    fn delete_service6(&mut self, key: &ServiceKey6) -> Result<(), MapError> {
+        remove(&mut self.services6, key, MapKind::Services6)
+    }
+    fn upsert_backend6(&mut self, id: u32, backend: Backend6) -> Result<(), MapError> {
+        self.backends6
+            .insert(id, backend, 0)
+            .map_err(|e| self.full_or_syscall(MapKind::Backends6, "update", e))
+    }
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapError> {
+        remove(&mut self.backends6, &id, MapKind::Backends6)
+    }
     fn upsert_node_addr(&mut self, addr_be: u32, flags: u32) -> Result<(), MapError> {
         self.node_addrs
             .insert(addr_be, NodeAddrValue { flags }, 0)
@@ -578,6 +656,12 @@ impl LbMaps for AyaLbMaps {
             backends: collect(&self.backends, MapKind::Backends)?
                 .into_iter()
                 .collect(),
+            services6: collect(&self.services6, MapKind::Services6)?
+                .into_iter()
+                .collect(),
+            backends6: collect(&self.backends6, MapKind::Backends6)?
+                .into_iter()
+                .collect(),
             node_addrs: collect(&self.node_addrs, MapKind::NodeAddrs)?
                 .into_iter()
                 .map(|(k, v)| (k, v.flags))
@@ -604,6 +688,18 @@ impl LbMaps for AyaLbMaps {
             report.ct_entries,
             report.sockets_destroyed,
             report.namespaces_searched
+        );
+        Ok(())
+    }
+
+    fn flush_backends6_state(&mut self, backends: &[(u32, Backend6)]) -> Result<(), MapError> {
+        let report = self.flush_backends6(backends)?;
+        log::info!(
+            "flushed {} removed IPv6 backends: {} affinity, {} UDP flow, {} reverse-NAT entries",
+            backends.len(),
+            report.affinity_entries,
+            report.udp_flow_entries,
+            report.revnat_entries,
         );
         Ok(())
     }

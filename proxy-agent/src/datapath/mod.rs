@@ -34,7 +34,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapInfo, MapType},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
     },
 };
@@ -192,6 +192,8 @@ pub struct DatapathOptions {
     /// connected UDP sockets to destroy when a backend goes away.
     pub netns_dirs: Vec<PathBuf>,
     pub sock_destroy: SockDestroyMode,
+    /// Denied-flow events each CPU may send to `debug monitor` per second (`--monitor-rate`).
+    pub monitor_rate: u32,
 }
 
 impl Default for DatapathOptions {
@@ -201,6 +203,7 @@ impl Default for DatapathOptions {
             map_sizes: MapSizes::default(),
             netns_dirs: vec![DEFAULT_NETNS_DIR.into()],
             sock_destroy: SockDestroyMode::default(),
+            monitor_rate: twill_common::POLICY_EVENTS_PER_CPU_SECOND,
         }
     }
 }
@@ -323,6 +326,7 @@ impl Datapath {
             return Err(DatapathError::EmptyObject);
         }
         let mut loader = EbpfLoader::new();
+        loader.override_global(twill_common::GLOBAL_MONITOR_RATE, &opts.monitor_rate, true);
         let mut adopted = Vec::new();
         for kind in MapKind::ALL {
             loader.map_max_entries(kind.name(), opts.map_sizes.get(*kind));
@@ -413,81 +417,17 @@ impl Datapath {
             .ino();
         let mut outcomes = Vec::new();
         for &(name, attach_type) in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program {
-                    name,
-                    action: "type",
-                    source,
-                })?;
-            if prog.fd().is_err() {
-                prog.load().map_err(|source| DatapathError::Program {
-                    name,
-                    action: "load",
-                    source,
-                })?;
-            }
-            let pin = self
-                .opts
-                .bpffs_dir
-                .as_ref()
-                .map(|d| d.join(format!("{LINK_PIN_PREFIX}{name}")));
-            if let Some(pin) = &pin
-                && let Some(fd) = adopt_link(name, pin, |t| {
+            let outcome = self.attach_or_adopt::<CgroupSockAddr>(
+                name,
+                format!("{LINK_PIN_PREFIX}{name}"),
+                &file,
+                |t| {
                     t.link_type == sys::BPF_LINK_TYPE_CGROUP
                         && t.cgroup_id == cgroup_id
                         && t.attach_type == attach_type
-                })?
-            {
-                let prog_fd = prog.fd().map_err(|source| DatapathError::Program {
-                    name,
-                    action: "fd",
-                    source,
-                })?;
-                replace_program(name, pin, &fd, prog_fd)?;
-                self.links.push((
-                    format!("{LINK_PIN_PREFIX}{name}"),
-                    AttachOutcome::Replaced,
-                    HeldLink::Adopted(fd),
-                ));
-                outcomes.push((name, AttachOutcome::Replaced));
-                continue;
-            }
-            let link_id = prog
-                .attach(&file, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program {
-                    name,
-                    action: "attach",
-                    source,
-                })?;
-            let link = prog
-                .take_link(link_id)
-                .map_err(|source| DatapathError::Program {
-                    name,
-                    action: "take link",
-                    source,
-                })?;
-            let link =
-                FdLink::try_from(link).map_err(|source| DatapathError::Link { name, source })?;
-            let held = match pin {
-                Some(pin) => {
-                    HeldLink::Pinned(link.pin(&pin).map_err(|source| DatapathError::PinLink {
-                        name,
-                        path: pin,
-                        source,
-                    })?)
-                }
-                None => HeldLink::Fd(link),
-            };
-            self.links.push((
-                format!("{LINK_PIN_PREFIX}{name}"),
-                AttachOutcome::Created,
-                held,
-            ));
-            outcomes.push((name, AttachOutcome::Created));
+                },
+            )?;
+            outcomes.push((name, outcome));
         }
         self.cgroup = Some(cgroup.to_owned());
         Ok(outcomes)
@@ -514,74 +454,79 @@ impl Datapath {
         let ifindex = if_index(ifname)?;
         let mut outcomes = Vec::new();
         for &(name, direction, tcx_type) in programs {
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program {
-                    name,
-                    action: "type",
-                    source,
-                })?;
-            if prog.fd().is_err() {
-                prog.load().map_err(|source| DatapathError::Program {
-                    name,
-                    action: "load",
-                    source,
-                })?;
-            }
-            let key = pin_name(ifname, name);
-            let pin = self.opts.bpffs_dir.as_ref().map(|d| d.join(&key));
-            if let Some(pin) = &pin
-                && let Some(fd) = adopt_link(name, pin, |t| {
+            let outcome = self.attach_or_adopt::<SchedClassifier>(
+                name,
+                pin_name(ifname, name),
+                (ifname, direction),
+                |t| {
                     t.link_type == sys::BPF_LINK_TYPE_TCX
                         && t.tcx_ifindex == ifindex
                         && t.tcx_attach_type == tcx_type
-                })?
-            {
-                let prog_fd = prog.fd().map_err(|source| DatapathError::Program {
-                    name,
-                    action: "fd",
-                    source,
-                })?;
-                replace_program(name, pin, &fd, prog_fd)?;
-                self.links
-                    .push((key, AttachOutcome::Replaced, HeldLink::Adopted(fd)));
-                outcomes.push((name, AttachOutcome::Replaced));
-                continue;
-            }
-            let link_id =
-                prog.attach(ifname, direction)
-                    .map_err(|source| DatapathError::Program {
-                        name,
-                        action: "attach",
-                        source,
-                    })?;
-            let link = prog
-                .take_link(link_id)
-                .map_err(|source| DatapathError::Program {
-                    name,
-                    action: "take link",
-                    source,
-                })?;
-            // A netlink (pre-6.6) attachment is not a bpf_link and could not be pinned.
-            let link =
-                FdLink::try_from(link).map_err(|source| DatapathError::Link { name, source })?;
-            let held = match pin {
-                Some(pin) => {
-                    HeldLink::Pinned(link.pin(&pin).map_err(|source| DatapathError::PinLink {
-                        name,
-                        path: pin,
-                        source,
-                    })?)
-                }
-                None => HeldLink::Fd(link),
-            };
-            self.links.push((key, AttachOutcome::Created, held));
-            outcomes.push((name, AttachOutcome::Created));
+                },
+            )?;
+            outcomes.push((name, outcome));
         }
         Ok(outcomes)
+    }
+
+    /// Puts program `name` on `hook` through a link pinned as `pin_key` (when pinning): a link
+    /// an earlier agent pinned there for the same hook (`same_hook` recognises its target) is
+    /// adopted and gets this agent's program swapped in atomically; otherwise (nothing pinned,
+    /// or a pin for another target, which is removed) a new link is made and pinned. The one
+    /// path for every program type the agent attaches; [`LinkProgram`] holds what differs.
+    fn attach_or_adopt<P: LinkProgram>(
+        &mut self,
+        name: &'static str,
+        pin_key: String,
+        hook: P::Hook<'_>,
+        same_hook: impl FnOnce(&sys::LinkTarget) -> bool,
+    ) -> Result<AttachOutcome, DatapathError>
+    where
+        for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+    {
+        let prog: &mut P = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                name,
+                action: "type",
+                source,
+            })?;
+        prog.ensure_loaded()
+            .map_err(|source| DatapathError::Program {
+                name,
+                action: "load",
+                source,
+            })?;
+        let pin = self.opts.bpffs_dir.as_ref().map(|d| d.join(&pin_key));
+        if let Some(pin) = &pin
+            && let Some(fd) = adopt_link(name, pin, same_hook)?
+        {
+            let prog_fd = prog.prog_fd().map_err(|source| DatapathError::Program {
+                name,
+                action: "fd",
+                source,
+            })?;
+            replace_program(name, pin, &fd, prog_fd)?;
+            self.links
+                .push((pin_key, AttachOutcome::Replaced, HeldLink::Adopted(fd)));
+            return Ok(AttachOutcome::Replaced);
+        }
+        let link = prog.new_link(name, hook)?;
+        let held = match pin {
+            Some(pin) => {
+                HeldLink::Pinned(link.pin(&pin).map_err(|source| DatapathError::PinLink {
+                    name,
+                    path: pin,
+                    source,
+                })?)
+            }
+            None => HeldLink::Fd(link),
+        };
+        self.links.push((pin_key, AttachOutcome::Created, held));
+        Ok(AttachOutcome::Created)
     }
 
     /// Detaches the per-packet programs from `ifname` (and removes their pins).
@@ -858,6 +803,93 @@ fn layout_mismatch(info: &MapInfo, kind: MapKind) -> Option<String> {
             spec.key_size, spec.value_size
         )
     })
+}
+
+/// A program type the agent attaches through a bpf_link it pins, so that a restarted agent can
+/// adopt the link (cgroup socket hooks, tcx). Only making a fresh link differs between them;
+/// [`Datapath::attach_or_adopt`] does the rest once.
+trait LinkProgram {
+    /// Where the program attaches.
+    type Hook<'h>;
+    /// Loads the program into the kernel unless an earlier attach already did.
+    fn ensure_loaded(&mut self) -> Result<(), ProgramError>;
+    fn prog_fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError>;
+    /// Attaches the program to `hook` with a new link, taken out of aya's bookkeeping so that
+    /// it can be pinned.
+    fn new_link(
+        &mut self,
+        name: &'static str,
+        hook: Self::Hook<'_>,
+    ) -> Result<FdLink, DatapathError>;
+}
+
+/// aya's errors of making a link, with the program's name and the step.
+fn link_step(
+    name: &'static str,
+    action: &'static str,
+) -> impl FnOnce(ProgramError) -> DatapathError {
+    move |source| DatapathError::Program {
+        name,
+        action,
+        source,
+    }
+}
+
+impl LinkProgram for CgroupSockAddr {
+    /// The cgroup-v2 directory, opened.
+    type Hook<'h> = &'h std::fs::File;
+
+    fn ensure_loaded(&mut self) -> Result<(), ProgramError> {
+        if self.fd().is_err() {
+            self.load()?;
+        }
+        Ok(())
+    }
+
+    fn prog_fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError> {
+        self.fd()
+    }
+
+    fn new_link(
+        &mut self,
+        name: &'static str,
+        cgroup: &std::fs::File,
+    ) -> Result<FdLink, DatapathError> {
+        let id = self
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(link_step(name, "attach"))?;
+        let link = self.take_link(id).map_err(link_step(name, "take link"))?;
+        FdLink::try_from(link).map_err(|source| DatapathError::Link { name, source })
+    }
+}
+
+impl LinkProgram for SchedClassifier {
+    /// The device name and the direction.
+    type Hook<'h> = (&'h str, TcAttachType);
+
+    fn ensure_loaded(&mut self) -> Result<(), ProgramError> {
+        if self.fd().is_err() {
+            self.load()?;
+        }
+        Ok(())
+    }
+
+    fn prog_fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError> {
+        self.fd()
+    }
+
+    fn new_link(
+        &mut self,
+        name: &'static str,
+        (ifname, direction): (&str, TcAttachType),
+    ) -> Result<FdLink, DatapathError> {
+        let id = self
+            .attach(ifname, direction)
+            .map_err(link_step(name, "attach"))?;
+        let link = self.take_link(id).map_err(link_step(name, "take link"))?;
+        // A netlink (pre-6.6) attachment is not a bpf_link and could not be pinned.
+        FdLink::try_from(link).map_err(|source| DatapathError::Link { name, source })
+    }
 }
 
 /// Opens the pinned link at `pin` when `ours` recognises its target; removes it when not

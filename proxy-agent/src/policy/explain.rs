@@ -166,10 +166,11 @@ impl ExplainInputs<'_> {
             .iter()
             .filter(|sp| &*sp.namespace == ns && &*sp.name == n && sp.proto == proto)
             .flat_map(|sp| {
-                sp.frontends
-                    .iter()
-                    .filter(|f| f.key.addr_be != 0)
-                    .map(|f| (u16::from_be(f.key.port_be), addr_from_be(f.key.addr_be)))
+                // NetworkPolicy is IPv4 (docs/design/dualstack.md): IPv4 frontends only.
+                sp.frontends.iter().filter_map(|f| match f.key.addr() {
+                    Some(std::net::IpAddr::V4(a)) => Some((u16::from_be(f.key.port_be()), a)),
+                    _ => None,
+                })
             })
             .collect()
     }

@@ -2,13 +2,10 @@
 //! [`RoutePlan`] over rtnetlink. Everything it touches is marked as the agent's: routes by
 //! protocol [`ROUTE_PROTO_TWILL`], neighbours/FDB entries/addresses by living on the agent's own
 //! VXLAN device. Idempotent: a second `apply` of the same plan changes nothing.
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures_util::TryStreamExt as _;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use rtnetlink::{
     Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder,
     packet_route::{
@@ -24,9 +21,11 @@ use rtnetlink::{
     },
 };
 
+use twill_core::routing::netdiff::{self, Nexthop, Observed, Op, Scope};
+
 use super::{
-    HostLink, HostNetwork, PeerVia, ROUTE_PROTO_TWILL, RoutePlan, RoutingConfig, RoutingError,
-    VXLAN_DEVICE, VxlanDevicePlan, nft, plan_routes,
+    HostLink, HostNetwork, ROUTE_PROTO_TWILL, RoutePlan, RoutingConfig, RoutingError, VXLAN_DEVICE,
+    VxlanDevicePlan, nft, plan_routes,
 };
 
 /// What an `apply` changed (all zero when the kernel already matched the plan).
@@ -410,56 +409,21 @@ impl RouteExecutor {
         prune: bool,
         report: &mut ApplyReport,
     ) -> Result<(), RoutingError> {
-        let want: BTreeMap<Ipv4Addr, [u8; 6]> = plan
-            .peers
-            .iter()
-            .filter_map(|p| match p.via {
-                PeerVia::Vxlan { vtep, mac } => Some((vtep, mac)),
-                PeerVia::Direct { .. } => None,
+        let have = self
+            .device_neighbours(AddressFamily::Inet, index)
+            .await?
+            .into_iter()
+            .map(|n| Observed {
+                key: neighbour_ipv4(&n),
+                value: permanent_lladdr(&n),
+                // Every IPv4 neighbour on the agent's device is the agent's (unlike IPv6, the
+                // kernel keeps none of its own there).
+                owned: true,
+                handle: n,
             })
             .collect();
-        let have: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(RoutingError::netlink("dump neighbours"))?;
-        let mut ok = Vec::new();
-        for n in have.into_iter().filter(|n| n.header.ifindex == index) {
-            let dst = neighbour_ipv4(&n);
-            let matches = dst.is_some_and(|d| {
-                want.get(&d)
-                    .is_some_and(|mac| neighbour_lladdr(&n) == Some(&mac[..]))
-                    && n.header.state == NeighbourState::Permanent
-            });
-            if matches {
-                ok.extend(dst);
-            } else if prune || dst.is_some_and(|d| want.contains_key(&d)) {
-                self.handle
-                    .neighbours()
-                    .del(n)
-                    .execute()
-                    .await
-                    .map_err(RoutingError::netlink("delete stale neighbour"))?;
-                report.neighbours_removed += 1;
-            }
-        }
-        for (vtep, mac) in want.iter().filter(|(v, _)| !ok.contains(v)) {
-            self.handle
-                .neighbours()
-                .add(index, IpAddr::V4(*vtep))
-                .link_layer_address(mac)
-                .state(NeighbourState::Permanent)
-                .replace()
-                .execute()
-                .await
-                .map_err(RoutingError::netlink(format!("add neighbour {vtep}")))?;
-            report.neighbours_set += 1;
-        }
-        Ok(())
+        let ops = netdiff::diff(have, &plan.wanted_neighbours(), Scope::OwnDevice, prune);
+        self.execute_neighbours(index, ops, report).await
     }
 
     async fn sync_fdb(
@@ -469,52 +433,53 @@ impl RouteExecutor {
         prune: bool,
         report: &mut ApplyReport,
     ) -> Result<(), RoutingError> {
-        let want: BTreeMap<[u8; 6], Ipv4Addr> = plan
-            .peers
-            .iter()
-            .filter_map(|p| match p.via {
-                PeerVia::Vxlan { mac, .. } => Some((mac, p.node_ip)),
-                PeerVia::Direct { .. } => None,
+        let have = self
+            .device_neighbours(AddressFamily::Bridge, index)
+            .await?
+            .into_iter()
+            .map(|n| {
+                let remote = fdb_dst(&n);
+                Observed {
+                    key: neighbour_lladdr(&n).and_then(|m| <[u8; 6]>::try_from(m).ok()),
+                    value: remote,
+                    // An entry without a remote is the device's own address, not a tunnel
+                    // endpoint the agent wrote: it stays unless it holds a peer's MAC.
+                    owned: remote.is_some(),
+                    handle: n,
+                }
             })
             .collect();
-        let have: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(RoutingError::netlink("dump fdb"))?;
-        let mut ok: Vec<[u8; 6]> = Vec::new();
-        for n in have.into_iter().filter(|n| n.header.ifindex == index) {
-            let mac: Option<[u8; 6]> = neighbour_lladdr(&n).and_then(|m| m.try_into().ok());
-            let matches =
-                mac.is_some_and(|m| want.get(&m).copied() == fdb_dst(&n) && !ok.contains(&m));
-            if matches {
-                ok.extend(mac);
-            } else if prune || mac.is_some_and(|m| want.contains_key(&m)) {
-                self.handle
-                    .neighbours()
-                    .del(n)
-                    .execute()
-                    .await
-                    .map_err(RoutingError::netlink("delete stale fdb entry"))?;
-                report.fdb_removed += 1;
+        let ops = netdiff::diff(have, &plan.wanted_fdb(), Scope::OwnDevice, prune);
+        for op in ops {
+            match op {
+                Op::Remove(n) => {
+                    self.handle
+                        .neighbours()
+                        .del(n)
+                        .execute()
+                        .await
+                        .map_err(RoutingError::netlink("delete stale fdb entry"))?;
+                    report.fdb_removed += 1;
+                }
+                Op::Set {
+                    key: mac,
+                    value: dst,
+                    ..
+                } => {
+                    self.handle
+                        .neighbours()
+                        .add_bridge(index, &mac)
+                        .destination(IpAddr::V4(dst))
+                        .flags(NeighbourFlags::Own)
+                        .state(NeighbourState::Permanent)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(RoutingError::netlink(format!("add fdb entry for {dst}")))?;
+                    report.fdb_set += 1;
+                }
+                Op::Refuse(mac) => refused_on_own_device("fdb entry", &format!("{mac:02x?}")),
             }
-        }
-        for (mac, dst) in want.iter().filter(|(m, _)| !ok.contains(m)) {
-            self.handle
-                .neighbours()
-                .add_bridge(index, mac)
-                .destination(IpAddr::V4(*dst))
-                .flags(NeighbourFlags::Own)
-                .state(NeighbourState::Permanent)
-                .replace()
-                .execute()
-                .await
-                .map_err(RoutingError::netlink(format!("add fdb entry for {dst}")))?;
-            report.fdb_set += 1;
         }
         Ok(())
     }
@@ -526,55 +491,103 @@ impl RouteExecutor {
         prune: bool,
         report: &mut ApplyReport,
     ) -> Result<(), RoutingError> {
-        let mut want: BTreeMap<Ipv4Network, OwnedRoute> = BTreeMap::new();
-        for p in &plan.peers {
-            let route = match p.via {
-                PeerVia::Direct { ifindex } => OwnedRoute {
-                    dst: p.pod_cidr,
-                    gateway: Some(p.node_ip),
-                    oif: Some(ifindex),
-                    onlink: false,
-                },
-                PeerVia::Vxlan { vtep, .. } => {
-                    let Some(index) = vx_index else { continue };
-                    OwnedRoute {
-                        dst: p.pod_cidr,
-                        gateway: Some(vtep),
-                        oif: Some(index),
-                        onlink: true,
-                    }
-                }
-            };
-            want.insert(p.pod_cidr, route);
-        }
         // One dump for both: ours to diff against, everybody else's to stay clear of. The plan
         // already left out pod CIDRs equal to a foreign route; this re-checks against the
         // kernel as it is now, since a route may have appeared since the plan's snapshot.
-        let (have, foreign): (Vec<RouteMessage>, Vec<RouteMessage>) = self
+        let have = self
             .main_routes()
             .await?
             .into_iter()
-            .partition(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTO_TWILL));
-        let foreign: std::collections::BTreeSet<Ipv4Network> = foreign
-            .iter()
-            .filter_map(parse_route)
-            .map(|r| r.dst)
-            .collect();
-        let mut ours: std::collections::BTreeSet<Ipv4Network> = std::collections::BTreeSet::new();
-        let mut current: BTreeMap<Ipv4Network, OwnedRoute> = BTreeMap::new();
-        for msg in have {
-            if let Some(r) = parse_route(&msg) {
-                ours.insert(r.dst);
-            }
-            match parse_route(&msg) {
-                Some(r) if want.get(&r.dst) == Some(&r) && !current.contains_key(&r.dst) => {
-                    current.insert(r.dst, r);
+            .map(|msg| {
+                let parsed = parse_route(&msg);
+                Observed {
+                    key: parsed.as_ref().map(|r| r.dst),
+                    value: parsed.map(|r| Nexthop {
+                        gateway: r.gateway,
+                        oif: r.oif,
+                        onlink: r.onlink,
+                    }),
+                    owned: msg.header.protocol == RouteProtocol::Other(ROUTE_PROTO_TWILL),
+                    handle: msg,
                 }
-                // Stale (node gone, mode or address changed) or a duplicate: remove. New routes
-                // are added below with NLM_F_REPLACE, so traffic to a moved CIDR switches over
-                // without a gap; only routes with no successor are deleted here.
-                Some(r) if want.contains_key(&r.dst) => {}
-                _ if prune => {
+            })
+            .collect();
+        let ops = netdiff::diff(
+            have,
+            &plan.wanted_routes(vx_index),
+            Scope::SharedTable,
+            prune,
+        );
+        self.execute_routes(ops, report).await
+    }
+
+    /// The neighbours (`Inet`, `Inet6`) or FDB entries (`Bridge`) of device `index`.
+    pub(super) async fn device_neighbours(
+        &self,
+        family: AddressFamily,
+        index: u32,
+    ) -> Result<Vec<NeighbourMessage>, RoutingError> {
+        let all: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(RoutingError::netlink(format!("dump {family:?} neighbours")))?;
+        Ok(all
+            .into_iter()
+            .filter(|n| n.header.ifindex == index)
+            .collect())
+    }
+
+    /// Performs the neighbour ops of either family on device `index`: permanent entries,
+    /// written with `NLM_F_REPLACE`.
+    pub(super) async fn execute_neighbours<A: Copy + Into<IpAddr> + std::fmt::Display>(
+        &self,
+        index: u32,
+        ops: Vec<Op<NeighbourMessage, A, [u8; 6]>>,
+        report: &mut ApplyReport,
+    ) -> Result<(), RoutingError> {
+        for op in ops {
+            match op {
+                Op::Remove(n) => {
+                    self.handle
+                        .neighbours()
+                        .del(n)
+                        .execute()
+                        .await
+                        .map_err(RoutingError::netlink("delete stale neighbour"))?;
+                    report.neighbours_removed += 1;
+                }
+                Op::Set { key, value, .. } => {
+                    self.handle
+                        .neighbours()
+                        .add(index, key.into())
+                        .link_layer_address(&value)
+                        .state(NeighbourState::Permanent)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(RoutingError::netlink(format!("add neighbour {key}")))?;
+                    report.neighbours_set += 1;
+                }
+                Op::Refuse(key) => refused_on_own_device("neighbour", &key.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Performs the route ops of either family.
+    pub(super) async fn execute_routes<A: RouteFamily>(
+        &self,
+        ops: Vec<Op<RouteMessage, A::Net, Nexthop<A>>>,
+        report: &mut ApplyReport,
+    ) -> Result<(), RoutingError> {
+        for op in ops {
+            match op {
+                Op::Remove(msg) => {
                     self.handle
                         .route()
                         .del(msg)
@@ -583,47 +596,86 @@ impl RouteExecutor {
                         .map_err(RoutingError::netlink("delete stale route"))?;
                     report.routes_removed += 1;
                 }
-                _ => {}
+                Op::Set {
+                    key,
+                    value,
+                    replace,
+                } => {
+                    let add = self.handle.route().add(route_message(key, &value));
+                    let add = if replace { add.replace() } else { add };
+                    add.execute()
+                        .await
+                        .map_err(RoutingError::netlink(format!("set route {key}")))?;
+                    report.routes_set += 1;
+                }
+                Op::Refuse(dst) => {
+                    log::warn!(
+                        "not routing {dst}: the main table has a route to it the agent does not own"
+                    );
+                    report.routes_refused += 1;
+                }
             }
-        }
-        for (dst, r) in &want {
-            if current.get(dst) == Some(r) {
-                continue;
-            }
-            if foreign.contains(dst) {
-                log::warn!(
-                    "not routing {dst}: the main table has a route to it the agent does not own"
-                );
-                report.routes_refused += 1;
-                continue;
-            }
-            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(dst.network(), dst.prefix())
-                .protocol(RouteProtocol::Other(ROUTE_PROTO_TWILL));
-            if let Some(gw) = r.gateway {
-                b = b.gateway(gw);
-            }
-            if let Some(oif) = r.oif {
-                b = b.output_interface(oif);
-            }
-            if r.onlink {
-                b = b.onlink();
-            }
-            // NLM_F_REPLACE only over a route of ours; otherwise an exclusive create, which
-            // fails rather than overwrite a route that appeared since the dump.
-            let add = self.handle.route().add(b.build());
-            let add = if ours.contains(dst) {
-                add.replace()
-            } else {
-                add
-            };
-            add.execute()
-                .await
-                .map_err(RoutingError::netlink(format!("set route {r}")))?;
-            report.routes_set += 1;
         }
         Ok(())
     }
+}
+
+/// What differs between building an IPv4 and an IPv6 route message (rtnetlink types the
+/// builder by address family).
+pub(super) trait RouteFamily: Copy + Sized {
+    type Net: Copy + std::fmt::Display;
+    fn route_to(dst: Self::Net) -> RouteMessageBuilder<Self>;
+    fn via(b: RouteMessageBuilder<Self>, gateway: Self) -> RouteMessageBuilder<Self>;
+}
+
+impl RouteFamily for Ipv4Addr {
+    type Net = Ipv4Network;
+    fn route_to(dst: Ipv4Network) -> RouteMessageBuilder<Self> {
+        RouteMessageBuilder::<Self>::new().destination_prefix(dst.network(), dst.prefix())
+    }
+    fn via(b: RouteMessageBuilder<Self>, gateway: Self) -> RouteMessageBuilder<Self> {
+        b.gateway(gateway)
+    }
+}
+
+impl RouteFamily for Ipv6Addr {
+    type Net = Ipv6Network;
+    fn route_to(dst: Ipv6Network) -> RouteMessageBuilder<Self> {
+        RouteMessageBuilder::<Self>::new().destination_prefix(dst.network(), dst.prefix())
+    }
+    fn via(b: RouteMessageBuilder<Self>, gateway: Self) -> RouteMessageBuilder<Self> {
+        b.gateway(gateway)
+    }
+}
+
+/// The message that writes route `dst → hop`, marked as the agent's.
+fn route_message<A: RouteFamily>(dst: A::Net, hop: &Nexthop<A>) -> RouteMessage {
+    let mut b = A::route_to(dst).protocol(RouteProtocol::Other(ROUTE_PROTO_TWILL));
+    if let Some(gw) = hop.gateway {
+        b = A::via(b, gw);
+    }
+    if let Some(oif) = hop.oif {
+        b = b.output_interface(oif);
+    }
+    if hop.onlink {
+        b = b.onlink();
+    }
+    b.build()
+}
+
+/// [`netdiff::diff`] refuses only in a shared table; on the agent's own device nothing is
+/// foreign. Logged rather than unreachable, so a future change of the diff cannot crash the
+/// agent.
+fn refused_on_own_device(what: &str, key: &str) {
+    log::error!("internal: the netlink diff refused {what} {key} on the agent's own device");
+}
+
+/// The MAC of a permanent neighbour: what the agent writes. `None` for any other state (a
+/// neighbour the kernel resolved or is resolving), so it never counts as the agent's entry.
+pub(super) fn permanent_lladdr(n: &NeighbourMessage) -> Option<[u8; 6]> {
+    (n.header.state == NeighbourState::Permanent)
+        .then(|| neighbour_lladdr(n).and_then(|m| m.try_into().ok()))
+        .flatten()
 }
 
 pub(super) fn route_table(r: &RouteMessage) -> u32 {

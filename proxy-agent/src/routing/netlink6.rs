@@ -3,7 +3,6 @@
 //! as IPv4: routes carry protocol [`ROUTE_PROTO_TWILL`]; neighbours and the VTEP6 address live
 //! on the agent's own VXLAN device (and only its permanent neighbours are the agent's: the
 //! kernel keeps its own multicast entries there).
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 
 use futures_util::TryStreamExt as _;
@@ -22,19 +21,15 @@ use rtnetlink::{
 };
 
 use twill_core::routing::Masquerade6Rules;
+use twill_core::routing::netdiff::{self, Nexthop, Observed, Scope};
 
-use super::netlink::{link_kind, neighbour_lladdr, route_table};
+use super::netlink::{link_kind, permanent_lladdr, route_table};
 use super::{
-    ApplyReport, PeerVia6, ROUTE_PROTO_TWILL, RouteExecutor, RoutePlan6, RoutingError, VXLAN_DEVICE,
+    ApplyReport, ROUTE_PROTO_TWILL, RouteExecutor, RoutePlan6, RoutingError, VXLAN_DEVICE,
 };
 
-/// One IPv6 route as planned or as read back.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Route6 {
-    gateway: Option<Ipv6Addr>,
-    oif: Option<u32>,
-    onlink: bool,
-}
+/// One IPv6 route's nexthop as planned or as read back.
+type Route6 = Nexthop<Ipv6Addr>;
 
 /// The global (not link-local) IPv6 addresses of link `index`, from an address dump.
 pub(super) fn global_ipv6_addrs(addrs: &[AddressMessage], index: u32) -> Vec<Ipv6Network> {
@@ -257,59 +252,23 @@ impl RouteExecutor {
         prune: bool,
         report: &mut ApplyReport,
     ) -> Result<(), RoutingError> {
-        let want: BTreeMap<Ipv6Addr, [u8; 6]> = plan
-            .peers
-            .iter()
-            .filter_map(|p| match p.via {
-                PeerVia6::Vxlan { vtep, mac } => Some((vtep, mac)),
-                PeerVia6::Direct { .. } => None,
+        let have = self
+            .device_neighbours(AddressFamily::Inet6, index)
+            .await?
+            .into_iter()
+            .filter_map(|n| {
+                Some(Observed {
+                    key: Some(neighbour_ipv6(&n)?),
+                    value: permanent_lladdr(&n),
+                    // Only permanent neighbours are the agent's: the kernel keeps its own
+                    // (multicast, resolved) entries on the device.
+                    owned: n.header.state == NeighbourState::Permanent,
+                    handle: n,
+                })
             })
             .collect();
-        let have: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet6)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(RoutingError::netlink("dump IPv6 neighbours"))?;
-        let mut ok = BTreeSet::new();
-        for n in have.into_iter().filter(|n| n.header.ifindex == index) {
-            let Some(dst) = neighbour_ipv6(&n) else {
-                continue;
-            };
-            let matches = want
-                .get(&dst)
-                .is_some_and(|mac| neighbour_lladdr(&n) == Some(&mac[..]))
-                && n.header.state == NeighbourState::Permanent;
-            if matches {
-                ok.insert(dst);
-            } else if want.contains_key(&dst)
-                || (prune && n.header.state == NeighbourState::Permanent)
-            {
-                self.handle
-                    .neighbours()
-                    .del(n)
-                    .execute()
-                    .await
-                    .map_err(RoutingError::netlink("delete stale IPv6 neighbour"))?;
-                report.neighbours_removed += 1;
-            }
-        }
-        for (vtep, mac) in want.iter().filter(|(v, _)| !ok.contains(*v)) {
-            self.handle
-                .neighbours()
-                .add(index, IpAddr::V6(*vtep))
-                .link_layer_address(mac)
-                .state(NeighbourState::Permanent)
-                .replace()
-                .execute()
-                .await
-                .map_err(RoutingError::netlink(format!("add neighbour {vtep}")))?;
-            report.neighbours_set += 1;
-        }
-        Ok(())
+        let ops = netdiff::diff(have, &plan.wanted_neighbours(), Scope::OwnDevice, prune);
+        self.execute_neighbours(index, ops, report).await
     }
 
     async fn sync_routes6(
@@ -319,88 +278,26 @@ impl RouteExecutor {
         prune: bool,
         report: &mut ApplyReport,
     ) -> Result<(), RoutingError> {
-        let mut want: BTreeMap<Ipv6Network, Route6> = BTreeMap::new();
-        for p in &plan.peers {
-            let route = match p.via {
-                PeerVia6::Direct { gateway, ifindex } => Route6 {
-                    gateway: Some(gateway),
-                    oif: Some(ifindex),
-                    onlink: false,
-                },
-                PeerVia6::Vxlan { vtep, .. } => {
-                    let Some(index) = vx_index else { continue };
-                    Route6 {
-                        gateway: Some(vtep),
-                        oif: Some(index),
-                        onlink: true,
-                    }
-                }
-            };
-            want.insert(p.pod_cidr, route);
-        }
-        let (have, foreign): (Vec<RouteMessage>, Vec<RouteMessage>) = self
+        let have = self
             .main_routes6()
             .await?
             .into_iter()
-            .partition(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTO_TWILL));
-        let foreign: BTreeSet<Ipv6Network> = foreign
-            .iter()
-            .filter_map(|r| parse_route6(r).map(|(d, _)| d))
+            .filter_map(|msg| {
+                let (dst, hop) = parse_route6(&msg)?;
+                Some(Observed {
+                    key: Some(dst),
+                    value: Some(hop),
+                    owned: msg.header.protocol == RouteProtocol::Other(ROUTE_PROTO_TWILL),
+                    handle: msg,
+                })
+            })
             .collect();
-        let mut ours = BTreeSet::new();
-        let mut current: BTreeSet<Ipv6Network> = BTreeSet::new();
-        for msg in have {
-            let Some((dst, r)) = parse_route6(&msg) else {
-                continue;
-            };
-            ours.insert(dst);
-            if want.get(&dst) == Some(&r) && !current.contains(&dst) {
-                current.insert(dst);
-            } else if !want.contains_key(&dst) && prune {
-                self.handle
-                    .route()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(RoutingError::netlink("delete stale IPv6 route"))?;
-                report.routes_removed += 1;
-            }
-        }
-        for (dst, r) in &want {
-            if current.contains(dst) {
-                continue;
-            }
-            if foreign.contains(dst) {
-                log::warn!(
-                    "not routing {dst}: the main table has a route to it the agent does not own"
-                );
-                report.routes_refused += 1;
-                continue;
-            }
-            let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
-                .destination_prefix(dst.network(), dst.prefix())
-                .protocol(RouteProtocol::Other(ROUTE_PROTO_TWILL));
-            if let Some(gw) = r.gateway {
-                b = b.gateway(gw);
-            }
-            if let Some(oif) = r.oif {
-                b = b.output_interface(oif);
-            }
-            if r.onlink {
-                b = b.onlink();
-            }
-            // As for IPv4: replace only a route of ours, else an exclusive create.
-            let add = self.handle.route().add(b.build());
-            let add = if ours.contains(dst) {
-                add.replace()
-            } else {
-                add
-            };
-            add.execute()
-                .await
-                .map_err(RoutingError::netlink(format!("set IPv6 route {dst}")))?;
-            report.routes_set += 1;
-        }
-        Ok(())
+        let ops = netdiff::diff(
+            have,
+            &plan.wanted_routes(vx_index),
+            Scope::SharedTable,
+            prune,
+        );
+        self.execute_routes(ops, report).await
     }
 }

@@ -141,14 +141,14 @@ impl<M: LbMaps> ServicePipeline<M> {
     /// that ran out of room: the frontend, or a slot, backend or source range it needs, found
     /// no room). Walks every frontend: only on that failure path.
     pub fn unprogrammed_services(&self) -> Vec<Rejection> {
-        let desired = &self.compiler.state().services;
-        let applied = &self.reconciler.applied().services;
+        let desired = self.compiler.state();
+        let applied = self.reconciler.applied();
         let mut out: Vec<Rejection> = Vec::new();
         for port in self.compiler.model().services {
             let missing = port
                 .frontends
                 .iter()
-                .any(|fe| applied.get(&fe.key) != desired.get(&fe.key));
+                .any(|fe| applied.frontend(&fe.key) != desired.frontend(&fe.key));
             // Ports are sorted by Service, so one Service's ports are adjacent.
             let seen = out
                 .last()

@@ -131,6 +131,7 @@ fn start_datapath(
     let mut datapath = Datapath::load(&DatapathOptions {
         bpffs_dir: Some(cfg.bpffs_dir.clone()),
         map_sizes: cfg.map_sizes,
+        monitor_rate: cfg.monitor_rate,
         ..DatapathOptions::default()
     })?;
     for a in datapath.adopted_maps() {

@@ -28,6 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
+use super::json_stream;
 use super::{Change, InvalidObject, Kind, ObjKey, Object, Stores, report_invalid};
 use crate::compile::Interner;
 use crate::metrics::Metrics;
@@ -90,12 +91,14 @@ pub fn parse_text(path: &Path, text: &str, json: bool) -> Result<Parsed, Manifes
     let mut parsed = Parsed::default();
     let mut interner = Interner::default();
     if json {
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|source| ManifestError::Json {
+        // Streamed: a 10,000-pod List is never one `serde_json::Value` tree (see
+        // `json_stream`).
+        json_stream::parse(text, &mut parsed, &mut interner).map_err(|source| {
+            ManifestError::Json {
                 path: path.to_owned(),
                 source,
-            })?;
-        collect(v, &mut parsed, &mut interner);
+            }
+        })?;
     } else {
         for doc in serde_yaml::Deserializer::from_str(text) {
             let v = serde_yaml::Value::deserialize(doc).map_err(|source| ManifestError::Yaml {
@@ -114,37 +117,64 @@ pub fn parse_text(path: &Path, text: &str, json: bool) -> Result<Parsed, Manifes
     Ok(parsed)
 }
 
-fn collect(doc: serde_json::Value, out: &mut Parsed, interner: &mut Interner) {
+/// What the items of a list are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ListOf<'k> {
+    /// A `List`: each item names its kind.
+    Any,
+    /// A typed list (`PodList`): items without a kind are of this one.
+    Kind(&'k str),
+}
+
+/// The list a kind names, or `None` when it is no list the agent reads.
+pub(super) fn list_item_kind(kind: &str) -> Option<ListOf<'_>> {
+    match kind {
+        "List" => Some(ListOf::Any),
+        "ServiceList" | "EndpointSliceList" | "NodeList" | "PodList" | "NamespaceList"
+        | "NetworkPolicyList" => kind.strip_suffix("List").map(ListOf::Kind),
+        _ => None,
+    }
+}
+
+/// One item of a list: typed lists may omit kind/apiVersion on their items.
+pub(super) fn collect_item(
+    mut item: serde_json::Value,
+    list: ListOf<'_>,
+    out: &mut Parsed,
+    interner: &mut Interner,
+) {
+    if let (ListOf::Kind(k), Some(map)) = (list, item.as_object_mut()) {
+        map.entry("kind").or_insert_with(|| k.into());
+        let api = match k {
+            "EndpointSlice" => "discovery.k8s.io/v1",
+            "NetworkPolicy" => "networking.k8s.io/v1",
+            _ => "v1",
+        };
+        map.entry("apiVersion").or_insert_with(|| api.into());
+    }
+    collect(item, out, interner);
+}
+
+/// One document (or list item) into the stores' form.
+pub(super) fn collect(doc: serde_json::Value, out: &mut Parsed, interner: &mut Interner) {
     let kind = doc
         .get("kind")
         .and_then(serde_json::Value::as_str)
         .unwrap_or_default()
         .to_owned();
+    if let Some(item_kind) = list_item_kind(&kind) {
+        // Taken, not cloned: the items are the bulk of the document.
+        if let serde_json::Value::Object(mut map) = doc
+            && let Some(serde_json::Value::Array(items)) = map.remove("items")
+        {
+            for item in items {
+                collect_item(item, item_kind, out, interner);
+            }
+        }
+        return;
+    }
     let decoded = match kind.as_str() {
         "" if doc.is_null() => return, // empty document (`---` at the end)
-        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" | "PodList" | "NamespaceList"
-        | "NetworkPolicyList" => {
-            let item_kind = kind
-                .strip_suffix("List")
-                .filter(|k| !k.is_empty())
-                .map(str::to_owned);
-            if let Some(serde_json::Value::Array(items)) = doc.get("items").cloned() {
-                for mut item in items {
-                    // Typed lists may omit kind/apiVersion on their items.
-                    if let (Some(k), Some(map)) = (&item_kind, item.as_object_mut()) {
-                        map.entry("kind").or_insert_with(|| k.clone().into());
-                        let api = match k.as_str() {
-                            "EndpointSlice" => "discovery.k8s.io/v1",
-                            "NetworkPolicy" => "networking.k8s.io/v1",
-                            _ => "v1",
-                        };
-                        map.entry("apiVersion").or_insert_with(|| api.into());
-                    }
-                    collect(item, out, interner);
-                }
-            }
-            return;
-        }
         "Service" => serde_json::from_value(doc)
             .map(|o| Object::service(&o, interner))
             .map_err(|e| (Kind::Service, e)),

@@ -17,6 +17,7 @@ use twill_core::policy::{ParsedPolicy, PolicyNamespace, PolicyPod};
 use crate::compile::{GroupKey, Interner, ServiceGroup, ServiceInput, SliceInput};
 use crate::metrics::Metrics;
 
+mod json_stream;
 pub mod kube;
 pub mod manifests;
 

@@ -74,22 +74,9 @@ pub fn slice(svc: &str, name: &str, eps: &[Ep<'_>], ports: &[(&str, u16, &str)])
     y
 }
 
-/// Polls `f` every 50 ms until it returns `Ok(true)`, at most `timeout`.
-pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    let mut last_err = None;
-    loop {
-        match f() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+/// The lab's [`twill_lab::wait_until`] (polls until `Ok(true)`, bounded), under the name these
+/// tests have always imported it by.
+pub use twill_lab::wait_until as wait_for;
 
 /// `labtool tcp --to addr` from `pod`: (exit code, output).
 pub fn tcp(pod: &Pod, to: &str) -> Result<(i32, String)> {
@@ -105,11 +92,9 @@ pub fn udp(pod: &Pod, to: &str, connected: bool) -> Result<(i32, String)> {
     pod.labtool(&args)
 }
 
-/// The backend name in a labtool reply (`reply=<name> ...`).
+/// The backend name in a labtool reply (`reply=<name> ...`), owned ([`twill_lab::replier`]).
 pub fn replier(out: &str) -> Option<String> {
-    out.split_whitespace()
-        .find_map(|w| w.strip_prefix("reply="))
-        .map(str::to_owned)
+    twill_lab::replier(out).map(str::to_owned)
 }
 
 /// Waits until a TCP request from `pod` to `to` is answered by `name`.

@@ -4,10 +4,11 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
-use twill_lab::{Lab, Node};
+use twill_lab::{Lab, Node, netns_path, wait_until};
 
 /// Outcome of one plugin run: exit success, and stdout parsed as JSON (Null if empty).
 pub struct Run {
@@ -74,7 +75,8 @@ pub fn spawn_cni(
 pub fn netns(lab: &Lab, node: &Node, name: &str) -> Result<(String, String)> {
     let ns = format!("{}-{}-{}-{name}", twill_lab::PREFIX, lab.run_id, node.name);
     twill_lab::run_cmd(Command::new("ip").args(["netns", "add", &ns]))?;
-    Ok((ns.clone(), format!("/var/run/netns/{ns}")))
+    let path = netns_path(&ns).display().to_string();
+    Ok((ns, path))
 }
 
 pub fn del_netns(ns: &str) -> Result<()> {
@@ -109,17 +111,12 @@ pub fn retired_links(node: &Node) -> Result<Vec<String>> {
 
 /// Waits (bounded) until every retired link's background reaper has deleted it.
 pub fn wait_reaped(node: &Node) -> Result<()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let left = retired_links(node)?;
-        if left.is_empty() {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("retired links not reaped within 10 s: {left:?}");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut left = Vec::new();
+    wait_until("retired links reaped", Duration::from_secs(10), || {
+        left = retired_links(node)?;
+        Ok(left.is_empty())
+    })
+    .with_context(|| format!("still there: {left:?}"))
 }
 
 /// Node routes through a twill host veth, live or retired.

@@ -44,6 +44,16 @@ const PROBE_TIMEOUT_MS: &str = "800";
 /// `namespace/pod`.
 type PodName = (&'static str, &'static str);
 
+/// The protocol argument of [`Cluster::expect`] (`udp`).
+const TCP: bool = false;
+const UDP: bool = true;
+
+/// One row of a probe table: the matrix expected on a port over [`TCP`] or [`UDP`].
+type Probe<'a> = (&'a Reachability, u16, bool);
+
+/// The manifest [`Cluster::enforcing`] writes its policies to.
+const POLICY_FILE: &str = "p.yaml";
+
 /// Named container ports as upstream's agnhost pods declare them.
 const NAMED_PORTS: [(&str, u16, &str); 4] = [
     ("serve-80-tcp", 80, "TCP"),
@@ -108,6 +118,26 @@ impl Cluster {
         // Before any policy every pod reaches every other on every port.
         cluster.expect(&Reachability::all(true), 80, false)?;
         Ok(Some(cluster))
+    }
+
+    /// Most of upstream's cases: the topology, the policies of `yaml` written (as
+    /// [`POLICY_FILE`]), then every row of `probes` expected in order. `None` where the lab
+    /// cannot run (see [`require`]).
+    fn enforcing(yaml: &str, probes: &[Probe<'_>]) -> Result<Option<Self>> {
+        let Some(cluster) = Self::new()? else {
+            return Ok(None);
+        };
+        cluster.apply(POLICY_FILE, yaml)?;
+        cluster.expect_each(probes)?;
+        Ok(Some(cluster))
+    }
+
+    /// [`Cluster::expect`] for every row of `probes`, in order.
+    fn expect_each(&self, probes: &[Probe<'_>]) -> Result<()> {
+        for (want, port, udp) in probes {
+            self.expect(want, *port, *udp)?;
+        }
+        Ok(())
     }
 
     /// Writes the Pod and Namespace objects into the manifests directory.

@@ -1,0 +1,354 @@
+//! IPv6 and dual-stack Services on the socket path, in a dual-stack lab: each test is named
+//! after the upstream "[Feature:IPv6DualStack]" e2e test it mirrors
+//! (kubernetes/kubernetes test/e2e/network/dual_stack.go). Clients are real AF_INET6 sockets
+//! (labtool) in pods; servers listen on `[::]` and report the peer they saw.
+mod agent_common;
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use agent_common::{AgentProc, replier, repliers, start_agent, tcp, udp, wait_for};
+use anyhow::{Context as _, Result, ensure};
+use twill_lab::{Lab, LabSpec, Pod, require};
+
+const VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 60);
+/// An address of the lab's IPv6 Service range (the API server's secondary `--service-cluster-ip-range`).
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x60);
+
+/// `ip:port` with the IPv6 address in brackets.
+fn at(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// A Service with `cluster_ips` (primary first), its `ipFamilies` from them, `ipFamilyPolicy`
+/// `policy`; ports: (name, port, targetPort, protocol).
+fn service(
+    name: &str,
+    cluster_ips: &[IpAddr],
+    policy: &str,
+    ports: &[(&str, u16, u16, &str)],
+) -> String {
+    let ips: Vec<String> = cluster_ips.iter().map(|ip| format!("\"{ip}\"")).collect();
+    let families: Vec<&str> = cluster_ips.iter().map(|ip| family(*ip)).collect();
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  \
+         type: ClusterIP\n  clusterIP: {}\n  clusterIPs: [{}]\n  ipFamilies: [{}]\n  \
+         ipFamilyPolicy: {policy}\n  ports:\n",
+        ips[0],
+        ips.join(", "),
+        families.join(", ")
+    );
+    for (pname, port, target, proto) in ports {
+        let _ = writeln!(
+            y,
+            "  - name: \"{pname}\"\n    port: {port}\n    targetPort: {target}\n    protocol: {proto}"
+        );
+    }
+    y
+}
+
+/// An EndpointSlice of `svc` of one family (`addressType` from the addresses); endpoints:
+/// (address, node name), all ready; ports: (name, port, protocol).
+fn slice(svc: &str, name: &str, eps: &[(IpAddr, &str)], ports: &[(&str, u16, &str)]) -> String {
+    let mut y = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
+         namespace: default\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: {}\n\
+         endpoints:\n",
+        family(eps[0].0)
+    );
+    for (ip, node) in eps {
+        let _ = writeln!(
+            y,
+            "- addresses: [\"{ip}\"]\n  nodeName: {node}\n  conditions: {{ready: true, serving: true, terminating: false}}"
+        );
+    }
+    y.push_str("ports:\n");
+    for (pname, port, proto) in ports {
+        let _ = writeln!(
+            y,
+            "- name: \"{pname}\"\n  port: {port}\n  protocol: {proto}"
+        );
+    }
+    y
+}
+
+fn ip6(pod: &Pod) -> Result<Ipv6Addr> {
+    pod.ip6
+        .with_context(|| format!("pod {} has no IPv6 address", pod.name))
+}
+
+/// The Service `web` with `cluster_ips`, backed by `backends` (each serving TCP 8080 and UDP
+/// 5353 on both families) through one EndpointSlice per family.
+fn web(lab: &Lab, cluster_ips: &[IpAddr], policy: &str, backends: &[(&Pod, &str)]) -> Result<()> {
+    let ports = [("http", 80, 8080, "TCP"), ("dns", 53, 5353, "UDP")];
+    let slice_ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")];
+    let mut docs = vec![service("web", cluster_ips, policy, &ports)];
+    let v4: Vec<(IpAddr, &str)> = backends
+        .iter()
+        .map(|(p, n)| (IpAddr::V4(p.ip), *n))
+        .collect();
+    let v6: Vec<(IpAddr, &str)> = backends
+        .iter()
+        .map(|(p, n)| Ok((IpAddr::V6(ip6(p)?), *n)))
+        .collect::<Result<_>>()?;
+    // The EndpointSlice controller writes one slice per family of the Service's ipFamilies.
+    if cluster_ips.iter().any(IpAddr::is_ipv4) {
+        docs.push(slice("web", "web-v4", &v4, &slice_ports));
+    }
+    if cluster_ips.iter().any(IpAddr::is_ipv6) {
+        docs.push(slice("web", "web-v6", &v6, &slice_ports));
+    }
+    lab.apply_manifest("web.yaml", &docs.join("---\n"))
+}
+
+/// Waits until a TCP request from `pod` to `to` is answered by `server`; returns the output.
+fn wait_tcp(pod: &Pod, to: &str, server: &str) -> Result<String> {
+    let mut last = String::new();
+    wait_for(
+        &format!("{to} answered by {server}"),
+        Duration::from_secs(20),
+        || {
+            let (code, out) = tcp(pod, to)?;
+            let ok = code == 0 && replier(&out).as_deref() == Some(server);
+            last = out;
+            Ok(ok)
+        },
+    )
+    .map_err(|e| e.context(format!("last: {last:?}")))?;
+    Ok(last)
+}
+
+/// A dual-stack lab's pods and agents: (backend pod, its node's name) per node, the client.
+type DualLab = (Vec<(Pod, String)>, Pod, Vec<AgentProc>);
+
+/// Serves `web0` (and `web1` on the second node, if any) on both families and adds a client
+/// pod on the last node.
+fn dual_lab(lab: &Lab) -> Result<DualLab> {
+    let mut backends = Vec::new();
+    for (i, node) in lab.nodes.iter().enumerate() {
+        let name = format!("web{i}");
+        let pod = node.add_pod(&name)?;
+        lab.serve_dual(&pod, &name, Some(8080), Some(5353))?;
+        backends.push((pod, node.name.clone()));
+    }
+    let client = lab.nodes[lab.nodes.len() - 1].add_pod("client")?;
+    let agents = (0..lab.nodes.len())
+        .map(|i| start_agent(lab, i, &[]))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((backends, client, agents))
+}
+
+/// The `debug services -o json` frontends of `web` as (family, address).
+fn frontends(lab: &Lab) -> Result<Vec<(String, String)>> {
+    let json = lab.node(0).debug(&["services", "-o", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&json).context("debug services -o json")?;
+    let mut out = Vec::new();
+    for sp in v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == "web")
+    {
+        for f in sp["frontends"].as_array().into_iter().flatten() {
+            out.push((
+                sp["family"].as_str().unwrap_or_default().to_owned(),
+                f["addr"].as_str().unwrap_or_default().to_owned(),
+            ));
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// "[Feature:IPv6DualStack] should create a single stack service with cluster ip from primary
+/// service range": an IPv4 SingleStack Service in a dual-stack cluster is served on its IPv4
+/// ClusterIP, by AF_INET and AF_INET6 (v4-mapped) clients alike, and has no IPv6 frontend.
+#[test]
+fn should_create_a_single_stack_service_with_cluster_ip_from_primary_service_range() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1).with_dual_stack())? else {
+        return Ok(());
+    };
+    let (backends, client, _agents) = dual_lab(&lab)?;
+    let (web0, node) = &backends[0];
+    web(&lab, &[IpAddr::V4(VIP4)], "SingleStack", &[(web0, node)])?;
+    let out = wait_tcp(&client, &at(IpAddr::V4(VIP4), 80), "web0")?;
+    ensure!(out.contains(&format!("peer={VIP4}:80")), "{out}");
+    let (code, out) = tcp(&client, &format!("[::ffff:{VIP4}]:80"))?;
+    ensure!(
+        code == 0 && replier(&out).as_deref() == Some("web0"),
+        "{out}"
+    );
+    ensure!(
+        frontends(&lab)? == vec![("IPv4".to_owned(), VIP4.to_string())],
+        "{:?}",
+        frontends(&lab)?
+    );
+    Ok(())
+}
+
+/// "[Feature:IPv6DualStack] should create a single stack service with cluster ip from secondary
+/// service range": an IPv6 SingleStack Service. An AF_INET6 client connects to the IPv6
+/// ClusterIP: connect6 sends it to the backend's IPv6 address, the backend sees the client's own
+/// IPv6 address (no NAT), and getpeername6 shows the client the ClusterIP.
+#[test]
+fn should_create_a_single_stack_service_with_cluster_ip_from_secondary_service_range() -> Result<()>
+{
+    let Some(lab) = require(LabSpec::nodes(1).with_dual_stack())? else {
+        return Ok(());
+    };
+    let (backends, client, _agents) = dual_lab(&lab)?;
+    let (web0, node) = &backends[0];
+    web(&lab, &[IpAddr::V6(VIP6)], "SingleStack", &[(web0, node)])?;
+    let out = wait_tcp(&client, &at(IpAddr::V6(VIP6), 80), "web0")?;
+    let client6 = ip6(&client)?;
+    ensure!(
+        out.contains(&format!("reply=web0 [{client6}]:")),
+        "the backend did not see the client's IPv6 address: {out}"
+    );
+    ensure!(
+        out.contains(&format!("peer=[{VIP6}]:80")),
+        "getpeername6 does not show the IPv6 ClusterIP: {out}"
+    );
+    ensure!(
+        frontends(&lab)? == vec![("IPv6".to_owned(), VIP6.to_string())],
+        "{:?}",
+        frontends(&lab)?
+    );
+    // The backends view lists the IPv6 backend.
+    let backends_text = lab.node(0).debug(&["backends"])?;
+    ensure!(
+        backends_text.contains(&format!("[{}]:8080/TCP", ip6(web0)?)),
+        "{backends_text}"
+    );
+    // The IPv4 ClusterIP range has nothing for this Service.
+    let (code, _) = tcp(&client, &at(IpAddr::V4(VIP4), 80))?;
+    ensure!(
+        code != 0,
+        "an IPv6-only Service answered on an IPv4 address"
+    );
+    Ok(())
+}
+
+/// "[Feature:IPv6DualStack] should create service with ipv4,v6 cluster ip": RequireDualStack
+/// with both ClusterIPs; both answer, each with its own family's backend address, and each
+/// shows its own ClusterIP as the peer.
+#[test]
+fn should_create_service_with_ipv4_v6_cluster_ip() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1).with_dual_stack())? else {
+        return Ok(());
+    };
+    let (backends, client, _agents) = dual_lab(&lab)?;
+    let (web0, node) = &backends[0];
+    let ips = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];
+    web(&lab, &ips, "RequireDualStack", &[(web0, node)])?;
+    let out4 = wait_tcp(&client, &at(ips[0], 80), "web0")?;
+    ensure!(
+        out4.contains(&format!("reply=web0 {}:", client.ip))
+            && out4.contains(&format!("peer={VIP4}:80")),
+        "{out4}"
+    );
+    let out6 = wait_tcp(&client, &at(ips[1], 80), "web0")?;
+    ensure!(
+        out6.contains(&format!("reply=web0 [{}]:", ip6(&client)?))
+            && out6.contains(&format!("peer=[{VIP6}]:80")),
+        "{out6}"
+    );
+    let want = vec![
+        ("IPv4".to_owned(), VIP4.to_string()),
+        ("IPv6".to_owned(), VIP6.to_string()),
+    ];
+    ensure!(frontends(&lab)? == want, "{:?}", frontends(&lab)?);
+    Ok(())
+}
+
+/// "[Feature:IPv6DualStack] should function for pod-Service: http": a dual-stack Service with
+/// a backend on each of two nodes; a client pod reaches both backends through each family's
+/// ClusterIP (IPv6 across nodes over the agents' IPv6 routes).
+#[test]
+fn should_function_for_pod_service_http() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_dual_stack())? else {
+        return Ok(());
+    };
+    let (backends, client, _agents) = dual_lab(&lab)?;
+    let eps: Vec<(&Pod, &str)> = backends.iter().map(|(p, n)| (p, n.as_str())).collect();
+    let ips = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];
+    web(&lab, &ips, "PreferDualStack", &eps)?;
+    for ip in ips {
+        let to = at(ip, 80);
+        wait_tcp(&client, &to, "web0").or_else(|_| wait_tcp(&client, &to, "web1"))?;
+        // Both backends answer (random pick per connection; 40 tries miss one with 2^-39).
+        let mut seen = std::collections::BTreeMap::new();
+        wait_for(
+            &format!("both backends via {to}"),
+            Duration::from_secs(30),
+            || {
+                for (name, n) in repliers(&client, &to, 40)? {
+                    *seen.entry(name).or_insert(0) += n;
+                }
+                Ok(seen.len() == 2)
+            },
+        )
+        .map_err(|e| e.context(format!("{seen:?}")))?;
+        ensure!(seen.keys().all(|k| k == "web0" || k == "web1"), "{seen:?}");
+    }
+    Ok(())
+}
+
+/// "[Feature:IPv6DualStack] should function for pod-Service: udp": through each family's
+/// ClusterIP, unconnected UDP (sendmsg6/recvmsg6: the reply's source is the ClusterIP, and the
+/// socket's datagrams stay on one backend) and connected UDP work.
+#[test]
+fn should_function_for_pod_service_udp() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_dual_stack())? else {
+        return Ok(());
+    };
+    let (backends, client, _agents) = dual_lab(&lab)?;
+    let eps: Vec<(&Pod, &str)> = backends.iter().map(|(p, n)| (p, n.as_str())).collect();
+    let ips = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];
+    web(&lab, &ips, "PreferDualStack", &eps)?;
+    for ip in ips {
+        let to = at(ip, 53);
+        let mut last = String::new();
+        wait_for(&format!("UDP {to}"), Duration::from_secs(30), || {
+            let (code, out) = udp(&client, &to, false)?;
+            let ok = code == 0;
+            last = out;
+            Ok(ok)
+        })
+        .map_err(|e| e.context(format!("last: {last:?}")))?;
+        ensure!(
+            last.contains(&format!("from={to}")),
+            "recvmsg does not show the ClusterIP as the source: {last}"
+        );
+        let (code, out) = udp(&client, &to, true)?;
+        ensure!(
+            code == 0 && out.contains(&format!("from={to}")),
+            "connected: {out}"
+        );
+        // One unconnected socket, many datagrams: one flow, one backend.
+        let (code, out) = client.labtool(&[
+            "udp-loop",
+            "--to",
+            &to,
+            "--count",
+            "20",
+            "--one-socket",
+            "--timeout-ms",
+            "2000",
+        ])?;
+        ensure!(code == 0, "{out}");
+        let report: serde_json::Value = serde_json::from_str(&out)?;
+        ensure!(
+            report["failures"] == 0
+                && report["counts"].as_object().map(serde_json::Map::len) == Some(1),
+            "an unconnected socket's datagrams were spread over backends: {report}"
+        );
+    }
+    Ok(())
+}
