@@ -3,12 +3,12 @@ use std::{
     fs,
     path::PathBuf,
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
-use crate::{bin, netns_only_command};
+use crate::{bin, netns_only_command, terminate};
 
 /// A `twill-agent run` process in a node.
 pub struct Agent {
@@ -41,21 +41,10 @@ impl Agent {
     /// Stops the agent with SIGTERM (graceful: pinned maps and links stay), then waits; an
     /// agent that ignores SIGTERM for 10 s is killed and reported.
     pub fn stop(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            let pid = i32::try_from(child.id())?;
-            // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait()?.is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    bail!("the agent did not exit within 10 s of SIGTERM");
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+        match self.child.take() {
+            Some(child) => terminate(child, "the agent", Duration::from_secs(10)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub fn restart(&mut self) -> Result<()> {

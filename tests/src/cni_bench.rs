@@ -295,12 +295,7 @@ fn phase(setup: &Setup<'_>, workers: usize, cycles: usize) -> Result<PhaseResult
                     for c in 0..mine {
                         let id = format!("bench{w}x{c}");
                         let ns = fresh_netns(
-                            &format!(
-                                "{}-{}-{}-cb{w}x{c}",
-                                crate::PREFIX,
-                                setup.node.run_id,
-                                setup.node.name
-                            ),
+                            &setup.node.pod_netns_name(&format!("cb{w}x{c}")),
                             node_ns,
                         )?;
                         adds.push(setup.call("ADD", &id, ns.name())?.as_secs_f64() * 1e3);

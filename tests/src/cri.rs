@@ -34,12 +34,14 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{Node, cache_dir, cgroup2_mount, netns_only_command, scratch_dir, wait_for, which};
+use crate::{
+    Node, cache_dir, cgroup2_mount, netns_only_command, scratch_dir, terminate, wait_for, which,
+};
 
 /// The sandbox ("pause") image: catatonit in pause mode.
 pub const PAUSE_IMAGE: &str = "localhost/twill-lab/pause:1";
@@ -364,22 +366,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     /// Stops the daemon with SIGTERM and waits (bounded); shims and pods keep running, as when a
     /// node's containerd is restarted or upgraded.
     pub fn stop(&mut self) -> Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        let pid = i32::try_from(child.id())?;
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("containerd did not exit within 10 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match self.child.take() {
+            Some(child) => terminate(child, "containerd", Duration::from_secs(10)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Stops and starts the daemon again; it reconnects to the running shims.

@@ -6,7 +6,7 @@ use std::{
     os::unix::process::CommandExt as _,
     path::Path,
     process::{Child, Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -136,4 +136,33 @@ pub fn spawn_and_wait_ready(mut cmd: Command) -> Result<Child> {
             bail!("{cmd:?} did not become ready: {other:?}")
         }
     }
+}
+
+/// Runs a `labtool` command (made by a node's, pod's or the external client's `cmd`): its exit
+/// code (-1 when killed by a signal) and its stdout, trimmed. A non-zero exit is an answer here
+/// (refused, timed out), not an error.
+pub(crate) fn labtool_in(cmd: &mut Command) -> Result<(i32, String)> {
+    let out = cmd.output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    ))
+}
+
+/// Stops `child` with SIGTERM and waits for it; one still running `grace` later is killed and
+/// reported as an error naming `what`.
+pub(crate) fn terminate(mut child: Child, what: &str, grace: Duration) -> Result<()> {
+    let pid = i32::try_from(child.id())?;
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not exit within {grace:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }

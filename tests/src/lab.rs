@@ -14,7 +14,7 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use crate::{
     BPFFS_ROOT, LAB_DIR_NAME, Node, PREFIX, Pod, available, bin, cgroup2_mount, ensure_bpffs, ip,
-    kill_cgroup_tree, list_netns, netns_command, ns_ip, random_id, remove_cgroup_tree,
+    kill_cgroup_tree, labtool_in, list_netns, netns_command, ns_ip, random_id, remove_cgroup_tree,
     remove_v1_cgroup_dirs, spawn_and_wait_ready, sysctl, unmount_under, wait_until, write_atomic,
     write_owner,
 };
@@ -531,10 +531,6 @@ impl External {
         netns_command(&self.netns, Some(&self.cgroup), program)
     }
     pub fn labtool(&self, args: &[&str]) -> Result<(i32, String)> {
-        let out = self.cmd(bin("labtool")).args(args).output()?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        ))
+        labtool_in(self.cmd(bin("labtool")).args(args))
     }
 }

@@ -45,7 +45,9 @@ pub(crate) use cleanup::{
     kill_cgroup_tree, list_netns, remove_cgroup_tree, remove_v1_cgroup_dirs, unmount_under,
     write_owner,
 };
-pub(crate) use exec::{ip, netns_command, netns_only_command, ns_ip, sysctl};
+pub(crate) use exec::{
+    ip, labtool_in, netns_command, netns_only_command, ns_ip, sysctl, terminate,
+};
 pub use exec::{run_cmd, spawn_and_wait_ready};
 pub use helpers::{
     NetnsGuard, addr_be, in_netns, netns_path, replier, wait_for, wait_until, write_atomic,

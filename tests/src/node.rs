@@ -12,8 +12,8 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use crate::{
-    Agent, NETNS_RUN_DIR, POD_GATEWAY, PREFIX, Pod, bin, ip, netns_command, netns_only_command,
-    ns_ip, run_cmd, write_atomic,
+    Agent, NETNS_RUN_DIR, POD_GATEWAY, PREFIX, Pod, bin, ip, labtool_in, netns_command,
+    netns_only_command, ns_ip, run_cmd, write_atomic,
 };
 
 /// A simulated node.
@@ -165,9 +165,15 @@ impl Node {
         Ok(child.wait_with_output()?)
     }
 
+    /// The network namespace name of this node's pod `name`, `twl-<run id>-<node>-<name>`: unique
+    /// per run, and found by the teardown through its run id.
+    pub fn pod_netns_name(&self, name: &str) -> String {
+        format!("{PREFIX}-{}-{}-{name}", self.run_id, self.name)
+    }
+
     /// Creates a pod: a network namespace wired by the real `twill-cni` ADD.
     pub fn add_pod(&self, name: &str) -> Result<Pod> {
-        let netns = format!("{PREFIX}-{}-{}-{name}", self.run_id, self.name);
+        let netns = self.pod_netns_name(name);
         ip(&["netns", "add", &netns])?;
         let container_id = format!("{}{}{}", self.run_id, self.name, name).replace(['-', '_'], "");
         let netns_path = format!("{NETNS_RUN_DIR}/{netns}");
@@ -297,10 +303,6 @@ impl Node {
 impl Node {
     /// `labtool` inside the node's netns and cgroup; returns (exit code, stdout).
     pub fn labtool(&self, args: &[&str]) -> Result<(i32, String)> {
-        let out = self.cmd(bin("labtool")).args(args).output()?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        ))
+        labtool_in(self.cmd(bin("labtool")).args(args))
     }
 }

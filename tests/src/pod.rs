@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Result, anyhow};
 
-use crate::{bin, netns_command, run_cmd};
+use crate::{bin, labtool_in, netns_command, run_cmd};
 
 /// A pod created through twill-cni.
 #[derive(Clone, Debug)]
@@ -41,11 +41,7 @@ impl Pod {
 
     /// `labtool` inside the pod; returns (exit code, stdout).
     pub fn labtool(&self, args: &[&str]) -> Result<(i32, String)> {
-        let out = self.cmd(bin("labtool")).args(args).output()?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        ))
+        labtool_in(self.cmd(bin("labtool")).args(args))
     }
 
     pub fn node_netns(&self) -> &str {

@@ -168,7 +168,7 @@ fn a_tiny_pool_runs_out_cleanly() -> Result<()> {
     let mut ips = Vec::new();
     let mut spaces = Vec::new();
     for i in 0..6 {
-        let (ns, path) = netns(&lab, n0, &format!("t{i}"))?;
+        let (ns, path) = netns(n0, &format!("t{i}"))?;
         spaces.push(ns);
         let r = cni(n0, "ADD", &format!("tiny{i}"), &path, &conf)?;
         ensure!(r.ok, "ADD {i}: {}", r.raw);
@@ -199,7 +199,7 @@ fn a_tiny_pool_runs_out_cleanly() -> Result<()> {
         let host = n0.run(&["ip", "link", "show", &l])?;
         ensure!(host.contains("mtu 1400"), "{host}");
     }
-    let (ns, path) = netns(&lab, n0, "t6")?;
+    let (ns, path) = netns(n0, "t6")?;
     let r = cni(n0, "ADD", "tiny6", &path, &conf)?;
     ensure!(!r.ok && r.code() == 100, "{}", r.raw);
     ensure!(
@@ -316,7 +316,7 @@ fn chains_with_tuning_bandwidth_and_portmap() -> Result<()> {
         json!({"type": "portmap", "capabilities": {"portMappings": true},
                "runtimeConfig": {"portMappings": [{"hostPort": 18080, "containerPort": 8080, "protocol": "tcp"}]}}),
     );
-    let (ns, path) = netns(&lab, n0, "chain")?;
+    let (ns, path) = netns(n0, "chain")?;
     let id = format!("{}chain", lab.run_id);
     let run_plugin = |plugin: &str, cmd: &str, conf: &Value| -> Result<Value> {
         let mut c = n0.cmd(format!("/usr/lib/cni/{plugin}"));
@@ -437,7 +437,7 @@ fn failed_adds_leave_nothing() -> Result<()> {
         r.raw
     );
     // The pod namespace already has an eth0: the veth cannot be made; the IP is released.
-    let (ns, path) = netns(&lab, n0, "busy")?;
+    let (ns, path) = netns(n0, "busy")?;
     twill_lab::run_cmd(std::process::Command::new("ip").args([
         "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
     ]))?;

@@ -191,8 +191,8 @@ fn ipv6_only_network_wires_only_ipv6() -> Result<()> {
     let cidr6 = n0.pod_cidr6.expect("dual-stack lab").to_string();
     let mut conf = n0.plugin_conf()?;
     conf["podCIDRs"] = json!([cidr6]);
-    let (ns_a, path_a) = cni_common::netns(&lab, n0, "a")?;
-    let (ns_b, path_b) = cni_common::netns(&lab, n0, "b")?;
+    let (ns_a, path_a) = cni_common::netns(n0, "a")?;
+    let (ns_b, path_b) = cni_common::netns(n0, "b")?;
     let ra = cni(n0, "ADD", "v6only-a", &path_a, &conf)?;
     let rb = cni(n0, "ADD", "v6only-b", &path_b, &conf)?;
     ensure!(ra.ok && rb.ok, "{} {}", ra.raw, rb.raw);

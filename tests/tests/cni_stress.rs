@@ -20,7 +20,7 @@ fn sixty_four_parallel_adds_then_dels_leak_nothing() -> Result<()> {
     let conf = n0.plugin_conf()?;
     let mut spaces = Vec::new();
     for i in 0..N {
-        spaces.push(netns(&lab, n0, &format!("p{i}"))?);
+        spaces.push(netns(n0, &format!("p{i}"))?);
     }
     let ips: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = spaces
@@ -99,7 +99,7 @@ fn kill_9_during_add_is_recovered_by_del_and_gc() -> Result<()> {
         let step = Duration::from_micros(500) * (round + 1) * (round + 1);
         for j in 0..N {
             let i = spaces.len();
-            let (ns, path) = netns(&lab, n0, &format!("k{i}"))?;
+            let (ns, path) = netns(n0, &format!("k{i}"))?;
             let mut child = spawn_cni(n0, "ADD", &format!("kill{i}"), &path, &conf)?;
             std::thread::sleep(step * u32::try_from(j)?);
             let _ = child.kill();
@@ -151,7 +151,7 @@ fn kill_9_during_add_is_recovered_by_del_and_gc() -> Result<()> {
         host_links(n0)?.len()
     );
     // A fresh ADD never gets an address a killed attempt still holds.
-    let (_, fresh_path) = netns(&lab, n0, "fresh")?;
+    let (_, fresh_path) = netns(n0, "fresh")?;
     let r = cni(n0, "ADD", "fresh", &fresh_path, &conf)?;
     ensure!(r.ok, "{}", r.raw);
     let fresh = r.out["ips"][0]["address"]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
-use twill_lab::{Lab, Node, netns_path, wait_until};
+use twill_lab::{Node, netns_path, wait_until};
 
 /// Outcome of one plugin run: exit success, and stdout parsed as JSON (Null if empty).
 pub struct Run {
@@ -71,9 +71,10 @@ pub fn spawn_cni(
     Ok(child)
 }
 
-/// A pod-like network namespace owned by the lab (teardown deletes it by prefix).
-pub fn netns(lab: &Lab, node: &Node, name: &str) -> Result<(String, String)> {
-    let ns = format!("{}-{}-{}-{name}", twill_lab::PREFIX, lab.run_id, node.name);
+/// A pod-like network namespace of `node`, named as the lab names pods (teardown deletes it by
+/// its run id).
+pub fn netns(node: &Node, name: &str) -> Result<(String, String)> {
+    let ns = node.pod_netns_name(name);
     twill_lab::run_cmd(Command::new("ip").args(["netns", "add", &ns]))?;
     let path = netns_path(&ns).display().to_string();
     Ok((ns, path))
