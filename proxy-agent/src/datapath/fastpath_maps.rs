@@ -123,7 +123,11 @@ impl AyaFastPathMaps {
         if &current == desired {
             return Ok(false);
         }
-        for p in desired.difference(&current) {
+        // Exemptions before sources (`MASQ_KIND_EXEMPT` sorts after `MASQ_KIND_SOURCE`, so the
+        // set is walked backwards): a source prefix written first would, for an instant,
+        // masquerade pod↔pod flows whose exemption is not there yet, and their entries would
+        // outlive the instant.
+        for p in desired.iter().rev().filter(|p| !current.contains(p)) {
             self.masq
                 .insert(&masq_key(*p), 1, 0)
                 .map_err(|e| map_update_error(&self.capacity, MapKind::Masq, "update", e))?;
@@ -165,7 +169,11 @@ impl AyaFastPathMaps {
         if &current == desired {
             return Ok(false);
         }
-        for p in desired.difference(&current) {
+        // Exemptions before sources (`MASQ_KIND_EXEMPT` sorts after `MASQ_KIND_SOURCE`, so the
+        // set is walked backwards): a source prefix written first would, for an instant,
+        // masquerade pod↔pod flows whose exemption is not there yet, and their entries would
+        // outlive the instant.
+        for p in desired.iter().rev().filter(|p| !current.contains(p)) {
             self.masq6
                 .insert(&masq6_key(*p), 1, 0)
                 .map_err(|e| map_update_error(&self.capacity, MapKind::Masq6, "update", e))?;
