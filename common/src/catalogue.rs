@@ -1,14 +1,16 @@
 //! The catalogue of maps: each eBPF map's pinned name, kernel map type, key and value types,
-//! default size and size flag, written once, in the [`catalogue!`] invocation at the end of this
+//! default size, size flag and whether it is pinned, written once, in the [`catalogue!`] invocation at the end of this
 //! file. Everything else is derived from it:
 //!
 //! - the `MAP_*` name constants and `DEFAULT_*` size constants (the kernel definitions use the
 //!   sizes, the agent the names),
 //! - [`MapKind`] (errors, metric labels, the seams' fault injectors), with [`MapKind::name`] and
 //!   [`MapKind::spec`],
-//! - [`ALL_MAPS`] (the agent's load-time check that the object defines every map, and uninstall),
+//! - [`ALL_MAPS`] (the agent's load-time check that the object defines every map) and
+//!   [`MapKind::pinned`] (what the agent pins, adopts and uninstalls: every map but those marked
+//!   `pinned: false`),
 //! - the agent's expected layouts (load-time and adoption checks of pinned maps against
-//!   [`MapSpec`]),
+//!   [`MapSpec`]; the test that parses the kernel object checks every map, pinned or not),
 //! - [`MapSizes`] and the agent's `--map-size-*` flags and config-file keys (one per map with a
 //!   [`MapSpec::size_flag`]),
 //! - the marker types in [`def`], whose [`MapDef::Key`]/[`MapDef::Value`] the agent's typed map
@@ -17,7 +19,7 @@
 //! ## Adding a map
 //! 1. Add one entry to the [`catalogue!`] invocation below (name with a `_V1` suffix, type,
 //!    key/value types defined in this crate, default size, and a `flag` unless the size is
-//!    fixed by the layout).
+//!    fixed by the layout; `pinned: false` for a map each agent makes afresh).
 //! 2. Define the map in `proxy-ebpf/src/maps.rs` as a static named exactly like the entry's
 //!    name, of the entry's type, with `DEFAULT_*` as its size.
 //!
@@ -32,7 +34,7 @@ use core::mem::size_of;
 
 use crate::{
     AffinityKey, AffinityValue, Backend, CtKey, CtKey6, CtValue, CtValue6, DatapathConfig,
-    FastPathConfig, FragKey, FragValue, IpCacheKey, LocalEndpoint, MasqKey, MasqKey6,
+    EventBudget, FastPathConfig, FragKey, FragValue, IpCacheKey, LocalEndpoint, MasqKey, MasqKey6,
     NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, ServiceKey,
     ServiceValue, SlotKey, SockDestroyKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
@@ -47,6 +49,8 @@ pub enum BpfMapType {
     LruHash,
     /// Keys are `struct bpf_lpm_trie_key`: a `u32` prefix length, then the catalogue's key type.
     LpmTrie,
+    /// No key or value (the catalogue's are `()`); the size is the buffer's bytes.
+    RingBuf,
 }
 
 impl BpfMapType {
@@ -76,6 +80,9 @@ pub struct MapSpec {
     pub size_flag: Option<&'static str>,
     /// Help text of the flag.
     pub size_help: &'static str,
+    /// Pinned on bpffs and adopted by the next agent (contents kept across restarts). `false`
+    /// for a map each agent makes afresh and reads itself: never pinned, adopted or uninstalled.
+    pub pinned: bool,
 }
 
 /// A map's key and value types, for typed handles (`aya::maps::HashMap<_, D::Key, D::Value>`).
@@ -129,6 +136,7 @@ macro_rules! catalogue {
             value: $value:ty,
             size: $size_const:ident = $size:expr,
             $(flag: $flag:literal, help: $help:literal,)?
+            $(pinned: $pinned:literal,)?
         }
     )*) => {
         $(
@@ -162,6 +170,7 @@ macro_rules! catalogue {
                         default_size: $size,
                         size_flag: catalogue!(@opt $($flag)?),
                         size_help: catalogue!(@str $($help)?),
+                        pinned: catalogue!(@pinned $($pinned)?),
                     },)*
                 }
             }
@@ -170,9 +179,14 @@ macro_rules! catalogue {
             pub const fn name(self) -> &'static str {
                 self.spec().name
             }
+
+            /// The maps the agent pins, adopts and uninstalls, in catalogue order.
+            pub fn pinned() -> impl Iterator<Item = MapKind> {
+                Self::ALL.iter().copied().filter(|k| k.spec().pinned)
+            }
         }
 
-        /// Every map the kernel object must define, in catalogue order.
+        /// Every map the kernel object must define (pinned or not), in catalogue order.
         pub const ALL_MAPS: &[&str] = &[$($name),*];
 
         /// One marker type per map, carrying its key and value types.
@@ -193,6 +207,8 @@ macro_rules! catalogue {
     (@opt $flag:literal) => { Some($flag) };
     (@str) => { "" };
     (@str $help:literal) => { $help };
+    (@pinned) => { true };
+    (@pinned $pinned:literal) => { $pinned };
 }
 
 /// Pinned map names of earlier layouts, which no program uses any more: `uninstall` removes
@@ -433,6 +449,30 @@ catalogue! {
         flag: "map-size-masq6",
         help: "Max entries of the IPv6 masquerade prefix trie",
     }
+    /// The denied-flow event stream (`twill-agent debug monitor`): a ring buffer the pod
+    /// programs write one `PolicyDenyEvent` into per dropped packet, within a budget per CPU and
+    /// second kept in [`MapKind::PolicyEventBudget`], so a flood of denied packets costs the
+    /// datapath a counter increment, not ring-buffer traffic. Not pinned: each agent makes its
+    /// own and reads it (a program left attached while no agent runs keeps writing into the old
+    /// one, which nobody reads; its events are lost, never misdelivered). The size is in bytes
+    /// (a power of two, a multiple of the page size): 8,192 events.
+    PolicyEvents {
+        name: MAP_POLICY_EVENTS = "TWL_PEV_V1",
+        map_type: RingBuf,
+        key: (),
+        value: (),
+        size: POLICY_EVENTS_BYTES = 256 * 1024,
+        pinned: false,
+    }
+    /// Per-CPU `EventBudget` of the denied-flow stream (one entry); not pinned, as the stream.
+    PolicyEventBudget {
+        name: MAP_POLICY_EVENT_BUDGET = "TWL_PEVB_V1",
+        map_type: PerCpuArray,
+        key: u32,
+        value: EventBudget,
+        size: POLICY_EVENT_BUDGET_ENTRIES = 1,
+        pinned: false,
+    }
 }
 
 #[cfg(test)]
@@ -464,6 +504,16 @@ mod tests {
         assert_eq!(s.get(MapKind::Ct), 7);
         assert_eq!(s.get(MapKind::Stats), STATS_MAX);
         assert_eq!(s.get(MapKind::Services), DEFAULT_SERVICES_MAX);
+    }
+
+    #[test]
+    fn the_monitor_maps_are_the_only_unpinned_ones() {
+        let mut unpinned = MapKind::ALL.iter().filter(|k| !k.spec().pinned);
+        assert_eq!(unpinned.next(), Some(&MapKind::PolicyEvents));
+        assert_eq!(unpinned.next(), Some(&MapKind::PolicyEventBudget));
+        assert_eq!(unpinned.next(), None);
+        assert_eq!(MapKind::pinned().count() + 2, ALL_MAPS.len());
+        assert_eq!(MapKind::PolicyEvents.spec().key_size, 0);
     }
 
     #[test]

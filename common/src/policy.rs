@@ -102,20 +102,8 @@ pub const CT_F_POLICY_EGRESS: u32 = 1 << 16;
 /// once a reply passed, closing after both FINs or a RST), so the one collector expires them.
 pub const CT_F_POLICY_INGRESS: u32 = 1 << 17;
 
-/// The denied-flow event stream (`twill-agent debug monitor`): a ring buffer the pod programs
-/// write one [`PolicyDenyEvent`] into per dropped packet, within a budget per CPU and second
-/// kept in [`MAP_POLICY_EVENT_BUDGET`], so a flood of denied packets costs the datapath a
-/// counter increment, not ring-buffer traffic. Neither map is pinned: each agent makes its own
-/// and reads it (a program left attached while no agent runs keeps writing into the old one,
-/// which nobody reads; its events are lost, never misdelivered).
-pub const MAP_POLICY_EVENTS: &str = "TWL_PEV_V1";
-/// Per-CPU [`EventBudget`] (one entry).
-pub const MAP_POLICY_EVENT_BUDGET: &str = "TWL_PEVB_V1";
-/// Maps the kernel object must define besides the catalogue's (`crate::catalogue`, which are
-/// all pinned and adopted): made afresh by each agent, never pinned.
-pub const UNPINNED_MAPS: &[&str] = &[MAP_POLICY_EVENTS, MAP_POLICY_EVENT_BUDGET];
-/// Size of the ring buffer (a power of two, a multiple of the page size): 8,192 events.
-pub const POLICY_EVENTS_BYTES: u32 = 256 * 1024;
+// The denied-flow stream's maps (`MAP_POLICY_EVENTS`, `MAP_POLICY_EVENT_BUDGET`) and its size
+// (`POLICY_EVENTS_BYTES`) are catalogue entries (`crate::catalogue`), marked not pinned.
 /// Events each CPU may write per second by default; the rest are counted in
 /// `EventBudget::lost`. The agent's `--monitor-rate` sets it at load time through the program
 /// global [`GLOBAL_MONITOR_RATE`].
@@ -147,7 +135,7 @@ pub struct PolicyDenyEvent {
 }
 const _: () = assert!(core::mem::size_of::<PolicyDenyEvent>() == 32);
 
-/// Value of [`MAP_POLICY_EVENT_BUDGET`] (per CPU).
+/// Value of [`crate::MAP_POLICY_EVENT_BUDGET`] (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct EventBudget {

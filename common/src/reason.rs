@@ -57,6 +57,11 @@ pub enum Reason {
     /// NetworkPolicy: the pod is not policy-managed or not isolated in this direction: passed
     /// without a policy lookup.
     PolicyNotEnforced = 37,
+    /// A pod sent an IPv4 packet whose source address is not its own (the node's route to that
+    /// address does not lead back through the pod's veth): dropped on the pod's veth before any
+    /// policy or routing sees it, so no pod can pass as another to a policy, a Service or a
+    /// peer.
+    SourceSpoofed = 38,
     /// Per-packet: a TCP packet other than a SYN, to a Service frontend, of no tracked flow (its
     /// entry expired or was flushed). Never balanced to a backend, which would answer with a
     /// reset: passed to the node's stack untouched.
@@ -168,6 +173,7 @@ impl Reason {
         Reason::PolicyAllowed,
         Reason::PolicyEstablished,
         Reason::PolicyNotEnforced,
+        Reason::SourceSpoofed,
         Reason::CtNonSynMiss,
         Reason::CtReopened,
         Reason::SnatPortsExhausted,
@@ -222,6 +228,7 @@ impl Reason {
             Reason::PolicyAllowed => "policy_allowed",
             Reason::PolicyEstablished => "policy_established",
             Reason::PolicyNotEnforced => "policy_not_enforced",
+            Reason::SourceSpoofed => "source_spoofed",
             Reason::CtNonSynMiss => "ct_non_syn_miss",
             Reason::CtReopened => "ct_reopened",
             Reason::SnatPortsExhausted => "snat_ports_exhausted",
@@ -266,6 +273,7 @@ impl Reason {
                 | Reason::PolicyDeniedIngress
                 | Reason::PolicyDeniedEgress
                 | Reason::PolicyCtFull
+                | Reason::SourceSpoofed
                 | Reason::SnatPortsExhausted
                 | Reason::MasqPortsExhausted
                 | Reason::Masq6Fragment

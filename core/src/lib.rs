@@ -8,7 +8,9 @@
 //! - [`dns`]: the same Services and EndpointSlices → the cluster's DNS names.
 //! - [`family`]: the IPv4/IPv6 twins of frontend and backend entries.
 //! - [`maglev`]: the per-packet path's consistent-hashing table of a backend set.
-//! - [`reconcile`]: `LbState` → kernel maps through [`lbmap::LbMaps`].
+//! - [`reconcile`]: `LbState` → kernel maps through [`lbmap::LbMaps`]; [`reconcile::policy`]:
+//!   the policy maps' contents ([`policy::PolicyEntries`]) → kernel maps through
+//!   [`policymap::PolicyMaps`].
 //! - [`routing`]: the route plan and the masquerade ruleset.
 pub mod compile;
 pub mod dns;
@@ -16,5 +18,6 @@ pub mod family;
 pub mod lbmap;
 pub mod maglev;
 pub mod policy;
+pub mod policymap;
 pub mod reconcile;
 pub mod routing;

@@ -431,4 +431,38 @@ mod tests {
         );
         assert!(render(&DebugCommand::Backends, OutputFormat::Table, b"{").is_err());
     }
+
+    #[test]
+    fn ipv6_addresses_are_bracketed_before_their_port() {
+        let svc = serde_json::json!([{"namespace":"d","name":"web","port_name":"","type":"ClusterIP",
+            "family":"IPv6",
+            "frontends":[{"addr":"fd00:10:96::a","port":80,"protocol":"TCP"}],
+            "endpoints":[{"addr":"fd00:244:1::5","port":8080,"state":"ready"}]}]);
+        let t = render(
+            &DebugCommand::Services,
+            OutputFormat::Table,
+            &serde_json::to_vec(&svc).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            t.contains("[fd00:10:96::a]:80/TCP  [fd00:244:1::5]:8080(ready)"),
+            "{t}"
+        );
+        let rows = vec![BackendRow {
+            id: 7,
+            addr: "fd00:244:1::5".parse().unwrap(),
+            port: 8080,
+            protocol: "UDP".into(),
+            flags: vec!["local".into()],
+            services: vec!["d/web:dns".into()],
+        }];
+        let body = serde_json::to_vec(&rows).unwrap();
+        let t = render(&DebugCommand::Backends, OutputFormat::Table, &body).unwrap();
+        assert!(
+            t.contains("7   [fd00:244:1::5]:8080/UDP  local  d/web:dns"),
+            "{t}"
+        );
+        let j = render(&DebugCommand::Backends, OutputFormat::Json, &body).unwrap();
+        assert!(j.contains("\"addr\": \"fd00:244:1::5\""), "{j}");
+    }
 }

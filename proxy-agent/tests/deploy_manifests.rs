@@ -610,8 +610,8 @@ fn documented_uninstall_removes_the_cni_config_and_pins() {
     std::fs::create_dir_all(at("sys/fs/bpf/twill")).unwrap();
     std::fs::write(at("etc/cni/net.d").join(config::CNI_CONF_FILE), "{}").unwrap();
     std::fs::write(at("etc/cni/net.d/05-other.conflist"), "{}").unwrap();
-    for map in twill_common::ALL_MAPS {
-        std::fs::write(at("sys/fs/bpf/twill").join(map), "").unwrap();
+    for map in twill_common::MapKind::pinned() {
+        std::fs::write(at("sys/fs/bpf/twill").join(map.name()), "").unwrap();
     }
     // In a network namespace of its own: uninstall also removes the agent's routes, overlay
     // device and nftables table, and tests never touch the machine's own namespace.

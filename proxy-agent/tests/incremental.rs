@@ -49,6 +49,8 @@ struct SvcSpec {
     publish_not_ready: bool,
     ranges: bool,
     health_check: bool,
+    /// A second ClusterIP of the other family (dual-stack), when the first is an address.
+    dual: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -105,7 +107,14 @@ fn svc_spec() -> impl Strategy<Value = SvcSpec> {
             "LoadBalancer",
             "ExternalName",
         ]),
-        prop::sample::select(vec!["10.96.0.1", "10.96.0.2", "10.96.0.3", "None", "x"]),
+        prop::sample::select(vec![
+            "10.96.0.1",
+            "10.96.0.2",
+            "10.96.0.3",
+            "fd00:10:96::1",
+            "None",
+            "x",
+        ]),
         prop::collection::vec(port_spec(), 1..3),
         // Another Service's ClusterIP, a node's address (while a Node has it), loopback.
         prop::option::of(prop::sample::select(vec![
@@ -120,7 +129,7 @@ fn svc_spec() -> impl Strategy<Value = SvcSpec> {
             "10.96.0.1",
             "172.30.0.11",
         ])),
-        any::<[bool; 6]>(),
+        any::<[bool; 7]>(),
     )
         .prop_map(|(ty, cluster_ip, ports, external_ip, lb_ip, b)| SvcSpec {
             ty,
@@ -134,6 +143,7 @@ fn svc_spec() -> impl Strategy<Value = SvcSpec> {
             publish_not_ready: b[3],
             ranges: b[4],
             health_check: b[5],
+            dual: b[6],
         })
 }
 
@@ -157,7 +167,7 @@ fn slice_spec() -> impl Strategy<Value = SliceSpec> {
         });
     (
         prop::option::weighted(0.9, 0..SERVICES.len()),
-        prop::bool::weighted(0.05),
+        prop::bool::weighted(0.3),
         prop::sample::select(vec!["", "http", "https"]),
         prop::sample::select(vec![8080u16, 8443]),
         prop::collection::vec(ep, 0..4),
@@ -204,6 +214,16 @@ fn service(ns: usize, name: usize, spec: &SvcSpec) -> Service {
             "publishNotReadyAddresses": spec.publish_not_ready,
         },
     });
+    if spec.dual && spec.cluster_ip.parse::<std::net::IpAddr>().is_ok() {
+        // The other family's address: IPv6 for an IPv4 primary and the other way round.
+        let second = if spec.cluster_ip.contains(':') {
+            "10.96.0.4"
+        } else {
+            "fd00:10:96::2"
+        };
+        s["spec"]["clusterIPs"] = json!([spec.cluster_ip, second]);
+        s["spec"]["ipFamilyPolicy"] = json!("PreferDualStack");
+    }
     if let Some(ip) = spec.external_ip {
         s["spec"]["externalIPs"] = json!([ip]);
     }
@@ -227,7 +247,13 @@ fn slice(ns: usize, idx: usize, spec: &SliceSpec) -> EndpointSlice {
         .endpoints
         .iter()
         .map(|e| {
-            json!({"addresses": [e.addr], "nodeName": if e.local { "node-a" } else { "node-b" },
+            // An IPv6 slice gets the IPv6 twin of the address (`10.244.1.2` → `fd00:244:1::2`),
+            // except the last one, left IPv4 so such a slice is rejected now and then.
+            let addr = match e.addr.split('.').collect::<Vec<_>>()[..] {
+                [_, _, c, d] if spec.ipv6 && e.addr != "10.244.1.3" => format!("fd00:244:{c}::{d}"),
+                _ => e.addr.to_owned(),
+            };
+            json!({"addresses": [addr], "nodeName": if e.local { "node-a" } else { "node-b" },
                 "conditions": {"ready": e.ready, "serving": e.serving, "terminating": e.terminating}})
         })
         .collect();
@@ -413,6 +439,7 @@ fn owner_changes_and_shared_backends() {
         publish_not_ready: false,
         ranges: false,
         health_check: true,
+        dual: true,
     };
     let ep = |addr, local| EpSpec {
         addr,

@@ -405,6 +405,40 @@ async fn list_watch_bookmark_and_relist_after_410() {
     })
     .await;
 
+    // Dual-stack objects arrive whole: a ClusterIP per family, an IPv6 EndpointSlice.
+    api.event(
+        SERVICES,
+        "ADDED",
+        json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "ds", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.6", "clusterIPs": ["10.96.0.6", "fd00:10:96::6"],
+            "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+            "ports": [{"port": 80, "protocol": "TCP"}]}}),
+        false,
+    );
+    api.event(SLICES, "ADDED", json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "ds-v6", "namespace": "default", "labels": {"kubernetes.io/service-name": "ds"}},
+        "addressType": "IPv6", "endpoints": [{"addresses": ["fd00:244:1::5"], "conditions": {"ready": true}}],
+        "ports": [{"port": 8080, "protocol": "TCP"}]}), false);
+    eventually("the dual-stack Service and its IPv6 slice", || {
+        let snap = stores.snapshot();
+        let ips = snap
+            .services
+            .iter()
+            .find(|((_, n), _)| &**n == "ds")
+            .and_then(|(_, s)| s.parsed().map(|p| p.cluster_ips.clone()));
+        let family = snap
+            .endpoint_slices
+            .iter()
+            .find(|((_, n), _)| &**n == "ds-v6")
+            .and_then(|(_, s)| s.parsed(&mut Vec::new()).map(|p| p.family));
+        ips == Some(vec![
+            "10.96.0.6".parse().unwrap(),
+            "fd00:10:96::6".parse().unwrap(),
+        ]) && family == Some(twill_core::family::IpFamily::V6)
+    })
+    .await;
+
     // An object without a namespace is skipped and counted.
     api.event(
         SERVICES,

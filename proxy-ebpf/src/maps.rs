@@ -14,9 +14,9 @@ use twill_common::{
     DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SERVICES6_MAX, DEFAULT_SOCK_REVNAT_MAX,
     DEFAULT_SOCK_REVNAT6_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, EventBudget, FastPathConfig,
     FragKey, FragValue, IpCacheKey, LocalEndpoint, MasqKey, MasqKey6, NodeAddrValue,
-    POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, Reason, STATS_MAX,
-    ServiceKey, ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
-    SockRevNatValue6, SrcRangeKey, UdpFlowKey,
+    POLICY_EVENT_BUDGET_ENTRIES, POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint, PolicyKey,
+    PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
+    SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SrcRangeKey, UdpFlowKey,
 };
 
 #[map]
@@ -99,13 +99,14 @@ pub static TWL_IPC_V1: LpmTrie<IpCacheKey, PeerIdentity> =
 pub static TWL_POL_V1: LpmTrie<PolicyKey, PolicyVerdict> =
     LpmTrie::with_max_entries(DEFAULT_POLICY_MAX, 0);
 
-// The denied-flow stream (`debug monitor`) and its per-CPU budget; not pinned (see
-// `twill_common::MAP_POLICY_EVENTS`).
+// The denied-flow stream (`debug monitor`) and its per-CPU budget; catalogue entries marked
+// not pinned (see `twill_common::MapKind::PolicyEvents`).
 #[map]
 pub static TWL_PEV_V1: RingBuf = RingBuf::with_byte_size(POLICY_EVENTS_BYTES, 0);
 
 #[map]
-pub static TWL_PEVB_V1: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+pub static TWL_PEVB_V1: PerCpuArray<EventBudget> =
+    PerCpuArray::with_max_entries(POLICY_EVENT_BUDGET_ENTRIES, 0);
 
 #[map]
 pub static TWL_STATS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_MAX, 0);

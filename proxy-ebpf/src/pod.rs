@@ -11,6 +11,9 @@
 //! against the backend it reaches, never a virtual IP, and a backend's ingress against the real
 //! client (or, for externalTrafficPolicy=Cluster from another node, that node's address).
 //!
+//! A packet the pod sent must carry the pod's own address (`sav.rs`, source-address
+//! validation) before anything else looks at it.
+//!
 //! A packet the pod sent that its egress policy passed is then routed by the fast path
 //! (`fwd.rs`): into a local pod (after that pod's ingress policy) or out through the FIB's
 //! device, or left to the stack.
@@ -26,13 +29,25 @@ use crate::{
     maps::count,
     pkt::{Flow, parse},
     policy::{Side, judge},
+    sav,
 };
 
 #[classifier]
 pub fn twill_pod_ingress(ctx: TcContext) -> i32 {
-    let flow = match fwd::parse_flow(&ctx) {
+    let packet = match parse(&ctx) {
+        Ok(Some(p)) => p,
+        // Not IPv4 (ARP, IPv6: policy is IPv4-only): the stack.
+        Ok(None) => return exit(Ok(Reason::PolicyNotEnforced)),
+        Err(reason) => return exit(Err(reason)),
+    };
+    // Every IPv4 packet, later fragments included: the packet's own source, not the flow's
+    // (an ICMP error's flow is the one it quotes).
+    if let Err(reason) = sav::check(&ctx, packet.saddr) {
+        return exit(Err(reason));
+    }
+    let flow = match Flow::of(&packet) {
         Ok(Some(flow)) => flow,
-        // Not IPv4 (ARP, IPv6: the pod network is IPv4-only) or a later fragment: the stack.
+        // A later fragment: the stack.
         Ok(None) => return exit(Ok(Reason::PolicyNotEnforced)),
         Err(reason) => return exit(Err(reason)),
     };

@@ -655,7 +655,7 @@ fn pinned_datapath_survives_restarts_without_a_failed_connection() -> Result<()>
         std::thread::sleep(Duration::from_millis(300));
         let mut dp = Datapath::load(&DatapathOptions::pinned(&dir))?;
         ensure!(
-            dp.adopted_maps().len() == twill_common::ALL_MAPS.len(),
+            dp.adopted_maps().len() == twill_common::MapKind::pinned().count(),
             "adopted {:?}",
             dp.adopted_maps()
         );
@@ -678,7 +678,7 @@ fn pinned_datapath_survives_restarts_without_a_failed_connection() -> Result<()>
 
     let removed = Datapath::unpin_all(&dir)?;
     ensure!(
-        removed.len() == SOCK_PROGRAMS.len() + twill_common::ALL_MAPS.len() + 1,
+        removed.len() == SOCK_PROGRAMS.len() + twill_common::MapKind::pinned().count() + 1,
         "removed {removed:?}"
     );
     let (code, out) = client.labtool(&["tcp", "--to", "10.96.0.10:80", "--timeout-ms", "300"])?;

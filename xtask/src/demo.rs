@@ -3,7 +3,8 @@
 //! Three simulated nodes (network namespaces on a shared underlay), one `twill-agent` per node
 //! reading Services/EndpointSlices/Nodes from a shared manifests directory (standing in for the
 //! API server), an echo application of three pods created by the real `twill-cni`, and a
-//! ClusterIP, a NodePort and a headless Service, their names (and an ExternalName) answered by
+//! ClusterIP (dual-stack: it answers on an IPv4 and an IPv6 ClusterIP), a NodePort and a
+//! headless Service, their names (and an ExternalName) answered by
 //! the node-local DNS responder, then a default-deny NetworkPolicy and an allow rule taking
 //! effect. Every step prints what it does and what it saw;
 //! the lab is torn down at the end (also on failure or Ctrl-C of a step: the lab guard drops).
@@ -17,6 +18,8 @@ use anyhow::{Context as _, Result, bail};
 use twill_lab::{Lab, LabSpec, Pod, wait_for};
 
 const CLUSTER_IP: &str = "10.96.0.10";
+/// The echo Service's IPv6 ClusterIP (dual-stack, from the secondary Service range).
+const CLUSTER_IP6: &str = "fd00:10:96::10";
 const NODE_PORT: u16 = 30080;
 const ECHO_PORT: u16 = 8080;
 const DNS_PORT: u16 = 5353;
@@ -35,7 +38,8 @@ pub fn run() -> Result<()> {
     crate::setup::run()?;
     crate::test::build(false)?;
     let started = Instant::now();
-    let lab = Lab::new(LabSpec::nodes(3).with_external_client()).context("building the lab")?;
+    let lab = Lab::new(LabSpec::nodes(3).with_external_client().with_dual_stack())
+        .context("building the lab")?;
     let result = demo(&lab);
     say(&format!("tearing the lab down (run id {})", lab.run_id));
     drop(lab);
@@ -53,25 +57,45 @@ pub fn run() -> Result<()> {
 }
 
 fn endpoint_slice(name: &str, service: &str, pods: &[(&Pod, &str)], ports: &str) -> String {
+    endpoint_slice_of("IPv4", name, service, pods, ports)
+}
+
+/// An EndpointSlice of `family` (`addressType`): the pods' addresses of that family.
+fn endpoint_slice_of(
+    family: &str,
+    name: &str,
+    service: &str,
+    pods: &[(&Pod, &str)],
+    ports: &str,
+) -> String {
     let mut endpoints = String::new();
     for (p, node) in pods {
+        let addr = if family == "IPv6" {
+            p.ip6.map(|a| a.to_string()).unwrap_or_default()
+        } else {
+            p.ip.to_string()
+        };
         let _ = write!(
             endpoints,
-            "  - addresses: [\"{}\"]\n    conditions: {{ready: true, serving: true, terminating: false}}\n    nodeName: {node}\n    targetRef: {{kind: Pod, namespace: demo, name: {}}}\n",
-            p.ip, p.name
+            "  - addresses: [\"{addr}\"]\n    conditions: {{ready: true, serving: true, terminating: false}}\n    nodeName: {node}\n    targetRef: {{kind: Pod, namespace: demo, name: {}}}\n",
+            p.name
         );
     }
     format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n{ports}endpoints:\n{endpoints}"
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {family}\nports:\n{ports}endpoints:\n{endpoints}"
     )
 }
 
 fn demo(lab: &Lab) -> Result<()> {
-    say("lab: 3 nodes on one underlay + an external client (all network namespaces)");
+    say("lab: 3 dual-stack nodes on one underlay + an external client (all network namespaces)");
     for n in &lab.nodes {
         println!(
-            "    {}  netns {}  node IP {}  pod CIDR {}",
-            n.name, n.netns, n.ip, n.pod_cidr
+            "    {}  netns {}  node IP {}  pod CIDRs {} {}",
+            n.name,
+            n.netns,
+            n.ip,
+            n.pod_cidr,
+            n.pod_cidr6.map(|c| c.to_string()).unwrap_or_default()
         );
     }
     println!("    external client {}", lab.external().ip);
@@ -125,10 +149,16 @@ fn with_agents(lab: &Lab) -> Result<()> {
         .collect::<Result<_>>()?;
     let client = lab.node(0).add_pod("client")?;
     for p in echo.iter().chain(std::iter::once(&client)) {
-        println!("    {:<7} IP {}", p.name, p.ip);
+        println!(
+            "    {:<7} IPs {} {}",
+            p.name,
+            p.ip,
+            p.ip6.map(|a| a.to_string()).unwrap_or_default()
+        );
     }
     for p in &echo {
-        lab.serve(p, &p.name, Some(ECHO_PORT), Some(DNS_PORT))?;
+        // On `[::]`: the echo pods answer on both of their addresses.
+        lab.serve_dual(p, &p.name, Some(ECHO_PORT), Some(DNS_PORT))?;
     }
 
     say("pod → pod across nodes by real IP (routed, no NAT)");
@@ -253,16 +283,19 @@ fn network_policy(lab: &Lab, echo: &[Pod], client: &Pod) -> Result<()> {
 
 /// The Services of the demo and their EndpointSlices, written to the lab's manifests directory.
 fn apply_services(lab: &Lab, echo: &[Pod]) -> Result<()> {
-    say("applying Services: echo (ClusterIP), echo-np (NodePort), echo-headless (headless)");
+    say(
+        "applying Services: echo (ClusterIP, dual-stack), echo-np (NodePort), echo-headless (headless)",
+    );
     let pods: Vec<(&Pod, &str)> = echo.iter().zip(["n0", "n1", "n2"]).collect();
     let services = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: demo}}\nspec:\n  type: ClusterIP\n  clusterIP: {CLUSTER_IP}\n  ports:\n  - {{name: http, port: 80, targetPort: {ECHO_PORT}, protocol: TCP}}\n  - {{name: dns, port: 53, targetPort: {DNS_PORT}, protocol: UDP}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: echo-np, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.11\n  ports:\n  - {{name: http, port: 80, targetPort: {ECHO_PORT}, nodePort: {NODE_PORT}, protocol: TCP}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: echo-headless, namespace: demo}}\nspec:\n  clusterIP: None\n  ports:\n  - {{name: http, port: {ECHO_PORT}, protocol: TCP}}\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: demo}}\nspec:\n  type: ClusterIP\n  clusterIP: {CLUSTER_IP}\n  clusterIPs: [{CLUSTER_IP}, \"{CLUSTER_IP6}\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: PreferDualStack\n  ports:\n  - {{name: http, port: 80, targetPort: {ECHO_PORT}, protocol: TCP}}\n  - {{name: dns, port: 53, targetPort: {DNS_PORT}, protocol: UDP}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: echo-np, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.11\n  ports:\n  - {{name: http, port: 80, targetPort: {ECHO_PORT}, nodePort: {NODE_PORT}, protocol: TCP}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: echo-headless, namespace: demo}}\nspec:\n  clusterIP: None\n  ports:\n  - {{name: http, port: {ECHO_PORT}, protocol: TCP}}\n"
     );
     let ports = format!(
         "- {{name: http, port: {ECHO_PORT}, protocol: TCP}}\n- {{name: dns, port: {DNS_PORT}, protocol: UDP}}\n"
     );
     let slices = [
         endpoint_slice("echo-abc", "echo", &pods, &ports),
+        endpoint_slice_of("IPv6", "echo-v6-abc", "echo", &pods, &ports),
         endpoint_slice(
             "echo-np-abc",
             "echo-np",
@@ -356,6 +389,29 @@ fn traffic(lab: &Lab, echo: &[Pod], client: &Pod) -> Result<()> {
     if code != 0 {
         println!("    (UDP via the ClusterIP failed)");
     }
+
+    say(&format!(
+        "the same Service on its IPv6 ClusterIP [{CLUSTER_IP6}]:80 (AF_INET6 socket, connect6)"
+    ));
+    let vip6 = format!("[{CLUSTER_IP6}]:80");
+    let (_, out) = client.labtool(&["tcp-loop", "--to", &vip6, "--count", "12"])?;
+    let report: serde_json::Value = serde_json::from_str(&out)?;
+    let counts: BTreeMap<String, u64> = serde_json::from_value(report["counts"].clone())?;
+    for (pod, n) in &counts {
+        println!(
+            "    {pod:<7} {n:>2} {}",
+            "#".repeat(usize::try_from(*n).unwrap_or(0))
+        );
+    }
+    println!("    failures: {}", report["failures"]);
+    let (_, out) = client.labtool(&["tcp", "--to", &vip6])?;
+    println!(
+        "    peer: the IPv6 ClusterIP (getpeername6); the backend sees the pod's IPv6 address:"
+    );
+    show(&out);
+    let (_, out) = client.labtool(&["udp", "--to", &format!("[{CLUSTER_IP6}]:53")])?;
+    println!("    UDP over IPv6 (sendmsg6/recvmsg6: the reply comes from the ClusterIP):");
+    show(&out);
 
     say(&format!(
         "from the external client (not a node) to NodePort {NODE_PORT} on every node"

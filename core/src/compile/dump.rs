@@ -11,8 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use twill_common::{
     BE_F_LOCAL, BE_F_TERMINATING, MAGLEV_SLOT_BASE, SCOPE_ANY, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, SlotKey,
+    SVC_F_AFFINITY, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, SlotKey,
 };
 
 use super::parse::proto_name;
@@ -125,11 +124,25 @@ fn scope_name(scope: u8) -> &'static str {
 }
 
 fn svc_flag_names(flags: u16) -> Vec<&'static str> {
+    // The four kind bits are named by their FrontendKind, so the map dump and the frontend
+    // lines spell a kind one way.
     const NAMES: [(u16, &str); 8] = [
-        (SVC_F_CLUSTER_IP, "cluster-ip"),
-        (SVC_F_NODEPORT, "nodeport"),
-        (SVC_F_EXTERNAL_IP, "external-ip"),
-        (SVC_F_LOADBALANCER, "loadbalancer"),
+        (
+            FrontendKind::ClusterIp.flag(),
+            FrontendKind::ClusterIp.as_str(),
+        ),
+        (
+            FrontendKind::NodePort.flag(),
+            FrontendKind::NodePort.as_str(),
+        ),
+        (
+            FrontendKind::ExternalIp.flag(),
+            FrontendKind::ExternalIp.as_str(),
+        ),
+        (
+            FrontendKind::LoadBalancer.flag(),
+            FrontendKind::LoadBalancer.as_str(),
+        ),
         (SVC_F_AFFINITY, "affinity"),
         (SVC_F_LOCAL_ONLY, "local-only"),
         (SVC_F_SOURCE_RANGES, "source-ranges"),
@@ -447,12 +460,7 @@ pub fn render_view(view: &DumpView) -> String {
         }
         for f in &s.frontends {
             let addr = host_port(f.addr, f.port);
-            let kind = match f.kind {
-                FrontendKind::ClusterIp => "cluster-ip",
-                FrontendKind::NodePort => "nodeport",
-                FrontendKind::ExternalIp => "external-ip",
-                FrontendKind::LoadBalancer => "loadbalancer",
-            };
+            let kind = f.kind.as_str();
             if !f.present {
                 let _ = writeln!(
                     out,

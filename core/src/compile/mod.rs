@@ -156,8 +156,7 @@ one_spelling!(
 );
 
 /// Which kind of address a frontend listens on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FrontendKind {
     ClusterIp,
     NodePort,
@@ -165,8 +164,20 @@ pub enum FrontendKind {
     LoadBalancer,
 }
 
+one_spelling!(
+    /// The Service API's spelling (`spec.type` values; `ExternalIP` for `spec.externalIPs`):
+    /// the one the dump, the JSON view and the map dump's kind flags use.
+    FrontendKind {
+        ClusterIp => "ClusterIP",
+        NodePort => "NodePort",
+        ExternalIp => "ExternalIP",
+        LoadBalancer => "LoadBalancer",
+    }
+);
+
 impl FrontendKind {
-    fn flag(self) -> u16 {
+    /// The `SVC_F_*` bit marking a frontend of this kind in the kernel's service value.
+    pub const fn flag(self) -> u16 {
         match self {
             FrontendKind::ClusterIp => SVC_F_CLUSTER_IP,
             FrontendKind::NodePort => SVC_F_NODEPORT,

@@ -279,7 +279,7 @@ fn dump_shows_what_the_maps_hold_not_what_the_model_expects() {
     );
     let text = render_dump(&maps, &c.model);
     assert!(
-        text.contains("frontend cluster-ip 10.96.0.2:80/TCP scope=any MISSING"),
+        text.contains("frontend ClusterIP 10.96.0.2:80/TCP scope=any MISSING"),
         "{text}"
     );
     assert!(text.contains("    slot 1 MISSING"), "{text}");
@@ -388,8 +388,13 @@ fn dump_shows_the_ranges_the_maps_hold() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|f| f["kind"] == "load-balancer")
+        .find(|f| f["kind"] == "LoadBalancer")
         .unwrap();
+    // The JSON view and the text dump spell a frontend kind the same way.
+    assert!(
+        text.contains("frontend LoadBalancer 203.0.113.1:"),
+        "{text}"
+    );
     assert_eq!(lb_fe["source_ranges"], serde_json::json!(["10.0.0.0/8"]));
 }
 

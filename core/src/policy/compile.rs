@@ -160,7 +160,7 @@ fn allocate<K: Ord + Hash + Clone>(
 
 /// The three maps' exact contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PolicyMaps {
+pub struct PolicyEntries {
     /// `MapKind::PolicyEndpoints`: local pod address (`addr_be`) → endpoint.
     pub endpoints: BTreeMap<u32, PolicyEndpoint>,
     /// `MapKind::IpCache`.
@@ -196,7 +196,7 @@ pub struct PolicyCounts {
 /// Everything the compiler produces: the maps, and what their numbers mean.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyState {
-    pub maps: PolicyMaps,
+    pub maps: PolicyEntries,
     /// Assigned identities (not the reserved ones).
     pub identities: BTreeMap<u32, Arc<IdentityKind>>,
     pub rules: BTreeMap<u32, RuleRef>,
@@ -630,9 +630,9 @@ pub fn compile<'a>(
         .collect();
     let (label_keys, port_names) = identity_keys(&policies);
     let idents = Identities::new(&peers, &label_keys, &port_names, &cidrs, &taken, prev);
-    let mut maps = PolicyMaps {
+    let mut maps = PolicyEntries {
         ipcache: ipcache(&cidrs, &idents, &node_addrs, &peers, &taken),
-        ..PolicyMaps::default()
+        ..PolicyEntries::default()
     };
     let (rule_ids, next_rule) =
         allocate(rule_refs(&policies), &prev.rules, prev.next_rule, FIRST_ID);

@@ -12,7 +12,7 @@ use twill_common::{
 };
 
 use super::compile::{
-    CidrClass, Direction, IdentityKind, PolicyMaps, PolicyState, RuleRef, addr_from_be,
+    CidrClass, Direction, IdentityKind, PolicyEntries, PolicyState, RuleRef, addr_from_be,
 };
 use super::parse::{Labels, NamedPort};
 use super::verdict::{Judgement, Verdict};
@@ -160,7 +160,7 @@ fn policy_list(list: &[(std::sync::Arc<str>, std::sync::Arc<str>)]) -> String {
 }
 
 /// Renders `maps` (the compiled ones, or what the kernel holds) named after `state`.
-pub fn render_dump(maps: &PolicyMaps, state: &PolicyState) -> String {
+pub fn render_dump(maps: &PolicyEntries, state: &PolicyState) -> String {
     let mut out = String::new();
     let mut endpoints: Vec<(Ipv4Addr, _)> = maps
         .endpoints
@@ -290,7 +290,7 @@ pub struct PodPolicyView {
 }
 
 /// The view of every local pod in `maps` that `state` knows, sorted by namespace/name.
-pub fn pod_views(maps: &PolicyMaps, state: &PolicyState) -> Vec<PodPolicyView> {
+pub fn pod_views(maps: &PolicyEntries, state: &PolicyState) -> Vec<PodPolicyView> {
     let describe = |id: u32| match id {
         IDENTITY_ANY | IDENTITY_WORLD | IDENTITY_HOST => identity_name(state, id),
         other => state

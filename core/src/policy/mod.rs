@@ -15,7 +15,7 @@ mod parse;
 mod verdict;
 
 pub use compile::{
-    CidrClass, Direction, IdentityKind, LocalPod, LpmKey, PolicyCounts, PolicyIds, PolicyMaps,
+    CidrClass, Direction, IdentityKind, LocalPod, LpmKey, PolicyCounts, PolicyEntries, PolicyIds,
     PolicyState, RuleRef, addr_be, addr_from_be, compile, port_prefixes,
 };
 pub use dump::{

@@ -9,7 +9,7 @@ use twill_common::{
     PEP_F_INGRESS_ISOLATED, PolicyKey,
 };
 
-use super::compile::{Direction, LpmKey, PolicyMaps, PolicyState, addr_be};
+use super::compile::{Direction, LpmKey, PolicyEntries, PolicyState, addr_be};
 
 /// How one side (the client's egress or the server's ingress) judges a new connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +54,7 @@ impl Verdict {
     }
 }
 
-impl PolicyMaps {
+impl PolicyEntries {
     /// The identity the ipcache gives `ip`: the longest matching prefix, WORLD when none.
     pub fn identity_of(&self, ip: Ipv4Addr) -> u32 {
         let a = u32::from(ip);
@@ -168,7 +168,7 @@ impl PolicyMaps {
 }
 
 impl PolicyState {
-    /// See [`PolicyMaps::verdict`].
+    /// See [`PolicyEntries::verdict`].
     pub fn verdict(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, dport: u16) -> Verdict {
         self.maps.verdict(src, dst, proto, dport)
     }

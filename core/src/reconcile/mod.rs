@@ -837,5 +837,7 @@ pub fn check_invariant(state: &LbState) -> Result<(), String> {
     Ok(())
 }
 
+pub mod policy;
+
 #[cfg(test)]
 mod tests;

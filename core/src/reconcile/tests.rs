@@ -543,7 +543,13 @@ fn arb_state() -> impl Strategy<Value = LbState> {
                     )
                 }));
                 for f in frontends {
-                    if s.services.contains_key(&key(f)) {
+                    // Frontends 6 and 7 are IPv6 ones (the same value, in `services6`).
+                    let fk = if f >= 6 {
+                        crate::family::FrontendKey::V6(key6(f))
+                    } else {
+                        crate::family::FrontendKey::V4(key(f))
+                    };
+                    if s.frontend(&fk).is_some() {
                         continue;
                     }
                     let value = ServiceValue {
@@ -553,13 +559,21 @@ fn arb_state() -> impl Strategy<Value = LbState> {
                         affinity_timeout_s: 0,
                         maglev_size: 0,
                     };
-                    s.services.insert(key(f), value);
+                    s.insert_frontend(fk, value);
                 }
                 for (slot, &b) in (0u32..).zip(&backends) {
                     s.slots.insert(SlotKey { svc_id, slot }, b);
-                    let mut be = backend(b);
-                    be.flags = u8::from(svc_id % 2 == 0);
-                    s.backends.insert(b, be);
+                    // Backend ids 8.. are IPv6 backends (one id space, one family per id).
+                    let flags = u8::from(svc_id % 2 == 0);
+                    if b >= 8 {
+                        let mut be = backend6(b);
+                        be.flags = flags;
+                        s.backends6.insert(b, be);
+                    } else {
+                        let mut be = backend(b);
+                        be.flags = flags;
+                        s.backends.insert(b, be);
+                    }
                 }
             }
             s.node_addrs = addrs.into_iter().map(|a| (u32::from(a) + 1, 0)).collect();
@@ -625,6 +639,42 @@ proptest! {
         for id in first.backends.keys().filter(|id| !second.backends.contains_key(id)) {
             prop_assert!(rec.maps().inner.fake.flushed_backends.contains(id));
         }
+    }
+}
+
+fn key6(n: u8) -> ServiceKey6 {
+    ServiceKey6 {
+        addr_be: crate::family::addr6_be(std::net::Ipv6Addr::new(
+            0xfd00,
+            0x96,
+            0,
+            0,
+            0,
+            0,
+            0,
+            u16::from(n),
+        )),
+        port_be: 80u16.to_be(),
+        proto: PROTO_TCP,
+        scope: SCOPE_ANY,
+    }
+}
+
+fn backend6(n: u32) -> Backend6 {
+    Backend6 {
+        addr_be: crate::family::addr6_be(std::net::Ipv6Addr::new(
+            0xfd00,
+            0x244,
+            0,
+            0,
+            0,
+            0,
+            0,
+            u16::try_from(n).unwrap(),
+        )),
+        port_be: 8080u16.to_be(),
+        proto: PROTO_TCP,
+        flags: 0,
     }
 }
 

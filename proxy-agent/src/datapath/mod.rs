@@ -275,6 +275,7 @@ fn aya_map_type(t: BpfMapType) -> MapType {
         BpfMapType::PerCpuArray => MapType::PerCpuArray,
         BpfMapType::LruHash => MapType::LruHash,
         BpfMapType::LpmTrie => MapType::LpmTrie,
+        BpfMapType::RingBuf => MapType::RingBuf,
     }
 }
 
@@ -339,10 +340,11 @@ impl Datapath {
             if !is_bpffs(dir) {
                 return Err(DatapathError::NotBpffs { path: dir.clone() });
             }
-            for kind in MapKind::ALL {
+            // Maps marked not pinned (the monitor's) are made afresh by each agent.
+            for kind in MapKind::pinned() {
                 let path = dir.join(kind.name());
                 if path.exists() {
-                    adopted.push(check_pinned(&path, *kind, opts.map_sizes.get(*kind))?);
+                    adopted.push(check_pinned(&path, kind, opts.map_sizes.get(kind))?);
                 }
                 loader.map_pin_path(kind.name(), path);
             }
@@ -362,10 +364,7 @@ impl Datapath {
         };
         let ebpf = loader.load(object).map_err(DatapathError::Load)?;
         let sock_iter = sock_iter.map(|r| r.map(|(k, _)| k));
-        for name in twill_common::ALL_MAPS
-            .iter()
-            .chain(twill_common::UNPINNED_MAPS)
-        {
+        for name in twill_common::ALL_MAPS {
             if ebpf.map(name).is_none() {
                 return Err(DatapathError::MissingMap(name));
             }
@@ -665,9 +664,9 @@ impl Datapath {
             }
         };
         link_pins.sort();
-        let map_pins = twill_common::ALL_MAPS
-            .iter()
-            .chain(twill_common::RETIRED_MAPS)
+        let map_pins = MapKind::pinned()
+            .map(MapKind::name)
+            .chain(twill_common::RETIRED_MAPS.iter().copied())
             .map(|n| bpffs_dir.join(n));
         for path in link_pins.into_iter().chain(map_pins) {
             match std::fs::remove_file(&path) {

@@ -16,20 +16,19 @@
 //! table's collector, `crate::ctgc`, expires policy entries by the same states as NAT ones). New connections are judged by the new rules within the run loop's apply latency.
 pub mod explain;
 pub mod links;
-mod maps;
 mod metrics;
 pub mod monitor;
-mod reconcile;
 mod syncer;
 pub mod task;
 
-/// The exact contents of the three policy maps (the compiler's output, the seam's unit).
-pub use twill_core::policy::PolicyMaps as PolicyEntries;
+// The seam, its fake and fault injector, and the reconciler are pure (twill-core), beside the
+// service maps' (`twill_core::lbmap`, `twill_core::reconcile`); the agent's paths stay.
+pub use twill_core::policy::PolicyEntries;
+pub use twill_core::policymap::{FakePolicyMaps, FaultyPolicyMaps, PolicyMaps};
+pub use twill_core::reconcile::policy::{PolicyApplyStats, PolicyReconcileError, PolicyReconciler};
 
 pub use self::{
-    maps::{FakePolicyMaps, FaultyPolicyMaps, PolicyMaps},
     metrics::PolicyMetrics,
-    reconcile::{PolicyApplyStats, PolicyReconcileError, PolicyReconciler},
     syncer::{PolicySyncer, node_addresses},
 };
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node;
 use twill_core::policy::PolicyState;
 
-use super::maps::PolicyMaps;
-use super::reconcile::{PolicyApplyStats, PolicyReconcileError, PolicyReconciler};
+use super::PolicyMaps;
+use super::{PolicyApplyStats, PolicyReconcileError, PolicyReconciler};
 use crate::metrics::Metrics;
 use crate::source::manifests::error_chain;
 use crate::source::{PolicyObjects, Stores};

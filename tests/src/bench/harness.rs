@@ -913,8 +913,34 @@ impl<'a> Bench<'a> {
         {
             self.agent_rss(services, endpoints)?;
         }
+        self.fastpath_counters();
         self.results.duration_s = self.started.elapsed().as_secs_f64();
         Ok(self.results)
+    }
+
+    /// The fast-path counters of every node running the agent (`twill-agent debug fastpath`),
+    /// as notes: whether the rounds took the fast path or fell back to the stack, and why.
+    fn fastpath_counters(&mut self) {
+        for s in &self.setups {
+            if s.agent.is_none() {
+                continue;
+            }
+            let note = match s.node.debug(&["fastpath"]) {
+                Ok(out) => {
+                    let counters: Vec<String> = out
+                        .lines()
+                        .filter_map(|l| {
+                            let mut w = l.split_whitespace();
+                            let (name, n) = (w.next()?, w.next()?);
+                            (n.parse::<u64>().ok()? > 0).then(|| format!("{name} {n}"))
+                        })
+                        .collect();
+                    format!("{} fast path: {}", s.name(), counters.join(", "))
+                }
+                Err(e) => format!("{} fast path counters unavailable: {e:#}", s.name()),
+            };
+            self.results.notes.push(note);
+        }
     }
 
     /// Programs every contender with `n` Services from scratch (timed when `n` is a program

@@ -403,12 +403,17 @@ fn tcp_loop(args: &Args) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A burst of datagrams (a flood of denied packets for the monitor's rate limit, say).
+/// A burst of datagrams (a flood of denied packets for the monitor's rate limit, say);
+/// `--from IP` sends from that local address (one added to the pod to send as another).
 fn udp_send(args: &Args) -> Result<ExitCode, String> {
     let to = args.addr()?;
     let count = args.num("--count", 1)?.min(100_000);
     let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
-    let s = UdpSocket::bind(any).map_err(|e| e.to_string())?;
+    let from = match args.value("--from") {
+        Some(ip) => format!("{ip}:0"),
+        None => any.to_owned(),
+    };
+    let s = UdpSocket::bind(from.as_str()).map_err(|e| format!("bind {from}: {e}"))?;
     let mut sent = 0u64;
     for _ in 0..count {
         if s.send_to(b"x", to).is_ok() {

@@ -49,6 +49,10 @@ enum BenchCmd {
     /// DNS from a pod: the agent's node-local responder against dnsmasq serving the same
     /// records (a Service name and a forwarded name).
     Dns,
+    /// The full run's data-path phases only (N = 10 / 1,000 / 10,000 east-west, north-south,
+    /// latency, bulk, agent CPU and memory, control plane): no NetworkPolicy phase, no CNI
+    /// rounds. For re-measuring the fast path in less time (≤ 21 min after the build).
+    Datapath,
 }
 
 fn full(contenders: Vec<Contender>) -> BenchConfig {
@@ -289,6 +293,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let cni_only = matches!(args.what, Some(BenchCmd::Cni));
     let policy_only = matches!(args.what, Some(BenchCmd::Policy));
+    let datapath_only = matches!(args.what, Some(BenchCmd::Datapath));
     let mut contenders = if policy_only {
         // The peer's table goes into the direct contender's node.
         vec![Contender::Direct, Contender::Twill]
@@ -325,6 +330,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         c
     } else if args.quick {
         quick(contenders)
+    } else if datapath_only {
+        let mut c = full(contenders);
+        c.policy = None;
+        c
     } else {
         full(contenders)
     };
@@ -344,7 +353,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if cni_only {
         run_cni(&mut results, 3, 500, 16, None);
-    } else if !args.quick && !policy_only {
+    } else if !args.quick && !policy_only && !datapath_only {
         run_cni(&mut results, 3, 500, 16, Some(started + RUN_LIMIT));
     }
     if args.debug {

@@ -1,5 +1,5 @@
 //! Applies desired NetworkPolicy map contents through the [`PolicyMaps`] seam, following the
-//! service reconciler's rules (`crate::reconcile`): `applied` is seeded from the maps
+//! service reconciler's rules ([`super`]): `applied` is seeded from the maps
 //! themselves and updated entry by entry only after a write succeeded, so after any failure it
 //! still describes the kernel exactly and the next apply writes just what is missing.
 //!
@@ -18,9 +18,9 @@
 //! map is [`MapError::Full`], reported by name and counted — never a silent allow.
 use std::collections::BTreeMap;
 
-use super::PolicyEntries;
-use super::maps::PolicyMaps;
 use crate::lbmap::{MapError, MapKind};
+use crate::policy::PolicyEntries;
+use crate::policymap::PolicyMaps;
 
 /// What one apply wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -236,3 +236,7 @@ fn stale<K: Ord + Copy, V>(desired: &BTreeMap<K, V>, applied: &BTreeMap<K, V>) -
     }
     out
 }
+
+#[cfg(test)]
+#[path = "policy_tests.rs"]
+mod tests;

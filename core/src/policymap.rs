@@ -1,12 +1,10 @@
 //! The narrow seam for NetworkPolicy map writes (`HOUSE_STYLE` §6), like [`crate::lbmap`] for
-//! the service tables: the aya implementation (`datapath::AyaPolicyMaps`), an in-memory fake and
+//! the service tables: the aya implementation (the agent's `datapath::AyaPolicyMaps`), an in-memory fake and
 //! a fault injector, so the reconciler is tested without a kernel, including half-failed applies
 //! and full maps.
-use twill_common::{IpCacheKey, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict};
-use twill_core::policy::LpmKey;
-
-use super::PolicyEntries;
 use crate::lbmap::{FaultDecision, FaultPlan, MapError, MapKind};
+use crate::policy::{LpmKey, PolicyEntries};
+use twill_common::{IpCacheKey, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict};
 
 /// Writes to and reads from the three policy maps.
 pub trait PolicyMaps {
