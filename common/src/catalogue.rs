@@ -33,10 +33,10 @@
 use core::mem::size_of;
 
 use crate::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DatapathConfig, EventBudget,
-    FastPathConfig, FragKey, FragValue, IpCacheKey, LocalEndpoint, MasqKey, NodeAddrValue,
-    PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, ServiceKey, ServiceValue, SlotKey,
-    SockDestroyKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    AffinityKey, AffinityValue, Backend, CtKey, CtKey6, CtValue, CtValue6, DatapathConfig,
+    EventBudget, FastPathConfig, FragKey, FragValue, IpCacheKey, LocalEndpoint, MasqKey, MasqKey6,
+    NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, ServiceKey,
+    ServiceValue, SlotKey, SockDestroyKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 use crate::{Backend6, ServiceKey6, SockRevNatKey6, SockRevNatValue6};
 
@@ -426,6 +426,28 @@ catalogue! {
         size: DEFAULT_MASQ_PREFIXES_MAX = 1_024,
         flag: "map-size-masq",
         help: "Max entries of the masquerade prefix trie (pod CIDRs and exempt destinations)",
+    }
+    /// IPv6 twin of `Ct` (`crate::ct6`): the eBPF masquerade's IPv6 flows, same state machine
+    /// and collector.
+    Ct6 {
+        name: MAP_CT6 = "TWL_CT6_V1",
+        map_type: Hash,
+        key: CtKey6,
+        value: CtValue6,
+        size: DEFAULT_CT6_MAX = 65_536,
+        flag: "map-size-ct6",
+        help: "Max entries of the IPv6 per-packet connection-tracking map",
+    }
+    /// IPv6 twin of `Masq`: this node's IPv6 pod CIDRs and the IPv6 destinations reached
+    /// untranslated (LPM trie).
+    Masq6 {
+        name: MAP_MASQ6 = "TWL_MASQ6_V1",
+        map_type: LpmTrie,
+        key: MasqKey6,
+        value: u8,
+        size: DEFAULT_MASQ6_PREFIXES_MAX = 1_024,
+        flag: "map-size-masq6",
+        help: "Max entries of the IPv6 masquerade prefix trie",
     }
     /// The denied-flow event stream (`twill-agent debug monitor`): a ring buffer the pod
     /// programs write one `PolicyDenyEvent` into per dropped packet, within a budget per CPU and

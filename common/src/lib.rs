@@ -8,6 +8,7 @@
 #![no_std]
 
 pub mod catalogue;
+pub mod ct6;
 pub mod fastpath;
 pub mod maps;
 pub mod policy;
@@ -15,6 +16,7 @@ pub mod reason;
 pub mod sockdestroy;
 
 pub use catalogue::*;
+pub use ct6::*;
 pub use fastpath::*;
 pub use maps::*;
 pub use policy::*;

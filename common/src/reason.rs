@@ -133,6 +133,19 @@ pub enum Reason {
     Translated6 = 101,
     /// Socket path: recvmsg6/getpeername6 showed an IPv6 frontend instead of its backend.
     RevNatApplied6 = 102,
+    // 110..=119: IPv6 pod network (eBPF masquerade of IPv6 pods).
+    /// A local pod's new IPv6 flow leaving the cluster was masqueraded (the node's IPv6
+    /// address, a port of the masquerade range); its later packets and replies count as
+    /// `ct_hit` / `revnat_applied` like IPv4's.
+    Masq6Snat = 110,
+    /// A fragment of an IPv6 datagram that would be masqueraded: dropped. Only the sender
+    /// fragments in IPv6 and the fragment header hides the ports of all but the first, so it
+    /// cannot be translated consistently (its sender learns nothing either way; untranslated it
+    /// would leak the pod address and its answer could not come back).
+    Masq6Fragment = 111,
+    /// An IPv6 packet whose transport header follows extension headers: left untouched (pods'
+    /// TCP and UDP carry none).
+    Ipv6ExtHeaders = 112,
 }
 
 impl Reason {
@@ -185,6 +198,9 @@ impl Reason {
         Reason::RevNat6MapFull,
         Reason::Translated6,
         Reason::RevNatApplied6,
+        Reason::Masq6Snat,
+        Reason::Masq6Fragment,
+        Reason::Ipv6ExtHeaders,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -237,6 +253,9 @@ impl Reason {
             Reason::RevNat6MapFull => "revnat6_map_full",
             Reason::Translated6 => "translated6",
             Reason::RevNatApplied6 => "revnat6_applied",
+            Reason::Masq6Snat => "masq6_snat",
+            Reason::Masq6Fragment => "masq6_fragment",
+            Reason::Ipv6ExtHeaders => "ipv6_ext_headers",
         }
     }
 
@@ -257,6 +276,7 @@ impl Reason {
                 | Reason::SourceSpoofed
                 | Reason::SnatPortsExhausted
                 | Reason::MasqPortsExhausted
+                | Reason::Masq6Fragment
         )
     }
 }

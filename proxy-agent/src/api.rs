@@ -417,7 +417,8 @@ impl KernelView for PinnedKernelView {
         let stats = lb.stats().map_err(|e| err_chain(&e))?;
         let counters = stats
             .into_iter()
-            .filter(|(r, _)| (80..100).contains(&(*r as u8)))
+            // Fast path and masquerade (80..=99), the IPv6 masquerade (110..=119).
+            .filter(|(r, _)| matches!(*r as u8, 80..=99 | 110..=119))
             .map(|(r, n)| (r.name().to_owned(), n))
             .collect();
         let fp = crate::datapath::AyaFastPathMaps::open_pinned(&self.bpffs_dir)

@@ -11,7 +11,7 @@ use std::time::Duration;
 use twill_core::routing::fastpath::MasqueradeMode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::Deserialize;
 
 /// `twill-agent`: the per-node agent of Twill (eBPF kube-proxy replacement).
@@ -99,10 +99,11 @@ pub struct RunArgs {
     /// Cross-node routing mode [default: auto].
     #[arg(long, value_enum)]
     pub routing_mode: Option<RoutingMode>,
-    /// The cluster's pod CIDR (all nodes' pod CIDRs fall inside it).
-    #[arg(long, value_name = "CIDR")]
+    /// The cluster's pod CIDR (all nodes' pod CIDRs fall inside it); on a dual-stack cluster one
+    /// per family, comma-separated (as kube-proxy's: 10.244.0.0/16,fd00:10:244::/56).
+    #[arg(long, value_name = "CIDR[,CIDR]")]
     pub cluster_cidr: Option<String>,
-    /// Destinations reached without masquerading pod traffic.
+    /// Destinations reached without masquerading pod traffic, IPv4 and IPv6 alike.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
     pub non_masquerade_cidrs: Option<Vec<String>>,
     /// Masquerade pod egress to destinations outside the cluster to the node IP [default:
@@ -333,6 +334,9 @@ pub struct Config {
     pub routing_mode: RoutingMode,
     pub cluster_cidr: Option<Ipv4Network>,
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
+    /// The IPv6 entries of `--cluster-cidr` and `--non-masquerade-cidrs`.
+    pub cluster_cidr6: Option<Ipv6Network>,
+    pub non_masquerade_cidrs6: Vec<Ipv6Network>,
     pub masquerade: bool,
     /// eBPF host routing (`twill_common::FP_F_HOST_ROUTING`).
     pub host_routing: bool,
@@ -402,8 +406,12 @@ pub enum ConfigError {
     DnsUpstream(String),
     #[error("--cluster-domain {0:?} is not a DNS name like cluster.local")]
     ClusterDomain(String),
-    #[error("--{flag} {value:?} is not an IPv4 CIDR like 10.244.0.0/16")]
+    #[error("--{flag} {value:?} is not a CIDR like 10.244.0.0/16")]
     Cidr { flag: &'static str, value: String },
+    #[error(
+        "--cluster-cidr {0:?}: at most one CIDR per family, like 10.244.0.0/16,fd00:10:244::/56"
+    )]
+    ClusterCidrPerFamily(String),
 }
 
 /// `Some(v)` from the flag, else from the file.
@@ -457,6 +465,18 @@ pub fn parse_file(text: &str) -> Result<FileConfig, serde_yaml::Error> {
 /// Flags over file, then defaults and validation (map sizes in [`map_sizes`]).
 pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
     let map_sizes = map_sizes(&flags, &file)?;
+    let (cluster_cidr, cluster_cidr6) = cluster_cidrs(pick(
+        flags.cluster_cidr.as_deref(),
+        file.cluster_cidr.as_deref(),
+    ))?;
+    let (non_masquerade_cidrs, non_masquerade_cidrs6) = cidrs_by_family(
+        "non-masquerade-cidrs",
+        pick(
+            flags.non_masquerade_cidrs.as_deref(),
+            file.non_masquerade_cidrs.as_deref(),
+        )
+        .unwrap_or_default(),
+    )?;
     let node_name = pick(flags.node_name, file.node_name)
         .filter(|n| !n.trim().is_empty())
         .ok_or(ConfigError::MissingNodeName)?;
@@ -518,13 +538,10 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
             pick(flags.nodeport_addresses, file.nodeport_addresses),
         )?,
         routing_mode: pick(flags.routing_mode, file.routing_mode).unwrap_or_default(),
-        cluster_cidr: pick(flags.cluster_cidr, file.cluster_cidr)
-            .map(|c| parse_cidr("cluster-cidr", &c))
-            .transpose()?,
-        non_masquerade_cidrs: cidrs(
-            "non-masquerade-cidrs",
-            pick(flags.non_masquerade_cidrs, file.non_masquerade_cidrs),
-        )?,
+        cluster_cidr,
+        non_masquerade_cidrs,
+        cluster_cidr6,
+        non_masquerade_cidrs6,
         masquerade: pick(flags.masquerade, file.masquerade).unwrap_or(true),
         // Chained portmap DNATs hostPorts in netfilter: replies routed by the programs would skip
         // netfilter's reverse translation, so host routing defaults off there.
@@ -722,6 +739,43 @@ fn parse_cidr(flag: &'static str, value: &str) -> Result<Ipv4Network, ConfigErro
         flag,
         value: value.to_owned(),
     })
+}
+
+/// CIDRs of either family, split by family (`--cluster-cidr`, `--non-masquerade-cidrs`).
+fn cidrs_by_family(
+    flag: &'static str,
+    values: &[String],
+) -> Result<(Vec<Ipv4Network>, Vec<Ipv6Network>), ConfigError> {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for v in values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()) {
+        match v.parse::<IpNetwork>() {
+            Ok(IpNetwork::V4(n)) => v4.push(n),
+            Ok(IpNetwork::V6(n)) => v6.push(n),
+            Err(_) => {
+                return Err(ConfigError::Cidr {
+                    flag,
+                    value: v.to_owned(),
+                });
+            }
+        }
+    }
+    Ok((v4, v6))
+}
+
+/// `--cluster-cidr`: one CIDR, or one per family.
+fn cluster_cidrs(
+    value: Option<&str>,
+) -> Result<(Option<Ipv4Network>, Option<Ipv6Network>), ConfigError> {
+    let Some(value) = value else {
+        return Ok((None, None));
+    };
+    let parts: Vec<String> = value.split(',').map(str::to_owned).collect();
+    let (v4, v6) = cidrs_by_family("cluster-cidr", &parts)?;
+    if v4.len() > 1 || v6.len() > 1 {
+        return Err(ConfigError::ClusterCidrPerFamily(value.to_owned()));
+    }
+    Ok((v4.first().copied(), v6.first().copied()))
 }
 
 fn cidrs(flag: &'static str, values: Option<Vec<String>>) -> Result<Vec<Ipv4Network>, ConfigError> {
@@ -1045,5 +1099,55 @@ mod tests {
         assert_eq!(d.what, DebugCommand::Maps);
         assert_eq!(d.api_socket, PathBuf::from("/x.sock"));
         assert_eq!(d.output, OutputFormat::Json);
+    }
+
+    #[test]
+    fn cluster_and_non_masquerade_cidrs_take_both_families() {
+        let args = run_args(&[
+            "--node-name",
+            "n0",
+            "--cluster-cidr",
+            "fd00:10:244::/56,10.244.0.0/16",
+            "--non-masquerade-cidrs",
+            "192.168.0.0/16,2001:db8::/32,10.0.0.0/8",
+        ]);
+        let cfg = merge(args, FileConfig::default()).unwrap();
+        assert_eq!(cfg.cluster_cidr, Some("10.244.0.0/16".parse().unwrap()));
+        assert_eq!(cfg.cluster_cidr6, Some("fd00:10:244::/56".parse().unwrap()));
+        assert_eq!(
+            cfg.non_masquerade_cidrs,
+            vec![
+                "192.168.0.0/16".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            cfg.non_masquerade_cidrs6,
+            vec!["2001:db8::/32".parse().unwrap()]
+        );
+        let rc = crate::routing::RoutingConfig::from(&cfg);
+        assert_eq!(rc.cluster_cidrs6, vec!["fd00:10:244::/56".parse().unwrap()]);
+        // IPv6 only.
+        let args = run_args(&["--node-name", "n0", "--cluster-cidr", "fd00:10:244::/56"]);
+        let cfg = merge(args, FileConfig::default()).unwrap();
+        assert_eq!(
+            (cfg.cluster_cidr.is_none(), cfg.cluster_cidr6.is_some()),
+            (true, true)
+        );
+        for bad in ["10.244.0.0/16,10.245.0.0/16", "fd00::/56,fd01::/56"] {
+            let args = run_args(&["--node-name", "n0", "--cluster-cidr", bad]);
+            assert!(
+                matches!(
+                    merge(args, FileConfig::default()),
+                    Err(ConfigError::ClusterCidrPerFamily(_))
+                ),
+                "{bad}"
+            );
+        }
+        let args = run_args(&["--node-name", "n0", "--non-masquerade-cidrs", "fd00::/129"]);
+        assert!(matches!(
+            merge(args, FileConfig::default()),
+            Err(ConfigError::Cidr { .. })
+        ));
     }
 }

@@ -17,23 +17,102 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
-use twill_common::{CT_F_MASQ, CT_F_REPLY, CT_SCOPE_NAT, CtKey, CtValue, ct_lifetime_ns};
+use twill_common::{
+    CT_F_MASQ, CT_F_REPLY, CT_SCOPE_NAT, CtKey, CtKey6, CtValue, CtValue6, ct_lifetime_ns,
+};
 
 use crate::compile::addr_be;
 
-/// Who owns pod addresses, as far as this node can tell.
-pub trait AddrOwners {
-    /// Whether a pod still holds `addr_be` (network order). `true` when unknown.
-    fn owned(&self, addr_be: u32) -> bool;
+/// Who owns pod addresses (`u32` IPv4 or `[u32; 4]` IPv6, in the maps' form), as far as this
+/// node can tell.
+pub trait AddrOwners<A = u32> {
+    /// Whether a pod still holds `addr`. `true` when unknown.
+    fn owned(&self, addr: A) -> bool;
 }
 
 /// Every address is owned: collection by expiry only.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AssumeOwned;
 
-impl AddrOwners for AssumeOwned {
-    fn owned(&self, _addr_be: u32) -> bool {
+impl<A> AddrOwners<A> for AssumeOwned {
+    fn owned(&self, _addr: A) -> bool {
         true
+    }
+}
+
+/// An entry of one of the two conntrack tables (IPv4 `CtKey`, IPv6 `CtKey6`): what the
+/// collector reads of it. Both tables hold the same fields with the same meaning
+/// (`twill_common::ct6`), so every rule below is one code path for both.
+pub trait CtEntry: Copy + Ord {
+    type Value: Copy;
+    /// An address in the maps' form.
+    type Addr;
+    fn scope(&self) -> u8;
+    fn proto(&self) -> u8;
+    #[must_use]
+    fn counterpart_of(&self, value: &Self::Value) -> Self;
+    fn last_seen_ns(value: &Self::Value) -> u64;
+    fn state(value: &Self::Value) -> u8;
+    fn flags(value: &Self::Value) -> u32;
+    fn saddr(&self) -> Self::Addr;
+    fn new_daddr(value: &Self::Value) -> Self::Addr;
+}
+
+impl CtEntry for CtKey {
+    type Value = CtValue;
+    type Addr = u32;
+    fn scope(&self) -> u8 {
+        self.scope
+    }
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    fn counterpart_of(&self, value: &CtValue) -> Self {
+        self.counterpart(value)
+    }
+    fn last_seen_ns(value: &CtValue) -> u64 {
+        value.last_seen_ns
+    }
+    fn state(value: &CtValue) -> u8 {
+        value.state
+    }
+    fn flags(value: &CtValue) -> u32 {
+        value.flags
+    }
+    fn saddr(&self) -> u32 {
+        self.saddr_be
+    }
+    fn new_daddr(value: &CtValue) -> u32 {
+        value.new_daddr_be
+    }
+}
+
+impl CtEntry for CtKey6 {
+    type Value = CtValue6;
+    type Addr = [u32; 4];
+    fn scope(&self) -> u8 {
+        self.scope
+    }
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    fn counterpart_of(&self, value: &CtValue6) -> Self {
+        self.counterpart(value)
+    }
+    fn last_seen_ns(value: &CtValue6) -> u64 {
+        value.last_seen_ns
+    }
+    fn state(value: &CtValue6) -> u8 {
+        value.state
+    }
+    fn flags(value: &CtValue6) -> u32 {
+        value.flags
+    }
+    fn saddr(&self) -> [u32; 4] {
+        self.saddr_be
+    }
+    fn new_daddr(value: &CtValue6) -> [u32; 4] {
+        value.new_daddr_be
     }
 }
 
@@ -68,16 +147,26 @@ impl AddrOwners for LocalPods {
     }
 }
 
-/// What one collection removes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CtGcPlan {
+/// What one collection removes (of the IPv4 table by default, `CtGcPlan<CtKey6>` of the IPv6
+/// one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CtGcPlan<K = CtKey> {
     /// Entries past their state's lifetime (with their counterpart).
-    pub expired: Vec<CtKey>,
+    pub expired: Vec<K>,
     /// NAT entries of flows to an address no pod owns.
-    pub orphaned: Vec<CtKey>,
+    pub orphaned: Vec<K>,
 }
 
-impl CtGcPlan {
+impl<K> Default for CtGcPlan<K> {
+    fn default() -> Self {
+        Self {
+            expired: Vec::new(),
+            orphaned: Vec::new(),
+        }
+    }
+}
+
+impl<K> CtGcPlan<K> {
     pub fn len(&self) -> usize {
         self.expired.len() + self.orphaned.len()
     }
@@ -87,51 +176,56 @@ impl CtGcPlan {
     }
 
     /// Every key to delete.
-    pub fn keys(&self) -> impl Iterator<Item = &CtKey> {
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
         self.expired.iter().chain(&self.orphaned)
     }
 }
 
-fn is_expired(key: &CtKey, value: &CtValue, now_ns: u64) -> bool {
-    now_ns.saturating_sub(value.last_seen_ns) > ct_lifetime_ns(key.proto, value.state)
+fn is_expired<K: CtEntry>(key: &K, value: &K::Value, now_ns: u64) -> bool {
+    now_ns.saturating_sub(K::last_seen_ns(value)) > ct_lifetime_ns(key.proto(), K::state(value))
 }
 
 /// The backend a NAT entry's flow goes to: the reply direction comes from it, the original
 /// direction is rewritten to it.
-pub fn backend_of(key: &CtKey, value: &CtValue) -> u32 {
-    if value.flags & CT_F_MASQ != 0 {
+pub fn backend_of<K: CtEntry>(key: &K, value: &K::Value) -> K::Addr {
+    let reply = K::flags(value) & CT_F_REPLY != 0;
+    if K::flags(value) & CT_F_MASQ != 0 {
         // A masqueraded flow belongs to the local pod that opened it.
-        return if value.flags & CT_F_REPLY != 0 {
-            value.new_daddr_be
+        return if reply {
+            K::new_daddr(value)
         } else {
-            key.saddr_be
+            key.saddr()
         };
     }
-    if value.flags & CT_F_REPLY != 0 {
-        key.saddr_be
+    if reply {
+        key.saddr()
     } else {
-        value.new_daddr_be
+        K::new_daddr(value)
     }
 }
 
-/// Decides which entries of `entries` (a dump of the table) to delete at `now_ns`
+/// Decides which entries of `entries` (a dump of either table) to delete at `now_ns`
 /// (`CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`).
-pub fn plan(entries: &[(CtKey, CtValue)], now_ns: u64, owners: &impl AddrOwners) -> CtGcPlan {
-    let by_key: BTreeMap<&CtKey, &CtValue> = entries.iter().map(|(k, v)| (k, v)).collect();
+pub fn plan<K: CtEntry>(
+    entries: &[(K, K::Value)],
+    now_ns: u64,
+    owners: &impl AddrOwners<K::Addr>,
+) -> CtGcPlan<K> {
+    let by_key: BTreeMap<&K, &K::Value> = entries.iter().map(|(k, v)| (k, v)).collect();
     let mut out = CtGcPlan::default();
     for (key, value) in entries {
-        if key.scope == CT_SCOPE_NAT && !owners.owned(backend_of(key, value)) {
+        if key.scope() == CT_SCOPE_NAT && !owners.owned(backend_of(key, value)) {
             out.orphaned.push(*key);
             continue;
         }
         if !is_expired(key, value, now_ns) {
             continue;
         }
-        let other = key.counterpart(value);
+        let other = key.counterpart_of(value);
         let other_alive = other != *key
             && by_key
                 .get(&other)
-                .is_some_and(|v| !is_expired(&other, v, now_ns));
+                .is_some_and(|v| !is_expired(&other, *v, now_ns));
         if !other_alive {
             out.expired.push(*key);
         }
@@ -343,5 +437,72 @@ mod tests {
         // The outside host is nobody's pod, yet the flow lives while its pod does.
         assert!(plan(&entries, now, &pods(&[POD])).is_empty());
         assert_eq!(plan(&entries, now, &pods(&[])).orphaned, vec![ok, rk]);
+    }
+
+    #[test]
+    fn ipv6_entries_follow_the_same_rules() {
+        use twill_common::{CtKey6, CtValue6, addr6_from_octets};
+        let now = 1000 * S;
+        let pod = addr6_from_octets(
+            "fd00:10:244::5"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        let node = addr6_from_octets(
+            "fd00:172:30::10"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        let out = addr6_from_octets(
+            "2001:db8::7"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        let ok = CtKey6 {
+            saddr_be: pod,
+            daddr_be: out,
+            sport_be: 40000u16.to_be(),
+            dport_be: 443u16.to_be(),
+            proto: PROTO_UDP,
+            scope: CT_SCOPE_NAT,
+            _pad: [0; 2],
+        };
+        let ov = CtValue6 {
+            new_saddr_be: node,
+            new_daddr_be: out,
+            new_sport_be: 61234u16.to_be(),
+            new_dport_be: 443u16.to_be(),
+            svc_id: 0,
+            flags: CT_F_MASQ,
+            state: CT_STATE_ESTABLISHED,
+            tcp_fin: 0,
+            _pad: [0; 2],
+            last_seen_ns: now - S,
+        };
+        let rk = ok.counterpart(&ov);
+        let rv = CtValue6 {
+            new_saddr_be: out,
+            new_daddr_be: pod,
+            new_sport_be: 443u16.to_be(),
+            new_dport_be: 40000u16.to_be(),
+            flags: CT_F_MASQ | CT_F_REPLY,
+            last_seen_ns: now - CT_LIFETIME_DGRAM_ESTABLISHED_NS - S,
+            ..ov
+        };
+        assert_eq!(rk.counterpart(&rv), ok);
+        assert_eq!(backend_of(&ok, &ov), pod);
+        assert_eq!(backend_of(&rk, &rv), pod);
+        // One direction still fresh: the pair stays; both idle: both go.
+        let entries = [(ok, ov), (rk, rv)];
+        assert!(plan(&entries, now, &AssumeOwned).is_empty());
+        let idle = CtValue6 {
+            last_seen_ns: rv.last_seen_ns,
+            ..ov
+        };
+        let p = plan(&[(ok, idle), (rk, rv)], now, &AssumeOwned);
+        assert_eq!(p.expired, vec![ok, rk]);
     }
 }

@@ -149,13 +149,14 @@ pub enum FastPathError {
     Map(#[from] crate::lbmap::MapError),
 }
 
-/// Writes the masquerade prefixes (only with `prune`: before the node store synced, a partial
-/// exemption set would translate traffic to pods of nodes not known yet, as with the nftables
-/// table) and then the switches.
+/// Writes the masquerade prefixes of both families (only with `prune`: before the node store
+/// synced, a partial exemption set would translate traffic to pods of nodes not known yet, as
+/// with the nftables table) and then the switches.
 pub fn program(
     datapath: &mut crate::datapath::Datapath,
     config: twill_common::FastPathConfig,
     masquerade: Option<&twill_core::routing::MasqueradeRules>,
+    masquerade6: Option<&twill_core::routing::Masquerade6Rules>,
     prune: bool,
 ) -> Result<(), FastPathError> {
     let maps = datapath
@@ -163,6 +164,9 @@ pub fn program(
         .map_err(|e| FastPathError::Maps(Box::new(e)))?;
     if prune && maps.sync_masq(&twill_core::routing::fastpath::masq_prefixes(masquerade))? {
         log::info!("fast path: masquerade prefixes updated");
+    }
+    if prune && maps.sync_masq6(&twill_core::routing::fastpath::masq_prefixes(masquerade6))? {
+        log::info!("fast path: IPv6 masquerade prefixes updated");
     }
     maps.set_config(config)?;
     Ok(())

@@ -225,18 +225,26 @@ impl NodeNetwork {
             };
             self.routing.apply(&without_table, prune).await?
         };
+        // Dual-stack: the IPv6 pod CIDRs follow the IPv4 plan's choice per peer.
+        let mut plan6 = plan_routes6(
+            &self.node_name,
+            nodes.values().map(AsRef::as_ref),
+            &self.config,
+            &host,
+            &plan,
+        );
+        let masquerade6 = ebpf_masquerade6(self.masquerade_mode, &mut plan6);
         let fastpath = twill_core::routing::fastpath::config(
             self.host_routing,
             plan.masquerade.as_ref().map(|_| self.masquerade_mode),
         );
-        crate::fastpath::program(datapath, fastpath, plan.masquerade.as_ref(), prune)?;
-        // Dual-stack: the IPv6 pod CIDRs follow the IPv4 plan's choice per peer.
-        let plan6 = plan_routes6(
-            &self.node_name,
-            nodes.values().map(AsRef::as_ref),
-            &host,
-            &plan,
-        );
+        crate::fastpath::program(
+            datapath,
+            fastpath,
+            plan.masquerade.as_ref(),
+            masquerade6.as_ref(),
+            prune,
+        )?;
         for s in &plan6.skipped {
             if s.reason.is_conflict() {
                 log::warn!("no IPv6 route to node {}: {}", s.node, s.reason);
@@ -353,4 +361,16 @@ impl NodeNetwork {
         }
         Ok(())
     }
+}
+
+/// The IPv6 masquerade follows the IPv4 one's mode: in eBPF mode its rules leave the plan (so
+/// `apply6` removes the `ip6 twill` table) and become the kernel programs' prefixes; in
+/// nftables mode they stay in the plan and the programs get none.
+fn ebpf_masquerade6(
+    mode: MasqueradeMode,
+    plan6: &mut twill_core::routing::RoutePlan6,
+) -> Option<twill_core::routing::Masquerade6Rules> {
+    (mode == MasqueradeMode::Ebpf)
+        .then(|| plan6.masquerade.take())
+        .flatten()
 }

@@ -32,6 +32,8 @@ mod masq;
 #[cfg(target_arch = "bpf")]
 mod monitor;
 #[cfg(target_arch = "bpf")]
+mod nat6;
+#[cfg(target_arch = "bpf")]
 mod pkt;
 #[cfg(target_arch = "bpf")]
 mod pod;

@@ -6,13 +6,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, Backend6, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
-    DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_BACKENDS6_MAX, DEFAULT_CT_MAX,
-    DEFAULT_FRAGS_MAX, DEFAULT_IPCACHE_MAX, DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_LOCAL_ENDPOINTS_MAX,
-    DEFAULT_MASQ_PREFIXES_MAX, DEFAULT_NODE_ADDRS_MAX, DEFAULT_POLICY_ENDPOINTS_MAX,
+    AffinityKey, AffinityValue, Backend, Backend6, CtKey, CtKey6, CtValue, CtValue6,
+    DEFAULT_AFFINITY_MAX, DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_BACKENDS6_MAX,
+    DEFAULT_CT_MAX, DEFAULT_CT6_MAX, DEFAULT_FRAGS_MAX, DEFAULT_IPCACHE_MAX,
+    DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_LOCAL_ENDPOINTS_MAX, DEFAULT_MASQ_PREFIXES_MAX,
+    DEFAULT_MASQ6_PREFIXES_MAX, DEFAULT_NODE_ADDRS_MAX, DEFAULT_POLICY_ENDPOINTS_MAX,
     DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SERVICES6_MAX, DEFAULT_SOCK_REVNAT_MAX,
     DEFAULT_SOCK_REVNAT6_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, EventBudget, FastPathConfig,
-    FragKey, FragValue, IpCacheKey, LocalEndpoint, MasqKey, NodeAddrValue,
+    FragKey, FragValue, IpCacheKey, LocalEndpoint, MasqKey, MasqKey6, NodeAddrValue,
     POLICY_EVENT_BUDGET_ENTRIES, POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint, PolicyKey,
     PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
     SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SrcRangeKey, UdpFlowKey,
@@ -136,3 +137,12 @@ pub static TWL_FPCFG_V1: Array<FastPathConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static TWL_MASQ_V1: LpmTrie<MasqKey, u8> =
     LpmTrie::with_max_entries(DEFAULT_MASQ_PREFIXES_MAX, 0);
+
+// IPv6 twins of the conntrack table and the masquerade trie (`twill_common::ct6`): a plain
+// hash for the same reason as `TWL_CT_V2`.
+#[map]
+pub static TWL_CT6_V1: HashMap<CtKey6, CtValue6> = HashMap::with_max_entries(DEFAULT_CT6_MAX, 0);
+
+#[map]
+pub static TWL_MASQ6_V1: LpmTrie<MasqKey6, u8> =
+    LpmTrie::with_max_entries(DEFAULT_MASQ6_PREFIXES_MAX, 0);

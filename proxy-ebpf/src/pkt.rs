@@ -18,7 +18,7 @@ use twill_common::{CT_SCOPE_NAT, CtKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Reason
 
 pub const ETH_HLEN: usize = 14;
 /// Ethernet header: the EtherType.
-const ETH_PROTO_OFF: usize = 12;
+pub const ETH_PROTO_OFF: usize = 12;
 const ETH_P_IP: u16 = 0x0800;
 
 /// IPv4 header fields, from the start of the IP header (RFC 791).
@@ -45,12 +45,12 @@ pub const QUOTE_DST: usize = IP_DST;
 /// Transport header fields, from the start of the TCP/UDP/SCTP header: both ports lead.
 pub const L4_SPORT: usize = 0;
 pub const L4_DPORT: usize = 2;
-const TCP_FLAGS: usize = 13;
+pub const TCP_FLAGS: usize = 13;
 pub const TCP_CSUM: usize = 16;
 pub const UDP_CSUM: usize = 6;
-const UDP_HLEN: usize = 8;
+pub const UDP_HLEN: usize = 8;
 /// The two ports every transport header here starts with.
-const PORTS_LEN: usize = 4;
+pub const PORTS_LEN: usize = 4;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -69,7 +69,8 @@ pub const ICMP_ECHO_ID: usize = 4;
 const ICMP_HLEN: usize = 8;
 
 /// The most any parse reads: Ethernet, an IPv4 header with options, an ICMP header, the quoted
-/// IPv4 header with options and the quoted ports. [`Data::new`] makes this much linear.
+/// IPv4 header with options and the quoted ports (more than the IPv6 parser's `nat6` needs:
+/// 14 + 40 + 8 + 40 + 4). [`Data::new`] makes this much linear.
 #[expect(clippy::cast_possible_truncation, reason = "150 bytes")]
 const MAX_PARSE_LEN: u32 = (ETH_HLEN + 60 + ICMP_HLEN + 60 + 4) as u32;
 
@@ -77,7 +78,7 @@ const MAX_PARSE_LEN: u32 = (ETH_HLEN + 60 + ICMP_HLEN + 60 + 4) as u32;
 /// packet is changed: every helper that writes the packet (`bpf_skb_store_bytes`, the checksum
 /// helpers, `bpf_skb_pull_data`) invalidates it, so [`parse`] copies out everything a program
 /// needs before any rewrite.
-struct Data {
+pub struct Data {
     start: usize,
     end: usize,
 }
@@ -86,7 +87,7 @@ impl Data {
     /// The packet's linear data, pulling in the headers first when the skb holds them in its
     /// paged part (rare: a frame whose headers the driver did not put in the linear area).
     #[inline(always)]
-    fn new(ctx: &TcContext) -> Self {
+    pub fn new(ctx: &TcContext) -> Self {
         let want = core::cmp::min(ctx.len(), MAX_PARSE_LEN);
         if ctx.data_end() - ctx.data() < want as usize {
             // A failed pull leaves the data as it was: the reads beyond it then fail as a
@@ -104,7 +105,7 @@ impl Data {
     /// bounds check each, and never a 1-byte check at a variable offset, which LLVM turns into
     /// `ptr >= data_end` — a comparison from which the verifier derives no readable range.
     #[inline(always)]
-    fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+    pub fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
         let at = self.start + off;
         // The verifier accepts a packet access only after this comparison against data_end.
         if at + N > self.end {
@@ -119,7 +120,7 @@ impl Data {
 
 /// The two bytes at `i` as stored (a port or checksum in network order).
 #[inline(always)]
-fn u16_at<const N: usize>(b: &[u8; N], i: usize) -> u16 {
+pub fn u16_at<const N: usize>(b: &[u8; N], i: usize) -> u16 {
     u16::from_ne_bytes([b[i], b[i + 1]])
 }
 

@@ -48,11 +48,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use twill_common::{
-    AFFINITY_CLIENT_IP, BE_F_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CT_FIN_ORIG, CT_FIN_REPLY,
-    CT_SCOPE_NAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, FragKey,
-    FragValue, MASQ_PORT_MAX, MASQ_PORT_MIN, PROTO_TCP, PROTO_UDP, Reason, SCOPE_EXTERNAL,
-    SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES,
-    ServiceValue, SrcRangeKey, ct_lifetime_ns, flow_hash,
+    AFFINITY_CLIENT_IP, BE_F_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CT_SCOPE_NAT, CT_STATE_CLOSING,
+    CT_STATE_NEW, CtKey, CtValue, FragKey, FragValue, MASQ_PORT_MAX, MASQ_PORT_MIN, PROTO_TCP,
+    PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey, ct_lifetime_ns, ct_next_state,
+    flow_hash,
 };
 
 use crate::{
@@ -60,8 +60,8 @@ use crate::{
     maps::{TWL_CT_V2, TWL_FRAG_V1, TWL_LBSRC_V1, count},
     pkt::{
         Flow, ICMP_CSUM, ICMP_ECHO_ID, IP_CSUM_AT, IP_DST_AT, IP_SRC_AT, L4, L4_DPORT, L4_SPORT,
-        PROTO_ICMP, Ports, QUOTE_CSUM, QUOTE_DST, QUOTE_SRC, Quote, TCP_CSUM, TCP_FIN, TCP_RST,
-        UDP_CSUM, parse,
+        PROTO_ICMP, Ports, QUOTE_CSUM, QUOTE_DST, QUOTE_SRC, Quote, TCP_CSUM, TCP_RST, UDP_CSUM,
+        parse,
     },
 };
 
@@ -91,8 +91,29 @@ const EEXIST: i32 = 17;
 /// A `TWL_LBSRC_V1` lookup matches its whole key: the Service id and the client's address.
 const LB_SRC_KEY_BITS: u32 = 64;
 
+// Each entry point only dispatches by family: the IPv4 and IPv6 paths are functions of their
+// own (BPF-to-BPF calls, not inlined), because a BPF call chain has 512 bytes of stack in all
+// and each family's path needs most of it, so they must not share one frame.
 #[classifier]
 pub fn twill_tc_ingress(ctx: TcContext) -> i32 {
+    if crate::nat6::is_ipv6(&ctx) {
+        // IPv6 has its own translator (`nat6`); the stack delivers into local pods.
+        return ipv6_ingress(ctx.skb.skb);
+    }
+    ipv4_ingress(ctx.skb.skb)
+}
+
+#[classifier]
+pub fn twill_tc_egress(ctx: TcContext) -> i32 {
+    if crate::nat6::is_ipv6(&ctx) {
+        return ipv6_egress(ctx.skb.skb);
+    }
+    ipv4_egress(ctx.skb.skb)
+}
+
+#[inline(never)]
+fn ipv4_ingress(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
     match exit(try_ingress(&ctx)) {
         // Left to the stack (untranslated, or translated in place): a local pod's packets are
         // delivered straight into it (replies, NodePort to a local backend, other nodes' pods).
@@ -101,9 +122,19 @@ pub fn twill_tc_ingress(ctx: TcContext) -> i32 {
     }
 }
 
-#[classifier]
-pub fn twill_tc_egress(ctx: TcContext) -> i32 {
-    exit(try_egress(&ctx))
+#[inline(never)]
+fn ipv4_egress(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    exit(try_egress(&TcContext::new(skb)))
+}
+
+#[inline(never)]
+fn ipv6_egress(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    exit(crate::nat6::egress(&TcContext::new(skb)))
+}
+
+#[inline(never)]
+fn ipv6_ingress(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    exit(crate::nat6::ingress(&TcContext::new(skb)))
 }
 
 /// A verdict and the tc action carrying it out (pass on, or redirect).
@@ -529,18 +560,8 @@ fn ct_lookup(ctx: &TcContext, p: &Pkt) -> Ct {
         let _ = TWL_CT_V2.remove(other);
         return Ct::Reopen;
     }
-    let mut state = ct.state;
-    let mut fin = ct.tcp_fin;
-    if reply && state == CT_STATE_NEW {
-        // The first answer: a TCP SYN-ACK (a reset is handled below) or a UDP reply.
-        state = CT_STATE_ESTABLISHED;
-    }
-    if f.tcp_flags & TCP_FIN != 0 {
-        fin |= if reply { CT_FIN_REPLY } else { CT_FIN_ORIG };
-        if fin == CT_FIN_ORIG | CT_FIN_REPLY {
-            state = CT_STATE_CLOSING;
-        }
-    }
+    // The first answer establishes (a reset is handled below); two FINs close.
+    let (state, fin) = ct_next_state(ct.state, ct.tcp_fin, reply, f.tcp_flags);
     // SAFETY: as above; a torn write of these plain fields by two CPUs at once is harmless
     // (both write the same transition).
     unsafe {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use agent_common::{AgentProc, start_agent, tcp, wait_for};
 use anyhow::{Result, ensure};
+use twill_common::{MASQ_PORT_MAX, MASQ_PORT_MIN};
 use twill_lab::{Lab, LabSpec, Node, require};
 
 fn agents(lab: &Lab) -> Result<Vec<AgentProc>> {
@@ -222,9 +223,37 @@ fn ipv6_of_a_policy_isolated_pod_is_not_left_open() -> Result<()> {
     Ok(())
 }
 
+/// The source port `out` (a labtool reply `reply=<name> [<addr>]:<port> ...`) shows, when the
+/// address is `addr`.
+fn seen_port(out: &str, name: &str, addr: &str) -> Option<u16> {
+    out.strip_prefix(&format!("reply={name} [{addr}]:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A fast path / masquerade counter of `twill-agent debug fastpath -o json`.
+fn fastpath_counter(node: &Node, name: &str) -> Result<u64> {
+    let out = node.debug(&["fastpath", "-o", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v["counters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c[0] == name)
+        .and_then(|c| c[1].as_u64())
+        .unwrap_or(0))
+}
+
 /// IPv6 pod egress to a host outside the cluster leaves with the node's IPv6 address (the
 /// outside host has no route to pod ranges, so only a masqueraded connection is answered),
-/// while pod → pod across nodes keeps the pod's own IPv6 address.
+/// while pod → pod across nodes keeps the pod's own IPv6 address. With the default flags the
+/// masquerade is eBPF's: a port of the masquerade range, TCP and UDP, the outside host's
+/// ICMPv6 port unreachable translated back to the pod (its connected UDP socket learns
+/// ECONNREFUSED), no `ip6 twill` table nor any Twill rule in the node's nftables, no netfilter
+/// conntrack entry; Neighbour Discovery keeps working (every exchange above needs it, and the
+/// node holds a resolved neighbour entry for the outside host).
 #[test]
 fn ipv6_pod_egress_to_an_outside_host_is_masqueraded() -> Result<()> {
     let Some(lab) = require(LabSpec::nodes(2).with_external_client().with_dual_stack())? else {
@@ -232,7 +261,9 @@ fn ipv6_pod_egress_to_an_outside_host_is_masqueraded() -> Result<()> {
     };
     let (n0, n1) = (lab.node(0), lab.node(1));
     let mut serve = lab.external().cmd(twill_lab::bin("labtool"));
-    serve.args(["serve", "--name", "outside", "--tcp", "9090", "--ipv6"]);
+    serve.args([
+        "serve", "--name", "outside", "--tcp", "9090", "--udp", "9091", "--ipv6",
+    ]);
     lab.track(twill_lab::spawn_and_wait_ready(serve)?);
     let _agents = agents(&lab)?;
     wait_for("the agent's conflist", Duration::from_secs(20), || {
@@ -242,12 +273,119 @@ fn ipv6_pod_egress_to_an_outside_host_is_masqueraded() -> Result<()> {
     let p1 = n1.add_pod("peer")?;
     lab.serve_dual(&p1, "peer", Some(8080), None)?;
     let node6 = n0.ip6.expect("dual-stack").to_string();
-    wait_reply(&p0, "[fd00:172:30::200]:9090", "outside", &node6)?;
+    let outside = "[fd00:172:30::200]";
+    wait_reply(&p0, &format!("{outside}:9090"), "outside", &node6)?;
+    for _ in 0..3 {
+        let (code, out) = tcp(&p0, &format!("{outside}:9090"))?;
+        let port = seen_port(&out, "outside", &node6);
+        ensure!(
+            code == 0 && port.is_some_and(|p| (MASQ_PORT_MIN..=MASQ_PORT_MAX).contains(&p)),
+            "not masqueraded to the node's IPv6 address and a masquerade port: {out}"
+        );
+    }
+    let (code, out) = agent_common::udp(&p0, &format!("{outside}:9091"), true)?;
+    ensure!(
+        code == 0 && seen_port(&out, "outside", &node6).is_some(),
+        "UDP not masqueraded: {out}"
+    );
+    // Nobody listens on 9097: the outside host answers the node's address with an ICMPv6
+    // port unreachable, which only reaches the pod's socket translated back (exit code 2:
+    // refused; untranslated it would be lost and the client time out).
+    let (code, out) = agent_common::udp(&p0, &format!("{outside}:9097"), true)?;
+    ensure!(
+        code == 2,
+        "ICMPv6 error not translated back to the pod ({code}): {out}"
+    );
     wait_reply(
         &p0,
         &format!("[{}]:8080", p1.ip6.expect("IPv6")),
         "peer",
         &p0.ip6.expect("IPv6").to_string(),
     )?;
+    ensure!(
+        fastpath_counter(n0, "masq6_snat")? >= 5,
+        "IPv6 masquerade counters: {}",
+        n0.debug(&["fastpath"])?
+    );
+    let ruleset = n0.run(&["nft", "list", "ruleset"])?;
+    ensure!(!ruleset.contains("twill"), "nft ruleset: {ruleset}");
+    let ct = n0.cmd("conntrack").args(["-L", "-f", "ipv6"]).output()?;
+    let ct = String::from_utf8_lossy(&ct.stdout);
+    ensure!(!ct.contains("dport=9090"), "tracked by netfilter: {ct}");
+    let neigh = n0.run(&["ip", "-6", "neigh", "show", "fd00:172:30::200"])?;
+    ensure!(neigh.contains("lladdr"), "no resolved neighbour: {neigh}");
+    Ok(())
+}
+
+/// `--masquerade-mode nftables` keeps the `ip6 twill` table, which masquerades IPv6 pod egress
+/// as before (and the eBPF masquerade leaves it alone).
+#[test]
+fn ipv6_pod_egress_is_masqueraded_by_nftables_in_its_mode() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1).with_external_client().with_dual_stack())? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let mut serve = lab.external().cmd(twill_lab::bin("labtool"));
+    serve.args(["serve", "--name", "outside", "--tcp", "9090", "--ipv6"]);
+    lab.track(twill_lab::spawn_and_wait_ready(serve)?);
+    let _agent = start_agent(&lab, 0, &["--masquerade-mode", "nftables"])?;
+    wait_for("the ip6 twill table", Duration::from_secs(20), || {
+        Ok(n0
+            .run(&["nft", "list", "table", "ip6", "twill"])
+            .is_ok_and(|t| t.contains("masquerade")))
+    })?;
+    let p0 = n0.add_pod("egress")?;
+    let node6 = n0.ip6.expect("dual-stack").to_string();
+    wait_reply(&p0, "[fd00:172:30::200]:9090", "outside", &node6)?;
+    ensure!(
+        fastpath_counter(n0, "masq6_snat")? == 0,
+        "the eBPF masquerade ran in nftables mode: {}",
+        n0.debug(&["fastpath"])?
+    );
+    Ok(())
+}
+
+/// IPv6 `--non-masquerade-cidrs` (and `--cluster-cidr` with an IPv6 entry) are exceptions of
+/// the IPv6 masquerade in both modes: with the outside host exempted (and given a route back to
+/// the node's IPv6 pod CIDR), it sees the pod's own IPv6 address.
+#[test]
+fn ipv6_non_masquerade_cidrs_keep_the_pod_address_in_both_modes() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1).with_external_client().with_dual_stack())? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let ext = lab.external();
+    let mut serve = ext.cmd(twill_lab::bin("labtool"));
+    serve.args(["serve", "--name", "outside", "--tcp", "9090", "--ipv6"]);
+    lab.track(twill_lab::spawn_and_wait_ready(serve)?);
+    let cidr6 = n0.pod_cidr6.expect("dual-stack").to_string();
+    let node6 = n0.ip6.expect("dual-stack").to_string();
+    twill_lab::run_cmd(
+        ext.cmd("ip")
+            .args(["-6", "route", "add", &cidr6, "via", &node6]),
+    )?;
+    let outside = "[fd00:172:30::200]:9090";
+    for mode in ["ebpf", "nftables"] {
+        let agent = start_agent(
+            &lab,
+            0,
+            &[
+                "--masquerade-mode",
+                mode,
+                "--cluster-cidr",
+                "10.244.0.0/16,fd00:10:244::/56",
+                "--non-masquerade-cidrs",
+                "fd00:172:30::200/128",
+            ],
+        )?;
+        wait_for("the agent's conflist", Duration::from_secs(20), || {
+            Ok(std::fs::read_to_string(n0.conflist_path())?.contains("cniVersions"))
+        })?;
+        let pod = n0.add_pod(&format!("exempt-{mode}"))?;
+        let ip6 = pod.ip6.expect("IPv6").to_string();
+        wait_reply(&pod, outside, "outside", &ip6)
+            .map_err(|e| e.context(format!("--masquerade-mode {mode}")))?;
+        drop(agent);
+    }
     Ok(())
 }

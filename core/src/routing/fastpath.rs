@@ -12,13 +12,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use ipnetwork::Ipv4Network;
 use twill_common::{
     FP_F_HOST_ROUTING, FP_F_MASQ_BPF, FP_F_MASQ_NFT, FastPathConfig, LXC_F_MAC_KNOWN,
     LocalEndpoint, MASQ_KIND_EXEMPT, MASQ_KIND_SOURCE, MASQ_PORT_MAX, MASQ_PORT_MIN,
 };
 
 use super::MasqueradeRules;
+use super::masq::MasqFamily;
 
 /// A pod veth as the link dump shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,18 +115,22 @@ pub fn config(host_routing: bool, masquerade: Option<MasqueradeMode>) -> FastPat
     }
 }
 
-/// `TWL_MASQ_V1`'s contents as (kind, canonical prefix): the rules' sources and exempt
-/// destinations; nothing when masquerade is off.
-pub fn masq_prefixes(rules: Option<&MasqueradeRules>) -> BTreeSet<(u8, Ipv4Network)> {
+/// `TWL_MASQ_V1`'s (IPv4) or `TWL_MASQ6_V1`'s (IPv6) contents as (kind, canonical prefix): the
+/// rules' sources and exempt destinations; nothing when masquerade is off.
+pub fn masq_prefixes<N: MasqFamily>(rules: Option<&MasqueradeRules<N>>) -> BTreeSet<(u8, N)> {
     let Some(rules) = rules else {
         return BTreeSet::new();
     };
-    let canon = |n: &Ipv4Network| Ipv4Network::new(n.network(), n.prefix()).unwrap_or(*n);
     rules
         .sources
         .iter()
-        .map(|n| (MASQ_KIND_SOURCE, canon(n)))
-        .chain(rules.exempt.iter().map(|n| (MASQ_KIND_EXEMPT, canon(n))))
+        .map(|n| (MASQ_KIND_SOURCE, n.canonical()))
+        .chain(
+            rules
+                .exempt
+                .iter()
+                .map(|n| (MASQ_KIND_EXEMPT, n.canonical())),
+        )
         .collect()
 }
 
@@ -193,6 +197,7 @@ pub fn render_endpoints(endpoints: &BTreeMap<u32, LocalEndpoint>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipnetwork::Ipv4Network;
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
@@ -268,8 +273,8 @@ mod tests {
 
     #[test]
     fn masq_prefixes_follow_the_rules() {
-        assert!(masq_prefixes(None).is_empty());
-        let rules = MasqueradeRules::new(
+        assert!(masq_prefixes::<Ipv4Network>(None).is_empty());
+        let rules = <MasqueradeRules>::new(
             vec!["10.244.0.0/24".parse().unwrap()],
             vec![
                 "10.244.0.0/16".parse().unwrap(),

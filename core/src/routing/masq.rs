@@ -1,15 +1,10 @@
-//! Egress masquerade: pods → destinations outside the cluster leave with the node IP.
-//!
-//! Why nftables and not eBPF: a correct SNAT needs a connection table, port allocation that does
-//! not collide with the node's own sockets, reverse translation of replies and ICMP errors, and
-//! conntrack-aware expiry. netfilter's `masquerade` does all of it, in the kernel, for the rare
-//! flows that leave the cluster (pod↔pod and pod↔node traffic, the hot paths, are never
-//! translated and never touch this rule). The tc north-south programs already SNAT one kind of
-//! flow in eBPF (NodePort traffic to a backend on another node, with its own CT entries, keeping
-//! the client's port when it is free), but not pod egress; moving egress there too (Cilium's
-//! `nodeport.h` + `snat.h`) would take netfilter off the node entirely. Until then this ruleset
-//! is one table (`ip twill`), replaced atomically in one `nft -f` transaction, inside the node's
-//! network namespace only.
+//! Egress masquerade by nftables (`--masquerade-mode nftables`): pods → destinations outside
+//! the cluster leave with the node IP. The default mode is eBPF's (`proxy-ebpf/src/masq.rs`,
+//! `nat6.rs` for IPv6), which takes the same sources and exceptions as prefixes
+//! ([`super::fastpath::masq_prefixes`]) and leaves netfilter off the node; this ruleset is the
+//! fallback for kernels or setups where it cannot run. One table per family (`ip twill`,
+//! `ip6 twill`), rendered by one generic [`MasqueradeRules`], each replaced atomically in one
+//! `nft -f` transaction, inside the node's network namespace only.
 //!
 //! A NAT hook makes netfilter track *every* connection of the namespace, and a conntrack entry
 //! per connection costs pod↔pod connection rate what it costs kube-proxy's iptables mode (≈ 0.8×
@@ -23,31 +18,84 @@
 //! twill-agent's `routing::nft` feeds it to `nft -f` inside the node's namespace.
 use std::fmt::Write as _;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
-/// nftables table (family `ip`) the agent owns entirely.
+/// nftables table (families `ip` and `ip6`) the agent owns entirely.
 pub const NFT_TABLE: &str = "twill";
 
-/// The masquerade ruleset as values.
+/// What the ruleset needs of an address family's networks: the two families share every line
+/// of it but these words.
+pub trait MasqFamily: Copy + Ord + std::fmt::Display + std::fmt::Debug {
+    type Addr: Copy + Ord;
+    /// nftables table family (`ip`, `ip6`), also the match keyword (`ip saddr`, `ip6 saddr`).
+    const NFT_FAMILY: &'static str;
+    /// nftables set element type.
+    const NFT_ADDR_TYPE: &'static str;
+    fn network(&self) -> Self::Addr;
+    fn prefix(&self) -> u8;
+    fn contains(&self, addr: Self::Addr) -> bool;
+    /// The network with its host bits cleared (10.244.1.7/24 → 10.244.1.0/24).
+    #[must_use]
+    fn canonical(&self) -> Self;
+}
+
+impl MasqFamily for Ipv4Network {
+    type Addr = std::net::Ipv4Addr;
+    const NFT_FAMILY: &'static str = "ip";
+    const NFT_ADDR_TYPE: &'static str = "ipv4_addr";
+    fn network(&self) -> Self::Addr {
+        Ipv4Network::network(self)
+    }
+    fn prefix(&self) -> u8 {
+        Ipv4Network::prefix(*self)
+    }
+    fn contains(&self, addr: Self::Addr) -> bool {
+        Ipv4Network::contains(self, addr)
+    }
+    fn canonical(&self) -> Self {
+        Ipv4Network::new(self.network(), self.prefix()).unwrap_or(*self)
+    }
+}
+
+impl MasqFamily for Ipv6Network {
+    type Addr = std::net::Ipv6Addr;
+    const NFT_FAMILY: &'static str = "ip6";
+    const NFT_ADDR_TYPE: &'static str = "ipv6_addr";
+    fn network(&self) -> Self::Addr {
+        Ipv6Network::network(self)
+    }
+    fn prefix(&self) -> u8 {
+        Ipv6Network::prefix(self)
+    }
+    fn contains(&self, addr: Self::Addr) -> bool {
+        Ipv6Network::contains(self, addr)
+    }
+    fn canonical(&self) -> Self {
+        Ipv6Network::new(self.network(), self.prefix()).unwrap_or(*self)
+    }
+}
+
+/// The masquerade ruleset of one address family as values (IPv4 by default; the IPv6 one is
+/// [`Masquerade6Rules`], an `ip6 twill` table next to the `ip twill` one).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MasqueradeRules {
+pub struct MasqueradeRules<N = Ipv4Network> {
     /// Sources that are masqueraded: this node's pod CIDRs.
-    pub sources: Vec<Ipv4Network>,
+    pub sources: Vec<N>,
     /// Destinations reached untranslated: every pod CIDR, every node IP, the cluster CIDRs and
     /// the `--non-masquerade-cidrs`. Collapsed (no entry inside another) and sorted, because
     /// nftables rejects overlapping elements in an interval set.
-    pub exempt: Vec<Ipv4Network>,
+    pub exempt: Vec<N>,
     /// Every pod CIDR of the cluster (and the cluster CIDRs): packets from one to another are
     /// not tracked.
-    pub pod_cidrs: Vec<Ipv4Network>,
+    pub pod_cidrs: Vec<N>,
 }
 
-impl MasqueradeRules {
-    pub fn new(
-        sources: Vec<Ipv4Network>,
-        exempt: Vec<Ipv4Network>,
-        pod_cidrs: Vec<Ipv4Network>,
-    ) -> Self {
+/// The IPv6 ruleset: exceptions are IPv6 ones (every IPv6 pod CIDR, every node's IPv6
+/// InternalIP, the IPv6 cluster and non-masquerade CIDRs).
+pub type Masquerade6Rules = MasqueradeRules<Ipv6Network>;
+
+impl<N: MasqFamily> MasqueradeRules<N> {
+    pub fn new(sources: Vec<N>, exempt: Vec<N>, pod_cidrs: Vec<N>) -> Self {
         Self {
             sources: collapse(sources),
             exempt: collapse(exempt),
@@ -58,19 +106,17 @@ impl MasqueradeRules {
     /// The `nft -f` script: create-then-delete-then-define makes the whole replacement one
     /// transaction that works whether or not the table exists.
     pub fn render(&self) -> String {
+        let (family, ty) = (N::NFT_FAMILY, N::NFT_ADDR_TYPE);
         let mut s = String::new();
-        let _ = writeln!(s, "table ip {NFT_TABLE}");
-        let _ = writeln!(s, "delete table ip {NFT_TABLE}");
-        let _ = writeln!(s, "table ip {NFT_TABLE} {{");
+        let _ = writeln!(s, "table {family} {NFT_TABLE}");
+        let _ = writeln!(s, "delete table {family} {NFT_TABLE}");
+        let _ = writeln!(s, "table {family} {NFT_TABLE} {{");
         for (name, set) in [
             ("pod_sources", &self.sources),
             ("no_masquerade", &self.exempt),
             ("pod_cidrs", &self.pod_cidrs),
         ] {
-            let _ = write!(
-                s,
-                "\tset {name} {{\n\t\ttype ipv4_addr\n\t\tflags interval\n"
-            );
+            let _ = write!(s, "\tset {name} {{\n\t\ttype {ty}\n\t\tflags interval\n");
             if !set.is_empty() {
                 let elems: Vec<String> = set.iter().map(ToString::to_string).collect();
                 let _ = writeln!(s, "\t\telements = {{ {} }}", elems.join(", "));
@@ -79,31 +125,39 @@ impl MasqueradeRules {
         }
         s.push_str("\tchain prerouting_notrack {\n");
         s.push_str("\t\ttype filter hook prerouting priority raw; policy accept;\n");
-        s.push_str("\t\tip saddr @pod_cidrs ip daddr @pod_cidrs notrack\n");
+        let _ = writeln!(
+            s,
+            "\t\t{family} saddr @pod_cidrs {family} daddr @pod_cidrs notrack"
+        );
         s.push_str("\t}\n");
         s.push_str("\tchain postrouting {\n");
         s.push_str("\t\ttype nat hook postrouting priority srcnat; policy accept;\n");
-        s.push_str("\t\tip saddr @pod_sources ip daddr != @no_masquerade masquerade\n");
+        let _ = writeln!(
+            s,
+            "\t\t{family} saddr @pod_sources {family} daddr != @no_masquerade masquerade"
+        );
         s.push_str("\t}\n}\n");
         s
     }
 
-    /// The `nft -f` script that removes the agent's table (no error when it is absent).
+    /// The `nft -f` script that removes the agent's table of this family (no error when it is
+    /// absent).
     pub fn render_remove() -> String {
-        format!("table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n")
+        let family = N::NFT_FAMILY;
+        format!("table {family} {NFT_TABLE}\ndelete table {family} {NFT_TABLE}\n")
     }
 }
 
 /// Drops every network contained in another one and sorts by address, in O(n log n): CIDR
 /// blocks are either nested or disjoint, so after sorting by (start, prefix) a block is covered
 /// by some earlier kept block exactly when it is covered by the last kept one.
-fn collapse(mut nets: Vec<Ipv4Network>) -> Vec<Ipv4Network> {
+fn collapse<N: MasqFamily>(mut nets: Vec<N>) -> Vec<N> {
     // Canonical form first, so 10.244.1.7/24 and 10.244.1.0/24 are the same element.
     for n in &mut nets {
-        *n = Ipv4Network::new(n.network(), n.prefix()).unwrap_or(*n);
+        *n = n.canonical();
     }
     nets.sort_by_key(|n| (n.network(), n.prefix()));
-    let mut kept: Vec<Ipv4Network> = Vec::with_capacity(nets.len());
+    let mut kept: Vec<N> = Vec::with_capacity(nets.len());
     for n in nets {
         if !kept.last().is_some_and(|k| k.contains(n.network())) {
             kept.push(n);
@@ -177,14 +231,50 @@ mod tests {
     fn removal_script_tolerates_a_missing_table() {
         // Declaring the table first makes the delete succeed whether or not it exists.
         assert_eq!(
-            MasqueradeRules::render_remove(),
+            <MasqueradeRules>::render_remove(),
             "table ip twill\ndelete table ip twill\n"
         );
     }
 
     #[test]
     fn empty_sets_render_without_elements() {
-        let r = MasqueradeRules::new(Vec::new(), Vec::new(), Vec::new()).render();
+        let r = <MasqueradeRules>::new(Vec::new(), Vec::new(), Vec::new()).render();
         assert!(!r.contains("elements"), "{r}");
+    }
+
+    fn nets6(v: &[&str]) -> Vec<Ipv6Network> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn renders_an_ip6_table_with_collapsed_sets() {
+        let r = Masquerade6Rules::new(
+            nets6(&["fd00:10:244::/64"]),
+            nets6(&[
+                "fd00:10:244:1::/64",
+                "fd00:10:244::/48",
+                "fd00:172:30::11/128",
+            ]),
+            nets6(&["fd00:10:244::/64", "fd00:10:244:1::/64"]),
+        );
+        assert_eq!(
+            r.exempt,
+            nets6(&["fd00:10:244::/48", "fd00:172:30::11/128"])
+        );
+        assert_eq!(
+            r.render(),
+            "table ip6 twill\ndelete table ip6 twill\ntable ip6 twill {\n\
+             \tset pod_sources {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t\telements = { fd00:10:244::/64 }\n\t}\n\
+             \tset no_masquerade {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t\telements = { fd00:10:244::/48, fd00:172:30::11/128 }\n\t}\n\
+             \tset pod_cidrs {\n\t\ttype ipv6_addr\n\t\tflags interval\n\t\telements = { fd00:10:244::/64, fd00:10:244:1::/64 }\n\t}\n\
+             \tchain prerouting_notrack {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\
+             \t\tip6 saddr @pod_cidrs ip6 daddr @pod_cidrs notrack\n\t}\n\
+             \tchain postrouting {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tip6 saddr @pod_sources ip6 daddr != @no_masquerade masquerade\n\t}\n}\n"
+        );
+        assert_eq!(
+            Masquerade6Rules::render_remove(),
+            "table ip6 twill\ndelete table ip6 twill\n"
+        );
     }
 }

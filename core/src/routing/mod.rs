@@ -40,7 +40,6 @@
 pub mod fastpath;
 pub mod host;
 pub mod masq;
-pub mod masq6;
 pub mod netdiff;
 pub mod plan;
 pub mod plan6;
@@ -50,7 +49,7 @@ use std::net::Ipv4Addr;
 use serde::Deserialize;
 
 pub use host::{HostLink, HostNetwork, default_devices, nodeport_addresses};
-pub use masq::MasqueradeRules;
+pub use masq::{Masquerade6Rules, MasqueradeRules};
 pub use plan::{
     PeerRoute, PeerVia, RoutePlan, SkipReason, SkippedPeer, VxlanDevicePlan, cni_mtu,
     node_internal_ipv4, plan_routes, vtep_addr, vtep_mac,
@@ -89,6 +88,12 @@ pub struct RoutingConfig {
     pub cluster_cidrs: Vec<ipnetwork::Ipv4Network>,
     /// `--non-masquerade-cidrs`: destinations reached with the pod IP unchanged.
     pub non_masquerade_cidrs: Vec<ipnetwork::Ipv4Network>,
+    /// The IPv6 entries of `--cluster-cidr` (both flags take either family, as kube-proxy's
+    /// `--cluster-cidr` and ip-masq-agent's `nonMasqueradeCIDRs` do): exceptions of the IPv6
+    /// masquerade.
+    pub cluster_cidrs6: Vec<ipnetwork::Ipv6Network>,
+    /// The IPv6 entries of `--non-masquerade-cidrs`.
+    pub non_masquerade_cidrs6: Vec<ipnetwork::Ipv6Network>,
     /// Whether pod egress to outside destinations is masqueraded to the node IP.
     pub masquerade: bool,
     pub vxlan_vni: u32,
@@ -101,6 +106,8 @@ impl Default for RoutingConfig {
             mode: RoutingMode::Auto,
             cluster_cidrs: Vec::new(),
             non_masquerade_cidrs: Vec::new(),
+            cluster_cidrs6: Vec::new(),
+            non_masquerade_cidrs6: Vec::new(),
             masquerade: true,
             vxlan_vni: VXLAN_VNI,
             vxlan_port: VXLAN_PORT,

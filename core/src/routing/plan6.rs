@@ -24,7 +24,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use ipnetwork::{IpNetwork, Ipv6Network};
 use k8s_openapi::api::core::v1::Node;
 
-use super::{HostNetwork, PeerVia, RoutePlan, masq6::Masquerade6Rules};
+use super::{HostNetwork, PeerVia, RoutePlan, RoutingConfig, masq::Masquerade6Rules};
 
 /// The IPv6 routes of this node. Sorted, so equal inputs give equal plans.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -148,6 +148,7 @@ fn overlaps6(a: Ipv6Network, b: Ipv6Network) -> bool {
 pub fn plan_routes6<'a>(
     this_node: &str,
     nodes: impl IntoIterator<Item = &'a Node>,
+    config: &RoutingConfig,
     host: &HostNetwork,
     v4: &RoutePlan,
 ) -> RoutePlan6 {
@@ -230,16 +231,8 @@ pub fn plan_routes6<'a>(
     skipped.sort_by(|a, b| a.node.cmp(&b.node));
     all_pod_cidrs.sort_by_key(|n| (n.network(), n.prefix()));
     // Like the IPv4 plan's: only when there is an IPv4 masquerade (the switch is one flag).
-    let masquerade = (v4.masquerade.is_some() && !local_pod_cidrs.is_empty()).then(|| {
-        let mut exempt = all_pod_cidrs.clone();
-        exempt.extend(
-            nodes
-                .iter()
-                .flat_map(|n| node_internal_ipv6s(n))
-                .map(Ipv6Network::from),
-        );
-        Masquerade6Rules::new(local_pod_cidrs.clone(), exempt, all_pod_cidrs.clone())
-    });
+    let masquerade = (v4.masquerade.is_some() && !local_pod_cidrs.is_empty())
+        .then(|| masquerade6(&nodes, config, &local_pod_cidrs, &all_pod_cidrs));
     let vtep = v4
         .vxlan
         .as_ref()
@@ -252,6 +245,28 @@ pub fn plan_routes6<'a>(
         all_pod_cidrs,
         masquerade,
     }
+}
+
+/// The IPv6 masquerade: from this node's IPv6 pod CIDRs, except to every IPv6 pod CIDR, the
+/// IPv6 cluster and non-masquerade CIDRs and every node's IPv6 InternalIP.
+fn masquerade6(
+    nodes: &[&Node],
+    config: &RoutingConfig,
+    local_pod_cidrs: &[Ipv6Network],
+    all_pod_cidrs: &[Ipv6Network],
+) -> Masquerade6Rules {
+    let mut exempt = all_pod_cidrs.to_vec();
+    exempt.extend(config.cluster_cidrs6.iter().copied());
+    exempt.extend(config.non_masquerade_cidrs6.iter().copied());
+    exempt.extend(
+        nodes
+            .iter()
+            .flat_map(|n| node_internal_ipv6s(n))
+            .map(Ipv6Network::from),
+    );
+    let mut pod_cidrs = all_pod_cidrs.to_vec();
+    pod_cidrs.extend(config.cluster_cidrs6.iter().copied());
+    Masquerade6Rules::new(local_pod_cidrs.to_vec(), exempt, pod_cidrs)
 }
 
 /// The dump format (debug CLI, logs and golden tests), one object per line, after the IPv4
@@ -297,7 +312,7 @@ impl std::fmt::Display for RoutePlan6 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::{HostLink, RoutingConfig, RoutingMode, plan_routes, vtep_mac};
+    use crate::routing::{HostLink, RoutingMode, plan_routes, vtep_mac};
 
     fn node(name: &str, ips: &[&str], cidrs: &[&str]) -> Node {
         let addresses: Vec<serde_json::Value> = ips
@@ -382,7 +397,7 @@ mod tests {
         };
         let nodes = cluster();
         let v4 = plan_routes("n0", &nodes, &cfg, &host()).unwrap();
-        let v6 = plan_routes6("n0", &nodes, &host(), &v4);
+        let v6 = plan_routes6("n0", &nodes, &cfg, &host(), &v4);
         (v4, v6)
     }
 
@@ -453,8 +468,55 @@ mod tests {
         ];
         let v4 = plan_routes("n0", &nodes, &RoutingConfig::default(), &host()).unwrap();
         assert_eq!(
-            plan_routes6("n0", &nodes, &host(), &v4),
+            plan_routes6("n0", &nodes, &RoutingConfig::default(), &host(), &v4),
             RoutePlan6::default()
+        );
+    }
+
+    #[test]
+    fn ipv6_masquerade_exempts_pods_nodes_and_the_ipv6_cluster_and_non_masquerade_cidrs() {
+        let cfg = RoutingConfig {
+            cluster_cidrs6: vec!["fd00:10:244::/56".parse().unwrap()],
+            non_masquerade_cidrs6: vec!["2001:db8:99::/48".parse().unwrap()],
+            ..RoutingConfig::default()
+        };
+        let nodes = cluster();
+        let v4 = plan_routes("n0", &nodes, &cfg, &host()).unwrap();
+        let m = plan_routes6("n0", &nodes, &cfg, &host(), &v4)
+            .masquerade
+            .expect("masquerade on by default");
+        let exempt: Vec<String> = m.exempt.iter().map(ToString::to_string).collect();
+        // The cluster CIDR covers every node's IPv6 pod CIDR in it.
+        assert!(
+            exempt.contains(&"fd00:10:244::/56".to_owned()),
+            "{exempt:?}"
+        );
+        assert!(
+            exempt.contains(&"2001:db8:99::/48".to_owned()),
+            "{exempt:?}"
+        );
+        assert!(
+            exempt.contains(&"fd00:172:30::11/128".to_owned()),
+            "{exempt:?}"
+        );
+        assert!(
+            !exempt.iter().any(|e| e.starts_with("fd00:10:244:1::")),
+            "{exempt:?}"
+        );
+        assert_eq!(
+            m.sources,
+            vec!["fd00:10:244::/64".parse::<Ipv6Network>().unwrap()]
+        );
+        assert!(m.pod_cidrs.contains(&"fd00:10:244::/56".parse().unwrap()));
+        // Without them, only pods and nodes.
+        let plain = plan_routes6("n0", &nodes, &RoutingConfig::default(), &host(), &v4)
+            .masquerade
+            .expect("on");
+        assert!(
+            !plain
+                .exempt
+                .iter()
+                .any(|e| e.to_string() == "2001:db8:99::/48")
         );
     }
 }

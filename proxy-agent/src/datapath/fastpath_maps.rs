@@ -3,12 +3,15 @@
 //! what is new or changed, then deletes what is gone (`twill_core::routing::fastpath::diff`), so
 //! a repeated or interrupted sync converges.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
-use ipnetwork::Ipv4Network;
-use twill_common::{FastPathConfig, LocalEndpoint, MASQ_PREFIX_BASE, MasqKey, def};
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use twill_common::{
+    FastPathConfig, LocalEndpoint, MASQ_PREFIX_BASE, MasqKey, MasqKey6, addr6_from_octets,
+    addr6_octets, def,
+};
 use twill_core::routing::fastpath::diff;
 
 use super::DatapathError;
@@ -19,6 +22,7 @@ pub struct AyaFastPathMaps {
     endpoints: HashMap<MapData, u32, LocalEndpoint>,
     config: Array<MapData, FastPathConfig>,
     masq: LpmTrie<MapData, MasqKey, u8>,
+    masq6: LpmTrie<MapData, MasqKey6, u8>,
     capacity: BTreeMap<MapKind, u32>,
 }
 
@@ -37,10 +41,12 @@ impl AyaFastPathMaps {
         let endpoints = src.take::<def::LocalEndpoints, _>()?;
         let config = src.take::<def::FastPathSwitches, _>()?;
         let masq = src.take::<def::Masq, _>()?;
+        let masq6 = src.take::<def::Masq6, _>()?;
         Ok(Self {
             endpoints,
             config,
             masq,
+            masq6,
             capacity: src.capacity,
         })
     }
@@ -117,7 +123,11 @@ impl AyaFastPathMaps {
         if &current == desired {
             return Ok(false);
         }
-        for p in desired.difference(&current) {
+        // Exemptions before sources (`MASQ_KIND_EXEMPT` sorts after `MASQ_KIND_SOURCE`, so the
+        // set is walked backwards): a source prefix written first would, for an instant,
+        // masquerade pod↔pod flows whose exemption is not there yet, and their entries would
+        // outlive the instant.
+        for p in desired.iter().rev().filter(|p| !current.contains(p)) {
             self.masq
                 .insert(&masq_key(*p), 1, 0)
                 .map_err(|e| map_update_error(&self.capacity, MapKind::Masq, "update", e))?;
@@ -132,6 +142,63 @@ impl AyaFastPathMaps {
         }
         Ok(true)
     }
+
+    /// The IPv6 masquerade prefixes as (kind, prefix).
+    pub fn masq6_prefixes(&self) -> Result<BTreeSet<(u8, Ipv6Network)>, MapError> {
+        let mut out = BTreeSet::new();
+        for item in &self.masq6 {
+            let k = match item {
+                Ok((k, _)) => k,
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(syscall(MapKind::Masq6, "iterate", e)),
+            };
+            let data = k.data();
+            let prefix =
+                u8::try_from(k.prefix_len().saturating_sub(MASQ_PREFIX_BASE)).unwrap_or(128);
+            let addr = Ipv6Addr::from(addr6_octets(data.addr_be));
+            if let Ok(net) = Ipv6Network::new(addr, prefix) {
+                out.insert((data.kind, net));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Converges the IPv6 masquerade prefixes to `desired` (canonical prefixes), new ones first.
+    pub fn sync_masq6(&mut self, desired: &BTreeSet<(u8, Ipv6Network)>) -> Result<bool, MapError> {
+        let current = self.masq6_prefixes()?;
+        if &current == desired {
+            return Ok(false);
+        }
+        // Exemptions before sources (`MASQ_KIND_EXEMPT` sorts after `MASQ_KIND_SOURCE`, so the
+        // set is walked backwards): a source prefix written first would, for an instant,
+        // masquerade pod↔pod flows whose exemption is not there yet, and their entries would
+        // outlive the instant.
+        for p in desired.iter().rev().filter(|p| !current.contains(p)) {
+            self.masq6
+                .insert(&masq6_key(*p), 1, 0)
+                .map_err(|e| map_update_error(&self.capacity, MapKind::Masq6, "update", e))?;
+        }
+        for p in current.difference(desired) {
+            match self.masq6.remove(&masq6_key(*p)) {
+                Err(e) if !super::maps::is_not_found(&e) => {
+                    return Err(syscall(MapKind::Masq6, "delete", e));
+                }
+                _ => {}
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn masq6_key((kind, net): (u8, Ipv6Network)) -> Key<MasqKey6> {
+    Key::new(
+        MASQ_PREFIX_BASE + u32::from(net.prefix()),
+        MasqKey6 {
+            kind,
+            _pad: [0; 3],
+            addr_be: addr6_from_octets(net.network().octets()),
+        },
+    )
 }
 
 fn masq_key((kind, net): (u8, Ipv4Network)) -> Key<MasqKey> {

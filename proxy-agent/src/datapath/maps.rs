@@ -10,9 +10,9 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use ipnetwork::Ipv4Network;
 use twill_common::{
-    AffinityKey, AffinityValue, Backend, Backend6, CT_SCOPE_NAT, CtKey, CtValue, DatapathConfig,
-    MapDef, NodeAddrValue, PROTO_TCP, PROTO_UDP, Reason, STATS_MAX, ServiceKey, ServiceValue,
-    SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey, def,
+    AffinityKey, AffinityValue, Backend, Backend6, CT_SCOPE_NAT, CtKey, CtKey6, CtValue, CtValue6,
+    DatapathConfig, MapDef, NodeAddrValue, PROTO_TCP, PROTO_UDP, Reason, STATS_MAX, ServiceKey,
+    ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey, def,
 };
 use twill_common::{ServiceKey6, SockRevNatKey6, SockRevNatValue6};
 
@@ -411,7 +411,7 @@ impl AyaLbMaps {
         now_ns: u64,
         owners: &impl AddrOwners,
     ) -> Result<(CtGcPlan, usize), MapError> {
-        collect_ct(&mut self.ct, now_ns, owners)
+        collect_ct(&mut self.ct, now_ns, owners, MapKind::Ct)
     }
 
     fn full_or_syscall(&self, kind: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
@@ -424,20 +424,24 @@ impl AyaLbMaps {
 /// about half a second).
 pub struct CtTable {
     ct: HashMap<MapData, CtKey, CtValue>,
+    /// The IPv6 twin (`TWL_CT6_V1`): the eBPF masquerade's IPv6 flows.
+    ct6: HashMap<MapData, CtKey6, CtValue6>,
     capacity: u32,
 }
 
 impl CtTable {
-    /// Opens the table pinned under `bpffs_dir` (by this agent's [`super::Datapath::load`]).
+    /// Opens the tables pinned under `bpffs_dir` (by this agent's [`super::Datapath::load`]).
     pub fn open_pinned(bpffs_dir: &Path) -> Result<Self, DatapathError> {
         let map = super::open_pinned_map(bpffs_dir, MapKind::Ct.name())?;
+        let map6 = super::open_pinned_map(bpffs_dir, MapKind::Ct6.name())?;
         Ok(Self {
             capacity: capacity_of(&map),
             ct: typed::<def::Ct, _>(map)?,
+            ct6: typed::<def::Ct6, _>(map6)?,
         })
     }
 
-    /// `max_entries` of the table.
+    /// `max_entries` of the (IPv4) table.
     pub fn capacity(&self) -> u32 {
         self.capacity
     }
@@ -448,19 +452,32 @@ impl CtTable {
         now_ns: u64,
         owners: &impl AddrOwners,
     ) -> Result<(CtGcPlan, usize), MapError> {
-        collect_ct(&mut self.ct, now_ns, owners)
+        collect_ct(&mut self.ct, now_ns, owners, MapKind::Ct)
+    }
+
+    /// One collection pass over the IPv6 table, by the same rules.
+    pub fn collect6(
+        &mut self,
+        now_ns: u64,
+        owners: &impl AddrOwners<[u32; 4]>,
+    ) -> Result<(CtGcPlan<CtKey6>, usize), MapError> {
+        collect_ct(&mut self.ct6, now_ns, owners, MapKind::Ct6)
     }
 }
 
-fn collect_ct(
-    ct: &mut HashMap<MapData, CtKey, CtValue>,
+fn collect_ct<K: ctgc::CtEntry + aya::Pod>(
+    ct: &mut HashMap<MapData, K, K::Value>,
     now_ns: u64,
-    owners: &impl AddrOwners,
-) -> Result<(CtGcPlan, usize), MapError> {
-    let entries = collect(ct, MapKind::Ct)?;
+    owners: &impl AddrOwners<K::Addr>,
+    kind: MapKind,
+) -> Result<(CtGcPlan<K>, usize), MapError>
+where
+    K::Value: aya::Pod,
+{
+    let entries = collect(ct, kind)?;
     let plan = ctgc::plan(&entries, now_ns, owners);
     for k in plan.keys() {
-        remove(ct, k, MapKind::Ct)?;
+        remove(ct, k, kind)?;
     }
     Ok((plan, entries.len()))
 }

@@ -81,6 +81,8 @@ impl From<&crate::config::Config> for RoutingConfig {
             mode: cfg.routing_mode,
             cluster_cidrs: cfg.cluster_cidr.into_iter().collect(),
             non_masquerade_cidrs: cfg.non_masquerade_cidrs.clone(),
+            cluster_cidrs6: cfg.cluster_cidr6.into_iter().collect(),
+            non_masquerade_cidrs6: cfg.non_masquerade_cidrs6.clone(),
             masquerade: cfg.masquerade,
             ..Self::default()
         }

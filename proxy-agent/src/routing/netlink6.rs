@@ -20,7 +20,7 @@ use rtnetlink::{
     },
 };
 
-use twill_core::routing::masq6::Masquerade6Rules;
+use twill_core::routing::Masquerade6Rules;
 use twill_core::routing::netdiff::{self, Nexthop, Observed, Scope};
 
 use super::netlink::{link_kind, permanent_lladdr, route_table};

@@ -15,8 +15,8 @@ pub async fn apply(rules: &MasqueradeRules) -> Result<(), RoutingError> {
 /// is not installed: then no table can exist).
 pub async fn remove() -> Result<(), RoutingError> {
     for script in [
-        MasqueradeRules::render_remove(),
-        twill_core::routing::masq6::Masquerade6Rules::render_remove(),
+        <MasqueradeRules>::render_remove(),
+        twill_core::routing::Masquerade6Rules::render_remove(),
     ] {
         match nft(&script).await {
             Err(RoutingError::NftSpawn(e)) if e.kind() == std::io::ErrorKind::NotFound => {}

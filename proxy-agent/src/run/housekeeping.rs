@@ -156,28 +156,37 @@ impl CtCollector {
             let mut table = table
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let result = table.collect(crate::datapath::monotonic_now_ns(), &owners);
-            if let Ok((plan, scanned)) = &result {
-                left.store(
-                    scanned.saturating_sub(plan.len()),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-            }
-            report_collection(&metrics, result);
+            let now = crate::datapath::monotonic_now_ns();
+            let result = table.collect(now, &owners);
+            // The IPv6 table (eBPF masquerade of IPv6 pods) by expiry: the owners above know
+            // this node's IPv4 pods only.
+            let result6 = table.collect6(now, &crate::ctgc::AssumeOwned);
+            let left4 = result
+                .as_ref()
+                .map_or(0, |(p, scanned)| scanned.saturating_sub(p.len()));
+            let left6 = result6
+                .as_ref()
+                .map_or(0, |(p, scanned)| scanned.saturating_sub(p.len()));
+            left.store(left4 + left6, std::sync::atomic::Ordering::Relaxed);
+            report_collection(&metrics, result, crate::lbmap::MapKind::Ct);
+            report_collection(&metrics, result6, crate::lbmap::MapKind::Ct6);
         }));
     }
 }
 
-fn report_collection(
+fn report_collection<K>(
     metrics: &Metrics,
-    result: Result<(crate::ctgc::CtGcPlan, usize), crate::lbmap::MapError>,
+    result: Result<(crate::ctgc::CtGcPlan<K>, usize), crate::lbmap::MapError>,
+    table: crate::lbmap::MapKind,
 ) {
     match result {
         Ok((plan, scanned)) => {
             let left = scanned.saturating_sub(plan.len());
-            metrics
-                .conntrack_entries
-                .set(i64::try_from(left).unwrap_or(i64::MAX));
+            if table == crate::lbmap::MapKind::Ct {
+                metrics
+                    .conntrack_entries
+                    .set(i64::try_from(left).unwrap_or(i64::MAX));
+            }
             metrics.conntrack_collected("expired", plan.expired.len());
             metrics.conntrack_collected("orphaned", plan.orphaned.len());
             if !plan.orphaned.is_empty() {
@@ -194,7 +203,7 @@ fn report_collection(
         }
         Err(e) => {
             log::warn!("collecting the conntrack table: {}", error_chain(&e));
-            metrics.map_error(crate::lbmap::MapKind::Ct.name(), e.metric_label());
+            metrics.map_error(table.name(), e.metric_label());
         }
     }
 }

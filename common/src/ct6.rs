@@ -1,0 +1,209 @@
+//! IPv6 twins of the connection-tracking key and value, and of the masquerade prefix key
+//! (design: `docs/design/dualstack.md`, "Addresses").
+//!
+//! One table per address size (`TWL_CT_V2` for IPv4, `TWL_CT6_V1` here) rather than one table
+//! with 40-byte keys for every IPv4 flow; the meaning of every field is the one of [`CtKey`] and
+//! [`CtValue`] (same scopes, flags, states and lifetimes), so the kernel's state machine
+//! ([`ct_next_state`]) and the agent's collector are one code path for both families.
+//!
+//! Addresses are the 16 bytes as they stand in the packet, held as four words
+//! ([`addr6_from_octets`] of `Ipv6Addr::octets()`): word-aligned, so the kernel programs copy
+//! and compare them four words at a time rather than byte by byte (which costs a BPF program
+//! stack it does not have), and `bpf_fib_lookup` and `bpf_sock_tuple` take them as they are.
+use crate::{CT_FIN_ORIG, CT_FIN_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW};
+#[cfg(doc)]
+use crate::{CtKey, CtValue};
+
+/// Key of `CT6`: one direction of a tracked IPv6 flow, as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey6 {
+    pub saddr_be: [u32; 4],
+    pub daddr_be: [u32; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// `CT_SCOPE_*`, as in [`CtKey`].
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
+
+/// Value of `CT6`: what [`CtValue`] holds, with 16-byte addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtValue6 {
+    pub new_saddr_be: [u32; 4],
+    pub new_daddr_be: [u32; 4],
+    pub new_sport_be: u16,
+    pub new_dport_be: u16,
+    pub svc_id: u32,
+    /// `CT_F_*`.
+    pub flags: u32,
+    /// `CT_STATE_*`.
+    pub state: u8,
+    /// `CT_FIN_*` (TCP).
+    pub tcp_fin: u8,
+    pub _pad: [u8; 2],
+    /// `bpf_ktime_get_ns()` of the last packet matching this entry.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<CtValue6>() == 56);
+
+impl CtKey6 {
+    /// The key of the other direction of the flow `value` translates (as
+    /// [`CtKey::counterpart`]).
+    #[must_use]
+    pub const fn counterpart(&self, value: &CtValue6) -> CtKey6 {
+        CtKey6 {
+            saddr_be: value.new_daddr_be,
+            daddr_be: value.new_saddr_be,
+            sport_be: value.new_dport_be,
+            dport_be: value.new_sport_be,
+            proto: self.proto,
+            scope: self.scope,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The same flow seen from the other side (as [`CtKey::reversed`]).
+    #[must_use]
+    pub const fn reversed(&self) -> CtKey6 {
+        CtKey6 {
+            saddr_be: self.daddr_be,
+            daddr_be: self.saddr_be,
+            sport_be: self.dport_be,
+            dport_be: self.sport_be,
+            proto: self.proto,
+            scope: self.scope,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// An IPv6 address (`Ipv6Addr::octets()`) in the maps' form: the same 16 bytes in memory.
+#[must_use]
+pub const fn addr6_from_octets(o: [u8; 16]) -> [u32; 4] {
+    let mut a = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        a[i] = u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]);
+        i += 1;
+    }
+    a
+}
+
+/// The octets of an address in the maps' form (for `Ipv6Addr::from`).
+#[must_use]
+pub const fn addr6_octets(a: [u32; 4]) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = a[i].to_ne_bytes();
+        o[i * 4] = b[0];
+        o[i * 4 + 1] = b[1];
+        o[i * 4 + 2] = b[2];
+        o[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    o
+}
+
+/// TCP flags the state machine reads.
+const TCP_FIN: u8 = 0x01;
+
+/// The state machine of a tracked flow, shared by both families' tables: from an entry's
+/// `(state, tcp_fin)`, whether the packet travels the reply direction, and its TCP flags (0 for
+/// other protocols), the new `(state, tcp_fin)`. The first answer establishes the flow; once
+/// both sides sent a FIN it is closing. (A reset removes the entries instead: the caller's.)
+#[must_use]
+pub const fn ct_next_state(state: u8, tcp_fin: u8, reply: bool, tcp_flags: u8) -> (u8, u8) {
+    let mut state = state;
+    let mut fin = tcp_fin;
+    if reply && state == CT_STATE_NEW {
+        state = CT_STATE_ESTABLISHED;
+    }
+    if tcp_flags & TCP_FIN != 0 {
+        fin |= if reply { CT_FIN_REPLY } else { CT_FIN_ORIG };
+        if fin == CT_FIN_ORIG | CT_FIN_REPLY {
+            state = CT_STATE_CLOSING;
+        }
+    }
+    (state, fin)
+}
+
+/// Data of the `MASQ6` LPM-trie key: a prefix `p/n` of `MASQ_KIND_*` is stored with
+/// `prefix_len = MASQ_PREFIX_BASE + n` (the kind and its padding always match in full, as in
+/// the IPv4 `MasqKey`); the value is unused (1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MasqKey6 {
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    pub addr_be: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<MasqKey6>() == 20);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::CtKey6 {}
+    unsafe impl aya::Pod for super::CtValue6 {}
+    unsafe impl aya::Pod for super::MasqKey6 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_machine() {
+        // A SYN-ACK (or any answer) establishes.
+        assert_eq!(
+            ct_next_state(CT_STATE_NEW, 0, true, 0x12),
+            (CT_STATE_ESTABLISHED, 0)
+        );
+        // The original direction's packets do not.
+        assert_eq!(ct_next_state(CT_STATE_NEW, 0, false, 0), (CT_STATE_NEW, 0));
+        // One FIN is noted; the second side's closes.
+        let (s, f) = ct_next_state(CT_STATE_ESTABLISHED, 0, false, TCP_FIN);
+        assert_eq!((s, f), (CT_STATE_ESTABLISHED, CT_FIN_ORIG));
+        assert_eq!(
+            ct_next_state(s, f, true, TCP_FIN | 0x10),
+            (CT_STATE_CLOSING, CT_FIN_ORIG | CT_FIN_REPLY)
+        );
+    }
+
+    #[test]
+    fn counterparts_pair_up() {
+        let k = CtKey6 {
+            saddr_be: [1; 4],
+            daddr_be: [2; 4],
+            sport_be: 1,
+            dport_be: 2,
+            proto: 6,
+            scope: 0,
+            _pad: [0; 2],
+        };
+        let v = CtValue6 {
+            new_saddr_be: [3; 4],
+            new_daddr_be: [2; 4],
+            new_sport_be: 9,
+            new_dport_be: 2,
+            svc_id: 0,
+            flags: 0,
+            state: CT_STATE_NEW,
+            tcp_fin: 0,
+            _pad: [0; 2],
+            last_seen_ns: 0,
+        };
+        let r = k.counterpart(&v);
+        assert_eq!(
+            (r.saddr_be, r.daddr_be, r.sport_be, r.dport_be),
+            ([2; 4], [3; 4], 2, 9)
+        );
+        let o: [u8; 16] = core::array::from_fn(|i| u8::try_from(i).unwrap_or(0));
+        assert_eq!(addr6_octets(addr6_from_octets(o)), o);
+        assert_eq!(k.reversed().reversed(), k);
+    }
+}
