@@ -1,5 +1,5 @@
 //! Start-up checks of `twill-agent run`: refuse to start, with a message that says what to fix,
-//! when the agent could only half work (issue 7). Mounts bpffs when it is missing, as Cilium
+//! when the agent could only half work. Mounts bpffs when it is missing, as Cilium
 //! does (`pkg/bpf/bpffs_linux.go`).
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,4 @@
-//! Lab e2e of hostile Service objects (issue 12): objects any namespace's user can write must not
+//! Lab e2e of hostile Service objects: objects any namespace's user can write must not
 //! take traffic that belongs to someone else. There is no upstream e2e for these; kube-proxy
 //! leaves them to the `DenyServiceExternalIPs` admission plugin.
 mod agent_common;

@@ -1097,7 +1097,7 @@ fn tc_snat_flows_pick_free_ports_and_translate_their_icmp_errors() -> Result<()>
     })
 }
 
-/// SNAT never takes a port a socket of the node holds (issue 12): with a TCP and a UDP socket
+/// SNAT never takes a port a socket of the node holds: with a TCP and a UDP socket
 /// bound on the node to ports of the NAT range (the reservation stops only the kernel's own
 /// choice, not an explicit bind), a client using that same port is translated to another one,
 /// while a client on a free port of the range keeps its own.
@@ -1213,7 +1213,7 @@ fn node_connect_port(to: (Ipv4Addr, u16)) -> Result<std::result::Result<u16, i32
 }
 
 /// A node process connecting *after* a NodePort flow was SNATed, to the very backend address
-/// and port that flow uses, is never given the flow's port (issue 12): SNAT draws from the
+/// and port that flow uses, is never given the flow's port: SNAT draws from the
 /// range the agent reserves in `ip_local_reserved_ports`, so the kernel skips it. With the node's
 /// ephemeral range narrowed to one port, a client on that port is SNATed to another one (the
 /// node's connect then gets its port without meeting the flow's reply tuple), and a client on a

@@ -231,6 +231,9 @@ fn host_routing_off_leaves_every_packet_to_the_stack() -> Result<()> {
             .into_iter()
             .flatten()
             .filter_map(|c| Some((c[0].as_str()?, c[1].as_u64()?)))
+            // The view also shows the masquerade's counters, which run whatever the host
+            // routing (and count, e.g., the nodes' own MLD reports with their hop-by-hop header).
+            .filter(|(name, _)| name.starts_with("fastpath_"))
         {
             ensure!(
                 count == 0,

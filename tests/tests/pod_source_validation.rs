@@ -1,4 +1,4 @@
-//! Source-address validation on pod veths (issue 13): a pod that sends with an address that is
+//! Source-address validation on pod veths: a pod that sends with an address that is
 //! not its own — another pod's on the same node, the node's — has those packets dropped on its
 //! veth as `source_spoofed`, counted in `debug drops`, while its own traffic keeps flowing.
 //! The spoofed addresses are lab addresses, added inside the pod's own namespace; nothing

@@ -1,4 +1,4 @@
-//! Heap of the agent's NetworkPolicy inputs at the policy bench's scale (issue 13: agent RSS
+//! Heap of the agent's NetworkPolicy inputs at the policy bench's scale (the policy bench's agent RSS
 //! growth ≤ 50 MiB with 1,000 policies over 10,000 pods). Counted by a global allocator, so
 //! the numbers are exact and the same on a loaded machine; no root, no lab.
 //!

@@ -342,11 +342,20 @@ fn should_function_for_pod_service_udp() -> Result<()> {
             last.contains(&format!("from={to}")),
             "recvmsg does not show the ClusterIP as the source: {last}"
         );
-        let (code, out) = udp(&client, &to, true)?;
-        ensure!(
-            code == 0 && out.contains(&format!("from={to}")),
-            "connected: {out}"
-        );
+        // Connected: the socket gets one backend at connect(), possibly the one on the other
+        // node, whose routes the agents may still be programming (the wait above needed only
+        // one backend to answer), so this polls too.
+        wait_for(
+            &format!("connected UDP {to}"),
+            Duration::from_secs(30),
+            || {
+                let (code, out) = udp(&client, &to, true)?;
+                let ok = code == 0 && out.contains(&format!("from={to}"));
+                last = out;
+                Ok(ok)
+            },
+        )
+        .map_err(|e| e.context(format!("connected UDP to {to}, last: {last:?}")))?;
         // One unconnected socket, many datagrams: one flow, one backend.
         let (code, out) = client.labtool(&[
             "udp-loop",

@@ -40,7 +40,7 @@ impl LabelSet for Labels {
 
 /// A pod's labels as the stores keep them: sorted `(key, value)` pairs of shared strings, one
 /// allocation per pod. A `BTreeMap<String, String>` allocates a 540-byte node even for one
-/// label, and 10,000 pods repeat the same few keys and values (issue 13's RSS target).
+/// label, and 10,000 pods repeat the same few keys and values (the policy bench's agent-RSS target).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PodLabels(Box<[(Arc<str>, Arc<str>)]>);
 

@@ -652,7 +652,7 @@ mod tests {
         n
     }
 
-    /// Hostile or misconfigured peers (issue 12): a pod CIDR outside the cluster CIDR, over
+    /// Hostile or misconfigured peers: a pod CIDR outside the cluster CIDR, over
     /// this node's subnet, over the default route or another foreign route, holding a node's
     /// address, or overlapping an older peer's, gets no route; the honest peers keep theirs.
     #[test]

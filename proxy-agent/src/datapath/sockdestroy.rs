@@ -22,6 +22,7 @@
 //! `CAP_SYS_ADMIN` for `setns`. Only sockets this datapath translated are touched: their
 //! (socket cookie, backend) is in `SOCK_REVNAT` (a pod talking to a backend's address directly,
 //! or a socket another Twill instance translated, is left alone).
+use std::ops::ControlFlow;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
@@ -318,33 +319,37 @@ impl NlSock {
 
     /// Reads messages of request `seq` until `NLMSG_DONE`, handing each to `f`.
     fn recv_until_done(&self, seq: u32, mut f: impl FnMut(u16, &[u8])) -> io::Result<()> {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            let n = self.recv(&mut buf)?;
-            let mut off = 0;
-            while off + NLMSG_HDR_LEN <= n {
-                let (len, msg_type, msg_seq) = header(&buf[off..n]);
-                if len < NLMSG_HDR_LEN || off + len > n {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "truncated netlink message",
-                    ));
-                }
-                let payload = &buf[off + NLMSG_HDR_LEN..off + len];
-                if msg_seq == seq {
-                    match msg_type {
-                        NLMSG_DONE => return Ok(()),
-                        NLMSG_ERROR => error_of(payload)?,
-                        t => f(t, payload),
-                    }
-                }
-                off += len.next_multiple_of(4);
+        self.walk(32 * 1024, seq, |msg_type, payload| match msg_type {
+            NLMSG_DONE => Ok(ControlFlow::Break(())),
+            NLMSG_ERROR => error_of(payload).map(|()| ControlFlow::Continue(())),
+            t => {
+                f(t, payload);
+                Ok(ControlFlow::Continue(()))
             }
-        }
+        })
     }
 
+    /// Reads until the kernel's acknowledgement (or error) of request `seq`.
     fn recv_ack(&self, seq: u32) -> io::Result<()> {
-        let mut buf = vec![0u8; 4096];
+        self.walk(4096, seq, |msg_type, payload| {
+            if msg_type == NLMSG_ERROR {
+                error_of(payload).map(|()| ControlFlow::Break(()))
+            } else {
+                Ok(ControlFlow::Continue(()))
+            }
+        })
+    }
+
+    /// The one walk over the kernel's replies: receives into a `buf_len` buffer, checks each
+    /// message's length, and hands the type and payload of request `seq`'s messages to `f`
+    /// until it breaks (or fails). Messages of other requests are skipped.
+    fn walk(
+        &self,
+        buf_len: usize,
+        seq: u32,
+        mut f: impl FnMut(u16, &[u8]) -> io::Result<ControlFlow<()>>,
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; buf_len];
         loop {
             let n = self.recv(&mut buf)?;
             let mut off = 0;
@@ -356,8 +361,8 @@ impl NlSock {
                         "truncated netlink message",
                     ));
                 }
-                if msg_seq == seq && msg_type == NLMSG_ERROR {
-                    return error_of(&buf[off + NLMSG_HDR_LEN..off + len]);
+                if msg_seq == seq && f(msg_type, &buf[off + NLMSG_HDR_LEN..off + len])?.is_break() {
+                    return Ok(());
                 }
                 off += len.next_multiple_of(4);
             }

@@ -4,7 +4,7 @@
 //! Parsing a whole file into one `serde_json::Value` first cost ≈ 35 times the file's size in
 //! heap (a 3 MiB List of 10,000 Pods peaked above 100 MiB, the items then copied once more),
 //! and the allocator keeps most of such a peak as the agent's RSS long after it is freed
-//! (issue 13's RSS target). Streamed, the peak is one item's tree.
+//! (the policy bench's agent-RSS target, docs/benchmarks.md). Streamed, the peak is one item's tree.
 //!
 //! A list's `kind` may come before or after its `items` (kubectl and `serde_json` write the keys
 //! sorted: `apiVersion`, `items`, `kind`). Items read before the list's kind is known are

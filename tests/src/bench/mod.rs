@@ -1,4 +1,4 @@
-//! The side-by-side benchmark of issue 6 (`cargo xtask bench`): Twill against kube-proxy-shaped
+//! The side-by-side benchmark (`cargo xtask bench`): Twill against kube-proxy-shaped
 //! iptables and nftables rules and the direct pod-to-pod path, in one lab, as ratios.
 //!
 //! The pieces are here (not in xtask) so the smoke test `tests/tests/bench_smoke.rs` runs the

@@ -192,7 +192,7 @@ fn targets(r: &BenchResults) -> Vec<Target> {
     t
 }
 
-/// NetworkPolicy targets (issue 13).
+/// NetworkPolicy targets (docs/benchmarks.md, "NetworkPolicy").
 fn policy_targets(p: &PolicyResults, t: &mut Vec<Target>) {
     let summary = |s: Option<Summary>| {
         s.map_or_else(

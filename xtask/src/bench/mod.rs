@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: the side-by-side benchmark (issue 6). The lab-facing work lives in
+//! `cargo xtask bench`: the side-by-side benchmark. The lab-facing work lives in
 //! `twill_lab::bench` (shared with the smoke test); this module picks the profile, builds the
 //! binaries, runs, and writes `results/<timestamp>/{results.json,results.md,conn_rate.png}`.
 mod dns;

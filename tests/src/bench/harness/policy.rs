@@ -1,4 +1,4 @@
-//! The NetworkPolicy phase of the benchmark (issue 13): connection rate between two pods under a
+//! The NetworkPolicy phase of the benchmark: connection rate between two pods under a
 //! default deny + one allow policy with 0 / 100 / 1,000 more policies and 10,000 pods known,
 //! against the same pods with no policy at all, for Twill and for the kube-network-policies
 //! nftables peer (`super::super::policies`), rounds interleaved; then the control plane: 1,000
