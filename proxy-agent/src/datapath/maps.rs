@@ -258,26 +258,7 @@ impl AyaLbMaps {
             .iter()
             .map(|(_, b)| (b.proto, b.addr_be, b.port_be))
             .collect();
-        let stale_aff: Vec<AffinityKey> = collect(&self.affinity, MapKind::Affinity)?
-            .into_iter()
-            .filter(|(_, v)| ids.contains(&v.backend_id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale_aff {
-            remove(&mut self.affinity, k, MapKind::Affinity)?;
-        }
-        report.affinity_entries = stale_aff.len();
-        // The kernel already ignores a flow whose backend left the Service; removing it also
-        // keeps a re-added backend with the same id from being picked up by an old flow.
-        let stale_flows: Vec<UdpFlowKey> = collect(&self.udp_flows, MapKind::UdpFlows)?
-            .into_iter()
-            .filter(|(_, v)| ids.contains(&v.backend_id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale_flows {
-            remove(&mut self.udp_flows, k, MapKind::UdpFlows)?;
-        }
-        report.udp_flow_entries = stale_flows.len();
+        self.flush_backend_ids(&ids, &mut report)?;
         let stale_rn: Vec<SockRevNatKey> = collect(&self.revnat, MapKind::SockRevNat)?
             .into_iter()
             .filter(|(k, _)| addrs.contains(&(k.backend_addr_be, k.backend_port_be)))
@@ -314,22 +295,15 @@ impl AyaLbMaps {
         Ok(report)
     }
 
-    /// [`Self::flush_backends`] for IPv6 backends: affinity and UDP flow entries naming their
-    /// ids, IPv6 socket reverse-NAT entries naming their addresses. Connected UDP sockets to
-    /// them are not destroyed (the socket destroyer is IPv4 only: docs/design/dualstack.md).
-    pub fn flush_backends6(
+    /// The family-free half of a backend flush (both families share one backend id space):
+    /// affinity and unconnected-UDP flow entries naming one of `ids`. The kernel already
+    /// ignores a flow whose backend left the Service; removing it also keeps a re-added backend
+    /// with the same id from being picked up by an old flow.
+    fn flush_backend_ids(
         &mut self,
-        backends: &[(u32, Backend6)],
-    ) -> Result<FlushReport, MapError> {
-        let mut report = FlushReport::default();
-        if backends.is_empty() {
-            return Ok(report);
-        }
-        let ids: BTreeSet<u32> = backends.iter().map(|(id, _)| *id).collect();
-        let addrs: BTreeSet<([u32; 4], u16)> = backends
-            .iter()
-            .map(|(_, b)| (b.addr_be, b.port_be))
-            .collect();
+        ids: &BTreeSet<u32>,
+        report: &mut FlushReport,
+    ) -> Result<(), MapError> {
         let stale_aff: Vec<AffinityKey> = collect(&self.affinity, MapKind::Affinity)?
             .into_iter()
             .filter(|(_, v)| ids.contains(&v.backend_id))
@@ -348,6 +322,26 @@ impl AyaLbMaps {
             remove(&mut self.udp_flows, k, MapKind::UdpFlows)?;
         }
         report.udp_flow_entries = stale_flows.len();
+        Ok(())
+    }
+
+    /// [`Self::flush_backends`] for IPv6 backends: affinity and UDP flow entries naming their
+    /// ids, IPv6 socket reverse-NAT entries naming their addresses. Connected UDP sockets to
+    /// them are not destroyed (the socket destroyer is IPv4 only: docs/design/dualstack.md).
+    pub fn flush_backends6(
+        &mut self,
+        backends: &[(u32, Backend6)],
+    ) -> Result<FlushReport, MapError> {
+        let mut report = FlushReport::default();
+        if backends.is_empty() {
+            return Ok(report);
+        }
+        let ids: BTreeSet<u32> = backends.iter().map(|(id, _)| *id).collect();
+        let addrs: BTreeSet<([u32; 4], u16)> = backends
+            .iter()
+            .map(|(_, b)| (b.addr_be, b.port_be))
+            .collect();
+        self.flush_backend_ids(&ids, &mut report)?;
         let stale_rn: Vec<SockRevNatKey6> = collect(&self.revnat6, MapKind::SockRevNat6)?
             .into_iter()
             .filter(|(k, _)| addrs.contains(&(k.backend_addr_be, k.backend_port_be)))
