@@ -10,7 +10,10 @@
 //! ([`addr6_from_octets`] of `Ipv6Addr::octets()`): word-aligned, so the kernel programs copy
 //! and compare them four words at a time rather than byte by byte (which costs a BPF program
 //! stack it does not have), and `bpf_fib_lookup` and `bpf_sock_tuple` take them as they are.
-use crate::{CT_FIN_ORIG, CT_FIN_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW};
+use crate::{
+    CT_FIN_ORIG, CT_FIN_ORIG_FIRST, CT_FIN_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    CT_STATE_NEW,
+};
 #[cfg(doc)]
 use crate::{CtKey, CtValue};
 
@@ -124,8 +127,11 @@ pub const fn ct_next_state(state: u8, tcp_fin: u8, reply: bool, tcp_flags: u8) -
         state = CT_STATE_ESTABLISHED;
     }
     if tcp_flags & TCP_FIN != 0 {
+        if !reply && fin & (CT_FIN_ORIG | CT_FIN_REPLY) == 0 {
+            fin |= CT_FIN_ORIG_FIRST;
+        }
         fin |= if reply { CT_FIN_REPLY } else { CT_FIN_ORIG };
-        if fin == CT_FIN_ORIG | CT_FIN_REPLY {
+        if fin & (CT_FIN_ORIG | CT_FIN_REPLY) == CT_FIN_ORIG | CT_FIN_REPLY {
             state = CT_STATE_CLOSING;
         }
     }
@@ -165,13 +171,91 @@ mod tests {
         );
         // The original direction's packets do not.
         assert_eq!(ct_next_state(CT_STATE_NEW, 0, false, 0), (CT_STATE_NEW, 0));
-        // One FIN is noted; the second side's closes.
+        // One FIN is noted (and that the client's came first); the second side's closes.
         let (s, f) = ct_next_state(CT_STATE_ESTABLISHED, 0, false, TCP_FIN);
-        assert_eq!((s, f), (CT_STATE_ESTABLISHED, CT_FIN_ORIG));
+        assert_eq!(
+            (s, f),
+            (CT_STATE_ESTABLISHED, CT_FIN_ORIG | CT_FIN_ORIG_FIRST)
+        );
         assert_eq!(
             ct_next_state(s, f, true, TCP_FIN | 0x10),
+            (
+                CT_STATE_CLOSING,
+                CT_FIN_ORIG | CT_FIN_REPLY | CT_FIN_ORIG_FIRST
+            )
+        );
+        // The peer closing first is not marked, nor is a client FIN after it.
+        let (s, f) = ct_next_state(CT_STATE_ESTABLISHED, 0, true, TCP_FIN);
+        assert_eq!((s, f), (CT_STATE_ESTABLISHED, CT_FIN_REPLY));
+        assert_eq!(
+            ct_next_state(s, f, false, TCP_FIN),
             (CT_STATE_CLOSING, CT_FIN_ORIG | CT_FIN_REPLY)
         );
+    }
+
+    #[test]
+    fn a_port_is_reusable_once_expired_or_quietly_closed_by_its_client() {
+        use crate::{
+            CT_LIFETIME_TCP_CLOSING_NS, CT_NAT_PORT_QUIET_NS, PROTO_TCP, PROTO_UDP,
+            ct_nat_port_reusable,
+        };
+        let both = CT_FIN_ORIG | CT_FIN_REPLY;
+        let t0 = 1_000;
+        let quiet = t0 + CT_NAT_PORT_QUIET_NS;
+        // Closed by the client: reusable after the quiet time, not before.
+        let client_first = both | CT_FIN_ORIG_FIRST;
+        assert!(!ct_nat_port_reusable(
+            PROTO_TCP,
+            CT_STATE_CLOSING,
+            client_first,
+            t0,
+            quiet - 1
+        ));
+        assert!(ct_nat_port_reusable(
+            PROTO_TCP,
+            CT_STATE_CLOSING,
+            client_first,
+            t0,
+            quiet
+        ));
+        // Closed by the peer: only once expired.
+        assert!(!ct_nat_port_reusable(
+            PROTO_TCP,
+            CT_STATE_CLOSING,
+            both,
+            t0,
+            quiet
+        ));
+        assert!(ct_nat_port_reusable(
+            PROTO_TCP,
+            CT_STATE_CLOSING,
+            both,
+            t0,
+            t0 + CT_LIFETIME_TCP_CLOSING_NS + 1
+        ));
+        // Half closed, established or UDP: only once expired.
+        let half = CT_FIN_ORIG | CT_FIN_ORIG_FIRST;
+        assert!(!ct_nat_port_reusable(
+            PROTO_TCP,
+            CT_STATE_ESTABLISHED,
+            half,
+            t0,
+            quiet
+        ));
+        assert!(!ct_nat_port_reusable(
+            PROTO_UDP,
+            CT_STATE_ESTABLISHED,
+            0,
+            t0,
+            quiet
+        ));
+        assert!(ct_nat_port_reusable(
+            PROTO_UDP,
+            CT_STATE_NEW,
+            0,
+            t0,
+            t0 + 31_000_000_000
+        ));
     }
 
     #[test]

@@ -298,6 +298,11 @@ pub const CT_STATE_CLOSING: u8 = 3;
 /// `CtValue::tcp_fin` bits: which side has sent a FIN.
 pub const CT_FIN_ORIG: u8 = 1 << 0;
 pub const CT_FIN_REPLY: u8 = 1 << 1;
+/// Also in `CtValue::tcp_fin`: the original direction (the client) sent the first FIN. Its
+/// peer (the backend, or the outside server of a masqueraded flow) then leaves the
+/// connection on the last ACK without a TIME_WAIT, so the translated port may serve a new flow
+/// as soon as the close is over (see [`ct_nat_port_reusable`]).
+pub const CT_FIN_ORIG_FIRST: u8 = 1 << 2;
 
 const NSEC_PER_SEC: u64 = 1_000_000_000;
 /// TCP flow opened (SYN seen) but not answered: as long as a client keeps retrying its SYN.
@@ -311,6 +316,10 @@ pub const CT_LIFETIME_TCP_CLOSING_NS: u64 = 10 * NSEC_PER_SEC;
 pub const CT_LIFETIME_DGRAM_NEW_NS: u64 = 30 * NSEC_PER_SEC;
 /// UDP flow answered at least once (netfilter's `udp_timeout_stream`).
 pub const CT_LIFETIME_DGRAM_ESTABLISHED_NS: u64 = 120 * NSEC_PER_SEC;
+/// How quiet a TCP flow closed by its client must be before its translated port is reused:
+/// the last ACK (and a retransmitted FIN, whose first retransmission timeout is 200 ms) is
+/// over by then, so the peer holds nothing of the old connection.
+pub const CT_NAT_PORT_QUIET_NS: u64 = NSEC_PER_SEC;
 
 /// How long an entry in `state` of protocol `proto` lives after its last packet. Unknown
 /// states get the short lifetime of a new flow.
@@ -326,6 +335,31 @@ pub const fn ct_lifetime_ns(proto: u8, state: u8) -> u64 {
     } else {
         CT_LIFETIME_DGRAM_NEW_NS
     }
+}
+
+/// Whether the entry of a translated flow (`proto`, its `state`, `tcp_fin` and last packet
+/// time) no longer holds its port at `now`, so a new flow needing that port may take it over:
+/// - expired (what the agent's collector would remove on its next pass), or
+/// - a TCP flow that its client closed first and that has been quiet for
+///   [`CT_NAT_PORT_QUIET_NS`]. Netfilter's NAT reuses the tuple of such a TIME_WAIT flow too.
+///   Without it a port stays taken for the whole closing lifetime, which caps a node at a few
+///   hundred new connections per second to one backend (the range is 4,536 ports).
+///
+/// A flow that the peer closed first is not reused early: the peer's TIME_WAIT could answer a
+/// new SYN on the same tuple with an ACK, which the new client would reset.
+pub const fn ct_nat_port_reusable(
+    proto: u8,
+    state: u8,
+    tcp_fin: u8,
+    last_seen_ns: u64,
+    now: u64,
+) -> bool {
+    let idle = now.saturating_sub(last_seen_ns);
+    idle > ct_lifetime_ns(proto, state)
+        || (proto == PROTO_TCP
+            && state == CT_STATE_CLOSING
+            && tcp_fin & CT_FIN_ORIG_FIRST != 0
+            && idle >= CT_NAT_PORT_QUIET_NS)
 }
 
 /// Value of `CT`: the addresses and ports a matching packet is rewritten to (all network order),

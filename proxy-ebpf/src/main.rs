@@ -34,6 +34,8 @@ mod monitor;
 #[cfg(target_arch = "bpf")]
 mod nat6;
 #[cfg(target_arch = "bpf")]
+mod natport;
+#[cfg(target_arch = "bpf")]
 mod pkt;
 #[cfg(target_arch = "bpf")]
 mod pod;

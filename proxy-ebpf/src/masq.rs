@@ -8,9 +8,9 @@
 //!    to continue; a pod answering an outside TCP client or pinger)
 //!    source address: the route's preferred source (bpf_fib_lookup + BPF_FIB_LOOKUP_SRC)
 //!    port: from FastPathConfig's range (the agent reserves it with ip_local_reserved_ports
-//!          and keeps it out of ip_local_port_range, so no node socket picks one), random
-//!          start, skipping a port a node socket would receive the reply on
-//!          (bpf_sk_lookup_tcp/udp) and a reply tuple already taken (BPF_NOEXIST)
+//!          and keeps it out of ip_local_port_range, so no node socket picks one), claimed
+//!          by `natport::claim` (random probes, skipping node sockets' tuples, taking over
+//!          closed flows' ports)
 //!    ICMP echo request: the identifier is the port (same range; replies carry it back)
 //!    CT: reply entry (remote → node:port ⇒ pod) first, then the original (pod ⇒ node:port)
 //!  ingress, CT miss, not a Service: UDP from outside the cluster to a local pod's own address
@@ -23,11 +23,8 @@
 //! Expiry is the table's: state machine in the kernel, collection by the agent (`ctgc`), the
 //! entries owned by the pod (`CT_F_MASQ`), so a gone pod's flows are flushed at once.
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{BPF_F_CURRENT_NETNS, BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, TC_ACT_OK, bpf_sock_tuple},
-    helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
-    },
+    bindings::{BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, TC_ACT_OK},
+    helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use twill_common::{
@@ -38,20 +35,13 @@ use twill_common::{
 use crate::{
     fwd::{config, masqueraded},
     maps::TWL_CT_V2,
+    natport::{self, Ct4},
     pkt::PROTO_ICMP,
     tc::{Pkt, Verdict, rewrite, route},
 };
 
-/// Ports tried for one new flow before giving up (the range is thousands wide; a handful of
-/// random probes finds a free one unless it is nearly full towards that destination).
-const PORT_TRIES: u32 = 16;
 /// `-EEXIST`: a `BPF_NOEXIST` insert met an existing key.
 const EEXIST: i64 = -17;
-#[expect(
-    clippy::cast_possible_truncation,
-    reason = "12 bytes: the IPv4 part of bpf_sock_tuple"
-)]
-const SOCK_TUPLE_V4_LEN: u32 = (2 * size_of::<u32>() + 2 * size_of::<u16>()) as u32;
 
 /// A packet leaving through this device that no CT entry knows: masqueraded when it is a local
 /// pod's new flow out of the cluster, else untouched (`NotService`).
@@ -103,31 +93,11 @@ pub fn open(ctx: &TcContext, p: &Pkt) -> Result<Verdict, Reason> {
     if min == 0 {
         return Err(Reason::MasqPortsExhausted);
     }
-    // SAFETY: helper without arguments.
-    let start = unsafe { bpf_get_prandom_u32() };
-    let mut port_be = 0u16;
-    for i in 0..PORT_TRIES {
-        // Inside min..=max ≤ 65535: always fits.
-        let port = u16::try_from(min + start.wrapping_add(i) % span)
-            .unwrap_or(u16::MAX)
-            .to_be();
-        let key = reply_key(p, snat, port);
-        // No socket lookup for ICMP: the helpers know no ping sockets.
-        if p.flow.proto != PROTO_ICMP && node_socket_owns(ctx, p.flow.proto, &key) {
-            continue;
-        }
-        match TWL_CT_V2.insert(&key, &reply, u64::from(BPF_NOEXIST)) {
-            Ok(()) => {
-                port_be = port;
-                break;
-            }
-            Err(e) if i64::from(e) == EEXIST => {}
-            Err(_) => return Err(Reason::CtMapFull),
-        }
-    }
-    if port_be == 0 {
+    let mut key = reply_key(p, snat, 0);
+    let Some(port_be) = natport::claim::<Ct4>(ctx, &mut key, &reply, None, (min, span), now)?
+    else {
         return Err(Reason::MasqPortsExhausted);
-    }
+    };
     let orig = CtValue {
         new_saddr_be: snat,
         new_daddr_be: p.flow.daddr,
@@ -137,7 +107,7 @@ pub fn open(ctx: &TcContext, p: &Pkt) -> Result<Verdict, Reason> {
         ..reply
     };
     if TWL_CT_V2.insert(&p.flow.nat_key(), &orig, 0).is_err() {
-        let _ = TWL_CT_V2.remove(&reply_key(p, snat, port_be));
+        let _ = TWL_CT_V2.remove(&key);
         return Err(Reason::CtMapFull);
     }
     rewrite(ctx, p, snat, port_be, p.flow.daddr, p.flow.dport)?;
@@ -156,34 +126,6 @@ fn reply_key(p: &Pkt, snat: u32, port_be: u16) -> CtKey {
         scope: CT_SCOPE_NAT,
         _pad: [0; 2],
     }
-}
-
-/// Whether a socket of the node (connected to that peer, or listening on the port) would
-/// receive a packet with the reply tuple `key`: then the port is not ours to take.
-#[inline(always)]
-fn node_socket_owns(ctx: &TcContext, proto: u8, key: &CtKey) -> bool {
-    // SAFETY: bpf_sock_tuple is plain old data.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    // Writing a union field is safe: the IPv4 member.
-    tuple.__bindgen_anon_1.ipv4.saddr = key.saddr_be;
-    tuple.__bindgen_anon_1.ipv4.daddr = key.daddr_be;
-    tuple.__bindgen_anon_1.ipv4.sport = key.sport_be;
-    tuple.__bindgen_anon_1.ipv4.dport = key.dport_be;
-    // The node's own namespace: the one this device's program runs in.
-    let netns = u64::from(BPF_F_CURRENT_NETNS as u32);
-    // SAFETY: the tuple is valid for the size passed; a returned socket is released at once.
-    unsafe {
-        let sk = if proto == PROTO_TCP {
-            bpf_sk_lookup_tcp(ctx.as_ptr(), &raw mut tuple, SOCK_TUPLE_V4_LEN, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx.as_ptr(), &raw mut tuple, SOCK_TUPLE_V4_LEN, netns, 0)
-        };
-        if sk.is_null() {
-            return false;
-        }
-        bpf_sk_release(sk.cast());
-    }
-    true
 }
 
 /// A packet arriving on a device that no CT entry knows and no Service frontend takes: a UDP

@@ -32,13 +32,10 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH,
-        BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, TC_ACT_OK, bpf_fib_lookup, bpf_sock_tuple,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
+        TC_ACT_OK, bpf_fib_lookup,
     },
-    helpers::{
-        bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns,
-        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
-    },
+    helpers::{bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -51,6 +48,7 @@ use twill_common::{
 use crate::{
     fwd::config,
     maps::{TWL_CT6_V1, TWL_MASQ6_V1, count},
+    natport::{self, Ct6},
     pkt::{
         Data, ETH_HLEN, ETH_PROTO_OFF, L4_DPORT, L4_SPORT, PORTS_LEN, TCP_ACK, TCP_CSUM, TCP_FLAGS,
         TCP_RST, TCP_SYN, UDP_CSUM, UDP_HLEN, u16_at,
@@ -80,21 +78,12 @@ const ICMP6_DEST_UNREACH: u8 = 1;
 const ICMP6_TIME_EXCEEDED: u8 = 3;
 const ICMP6_HLEN: usize = 8;
 const ICMP6_CSUM: usize = 2;
-/// Ports tried for one new flow, as for IPv4.
-const PORT_TRIES: u32 = 16;
-/// `-EEXIST`: a `BPF_NOEXIST` insert met an existing key.
-const EEXIST: i64 = -17;
 #[expect(
     clippy::cast_possible_truncation,
     clippy::cast_possible_wrap,
     reason = "64 bytes"
 )]
 const FIB_PARAMS_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
-#[expect(
-    clippy::cast_possible_truncation,
-    reason = "36 bytes: the IPv6 part of bpf_sock_tuple"
-)]
-const SOCK_TUPLE_V6_LEN: u32 = (8 * size_of::<u32>() + 2 * size_of::<u16>()) as u32;
 
 /// A TCP/UDP packet with no extension header (addresses as in the packet, ports in network
 /// order).
@@ -387,6 +376,8 @@ fn open(ctx: &TcContext, p: &Pkt6) -> Result<Verdict, Reason> {
         return Err(Reason::MasqPortsExhausted);
     }
     let span = u32::from(cfg.masq_port_max).saturating_sub(min) + 1;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     // One value, the reply entry's first and then the original's, and one key: the IPv6 path
     // has little stack to spare.
     let mut value = CtValue6 {
@@ -399,8 +390,7 @@ fn open(ctx: &TcContext, p: &Pkt6) -> Result<Verdict, Reason> {
         state: CT_STATE_NEW,
         tcp_fin: 0,
         _pad: [0; 2],
-        // SAFETY: helper without arguments.
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        last_seen_ns: now,
     };
     let mut key = CtKey6 {
         saddr_be: p.daddr,
@@ -411,30 +401,10 @@ fn open(ctx: &TcContext, p: &Pkt6) -> Result<Verdict, Reason> {
         scope: CT_SCOPE_NAT,
         _pad: [0; 2],
     };
-    // SAFETY: helper without arguments.
-    let start = unsafe { bpf_get_prandom_u32() };
-    let mut found = false;
-    for i in 0..PORT_TRIES {
-        // Inside min..=max ≤ 65535: always fits.
-        key.dport_be = u16::try_from(min + start.wrapping_add(i) % span)
-            .unwrap_or(u16::MAX)
-            .to_be();
-        if node_socket_owns6(ctx, &key) {
-            continue;
-        }
-        match TWL_CT6_V1.insert(&key, &value, u64::from(BPF_NOEXIST)) {
-            Ok(()) => {
-                found = true;
-                break;
-            }
-            Err(e) if i64::from(e) == EEXIST => {}
-            Err(_) => return Err(Reason::CtMapFull),
-        }
-    }
-    if !found {
+    let Some(port_be) = natport::claim::<Ct6>(ctx, &mut key, &value, None, (min, span), now)?
+    else {
         return Err(Reason::MasqPortsExhausted);
-    }
-    let port_be = key.dport_be;
+    };
     value.new_saddr_be = snat;
     value.new_daddr_be = p.daddr;
     value.new_sport_be = port_be;
@@ -476,35 +446,6 @@ fn route_src6(ctx: &TcContext, p: &Pkt6) -> Result<A6, Reason> {
         return Err(Reason::RewriteFailed);
     }
     Ok(src)
-}
-
-/// Whether a socket of the node would receive a packet with the reply tuple `key` (connected
-/// to that peer, or listening on the port): then the port is not ours to take.
-#[inline(always)]
-fn node_socket_owns6(ctx: &TcContext, key: &CtKey6) -> bool {
-    // SAFETY: bpf_sock_tuple is plain old data.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    // Writing a union field is safe: the IPv6 member.
-    tuple.__bindgen_anon_1.ipv6.saddr = key.saddr_be;
-    tuple.__bindgen_anon_1.ipv6.daddr = key.daddr_be;
-    tuple.__bindgen_anon_1.ipv6.sport = key.sport_be;
-    tuple.__bindgen_anon_1.ipv6.dport = key.dport_be;
-    // Negative (all ones): the network namespace of the packet's device, the node's.
-    #[expect(clippy::cast_sign_loss, reason = "the kernel ABI's encoding of -1")]
-    let netns = i64::from(BPF_F_CURRENT_NETNS) as u64;
-    // SAFETY: the tuple is valid for the size passed; a returned socket is released at once.
-    unsafe {
-        let sk = if key.proto == PROTO_TCP {
-            bpf_skc_lookup_tcp(ctx.as_ptr(), &raw mut tuple, SOCK_TUPLE_V6_LEN, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx.as_ptr(), &raw mut tuple, SOCK_TUPLE_V6_LEN, netns, 0)
-        };
-        if sk.is_null() {
-            return false;
-        }
-        bpf_sk_release(sk.cast());
-    }
-    true
 }
 
 /// The checksum difference of replacing `old` by `new` (16 bytes each).

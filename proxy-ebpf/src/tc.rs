@@ -35,14 +35,10 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH,
-        BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_sock_tuple,
-        bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
+        TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
     },
-    helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh,
-        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
-    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_redirect_neigh},
     macros::classifier,
     maps::lpm_trie::Key,
     programs::TcContext,
@@ -58,6 +54,7 @@ use twill_common::{
 use crate::{
     lb::{Pick, is_node_addr, lookup_service, select_backend_by},
     maps::{TWL_CT_V2, TWL_FRAG_V1, TWL_LBSRC_V1, count},
+    natport::{self, Ct4},
     pkt::{
         Flow, ICMP_CSUM, ICMP_ECHO_ID, IP_CSUM_AT, IP_DST_AT, IP_SRC_AT, L4, L4_DPORT, L4_SPORT,
         PROTO_ICMP, Ports, QUOTE_CSUM, QUOTE_DST, QUOTE_SRC, Quote, TCP_CSUM, TCP_RST, UDP_CSUM,
@@ -72,10 +69,6 @@ const AF_INET: u8 = 2;
     reason = "64 bytes"
 )]
 const FIB_PARAMS_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
-/// Source ports tried for SNAT (consecutive, from a random start) before the new flow is
-/// dropped: the range is thousands wide per (node address, backend, protocol), so a handful of
-/// probes finds a free one unless it is nearly full towards that backend.
-const SNAT_PORT_TRIES: u32 = 16;
 /// SNAT draws from the masquerade's port range: the one range the agent reserves in
 /// `ip_local_reserved_ports` (and keeps out of `ip_local_port_range`), so the kernel never gives
 /// a node socket one of its ports — also not to a process connecting later to the same backend
@@ -86,8 +79,6 @@ const SNAT_PORT_MIN: u32 = MASQ_PORT_MIN as u32;
 const SNAT_PORT_SPAN: u32 = MASQ_PORT_MAX as u32 - SNAT_PORT_MIN + 1;
 /// Frontend kinds served to traffic from outside the node (a ClusterIP is not).
 const EXTERNAL_KINDS: u16 = SVC_F_NODEPORT | SVC_F_EXTERNAL_IP | SVC_F_LOADBALANCER;
-/// `-EEXIST`: a `BPF_NOEXIST` insert met an existing key.
-const EEXIST: i32 = 17;
 /// A `TWL_LBSRC_V1` lookup matches its whole key: the Service id and the client's address.
 const LB_SRC_KEY_BITS: u32 = 64;
 
@@ -727,14 +718,11 @@ fn dnat_snat(
     let f = &p.flow;
     let key = f.nat_key();
     let snat = snat_addr(ctx, f, be.addr_be)?;
-    // The client's port when it lies in the range (nothing to rewrite), else a random start.
+    // The client's port first when it lies in the range (nothing to rewrite).
     let client_port = u32::from(u16::from_be(f.sport));
-    let start = if (SNAT_PORT_MIN..SNAT_PORT_MIN + SNAT_PORT_SPAN).contains(&client_port) {
-        client_port - SNAT_PORT_MIN
-    } else {
-        // SAFETY: helper without arguments.
-        unsafe { bpf_get_prandom_u32() }
-    };
+    let preferred = (SNAT_PORT_MIN..SNAT_PORT_MIN + SNAT_PORT_SPAN)
+        .contains(&client_port)
+        .then(|| client_port - SNAT_PORT_MIN);
     let mut orig = CtValue {
         new_saddr_be: snat,
         new_daddr_be: be.addr_be,
@@ -759,32 +747,22 @@ fn dnat_snat(
         _pad: [0; 2],
         last_seen_ns: now,
     };
-    // The next port when that reply tuple is taken, by another SNATed or masqueraded flow
-    // (BPF_NOEXIST makes the claim atomic against other CPUs) or by a socket of the node bound
-    // to it explicitly (the reservation only keeps the kernel from choosing it).
-    let mut claimed = None;
-    for i in 0..SNAT_PORT_TRIES {
-        let port = SNAT_PORT_MIN + start.wrapping_add(i) % SNAT_PORT_SPAN;
-        // At most MASQ_PORT_MAX: always fits.
-        orig.new_sport_be = u16::try_from(port).unwrap_or(u16::MAX).to_be();
-        let reply_key = key.counterpart(&orig);
-        if node_socket_on(ctx, &reply_key) {
-            continue;
-        }
-        match TWL_CT_V2.insert(reply_key, reply, u64::from(BPF_NOEXIST)) {
-            Ok(()) => {
-                claimed = Some(reply_key);
-                break;
-            }
-            Err(e) if e != -EEXIST => return Err(Reason::CtMapFull),
-            Err(_) => {}
-        }
-    }
-    let Some(reply_key) = claimed else {
+    // The reply tuple (backend → node address:port) claims the port: see `natport`.
+    let mut reply_key = key.counterpart(&orig);
+    let Some(port_be) = natport::claim::<Ct4>(
+        ctx,
+        &mut reply_key,
+        &reply,
+        preferred,
+        (SNAT_PORT_MIN, SNAT_PORT_SPAN),
+        now,
+    )?
+    else {
         return Err(Reason::SnatPortsExhausted);
     };
+    orig.new_sport_be = port_be;
     if TWL_CT_V2.insert(key, orig, 0).is_err() {
-        let _ = TWL_CT_V2.remove(reply_key);
+        let _ = TWL_CT_V2.remove(&reply_key);
         return Err(Reason::CtMapFull);
     }
     rewrite(ctx, p, snat, orig.new_sport_be, be.addr_be, be.port_be)?;
@@ -792,45 +770,6 @@ fn dnat_snat(
         Reason::ForwardedRemote,
         forward(ctx, f.proto, snat, be.addr_be)?,
     ))
-}
-
-/// Whether a socket of the node holds the local end of `reply` (a SNATed flow's reply tuple:
-/// backend → node address and port): connected to the backend from that port, or bound to it.
-/// Such a port is never used for SNAT, so replies meant for the node's own connection are never
-/// taken for a translated flow's, nor the other way round. Looked up as the stack would look the
-/// reply up on input, in this device's network namespace (the node's).
-#[inline(always)]
-fn node_socket_on(ctx: &TcContext, reply: &CtKey) -> bool {
-    let mut tuple = bpf_sock_tuple {
-        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
-            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-                saddr: reply.saddr_be,
-                daddr: reply.daddr_be,
-                sport: reply.sport_be,
-                dport: reply.dport_be,
-            },
-        },
-    };
-    #[expect(clippy::cast_possible_truncation, reason = "12 bytes")]
-    let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
-    // Negative (all ones): the network namespace of the packet's device.
-    #[expect(clippy::cast_sign_loss, reason = "the kernel ABI's encoding of -1")]
-    let netns = i64::from(BPF_F_CURRENT_NETNS) as u64;
-    // SAFETY: `tuple` is a valid, writable IPv4 tuple of the size passed; the context pointer
-    // is the program's own. Any socket returned holds a reference, released just below.
-    let sk = unsafe {
-        if reply.proto == PROTO_TCP {
-            bpf_skc_lookup_tcp(ctx.as_ptr(), &raw mut tuple, size, netns, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx.as_ptr(), &raw mut tuple, size, netns, 0)
-        }
-    };
-    if sk.is_null() {
-        return false;
-    }
-    // SAFETY: `sk` is the non-null socket reference the lookup returned, released once.
-    unsafe { bpf_sk_release(sk.cast()) };
-    true
 }
 
 /// The source address for SNAT towards `backend`: the frontend itself when it is a node address

@@ -593,7 +593,9 @@ fn rolling_update_under_north_south_load_with_zero_resets() -> Result<()> {
         let r = crr(to)?;
         ensure!(
             r.failures == 0 && r.per_backend.keys().eq(["B"]),
-            "new connections via {to} after the update: {r:?}"
+            "new connections via {to} after the update: {r:?}\nn0 drops:\n{}\nn1 drops:\n{}",
+            n0.debug(&["drops"]).unwrap_or_default(),
+            n1.debug(&["drops"]).unwrap_or_default()
         );
     }
     // The old pod is deleted: n0's collector removes the flows to its address (no pod holds it

@@ -2,7 +2,7 @@
 //! packets in, translated packets out, checksums verified byte for byte (like Katran's
 //! fixtures). The programs run inside a lab node's network namespace (the test-run skb lives on
 //! its loopback device); nothing is attached anywhere.
-use std::{net::Ipv4Addr, os::fd::AsRawFd as _};
+use std::{net::Ipv4Addr, os::fd::AsRawFd as _, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use twill_agent::{
@@ -11,9 +11,10 @@ use twill_agent::{
     lbmap::LbMaps,
 };
 use twill_common::{
-    BE_F_LOCAL, Backend, CT_FIN_ORIG, CT_FIN_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_NEW, MAGLEV_SLOT_BASE, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SVC_F_LOADBALANCER,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, SlotKey, flow_hash,
+    BE_F_LOCAL, Backend, CT_FIN_ORIG, CT_FIN_ORIG_FIRST, CT_FIN_REPLY, CT_NAT_PORT_QUIET_NS,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, MAGLEV_SLOT_BASE, PROTO_TCP, PROTO_UDP,
+    Reason, SCOPE_ANY, SVC_F_LOADBALANCER, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey,
+    ServiceValue, SlotKey, flow_hash,
 };
 use twill_core::maglev;
 use twill_lab::{LabSpec, addr_be as be, in_netns, require};
@@ -534,10 +535,11 @@ fn tc_conntrack_opens_on_syn_only_and_drains_removed_backends() -> Result<()> {
         // FIN both ways: CLOSING in both entries.
         pass(&dp, INGRESS, &tcp(a, np, TCP_FIN | TCP_ACK))?;
         ensure!(
-            flow_states(&maps, PROTO_TCP, POD, 8080)? == [(CT_STATE_ESTABLISHED, CT_FIN_ORIG); 2]
+            flow_states(&maps, PROTO_TCP, POD, 8080)?
+                == [(CT_STATE_ESTABLISHED, CT_FIN_ORIG | CT_FIN_ORIG_FIRST); 2]
         );
         pass(&dp, EGRESS, &tcp((POD, 8080), a, TCP_FIN | TCP_ACK))?;
-        let both = CT_FIN_ORIG | CT_FIN_REPLY;
+        let both = CT_FIN_ORIG | CT_FIN_REPLY | CT_FIN_ORIG_FIRST;
         ensure!(flow_states(&maps, PROTO_TCP, POD, 8080)? == [(CT_STATE_CLOSING, both); 2]);
         ensure!(pass(&dp, INGRESS, &tcp(a, np, TCP_ACK))?.dst == (POD, 8080));
 
@@ -996,18 +998,9 @@ fn nat_range(port: u16) -> bool {
     (twill_common::MASQ_PORT_MIN..=twill_common::MASQ_PORT_MAX).contains(&port)
 }
 
-/// Backend on another node (externalTrafficPolicy Cluster): DNAT + SNAT to the node and a port
-/// of the reserved NAT range — the client's own when it lies in the range and is free, another
-/// one of the range when that reply tuple is in use or the client's port is outside it —, both
-/// directions sent out by redirect; an ICMP error about the reply reaches the remote backend
-/// about the packet as it sent it.
-#[test]
-fn tc_snat_flows_pick_free_ports_and_translate_their_icmp_errors() -> Result<()> {
-    let Some(lab) = require(LabSpec::nodes(1))? else {
-        return Ok(());
-    };
-    let n0 = lab.node(0);
-    // The other node's pod CIDR, via a peer on the underlay (the FIB lookup needs a route).
+/// NodePort 30080/TCP of node 0 with one backend, `REMOTE_POD:8080` on another node (routed
+/// via a peer on the underlay: the FIB lookup needs a route), loaded unpinned.
+fn remote_nodeport(n0: &twill_lab::Node) -> Result<(Datapath, AyaLbMaps)> {
     n0.run(&["ip", "route", "add", "10.244.1.0/24", "via", "172.30.0.11"])?;
     let (dp, mut maps) = loaded(None)?;
     maps.upsert_backend(
@@ -1035,6 +1028,21 @@ fn tc_snat_flows_pick_free_ports_and_translate_their_icmp_errors() -> Result<()>
             maglev_size: 0,
         },
     )?;
+    Ok((dp, maps))
+}
+
+/// Backend on another node (externalTrafficPolicy Cluster): DNAT + SNAT to the node and a port
+/// of the reserved NAT range — the client's own when it lies in the range and is free, another
+/// one of the range when that reply tuple is in use or the client's port is outside it —, both
+/// directions sent out by redirect; an ICMP error about the reply reaches the remote backend
+/// about the packet as it sent it.
+#[test]
+fn tc_snat_flows_pick_free_ports_and_translate_their_icmp_errors() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let (dp, maps) = remote_nodeport(n0)?;
     let np = (NODE, 30080);
     in_netns(&n0.netns, || {
         let redirected = |prog: &str, pkt: &[u8]| -> Result<Seen> {
@@ -1093,6 +1101,89 @@ fn tc_snat_flows_pick_free_ports_and_translate_their_icmp_errors() -> Result<()>
             "ICMP error of a SNATed flow: {seen:?}"
         );
         ensure!(maps.stats()?[&Reason::ForwardedRemote] == 3);
+        Ok(())
+    })
+}
+
+/// The SNAT port of a flow its client closed goes to the next flow that wants it once the close
+/// is quietly over (as netfilter reuses such a TIME_WAIT tuple): a node opening thousands of
+/// connections per second to one backend would otherwise run out of the 4,536 ports while
+/// closed flows sit out their closing lifetime. A flow the backend closed first keeps its port
+/// until it expires (the backend's TIME_WAIT could answer a new SYN on the tuple with an ACK).
+/// Before the take-over, the third client below got another port.
+#[test]
+fn tc_snat_ports_of_flows_their_clients_closed_serve_new_flows() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let (dp, maps) = remote_nodeport(n0)?;
+    let np = (NODE, 30080);
+    let be_end = (REMOTE_POD, 8080);
+    in_netns(&n0.netns, || {
+        let redirected = |pkt: &[u8]| -> Result<Seen> {
+            let (rc, out) = test_run(&dp, INGRESS, pkt)?;
+            ensure!(rc == TC_ACT_REDIRECT, "verdict {rc}, want redirect");
+            inspect(&out)
+        };
+        // Two flows: A keeps its port (in the range), B (same port, other address) gets another.
+        let a = (CLIENT, SNAT_KEPT);
+        let b = (CLIENT2, SNAT_KEPT);
+        let a_port = redirected(&tcp(a, np, TCP_SYN))?.src;
+        let b_port = redirected(&tcp(b, np, TCP_SYN))?.src;
+        ensure!(
+            a_port == (NODE, SNAT_KEPT) && b_port.1 != SNAT_KEPT,
+            "{a_port:?} {b_port:?}"
+        );
+        for (client, node_end) in [(a, a_port), (b, b_port)] {
+            redirected(&tcp(be_end, node_end, TCP_SYN | TCP_ACK))?;
+            redirected(&tcp(client, np, TCP_ACK))?;
+        }
+        // A: the client closes first. B: the backend does.
+        redirected(&tcp(a, np, TCP_FIN | TCP_ACK))?;
+        redirected(&tcp(be_end, a_port, TCP_FIN | TCP_ACK))?;
+        redirected(&tcp(a, np, TCP_ACK))?;
+        redirected(&tcp(be_end, b_port, TCP_FIN | TCP_ACK))?;
+        redirected(&tcp(b, np, TCP_FIN | TCP_ACK))?;
+        redirected(&tcp(b, np, TCP_ACK))?;
+        let closed = flow_states(&maps, PROTO_TCP, REMOTE_POD, 8080)?;
+        ensure!(
+            closed.len() == 4 && closed.iter().all(|&(s, _)| s == CT_STATE_CLOSING),
+            "{closed:?}"
+        );
+
+        // Right after the close A's port is still held: a new client wanting it gets another.
+        let c = (Ipv4Addr::new(172, 30, 0, 202), SNAT_KEPT);
+        let early = redirected(&tcp(c, np, TCP_SYN))?.src;
+        ensure!(early.1 != SNAT_KEPT && nat_range(early.1), "{early:?}");
+
+        // Once quiet, A's port serves a new flow, and A's entries are gone; B's is still held.
+        std::thread::sleep(Duration::from_nanos(CT_NAT_PORT_QUIET_NS) + Duration::from_millis(100));
+        let d = (Ipv4Addr::new(172, 30, 0, 203), SNAT_KEPT);
+        let taken = redirected(&tcp(d, np, TCP_SYN))?.src;
+        ensure!(
+            taken == (NODE, SNAT_KEPT),
+            "A's closed port not reused: {taken:?}"
+        );
+        let e = (Ipv4Addr::new(172, 30, 0, 204), b_port.1);
+        let kept = redirected(&tcp(e, np, TCP_SYN))?.src;
+        ensure!(
+            kept.1 != b_port.1,
+            "B's port reused while the backend may hold TIME_WAIT"
+        );
+        // The answer to D's SYN goes to D, not to A.
+        let seen = redirected(&tcp(be_end, taken, TCP_SYN | TCP_ACK))?;
+        ensure!(seen.src == np && seen.dst == d, "{seen:?}");
+        let states = flow_states(&maps, PROTO_TCP, REMOTE_POD, 8080)?;
+        ensure!(
+            states.len() == 8
+                && states
+                    .iter()
+                    .filter(|&&(s, _)| s == CT_STATE_CLOSING)
+                    .count()
+                    == 2,
+            "A's entries should be gone, B's closing, C, D, E new or established: {states:?}"
+        );
         Ok(())
     })
 }
