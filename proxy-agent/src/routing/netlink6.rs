@@ -70,6 +70,7 @@ fn parse_route6(r: &RouteMessage) -> Option<(Ipv6Network, Route6)> {
         dst,
         Route6 {
             gateway,
+            via6: None,
             oif,
             onlink: r.header.flags.contains(RouteFlags::Onlink),
         },
