@@ -1147,10 +1147,10 @@ fn tc_snat_ports_of_flows_their_clients_closed_serve_new_flows() -> Result<()> {
         redirected(&tcp(be_end, b_port, TCP_FIN | TCP_ACK))?;
         redirected(&tcp(held, np, TCP_FIN | TCP_ACK))?;
         redirected(&tcp(held, np, TCP_ACK))?;
-        let closed = flow_states(&maps, PROTO_TCP, REMOTE_POD, 8080)?;
+        let after_close = flow_states(&maps, PROTO_TCP, REMOTE_POD, 8080)?;
         ensure!(
-            closed.len() == 4 && closed.iter().all(|&(s, _)| s == CT_STATE_CLOSING),
-            "{closed:?}"
+            after_close.len() == 4 && after_close.iter().all(|&(s, _)| s == CT_STATE_CLOSING),
+            "{after_close:?}"
         );
 
         // Right after the close A's port is still held: a new client wanting it gets another.
