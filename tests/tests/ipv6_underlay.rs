@@ -89,6 +89,20 @@ fn full_size_pings(client: &Pod, server: &Pod, mtu: u32) -> Result<()> {
     Ok(())
 }
 
+/// A counter of `twill-agent debug fastpath -o json`.
+fn fastpath_counter(node: &Node, name: &str) -> Result<u64> {
+    let out = node.debug(&["fastpath", "-o", "json"])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("debug fastpath: {out}"))?;
+    Ok(v["counters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c[0] == name)
+        .and_then(|c| c[1].as_u64())
+        .unwrap_or(0))
+}
+
 /// The MTU the agent wrote into node `node`'s CNI config, once it is `want`.
 fn wait_conflist_mtu(node: &Node, want: u32) -> Result<()> {
     wait_for(
@@ -135,6 +149,19 @@ fn pods_reach_pods_on_other_nodes_over_an_ipv6_underlay_direct_and_vxlan() -> Re
     lab.serve_dual(&s1, "s1", Some(8080), None)?;
     wait_both_families(&c0, &s1)?;
     full_size_pings(&c0, &s1, 1500)?;
+    // The IPv4 packets take eBPF host routing: the FIB lookup's IPv6 next hop is handed to
+    // bpf_redirect_neigh (at least SYN, ACK and the request of each connection).
+    let before = fastpath_counter(n0, "fastpath_redirect_neigh")?;
+    for _ in 0..10 {
+        let (code, out) = tcp(&c0, &at(IpAddr::V4(s1.ip), 8080))?;
+        ensure!(code == 0, "{out}");
+    }
+    let neigh = fastpath_counter(n0, "fastpath_redirect_neigh")? - before;
+    ensure!(
+        neigh >= 10 * 3,
+        "redirect_neigh grew by {neigh} for 10 IPv4 connections via inet6:\n{}",
+        n0.debug(&["fastpath"])?
+    );
     ensure!(
         n0.run(&["ip", "link", "show", "twill.vxlan"]).is_err(),
         "an overlay device on one subnet in mode auto"
