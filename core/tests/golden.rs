@@ -6,10 +6,10 @@
 //! Each case also checks that the output does not depend on input order and that applying the
 //! compiled state to the fake maps and dumping it back renders the same text.
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize as _;
@@ -36,7 +36,7 @@ struct TestConfig {
     _kind: String,
     node_name: String,
     #[serde(default)]
-    node_port_addresses: Vec<Ipv4Addr>,
+    node_port_addresses: Vec<IpAddr>,
     #[serde(default, rename = "nodePortCIDRs")]
     node_port_cidrs: Vec<String>,
     #[serde(default)]
@@ -67,15 +67,19 @@ fn load(path: &Path) -> Case {
             "CompileConfig" => {
                 let t: TestConfig = typed(path, value);
                 let mut c = CompileConfig::new(t.node_name);
-                c.nodeport_addresses = t.node_port_addresses;
-                c.nodeport_cidrs = t
-                    .node_port_cidrs
-                    .iter()
-                    .map(|s| {
-                        s.parse::<Ipv4Network>()
-                            .unwrap_or_else(|e| panic!("{}: {s}: {e}", path.display()))
-                    })
-                    .collect();
+                for a in t.node_port_addresses {
+                    match a {
+                        IpAddr::V4(a) => c.nodeport_addresses.push(a),
+                        IpAddr::V6(a) => c.nodeport_addresses6.push(a),
+                    }
+                }
+                for s in &t.node_port_cidrs {
+                    match s.parse::<IpNetwork>() {
+                        Ok(IpNetwork::V4(n)) => c.nodeport_cidrs.push(n),
+                        Ok(IpNetwork::V6(n)) => c.nodeport_cidrs6.push(n),
+                        Err(e) => panic!("{}: {s}: {e}", path.display()),
+                    }
+                }
                 if let Some([lo, hi]) = t.node_port_range {
                     c.nodeport_range = lo..=hi;
                 }

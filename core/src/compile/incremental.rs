@@ -354,6 +354,10 @@ impl Compiler {
         let mut node_rejected = Vec::new();
         let addrs = parse::node_addrs(node, config, &mut node_rejected);
         self.state.node_addrs = addrs.iter().map(|a| (addr_be(*a), 0)).collect();
+        self.state.node_addrs6 = parse::node_addrs6(node, config)
+            .iter()
+            .map(|a| (twill_common::addr6_from_octets(a.octets()), 0))
+            .collect();
         self.state.config = DatapathConfig {
             nodeport_min: *config.nodeport_range.start(),
             nodeport_max: *config.nodeport_range.end(),

@@ -6,7 +6,7 @@
 //! none is ready (KEP-1669, per traffic policy), node-local sets for `Local` traffic policies,
 //! session affinity per Service port shared by all its frontends.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
@@ -69,6 +69,11 @@ pub struct CompileConfig {
     pub nodeport_addresses: Vec<Ipv4Addr>,
     /// kube-proxy's `--nodeport-addresses`: when set, only node addresses inside these CIDRs.
     pub nodeport_cidrs: Vec<Ipv4Network>,
+    /// IPv6 addresses `NodePort` answers on (from the agent's devices). Empty: this Node's IPv6
+    /// `InternalIP` and `ExternalIP` addresses.
+    pub nodeport_addresses6: Vec<Ipv6Addr>,
+    /// The IPv6 CIDRs of `--nodeport-addresses` (each family is filtered by its own).
+    pub nodeport_cidrs6: Vec<Ipv6Network>,
     /// `NodePorts` outside this range cannot be served by the datapath and are rejected.
     pub nodeport_range: RangeInclusive<u16>,
     /// This node's pod CIDRs (from its Node object): an endpoint without a `nodeName` inside
@@ -92,6 +97,8 @@ impl CompileConfig {
             node_name: node_name.into(),
             nodeport_addresses: Vec::new(),
             nodeport_cidrs: Vec::new(),
+            nodeport_addresses6: Vec::new(),
+            nodeport_cidrs6: Vec::new(),
             nodeport_range: DEFAULT_NODEPORT_RANGE,
             pod_cidrs: Vec::new(),
             pod_cidrs6: Vec::new(),
@@ -574,6 +581,7 @@ fn frontend_label(key: FrontendKey) -> String {
     let proto = parse::proto_name(key.proto());
     match key.addr() {
         None => format!("nodeport:{port}/{proto}"),
+        Some(IpAddr::V6(a)) if a.is_unspecified() => format!("nodeport6:{port}/{proto}"),
         Some(IpAddr::V4(a)) => format!("{a}:{port}/{proto}"),
         Some(IpAddr::V6(a)) => format!("[{a}]:{port}/{proto}"),
     }
@@ -587,9 +595,9 @@ fn families(svc: &parse::ParsedService) -> impl Iterator<Item = IpFamily> + '_ {
 /// The frontends one Service port asks for, before conflicts with other Services are resolved.
 /// Nodes' own addresses are left out of the external ones ([`refused_node_ips`] reports them).
 ///
-/// Of `family` only. IPv6 Services get their ClusterIP frontends; IPv6 `NodePort`, External IP
-/// and `LoadBalancer` frontends are not built yet (the per-packet path is IPv4 only:
-/// docs/design/dualstack.md), and the node ports of an IPv6 port are reported, not programmed.
+/// Of `family` only. An IPv6 port gets its ClusterIP frontends and its `NodePort` frontend (the
+/// wildcard `::`, answered on `node_addrs6`); IPv6 External IPs and `LoadBalancer` IPs are not
+/// built yet (docs/design/dualstack.md).
 fn port_frontends(
     svc: &parse::ParsedService,
     port: &parse::ParsedPort,
@@ -615,6 +623,22 @@ fn port_frontends(
         });
     }
     if family == IpFamily::V6 {
+        if let Some(np) = port.node_port {
+            let key = |scope| {
+                FrontendKey::new(
+                    Some(Ipv6Addr::UNSPECIFIED.into()),
+                    np.to_be(),
+                    port.proto,
+                    scope,
+                )
+            };
+            external_frontends(
+                &mut frontends,
+                svc.external_local,
+                FrontendKind::NodePort,
+                key,
+            );
+        }
         return frontends;
     }
     let mut externals: Vec<(u32, u16, FrontendKind)> = Vec::new();
@@ -642,29 +666,40 @@ fn port_frontends(
                 scope,
             })
         };
-        if svc.external_local {
-            // Traffic from outside gets local endpoints only (client IP preserved); traffic
-            // from this node's pods and host to the same address uses every endpoint, as
-            // kube-proxy short-circuits local-origin traffic to the cluster policy.
-            frontends.push(PlannedFrontend {
-                key: key(SCOPE_EXTERNAL),
-                kind,
-                local_set: true,
-            });
-            frontends.push(PlannedFrontend {
-                key: key(SCOPE_INTERNAL),
-                kind,
-                local_set: false,
-            });
-        } else {
-            frontends.push(PlannedFrontend {
-                key: key(SCOPE_ANY),
-                kind,
-                local_set: false,
-            });
-        }
+        external_frontends(&mut frontends, svc.external_local, kind, key);
     }
     frontends
+}
+
+/// The frontends of one external address (NodePort, External IP, LoadBalancer IP) of either
+/// family, by externalTrafficPolicy.
+fn external_frontends(
+    frontends: &mut Vec<PlannedFrontend>,
+    external_local: bool,
+    kind: FrontendKind,
+    key: impl Fn(u8) -> FrontendKey,
+) {
+    if external_local {
+        // Traffic from outside gets local endpoints only (client IP preserved); traffic
+        // from this node's pods and host to the same address uses every endpoint, as
+        // kube-proxy short-circuits local-origin traffic to the cluster policy.
+        frontends.push(PlannedFrontend {
+            key: key(SCOPE_EXTERNAL),
+            kind,
+            local_set: true,
+        });
+        frontends.push(PlannedFrontend {
+            key: key(SCOPE_INTERNAL),
+            kind,
+            local_set: false,
+        });
+    } else {
+        frontends.push(PlannedFrontend {
+            key: key(SCOPE_ANY),
+            kind,
+            local_set: false,
+        });
+    }
 }
 
 /// Every address/port/protocol a Service asks for with the strongest rank it asks with, sorted:
@@ -755,11 +790,6 @@ fn plan_service<'a>(
     }
     let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
     let primary = families(svc).next();
-    if svc.ports.iter().any(|p| p.node_port.is_some()) && families(svc).any(|f| f == IpFamily::V6) {
-        reject(RejectReason::Unsupported(
-            "IPv6 nodePort (the IPv6 ClusterIP is served; NodePort answers on IPv4 only)",
-        ));
-    }
     let port_families = svc
         .ports
         .iter()
@@ -977,8 +1007,13 @@ fn endpoint_flags(model: &ServicePortModel, addr: IpAddr, port: u16) -> u8 {
 
 /// The Maglev table size of a port's backend set (`local_set`) of `members` backends: a set
 /// that traffic from outside the node reaches gets a table, which the per-packet path picks
-/// from; the socket path uses the list alone.
+/// from; the socket path uses the list alone. IPv6 sets have none yet (`maglev::Identity` is an
+/// IPv4 backend): the per-packet path then picks by the flow's hash over the backend list,
+/// which is as stable while the set is unchanged but moves more flows when it changes.
 fn maglev_size_of(p: &PlannedPort, local_set: bool, members: usize) -> Option<u32> {
+    if p.model.family == IpFamily::V6 {
+        return None;
+    }
     p.frontends
         .iter()
         .any(|f| f.local_set == local_set && f.kind != FrontendKind::ClusterIp)
@@ -988,8 +1023,7 @@ fn maglev_size_of(p: &PlannedPort, local_set: bool, members: usize) -> Option<u3
 
 /// The Maglev table of size `m` (none: no table) over a set's `members` as `BACKEND_SLOTS` entries of `svc_id`.
 ///
-/// Only IPv4 sets have one: only IPv4 frontends are reached from outside the node (see
-/// [`port_frontends`]).
+/// Only IPv4 sets have one (see [`maglev_size_of`]).
 fn maglev_slots(svc_id: u32, members: &[(u32, AnyBackend)], m: Option<u32>) -> Vec<(SlotKey, u32)> {
     let Some(m) = m else {
         return Vec::new();

@@ -2,7 +2,7 @@
 //! a failed check rejects the object with a reason that tells the user what to fix, and the rest
 //! of the cluster keeps being compiled.
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::family::IpFamily;
 use std::sync::Arc;
@@ -784,6 +784,36 @@ pub(crate) fn node_addrs(
     }
     if !config.nodeport_cidrs.is_empty() {
         addrs.retain(|a| config.nodeport_cidrs.iter().any(|n| n.contains(*a)));
+    }
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs
+}
+
+/// The IPv6 addresses IPv6 `NodePort` frontends answer on: the configured ones, else this
+/// Node's IPv6 `InternalIP` and `ExternalIP` addresses; filtered by `nodeport_cidrs6` when set.
+/// Malformed addresses and another Node's object are reported by [`node_addrs`].
+pub(crate) fn node_addrs6(node: Option<&Node>, config: &CompileConfig) -> Vec<Ipv6Addr> {
+    let mut addrs = config.nodeport_addresses6.clone();
+    if addrs.is_empty()
+        && let Some(node) = node
+        && names(&node.metadata).1 == config.node_name
+    {
+        addrs.extend(
+            node.status
+                .as_ref()
+                .and_then(|s| s.addresses.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                .filter_map(|a| match a.address.trim().parse::<IpAddr>() {
+                    Ok(IpAddr::V6(ip)) => Some(ip),
+                    _ => None,
+                }),
+        );
+    }
+    if !config.nodeport_cidrs6.is_empty() {
+        addrs.retain(|a| config.nodeport_cidrs6.iter().any(|n| n.contains(*a)));
     }
     addrs.sort_unstable();
     addrs.dedup();

@@ -48,7 +48,7 @@ use std::net::Ipv4Addr;
 
 use serde::Deserialize;
 
-pub use host::{HostLink, HostNetwork, default_devices, nodeport_addresses};
+pub use host::{HostLink, HostNetwork, default_devices, nodeport_addresses, nodeport_addresses6};
 pub use masq::{Masquerade6Rules, MasqueradeRules};
 pub use plan::{
     PeerRoute, PeerVia, RoutePlan, SkipReason, SkippedPeer, VxlanDevicePlan, cni_mtu,
