@@ -36,6 +36,7 @@ pub mod helpers;
 pub mod image;
 pub mod lab;
 pub mod machine;
+pub mod manifests;
 pub mod node;
 pub mod pod;
 
