@@ -6,7 +6,7 @@
 //! Each case also checks that the output does not depend on input order and that applying the
 //! compiled state to the fake maps and dumping it back renders the same text.
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
@@ -14,7 +14,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize as _;
 use twill_core::compile::{
-    CompileConfig, Compiled, IdAllocation, Inputs, all_node_ips, compile, render_dump,
+    CompileConfig, Compiled, IdAllocation, Inputs, all_node_ips, all_node_ips6, compile,
+    render_dump,
 };
 use twill_core::lbmap::{FakeLbMaps, LbMaps};
 use twill_core::reconcile::Reconciler;
@@ -43,7 +44,7 @@ struct TestConfig {
     node_port_range: Option<[u16; 2]>,
     /// Other Nodes' addresses (the case's Node adds its own).
     #[serde(default, rename = "nodeIPs")]
-    node_ips: Vec<Ipv4Addr>,
+    node_ips: Vec<IpAddr>,
 }
 
 fn load(path: &Path) -> Case {
@@ -83,7 +84,14 @@ fn load(path: &Path) -> Case {
                 if let Some([lo, hi]) = t.node_port_range {
                     c.nodeport_range = lo..=hi;
                 }
-                c.node_ips = t.node_ips;
+                for a in t.node_ips {
+                    match a {
+                        IpAddr::V4(a) => c.node_ips.push(a),
+                        IpAddr::V6(a) => c.node_ips6.push(a),
+                    }
+                }
+                c.node_ips.sort_unstable();
+                c.node_ips6.sort_unstable();
                 case.config = Some(c);
             }
             other => panic!("{}: unexpected kind {other:?}", path.display()),
@@ -166,6 +174,9 @@ fn golden() {
         config.node_ips.extend(all_node_ips(case.node.as_ref()));
         config.node_ips.sort_unstable();
         config.node_ips.dedup();
+        config.node_ips6.extend(all_node_ips6(case.node.as_ref()));
+        config.node_ips6.sort_unstable();
+        config.node_ips6.dedup();
         let compiled = run(&case, &config, false);
         let got = render(&compiled);
 

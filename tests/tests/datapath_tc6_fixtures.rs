@@ -12,8 +12,8 @@ use twill_agent::{
 };
 use twill_common::{
     BE_F_LOCAL, Backend6, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SCOPE_EXTERNAL, SVC_F_AFFINITY,
-    SVC_F_CLUSTER_IP, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, ServiceKey6, ServiceValue, SlotKey,
-    addr6_from_octets,
+    SVC_F_CLUSTER_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, ServiceKey6,
+    ServiceValue, SlotKey, addr6_from_octets,
 };
 use twill_lab::{LabSpec, in_netns, require};
 
@@ -32,6 +32,7 @@ const CLIENT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x30, 0, 0, 0, 0, 0x200);
 const CLIENT2: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x30, 0, 0, 0, 0, 0x201);
 const POD: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 5);
 const REMOTE_POD: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 5);
+const LB_IP: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x31);
 const CLUSTER_IP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x30);
 /// A client port inside the reserved NAT range (kept by SNAT when free).
 const SNAT_KEPT: u16 = 61_234;
@@ -402,10 +403,46 @@ fn tc6_nodeport_dnat_to_local_backends_keeps_the_client() -> Result<()> {
     })
 }
 
+/// The frontends of [`tc6_nodeport_to_a_remote_backend_snats_and_translates_icmp_errors`]:
+/// NodePorts 30080/TCP and 30053/UDP and a LoadBalancer IP, each over one remote backend.
+fn remote_frontends(maps: &mut AyaLbMaps) -> Result<()> {
+    let any = Ipv6Addr::UNSPECIFIED;
+    frontend6(
+        maps,
+        1,
+        (any, 30080, PROTO_TCP, SCOPE_ANY),
+        SVC_F_NODEPORT,
+        0,
+        &[(REMOTE_POD, 8080)],
+        false,
+    )?;
+    frontend6(
+        maps,
+        2,
+        (any, 30053, PROTO_UDP, SCOPE_ANY),
+        SVC_F_NODEPORT,
+        0,
+        &[(REMOTE_POD, 5353)],
+        false,
+    )?;
+    // A LoadBalancer IP (no node address): SNAT to the route's preferred source.
+    frontend6(
+        maps,
+        3,
+        (LB_IP, 80, PROTO_TCP, SCOPE_ANY),
+        SVC_F_LOADBALANCER,
+        0,
+        &[(REMOTE_POD, 8080)],
+        false,
+    )?;
+    Ok(())
+}
+
 /// An IPv6 NodePort to a backend on another node (externalTrafficPolicy Cluster): DNAT + SNAT
 /// to the node address and a port of the reserved range (the client's own when free, another
 /// when that reply tuple is taken or the client's port is outside the range), both directions
-/// redirected out; a router's Packet Too Big about a reply reaches the remote backend about the
+/// redirected out (a LoadBalancer IP's flows SNATed to the route's preferred source); a router's
+/// Packet Too Big about a reply reaches the remote backend about the
 /// segment it sent, and a backend's port unreachable reaches the client about its datagram.
 #[test]
 fn tc6_nodeport_to_a_remote_backend_snats_and_translates_icmp_errors() -> Result<()> {
@@ -423,25 +460,7 @@ fn tc6_nodeport_to_a_remote_backend_snats_and_translates_icmp_errors() -> Result
         &PEER.to_string(),
     ])?;
     let (dp, mut maps) = loaded()?;
-    let any = Ipv6Addr::UNSPECIFIED;
-    frontend6(
-        &mut maps,
-        1,
-        (any, 30080, PROTO_TCP, SCOPE_ANY),
-        SVC_F_NODEPORT,
-        0,
-        &[(REMOTE_POD, 8080)],
-        false,
-    )?;
-    frontend6(
-        &mut maps,
-        2,
-        (any, 30053, PROTO_UDP, SCOPE_ANY),
-        SVC_F_NODEPORT,
-        0,
-        &[(REMOTE_POD, 5353)],
-        false,
-    )?;
+    remote_frontends(&mut maps)?;
     let np = (NODE, 30080);
     in_netns(&n0.netns, || {
         let redirected = |prog: &str, pkt: &[u8]| -> Result<Seen> {
@@ -500,8 +519,16 @@ fn tc6_nodeport_to_a_remote_backend_snats_and_translates_icmp_errors() -> Result
             "port unreachable of a SNATed flow: {seen:?}"
         );
 
+        let lb = redirected(INGRESS, &tcp((CLIENT, 40001), (LB_IP, 80), TCP_SYN))?;
+        ensure!(
+            lb.0.0 == NODE && nat_range(lb.0.1) && lb.1 == (REMOTE_POD, 8080),
+            "LoadBalancer IP SNAT: {lb:?}"
+        );
+        let seen = redirected(INGRESS, &tcp((REMOTE_POD, 8080), lb.0, TCP_SYN | TCP_ACK))?;
+        ensure!(seen == ((LB_IP, 80), (CLIENT, 40001)), "LB reply: {seen:?}");
+
         let stats = maps.stats()?;
-        ensure!(stats[&Reason::Ns6Forwarded] == 4, "{stats:?}");
+        ensure!(stats[&Reason::Ns6Forwarded] == 5, "{stats:?}");
         ensure!(stats[&Reason::IcmpErrorTranslated] == 2, "{stats:?}");
         Ok(())
     })

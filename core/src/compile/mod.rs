@@ -37,7 +37,8 @@ pub use incremental::{Compiler, GroupKey, ServiceGroup, UpdateSummary};
 pub use parse::{
     DEFAULT_AFFINITY_TIMEOUT_S, Interner, IpFamilyPolicy, LABEL_HEADLESS, LABEL_SERVICE_NAME,
     LABEL_SERVICE_PROXY_NAME, MAX_SLICE_ENDPOINTS, ParsedEndpoint, ParsedPort, ParsedService,
-    ParsedSlice, RefusedAddress, ServiceInput, SliceInput, all_node_ips, special_address,
+    ParsedSlice, RefusedAddress, ServiceInput, SliceInput, all_node_ips, all_node_ips6,
+    special_address, special_address6,
 };
 
 /// Default of `--max-frontends-per-service`: a Service asking for more services-map entries is
@@ -85,6 +86,9 @@ pub struct CompileConfig {
     /// an externalIP or LoadBalancer IP (it would capture the node's own ports, its kubelet or
     /// SSH, from every pod of the cluster). This node's `nodeport_addresses` are refused too.
     pub node_ips: Vec<Ipv4Addr>,
+    /// Every Node's IPv6 `InternalIP` and `ExternalIP` addresses, sorted: the same rule for
+    /// IPv6 externalIPs and LoadBalancer IPs (with this node's `nodeport_addresses6`).
+    pub node_ips6: Vec<Ipv6Addr>,
     /// The node's own network-namespace cookie, for `DatapathConfig` (loopback NodePorts).
     pub host_netns_cookie: u64,
     /// A Service needing more frontends (services-map entries) than this is not programmed.
@@ -103,6 +107,7 @@ impl CompileConfig {
             pod_cidrs: Vec::new(),
             pod_cidrs6: Vec::new(),
             node_ips: Vec::new(),
+            node_ips6: Vec::new(),
             host_netns_cookie: 0,
             max_frontends_per_service: DEFAULT_MAX_FRONTENDS_PER_SERVICE,
         }
@@ -111,6 +116,11 @@ impl CompileConfig {
     /// Whether `ip` is a node's own address (see [`CompileConfig::node_ips`]).
     pub fn is_node_ip(&self, ip: Ipv4Addr) -> bool {
         self.node_ips.binary_search(&ip).is_ok() || self.nodeport_addresses.contains(&ip)
+    }
+
+    /// [`Self::is_node_ip`] for IPv6.
+    pub fn is_node_ip6(&self, ip: Ipv6Addr) -> bool {
+        self.node_ips6.binary_search(&ip).is_ok() || self.nodeport_addresses6.contains(&ip)
     }
 }
 
@@ -254,7 +264,7 @@ pub enum RejectReason {
     )]
     RefusedAddress {
         field: &'static str,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         why: &'static str,
     },
     #[error("Node is not this node ({0})")]
@@ -595,9 +605,8 @@ fn families(svc: &parse::ParsedService) -> impl Iterator<Item = IpFamily> + '_ {
 /// The frontends one Service port asks for, before conflicts with other Services are resolved.
 /// Nodes' own addresses are left out of the external ones ([`refused_node_ips`] reports them).
 ///
-/// Of `family` only. An IPv6 port gets its ClusterIP frontends and its `NodePort` frontend (the
-/// wildcard `::`, answered on `node_addrs6`); IPv6 External IPs and `LoadBalancer` IPs are not
-/// built yet (docs/design/dualstack.md).
+/// Of `family` only: an IPv6 port gets its IPv6 ClusterIP, its `NodePort` (the wildcard `::`,
+/// answered on `node_addrs6`) and the Service's IPv6 External and `LoadBalancer` IPs.
 fn port_frontends(
     svc: &parse::ParsedService,
     port: &parse::ParsedPort,
@@ -623,21 +632,30 @@ fn port_frontends(
         });
     }
     if family == IpFamily::V6 {
+        let mut externals: Vec<(Ipv6Addr, u16, FrontendKind)> = Vec::new();
         if let Some(np) = port.node_port {
-            let key = |scope| {
-                FrontendKey::new(
-                    Some(Ipv6Addr::UNSPECIFIED.into()),
-                    np.to_be(),
-                    port.proto,
-                    scope,
-                )
-            };
-            external_frontends(
-                &mut frontends,
-                svc.external_local,
-                FrontendKind::NodePort,
-                key,
+            externals.push((Ipv6Addr::UNSPECIFIED, np.to_be(), FrontendKind::NodePort));
+        }
+        externals.extend(
+            svc.external_ips6
+                .iter()
+                .filter(|ip| !config.is_node_ip6(**ip))
+                .map(|ip| (*ip, port_be, FrontendKind::ExternalIp)),
+        );
+        // Not with loadBalancerSourceRanges: IPv6 clients are not matched against them yet, and
+        // an unfiltered LoadBalancer IP would admit every client (reported, see
+        // `plan_service`).
+        if !svc.has_source_ranges() {
+            externals.extend(
+                svc.lb_ips6
+                    .iter()
+                    .filter(|ip| !config.is_node_ip6(**ip))
+                    .map(|ip| (*ip, port_be, FrontendKind::LoadBalancer)),
             );
+        }
+        for (addr, p, kind) in externals {
+            let key = |scope| FrontendKey::new(Some(addr.into()), p, port.proto, scope);
+            external_frontends(&mut frontends, svc.external_local, kind, key);
         }
         return frontends;
     }
@@ -732,13 +750,19 @@ fn frontend_count(svc: &parse::ParsedService, config: &CompileConfig) -> usize {
 /// The externalIPs and LoadBalancer IPs of `svc` no Service may take: the special addresses
 /// parsing refused and the nodes' own addresses.
 fn refused_addresses(svc: &parse::ParsedService, config: &CompileConfig) -> Vec<RejectReason> {
-    let refused = |field: &'static str, addr: Ipv4Addr, why: &'static str| {
+    let refused = |field: &'static str, addr: IpAddr, why: &'static str| {
         RejectReason::RefusedAddress { field, addr, why }
     };
     let node_ips = |field: &'static str, ips: &[Ipv4Addr]| {
         ips.iter()
             .filter(|ip| config.is_node_ip(**ip))
-            .map(|ip| refused(field, *ip, "a node's own address"))
+            .map(|ip| refused(field, (*ip).into(), "a node's own address"))
+            .collect::<Vec<_>>()
+    };
+    let node_ips6 = |field: &'static str, ips: &[Ipv6Addr]| {
+        ips.iter()
+            .filter(|ip| config.is_node_ip6(**ip))
+            .map(|ip| refused(field, (*ip).into(), "a node's own address"))
             .collect::<Vec<_>>()
     };
     let mut out: Vec<RejectReason> = svc
@@ -748,6 +772,8 @@ fn refused_addresses(svc: &parse::ParsedService, config: &CompileConfig) -> Vec<
         .collect();
     out.extend(node_ips("spec.externalIPs", &svc.external_ips));
     out.extend(node_ips("status.loadBalancer.ingress.ip", &svc.lb_ips));
+    out.extend(node_ips6("spec.externalIPs", &svc.external_ips6));
+    out.extend(node_ips6("status.loadBalancer.ingress.ip", &svc.lb_ips6));
     out
 }
 
@@ -787,6 +813,15 @@ fn plan_service<'a>(
     }
     for reason in refused_addresses(svc, config) {
         reject(reason);
+    }
+    if svc.has_source_ranges()
+        && !svc.lb_ips6.is_empty()
+        && families(svc).any(|f| f == IpFamily::V6)
+    {
+        reject(RejectReason::Unsupported(
+            "IPv6 LoadBalancer IPs with loadBalancerSourceRanges (not programmed: IPv6 clients \
+             are not matched against the ranges yet)",
+        ));
     }
     let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
     let primary = families(svc).next();

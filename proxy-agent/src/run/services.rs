@@ -133,6 +133,8 @@ impl<M: LbMaps> ServicePipeline<M> {
         // Services naming one that came or went.
         self.compile_cfg.node_ips =
             crate::compile::all_node_ips(stores.nodes().values().map(AsRef::as_ref));
+        self.compile_cfg.node_ips6 =
+            crate::compile::all_node_ips6(stores.nodes().values().map(AsRef::as_ref));
         let update = self
             .compiler
             .update(&self.compile_cfg, node.as_deref(), dirty.groups);
