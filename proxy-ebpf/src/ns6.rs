@@ -27,19 +27,12 @@ use twill_common::{
 };
 
 use crate::{
-    lb::{Pick, V6, lookup_scoped6, select_backend_by},
-    maps::{TWL_CT6_V1, TWL_NODEIP6_V1, count},
-    nat6::{A6, Pkt6, forward6, rewrite6, route_src_to6},
+    lb::{Pick, V6, is_node_addr6, lookup_scoped6, select_backend_by},
+    maps::{TWL_CT6_V1, count},
+    nat6::{Pkt6, forward6, rewrite6, route_src_to6},
     natport::{self, Ct6},
     tc::{EXTERNAL_KINDS, SNAT_PORT_MIN, SNAT_PORT_SPAN, Verdict},
 };
-
-/// Whether `addr` is one of this node's IPv6 NodePort addresses.
-#[inline(always)]
-fn is_node_addr6(addr: &A6) -> bool {
-    // SAFETY: only the presence is read; the value is never touched.
-    unsafe { TWL_NODEIP6_V1.get(addr) }.is_some()
-}
 
 /// The external frontend `p` is addressed to: its exact address (External IP, LoadBalancer
 /// IP), else the NodePort wildcard when the destination is a NodePort address. A ClusterIP is

@@ -657,3 +657,35 @@ fn ipv6_node_port_external_traffic_policy_local_keeps_the_client_address() -> Re
         },
     )
 }
+
+/// IPv6 NodePort on the socket path: a pod reaches the Service on every node's IPv6 address and
+/// the NodePort (translated at connect(), as IPv4's), the node itself on its own IPv6 address and
+/// on `[::1]`; a pod's `[::1]` is the pod itself and stays untranslated.
+#[test]
+fn ipv6_node_port_from_pods_and_the_node_itself() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_dual_stack())? else {
+        return Ok(());
+    };
+    let (backends, _agents) = node_service_lab(&lab)?;
+    node_port_web(&lab, &backends, "Cluster")?;
+    let client = lab.node(1).add_pod("client")?;
+    for node in &lab.nodes {
+        wait_tcp_by(&client, &at(node_ip(node, true)?, 30080), None)?;
+    }
+    let n0 = lab.node(0);
+    for to in [
+        at(node_ip(n0, true)?, 30080),
+        at(Ipv6Addr::LOCALHOST.into(), 30080),
+    ] {
+        let mut out = String::new();
+        wait_for(&format!("{to} from node 0"), Duration::from_mins(1), || {
+            let (code, o) = n0.labtool(&["tcp", "--to", &to, "--timeout-ms", "1000"])?;
+            out = o;
+            Ok(code == 0 && replier(&out).is_some())
+        })
+        .map_err(|e| e.context(out.clone()))?;
+    }
+    let (code, out) = tcp(&client, &at(Ipv6Addr::LOCALHOST.into(), 30080))?;
+    ensure!(code != 0, "a pod's [::1] was translated: {out}");
+    Ok(())
+}
