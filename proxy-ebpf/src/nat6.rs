@@ -16,6 +16,8 @@
 //!    fragment of a masqueraded flow ─► dropped (Masq6Fragment)
 //!  ingress (twill_tc_ingress):
 //!    TCP/UDP, CT6 hit ─► rewrite (replies: node:port ⇒ pod) ─► the stack routes it to the pod
+//!                        (a north-south flow SNATed to a node address: redirected out, `ns6`)
+//!             miss    ─► IPv6 NodePort / External IP / LoadBalancer IP (`ns6::open`)
 //!    ICMPv6 error quoting a tracked flow (Packet Too Big, unreachable, time exceeded) ─►
 //!      outer destination and quoted source back to the pod, checksums fixed
 //!  everything else (Neighbour Discovery, MLD, echo, other protocols) ─► untouched

@@ -669,8 +669,16 @@ fn ipv6_node_port_from_pods_and_the_node_itself() -> Result<()> {
     let (backends, _agents) = node_service_lab(&lab)?;
     node_port_web(&lab, &backends, "Cluster")?;
     let client = lab.node(1).add_pod("client")?;
+    // Generous: the first answer waits for both agents' first sync on a loaded machine.
     for node in &lab.nodes {
-        wait_tcp_by(&client, &at(node_ip(node, true)?, 30080), None)?;
+        let to = at(node_ip(node, true)?, 30080);
+        let mut out = String::new();
+        wait_for(&format!("{to} from a pod"), Duration::from_mins(1), || {
+            let (code, o) = tcp(&client, &to)?;
+            out = o;
+            Ok(code == 0 && replier(&out).is_some())
+        })
+        .map_err(|e| e.context(out.clone()))?;
     }
     let n0 = lab.node(0);
     for to in [
