@@ -41,7 +41,7 @@ use twill_common::{
 use crate::{
     maps::{TWL_FPCFG_V1, TWL_LXC_V1, TWL_MASQ_V1, count},
     pkt::{ETH_HLEN, Flow, parse},
-    policy::{Side, judge},
+    policy::{CtSeen, Side, judge},
 };
 
 const AF_INET: u8 = 2;
@@ -96,12 +96,12 @@ fn finish(verdict: Result<(Reason, i32), Reason>) -> i32 {
 /// A packet a pod sent, its egress policy passed (tc ingress of its host veth): routed here, or
 /// `TC_ACT_OK` for the stack.
 #[inline(always)]
-pub fn from_pod(ctx: &TcContext, flow: &Flow) -> i32 {
+pub fn from_pod(ctx: &TcContext, flow: &Flow, seen: CtSeen) -> i32 {
     let cfg = config();
     if cfg.flags & FP_F_HOST_ROUTING == 0 {
         return TC_ACT_OK;
     }
-    finish(try_from_pod(ctx, flow, &cfg))
+    finish(try_from_pod(ctx, flow, &cfg, seen))
 }
 
 /// A packet on a device's tc ingress that the north-south program left to the stack: delivered
@@ -127,7 +127,7 @@ pub fn to_local_pod(ctx: &TcContext) -> i32 {
         count(Reason::FallbackMasqNft);
         return TC_ACT_OK;
     }
-    finish(deliver(ctx, &flow, &ep))
+    finish(deliver(ctx, &flow, &ep, CtSeen::Nothing))
 }
 
 #[inline(always)]
@@ -135,12 +135,13 @@ fn try_from_pod(
     ctx: &TcContext,
     flow: &Flow,
     cfg: &FastPathConfig,
+    seen: CtSeen,
 ) -> Result<(Reason, i32), Reason> {
     // The packet's own destination: for an ICMP error, `flow` is the quoted flow's.
     let daddr: u32 = ctx.load(IP_DST_OFF).map_err(|_| Reason::Malformed)?;
     let saddr = ctx_saddr(ctx);
     if let Some(ep) = local_endpoint(daddr) {
-        return deliver(ctx, flow, &ep);
+        return deliver(ctx, flow, &ep, seen);
     }
     if cfg.flags & FP_F_MASQ_NFT != 0 && masqueraded(saddr, daddr) {
         return Ok((Reason::FallbackMasqNft, TC_ACT_OK));
@@ -184,10 +185,16 @@ pub fn masqueraded(saddr: u32, daddr: u32) -> bool {
     masq_has(MASQ_KIND_SOURCE, saddr) && !exempt(daddr)
 }
 
-/// Delivers into the local pod `ep`: judges its ingress policy (its own hook is skipped), then
-/// sets the frame up as its host veth would have sent it and redirects into its namespace.
+/// Delivers into the local pod `ep`: judges its ingress policy (its own hook is skipped; `seen`:
+/// the conntrack lookups the sender's egress judgement of this packet made), then sets the frame
+/// up as its host veth would have sent it and redirects into its namespace.
 #[inline(always)]
-fn deliver(ctx: &TcContext, flow: &Flow, ep: &LocalEndpoint) -> Result<(Reason, i32), Reason> {
+fn deliver(
+    ctx: &TcContext,
+    flow: &Flow,
+    ep: &LocalEndpoint,
+    seen: CtSeen,
+) -> Result<(Reason, i32), Reason> {
     if ep.flags & LXC_F_MAC_KNOWN == 0 {
         return Ok((Reason::FallbackNoMac, TC_ACT_OK));
     }
@@ -195,7 +202,7 @@ fn deliver(ctx: &TcContext, flow: &Flow, ep: &LocalEndpoint) -> Result<(Reason, 
     if ttl <= 1 {
         return Ok((Reason::FallbackTtl, TC_ACT_OK));
     }
-    count(judge(flow, Side::Ingress)?);
+    count(judge(flow, Side::Ingress, seen)?.0);
     dec_ttl(ctx, ttl)?;
     let fail = |_| Reason::RewriteFailed;
     ctx.store(0, &ep.pod_mac, 0).map_err(fail)?;

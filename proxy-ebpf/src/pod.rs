@@ -28,7 +28,7 @@ use crate::{
     fwd,
     maps::count,
     pkt::{Flow, parse},
-    policy::{Side, judge},
+    policy::{CtSeen, Side, judge},
     sav,
 };
 
@@ -51,9 +51,14 @@ pub fn twill_pod_ingress(ctx: TcContext) -> i32 {
         Ok(None) => return exit(Ok(Reason::PolicyNotEnforced)),
         Err(reason) => return exit(Err(reason)),
     };
-    match exit(judge(&flow, Side::Egress)) {
-        TC_ACT_OK => fwd::from_pod(&ctx, &flow),
-        action => action,
+    match judge(&flow, Side::Egress, CtSeen::Nothing) {
+        // The lookups the egress judgement made serve the receiver's ingress judgement when
+        // the fast path delivers into a local pod.
+        Ok((reason, seen)) => {
+            count(reason);
+            fwd::from_pod(&ctx, &flow, seen)
+        }
+        Err(reason) => exit(Err(reason)),
     }
 }
 
@@ -85,7 +90,7 @@ fn try_pod(ctx: &TcContext, side: Side) -> Result<Reason, Reason> {
         None => None,
     };
     match flow {
-        Some(flow) => judge(&flow, side),
+        Some(flow) => judge(&flow, side, CtSeen::Nothing).map(|(reason, _)| reason),
         // Not IPv4, or a later fragment.
         None => Ok(Reason::PolicyNotEnforced),
     }

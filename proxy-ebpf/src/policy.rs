@@ -19,6 +19,11 @@
 //! `CT_F_POLICY_EGRESS`). Entries carry the table's state machine (`CT_STATE_*`: new, established
 //! once a reply passed, closing after both FINs or a RST) and are expired by the agent's one
 //! conntrack collector like NAT entries.
+//!
+//! When both pods are on this node, the fast path judges a packet twice in one program run: the
+//! sender's egress (`pod.rs`), then the receiver's ingress (`fwd::deliver`), on the same tuple.
+//! The second starts from the conntrack entry the first passed the packet on ([`CtSeen`]): the
+//! same entries with the same flags decide, one to two hash lookups fewer per packet.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use twill_common::{
     CT_F_POLICY_EGRESS, CT_F_POLICY_INGRESS, CT_FIN_ORIG, CT_FIN_REPLY, CT_SCOPE_POLICY,
@@ -88,45 +93,77 @@ impl Side {
     }
 }
 
-/// The verdict for `flow` on `side` of its local pod: `Ok` passes (the reason says why), `Err`
-/// drops.
+/// The conntrack entry a judgement passed a packet on, for the next judgement of the same packet.
+/// For a node-local flow on the fast path the sender's egress and the receiver's ingress judge
+/// the same packet one after the other (`pod.rs` then `fwd::deliver`), on the same tuple: the
+/// second starts from the entry the first passed on instead of looking it up again (one hash
+/// lookup fewer for a packet of the flow's originator, two for a reply). Only the two
+/// established cases are handed on, so the verifier walks the receiver's judgement three ways,
+/// not once per outcome of the sender's.
+#[derive(Clone, Copy)]
+pub enum CtSeen {
+    /// Nothing known: every lookup is made.
+    Nothing,
+    /// The packet's tuple has this entry (its fields are read afresh: the same element a new
+    /// lookup would find).
+    Tuple(*mut CtValue),
+    /// The packet's tuple has no entry; its reverse has this one.
+    Reverse(*mut CtValue),
+}
+
+/// The verdict for `flow` on `side` of its local pod: `Ok` passes (the reason says why, and the
+/// entry it passed on), `Err` drops. `seen`: what an earlier judgement of this very packet
+/// passed on ([`CtSeen::Nothing`] when there was none).
 #[inline(always)]
-pub fn judge(flow: &Flow, side: Side) -> Result<Reason, Reason> {
+pub fn judge(flow: &Flow, side: Side, seen: CtSeen) -> Result<(Reason, CtSeen), Reason> {
     let (local, peer) = match side {
         Side::Egress => (flow.saddr, flow.daddr),
         Side::Ingress => (flow.daddr, flow.saddr),
     };
     let Some(ep) = endpoint(local) else {
-        return Ok(Reason::PolicyNotEnforced);
+        return Ok((Reason::PolicyNotEnforced, CtSeen::Nothing));
     };
     if ep.flags & (PEP_F_INGRESS_ISOLATED | PEP_F_EGRESS_ISOLATED) == 0 {
-        return Ok(Reason::PolicyNotEnforced);
+        return Ok((Reason::PolicyNotEnforced, CtSeen::Nothing));
     }
     let key = flow.ct_key(CT_SCOPE_POLICY);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if ct_seen(&key, side.ct_flag(), now, flow.tcp_flags, false)
-        || ct_seen(
-            &key.reversed(),
-            side.reply_flag(),
-            now,
-            flow.tcp_flags,
-            true,
-        )
+    let fwd = match seen {
+        CtSeen::Nothing => TWL_CT_V2.get_ptr_mut(&key),
+        CtSeen::Tuple(ptr) => Some(ptr),
+        CtSeen::Reverse(_) => None,
+    };
+    if let Some(ptr) = fwd
+        && ct_pass(ptr, side.ct_flag(), now, flow.tcp_flags, false)
     {
-        return Ok(Reason::PolicyEstablished);
+        return Ok((Reason::PolicyEstablished, CtSeen::Tuple(ptr)));
+    }
+    let rev = match seen {
+        CtSeen::Reverse(ptr) => Some(ptr),
+        _ => TWL_CT_V2.get_ptr_mut(&key.reversed()),
+    };
+    if let Some(ptr) = rev
+        && ct_pass(ptr, side.reply_flag(), now, flow.tcp_flags, true)
+    {
+        let seen = if fwd.is_none() {
+            CtSeen::Reverse(ptr)
+        } else {
+            CtSeen::Nothing
+        };
+        return Ok((Reason::PolicyEstablished, seen));
     }
     if flow.related {
         // An ICMP error about no flow this side passed: judged as the ICMP packet it is (only
         // rules without ports allow it), and never tracked (its tuple is not its own).
         if ep.flags & side.isolated_flag() == 0 {
-            return Ok(Reason::PolicyNotEnforced);
+            return Ok((Reason::PolicyNotEnforced, CtSeen::Nothing));
         }
         let id = identity(peer, side);
         if allowed(&ep, side, id, PROTO_ICMP, 0).is_none() {
             return Err(deny(flow, side, &ep, id));
         }
-        return Ok(Reason::PolicyAllowed);
+        return Ok((Reason::PolicyAllowed, CtSeen::Nothing));
     }
     let reason = if ep.flags & side.isolated_flag() == 0 {
         // Not isolated this way, but the other way: remember the flow so its replies pass.
@@ -141,8 +178,8 @@ pub fn judge(flow: &Flow, side: Side) -> Result<Reason, Reason> {
         }
         Reason::PolicyAllowed
     };
-    ct_record(&key, side.ct_flag(), now)?;
-    Ok(reason)
+    ct_record(&key, fwd, side.ct_flag(), now)?;
+    Ok((reason, CtSeen::Nothing))
 }
 
 /// The drop reason for `flow` on `side`, reported to the denied-flow stream on the way.
@@ -189,14 +226,11 @@ fn allowed(ep: &PolicyEndpoint, side: Side, identity: u32, proto: u8, port_be: u
     TWL_POL_V1.get(&key).map(|v| v.rule_id)
 }
 
-/// Whether `key` is tracked with `flag`; if so, refreshes its timestamp and moves its state:
-/// a reply (`reply`: the packet travels against the entry's tuple) establishes the flow, a FIN
-/// from each side or a RST closes it.
+/// Whether the entry at `ptr` is tracked with `flag`; if so, refreshes its timestamp and moves
+/// its state: a reply (`reply`: the packet travels against the entry's tuple) establishes the
+/// flow, a FIN from each side or a RST closes it.
 #[inline(always)]
-fn ct_seen(key: &CtKey, flag: u32, now: u64, tcp_flags: u8, reply: bool) -> bool {
-    let Some(ptr) = TWL_CT_V2.get_ptr_mut(key) else {
-        return false;
-    };
+fn ct_pass(ptr: *mut CtValue, flag: u32, now: u64, tcp_flags: u8, reply: bool) -> bool {
     // SAFETY: a valid map value pointer for the program's duration. Concurrent writers on
     // other CPUs may interleave: a lost timestamp, flag or state step costs at most one more
     // judgement or an earlier expiry, never a wrong allow.
@@ -226,9 +260,10 @@ fn ct_seen(key: &CtKey, flag: u32, now: u64, tcp_flags: u8, reply: bool) -> bool
 }
 
 /// Records that `flag`'s side passed the flow `key`: a new entry, or the flag added to the
-/// entry the other side of a node-local flow made.
+/// entry the other side of a node-local flow made (`found`: that entry, when the judgement
+/// already looked it up).
 #[inline(always)]
-fn ct_record(key: &CtKey, flag: u32, now: u64) -> Result<(), Reason> {
+fn ct_record(key: &CtKey, found: Option<*mut CtValue>, flag: u32, now: u64) -> Result<(), Reason> {
     // The tuple itself as the "translation": untranslated, so the collector's counterpart of
     // the entry is simply the reversed tuple.
     let value = CtValue {
@@ -243,11 +278,14 @@ fn ct_record(key: &CtKey, flag: u32, now: u64) -> Result<(), Reason> {
         _pad: [0; 2],
         last_seen_ns: now,
     };
-    if TWL_CT_V2.insert(key, value, BPF_NOEXIST).is_ok() {
-        return Ok(());
-    }
-    if let Some(ptr) = TWL_CT_V2.get_ptr_mut(key) {
-        // SAFETY: as in ct_seen.
+    let found = match found {
+        Some(ptr) => Some(ptr),
+        None if TWL_CT_V2.insert(key, value, BPF_NOEXIST).is_ok() => return Ok(()),
+        // Another CPU created it since the lookup.
+        None => TWL_CT_V2.get_ptr_mut(key),
+    };
+    if let Some(ptr) = found {
+        // SAFETY: as in ct_pass.
         unsafe {
             if (*ptr).state == CT_STATE_CLOSING {
                 // A new flow on a closed flow's tuple: the other side's pass was for the old one.

@@ -940,6 +940,27 @@ impl<'a> Bench<'a> {
                 Err(e) => format!("{} fast path counters unavailable: {e:#}", s.name()),
             };
             self.results.notes.push(note);
+            // Drops (`debug drops`, KIND drop): a dropped packet of an allowed flow costs a
+            // retransmission (a SYN's: a second), visible in a round's rate but not as a failure.
+            let note = match s.node.debug(&["drops"]) {
+                Ok(out) => {
+                    let drops: Vec<String> = out
+                        .lines()
+                        .filter_map(|l| {
+                            let w: Vec<&str> = l.split_whitespace().collect();
+                            match w.as_slice() {
+                                [name, "drop", n] if n.parse::<u64>().ok()? > 0 => {
+                                    Some(format!("{name} {n}"))
+                                }
+                                _ => None,
+                            }
+                        })
+                        .collect();
+                    format!("{} drops: {}", s.name(), drops.join(", "))
+                }
+                Err(e) => format!("{} drop counters unavailable: {e:#}", s.name()),
+            };
+            self.results.notes.push(note);
         }
     }
 

@@ -274,24 +274,26 @@ fn policy_section(out: &mut String, p: &PolicyResults) {
     );
     let _ = writeln!(
         out,
-        "| contender | policies | conn/s | ratio to no policy | vs {PEER} | clean |"
+        "| contender | policies | conn/s | ratio to no policy | vs {PEER} | agent CPU ms/round | clean |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---|");
     for se in &p.conn_rate {
         let clean = if se.clean() {
             "yes".to_owned()
         } else {
             format!("NO: {} failures; {}", se.failures, se.errors.join("; "))
         };
+        let cpu: Vec<f64> = se.agent_cpu_ms.iter().flatten().copied().collect();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {clean} |",
+            "| {} | {} | {} | {} | {} | {} | {clean} |",
             se.contender,
             se.policies
                 .map_or_else(|| "none".into(), |n| format!("deny + allow + {n}")),
             fmt_summary(se.summary, 0),
             fmt_summary(se.ratio, 3),
             fmt_summary(se.ratio_to_peer, 3),
+            fmt_summary(stats::summarize(&cpu), 0),
         );
     }
     let _ = writeln!(
@@ -728,6 +730,7 @@ mod tests {
             ratio_to_peer: None,
             failures: 0,
             errors: Vec::new(),
+            agent_cpu_ms: Vec::new(),
         }
     }
 

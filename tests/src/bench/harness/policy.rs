@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use super::{Bench, RSS_SETTLE, Setup, kib_rss, run_with_input, target};
+use super::{Bench, RSS_SETTLE, Setup, cpu_time, kib_rss, run_with_input, target};
 use crate::{
     Agent,
     bench::{
@@ -111,6 +111,10 @@ pub struct PolicySeries {
     pub ratio_to_peer: Option<Summary>,
     pub failures: u64,
     pub errors: Vec<String>,
+    /// Twill only: CPU time the agent used during each round's connections (its conntrack
+    /// collector's share of a policy's cost shows here, not in the datapath's).
+    #[serde(default)]
+    pub agent_cpu_ms: Vec<Option<f64>>,
 }
 
 impl PolicySeries {
@@ -570,6 +574,30 @@ impl Bench<'_> {
     }
 
     /// Connection-rate rounds over every (node, policy set), order rotated every round.
+    /// One round of one (contender, policy set): `variant` put in force, then the connection
+    /// rate; for Twill also the agent's CPU time (ms) over the connections.
+    fn policy_round(
+        &self,
+        cfg: &PolicyBenchConfig,
+        side: &mut Side,
+        variant: Variant,
+    ) -> (Result<loadgen::CrrReport>, Option<f64>) {
+        let pid = match side.who {
+            Who::Twill => side.setup(self).agent.as_ref().and_then(Agent::pid),
+            Who::Peer => None,
+        };
+        let mut cpu = None;
+        let out = side.switch(self, variant, cfg.limit).and_then(|()| {
+            let t0 = pid.and_then(|p| cpu_time(p).ok());
+            let rep = side.crr(self, cfg.crr_duration, cfg.crr_threads)?;
+            cpu = t0
+                .zip(pid.and_then(|p| cpu_time(p).ok()))
+                .map(|(t0, t1)| t1.saturating_sub(t0).as_secs_f64() * 1e3);
+            Ok(rep)
+        });
+        (out, cpu)
+    }
+
     fn policy_rounds(
         &self,
         cfg: &PolicyBenchConfig,
@@ -592,6 +620,7 @@ impl Bench<'_> {
                 ratio_to_peer: None,
                 failures: 0,
                 errors: Vec::new(),
+                agent_cpu_ms: Vec::new(),
             })
             .collect();
         let variant =
@@ -606,11 +635,11 @@ impl Bench<'_> {
             for e in 0..entries.len() {
                 let slot = (e + r) % entries.len();
                 let (k, n) = entries[slot];
-                let side = &mut sides[k];
-                let out = side
-                    .switch(self, variant(n), cfg.limit)
-                    .and_then(|()| side.crr(self, cfg.crr_duration, cfg.crr_threads));
+                let (out, cpu) = self.policy_round(cfg, &mut sides[k], variant(n));
                 let se = &mut series[slot];
+                if sides[k].who == Who::Twill {
+                    se.agent_cpu_ms.push(cpu);
+                }
                 match out {
                     Ok(rep) => {
                         se.rounds.push(Some(rep.rate));
@@ -651,14 +680,16 @@ impl Bench<'_> {
             }
         }
         for se in &series {
+            let cpu: Vec<f64> = se.agent_cpu_ms.iter().flatten().copied().collect();
             eprintln!(
-                "  policy conn rate {:<8} {:>14} median {:>9.0} conn/s  ratio to no policy {}",
+                "  policy conn rate {:<8} {:>14} median {:>9.0} conn/s  ratio to no policy {}  agent CPU {} ms/round",
                 se.contender,
                 se.policies
                     .map_or_else(|| "no policy".into(), |n| format!("deny+allow+{n}")),
                 se.summary.map_or(f64::NAN, |s| s.median),
                 se.ratio
-                    .map_or_else(|| "-".into(), |r| format!("{:.3}", r.median))
+                    .map_or_else(|| "-".into(), |r| format!("{:.3}", r.median)),
+                stats::summarize(&cpu).map_or_else(|| "-".into(), |s| format!("{:.0}", s.median)),
             );
         }
         eprintln!(
