@@ -130,7 +130,7 @@ impl PolicyTask {
             .local_pods
             .values()
             .filter(|p| !p.ingress_policies.is_empty() || !p.egress_policies.is_empty())
-            .map(|p| p.ip)
+            .filter_map(|p| p.ip)
             .collect()
     }
 
