@@ -180,7 +180,7 @@ impl NodeNetwork {
         let me: Option<&Node> = nodes
             .get(&("".into(), self.node_name.as_str().into()))
             .map(AsRef::as_ref);
-        let node_ips: Vec<Ipv4Addr> = me.and_then(node_internal_ipv4).into_iter().collect();
+        let node_ips = me.map(internal_ips).unwrap_or_default();
         let devices = if self.devices_flag.is_empty() {
             default_devices(&host, &node_ips)
         } else {
@@ -322,6 +322,19 @@ impl NodeNetwork {
         }
         Ok(())
     }
+}
+
+/// A Node's InternalIPs of both families: an IPv6-only node's devices hold only IPv6 ones.
+fn internal_ips(node: &Node) -> Vec<std::net::IpAddr> {
+    node_internal_ipv4(node)
+        .map(std::net::IpAddr::V4)
+        .into_iter()
+        .chain(
+            twill_core::routing::plan6::node_internal_ipv6s(node)
+                .into_iter()
+                .map(std::net::IpAddr::V6),
+        )
+        .collect()
 }
 
 /// The IPv6 masquerade follows the IPv4 one's mode: in eBPF mode its rules leave the plan (so

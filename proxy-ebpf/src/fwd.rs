@@ -45,6 +45,7 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const IP_TTL_OFF: usize = ETH_HLEN + 8;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
@@ -57,7 +58,7 @@ const FIB_PARAMS_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
 #[expect(
     clippy::cast_possible_truncation,
     clippy::cast_possible_wrap,
-    reason = "8 bytes"
+    reason = "20 bytes"
 )]
 const NH_PARAMS_LEN: i32 = size_of::<bpf_redir_neigh>() as i32;
 
@@ -264,11 +265,21 @@ fn forward(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> Result<(Reason
     dec_ttl(ctx, ttl)?;
     // SAFETY: bpf_redir_neigh is plain old data.
     let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-    nh.nh_family = u32::from(AF_INET);
-    // SAFETY: union member written by the kernel for AF_INET lookups: with
-    // BPF_FIB_LOOKUP_SKIP_NEIGH, the next hop (the gateway, or the destination when directly
-    // connected), so the redirect does not look the route up a second time.
-    nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+    if params.family == AF_INET6 {
+        // An IPv4 route with an IPv6 gateway (`via inet6`: a peer's IPv4 pods over an IPv6
+        // underlay): the kernel turns the result's family to AF_INET6 and writes the gateway
+        // into ipv6_dst (net/core/filter.c, bpf_ipv4_fib_lookup); the redirect resolves it by
+        // Neighbour Discovery.
+        nh.nh_family = u32::from(AF_INET6);
+        // SAFETY: union member written by the kernel when it set family AF_INET6.
+        nh.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
+    } else {
+        nh.nh_family = u32::from(AF_INET);
+        // SAFETY: union member written by the kernel for AF_INET lookups: with
+        // BPF_FIB_LOOKUP_SKIP_NEIGH, the next hop (the gateway, or the destination when
+        // directly connected), so the redirect does not look the route up a second time.
+        nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+    }
     // SAFETY: nh is a valid struct of the size passed.
     let action = unsafe { bpf_redirect_neigh(params.ifindex, &raw mut nh, NH_PARAMS_LEN, 0) };
     Ok((

@@ -202,11 +202,12 @@ pub struct Quote {
 
 impl Quote {
     /// Whether the error is one the north-south translator carries back (destination
-    /// unreachable, fragmentation needed among them, and time exceeded) about TCP or UDP.
+    /// unreachable, fragmentation needed among them, and time exceeded) about TCP, UDP or a
+    /// ping (the masquerade translates pods' pings).
     #[inline(always)]
     pub fn translatable(&self) -> bool {
         (self.icmp_type == ICMP_DEST_UNREACH || self.icmp_type == ICMP_TIME_EXCEEDED)
-            && (self.proto == PROTO_TCP || self.proto == PROTO_UDP)
+            && (self.proto == PROTO_TCP || self.proto == PROTO_UDP || self.proto == PROTO_ICMP)
     }
 }
 
@@ -304,19 +305,29 @@ fn parse_quote(d: &Data, icmp_type: u8, off: usize) -> Option<L4> {
         return None;
     }
     let proto = ip[IP_PROTO];
-    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_SCTP {
-        return Some(L4::Icmp);
-    }
     let l4_off = off + ihl;
-    let ports: [u8; PORTS_LEN] = d.bytes(l4_off)?;
+    let (sport, dport) = if proto == PROTO_ICMP {
+        // An error about a ping: the quoted echo request's identifier is its flow's source
+        // port, as for the ping itself (`Flow::of`). Errors about other ICMP are about no flow.
+        let h: [u8; ICMP_HLEN] = d.bytes(l4_off)?;
+        if h[0] != ICMP_ECHO_REQUEST {
+            return Some(L4::Icmp);
+        }
+        (u16_at(&h, ICMP_ECHO_ID), 0)
+    } else if proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_SCTP {
+        let ports: [u8; PORTS_LEN] = d.bytes(l4_off)?;
+        (u16_at(&ports, L4_SPORT), u16_at(&ports, L4_DPORT))
+    } else {
+        return Some(L4::Icmp);
+    };
     Some(L4::IcmpError(Quote {
         icmp_type,
         off,
         l4_off,
         saddr: u32_at(&ip, IP_SRC),
         daddr: u32_at(&ip, IP_DST),
-        sport: u16_at(&ports, L4_SPORT),
-        dport: u16_at(&ports, L4_DPORT),
+        sport,
+        dport,
         proto,
     }))
 }

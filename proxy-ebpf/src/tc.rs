@@ -307,11 +307,20 @@ fn icmp_error(ctx: &TcContext, e: &IcmpErr, ingress: bool) -> Result<Verdict, Re
         }
     }
     // Quoted ports: covered by the ICMP checksum (no pseudo-header). The quoted L4 checksum is
-    // left alone: it covers bytes the quote does not hold, and no receiver checks it.
-    for (off, old, new) in [
-        (q.l4_off + L4_SPORT, q.sport, ct.new_dport_be),
-        (q.l4_off + L4_DPORT, q.dport, ct.new_sport_be),
-    ] {
+    // left alone: it covers bytes the quote does not hold, and no receiver checks it. A quoted
+    // ping has one "port", its identifier (the reply entry's destination port is the original).
+    let ports = if q.proto == PROTO_ICMP {
+        [
+            (q.l4_off + ICMP_ECHO_ID, q.sport, ct.new_dport_be),
+            (0, 0, 0),
+        ]
+    } else {
+        [
+            (q.l4_off + L4_SPORT, q.sport, ct.new_dport_be),
+            (q.l4_off + L4_DPORT, q.dport, ct.new_sport_be),
+        ]
+    };
+    for (off, old, new) in ports {
         if old != new {
             ctx.l4_csum_replace(icmp_csum, u64::from(old), u64::from(new), 2)
                 .map_err(fail)?;

@@ -33,6 +33,21 @@ pub struct LabSpec {
     /// Dual-stack: every node also gets an IPv6 underlay address and an IPv6 pod CIDR
     /// (listed after the IPv4 one, so IPv4 stays the primary family).
     pub dual_stack: bool,
+    /// The underlay's family (and the pods' in an IPv6-only cluster).
+    pub underlay: Underlay,
+}
+
+/// The family of a lab's underlay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Underlay {
+    /// IPv4 (and IPv6 beside it with `dual_stack`).
+    #[default]
+    Ipv4,
+    /// IPv6 only: the nodes' uplinks hold only their IPv6 address and each Node object lists
+    /// only its IPv6 InternalIP; pod CIDRs of both families (one subnet, no external client).
+    Ipv6,
+    /// An IPv6-only cluster: the IPv6 underlay and an IPv6 pod CIDR only (pods get no IPv4).
+    Ipv6Only,
 }
 
 impl LabSpec {
@@ -43,7 +58,22 @@ impl LabSpec {
             two_subnets: false,
             mtu: 1500,
             dual_stack: false,
+            underlay: Underlay::Ipv4,
         }
+    }
+    /// Nodes joined by an IPv6-only underlay, with pod CIDRs of both families.
+    #[must_use]
+    pub fn with_ipv6_underlay(mut self) -> Self {
+        self.dual_stack = true;
+        self.underlay = Underlay::Ipv6;
+        self
+    }
+    /// An IPv6-only cluster: IPv6 underlay, IPv6 InternalIPs and IPv6 pod CIDRs only.
+    #[must_use]
+    pub fn with_ipv6_only(mut self) -> Self {
+        self.dual_stack = true;
+        self.underlay = Underlay::Ipv6Only;
+        self
     }
     #[must_use]
     pub fn with_dual_stack(mut self) -> Self {
@@ -100,6 +130,11 @@ impl Lab {
     /// Builds a lab. On error, whatever was already made is torn down.
     pub fn new(spec: LabSpec) -> Result<Self> {
         available()?;
+        anyhow::ensure!(
+            spec.underlay == Underlay::Ipv4 || (!spec.two_subnets && !spec.external_client),
+            "an IPv6-underlay lab has one subnet and no external client (its router and client \
+             are IPv4)"
+        );
         ensure_bpffs()?;
         let run_id = random_id();
         let prefix = format!("{PREFIX}-{run_id}");
@@ -194,7 +229,7 @@ impl Lab {
         netns: &str,
         tag: &str,
         subnet: usize,
-        addr: Ipv4Addr,
+        addr: Option<Ipv4Addr>,
     ) -> Result<()> {
         let ul_end = format!("{PREFIX}{}{tag}", self.run_id);
         ns_ip(
@@ -214,10 +249,12 @@ impl Lab {
                 "up",
             ],
         )?;
-        ns_ip(
-            netns,
-            &["addr", "add", &format!("{addr}/24"), "dev", "eth0"],
-        )?;
+        if let Some(addr) = addr {
+            ns_ip(
+                netns,
+                &["addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+            )?;
+        }
         ns_ip(netns, &["link", "set", "eth0", "up"])?;
         ns_ip(netns, &["link", "set", "lo", "up"])?;
         if self.router_netns.is_some() {
@@ -245,7 +282,9 @@ impl Lab {
         let subnet = if spec.two_subnets { i % 2 } else { 0 };
         let host = u8::try_from(10 + i).context("too many nodes")?;
         let addr = Ipv4Addr::new(172, 30, u8::try_from(subnet)?, host);
-        self.attach_to_underlay(&netns, &format!("n{i}"), subnet, addr)?;
+        // An IPv6 underlay: no IPv4 address on the uplink at all.
+        let uplink4 = (spec.underlay == Underlay::Ipv4).then_some(addr);
+        self.attach_to_underlay(&netns, &format!("n{i}"), subnet, uplink4)?;
         // Pods are routed, not bridged: the node forwards between its uplink and pod veths.
         sysctl(&netns, "net.ipv4.ip_forward", "1")?;
         let cgroup = self.cgroup.join(&name);
@@ -296,6 +335,8 @@ impl Lab {
             pod_cidr,
             ip6,
             pod_cidr6,
+            ipv6_underlay: spec.underlay != Underlay::Ipv4,
+            ipv6_only: spec.underlay == Underlay::Ipv6Only,
             cgroup,
             bpffs,
             dir,
@@ -311,7 +352,7 @@ impl Lab {
         let netns = format!("{PREFIX}-{}-ext", self.run_id);
         ip(&["netns", "add", &netns])?;
         let addr = Ipv4Addr::new(172, 30, 0, 200);
-        self.attach_to_underlay(&netns, "ext", 0, addr)?;
+        self.attach_to_underlay(&netns, "ext", 0, Some(addr))?;
         if spec.dual_stack {
             // On the nodes' IPv6 subnet, with no route to any pod range: only a masqueraded
             // pod (seen as a node address) gets an answer.

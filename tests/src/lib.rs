@@ -36,6 +36,7 @@ pub mod helpers;
 pub mod image;
 pub mod lab;
 pub mod machine;
+pub mod manifests;
 pub mod node;
 pub mod pod;
 
@@ -52,7 +53,7 @@ pub use exec::{run_cmd, spawn_and_wait_ready};
 pub use helpers::{
     NetnsGuard, addr_be, in_netns, netns_path, replier, wait_for, wait_until, write_atomic,
 };
-pub use lab::{External, Lab, LabSpec, require};
+pub use lab::{External, Lab, LabSpec, Underlay, require};
 pub use machine::{available, bin, cache_dir, cgroup2_mount, ensure_bpffs};
 pub(crate) use machine::{random_id, scratch_dir, which};
 pub use node::Node;

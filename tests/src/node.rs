@@ -16,6 +16,9 @@ use crate::{
     netns_only_command, ns_ip, run_cmd, write_atomic,
 };
 
+/// The node-local DNS address of IPv6-only lab nodes (the IPv4 default is `169.254.20.10`).
+pub const IPV6_DNS_BIND: &str = "[fd00:169:254::10]:53";
+
 /// A simulated node.
 pub struct Node {
     pub index: usize,
@@ -32,6 +35,10 @@ pub struct Node {
     /// and IPv6 pod CIDR (`fd00:10:244:<i>::/64`).
     pub ip6: Option<Ipv6Addr>,
     pub pod_cidr6: Option<Ipv6Network>,
+    /// IPv6-underlay labs: `ip` is on no interface and not in the Node object (only `ip6`).
+    pub ipv6_underlay: bool,
+    /// IPv6-only labs: `pod_cidr` is not the Node's either (only `pod_cidr6`).
+    pub ipv6_only: bool,
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub dir: PathBuf,
@@ -42,8 +49,11 @@ pub struct Node {
 
 impl Node {
     pub(crate) fn node_object(&self) -> serde_json::Value {
-        let mut addresses =
-            vec![serde_json::json!({"type": "InternalIP", "address": self.ip.to_string()})];
+        let mut addresses = Vec::new();
+        if !self.ipv6_underlay {
+            addresses
+                .push(serde_json::json!({"type": "InternalIP", "address": self.ip.to_string()}));
+        }
         if let Some(ip6) = self.ip6 {
             addresses.push(serde_json::json!({"type": "InternalIP", "address": ip6.to_string()}));
         }
@@ -52,14 +62,16 @@ impl Node {
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": self.name, "labels": {"kubernetes.io/hostname": self.name}},
-            "spec": {"podCIDR": self.pod_cidr.to_string(), "podCIDRs": self.pod_cidrs()},
+            "spec": {"podCIDR": self.pod_cidrs()[0], "podCIDRs": self.pod_cidrs()},
             "status": {"addresses": addresses},
         })
     }
 
-    /// `spec.podCIDRs`: IPv4, then IPv6 in dual-stack labs.
+    /// `spec.podCIDRs`: IPv4, then IPv6 in dual-stack labs; only IPv6 in IPv6-only ones.
     pub fn pod_cidrs(&self) -> Vec<String> {
-        std::iter::once(self.pod_cidr.to_string())
+        (!self.ipv6_only)
+            .then(|| self.pod_cidr.to_string())
+            .into_iter()
             .chain(self.pod_cidr6.map(|c| c.to_string()))
             .collect()
     }
@@ -195,20 +207,27 @@ impl Node {
         }
         let result: serde_json::Value =
             serde_json::from_str(&stdout).with_context(|| format!("CNI result {stdout}"))?;
-        let addr = result["ips"][0]["address"]
-            .as_str()
-            .ok_or_else(|| anyhow!("CNI result without ips[0].address: {stdout}"))?;
-        let ip: Ipv4Addr = addr.split('/').next().unwrap_or_default().parse()?;
-        let ip6 = result["ips"]
+        let addrs: Vec<std::net::IpAddr> = result["ips"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse().ok())
-            .find(|a: &std::net::IpAddr| a.is_ipv6())
-            .and_then(|a| match a {
-                std::net::IpAddr::V6(a) => Some(a),
-                std::net::IpAddr::V4(_) => None,
-            });
+            .collect();
+        if addrs.is_empty() {
+            bail!("CNI result without an address in ips: {stdout}");
+        }
+        // An IPv6-only pod has no IPv4 address: `ip` stays unspecified.
+        let ip = addrs
+            .iter()
+            .find_map(|a| match a {
+                std::net::IpAddr::V4(a) => Some(*a),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let ip6 = addrs.iter().find_map(|a| match a {
+            std::net::IpAddr::V6(a) => Some(*a),
+            std::net::IpAddr::V4(_) => None,
+        });
         ns_ip(&netns, &["link", "set", "lo", "up"])?;
         Ok(Pod {
             name: name.to_owned(),
@@ -245,9 +264,16 @@ impl Node {
         Ok(())
     }
 
-    /// Default `twill-agent run` flags for this node.
+    /// Default `twill-agent run` flags for this node. A node of an IPv6-underlay lab binds its
+    /// servers to IPv6 addresses, and an IPv6-only one its DNS responder too: no IPv4 in its
+    /// config at all.
     pub fn agent_args(&self) -> Vec<String> {
-        vec![
+        let (healthz, metrics) = if self.ipv6_underlay {
+            ("[::]:10256", "[::1]:10249")
+        } else {
+            ("0.0.0.0:10256", "127.0.0.1:10249")
+        };
+        let mut args = vec![
             "run".into(),
             "--node-name".into(),
             self.name.clone(),
@@ -264,12 +290,16 @@ impl Node {
             "--api-socket".into(),
             self.api_socket().display().to_string(),
             "--healthz-bind-address".into(),
-            "0.0.0.0:10256".into(),
+            healthz.into(),
             "--metrics-bind-address".into(),
-            "127.0.0.1:10249".into(),
+            metrics.into(),
             "--dns-upstream".into(),
             self.resolv_conf_path().display().to_string(),
-        ]
+        ];
+        if self.ipv6_only {
+            args.extend(["--dns-bind-address".into(), IPV6_DNS_BIND.into()]);
+        }
+        args
     }
 
     /// Starts `twill-agent run` in this node (its netns and cgroup) with extra flags appended.

@@ -17,6 +17,7 @@ pub struct Pod {
     pub netns: String,
     pub container_id: String,
     pub ifname: String,
+    /// The pod's IPv4 address (`0.0.0.0` for a pod of an IPv6-only network).
     pub ip: Ipv4Addr,
     /// The pod's IPv6 address (dual-stack labs).
     pub ip6: Option<Ipv6Addr>,

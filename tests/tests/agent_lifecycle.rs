@@ -3,7 +3,7 @@
 mod agent_common;
 
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -11,9 +11,11 @@ use agent_common::{
     ready, service, slice, start_agent, tcp, wait_for, wait_tcp_reply, web_and_client, web_manifest,
 };
 use anyhow::{Context as _, Result, ensure};
-use twill_lab::{LabSpec, require};
+use twill_lab::{LabSpec, manifests, require};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+/// In the lab's IPv6 Service range.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x40);
 
 /// "should be able to change the type from ExternalName to ClusterIP", "... from ClusterIP to
 /// NodePort", "... from NodePort to ExternalName": each edit is applied live, and a NodePort
@@ -108,28 +110,77 @@ fn an_established_connection_survives_agent_restarts() -> Result<()> {
 /// reconnects instead of sending into a gone pod forever (kubernetes #19029).
 #[test]
 fn connected_udp_clients_are_cut_from_a_removed_backend() -> Result<()> {
-    let Some(lab) = require(LabSpec::nodes(1))? else {
+    connected_udp_clients_are_cut(false)
+}
+
+/// The same for an AF_INET6 client of an IPv6 ClusterIP in a dual-stack lab: the socket is
+/// connected to the IPv6 backend, and destroyed through `sock_diag` (the iterator reads IPv4
+/// peers only).
+#[test]
+fn connected_ipv6_udp_clients_are_cut_from_a_removed_backend() -> Result<()> {
+    connected_udp_clients_are_cut(true)
+}
+
+fn connected_udp_clients_are_cut(ipv6: bool) -> Result<()> {
+    let spec = if ipv6 {
+        LabSpec::nodes(1).with_dual_stack()
+    } else {
+        LabSpec::nodes(1)
+    };
+    let Some(lab) = require(spec)? else {
         return Ok(());
     };
     let n0 = lab.node(0);
     let b0 = n0.add_pod("be0")?;
     let b1 = n0.add_pod("be1")?;
     let client = n0.add_pod("client")?;
-    lab.serve(&b0, "be0", None, Some(5353))?;
-    lab.serve(&b1, "be1", None, Some(5353))?;
-    let svc = service("dns", VIP, &[("dns", 53, 5353, "UDP")], "", &[]);
-    let both = slice(
+    let addr = |pod: &twill_lab::Pod| -> Result<IpAddr> {
+        if ipv6 {
+            Ok(IpAddr::V6(pod.ip6.context("no IPv6 address")?))
+        } else {
+            Ok(IpAddr::V4(pod.ip))
+        }
+    };
+    let vip = if ipv6 {
+        IpAddr::V6(VIP6)
+    } else {
+        IpAddr::V4(VIP)
+    };
+    for (pod, name) in [(&b0, "be0"), (&b1, "be1")] {
+        lab.serve_dual(pod, name, None, Some(5353))?;
+    }
+    let svc = manifests::service(
+        "default",
         "dns",
-        "dns-1",
-        &[ready(b0.ip, &n0.name), ready(b1.ip, &n0.name)],
-        &[("dns", 5353, "UDP")],
+        &[vip],
+        "SingleStack",
+        &[("dns", 53, 5353, "UDP")],
     );
-    lab.apply_manifest("dns.yaml", &format!("{svc}---\n{both}"))?;
+    let slice_of = |pods: &[&twill_lab::Pod]| -> Result<String> {
+        let eps = pods
+            .iter()
+            .map(|p| Ok((addr(p)?, n0.name.as_str())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(manifests::endpoint_slice(
+            "default",
+            "dns",
+            "dns-1",
+            &eps,
+            &[("dns", 5353, "UDP")],
+        ))
+    };
+    lab.apply_manifest("dns.yaml", &format!("{svc}---\n{}", slice_of(&[&b0, &b1])?))?;
     let _agent = start_agent(&lab, 0, &[])?;
+    let to = SocketAddr::new(vip, 53).to_string();
     wait_for("UDP via the ClusterIP", Duration::from_secs(20), || {
-        Ok(agent_common::udp(&client, &format!("{VIP}:53"), false)?.0 == 0)
+        Ok(agent_common::udp(&client, &to, false)?.0 == 0)
     })?;
-    let (mut udp_client, mut stdin, mut lines) = socat(&client, &format!("UDP4:{VIP}:53"))?;
+    let socat_addr = if ipv6 {
+        format!("UDP6:{to}")
+    } else {
+        format!("UDP4:{to}")
+    };
+    let (mut udp_client, mut stdin, mut lines) = socat(&client, &socat_addr)?;
     stdin.write_all(b"hi\n")?;
     let first = lines.next().context("no UDP reply")??;
     // The server's raw reply: "<name> <peer>".
@@ -143,23 +194,12 @@ fn connected_udp_clients_are_cut_from_a_removed_backend() -> Result<()> {
     } else {
         (&b1, &b0)
     };
-    lab.apply_manifest(
-        "dns.yaml",
-        &format!(
-            "{svc}---\n{}",
-            slice(
-                "dns",
-                "dns-1",
-                &[ready(stays.ip, &n0.name)],
-                &[("dns", 5353, "UDP")]
-            )
-        ),
-    )?;
+    lab.apply_manifest("dns.yaml", &format!("{svc}---\n{}", slice_of(&[stays])?))?;
     let status = wait_for_exit(&mut udp_client, &mut stdin)?;
     ensure!(
         !status.success(),
         "the connected UDP socket to removed backend {} kept working",
-        gone.ip
+        addr(gone)?
     );
     Ok(())
 }

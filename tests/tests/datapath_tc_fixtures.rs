@@ -1126,54 +1126,55 @@ fn tc_snat_ports_of_flows_their_clients_closed_serve_new_flows() -> Result<()> {
             ensure!(rc == TC_ACT_REDIRECT, "verdict {rc}, want redirect");
             inspect(&out)
         };
-        // Two flows: A keeps its port (in the range), B (same port, other address) gets another.
-        let a = (CLIENT, SNAT_KEPT);
-        let b = (CLIENT2, SNAT_KEPT);
-        let a_port = redirected(&tcp(a, np, TCP_SYN))?.src;
-        let b_port = redirected(&tcp(b, np, TCP_SYN))?.src;
+        // Two flows: A (`closer`) keeps its port (in the range), B (`held`: same port, other
+        // address) gets another.
+        let closer = (CLIENT, SNAT_KEPT);
+        let held = (CLIENT2, SNAT_KEPT);
+        let a_port = redirected(&tcp(closer, np, TCP_SYN))?.src;
+        let b_port = redirected(&tcp(held, np, TCP_SYN))?.src;
         ensure!(
             a_port == (NODE, SNAT_KEPT) && b_port.1 != SNAT_KEPT,
             "{a_port:?} {b_port:?}"
         );
-        for (client, node_end) in [(a, a_port), (b, b_port)] {
+        for (client, node_end) in [(closer, a_port), (held, b_port)] {
             redirected(&tcp(be_end, node_end, TCP_SYN | TCP_ACK))?;
             redirected(&tcp(client, np, TCP_ACK))?;
         }
         // A: the client closes first. B: the backend does.
-        redirected(&tcp(a, np, TCP_FIN | TCP_ACK))?;
+        redirected(&tcp(closer, np, TCP_FIN | TCP_ACK))?;
         redirected(&tcp(be_end, a_port, TCP_FIN | TCP_ACK))?;
-        redirected(&tcp(a, np, TCP_ACK))?;
+        redirected(&tcp(closer, np, TCP_ACK))?;
         redirected(&tcp(be_end, b_port, TCP_FIN | TCP_ACK))?;
-        redirected(&tcp(b, np, TCP_FIN | TCP_ACK))?;
-        redirected(&tcp(b, np, TCP_ACK))?;
-        let closed = flow_states(&maps, PROTO_TCP, REMOTE_POD, 8080)?;
+        redirected(&tcp(held, np, TCP_FIN | TCP_ACK))?;
+        redirected(&tcp(held, np, TCP_ACK))?;
+        let after_close = flow_states(&maps, PROTO_TCP, REMOTE_POD, 8080)?;
         ensure!(
-            closed.len() == 4 && closed.iter().all(|&(s, _)| s == CT_STATE_CLOSING),
-            "{closed:?}"
+            after_close.len() == 4 && after_close.iter().all(|&(s, _)| s == CT_STATE_CLOSING),
+            "{after_close:?}"
         );
 
         // Right after the close A's port is still held: a new client wanting it gets another.
-        let c = (Ipv4Addr::new(172, 30, 0, 202), SNAT_KEPT);
-        let early = redirected(&tcp(c, np, TCP_SYN))?.src;
+        let early_client = (Ipv4Addr::new(172, 30, 0, 202), SNAT_KEPT);
+        let early = redirected(&tcp(early_client, np, TCP_SYN))?.src;
         ensure!(early.1 != SNAT_KEPT && nat_range(early.1), "{early:?}");
 
         // Once quiet, A's port serves a new flow, and A's entries are gone; B's is still held.
         std::thread::sleep(Duration::from_nanos(CT_NAT_PORT_QUIET_NS) + Duration::from_millis(100));
-        let d = (Ipv4Addr::new(172, 30, 0, 203), SNAT_KEPT);
-        let taken = redirected(&tcp(d, np, TCP_SYN))?.src;
+        let late_client = (Ipv4Addr::new(172, 30, 0, 203), SNAT_KEPT);
+        let taken = redirected(&tcp(late_client, np, TCP_SYN))?.src;
         ensure!(
             taken == (NODE, SNAT_KEPT),
             "A's closed port not reused: {taken:?}"
         );
-        let e = (Ipv4Addr::new(172, 30, 0, 204), b_port.1);
-        let kept = redirected(&tcp(e, np, TCP_SYN))?.src;
+        let other_client = (Ipv4Addr::new(172, 30, 0, 204), b_port.1);
+        let kept = redirected(&tcp(other_client, np, TCP_SYN))?.src;
         ensure!(
             kept.1 != b_port.1,
             "B's port reused while the backend may hold TIME_WAIT"
         );
-        // The answer to D's SYN goes to D, not to A.
+        // The answer to the late client's SYN goes to it, not to A.
         let seen = redirected(&tcp(be_end, taken, TCP_SYN | TCP_ACK))?;
-        ensure!(seen.src == np && seen.dst == d, "{seen:?}");
+        ensure!(seen.src == np && seen.dst == late_client, "{seen:?}");
         let states = flow_states(&maps, PROTO_TCP, REMOTE_POD, 8080)?;
         ensure!(
             states.len() == 8
@@ -1182,7 +1183,7 @@ fn tc_snat_ports_of_flows_their_clients_closed_serve_new_flows() -> Result<()> {
                     .filter(|&&(s, _)| s == CT_STATE_CLOSING)
                     .count()
                     == 2,
-            "A's entries should be gone, B's closing, C, D, E new or established: {states:?}"
+            "A's entries should be gone, B's closing, three new flows: {states:?}"
         );
         Ok(())
     })
@@ -1318,33 +1319,7 @@ fn tc_snat_ports_are_never_given_to_a_later_node_connect() -> Result<()> {
         return Ok(());
     };
     let n0 = lab.node(0);
-    n0.run(&["ip", "route", "add", "10.244.1.0/24", "via", "172.30.0.11"])?;
-    let (dp, mut maps) = loaded(None)?;
-    maps.upsert_backend(
-        10,
-        Backend {
-            addr_be: be(REMOTE_POD),
-            port_be: 8080u16.to_be(),
-            proto: PROTO_TCP,
-            flags: 0,
-        },
-    )?;
-    maps.upsert_slot(SlotKey { svc_id: 1, slot: 0 }, 10)?;
-    maps.upsert_service(
-        ServiceKey {
-            addr_be: 0,
-            port_be: 30080u16.to_be(),
-            proto: PROTO_TCP,
-            scope: SCOPE_ANY,
-        },
-        ServiceValue {
-            svc_id: 1,
-            backend_count: 1,
-            flags: SVC_F_NODEPORT,
-            affinity_timeout_s: 0,
-            maglev_size: 0,
-        },
-    )?;
+    let (dp, _maps) = remote_nodeport(n0)?;
     let np = (NODE, 30080);
     let backend = (REMOTE_POD, 8080);
     in_netns(&n0.netns, || {

@@ -397,6 +397,62 @@ fn a_pods_ping_to_outside_the_cluster_is_masqueraded_in_ebpf() -> Result<()> {
     Ok(())
 }
 
+/// An ICMP error about a pod's masqueraded ping reaches the pod, translated back as the
+/// errors about TCP and UDP flows are: a router (here the outside host, with an `unreachable`
+/// route) answers the node's address about the echo request with the masquerade's identifier;
+/// the node rewrites the outer destination, the quoted source and the quoted identifier, and
+/// `ping` in the pod reports the unreachable destination instead of silence. Before, only
+/// errors quoting TCP or UDP were translated and the pod's ping timed out.
+#[test]
+fn an_icmp_error_about_a_pods_ping_reaches_the_pod() -> Result<()> {
+    let Some((lab, pod, _agent)) = masq_lab("pinger")? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let ext = lab.external();
+    // A documentation prefix behind the outside host, which has no way there.
+    let unreachable = "203.0.113.0/24";
+    n0.run(&[
+        "ip",
+        "route",
+        "add",
+        unreachable,
+        "via",
+        &ext.ip.to_string(),
+    ])?;
+    twill_lab::run_cmd(
+        ext.cmd("ip")
+            .args(["route", "add", "unreachable", unreachable]),
+    )?;
+    // A host that does not forward drops such a packet without a word (`ip_error`); a router
+    // answers. (The outside host's own namespace: a lab one.)
+    twill_lab::run_cmd(ext.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))?;
+    let ping = || -> Result<String> {
+        let out = pod
+            .cmd("ping")
+            .args(["-n", "-c", "1", "-W", "2", "203.0.113.5"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let mut last = String::new();
+    let seen = wait_for("the error about the ping", Duration::from_secs(30), || {
+        last = ping()?;
+        Ok(last.contains("Unreachable"))
+    });
+    ensure!(
+        seen.is_ok(),
+        "ping from the pod got no error back: {last}\n{}\n{}",
+        n0.debug(&["fastpath"])?,
+        n0.debug(&["drops"])?
+    );
+    // It came from the router, about the pod's own ping.
+    ensure!(
+        last.contains(&format!("From {}", ext.ip)),
+        "the error's source: {last}"
+    );
+    Ok(())
+}
+
 /// A client outside the cluster that reaches a pod's own address (routed to the node, no
 /// Service) over UDP gets the pod's answer from the pod's address and port: the eBPF masquerade
 /// recognizes it as a reply (the incoming datagram opened an untranslated flow) instead of

@@ -1,7 +1,7 @@
 //! This node's interfaces as values: which device holds the node IP, which subnets are directly
 //! connected, the `--devices` default and the NodePort addresses. Read from netlink by
 //! twill-agent's `RouteExecutor::host_network`; everything here is pure.
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
@@ -41,6 +41,18 @@ impl HostNetwork {
         self.links
             .iter()
             .find(|l| l.addrs.iter().any(|a| a.ip() == ip))
+    }
+
+    /// The interface that holds `ip` (either family) as one of its addresses: the underlay
+    /// device of a node IP.
+    pub fn link_holding_ip(&self, ip: IpAddr) -> Option<&HostLink> {
+        match ip {
+            IpAddr::V4(v4) => self.link_holding(v4),
+            IpAddr::V6(v6) => self
+                .links
+                .iter()
+                .find(|l| l.addrs6.iter().any(|a| a.ip() == v6)),
+        }
     }
 
     /// The interface whose connected subnet contains `ip` (a peer reachable without a router).
@@ -84,13 +96,21 @@ impl HostNetwork {
     }
 }
 
-/// The `--devices` default: the interfaces holding any of the node's InternalIPs, else the
-/// interface of the default route (kube-proxy / Cilium semantics). Empty when neither exists.
-pub fn default_devices(host: &HostNetwork, node_ips: &[Ipv4Addr]) -> Vec<String> {
+/// The `--devices` default: the interfaces holding any of the node's InternalIPs (either
+/// family: an IPv6-only node's underlay holds only IPv6 ones), else the interface of the
+/// default route (kube-proxy / Cilium semantics). Empty when neither exists.
+pub fn default_devices(host: &HostNetwork, node_ips: &[IpAddr]) -> Vec<String> {
     let mut devices: Vec<String> = host
         .links
         .iter()
-        .filter(|l| l.addrs.iter().any(|a| node_ips.contains(&a.ip())))
+        .filter(|l| {
+            l.addrs
+                .iter()
+                .any(|a| node_ips.contains(&IpAddr::V4(a.ip())))
+                || l.addrs6
+                    .iter()
+                    .any(|a| node_ips.contains(&IpAddr::V6(a.ip())))
+        })
         .map(|l| l.name.clone())
         .collect();
     if devices.is_empty()
@@ -156,22 +176,34 @@ mod tests {
     #[test]
     fn devices_default_to_the_interface_holding_the_node_ip() {
         assert_eq!(
-            default_devices(&host(), &[Ipv4Addr::new(172, 30, 0, 10)]),
+            default_devices(&host(), &[Ipv4Addr::new(172, 30, 0, 10).into()]),
             vec!["eth0"]
+        );
+        // An IPv6-only node: its underlay holds only its IPv6 InternalIP.
+        let mut v6 = host();
+        v6.links[2].addrs6 = vec!["fd00:172:30::12/64".parse().unwrap()];
+        assert_eq!(
+            default_devices(&v6, &["fd00:172:30::12".parse().unwrap()]),
+            vec!["eth1"]
+        );
+        assert_eq!(
+            v6.link_holding_ip("fd00:172:30::12".parse().unwrap())
+                .map(|l| l.index),
+            Some(3)
         );
     }
 
     #[test]
     fn devices_fall_back_to_the_default_route_interface() {
         assert_eq!(
-            default_devices(&host(), &[Ipv4Addr::new(10, 9, 9, 9)]),
+            default_devices(&host(), &[Ipv4Addr::new(10, 9, 9, 9).into()]),
             vec!["eth1"]
         );
         let no_default = HostNetwork {
             default_route_ifindex: None,
             ..host()
         };
-        assert!(default_devices(&no_default, &[Ipv4Addr::new(10, 9, 9, 9)]).is_empty());
+        assert!(default_devices(&no_default, &[Ipv4Addr::new(10, 9, 9, 9).into()]).is_empty());
     }
 
     #[test]

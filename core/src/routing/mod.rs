@@ -31,11 +31,23 @@
 //! through the overlay. IPv6 pod CIDRs (dual-stack) are planned by [`plan6`], after this plan
 //! and following its choice per peer.
 //!
+//! # IPv6 underlay
+//! A node whose Node object lists no IPv4 InternalIP (an IPv6-only node) uses its IPv6
+//! InternalIP as its underlay address ([`node_underlay_ip`]), and reaches each peer by the
+//! peer's IPv6 InternalIP: directly when it is on a connected IPv6 subnet (IPv6 pod CIDRs
+//! `via <peer>`, IPv4 ones `via inet6 <peer>`, an IPv4 route with an IPv6 nexthop, RTA_VIA),
+//! else over the VXLAN device, created with an IPv6 local address so that its FDB remotes are
+//! IPv6 (one VXLAN device has sockets of one family only). The VTEP MAC of an IPv6 underlay
+//! address is a hash of it ([`vtep_mac6`]). A dual-stack node keeps the IPv4 underlay, so a
+//! cluster mixing dual-stack nodes with IPv6-only ones does not reach the IPv6-only ones over
+//! the overlay (they have no IPv4 InternalIP: `NoInternalIp`).
+//!
 //! # MTU
 //! The VXLAN device's MTU is the underlay device's MTU − [`VXLAN_OVERHEAD`] (50 bytes: outer
-//! IPv4 20, UDP 8, VXLAN 8, inner Ethernet 14). [`cni_mtu`] gives the MTU the agent writes into the
-//! CNI config: the underlay MTU − 50 whenever the plan uses the overlay, the underlay MTU
-//! otherwise. In mode `auto` the overlay appears only once a peer needs it; pods created before
+//! IPv4 20, UDP 8, VXLAN 8, inner Ethernet 14), or − [`VXLAN_OVERHEAD6`] (70: the outer header
+//! is IPv6's 40 bytes) over an IPv6 underlay. [`cni_mtu`] gives the MTU the agent writes into the
+//! CNI config: the underlay MTU − that overhead whenever the plan uses the overlay, the underlay
+//! MTU otherwise. In mode `auto` the overlay appears only once a peer needs it; pods created before
 //! keep the larger MTU, so clusters that span subnets should run with `--routing-mode vxlan`.
 pub mod fastpath;
 pub mod host;
@@ -44,15 +56,16 @@ pub mod netdiff;
 pub mod plan;
 pub mod plan6;
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde::Deserialize;
 
 pub use host::{HostLink, HostNetwork, default_devices, nodeport_addresses};
 pub use masq::{Masquerade6Rules, MasqueradeRules};
 pub use plan::{
-    PeerRoute, PeerVia, RoutePlan, SkipReason, SkippedPeer, VxlanDevicePlan, cni_mtu,
-    node_internal_ipv4, plan_routes, vtep_addr, vtep_mac,
+    PeerNode, PeerReach, PeerRoute, PeerVia, RoutePlan, SkipReason, SkippedPeer, VxlanDevicePlan,
+    cni_mtu, node_internal_ipv4, node_underlay_ip, plan_routes, underlay_mac, vtep_addr, vtep_mac,
+    vtep_mac6, vxlan_overhead,
 };
 pub use plan6::{PeerRoute6, PeerVia6, RoutePlan6, SkipReason6, SkippedPeer6, plan_routes6};
 
@@ -62,9 +75,11 @@ pub const VXLAN_DEVICE: &str = "twill.vxlan";
 pub const VXLAN_VNI: u32 = 1;
 /// UDP port of the overlay: the Linux default (8472), as flannel and Cilium use, not IANA's 4789.
 pub const VXLAN_PORT: u16 = 8472;
-/// Bytes the overlay adds in front of an inner IPv4 packet: outer IPv4 (20) + UDP (8) +
-/// VXLAN (8) + inner Ethernet (14).
+/// Bytes the overlay adds in front of an inner IP packet over an IPv4 underlay: outer IPv4
+/// (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// The same over an IPv6 underlay: the outer IPv6 header is 40 bytes, so 70.
+pub const VXLAN_OVERHEAD6: u32 = 70;
 
 /// How cross-node pod traffic is carried (`--routing-mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -121,17 +136,15 @@ impl Default for RoutingConfig {
 pub enum PlanError {
     #[error("this node {0:?} is not among the Node objects (is --node-name right?)")]
     ThisNodeMissing(String),
-    #[error("this node {0:?} has no IPv4 InternalIP in its Node status")]
+    #[error("this node {0:?} has no InternalIP (IPv4 or IPv6) in its Node status")]
     ThisNodeNoAddress(String),
-    #[error(
-        "this node {0:?} has no IPv4 pod CIDR: the VXLAN overlay takes its VTEP address from it"
-    )]
+    #[error("this node {0:?} has no pod CIDR: the VXLAN overlay takes its VTEP address from it")]
     ThisNodeNoPodCidr(String),
     #[error(
         "this node's InternalIP {0} is on no local interface: the VXLAN overlay needs it as its \
          local tunnel address"
     )]
-    NodeIpNotLocal(Ipv4Addr),
+    NodeIpNotLocal(IpAddr),
 }
 
 impl PlanError {

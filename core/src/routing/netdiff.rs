@@ -24,11 +24,11 @@
 //! Removals come first, in dump order, then sets and refusals in key order. The executor keeps
 //! the plan's wider order (FDB and neighbours before the routes that use them).
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
-use super::{PeerVia, PeerVia6, RoutePlan, RoutePlan6};
+use super::{PeerReach, PeerVia, PeerVia6, RoutePlan, RoutePlan6};
 
 /// Where the entries being diffed live, which decides how entries that are not the agent's are
 /// treated and how a wrong entry of the agent's is corrected (see the module doc).
@@ -130,6 +130,9 @@ pub fn diff<H, K: Ord + Clone, V: PartialEq + Clone>(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Nexthop<A> {
     pub gateway: Option<A>,
+    /// An IPv6 gateway of an IPv4 route (`via inet6 …`, RTA_VIA): a peer's IPv4 pod CIDR
+    /// reached directly over an IPv6 underlay. Always `None` on IPv6 routes.
+    pub via6: Option<Ipv6Addr>,
     pub oif: Option<u32>,
     pub onlink: bool,
 }
@@ -146,13 +149,16 @@ impl RoutePlan {
             .collect()
     }
 
-    /// The FDB entries `peer MAC → peer node IP` the overlay device should hold.
-    pub fn wanted_fdb(&self) -> BTreeMap<[u8; 6], Ipv4Addr> {
-        self.peers
+    /// The FDB entries `peer MAC → peer underlay address` the overlay device should hold:
+    /// one per peer over the overlay, whichever families its pod CIDRs are (the IPv6 plan's
+    /// neighbours use them too). A peer whose every pod CIDR was refused keeps its entry: with
+    /// no neighbour pointing at its MAC, nothing is sent to it.
+    pub fn wanted_fdb(&self) -> BTreeMap<[u8; 6], IpAddr> {
+        self.peer_nodes
             .iter()
-            .filter_map(|p| match p.via {
-                PeerVia::Vxlan { mac, .. } => Some((mac, p.node_ip)),
-                PeerVia::Direct { .. } => None,
+            .filter_map(|p| match p.reach {
+                PeerReach::Vxlan { mac } => Some((mac, p.node_ip)),
+                PeerReach::Direct { .. } => None,
             })
             .collect()
     }
@@ -163,14 +169,22 @@ impl RoutePlan {
         self.peers
             .iter()
             .filter_map(|p| {
-                let hop = match p.via {
-                    PeerVia::Direct { ifindex } => Nexthop {
-                        gateway: Some(p.node_ip),
-                        oif: Some(ifindex),
+                let hop = match (&p.via, p.node_ip) {
+                    (PeerVia::Direct { ifindex }, IpAddr::V4(gateway)) => Nexthop {
+                        gateway: Some(gateway),
+                        via6: None,
+                        oif: Some(*ifindex),
                         onlink: false,
                     },
-                    PeerVia::Vxlan { vtep, .. } => Nexthop {
-                        gateway: Some(vtep),
+                    (PeerVia::Direct { ifindex }, IpAddr::V6(via6)) => Nexthop {
+                        gateway: None,
+                        via6: Some(via6),
+                        oif: Some(*ifindex),
+                        onlink: false,
+                    },
+                    (PeerVia::Vxlan { vtep, .. }, _) => Nexthop {
+                        gateway: Some(*vtep),
+                        via6: None,
                         oif: Some(vx_index?),
                         onlink: true,
                     },
@@ -201,11 +215,13 @@ impl RoutePlan6 {
                 let hop = match p.via {
                     PeerVia6::Direct { gateway, ifindex } => Nexthop {
                         gateway: Some(gateway),
+                        via6: None,
                         oif: Some(ifindex),
                         onlink: false,
                     },
                     PeerVia6::Vxlan { vtep, .. } => Nexthop {
                         gateway: Some(vtep),
+                        via6: None,
                         oif: Some(vx_index?),
                         onlink: true,
                     },
@@ -419,26 +435,40 @@ mod tests {
 
     #[test]
     fn plan_wants_overlay_routes_only_once_the_device_exists() {
-        use crate::routing::{PeerRoute, PeerRoute6};
+        use crate::routing::{PeerNode, PeerRoute, PeerRoute6};
         let plan = RoutePlan {
             node_name: "n0".into(),
-            node_ip: Ipv4Addr::new(192, 168, 0, 10),
+            node_ip: Ipv4Addr::new(192, 168, 0, 10).into(),
             local_pod_cidrs: vec![],
             underlay_mtu: 1500,
             vxlan: None,
             peers: vec![
                 PeerRoute {
                     node: "n1".into(),
-                    node_ip: Ipv4Addr::new(192, 168, 0, 11),
+                    node_ip: Ipv4Addr::new(192, 168, 0, 11).into(),
                     pod_cidr: "10.244.1.0/24".parse().unwrap(),
                     via: PeerVia::Direct { ifindex: 2 },
                 },
                 PeerRoute {
                     node: "n2".into(),
-                    node_ip: Ipv4Addr::new(10, 0, 0, 12),
+                    node_ip: Ipv4Addr::new(10, 0, 0, 12).into(),
                     pod_cidr: "10.244.2.0/24".parse().unwrap(),
                     via: PeerVia::Vxlan {
                         vtep: Ipv4Addr::new(10, 244, 2, 0),
+                        mac: [0x0e, 0x77, 10, 0, 0, 12],
+                    },
+                },
+            ],
+            peer_nodes: vec![
+                PeerNode {
+                    node: "n1".into(),
+                    node_ip: Ipv4Addr::new(192, 168, 0, 11).into(),
+                    reach: PeerReach::Direct { ifindex: 2 },
+                },
+                PeerNode {
+                    node: "n2".into(),
+                    node_ip: Ipv4Addr::new(10, 0, 0, 12).into(),
+                    reach: PeerReach::Vxlan {
                         mac: [0x0e, 0x77, 10, 0, 0, 12],
                     },
                 },
@@ -452,6 +482,7 @@ mod tests {
             routes[&"10.244.2.0/24".parse().unwrap()],
             Nexthop {
                 gateway: Some(Ipv4Addr::new(10, 244, 2, 0)),
+                via6: None,
                 oif: Some(7),
                 onlink: true
             }
@@ -462,7 +493,10 @@ mod tests {
         );
         assert_eq!(
             plan.wanted_fdb(),
-            BTreeMap::from([([0x0e, 0x77, 10, 0, 0, 12], Ipv4Addr::new(10, 0, 0, 12))])
+            BTreeMap::from([(
+                [0x0e, 0x77, 10, 0, 0, 12],
+                IpAddr::V4(Ipv4Addr::new(10, 0, 0, 12))
+            )])
         );
         let vtep6: Ipv6Addr = "fd00:10:244:2::".parse().unwrap();
         let plan6 = RoutePlan6 {

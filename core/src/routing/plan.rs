@@ -1,20 +1,23 @@
 //! The pure route planner: Node objects + config + interface snapshot → [`RoutePlan`].
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
 
 use super::{
     HostLink, HostNetwork, PlanError, RoutingConfig, RoutingMode, VXLAN_DEVICE, VXLAN_OVERHEAD,
+    VXLAN_OVERHEAD6,
     masq::MasqueradeRules,
+    plan6::{node_internal_ipv6s, node_pod_cidrs6},
 };
 
 /// Everything the executor converges this node to. Sorted, so equal inputs give equal plans.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoutePlan {
     pub node_name: String,
-    /// This node's InternalIP.
-    pub node_ip: Ipv4Addr,
+    /// This node's underlay address: its IPv4 InternalIP, else (a node with only IPv6
+    /// InternalIPs) its IPv6 InternalIP. Peers are reached over the same family.
+    pub node_ip: IpAddr,
     /// This node's IPv4 pod CIDRs.
     pub local_pod_cidrs: Vec<Ipv4Network>,
     /// MTU of the interface holding the node IP (1500 when it is on no local interface).
@@ -23,6 +26,9 @@ pub struct RoutePlan {
     pub vxlan: Option<VxlanDevicePlan>,
     /// One entry per (peer, IPv4 pod CIDR), sorted by destination.
     pub peers: Vec<PeerRoute>,
+    /// Every peer reached over the underlay and how, whatever the families of its pod CIDRs
+    /// (the IPv6 plan follows it per peer; the FDB comes from it), sorted by name.
+    pub peer_nodes: Vec<PeerNode>,
     /// Nodes that get no route, and why (logged by the agent; not an error).
     pub skipped: Vec<SkippedPeer>,
     /// Egress masquerade ruleset (`None` when `masquerade` is off).
@@ -35,28 +41,48 @@ pub struct VxlanDevicePlan {
     pub name: String,
     pub vni: u32,
     pub port: u16,
-    /// Local tunnel address (this node's InternalIP).
-    pub local: Ipv4Addr,
+    /// Local tunnel address (this node's underlay address, either family: the device's
+    /// sockets and every FDB remote are of this family).
+    pub local: IpAddr,
     /// Interface index of the underlay device holding `local`.
     pub underlay_index: u32,
     pub mac: [u8; 6],
     pub mtu: u32,
-    /// This node's VTEP address (put on the device as a /32).
-    pub vtep: Ipv4Addr,
+    /// This node's VTEP address (put on the device as a /32); `None` on a node without an
+    /// IPv4 pod CIDR (an IPv6-only node: its VTEP6 is the IPv6 plan's).
+    pub vtep: Option<Ipv4Addr>,
+}
+
+/// A peer node reached over the underlay, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerNode {
+    pub node: String,
+    /// The peer's underlay address (its InternalIP of this node's underlay family).
+    pub node_ip: IpAddr,
+    pub reach: PeerReach,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerReach {
+    /// On a connected subnet of interface `ifindex`.
+    Direct { ifindex: u32 },
+    /// Through the overlay: FDB `mac → node_ip`.
+    Vxlan { mac: [u8; 6] },
 }
 
 /// A route to one pod CIDR of one peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerRoute {
     pub node: String,
-    pub node_ip: Ipv4Addr,
+    /// The peer's underlay address (an IPv4 pod CIDR may be routed via an IPv6 one).
+    pub node_ip: IpAddr,
     pub pod_cidr: Ipv4Network,
     pub via: PeerVia,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerVia {
-    /// `pod_cidr via node_ip dev <ifindex>`.
+    /// `pod_cidr via node_ip dev <ifindex>` (`via inet6 node_ip` over an IPv6 underlay).
     Direct { ifindex: u32 },
     /// `pod_cidr via vtep dev twill.vxlan onlink`, neighbour `vtep → mac`, FDB `mac → node_ip`.
     Vxlan { vtep: Ipv4Addr, mac: [u8; 6] },
@@ -93,6 +119,12 @@ pub enum SkipReason {
         node: String,
         cidr: Ipv4Network,
     },
+    /// The peer's derived VTEP MAC equals that of `node` (this node or an older peer) at
+    /// another underlay address: one FDB entry cannot point at both. Only possible over an
+    /// IPv6 underlay, whose MACs are a 32-bit hash of the address (see [`vtep_mac6`]).
+    VtepMacCollision {
+        node: String,
+    },
 }
 
 impl SkipReason {
@@ -120,12 +152,82 @@ pub fn vtep_mac(node_ip: Ipv4Addr) -> [u8; 6] {
     [0x0e, 0x77, a, b, c, d]
 }
 
+/// The VTEP MAC of a node on an IPv6 underlay: `0e:76` and the 32-bit FNV-1a hash of its
+/// IPv6 InternalIP. 128 bits do not fit in the 32 a MAC has left, and the low 32 bits alone
+/// collide in the most common numbering (`…:1::10` and `…:2::10` on two subnets); a hash
+/// spreads them, and the planner refuses the rare collision
+/// ([`SkipReason::VtepMacCollision`]) rather than mis-deliver. 0x76 keeps IPv6-derived MACs
+/// apart from IPv4-derived ones.
+pub fn vtep_mac6(node_ip: Ipv6Addr) -> [u8; 6] {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in node_ip.octets() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let [a, b, c, d] = hash.to_be_bytes();
+    [0x0e, 0x76, a, b, c, d]
+}
+
+/// The VTEP MAC of an underlay address of either family.
+pub fn underlay_mac(node_ip: IpAddr) -> [u8; 6] {
+    match node_ip {
+        IpAddr::V4(v4) => vtep_mac(v4),
+        IpAddr::V6(v6) => vtep_mac6(v6),
+    }
+}
+
+/// What the overlay adds in front of an inner frame's IP packet: it depends on the outer
+/// (underlay) family only, whatever the inner packet is.
+pub fn vxlan_overhead(underlay: IpAddr) -> u32 {
+    if underlay.is_ipv6() {
+        VXLAN_OVERHEAD6
+    } else {
+        VXLAN_OVERHEAD
+    }
+}
+
 /// The MTU the agent writes into the CNI config.
 pub fn cni_mtu(config: &RoutingConfig, plan: &RoutePlan) -> u32 {
     if plan.vxlan.is_some() || config.mode == RoutingMode::Vxlan {
-        plan.underlay_mtu.saturating_sub(VXLAN_OVERHEAD)
+        plan.underlay_mtu
+            .saturating_sub(vxlan_overhead(plan.node_ip))
     } else {
         plan.underlay_mtu
+    }
+}
+
+/// This node's underlay address: its first IPv4 InternalIP; a node without one (IPv6-only)
+/// uses its IPv6 InternalIP, preferring one held by a local interface.
+pub fn node_underlay_ip(node: &Node, host: &HostNetwork) -> Option<IpAddr> {
+    if let Some(v4) = node_internal_ipv4(node) {
+        return Some(IpAddr::V4(v4));
+    }
+    let v6 = node_internal_ipv6s(node);
+    v6.iter()
+        .copied()
+        .find(|ip| host.link_holding_ip(IpAddr::V6(*ip)).is_some())
+        .or_else(|| v6.first().copied())
+        .map(IpAddr::V6)
+}
+
+/// A peer's underlay address of the same family as this node's (`ours`): its IPv4
+/// InternalIP, or its IPv6 InternalIP on a connected subnet if it has one, else its first.
+fn peer_underlay_ip(peer: &Node, ours: IpAddr, host: &HostNetwork) -> Option<IpAddr> {
+    if ours.is_ipv4() {
+        return node_internal_ipv4(peer).map(IpAddr::V4);
+    }
+    let v6 = node_internal_ipv6s(peer);
+    v6.iter()
+        .copied()
+        .find(|ip| host.connected_link6(*ip).is_some())
+        .or_else(|| v6.first().copied())
+        .map(IpAddr::V6)
+}
+
+fn connected_link(host: &HostNetwork, ip: IpAddr) -> Option<&HostLink> {
+    match ip {
+        IpAddr::V4(v4) => host.connected_link(v4),
+        IpAddr::V6(v6) => host.connected_link6(v6),
     }
 }
 
@@ -231,17 +333,21 @@ pub fn plan_routes<'a>(
         .copied()
         .find(|n| n.metadata.name.as_deref() == Some(this_node))
         .ok_or_else(|| PlanError::ThisNodeMissing(this_node.to_owned()))?;
-    let node_ip =
-        node_internal_ipv4(me).ok_or_else(|| PlanError::ThisNodeNoAddress(this_node.to_owned()))?;
+    let node_ip = node_underlay_ip(me, host)
+        .ok_or_else(|| PlanError::ThisNodeNoAddress(this_node.to_owned()))?;
     let (local_pod_cidrs, _) = node_pod_cidrs(me);
-    let underlay = host.link_holding(node_ip);
+    let underlay = host.link_holding_ip(node_ip);
     let underlay_mtu = underlay.map_or(1500, |l| l.mtu);
 
     let mut peers = Vec::new();
+    let mut peer_nodes = Vec::new();
     let mut skipped = Vec::new();
     let mut all_pod_cidrs = local_pod_cidrs.clone();
-    let mut node_ips = vec![node_ip];
+    // Every IPv4 InternalIP: never inside a routed pod CIDR, never masqueraded to.
     let every_node_ip: Vec<Ipv4Addr> = nodes.iter().filter_map(|n| node_internal_ipv4(n)).collect();
+    // Overlay MACs handed out so far (this node's first), with their underlay address.
+    let mut macs: Vec<([u8; 6], IpAddr, String)> =
+        vec![(underlay_mac(node_ip), node_ip, this_node.to_owned())];
     // Oldest first: when two Nodes claim overlapping pod CIDRs, the one that was there first
     // keeps its route, so a new (misconfigured or hostile) Node cannot take it over.
     let mut sorted: Vec<&Node> = nodes
@@ -259,28 +365,50 @@ pub fn plan_routes<'a>(
         };
         let (cidrs, bad) = node_pod_cidrs(peer);
         skipped.extend(bad.into_iter().map(|b| skip(SkipReason::BadPodCidr(b))));
-        let Some(peer_ip) = node_internal_ipv4(peer) else {
+        let Some(peer_ip) = peer_underlay_ip(peer, node_ip, host) else {
             skipped.push(skip(SkipReason::NoInternalIp));
             continue;
         };
-        node_ips.push(peer_ip);
-        let Some(first) = cidrs.first().copied() else {
+        // A peer with only IPv6 pod CIDRs is still reached here: the IPv6 plan follows.
+        if cidrs.is_empty() && node_pod_cidrs6(peer).is_empty() {
             skipped.push(skip(SkipReason::NoPodCidr));
             continue;
-        };
-        let direct = host.connected_link(peer_ip);
-        let via = match (config.mode, direct) {
-            (RoutingMode::Auto | RoutingMode::Direct, Some(link)) => PeerVia::Direct {
+        }
+        let reach = match (config.mode, connected_link(host, peer_ip)) {
+            (RoutingMode::Auto | RoutingMode::Direct, Some(link)) => PeerReach::Direct {
                 ifindex: link.index,
             },
             (RoutingMode::Direct, None) => {
                 skipped.push(skip(SkipReason::NotDirectlyReachable));
                 continue;
             }
-            (RoutingMode::Auto | RoutingMode::Vxlan, _) => PeerVia::Vxlan {
-                vtep: vtep_addr(first),
-                mac: vtep_mac(peer_ip),
+            (RoutingMode::Auto | RoutingMode::Vxlan, _) => PeerReach::Vxlan {
+                mac: underlay_mac(peer_ip),
             },
+        };
+        if let PeerReach::Vxlan { mac } = reach {
+            if let Some((_, _, owner)) = macs.iter().find(|(m, ip, _)| *m == mac && *ip != peer_ip)
+            {
+                skipped.push(skip(SkipReason::VtepMacCollision {
+                    node: owner.clone(),
+                }));
+                continue;
+            }
+            macs.push((mac, peer_ip, name.clone()));
+        }
+        peer_nodes.push(PeerNode {
+            node: name.clone(),
+            node_ip: peer_ip,
+            reach,
+        });
+        let via = match (reach, cidrs.first()) {
+            (PeerReach::Direct { ifindex }, _) => PeerVia::Direct { ifindex },
+            (PeerReach::Vxlan { mac }, Some(first)) => PeerVia::Vxlan {
+                vtep: vtep_addr(*first),
+                mac,
+            },
+            // No IPv4 pod CIDR: nothing to route in IPv4.
+            (PeerReach::Vxlan { .. }, None) => continue,
         };
         for cidr in cidrs {
             if let Some(reason) = check_peer_cidr(
@@ -305,16 +433,22 @@ pub fn plan_routes<'a>(
         }
     }
     peers.sort_by_key(|p| (p.pod_cidr.network(), p.pod_cidr.prefix()));
+    peer_nodes.sort_by(|a, b| a.node.cmp(&b.node));
     skipped.sort_by(|a, b| a.node.cmp(&b.node));
 
+    // Any peer over the overlay needs the device, whichever family its pod CIDRs are.
     let needs_vxlan = config.mode == RoutingMode::Vxlan
-        || peers.iter().any(|p| matches!(p.via, PeerVia::Vxlan { .. }));
+        || peer_nodes
+            .iter()
+            .any(|p| matches!(p.reach, PeerReach::Vxlan { .. }));
     let vxlan = if needs_vxlan {
+        let has_cidr6 = !node_pod_cidrs6(me).is_empty();
         Some(vxlan_device(
             this_node,
             node_ip,
             underlay,
             &local_pod_cidrs,
+            has_cidr6,
             config,
         )?)
     } else {
@@ -325,7 +459,7 @@ pub fn plan_routes<'a>(
         let mut exempt: Vec<Ipv4Network> = all_pod_cidrs.clone();
         exempt.extend(config.cluster_cidrs.iter().copied());
         exempt.extend(config.non_masquerade_cidrs.iter().copied());
-        exempt.extend(node_ips.iter().map(|ip| Ipv4Network::from(*ip)));
+        exempt.extend(every_node_ip.iter().map(|ip| Ipv4Network::from(*ip)));
         let mut pod_cidrs = all_pod_cidrs.clone();
         pod_cidrs.extend(config.cluster_cidrs.iter().copied());
         MasqueradeRules::new(local_pod_cidrs.clone(), exempt, pod_cidrs)
@@ -338,6 +472,7 @@ pub fn plan_routes<'a>(
         underlay_mtu,
         vxlan,
         peers,
+        peer_nodes,
         skipped,
         masquerade,
     })
@@ -369,7 +504,7 @@ impl std::fmt::Display for RoutePlan {
         if let Some(v) = &self.vxlan {
             writeln!(
                 f,
-                "vxlan {} vni {} port {} local {} underlay-if {} mac {} mtu {} vtep {}/32",
+                "vxlan {} vni {} port {} local {} underlay-if {} mac {} mtu {}{}",
                 v.name,
                 v.vni,
                 v.port,
@@ -377,15 +512,19 @@ impl std::fmt::Display for RoutePlan {
                 v.underlay_index,
                 mac_str(v.mac),
                 v.mtu,
-                v.vtep
+                v.vtep.map(|v| format!(" vtep {v}/32")).unwrap_or_default()
             )?;
         }
         for p in &self.peers {
             match &p.via {
                 PeerVia::Direct { ifindex } => writeln!(
                     f,
-                    "route {} via {} if {} ({})",
-                    p.pod_cidr, p.node_ip, ifindex, p.node
+                    "route {} via {}{} if {} ({})",
+                    p.pod_cidr,
+                    if p.node_ip.is_ipv6() { "inet6 " } else { "" },
+                    p.node_ip,
+                    ifindex,
+                    p.node
                 )?,
                 PeerVia::Vxlan { vtep, mac } => writeln!(
                     f,
@@ -421,25 +560,25 @@ impl std::fmt::Display for RoutePlan {
 
 fn vxlan_device(
     this_node: &str,
-    node_ip: Ipv4Addr,
+    node_ip: IpAddr,
     underlay: Option<&HostLink>,
     local_pod_cidrs: &[Ipv4Network],
+    has_cidr6: bool,
     config: &RoutingConfig,
 ) -> Result<VxlanDevicePlan, PlanError> {
     let link = underlay.ok_or(PlanError::NodeIpNotLocal(node_ip))?;
-    let first = local_pod_cidrs
-        .first()
-        .copied()
-        .ok_or_else(|| PlanError::ThisNodeNoPodCidr(this_node.to_owned()))?;
+    if local_pod_cidrs.is_empty() && !has_cidr6 {
+        return Err(PlanError::ThisNodeNoPodCidr(this_node.to_owned()));
+    }
     Ok(VxlanDevicePlan {
         name: VXLAN_DEVICE.to_owned(),
         vni: config.vxlan_vni,
         port: config.vxlan_port,
         local: node_ip,
         underlay_index: link.index,
-        mac: vtep_mac(node_ip),
-        mtu: link.mtu.saturating_sub(VXLAN_OVERHEAD),
-        vtep: vtep_addr(first),
+        mac: underlay_mac(node_ip),
+        mtu: link.mtu.saturating_sub(vxlan_overhead(node_ip)),
+        vtep: local_pod_cidrs.first().copied().map(vtep_addr),
     })
 }
 
@@ -521,7 +660,7 @@ mod tests {
     #[test]
     fn auto_mode_routes_same_subnet_directly_and_others_over_vxlan() {
         let plan = plan_routes("n0", &cluster(), &cfg(RoutingMode::Auto), &host()).unwrap();
-        assert_eq!(plan.node_ip, Ipv4Addr::new(172, 30, 0, 10));
+        assert_eq!(plan.node_ip, IpAddr::V4(Ipv4Addr::new(172, 30, 0, 10)));
         assert_eq!(plan.peers.len(), 2, "IPv6 CIDR ignored: {:?}", plan.peers);
         assert_eq!(plan.peers[0].pod_cidr.to_string(), "10.244.1.0/24");
         assert_eq!(plan.peers[0].via, PeerVia::Direct { ifindex: 2 });
@@ -538,7 +677,7 @@ mod tests {
             (vx.vni, vx.port, vx.mtu, vx.underlay_index),
             (VXLAN_VNI, VXLAN_PORT, 1450, 2)
         );
-        assert_eq!(vx.vtep, Ipv4Addr::new(10, 244, 0, 0));
+        assert_eq!(vx.vtep, Some(Ipv4Addr::new(10, 244, 0, 0)));
         assert_eq!(vx.mac, vtep_mac(Ipv4Addr::new(172, 30, 0, 10)));
         assert_eq!(cni_mtu(&cfg(RoutingMode::Auto), &plan), 1450);
         assert!(plan.skipped.is_empty());
@@ -795,6 +934,241 @@ mod tests {
         let b = plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host()).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.peers[0].pod_cidr.to_string(), "10.244.1.0/24");
+    }
+
+    /// An IPv6 underlay: eth0 holds only an IPv6 address.
+    fn host6() -> HostNetwork {
+        HostNetwork {
+            links: vec![HostLink {
+                name: "eth0".into(),
+                index: 2,
+                mtu: 1500,
+                addrs: Vec::new(),
+                addrs6: vec!["fd00:172:30::10/64".parse().unwrap()],
+                is_loopback: false,
+            }],
+            default_route_ifindex: None,
+            foreign_routes: Vec::new(),
+            foreign_routes6: Vec::new(),
+        }
+    }
+
+    /// Nodes with only IPv6 InternalIPs; n1 on n0's subnet, n2 on another one. `cidrs4` adds
+    /// an IPv4 pod CIDR per node (dual-stack pods over an IPv6 underlay).
+    fn cluster6(cidrs4: bool) -> Vec<Node> {
+        let cidrs = |i: u8| {
+            let mut c = vec![format!("fd00:10:244:{i}::/64")];
+            if cidrs4 {
+                c.push(format!("10.244.{i}.0/24"));
+            }
+            c
+        };
+        let n = |name: &str, ip: &str, i: u8| {
+            let c = cidrs(i);
+            let c: Vec<&str> = c.iter().map(String::as_str).collect();
+            node(name, Some(ip), &c)
+        };
+        vec![
+            n("n0", "fd00:172:30::10", 0),
+            n("n1", "fd00:172:30::11", 1),
+            n("n2", "fd00:172:30:1::12", 2),
+        ]
+    }
+
+    #[test]
+    fn ipv6_only_nodes_use_an_ipv6_underlay_direct_and_over_vxlan() {
+        let nodes = cluster6(false);
+        let config = cfg(RoutingMode::Auto);
+        let plan = plan_routes("n0", &nodes, &config, &host6()).unwrap();
+        let n1: IpAddr = "fd00:172:30::11".parse().unwrap();
+        let n2: IpAddr = "fd00:172:30:1::12".parse().unwrap();
+        assert_eq!(plan.node_ip, "fd00:172:30::10".parse::<IpAddr>().unwrap());
+        assert!(plan.peers.is_empty(), "no IPv4 pod CIDRs: {plan}");
+        assert!(plan.skipped.is_empty(), "{:?}", plan.skipped);
+        let mac2 = vtep_mac6("fd00:172:30:1::12".parse().unwrap());
+        assert_eq!(
+            plan.peer_nodes,
+            vec![
+                PeerNode {
+                    node: "n1".into(),
+                    node_ip: n1,
+                    reach: PeerReach::Direct { ifindex: 2 }
+                },
+                PeerNode {
+                    node: "n2".into(),
+                    node_ip: n2,
+                    reach: PeerReach::Vxlan { mac: mac2 }
+                },
+            ]
+        );
+        // The device: IPv6 local address, 70 bytes of overhead, no IPv4 VTEP.
+        let vx = plan.vxlan.as_ref().expect("n2 needs the overlay");
+        assert_eq!((vx.local, vx.mtu, vx.vtep), (plan.node_ip, 1430, None));
+        assert_eq!(vx.mac, underlay_mac(plan.node_ip));
+        assert_eq!(cni_mtu(&config, &plan), 1430);
+        assert_eq!(
+            plan.wanted_fdb(),
+            std::collections::BTreeMap::from([(mac2, n2)])
+        );
+        // The IPv6 pod CIDRs follow: n1 via its underlay address, n2 over the overlay.
+        let plan6 = crate::routing::plan_routes6("n0", &nodes, &config, &host6(), &plan);
+        assert_eq!(
+            plan6.to_string(),
+            format!(
+                "ipv6 pod-cidrs [fd00:10:244::/64]\n\
+                 vxlan vtep6 fd00:10:244::/128\n\
+                 route fd00:10:244:1::/64 via fd00:172:30::11 if 2 (n1)\n\
+                 route fd00:10:244:2::/64 via fd00:10:244:2:: dev twill.vxlan onlink (n2); neigh fd00:10:244:2:: {}\n",
+                mac_str(mac2)
+            )
+        );
+        // A masquerade without IPv4 pods has no IPv4 source to translate.
+        assert!(
+            plan.masquerade
+                .as_ref()
+                .is_some_and(|m| m.sources.is_empty())
+        );
+        assert!(plan6.masquerade.is_some());
+    }
+
+    #[test]
+    fn ipv4_pod_cidrs_cross_an_ipv6_underlay_via_inet6_or_the_overlay() {
+        let nodes = cluster6(true);
+        let plan = plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host6()).unwrap();
+        let mac2 = vtep_mac6("fd00:172:30:1::12".parse().unwrap());
+        assert_eq!(
+            plan.to_string(),
+            format!(
+                "node n0 ip fd00:172:30::10 pod-cidrs [10.244.0.0/24] underlay-mtu 1500\n\
+                 vxlan twill.vxlan vni 1 port 8472 local fd00:172:30::10 underlay-if 2 mac {} mtu 1430 vtep 10.244.0.0/32\n\
+                 route 10.244.1.0/24 via inet6 fd00:172:30::11 if 2 (n1)\n\
+                 route 10.244.2.0/24 via 10.244.2.0 dev twill.vxlan onlink (n2); neigh 10.244.2.0 {}; fdb {} dst fd00:172:30:1::12\n\
+                 masquerade from [10.244.0.0/24] except [10.244.0.0/24, 10.244.1.0/24, 10.244.2.0/24]\n",
+                mac_str(underlay_mac(plan.node_ip)),
+                mac_str(mac2),
+                mac_str(mac2),
+            )
+        );
+        // The direct IPv4 route has an IPv6 nexthop (RTA_VIA), no IPv4 gateway.
+        let routes = plan.wanted_routes(Some(9));
+        let direct = routes[&"10.244.1.0/24".parse().unwrap()];
+        assert_eq!(
+            (direct.gateway, direct.via6, direct.oif, direct.onlink),
+            (
+                None,
+                Some("fd00:172:30::11".parse().unwrap()),
+                Some(2),
+                false
+            )
+        );
+        let overlay = routes[&"10.244.2.0/24".parse().unwrap()];
+        assert_eq!(
+            (overlay.gateway, overlay.via6, overlay.oif),
+            (Some(Ipv4Addr::new(10, 244, 2, 0)), None, Some(9))
+        );
+        // Mode vxlan: every peer over the IPv6-underlay overlay, MTU 1500 − 70.
+        let all = plan_routes("n0", &nodes, &cfg(RoutingMode::Vxlan), &host6()).unwrap();
+        assert!(
+            all.peer_nodes
+                .iter()
+                .all(|p| matches!(p.reach, PeerReach::Vxlan { .. }))
+        );
+        assert_eq!(all.wanted_fdb().len(), 2);
+        assert_eq!(cni_mtu(&cfg(RoutingMode::Vxlan), &all), 1430);
+        // Mode direct: the peer on another subnet is skipped, in both families.
+        let direct = plan_routes("n0", &nodes, &cfg(RoutingMode::Direct), &host6()).unwrap();
+        assert!(direct.vxlan.is_none());
+        assert_eq!(
+            direct.skipped,
+            vec![SkippedPeer {
+                node: "n2".into(),
+                reason: SkipReason::NotDirectlyReachable
+            }]
+        );
+        let plan6 = crate::routing::plan_routes6(
+            "n0",
+            &nodes,
+            &cfg(RoutingMode::Direct),
+            &host6(),
+            &direct,
+        );
+        assert_eq!(plan6.peers.len(), 1);
+        assert_eq!(
+            plan6.skipped[0].reason,
+            crate::routing::SkipReason6::NoUnderlayRoute
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_node_keeps_the_ipv4_underlay_and_skips_ipv6_only_peers() {
+        let mut nodes = cluster6(false);
+        nodes[0] = node(
+            "n0",
+            Some("172.30.0.10"),
+            &["10.244.0.0/24", "fd00:10:244::/64"],
+        );
+        let plan = plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host()).unwrap();
+        assert!(plan.node_ip.is_ipv4());
+        assert!(plan.peer_nodes.is_empty());
+        assert!(
+            plan.skipped
+                .iter()
+                .all(|s| s.reason == SkipReason::NoInternalIp),
+            "{:?}",
+            plan.skipped
+        );
+    }
+
+    /// Two IPv6 underlay addresses whose FNV-1a hashes collide (found by search): the older
+    /// peer keeps the MAC, the other is refused rather than sharing its FDB entry.
+    #[test]
+    fn colliding_ipv6_vtep_macs_are_refused() {
+        let (a, b) = ("fd00:172:30:6351::54b5", "fd00:172:30:5620::5621");
+        assert_eq!(vtep_mac6(a.parse().unwrap()), vtep_mac6(b.parse().unwrap()));
+        let mut nodes = cluster6(false);
+        nodes.push(created(
+            node("p-old", Some(a), &["fd00:10:244:7::/64"]),
+            "2026-01-01T00:00:00Z",
+        ));
+        nodes.push(created(
+            node("a-new", Some(b), &["fd00:10:244:8::/64"]),
+            "2026-06-01T00:00:00Z",
+        ));
+        let plan = plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host6()).unwrap();
+        assert_eq!(
+            plan.skipped,
+            vec![SkippedPeer {
+                node: "a-new".into(),
+                reason: SkipReason::VtepMacCollision {
+                    node: "p-old".into()
+                }
+            }]
+        );
+        assert!(plan.skipped[0].reason.is_conflict());
+        assert!(plan.peer_nodes.iter().any(|p| p.node == "p-old"));
+        // Distinct addresses of the usual numbering never collide in one subnet's worth.
+        let macs: std::collections::BTreeSet<[u8; 6]> = (1..=4096u16)
+            .flat_map(|h| {
+                [0u16, 1].map(|s| vtep_mac6(Ipv6Addr::new(0xfd00, 0x172, 0x30, s, 0, 0, 0, h)))
+            })
+            .collect();
+        assert_eq!(macs.len(), 8192);
+    }
+
+    #[test]
+    fn ipv6_only_node_errors_are_typed() {
+        // An IPv6 InternalIP on no local interface cannot be the overlay's local address.
+        let nodes = vec![node("n0", Some("fd00:99::1"), &["fd00:10:244::/64"])];
+        assert!(matches!(
+            plan_routes("n0", &nodes, &cfg(RoutingMode::Vxlan), &host6()),
+            Err(PlanError::NodeIpNotLocal(IpAddr::V6(_)))
+        ));
+        // No pod CIDR of either family: no VTEP to give the device.
+        let nodes = vec![node("n0", Some("fd00:172:30::10"), &[])];
+        assert!(matches!(
+            plan_routes("n0", &nodes, &cfg(RoutingMode::Vxlan), &host6()),
+            Err(PlanError::ThisNodeNoPodCidr(_))
+        ));
     }
 
     #[test]

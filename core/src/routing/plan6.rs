@@ -1,30 +1,31 @@
-//! The IPv6 half of the route plan: routes to other nodes' IPv6 pod CIDRs (dual-stack
-//! clusters), planned after the IPv4 plan and following its choice per peer.
+//! The IPv6 half of the route plan: routes to other nodes' IPv6 pod CIDRs (dual-stack and
+//! IPv6-only clusters), planned after the IPv4 plan and following its underlay choice per peer
+//! ([`RoutePlan::peer_nodes`], made for every peer with a pod CIDR of either family).
 //!
-//! - A peer the IPv4 plan reaches **directly** is reached directly over IPv6 too when one of
-//!   its IPv6 InternalIPs lies in a connected IPv6 subnet of ours:
-//!   `podCIDR6 via <peer IPv6 InternalIP> dev <that interface>`. Without one it is skipped
-//!   ([`SkipReason6::NotDirectlyReachable`]): the overlay is only there for peers the IPv4
-//!   plan sends through it.
-//! - A peer the IPv4 plan reaches over the **VXLAN overlay** is reached over the same device:
-//!   VXLAN carries Ethernet frames, so the IPv4 underlay carries IPv6 pods as they are. The
-//!   peer's IPv6 VTEP address is the network address of its first IPv6 pod CIDR (the
-//!   subnet-router anycast address, which twill-cni never assigns), with the peer's VTEP MAC:
+//! - A peer reached **directly** is reached directly over IPv6 too: over an IPv6 underlay via
+//!   its underlay address; over an IPv4 one when one of its IPv6 InternalIPs lies in a
+//!   connected IPv6 subnet of ours: `podCIDR6 via <peer IPv6 InternalIP> dev <that
+//!   interface>`. Without one it is skipped ([`SkipReason6::NotDirectlyReachable`]): the
+//!   overlay is only there for peers the underlay plan sends through it.
+//! - A peer reached over the **VXLAN overlay** is reached over the same device: VXLAN carries
+//!   Ethernet frames, so either underlay carries IPv6 pods as they are. The peer's IPv6 VTEP
+//!   address is the network address of its first IPv6 pod CIDR (the subnet-router anycast
+//!   address, which twill-cni never assigns), with the peer's VTEP MAC:
 //!   `podCIDR6 via <peer VTEP6> dev twill.vxlan onlink`, a permanent neighbour
-//!   `<peer VTEP6> lladdr <peer MAC>`; the FDB entry `<peer MAC> dst <peer IPv4 node IP>` is the
-//!   IPv4 plan's. This node's own VTEP6 goes on the device as a `/128`.
-//! - A peer with no IPv4 route gets no IPv6 route: the underlay is IPv4 (an IPv6 underlay is
-//!   not implemented).
+//!   `<peer VTEP6> lladdr <peer MAC>`; the FDB entry `<peer MAC> dst <peer underlay address>`
+//!   is the IPv4 plan's. This node's own VTEP6 goes on the device as a `/128`.
+//! - A peer the underlay plan does not reach gets no IPv6 route
+//!   ([`SkipReason6::NoUnderlayRoute`]).
 //!
-//! The MTU does not change: the overlay's overhead depends on the outer (underlay) family
-//! only, 50 bytes over IPv4 whatever the inner packet is. IPv6 needs a link MTU of at least
-//! 1280, which twill-cni checks.
+//! The overlay's overhead depends on the outer (underlay) family only: 50 bytes over IPv4, 70
+//! over IPv6, whatever the inner packet is (the IPv4 plan's device MTU). IPv6 needs a link MTU
+//! of at least 1280, which twill-cni checks.
 use std::net::{IpAddr, Ipv6Addr};
 
 use ipnetwork::{IpNetwork, Ipv6Network};
 use k8s_openapi::api::core::v1::Node;
 
-use super::{HostNetwork, PeerVia, RoutePlan, RoutingConfig, masq::Masquerade6Rules};
+use super::{HostNetwork, PeerReach, RoutePlan, RoutingConfig, masq::Masquerade6Rules};
 
 /// The IPv6 routes of this node. Sorted, so equal inputs give equal plans.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -68,8 +69,9 @@ pub struct SkippedPeer6 {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SkipReason6 {
-    /// The IPv4 plan has no route to the peer, and the underlay is IPv4.
-    NoIpv4Route,
+    /// The underlay plan does not reach the peer (no InternalIP of the underlay family, not
+    /// on a connected subnet in mode `direct`, or refused there).
+    NoUnderlayRoute,
     /// Reached directly over IPv4, but no IPv6 InternalIP of the peer is on a connected subnet.
     NotDirectlyReachable,
     /// The pod CIDR overlaps one of this node's own IPv6 pod CIDRs.
@@ -87,7 +89,7 @@ impl SkipReason6 {
     pub fn is_conflict(&self) -> bool {
         !matches!(
             self,
-            SkipReason6::NoIpv4Route | SkipReason6::NotDirectlyReachable
+            SkipReason6::NoUnderlayRoute | SkipReason6::NotDirectlyReachable
         )
     }
 }
@@ -95,7 +97,7 @@ impl SkipReason6 {
 impl std::fmt::Display for SkipReason6 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SkipReason6::NoIpv4Route => f.write_str("NoIpv4Route"),
+            SkipReason6::NoUnderlayRoute => f.write_str("NoUnderlayRoute"),
             SkipReason6::NotDirectlyReachable => f.write_str("NotDirectlyReachable"),
             SkipReason6::OverlapsLocal(n) => write!(f, "OverlapsLocal({n})"),
             SkipReason6::OverlapsNodeSubnet(n) => write!(f, "OverlapsNodeSubnet({n})"),
@@ -179,12 +181,16 @@ pub fn plan_routes6<'a>(
             node: name.clone(),
             reason,
         };
-        let Some(v4_route) = v4.peers.iter().find(|p| p.node == name) else {
-            skipped.push(skip(SkipReason6::NoIpv4Route));
+        let Some(underlay) = v4.peer_nodes.iter().find(|p| p.node == name) else {
+            skipped.push(skip(SkipReason6::NoUnderlayRoute));
             continue;
         };
-        let via = match v4_route.via {
-            PeerVia::Direct { .. } => {
+        let via = match (underlay.reach, underlay.node_ip) {
+            // An IPv6 underlay: the peer's underlay address is the gateway.
+            (PeerReach::Direct { ifindex }, IpAddr::V6(gateway)) => {
+                PeerVia6::Direct { gateway, ifindex }
+            }
+            (PeerReach::Direct { .. }, IpAddr::V4(_)) => {
                 let direct = node_internal_ipv6s(peer)
                     .into_iter()
                     .find_map(|ip| host.connected_link6(ip).map(|l| (ip, l.index)));
@@ -194,7 +200,7 @@ pub fn plan_routes6<'a>(
                 };
                 PeerVia6::Direct { gateway, ifindex }
             }
-            PeerVia::Vxlan { mac, .. } => PeerVia6::Vxlan {
+            (PeerReach::Vxlan { mac }, _) => PeerVia6::Vxlan {
                 vtep: vtep_addr6(first),
                 mac,
             },
@@ -459,7 +465,7 @@ mod tests {
         assert!(
             v6.skipped
                 .iter()
-                .any(|s| s.node == "n2" && s.reason == SkipReason6::NoIpv4Route)
+                .any(|s| s.node == "n2" && s.reason == SkipReason6::NoUnderlayRoute)
         );
         // An IPv4-only cluster plans nothing in IPv6.
         let nodes = vec![

@@ -3,7 +3,7 @@
 //! dumps).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
@@ -14,7 +14,7 @@ use twill_common::{
     DatapathConfig, MapDef, NodeAddrValue, PROTO_TCP, PROTO_UDP, Reason, STATS_MAX, ServiceKey,
     ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey, def,
 };
-use twill_common::{ServiceKey6, SockRevNatKey6, SockRevNatValue6};
+use twill_common::{ServiceKey6, SockRevNatKey6, SockRevNatValue6, addr6_octets};
 
 use super::{
     DatapathError,
@@ -42,6 +42,16 @@ pub struct FlushReport {
     /// How the sockets were destroyed; `None` when no UDP backend was flushed or destruction
     /// is off.
     pub socket_destroy_method: Option<DestroyMethod>,
+}
+
+/// An IPv4 address in the maps' form (network order) as an address.
+fn addr4(addr_be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be(addr_be))
+}
+
+/// An IPv6 address in the maps' form as an address.
+fn addr6(addr_be: [u32; 4]) -> Ipv6Addr {
+    Ipv6Addr::from(addr6_octets(addr_be))
 }
 
 /// The load-balancing maps of a loaded (or adopted) datapath.
@@ -265,8 +275,18 @@ impl AyaLbMaps {
             .map(|(k, _)| k)
             .collect();
         // Sockets first: the destroyer recognises the sockets this datapath translated by their
-        // reverse-NAT entries.
-        self.destroy_udp_sockets(backends, &stale_rn, &mut report)?;
+        // reverse-NAT entries. Only UDP needs it: a TCP connection to a gone backend fails by
+        // itself (RST/timeout), and kube-proxy leaves TCP alone too.
+        let targets: BTreeSet<(IpAddr, u16)> = backends
+            .iter()
+            .filter(|(_, b)| b.proto == PROTO_UDP)
+            .map(|(_, b)| (IpAddr::V4(addr4(b.addr_be)), u16::from_be(b.port_be)))
+            .collect();
+        let revnat = stale_rn.iter().map(|k| {
+            let addr = IpAddr::V4(addr4(k.backend_addr_be));
+            (k.cookie, addr, u16::from_be(k.backend_port_be))
+        });
+        self.destroy_udp_sockets(&targets, revnat, &mut report)?;
         for k in &stale_rn {
             remove(&mut self.revnat, k, MapKind::SockRevNat)?;
         }
@@ -326,8 +346,8 @@ impl AyaLbMaps {
     }
 
     /// [`Self::flush_backends`] for IPv6 backends: affinity and UDP flow entries naming their
-    /// ids, IPv6 socket reverse-NAT entries naming their addresses. Connected UDP sockets to
-    /// them are not destroyed (the socket destroyer is IPv4 only: docs/design/dualstack.md).
+    /// ids, connected UDP sockets to them, IPv6 socket reverse-NAT entries naming their
+    /// addresses.
     pub fn flush_backends6(
         &mut self,
         backends: &[(u32, Backend6)],
@@ -347,6 +367,16 @@ impl AyaLbMaps {
             .filter(|(k, _)| addrs.contains(&(k.backend_addr_be, k.backend_port_be)))
             .map(|(k, _)| k)
             .collect();
+        let targets: BTreeSet<(IpAddr, u16)> = backends
+            .iter()
+            .filter(|(_, b)| b.proto == PROTO_UDP)
+            .map(|(_, b)| (IpAddr::V6(addr6(b.addr_be)), u16::from_be(b.port_be)))
+            .collect();
+        let revnat = stale_rn.iter().map(|k| {
+            let addr = IpAddr::V6(addr6(k.backend_addr_be));
+            (k.cookie, addr, u16::from_be(k.backend_port_be))
+        });
+        self.destroy_udp_sockets(&targets, revnat, &mut report)?;
         for k in &stale_rn {
             remove(&mut self.revnat6, k, MapKind::SockRevNat6)?;
         }
@@ -355,46 +385,35 @@ impl AyaLbMaps {
         Ok(report)
     }
 
+    /// Destroys the connected UDP sockets of this datapath to `targets` (UDP backends just
+    /// removed, either family); `revnat`: the (cookie, backend address, port) of the socket
+    /// reverse-NAT entries naming them, which mark the sockets this datapath translated.
     fn destroy_udp_sockets(
         &mut self,
-        backends: &[(u32, Backend)],
-        revnat: &[SockRevNatKey],
+        targets: &BTreeSet<(IpAddr, u16)>,
+        revnat: impl Iterator<Item = (u64, IpAddr, u16)>,
         report: &mut FlushReport,
     ) -> Result<(), MapError> {
-        // Only UDP needs it: a TCP connection to a gone backend fails by itself (RST/timeout),
-        // and kube-proxy leaves TCP alone too.
-        let v4 = |addr_be: u32, port_be: u16| {
-            (Ipv4Addr::from(u32::from_be(addr_be)), u16::from_be(port_be))
-        };
-        let targets: BTreeSet<(Ipv4Addr, u16)> = backends
-            .iter()
-            .filter(|(_, b)| b.proto == PROTO_UDP)
-            .map(|(_, b)| v4(b.addr_be, b.port_be))
-            .collect();
         let Some(destroyer) = &mut self.socket_destroyer else {
             return Ok(());
         };
         if targets.is_empty() {
             return Ok(());
         }
-        let cookies: BTreeSet<(u64, Ipv4Addr, u16)> = revnat
-            .iter()
-            .map(|k| {
-                let (a, p) = v4(k.backend_addr_be, k.backend_port_be);
-                (k.cookie, a, p)
-            })
+        let cookies: BTreeSet<(u64, IpAddr, u16)> = revnat
             .filter(|(_, a, p)| targets.contains(&(*a, *p)))
             .collect();
-        let r = destroyer
-            .destroy_udp(&targets, &cookies)
-            .map_err(|source| MapError::Syscall {
-                map: MapKind::SockRevNat,
-                op: "sock_destroy",
-                source,
-            })?;
+        let (r, method) =
+            destroyer
+                .destroy_udp(targets, &cookies)
+                .map_err(|source| MapError::Syscall {
+                    map: MapKind::SockRevNat,
+                    op: "sock_destroy",
+                    source,
+                })?;
         report.namespaces_searched = r.namespaces;
         report.sockets_destroyed = r.destroyed;
-        report.socket_destroy_method = Some(destroyer.method());
+        report.socket_destroy_method = Some(method);
         Ok(())
     }
 

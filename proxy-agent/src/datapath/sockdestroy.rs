@@ -27,7 +27,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
     mem::size_of,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::fs::MetadataExt as _,
@@ -115,20 +115,32 @@ impl SocketDestroyer {
 
     /// Destroys every connected UDP socket whose peer is one of `targets` and whose (cookie,
     /// peer) is in `cookies` (the socket reverse-NAT entries of the targets: the iterator checks
-    /// the map itself, `sock_diag` checks this set).
+    /// the map itself, `sock_diag` checks this set). Returns the report and the method used.
+    ///
+    /// IPv6 peers are always destroyed through `sock_diag`: the iterator reads a socket's peer
+    /// from `struct sock_common` at fixed offsets, and the IPv6 peer (`skc_v6_daddr`) sits
+    /// behind members whose size depends on the kernel's configuration, so its offset is not
+    /// fixed the way the IPv4 one is.
     pub fn destroy_udp(
         &mut self,
-        targets: &BTreeSet<(Ipv4Addr, u16)>,
-        cookies: &BTreeSet<(u64, Ipv4Addr, u16)>,
-    ) -> io::Result<DestroyReport> {
+        targets: &BTreeSet<(IpAddr, u16)>,
+        cookies: &BTreeSet<(u64, IpAddr, u16)>,
+    ) -> io::Result<(DestroyReport, DestroyMethod)> {
         let namespaces = namespaces(&self.netns_dirs)?;
         let mut report = DestroyReport {
             namespaces: namespaces.len(),
             destroyed: 0,
         };
+        let v4: Vec<(Ipv4Addr, u16)> = targets
+            .iter()
+            .filter_map(|(a, p)| match a {
+                IpAddr::V4(a) => Some((*a, *p)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
         match &mut self.iter {
-            Some(iter) => {
-                let keys: Vec<SockDestroyKey> = targets
+            Some(iter) if v4.len() == targets.len() => {
+                let keys: Vec<SockDestroyKey> = v4
                     .iter()
                     .map(|(a, p)| SockDestroyKey {
                         addr_be: u32::from(*a).to_be(),
@@ -144,11 +156,12 @@ impl SocketDestroyer {
                     report.destroyed += swept?;
                 }
             }
-            None => {
+            _ => {
                 report.destroyed += in_each(&namespaces, || destroy_in_current_netns(cookies))?;
+                return Ok((report, DestroyMethod::SockDiag));
             }
         }
-        Ok(report)
+        Ok((report, DestroyMethod::BpfIterator))
     }
 }
 
@@ -209,9 +222,10 @@ fn in_each(namespaces: &[fs::File], f: impl Fn() -> io::Result<usize> + Sync) ->
 }
 
 /// Dumps the connected UDP sockets of the calling thread's namespace and destroys those whose
-/// (cookie, peer) is in `cookies`: AF_INET sockets, and AF_INET6 ones connected to `::ffff:addr`
-/// (the socket programs translate those too).
-pub fn destroy_in_current_netns(cookies: &BTreeSet<(u64, Ipv4Addr, u16)>) -> io::Result<usize> {
+/// (cookie, peer) is in `cookies`: AF_INET sockets, AF_INET6 ones connected to `::ffff:addr`
+/// (the socket programs translate those too, and their peer is the IPv4 address), and AF_INET6
+/// ones connected to an IPv6 backend.
+pub fn destroy_in_current_netns(cookies: &BTreeSet<(u64, IpAddr, u16)>) -> io::Result<usize> {
     let nl = NlSock::open()?;
     let mut destroyed = 0;
     let mut seq = 1;
@@ -229,7 +243,7 @@ pub fn destroy_in_current_netns(cookies: &BTreeSet<(u64, Ipv4Addr, u16)>) -> io:
                     .try_into()
                     .unwrap_or([0; SOCKID_LEN]);
                 let dport = u16::from_be_bytes([id[2], id[3]]);
-                if let Some(peer) = peer_v4(family, &id)
+                if let Some(peer) = peer_of(family, &id)
                     && cookies.contains(&(cookie_of(&id), peer, dport))
                 {
                     victims.push(id);
@@ -256,8 +270,6 @@ pub fn destroy_in_current_netns(cookies: &BTreeSet<(u64, Ipv4Addr, u16)>) -> io:
     Ok(destroyed)
 }
 
-/// The IPv4 peer in a `struct inet_diag_sockid` (`dst` at bytes 20..36): its first four bytes
-/// for AF_INET, the low four of an IPv4-mapped address for AF_INET6.
 /// The socket's cookie in a `struct inet_diag_sockid` (`idiag_cookie[2]` at bytes 40..48, low
 /// half first: `sock_diag_save_cookie`).
 fn cookie_of(id: &[u8; SOCKID_LEN]) -> u64 {
@@ -266,15 +278,17 @@ fn cookie_of(id: &[u8; SOCKID_LEN]) -> u64 {
     u64::from(hi) << 32 | u64::from(lo)
 }
 
-fn peer_v4(family: u8, id: &[u8; SOCKID_LEN]) -> Option<Ipv4Addr> {
+/// The peer in a `struct inet_diag_sockid` (`dst` at bytes 20..36): its first four bytes for
+/// AF_INET; for AF_INET6 the IPv4 address of an IPv4-mapped peer, else the IPv6 address.
+fn peer_of(family: u8, id: &[u8; SOCKID_LEN]) -> Option<IpAddr> {
     let dst = &id[20..36];
-    let v4 = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
     match family {
-        AF_INET => Some(v4(&dst[..4])),
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]))),
         AF_INET6 => {
             let mut b = [0u8; 16];
             b.copy_from_slice(dst);
-            std::net::Ipv6Addr::from(b).to_ipv4_mapped()
+            let v6 = std::net::Ipv6Addr::from(b);
+            Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
         }
         _ => None,
     }
@@ -408,15 +422,23 @@ mod tests {
     }
 
     #[test]
-    fn peer_of_v4_and_v4_mapped_sockets() {
+    fn peer_of_v4_v4_mapped_and_v6_sockets() {
+        let pod4 = IpAddr::V4(Ipv4Addr::new(10, 244, 0, 5));
         let mut id = [0u8; SOCKID_LEN];
         id[20..24].copy_from_slice(&[10, 244, 0, 5]);
-        assert_eq!(peer_v4(AF_INET, &id), Some(Ipv4Addr::new(10, 244, 0, 5)));
-        // Not a mapped IPv6 address.
-        assert_eq!(peer_v4(AF_INET6, &id), None);
+        assert_eq!(peer_of(AF_INET, &id), Some(pod4));
+        // An AF_INET6 socket: the same bytes are an IPv6 address, not the IPv4 peer.
+        assert_eq!(
+            peer_of(AF_INET6, &id),
+            Some(IpAddr::V6("af4:5::".parse().unwrap()))
+        );
         let mut id = [0u8; SOCKID_LEN];
         id[30..36].copy_from_slice(&[0xff, 0xff, 10, 244, 0, 5]);
-        assert_eq!(peer_v4(AF_INET6, &id), Some(Ipv4Addr::new(10, 244, 0, 5)));
+        assert_eq!(peer_of(AF_INET6, &id), Some(pod4));
+        let pod6: std::net::Ipv6Addr = "fd00:10:244::5".parse().unwrap();
+        id[20..36].copy_from_slice(&pod6.octets());
+        assert_eq!(peer_of(AF_INET6, &id), Some(IpAddr::V6(pod6)));
+        assert_eq!(peer_of(99, &id), None);
     }
 
     #[test]

@@ -24,7 +24,7 @@
 //! let mtu = cfg.cni_mtu.min(cni_mtu(&rcfg, &plan));         // into cniconf::render
 //! // --devices default / NodePort addresses, from the same interface snapshot:
 //! let host = routing.host_network().await?;
-//! let devices = default_devices(&host, &[plan.node_ip]);
+//! let devices = default_devices(&host, &[plan.node_ip]);           // either family
 //! let addrs = nodeport_addresses(&host, &devices, &cfg.nodeport_addresses);
 //! // `twill-agent uninstall`: routing.remove_all().await?
 //! ```

@@ -17,6 +17,7 @@ use rtnetlink::{
         },
         route::{
             RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
+            RouteVia,
         },
     },
 };
@@ -54,6 +55,8 @@ impl ApplyReport {
 pub struct OwnedRoute {
     pub dst: Ipv4Network,
     pub gateway: Option<Ipv4Addr>,
+    /// An IPv6 nexthop (`via inet6`): a peer's IPv4 pods over an IPv6 underlay.
+    pub via6: Option<Ipv6Addr>,
     pub oif: Option<u32>,
     pub onlink: bool,
 }
@@ -63,6 +66,9 @@ impl std::fmt::Display for OwnedRoute {
         write!(f, "{}", self.dst)?;
         if let Some(gw) = self.gateway {
             write!(f, " via {gw}")?;
+        }
+        if let Some(gw) = self.via6 {
+            write!(f, " via inet6 {gw}")?;
         }
         if let Some(oif) = self.oif {
             write!(f, " oif {oif}")?;
@@ -318,9 +324,14 @@ impl RouteExecutor {
                         .await
                         .map_err(RoutingError::netlink("delete outdated vxlan device"))?;
                 }
-                let msg = LinkVxlan::new(&vx.name, vx.vni)
-                    .dev(vx.underlay_index)
-                    .local(vx.local)
+                let builder = LinkVxlan::new(&vx.name, vx.vni).dev(vx.underlay_index);
+                // The local address's family decides the device's socket family, and with it
+                // the family of every FDB remote.
+                let builder = match vx.local {
+                    IpAddr::V4(v4) => builder.local(v4),
+                    IpAddr::V6(v6) => builder.local6(v6),
+                };
+                let msg = builder
                     .port(vx.port)
                     .learning(false)
                     .mtu(vx.mtu)
@@ -363,7 +374,7 @@ impl RouteExecutor {
             .map_err(RoutingError::netlink("dump vxlan addresses"))?;
         let mut have_vtep = false;
         for a in addrs {
-            if ipv4_of_address(&a) == Some(vx.vtep) && a.header.prefix_len == 32 {
+            if vx.vtep.is_some() && ipv4_of_address(&a) == vx.vtep && a.header.prefix_len == 32 {
                 have_vtep = true;
             } else if a.header.family == AddressFamily::Inet {
                 self.handle
@@ -374,10 +385,10 @@ impl RouteExecutor {
                     .map_err(RoutingError::netlink("delete stale vtep address"))?;
             }
         }
-        if !have_vtep {
+        if let (Some(vtep), false) = (vx.vtep, have_vtep) {
             self.handle
                 .address()
-                .add(index, IpAddr::V4(vx.vtep), 32)
+                .add(index, IpAddr::V4(vtep), 32)
                 .execute()
                 .await
                 .map_err(RoutingError::netlink("add vtep address"))?;
@@ -469,7 +480,7 @@ impl RouteExecutor {
                     self.handle
                         .neighbours()
                         .add_bridge(index, &mac)
-                        .destination(IpAddr::V4(dst))
+                        .destination(dst)
                         .flags(NeighbourFlags::Own)
                         .state(NeighbourState::Permanent)
                         .replace()
@@ -504,6 +515,7 @@ impl RouteExecutor {
                     key: parsed.as_ref().map(|r| r.dst),
                     value: parsed.map(|r| Nexthop {
                         gateway: r.gateway,
+                        via6: r.via6,
                         oif: r.oif,
                         onlink: r.onlink,
                     }),
@@ -626,6 +638,8 @@ pub(super) trait RouteFamily: Copy + Sized {
     type Net: Copy + std::fmt::Display;
     fn route_to(dst: Self::Net) -> RouteMessageBuilder<Self>;
     fn via(b: RouteMessageBuilder<Self>, gateway: Self) -> RouteMessageBuilder<Self>;
+    /// An IPv6 nexthop (`RTA_VIA` on an IPv4 route; the plain gateway on an IPv6 one).
+    fn via6(b: RouteMessageBuilder<Self>, gateway: Ipv6Addr) -> RouteMessageBuilder<Self>;
 }
 
 impl RouteFamily for Ipv4Addr {
@@ -635,6 +649,9 @@ impl RouteFamily for Ipv4Addr {
     }
     fn via(b: RouteMessageBuilder<Self>, gateway: Self) -> RouteMessageBuilder<Self> {
         b.gateway(gateway)
+    }
+    fn via6(b: RouteMessageBuilder<Self>, gateway: Ipv6Addr) -> RouteMessageBuilder<Self> {
+        b.via(gateway)
     }
 }
 
@@ -646,6 +663,9 @@ impl RouteFamily for Ipv6Addr {
     fn via(b: RouteMessageBuilder<Self>, gateway: Self) -> RouteMessageBuilder<Self> {
         b.gateway(gateway)
     }
+    fn via6(b: RouteMessageBuilder<Self>, gateway: Ipv6Addr) -> RouteMessageBuilder<Self> {
+        b.gateway(gateway)
+    }
 }
 
 /// The message that writes route `dst → hop`, marked as the agent's.
@@ -653,6 +673,9 @@ fn route_message<A: RouteFamily>(dst: A::Net, hop: &Nexthop<A>) -> RouteMessage 
     let mut b = A::route_to(dst).protocol(RouteProtocol::Other(ROUTE_PROTO_TWILL));
     if let Some(gw) = hop.gateway {
         b = A::via(b, gw);
+    }
+    if let Some(gw) = hop.via6 {
+        b = A::via6(b, gw);
     }
     if let Some(oif) = hop.oif {
         b = b.output_interface(oif);
@@ -718,9 +741,14 @@ fn parse_route(r: &RouteMessage) -> Option<OwnedRoute> {
             None
         }
     });
+    let via6 = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Via(RouteVia::Inet6(ip)) => Some(*ip),
+        _ => None,
+    });
     Some(OwnedRoute {
         dst,
         gateway,
+        via6,
         oif,
         onlink: r.header.flags.contains(RouteFlags::Onlink),
     })
@@ -793,9 +821,13 @@ fn vxlan_matches(l: &LinkMessage, vx: &VxlanDevicePlan) -> bool {
         return false;
     };
     let has = |want: &InfoVxlan| data.iter().any(|d| d == want);
+    let local = match vx.local {
+        IpAddr::V4(v4) => InfoVxlan::Local(v4),
+        IpAddr::V6(v6) => InfoVxlan::Local6(v6),
+    };
     has(&InfoVxlan::Id(vx.vni))
         && has(&InfoVxlan::Port(vx.port))
-        && has(&InfoVxlan::Local(vx.local))
+        && has(&local)
         && has(&InfoVxlan::Link(vx.underlay_index))
         && has(&InfoVxlan::Learning(false))
 }
@@ -841,12 +873,19 @@ pub(super) fn neighbour_lladdr(n: &NeighbourMessage) -> Option<&[u8]> {
 }
 
 /// The remote of a VXLAN FDB entry. netlink-packet-route cannot know the address family of
-/// `NDA_DST` in an `AF_BRIDGE` message, so it arrives as raw bytes.
-fn fdb_dst(n: &NeighbourMessage) -> Option<Ipv4Addr> {
+/// `NDA_DST` in an `AF_BRIDGE` message, so it arrives as raw bytes: 4 of them over an IPv4
+/// underlay, 16 over an IPv6 one.
+fn fdb_dst(n: &NeighbourMessage) -> Option<IpAddr> {
     n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
         NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-            <[u8; 4]>::try_from(&b[..]).ok().map(Ipv4Addr::from)
+            match <[u8; 4]>::try_from(&b[..]) {
+                Ok(v4) => Some(IpAddr::V4(Ipv4Addr::from(v4))),
+                Err(_) => <[u8; 16]>::try_from(&b[..])
+                    .ok()
+                    .map(|v6| IpAddr::V6(Ipv6Addr::from(v6))),
+            }
         }
         _ => None,
     })

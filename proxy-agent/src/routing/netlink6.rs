@@ -70,6 +70,7 @@ fn parse_route6(r: &RouteMessage) -> Option<(Ipv6Network, Route6)> {
         dst,
         Route6 {
             gateway,
+            via6: None,
             oif,
             onlink: r.header.flags.contains(RouteFlags::Onlink),
         },
@@ -241,7 +242,7 @@ impl RouteExecutor {
         prune: bool,
         report: &mut ApplyReport,
     ) -> Result<(), RoutingError> {
-        let have = self
+        let have: Vec<Observed<RouteMessage, Ipv6Network, Route6>> = self
             .main_routes6()
             .await?
             .into_iter()
@@ -255,12 +256,60 @@ impl RouteExecutor {
                 })
             })
             .collect();
+        let ours: Vec<(Ipv6Network, RouteMessage)> = have
+            .iter()
+            .filter(|o| o.owned)
+            .filter_map(|o| Some((o.key?, o.handle.clone())))
+            .collect();
         let ops = netdiff::diff(
             have,
             &plan.wanted_routes(vx_index),
             Scope::SharedTable,
             prune,
         );
-        self.execute_routes(ops, report).await
+        self.execute_routes(onlink_replacements_first(ops, &ours), report)
+            .await
     }
+}
+
+/// IPv6 checks an `onlink` gateway against the routing table (`ip6_route_check_nh_onlink`,
+/// net/ipv6/route.c): a route to the gateway through another device fails with EINVAL. An
+/// overlay route's gateway is the peer's VTEP6, inside the very pod CIDR it routes, so our
+/// direct route to that CIDR (a peer moving onto the overlay: a mode change, a node moving
+/// subnet) blocks its own replacement. Such a replace becomes: delete ours, then create. The
+/// gap is one netlink round trip, only on that move; IPv4 has no such check.
+fn onlink_replacements_first(
+    ops: Vec<netdiff::Op<RouteMessage, Ipv6Network, Route6>>,
+    ours: &[(Ipv6Network, RouteMessage)],
+) -> Vec<netdiff::Op<RouteMessage, Ipv6Network, Route6>> {
+    let mut removes = Vec::new();
+    let mut rest = Vec::new();
+    for op in ops {
+        match op {
+            netdiff::Op::Set {
+                key,
+                value,
+                replace: true,
+            } if value.onlink && value.gateway.is_some_and(|gw| key.contains(gw)) => {
+                removes.extend(
+                    ours.iter()
+                        .filter(|(dst, _)| *dst == key)
+                        .map(|(_, msg)| netdiff::Op::Remove(msg.clone())),
+                );
+                rest.push(netdiff::Op::Set {
+                    key,
+                    value,
+                    replace: false,
+                });
+            }
+            other => rest.push(other),
+        }
+    }
+    // Removals keep the diff's order: all of them before any write.
+    let (mut out, sets): (Vec<_>, Vec<_>) = rest
+        .into_iter()
+        .partition(|op| matches!(op, netdiff::Op::Remove(_)));
+    out.extend(removes);
+    out.extend(sets);
+    out
 }

@@ -79,8 +79,14 @@ fn serve(args: &Args) -> Result<()> {
         .ok_or_else(|| anyhow!("--id must not be empty"))?;
     let threads: usize = args.num("--threads", 4)?;
     let max = Duration::from_secs(args.num("--max-seconds", 3600)?);
+    // `--addr ::` listens on both families (an IPv6 socket accepting v4-mapped peers too).
+    let addr: std::net::IpAddr = args
+        .get("--addr")
+        .unwrap_or("0.0.0.0")
+        .parse()
+        .context("bad --addr")?;
     let listener =
-        TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding port {port}"))?;
+        TcpListener::bind((addr, port)).with_context(|| format!("binding {addr} port {port}"))?;
     println!("ready");
     std::io::stdout().flush()?;
     for _ in 0..threads {

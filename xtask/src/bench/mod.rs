@@ -2,6 +2,7 @@
 //! `twill_lab::bench` (shared with the smoke test); this module picks the profile, builds the
 //! binaries, runs, and writes `results/<timestamp>/{results.json,results.md,conn_rate.png}`.
 mod dns;
+mod ipv6;
 mod plot;
 
 use std::{
@@ -49,6 +50,10 @@ enum BenchCmd {
     /// DNS from a pod: the agent's node-local responder against dnsmasq serving the same
     /// records (a Service name and a forwarded name).
     Dns,
+    /// IPv6 east-west: Twill via an IPv6 ClusterIP and without a Service against the IPv6
+    /// direct path (and the IPv4 pair of the same run), in a two-node dual-stack lab. Also part
+    /// of the full and `datapath` runs.
+    Ipv6,
     /// The full run's data-path phases only (N = 10 / 1,000 / 10,000 east-west, north-south,
     /// latency, bulk, agent CPU and memory, control plane): no NetworkPolicy phase, no CNI
     /// rounds. For re-measuring the fast path in less time (≤ 21 min after the build).
@@ -164,9 +169,13 @@ fn timestamp() -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn write_results(results: &BenchResults) -> Result<PathBuf> {
+fn results_dir() -> Result<PathBuf> {
     let dir = workspace_root().join("results").join(timestamp()?);
     std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn write_results(results: &BenchResults, dir: PathBuf) -> Result<PathBuf> {
     std::fs::write(
         dir.join("results.json"),
         serde_json::to_vec_pretty(results)?,
@@ -199,8 +208,41 @@ fn render(results: &BenchResults, dir: &Path) -> Result<()> {
             }
         }
     }
+    // The IPv6 phase runs in a lab of its own after the others (`ipv6.rs`); its table is kept
+    // beside results.json and belongs in the report.
+    if let Ok(v6) = std::fs::read_to_string(dir.join("ipv6.md")) {
+        let _ = write!(md, "\n## IPv6 east-west\n\n{v6}");
+    }
     std::fs::write(dir.join("results.md"), &md)?;
     Ok(())
+}
+
+/// Rounds and length of the IPv6 phase: (rounds, seconds per series).
+fn ipv6_profile(quick: bool) -> (usize, Duration) {
+    if quick {
+        (2, Duration::from_millis(1500))
+    } else {
+        (5, Duration::from_secs(3))
+    }
+}
+
+/// Runs the IPv6 phase and writes ipv6.{json,md} into `dir`; a failure is written as the
+/// phase's result (the other phases' numbers stand).
+fn run_ipv6(dir: &Path, quick: bool) -> Result<String> {
+    let (rounds, duration) = ipv6_profile(quick);
+    let (json, md) = match ipv6::run(rounds, duration, 2) {
+        Ok(r) => r,
+        Err(e) => {
+            let why = format!("{e:#}");
+            (
+                serde_json::json!({ "unavailable": why }),
+                format!("not measured: {why}\n"),
+            )
+        }
+    };
+    std::fs::write(dir.join("ipv6.json"), serde_json::to_vec_pretty(&json)?)?;
+    std::fs::write(dir.join("ipv6.md"), &md)?;
+    Ok(md)
 }
 
 /// CNI ADD+DEL, twill-cni against the reference ptp + host-local (the CNI session's driver
@@ -269,8 +311,7 @@ fn run_dns(args: &BenchArgs) -> Result<()> {
     if args.debug {
         md.push_str("\ndebug binaries (--debug): not comparable with release numbers\n");
     }
-    let dir = workspace_root().join("results").join(timestamp()?);
-    std::fs::create_dir_all(&dir)?;
+    let dir = results_dir()?;
     std::fs::write(dir.join("dns.json"), serde_json::to_vec_pretty(&json)?)?;
     std::fs::write(dir.join("dns.md"), &md)?;
     println!("{md}");
@@ -290,6 +331,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if matches!(args.what, Some(BenchCmd::Dns)) {
         return run_dns(args);
+    }
+    if matches!(args.what, Some(BenchCmd::Ipv6)) {
+        let bin_dir = build(args.debug, &["twill-lab", "twill-cni", "twill-agent"])?;
+        // SAFETY: set before any thread is spawned; the lab library reads it to find the binaries.
+        unsafe { std::env::set_var("TWILL_BIN_DIR", &bin_dir) };
+        let dir = results_dir()?;
+        let mut md = run_ipv6(&dir, args.quick)?;
+        if args.debug {
+            md.push_str("\ndebug binaries (--debug): not comparable with release numbers\n");
+        }
+        println!("{md}");
+        println!("results: {}", dir.display());
+        return Ok(());
     }
     let cni_only = matches!(args.what, Some(BenchCmd::Cni));
     let policy_only = matches!(args.what, Some(BenchCmd::Policy));
@@ -351,6 +405,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .unavailable
             .insert(Contender::Twill.name().into(), why);
     }
+    let dir = results_dir()?;
+    if !cni_only && !policy_only {
+        run_ipv6(&dir, args.quick)?;
+    }
     if cni_only {
         run_cni(&mut results, 3, 500, 16, None);
     } else if !args.quick && !policy_only && !datapath_only {
@@ -361,7 +419,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .notes
             .push("debug binaries (--debug): not comparable with release numbers".into());
     }
-    let dir = write_results(&results)?;
+    let dir = write_results(&results, dir)?;
     println!("{}", std::fs::read_to_string(dir.join("results.md"))?);
     println!("results: {}", dir.display());
     Ok(())
