@@ -439,6 +439,14 @@ mod tests {
         assert_eq!(plan(&entries, now, &pods(&[])).orphaned, vec![ok, rk]);
     }
 
+    /// No pod owns any IPv6 address.
+    struct NoneOwned;
+    impl AddrOwners<[u32; 4]> for NoneOwned {
+        fn owned(&self, _addr: [u32; 4]) -> bool {
+            false
+        }
+    }
+
     #[test]
     fn ipv6_entries_follow_the_same_rules() {
         use twill_common::{CtKey6, CtValue6, addr6_from_octets};
@@ -507,12 +515,6 @@ mod tests {
         // An IPv6 NetworkPolicy entry (`policy6.rs`: untranslated, one per flow) is expired by
         // its state's lifetime like an IPv4 one, never orphaned (even when no pod owns any
         // address).
-        struct NoneOwned;
-        impl AddrOwners<[u32; 4]> for NoneOwned {
-            fn owned(&self, _addr: [u32; 4]) -> bool {
-                false
-            }
-        }
         let pk = CtKey6 {
             scope: CT_SCOPE_POLICY,
             ..ok
