@@ -271,6 +271,16 @@ catalogue! {
         size: DEFAULT_NODE_ADDRS_MAX = 256,
         flag: "map-size-node-addrs", help: "Max entries of the NodePort addresses map",
     }
+    /// IPv6 twin of [`MapKind::NodeAddrs`]: the IPv6 addresses (four network-order words, as
+    /// `addr6_from_octets` makes them) NodePort frontends answer on.
+    NodeAddrs6 {
+        name: MAP_NODE_ADDRS6 = "TWL_NODEIP6_V1",
+        map_type: Hash,
+        key: [u32; 4],
+        value: NodeAddrValue,
+        size: DEFAULT_NODE_ADDRS6_MAX = 256,
+        flag: "map-size-node-addrs6", help: "Max entries of the IPv6 NodePort addresses map",
+    }
     /// The datapath configuration (one entry). V2: `DatapathConfig` grew `host_netns_cookie`
     /// (8 → 16 bytes).
     Config {

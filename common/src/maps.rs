@@ -125,6 +125,24 @@ pub const fn flow_hash(
     fmix32(fmix32(fmix32(saddr_be) ^ daddr_be) ^ ports ^ ((proto as u32) << 24))
 }
 
+/// An IPv6 address (four network-order words, `addr6_from_octets`) folded to 32 bits.
+const fn fold6(a: &[u32; 4]) -> u32 {
+    fmix32(fmix32(fmix32(a[0]) ^ a[1]) ^ a[2]) ^ a[3]
+}
+
+/// [`flow_hash`] of an IPv6 flow: each address folded to 32 bits first, so both families pick
+/// their backend the same way (and tests predict the kernel's choice with this function).
+#[must_use]
+pub const fn flow_hash6(
+    saddr_be: &[u32; 4],
+    daddr_be: &[u32; 4],
+    sport_be: u16,
+    dport_be: u16,
+    proto: u8,
+) -> u32 {
+    flow_hash(fold6(saddr_be), fold6(daddr_be), sport_be, dport_be, proto)
+}
+
 impl ServiceValue {
     /// Whether this frontend reads `slot` of its `svc_id`: its backend list and its Maglev
     /// table.
@@ -180,6 +198,21 @@ const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
 
 /// Marks a per-packet (client IP) `AffinityKey::client_id`.
 pub const AFFINITY_CLIENT_IP: u64 = 1 << 63;
+
+/// Marks a per-packet IPv6 client's `AffinityKey::client_id` (both top bits: never an IPv4
+/// client's [`AFFINITY_CLIENT_IP`] id, nor a socket cookie).
+pub const AFFINITY_CLIENT_IP6: u64 = 3 << 62;
+
+/// The `AffinityKey::client_id` of an IPv6 client on the per-packet path: its 128-bit address
+/// hashed into the 62 bits below [`AFFINITY_CLIENT_IP6`] (the /64 prefix and the interface
+/// identifier 31 bits each), as the key has 64 bits for IPv4's 32-bit address. Two clients
+/// share stickiness only if both halves collide.
+#[must_use]
+pub const fn affinity_client6(addr_be: &[u32; 4]) -> u64 {
+    let hi = fmix32(addr_be[0] ^ fmix32(addr_be[1])) as u64;
+    let lo = fmix32(addr_be[2] ^ fmix32(addr_be[3])) as u64;
+    AFFINITY_CLIENT_IP6 | (((hi << 32) | lo) & !AFFINITY_CLIENT_IP6)
+}
 
 /// Value of `AFFINITY`.
 #[repr(C)]
@@ -527,4 +560,39 @@ mod pod {
     unsafe impl aya::Pod for super::Backend6 {}
     unsafe impl aya::Pod for super::SockRevNatKey6 {}
     unsafe impl aya::Pod for super::SockRevNatValue6 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_affinity_ids_never_meet_ipv4_ones_and_differ_per_client() {
+        let a =
+            crate::addr6_from_octets([0xfd, 0, 0x17, 0x2, 0, 0x30, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0]);
+        let mut b = a;
+        b[3] ^= 1;
+        let id = affinity_client6(&a);
+        assert_eq!(id & AFFINITY_CLIENT_IP6, AFFINITY_CLIENT_IP6);
+        // IPv4 ids are `AFFINITY_CLIENT_IP | addr`: bit 62 clear.
+        assert_ne!(id & AFFINITY_CLIENT_IP6, AFFINITY_CLIENT_IP);
+        assert_ne!(id, affinity_client6(&b));
+        assert_eq!(id, affinity_client6(&a));
+    }
+
+    #[test]
+    fn ipv6_flow_hash_depends_on_every_address_word() {
+        let s = [1, 2, 3, 4];
+        let d = [5, 6, 7, 8];
+        let h = flow_hash6(&s, &d, 1000, 80, 6);
+        for i in 0..4 {
+            let mut s2 = s;
+            s2[i] ^= 1;
+            assert_ne!(h, flow_hash6(&s2, &d, 1000, 80, 6), "word {i}");
+            let mut d2 = d;
+            d2[i] ^= 1;
+            assert_ne!(h, flow_hash6(&s, &d2, 1000, 80, 6), "word {i}");
+        }
+        assert_ne!(h, flow_hash6(&s, &d, 1001, 80, 6));
+    }
 }

@@ -133,6 +133,17 @@ pub enum Reason {
     Translated6 = 101,
     /// Socket path: recvmsg6/getpeername6 showed an IPv6 frontend instead of its backend.
     RevNatApplied6 = 102,
+    /// Per-packet IPv6 north-south: a new flow from outside to an IPv6 NodePort, External IP or
+    /// LoadBalancer IP went to a backend on this node (DNAT; the backend sees the client).
+    Ns6Dnat = 103,
+    /// Per-packet IPv6 north-south: a new flow went to a backend on another node
+    /// (externalTrafficPolicy Cluster): DNAT and SNAT to this node's IPv6 address and a port
+    /// of the reserved range, sent out through the route's device.
+    Ns6Forwarded = 104,
+    /// Per-packet IPv6 north-south: an IPv6 client of a frontend with
+    /// `loadBalancerSourceRanges`, dropped: the ranges are matched for IPv4 clients only, so an
+    /// IPv6 client is never let in unchecked.
+    Ns6SourceRangeDenied = 105,
     // 110..=119: IPv6 pod network (eBPF masquerade of IPv6 pods).
     /// A local pod's new IPv6 flow leaving the cluster was masqueraded (the node's IPv6
     /// address, a port of the masquerade range); its later packets and replies count as
@@ -203,6 +214,9 @@ impl Reason {
         Reason::RevNat6MapFull,
         Reason::Translated6,
         Reason::RevNatApplied6,
+        Reason::Ns6Dnat,
+        Reason::Ns6Forwarded,
+        Reason::Ns6SourceRangeDenied,
         Reason::Masq6Snat,
         Reason::Masq6Fragment,
         Reason::Ipv6ExtHeaders,
@@ -259,6 +273,9 @@ impl Reason {
             Reason::RevNat6MapFull => "revnat6_map_full",
             Reason::Translated6 => "translated6",
             Reason::RevNatApplied6 => "revnat6_applied",
+            Reason::Ns6Dnat => "ns6_dnat",
+            Reason::Ns6Forwarded => "ns6_forwarded",
+            Reason::Ns6SourceRangeDenied => "ns6_source_range_denied",
             Reason::Masq6Snat => "masq6_snat",
             Reason::Masq6Fragment => "masq6_fragment",
             Reason::Ipv6ExtHeaders => "ipv6_ext_headers",
@@ -284,6 +301,7 @@ impl Reason {
                 | Reason::SnatPortsExhausted
                 | Reason::MasqPortsExhausted
                 | Reason::Masq6Fragment
+                | Reason::Ns6SourceRangeDenied
         )
     }
 }

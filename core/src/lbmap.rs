@@ -67,6 +67,8 @@ pub struct LbState {
     pub backends6: BTreeMap<u32, Backend6>,
     /// Addresses (network order) `NodePort` frontends answer on.
     pub node_addrs: BTreeMap<u32, u32>,
+    /// IPv6 addresses (`addr6_from_octets` words) IPv6 `NodePort` frontends answer on.
+    pub node_addrs6: BTreeMap<[u32; 4], u32>,
     /// `loadBalancerSourceRanges` as (`svc_id`, allowed client range): a frontend whose flags
     /// carry `SVC_F_SOURCE_RANGES` admits only clients inside a range of its `svc_id` (none: no
     /// client). Ranges are canonical (host bits zero), as the kernel's trie key stores them, so
@@ -168,8 +170,8 @@ pub struct StateVersion {
 }
 
 /// Keys of a desired [`LbState`] whose entries may differ from those of version `since` (a
-/// superset: listed entries may be unchanged). `node_addrs` and `config` are small and always
-/// compared whole.
+/// superset: listed entries may be unchanged). `node_addrs`, `node_addrs6` and `config` are
+/// small and always compared whole.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StateChanges {
     /// `None`: relative to nothing known, compare everything.
@@ -232,6 +234,7 @@ impl LbState {
             }
         }
         self.node_addrs.clone_from(&from.node_addrs);
+        self.node_addrs6.clone_from(&from.node_addrs6);
         self.config = from.config;
     }
 }
@@ -256,6 +259,8 @@ pub trait LbMaps {
     fn delete_backend6(&mut self, id: u32) -> Result<(), MapError>;
     fn upsert_node_addr(&mut self, addr_be: u32, flags: u32) -> Result<(), MapError>;
     fn delete_node_addr(&mut self, addr_be: u32) -> Result<(), MapError>;
+    fn upsert_node_addr6(&mut self, addr_be: [u32; 4], flags: u32) -> Result<(), MapError>;
+    fn delete_node_addr6(&mut self, addr_be: [u32; 4]) -> Result<(), MapError>;
     /// Allows clients in `range` to reach the frontends of `svc_id` that carry
     /// `SVC_F_SOURCE_RANGES`.
     fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError>;
@@ -404,6 +409,14 @@ impl LbMaps for FakeLbMaps {
     }
     fn delete_node_addr(&mut self, addr_be: u32) -> Result<(), MapError> {
         self.state.node_addrs.remove(&addr_be);
+        Ok(())
+    }
+    fn upsert_node_addr6(&mut self, addr_be: [u32; 4], flags: u32) -> Result<(), MapError> {
+        self.state.node_addrs6.insert(addr_be, flags);
+        Ok(())
+    }
+    fn delete_node_addr6(&mut self, addr_be: [u32; 4]) -> Result<(), MapError> {
+        self.state.node_addrs6.remove(&addr_be);
         Ok(())
     }
     fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
@@ -560,6 +573,7 @@ impl<M: LbMaps> FaultyLbMaps<M> {
                 MapKind::Services6 => s.services6.len(),
                 MapKind::Backends6 => s.backends6.len(),
                 MapKind::NodeAddrs => s.node_addrs.len(),
+                MapKind::NodeAddrs6 => s.node_addrs6.len(),
                 MapKind::SourceRanges => s.source_ranges.len(),
                 _ => 0,
             });
@@ -620,6 +634,14 @@ impl<M: LbMaps> LbMaps for FaultyLbMaps<M> {
     fn delete_node_addr(&mut self, addr_be: u32) -> Result<(), MapError> {
         self.gate(MapKind::NodeAddrs, "delete")?;
         self.inner.delete_node_addr(addr_be)
+    }
+    fn upsert_node_addr6(&mut self, addr_be: [u32; 4], flags: u32) -> Result<(), MapError> {
+        self.gate(MapKind::NodeAddrs6, "update")?;
+        self.inner.upsert_node_addr6(addr_be, flags)
+    }
+    fn delete_node_addr6(&mut self, addr_be: [u32; 4]) -> Result<(), MapError> {
+        self.gate(MapKind::NodeAddrs6, "delete")?;
+        self.inner.delete_node_addr6(addr_be)
     }
     fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
         self.gate(MapKind::SourceRanges, "update")?;

@@ -6,15 +6,16 @@
 //! Each case also checks that the output does not depend on input order and that applying the
 //! compiled state to the fake maps and dumping it back renders the same text.
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize as _;
 use twill_core::compile::{
-    CompileConfig, Compiled, IdAllocation, Inputs, all_node_ips, compile, render_dump,
+    CompileConfig, Compiled, IdAllocation, Inputs, all_node_ips, all_node_ips6, compile,
+    render_dump,
 };
 use twill_core::lbmap::{FakeLbMaps, LbMaps};
 use twill_core::reconcile::Reconciler;
@@ -36,14 +37,14 @@ struct TestConfig {
     _kind: String,
     node_name: String,
     #[serde(default)]
-    node_port_addresses: Vec<Ipv4Addr>,
+    node_port_addresses: Vec<IpAddr>,
     #[serde(default, rename = "nodePortCIDRs")]
     node_port_cidrs: Vec<String>,
     #[serde(default)]
     node_port_range: Option<[u16; 2]>,
     /// Other Nodes' addresses (the case's Node adds its own).
     #[serde(default, rename = "nodeIPs")]
-    node_ips: Vec<Ipv4Addr>,
+    node_ips: Vec<IpAddr>,
 }
 
 fn load(path: &Path) -> Case {
@@ -67,19 +68,30 @@ fn load(path: &Path) -> Case {
             "CompileConfig" => {
                 let t: TestConfig = typed(path, value);
                 let mut c = CompileConfig::new(t.node_name);
-                c.nodeport_addresses = t.node_port_addresses;
-                c.nodeport_cidrs = t
-                    .node_port_cidrs
-                    .iter()
-                    .map(|s| {
-                        s.parse::<Ipv4Network>()
-                            .unwrap_or_else(|e| panic!("{}: {s}: {e}", path.display()))
-                    })
-                    .collect();
+                for a in t.node_port_addresses {
+                    match a {
+                        IpAddr::V4(a) => c.nodeport_addresses.push(a),
+                        IpAddr::V6(a) => c.nodeport_addresses6.push(a),
+                    }
+                }
+                for s in &t.node_port_cidrs {
+                    match s.parse::<IpNetwork>() {
+                        Ok(IpNetwork::V4(n)) => c.nodeport_cidrs.push(n),
+                        Ok(IpNetwork::V6(n)) => c.nodeport_cidrs6.push(n),
+                        Err(e) => panic!("{}: {s}: {e}", path.display()),
+                    }
+                }
                 if let Some([lo, hi]) = t.node_port_range {
                     c.nodeport_range = lo..=hi;
                 }
-                c.node_ips = t.node_ips;
+                for a in t.node_ips {
+                    match a {
+                        IpAddr::V4(a) => c.node_ips.push(a),
+                        IpAddr::V6(a) => c.node_ips6.push(a),
+                    }
+                }
+                c.node_ips.sort_unstable();
+                c.node_ips6.sort_unstable();
                 case.config = Some(c);
             }
             other => panic!("{}: unexpected kind {other:?}", path.display()),
@@ -162,6 +174,9 @@ fn golden() {
         config.node_ips.extend(all_node_ips(case.node.as_ref()));
         config.node_ips.sort_unstable();
         config.node_ips.dedup();
+        config.node_ips6.extend(all_node_ips6(case.node.as_ref()));
+        config.node_ips6.sort_unstable();
+        config.node_ips6.dedup();
         let compiled = run(&case, &config, false);
         let got = render(&compiled);
 

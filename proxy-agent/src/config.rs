@@ -93,7 +93,8 @@ pub struct RunArgs {
     /// Devices NodePort/north-south programs attach to (default: the node's underlay devices).
     #[arg(long, value_delimiter = ',', value_name = "DEV,...")]
     pub devices: Option<Vec<String>>,
-    /// Only node addresses inside these CIDRs answer NodePorts (default: all).
+    /// Only node addresses inside these CIDRs answer NodePorts (default: all). Each family is
+    /// filtered by its own CIDRs; a family none is given for answers on all its addresses.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
     pub nodeport_addresses: Option<Vec<String>>,
     /// Cross-node routing mode [default: auto].
@@ -331,6 +332,8 @@ pub struct Config {
     pub map_sizes: MapSizes,
     pub devices: Vec<String>,
     pub nodeport_addresses: Vec<Ipv4Network>,
+    /// The IPv6 entries of `--nodeport-addresses`.
+    pub nodeport_addresses6: Vec<Ipv6Network>,
     pub routing_mode: RoutingMode,
     pub cluster_cidr: Option<Ipv4Network>,
     pub non_masquerade_cidrs: Vec<Ipv4Network>,
@@ -477,6 +480,12 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
         )
         .unwrap_or_default(),
     )?;
+    let (nodeport_addresses, nodeport_addresses6) = cidrs_by_family(
+        "nodeport-addresses",
+        pick(flags.nodeport_addresses, file.nodeport_addresses)
+            .as_deref()
+            .unwrap_or_default(),
+    )?;
     let node_name = pick(flags.node_name, file.node_name)
         .filter(|n| !n.trim().is_empty())
         .ok_or(ConfigError::MissingNodeName)?;
@@ -533,10 +542,8 @@ pub fn merge(flags: RunArgs, file: FileConfig) -> Result<Config, ConfigError> {
         sync_period,
         map_sizes,
         devices: pick(flags.devices, file.devices).unwrap_or_default(),
-        nodeport_addresses: cidrs(
-            "nodeport-addresses",
-            pick(flags.nodeport_addresses, file.nodeport_addresses),
-        )?,
+        nodeport_addresses,
+        nodeport_addresses6,
         routing_mode: pick(flags.routing_mode, file.routing_mode).unwrap_or_default(),
         cluster_cidr,
         non_masquerade_cidrs,
@@ -734,14 +741,8 @@ fn parse_masquerade_mode(value: &str) -> Result<MasqueradeMode, String> {
     value.parse()
 }
 
-fn parse_cidr(flag: &'static str, value: &str) -> Result<Ipv4Network, ConfigError> {
-    value.trim().parse().map_err(|_| ConfigError::Cidr {
-        flag,
-        value: value.to_owned(),
-    })
-}
-
-/// CIDRs of either family, split by family (`--cluster-cidr`, `--non-masquerade-cidrs`).
+/// CIDRs of either family, split by family (`--cluster-cidr`, `--non-masquerade-cidrs`,
+/// `--nodeport-addresses`).
 fn cidrs_by_family(
     flag: &'static str,
     values: &[String],
@@ -776,15 +777,6 @@ fn cluster_cidrs(
         return Err(ConfigError::ClusterCidrPerFamily(value.to_owned()));
     }
     Ok((v4.first().copied(), v6.first().copied()))
-}
-
-fn cidrs(flag: &'static str, values: Option<Vec<String>>) -> Result<Vec<Ipv4Network>, ConfigError> {
-    values
-        .unwrap_or_default()
-        .iter()
-        .filter(|v| !v.trim().is_empty())
-        .map(|v| parse_cidr(flag, v))
-        .collect()
 }
 
 #[cfg(test)]
@@ -1065,7 +1057,7 @@ mod tests {
             "--devices",
             "eth0,eth1",
             "--nodeport-addresses",
-            "172.30.0.0/24",
+            "172.30.0.0/24,fd00:172:30::/64",
             "--routing-mode",
             "direct",
             "--cluster-cidr",
@@ -1076,6 +1068,10 @@ mod tests {
         assert_eq!(
             cfg.nodeport_addresses,
             vec!["172.30.0.0/24".parse().unwrap()]
+        );
+        assert_eq!(
+            cfg.nodeport_addresses6,
+            vec!["fd00:172:30::/64".parse().unwrap()]
         );
         assert_eq!(cfg.routing_mode, RoutingMode::Direct);
         assert_eq!(cfg.cluster_cidr, Some("10.244.0.0/16".parse().unwrap()));

@@ -7,9 +7,9 @@
 //! resync, not on every Service change: one sync dumps the node's links, addresses and routes
 //! and may run `nft`, which would put milliseconds on the path of every Service update.
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use k8s_openapi::api::core::v1::Node;
 
 use twill_core::routing::fastpath::MasqueradeMode;
@@ -19,7 +19,8 @@ use crate::config::Config;
 use crate::datapath::{Datapath, DatapathError};
 use crate::routing::{
     ApplyReport, RouteExecutor, RoutingConfig, RoutingError, VXLAN_DEVICE, cni_mtu,
-    default_devices, node_internal_ipv4, nodeport_addresses, plan_routes, plan_routes6,
+    default_devices, node_internal_ipv4, nodeport_addresses, nodeport_addresses6, plan_routes,
+    plan_routes6,
 };
 use crate::source::Nodes;
 
@@ -31,6 +32,8 @@ pub struct NetworkState {
     pub devices: Vec<String>,
     /// Addresses of those devices NodePorts answer on (filtered by `--nodeport-addresses`).
     pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// The devices' IPv6 addresses NodePorts answer on (filtered by the IPv6 CIDRs).
+    pub nodeport_addresses6: Vec<Ipv6Addr>,
     /// MTU pods must use on this node's route plan (the overlay's when it is in use); `None`
     /// until routes were planned once.
     pub pod_mtu: Option<u32>,
@@ -94,6 +97,8 @@ pub struct NodeNetwork {
     /// route's).
     devices_flag: Vec<String>,
     nodeport_cidrs: Vec<Ipv4Network>,
+    /// The IPv6 `--nodeport-addresses` CIDRs.
+    np_cidrs6: Vec<Ipv6Network>,
     /// Routing view of the last fully successful sync (`None`: sync needed).
     synced: Option<Vec<NodeRouting>>,
     /// Devices with the north-south programs attached by this agent.
@@ -131,6 +136,7 @@ impl NodeNetwork {
             node_name: cfg.node_name.clone(),
             devices_flag: cfg.devices.clone(),
             nodeport_cidrs: cfg.nodeport_addresses.clone(),
+            np_cidrs6: cfg.nodeport_addresses6.clone(),
             synced: None,
             attached: BTreeSet::new(),
             refused: BTreeSet::new(),
@@ -189,6 +195,7 @@ impl NodeNetwork {
         // New devices first, before the routes: NodePorts work even when routing fails.
         self.attach(&devices, datapath, false)?;
         self.state.nodeport_addresses = nodeport_addresses(&host, &devices, &self.nodeport_cidrs);
+        self.state.nodeport_addresses6 = nodeport_addresses6(&host, &devices, &self.np_cidrs6);
         self.state.devices.clone_from(&devices);
 
         let plan = plan_routes(

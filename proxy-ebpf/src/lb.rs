@@ -14,8 +14,8 @@ use twill_common::{
 };
 
 use crate::maps::{
-    TWL_AFF_V1, TWL_BE_V1, TWL_BE6_V1, TWL_NODEIP_V1, TWL_SLOT_V1, TWL_SVC_V1, TWL_SVC6_V1,
-    TWL_UDPFLOW_V1, count,
+    TWL_AFF_V1, TWL_BE_V1, TWL_BE6_V1, TWL_NODEIP_V1, TWL_NODEIP6_V1, TWL_SLOT_V1, TWL_SVC_V1,
+    TWL_SVC6_V1, TWL_UDPFLOW_V1, count,
 };
 
 /// The backend table of one address family. Slots, affinity and UDP flows are keyed by
@@ -93,6 +93,13 @@ pub fn lookup_scoped(addr_be: u32, port_be: u16, proto: u8, scope: u8) -> Option
     key.scope = SCOPE_ANY;
     // SAFETY: as above.
     unsafe { TWL_SVC_V1.get(key) }.copied()
+}
+
+/// Whether `addr_be` is one of this node's IPv6 NodePort addresses (`NODE_ADDRS6`).
+#[inline(always)]
+pub fn is_node_addr6(addr_be: &[u32; 4]) -> bool {
+    // SAFETY: only the presence is read; the value is never touched.
+    unsafe { TWL_NODEIP6_V1.get(addr_be) }.is_some()
 }
 
 /// Whether `addr_be` is one of this node's NodePort addresses (`NODE_ADDRS`).

@@ -36,6 +36,8 @@ mod nat6;
 #[cfg(target_arch = "bpf")]
 mod natport;
 #[cfg(target_arch = "bpf")]
+mod ns6;
+#[cfg(target_arch = "bpf")]
 mod pkt;
 #[cfg(target_arch = "bpf")]
 mod pod;

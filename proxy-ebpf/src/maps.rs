@@ -157,3 +157,8 @@ pub static TWL_CT6_V1: HashMap<CtKey6, CtValue6> = HashMap::with_max_entries(DEF
 #[map]
 pub static TWL_MASQ6_V1: LpmTrie<MasqKey6, u8> =
     LpmTrie::with_max_entries(DEFAULT_MASQ6_PREFIXES_MAX, 0);
+
+// IPv6 twin of TWL_NODEIP_V1: the addresses IPv6 NodePort frontends answer on (`ns6.rs`).
+#[map]
+pub static TWL_NODEIP6_V1: HashMap<[u32; 4], NodeAddrValue> =
+    HashMap::with_max_entries(twill_common::DEFAULT_NODE_ADDRS6_MAX, 0);

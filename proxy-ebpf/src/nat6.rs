@@ -16,6 +16,8 @@
 //!    fragment of a masqueraded flow ─► dropped (Masq6Fragment)
 //!  ingress (twill_tc_ingress):
 //!    TCP/UDP, CT6 hit ─► rewrite (replies: node:port ⇒ pod) ─► the stack routes it to the pod
+//!                        (a north-south flow SNATed to a node address: redirected out, `ns6`)
+//!             miss    ─► IPv6 NodePort / External IP / LoadBalancer IP (`ns6::open`)
 //!    ICMPv6 error quoting a tracked flow (Packet Too Big, unreachable, time exceeded) ─►
 //!      outer destination and quoted source back to the pod, checksums fixed
 //!  everything else (Neighbour Discovery, MLD, echo, other protocols) ─► untouched
@@ -33,16 +35,16 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
-        TC_ACT_OK, bpf_fib_lookup,
+        TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
     },
-    helpers::{bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns},
+    helpers::{bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_redirect_neigh},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
 use twill_common::{
-    CT_F_MASQ, CT_F_REPLY, CT_SCOPE_NAT, CT_STATE_CLOSING, CT_STATE_NEW, CtKey6, CtValue6,
-    FP_F_MASQ_BPF, MASQ_KIND_EXEMPT, MASQ_KIND_SOURCE, MASQ_PREFIX_BASE, MasqKey6, PROTO_TCP,
-    PROTO_UDP, Reason, ct_lifetime_ns, ct_next_state,
+    CT_F_MASQ, CT_F_REPLY, CT_F_SNAT, CT_SCOPE_NAT, CT_STATE_CLOSING, CT_STATE_NEW, CtKey6,
+    CtValue6, FP_F_MASQ_BPF, MASQ_KIND_EXEMPT, MASQ_KIND_SOURCE, MASQ_PREFIX_BASE, MasqKey6,
+    PROTO_TCP, PROTO_UDP, Reason, ct_lifetime_ns, ct_next_state,
 };
 
 use crate::{
@@ -87,12 +89,12 @@ const FIB_PARAMS_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
 
 /// A TCP/UDP packet with no extension header (addresses as in the packet, ports in network
 /// order).
-struct Pkt6 {
-    saddr: A6,
-    daddr: A6,
-    sport: u16,
-    dport: u16,
-    proto: u8,
+pub struct Pkt6 {
+    pub saddr: A6,
+    pub daddr: A6,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
     tcp_flags: u8,
     /// UDP: the datagram carries a checksum (mandatory in IPv6; 0 is left alone).
     udp_csum: bool,
@@ -100,7 +102,7 @@ struct Pkt6 {
 
 impl Pkt6 {
     #[inline(always)]
-    fn key(&self) -> CtKey6 {
+    pub fn key(&self) -> CtKey6 {
         CtKey6 {
             saddr_be: self.saddr,
             daddr_be: self.daddr,
@@ -113,7 +115,7 @@ impl Pkt6 {
     }
 
     #[inline(always)]
-    fn is_syn(&self) -> bool {
+    pub fn is_syn(&self) -> bool {
         self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 }
@@ -142,12 +144,12 @@ enum Parsed6 {
 }
 
 /// An IPv6 address as the maps hold it (`twill_common::addr6_from_octets`).
-type A6 = [u32; 4];
+pub type A6 = [u32; 4];
 
 /// Two addresses compared word by word (an array comparison may become a `bcmp` call, which
 /// BPF has not).
 #[inline(always)]
-fn eq16(a: &A6, b: &A6) -> bool {
+pub fn eq16(a: &A6, b: &A6) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
 }
 
@@ -254,7 +256,7 @@ pub fn egress(ctx: &TcContext) -> Result<Verdict, Reason> {
             Some(verdict) => verdict,
             None => open(ctx, &p),
         },
-        Parsed6::IcmpError(e) => icmp_error6(ctx, &e),
+        Parsed6::IcmpError(e) => icmp_error6(ctx, &e, false),
         Parsed6::Fragment { saddr, daddr } => {
             if config().flags & FP_F_MASQ_BPF != 0 && masqueraded6(&saddr, &daddr) {
                 return Err(Reason::Masq6Fragment);
@@ -266,13 +268,17 @@ pub fn egress(ctx: &TcContext) -> Result<Verdict, Reason> {
     }
 }
 
-/// `twill_tc_ingress` for an IPv6 frame: replies of masqueraded flows and ICMPv6 errors about
-/// them.
+/// `twill_tc_ingress` for an IPv6 frame: replies of masqueraded flows, north-south flows
+/// (`ns6`) and ICMPv6 errors about either.
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
     match parse6(ctx)? {
-        Parsed6::Flow(p) => ct_lookup6(ctx, &p).unwrap_or(Ok((Reason::NotService, TC_ACT_OK))),
-        Parsed6::IcmpError(e) => icmp_error6(ctx, &e),
+        Parsed6::Flow(p) => match ct_lookup6(ctx, &p) {
+            Some(verdict) => verdict,
+            // A new flow from outside: NodePort, External IP or LoadBalancer IP (`ns6`).
+            None => crate::ns6::open(ctx, &p),
+        },
+        Parsed6::IcmpError(e) => icmp_error6(ctx, &e, true),
         Parsed6::ExtHeaders => Ok((Reason::Ipv6ExtHeaders, TC_ACT_OK)),
         Parsed6::Fragment { .. } | Parsed6::Other => Ok((Reason::NotService, TC_ACT_OK)),
     }
@@ -344,13 +350,21 @@ fn ct_lookup6(ctx: &TcContext, p: &Pkt6) -> Option<Result<Verdict, Reason>> {
         &ct.new_daddr_be,
         ct.new_dport_be,
     )
-    .map(|()| {
+    .and_then(|()| {
         let reason = if reply {
             Reason::RevNatApplied
         } else {
             Reason::CtHit
         };
-        (reason, TC_ACT_OK)
+        if ct.flags & CT_F_SNAT != 0 {
+            // As IPv4's `apply_ct`: a north-south flow SNATed to a node address, in either
+            // direction, is sent straight out through the route's device.
+            return Ok((
+                reason,
+                forward6(ctx, p.proto, &ct.new_saddr_be, &ct.new_daddr_be)?,
+            ));
+        }
+        Ok((reason, TC_ACT_OK))
     });
     if p.tcp_flags & TCP_RST != 0 {
         let _ = TWL_CT6_V1.remove(&key);
@@ -423,12 +437,19 @@ fn open(ctx: &TcContext, p: &Pkt6) -> Result<Verdict, Reason> {
 /// the packet from this device (see `tc::route` for why an input lookup).
 #[inline(always)]
 fn route_src6(ctx: &TcContext, p: &Pkt6) -> Result<A6, Reason> {
+    route_src_to6(ctx, p.proto, &p.saddr, &p.daddr)
+}
+
+/// `bpf_fib_lookup` of an IPv6 packet from `saddr` to `daddr` arriving on this device (see
+/// `tc::route`); `extra` may add `BPF_FIB_LOOKUP_SRC`.
+#[inline(always)]
+fn fib6(ctx: &TcContext, proto: u8, saddr: &A6, daddr: &A6, extra: u32) -> (i64, bpf_fib_lookup) {
     // SAFETY: bpf_fib_lookup is plain old data; zero is a valid value for every field.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET6;
-    params.l4_protocol = p.proto;
-    params.__bindgen_anon_3.ipv6_src = p.saddr;
-    params.__bindgen_anon_4.ipv6_dst = p.daddr;
+    params.l4_protocol = proto;
+    params.__bindgen_anon_3.ipv6_src = *saddr;
+    params.__bindgen_anon_4.ipv6_dst = *daddr;
     // SAFETY: reading the skb's ifindex from our own context.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: params is a valid, writable struct of the size passed.
@@ -437,9 +458,31 @@ fn route_src6(ctx: &TcContext, p: &Pkt6) -> Result<A6, Reason> {
             ctx.as_ptr(),
             &raw mut params,
             FIB_PARAMS_LEN,
-            BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC,
+            BPF_FIB_LOOKUP_SKIP_NEIGH | extra,
         )
     };
+    (rc, params)
+}
+
+/// Routes a translated IPv6 packet to `daddr` and redirects it to the output device, the
+/// kernel resolving the neighbour (`bpf_redirect_neigh`), as IPv4's `tc::forward`.
+#[inline(always)]
+pub fn forward6(ctx: &TcContext, proto: u8, saddr: &A6, daddr: &A6) -> Result<i32, Reason> {
+    let (rc, params) = fib6(ctx, proto, saddr, daddr, 0);
+    if rc != 0 {
+        return Err(Reason::RewriteFailed);
+    }
+    // SAFETY: no neighbour parameters: the kernel looks the next hop up itself.
+    let action = unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) };
+    // TC_ACT_REDIRECT (7) or TC_ACT_SHOT (2): always fits.
+    Ok(i32::try_from(action).unwrap_or(TC_ACT_SHOT))
+}
+
+/// The preferred source address of the route from `saddr` to `daddr` (`BPF_FIB_LOOKUP_SRC`,
+/// Linux 6.7+).
+#[inline(always)]
+pub fn route_src_to6(ctx: &TcContext, proto: u8, saddr: &A6, daddr: &A6) -> Result<A6, Reason> {
+    let (rc, params) = fib6(ctx, proto, saddr, daddr, BPF_FIB_LOOKUP_SRC);
     // SAFETY: union member written by the kernel for AF_INET6 lookups.
     let src = unsafe { params.__bindgen_anon_3.ipv6_src };
     if rc != 0 || eq16(&src, &[0; 4]) {
@@ -482,7 +525,7 @@ fn replace16(
 
 /// Rewrites addresses and ports of a TCP/UDP packet, fixing its checksum.
 #[inline(always)]
-fn rewrite6(
+pub fn rewrite6(
     ctx: &TcContext,
     p: &Pkt6,
     saddr: &A6,
@@ -528,9 +571,12 @@ fn rewrite6(
 /// unreachable about a masqueraded packet, delivered to the pod; on egress a pod's error about
 /// a reply it received, sent from the node's address. The ICMPv6 checksum covers the quote and,
 /// through the pseudo-header, the outer addresses; the quoted transport checksum is left alone
-/// (it covers bytes the quote does not hold, and no receiver checks it).
+/// (it covers bytes the quote does not hold, and no receiver checks it). An error about a
+/// north-south flow SNATed to a node address arriving on `ingress` (a remote backend's
+/// unreachable, a router's Packet Too Big about a reply) is sent out through the route's device
+/// as the flow's packets are.
 #[inline(always)]
-fn icmp_error6(ctx: &TcContext, e: &IcmpErr6) -> Result<Verdict, Reason> {
+fn icmp_error6(ctx: &TcContext, e: &IcmpErr6, ingress: bool) -> Result<Verdict, Reason> {
     let q = &e.q;
     // SAFETY: the value is copied out at once.
     let Some(ct) = (unsafe { TWL_CT6_V1.get(&q.reversed()) }).copied() else {
@@ -573,5 +619,11 @@ fn icmp_error6(ctx: &TcContext, e: &IcmpErr6) -> Result<Verdict, Reason> {
     let pseudo = u64::from(BPF_F_PSEUDO_HDR);
     replace16(ctx, IP6_SRC_AT, &e.saddr, &new_saddr, csum, pseudo)?;
     replace16(ctx, IP6_DST_AT, &e.daddr, &ct.new_daddr_be, csum, pseudo)?;
+    if ingress && ct.flags & CT_F_SNAT != 0 {
+        return Ok((
+            Reason::IcmpErrorTranslated,
+            forward6(ctx, PROTO_ICMPV6, &new_saddr, &ct.new_daddr_be)?,
+        ));
+    }
     Ok((Reason::IcmpErrorTranslated, TC_ACT_OK))
 }

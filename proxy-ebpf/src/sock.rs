@@ -21,7 +21,9 @@
 //!   lives in the `bpf_sock_addr`).
 //! - real IPv6 Service frontends (dual-stack and IPv6-only Services): the same steps with the
 //!   IPv6 twins of the tables (`SERVICES6`, `BACKENDS6`, `SOCK_REVNAT6`); slots, affinity and
-//!   UDP flows are shared, keyed by the frontend's `svc_id` (docs/design/dualstack.md).
+//!   UDP flows are shared, keyed by the frontend's `svc_id` (docs/design/dualstack.md); an
+//!   IPv6 NodePort answers on the node's IPv6 NodePort addresses (`NODE_ADDRS6`) and on `[::1]`
+//!   in the node's own namespace, as IPv4's.
 //!
 //! Other IPv6 destinations pass untouched (`NotV4Mapped`).
 use aya_ebpf::{
@@ -37,8 +39,8 @@ use twill_common::{
 
 use crate::{
     lb::{
-        V4 as Be4, V6 as Be6, is_node_addr, lookup_scoped, lookup_scoped6, lookup_service,
-        select_backend, select_udp_flow_backend,
+        V4 as Be4, V6 as Be6, is_node_addr, is_node_addr6, lookup_scoped, lookup_scoped6,
+        lookup_service, select_backend, select_udp_flow_backend,
     },
     maps::{TWL_CFG_V2, TWL_SKRNAT_V1, TWL_SKRNAT6_V1, count},
 };
@@ -285,8 +287,15 @@ fn try_translate<const FAMILY: bool>(
     Ok(reason)
 }
 
-/// [`try_translate`] for a real IPv6 destination of an IPv6 hook: an IPv6 ClusterIP (the only
-/// IPv6 frontends the compiler writes; NodePort and external addresses are IPv4 only).
+/// Whether an IPv6 address (`user_ip6` words) is `::1`.
+#[inline(always)]
+fn is_loopback6(a: &[u32; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::from_ne_bytes([0, 0, 0, 1])
+}
+
+/// [`try_translate`] for a real IPv6 destination of an IPv6 hook: an IPv6 ClusterIP, External
+/// IP or LoadBalancer IP by its address; an IPv6 NodePort on one of the node's IPv6 NodePort
+/// addresses (from pods too), or on `[::1]` in the node's own namespace only, as IPv4's.
 #[expect(
     clippy::cast_possible_truncation,
     reason = "bpf_sock_addr widens u16 port and u8 protocol to u32 fields (kernel ABI)"
@@ -298,11 +307,29 @@ fn try_translate6(ctx: &SockAddrContext, datagrams: Datagrams) -> Result<Reason,
     let addr_be = ipv6_of(sa);
     let port_be = sa.user_port as u16;
     let proto = sa.protocol as u8;
-    let Some(svc) = lookup_scoped6(addr_be, port_be, proto, SCOPE_INTERNAL) else {
-        return Ok(Reason::NotV4Mapped);
-    };
     // SAFETY: ctx is the program's own context pointer.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let in_host_netns = || {
+        let host = host_netns_cookie();
+        host != 0 && netns() == host
+    };
+    let svc = match lookup_scoped6(addr_be, port_be, proto, SCOPE_INTERNAL) {
+        Some(svc) => svc,
+        None => {
+            let loopback = is_loopback6(&addr_be);
+            if !loopback && !is_node_addr6(&addr_be) {
+                return Ok(Reason::NotV4Mapped);
+            }
+            let Some(svc) = lookup_scoped6([0; 4], port_be, proto, SCOPE_INTERNAL) else {
+                return Ok(Reason::NotV4Mapped);
+            };
+            if loopback && !in_host_netns() {
+                return Ok(Reason::LoopbackNotHostNetns);
+            }
+            svc
+        }
+    };
+    let netns = netns();
     // SAFETY: sock_addr programs may call bpf_get_socket_cookie on their context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // The same selection as IPv4 (affinity per client netns, unconnected UDP flows per socket),

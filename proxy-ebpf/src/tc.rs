@@ -75,10 +75,10 @@ const FIB_PARAMS_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
 /// address and port, whose SYN would otherwise meet the SNATed flow's reply tuple. Both
 /// features share it through the one conntrack table, whose `BPF_NOEXIST` insert of the reply
 /// tuple keeps a port unique per (node address, peer address and port, protocol).
-const SNAT_PORT_MIN: u32 = MASQ_PORT_MIN as u32;
-const SNAT_PORT_SPAN: u32 = MASQ_PORT_MAX as u32 - SNAT_PORT_MIN + 1;
+pub const SNAT_PORT_MIN: u32 = MASQ_PORT_MIN as u32;
+pub const SNAT_PORT_SPAN: u32 = MASQ_PORT_MAX as u32 - SNAT_PORT_MIN + 1;
 /// Frontend kinds served to traffic from outside the node (a ClusterIP is not).
-const EXTERNAL_KINDS: u16 = SVC_F_NODEPORT | SVC_F_EXTERNAL_IP | SVC_F_LOADBALANCER;
+pub const EXTERNAL_KINDS: u16 = SVC_F_NODEPORT | SVC_F_EXTERNAL_IP | SVC_F_LOADBALANCER;
 /// A `TWL_LBSRC_V1` lookup matches its whole key: the Service id and the client's address.
 const LB_SRC_KEY_BITS: u32 = 64;
 

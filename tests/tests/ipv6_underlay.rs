@@ -89,6 +89,20 @@ fn full_size_pings(client: &Pod, server: &Pod, mtu: u32) -> Result<()> {
     Ok(())
 }
 
+/// A counter of `twill-agent debug fastpath -o json`.
+fn fastpath_counter(node: &Node, name: &str) -> Result<u64> {
+    let out = node.debug(&["fastpath", "-o", "json"])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("debug fastpath: {out}"))?;
+    Ok(v["counters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c[0] == name)
+        .and_then(|c| c[1].as_u64())
+        .unwrap_or(0))
+}
+
 /// The MTU the agent wrote into node `node`'s CNI config, once it is `want`.
 fn wait_conflist_mtu(node: &Node, want: u32) -> Result<()> {
     wait_for(
@@ -135,6 +149,19 @@ fn pods_reach_pods_on_other_nodes_over_an_ipv6_underlay_direct_and_vxlan() -> Re
     lab.serve_dual(&s1, "s1", Some(8080), None)?;
     wait_both_families(&c0, &s1)?;
     full_size_pings(&c0, &s1, 1500)?;
+    // The IPv4 packets take eBPF host routing: the FIB lookup's IPv6 next hop is handed to
+    // bpf_redirect_neigh (at least SYN, ACK and the request of each connection).
+    let before = fastpath_counter(n0, "fastpath_redirect_neigh")?;
+    for _ in 0..10 {
+        let (code, out) = tcp(&c0, &at(IpAddr::V4(s1.ip), 8080))?;
+        ensure!(code == 0, "{out}");
+    }
+    let neigh = fastpath_counter(n0, "fastpath_redirect_neigh")? - before;
+    ensure!(
+        neigh >= 10 * 3,
+        "redirect_neigh grew by {neigh} for 10 IPv4 connections via inet6:\n{}",
+        n0.debug(&["fastpath"])?
+    );
     ensure!(
         n0.run(&["ip", "link", "show", "twill.vxlan"]).is_err(),
         "an overlay device on one subnet in mode auto"
@@ -201,7 +228,9 @@ fn wait_healthz6(node: &Node) -> Result<()> {
 /// no IPv4 in their flags (servers on IPv6 addresses). The agent writes only the IPv6 range,
 /// twill-cni gives pods only an IPv6 address, pods reach pods on the other node directly over
 /// IPv6, and a SingleStack IPv6 ClusterIP Service spreads a pod's connections over backends
-/// on both nodes; the agents' health endpoints answer over IPv6.
+/// on both nodes; the agents' health endpoints answer over IPv6. Restarted with
+/// `--routing-mode vxlan`, the same pods and Service work over the overlay (IPv6 outer headers,
+/// no IPv4 address on the device) and a new pod gets the overlay's MTU (1430).
 #[test]
 fn ipv6_only_cluster_pods_and_services_work() -> Result<()> {
     let Some(lab) = require(LabSpec::nodes(2).with_ipv6_only())? else {
@@ -209,7 +238,7 @@ fn ipv6_only_cluster_pods_and_services_work() -> Result<()> {
     };
     let (n0, n1) = (lab.node(0), lab.node(1));
     let cidr6 = n0.pod_cidr6.context("IPv6-only")?;
-    let _agents = agents(&lab, &[])?;
+    let direct_agents = agents(&lab, &[])?;
     wait_for(
         "the agent's conflist with only the IPv6 range",
         Duration::from_secs(20),
@@ -274,26 +303,74 @@ fn ipv6_only_cluster_pods_and_services_work() -> Result<()> {
         &[("http", 8080, "TCP")],
     );
     lab.apply_manifest("web.yaml", &format!("{svc}---\n{eps}"))?;
-    let to = at(IpAddr::V6(VIP6), 80);
-    let mut by = std::collections::BTreeSet::new();
-    wait_for(
-        "both backends behind the IPv6 ClusterIP",
-        Duration::from_secs(30),
-        || {
-            let (code, out) = tcp(&client, &to)?;
-            if code == 0 {
-                // The backend sees the pod's own address: no translation on the way.
-                ensure!(out.contains(&seen(c6)), "{out}");
-                by.extend(replier(&out));
-            }
-            Ok(by.len() == 2)
-        },
-    )
-    .map_err(|e| e.context(format!("answered by {by:?}")))?;
+    wait_both_backends(&client, &["web0", "web1"])?;
 
     // Health on the node's IPv6 InternalIP (the agent's only bind family here).
     for node in [n0, n1] {
         wait_healthz6(node)?;
     }
-    Ok(())
+
+    // The same cluster over the overlay: the VXLAN device has an IPv6 local address and no
+    // IPv4 one at all (no IPv4 pod CIDR, no IPv4 VTEP).
+    drop(direct_agents);
+    over_the_overlay(&lab, &web1)
+}
+
+/// The IPv6-only lab's second half: agents restarted with `--routing-mode vxlan`; a new pod on
+/// n0 reaches `web1` on n1 and both backends of the ClusterIP over the overlay.
+fn over_the_overlay(lab: &Lab, web1: &Pod) -> Result<()> {
+    let (n0, n1) = (lab.node(0), lab.node(1));
+    let _agents = agents(lab, &["--routing-mode", "vxlan"])?;
+    let cidr1 = n1.pod_cidr6.context("IPv6-only")?;
+    let overlay = format!("{cidr1} via {} dev twill.vxlan", cidr1.network());
+    wait_for("n0's overlay route to n1", Duration::from_secs(20), || {
+        Ok(owned_routes(n0, "-6")?.contains(&overlay))
+    })?;
+    let v4 = n0.run(&["ip", "-4", "addr", "show", "dev", "twill.vxlan"])?;
+    ensure!(v4.trim().is_empty(), "IPv4 on the overlay device: {v4}");
+    wait_conflist_mtu(n0, 1430)?;
+    let cv = n0.add_pod("cv")?;
+    wait_reply(
+        &cv,
+        &at(IpAddr::V6(ip6(web1)?), 8080),
+        "web1",
+        &seen(IpAddr::V6(ip6(&cv)?)),
+    )?;
+    let out = cv.run(&[
+        "ping",
+        "-6",
+        "-c",
+        "1",
+        "-W",
+        "5",
+        "-M",
+        "do",
+        "-s",
+        "1382",
+        &ip6(web1)?.to_string(),
+    ])?;
+    ensure!(out.contains("1 received"), "{out}");
+    wait_both_backends(&cv, &["web0", "web1"])
+}
+
+/// Waits until TCP connections from `client` to the IPv6 ClusterIP [`VIP6`] have been
+/// answered by every backend in `backends`, each seeing the client's own address.
+fn wait_both_backends(client: &Pod, backends: &[&str]) -> Result<()> {
+    let to = at(IpAddr::V6(VIP6), 80);
+    let me = seen(IpAddr::V6(ip6(client)?));
+    let mut by = std::collections::BTreeSet::new();
+    wait_for(
+        &format!("{backends:?} behind the IPv6 ClusterIP"),
+        Duration::from_secs(30),
+        || {
+            let (code, out) = tcp(client, &to)?;
+            if code == 0 {
+                // The backend sees the pod's own address: no translation on the way.
+                ensure!(out.contains(&me), "{out}");
+                by.extend(replier(&out));
+            }
+            Ok(backends.iter().all(|b| by.contains(*b)))
+        },
+    )
+    .map_err(|e| e.context(format!("answered by {by:?}")))
 }

@@ -431,3 +431,269 @@ fn ipv6_cluster_ip_honours_session_affinity_and_internal_traffic_policy_local() 
     }
     Ok(())
 }
+
+/// External client's view of `[node]:port` through the per-packet path: `labtool` from the lab's
+/// external namespace (on the nodes' underlay, both families; no route to any pod range).
+fn ext_labtool(lab: &Lab, args: &[&str]) -> Result<(i32, String)> {
+    lab.external().labtool(args)
+}
+
+/// The dual-stack NodePort Service `web` (RequireDualStack; http 80 → 8080 on nodePort 30080,
+/// dns 53/UDP → 5353 on nodePort 30053) over every node's backend, eTP `policy`.
+fn node_port_web(lab: &Lab, backends: &[(Pod, String)], policy: &str) -> Result<()> {
+    let eps: Vec<(&Pod, &str)> = backends.iter().map(|(p, n)| (p, n.as_str())).collect();
+    let extra = format!("  externalTrafficPolicy: {policy}\n");
+    web_with(
+        lab,
+        &[IpAddr::V4(VIP4), IpAddr::V6(VIP6)],
+        "RequireDualStack",
+        &extra,
+        &eps,
+    )?;
+    // `service()` writes a ClusterIP Service; the NodePort form of the same manifest.
+    let path = lab.manifests_dir().join("web.yaml");
+    let yaml = std::fs::read_to_string(&path)?
+        .replacen("type: ClusterIP", "type: NodePort", 1)
+        .replacen("    port: 80\n", "    port: 80\n    nodePort: 30080\n", 1)
+        .replacen("    port: 53\n", "    port: 53\n    nodePort: 30053\n", 1);
+    lab.apply_manifest("web.yaml", &yaml)
+}
+
+/// Backend pods with their node's name, and the agents.
+type NodeServiceLab = (Vec<(Pod, String)>, Vec<AgentProc>);
+
+/// A two-node dual-stack lab with an external client: `web0`/`web1` serving both families
+/// (TCP 8080, UDP 5353) on nodes 0 and 1, an agent on each.
+fn node_service_lab(lab: &Lab) -> Result<NodeServiceLab> {
+    let mut backends = Vec::new();
+    for (i, node) in lab.nodes.iter().enumerate() {
+        let name = format!("web{i}");
+        let pod = node.add_pod(&name)?;
+        lab.serve_dual(&pod, &name, Some(8080), Some(5353))?;
+        backends.push((pod, node.name.clone()));
+    }
+    let agents = (0..lab.nodes.len())
+        .map(|i| start_agent(lab, i, &[]))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((backends, agents))
+}
+
+/// The node's address of `family`.
+fn node_ip(node: &twill_lab::Node, v6: bool) -> Result<IpAddr> {
+    Ok(if v6 {
+        IpAddr::V6(node.ip6.context("node without IPv6 address")?)
+    } else {
+        IpAddr::V4(node.ip)
+    })
+}
+
+/// How often `node`'s datapath counted `reason` (`debug drops -o json`).
+fn verdicts(node: &twill_lab::Node, reason: &str) -> Result<u64> {
+    let json = node.debug(&["drops", "-o", "json"])?;
+    let rows: serde_json::Value = serde_json::from_str(&json).context("debug drops -o json")?;
+    Ok(rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["reason"] == reason)
+        .filter_map(|r| r["count"].as_u64())
+        .sum())
+}
+
+/// "[Feature:IPv6DualStack] Granular Checks: Services Secondary IP Family should function for
+/// node-Service: http", from outside the cluster: the external client reaches a dual-stack
+/// NodePort (externalTrafficPolicy Cluster) on every node's IPv6 address — and its IPv4 one —
+/// and both backends answer through each node: the node's own by DNAT (the backend sees the
+/// client's IPv6 address), the other node's by DNAT + SNAT to the node's IPv6 address.
+#[test]
+fn should_function_for_node_service_http() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_dual_stack().with_external_client())? else {
+        return Ok(());
+    };
+    let (backends, _agents) = node_service_lab(&lab)?;
+    node_port_web(&lab, &backends, "Cluster")?;
+    let client6 = "fd00:172:30::200";
+    for v6 in [true, false] {
+        for (i, node) in lab.nodes.iter().enumerate() {
+            let to = at(node_ip(node, v6)?, 30080);
+            let mut seen = std::collections::BTreeMap::new();
+            let mut last = String::new();
+            wait_for(
+                &format!("both backends via {to} from outside"),
+                Duration::from_mins(1),
+                || {
+                    let (code, out) = ext_labtool(
+                        &lab,
+                        &[
+                            "tcp-loop",
+                            "--to",
+                            &to,
+                            "--timeout-ms",
+                            "2000",
+                            "--count",
+                            "30",
+                        ],
+                    )?;
+                    if code == 0 {
+                        let report: serde_json::Value = serde_json::from_str(&out)?;
+                        for (k, v) in report["counts"].as_object().into_iter().flatten() {
+                            *seen.entry(k.clone()).or_insert(0) += v.as_u64().unwrap_or(0);
+                        }
+                    }
+                    last = out;
+                    Ok(seen.len() == 2)
+                },
+            )
+            .map_err(|e| e.context(format!("{seen:?}, last: {last}")))?;
+            ensure!(seen.keys().all(|k| k == "web0" || k == "web1"), "{seen:?}");
+            if v6 {
+                // The node's own backend sees the external client's IPv6 address (DNAT only).
+                let own = format!("web{i}");
+                let mut out = String::new();
+                wait_for(
+                    &format!("{own} via {to} sees the client"),
+                    Duration::from_mins(1),
+                    || {
+                        let (code, o) =
+                            ext_labtool(&lab, &["tcp", "--to", &to, "--timeout-ms", "1000"])?;
+                        out = o;
+                        Ok(code == 0 && replier(&out).as_deref() == Some(own.as_str()))
+                    },
+                )
+                .map_err(|e| e.context(out.clone()))?;
+                ensure!(
+                    out.contains(client6),
+                    "the local backend did not see the client's IPv6 address: {out}"
+                );
+            }
+        }
+    }
+    // Both IPv6 paths were taken on node 0 (counted by the kernel, read back by the agent).
+    let (dnat, forwarded) = (
+        verdicts(lab.node(0), "ns6_dnat")?,
+        verdicts(lab.node(0), "ns6_forwarded")?,
+    );
+    ensure!(
+        dnat > 0 && forwarded > 0,
+        "IPv6 north-south verdicts on node 0: ns6_dnat {dnat}, ns6_forwarded {forwarded}"
+    );
+    Ok(())
+}
+
+/// "[Feature:IPv6DualStack] Granular Checks: Services Secondary IP Family should function for
+/// node-Service: udp", from outside the cluster: UDP datagrams to the IPv6 NodePort of every
+/// node are answered from the NodePort address by both backends (each datagram from a new
+/// source port is a new flow), through DNAT and DNAT + SNAT alike.
+#[test]
+fn should_function_for_node_service_udp() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_dual_stack().with_external_client())? else {
+        return Ok(());
+    };
+    let (backends, _agents) = node_service_lab(&lab)?;
+    node_port_web(&lab, &backends, "Cluster")?;
+    for node in &lab.nodes {
+        let to = at(node_ip(node, true)?, 30053);
+        let mut seen = std::collections::BTreeSet::new();
+        let mut last = String::new();
+        wait_for(
+            &format!("both backends via UDP {to} from outside"),
+            Duration::from_mins(1),
+            || {
+                let (code, out) = ext_labtool(&lab, &["udp", "--to", &to, "--timeout-ms", "1000"])?;
+                if code == 0
+                    && let Some(name) = replier(&out)
+                {
+                    seen.insert(name);
+                }
+                last = out;
+                Ok(seen.len() == 2)
+            },
+        )
+        .map_err(|e| e.context(format!("{seen:?}, last: {last}")))?;
+    }
+    Ok(())
+}
+
+/// externalTrafficPolicy Local over IPv6 from outside: a node with a local backend answers on
+/// its IPv6 NodePort with the client's IPv6 address kept; a node without one drops.
+#[test]
+fn ipv6_node_port_external_traffic_policy_local_keeps_the_client_address() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_dual_stack().with_external_client())? else {
+        return Ok(());
+    };
+    let (mut backends, _agents) = node_service_lab(&lab)?;
+    // Only node 0's backend is an endpoint.
+    backends.truncate(1);
+    node_port_web(&lab, &backends, "Local")?;
+    let to0 = at(node_ip(lab.node(0), true)?, 30080);
+    let mut out = String::new();
+    wait_for(
+        &format!("{to0} from outside"),
+        Duration::from_mins(1),
+        || {
+            let (code, o) = ext_labtool(&lab, &["tcp", "--to", &to0, "--timeout-ms", "1000"])?;
+            out = o;
+            Ok(code == 0)
+        },
+    )
+    .map_err(|e| e.context(out.clone()))?;
+    ensure!(
+        replier(&out).as_deref() == Some("web0") && out.contains("fd00:172:30::200"),
+        "eTP Local did not keep the client's IPv6 address: {out}"
+    );
+    // Node 1 drops (its program's no_local_backend, not merely a closed port before the
+    // programs are attached).
+    let to1 = at(node_ip(lab.node(1), true)?, 30080);
+    wait_for(
+        &format!("{to1} dropped for want of a local backend"),
+        Duration::from_mins(1),
+        || {
+            let (code, out) = ext_labtool(&lab, &["tcp", "--to", &to1, "--timeout-ms", "1000"])?;
+            ensure!(
+                code != 0,
+                "a node without a local backend answered with externalTrafficPolicy=Local: {out}"
+            );
+            Ok(verdicts(lab.node(1), "no_local_backend")? > 0)
+        },
+    )
+}
+
+/// IPv6 NodePort on the socket path: a pod reaches the Service on every node's IPv6 address and
+/// the NodePort (translated at connect(), as IPv4's), the node itself on its own IPv6 address and
+/// on `[::1]`; a pod's `[::1]` is the pod itself and stays untranslated.
+#[test]
+fn ipv6_node_port_from_pods_and_the_node_itself() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_dual_stack())? else {
+        return Ok(());
+    };
+    let (backends, _agents) = node_service_lab(&lab)?;
+    node_port_web(&lab, &backends, "Cluster")?;
+    let client = lab.node(1).add_pod("client")?;
+    // Generous: the first answer waits for both agents' first sync on a loaded machine.
+    for node in &lab.nodes {
+        let to = at(node_ip(node, true)?, 30080);
+        let mut out = String::new();
+        wait_for(&format!("{to} from a pod"), Duration::from_mins(1), || {
+            let (code, o) = tcp(&client, &to)?;
+            out = o;
+            Ok(code == 0 && replier(&out).is_some())
+        })
+        .map_err(|e| e.context(out.clone()))?;
+    }
+    let n0 = lab.node(0);
+    for to in [
+        at(node_ip(n0, true)?, 30080),
+        at(Ipv6Addr::LOCALHOST.into(), 30080),
+    ] {
+        let mut out = String::new();
+        wait_for(&format!("{to} from node 0"), Duration::from_mins(1), || {
+            let (code, o) = n0.labtool(&["tcp", "--to", &to, "--timeout-ms", "1000"])?;
+            out = o;
+            Ok(code == 0 && replier(&out).is_some())
+        })
+        .map_err(|e| e.context(out.clone()))?;
+    }
+    let (code, out) = tcp(&client, &at(Ipv6Addr::LOCALHOST.into(), 30080))?;
+    ensure!(code != 0, "a pod's [::1] was translated: {out}");
+    Ok(())
+}

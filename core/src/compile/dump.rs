@@ -7,7 +7,7 @@
 //! and not pruned yet) are visible, never papered over with what the model expected.
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use twill_common::{
     BE_F_LOCAL, BE_F_TERMINATING, MAGLEV_SLOT_BASE, SCOPE_ANY, SCOPE_EXTERNAL, SCOPE_INTERNAL,
@@ -25,7 +25,8 @@ use crate::lbmap::LbState;
 pub struct DumpView {
     pub services: Vec<ServiceView>,
     pub rejected: Vec<RejectionView>,
-    pub node_addrs: Vec<Ipv4Addr>,
+    /// Both families' NodePort addresses (IPv4 first).
+    pub node_addrs: Vec<IpAddr>,
     pub nodeport_range: [u16; 2],
     /// Map entries no Service of the model owns, one line each.
     pub unowned: Vec<String>,
@@ -364,7 +365,18 @@ pub fn dump_view(state: &LbState, model: &DumpModel) -> DumpView {
         unowned.push(format!("source-range {id} {range}"));
     }
 
-    let mut node_addrs: Vec<Ipv4Addr> = state.node_addrs.keys().map(|a| addr_from_be(*a)).collect();
+    // IPv4 first, then IPv6 (`IpAddr`'s order), each sorted.
+    let mut node_addrs: Vec<IpAddr> = state
+        .node_addrs
+        .keys()
+        .map(|a| IpAddr::V4(addr_from_be(*a)))
+        .chain(
+            state
+                .node_addrs6
+                .keys()
+                .map(|a| IpAddr::V6(crate::family::addr6_from_be(*a))),
+        )
+        .collect();
     node_addrs.sort_unstable();
     DumpView {
         services,

@@ -330,15 +330,22 @@ impl Compiler {
             dirty.extend(self.groups.keys().cloned());
         } else if let Some(old) = old
             && (old.node_ips != config.node_ips
-                || old.nodeport_addresses != config.nodeport_addresses)
+                || old.nodeport_addresses != config.nodeport_addresses
+                || old.node_ips6 != config.node_ips6
+                || old.nodeport_addresses6 != config.nodeport_addresses6)
         {
             let flipped = |ip: &std::net::Ipv4Addr| old.is_node_ip(*ip) != config.is_node_ip(*ip);
+            let flipped6 =
+                |ip: &std::net::Ipv6Addr| old.is_node_ip6(*ip) != config.is_node_ip6(*ip);
             for (key, memo) in &self.groups {
                 let asks = memo
                     .service
                     .as_deref()
                     .and_then(ServiceInput::parsed)
-                    .is_some_and(|s| s.external_ips.iter().chain(&s.lb_ips).any(flipped));
+                    .is_some_and(|s| {
+                        s.external_ips.iter().chain(&s.lb_ips).any(flipped)
+                            || s.external_ips6.iter().chain(&s.lb_ips6).any(flipped6)
+                    });
                 if asks {
                     dirty.insert(key.clone());
                 }
@@ -354,6 +361,10 @@ impl Compiler {
         let mut node_rejected = Vec::new();
         let addrs = parse::node_addrs(node, config, &mut node_rejected);
         self.state.node_addrs = addrs.iter().map(|a| (addr_be(*a), 0)).collect();
+        self.state.node_addrs6 = parse::node_addrs6(node, config)
+            .iter()
+            .map(|a| (twill_common::addr6_from_octets(a.octets()), 0))
+            .collect();
         self.state.config = DatapathConfig {
             nodeport_min: *config.nodeport_range.start(),
             nodeport_max: *config.nodeport_range.end(),

@@ -6,7 +6,7 @@
 //! none is ready (KEP-1669, per traffic policy), node-local sets for `Local` traffic policies,
 //! session affinity per Service port shared by all its frontends.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
@@ -37,7 +37,8 @@ pub use incremental::{Compiler, GroupKey, ServiceGroup, UpdateSummary};
 pub use parse::{
     DEFAULT_AFFINITY_TIMEOUT_S, Interner, IpFamilyPolicy, LABEL_HEADLESS, LABEL_SERVICE_NAME,
     LABEL_SERVICE_PROXY_NAME, MAX_SLICE_ENDPOINTS, ParsedEndpoint, ParsedPort, ParsedService,
-    ParsedSlice, RefusedAddress, ServiceInput, SliceInput, all_node_ips, special_address,
+    ParsedSlice, RefusedAddress, ServiceInput, SliceInput, all_node_ips, all_node_ips6,
+    special_address, special_address6,
 };
 
 /// Default of `--max-frontends-per-service`: a Service asking for more services-map entries is
@@ -69,6 +70,11 @@ pub struct CompileConfig {
     pub nodeport_addresses: Vec<Ipv4Addr>,
     /// kube-proxy's `--nodeport-addresses`: when set, only node addresses inside these CIDRs.
     pub nodeport_cidrs: Vec<Ipv4Network>,
+    /// IPv6 addresses `NodePort` answers on (from the agent's devices). Empty: this Node's IPv6
+    /// `InternalIP` and `ExternalIP` addresses.
+    pub nodeport_addresses6: Vec<Ipv6Addr>,
+    /// The IPv6 CIDRs of `--nodeport-addresses` (each family is filtered by its own).
+    pub nodeport_cidrs6: Vec<Ipv6Network>,
     /// `NodePorts` outside this range cannot be served by the datapath and are rejected.
     pub nodeport_range: RangeInclusive<u16>,
     /// This node's pod CIDRs (from its Node object): an endpoint without a `nodeName` inside
@@ -80,6 +86,9 @@ pub struct CompileConfig {
     /// an externalIP or LoadBalancer IP (it would capture the node's own ports, its kubelet or
     /// SSH, from every pod of the cluster). This node's `nodeport_addresses` are refused too.
     pub node_ips: Vec<Ipv4Addr>,
+    /// Every Node's IPv6 `InternalIP` and `ExternalIP` addresses, sorted: the same rule for
+    /// IPv6 externalIPs and LoadBalancer IPs (with this node's `nodeport_addresses6`).
+    pub node_ips6: Vec<Ipv6Addr>,
     /// The node's own network-namespace cookie, for `DatapathConfig` (loopback NodePorts).
     pub host_netns_cookie: u64,
     /// A Service needing more frontends (services-map entries) than this is not programmed.
@@ -92,10 +101,13 @@ impl CompileConfig {
             node_name: node_name.into(),
             nodeport_addresses: Vec::new(),
             nodeport_cidrs: Vec::new(),
+            nodeport_addresses6: Vec::new(),
+            nodeport_cidrs6: Vec::new(),
             nodeport_range: DEFAULT_NODEPORT_RANGE,
             pod_cidrs: Vec::new(),
             pod_cidrs6: Vec::new(),
             node_ips: Vec::new(),
+            node_ips6: Vec::new(),
             host_netns_cookie: 0,
             max_frontends_per_service: DEFAULT_MAX_FRONTENDS_PER_SERVICE,
         }
@@ -104,6 +116,11 @@ impl CompileConfig {
     /// Whether `ip` is a node's own address (see [`CompileConfig::node_ips`]).
     pub fn is_node_ip(&self, ip: Ipv4Addr) -> bool {
         self.node_ips.binary_search(&ip).is_ok() || self.nodeport_addresses.contains(&ip)
+    }
+
+    /// [`Self::is_node_ip`] for IPv6.
+    pub fn is_node_ip6(&self, ip: Ipv6Addr) -> bool {
+        self.node_ips6.binary_search(&ip).is_ok() || self.nodeport_addresses6.contains(&ip)
     }
 }
 
@@ -247,7 +264,7 @@ pub enum RejectReason {
     )]
     RefusedAddress {
         field: &'static str,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         why: &'static str,
     },
     #[error("Node is not this node ({0})")]
@@ -574,6 +591,7 @@ fn frontend_label(key: FrontendKey) -> String {
     let proto = parse::proto_name(key.proto());
     match key.addr() {
         None => format!("nodeport:{port}/{proto}"),
+        Some(IpAddr::V6(a)) if a.is_unspecified() => format!("nodeport6:{port}/{proto}"),
         Some(IpAddr::V4(a)) => format!("{a}:{port}/{proto}"),
         Some(IpAddr::V6(a)) => format!("[{a}]:{port}/{proto}"),
     }
@@ -587,9 +605,8 @@ fn families(svc: &parse::ParsedService) -> impl Iterator<Item = IpFamily> + '_ {
 /// The frontends one Service port asks for, before conflicts with other Services are resolved.
 /// Nodes' own addresses are left out of the external ones ([`refused_node_ips`] reports them).
 ///
-/// Of `family` only. IPv6 Services get their ClusterIP frontends; IPv6 `NodePort`, External IP
-/// and `LoadBalancer` frontends are not built yet (the per-packet path is IPv4 only:
-/// docs/design/dualstack.md), and the node ports of an IPv6 port are reported, not programmed.
+/// Of `family` only: an IPv6 port gets its IPv6 ClusterIP, its `NodePort` (the wildcard `::`,
+/// answered on `node_addrs6`) and the Service's IPv6 External and `LoadBalancer` IPs.
 fn port_frontends(
     svc: &parse::ParsedService,
     port: &parse::ParsedPort,
@@ -615,6 +632,31 @@ fn port_frontends(
         });
     }
     if family == IpFamily::V6 {
+        let mut externals: Vec<(Ipv6Addr, u16, FrontendKind)> = Vec::new();
+        if let Some(np) = port.node_port {
+            externals.push((Ipv6Addr::UNSPECIFIED, np.to_be(), FrontendKind::NodePort));
+        }
+        externals.extend(
+            svc.external_ips6
+                .iter()
+                .filter(|ip| !config.is_node_ip6(**ip))
+                .map(|ip| (*ip, port_be, FrontendKind::ExternalIp)),
+        );
+        // Not with loadBalancerSourceRanges: IPv6 clients are not matched against them yet, and
+        // an unfiltered LoadBalancer IP would admit every client (reported, see
+        // `plan_service`).
+        if !svc.has_source_ranges() {
+            externals.extend(
+                svc.lb_ips6
+                    .iter()
+                    .filter(|ip| !config.is_node_ip6(**ip))
+                    .map(|ip| (*ip, port_be, FrontendKind::LoadBalancer)),
+            );
+        }
+        for (addr, p, kind) in externals {
+            let key = |scope| FrontendKey::new(Some(addr.into()), p, port.proto, scope);
+            external_frontends(&mut frontends, svc.external_local, kind, key);
+        }
         return frontends;
     }
     let mut externals: Vec<(u32, u16, FrontendKind)> = Vec::new();
@@ -642,29 +684,40 @@ fn port_frontends(
                 scope,
             })
         };
-        if svc.external_local {
-            // Traffic from outside gets local endpoints only (client IP preserved); traffic
-            // from this node's pods and host to the same address uses every endpoint, as
-            // kube-proxy short-circuits local-origin traffic to the cluster policy.
-            frontends.push(PlannedFrontend {
-                key: key(SCOPE_EXTERNAL),
-                kind,
-                local_set: true,
-            });
-            frontends.push(PlannedFrontend {
-                key: key(SCOPE_INTERNAL),
-                kind,
-                local_set: false,
-            });
-        } else {
-            frontends.push(PlannedFrontend {
-                key: key(SCOPE_ANY),
-                kind,
-                local_set: false,
-            });
-        }
+        external_frontends(&mut frontends, svc.external_local, kind, key);
     }
     frontends
+}
+
+/// The frontends of one external address (NodePort, External IP, LoadBalancer IP) of either
+/// family, by externalTrafficPolicy.
+fn external_frontends(
+    frontends: &mut Vec<PlannedFrontend>,
+    external_local: bool,
+    kind: FrontendKind,
+    key: impl Fn(u8) -> FrontendKey,
+) {
+    if external_local {
+        // Traffic from outside gets local endpoints only (client IP preserved); traffic
+        // from this node's pods and host to the same address uses every endpoint, as
+        // kube-proxy short-circuits local-origin traffic to the cluster policy.
+        frontends.push(PlannedFrontend {
+            key: key(SCOPE_EXTERNAL),
+            kind,
+            local_set: true,
+        });
+        frontends.push(PlannedFrontend {
+            key: key(SCOPE_INTERNAL),
+            kind,
+            local_set: false,
+        });
+    } else {
+        frontends.push(PlannedFrontend {
+            key: key(SCOPE_ANY),
+            kind,
+            local_set: false,
+        });
+    }
 }
 
 /// Every address/port/protocol a Service asks for with the strongest rank it asks with, sorted:
@@ -697,13 +750,19 @@ fn frontend_count(svc: &parse::ParsedService, config: &CompileConfig) -> usize {
 /// The externalIPs and LoadBalancer IPs of `svc` no Service may take: the special addresses
 /// parsing refused and the nodes' own addresses.
 fn refused_addresses(svc: &parse::ParsedService, config: &CompileConfig) -> Vec<RejectReason> {
-    let refused = |field: &'static str, addr: Ipv4Addr, why: &'static str| {
+    let refused = |field: &'static str, addr: IpAddr, why: &'static str| {
         RejectReason::RefusedAddress { field, addr, why }
     };
     let node_ips = |field: &'static str, ips: &[Ipv4Addr]| {
         ips.iter()
             .filter(|ip| config.is_node_ip(**ip))
-            .map(|ip| refused(field, *ip, "a node's own address"))
+            .map(|ip| refused(field, (*ip).into(), "a node's own address"))
+            .collect::<Vec<_>>()
+    };
+    let node_ips6 = |field: &'static str, ips: &[Ipv6Addr]| {
+        ips.iter()
+            .filter(|ip| config.is_node_ip6(**ip))
+            .map(|ip| refused(field, (*ip).into(), "a node's own address"))
             .collect::<Vec<_>>()
     };
     let mut out: Vec<RejectReason> = svc
@@ -713,6 +772,8 @@ fn refused_addresses(svc: &parse::ParsedService, config: &CompileConfig) -> Vec<
         .collect();
     out.extend(node_ips("spec.externalIPs", &svc.external_ips));
     out.extend(node_ips("status.loadBalancer.ingress.ip", &svc.lb_ips));
+    out.extend(node_ips6("spec.externalIPs", &svc.external_ips6));
+    out.extend(node_ips6("status.loadBalancer.ingress.ip", &svc.lb_ips6));
     out
 }
 
@@ -753,13 +814,17 @@ fn plan_service<'a>(
     for reason in refused_addresses(svc, config) {
         reject(reason);
     }
-    let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
-    let primary = families(svc).next();
-    if svc.ports.iter().any(|p| p.node_port.is_some()) && families(svc).any(|f| f == IpFamily::V6) {
+    if svc.has_source_ranges()
+        && !svc.lb_ips6.is_empty()
+        && families(svc).any(|f| f == IpFamily::V6)
+    {
         reject(RejectReason::Unsupported(
-            "IPv6 nodePort (the IPv6 ClusterIP is served; NodePort answers on IPv4 only)",
+            "IPv6 LoadBalancer IPs with loadBalancerSourceRanges (not programmed: IPv6 clients \
+             are not matched against the ranges yet)",
         ));
     }
+    let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
+    let primary = families(svc).next();
     let port_families = svc
         .ports
         .iter()
@@ -977,8 +1042,13 @@ fn endpoint_flags(model: &ServicePortModel, addr: IpAddr, port: u16) -> u8 {
 
 /// The Maglev table size of a port's backend set (`local_set`) of `members` backends: a set
 /// that traffic from outside the node reaches gets a table, which the per-packet path picks
-/// from; the socket path uses the list alone.
+/// from; the socket path uses the list alone. IPv6 sets have none yet (`maglev::Identity` is an
+/// IPv4 backend): the per-packet path then picks by the flow's hash over the backend list,
+/// which is as stable while the set is unchanged but moves more flows when it changes.
 fn maglev_size_of(p: &PlannedPort, local_set: bool, members: usize) -> Option<u32> {
+    if p.model.family == IpFamily::V6 {
+        return None;
+    }
     p.frontends
         .iter()
         .any(|f| f.local_set == local_set && f.kind != FrontendKind::ClusterIp)
@@ -988,8 +1058,7 @@ fn maglev_size_of(p: &PlannedPort, local_set: bool, members: usize) -> Option<u3
 
 /// The Maglev table of size `m` (none: no table) over a set's `members` as `BACKEND_SLOTS` entries of `svc_id`.
 ///
-/// Only IPv4 sets have one: only IPv4 frontends are reached from outside the node (see
-/// [`port_frontends`]).
+/// Only IPv4 sets have one (see [`maglev_size_of`]).
 fn maglev_slots(svc_id: u32, members: &[(u32, AnyBackend)], m: Option<u32>) -> Vec<(SlotKey, u32)> {
     let Some(m) = m else {
         return Vec::new();

@@ -2,12 +2,12 @@
 //! a failed check rejects the object with a reason that tells the user what to fix, and the rest
 //! of the cluster keeps being compiled.
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::family::IpFamily;
 use std::sync::Arc;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -75,12 +75,18 @@ pub struct ParsedService {
     pub ip_family_policy: Option<IpFamilyPolicy>,
     pub external_ips: Vec<Ipv4Addr>,
     pub lb_ips: Vec<Ipv4Addr>,
+    /// The IPv6 `spec.externalIPs` and LoadBalancer ingress IPs (frontends of the IPv6 ports).
+    pub external_ips6: Vec<Ipv6Addr>,
+    pub lb_ips6: Vec<Ipv6Addr>,
     pub ports: Vec<ParsedPort>,
     pub affinity_timeout_s: Option<u32>,
     pub external_local: bool,
     pub internal_local: bool,
     pub publish_not_ready: bool,
     pub source_ranges: Vec<Ipv4Network>,
+    /// The IPv6 `spec.loadBalancerSourceRanges`: not matched yet, so a Service with ranges of
+    /// either family gets no IPv6 LoadBalancer IP frontend ([`Self::has_source_ranges`]).
+    pub source_ranges6: Vec<Ipv6Network>,
     pub health_check_node_port: Option<u16>,
     /// External and load-balancer addresses no Service may take ([`special_address`]), left out
     /// of `external_ips`/`lb_ips`; the compiler reports each while programming the rest.
@@ -111,7 +117,7 @@ impl IpFamilyPolicy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RefusedAddress {
     pub field: &'static str,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// What the address is (`"loopback"`, `"a node address"`...).
     pub why: &'static str,
 }
@@ -132,6 +138,32 @@ pub fn special_address(ip: Ipv4Addr) -> Option<&'static str> {
         Some("multicast")
     } else if ip.is_broadcast() {
         Some("broadcast")
+    } else {
+        None
+    }
+}
+
+impl ParsedService {
+    /// Whether `spec.loadBalancerSourceRanges` names a range of either family.
+    pub fn has_source_ranges(&self) -> bool {
+        !self.source_ranges.is_empty() || !self.source_ranges6.is_empty()
+    }
+}
+
+/// [`special_address`] for IPv6: the unspecified address (the IPv6 `NodePort` wildcard key),
+/// loopback, link-local (the pods' gateway `fe80::1` among them), multicast, and IPv4-mapped
+/// addresses (the socket path reads those as IPv4 destinations).
+pub fn special_address6(ip: Ipv6Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("unspecified (::)")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_unicast_link_local() {
+        Some("link-local")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if ip.to_ipv4_mapped().is_some() {
+        Some("IPv4-mapped")
     } else {
         None
     }
@@ -227,7 +259,17 @@ fn port_of(raw: i32, field: &'static str) -> Result<u16, RejectReason> {
         })
 }
 
-/// `Ok(Some(v4))`, `Ok(None)` for an IPv6 address (not supported yet, skipped), `Err` otherwise.
+/// An address of either family, `Err` when it is none.
+fn ip_of(raw: &str, field: &'static str) -> Result<IpAddr, RejectReason> {
+    raw.trim()
+        .parse::<IpAddr>()
+        .map_err(|_| RejectReason::BadIp {
+            field,
+            value: raw.to_owned(),
+        })
+}
+
+/// `Ok(Some(v4))`, `Ok(None)` for an IPv6 address (skipped), `Err` otherwise.
 fn ipv4_of(raw: &str, field: &'static str) -> Result<Option<Ipv4Addr>, RejectReason> {
     match raw.trim().parse::<IpAddr>() {
         Ok(IpAddr::V4(a)) => Ok(Some(a)),
@@ -451,22 +493,30 @@ fn service_inner(
     }
 
     let mut refused = Vec::new();
-    let mut admit_external =
-        |ip: Ipv4Addr, field: &'static str, into: &mut Vec<Ipv4Addr>| match special_address(ip) {
-            Some(why) => refused.push(RefusedAddress {
+    let mut external_ips = Vec::new();
+    let mut external_ips6 = Vec::new();
+    let mut lb_ips = Vec::new();
+    let mut lb_ips6 = Vec::new();
+    let mut admit_external = |ip: IpAddr, field: &'static str, lb: bool| {
+        let why = match ip {
+            IpAddr::V4(a) => special_address(a),
+            IpAddr::V6(a) => special_address6(a),
+        };
+        match (why, ip) {
+            (Some(why), _) => refused.push(RefusedAddress {
                 field,
                 addr: ip,
                 why,
             }),
-            None => into.push(ip),
-        };
-    let mut external_ips = Vec::new();
-    for raw in spec.external_ips.as_deref().unwrap_or_default() {
-        if let Some(ip) = ipv4_of(raw, "spec.externalIPs")? {
-            admit_external(ip, "spec.externalIPs", &mut external_ips);
+            (None, IpAddr::V4(a)) if lb => lb_ips.push(a),
+            (None, IpAddr::V4(a)) => external_ips.push(a),
+            (None, IpAddr::V6(a)) if lb => lb_ips6.push(a),
+            (None, IpAddr::V6(a)) => external_ips6.push(a),
         }
+    };
+    for raw in spec.external_ips.as_deref().unwrap_or_default() {
+        admit_external(ip_of(raw, "spec.externalIPs")?, "spec.externalIPs", false);
     }
-    let mut lb_ips = Vec::new();
     if ty == SvcType::LoadBalancer {
         let ingress = svc
             .status
@@ -479,12 +529,15 @@ fn service_inner(
             if ing.ip_mode.as_deref() == Some("Proxy") {
                 continue;
             }
-            if let Some(raw) = ing.ip.as_deref()
-                && let Some(ip) = ipv4_of(raw, "status.loadBalancer.ingress.ip")?
-            {
-                admit_external(ip, "status.loadBalancer.ingress.ip", &mut lb_ips);
+            if let Some(raw) = ing.ip.as_deref() {
+                let field = "status.loadBalancer.ingress.ip";
+                admit_external(ip_of(raw, field)?, field, true);
             }
         }
+    }
+    for v in [&mut external_ips6, &mut lb_ips6] {
+        v.sort_unstable();
+        v.dedup();
     }
     external_ips.sort_unstable();
     external_ips.dedup();
@@ -533,6 +586,7 @@ fn service_inner(
     )?;
 
     let mut source_ranges = Vec::new();
+    let mut source_ranges6 = Vec::new();
     if ty == SvcType::LoadBalancer {
         for raw in spec
             .load_balancer_source_ranges
@@ -541,7 +595,14 @@ fn service_inner(
         {
             let raw = raw.trim();
             if raw.contains(':') {
-                continue; // IPv6 range: not supported yet, and irrelevant to IPv4 frontends.
+                let net = raw
+                    .parse::<Ipv6Network>()
+                    .map_err(|_| RejectReason::BadCidr {
+                        field: "spec.loadBalancerSourceRanges",
+                        value: raw.to_owned(),
+                    })?;
+                source_ranges6.push(Ipv6Network::new(net.network(), net.prefix()).unwrap_or(net));
+                continue;
             }
             let net = raw
                 .parse::<Ipv4Network>()
@@ -555,6 +616,8 @@ fn service_inner(
         }
         source_ranges.sort_unstable();
         source_ranges.dedup();
+        source_ranges6.sort_unstable();
+        source_ranges6.dedup();
     }
     let health_check_node_port = match spec.health_check_node_port {
         None | Some(0) => None,
@@ -567,12 +630,15 @@ fn service_inner(
         ip_family_policy,
         external_ips,
         lb_ips,
+        external_ips6,
+        lb_ips6,
         ports,
         affinity_timeout_s,
         external_local,
         internal_local,
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
         source_ranges,
+        source_ranges6,
         health_check_node_port,
         refused,
     }))
@@ -788,6 +854,53 @@ pub(crate) fn node_addrs(
     addrs.sort_unstable();
     addrs.dedup();
     addrs
+}
+
+/// The IPv6 addresses IPv6 `NodePort` frontends answer on: the configured ones, else this
+/// Node's IPv6 `InternalIP` and `ExternalIP` addresses; filtered by `nodeport_cidrs6` when set.
+/// Malformed addresses and another Node's object are reported by [`node_addrs`].
+pub(crate) fn node_addrs6(node: Option<&Node>, config: &CompileConfig) -> Vec<Ipv6Addr> {
+    let mut addrs = config.nodeport_addresses6.clone();
+    if addrs.is_empty()
+        && let Some(node) = node
+        && names(&node.metadata).1 == config.node_name
+    {
+        addrs.extend(
+            node.status
+                .as_ref()
+                .and_then(|s| s.addresses.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                .filter_map(|a| match a.address.trim().parse::<IpAddr>() {
+                    Ok(IpAddr::V6(ip)) => Some(ip),
+                    _ => None,
+                }),
+        );
+    }
+    if !config.nodeport_cidrs6.is_empty() {
+        addrs.retain(|a| config.nodeport_cidrs6.iter().any(|n| n.contains(*a)));
+    }
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs
+}
+
+/// [`all_node_ips`] for IPv6 ([`CompileConfig::node_ips6`]).
+pub fn all_node_ips6<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Vec<Ipv6Addr> {
+    let mut out: Vec<Ipv6Addr> = nodes
+        .into_iter()
+        .filter_map(|n| n.status.as_ref()?.addresses.as_deref())
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| match a.address.trim().parse::<IpAddr>() {
+            Ok(IpAddr::V6(ip)) => Some(ip),
+            _ => None,
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// Every Node's `InternalIP` and `ExternalIP` IPv4 addresses, sorted and deduplicated: the

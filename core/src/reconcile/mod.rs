@@ -452,6 +452,15 @@ impl<M: LbMaps> Run<'_, M> {
                 Err(e) => self.errors.push(e),
             }
         }
+        for (addr, flags) in changed(&desired.node_addrs6, &self.applied.state.node_addrs6) {
+            match self.maps.upsert_node_addr6(addr, flags) {
+                Ok(()) => {
+                    self.applied.state.node_addrs6.insert(addr, flags);
+                    self.stats.node_addrs_upserted += 1;
+                }
+                Err(e) => self.errors.push(e),
+            }
+        }
         for (id, be) in changed_in(
             scope.backends(),
             &desired.backends,
@@ -626,6 +635,15 @@ impl<M: LbMaps> Run<'_, M> {
             match self.maps.delete_node_addr(addr) {
                 Ok(()) => {
                     self.applied.state.node_addrs.remove(&addr);
+                    self.stats.node_addrs_deleted += 1;
+                }
+                Err(e) => self.errors.push(e),
+            }
+        }
+        for addr in stale(&desired.node_addrs6, &self.applied.state.node_addrs6) {
+            match self.maps.delete_node_addr6(addr) {
+                Ok(()) => {
+                    self.applied.state.node_addrs6.remove(&addr);
                     self.stats.node_addrs_deleted += 1;
                 }
                 Err(e) => self.errors.push(e),

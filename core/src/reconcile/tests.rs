@@ -96,6 +96,16 @@ impl LbMaps for CheckedMaps {
         self.after("delete", MapKind::NodeAddrs);
         Ok(())
     }
+    fn upsert_node_addr6(&mut self, addr_be: [u32; 4], flags: u32) -> Result<(), MapError> {
+        self.fake.upsert_node_addr6(addr_be, flags)?;
+        self.after("upsert", MapKind::NodeAddrs6);
+        Ok(())
+    }
+    fn delete_node_addr6(&mut self, addr_be: [u32; 4]) -> Result<(), MapError> {
+        self.fake.delete_node_addr6(addr_be)?;
+        self.after("delete", MapKind::NodeAddrs6);
+        Ok(())
+    }
     fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
         self.fake.upsert_source_range(svc_id, range)?;
         self.after("upsert", MapKind::SourceRanges);

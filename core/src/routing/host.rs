@@ -144,6 +144,25 @@ pub fn nodeport_addresses(
     out
 }
 
+/// [`nodeport_addresses`] for IPv6: the IPv6 addresses of `devices` (link-local ones are never
+/// in [`HostLink::addrs6`]), filtered by the IPv6 `--nodeport-addresses` CIDRs when any are given.
+pub fn nodeport_addresses6(
+    host: &HostNetwork,
+    devices: &[String],
+    cidrs: &[Ipv6Network],
+) -> Vec<Ipv6Addr> {
+    let mut out: Vec<Ipv6Addr> = host
+        .links
+        .iter()
+        .filter(|l| devices.contains(&l.name))
+        .flat_map(|l| l.addrs6.iter().map(Ipv6Network::ip))
+        .filter(|ip| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(*ip)))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +239,26 @@ mod tests {
         assert_eq!(
             nodeport_addresses(&host(), &devs, &["172.30.0.96/28".parse().unwrap()]),
             vec![Ipv4Addr::new(172, 30, 0, 99)]
+        );
+    }
+
+    #[test]
+    fn ipv6_nodeport_addresses_come_from_the_devices_filtered_by_ipv6_cidrs() {
+        let mut h = host();
+        h.links[1].addrs6 = vec![
+            "fd00:172:30::10/64".parse().unwrap(),
+            "fd00:99::10/64".parse().unwrap(),
+        ];
+        h.links[2].addrs6 = vec!["fd00:5::2/64".parse().unwrap()];
+        let eth0 = vec!["eth0".to_owned()];
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        assert_eq!(
+            nodeport_addresses6(&h, &eth0, &[]),
+            vec![v6("fd00:99::10"), v6("fd00:172:30::10")]
+        );
+        assert_eq!(
+            nodeport_addresses6(&h, &eth0, &["fd00:172:30::/64".parse().unwrap()]),
+            vec![v6("fd00:172:30::10")]
         );
     }
 

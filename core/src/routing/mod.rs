@@ -60,7 +60,7 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 
-pub use host::{HostLink, HostNetwork, default_devices, nodeport_addresses};
+pub use host::{HostLink, HostNetwork, default_devices, nodeport_addresses, nodeport_addresses6};
 pub use masq::{Masquerade6Rules, MasqueradeRules};
 pub use plan::{
     PeerNode, PeerReach, PeerRoute, PeerVia, RoutePlan, SkipReason, SkippedPeer, VxlanDevicePlan,

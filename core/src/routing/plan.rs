@@ -537,6 +537,14 @@ impl std::fmt::Display for RoutePlan {
                 )?,
             }
         }
+        // Overlay peers without an IPv4 route (IPv6 pod CIDRs only) still have their FDB entry.
+        for p in &self.peer_nodes {
+            if let PeerReach::Vxlan { mac } = p.reach
+                && !self.peers.iter().any(|r| r.node == p.node)
+            {
+                writeln!(f, "fdb {} dst {} ({})", mac_str(mac), p.node_ip, p.node)?;
+            }
+        }
         for s in &self.skipped {
             writeln!(f, "skip {} {:?}", s.node, s.reason)?;
         }
@@ -986,6 +994,17 @@ mod tests {
         assert!(plan.peers.is_empty(), "no IPv4 pod CIDRs: {plan}");
         assert!(plan.skipped.is_empty(), "{:?}", plan.skipped);
         let mac2 = vtep_mac6("fd00:172:30:1::12".parse().unwrap());
+        assert_eq!(
+            plan.to_string(),
+            format!(
+                "node n0 ip fd00:172:30::10 pod-cidrs [] underlay-mtu 1500\n\
+                 vxlan twill.vxlan vni 1 port 8472 local fd00:172:30::10 underlay-if 2 mac {} mtu 1430\n\
+                 fdb {} dst fd00:172:30:1::12 (n2)\n\
+                 masquerade from [] except []\n",
+                mac_str(underlay_mac(plan.node_ip)),
+                mac_str(mac2)
+            )
+        );
         assert_eq!(
             plan.peer_nodes,
             vec![

@@ -62,6 +62,7 @@ pub struct AyaLbMaps {
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     node_addrs: HashMap<MapData, u32, NodeAddrValue>,
+    node_addrs6: HashMap<MapData, [u32; 4], NodeAddrValue>,
     config: Array<MapData, DatapathConfig>,
     stats: PerCpuArray<MapData, u64>,
     ct: HashMap<MapData, CtKey, CtValue>,
@@ -149,6 +150,7 @@ impl AyaLbMaps {
         let affinity = src.take::<def::Affinity, _>()?;
         let revnat = src.take::<def::SockRevNat, _>()?;
         let node_addrs = src.take::<def::NodeAddrs, _>()?;
+        let node_addrs6 = src.take::<def::NodeAddrs6, _>()?;
         let config = src.take::<def::Config, _>()?;
         let stats = src.take::<def::Stats, _>()?;
         let ct = src.take::<def::Ct, _>()?;
@@ -164,6 +166,7 @@ impl AyaLbMaps {
             affinity,
             revnat,
             node_addrs,
+            node_addrs6,
             config,
             stats,
             ct,
@@ -642,6 +645,14 @@ impl LbMaps for AyaLbMaps {
     fn delete_node_addr(&mut self, addr_be: u32) -> Result<(), MapError> {
         remove(&mut self.node_addrs, &addr_be, MapKind::NodeAddrs)
     }
+    fn upsert_node_addr6(&mut self, addr_be: [u32; 4], flags: u32) -> Result<(), MapError> {
+        self.node_addrs6
+            .insert(addr_be, NodeAddrValue { flags }, 0)
+            .map_err(|e| self.full_or_syscall(MapKind::NodeAddrs6, "update", e))
+    }
+    fn delete_node_addr6(&mut self, addr_be: [u32; 4]) -> Result<(), MapError> {
+        remove(&mut self.node_addrs6, &addr_be, MapKind::NodeAddrs6)
+    }
     fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
         self.src_ranges
             .insert(&src_range_key(svc_id, range), 1, 0)
@@ -676,6 +687,10 @@ impl LbMaps for AyaLbMaps {
                 .into_iter()
                 .collect(),
             node_addrs: collect(&self.node_addrs, MapKind::NodeAddrs)?
+                .into_iter()
+                .map(|(k, v)| (k, v.flags))
+                .collect(),
+            node_addrs6: collect(&self.node_addrs6, MapKind::NodeAddrs6)?
                 .into_iter()
                 .map(|(k, v)| (k, v.flags))
                 .collect(),

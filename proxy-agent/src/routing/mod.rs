@@ -41,7 +41,7 @@ pub use twill_core::routing::{
     VXLAN_VNI, VxlanDevicePlan, cni_mtu, default_devices, host, masq, node_internal_ipv4,
     nodeport_addresses, plan, plan_routes, vtep_addr, vtep_mac,
 };
-pub use twill_core::routing::{PeerVia6, RoutePlan6, plan_routes6};
+pub use twill_core::routing::{PeerVia6, RoutePlan6, nodeport_addresses6, plan_routes6};
 
 /// Route protocol number that marks the agent's routes (`ip route show proto 0xfe`).
 /// 0xfe is not assigned in iproute2's `rt_protos` and not used by the usual routing daemons.

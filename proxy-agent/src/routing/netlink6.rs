@@ -313,3 +313,77 @@ fn onlink_replacements_first(
     out.extend(sets);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netdiff::Op;
+
+    /// A route message told apart by its table byte (the handle the executor deletes with).
+    fn msg(tag: u8) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header.table = tag;
+        m
+    }
+
+    #[test]
+    fn an_overlay_route_replacing_ours_deletes_it_first() {
+        let moved: Ipv6Network = "fd00:10:244:1::/64".parse().unwrap();
+        let direct: Ipv6Network = "fd00:10:244:2::/64".parse().unwrap();
+        let overlay_hop = Route6 {
+            gateway: Some(moved.network()),
+            via6: None,
+            oif: Some(9),
+            onlink: true,
+        };
+        let direct_hop = Route6 {
+            gateway: Some("fd00:172:30::12".parse().unwrap()),
+            via6: None,
+            oif: Some(2),
+            onlink: false,
+        };
+        let new_overlay: Ipv6Network = "fd00:10:244:3::/64".parse().unwrap();
+        let ops = vec![
+            Op::Remove(msg(1)),
+            Op::Set {
+                key: moved,
+                value: overlay_hop,
+                replace: true,
+            },
+            Op::Set {
+                key: direct,
+                value: direct_hop,
+                replace: true,
+            },
+            // A new overlay route has nothing of ours in its way: an exclusive create as before.
+            Op::Set {
+                key: new_overlay,
+                value: overlay_hop,
+                replace: false,
+            },
+        ];
+        let ours = vec![(moved, msg(7)), (direct, msg(8))];
+        assert_eq!(
+            onlink_replacements_first(ops, &ours),
+            vec![
+                Op::Remove(msg(1)),
+                Op::Remove(msg(7)),
+                Op::Set {
+                    key: moved,
+                    value: overlay_hop,
+                    replace: false
+                },
+                Op::Set {
+                    key: direct,
+                    value: direct_hop,
+                    replace: true
+                },
+                Op::Set {
+                    key: new_overlay,
+                    value: overlay_hop,
+                    replace: false
+                },
+            ]
+        );
+    }
+}

@@ -268,6 +268,8 @@ impl Agent {
         let state = self.network.state();
         self.syncer
             .set_nodeport_addresses(&state.nodeport_addresses);
+        self.syncer
+            .set_nodeport_addresses6(&state.nodeport_addresses6);
         ctx.metrics
             .peer_routes
             .set(i64::try_from(state.peer_routes).unwrap_or(i64::MAX));

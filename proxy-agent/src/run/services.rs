@@ -19,6 +19,7 @@ use crate::reconcile::{ApplyStats, ReconcileError, Reconciler};
 pub fn compile_config(cfg: &crate::config::Config) -> CompileConfig {
     let mut c = CompileConfig::new(cfg.node_name.clone());
     c.nodeport_cidrs.clone_from(&cfg.nodeport_addresses);
+    c.nodeport_cidrs6.clone_from(&cfg.nodeport_addresses6);
     c.nodeport_range = cfg.nodeport_range.0..=cfg.nodeport_range.1;
     c.max_frontends_per_service = cfg.max_frontends_per_service;
     c
@@ -81,6 +82,11 @@ impl<M: LbMaps> ServicePipeline<M> {
         self.compile_cfg.nodeport_addresses = addrs.to_vec();
     }
 
+    /// The IPv6 addresses NodePorts answer on, from the last node network sync.
+    pub fn set_nodeport_addresses6(&mut self, addrs: &[std::net::Ipv6Addr]) {
+        self.compile_cfg.nodeport_addresses6 = addrs.to_vec();
+    }
+
     pub fn compiler(&self) -> &Compiler {
         &self.compiler
     }
@@ -127,6 +133,8 @@ impl<M: LbMaps> ServicePipeline<M> {
         // Services naming one that came or went.
         self.compile_cfg.node_ips =
             crate::compile::all_node_ips(stores.nodes().values().map(AsRef::as_ref));
+        self.compile_cfg.node_ips6 =
+            crate::compile::all_node_ips6(stores.nodes().values().map(AsRef::as_ref));
         let update = self
             .compiler
             .update(&self.compile_cfg, node.as_deref(), dirty.groups);

@@ -59,6 +59,11 @@ impl<M: LbMaps + VerdictStats> Syncer<M> {
         self.services.set_nodeport_addresses(addrs);
     }
 
+    /// Takes the IPv6 addresses NodePorts answer on into the next compile.
+    pub fn set_nodeport_addresses6(&mut self, addrs: &[std::net::Ipv6Addr]) {
+        self.services.set_nodeport_addresses6(addrs);
+    }
+
     pub fn reconciler(&self) -> &Reconciler<M> {
         self.services.reconciler()
     }
