@@ -34,9 +34,10 @@ use core::mem::size_of;
 
 use crate::{
     AffinityKey, AffinityValue, Backend, CtKey, CtKey6, CtValue, CtValue6, DatapathConfig,
-    EventBudget, FastPathConfig, FragKey, FragValue, IpCacheKey, LocalEndpoint, MasqKey, MasqKey6,
-    NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, ServiceKey,
-    ServiceValue, SlotKey, SockDestroyKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey,
+    EventBudget, FastPathConfig, FragKey, FragValue, IpCacheKey, IpCacheKey6, LocalEndpoint,
+    MasqKey, MasqKey6, NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict,
+    ServiceKey, ServiceValue, SlotKey, SockDestroyKey, SockRevNatKey, SockRevNatValue, SrcRangeKey,
+    UdpFlowKey,
 };
 use crate::{Backend6, ServiceKey6, SockRevNatKey6, SockRevNatValue6};
 
@@ -482,6 +483,27 @@ catalogue! {
         value: EventBudget,
         size: POLICY_EVENT_BUDGET_ENTRIES = 1,
         pinned: false,
+    }
+    /// NetworkPolicy: local pods' IPv6 addresses → the same endpoint as their IPv4 address's
+    /// (an IPv6-only pod's own).
+    PolicyEndpoints6 {
+        name: MAP_POLICY_ENDPOINTS6 = "TWL_PEP6_V1",
+        map_type: Hash,
+        key: [u32; 4],
+        value: PolicyEndpoint,
+        size: DEFAULT_POLICY_ENDPOINTS6_MAX = 4_096,
+        flag: "map-size-policy-endpoints6",
+        help: "Max entries of the NetworkPolicy IPv6 endpoint map (local pods)",
+    }
+    /// NetworkPolicy: IPv6 peer prefix → identity (LPM trie; one identity space with `IpCache`).
+    IpCache6 {
+        name: MAP_IPCACHE6 = "TWL_IPC6_V1",
+        map_type: LpmTrie,
+        key: IpCacheKey6,
+        value: PeerIdentity,
+        size: DEFAULT_IPCACHE6_MAX = 65_536,
+        flag: "map-size-ipcache6",
+        help: "Max entries of the NetworkPolicy IPv6 ipcache (pod IPv6 addresses and IPv6 ipBlock prefixes)",
     }
 }
 

@@ -5,6 +5,10 @@
 //!  IPCACHE (LPM)     peer prefix    ──► PeerIdentity { id }   (pods /32, ipBlock regions)
 //!  POLICY  (LPM)     (ep_id, direction, identity, proto, port prefix) ──► PolicyVerdict
 //! ```
+//!
+//! IPv6 has twins of the first two (`POLICY_ENDPOINTS6`: a local pod's IPv6 address → the same
+//! endpoint; `IPCACHE6`: IPv6 prefixes → identities from the same id space), and shares the
+//! rule trie: a rule names an endpoint and an identity, whatever the family of the packet.
 
 // Names, kernel types and sizes of these maps: `crate::catalogue`.
 
@@ -41,7 +45,16 @@ pub struct IpCacheKey {
 }
 const _: () = assert!(core::mem::size_of::<IpCacheKey>() == 4);
 
-/// Value of `IPCACHE`.
+/// Data of the `IPCACHE6` LPM-trie key (after the trie's `prefix_len`, 0..=128): the IPv6 twin
+/// of [`IpCacheKey`], the address in the maps' form (`crate::addr6_from_octets`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpCacheKey6 {
+    pub addr_be: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<IpCacheKey6>() == 16);
+
+/// Value of `IPCACHE` and `IPCACHE6`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerIdentity {
@@ -153,6 +166,7 @@ mod pod {
     // SAFETY: every type is #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for super::PolicyEndpoint {}
     unsafe impl aya::Pod for super::IpCacheKey {}
+    unsafe impl aya::Pod for super::IpCacheKey6 {}
     unsafe impl aya::Pod for super::PeerIdentity {}
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PolicyVerdict {}

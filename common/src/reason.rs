@@ -157,6 +157,11 @@ pub enum Reason {
     /// An IPv6 packet whose transport header follows extension headers: left untouched (pods'
     /// TCP and UDP carry none).
     Ipv6ExtHeaders = 112,
+    // 120..=129: IPv6 NetworkPolicy (the drops are `PolicyDenied{Ingress,Egress}`, as IPv4's).
+    /// An IPv6 packet on a pod's veth that policy leaves alone by scope: a link-local or
+    /// multicast address (the pod and its node's veth talking: Neighbour Discovery, MLD,
+    /// router solicitations), or a Neighbour Discovery message.
+    Policy6LinkScope = 120,
 }
 
 impl Reason {
@@ -215,6 +220,7 @@ impl Reason {
         Reason::Masq6Snat,
         Reason::Masq6Fragment,
         Reason::Ipv6ExtHeaders,
+        Reason::Policy6LinkScope,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -273,6 +279,7 @@ impl Reason {
             Reason::Masq6Snat => "masq6_snat",
             Reason::Masq6Fragment => "masq6_fragment",
             Reason::Ipv6ExtHeaders => "ipv6_ext_headers",
+            Reason::Policy6LinkScope => "policy6_link_scope",
         }
     }
 

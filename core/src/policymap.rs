@@ -4,15 +4,25 @@
 //! and full maps.
 use crate::lbmap::{FaultDecision, FaultPlan, MapError, MapKind};
 use crate::policy::{LpmKey, PolicyEntries};
-use twill_common::{IpCacheKey, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict};
+use twill_common::{
+    IpCacheKey, IpCacheKey6, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict,
+};
 
-/// Writes to and reads from the three policy maps.
+/// Writes to and reads from the three policy maps and the IPv6 twins of the first two.
 pub trait PolicyMaps {
     fn upsert_endpoint(&mut self, addr_be: u32, ep: PolicyEndpoint) -> Result<(), MapError>;
     fn delete_endpoint(&mut self, addr_be: u32) -> Result<(), MapError>;
     fn upsert_ipcache(&mut self, key: LpmKey<IpCacheKey>, id: PeerIdentity)
     -> Result<(), MapError>;
     fn delete_ipcache(&mut self, key: &LpmKey<IpCacheKey>) -> Result<(), MapError>;
+    fn upsert_endpoint6(&mut self, addr: [u32; 4], ep: PolicyEndpoint) -> Result<(), MapError>;
+    fn delete_endpoint6(&mut self, addr: [u32; 4]) -> Result<(), MapError>;
+    fn upsert_ipcache6(
+        &mut self,
+        key: LpmKey<IpCacheKey6>,
+        id: PeerIdentity,
+    ) -> Result<(), MapError>;
+    fn delete_ipcache6(&mut self, key: &LpmKey<IpCacheKey6>) -> Result<(), MapError>;
     fn upsert_policy(
         &mut self,
         key: LpmKey<PolicyKey>,
@@ -30,6 +40,8 @@ pub struct FakePolicyMaps {
     pub endpoints_capacity: Option<u32>,
     pub ipcache_capacity: Option<u32>,
     pub policy_capacity: Option<u32>,
+    pub endpoints6_capacity: Option<u32>,
+    pub ipcache6_capacity: Option<u32>,
 }
 
 /// `Err(Full)` when a new key would exceed `capacity` (E2BIG from the kernel); updating an
@@ -76,6 +88,40 @@ impl PolicyMaps for FakePolicyMaps {
     }
     fn delete_ipcache(&mut self, key: &LpmKey<IpCacheKey>) -> Result<(), MapError> {
         self.state.ipcache.remove(key);
+        Ok(())
+    }
+    fn upsert_endpoint6(&mut self, addr: [u32; 4], ep: PolicyEndpoint) -> Result<(), MapError> {
+        let m = &mut self.state.endpoints6;
+        room(
+            m.contains_key(&addr),
+            m.len(),
+            self.endpoints6_capacity,
+            MapKind::PolicyEndpoints6,
+        )?;
+        m.insert(addr, ep);
+        Ok(())
+    }
+    fn delete_endpoint6(&mut self, addr: [u32; 4]) -> Result<(), MapError> {
+        self.state.endpoints6.remove(&addr);
+        Ok(())
+    }
+    fn upsert_ipcache6(
+        &mut self,
+        key: LpmKey<IpCacheKey6>,
+        id: PeerIdentity,
+    ) -> Result<(), MapError> {
+        let m = &mut self.state.ipcache6;
+        room(
+            m.contains_key(&key),
+            m.len(),
+            self.ipcache6_capacity,
+            MapKind::IpCache6,
+        )?;
+        m.insert(key, id);
+        Ok(())
+    }
+    fn delete_ipcache6(&mut self, key: &LpmKey<IpCacheKey6>) -> Result<(), MapError> {
+        self.state.ipcache6.remove(key);
         Ok(())
     }
     fn upsert_policy(
@@ -160,6 +206,26 @@ impl<M: PolicyMaps> PolicyMaps for FaultyPolicyMaps<M> {
     fn delete_ipcache(&mut self, key: &LpmKey<IpCacheKey>) -> Result<(), MapError> {
         self.gate(MapKind::IpCache, "delete")?;
         self.inner.delete_ipcache(key)
+    }
+    fn upsert_endpoint6(&mut self, addr: [u32; 4], ep: PolicyEndpoint) -> Result<(), MapError> {
+        self.gate(MapKind::PolicyEndpoints6, "update")?;
+        self.inner.upsert_endpoint6(addr, ep)
+    }
+    fn delete_endpoint6(&mut self, addr: [u32; 4]) -> Result<(), MapError> {
+        self.gate(MapKind::PolicyEndpoints6, "delete")?;
+        self.inner.delete_endpoint6(addr)
+    }
+    fn upsert_ipcache6(
+        &mut self,
+        key: LpmKey<IpCacheKey6>,
+        id: PeerIdentity,
+    ) -> Result<(), MapError> {
+        self.gate(MapKind::IpCache6, "update")?;
+        self.inner.upsert_ipcache6(key, id)
+    }
+    fn delete_ipcache6(&mut self, key: &LpmKey<IpCacheKey6>) -> Result<(), MapError> {
+        self.gate(MapKind::IpCache6, "delete")?;
+        self.inner.delete_ipcache6(key)
     }
     fn upsert_policy(
         &mut self,

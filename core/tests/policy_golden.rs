@@ -2,13 +2,14 @@
 //! YAML of Pods, Namespaces, NetworkPolicies and one `PolicyTestConfig`) →
 //! `tests/policy_golden/<case>.dump`: the rejected policies, the map dump, `debug policy`'s per-pod
 //! view when asked for (`podViews: true`), and, for each probed port, the reachability matrix `PolicyState::verdict` answers (rows are
-//! clients, columns servers, `.` allowed, `X` denied), as upstream's e2e suite prints it.
+//! clients, columns servers, `.` allowed, `X` denied), as upstream's e2e suite prints it; with
+//! IPv6 addresses among the members, a second matrix (`matrix6`) of the IPv6 ones.
 //! Regenerate with `TWILL_BLESS=1 cargo test -p twill-core --test policy_golden` and review the
 //! diff.
 //!
 //! Each case also checks that the output does not depend on input order.
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -29,12 +30,12 @@ struct TestConfig {
     _kind: String,
     node_name: String,
     #[serde(default)]
-    node_addrs: Vec<Ipv4Addr>,
+    node_addrs: Vec<IpAddr>,
     /// `PROTO/PORT` pairs to print the matrix for.
     probes: Vec<String>,
     /// Addresses that are no pod (outside the cluster, other nodes), added to the matrix.
     #[serde(default)]
-    extra_addrs: Vec<Ipv4Addr>,
+    extra_addrs: Vec<IpAddr>,
     /// Adds upstream's e2e topology: namespaces x, y, z (label `ns`), pods a, b, c in each
     /// (label `pod`) at 10.244.<1..3>.<1..3>, serving 80 and 81 over TCP, UDP and SCTP with
     /// named ports `serve-<port>-<proto>`, on `nodeName` unless their namespace is listed in
@@ -43,6 +44,10 @@ struct TestConfig {
     upstream_topology: bool,
     #[serde(default)]
     remote_namespaces: Vec<String>,
+    /// The topology's pods are dual-stack: also `fd00:10:244:<i>::<j>` (listed second, as a
+    /// cluster whose primary family is IPv4 lists them).
+    #[serde(default)]
+    dual_stack: bool,
     /// Also print `debug policy`'s per-pod view.
     #[serde(default)]
     pod_views: bool,
@@ -74,6 +79,10 @@ fn upstream_topology(config: &TestConfig) -> (Vec<Pod>, Vec<Namespace>) {
                     }));
                 }
             }
+            let mut ips = vec![serde_json::json!({"ip": format!("10.244.{}.{}", i + 1, j + 1)})];
+            if config.dual_stack {
+                ips.push(serde_json::json!({"ip": format!("fd00:10:244:{}::{}", i + 1, j + 1)}));
+            }
             pods.push(
                 serde_json::from_value(serde_json::json!({
                     "metadata": {"name": pod, "namespace": ns, "labels": {"pod": pod}},
@@ -81,10 +90,7 @@ fn upstream_topology(config: &TestConfig) -> (Vec<Pod>, Vec<Namespace>) {
                         "nodeName": node,
                         "containers": [{"name": "c", "ports": ports}],
                     },
-                    "status": {
-                        "phase": "Running",
-                        "podIPs": [{"ip": format!("10.244.{}.{}", i + 1, j + 1)}],
-                    },
+                    "status": {"phase": "Running", "podIPs": ips},
                 }))
                 .expect("valid Pod"),
             );
@@ -223,21 +229,63 @@ fn render(path: &Path, case: &Case, state: &PolicyState) -> String {
         state.maps.ipcache.len(),
         state.maps.policy.len()
     );
+    if !state.maps.ipcache6.is_empty() {
+        let _ = writeln!(out, "counts ipcache6={}", state.maps.ipcache6.len());
+    }
     if case.config.pod_views {
         out.push_str(&render_pod_views(&pod_views(&state.maps, state)));
     }
-    // Matrix members: pods with an address (named ns/name), then the extra addresses.
-    let mut members: Vec<(String, Ipv4Addr)> = case
-        .pods
-        .iter()
-        .filter_map(|p| p.ip.map(|ip| (format!("{}/{}", p.namespace, p.name), ip)))
-        .collect();
-    members.sort();
-    members.extend(case.config.extra_addrs.iter().map(|a| (a.to_string(), *a)));
+    // Matrix members per family: pods with an address of it (named ns/name), then the extra
+    // addresses of it.
+    for v6 in [false, true] {
+        let mut members: Vec<(String, IpAddr)> = case
+            .pods
+            .iter()
+            .filter_map(|p| {
+                let ip = if v6 {
+                    p.ip6.map(IpAddr::V6)
+                } else {
+                    p.ip.map(IpAddr::V4)
+                };
+                ip.map(|ip| (format!("{}/{}", p.namespace, p.name), ip))
+            })
+            .collect();
+        members.sort();
+        members.extend(
+            case.config
+                .extra_addrs
+                .iter()
+                .filter(|a| a.is_ipv6() == v6)
+                .map(|a| (a.to_string(), *a)),
+        );
+        if members.is_empty() {
+            continue;
+        }
+        matrices(
+            path,
+            case,
+            state,
+            &members,
+            if v6 { "matrix6" } else { "matrix" },
+            &mut out,
+        );
+    }
+    out
+}
+
+/// One matrix per probed port over `members`.
+fn matrices(
+    path: &Path,
+    case: &Case,
+    state: &PolicyState,
+    members: &[(String, IpAddr)],
+    title: &str,
+    out: &mut String,
+) {
     let width = members.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     for probe in &case.config.probes {
         let (proto, port) = parse_probe(path, probe);
-        let _ = writeln!(out, "matrix {probe}");
+        let _ = writeln!(out, "{title} {probe}");
         for (i, (name, _)) in members.iter().enumerate() {
             let _ = writeln!(out, "  {i:>2} {name}");
         }
@@ -248,14 +296,13 @@ fn render(path: &Path, case: &Case, state: &PolicyState) -> String {
         out.push('\n');
         for (i, (name, src)) in members.iter().enumerate() {
             let _ = write!(out, "  {i:>2} {name:width$}");
-            for (_, dst) in &members {
+            for (_, dst) in members {
                 let v = state.verdict(*src, *dst, proto, port);
                 let _ = write!(out, "{:>3}", if v.allowed() { "." } else { "X" });
             }
             out.push('\n');
         }
     }
-    out
 }
 
 fn cases() -> Vec<PathBuf> {

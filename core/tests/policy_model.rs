@@ -91,6 +91,7 @@ fn topology() -> Topology {
                     u8::try_from(i + 1).unwrap(),
                     u8::try_from(j + 1).unwrap(),
                 ),
+                ip6: None,
                 labels: pod_labels,
                 ports,
             });

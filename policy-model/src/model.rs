@@ -2,7 +2,7 @@
 //! ingress to allow it; a pod is isolated in a direction by any policy that selects it and has
 //! that policy type; an isolated pod's direction allows what any rule of those policies allows.
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -27,6 +27,8 @@ pub struct Pod {
     pub namespace: String,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// A dual-stack pod's IPv6 address.
+    pub ip6: Option<Ipv6Addr>,
     pub labels: Labels,
     pub ports: Vec<ContainerPort>,
 }
@@ -49,20 +51,32 @@ pub struct Topology {
 /// cluster, or an unused address of the pod network), which only ipBlocks select.
 #[derive(Clone, Copy, Debug)]
 pub struct Member<'t> {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub pod: Option<&'t Pod>,
 }
 
 impl<'t> Member<'t> {
+    /// The pod by its IPv4 address.
     pub fn pod(pod: &'t Pod) -> Self {
         Self {
-            ip: pod.ip,
+            ip: IpAddr::V4(pod.ip),
             pod: Some(pod),
         }
     }
 
-    pub fn address(ip: Ipv4Addr) -> Self {
-        Self { ip, pod: None }
+    /// The pod by its IPv6 address (a dual-stack pod's).
+    pub fn pod6(pod: &'t Pod) -> Self {
+        Self {
+            ip: IpAddr::V6(pod.ip6.expect("a dual-stack pod")),
+            pod: Some(pod),
+        }
+    }
+
+    pub fn address(ip: impl Into<IpAddr>) -> Self {
+        Self {
+            ip: ip.into(),
+            pod: None,
+        }
     }
 
     /// `namespace/pod`, or the address.
@@ -255,9 +269,26 @@ pub(crate) fn parse_cidr(s: &str) -> (u32, u32) {
     (addr & mask, mask)
 }
 
-fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
-    let (net, mask) = parse_cidr(cidr);
-    u32::from(ip) & mask == net
+/// `ip` lies in `cidr`; never when they are of different families.
+fn in_cidr(ip: IpAddr, cidr: &str) -> bool {
+    match ip {
+        IpAddr::V4(ip) if !cidr.contains(':') => {
+            let (net, mask) = parse_cidr(cidr);
+            u32::from(ip) & mask == net
+        }
+        IpAddr::V6(ip) if cidr.contains(':') => {
+            let (addr, len) = cidr.split_once('/').expect("CIDR with a prefix length");
+            let net = u128::from(addr.parse::<Ipv6Addr>().expect("an IPv6 CIDR"));
+            let len: u32 = len.parse().expect("a prefix length");
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            u128::from(ip) & mask == net & mask
+        }
+        _ => false,
+    }
 }
 
 /// A policy port admits `proto`/`port` on `server`; a named port needs a pod that declares it

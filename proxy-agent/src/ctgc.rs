@@ -439,6 +439,14 @@ mod tests {
         assert_eq!(plan(&entries, now, &pods(&[])).orphaned, vec![ok, rk]);
     }
 
+    /// No pod owns any IPv6 address.
+    struct NoneOwned;
+    impl AddrOwners<[u32; 4]> for NoneOwned {
+        fn owned(&self, _addr: [u32; 4]) -> bool {
+            false
+        }
+    }
+
     #[test]
     fn ipv6_entries_follow_the_same_rules() {
         use twill_common::{CtKey6, CtValue6, addr6_from_octets};
@@ -504,5 +512,27 @@ mod tests {
         };
         let p = plan(&[(ok, idle), (rk, rv)], now, &AssumeOwned);
         assert_eq!(p.expired, vec![ok, rk]);
+        // An IPv6 NetworkPolicy entry (`policy6.rs`: untranslated, one per flow) is expired by
+        // its state's lifetime like an IPv4 one, never orphaned (even when no pod owns any
+        // address).
+        let pk = CtKey6 {
+            scope: CT_SCOPE_POLICY,
+            ..ok
+        };
+        let pv = CtValue6 {
+            new_saddr_be: pk.saddr_be,
+            new_daddr_be: pk.daddr_be,
+            new_sport_be: pk.sport_be,
+            new_dport_be: pk.dport_be,
+            flags: twill_common::CT_F_POLICY_EGRESS,
+            last_seen_ns: now - S,
+            ..ov
+        };
+        assert!(plan(&[(pk, pv)], now, &NoneOwned).is_empty());
+        let stale = CtValue6 {
+            last_seen_ns: now - CT_LIFETIME_DGRAM_ESTABLISHED_NS - S,
+            ..pv
+        };
+        assert_eq!(plan(&[(pk, stale)], now, &NoneOwned).expired, vec![pk]);
     }
 }

@@ -106,8 +106,6 @@ pub struct NodeNetwork {
     /// Peers' pod CIDRs refused as conflicting in the last plan, so each is warned about once.
     refused: BTreeSet<String>,
     state: NetworkState,
-    /// Policy-isolated pods whose host veth already has IPv6 off.
-    ipv6_cut: BTreeSet<Ipv4Addr>,
     /// `--host-routing`.
     host_routing: bool,
     /// `--masquerade-mode`.
@@ -143,7 +141,6 @@ impl NodeNetwork {
             attached: BTreeSet::new(),
             refused: BTreeSet::new(),
             state: NetworkState::default(),
-            ipv6_cut: BTreeSet::new(),
             host_routing: cfg.host_routing,
             masquerade_mode: cfg.masquerade_mode,
             cni_conf: CniConfWriter::new(cfg),
@@ -290,42 +287,6 @@ impl NodeNetwork {
         self.state.peer_routes = plan.peers.len();
         self.synced = Some(view);
         Ok(report)
-    }
-
-    /// Turns IPv6 off on the host veth of each pod in `isolated` (by its IPv4 address, through
-    /// the pod's `/32` host route). NetworkPolicy is enforced for IPv4 only so far, so a pod a
-    /// policy isolates must not keep an IPv6 path around it: with `disable_ipv6=1` on its host
-    /// veth the node drops the pod's IPv6 packets on arrival and its IPv6 host route goes. Not
-    /// undone when the policy goes (the pod's IPv6 wiring is twill-cni's, made once per ADD):
-    /// the pod gets IPv6 back when it is recreated. Errors are logged; the next sync retries.
-    pub async fn cut_ipv6_of(&mut self, isolated: &[Ipv4Addr]) {
-        if isolated.iter().all(|ip| self.ipv6_cut.contains(ip)) {
-            return;
-        }
-        let veths = match self.routing.pod_veths_of(isolated).await {
-            Ok(v) => v,
-            Err(e) => {
-                log::warn!("finding the veths of policy-isolated pods: {e}");
-                return;
-            }
-        };
-        for (ip, veth) in veths {
-            let path = format!("/proc/sys/net/ipv6/conf/{veth}/disable_ipv6");
-            let done = match std::fs::read(&path) {
-                Ok(v) if v.first() == Some(&b'1') => Ok(()),
-                // A veth without IPv6 state has nothing to cut (IPv6 off node-wide).
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                _ => std::fs::write(&path, b"1"),
-            };
-            match done {
-                Ok(()) => {
-                    log::info!("IPv6 off for policy-isolated pod {ip} ({veth})");
-                    self.ipv6_cut.insert(ip);
-                }
-                Err(e) => log::warn!("turning IPv6 off on {veth} (pod {ip}): {e}"),
-            }
-        }
-        self.ipv6_cut.retain(|ip| isolated.contains(ip));
     }
 
     /// Attaches the tc programs to devices new in `devices` and, with `detach`, detaches them

@@ -44,6 +44,8 @@ mod pod;
 #[cfg(target_arch = "bpf")]
 mod policy;
 #[cfg(target_arch = "bpf")]
+mod policy6;
+#[cfg(target_arch = "bpf")]
 mod sav;
 #[cfg(target_arch = "bpf")]
 mod sock;

@@ -8,15 +8,16 @@ use aya_ebpf::{
 use twill_common::{
     AffinityKey, AffinityValue, Backend, Backend6, CtKey, CtKey6, CtValue, CtValue6,
     DEFAULT_AFFINITY_MAX, DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_BACKENDS6_MAX,
-    DEFAULT_CT_MAX, DEFAULT_CT6_MAX, DEFAULT_FRAGS_MAX, DEFAULT_IPCACHE_MAX,
+    DEFAULT_CT_MAX, DEFAULT_CT6_MAX, DEFAULT_FRAGS_MAX, DEFAULT_IPCACHE_MAX, DEFAULT_IPCACHE6_MAX,
     DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_LOCAL_ENDPOINTS_MAX, DEFAULT_MASQ_PREFIXES_MAX,
     DEFAULT_MASQ6_PREFIXES_MAX, DEFAULT_NODE_ADDRS_MAX, DEFAULT_POLICY_ENDPOINTS_MAX,
-    DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SERVICES6_MAX, DEFAULT_SOCK_REVNAT_MAX,
-    DEFAULT_SOCK_REVNAT6_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, EventBudget, FastPathConfig,
-    FragKey, FragValue, IpCacheKey, LocalEndpoint, MasqKey, MasqKey6, NodeAddrValue,
-    POLICY_EVENT_BUDGET_ENTRIES, POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint, PolicyKey,
-    PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
-    SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SrcRangeKey, UdpFlowKey,
+    DEFAULT_POLICY_ENDPOINTS6_MAX, DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SERVICES6_MAX,
+    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOCK_REVNAT6_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig,
+    EventBudget, FastPathConfig, FragKey, FragValue, IpCacheKey, IpCacheKey6, LocalEndpoint,
+    MasqKey, MasqKey6, NodeAddrValue, POLICY_EVENT_BUDGET_ENTRIES, POLICY_EVENTS_BYTES,
+    PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, Reason, STATS_MAX, ServiceKey,
+    ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
+    SockRevNatValue6, SrcRangeKey, UdpFlowKey,
 };
 
 #[map]
@@ -98,6 +99,16 @@ pub static TWL_IPC_V1: LpmTrie<IpCacheKey, PeerIdentity> =
 #[map]
 pub static TWL_POL_V1: LpmTrie<PolicyKey, PolicyVerdict> =
     LpmTrie::with_max_entries(DEFAULT_POLICY_MAX, 0);
+
+// Their IPv6 twins (`twill_common::policy`): a local pod's IPv6 address → its endpoint, IPv6
+// prefixes → identities; the rule trie above serves both families.
+#[map]
+pub static TWL_PEP6_V1: HashMap<[u32; 4], PolicyEndpoint> =
+    HashMap::with_max_entries(DEFAULT_POLICY_ENDPOINTS6_MAX, 0);
+
+#[map]
+pub static TWL_IPC6_V1: LpmTrie<IpCacheKey6, PeerIdentity> =
+    LpmTrie::with_max_entries(DEFAULT_IPCACHE6_MAX, 0);
 
 // The denied-flow stream (`debug monitor`) and its per-CPU budget; catalogue entries marked
 // not pinned (see `twill_common::MapKind::PolicyEvents`).

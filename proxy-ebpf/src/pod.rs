@@ -12,7 +12,10 @@
 //! client (or, for externalTrafficPolicy=Cluster from another node, that node's address).
 //!
 //! A packet the pod sent must carry the pod's own address (`sav.rs`, source-address
-//! validation) before anything else looks at it.
+//! validation) before anything else looks at it (IPv4; IPv6 is not validated yet).
+//!
+//! IPv6 frames take `policy6.rs` (the same judgement over the IPv6 maps) and are routed by the
+//! node's stack.
 //!
 //! A packet the pod sent that its egress policy passed is then routed by the fast path
 //! (`fwd.rs`): into a local pod (after that pod's ingress policy) or out through the FIB's
@@ -32,11 +35,24 @@ use crate::{
     sav,
 };
 
+// Each entry point only dispatches by family: the IPv4 and IPv6 paths are functions of their
+// own (BPF-to-BPF calls, not inlined), because a call chain has 512 bytes of stack in all and
+// each path needs about half of it (as `tc.rs`'s entry points).
 #[classifier]
 pub fn twill_pod_ingress(ctx: TcContext) -> i32 {
+    if crate::nat6::is_ipv6(&ctx) {
+        // IPv6 has its own path (`policy6`); the stack routes it.
+        return crate::policy6::pod6(ctx.skb.skb, true);
+    }
+    ipv4_pod_ingress(ctx.skb.skb)
+}
+
+#[inline(never)]
+fn ipv4_pod_ingress(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
     let packet = match parse(&ctx) {
         Ok(Some(p)) => p,
-        // Not IPv4 (ARP, IPv6: policy is IPv4-only): the stack.
+        // Not IPv4 (ARP): the stack.
         Ok(None) => return exit(Ok(Reason::PolicyNotEnforced)),
         Err(reason) => return exit(Err(reason)),
     };
@@ -64,7 +80,15 @@ pub fn twill_pod_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn twill_pod_egress(ctx: TcContext) -> i32 {
-    exit(try_pod(&ctx, Side::Ingress))
+    if crate::nat6::is_ipv6(&ctx) {
+        return crate::policy6::pod6(ctx.skb.skb, false);
+    }
+    ipv4_pod_egress(ctx.skb.skb)
+}
+
+#[inline(never)]
+fn ipv4_pod_egress(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    exit(try_pod(&TcContext::new(skb), Side::Ingress))
 }
 
 /// The single exit: counts the verdict; errors drop the packet.
@@ -86,7 +110,7 @@ fn exit(verdict: Result<Reason, Reason>) -> i32 {
 fn try_pod(ctx: &TcContext, side: Side) -> Result<Reason, Reason> {
     let flow = match parse(ctx)? {
         Some(p) => Flow::of(&p)?,
-        // Not IPv4 (ARP, IPv6: the pod network is IPv4-only).
+        // Not IPv4 (ARP; IPv6 took `policy6`).
         None => None,
     };
     match flow {

@@ -55,14 +55,14 @@ pub enum Side {
 
 impl Side {
     #[inline(always)]
-    fn direction(self) -> u8 {
+    pub fn direction(self) -> u8 {
         match self {
             Side::Egress => POLICY_DIR_EGRESS,
             Side::Ingress => POLICY_DIR_INGRESS,
         }
     }
     #[inline(always)]
-    fn isolated_flag(self) -> u32 {
+    pub fn isolated_flag(self) -> u32 {
         match self {
             Side::Egress => PEP_F_EGRESS_ISOLATED,
             Side::Ingress => PEP_F_INGRESS_ISOLATED,
@@ -70,7 +70,7 @@ impl Side {
     }
     /// The CT flag this side sets on the tuple it judged.
     #[inline(always)]
-    fn ct_flag(self) -> u32 {
+    pub fn ct_flag(self) -> u32 {
         match self {
             Side::Egress => CT_F_POLICY_EGRESS,
             Side::Ingress => CT_F_POLICY_INGRESS,
@@ -78,14 +78,14 @@ impl Side {
     }
     /// The CT flag that lets this side's packet through as a reply: the other side's pass.
     #[inline(always)]
-    fn reply_flag(self) -> u32 {
+    pub fn reply_flag(self) -> u32 {
         match self {
             Side::Egress => CT_F_POLICY_INGRESS,
             Side::Ingress => CT_F_POLICY_EGRESS,
         }
     }
     #[inline(always)]
-    fn denied(self) -> Reason {
+    pub fn denied(self) -> Reason {
         match self {
             Side::Egress => Reason::PolicyDeniedEgress,
             Side::Ingress => Reason::PolicyDeniedIngress,
@@ -206,7 +206,13 @@ fn identity(addr_be: u32, _side: Side) -> u32 {
 /// The rule allowing `identity` (then any peer) to reach `proto`/`port_be` on `side` of `ep`:
 /// the LPM match covers rules without ports, protocol-only rules and port ranges.
 #[inline(always)]
-fn allowed(ep: &PolicyEndpoint, side: Side, identity: u32, proto: u8, port_be: u16) -> Option<u32> {
+pub fn allowed(
+    ep: &PolicyEndpoint,
+    side: Side,
+    identity: u32,
+    proto: u8,
+    port_be: u16,
+) -> Option<u32> {
     let mut key = Key::new(
         POLICY_KEY_BITS,
         PolicyKey {

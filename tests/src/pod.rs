@@ -70,6 +70,11 @@ impl Pod {
                 serde_json::json!({"name": name, "containerPort": port, "protocol": proto})
             })
             .collect();
+        // Every address, IPv4 first, as the kubelet reports a dual-stack pod.
+        let ips: Vec<serde_json::Value> = std::iter::once(self.ip.to_string())
+            .chain(self.ip6.map(|a| a.to_string()))
+            .map(|ip| serde_json::json!({"ip": ip}))
+            .collect();
         serde_json::json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -81,7 +86,7 @@ impl Pod {
             "status": {
                 "phase": "Running",
                 "podIP": self.ip.to_string(),
-                "podIPs": [{"ip": self.ip.to_string()}],
+                "podIPs": ips,
             },
         })
     }

@@ -163,12 +163,13 @@ fn pods_reach_pods_on_other_nodes_over_ipv6_direct_and_vxlan() -> Result<()> {
     Ok(())
 }
 
-/// NetworkPolicy is enforced for IPv4 only so far; a pod a policy isolates must not keep an
-/// IPv6 path around it. Before the policy the pod answers on both families; once a deny-all
-/// ingress policy selects it, IPv4 is denied by the policy and IPv6 is cut on its host veth,
-/// while an unselected pod keeps both.
+/// NetworkPolicy is enforced on IPv6 as on IPv4 (the pod programs' IPv6 path over the IPv6
+/// endpoint map and ipcache): a pod whose ingress admits one client answers that client on both
+/// families and no other pod on either; a pod whose egress admits one server reaches it on both
+/// families and nothing else; replies of allowed flows pass; a pod no policy selects keeps
+/// answering everyone; `debug explain` and `debug drops` tell the IPv6 verdicts.
 #[test]
-fn ipv6_of_a_policy_isolated_pod_is_not_left_open() -> Result<()> {
+fn ipv6_of_a_policy_isolated_pod_is_enforced_as_ipv4() -> Result<()> {
     let Some(lab) = require(LabSpec::nodes(1).with_dual_stack())? else {
         return Ok(());
     };
@@ -178,48 +179,89 @@ fn ipv6_of_a_policy_isolated_pod_is_not_left_open() -> Result<()> {
         Ok(std::fs::read_to_string(n0.conflist_path())?.contains("cniVersions"))
     })?;
     let client = n0.add_pod("c")?;
+    let other = n0.add_pod("x")?;
     let locked = n0.add_pod("l")?;
     let open = n0.add_pod("o")?;
-    for (p, name) in [(&locked, "l"), (&open, "o")] {
+    for (p, name) in [(&locked, "l"), (&open, "o"), (&client, "c")] {
         lab.serve_dual(p, name, Some(8080), None)?;
     }
     let objects = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}},
         client.pod_object("default", "c", &[("app", "c")], &[]),
+        other.pod_object("default", "x", &[("app", "x")], &[]),
         locked.pod_object("default", "l", &[("app", "l")], &[]),
         open.pod_object("default", "o", &[("app", "o")], &[]),
     ]});
     lab.apply_manifest("pods.json", &serde_json::to_string_pretty(&objects)?)?;
-    let c6 = client.ip6.expect("IPv6").to_string();
+    let six = |p: &twill_lab::Pod| format!("[{}]:8080", p.ip6.expect("IPv6"));
+    let four = |p: &twill_lab::Pod| format!("{}:8080", p.ip);
+    let (c6, x6) = (
+        client.ip6.expect("IPv6").to_string(),
+        other.ip6.expect("IPv6").to_string(),
+    );
     for p in [&locked, &open] {
-        wait_reply(
-            &client,
-            &format!("[{}]:8080", p.ip6.expect("IPv6")),
-            &p.name,
-            &c6,
-        )?;
+        wait_reply(&client, &six(p), &p.name, &c6)?;
     }
+    // l admits c only; x may reach o only.
     lab.apply_manifest(
-        "deny.yaml",
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-l, \
-         namespace: default}\nspec:\n  podSelector: {matchLabels: {app: l}}\n  policyTypes: [Ingress]\n",
+        "policies.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: l-from-c, \
+         namespace: default}\nspec:\n  podSelector: {matchLabels: {app: l}}\n  ingress:\n  \
+         - from: [{podSelector: {matchLabels: {app: c}}}]\n---\napiVersion: \
+         networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x-to-o, namespace: \
+         default}\nspec:\n  podSelector: {matchLabels: {app: x}}\n  policyTypes: [Egress]\n  \
+         egress:\n  - to: [{podSelector: {matchLabels: {app: o}}}]\n",
     )?;
-    let to4 = format!("{}:8080", locked.ip);
-    let to6 = format!("[{}]:8080", locked.ip6.expect("IPv6"));
-    wait_for("l closed on both families", Duration::from_secs(20), || {
-        let (c4, _) = client.labtool(&["tcp", "--to", &to4, "--timeout-ms", "300"])?;
-        let (c6, _) = client.labtool(&["tcp", "--to", &to6, "--timeout-ms", "300"])?;
-        Ok(c4 != 0 && c6 != 0)
-    })?;
-    // The unselected pod still answers on both.
-    wait_reply(
-        &client,
-        &format!("[{}]:8080", open.ip6.expect("IPv6")),
-        "o",
-        &c6,
+    let blocked = |from: &twill_lab::Pod, to: &str| -> Result<bool> {
+        let (code, _) = from.labtool(&["tcp", "--to", to, "--timeout-ms", "300"])?;
+        Ok(code != 0)
+    };
+    wait_for(
+        "l closed to x and x's egress cut, on both families",
+        Duration::from_secs(20),
+        || {
+            Ok(blocked(&other, &six(&locked))?
+                && blocked(&other, &four(&locked))?
+                && blocked(&other, &six(&client))?
+                && blocked(&other, &four(&client))?)
+        },
     )?;
-    let (code, out) = tcp(&client, &format!("{}:8080", open.ip))?;
-    ensure!(code == 0, "{out}");
+    // The allowed peers still pass, over IPv6 and IPv4, replies included.
+    wait_reply(&client, &six(&locked), "l", &c6)?;
+    wait_reply(&other, &six(&open), "o", &x6)?;
+    let (code, out) = tcp(&client, &four(&locked))?;
+    ensure!(code == 0, "c to l over IPv4: {out}");
+    let (code, out) = tcp(&other, &four(&open))?;
+    ensure!(code == 0, "x to o over IPv4: {out}");
+    // The unselected pod answers everyone on both families.
+    wait_reply(&other, &six(&open), "o", &x6)?;
+    wait_reply(&client, &six(&open), "o", &c6)?;
+    // Neighbour Discovery keeps working for the isolated pods: their neighbour entry of the
+    // gateway is refreshed through the veth (a probe after the policies went in succeeds).
+    let out = locked.run(&["ip", "-6", "neigh", "show", "fe80::1"])?;
+    ensure!(out.contains("fe80::1"), "{out}");
+    // The verdicts, named: debug explain over IPv6 addresses and the drops by reason.
+    let explain = |from: &str, to: &str| n0.debug(&["explain", "--from", from, "--to", to]);
+    let out = explain(&x6, &six(&locked))?;
+    ensure!(
+        out.contains("DENIED") && out.contains("ingress of default/l: denied"),
+        "{out}"
+    );
+    let out = explain("default/c", &six(&locked))?;
+    ensure!(
+        out.contains("ALLOWED") && out.contains("default/l-from-c"),
+        "{out}"
+    );
+    let out = explain("default/x", &six(&client))?;
+    ensure!(
+        out.contains("DENIED") && out.contains("egress of default/x: denied"),
+        "{out}"
+    );
+    let drops = n0.debug(&["drops"])?;
+    ensure!(
+        drops.contains("policy_denied_ingress") && drops.contains("policy_denied_egress"),
+        "{drops}"
+    );
     Ok(())
 }
 

@@ -3,16 +3,16 @@
 //! allow trie. Deterministic; ids stable across compiles through [`PolicyIds`].
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use twill_common::{
-    IDENTITY_ANY, IDENTITY_FIRST_ASSIGNED, IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey,
+    IDENTITY_ANY, IDENTITY_FIRST_ASSIGNED, IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey, IpCacheKey6,
     PEP_F_EGRESS_ISOLATED, PEP_F_INGRESS_ISOLATED, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS,
     POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_PORT_BASE, PeerIdentity,
-    PolicyEndpoint, PolicyKey, PolicyVerdict,
+    PolicyEndpoint, PolicyKey, PolicyVerdict, addr6_from_octets,
 };
 
 use super::parse::{
@@ -28,6 +28,17 @@ pub fn addr_be(ip: Ipv4Addr) -> u32 {
 /// Inverse of [`addr_be`].
 pub fn addr_from_be(addr_be: u32) -> Ipv4Addr {
     Ipv4Addr::from(addr_be.to_ne_bytes())
+}
+
+/// The maps' form of an IPv6 address (`twill_common::addr6_from_octets`): the 16 bytes as they
+/// stand in the packet.
+pub fn addr6_be(ip: Ipv6Addr) -> [u32; 4] {
+    addr6_from_octets(ip.octets())
+}
+
+/// Inverse of [`addr6_be`].
+pub fn addr6_from_be(addr: [u32; 4]) -> Ipv6Addr {
+    Ipv6Addr::from(twill_common::addr6_octets(addr))
 }
 
 /// An LPM-trie key: `prefix_len` leading bits of `data` (in memory order) are significant, the
@@ -158,13 +169,19 @@ fn allocate<K: Ord + Hash + Clone>(
     (out, next)
 }
 
-/// The three maps' exact contents.
+/// The policy maps' exact contents: the three maps, and the IPv6 twins of the endpoint map and
+/// the ipcache (the rule trie is keyed by endpoint and identity, which both families share).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyEntries {
     /// `MapKind::PolicyEndpoints`: local pod address (`addr_be`) → endpoint.
     pub endpoints: BTreeMap<u32, PolicyEndpoint>,
     /// `MapKind::IpCache`.
     pub ipcache: BTreeMap<LpmKey<IpCacheKey>, PeerIdentity>,
+    /// `MapKind::PolicyEndpoints6`: local pod IPv6 address ([`addr6_be`]) → the same endpoint as
+    /// its IPv4 address's.
+    pub endpoints6: BTreeMap<[u32; 4], PolicyEndpoint>,
+    /// `MapKind::IpCache6`.
+    pub ipcache6: BTreeMap<LpmKey<IpCacheKey6>, PeerIdentity>,
     /// `MapKind::Policy`.
     pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyVerdict>,
 }
@@ -174,8 +191,14 @@ pub struct PolicyEntries {
 pub struct LocalPod {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
-    pub ip: Ipv4Addr,
+    /// The pod's addresses (one at least).
+    pub ip: Option<Ipv4Addr>,
+    pub ip6: Option<Ipv6Addr>,
+    /// The identity of its first address (IPv4 when it has one).
     pub identity: u32,
+    /// The identity of its IPv6 address: the same as `identity` unless an ipBlock tells the two
+    /// addresses apart (a CIDR class is per address).
+    pub identity6: Option<u32>,
     /// Policies (namespace, name) selecting it with `Ingress` / `Egress` in their policyTypes.
     pub ingress_policies: Vec<(Arc<str>, Arc<str>)>,
     pub egress_policies: Vec<(Arc<str>, Arc<str>)>,
@@ -241,18 +264,38 @@ fn policy_key(ep: u32, dir: Direction, identity: u32, proto: u8, port: u16) -> P
     }
 }
 
-/// Longest-prefix lookup of the boundary prefixes' classes.
+/// An address as an integer of its family's width (IPv4 in the low 32 bits), and that width.
+fn addr_bits(ip: IpAddr) -> (u128, u32) {
+    match ip {
+        IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+        IpAddr::V6(a) => (u128::from(a), 128),
+    }
+}
+
+/// The first `len` of `width` bits.
+fn prefix_mask(len: u32, width: u32) -> u128 {
+    if len == 0 {
+        return 0;
+    }
+    let ones = if width == 128 {
+        u128::MAX
+    } else {
+        (1u128 << width) - 1
+    };
+    (u128::MAX << (width - len)) & ones
+}
+
+/// Longest-prefix lookup of one family's boundary prefixes' classes.
+#[derive(Default)]
 struct ClassTrie {
     /// By prefix length, longest first: network address → class index.
-    levels: Vec<(u32, HashMap<u32, usize>)>,
+    levels: Vec<(u32, HashMap<u128, usize>)>,
 }
 
 impl ClassTrie {
-    fn lookup(&self, ip: Ipv4Addr) -> usize {
-        let a = u32::from(ip);
+    fn lookup(&self, a: u128, width: u32) -> usize {
         for (len, nets) in &self.levels {
-            let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
-            if let Some(&c) = nets.get(&(a & mask)) {
+            if let Some(&c) = nets.get(&(a & prefix_mask(*len, width))) {
                 return c;
             }
         }
@@ -260,8 +303,13 @@ impl ClassTrie {
     }
 }
 
-fn contains_net(outer: Ipv4Network, inner: Ipv4Network) -> bool {
-    outer.prefix() <= inner.prefix() && outer.contains(inner.network())
+/// `inner` lies within `outer` (both of one family).
+fn contains_net(outer: IpNetwork, inner: IpNetwork) -> bool {
+    match (outer, inner) {
+        (IpNetwork::V4(o), IpNetwork::V4(i)) => o.prefix() <= i.prefix() && o.contains(i.network()),
+        (IpNetwork::V6(o), IpNetwork::V6(i)) => o.prefix() <= i.prefix() && o.contains(i.network()),
+        _ => false,
+    }
 }
 
 type GroupKey<'k> = (&'k str, &'k Labels, &'k [NamedPort], usize);
@@ -282,9 +330,12 @@ struct Cidrs {
     blocks: Vec<IpBlockSel>,
     /// Class index → sorted indices of the blocks containing its addresses; 0 is the empty class.
     classes: Vec<Vec<usize>>,
-    /// Every `cidr` and `except` prefix with its class.
-    boundaries: Vec<(Ipv4Network, usize)>,
-    trie: ClassTrie,
+    /// Every `cidr` and `except` prefix with its class (IPv4 before IPv6).
+    boundaries: Vec<(IpNetwork, usize)>,
+    /// One trie per family: an IPv4 block never holds an IPv6 address, so the classes of one
+    /// family's addresses hold only that family's blocks.
+    trie4: ClassTrie,
+    trie6: ClassTrie,
 }
 
 impl Cidrs {
@@ -295,12 +346,12 @@ impl Cidrs {
             .flat_map(|r| r.peers.iter().flatten())
             .filter_map(|p| match p {
                 Peer::IpBlock(b) => Some(b.clone()),
-                _ => None,
+                Peer::Pods { .. } => None,
             })
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let prefixes: BTreeSet<Ipv4Network> = blocks
+        let prefixes: BTreeSet<IpNetwork> = blocks
             .iter()
             .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
             .collect();
@@ -325,21 +376,35 @@ impl Cidrs {
             });
             boundaries.push((b, c));
         }
-        let mut levels: BTreeMap<u32, HashMap<u32, usize>> = BTreeMap::new();
-        for &(net, c) in &boundaries {
-            levels
-                .entry(u32::from(net.prefix()))
-                .or_default()
-                .insert(u32::from(net.network()), c);
-        }
-        let trie = ClassTrie {
-            levels: levels.into_iter().rev().collect(),
+        let trie = |v6: bool| {
+            let mut levels: BTreeMap<u32, HashMap<u128, usize>> = BTreeMap::new();
+            for &(net, c) in boundaries.iter().filter(|(n, _)| n.is_ipv6() == v6) {
+                levels
+                    .entry(u32::from(net.prefix()))
+                    .or_default()
+                    .insert(addr_bits(net.network()).0, c);
+            }
+            ClassTrie {
+                levels: levels.into_iter().rev().collect(),
+            }
         };
+        let (trie4, trie6) = (trie(false), trie(true));
         Self {
             blocks,
             classes,
             boundaries,
-            trie,
+            trie4,
+            trie6,
+        }
+    }
+
+    /// The class of `ip`: of the longest boundary prefix holding it, 0 when none does.
+    fn lookup(&self, ip: IpAddr) -> usize {
+        let (a, width) = addr_bits(ip);
+        if ip.is_ipv6() {
+            self.trie6.lookup(a, width)
+        } else {
+            self.trie4.lookup(a, width)
         }
     }
 
@@ -355,18 +420,20 @@ impl Cidrs {
     }
 }
 
-/// Peer pods, one per address: the first by namespace/name wins, and node addresses win over
-/// pods (they are HOST). Returns the pods and how many lost their address.
+/// Peer pods, one entry per address (a dual-stack pod has two): of pods sharing an address
+/// the first by namespace/name wins, and node addresses win over pods (they are HOST). Returns
+/// the entries (by pod, IPv4 first) and how many addresses were lost.
 fn peer_pods<'p>(
     pods: impl IntoIterator<Item = &'p PolicyPod>,
-    node_addrs: &BTreeSet<Ipv4Addr>,
-) -> (Vec<(&'p PolicyPod, Ipv4Addr)>, usize) {
-    let mut peers: Vec<(&PolicyPod, Ipv4Addr)> = pods
+    node_addrs: &BTreeSet<IpAddr>,
+) -> (Vec<(&'p PolicyPod, IpAddr)>, usize) {
+    let mut pods: Vec<&PolicyPod> = pods.into_iter().collect();
+    pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    pods.dedup_by(|b, a| (&a.namespace, &a.name) == (&b.namespace, &b.name));
+    let mut peers: Vec<(&PolicyPod, IpAddr)> = pods
         .into_iter()
-        .filter_map(|p| p.policy_ip().map(|ip| (p, ip)))
+        .flat_map(|p| p.policy_ips().map(move |ip| (p, ip)))
         .collect();
-    peers.sort_by(|(a, _), (b, _)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    peers.dedup_by(|(b, _), (a, _)| (&a.namespace, &a.name) == (&b.namespace, &b.name));
     let mut taken = node_addrs.clone();
     let before = peers.len();
     peers.retain(|&(_, ip)| taken.insert(ip));
@@ -377,7 +444,7 @@ fn peer_pods<'p>(
 /// Namespace labels; a namespace known only through its pods still has its name label.
 fn namespace_labels<'n>(
     namespaces: impl IntoIterator<Item = &'n PolicyNamespace>,
-    peers: &[(&PolicyPod, Ipv4Addr)],
+    peers: &[(&PolicyPod, IpAddr)],
 ) -> BTreeMap<Arc<str>, Labels> {
     let mut out: BTreeMap<Arc<str>, Labels> = BTreeMap::new();
     for ns in namespaces {
@@ -407,11 +474,11 @@ impl<'p> Identities<'p> {
     /// `taken`: pod and node addresses, whose /32 entries hide a /32 boundary. `label_keys`: the
     /// keys peer podSelectors name; `port_names`: the named ports egress rules name.
     fn new(
-        peers: &[(&'p PolicyPod, Ipv4Addr)],
+        peers: &[(&'p PolicyPod, IpAddr)],
         label_keys: &BTreeSet<&str>,
         port_names: &BTreeSet<&str>,
         cidrs: &Cidrs,
-        taken: &BTreeSet<Ipv4Addr>,
+        taken: &BTreeSet<IpAddr>,
         prev: &PolicyIds,
     ) -> Self {
         let relevant: Vec<Labels> = peers
@@ -438,7 +505,7 @@ impl<'p> Identities<'p> {
             })
             .collect();
         for ((&(p, ip), labels), ports) in peers.iter().zip(&relevant).zip(&ports) {
-            let class = cidrs.trie.lookup(ip);
+            let class = cidrs.lookup(ip);
             let key = (&*p.namespace, labels, ports.as_slice(), class);
             let next = groups.len();
             let g = *group_of.entry(key).or_insert_with(|| {
@@ -506,46 +573,60 @@ impl<'p> Identities<'p> {
     }
 }
 
-/// A /32 boundary that is a pod's or the node's address: its ipcache entry is the pod's
-/// identity (which holds the class) or HOST, so it needs no region identity.
-fn hidden(net: Ipv4Network, taken: &BTreeSet<Ipv4Addr>) -> bool {
-    net.prefix() == 32 && taken.contains(&net.network())
+/// A host-length boundary (/32, /128) that is a pod's or the node's address: its ipcache entry
+/// is the pod's identity (which holds the class) or HOST, so it needs no region identity.
+fn hidden(net: IpNetwork, taken: &BTreeSet<IpAddr>) -> bool {
+    let full = if net.is_ipv6() { 128 } else { 32 };
+    net.prefix() == full && taken.contains(&net.network())
 }
 
-/// IPCACHE: every boundary prefix → its class's identity, and node and pod /32s.
+/// Both families' IPCACHE entries, filled by [`Ipcaches::insert`].
+#[derive(Default)]
+struct Ipcaches {
+    v4: BTreeMap<LpmKey<IpCacheKey>, PeerIdentity>,
+    v6: BTreeMap<LpmKey<IpCacheKey6>, PeerIdentity>,
+}
+
+impl Ipcaches {
+    fn insert(&mut self, net: IpNetwork, id: u32) {
+        let prefix_len = u32::from(net.prefix());
+        match net.network() {
+            IpAddr::V4(a) => {
+                let data = IpCacheKey {
+                    addr_be: addr_be(a),
+                };
+                self.v4
+                    .insert(LpmKey { data, prefix_len }, PeerIdentity { id });
+            }
+            IpAddr::V6(a) => {
+                let data = IpCacheKey6 {
+                    addr_be: addr6_be(a),
+                };
+                self.v6
+                    .insert(LpmKey { data, prefix_len }, PeerIdentity { id });
+            }
+        }
+    }
+}
+
+/// IPCACHE (both families): every boundary prefix → its class's identity, and node and pod
+/// host prefixes (/32, /128).
 fn ipcache(
     cidrs: &Cidrs,
     idents: &Identities<'_>,
-    node_addrs: &BTreeSet<Ipv4Addr>,
-    peers: &[(&PolicyPod, Ipv4Addr)],
-    taken: &BTreeSet<Ipv4Addr>,
-) -> BTreeMap<LpmKey<IpCacheKey>, PeerIdentity> {
-    let key = |net: Ipv4Network| LpmKey {
-        data: IpCacheKey {
-            addr_be: addr_be(net.network()),
-        },
-        prefix_len: u32::from(net.prefix()),
-    };
-    let host = |ip: Ipv4Addr| key(Ipv4Network::from(ip));
-    let mut out = BTreeMap::new();
+    node_addrs: &BTreeSet<IpAddr>,
+    peers: &[(&PolicyPod, IpAddr)],
+    taken: &BTreeSet<IpAddr>,
+) -> Ipcaches {
+    let mut out = Ipcaches::default();
     for &(net, c) in cidrs.boundaries.iter().filter(|(n, _)| !hidden(*n, taken)) {
-        out.insert(
-            key(net),
-            PeerIdentity {
-                id: idents.region_id(c),
-            },
-        );
+        out.insert(net, idents.region_id(c));
     }
     for &ip in node_addrs {
-        out.insert(host(ip), PeerIdentity { id: IDENTITY_HOST });
+        out.insert(IpNetwork::from(ip), IDENTITY_HOST);
     }
     for (&(_, ip), &g) in peers.iter().zip(&idents.peer_group) {
-        out.insert(
-            host(ip),
-            PeerIdentity {
-                id: idents.groups[g].id,
-            },
-        );
+        out.insert(IpNetwork::from(ip), idents.groups[g].id);
     }
     out
 }
@@ -601,10 +682,59 @@ fn rule_refs(policies: &[&ParsedPolicy]) -> Vec<RuleRef> {
     out
 }
 
-/// Compile the policy maps of node `node_name`, whose own addresses are `node_addrs`.
+/// The runs of `peers` (sorted by pod, a pod's addresses adjacent) that are one pod each, of
+/// pods on node `node` (`None`: every pod).
+fn local_runs(peers: &[(&PolicyPod, IpAddr)], node: Option<&str>) -> Vec<Vec<usize>> {
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    for i in (0..peers.len()).filter(|&i| node.is_none() || peers[i].0.node_name.as_deref() == node)
+    {
+        match runs.last_mut() {
+            Some(run) if std::ptr::eq(peers[run[0]].0, peers[i].0) => run.push(i),
+            _ => runs.push(vec![i]),
+        }
+    }
+    runs
+}
+
+impl LocalPod {
+    /// Of identity `identity`, with no address and no policy yet.
+    fn new(pod: &PolicyPod, identity: u32) -> Self {
+        Self {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            ip: None,
+            ip6: None,
+            identity,
+            identity6: None,
+            ingress_policies: Vec::new(),
+            egress_policies: Vec::new(),
+        }
+    }
+}
+
+impl PolicyEntries {
+    /// Enters local pod `local`'s endpoint `value` under its address `ip` (of identity `id`).
+    fn enter_endpoint(&mut self, local: &mut LocalPod, ip: IpAddr, id: u32, value: PolicyEndpoint) {
+        match ip {
+            IpAddr::V4(ip) => {
+                local.ip = Some(ip);
+                self.endpoints.insert(addr_be(ip), value);
+            }
+            IpAddr::V6(ip) => {
+                local.ip6 = Some(ip);
+                local.identity6 = Some(id);
+                self.endpoints6.insert(addr6_be(ip), value);
+            }
+        }
+    }
+}
+
+/// Compile the policy maps of node `node_name`, whose own addresses (either family) are
+/// `node_addrs`.
 ///
-/// - Every pod with an IPv4 address that is not hostNetwork (and has not finished) gets an
-///   identity; only those with `nodeName == node_name` get an endpoint.
+/// - Every address of every pod that is not hostNetwork (and has not finished) gets an identity
+///   (a dual-stack pod's two addresses share one unless an ipBlock tells them apart); only pods
+///   with `nodeName == node_name` get an endpoint, one per pod, entered under each address.
 /// - Invalid policies must have been filtered out by the caller ([`ParsedPolicy::from_k8s`]);
 ///   duplicates (same namespace/name) count once, the first wins.
 /// - `prev`: the ids of the previous compile ([`PolicyState::ids`]), or the default.
@@ -613,36 +743,39 @@ pub fn compile<'a>(
     namespaces: impl IntoIterator<Item = &'a PolicyNamespace>,
     policies: impl IntoIterator<Item = &'a ParsedPolicy>,
     node_name: &str,
-    node_addrs: &[Ipv4Addr],
+    node_addrs: &[IpAddr],
     prev: &PolicyIds,
 ) -> PolicyState {
     let mut policies: Vec<&ParsedPolicy> = policies.into_iter().collect();
     policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     policies.dedup_by(|b, a| (&a.namespace, &a.name) == (&b.namespace, &b.name));
-    let node_addrs: BTreeSet<Ipv4Addr> = node_addrs.iter().copied().collect();
+    let node_addrs: BTreeSet<IpAddr> = node_addrs.iter().copied().collect();
     let (peers, ip_conflicts) = peer_pods(pods, &node_addrs);
     let ns_labels = namespace_labels(namespaces, &peers);
     let cidrs = Cidrs::new(&policies);
-    let taken: BTreeSet<Ipv4Addr> = node_addrs
+    let taken: BTreeSet<IpAddr> = node_addrs
         .iter()
         .copied()
         .chain(peers.iter().map(|&(_, ip)| ip))
         .collect();
     let (label_keys, port_names) = identity_keys(&policies);
     let idents = Identities::new(&peers, &label_keys, &port_names, &cidrs, &taken, prev);
+    let ipcaches = ipcache(&cidrs, &idents, &node_addrs, &peers, &taken);
     let mut maps = PolicyEntries {
-        ipcache: ipcache(&cidrs, &idents, &node_addrs, &peers, &taken),
+        ipcache: ipcaches.v4,
+        ipcache6: ipcaches.v6,
         ..PolicyEntries::default()
     };
     let (rule_ids, next_rule) =
         allocate(rule_refs(&policies), &prev.rules, prev.next_rule, FIRST_ID);
-    let locals: Vec<usize> = (0..peers.len())
-        .filter(|&i| peers[i].0.node_name.as_deref() == Some(node_name))
-        .collect();
+    let locals = local_runs(&peers, Some(node_name));
     let (endpoint_ids, next_endpoint) = allocate(
-        locals
-            .iter()
-            .map(|&i| (peers[i].0.namespace.clone(), peers[i].0.name.clone())),
+        locals.iter().map(|run| {
+            (
+                peers[run[0]].0.namespace.clone(),
+                peers[run[0]].0.name.clone(),
+            )
+        }),
         &prev.endpoints,
         prev.next_endpoint,
         FIRST_ID,
@@ -667,17 +800,11 @@ pub fn compile<'a>(
     let mut peer_cache = PeerCache::default();
     let mut entries = Entries::default();
     let mut local_pods = BTreeMap::new();
-    for &i in &locals {
-        let (pod, ip) = peers[i];
+    for run in &locals {
+        let pod = peers[run[0]].0;
         let ep = endpoint_ids[&(pod.namespace.clone(), pod.name.clone())];
-        let mut local = LocalPod {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            ip,
-            identity: idents.groups[idents.peer_group[i]].id,
-            ingress_policies: Vec::new(),
-            egress_policies: Vec::new(),
-        };
+        let identity_of = |i: usize| idents.groups[idents.peer_group[i]].id;
+        let mut local = LocalPod::new(pod, identity_of(run[0]));
         let flags = ctx.endpoint(
             ep,
             pod,
@@ -686,8 +813,10 @@ pub fn compile<'a>(
             &mut local,
             &mut entries,
         );
-        maps.endpoints
-            .insert(addr_be(ip), PolicyEndpoint { ep_id: ep, flags });
+        let value = PolicyEndpoint { ep_id: ep, flags };
+        for &i in run {
+            maps.enter_endpoint(&mut local, peers[i].1, identity_of(i), value);
+        }
         local_pods.insert(ep, local);
     }
     drop(ctx); // It borrows the id tables moved into the result.
@@ -699,7 +828,8 @@ pub fn compile<'a>(
         rules: rule_ids.iter().map(|(k, &v)| (v, k.clone())).collect(),
         counts: PolicyCounts {
             policies: policies.len(),
-            peer_pods: peers.len(),
+            // Pods, not addresses.
+            peer_pods: local_runs(&peers, None).len(),
             local_endpoints: local_pods.len(),
             identities: idents.ids.len(),
             ipblocks: cidrs.blocks.len(),
@@ -763,7 +893,7 @@ struct Ctx<'c, 'g> {
     ns_labels: &'c BTreeMap<Arc<str>, Labels>,
     cidrs: &'c Cidrs,
     idents: &'c Identities<'g>,
-    node_addrs: &'c BTreeSet<Ipv4Addr>,
+    node_addrs: &'c BTreeSet<IpAddr>,
     by_namespace: HashMap<&'c str, Vec<usize>>,
     group_by_id: HashMap<u32, usize>,
     rule_ids: &'c HashMap<RuleRef, u32>,
@@ -809,9 +939,7 @@ impl Ctx<'_, '_> {
                                         Peer::Pods {
                                             namespaces: None, ..
                                         } => (peer, Some(&*pol.namespace), None),
-                                        Peer::Pods { .. } | Peer::Ipv6Block(_) => {
-                                            (peer, None, None)
-                                        }
+                                        Peer::Pods { .. } => (peer, None, None),
                                         Peer::IpBlock(_) => (peer, None, Some(dir)),
                                     };
                                     by_peer
@@ -906,7 +1034,6 @@ impl Ctx<'_, '_> {
                     out.push(IDENTITY_HOST);
                 }
             }
-            Peer::Ipv6Block(_) => {}
         }
         out.sort_unstable();
         out.dedup();

@@ -3,7 +3,7 @@
 //! §13). It renders the maps it is given, so the maps read back from the kernel can be shown
 //! against the compiled names; an id the compile does not know shows as `?`.
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use twill_common::{
     IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, PEP_F_EGRESS_ISOLATED, PEP_F_INGRESS_ISOLATED,
@@ -13,6 +13,7 @@ use twill_common::{
 
 use super::compile::{
     CidrClass, Direction, IdentityKind, PolicyEntries, PolicyState, RuleRef, addr_from_be,
+    addr6_from_be,
 };
 use super::parse::{Labels, NamedPort};
 use super::verdict::{Judgement, Verdict};
@@ -159,13 +160,18 @@ fn policy_list(list: &[(std::sync::Arc<str>, std::sync::Arc<str>)]) -> String {
     names.join(",")
 }
 
-/// Renders `maps` (the compiled ones, or what the kernel holds) named after `state`.
-pub fn render_dump(maps: &PolicyEntries, state: &PolicyState) -> String {
-    let mut out = String::new();
-    let mut endpoints: Vec<(Ipv4Addr, _)> = maps
+/// The `endpoint` lines of [`render_dump`].
+fn render_endpoints(maps: &PolicyEntries, state: &PolicyState, out: &mut String) {
+    // IPv4 before IPv6 (`IpAddr`'s order), each family by address.
+    let mut endpoints: Vec<(IpAddr, _)> = maps
         .endpoints
         .iter()
-        .map(|(&a, &e)| (addr_from_be(a), e))
+        .map(|(&a, &e)| (IpAddr::V4(addr_from_be(a)), e))
+        .chain(
+            maps.endpoints6
+                .iter()
+                .map(|(&a, &e)| (IpAddr::V6(addr6_from_be(a)), e)),
+        )
         .collect();
     endpoints.sort();
     for (ip, ep) in endpoints {
@@ -183,29 +189,45 @@ pub fn render_dump(maps: &PolicyEntries, state: &PolicyState) -> String {
         };
         match state.local_pods.get(&ep.ep_id) {
             Some(p) => {
+                let identity = match ip {
+                    IpAddr::V6(_) => p.identity6.unwrap_or(p.identity),
+                    IpAddr::V4(_) => p.identity,
+                };
                 let _ = writeln!(
-                    out,
-                    "endpoint {ip} ep={} pod={}/{} identity={} isolated={iso} ingress-by={} egress-by={}",
+                    *out,
+                    "endpoint {ip} ep={} pod={}/{} identity={identity} isolated={iso} ingress-by={} egress-by={}",
                     ep.ep_id,
                     p.namespace,
                     p.name,
-                    p.identity,
                     policy_list(&p.ingress_policies),
                     policy_list(&p.egress_policies),
                 );
             }
             None => {
-                let _ = writeln!(out, "endpoint {ip} ep={}? isolated={iso}", ep.ep_id);
+                let _ = writeln!(*out, "endpoint {ip} ep={}? isolated={iso}", ep.ep_id);
             }
         }
     }
+}
+
+/// Renders `maps` (the compiled ones, or what the kernel holds) named after `state`.
+pub fn render_dump(maps: &PolicyEntries, state: &PolicyState) -> String {
+    let mut out = String::new();
+    render_endpoints(maps, state, &mut out);
     for (id, kind) in &state.identities {
         let _ = writeln!(out, "identity {id} {}", identity_text(kind));
     }
-    let mut ipcache: Vec<(Ipv4Addr, u32, u32)> = maps
+    let mut ipcache: Vec<(IpAddr, u32, u32)> = maps
         .ipcache
         .iter()
-        .map(|(k, v)| (addr_from_be(k.data.addr_be), k.prefix_len, v.id))
+        .map(|(k, v)| (IpAddr::V4(addr_from_be(k.data.addr_be)), k.prefix_len, v.id))
+        .chain(maps.ipcache6.iter().map(|(k, v)| {
+            (
+                IpAddr::V6(addr6_from_be(k.data.addr_be)),
+                k.prefix_len,
+                v.id,
+            )
+        }))
         .collect();
     ipcache.sort_unstable();
     for (addr, len, id) in ipcache {
@@ -278,9 +300,12 @@ pub struct EntryView {
 pub struct PodPolicyView {
     pub namespace: String,
     pub name: String,
-    pub ip: Ipv4Addr,
+    pub ip: Option<Ipv4Addr>,
+    pub ip6: Option<Ipv6Addr>,
     pub endpoint: u32,
     pub identity: u32,
+    /// The IPv6 address's identity, when the pod has one.
+    pub identity6: Option<u32>,
     pub ingress_isolated: bool,
     pub egress_isolated: bool,
     pub ingress_policies: Vec<String>,
@@ -322,9 +347,13 @@ pub fn pod_views(maps: &PolicyEntries, state: &PolicyState) -> Vec<PodPolicyView
     let names = |l: &[(std::sync::Arc<str>, std::sync::Arc<str>)]| -> Vec<String> {
         l.iter().map(|(ns, n)| format!("{ns}/{n}")).collect()
     };
+    // A dual-stack pod's endpoint is in both maps; it is shown once.
+    let mut seen = std::collections::BTreeSet::new();
     let mut out: Vec<PodPolicyView> = maps
         .endpoints
         .values()
+        .chain(maps.endpoints6.values())
+        .filter(|ep| seen.insert(ep.ep_id))
         .filter_map(|ep| {
             let p = state.local_pods.get(&ep.ep_id)?;
             let [ingress, egress] = by_ep.remove(&ep.ep_id).unwrap_or_default();
@@ -332,8 +361,10 @@ pub fn pod_views(maps: &PolicyEntries, state: &PolicyState) -> Vec<PodPolicyView
                 namespace: p.namespace.to_string(),
                 name: p.name.to_string(),
                 ip: p.ip,
+                ip6: p.ip6,
                 endpoint: ep.ep_id,
                 identity: p.identity,
+                identity6: p.identity6,
                 ingress_isolated: ep.flags & PEP_F_INGRESS_ISOLATED != 0,
                 egress_isolated: ep.flags & PEP_F_EGRESS_ISOLATED != 0,
                 ingress_policies: names(&p.ingress_policies),
@@ -351,10 +382,23 @@ pub fn pod_views(maps: &PolicyEntries, state: &PolicyState) -> Vec<PodPolicyView
 pub fn render_pod_views(views: &[PodPolicyView]) -> String {
     let mut out = String::new();
     for v in views {
+        let addrs: Vec<String> =
+            v.ip.map(|a| a.to_string())
+                .into_iter()
+                .chain(v.ip6.map(|a| a.to_string()))
+                .collect();
+        let identity6 = match v.identity6 {
+            Some(id) if v.ip.is_some() => format!(" identity6={id}"),
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "{}/{} {} ep={} identity={}",
-            v.namespace, v.name, v.ip, v.endpoint, v.identity
+            "{}/{} {} ep={} identity={}{identity6}",
+            v.namespace,
+            v.name,
+            addrs.join(","),
+            v.endpoint,
+            v.identity
         );
         for (dir, isolated, policies, entries, peer) in [
             (

@@ -16,7 +16,7 @@ mod verdict;
 
 pub use compile::{
     CidrClass, Direction, IdentityKind, LocalPod, LpmKey, PolicyCounts, PolicyEntries, PolicyIds,
-    PolicyState, RuleRef, addr_be, addr_from_be, compile, port_prefixes,
+    PolicyState, RuleRef, addr_be, addr_from_be, addr6_be, addr6_from_be, compile, port_prefixes,
 };
 pub use dump::{
     EntryView, ExplainView, JudgementView, PodPolicyView, class_text, explain_view, identity_short,

@@ -6,10 +6,10 @@
 //! Validation follows the API server's (`pkg/apis/networking/validation`), so objects from
 //! `--manifests DIR`, which no API server checked, are held to the same rules.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
@@ -144,6 +144,9 @@ pub struct PolicyPod {
     pub labels: PodLabels,
     /// The first IPv4 address of `status.podIPs` (or `status.podIP`).
     pub ip: Option<Ipv4Addr>,
+    /// The first IPv6 address of `status.podIPs` (or `status.podIP`): a dual-stack or
+    /// IPv6-only pod's.
+    pub ip6: Option<Ipv6Addr>,
     pub node_name: Option<Arc<str>>,
     pub host_network: bool,
     pub phase: PodPhase,
@@ -162,14 +165,21 @@ impl PolicyPod {
         let (namespace, name) = names(&pod.metadata)?;
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
-        let ip = status.and_then(|s| {
-            let listed = s.pod_ips.iter().flatten().map(|p| p.ip.as_str());
-            listed
-                .chain(s.pod_ip.as_deref())
-                .find_map(|a| match a.parse::<IpAddr>() {
-                    Ok(IpAddr::V4(v4)) => Some(v4),
-                    _ => None,
-                })
+        let addrs = || {
+            status.into_iter().flat_map(|s| {
+                let listed = s.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+                listed
+                    .chain(s.pod_ip.as_deref())
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+            })
+        };
+        let ip = addrs().find_map(|a| match a {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        });
+        let ip6 = addrs().find_map(|a| match a {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
         });
         let mut named_ports: Vec<NamedPort> = spec
             .into_iter()
@@ -195,6 +205,7 @@ impl PolicyPod {
             name: name.into(),
             labels: PodLabels::new(labels.map(|(k, v)| (k.as_str(), v.as_str())), interner),
             ip,
+            ip6,
             node_name: spec
                 .and_then(|s| s.node_name.as_deref())
                 .map(|n| interner.intern(n)),
@@ -212,6 +223,21 @@ impl PolicyPod {
             return None;
         }
         self.ip
+    }
+
+    /// [`Self::policy_ip`] of the IPv6 family.
+    pub fn policy_ip6(&self) -> Option<Ipv6Addr> {
+        if self.host_network || self.phase.is_terminal() {
+            return None;
+        }
+        self.ip6
+    }
+
+    /// Every address by which policies know this pod: IPv4 first, then IPv6.
+    pub fn policy_ips(&self) -> impl Iterator<Item = IpAddr> + use<> {
+        let v4 = self.policy_ip().map(IpAddr::V4);
+        let v6 = self.policy_ip6().map(IpAddr::V6);
+        v4.into_iter().chain(v6)
     }
 }
 
@@ -352,17 +378,24 @@ impl Selector {
     }
 }
 
-/// An `ipBlock` peer: addresses in `cidr` and in none of `except`. Canonical (host bits cleared),
-/// `except` sorted and deduplicated, so equal blocks compare equal.
+/// An `ipBlock` peer: addresses in `cidr` and in none of `except`, of one family (the API
+/// server rejects an `except` of the other). Canonical (host bits cleared), `except` sorted and
+/// deduplicated, so equal blocks compare equal.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IpBlockSel {
-    pub cidr: Ipv4Network,
-    pub except: Vec<Ipv4Network>,
+    pub cidr: IpNetwork,
+    pub except: Vec<IpNetwork>,
 }
 
 impl IpBlockSel {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        self.cidr.contains(ip) && !self.except.iter().any(|e| e.contains(ip))
+    /// Whether the block holds `ip` (an address of the other family: never).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let within = |n: &IpNetwork| match (n, ip) {
+            (IpNetwork::V4(n), IpAddr::V4(a)) => n.contains(a),
+            (IpNetwork::V6(n), IpAddr::V6(a)) => n.contains(a),
+            _ => false,
+        };
+        within(&self.cidr) && !self.except.iter().any(within)
     }
 }
 
@@ -375,11 +408,8 @@ pub enum Peer {
         namespaces: Option<Selector>,
         pods: Option<Selector>,
     },
+    /// An `ipBlock` of either family.
     IpBlock(IpBlockSel),
-    /// A valid IPv6 `ipBlock` (the CIDR as written): this datapath sees IPv4 only, so it matches
-    /// nothing. Kept so the rule still has a peer list (an empty one would allow everyone) and
-    /// peer indices stay those of the object.
-    Ipv6Block(String),
 }
 
 /// Which ports of a protocol a policy port matches.
@@ -607,13 +637,8 @@ fn parse_ip_block(b: &IPBlock, path: &str) -> Result<Peer, PolicyError> {
                 },
             ));
         }
-        if let IpNetwork::V4(n) = net {
-            except.push(canonical(n));
-        }
+        except.push(canonical(net));
     }
-    let IpNetwork::V4(cidr) = cidr else {
-        return Ok(Peer::Ipv6Block(b.cidr.clone()));
-    };
     except.sort();
     except.dedup();
     Ok(Peer::IpBlock(IpBlockSel {
@@ -622,9 +647,17 @@ fn parse_ip_block(b: &IPBlock, path: &str) -> Result<Peer, PolicyError> {
     }))
 }
 
-/// Host bits cleared: `10.1.2.3/8` and `10.0.0.0/8` are one boundary.
-pub fn canonical(n: Ipv4Network) -> Ipv4Network {
-    Ipv4Network::new(n.network(), n.prefix()).expect("the prefix of a valid network")
+/// Host bits cleared: `10.1.2.3/8` and `10.0.0.0/8` are one boundary (`fd00::1/64` and
+/// `fd00::/64` too).
+pub fn canonical(n: IpNetwork) -> IpNetwork {
+    match n {
+        IpNetwork::V4(n) => IpNetwork::V4(
+            Ipv4Network::new(n.network(), n.prefix()).expect("the prefix of a valid network"),
+        ),
+        IpNetwork::V6(n) => IpNetwork::V6(
+            Ipv6Network::new(n.network(), n.prefix()).expect("the prefix of a valid network"),
+        ),
+    }
 }
 
 fn parse_peer(p: &NetworkPolicyPeer, path: &str) -> Result<Peer, PolicyError> {

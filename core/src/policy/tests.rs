@@ -22,7 +22,8 @@ fn pod(ns: &str, name: &str, app: &str, addr: &str, node: &str) -> PolicyPod {
             {"name": "http", "containerPort": 8080},
             {"name": "dns", "containerPort": 53, "protocol": "UDP"},
         ]}]},
-        "status": {"phase": "Running", "podIPs": [{"ip": "fd00::1"}, {"ip": addr}]},
+        // Dual-stack, the IPv6 address listed first: each family's first address is taken.
+        "status": {"phase": "Running", "podIPs": [{"ip": format!("fd00::{addr}")}, {"ip": addr}]},
     }))
     .unwrap();
     PolicyPod::from_k8s(&p).unwrap()
@@ -39,7 +40,14 @@ fn policy(ns: &str, name: &str, spec: &serde_json::Value) -> Result<ParsedPolicy
 
 fn run(pods: &[PolicyPod], policies: &[ParsedPolicy], prev: &PolicyIds) -> PolicyState {
     let nss = [PolicyNamespace::new("x", Labels::new())];
-    compile(pods, &nss, policies, "node-a", &[ip("192.168.0.10")], prev)
+    compile(
+        pods,
+        &nss,
+        policies,
+        "node-a",
+        &[ip("192.168.0.10").into()],
+        prev,
+    )
 }
 
 proptest! {
@@ -135,11 +143,11 @@ fn policies_parse_canonical_and_defaulted() {
     assert_eq!(b.cidr.to_string(), "10.0.0.0/8");
     let except: Vec<String> = b.except.iter().map(ToString::to_string).collect();
     assert_eq!(except, ["10.1.0.0/16", "10.9.0.0/16"]);
-    // An IPv6-only `to` keeps its peer list: it must not turn into "every peer".
-    assert_eq!(
-        p.egress[0].peers,
-        Some(vec![Peer::Ipv6Block("fd00::/64".into())])
-    );
+    // An IPv6 block is a block like any other.
+    let Some(Peer::IpBlock(b6)) = p.egress[0].peers.as_ref().map(|v| v[0].clone()) else {
+        panic!("{p:?}");
+    };
+    assert_eq!(b6.cidr.to_string(), "fd00::/64");
 
     // Explicit policyTypes win; the other direction's rules have no effect.
     let e = policy(
@@ -240,7 +248,7 @@ fn verdict_says_why() {
     let client_id = s
         .local_pods
         .values()
-        .find(|p| p.ip == client)
+        .find(|p| p.ip == Some(client))
         .unwrap()
         .identity;
     assert_eq!(identity, client_id);
@@ -303,11 +311,19 @@ fn exactly_overlapping_rules_name_the_lowest_rule() {
     assert_eq!(&*state.rules[&value.rule_id].name, "a");
 }
 
+/// [`pod`] without its IPv6 address.
+fn pod4(ns: &str, name: &str, app: &str, addr: &str, node: &str) -> PolicyPod {
+    PolicyPod {
+        ip6: None,
+        ..pod(ns, name, app, addr, node)
+    }
+}
+
 #[test]
 fn ids_survive_changes_elsewhere() {
     let base_pods = vec![
-        pod("x", "b", "web", "10.244.0.5", "node-a"),
-        pod("x", "d", "cli", "10.244.0.6", "node-a"),
+        pod4("x", "b", "web", "10.244.0.5", "node-a"),
+        pod4("x", "d", "cli", "10.244.0.6", "node-a"),
     ];
     let allow = policy(
         "x",
@@ -324,7 +340,7 @@ fn ids_survive_changes_elsewhere() {
 
     // A pod, a label set, an ipBlock and a policy that sort before everything else appear.
     let mut pods = base_pods.clone();
-    pods.push(pod("x", "a", "aaa", "10.244.0.4", "node-a"));
+    pods.push(pod4("x", "a", "aaa", "10.244.0.4", "node-a"));
     let early = policy(
         "x",
         "a-early",
@@ -361,6 +377,60 @@ fn ids_survive_changes_elsewhere() {
     assert!(third.identities.keys().all(|id| id > max_first));
 }
 
+/// A dual-stack pod's two addresses share one endpoint and, until an ipBlock tells them apart,
+/// one identity; a block of one family changes only that address's identity, and rules follow
+/// each address's identity.
+#[test]
+fn a_cidr_class_is_per_address() {
+    let pods = [
+        pod("x", "s", "web", "10.244.0.5", "node-a"),
+        pod("x", "c", "cli", "10.244.0.6", "node-a"),
+    ];
+    let (s4, c4) = (ip("10.244.0.5"), ip("10.244.0.6"));
+    let s6: std::net::Ipv6Addr = "fd00::10.244.0.5".parse().unwrap();
+    let c6: std::net::Ipv6Addr = "fd00::10.244.0.6".parse().unwrap();
+    let plain = run(&pods, &[], &PolicyIds::default());
+    let server = plain.local_pods.values().find(|p| &*p.name == "s").unwrap();
+    assert_eq!(server.identity6, Some(server.identity));
+    assert_eq!(
+        plain.maps.endpoints[&addr_be(s4)],
+        plain.maps.endpoints6[&addr6_be(s6)]
+    );
+    // Ingress of s from c's IPv6 block only.
+    let block6 = policy(
+        "x",
+        "v6-only",
+        &json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [
+            {"from": [{"ipBlock": {"cidr": "fd00::10.244.0.0/120", "except": ["fd00::10.244.0.7/128"]}}]}]}),
+    )
+    .unwrap();
+    let s = run(&pods, &[block6], &PolicyIds::default());
+    let client = s.local_pods.values().find(|p| &*p.name == "c").unwrap();
+    assert_ne!(client.identity6, Some(client.identity));
+    assert!(s.verdict(c6, s6, PROTO_TCP, 80).allowed());
+    assert!(!s.verdict(c4, s4, PROTO_TCP, 80).allowed());
+    // Outside the block, and in its except: WORLD or the except's region, denied.
+    let other: std::net::Ipv6Addr = "fd00::10.244.0.7".parse().unwrap();
+    assert!(!s.verdict(other, s6, PROTO_TCP, 80).allowed());
+    assert!(
+        !s.verdict(
+            "fd01::1".parse::<std::net::Ipv6Addr>().unwrap(),
+            s6,
+            PROTO_TCP,
+            80
+        )
+        .allowed()
+    );
+    assert_eq!(
+        s.maps
+            .identity_of("fd01::1".parse::<std::net::Ipv6Addr>().unwrap()),
+        IDENTITY_WORLD
+    );
+    // Addresses in the block that are no pod: its region identity, allowed.
+    let region: std::net::Ipv6Addr = "fd00::10.244.0.99".parse().unwrap();
+    assert!(s.verdict(region, s6, PROTO_TCP, 80).allowed());
+}
+
 #[test]
 fn pod_and_node_address_conflicts_resolve_deterministically() {
     let pods = [
@@ -369,7 +439,9 @@ fn pod_and_node_address_conflicts_resolve_deterministically() {
         pod("x", "n", "web", "192.168.0.10", "node-a"),
     ];
     let s = run(&pods, &[], &PolicyIds::default());
-    assert_eq!(s.counts.ip_conflicts, 2);
+    // Per address: a and b clash on both families, n with the node on IPv4.
+    assert_eq!(s.counts.ip_conflicts, 3);
+    assert_eq!(s.maps.endpoints6.len(), 2);
     let owner = &s.local_pods[&s.maps.endpoints[&addr_be(ip("10.244.0.5"))].ep_id];
     assert_eq!(&*owner.name, "a");
     assert!(!s.maps.endpoints.contains_key(&addr_be(ip("192.168.0.10"))));

@@ -2,14 +2,14 @@
 //! `debug explain` and the model-based tests. The order is the design's (`docs/design/policy.md`,
 //! "Per packet"): endpoint, isolation, ipcache longest match, then the policy trie's longest
 //! match for the peer's identity and, failing that, for ANY.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use twill_common::{
-    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey, PEP_F_EGRESS_ISOLATED,
-    PEP_F_INGRESS_ISOLATED, PolicyKey,
+    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey, IpCacheKey6, PEP_F_EGRESS_ISOLATED,
+    PEP_F_INGRESS_ISOLATED, PolicyEndpoint, PolicyKey,
 };
 
-use super::compile::{Direction, LpmKey, PolicyEntries, PolicyState, addr_be};
+use super::compile::{Direction, LpmKey, PolicyEntries, PolicyState, addr_be, addr6_be};
 
 /// How one side (the client's egress or the server's ingress) judges a new connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,8 +55,37 @@ impl Verdict {
 }
 
 impl PolicyEntries {
-    /// The identity the ipcache gives `ip`: the longest matching prefix, WORLD when none.
-    pub fn identity_of(&self, ip: Ipv4Addr) -> u32 {
+    /// The identity the ipcache of `ip`'s family gives it: the longest matching prefix, WORLD
+    /// when none.
+    pub fn identity_of(&self, ip: impl Into<IpAddr>) -> u32 {
+        match ip.into() {
+            IpAddr::V4(a) => self.identity_of4(a),
+            IpAddr::V6(a) => self.identity_of6(a),
+        }
+    }
+
+    fn identity_of6(&self, ip: Ipv6Addr) -> u32 {
+        let a = u128::from(ip);
+        for len in (0..=128u32).rev() {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            let key = LpmKey {
+                data: IpCacheKey6 {
+                    addr_be: addr6_be(Ipv6Addr::from(a & mask)),
+                },
+                prefix_len: len,
+            };
+            if let Some(v) = self.ipcache6.get(&key) {
+                return v.id;
+            }
+        }
+        IDENTITY_WORLD
+    }
+
+    fn identity_of4(&self, ip: Ipv4Addr) -> u32 {
         let a = u32::from(ip);
         for len in (0..=32u32).rev() {
             let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
@@ -122,13 +151,13 @@ impl PolicyEntries {
     /// One side's judgement, as the kernel program of that direction makes it.
     fn judge(
         &self,
-        local: Ipv4Addr,
-        peer: Ipv4Addr,
+        local: IpAddr,
+        peer: IpAddr,
         dir: Direction,
         proto: u8,
         port: u16,
     ) -> Judgement {
-        let Some(ep) = self.endpoints.get(&addr_be(local)) else {
+        let Some(ep) = self.endpoint(local) else {
             return Judgement::Unmanaged;
         };
         let ep_id = ep.ep_id;
@@ -157,9 +186,24 @@ impl PolicyEntries {
         }
     }
 
-    /// A new connection `src → dst:dport/proto`: the source's egress (if it is a local pod) and
-    /// the destination's ingress (if it is one).
-    pub fn verdict(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, dport: u16) -> Verdict {
+    /// The endpoint map of `ip`'s family's entry for it.
+    pub fn endpoint(&self, ip: impl Into<IpAddr>) -> Option<&PolicyEndpoint> {
+        match ip.into() {
+            IpAddr::V4(a) => self.endpoints.get(&addr_be(a)),
+            IpAddr::V6(a) => self.endpoints6.get(&addr6_be(a)),
+        }
+    }
+
+    /// A new connection `src → dst:dport/proto` (both of one family): the source's egress (if
+    /// it is a local pod) and the destination's ingress (if it is one).
+    pub fn verdict(
+        &self,
+        src: impl Into<IpAddr>,
+        dst: impl Into<IpAddr>,
+        proto: u8,
+        dport: u16,
+    ) -> Verdict {
+        let (src, dst) = (src.into(), dst.into());
         Verdict {
             egress: self.judge(src, dst, Direction::Egress, proto, dport),
             ingress: self.judge(dst, src, Direction::Ingress, proto, dport),
@@ -169,7 +213,13 @@ impl PolicyEntries {
 
 impl PolicyState {
     /// See [`PolicyEntries::verdict`].
-    pub fn verdict(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, dport: u16) -> Verdict {
+    pub fn verdict(
+        &self,
+        src: impl Into<IpAddr>,
+        dst: impl Into<IpAddr>,
+        proto: u8,
+        dport: u16,
+    ) -> Verdict {
         self.maps.verdict(src, dst, proto, dport)
     }
 }

@@ -4,7 +4,8 @@
 //! still describes the kernel exactly and the next apply writes just what is missing.
 //!
 //! Write order: rule trie entries (new/changed) → ipcache → endpoints; then, when pruning,
-//! endpoints → ipcache → rule trie. So:
+//! endpoints → ipcache → rule trie (each family's ipcache and endpoint map at its step: the
+//! IPv6 twins follow the IPv4 maps). So:
 //! - a pod that becomes isolated finds its allow rules already in place (no moment of denying
 //!   what the new state allows);
 //! - a peer whose identity changes (labels, namespace labels, an ipBlock drawn around it) is
@@ -132,67 +133,53 @@ impl<M: PolicyMaps> PolicyReconciler<M> {
         let mut errors = Vec::new();
         let maps = &mut self.maps;
         let applied = &mut self.applied;
+        let e = &mut errors;
 
-        for (k, v) in changed(&desired.policy, &applied.policy) {
-            match maps.upsert_policy(k, v) {
-                Ok(()) => {
-                    applied.policy.insert(k, v);
-                    stats.rules_upserted += 1;
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        let before = errors.len();
-        for (k, v) in changed(&desired.ipcache, &applied.ipcache) {
-            match maps.upsert_ipcache(k, v) {
-                Ok(()) => {
-                    applied.ipcache.insert(k, v);
-                    stats.ipcache_upserted += 1;
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        for (k, v) in changed(&desired.endpoints, &applied.endpoints) {
-            match maps.upsert_endpoint(k, v) {
-                Ok(()) => {
-                    applied.endpoints.insert(k, v);
-                    stats.endpoints_upserted += 1;
-                }
-                Err(e) => errors.push(e),
-            }
-        }
+        let n = &mut stats.rules_upserted;
+        upsert(&desired.policy, &mut applied.policy, e, n, |k, v| {
+            maps.upsert_policy(k, v)
+        });
+        let before = e.len();
+        let n = &mut stats.ipcache_upserted;
+        upsert(&desired.ipcache, &mut applied.ipcache, e, n, |k, v| {
+            maps.upsert_ipcache(k, v)
+        });
+        upsert(&desired.ipcache6, &mut applied.ipcache6, e, n, |k, v| {
+            maps.upsert_ipcache6(k, v)
+        });
+        let n = &mut stats.endpoints_upserted;
+        upsert(&desired.endpoints, &mut applied.endpoints, e, n, |k, v| {
+            maps.upsert_endpoint(k, v)
+        });
+        upsert(
+            &desired.endpoints6,
+            &mut applied.endpoints6,
+            e,
+            n,
+            |k, v| maps.upsert_endpoint6(k, v),
+        );
         if prune {
-            for k in stale(&desired.endpoints, &applied.endpoints) {
-                match maps.delete_endpoint(k) {
-                    Ok(()) => {
-                        applied.endpoints.remove(&k);
-                        stats.endpoints_deleted += 1;
-                    }
-                    Err(e) => errors.push(e),
-                }
-            }
-            for k in stale(&desired.ipcache, &applied.ipcache) {
-                match maps.delete_ipcache(&k) {
-                    Ok(()) => {
-                        applied.ipcache.remove(&k);
-                        stats.ipcache_deleted += 1;
-                    }
-                    Err(e) => errors.push(e),
-                }
-            }
-            let stale_rules = stale(&desired.policy, &applied.policy);
-            if errors.len() > before {
-                stats.deferred += stale_rules.len();
+            let n = &mut stats.endpoints_deleted;
+            delete(&desired.endpoints, &mut applied.endpoints, e, n, |k| {
+                maps.delete_endpoint(k)
+            });
+            delete(&desired.endpoints6, &mut applied.endpoints6, e, n, |k| {
+                maps.delete_endpoint6(k)
+            });
+            let n = &mut stats.ipcache_deleted;
+            delete(&desired.ipcache, &mut applied.ipcache, e, n, |k| {
+                maps.delete_ipcache(&k)
+            });
+            delete(&desired.ipcache6, &mut applied.ipcache6, e, n, |k| {
+                maps.delete_ipcache6(&k)
+            });
+            if e.len() > before {
+                stats.deferred += stale(&desired.policy, &applied.policy).len();
             } else {
-                for k in stale_rules {
-                    match maps.delete_policy(&k) {
-                        Ok(()) => {
-                            applied.policy.remove(&k);
-                            stats.rules_deleted += 1;
-                        }
-                        Err(e) => errors.push(e),
-                    }
-                }
+                let n = &mut stats.rules_deleted;
+                delete(&desired.policy, &mut applied.policy, e, n, |k| {
+                    maps.delete_policy(&k)
+                });
             }
         }
         let mut errors = errors.into_iter();
@@ -203,6 +190,45 @@ impl<M: PolicyMaps> PolicyReconciler<M> {
                 more: errors.collect(),
                 stats: Box::new(stats),
             }),
+        }
+    }
+}
+
+/// Writes each entry of `desired` that `applied` lacks or holds with another value, recording
+/// in `applied` (and counting in `n`) those written, collecting the errors of the others.
+fn upsert<K: Ord + Copy, V: PartialEq + Copy>(
+    desired: &BTreeMap<K, V>,
+    applied: &mut BTreeMap<K, V>,
+    errors: &mut Vec<MapError>,
+    n: &mut usize,
+    mut write: impl FnMut(K, V) -> Result<(), MapError>,
+) {
+    for (k, v) in changed(desired, applied) {
+        match write(k, v) {
+            Ok(()) => {
+                applied.insert(k, v);
+                *n += 1;
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+}
+
+/// Deletes each key of `applied` that `desired` lacks, as [`upsert`] writes.
+fn delete<K: Ord + Copy, V>(
+    desired: &BTreeMap<K, V>,
+    applied: &mut BTreeMap<K, V>,
+    errors: &mut Vec<MapError>,
+    n: &mut usize,
+    mut remove: impl FnMut(K) -> Result<(), MapError>,
+) {
+    for k in stale(desired, applied) {
+        match remove(k) {
+            Ok(()) => {
+                applied.remove(&k);
+                *n += 1;
+            }
+            Err(e) => errors.push(e),
         }
     }
 }

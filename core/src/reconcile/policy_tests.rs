@@ -7,8 +7,8 @@ use crate::lbmap::{FaultPlan, MapError, MapKind};
 use crate::policy::LpmKey;
 use crate::policymap::{FakePolicyMaps, FaultyPolicyMaps};
 use twill_common::{
-    IpCacheKey, PEP_F_INGRESS_ISOLATED, POLICY_DIR_INGRESS, POLICY_PREFIX_ANY_PROTO, PeerIdentity,
-    PolicyEndpoint, PolicyKey, PolicyVerdict,
+    IpCacheKey, IpCacheKey6, PEP_F_INGRESS_ISOLATED, POLICY_DIR_INGRESS, POLICY_PREFIX_ANY_PROTO,
+    PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict,
 };
 
 fn rule(ep: u32, identity: u32, rule_id: u32) -> (LpmKey<PolicyKey>, PolicyVerdict) {
@@ -41,20 +41,34 @@ fn peer(last_octet: u8, id: u32) -> (LpmKey<IpCacheKey>, PeerIdentity) {
     )
 }
 
-/// Pod `.1` (endpoint 1, ingress-isolated) admits identity `allowed`; pods `.2`/`.3` carry
-/// identities 256/257.
+/// `fd00::<last>` in the maps' form.
+fn addr6(last: u8) -> [u32; 4] {
+    let mut o = [0u8; 16];
+    o[0] = 0xfd;
+    o[15] = last;
+    twill_common::addr6_from_octets(o)
+}
+
+/// Pod `.1` (endpoint 1, ingress-isolated, dual-stack: `10.244.0.1` and `fd00::1`) admits
+/// identity `allowed`; pods `.2`/`.3` carry identities 256/257 (`.2` on both families).
 fn state(allowed: u32, second_peer_id: u32) -> PolicyEntries {
+    let ep = PolicyEndpoint {
+        ep_id: 1,
+        flags: PEP_F_INGRESS_ISOLATED,
+    };
     PolicyEntries {
-        endpoints: [(
-            u32::from_ne_bytes([10, 244, 0, 1]),
-            PolicyEndpoint {
-                ep_id: 1,
-                flags: PEP_F_INGRESS_ISOLATED,
-            },
-        )]
-        .into(),
+        endpoints: [(u32::from_ne_bytes([10, 244, 0, 1]), ep)].into(),
         ipcache: [peer(2, 256), peer(3, second_peer_id)].into(),
         policy: [rule(1, allowed, 7)].into(),
+        endpoints6: [(addr6(1), ep)].into(),
+        ipcache6: [(
+            LpmKey {
+                data: IpCacheKey6 { addr_be: addr6(2) },
+                prefix_len: 128,
+            },
+            PeerIdentity { id: 256 },
+        )]
+        .into(),
     }
 }
 
@@ -86,6 +100,30 @@ impl PolicyMaps for Recording {
         self.log.borrow_mut().push(("delete", MapKind::IpCache));
         self.inner.delete_ipcache(k)
     }
+    fn upsert_endpoint6(&mut self, a: [u32; 4], ep: PolicyEndpoint) -> Result<(), MapError> {
+        self.log
+            .borrow_mut()
+            .push(("upsert", MapKind::PolicyEndpoints6));
+        self.inner.upsert_endpoint6(a, ep)
+    }
+    fn delete_endpoint6(&mut self, a: [u32; 4]) -> Result<(), MapError> {
+        self.log
+            .borrow_mut()
+            .push(("delete", MapKind::PolicyEndpoints6));
+        self.inner.delete_endpoint6(a)
+    }
+    fn upsert_ipcache6(
+        &mut self,
+        k: LpmKey<IpCacheKey6>,
+        id: PeerIdentity,
+    ) -> Result<(), MapError> {
+        self.log.borrow_mut().push(("upsert", MapKind::IpCache6));
+        self.inner.upsert_ipcache6(k, id)
+    }
+    fn delete_ipcache6(&mut self, k: &LpmKey<IpCacheKey6>) -> Result<(), MapError> {
+        self.log.borrow_mut().push(("delete", MapKind::IpCache6));
+        self.inner.delete_ipcache6(k)
+    }
     fn upsert_policy(&mut self, k: LpmKey<PolicyKey>, v: PolicyVerdict) -> Result<(), MapError> {
         self.log.borrow_mut().push(("upsert", MapKind::Policy));
         self.inner.upsert_policy(k, v)
@@ -104,7 +142,7 @@ fn applies_and_then_writes_nothing() {
     let mut r = PolicyReconciler::new(FakePolicyMaps::default());
     let desired = state(256, 257);
     let stats = r.apply(&desired, true).unwrap();
-    assert_eq!(stats.writes(), 4);
+    assert_eq!(stats.writes(), 6);
     assert_eq!(r.maps().state, desired);
     assert_eq!(r.apply(&desired, true).unwrap().writes(), 0);
 }
@@ -124,7 +162,9 @@ fn new_rules_go_in_before_what_points_at_them_and_out_after() {
             ("upsert", MapKind::Policy),
             ("upsert", MapKind::IpCache),
             ("upsert", MapKind::IpCache),
+            ("upsert", MapKind::IpCache6),
             ("upsert", MapKind::PolicyEndpoints),
+            ("upsert", MapKind::PolicyEndpoints6),
         ]
     );
     // Peer .3 moves to the identity that is allowed, the old rule goes: the new rule first,
@@ -200,7 +240,9 @@ fn converges_after_a_failure_at_every_operation() {
     let mut to = state(258, 259);
     to.ipcache.insert(peer(4, 258).0, peer(4, 258).1);
     to.endpoints.clear();
-    for n in 0..12 {
+    to.endpoints6.clear();
+    to.ipcache6.clear();
+    for n in 0..16 {
         let mut r = PolicyReconciler::new(FaultyPolicyMaps::new(
             FakePolicyMaps::default(),
             FaultPlan::none(),
@@ -229,6 +271,6 @@ fn nothing_is_pruned_before_the_sources_synced_and_adoption_reads_the_maps() {
     let empty = PolicyEntries::default();
     assert_eq!(r.apply(&empty, false).unwrap().writes(), 0);
     assert_eq!(r.maps().state, state(256, 257));
-    assert_eq!(r.apply(&empty, true).unwrap().writes(), 4);
+    assert_eq!(r.apply(&empty, true).unwrap().writes(), 6);
     assert_eq!(r.maps().state, empty);
 }

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
-use twill_common::{IpCacheKey, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, def};
+use twill_common::{
+    IpCacheKey, IpCacheKey6, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, def,
+};
 use twill_core::policy::LpmKey;
 
 use super::DatapathError;
@@ -17,6 +19,8 @@ pub struct AyaPolicyMaps {
     endpoints: HashMap<MapData, u32, PolicyEndpoint>,
     ipcache: LpmTrie<MapData, IpCacheKey, PeerIdentity>,
     policy: LpmTrie<MapData, PolicyKey, PolicyVerdict>,
+    endpoints6: HashMap<MapData, [u32; 4], PolicyEndpoint>,
+    ipcache6: LpmTrie<MapData, IpCacheKey6, PeerIdentity>,
     capacity: BTreeMap<MapKind, u32>,
 }
 
@@ -29,10 +33,14 @@ impl AyaPolicyMaps {
         let endpoints = src.take::<def::PolicyEndpoints, _>()?;
         let ipcache = src.take::<def::IpCache, _>()?;
         let policy = src.take::<def::Policy, _>()?;
+        let endpoints6 = src.take::<def::PolicyEndpoints6, _>()?;
+        let ipcache6 = src.take::<def::IpCache6, _>()?;
         Ok(Self {
             endpoints,
             ipcache,
             policy,
+            endpoints6,
+            ipcache6,
             capacity: src.capacity,
         })
     }
@@ -104,6 +112,29 @@ impl PolicyMaps for AyaPolicyMaps {
             _ => Ok(()),
         }
     }
+    fn upsert_endpoint6(&mut self, addr: [u32; 4], ep: PolicyEndpoint) -> Result<(), MapError> {
+        self.endpoints6
+            .insert(addr, ep, 0)
+            .map_err(|e| map_update_error(&self.capacity, MapKind::PolicyEndpoints6, "update", e))
+    }
+    fn delete_endpoint6(&mut self, addr: [u32; 4]) -> Result<(), MapError> {
+        remove(&mut self.endpoints6, &addr, MapKind::PolicyEndpoints6)
+    }
+    fn upsert_ipcache6(
+        &mut self,
+        key: LpmKey<IpCacheKey6>,
+        id: PeerIdentity,
+    ) -> Result<(), MapError> {
+        self.ipcache6
+            .insert(&Key::new(key.prefix_len, key.data), id, 0)
+            .map_err(|e| map_update_error(&self.capacity, MapKind::IpCache6, "update", e))
+    }
+    fn delete_ipcache6(&mut self, key: &LpmKey<IpCacheKey6>) -> Result<(), MapError> {
+        match self.ipcache6.remove(&Key::new(key.prefix_len, key.data)) {
+            Err(e) if !is_not_found(&e) => Err(syscall(MapKind::IpCache6, "delete", e)),
+            _ => Ok(()),
+        }
+    }
     fn upsert_policy(
         &mut self,
         key: LpmKey<PolicyKey>,
@@ -126,6 +157,10 @@ impl PolicyMaps for AyaPolicyMaps {
                 .collect(),
             ipcache: collect_trie(&self.ipcache, MapKind::IpCache)?,
             policy: collect_trie(&self.policy, MapKind::Policy)?,
+            endpoints6: collect(&self.endpoints6, MapKind::PolicyEndpoints6)?
+                .into_iter()
+                .collect(),
+            ipcache6: collect_trie(&self.ipcache6, MapKind::IpCache6)?,
         })
     }
 }

@@ -2,7 +2,7 @@
 //! node's addresses did), compile the whole policy state (`twill_core::policy::compile`, ids kept
 //! stable across compiles) and apply the difference through the reconciler. Level-triggered like
 //! the Service path: the stores only say *that* something changed; the compile reads them.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ pub struct PolicySyncer<M> {
     node_name: String,
     reconciler: PolicyReconciler<M>,
     inputs: Arc<PolicyObjects>,
-    node_addrs: Vec<Ipv4Addr>,
+    node_addrs: Vec<IpAddr>,
     state: Arc<PolicyState>,
     /// Whether the compiler has been fed the whole stores once.
     loaded: bool,
@@ -84,7 +84,7 @@ impl<M: PolicyMaps> PolicySyncer<M> {
     pub fn sync(
         &mut self,
         stores: &Stores,
-        mut node_addrs: Vec<Ipv4Addr>,
+        mut node_addrs: Vec<IpAddr>,
         metrics: &Metrics,
     ) -> bool {
         let started = Instant::now();
@@ -183,13 +183,17 @@ impl<M: PolicyMaps> PolicySyncer<M> {
 
 /// This node's own addresses as the policy compiler needs them (identity HOST): the Node's
 /// InternalIP and ExternalIP addresses and the addresses of its devices.
-pub fn node_addresses(node: Option<&Node>, device_addrs: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+pub fn node_addresses(node: Option<&Node>, device_addrs: &[Ipv4Addr]) -> Vec<IpAddr> {
+    // Both families of the Node's addresses: a dual-stack node's IPv6 InternalIP is the source
+    // of its IPv6 traffic into its pods (kubelet probes of an IPv6 pod).
     let from_node = node
         .and_then(|n| n.status.as_ref())
         .and_then(|s| s.addresses.as_ref())
         .into_iter()
         .flatten()
         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.parse::<Ipv4Addr>().ok());
-    from_node.chain(device_addrs.iter().copied()).collect()
+        .filter_map(|a| a.address.parse::<IpAddr>().ok());
+    from_node
+        .chain(device_addrs.iter().copied().map(IpAddr::V4))
+        .collect()
 }

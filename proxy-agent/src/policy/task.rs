@@ -123,17 +123,6 @@ impl PolicyTask {
         }
     }
 
-    /// The IPv4 addresses of this node's pods a NetworkPolicy isolates (either direction).
-    pub fn isolated_pods(&self) -> Vec<std::net::Ipv4Addr> {
-        self.syncer
-            .state()
-            .local_pods
-            .values()
-            .filter(|p| !p.ingress_policies.is_empty() || !p.egress_policies.is_empty())
-            .map(|p| p.ip)
-            .collect()
-    }
-
     /// When to retry after a failed apply.
     pub fn retry_delay(&self) -> Option<std::time::Duration> {
         self.syncer.retry_delay()

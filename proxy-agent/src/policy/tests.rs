@@ -63,7 +63,11 @@ spec:
         let metrics = Metrics::new();
         load(&stores, &format!("{OBJECTS}---{ALLOW}"));
         let mut s = PolicySyncer::new("n1", PolicyReconciler::new(FakePolicyMaps::default()));
-        assert!(s.sync(&stores, vec![Ipv4Addr::new(172, 30, 0, 11)], &metrics));
+        assert!(s.sync(
+            &stores,
+            vec![Ipv4Addr::new(172, 30, 0, 11).into()],
+            &metrics
+        ));
         let maps = &s.reconciler().maps().state;
         assert_eq!(
             maps.endpoints.get(&addr_be(A)).map(|e| e.flags),
@@ -78,13 +82,21 @@ spec:
         // The allow policy goes: recompiled at once, but its entries stay until every source
         // has synced (a partial view must not delete live rules).
         load(&stores, OBJECTS);
-        assert!(s.sync(&stores, vec![Ipv4Addr::new(172, 30, 0, 11)], &metrics));
+        assert!(s.sync(
+            &stores,
+            vec![Ipv4Addr::new(172, 30, 0, 11).into()],
+            &metrics
+        ));
         assert!(!s.state().verdict(B, A, PROTO_TCP, 80).allowed());
         assert_eq!(s.reconciler().maps().state.policy.len(), rules);
         for kind in Kind::ALL {
             stores.mark_synced(kind);
         }
-        assert!(s.sync(&stores, vec![Ipv4Addr::new(172, 30, 0, 11)], &metrics));
+        assert!(s.sync(
+            &stores,
+            vec![Ipv4Addr::new(172, 30, 0, 11).into()],
+            &metrics
+        ));
         assert_eq!(s.reconciler().maps().state, s.state().maps);
         assert!(
             metrics.render().contains("twill_network_policies 1"),
@@ -173,7 +185,10 @@ spec:
             .unwrap();
         assert_eq!(e.service.as_deref(), Some("10.96.0.10:80"));
         assert_eq!(e.destinations.len(), 1);
-        assert_eq!((e.destinations[0].addr, e.destinations[0].port), (A, 80));
+        assert_eq!(
+            (e.destinations[0].addr, e.destinations[0].port),
+            (A.into(), 80)
+        );
         assert!(e.destinations[0].verdict.allowed, "{}", e.render());
         assert!(e.render().contains("x/allow-b"), "{}", e.render());
         let denied = inputs
@@ -197,5 +212,92 @@ spec:
                 })
                 .is_err()
         );
+    }
+
+    /// `debug explain` over IPv6: IPv6 addresses (bracketed with a port), a pod target in the
+    /// source's family, and an IPv6 ClusterIP resolved to its IPv6 backend.
+    #[test]
+    fn explain_answers_for_ipv6_addresses_pods_and_cluster_ips() {
+        let stores = Stores::new();
+        let metrics = Metrics::new();
+        let dual = OBJECTS
+            .replace(
+                "[{ip: 10.244.1.5}]",
+                "[{ip: 10.244.1.5}, {ip: \"fd00::a\"}]",
+            )
+            .replace(
+                "[{ip: 10.244.2.5}]",
+                "[{ip: 10.244.2.5}, {ip: \"fd00::b\"}]",
+            );
+        load(&stores, &format!("{dual}---{ALLOW}"));
+        let mut s = PolicySyncer::new("n1", PolicyReconciler::new(FakePolicyMaps::default()));
+        s.sync(&stores, Vec::new(), &metrics);
+        let a6: std::net::Ipv6Addr = "fd00::a".parse().unwrap();
+        let vip6: std::net::Ipv6Addr = "fd00:96::10".parse().unwrap();
+        let mut lb = LbState::default();
+        lb.services6.insert(
+            twill_common::ServiceKey6 {
+                addr_be: twill_core::policy::addr6_be(vip6),
+                port_be: 80u16.to_be(),
+                proto: PROTO_TCP,
+                scope: SCOPE_ANY,
+            },
+            ServiceValue {
+                svc_id: 1,
+                backend_count: 1,
+                flags: 0,
+                affinity_timeout_s: 0,
+                maglev_size: 0,
+            },
+        );
+        lb.slots.insert(SlotKey { svc_id: 1, slot: 0 }, 7);
+        lb.backends6.insert(
+            7,
+            twill_common::Backend6 {
+                addr_be: twill_core::policy::addr6_be(a6),
+                port_be: 80u16.to_be(),
+                proto: PROTO_TCP,
+                flags: 0,
+            },
+        );
+        let (state, objects, model) = (s.state(), s.objects(), DumpModel::default());
+        let inputs = ExplainInputs {
+            state: &state,
+            objects: &objects,
+            lb: &lb,
+            model: &model,
+        };
+        let ask = |from: &str, to: &str| {
+            inputs.explain(&ExplainQuery {
+                from: from.into(),
+                to: to.into(),
+                proto: PROTO_TCP,
+            })
+        };
+        // The pod client reaches the IPv6 ClusterIP's backend with its own IPv6 address.
+        let e = ask("x/b", "[fd00:96::10]:80").unwrap();
+        assert_eq!(e.service.as_deref(), Some("[fd00:96::10]:80"));
+        assert_eq!(e.destinations[0].addr, std::net::IpAddr::V6(a6));
+        assert!(e.destinations[0].verdict.allowed, "{}", e.render());
+        assert!(e.render().contains("[fd00::a]:80"), "{}", e.render());
+        // Another IPv6 address: denied by a's ingress, port 80 resolved on a's IPv6 address.
+        let e = ask("fd00::99", "x/a:80").unwrap();
+        assert_eq!(e.destinations[0].addr, std::net::IpAddr::V6(a6));
+        assert!(!e.destinations[0].verdict.allowed, "{}", e.render());
+        // Bare IPv6 addresses: b's own is allowed, on the port of the named port only.
+        assert!(
+            ask("fd00::b", "[fd00::a]:80").unwrap().destinations[0]
+                .verdict
+                .allowed
+        );
+        assert!(
+            !ask("fd00::b", "[fd00::a]:81").unwrap().destinations[0]
+                .verdict
+                .allowed
+        );
+        assert!(matches!(
+            ask("fd00::b", "fd00::a"),
+            Err(super::super::explain::ExplainError::NeedsPort(_))
+        ));
     }
 }

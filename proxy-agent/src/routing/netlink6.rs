@@ -85,43 +85,6 @@ fn neighbour_ipv6(n: &NeighbourMessage) -> Option<Ipv6Addr> {
 }
 
 impl RouteExecutor {
-    /// The host veth of each pod address in `pods` that has a `/32` route through one (the
-    /// route twill-cni adds per pod): (address, interface name).
-    pub async fn pod_veths_of(
-        &self,
-        pods: &[std::net::Ipv4Addr],
-    ) -> Result<Vec<(std::net::Ipv4Addr, String)>, RoutingError> {
-        if pods.is_empty() {
-            return Ok(Vec::new());
-        }
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(RoutingError::netlink("dump routes"))?;
-        let host = self.host_network().await?;
-        Ok(routes
-            .iter()
-            .filter(|r| r.header.destination_prefix_length == 32)
-            .filter_map(|r| {
-                let dst = r.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
-                    _ => None,
-                })?;
-                let oif = r.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Oif(i) => Some(*i),
-                    _ => None,
-                })?;
-                let name = &host.links.iter().find(|l| l.index == oif)?.name;
-                (pods.contains(&dst) && crate::datapath::is_pod_veth(name))
-                    .then(|| (dst, name.clone()))
-            })
-            .collect())
-    }
-
     async fn main_routes6(&self) -> Result<Vec<RouteMessage>, RoutingError> {
         let all: Vec<RouteMessage> = self
             .handle

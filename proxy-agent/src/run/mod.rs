@@ -243,9 +243,6 @@ impl Agent {
             self.network.write_cni_conf(&node);
         }
         self.policy.sync(&ctx.stores, self.network.state());
-        // NetworkPolicy is enforced for IPv4 only: isolated pods lose IPv6 rather than have it
-        // bypass their policy (see docs/design/dualstack.md).
-        self.network.cut_ipv6_of(&self.policy.isolated_pods()).await;
         // After the maps are written, so it never delays programming.
         self.trimmer.maybe_trim();
         // Each part retries on its own backoff: a persistent routing error (a Node without

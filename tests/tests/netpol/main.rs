@@ -13,9 +13,11 @@
 //! - `upstream`: one test per case of upstream's `network_policy.go`, named after it;
 //! - `services`: policy through ClusterIP, NodePort and LoadBalancer/External IP frontends;
 //! - `random`: random policies (seeded), the datapath against the model (Cyclonus-style);
-//! - `restart`: enforcement while the agents restart.
+//! - `restart`: enforcement while the agents restart;
+//! - `dualstack`: cases on a dual-stack lab, probed over the pods' IPv6 addresses.
 #[path = "../agent_common/mod.rs"]
 mod agent_common;
+mod dualstack;
 mod random;
 mod restart;
 mod services;
@@ -70,6 +72,8 @@ struct Cluster {
     objects: Vec<serde_json::Value>,
     /// The NetworkPolicies of each manifest written, for the model.
     policies: Mutex<BTreeMap<String, Vec<NetworkPolicy>>>,
+    /// Probe (and model) the pods' IPv6 addresses (a dual-stack lab's) instead of IPv4.
+    probe6: bool,
     lab: Lab,
 }
 
@@ -98,7 +102,12 @@ impl Cluster {
                 i += 1;
                 let pod = node.add_pod(&format!("{ns}{name}"))?;
                 for port in [80, 81] {
-                    lab.serve(&pod, &format!("{ns}/{name}"), Some(port), Some(port))?;
+                    let name = format!("{ns}/{name}");
+                    if pod.ip6.is_some() {
+                        lab.serve_dual(&pod, &name, Some(port), Some(port))?;
+                    } else {
+                        lab.serve(&pod, &name, Some(port), Some(port))?;
+                    }
                 }
                 objects.push(pod.pod_object(ns, name, &[("pod", name)], &NAMED_PORTS));
                 pods.insert((ns, name), pod);
@@ -112,12 +121,32 @@ impl Cluster {
             agents,
             objects,
             policies: Mutex::default(),
+            probe6: false,
             lab,
         };
         cluster.write_objects()?;
         // Before any policy every pod reaches every other on every port.
         cluster.expect(&Reachability::all(true), 80, false)?;
         Ok(Some(cluster))
+    }
+
+    /// The topology on a dual-stack lab (every pod also has an IPv6 address, in its Pod
+    /// object's `podIPs`), probed over IPv6.
+    fn dual_stack() -> Result<Option<Self>> {
+        Ok(
+            Self::with(LabSpec::nodes(2).with_dual_stack())?.map(|mut c| {
+                c.probe6 = true;
+                c
+            }),
+        )
+    }
+
+    /// `pod`'s address on `port` in the probed family.
+    fn target(&self, pod: &Pod, port: u16) -> String {
+        match pod.ip6 {
+            Some(ip6) if self.probe6 => format!("[{ip6}]:{port}"),
+            _ => format!("{}:{port}", pod.ip),
+        }
     }
 
     /// Most of upstream's cases: the topology, the policies of `yaml` written (as
@@ -256,6 +285,7 @@ impl Cluster {
                 namespace: ns.to_owned(),
                 name: name.to_owned(),
                 ip: self.pod(ns, name).ip,
+                ip6: self.pod(ns, name).ip6,
                 labels: labels(o),
                 ports: NAMED_PORTS
                     .iter()
@@ -280,13 +310,12 @@ impl Cluster {
             for to in all_pods() {
                 let client = topo.pod(from.0, from.1).expect("a pod of the topology");
                 let server = topo.pod(to.0, to.1).expect("a pod of the topology");
-                let allowed = topo.allows(
-                    &policies,
-                    Member::pod(client),
-                    Member::pod(server),
-                    proto,
-                    port,
-                );
+                let member = if self.probe6 {
+                    Member::pod6
+                } else {
+                    Member::pod
+                };
+                let allowed = topo.allows(&policies, member(client), member(server), proto, port);
                 m.set(from, to, allowed);
             }
         }
@@ -295,11 +324,7 @@ impl Cluster {
 
     /// One row of the matrix: from `from` to every pod on `port`.
     fn probe_row(&self, from: &Pod, port: u16, udp: bool) -> Result<BTreeMap<PodName, bool>> {
-        let targets: Vec<String> = self
-            .pods
-            .values()
-            .map(|p| format!("{}:{port}", p.ip))
-            .collect();
+        let targets: Vec<String> = self.pods.values().map(|p| self.target(p, port)).collect();
         let targets = targets.join(",");
         let mut args = vec!["probe", "--to", &targets, "--timeout-ms", PROBE_TIMEOUT_MS];
         if udp {
@@ -315,7 +340,7 @@ impl Cluster {
             let to = self
                 .pods
                 .iter()
-                .find(|(_, p)| addr == format!("{}:{port}", p.ip))
+                .find(|(_, p)| addr == self.target(p, port))
                 .map(|(k, _)| *k)
                 .ok_or_else(|| anyhow::anyhow!("probe of unknown {addr}"))?;
             row.insert(to, result == "ok");
