@@ -123,7 +123,7 @@ fn wait_tcp_by(pod: &Pod, to: &str, server: Option<&str>) -> Result<String> {
     let mut last = String::new();
     wait_for(
         &format!("{to} answered by {server:?}"),
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || {
             let (code, out) = tcp(pod, to)?;
             let ok = code == 0 && server.is_none_or(|s| replier(&out).as_deref() == Some(s));
@@ -418,7 +418,7 @@ fn ipv6_cluster_ip_honours_session_affinity_and_internal_traffic_policy_local() 
     let local = &backends[1].0.name;
     for ip in ips {
         let to = at(ip, 80);
-        wait_for(&format!("{to} only local"), Duration::from_secs(60), || {
+        wait_for(&format!("{to} only local"), Duration::from_mins(1), || {
             let seen = repliers(&client, &to, 10)?;
             Ok(seen.len() == 1 && seen.contains_key(local))
         })?;
