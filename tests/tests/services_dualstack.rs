@@ -4,13 +4,12 @@
 //! (labtool) in pods; servers listen on `[::]` and report the peer they saw.
 mod agent_common;
 
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use agent_common::{AgentProc, replier, repliers, start_agent, tcp, udp, wait_for};
 use anyhow::{Context as _, Result, ensure};
-use twill_lab::{Lab, LabSpec, Pod, require};
+use twill_lab::{Lab, LabSpec, Pod, manifests, require};
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 60);
 /// An address of the lab's IPv6 Service range (the API server's secondary `--service-cluster-ip-range`).
@@ -19,62 +18,6 @@ const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x60);
 /// `ip:port` with the IPv6 address in brackets.
 fn at(ip: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
-}
-
-fn family(ip: IpAddr) -> &'static str {
-    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
-}
-
-/// A Service with `cluster_ips` (primary first), its `ipFamilies` from them, `ipFamilyPolicy`
-/// `policy`; ports: (name, port, targetPort, protocol).
-fn service(
-    name: &str,
-    cluster_ips: &[IpAddr],
-    policy: &str,
-    ports: &[(&str, u16, u16, &str)],
-) -> String {
-    let ips: Vec<String> = cluster_ips.iter().map(|ip| format!("\"{ip}\"")).collect();
-    let families: Vec<&str> = cluster_ips.iter().map(|ip| family(*ip)).collect();
-    let mut y = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  \
-         type: ClusterIP\n  clusterIP: {}\n  clusterIPs: [{}]\n  ipFamilies: [{}]\n  \
-         ipFamilyPolicy: {policy}\n  ports:\n",
-        ips[0],
-        ips.join(", "),
-        families.join(", ")
-    );
-    for (pname, port, target, proto) in ports {
-        let _ = writeln!(
-            y,
-            "  - name: \"{pname}\"\n    port: {port}\n    targetPort: {target}\n    protocol: {proto}"
-        );
-    }
-    y
-}
-
-/// An EndpointSlice of `svc` of one family (`addressType` from the addresses); endpoints:
-/// (address, node name), all ready; ports: (name, port, protocol).
-fn slice(svc: &str, name: &str, eps: &[(IpAddr, &str)], ports: &[(&str, u16, &str)]) -> String {
-    let mut y = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
-         namespace: default\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: {}\n\
-         endpoints:\n",
-        family(eps[0].0)
-    );
-    for (ip, node) in eps {
-        let _ = writeln!(
-            y,
-            "- addresses: [\"{ip}\"]\n  nodeName: {node}\n  conditions: {{ready: true, serving: true, terminating: false}}"
-        );
-    }
-    y.push_str("ports:\n");
-    for (pname, port, proto) in ports {
-        let _ = writeln!(
-            y,
-            "- name: \"{pname}\"\n  port: {port}\n  protocol: {proto}"
-        );
-    }
-    y
 }
 
 fn ip6(pod: &Pod) -> Result<Ipv6Addr> {
@@ -98,7 +41,7 @@ fn web_with(
 ) -> Result<()> {
     let ports = [("http", 80, 8080, "TCP"), ("dns", 53, 5353, "UDP")];
     let slice_ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")];
-    let mut docs = vec![service("web", cluster_ips, policy, &ports) + extra];
+    let mut docs = vec![manifests::service("default", "web", cluster_ips, policy, &ports) + extra];
     let v4: Vec<(IpAddr, &str)> = backends
         .iter()
         .map(|(p, n)| (IpAddr::V4(p.ip), *n))
@@ -109,10 +52,22 @@ fn web_with(
         .collect::<Result<_>>()?;
     // The EndpointSlice controller writes one slice per family of the Service's ipFamilies.
     if cluster_ips.iter().any(IpAddr::is_ipv4) {
-        docs.push(slice("web", "web-v4", &v4, &slice_ports));
+        docs.push(manifests::endpoint_slice(
+            "default",
+            "web",
+            "web-v4",
+            &v4,
+            &slice_ports,
+        ));
     }
     if cluster_ips.iter().any(IpAddr::is_ipv6) {
-        docs.push(slice("web", "web-v6", &v6, &slice_ports));
+        docs.push(manifests::endpoint_slice(
+            "default",
+            "web",
+            "web-v6",
+            &v6,
+            &slice_ports,
+        ));
     }
     lab.apply_manifest("web.yaml", &docs.join("---\n"))
 }
@@ -450,7 +405,7 @@ fn node_port_web(lab: &Lab, backends: &[(Pod, String)], policy: &str) -> Result<
         &extra,
         &eps,
     )?;
-    // `service()` writes a ClusterIP Service; the NodePort form of the same manifest.
+    // `manifests::service` writes a ClusterIP Service; the NodePort form of the same manifest.
     let path = lab.manifests_dir().join("web.yaml");
     let yaml = std::fs::read_to_string(&path)?
         .replacen("type: ClusterIP", "type: NodePort", 1)
