@@ -106,10 +106,7 @@ pub fn open(ctx: &TcContext, p: &Pkt) -> Result<Verdict, Reason> {
         flags: CT_F_MASQ,
         ..reply
     };
-    if TWL_CT_V2.insert(&p.flow.nat_key(), &orig, 0).is_err() {
-        let _ = TWL_CT_V2.remove(&key);
-        return Err(Reason::CtMapFull);
-    }
+    natport::open::<Ct4>(&p.flow.nat_key(), &orig, &key)?;
     rewrite(ctx, p, snat, port_be, p.flow.daddr, p.flow.dport)?;
     Ok((Reason::MasqSnat, TC_ACT_OK))
 }

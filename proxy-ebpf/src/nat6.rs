@@ -424,10 +424,7 @@ fn open(ctx: &TcContext, p: &Pkt6) -> Result<Verdict, Reason> {
     value.new_sport_be = port_be;
     value.new_dport_be = p.dport;
     value.flags = CT_F_MASQ;
-    if TWL_CT6_V1.insert(&p.key(), &value, 0).is_err() {
-        let _ = TWL_CT6_V1.remove(&key);
-        return Err(Reason::CtMapFull);
-    }
+    natport::open::<Ct6>(&p.key(), &value, &key)?;
     rewrite6(ctx, p, &snat, port_be, &p.daddr, p.dport)?;
     Ok((Reason::Masq6Snat, TC_ACT_OK))
 }

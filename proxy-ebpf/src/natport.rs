@@ -48,6 +48,8 @@ pub trait NatTable {
     fn get(key: &Self::Key) -> Option<Self::Value>;
     /// Creates `key` unless it exists (`Err(-EEXIST)`); any other error is a full table.
     fn insert_new(key: &Self::Key, value: &Self::Value) -> Result<(), i64>;
+    /// Creates or replaces `key`; any error is a full table.
+    fn insert(key: &Self::Key, value: &Self::Value) -> Result<(), i64>;
     fn remove(key: &Self::Key);
     /// The key of the other direction of the flow `value` translates.
     fn counterpart(key: &Self::Key, value: &Self::Value) -> Self::Key;
@@ -87,6 +89,10 @@ impl NatTable for Ct4 {
         TWL_CT_V2
             .insert(key, value, u64::from(BPF_NOEXIST))
             .map_err(i64::from)
+    }
+    #[inline(always)]
+    fn insert(key: &CtKey, value: &CtValue) -> Result<(), i64> {
+        TWL_CT_V2.insert(key, value, 0).map_err(i64::from)
     }
     #[inline(always)]
     fn remove(key: &CtKey) {
@@ -142,6 +148,10 @@ impl NatTable for Ct6 {
         TWL_CT6_V1
             .insert(key, value, u64::from(BPF_NOEXIST))
             .map_err(i64::from)
+    }
+    #[inline(always)]
+    fn insert(key: &CtKey6, value: &CtValue6) -> Result<(), i64> {
+        TWL_CT6_V1.insert(key, value, 0).map_err(i64::from)
     }
     #[inline(always)]
     fn remove(key: &CtKey6) {
@@ -276,4 +286,16 @@ fn take_over<T: NatTable>(key: &T::Key, now: u64) -> bool {
         None => {}
     }
     true
+}
+
+/// Completes a new flow whose reply entry is in place: inserts its original-direction entry
+/// `orig` at `key`; on a full table the reply entry at `reply_key` is removed again, so no
+/// half flow holds a port.
+#[inline(always)]
+pub fn open<T: NatTable>(key: &T::Key, orig: &T::Value, reply_key: &T::Key) -> Result<(), Reason> {
+    if T::insert(key, orig).is_err() {
+        T::remove(reply_key);
+        return Err(Reason::CtMapFull);
+    }
+    Ok(())
 }

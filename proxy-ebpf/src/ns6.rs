@@ -123,10 +123,7 @@ fn dnat_local6(
     value.new_sport_be = p.sport;
     value.new_dport_be = be.port_be;
     value.flags = 0;
-    if TWL_CT6_V1.insert(&p.key(), &value, 0).is_err() {
-        let _ = TWL_CT6_V1.remove(&reply_key);
-        return Err(Reason::CtMapFull);
-    }
+    natport::open::<Ct6>(&p.key(), &value, &reply_key)?;
     rewrite6(ctx, p, &p.saddr, p.sport, &be.addr_be, be.port_be)
 }
 
@@ -188,10 +185,7 @@ fn dnat_snat6(
     value.new_sport_be = port_be;
     value.new_dport_be = be.port_be;
     value.flags = CT_F_SNAT;
-    if TWL_CT6_V1.insert(&p.key(), &value, 0).is_err() {
-        let _ = TWL_CT6_V1.remove(&reply_key);
-        return Err(Reason::CtMapFull);
-    }
+    natport::open::<Ct6>(&p.key(), &value, &reply_key)?;
     rewrite6(ctx, p, &snat, port_be, &be.addr_be, be.port_be)?;
     Ok((
         Reason::Ns6Forwarded,

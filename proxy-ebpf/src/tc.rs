@@ -706,10 +706,7 @@ fn dnat_local(
     TWL_CT_V2
         .insert(reply_key, reply, 0)
         .map_err(|_| Reason::CtMapFull)?;
-    if TWL_CT_V2.insert(key, orig, 0).is_err() {
-        let _ = TWL_CT_V2.remove(reply_key);
-        return Err(Reason::CtMapFull);
-    }
+    natport::open::<Ct4>(&key, &orig, &reply_key)?;
     rewrite(ctx, p, f.saddr, f.sport, be.addr_be, be.port_be)?;
     Ok(())
 }
@@ -770,10 +767,7 @@ fn dnat_snat(
         return Err(Reason::SnatPortsExhausted);
     };
     orig.new_sport_be = port_be;
-    if TWL_CT_V2.insert(key, orig, 0).is_err() {
-        let _ = TWL_CT_V2.remove(&reply_key);
-        return Err(Reason::CtMapFull);
-    }
+    natport::open::<Ct4>(&key, &orig, &reply_key)?;
     rewrite(ctx, p, snat, orig.new_sport_be, be.addr_be, be.port_be)?;
     Ok((
         Reason::ForwardedRemote,
