@@ -57,10 +57,11 @@ pub enum Reason {
     /// NetworkPolicy: the pod is not policy-managed or not isolated in this direction: passed
     /// without a policy lookup.
     PolicyNotEnforced = 37,
-    /// A pod sent an IPv4 packet whose source address is not its own (the node's route to that
-    /// address does not lead back through the pod's veth): dropped on the pod's veth before any
-    /// policy or routing sees it, so no pod can pass as another to a policy, a Service or a
-    /// peer.
+    /// A pod sent a packet whose source address is not its own (the node's route to that
+    /// address does not lead back through the pod's veth; for IPv6 also a link-local source to a
+    /// routed destination, or `::` to anything but link-local multicast): dropped on the pod's
+    /// veth before any policy or routing sees it, so no pod can pass as another to a policy, a
+    /// Service or a peer. Both families.
     SourceSpoofed = 38,
     /// Per-packet: a TCP packet other than a SYN, to a Service frontend, of no tracked flow (its
     /// entry expired or was flushed). Never balanced to a backend, which would answer with a

@@ -12,7 +12,7 @@
 //! client (or, for externalTrafficPolicy=Cluster from another node, that node's address).
 //!
 //! A packet the pod sent must carry the pod's own address (`sav.rs`, source-address
-//! validation) before anything else looks at it (IPv4; IPv6 is not validated yet).
+//! validation) before anything else looks at it, in both families.
 //!
 //! IPv6 frames take `policy6.rs` (the same judgement over the IPv6 maps) and are routed by the
 //! node's stack.
@@ -41,6 +41,10 @@ use crate::{
 #[classifier]
 pub fn twill_pod_ingress(ctx: TcContext) -> i32 {
     if crate::nat6::is_ipv6(&ctx) {
+        // Its source first, as for IPv4 (each a call of its own: see above).
+        if sav::spoofed6(ctx.skb.skb) {
+            return exit(Err(Reason::SourceSpoofed));
+        }
         // IPv6 has its own path (`policy6`); the stack routes it.
         return crate::policy6::pod6(ctx.skb.skb, true);
     }

@@ -410,7 +410,11 @@ fn udp_send(args: &Args) -> Result<ExitCode, String> {
     let count = args.num("--count", 1)?.min(100_000);
     let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
     let from = match args.value("--from") {
-        Some(ip) => format!("{ip}:0"),
+        // Either family: an IPv6 address needs its brackets before the port.
+        Some(ip) => {
+            std::net::SocketAddr::new(ip.parse().map_err(|e| format!("--from {ip}: {e}"))?, 0)
+                .to_string()
+        }
         None => any.to_owned(),
     };
     let s = UdpSocket::bind(from.as_str()).map_err(|e| format!("bind {from}: {e}"))?;
