@@ -125,14 +125,23 @@ pub const POLICY_EVENTS_PER_CPU_SECOND: u32 = 200;
 /// per second, patched by the loader (0: no events, every denied packet counted as lost).
 pub const GLOBAL_MONITOR_RATE: &str = "TWL_MONITOR_RATE";
 
-/// One denied packet (a flow's first, or each retry: a dropped SYN is retransmitted).
+/// `PolicyDenyEvent::family`: the addresses are IPv4 (in the first word of each).
+pub const EVENT_FAMILY_IPV4: u8 = 4;
+/// `PolicyDenyEvent::family`: the addresses are IPv6 (the maps' word form,
+/// `crate::addr6_from_octets`).
+pub const EVENT_FAMILY_IPV6: u8 = 6;
+
+/// One denied packet (a flow's first, or each retry: a dropped SYN is retransmitted), of either
+/// family. Written straight into the ring buffer (reserved, filled, submitted), never built on
+/// the programs' stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PolicyDenyEvent {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the packet was dropped.
     pub ktime_ns: u64,
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+    /// IPv4: the address in word 0, the rest 0; IPv6: all four words (see `family`).
+    pub saddr_be: [u32; 4],
+    pub daddr_be: [u32; 4],
     /// Ports (0 for protocols without); for an ICMP error, the flow it quotes.
     pub sport_be: u16,
     pub dport_be: u16,
@@ -141,12 +150,13 @@ pub struct PolicyDenyEvent {
     pub reason: u8,
     /// `POLICY_DIR_INGRESS` / `POLICY_DIR_EGRESS`: the local pod's side.
     pub direction: u8,
-    pub _pad: u8,
+    /// [`EVENT_FAMILY_IPV4`] or [`EVENT_FAMILY_IPV6`].
+    pub family: u8,
     /// The local pod's endpoint id and the peer's identity (`IDENTITY_*` or an assigned one).
     pub ep_id: u32,
     pub peer_identity: u32,
 }
-const _: () = assert!(core::mem::size_of::<PolicyDenyEvent>() == 32);
+const _: () = assert!(core::mem::size_of::<PolicyDenyEvent>() == 56);
 
 /// Value of [`crate::MAP_POLICY_EVENT_BUDGET`] (per CPU).
 #[repr(C)]

@@ -8,7 +8,8 @@
 //!  IPCACHE6[peer] ─► identity (WORLD when no prefix covers it; HOST into a pod: allowed)
 //!  POLICY[(ep, dir, identity, proto, port)] then POLICY[(ep, dir, ANY, …)]   (the one rule
 //!      trie: endpoints and identities are shared by both families)
-//!      hit ─► record CT6 ─► pass          miss ─► drop (policy_denied_ingress / _egress)
+//!      hit ─► record CT6 ─► pass          miss ─► drop (policy_denied_ingress / _egress),
+//!                                                 event to the denied-flow stream (monitor.rs)
 //! ```
 //!
 //! Every step is a hash or LPM lookup, as for IPv4. Flows are followed in the IPv6 conntrack
@@ -44,6 +45,7 @@ use twill_common::{
 
 use crate::{
     maps::{TWL_CT6_V1, TWL_IPC6_V1, TWL_PEP6_V1, count},
+    monitor::Denial,
     pkt::{
         Data, ETH_HLEN, L4_DPORT, L4_SPORT, PORTS_LEN, TCP_ACK, TCP_FLAGS, TCP_RST, TCP_SYN,
         UDP_HLEN, u16_at,
@@ -275,8 +277,11 @@ fn judge6(flow: &Flow6, side: Side) -> Result<Reason, Reason> {
     if flow.related {
         // An ICMPv6 error about no flow this side passed: judged as ICMPv6 (only rules
         // without ports allow it), never tracked.
-        if isolated && allowed(&ep, side, identity6(peer), PROTO_ICMPV6, 0).is_none() {
-            return Err(side.denied());
+        if isolated {
+            let id = identity6(peer);
+            if allowed(&ep, side, id, PROTO_ICMPV6, 0).is_none() {
+                return Err(deny6(flow, side, &ep, id));
+            }
         }
         return Ok(Reason::PolicyAllowed);
     }
@@ -300,8 +305,26 @@ fn judge_new(ep: &PolicyEndpoint, side: Side, peer: &A6, flow: &Flow6) -> Result
     }
     match allowed(ep, side, id, flow.proto, flow.policy_port()) {
         Some(_) => Ok(Reason::PolicyAllowed),
-        None => Err(side.denied()),
+        None => Err(deny6(flow, side, ep, id)),
     }
+}
+
+/// The drop reason for `flow` on `side`, reported to the denied-flow stream on the way (as
+/// `policy::deny`).
+#[inline(always)]
+fn deny6(flow: &Flow6, side: Side, ep: &PolicyEndpoint, peer: u32) -> Reason {
+    let reason = side.denied();
+    let denial = Denial {
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+        direction: side.direction(),
+        reason,
+        ep_id: ep.ep_id,
+        peer,
+    };
+    crate::monitor::denied6(&flow.saddr, &flow.daddr, &denial);
+    reason
 }
 
 /// The peer's identity: its pod, the ipBlock region its address lies in, or WORLD.

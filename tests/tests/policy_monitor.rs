@@ -60,7 +60,12 @@ fn setup(lab: &Lab) -> Result<(Pod, Pod)> {
     let node = lab.node(0);
     let server = node.add_pod("mserver")?;
     let client = node.add_pod("mclient")?;
-    lab.serve(&server, "server", Some(80), Some(53))?;
+    // On both families where the lab has them (the Pod objects list every address).
+    if server.ip6.is_some() {
+        lab.serve_dual(&server, "server", Some(80), Some(53))?;
+    } else {
+        lab.serve(&server, "server", Some(80), Some(53))?;
+    }
     let objects = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "mon"}},
         server.pod_object("mon", "server", &[("app", "server")], &[]),
@@ -142,6 +147,59 @@ fn a_denied_connection_shows_up_in_debug_monitor() -> Result<()> {
             "--count 1 did not end the monitor"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The IPv6 twin on a dual-stack lab: a connection to the server's IPv6 address, denied by the
+/// same policy, shows up with both pods named by their IPv6 addresses, in JSON and as a table
+/// line with bracketed addresses.
+#[test]
+fn a_denied_ipv6_connection_shows_up_in_debug_monitor() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1).with_dual_stack())? else {
+        return Ok(());
+    };
+    let (server, client) = setup(&lab)?;
+    let (Some(server6), Some(client6)) = (server.ip6, client.ip6) else {
+        bail!("dual-stack pods without IPv6 addresses");
+    };
+    let _agent = start_agent(&lab, 0, &[])?;
+    let to = format!("[{server6}]:80");
+    wait_for("the deny policy to apply", Duration::from_secs(20), || {
+        Ok(tcp(&client, &to)?.0 != 0)
+    })?;
+
+    let json = Monitor::start(lab.node(0), &["-o", "json", "--duration", "60"])?;
+    let line = deny_until_line(&client, &to, &json, 30)?;
+    let v: Value = serde_json::from_str(&line).with_context(|| format!("monitor line {line}"))?;
+    ensure!(v["kind"] == "deny", "{v}");
+    ensure!(v["direction"] == "ingress", "{v}");
+    ensure!(v["reason"] == "policy_denied_ingress", "{v}");
+    ensure!(v["proto"] == "tcp", "{v}");
+    ensure!(
+        v["from"]["pod"] == "mon/client" && v["from"]["ip"] == client6.to_string(),
+        "{v}"
+    );
+    ensure!(
+        v["to"]["pod"] == "mon/server"
+            && v["to"]["ip"] == server6.to_string()
+            && v["to"]["port"] == 80,
+        "{v}"
+    );
+    drop(json);
+
+    let table = Monitor::start(lab.node(0), &["--count", "1", "--duration", "60"])?;
+    let line = deny_until_line(&client, &to, &table, 30)?;
+    let want_from = format!("mon/client [{client6}]:");
+    let want_to = format!("-> mon/server [{server6}]:80");
+    for part in [
+        " ingress ",
+        want_from.as_str(),
+        want_to.as_str(),
+        " tcp ",
+        "policy_denied_ingress",
+    ] {
+        ensure!(line.contains(part), "{part:?} missing from {line:?}");
     }
     Ok(())
 }

@@ -13,14 +13,14 @@
 //! traffic beyond it); the agent says how many events it did not see, so a quiet monitor never
 //! means "nothing was denied" when events were dropped.
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::broadcast;
-use twill_common::{POLICY_DIR_INGRESS, PolicyDenyEvent, Reason};
+use twill_common::{EVENT_FAMILY_IPV6, POLICY_DIR_INGRESS, PolicyDenyEvent, Reason, addr6_octets};
 
 use crate::api::Published;
 use crate::metrics::Metrics;
@@ -33,7 +33,8 @@ const LOST_POLL: Duration = Duration::from_secs(1);
 /// One side of a denied flow.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEnd {
-    pub ip: Ipv4Addr,
+    /// Either family (the JSON holds the address as text).
+    pub ip: IpAddr,
     pub port: u16,
     /// `namespace/name` when the address is a known pod.
     pub pod: Option<String>,
@@ -77,9 +78,13 @@ impl MonitorLine {
     pub fn render(&self) -> String {
         match self {
             MonitorLine::Deny(d) => {
-                let end = |e: &FlowEnd| match &e.pod {
-                    Some(p) => format!("{p} {}:{}", e.ip, e.port),
-                    None => format!("{}:{}", e.ip, e.port),
+                // `addr:port`, an IPv6 address in brackets (`[addr]:port`).
+                let end = |e: &FlowEnd| {
+                    let at = std::net::SocketAddr::new(e.ip, e.port);
+                    match &e.pod {
+                        Some(p) => format!("{p} {at}"),
+                        None => at.to_string(),
+                    }
                 };
                 format!(
                     "{}  {:<7}  {} -> {}  {}  {}",
@@ -105,6 +110,7 @@ impl MonitorLine {
 fn proto_name(proto: u8) -> String {
     match proto {
         1 => "icmp".into(),
+        58 => "icmpv6".into(),
         6 => "tcp".into(),
         17 => "udp".into(),
         132 => "sctp".into(),
@@ -141,11 +147,16 @@ impl DenyFlow {
     pub fn from_event(
         ev: &PolicyDenyEvent,
         boot_to_unix_ns: i128,
-        mut pod: impl FnMut(Ipv4Addr) -> Option<String>,
+        mut pod: impl FnMut(IpAddr) -> Option<String>,
     ) -> Self {
         let unix_ns = u64::try_from(i128::from(ev.ktime_ns) + boot_to_unix_ns).unwrap_or(0);
-        let mut end = |addr_be: u32, port_be: u16| {
-            let ip = Ipv4Addr::from(u32::from_be(addr_be));
+        let v6 = ev.family == EVENT_FAMILY_IPV6;
+        let mut end = |addr_be: [u32; 4], port_be: u16| {
+            let ip = if v6 {
+                IpAddr::V6(Ipv6Addr::from(addr6_octets(addr_be)))
+            } else {
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(addr_be[0])))
+            };
             FlowEnd {
                 ip,
                 port: u16::from_be(port_be),
@@ -206,11 +217,11 @@ impl MonitorHub {
 struct PodNames {
     published: Arc<RwLock<Published>>,
     seen: Option<Arc<crate::source::PolicyObjects>>,
-    by_ip: HashMap<Ipv4Addr, String>,
+    by_ip: HashMap<IpAddr, String>,
 }
 
 impl PodNames {
-    fn lookup(&mut self, ip: Ipv4Addr) -> Option<String> {
+    fn lookup(&mut self, ip: IpAddr) -> Option<String> {
         let objects = self
             .published
             .read()
@@ -221,7 +232,12 @@ impl PodNames {
             self.by_ip = objects
                 .pods
                 .values()
-                .filter_map(|p| Some((p.ip?, format!("{}/{}", p.namespace, p.name))))
+                .flat_map(|p| {
+                    let name = format!("{}/{}", p.namespace, p.name);
+                    let v4 = p.ip.map(|ip| (IpAddr::V4(ip), name.clone()));
+                    let v6 = p.ip6.map(|ip| (IpAddr::V6(ip), name));
+                    v4.into_iter().chain(v6)
+                })
                 .collect();
             self.seen = Some(objects);
         }
@@ -371,14 +387,14 @@ mod tests {
     fn event() -> PolicyDenyEvent {
         PolicyDenyEvent {
             ktime_ns: 5_000_000_000,
-            saddr_be: u32::from(Ipv4Addr::new(10, 244, 0, 2)).to_be(),
-            daddr_be: u32::from(Ipv4Addr::new(10, 244, 0, 3)).to_be(),
+            saddr_be: [u32::from(Ipv4Addr::new(10, 244, 0, 2)).to_be(), 0, 0, 0],
+            daddr_be: [u32::from(Ipv4Addr::new(10, 244, 0, 3)).to_be(), 0, 0, 0],
             sport_be: 40_000u16.to_be(),
             dport_be: 80u16.to_be(),
             proto: 6,
             reason: Reason::PolicyDeniedIngress as u8,
             direction: POLICY_DIR_INGRESS,
-            _pad: 0,
+            family: twill_common::EVENT_FAMILY_IPV4,
             ep_id: 1,
             peer_identity: 256,
         }
@@ -400,7 +416,7 @@ mod tests {
 
     #[test]
     fn an_event_names_its_pods_and_renders_one_line() {
-        let names = |ip: Ipv4Addr| (ip == Ipv4Addr::new(10, 244, 0, 3)).then(|| "x/a".to_owned());
+        let names = |ip: IpAddr| (ip == Ipv4Addr::new(10, 244, 0, 3)).then(|| "x/a".to_owned());
         let d = DenyFlow::from_event(&event(), 1_796_637_657_000_000_000, names);
         assert_eq!(d.unix_ns, 1_796_637_662_000_000_000);
         assert_eq!(d.direction, "ingress");
@@ -423,6 +439,33 @@ mod tests {
             serde_json::to_string(&lost).unwrap(),
             "{\"kind\":\"lost\",\"count\":3,\"cause\":\"rate_limit\"}"
         );
+    }
+
+    /// An IPv6 event: addresses decoded from the maps' word form, shown as `[addr]:port` in
+    /// the table and as plain addresses in the JSON, pods named by their IPv6 address.
+    #[test]
+    fn an_ipv6_event_shows_bracketed_addresses() {
+        let (from, to): (Ipv6Addr, Ipv6Addr) = (
+            "fd00:10:244::2".parse().unwrap(),
+            "fd00:10:244::3".parse().unwrap(),
+        );
+        let mut ev = event();
+        ev.family = EVENT_FAMILY_IPV6;
+        ev.saddr_be = twill_common::addr6_from_octets(from.octets());
+        ev.daddr_be = twill_common::addr6_from_octets(to.octets());
+        ev.proto = 17;
+        ev.dport_be = 53u16.to_be();
+        let names = |ip: IpAddr| (ip == IpAddr::V6(to)).then(|| "x/a".to_owned());
+        let d = DenyFlow::from_event(&ev, 1_796_637_657_000_000_000, names);
+        assert_eq!((d.from.ip, d.to.ip), (IpAddr::V6(from), IpAddr::V6(to)));
+        let line = MonitorLine::Deny(d);
+        assert_eq!(
+            line.render(),
+            "2026-12-07T10:01:02.000000Z  ingress  [fd00:10:244::2]:40000 -> x/a [fd00:10:244::3]:53  udp  policy_denied_ingress"
+        );
+        let json = serde_json::to_value(&line).unwrap();
+        assert_eq!(json["to"]["ip"], "fd00:10:244::3");
+        assert_eq!(json["to"]["pod"], "x/a");
     }
 
     /// A client gets the lines published after it subscribed, and one that falls behind the
