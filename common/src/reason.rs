@@ -145,6 +145,11 @@ pub enum Reason {
     /// `loadBalancerSourceRanges`, dropped: the ranges are matched for IPv4 clients only, so an
     /// IPv6 client is never let in unchecked.
     Ns6SourceRangeDenied = 105,
+    /// A fragment of an IPv6 datagram arriving on a device (first or later): left to the
+    /// node's stack untranslated. Fragments are not followed by the IPv6 north-south path (no
+    /// IPv6 twin of `TWL_FRAG_V1`), so an IPv6 NodePort, External IP or LoadBalancer IP
+    /// datagram sent in fragments, or a masqueraded flow's fragmented reply, is not served.
+    Ipv6Fragment = 106,
     // 110..=119: IPv6 pod network (eBPF masquerade of IPv6 pods).
     /// A local pod's new IPv6 flow leaving the cluster was masqueraded (the node's IPv6
     /// address, a port of the masquerade range); its later packets and replies count as
@@ -155,14 +160,21 @@ pub enum Reason {
     /// cannot be translated consistently (its sender learns nothing either way; untranslated it
     /// would leak the pod address and its answer could not come back).
     Masq6Fragment = 111,
-    /// An IPv6 packet whose transport header follows extension headers: left untouched (pods'
-    /// TCP and UDP carry none).
+    /// An IPv6 packet on a device whose extension headers hide its transport header (a routing
+    /// header with segments left, a chain longer than the walk follows): left untouched.
+    /// Hop-by-hop, destination options, routing (segments left 0) and authentication headers
+    /// before a TCP/UDP header are walked and the packet translated as any other.
     Ipv6ExtHeaders = 112,
     // 120..=129: IPv6 NetworkPolicy (the drops are `PolicyDenied{Ingress,Egress}`, as IPv4's).
     /// An IPv6 packet on a pod's veth that policy leaves alone by scope: a link-local or
     /// multicast address (the pod and its node's veth talking: Neighbour Discovery, MLD,
     /// router solicitations), or a Neighbour Discovery message.
     Policy6LinkScope = 120,
+    /// A later fragment of an IPv6 datagram (fragment offset ≠ 0) on a pod's veth: passed
+    /// unjudged, as IPv4's. It has no transport header; its datagram's first fragment carried
+    /// the ports and was judged, and a datagram whose first fragment was dropped never
+    /// reassembles.
+    Policy6LaterFragment = 121,
 }
 
 impl Reason {
@@ -218,10 +230,12 @@ impl Reason {
         Reason::Ns6Dnat,
         Reason::Ns6Forwarded,
         Reason::Ns6SourceRangeDenied,
+        Reason::Ipv6Fragment,
         Reason::Masq6Snat,
         Reason::Masq6Fragment,
         Reason::Ipv6ExtHeaders,
         Reason::Policy6LinkScope,
+        Reason::Policy6LaterFragment,
     ];
 
     /// Stable snake_case name used as a metric label and in the debug CLI.
@@ -277,10 +291,12 @@ impl Reason {
             Reason::Ns6Dnat => "ns6_dnat",
             Reason::Ns6Forwarded => "ns6_forwarded",
             Reason::Ns6SourceRangeDenied => "ns6_source_range_denied",
+            Reason::Ipv6Fragment => "ipv6_fragment",
             Reason::Masq6Snat => "masq6_snat",
             Reason::Masq6Fragment => "masq6_fragment",
             Reason::Ipv6ExtHeaders => "ipv6_ext_headers",
             Reason::Policy6LinkScope => "policy6_link_scope",
+            Reason::Policy6LaterFragment => "policy6_later_fragment",
         }
     }
 

@@ -40,6 +40,8 @@ mod ns6;
 #[cfg(target_arch = "bpf")]
 mod pkt;
 #[cfg(target_arch = "bpf")]
+mod pkt6;
+#[cfg(target_arch = "bpf")]
 mod pod;
 #[cfg(target_arch = "bpf")]
 mod policy;

@@ -28,9 +28,18 @@
 //! folded into the transport checksum. Neighbour Discovery and MLD are ICMPv6 messages that are
 //! neither TCP/UDP nor errors: never touched, on any device.
 //!
-//! Limits: a transport header after extension headers is not parsed (`Ipv6ExtHeaders`: pods'
-//! TCP and UDP carry none); fragments of a masqueraded flow are dropped (`Masq6Fragment`: only
-//! the first carries the ports, and IPv6 pods fragment only datagrams above the path MTU).
+//! Extension headers: the transport header is found behind hop-by-hop, destination options,
+//! routing (segments left 0) and authentication headers by the walk `policy6` shares
+//! (`pkt6::walk`), and translated at its offset (the checksum covers the transport header and
+//! the pseudo-header, never the extension headers between them). A packet the walk finds no
+//! transport header in (a routing header with segments left, a chain longer than the walk
+//! follows) is left untouched (`Ipv6ExtHeaders`), as is an ICMPv6 message behind extension
+//! headers.
+//!
+//! Limits: fragments are not followed: those of a masqueraded flow are dropped
+//! (`Masq6Fragment`: only the first carries the ports, and IPv6 pods fragment only datagrams
+//! above the path MTU); those arriving on a device are left to the stack untranslated and
+//! counted (`Ipv6Fragment`): an IPv6 NodePort datagram sent in fragments is not served.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -55,6 +64,7 @@ use crate::{
         Data, ETH_HLEN, ETH_PROTO_OFF, L4_DPORT, L4_SPORT, PORTS_LEN, TCP_ACK, TCP_CSUM, TCP_FLAGS,
         TCP_RST, TCP_SYN, UDP_CSUM, UDP_HLEN, u16_at,
     },
+    pkt6::{Frag6, is_ext, l4, walk},
     tc::Verdict,
 };
 
@@ -69,11 +79,6 @@ const IP6_SRC_AT: usize = ETH_HLEN + IP6_SRC;
 const IP6_DST_AT: usize = ETH_HLEN + IP6_DST;
 /// Where the transport header starts when no extension header precedes it.
 const L4_AT: usize = ETH_HLEN + IP6_HLEN;
-/// Extension headers (RFC 8200 4): the fragment header, and those before a transport header.
-const NEXT_HOP_BY_HOP: u8 = 0;
-const NEXT_ROUTING: u8 = 43;
-const NEXT_FRAGMENT: u8 = 44;
-const NEXT_DEST_OPTS: u8 = 60;
 const PROTO_ICMPV6: u8 = 58;
 /// ICMPv6 errors (RFC 4443 3): destination unreachable, packet too big, time exceeded.
 const ICMP6_DEST_UNREACH: u8 = 1;
@@ -87,8 +92,7 @@ const ICMP6_CSUM: usize = 2;
 )]
 const FIB_PARAMS_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
 
-/// A TCP/UDP packet with no extension header (addresses as in the packet, ports in network
-/// order).
+/// A TCP/UDP packet (addresses as in the packet, ports in network order).
 pub struct Pkt6 {
     pub saddr: A6,
     pub daddr: A6,
@@ -98,6 +102,8 @@ pub struct Pkt6 {
     tcp_flags: u8,
     /// UDP: the datagram carries a checksum (mandatory in IPv6; 0 is left alone).
     udp_csum: bool,
+    /// Where the transport header starts (behind any extension headers).
+    l4_off: usize,
 }
 
 impl Pkt6 {
@@ -132,12 +138,12 @@ struct IcmpErr6 {
 enum Parsed6 {
     Flow(Pkt6),
     IcmpError(IcmpErr6),
-    /// A fragment header follows the IPv6 header.
+    /// A fragment of a datagram (a fragment header in the chain).
     Fragment {
         saddr: A6,
         daddr: A6,
     },
-    /// A hop-by-hop, routing or destination options header follows it.
+    /// Extension headers the walk found no transport header behind.
     ExtHeaders,
     /// Not IPv6, or nothing this program translates (ND, MLD, echo, other protocols).
     Other,
@@ -180,9 +186,20 @@ pub fn is_ipv6(ctx: &TcContext) -> bool {
 fn parse6(ctx: &TcContext) -> Result<Parsed6, Reason> {
     let d = Data::new(ctx);
     let (next, saddr, daddr) = header6(ctx, &d, ETH_HLEN).ok_or(Reason::Malformed)?;
-    let (sport, dport, tcp_flags, udp_csum) = match next {
+    // The transport header: right after the fixed header, or behind extension headers.
+    let ext = is_ext(next);
+    let (proto, l4_off) = if ext {
+        let up = walk(ctx, next)?;
+        if up.frag != Frag6::Whole {
+            return Ok(Parsed6::Fragment { saddr, daddr });
+        }
+        (up.proto, up.off)
+    } else {
+        (next, L4_AT)
+    };
+    let (sport, dport, tcp_flags, udp_csum) = match proto {
         PROTO_TCP => {
-            let h: [u8; TCP_FLAGS + 1] = d.bytes(L4_AT).ok_or(Reason::Malformed)?;
+            let h: [u8; TCP_FLAGS + 1] = l4(ctx, &d, ext, l4_off).ok_or(Reason::Malformed)?;
             (
                 u16_at(&h, L4_SPORT),
                 u16_at(&h, L4_DPORT),
@@ -191,13 +208,13 @@ fn parse6(ctx: &TcContext) -> Result<Parsed6, Reason> {
             )
         }
         PROTO_UDP => {
-            let h: [u8; UDP_HLEN] = d.bytes(L4_AT).ok_or(Reason::Malformed)?;
+            let h: [u8; UDP_HLEN] = l4(ctx, &d, ext, l4_off).ok_or(Reason::Malformed)?;
             let csum = u16_at(&h, UDP_CSUM) != 0;
             (u16_at(&h, L4_SPORT), u16_at(&h, L4_DPORT), 0, csum)
         }
-        PROTO_ICMPV6 => return Ok(parse_icmp6(ctx, &d, saddr, daddr)),
-        NEXT_FRAGMENT => return Ok(Parsed6::Fragment { saddr, daddr }),
-        NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTS => return Ok(Parsed6::ExtHeaders),
+        PROTO_ICMPV6 if !ext => return Ok(parse_icmp6(ctx, &d, saddr, daddr)),
+        // The walk stopped on an extension header: no transport header to translate.
+        p if is_ext(p) => return Ok(Parsed6::ExtHeaders),
         _ => return Ok(Parsed6::Other),
     };
     Ok(Parsed6::Flow(Pkt6 {
@@ -205,9 +222,10 @@ fn parse6(ctx: &TcContext) -> Result<Parsed6, Reason> {
         daddr,
         sport,
         dport,
-        proto: next,
+        proto,
         tcp_flags,
         udp_csum,
+        l4_off,
     }))
 }
 
@@ -280,7 +298,9 @@ pub fn ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
         },
         Parsed6::IcmpError(e) => icmp_error6(ctx, &e, true),
         Parsed6::ExtHeaders => Ok((Reason::Ipv6ExtHeaders, TC_ACT_OK)),
-        Parsed6::Fragment { .. } | Parsed6::Other => Ok((Reason::NotService, TC_ACT_OK)),
+        // Not followed (see the module doc): the stack has it, counted.
+        Parsed6::Fragment { .. } => Ok((Reason::Ipv6Fragment, TC_ACT_OK)),
+        Parsed6::Other => Ok((Reason::NotService, TC_ACT_OK)),
     }
 }
 
@@ -520,7 +540,8 @@ fn replace16(
     ctx.store(at, new, 0).map_err(fail)
 }
 
-/// Rewrites addresses and ports of a TCP/UDP packet, fixing its checksum.
+/// Rewrites addresses and ports of a TCP/UDP packet, fixing its checksum (at the transport
+/// header's own offset, behind any extension headers).
 #[inline(always)]
 pub fn rewrite6(
     ctx: &TcContext,
@@ -530,7 +551,7 @@ pub fn rewrite6(
     daddr: &A6,
     dport: u16,
 ) -> Result<(), Reason> {
-    let csum_off = L4_AT
+    let csum_off = p.l4_off
         + if p.proto == PROTO_TCP {
             TCP_CSUM
         } else {
@@ -547,8 +568,8 @@ pub fn rewrite6(
     replace16(ctx, IP6_DST_AT, &p.daddr, daddr, csum, pseudo)?;
     let fail = |_| Reason::RewriteFailed;
     for (off, old, new) in [
-        (L4_AT + L4_SPORT, p.sport, sport),
-        (L4_AT + L4_DPORT, p.dport, dport),
+        (p.l4_off + L4_SPORT, p.sport, sport),
+        (p.l4_off + L4_DPORT, p.dport, dport),
     ] {
         if old == new {
             continue;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  link-local or multicast address, Neighbour Discovery, MLD ─► pass (Policy6LinkScope)
-//!  later fragment (fragment header, offset ≠ 0)               ─► pass (the first was judged)
+//!  later fragment (fragment header, offset ≠ 0)               ─► pass (Policy6LaterFragment)
 //!  POLICY_ENDPOINTS6[local pod]   none, or not isolated either way ─► pass (no state)
 //!  CT6[tuple] has this side's bit, CT6[reverse] the other side's   ─► pass
 //!  IPCACHE6[peer] ─► identity (WORLD when no prefix covers it; HOST into a pod: allowed)
@@ -17,13 +17,23 @@
 //! (`CT_F_POLICY_EGRESS` / `_INGRESS`), state machine (`ct_next_state`) and collector as the
 //! IPv4 entries in `TWL_CT_V2`.
 //!
-//! What the parser reads: the fixed header, a fragment header right after it (the first
-//! fragment's transport header follows it), TCP/UDP/SCTP ports, ICMPv6 echo identifiers (as
-//! ports, as for IPv4) and ICMPv6 errors (destination unreachable, packet too big, time
-//! exceeded, parameter problem) related to the flow they quote. A packet whose transport header
-//! follows another extension header (hop-by-hop, routing, destination options) is judged as
-//! that header's protocol without ports: only rules without `ports` allow it, so it can never
-//! pass where its transport header would not (fail closed).
+//! What the parser reads: the fixed header, the extension headers behind it (`pkt6::walk`, the
+//! walk `nat6` shares: hop-by-hop, destination options, routing, fragment, authentication),
+//! TCP/UDP/SCTP ports, ICMPv6 echo identifiers (as ports, as for IPv4) and ICMPv6 errors
+//! (destination unreachable, packet too big, time exceeded, parameter problem) related to the
+//! flow they quote. A first fragment carries the transport header and is judged by its ports. A
+//! packet the walk finds no transport header in (ESP, a routing header with segments left, a
+//! chain longer than the walk follows) is judged as the protocol it stopped on, without ports:
+//! only rules without `ports` allow it, so it can never pass where its transport header would
+//! not (fail closed).
+//!
+//! Later fragments (offset ≠ 0) carry no transport header and pass unjudged
+//! (`Policy6LaterFragment`), as IPv4's do: they are never judged as a port-less new flow, which
+//! would deny the later fragments of an allowed datagram (an isolated pod) or record a flow no
+//! rule allowed. Passing them lets nothing through that the policy denied: a datagram whose
+//! first fragment was dropped never reassembles, and the receiver discards its other fragments
+//! when the reassembly timer ends (RFC 8200 4.5, without an error, since the first never came).
+//! What they cost is reassembly memory on the receiver until then, bounded by its kernel.
 //!
 //! Link scope: a pod's IPv6 neighbours on its veth are the node alone (`fe80::1`, the CNI's
 //! gateway), and Neighbour Discovery must keep working for every pod, isolated or not, as ARP
@@ -50,6 +60,7 @@ use crate::{
         Data, ETH_HLEN, L4_DPORT, L4_SPORT, PORTS_LEN, TCP_ACK, TCP_FLAGS, TCP_RST, TCP_SYN,
         UDP_HLEN, u16_at,
     },
+    pkt6::{Frag6, is_ext, l4, walk},
     policy::{Side, allowed},
 };
 
@@ -63,10 +74,6 @@ const IP6_SRC: usize = 8;
 const IP6_DST: usize = 24;
 /// Where the transport header starts when no extension header precedes it.
 const L4_AT: usize = ETH_HLEN + IP6_HLEN;
-/// The fragment header (RFC 8200 4.5): next header, then the offset (top 13 bits of bytes 2-3).
-const NEXT_FRAGMENT: u8 = 44;
-const FRAG_HLEN: usize = 8;
-const FRAG_OFFSET_MASK: u16 = 0xfff8;
 const PROTO_ICMPV6: u8 = 58;
 /// ICMPv6 (RFC 4443): errors 1..=4, echo; MLD (RFC 2710, 3810) and Neighbour Discovery
 /// (RFC 4861).
@@ -127,8 +134,8 @@ pub fn pod6(skb: *mut aya_ebpf::bindings::__sk_buff, egress: bool) -> i32 {
     let ctx = TcContext::new(skb);
     let side = if egress { Side::Egress } else { Side::Ingress };
     let verdict = match parse6(&ctx) {
-        Ok(Some(flow)) => judge6(&flow, side),
-        Ok(None) => Ok(Reason::Policy6LinkScope),
+        Ok(Seen6::Flow(flow)) => judge6(&flow, side),
+        Ok(Seen6::Pass(reason)) => Ok(reason),
         Err(reason) => Err(reason),
     };
     match verdict {
@@ -150,10 +157,16 @@ fn link_scope(a: &A6) -> bool {
     w >> 22 == 0xfe80 >> 6 || w >> 24 == 0xff
 }
 
-/// The flow of an IPv6 frame; `Ok(None)` for what policy leaves alone (link scope, Neighbour
-/// Discovery, MLD, later fragments).
+/// What the parser made of an IPv6 frame.
+enum Seen6 {
+    Flow(Flow6),
+    /// Left alone by policy, and why (link scope, Neighbour Discovery, MLD, later fragments).
+    Pass(Reason),
+}
+
+/// The flow of an IPv6 frame, or why policy leaves it alone.
 #[inline(always)]
-fn parse6(ctx: &TcContext) -> Result<Option<Flow6>, Reason> {
+fn parse6(ctx: &TcContext) -> Result<Seen6, Reason> {
     let d = Data::new(ctx);
     let h: [u8; 8] = d.bytes(ETH_HLEN).ok_or(Reason::Malformed)?;
     if h[0] >> 4 != 6 {
@@ -167,7 +180,7 @@ fn parse6(ctx: &TcContext) -> Result<Option<Flow6>, Reason> {
         .load(ETH_HLEN + IP6_DST)
         .map_err(|_| Reason::Malformed)?;
     if link_scope(&saddr) || link_scope(&daddr) {
-        return Ok(None);
+        return Ok(Seen6::Pass(Reason::Policy6LinkScope));
     }
     let mut flow = Flow6 {
         saddr,
@@ -178,52 +191,57 @@ fn parse6(ctx: &TcContext) -> Result<Option<Flow6>, Reason> {
         tcp_flags: 0,
         related: false,
     };
+    // The transport header: right after the fixed header, or behind extension headers.
+    let ext = is_ext(flow.proto);
     let mut off = L4_AT;
-    if flow.proto == NEXT_FRAGMENT {
-        let f: [u8; FRAG_HLEN] = d.bytes(L4_AT).ok_or(Reason::Malformed)?;
-        if u16::from_be(u16_at(&f, 2)) & FRAG_OFFSET_MASK != 0 {
-            return Ok(None);
+    if ext {
+        let up = walk(ctx, flow.proto)?;
+        if up.frag == Frag6::Later {
+            return Ok(Seen6::Pass(Reason::Policy6LaterFragment));
         }
-        flow.proto = f[0];
-        off = L4_AT + FRAG_HLEN;
+        flow.proto = up.proto;
+        off = up.off;
     }
     match flow.proto {
         PROTO_TCP => {
-            let t: [u8; TCP_FLAGS + 1] = d.bytes(off).ok_or(Reason::Malformed)?;
+            let t: [u8; TCP_FLAGS + 1] = l4(ctx, &d, ext, off).ok_or(Reason::Malformed)?;
             flow.sport = u16_at(&t, L4_SPORT);
             flow.dport = u16_at(&t, L4_DPORT);
             flow.tcp_flags = t[TCP_FLAGS];
         }
         PROTO_UDP => {
-            let u: [u8; UDP_HLEN] = d.bytes(off).ok_or(Reason::Malformed)?;
+            let u: [u8; UDP_HLEN] = l4(ctx, &d, ext, off).ok_or(Reason::Malformed)?;
             flow.sport = u16_at(&u, L4_SPORT);
             flow.dport = u16_at(&u, L4_DPORT);
         }
         PROTO_SCTP => {
-            let p: [u8; PORTS_LEN] = d.bytes(off).ok_or(Reason::Malformed)?;
+            let p: [u8; PORTS_LEN] = l4(ctx, &d, ext, off).ok_or(Reason::Malformed)?;
             flow.sport = u16_at(&p, L4_SPORT);
             flow.dport = u16_at(&p, L4_DPORT);
         }
         PROTO_ICMPV6 => {
-            let i: [u8; ICMP6_HLEN] = d.bytes(off).ok_or(Reason::Malformed)?;
+            let i: [u8; ICMP6_HLEN] = l4(ctx, &d, ext, off).ok_or(Reason::Malformed)?;
             match i[0] {
-                ICMP6_MLD_QUERY..=ICMP6_ND_REDIRECT | ICMP6_MLD2_REPORT => return Ok(None),
+                ICMP6_MLD_QUERY..=ICMP6_ND_REDIRECT | ICMP6_MLD2_REPORT => {
+                    return Ok(Seen6::Pass(Reason::Policy6LinkScope));
+                }
                 ICMP6_ECHO_REQUEST => flow.sport = u16_at(&i, ICMP6_ECHO_ID),
                 ICMP6_ECHO_REPLY => flow.dport = u16_at(&i, ICMP6_ECHO_ID),
-                1..=ICMP6_ERR_LAST => quote6(ctx, &d, off + ICMP6_HLEN, &mut flow),
+                1..=ICMP6_ERR_LAST => quote6(ctx, off + ICMP6_HLEN, &mut flow),
                 _ => {}
             }
         }
         _ => {}
     }
-    Ok(Some(flow))
+    Ok(Seen6::Flow(flow))
 }
 
 /// Makes `flow` (an ICMPv6 error) the reverse of the TCP/UDP/SCTP flow whose packet it quotes
-/// at `off`; a quote of anything else, or cut short, leaves it an ICMPv6 packet.
+/// at `off`; a quote of anything else, or cut short, leaves it an ICMPv6 packet. Read through
+/// the helper: `off` may lie behind extension headers.
 #[inline(always)]
-fn quote6(ctx: &TcContext, d: &Data, off: usize, flow: &mut Flow6) {
-    let Some(h) = d.bytes::<8>(off) else {
+fn quote6(ctx: &TcContext, off: usize, flow: &mut Flow6) {
+    let Ok(h) = ctx.load::<[u8; 8]>(off) else {
         return;
     };
     let proto = h[IP6_NEXT];
@@ -233,7 +251,7 @@ fn quote6(ctx: &TcContext, d: &Data, off: usize, flow: &mut Flow6) {
     let (Ok(qs), Ok(qd)) = (ctx.load::<A6>(off + IP6_SRC), ctx.load::<A6>(off + IP6_DST)) else {
         return;
     };
-    let Some(ports) = d.bytes::<PORTS_LEN>(off + IP6_HLEN) else {
+    let Ok(ports) = ctx.load::<[u8; PORTS_LEN]>(off + IP6_HLEN) else {
         return;
     };
     // The quoted packet went from its source to its destination; the error travels back.

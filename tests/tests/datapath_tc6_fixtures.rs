@@ -533,3 +533,270 @@ fn tc6_nodeport_to_a_remote_backend_snats_and_translates_icmp_errors() -> Result
         Ok(())
     })
 }
+
+/// Extension headers (RFC 8200 4) as the fixtures insert them, 8 bytes each.
+#[derive(Clone, Copy)]
+enum Ext {
+    HopByHop,
+    DestOpts,
+    /// A routing header with this many segments left.
+    Routing(u8),
+    /// A fragment header: offset in 8-byte units, more fragments.
+    Fragment(u16, bool),
+}
+
+impl Ext {
+    fn number(self) -> u8 {
+        match self {
+            Ext::HopByHop => 0,
+            Ext::Routing(_) => 43,
+            Ext::Fragment(..) => 44,
+            Ext::DestOpts => 60,
+        }
+    }
+
+    /// The header with `next` as its next header.
+    fn bytes(self, next: u8) -> [u8; 8] {
+        match self {
+            // One PadN option filling the 6 bytes after the first two.
+            Ext::HopByHop | Ext::DestOpts => [next, 0, 1, 4, 0, 0, 0, 0],
+            // Type 4 (segment routing) with no segments listed: only the fields the walk reads.
+            Ext::Routing(left) => [next, 0, 4, left, 0, 0, 0, 0],
+            Ext::Fragment(offset, more) => {
+                let field = (offset << 3) | u16::from(more);
+                let f = field.to_be_bytes();
+                [next, 0, f[0], f[1], 0x12, 0x34, 0x56, 0x78]
+            }
+        }
+    }
+}
+
+/// `pkt` (a frame from [`tcp`]/[`udp`], its checksum already over the pseudo-header, which
+/// extension headers do not enter) with `exts` inserted between the IPv6 and transport headers.
+fn with_ext(pkt: &[u8], exts: &[Ext]) -> Vec<u8> {
+    let proto = pkt[14 + 6];
+    let mut out = pkt[..54].to_vec();
+    let Some(first) = exts.first() else {
+        return pkt.to_vec();
+    };
+    out[14 + 6] = first.number();
+    for (i, e) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).map_or(proto, |n| n.number());
+        out.extend_from_slice(&e.bytes(next));
+    }
+    out.extend_from_slice(&pkt[54..]);
+    let payload = u16::try_from(out.len() - 54).unwrap_or(0);
+    out[18..20].copy_from_slice(&payload.to_be_bytes());
+    out
+}
+
+/// [`inspect`] of a frame whose transport header follows `n` 8-byte extension headers
+/// (`proto` the transport protocol), after checking they are byte for byte those of `sent`.
+fn inspect_ext(pkt: &[u8], sent: &[u8], n: usize, proto: u8) -> Result<Seen> {
+    let at = 54 + 8 * n;
+    ensure!(pkt.len() > at + 8, "short packet {}", pkt.len());
+    ensure!(
+        pkt[54..at] == sent[54..at] && pkt[20] == sent[20],
+        "extension headers changed"
+    );
+    let ip = &pkt[14..54];
+    let (src, dst) = (addr(&ip[8..]), addr(&ip[24..]));
+    let l4 = &pkt[at..];
+    ensure!(
+        csum(l4, pseudo_sum(src, dst, proto, l4.len())) == 0xffff,
+        "bad checksum behind extension headers"
+    );
+    Ok(((src, port(&l4[0..])), (dst, port(&l4[2..]))))
+}
+
+/// IPv6 NodePort flows behind extension headers: a SYN behind a destination-options header is
+/// DNATed at the transport header's real offset (checksum verified, the extension header
+/// untouched), the backend's reply behind a hop-by-hop header translated back, a UDP datagram
+/// behind both DNATed; a fragmented datagram is left to the stack (`ipv6_fragment`), and a
+/// packet behind a routing header with segments left (not at its final destination) is left
+/// untouched (`ipv6_ext_headers`).
+#[test]
+fn tc6_nodeport_translates_flows_behind_extension_headers() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1).with_dual_stack())? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let (dp, mut maps) = loaded()?;
+    local_frontends(&mut maps)?;
+    let np = (NODE, 30080);
+    in_netns(&n0.netns, || {
+        let syn = with_ext(&tcp((CLIENT, 40100), np, TCP_SYN), &[Ext::DestOpts]);
+        let out = run(&dp, INGRESS, &syn, TC_ACT_OK)?;
+        let seen = inspect_ext(&out, &syn, 1, PROTO_TCP)?;
+        ensure!(seen == ((CLIENT, 40100), (POD, 8080)), "DNAT: {seen:?}");
+        let reply = with_ext(
+            &tcp((POD, 8080), (CLIENT, 40100), TCP_SYN | TCP_ACK),
+            &[Ext::HopByHop],
+        );
+        let out = run(&dp, EGRESS, &reply, TC_ACT_OK)?;
+        let seen = inspect_ext(&out, &reply, 1, PROTO_TCP)?;
+        ensure!(seen == (np, (CLIENT, 40100)), "reply: {seen:?}");
+
+        let dgram = with_ext(
+            &udp((CLIENT, 41100), (NODE, 30053)),
+            &[Ext::HopByHop, Ext::DestOpts],
+        );
+        let out = run(&dp, INGRESS, &dgram, TC_ACT_OK)?;
+        let seen = inspect_ext(&out, &dgram, 2, PROTO_UDP)?;
+        ensure!(seen == ((CLIENT, 41100), (POD, 5353)), "UDP DNAT: {seen:?}");
+
+        // Not translated: a first fragment (its later ones could not follow) and a packet a
+        // routing header still sends elsewhere.
+        for (pkt, what) in [
+            (
+                with_ext(
+                    &udp((CLIENT, 41101), (NODE, 30053)),
+                    &[Ext::HopByHop, Ext::Fragment(0, true)],
+                ),
+                "first fragment",
+            ),
+            (
+                with_ext(&tcp((CLIENT, 40101), np, TCP_SYN), &[Ext::Routing(1)]),
+                "routing header with a segment left",
+            ),
+        ] {
+            let out = run(&dp, INGRESS, &pkt, TC_ACT_OK)?;
+            ensure!(out == pkt, "{what} changed");
+        }
+
+        let stats = maps.stats()?;
+        ensure!(stats[&Reason::Ns6Dnat] == 2, "{stats:?}");
+        ensure!(stats[&Reason::RevNatApplied] == 1, "{stats:?}");
+        ensure!(stats[&Reason::Ipv6Fragment] == 1, "{stats:?}");
+        ensure!(stats[&Reason::Ipv6ExtHeaders] == 1, "{stats:?}");
+        Ok(())
+    })
+}
+
+/// `POD` isolated for ingress, admitting TCP 8080 and UDP 5353 from anyone (the maps
+/// `pod6_policy_judges_ports_behind_extension_headers_and_passes_later_fragments` runs on).
+fn isolate_pod6_with_one_rule(dp: &mut Datapath) -> Result<()> {
+    use twill_agent::policy::PolicyMaps as _;
+    use twill_common::{
+        IDENTITY_ANY, PEP_F_INGRESS_ISOLATED, POLICY_DIR_INGRESS, POLICY_PREFIX_PORT_BASE,
+        PolicyEndpoint, PolicyKey, PolicyVerdict,
+    };
+    use twill_core::policy::LpmKey;
+    const EP: u32 = 7;
+    let mut pol = dp.policy_maps()?;
+    pol.upsert_endpoint6(
+        a6(POD),
+        PolicyEndpoint {
+            ep_id: EP,
+            flags: PEP_F_INGRESS_ISOLATED,
+        },
+    )?;
+    for (proto, port) in [(PROTO_TCP, 8080u16), (PROTO_UDP, 5353)] {
+        pol.upsert_policy(
+            LpmKey {
+                data: PolicyKey {
+                    ep_id_be: EP.to_be(),
+                    direction: POLICY_DIR_INGRESS,
+                    _pad: [0; 3],
+                    identity_be: IDENTITY_ANY.to_be(),
+                    proto,
+                    _pad2: 0,
+                    port_be: port.to_be(),
+                },
+                prefix_len: POLICY_PREFIX_PORT_BASE + 16,
+            },
+            PolicyVerdict { rule_id: 1 },
+        )?;
+    }
+    Ok(())
+}
+
+/// IPv6 NetworkPolicy behind extension headers, on a pod's ingress (`twill_pod_egress`): a pod
+/// isolated for ingress with one rule (TCP 8080 and UDP 5353 from anyone) admits a SYN to 8080
+/// behind a destination-options header and one behind a hop-by-hop header, and a first
+/// fragment to 5353, each judged by its ports; it denies 9090 behind a hop-by-hop header, a
+/// first fragment to another UDP port, and a SYN to 8080 behind a routing header with a segment
+/// left (no ports: only a rule without ports would admit it). A later fragment is passed
+/// unjudged (`policy6_later_fragment`), never judged as a port-less new flow.
+#[test]
+fn pod6_policy_judges_ports_behind_extension_headers_and_passes_later_fragments() -> Result<()> {
+    const POD_INGRESS: &str = "twill_pod_egress";
+
+    let Some(lab) = require(LabSpec::nodes(1).with_dual_stack())? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let mut dp = Datapath::load(&DatapathOptions::unpinned())?;
+    let p: &mut aya::programs::SchedClassifier = dp
+        .ebpf
+        .program_mut(POD_INGRESS)
+        .context(POD_INGRESS)?
+        .try_into()?;
+    p.load()?;
+    let maps = dp.lb_maps()?;
+    isolate_pod6_with_one_rule(&mut dp)?;
+    in_netns(&n0.netns, || {
+        let first = |dport: u16| {
+            with_ext(
+                &udp((CLIENT, 41200), (POD, dport)),
+                &[Ext::HopByHop, Ext::Fragment(0, true)],
+            )
+        };
+        for (pkt, want, what) in [
+            (
+                with_ext(
+                    &tcp((CLIENT, 40200), (POD, 8080), TCP_SYN),
+                    &[Ext::DestOpts],
+                ),
+                TC_ACT_OK,
+                "SYN to 8080 behind destination options",
+            ),
+            (
+                with_ext(
+                    &tcp((CLIENT, 40201), (POD, 8080), TCP_SYN),
+                    &[Ext::HopByHop],
+                ),
+                TC_ACT_OK,
+                "SYN to 8080 behind hop-by-hop",
+            ),
+            (first(5353), TC_ACT_OK, "first fragment to 5353"),
+            (
+                with_ext(
+                    &tcp((CLIENT, 40202), (POD, 9090), TCP_SYN),
+                    &[Ext::HopByHop],
+                ),
+                TC_ACT_SHOT,
+                "SYN to 9090 behind hop-by-hop",
+            ),
+            (first(5354), TC_ACT_SHOT, "first fragment to 5354"),
+            (
+                with_ext(
+                    &tcp((CLIENT, 40203), (POD, 8080), TCP_SYN),
+                    &[Ext::Routing(1)],
+                ),
+                TC_ACT_SHOT,
+                "SYN to 8080 behind a routing header with a segment left",
+            ),
+            (
+                // Its payload is the middle of a datagram, not a transport header.
+                with_ext(
+                    &udp((CLIENT, 41201), (POD, 9999)),
+                    &[Ext::Fragment(185, true)],
+                ),
+                TC_ACT_OK,
+                "later fragment",
+            ),
+        ] {
+            let (rc, out) = test_run(&dp, POD_INGRESS, &pkt)?;
+            ensure!(rc == want, "{what}: verdict {rc}, want {want}");
+            if rc == TC_ACT_OK {
+                ensure!(out == pkt, "{what} changed");
+            }
+        }
+        let stats = maps.stats()?;
+        ensure!(stats[&Reason::PolicyAllowed] == 3, "{stats:?}");
+        ensure!(stats[&Reason::PolicyDeniedIngress] == 3, "{stats:?}");
+        ensure!(stats[&Reason::Policy6LaterFragment] == 1, "{stats:?}");
+        Ok(())
+    })
+}
