@@ -141,9 +141,9 @@ pub enum Reason {
     /// (externalTrafficPolicy Cluster): DNAT and SNAT to this node's IPv6 address and a port
     /// of the reserved range, sent out through the route's device.
     Ns6Forwarded = 104,
-    /// Per-packet IPv6 north-south: an IPv6 client of a frontend with
-    /// `loadBalancerSourceRanges`, dropped: the ranges are matched for IPv4 clients only, so an
-    /// IPv6 client is never let in unchecked.
+    /// Per-packet IPv6 north-south: an IPv6 client outside the IPv6
+    /// `loadBalancerSourceRanges` of the LoadBalancer IP it asked for, dropped (the IPv6 twin
+    /// of `SourceRangeDenied`).
     Ns6SourceRangeDenied = 105,
     /// A fragment of an IPv6 datagram arriving on a device (first or later): left to the
     /// node's stack untranslated. Fragments are not followed by the IPv6 north-south path (no
