@@ -31,10 +31,11 @@
 //! Extension headers: the transport header is found behind hop-by-hop, destination options,
 //! routing (segments left 0) and authentication headers by the walk `policy6` shares
 //! (`pkt6::walk`), and translated at its offset (the checksum covers the transport header and
-//! the pseudo-header, never the extension headers between them). A packet the walk finds no
-//! transport header in (a routing header with segments left, a chain longer than the walk
-//! follows) is left untouched (`Ipv6ExtHeaders`), as is an ICMPv6 message behind extension
-//! headers.
+//! the pseudo-header, never the extension headers between them; an AH-protected flow is
+//! translated too, and its receiver's integrity check fails as after any NAT, RFC 3715). A
+//! packet the walk finds no transport header in (a routing header with segments left, a chain
+//! longer than the walk follows) is left untouched (`Ipv6ExtHeaders`), as is an ICMPv6 message
+//! behind extension headers.
 //!
 //! Limits: fragments are not followed: those of a masqueraded flow are dropped
 //! (`Masq6Fragment`: only the first carries the ports, and IPv6 pods fragment only datagrams
