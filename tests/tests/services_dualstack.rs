@@ -521,6 +521,9 @@ fn should_function_for_node_service_http() -> Result<()> {
                     "the local backend did not see the client's IPv6 address: {out}"
                 );
             }
+            if v6 && i == 0 {
+                conntrack_shows_ipv6_flows(node, &to, client6, &backends[i].0)?;
+            }
         }
     }
     // Both IPv6 paths were taken on node 0 (counted by the kernel, read back by the agent).
@@ -531,6 +534,52 @@ fn should_function_for_node_service_http() -> Result<()> {
     ensure!(
         dnat > 0 && forwarded > 0,
         "IPv6 north-south verdicts on node 0: ns6_dnat {dnat}, ns6_forwarded {forwarded}"
+    );
+    Ok(())
+}
+
+/// `debug conntrack` shows the IPv6 table's flows beside the IPv4 ones: the external client's
+/// (`client6`) flows to the NodePort `to` of `node`, to a backend's IPv6 address; `--backend`
+/// takes `web`'s IPv6 address.
+fn conntrack_shows_ipv6_flows(
+    node: &twill_lab::Node,
+    to: &str,
+    client6: &str,
+    web: &Pod,
+) -> Result<()> {
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&node.debug(&["conntrack", "-o", "json"])?)?;
+    let backend6 = ip6(web)?;
+    let flow6 = rows
+        .iter()
+        .find(|r| {
+            r["scope"] == "nat"
+                && r["direction"] == "original"
+                && r["destination"] == to
+                && r["source"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(&format!("[{client6}]:")))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no IPv6 NodePort flow to {to} in {rows:?}"))?;
+    ensure!(
+        flow6["backend"]
+            .as_str()
+            .is_some_and(|b| b.starts_with('[') && b.ends_with("]:8080")),
+        "{flow6}"
+    );
+    let by_backend: Vec<serde_json::Value> = serde_json::from_str(&node.debug(&[
+        "conntrack",
+        "--backend",
+        &backend6.to_string(),
+        "-o",
+        "json",
+    ])?)?;
+    ensure!(
+        !by_backend.is_empty()
+            && by_backend.iter().all(|r| r["backend"]
+                .as_str()
+                .is_some_and(|b| b.starts_with(&format!("[{backend6}]:")))),
+        "{by_backend:?}"
     );
     Ok(())
 }

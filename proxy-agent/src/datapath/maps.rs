@@ -3,7 +3,7 @@
 //! dumps).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr},
     path::Path,
 };
 
@@ -15,7 +15,7 @@ use twill_common::{
     ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, SrcRangeKey6, UdpFlowKey,
     def,
 };
-use twill_common::{ServiceKey6, SockRevNatKey6, SockRevNatValue6, addr6_octets};
+use twill_common::{ServiceKey6, SockRevNatKey6, SockRevNatValue6};
 
 use super::{
     DatapathError,
@@ -23,6 +23,7 @@ use super::{
 };
 use crate::ctgc::{self, AddrOwners, CtGcPlan};
 use crate::lbmap::{LbMaps, LbState, MapError, MapKind};
+use twill_core::family::addr6_from_be;
 
 /// Per-reason verdict counters summed over all CPUs. Reasons never hit are present with 0, so
 /// metrics export every label.
@@ -48,11 +49,6 @@ pub struct FlushReport {
 /// An IPv4 address in the maps' form (network order) as an address.
 fn addr4(addr_be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(addr_be))
-}
-
-/// An IPv6 address in the maps' form as an address.
-fn addr6(addr_be: [u32; 4]) -> Ipv6Addr {
-    Ipv6Addr::from(addr6_octets(addr_be))
 }
 
 /// The load-balancing maps of a loaded (or adopted) datapath.
@@ -377,10 +373,15 @@ impl AyaLbMaps {
         let targets: BTreeSet<(IpAddr, u16)> = backends
             .iter()
             .filter(|(_, b)| b.proto == PROTO_UDP)
-            .map(|(_, b)| (IpAddr::V6(addr6(b.addr_be)), u16::from_be(b.port_be)))
+            .map(|(_, b)| {
+                (
+                    IpAddr::V6(addr6_from_be(b.addr_be)),
+                    u16::from_be(b.port_be),
+                )
+            })
             .collect();
         let revnat = stale_rn.iter().map(|k| {
-            let addr = IpAddr::V6(addr6(k.backend_addr_be));
+            let addr = IpAddr::V6(addr6_from_be(k.backend_addr_be));
             (k.cookie, addr, u16::from_be(k.backend_port_be))
         });
         self.destroy_udp_sockets(&targets, revnat, &mut report)?;
@@ -455,6 +456,9 @@ impl AyaLbMaps {
     }
 }
 
+/// The entries of the IPv4 and the IPv6 connection-tracking tables.
+pub type CtDump = (Vec<(CtKey, CtValue)>, Vec<(CtKey6, CtValue6)>);
+
 /// The connection-tracking table on a handle of its own, so the agent collects it on a blocking
 /// thread without holding up the run loop (a pass over 100,000 entries costs two syscalls each,
 /// about half a second).
@@ -480,6 +484,14 @@ impl CtTable {
     /// `max_entries` of the (IPv4) table.
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    /// Every entry of both tables (for `debug conntrack`).
+    pub fn dump(&self) -> Result<CtDump, MapError> {
+        Ok((
+            collect(&self.ct, MapKind::Ct)?,
+            collect(&self.ct6, MapKind::Ct6)?,
+        ))
     }
 
     /// As [`AyaLbMaps::collect_ct`].
