@@ -34,10 +34,10 @@ use core::mem::size_of;
 
 use crate::{
     AffinityKey, AffinityValue, Backend, CtKey, CtKey6, CtValue, CtValue6, DatapathConfig,
-    EventBudget, FastPathConfig, FragKey, FragValue, IpCacheKey, IpCacheKey6, LocalEndpoint,
-    MasqKey, MasqKey6, NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict,
-    ServiceKey, ServiceValue, SlotKey, SockDestroyKey, SockRevNatKey, SockRevNatValue, SrcRangeKey,
-    UdpFlowKey,
+    EventBudget, FastPathConfig, FragKey, FragKey6, FragValue, IpCacheKey, IpCacheKey6,
+    LocalEndpoint, MasqKey, MasqKey6, NodeAddrValue, PeerIdentity, PolicyEndpoint, PolicyKey,
+    PolicyVerdict, ServiceKey, ServiceValue, SlotKey, SockDestroyKey, SockRevNatKey,
+    SockRevNatValue, SrcRangeKey, UdpFlowKey,
 };
 use crate::{Backend6, ServiceKey6, SockRevNatKey6, SockRevNatValue6, SrcRangeKey6};
 
@@ -381,6 +381,17 @@ catalogue! {
         size: DEFAULT_FRAGS_MAX = 8_192,
         flag: "map-size-frags",
         help: "Max entries of the fragment map (first-fragment ports of fragmented datagrams in flight)",
+    }
+    /// IPv6 twin of `Frags`: the first fragment's ports of fragmented IPv6 datagrams arriving on
+    /// the devices, so their later fragments follow the first one's north-south translation.
+    Frags6 {
+        name: MAP_FRAGS6 = "TWL_FRAG6_V1",
+        map_type: LruHash,
+        key: FragKey6,
+        value: FragValue,
+        size: DEFAULT_FRAGS6_MAX = 8_192,
+        flag: "map-size-frags6",
+        help: "Max entries of the IPv6 fragment map (first-fragment ports of fragmented IPv6 datagrams in flight)",
     }
     /// Removed UDP backends whose connected sockets the socket iterator destroys: filled for one
     /// sweep, then emptied (and emptied before each fill, so a pinned leftover of a crashed

@@ -150,12 +150,28 @@ pub struct MasqKey6 {
 }
 const _: () = assert!(core::mem::size_of::<MasqKey6>() == 20);
 
+/// Key of `FRAGS6`: one fragmented IPv6 datagram as it arrived, identified as RFC 8200 4.5
+/// does (source, destination, the fragment header's 32-bit identification) and by its
+/// transport protocol; the value is IPv4's `FragValue` (the first fragment's ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey6 {
+    pub saddr_be: [u32; 4],
+    pub daddr_be: [u32; 4],
+    /// As in the fragment header (network order).
+    pub id_be: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FragKey6>() == 40);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type is #[repr(C)], Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for super::CtKey6 {}
     unsafe impl aya::Pod for super::CtValue6 {}
     unsafe impl aya::Pod for super::MasqKey6 {}
+    unsafe impl aya::Pod for super::FragKey6 {}
 }
 
 #[cfg(test)]

@@ -145,20 +145,21 @@ pub enum Reason {
     /// `loadBalancerSourceRanges` of the LoadBalancer IP it asked for, dropped (the IPv6 twin
     /// of `SourceRangeDenied`).
     Ns6SourceRangeDenied = 105,
-    /// A fragment of an IPv6 datagram arriving on a device (first or later): left to the
-    /// node's stack untranslated. Fragments are not followed by the IPv6 north-south path (no
-    /// IPv6 twin of `TWL_FRAG_V1`), so an IPv6 NodePort, External IP or LoadBalancer IP
-    /// datagram sent in fragments, or a masqueraded flow's fragmented reply, is not served.
+    /// A later fragment of an IPv6 datagram arriving on a device that follows no flow (its
+    /// first fragment was not seen, arrived after it, or opened no translation): left to the
+    /// node's stack untranslated. Later fragments whose first fragment was seen follow its
+    /// flow (`TWL_FRAG6_V1`) and count as the flow's packets.
     Ipv6Fragment = 106,
     // 110..=119: IPv6 pod network (eBPF masquerade of IPv6 pods).
     /// A local pod's new IPv6 flow leaving the cluster was masqueraded (the node's IPv6
     /// address, a port of the masquerade range); its later packets and replies count as
     /// `ct_hit` / `revnat_applied` like IPv4's.
     Masq6Snat = 110,
-    /// A fragment of an IPv6 datagram that would be masqueraded: dropped. Only the sender
-    /// fragments in IPv6 and the fragment header hides the ports of all but the first, so it
-    /// cannot be translated consistently (its sender learns nothing either way; untranslated it
-    /// would leak the pod address and its answer could not come back).
+    /// A later fragment of an IPv6 datagram that would be masqueraded but whose first fragment
+    /// opened no flow (unseen, out of order): dropped. Its ports are only in the first
+    /// fragment, so it cannot be translated on its own (untranslated it would leak the pod
+    /// address and its answer could not come back). Fragments whose first fragment was seen
+    /// follow its flow (`TWL_FRAG6_V1`).
     Masq6Fragment = 111,
     /// An IPv6 packet on a device whose extension headers hide its transport header (a routing
     /// header with segments left, a chain longer than the walk follows): left untouched.

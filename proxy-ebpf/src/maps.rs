@@ -8,16 +8,17 @@ use aya_ebpf::{
 use twill_common::{
     AffinityKey, AffinityValue, Backend, Backend6, CtKey, CtKey6, CtValue, CtValue6,
     DEFAULT_AFFINITY_MAX, DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_BACKENDS6_MAX,
-    DEFAULT_CT_MAX, DEFAULT_CT6_MAX, DEFAULT_FRAGS_MAX, DEFAULT_IPCACHE_MAX, DEFAULT_IPCACHE6_MAX,
-    DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_LOCAL_ENDPOINTS_MAX, DEFAULT_MASQ_PREFIXES_MAX,
-    DEFAULT_MASQ6_PREFIXES_MAX, DEFAULT_NODE_ADDRS_MAX, DEFAULT_POLICY_ENDPOINTS_MAX,
-    DEFAULT_POLICY_ENDPOINTS6_MAX, DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SERVICES6_MAX,
-    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOCK_REVNAT6_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig,
-    EventBudget, FastPathConfig, FragKey, FragValue, IpCacheKey, IpCacheKey6, LocalEndpoint,
-    MasqKey, MasqKey6, NodeAddrValue, POLICY_EVENT_BUDGET_ENTRIES, POLICY_EVENTS_BYTES,
-    PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, Reason, STATS_MAX, ServiceKey,
-    ServiceKey6, ServiceValue, SlotKey, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
-    SockRevNatValue6, SrcRangeKey, SrcRangeKey6, UdpFlowKey,
+    DEFAULT_CT_MAX, DEFAULT_CT6_MAX, DEFAULT_FRAGS_MAX, DEFAULT_FRAGS6_MAX, DEFAULT_IPCACHE_MAX,
+    DEFAULT_IPCACHE6_MAX, DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_LOCAL_ENDPOINTS_MAX,
+    DEFAULT_MASQ_PREFIXES_MAX, DEFAULT_MASQ6_PREFIXES_MAX, DEFAULT_NODE_ADDRS_MAX,
+    DEFAULT_POLICY_ENDPOINTS_MAX, DEFAULT_POLICY_ENDPOINTS6_MAX, DEFAULT_POLICY_MAX,
+    DEFAULT_SERVICES_MAX, DEFAULT_SERVICES6_MAX, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOCK_REVNAT6_MAX,
+    DEFAULT_UDP_FLOWS_MAX, DatapathConfig, EventBudget, FastPathConfig, FragKey, FragKey6,
+    FragValue, IpCacheKey, IpCacheKey6, LocalEndpoint, MasqKey, MasqKey6, NodeAddrValue,
+    POLICY_EVENT_BUDGET_ENTRIES, POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint, PolicyKey,
+    PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
+    SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SrcRangeKey, SrcRangeKey6,
+    UdpFlowKey,
 };
 
 #[map]
@@ -91,6 +92,11 @@ pub static TWL_LBSRC6_V1: LpmTrie<SrcRangeKey6, u8> =
 #[map]
 pub static TWL_FRAG_V1: LruHashMap<FragKey, FragValue> =
     LruHashMap::with_max_entries(DEFAULT_FRAGS_MAX, 0);
+
+// The IPv6 twin (`nat6.rs`), LRU for the same reason.
+#[map]
+pub static TWL_FRAG6_V1: LruHashMap<FragKey6, FragValue> =
+    LruHashMap::with_max_entries(DEFAULT_FRAGS6_MAX, 0);
 // NetworkPolicy (docs/design/policy.md): local pods, peer identities by prefix, and the allowed
 // (endpoint, direction, identity, protocol, port) prefixes.
 #[map]

@@ -13,7 +13,9 @@
 //!                              reply tuples already taken (BPF_NOEXIST)
 //!                        CT6: reply entry first, then the original ─► rewrite (Masq6Snat)
 //!    ICMPv6 error quoting a tracked flow ─► translated back (a local pod's error about a reply)
-//!    fragment of a masqueraded flow ─► dropped (Masq6Fragment)
+//!    first fragment: a flow as any (its ports recorded in FRAG6); later fragment: its first
+//!      fragment's flow (FRAG6 → CT6, addresses rewritten), else dropped when it would leave
+//!      masqueraded (Masq6Fragment)
 //!  ingress (twill_tc_ingress):
 //!    TCP/UDP, CT6 hit ─► rewrite (replies: node:port ⇒ pod) ─► the stack routes it to the pod
 //!                        (a north-south flow SNATed to a node address: redirected out, `ns6`)
@@ -37,10 +39,14 @@
 //! longer than the walk follows) is left untouched (`Ipv6ExtHeaders`), as is an ICMPv6 message
 //! behind extension headers.
 //!
-//! Limits: fragments are not followed: those of a masqueraded flow are dropped
-//! (`Masq6Fragment`: only the first carries the ports, and IPv6 pods fragment only datagrams
-//! above the path MTU); those arriving on a device are left to the stack untranslated and
-//! counted (`Ipv6Fragment`): an IPv6 NodePort datagram sent in fragments is not served.
+//! Fragments: a first fragment carries the transport header and is translated as any packet
+//! of its flow; its ports are recorded under the datagram's identity (source, destination,
+//! 32-bit identification, protocol) in `TWL_FRAG6_V1`, so the later fragments find the flow
+//! and have their addresses rewritten as the first's were (the transport checksum, in the first
+//! fragment, took the whole change), as IPv4's `TWL_FRAG_V1` does. A later fragment whose
+//! first was not seen (out of order, or the datagram's first fragment went elsewhere) opens
+//! nothing: left to the stack on ingress (`Ipv6Fragment`), dropped on egress when it would
+//! leave masqueraded (`Masq6Fragment`: untranslated it would leak the pod's address).
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -53,13 +59,13 @@ use aya_ebpf::{
 };
 use twill_common::{
     CT_F_MASQ, CT_F_REPLY, CT_F_SNAT, CT_SCOPE_NAT, CT_STATE_CLOSING, CT_STATE_NEW, CtKey6,
-    CtValue6, FP_F_MASQ_BPF, MASQ_KIND_EXEMPT, MASQ_KIND_SOURCE, MASQ_PREFIX_BASE, MasqKey6,
-    PROTO_TCP, PROTO_UDP, Reason, ct_lifetime_ns, ct_next_state,
+    CtValue6, FP_F_MASQ_BPF, FragKey6, FragValue, MASQ_KIND_EXEMPT, MASQ_KIND_SOURCE,
+    MASQ_PREFIX_BASE, MasqKey6, PROTO_TCP, PROTO_UDP, Reason, ct_lifetime_ns, ct_next_state,
 };
 
 use crate::{
     fwd::config,
-    maps::{TWL_CT6_V1, TWL_MASQ6_V1, count},
+    maps::{TWL_CT6_V1, TWL_FRAG6_V1, TWL_MASQ6_V1, count},
     natport::{self, Ct6},
     pkt::{
         Data, ETH_HLEN, ETH_PROTO_OFF, L4_DPORT, L4_SPORT, PORTS_LEN, TCP_ACK, TCP_CSUM, TCP_FLAGS,
@@ -105,6 +111,9 @@ pub struct Pkt6 {
     udp_csum: bool,
     /// Where the transport header starts (behind any extension headers).
     l4_off: usize,
+    /// A fragment after the first: no transport header (the ports are its first fragment's,
+    /// from `TWL_FRAG6_V1`), so only the addresses are rewritten.
+    later_fragment: bool,
 }
 
 impl Pkt6 {
@@ -139,7 +148,8 @@ struct IcmpErr6 {
 enum Parsed6 {
     Flow(Pkt6),
     IcmpError(IcmpErr6),
-    /// A fragment of a datagram (a fragment header in the chain).
+    /// A later fragment of a datagram whose first fragment was not seen, or of a protocol
+    /// other than TCP and UDP.
     Fragment {
         saddr: A6,
         daddr: A6,
@@ -189,15 +199,39 @@ fn parse6(ctx: &TcContext) -> Result<Parsed6, Reason> {
     let (next, saddr, daddr) = header6(ctx, &d, ETH_HLEN).ok_or(Reason::Malformed)?;
     // The transport header: right after the fixed header, or behind extension headers.
     let ext = is_ext(next);
-    let (proto, l4_off) = if ext {
+    let (proto, l4_off, frag, frag_id) = if ext {
         let up = walk(ctx, next)?;
-        if up.frag != Frag6::Whole {
-            return Ok(Parsed6::Fragment { saddr, daddr });
-        }
-        (up.proto, up.off)
+        (up.proto, up.off, up.frag, up.frag_id)
     } else {
-        (next, L4_AT)
+        (next, L4_AT, Frag6::Whole, 0)
     };
+    let mut frag_key = FragKey6 {
+        saddr_be: saddr,
+        daddr_be: daddr,
+        id_be: frag_id,
+        proto,
+        _pad: [0; 3],
+    };
+    if frag == Frag6::Later {
+        // No transport header: the flow is its datagram's first fragment's, if that one was
+        // seen (fragments may arrive out of order; those then pass untouched).
+        // SAFETY: the value is copied out at once.
+        let seen = (unsafe { TWL_FRAG6_V1.get(&frag_key) }).copied();
+        return Ok(match seen {
+            Some(ports) if proto == PROTO_TCP || proto == PROTO_UDP => Parsed6::Flow(Pkt6 {
+                saddr,
+                daddr,
+                sport: ports.sport_be,
+                dport: ports.dport_be,
+                proto,
+                tcp_flags: 0,
+                udp_csum: false,
+                l4_off: 0,
+                later_fragment: true,
+            }),
+            _ => Parsed6::Fragment { saddr, daddr },
+        });
+    }
     let (sport, dport, tcp_flags, udp_csum) = match proto {
         PROTO_TCP => {
             let h: [u8; TCP_FLAGS + 1] = l4(ctx, &d, ext, l4_off).ok_or(Reason::Malformed)?;
@@ -218,6 +252,19 @@ fn parse6(ctx: &TcContext) -> Result<Parsed6, Reason> {
         p if is_ext(p) => return Ok(Parsed6::ExtHeaders),
         _ => return Ok(Parsed6::Other),
     };
+    if frag == Frag6::First {
+        // Its ports for the later fragments; recorded for every fragmented datagram, translated
+        // or not (fragmentation is rare), as IPv4's `TWL_FRAG_V1`.
+        frag_key.proto = proto;
+        let _ = TWL_FRAG6_V1.insert(
+            &frag_key,
+            &FragValue {
+                sport_be: sport,
+                dport_be: dport,
+            },
+            0,
+        );
+    }
     Ok(Parsed6::Flow(Pkt6 {
         saddr,
         daddr,
@@ -227,6 +274,7 @@ fn parse6(ctx: &TcContext) -> Result<Parsed6, Reason> {
         tcp_flags,
         udp_csum,
         l4_off,
+        later_fragment: false,
     }))
 }
 
@@ -273,15 +321,12 @@ pub fn egress(ctx: &TcContext) -> Result<Verdict, Reason> {
     match parse6(ctx)? {
         Parsed6::Flow(p) => match ct_lookup6(ctx, &p) {
             Some(verdict) => verdict,
+            // A later fragment opens nothing (its first fragment did, or was not translated).
+            None if p.later_fragment => unfollowed6(&p.saddr, &p.daddr),
             None => open(ctx, &p),
         },
         Parsed6::IcmpError(e) => icmp_error6(ctx, &e, false),
-        Parsed6::Fragment { saddr, daddr } => {
-            if config().flags & FP_F_MASQ_BPF != 0 && masqueraded6(&saddr, &daddr) {
-                return Err(Reason::Masq6Fragment);
-            }
-            Ok((Reason::NotService, TC_ACT_OK))
-        }
+        Parsed6::Fragment { saddr, daddr } => unfollowed6(&saddr, &daddr),
         Parsed6::ExtHeaders => Ok((Reason::Ipv6ExtHeaders, TC_ACT_OK)),
         Parsed6::Other => Ok((Reason::NotService, TC_ACT_OK)),
     }
@@ -294,6 +339,8 @@ pub fn ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
     match parse6(ctx)? {
         Parsed6::Flow(p) => match ct_lookup6(ctx, &p) {
             Some(verdict) => verdict,
+            // A later fragment opens nothing: its first fragment did, or it stays untranslated.
+            None if p.later_fragment => Ok((Reason::Ipv6Fragment, TC_ACT_OK)),
             // A new flow from outside: NodePort, External IP or LoadBalancer IP (`ns6`).
             None => crate::ns6::open(ctx, &p),
         },
@@ -303,6 +350,17 @@ pub fn ingress(ctx: &TcContext) -> Result<Verdict, Reason> {
         Parsed6::Fragment { .. } => Ok((Reason::Ipv6Fragment, TC_ACT_OK)),
         Parsed6::Other => Ok((Reason::NotService, TC_ACT_OK)),
     }
+}
+
+/// A pod's fragment no tracked flow takes (its datagram's first fragment unseen or not
+/// translated): dropped if it would leave masqueraded — untranslated it would leak the pod's
+/// address and its answer could not come back — else untouched.
+#[inline(always)]
+fn unfollowed6(saddr: &A6, daddr: &A6) -> Result<Verdict, Reason> {
+    if config().flags & FP_F_MASQ_BPF != 0 && masqueraded6(saddr, daddr) {
+        return Err(Reason::Masq6Fragment);
+    }
+    Ok((Reason::NotService, TC_ACT_OK))
 }
 
 #[inline(always)]
@@ -558,7 +616,9 @@ pub fn rewrite6(
         } else {
             UDP_CSUM
         };
-    let csum = (p.proto == PROTO_TCP || p.udp_csum).then_some(csum_off);
+    // A later fragment has no transport header: only its addresses change (its first
+    // fragment's checksum took the whole datagram's change).
+    let csum = (!p.later_fragment && (p.proto == PROTO_TCP || p.udp_csum)).then_some(csum_off);
     let mangled = if p.proto == PROTO_UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {
@@ -572,7 +632,7 @@ pub fn rewrite6(
         (p.l4_off + L4_SPORT, p.sport, sport),
         (p.l4_off + L4_DPORT, p.dport, dport),
     ] {
-        if old == new {
+        if old == new || p.later_fragment {
             continue;
         }
         if let Some(c) = csum {

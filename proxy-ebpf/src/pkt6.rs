@@ -63,6 +63,8 @@ pub struct Upper6 {
     /// Its frame offset.
     pub off: usize,
     pub frag: Frag6,
+    /// A fragment's identification (network order; 0 for a whole datagram).
+    pub frag_id: u32,
 }
 
 /// Whether `next` is an extension header [`walk`] follows.
@@ -82,6 +84,7 @@ pub fn walk(ctx: &TcContext, next: u8) -> Result<Upper6, Reason> {
         proto: next,
         off: AFTER_FIXED,
         frag: Frag6::Whole,
+        frag_id: 0,
     };
     for _ in 0..MAX_EXT_HEADERS {
         match up.proto {
@@ -100,10 +103,11 @@ pub fn walk(ctx: &TcContext, next: u8) -> Result<Upper6, Reason> {
                 up.off += (usize::from(h[1]) + 1) * 8;
             }
             NEXT_FRAGMENT => {
-                let h: [u8; 4] = ctx.load(up.off).map_err(|_| Reason::Malformed)?;
+                let h: [u8; 8] = ctx.load(up.off).map_err(|_| Reason::Malformed)?;
                 let field = u16::from_be_bytes([h[2], h[3]]);
                 up.proto = h[0];
                 up.off += 8;
+                up.frag_id = u32::from_ne_bytes([h[4], h[5], h[6], h[7]]);
                 if field & FRAG_OFFSET_MASK != 0 {
                     up.frag = Frag6::Later;
                     return Ok(up);

@@ -782,9 +782,8 @@ fn inspect_ext(pkt: &[u8], sent: &[u8], n: usize, proto: u8) -> Result<Seen> {
 /// IPv6 NodePort flows behind extension headers: a SYN behind a destination-options header is
 /// DNATed at the transport header's real offset (checksum verified, the extension header
 /// untouched), the backend's reply behind a hop-by-hop header translated back, a UDP datagram
-/// behind both DNATed; a fragmented datagram is left to the stack (`ipv6_fragment`), and a
-/// packet behind a routing header with segments left (not at its final destination) is left
-/// untouched (`ipv6_ext_headers`).
+/// behind both DNATed; a packet behind a routing header with segments left (not at its final
+/// destination) is left untouched (`ipv6_ext_headers`).
 #[test]
 fn tc6_nodeport_translates_flows_behind_extension_headers() -> Result<()> {
     let Some(lab) = require(LabSpec::nodes(1).with_dual_stack())? else {
@@ -815,29 +814,14 @@ fn tc6_nodeport_translates_flows_behind_extension_headers() -> Result<()> {
         let seen = inspect_ext(&out, &dgram, 2, PROTO_UDP)?;
         ensure!(seen == ((CLIENT, 41100), (POD, 5353)), "UDP DNAT: {seen:?}");
 
-        // Not translated: a first fragment (its later ones could not follow) and a packet a
-        // routing header still sends elsewhere.
-        for (pkt, what) in [
-            (
-                with_ext(
-                    &udp((CLIENT, 41101), (NODE, 30053)),
-                    &[Ext::HopByHop, Ext::Fragment(0, true)],
-                ),
-                "first fragment",
-            ),
-            (
-                with_ext(&tcp((CLIENT, 40101), np, TCP_SYN), &[Ext::Routing(1)]),
-                "routing header with a segment left",
-            ),
-        ] {
-            let out = run(&dp, INGRESS, &pkt, TC_ACT_OK)?;
-            ensure!(out == pkt, "{what} changed");
-        }
+        // Not translated: a packet a routing header still sends elsewhere.
+        let routed = with_ext(&tcp((CLIENT, 40101), np, TCP_SYN), &[Ext::Routing(1)]);
+        let out = run(&dp, INGRESS, &routed, TC_ACT_OK)?;
+        ensure!(out == routed, "routing header with a segment left: changed");
 
         let stats = maps.stats()?;
         ensure!(stats[&Reason::Ns6Dnat] == 2, "{stats:?}");
         ensure!(stats[&Reason::RevNatApplied] == 1, "{stats:?}");
-        ensure!(stats[&Reason::Ipv6Fragment] == 1, "{stats:?}");
         ensure!(stats[&Reason::Ipv6ExtHeaders] == 1, "{stats:?}");
         Ok(())
     })
@@ -967,6 +951,96 @@ fn pod6_policy_judges_ports_behind_extension_headers_and_passes_later_fragments(
         ensure!(stats[&Reason::PolicyAllowed] == 3, "{stats:?}");
         ensure!(stats[&Reason::PolicyDeniedIngress] == 3, "{stats:?}");
         ensure!(stats[&Reason::Policy6LaterFragment] == 1, "{stats:?}");
+        Ok(())
+    })
+}
+
+/// `l4` (a whole transport header and payload, its checksum set) from `src` to `dst` cut into
+/// fragments of `cut`-byte pieces (a multiple of 8) behind a hop-by-hop header, identification
+/// `id`.
+fn fragments(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    proto: u8,
+    l4: &[u8],
+    cut: usize,
+    id: u32,
+) -> Vec<Vec<u8>> {
+    // Only its Ethernet and IPv6 headers are used (the checksum it writes at 6 is not).
+    let whole = frame(src, dst, proto, l4.to_vec(), 6);
+    l4.chunks(cut)
+        .enumerate()
+        .map(|(i, piece)| {
+            let more = (i + 1) * cut < l4.len();
+            let offset = u16::try_from(i * cut / 8).unwrap_or(0);
+            let mut f = whole[..54].to_vec();
+            f.extend_from_slice(&Ext::HopByHop.bytes(44));
+            let mut fh = Ext::Fragment(offset, more).bytes(proto);
+            fh[4..8].copy_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(&fh);
+            f.extend_from_slice(piece);
+            // The fixed header's next header: hop-by-hop.
+            f[20] = 0;
+            let payload = u16::try_from(f.len() - 54).unwrap_or(0);
+            f[18..20].copy_from_slice(&payload.to_be_bytes());
+            f
+        })
+        .collect()
+}
+
+/// A fragmented IPv6 NodePort datagram: its first fragment (ports behind a hop-by-hop and a
+/// fragment header) is DNATed and records its ports in `TWL_FRAG6_V1`, its later fragment
+/// follows the flow (addresses only); reassembled, the datagram reaches the backend with a
+/// valid UDP checksum. A later fragment of a datagram whose first fragment was never seen is
+/// left to the stack untouched (`ipv6_fragment`).
+#[test]
+fn tc6_fragmented_nodeport_datagrams_follow_their_first_fragment() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1).with_dual_stack())? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let (dp, mut maps) = loaded()?;
+    local_frontends(&mut maps)?;
+    // A 208-byte UDP datagram, its checksum over the whole of it.
+    let mut l4 = vec![0u8; 208];
+    l4[0..2].copy_from_slice(&41300u16.to_be_bytes());
+    l4[2..4].copy_from_slice(&30053u16.to_be_bytes());
+    l4[4..6].copy_from_slice(&208u16.to_be_bytes());
+    for (i, b) in l4[8..].iter_mut().enumerate() {
+        *b = u8::try_from(i % 251).unwrap_or(0);
+    }
+    let c = !csum(&l4, pseudo_sum(CLIENT, NODE, PROTO_UDP, l4.len()));
+    l4[6..8].copy_from_slice(&c.to_be_bytes());
+    let pieces = fragments(CLIENT, NODE, PROTO_UDP, &l4, 104, 0x0bad_cafe);
+    in_netns(&n0.netns, || {
+        let mut reassembled = Vec::new();
+        for piece in &pieces {
+            let out = run(&dp, INGRESS, piece, TC_ACT_OK)?;
+            ensure!(
+                addr(&out[14 + 24..]) == POD && addr(&out[14 + 8..]) == CLIENT,
+                "fragment not DNATed to the backend"
+            );
+            ensure!(out[54..70] == piece[54..70], "extension headers changed");
+            reassembled.extend_from_slice(&out[70..]);
+        }
+        ensure!(reassembled.len() == 208, "{} bytes", reassembled.len());
+        ensure!(
+            csum(&reassembled, pseudo_sum(CLIENT, POD, PROTO_UDP, 208)) == 0xffff,
+            "bad UDP checksum of the reassembled datagram"
+        );
+        ensure!(
+            (port(&reassembled[0..]), port(&reassembled[2..])) == (41300, 5353),
+            "ports"
+        );
+        // The later fragment of another datagram, whose first fragment never came.
+        let stray = fragments(CLIENT, NODE, PROTO_UDP, &l4, 104, 0x0bad_f00d);
+        let out = run(&dp, INGRESS, &stray[1], TC_ACT_OK)?;
+        ensure!(out == stray[1], "a stray later fragment changed");
+
+        let stats = maps.stats()?;
+        ensure!(stats[&Reason::Ns6Dnat] == 1, "{stats:?}");
+        ensure!(stats[&Reason::CtHit] == 1, "{stats:?}");
+        ensure!(stats[&Reason::Ipv6Fragment] == 1, "{stats:?}");
         Ok(())
     })
 }
