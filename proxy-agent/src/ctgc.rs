@@ -58,63 +58,43 @@ pub trait CtEntry: Copy + Ord {
     fn new_daddr(value: &Self::Value) -> Self::Addr;
 }
 
-impl CtEntry for CtKey {
-    type Value = CtValue;
-    type Addr = u32;
-    fn scope(&self) -> u8 {
-        self.scope
-    }
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-    fn counterpart_of(&self, value: &CtValue) -> Self {
-        self.counterpart(value)
-    }
-    fn last_seen_ns(value: &CtValue) -> u64 {
-        value.last_seen_ns
-    }
-    fn state(value: &CtValue) -> u8 {
-        value.state
-    }
-    fn flags(value: &CtValue) -> u32 {
-        value.flags
-    }
-    fn saddr(&self) -> u32 {
-        self.saddr_be
-    }
-    fn new_daddr(value: &CtValue) -> u32 {
-        value.new_daddr_be
-    }
+/// The two families' keys and values have the same field names (`common/src/ct6.rs` mirrors
+/// `maps.rs` field for field), so one body serves both.
+macro_rules! impl_ct_entry {
+    ($key:ty, $value:ty, $addr:ty) => {
+        impl CtEntry for $key {
+            type Value = $value;
+            type Addr = $addr;
+            fn scope(&self) -> u8 {
+                self.scope
+            }
+            fn proto(&self) -> u8 {
+                self.proto
+            }
+            fn counterpart_of(&self, value: &$value) -> Self {
+                self.counterpart(value)
+            }
+            fn last_seen_ns(value: &$value) -> u64 {
+                value.last_seen_ns
+            }
+            fn state(value: &$value) -> u8 {
+                value.state
+            }
+            fn flags(value: &$value) -> u32 {
+                value.flags
+            }
+            fn saddr(&self) -> $addr {
+                self.saddr_be
+            }
+            fn new_daddr(value: &$value) -> $addr {
+                value.new_daddr_be
+            }
+        }
+    };
 }
 
-impl CtEntry for CtKey6 {
-    type Value = CtValue6;
-    type Addr = [u32; 4];
-    fn scope(&self) -> u8 {
-        self.scope
-    }
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-    fn counterpart_of(&self, value: &CtValue6) -> Self {
-        self.counterpart(value)
-    }
-    fn last_seen_ns(value: &CtValue6) -> u64 {
-        value.last_seen_ns
-    }
-    fn state(value: &CtValue6) -> u8 {
-        value.state
-    }
-    fn flags(value: &CtValue6) -> u32 {
-        value.flags
-    }
-    fn saddr(&self) -> [u32; 4] {
-        self.saddr_be
-    }
-    fn new_daddr(value: &CtValue6) -> [u32; 4] {
-        value.new_daddr_be
-    }
-}
+impl_ct_entry!(CtKey, CtValue, u32);
+impl_ct_entry!(CtKey6, CtValue6, [u32; 4]);
 
 /// This node's pods, known by their host routes: the CNI plugin gives every pod a `/32` route
 /// through its veth and the route goes with the veth when the pod is deleted. Addresses in this

@@ -16,15 +16,16 @@
 //!
 //! This module only renders the script (pure, shared with the lab's benchmark peers);
 //! twill-agent's `routing::nft` feeds it to `nft -f` inside the node's namespace.
-use std::fmt::Write as _;
+use std::{fmt::Write as _, net::IpAddr};
 
-use ipnetwork::{Ipv4Network, Ipv6Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
 /// nftables table (families `ip` and `ip6`) the agent owns entirely.
 pub const NFT_TABLE: &str = "twill";
 
 /// What the ruleset needs of an address family's networks: the two families share every line
-/// of it but these words.
+/// of it but these words. The route planner (`plan.rs`, `plan6.rs`) reads Node addresses and
+/// pod CIDRs through it too, so both families' plans share one parser per field.
 pub trait MasqFamily: Copy + Ord + std::fmt::Display + std::fmt::Debug {
     type Addr: Copy + Ord;
     /// nftables table family (`ip`, `ip6`), also the match keyword (`ip saddr`, `ip6 saddr`).
@@ -37,6 +38,12 @@ pub trait MasqFamily: Copy + Ord + std::fmt::Display + std::fmt::Debug {
     /// The network with its host bits cleared (10.244.1.7/24 → 10.244.1.0/24).
     #[must_use]
     fn canonical(&self) -> Self;
+    /// `ip` if it is of this family.
+    fn addr_of(ip: IpAddr) -> Option<Self::Addr>;
+    /// `net`, canonical, if it is of this family.
+    fn network_of(net: IpNetwork) -> Option<Self>;
+    /// The host network of `addr` (`/32`, `/128`).
+    fn host(addr: Self::Addr) -> Self;
 }
 
 impl MasqFamily for Ipv4Network {
@@ -55,6 +62,21 @@ impl MasqFamily for Ipv4Network {
     fn canonical(&self) -> Self {
         Ipv4Network::new(self.network(), self.prefix()).unwrap_or(*self)
     }
+    fn addr_of(ip: IpAddr) -> Option<Self::Addr> {
+        match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        }
+    }
+    fn network_of(net: IpNetwork) -> Option<Self> {
+        match net {
+            IpNetwork::V4(n) => Some(n.canonical()),
+            IpNetwork::V6(_) => None,
+        }
+    }
+    fn host(addr: Self::Addr) -> Self {
+        Ipv4Network::from(addr)
+    }
 }
 
 impl MasqFamily for Ipv6Network {
@@ -72,6 +94,21 @@ impl MasqFamily for Ipv6Network {
     }
     fn canonical(&self) -> Self {
         Ipv6Network::new(self.network(), self.prefix()).unwrap_or(*self)
+    }
+    fn addr_of(ip: IpAddr) -> Option<Self::Addr> {
+        match ip {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        }
+    }
+    fn network_of(net: IpNetwork) -> Option<Self> {
+        match net {
+            IpNetwork::V6(n) => Some(n.canonical()),
+            IpNetwork::V4(_) => None,
+        }
+    }
+    fn host(addr: Self::Addr) -> Self {
+        Ipv6Network::from(addr)
     }
 }
 

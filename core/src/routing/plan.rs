@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Node;
 use super::{
     HostLink, HostNetwork, PlanError, RoutingConfig, RoutingMode, VXLAN_DEVICE, VXLAN_OVERHEAD,
     VXLAN_OVERHEAD6,
-    masq::MasqueradeRules,
+    masq::{MasqFamily, MasqueradeRules},
     plan6::{node_internal_ipv6s, node_pod_cidrs6},
 };
 
@@ -253,20 +253,22 @@ fn connected_link(host: &HostNetwork, ip: IpAddr) -> Option<&HostLink> {
 
 /// The first IPv4 InternalIP of a Node.
 pub fn node_internal_ipv4(node: &Node) -> Option<Ipv4Addr> {
+    node_internal_ips::<Ipv4Network>(node).next()
+}
+
+/// The InternalIPs of a Node of family `N`, in the Node's order.
+pub(crate) fn node_internal_ips<N: MasqFamily>(node: &Node) -> impl Iterator<Item = N::Addr> + '_ {
     node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
         .filter(|a| a.type_ == "InternalIP")
-        .find_map(|a| match a.address.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => Some(v4),
-            _ => None,
-        })
+        .filter_map(|a| a.address.parse::<IpAddr>().ok().and_then(N::addr_of))
 }
 
 /// IPv4 pod CIDRs of a Node (`spec.podCIDRs`, else the legacy `spec.podCIDR`); IPv6 entries are
-/// ignored for now, unparsable ones returned as errors.
+/// the IPv6 plan's, unparsable ones returned as errors.
 fn node_pod_cidrs(node: &Node) -> (Vec<Ipv4Network>, Vec<String>) {
     let Some(spec) = node.spec.as_ref() else {
         return (Vec::new(), Vec::new());
@@ -276,23 +278,57 @@ fn node_pod_cidrs(node: &Node) -> (Vec<Ipv4Network>, Vec<String>) {
         (_, Some(one)) => vec![one],
         _ => Vec::new(),
     };
-    let mut v4 = Vec::new();
+    parse_pod_cidrs(raw)
+}
+
+/// The pod CIDRs of family `N` in `raw`, canonical (10.244.1.7/24 → 10.244.1.0/24: routes need
+/// the network address), and the entries that do not parse; the other family's are dropped.
+pub(crate) fn parse_pod_cidrs<'s, N: MasqFamily>(
+    raw: impl IntoIterator<Item = &'s String>,
+) -> (Vec<N>, Vec<String>) {
+    let mut nets = Vec::new();
     let mut bad = Vec::new();
     for s in raw {
         match s.parse::<ipnetwork::IpNetwork>() {
-            // Canonicalise (10.244.1.7/24 → 10.244.1.0/24): routes need the network address.
-            Ok(ipnetwork::IpNetwork::V4(n)) => match Ipv4Network::new(n.network(), n.prefix()) {
-                Ok(n) => v4.push(n),
-                Err(_) => bad.push(s.clone()),
-            },
-            Ok(ipnetwork::IpNetwork::V6(_)) => {}
+            Ok(n) => nets.extend(N::network_of(n)),
             Err(_) => bad.push(s.clone()),
         }
     }
-    (v4, bad)
+    (nets, bad)
 }
 
-fn node_name(node: &Node) -> String {
+/// Every Node but `this_node`, oldest first (then by name): when two Nodes claim overlapping
+/// pod CIDRs, the one that was there first keeps its route, so a new (misconfigured or
+/// hostile) Node cannot take it over. Both families' plans walk peers in this order.
+pub(crate) fn peers_oldest_first<'a>(nodes: &[&'a Node], this_node: &str) -> Vec<&'a Node> {
+    let mut sorted: Vec<&Node> = nodes
+        .iter()
+        .copied()
+        .filter(|n| n.metadata.name.as_deref() != Some(this_node))
+        .collect();
+    sorted.sort_by_key(|n| (n.metadata.creation_timestamp.clone(), node_name(n)));
+    sorted
+}
+
+/// The masquerade ruleset of one family: from this node's pod CIDRs (`local`), except to every
+/// pod CIDR (`all`), the cluster and non-masquerade CIDRs and every node IP.
+pub(crate) fn masquerade_rules<N: MasqFamily>(
+    local: &[N],
+    all: &[N],
+    cluster_cidrs: &[N],
+    non_masquerade_cidrs: &[N],
+    node_ips: impl IntoIterator<Item = N::Addr>,
+) -> MasqueradeRules<N> {
+    let mut exempt = all.to_vec();
+    exempt.extend_from_slice(cluster_cidrs);
+    exempt.extend_from_slice(non_masquerade_cidrs);
+    exempt.extend(node_ips.into_iter().map(N::host));
+    let mut pod_cidrs = all.to_vec();
+    pod_cidrs.extend_from_slice(cluster_cidrs);
+    MasqueradeRules::new(local.to_vec(), exempt, pod_cidrs)
+}
+
+pub(crate) fn node_name(node: &Node) -> String {
     node.metadata.name.clone().unwrap_or_default()
 }
 
@@ -369,16 +405,8 @@ pub fn plan_routes<'a>(
     // Overlay MACs handed out so far (this node's first), with their underlay address.
     let mut macs: Vec<([u8; 6], IpAddr, String)> =
         vec![(underlay_mac(node_ip), node_ip, this_node.to_owned())];
-    // Oldest first: when two Nodes claim overlapping pod CIDRs, the one that was there first
-    // keeps its route, so a new (misconfigured or hostile) Node cannot take it over.
-    let mut sorted: Vec<&Node> = nodes
-        .iter()
-        .copied()
-        .filter(|n| n.metadata.name.as_deref() != Some(this_node))
-        .collect();
-    sorted.sort_by_key(|n| (n.metadata.creation_timestamp.clone(), node_name(n)));
     let mut routed: Vec<(String, Ipv4Network)> = Vec::new();
-    for peer in sorted {
+    for peer in peers_oldest_first(&nodes, this_node) {
         let name = node_name(peer);
         let skip = |reason| SkippedPeer {
             node: name.clone(),
@@ -488,13 +516,13 @@ pub fn plan_routes<'a>(
     };
 
     let masquerade = config.masquerade.then(|| {
-        let mut exempt: Vec<Ipv4Network> = all_pod_cidrs.clone();
-        exempt.extend(config.cluster_cidrs.iter().copied());
-        exempt.extend(config.non_masquerade_cidrs.iter().copied());
-        exempt.extend(every_node_ip.iter().map(|ip| Ipv4Network::from(*ip)));
-        let mut pod_cidrs = all_pod_cidrs.clone();
-        pod_cidrs.extend(config.cluster_cidrs.iter().copied());
-        MasqueradeRules::new(local_pod_cidrs.clone(), exempt, pod_cidrs)
+        masquerade_rules(
+            &local_pod_cidrs,
+            &all_pod_cidrs,
+            &config.cluster_cidrs,
+            &config.non_masquerade_cidrs,
+            every_node_ip.iter().copied(),
+        )
     });
 
     Ok(RoutePlan {
@@ -510,7 +538,7 @@ pub fn plan_routes<'a>(
     })
 }
 
-fn mac_str(mac: [u8; 6]) -> String {
+pub(crate) fn mac_str(mac: [u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -622,7 +650,8 @@ fn vxlan_device(
     })
 }
 
-pub(crate) fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
+/// Whether two networks of one family share an address.
+pub(crate) fn overlaps<N: MasqFamily>(a: N, b: N) -> bool {
     a.contains(b.network()) || b.contains(a.network())
 }
 
@@ -974,6 +1003,33 @@ mod tests {
         let b = plan_routes("n0", &nodes, &cfg(RoutingMode::Auto), &host()).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.peers[0].pod_cidr.to_string(), "10.244.1.0/24");
+    }
+
+    #[test]
+    fn pod_cidrs_parse_per_family_with_one_parser() {
+        let raw: Vec<String> = ["10.244.1.7/24", "fd00:10:244:1::9/64", "bogus"]
+            .map(str::to_owned)
+            .to_vec();
+        let (v4, bad4) = parse_pod_cidrs::<Ipv4Network>(&raw);
+        let (v6, bad6) = parse_pod_cidrs::<ipnetwork::Ipv6Network>(&raw);
+        assert_eq!(v4, ["10.244.1.0/24".parse::<Ipv4Network>().unwrap()]);
+        assert_eq!(
+            v6,
+            ["fd00:10:244:1::/64"
+                .parse::<ipnetwork::Ipv6Network>()
+                .unwrap()]
+        );
+        assert_eq!(
+            (bad4, bad6),
+            (vec!["bogus".to_owned()], vec!["bogus".to_owned()])
+        );
+        // Same for InternalIPs: each family reads its own, in the Node's order.
+        let n = node("n9", Some("fd00::9"), &[]);
+        assert_eq!(node_internal_ipv4(&n), None);
+        assert_eq!(
+            node_internal_ips::<ipnetwork::Ipv6Network>(&n).collect::<Vec<_>>(),
+            ["fd00::9".parse::<Ipv6Addr>().unwrap()]
+        );
     }
 
     /// An IPv6 underlay: eth0 holds only an IPv6 address.

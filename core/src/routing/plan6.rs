@@ -22,10 +22,17 @@
 //! of at least 1280, which twill-cni checks.
 use std::net::{IpAddr, Ipv6Addr};
 
-use ipnetwork::{IpNetwork, Ipv6Network};
+use ipnetwork::Ipv6Network;
 use k8s_openapi::api::core::v1::Node;
 
-use super::{HostNetwork, PeerReach, RoutePlan, RoutingConfig, masq::Masquerade6Rules};
+use super::{
+    HostNetwork, PeerReach, RoutePlan, RoutingConfig,
+    masq::Masquerade6Rules,
+    plan::{
+        mac_str, masquerade_rules, node_internal_ips, node_name, overlaps, parse_pod_cidrs,
+        peers_oldest_first,
+    },
+};
 
 /// The IPv6 routes of this node. Sorted, so equal inputs give equal plans.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -110,40 +117,18 @@ impl std::fmt::Display for SkipReason6 {
 /// The IPv6 pod CIDRs of a Node (`spec.podCIDRs`), canonical; other entries are the IPv4
 /// plan's business (it reports unparsable ones).
 pub fn node_pod_cidrs6(node: &Node) -> Vec<Ipv6Network> {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.pod_cidrs.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|s| match s.parse::<IpNetwork>() {
-            Ok(IpNetwork::V6(n)) => Ipv6Network::new(n.network(), n.prefix()).ok(),
-            _ => None,
-        })
-        .collect()
+    let raw = node.spec.as_ref().and_then(|s| s.pod_cidrs.as_ref());
+    parse_pod_cidrs(raw.into_iter().flatten()).0
 }
 
 /// The IPv6 InternalIPs of a Node.
 pub fn node_internal_ipv6s(node: &Node) -> Vec<Ipv6Addr> {
-    node.status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|a| a.type_ == "InternalIP")
-        .filter_map(|a| match a.address.parse::<IpAddr>() {
-            Ok(IpAddr::V6(v6)) => Some(v6),
-            _ => None,
-        })
-        .collect()
+    node_internal_ips::<Ipv6Network>(node).collect()
 }
 
 /// The IPv6 VTEP address of a node: the network address of its first IPv6 pod CIDR.
 pub fn vtep_addr6(pod_cidr: Ipv6Network) -> Ipv6Addr {
     pod_cidr.network()
-}
-
-fn overlaps6(a: Ipv6Network, b: Ipv6Network) -> bool {
-    a.contains(b.network()) || b.contains(a.network())
 }
 
 /// Plans the IPv6 routes from `this_node`, following `v4` (the IPv4 plan of the same inputs).
@@ -155,24 +140,17 @@ pub fn plan_routes6<'a>(
     v4: &RoutePlan,
 ) -> RoutePlan6 {
     let nodes: Vec<&Node> = nodes.into_iter().collect();
-    let name_of = |n: &Node| n.metadata.name.clone().unwrap_or_default();
     let local_pod_cidrs = nodes
         .iter()
         .find(|n| n.metadata.name.as_deref() == Some(this_node))
         .map(|n| node_pod_cidrs6(n))
         .unwrap_or_default();
-    let mut sorted: Vec<&Node> = nodes
-        .iter()
-        .copied()
-        .filter(|n| n.metadata.name.as_deref() != Some(this_node))
-        .collect();
-    // Oldest first, as the IPv4 plan: an older Node keeps a contested range.
-    sorted.sort_by_key(|n| (n.metadata.creation_timestamp.clone(), name_of(n)));
     let mut peers = Vec::new();
     let mut skipped = Vec::new();
     let mut all_pod_cidrs = local_pod_cidrs.clone();
-    for peer in sorted {
-        let name = name_of(peer);
+    // Oldest first, as the IPv4 plan: an older Node keeps a contested range.
+    for peer in peers_oldest_first(&nodes, this_node) {
+        let name = node_name(peer);
         let cidrs = node_pod_cidrs6(peer);
         let Some(first) = cidrs.first().copied() else {
             continue;
@@ -206,16 +184,16 @@ pub fn plan_routes6<'a>(
             },
         };
         for cidr in cidrs {
-            let reason = if let Some(l) = local_pod_cidrs.iter().find(|l| overlaps6(**l, cidr)) {
+            let reason = if let Some(l) = local_pod_cidrs.iter().find(|l| overlaps(**l, cidr)) {
                 Some(SkipReason6::OverlapsLocal(*l))
-            } else if let Some(n) = host.node_subnets6().find(|n| overlaps6(*n, cidr)) {
+            } else if let Some(n) = host.node_subnets6().find(|n| overlaps(*n, cidr)) {
                 Some(SkipReason6::OverlapsNodeSubnet(n))
             } else if host.foreign_routes6.contains(&cidr) {
                 Some(SkipReason6::ForeignRoute(cidr))
             } else {
                 peers
                     .iter()
-                    .find(|p: &&PeerRoute6| overlaps6(p.pod_cidr, cidr))
+                    .find(|p: &&PeerRoute6| overlaps(p.pod_cidr, cidr))
                     .map(|p| SkipReason6::OverlapsPeer {
                         node: p.node.clone(),
                         cidr: p.pod_cidr,
@@ -237,8 +215,15 @@ pub fn plan_routes6<'a>(
     skipped.sort_by(|a, b| a.node.cmp(&b.node));
     all_pod_cidrs.sort_by_key(|n| (n.network(), n.prefix()));
     // Like the IPv4 plan's: only when there is an IPv4 masquerade (the switch is one flag).
-    let masquerade = (v4.masquerade.is_some() && !local_pod_cidrs.is_empty())
-        .then(|| masquerade6(&nodes, config, &local_pod_cidrs, &all_pod_cidrs));
+    let masquerade = (v4.masquerade.is_some() && !local_pod_cidrs.is_empty()).then(|| {
+        masquerade_rules(
+            &local_pod_cidrs,
+            &all_pod_cidrs,
+            &config.cluster_cidrs6,
+            &config.non_masquerade_cidrs6,
+            nodes.iter().flat_map(|n| node_internal_ipv6s(n)),
+        )
+    });
     let vtep = v4
         .vxlan
         .as_ref()
@@ -251,28 +236,6 @@ pub fn plan_routes6<'a>(
         all_pod_cidrs,
         masquerade,
     }
-}
-
-/// The IPv6 masquerade: from this node's IPv6 pod CIDRs, except to every IPv6 pod CIDR, the
-/// IPv6 cluster and non-masquerade CIDRs and every node's IPv6 InternalIP.
-fn masquerade6(
-    nodes: &[&Node],
-    config: &RoutingConfig,
-    local_pod_cidrs: &[Ipv6Network],
-    all_pod_cidrs: &[Ipv6Network],
-) -> Masquerade6Rules {
-    let mut exempt = all_pod_cidrs.to_vec();
-    exempt.extend(config.cluster_cidrs6.iter().copied());
-    exempt.extend(config.non_masquerade_cidrs6.iter().copied());
-    exempt.extend(
-        nodes
-            .iter()
-            .flat_map(|n| node_internal_ipv6s(n))
-            .map(Ipv6Network::from),
-    );
-    let mut pod_cidrs = all_pod_cidrs.to_vec();
-    pod_cidrs.extend(config.cluster_cidrs6.iter().copied());
-    Masquerade6Rules::new(local_pod_cidrs.to_vec(), exempt, pod_cidrs)
 }
 
 /// The dump format (debug CLI, logs and golden tests), one object per line, after the IPv4
@@ -301,10 +264,7 @@ impl std::fmt::Display for RoutePlan6 {
                     p.pod_cidr,
                     super::VXLAN_DEVICE,
                     p.node,
-                    mac.iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(":")
+                    mac_str(*mac)
                 )?,
             }
         }

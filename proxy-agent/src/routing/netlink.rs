@@ -22,6 +22,7 @@ use rtnetlink::{
     },
 };
 
+use twill_core::routing::masq::MasqFamily;
 use twill_core::routing::netdiff::{self, Nexthop, Observed, Op, Scope};
 
 use super::{
@@ -138,14 +139,8 @@ impl RouteExecutor {
             })
             .collect();
         out.sort_by_key(|l| l.index);
-        let main = self.main_routes().await?;
-        let mut foreign_routes: Vec<Ipv4Network> = main
-            .iter()
-            .filter(|r| r.header.protocol != RouteProtocol::Other(ROUTE_PROTO_TWILL))
-            .filter_map(|r| parse_route(r).map(|r| r.dst))
-            .collect();
-        foreign_routes.sort_by_key(|n| (n.network(), n.prefix()));
-        foreign_routes.dedup();
+        let main = self.main_routes::<Ipv4Addr>().await?;
+        let foreign_routes = unowned_destinations::<Ipv4Addr>(&main);
         let default_route_ifindex = main.into_iter().find_map(|r| {
             (r.header.destination_prefix_length == 0)
                 .then(|| {
@@ -159,7 +154,8 @@ impl RouteExecutor {
                 })
                 .flatten()
         });
-        let foreign_routes6 = self.foreign_routes6().await?;
+        let foreign_routes6 =
+            unowned_destinations::<Ipv6Addr>(&self.main_routes::<Ipv6Addr>().await?);
         Ok(HostNetwork {
             links: out,
             default_route_ifindex,
@@ -219,16 +215,8 @@ impl RouteExecutor {
     /// and FDB entries) and the masquerade table. For `--cleanup`-style uninstalls.
     pub async fn remove_all(&self) -> Result<ApplyReport, RoutingError> {
         let mut report = ApplyReport::default();
-        for route in self.owned_route_messages().await? {
-            self.handle
-                .route()
-                .del(route)
-                .execute()
-                .await
-                .map_err(RoutingError::netlink("delete route"))?;
-            report.routes_removed += 1;
-        }
-        report.routes_removed += self.remove_owned_routes6().await?;
+        report.routes_removed += self.remove_owned_routes::<Ipv4Addr>().await?;
+        report.routes_removed += self.remove_owned_routes::<Ipv6Addr>().await?;
         report.device_removed = self.remove_vxlan().await?;
         nft::remove().await?;
         Ok(report)
@@ -237,10 +225,11 @@ impl RouteExecutor {
     /// The agent's routes as they are in the kernel now, sorted.
     pub async fn owned_routes(&self) -> Result<Vec<OwnedRoute>, RoutingError> {
         let mut out: Vec<OwnedRoute> = self
-            .owned_route_messages()
+            .main_routes::<Ipv4Addr>()
             .await?
             .iter()
-            .filter_map(parse_route)
+            .filter(|r| is_owned(r))
+            .filter_map(owned_route)
             .collect();
         out.sort();
         Ok(out)
@@ -251,36 +240,66 @@ impl RouteExecutor {
     /// conntrack collector's [`crate::ctgc::LocalPods`].
     pub async fn host_route_destinations(&self) -> Result<Vec<Ipv4Addr>, RoutingError> {
         Ok(self
-            .main_routes()
+            .main_routes::<Ipv4Addr>()
             .await?
             .iter()
             .filter(|r| r.header.destination_prefix_length == 32)
-            .filter_map(parse_route)
+            .filter_map(owned_route)
             .map(|r| r.dst.ip())
             .collect())
     }
 
-    async fn main_routes(&self) -> Result<Vec<RouteMessage>, RoutingError> {
+    /// The main table's routes of family `A`.
+    async fn main_routes<A: RouteFamily>(&self) -> Result<Vec<RouteMessage>, RoutingError> {
         let all: Vec<RouteMessage> = self
             .handle
             .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .get(A::dump_request())
             .execute()
             .try_collect()
             .await
-            .map_err(RoutingError::netlink("dump routes"))?;
+            .map_err(RoutingError::netlink(format!("dump {}", A::ROUTES)))?;
         Ok(all
             .into_iter()
             .filter(|r| route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
             .collect())
     }
 
-    async fn owned_route_messages(&self) -> Result<Vec<RouteMessage>, RoutingError> {
+    /// Removes every route of family `A` the agent owns; returns how many.
+    async fn remove_owned_routes<A: RouteFamily>(&self) -> Result<usize, RoutingError> {
+        let mut n = 0;
+        for r in self.main_routes::<A>().await? {
+            if is_owned(&r) {
+                self.handle
+                    .route()
+                    .del(r)
+                    .execute()
+                    .await
+                    .map_err(RoutingError::netlink(format!("delete {}", A::ROUTE)))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The main table's routes of family `A` as the diff sees them: one dump for both, ours
+    /// to diff against, everybody else's to stay clear of.
+    pub(super) async fn observed_routes<A: RouteFamily>(
+        &self,
+    ) -> Result<Vec<Observed<RouteMessage, A::Net, Nexthop<A>>>, RoutingError> {
         Ok(self
-            .main_routes()
+            .main_routes::<A>()
             .await?
             .into_iter()
-            .filter(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTO_TWILL))
+            .map(|msg| {
+                let parsed = parse_route::<A>(&msg);
+                Observed {
+                    key: parsed.map(|(dst, _)| dst),
+                    value: parsed.map(|(_, hop)| hop),
+                    owned: is_owned(&msg),
+                    handle: msg,
+                }
+            })
             .collect())
     }
 
@@ -420,20 +439,37 @@ impl RouteExecutor {
         prune: bool,
         report: &mut ApplyReport,
     ) -> Result<(), RoutingError> {
+        // Every IPv4 neighbour on the agent's device is the agent's (unlike IPv6, the kernel
+        // keeps none of its own there).
+        self.sync_device_neighbours(index, &plan.wanted_neighbours(), |_| true, prune, report)
+            .await
+    }
+
+    /// Converges the neighbours of family `A` on the agent's device `index` to `wanted`;
+    /// `owned` tells the agent's entries from the kernel's.
+    pub(super) async fn sync_device_neighbours<A: RouteFamily>(
+        &self,
+        index: u32,
+        wanted: &std::collections::BTreeMap<A, [u8; 6]>,
+        owned: impl Fn(&NeighbourMessage) -> bool,
+        prune: bool,
+        report: &mut ApplyReport,
+    ) -> Result<(), RoutingError> {
         let have = self
-            .device_neighbours(AddressFamily::Inet, index)
+            .device_neighbours(A::FAMILY, index)
             .await?
             .into_iter()
             .map(|n| Observed {
-                key: neighbour_ipv4(&n),
+                key: n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::Destination(d) => A::neighbour_address(d),
+                    _ => None,
+                }),
                 value: permanent_lladdr(&n),
-                // Every IPv4 neighbour on the agent's device is the agent's (unlike IPv6, the
-                // kernel keeps none of its own there).
-                owned: true,
+                owned: owned(&n),
                 handle: n,
             })
             .collect();
-        let ops = netdiff::diff(have, &plan.wanted_neighbours(), Scope::OwnDevice, prune);
+        let ops = netdiff::diff(have, wanted, Scope::OwnDevice, prune);
         self.execute_neighbours(index, ops, report).await
     }
 
@@ -502,28 +538,9 @@ impl RouteExecutor {
         prune: bool,
         report: &mut ApplyReport,
     ) -> Result<(), RoutingError> {
-        // One dump for both: ours to diff against, everybody else's to stay clear of. The plan
-        // already left out pod CIDRs equal to a foreign route; this re-checks against the
-        // kernel as it is now, since a route may have appeared since the plan's snapshot.
-        let have = self
-            .main_routes()
-            .await?
-            .into_iter()
-            .map(|msg| {
-                let parsed = parse_route(&msg);
-                Observed {
-                    key: parsed.as_ref().map(|r| r.dst),
-                    value: parsed.map(|r| Nexthop {
-                        gateway: r.gateway,
-                        via6: r.via6,
-                        oif: r.oif,
-                        onlink: r.onlink,
-                    }),
-                    owned: msg.header.protocol == RouteProtocol::Other(ROUTE_PROTO_TWILL),
-                    handle: msg,
-                }
-            })
-            .collect();
+        // The plan already left out pod CIDRs equal to a foreign route; this re-checks against
+        // the kernel as it is now, since a route may have appeared since the plan's snapshot.
+        let have = self.observed_routes::<Ipv4Addr>().await?;
         let ops = netdiff::diff(
             have,
             &plan.wanted_routes(vx_index),
@@ -534,7 +551,7 @@ impl RouteExecutor {
     }
 
     /// The neighbours (`Inet`, `Inet6`) or FDB entries (`Bridge`) of device `index`.
-    pub(super) async fn device_neighbours(
+    async fn device_neighbours(
         &self,
         family: AddressFamily,
         index: u32,
@@ -556,7 +573,7 @@ impl RouteExecutor {
 
     /// Performs the neighbour ops of either family on device `index`: permanent entries,
     /// written with `NLM_F_REPLACE`.
-    pub(super) async fn execute_neighbours<A: Copy + Into<IpAddr> + std::fmt::Display>(
+    async fn execute_neighbours<A: Copy + Into<IpAddr> + std::fmt::Display>(
         &self,
         index: u32,
         ops: Vec<Op<NeighbourMessage, A, [u8; 6]>>,
@@ -632,10 +649,26 @@ impl RouteExecutor {
     }
 }
 
-/// What differs between building an IPv4 and an IPv6 route message (rtnetlink types the
-/// builder by address family).
-pub(super) trait RouteFamily: Copy + Sized {
-    type Net: Copy + std::fmt::Display;
+/// What differs between the IPv4 and IPv6 route messages the executor writes and reads back
+/// (rtnetlink types the builder by address family); everything else is one generic code path.
+pub(super) trait RouteFamily: Copy + Ord + Into<IpAddr> + std::fmt::Display {
+    type Net: MasqFamily<Addr = Self>;
+    /// A route of this family, and the dump of them, in error messages.
+    const ROUTE: &'static str;
+    const ROUTES: &'static str;
+    const UNSPECIFIED: Self;
+    /// The family of its neighbour dumps.
+    const FAMILY: AddressFamily;
+    /// The address of a neighbour attribute, if it is of this family.
+    fn neighbour_address(a: &NeighbourAddress) -> Option<Self>;
+    /// The request that dumps every route of this family.
+    fn dump_request() -> RouteMessage;
+    /// The address in a route attribute, if it is of this family.
+    fn route_address(a: &RouteAddress) -> Option<Self>;
+    fn network(addr: Self, prefix: u8) -> Option<Self::Net>;
+    /// The IPv6 nexthop of a route read back: `RTA_VIA` on an IPv4 route; an IPv6 route holds
+    /// its nexthop in the gateway, so none.
+    fn read_via6(r: &RouteMessage) -> Option<Ipv6Addr>;
     fn route_to(dst: Self::Net) -> RouteMessageBuilder<Self>;
     fn via(b: RouteMessageBuilder<Self>, gateway: Self) -> RouteMessageBuilder<Self>;
     /// An IPv6 nexthop (`RTA_VIA` on an IPv4 route; the plain gateway on an IPv6 one).
@@ -644,6 +677,34 @@ pub(super) trait RouteFamily: Copy + Sized {
 
 impl RouteFamily for Ipv4Addr {
     type Net = Ipv4Network;
+    const ROUTE: &'static str = "route";
+    const ROUTES: &'static str = "routes";
+    const UNSPECIFIED: Self = Ipv4Addr::UNSPECIFIED;
+    const FAMILY: AddressFamily = AddressFamily::Inet;
+    fn neighbour_address(a: &NeighbourAddress) -> Option<Self> {
+        match a {
+            NeighbourAddress::Inet(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+    fn dump_request() -> RouteMessage {
+        RouteMessageBuilder::<Self>::new().build()
+    }
+    fn route_address(a: &RouteAddress) -> Option<Self> {
+        match a {
+            RouteAddress::Inet(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+    fn network(addr: Self, prefix: u8) -> Option<Ipv4Network> {
+        Ipv4Network::new(addr, prefix).ok()
+    }
+    fn read_via6(r: &RouteMessage) -> Option<Ipv6Addr> {
+        r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Via(RouteVia::Inet6(ip)) => Some(*ip),
+            _ => None,
+        })
+    }
     fn route_to(dst: Ipv4Network) -> RouteMessageBuilder<Self> {
         RouteMessageBuilder::<Self>::new().destination_prefix(dst.network(), dst.prefix())
     }
@@ -657,6 +718,31 @@ impl RouteFamily for Ipv4Addr {
 
 impl RouteFamily for Ipv6Addr {
     type Net = Ipv6Network;
+    const ROUTE: &'static str = "IPv6 route";
+    const ROUTES: &'static str = "IPv6 routes";
+    const UNSPECIFIED: Self = Ipv6Addr::UNSPECIFIED;
+    const FAMILY: AddressFamily = AddressFamily::Inet6;
+    fn neighbour_address(a: &NeighbourAddress) -> Option<Self> {
+        match a {
+            NeighbourAddress::Inet6(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+    fn dump_request() -> RouteMessage {
+        RouteMessageBuilder::<Self>::new().build()
+    }
+    fn route_address(a: &RouteAddress) -> Option<Self> {
+        match a {
+            RouteAddress::Inet6(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+    fn network(addr: Self, prefix: u8) -> Option<Ipv6Network> {
+        Ipv6Network::new(addr, prefix).ok()
+    }
+    fn read_via6(_: &RouteMessage) -> Option<Ipv6Addr> {
+        None
+    }
     fn route_to(dst: Ipv6Network) -> RouteMessageBuilder<Self> {
         RouteMessageBuilder::<Self>::new().destination_prefix(dst.network(), dst.prefix())
     }
@@ -695,13 +781,13 @@ fn refused_on_own_device(what: &str, key: &str) {
 
 /// The MAC of a permanent neighbour: what the agent writes. `None` for any other state (a
 /// neighbour the kernel resolved or is resolving), so it never counts as the agent's entry.
-pub(super) fn permanent_lladdr(n: &NeighbourMessage) -> Option<[u8; 6]> {
+fn permanent_lladdr(n: &NeighbourMessage) -> Option<[u8; 6]> {
     (n.header.state == NeighbourState::Permanent)
         .then(|| neighbour_lladdr(n).and_then(|m| m.try_into().ok()))
         .flatten()
 }
 
-pub(super) fn route_table(r: &RouteMessage) -> u32 {
+fn route_table(r: &RouteMessage) -> u32 {
     r.attributes
         .iter()
         .find_map(|a| {
@@ -714,43 +800,63 @@ pub(super) fn route_table(r: &RouteMessage) -> u32 {
         .unwrap_or_else(|| u32::from(r.header.table))
 }
 
-fn parse_route(r: &RouteMessage) -> Option<OwnedRoute> {
+/// Whether a route is the agent's (its protocol mark).
+fn is_owned(r: &RouteMessage) -> bool {
+    r.header.protocol == RouteProtocol::Other(ROUTE_PROTO_TWILL)
+}
+
+/// Destinations of the main table's routes (`main`) the agent does not own, sorted (an input
+/// of the plan, which keeps clear of them).
+fn unowned_destinations<A: RouteFamily>(main: &[RouteMessage]) -> Vec<A::Net> {
+    let mut out: Vec<A::Net> = main
+        .iter()
+        .filter(|r| !is_owned(r))
+        .filter_map(|r| parse_route::<A>(r).map(|(dst, _)| dst))
+        .collect();
+    out.sort_by_key(|n| (n.network(), n.prefix()));
+    out.dedup();
+    out
+}
+
+/// A route read back: its destination and nexthop (`None`: not a route of family `A`).
+fn parse_route<A: RouteFamily>(r: &RouteMessage) -> Option<(A::Net, Nexthop<A>)> {
     let dst_ip = r
         .attributes
         .iter()
-        .find_map(|a| {
-            if let RouteAttribute::Destination(RouteAddress::Inet(ip)) = a {
-                Some(*ip)
-            } else {
-                None
-            }
+        .find_map(|a| match a {
+            RouteAttribute::Destination(d) => A::route_address(d),
+            _ => None,
         })
-        .unwrap_or(Ipv4Addr::UNSPECIFIED);
-    let dst = Ipv4Network::new(dst_ip, r.header.destination_prefix_length).ok()?;
-    let gateway = r.attributes.iter().find_map(|a| {
-        if let RouteAttribute::Gateway(RouteAddress::Inet(ip)) = a {
-            Some(*ip)
-        } else {
-            None
-        }
-    });
-    let oif = r.attributes.iter().find_map(|a| {
-        if let RouteAttribute::Oif(i) = a {
-            Some(*i)
-        } else {
-            None
-        }
-    });
-    let via6 = r.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Via(RouteVia::Inet6(ip)) => Some(*ip),
+        .unwrap_or(A::UNSPECIFIED);
+    let dst = A::network(dst_ip, r.header.destination_prefix_length)?;
+    let gateway = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(g) => A::route_address(g),
         _ => None,
     });
+    let oif = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    });
+    Some((
+        dst,
+        Nexthop {
+            gateway,
+            via6: A::read_via6(r),
+            oif,
+            onlink: r.header.flags.contains(RouteFlags::Onlink),
+        },
+    ))
+}
+
+/// An IPv4 route in the debug dump's form.
+fn owned_route(r: &RouteMessage) -> Option<OwnedRoute> {
+    let (dst, hop) = parse_route::<Ipv4Addr>(r)?;
     Some(OwnedRoute {
         dst,
-        gateway,
-        via6,
-        oif,
-        onlink: r.header.flags.contains(RouteFlags::Onlink),
+        gateway: hop.gateway,
+        via6: hop.via6,
+        oif: hop.oif,
+        onlink: hop.onlink,
     })
 }
 
@@ -852,17 +958,7 @@ fn ipv4_of_address(a: &AddressMessage) -> Option<Ipv4Addr> {
     })
 }
 
-fn neighbour_ipv4(n: &NeighbourMessage) -> Option<Ipv4Addr> {
-    n.attributes.iter().find_map(|a| {
-        if let NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) = a {
-            Some(*ip)
-        } else {
-            None
-        }
-    })
-}
-
-pub(super) fn neighbour_lladdr(n: &NeighbourMessage) -> Option<&[u8]> {
+fn neighbour_lladdr(n: &NeighbourMessage) -> Option<&[u8]> {
     n.attributes.iter().find_map(|a| {
         if let NeighbourAttribute::LinkLayerAddress(m) = a {
             Some(&m[..])

@@ -1,32 +1,25 @@
 //! The IPv6 half of the executor: converges the kernel to a [`RoutePlan6`] (dual-stack peers'
 //! IPv6 pod CIDRs, direct or over the VXLAN device the IPv4 plan made). Same ownership marks
-//! as IPv4: routes carry protocol [`ROUTE_PROTO_TWILL`]; neighbours and the VTEP6 address live
+//! as IPv4: routes carry protocol [`ROUTE_PROTO_TWILL`](super::ROUTE_PROTO_TWILL); neighbours and the VTEP6 address live
 //! on the agent's own VXLAN device (and only its permanent neighbours are the agent's: the
 //! kernel keeps its own multicast entries there).
 use std::net::{IpAddr, Ipv6Addr};
 
 use futures_util::TryStreamExt as _;
 use ipnetwork::Ipv6Network;
-use rtnetlink::{
-    RouteMessageBuilder,
-    packet_route::{
-        AddressFamily,
-        address::{AddressAttribute, AddressHeaderFlags, AddressMessage},
-        link::InfoKind,
-        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
-        route::{
-            RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
-        },
-    },
+use rtnetlink::packet_route::{
+    AddressFamily,
+    address::{AddressAttribute, AddressHeaderFlags, AddressMessage},
+    link::InfoKind,
+    neighbour::{NeighbourMessage, NeighbourState},
+    route::RouteMessage,
 };
 
 use twill_core::routing::Masquerade6Rules;
-use twill_core::routing::netdiff::{self, Nexthop, Observed, Scope};
+use twill_core::routing::netdiff::{self, Nexthop, Scope};
 
-use super::netlink::{link_kind, permanent_lladdr, route_table};
-use super::{
-    ApplyReport, ROUTE_PROTO_TWILL, RouteExecutor, RoutePlan6, RoutingError, VXLAN_DEVICE,
-};
+use super::netlink::link_kind;
+use super::{ApplyReport, RouteExecutor, RoutePlan6, RoutingError, VXLAN_DEVICE};
 
 /// One IPv6 route's nexthop as planned or as read back.
 type Route6 = Nexthop<Ipv6Addr>;
@@ -48,89 +41,7 @@ pub(super) fn global_ipv6_addrs(addrs: &[AddressMessage], index: u32) -> Vec<Ipv
         .collect()
 }
 
-fn parse_route6(r: &RouteMessage) -> Option<(Ipv6Network, Route6)> {
-    let dst = r
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(*ip),
-            _ => None,
-        })
-        .unwrap_or(Ipv6Addr::UNSPECIFIED);
-    let dst = Ipv6Network::new(dst, r.header.destination_prefix_length).ok()?;
-    let gateway = r.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => Some(*ip),
-        _ => None,
-    });
-    let oif = r.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Oif(i) => Some(*i),
-        _ => None,
-    });
-    Some((
-        dst,
-        Route6 {
-            gateway,
-            via6: None,
-            oif,
-            onlink: r.header.flags.contains(RouteFlags::Onlink),
-        },
-    ))
-}
-
-fn neighbour_ipv6(n: &NeighbourMessage) -> Option<Ipv6Addr> {
-    n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => Some(*ip),
-        _ => None,
-    })
-}
-
 impl RouteExecutor {
-    async fn main_routes6(&self) -> Result<Vec<RouteMessage>, RoutingError> {
-        let all: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(RoutingError::netlink("dump IPv6 routes"))?;
-        Ok(all
-            .into_iter()
-            .filter(|r| route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
-            .collect())
-    }
-
-    /// Destinations of the main table's IPv6 routes the agent does not own (for the plan).
-    pub(super) async fn foreign_routes6(&self) -> Result<Vec<Ipv6Network>, RoutingError> {
-        let mut out: Vec<Ipv6Network> = self
-            .main_routes6()
-            .await?
-            .iter()
-            .filter(|r| r.header.protocol != RouteProtocol::Other(ROUTE_PROTO_TWILL))
-            .filter_map(|r| parse_route6(r).map(|(d, _)| d))
-            .collect();
-        out.sort_by_key(|n| (n.network(), n.prefix()));
-        out.dedup();
-        Ok(out)
-    }
-
-    /// Removes every IPv6 route the agent owns; returns how many.
-    pub(super) async fn remove_owned_routes6(&self) -> Result<usize, RoutingError> {
-        let mut n = 0;
-        for r in self.main_routes6().await? {
-            if r.header.protocol == RouteProtocol::Other(ROUTE_PROTO_TWILL) {
-                self.handle
-                    .route()
-                    .del(r)
-                    .execute()
-                    .await
-                    .map_err(RoutingError::netlink("delete IPv6 route"))?;
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-
     /// Converges the IPv6 routes, after [`Self::apply`] converged the IPv4 plan this one
     /// follows (the overlay device exists exactly when the IPv4 plan has it). `prune` as there.
     pub async fn apply6(
@@ -216,23 +127,11 @@ impl RouteExecutor {
         prune: bool,
         report: &mut ApplyReport,
     ) -> Result<(), RoutingError> {
-        let have = self
-            .device_neighbours(AddressFamily::Inet6, index)
-            .await?
-            .into_iter()
-            .filter_map(|n| {
-                Some(Observed {
-                    key: Some(neighbour_ipv6(&n)?),
-                    value: permanent_lladdr(&n),
-                    // Only permanent neighbours are the agent's: the kernel keeps its own
-                    // (multicast, resolved) entries on the device.
-                    owned: n.header.state == NeighbourState::Permanent,
-                    handle: n,
-                })
-            })
-            .collect();
-        let ops = netdiff::diff(have, &plan.wanted_neighbours(), Scope::OwnDevice, prune);
-        self.execute_neighbours(index, ops, report).await
+        // Only permanent neighbours are the agent's: the kernel keeps its own (multicast,
+        // resolved) entries on the device.
+        let owned = |n: &NeighbourMessage| n.header.state == NeighbourState::Permanent;
+        self.sync_device_neighbours(index, &plan.wanted_neighbours(), owned, prune, report)
+            .await
     }
 
     async fn sync_routes6(
@@ -242,20 +141,7 @@ impl RouteExecutor {
         prune: bool,
         report: &mut ApplyReport,
     ) -> Result<(), RoutingError> {
-        let have: Vec<Observed<RouteMessage, Ipv6Network, Route6>> = self
-            .main_routes6()
-            .await?
-            .into_iter()
-            .filter_map(|msg| {
-                let (dst, hop) = parse_route6(&msg)?;
-                Some(Observed {
-                    key: Some(dst),
-                    value: Some(hop),
-                    owned: msg.header.protocol == RouteProtocol::Other(ROUTE_PROTO_TWILL),
-                    handle: msg,
-                })
-            })
-            .collect();
+        let have = self.observed_routes::<Ipv6Addr>().await?;
         let ours: Vec<(Ipv6Network, RouteMessage)> = have
             .iter()
             .filter(|o| o.owned)
