@@ -1,7 +1,7 @@
 //! Collection of the connection-tracking table (`MapKind::Ct`): which entries go. Pure — the
 //! entries, the time and who owns which pod address in, the keys to delete out — so every rule
 //! is unit-tested without a kernel; [`crate::datapath::AyaLbMaps::collect_ct`] reads the table,
-//! asks [`plan`] and deletes.
+//! asks [`plan`], and deletes each planned entry that [`still_expired`] confirms on a fresh read.
 //!
 //! The table is a plain hash (no LRU eviction, which would push live flows out), so nothing
 //! leaves it unless it is collected here or a reset removes it in the kernel. Rules, for every
@@ -218,19 +218,49 @@ pub fn plan<K: CtEntry>(
             out.orphaned.push(*key);
             continue;
         }
-        if !is_expired(key, value, now_ns) {
-            continue;
-        }
-        let other = key.counterpart_of(value);
-        let other_alive = other != *key
-            && by_key
-                .get(&other)
-                .is_some_and(|v| !is_expired(&other, *v, now_ns));
-        if !other_alive {
+        if expired_with_counterpart(key, value, |other| by_key.get(other).copied(), now_ns) {
             out.expired.push(*key);
         }
     }
     out
+}
+
+/// The expiry rule of [`plan`] for one entry: `key` (holding `value`) is past its lifetime and
+/// so is its counterpart (`lookup` finds it), if it has one.
+fn expired_with_counterpart<'v, K: CtEntry>(
+    key: &K,
+    value: &K::Value,
+    lookup: impl FnOnce(&K) -> Option<&'v K::Value>,
+    now_ns: u64,
+) -> bool
+where
+    K::Value: 'v,
+{
+    if !is_expired(key, value, now_ns) {
+        return false;
+    }
+    let other = key.counterpart_of(value);
+    other == *key || lookup(&other).is_none_or(|v| is_expired(&other, v, now_ns))
+}
+
+/// Whether `key`, planned as expired from a dump, is still due when read again right before its
+/// delete: `fresh` is its entry now (`None`: already gone), `counterpart` what its counterpart's
+/// lookup returns now. A pass over a large table takes hundreds of milliseconds, and in that
+/// time a client may reuse the tuple of a closed flow (`tcp_tw_reuse`, or a NAT port taken
+/// over): the datapath then rewrites the entry with a fresh time, and deleting it would cut
+/// the new flow (a policy flow's replies judged as new flows and denied, a NAT flow's packets
+/// untranslated). Orphaned entries need no second look: their address has no pod.
+pub fn still_expired<K: CtEntry>(
+    key: &K,
+    fresh: Option<&K::Value>,
+    counterpart: impl FnOnce(&K) -> Option<K::Value>,
+    now_ns: u64,
+) -> bool {
+    let Some(value) = fresh else {
+        return false;
+    };
+    let other = counterpart(&key.counterpart_of(value));
+    expired_with_counterpart(key, value, |_| other.as_ref(), now_ns)
 }
 
 #[cfg(test)]
@@ -346,6 +376,37 @@ mod tests {
             0,
         );
         assert!(plan(&est, now, &pods(&[POD])).is_empty());
+    }
+
+    #[test]
+    fn a_planned_entry_is_deleted_only_if_a_fresh_read_still_finds_it_expired() {
+        let now = 10_000 * S;
+        let closed_at = now - CT_LIFETIME_TCP_CLOSING_NS - S;
+        let [(k, v), (rk, rv)] = flow(PROTO_TCP, CT_STATE_CLOSING, closed_at, closed_at);
+        assert_eq!(
+            plan(&[(k, v), (rk, rv)], now, &pods(&[POD])).expired,
+            vec![k, rk]
+        );
+        // Unchanged since the dump, counterpart unchanged or already deleted: due.
+        assert!(still_expired(&k, Some(&v), |_| Some(rv), now));
+        assert!(still_expired(&k, Some(&v), |_| None, now));
+        // Gone already: nothing to do.
+        assert!(!still_expired(&k, None, |_| Some(rv), now));
+        // The tuple was reused by a new flow since the dump: spared.
+        let reused = CtValue {
+            state: CT_STATE_NEW,
+            tcp_fin: 0,
+            last_seen_ns: now + S,
+            ..v
+        };
+        assert!(!still_expired(&k, Some(&reused), |_| Some(rv), now));
+        // Its counterpart was refreshed (a one-way stream's live half): spared too.
+        let live = CtValue {
+            state: CT_STATE_ESTABLISHED,
+            last_seen_ns: now,
+            ..rv
+        };
+        assert!(!still_expired(&k, Some(&v), |_| Some(live), now));
     }
 
     #[test]

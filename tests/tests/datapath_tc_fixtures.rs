@@ -637,6 +637,53 @@ fn tc_backend_choice_is_consistent_per_flow() -> Result<()> {
     })
 }
 
+/// A pass of the collector dumps the table, plans, then deletes: over a large table that takes
+/// hundreds of milliseconds, and a client may reuse a closed flow's tuple in between (its
+/// `tcp_tw_reuse`). The entries then carry the new flow and must stay: deleting them would
+/// leave its replies untranslated. A flow closed and not reused goes as before.
+#[test]
+fn tc_conntrack_collection_spares_a_tuple_reused_since_its_dump() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1))? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded(None)?;
+    nodeport(&mut maps, 1, 30080, PROTO_TCP, &[(POD, 8080)])?;
+    let np = (NODE, 30080);
+    in_netns(&lab.node(0).netns, || {
+        let (a, b) = ((CLIENT, 40000), (CLIENT2, 40000));
+        for c in [a, b] {
+            pass(&dp, INGRESS, &tcp(c, np, TCP_SYN))?;
+            pass(&dp, EGRESS, &tcp((POD, 8080), c, TCP_SYN | TCP_ACK))?;
+            pass(&dp, INGRESS, &tcp(c, np, TCP_FIN | TCP_ACK))?;
+            pass(&dp, EGRESS, &tcp((POD, 8080), c, TCP_FIN | TCP_ACK))?;
+        }
+        let owners = local_pods(&[POD])?;
+        let at = monotonic_now_ns() + 11 * SEC;
+        let (plan, scanned) = maps.plan_ct(at, &owners)?;
+        ensure!(
+            scanned == 4 && plan.expired.len() == 4,
+            "{scanned} {plan:?}"
+        );
+        // `a` comes back on the same tuple before the deletes.
+        ensure!(pass(&dp, INGRESS, &tcp(a, np, TCP_SYN))?.dst == (POD, 8080));
+        ensure!(maps.stats()?[&Reason::CtReopened] == 1);
+        let done = maps.apply_ct(plan, at)?;
+        ensure!(done.expired.len() == 2, "{done:?}");
+        let left = maps.dump_ct()?;
+        ensure!(
+            left.len() == 2
+                && left.iter().all(|(k, v)| v.state == CT_STATE_NEW
+                    && (k.saddr_be == u32::from(CLIENT).to_be()
+                        || k.daddr_be == u32::from(CLIENT).to_be())),
+            "{left:?}"
+        );
+        // The new flow goes on: its reply is translated back.
+        let seen = pass(&dp, EGRESS, &tcp((POD, 8080), a, TCP_SYN | TCP_ACK))?;
+        ensure!(seen.src == np && seen.dst == a, "{seen:?}");
+        Ok(())
+    })
+}
+
 /// Programs NodePort `port` of Service `svc_id` with local `backends` as the compiler does for
 /// an external frontend: the backend list and its Maglev table (`twill_core::maglev`). Backend
 /// ids are `svc_id * 10 + index` into `all` (so an id stays the same when others leave).

@@ -430,6 +430,22 @@ impl AyaLbMaps {
         collect_ct(&mut self.ct, now_ns, owners, MapKind::Ct)
     }
 
+    /// The first half of [`Self::collect_ct`]: the dump and the plan, nothing deleted.
+    pub fn plan_ct(
+        &self,
+        now_ns: u64,
+        owners: &impl AddrOwners,
+    ) -> Result<(CtGcPlan, usize), MapError> {
+        let entries = collect(&self.ct, MapKind::Ct)?;
+        Ok((ctgc::plan(&entries, now_ns, owners), entries.len()))
+    }
+
+    /// The second half of [`Self::collect_ct`]: deletes what `plan` says where a fresh read
+    /// confirms it; returns what was deleted.
+    pub fn apply_ct(&mut self, plan: CtGcPlan, now_ns: u64) -> Result<CtGcPlan, MapError> {
+        apply_ct_plan(&mut self.ct, plan, now_ns, MapKind::Ct)
+    }
+
     fn full_or_syscall(&self, kind: MapKind, op: &'static str, e: aya::maps::MapError) -> MapError {
         map_update_error(&self.capacity, kind, op, e)
     }
@@ -492,10 +508,54 @@ where
 {
     let entries = collect(ct, kind)?;
     let plan = ctgc::plan(&entries, now_ns, owners);
-    for k in plan.keys() {
+    Ok((apply_ct_plan(ct, plan, now_ns, kind)?, entries.len()))
+}
+
+/// Deletes what `plan` (made at `now_ns` from a dump) says, each expired entry only if a fresh
+/// read confirms it ([`ctgc::still_expired`]: its tuple may serve a new flow since the dump).
+/// Returns what was deleted.
+fn apply_ct_plan<K: ctgc::CtEntry + aya::Pod>(
+    ct: &mut HashMap<MapData, K, K::Value>,
+    mut plan: CtGcPlan<K>,
+    now_ns: u64,
+    kind: MapKind,
+) -> Result<CtGcPlan<K>, MapError>
+where
+    K::Value: aya::Pod,
+{
+    let read = |ct: &HashMap<MapData, K, K::Value>, k: &K| match ct.get(k, 0) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(syscall(kind, "lookup", e)),
+    };
+    let mut due = Vec::with_capacity(plan.expired.len());
+    for k in plan.expired {
+        let fresh = read(ct, &k)?;
+        let mut other_err = None;
+        let expired = ctgc::still_expired(
+            &k,
+            fresh.as_ref(),
+            |other| {
+                read(ct, other).unwrap_or_else(|e| {
+                    other_err = Some(e);
+                    None
+                })
+            },
+            now_ns,
+        );
+        if let Some(e) = other_err {
+            return Err(e);
+        }
+        if expired {
+            remove(ct, &k, kind)?;
+            due.push(k);
+        }
+    }
+    plan.expired = due;
+    for k in &plan.orphaned {
         remove(ct, k, kind)?;
     }
-    Ok((plan, entries.len()))
+    Ok(plan)
 }
 
 /// A full hash map answers E2BIG (ENOSPC from some map types): that is `MapError::Full`, a named
