@@ -58,7 +58,7 @@ fn wait_endpoint_mac_of(node: &Node, addr: IpAddr) -> Result<()> {
     let prefix = format!("{addr} ");
     wait_for(
         &format!("{addr} with its MAC in {}'s endpoints", node.name),
-        Duration::from_secs(20),
+        Duration::from_mins(1),
         || {
             let v = view(node)?;
             Ok(v["endpoints"].as_array().into_iter().flatten().any(|e| {
@@ -135,7 +135,7 @@ fn setup(spec: LabSpec, extra: &[&str]) -> Result<Option<Setup>> {
             let addr = SocketAddr::new(ip, 8080).to_string();
             wait_for(
                 &format!("a → {name} ({ip})"),
-                Duration::from_secs(20),
+                Duration::from_mins(1),
                 || Ok(tcp(&a, &addr)?.0 == 0),
             )?;
         }
