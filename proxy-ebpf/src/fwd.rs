@@ -267,14 +267,15 @@ pub fn into_local_pod<F: Family>(
         count(reason);
         return TC_ACT_OK;
     }
-    if cfg.flags & FP_F_MASQ_NFT != 0 {
-        let saddr = ctx.load::<F::Addr>(F::SRC_AT);
-        if saddr.is_err() || saddr.is_ok_and(|s| !exempt::<F>(&s)) {
-            // netfilter must see this flow's first packet, or it masquerades the pod's replies
-            // as a new connection of the pod's.
-            count(Reason::FallbackMasqNft);
-            return TC_ACT_OK;
-        }
+    if cfg.flags & FP_F_MASQ_NFT != 0
+        && !ctx
+            .load::<F::Addr>(F::SRC_AT)
+            .is_ok_and(|s| exempt::<F>(&s))
+    {
+        // netfilter must see this flow's first packet, or it masquerades the pod's replies as
+        // a new connection of the pod's.
+        count(Reason::FallbackMasqNft);
+        return TC_ACT_OK;
     }
     finish(deliver::<F>(ctx, &ep, ingress))
 }

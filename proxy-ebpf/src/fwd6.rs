@@ -8,7 +8,8 @@
 //!         limit 255 untouched; hop-by-hop options are every router's to read)
 //!  LOCAL_ENDPOINTS6[dst] ─► the receiver's ingress policy (policy6::verdict6) ─► hop limit − 1
 //!      ─► pod MAC / host veth MAC ─► bpf_redirect_peer               (fastpath_redirect_peer6)
-//!  else bpf_fib_lookup (AF_INET6) ─► hop limit − 1 ─► bpf_redirect_neigh (fastpath_redirect_neigh6)
+//!  else bpf_fib_lookup (AF_INET6) ─► hop limit − 1
+//!      ─► bpf_redirect_neigh                                          (fastpath_redirect_neigh6)
 //!  fallbacks as IPv4's: hop limit ≤ 1 (the stack sends Time Exceeded), over the output
 //!  device's MTU (the stack sends Packet Too Big: routers never fragment IPv6), no route, the
 //!  node itself, MAC not known yet, masquerade by nftables
