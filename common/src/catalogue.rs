@@ -39,7 +39,7 @@ use crate::{
     ServiceKey, ServiceValue, SlotKey, SockDestroyKey, SockRevNatKey, SockRevNatValue, SrcRangeKey,
     UdpFlowKey,
 };
-use crate::{Backend6, ServiceKey6, SockRevNatKey6, SockRevNatValue6};
+use crate::{Backend6, ServiceKey6, SockRevNatKey6, SockRevNatValue6, SrcRangeKey6};
 
 /// The kernel map types Twill uses (`enum bpf_map_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -319,6 +319,17 @@ catalogue! {
         size: DEFAULT_LB_SRC_RANGES_MAX = 16_384,
         flag: "map-size-lb-source-ranges",
         help: "Max entries of the loadBalancerSourceRanges trie",
+    }
+    /// IPv6 twin of [`MapKind::SourceRanges`]: the IPv6 `loadBalancerSourceRanges` of IPv6
+    /// LoadBalancer IPs (keyed by the same Service ids).
+    SourceRanges6 {
+        name: MAP_LB_SRC_RANGES6 = "TWL_LBSRC6_V1",
+        map_type: LpmTrie,
+        key: SrcRangeKey6,
+        value: u8,
+        size: DEFAULT_LB_SRC_RANGES6_MAX = 4_096,
+        flag: "map-size-lb-source-ranges6",
+        help: "Max entries of the IPv6 loadBalancerSourceRanges trie",
     }
     /// NetworkPolicy: local pod endpoints.
     PolicyEndpoints {

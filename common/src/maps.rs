@@ -18,6 +18,7 @@
 //!            dport'), flow state, last packet; one entry per direction of a per-packet
 //!            (north-south) translated flow; expired by state (`ct_lifetime_ns`)
 //!  LB_SRC_RANGES (LPM: svc_id, client prefix) ──► allowed (loadBalancerSourceRanges)
+//!  LB_SRC_RANGES6 (LPM: svc_id, IPv6 client prefix) ──► allowed (the IPv6 ranges)
 //!  FRAGS     (saddr, daddr, IP id, proto) ──► ports of a fragmented datagram's first fragment
 //! ```
 
@@ -462,6 +463,18 @@ pub struct SrcRangeKey {
 }
 const _: () = assert!(core::mem::size_of::<SrcRangeKey>() == 8);
 
+/// Data of the `LB_SRC_RANGES6` LPM-trie key: the IPv6 twin of [`SrcRangeKey`] (the same
+/// Service id first, then the client prefix as four network-order words). A range `p/n` of
+/// Service `s` is stored with `prefix_len = 32 + n`; a lookup uses all 160 bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRangeKey6 {
+    /// Big-endian, as [`SrcRangeKey::svc_id_be`].
+    pub svc_id_be: u32,
+    pub addr_be: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<SrcRangeKey6>() == 20);
+
 /// Key of `FRAGS`: one fragmented IPv4 datagram as it arrived, identified as RFC 791 does
 /// (source, destination, protocol, identification).
 #[repr(C)]
@@ -553,6 +566,7 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::SrcRangeKey {}
+    unsafe impl aya::Pod for super::SrcRangeKey6 {}
     unsafe impl aya::Pod for super::UdpFlowKey {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}

@@ -154,9 +154,9 @@ pub enum Reason {
     /// (externalTrafficPolicy Cluster): DNAT and SNAT to this node's IPv6 address and a port
     /// of the reserved range, sent out through the route's device.
     Ns6Forwarded = 104,
-    /// Per-packet IPv6 north-south: an IPv6 client of a frontend with
-    /// `loadBalancerSourceRanges`, dropped: the ranges are matched for IPv4 clients only, so an
-    /// IPv6 client is never let in unchecked.
+    /// Per-packet IPv6 north-south: an IPv6 client outside the IPv6
+    /// `loadBalancerSourceRanges` of the LoadBalancer IP it asked for, dropped (the IPv6 twin
+    /// of `SourceRangeDenied`).
     Ns6SourceRangeDenied = 105,
     // 110..=119: IPv6 pod network (eBPF masquerade of IPv6 pods).
     /// A local pod's new IPv6 flow leaving the cluster was masqueraded (the node's IPv6

@@ -7,21 +7,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use twill_common::{Backend, Backend6, ServiceKey, ServiceKey6};
 
 /// `ServiceKey6::addr_be` form of an address: four words in network order, as the kernel's
-/// `bpf_sock_addr.user_ip6` holds it.
+/// `bpf_sock_addr.user_ip6` holds it (the 16 bytes as they stand in the packet).
 pub fn addr6_be(ip: Ipv6Addr) -> [u32; 4] {
-    let o = ip.octets();
-    std::array::from_fn(|i| {
-        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-    })
+    twill_common::addr6_from_octets(ip.octets())
 }
 
 /// Inverse of [`addr6_be`].
 pub fn addr6_from_be(words: [u32; 4]) -> Ipv6Addr {
-    let mut o = [0u8; 16];
-    for (chunk, w) in o.chunks_exact_mut(4).zip(words) {
-        chunk.copy_from_slice(&w.to_ne_bytes());
-    }
-    Ipv6Addr::from(o)
+    Ipv6Addr::from(twill_common::addr6_octets(words))
 }
 
 /// `ServiceKey::addr_be` form of an IPv4 address (see `compile::addr_be`).

@@ -6,7 +6,7 @@
 //! without a kernel, including half-failed applies.
 use std::collections::{BTreeMap, BTreeSet};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network};
 use twill_common::{
     Backend, Backend6, DatapathConfig, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
 };
@@ -72,8 +72,10 @@ pub struct LbState {
     /// `loadBalancerSourceRanges` as (`svc_id`, allowed client range): a frontend whose flags
     /// carry `SVC_F_SOURCE_RANGES` admits only clients inside a range of its `svc_id` (none: no
     /// client). Ranges are canonical (host bits zero), as the kernel's trie key stores them, so
-    /// desired and dumped sets compare equal.
-    pub source_ranges: BTreeSet<(u32, Ipv4Network)>,
+    /// desired and dumped sets compare equal. Both families: an IPv4 range lives in
+    /// `LB_SRC_RANGES`, an IPv6 one in `LB_SRC_RANGES6` ([`source_ranges_map`]); a backend set
+    /// has one family, so its `svc_id` has ranges of that family only.
+    pub source_ranges: BTreeSet<(u32, IpNetwork)>,
     pub config: DatapathConfig,
 }
 
@@ -150,10 +152,13 @@ impl LbState {
     }
 
     /// The source ranges of `svc_id`, sorted.
-    pub fn source_ranges_of(&self, svc_id: u32) -> impl Iterator<Item = Ipv4Network> + '_ {
-        // `0.0.0.0/0` is the smallest range in `Ipv4Network`'s order (address, then prefix).
-        let first = Ipv4Network::new_checked(std::net::Ipv4Addr::UNSPECIFIED, 0)
-            .expect("prefix 0 is valid");
+    pub fn source_ranges_of(&self, svc_id: u32) -> impl Iterator<Item = IpNetwork> + '_ {
+        // `0.0.0.0/0` is the smallest range in `IpNetwork`'s order (IPv4 first, then address,
+        // then prefix).
+        let first = IpNetwork::V4(
+            Ipv4Network::new_checked(std::net::Ipv4Addr::UNSPECIFIED, 0)
+                .expect("prefix 0 is valid"),
+        );
         self.source_ranges
             .range((svc_id, first)..)
             .take_while(move |(id, _)| *id == svc_id)
@@ -183,7 +188,7 @@ pub struct StateChanges {
     pub slots: BTreeSet<SlotKey>,
     /// Backend ids of either family.
     pub backends: BTreeSet<u32>,
-    pub source_ranges: BTreeSet<(u32, Ipv4Network)>,
+    pub source_ranges: BTreeSet<(u32, IpNetwork)>,
 }
 
 impl StateChanges {
@@ -245,6 +250,24 @@ pub fn canonical_range(range: Ipv4Network) -> Ipv4Network {
     Ipv4Network::new(range.network(), range.prefix()).unwrap_or(range)
 }
 
+/// [`canonical_range`] of a range of either family.
+pub fn canonical_net(range: IpNetwork) -> IpNetwork {
+    match range {
+        IpNetwork::V4(r) => IpNetwork::V4(canonical_range(r)),
+        IpNetwork::V6(r) => {
+            IpNetwork::V6(ipnetwork::Ipv6Network::new(r.network(), r.prefix()).unwrap_or(r))
+        }
+    }
+}
+
+/// The trie a source range of `range`'s family lives in.
+pub fn source_ranges_map(range: &IpNetwork) -> MapKind {
+    match range {
+        IpNetwork::V4(_) => MapKind::SourceRanges,
+        IpNetwork::V6(_) => MapKind::SourceRanges6,
+    }
+}
+
 /// Writes to and reads from the load-balancing maps.
 pub trait LbMaps {
     fn upsert_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError>;
@@ -262,9 +285,9 @@ pub trait LbMaps {
     fn upsert_node_addr6(&mut self, addr_be: [u32; 4], flags: u32) -> Result<(), MapError>;
     fn delete_node_addr6(&mut self, addr_be: [u32; 4]) -> Result<(), MapError>;
     /// Allows clients in `range` to reach the frontends of `svc_id` that carry
-    /// `SVC_F_SOURCE_RANGES`.
-    fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError>;
-    fn delete_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError>;
+    /// `SVC_F_SOURCE_RANGES` (written to the trie of `range`'s family, [`source_ranges_map`]).
+    fn upsert_source_range(&mut self, svc_id: u32, range: IpNetwork) -> Result<(), MapError>;
+    fn delete_source_range(&mut self, svc_id: u32, range: IpNetwork) -> Result<(), MapError>;
     fn set_config(&mut self, config: DatapathConfig) -> Result<(), MapError>;
     /// Reads back everything the service tables hold (used at start to adopt pinned maps, and
     /// by the debug CLI).
@@ -296,7 +319,7 @@ pub struct FakeLbMaps {
     pub slots_capacity: Option<u32>,
     /// Capacity of the backends map.
     pub backends_capacity: Option<u32>,
-    /// Capacity of the source-range trie.
+    /// Capacity of each source-range trie (the entries of one family).
     pub source_ranges_capacity: Option<u32>,
     /// Capacity of the IPv6 services map.
     pub services6_capacity: Option<u32>,
@@ -419,22 +442,28 @@ impl LbMaps for FakeLbMaps {
         self.state.node_addrs6.remove(&addr_be);
         Ok(())
     }
-    fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+    fn upsert_source_range(&mut self, svc_id: u32, range: IpNetwork) -> Result<(), MapError> {
         // Stored canonical, like the kernel's trie key.
-        let entry = (svc_id, canonical_range(range));
+        let entry = (svc_id, canonical_net(range));
+        let same_family = self
+            .state
+            .source_ranges
+            .iter()
+            .filter(|(_, r)| r.is_ipv4() == range.is_ipv4())
+            .count();
         check_room(
             self.state.source_ranges.contains(&entry),
-            self.state.source_ranges.len(),
+            same_family,
             self.source_ranges_capacity,
-            MapKind::SourceRanges,
+            source_ranges_map(&range),
         )?;
         self.state.source_ranges.insert(entry);
         Ok(())
     }
-    fn delete_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+    fn delete_source_range(&mut self, svc_id: u32, range: IpNetwork) -> Result<(), MapError> {
         self.state
             .source_ranges
-            .remove(&(svc_id, canonical_range(range)));
+            .remove(&(svc_id, canonical_net(range)));
         Ok(())
     }
     fn set_config(&mut self, config: DatapathConfig) -> Result<(), MapError> {
@@ -574,7 +603,8 @@ impl<M: LbMaps> FaultyLbMaps<M> {
                 MapKind::Backends6 => s.backends6.len(),
                 MapKind::NodeAddrs => s.node_addrs.len(),
                 MapKind::NodeAddrs6 => s.node_addrs6.len(),
-                MapKind::SourceRanges => s.source_ranges.len(),
+                MapKind::SourceRanges => s.source_ranges.iter().filter(|r| r.1.is_ipv4()).count(),
+                MapKind::SourceRanges6 => s.source_ranges.iter().filter(|r| r.1.is_ipv6()).count(),
                 _ => 0,
             });
             return Err(MapError::Full {
@@ -643,12 +673,12 @@ impl<M: LbMaps> LbMaps for FaultyLbMaps<M> {
         self.gate(MapKind::NodeAddrs6, "delete")?;
         self.inner.delete_node_addr6(addr_be)
     }
-    fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
-        self.gate(MapKind::SourceRanges, "update")?;
+    fn upsert_source_range(&mut self, svc_id: u32, range: IpNetwork) -> Result<(), MapError> {
+        self.gate(source_ranges_map(&range), "update")?;
         self.inner.upsert_source_range(svc_id, range)
     }
-    fn delete_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
-        self.gate(MapKind::SourceRanges, "delete")?;
+    fn delete_source_range(&mut self, svc_id: u32, range: IpNetwork) -> Result<(), MapError> {
+        self.gate(source_ranges_map(&range), "delete")?;
         self.inner.delete_source_range(svc_id, range)
     }
     fn set_config(&mut self, config: DatapathConfig) -> Result<(), MapError> {
@@ -709,7 +739,7 @@ mod tests {
 
     #[test]
     fn fake_stores_canonical_source_ranges_and_reports_full() {
-        let net = |s: &str| s.parse::<Ipv4Network>().unwrap();
+        let net = |s: &str| s.parse::<IpNetwork>().unwrap();
         let mut fake = FakeLbMaps {
             source_ranges_capacity: Some(1),
             ..FakeLbMaps::default()
@@ -736,7 +766,13 @@ mod tests {
             err.to_string().contains(MapKind::SourceRanges.name()),
             "{err}"
         );
+        // Each family's trie has its own room: an IPv6 range still fits, canonical too.
+        fake.upsert_source_range(8, net("fd00:1::5/64")).unwrap();
+        let err = fake.upsert_source_range(9, net("fd00:2::/64")).unwrap_err();
+        assert_eq!(err.map(), MapKind::SourceRanges6);
+        assert!(fake.state.source_ranges.contains(&(8, net("fd00:1::/64"))));
         fake.delete_source_range(7, net("10.9.9.9/8")).unwrap();
+        fake.delete_source_range(8, net("fd00:1::1/64")).unwrap();
         assert!(fake.state.source_ranges.is_empty());
     }
 

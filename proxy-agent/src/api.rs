@@ -379,11 +379,15 @@ pub struct PinnedKernelView {
 
 impl KernelView for PinnedKernelView {
     fn conntrack(&self, filter: &crate::ctview::CtFilter) -> Result<Vec<CtRow>, String> {
-        let maps =
-            crate::datapath::AyaLbMaps::open_pinned(&self.bpffs_dir).map_err(|e| err_chain(&e))?;
-        let entries = maps.dump_ct().map_err(|e| err_chain(&e))?;
+        let table =
+            crate::datapath::CtTable::open_pinned(&self.bpffs_dir).map_err(|e| err_chain(&e))?;
+        let (v4, v6) = table.dump().map_err(|e| err_chain(&e))?;
+        let entries = v4
+            .iter()
+            .map(crate::ctview::Entry::from)
+            .chain(v6.iter().map(crate::ctview::Entry::from));
         Ok(crate::ctview::rows(
-            &entries,
+            entries,
             crate::datapath::monotonic_now_ns(),
             filter,
         ))
@@ -576,7 +580,7 @@ fn conntrack_filter(p: &Published, query: &str) -> Result<crate::ctview::CtFilte
     }
     if let Some(ip) = query_value(query, "backend").filter(|v| !v.is_empty()) {
         filter.backend = Some(ip.parse().map_err(|_| {
-            Response::text(400, format!("backend {ip:?}: expected an IPv4 address\n"))
+            Response::text(400, format!("backend {ip:?}: expected an IP address\n"))
         })?);
     }
     Ok(filter)

@@ -221,7 +221,7 @@ pub enum DebugCommand {
         service: Option<String>,
         /// Only flows to this backend address (NetworkPolicy flows: with it at either end).
         #[arg(long, value_name = "IP")]
-        backend: Option<std::net::Ipv4Addr>,
+        backend: Option<std::net::IpAddr>,
     },
 }
 

@@ -1,18 +1,20 @@
-//! `twill-agent debug conntrack`: the connection-tracking table (`TWL_CT_V2`) as rows a person
+//! `twill-agent debug conntrack`: the connection-tracking tables (`TWL_CT_V2`, `TWL_CT6_V1`) as rows a person
 //! reads. Pure — entries, the time and a filter in, rows out — like [`crate::ctgc`], which
 //! decides from the same entries what the collector deletes.
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 use twill_common::{
     CT_F_REPLY, CT_F_SNAT, CT_SCOPE_NAT, CT_SCOPE_POLICY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_NEW, CtKey, CtValue, PROTO_TCP, PROTO_UDP, ct_lifetime_ns,
+    CT_STATE_NEW, CtKey, CtKey6, CtValue, CtValue6, PROTO_TCP, PROTO_UDP, ct_lifetime_ns,
 };
+use twill_core::family::addr6_from_be;
 
 const NSEC_PER_SEC: u64 = 1_000_000_000;
 const PROTO_ICMP: u8 = 1;
 const PROTO_SCTP: u8 = 132;
+const PROTO_ICMPV6: u8 = 58;
 
 /// One entry of the table (one direction of a flow).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,19 +50,68 @@ pub struct CtFilter {
     /// Only entries of these Service frontends (`svc_id`).
     pub svc_ids: Option<BTreeSet<u32>>,
     /// Only entries whose backend is this address (`nat`), or with it at either end (`policy`).
-    pub backend: Option<Ipv4Addr>,
+    pub backend: Option<IpAddr>,
 }
 
-fn endpoint(addr_be: u32, port_be: u16) -> String {
-    format!(
-        "{}:{}",
-        Ipv4Addr::from(u32::from_be(addr_be)),
-        u16::from_be(port_be)
+/// An entry of either table (`TWL_CT_V2` or `TWL_CT6_V1`: the same fields with the same
+/// meaning, `twill_common::ct6`) with its addresses as addresses, so one code path shows both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    scope: u8,
+    proto: u8,
+    src: SocketAddr,
+    dst: SocketAddr,
+    new_src: SocketAddr,
+    new_dst: SocketAddr,
+    svc_id: u32,
+    flags: u32,
+    state: u8,
+    last_seen_ns: u64,
+}
+
+fn v4(addr_be: u32, port_be: u16) -> SocketAddr {
+    SocketAddr::new(
+        Ipv4Addr::from(u32::from_be(addr_be)).into(),
+        u16::from_be(port_be),
     )
 }
 
-fn addr(addr_be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from_be(addr_be))
+fn v6(addr_be: [u32; 4], port_be: u16) -> SocketAddr {
+    SocketAddr::new(addr6_from_be(addr_be).into(), u16::from_be(port_be))
+}
+
+impl From<&(CtKey, CtValue)> for Entry {
+    fn from((k, v): &(CtKey, CtValue)) -> Self {
+        Self {
+            scope: k.scope,
+            proto: k.proto,
+            src: v4(k.saddr_be, k.sport_be),
+            dst: v4(k.daddr_be, k.dport_be),
+            new_src: v4(v.new_saddr_be, v.new_sport_be),
+            new_dst: v4(v.new_daddr_be, v.new_dport_be),
+            svc_id: v.svc_id,
+            flags: v.flags,
+            state: v.state,
+            last_seen_ns: v.last_seen_ns,
+        }
+    }
+}
+
+impl From<&(CtKey6, CtValue6)> for Entry {
+    fn from((k, v): &(CtKey6, CtValue6)) -> Self {
+        Self {
+            scope: k.scope,
+            proto: k.proto,
+            src: v6(k.saddr_be, k.sport_be),
+            dst: v6(k.daddr_be, k.dport_be),
+            new_src: v6(v.new_saddr_be, v.new_sport_be),
+            new_dst: v6(v.new_daddr_be, v.new_dport_be),
+            svc_id: v.svc_id,
+            flags: v.flags,
+            state: v.state,
+            last_seen_ns: v.last_seen_ns,
+        }
+    }
 }
 
 fn protocol_name(proto: u8) -> String {
@@ -68,6 +119,7 @@ fn protocol_name(proto: u8) -> String {
         PROTO_TCP => "tcp".into(),
         PROTO_UDP => "udp".into(),
         PROTO_ICMP => "icmp".into(),
+        PROTO_ICMPV6 => "icmpv6".into(),
         PROTO_SCTP => "sctp".into(),
         p => p.to_string(),
     }
@@ -83,73 +135,66 @@ fn state_name(state: u8) -> String {
 }
 
 /// The backend of a `nat` entry: where the original direction is sent, where replies come from.
-fn backend_of(k: &CtKey, v: &CtValue) -> Option<(u32, u16)> {
-    if k.scope != CT_SCOPE_NAT {
+fn backend_of(e: &Entry) -> Option<SocketAddr> {
+    if e.scope != CT_SCOPE_NAT {
         None
-    } else if v.flags & CT_F_REPLY != 0 {
-        Some((k.saddr_be, k.sport_be))
+    } else if e.flags & CT_F_REPLY != 0 {
+        Some(e.src)
     } else {
-        Some((v.new_daddr_be, v.new_dport_be))
+        Some(e.new_dst)
     }
 }
 
-fn matches(k: &CtKey, v: &CtValue, f: &CtFilter) -> bool {
+fn matches(e: &Entry, f: &CtFilter) -> bool {
     if let Some(ids) = &f.svc_ids
-        && (k.scope != CT_SCOPE_NAT || !ids.contains(&v.svc_id))
+        && (e.scope != CT_SCOPE_NAT || !ids.contains(&e.svc_id))
     {
         return false;
     }
     match f.backend {
         None => true,
-        Some(ip) => match backend_of(k, v) {
-            Some((a, _)) => addr(a) == ip,
-            None => addr(k.saddr_be) == ip || addr(k.daddr_be) == ip,
+        Some(ip) => match backend_of(e) {
+            Some(b) => b.ip() == ip,
+            None => e.src.ip() == ip || e.dst.ip() == ip,
         },
     }
 }
 
-/// The rows of `entries` that pass `filter`, at `now_ns` (`CLOCK_MONOTONIC`, the clock of
-/// `last_seen_ns`), sorted by scope, protocol, tuple.
-pub fn rows(entries: &[(CtKey, CtValue)], now_ns: u64, filter: &CtFilter) -> Vec<CtRow> {
-    let mut sorted: Vec<&(CtKey, CtValue)> = entries
-        .iter()
-        .filter(|(k, v)| matches(k, v, filter))
-        .collect();
-    sorted.sort_by_key(|(k, _)| {
-        (
-            k.scope,
-            k.proto,
-            u32::from_be(k.saddr_be),
-            u16::from_be(k.sport_be),
-            u32::from_be(k.daddr_be),
-            u16::from_be(k.dport_be),
-        )
-    });
+/// The rows of `entries` (of either table, or both) that pass `filter`, at `now_ns`
+/// (`CLOCK_MONOTONIC`, the clock of `last_seen_ns`), sorted by scope, protocol, tuple (IPv4
+/// before IPv6).
+pub fn rows(
+    entries: impl IntoIterator<Item = Entry>,
+    now_ns: u64,
+    filter: &CtFilter,
+) -> Vec<CtRow> {
+    let mut sorted: Vec<Entry> = entries.into_iter().filter(|e| matches(e, filter)).collect();
+    sorted.sort_by_key(|e| (e.scope, e.proto, e.src, e.dst));
     sorted
         .into_iter()
-        .map(|(k, v)| {
-            let idle = now_ns.saturating_sub(v.last_seen_ns);
-            let left = ct_lifetime_ns(k.proto, v.state).saturating_sub(idle);
+        .map(|e| {
+            let idle = now_ns.saturating_sub(e.last_seen_ns);
+            let left = ct_lifetime_ns(e.proto, e.state).saturating_sub(idle);
             CtRow {
-                scope: match k.scope {
+                scope: match e.scope {
                     CT_SCOPE_NAT => "nat".into(),
                     CT_SCOPE_POLICY => "policy".into(),
                     s => s.to_string(),
                 },
-                protocol: protocol_name(k.proto),
-                direction: if v.flags & CT_F_REPLY != 0 {
+                protocol: protocol_name(e.proto),
+                direction: if e.flags & CT_F_REPLY != 0 {
                     "reply".into()
                 } else {
                     "original".into()
                 },
-                source: endpoint(k.saddr_be, k.sport_be),
-                destination: endpoint(k.daddr_be, k.dport_be),
-                rewritten_source: endpoint(v.new_saddr_be, v.new_sport_be),
-                rewritten_destination: endpoint(v.new_daddr_be, v.new_dport_be),
-                backend: backend_of(k, v).map(|(a, p)| endpoint(a, p)),
-                svc_id: v.svc_id,
-                state: state_name(v.state),
-                snat: v.flags & CT_F_SNAT != 0,
+                source: e.src.to_string(),
+                destination: e.dst.to_string(),
+                rewritten_source: e.new_src.to_string(),
+                rewritten_destination: e.new_dst.to_string(),
+                backend: backend_of(&e).map(|b| b.to_string()),
+                svc_id: e.svc_id,
+                state: state_name(e.state),
+                snat: e.flags & CT_F_SNAT != 0,
                 idle_s: idle / NSEC_PER_SEC,
                 expires_in_s: left.div_ceil(NSEC_PER_SEC),
             }
@@ -206,9 +251,13 @@ mod tests {
         ]
     }
 
+    fn entries() -> Vec<Entry> {
+        table().iter().map(Entry::from).collect()
+    }
+
     #[test]
     fn rows_name_scope_direction_backend_and_expiry() {
-        let rows = rows(&table(), 130 * NSEC_PER_SEC, &CtFilter::default());
+        let rows = rows(entries(), 130 * NSEC_PER_SEC, &CtFilter::default());
         assert_eq!(rows.len(), 3);
         let orig = &rows[1];
         assert_eq!(
@@ -233,7 +282,7 @@ mod tests {
         assert_eq!(rows[2].scope, "policy");
         assert_eq!(rows[2].backend, None);
         // Long past its lifetime: 0 left, not a wrapped-around number.
-        let late = super::rows(&table(), 1_000 * NSEC_PER_SEC, &CtFilter::default());
+        let late = super::rows(entries(), 1_000 * NSEC_PER_SEC, &CtFilter::default());
         assert!(late.iter().all(|r| r.expires_in_s == 0));
     }
 
@@ -243,20 +292,70 @@ mod tests {
             svc_ids: Some(BTreeSet::from([7])),
             backend: None,
         };
-        assert_eq!(rows(&table(), 0, &by_svc).len(), 2);
+        assert_eq!(rows(entries(), 0, &by_svc).len(), 2);
         let other_svc = CtFilter {
             svc_ids: Some(BTreeSet::from([8])),
             backend: None,
         };
-        assert!(rows(&table(), 0, &other_svc).is_empty());
+        assert!(rows(entries(), 0, &other_svc).is_empty());
         let by_backend = |ip: [u8; 4]| CtFilter {
             svc_ids: None,
-            backend: Some(Ipv4Addr::from(ip)),
+            backend: Some(Ipv4Addr::from(ip).into()),
         };
-        assert_eq!(rows(&table(), 0, &by_backend([10, 244, 0, 5])).len(), 2);
+        assert_eq!(rows(entries(), 0, &by_backend([10, 244, 0, 5])).len(), 2);
         // The client is no backend.
-        assert!(rows(&table(), 0, &by_backend([172, 30, 0, 99])).is_empty());
+        assert!(rows(entries(), 0, &by_backend([172, 30, 0, 99])).is_empty());
         // A policy entry matches either end.
-        assert_eq!(rows(&table(), 0, &by_backend([10, 244, 1, 3])).len(), 1);
+        assert_eq!(rows(entries(), 0, &by_backend([10, 244, 1, 3])).len(), 1);
+    }
+
+    /// The IPv6 table's entries read the same way, addresses in brackets before their port, and
+    /// sort after the IPv4 ones of the same scope and protocol.
+    #[test]
+    fn ipv6_entries_are_shown_with_the_ipv4_ones() {
+        use std::net::Ipv6Addr;
+        use twill_core::family::addr6_be;
+        let (client, node, pod): (Ipv6Addr, Ipv6Addr, Ipv6Addr) = (
+            "fd00:30::99".parse().unwrap(),
+            "fd00:30::11".parse().unwrap(),
+            "fd00:10:244::5".parse().unwrap(),
+        );
+        let k = CtKey6 {
+            saddr_be: addr6_be(client),
+            daddr_be: addr6_be(node),
+            sport_be: 40000u16.to_be(),
+            dport_be: 30053u16.to_be(),
+            proto: PROTO_UDP,
+            scope: CT_SCOPE_NAT,
+            _pad: [0; 2],
+        };
+        let v = CtValue6 {
+            new_saddr_be: addr6_be(client),
+            new_daddr_be: addr6_be(pod),
+            new_sport_be: 40000u16.to_be(),
+            new_dport_be: 8080u16.to_be(),
+            svc_id: 9,
+            flags: 0,
+            state: CT_STATE_NEW,
+            tcp_fin: 0,
+            _pad: [0; 2],
+            last_seen_ns: 100 * NSEC_PER_SEC,
+        };
+        let all: Vec<Entry> = entries()
+            .into_iter()
+            .chain([Entry::from(&(k, v))])
+            .collect();
+        let rows = rows(all.clone(), 110 * NSEC_PER_SEC, &CtFilter::default());
+        assert_eq!(rows.len(), 4);
+        let r = &rows[2];
+        assert_eq!(r.source, "[fd00:30::99]:40000");
+        assert_eq!(r.destination, "[fd00:30::11]:30053");
+        assert_eq!(r.backend.as_deref(), Some("[fd00:10:244::5]:8080"));
+        assert_eq!((r.state.as_str(), r.expires_in_s), ("new", 20));
+        let by_backend = CtFilter {
+            svc_ids: None,
+            backend: Some(pod.into()),
+        };
+        assert_eq!(super::rows(all, 0, &by_backend).len(), 1);
     }
 }

@@ -17,7 +17,8 @@ use twill_common::{
     IpCacheKey, IpCacheKey6, LocalEndpoint, MasqKey, MasqKey6, NodeAddrValue,
     POLICY_EVENT_BUDGET_ENTRIES, POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint, PolicyKey,
     PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
-    SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SrcRangeKey, UdpFlowKey,
+    SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SrcRangeKey, SrcRangeKey6,
+    UdpFlowKey,
 };
 
 #[map]
@@ -80,6 +81,11 @@ pub static TWL_CT_V2: HashMap<CtKey, CtValue> = HashMap::with_max_entries(DEFAUL
 #[map]
 pub static TWL_LBSRC_V1: LpmTrie<SrcRangeKey, u8> =
     LpmTrie::with_max_entries(DEFAULT_LB_SRC_RANGES_MAX, 0);
+
+// Its IPv6 twin: the IPv6 ranges of IPv6 LoadBalancer IPs (`ns6.rs`).
+#[map]
+pub static TWL_LBSRC6_V1: LpmTrie<SrcRangeKey6, u8> =
+    LpmTrie::with_max_entries(twill_common::DEFAULT_LB_SRC_RANGES6_MAX, 0);
 
 // LRU: a datagram's fragments follow each other within milliseconds; nothing tells us when the
 // last one passed, so old entries are simply pushed out.

@@ -6,7 +6,7 @@
 //!  ingress, TCP/UDP, no CT6 entry (nat6::ingress):
 //!    SERVICES6 (EXTERNAL, then ANY) by exact address; NodePort ([::]) when dst ∈ NODE_ADDRS6
 //!    ─► TCP without SYN: to the stack untouched (CtNonSynMiss)
-//!    ─► loadBalancerSourceRanges set: dropped (Ns6SourceRangeDenied; the ranges are IPv4 only)
+//!    ─► loadBalancerSourceRanges (LPM, TWL_LBSRC6_V1): outside them dropped (Ns6SourceRangeDenied)
 //!    ─► backend: affinity per client address (affinity_client6), else the tuple's hash
 //!    ─► local backend (or eTP=Local): DNAT, client kept, left to the stack (Ns6Dnat)
 //!       remote backend (eTP=Cluster): DNAT + SNAT to the node address (the frontend when it
@@ -19,16 +19,18 @@
 //! No IPv6 header checksum; the TCP/UDP checksum follows the addresses through the
 //! pseudo-header (`nat6::rewrite6`). Neighbour Discovery and MLD never reach here: `nat6`
 //! parses them as `Other`.
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::TcContext,
+};
 use twill_common::{
     BE_F_LOCAL, Backend6, CT_F_REPLY, CT_F_SNAT, CT_SCOPE_NAT, CT_STATE_NEW, CtKey6, CtValue6,
     PROTO_TCP, Reason, SCOPE_EXTERNAL, SVC_F_LOCAL_ONLY, SVC_F_SOURCE_RANGES, ServiceValue,
-    affinity_client6, flow_hash6,
+    SrcRangeKey6, affinity_client6, flow_hash6,
 };
 
 use crate::{
     lb::{Pick, V6, is_node_addr6, lookup_scoped6, select_backend_by},
-    maps::{TWL_CT6_V1, count},
+    maps::{TWL_CT6_V1, TWL_LBSRC6_V1, count},
     nat6::{Pkt6, forward6, rewrite6, route_src_to6},
     natport::{self, Ct6},
     tc::{EXTERNAL_KINDS, SNAT_PORT_MIN, SNAT_PORT_SPAN, Verdict},
@@ -49,6 +51,23 @@ fn lookup6(p: &Pkt6) -> Option<ServiceValue> {
         .filter(|v| v.flags & EXTERNAL_KINDS != 0)
 }
 
+/// A `TWL_LBSRC6_V1` lookup matches its whole key: the Service id and the client's address.
+const LB_SRC6_KEY_BITS: u32 = 32 + 128;
+
+/// Whether `saddr` lies in one of the IPv6 `loadBalancerSourceRanges` of `svc_id` (the
+/// compiler flags only frontends whose family has ranges, so none here admits nobody).
+#[inline(always)]
+fn source_allowed6(svc_id: u32, saddr: &[u32; 4]) -> bool {
+    let key = Key::new(
+        LB_SRC6_KEY_BITS,
+        SrcRangeKey6 {
+            svc_id_be: svc_id.to_be(),
+            addr_be: *saddr,
+        },
+    );
+    TWL_LBSRC6_V1.get(&key).is_some()
+}
+
 /// A new IPv6 flow from outside (no CT6 entry): translated when it is for an external
 /// frontend, else untouched.
 #[inline(always)]
@@ -61,7 +80,7 @@ pub fn open(ctx: &TcContext, p: &Pkt6) -> Result<Verdict, Reason> {
         // as on IPv4, rather than a backend that never saw the connection.
         return Ok((Reason::CtNonSynMiss, TC_ACT_OK));
     }
-    if svc.flags & SVC_F_SOURCE_RANGES != 0 {
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed6(svc.svc_id, &p.saddr) {
         return Err(Reason::Ns6SourceRangeDenied);
     }
     let (be, reason) = select_backend_by::<V6>(

@@ -7,7 +7,7 @@ mod agent_common;
 use std::{net::Ipv4Addr, process::Stdio, time::Duration};
 
 use anyhow::{Result, ensure};
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use twill_agent::{
     datapath::{AttachOutcome, AyaLbMaps, Datapath, DatapathOptions},
     lbmap::LbMaps,
@@ -328,7 +328,7 @@ fn external_ip_and_load_balancer_ip_with_source_ranges() -> Result<()> {
         flags: SVC_F_LOADBALANCER | SVC_F_SOURCE_RANGES,
     };
     program(&mut maps, 2, &fe, &local)?;
-    maps.upsert_source_range(2, "10.0.0.0/8".parse::<Ipv4Network>()?)?;
+    maps.upsert_source_range(2, "10.0.0.0/8".parse::<IpNetwork>()?)?;
     let (code, out) = ext.labtool(&["tcp", "--to", "192.0.2.10:80", "--timeout-ms", "500"])?;
     ensure!(
         code == 3,
@@ -338,7 +338,7 @@ fn external_ip_and_load_balancer_ip_with_source_ranges() -> Result<()> {
         maps.stats()?[&Reason::SourceRangeDenied] >= 1,
         "denial not counted"
     );
-    maps.upsert_source_range(2, "172.30.0.0/24".parse::<Ipv4Network>()?)?;
+    maps.upsert_source_range(2, "172.30.0.0/24".parse::<IpNetwork>()?)?;
     let (code, out) = ext.labtool(&["tcp", "--to", "192.0.2.10:80"])?;
     ensure!(
         code == 0 && out.contains("peer=192.0.2.10:80"),
@@ -351,7 +351,7 @@ fn external_ip_and_load_balancer_ip_with_source_ranges() -> Result<()> {
     );
     // A Service edit dropping the client's range (what the reconciler's prune does).
     maps.delete_source_range(2, "172.30.0.0/24".parse()?)?;
-    let only: Ipv4Network = "10.0.0.0/8".parse()?;
+    let only: IpNetwork = "10.0.0.0/8".parse()?;
     let ranges = maps.dump()?.source_ranges;
     ensure!(
         ranges == std::collections::BTreeSet::from([(2, only)]),

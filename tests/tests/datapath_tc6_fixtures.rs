@@ -6,15 +6,18 @@
 use std::{net::Ipv6Addr, os::fd::AsRawFd as _};
 
 use anyhow::{Context as _, Result, ensure};
+use ipnetwork::IpNetwork;
 use twill_agent::{
     datapath::{AyaLbMaps, Datapath, DatapathOptions},
     lbmap::LbMaps,
 };
 use twill_common::{
-    BE_F_LOCAL, Backend6, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY, SCOPE_EXTERNAL, SVC_F_AFFINITY,
-    SVC_F_CLUSTER_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY, SVC_F_NODEPORT, ServiceKey6,
-    ServiceValue, SlotKey, addr6_from_octets,
+    BE_F_LOCAL, Backend6, MAGLEV_SLOT_BASE, PROTO_TCP, PROTO_UDP, Reason, SCOPE_ANY,
+    SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceKey6, ServiceValue, SlotKey, addr6_from_octets,
+    flow_hash6,
 };
+use twill_core::maglev;
 use twill_lab::{LabSpec, in_netns, require};
 
 const TC_ACT_OK: u32 = 0;
@@ -530,6 +533,173 @@ fn tc6_nodeport_to_a_remote_backend_snats_and_translates_icmp_errors() -> Result
         let stats = maps.stats()?;
         ensure!(stats[&Reason::Ns6Forwarded] == 5, "{stats:?}");
         ensure!(stats[&Reason::IcmpErrorTranslated] == 2, "{stats:?}");
+        Ok(())
+    })
+}
+
+/// An IPv6 LoadBalancer IP with `loadBalancerSourceRanges`: a client inside an IPv6 range of
+/// its Service id gets in (DNAT), one outside is dropped and counted (`Ns6SourceRangeDenied`),
+/// also when another Service's ranges hold it; widening the ranges admits it; the Service's
+/// NodePort, which shares the backend set but carries no filter flag, admits everyone.
+#[test]
+fn tc6_load_balancer_ip_admits_only_its_ipv6_source_ranges() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1).with_dual_stack())? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded()?;
+    let lb = (LB_IP, 80);
+    frontend6(
+        &mut maps,
+        7,
+        (LB_IP, 80, PROTO_TCP, SCOPE_ANY),
+        SVC_F_LOADBALANCER | SVC_F_SOURCE_RANGES,
+        0,
+        &[(POD, 8080)],
+        true,
+    )?;
+    frontend6(
+        &mut maps,
+        7,
+        (Ipv6Addr::UNSPECIFIED, 30080, PROTO_TCP, SCOPE_ANY),
+        SVC_F_NODEPORT,
+        0,
+        &[(POD, 8080)],
+        true,
+    )?;
+    let net = |s: &str| s.parse::<IpNetwork>();
+    // CLIENT (::200) alone; CLIENT2 (::201) is only in another Service's range.
+    maps.upsert_source_range(7, net("fd00:172:30::200/128")?)?;
+    maps.upsert_source_range(8, net("fd00:172:30::/64")?)?;
+    in_netns(&lab.node(0).netns, || {
+        let out = run(&dp, INGRESS, &tcp((CLIENT, 40000), lb, TCP_SYN), TC_ACT_OK)?;
+        ensure!(
+            inspect(&out)? == ((CLIENT, 40000), (POD, 8080)),
+            "allowed client"
+        );
+        run(
+            &dp,
+            INGRESS,
+            &tcp((CLIENT2, 40000), lb, TCP_SYN),
+            TC_ACT_SHOT,
+        )?;
+        // The NodePort of the same set is not filtered.
+        let out = run(
+            &dp,
+            INGRESS,
+            &tcp((CLIENT2, 40001), (NODE, 30080), TCP_SYN),
+            TC_ACT_OK,
+        )?;
+        ensure!(inspect(&out)?.1 == (POD, 8080), "NodePort");
+        let stats = maps.stats()?;
+        ensure!(stats[&Reason::Ns6SourceRangeDenied] == 1, "{stats:?}");
+        ensure!(stats[&Reason::Ns6Dnat] == 2, "{stats:?}");
+        // A wider range of this Service's own admits the second client too.
+        maps.upsert_source_range(7, net("fd00:172:30::200/127")?)?;
+        let out = run(&dp, INGRESS, &tcp((CLIENT2, 40002), lb, TCP_SYN), TC_ACT_OK)?;
+        ensure!(inspect(&out)?.1 == (POD, 8080), "widened range");
+        let ranges = maps.dump()?.source_ranges;
+        ensure!(
+            ranges.len() == 3 && ranges.contains(&(7, net("fd00:172:30::200/127")?)),
+            "{ranges:?}"
+        );
+        Ok(())
+    })
+}
+
+/// The backend the Maglev table of `backends` (size `m`) gives the IPv6 flow `client` → `to`,
+/// as the compiler builds the table and the kernel hashes the tuple (`flow_hash6`).
+fn maglev_owner6(
+    backends: &[Ipv6Addr],
+    m: u32,
+    client: (Ipv6Addr, u16),
+    to: (Ipv6Addr, u16),
+) -> Ipv6Addr {
+    let identities: Vec<maglev::Identity> = backends
+        .iter()
+        .map(|&addr| maglev::Identity {
+            addr: addr.into(),
+            port: 8080,
+        })
+        .collect();
+    let table = maglev::table(&identities, m);
+    let h = flow_hash6(
+        &a6(client.0),
+        &a6(to.0),
+        client.1.to_be(),
+        to.1.to_be(),
+        PROTO_TCP,
+    );
+    backends[table[usize::try_from(h % m).unwrap_or(0)]]
+}
+
+/// An IPv6 backend set with a Maglev table (one table format for both families: backend ids
+/// in `BACKEND_SLOTS` above `MAGLEV_SLOT_BASE`): the kernel picks exactly the table's backend
+/// for each flow's tuple, and a flow whose conntrack entries were lost returns to it.
+#[test]
+fn tc6_maglev_brings_evicted_flows_back_to_their_backend() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1).with_dual_stack())? else {
+        return Ok(());
+    };
+    let (dp, mut maps) = loaded()?;
+    let pods: Vec<Ipv6Addr> = (5..9)
+        .map(|i| Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, i))
+        .collect();
+    let set: Vec<(Ipv6Addr, u16)> = pods.iter().map(|p| (*p, 8080)).collect();
+    frontend6(
+        &mut maps,
+        9,
+        (Ipv6Addr::UNSPECIFIED, 30080, PROTO_TCP, SCOPE_ANY),
+        SVC_F_NODEPORT,
+        0,
+        &set,
+        true,
+    )?;
+    // The table over the set, as the compiler writes it, then the frontend pointing at it.
+    let m = maglev::table_size(pods.len()).context("table size")?;
+    let identities: Vec<maglev::Identity> = pods
+        .iter()
+        .map(|&addr| maglev::Identity {
+            addr: addr.into(),
+            port: 8080,
+        })
+        .collect();
+    for (slot, owner) in (MAGLEV_SLOT_BASE..).zip(maglev::table(&identities, m)) {
+        maps.upsert_slot(SlotKey { svc_id: 9, slot }, 90 + u32::try_from(owner)?)?;
+    }
+    maps.upsert_service6(
+        ServiceKey6 {
+            addr_be: [0; 4],
+            port_be: 30080u16.to_be(),
+            proto: PROTO_TCP,
+            scope: SCOPE_ANY,
+        },
+        ServiceValue {
+            svc_id: 9,
+            backend_count: 4,
+            flags: SVC_F_NODEPORT,
+            affinity_timeout_s: 0,
+            maglev_size: m,
+        },
+    )?;
+    let np = (NODE, 30080);
+    in_netns(&lab.node(0).netns, || {
+        let mut used = std::collections::BTreeSet::new();
+        for i in 0..32u16 {
+            let c = (if i % 2 == 0 { CLIENT } else { CLIENT2 }, 43000 + i);
+            let dst = inspect(&run(&dp, INGRESS, &tcp(c, np, TCP_SYN), TC_ACT_OK)?)?.1;
+            ensure!(
+                dst == (maglev_owner6(&pods, m, c, np), 8080),
+                "{c:?} on {dst:?}"
+            );
+            // The flow's entries are lost (a reset removes them); the same tuple's next SYN
+            // comes back to the same backend.
+            run(&dp, INGRESS, &tcp(c, np, 0x04), TC_ACT_OK)?;
+            let again = inspect(&run(&dp, INGRESS, &tcp(c, np, TCP_SYN), TC_ACT_OK)?)?.1;
+            ensure!(again == dst, "{c:?}: {dst:?} then {again:?}");
+            run(&dp, INGRESS, &tcp(c, np, 0x04), TC_ACT_OK)?;
+            used.insert(dst);
+        }
+        ensure!(used.len() == pods.len(), "32 flows on {used:?}");
         Ok(())
     })
 }

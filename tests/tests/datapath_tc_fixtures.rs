@@ -714,7 +714,10 @@ fn nodeport_maglev(
     let m = maglev::table_size(backends.len()).context("table size")?;
     let identities: Vec<maglev::Identity> = backends
         .iter()
-        .map(|&addr| maglev::Identity { addr, port: 8080 })
+        .map(|&addr| maglev::Identity {
+            addr: addr.into(),
+            port: 8080,
+        })
         .collect();
     for (slot, owner) in (MAGLEV_SLOT_BASE..).zip(maglev::table(&identities, m)) {
         maps.upsert_slot(SlotKey { svc_id, slot }, id_of(&backends[owner])?)?;
@@ -747,7 +750,10 @@ fn maglev_owner(
 ) -> Ipv4Addr {
     let identities: Vec<maglev::Identity> = backends
         .iter()
-        .map(|&addr| maglev::Identity { addr, port: 8080 })
+        .map(|&addr| maglev::Identity {
+            addr: addr.into(),
+            port: 8080,
+        })
         .collect();
     let table = maglev::table(&identities, m);
     let h = flow_hash(

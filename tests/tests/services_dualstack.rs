@@ -521,6 +521,9 @@ fn should_function_for_node_service_http() -> Result<()> {
                     "the local backend did not see the client's IPv6 address: {out}"
                 );
             }
+            if v6 && i == 0 {
+                conntrack_shows_ipv6_flows(node, &to, client6, &backends[i].0)?;
+            }
         }
     }
     // Both IPv6 paths were taken on node 0 (counted by the kernel, read back by the agent).
@@ -531,6 +534,52 @@ fn should_function_for_node_service_http() -> Result<()> {
     ensure!(
         dnat > 0 && forwarded > 0,
         "IPv6 north-south verdicts on node 0: ns6_dnat {dnat}, ns6_forwarded {forwarded}"
+    );
+    Ok(())
+}
+
+/// `debug conntrack` shows the IPv6 table's flows beside the IPv4 ones: the external client's
+/// (`client6`) flows to the NodePort `to` of `node`, to a backend's IPv6 address; `--backend`
+/// takes `web`'s IPv6 address.
+fn conntrack_shows_ipv6_flows(
+    node: &twill_lab::Node,
+    to: &str,
+    client6: &str,
+    web: &Pod,
+) -> Result<()> {
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&node.debug(&["conntrack", "-o", "json"])?)?;
+    let backend6 = ip6(web)?;
+    let flow6 = rows
+        .iter()
+        .find(|r| {
+            r["scope"] == "nat"
+                && r["direction"] == "original"
+                && r["destination"] == to
+                && r["source"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(&format!("[{client6}]:")))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no IPv6 NodePort flow to {to} in {rows:?}"))?;
+    ensure!(
+        flow6["backend"]
+            .as_str()
+            .is_some_and(|b| b.starts_with('[') && b.ends_with("]:8080")),
+        "{flow6}"
+    );
+    let by_backend: Vec<serde_json::Value> = serde_json::from_str(&node.debug(&[
+        "conntrack",
+        "--backend",
+        &backend6.to_string(),
+        "-o",
+        "json",
+    ])?)?;
+    ensure!(
+        !by_backend.is_empty()
+            && by_backend.iter().all(|r| r["backend"]
+                .as_str()
+                .is_some_and(|b| b.starts_with(&format!("[{backend6}]:")))),
+        "{by_backend:?}"
     );
     Ok(())
 }
@@ -650,5 +699,117 @@ fn ipv6_node_port_from_pods_and_the_node_itself() -> Result<()> {
     }
     let (code, out) = tcp(&client, &at(Ipv6Addr::LOCALHOST.into(), 30080))?;
     ensure!(code != 0, "a pod's [::1] was translated: {out}");
+    Ok(())
+}
+
+/// The external client's IPv6 address (the lab's external namespace, `::200` of the underlay).
+const EXT6: &str = "fd00:172:30::200";
+/// The dual-stack LoadBalancer IPs of [`should_only_allow_access_from_service_loadbalancer_source_ranges`].
+const LB4: &str = "192.0.2.40";
+const LB6: &str = "2001:db8:1::40";
+
+/// The dual-stack LoadBalancer Service `web` (RequireDualStack, eTP Cluster) over `backends`,
+/// ingress IPs [`LB4`] and [`LB6`], with `ranges` as its `loadBalancerSourceRanges` (none:
+/// the field left out).
+fn lb_web(lab: &Lab, backends: &[(Pod, String)], ranges: &[&str]) -> Result<()> {
+    let eps: Vec<(&Pod, &str)> = backends.iter().map(|(p, n)| (p, n.as_str())).collect();
+    let quoted: Vec<String> = ranges.iter().map(|r| format!("\"{r}\"")).collect();
+    let field = if ranges.is_empty() {
+        String::new()
+    } else {
+        format!("  loadBalancerSourceRanges: [{}]\n", quoted.join(", "))
+    };
+    let extra = format!(
+        "{field}status:\n  loadBalancer:\n    ingress: [{{ip: \"{LB6}\"}}, {{ip: {LB4}}}]\n"
+    );
+    web_with(
+        lab,
+        &[IpAddr::V4(VIP4), IpAddr::V6(VIP6)],
+        "RequireDualStack",
+        &extra,
+        &eps,
+    )?;
+    let path = lab.manifests_dir().join("web.yaml");
+    let yaml = std::fs::read_to_string(&path)?
+        .replacen("type: ClusterIP", "type: LoadBalancer", 1)
+        .replacen("    port: 80\n", "    port: 80\n    nodePort: 30080\n", 1)
+        .replacen("    port: 53\n", "    port: 53\n    nodePort: 30053\n", 1);
+    lab.apply_manifest("web.yaml", &yaml)
+}
+
+/// Waits until the external client's TCP connections to `to` are answered (`open`) or all
+/// fail (not `open`).
+fn wait_ext_open(lab: &Lab, to: &str, open: bool) -> Result<()> {
+    let mut last = String::new();
+    wait_for(
+        &format!(
+            "{to} from outside {}",
+            if open { "answered" } else { "refused" }
+        ),
+        Duration::from_mins(1),
+        || {
+            let (code, out) = ext_labtool(lab, &["tcp", "--to", to, "--timeout-ms", "1000"])?;
+            last = out;
+            Ok((code == 0 && replier(&last).as_deref() == Some("web0")) == open)
+        },
+    )
+    .map_err(|e| e.context(format!("last: {last}")))
+}
+
+/// "[sig-network] LoadBalancers should only allow access from service loadbalancer source
+/// ranges", over both families of a dual-stack LoadBalancer: the external client reaches both
+/// LoadBalancer IPs while each family's ranges hold its address; after an update to ranges
+/// that do not, neither answers (the IPv6 LoadBalancer IP is dropped in the kernel as
+/// `ns6_source_range_denied`); with the ranges removed both answer again. The LoadBalancer IPs
+/// are routed to node 0 (what an L2 announcement or BGP does), whose pod is the backend.
+#[test]
+fn should_only_allow_access_from_service_loadbalancer_source_ranges() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1).with_dual_stack().with_external_client())? else {
+        return Ok(());
+    };
+    let (backends, _agents) = node_service_lab(&lab)?;
+    let ext = lab.external();
+    let n0 = lab.node(0);
+    for (lb, via) in [(LB4, node_ip(n0, false)?), (LB6, node_ip(n0, true)?)] {
+        let family = if via.is_ipv6() { "-6" } else { "-4" };
+        twill_lab::run_cmd(std::process::Command::new("ip").args([
+            family,
+            "-n",
+            &ext.netns,
+            "route",
+            "add",
+            lb,
+            "via",
+            &via.to_string(),
+        ]))?;
+    }
+    let to = [at(LB4.parse()?, 80), at(LB6.parse()?, 80)];
+    let client4 = format!("{}/32", ext.ip);
+    let client6 = format!("{EXT6}/128");
+    // Each family's ranges hold the client (the IPv6 one as a /64 around it).
+    lb_web(&lab, &backends, &[&client4, "fd00:172:30::/64"])?;
+    for t in &to {
+        wait_ext_open(&lab, t, true)?;
+    }
+    // Ranges of both families that leave the client out: refused on both LoadBalancer IPs.
+    lb_web(&lab, &backends, &["10.0.0.0/8", "2001:db8:ffff::/48"])?;
+    for t in &to {
+        wait_ext_open(&lab, t, false)?;
+    }
+    let denied = verdicts(n0, "ns6_source_range_denied")?;
+    ensure!(
+        denied > 0,
+        "the IPv6 client outside the ranges was not dropped by the kernel: {denied}"
+    );
+    // Only the client's own IPv6 address: the IPv6 LoadBalancer IP admits it again, the IPv4
+    // one (whose ranges still leave it out) does not.
+    lb_web(&lab, &backends, &["10.0.0.0/8", &client6])?;
+    wait_ext_open(&lab, &to[1], true)?;
+    wait_ext_open(&lab, &to[0], false)?;
+    // No ranges at all: both open.
+    lb_web(&lab, &backends, &[])?;
+    for t in &to {
+        wait_ext_open(&lab, t, true)?;
+    }
     Ok(())
 }

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Node;
 use twill_common::{BE_F_LOCAL, BE_F_TERMINATING, DatapathConfig, MAGLEV_SLOT_BASE, SlotKey};
 
@@ -209,7 +209,7 @@ impl Recorder {
         }
     }
 
-    fn source_range(&mut self, r: (u32, Ipv4Network)) {
+    fn source_range(&mut self, r: (u32, IpNetwork)) {
         if self.on {
             self.keys.source_ranges.insert(r);
         }
@@ -683,7 +683,7 @@ impl Compiler {
                 self.changes.backend(id);
             }
         }
-        let ranges: Vec<(u32, Ipv4Network)> = self
+        let ranges: Vec<(u32, IpNetwork)> = self
             .state
             .source_ranges_of(svc_id)
             .map(|r| (svc_id, r))

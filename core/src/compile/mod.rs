@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
-use ipnetwork::{Ipv4Network, Ipv6Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use twill_common::{
@@ -408,7 +408,9 @@ pub struct ServicePortModel {
     pub internal_local: bool,
     pub frontends: Vec<FrontendModel>,
     pub endpoints: Vec<EndpointModel>,
-    pub source_ranges: Vec<Ipv4Network>,
+    /// The `loadBalancerSourceRanges` of this port's family (kube-proxy's per-family lists:
+    /// a family without ranges leaves its LoadBalancer IPs unfiltered).
+    pub source_ranges: Vec<IpNetwork>,
     pub health_check_node_port: Option<u16>,
 }
 
@@ -597,6 +599,16 @@ fn frontend_label(key: FrontendKey) -> String {
     }
 }
 
+/// The `loadBalancerSourceRanges` of `svc` in `family`, as kube-proxy's proxier of that family
+/// sees them (`MapCIDRsByIPFamily`): the other family's ranges do not filter this one's
+/// LoadBalancer IPs.
+fn family_ranges(svc: &parse::ParsedService, family: IpFamily) -> Vec<IpNetwork> {
+    match family {
+        IpFamily::V4 => svc.source_ranges.iter().map(|&r| r.into()).collect(),
+        IpFamily::V6 => svc.source_ranges6.iter().map(|&r| r.into()).collect(),
+    }
+}
+
 /// The families `svc` is served in: those of its ClusterIPs, primary first.
 fn families(svc: &parse::ParsedService) -> impl Iterator<Item = IpFamily> + '_ {
     svc.cluster_ips.iter().map(|ip| IpFamily::of(*ip))
@@ -642,17 +654,12 @@ fn port_frontends(
                 .filter(|ip| !config.is_node_ip6(**ip))
                 .map(|ip| (*ip, port_be, FrontendKind::ExternalIp)),
         );
-        // Not with loadBalancerSourceRanges: IPv6 clients are not matched against them yet, and
-        // an unfiltered LoadBalancer IP would admit every client (reported, see
-        // `plan_service`).
-        if !svc.has_source_ranges() {
-            externals.extend(
-                svc.lb_ips6
-                    .iter()
-                    .filter(|ip| !config.is_node_ip6(**ip))
-                    .map(|ip| (*ip, port_be, FrontendKind::LoadBalancer)),
-            );
-        }
+        externals.extend(
+            svc.lb_ips6
+                .iter()
+                .filter(|ip| !config.is_node_ip6(**ip))
+                .map(|ip| (*ip, port_be, FrontendKind::LoadBalancer)),
+        );
         for (addr, p, kind) in externals {
             let key = |scope| FrontendKey::new(Some(addr.into()), p, port.proto, scope);
             external_frontends(&mut frontends, svc.external_local, kind, key);
@@ -814,17 +821,8 @@ fn plan_service<'a>(
     for reason in refused_addresses(svc, config) {
         reject(reason);
     }
-    if svc.has_source_ranges()
-        && !svc.lb_ips6.is_empty()
-        && families(svc).any(|f| f == IpFamily::V6)
-    {
-        reject(RejectReason::Unsupported(
-            "IPv6 LoadBalancer IPs with loadBalancerSourceRanges (not programmed: IPv6 clients \
-             are not matched against the ranges yet)",
-        ));
-    }
-    let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
-    let primary = families(svc).next();
+    // Local ready endpoints per family (index: IPv4, IPv6), for the health check.
+    let mut local_ready: [BTreeSet<IpAddr>; 2] = Default::default();
     let port_families = svc
         .ports
         .iter()
@@ -872,13 +870,11 @@ fn plan_service<'a>(
             }
         }
         let eps: Vec<Ep> = eps.into_values().collect();
-        // Health checks count the primary family's endpoints: a dual-stack pod is one
-        // endpoint, with an address in each family.
         for e in eps
             .iter()
-            .filter(|e| Some(family) == primary && e.local && (svc.publish_not_ready || e.ready))
+            .filter(|e| e.local && (svc.publish_not_ready || e.ready))
         {
-            local_ready.insert(e.addr);
+            local_ready[usize::from(family == IpFamily::V6)].insert(e.addr);
         }
         let cluster = select(&eps, svc.publish_not_ready, false);
         let local = select(&eps, svc.publish_not_ready, true);
@@ -934,7 +930,7 @@ fn plan_service<'a>(
             internal_local: svc.internal_local,
             frontends: Vec::new(),
             endpoints,
-            source_ranges: svc.source_ranges.clone(),
+            source_ranges: family_ranges(svc, family),
             health_check_node_port: svc.health_check_node_port,
         };
         planned.push(PlannedPort {
@@ -943,7 +939,7 @@ fn plan_service<'a>(
             cluster,
             local,
             affinity_timeout_s: svc.affinity_timeout_s,
-            source_ranges: !svc.source_ranges.is_empty(),
+            source_ranges: !family_ranges(svc, family).is_empty(),
             set_keys: [false, true].map(|local| SetKey {
                 namespace: namespace.clone(),
                 name: name.clone(),
@@ -961,7 +957,12 @@ fn plan_service<'a>(
             namespace: namespace.to_string(),
             name: name.to_string(),
             node_port: np,
-            local_endpoints: local_ready.len(),
+            // Each family's EndpointSlices list the Service's local endpoints (kube-proxy
+            // runs a proxier per family, each counting its own family's). A dual-stack pod is
+            // one endpoint in each family, so the families are not added up: the larger count
+            // is the number of local endpoints, and a Service whose endpoints are in its
+            // secondary family only (an IPv6-only pod behind a dual-stack Service) is healthy.
+            local_endpoints: local_ready.iter().map(BTreeSet::len).max().unwrap_or(0),
         });
     (planned, health)
 }
@@ -1007,7 +1008,7 @@ struct ServiceEntries {
     services: Vec<(FrontendKey, ServiceValue)>,
     slots: Vec<(SlotKey, u32)>,
     backends: Vec<(u32, AnyBackend)>,
-    source_ranges: Vec<(u32, Ipv4Network)>,
+    source_ranges: Vec<(u32, IpNetwork)>,
     ports: Vec<ServicePortModel>,
     /// Per port: the backend sets its frontends use (bit 0 cluster-wide, bit 1 node-local).
     sets_used: Vec<u8>,
@@ -1042,13 +1043,8 @@ fn endpoint_flags(model: &ServicePortModel, addr: IpAddr, port: u16) -> u8 {
 
 /// The Maglev table size of a port's backend set (`local_set`) of `members` backends: a set
 /// that traffic from outside the node reaches gets a table, which the per-packet path picks
-/// from; the socket path uses the list alone. IPv6 sets have none yet (`maglev::Identity` is an
-/// IPv4 backend): the per-packet path then picks by the flow's hash over the backend list,
-/// which is as stable while the set is unchanged but moves more flows when it changes.
+/// from (`tc.rs` for IPv4, `ns6.rs` for IPv6); the socket path uses the list alone.
 fn maglev_size_of(p: &PlannedPort, local_set: bool, members: usize) -> Option<u32> {
-    if p.model.family == IpFamily::V6 {
-        return None;
-    }
     p.frontends
         .iter()
         .any(|f| f.local_set == local_set && f.kind != FrontendKind::ClusterIp)
@@ -1056,26 +1052,19 @@ fn maglev_size_of(p: &PlannedPort, local_set: bool, members: usize) -> Option<u3
         .flatten()
 }
 
-/// The Maglev table of size `m` (none: no table) over a set's `members` as `BACKEND_SLOTS` entries of `svc_id`.
-///
-/// Only IPv4 sets have one (see [`maglev_size_of`]).
+/// The Maglev table of size `m` (none: no table) over a set's `members` (of either family) as
+/// `BACKEND_SLOTS` entries of `svc_id`: backend ids, the one table format of both families.
 fn maglev_slots(svc_id: u32, members: &[(u32, AnyBackend)], m: Option<u32>) -> Vec<(SlotKey, u32)> {
     let Some(m) = m else {
         return Vec::new();
     };
-    let identities: Option<Vec<maglev::Identity>> = members
+    let identities: Vec<maglev::Identity> = members
         .iter()
-        .map(|(_, be)| match be.addr() {
-            IpAddr::V4(addr) => Some(maglev::Identity {
-                addr,
-                port: be.port(),
-            }),
-            IpAddr::V6(_) => None,
+        .map(|(_, be)| maglev::Identity {
+            addr: be.addr(),
+            port: be.port(),
         })
         .collect();
-    let Some(identities) = identities else {
-        return Vec::new();
-    };
     (MAGLEV_SLOT_BASE..)
         .zip(maglev::table(&identities, m))
         .map(|(slot, owner)| (SlotKey { svc_id, slot }, members[owner].0))

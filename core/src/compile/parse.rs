@@ -84,8 +84,8 @@ pub struct ParsedService {
     pub internal_local: bool,
     pub publish_not_ready: bool,
     pub source_ranges: Vec<Ipv4Network>,
-    /// The IPv6 `spec.loadBalancerSourceRanges`: not matched yet, so a Service with ranges of
-    /// either family gets no IPv6 LoadBalancer IP frontend ([`Self::has_source_ranges`]).
+    /// The IPv6 `spec.loadBalancerSourceRanges`, canonical: they filter the IPv6 LoadBalancer
+    /// IPs (the IPv4 ones the IPv4 LoadBalancer IPs).
     pub source_ranges6: Vec<Ipv6Network>,
     pub health_check_node_port: Option<u16>,
     /// External and load-balancer addresses no Service may take ([`special_address`]), left out
@@ -140,13 +140,6 @@ pub fn special_address(ip: Ipv4Addr) -> Option<&'static str> {
         Some("broadcast")
     } else {
         None
-    }
-}
-
-impl ParsedService {
-    /// Whether `spec.loadBalancerSourceRanges` names a range of either family.
-    pub fn has_source_ranges(&self) -> bool {
-        !self.source_ranges.is_empty() || !self.source_ranges6.is_empty()
     }
 }
 

@@ -305,7 +305,7 @@ fn lb(name: &str, ip: &str, lb_ip: &str, ranges: &[&str]) -> Service {
 
 #[test]
 fn source_ranges_are_desired_state_under_the_lb_frontends_id() {
-    let net = |s: &str| s.parse::<Ipv4Network>().unwrap();
+    let net = |s: &str| s.parse::<IpNetwork>().unwrap();
     let slices = [slice("a", &["10.244.1.1"])];
     let c = run(
         &[lb(

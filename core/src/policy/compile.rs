@@ -12,7 +12,7 @@ use twill_common::{
     IDENTITY_ANY, IDENTITY_FIRST_ASSIGNED, IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey, IpCacheKey6,
     PEP_F_EGRESS_ISOLATED, PEP_F_INGRESS_ISOLATED, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS,
     POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, POLICY_PREFIX_PORT_BASE, PeerIdentity,
-    PolicyEndpoint, PolicyKey, PolicyVerdict, addr6_from_octets,
+    PolicyEndpoint, PolicyKey, PolicyVerdict,
 };
 
 use super::parse::{
@@ -30,16 +30,7 @@ pub fn addr_from_be(addr_be: u32) -> Ipv4Addr {
     Ipv4Addr::from(addr_be.to_ne_bytes())
 }
 
-/// The maps' form of an IPv6 address (`twill_common::addr6_from_octets`): the 16 bytes as they
-/// stand in the packet.
-pub fn addr6_be(ip: Ipv6Addr) -> [u32; 4] {
-    addr6_from_octets(ip.octets())
-}
-
-/// Inverse of [`addr6_be`].
-pub fn addr6_from_be(addr: [u32; 4]) -> Ipv6Addr {
-    Ipv6Addr::from(twill_common::addr6_octets(addr))
-}
+pub use crate::family::{addr6_be, addr6_from_be};
 
 /// An LPM-trie key: `prefix_len` leading bits of `data` (in memory order) are significant, the
 /// rest are zero. Ordered by data first, so the entries of one (endpoint, direction, identity)

@@ -34,7 +34,7 @@
 //! ```
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::IpNetwork;
 use twill_common::{SVC_F_SOURCE_RANGES, ServiceKey, ServiceKey6, ServiceValue, SlotKey};
 
 use crate::family::FrontendKey;
@@ -317,7 +317,7 @@ impl<'c> Scope<'c> {
             Scope::Changed(c) => Some(&c.backends),
         }
     }
-    fn source_ranges(self) -> Option<&'c BTreeSet<(u32, Ipv4Network)>> {
+    fn source_ranges(self) -> Option<&'c BTreeSet<(u32, IpNetwork)>> {
         match self {
             Scope::All => None,
             Scope::Changed(c) => Some(&c.source_ranges),
@@ -727,7 +727,7 @@ fn stale_frontends(scope: Scope<'_>, desired: &LbState, applied: &LbState) -> Ve
         .collect()
 }
 
-fn covered(desired: &LbState, applied: &BTreeSet<(u32, Ipv4Network)>, svc_id: u32) -> bool {
+fn covered(desired: &LbState, applied: &BTreeSet<(u32, IpNetwork)>, svc_id: u32) -> bool {
     let mut any = false;
     for r in desired.source_ranges_of(svc_id) {
         if !applied.contains(&(svc_id, r)) {
@@ -777,10 +777,10 @@ fn stale_in<K: Ord + Copy, V>(
 
 /// Entries of `from` missing from `minus`, over all entries or only over `keys`.
 fn ranges_in(
-    keys: Option<&BTreeSet<(u32, Ipv4Network)>>,
-    from: &BTreeSet<(u32, Ipv4Network)>,
-    minus: &BTreeSet<(u32, Ipv4Network)>,
-) -> Vec<(u32, Ipv4Network)> {
+    keys: Option<&BTreeSet<(u32, IpNetwork)>>,
+    from: &BTreeSet<(u32, IpNetwork)>,
+    minus: &BTreeSet<(u32, IpNetwork)>,
+) -> Vec<(u32, IpNetwork)> {
     match keys {
         None => from.difference(minus).copied().collect(),
         Some(keys) => keys

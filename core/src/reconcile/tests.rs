@@ -1,6 +1,6 @@
 use std::collections::BTreeSet;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use proptest::prelude::*;
 use twill_common::{
     Backend, Backend6, DatapathConfig, PROTO_TCP, SCOPE_ANY, SVC_F_LOADBALANCER,
@@ -106,14 +106,14 @@ impl LbMaps for CheckedMaps {
         self.after("delete", MapKind::NodeAddrs6);
         Ok(())
     }
-    fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+    fn upsert_source_range(&mut self, svc_id: u32, range: IpNetwork) -> Result<(), MapError> {
         self.fake.upsert_source_range(svc_id, range)?;
-        self.after("upsert", MapKind::SourceRanges);
+        self.after("upsert", crate::lbmap::source_ranges_map(&range));
         Ok(())
     }
-    fn delete_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
+    fn delete_source_range(&mut self, svc_id: u32, range: IpNetwork) -> Result<(), MapError> {
         self.fake.delete_source_range(svc_id, range)?;
-        self.after("delete", MapKind::SourceRanges);
+        self.after("delete", crate::lbmap::source_ranges_map(&range));
         Ok(())
     }
     fn set_config(&mut self, config: DatapathConfig) -> Result<(), MapError> {
@@ -350,7 +350,7 @@ fn inconsistent_desired_state_is_reported() {
     check_invariant(&rec.maps().state).unwrap();
 }
 
-fn net(s: &str) -> Ipv4Network {
+fn net(s: &str) -> IpNetwork {
     s.parse().unwrap()
 }
 
@@ -546,11 +546,15 @@ fn arb_state() -> impl Strategy<Value = LbState> {
                 } else {
                     SVC_F_SOURCE_RANGES
                 };
+                // Odd ranges are IPv6 ones (the other trie; the reconciler's rules are the same).
                 s.source_ranges.extend(ranges.iter().map(|&r| {
-                    (
-                        svc_id,
-                        Ipv4Network::new([10 + r, 0, 0, 0].into(), 8).unwrap(),
-                    )
+                    let range = if r % 2 == 0 {
+                        IpNetwork::V4(Ipv4Network::new([10 + r, 0, 0, 0].into(), 8).unwrap())
+                    } else {
+                        let a = std::net::Ipv6Addr::new(0xfd00, u16::from(r), 0, 0, 0, 0, 0, 0);
+                        IpNetwork::V6(Ipv6Network::new(a, 32).unwrap())
+                    };
+                    (svc_id, range)
                 }));
                 for f in frontends {
                     // Frontends 6 and 7 are IPv6 ones (the same value, in `services6`).
@@ -606,6 +610,7 @@ fn arb_plan() -> impl Strategy<Value = FaultPlan> {
             MapKind::NodeAddrs,
             MapKind::Affinity,
             MapKind::SourceRanges,
+            MapKind::SourceRanges6,
         ],
         0..2,
     );

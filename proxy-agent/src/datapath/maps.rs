@@ -3,18 +3,19 @@
 //! dumps).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr},
     path::Path,
 };
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use twill_common::{
     AffinityKey, AffinityValue, Backend, Backend6, CT_SCOPE_NAT, CtKey, CtKey6, CtValue, CtValue6,
     DatapathConfig, MapDef, NodeAddrValue, PROTO_TCP, PROTO_UDP, Reason, STATS_MAX, ServiceKey,
-    ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, UdpFlowKey, def,
+    ServiceValue, SlotKey, SockRevNatKey, SockRevNatValue, SrcRangeKey, SrcRangeKey6, UdpFlowKey,
+    def,
 };
-use twill_common::{ServiceKey6, SockRevNatKey6, SockRevNatValue6, addr6_octets};
+use twill_common::{ServiceKey6, SockRevNatKey6, SockRevNatValue6};
 
 use super::{
     DatapathError,
@@ -22,6 +23,7 @@ use super::{
 };
 use crate::ctgc::{self, AddrOwners, CtGcPlan};
 use crate::lbmap::{LbMaps, LbState, MapError, MapKind};
+use twill_core::family::addr6_from_be;
 
 /// Per-reason verdict counters summed over all CPUs. Reasons never hit are present with 0, so
 /// metrics export every label.
@@ -49,11 +51,6 @@ fn addr4(addr_be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(addr_be))
 }
 
-/// An IPv6 address in the maps' form as an address.
-fn addr6(addr_be: [u32; 4]) -> Ipv6Addr {
-    Ipv6Addr::from(addr6_octets(addr_be))
-}
-
 /// The load-balancing maps of a loaded (or adopted) datapath.
 pub struct AyaLbMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -67,6 +64,7 @@ pub struct AyaLbMaps {
     stats: PerCpuArray<MapData, u64>,
     ct: HashMap<MapData, CtKey, CtValue>,
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
+    src_ranges6: LpmTrie<MapData, SrcRangeKey6, u8>,
     udp_flows: HashMap<MapData, UdpFlowKey, AffinityValue>,
     services6: HashMap<MapData, ServiceKey6, ServiceValue>,
     backends6: HashMap<MapData, u32, Backend6>,
@@ -155,6 +153,7 @@ impl AyaLbMaps {
         let stats = src.take::<def::Stats, _>()?;
         let ct = src.take::<def::Ct, _>()?;
         let src_ranges = src.take::<def::SourceRanges, _>()?;
+        let src_ranges6 = src.take::<def::SourceRanges6, _>()?;
         let udp_flows = src.take::<def::UdpFlows, _>()?;
         let services6 = src.take::<def::Services6, _>()?;
         let backends6 = src.take::<def::Backends6, _>()?;
@@ -171,6 +170,7 @@ impl AyaLbMaps {
             stats,
             ct,
             src_ranges,
+            src_ranges6,
             udp_flows,
             services6,
             backends6,
@@ -373,10 +373,15 @@ impl AyaLbMaps {
         let targets: BTreeSet<(IpAddr, u16)> = backends
             .iter()
             .filter(|(_, b)| b.proto == PROTO_UDP)
-            .map(|(_, b)| (IpAddr::V6(addr6(b.addr_be)), u16::from_be(b.port_be)))
+            .map(|(_, b)| {
+                (
+                    IpAddr::V6(addr6_from_be(b.addr_be)),
+                    u16::from_be(b.port_be),
+                )
+            })
             .collect();
         let revnat = stale_rn.iter().map(|k| {
-            let addr = IpAddr::V6(addr6(k.backend_addr_be));
+            let addr = IpAddr::V6(addr6_from_be(k.backend_addr_be));
             (k.cookie, addr, u16::from_be(k.backend_port_be))
         });
         self.destroy_udp_sockets(&targets, revnat, &mut report)?;
@@ -451,6 +456,9 @@ impl AyaLbMaps {
     }
 }
 
+/// The entries of the IPv4 and the IPv6 connection-tracking tables.
+pub type CtDump = (Vec<(CtKey, CtValue)>, Vec<(CtKey6, CtValue6)>);
+
 /// The connection-tracking table on a handle of its own, so the agent collects it on a blocking
 /// thread without holding up the run loop (a pass over 100,000 entries costs two syscalls each,
 /// about half a second).
@@ -476,6 +484,14 @@ impl CtTable {
     /// `max_entries` of the (IPv4) table.
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    /// Every entry of both tables (for `debug conntrack`).
+    pub fn dump(&self) -> Result<CtDump, MapError> {
+        Ok((
+            collect(&self.ct, MapKind::Ct)?,
+            collect(&self.ct6, MapKind::Ct6)?,
+        ))
     }
 
     /// As [`AyaLbMaps::collect_ct`].
@@ -591,11 +607,45 @@ fn src_range_key(svc_id: u32, range: Ipv4Network) -> Key<SrcRangeKey> {
     )
 }
 
-/// Every source range as (`svc_id`, range).
+/// [`src_range_key`] of an IPv6 range (the 160-bit key of `TWL_LBSRC6_V1`).
+fn src_range_key6(svc_id: u32, range: Ipv6Network) -> Key<SrcRangeKey6> {
+    Key::new(
+        32 + u32::from(range.prefix()),
+        SrcRangeKey6 {
+            svc_id_be: svc_id.to_be(),
+            addr_be: twill_core::family::addr6_be(range.network()),
+        },
+    )
+}
+
+/// Every IPv6 source range as (`svc_id`, range), added to `out`.
+fn collect_source_ranges6(
+    trie: &LpmTrie<MapData, SrcRangeKey6, u8>,
+    out: &mut BTreeSet<(u32, IpNetwork)>,
+) -> Result<(), MapError> {
+    for item in trie {
+        let k = match item {
+            Ok((k, _)) => k,
+            Err(aya::maps::MapError::KeyNotFound) => continue,
+            Err(e) => return Err(syscall(MapKind::SourceRanges6, "iterate", e)),
+        };
+        let data = k.data();
+        let prefix = u8::try_from(k.prefix_len().saturating_sub(32)).unwrap_or(128);
+        let addr = twill_core::family::addr6_from_be(data.addr_be);
+        if let Ok(net) = Ipv6Network::new(addr, prefix) {
+            out.insert((u32::from_be(data.svc_id_be), net.into()));
+        }
+    }
+    Ok(())
+}
+
+/// Every source range of both tries as (`svc_id`, range).
 fn collect_source_ranges(
     trie: &LpmTrie<MapData, SrcRangeKey, u8>,
-) -> Result<BTreeSet<(u32, Ipv4Network)>, MapError> {
+    trie6: &LpmTrie<MapData, SrcRangeKey6, u8>,
+) -> Result<BTreeSet<(u32, IpNetwork)>, MapError> {
     let mut out = BTreeSet::new();
+    collect_source_ranges6(trie6, &mut out)?;
     for item in trie {
         let k = match item {
             Ok((k, _)) => k,
@@ -606,7 +656,7 @@ fn collect_source_ranges(
         let prefix = u8::try_from(k.prefix_len().saturating_sub(32)).unwrap_or(32);
         let addr = Ipv4Addr::from(u32::from_be(data.addr_be));
         if let Ok(net) = Ipv4Network::new(addr, prefix) {
-            out.insert((u32::from_be(data.svc_id_be), net));
+            out.insert((u32::from_be(data.svc_id_be), net.into()));
         }
     }
     Ok(out)
@@ -713,14 +763,22 @@ impl LbMaps for AyaLbMaps {
     fn delete_node_addr6(&mut self, addr_be: [u32; 4]) -> Result<(), MapError> {
         remove(&mut self.node_addrs6, &addr_be, MapKind::NodeAddrs6)
     }
-    fn upsert_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
-        self.src_ranges
-            .insert(&src_range_key(svc_id, range), 1, 0)
-            .map_err(|e| self.full_or_syscall(MapKind::SourceRanges, "update", e))
+    fn upsert_source_range(&mut self, svc_id: u32, range: IpNetwork) -> Result<(), MapError> {
+        let kind = crate::lbmap::source_ranges_map(&range);
+        let done = match range {
+            IpNetwork::V4(r) => self.src_ranges.insert(&src_range_key(svc_id, r), 1, 0),
+            IpNetwork::V6(r) => self.src_ranges6.insert(&src_range_key6(svc_id, r), 1, 0),
+        };
+        done.map_err(|e| self.full_or_syscall(kind, "update", e))
     }
-    fn delete_source_range(&mut self, svc_id: u32, range: Ipv4Network) -> Result<(), MapError> {
-        match self.src_ranges.remove(&src_range_key(svc_id, range)) {
-            Err(e) if !is_not_found(&e) => Err(syscall(MapKind::SourceRanges, "delete", e)),
+    fn delete_source_range(&mut self, svc_id: u32, range: IpNetwork) -> Result<(), MapError> {
+        let kind = crate::lbmap::source_ranges_map(&range);
+        let done = match range {
+            IpNetwork::V4(r) => self.src_ranges.remove(&src_range_key(svc_id, r)),
+            IpNetwork::V6(r) => self.src_ranges6.remove(&src_range_key6(svc_id, r)),
+        };
+        match done {
+            Err(e) if !is_not_found(&e) => Err(syscall(kind, "delete", e)),
             _ => Ok(()),
         }
     }
@@ -754,7 +812,7 @@ impl LbMaps for AyaLbMaps {
                 .into_iter()
                 .map(|(k, v)| (k, v.flags))
                 .collect(),
-            source_ranges: collect_source_ranges(&self.src_ranges)?,
+            source_ranges: collect_source_ranges(&self.src_ranges, &self.src_ranges6)?,
             config: self
                 .config
                 .get(&0, 0)
