@@ -269,7 +269,69 @@ pub fn release_nat_ports() -> std::io::Result<bool> {
 
 #[cfg(test)]
 mod tests {
-    use super::{with_range, without_range};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use rtnetlink::packet_route::neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourMessage,
+    };
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+
+    use super::{host_route_of, neighbour_of, with_range, without_range};
+
+    fn route(len: u8, table: u8, dst: RouteAddress) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header.destination_prefix_length = len;
+        m.header.table = table;
+        m.attributes = vec![RouteAttribute::Destination(dst), RouteAttribute::Oif(7)];
+        m
+    }
+
+    #[test]
+    fn host_routes_and_neighbours_of_both_families() {
+        let pod4 = Ipv4Addr::new(10, 244, 0, 5);
+        let pod6: Ipv6Addr = "fd00:10:244::5".parse().unwrap();
+        let main = RouteHeader::RT_TABLE_MAIN;
+        assert_eq!(
+            host_route_of(&route(32, main, RouteAddress::Inet(pod4))),
+            Some((IpAddr::V4(pod4), 7))
+        );
+        assert_eq!(
+            host_route_of(&route(128, main, RouteAddress::Inet6(pod6))),
+            Some((IpAddr::V6(pod6), 7))
+        );
+        // Not a host route of its family, or not the main table.
+        assert_eq!(
+            host_route_of(&route(32, main, RouteAddress::Inet6(pod6))),
+            None
+        );
+        assert_eq!(
+            host_route_of(&route(128, main, RouteAddress::Inet(pod4))),
+            None
+        );
+        assert_eq!(
+            host_route_of(&route(24, main, RouteAddress::Inet(pod4))),
+            None
+        );
+        assert_eq!(
+            host_route_of(&route(128, 255, RouteAddress::Inet6(pod6))),
+            None
+        );
+
+        let mut n = NeighbourMessage::default();
+        n.header.ifindex = 7;
+        n.attributes = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(pod6)),
+            NeighbourAttribute::LinkLayerAddress(vec![0x0a, 1, 2, 3, 4, 5]),
+        ];
+        let got = neighbour_of(&n).expect("an IPv6 neighbour with its MAC");
+        assert_eq!(
+            (got.ifindex, got.addr, got.mac),
+            (7, IpAddr::V6(pod6), [0x0a, 1, 2, 3, 4, 5])
+        );
+        // Still resolving: no link-layer address, nothing to learn.
+        n.attributes.pop();
+        assert!(neighbour_of(&n).is_none());
+    }
 
     #[test]
     fn the_nat_range_is_added_once_and_removed_alone() {
