@@ -35,6 +35,9 @@ pub struct LabSpec {
     pub dual_stack: bool,
     /// The underlay's family (and the pods' in an IPv6-only cluster).
     pub underlay: Underlay,
+    /// A mixed cluster: the last this many nodes of a dual-stack lab are IPv6-only (IPv6
+    /// InternalIP and pod CIDR only, no IPv4 on their uplink), the others dual-stack.
+    pub ipv6_only_nodes: usize,
 }
 
 /// The family of a lab's underlay.
@@ -59,7 +62,16 @@ impl LabSpec {
             mtu: 1500,
             dual_stack: false,
             underlay: Underlay::Ipv4,
+            ipv6_only_nodes: 0,
         }
+    }
+    /// A dual-stack lab whose last `k` nodes are IPv6-only: a cluster mixing dual-stack and
+    /// IPv6-only nodes on one subnet.
+    #[must_use]
+    pub fn with_ipv6_only_nodes(mut self, k: usize) -> Self {
+        self.dual_stack = true;
+        self.ipv6_only_nodes = k;
+        self
     }
     /// Nodes joined by an IPv6-only underlay, with pod CIDRs of both families.
     #[must_use]
@@ -282,8 +294,13 @@ impl Lab {
         let subnet = if spec.two_subnets { i % 2 } else { 0 };
         let host = u8::try_from(10 + i).context("too many nodes")?;
         let addr = Ipv4Addr::new(172, 30, u8::try_from(subnet)?, host);
+        let underlay = if i + spec.ipv6_only_nodes >= spec.nodes {
+            Underlay::Ipv6Only
+        } else {
+            spec.underlay
+        };
         // An IPv6 underlay: no IPv4 address on the uplink at all.
-        let uplink4 = (spec.underlay == Underlay::Ipv4).then_some(addr);
+        let uplink4 = (underlay == Underlay::Ipv4).then_some(addr);
         self.attach_to_underlay(&netns, &format!("n{i}"), subnet, uplink4)?;
         // Pods are routed, not bridged: the node forwards between its uplink and pod veths.
         sysctl(&netns, "net.ipv4.ip_forward", "1")?;
@@ -335,8 +352,8 @@ impl Lab {
             pod_cidr,
             ip6,
             pod_cidr6,
-            ipv6_underlay: spec.underlay != Underlay::Ipv4,
-            ipv6_only: spec.underlay == Underlay::Ipv6Only,
+            ipv6_underlay: underlay != Underlay::Ipv4,
+            ipv6_only: underlay == Underlay::Ipv6Only,
             cgroup,
             bpffs,
             dir,

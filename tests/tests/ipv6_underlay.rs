@@ -374,3 +374,58 @@ fn wait_both_backends(client: &Pod, backends: &[&str]) -> Result<()> {
     )
     .map_err(|e| e.context(format!("answered by {by:?}")))
 }
+
+/// A cluster mixing a dual-stack node (n0: IPv4 and IPv6 InternalIPs and pod CIDRs) with an
+/// IPv6-only one (n1): the underlay family is chosen per peer, so n0 keeps its IPv4 underlay
+/// (and its VXLAN device's family) but reaches n1 over IPv6, directly on their shared subnet
+/// (`fd00:10:244:1::/64 via` n1's IPv6 InternalIP), and n1 reaches n0 the same way. Pods of the
+/// two nodes talk over IPv6 in both directions, keeping their addresses.
+#[test]
+fn a_cluster_mixing_dual_stack_and_ipv6_only_nodes_routes_between_them_over_ipv6() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(2).with_ipv6_only_nodes(1))? else {
+        return Ok(());
+    };
+    let (n0, n1) = (lab.node(0), lab.node(1));
+    ensure!(!n0.ipv6_only && n1.ipv6_only, "n0 dual-stack, n1 IPv6-only");
+    let _agents = agents(&lab, &[])?;
+    for (from, to) in [(n0, n1), (n1, n0)] {
+        let route = format!(
+            "{} via {} dev eth0",
+            to.pod_cidr6.context("dual-stack lab")?,
+            to.ip6.context("dual-stack lab")?
+        );
+        wait_for(
+            &format!("{}'s route to {}'s IPv6 pods", from.name, to.name),
+            Duration::from_secs(20),
+            || Ok(owned_routes(from, "-6")?.contains(&route)),
+        )
+        .map_err(|e| e.context(owned_routes(from, "-6").unwrap_or_default()))?;
+    }
+    let client0 = n0.add_pod("client0")?;
+    let web0 = n0.add_pod("web0")?;
+    let client1 = n1.add_pod("client1")?;
+    let web1 = n1.add_pod("web1")?;
+    ensure!(
+        client1.ip == Ipv4Addr::UNSPECIFIED && client0.ip != Ipv4Addr::UNSPECIFIED,
+        "pods: {} / {}",
+        client0.result,
+        client1.result
+    );
+    lab.serve_dual(&web0, "web0", Some(8080), None)?;
+    lab.serve_dual(&web1, "web1", Some(8080), None)?;
+    for (client, server) in [(&client0, &web1), (&client1, &web0)] {
+        wait_reply(
+            client,
+            &at(IpAddr::V6(ip6(server)?), 8080),
+            &server.name,
+            &seen(IpAddr::V6(ip6(client)?)),
+        )?;
+    }
+    // n1 has no IPv4 pods, so n0 routes nothing of IPv4 to it.
+    ensure!(
+        owned_routes(n0, "-4")?.trim().is_empty(),
+        "IPv4 routes towards an IPv6-only node: {}",
+        owned_routes(n0, "-4")?
+    );
+    Ok(())
+}

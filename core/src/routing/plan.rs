@@ -100,6 +100,11 @@ pub enum SkipReason {
     NoInternalIp,
     /// Mode `direct` and the peer's IP is on no connected subnet.
     NotDirectlyReachable,
+    /// The peer is reached over the other underlay family than this node's overlay device's,
+    /// or its own device's (a dual-stack node and an IPv6-only one: IPv6 between them, while
+    /// the dual-stack node's VXLAN device is IPv4), and is on no connected subnet (or mode
+    /// `vxlan`): one device has one underlay family, so the pair meets only directly.
+    OverlayFamilyMismatch,
     /// A pod CIDR that does not parse (kept as text for the log).
     BadPodCidr(String),
     /// The peer's pod CIDR overlaps this node's own (a misconfigured IPAM).
@@ -133,7 +138,10 @@ impl SkipReason {
     pub fn is_conflict(&self) -> bool {
         !matches!(
             self,
-            SkipReason::NoPodCidr | SkipReason::NoInternalIp | SkipReason::NotDirectlyReachable
+            SkipReason::NoPodCidr
+                | SkipReason::NoInternalIp
+                | SkipReason::NotDirectlyReachable
+                | SkipReason::OverlayFamilyMismatch
         )
     }
 }
@@ -210,11 +218,23 @@ pub fn node_underlay_ip(node: &Node, host: &HostNetwork) -> Option<IpAddr> {
         .map(IpAddr::V6)
 }
 
-/// A peer's underlay address of the same family as this node's (`ours`): its IPv4
-/// InternalIP, or its IPv6 InternalIP on a connected subnet if it has one, else its first.
-fn peer_underlay_ip(peer: &Node, ours: IpAddr, host: &HostNetwork) -> Option<IpAddr> {
+/// A peer's underlay address, chosen per peer: IPv4 when this node's underlay (`ours`) is IPv4
+/// and the peer has an IPv4 InternalIP; else IPv6 when both have an IPv6 InternalIP
+/// (`ours_has_ipv6`: an IPv6-only node, or a dual-stack node meeting an IPv6-only peer): the
+/// peer's IPv6 InternalIP on a connected subnet if it has one, else its first.
+fn peer_underlay_ip(
+    peer: &Node,
+    ours: IpAddr,
+    ours_has_ipv6: bool,
+    host: &HostNetwork,
+) -> Option<IpAddr> {
     if ours.is_ipv4() {
-        return node_internal_ipv4(peer).map(IpAddr::V4);
+        if let Some(v4) = node_internal_ipv4(peer) {
+            return Some(IpAddr::V4(v4));
+        }
+        if !ours_has_ipv6 {
+            return None;
+        }
     }
     let v6 = node_internal_ipv6s(peer);
     v6.iter()
@@ -336,6 +356,7 @@ pub fn plan_routes<'a>(
     let node_ip = node_underlay_ip(me, host)
         .ok_or_else(|| PlanError::ThisNodeNoAddress(this_node.to_owned()))?;
     let (local_pod_cidrs, _) = node_pod_cidrs(me);
+    let has_ipv6 = !node_internal_ipv6s(me).is_empty();
     let underlay = host.link_holding_ip(node_ip);
     let underlay_mtu = underlay.map_or(1500, |l| l.mtu);
 
@@ -365,7 +386,7 @@ pub fn plan_routes<'a>(
         };
         let (cidrs, bad) = node_pod_cidrs(peer);
         skipped.extend(bad.into_iter().map(|b| skip(SkipReason::BadPodCidr(b))));
-        let Some(peer_ip) = peer_underlay_ip(peer, node_ip, host) else {
+        let Some(peer_ip) = peer_underlay_ip(peer, node_ip, has_ipv6, host) else {
             skipped.push(skip(SkipReason::NoInternalIp));
             continue;
         };
@@ -380,6 +401,17 @@ pub fn plan_routes<'a>(
             },
             (RoutingMode::Direct, None) => {
                 skipped.push(skip(SkipReason::NotDirectlyReachable));
+                continue;
+            }
+            // One VXLAN device has one underlay family, this node's and the peer's own (each
+            // node's device uses its `node_underlay_ip`): a pair of nodes whose underlays
+            // differ (a dual-stack node and an IPv6-only one) meets only directly.
+            (RoutingMode::Auto | RoutingMode::Vxlan, _)
+                if peer_ip.is_ipv4() != node_ip.is_ipv4()
+                    || node_underlay_ip(peer, host)
+                        .is_some_and(|u| u.is_ipv4() != peer_ip.is_ipv4()) =>
+            {
+                skipped.push(skip(SkipReason::OverlayFamilyMismatch));
                 continue;
             }
             (RoutingMode::Auto | RoutingMode::Vxlan, _) => PeerReach::Vxlan {
@@ -1135,6 +1167,165 @@ mod tests {
                 .all(|s| s.reason == SkipReason::NoInternalIp),
             "{:?}",
             plan.skipped
+        );
+    }
+
+    /// A Node with InternalIPs `ips` (either family) and pod CIDRs `cidrs`.
+    fn node_ips(name: &str, ips: &[&str], cidrs: &[&str]) -> Node {
+        let mut n = node(name, None, cidrs);
+        let addrs = n.status.as_mut().unwrap().addresses.as_mut().unwrap();
+        for ip in ips {
+            addrs.push(
+                serde_json::from_value(serde_json::json!({"type": "InternalIP", "address": ip}))
+                    .unwrap(),
+            );
+        }
+        n
+    }
+
+    /// eth0 holds an address of each family (a dual-stack node's underlay interface).
+    fn host_dual() -> HostNetwork {
+        let mut h = host();
+        h.links[1].addrs6 = vec!["fd00:172:30::10/64".parse().unwrap()];
+        h
+    }
+
+    /// n0 and n3 dual-stack, n1 and n2 IPv6-only (n2 on another IPv6 subnet), all in one
+    /// cluster.
+    fn mixed_cluster() -> Vec<Node> {
+        vec![
+            node_ips(
+                "n0",
+                &["172.30.0.10", "fd00:172:30::10"],
+                &["10.244.0.0/24", "fd00:10:244::/64"],
+            ),
+            node_ips("n1", &["fd00:172:30::11"], &["fd00:10:244:1::/64"]),
+            node_ips("n2", &["fd00:172:30:1::12"], &["fd00:10:244:2::/64"]),
+            node_ips(
+                "n3",
+                &["172.30.0.13", "fd00:172:30::13"],
+                &["10.244.3.0/24", "fd00:10:244:3::/64"],
+            ),
+        ]
+    }
+
+    /// The underlay family is chosen per peer: a dual-stack node reaches a dual-stack peer over
+    /// IPv4 and an IPv6-only peer over IPv6 (directly: its VXLAN device is IPv4, so an
+    /// IPv6-only peer off its subnets is skipped, `OverlayFamilyMismatch`); the IPv6 plan
+    /// follows each peer's choice.
+    #[test]
+    fn a_dual_stack_node_reaches_ipv6_only_peers_over_ipv6_and_dual_stack_ones_over_ipv4() {
+        let nodes = mixed_cluster();
+        let config = cfg(RoutingMode::Auto);
+        let plan = plan_routes("n0", &nodes, &config, &host_dual()).unwrap();
+        assert_eq!(plan.node_ip, "172.30.0.10".parse::<IpAddr>().unwrap());
+        assert!(plan.vxlan.is_none(), "{plan}");
+        assert_eq!(
+            plan.peer_nodes,
+            vec![
+                PeerNode {
+                    node: "n1".into(),
+                    node_ip: "fd00:172:30::11".parse().unwrap(),
+                    reach: PeerReach::Direct { ifindex: 2 }
+                },
+                PeerNode {
+                    node: "n3".into(),
+                    node_ip: "172.30.0.13".parse().unwrap(),
+                    reach: PeerReach::Direct { ifindex: 2 }
+                },
+            ]
+        );
+        assert_eq!(
+            plan.skipped,
+            vec![SkippedPeer {
+                node: "n2".into(),
+                reason: SkipReason::OverlayFamilyMismatch
+            }]
+        );
+        let plan6 = crate::routing::plan_routes6("n0", &nodes, &config, &host_dual(), &plan);
+        assert_eq!(
+            plan6.to_string(),
+            "ipv6 pod-cidrs [fd00:10:244::/64]\n\
+             route fd00:10:244:1::/64 via fd00:172:30::11 if 2 (n1)\n\
+             route fd00:10:244:3::/64 via fd00:172:30::13 if 2 (n3)\n\
+             skip6 n2 NoUnderlayRoute\n"
+        );
+        // Mode vxlan: the dual-stack peer over the (IPv4) overlay, the IPv6-only ones nowhere.
+        let all = plan_routes("n0", &nodes, &cfg(RoutingMode::Vxlan), &host_dual()).unwrap();
+        let vx = all.vxlan.as_ref().expect("n3 over the overlay");
+        assert!(vx.local.is_ipv4());
+        assert_eq!(
+            all.peer_nodes
+                .iter()
+                .map(|p| p.node.as_str())
+                .collect::<Vec<_>>(),
+            ["n3"]
+        );
+        assert!(
+            all.skipped
+                .iter()
+                .all(|s| s.reason == SkipReason::OverlayFamilyMismatch)
+                && all.skipped.len() == 2,
+            "{:?}",
+            all.skipped
+        );
+    }
+
+    /// The other side: an IPv6-only node reaches every peer over IPv6, a dual-stack peer
+    /// directly (the peer's VXLAN device is IPv4, so never over the overlay), an IPv6-only
+    /// peer off its subnet over its IPv6 overlay.
+    #[test]
+    fn an_ipv6_only_node_reaches_dual_stack_peers_directly_over_ipv6() {
+        let nodes = mixed_cluster();
+        let mut h = host6();
+        h.links[0].addrs6 = vec!["fd00:172:30::11/64".parse().unwrap()];
+        let plan = plan_routes("n1", &nodes, &cfg(RoutingMode::Auto), &h).unwrap();
+        assert_eq!(plan.node_ip, "fd00:172:30::11".parse::<IpAddr>().unwrap());
+        let reach: Vec<(&str, IpAddr, bool)> = plan
+            .peer_nodes
+            .iter()
+            .map(|p| {
+                (
+                    p.node.as_str(),
+                    p.node_ip,
+                    matches!(p.reach, PeerReach::Direct { .. }),
+                )
+            })
+            .collect();
+        assert_eq!(
+            reach,
+            [
+                ("n0", "fd00:172:30::10".parse().unwrap(), true),
+                ("n2", "fd00:172:30:1::12".parse().unwrap(), false),
+                ("n3", "fd00:172:30::13".parse().unwrap(), true),
+            ]
+        );
+        assert!(plan.skipped.is_empty(), "{:?}", plan.skipped);
+        let plan6 = crate::routing::plan_routes6("n1", &nodes, &cfg(RoutingMode::Auto), &h, &plan);
+        assert!(
+            plan6
+                .to_string()
+                .contains("route fd00:10:244::/64 via fd00:172:30::10 if 2 (n0)\n"),
+            "{plan6}"
+        );
+        // Mode vxlan: the dual-stack peers' devices are IPv4, so only n2 is reached.
+        let all = plan_routes("n1", &nodes, &cfg(RoutingMode::Vxlan), &h).unwrap();
+        assert_eq!(
+            all.peer_nodes
+                .iter()
+                .map(|p| p.node.as_str())
+                .collect::<Vec<_>>(),
+            ["n2"]
+        );
+        assert_eq!(
+            all.skipped
+                .iter()
+                .map(|s| (s.node.as_str(), &s.reason))
+                .collect::<Vec<_>>(),
+            [
+                ("n0", &SkipReason::OverlayFamilyMismatch),
+                ("n3", &SkipReason::OverlayFamilyMismatch)
+            ]
         );
     }
 
