@@ -349,7 +349,20 @@ catalogue! {
         value: PeerIdentity,
         size: DEFAULT_IPCACHE_MAX = 131_072,
         flag: "map-size-ipcache",
-        help: "Max entries of the NetworkPolicy ipcache (pod IPs and ipBlock prefixes)",
+        help: "Max entries of the NetworkPolicy ipcache trie (ipBlock prefixes; pod IPs: map-size-ipcache-hosts)",
+    }
+    /// NetworkPolicy: host-length ipcache entries (a pod's or the node's address /32) →
+    /// identity, an exact-match hash the programs look up before the [`MapKind::IpCache`] trie.
+    /// A /32 is always the longest match, so hash-then-trie answers what one trie holding both
+    /// would; a new flow's identity costs a hash lookup instead of the trie's deepest walk.
+    IpCacheHosts {
+        name: MAP_IPCACHE_HOSTS = "TWL_IPCH_V1",
+        map_type: Hash,
+        key: IpCacheKey,
+        value: PeerIdentity,
+        size: DEFAULT_IPCACHE_HOSTS_MAX = 131_072,
+        flag: "map-size-ipcache-hosts",
+        help: "Max entries of the NetworkPolicy host ipcache (pod and node IPv4 addresses)",
     }
     /// NetworkPolicy: allowed (endpoint, direction, identity, protocol, port) prefixes.
     Policy {
@@ -525,7 +538,18 @@ catalogue! {
         value: PeerIdentity,
         size: DEFAULT_IPCACHE6_MAX = 65_536,
         flag: "map-size-ipcache6",
-        help: "Max entries of the NetworkPolicy IPv6 ipcache (pod IPv6 addresses and IPv6 ipBlock prefixes)",
+        help: "Max entries of the NetworkPolicy IPv6 ipcache trie (IPv6 ipBlock prefixes; pod addresses: map-size-ipcache-hosts6)",
+    }
+    /// IPv6 twin of [`MapKind::IpCacheHosts`]: host-length (/128) entries of the IPv6 ipcache,
+    /// looked up before the [`MapKind::IpCache6`] trie.
+    IpCacheHosts6 {
+        name: MAP_IPCACHE_HOSTS6 = "TWL_IPCH6_V1",
+        map_type: Hash,
+        key: IpCacheKey6,
+        value: PeerIdentity,
+        size: DEFAULT_IPCACHE_HOSTS6_MAX = 65_536,
+        flag: "map-size-ipcache-hosts6",
+        help: "Max entries of the NetworkPolicy IPv6 host ipcache (pod and node IPv6 addresses)",
     }
 }
 

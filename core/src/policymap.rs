@@ -8,7 +8,8 @@ use twill_common::{
     IpCacheKey, IpCacheKey6, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict,
 };
 
-/// Writes to and reads from the three policy maps and the IPv6 twins of the first two.
+/// Writes to and reads from the three policy maps and the IPv6 twins of the first two (each
+/// ipcache split over a hash and a trie by [`IpCacheSlot`]).
 pub trait PolicyMaps {
     fn upsert_endpoint(&mut self, addr_be: u32, ep: PolicyEndpoint) -> Result<(), MapError>;
     fn delete_endpoint(&mut self, addr_be: u32) -> Result<(), MapError>;
@@ -33,15 +34,63 @@ pub trait PolicyMaps {
     fn dump(&self) -> Result<PolicyEntries, MapError>;
 }
 
+/// Where the kernel keeps an ipcache entry. [`PolicyEntries::ipcache`] (and `ipcache6`) is one
+/// longest-prefix table; the kernel splits it in two: host-length keys (a pod's or the node's
+/// address, /32 and /128) in an exact-match hash ([`MapKind::IpCacheHosts`], `…Hosts6`) that
+/// the programs look up first, every shorter prefix (ipBlock regions) in the LPM trie behind it
+/// ([`MapKind::IpCache`], `IpCache6`). A host-length entry is always the longest match for its
+/// address, so hash-then-trie answers exactly what the one table says, and a pod peer costs a
+/// hash lookup instead of the trie's deepest walk. Every implementation of [`PolicyMaps`]
+/// places entries by these functions.
+pub trait IpCacheSlot {
+    /// The exact-match key when this is a host-length entry.
+    type Host;
+    fn host(&self) -> Option<Self::Host>;
+    /// The map holding this entry.
+    fn map(&self) -> MapKind;
+}
+
+impl IpCacheSlot for LpmKey<IpCacheKey> {
+    type Host = IpCacheKey;
+    fn host(&self) -> Option<IpCacheKey> {
+        (self.prefix_len == 32).then_some(self.data)
+    }
+    fn map(&self) -> MapKind {
+        if self.host().is_some() {
+            MapKind::IpCacheHosts
+        } else {
+            MapKind::IpCache
+        }
+    }
+}
+
+impl IpCacheSlot for LpmKey<IpCacheKey6> {
+    type Host = IpCacheKey6;
+    fn host(&self) -> Option<IpCacheKey6> {
+        (self.prefix_len == 128).then_some(self.data)
+    }
+    fn map(&self) -> MapKind {
+        if self.host().is_some() {
+            MapKind::IpCacheHosts6
+        } else {
+            MapKind::IpCache6
+        }
+    }
+}
+
 /// In-memory implementation with optional capacities (to drive the "map full" path).
 #[derive(Clone, Debug, Default)]
 pub struct FakePolicyMaps {
     pub state: PolicyEntries,
     pub endpoints_capacity: Option<u32>,
+    /// The ipcache trie (prefixes shorter than /32), as [`IpCacheSlot`] places entries.
     pub ipcache_capacity: Option<u32>,
+    /// The host ipcache hash (/32 entries).
+    pub ipcache_hosts_capacity: Option<u32>,
     pub policy_capacity: Option<u32>,
     pub endpoints6_capacity: Option<u32>,
     pub ipcache6_capacity: Option<u32>,
+    pub ipcache_hosts6_capacity: Option<u32>,
 }
 
 /// `Err(Full)` when a new key would exceed `capacity` (E2BIG from the kernel); updating an
@@ -53,6 +102,18 @@ fn room(present: bool, len: usize, capacity: Option<u32>, map: MapKind) -> Resul
         }
         _ => Ok(()),
     }
+}
+
+/// How many of `keys` the map `kind` holds; counted only when it has a capacity to check.
+fn slot_len<'k, K: IpCacheSlot + 'k>(
+    keys: impl Iterator<Item = &'k K>,
+    kind: MapKind,
+    capacity: Option<u32>,
+) -> usize {
+    if capacity.is_none() {
+        return 0;
+    }
+    keys.filter(|k| k.map() == kind).count()
 }
 
 impl PolicyMaps for FakePolicyMaps {
@@ -76,13 +137,15 @@ impl PolicyMaps for FakePolicyMaps {
         key: LpmKey<IpCacheKey>,
         id: PeerIdentity,
     ) -> Result<(), MapError> {
+        let kind = key.map();
+        let capacity = if kind == MapKind::IpCacheHosts {
+            self.ipcache_hosts_capacity
+        } else {
+            self.ipcache_capacity
+        };
         let m = &mut self.state.ipcache;
-        room(
-            m.contains_key(&key),
-            m.len(),
-            self.ipcache_capacity,
-            MapKind::IpCache,
-        )?;
+        let len = slot_len(m.keys(), kind, capacity);
+        room(m.contains_key(&key), len, capacity, kind)?;
         m.insert(key, id);
         Ok(())
     }
@@ -110,13 +173,15 @@ impl PolicyMaps for FakePolicyMaps {
         key: LpmKey<IpCacheKey6>,
         id: PeerIdentity,
     ) -> Result<(), MapError> {
+        let kind = key.map();
+        let capacity = if kind == MapKind::IpCacheHosts6 {
+            self.ipcache_hosts6_capacity
+        } else {
+            self.ipcache6_capacity
+        };
         let m = &mut self.state.ipcache6;
-        room(
-            m.contains_key(&key),
-            m.len(),
-            self.ipcache6_capacity,
-            MapKind::IpCache6,
-        )?;
+        let len = slot_len(m.keys(), kind, capacity);
+        room(m.contains_key(&key), len, capacity, kind)?;
         m.insert(key, id);
         Ok(())
     }
@@ -200,11 +265,11 @@ impl<M: PolicyMaps> PolicyMaps for FaultyPolicyMaps<M> {
         key: LpmKey<IpCacheKey>,
         id: PeerIdentity,
     ) -> Result<(), MapError> {
-        self.gate(MapKind::IpCache, "update")?;
+        self.gate(key.map(), "update")?;
         self.inner.upsert_ipcache(key, id)
     }
     fn delete_ipcache(&mut self, key: &LpmKey<IpCacheKey>) -> Result<(), MapError> {
-        self.gate(MapKind::IpCache, "delete")?;
+        self.gate(key.map(), "delete")?;
         self.inner.delete_ipcache(key)
     }
     fn upsert_endpoint6(&mut self, addr: [u32; 4], ep: PolicyEndpoint) -> Result<(), MapError> {
@@ -220,11 +285,11 @@ impl<M: PolicyMaps> PolicyMaps for FaultyPolicyMaps<M> {
         key: LpmKey<IpCacheKey6>,
         id: PeerIdentity,
     ) -> Result<(), MapError> {
-        self.gate(MapKind::IpCache6, "update")?;
+        self.gate(key.map(), "update")?;
         self.inner.upsert_ipcache6(key, id)
     }
     fn delete_ipcache6(&mut self, key: &LpmKey<IpCacheKey6>) -> Result<(), MapError> {
-        self.gate(MapKind::IpCache6, "delete")?;
+        self.gate(key.map(), "delete")?;
         self.inner.delete_ipcache6(key)
     }
     fn upsert_policy(

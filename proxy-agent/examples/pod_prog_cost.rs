@@ -7,7 +7,9 @@
 //! Packets: a new flow's SYN (a fresh tuple each run), a later packet of the established flow,
 //! and a reply (server → client, through the server's `twill_pod_ingress`). "none": no pod is
 //! selected by a policy; "policy": both pods isolated both ways with one allow rule, among
-//! `FILLER_PODS` pod identities and `FILLER_RULES` rule entries.
+//! `FILLER_PODS` pod identities and `FILLER_RULES` rule entries. The pod identities are placed
+//! both ways in interleaved samples: as /32 entries of the ipcache trie (the layout before the
+//! host hash; the program's hash lookup then misses first) and in the host hash.
 //!
 //! Numbers only, no assertions. Root, in a network namespace of its own (the test-run skb
 //! lives on its loopback; nothing is attached anywhere):
@@ -86,6 +88,10 @@ fn test_run(fd: u32, data: &[u8], repeat: u32) -> Result<(u32, u32)> {
 
 struct Maps {
     pep: HashMap<MapData, u32, PolicyEndpoint>,
+    /// Pod identities go where the agent writes /32 entries: the host hash in front of the trie
+    /// (`twill_core::policymap::IpCacheSlot`); the trie holds one ipBlock-like /16, so a peer
+    /// outside every pod still walks it.
+    ipc_hosts: HashMap<MapData, IpCacheKey, PeerIdentity>,
     ipc: LpmTrie<MapData, IpCacheKey, PeerIdentity>,
     pol: LpmTrie<MapData, PolicyKey, PolicyVerdict>,
     ct: HashMap<MapData, CtKey, CtValue>,
@@ -106,11 +112,8 @@ fn rule(ep: u32, dir: u8, id: u32, port: u16) -> Key<PolicyKey> {
     )
 }
 
-fn ipc(addr: u32, id: u32) -> (Key<IpCacheKey>, PeerIdentity) {
-    (
-        Key::new(32, IpCacheKey { addr_be: addr }),
-        PeerIdentity { id },
-    )
+fn ipc(addr: u32, id: u32) -> (IpCacheKey, PeerIdentity) {
+    (IpCacheKey { addr_be: addr }, PeerIdentity { id })
 }
 
 fn bytemuck_zeroed<T: aya::Pod>() -> T {
@@ -125,6 +128,7 @@ impl Maps {
         let mut fp: Array<MapData, FastPathConfig> = take("TWL_FPCFG_V1")?.try_into()?;
         let mut m = Self {
             pep: take("TWL_PEP_V1")?.try_into()?,
+            ipc_hosts: take("TWL_IPCH_V1")?.try_into()?,
             ipc: take("TWL_IPC_V1")?.try_into()?,
             pol: take("TWL_POL_V1")?.try_into()?,
             ct: take("TWL_CT_V2")?.try_into()?,
@@ -147,18 +151,17 @@ impl Maps {
             },
             0,
         )?;
-        // The cluster's other pods and rules, for realistic trie depths.
-        for i in 0..FILLER_PODS {
-            let (k, v) = ipc(be(Ipv4Addr::from(0x0af4_1000 + i)), 1000 + i % 1000);
-            m.ipc.insert(&k, v, 0)?;
-        }
+        // The cluster's other pods (placed by `place_pods`) and rules, for realistic depths.
+        let block = Key::new(
+            16,
+            IpCacheKey {
+                addr_be: be(Ipv4Addr::new(192, 168, 0, 0)),
+            },
+        );
+        m.ipc.insert(&block, PeerIdentity { id: 999 }, 0)?;
         for i in 0..FILLER_RULES {
             let k = rule(100 + i, POLICY_DIR_INGRESS, 1000 + i % 1000, 8080);
             m.pol.insert(&k, PolicyVerdict { rule_id: i + 10 }, 0)?;
-        }
-        for (a, id) in [(CLIENT, 256), (SERVER, 257)] {
-            let (k, v) = ipc(be(a), id);
-            m.ipc.insert(&k, v, 0)?;
         }
         m.pol.insert(
             &rule(1, POLICY_DIR_EGRESS, 257, PORT),
@@ -171,6 +174,26 @@ impl Maps {
             0,
         )?;
         Ok(m)
+    }
+
+    /// Every pod identity (the fillers, client and server) as a /32 of the trie (`hosts`:
+    /// false; the layout before the host hash, whose lookup then misses first) or in the host
+    /// hash (true; where the agent writes them).
+    fn place_pods(&mut self, hosts: bool) -> Result<()> {
+        let pods = (0..FILLER_PODS)
+            .map(|i| ipc(be(Ipv4Addr::from(0x0af4_1000 + i)), 1000 + i % 1000))
+            .chain([ipc(be(CLIENT), 256), ipc(be(SERVER), 257)]);
+        for (k, v) in pods {
+            let trie_key = Key::new(32, k);
+            if hosts {
+                self.ipc_hosts.insert(k, v, 0)?;
+                let _ = self.ipc.remove(&trie_key);
+            } else {
+                self.ipc.insert(&trie_key, v, 0)?;
+                let _ = self.ipc_hosts.remove(&k);
+            }
+        }
+        Ok(())
     }
 
     /// Selects both pods (isolated both ways) or none.
@@ -248,34 +271,47 @@ fn main() -> Result<()> {
         info.size_jitted()
     );
     let mut maps = Maps::setup(&mut dp)?;
-    let mut none: [Vec<f64>; 3] = Default::default();
-    let mut pol: [Vec<f64>; 3] = Default::default();
+    // [placement][policy off/on][packet]: placement 0 = pod identities in the trie, 1 = in the
+    // host hash; every round samples all four, in a fixed order, so load changes fall on each.
+    let mut ns: [[[Vec<f64>; 3]; 2]; 2] = Default::default();
     for round in 0..SAMPLES {
         let r = u16::try_from(round)?;
-        for on in [false, true] {
-            maps.policy(on)?;
-            let s = sample(fd, &mut maps, r)?;
-            let dest = if on { &mut pol } else { &mut none };
-            for (v, x) in dest.iter_mut().zip(s) {
-                v.push(x);
+        for (placement, hosts) in [false, true].into_iter().enumerate() {
+            maps.place_pods(hosts)?;
+            for (policy, on) in [false, true].into_iter().enumerate() {
+                maps.policy(on)?;
+                let s = sample(fd, &mut maps, r)?;
+                for (v, x) in ns[placement][policy].iter_mut().zip(s) {
+                    v.push(x);
+                }
             }
         }
     }
     println!("ns per packet (median of {SAMPLES} interleaved samples)");
-    println!(
-        "{:<28} {:>8} {:>8} {:>8}",
-        "packet", "none", "policy", "extra"
-    );
-    for (i, what) in [
-        "SYN (new flow)",
-        "established, client->server",
-        "reply, server->client",
+    for (placement, title) in [
+        "pod identities in the ipcache trie (before the host hash)",
+        "pod identities in the host hash (as the agent writes them)",
     ]
     .iter()
     .enumerate()
     {
-        let (a, b) = (median(&mut none[i]), median(&mut pol[i]));
-        println!("{what:<28} {a:>8.0} {b:>8.0} {:>8.0}", b - a);
+        println!("{title}");
+        println!(
+            "  {:<28} {:>8} {:>8} {:>8}",
+            "packet", "none", "policy", "extra"
+        );
+        for (i, what) in [
+            "SYN (new flow)",
+            "established, client->server",
+            "reply, server->client",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let [none, pol] = &mut ns[placement];
+            let (a, b) = (median(&mut none[i]), median(&mut pol[i]));
+            println!("  {what:<28} {a:>8.0} {b:>8.0} {:>8.0}", b - a);
+        }
     }
     Ok(())
 }

@@ -2,13 +2,15 @@
 //! its type, key and value, sized by its `DEFAULT_*` constant (the agent's unit test
 //! `kernel_object_maps_match_the_catalogue` checks the built object against the catalogue).
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use twill_common::{
     AffinityKey, AffinityValue, Backend, Backend6, CtKey, CtKey6, CtValue, CtValue6,
     DEFAULT_AFFINITY_MAX, DEFAULT_BACKEND_SLOTS_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_BACKENDS6_MAX,
-    DEFAULT_CT_MAX, DEFAULT_CT6_MAX, DEFAULT_FRAGS_MAX, DEFAULT_IPCACHE_MAX, DEFAULT_IPCACHE6_MAX,
+    DEFAULT_CT_MAX, DEFAULT_CT6_MAX, DEFAULT_FRAGS_MAX, DEFAULT_IPCACHE_HOSTS_MAX,
+    DEFAULT_IPCACHE_HOSTS6_MAX, DEFAULT_IPCACHE_MAX, DEFAULT_IPCACHE6_MAX,
     DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_LOCAL_ENDPOINTS_MAX, DEFAULT_LOCAL_ENDPOINTS6_MAX,
     DEFAULT_MASQ_PREFIXES_MAX, DEFAULT_MASQ6_PREFIXES_MAX, DEFAULT_NODE_ADDRS_MAX,
     DEFAULT_POLICY_ENDPOINTS_MAX, DEFAULT_POLICY_ENDPOINTS6_MAX, DEFAULT_POLICY_MAX,
@@ -102,6 +104,13 @@ pub static TWL_PEP_V1: HashMap<u32, PolicyEndpoint> =
 pub static TWL_IPC_V1: LpmTrie<IpCacheKey, PeerIdentity> =
     LpmTrie::with_max_entries(DEFAULT_IPCACHE_MAX, 0);
 
+// The host-length (/32) part of the ipcache, looked up before the trie (`policy::identity`).
+// Not preallocated: kernel memory follows the cluster's pods, as the trie's does, not the
+// flag's maximum.
+#[map]
+pub static TWL_IPCH_V1: HashMap<IpCacheKey, PeerIdentity> =
+    HashMap::with_max_entries(DEFAULT_IPCACHE_HOSTS_MAX, BPF_F_NO_PREALLOC);
+
 #[map]
 pub static TWL_POL_V1: LpmTrie<PolicyKey, PolicyVerdict> =
     LpmTrie::with_max_entries(DEFAULT_POLICY_MAX, 0);
@@ -115,6 +124,10 @@ pub static TWL_PEP6_V1: HashMap<[u32; 4], PolicyEndpoint> =
 #[map]
 pub static TWL_IPC6_V1: LpmTrie<IpCacheKey6, PeerIdentity> =
     LpmTrie::with_max_entries(DEFAULT_IPCACHE6_MAX, 0);
+
+#[map]
+pub static TWL_IPCH6_V1: HashMap<IpCacheKey6, PeerIdentity> =
+    HashMap::with_max_entries(DEFAULT_IPCACHE_HOSTS6_MAX, BPF_F_NO_PREALLOC);
 
 // The denied-flow stream (`debug monitor`) and its per-CPU budget; catalogue entries marked
 // not pinned (see `twill_common::MapKind::PolicyEvents`).

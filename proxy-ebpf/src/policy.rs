@@ -6,7 +6,8 @@
 //!  CT[tuple] has this side's bit      ─► pass (a later packet of an allowed flow)
 //!  CT[reverse] has the other side's   ─► pass (a reply of an allowed flow)
 //!  not isolated in this direction     ─► record CT (so replies pass the other direction) ─► pass
-//!  IPCACHE[peer] ─► identity (WORLD when no prefix covers it; HOST into a pod: allowed)
+//!  IPCACHE_HOSTS[peer], else IPCACHE[peer] (LPM) ─► identity (WORLD when no prefix covers it;
+//!      HOST into a pod: allowed)
 //!  POLICY[(ep, dir, identity, proto, port)] then POLICY[(ep, dir, ANY, proto, port)]
 //!      hit ─► record CT ─► pass            miss ─► drop (policy_denied_ingress / _egress),
 //!                                                  event to the denied-flow stream (monitor.rs)
@@ -33,7 +34,7 @@ use twill_common::{
 };
 
 use crate::{
-    maps::{TWL_CT_V2, TWL_IPC_V1, TWL_PEP_V1, TWL_POL_V1},
+    maps::{TWL_CT_V2, TWL_IPC_V1, TWL_IPCH_V1, TWL_PEP_V1, TWL_POL_V1},
     pkt::{Flow, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -196,11 +197,19 @@ fn endpoint(addr_be: u32) -> Option<PolicyEndpoint> {
     unsafe { TWL_PEP_V1.get(addr_be) }.copied()
 }
 
-/// The peer's identity: its pod, or the ipBlock region its address lies in, or WORLD.
+/// The peer's identity: its pod (or HOST), or the ipBlock region its address lies in, or WORLD.
+/// Pod and node addresses are /32 entries of the exact-match hash, which holds the longest
+/// match whenever it has the address; only other addresses walk the trie of ipBlock prefixes.
 #[inline(always)]
 fn identity(addr_be: u32, _side: Side) -> u32 {
-    let key = Key::new(IPCACHE_KEY_BITS, IpCacheKey { addr_be });
-    TWL_IPC_V1.get(&key).map_or(IDENTITY_WORLD, |v| v.id)
+    let data = IpCacheKey { addr_be };
+    // SAFETY: the value is copied out at once.
+    if let Some(v) = unsafe { TWL_IPCH_V1.get(&data) } {
+        return v.id;
+    }
+    TWL_IPC_V1
+        .get(&Key::new(IPCACHE_KEY_BITS, data))
+        .map_or(IDENTITY_WORLD, |v| v.id)
 }
 
 /// The rule allowing `identity` (then any peer) to reach `proto`/`port_be` on `side` of `ep`:

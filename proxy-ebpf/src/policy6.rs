@@ -5,7 +5,8 @@
 //!  later fragment (fragment header, offset ≠ 0)               ─► pass (the first was judged)
 //!  POLICY_ENDPOINTS6[local pod]   none, or not isolated either way ─► pass (no state)
 //!  CT6[tuple] has this side's bit, CT6[reverse] the other side's   ─► pass
-//!  IPCACHE6[peer] ─► identity (WORLD when no prefix covers it; HOST into a pod: allowed)
+//!  IPCACHE_HOSTS6[peer], else IPCACHE6[peer] (LPM) ─► identity (WORLD when no prefix covers
+//!      it; HOST into a pod: allowed)
 //!  POLICY[(ep, dir, identity, proto, port)] then POLICY[(ep, dir, ANY, …)]   (the one rule
 //!      trie: endpoints and identities are shared by both families)
 //!      hit ─► record CT6 ─► pass          miss ─► drop (policy_denied_ingress / _egress)
@@ -43,7 +44,7 @@ use twill_common::{
 };
 
 use crate::{
-    maps::{TWL_CT6_V1, TWL_IPC6_V1, TWL_PEP6_V1, count},
+    maps::{TWL_CT6_V1, TWL_IPC6_V1, TWL_IPCH6_V1, TWL_PEP6_V1, count},
     pkt::{
         Data, ETH_HLEN, L4_DPORT, L4_SPORT, PORTS_LEN, TCP_ACK, TCP_FLAGS, TCP_RST, TCP_SYN,
         UDP_HLEN, u16_at,
@@ -321,11 +322,18 @@ fn judge_new(ep: &PolicyEndpoint, side: Side, peer: &A6, flow: &Flow6) -> Result
     }
 }
 
-/// The peer's identity: its pod, the ipBlock region its address lies in, or WORLD.
+/// The peer's identity: its pod (or HOST), the ipBlock region its address lies in, or WORLD.
+/// The /128 host entries first (exact hash), then the trie of prefixes, as IPv4's `identity`.
 #[inline(always)]
 fn identity6(addr: &A6) -> u32 {
-    let key = Key::new(IPCACHE6_KEY_BITS, IpCacheKey6 { addr_be: *addr });
-    TWL_IPC6_V1.get(&key).map_or(IDENTITY_WORLD, |v| v.id)
+    let data = IpCacheKey6 { addr_be: *addr };
+    // SAFETY: the value is copied out at once.
+    if let Some(v) = unsafe { TWL_IPCH6_V1.get(&data) } {
+        return v.id;
+    }
+    TWL_IPC6_V1
+        .get(&Key::new(IPCACHE6_KEY_BITS, data))
+        .map_or(IDENTITY_WORLD, |v| v.id)
 }
 
 /// Whether `key` is tracked with `flag`; if so, refreshes it and moves its state (the one

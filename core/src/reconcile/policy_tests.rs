@@ -217,7 +217,8 @@ fn rules_stay_while_an_identity_switch_failed() {
     r.apply(&state(256, 257), true).unwrap();
     // The allowed identity changes and the peer's switch to it fails: the old rule must stay
     // (the peer still carries the old identity in the kernel).
-    r.maps_mut().plan = FaultPlan::none().fail_map(MapKind::IpCache);
+    // Pod peers (/32) live in the host ipcache hash (`IpCacheSlot`).
+    r.maps_mut().plan = FaultPlan::none().fail_map(MapKind::IpCacheHosts);
     let mut next = state(258, 258);
     next.ipcache.insert(peer(2, 258).0, peer(2, 258).1);
     let err = r.apply(&next, true).unwrap_err();
@@ -273,4 +274,58 @@ fn nothing_is_pruned_before_the_sources_synced_and_adoption_reads_the_maps() {
     assert_eq!(r.maps().state, state(256, 257));
     assert_eq!(r.apply(&empty, true).unwrap().writes(), 6);
     assert_eq!(r.maps().state, empty);
+}
+
+#[test]
+fn host_length_ipcache_entries_live_in_the_host_hash_and_prefixes_in_the_trie() {
+    use crate::policymap::IpCacheSlot as _;
+    let (host, _) = peer(2, 256);
+    assert_eq!(host.map(), MapKind::IpCacheHosts);
+    assert_eq!(host.host(), Some(host.data));
+    let block = LpmKey {
+        prefix_len: 24,
+        ..host
+    };
+    assert_eq!(block.map(), MapKind::IpCache);
+    assert_eq!(block.host(), None);
+    let host6 = LpmKey {
+        data: IpCacheKey6 { addr_be: addr6(2) },
+        prefix_len: 128,
+    };
+    assert_eq!(host6.map(), MapKind::IpCacheHosts6);
+    let block6 = LpmKey {
+        prefix_len: 64,
+        ..host6
+    };
+    assert_eq!((block6.map(), block6.host()), (MapKind::IpCache6, None));
+}
+
+#[test]
+fn a_full_host_ipcache_is_named_apart_from_the_trie() {
+    // Room for one pod in the host hash, none in the trie: the second pod is refused by the
+    // hash, named as such; an ipBlock prefix by the trie.
+    let fake = FakePolicyMaps {
+        ipcache_hosts_capacity: Some(1),
+        ipcache_capacity: Some(0),
+        ..FakePolicyMaps::default()
+    };
+    let mut r = PolicyReconciler::new(fake);
+    let mut desired = state(256, 257);
+    desired.ipcache6.clear();
+    let err = r.apply(&desired, true).unwrap_err();
+    assert_eq!(err.full_maps(), vec![MapKind::IpCacheHosts]);
+    assert_eq!(r.maps().state.ipcache.len(), 1);
+    r.maps_mut().ipcache_hosts_capacity = None;
+    r.apply(&desired, true).unwrap();
+    assert_eq!(r.maps().state, desired);
+    let (host, id) = peer(9, 300);
+    desired.ipcache.insert(
+        LpmKey {
+            prefix_len: 24,
+            ..host
+        },
+        id,
+    );
+    let err = r.apply(&desired, true).unwrap_err();
+    assert_eq!(err.full_maps(), vec![MapKind::IpCache]);
 }

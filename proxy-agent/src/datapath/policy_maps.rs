@@ -1,5 +1,6 @@
 //! [`AyaPolicyMaps`]: the kernel implementation of the [`PolicyMaps`] seam (the three
-//! NetworkPolicy maps).
+//! NetworkPolicy maps; each family's ipcache split over a host hash and a prefix trie as
+//! [`IpCacheSlot`] places entries).
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -8,6 +9,7 @@ use twill_common::{
     IpCacheKey, IpCacheKey6, PeerIdentity, PolicyEndpoint, PolicyKey, PolicyVerdict, def,
 };
 use twill_core::policy::LpmKey;
+use twill_core::policymap::IpCacheSlot;
 
 use super::DatapathError;
 use super::maps::{MapSource, collect, is_not_found, map_update_error, remove, syscall};
@@ -18,9 +20,11 @@ use crate::policy::{PolicyEntries, PolicyMaps};
 pub struct AyaPolicyMaps {
     endpoints: HashMap<MapData, u32, PolicyEndpoint>,
     ipcache: LpmTrie<MapData, IpCacheKey, PeerIdentity>,
+    ipcache_hosts: HashMap<MapData, IpCacheKey, PeerIdentity>,
     policy: LpmTrie<MapData, PolicyKey, PolicyVerdict>,
     endpoints6: HashMap<MapData, [u32; 4], PolicyEndpoint>,
     ipcache6: LpmTrie<MapData, IpCacheKey6, PeerIdentity>,
+    ipcache_hosts6: HashMap<MapData, IpCacheKey6, PeerIdentity>,
     capacity: BTreeMap<MapKind, u32>,
 }
 
@@ -35,12 +39,16 @@ impl AyaPolicyMaps {
         let policy = src.take::<def::Policy, _>()?;
         let endpoints6 = src.take::<def::PolicyEndpoints6, _>()?;
         let ipcache6 = src.take::<def::IpCache6, _>()?;
+        let ipcache_hosts = src.take::<def::IpCacheHosts, _>()?;
+        let ipcache_hosts6 = src.take::<def::IpCacheHosts6, _>()?;
         Ok(Self {
             endpoints,
             ipcache,
+            ipcache_hosts,
             policy,
             endpoints6,
             ipcache6,
+            ipcache_hosts6,
             capacity: src.capacity,
         })
     }
@@ -62,6 +70,42 @@ fn ipcache_key(k: LpmKey<IpCacheKey>) -> Key<IpCacheKey> {
 
 fn policy_key(k: LpmKey<PolicyKey>) -> Key<PolicyKey> {
     Key::new(k.prefix_len, k.data)
+}
+
+/// Deletes a trie entry; a missing key is success.
+fn remove_trie<K: aya::Pod, V: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, V>,
+    key: &Key<K>,
+    kind: MapKind,
+) -> Result<(), MapError> {
+    match trie.remove(key) {
+        Err(e) if !is_not_found(&e) => Err(syscall(kind, "delete", e)),
+        _ => Ok(()),
+    }
+}
+
+/// One family's ipcache as the seam's one longest-prefix table: the trie's entries, then the
+/// host hash's as host-length keys (`full_len`). A host-length entry in the trie is one an
+/// agent from before the host hash wrote; it is reported (so the reconciler deletes it when its
+/// pod goes, from both maps) and shadowed by the hash's entry for the same address, which the
+/// programs look up first.
+fn collect_ipcache<K: aya::Pod + Ord>(
+    trie: &LpmTrie<MapData, K, PeerIdentity>,
+    hosts: &HashMap<MapData, K, PeerIdentity>,
+    full_len: u32,
+    kinds: (MapKind, MapKind),
+) -> Result<BTreeMap<LpmKey<K>, PeerIdentity>, MapError> {
+    let mut out = collect_trie(trie, kinds.0)?;
+    for (data, id) in collect(hosts, kinds.1)? {
+        out.insert(
+            LpmKey {
+                data,
+                prefix_len: full_len,
+            },
+            id,
+        );
+    }
+    Ok(out)
 }
 
 /// Every entry of an LPM trie as (prefix, data) keys.
@@ -102,15 +146,19 @@ impl PolicyMaps for AyaPolicyMaps {
         key: LpmKey<IpCacheKey>,
         id: PeerIdentity,
     ) -> Result<(), MapError> {
-        self.ipcache
-            .insert(&ipcache_key(key), id, 0)
-            .map_err(|e| map_update_error(&self.capacity, MapKind::IpCache, "update", e))
+        let kind = key.map();
+        match key.host() {
+            Some(host) => self.ipcache_hosts.insert(host, id, 0),
+            None => self.ipcache.insert(&ipcache_key(key), id, 0),
+        }
+        .map_err(|e| map_update_error(&self.capacity, kind, "update", e))
     }
     fn delete_ipcache(&mut self, key: &LpmKey<IpCacheKey>) -> Result<(), MapError> {
-        match self.ipcache.remove(&ipcache_key(*key)) {
-            Err(e) if !is_not_found(&e) => Err(syscall(MapKind::IpCache, "delete", e)),
-            _ => Ok(()),
+        if let Some(host) = key.host() {
+            remove(&mut self.ipcache_hosts, &host, MapKind::IpCacheHosts)?;
         }
+        // A host-length key too: an older agent kept hosts in the trie (see `collect_ipcache`).
+        remove_trie(&mut self.ipcache, &ipcache_key(*key), MapKind::IpCache)
     }
     fn upsert_endpoint6(&mut self, addr: [u32; 4], ep: PolicyEndpoint) -> Result<(), MapError> {
         self.endpoints6
@@ -125,15 +173,21 @@ impl PolicyMaps for AyaPolicyMaps {
         key: LpmKey<IpCacheKey6>,
         id: PeerIdentity,
     ) -> Result<(), MapError> {
-        self.ipcache6
-            .insert(&Key::new(key.prefix_len, key.data), id, 0)
-            .map_err(|e| map_update_error(&self.capacity, MapKind::IpCache6, "update", e))
+        let kind = key.map();
+        match key.host() {
+            Some(host) => self.ipcache_hosts6.insert(host, id, 0),
+            None => self
+                .ipcache6
+                .insert(&Key::new(key.prefix_len, key.data), id, 0),
+        }
+        .map_err(|e| map_update_error(&self.capacity, kind, "update", e))
     }
     fn delete_ipcache6(&mut self, key: &LpmKey<IpCacheKey6>) -> Result<(), MapError> {
-        match self.ipcache6.remove(&Key::new(key.prefix_len, key.data)) {
-            Err(e) if !is_not_found(&e) => Err(syscall(MapKind::IpCache6, "delete", e)),
-            _ => Ok(()),
+        if let Some(host) = key.host() {
+            remove(&mut self.ipcache_hosts6, &host, MapKind::IpCacheHosts6)?;
         }
+        let trie_key = Key::new(key.prefix_len, key.data);
+        remove_trie(&mut self.ipcache6, &trie_key, MapKind::IpCache6)
     }
     fn upsert_policy(
         &mut self,
@@ -155,12 +209,22 @@ impl PolicyMaps for AyaPolicyMaps {
             endpoints: collect(&self.endpoints, MapKind::PolicyEndpoints)?
                 .into_iter()
                 .collect(),
-            ipcache: collect_trie(&self.ipcache, MapKind::IpCache)?,
+            ipcache: collect_ipcache(
+                &self.ipcache,
+                &self.ipcache_hosts,
+                32,
+                (MapKind::IpCache, MapKind::IpCacheHosts),
+            )?,
             policy: collect_trie(&self.policy, MapKind::Policy)?,
             endpoints6: collect(&self.endpoints6, MapKind::PolicyEndpoints6)?
                 .into_iter()
                 .collect(),
-            ipcache6: collect_trie(&self.ipcache6, MapKind::IpCache6)?,
+            ipcache6: collect_ipcache(
+                &self.ipcache6,
+                &self.ipcache_hosts6,
+                128,
+                (MapKind::IpCache6, MapKind::IpCacheHosts6),
+            )?,
         })
     }
 }

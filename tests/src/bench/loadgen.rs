@@ -65,6 +65,26 @@ pub struct ProbeReport {
     pub last_error: Option<String>,
 }
 
+/// `loadgen connect-cost`: what one `socket()` + `connect()` + `close()` costs towards each
+/// target, timed by the client itself in interleaved rounds (each round times every target once,
+/// in an order rotated per round, so a change of the machine's load falls on all of them).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConnectCostReport {
+    /// The targets, in the order of each round's values.
+    pub targets: Vec<String>,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    pub per_round: u32,
+    /// Mean ns per connect, per round and target: wall-clock.
+    pub ns: Vec<Vec<f64>>,
+    /// The same in the client thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`): the calls' own
+    /// cost, without the time other processes held the CPU. Work the kernel defers (RCU
+    /// callbacks freeing a closed socket) is not in it.
+    pub cpu_ns: Vec<Vec<f64>>,
+    pub failures: u64,
+    pub first_error: Option<String>,
+}
+
 /// Nanoseconds since the Unix epoch (the probe and the harness share the machine's clock).
 pub fn unix_ns() -> u128 {
     SystemTime::now()

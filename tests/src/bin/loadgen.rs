@@ -12,6 +12,11 @@
 //!     `--until refused`: until the first connection refused (a reset from a port nothing
 //!     listens on: the path is open, e.g. a NetworkPolicy now allows it, where before the SYN
 //!     was dropped)
+//! loadgen connect-cost --to IP:PORT[,IP:PORT..] [--proto udp|tcp] [--rounds R] [--per-round N]
+//!     R rounds of N × (socket, connect, close) to each target, the order rotated per round;
+//!     the mean ns per connect of each (round, target), wall-clock and this thread's CPU time. UDP: no packet is sent, so this is the
+//!     connect path alone (the socket hooks and the route lookup); TCP: the handshake too, and
+//!     the close resets (SO_LINGER 0) so no TIME_WAIT holds the client's ports
 //! ```
 //! Every mode prints one JSON line (see `twill_lab::bench::loadgen`) and is bounded in time.
 use std::{
@@ -23,7 +28,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use twill_lab::bench::loadgen::{CrrReport, ProbeReport, RrReport, unix_ns};
+use twill_lab::bench::loadgen::{ConnectCostReport, CrrReport, ProbeReport, RrReport, unix_ns};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
@@ -308,10 +313,120 @@ fn probe(args: &Args) -> Result<ProbeReport> {
     Ok(r)
 }
 
+/// One `socket()` + `connect()` + `close()` to `to` (IPv4), with raw calls so nothing else is
+/// timed.
+fn connect_once(to: std::net::SocketAddrV4, tcp: bool) -> std::io::Result<()> {
+    let kind = if tcp {
+        libc::SOCK_STREAM
+    } else {
+        libc::SOCK_DGRAM
+    };
+    // SAFETY: plain syscalls on a descriptor owned here and closed before returning.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let sa = libc::sockaddr_in {
+            sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or_default(),
+            sin_port: to.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*to.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len =
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or_default();
+        let rc = libc::connect(fd, (&raw const sa).cast(), len);
+        let err = (rc != 0).then(std::io::Error::last_os_error);
+        if tcp {
+            // Reset on close: no TIME_WAIT, so the client's ports never run out.
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            let size =
+                libc::socklen_t::try_from(std::mem::size_of::<libc::linger>()).unwrap_or_default();
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                size,
+            );
+        }
+        libc::close(fd);
+        err.map_or(Ok(()), Err)
+    }
+}
+
+/// This thread's CPU time (user + system), in ns: what the calls cost this thread, without the
+/// time other processes of a loaded machine held the CPU.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; this clock exists on every Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+fn connect_cost(args: &Args) -> Result<ConnectCostReport> {
+    let targets: Vec<std::net::SocketAddrV4> = args
+        .req("--to")?
+        .split(',')
+        .map(|a| a.parse().with_context(|| format!("bad IPv4 address {a}")))
+        .collect::<Result<_>>()?;
+    let proto = args.get("--proto").unwrap_or("udp");
+    let tcp = match proto {
+        "tcp" => true,
+        "udp" => false,
+        other => return Err(anyhow!("--proto: tcp or udp, not {other}")),
+    };
+    let rounds: usize = args.num("--rounds", 21)?;
+    let per_round: u32 = args.num("--per-round", 10_000)?;
+    // Bounded: a round is at most this many connects per target.
+    let per_round = per_round.min(1_000_000);
+    let mut report = ConnectCostReport {
+        targets: targets.iter().map(ToString::to_string).collect(),
+        proto: proto.to_owned(),
+        per_round,
+        ..ConnectCostReport::default()
+    };
+    for round in 0..rounds.min(1_000) {
+        let mut row = vec![0.0; targets.len()];
+        let mut cpu_row = vec![0.0; targets.len()];
+        for k in 0..targets.len() {
+            let i = (round + k) % targets.len();
+            let start = Instant::now();
+            let cpu_start = thread_cpu_ns();
+            for _ in 0..per_round {
+                if let Err(e) = connect_once(targets[i], tcp) {
+                    report.failures += 1;
+                    report
+                        .first_error
+                        .get_or_insert_with(|| format!("{}: {e}", targets[i]));
+                }
+            }
+            #[expect(clippy::cast_precision_loss, reason = "nanoseconds of one round")]
+            let (ns, cpu) = (
+                start.elapsed().as_nanos() as f64,
+                thread_cpu_ns().saturating_sub(cpu_start) as f64,
+            );
+            row[i] = ns / f64::from(per_round.max(1));
+            cpu_row[i] = cpu / f64::from(per_round.max(1));
+        }
+        report.ns.push(row);
+        report.cpu_ns.push(cpu_row);
+    }
+    Ok(report)
+}
+
 fn main() -> ExitCode {
     let cli: Vec<String> = std::env::args().skip(1).collect();
     let Some((mode, rest)) = cli.split_first() else {
-        eprintln!("usage: loadgen serve|crr|rr|probe [flags]");
+        eprintln!("usage: loadgen serve|crr|rr|probe|connect-cost [flags]");
         return ExitCode::from(64);
     };
     let args = Args(rest.to_vec());
@@ -320,6 +435,7 @@ fn main() -> ExitCode {
         "crr" => crr(&args).and_then(|r| Ok(serde_json::to_string(&r)?)),
         "rr" => rr(&args).and_then(|r| Ok(serde_json::to_string(&r)?)),
         "probe" => probe(&args).and_then(|r| Ok(serde_json::to_string(&r)?)),
+        "connect-cost" => connect_cost(&args).and_then(|r| Ok(serde_json::to_string(&r)?)),
         other => Err(anyhow!("unknown mode {other}")),
     };
     match out {
