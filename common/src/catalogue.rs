@@ -455,6 +455,17 @@ catalogue! {
         flag: "map-size-local-endpoints",
         help: "Max entries of the host-routing endpoint map (local pods)",
     }
+    /// IPv6 twin of `LocalEndpoints`: local pods' IPv6 addresses (`addr6_from_octets`), the
+    /// same value.
+    LocalEndpoints6 {
+        name: MAP_LOCAL_ENDPOINTS6 = "TWL_LXC6_V1",
+        map_type: Hash,
+        key: [u32; 4],
+        value: LocalEndpoint,
+        size: DEFAULT_LOCAL_ENDPOINTS6_MAX = 4_096,
+        flag: "map-size-local-endpoints6",
+        help: "Max entries of the IPv6 host-routing endpoint map (local pods)",
+    }
     /// eBPF host routing and masquerade switches (one entry).
     FastPathSwitches {
         name: MAP_FASTPATH_CONFIG = "TWL_FPCFG_V1",

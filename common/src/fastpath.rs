@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!  LOCAL_ENDPOINTS  local pod IPv4 ──► LocalEndpoint { host veth ifindex, pod MAC, host MAC }
+//!  LOCAL_ENDPOINTS6 local pod IPv6 ──► LocalEndpoint (the same value: one veth, one pod MAC)
 //!  FASTPATH_CONFIG  [0] ──► FastPathConfig { flags, masquerade port range, node address }
 //!  MASQ (LPM)       (kind, prefix) ──► 1: this node's pod CIDRs (sources that are masqueraded)
 //!                   and the destinations reached untranslated (cluster, pod CIDRs, node IPs,
@@ -20,7 +21,8 @@
 /// packets to it go through the stack, which resolves the MAC.
 pub const LXC_F_MAC_KNOWN: u32 = 1 << 0;
 
-/// Value of `LOCAL_ENDPOINTS` (key: `u32` pod IPv4 address, network order).
+/// Value of `LOCAL_ENDPOINTS` (key: `u32` pod IPv4 address, network order) and of
+/// `LOCAL_ENDPOINTS6` (key: the pod IPv6 address as `addr6_from_octets` makes it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LocalEndpoint {

@@ -75,6 +75,19 @@ pub enum Reason {
     /// time exceeded) was translated back, outer and quoted header, towards the flow's other
     /// side.
     IcmpErrorTranslated = 43,
+    // 44..=52: eBPF host routing of IPv6 packets (`fwd6.rs`). Their fallbacks to the stack are
+    // counted with IPv4's reasons (80..=88), whose meaning they share.
+    /// An IPv6 packet delivered into a local pod with `bpf_redirect_peer` (the IPv6 twin of
+    /// `FastPathPeer`).
+    FastPathPeer6 = 44,
+    /// An IPv6 packet forwarded with `bpf_redirect_neigh` after a FIB lookup (the IPv6 twin of
+    /// `FastPathNeigh`).
+    FastPathNeigh6 = 45,
+    /// Left to the stack: an IPv6 packet the node must handle itself: to or from a link-local
+    /// or multicast address, a Neighbour Discovery or MLD message (sent with hop limit 255,
+    /// which a router's decrement would make the receiver refuse), or one carrying a
+    /// hop-by-hop options header (which every router on the path processes).
+    FallbackLinkScope = 46,
     // 60..=69: socket path.
     /// An IPv6 socket's destination (or peer) is neither IPv4-mapped (`::ffff:a.b.c.d`) nor an
     /// IPv6 Service frontend (or its backend): left untouched. The IPv6 twin of `NotService`.
@@ -88,7 +101,7 @@ pub enum Reason {
     UdpFlowMapFull = 63,
     // 80..=89: eBPF host routing (the fast path). Each packet a pod program or a device's
     // ingress program could route itself counts one of these: delivered, or left to the stack
-    // and why.
+    // and why. The fallbacks count both families' packets; IPv6 deliveries are 44 and 45.
     /// Delivered into a local pod with `bpf_redirect_peer` (its host veth and the stack skipped).
     FastPathPeer = 80,
     /// Forwarded with `bpf_redirect_neigh` after a FIB lookup (the stack's forwarding skipped).
@@ -96,13 +109,14 @@ pub enum Reason {
     /// Left to the stack: the destination is a local pod whose MAC is not known yet (the stack's
     /// ARP learns it; the agent then fills it in).
     FallbackNoMac = 82,
-    /// Left to the stack: TTL would expire (the stack sends the ICMP time exceeded).
+    /// Left to the stack: TTL (IPv6: hop limit) would expire (the stack sends the ICMP time
+    /// exceeded).
     FallbackTtl = 83,
     /// Left to the stack: the FIB has no forwarding route (unreachable, blackhole, prohibit:
     /// the stack answers with the ICMP error).
     FallbackNoRoute = 84,
     /// Left to the stack: the packet exceeds the output device's MTU (the stack fragments it or
-    /// sends fragmentation needed).
+    /// sends fragmentation needed; IPv6: Packet Too Big, routers never fragment).
     FallbackFragNeeded = 85,
     /// Left to the stack: the destination is this node itself.
     FallbackToHost = 86,
@@ -208,6 +222,9 @@ impl Reason {
         Reason::CtReopened,
         Reason::SnatPortsExhausted,
         Reason::IcmpErrorTranslated,
+        Reason::FastPathPeer6,
+        Reason::FastPathNeigh6,
+        Reason::FallbackLinkScope,
         Reason::NotV4Mapped,
         Reason::LoopbackNotHostNetns,
         Reason::UdpFlowHit,
@@ -269,6 +286,9 @@ impl Reason {
             Reason::CtReopened => "ct_reopened",
             Reason::SnatPortsExhausted => "snat_ports_exhausted",
             Reason::IcmpErrorTranslated => "icmp_error_translated",
+            Reason::FastPathPeer6 => "fastpath_redirect_peer6",
+            Reason::FastPathNeigh6 => "fastpath_redirect_neigh6",
+            Reason::FallbackLinkScope => "fastpath_fallback_link_scope",
             Reason::NotV4Mapped => "not_v4_mapped",
             Reason::LoopbackNotHostNetns => "loopback_not_host_netns",
             Reason::UdpFlowHit => "udp_flow_hit",

@@ -1,21 +1,22 @@
 //! eBPF host routing in the agent: the local endpoints the kernel programs deliver into
-//! (`TWL_LXC_V1`), read from the node's own links, `/32` routes and neighbour entries, and the
+//! (`TWL_LXC_V1`, `TWL_LXC6_V1`), read from the node's own links, `/32` and `/128` routes and
+//! neighbour entries of both families, and the
 //! switches and masquerade prefixes (`TWL_FPCFG_V1`, `TWL_MASQ_V1`) from the config and the
 //! route plan. The joins are pure (`twill_core::routing::fastpath`); this module only dumps.
 //!
 //! When it runs: with the pod veth sync (start, every pod veth link event, every resync) and
 //! when a neighbour event on a pod veth tells a pod MAC not known yet (the pod answered the
-//! stack's first ARP for it): from then on, packets to that pod skip the stack.
+//! stack's first ARP or Neighbour Solicitation for it): from then on, packets to that pod skip
+//! the stack.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures_util::TryStreamExt as _;
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
-use twill_common::LocalEndpoint;
-use twill_core::routing::fastpath::{Neighbour, PodLink, local_endpoints};
+use twill_core::routing::fastpath::{LocalEndpoints, Neighbour, PodLink, local_endpoints};
 
 use crate::datapath::is_pod_veth;
 use crate::policy::links::LinksError;
@@ -24,7 +25,7 @@ use crate::policy::links::LinksError;
 #[derive(Debug, Default)]
 pub struct KnownNeighbours {
     pod_ifindexes: BTreeSet<u32>,
-    macs: BTreeSet<(u32, Ipv4Addr, [u8; 6])>,
+    macs: BTreeSet<(u32, IpAddr, [u8; 6])>,
 }
 
 impl KnownNeighbours {
@@ -42,7 +43,12 @@ fn neighbour_of(m: &NeighbourMessage) -> Option<Neighbour> {
     let mut mac = None;
     for a in &m.attributes {
         match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => addr = Some(*ip),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                addr = Some(IpAddr::V4(*ip));
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                addr = Some(IpAddr::V6(*ip));
+            }
             NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok(),
             _ => {}
         }
@@ -70,16 +76,22 @@ fn pod_link_of(m: &LinkMessage) -> Option<PodLink> {
     })
 }
 
-/// A main-table `/32` route with an output interface: (destination, oif).
-fn host_route_of(m: &RouteMessage) -> Option<(Ipv4Addr, u32)> {
-    if m.header.destination_prefix_length != 32 || m.header.table != RouteHeader::RT_TABLE_MAIN {
+/// A main-table host route (`/32`, `/128`) with an output interface: (destination, oif).
+fn host_route_of(m: &RouteMessage) -> Option<(IpAddr, u32)> {
+    if m.header.table != RouteHeader::RT_TABLE_MAIN {
         return None;
     }
+    let len = m.header.destination_prefix_length;
     let mut dst = None;
     let mut oif = None;
     for a in &m.attributes {
         match a {
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+            RouteAttribute::Destination(RouteAddress::Inet(d)) if len == 32 => {
+                dst = Some(IpAddr::V4(*d));
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(d)) if len == 128 => {
+                dst = Some(IpAddr::V6(*d));
+            }
             RouteAttribute::Oif(i) => oif = Some(*i),
             _ => {}
         }
@@ -87,10 +99,11 @@ fn host_route_of(m: &RouteMessage) -> Option<(Ipv4Addr, u32)> {
     Some((dst?, oif?))
 }
 
-/// Dumps links, routes and neighbours and joins them into the local endpoints.
+/// Dumps links, routes and neighbours of both families and joins them into the local
+/// endpoints.
 pub async fn dump_endpoints(
     handle: &rtnetlink::Handle,
-) -> Result<(BTreeMap<u32, LocalEndpoint>, KnownNeighbours), LinksError> {
+) -> Result<(LocalEndpoints, KnownNeighbours), LinksError> {
     let links: Vec<LinkMessage> = handle
         .link()
         .get()
@@ -103,7 +116,7 @@ pub async fn dump_endpoints(
         .filter_map(pod_link_of)
         .map(|l| (l.ifindex, l))
         .collect();
-    let routes: Vec<RouteMessage> = handle
+    let mut routes: Vec<RouteMessage> = handle
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute()
@@ -113,7 +126,18 @@ pub async fn dump_endpoints(
             what: "routes",
             source,
         })?;
-    let routes: Vec<(Ipv4Addr, u32)> = routes.iter().filter_map(host_route_of).collect();
+    let routes6: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|source| LinksError::DumpOf {
+            what: "IPv6 routes",
+            source,
+        })?;
+    routes.extend(routes6);
+    let routes: Vec<(IpAddr, u32)> = routes.iter().filter_map(host_route_of).collect();
     let neighbours: Vec<NeighbourMessage> = handle
         .neighbours()
         .get()
@@ -245,7 +269,69 @@ pub fn release_nat_ports() -> std::io::Result<bool> {
 
 #[cfg(test)]
 mod tests {
-    use super::{with_range, without_range};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use rtnetlink::packet_route::neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourMessage,
+    };
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+
+    use super::{host_route_of, neighbour_of, with_range, without_range};
+
+    fn route(len: u8, table: u8, dst: RouteAddress) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header.destination_prefix_length = len;
+        m.header.table = table;
+        m.attributes = vec![RouteAttribute::Destination(dst), RouteAttribute::Oif(7)];
+        m
+    }
+
+    #[test]
+    fn host_routes_and_neighbours_of_both_families() {
+        let pod4 = Ipv4Addr::new(10, 244, 0, 5);
+        let pod6: Ipv6Addr = "fd00:10:244::5".parse().unwrap();
+        let main = RouteHeader::RT_TABLE_MAIN;
+        assert_eq!(
+            host_route_of(&route(32, main, RouteAddress::Inet(pod4))),
+            Some((IpAddr::V4(pod4), 7))
+        );
+        assert_eq!(
+            host_route_of(&route(128, main, RouteAddress::Inet6(pod6))),
+            Some((IpAddr::V6(pod6), 7))
+        );
+        // Not a host route of its family, or not the main table.
+        assert_eq!(
+            host_route_of(&route(32, main, RouteAddress::Inet6(pod6))),
+            None
+        );
+        assert_eq!(
+            host_route_of(&route(128, main, RouteAddress::Inet(pod4))),
+            None
+        );
+        assert_eq!(
+            host_route_of(&route(24, main, RouteAddress::Inet(pod4))),
+            None
+        );
+        assert_eq!(
+            host_route_of(&route(128, 255, RouteAddress::Inet6(pod6))),
+            None
+        );
+
+        let mut n = NeighbourMessage::default();
+        n.header.ifindex = 7;
+        n.attributes = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(pod6)),
+            NeighbourAttribute::LinkLayerAddress(vec![0x0a, 1, 2, 3, 4, 5]),
+        ];
+        let got = neighbour_of(&n).expect("an IPv6 neighbour with its MAC");
+        assert_eq!(
+            (got.ifindex, got.addr, got.mac),
+            (7, IpAddr::V6(pod6), [0x0a, 1, 2, 3, 4, 5])
+        );
+        // Still resolving: no link-layer address, nothing to learn.
+        n.attributes.pop();
+        assert!(neighbour_of(&n).is_none());
+    }
 
     #[test]
     fn the_nat_range_is_added_once_and_removed_alone() {

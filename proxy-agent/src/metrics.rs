@@ -215,8 +215,9 @@ impl Metrics {
         let fastpath_endpoints = registered(
             &mut registry,
             "twill_fastpath_endpoints",
-            "Local pods in the host-routing endpoint map, by whether their MAC is known \
-             (mac=\"known\": delivered with bpf_redirect_peer; \"unknown\": through the stack)",
+            "Local pod addresses (both families) in the host-routing endpoint maps, by whether \
+             their MAC is known (mac=\"known\": delivered with bpf_redirect_peer; \"unknown\": \
+             through the stack)",
             Family::<Labels, Gauge>::default(),
         );
         let unprogrammed_services = registered(

@@ -237,7 +237,7 @@ impl NodeNetwork {
             &host,
             &plan,
         );
-        let masquerade6 = ebpf_masquerade6(self.masquerade_mode, &mut plan6);
+        let masquerade6 = masquerade6_for_programs(self.masquerade_mode, &mut plan6);
         let fastpath = twill_core::routing::fastpath::config(
             self.host_routing,
             plan.masquerade.as_ref().map(|_| self.masquerade_mode),
@@ -346,12 +346,15 @@ fn internal_ips(node: &Node) -> Vec<std::net::IpAddr> {
 
 /// The IPv6 masquerade follows the IPv4 one's mode: in eBPF mode its rules leave the plan (so
 /// `apply6` removes the `ip6 twill` table) and become the kernel programs' prefixes; in
-/// nftables mode they stay in the plan and the programs get none.
-fn ebpf_masquerade6(
+/// nftables mode they stay in the plan and the programs get them too, as IPv4's, so that the
+/// fast path leaves the flows netfilter masquerades to the stack (`FP_F_MASQ_NFT`: the eBPF
+/// masquerade itself is off then).
+fn masquerade6_for_programs(
     mode: MasqueradeMode,
     plan6: &mut twill_core::routing::RoutePlan6,
 ) -> Option<twill_core::routing::Masquerade6Rules> {
-    (mode == MasqueradeMode::Ebpf)
-        .then(|| plan6.masquerade.take())
-        .flatten()
+    match mode {
+        MasqueradeMode::Ebpf => plan6.masquerade.take(),
+        MasqueradeMode::Nftables => plan6.masquerade.clone(),
+    }
 }

@@ -1,35 +1,48 @@
 //! eBPF host routing (the fast path): a pod's packets are routed by the program on its host
 //! veth instead of the node's IP stack, and packets arriving on a device for a local pod are
-//! delivered into it the same way.
+//! delivered into it the same way. One routine for both families, generic over [`Family`]:
+//! IPv4 here ([`V4`]), IPv6 in `fwd6.rs`.
 //!
 //! ```text
 //!  pod veth tc ingress (twill_pod_ingress), after the sender's egress policy passed:
+//!    (IPv6: link-local or multicast address, ND/MLD, hop-by-hop header ─► stack, `fwd6`)
 //!    LOCAL_ENDPOINTS[dst] ─► receiver's ingress policy (judged here: its host veth's own hook
-//!                            is skipped) ─► TTL-1, L2 = pod MAC / host veth MAC
+//!                            is skipped) ─► TTL/hop limit − 1, L2 = pod MAC / host veth MAC
 //!                            ─► bpf_redirect_peer (straight into the receiver's namespace)
 //!    masqueraded by netfilter (--masquerade-mode=nftables) ─► stack
-//!    bpf_fib_lookup (as the forwarding path would) ─► TTL-1 ─► bpf_redirect_neigh(next hop)
+//!    bpf_fib_lookup (as the forwarding path would) ─► TTL/hop limit − 1
+//!                            ─► bpf_redirect_neigh(next hop)
 //!  device tc ingress (twill_tc_ingress), after the north-south translation left the packet
 //!  to the stack: LOCAL_ENDPOINTS[dst] ─► as above (replies of pods' flows to other nodes,
 //!  NodePort traffic DNATed to a local backend, replies of masqueraded flows)
 //! ```
 //!
-//! Whatever a lookup cannot decide goes to the stack unchanged, counted by why (`Reason` 80..=88):
-//! a local pod whose MAC is not known yet, an expiring TTL, no route, a packet over the MTU, the
-//! node itself as destination. The stack then handles it exactly as before, including its ICMP
-//! answers; the pod's host veth hooks still judge its policy there.
+//! Whatever a lookup cannot decide goes to the stack unchanged, counted by why (`Reason` 80..=88
+//! for both families, and 46 for IPv6's link scope): a local pod whose MAC is not known yet, an
+//! expiring TTL or hop limit, no route, a packet over the output device's MTU, the node itself
+//! as destination. The stack then handles it exactly as before, including its ICMP answers
+//! (time exceeded, IPv6's Packet Too Big); the pod's host veth hooks still judge its policy
+//! there. Delivered and forwarded packets count per family (80 and 81; IPv6 44 and 45).
+//!
+//! The MTU is the output device's (`bpf_fib_lookup` without `tot_len` checks the skb against
+//! it, and lets GSO packets through as the device segments them); a route's own `mtu` is not
+//! consulted, as twill's routes carry none (the overlay's overhead is in the pods' MTU).
+//!
+//! Forwarded packets leave through the output device's tc egress (`bpf_redirect_neigh` queues
+//! them with `dev_queue_xmit`), so the eBPF masquerade (`masq.rs`, `nat6.rs`) translates them
+//! there exactly as it does the stack's.
 //!
 //! Policy stays one judgement per side and node in the one conntrack table: the redirect skips
-//! the receiver's `twill_pod_egress`, so the same `policy::judge(.., Side::Ingress)` it would
-//! have run runs here first, and a denial drops the packet where it would have been dropped.
+//! the receiver's `twill_pod_egress`, so the same ingress judgement it would have run runs here
+//! first (IPv4: `policy::judge(.., Side::Ingress)`, reusing the sender's lookups; IPv6:
+//! `policy6::verdict6`), and a denial drops the packet where it would have been dropped.
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{
         BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED,
-        BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_UNREACHABLE, BPF_FIB_LOOKUP_SKIP_NEIGH,
-        TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_fib_lookup, bpf_redir_neigh,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{bpf_redirect_neigh, bpf_redirect_peer},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -40,7 +53,7 @@ use twill_common::{
 
 use crate::{
     maps::{TWL_FPCFG_V1, TWL_LXC_V1, TWL_MASQ_V1, count},
-    pkt::{ETH_HLEN, Flow, parse},
+    pkt::{ETH_HLEN, Flow, IP_DST_AT, IP_SRC_AT, parse},
     policy::{CtSeen, Side, judge},
 };
 
@@ -48,19 +61,120 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IP_TTL_OFF: usize = ETH_HLEN + 8;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-const IP_DST_OFF: usize = ETH_HLEN + 16;
-#[expect(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    reason = "64 bytes"
-)]
-const FIB_PARAMS_LEN: i32 = size_of::<bpf_fib_lookup>() as i32;
 #[expect(
     clippy::cast_possible_truncation,
     clippy::cast_possible_wrap,
     reason = "20 bytes"
 )]
 const NH_PARAMS_LEN: i32 = size_of::<bpf_redir_neigh>() as i32;
+
+/// What the fast path needs of an address family: where its header keeps the addresses and
+/// the hop count, its endpoint and masquerade maps, its FIB query and next hop.
+pub trait Family {
+    /// An address as the packet and the family's maps hold it (network order).
+    type Addr: Copy;
+    /// Frame offsets of the source and destination addresses and of the TTL (hop limit).
+    const SRC_AT: usize;
+    const DST_AT: usize;
+    const HOP_AT: usize;
+    /// Counted for a delivery into a local pod and for a forward.
+    const PEER: Reason;
+    const NEIGH: Reason;
+    fn local_endpoint(addr: &Self::Addr) -> Option<LocalEndpoint>;
+    /// Whether `addr` lies in a masquerade prefix of `kind`.
+    fn masq_has(kind: u8, addr: &Self::Addr) -> bool;
+    /// Why a packet must take the stack whatever its destination (IPv6 link scope), if so.
+    fn node_only(ctx: &TcContext) -> Option<Reason>;
+    /// Decrements the TTL (hop limit) as a router does; the caller checked it is above 1.
+    fn dec_hop(ctx: &TcContext, hop: u8) -> Result<(), Reason>;
+    /// `bpf_fib_lookup` from `saddr` to `daddr` as the forwarding path routes a packet that
+    /// arrived on this skb's device (`BPF_FIB_LOOKUP_SKIP_NEIGH`).
+    fn fib(
+        ctx: &TcContext,
+        proto: u8,
+        saddr: &Self::Addr,
+        daddr: &Self::Addr,
+    ) -> (i64, bpf_fib_lookup);
+    /// The neighbour a successful lookup hands the packet to.
+    fn next_hop(params: &bpf_fib_lookup) -> bpf_redir_neigh;
+}
+
+/// IPv4.
+pub struct V4;
+
+impl Family for V4 {
+    type Addr = u32;
+    const SRC_AT: usize = IP_SRC_AT;
+    const DST_AT: usize = IP_DST_AT;
+    const HOP_AT: usize = IP_TTL_OFF;
+    const PEER: Reason = Reason::FastPathPeer;
+    const NEIGH: Reason = Reason::FastPathNeigh;
+
+    #[inline(always)]
+    fn local_endpoint(addr: &u32) -> Option<LocalEndpoint> {
+        // SAFETY: the value is copied out before the next helper call.
+        unsafe { TWL_LXC_V1.get(addr) }.copied()
+    }
+
+    #[inline(always)]
+    fn masq_has(kind: u8, addr: &u32) -> bool {
+        let key = Key::new(
+            MASQ_PREFIX_BASE + 32,
+            MasqKey {
+                kind,
+                _pad: [0; 3],
+                addr_be: *addr,
+            },
+        );
+        TWL_MASQ_V1.get(&key).is_some()
+    }
+
+    #[inline(always)]
+    fn node_only(_ctx: &TcContext) -> Option<Reason> {
+        None
+    }
+
+    /// RFC 1812 5.3.1, fixing the header checksum.
+    #[inline(always)]
+    fn dec_hop(ctx: &TcContext, ttl: u8) -> Result<(), Reason> {
+        // The 16-bit word the checksum covers: TTL then protocol, as they lie in the packet.
+        let old: u16 = ctx.load(IP_TTL_OFF).map_err(|_| Reason::Malformed)?;
+        let mut bytes = old.to_ne_bytes();
+        bytes[0] = ttl - 1;
+        let new = u16::from_ne_bytes(bytes);
+        let fail = |_| Reason::RewriteFailed;
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 2)
+            .map_err(fail)?;
+        ctx.store(IP_TTL_OFF, &bytes[0], 0).map_err(fail)
+    }
+
+    #[inline(always)]
+    fn fib(ctx: &TcContext, proto: u8, saddr: &u32, daddr: &u32) -> (i64, bpf_fib_lookup) {
+        crate::tc::route(ctx, proto, *saddr, *daddr, 0)
+    }
+
+    #[inline(always)]
+    fn next_hop(params: &bpf_fib_lookup) -> bpf_redir_neigh {
+        // SAFETY: bpf_redir_neigh is plain old data.
+        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+        if params.family == AF_INET6 {
+            // An IPv4 route with an IPv6 gateway (`via inet6`: a peer's IPv4 pods over an IPv6
+            // underlay): the kernel turns the result's family to AF_INET6 and writes the
+            // gateway into ipv6_dst (net/core/filter.c, bpf_ipv4_fib_lookup); the redirect
+            // resolves it by Neighbour Discovery.
+            nh.nh_family = u32::from(AF_INET6);
+            // SAFETY: union member written by the kernel when it set family AF_INET6.
+            nh.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
+        } else {
+            nh.nh_family = u32::from(AF_INET);
+            // SAFETY: union member written by the kernel for AF_INET lookups: with
+            // BPF_FIB_LOOKUP_SKIP_NEIGH, the next hop (the gateway, or the destination when
+            // directly connected), so the redirect does not look the route up a second time.
+            nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+        }
+        nh
+    }
+}
 
 /// The flow of a packet as NetworkPolicy judges it; `None` for what is not IPv4 and later
 /// fragments.
@@ -93,19 +207,17 @@ fn finish(verdict: Result<(Reason, i32), Reason>) -> i32 {
     }
 }
 
-/// A packet a pod sent, its egress policy passed (tc ingress of its host veth): routed here, or
-/// `TC_ACT_OK` for the stack.
+/// A packet an IPv4 pod sent, its egress policy passed (tc ingress of its host veth): routed
+/// here, or `TC_ACT_OK` for the stack.
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext, flow: &Flow, seen: CtSeen) -> i32 {
-    let cfg = config();
-    if cfg.flags & FP_F_HOST_ROUTING == 0 {
-        return TC_ACT_OK;
-    }
-    finish(try_from_pod(ctx, flow, &cfg, seen))
+    route::<V4>(ctx, flow.proto, || {
+        judge(flow, Side::Ingress, seen).map(|(reason, _)| reason)
+    })
 }
 
-/// A packet on a device's tc ingress that the north-south program left to the stack: delivered
-/// into its pod when the destination is a local one, else `TC_ACT_OK`.
+/// An IPv4 packet on a device's tc ingress that the north-south program left to the stack:
+/// delivered into its pod when the destination is a local one, else `TC_ACT_OK`.
 #[inline(always)]
 pub fn to_local_pod(ctx: &TcContext) -> i32 {
     let cfg = config();
@@ -115,144 +227,136 @@ pub fn to_local_pod(ctx: &TcContext) -> i32 {
     let Ok(Some(flow)) = parse_flow(ctx) else {
         return TC_ACT_OK;
     };
-    let Ok(daddr) = ctx.load::<u32>(IP_DST_OFF) else {
+    into_local_pod::<V4>(ctx, &cfg, || {
+        judge(&flow, Side::Ingress, CtSeen::Nothing).map(|(reason, _)| reason)
+    })
+}
+
+/// A packet a pod sent, its egress policy passed: routed here, or `TC_ACT_OK` for the stack.
+/// `ingress` judges the receiver's ingress policy when the destination is a local pod (`Ok`:
+/// the reason it passed, counted; `Err`: dropped).
+#[inline(always)]
+pub fn route<F: Family>(
+    ctx: &TcContext,
+    proto: u8,
+    ingress: impl FnOnce() -> Result<Reason, Reason>,
+) -> i32 {
+    let cfg = config();
+    if cfg.flags & FP_F_HOST_ROUTING == 0 {
+        return TC_ACT_OK;
+    }
+    finish(try_route::<F>(ctx, proto, &cfg, ingress))
+}
+
+/// A packet on a device's tc ingress that the north-south program left to the stack, delivered
+/// into its pod when the destination is a local one (`ingress` as for [`route`]), else
+/// `TC_ACT_OK`. The caller checked that `cfg` turns host routing on.
+#[inline(always)]
+pub fn into_local_pod<F: Family>(
+    ctx: &TcContext,
+    cfg: &FastPathConfig,
+    ingress: impl FnOnce() -> Result<Reason, Reason>,
+) -> i32 {
+    let Ok(daddr) = ctx.load::<F::Addr>(F::DST_AT) else {
         return TC_ACT_OK;
     };
-    let Some(ep) = local_endpoint(daddr) else {
+    let Some(ep) = F::local_endpoint(&daddr) else {
         return TC_ACT_OK;
     };
-    if cfg.flags & FP_F_MASQ_NFT != 0 && !exempt(ctx_saddr(ctx)) {
+    if let Some(reason) = F::node_only(ctx) {
+        count(reason);
+        return TC_ACT_OK;
+    }
+    if cfg.flags & FP_F_MASQ_NFT != 0
+        && !ctx
+            .load::<F::Addr>(F::SRC_AT)
+            .is_ok_and(|s| exempt::<F>(&s))
+    {
         // netfilter must see this flow's first packet, or it masquerades the pod's replies as
         // a new connection of the pod's.
         count(Reason::FallbackMasqNft);
         return TC_ACT_OK;
     }
-    finish(deliver(ctx, &flow, &ep, CtSeen::Nothing))
+    finish(deliver::<F>(ctx, &ep, ingress))
 }
 
 #[inline(always)]
-fn try_from_pod(
+fn try_route<F: Family>(
     ctx: &TcContext,
-    flow: &Flow,
+    proto: u8,
     cfg: &FastPathConfig,
-    seen: CtSeen,
+    ingress: impl FnOnce() -> Result<Reason, Reason>,
 ) -> Result<(Reason, i32), Reason> {
-    // The packet's own destination: for an ICMP error, `flow` is the quoted flow's.
-    let daddr: u32 = ctx.load(IP_DST_OFF).map_err(|_| Reason::Malformed)?;
-    let saddr = ctx_saddr(ctx);
-    if let Some(ep) = local_endpoint(daddr) {
-        return deliver(ctx, flow, &ep, seen);
+    if let Some(reason) = F::node_only(ctx) {
+        return Ok((reason, TC_ACT_OK));
     }
-    if cfg.flags & FP_F_MASQ_NFT != 0 && masqueraded(saddr, daddr) {
+    // The packet's own addresses: for an ICMP error, the flow policy judged is the quoted one's.
+    let daddr: F::Addr = ctx.load(F::DST_AT).map_err(|_| Reason::Malformed)?;
+    let saddr: F::Addr = ctx.load(F::SRC_AT).map_err(|_| Reason::Malformed)?;
+    if let Some(ep) = F::local_endpoint(&daddr) {
+        return deliver::<F>(ctx, &ep, ingress);
+    }
+    if cfg.flags & FP_F_MASQ_NFT != 0 && masqueraded_by::<F>(&saddr, &daddr) {
         return Ok((Reason::FallbackMasqNft, TC_ACT_OK));
     }
-    forward(ctx, flow.proto, saddr, daddr)
-}
-
-#[inline(always)]
-fn ctx_saddr(ctx: &TcContext) -> u32 {
-    ctx.load(ETH_HLEN + 12).unwrap_or(0)
-}
-
-#[inline(always)]
-fn local_endpoint(addr_be: u32) -> Option<LocalEndpoint> {
-    // SAFETY: the value is copied out before the next helper call.
-    unsafe { TWL_LXC_V1.get(addr_be) }.copied()
-}
-
-#[inline(always)]
-fn masq_has(kind: u8, addr_be: u32) -> bool {
-    let key = Key::new(
-        MASQ_PREFIX_BASE + 32,
-        MasqKey {
-            kind,
-            _pad: [0; 3],
-            addr_be,
-        },
-    );
-    TWL_MASQ_V1.get(&key).is_some()
+    forward::<F>(ctx, proto, &saddr, &daddr)
 }
 
 /// Whether `daddr` is reached untranslated (cluster, pods, nodes, `--non-masquerade-cidrs`).
 #[inline(always)]
-pub fn exempt(daddr: u32) -> bool {
-    masq_has(MASQ_KIND_EXEMPT, daddr)
+fn exempt<F: Family>(daddr: &F::Addr) -> bool {
+    F::masq_has(MASQ_KIND_EXEMPT, daddr)
 }
 
 /// Whether a packet from `saddr` to `daddr` leaves the cluster masqueraded.
 #[inline(always)]
-pub fn masqueraded(saddr: u32, daddr: u32) -> bool {
-    masq_has(MASQ_KIND_SOURCE, saddr) && !exempt(daddr)
+fn masqueraded_by<F: Family>(saddr: &F::Addr, daddr: &F::Addr) -> bool {
+    F::masq_has(MASQ_KIND_SOURCE, saddr) && !exempt::<F>(daddr)
 }
 
-/// Delivers into the local pod `ep`: judges its ingress policy (its own hook is skipped; `seen`:
-/// the conntrack lookups the sender's egress judgement of this packet made), then sets the frame
-/// up as its host veth would have sent it and redirects into its namespace.
+/// Whether an IPv4 packet from `saddr` to `daddr` leaves the cluster masqueraded.
 #[inline(always)]
-fn deliver(
+pub fn masqueraded(saddr: u32, daddr: u32) -> bool {
+    masqueraded_by::<V4>(&saddr, &daddr)
+}
+
+/// Delivers into the local pod `ep`: judges its ingress policy (its own hook is skipped), then
+/// sets the frame up as its host veth would have sent it and redirects into its namespace.
+#[inline(always)]
+fn deliver<F: Family>(
     ctx: &TcContext,
-    flow: &Flow,
     ep: &LocalEndpoint,
-    seen: CtSeen,
+    ingress: impl FnOnce() -> Result<Reason, Reason>,
 ) -> Result<(Reason, i32), Reason> {
     if ep.flags & LXC_F_MAC_KNOWN == 0 {
         return Ok((Reason::FallbackNoMac, TC_ACT_OK));
     }
-    let ttl: u8 = ctx.load(IP_TTL_OFF).map_err(|_| Reason::Malformed)?;
-    if ttl <= 1 {
+    let hop: u8 = ctx.load(F::HOP_AT).map_err(|_| Reason::Malformed)?;
+    if hop <= 1 {
         return Ok((Reason::FallbackTtl, TC_ACT_OK));
     }
-    count(judge(flow, Side::Ingress, seen)?.0);
-    dec_ttl(ctx, ttl)?;
+    count(ingress()?);
+    F::dec_hop(ctx, hop)?;
     let fail = |_| Reason::RewriteFailed;
     ctx.store(0, &ep.pod_mac, 0).map_err(fail)?;
     ctx.store(6, &ep.host_mac, 0).map_err(fail)?;
     // SAFETY: plain helper; flags must be 0.
     let action = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
     // TC_ACT_REDIRECT (7) or TC_ACT_SHOT (2): always fits.
-    Ok((
-        Reason::FastPathPeer,
-        i32::try_from(action).unwrap_or(TC_ACT_SHOT),
-    ))
-}
-
-/// Decrements the TTL as a router does (RFC 1812 5.3.1), fixing the header checksum; the
-/// caller checked it is above 1.
-#[inline(always)]
-fn dec_ttl(ctx: &TcContext, ttl: u8) -> Result<(), Reason> {
-    // The 16-bit word the checksum covers: TTL then protocol, as they lie in the packet.
-    let old: u16 = ctx.load(IP_TTL_OFF).map_err(|_| Reason::Malformed)?;
-    let mut bytes = old.to_ne_bytes();
-    bytes[0] = ttl - 1;
-    let new = u16::from_ne_bytes(bytes);
-    let fail = |_| Reason::RewriteFailed;
-    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 2)
-        .map_err(fail)?;
-    ctx.store(IP_TTL_OFF, &bytes[0], 0).map_err(fail)
+    Ok((F::PEER, i32::try_from(action).unwrap_or(TC_ACT_SHOT)))
 }
 
 /// Routes the packet as the forwarding path would (an input FIB lookup from the pod's veth)
 /// and hands it to the output device's neighbour (`bpf_redirect_neigh`, which writes the L2
 /// header and resolves the next hop if needed).
 #[inline(always)]
-fn forward(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> Result<(Reason, i32), Reason> {
-    // SAFETY: bpf_fib_lookup is plain old data; zero is a valid value for every field.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = proto;
-    params.__bindgen_anon_3.ipv4_src = saddr;
-    params.__bindgen_anon_4.ipv4_dst = daddr;
-    // SAFETY: reading the skb's ifindex from our own context.
-    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: params is a valid, writable struct of the size passed.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &raw mut params,
-            FIB_PARAMS_LEN,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
+fn forward<F: Family>(
+    ctx: &TcContext,
+    proto: u8,
+    saddr: &F::Addr,
+    daddr: &F::Addr,
+) -> Result<(Reason, i32), Reason> {
+    let (rc, params) = F::fib(ctx, proto, saddr, daddr);
     let fallback = match u32::try_from(rc) {
         Ok(0) => None,
         Ok(
@@ -265,32 +369,13 @@ fn forward(ctx: &TcContext, proto: u8, saddr: u32, daddr: u32) -> Result<(Reason
     if let Some(reason) = fallback {
         return Ok((reason, TC_ACT_OK));
     }
-    let ttl: u8 = ctx.load(IP_TTL_OFF).map_err(|_| Reason::Malformed)?;
-    if ttl <= 1 {
+    let hop: u8 = ctx.load(F::HOP_AT).map_err(|_| Reason::Malformed)?;
+    if hop <= 1 {
         return Ok((Reason::FallbackTtl, TC_ACT_OK));
     }
-    dec_ttl(ctx, ttl)?;
-    // SAFETY: bpf_redir_neigh is plain old data.
-    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-    if params.family == AF_INET6 {
-        // An IPv4 route with an IPv6 gateway (`via inet6`: a peer's IPv4 pods over an IPv6
-        // underlay): the kernel turns the result's family to AF_INET6 and writes the gateway
-        // into ipv6_dst (net/core/filter.c, bpf_ipv4_fib_lookup); the redirect resolves it by
-        // Neighbour Discovery.
-        nh.nh_family = u32::from(AF_INET6);
-        // SAFETY: union member written by the kernel when it set family AF_INET6.
-        nh.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
-    } else {
-        nh.nh_family = u32::from(AF_INET);
-        // SAFETY: union member written by the kernel for AF_INET lookups: with
-        // BPF_FIB_LOOKUP_SKIP_NEIGH, the next hop (the gateway, or the destination when
-        // directly connected), so the redirect does not look the route up a second time.
-        nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
-    }
+    F::dec_hop(ctx, hop)?;
+    let mut nh = F::next_hop(&params);
     // SAFETY: nh is a valid struct of the size passed.
     let action = unsafe { bpf_redirect_neigh(params.ifindex, &raw mut nh, NH_PARAMS_LEN, 0) };
-    Ok((
-        Reason::FastPathNeigh,
-        i32::try_from(action).unwrap_or(TC_ACT_SHOT),
-    ))
+    Ok((F::NEIGH, i32::try_from(action).unwrap_or(TC_ACT_SHOT)))
 }

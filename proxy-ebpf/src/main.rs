@@ -24,6 +24,8 @@
 #[cfg(target_arch = "bpf")]
 mod fwd;
 #[cfg(target_arch = "bpf")]
+mod fwd6;
+#[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;

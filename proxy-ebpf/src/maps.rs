@@ -12,13 +12,13 @@ use twill_common::{
     DEFAULT_CT_MAX, DEFAULT_CT6_MAX, DEFAULT_FRAGS_MAX, DEFAULT_FRAGS6_MAX,
     DEFAULT_IPCACHE_HOSTS_MAX, DEFAULT_IPCACHE_HOSTS6_MAX, DEFAULT_IPCACHE_MAX,
     DEFAULT_IPCACHE6_MAX, DEFAULT_LB_SRC_RANGES_MAX, DEFAULT_LOCAL_ENDPOINTS_MAX,
-    DEFAULT_MASQ_PREFIXES_MAX, DEFAULT_MASQ6_PREFIXES_MAX, DEFAULT_NODE_ADDRS_MAX,
-    DEFAULT_POLICY_ENDPOINTS_MAX, DEFAULT_POLICY_ENDPOINTS6_MAX, DEFAULT_POLICY_MAX,
-    DEFAULT_SERVICES_MAX, DEFAULT_SERVICES6_MAX, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOCK_REVNAT6_MAX,
-    DEFAULT_UDP_FLOWS_MAX, DatapathConfig, EventBudget, FastPathConfig, FragKey, FragKey6,
-    FragValue, IpCacheKey, IpCacheKey6, LocalEndpoint, MasqKey, MasqKey6, NodeAddrValue,
-    POLICY_EVENT_BUDGET_ENTRIES, POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint, PolicyKey,
-    PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
+    DEFAULT_LOCAL_ENDPOINTS6_MAX, DEFAULT_MASQ_PREFIXES_MAX, DEFAULT_MASQ6_PREFIXES_MAX,
+    DEFAULT_NODE_ADDRS_MAX, DEFAULT_POLICY_ENDPOINTS_MAX, DEFAULT_POLICY_ENDPOINTS6_MAX,
+    DEFAULT_POLICY_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SERVICES6_MAX, DEFAULT_SOCK_REVNAT_MAX,
+    DEFAULT_SOCK_REVNAT6_MAX, DEFAULT_UDP_FLOWS_MAX, DatapathConfig, EventBudget, FastPathConfig,
+    FragKey, FragKey6, FragValue, IpCacheKey, IpCacheKey6, LocalEndpoint, MasqKey, MasqKey6,
+    NodeAddrValue, POLICY_EVENT_BUDGET_ENTRIES, POLICY_EVENTS_BYTES, PeerIdentity, PolicyEndpoint,
+    PolicyKey, PolicyVerdict, Reason, STATS_MAX, ServiceKey, ServiceKey6, ServiceValue, SlotKey,
     SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, SrcRangeKey, SrcRangeKey6,
     UdpFlowKey,
 };
@@ -160,11 +160,15 @@ pub fn count(reason: Reason) {
 pub static TWL_SKDEST_V1: HashMap<twill_common::SockDestroyKey, u8> =
     HashMap::with_max_entries(twill_common::DEFAULT_SOCK_DESTROY_MAX, 0);
 
-// eBPF host routing and masquerade (twill_common::fastpath): local pods as the kernel's links
-// show them, the switches, and the masquerade's source and exempt prefixes.
+// eBPF host routing and masquerade (twill_common::fastpath): local pods (per family) as the
+// kernel's links show them, the switches, and the masquerade's source and exempt prefixes.
 #[map]
 pub static TWL_LXC_V1: HashMap<u32, LocalEndpoint> =
     HashMap::with_max_entries(DEFAULT_LOCAL_ENDPOINTS_MAX, 0);
+
+#[map]
+pub static TWL_LXC6_V1: HashMap<[u32; 4], LocalEndpoint> =
+    HashMap::with_max_entries(DEFAULT_LOCAL_ENDPOINTS6_MAX, 0);
 
 #[map]
 pub static TWL_FPCFG_V1: Array<FastPathConfig> = Array::with_max_entries(1, 0);

@@ -363,8 +363,10 @@ fn unfollowed6(saddr: &A6, daddr: &A6) -> Result<Verdict, Reason> {
     Ok((Reason::NotService, TC_ACT_OK))
 }
 
+/// Whether `addr` lies in an IPv6 masquerade prefix of `kind` (also the fast path's question,
+/// `fwd6`).
 #[inline(always)]
-fn masq_has6(kind: u8, addr: &A6) -> bool {
+pub fn masq_has6(kind: u8, addr: &A6) -> bool {
     let key = Key::new(
         MASQ_PREFIX_BASE + 128,
         MasqKey6 {
@@ -519,7 +521,13 @@ fn route_src6(ctx: &TcContext, p: &Pkt6) -> Result<A6, Reason> {
 /// `bpf_fib_lookup` of an IPv6 packet from `saddr` to `daddr` arriving on this device (see
 /// `tc::route`); `extra` may add `BPF_FIB_LOOKUP_SRC`.
 #[inline(always)]
-fn fib6(ctx: &TcContext, proto: u8, saddr: &A6, daddr: &A6, extra: u32) -> (i64, bpf_fib_lookup) {
+pub fn fib6(
+    ctx: &TcContext,
+    proto: u8,
+    saddr: &A6,
+    daddr: &A6,
+    extra: u32,
+) -> (i64, bpf_fib_lookup) {
     // SAFETY: bpf_fib_lookup is plain old data; zero is a valid value for every field.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET6;

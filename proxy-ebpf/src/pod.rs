@@ -14,12 +14,11 @@
 //! A packet the pod sent must carry the pod's own address (`sav.rs`, source-address
 //! validation) before anything else looks at it, in both families.
 //!
-//! IPv6 frames take `policy6.rs` (the same judgement over the IPv6 maps) and are routed by the
-//! node's stack.
+//! IPv6 frames take `policy6.rs` (the same judgement over the IPv6 maps).
 //!
 //! A packet the pod sent that its egress policy passed is then routed by the fast path
-//! (`fwd.rs`): into a local pod (after that pod's ingress policy) or out through the FIB's
-//! device, or left to the stack.
+//! (`fwd.rs`; IPv6: `fwd6.rs`): into a local pod (after that pod's ingress policy) or out
+//! through the FIB's device, or left to the stack.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
@@ -45,8 +44,12 @@ pub fn twill_pod_ingress(ctx: TcContext) -> i32 {
         if sav::spoofed6(ctx.skb.skb) {
             return exit(Err(Reason::SourceSpoofed));
         }
-        // IPv6 has its own path (`policy6`); the stack routes it.
-        return crate::policy6::pod6(ctx.skb.skb, true);
+        // IPv6 has its own path (`policy6`, then `fwd6`: one call after the other, so their
+        // frames never stack up).
+        return match crate::policy6::pod6(ctx.skb.skb, true) {
+            TC_ACT_OK => crate::fwd6::from_pod(ctx.skb.skb),
+            action => action,
+        };
     }
     ipv4_pod_ingress(ctx.skb.skb)
 }

@@ -130,16 +130,9 @@ impl Flow6 {
 
 /// `twill_pod_ingress`/`twill_pod_egress` for an IPv6 frame: the pod's egress (`Side::Egress`)
 /// or ingress.
-#[inline(never)]
+#[inline(always)]
 pub fn pod6(skb: *mut aya_ebpf::bindings::__sk_buff, egress: bool) -> i32 {
-    let ctx = TcContext::new(skb);
-    let side = if egress { Side::Egress } else { Side::Ingress };
-    let verdict = match parse6(&ctx) {
-        Ok(Seen6::Flow(flow)) => judge6(&flow, side),
-        Ok(Seen6::Pass(reason)) => Ok(reason),
-        Err(reason) => Err(reason),
-    };
-    match verdict {
+    match verdict6(skb, egress) {
         Ok(reason) => {
             count(reason);
             TC_ACT_OK
@@ -151,9 +144,33 @@ pub fn pod6(skb: *mut aya_ebpf::bindings::__sk_buff, egress: bool) -> i32 {
     }
 }
 
+/// The verdict on an IPv6 frame for the pod's egress (`egress`) or ingress, not counted: `Ok`
+/// passes, `Err` drops. Also the receiver's ingress judgement of a packet the fast path
+/// delivers into a local pod (`fwd6`), whose own hook it skips.
+#[inline(never)]
+pub fn verdict6(skb: *mut aya_ebpf::bindings::__sk_buff, egress: bool) -> Result<Reason, Reason> {
+    let ctx = TcContext::new(skb);
+    let side = if egress { Side::Egress } else { Side::Ingress };
+    match parse6(&ctx) {
+        Ok(Seen6::Flow(flow)) => judge6(&flow, side),
+        Ok(Seen6::Pass(reason)) => Ok(reason),
+        Err(reason) => Err(reason),
+    }
+}
+
+/// Whether an ICMPv6 message of `icmp_type` is Multicast Listener Discovery or Neighbour
+/// Discovery: the link's own business.
+#[inline(always)]
+pub fn nd_or_mld(icmp_type: u8) -> bool {
+    matches!(
+        icmp_type,
+        ICMP6_MLD_QUERY..=ICMP6_ND_REDIRECT | ICMP6_MLD2_REPORT
+    )
+}
+
 /// The link-local (`fe80::/10`) or multicast (`ff00::/8`) addresses: the veth's own link.
 #[inline(always)]
-fn link_scope(a: &A6) -> bool {
+pub fn link_scope(a: &A6) -> bool {
     let w = u32::from_be(a[0]);
     w >> 22 == 0xfe80 >> 6 || w >> 24 == 0xff
 }

@@ -88,8 +88,12 @@ const LB_SRC_KEY_BITS: u32 = 64;
 #[classifier]
 pub fn twill_tc_ingress(ctx: TcContext) -> i32 {
     if crate::nat6::is_ipv6(&ctx) {
-        // IPv6 has its own translator (`nat6`); the stack delivers into local pods.
-        return ipv6_ingress(ctx.skb.skb);
+        // IPv6 has its own translator (`nat6`). Left to the stack, a local pod's packets are
+        // delivered straight into it (`fwd6`, a call of its own after the translator's).
+        return match ipv6_ingress(ctx.skb.skb) {
+            TC_ACT_OK => crate::fwd6::to_local_pod(ctx.skb.skb),
+            action => action,
+        };
     }
     ipv4_ingress(ctx.skb.skb)
 }

@@ -55,7 +55,7 @@ fn should_have_ipv4_and_ipv6_internal_node_ip() -> Result<()> {
     let cidr6 = n0.pod_cidr6.expect("dual-stack lab").to_string();
     wait_for(
         "the agent's conflist with both ranges",
-        Duration::from_secs(20),
+        Duration::from_mins(1),
         || {
             let conf = std::fs::read_to_string(n0.conflist_path()).unwrap_or_default();
             Ok(conf.contains("cniVersions")
@@ -104,7 +104,7 @@ fn pods_reach_pods_on_other_nodes_over_ipv6_direct_and_vxlan() -> Result<()> {
     // n0 and n2 share subnet 0; n1 is on subnet 1, reached over the overlay.
     let (n0, n1, n2) = (lab.node(0), lab.node(1), lab.node(2));
     let mut agents = agents(&lab)?;
-    wait_for("n0's IPv6 routes", Duration::from_secs(20), || {
+    wait_for("n0's IPv6 routes", Duration::from_mins(1), || {
         let r = owned_routes6(n0)?;
         Ok(r.contains(&format!(
             "{} via {} dev eth0",

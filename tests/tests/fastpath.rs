@@ -3,10 +3,15 @@
 //! with `bpf_redirect_neigh` after a FIB lookup and enters the receiver with `bpf_redirect_peer`
 //! from the device, in direct and VXLAN modes; the receiver's NetworkPolicy ingress is still
 //! judged although its veth hook is skipped; `--host-routing=false` leaves it all to the stack.
-//! The counters come from `twill-agent debug fastpath -o json`, the kernel's own per-reason
-//! counters.
+//! The same over IPv6 on dual-stack labs (`fwd6.rs`): pod → pod on one node and across nodes
+//! (direct, VXLAN), an IPv6 ClusterIP and an IPv6 NodePort to a local backend, ICMPv6 echo
+//! redirected while an expiring hop limit and a packet over the output MTU take the stack (Time
+//! Exceeded, Packet Too Big), Neighbour Discovery untouched. The counters come from
+//! `twill-agent debug fastpath -o json`, the kernel's own per-reason counters (IPv6 deliveries
+//! and forwards have their own, so these tests fail if IPv6 is not redirected).
 mod agent_common;
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use agent_common::{AgentProc, start_agent, tcp, wait_for};
@@ -45,10 +50,15 @@ fn verdicts(node: &Node, reason: &str) -> Result<u64> {
 /// Waits until `node`'s agent lists `pod` as an endpoint with a known MAC (learnt from the
 /// neighbour entry the stack's first ARP made).
 fn wait_endpoint_mac(node: &Node, pod: &Pod) -> Result<()> {
-    let prefix = format!("{} ", pod.ip);
+    wait_endpoint_mac_of(node, IpAddr::V4(pod.ip))
+}
+
+/// [`wait_endpoint_mac`] for one of a pod's addresses (IPv6: learnt by Neighbour Discovery).
+fn wait_endpoint_mac_of(node: &Node, addr: IpAddr) -> Result<()> {
+    let prefix = format!("{addr} ");
     wait_for(
-        &format!("{} with its MAC in {}'s endpoints", pod.ip, node.name),
-        Duration::from_secs(20),
+        &format!("{addr} with its MAC in {}'s endpoints", node.name),
+        Duration::from_mins(1),
         || {
             let v = view(node)?;
             Ok(v["endpoints"].as_array().into_iter().flatten().any(|e| {
@@ -61,16 +71,33 @@ fn wait_endpoint_mac(node: &Node, pod: &Pod) -> Result<()> {
 
 /// `n` connections from `from` to `to`, each answered by `name` and seeing `from`'s own IP.
 fn connections(from: &Pod, to: &Pod, name: &str, n: usize) -> Result<()> {
-    let addr = format!("{}:8080", to.ip);
+    connections_between(from, IpAddr::V4(from.ip), IpAddr::V4(to.ip), name, n)
+}
+
+/// `n` connections from the pod `from` (its address `src`) to `dst`:8080, each answered by
+/// `name` and seeing `src`.
+fn connections_between(from: &Pod, src: IpAddr, dst: IpAddr, name: &str, n: usize) -> Result<()> {
+    let addr = SocketAddr::new(dst, 8080).to_string();
+    // The reply names the peer as `ip:port` (IPv6: `[ip]:port`).
+    let seen = SocketAddr::new(src, 0).to_string();
+    let want = format!("reply={name} {}", seen.trim_end_matches('0'));
     for _ in 0..n {
         let (code, out) = tcp(from, &addr)?;
-        ensure!(
-            code == 0 && out.starts_with(&format!("reply={name} {}:", from.ip)),
-            "{} → {addr}: {out}",
-            from.ip
-        );
+        ensure!(code == 0 && out.starts_with(&want), "{src} → {addr}: {out}");
     }
     Ok(())
+}
+
+/// A pod's IPv6 address (dual-stack labs).
+fn v6(pod: &Pod) -> Result<IpAddr> {
+    pod.ip6
+        .map(IpAddr::V6)
+        .with_context(|| format!("pod {} has no IPv6 address", pod.name))
+}
+
+/// How much the fast-path counter `name` grew from `before` to `after`.
+fn grew(before: &serde_json::Value, after: &serde_json::Value, name: &str) -> u64 {
+    counter(after, name).saturating_sub(counter(before, name))
 }
 
 struct Setup {
@@ -93,13 +120,25 @@ fn setup(spec: LabSpec, extra: &[&str]) -> Result<Option<Setup>> {
     let a = lab.node(0).add_pod("a")?;
     let b = lab.node(0).add_pod("b")?;
     let c = lab.node(1).add_pod("c")?;
-    lab.serve(&b, "b", Some(8080), None)?;
-    lab.serve(&c, "c", Some(8080), None)?;
+    // A dual-stack lab's servers listen on both families.
+    let dual = a.ip6.is_some();
+    for (pod, name) in [(&b, "b"), (&c, "c")] {
+        if dual {
+            lab.serve_dual(pod, name, Some(8080), None)?;
+        } else {
+            lab.serve(pod, name, Some(8080), None)?;
+        }
+    }
     for (to, name) in [(&b, "b"), (&c, "c")] {
-        let addr = format!("{}:8080", to.ip);
-        wait_for(&format!("a → {name}"), Duration::from_secs(20), || {
-            Ok(tcp(&a, &addr)?.0 == 0)
-        })?;
+        let addrs = std::iter::once(IpAddr::V4(to.ip)).chain(to.ip6.map(IpAddr::V6));
+        for ip in addrs {
+            let addr = SocketAddr::new(ip, 8080).to_string();
+            wait_for(
+                &format!("a → {name} ({ip})"),
+                Duration::from_mins(1),
+                || Ok(tcp(&a, &addr)?.0 == 0),
+            )?;
+        }
     }
     Ok(Some(Setup {
         a,
@@ -215,14 +254,22 @@ fn a_redirected_packet_is_still_judged_by_the_receivers_ingress_policy() -> Resu
     Ok(())
 }
 
-/// `--host-routing=false`: the stack routes every packet, and the fast path counts nothing.
+/// `--host-routing=false`: the stack routes every packet of both families, and the fast path
+/// counts nothing (neither family's deliveries, forwards or fallbacks).
 #[test]
 fn host_routing_off_leaves_every_packet_to_the_stack() -> Result<()> {
-    let Some(s) = setup(LabSpec::nodes(2), &["--host-routing=false"])? else {
+    let Some(s) = setup(
+        LabSpec::nodes(2).with_dual_stack(),
+        &["--host-routing=false"],
+    )?
+    else {
         return Ok(());
     };
     connections(&s.a, &s.b, "b", 5)?;
     connections(&s.a, &s.c, "c", 5)?;
+    let a6 = v6(&s.a)?;
+    connections_between(&s.a, a6, v6(&s.b)?, "b", 5)?;
+    connections_between(&s.a, a6, v6(&s.c)?, "c", 5)?;
     for node in [s.lab.node(0), s.lab.node(1)] {
         let v = view(node)?;
         ensure!(v["host_routing"] == false, "{v}");
@@ -242,6 +289,299 @@ fn host_routing_off_leaves_every_packet_to_the_stack() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Over IPv6 on a dual-stack lab: pod → pod on one node is delivered by `bpf_redirect_peer`
+/// from the sender's veth, across nodes it leaves by `bpf_redirect_neigh` and enters the
+/// receiver from the device by `bpf_redirect_peer` — every packet of both directions counted as
+/// IPv6's own (`fastpath_redirect_peer6`, `fastpath_redirect_neigh6`) — and ICMPv6 echo takes
+/// the same path.
+fn ipv6_pods_take_the_fast_path(spec: LabSpec, extra: &[&str]) -> Result<Option<Setup>> {
+    let Some(s) = setup(spec.with_dual_stack(), extra)? else {
+        return Ok(None);
+    };
+    let (n0, n1) = (s.lab.node(0), s.lab.node(1));
+    let (a6, b6, c6) = (v6(&s.a)?, v6(&s.b)?, v6(&s.c)?);
+    // The first packets to each pod took the stack, whose Neighbour Discovery taught the node
+    // the pods' MACs.
+    wait_endpoint_mac_of(n0, b6)?;
+    wait_endpoint_mac_of(n0, a6)?;
+    wait_endpoint_mac_of(n1, c6)?;
+
+    let before = view(n0)?;
+    connections_between(&s.a, a6, b6, "b", 10)?;
+    let after = view(n0)?;
+    let peer = grew(&before, &after, "fastpath_redirect_peer6");
+    // A connection is at least SYN, SYN-ACK, ACK, request, reply, FIN, FIN, ACK.
+    ensure!(
+        peer >= 10 * 6,
+        "redirect_peer6 grew by {peer} for 10 IPv6 connections: {after}"
+    );
+
+    let (b0, b1) = (view(n0)?, view(n1)?);
+    connections_between(&s.a, a6, c6, "c", 10)?;
+    let (a0, a1) = (view(n0)?, view(n1)?);
+    for (what, got) in [
+        (
+            "n0 redirect_neigh6",
+            grew(&b0, &a0, "fastpath_redirect_neigh6"),
+        ),
+        (
+            "n1 redirect_peer6",
+            grew(&b1, &a1, "fastpath_redirect_peer6"),
+        ),
+        (
+            "n1 redirect_neigh6 (c's replies)",
+            grew(&b1, &a1, "fastpath_redirect_neigh6"),
+        ),
+        (
+            "n0 redirect_peer6 (c's replies)",
+            grew(&b0, &a0, "fastpath_redirect_peer6"),
+        ),
+    ] {
+        ensure!(got >= 10 * 3, "{what} grew by {got}: n0 {a0}\nn1 {a1}");
+    }
+
+    // ICMPv6 echo across nodes: requests out by the FIB, replies delivered from the device.
+    let before = view(n0)?;
+    let out =
+        s.a.cmd("ping")
+            .args([
+                "-6",
+                "-n",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                &c6.to_string(),
+            ])
+            .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "ping6 a → c: {text}");
+    let after = view(n0)?;
+    ensure!(
+        grew(&before, &after, "fastpath_redirect_neigh6") >= 3
+            && grew(&before, &after, "fastpath_redirect_peer6") >= 3,
+        "ICMPv6 echo not on the fast path: {after}"
+    );
+
+    let table = n0.debug(&["fastpath"])?;
+    ensure!(
+        table.contains("fastpath_redirect_peer6") && table.contains(&b6.to_string()),
+        "debug fastpath: {table}"
+    );
+    Ok(Some(s))
+}
+
+/// `ping -6` from pod `from` to `to` with `args`; its output.
+fn ping6(from: &Pod, to: IpAddr, args: &[&str]) -> Result<String> {
+    let out = from
+        .cmd("ping")
+        .args(["-6", "-n", "-c", "1", "-W", "2"])
+        .args(args)
+        .arg(to.to_string())
+        .output()?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// IPv6 pods take the fast path on one node and across nodes on a shared link; what the fast
+/// path must not decide takes the stack and still works: a ping whose hop limit expires at the
+/// node gets the node's Time Exceeded, one over the output device's MTU its Packet Too Big (an
+/// IPv6 router never fragments), each counted by why; Neighbour Discovery between node and pod
+/// is never redirected (`fastpath_fallback_link_scope`) and keeps resolving the pod.
+#[test]
+fn ipv6_pods_on_one_node_and_across_nodes_take_the_fast_path() -> Result<()> {
+    let Some(s) = ipv6_pods_take_the_fast_path(LabSpec::nodes(2), &[])? else {
+        return Ok(());
+    };
+    let n0 = s.lab.node(0);
+    let (b6, c6) = (v6(&s.b)?, v6(&s.c)?);
+
+    // Hop limit 1: the node must not forward it; its stack answers.
+    let before = view(n0)?;
+    let out = ping6(&s.a, c6, &["-t", "1"])?;
+    ensure!(out.contains("Time exceeded"), "ping6 -t 1: {out}");
+    let after = view(n0)?;
+    ensure!(
+        grew(&before, &after, "fastpath_fallback_ttl") >= 1,
+        "hop limit 1 not left to the stack: {after}"
+    );
+
+    // Neighbour Discovery: the node forgets b's MAC and resolves it again through the pod's
+    // veth; the pod's Neighbour Advertisement (to the node's link-local address) is never
+    // redirected.
+    let before = view(n0)?;
+    n0.run(&["ip", "-6", "neigh", "flush", "to", &b6.to_string()])?;
+    let out = n0
+        .cmd("ping")
+        .args(["-6", "-n", "-c", "1", "-W", "2", &b6.to_string()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "node → b over IPv6 after flushing its neighbour: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let neigh = n0.run(&["ip", "-6", "neigh", "show", "to", &b6.to_string()])?;
+    ensure!(neigh.contains("lladdr"), "b's neighbour entry: {neigh}");
+    let after = view(n0)?;
+    ensure!(
+        grew(&before, &after, "fastpath_fallback_link_scope") >= 1,
+        "no Neighbour Discovery left to the stack: {after}"
+    );
+    connections_between(&s.a, v6(&s.a)?, b6, "b", 3)?;
+
+    // A packet over n0's output MTU: Packet Too Big from the node's stack, counted.
+    n0.run(&["ip", "link", "set", "dev", "eth0", "mtu", "1280"])?;
+    let before = view(n0)?;
+    let out = ping6(&s.a, c6, &["-M", "do", "-s", "1400"])?;
+    ensure!(out.contains("1280"), "ping6 -s 1400 over MTU 1280: {out}");
+    let after = view(n0)?;
+    ensure!(
+        grew(&before, &after, "fastpath_fallback_frag_needed") >= 1,
+        "an oversized IPv6 packet was not left to the stack: {after}"
+    );
+    // Packets that fit still take the fast path.
+    let out = ping6(&s.a, c6, &["-s", "1000"])?;
+    ensure!(out.contains(" 0% packet loss"), "ping6 -s 1000: {out}");
+    Ok(())
+}
+
+#[test]
+fn ipv6_pods_across_the_vxlan_overlay_take_the_fast_path() -> Result<()> {
+    ipv6_pods_take_the_fast_path(LabSpec::nodes(2), &["--routing-mode", "vxlan"]).map(|_| ())
+}
+
+/// The IPv6 twin of `a_redirected_packet_is_still_judged_by_the_receivers_ingress_policy`: a
+/// default-deny ingress on b stops a's IPv6 connections on the same node (judged on a's veth,
+/// counted there), and lifting it lets them through again.
+#[test]
+fn a_redirected_ipv6_packet_is_still_judged_by_the_receivers_ingress_policy() -> Result<()> {
+    let Some(s) = setup(LabSpec::nodes(2).with_dual_stack(), &[])? else {
+        return Ok(());
+    };
+    let n0 = s.lab.node(0);
+    let (a6, b6) = (v6(&s.a)?, v6(&s.b)?);
+    wait_endpoint_mac_of(n0, b6)?;
+    let objects: Vec<serde_json::Value> = [(&s.a, "a"), (&s.b, "b")]
+        .iter()
+        .map(|(p, name)| p.pod_object("default", name, &[("app", name)], &[]))
+        .collect();
+    s.lab.apply_manifest(
+        "pods.yaml",
+        &serde_json::to_string(
+            &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects}),
+        )?,
+    )?;
+    let to_b = SocketAddr::new(b6, 8080).to_string();
+    let before = verdicts(n0, "policy_denied_ingress")?;
+    let redirected = counter(&view(n0)?, "fastpath_redirect_peer6");
+    s.lab.apply_manifest(
+        "deny-b.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-b, namespace: default}\n\
+         spec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress]\n",
+    )?;
+    wait_for("a → b over IPv6 denied", Duration::from_secs(20), || {
+        Ok(tcp(&s.a, &to_b)?.0 != 0)
+    })?;
+    let after = verdicts(n0, "policy_denied_ingress")?;
+    ensure!(
+        after > before,
+        "no ingress denial counted on n0 ({before} → {after})"
+    );
+    s.lab.delete_manifest("deny-b.yaml")?;
+    wait_for(
+        "a → b over IPv6 allowed again",
+        Duration::from_secs(20),
+        || Ok(tcp(&s.a, &to_b)?.0 == 0),
+    )?;
+    connections_between(&s.a, a6, b6, "b", 3)?;
+    ensure!(
+        counter(&view(n0)?, "fastpath_redirect_peer6") > redirected,
+        "a → b over IPv6 was not redirected"
+    );
+    Ok(())
+}
+
+/// An IPv6 ClusterIP (translated at `connect()`, so its packets carry the backend's address)
+/// and an IPv6 NodePort with externalTrafficPolicy Local, from outside, to a backend on the
+/// node: both delivered by `bpf_redirect_peer` (from the client's veth; from the device after
+/// the north-south DNAT), the backend's replies to the outside client forwarded by
+/// `bpf_redirect_neigh` and translated back on the device's egress.
+#[test]
+fn an_ipv6_cluster_ip_and_node_port_to_a_local_backend_take_the_fast_path() -> Result<()> {
+    let Some(lab) = require(LabSpec::nodes(1).with_dual_stack().with_external_client())? else {
+        return Ok(());
+    };
+    let n0 = lab.node(0);
+    let web = n0.add_pod("web")?;
+    let client = n0.add_pod("client")?;
+    lab.serve_dual(&web, "web", Some(8080), None)?;
+    let _agent = start_agent(&lab, 0, &[])?;
+    let vip6: IpAddr = "fd00:10:96::61".parse()?;
+    let web6 = v6(&web)?;
+    let svc = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web6, namespace: default}}\n\
+         spec:\n  type: NodePort\n  externalTrafficPolicy: Local\n  ipFamilies: [IPv6]\n  \
+         ipFamilyPolicy: SingleStack\n  clusterIP: {vip6}\n  clusterIPs: [{vip6}]\n  ports:\n  \
+         - {{name: http, port: 80, targetPort: 8080, nodePort: 30081, protocol: TCP}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web6-v6\n  \
+         namespace: default\n  labels: {{kubernetes.io/service-name: web6}}\naddressType: IPv6\n\
+         endpoints:\n- addresses: [\"{web6}\"]\n  nodeName: {}\n  conditions: {{ready: true}}\n\
+         ports:\n- {{name: http, port: 8080, protocol: TCP}}\n",
+        n0.name
+    );
+    lab.apply_manifest("web6.yaml", &svc)?;
+    let vip = SocketAddr::new(vip6, 80).to_string();
+    wait_for("the IPv6 ClusterIP", Duration::from_secs(30), || {
+        Ok(tcp(&client, &vip)?.0 == 0)
+    })?;
+    wait_endpoint_mac_of(n0, web6)?;
+    let before = view(n0)?;
+    for _ in 0..5 {
+        let (code, out) = tcp(&client, &vip)?;
+        ensure!(code == 0 && out.starts_with("reply=web "), "{vip}: {out}");
+    }
+    let after = view(n0)?;
+    ensure!(
+        grew(&before, &after, "fastpath_redirect_peer6") >= 5 * 6,
+        "IPv6 ClusterIP connections not redirected: {after}"
+    );
+
+    let node6 = n0.ip6.context("dual-stack node")?;
+    let np = SocketAddr::new(IpAddr::V6(node6), 30081).to_string();
+    let ext = lab.external();
+    wait_for(
+        "the IPv6 NodePort from outside",
+        Duration::from_secs(30),
+        || {
+            Ok(ext
+                .labtool(&["tcp", "--to", &np, "--timeout-ms", "1000"])?
+                .0
+                == 0)
+        },
+    )?;
+    let before = view(n0)?;
+    for _ in 0..5 {
+        let (code, out) = ext.labtool(&["tcp", "--to", &np, "--timeout-ms", "1000"])?;
+        // externalTrafficPolicy Local: the backend sees the client's own address.
+        ensure!(
+            code == 0 && out.starts_with("reply=web [fd00:172:30::"),
+            "{np}: {out}"
+        );
+    }
+    let after = view(n0)?;
+    ensure!(
+        grew(&before, &after, "fastpath_redirect_peer6") >= 5 * 3
+            && grew(&before, &after, "fastpath_redirect_neigh6") >= 5 * 3,
+        "IPv6 NodePort traffic to a local backend not redirected: {after}"
+    );
     Ok(())
 }
 

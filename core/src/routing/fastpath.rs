@@ -1,20 +1,21 @@
-//! The pure half of eBPF host routing and masquerade: what `TWL_LXC_V1`, `TWL_MASQ_V1` and
-//! `TWL_FPCFG_V1` should hold, from snapshots the agent takes (links, routes, neighbours) and
-//! the route plan's masquerade ruleset; and the diff that converges a map to it.
+//! The pure half of eBPF host routing and masquerade: what `TWL_LXC_V1`, `TWL_LXC6_V1`,
+//! `TWL_MASQ_V1` and `TWL_FPCFG_V1` should hold, from snapshots the agent takes (links, routes,
+//! neighbours) and the route plan's masquerade ruleset; and the diff that converges a map to it.
 //!
-//! A local endpoint is a pod veth (twill-cni's host side) with its `/32` route: the route says
-//! which pod address lives behind which veth, the link gives the host side's MAC, and the host's
-//! neighbour entry for the pod address (the pod answered an ARP, or twill-cni wrote it) gives
-//! the pod's MAC. Without a known MAC the endpoint is still written (the masquerade and the
-//! device programs need to know the address is a local pod), flagged so that packets to it take
-//! the stack until the MAC is learnt.
+//! A local endpoint is a pod veth (twill-cni's host side) with its `/32` (IPv6: `/128`) route:
+//! the route says which pod address lives behind which veth, the link gives the host side's
+//! MAC, and the host's neighbour entry for the pod address (the pod answered an ARP or a
+//! Neighbour Solicitation, or twill-cni wrote it) gives the pod's MAC. Without a known MAC the
+//! endpoint is still written (the masquerade and the device programs need to know the address
+//! is a local pod), flagged so that packets to it take the stack until the MAC is learnt.
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use twill_common::{
     FP_F_HOST_ROUTING, FP_F_MASQ_BPF, FP_F_MASQ_NFT, FastPathConfig, LXC_F_MAC_KNOWN,
     LocalEndpoint, MASQ_KIND_EXEMPT, MASQ_KIND_SOURCE, MASQ_PORT_MAX, MASQ_PORT_MIN,
+    addr6_from_octets, addr6_octets,
 };
 
 use super::MasqueradeRules;
@@ -31,43 +32,84 @@ pub struct PodLink {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Neighbour {
     pub ifindex: u32,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub mac: [u8; 6],
 }
 
-/// The local endpoints, keyed by pod address in network order (the map's key): every `/32`
-/// route through a pod veth of `links`, with the MAC of its neighbour entry on that veth when
-/// there is one. A route through a link that is not a pod veth is ignored.
+/// The local endpoints of both families, keyed as their maps are: `TWL_LXC_V1` by the IPv4
+/// address in network order, `TWL_LXC6_V1` by the IPv6 address as `addr6_from_octets` makes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalEndpoints {
+    pub v4: BTreeMap<u32, LocalEndpoint>,
+    pub v6: BTreeMap<[u32; 4], LocalEndpoint>,
+}
+
+impl LocalEndpoints {
+    /// Every endpoint of both families.
+    pub fn values(&self) -> impl Iterator<Item = &LocalEndpoint> {
+        self.v4.values().chain(self.v6.values())
+    }
+
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every endpoint with its address, IPv4 first.
+    pub fn iter(&self) -> impl Iterator<Item = (IpAddr, &LocalEndpoint)> {
+        self.v4
+            .iter()
+            .map(|(k, ep)| (IpAddr::V4(Ipv4Addr::from(u32::from_be(*k))), ep))
+            .chain(
+                self.v6
+                    .iter()
+                    .map(|(k, ep)| (IpAddr::V6(Ipv6Addr::from(addr6_octets(*k))), ep)),
+            )
+    }
+}
+
+/// The local endpoints: every host route (`/32` or `/128`, the caller's filter) through a pod
+/// veth of `links`, with the MAC of its neighbour entry on that veth when there is one. A route
+/// through a link that is not a pod veth is ignored.
 pub fn local_endpoints(
     links: &BTreeMap<u32, PodLink>,
-    host_routes: &[(Ipv4Addr, u32)],
+    host_routes: &[(IpAddr, u32)],
     neighbours: &[Neighbour],
-) -> BTreeMap<u32, LocalEndpoint> {
-    let macs: BTreeMap<(u32, Ipv4Addr), [u8; 6]> = neighbours
+) -> LocalEndpoints {
+    let macs: BTreeMap<(u32, IpAddr), [u8; 6]> = neighbours
         .iter()
         .filter(|n| n.mac != [0; 6])
         .map(|n| ((n.ifindex, n.addr), n.mac))
         .collect();
-    host_routes
-        .iter()
-        .filter_map(|&(addr, oif)| {
-            let link = links.get(&oif)?;
-            let pod_mac = macs.get(&(oif, addr)).copied();
-            Some((
-                u32::from(addr).to_be(),
-                LocalEndpoint {
-                    ifindex: oif,
-                    flags: if pod_mac.is_some() {
-                        LXC_F_MAC_KNOWN
-                    } else {
-                        0
-                    },
-                    pod_mac: pod_mac.unwrap_or([0; 6]),
-                    host_mac: link.mac,
-                },
-            ))
-        })
-        .collect()
+    let mut out = LocalEndpoints::default();
+    for &(addr, oif) in host_routes {
+        let Some(link) = links.get(&oif) else {
+            continue;
+        };
+        let pod_mac = macs.get(&(oif, addr)).copied();
+        let ep = LocalEndpoint {
+            ifindex: oif,
+            flags: if pod_mac.is_some() {
+                LXC_F_MAC_KNOWN
+            } else {
+                0
+            },
+            pod_mac: pod_mac.unwrap_or([0; 6]),
+            host_mac: link.mac,
+        };
+        match addr {
+            IpAddr::V4(a) => {
+                out.v4.insert(u32::from(a).to_be(), ep);
+            }
+            IpAddr::V6(a) => {
+                out.v6.insert(addr6_from_octets(a.octets()), ep);
+            }
+        }
+    }
+    out
 }
 
 /// How pod traffic leaving the cluster is masqueraded.
@@ -173,10 +215,11 @@ fn mac(m: [u8; 6]) -> String {
         .join(":")
 }
 
-/// `twill-agent debug fastpath`'s endpoint table: one line per local endpoint, by address.
-pub fn render_endpoints(endpoints: &BTreeMap<u32, LocalEndpoint>) -> String {
+/// `twill-agent debug fastpath`'s endpoint table: one line per local endpoint, IPv4 first, by
+/// address.
+pub fn render_endpoints(endpoints: &LocalEndpoints) -> String {
     let mut s = String::new();
-    for (addr, ep) in endpoints {
+    for (addr, ep) in endpoints.iter() {
         let pod_mac = if ep.flags & LXC_F_MAC_KNOWN != 0 {
             mac(ep.pod_mac)
         } else {
@@ -184,8 +227,7 @@ pub fn render_endpoints(endpoints: &BTreeMap<u32, LocalEndpoint>) -> String {
         };
         let _ = writeln!(
             s,
-            "{} ifindex {} pod {} host {}",
-            Ipv4Addr::from(u32::from_be(*addr)),
+            "{addr} ifindex {} pod {} host {}",
             ep.ifindex,
             pod_mac,
             mac(ep.host_mac)
@@ -199,7 +241,7 @@ mod tests {
     use super::*;
     use ipnetwork::Ipv4Network;
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -224,8 +266,12 @@ mod tests {
         let routes = [
             (ip("10.244.0.5"), 7),
             (ip("10.244.0.6"), 9),
+            // A dual-stack pod's IPv6 address on the same veth as its IPv4 one.
+            (ip("fd00:10:244::5"), 7),
+            (ip("fd00:10:244::6"), 9),
             // Through the underlay, not a pod veth: not an endpoint.
             (ip("172.30.0.11"), 2),
+            (ip("fd00:172:30::11"), 2),
         ];
         let neighbours = [
             Neighbour {
@@ -239,10 +285,16 @@ mod tests {
                 addr: ip("10.244.0.6"),
                 mac: [0x0a, 2, 2, 2, 2, 2],
             },
+            // Learnt by Neighbour Discovery, per address: fd00:10:244::5's is not known yet.
+            Neighbour {
+                ifindex: 9,
+                addr: ip("fd00:10:244::6"),
+                mac: [0x0a, 6, 6, 6, 6, 6],
+            },
         ];
         let eps = local_endpoints(&links, &routes, &neighbours);
-        assert_eq!(eps.len(), 2);
-        let a = eps[&u32::from(ip("10.244.0.5")).to_be()];
+        assert_eq!((eps.v4.len(), eps.v6.len(), eps.len()), (2, 2, 4));
+        let a = eps.v4[&u32::from_ne_bytes([10, 244, 0, 5])];
         assert_eq!(
             a,
             LocalEndpoint {
@@ -252,13 +304,24 @@ mod tests {
                 host_mac: [0xee, 1, 2, 3, 4, 5],
             }
         );
-        let b = eps[&u32::from(ip("10.244.0.6")).to_be()];
+        let b = eps.v4[&u32::from_ne_bytes([10, 244, 0, 6])];
         assert_eq!((b.ifindex, b.flags, b.pod_mac), (9, 0, [0; 6]));
+        let key6 = |s: &str| addr6_from_octets(s.parse::<Ipv6Addr>().unwrap().octets());
+        let a6 = eps.v6[&key6("fd00:10:244::5")];
+        assert_eq!((a6.ifindex, a6.flags, a6.host_mac), (7, 0, a.host_mac));
+        let b6 = eps.v6[&key6("fd00:10:244::6")];
+        assert_eq!(
+            (b6.ifindex, b6.flags, b6.pod_mac),
+            (9, LXC_F_MAC_KNOWN, [0x0a, 6, 6, 6, 6, 6])
+        );
         assert_eq!(
             render_endpoints(&eps),
             "10.244.0.5 ifindex 7 pod 0a:01:01:01:01:01 host ee:01:02:03:04:05\n\
-             10.244.0.6 ifindex 9 pod unknown (via the stack) host ee:09:09:09:09:09\n"
+             10.244.0.6 ifindex 9 pod unknown (via the stack) host ee:09:09:09:09:09\n\
+             fd00:10:244::5 ifindex 7 pod unknown (via the stack) host ee:01:02:03:04:05\n\
+             fd00:10:244::6 ifindex 9 pod 0a:06:06:06:06:06 host ee:09:09:09:09:09\n"
         );
+        assert_eq!(eps.values().filter(|e| e.flags != 0).count(), 2);
     }
 
     #[test]
@@ -332,7 +395,7 @@ impl FastPathView {
     pub fn new(
         config: FastPathConfig,
         counters: Vec<(String, u64)>,
-        endpoints: &BTreeMap<u32, LocalEndpoint>,
+        endpoints: &LocalEndpoints,
     ) -> Self {
         let masquerade = if config.flags & FP_F_MASQ_BPF != 0 {
             "ebpf"

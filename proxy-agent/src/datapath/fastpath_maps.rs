@@ -1,5 +1,5 @@
 //! [`AyaFastPathMaps`]: the eBPF host routing and masquerade maps (`twill_common::fastpath`):
-//! local endpoints, the switches and the masquerade prefixes. Each sync reads the map, writes
+//! local endpoints of both families, the switches and the masquerade prefixes. Each sync reads the map, writes
 //! what is new or changed, then deletes what is gone (`twill_core::routing::fastpath::diff`), so
 //! a repeated or interrupted sync converges.
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,7 +12,7 @@ use twill_common::{
     FastPathConfig, LocalEndpoint, MASQ_PREFIX_BASE, MasqKey, MasqKey6, addr6_from_octets,
     addr6_octets, def,
 };
-use twill_core::routing::fastpath::diff;
+use twill_core::routing::fastpath::{LocalEndpoints, diff};
 
 use super::DatapathError;
 use super::maps::{MapSource, collect, map_update_error, remove, syscall};
@@ -20,6 +20,7 @@ use crate::lbmap::{MapError, MapKind};
 
 pub struct AyaFastPathMaps {
     endpoints: HashMap<MapData, u32, LocalEndpoint>,
+    endpoints6: HashMap<MapData, [u32; 4], LocalEndpoint>,
     config: Array<MapData, FastPathConfig>,
     masq: LpmTrie<MapData, MasqKey, u8>,
     masq6: LpmTrie<MapData, MasqKey6, u8>,
@@ -39,11 +40,13 @@ impl AyaFastPathMaps {
     ) -> Result<Self, DatapathError> {
         let mut src = MapSource::new(get);
         let endpoints = src.take::<def::LocalEndpoints, _>()?;
+        let endpoints6 = src.take::<def::LocalEndpoints6, _>()?;
         let config = src.take::<def::FastPathSwitches, _>()?;
         let masq = src.take::<def::Masq, _>()?;
         let masq6 = src.take::<def::Masq6, _>()?;
         Ok(Self {
             endpoints,
+            endpoints6,
             config,
             masq,
             masq6,
@@ -56,29 +59,38 @@ impl AyaFastPathMaps {
         Self::from_maps(|name| super::open_pinned_map(bpffs_dir, name).map(Some))
     }
 
-    pub fn endpoints(&self) -> Result<BTreeMap<u32, LocalEndpoint>, MapError> {
-        Ok(collect(&self.endpoints, MapKind::LocalEndpoints)?
-            .into_iter()
-            .collect())
+    /// Both families' endpoint maps as they are.
+    pub fn endpoints(&self) -> Result<LocalEndpoints, MapError> {
+        Ok(LocalEndpoints {
+            v4: collect(&self.endpoints, MapKind::LocalEndpoints)?
+                .into_iter()
+                .collect(),
+            v6: collect(&self.endpoints6, MapKind::LocalEndpoints6)?
+                .into_iter()
+                .collect(),
+        })
     }
 
-    /// Converges the endpoint map to `desired` (new and changed entries first).
-    pub fn sync_endpoints(
-        &mut self,
-        desired: &BTreeMap<u32, LocalEndpoint>,
-    ) -> Result<EndpointSync, MapError> {
-        let d = diff(&self.endpoints()?, desired);
-        for (k, v) in &d.upserts {
-            self.endpoints.insert(k, v, 0).map_err(|e| {
-                map_update_error(&self.capacity, MapKind::LocalEndpoints, "update", e)
-            })?;
-        }
-        for k in &d.deletes {
-            remove(&mut self.endpoints, k, MapKind::LocalEndpoints)?;
-        }
+    /// Converges both endpoint maps to `desired` (per map, new and changed entries first).
+    pub fn sync_endpoints(&mut self, desired: &LocalEndpoints) -> Result<EndpointSync, MapError> {
+        let current = self.endpoints()?;
+        let v4 = sync_map(
+            &mut self.endpoints,
+            &current.v4,
+            &desired.v4,
+            &self.capacity,
+            MapKind::LocalEndpoints,
+        )?;
+        let v6 = sync_map(
+            &mut self.endpoints6,
+            &current.v6,
+            &desired.v6,
+            &self.capacity,
+            MapKind::LocalEndpoints6,
+        )?;
         Ok(EndpointSync {
-            written: d.upserts.len(),
-            deleted: d.deletes.len(),
+            written: v4.written + v6.written,
+            deleted: v4.deleted + v6.deleted,
         })
     }
 
@@ -188,6 +200,29 @@ impl AyaFastPathMaps {
         }
         Ok(true)
     }
+}
+
+/// Converges one endpoint map from `current` to `desired`: new and changed entries, then
+/// deletions.
+fn sync_map<K: aya::Pod + Ord>(
+    map: &mut HashMap<MapData, K, LocalEndpoint>,
+    current: &BTreeMap<K, LocalEndpoint>,
+    desired: &BTreeMap<K, LocalEndpoint>,
+    capacity: &BTreeMap<MapKind, u32>,
+    kind: MapKind,
+) -> Result<EndpointSync, MapError> {
+    let d = diff(current, desired);
+    for (k, v) in &d.upserts {
+        map.insert(k, v, 0)
+            .map_err(|e| map_update_error(capacity, kind, "update", e))?;
+    }
+    for k in &d.deletes {
+        remove(map, k, kind)?;
+    }
+    Ok(EndpointSync {
+        written: d.upserts.len(),
+        deleted: d.deletes.len(),
+    })
 }
 
 fn masq6_key((kind, net): (u8, Ipv6Network)) -> Key<MasqKey6> {

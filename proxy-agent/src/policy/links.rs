@@ -150,7 +150,7 @@ impl PodVeths {
     /// pod MACs so that only news about them wakes the loop.
     pub async fn endpoints(
         &self,
-    ) -> Result<std::collections::BTreeMap<u32, twill_common::LocalEndpoint>, LinksError> {
+    ) -> Result<twill_core::routing::fastpath::LocalEndpoints, LinksError> {
         let (eps, known) = crate::fastpath::dump_endpoints(&self.handle).await?;
         *self
             .known
