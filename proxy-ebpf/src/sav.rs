@@ -18,9 +18,10 @@
 //!
 //! The route decides, not the agent's map: twill-cni installs the host route to each of a pod's
 //! addresses through its veth before the pod runs, so a pod's first packets are never mistaken,
-//! whatever the agent has written so far. IPv6 has no endpoint map with the veth in it yet
-//! (`TWL_LXC_V1` is IPv4's, for host routing), so an IPv6 global source always takes the FIB
-//! lookup. Link-local sources are not matched against the pod's own link-local address: a
+//! whatever the agent has written so far. An IPv6 global source always takes the FIB lookup:
+//! IPv6 host routing's endpoint map (`TWL_LXC6_V1`, which holds the veth) landed after this
+//! check and is not consulted yet; looking it up first, as IPv4 does `TWL_LXC_V1`, would make
+//! the usual case one hash lookup. Link-local sources are not matched against the pod's own link-local address: a
 //! link-local packet never leaves the veth's link, whose only other end is the node, and the
 //! node keeps its neighbour state per device, so a pod can only ever speak for its own link.
 //! Non-IP frames (ARP) are not checked here.
