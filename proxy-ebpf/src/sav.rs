@@ -4,11 +4,11 @@
 //! identity is its address), to a Service backend, or reset another pod's connections.
 //!
 //! ```text
-//!  IPv4: LOCAL_ENDPOINTS[saddr].ifindex == this veth ─► own address (one hash lookup, the usual
-//!                                                        case)
 //!  IPv6: link-local source (fe80::/10) to a link-scope destination ─► own link (ND, MLD, RS)
 //!        unspecified source (::) to link-local multicast (ff02::/16) ─► DAD, MLD before DAD
 //!        (either to anything else ─► spoofed: the stack would not forward it either)
+//!  both: LOCAL_ENDPOINTS[saddr].ifindex == this veth (TWL_LXC_V1 / TWL_LXC6_V1)
+//!        ─► own address (one hash lookup, the usual case)
 //!  otherwise, both families: FIB lookup of saddr from this veth (the node's reverse-path check)
 //!     route out through this veth             ─► own address (an endpoint the agent has not
 //!                                                 written yet, or a stale entry of a reused IP)
@@ -18,12 +18,11 @@
 //!
 //! The route decides, not the agent's map: twill-cni installs the host route to each of a pod's
 //! addresses through its veth before the pod runs, so a pod's first packets are never mistaken,
-//! whatever the agent has written so far. An IPv6 global source always takes the FIB lookup:
-//! IPv6 host routing's endpoint map (`TWL_LXC6_V1`, which holds the veth) landed after this
-//! check and is not consulted yet; looking it up first, as IPv4 does `TWL_LXC_V1`, would make
-//! the usual case one hash lookup. Link-local sources are not matched against the pod's own link-local address: a
-//! link-local packet never leaves the veth's link, whose only other end is the node, and the
-//! node keeps its neighbour state per device, so a pod can only ever speak for its own link.
+//! whatever the agent has written so far; the endpoint maps (written by the agent from those
+//! same routes, for host routing) only spare the usual case the lookup. Link-local sources are
+//! not matched against the pod's own link-local address: a link-local packet never leaves the
+//! veth's link, whose only other end is the node, and the node keeps its neighbour state per
+//! device, so a pod can only ever speak for its own link.
 //! Non-IP frames (ARP) are not checked here.
 use aya_ebpf::{
     EbpfContext as _,
@@ -37,7 +36,10 @@ use aya_ebpf::{
 };
 use twill_common::Reason;
 
-use crate::{maps::TWL_LXC_V1, pkt::ETH_HLEN};
+use crate::{
+    maps::{TWL_LXC_V1, TWL_LXC6_V1},
+    pkt::ETH_HLEN,
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -109,11 +111,16 @@ fn check6(ctx: &TcContext, saddr: &[u32; 4], daddr: &[u32; 4]) -> Result<(), Rea
             Err(Reason::SourceSpoofed)
         };
     }
+    let ifindex = ifindex(ctx);
+    // SAFETY: the value is read before the next helper call.
+    if unsafe { TWL_LXC6_V1.get(saddr) }.is_some_and(|ep| ep.ifindex == ifindex) {
+        return Ok(());
+    }
     // SAFETY: bpf_fib_lookup is plain old data; zero is a valid value for every field.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET6;
     params.__bindgen_anon_4.ipv6_dst = *saddr;
-    routes_back(ctx, ifindex(ctx), &mut params)
+    routes_back(ctx, ifindex, &mut params)
 }
 
 #[inline(always)]
