@@ -51,7 +51,6 @@ pub const UDP_CSUM: usize = 6;
 pub const UDP_HLEN: usize = 8;
 /// The two ports every transport header here starts with.
 pub const PORTS_LEN: usize = 4;
-pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;

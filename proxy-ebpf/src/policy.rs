@@ -27,15 +27,15 @@
 //! same entries with the same flags decide, one to two hash lookups fewer per packet.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use twill_common::{
-    CT_F_POLICY_EGRESS, CT_F_POLICY_INGRESS, CT_FIN_ORIG, CT_FIN_REPLY, CT_SCOPE_POLICY,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, IDENTITY_ANY,
-    IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey, PEP_F_EGRESS_ISOLATED, PEP_F_INGRESS_ISOLATED,
-    POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, PolicyEndpoint, PolicyKey, Reason,
+    CT_F_POLICY_EGRESS, CT_F_POLICY_INGRESS, CT_SCOPE_POLICY, CT_STATE_CLOSING, CT_STATE_NEW,
+    CtKey, CtValue, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey, PEP_F_EGRESS_ISOLATED,
+    PEP_F_INGRESS_ISOLATED, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, PolicyEndpoint, PolicyKey,
+    Reason, ct_next_state,
 };
 
 use crate::{
     maps::{TWL_CT_V2, TWL_IPC_V1, TWL_IPCH_V1, TWL_PEP_V1, TWL_POL_V1},
-    pkt::{Flow, PROTO_ICMP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    pkt::{Flow, PROTO_ICMP, TCP_ACK, TCP_RST, TCP_SYN},
 };
 
 /// Bits of a full `PolicyKey` (every field matched).
@@ -258,18 +258,14 @@ fn ct_pass(ptr: *mut CtValue, flag: u32, now: u64, tcp_flags: u8, reply: bool) -
             return false;
         }
         (*ptr).last_seen_ns = now;
-        if reply && (*ptr).state == CT_STATE_NEW {
-            (*ptr).state = CT_STATE_ESTABLISHED;
-        }
-        if tcp_flags & TCP_RST != 0 {
-            (*ptr).state = CT_STATE_CLOSING;
-        } else if tcp_flags & TCP_FIN != 0 {
-            let fin = (*ptr).tcp_fin | if reply { CT_FIN_REPLY } else { CT_FIN_ORIG };
-            (*ptr).tcp_fin = fin;
-            if fin == CT_FIN_ORIG | CT_FIN_REPLY {
-                (*ptr).state = CT_STATE_CLOSING;
-            }
-        }
+        // The table's one state machine (as NAT entries and IPv6 policy entries step it).
+        let (state, fin) = ct_next_state((*ptr).state, (*ptr).tcp_fin, reply, tcp_flags);
+        (*ptr).state = if tcp_flags & TCP_RST != 0 {
+            CT_STATE_CLOSING
+        } else {
+            state
+        };
+        (*ptr).tcp_fin = fin;
     }
     true
 }
