@@ -53,14 +53,13 @@ use twill_common::{
 
 use crate::{
     maps::{TWL_FPCFG_V1, TWL_LXC_V1, TWL_MASQ_V1, count},
-    pkt::{ETH_HLEN, Flow, IP_DST_AT, IP_SRC_AT, parse},
+    pkt::{ETH_HLEN, Flow, IP_DST_AT, IP_SRC_AT, Packet, parse},
     policy::{CtSeen, Side, judge},
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IP_TTL_OFF: usize = ETH_HLEN + 8;
-const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 #[expect(
     clippy::cast_possible_truncation,
     clippy::cast_possible_wrap,
@@ -85,8 +84,10 @@ pub trait Family {
     fn masq_has(kind: u8, addr: &Self::Addr) -> bool;
     /// Why a packet must take the stack whatever its destination (IPv6 link scope), if so.
     fn node_only(ctx: &TcContext) -> Option<Reason>;
+    /// The packet's own header fields, read from the packet (when no parse has them yet).
+    fn own(ctx: &TcContext) -> Option<Own<Self::Addr>>;
     /// Decrements the TTL (hop limit) as a router does; the caller checked it is above 1.
-    fn dec_hop(ctx: &TcContext, hop: u8) -> Result<(), Reason>;
+    fn dec_hop(ctx: &TcContext, own: &Own<Self::Addr>) -> Result<(), Reason>;
     /// `bpf_fib_lookup` from `saddr` to `daddr` as the forwarding path routes a packet that
     /// arrived on this skb's device (`BPF_FIB_LOOKUP_SKIP_NEIGH`).
     fn fib(
@@ -97,6 +98,29 @@ pub trait Family {
     ) -> (i64, bpf_fib_lookup);
     /// The neighbour a successful lookup hands the packet to.
     fn next_hop(params: &bpf_fib_lookup) -> bpf_redir_neigh;
+}
+
+/// What the fast path reads of a packet's own IP header (for an ICMP error, not the quoted
+/// flow's that policy judged): its addresses and its hop count, with (IPv4) the protocol and
+/// header checksum that share the TTL's store.
+#[derive(Clone, Copy)]
+pub struct Own<A> {
+    pub saddr: A,
+    pub daddr: A,
+    /// IPv4: TTL, protocol, checksum (as stored); IPv6: the hop limit, then zeros.
+    pub hop: [u8; 4],
+}
+
+impl Own<u32> {
+    /// From the IPv4 parse, which read these already.
+    #[inline(always)]
+    pub fn of(p: &Packet) -> Self {
+        Own {
+            saddr: p.saddr,
+            daddr: p.daddr,
+            hop: p.ttl_word,
+        }
+    }
 }
 
 /// IPv4.
@@ -134,18 +158,26 @@ impl Family for V4 {
         None
     }
 
-    /// RFC 1812 5.3.1, fixing the header checksum.
     #[inline(always)]
-    fn dec_hop(ctx: &TcContext, ttl: u8) -> Result<(), Reason> {
-        // The 16-bit word the checksum covers: TTL then protocol, as they lie in the packet.
-        let old: u16 = ctx.load(IP_TTL_OFF).map_err(|_| Reason::Malformed)?;
-        let mut bytes = old.to_ne_bytes();
-        bytes[0] = ttl - 1;
-        let new = u16::from_ne_bytes(bytes);
-        let fail = |_| Reason::RewriteFailed;
-        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 2)
-            .map_err(fail)?;
-        ctx.store(IP_TTL_OFF, &bytes[0], 0).map_err(fail)
+    fn own(ctx: &TcContext) -> Option<Own<u32>> {
+        Some(Own {
+            saddr: ctx.load(IP_SRC_AT).ok()?,
+            daddr: ctx.load(IP_DST_AT).ok()?,
+            hop: ctx.load(IP_TTL_OFF).ok()?,
+        })
+    }
+
+    /// RFC 1812 5.3.1, fixing the header checksum: TTL, protocol and checksum are written
+    /// back in one store, the checksum updated incrementally (`ttl_dec_csum`) — one helper
+    /// call where `bpf_l3_csum_replace` and a store would be two.
+    #[inline(always)]
+    fn dec_hop(ctx: &TcContext, own: &Own<u32>) -> Result<(), Reason> {
+        let mut h = own.hop;
+        h[0] -= 1;
+        let csum = twill_common::ttl_dec_csum(u16::from_be_bytes([h[2], h[3]]));
+        h[2..4].copy_from_slice(&csum.to_be_bytes());
+        ctx.store(IP_TTL_OFF, &h, 0)
+            .map_err(|_| Reason::RewriteFailed)
     }
 
     #[inline(always)]
@@ -176,16 +208,6 @@ impl Family for V4 {
     }
 }
 
-/// The flow of a packet as NetworkPolicy judges it; `None` for what is not IPv4 and later
-/// fragments.
-#[inline(always)]
-pub fn parse_flow(ctx: &TcContext) -> Result<Option<Flow>, Reason> {
-    match parse(ctx)? {
-        Some(p) => Flow::of(&p),
-        None => Ok(None),
-    }
-}
-
 /// The fast path's switches (all off until the agent wrote them).
 #[inline(always)]
 pub fn config() -> FastPathConfig {
@@ -210,8 +232,8 @@ fn finish(verdict: Result<(Reason, i32), Reason>) -> i32 {
 /// A packet an IPv4 pod sent, its egress policy passed (tc ingress of its host veth): routed
 /// here, or `TC_ACT_OK` for the stack.
 #[inline(always)]
-pub fn from_pod(ctx: &TcContext, flow: &Flow, seen: CtSeen) -> i32 {
-    route::<V4>(ctx, flow.proto, || {
+pub fn from_pod(ctx: &TcContext, packet: &Packet, flow: &Flow, seen: CtSeen) -> i32 {
+    route::<V4>(ctx, flow.proto, Some(Own::of(packet)), || {
         judge(flow, Side::Ingress, seen).map(|(reason, _)| reason)
     })
 }
@@ -224,10 +246,13 @@ pub fn to_local_pod(ctx: &TcContext) -> i32 {
     if cfg.flags & FP_F_HOST_ROUTING == 0 {
         return TC_ACT_OK;
     }
-    let Ok(Some(flow)) = parse_flow(ctx) else {
+    let Ok(Some(packet)) = parse(ctx) else {
         return TC_ACT_OK;
     };
-    into_local_pod::<V4>(ctx, &cfg, || {
+    let Ok(Some(flow)) = Flow::of(&packet) else {
+        return TC_ACT_OK;
+    };
+    into_local_pod::<V4>(ctx, &cfg, Some(Own::of(&packet)), || {
         judge(&flow, Side::Ingress, CtSeen::Nothing).map(|(reason, _)| reason)
     })
 }
@@ -239,13 +264,14 @@ pub fn to_local_pod(ctx: &TcContext) -> i32 {
 pub fn route<F: Family>(
     ctx: &TcContext,
     proto: u8,
+    own: Option<Own<F::Addr>>,
     ingress: impl FnOnce() -> Result<Reason, Reason>,
 ) -> i32 {
     let cfg = config();
     if cfg.flags & FP_F_HOST_ROUTING == 0 {
         return TC_ACT_OK;
     }
-    finish(try_route::<F>(ctx, proto, &cfg, ingress))
+    finish(try_route::<F>(ctx, proto, &cfg, own, ingress))
 }
 
 /// A packet on a device's tc ingress that the north-south program left to the stack, delivered
@@ -255,29 +281,26 @@ pub fn route<F: Family>(
 pub fn into_local_pod<F: Family>(
     ctx: &TcContext,
     cfg: &FastPathConfig,
+    own: Option<Own<F::Addr>>,
     ingress: impl FnOnce() -> Result<Reason, Reason>,
 ) -> i32 {
-    let Ok(daddr) = ctx.load::<F::Addr>(F::DST_AT) else {
+    let Some(own) = own.or_else(|| F::own(ctx)) else {
         return TC_ACT_OK;
     };
-    let Some(ep) = F::local_endpoint(&daddr) else {
+    let Some(ep) = F::local_endpoint(&own.daddr) else {
         return TC_ACT_OK;
     };
     if let Some(reason) = F::node_only(ctx) {
         count(reason);
         return TC_ACT_OK;
     }
-    if cfg.flags & FP_F_MASQ_NFT != 0
-        && !ctx
-            .load::<F::Addr>(F::SRC_AT)
-            .is_ok_and(|s| exempt::<F>(&s))
-    {
+    if cfg.flags & FP_F_MASQ_NFT != 0 && !exempt::<F>(&own.saddr) {
         // netfilter must see this flow's first packet, or it masquerades the pod's replies as
         // a new connection of the pod's.
         count(Reason::FallbackMasqNft);
         return TC_ACT_OK;
     }
-    finish(deliver::<F>(ctx, &ep, ingress))
+    finish(deliver::<F>(ctx, &ep, &own, ingress))
 }
 
 #[inline(always)]
@@ -285,21 +308,21 @@ fn try_route<F: Family>(
     ctx: &TcContext,
     proto: u8,
     cfg: &FastPathConfig,
+    own: Option<Own<F::Addr>>,
     ingress: impl FnOnce() -> Result<Reason, Reason>,
 ) -> Result<(Reason, i32), Reason> {
     if let Some(reason) = F::node_only(ctx) {
         return Ok((reason, TC_ACT_OK));
     }
     // The packet's own addresses: for an ICMP error, the flow policy judged is the quoted one's.
-    let daddr: F::Addr = ctx.load(F::DST_AT).map_err(|_| Reason::Malformed)?;
-    let saddr: F::Addr = ctx.load(F::SRC_AT).map_err(|_| Reason::Malformed)?;
-    if let Some(ep) = F::local_endpoint(&daddr) {
-        return deliver::<F>(ctx, &ep, ingress);
+    let own = own.or_else(|| F::own(ctx)).ok_or(Reason::Malformed)?;
+    if let Some(ep) = F::local_endpoint(&own.daddr) {
+        return deliver::<F>(ctx, &ep, &own, ingress);
     }
-    if cfg.flags & FP_F_MASQ_NFT != 0 && masqueraded_by::<F>(&saddr, &daddr) {
+    if cfg.flags & FP_F_MASQ_NFT != 0 && masqueraded_by::<F>(&own.saddr, &own.daddr) {
         return Ok((Reason::FallbackMasqNft, TC_ACT_OK));
     }
-    forward::<F>(ctx, proto, &saddr, &daddr)
+    forward::<F>(ctx, proto, &own)
 }
 
 /// Whether `daddr` is reached untranslated (cluster, pods, nodes, `--non-masquerade-cidrs`).
@@ -326,20 +349,22 @@ pub fn masqueraded(saddr: u32, daddr: u32) -> bool {
 fn deliver<F: Family>(
     ctx: &TcContext,
     ep: &LocalEndpoint,
+    own: &Own<F::Addr>,
     ingress: impl FnOnce() -> Result<Reason, Reason>,
 ) -> Result<(Reason, i32), Reason> {
     if ep.flags & LXC_F_MAC_KNOWN == 0 {
         return Ok((Reason::FallbackNoMac, TC_ACT_OK));
     }
-    let hop: u8 = ctx.load(F::HOP_AT).map_err(|_| Reason::Malformed)?;
-    if hop <= 1 {
+    if own.hop[0] <= 1 {
         return Ok((Reason::FallbackTtl, TC_ACT_OK));
     }
     count(ingress()?);
-    F::dec_hop(ctx, hop)?;
-    let fail = |_| Reason::RewriteFailed;
-    ctx.store(0, &ep.pod_mac, 0).map_err(fail)?;
-    ctx.store(6, &ep.host_mac, 0).map_err(fail)?;
+    F::dec_hop(ctx, own)?;
+    // Both MACs in one store: destination (the pod), source (its host veth).
+    let mut l2 = [0u8; 12];
+    l2[..6].copy_from_slice(&ep.pod_mac);
+    l2[6..].copy_from_slice(&ep.host_mac);
+    ctx.store(0, &l2, 0).map_err(|_| Reason::RewriteFailed)?;
     // SAFETY: plain helper; flags must be 0.
     let action = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
     // TC_ACT_REDIRECT (7) or TC_ACT_SHOT (2): always fits.
@@ -353,10 +378,9 @@ fn deliver<F: Family>(
 fn forward<F: Family>(
     ctx: &TcContext,
     proto: u8,
-    saddr: &F::Addr,
-    daddr: &F::Addr,
+    own: &Own<F::Addr>,
 ) -> Result<(Reason, i32), Reason> {
-    let (rc, params) = F::fib(ctx, proto, saddr, daddr);
+    let (rc, params) = F::fib(ctx, proto, &own.saddr, &own.daddr);
     let fallback = match u32::try_from(rc) {
         Ok(0) => None,
         Ok(
@@ -369,11 +393,10 @@ fn forward<F: Family>(
     if let Some(reason) = fallback {
         return Ok((reason, TC_ACT_OK));
     }
-    let hop: u8 = ctx.load(F::HOP_AT).map_err(|_| Reason::Malformed)?;
-    if hop <= 1 {
+    if own.hop[0] <= 1 {
         return Ok((Reason::FallbackTtl, TC_ACT_OK));
     }
-    F::dec_hop(ctx, hop)?;
+    F::dec_hop(ctx, own)?;
     let mut nh = F::next_hop(&params);
     // SAFETY: nh is a valid struct of the size passed.
     let action = unsafe { bpf_redirect_neigh(params.ifindex, &raw mut nh, NH_PARAMS_LEN, 0) };

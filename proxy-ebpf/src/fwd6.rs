@@ -25,7 +25,7 @@ use aya_ebpf::{
 use twill_common::{FP_F_HOST_ROUTING, LocalEndpoint, Reason};
 
 use crate::{
-    fwd::{Family, config, into_local_pod, route},
+    fwd::{Family, Own, config, into_local_pod, route},
     maps::TWL_LXC6_V1,
     nat6::{A6, fib6, masq_has6},
     pkt::ETH_HLEN,
@@ -88,8 +88,18 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn dec_hop(ctx: &TcContext, hop: u8) -> Result<(), Reason> {
-        ctx.store(Self::HOP_AT, &(hop - 1), 0)
+    fn own(ctx: &TcContext) -> Option<Own<A6>> {
+        let hop: u8 = ctx.load(Self::HOP_AT).ok()?;
+        Some(Own {
+            saddr: ctx.load(Self::SRC_AT).ok()?,
+            daddr: ctx.load(Self::DST_AT).ok()?,
+            hop: [hop, 0, 0, 0],
+        })
+    }
+
+    #[inline(always)]
+    fn dec_hop(ctx: &TcContext, own: &Own<A6>) -> Result<(), Reason> {
+        ctx.store(Self::HOP_AT, &(own.hop[0] - 1), 0)
             .map_err(|_| Reason::RewriteFailed)
     }
 
@@ -126,7 +136,7 @@ pub fn from_pod(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
     // The next header as the FIB's `l4_protocol` (policy routing rules); 0 if unreadable, in
     // which case `node_only` leaves the packet to the stack anyway.
     let next = ctx.load::<u8>(ETH_HLEN + IP6_NEXT).unwrap_or(0);
-    route::<V6>(&ctx, next, || receiver_ingress(skb))
+    route::<V6>(&ctx, next, None, || receiver_ingress(skb))
 }
 
 /// `twill_tc_ingress` for an IPv6 frame the north-south program left to the stack (replies of
@@ -138,5 +148,5 @@ pub fn to_local_pod(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
     if cfg.flags & FP_F_HOST_ROUTING == 0 {
         return TC_ACT_OK;
     }
-    into_local_pod::<V6>(&TcContext::new(skb), &cfg, || receiver_ingress(skb))
+    into_local_pod::<V6>(&TcContext::new(skb), &cfg, None, || receiver_ingress(skb))
 }

@@ -68,10 +68,10 @@ use crate::{
     maps::{TWL_CT6_V1, TWL_FRAG6_V1, TWL_MASQ6_V1, count},
     natport::{self, Ct6},
     pkt::{
-        Data, ETH_HLEN, ETH_PROTO_OFF, L4_DPORT, L4_SPORT, PORTS_LEN, TCP_ACK, TCP_CSUM, TCP_FLAGS,
-        TCP_RST, TCP_SYN, UDP_CSUM, UDP_HLEN, u16_at,
+        Data, ETH_HLEN, L4_DPORT, L4_SPORT, PORTS_LEN, TCP_ACK, TCP_CSUM, TCP_FLAGS, TCP_RST,
+        TCP_SYN, UDP_CSUM, UDP_HLEN, u16_at,
     },
-    pkt6::{Frag6, is_ext, l4, walk},
+    pkt6::{Frag6, USUAL6_LEN, is_ext, l4, walk},
     tc::Verdict,
 };
 
@@ -189,13 +189,17 @@ fn header6(ctx: &TcContext, d: &Data, off: usize) -> Option<(u8, A6, A6)> {
 /// families' paths never share a stack frame.
 #[inline(always)]
 pub fn is_ipv6(ctx: &TcContext) -> bool {
-    ctx.load::<u16>(ETH_PROTO_OFF)
-        .is_ok_and(|p| u16::from_be(p) == ETH_P_IPV6)
+    // The skb's protocol (set from the EtherType by `eth_type_trans` on receive, by the stack
+    // on transmit): a context field, where reading the frame would be a helper call on every
+    // packet of every program. The IPv4 parser checks the frame's own EtherType again.
+    // SAFETY: reading a field of our own context.
+    let protocol = unsafe { (*ctx.skb.skb).protocol };
+    protocol == u32::from(ETH_P_IPV6.to_be())
 }
 
 #[inline(always)]
 fn parse6(ctx: &TcContext) -> Result<Parsed6, Reason> {
-    let d = Data::new(ctx);
+    let d = Data::new(ctx, USUAL6_LEN);
     let (next, saddr, daddr) = header6(ctx, &d, ETH_HLEN).ok_or(Reason::Malformed)?;
     // The transport header: right after the fixed header, or behind extension headers.
     let ext = is_ext(next);
@@ -247,7 +251,8 @@ fn parse6(ctx: &TcContext) -> Result<Parsed6, Reason> {
             let csum = u16_at(&h, UDP_CSUM) != 0;
             (u16_at(&h, L4_SPORT), u16_at(&h, L4_DPORT), 0, csum)
         }
-        PROTO_ICMPV6 if !ext => return Ok(parse_icmp6(ctx, &d, saddr, daddr)),
+        // An error's quote lies beyond the usual headers.
+        PROTO_ICMPV6 if !ext => return Ok(parse_icmp6(ctx, &Data::full(ctx), saddr, daddr)),
         // The walk stopped on an extension header: no transport header to translate.
         p if is_ext(p) => return Ok(Parsed6::ExtHeaders),
         _ => return Ok(Parsed6::Other),

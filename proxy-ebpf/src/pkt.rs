@@ -25,6 +25,7 @@ const ETH_P_IP: u16 = 0x0800;
 const IP_VIHL: usize = 0;
 const IP_ID: usize = 4;
 const IP_FRAG: usize = 6;
+const IP_TTL: usize = 8;
 const IP_PROTO: usize = 9;
 const IP_CSUM: usize = 10;
 const IP_SRC: usize = 12;
@@ -69,9 +70,13 @@ const ICMP_HLEN: usize = 8;
 
 /// The most any parse reads: Ethernet, an IPv4 header with options, an ICMP header, the quoted
 /// IPv4 header with options and the quoted ports (more than the IPv6 parser's `nat6` needs:
-/// 14 + 40 + 8 + 40 + 4). [`Data::new`] makes this much linear.
+/// 14 + 40 + 8 + 40 + 4). Only ICMP and headers with options need this much ([`Data::full`]).
 #[expect(clippy::cast_possible_truncation, reason = "150 bytes")]
-const MAX_PARSE_LEN: u32 = (ETH_HLEN + 60 + ICMP_HLEN + 60 + 4) as u32;
+pub const MAX_PARSE_LEN: u32 = (ETH_HLEN + 60 + ICMP_HLEN + 60 + 4) as u32;
+/// The headers of a usual IPv4 packet: Ethernet, IPv4 without options, a TCP header without
+/// options (UDP's and ICMP echo's are shorter). A sending stack keeps at least these linear.
+#[expect(clippy::cast_possible_truncation, reason = "54 bytes")]
+pub const USUAL_LEN: u32 = (ETH_HLEN + IP_MIN_HLEN + 20) as u32;
 
 /// Bounds-checked read access to the packet's linear data (`data..data_end`). Valid until the
 /// packet is changed: every helper that writes the packet (`bpf_skb_store_bytes`, the checksum
@@ -83,11 +88,18 @@ pub struct Data {
 }
 
 impl Data {
-    /// The packet's linear data, pulling in the headers first when the skb holds them in its
-    /// paged part (rare: a frame whose headers the driver did not put in the linear area).
+    /// The packet's linear data, pulling in its first `want` bytes (or all of a shorter packet)
+    /// when the skb holds part of them in its paged part.
+    ///
+    /// `want` is what the parse at hand needs, never more: a TCP segment a local socket sent
+    /// has its headers linear and its payload in pages, and is a clone (TCP keeps the original
+    /// for retransmission), so pulling payload bytes would copy the whole head
+    /// (`pskb_expand_head`) for every data packet — the most expensive step of a pod's packet
+    /// when this pulled a fixed 146 bytes. Callers start with [`USUAL_LEN`] and ask for
+    /// [`Data::full`] only for ICMP and IP options.
     #[inline(always)]
-    pub fn new(ctx: &TcContext) -> Self {
-        let want = core::cmp::min(ctx.len(), MAX_PARSE_LEN);
+    pub fn new(ctx: &TcContext, want: u32) -> Self {
+        let want = core::cmp::min(ctx.len(), want);
         if ctx.data_end() - ctx.data() < want as usize {
             // A failed pull leaves the data as it was: the reads beyond it then fail as a
             // truncated packet would.
@@ -97,6 +109,13 @@ impl Data {
             start: ctx.data(),
             end: ctx.data_end(),
         }
+    }
+
+    /// The packet's linear data with everything any parse reads ([`MAX_PARSE_LEN`]): ICMP
+    /// errors and their quotes, IP options.
+    #[inline(always)]
+    pub fn full(ctx: &TcContext) -> Self {
+        Self::new(ctx, MAX_PARSE_LEN)
     }
 
     /// The `N` bytes at `off` (a whole header, or its part the programs read), or `None` when
@@ -143,6 +162,9 @@ pub struct Packet {
     /// Where the transport (or ICMP) header starts.
     pub l4_off: usize,
     pub l4: L4,
+    /// TTL, protocol and header checksum as they lie in the header: what forwarding rewrites
+    /// (`fwd.rs`), read here so that it takes no helper call there.
+    pub ttl_word: [u8; 4],
 }
 
 impl Packet {
@@ -214,7 +236,7 @@ impl Quote {
 /// header cut short.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Reason> {
-    let d = Data::new(ctx);
+    let mut d = Data::new(ctx, USUAL_LEN);
     let eth: [u8; ETH_HLEN] = d.bytes(0).ok_or(Reason::Malformed)?;
     if u16::from_be(u16_at(&eth, ETH_PROTO_OFF)) != ETH_P_IP {
         return Ok(None);
@@ -229,6 +251,11 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Reason> {
     let frag = u16::from_be(u16_at(&ip, IP_FRAG));
     let proto = ip[IP_PROTO];
     let l4_off = ETH_HLEN + ihl;
+    if ihl > IP_MIN_HLEN || proto == PROTO_ICMP {
+        // Options, or an ICMP error's quote: more than the usual headers (`d` above is
+        // invalidated by the pull; `eth` and `ip` are copies).
+        d = Data::full(ctx);
+    }
     let l4 = if frag & IP_OFFSET_MASK != 0 {
         L4::LaterFragment
     } else if proto == PROTO_TCP {
@@ -269,6 +296,7 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Reason> {
         frag,
         l4_off,
         l4,
+        ttl_word: [ip[IP_TTL], ip[IP_PROTO], ip[IP_CSUM], ip[IP_CSUM + 1]],
     }))
 }
 

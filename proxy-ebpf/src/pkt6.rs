@@ -42,6 +42,10 @@ pub const NEXT_DEST_OPTS: u8 = 60;
 pub const MAX_EXT_HEADERS: usize = 6;
 /// Where the first header after the fixed IPv6 header starts.
 pub const AFTER_FIXED: usize = ETH_HLEN + 40;
+/// The headers of a usual IPv6 packet: Ethernet, the fixed header and a TCP header without
+/// options; pulled into the linear data when missing, and nothing more (see [`Data::new`]).
+#[expect(clippy::cast_possible_truncation, reason = "74 bytes")]
+pub const USUAL6_LEN: u32 = (AFTER_FIXED + 20) as u32;
 /// The fragment header's offset field: the top 13 bits of bytes 2-3, then the M flag.
 const FRAG_OFFSET_MASK: u16 = 0xfff8;
 const FRAG_MORE: u16 = 0x0001;

@@ -79,7 +79,7 @@ fn ipv4_pod_ingress(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
         // the fast path delivers into a local pod.
         Ok((reason, seen)) => {
             count(reason);
-            fwd::from_pod(&ctx, &flow, seen)
+            fwd::from_pod(&ctx, &packet, &flow, seen)
         }
         Err(reason) => exit(Err(reason)),
     }

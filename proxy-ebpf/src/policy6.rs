@@ -185,7 +185,7 @@ enum Seen6 {
 /// The flow of an IPv6 frame, or why policy leaves it alone.
 #[inline(always)]
 fn parse6(ctx: &TcContext) -> Result<Seen6, Reason> {
-    let d = Data::new(ctx);
+    let d = Data::new(ctx, crate::pkt6::USUAL6_LEN);
     let h: [u8; 8] = d.bytes(ETH_HLEN).ok_or(Reason::Malformed)?;
     if h[0] >> 4 != 6 {
         return Err(Reason::Malformed);

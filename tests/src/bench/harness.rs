@@ -294,6 +294,44 @@ fn external(lab: &Lab) -> Result<&crate::External> {
         .ok_or_else(|| anyhow!("north_south needs a lab with an external client"))
 }
 
+/// `perf record -a -g` around one measurement when `TWILL_BENCH_PERF_DIR` names a directory:
+/// where a slice's CPU goes (kernel, eBPF programs by their JIT symbols, the agent), for
+/// diagnosing a ratio. Off by default: sampling costs every contender alike, but it is not part
+/// of the published method.
+struct Profile(Option<std::process::Child>);
+
+impl Profile {
+    fn start(name: &str) -> Self {
+        let Some(dir) = std::env::var_os("TWILL_BENCH_PERF_DIR") else {
+            return Self(None);
+        };
+        let out = std::path::Path::new(&dir).join(format!("{name}.data"));
+        let child = std::process::Command::new("perf")
+            .args(["record", "-a", "-g", "-F", "1999", "-q", "-o"])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok();
+        // perf needs a moment to open its events on every CPU.
+        std::thread::sleep(Duration::from_millis(300));
+        Self(child)
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            // SIGINT makes perf write its file out.
+            if let Ok(pid) = i32::try_from(c.id()) {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(pid, libc::SIGINT) };
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
 /// One contender's node, pods and state.
 struct Setup<'a> {
     contender: Contender,
@@ -1176,8 +1214,17 @@ impl<'a> Bench<'a> {
     fn conn_rate_rounds(&mut self, rounds: usize, n: usize, path: Path) -> Vec<Series> {
         let (lab, threads, d) = (self.lab, self.cfg.crr_threads, self.cfg.crr_duration);
         let label = path.label();
+        let mut round = 0usize;
         let series = self.rounds(rounds, n, |s| {
-            let r = s.crr(lab, path, d, threads)?;
+            round += 1;
+            let profile = Profile::start(&format!(
+                "{}-{}N{n}-{round}",
+                s.name(),
+                label.replace(' ', "-")
+            ));
+            let r = s.crr(lab, path, d, threads);
+            drop(profile);
+            let r = r?;
             if let Some(e) = &r.first_error {
                 eprintln!(
                     "  {} N={n}: {label}{} failures, first: {e}",
