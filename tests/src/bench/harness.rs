@@ -17,7 +17,7 @@ use twill_core::routing::MasqueradeRules;
 
 use super::{
     Contender,
-    loadgen::{self, Probe, unix_ns},
+    loadgen::{self, Probe, Slots, unix_ns},
     rules::{self, BenchService},
     stats::{self, Summary},
 };
@@ -307,7 +307,9 @@ impl Profile {
         };
         let out = std::path::Path::new(&dir).join(format!("{name}.data"));
         let child = std::process::Command::new("perf")
-            .args(["record", "-a", "-g", "-F", "1999", "-q", "-o"])
+            .args([
+                "record", "-a", "-g", "-k", "realtime", "-F", "1999", "-q", "-o",
+            ])
             .arg(&out)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -331,6 +333,32 @@ impl Drop for Profile {
         }
     }
 }
+
+/// What one contender's round yields: its value, its failures, its connections per backend.
+type RoundValue = (f64, u64, BTreeMap<String, u64>);
+
+/// Per-round medians, ratios against the direct path of the same round, and their summaries.
+fn summarize(series: &mut [Series]) {
+    let direct = series
+        .iter()
+        .find(|s| s.contender == Contender::Direct.name())
+        .map(|s| s.rounds.clone());
+    for se in series {
+        let values: Vec<f64> = se.rounds.iter().flatten().copied().collect();
+        se.summary = stats::summarize(&values);
+        if let Some(d) = &direct {
+            se.ratios = stats::ratios(&se.rounds, d);
+            se.ratio = stats::summarize(&se.ratios);
+        }
+    }
+}
+
+/// The length of one contender's turn when the contenders of a round take turns: short enough
+/// that every contender meets each of this machine's fast and slow spells, long enough that a
+/// turn holds hundreds of connections (and the boundary's few in-flight ones do not count).
+const SLOT: Duration = Duration::from_millis(100);
+/// Launching every contender's client takes some ms each; their schedule starts after this.
+const TURNS_START_MARGIN: Duration = Duration::from_millis(300);
 
 /// One contender's node, pods and state.
 struct Setup<'a> {
@@ -474,6 +502,32 @@ impl Setup<'_> {
         }
     }
 
+    /// Starts a connection-rate run on `path` from its client, on `slots`.
+    fn start_crr(
+        &self,
+        lab: &Lab,
+        path: Path,
+        threads: usize,
+        slots: &Slots,
+    ) -> Result<loadgen::Running> {
+        let mut args = loadgen::crr_args(&self.crr_targets(path), threads);
+        args.extend(slots.args());
+        match path {
+            Path::EastWest => loadgen::Running::start(&self.client, &args),
+            Path::NorthSouth => loadgen::Running::start(external(lab)?, &args),
+        }
+    }
+
+    /// Starts a latency run on `path` from its client, on `slots`.
+    fn start_rr(&self, lab: &Lab, path: Path, slots: &Slots) -> Result<loadgen::Running> {
+        let mut args = loadgen::rr_args(&self.rr_target(path));
+        args.extend(slots.args());
+        match path {
+            Path::EastWest => loadgen::Running::start(&self.client, &args),
+            Path::NorthSouth => loadgen::Running::start(external(lab)?, &args),
+        }
+    }
+
     /// One connection-rate run on `path` from its client.
     fn crr(
         &self,
@@ -486,15 +540,6 @@ impl Setup<'_> {
         match path {
             Path::EastWest => loadgen::crr(&self.client, &targets, d, threads),
             Path::NorthSouth => loadgen::crr(external(lab)?, &targets, d, threads),
-        }
-    }
-
-    /// One latency run on `path` from its client.
-    fn rr(&self, lab: &Lab, path: Path, d: Duration) -> Result<loadgen::RrReport> {
-        let to = self.rr_target(path);
-        match path {
-            Path::EastWest => loadgen::rr(&self.client, &to, d),
-            Path::NorthSouth => loadgen::rr(external(lab)?, &to, d),
         }
     }
 
@@ -1097,18 +1142,83 @@ impl<'a> Bench<'a> {
                 }
             }
         }
-        let direct = series
+        summarize(&mut series);
+        series
+    }
+
+    /// Rounds of one load over every active contender at the same time, taking turns in
+    /// [`SLOT`] windows (see [`Slots`]), each contender's client active for `active` in all.
+    /// Which window of the cycle a contender gets rotates every round. `start` launches a
+    /// contender's client on the schedule; `finish` waits for it and reads its value.
+    fn taking_turns<S, F>(
+        &mut self,
+        tag: &str,
+        rounds: usize,
+        n: usize,
+        active: Duration,
+        start: S,
+        mut finish: F,
+    ) -> Vec<Series>
+    where
+        S: Fn(&Setup<'_>, &Slots) -> Result<loadgen::Running>,
+        F: FnMut(&Setup<'_>, loadgen::Running) -> Result<RoundValue>,
+    {
+        let active_idx = self.active();
+        let mut series: Vec<Series> = active_idx
             .iter()
-            .find(|s| s.contender == Contender::Direct.name())
-            .map(|s| s.rounds.clone());
-        for se in &mut series {
-            let values: Vec<f64> = se.rounds.iter().flatten().copied().collect();
-            se.summary = stats::summarize(&values);
-            if let Some(d) = &direct {
-                se.ratios = stats::ratios(&se.rounds, d);
-                se.ratio = stats::summarize(&se.ratios);
+            .map(|&i| Series::new(self.setups[i].contender, n))
+            .collect();
+        let count = u32::try_from(active_idx.len()).unwrap_or(1).max(1);
+        for r in 0..rounds {
+            let mut outcomes: Vec<Result<RoundValue>> = Vec::new();
+            let mut running = Vec::new();
+            for &i in &active_idx {
+                if let Err(e) = self.setups[i].flush_conntrack() {
+                    outcomes.push(Err(e));
+                }
+            }
+            if outcomes.is_empty() {
+                // The whole round (all contenders' turns) when a profile is asked for; its
+                // samples carry Unix time (`-k realtime`), so each falls in a known turn.
+                let _profile = Profile::start(&format!("{tag}-round{r}"));
+                let from_ns = unix_ns() + TURNS_START_MARGIN.as_nanos();
+                let until_ns = from_ns + active.as_nanos() * u128::from(count);
+                for (pos, &i) in active_idx.iter().enumerate() {
+                    let slots = Slots {
+                        from_ns,
+                        until_ns,
+                        slot_ns: SLOT.as_nanos(),
+                        slots: count,
+                        k: (u32::try_from(pos + r).unwrap_or(0)) % count,
+                    };
+                    running.push(start(&self.setups[i], &slots));
+                }
+                for (run, &i) in running.into_iter().zip(&active_idx) {
+                    outcomes.push(run.and_then(|run| finish(&self.setups[i], run)));
+                }
+            } else {
+                outcomes = active_idx
+                    .iter()
+                    .map(|_| Err(anyhow!("conntrack flush before the round failed")))
+                    .collect();
+            }
+            for (se, out) in series.iter_mut().zip(outcomes) {
+                match out {
+                    Ok((v, failures, per_backend)) => {
+                        se.rounds.push(Some(v));
+                        se.failures += failures;
+                        for (b, c) in per_backend {
+                            *se.per_backend.entry(b).or_default() += c;
+                        }
+                    }
+                    Err(e) => {
+                        se.rounds.push(None);
+                        se.errors.push(format!("round {r}: {e:#}"));
+                    }
+                }
             }
         }
+        summarize(&mut series);
         series
     }
 
@@ -1214,26 +1324,25 @@ impl<'a> Bench<'a> {
     fn conn_rate_rounds(&mut self, rounds: usize, n: usize, path: Path) -> Vec<Series> {
         let (lab, threads, d) = (self.lab, self.cfg.crr_threads, self.cfg.crr_duration);
         let label = path.label();
-        let mut round = 0usize;
-        let series = self.rounds(rounds, n, |s| {
-            round += 1;
-            let profile = Profile::start(&format!(
-                "{}-{}N{n}-{round}",
-                s.name(),
-                label.replace(' ', "-")
-            ));
-            let r = s.crr(lab, path, d, threads);
-            drop(profile);
-            let r = r?;
-            if let Some(e) = &r.first_error {
-                eprintln!(
-                    "  {} N={n}: {label}{} failures, first: {e}",
-                    s.name(),
-                    r.failures
-                );
-            }
-            Ok((r.rate, r.failures, r.per_backend))
-        });
+        let tag = format!("crr-{}N{n}", label.replace(' ', "-"));
+        let series = self.taking_turns(
+            &tag,
+            rounds,
+            n,
+            d,
+            |s, slots| s.start_crr(lab, path, threads, slots),
+            |s, run| {
+                let r: loadgen::CrrReport = run.finish()?;
+                if let Some(e) = &r.first_error {
+                    eprintln!(
+                        "  {} N={n}: {label}{} failures, first: {e}",
+                        s.name(),
+                        r.failures
+                    );
+                }
+                Ok((r.rate, r.failures, r.per_backend))
+            },
+        );
         for se in &series {
             eprintln!(
                 "  {label}conn rate N={n} {:<16} median {:>9.0} conn/s  ratio {}",
@@ -1255,14 +1364,22 @@ impl<'a> Bench<'a> {
     ) -> (Vec<Series>, Vec<Series>) {
         let (lab, d) = (self.lab, self.cfg.rr_duration);
         let mut p99: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
-        let series = self.rounds(rounds, n, |s| {
-            let r = s.rr(lab, path, d)?;
-            if let Some(e) = &r.first_error {
-                bail!("{e}");
-            }
-            p99.entry(s.name().into()).or_default().push(Some(r.p99_us));
-            Ok((r.p50_us, r.failures, r.per_backend))
-        });
+        let tag = format!("rr-{}N{n}", path.label().replace(' ', "-"));
+        let series = self.taking_turns(
+            &tag,
+            rounds,
+            n,
+            d,
+            |s, slots| s.start_rr(lab, path, slots),
+            |s, run| {
+                let r: loadgen::RrReport = run.finish()?;
+                if let Some(e) = &r.first_error {
+                    bail!("{e}");
+                }
+                p99.entry(s.name().into()).or_default().push(Some(r.p99_us));
+                Ok((r.p50_us, r.failures, r.per_backend))
+            },
+        );
         let p99 = p99_series(&series, &p99, n);
         (series, p99)
     }

@@ -85,6 +85,92 @@ pub struct ConnectCostReport {
     pub first_error: Option<String>,
 }
 
+/// A time-sliced schedule for running contenders side by side: between `from_ns` and `until_ns`
+/// (Unix time, which every lab namespace shares) `slots` load clients take turns in windows of
+/// `slot_ns`, this one in every window whose index is `k` modulo `slots`.
+///
+/// Why: this machine's CPU capacity changes by up to 2× from one second to the next (a pure CPU
+/// loop alternates between 55 and 110 ms per run; the host shares its cores), so contenders
+/// measured one after the other for seconds each see different machines. Taking turns every
+/// 100 ms, each contender sees the same mix of fast and slow periods, and the per-round ratio
+/// compares paths, not periods. A client starts no new connection (request) outside its own
+/// windows; one in flight at a boundary finishes (tens of µs into the next window).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slots {
+    pub from_ns: u128,
+    pub until_ns: u128,
+    pub slot_ns: u128,
+    pub slots: u32,
+    pub k: u32,
+}
+
+impl Slots {
+    /// One client alone, from now on for `d`.
+    pub fn whole(d: Duration) -> Self {
+        let now = unix_ns();
+        Slots {
+            from_ns: now,
+            until_ns: now + d.as_nanos(),
+            slot_ns: d.as_nanos().max(1),
+            slots: 1,
+            k: 0,
+        }
+    }
+
+    /// What a client should do at `now`: `None` once the schedule is over, `Some(0)` in one of
+    /// its own windows, else `Some(ns)` to wait for its next one (or for the start).
+    pub fn wait(&self, now: u128) -> Option<u128> {
+        if now >= self.until_ns {
+            return None;
+        }
+        if now < self.from_ns {
+            return Some(self.from_ns - now);
+        }
+        let slots = u128::from(self.slots.max(1));
+        let index = now / self.slot_ns;
+        let ahead = (u128::from(self.k) + slots - index % slots) % slots;
+        if ahead == 0 {
+            return Some(0);
+        }
+        let next = (index + ahead) * self.slot_ns;
+        (next < self.until_ns).then(|| next - now)
+    }
+
+    /// How much of the schedule is this client's own (ns): what its rate is per.
+    pub fn active_ns(&self) -> u128 {
+        if self.until_ns <= self.from_ns {
+            return 0;
+        }
+        let slots = u128::from(self.slots.max(1));
+        let mut total = 0;
+        // Whole windows between the first and last boundary, then the cut ends.
+        let mut index = self.from_ns / self.slot_ns;
+        while index * self.slot_ns < self.until_ns {
+            if index % slots == u128::from(self.k) {
+                let start = (index * self.slot_ns).max(self.from_ns);
+                let end = ((index + 1) * self.slot_ns).min(self.until_ns);
+                total += end - start;
+            }
+            index += 1;
+        }
+        total
+    }
+
+    /// The loadgen flags that carry this schedule.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--from-ns".into(),
+            self.from_ns.to_string(),
+            "--until-ns".into(),
+            self.until_ns.to_string(),
+            "--slot-ms".into(),
+            (self.slot_ns / 1_000_000).to_string(),
+            "--slot".into(),
+            format!("{}/{}", self.k, self.slots),
+        ]
+    }
+}
+
 /// Nanoseconds since the Unix epoch (the probe and the harness share the machine's clock).
 pub fn unix_ns() -> u128 {
     SystemTime::now()
@@ -93,11 +179,43 @@ pub fn unix_ns() -> u128 {
 }
 
 fn run_json<T: for<'de> Deserialize<'de>>(client: &impl Client, args: &[String]) -> Result<T> {
-    let out = client
-        .command(&bin("loadgen"))
-        .args(args)
-        .output()
-        .context("spawning loadgen")?;
+    Running::start(client, args)?.finish()
+}
+
+/// A loadgen run started in the background (contenders that take turns run at the same time).
+pub struct Running {
+    child: Child,
+    args: Vec<String>,
+}
+
+impl Running {
+    pub fn start(client: &impl Client, args: &[String]) -> Result<Self> {
+        let child = client
+            .command(&bin("loadgen"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning loadgen")?;
+        Ok(Running {
+            child,
+            args: args.to_vec(),
+        })
+    }
+
+    /// Waits for its end and parses its report.
+    pub fn finish<T: for<'de> Deserialize<'de>>(self) -> Result<T> {
+        let Running { child, args } = self;
+        let out = child.wait_with_output().context("waiting for loadgen")?;
+        parse_report(&args, &out)
+    }
+}
+
+fn parse_report<T: for<'de> Deserialize<'de>>(
+    args: &[String],
+    out: &std::process::Output,
+) -> Result<T> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -117,32 +235,33 @@ pub fn crr(
     duration: Duration,
     threads: usize,
 ) -> Result<CrrReport> {
-    run_json(
-        client,
-        &[
-            "crr".into(),
-            "--to".into(),
-            targets.join(","),
-            "--duration-ms".into(),
-            duration.as_millis().to_string(),
-            "--threads".into(),
-            threads.to_string(),
-        ],
-    )
+    let mut args = crr_args(targets, threads);
+    args.extend(["--duration-ms".into(), duration.as_millis().to_string()]);
+    run_json(client, &args)
+}
+
+/// loadgen's arguments for a connection-rate run, without its schedule (`--duration-ms`, or
+/// [`Slots::args`]).
+pub fn crr_args(targets: &[String], threads: usize) -> Vec<String> {
+    vec![
+        "crr".into(),
+        "--to".into(),
+        targets.join(","),
+        "--threads".into(),
+        threads.to_string(),
+    ]
 }
 
 /// Runs a latency round on one persistent connection.
 pub fn rr(client: &impl Client, target: &str, duration: Duration) -> Result<RrReport> {
-    run_json(
-        client,
-        &[
-            "rr".into(),
-            "--to".into(),
-            target.into(),
-            "--duration-ms".into(),
-            duration.as_millis().to_string(),
-        ],
-    )
+    let mut args = rr_args(target);
+    args.extend(["--duration-ms".into(), duration.as_millis().to_string()]);
+    run_json(client, &args)
+}
+
+/// loadgen's arguments for a latency run, without its schedule.
+pub fn rr_args(target: &str) -> Vec<String> {
+    vec!["rr".into(), "--to".into(), target.into()]
 }
 
 /// A probe running in a pod, retrying until the first successful request/response.
@@ -213,5 +332,61 @@ impl Drop for Probe {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Slots;
+
+    const MS: u128 = 1_000_000;
+
+    fn slots(from: u128, until: u128, n: u32, k: u32) -> Slots {
+        Slots {
+            from_ns: from * MS,
+            until_ns: until * MS,
+            slot_ns: 100 * MS,
+            slots: n,
+            k,
+        }
+    }
+
+    #[test]
+    fn a_client_works_only_in_its_own_windows() {
+        let s = slots(1_000, 2_000, 3, 1);
+        // Before the start: wait for it.
+        assert_eq!(s.wait(900 * MS), Some(100 * MS));
+        // 1,000 ms is window 10 (10 % 3 = 1): its own.
+        assert_eq!(s.wait(1_050 * MS), Some(0));
+        // Window 11 is another's: the next own one is 13 (1,300 ms).
+        assert_eq!(s.wait(1_150 * MS), Some(150 * MS));
+        // Window 19 (1,900 ms) is its own and the last; after it nothing is left.
+        assert_eq!(s.wait(1_950 * MS), Some(0));
+        assert_eq!(s.wait(2_000 * MS), None);
+        // Window 17 is not its own, and its next (19) still starts before the end.
+        assert_eq!(s.wait(1_750 * MS), Some(150 * MS));
+    }
+
+    #[test]
+    fn no_wait_runs_past_the_end() {
+        let s = slots(1_000, 1_850, 3, 0);
+        // Window 18 (1,800 ms) would be its own but starts... before the end: 50 ms of it.
+        assert_eq!(s.wait(1_750 * MS), Some(50 * MS));
+        let s = slots(1_000, 1_790, 3, 0);
+        assert_eq!(s.wait(1_750 * MS), None);
+    }
+
+    #[test]
+    fn the_active_time_is_the_own_windows_within_the_schedule() {
+        // Windows 10..20: own ones (k = 1 of 3) are 10, 13, 16, 19.
+        assert_eq!(slots(1_000, 2_000, 3, 1).active_ns(), 400 * MS);
+        assert_eq!(slots(1_000, 2_000, 3, 0).active_ns(), 300 * MS);
+        // Cut ends count in part.
+        assert_eq!(slots(1_050, 1_950, 3, 1).active_ns(), 300 * MS);
+        // The three clients share the whole schedule between them.
+        let total: u128 = (0..3).map(|k| slots(1_037, 2_911, 3, k).active_ns()).sum();
+        assert_eq!(total, (2_911 - 1_037) * MS);
+        // One client alone owns all of it.
+        assert_eq!(slots(1_037, 2_911, 1, 0).active_ns(), (2_911 - 1_037) * MS);
     }
 }

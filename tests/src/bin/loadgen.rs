@@ -18,6 +18,10 @@
 //!     connect path alone (the socket hooks and the route lookup); TCP: the handshake too, and
 //!     the close resets (SO_LINGER 0) so no TIME_WAIT holds the client's ports
 //! ```
+//! crr and rr: `--from-ns F --until-ns U --slot-ms S --slot K/N` instead of `--duration-ms`:
+//!     between Unix times F and U, work only in the S-ms windows whose index is K modulo N (the
+//!     bench's contenders taking turns; `twill_lab::bench::loadgen::Slots`); crr's rate is per
+//!     second of its own windows
 //! Every mode prints one JSON line (see `twill_lab::bench::loadgen`) and is bounded in time.
 use std::{
     io::{Read as _, Write as _},
@@ -28,7 +32,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use twill_lab::bench::loadgen::{ConnectCostReport, CrrReport, ProbeReport, RrReport, unix_ns};
+use twill_lab::bench::loadgen::{
+    ConnectCostReport, CrrReport, ProbeReport, RrReport, Slots, unix_ns,
+};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
@@ -116,13 +122,45 @@ fn serve(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// The schedule of a crr or rr run: `--from-ns/--until-ns/--slot-ms/--slot K/N` (the bench's
+/// contenders taking turns), else from now on for `--duration-ms` alone.
+fn schedule(args: &Args) -> Result<Slots> {
+    let Some(slot) = args.get("--slot") else {
+        return Ok(Slots::whole(Duration::from_millis(
+            args.num("--duration-ms", 1000)?,
+        )));
+    };
+    let (k, n) = slot
+        .split_once('/')
+        .and_then(|(k, n)| Some((k.parse().ok()?, n.parse().ok()?)))
+        .filter(|&(k, n): &(u32, u32)| k < n)
+        .ok_or_else(|| anyhow!("--slot: K/N with K < N, not {slot}"))?;
+    let slot_ms: u128 = args.num("--slot-ms", 100)?;
+    Ok(Slots {
+        from_ns: args.num("--from-ns", 0)?,
+        until_ns: args.num("--until-ns", 0)?,
+        slot_ns: (slot_ms * 1_000_000).max(1),
+        slots: n,
+        k,
+    })
+}
+
+/// Waits until the schedule lets this client work; `false` once it is over.
+fn my_turn(slots: &Slots) -> bool {
+    loop {
+        match slots.wait(unix_ns()) {
+            None => return false,
+            Some(0) => return true,
+            Some(ns) => std::thread::sleep(Duration::from_nanos(u64::try_from(ns).unwrap_or(0))),
+        }
+    }
+}
+
 fn crr(args: &Args) -> Result<CrrReport> {
     let targets = addrs(args.req("--to")?)?;
-    let duration = Duration::from_millis(args.num("--duration-ms", 1000)?);
+    let slots = schedule(args)?;
     let threads: usize = args.num("--threads", 2)?;
     let total = Arc::new(Mutex::new(CrrReport::default()));
-    let start = Instant::now();
-    let deadline = start + duration;
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let targets = targets.clone();
@@ -130,7 +168,7 @@ fn crr(args: &Args) -> Result<CrrReport> {
             std::thread::spawn(move || {
                 let mut mine = CrrReport::default();
                 let mut k = t;
-                while Instant::now() < deadline {
+                while my_turn(&slots) {
                     let to = targets[k % targets.len()];
                     k += 1;
                     match connect(to, CONNECT_TIMEOUT).and_then(|mut s| exchange(&mut s)) {
@@ -164,7 +202,8 @@ fn crr(args: &Args) -> Result<CrrReport> {
     for h in handles {
         h.join().map_err(|_| anyhow!("crr thread panicked"))?;
     }
-    let elapsed = start.elapsed().as_secs_f64();
+    #[expect(clippy::cast_precision_loss, reason = "seconds from nanoseconds")]
+    let elapsed = slots.active_ns() as f64 / 1e9;
     let mut report = std::mem::take(
         &mut *total
             .lock()
@@ -201,7 +240,7 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
 
 fn rr(args: &Args) -> Result<RrReport> {
     let to: SocketAddr = args.req("--to")?.parse()?;
-    let duration = Duration::from_millis(args.num("--duration-ms", 1000)?);
+    let slots = schedule(args)?;
     let mut report = RrReport::default();
     let mut s = connect(to, CONNECT_TIMEOUT).with_context(|| format!("connecting to {to}"))?;
     // Warm-up: the first exchanges pay for cold caches and the conntrack entry's creation.
@@ -209,8 +248,7 @@ fn rr(args: &Args) -> Result<RrReport> {
         exchange(&mut s)?;
     }
     let mut lat: Vec<u64> = Vec::with_capacity(200_000);
-    let deadline = Instant::now() + duration;
-    while Instant::now() < deadline {
+    while my_turn(&slots) {
         let t = Instant::now();
         match exchange(&mut s) {
             Ok(b) => {

@@ -33,6 +33,17 @@ pub struct BenchArgs {
     /// Only these contenders (comma-separated: direct,iptables,iptables-legacy,nftables,twill).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Only these Service counts for the data-path rounds (comma-separated), e.g. `--sizes 10`:
+    /// a focused re-measurement with more rounds in the same time.
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<usize>,
+    /// Connection-rate rounds per size (east-west and north-south alike), instead of the
+    /// profile's 3 (quick) or 5.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Skip the IPv6 phase (a lab of its own, after the others).
+    #[arg(long)]
+    no_ipv6: bool,
     /// Re-render results.md and conn_rate.png of an earlier run from its results.json.
     #[arg(long, value_name = "RESULTS_DIR")]
     render: Option<PathBuf>,
@@ -319,6 +330,23 @@ fn run_dns(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--sizes` and `--rounds`: a focused re-measurement.
+fn focus(mut cfg: BenchConfig, args: &BenchArgs) -> BenchConfig {
+    if !args.sizes.is_empty() {
+        cfg.sizes.clone_from(&args.sizes);
+        cfg.program_sizes.retain(|n| args.sizes.contains(n));
+    }
+    if let Some(r) = args.rounds {
+        cfg.rounds = r;
+        cfg.ns_rounds = r;
+        // Rounds are what the time goes to: the budget grows with them.
+        cfg.budget = cfg
+            .budget
+            .max(Duration::from_mins(1) * u32::try_from(r).unwrap_or(1));
+    }
+    cfg
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     if let Some(dir) = &args.render {
         let json = std::fs::read(dir.join("results.json"))
@@ -391,6 +419,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         full(contenders)
     };
+    let cfg = focus(cfg, args);
     // No `clean_leftovers()` here: it removes every lab on the machine, including labs of
     // tests running in parallel. `cargo xtask lab clean` is the explicit way.
     let mut spec = LabSpec::nodes(cfg.contenders.len().max(1));
@@ -406,7 +435,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .insert(Contender::Twill.name().into(), why);
     }
     let dir = results_dir()?;
-    if !cni_only && !policy_only {
+    if !cni_only && !policy_only && !args.no_ipv6 {
         run_ipv6(&dir, args.quick)?;
     }
     if cni_only {
