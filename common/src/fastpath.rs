@@ -118,9 +118,89 @@ pub const fn ttl_dec_csum(csum: u16) -> u16 {
     folded
 }
 
+/// What replacing the 32-bit word `old` by `new` adds to a one's complement checksum, as an
+/// unfolded partial sum of the kernel's `__wsum` kind (the words as they lie in memory, read
+/// natively): for the checksum helpers' "by difference" mode (`bpf_l3_csum_replace` /
+/// `bpf_l4_csum_replace` with field size 0), so several rewritten fields cost one helper call.
+#[must_use]
+pub const fn csum_diff32(old: u32, new: u32) -> u32 {
+    (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16)
+}
+
+/// [`csum_diff32`] of a 16-bit field (a port).
+#[must_use]
+pub const fn csum_diff16(old: u16, new: u16) -> u32 {
+    (!old) as u32 + new as u32
+}
+
 #[cfg(test)]
 mod tests {
-    use super::ttl_dec_csum;
+    use super::{csum_diff16, csum_diff32, ttl_dec_csum};
+
+    /// One's complement sum of native 16-bit words, folded, then complemented: the Internet
+    /// checksum of `b` (even length).
+    fn inet_csum(b: &[u8]) -> u16 {
+        let mut sum: u32 = 0;
+        for w in b.chunks(2) {
+            sum += u32::from(u16::from_ne_bytes([w[0], w[1]]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !u16::try_from(sum).unwrap()
+    }
+
+    /// The kernel's `csum_replace_by_diff`: `fold(diff + ~sum)`, complemented.
+    fn replace_by_diff(csum: u16, diff: u32) -> u16 {
+        let mut sum = u64::from(diff) + u64::from(!csum);
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !u16::try_from(sum).unwrap()
+    }
+
+    #[test]
+    fn rewriting_addresses_and_ports_by_difference_matches_a_full_recomputation() {
+        // A 12-byte span (two addresses, two ports) plus filler, rewritten many ways.
+        let mut x: u32 = 0x1234_5678;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for _ in 0..100_000 {
+            let (s, d) = (next(), next());
+            let (sp, dp) = (
+                u16::try_from(next() & 0xffff).unwrap(),
+                u16::try_from(next() >> 16).unwrap(),
+            );
+            let filler = next().to_ne_bytes();
+            let bytes = |s: u32, d: u32, sp: u16, dp: u16| {
+                let mut b = [0u8; 16];
+                let mut at = 0;
+                let mut put = |v: &[u8]| {
+                    b[at..at + v.len()].copy_from_slice(v);
+                    at += v.len();
+                };
+                put(&s.to_ne_bytes());
+                put(&d.to_ne_bytes());
+                put(&sp.to_ne_bytes());
+                put(&dp.to_ne_bytes());
+                put(&filler);
+                b
+            };
+            let before = inet_csum(&bytes(s, d, sp, dp));
+            let (s2, d2, sp2, dp2) = (next(), d, sp, u16::try_from(next() & 0xffff).unwrap());
+            let want = inet_csum(&bytes(s2, d2, sp2, dp2));
+            let diff = csum_diff32(s, s2) + csum_diff16(dp, dp2);
+            let got = replace_by_diff(before, diff);
+            assert!(
+                got == want || (got, want) == (0xffff, 0) || (got, want) == (0, 0xffff),
+                "got {got:#06x} want {want:#06x}"
+            );
+        }
+    }
 
     /// The RFC 791 header checksum of `h` (its checksum field taken as zero).
     fn csum(h: &[u8; 20]) -> u16 {

@@ -47,8 +47,8 @@ use twill_common::{
     AFFINITY_CLIENT_IP, BE_F_LOCAL, Backend, CT_F_REPLY, CT_F_SNAT, CT_SCOPE_NAT, CT_STATE_CLOSING,
     CT_STATE_NEW, CtKey, CtValue, FragKey, FragValue, MASQ_PORT_MAX, MASQ_PORT_MIN, PROTO_TCP,
     PROTO_UDP, Reason, SCOPE_EXTERNAL, SVC_F_EXTERNAL_IP, SVC_F_LOADBALANCER, SVC_F_LOCAL_ONLY,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey, ct_lifetime_ns, ct_next_state,
-    flow_hash,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeKey, csum_diff16, csum_diff32,
+    ct_lifetime_ns, ct_next_state, flow_hash,
 };
 
 use crate::{
@@ -388,35 +388,60 @@ pub fn rewrite(
         0
     };
     let fail = |_| Reason::RewriteFailed;
-    for (off, old, new) in [(IP_SRC_AT, f.saddr, saddr), (IP_DST_AT, f.daddr, daddr)] {
-        if old == new {
-            continue;
+    // What the rewrite adds to the checksums, summed over the changed fields, so each checksum
+    // takes one helper call ("by difference", field size 0) however many fields change. The
+    // addresses are under the IP checksum and, through the pseudo-header, the TCP/UDP one; the
+    // ports only under the latter, and apart: with CHECKSUM_PARTIAL (a local sender's segment
+    // on a veth) the checksum field holds the pseudo-header's sum alone, which a port is not in.
+    let mut addr_diff = 0;
+    for (old, new) in [(f.saddr, saddr), (f.daddr, daddr)] {
+        if old != new {
+            addr_diff += csum_diff32(old, new);
         }
-        if l4_csum {
-            ctx.l4_csum_replace(
-                csum_off,
-                u64::from(old),
-                u64::from(new),
-                u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
-            )
-            .map_err(fail)?;
-        }
-        ctx.l3_csum_replace(IP_CSUM_AT, u64::from(old), u64::from(new), 4)
-            .map_err(fail)?;
-        ctx.store(off, &new, 0).map_err(fail)?;
     }
-    for (off, old, new) in [
-        (p.l4_off + L4_SPORT, f.sport, sport),
-        (p.l4_off + L4_DPORT, f.dport, dport),
-    ] {
-        if old == new || p.later_fragment {
-            continue;
+    let mut port_diff = 0;
+    if !p.later_fragment {
+        for (old, new) in [(f.sport, sport), (f.dport, dport)] {
+            if old != new {
+                port_diff += csum_diff16(old, new);
+            }
         }
-        if l4_csum {
-            ctx.l4_csum_replace(csum_off, u64::from(old), u64::from(new), mangled | 2)
-                .map_err(fail)?;
-        }
-        ctx.store(off, &new, 0).map_err(fail)?;
+    }
+    if addr_diff == 0 && port_diff == 0 {
+        // An untranslated flow's entry (see `masq::inbound`): nothing to write.
+        return Ok(());
+    }
+    // A difference of 0 leaves a checksum as it is: no branch per field, which keeps the
+    // verifier's paths through the many callers of this function few.
+    if l4_csum {
+        ctx.l4_csum_replace(
+            csum_off,
+            0,
+            u64::from(addr_diff),
+            u64::from(BPF_F_PSEUDO_HDR) | mangled,
+        )
+        .map_err(fail)?;
+        ctx.l4_csum_replace(csum_off, 0, u64::from(port_diff), mangled)
+            .map_err(fail)?;
+    }
+    ctx.l3_csum_replace(IP_CSUM_AT, 0, u64::from(addr_diff), 0)
+        .map_err(fail)?;
+    let mut span = [0u8; 12];
+    span[0..4].copy_from_slice(&saddr.to_ne_bytes());
+    span[4..8].copy_from_slice(&daddr.to_ne_bytes());
+    span[8..10].copy_from_slice(&sport.to_ne_bytes());
+    span[10..12].copy_from_slice(&dport.to_ne_bytes());
+    if p.l4_off == IP_SRC_AT + 8 && !p.later_fragment {
+        // No IP options: addresses and ports are one span, written in one store.
+        return ctx.store(IP_SRC_AT, &span, 0).map_err(fail);
+    }
+    let addrs: [u8; 8] = [
+        span[0], span[1], span[2], span[3], span[4], span[5], span[6], span[7],
+    ];
+    ctx.store(IP_SRC_AT, &addrs, 0).map_err(fail)?;
+    if !p.later_fragment {
+        let ports: [u8; 4] = [span[8], span[9], span[10], span[11]];
+        ctx.store(p.l4_off + L4_SPORT, &ports, 0).map_err(fail)?;
     }
     Ok(())
 }
