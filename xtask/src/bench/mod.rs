@@ -23,7 +23,7 @@ use twill_lab::{Lab, LabSpec};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Under 3 minutes: N = 10 and 1,000, fewer and shorter rounds, no 10k programming.
+    /// About 4 minutes: N = 10 and 1,000, fewer and shorter rounds, no 10k programming.
     #[arg(long)]
     quick: bool,
     /// Use the debug binaries instead of building release ones (numbers are then not
@@ -117,7 +117,7 @@ fn quick(contenders: Vec<Contender>) -> BenchConfig {
         ns_rounds: 2,
         // `cargo xtask bench policy` runs the NetworkPolicy phase alone.
         policy: None,
-        budget: Duration::from_secs(150),
+        budget: Duration::from_secs(180),
     }
 }
 
