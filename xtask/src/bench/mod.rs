@@ -117,7 +117,7 @@ fn quick(contenders: Vec<Contender>) -> BenchConfig {
         ns_rounds: 2,
         // `cargo xtask bench policy` runs the NetworkPolicy phase alone.
         policy: None,
-        budget: Duration::from_secs(180),
+        budget: Duration::from_mins(3),
     }
 }
 
