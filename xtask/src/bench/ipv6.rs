@@ -6,9 +6,10 @@
 //! "direct" contender: the client connects to the backends' own addresses, routed through the
 //! node as with any routed CNI), node 1 runs the agent (the client connects to a Service's
 //! ClusterIP of that family, and, as "no Service", to the backends' own addresses through the
-//! agent's datapath). Each round measures every series once, in the same order, so a round's
-//! ratios compare measurements taken seconds apart; ratios are per round against the direct
-//! path of the same family, summarized as median and range.
+//! agent's datapath). In each round the series take turns in 100 ms windows (all clients run
+//! at once, each only in its own windows: `twill_lab::bench::loadgen::Slots`), so a round's
+//! ratios compare the same spells of this machine's varying speed; ratios are per round
+//! against the direct path of the same family, summarized as median and range.
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Stdio;
@@ -17,7 +18,10 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use twill_lab::{
     Lab, LabSpec, Node, Pod,
-    bench::stats::{self, Summary},
+    bench::{
+        loadgen::{self, CrrReport, Running, Slots, unix_ns},
+        stats::{self, Summary},
+    },
     bin, manifests, spawn_and_wait_ready,
 };
 
@@ -214,11 +218,40 @@ pub fn run(
         }
     }
     let mut rates: Vec<Vec<Option<f64>>> = vec![Vec::new(); series.len()];
+    let count = u32::try_from(series.len()).unwrap_or(1);
     for round in 0..rounds {
         eprintln!("==> IPv6 east-west round {}/{rounds}", round + 1);
-        for (i, s) in series.iter().enumerate() {
+        // The series take turns in 100 ms windows, as the main bench's contenders do (see
+        // `twill_lab::bench::loadgen::Slots` for why): all run at once, each in its own windows.
+        let from_ns = unix_ns() + 300_000_000;
+        let running: Vec<Result<Running>> = series
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let slots = Slots {
+                    from_ns,
+                    until_ns: from_ns + duration.as_nanos() * u128::from(count),
+                    slot_ns: 100_000_000,
+                    slots: count,
+                    k: u32::try_from(i + round).unwrap_or(0) % count,
+                };
+                let mut args = loadgen::crr_args(&[s.targets.clone()], threads);
+                args.extend(slots.args());
+                Running::start(clients[s.client], &args)
+            })
+            .collect();
+        for (i, (s, run)) in series.iter().zip(running).enumerate() {
             // A failed run is a hole in that round, reported, not a zero.
-            let r = crr(clients[s.client], &s.targets, duration, threads);
+            let r = run
+                .and_then(Running::finish::<CrrReport>)
+                .and_then(|r| match r.failures {
+                    0 => Ok(r.rate),
+                    n => bail!(
+                        "{n} failed connections to {}: {}",
+                        s.targets,
+                        r.first_error.unwrap_or_default()
+                    ),
+                });
             if let Err(e) = &r {
                 eprintln!("   {} ({}): {e:#}", s.name, s.family);
             }
@@ -238,8 +271,8 @@ fn report(
     threads: usize,
 ) -> (serde_json::Value, String) {
     let mut md = format!(
-        "IPv6 east-west: connect + 1 byte + close from a pod, {rounds} rounds of {:.1} s, \
-         {threads} client threads, 2 backends on the client's node; ratios per round against \
+        "IPv6 east-west: connect + 1 byte + close from a pod, {rounds} rounds of {:.1} s per \
+         series (the series taking turns in 100 ms windows), {threads} client threads, 2 backends on the client's node; ratios per round against \
          the direct path of the same family (median, range).\n\n\
          | family | path | conn/s (median) | × direct (median) | × direct (range) |\n\
          |---|---|---|---|---|\n",
