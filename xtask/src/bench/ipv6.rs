@@ -218,48 +218,64 @@ pub fn run(
         }
     }
     let mut rates: Vec<Vec<Option<f64>>> = vec![Vec::new(); series.len()];
-    let count = u32::try_from(series.len()).unwrap_or(1);
     for round in 0..rounds {
         eprintln!("==> IPv6 east-west round {}/{rounds}", round + 1);
-        // The series take turns in 100 ms windows, as the main bench's contenders do (see
-        // `twill_lab::bench::loadgen::Slots` for why): all run at once, each in its own windows.
-        let from_ns = unix_ns() + 300_000_000;
-        let running: Vec<Result<Running>> = series
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let slots = Slots {
-                    from_ns,
-                    until_ns: from_ns + duration.as_nanos() * u128::from(count),
-                    slot_ns: 100_000_000,
-                    slots: count,
-                    k: u32::try_from(i + round).unwrap_or(0) % count,
-                };
-                let mut args = loadgen::crr_args(&[s.targets.clone()], threads);
-                args.extend(slots.args());
-                Running::start(clients[s.client], &args)
-            })
-            .collect();
-        for (i, (s, run)) in series.iter().zip(running).enumerate() {
+        let round_rates = turns_round(&series, &clients, round, duration, threads);
+        for ((s, r), rates) in series.iter().zip(round_rates).zip(&mut rates) {
             // A failed run is a hole in that round, reported, not a zero.
-            let r = run
-                .and_then(Running::finish::<CrrReport>)
-                .and_then(|r| match r.failures {
-                    0 => Ok(r.rate),
-                    n => bail!(
-                        "{n} failed connections to {}: {}",
-                        s.targets,
-                        r.first_error.unwrap_or_default()
-                    ),
-                });
             if let Err(e) = &r {
                 eprintln!("   {} ({}): {e:#}", s.name, s.family);
             }
-            rates[i].push(r.ok());
+            rates.push(r.ok());
         }
     }
     drop(agent);
     Ok(report(&series, &rates, rounds, duration, threads))
+}
+
+/// One round: the series take turns in 100 ms windows, as the main bench's contenders do (see
+/// `twill_lab::bench::loadgen::Slots` for why): all clients run at once, each only in its own
+/// windows, which rotate by `round`. Each series' rate, or why it has none.
+fn turns_round(
+    series: &[Series],
+    clients: &[&Pod],
+    round: usize,
+    duration: Duration,
+    threads: usize,
+) -> Vec<Result<f64>> {
+    let count = u32::try_from(series.len()).unwrap_or(1);
+    let from_ns = unix_ns() + 300_000_000;
+    let running: Vec<Result<Running>> = series
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let slots = Slots {
+                from_ns,
+                until_ns: from_ns + duration.as_nanos() * u128::from(count),
+                slot_ns: 100_000_000,
+                slots: count,
+                k: u32::try_from(i + round).unwrap_or(0) % count,
+            };
+            let mut args = loadgen::crr_args(std::slice::from_ref(&s.targets), threads);
+            args.extend(slots.args());
+            Running::start(clients[s.client], &args)
+        })
+        .collect();
+    series
+        .iter()
+        .zip(running)
+        .map(|(s, run)| {
+            let r: CrrReport = run?.finish()?;
+            match r.failures {
+                0 => Ok(r.rate),
+                n => bail!(
+                    "{n} failed connections to {}: {}",
+                    s.targets,
+                    r.first_error.unwrap_or_default()
+                ),
+            }
+        })
+        .collect()
 }
 
 /// The phase's JSON and Markdown table from every series' per-round rates.
