@@ -256,6 +256,33 @@ impl Reason {
         Reason::Policy6LaterFragment,
     ];
 
+    /// The eBPF host routing's and the eBPF masquerade's outcomes, both families: what
+    /// `twill-agent debug fastpath` lists (delivered, forwarded, fell back to the stack and why,
+    /// masqueraded).
+    pub const fn is_fast_path(self) -> bool {
+        matches!(
+            self,
+            Reason::FastPathPeer
+                | Reason::FastPathNeigh
+                | Reason::FastPathPeer6
+                | Reason::FastPathNeigh6
+                | Reason::FallbackLinkScope
+                | Reason::FallbackNoMac
+                | Reason::FallbackTtl
+                | Reason::FallbackNoRoute
+                | Reason::FallbackFragNeeded
+                | Reason::FallbackToHost
+                | Reason::FallbackMasqNft
+                | Reason::FallbackOther
+                | Reason::MasqSnat
+                | Reason::MasqPortsExhausted
+                | Reason::MasqNotOpened
+                | Reason::MasqInbound
+                | Reason::Masq6Snat
+                | Reason::Masq6Fragment
+        )
+    }
+
     /// Stable snake_case name used as a metric label and in the debug CLI.
     pub const fn name(self) -> &'static str {
         match self {
@@ -362,6 +389,15 @@ impl TryFrom<u8> for Reason {
 #[cfg(test)]
 mod tests {
     use super::Reason;
+
+    #[test]
+    fn fast_path_reasons_are_the_routing_and_masquerade_outcomes() {
+        for r in Reason::ALL {
+            let name = r.name();
+            let by_name = name.starts_with("fastpath_") || name.starts_with("masq");
+            assert_eq!(r.is_fast_path(), by_name, "{r:?} ({name})");
+        }
+    }
 
     #[test]
     fn discriminants_round_trip_and_are_unique() {

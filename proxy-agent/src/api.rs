@@ -421,9 +421,7 @@ impl KernelView for PinnedKernelView {
         let stats = lb.stats().map_err(|e| err_chain(&e))?;
         let counters = stats
             .into_iter()
-            // Fast path and masquerade (80..=99), the IPv6 fast path (44..=52), the IPv6
-            // masquerade (110..=119).
-            .filter(|(r, _)| matches!(*r as u8, 44..=52 | 80..=99 | 110..=119))
+            .filter(|(r, _)| r.is_fast_path())
             .map(|(r, n)| (r.name().to_owned(), n))
             .collect();
         let fp = crate::datapath::AyaFastPathMaps::open_pinned(&self.bpffs_dir)
