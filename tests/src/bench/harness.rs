@@ -146,6 +146,23 @@ impl Series {
     }
 
     /// Whether every round produced a number with zero failures and every backend answered.
+    /// Round `r`'s outcome: its value, failures and per-backend counts, or a hole and why.
+    fn record(&mut self, r: usize, out: Result<RoundValue>) {
+        match out {
+            Ok((v, failures, per_backend)) => {
+                self.rounds.push(Some(v));
+                self.failures += failures;
+                for (b, c) in per_backend {
+                    *self.per_backend.entry(b).or_default() += c;
+                }
+            }
+            Err(e) => {
+                self.rounds.push(None);
+                self.errors.push(format!("round {r}: {e:#}"));
+            }
+        }
+    }
+
     pub fn clean(&self, backends: usize) -> bool {
         !self.rounds.is_empty()
             && self.rounds.iter().all(Option::is_some)
@@ -1126,20 +1143,7 @@ impl<'a> Bench<'a> {
                 let slot = (k + r) % active.len();
                 let s = &self.setups[active[slot]];
                 let out = s.flush_conntrack().and_then(|()| measure(s));
-                let se = &mut series[slot];
-                match out {
-                    Ok((v, failures, per_backend)) => {
-                        se.rounds.push(Some(v));
-                        se.failures += failures;
-                        for (b, c) in per_backend {
-                            *se.per_backend.entry(b).or_default() += c;
-                        }
-                    }
-                    Err(e) => {
-                        se.rounds.push(None);
-                        se.errors.push(format!("round {r}: {e:#}"));
-                    }
-                }
+                series[slot].record(r, out);
             }
         }
         summarize(&mut series);
@@ -1203,19 +1207,7 @@ impl<'a> Bench<'a> {
                     .collect();
             }
             for (se, out) in series.iter_mut().zip(outcomes) {
-                match out {
-                    Ok((v, failures, per_backend)) => {
-                        se.rounds.push(Some(v));
-                        se.failures += failures;
-                        for (b, c) in per_backend {
-                            *se.per_backend.entry(b).or_default() += c;
-                        }
-                    }
-                    Err(e) => {
-                        se.rounds.push(None);
-                        se.errors.push(format!("round {r}: {e:#}"));
-                    }
-                }
+                se.record(r, out);
             }
         }
         summarize(&mut series);
