@@ -10,12 +10,12 @@
 //! ([`addr6_from_octets`] of `Ipv6Addr::octets()`): word-aligned, so the kernel programs copy
 //! and compare them four words at a time rather than byte by byte (which costs a BPF program
 //! stack it does not have), and `bpf_fib_lookup` and `bpf_sock_tuple` take them as they are.
+#[cfg(doc)]
+use crate::CtKey;
 use crate::{
     CT_FIN_ORIG, CT_FIN_ORIG_FIRST, CT_FIN_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_NEW,
+    CT_STATE_NEW, CtValue,
 };
-#[cfg(doc)]
-use crate::{CtKey, CtValue};
 
 /// Key of `CT6`: one direction of a tracked IPv6 flow, as seen on the wire.
 #[repr(C)]
@@ -138,6 +138,63 @@ pub const fn ct_next_state(state: u8, tcp_fin: u8, reply: bool, tcp_flags: u8) -
     (state, fin)
 }
 
+/// TCP flags a policy entry's step reads besides FIN.
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// What the NetworkPolicy programs do to a tracked entry (`CT_SCOPE_POLICY`), one definition
+/// for both tables' values ([`CtValue`], [`CtValue6`]): the same fields, the same rules.
+pub trait PolicyEntry: Sized {
+    /// Whether a packet passes as part of the flow this entry tracks with `flag` (the side
+    /// that passed it); if so, refreshes the entry and steps its state ([`ct_next_state`]; a
+    /// RST closes). A SYN reusing a closed flow's tuple does not pass: it is judged afresh.
+    /// `reply`: the packet travels against the entry's tuple.
+    fn policy_pass(&mut self, flag: u32, now: u64, tcp_flags: u8, reply: bool) -> bool;
+
+    /// Records `flag`'s pass on an entry that exists already (the other side of a node-local
+    /// flow made it): the flag added, or, on a closed flow's tuple, `fresh` in its place (the
+    /// other side's pass was for the old flow).
+    fn policy_record(&mut self, fresh: &Self, flag: u32, now: u64);
+}
+
+macro_rules! policy_entry {
+    ($value:ty) => {
+        impl PolicyEntry for $value {
+            #[inline]
+            fn policy_pass(&mut self, flag: u32, now: u64, tcp_flags: u8, reply: bool) -> bool {
+                if self.flags & flag == 0 {
+                    return false;
+                }
+                if self.state == CT_STATE_CLOSING && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                    return false;
+                }
+                self.last_seen_ns = now;
+                let (state, fin) = ct_next_state(self.state, self.tcp_fin, reply, tcp_flags);
+                self.state = if tcp_flags & TCP_RST != 0 {
+                    CT_STATE_CLOSING
+                } else {
+                    state
+                };
+                self.tcp_fin = fin;
+                true
+            }
+
+            #[inline]
+            fn policy_record(&mut self, fresh: &Self, flag: u32, now: u64) {
+                if self.state == CT_STATE_CLOSING {
+                    *self = *fresh;
+                } else {
+                    self.flags |= flag;
+                    self.last_seen_ns = now;
+                }
+            }
+        }
+    };
+}
+policy_entry!(CtValue);
+policy_entry!(CtValue6);
+
 /// Data of the `MASQ6` LPM-trie key: a prefix `p/n` of `MASQ_KIND_*` is stored with
 /// `prefix_len = MASQ_PREFIX_BASE + n` (the kind and its padding always match in full, as in
 /// the IPv4 `MasqKey`); the value is unused (1).
@@ -177,6 +234,51 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy_value(flags: u32, state: u8) -> CtValue {
+        CtValue {
+            new_saddr_be: 1,
+            new_daddr_be: 2,
+            new_sport_be: 3,
+            new_dport_be: 4,
+            svc_id: 0,
+            flags,
+            state,
+            tcp_fin: 0,
+            _pad: [0; 2],
+            last_seen_ns: 5,
+        }
+    }
+
+    #[test]
+    fn a_policy_entry_passes_only_its_sides_flows_and_steps_the_one_state_machine() {
+        let mut v = policy_value(crate::CT_F_POLICY_EGRESS, CT_STATE_NEW);
+        // The other side's flag: not this side's pass.
+        assert!(!v.policy_pass(crate::CT_F_POLICY_INGRESS, 9, TCP_ACK, false));
+        assert_eq!(v.last_seen_ns, 5);
+        // A reply establishes, and refreshes.
+        assert!(v.policy_pass(crate::CT_F_POLICY_EGRESS, 9, TCP_ACK | TCP_SYN, true));
+        assert_eq!((v.state, v.last_seen_ns), (CT_STATE_ESTABLISHED, 9));
+        // A reset closes; a new SYN on the closed tuple is judged afresh.
+        assert!(v.policy_pass(crate::CT_F_POLICY_EGRESS, 10, TCP_RST, false));
+        assert_eq!(v.state, CT_STATE_CLOSING);
+        assert!(!v.policy_pass(crate::CT_F_POLICY_EGRESS, 11, TCP_SYN, false));
+    }
+
+    #[test]
+    fn recording_a_pass_adds_the_flag_or_replaces_a_closed_flow() {
+        let fresh = policy_value(crate::CT_F_POLICY_INGRESS, CT_STATE_NEW);
+        let mut open = policy_value(crate::CT_F_POLICY_EGRESS, CT_STATE_ESTABLISHED);
+        open.policy_record(&fresh, crate::CT_F_POLICY_INGRESS, 7);
+        assert_eq!(
+            open.flags,
+            crate::CT_F_POLICY_EGRESS | crate::CT_F_POLICY_INGRESS
+        );
+        assert_eq!((open.state, open.last_seen_ns), (CT_STATE_ESTABLISHED, 7));
+        let mut closed = policy_value(crate::CT_F_POLICY_EGRESS, CT_STATE_CLOSING);
+        closed.policy_record(&fresh, crate::CT_F_POLICY_INGRESS, 7);
+        assert_eq!(closed, fresh);
+    }
 
     #[test]
     fn state_machine() {

@@ -27,15 +27,15 @@
 //! same entries with the same flags decide, one to two hash lookups fewer per packet.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use twill_common::{
-    CT_F_POLICY_EGRESS, CT_F_POLICY_INGRESS, CT_SCOPE_POLICY, CT_STATE_CLOSING, CT_STATE_NEW,
-    CtKey, CtValue, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey, PEP_F_EGRESS_ISOLATED,
-    PEP_F_INGRESS_ISOLATED, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, PolicyEndpoint, PolicyKey,
-    Reason, ct_next_state,
+    CT_F_POLICY_EGRESS, CT_F_POLICY_INGRESS, CT_SCOPE_POLICY, CT_STATE_NEW, CtKey, CtValue,
+    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey, PEP_F_EGRESS_ISOLATED,
+    PEP_F_INGRESS_ISOLATED, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, PolicyEndpoint, PolicyEntry,
+    PolicyKey, Reason,
 };
 
 use crate::{
     maps::{TWL_CT_V2, TWL_IPC_V1, TWL_IPCH_V1, TWL_PEP_V1, TWL_POL_V1},
-    pkt::{Flow, PROTO_ICMP, TCP_ACK, TCP_RST, TCP_SYN},
+    pkt::{Flow, PROTO_ICMP},
 };
 
 /// Bits of a full `PolicyKey` (every field matched).
@@ -249,25 +249,7 @@ fn ct_pass(ptr: *mut CtValue, flag: u32, now: u64, tcp_flags: u8, reply: bool) -
     // SAFETY: a valid map value pointer for the program's duration. Concurrent writers on
     // other CPUs may interleave: a lost timestamp, flag or state step costs at most one more
     // judgement or an earlier expiry, never a wrong allow.
-    unsafe {
-        if (*ptr).flags & flag == 0 {
-            return false;
-        }
-        // A SYN reusing the tuple of a closed flow opens a new one: judged afresh.
-        if (*ptr).state == CT_STATE_CLOSING && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            return false;
-        }
-        (*ptr).last_seen_ns = now;
-        // The table's one state machine (as NAT entries and IPv6 policy entries step it).
-        let (state, fin) = ct_next_state((*ptr).state, (*ptr).tcp_fin, reply, tcp_flags);
-        (*ptr).state = if tcp_flags & TCP_RST != 0 {
-            CT_STATE_CLOSING
-        } else {
-            state
-        };
-        (*ptr).tcp_fin = fin;
-    }
-    true
+    unsafe { (*ptr).policy_pass(flag, now, tcp_flags, reply) }
 }
 
 /// Records that `flag`'s side passed the flow `key`: a new entry, or the flag added to the
@@ -297,15 +279,7 @@ fn ct_record(key: &CtKey, found: Option<*mut CtValue>, flag: u32, now: u64) -> R
     };
     if let Some(ptr) = found {
         // SAFETY: as in ct_pass.
-        unsafe {
-            if (*ptr).state == CT_STATE_CLOSING {
-                // A new flow on a closed flow's tuple: the other side's pass was for the old one.
-                *ptr = value;
-            } else {
-                (*ptr).flags |= flag;
-                (*ptr).last_seen_ns = now;
-            }
-        }
+        unsafe { (*ptr).policy_record(&value, flag, now) };
         return Ok(());
     }
     // Neither created nor found: the table could not take the flow. Its replies would be

@@ -49,18 +49,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use twill_common::{
-    CT_SCOPE_POLICY, CT_STATE_CLOSING, CT_STATE_NEW, CtKey6, CtValue6, IDENTITY_HOST,
-    IDENTITY_WORLD, IpCacheKey6, PEP_F_EGRESS_ISOLATED, PEP_F_INGRESS_ISOLATED, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PolicyEndpoint, Reason, ct_next_state,
+    CT_SCOPE_POLICY, CT_STATE_NEW, CtKey6, CtValue6, IDENTITY_HOST, IDENTITY_WORLD, IpCacheKey6,
+    PEP_F_EGRESS_ISOLATED, PEP_F_INGRESS_ISOLATED, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    PolicyEndpoint, PolicyEntry, Reason,
 };
 
 use crate::{
     maps::{TWL_CT6_V1, TWL_IPC6_V1, TWL_IPCH6_V1, TWL_PEP6_V1, count},
     monitor::Denial,
-    pkt::{
-        Data, ETH_HLEN, L4_DPORT, L4_SPORT, PORTS_LEN, TCP_ACK, TCP_FLAGS, TCP_RST, TCP_SYN,
-        UDP_HLEN, u16_at,
-    },
+    pkt::{Data, ETH_HLEN, L4_DPORT, L4_SPORT, PORTS_LEN, TCP_FLAGS, UDP_HLEN, u16_at},
     pkt6::{Frag6, is_ext, l4, walk},
     policy::{Side, allowed},
 };
@@ -386,24 +383,7 @@ fn ct_seen6(key: &CtKey6, flag: u32, now: u64, tcp_flags: u8, reply: bool) -> bo
     };
     // SAFETY: a valid map value pointer for the program's duration; concurrent writers cost at
     // most one more judgement or an earlier expiry, never a wrong allow (as in `policy.rs`).
-    unsafe {
-        if (*ptr).flags & flag == 0 {
-            return false;
-        }
-        // A SYN reusing the tuple of a closed flow opens a new one: judged afresh.
-        if (*ptr).state == CT_STATE_CLOSING && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            return false;
-        }
-        (*ptr).last_seen_ns = now;
-        let (state, fin) = ct_next_state((*ptr).state, (*ptr).tcp_fin, reply, tcp_flags);
-        (*ptr).state = if tcp_flags & TCP_RST != 0 {
-            CT_STATE_CLOSING
-        } else {
-            state
-        };
-        (*ptr).tcp_fin = fin;
-    }
-    true
+    unsafe { (*ptr).policy_pass(flag, now, tcp_flags, reply) }
 }
 
 /// Records that `flag`'s side passed the flow `key` (as `policy::ct_record`).
@@ -427,15 +407,7 @@ fn ct_record6(key: &CtKey6, flag: u32, now: u64) -> Result<(), Reason> {
     }
     if let Some(ptr) = TWL_CT6_V1.get_ptr_mut(key) {
         // SAFETY: as in ct_seen6.
-        unsafe {
-            if (*ptr).state == CT_STATE_CLOSING {
-                // A new flow on a closed flow's tuple: the other side's pass was for the old one.
-                *ptr = value;
-            } else {
-                (*ptr).flags |= flag;
-                (*ptr).last_seen_ns = now;
-            }
-        }
+        unsafe { (*ptr).policy_record(&value, flag, now) };
         return Ok(());
     }
     // Neither created nor found: the table is full. Dropped visibly, never let through
