@@ -209,6 +209,49 @@ fn pods_across_the_vxlan_overlay_take_the_fast_path() -> Result<()> {
     pods_take_the_fast_path(LabSpec::nodes(2), &["--routing-mode", "vxlan"])
 }
 
+/// Labels pods a and b (`app: a`, `app: b`) so that policies can select them.
+fn label_pods(s: &Setup) -> Result<()> {
+    let objects: Vec<serde_json::Value> = [(&s.a, "a"), (&s.b, "b")]
+        .iter()
+        .map(|(p, name)| p.pod_object("default", name, &[("app", name)], &[]))
+        .collect();
+    s.lab.apply_manifest(
+        "pods.yaml",
+        &serde_json::to_string(
+            &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects}),
+        )?,
+    )
+}
+
+/// Denies every ingress of b until a's connections to `to_b` fail and node 0 counted the
+/// denial, runs `meanwhile`, then lifts the policy and waits until a reaches `to_b` again.
+fn with_b_denied(s: &Setup, to_b: &str, meanwhile: impl FnOnce() -> Result<()>) -> Result<()> {
+    let n0 = s.lab.node(0);
+    let before = verdicts(n0, "policy_denied_ingress")?;
+    s.lab.apply_manifest(
+        "deny-b.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-b, namespace: default}\n\
+         spec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress]\n",
+    )?;
+    wait_for(
+        &format!("a → {to_b} denied"),
+        Duration::from_secs(20),
+        || Ok(tcp(&s.a, to_b)?.0 != 0),
+    )?;
+    let after = verdicts(n0, "policy_denied_ingress")?;
+    ensure!(
+        after > before,
+        "no ingress denial counted on n0 ({before} → {after})"
+    );
+    meanwhile()?;
+    s.lab.delete_manifest("deny-b.yaml")?;
+    wait_for(
+        &format!("a → {to_b} allowed again"),
+        Duration::from_secs(20),
+        || Ok(tcp(&s.a, to_b)?.0 == 0),
+    )
+}
+
 /// The receiver's host veth hook never sees a redirected packet: its ingress policy is judged
 /// on the sender's veth instead, so a default-deny ingress on b stops a on the same node, and
 /// lifting it lets a through again.
@@ -219,37 +262,10 @@ fn a_redirected_packet_is_still_judged_by_the_receivers_ingress_policy() -> Resu
     };
     let n0 = s.lab.node(0);
     wait_endpoint_mac(n0, &s.b)?;
-    let objects: Vec<serde_json::Value> = [(&s.a, "a"), (&s.b, "b")]
-        .iter()
-        .map(|(p, name)| p.pod_object("default", name, &[("app", name)], &[]))
-        .collect();
-    s.lab.apply_manifest(
-        "pods.yaml",
-        &serde_json::to_string(
-            &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects}),
-        )?,
-    )?;
+    label_pods(&s)?;
     let to_b = format!("{}:8080", s.b.ip);
-    let before = verdicts(n0, "policy_denied_ingress")?;
-    s.lab.apply_manifest(
-        "deny-b.yaml",
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-b, namespace: default}\n\
-         spec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress]\n",
-    )?;
-    wait_for("a → b denied", Duration::from_secs(20), || {
-        Ok(tcp(&s.a, &to_b)?.0 != 0)
-    })?;
-    let after = verdicts(n0, "policy_denied_ingress")?;
-    ensure!(
-        after > before,
-        "no ingress denial counted on n0 ({before} → {after})"
-    );
-    // c on the other node is not affected.
-    connections(&s.a, &s.c, "c", 1)?;
-    s.lab.delete_manifest("deny-b.yaml")?;
-    wait_for("a → b allowed again", Duration::from_secs(20), || {
-        Ok(tcp(&s.a, &to_b)?.0 == 0)
-    })?;
+    // c on the other node is not affected while b is denied.
+    with_b_denied(&s, &to_b, || connections(&s.a, &s.c, "c", 1))?;
     connections(&s.a, &s.b, "b", 3)?;
     Ok(())
 }
@@ -469,38 +485,10 @@ fn a_redirected_ipv6_packet_is_still_judged_by_the_receivers_ingress_policy() ->
     let n0 = s.lab.node(0);
     let (a6, b6) = (v6(&s.a)?, v6(&s.b)?);
     wait_endpoint_mac_of(n0, b6)?;
-    let objects: Vec<serde_json::Value> = [(&s.a, "a"), (&s.b, "b")]
-        .iter()
-        .map(|(p, name)| p.pod_object("default", name, &[("app", name)], &[]))
-        .collect();
-    s.lab.apply_manifest(
-        "pods.yaml",
-        &serde_json::to_string(
-            &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects}),
-        )?,
-    )?;
+    label_pods(&s)?;
     let to_b = SocketAddr::new(b6, 8080).to_string();
-    let before = verdicts(n0, "policy_denied_ingress")?;
     let redirected = counter(&view(n0)?, "fastpath_redirect_peer6");
-    s.lab.apply_manifest(
-        "deny-b.yaml",
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-b, namespace: default}\n\
-         spec:\n  podSelector: {matchLabels: {app: b}}\n  policyTypes: [Ingress]\n",
-    )?;
-    wait_for("a → b over IPv6 denied", Duration::from_secs(20), || {
-        Ok(tcp(&s.a, &to_b)?.0 != 0)
-    })?;
-    let after = verdicts(n0, "policy_denied_ingress")?;
-    ensure!(
-        after > before,
-        "no ingress denial counted on n0 ({before} → {after})"
-    );
-    s.lab.delete_manifest("deny-b.yaml")?;
-    wait_for(
-        "a → b over IPv6 allowed again",
-        Duration::from_secs(20),
-        || Ok(tcp(&s.a, &to_b)?.0 == 0),
-    )?;
+    with_b_denied(&s, &to_b, || Ok(()))?;
     connections_between(&s.a, a6, b6, "b", 3)?;
     ensure!(
         counter(&view(n0)?, "fastpath_redirect_peer6") > redirected,

@@ -105,50 +105,16 @@ fn a_denied_connection_shows_up_in_debug_monitor() -> Result<()> {
         Ok(tcp(&client, &to)?.0 != 0)
     })?;
 
-    let json = Monitor::start(lab.node(0), &["-o", "json", "--duration", "60"])?;
-    let line = deny_until_line(&client, &to, &json, 30)?;
-    let v: Value = serde_json::from_str(&line).with_context(|| format!("monitor line {line}"))?;
-    ensure!(v["kind"] == "deny", "{v}");
-    ensure!(v["direction"] == "ingress", "{v}");
-    ensure!(v["reason"] == "policy_denied_ingress", "{v}");
-    ensure!(v["proto"] == "tcp", "{v}");
-    ensure!(
-        v["from"]["pod"] == "mon/client" && v["from"]["ip"] == client.ip.to_string(),
-        "{v}"
-    );
-    ensure!(
-        v["to"]["pod"] == "mon/server"
-            && v["to"]["ip"] == server.ip.to_string()
-            && v["to"]["port"] == 80,
-        "{v}"
-    );
-    ensure!(v["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{v}");
-    drop(json);
-
-    // The table form: one line per flow, and --count ends the command.
-    let table = Monitor::start(lab.node(0), &["--count", "1", "--duration", "60"])?;
-    let line = deny_until_line(&client, &to, &table, 30)?;
-    let want_from = format!("mon/client {}:", client.ip);
-    let want_to = format!("-> mon/server {}:80", server.ip);
-    for part in [
-        " ingress ",
-        want_from.as_str(),
-        want_to.as_str(),
-        " tcp ",
-        "policy_denied_ingress",
-    ] {
-        ensure!(line.contains(part), "{part:?} missing from {line:?}");
-    }
-    let mut table = table;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while table.child.try_wait()?.is_none() {
-        ensure!(
-            Instant::now() < deadline,
-            "--count 1 did not end the monitor"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+    shows_the_denial(
+        &lab,
+        &client,
+        &to,
+        (&client.ip.to_string(), &server.ip.to_string()),
+        (
+            &format!("mon/client {}:", client.ip),
+            &format!("-> mon/server {}:80", server.ip),
+        ),
+    )
 }
 
 /// The IPv6 twin on a dual-stack lab: a connection to the server's IPv6 address, denied by the
@@ -169,37 +135,67 @@ fn a_denied_ipv6_connection_shows_up_in_debug_monitor() -> Result<()> {
         Ok(tcp(&client, &to)?.0 != 0)
     })?;
 
+    shows_the_denial(
+        &lab,
+        &client,
+        &to,
+        (&client6.to_string(), &server6.to_string()),
+        (
+            &format!("mon/client [{client6}]:"),
+            &format!("-> mon/server [{server6}]:80"),
+        ),
+    )
+}
+
+/// What both families' tests check once the deny policy drops `client`'s connections to `to`:
+/// the denial in the JSON stream (kind, direction, reason, protocol, both pods with their
+/// addresses `ips`, the time) and as a table line (`table`: how it writes the two ends), and
+/// that `--count 1` ends the command.
+fn shows_the_denial(
+    lab: &Lab,
+    client: &Pod,
+    to: &str,
+    (client_ip, server_ip): (&str, &str),
+    (want_from, want_to): (&str, &str),
+) -> Result<()> {
     let json = Monitor::start(lab.node(0), &["-o", "json", "--duration", "60"])?;
-    let line = deny_until_line(&client, &to, &json, 30)?;
+    let line = deny_until_line(client, to, &json, 30)?;
     let v: Value = serde_json::from_str(&line).with_context(|| format!("monitor line {line}"))?;
     ensure!(v["kind"] == "deny", "{v}");
     ensure!(v["direction"] == "ingress", "{v}");
     ensure!(v["reason"] == "policy_denied_ingress", "{v}");
     ensure!(v["proto"] == "tcp", "{v}");
     ensure!(
-        v["from"]["pod"] == "mon/client" && v["from"]["ip"] == client6.to_string(),
+        v["from"]["pod"] == "mon/client" && v["from"]["ip"] == client_ip,
         "{v}"
     );
     ensure!(
-        v["to"]["pod"] == "mon/server"
-            && v["to"]["ip"] == server6.to_string()
-            && v["to"]["port"] == 80,
+        v["to"]["pod"] == "mon/server" && v["to"]["ip"] == server_ip && v["to"]["port"] == 80,
         "{v}"
     );
+    ensure!(v["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{v}");
     drop(json);
 
+    // The table form: one line per flow, and --count ends the command.
     let table = Monitor::start(lab.node(0), &["--count", "1", "--duration", "60"])?;
-    let line = deny_until_line(&client, &to, &table, 30)?;
-    let want_from = format!("mon/client [{client6}]:");
-    let want_to = format!("-> mon/server [{server6}]:80");
+    let line = deny_until_line(client, to, &table, 30)?;
     for part in [
         " ingress ",
-        want_from.as_str(),
-        want_to.as_str(),
+        want_from,
+        want_to,
         " tcp ",
         "policy_denied_ingress",
     ] {
         ensure!(line.contains(part), "{part:?} missing from {line:?}");
+    }
+    let mut table = table;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while table.child.try_wait()?.is_none() {
+        ensure!(
+            Instant::now() < deadline,
+            "--count 1 did not end the monitor"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
 }
