@@ -252,13 +252,6 @@ pub fn crr_args(targets: &[String], threads: usize) -> Vec<String> {
     ]
 }
 
-/// Runs a latency round on one persistent connection.
-pub fn rr(client: &impl Client, target: &str, duration: Duration) -> Result<RrReport> {
-    let mut args = rr_args(target);
-    args.extend(["--duration-ms".into(), duration.as_millis().to_string()]);
-    run_json(client, &args)
-}
-
 /// loadgen's arguments for a latency run, without its schedule.
 pub fn rr_args(target: &str) -> Vec<String> {
     vec!["rr".into(), "--to".into(), target.into()]

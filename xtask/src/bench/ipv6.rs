@@ -12,12 +12,11 @@
 //! against the direct path of the same family, summarized as median and range.
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use twill_lab::{
-    Lab, LabSpec, Node, Pod,
+    Agent, Lab, LabSpec, Node, Pod,
     bench::{
         loadgen::{self, CrrReport, Running, Slots, unix_ns},
         stats::{self, Summary},
@@ -90,36 +89,41 @@ fn addrs(backends: &[Pod; 2]) -> Result<(Vec<IpAddr>, Vec<IpAddr>)> {
     Ok((v4, v6))
 }
 
-/// One `loadgen crr` run from `client`: connections per second, or why none.
-fn crr(client: &Pod, to: &str, duration: Duration, threads: usize) -> Result<f64> {
-    let out = client
-        .cmd(bin("loadgen"))
-        .args([
-            "crr",
-            "--to",
-            to,
-            "--duration-ms",
-            &duration.as_millis().to_string(),
-            "--threads",
-            &threads.to_string(),
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("spawning loadgen crr")?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "loadgen crr output {:?}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })?;
-    let failures = v["failures"].as_u64().unwrap_or(0);
-    if failures > 0 {
-        bail!(
-            "{failures} failed connections to {to}: {}",
-            v["first_error"]
-        );
+/// Waits (bounded) until every series' path answers.
+fn wait_answering(series: &[Series], clients: &[&Pod], agent: &mut Agent) -> Result<()> {
+    for s in series {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let probe = || {
+            let r = loadgen::crr(
+                clients[s.client],
+                std::slice::from_ref(&s.targets),
+                Duration::from_millis(200),
+                1,
+            )?;
+            rate(r, &s.targets)
+        };
+        while let Err(e) = probe() {
+            if !agent.is_running() {
+                bail!("the agent exited:\n{}", agent.log());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(e.context(format!("{} ({}) never answered", s.name, s.family)));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
     }
-    v["rate"].as_f64().context("no rate in loadgen crr output")
+    Ok(())
+}
+
+/// A crr report's rate, or why it has none (any failed connection fails the run).
+fn rate(r: CrrReport, to: &str) -> Result<f64> {
+    match r.failures {
+        0 => Ok(r.rate),
+        n => bail!(
+            "{n} failed connections to {to}: {}",
+            r.first_error.unwrap_or_default()
+        ),
+    }
 }
 
 /// Runs `rounds` rounds of every series (`duration` each, `threads` client threads).
@@ -205,18 +209,7 @@ pub fn run(
         },
     ];
     // Every path answers before anything is measured (the agent programs the Service).
-    for s in &series {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while let Err(e) = crr(clients[s.client], &s.targets, Duration::from_millis(200), 1) {
-            if !agent.is_running() {
-                bail!("the agent exited:\n{}", agent.log());
-            }
-            if std::time::Instant::now() > deadline {
-                return Err(e.context(format!("{} ({}) never answered", s.name, s.family)));
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
+    wait_answering(&series, &clients, &mut agent)?;
     let mut rates: Vec<Vec<Option<f64>>> = vec![Vec::new(); series.len()];
     for round in 0..rounds {
         eprintln!("==> IPv6 east-west round {}/{rounds}", round + 1);
@@ -264,17 +257,7 @@ fn turns_round(
     series
         .iter()
         .zip(running)
-        .map(|(s, run)| {
-            let r: CrrReport = run?.finish()?;
-            match r.failures {
-                0 => Ok(r.rate),
-                n => bail!(
-                    "{n} failed connections to {}: {}",
-                    s.targets,
-                    r.first_error.unwrap_or_default()
-                ),
-            }
-        })
+        .map(|(s, run)| rate(run?.finish()?, &s.targets))
         .collect()
 }
 
